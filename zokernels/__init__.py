@@ -1,0 +1,18 @@
+"""zokernels: fused Philox-noise kernels for zeroth-order (ZO) fine-tuning.
+
+Public ops:
+    noise(numel, seed, key=0, *, offset=0, dist="gaussian", device=None, backend="auto")
+    perturb_(tensors, seeds, scales, *, keys=None, decay=1.0, dist="gaussian",
+             rounding="nearest", backend="auto")
+    lowrank_perturb_(weights, us, vs, taus, *, scale=1.0, decay=1.0, ...)
+    available_backends()
+
+The noise contract (docs/noise-contract.md) makes z a pure function of (seed, key, element index),
+identical on the triton, cpu and torch backends.
+"""
+
+from ._dispatch import available_backends
+from ._version import __version__
+from .ops import lowrank_perturb_, noise, perturb_
+
+__all__ = ["noise", "perturb_", "lowrank_perturb_", "available_backends", "__version__"]

@@ -1,0 +1,193 @@
+"""Argument checks shared by the public ops.
+
+Every check runs before any tensor is written, so a bad call raises and leaves all tensors
+bit-identical. Errors name the offending argument.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import numbers
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._contract import KEY_LIMIT, SEED_LIMIT
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+Scalars = Any  # a Python number, a sequence of numbers, or a tensor
+
+
+def as_int(value: Any, name: str) -> int:
+    """An integer argument (Python or numpy int, not bool, not float)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        return int(value.item())
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+
+
+def check_range(value: int, low: int, high: int, name: str) -> int:
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+    return value
+
+
+def as_seed(value: Any, name: str) -> int:
+    return check_range(as_int(value, name), 0, SEED_LIMIT, f"{name} (a seed, [0, 2^64))")
+
+
+def as_key(value: Any, name: str) -> int:
+    return check_range(as_int(value, name), 0, KEY_LIMIT, f"{name} (a tensor key, [0, 2^32))")
+
+
+def as_seed_list(seeds: Any) -> list[int]:
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
+            raise TypeError(f"seeds must hold integers, got a tensor of dtype {seeds.dtype}")
+        seeds = seeds.reshape(-1).tolist()
+    elif not isinstance(seeds, Sequence) or isinstance(seeds, (str, bytes)):
+        seeds = [seeds]
+    if len(seeds) == 0:
+        raise ValueError("seeds must hold at least one seed")
+    return [as_seed(s, f"seeds[{k}]") for k, s in enumerate(seeds)]
+
+
+def as_choice(value: Any, choices: Sequence[str], name: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def as_tensor_list(tensors: Any, name: str) -> list[torch.Tensor]:
+    """A list of floating-point tensors of a supported dtype."""
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    elif isinstance(tensors, (str, bytes)) or not hasattr(tensors, "__iter__"):
+        raise TypeError(f"{name} must be a tensor or a sequence of tensors, "
+                        f"got {type(tensors).__name__}")
+    tensors = list(tensors)
+    for j, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{j}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}[{j}] has dtype {t.dtype}; supported dtypes are "
+                            "float32, bfloat16 and float16")
+        if t.is_sparse or t.layout != torch.strided:
+            raise TypeError(f"{name}[{j}] must be a dense (strided) tensor, got layout {t.layout}")
+    return tensors
+
+
+def _is_real_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: bool,
+                     allow_broadcast: bool) -> torch.Tensor:
+    """Numbers or a tensor -> a detached float32 tensor of shape [length].
+
+    A single number (or 0-d / 1-element tensor) is broadcast when allow_broadcast. Device
+    tensors stay on their device; their finiteness is checked only when check_finite (that
+    check costs one host synchronization).
+    """
+    if isinstance(values, torch.Tensor):
+        if not (values.dtype.is_floating_point or values.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {values.dtype}")
+        vector = values.detach().reshape(-1).to(torch.float32)
+    else:
+        if _is_real_number(values):
+            values = [values]
+        elif not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+            raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, "
+                            f"got {type(values).__name__}")
+        items = []
+        for k, v in enumerate(values):
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.item()
+            if not _is_real_number(v):
+                raise TypeError(f"{name}[{k}] must be a real number, got {type(v).__name__}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name}[{k}] must be finite, got {v}")
+            items.append(float(v))
+        vector = torch.tensor(items, dtype=torch.float32)
+    if vector.numel() == 1 and allow_broadcast and length != 1:
+        vector = vector.expand(length)
+    if vector.numel() != length:
+        raise ValueError(f"{name} must have {length} value(s), got {vector.numel()}")
+    if vector.numel() and (check_finite or vector.device.type == "cpu"):
+        if not bool(torch.isfinite(vector).all()):
+            bad = [v for v in vector.tolist() if not math.isfinite(v)]
+            raise ValueError(f"{name} must be finite, got {bad[0]}")
+    return vector.contiguous()
+
+
+def as_keys(keys: Any, count: int) -> list[int]:
+    if keys is None:
+        if count > KEY_LIMIT:
+            raise ValueError("more tensors than distinct default keys; pass keys")
+        return list(range(count))
+    if isinstance(keys, torch.Tensor):
+        keys = keys.reshape(-1).tolist()
+    elif not isinstance(keys, Sequence) or isinstance(keys, (str, bytes)):
+        raise TypeError(f"keys must be a sequence of integers, got {type(keys).__name__}")
+    if len(keys) != count:
+        raise ValueError(f"keys must have one key per tensor ({count}), got {len(keys)}")
+    return [as_key(k, f"keys[{j}]") for j, k in enumerate(keys)]
+
+
+def check_no_internal_overlap(t: torch.Tensor, name: str) -> None:
+    """Refuse tensors whose elements share memory (expand(), stride 0): writes would race."""
+    if t.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.size())):
+        raise ValueError(f"{name} has internal memory overlap (a stride-0 / expanded view); "
+                         "pass a tensor whose elements are distinct")
+    if not t.is_contiguous():
+        try:  # private helper; 1 means MemOverlap.Yes
+            if torch._debug_has_internal_overlap(t) == 1:
+                raise ValueError(f"{name} has internal memory overlap")
+        except (AttributeError, RuntimeError):
+            pass
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) touched by t's elements."""
+    start = t.data_ptr()
+    extent = sum((sz - 1) * st for sz, st in zip(t.size(), t.stride()) if sz > 0) + 1
+    return start, start + extent * t.element_size()
+
+
+def check_no_overlap(written: list[tuple[str, torch.Tensor]],
+                     read: list[tuple[str, torch.Tensor]] = ()) -> None:
+    """Refuse a call whose written tensors share memory with each other or with a tensor it reads.
+
+    Conservative: two interleaved strided views whose spans overlap are refused too.
+    """
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+    for name, t in written:
+        if t.numel() > 0:
+            spans.setdefault(str(t.device), []).append(_memory_span(t) + (name,))
+    for device_spans in spans.values():
+        device_spans.sort()
+        for (_, end, first), (start, _, second) in zip(device_spans, device_spans[1:]):
+            if start < end:
+                raise ValueError(f"{first} and {second} share memory (aliased or overlapping "
+                                 "tensors); each tensor must be distinct")
+    for name, t in read:
+        device_spans = spans.get(str(t.device), [])
+        if t.numel() == 0 or not device_spans:
+            continue
+        start, end = _memory_span(t)
+        # The last written span starting before `end` is the only candidate (they are disjoint).
+        position = bisect.bisect_left(device_spans, (end,)) - 1
+        if position >= 0 and device_spans[position][1] > start:
+            raise ValueError(f"{name} shares memory with {device_spans[position][2]}, which this "
+                             "call writes")

@@ -1,0 +1,1 @@
+"""Three implementations of one semantics: torch (reference), cpu (C++), triton."""

@@ -1,0 +1,12 @@
+"""Pure-PyTorch reference backend: the noise contract written as tensor code.
+
+Short and obviously correct rather than fast; runs on any device. Every fast path is tested
+against it.
+"""
+
+from .lowrank import lowrank_perturb_torch
+from .noise import noise_torch
+from .perturb import perturb_torch
+from .philox import philox_torch
+
+__all__ = ["philox_torch", "noise_torch", "perturb_torch", "lowrank_perturb_torch"]

@@ -1,0 +1,29 @@
+"""Grouping of a call's tensors into (device, dtype) groups: one backend launch per group."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def group_indices(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Positions of the non-empty tensors per (device, dtype), in first-seen order."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for j, t in enumerate(tensors):
+        if t.numel() > 0:
+            groups.setdefault((t.device, t.dtype), []).append(j)
+    return groups
+
+
+@contextmanager
+def contiguous_views(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Detached contiguous tensors to write into; non-contiguous inputs get a temporary copy
+    that is copied back only when the body succeeds, so a failure leaves them untouched."""
+    work = [t.detach() if t.is_contiguous() else t.detach().contiguous() for t in tensors]
+    yield work
+    with torch.no_grad():
+        for original, written in zip(tensors, work):
+            if written.data_ptr() != original.data_ptr():
+                original.copy_(written)

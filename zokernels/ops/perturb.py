@@ -1,0 +1,88 @@
+"""zokernels.perturb_: K seeded perturbations, decay and rounding in one pass over memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._contract import PERTURB_DISTS, ROUNDINGS
+from .._dispatch import BACKEND_CHOICES, implementation, resolve_backend
+from .._validate import (
+    as_choice,
+    as_keys,
+    as_scalar_vector,
+    as_seed,
+    as_seed_list,
+    as_tensor_list,
+    check_no_internal_overlap,
+    check_no_overlap,
+)
+from ._groups import contiguous_views, group_indices
+
+
+def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
+             scales: Any, *, keys: list[int] | None = None, decay: Any = 1.0,
+             dist: str = "gaussian", rounding: str = "nearest", rounding_seed: int | None = None,
+             backend: str = "auto", check_finite: bool = True) -> None:
+    """In place: t_j[i] = round(decay_j * t_j[i] + sum_k scales[k] * z(seeds[k], keys[j], i)).
+
+    One read and one write of every element, whatever the number of seeds K: this is how MeZO's
+    restore + update fuse into a single pass and how PseuZO applies a 14-seed window.
+
+    Args:
+        tensors: a tensor or a list of tensors (float32, bfloat16 or float16; any devices; may be
+            nn.Parameters, no autograd history is recorded). Tensors on the same device and of the
+            same dtype are processed by one kernel launch. Non-contiguous tensors are handled
+            through a temporary contiguous copy; overlapping or aliased tensors are refused.
+        seeds: K >= 1 step seeds in [0, 2^64) (an int or a sequence).
+        scales: K coefficients: numbers, or a float tensor of K elements (on any device; a device
+            tensor feeds the kernel without a host synchronization when check_finite=False).
+        keys: one key in [0, 2^32) per tensor (default: its position in `tensors`); z depends only
+            on (seed, key, element index), so a tensor's noise does not change when other tensors
+            are added, removed or reordered.
+        decay: a number, or one per tensor (weight decay on some tensors only); number or tensor.
+        dist: "gaussian" or "rademacher".
+        rounding: "nearest" or "stochastic" (bf16/fp16 only: unbiased, at most one ulp; its random
+            bits come from stream 1 of `rounding_seed`, default seeds[0], independent of z).
+        backend: "auto" (triton for CUDA tensors, cpu for CPU tensors), "triton", "cpu" or "torch".
+        check_finite: refuse NaN/inf scales and decay given as device tensors (one host sync).
+            Numbers and CPU tensors are always checked.
+
+    The arithmetic is float32 and rounds once to the tensor's dtype. Bytes moved: 2 * itemsize
+    per element (read + write). Every backend is tested against the torch reference.
+
+    Raises TypeError / ValueError naming the argument, before anything is written.
+    """
+    tensors = as_tensor_list(tensors, "tensors")
+    seed_list = as_seed_list(seeds)
+    dist = as_choice(dist, PERTURB_DISTS, "dist")
+    rounding = as_choice(rounding, ROUNDINGS, "rounding")
+    backend = as_choice(backend, BACKEND_CHOICES, "backend")
+    rounding_seed = seed_list[0] if rounding_seed is None else as_seed(rounding_seed, "rounding_seed")
+    key_list = as_keys(keys, len(tensors))
+    scale_vector = as_scalar_vector(scales, len(seed_list), "scales", check_finite=check_finite,
+                                    allow_broadcast=False)
+    decay_vector = as_scalar_vector(decay, len(tensors), "decay", check_finite=check_finite,
+                                    allow_broadcast=True)
+    for j, t in enumerate(tensors):
+        check_no_internal_overlap(t, f"tensors[{j}]")
+    check_no_overlap([(f"tensors[{j}]", t) for j, t in enumerate(tensors)])
+    groups = group_indices(tensors)
+    # Resolve every group's backend before writing anything: a refusal leaves all tensors as they were.
+    plan = [(resolve_backend(backend, device), device, indices)
+            for (device, _), indices in groups.items()]
+
+    for chosen, device, indices in plan:
+        members = [tensors[j] for j in indices]
+        with torch.no_grad(), contiguous_views(members) as work:
+            implementation(chosen, "perturb")(
+                work,
+                [key_list[j] for j in indices],
+                seed_list,
+                scale_vector.to(device, non_blocking=True),
+                decay_vector[indices].to(device, non_blocking=True),
+                dist,
+                rounding,
+                rounding_seed,
+            )
