@@ -28,7 +28,7 @@ def _triton_import_error() -> str | None:
 
 
 def _cpu_available() -> bool:
-    from .backends.cpu import cpu_backend_available
+    from .backends.cpu import cpu_backend_available  # never raises: the load error is kept
 
     return cpu_backend_available()
 

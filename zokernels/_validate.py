@@ -100,12 +100,14 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
     tensors stay on their device; their finiteness is checked only when check_finite (that
     check costs one host synchronization).
     """
+    # Only a lone number or a 0-d tensor broadcasts; a list or 1-D tensor must have `length` values.
+    scalar = _is_real_number(values) or (isinstance(values, torch.Tensor) and values.dim() == 0)
     if isinstance(values, torch.Tensor):
         if not (values.dtype.is_floating_point or values.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {values.dtype}")
         vector = values.detach().reshape(-1).to(torch.float32)
     else:
-        if _is_real_number(values):
+        if scalar:
             values = [values]
         elif not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
             raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, "
@@ -120,7 +122,7 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
                 raise ValueError(f"{name}[{k}] must be finite, got {v}")
             items.append(float(v))
         vector = torch.tensor(items, dtype=torch.float32)
-    if vector.numel() == 1 and allow_broadcast and length != 1:
+    if scalar and allow_broadcast and length != 1:
         vector = vector.expand(length)
     if vector.numel() != length:
         raise ValueError(f"{name} must have {length} value(s), got {vector.numel()}")

@@ -1,0 +1,71 @@
+"""Comparison helpers that say which elements differ and by how much."""
+
+from __future__ import annotations
+
+import torch
+
+import zokernels
+
+MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+SMALLEST_SPACING = {torch.float32: 2.0 ** -149, torch.bfloat16: 2.0 ** -133, torch.float16: 2.0 ** -24}
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of `dtype` numbers at |values| (float64), never below the subnormal spacing."""
+    _, exponent = torch.frexp(values.to(torch.float64).abs())
+    spacing = torch.pow(2.0, (exponent - 1 - MANTISSA_BITS[dtype]).to(torch.float64))
+    return torch.clamp_min(spacing, SMALLEST_SPACING[dtype])
+
+
+def _report(actual: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor, what: str) -> str:
+    positions = bad.reshape(-1).nonzero().reshape(-1)
+    a, e = actual.reshape(-1), expected.reshape(-1)
+    lines = [f"{what}: {positions.numel()} of {a.numel()} elements differ; first ones:"]
+    for p in positions[:8].tolist():
+        lines.append(f"  [{p}] actual={a[p].item()!r} expected={e[p].item()!r} "
+                     f"diff={(a[p].double() - e[p].double()).item():.3g}")
+    return "\n".join(lines)
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensors") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    if a.dtype.is_floating_point:
+        bits = {4: torch.int32, 2: torch.int16}[a.element_size()]
+        a, e = a.view(bits), e.view(bits)
+    bad = a != e
+    assert not bad.any(), _report(actual.cpu(), expected.cpu(), bad, what)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float | torch.Tensor,
+                 ulps: float = 0.0, dtype: torch.dtype | None = None, what: str = "tensors") -> None:
+    """|actual - expected| <= atol + ulps * ulp(expected) elementwise (float64 arithmetic)."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a = actual.detach().cpu().to(torch.float64)
+    e = expected.detach().cpu().to(torch.float64)
+    bound = atol + ulps * ulp(torch.maximum(a.abs(), e.abs()), dtype or expected.dtype)
+    bad = ~((a - e).abs() <= bound) & ~(a.isnan() & e.isnan()) & ~(a == e)  # a == e: equal infinities
+    assert not bad.any(), _report(a, e, bad, what)
+
+
+def backend_device_cases() -> list[tuple[str, str]]:
+    """(fast backend, device) pairs to test against the torch reference on CPU."""
+    available = zokernels.available_backends()
+    cases = []
+    if "cpu" in available:
+        cases.append(("cpu", "cpu"))
+    if "triton" in available:
+        cases.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available():
+        cases.append(("torch", "cuda"))
+    return cases
+
+
+BACKEND_CASES = backend_device_cases()
+ALL_BACKEND_CASES = [("torch", "cpu")] + BACKEND_CASES
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """Interpreted Triton is slow: such cases use smaller tensors."""
+    return backend == "triton" and device == "cpu"

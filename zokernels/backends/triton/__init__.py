@@ -1,0 +1,10 @@
+"""Triton backend: one fused kernel per op, one launch per call (see docs/backends.md)."""
+
+from ._common import launch_count, reset_launch_count
+from .lowrank import lowrank_perturb_triton
+from .noise import noise_triton
+from .perturb import perturb_triton
+from .philox import philox_triton
+
+__all__ = ["philox_triton", "noise_triton", "perturb_triton", "lowrank_perturb_triton",
+           "launch_count", "reset_launch_count"]

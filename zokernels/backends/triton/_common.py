@@ -1,0 +1,214 @@
+"""Shared pieces of the Triton backend: the noise contract as ``@triton.jit`` helpers, the
+multi-tensor launch tables, seed handling and the dtype maps.
+
+The contract (docs/noise-contract.md) in short: Philox4x32-10 with key = seed (lo, hi) and counter
+``(b mod 2^32, b >> 32, key, stream)``. Gaussian / uniform: ``b = i // 4``, one Philox call feeds
+four consecutive elements. Rademacher: ``b = i // 128``, one call feeds 128 elements (one bit each).
+Stochastic rounding: word ``i mod 4`` of block ``i // 4`` on stream 1 with ``rounding_seed``.
+
+Every helper here works on one BLOCK of a tensor whose first element index is a multiple of BLOCK
+(BLOCK a power of two >= 128), so the Philox blocks never straddle two programs and the low counter
+word of the block is computed without a carry: ``z`` is independent of BLOCK, the grid and the
+other tensors of a call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+
+DIST_CODES = {"gaussian": 0, "rademacher": 1, "uniform": 2}
+ROUNDING_CODES = {"nearest": 0, "stochastic": 1}
+ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+_INT64_MAX = (1 << 63) - 1
+
+# Triton's interpreter converts float32 -> bfloat16 by truncation (the compiled path rounds to
+# nearest even, LLVM fptrunc -> cvt.rn). Under the interpreter, bf16 conversions go through the
+# bit-exact integer RNE below instead; compiled kernels keep the hardware conversion. Triton
+# decides interpreter vs compiler when the kernels are defined, so this is read once, at import.
+SOFT_BF16 = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_launches = 0
+
+
+def launch_count() -> int:
+    """Total number of Triton kernel launches issued by this backend since import (or reset).
+
+    Benchmarks read it before and after a call to report launches per call (perturb_triton and
+    lowrank_perturb_triton: exactly one per call, whatever the number of tensors)."""
+    return _launches
+
+
+def reset_launch_count() -> None:
+    global _launches
+    _launches = 0
+
+
+def count_launch() -> None:
+    global _launches
+    _launches += 1
+
+
+def as_int64_bits(x: int) -> int:
+    """The int64 whose two's-complement bit pattern is the uint64 ``x`` (seeds, indices)."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def int64_table(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small int64 tensor on ``device`` without a host synchronization.
+
+    A plain ``torch.tensor(..., device="cuda")`` does a blocking copy, which waits for all queued
+    kernels; a pinned staging buffer with ``non_blocking=True`` only enqueues the copy (the
+    caching host allocator keeps the buffer alive until the copy has run)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def block_starts(counts: list[int], p: int) -> list[int]:
+    """Exclusive prefix sums of ``counts`` (programs per tensor), padded to ``p`` entries with
+    INT64_MAX so that the padded entries are never <= a program id."""
+    starts, acc = [], 0
+    for c in counts:
+        starts.append(acc)
+        acc += c
+    return starts + [_INT64_MAX] * (p - len(starts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def find_entry(starts_ptr, pid, LOG2_P: tl.constexpr):
+    """Index j of the table entry with ``starts[j] <= pid < starts[j + 1]``.
+
+    Binary search with a fixed number of steps over the ``2**LOG2_P`` sorted block starts
+    (``starts[0] == 0``, padding is INT64_MAX). The table is a few hundred bytes, L1/L2 resident."""
+    j = pid * 0  # int64 zero
+    for s in tl.static_range(LOG2_P):
+        cand = j + (1 << (LOG2_P - 1 - s))
+        j = tl.where(tl.load(starts_ptr + cand) <= pid, cand, j)
+    return j
+
+
+@triton.jit
+def load_seed(ptr):
+    """A seed stored as the int64 bit pattern of a uint64 (bitcast, never sign-extended)."""
+    return tl.load(ptr).to(tl.uint64, bitcast=True)
+
+
+@triton.jit
+def interleave4(a, b, c, d, N: tl.constexpr):
+    """[N] x 4 -> [4N] with out[4j + m] = (a, b, c, d)[m][j] (register-local join + reshape)."""
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [4 * N])
+
+
+@triton.jit
+def philox_block4(seed, key, blk, STREAM: tl.constexpr, BLOCK: tl.constexpr):
+    """Four uniform vectors of shape [BLOCK // 4] for elements ``blk * BLOCK + [0, BLOCK)``.
+
+    One Philox call per 4 elements, counter ``(b lo, b hi, key, STREAM)`` with ``b = i // 4``.
+    ``blk * BLOCK // 4`` is a multiple of the power of two BLOCK // 4 <= 2^32, so adding
+    ``arange(BLOCK // 4)`` to its low word never carries into the high word."""
+    NQ: tl.constexpr = BLOCK // 4
+    g = blk.to(tl.uint64, bitcast=True) * NQ
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, NQ).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, key, STREAM)
+    u0 = tl.uint_to_uniform_float(w0)
+    u1 = tl.uint_to_uniform_float(w1)
+    u2 = tl.uint_to_uniform_float(w2)
+    u3 = tl.uint_to_uniform_float(w3)
+    return u0, u1, u2, u3
+
+
+@triton.jit
+def noise_block(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """z for the BLOCK elements ``blk * BLOCK + [0, BLOCK)`` (stream 0), float32 [BLOCK].
+
+    DIST: 0 gaussian (Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits per Philox
+    call), 2 uniform (the uniforms that feed Box-Muller)."""
+    tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
+    if DIST == 1:
+        NW: tl.constexpr = BLOCK // 128
+        g = blk.to(tl.uint64, bitcast=True) * NW
+        c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, NW).to(tl.uint32)
+        c1 = (g >> 32).to(tl.uint32)
+        w0, w1, w2, w3 = tl.philox(seed, c0, c1, key, 0)
+        words = interleave4(w0, w1, w2, w3, NW)  # [BLOCK // 32], word index (i // 32)
+        bits = (words[:, None] >> tl.arange(0, 32).to(tl.uint32)[None, :]) & 1
+        z = tl.reshape(bits, [BLOCK]).to(tl.float32) * 2.0 - 1.0
+    else:
+        u0, u1, u2, u3 = philox_block4(seed, key, blk, 0, BLOCK)
+        if DIST == 0:
+            n0, n1 = tl.pair_uniform_to_normal(u0, u1)
+            n2, n3 = tl.pair_uniform_to_normal(u2, u3)
+            z = interleave4(n0, n1, n2, n3, BLOCK // 4)
+        else:
+            z = interleave4(u0, u1, u2, u3, BLOCK // 4)
+    return z
+
+
+@triton.jit
+def rounding_uniforms(seed, key, blk, BLOCK: tl.constexpr):
+    """Stochastic-rounding uniforms (stream 1) for elements ``blk * BLOCK + [0, BLOCK)``."""
+    u0, u1, u2, u3 = philox_block4(seed, key, blk, 1, BLOCK)
+    return interleave4(u0, u1, u2, u3, BLOCK // 4)
+
+
+@triton.jit
+def to_float32(x, SOFT_BF16: tl.constexpr):
+    """Exact widening to float32 (bf16: the 16 bits become the high half of the float32)."""
+    if SOFT_BF16 and x.dtype == tl.bfloat16:
+        y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def round_nearest(acc, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """float32 -> OUT_DTYPE, round to nearest even (NaN stays NaN, overflow gives inf)."""
+    if SOFT_BF16 and OUT_DTYPE == tl.bfloat16:
+        bits = acc.to(tl.uint32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, r)  # quiet NaN
+        y = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = acc.to(OUT_DTYPE)
+    return y
+
+
+@triton.jit
+def round_stochastic(acc, u, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Contract stochastic rounding of float32 ``acc`` to the 16-bit OUT_DTYPE given uniforms u.
+
+    y = nearest; y' = the neighbour on acc's side through the 16-bit pattern (sign-magnitude, so
+    +1 moves away from zero); p = (|acc| - |y|) / (|y'| - |y|) with a correctly rounded division
+    (plain '/' is approximate on NVIDIA); choose y' if u < p. p is 0 when y' is infinite, NaN
+    (never taken) when y is infinite or NaN, and 0 when y == acc, so those cases keep y."""
+    y = round_nearest(acc, OUT_DTYPE, SOFT_BF16)
+    yf = to_float32(y, SOFT_BF16)
+    bits = y.to(tl.int16, bitcast=True).to(tl.int32)
+    a_abs = tl.abs(acc)
+    y_abs = tl.abs(yf)
+    nb = (bits + tl.where(a_abs > y_abs, 1, -1)).to(tl.int16)
+    y2 = nb.to(OUT_DTYPE, bitcast=True)
+    p = tl.math.div_rn(a_abs - y_abs, tl.abs(to_float32(y2, SOFT_BF16)) - y_abs)
+    take = (u < p) & (y_abs <= 3.4028234663852886e38)  # y finite
+    return tl.where(take, y2, y)

@@ -1,0 +1,121 @@
+"""Fused multi-tensor perturbation, in place, ONE launch for the whole tensor list:
+
+    t_j[i] = round(decays[j] * t_j[i] + sum_k scales[k] * z(seeds[k], keys[j], i))
+
+with float32 accumulation in the contract's order and a single rounding (nearest-even, or
+stochastic with stream 1 of ``rounding_seed``). Bytes moved per element: one read and one write
+of the tensor's dtype (4 or 2 bytes each); the K noise terms are generated in registers.
+
+Launch table (one int64 tensor, built per call and copied without a host synchronization):
+
+    [0, P)              starts[j]: first program of tensor j (exclusive prefix sum of
+                        cdiv(numel_j, BLOCK)); padded to P = next_pow2(T) with INT64_MAX
+    [P + 4j + 0..3]     offset_j (elements from the base pointer), numel_j, key_j, unused
+    [5P, 5P + K)        seeds (uint64 bit patterns)
+    [5P + K]            rounding seed
+
+Program ``pid`` finds its tensor j by a LOG2_P-step binary search over ``starts`` and handles
+the BLOCK elements ``(pid - starts[j]) * BLOCK + [0, BLOCK)`` of tensor j; the element index of
+the noise is the flat index inside tensor j. Tensors are addressed as ``base_ptr + offset_j``
+(all are itemsize-aligned, so the element offsets are exact). K is a runtime loop bound:
+no recompilation per number of seeds, per seed value or per list; only (dtype, dist, rounding,
+LOG2_P, alignment) select a compiled variant.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (DIST_CODES, ITEMSIZE, as_int64_bits, block_starts, count_launch,
+                      find_entry, int64_table, load_seed, next_pow2, noise_block,
+                      round_nearest, round_stochastic, rounding_uniforms, to_float32,
+                      SOFT_BF16)
+
+# 16 elements per thread at 8 warps: 4 Philox calls per seed for gaussian, enough independent
+# work to hide memory latency; rademacher needs one Philox call per 128 elements, so a bigger
+# block halves the per-program overhead (table search, loads of decay and scales).
+BLOCK = {"gaussian": 4096, "rademacher": 8192}
+NUM_WARPS = 8
+
+
+@triton.jit(do_not_specialize=["K"])  # K == 1 must not compile its own variant
+def _perturb_kernel(base_ptr, table_ptr, decays_ptr, scales_ptr, K,
+                    LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
+                    STOCHASTIC: tl.constexpr, ALIGN: tl.constexpr,
+                    SOFT_BF16: tl.constexpr):
+    P: tl.constexpr = 1 << LOG2_P
+    pid = tl.program_id(0).to(tl.int64)
+    j = find_entry(table_ptr, pid, LOG2_P)
+    row_ptr = table_ptr + P + 4 * j
+    offset = tl.load(row_ptr)
+    numel = tl.load(row_ptr + 1)
+    key = tl.load(row_ptr + 2).to(tl.uint32)
+    blk = pid - tl.load(table_ptr + j)  # block index inside tensor j
+    if ALIGN > 1:
+        # host checked: every data_ptr % 16 == 0, so every element offset is a multiple of ALIGN
+        offset = tl.multiple_of(offset, ALIGN)
+
+    idx = blk * BLOCK + tl.arange(0, BLOCK)  # int64 flat index inside tensor j
+    ptrs = base_ptr + offset + idx
+    full = blk * BLOCK + BLOCK <= numel
+    # a runtime-length mask would forbid vector loads, so interior blocks go unmasked
+    if full:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=idx < numel, other=0.0)
+
+    acc = tl.load(decays_ptr + j) * to_float32(x, SOFT_BF16)
+    seeds_ptr = table_ptr + 5 * P
+    for k in range(K):
+        z = noise_block(load_seed(seeds_ptr + k), key, blk, DIST, BLOCK)
+        acc = acc + tl.load(scales_ptr + k) * z
+
+    if STOCHASTIC:
+        u = rounding_uniforms(load_seed(seeds_ptr + K), key, blk, BLOCK)
+        y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
+    else:
+        y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
+    if full:
+        tl.store(ptrs, y)
+    else:
+        tl.store(ptrs, y, mask=idx < numel)
+
+
+def build_table(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
+                rounding_seed: int, block: int):
+    """(base tensor, int64 table on the device, number of programs, LOG2_P, ALIGN)."""
+    itemsize = ITEMSIZE[tensors[0].dtype]
+    ptrs = [t.data_ptr() for t in tensors]
+    base_i = min(range(len(tensors)), key=ptrs.__getitem__)
+    base = ptrs[base_i]
+    numels = [t.numel() for t in tensors]
+    counts = [(n + block - 1) // block for n in numels]
+    p = next_pow2(len(tensors))
+    rows = []
+    for ptr, n, key in zip(ptrs, numels, keys):
+        rows += [(ptr - base) // itemsize, n, key, 0]
+    rows += [0] * (4 * (p - len(tensors)))
+    values = (block_starts(counts, p) + rows + [as_int64_bits(s) for s in seeds]
+              + [as_int64_bits(rounding_seed)])
+    align = 16 // itemsize if all(ptr % 16 == 0 for ptr in ptrs) else 1
+    table = int64_table(values, tensors[0].device)
+    return tensors[base_i], table, sum(counts), p.bit_length() - 1, align
+
+
+def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
+                   scales: torch.Tensor, decays: torch.Tensor, dist: str, rounding: str,
+                   rounding_seed: int) -> None:
+    """In place: t[i] = round(decays[j] * t[i] + sum_k scales[k] * z(seeds[k], keys[j], i)) for
+    every tensor j of the list, in one kernel launch. No host synchronization."""
+    block = BLOCK[dist]
+    base, table, n_programs, log2_p, align = build_table(tensors, keys, seeds, rounding_seed,
+                                                         block)
+    _perturb_kernel[(n_programs,)](
+        base, table, decays.contiguous(), scales.contiguous(), len(seeds),
+        LOG2_P=log2_p, BLOCK=block, DIST=DIST_CODES[dist],
+        STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32), ALIGN=align,
+        SOFT_BF16=SOFT_BF16,
+        num_warps=NUM_WARPS)
+    count_launch()

@@ -1,0 +1,1 @@
+"""Benchmark support: model shape tables and timing helpers (used by benchmarks/)."""
