@@ -1,0 +1,88 @@
+// pybind11 module zokernels._C: thin bindings over ops.h. Every kernel releases the GIL; the
+// argument lists are converted to C++ vectors before that, while the GIL is still held.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "ops.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef ZOKERNELS_MACHINE
+#define ZOKERNELS_MACHINE "unknown"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info() {
+    py::dict info;
+#if defined(__clang__)
+    info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    info["compiler"] = std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+    info["compiler"] = std::string("msvc ") + std::to_string(_MSC_VER);
+#else
+    info["compiler"] = "unknown";
+#endif
+#ifdef _OPENMP
+    info["openmp"] = true;
+    info["openmp_version"] = _OPENMP;
+    info["openmp_max_threads"] = omp_get_max_threads();
+#else
+    info["openmp"] = false;
+    info["openmp_version"] = 0;
+    info["openmp_max_threads"] = 1;
+#endif
+    info["simd"] = zk::simd_level_name();  // chosen at runtime
+#if ZK_HAVE_AVX2_PATH
+    info["simd_compiled"] = py::make_tuple("generic", "avx2");
+#else
+    info["simd_compiled"] = py::make_tuple("generic");
+#endif
+#if defined(__AVX2__)
+    info["baseline_isa"] = "avx2";  // e.g. ZOKERNELS_NATIVE=1 (-march=native)
+#elif defined(__x86_64__)
+    info["baseline_isa"] = "x86-64";
+#elif defined(__aarch64__)
+    info["baseline_isa"] = "aarch64";
+#else
+    info["baseline_isa"] = "unknown";
+#endif
+    info["machine"] = ZOKERNELS_MACHINE;
+    return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "zokernels C++ CPU backend (Philox4x32-10 noise kernels; no libtorch)";
+    using release_gil = py::call_guard<py::gil_scoped_release>;
+
+    m.def("philox",
+          [](uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+              const auto w = zk::philox_words(seed, c0, c1, c2, c3);
+              return py::make_tuple(w[0], w[1], w[2], w[3]);
+          },
+          py::arg("seed"), py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
+          "Philox4x32-10 words of one counter (known-answer tests).");
+    m.def("philox_fill", &zk::philox_fill, release_gil(), py::arg("seed"), py::arg("c_ptr"),
+          py::arg("out_ptr"), py::arg("n"), py::arg("num_threads"),
+          "out[n, 4] = philox(seed, c[n, 4]); both int64 arrays holding uint32 values.");
+    m.def("noise", &zk::noise, release_gil(), py::arg("out_ptr"), py::arg("numel"), py::arg("seed"),
+          py::arg("key"), py::arg("offset"), py::arg("dist"), py::arg("num_threads"),
+          "out[j] = z(seed, key, offset + j), float32; dist 0 gaussian, 1 rademacher, 2 uniform.");
+    m.def("perturb", &zk::perturb, release_gil(), py::arg("ptrs"), py::arg("numels"),
+          py::arg("keys"), py::arg("decays"), py::arg("dtype"), py::arg("seeds"), py::arg("scales"),
+          py::arg("dist"), py::arg("rounding"), py::arg("rounding_seed"), py::arg("num_threads"),
+          "In place: t = round(decay * t + sum_k scale_k * z(seed_k, key, i)).");
+    m.def("lowrank_perturb", &zk::lowrank_perturb, release_gil(), py::arg("w_ptrs"), py::arg("ms"),
+          py::arg("ns"), py::arg("ranks"), py::arg("u_ptrs"), py::arg("v_ptrs"),
+          py::arg("tau_ptrs"), py::arg("decays"), py::arg("scale"), py::arg("keys"),
+          py::arg("dtype"), py::arg("rounding"), py::arg("rounding_seed"), py::arg("num_threads"),
+          "In place: W = round(decay * W + scale * U diag(tau) V^T).");
+    m.def("build_info", &build_info, "Compiler, OpenMP, SIMD level chosen at runtime, machine.");
+}

@@ -1,0 +1,131 @@
+// Noise for a run of consecutive Philox counters, written into a small stack buffer: the building
+// block shared by noise, perturb_ and lowrank_perturb_. `Philox` is PhiloxGeneric or PhiloxAvx2;
+// the loops here are plain C++ that the compiler vectorizes for the ISA of the calling kernel.
+#pragma once
+
+#include "fastmath.h"
+#include "philox.h"
+
+namespace zk {
+
+// Elements per tile: a multiple of 128 (one rademacher counter) and of 4 (one gaussian counter);
+// 1024 keeps the tile's buffers (acc, z, u, Philox words: 16 KiB) in L1.
+constexpr int kTile = 1024;
+constexpr int kGaussianPerCounter = 4;
+constexpr int kRademacherPerCounter = 128;
+constexpr int kMaxCountersPerTile = kTile / kGaussianPerCounter;
+
+enum Dist : int { kGaussian = 0, kRademacher = 1, kUniform = 2 };
+
+// The gaussians of counters first_block + q, q < n_blocks <= kMaxCountersPerTile: calls
+// visit(q, n0, n1, n2, n3) for elements 4q .. 4q + 3. A visitor (instead of an output array)
+// lets perturb_ add the noise straight into its accumulator.
+template <class Philox, class Visit>
+inline void gaussian_visit(const PhiloxKeys& keys, uint32_t key, uint64_t first_block, int n_blocks,
+                           const Visit& visit) {
+    alignas(64) uint32_t w0[kMaxCountersPerTile], w1[kMaxCountersPerTile],
+        w2[kMaxCountersPerTile], w3[kMaxCountersPerTile];
+    Philox::blocks(keys, first_block, key, kStreamNoise, n_blocks, w0, w1, w2, w3);
+    for (int q = 0; q < n_blocks; ++q) {
+        float n0, n1, n2, n3;
+        box_muller(word_to_uniform(w0[q]), word_to_uniform(w1[q]), n0, n1);
+        box_muller(word_to_uniform(w2[q]), word_to_uniform(w3[q]), n2, n3);
+        visit(q, n0, n1, n2, n3);
+    }
+}
+
+// z[4q + m] = n_m (noise op).
+template <class Philox>
+inline void gaussian_blocks(const PhiloxKeys& keys, uint32_t key, uint64_t first_block, int n_blocks,
+                            float* ZK_RESTRICT z) {
+    gaussian_visit<Philox>(keys, key, first_block, n_blocks,
+                           [&](int q, float n0, float n1, float n2, float n3) {
+                               z[4 * q + 0] = n0;
+                               z[4 * q + 1] = n1;
+                               z[4 * q + 2] = n2;
+                               z[4 * q + 3] = n3;
+                           });
+}
+
+// acc[4q + m] += scale * n_m (perturb_).
+template <class Philox>
+inline void gaussian_accumulate(const PhiloxKeys& keys, uint32_t key, uint64_t first_block,
+                                int n_blocks, float scale, float* ZK_RESTRICT acc) {
+    gaussian_visit<Philox>(keys, key, first_block, n_blocks,
+                           [&](int q, float n0, float n1, float n2, float n3) {
+                               acc[4 * q + 0] = acc[4 * q + 0] + scale * n0;
+                               acc[4 * q + 1] = acc[4 * q + 1] + scale * n1;
+                               acc[4 * q + 2] = acc[4 * q + 2] + scale * n2;
+                               acc[4 * q + 3] = acc[4 * q + 3] + scale * n3;
+                           });
+}
+
+// u[4q + m] = uniform of word m of counter (first_block + q) in `stream`.
+template <class Philox>
+inline void uniform_blocks(const PhiloxKeys& keys, uint32_t key, uint32_t stream,
+                           uint64_t first_block, int n_blocks, float* ZK_RESTRICT u) {
+    alignas(64) uint32_t w0[kMaxCountersPerTile], w1[kMaxCountersPerTile],
+        w2[kMaxCountersPerTile], w3[kMaxCountersPerTile];
+    Philox::blocks(keys, first_block, key, stream, n_blocks, w0, w1, w2, w3);
+    for (int q = 0; q < n_blocks; ++q) {
+        u[4 * q + 0] = word_to_uniform(w0[q]);
+        u[4 * q + 1] = word_to_uniform(w1[q]);
+        u[4 * q + 2] = word_to_uniform(w2[q]);
+        u[4 * q + 3] = word_to_uniform(w3[q]);
+    }
+}
+
+// Rademacher layout: element 32*m + b of a counter's 128 is +1 if bit b of word m is set, else
+// -1. Calls visit(offset_of_32_elements, sign_bits_of_element(b)) with sign bits 0 or 0x80000000.
+// n_blocks <= kTile / 128.
+template <class Philox, class Visit>
+inline void rademacher_sign_words(const PhiloxKeys& keys, uint32_t key, uint64_t first_block,
+                                  int n_blocks, const Visit& visit) {
+    constexpr int kMax = kTile / kRademacherPerCounter;
+    alignas(64) uint32_t w[4][kMax];
+    Philox::blocks(keys, first_block, key, kStreamNoise, n_blocks, w[0], w[1], w[2], w[3]);
+    for (int q = 0; q < n_blocks; ++q)
+        for (int m = 0; m < 4; ++m) visit(q * kRademacherPerCounter + 32 * m, ~w[m][q]);
+}
+
+// z = +-1 as floats (noise op).
+template <class Philox>
+inline void rademacher_blocks(const PhiloxKeys& keys, uint32_t key, uint64_t first_block,
+                              int n_blocks, float* ZK_RESTRICT z) {
+    rademacher_sign_words<Philox>(keys, key, first_block, n_blocks, [&](int at, uint32_t negated) {
+        for (uint32_t b = 0; b < 32; ++b)
+            z[at + b] = bits_as<float>((((negated >> b) & 1u) << 31) | 0x3F800000u);
+    });
+}
+
+// acc[i] += scale * z_i (perturb_). scale * (+-1) is exactly +-scale, so the sign bit of scale is
+// flipped instead of multiplying, fused with the accumulation: no z array round trip.
+template <class Philox>
+inline void rademacher_accumulate(const PhiloxKeys& keys, uint32_t key, uint64_t first_block,
+                                  int n_blocks, float scale, float* ZK_RESTRICT acc) {
+    const uint32_t scale_bits = bits_as<uint32_t>(scale);
+    rademacher_sign_words<Philox>(keys, key, first_block, n_blocks, [&](int at, uint32_t negated) {
+        float* out = acc + at;
+        for (uint32_t b = 0; b < 32; ++b)
+            out[b] = out[b] + bits_as<float>(scale_bits ^ (((negated >> b) & 1u) << 31));
+    });
+}
+
+// z(seed, key, tile_first + j) for j < kTile, any dist; tile_first is a multiple of 128.
+template <class Philox>
+inline void noise_tile(Dist dist, const PhiloxKeys& keys, uint32_t key, uint64_t tile_first,
+                       float* ZK_RESTRICT z) {
+    switch (dist) {
+        case kGaussian:
+            gaussian_blocks<Philox>(keys, key, tile_first / 4, kTile / 4, z);
+            break;
+        case kRademacher:
+            rademacher_blocks<Philox>(keys, key, tile_first / 128, kTile / 128, z);
+            break;
+        default:
+            uniform_blocks<Philox>(keys, key, kStreamNoise, tile_first / 4, kTile / 4, z);
+            break;
+    }
+}
+
+}  // namespace zk

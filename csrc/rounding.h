@@ -1,0 +1,84 @@
+// float32 <-> bfloat16 / float16 conversions (round to nearest even, subnormals, inf, NaN) and
+// the contract's stochastic rounding. Everything is branch-free 32-bit integer/float code, so
+// loops over it vectorize; results match torch's (c10) conversions bit for bit.
+#pragma once
+
+#include "common.h"
+
+namespace zk {
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct Float32Format {
+    using storage = float;
+    static ZK_INLINE float to_float(float v) { return v; }
+    static ZK_INLINE float from_float(float v) { return v; }
+};
+
+struct BFloat16Format {
+    using storage = uint16_t;
+    static ZK_INLINE float to_float(uint32_t h) { return bits_as<float>(h << 16); }
+    // As c10::round_to_nearest_even: NaN -> 0x7FC0; overflow rounds to inf naturally.
+    static ZK_INLINE uint32_t bits_from_float(float f) {
+        const uint32_t b = bits_as<uint32_t>(f);
+        const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+        const bool is_nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
+        return is_nan ? 0x7FC0u : rounded;
+    }
+};
+
+struct Float16Format {
+    using storage = uint16_t;
+    // fp16 -> fp32 as c10::detail::fp16_ieee_to_fp32_value (exact, incl. subnormals/inf/NaN).
+    static ZK_INLINE float to_float(uint32_t h) {
+        const uint32_t w = h << 16;
+        const uint32_t sign = w & 0x80000000u;
+        const uint32_t two_w = w + w;
+        const float normalized = bits_as<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+        const float denormalized = bits_as<float>((two_w >> 17) | (126u << 23)) - 0.5f;
+        const uint32_t magnitude = two_w < (1u << 27) ? bits_as<uint32_t>(denormalized)
+                                                      : bits_as<uint32_t>(normalized);
+        return bits_as<float>(sign | magnitude);
+    }
+    // fp32 -> fp16 as c10::detail::fp16_ieee_from_fp32_value: the float additions do the round
+    // to nearest even (also into subnormals and to inf); NaN -> 0x7E00 with the sign kept.
+    static ZK_INLINE uint32_t bits_from_float(float f) {
+        const uint32_t w = bits_as<uint32_t>(f);
+        const float magnitude = bits_as<float>(w & 0x7FFFFFFFu);
+        float base = (magnitude * 0x1.0p+112f) * 0x1.0p-110f;
+        const uint32_t shl1_w = w + w;
+        const uint32_t sign = w & 0x80000000u;
+        uint32_t bias = shl1_w & 0xFF000000u;
+        bias = bias < 0x71000000u ? 0x71000000u : bias;
+        base = bits_as<float>((bias >> 1) + 0x07800000u) + base;
+        const uint32_t bits = bits_as<uint32_t>(base);
+        const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+        const uint32_t mantissa_bits = bits & 0x00000FFFu;
+        const uint32_t nonsign = exp_bits + mantissa_bits;
+        return (sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign);
+    }
+};
+
+ZK_INLINE float abs_of(float v) { return bits_as<float>(bits_as<uint32_t>(v) & 0x7FFFFFFFu); }
+
+// Stochastic rounding of acc to a 16-bit format with the uniform u (contract, "Stochastic
+// rounding"): y = round_nearest(acc); if y != acc and y is finite, take the neighbour y' on acc's
+// side with probability p = (|acc| - |y|) / (|y'| - |y|). Sign-magnitude encoding makes y' the
+// bit pattern +-1 for both signs. Returns the 16-bit pattern.
+template <class Format>
+ZK_INLINE uint32_t stochastic_round_bits(float acc, float u) {
+    const uint32_t y = Format::bits_from_float(acc);
+    const float y_value = Format::to_float(y);
+    const float acc_abs = abs_of(acc);
+    const float y_abs = abs_of(y_value);
+    const uint32_t y_next = acc_abs > y_abs ? y + 1u : y - 1u;
+    const float y_next_abs = abs_of(Format::to_float(y_next & 0xFFFFu));
+    const float p = (acc_abs - y_abs) / (y_next_abs - y_abs);  // 0 when y' is infinite
+    // Chained selects rather than && / ||, which would keep the loop from vectorizing.
+    uint32_t result = u < p ? y_next : y;
+    result = y_value == acc ? y : result;
+    result = y_abs <= 3.4028234663852886e38f ? result : y;  // y inf or NaN: keep y
+    return result & 0xFFFFu;
+}
+
+}  // namespace zk

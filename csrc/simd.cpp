@@ -1,0 +1,29 @@
+// Runtime selection between the AVX2 and the generic kernels.
+#include <cstdlib>
+#include <cstring>
+
+#include "common.h"
+
+namespace zk {
+
+static bool detect_avx2() {
+#if ZK_HAVE_AVX2_PATH
+    const char* forced = std::getenv("ZOKERNELS_CPU_SIMD");
+    if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
+    // libgcc's check also verifies that the OS saves the YMM state (XGETBV).
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+}
+
+bool use_avx2() {
+    static const bool avx2 = detect_avx2();  // thread-safe one-time init (C++11 statics)
+    return avx2;
+}
+
+const char* simd_level_name() { return use_avx2() ? "avx2" : "generic"; }
+
+}  // namespace zk
