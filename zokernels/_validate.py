@@ -149,6 +149,8 @@ def as_keys(keys: Any, count: int) -> list[int]:
 
 def check_no_internal_overlap(t: torch.Tensor, name: str) -> None:
     """Refuse tensors whose elements share memory (expand(), stride 0): writes would race."""
+    if t.is_contiguous():  # the common case, and contiguous elements never overlap
+        return
     if t.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.size())):
         raise ValueError(f"{name} has internal memory overlap (a stride-0 / expanded view); "
                          "pass a tensor whose elements are distinct")
@@ -163,6 +165,8 @@ def check_no_internal_overlap(t: torch.Tensor, name: str) -> None:
 def _memory_span(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, last byte + 1) touched by t's elements."""
     start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
     extent = sum((sz - 1) * st for sz, st in zip(t.size(), t.stride()) if sz > 0) + 1
     return start, start + extent * t.element_size()
 
