@@ -41,3 +41,40 @@ def test_build_info():
 
     info = build_info()
     assert isinstance(info, dict) and info, info
+
+
+def test_generic_path_matches_simd_path(tmp_path):
+    """ZOKERNELS_CPU_SIMD=generic forces the portable kernels: same bits as the dispatched path."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from zokernels.backends.cpu import build_info
+
+    script = (
+        "import sys, torch, zokernels\n"
+        "from zokernels.backends.cpu import build_info\n"
+        "out = {'simd': build_info()['simd']}\n"
+        "for dist in ('gaussian', 'rademacher', 'uniform'):\n"
+        "    out[dist] = zokernels.noise(10_007, 5, 3, offset=9, dist=dist, backend='cpu')\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    t = torch.linspace(-3, 3, 5003).to(dtype)\n"
+        "    zokernels.perturb_(t, [1, 2], [0.1, 0.01], rounding='stochastic', backend='cpu')\n"
+        "    out[str(dtype)] = t\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    package_parent = str(pathlib.Path(zokernels.__file__).resolve().parents[1])
+    results = {}
+    for simd in ("", "generic"):
+        path = tmp_path / f"out{simd}.pt"
+        env = dict(os.environ, ZOKERNELS_CPU_SIMD=simd, PYTHONPATH=package_parent)
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env,
+                       cwd=tmp_path, timeout=120)
+        results[simd] = torch.load(path)
+    assert results["generic"]["simd"] == "generic"
+    if results[""]["simd"] == "generic":
+        pytest.skip(f"no SIMD path on this machine ({build_info()})")
+    for name, value in results[""].items():
+        if name != "simd":
+            assert_bits_equal(value, results["generic"][name], f"{name}: simd vs generic")
