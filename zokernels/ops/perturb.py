@@ -24,7 +24,7 @@ from ._groups import contiguous_views, group_indices
 def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
              scales: Any, *, keys: list[int] | None = None, decay: Any = 1.0,
              dist: str = "gaussian", rounding: str = "nearest", rounding_seed: int | None = None,
-             backend: str = "auto", check_finite: bool = True) -> None:
+             applied: Any = None, backend: str = "auto", check_finite: bool = True) -> None:
     """In place: t_j[i] = round(decay_j * t_j[i] + sum_k scales[k] * z(seeds[k], keys[j], i)).
 
     One read and one write of every element, whatever the number of seeds K: this is how MeZO's
@@ -45,11 +45,18 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
         dist: "gaussian" or "rademacher".
         rounding: "nearest" or "stochastic" (bf16/fp16 only: unbiased, at most one ulp; its random
             bits come from stream 1 of `rounding_seed`, default seeds[0], independent of z).
+        applied: None, or K coefficients (numbers or a tensor) of the perturbation the tensors hold
+            now, with the same seeds: t = round(theta + sum_k applied[k] * z_k), nearest rounding,
+            decay 1. Each weight theta is then recovered exactly (where it is the only weight that
+            rounds to the perturbed value) before the new perturbation is applied, so a ZO step
+            (+eps, then -eps with applied=+eps, then the update with applied=-eps) restores far
+            more weights bit for bit than adding -2 eps and +eps (docs/noise-contract.md).
         backend: "auto" (triton for CUDA tensors, cpu for CPU tensors), "triton", "cpu" or "torch".
         check_finite: refuse NaN/inf scales and decay given as device tensors (one host sync).
             Numbers and CPU tensors are always checked.
 
-    The arithmetic is float32 and rounds once to the tensor's dtype. Bytes moved: 2 * itemsize
+    The arithmetic is float32: D is summed from 0 in seed order, added to the weight once, and
+    the result rounds once to the tensor's dtype. Bytes moved: 2 * itemsize
     per element (read + write). Every backend is tested against the torch reference.
 
     Raises TypeError / ValueError naming the argument, before anything is written.
@@ -65,6 +72,8 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
                                     allow_broadcast=False)
     decay_vector = as_scalar_vector(decay, len(tensors), "decay", check_finite=check_finite,
                                     allow_broadcast=True)
+    applied_vector = None if applied is None else as_scalar_vector(
+        applied, len(seed_list), "applied", check_finite=check_finite, allow_broadcast=False)
     for j, t in enumerate(tensors):
         check_no_internal_overlap(t, f"tensors[{j}]")
     check_no_overlap([(f"tensors[{j}]", t) for j, t in enumerate(tensors)])
@@ -85,4 +94,6 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
                 dist,
                 rounding,
                 rounding_seed,
+                applied=(None if applied_vector is None
+                         else applied_vector.to(device, non_blocking=True)),
             )

@@ -5,7 +5,6 @@ import torch
 from ..._contract import STREAM_ROUNDING
 from .noise import contract_values
 
-_INT16_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def round_stochastic(acc: torch.Tensor, dtype: torch.dtype, uniforms: torch.Tensor) -> torch.Tensor:
@@ -35,3 +34,24 @@ def round_to(acc: torch.Tensor, dtype: torch.dtype, rounding: str, rounding_seed
     uniforms = contract_values(rounding_seed, key, start, acc.numel(), "uniform", acc.device,
                                stream=STREAM_ROUNDING)
     return round_stochastic(acc, dtype, uniforms.view_as(acc))
+
+
+def recover(current: torch.Tensor, applied_noise: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight theta (dtype values, as float32) that round(theta + applied_noise) turned into
+    `current` (float32 values of a dtype tensor): docs/noise-contract.md, "Recovery".
+
+    Subtracting the noise alone is off by one ulp for about half of the bf16 elements; testing
+    the rounded difference and its two neighbours against the forward rounding finds theta
+    whenever it is the only weight that maps to `current`.
+    """
+    guess = (current - applied_noise).to(dtype)
+    down = torch.nextafter(guess, torch.full_like(guess, float("-inf")))
+    up = torch.nextafter(guess, torch.full_like(guess, float("inf")))
+    recovered = guess
+    found = (guess.to(torch.float32) + applied_noise).to(dtype).to(torch.float32) == current
+    for candidate in (down, up):
+        fits = (candidate.to(torch.float32) + applied_noise).to(dtype).to(torch.float32) == current
+        recovered = torch.where(~found & fits, candidate, recovered)
+        found = found | fits
+    recovered = torch.where(torch.isfinite(guess), recovered, guess)
+    return recovered.to(torch.float32)
