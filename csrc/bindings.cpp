@@ -77,8 +77,9 @@ PYBIND11_MODULE(_C, m) {
           "out[j] = z(seed, key, offset + j), float32; dist 0 gaussian, 1 rademacher, 2 uniform.");
     m.def("perturb", &zk::perturb, release_gil(), py::arg("ptrs"), py::arg("numels"),
           py::arg("keys"), py::arg("decays"), py::arg("dtype"), py::arg("seeds"), py::arg("scales"),
-          py::arg("dist"), py::arg("rounding"), py::arg("rounding_seed"), py::arg("num_threads"),
-          "In place: t = round(decay * t + sum_k scale_k * z(seed_k, key, i)).");
+          py::arg("applied"), py::arg("dist"), py::arg("rounding"), py::arg("rounding_seed"), py::arg("num_threads"),
+          "In place: t = round(decay * t + sum_k scale_k * z(seed_k, key, i)); applied (empty or one "
+          "per seed): the perturbation t holds now, undone first.");
     m.def("lowrank_perturb", &zk::lowrank_perturb, release_gil(), py::arg("w_ptrs"), py::arg("ms"),
           py::arg("ns"), py::arg("ranks"), py::arg("u_ptrs"), py::arg("v_ptrs"),
           py::arg("tau_ptrs"), py::arg("decays"), py::arg("scale"), py::arg("keys"),

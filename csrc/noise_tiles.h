@@ -9,7 +9,7 @@
 namespace zk {
 
 // Elements per tile: a multiple of 128 (one rademacher counter) and of 4 (one gaussian counter);
-// 1024 keeps the tile's buffers (acc, z, u, Philox words: 16 KiB) in L1.
+// 1024 keeps the tile's buffers (noise sums, u, Philox words: 16-20 KiB) in L1.
 constexpr int kTile = 1024;
 constexpr int kGaussianPerCounter = 4;
 constexpr int kRademacherPerCounter = 128;
@@ -57,6 +57,25 @@ inline void gaussian_accumulate(const PhiloxKeys& keys, uint32_t key, uint64_t f
                                acc[4 * q + 1] = acc[4 * q + 1] + scale * n1;
                                acc[4 * q + 2] = acc[4 * q + 2] + scale * n2;
                                acc[4 * q + 3] = acc[4 * q + 3] + scale * n3;
+                           });
+}
+
+// sum_a[4q + m] += scale_a * n_m and sum_b[4q + m] += scale_b * n_m from one evaluation of the
+// noise (perturb_ with applied=: the recovery sum D1 and the new sum D2 see the same z).
+template <class Philox>
+inline void gaussian_accumulate_pair(const PhiloxKeys& keys, uint32_t key, uint64_t first_block,
+                                     int n_blocks, float scale_a, float* ZK_RESTRICT sum_a,
+                                     float scale_b, float* ZK_RESTRICT sum_b) {
+    gaussian_visit<Philox>(keys, key, first_block, n_blocks,
+                           [&](int q, float n0, float n1, float n2, float n3) {
+                               sum_a[4 * q + 0] = sum_a[4 * q + 0] + scale_a * n0;
+                               sum_a[4 * q + 1] = sum_a[4 * q + 1] + scale_a * n1;
+                               sum_a[4 * q + 2] = sum_a[4 * q + 2] + scale_a * n2;
+                               sum_a[4 * q + 3] = sum_a[4 * q + 3] + scale_a * n3;
+                               sum_b[4 * q + 0] = sum_b[4 * q + 0] + scale_b * n0;
+                               sum_b[4 * q + 1] = sum_b[4 * q + 1] + scale_b * n1;
+                               sum_b[4 * q + 2] = sum_b[4 * q + 2] + scale_b * n2;
+                               sum_b[4 * q + 3] = sum_b[4 * q + 3] + scale_b * n3;
                            });
 }
 
@@ -108,6 +127,24 @@ inline void rademacher_accumulate(const PhiloxKeys& keys, uint32_t key, uint64_t
         float* out = acc + at;
         for (uint32_t b = 0; b < 32; ++b)
             out[b] = out[b] + bits_as<float>(scale_bits ^ (((negated >> b) & 1u) << 31));
+    });
+}
+
+// sum_a[i] += scale_a * z_i and sum_b[i] += scale_b * z_i, one set of sign words for both.
+template <class Philox>
+inline void rademacher_accumulate_pair(const PhiloxKeys& keys, uint32_t key, uint64_t first_block,
+                                       int n_blocks, float scale_a, float* ZK_RESTRICT sum_a,
+                                       float scale_b, float* ZK_RESTRICT sum_b) {
+    const uint32_t a_bits = bits_as<uint32_t>(scale_a);
+    const uint32_t b_bits = bits_as<uint32_t>(scale_b);
+    rademacher_sign_words<Philox>(keys, key, first_block, n_blocks, [&](int at, uint32_t negated) {
+        float* out_a = sum_a + at;
+        float* out_b = sum_b + at;
+        for (uint32_t b = 0; b < 32; ++b) {
+            const uint32_t sign = ((negated >> b) & 1u) << 31;
+            out_a[b] = out_a[b] + bits_as<float>(a_bits ^ sign);
+            out_b[b] = out_b[b] + bits_as<float>(b_bits ^ sign);
+        }
     });
 }
 

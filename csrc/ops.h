@@ -19,10 +19,12 @@ void philox_fill(uint64_t seed, uintptr_t counters_ptr, uintptr_t out_ptr, uint6
 void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint64_t offset, int dist,
            int num_threads);
 
+// applied: empty, or one coefficient per seed: the perturbation the tensors hold now, undone first.
 void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& numels,
              const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
-             const std::vector<uint64_t>& seeds, const std::vector<float>& scales, int dist,
-             int rounding, uint64_t rounding_seed, int num_threads);
+             const std::vector<uint64_t>& seeds, const std::vector<float>& scales,
+             const std::vector<float>& applied, int dist, int rounding, uint64_t rounding_seed,
+             int num_threads);
 
 void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uint64_t>& ms,
                      const std::vector<uint64_t>& ns, const std::vector<uint64_t>& ranks,

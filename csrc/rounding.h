@@ -1,6 +1,7 @@
-// float32 <-> bfloat16 / float16 conversions (round to nearest even, subnormals, inf, NaN) and
-// the contract's stochastic rounding. Everything is branch-free 32-bit integer/float code, so
-// loops over it vectorize; results match torch's (c10) conversions bit for bit.
+// float32 <-> bfloat16 / float16 conversions (round to nearest even, subnormals, inf, NaN), the
+// contract's stochastic rounding, and the recovery of a perturbed weight (applied=). Everything
+// is branch-free 32-bit integer/float code, so loops over it vectorize; results match torch's
+// (c10) conversions bit for bit.
 #pragma once
 
 #include "common.h"
@@ -79,6 +80,73 @@ ZK_INLINE uint32_t stochastic_round_bits(float acc, float u) {
     result = y_value == acc ? y : result;
     result = y_abs <= 3.4028234663852886e38f ? result : y;  // y inf or NaN: keep y
     return result & 0xFFFFu;
+}
+
+// The dtype's grid as bit patterns, to step to neighbours: round_bits(v) is float32 v rounded to
+// nearest in the dtype, value(b) the float32 of pattern b, kSign the sign bit of a pattern.
+template <class Format>
+struct Grid;
+
+template <>
+struct Grid<Float32Format> {
+    static constexpr uint32_t kSign = 0x80000000u;
+    static ZK_INLINE uint32_t round_bits(float v) { return bits_as<uint32_t>(v); }
+    static ZK_INLINE float value(uint32_t b) { return bits_as<float>(b); }
+};
+
+template <>
+struct Grid<BFloat16Format> {
+    static constexpr uint32_t kSign = 0x8000u;
+    static ZK_INLINE uint32_t round_bits(float v) { return BFloat16Format::bits_from_float(v); }
+    static ZK_INLINE float value(uint32_t b) { return BFloat16Format::to_float(b); }
+};
+
+template <>
+struct Grid<Float16Format> {
+    static constexpr uint32_t kSign = 0x8000u;
+    static ZK_INLINE uint32_t round_bits(float v) { return Float16Format::bits_from_float(v); }
+    static ZK_INLINE float value(uint32_t b) { return Float16Format::to_float(b); }
+};
+
+// Neighbours of a finite pattern toward +inf / -inf: one step of the sign-magnitude pattern; both
+// zeros step to the smallest subnormal of that direction's sign. Meaningless for inf / NaN (masked by
+// the caller; a 16-bit pattern that steps past 0xFFFF only has its low 16 bits read by value()).
+template <class Format>
+ZK_INLINE uint32_t grid_next_up(uint32_t b) {
+    const uint32_t sign = Grid<Format>::kSign;
+    const uint32_t step = (b & sign) != 0 ? b - 1u : b + 1u;
+    return (b & (sign - 1u)) == 0 ? 1u : step;
+}
+
+template <class Format>
+ZK_INLINE uint32_t grid_next_down(uint32_t b) {
+    const uint32_t sign = Grid<Format>::kSign;
+    const uint32_t step = (b & sign) != 0 ? b + 1u : b - 1u;
+    return (b & (sign - 1u)) == 0 ? (sign | 1u) : step;
+}
+
+// Recovery of a perturbed weight (contract, "Recovery of a perturbed tensor"): x holds
+// round_nearest(theta + d1); returns the first c of r = round_nearest(x - d1), next_down(r),
+// next_up(r) with round_nearest(c + d1) == x (else r; r itself when not finite), as float32.
+// Why: just adding -d1 to the rounded value misses theta by one ulp whenever the perturbation's
+// rounding error pushes x - d1 across a rounding boundary; for bf16 weights a MeZO step
+// (+eps, -2eps, +eps) then leaves ~47% of elements one ulp off, and testing r's neighbours brings
+// that down to a few percent (weights that collide under the perturbation). Branch-free selects
+// so that the tile loop vectorizes.
+template <class Format>
+ZK_INLINE float recover_unperturbed(float x, float d1) {
+    using G = Grid<Format>;
+    const uint32_t r = G::round_bits(x - d1);
+    const float r_value = G::value(r);
+    const float down_value = G::value(grid_next_down<Format>(r));
+    const float up_value = G::value(grid_next_up<Format>(r));
+    const bool r_ok = G::value(G::round_bits(r_value + d1)) == x;
+    const bool down_ok = G::value(G::round_bits(down_value + d1)) == x;
+    const bool up_ok = G::value(G::round_bits(up_value + d1)) == x;
+    float c = up_ok ? up_value : r_value;
+    c = down_ok ? down_value : c;
+    c = r_ok ? r_value : c;
+    return abs_of(r_value) <= 3.4028234663852886e38f ? c : r_value;  // inf / NaN r: kept
 }
 
 }  // namespace zk

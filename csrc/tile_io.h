@@ -16,25 +16,34 @@ inline void load_decayed(const typename Format::storage* ZK_RESTRICT x, int n, f
     for (int i = 0; i < n; ++i) acc[i] = decay * Format::to_float(x[i]);
 }
 
-// x[i] = round(acc[i]) for i < n, where element i has flat index tile_first + i (a multiple of 4,
-// so the stream-1 counters of stochastic rounding start at tile_first / 4).
-template <class Philox, class Format>
-inline void store_rounded(const float* ZK_RESTRICT acc, int n, typename Format::storage* ZK_RESTRICT x,
-                          bool stochastic, const PhiloxKeys& rounding_keys, uint32_t key,
-                          uint64_t tile_first) {
+// x[i] = round(value(i)) for i < n, where element i has flat index tile_first + i (a multiple of
+// 4, so the stream-1 counters of stochastic rounding start at tile_first / 4). value(i) may read
+// x[i] (perturb_ reads the weight here, in place): each element is read before it is written.
+template <class Philox, class Format, class Value>
+inline void round_store(const Value& value, int n, typename Format::storage* x, bool stochastic,
+                        const PhiloxKeys& rounding_keys, uint32_t key, uint64_t tile_first) {
     if constexpr (std::is_same<Format, Float32Format>::value) {
         (void)stochastic, (void)rounding_keys, (void)key, (void)tile_first;
-        for (int i = 0; i < n; ++i) x[i] = acc[i];  // float32 is already exact
+        for (int i = 0; i < n; ++i) x[i] = value(i);  // float32 is already exact
     } else {
         if (!stochastic) {
-            for (int i = 0; i < n; ++i) x[i] = static_cast<uint16_t>(Format::bits_from_float(acc[i]));
+            for (int i = 0; i < n; ++i) x[i] = static_cast<uint16_t>(Format::bits_from_float(value(i)));
             return;
         }
         alignas(64) float u[kTile];
         uniform_blocks<Philox>(rounding_keys, key, kStreamRounding, tile_first / 4, (n + 3) / 4, u);
         for (int i = 0; i < n; ++i)
-            x[i] = static_cast<uint16_t>(stochastic_round_bits<Format>(acc[i], u[i]));
+            x[i] = static_cast<uint16_t>(stochastic_round_bits<Format>(value(i), u[i]));
     }
+}
+
+// x[i] = round(acc[i]) for i < n (lowrank_perturb_).
+template <class Philox, class Format>
+inline void store_rounded(const float* ZK_RESTRICT acc, int n, typename Format::storage* ZK_RESTRICT x,
+                          bool stochastic, const PhiloxKeys& rounding_keys, uint32_t key,
+                          uint64_t tile_first) {
+    round_store<Philox, Format>([acc](int i) { return acc[i]; }, n, x, stochastic, rounding_keys,
+                                key, tile_first);
 }
 
 }  // namespace zk

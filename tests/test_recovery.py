@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import zokernels
-from helpers import assert_bits_equal, interpreted
+from helpers import assert_bits_equal, assert_close, interpreted
 
 
 def _weights(n, dtype, device, scale=0.02, seed=0):
@@ -86,8 +86,13 @@ def test_applied_matches_reference(fast_case, dist):
                                dist=dist, backend=b)
         if dist == "rademacher" and device == "cpu":
             assert_bits_equal(got.cpu(), expected, f"{backend} {dtype}")
-        else:  # gaussian z differs by a few ulp: a candidate test may flip for a few elements
+        elif dtype == torch.float32:  # z within 1e-5 * |coefficients| (~5e-9 here), plus a rounding
+            assert_close(got.cpu(), expected, atol=1e-5 * 3e-3, ulps=1.0, dtype=dtype,
+                         what=f"{backend} {dtype}")
+        else:  # gaussian z differs by a few ulp: a candidate test or a rounding may flip rarely
             assert (got.cpu() != expected).double().mean().item() < 0.01
+            assert_close(got.cpu(), expected, atol=1e-5 * 3e-3, ulps=1.0, dtype=dtype,
+                         what=f"{backend} {dtype}")
 
 
 def test_applied_validation():

@@ -212,3 +212,52 @@ def round_stochastic(acc, u, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
     p = tl.math.div_rn(a_abs - y_abs, tl.abs(to_float32(y2, SOFT_BF16)) - y_abs)
     take = (u < p) & (y_abs <= 3.4028234663852886e38)  # y finite
     return tl.where(take, y2, y)
+
+
+@triton.jit
+def _fits(c, d1, x, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """round_nearest(c + d1) == x, compared as values (float32 c, d1, x)."""
+    return to_float32(round_nearest(c + d1, OUT_DTYPE, SOFT_BF16), SOFT_BF16) == x
+
+
+@triton.jit
+def _neighbour(r, rf, UP: tl.constexpr, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """float32 value of the OUT_DTYPE neighbour of r (float32 value rf) toward +inf (UP) or -inf:
+    one step of the 16- / 32-bit sign-magnitude pattern, +-tiny (smallest subnormal) for +-0."""
+    if OUT_DTYPE == tl.float32:
+        bits = r.to(tl.uint32, bitcast=True)
+        SIGN: tl.constexpr = 0x80000000
+    else:
+        bits = r.to(tl.uint16, bitcast=True).to(tl.uint32)
+        SIGN: tl.constexpr = 0x8000
+    if UP:
+        nb = tl.where(rf < 0.0, bits - 1, bits + 1)
+        nb = tl.where(rf == 0.0, 1, nb)
+    else:
+        nb = tl.where(rf < 0.0, bits + 1, bits - 1)
+        nb = tl.where(rf == 0.0, SIGN | 1, nb)
+    if OUT_DTYPE == tl.float32:
+        y = nb.to(tl.float32, bitcast=True)
+    else:
+        y = to_float32(nb.to(tl.uint16).to(OUT_DTYPE, bitcast=True), SOFT_BF16)
+    return y
+
+
+@triton.jit
+def recover_unperturbed(x, d1, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """The weight theta (float32 value of an OUT_DTYPE number) with round(theta + d1) == x.
+
+    Why: a tensor holds round(theta + D1); adding D2 - D1 to it drifts by an ulp for about half of
+    the bf16 elements per step. r = round(x - d1) is theta or one of its two neighbours, so the
+    first of (r, next_down(r), next_up(r)) that rounds forward to x is taken, else r; a
+    non-finite r is kept (docs/noise-contract.md, "Recovery"). Candidates are tested one after
+    the other so that few per-element temporaries are live at once (register pressure)."""
+    r = round_nearest(x - d1, OUT_DTYPE, SOFT_BF16)
+    rf = to_float32(r, SOFT_BF16)
+    found = _fits(rf, d1, x, OUT_DTYPE, SOFT_BF16) | ~(tl.abs(rf) <= 3.4028234663852886e38)
+    c = _neighbour(r, rf, False, OUT_DTYPE, SOFT_BF16)
+    fits = ~found & _fits(c, d1, x, OUT_DTYPE, SOFT_BF16)
+    theta = tl.where(fits, c, rf)
+    found = found | fits
+    c = _neighbour(r, rf, True, OUT_DTYPE, SOFT_BF16)
+    return tl.where(~found & _fits(c, d1, x, OUT_DTYPE, SOFT_BF16), c, theta)

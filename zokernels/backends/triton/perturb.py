@@ -1,10 +1,15 @@
 """Fused multi-tensor perturbation, in place, ONE launch for the whole tensor list:
 
-    t_j[i] = round(decays[j] * t_j[i] + sum_k scales[k] * z(seeds[k], keys[j], i))
+    D = sum_k scales[k] * z(seeds[k], keys[j], i)      # from 0.0, in seed order
+    t_j[i] = round(decays[j] * t_j[i] + D)
 
 with float32 accumulation in the contract's order and a single rounding (nearest-even, or
-stochastic with stream 1 of ``rounding_seed``). Bytes moved per element: one read and one write
-of the tensor's dtype (4 or 2 bytes each); the K noise terms are generated in registers.
+stochastic with stream 1 of ``rounding_seed``). With ``applied`` (the coefficients of the
+perturbation the tensors hold now), each z is generated once and feeds both D and
+D1 = sum_k applied[k] * z; t_j[i] is first recovered from round(theta + D1)
+(``recover_unperturbed``, docs/noise-contract.md "Recovery"). Bytes moved per element: one read
+and one write of the tensor's dtype (4 or 2 bytes each); the K noise terms are generated in
+registers.
 
 Launch table (one int64 tensor, built per call and copied without a host synchronization):
 
@@ -19,7 +24,8 @@ the BLOCK elements ``(pid - starts[j]) * BLOCK + [0, BLOCK)`` of tensor j; the e
 the noise is the flat index inside tensor j. Tensors are addressed as ``base_ptr + offset_j``
 (all are itemsize-aligned, so the element offsets are exact). K is a runtime loop bound:
 no recompilation per number of seeds, per seed value or per list; only (dtype, dist, rounding,
-LOG2_P, alignment) select a compiled variant.
+LOG2_P, alignment, recovery or not) select a compiled variant; without ``applied`` the recovery
+code is not compiled at all.
 """
 
 from __future__ import annotations
@@ -30,20 +36,35 @@ import triton.language as tl
 
 from ._common import (DIST_CODES, ITEMSIZE, as_int64_bits, block_starts, count_launch,
                       find_entry, int64_table, load_seed, next_pow2, noise_block,
-                      round_nearest, round_stochastic, rounding_uniforms, to_float32,
-                      SOFT_BF16)
+                      recover_unperturbed, round_nearest, round_stochastic, rounding_uniforms,
+                      to_float32, SOFT_BF16)
 
 # 16 elements per thread at 8 warps: 4 Philox calls per seed for gaussian, enough independent
 # work to hide memory latency; rademacher needs one Philox call per 128 elements, so a bigger
 # block halves the per-program overhead (table search, loads of decay and scales).
 BLOCK = {"gaussian": 4096, "rademacher": 8192}
+# With recovery, x, D1 and D are all live after the noise loop and the recovery adds three
+# candidate tests per element: at the blocks above sm_90 needs 128-255 registers with spills
+# (fp32); at 2048 it is 48-80 registers (z does not depend on the block).
+RECOVER_BLOCK = 2048
 NUM_WARPS = 8
 
 
+@triton.jit
+def _load_block(ptrs, idx, numel, full):
+    """The block's weights; a runtime-length mask would forbid vector loads, so interior blocks
+    go unmasked."""
+    if full:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=idx < numel, other=0.0)
+    return x
+
+
 @triton.jit(do_not_specialize=["K"])  # K == 1 must not compile its own variant
-def _perturb_kernel(base_ptr, table_ptr, decays_ptr, scales_ptr, K,
+def _perturb_kernel(base_ptr, table_ptr, decays_ptr, scales_ptr, applied_ptr, K,
                     LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
-                    STOCHASTIC: tl.constexpr, ALIGN: tl.constexpr,
+                    STOCHASTIC: tl.constexpr, ALIGN: tl.constexpr, HAS_APPLIED: tl.constexpr,
                     SOFT_BF16: tl.constexpr):
     P: tl.constexpr = 1 << LOG2_P
     pid = tl.program_id(0).to(tl.int64)
@@ -60,17 +81,21 @@ def _perturb_kernel(base_ptr, table_ptr, decays_ptr, scales_ptr, K,
     idx = blk * BLOCK + tl.arange(0, BLOCK)  # int64 flat index inside tensor j
     ptrs = base_ptr + offset + idx
     full = blk * BLOCK + BLOCK <= numel
-    # a runtime-length mask would forbid vector loads, so interior blocks go unmasked
-    if full:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=idx < numel, other=0.0)
-
-    acc = tl.load(decays_ptr + j) * to_float32(x, SOFT_BF16)
+    # the noise sum first (from 0.0, seed order), added to the weight once (contract order)
+    d = tl.zeros([BLOCK], tl.float32)
+    d1 = tl.zeros([BLOCK], tl.float32)  # the perturbation held now (HAS_APPLIED only)
     seeds_ptr = table_ptr + 5 * P
     for k in range(K):
         z = noise_block(load_seed(seeds_ptr + k), key, blk, DIST, BLOCK)
-        acc = acc + tl.load(scales_ptr + k) * z
+        d = d + tl.load(scales_ptr + k) * z
+        if HAS_APPLIED:
+            d1 = d1 + tl.load(applied_ptr + k) * z
+    # loaded after the loop: live across it, the weights would cost BLOCK / 256 more registers
+    # per thread on top of d (178 instead of 119 for fp32 rademacher, sm_90)
+    x = to_float32(_load_block(ptrs, idx, numel, full), SOFT_BF16)
+    if HAS_APPLIED:
+        x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
+    acc = tl.load(decays_ptr + j) * x + d
 
     if STOCHASTIC:
         u = rounding_uniforms(load_seed(seeds_ptr + K), key, blk, BLOCK)
@@ -106,16 +131,21 @@ def build_table(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
 
 def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
                    scales: torch.Tensor, decays: torch.Tensor, dist: str, rounding: str,
-                   rounding_seed: int) -> None:
-    """In place: t[i] = round(decays[j] * t[i] + sum_k scales[k] * z(seeds[k], keys[j], i)) for
-    every tensor j of the list, in one kernel launch. No host synchronization."""
-    block = BLOCK[dist]
+                   rounding_seed: int, applied: torch.Tensor | None = None) -> None:
+    """In place: t[i] = round(decays[j] * t[i] + D), D = sum_k scales[k] * z(seeds[k], keys[j], i)
+    summed first, for every tensor j of the list, in one kernel launch. ``applied``: None, or
+    float32 [K] on the device, the coefficients of the perturbation the tensors hold now; t[i] is
+    then first recovered from round(theta + sum_k applied[k] * z). No host synchronization."""
+    block = BLOCK[dist] if applied is None else min(BLOCK[dist], RECOVER_BLOCK)
+    scales = scales.contiguous()
     base, table, n_programs, log2_p, align = build_table(tensors, keys, seeds, rounding_seed,
                                                          block)
     _perturb_kernel[(n_programs,)](
-        base, table, decays.contiguous(), scales.contiguous(), len(seeds),
+        base, table, decays.contiguous(), scales,
+        scales if applied is None else applied.contiguous(),  # never read without applied
+        len(seeds),
         LOG2_P=log2_p, BLOCK=block, DIST=DIST_CODES[dist],
         STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32), ALIGN=align,
-        SOFT_BF16=SOFT_BF16,
+        HAS_APPLIED=applied is not None, SOFT_BF16=SOFT_BF16,
         num_warps=NUM_WARPS)
     count_launch()

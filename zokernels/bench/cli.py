@@ -1,0 +1,529 @@
+"""zokernels-bench: time the fused ops against the MeZO loop, with a copy as bandwidth reference.
+
+    zokernels-bench                 a quick representative run on the best device (cuda, else cpu)
+    zokernels-bench ops [options]   perturb_ and lowrank_perturb_ over model shape sets, per backend
+
+Results print as an aligned table on stdout (progress goes to stderr); --json PATH writes them with
+the device, versions, thread count and command. The JSON schema is documented in README.md
+("Benchmark CLI").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+import zokernels
+
+from .runner import (
+    BASELINE,
+    DTYPE_ALIASES,
+    DTYPES,
+    MEZO,
+    RANDN_ADD,
+    Case,
+    Group,
+    available_memory_bytes,
+    device_name,
+    environment,
+    get_shape_set,
+    known_shape_sets,
+    run_group,
+)
+
+PROG = "zokernels-bench"
+FUSED_BACKENDS = ("cpu", "triton", "torch")
+OPS = {"perturb": "perturb_", "perturb_": "perturb_", "lowrank": "lowrank_perturb_",
+       "lowrank_perturb_": "lowrank_perturb_"}
+DISTS = ("gaussian", "rademacher")
+ROUNDINGS = ("nearest", "stochastic")
+# Per device type: the shape set and dtype when none is given, the warm-up and repeats.
+DEFAULTS = {"cpu": dict(shape_set="opt-125m", dtype="float32", warmup=1, repeats=5),
+            "cuda": dict(shape_set="opt-1.3b", dtype="bfloat16", warmup=5, repeats=20)}
+MEMORY_HEADROOM = 0.9  # of the free memory, when --max-gb is not given
+TRITON_ON_CPU_NOTE = ("triton is not timed on CPU tensors: they run under the Triton interpreter, "
+                      "whose timings mean nothing; time it on a CUDA device")
+
+
+class UsageError(Exception):
+    """A bad argument: reported as one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage block), still exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@dataclass
+class Plan:
+    """What a run times: groups in order, their settings, and the notes printed under the table."""
+    mode: str
+    groups: list[Group]
+    warmup: dict[str, int]  # per device
+    repeats: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    json_path: str | None = None
+
+
+# ---------------------------------------------------------------------------------------- parsing
+
+def _add_run_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Options of both the quick run and `ops`. In the subparser their defaults are suppressed,
+    so `zokernels-bench --json x ops` keeps the value given before the subcommand."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--json", metavar="PATH", default=default,
+                        help="write the results (and device, versions, command) as JSON")
+    parser.add_argument("--threads", type=int, metavar="N", default=default,
+                        help="CPU threads for torch and the cpu backend (default: torch's, "
+                             "reported either way)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+                     epilog="Without a subcommand: a quick run on the best device (opt-125m fp32 "
+                            "on CPU, opt-1.3b bf16 on GPU): copy, MeZO loop, perturb_ gaussian "
+                            "K=1/2, rademacher K=1, low-rank r=16.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", action="append",
+                        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    _add_run_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="{ops}")
+    ops = sub.add_parser(
+        "ops", help="perturb_ and lowrank_perturb_ vs the MeZO loop, per backend",
+        description="Time perturb_ (K seeds, gaussian/rademacher, nearest/stochastic rounding) and "
+                    "lowrank_perturb_ (the 2-D tensors, fp32 factors of rank r) on every available "
+                    "backend, against the MeZO loop, an in-place randn_like + add_ loop and a copy "
+                    "of the same tensors. List options are repeatable or comma-separated.")
+    ops.add_argument("--shape-set", action="append", metavar="NAME",
+                     help=f"model shape set(s) (default: opt-125m on cpu, opt-1.3b on cuda); "
+                          f"known: {', '.join(known_shape_sets())}")
+    ops.add_argument("--dtype", action="append",
+                     help="float32, bfloat16, float16 (default: float32 on cpu, bfloat16 on cuda)")
+    ops.add_argument("--device", action="append", default=argparse.SUPPRESS,
+                     help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    ops.add_argument("--backend", action="append",
+                     help="auto (triton on cuda, cpu on cpu), cpu, triton, torch (the slow "
+                          "reference, only when named)")
+    ops.add_argument("--op", action="append", help="perturb, lowrank (default: both)")
+    ops.add_argument("--k", action="append", metavar="K", help="seeds per call (default: 1,2,14)")
+    ops.add_argument("--dist", action="append", help="gaussian, rademacher (default: both)")
+    ops.add_argument("--rounding", action="append",
+                     help="nearest, stochastic (default: both; stochastic for bf16/fp16 only)")
+    ops.add_argument("--rank", action="append", metavar="R",
+                     help="low-rank op ranks (default: 8,16,64)")
+    ops.add_argument("--repeats", type=int, help="timed calls per row (default: 5 cpu, 20 cuda)")
+    ops.add_argument("--warmup", type=int, help="untimed calls first (default: 1 cpu, 5 cuda)")
+    ops.add_argument("--max-gb", type=float, metavar="GB",
+                     help="skip shape sets whose tensors + copy buffer (+ loop temporaries, "
+                          "factors) need more (default: 90%% of the free memory)")
+    ops.add_argument("--no-baselines", action="store_true",
+                     help="skip the MeZO and randn_like + add_ loops (the copy is always timed)")
+    _add_run_options(ops, suppress=True)
+    return parser
+
+
+def _items(values: list[str] | None, default: str) -> list[str]:
+    """Repeatable, comma-separated option values, in order, without duplicates."""
+    items: list[str] = []
+    for value in values or [default]:
+        for item in value.split(","):
+            item = item.strip()
+            if item and item not in items:
+                items.append(item)
+    return items
+
+
+def _choices(values: list[str] | None, default: str, allowed: tuple[str, ...] | dict,
+             option: str) -> list[str]:
+    chosen = []
+    for item in _items(values, default):
+        name = allowed[item] if isinstance(allowed, dict) and item in allowed else item
+        if name not in allowed:
+            raise UsageError(f"{option}: unknown value {item!r}; choose from "
+                             f"{', '.join(dict.fromkeys(allowed))}")
+        if name not in chosen:
+            chosen.append(name)
+    return chosen
+
+
+def _ints(values: list[str] | None, default: str, option: str) -> list[int]:
+    numbers = []
+    for item in _items(values, default):
+        try:
+            number = int(item)
+        except ValueError:
+            raise UsageError(f"{option}: {item!r} is not an integer") from None
+        if number < 1:
+            raise UsageError(f"{option}: values must be >= 1, got {number}")
+        numbers.append(number)
+    return numbers
+
+
+def _dtypes(values: list[str] | None, default: str) -> list[str]:
+    names = []
+    for item in _items(values, default):
+        name = DTYPE_ALIASES.get(item, item)
+        if name not in DTYPES:
+            raise UsageError(f"--dtype: unknown dtype {item!r}; choose from "
+                             f"{', '.join(DTYPES)} (or fp32, bf16, fp16)")
+        names.append(name)
+    return names
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in DEFAULTS:
+        raise UsageError(f"--device: {text!r} is not supported; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: CUDA is not available (torch {torch.__version__}, "
+                             f"{torch.cuda.device_count()} CUDA devices)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA devices")
+    return str(device)
+
+
+def _best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _unavailable_reason(backend: str) -> str:
+    """Why a backend is missing from zokernels.available_backends(), in one line."""
+    if backend == "cpu":
+        return "the C++ extension zokernels._C did not build or load (pip install .)"
+    from zokernels._dispatch import backend_supports
+
+    try:
+        reason = backend_supports(backend, torch.device("cuda" if torch.cuda.is_available()
+                                                        else "cpu"))
+    except Exception as exc:  # a broken triton install may raise here
+        reason = f"{type(exc).__name__}: {exc}"
+    return (reason or "not usable in this process").splitlines()[0]
+
+
+def fused_backends(requested: list[str], devices: list[str],
+              notes: list[str]) -> dict[str, list[str]]:
+    """The fused backends timed on each device. `auto` is the fast one for the device; triton on
+    CPU tensors is never timed (interpreter); a named backend must run on some requested device."""
+    available = zokernels.available_backends()
+    for backend in requested:
+        if backend != "auto" and backend not in available:
+            raise UsageError(f"--backend {backend}: not available here: "
+                             f"{_unavailable_reason(backend)}")
+    plan: dict[str, list[str]] = {}
+    used: set[str] = set()
+    for device in devices:
+        kind = torch.device(device).type
+        chosen: list[str] = []
+        for backend in requested:
+            if backend == "auto":
+                if kind == "cpu" and TRITON_ON_CPU_NOTE not in notes:
+                    notes.append(TRITON_ON_CPU_NOTE)
+                backend = "triton" if kind == "cuda" else "cpu"
+                if backend not in available:
+                    notes.append(f"auto on {device}: backend {backend!r} is not available "
+                                 f"({_unavailable_reason(backend)}); name --backend torch for the "
+                                 f"(slow) reference")
+                    continue
+            if backend == "triton" and kind == "cpu":
+                if TRITON_ON_CPU_NOTE not in notes:
+                    notes.append(TRITON_ON_CPU_NOTE)
+                used.add(backend)  # skipped on purpose, not an error
+                continue
+            if backend == "cpu" and kind != "cpu":
+                continue
+            if backend not in chosen:
+                chosen.append(backend)
+                used.add(backend)
+        plan[device] = chosen
+    for backend in requested:
+        if backend not in ("auto", *used):
+            raise UsageError(f"--backend {backend}: it runs on CPU tensors only, and --device is "
+                             f"{', '.join(devices)}")
+    return plan
+
+
+def _memory_check(group: Group, max_gb: float | None, plan: Plan) -> bool:
+    """True if the group fits; otherwise record why it is skipped."""
+    parts = group.required_bytes()
+    needed = sum(parts.values())
+    if max_gb is not None:
+        limit, source = max_gb * 1e9, f"--max-gb {max_gb:g}"
+    else:
+        free = available_memory_bytes(group.device)
+        if free is None:
+            return True
+        limit, source = MEMORY_HEADROOM * free, f"{MEMORY_HEADROOM:.0%} of the free memory"
+    if needed <= limit:
+        return True
+    detail = " + ".join(f"{name} {size / 1e9:.2f}" for name, size in parts.items())
+    reason = f"needs {needed / 1e9:.2f} GB ({detail}) > {limit / 1e9:.2f} GB ({source})"
+    plan.skipped.append(dict(shape_set=group.shape_set.name, dtype=group.dtype,
+                             device=group.device, reason=reason))
+    plan.notes.append(f"skipped {group.shape_set.name} {group.dtype} on {group.device}: {reason}")
+    return False
+
+
+def plan_quick(args: argparse.Namespace) -> Plan:
+    """The no-argument run: one representative shape set on the best device."""
+    devices = _items(args.device, _best_device())
+    if len(devices) > 1:
+        raise UsageError("the quick run takes one --device (use `ops` for several)")
+    device = _device(devices[0])
+    kind = torch.device(device).type
+    notes: list[str] = []
+    backend = "triton" if kind == "cuda" else "cpu"
+    if backend not in zokernels.available_backends():
+        notes.append(f"backend {backend!r} is not available ({_unavailable_reason(backend)}): "
+                     f"timing the torch reference instead")
+        backend = "torch"
+    if kind == "cpu":
+        notes.append(TRITON_ON_CPU_NOTE)
+    defaults = DEFAULTS[kind]
+    if kind == "cpu":
+        # A MeZO-loop pass over opt-125m takes about 1 s on 2 cores (randn-add about 0.6 s), and
+        # allocates new tensors every call, so a first call is not much colder than the others:
+        # 3 timed calls, no warm-up, keep the quick run well under a minute on a busy machine.
+        loops = [Case(c.op, dist=c.dist, k=c.k, rounding=c.rounding, repeats=3, warmup=0)
+                 for c in (MEZO, RANDN_ADD)]
+        notes.append("quick run on CPU: the MeZO and randn-add loops (about 1 s per pass) are "
+                     "timed 3 times without warm-up, the other rows 5 times after 1: see the n "
+                     "column")
+    else:
+        loops = [MEZO, RANDN_ADD]
+    cases = loops + [Case("perturb_", backend, "gaussian", 1, "nearest"),
+                     Case("perturb_", backend, "rademacher", 1, "nearest"),
+                     Case("perturb_", backend, "gaussian", 2, "nearest")]
+    if defaults["dtype"] != "float32":
+        cases.append(Case("perturb_", backend, "gaussian", 1, "stochastic"))
+    cases.append(Case("lowrank_perturb_", backend, rounding="nearest", rank=16))
+    plan = Plan("quick", [], {device: defaults["warmup"]}, {device: defaults["repeats"]}, notes,
+                json_path=args.json)
+    group = Group(get_shape_set(defaults["shape_set"]), defaults["dtype"], device, cases)
+    if _memory_check(group, None, plan):
+        plan.groups.append(group)
+    return plan
+
+
+def plan_ops(args: argparse.Namespace) -> Plan:
+    """The `ops` run: every (shape set, dtype, device) group with its cases."""
+    devices = [_device(d) for d in _items(getattr(args, "device", None), _best_device())]
+    if args.repeats is not None and args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.warmup is not None and args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.max_gb is not None and args.max_gb <= 0:
+        raise UsageError(f"--max-gb must be > 0, got {args.max_gb:g}")
+    names = _items(args.shape_set, "") if args.shape_set else None
+    shape_sets = []
+    for name in names or []:
+        try:
+            shape_sets.append(get_shape_set(name))
+        except ValueError as exc:
+            raise UsageError(f"--shape-set: {exc}") from None
+    dtypes = _dtypes(args.dtype, "") if args.dtype else None
+    ops = _choices(args.op, "perturb,lowrank", OPS, "--op")
+    ks = _ints(args.k, "1,2,14", "--k")
+    dists = _choices(args.dist, ",".join(DISTS), DISTS, "--dist")
+    roundings = _choices(args.rounding, ",".join(ROUNDINGS), ROUNDINGS, "--rounding")
+    ranks = _ints(args.rank, "8,16,64", "--rank")
+    requested = _choices(args.backend, "auto", ("auto",) + FUSED_BACKENDS, "--backend")
+    notes: list[str] = []
+    backends = fused_backends(requested, devices, notes)
+
+    plan = Plan("ops", [], {}, {}, notes, json_path=args.json)
+    if "stochastic" in roundings and (dtypes is None or "float32" in dtypes):
+        notes.append("stochastic rounding is timed for bfloat16/float16 only (float32 rounds "
+                     "exactly)")
+    for device in devices:
+        defaults = DEFAULTS[torch.device(device).type]
+        plan.warmup[device] = defaults["warmup"] if args.warmup is None else args.warmup
+        plan.repeats[device] = defaults["repeats"] if args.repeats is None else args.repeats
+        for shape_set in shape_sets or [get_shape_set(defaults["shape_set"])]:
+            for dtype in dtypes or [defaults["dtype"]]:
+                cases = [] if args.no_baselines else [MEZO, RANDN_ADD]
+                for backend in backends[device]:
+                    rounds = [r for r in roundings if r == "nearest" or dtype != "float32"]
+                    if "perturb_" in ops:
+                        cases += [Case("perturb_", backend, dist, k, rounding)
+                                  for dist in dists for k in ks for rounding in rounds]
+                    if "lowrank_perturb_" in ops and shape_set.matrices:
+                        cases += [Case("lowrank_perturb_", backend, rounding=rounding, rank=rank)
+                                  for rank in ranks for rounding in rounds]
+                group = Group(shape_set, dtype, device, cases)
+                if _memory_check(group, args.max_gb, plan):
+                    plan.groups.append(group)
+    if not any(c.backend != BASELINE for g in plan.groups for c in g.cases) and not plan.skipped:
+        notes.append("no fused backend to time on the requested devices: baselines only")
+    return plan
+
+
+# -------------------------------------------------------------------------------------- execution
+
+def _ms(value: float) -> str:
+    """Three significant digits or so, whatever the scale."""
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
+def _progress_label(group: Group, case: Case) -> str:
+    return f"{group.shape_set.name} {group.dtype} {group.device}: {case.label()}"
+
+
+def execute(plan: Plan) -> list[dict]:
+    """Run the groups in order, with a [i/n] progress line per case on stderr."""
+    total = sum(len(g.cases) for g in plan.groups)
+    done = 0
+    results: list[dict] = []
+    for group in plan.groups:
+        def on_start(case: Case, group: Group = group) -> None:
+            print(f"[{done + 1}/{total}] {_progress_label(group, case)} ...", end="",
+                  file=sys.stderr, flush=True)
+
+        def on_done(case: Case, row: dict) -> None:
+            nonlocal done
+            done += 1
+            print(f" {_ms(row['ms'])} ms", file=sys.stderr, flush=True)
+
+        group_start = done
+        try:
+            results += run_group(group, warmup=plan.warmup[group.device],
+                                 repeats=plan.repeats[group.device],
+                                 on_start=on_start, on_done=on_done)
+        except torch.OutOfMemoryError as exc:
+            print(" out of memory", file=sys.stderr, flush=True)
+            reason = f"out of memory: {str(exc).splitlines()[0]}"
+            plan.skipped.append(dict(shape_set=group.shape_set.name, dtype=group.dtype,
+                                     device=group.device, reason=reason))
+            plan.notes.append(f"skipped {group.shape_set.name} {group.dtype} on "
+                              f"{group.device}: {reason} (lower --max-gb)")
+            done = group_start + len(group.cases)
+    return results
+
+
+def _same_group(row: dict, group: Group) -> bool:
+    return (row["shape_set"], row["dtype"], row["device"]) == (group.shape_set.name, group.dtype,
+                                                               group.device)
+
+
+COLUMNS = ("op", "backend", "dist", "K", "rounding", "r", "ms", "p20-p80", "GB/s", "% copy",
+           "vs MeZO", "launches", "n")
+RIGHT = {"K", "r", "ms", "p20-p80", "GB/s", "% copy", "vs MeZO", "launches", "n"}
+
+
+def _cells(row: dict) -> list[str]:
+    def text(value: object) -> str:
+        return "-" if value is None else str(value)
+
+    speedup = row["speedup_vs_mezo_loop"]
+    return [row["op"], row["backend"], text(row["dist"]), text(row["k"]), text(row["rounding"]),
+            text(row["rank"]), _ms(row["ms"]), f"{_ms(row['ms_p20'])}-{_ms(row['ms_p80'])}",
+            f"{row['gbps']:.2f}", f"{row['pct_copy_bw']:.0f}%",
+            "-" if speedup is None else f"{speedup:.2f}x", text(row["launches_per_call"]),
+            str(row["repeats"])]
+
+
+def format_table(results: list[dict], groups: list[Group]) -> str:
+    """One aligned table per group, under a line saying what the group is."""
+    blocks = []
+    for group in groups:
+        rows = [r for r in results if _same_group(r, group)]
+        if not rows:
+            continue
+        copy = next(r for r in rows if r["op"] == "copy")
+        head = (f"{group.shape_set.name} · {group.dtype} · {group.device} "
+                f"({device_name(group.device)}): {copy['tensors']} tensors, "
+                f"{copy['numel'] / 1e6:.1f}M elements, {_size(copy['bytes'])} per "
+                f"read + write pass; copy {copy['gbps']:.1f} GB/s")
+        table = [list(COLUMNS)] + [_cells(r) for r in rows]
+        widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+        lines = [head]
+        for index, line in enumerate(table):
+            lines.append("  ".join(cell.rjust(w) if COLUMNS[i] in RIGHT else cell.ljust(w)
+                                   for i, (cell, w) in enumerate(zip(line, widths))).rstrip())
+            if index == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lowrank = next((r for r in rows if r["op"] == "lowrank_perturb_"), None)
+        if lowrank is not None:
+            lines.append(f"lowrank_perturb_ updates the {lowrank['tensors']} 2-D tensors "
+                         f"({lowrank['numel'] / 1e6:.1f}M of {copy['numel'] / 1e6:.1f}M elements; "
+                         f"its bytes add the fp32 factors); vs MeZO compares with the loop over "
+                         f"all tensors")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def write_json(path: str, plan: Plan, results: list[dict], argv: list[str]) -> None:
+    devices = list(dict.fromkeys([g.device for g in plan.groups] + list(plan.repeats)))
+    document = environment(devices or ["cpu"])
+    document.update(
+        mode=plan.mode,
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=shlex.join([PROG, *argv]),
+        warmup=plan.warmup, repeats=plan.repeats, notes=plan.notes, skipped=plan.skipped,
+        results=results)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(document, f, indent=2)
+        f.write("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        plan = plan_ops(args) if args.command == "ops" else plan_quick(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    devices = list(plan.repeats)
+    print(f"{PROG} {plan.mode}: zokernels {zokernels.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads, devices: "
+          f"{', '.join(f'{d} ({device_name(d)})' for d in devices)}", file=sys.stderr)
+    results = execute(plan)
+    print(f"zokernels {zokernels.__version__} · torch {torch.__version__} · "
+          f"{torch.get_num_threads()} CPU threads · medians after warm-up, "
+          f"GB/s = bytes the op must move / median time")
+    if results:
+        print()
+        print(format_table(results, plan.groups))
+    for note in plan.notes:
+        print(f"note: {note}")
+    if plan.json_path:
+        write_json(plan.json_path, plan, results, argv)
+        print(f"wrote {plan.json_path}", file=sys.stderr)
+    if not results:
+        print(f"{PROG}: nothing was timed (see the notes)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
