@@ -18,6 +18,7 @@ import torch
 from ._contract import KEY_LIMIT, SEED_LIMIT
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT32_MAX = 3.4028234663852886e38  # larger numbers become inf in the float32 kernels
 
 Scalars = Any  # a Python number, a sequence of numbers, or a tensor
 
@@ -102,6 +103,7 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
     """
     # Only a lone number or a 0-d tensor broadcasts; a list or 1-D tensor must have `length` values.
     scalar = _is_real_number(values) or (isinstance(values, torch.Tensor) and values.dim() == 0)
+    checked = False
     if isinstance(values, torch.Tensor):
         if not (values.dtype.is_floating_point or values.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {values.dtype}")
@@ -118,15 +120,16 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
                 v = v.item()
             if not _is_real_number(v):
                 raise TypeError(f"{name}[{k}] must be a real number, got {type(v).__name__}")
-            if not math.isfinite(v):
-                raise ValueError(f"{name}[{k}] must be finite, got {v}")
+            if not (math.isfinite(v) and abs(v) <= FLOAT32_MAX):
+                raise ValueError(f"{name}[{k}] must be finite in float32, got {v}")
             items.append(float(v))
         vector = torch.tensor(items, dtype=torch.float32)
+        checked = True  # each number was checked above: no tensor-wide pass needed
     if scalar and allow_broadcast and length != 1:
         vector = vector.expand(length)
     if vector.numel() != length:
         raise ValueError(f"{name} must have {length} value(s), got {vector.numel()}")
-    if vector.numel() and (check_finite or vector.device.type == "cpu"):
+    if vector.numel() and not checked and (check_finite or vector.device.type == "cpu"):
         if not bool(torch.isfinite(vector).all()):
             bad = [v for v in vector.tolist() if not math.isfinite(v)]
             raise ValueError(f"{name} must be finite, got {bad[0]}")

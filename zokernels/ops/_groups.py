@@ -29,3 +29,11 @@ def contiguous_views(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]
         for original, written in zip(tensors, work):
             if written.data_ptr() != original.data_ptr():
                 original.copy_(written)
+
+
+def select(values: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """values[indices] for a per-tensor vector; the whole vector when one group holds every tensor
+    (the common case, which then skips an indexing kernel)."""
+    if len(indices) == values.numel():
+        return values
+    return values[indices]

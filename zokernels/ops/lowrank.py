@@ -17,7 +17,7 @@ from .._validate import (
     check_no_internal_overlap,
     check_no_overlap,
 )
-from ._groups import contiguous_views, group_indices
+from ._groups import contiguous_views, group_indices, select as _select
 
 
 def _as_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor]:
@@ -116,7 +116,7 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
                 [_float32(vs[j]) for j in indices],
                 [_float32(taus[j]) for j in indices],
                 scale_vector.to(device, non_blocking=True),
-                decay_vector[indices].to(device, non_blocking=True),
+                _select(decay_vector, indices).to(device, non_blocking=True),
                 [key_list[j] for j in indices],
                 rounding,
                 rounding_seed,

@@ -18,7 +18,7 @@ from .._validate import (
     check_no_internal_overlap,
     check_no_overlap,
 )
-from ._groups import contiguous_views, group_indices
+from ._groups import contiguous_views, group_indices, select as _select
 
 
 def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
@@ -90,7 +90,7 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
                 [key_list[j] for j in indices],
                 seed_list,
                 scale_vector.to(device, non_blocking=True),
-                decay_vector[indices].to(device, non_blocking=True),
+                _select(decay_vector, indices).to(device, non_blocking=True),
                 dist,
                 rounding,
                 rounding_seed,
