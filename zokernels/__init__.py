@@ -6,6 +6,7 @@ Public ops:
              rounding="nearest", backend="auto")
     lowrank_perturb_(weights, us, vs, taus, *, scale=1.0, decay=1.0, ...)
     available_backends()
+    ParameterSpace(params, layers=None, ...)   parameters registered once: .perturb / .update
 
 The noise contract (docs/noise-contract.md) makes z a pure function of (seed, key, element index),
 identical on the triton, cpu and torch backends.
@@ -14,5 +15,7 @@ identical on the triton, cpu and torch backends.
 from ._dispatch import available_backends
 from ._version import __version__
 from .ops import lowrank_perturb_, noise, perturb_
+from .space import ParameterSpace
 
-__all__ = ["noise", "perturb_", "lowrank_perturb_", "available_backends", "__version__"]
+__all__ = ["noise", "perturb_", "lowrank_perturb_", "available_backends", "ParameterSpace",
+           "__version__"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,23 +78,45 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
     for j, t in enumerate(tensors):
         check_no_internal_overlap(t, f"tensors[{j}]")
     check_no_overlap([(f"tensors[{j}]", t) for j, t in enumerate(tensors)])
-    groups = group_indices(tensors)
     # Resolve every group's backend before writing anything: a refusal leaves all tensors as they were.
-    plan = [(resolve_backend(backend, device), device, indices)
-            for (device, _), indices in groups.items()]
+    plan = plan_groups(tensors, key_list, backend)
+    run_perturb(plan, seed_list, scale_vector, decay_vector, applied_vector, dist, rounding,
+                rounding_seed)
 
-    for chosen, device, indices in plan:
-        members = [tensors[j] for j in indices]
-        with torch.no_grad(), contiguous_views(members) as work:
-            implementation(chosen, "perturb")(
+
+@dataclass
+class PerturbGroup:
+    """One backend call: the tensors of one (device, dtype), with their keys."""
+
+    backend: str
+    device: torch.device
+    tensors: list[torch.Tensor]
+    keys: list[int]
+    indices: list[int]  # positions in the caller's list, to pick per-tensor decays
+
+
+def plan_groups(tensors: list[torch.Tensor], keys: list[int], backend: str) -> list[PerturbGroup]:
+    """Group validated tensors by (device, dtype) and resolve each group's backend (may raise)."""
+    return [PerturbGroup(resolve_backend(backend, device), device, [tensors[j] for j in indices],
+                         [keys[j] for j in indices], indices)
+            for (device, _), indices in group_indices(tensors).items()]
+
+
+def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor,
+                decays: torch.Tensor, applied: torch.Tensor | None, dist: str, rounding: str,
+                rounding_seed: int) -> None:
+    """Apply validated arguments group by group (shared by perturb_ and ParameterSpace)."""
+    for group in plan:
+        device = group.device
+        with torch.no_grad(), contiguous_views(group.tensors) as work:
+            implementation(group.backend, "perturb")(
                 work,
-                [key_list[j] for j in indices],
-                seed_list,
-                scale_vector.to(device, non_blocking=True),
-                _select(decay_vector, indices).to(device, non_blocking=True),
+                group.keys,
+                seeds,
+                scales.to(device, non_blocking=True),
+                _select(decays, group.indices).to(device, non_blocking=True),
                 dist,
                 rounding,
                 rounding_seed,
-                applied=(None if applied_vector is None
-                         else applied_vector.to(device, non_blocking=True)),
+                applied=None if applied is None else applied.to(device, non_blocking=True),
             )

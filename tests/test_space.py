@@ -1,0 +1,149 @@
+"""ParameterSpace: stable keys, layer selection, weight-decay mask, same results as perturb_."""
+
+import pytest
+import torch
+
+import zokernels
+from helpers import ALL_BACKEND_CASES, assert_bits_equal
+from zokernels.space import ParameterSpace, canonical_name, keys_from_names
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, width)
+        self.layer_norm = torch.nn.LayerNorm(width)
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self, width: int = 12, depth: int = 3):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, width)
+        self.blocks = torch.nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = torch.nn.Linear(width, 5, bias=False)
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_canonical_names_drop_wrappers():
+    assert canonical_name("module._orig_mod.blocks.0.fc.weight") == "blocks.0.fc.weight"
+    assert canonical_name("base_model.model.model.layers.1.q_proj.lora_A.default.weight") == \
+        "model.layers.1.q_proj.lora_A.default.weight"
+    assert canonical_name("_fsdp_wrapped_module.embed.weight") == "embed.weight"
+
+
+def test_keys_survive_wrappers_and_freezing():
+    torch.manual_seed(0)
+    model = TinyModel()
+    plain = ParameterSpace(model)
+    wrapped = ParameterSpace([(f"module.{n}", p) for n, p in model.named_parameters()])
+    assert plain.keys == wrapped.keys
+    model.blocks[0].fc.weight.requires_grad_(False)
+    frozen = ParameterSpace(model)
+    by_name = dict(zip(plain.names, plain.keys))
+    assert all(by_name[n] == k for n, k in zip(frozen.names, frozen.keys))
+    assert len(frozen) == len(plain) - 1
+
+
+def test_key_collisions_are_resolved_deterministically(monkeypatch):
+    import zokernels.space as space
+
+    monkeypatch.setattr(space, "key_from_name", lambda name: len(name))  # force collisions
+    names = ["b.w", "a.w", "c.bias"]  # "a.w" and "b.w" collide
+    keys = dict(zip(names, space.keys_from_names(names)))
+    assert len(set(keys.values())) == 3
+    assert keys["a.w"] == 3 and keys["b.w"] != 3  # sorted order: "a.w" keeps its digest
+    reordered = ["c.bias", "a.w", "b.w"]
+    assert dict(zip(reordered, space.keys_from_names(reordered))) == keys
+    assert keys_from_names(["x"]) == keys_from_names(["x"])  # real digest: stable
+
+
+@pytest.mark.parametrize("case", ALL_BACKEND_CASES, ids=[f"{b}-{d}" for b, d in ALL_BACKEND_CASES])
+def test_matches_perturb_with_the_same_keys(case):
+    backend, device = case
+    torch.manual_seed(1)
+    model = TinyModel().to(device)
+    space = ParameterSpace(model, backend=backend)
+    copies = [p.detach().clone() for p in model.parameters()]
+    space.update([3, 4], [1e-2, -2e-2], decay=0.9)
+    decays = [0.9 if space.decayable[j] else 1.0 for j in range(len(space))]
+    zokernels.perturb_(copies, [3, 4], [1e-2, -2e-2], keys=space.keys, decay=decays, backend=backend)
+    for name, p, c in zip(space.names, model.parameters(), copies):
+        assert_bits_equal(p.detach(), c, name)
+
+
+def test_weight_decay_rule_by_name():
+    model = TinyModel()
+    space = ParameterSpace(model)
+    exempt = {n for n, d in zip(space.names, space.decayable) if not d}
+    assert exempt == {n for n in space.names if "bias" in n or "layer_norm" in n}
+    before = _snapshot(model)
+    space.update(1, 0.0, decay=0.5)
+    for name, p in model.named_parameters():
+        expected = before[name] if name in exempt else before[name] * 0.5
+        assert_bits_equal(p.detach(), expected, name)
+
+
+def test_layers_leave_unselected_blocks_untouched():
+    torch.manual_seed(2)
+    model = TinyModel(depth=4)
+    space = ParameterSpace(model, layers=list(model.blocks))
+    assert space.num_layers == 4
+    before = _snapshot(model)
+    space.perturb(9, 1e-2, layers=[1, 3])
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[name])
+        in_block = name.startswith("blocks.")
+        selected = name.startswith("blocks.1.") or name.startswith("blocks.3.")
+        assert changed == (selected or not in_block), name
+    # The selected blocks get the same noise as a full pass: keys do not depend on the selection.
+    reference = TinyModel(depth=4)
+    reference.load_state_dict({n: t for n, t in before.items()})
+    ParameterSpace(reference).perturb(9, 1e-2)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if name.startswith("blocks.1.") or not name.startswith("blocks."):
+            assert_bits_equal(p.detach(), q.detach(), name)
+
+
+def test_layers_by_name_and_errors():
+    model = TinyModel(depth=2)
+    space = ParameterSpace(model, layers=[["blocks.0.fc.weight", "blocks.0.fc.bias"],
+                                          ["module.blocks.1.fc.weight"]])
+    assert space.indices([1]) == sorted(
+        [j for j, n in enumerate(space.names) if n == "blocks.1.fc.weight" or
+         not n.startswith(("blocks.0.fc", "blocks.1.fc.weight"))])
+    before = _snapshot(model)
+    for bad, error in [([2], ValueError), ([0, 0], ValueError), (["0"], TypeError), ([True], TypeError)]:
+        with pytest.raises(error, match="layers"):
+            space.perturb(1, 1.0, layers=bad)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="not registered"):
+        ParameterSpace(model, layers=[["blocks.9.fc.weight"]])
+    with pytest.raises(ValueError, match="layers\\[0\\] and layers\\[1\\]"):
+        ParameterSpace(model, layers=[["blocks.0.fc.weight"], ["blocks.0.fc.weight"]])
+
+
+def test_registration_refuses_bad_parameters():
+    w = torch.randn(10)
+    with pytest.raises(ValueError, match="share memory"):
+        ParameterSpace([w, w[2:5]])
+    with pytest.raises(TypeError, match="params"):
+        ParameterSpace([torch.zeros(3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="keys"):
+        ParameterSpace([torch.randn(2), torch.randn(3)], keys=[1, 1])
+    with pytest.raises(ValueError, match="mixes"):
+        ParameterSpace([("a", torch.randn(2)), torch.randn(3)])
+
+
+def test_scalar_errors_leave_parameters_untouched():
+    model = TinyModel()
+    space = ParameterSpace(model)
+    before = _snapshot(model)
+    for kwargs in (dict(seeds=-1, scales=1.0), dict(seeds=[1, 2], scales=[1.0]),
+                   dict(seeds=1, scales=float("nan")), dict(seeds=1, scales=1.0, dist="x"),
+                   dict(seeds=1, scales=1.0, weight_decay_factor=float("inf"))):
+        with pytest.raises((ValueError, TypeError)):
+            space.apply(**kwargs)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -1,0 +1,274 @@
+"""ParameterSpace: a model's parameters registered once for repeated fused perturbations.
+
+Registration does the per-tensor work that `perturb_` repeats on every call (type and overlap
+checks, stable keys, (device, dtype) grouping, backend resolution), so a ZO step on a model with
+thousands of small tensors (LoRA) pays only for the scalars it passes. Optimizers and other ZO
+code call `perturb` / `update` (or the general `apply`) once per pass.
+
+Keys: a parameter's noise key comes from its canonical name, so it survives checkpoint/resume,
+freezing other parameters and wrapper prefixes. The canonical name drops the path components that
+wrappers insert (`module` of DataParallel/DDP, `_orig_mod` of torch.compile,
+`_fsdp_wrapped_module`, `_checkpoint_wrapped_module`) and PEFT's leading `base_model.model.`; the
+key is the first 4 bytes (little-endian) of its BLAKE2b digest. Two names with the same digest (a
+chance of about n^2 / 2^33 for n names) are told apart deterministically: in sorted name order,
+the second gets the digest of "name#1", the third of "name#2", ... Unnamed tensors get their
+position as key. Explicit keys can be passed instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._contract import PERTURB_DISTS, ROUNDINGS
+from ._dispatch import BACKEND_CHOICES, resolve_backend
+from ._validate import (
+    as_choice,
+    as_key,
+    as_scalar_vector,
+    as_seed,
+    as_seed_list,
+    as_tensor_list,
+    check_no_internal_overlap,
+    check_no_overlap,
+)
+from .ops.perturb import PerturbGroup, run_perturb
+
+WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module",
+                                "_checkpoint_wrapped_module"})
+PEFT_PREFIX = "base_model.model."
+# MeZO's rule: no weight decay on biases and layer norms.
+NO_DECAY_DEFAULT = ("bias", "layer_norm", "layernorm")
+
+
+def canonical_name(name: str) -> str:
+    """The parameter name without wrapper path components (see the module docstring)."""
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX):]
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+
+
+def key_from_name(name: str) -> int:
+    """A stable 32-bit key for a canonical name (independent of Python's hash seed)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
+
+
+def keys_from_names(names: Sequence[str]) -> list[int]:
+    """Keys for canonical names, with collisions resolved deterministically (sorted order)."""
+    keys: dict[str, int] = {}
+    used: set[int] = set()
+    for name in sorted(set(names)):
+        key, suffix = key_from_name(name), 0
+        while key in used:
+            suffix += 1
+            key = key_from_name(f"{name}#{suffix}")
+        keys[name] = key
+        used.add(key)
+    return [keys[name] for name in names]
+
+
+def _named(params: Any, trainable_only: bool) -> list[tuple[str | None, torch.Tensor]]:
+    if isinstance(params, torch.nn.Module):
+        return [(n, p) for n, p in params.named_parameters()
+                if p.requires_grad or not trainable_only]
+    if isinstance(params, torch.Tensor):
+        return [(None, params)]
+    if not isinstance(params, Iterable) or isinstance(params, (str, bytes)):
+        raise TypeError(f"params must be a module, tensors or (name, tensor) pairs, "
+                        f"got {type(params).__name__}")
+    named: list[tuple[str | None, torch.Tensor]] = []
+    for j, item in enumerate(params):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            named.append((item[0], item[1]))
+        else:
+            named.append((None, item))
+        if not isinstance(named[-1][1], torch.Tensor):
+            raise TypeError(f"params[{j}] must be a tensor or a (name, tensor) pair, "
+                            f"got {type(item).__name__}")
+    if any(n is None for n, _ in named) and any(n is not None for n, _ in named):
+        raise ValueError("params mixes named and unnamed tensors: name all or none")
+    return named
+
+
+@dataclass(frozen=True)
+class _Group:
+    backend: str
+    device: torch.device
+
+
+class ParameterSpace:
+    """Parameters registered once: names, stable keys, layers, weight-decay mask, groups.
+
+    Args:
+        params: an nn.Module (its parameters that require grad, unless trainable_only=False), an
+            iterable of tensors, or of (name, tensor) pairs.
+        layers: optional sparsifiable blocks (LeZO): a list whose items are each a module, or a
+            list of parameter names or tensors. Parameters in no layer are always included.
+        keys: explicit keys, one per parameter (default: from names, or positions if unnamed).
+        no_decay: name substrings exempt from weight decay (MeZO's rule by default).
+        backend: the backend every call uses ("auto": triton for CUDA, cpu for CPU tensors).
+    """
+
+    def __init__(self, params: Any, *, layers: Sequence[Any] | None = None,
+                 keys: Sequence[int] | None = None, no_decay: Sequence[str] = NO_DECAY_DEFAULT,
+                 backend: str = "auto", trainable_only: bool = True) -> None:
+        named = _named(params, trainable_only)
+        tensors = as_tensor_list([t for _, t in named], "params")
+        for j, t in enumerate(tensors):
+            check_no_internal_overlap(t, f"params[{j}]")
+        check_no_overlap([(f"params[{j}]", t) for j, t in enumerate(tensors)])
+        self.tensors: list[torch.Tensor] = tensors
+        self.names: list[str] = [n if n is not None else str(j) for j, (n, _) in enumerate(named)]
+        if keys is not None:
+            if len(keys) != len(tensors):
+                raise ValueError(f"keys must have one key per parameter ({len(tensors)}), "
+                                 f"got {len(keys)}")
+            self.keys = [as_key(k, f"keys[{j}]") for j, k in enumerate(keys)]
+        elif named and named[0][0] is not None:
+            self.keys = keys_from_names([canonical_name(n) for n in self.names])
+        else:
+            self.keys = list(range(len(tensors)))
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError("keys must be distinct: two parameters would get the same noise")
+        self.decayable = [not any(s in name for s in no_decay) for name in self.names]
+        self.backend = as_choice(backend, BACKEND_CHOICES, "backend")
+
+        self._layer_of = self._assign_layers(layers)
+        self.num_layers = 0 if layers is None else len(layers)
+        # Members per layer (index num_layers: parameters in no layer), in registration order.
+        self._members: list[list[int]] = [[] for _ in range(self.num_layers + 1)]
+        for j, layer in enumerate(self._layer_of):
+            self._members[self.num_layers if layer is None else layer].append(j)
+        # Backend per (device, dtype), resolved now: a refusal happens at registration.
+        self._group_of: list[_Group] = []
+        resolved: dict[tuple[torch.device, torch.dtype], _Group] = {}
+        for t in tensors:
+            signature = (t.device, t.dtype)
+            if signature not in resolved:
+                resolved[signature] = _Group(resolve_backend(self.backend, t.device), t.device)
+            self._group_of.append(resolved[signature])
+        self._full_plan = self._plan(None)
+
+    def _assign_layers(self, layers: Sequence[Any] | None) -> list[int | None]:
+        assigned: list[int | None] = [None] * len(self.tensors)
+        if layers is None:
+            return assigned
+        position = {id(t): j for j, t in enumerate(self.tensors)}
+        by_name = {n: j for j, n in enumerate(self.names)}
+        canonical = {canonical_name(n): j for j, n in enumerate(self.names)}
+        for layer, spec in enumerate(layers):
+            members = spec.parameters() if isinstance(spec, torch.nn.Module) else spec
+            if isinstance(members, (str, torch.Tensor)):
+                raise TypeError(f"layers[{layer}] must be a module or a list of names/tensors")
+            for item in members:
+                if isinstance(item, str):
+                    j = by_name.get(item, canonical.get(canonical_name(item)))
+                elif isinstance(item, torch.Tensor):
+                    j = position.get(id(item))
+                    if j is None and isinstance(spec, torch.nn.Module):
+                        continue  # a frozen parameter of the block: not registered
+                else:
+                    raise TypeError(f"layers[{layer}] holds a {type(item).__name__}; "
+                                    "expected parameter names or tensors")
+                if j is None:
+                    raise ValueError(f"layers[{layer}] names a parameter that is not registered: "
+                                     f"{item if isinstance(item, str) else tuple(item.shape)}")
+                if assigned[j] is not None and assigned[j] != layer:
+                    raise ValueError(f"parameter {self.names[j]} is in layers[{assigned[j]}] "
+                                     f"and layers[{layer}]")
+                assigned[j] = layer
+        return assigned
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors)
+
+    def layer_numel(self, layer: int) -> int:
+        return sum(self.tensors[j].numel() for j in self._members[layer])
+
+    def indices(self, layers: Sequence[int] | None = None) -> list[int]:
+        """Parameters a call with `layers` touches: the selected layers plus those in no layer."""
+        if layers is None:
+            return list(range(len(self.tensors)))
+        chosen = self._check_layers(layers)
+        selected = [j for layer in chosen for j in self._members[layer]]
+        return sorted(selected + self._members[self.num_layers])
+
+    def _check_layers(self, layers: Sequence[int]) -> list[int]:
+        chosen = []
+        for position, layer in enumerate(layers):
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise TypeError(f"layers[{position}] must be a layer index, got {layer!r}")
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"layers[{position}] = {layer} is not a layer index "
+                                 f"(0 .. {self.num_layers - 1})")
+            chosen.append(layer)
+        if len(set(chosen)) != len(chosen):
+            raise ValueError("layers must not repeat a layer")
+        return chosen
+
+    def _plan(self, layers: Sequence[int] | None) -> tuple[list[PerturbGroup], torch.Tensor]:
+        """Backend groups for a selection, and the decay flags in the order of their tensors."""
+        buckets: dict[_Group, list[int]] = {}
+        for j in self.indices(layers):
+            if self.tensors[j].numel() > 0:
+                buckets.setdefault(self._group_of[j], []).append(j)
+        plan, order = [], []
+        for group, members in buckets.items():
+            start = len(order)
+            plan.append(PerturbGroup(group.backend, group.device,
+                                     [self.tensors[j] for j in members],
+                                     [self.keys[j] for j in members],
+                                     list(range(start, start + len(members)))))
+            order += members
+        return plan, torch.tensor([self.decayable[j] for j in order], dtype=torch.bool)
+
+    def apply(self, seeds: int | Sequence[int], scales: Any, *,
+              layers: Sequence[int] | None = None, weight_decay_factor: Any = 1.0,
+              applied: Any = None, dist: str = "gaussian", rounding: str = "nearest",
+              rounding_seed: int | None = None, check_finite: bool = True) -> None:
+        """perturb_ over the registered parameters (all, or the selected layers):
+
+            theta = round(d * theta + sum_k scales[k] * z(seeds[k], key, i))
+
+        with d = weight_decay_factor for decayable parameters and 1 for the others (MeZO's
+        no-decay rule). `applied` recovers the weights first (see perturb_). One backend call
+        per (device, dtype) group; validation covers only the scalars passed here.
+        """
+        seed_list = as_seed_list(seeds)
+        dist = as_choice(dist, PERTURB_DISTS, "dist")
+        rounding = as_choice(rounding, ROUNDINGS, "rounding")
+        rounding_seed = (seed_list[0] if rounding_seed is None
+                         else as_seed(rounding_seed, "rounding_seed"))
+        scale_vector = as_scalar_vector(scales, len(seed_list), "scales",
+                                        check_finite=check_finite, allow_broadcast=False)
+        applied_vector = None if applied is None else as_scalar_vector(
+            applied, len(seed_list), "applied", check_finite=check_finite, allow_broadcast=False)
+        factor = as_scalar_vector(weight_decay_factor, 1, "weight_decay_factor",
+                                  check_finite=check_finite, allow_broadcast=False)
+        plan, flags = self._full_plan if layers is None else self._plan(layers)
+        if not plan:
+            return
+        decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
+        run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
+                    rounding_seed)
+
+    def perturb(self, seed: int, scale: Any, *, layers: Sequence[int] | None = None,
+                applied: Any = None, dist: str = "gaussian", **kwargs: Any) -> None:
+        """theta += scale * z(seed) over the parameters (MeZO's zo_perturb_parameters)."""
+        self.apply(seed, scale, layers=layers, applied=applied, dist=dist, **kwargs)
+
+    def update(self, seeds: int | Sequence[int], coefs: Any, *, decay: Any = 1.0,
+               layers: Sequence[int] | None = None, applied: Any = None,
+               dist: str = "gaussian", **kwargs: Any) -> None:
+        """theta = decay * theta + sum_k coefs[k] * z(seeds[k]) in one pass; decay applies to the
+        decayable parameters only (e.g. decay = 1 - lr * weight_decay)."""
+        self.apply(seeds, coefs, layers=layers, weight_decay_factor=decay, applied=applied,
+                   dist=dist, **kwargs)
