@@ -12,6 +12,7 @@ import sys
 import torch
 
 import zokernels
+from zokernels.bench.runner import mezo_loop
 from zokernels.bench.shapes import model_shapes, numel
 from zokernels.bench.timing import measure
 
@@ -28,13 +29,8 @@ def main(argv=None) -> int:
     params = [t for _, t in named]
     space = zokernels.ParameterSpace(named)
 
-    def mezo_loop():
-        torch.manual_seed(1)
-        for p in params:
-            z = torch.normal(mean=0, std=1, size=p.size(), dtype=p.dtype, device=p.device)
-            p.data = p.data + 1e-3 * z
-
-    rows = [("mezo-loop", measure(mezo_loop, device=args.device, repeats=args.repeats)),
+    rows = [("mezo-loop", measure(lambda: mezo_loop(params, 1, 1e-3), device=args.device,
+                                  repeats=args.repeats)),
             ("perturb_", measure(lambda: zokernels.perturb_(params, 1, 1e-3), device=args.device,
                                  repeats=args.repeats)),
             ("ParameterSpace.perturb", measure(lambda: space.perturb(1, 1e-3), device=args.device,

@@ -21,21 +21,9 @@ import sys
 import torch
 
 import zokernels
+from zokernels.bench.runner import mezo_loop, randn_add_loop
 from zokernels.bench.shapes import model_shapes, numel
 from zokernels.bench.timing import measure
-
-
-def mezo_loop(params, seed, scale):
-    torch.manual_seed(seed)
-    for p in params:
-        z = torch.normal(mean=0, std=1, size=p.size(), dtype=p.dtype)
-        p.data = p.data + scale * z
-
-
-def randn_add_loop(params, seed, scale):
-    torch.manual_seed(seed)
-    for p in params:
-        p.add_(torch.randn_like(p), alpha=scale)
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,7 @@ from zokernels.bench.runner import (
     MEZO,
     Case,
     Group,
+    Progress,
     available_memory_bytes,
     device_name,
     environment,
@@ -92,17 +93,14 @@ def sweep(args: argparse.Namespace) -> dict:
         else:
             fitting.append((sweep_name, group))
 
-    total, done = sum(len(g.cases) for _, g in fitting), 0
+    progress = Progress(sum(len(g.cases) for _, g in fitting))
     results: list[dict] = []
     for sweep_name, group in fitting:
         def on_start(case: Case, group: Group = group) -> None:
-            print(f"[{done + 1}/{total}] {group.shape_set.name}: {case.label()} ...", end="",
-                  file=sys.stderr, flush=True)
+            progress.start(f"{group.shape_set.name}: {case.label()}")
 
         def on_done(case: Case, row: dict) -> None:
-            nonlocal done
-            done += 1
-            print(f" {row['ms']:.3g} ms", file=sys.stderr, flush=True)
+            progress.finish(f"{row['ms']:.3g} ms")
 
         rows = run_group(group, warmup=args.warmup, repeats=args.repeats,
                          target_ms=TARGET_MS if sweep_name == "size" else None,

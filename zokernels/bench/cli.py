@@ -30,6 +30,7 @@ from .runner import (
     RANDN_ADD,
     Case,
     Group,
+    Progress,
     available_memory_bytes,
     device_name,
     environment,
@@ -394,20 +395,16 @@ def _progress_label(group: Group, case: Case) -> str:
 
 def execute(plan: Plan) -> list[dict]:
     """Run the groups in order, with a [i/n] progress line per case on stderr."""
-    total = sum(len(g.cases) for g in plan.groups)
-    done = 0
+    progress = Progress(sum(len(g.cases) for g in plan.groups))
     results: list[dict] = []
     for group in plan.groups:
         def on_start(case: Case, group: Group = group) -> None:
-            print(f"[{done + 1}/{total}] {_progress_label(group, case)} ...", end="",
-                  file=sys.stderr, flush=True)
+            progress.start(_progress_label(group, case))
 
         def on_done(case: Case, row: dict) -> None:
-            nonlocal done
-            done += 1
-            print(f" {_ms(row['ms'])} ms", file=sys.stderr, flush=True)
+            progress.finish(f"{_ms(row['ms'])} ms")
 
-        group_start = done
+        group_start = progress.done
         try:
             results += run_group(group, warmup=plan.warmup[group.device],
                                  repeats=plan.repeats[group.device],
@@ -419,7 +416,7 @@ def execute(plan: Plan) -> list[dict]:
                                      device=group.device, reason=reason))
             plan.notes.append(f"skipped {group.shape_set.name} {group.dtype} on "
                               f"{group.device}: {reason} (lower --max-gb)")
-            done = group_start + len(group.cases)
+            progress.done = group_start + len(group.cases)
     return results
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -218,7 +219,7 @@ def copy_loop(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> 
 
 
 def mezo_loop(params: list[torch.Tensor], seed: int, scale: float) -> None:
-    """MeZO's zo_perturb_parameters (Malladi et al. 2023), verbatim but for the parameter list."""
+    """The MeZO-style loop: the operations of MeZO's zo_perturb_parameters (Malladi et al. 2023)."""
     torch.manual_seed(seed)
     for p in params:
         z = torch.normal(mean=0, std=1, size=p.size(), dtype=p.dtype, device=p.device)
@@ -254,6 +255,20 @@ def launches_per_call(case: Case, fn: Callable[[], None], device: torch.device) 
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     except Exception:  # profiler unavailable (e.g. CUPTI missing): the column is optional
         return None
+
+
+class Progress:
+    """`[i/n] label ... result` lines on stderr, one per timed case."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def start(self, label: str) -> None:
+        print(f"[{self.done + 1}/{self.total}] {label} ...", end="", file=sys.stderr, flush=True)
+
+    def finish(self, result: str) -> None:
+        self.done += 1
+        print(f" {result}", file=sys.stderr, flush=True)
 
 
 def run_group(group: Group, *, warmup: int, repeats: int, target_ms: float | None = None,
