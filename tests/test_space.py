@@ -147,3 +147,26 @@ def test_scalar_errors_leave_parameters_untouched():
         with pytest.raises((ValueError, TypeError)):
             space.apply(**kwargs)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_storage_changes_after_registration_are_picked_up():
+    """model.to(dtype) swaps every parameter's storage: the space must not reuse stale groups."""
+    torch.manual_seed(3)
+    model = TinyModel()
+    space = ParameterSpace(model)
+    model.to(torch.bfloat16)
+    expected = [p.detach().clone() for p in model.parameters()]
+    zokernels.perturb_(expected, 5, 1e-2, keys=space.keys)
+    space.perturb(5, 1e-2)
+    for name, p, e in zip(space.names, model.parameters(), expected):
+        assert p.dtype == torch.bfloat16
+        assert_bits_equal(p.detach(), e, name)
+
+
+def test_scalar_tensor_aliasing_a_parameter_is_refused():
+    model = TinyModel()
+    space = ParameterSpace(model)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="shares memory"):
+        space.perturb(1, model.head.weight[0, :1])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

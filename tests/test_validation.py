@@ -152,3 +152,51 @@ def test_lowrank_rejects_and_leaves_weights_untouched(bad):
 def test_available_backends():
     names = zokernels.available_backends()
     assert names[0] == "torch" and set(names) <= {"torch", "cpu", "triton"}
+
+
+def test_scale_tensor_aliasing_a_written_tensor_is_refused(any_case):
+    backend, device = any_case
+    a, c = torch.zeros(3, device=device), torch.zeros(3, device=device)
+    a[0] = 1.0
+    for kwargs in (dict(scales=a[0:1]), dict(scales=1.0, decay=c[1]),
+                   dict(scales=1.0, applied=a[2:3])):
+        with pytest.raises(ValueError, match="shares memory"):
+            zokernels.perturb_([a, c], 1, backend=backend, **kwargs)
+    assert a.tolist() == [1.0, 0.0, 0.0] and c.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_inference_and_misaligned_tensors_are_refused():
+    with torch.inference_mode():
+        frozen = torch.randn(4)
+    live = torch.randn(4)
+    before = live.clone()
+    with pytest.raises(ValueError, match="inference tensor"):
+        zokernels.perturb_([live, frozen], 1, 0.1)
+    assert torch.equal(live, before)
+    with torch.inference_mode():  # inside inference mode the update is allowed, as in torch
+        zokernels.perturb_([frozen], 1, 0.1)
+    raw = bytearray(4 * 5)
+    shifted = torch.frombuffer(raw, dtype=torch.float32, offset=1, count=4)
+    with pytest.raises(ValueError, match="aligned"):
+        zokernels.perturb_(shifted, 1, 0.1)
+
+
+def test_fast_backends_bump_the_version_counter(any_case):
+    """A tensor saved for backward and perturbed since must be reported by autograd."""
+    backend, device = any_case
+    weight = torch.randn(3, device=device, requires_grad=True)
+    x = torch.randn(3, device=device, requires_grad=True)
+    loss = (x * weight).sum()  # saves weight for x's gradient
+    zokernels.perturb_(weight, 1, 0.1, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_huge_integer_scale_is_a_value_error():
+    with pytest.raises(ValueError, match="scales"):
+        zokernels.perturb_(torch.zeros(2), 1, 10 ** 400)
+
+
+def test_meta_tensors_are_not_taken_for_aliases():
+    zokernels.perturb_([torch.empty(3, device="meta"), torch.empty(4, device="meta")], 1, 0.1,
+                       backend="torch")

@@ -86,7 +86,21 @@ def as_tensor_list(tensors: Any, name: str) -> list[torch.Tensor]:
                             "float32, bfloat16 and float16")
         if t.is_sparse or t.layout != torch.strided:
             raise TypeError(f"{name}[{j}] must be a dense (strided) tensor, got layout {t.layout}")
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(f"{name}[{j}] is an inference tensor: it can be updated in place "
+                             "only inside torch.inference_mode()")
+        if t.device.type != "meta" and t.data_ptr() % t.element_size():
+            raise ValueError(f"{name}[{j}] is not aligned to its element size "
+                             f"(data_ptr % {t.element_size()} != 0)")
     return tensors
+
+
+def _fits_float32(value: float | int) -> bool:
+    """Finite, and finite again once rounded to float32 (huge ints included)."""
+    try:
+        return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _is_real_number(value: Any) -> bool:
@@ -120,7 +134,7 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
                 v = v.item()
             if not _is_real_number(v):
                 raise TypeError(f"{name}[{k}] must be a real number, got {type(v).__name__}")
-            if not (math.isfinite(v) and abs(v) <= FLOAT32_MAX):
+            if not (_fits_float32(v)):
                 raise ValueError(f"{name}[{k}] must be finite in float32, got {v}")
             items.append(float(v))
         vector = torch.tensor(items, dtype=torch.float32)
@@ -174,15 +188,15 @@ def _memory_span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * t.element_size()
 
 
-def check_no_overlap(written: list[tuple[str, torch.Tensor]],
-                     read: list[tuple[str, torch.Tensor]] = ()) -> None:
-    """Refuse a call whose written tensors share memory with each other or with a tensor it reads.
+def written_spans(written: list[tuple[str, torch.Tensor]]) -> dict[str, list[tuple[int, int, str]]]:
+    """Memory spans of the tensors a call writes, sorted per device; raises if two overlap.
 
-    Conservative: two interleaved strided views whose spans overlap are refused too.
+    Conservative: two interleaved strided views whose spans overlap are refused too. Meta
+    tensors have no memory and are skipped.
     """
     spans: dict[str, list[tuple[int, int, str]]] = {}
     for name, t in written:
-        if t.numel() > 0:
+        if t.numel() > 0 and t.device.type != "meta":
             spans.setdefault(str(t.device), []).append(_memory_span(t) + (name,))
     for device_spans in spans.values():
         device_spans.sort()
@@ -190,9 +204,17 @@ def check_no_overlap(written: list[tuple[str, torch.Tensor]],
             if start < end:
                 raise ValueError(f"{first} and {second} share memory (aliased or overlapping "
                                  "tensors); each tensor must be distinct")
+    return spans
+
+
+def check_reads(spans: dict[str, list[tuple[int, int, str]]],
+                read: list[tuple[str, Any]]) -> None:
+    """Refuse read tensors (factors, scalar tensors) that share memory with written ones."""
     for name, t in read:
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
+            continue
         device_spans = spans.get(str(t.device), [])
-        if t.numel() == 0 or not device_spans:
+        if not device_spans:
             continue
         start, end = _memory_span(t)
         # The last written span starting before `end` is the only candidate (they are disjoint).
@@ -200,3 +222,9 @@ def check_no_overlap(written: list[tuple[str, torch.Tensor]],
         if position >= 0 and device_spans[position][1] > start:
             raise ValueError(f"{name} shares memory with {device_spans[position][2]}, which this "
                              "call writes")
+
+
+def check_no_overlap(written: list[tuple[str, torch.Tensor]],
+                     read: list[tuple[str, Any]] = ()) -> None:
+    """Refuse a call whose written tensors share memory with each other or with a tensor it reads."""
+    check_reads(written_spans(written), read)

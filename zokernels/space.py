@@ -34,7 +34,8 @@ from ._validate import (
     as_seed_list,
     as_tensor_list,
     check_no_internal_overlap,
-    check_no_overlap,
+    check_reads,
+    written_spans,
 )
 from .ops.perturb import PerturbGroup, run_perturb
 
@@ -117,21 +118,17 @@ class ParameterSpace:
                  keys: Sequence[int] | None = None, no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  backend: str = "auto", trainable_only: bool = True) -> None:
         named = _named(params, trainable_only)
-        tensors = as_tensor_list([t for _, t in named], "params")
-        for j, t in enumerate(tensors):
-            check_no_internal_overlap(t, f"params[{j}]")
-        check_no_overlap([(f"params[{j}]", t) for j, t in enumerate(tensors)])
-        self.tensors: list[torch.Tensor] = tensors
+        self.tensors: list[torch.Tensor] = [t for _, t in named]
         self.names: list[str] = [n if n is not None else str(j) for j, (n, _) in enumerate(named)]
         if keys is not None:
-            if len(keys) != len(tensors):
-                raise ValueError(f"keys must have one key per parameter ({len(tensors)}), "
+            if len(keys) != len(self.tensors):
+                raise ValueError(f"keys must have one key per parameter ({len(self.tensors)}), "
                                  f"got {len(keys)}")
             self.keys = [as_key(k, f"keys[{j}]") for j, k in enumerate(keys)]
         elif named and named[0][0] is not None:
             self.keys = keys_from_names([canonical_name(n) for n in self.names])
         else:
-            self.keys = list(range(len(tensors)))
+            self.keys = list(range(len(self.tensors)))
         if len(set(self.keys)) != len(self.keys):
             raise ValueError("keys must be distinct: two parameters would get the same noise")
         self.decayable = [not any(s in name for s in no_decay) for name in self.names]
@@ -143,7 +140,21 @@ class ParameterSpace:
         self._members: list[list[int]] = [[] for _ in range(self.num_layers + 1)]
         for j, layer in enumerate(self._layer_of):
             self._members[self.num_layers if layer is None else layer].append(j)
-        # Backend per (device, dtype), resolved now: a refusal happens at registration.
+        self._register_memory()
+
+    def _register_memory(self) -> None:
+        """Checks, (device, dtype) groups and backends for the tensors' current storage.
+
+        Runs at registration and again when a parameter's storage changed since (model.to(...),
+        param.data = ...): a cached group must never hand a kernel a stale dtype or device.
+        """
+        tensors = as_tensor_list(self.tensors, "params")
+        for j, t in enumerate(tensors):
+            check_no_internal_overlap(t, f"params[{j}]")
+        self._spans = written_spans([(f"params[{j}] ({self.names[j]})", t)
+                                     for j, t in enumerate(tensors)])
+        self._storage = self._storage_signature()
+        # Backend per (device, dtype), resolved now: a refusal happens before any write.
         self._group_of: list[_Group] = []
         resolved: dict[tuple[torch.device, torch.dtype], _Group] = {}
         for t in tensors:
@@ -152,6 +163,10 @@ class ParameterSpace:
                 resolved[signature] = _Group(resolve_backend(self.backend, t.device), t.device)
             self._group_of.append(resolved[signature])
         self._full_plan = self._plan(None)
+
+    def _storage_signature(self) -> list[tuple[int, torch.dtype]]:
+        # A dtype or device change replaces the storage, so the address and dtype catch both.
+        return [(t.data_ptr(), t.dtype) for t in self.tensors]
 
     def _assign_layers(self, layers: Sequence[Any] | None) -> list[int | None]:
         assigned: list[int | None] = [None] * len(self.tensors)
@@ -253,6 +268,10 @@ class ParameterSpace:
             applied, len(seed_list), "applied", check_finite=check_finite, allow_broadcast=False)
         factor = as_scalar_vector(weight_decay_factor, 1, "weight_decay_factor",
                                   check_finite=check_finite, allow_broadcast=False)
+        if self._storage_signature() != self._storage:
+            self._register_memory()
+        check_reads(self._spans, [("scales", scales), ("applied", applied),
+                                  ("weight_decay_factor", weight_decay_factor)])
         plan, flags = self._full_plan if layers is None else self._plan(layers)
         if not plan:
             return

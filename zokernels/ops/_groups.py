@@ -8,6 +8,16 @@ from contextlib import contextmanager
 import torch
 
 
+def _increment_version(tensors: list[torch.Tensor]) -> None:
+    if tensors:
+        bump = getattr(torch.autograd.graph, "increment_version", None)
+        if bump is not None:
+            bump(tensors)
+        else:  # torch < 2.1
+            for t in tensors:
+                torch._C._increment_version(t)
+
+
 def group_indices(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
     """Positions of the non-empty tensors per (device, dtype), in first-seen order."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -25,10 +35,16 @@ def contiguous_views(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]
     # read data_ptr(), so no detached alias is needed (detach() costs microseconds per tensor).
     work = [t if t.is_contiguous() else t.detach().contiguous() for t in tensors]
     yield work
+    written_in_place = []
     with torch.no_grad():
         for original, written in zip(tensors, work):
-            if written.data_ptr() != original.data_ptr():
-                original.copy_(written)
+            if written is original:
+                written_in_place.append(original)
+            else:
+                original.copy_(written)  # copy_ bumps the version counter itself
+    # The fast backends write through data_ptr(), unseen by autograd: bump the version counters
+    # so that a tensor saved for backward and perturbed since is reported, as torch would.
+    _increment_version(written_in_place)
 
 
 def select(values: torch.Tensor, indices: list[int]) -> torch.Tensor:

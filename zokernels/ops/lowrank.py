@@ -102,7 +102,7 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
     # Weights may not overlap each other nor the factors read while they are written.
     check_no_overlap([(f"weights[{j}]", w) for j, w in enumerate(weights)],
                      [(f"{name}[{j}]", f) for name, fs in (("us", us), ("vs", vs), ("taus", taus))
-                      for j, f in enumerate(fs)])
+                      for j, f in enumerate(fs)] + [("scale", scale), ("decay", decay)])
     groups = group_indices(weights)
     plan = [(resolve_backend(backend, device), device, indices)
             for (device, _), indices in groups.items()]

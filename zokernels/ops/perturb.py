@@ -77,7 +77,8 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
         applied, len(seed_list), "applied", check_finite=check_finite, allow_broadcast=False)
     for j, t in enumerate(tensors):
         check_no_internal_overlap(t, f"tensors[{j}]")
-    check_no_overlap([(f"tensors[{j}]", t) for j, t in enumerate(tensors)])
+    check_no_overlap([(f"tensors[{j}]", t) for j, t in enumerate(tensors)],
+                     [("scales", scales), ("decay", decay), ("applied", applied)])
     # Resolve every group's backend before writing anything: a refusal leaves all tensors as they were.
     plan = plan_groups(tensors, key_list, backend)
     run_perturb(plan, seed_list, scale_vector, decay_vector, applied_vector, dist, rounding,
