@@ -17,66 +17,49 @@ constexpr int kMaxCountersPerTile = kTile / kGaussianPerCounter;
 
 enum Dist : int { kGaussian = 0, kRademacher = 1, kUniform = 2 };
 
-// The gaussians of counters first_block + q, q < n_blocks <= kMaxCountersPerTile: calls
-// visit(q, n0, n1, n2, n3) for elements 4q .. 4q + 3. A visitor (instead of an output array)
-// lets perturb_ add the noise straight into its accumulator.
-template <class Philox, class Visit>
-inline void gaussian_visit(const PhiloxKeys& keys, uint32_t key, uint64_t first_block, int n_blocks,
-                           const Visit& visit) {
+// z[4q + m] = n_m for the counters first_block + q, q < n_blocks <= kMaxCountersPerTile (n0, n1
+// from words 0, 1 and n2, n3 from words 2, 3). Box-Muller runs on whole vectors of counters (the
+// words come in structure-of-arrays form) and the store interleaves the four results.
+template <class Philox>
+inline void gaussian_blocks(const PhiloxKeys& keys, uint32_t key, uint64_t first_block, int n_blocks,
+                            float* ZK_RESTRICT z) {
     alignas(64) uint32_t w0[kMaxCountersPerTile], w1[kMaxCountersPerTile],
         w2[kMaxCountersPerTile], w3[kMaxCountersPerTile];
     Philox::blocks(keys, first_block, key, kStreamNoise, n_blocks, w0, w1, w2, w3);
     for (int q = 0; q < n_blocks; ++q) {
         float n0, n1, n2, n3;
-        box_muller(word_to_uniform(w0[q]), word_to_uniform(w1[q]), n0, n1);
-        box_muller(word_to_uniform(w2[q]), word_to_uniform(w3[q]), n2, n3);
-        visit(q, n0, n1, n2, n3);
+        box_muller(w0[q], w1[q], n0, n1);
+        box_muller(w2[q], w3[q], n2, n3);
+        z[4 * q + 0] = n0;
+        z[4 * q + 1] = n1;
+        z[4 * q + 2] = n2;
+        z[4 * q + 3] = n3;
     }
 }
 
-// z[4q + m] = n_m (noise op).
-template <class Philox>
-inline void gaussian_blocks(const PhiloxKeys& keys, uint32_t key, uint64_t first_block, int n_blocks,
-                            float* ZK_RESTRICT z) {
-    gaussian_visit<Philox>(keys, key, first_block, n_blocks,
-                           [&](int q, float n0, float n1, float n2, float n3) {
-                               z[4 * q + 0] = n0;
-                               z[4 * q + 1] = n1;
-                               z[4 * q + 2] = n2;
-                               z[4 * q + 3] = n3;
-                           });
-}
-
-// acc[4q + m] += scale * n_m (perturb_).
+// acc[i] += scale * z_i for the 4 * n_blocks elements of the counters (perturb_). The noise goes
+// through an L1 buffer in element order: adding it to acc in the Box-Muller loop made the
+// compiler de-interleave and re-interleave acc (about twice the shuffles of one store).
 template <class Philox>
 inline void gaussian_accumulate(const PhiloxKeys& keys, uint32_t key, uint64_t first_block,
                                 int n_blocks, float scale, float* ZK_RESTRICT acc) {
-    gaussian_visit<Philox>(keys, key, first_block, n_blocks,
-                           [&](int q, float n0, float n1, float n2, float n3) {
-                               acc[4 * q + 0] = acc[4 * q + 0] + scale * n0;
-                               acc[4 * q + 1] = acc[4 * q + 1] + scale * n1;
-                               acc[4 * q + 2] = acc[4 * q + 2] + scale * n2;
-                               acc[4 * q + 3] = acc[4 * q + 3] + scale * n3;
-                           });
+    alignas(64) float z[kTile];
+    gaussian_blocks<Philox>(keys, key, first_block, n_blocks, z);
+    for (int i = 0; i < 4 * n_blocks; ++i) acc[i] = acc[i] + scale * z[i];
 }
 
-// sum_a[4q + m] += scale_a * n_m and sum_b[4q + m] += scale_b * n_m from one evaluation of the
-// noise (perturb_ with applied=: the recovery sum D1 and the new sum D2 see the same z).
+// sum_a[i] += scale_a * z_i and sum_b[i] += scale_b * z_i from one evaluation of the noise
+// (perturb_ with applied=: the recovery sum D1 and the new sum D2 see the same z).
 template <class Philox>
 inline void gaussian_accumulate_pair(const PhiloxKeys& keys, uint32_t key, uint64_t first_block,
                                      int n_blocks, float scale_a, float* ZK_RESTRICT sum_a,
                                      float scale_b, float* ZK_RESTRICT sum_b) {
-    gaussian_visit<Philox>(keys, key, first_block, n_blocks,
-                           [&](int q, float n0, float n1, float n2, float n3) {
-                               sum_a[4 * q + 0] = sum_a[4 * q + 0] + scale_a * n0;
-                               sum_a[4 * q + 1] = sum_a[4 * q + 1] + scale_a * n1;
-                               sum_a[4 * q + 2] = sum_a[4 * q + 2] + scale_a * n2;
-                               sum_a[4 * q + 3] = sum_a[4 * q + 3] + scale_a * n3;
-                               sum_b[4 * q + 0] = sum_b[4 * q + 0] + scale_b * n0;
-                               sum_b[4 * q + 1] = sum_b[4 * q + 1] + scale_b * n1;
-                               sum_b[4 * q + 2] = sum_b[4 * q + 2] + scale_b * n2;
-                               sum_b[4 * q + 3] = sum_b[4 * q + 3] + scale_b * n3;
-                           });
+    alignas(64) float z[kTile];
+    gaussian_blocks<Philox>(keys, key, first_block, n_blocks, z);
+    for (int i = 0; i < 4 * n_blocks; ++i) {
+        sum_a[i] = sum_a[i] + scale_a * z[i];
+        sum_b[i] = sum_b[i] + scale_b * z[i];
+    }
 }
 
 // u[4q + m] = uniform of word m of counter (first_block + q) in `stream`.
