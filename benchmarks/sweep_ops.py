@@ -165,15 +165,10 @@ def plot(document: dict, prefix: str) -> list[str]:
             ax.plot([p[0] for p in points], [p[1] for p in points], label=label, **_style(label))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel(f"elements in the tensor ({dtype})")
-        ax.set_ylabel("effective GB/s (read + write of the tensor)")
-        ax.set_title(f"One tensor, one pass: GB/s vs size\n{where}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(f"{prefix}_bandwidth.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_finish(fig, ax, f"elements in the tensor ({dtype})",
+                               "effective GB/s (read + write of the tensor)",
+                               f"One tensor, one pass: GB/s vs size\n{where}",
+                               f"{prefix}_bandwidth.png"))
 
     models = [r for r in rows if r["sweep"] == "model"]
     if models:
@@ -189,17 +184,26 @@ def plot(document: dict, prefix: str) -> list[str]:
                     fontsize=7, color="0.35", va="bottom", ha="right")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(f"elements in the shape set ({dtype})")
-        ax.set_ylabel("speedup vs the MeZO loop (×)")
-        ax.set_title(f"One perturbation pass over a model's tensors: speedup vs the MeZO loop\n"
-                     f"{where}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(f"{prefix}_speedup.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_finish(fig, ax, f"elements in the shape set ({dtype})",
+                               "speedup vs the MeZO loop (×)",
+                               "One perturbation pass over a model's tensors: speedup vs the "
+                               f"MeZO loop\n{where}", f"{prefix}_speedup.png"))
     return written
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    """Labels, grid, legend, then save and close: the same for every plot."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
