@@ -20,11 +20,26 @@ void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint6
            int num_threads);
 
 // applied: empty, or one coefficient per seed: the perturbation the tensors hold now, undone first.
+// Undo log (docs/undo-log.md), log_mode 0: none; 1: append the elements recovery could not give
+// back (index: int64 [capacity], group-flat; values: [capacity] in the tensors' dtype) and write
+// the tensors; 2: count only, nothing written but the count. *count (int64) is added to, also
+// past the capacity; slots are taken in no particular order.
 void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& numels,
              const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
              const std::vector<uint64_t>& seeds, const std::vector<float>& scales,
              const std::vector<float>& applied, int dist, int rounding, uint64_t rounding_seed,
-             int num_threads);
+             int num_threads, uintptr_t log_index_ptr = 0, uintptr_t log_values_ptr = 0,
+             uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0);
+
+// Rewrites the first min(*count, capacity) entries of an undo log over the same tensor list:
+// with no seeds t[index[e]] = values[e] bit for bit, else t_j[i] = round(decay_j * values[e] + D)
+// with perturb's D and rounding for element i, as a dense pass from values[e] would leave it.
+void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& numels,
+                     const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
+                     uintptr_t index_ptr, uintptr_t values_ptr, uint64_t capacity,
+                     uintptr_t count_ptr, const std::vector<uint64_t>& seeds,
+                     const std::vector<float>& scales, int dist, int rounding,
+                     uint64_t rounding_seed, int num_threads);
 
 void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uint64_t>& ms,
                      const std::vector<uint64_t>& ns, const std::vector<uint64_t>& ranks,

@@ -4,7 +4,16 @@
 // rounded once and stored in the same loop. With applied= (recovery), each seed's noise also feeds a second sum D1 (the
 // perturbation the tensor holds now), which is undone before the weight enters (rounding.h,
 // recover_unperturbed); without it the kernel has no recovery code at all (template flag).
+// With an undo log (docs/undo-log.md) each tile also checks which weights that recovery would not
+// give back from the rounded result and appends them to the log; the logging code, too, exists
+// only in the instantiations that log (template flag), so the plain pass is unchanged.
 #include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#endif
 
 #include "ops.h"
 #include "tile_io.h"
@@ -24,9 +33,108 @@ struct PerturbJob {
     bool stochastic;
     PhiloxKeys rounding_keys;
     int dtype;
+    // Undo log (log_mode != kNoLog): starts[j] is the group-flat index of tensor j's element 0.
+    std::vector<uint64_t> starts;
+    int64_t* log_index;
+    uintptr_t log_values;  // storage of the tensors' dtype
+    uint64_t log_capacity;
+    int64_t* log_count;
 };
 
-template <class Philox, class Format, bool kRecover>
+enum LogMode : int { kNoLog = 0, kLogWrite = 1, kLogCountOnly = 2 };
+
+// *p += v, returning the old value: reserves v consecutive log slots for one work item.
+inline int64_t fetch_add(int64_t* p, int64_t v) {
+#if defined(_MSC_VER) && !defined(__clang__)
+    return _InterlockedExchangeAdd64(reinterpret_cast<volatile long long*>(p), v);
+#else
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);  // the parallel region's barrier orders it
+#endif
+}
+
+// Will recovery with d1 = d (the sum a later applied= pass computes bit for bit: both sums add
+// scale * z to +0.0 in seed order, unfused) give theta back from y? NaN and -0.0 are always
+// logged: a later pass may change their bits even when recovery returns them (docs/undo-log.md).
+template <class Format>
+ZK_INLINE bool lost_by_recovery(float theta, float y, float d) {
+    const uint32_t theta_bits = bits_as<uint32_t>(theta);
+    const uint32_t back_bits = bits_as<uint32_t>(recover_unperturbed<Format>(y, d));
+    const bool is_nan = (theta_bits & 0x7FFFFFFFu) > 0x7F800000u;
+    return (back_bits != theta_bits) | is_nan | (theta_bits == 0x80000000u);
+}
+
+// The storage pattern of a value of the dtype's grid (a recovered weight): exact.
+template <class Format>
+ZK_INLINE typename Format::storage storage_of(float theta) {
+    if constexpr (std::is_same<Format, Float32Format>::value)
+        return theta;
+    else
+        return static_cast<uint16_t>(Grid<Format>::round_bits(theta));
+}
+
+// The undo log's side of one work item: checks every tile, collects the item's lost elements
+// and reserves their slots with one atomic add at the end.
+template <class Format, LogMode kLog>
+struct ItemLog {
+    using Storage = typename Format::storage;
+    std::vector<int64_t> index;  // group-flat
+    std::vector<Storage> values;
+    int64_t count = 0;           // count-only mode
+
+    // Rounds theta_in + D of one tile (theta_in: the weight, recovered with d1 when kRecover) into
+    // a buffer, checks each element, and stores the buffer unless counting only.
+    template <class Philox, bool kRecover>
+    void tile(const PerturbJob& job, Storage* xt, int n, uint64_t t, uint64_t start, uint32_t key,
+              float decay, const float* noise_sum, const float* applied_sum) {
+        alignas(64) float theta_in[kTile];
+        alignas(64) Storage rounded[kTile];
+        alignas(64) uint8_t lost[kTile];
+        for (int i = 0; i < n; ++i) {
+            if constexpr (kRecover)
+                theta_in[i] = recover_unperturbed<Format>(Format::to_float(xt[i]), applied_sum[i]);
+            else
+                theta_in[i] = Format::to_float(xt[i]);
+        }
+        round_store<Philox, Format>([&](int i) { return decay * theta_in[i] + noise_sum[i]; }, n,
+                                    rounded, job.stochastic, job.rounding_keys, key, t);
+        for (int i = 0; i < n; ++i)
+            lost[i] = lost_by_recovery<Format>(theta_in[i], Format::to_float(rounded[i]),
+                                               noise_sum[i]);
+        if constexpr (kLog == kLogCountOnly) {
+            for (int i = 0; i < n; ++i) count += lost[i];
+        } else {
+            for (int i = 0; i < n; ++i) {
+                if (!lost[i]) continue;
+                index.push_back(static_cast<int64_t>(start + t + i));
+                // Without recovery the old pattern itself (keeps NaN payloads, which a conversion
+                // through float32 would not), else the recovered grid value.
+                values.push_back(kRecover ? storage_of<Format>(theta_in[i]) : xt[i]);
+            }
+            std::memcpy(xt, rounded, sizeof(Storage) * n);
+        }
+    }
+
+    void flush(const PerturbJob& job) {
+        if constexpr (kLog == kLogCountOnly) {
+            if (count > 0) fetch_add(job.log_count, count);
+        } else {
+            const int64_t n = static_cast<int64_t>(index.size());
+            if (n == 0) return;
+            // Entries past the capacity are only counted: the caller sees count > capacity.
+            const int64_t first = fetch_add(job.log_count, n);
+            const int64_t capacity = static_cast<int64_t>(job.log_capacity);
+            auto* out_values = reinterpret_cast<Storage*>(job.log_values);
+            for (int64_t m = 0; m < n && first + m < capacity; ++m) {
+                job.log_index[first + m] = index[m];
+                out_values[first + m] = values[m];
+            }
+        }
+    }
+};
+
+struct NoItemLog {};
+
+template <class Philox, class Format, bool kRecover, LogMode kLog>
 inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
     auto* x = reinterpret_cast<typename Format::storage*>(job.ptrs[item.tensor]);
     const uint32_t key = job.keys[item.tensor];
@@ -34,6 +142,7 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
     const size_t n_seeds = job.seed_keys.size();
     alignas(64) float noise_sum[kTile];                    // D
     alignas(64) float applied_sum[kRecover ? kTile : 1];  // D1, only when recovering
+    std::conditional_t<kLog == kNoLog, NoItemLog, ItemLog<Format, kLog>> log;
     for (uint64_t t = item.begin; t < item.end; t += kTile) {
         const int n = static_cast<int>(min_of<uint64_t>(kTile, item.end - t));
         // Whole tile zeroed: the accumulators write up to a full counter past a short last tile.
@@ -61,7 +170,10 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
         }
         // The weight enters only now, read, added to D once and rounded in one loop.
         typename Format::storage* xt = x + t;
-        if constexpr (kRecover) {
+        if constexpr (kLog != kNoLog) {
+            log.template tile<Philox, kRecover>(job, xt, n, t, job.starts[item.tensor], key, decay,
+                                                noise_sum, applied_sum);
+        } else if constexpr (kRecover) {
             round_store<Philox, Format>(
                 [&](int i) {
                     const float theta = recover_unperturbed<Format>(Format::to_float(xt[i]),
@@ -75,34 +187,50 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
                 job.stochastic, job.rounding_keys, key, t);
         }
     }
+    if constexpr (kLog != kNoLog) log.flush(job);
 }
 
-template <class Philox, class Format>
-inline void perturb_format(const PerturbJob& job, const WorkItem& item) {
-    if (job.applied.empty())
-        perturb_range<Philox, Format, false>(job, item);
-    else
-        perturb_range<Philox, Format, true>(job, item);
-}
-
-template <class Philox>
+template <class Philox, LogMode kLog>
 inline void perturb_item(const PerturbJob& job, const WorkItem& item) {
+    const bool recover = !job.applied.empty();
     switch (job.dtype) {
-        case kFloat32: perturb_format<Philox, Float32Format>(job, item); break;
-        case kBFloat16: perturb_format<Philox, BFloat16Format>(job, item); break;
-        default: perturb_format<Philox, Float16Format>(job, item); break;
+        case kFloat32:
+            recover ? perturb_range<Philox, Float32Format, true, kLog>(job, item)
+                    : perturb_range<Philox, Float32Format, false, kLog>(job, item);
+            break;
+        case kBFloat16:
+            recover ? perturb_range<Philox, BFloat16Format, true, kLog>(job, item)
+                    : perturb_range<Philox, BFloat16Format, false, kLog>(job, item);
+            break;
+        default:
+            recover ? perturb_range<Philox, Float16Format, true, kLog>(job, item)
+                    : perturb_range<Philox, Float16Format, false, kLog>(job, item);
+            break;
     }
 }
 
+// One flattened entry point per (ISA, log mode): the plain pass's code is what it was.
+template <LogMode kLog>
 ZK_FLATTEN void perturb_item_generic(const PerturbJob& job, const WorkItem& item) {
-    perturb_item<PhiloxGeneric>(job, item);
+    perturb_item<PhiloxGeneric, kLog>(job, item);
 }
 
 #if ZK_HAVE_AVX2_PATH
+template <LogMode kLog>
 ZK_TARGET_AVX2 ZK_FLATTEN void perturb_item_avx2(const PerturbJob& job, const WorkItem& item) {
-    perturb_item<PhiloxAvx2>(job, item);
+    perturb_item<PhiloxAvx2, kLog>(job, item);
 }
 #endif
+
+using ItemKernel = void (*)(const PerturbJob&, const WorkItem&);
+
+template <LogMode kLog>
+ItemKernel item_kernel() {
+#if ZK_HAVE_AVX2_PATH
+    if (use_avx2()) return &perturb_item_avx2<kLog>;
+#endif
+    return &perturb_item_generic<kLog>;
+}
 
 }  // namespace
 
@@ -110,7 +238,8 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
              const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
              const std::vector<uint64_t>& seeds, const std::vector<float>& scales,
              const std::vector<float>& applied, int dist, int rounding, uint64_t rounding_seed,
-             int num_threads) {
+             int num_threads, uintptr_t log_index_ptr, uintptr_t log_values_ptr,
+             uint64_t log_capacity, uintptr_t log_count_ptr, int log_mode) {
     if (numels.size() != ptrs.size() || keys.size() != ptrs.size() || decays.size() != ptrs.size())
         throw std::invalid_argument("perturb: ptrs, numels, keys and decays must have equal lengths");
     if (seeds.size() != scales.size())
@@ -120,18 +249,28 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
     if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("perturb: bad dtype code");
     if (dist != kGaussian && dist != kRademacher) throw std::invalid_argument("perturb: bad dist code");
     if (rounding != 0 && rounding != 1) throw std::invalid_argument("perturb: bad rounding code");
+    if (log_mode < kNoLog || log_mode > kLogCountOnly)
+        throw std::invalid_argument("perturb: bad log_mode");
+    if (log_mode != kNoLog && log_count_ptr == 0)
+        throw std::invalid_argument("perturb: a log needs log_count_ptr");
+    if (log_mode == kLogWrite && log_capacity > 0 && (log_index_ptr == 0 || log_values_ptr == 0))
+        throw std::invalid_argument("perturb: a log with capacity needs index and values");
 
     PerturbJob job{ptrs, keys, decays, {}, scales, applied, static_cast<Dist>(dist),
-                   rounding == 1, PhiloxKeys(rounding_seed), dtype};
+                   rounding == 1, PhiloxKeys(rounding_seed), dtype, {},
+                   reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
+                   reinterpret_cast<int64_t*>(log_count_ptr)};
     for (uint64_t seed : seeds) job.seed_keys.emplace_back(seed);
 
-    const std::vector<WorkItem> items = split_work(numels, kItemElements);
     uint64_t total = 0;
-    for (uint64_t n : numels) total += n;
-    auto* run_item = &perturb_item_generic;
-#if ZK_HAVE_AVX2_PATH
-    if (use_avx2()) run_item = &perturb_item_avx2;
-#endif
+    for (uint64_t n : numels) {
+        job.starts.push_back(total);
+        total += n;
+    }
+    const std::vector<WorkItem> items = split_work(numels, kItemElements);
+    ItemKernel run_item = log_mode == kLogWrite       ? item_kernel<kLogWrite>()
+                          : log_mode == kLogCountOnly ? item_kernel<kLogCountOnly>()
+                                                      : item_kernel<kNoLog>();
     parallel_for_items(items.size(), total * (seeds.size() > 0 ? seeds.size() : 1), num_threads,
                        [&](size_t i) { run_item(job, items[i]); });
 }

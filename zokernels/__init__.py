@@ -7,6 +7,9 @@ Public ops:
     lowrank_perturb_(weights, us, vs, taus, *, scale=1.0, decay=1.0, ...)
     available_backends()
     ParameterSpace(params, layers=None, ...)   parameters registered once: .perturb / .update
+    UndoLog                                    exact restore of perturbed weights
+    Trajectory                                 record / save / load / replay a fine-tune
+Optimizers: zokernels.optim (MeZO, LeZO, TeZO, PseuZO).
 
 The noise contract (docs/noise-contract.md) makes z a pure function of (seed, key, element index),
 identical on the triton, cpu and torch backends.
@@ -15,7 +18,9 @@ identical on the triton, cpu and torch backends.
 from ._dispatch import available_backends
 from ._version import __version__
 from .ops import lowrank_perturb_, noise, perturb_
+from .ops.undo import UndoLog
 from .space import ParameterSpace
+from .trajectory import Trajectory
 
 __all__ = ["noise", "perturb_", "lowrank_perturb_", "available_backends", "ParameterSpace",
-           "__version__"]
+           "UndoLog", "Trajectory", "__version__"]

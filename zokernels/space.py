@@ -38,6 +38,7 @@ from ._validate import (
     written_spans,
 )
 from .ops.perturb import PerturbGroup, run_perturb
+from .ops.undo import UndoLog, run_scatter
 
 WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module",
                                 "_checkpoint_wrapped_module"})
@@ -205,6 +206,10 @@ class ParameterSpace:
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors)
 
+    def layer_members(self, layer: int) -> list[int]:
+        """Positions of the parameters of layer `layer` (num_layers: the ones in no layer)."""
+        return list(self._members[layer])
+
     def layer_numel(self, layer: int) -> int:
         return sum(self.tensors[j].numel() for j in self._members[layer])
 
@@ -248,14 +253,18 @@ class ParameterSpace:
     def apply(self, seeds: int | Sequence[int], scales: Any, *,
               layers: Sequence[int] | None = None, weight_decay_factor: Any = 1.0,
               applied: Any = None, dist: str = "gaussian", rounding: str = "nearest",
-              rounding_seed: int | None = None, check_finite: bool = True) -> None:
+              rounding_seed: int | None = None, check_finite: bool = True,
+              log: UndoLog | None = None) -> None:
         """perturb_ over the registered parameters (all, or the selected layers):
 
             theta = round(d * theta + sum_k scales[k] * z(seeds[k], key, i))
 
         with d = weight_decay_factor for decayable parameters and 1 for the others (MeZO's
-        no-decay rule). `applied` recovers the weights first (see perturb_). One backend call
-        per (device, dtype) group; validation covers only the scalars passed here.
+        no-decay rule). `applied` recovers the weights first (see perturb_). `log` (an UndoLog,
+        nearest rounding and no decay only) keeps the elements recovery cannot give back, for
+        `apply_logged` (docs/undo-log.md); the first pass of a log also runs a count-only probe
+        to size it. One backend call per (device, dtype) group; validation covers only the
+        scalars passed here.
         """
         seed_list = as_seed_list(seeds)
         dist = as_choice(dist, PERTURB_DISTS, "dist")
@@ -268,16 +277,72 @@ class ParameterSpace:
             applied, len(seed_list), "applied", check_finite=check_finite, allow_broadcast=False)
         factor = as_scalar_vector(weight_decay_factor, 1, "weight_decay_factor",
                                   check_finite=check_finite, allow_broadcast=False)
+        if log is not None:
+            if not isinstance(log, UndoLog):
+                raise TypeError(f"log must be an UndoLog, got {type(log).__name__}")
+            if rounding != "nearest":
+                raise ValueError("log needs rounding='nearest' (recovery inverts nearest rounding)")
+            if isinstance(weight_decay_factor, torch.Tensor) or weight_decay_factor != 1.0:
+                raise ValueError("log needs weight_decay_factor=1.0 (a perturbation, not an "
+                                 "update)")
         if self._storage_signature() != self._storage:
             self._register_memory()
         check_reads(self._spans, [("scales", scales), ("applied", applied),
                                   ("weight_decay_factor", weight_decay_factor)])
         plan, flags = self._full_plan if layers is None else self._plan(layers)
         if not plan:
+            if log is not None:
+                log.begin(plan, flags)
             return
         decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
+        if log is None:
+            run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
+                        rounding_seed)
+            return
+        if log.needs_probe(plan):
+            log.probe(plan, lambda counters: run_perturb(
+                plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
+                rounding_seed, logs=counters, count_only=True))
+        buffers = log.begin(plan, flags)
         run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
-                    rounding_seed)
+                    rounding_seed, logs=buffers)
+
+    def apply_logged(self, log: UndoLog, seeds: int | Sequence[int] = (), scales: Any = (), *,
+                     weight_decay_factor: Any = 1.0, dist: str = "gaussian",
+                     rounding: str = "nearest", rounding_seed: int | None = None,
+                     check_finite: bool = True) -> None:
+        """Rewrite the elements `log` holds from their logged (pre-pass) values: with no seeds,
+        put the values back bit for bit (the end of an exact restore); with seeds,
+
+            theta = round(d * logged + sum_k scales[k] * z(seeds[k], key, i))
+
+        exactly as `apply` computes it from an unperturbed weight (the end of an exact update).
+        Call it after the dense pass (restore: `applied=` with scale 0; update: `applied=` with
+        the update's coefficients) over the same parameters the logged pass covered.
+        """
+        if not isinstance(log, UndoLog):
+            raise TypeError(f"log must be an UndoLog, got {type(log).__name__}")
+        if isinstance(seeds, int) or isinstance(seeds, torch.Tensor) or len(seeds) > 0:
+            seed_list = as_seed_list(seeds)
+        else:
+            seed_list = []
+        dist = as_choice(dist, PERTURB_DISTS, "dist")
+        rounding = as_choice(rounding, ROUNDINGS, "rounding")
+        rounding_seed = (as_seed(rounding_seed, "rounding_seed") if rounding_seed is not None
+                         else seed_list[0] if seed_list else 0)
+        scale_vector = (as_scalar_vector(scales, len(seed_list), "scales",
+                                         check_finite=check_finite, allow_broadcast=False)
+                        if seed_list else torch.zeros(0, dtype=torch.float32))
+        factor = as_scalar_vector(weight_decay_factor, 1, "weight_decay_factor",
+                                  check_finite=check_finite, allow_broadcast=False)
+        if log.plan is None:
+            return
+        if self._storage_signature() != self._storage:
+            raise RuntimeError("the parameters' storage changed since the logged pass: the log's "
+                               "indices no longer apply")
+        flags = log.decay_flags
+        decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
+        run_scatter(log, seed_list, scale_vector, decays, dist, rounding, rounding_seed)
 
     def perturb(self, seed: int, scale: Any, *, layers: Sequence[int] | None = None,
                 applied: Any = None, dist: str = "gaussian", **kwargs: Any) -> None:

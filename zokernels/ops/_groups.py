@@ -28,13 +28,17 @@ def group_indices(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch
 
 
 @contextmanager
-def contiguous_views(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+def contiguous_views(tensors: list[torch.Tensor],
+                     write_back: bool = True) -> Iterator[list[torch.Tensor]]:
     """Contiguous tensors to write into; non-contiguous inputs get a temporary copy
-    that is copied back only when the body succeeds, so a failure leaves them untouched."""
+    that is copied back only when the body succeeds, so a failure leaves them untouched.
+    write_back=False: the body only reads (no copy back, no version bump)."""
     # Contiguous tensors are written directly: backends run under no_grad and the fast ones only
     # read data_ptr(), so no detached alias is needed (detach() costs microseconds per tensor).
     work = [t if t.is_contiguous() else t.detach().contiguous() for t in tensors]
     yield work
+    if not write_back:
+        return
     written_in_place = []
     with torch.no_grad():
         for original, written in zip(tensors, work):

@@ -105,11 +105,14 @@ def plan_groups(tensors: list[torch.Tensor], keys: list[int], backend: str) -> l
 
 def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor,
                 decays: torch.Tensor, applied: torch.Tensor | None, dist: str, rounding: str,
-                rounding_seed: int) -> None:
-    """Apply validated arguments group by group (shared by perturb_ and ParameterSpace)."""
-    for group in plan:
+                rounding_seed: int, logs: list | None = None, count_only: bool = False) -> None:
+    """Apply validated arguments group by group (shared by perturb_ and ParameterSpace).
+
+    logs: None, or one UndoBuffers per group (docs/undo-log.md); count_only: only count."""
+    for g, group in enumerate(plan):
         device = group.device
-        with torch.no_grad(), contiguous_views(group.tensors) as work:
+        log_args = {} if logs is None else {"log": logs[g], "count_only": count_only}
+        with torch.no_grad(), contiguous_views(group.tensors, write_back=not count_only) as work:
             implementation(group.backend, "perturb")(
                 work,
                 group.keys,
@@ -120,4 +123,5 @@ def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor
                 rounding,
                 rounding_seed,
                 applied=None if applied is None else applied.to(device, non_blocking=True),
+                **log_args,
             )

@@ -84,3 +84,27 @@ def contract_values(seed: int, key: int, start: int, count: int, dist: str, devi
 def noise_torch(numel: int, seed: int, key: int, offset: int, dist: str, device) -> torch.Tensor:
     """z(seed, key, offset + j) for j in [0, numel) as a new float32 tensor (reference)."""
     return contract_values(seed, key, offset, numel, dist, torch.device(device))
+
+
+def contract_values_at(seed: int, keys: torch.Tensor, indices: torch.Tensor, dist: str,
+                       stream: int = STREAM_NOISE) -> torch.Tensor:
+    """float32 z(seed, keys[e], indices[e]) for arbitrary (key, element index) pairs.
+
+    keys, indices: int64 tensors of one shape (keys in [0, 2^32)). Each entry runs its own Philox
+    call; the value equals contract_values' for that element bit for bit (same words, same
+    Box-Muller pair)."""
+    group = RADEMACHER_GROUP if dist == "rademacher" else GAUSSIAN_GROUP
+    blocks = indices // group
+    words = torch.stack(philox_torch(seed, blocks & MASK32, blocks >> 32, keys,
+                                     torch.full_like(keys, stream)), dim=-1)
+    lane = indices % group
+    if dist == "rademacher":
+        word = words.gather(-1, (lane // 32).unsqueeze(-1)).squeeze(-1)
+        return (((word >> (lane % 32)) & 1).to(torch.float32) * 2 - 1)
+    uniforms = words_to_uniform(words)
+    if dist == "uniform":
+        return uniforms.gather(-1, lane.unsqueeze(-1)).squeeze(-1)
+    n0, n1 = pair_uniform_to_normal(uniforms[..., 0], uniforms[..., 1])
+    n2, n3 = pair_uniform_to_normal(uniforms[..., 2], uniforms[..., 3])
+    normals = torch.stack((n0, n1, n2, n3), dim=-1)
+    return normals.gather(-1, lane.unsqueeze(-1)).squeeze(-1)

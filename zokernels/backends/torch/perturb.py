@@ -3,28 +3,31 @@
 import torch
 
 from .noise import contract_values
-from .rounding import recover, round_to
+from .rounding import lost_by_recovery, recover, round_to
 
 # Elements per chunk: bounds the reference's temporaries; chunking does not change z.
 _CHUNK = 1 << 22
 
 
 def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding_seed,
-                  applied=None) -> None:
+                  applied=None, log=None, count_only=False) -> None:
     """In place, in float32, one rounding per element (reference for every fast path).
 
     The noise sum D is accumulated from 0 in seed order and added to the weight once. With
     `applied` (the coefficients of the perturbation the tensors hold now, same seeds), each
     weight is first recovered from its perturbed value (docs/noise-contract.md, "Recovery").
+    With `log` (UndoBuffers), the elements recovery could not give back afterwards are appended
+    to the log, in element order; `count_only` writes nothing but log.count (docs/undo-log.md).
     """
+    start = 0  # group-flat index of the tensor's first element
     for tensor, key, decay in zip(tensors, keys, decays):
         flat = tensor.view(-1)
-        for start in range(0, flat.numel(), _CHUNK):
-            chunk = flat[start:start + _CHUNK]
+        for offset in range(0, flat.numel(), _CHUNK):
+            chunk = flat[offset:offset + _CHUNK]
             noise_sum = torch.zeros(chunk.numel(), dtype=torch.float32, device=chunk.device)
             applied_sum = torch.zeros_like(noise_sum)
             for k, (seed, scale) in enumerate(zip(seeds, scales)):
-                z = contract_values(seed, key, start, chunk.numel(), dist, chunk.device)
+                z = contract_values(seed, key, offset, chunk.numel(), dist, chunk.device)
                 noise_sum = noise_sum + scale * z
                 if applied is not None:
                     applied_sum = applied_sum + applied[k] * z
@@ -32,4 +35,21 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
             if applied is not None:
                 theta = recover(theta, applied_sum, tensor.dtype)
             acc = theta * decay + noise_sum
-            chunk.copy_(round_to(acc, tensor.dtype, rounding, rounding_seed, key, start))
+            written = round_to(acc, tensor.dtype, rounding, rounding_seed, key, offset)
+            if log is not None:
+                lost = lost_by_recovery(theta, written, noise_sum, tensor.dtype)
+                _append(log, start + offset + lost.nonzero().view(-1), theta[lost], count_only)
+            if not count_only:
+                chunk.copy_(written)
+        start += flat.numel()
+
+
+def _append(log, indices: torch.Tensor, values: torch.Tensor, count_only: bool) -> None:
+    """Entries past the capacity are counted, not stored (docs/undo-log.md)."""
+    first = int(log.count.item())
+    log.count.add_(indices.numel())
+    if count_only:
+        return
+    room = max(0, min(indices.numel(), log.capacity - first))
+    log.index[first:first + room] = indices[:room]
+    log.values[first:first + room] = values[:room].to(log.values.dtype)

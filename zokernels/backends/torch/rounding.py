@@ -3,7 +3,7 @@
 import torch
 
 from ..._contract import STREAM_ROUNDING
-from .noise import contract_values
+from .noise import contract_values, contract_values_at
 
 
 
@@ -34,6 +34,30 @@ def round_to(acc: torch.Tensor, dtype: torch.dtype, rounding: str, rounding_seed
     uniforms = contract_values(rounding_seed, key, start, acc.numel(), "uniform", acc.device,
                                stream=STREAM_ROUNDING)
     return round_stochastic(acc, dtype, uniforms.view_as(acc))
+
+
+def round_at(acc: torch.Tensor, dtype: torch.dtype, rounding: str, rounding_seed: int,
+             keys: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """round_to for scattered elements: acc[e] belongs to element indices[e] of the tensor with
+    key keys[e] (the stochastic-rounding uniform is that element's)."""
+    if rounding == "nearest" or dtype == torch.float32:
+        return acc.to(dtype)
+    uniforms = contract_values_at(rounding_seed, keys, indices, "uniform", stream=STREAM_ROUNDING)
+    return round_stochastic(acc, dtype, uniforms)
+
+
+def float_bits(values: torch.Tensor) -> torch.Tensor:
+    """The float32 bit patterns of float32 `values` as int32 (compares -0.0 != 0.0, NaN payloads)."""
+    return values.to(torch.float32).contiguous().view(torch.int32)
+
+
+def lost_by_recovery(theta: torch.Tensor, written: torch.Tensor, noise_sum: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Elements a later recovery from `written` = round(theta + noise_sum) would not give back
+    bit for bit, plus NaN and -0.0 weights (docs/undo-log.md)."""
+    back = recover(written.to(torch.float32), noise_sum, dtype)
+    negative_zero = float_bits(theta) == torch.iinfo(torch.int32).min  # 0x80000000
+    return (float_bits(back) != float_bits(theta)) | theta.isnan() | negative_zero
 
 
 def recover(current: torch.Tensor, applied_noise: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -5,6 +5,7 @@ from .lowrank import lowrank_perturb_triton
 from .noise import noise_triton
 from .perturb import perturb_triton
 from .philox import philox_triton
+from .scatter import scatter_perturb_triton
 
 __all__ = ["philox_triton", "noise_triton", "perturb_triton", "lowrank_perturb_triton",
-           "launch_count", "reset_launch_count"]
+           "scatter_perturb_triton", "launch_count", "reset_launch_count"]

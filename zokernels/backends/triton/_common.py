@@ -6,10 +6,11 @@ The contract (docs/noise-contract.md) in short: Philox4x32-10 with key = seed (l
 four consecutive elements. Rademacher: ``b = i // 128``, one call feeds 128 elements (one bit each).
 Stochastic rounding: word ``i mod 4`` of block ``i // 4`` on stream 1 with ``rounding_seed``.
 
-Every helper here works on one BLOCK of a tensor whose first element index is a multiple of BLOCK
+The block helpers work on one BLOCK of a tensor whose first element index is a multiple of BLOCK
 (BLOCK a power of two >= 128), so the Philox blocks never straddle two programs and the low counter
 word of the block is computed without a carry: ``z`` is independent of BLOCK, the grid and the
-other tensors of a call.
+other tensors of a call. The ``*_at`` helpers give the same values at arbitrary element indices
+(one Philox call per element: the undo log's scatter).
 """
 
 from __future__ import annotations
@@ -88,6 +89,32 @@ def block_starts(counts: list[int], p: int) -> list[int]:
     return starts + [_INT64_MAX] * (p - len(starts))
 
 
+def build_table(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
+                rounding_seed: int, block: int):
+    """The launch table of a multi-tensor op (layout in perturb.py): (base tensor, int64 table on
+    the device, number of programs, LOG2_P, ALIGN).
+
+    ``block``: elements per program; with block = 1 the starts are the tensors' first group-flat
+    element indices (scatter.py searches them per element)."""
+    itemsize = ITEMSIZE[tensors[0].dtype]
+    ptrs = [t.data_ptr() for t in tensors]
+    base_i = min(range(len(tensors)), key=ptrs.__getitem__)
+    base = ptrs[base_i]
+    numels = [t.numel() for t in tensors]
+    counts = [(n + block - 1) // block for n in numels]
+    p = next_pow2(len(tensors))
+    rows, first = [], 0
+    for ptr, n, key in zip(ptrs, numels, keys):
+        rows += [(ptr - base) // itemsize, n, key, first]
+        first += n
+    rows += [0] * (4 * (p - len(tensors)))
+    values = (block_starts(counts, p) + rows + [as_int64_bits(s) for s in seeds]
+              + [as_int64_bits(rounding_seed)])
+    align = 16 // itemsize if all(ptr % 16 == 0 for ptr in ptrs) else 1
+    table = int64_table(values, tensors[0].device)
+    return tensors[base_i], table, sum(counts), p.bit_length() - 1, align
+
+
 # ---------------------------------------------------------------------------------------------
 # Device side
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +189,52 @@ def noise_block(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
         else:
             z = interleave4(u0, u1, u2, u3, BLOCK // 4)
     return z
+
+
+@triton.jit
+def _pick4(w0, w1, w2, w3, m):
+    """Per lane, w_m for m in [0, 4)."""
+    return tl.where(m < 2, tl.where(m == 0, w0, w1), tl.where(m == 2, w2, w3))
+
+
+@triton.jit
+def noise_at(seed, key, i, DIST: tl.constexpr):
+    """z(seed, key, i) (stream 0) at arbitrary element indices i (int64, any shape), bit-identical
+    to ``noise_block``: the same Philox counter and the same tl ops on the picked words. One
+    Philox call per element (scattered elements share no blocks); gaussian transforms only the
+    pair that holds element i (Box-Muller is elementwise, so the other pair cannot change it)."""
+    ib = i.to(tl.uint64, bitcast=True)
+    if DIST == 1:
+        b = ib >> 7  # 128 elements per block: word (i % 128) // 32, bit i % 32
+        w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+                                   key, 0)
+        w = _pick4(w0, w1, w2, w3, (i >> 5) & 3)
+        bit = (w >> (i & 31).to(tl.uint32)) & 1
+        z = bit.to(tl.float32) * 2.0 - 1.0
+    else:
+        b = ib >> 2
+        w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+                                   key, 0)
+        m = i & 3
+        if DIST == 0:
+            first = m < 2  # (u0, u1) -> n0, n1; (u2, u3) -> n2, n3
+            ua = tl.uint_to_uniform_float(tl.where(first, w0, w2))
+            ub = tl.uint_to_uniform_float(tl.where(first, w1, w3))
+            na, nb = tl.pair_uniform_to_normal(ua, ub)
+            z = tl.where((m & 1) == 0, na, nb)
+        else:
+            z = tl.uint_to_uniform_float(_pick4(w0, w1, w2, w3, m))
+    return z
+
+
+@triton.jit
+def rounding_uniform_at(seed, key, i):
+    """The stochastic-rounding uniform (stream 1, word i mod 4 of block i // 4) of element i
+    (int64, any shape); bit-identical to ``rounding_uniforms``."""
+    b = i.to(tl.uint64, bitcast=True) >> 2
+    w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+                               key, 1)
+    return tl.uint_to_uniform_float(_pick4(w0, w1, w2, w3, i & 3))
 
 
 @triton.jit

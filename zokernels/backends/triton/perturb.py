@@ -15,7 +15,8 @@ Launch table (one int64 tensor, built per call and copied without a host synchro
 
     [0, P)              starts[j]: first program of tensor j (exclusive prefix sum of
                         cdiv(numel_j, BLOCK)); padded to P = next_pow2(T) with INT64_MAX
-    [P + 4j + 0..3]     offset_j (elements from the base pointer), numel_j, key_j, unused
+    [P + 4j + 0..3]     offset_j (elements from the base pointer), numel_j, key_j,
+                        first_j (group-flat index of t_j[0]: numels of the tensors before j)
     [5P, 5P + K)        seeds (uint64 bit patterns)
     [5P + K]            rounding seed
 
@@ -24,8 +25,15 @@ the BLOCK elements ``(pid - starts[j]) * BLOCK + [0, BLOCK)`` of tensor j; the e
 the noise is the flat index inside tensor j. Tensors are addressed as ``base_ptr + offset_j``
 (all are itemsize-aligned, so the element offsets are exact). K is a runtime loop bound:
 no recompilation per number of seeds, per seed value or per list; only (dtype, dist, rounding,
-LOG2_P, alignment, recovery or not) select a compiled variant; without ``applied`` the recovery
-code is not compiled at all.
+LOG2_P, alignment, recovery or not, log mode) select a compiled variant; without ``applied`` the
+recovery code is not compiled at all, without ``log`` neither is the undo log's.
+
+Undo log (docs/undo-log.md): with ``log`` (UndoBuffers), every element whose old value theta_in
+(after its own recovery with ``applied``) the recovery of a later ``applied=scales`` pass would
+not give back bit for bit (or that is NaN or -0.0) is counted in ``log.count`` and, while slots
+remain, appended as (first_j + i, theta_in). A program reserves its slots with one atomic add of
+its number of lost elements and places them by a prefix sum, so the entries' order depends on the
+schedule. ``count_only``: only the count is added; neither the tensors nor the log are written.
 """
 
 from __future__ import annotations
@@ -34,10 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DIST_CODES, ITEMSIZE, as_int64_bits, block_starts, count_launch,
-                      find_entry, int64_table, load_seed, next_pow2, noise_block,
-                      recover_unperturbed, round_nearest, round_stochastic, rounding_uniforms,
-                      to_float32, SOFT_BF16)
+from ._common import (DIST_CODES, build_table, count_launch, find_entry, load_seed,
+                      noise_block, recover_unperturbed, round_nearest, round_stochastic,
+                      rounding_uniforms, to_float32, SOFT_BF16)
 
 # 16 elements per thread at 8 warps: 4 Philox calls per seed for gaussian, enough independent
 # work to hide memory latency; rademacher needs one Philox call per 128 elements, so a bigger
@@ -45,7 +52,8 @@ from ._common import (DIST_CODES, ITEMSIZE, as_int64_bits, block_starts, count_l
 BLOCK = {"gaussian": 4096, "rademacher": 8192}
 # With recovery, x, D1 and D are all live after the noise loop and the recovery adds three
 # candidate tests per element: at the blocks above sm_90 needs 128-255 registers with spills
-# (fp32); at 2048 it is 48-80 registers (z does not depend on the block).
+# (fp32); at 2048 it is 48-80 registers (z does not depend on the block). The undo log's check
+# is one more recovery (of y with D): logging passes use this block too (46-80 registers, sm_90).
 RECOVER_BLOCK = 2048
 NUM_WARPS = 8
 
@@ -61,11 +69,15 @@ def _load_block(ptrs, idx, numel, full):
     return x
 
 
-@triton.jit(do_not_specialize=["K"])  # K == 1 must not compile its own variant
+# K == 1 and capacity == 1 (or % 16 == 0) must not compile their own variants
+@triton.jit(do_not_specialize=["K", "capacity"])
 def _perturb_kernel(base_ptr, table_ptr, decays_ptr, scales_ptr, applied_ptr, K,
+                    index_ptr, values_ptr, count_ptr, capacity,
                     LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                     STOCHASTIC: tl.constexpr, ALIGN: tl.constexpr, HAS_APPLIED: tl.constexpr,
-                    SOFT_BF16: tl.constexpr):
+                    LOG_MODE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only
+    (index_ptr, values_ptr and capacity are None)."""
     P: tl.constexpr = 1 << LOG2_P
     pid = tl.program_id(0).to(tl.int64)
     j = find_entry(table_ptr, pid, LOG2_P)
@@ -102,41 +114,50 @@ def _perturb_kernel(base_ptr, table_ptr, decays_ptr, scales_ptr, applied_ptr, K,
         y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
-    if full:
-        tl.store(ptrs, y)
-    else:
-        tl.store(ptrs, y, mask=idx < numel)
+    if LOG_MODE != 2:
+        if full:
+            tl.store(ptrs, y)
+        else:
+            tl.store(ptrs, y, mask=idx < numel)
 
-
-def build_table(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
-                rounding_seed: int, block: int):
-    """(base tensor, int64 table on the device, number of programs, LOG2_P, ALIGN)."""
-    itemsize = ITEMSIZE[tensors[0].dtype]
-    ptrs = [t.data_ptr() for t in tensors]
-    base_i = min(range(len(tensors)), key=ptrs.__getitem__)
-    base = ptrs[base_i]
-    numels = [t.numel() for t in tensors]
-    counts = [(n + block - 1) // block for n in numels]
-    p = next_pow2(len(tensors))
-    rows = []
-    for ptr, n, key in zip(ptrs, numels, keys):
-        rows += [(ptr - base) // itemsize, n, key, 0]
-    rows += [0] * (4 * (p - len(tensors)))
-    values = (block_starts(counts, p) + rows + [as_int64_bits(s) for s in seeds]
-              + [as_int64_bits(rounding_seed)])
-    align = 16 // itemsize if all(ptr % 16 == 0 for ptr in ptrs) else 1
-    table = int64_table(values, tensors[0].device)
-    return tensors[base_i], table, sum(counts), p.bit_length() - 1, align
+    if LOG_MODE != 0:
+        # lost: a later pass with applied = these scales recovers y with this very d (same
+        # `d + s * z` shape as its d1, so FMA contraction treats both alike) and does not get x
+        # back; NaN and -0.0 are always kept (a later pass canonicalizes NaN, adds +-0.0)
+        x_bits = x.to(tl.uint32, bitcast=True)
+        back = recover_unperturbed(to_float32(y, SOFT_BF16), d, base_ptr.dtype.element_ty,
+                                   SOFT_BF16)
+        lost = ((back.to(tl.uint32, bitcast=True) != x_bits)
+                | ((x_bits & 0x7FFFFFFF) > 0x7F800000) | (x_bits == 0x80000000))
+        lane = tl.arange(0, BLOCK)  # int32: no int64 index kept live through the check
+        lost = (lost & (lane < numel - blk * BLOCK)).to(tl.int32)
+        n_lost = tl.sum(lost, axis=0)
+        if n_lost > 0:  # all programs hit one counter: skip the atomic when there is nothing
+            # one atomic per program reserves its slots; relaxed: only the counter matters
+            first = tl.atomic_add(count_ptr, n_lost.to(tl.int64), sem="relaxed")
+            if LOG_MODE == 1:
+                slot = first + tl.cumsum(lost, axis=0) - 1  # lost elements in block order
+                keep = (lost != 0) & (slot < capacity)  # past the capacity: counted only
+                tl.store(index_ptr + slot, tl.load(row_ptr + 3) + blk * BLOCK + lane, mask=keep)
+                tl.store(values_ptr + slot,
+                         round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16),
+                         mask=keep)  # exact: x is a value of the tensor's dtype
 
 
 def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
                    scales: torch.Tensor, decays: torch.Tensor, dist: str, rounding: str,
-                   rounding_seed: int, applied: torch.Tensor | None = None) -> None:
+                   rounding_seed: int, applied: torch.Tensor | None = None, log=None,
+                   count_only: bool = False) -> None:
     """In place: t[i] = round(decays[j] * t[i] + D), D = sum_k scales[k] * z(seeds[k], keys[j], i)
     summed first, for every tensor j of the list, in one kernel launch. ``applied``: None, or
     float32 [K] on the device, the coefficients of the perturbation the tensors hold now; t[i] is
-    then first recovered from round(theta + sum_k applied[k] * z). No host synchronization."""
-    block = BLOCK[dist] if applied is None else min(BLOCK[dist], RECOVER_BLOCK)
+    then first recovered from round(theta + sum_k applied[k] * z). ``log``: None, or the
+    UndoBuffers that receive the elements recovery cannot give back (docs/undo-log.md; the
+    caller zeroes ``log.count``, the kernel adds to it); ``count_only`` (with ``log``): only add to
+    the count, write nothing else. No host synchronization."""
+    log_mode = 0 if log is None else (2 if count_only else 1)
+    # the log's check is a recovery: same register budget as the applied path
+    block = BLOCK[dist] if applied is None and log is None else min(BLOCK[dist], RECOVER_BLOCK)
     scales = scales.contiguous()
     base, table, n_programs, log2_p, align = build_table(tensors, keys, seeds, rounding_seed,
                                                          block)
@@ -144,8 +165,11 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         base, table, decays.contiguous(), scales,
         scales if applied is None else applied.contiguous(),  # never read without applied
         len(seeds),
+        # unused log arguments are None: constexpr, not even kernel parameters
+        log.index if log_mode == 1 else None, log.values if log_mode == 1 else None,
+        log.count if log_mode != 0 else None, log.capacity if log_mode == 1 else None,
         LOG2_P=log2_p, BLOCK=block, DIST=DIST_CODES[dist],
         STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32), ALIGN=align,
-        HAS_APPLIED=applied is not None, SOFT_BF16=SOFT_BF16,
+        HAS_APPLIED=applied is not None, LOG_MODE=log_mode, SOFT_BF16=SOFT_BF16,
         num_warps=NUM_WARPS)
     count_launch()

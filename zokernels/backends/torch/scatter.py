@@ -1,0 +1,34 @@
+"""scatter_perturb reference: rewrite the elements of an undo log (docs/undo-log.md)."""
+
+import torch
+
+from .noise import contract_values_at
+from .rounding import round_at
+
+
+def scatter_perturb_torch(tensors, keys, index, values, count, seeds, scales, decays, dist,
+                          rounding, rounding_seed) -> None:
+    """For the first min(count, capacity) entries e of a log over `tensors` (group-flat indices,
+    in list order): with no seeds, t[index[e]] = values[e] bit for bit; else
+    t_j[i] = round(decays[j] * values[e] + sum_k scales[k] * z(seeds[k], keys[j], i)),
+    the arithmetic and rounding of perturb_torch, so an entry ends as a dense pass from values[e]
+    would leave it."""
+    used = min(int(count.item()), index.numel())
+    index, values = index[:used], values[:used]
+    start = 0
+    for tensor, key, decay in zip(tensors, keys, decays):
+        numel = tensor.numel()
+        mine = (index >= start) & (index < start + numel)
+        if mine.any():
+            local = index[mine] - start
+            flat = tensor.view(-1)
+            if len(seeds) == 0:
+                flat[local] = values[mine]
+            else:
+                key_column = torch.full_like(local, key)
+                noise_sum = torch.zeros(local.numel(), dtype=torch.float32, device=local.device)
+                for seed, scale in zip(seeds, scales):
+                    noise_sum = noise_sum + scale * contract_values_at(seed, key_column, local, dist)
+                acc = values[mine].to(torch.float32) * decay + noise_sum
+                flat[local] = round_at(acc, tensor.dtype, rounding, rounding_seed, key_column, local)
+        start += numel

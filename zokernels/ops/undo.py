@@ -1,0 +1,179 @@
+"""UndoLog: the elements a perturbation pass cannot give back by recovery, kept for an exact
+restore (docs/undo-log.md). Used through ParameterSpace.apply(..., log=) / .apply_logged().
+
+One log holds one pass: per (device, dtype) group of the pass, a slice of a persistent
+(index, values) buffer and a device counter. Capacities come from the fraction of lost elements
+seen so far in that group (a count-only probe the first time), times a headroom.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .._dispatch import implementation
+from ..backends.undo_buffers import UndoBuffers
+from ._groups import contiguous_views, select
+from .perturb import PerturbGroup, run_perturb
+
+GroupKey = tuple[torch.device, torch.dtype]
+
+
+class UndoLog:
+    """The lost elements of one perturbation pass, per (device, dtype) group.
+
+    Args:
+        headroom: capacity = headroom * (largest lost fraction seen) * elements + slack.
+        slack: entries added to every capacity (small tensors, fluctuations).
+
+    Attributes:
+        overflows: passes whose lost elements did not all fit (their restore is recovery-quality
+            for the unlogged ones; the capacity grows after each).
+        probes: count-only passes run to size the log.
+    """
+
+    def __init__(self, *, headroom: float = 1.25, slack: int = 1024) -> None:
+        if not headroom >= 1.0:
+            raise ValueError(f"headroom must be >= 1, got {headroom}")
+        if slack < 0:
+            raise ValueError(f"slack must be >= 0, got {slack}")
+        self.headroom = headroom
+        self.slack = int(slack)
+        self.overflows = 0
+        self.probes = 0
+        self._fraction: dict[GroupKey, float] = {}
+        self._storage: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.plan: list[PerturbGroup] | None = None
+        self.decay_flags: torch.Tensor | None = None
+        self.buffers: list[UndoBuffers] | None = None
+        self._checked = True
+
+    # -- sizing ---------------------------------------------------------------------------
+    @staticmethod
+    def _key(group: PerturbGroup) -> GroupKey:
+        return (group.device, group.tensors[0].dtype)
+
+    @staticmethod
+    def _numel(group: PerturbGroup) -> int:
+        return sum(t.numel() for t in group.tensors)
+
+    def needs_probe(self, plan: list[PerturbGroup]) -> bool:
+        return any(self._key(g) not in self._fraction for g in plan)
+
+    def _capacity(self, group: PerturbGroup) -> int:
+        numel = self._numel(group)
+        wanted = math.ceil(self._fraction[self._key(group)] * self.headroom * numel) + self.slack
+        return min(numel, wanted)
+
+    def _learn(self, group: PerturbGroup, count: int) -> None:
+        key = self._key(group)
+        fraction = count / max(1, self._numel(group))
+        self._fraction[key] = max(fraction, self._fraction.get(key, 0.0))
+
+    # -- a pass ---------------------------------------------------------------------------
+    def probe(self, plan: list[PerturbGroup], run) -> None:
+        """Size the log: `run(buffers)` performs the pass in count-only mode."""
+        counters = [_empty_buffers(g) for g in plan]
+        run(counters)
+        for group, counter in zip(plan, counters):
+            self._learn(group, int(counter.count.item()))
+        self.probes += 1
+
+    def begin(self, plan: list[PerturbGroup], decay_flags: torch.Tensor) -> list[UndoBuffers]:
+        """Buffers for a pass over `plan` (the previous pass's entries are dropped)."""
+        if not self._checked:
+            self.check()
+        buffers = []
+        for group in plan:
+            capacity = self._capacity(group)
+            key = self._key(group)
+            index, values = self._storage.get(key, (None, None))
+            if index is None or index.numel() < capacity:
+                index = torch.empty(capacity, dtype=torch.int64, device=group.device)
+                values = torch.empty(capacity, dtype=key[1], device=group.device)
+                self._storage[key] = (index, values)
+            buffers.append(UndoBuffers(index[:capacity], values[:capacity],
+                                       torch.zeros(1, dtype=torch.int64, device=group.device)))
+        self.plan, self.decay_flags, self.buffers = plan, decay_flags, buffers
+        self._checked = False
+        return buffers
+
+    def counts(self) -> list[int]:
+        """Lost elements per group of the last pass (one host synchronization)."""
+        if not self.buffers:
+            return []
+        return [int(c) for c in torch.cat([b.count.to("cpu") for b in self.buffers]).tolist()]
+
+    def check(self) -> bool:
+        """Read the last pass's counts, grow the capacities they need; True if it overflowed."""
+        if self._checked or self.buffers is None:
+            return False
+        self._checked = True
+        overflowed = False
+        for group, buffers, count in zip(self.plan, self.buffers, self.counts()):
+            self._learn(group, count)
+            if count > buffers.capacity:
+                overflowed = True
+        if overflowed:
+            self.overflows += 1
+            warnings.warn("zokernels: an undo log overflowed; this step's restore is exact only for "
+                          "the logged elements (the log has grown for the next steps)",
+                          RuntimeWarning, stacklevel=3)
+        return overflowed
+
+    def clear(self) -> None:
+        """Forget the last pass (its entries must not be scattered again)."""
+        if not self._checked:
+            self.check()
+        self.plan = self.decay_flags = self.buffers = None
+
+    def release(self) -> None:
+        """Free the buffers (the learned fractions stay)."""
+        self.clear()
+        self._storage.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the persistent buffers."""
+        return sum(i.numel() * i.element_size() + v.numel() * v.element_size()
+                   for i, v in self._storage.values())
+
+    def state_dict(self) -> dict:
+        return {"fraction": {f"{d}|{t}": f for (d, t), f in self._fraction.items()},
+                "overflows": self.overflows, "probes": self.probes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.overflows = int(state.get("overflows", 0))
+        self.probes = int(state.get("probes", 0))
+        fractions = {}
+        for name, fraction in state.get("fraction", {}).items():
+            device, dtype = name.split("|")
+            fractions[(torch.device(device), getattr(torch, dtype.replace("torch.", "")))] = fraction
+        self._fraction = fractions
+
+
+def _empty_buffers(group: PerturbGroup) -> UndoBuffers:
+    empty_index = torch.empty(0, dtype=torch.int64, device=group.device)
+    empty_values = torch.empty(0, dtype=group.tensors[0].dtype, device=group.device)
+    return UndoBuffers(empty_index, empty_values,
+                       torch.zeros(1, dtype=torch.int64, device=group.device))
+
+
+def run_scatter(log: UndoLog, seeds: list[int], scales: torch.Tensor, decays: torch.Tensor,
+                dist: str, rounding: str, rounding_seed: int) -> None:
+    """Rewrite the logged elements of the last pass, group by group (docs/undo-log.md)."""
+    if log.plan is None:
+        return
+    for group, buffers in zip(log.plan, log.buffers):
+        device = group.device
+        with torch.no_grad(), contiguous_views(group.tensors) as work:
+            implementation(group.backend, "scatter_perturb")(
+                work, group.keys, buffers.index, buffers.values, buffers.count, seeds,
+                scales.to(device, non_blocking=True),
+                select(decays, group.indices).to(device, non_blocking=True),
+                dist, rounding, rounding_seed)
+
+
+__all__ = ["UndoLog", "run_scatter", "run_perturb"]

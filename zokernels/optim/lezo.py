@@ -1,0 +1,61 @@
+"""LeZO (Wang et al. 2024, arXiv 2410.09823): layer-wise sparse SPSA on fused kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..space import NO_DECAY_DEFAULT
+from ._seeds import choose_layers
+from .mezo import MeZO
+
+
+class LeZO(MeZO):
+    """MeZO that perturbs and updates only `n_active` of the `layers` blocks per step.
+
+    Each step draws its subset uniformly without replacement from the step's seed (purpose
+    "layers"); the same subset is used for +eps, -eps, the restore and the update. Parameters in
+    no layer (embeddings, final norm, head) are perturbed every step. Unselected layers are not
+    touched at all: no launch, no memory traffic, bit-identical.
+
+    Args (besides MeZO's):
+        layers: the sparsifiable blocks, each an nn.Module or a list of parameter names / tensors;
+            zokernels.integrations.find_transformer_layers(model) finds them for common models.
+        n_active: blocks perturbed per step; or
+        n_dropped: blocks skipped per step (n_active = len(layers) - n_dropped). Give one.
+    """
+
+    algorithm = "lezo"
+
+    def __init__(self, params: Any, layers: Sequence[Any], lr: float = 1e-6, eps: float = 1e-3,
+                 weight_decay: float = 0.0, seed: int = 0, dist: str = "gaussian", *,
+                 n_active: int | None = None, n_dropped: int | None = None, n_spsa: int = 1,
+                 exact_restore: bool = True, backend: str = "auto", rounding: str = "nearest",
+                 no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True) -> None:
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+            raise ValueError("layers must be a non-empty list of blocks (modules or lists of "
+                             "parameter names / tensors)")
+        if (n_active is None) == (n_dropped is None):
+            raise ValueError("give exactly one of n_active and n_dropped")
+        count = n_active if n_active is not None else n_dropped
+        name = "n_active" if n_active is not None else "n_dropped"
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(layers):
+            raise ValueError(f"{name} must be an integer in [0, {len(layers)}], got {count!r}")
+        self.num_layers = len(layers)
+        self.n_active = n_active if n_active is not None else len(layers) - n_dropped
+        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, dist=dist,
+                         n_spsa=n_spsa, exact_restore=exact_restore, backend=backend, rounding=rounding,
+                         no_decay=no_decay, record_trajectory=record_trajectory, layers=layers)
+
+    def _trajectory_meta(self) -> dict[str, Any]:
+        meta = super()._trajectory_meta()
+        meta["n_active"] = self.n_active
+        for group, space in zip(meta["groups"], self.spaces):
+            group["layers"] = [[space.names[j] for j in space.layer_members(layer)]
+                               for layer in range(space.num_layers)]
+        return meta
+
+    def _step_layers(self, step: int) -> tuple[list | None, list[int] | None]:
+        chosen = choose_layers(self.seed_for(step, purpose="layers"), self.num_layers,
+                               self.n_active)
+        return [chosen] * len(self.spaces), chosen

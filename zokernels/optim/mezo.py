@@ -1,0 +1,113 @@
+"""MeZO (Malladi et al. 2023): ZO-SGD with two forward passes per seed, on fused kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..space import NO_DECAY_DEFAULT
+from .base import Closure, ZOOptimizer, check_hyper
+
+
+class MeZO(ZOOptimizer):
+    """Memory-efficient zeroth-order SGD.
+
+    Per step, for each of n_spsa seeds s (from (seed, step), the global RNG is untouched):
+
+        l+ = f(theta + eps z_s),  l- = f(theta - eps z_s),  g_s = (l+ - l-) / (2 eps)
+        theta = (1 - lr wd) theta - (lr / n_spsa) sum_s g_s z_s       (decay: decayable params)
+
+    Passes over the weights per step (n_spsa = 1): +eps, -eps (recovering theta from +eps), and
+    the update fused with the restore: three instead of MeZO's four, each ONE launch per
+    (device, dtype) and param group. With exact_restore (default), the elements recovery cannot
+    give back are kept in undo logs, so the update starts from the exact unperturbed weights and
+    a closure that raises leaves the weights bit-identical (docs/undo-log.md).
+
+    Args:
+        params: iterable of tensors, of (name, tensor) pairs (recommended: model.named_parameters();
+            noise keys come from names, see ParameterSpace), or param groups (dicts with "params"
+            and any of lr / eps / weight_decay). Frozen nn.Parameters are skipped.
+        lr: learning rate (torch.optim.lr_scheduler schedulers work on param_groups' lr).
+        eps: perturbation scale; with per-group eps, g is computed per group as (l+ - l-) / (2 eps_g).
+        weight_decay: decoupled as in MeZO's trainer, theta *= 1 - lr wd, fused into the update,
+            not applied to parameters whose name contains one of `no_decay`.
+        seed: base seed; step t's seeds are BLAKE2b(seed, t, k) (zokernels.optim._seeds).
+        dist: "gaussian" (MeZO) or "rademacher".
+        n_spsa: seeds per step (averaged estimate).
+        exact_restore: keep undo logs (about (8 + itemsize) bytes x 5-8% of the elements per
+            pass at eps 1e-3; see undo_log_bytes). False: no extra memory, recovery-quality
+            restore (a few % of elements one ulp off per step in bf16).
+        backend: "auto", "triton", "cpu" or "torch".
+        rounding: of the update, "nearest" or "stochastic" (bf16/fp16: keeps updates below half
+            an ulp in expectation; its bits come from stream 1 of the step's first seed).
+        record_trajectory: keep opt.trajectory (a few bytes per step).
+
+    step(closure) returns the loss at theta + eps z of the first seed, as MeZO does.
+    """
+
+    algorithm = "mezo"
+
+    def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3,
+                 weight_decay: float = 0.0, seed: int = 0, dist: str = "gaussian", *,
+                 n_spsa: int = 1, exact_restore: bool = True, backend: str = "auto", rounding: str = "nearest",
+                 no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True,
+                 **kwargs: Any) -> None:
+        check_hyper("lr", lr)
+        check_hyper("eps", eps, low_open=True)
+        check_hyper("weight_decay", weight_decay)
+        if isinstance(n_spsa, bool) or not isinstance(n_spsa, int) or n_spsa < 1:
+            raise ValueError(f"n_spsa must be a positive integer, got {n_spsa!r}")
+        self.n_spsa = n_spsa
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
+                         dist=dist, exact_restore=exact_restore, backend=backend, rounding=rounding,
+                         no_decay=no_decay, record_trajectory=record_trajectory, **kwargs)
+
+    def _trajectory_meta(self) -> dict[str, Any]:
+        meta = super()._trajectory_meta()
+        meta["n_spsa"] = self.n_spsa
+        return meta
+
+    # LeZO overrides: the layers this step perturbs (None: all).
+    def _step_layers(self, step: int) -> tuple[list | None, list[int] | None]:
+        """(per-group layer selections for the passes, the chosen layer indices) or (None, None)."""
+        return None, None
+
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One ZO step; `closure()` evaluates the loss (called 2 * n_spsa times, under no_grad)."""
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        return self._guarded(lambda: self._step(closure))
+
+    def _step(self, closure: Closure) -> torch.Tensor:
+        step = self.zo_state["step"]
+        layers, chosen = self._step_layers(step)
+        eps = [group["eps"] for group in self.param_groups]
+        seeds, grads, first_loss = [], [], None
+        for k in range(self.n_spsa):
+            seed = self.seed_for(step, k)
+            if k > 0:
+                self._restore()  # exact theta before the next seed's probe
+            loss_plus, loss_minus = self._probe_two_point(closure, seed, eps, layers)
+            if first_loss is None:
+                first_loss = loss_plus
+            if not self._finite(loss_plus, loss_minus):
+                self._check_logs()
+                self._skip([loss_plus, loss_minus])
+                self.zo_state["step"] = step + 1
+                return first_loss
+            seeds.append(seed)
+            grads.append((loss_plus - loss_minus) / 2)  # per group: divided by eps_g below
+        self._check_logs()
+        coefs = [[-(group["lr"] / self.n_spsa) * (g / group["eps"]) for g in grads]
+                 for group in self.param_groups]
+        coefs_device = [torch.stack(c).to(torch.float32) for c in coefs]
+        # the earlier seeds were restored exactly: only the last one is held
+        self._update(seeds, coefs_device, layers)
+        if self.trajectory is not None:
+            decays = [1.0 - g["lr"] * g["weight_decay"] for g in self.param_groups]
+            self.trajectory.record(step, seeds, [c.tolist() for c in coefs_device], decays,
+                                   chosen)
+        self.zo_state["step"] = step + 1
+        return first_loss

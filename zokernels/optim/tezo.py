@@ -1,0 +1,278 @@
+"""TeZO (Sun et al. 2025, arXiv 2501.19057): low-rank ZO noise with fixed factors, momentum and
+Adam state in the r-dimensional tau space."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..ops.lowrank import lowrank_perturb_
+from ..ops.noise import noise
+from ..space import NO_DECAY_DEFAULT, ParameterSpace
+from ..trajectory import register_replayer
+from .base import ZOOptimizer, check_hyper
+from ._seeds import step_seed
+
+VARIANTS = ("sgd", "momentum", "adam")
+
+
+class _LowRankState:
+    """The 2-D weights of one param group with their fixed factors and tau-space moments."""
+
+    def __init__(self, names: list[str], weights: list[torch.Tensor], keys: list[int],
+                 decayable: list[bool], rank: int, factor_seed: int, backend: str) -> None:
+        self.names, self.weights, self.keys = names, weights, keys
+        self.decayable = decayable
+        self.ranks = [min(rank, w.shape[0], w.shape[1]) for w in weights]
+        self.us, self.vs = [], []
+        for w, key, r in zip(weights, keys, self.ranks):
+            m, n = w.shape
+            # drawn once, as pure functions of (seed, key): never saved, rebuilt on resume/replay
+            u = noise(m * r, factor_seed, key, device=w.device, backend=backend).view(m, r)
+            v = noise(n * r, factor_seed, key, offset=m * r, device=w.device,
+                      backend=backend).view(n, r)
+            self.us.append(u)
+            self.vs.append(v)
+        self.offsets = [0]
+        for r in self.ranks:
+            self.offsets.append(self.offsets[-1] + r)
+        device = weights[0].device if weights else torch.device("cpu")
+        self.momentum = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
+        self.second = torch.zeros_like(self.momentum)
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def apply(self, taus: torch.Tensor, scale: Any, decay: float, backend: str) -> None:
+        """W = round(d * W + scale * U diag(tau) V^T / sqrt(r)) for every weight (one launch);
+        d = decay on decayable weights. The 1/sqrt(r) makes Z's entries unit-variance."""
+        if not self.weights:
+            return
+        norm = torch.tensor([1.0 / math.sqrt(r) for r in self.ranks], device=taus.device)
+        per_rank = taus * torch.repeat_interleave(norm, torch.tensor(self.ranks,
+                                                                     device=taus.device))
+        decays = [decay if d else 1.0 for d in self.decayable]
+        lowrank_perturb_(self.weights, self.us, self.vs, self.split(per_rank), scale=scale,
+                         decay=decays, keys=self.keys, backend=backend, check_finite=False)
+
+    @property
+    def state_numel(self) -> int:
+        """Optimizer state elements: U, V and the two moment vectors (O((m + n) r) per matrix)."""
+        return (sum(u.numel() + v.numel() for u, v in zip(self.us, self.vs))
+                + self.momentum.numel() + self.second.numel())
+
+
+class TeZO(ZOOptimizer):
+    """ZO with low-rank noise Z_t = U diag(tau_t) V^T / sqrt(r) on every 2-D weight.
+
+    U (m x r), V (n x r) ~ N(0, 1) are fixed, drawn once from (seed, tensor key); tau_t ~ N(0, I_r)
+    is fresh each step. Dividing by sqrt(r) gives Z's entries variance 1 (without it, r), so eps and
+    lr mean what they mean for MeZO. Rank rule: r_j = min(rank, m_j, n_j). 1-D parameters (biases,
+    norms) get full-size noise and plain ZO-SGD. With g = (l+ - l-) / (2 eps):
+
+        sgd:      W -= lr g Z_t
+        momentum: m = b1 m + (1 - b1) g tau_t;        W -= lr U diag(m) V^T / sqrt(r)
+        adam:     m as above, v = b2 v + (1 - b2) (g tau_t)^2,
+                  W -= lr U diag(m_hat / (sqrt(v_hat) + delta)) V^T / sqrt(r)   (bias-corrected)
+
+    The update is fused with the restore (one low-rank pass: the held -eps Z_t and the update
+    share U and V). Optimizer state per matrix: U, V and two r-vectors, never m x n.
+    Restore exactness: the 1-D parameters use undo logs like MeZO; the 2-D weights are restored
+    by adding the opposite low-rank perturbation, so after a failed closure some of their elements
+    may differ by the rounding of the perturbed value (about an ulp of eps * |Z|); the low-rank op
+    has no recovery / undo log yet.
+    """
+
+    algorithm = "tezo"
+
+    def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+                 seed: int = 0, dist: str = "gaussian", *, rank: int = 8, variant: str = "sgd",
+                 betas: tuple[float, float] = (0.9, 0.999), delta: float = 1e-8,
+                 exact_restore: bool = True, backend: str = "auto", rounding: str = "nearest",
+                 no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True) -> None:
+        check_hyper("lr", lr)
+        check_hyper("eps", eps, low_open=True)
+        check_hyper("weight_decay", weight_decay)
+        check_hyper("delta", delta, low_open=True)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair, got {betas!r}")
+        check_hyper("betas[0]", betas[0], high=1.0, high_open=True)
+        check_hyper("betas[1]", betas[1], high=1.0, high_open=True)
+        self.rank, self.variant = rank, variant
+        self.betas, self.delta = (float(betas[0]), float(betas[1])), float(delta)
+        self._lowrank_held: list[tuple[torch.Tensor, float]] | None = None
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
+                         dist=dist, exact_restore=exact_restore, backend=backend, rounding=rounding,
+                         no_decay=no_decay, record_trajectory=record_trajectory)
+        if not hasattr(self, "lowrank"):
+            self._build_spaces()
+
+    # The base class builds one ParameterSpace per group over all params; TeZO splits them: the
+    # dense space keeps the 1-D ones, the low-rank state the 2-D ones.
+    def _build_spaces(self) -> None:
+        self.lowrank = []
+        dense_spaces = []
+        for g, (group, space) in enumerate(zip(self.param_groups, self.spaces)):
+            two_d = [j for j, t in enumerate(space.tensors) if t.dim() == 2]
+            rest = [j for j, t in enumerate(space.tensors) if t.dim() != 2]
+            self.lowrank.append(_LowRankState(
+                [space.names[j] for j in two_d], [space.tensors[j] for j in two_d],
+                [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
+                step_seed(self.base_seed, 0, g, purpose="factors"), self.backend))
+            dense_spaces.append(ParameterSpace(
+                [(space.names[j], space.tensors[j]) for j in rest],
+                keys=[space.keys[j] for j in rest], backend=self.backend,
+                no_decay=self.no_decay))
+        self.spaces = dense_spaces
+
+    def _trajectory_meta(self) -> dict[str, Any]:
+        meta = super()._trajectory_meta()  # all parameters, before the split
+        if not hasattr(self, "lowrank"):
+            self._build_spaces()
+        meta.update(rank=self.rank, variant=self.variant, betas=list(self.betas),
+                    delta=self.delta,
+                    lowrank=[{"param_names": s.names, "keys": s.keys, "numel":
+                              [w.numel() for w in s.weights]} for s in self.lowrank])
+        return meta
+
+    @property
+    def state_numel(self) -> int:
+        return sum(s.state_numel for s in self.lowrank)
+
+    def _taus(self, step: int, state: _LowRankState, g: int) -> torch.Tensor:
+        if state.offsets[-1] == 0:
+            return state.momentum
+        return noise(state.offsets[-1], step_seed(self.base_seed, step, g, purpose="tau"), 0,
+                     device=state.momentum.device, backend=self.backend)
+
+    def step(self, closure=None) -> torch.Tensor:  # type: ignore[override]
+        if closure is None:
+            raise ValueError("TeZO.step needs a closure that returns the loss")
+        return self._guarded(lambda: self._step(closure))
+
+    def _restore(self) -> None:
+        held, self._lowrank_held = self._lowrank_held, None
+        if held is not None:
+            for state, (taus, coef) in zip(self.lowrank, held):
+                state.apply(taus, -coef, 1.0, self.backend)
+        super()._restore()
+
+    def _lowrank_perturb(self, taus: list[torch.Tensor], coefs: list[float]) -> None:
+        """Move the 2-D weights from the held coefficient to `coefs` (same tau), group by group,
+        keeping _lowrank_held true after each group for a restore."""
+        held = self._lowrank_held or [(tau, 0.0) for tau in taus]
+        for g, (state, tau) in enumerate(zip(self.lowrank, taus)):
+            state.apply(tau, coefs[g] - held[g][1], 1.0, self.backend)
+            held = held[:g] + [(tau, coefs[g])] + held[g + 1:]
+            self._lowrank_held = held
+
+    def _step(self, closure) -> torch.Tensor:
+        step = self.zo_state["step"]
+        eps = [group["eps"] for group in self.param_groups]
+        seed = self.seed_for(step)
+        taus = [self._taus(step, state, g) for g, state in enumerate(self.lowrank)]
+        self._lowrank_perturb(taus, eps)
+        self._perturb_held(seed, eps, None, 0)
+        loss_plus = self._evaluate(closure)
+        self._lowrank_perturb(taus, [-e for e in eps])
+        self._perturb_held(seed, [-e for e in eps], None, 1)
+        loss_minus = self._evaluate(closure)
+        if not self._finite(loss_plus, loss_minus):
+            self._check_logs()
+            self._skip([loss_plus, loss_minus])
+            self.zo_state["step"] = step + 1
+            return loss_plus
+        self._check_logs()
+        half_diff = (loss_plus - loss_minus) / 2
+        grads = [half_diff / group["eps"] for group in self.param_groups]
+        lrs = [group["lr"] for group in self.param_groups]
+        decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
+        self._lowrank_held = None
+        for g, state in enumerate(self.lowrank):
+            direction = self._direction(state, taus[g], grads[g], step)
+            # restore (+eps tau from -eps tau, scaled by the decay) and update in one pass
+            state.apply(decays[g] * eps[g] * taus[g] - lrs[g] * direction, 1.0, decays[g],
+                        self.backend)
+        coefs = [(-lrs[g] * grads[g]).reshape(1) for g in range(len(self.param_groups))]
+        self._update([seed], coefs, None)
+        if self.trajectory is not None:
+            self.trajectory.record(step, [seed], [c.tolist() for c in coefs], decays,
+                                   **{f"grad{g}": float(grads[g]) for g in range(len(grads))},
+                                   **{f"lr{g}": lrs[g] for g in range(len(lrs))})
+        self.zo_state["step"] = step + 1
+        return loss_plus
+
+    def _direction(self, state: _LowRankState, tau: torch.Tensor, grad: torch.Tensor,
+                   step: int) -> torch.Tensor:
+        """The tau-space update direction; advances the moments."""
+        return tezo_direction(self.variant, self.betas, self.delta, state, tau, grad, step)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"momentum": [s.momentum.clone() for s in self.lowrank],
+                "second": [s.second.clone() for s in self.lowrank]}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        for s, m, v in zip(self.lowrank, state.get("momentum", []), state.get("second", [])):
+            s.momentum.copy_(m)
+            s.second.copy_(v)
+
+
+def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state: _LowRankState,
+                   tau: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
+    if variant == "sgd":
+        return grad * tau
+    b1, b2 = betas
+    g_tau = grad * tau
+    state.momentum.mul_(b1).add_((1 - b1) * g_tau)
+    if variant == "momentum":
+        return state.momentum.clone()
+    state.second.mul_(b2).add_((1 - b2) * g_tau * g_tau)
+    t = step + 1
+    m_hat = state.momentum / (1 - b1 ** t)
+    v_hat = state.second / (1 - b2 ** t)
+    return m_hat / (v_hat.sqrt() + delta)
+
+
+def _replay_tezo(trajectory, spaces, backend) -> None:
+    """Rebuild a TeZO run: the 1-D parameters from the recorded seeded updates, the 2-D ones by
+    re-running the tau-space recursions on the recorded projected gradients."""
+    meta = trajectory.meta
+    base = meta["base_seed"]
+    betas = tuple(meta["betas"])
+    states = []
+    for g, (space, lowrank) in enumerate(zip(spaces, meta["lowrank"])):
+        names = set(lowrank["param_names"])
+        two_d = [j for j, n in enumerate(space.names) if n in names]
+        states.append(_LowRankState(
+            [space.names[j] for j in two_d], [space.tensors[j] for j in two_d],
+            [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], meta["rank"],
+            step_seed(base, 0, g, purpose="factors"), backend))
+    dense = []
+    for space, lowrank in zip(spaces, meta["lowrank"]):
+        names = set(lowrank["param_names"])
+        rest = [j for j, n in enumerate(space.names) if n not in names]
+        dense.append(ParameterSpace([(space.names[j], space.tensors[j]) for j in rest],
+                                    keys=[space.keys[j] for j in rest], backend=backend,
+                                    no_decay=meta.get("no_decay", ())))
+    for i, (step, seeds, coefs, decays, _) in enumerate(trajectory.records()):
+        for g, state in enumerate(states):
+            grad = torch.tensor(trajectory.extra[f"grad{g}"][i], dtype=torch.float32)
+            lr = trajectory.extra[f"lr{g}"][i]
+            tau = (noise(state.offsets[-1], step_seed(base, step, g, purpose="tau"), 0,
+                         device=state.momentum.device, backend=backend)
+                   if state.offsets[-1] else state.momentum)
+            grad = grad.to(tau.device)
+            direction = tezo_direction(meta["variant"], betas, meta["delta"], state, tau, grad,
+                                       step)
+            state.apply(-lr * direction, 1.0, decays[g], backend)
+            dense[g].update(seeds, coefs[g], decay=decays[g], dist=meta["dist"])
+
+
+register_replayer("tezo", _replay_tezo)
