@@ -101,7 +101,9 @@ struct ItemLog {
             lost[i] = lost_by_recovery<Format>(theta_in[i], Format::to_float(rounded[i]),
                                                noise_sum[i]);
         if constexpr (kLog == kLogCountOnly) {
-            for (int i = 0; i < n; ++i) count += lost[i];
+            uint32_t tile_count = 0;
+            for (int i = 0; i < n; ++i) tile_count += lost[i];
+            count += tile_count;
         } else {
             for (int i = 0; i < n; ++i) {
                 if (!lost[i]) continue;

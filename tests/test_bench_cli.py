@@ -53,7 +53,7 @@ def bench(capsys, monkeypatch):
 
 def test_help(bench):
     status, out, _ = bench("--help")
-    assert status == 0 and "usage: zokernels-bench" in out and "{ops}" in out
+    assert status == 0 and "usage: zokernels-bench" in out and "{ops,step}" in out
 
 
 def test_module_help():
@@ -170,3 +170,37 @@ def test_triton_on_cpu_tensors_is_skipped_with_a_note(bench, monkeypatch):
     assert status == 0, err
     assert "note: triton is not timed on CPU tensors" in out
     assert " triton " not in out.split("note:")[0], "interpreted triton must not be timed"
+
+
+STEP_FIELDS = {"op", "optimizer", "backend", "model", "dtype", "device", "numel", "ms", "ms_p20",
+               "ms_p80", "forward_ms", "zo_ms", "state_bytes", "peak_extra_bytes",
+               "speedup_vs_mezo_loop", "zo_speedup_vs_mezo_loop", "repeats"}
+
+
+def test_step_tiny_run_with_json(bench, tmp_path):
+    path = tmp_path / "step.json"
+    status, out, err = bench("step", "--model", "tiny", "--repeats", "1", "--warmup", "1",
+                             "--batch", "2", "--seq", "8", "--json", str(path))
+    assert status == 0, err
+    assert "mezo-loop" in out and "perturb/update ms" in out
+    document = json.loads(path.read_text())
+    assert TOP_FIELDS <= set(document) and document["mode"] == "step"
+    names = [row["optimizer"] for row in document["results"]]
+    assert names == ["mezo-loop", "mezo", "lezo", "tezo", "pseuzo"]
+    for row in document["results"]:
+        assert STEP_FIELDS <= set(row), STEP_FIELDS - set(row)
+        assert row["ms"] > 0 and 0 <= row["forward_ms"] <= row["ms"] + 1e-6
+    assert document["results"][0]["speedup_vs_mezo_loop"] == 1.0
+    assert all(row["state_bytes"] is not None for row in document["results"][1:])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["step", "--model", "gpt-5"], "--model: unknown model"),
+    (["step", "--optimizer", "adamw"], "--optimizer: unknown value"),
+    (["step", "--batch", "0"], "--batch must be >= 1"),
+    (["step", "--lezo-active", "1.5"], "--lezo-active"),
+    (["step", "--backend", "fpga"], "--backend: unknown value"),
+])
+def test_step_bad_arguments_exit_2(bench, argv, needle):
+    status, _, err = bench(*argv)
+    assert status == 2 and needle in err and "Traceback" not in err

@@ -252,6 +252,16 @@ def test_scatter_equals_dense_perturb(dtype, dist, rounding):
                           f"{dtype} {dist} {rounding} K={k}")
 
 
+def test_scatter_rejects_indices_outside_the_tensors():
+    tensors = _weights([10, 5], torch.float32)
+    for bad in (15, -1):
+        log = UndoBuffers(torch.tensor([3, bad]), torch.tensor([1.0, 2.0]), torch.tensor([2]))
+        for seeds, scales in (([], torch.zeros(0)), ([1], torch.tensor([0.1]))):
+            with pytest.raises(ValueError, match="outside the tensors"):
+                scatter_perturb_cpu(tensors, [1, 2], log.index, log.values, log.count, seeds,
+                                    scales, torch.ones(2), "gaussian", "nearest", 0)
+
+
 def _log_pass(tensors, keys, seeds, scales, dist, applied=None):
     """A logging pass sized by a count-only probe, as the optimizer does."""
     decays = torch.ones(len(tensors))

@@ -2,7 +2,7 @@
 
 A ZO update is a handful of scalars per step (seeds, coefficients, a decay factor, the chosen
 layers), so a whole fine-tune fits in a few bytes per step: a 20,000-step MeZO run saves to
-about 360 KB. `Trajectory.load(path).replay(params)` applies the recorded updates, in order, to
+about 400 KB. `Trajectory.load(path).replay(params)` applies the recorded updates, in order, to
 the initial weights, on any backend: replaying on the backend and device of the run gives the
 run's weights bit for bit (the optimizers update from the exact unperturbed weights, see
 docs/undo-log.md); another backend matches within float32 rounding of the noise (a few ulp per

@@ -2,6 +2,7 @@
 
     zokernels-bench                 a quick representative run on the best device (cuda, else cpu)
     zokernels-bench ops [options]   perturb_ and lowrank_perturb_ over model shape sets, per backend
+    zokernels-bench step [options]  one full ZO step per optimizer on a model vs the MeZO loop
 
 Results print as an aligned table on stdout (progress goes to stderr); --json PATH writes them with
 the device, versions, thread count and command. The JSON schema is documented in README.md
@@ -22,6 +23,9 @@ import torch
 
 import zokernels
 
+from .models import HF_MODELS
+from .models import PRESETS as MODEL_PRESETS
+from .step import OPTIMIZERS, StepSettings, format_step_table, run_step_bench
 from .runner import (
     BASELINE,
     DTYPE_ALIASES,
@@ -40,6 +44,8 @@ from .runner import (
 )
 
 PROG = "zokernels-bench"
+STEP_MODELS = tuple(MODEL_PRESETS) + HF_MODELS
+STEP_OPTIMIZERS = OPTIMIZERS
 FUSED_BACKENDS = ("cpu", "triton", "torch")
 OPS = {"perturb": "perturb_", "perturb_": "perturb_", "lowrank": "lowrank_perturb_",
        "lowrank_perturb_": "lowrank_perturb_"}
@@ -98,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", action="append",
                         help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     _add_run_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="{ops}")
+    sub = parser.add_subparsers(dest="command", metavar="{ops,step}")
     ops = sub.add_parser(
         "ops", help="perturb_ and lowrank_perturb_ vs the MeZO loop, per backend",
         description="Time perturb_ (K seeds, gaussian/rademacher, nearest/stochastic rounding) and "
@@ -130,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--no-baselines", action="store_true",
                      help="skip the MeZO and randn_like + add_ loops (the copy is always timed)")
     _add_run_options(ops, suppress=True)
+    step = sub.add_parser(
+        "step", help="one full ZO step per optimizer on a model, vs the MeZO loop",
+        description="Time one full step of MeZO, LeZO, TeZO and PseuZO (zokernels.optim) on a "
+                    "model with random weights and a synthetic batch, split into forward and "
+                    "perturb/update time, against MeZO's per-parameter loop on the same model.")
+    step.add_argument("--model", help=f"{', '.join(STEP_MODELS)} (default: small on cpu, "
+                                      "opt-1.3b on cuda; hf-* need transformers)")
+    step.add_argument("--optimizer", action="append",
+                      help=f"{', '.join(STEP_OPTIMIZERS)} (default: all)")
+    step.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, "
+                                      "bfloat16 on cuda)")
+    step.add_argument("--device", action="append", default=argparse.SUPPRESS,
+                      help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    step.add_argument("--backend", default="auto", help="auto, cpu, triton or torch")
+    step.add_argument("--batch", type=int, default=4, help="sequences per batch (default 4)")
+    step.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
+    step.add_argument("--repeats", type=int, help="timed steps (default: 3 cpu, 10 cuda)")
+    step.add_argument("--warmup", type=int, help="untimed steps first (default: 2 cpu, 3 cuda; "
+                                                 "the first steps size the undo logs)")
+    step.add_argument("--lezo-active", type=float, default=0.25, metavar="FRACTION",
+                      help="fraction of the blocks LeZO perturbs per step (default 0.25)")
+    step.add_argument("--rank", type=int, default=8, help="TeZO rank (default 8)")
+    step.add_argument("--window", type=int, default=14, help="PseuZO window (default 14)")
+    _add_run_options(step, suppress=True)
     return parser
 
 
@@ -491,6 +521,8 @@ def write_json(path: str, plan: Plan, results: list[dict], argv: list[str]) -> N
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command == "step":
+        return main_step(args, argv)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -519,6 +551,79 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print(f"{PROG}: nothing was timed (see the notes)", file=sys.stderr)
         return 1
+    return 0
+
+
+def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
+    devices = _items(getattr(args, "device", None), _best_device())
+    if len(devices) != 1:
+        raise UsageError("step takes one --device")
+    device = _device(devices[0])
+    kind = torch.device(device).type
+    model = args.model or ("small" if kind == "cpu" else "opt-1.3b")
+    if model not in STEP_MODELS:
+        raise UsageError(f"--model: unknown model {model!r}; choose from {', '.join(STEP_MODELS)}")
+    if model in HF_MODELS:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UsageError(f"--model {model}: needs transformers (pip install transformers)"
+                             ) from None
+    optimizers = _choices(args.optimizer, ",".join(STEP_OPTIMIZERS), STEP_OPTIMIZERS,
+                          "--optimizer")
+    dtype = _dtypes([args.dtype] if args.dtype else None, DEFAULTS[kind]["dtype"])[0]
+    backend = args.backend
+    if backend not in ("auto",) + FUSED_BACKENDS:
+        raise UsageError(f"--backend: unknown value {backend!r}; choose from auto, "
+                         f"{', '.join(FUSED_BACKENDS)}")
+    if backend != "auto" and backend not in zokernels.available_backends():
+        raise UsageError(f"--backend {backend}: not available here: "
+                         f"{_unavailable_reason(backend)}")
+    for option, value in (("--batch", args.batch), ("--seq", args.seq), ("--rank", args.rank),
+                          ("--window", args.window)):
+        if value < 1:
+            raise UsageError(f"{option} must be >= 1, got {value}")
+    if not 0.0 < args.lezo_active <= 1.0:
+        raise UsageError(f"--lezo-active must be in (0, 1], got {args.lezo_active:g}")
+    repeats = args.repeats if args.repeats is not None else (3 if kind == "cpu" else 10)
+    warmup = args.warmup if args.warmup is not None else (2 if kind == "cpu" else 3)
+    if repeats < 1 or warmup < 0:
+        raise UsageError("--repeats must be >= 1 and --warmup >= 0")
+    settings = StepSettings(model, dtype, device, args.batch, args.seq, warmup, repeats,
+                            backend, args.lezo_active, args.rank, args.window)
+    return settings, optimizers
+
+
+def main_step(args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        settings, optimizers = plan_step(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    progress = Progress(1 + len(optimizers))
+    print(f"{PROG} step: zokernels {zokernels.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads, {settings.device} "
+          f"({device_name(settings.device)})", file=sys.stderr)
+    rows = run_step_bench(settings, optimizers,
+                          on_start=lambda name: progress.start(f"{settings.model} {name}"),
+                          on_done=lambda name, row: progress.finish(f"{_ms(row['ms'])} ms"))
+    print(f"zokernels {zokernels.__version__} · torch {torch.__version__} · "
+          f"{torch.get_num_threads()} CPU threads · medians of {settings.repeats} steps after "
+          f"{settings.warmup}")
+    print()
+    print(format_step_table(rows))
+    print("note: perturb/update = step - forwards (PseuZO's includes its autograd through "
+          "loss_fn); state = undo logs + PseuZO window + TeZO factors; peak extra = GPU memory "
+          "above the start of the timed steps (CUDA only)")
+    if getattr(args, "json", None):
+        plan = Plan("step", [], {settings.device: settings.warmup},
+                    {settings.device: settings.repeats}, [], json_path=args.json)
+        write_json(args.json, plan, rows, argv)
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 

@@ -27,6 +27,10 @@ class UndoLog:
     Args:
         headroom: capacity = headroom * (largest lost fraction seen) * elements + slack.
         slack: entries added to every capacity (small tensors, fluctuations).
+        probe_passes: the first passes of a (device, dtype) group each run a count-only probe
+            first. Two, because weights that start at exactly zero (LayerNorm biases, LoRA's B)
+            are often recoverable at the first step and all lost at the second, once the first
+            update has made them tiny.
 
     Attributes:
         overflows: passes whose lost elements did not all fit (their restore is recovery-quality
@@ -34,13 +38,15 @@ class UndoLog:
         probes: count-only passes run to size the log.
     """
 
-    def __init__(self, *, headroom: float = 1.25, slack: int = 1024) -> None:
+    def __init__(self, *, headroom: float = 1.15, slack: int = 1024, probe_passes: int = 2) -> None:
         if not headroom >= 1.0:
             raise ValueError(f"headroom must be >= 1, got {headroom}")
         if slack < 0:
             raise ValueError(f"slack must be >= 0, got {slack}")
         self.headroom = headroom
         self.slack = int(slack)
+        self.probe_passes = int(probe_passes)
+        self._passes: dict[GroupKey, int] = {}
         self.overflows = 0
         self.probes = 0
         self._fraction: dict[GroupKey, float] = {}
@@ -60,7 +66,8 @@ class UndoLog:
         return sum(t.numel() for t in group.tensors)
 
     def needs_probe(self, plan: list[PerturbGroup]) -> bool:
-        return any(self._key(g) not in self._fraction for g in plan)
+        return any(self._key(g) not in self._fraction
+                   or self._passes.get(self._key(g), 0) < self.probe_passes for g in plan)
 
     def _capacity(self, group: PerturbGroup) -> int:
         numel = self._numel(group)
@@ -96,6 +103,8 @@ class UndoLog:
                 self._storage[key] = (index, values)
             buffers.append(UndoBuffers(index[:capacity], values[:capacity],
                                        torch.zeros(1, dtype=torch.int64, device=group.device)))
+        for group in plan:
+            self._passes[self._key(group)] = self._passes.get(self._key(group), 0) + 1
         self.plan, self.decay_flags, self.buffers = plan, decay_flags, buffers
         self._checked = False
         return buffers
@@ -142,16 +151,18 @@ class UndoLog:
 
     def state_dict(self) -> dict:
         return {"fraction": {f"{d}|{t}": f for (d, t), f in self._fraction.items()},
+                "passes": {f"{d}|{t}": n for (d, t), n in self._passes.items()},
                 "overflows": self.overflows, "probes": self.probes}
 
     def load_state_dict(self, state: dict) -> None:
         self.overflows = int(state.get("overflows", 0))
         self.probes = int(state.get("probes", 0))
-        fractions = {}
-        for name, fraction in state.get("fraction", {}).items():
+        def group_key(name: str) -> GroupKey:
             device, dtype = name.split("|")
-            fractions[(torch.device(device), getattr(torch, dtype.replace("torch.", "")))] = fraction
-        self._fraction = fractions
+            return torch.device(device), getattr(torch, dtype.replace("torch.", ""))
+
+        self._fraction = {group_key(k): float(v) for k, v in state.get("fraction", {}).items()}
+        self._passes = {group_key(k): int(v) for k, v in state.get("passes", {}).items()}
 
 
 def _empty_buffers(group: PerturbGroup) -> UndoBuffers:

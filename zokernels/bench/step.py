@@ -1,0 +1,218 @@
+"""`zokernels-bench step`: one full ZO step on a model, split into forward and perturb/update
+time, against the same step done with MeZO's per-parameter loop.
+
+Each optimizer runs on a fresh copy of the model (same random weights) and the same batch; the
+closure times its own forwards (synchronized on GPU), so perturb/update = step - forwards.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..optim import LeZO, MeZO, PseuZO, TeZO
+from .models import BenchModel, build_model, synthetic_batch
+from .timing import _quantile, synchronize
+
+OPTIMIZERS = ("mezo", "lezo", "tezo", "pseuzo")
+MEZO_LOOP = "mezo-loop"
+# Forward passes per step and passes over the weights per step (the MeZO loop: 4 with
+# torch.normal for every parameter each time).
+FORWARDS = {"mezo": 2, "lezo": 2, "tezo": 2, "pseuzo": 2, MEZO_LOOP: 2}
+WEIGHT_PASSES = {"mezo": "3", "lezo": "3 (over the active layers)", "tezo": "3 (low-rank)",
+                 "pseuzo": "2", MEZO_LOOP: "4"}
+
+
+@dataclass
+class StepSettings:
+    model: str
+    dtype: str
+    device: str
+    batch: int
+    seq: int
+    warmup: int
+    repeats: int
+    backend: str = "auto"
+    lezo_active: float = 0.25  # fraction of blocks LeZO perturbs per step
+    rank: int = 8
+    window: int = 14
+
+
+class _ForwardClock:
+    """Wraps a model call: accumulates its synchronized wall time."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.seconds = device, 0.0
+
+    def __call__(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        synchronize(self.device)
+        start = time.perf_counter()
+        out = fn()
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def mezo_loop_step(params: list[torch.Tensor], closure: Callable[[], torch.Tensor], *, seed: int,
+                   eps: float, lr: float) -> torch.Tensor:
+    """MeZO's trainer step as published: torch.manual_seed, then per parameter a torch.normal
+    tensor and `p.data = p.data + scale * z * eps`; four passes, the update regenerating z."""
+    def perturb(scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
+            p.data = p.data + scale * z * eps
+
+    with torch.no_grad():
+        perturb(1)
+        loss_plus = closure()
+        perturb(-2)
+        loss_minus = closure()
+        perturb(1)
+        grad = float(loss_plus - loss_minus) / (2 * eps)
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
+            p.data = p.data - lr * grad * z
+    return loss_plus
+
+
+def _make(name: str, model: BenchModel, settings: StepSettings, lr: float, eps: float):
+    named = list(model.module.named_parameters())
+    common = dict(lr=lr, eps=eps, seed=0, backend=settings.backend)
+    if name == "mezo":
+        return MeZO(named, **common)
+    if name == "lezo":
+        active = max(1, round(settings.lezo_active * len(model.blocks)))
+        return LeZO(named, layers=model.blocks, n_active=active, **common)
+    if name == "tezo":
+        return TeZO(named, rank=settings.rank, **common)
+    if name == "pseuzo":
+        return PseuZO(named, window=settings.window, **common)
+    raise ValueError(name)
+
+
+def _state_bytes(opt) -> int:
+    total = getattr(opt, "undo_log_bytes", 0)
+    total += getattr(opt, "window_bytes", 0)
+    if isinstance(opt, TeZO):
+        total += 4 * opt.state_numel
+    return total
+
+
+def time_step(name: str, settings: StepSettings, lr: float = 1e-6,
+              eps: float = 1e-3) -> dict:
+    """Median step time of one optimizer (or the MeZO loop) with its forward / ZO split."""
+    dtype = getattr(torch, settings.dtype)
+    model = build_model(settings.model, dtype, settings.device)
+    ids = synthetic_batch(model, settings.batch, settings.seq, settings.device)
+    clock = _ForwardClock(settings.device)
+    params = [p for p in model.module.parameters() if p.requires_grad]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    if name == MEZO_LOOP:
+        seeds = iter(range(10**9))
+
+        def one_step() -> None:
+            mezo_loop_step(params, lambda: clock(lambda: model.loss(ids)), seed=next(seeds),
+                           eps=eps, lr=lr)
+        opt = None
+    else:
+        opt = _make(name, model, settings, lr, eps)
+        if name == "pseuzo":
+            def one_step() -> None:
+                opt.step(lambda: clock(lambda: model.features(ids)),
+                         lambda h: model.head_loss(h, ids))
+        else:
+            def one_step() -> None:
+                opt.step(lambda: clock(lambda: model.loss(ids)))
+    cuda = torch.device(settings.device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(settings.device)] if cuda else []):
+        for _ in range(settings.warmup):
+            one_step()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(settings.device)
+            base = torch.cuda.memory_allocated(settings.device)
+        totals, forwards = [], []
+        for _ in range(settings.repeats):
+            clock.seconds = 0.0
+            synchronize(settings.device)
+            start = time.perf_counter()
+            one_step()
+            synchronize(settings.device)
+            totals.append(1e3 * (time.perf_counter() - start))
+            forwards.append(1e3 * clock.seconds)
+        peak = torch.cuda.max_memory_allocated(settings.device) - base if cuda else None
+    zo = [t - f for t, f in zip(totals, forwards)]
+    row = dict(op="step", optimizer=name, backend="torch-loop" if opt is None else settings.backend,
+               model=settings.model, dtype=settings.dtype, device=settings.device,
+               numel=sum(p.numel() for p in params), param_bytes=param_bytes,
+               batch=settings.batch, seq=settings.seq,
+               ms=statistics.median(totals), ms_p20=_quantile(totals, 0.2),
+               ms_p80=_quantile(totals, 0.8), forward_ms=statistics.median(forwards),
+               zo_ms=statistics.median(zo), forwards_per_step=FORWARDS[name],
+               weight_passes=WEIGHT_PASSES[name], repeats=settings.repeats,
+               warmup=settings.warmup,
+               state_bytes=None if opt is None else _state_bytes(opt),
+               peak_extra_bytes=peak, speedup_vs_mezo_loop=None, zo_speedup_vs_mezo_loop=None)
+    if name == "lezo":
+        row["lezo_active_layers"] = opt.n_active
+        row["lezo_layers"] = opt.num_layers
+    return row
+
+
+def run_step_bench(settings: StepSettings, optimizers: list[str],
+                   on_start: Callable[[str], None] | None = None,
+                   on_done: Callable[[str, dict], None] | None = None) -> list[dict]:
+    """The MeZO loop first, then each optimizer; speedups filled in against the loop."""
+    rows = []
+    for name in [MEZO_LOOP] + [o for o in optimizers if o != MEZO_LOOP]:
+        if on_start:
+            on_start(name)
+        row = time_step(name, settings)
+        rows.append(row)
+        if on_done:
+            on_done(name, row)
+    loop = rows[0]
+    for row in rows:
+        row["speedup_vs_mezo_loop"] = loop["ms"] / row["ms"]
+        row["zo_speedup_vs_mezo_loop"] = loop["zo_ms"] / row["zo_ms"] if row["zo_ms"] > 0 else None
+    return rows
+
+
+COLUMNS = ("optimizer", "step ms", "p20-p80", "forward ms", "perturb/update ms", "weight passes",
+           "state MB", "peak extra MB", "step vs loop", "perturb/update vs loop")
+
+
+def format_step_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    first = rows[0]
+    head = (f"step · {first['model']} ({first['numel'] / 1e6:.1f}M params) · {first['dtype']} · "
+            f"{first['device']} · batch {first['batch']} x {first['seq']} tokens")
+
+    def mb(value):
+        return "-" if value is None else f"{value / 1e6:.1f}"
+
+    def fmt(value: float) -> str:
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+    table = [list(COLUMNS)]
+    for r in rows:
+        zo_speed = r["zo_speedup_vs_mezo_loop"]
+        table.append([r["optimizer"], fmt(r["ms"]), f"{fmt(r['ms_p20'])}-{fmt(r['ms_p80'])}",
+                      fmt(r["forward_ms"]), fmt(r["zo_ms"]), r["weight_passes"],
+                      mb(r["state_bytes"]), mb(r["peak_extra_bytes"]),
+                      f"{r['speedup_vs_mezo_loop']:.2f}x",
+                      "-" if zo_speed is None else f"{zo_speed:.2f}x"])
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    lines = [head]
+    for index, line in enumerate(table):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
