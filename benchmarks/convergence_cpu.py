@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from zokernels.bench.models import build_model, lm_loss
+from zokernels.bench.models import build_model
 from zokernels.bench.runner import environment
 from zokernels.bench.step import mezo_loop_step
 from zokernels.optim import LeZO, MeZO, PseuZO, TeZO

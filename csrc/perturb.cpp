@@ -35,6 +35,7 @@ struct PerturbJob {
     int dtype;
     // Undo log (log_mode != kNoLog): starts[j] is the group-flat index of tensor j's element 0.
     std::vector<uint64_t> starts;
+    bool log_count_only;
     int64_t* log_index;
     uintptr_t log_values;  // storage of the tensors' dtype
     uint64_t log_capacity;
@@ -73,8 +74,8 @@ ZK_INLINE typename Format::storage storage_of(float theta) {
 }
 
 // The undo log's side of one work item: checks every tile, collects the item's lost elements
-// and reserves their slots with one atomic add at the end.
-template <class Format, LogMode kLog>
+// (or only counts them) and reserves their slots with one atomic add at the end.
+template <class Format>
 struct ItemLog {
     using Storage = typename Format::storage;
     std::vector<int64_t> index;  // group-flat
@@ -100,10 +101,8 @@ struct ItemLog {
         for (int i = 0; i < n; ++i)
             lost[i] = lost_by_recovery<Format>(theta_in[i], Format::to_float(rounded[i]),
                                                noise_sum[i]);
-        if constexpr (kLog == kLogCountOnly) {
-            uint32_t tile_count = 0;
-            for (int i = 0; i < n; ++i) tile_count += lost[i];
-            count += tile_count;
+        if (job.log_count_only) {
+            for (int i = 0; i < n; ++i) count += lost[i];
         } else {
             for (int i = 0; i < n; ++i) {
                 if (!lost[i]) continue;
@@ -117,7 +116,7 @@ struct ItemLog {
     }
 
     void flush(const PerturbJob& job) {
-        if constexpr (kLog == kLogCountOnly) {
+        if (job.log_count_only) {
             if (count > 0) fetch_add(job.log_count, count);
         } else {
             const int64_t n = static_cast<int64_t>(index.size());
@@ -136,7 +135,7 @@ struct ItemLog {
 
 struct NoItemLog {};
 
-template <class Philox, class Format, bool kRecover, LogMode kLog>
+template <class Philox, class Format, bool kRecover, bool kLog>
 inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
     auto* x = reinterpret_cast<typename Format::storage*>(job.ptrs[item.tensor]);
     const uint32_t key = job.keys[item.tensor];
@@ -144,7 +143,7 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
     const size_t n_seeds = job.seed_keys.size();
     alignas(64) float noise_sum[kTile];                    // D
     alignas(64) float applied_sum[kRecover ? kTile : 1];  // D1, only when recovering
-    std::conditional_t<kLog == kNoLog, NoItemLog, ItemLog<Format, kLog>> log;
+    std::conditional_t<kLog, ItemLog<Format>, NoItemLog> log;
     for (uint64_t t = item.begin; t < item.end; t += kTile) {
         const int n = static_cast<int>(min_of<uint64_t>(kTile, item.end - t));
         // Whole tile zeroed: the accumulators write up to a full counter past a short last tile.
@@ -172,7 +171,7 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
         }
         // The weight enters only now, read, added to D once and rounded in one loop.
         typename Format::storage* xt = x + t;
-        if constexpr (kLog != kNoLog) {
+        if constexpr (kLog) {
             log.template tile<Philox, kRecover>(job, xt, n, t, job.starts[item.tensor], key, decay,
                                                 noise_sum, applied_sum);
         } else if constexpr (kRecover) {
@@ -189,10 +188,10 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
                 job.stochastic, job.rounding_keys, key, t);
         }
     }
-    if constexpr (kLog != kNoLog) log.flush(job);
+    if constexpr (kLog) log.flush(job);
 }
 
-template <class Philox, LogMode kLog>
+template <class Philox, bool kLog>
 inline void perturb_item(const PerturbJob& job, const WorkItem& item) {
     const bool recover = !job.applied.empty();
     switch (job.dtype) {
@@ -211,14 +210,15 @@ inline void perturb_item(const PerturbJob& job, const WorkItem& item) {
     }
 }
 
-// One flattened entry point per (ISA, log mode): the plain pass's code is what it was.
-template <LogMode kLog>
+// One flattened entry point per ISA and logging or not (both log modes share one: a count-only
+// pass differs in a branch per tile), so the plain pass's code is what it was.
+template <bool kLog>
 ZK_FLATTEN void perturb_item_generic(const PerturbJob& job, const WorkItem& item) {
     perturb_item<PhiloxGeneric, kLog>(job, item);
 }
 
 #if ZK_HAVE_AVX2_PATH
-template <LogMode kLog>
+template <bool kLog>
 ZK_TARGET_AVX2 ZK_FLATTEN void perturb_item_avx2(const PerturbJob& job, const WorkItem& item) {
     perturb_item<PhiloxAvx2, kLog>(job, item);
 }
@@ -226,7 +226,7 @@ ZK_TARGET_AVX2 ZK_FLATTEN void perturb_item_avx2(const PerturbJob& job, const Wo
 
 using ItemKernel = void (*)(const PerturbJob&, const WorkItem&);
 
-template <LogMode kLog>
+template <bool kLog>
 ItemKernel item_kernel() {
 #if ZK_HAVE_AVX2_PATH
     if (use_avx2()) return &perturb_item_avx2<kLog>;
@@ -259,7 +259,7 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
         throw std::invalid_argument("perturb: a log with capacity needs index and values");
 
     PerturbJob job{ptrs, keys, decays, {}, scales, applied, static_cast<Dist>(dist),
-                   rounding == 1, PhiloxKeys(rounding_seed), dtype, {},
+                   rounding == 1, PhiloxKeys(rounding_seed), dtype, {}, log_mode == kLogCountOnly,
                    reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
                    reinterpret_cast<int64_t*>(log_count_ptr)};
     for (uint64_t seed : seeds) job.seed_keys.emplace_back(seed);
@@ -270,9 +270,7 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
         total += n;
     }
     const std::vector<WorkItem> items = split_work(numels, kItemElements);
-    ItemKernel run_item = log_mode == kLogWrite       ? item_kernel<kLogWrite>()
-                          : log_mode == kLogCountOnly ? item_kernel<kLogCountOnly>()
-                                                      : item_kernel<kNoLog>();
+    const ItemKernel run_item = log_mode == kNoLog ? item_kernel<false>() : item_kernel<true>();
     parallel_for_items(items.size(), total * (seeds.size() > 0 ? seeds.size() : 1), num_threads,
                        [&](size_t i) { run_item(job, items[i]); });
 }

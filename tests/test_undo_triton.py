@@ -163,14 +163,6 @@ def _scatter(tensors, log, seeds, scales, dist, backend="triton", keys=KEYS, dec
        torch.tensor(decays, dtype=torch.float32, device=DEVICE), dist, rounding, rounding_seed)
 
 
-def _has_torch_scatter():
-    try:
-        from zokernels.backends.torch import scatter_perturb_torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-element noise (scatter's z) equals the block noise of the dense kernels
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +373,7 @@ def test_scatter_matches_spec(dtype, dist, seeds, scales, rounding):
                                    seeds, scales, decays, dist, rounding, 3)
         for j, (g, e) in enumerate(zip(got, expected)):
             assert_bits_equal(g.cpu(), e, f"{what} count {n_entries} C {capacity} tensor {j}")
-        if dist == "rademacher" and _has_torch_scatter():
+        if dist == "rademacher":
             reference = [t.clone() for t in tensors]
             _scatter(reference, log, seeds, scales, dist, backend="torch", decays=decays,
                      rounding=rounding)

@@ -564,11 +564,10 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
     if model not in STEP_MODELS:
         raise UsageError(f"--model: unknown model {model!r}; choose from {', '.join(STEP_MODELS)}")
     if model in HF_MODELS:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            raise UsageError(f"--model {model}: needs transformers (pip install transformers)"
-                             ) from None
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            raise UsageError(f"--model {model}: needs transformers (pip install transformers)")
     optimizers = _choices(args.optimizer, ",".join(STEP_OPTIMIZERS), STEP_OPTIMIZERS,
                           "--optimizer")
     dtype = _dtypes([args.dtype] if args.dtype else None, DEFAULTS[kind]["dtype"])[0]

@@ -51,7 +51,8 @@ class DecoderLayer(nn.Module):
         x = self.self_attn_layer_norm(h)
 
         def heads(name: str) -> torch.Tensor:
-            return self.self_attn[name](x).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+            projected = self.self_attn[name](x)
+            return projected.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
 
         attended = nn.functional.scaled_dot_product_attention(
             heads("q_proj"), heads("k_proj"), heads("v_proj"), is_causal=True)

@@ -127,8 +127,8 @@ class UndoLog:
                 overflowed = True
         if overflowed:
             self.overflows += 1
-            warnings.warn("zokernels: an undo log overflowed; this step's restore is exact only for "
-                          "the logged elements (the log has grown for the next steps)",
+            warnings.warn("zokernels: an undo log overflowed; this step's restore is exact only "
+                          "for the logged elements (the log has grown for the next steps)",
                           RuntimeWarning, stacklevel=3)
         return overflowed
 

@@ -19,7 +19,7 @@ import torch
 from .._contract import PERTURB_DISTS, ROUNDINGS
 from .._dispatch import BACKEND_CHOICES
 from ..ops.undo import UndoLog
-from ..space import NO_DECAY_DEFAULT, ParameterSpace
+from ..space import ParameterSpace
 from ..trajectory import Trajectory
 from ._params import normalize_param_groups
 from ._seeds import step_seed
@@ -48,7 +48,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, seed: int, dist: str,
                  exact_restore: bool, backend: str, no_decay: Sequence[str],
                  record_trajectory: bool, layers: Sequence[Any] | None = None,
-                 rounding: str = "nearest") -> None:
+                 rounding: str = "nearest", process_group: Any = None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if dist not in PERTURB_DISTS:
@@ -69,6 +69,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.dist = dist
         self.exact_restore = bool(exact_restore)
         self.rounding = rounding  # of the update (the perturbations round to nearest)
+        self.process_group = process_group
+        if process_group is not None:
+            import torch.distributed as dist
+
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError("process_group given but torch.distributed is not initialized")
         self.backend = backend
         self.no_decay = tuple(no_decay)
         self.zo_state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "undo_overflows": 0}
@@ -201,6 +207,18 @@ class ZOOptimizer(torch.optim.Optimizer):
             return torch.tensor(float(loss), dtype=torch.float32)
         raise TypeError(f"the closure must return a scalar loss (tensor or number), "
                         f"got {type(loss).__name__}")
+
+    def _all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Data parallel: the mean over the ranks of a small tensor (losses, projections), in one
+        collective; every rank then applies the identical seeded update. Identity without a
+        process group."""
+        if self.process_group is None:
+            return values
+        import torch.distributed as dist
+
+        reduced = values.detach().to(torch.float32).clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.process_group)
+        return reduced / dist.get_world_size(self.process_group)
 
     def _finite(self, *losses: torch.Tensor) -> bool:
         """One host synchronization: the step needs to know whether to skip."""

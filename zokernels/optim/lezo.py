@@ -31,7 +31,8 @@ class LeZO(MeZO):
                  weight_decay: float = 0.0, seed: int = 0, dist: str = "gaussian", *,
                  n_active: int | None = None, n_dropped: int | None = None, n_spsa: int = 1,
                  exact_restore: bool = True, backend: str = "auto", rounding: str = "nearest",
-                 no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True) -> None:
+                 process_group: Any = None, no_decay: Sequence[str] = NO_DECAY_DEFAULT,
+                 record_trajectory: bool = True) -> None:
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
             raise ValueError("layers must be a non-empty list of blocks (modules or lists of "
                              "parameter names / tensors)")
@@ -44,8 +45,9 @@ class LeZO(MeZO):
         self.num_layers = len(layers)
         self.n_active = n_active if n_active is not None else len(layers) - n_dropped
         super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, dist=dist,
-                         n_spsa=n_spsa, exact_restore=exact_restore, backend=backend, rounding=rounding,
-                         no_decay=no_decay, record_trajectory=record_trajectory, layers=layers)
+                         n_spsa=n_spsa, exact_restore=exact_restore, backend=backend,
+                         rounding=rounding, process_group=process_group, no_decay=no_decay,
+                         record_trajectory=record_trajectory, layers=layers)
 
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()

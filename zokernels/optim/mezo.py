@@ -30,7 +30,8 @@ class MeZO(ZOOptimizer):
             noise keys come from names, see ParameterSpace), or param groups (dicts with "params"
             and any of lr / eps / weight_decay). Frozen nn.Parameters are skipped.
         lr: learning rate (torch.optim.lr_scheduler schedulers work on param_groups' lr).
-        eps: perturbation scale; with per-group eps, g is computed per group as (l+ - l-) / (2 eps_g).
+        eps: perturbation scale; with per-group eps, g is computed per group as
+            (l+ - l-) / (2 eps_g).
         weight_decay: decoupled as in MeZO's trainer, theta *= 1 - lr wd, fused into the update,
             not applied to parameters whose name contains one of `no_decay`.
         seed: base seed; step t's seeds are BLAKE2b(seed, t, k) (zokernels.optim._seeds).
@@ -43,6 +44,10 @@ class MeZO(ZOOptimizer):
         rounding: of the update, "nearest" or "stochastic" (bf16/fp16: keeps updates below half
             an ulp in expectation; its bits come from stream 1 of the step's first seed).
         record_trajectory: keep opt.trajectory (a few bytes per step).
+        process_group: data parallel (torch.distributed): each rank evaluates the closure on its
+            own micro-batch; the two losses are averaged over the ranks in one all-reduce of 8
+            bytes, and every rank applies the identical seeded update (replicas stay
+            bit-identical). The returned loss is the mean.
 
     step(closure) returns the loss at theta + eps z of the first seed, as MeZO does.
     """
@@ -51,7 +56,8 @@ class MeZO(ZOOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3,
                  weight_decay: float = 0.0, seed: int = 0, dist: str = "gaussian", *,
-                 n_spsa: int = 1, exact_restore: bool = True, backend: str = "auto", rounding: str = "nearest",
+                 n_spsa: int = 1, exact_restore: bool = True, backend: str = "auto",
+                 rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True,
                  **kwargs: Any) -> None:
         check_hyper("lr", lr)
@@ -61,7 +67,8 @@ class MeZO(ZOOptimizer):
             raise ValueError(f"n_spsa must be a positive integer, got {n_spsa!r}")
         self.n_spsa = n_spsa
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
-                         dist=dist, exact_restore=exact_restore, backend=backend, rounding=rounding,
+                         dist=dist, exact_restore=exact_restore, backend=backend,
+                         rounding=rounding, process_group=process_group,
                          no_decay=no_decay, record_trajectory=record_trajectory, **kwargs)
 
     def _trajectory_meta(self) -> dict[str, Any]:
@@ -90,6 +97,9 @@ class MeZO(ZOOptimizer):
             if k > 0:
                 self._restore()  # exact theta before the next seed's probe
             loss_plus, loss_minus = self._probe_two_point(closure, seed, eps, layers)
+            if self.process_group is not None:
+                loss_plus, loss_minus = self._all_reduce_mean(torch.stack([loss_plus,
+                                                                            loss_minus]))
             if first_loss is None:
                 first_loss = loss_plus
             if not self._finite(loss_plus, loss_minus):

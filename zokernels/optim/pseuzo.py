@@ -48,8 +48,10 @@ class PseuZO(ZOOptimizer):
     def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3,
                  weight_decay: float = 0.0, seed: int = 0, dist: str = "gaussian", *,
                  window: int = 14, beta: float = 0.9, store_dtype: torch.dtype | None = None,
-                 exact_restore: bool = True, backend: str = "auto", rounding: str = "nearest",
-                 no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True) -> None:
+                 exact_restore: bool = True, backend: str = "auto",
+                 rounding: str = "nearest", process_group: Any = None,
+                 no_decay: Sequence[str] = NO_DECAY_DEFAULT,
+                 record_trajectory: bool = True) -> None:
         check_hyper("lr", lr)
         check_hyper("eps", eps, low_open=True)
         check_hyper("weight_decay", weight_decay)
@@ -64,7 +66,8 @@ class PseuZO(ZOOptimizer):
         self.store_dtype = store_dtype
         self._window: list[tuple[int, int, torch.Tensor]] = []  # (step, seed, dO)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
-                         dist=dist, exact_restore=exact_restore, backend=backend, rounding=rounding,
+                         dist=dist, exact_restore=exact_restore, backend=backend,
+                         rounding=rounding, process_group=process_group,
                          no_decay=no_decay, record_trajectory=record_trajectory)
 
     def _trajectory_meta(self) -> dict[str, Any]:
@@ -106,7 +109,10 @@ class PseuZO(ZOOptimizer):
             raise ValueError(f"forward() changed its output shape under the perturbation: "
                              f"{tuple(o0.shape)} -> {tuple(o1.shape)}")
         delta = (o1 - o0).to(self.store_dtype or o0.dtype)
-        if not self._finite(loss, delta.abs().amax().to(torch.float32)):
+        finite_check = torch.stack([loss.detach(), delta.abs().amax().to(torch.float32)])
+        if self.process_group is not None:  # a NaN on any rank skips the step on all
+            finite_check = self._all_reduce_mean(finite_check)
+        if not self._finite(*finite_check):
             self._check_logs()
             self._skip([loss.detach()])
             self.zo_state["step"] = step + 1
@@ -116,6 +122,11 @@ class PseuZO(ZOOptimizer):
         del self._window[:-self.window]
         seeds = [s for _, s, _ in self._window]  # oldest first: the held seed is last
         projections = torch.stack([aligned_dot(d, e) for _, _, d in self._window])
+        if self.process_group is not None:
+            # each rank's window holds its own micro-batches' output differences: the
+            # coefficients are the mean of the per-rank projections (one all-reduce of K floats)
+            both = self._all_reduce_mean(torch.cat([projections, loss.detach().reshape(1)]))
+            projections, loss = both[:-1], both[-1]
         weights = torch.tensor([self.beta ** (step - k) for k, _, _ in self._window],
                                dtype=torch.float32, device=projections.device)
         coefs = [-(group["lr"] / group["eps"]) * weights * projections

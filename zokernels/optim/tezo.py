@@ -91,8 +91,10 @@ class TeZO(ZOOptimizer):
     def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  seed: int = 0, dist: str = "gaussian", *, rank: int = 8, variant: str = "sgd",
                  betas: tuple[float, float] = (0.9, 0.999), delta: float = 1e-8,
-                 exact_restore: bool = True, backend: str = "auto", rounding: str = "nearest",
-                 no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True) -> None:
+                 exact_restore: bool = True, backend: str = "auto",
+                 rounding: str = "nearest", process_group: Any = None,
+                 no_decay: Sequence[str] = NO_DECAY_DEFAULT,
+                 record_trajectory: bool = True) -> None:
         check_hyper("lr", lr)
         check_hyper("eps", eps, low_open=True)
         check_hyper("weight_decay", weight_decay)
@@ -109,7 +111,8 @@ class TeZO(ZOOptimizer):
         self.betas, self.delta = (float(betas[0]), float(betas[1])), float(delta)
         self._lowrank_held: list[tuple[torch.Tensor, float]] | None = None
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
-                         dist=dist, exact_restore=exact_restore, backend=backend, rounding=rounding,
+                         dist=dist, exact_restore=exact_restore, backend=backend,
+                         rounding=rounding, process_group=process_group,
                          no_decay=no_decay, record_trajectory=record_trajectory)
         if not hasattr(self, "lowrank"):
             self._build_spaces()
@@ -184,6 +187,8 @@ class TeZO(ZOOptimizer):
         self._lowrank_perturb(taus, [-e for e in eps])
         self._perturb_held(seed, [-e for e in eps], None, 1)
         loss_minus = self._evaluate(closure)
+        if self.process_group is not None:
+            loss_plus, loss_minus = self._all_reduce_mean(torch.stack([loss_plus, loss_minus]))
         if not self._finite(loss_plus, loss_minus):
             self._check_logs()
             self._skip([loss_plus, loss_minus])

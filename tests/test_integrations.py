@@ -1,0 +1,124 @@
+"""Layer discovery and the PseuZO causal-LM split, on modules shaped like transformers' models
+(built here: no transformers needed, nothing downloaded)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from zokernels.integrations import causal_lm_loss, find_transformer_layers, pseuzo_causal_lm
+from zokernels.optim import PseuZO
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.attn = nn.Linear(d, d)
+        self.mlp = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, h):
+        return h + self.mlp(torch.tanh(self.attn(self.norm(h))))
+
+
+def _stack(n: int = 3, d: int = 8) -> nn.ModuleList:
+    return nn.ModuleList(Block(d) for _ in range(n))
+
+
+def opt_like():  # OPTForCausalLM: model.decoder.layers
+    m = nn.Module()
+    m.model = nn.Module()
+    m.model.decoder = nn.Module()
+    m.model.decoder.embed_tokens = nn.Embedding(50, 8)
+    m.model.decoder.layers = _stack()
+    m.lm_head = nn.Linear(8, 50, bias=False)
+    return m, m.model.decoder.layers
+
+
+def llama_like():  # LlamaForCausalLM: model.layers, plus a small rotary / norm list elsewhere
+    m = nn.Module()
+    m.model = nn.Module()
+    m.model.embed_tokens = nn.Embedding(50, 8)
+    m.model.layers = _stack(4)
+    m.model.norms = nn.ModuleList([nn.LayerNorm(8), nn.LayerNorm(8)])  # a decoy list
+    return m, m.model.layers
+
+
+def gpt2_like():  # GPT2LMHeadModel: transformer.h
+    m = nn.Module()
+    m.transformer = nn.Module()
+    m.transformer.wte = nn.Embedding(50, 8)
+    m.transformer.h = _stack(2)
+    return m, m.transformer.h
+
+
+def bert_like():  # BertModel: encoder.layer
+    m = nn.Module()
+    m.embeddings = nn.Embedding(50, 8)
+    m.encoder = nn.Module()
+    m.encoder.layer = _stack(5)
+    return m, m.encoder.layer
+
+
+@pytest.mark.parametrize("build", [opt_like, llama_like, gpt2_like, bert_like])
+def test_find_transformer_layers_by_structure(build):
+    model, blocks = build()
+    assert find_transformer_layers(model) == list(blocks)
+
+
+def test_find_transformer_layers_through_a_wrapper():
+    model, blocks = opt_like()
+    wrapper = nn.Module()
+    wrapper.module = model  # DDP-style
+    assert find_transformer_layers(wrapper) == list(blocks)
+
+
+class TinyCausalLM(nn.Module):
+    """get_output_embeddings / base_model / last_hidden_state as transformers has them."""
+
+    def __init__(self, vocab: int = 40, d: int = 16) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed = nn.Embedding(vocab, d)
+        self.model.layers = _stack(2, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+        def base(input_ids, attention_mask=None):
+            h = self.model.embed(input_ids)
+            for layer in self.model.layers:
+                h = layer(h)
+            return types.SimpleNamespace(last_hidden_state=h)
+        self._base = base
+
+    @property
+    def base_model(self):
+        return self._base
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def test_pseuzo_causal_lm_split_matches_the_full_loss_and_trains():
+    torch.manual_seed(0)
+    model = TinyCausalLM()
+    ids = torch.randint(0, 40, (4, 12))
+    ids[:, 1::2] = ids[:, 0::2] % 7  # a learnable pattern
+    labels = ids.clone()
+    labels[:, :3] = -100
+    forward, loss_fn = pseuzo_causal_lm(model, {"input_ids": ids, "labels": labels})
+    with torch.no_grad():
+        full = causal_lm_loss(model.lm_head(model.base_model(ids).last_hidden_state), labels)
+        assert torch.equal(loss_fn(forward()), full)
+    opt = PseuZO(model.named_parameters(), lr=2e-3, eps=1e-3, seed=1, window=4, beta=0.5)
+    first = float(opt.step(forward, loss_fn))
+    for _ in range(60):
+        last = float(opt.step(forward, loss_fn))
+    assert last < first
+
+
+def test_pseuzo_causal_lm_refuses_other_models():
+    with pytest.raises(TypeError, match="get_output_embeddings"):
+        pseuzo_causal_lm(nn.Linear(3, 3), {"input_ids": torch.zeros(1, 2, dtype=torch.long)})
