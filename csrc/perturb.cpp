@@ -104,8 +104,16 @@ struct ItemLog {
         if (job.log_count_only) {
             for (int i = 0; i < n; ++i) count += lost[i];
         } else {
+            // Branch-free compaction of the lost positions first: a branch per element
+            // mispredicted on the few lost ones, and push_back kept the loop's state in memory.
+            alignas(64) int32_t at[kTile];
+            int n_lost = 0;
             for (int i = 0; i < n; ++i) {
-                if (!lost[i]) continue;
+                at[n_lost] = i;
+                n_lost += lost[i];
+            }
+            for (int q = 0; q < n_lost; ++q) {
+                const int i = at[q];
                 index.push_back(static_cast<int64_t>(start + t + i));
                 // Without recovery the old pattern itself (keeps NaN payloads, which a conversion
                 // through float32 would not), else the recovered grid value.

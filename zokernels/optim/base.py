@@ -40,6 +40,13 @@ def check_hyper(name: str, value: Any, *, low: float = 0.0, low_open: bool = Fal
     return value
 
 
+def check_common_hyper(lr: Any, eps: Any, weight_decay: Any) -> None:
+    """The hyperparameters every optimizer shares: lr >= 0, eps > 0, weight_decay >= 0."""
+    check_hyper("lr", lr)
+    check_hyper("eps", eps, low_open=True)
+    check_hyper("weight_decay", weight_decay)
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class (not used directly). See MeZO for the common arguments."""
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..space import NO_DECAY_DEFAULT
-from .base import Closure, ZOOptimizer, check_hyper
+from .base import Closure, ZOOptimizer, check_common_hyper
 
 
 class MeZO(ZOOptimizer):
@@ -60,9 +60,7 @@ class MeZO(ZOOptimizer):
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True,
                  **kwargs: Any) -> None:
-        check_hyper("lr", lr)
-        check_hyper("eps", eps, low_open=True)
-        check_hyper("weight_decay", weight_decay)
+        check_common_hyper(lr, eps, weight_decay)
         if isinstance(n_spsa, bool) or not isinstance(n_spsa, int) or n_spsa < 1:
             raise ValueError(f"n_spsa must be a positive integer, got {n_spsa!r}")
         self.n_spsa = n_spsa

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..space import NO_DECAY_DEFAULT
-from .base import ZOOptimizer, check_hyper
+from .base import ZOOptimizer, check_common_hyper, check_hyper
 
 
 def aligned_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -52,9 +52,7 @@ class PseuZO(ZOOptimizer):
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  record_trajectory: bool = True) -> None:
-        check_hyper("lr", lr)
-        check_hyper("eps", eps, low_open=True)
-        check_hyper("weight_decay", weight_decay)
+        check_common_hyper(lr, eps, weight_decay)
         check_hyper("beta", beta, high=1.0, high_open=True)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")

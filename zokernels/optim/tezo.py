@@ -13,7 +13,7 @@ from ..ops.lowrank import lowrank_perturb_
 from ..ops.noise import noise
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from ..trajectory import register_replayer
-from .base import ZOOptimizer, check_hyper
+from .base import ZOOptimizer, check_common_hyper, check_hyper
 from ._seeds import step_seed
 
 VARIANTS = ("sgd", "momentum", "adam")
@@ -95,9 +95,7 @@ class TeZO(ZOOptimizer):
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  record_trajectory: bool = True) -> None:
-        check_hyper("lr", lr)
-        check_hyper("eps", eps, low_open=True)
-        check_hyper("weight_decay", weight_decay)
+        check_common_hyper(lr, eps, weight_decay)
         check_hyper("delta", delta, low_open=True)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
