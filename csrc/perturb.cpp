@@ -87,20 +87,24 @@ struct ItemLog {
     template <class Philox, bool kRecover>
     void tile(const PerturbJob& job, Storage* xt, int n, uint64_t t, uint64_t start, uint32_t key,
               float decay, const float* noise_sum, const float* applied_sum) {
-        alignas(64) float theta_in[kTile];
+        alignas(64) float theta_in[kRecover ? kTile : 1];
         alignas(64) Storage rounded[kTile];
         alignas(64) uint8_t lost[kTile];
-        for (int i = 0; i < n; ++i) {
+        // Without recovery the weight is read in place: copying the tile first made that copy
+        // (for float32 a rep movs) the tile's first, slow touch of memory.
+        auto theta = [&](int i) {
             if constexpr (kRecover)
-                theta_in[i] = recover_unperturbed<Format>(Format::to_float(xt[i]), applied_sum[i]);
+                return theta_in[i];
             else
-                theta_in[i] = Format::to_float(xt[i]);
-        }
-        round_store<Philox, Format>([&](int i) { return decay * theta_in[i] + noise_sum[i]; }, n,
+                return Format::to_float(xt[i]);
+        };
+        if constexpr (kRecover)
+            for (int i = 0; i < n; ++i)
+                theta_in[i] = recover_unperturbed<Format>(Format::to_float(xt[i]), applied_sum[i]);
+        round_store<Philox, Format>([&](int i) { return decay * theta(i) + noise_sum[i]; }, n,
                                     rounded, job.stochastic, job.rounding_keys, key, t);
         for (int i = 0; i < n; ++i)
-            lost[i] = lost_by_recovery<Format>(theta_in[i], Format::to_float(rounded[i]),
-                                               noise_sum[i]);
+            lost[i] = lost_by_recovery<Format>(theta(i), Format::to_float(rounded[i]), noise_sum[i]);
         if (job.log_count_only) {
             for (int i = 0; i < n; ++i) count += lost[i];
         } else {
@@ -117,7 +121,10 @@ struct ItemLog {
                 index.push_back(static_cast<int64_t>(start + t + i));
                 // Without recovery the old pattern itself (keeps NaN payloads, which a conversion
                 // through float32 would not), else the recovered grid value.
-                values.push_back(kRecover ? storage_of<Format>(theta_in[i]) : xt[i]);
+                if constexpr (kRecover)
+                    values.push_back(storage_of<Format>(theta_in[i]));
+                else
+                    values.push_back(xt[i]);
             }
             std::memcpy(xt, rounded, sizeof(Storage) * n);
         }
