@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fraction of the blocks LeZO perturbs per step (default 0.25)")
     step.add_argument("--rank", type=int, default=8, help="TeZO rank (default 8)")
     step.add_argument("--window", type=int, default=14, help="PseuZO window (default 14)")
+    step.add_argument("--no-exact-restore", action="store_true",
+                      help="optimizers without undo logs (recovery-quality restore, no extra "
+                           "memory, about half the perturb/update time)")
     _add_run_options(step, suppress=True)
     return parser
 
@@ -589,7 +592,8 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
     if repeats < 1 or warmup < 0:
         raise UsageError("--repeats must be >= 1 and --warmup >= 0")
     settings = StepSettings(model, dtype, device, args.batch, args.seq, warmup, repeats,
-                            backend, args.lezo_active, args.rank, args.window)
+                            backend, args.lezo_active, args.rank, args.window,
+                            exact_restore=not args.no_exact_restore)
     return settings, optimizers
 
 

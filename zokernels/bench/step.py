@@ -40,6 +40,7 @@ class StepSettings:
     lezo_active: float = 0.25  # fraction of blocks LeZO perturbs per step
     rank: int = 8
     window: int = 14
+    exact_restore: bool = True  # undo logs (docs/undo-log.md); False: recovery only
 
 
 class _ForwardClock:
@@ -83,7 +84,8 @@ def mezo_loop_step(params: list[torch.Tensor], closure: Callable[[], torch.Tenso
 
 def _make(name: str, model: BenchModel, settings: StepSettings, lr: float, eps: float):
     named = list(model.module.named_parameters())
-    common = dict(lr=lr, eps=eps, seed=0, backend=settings.backend)
+    common = dict(lr=lr, eps=eps, seed=0, backend=settings.backend,
+                  exact_restore=settings.exact_restore)
     if name == "mezo":
         return MeZO(named, **common)
     if name == "lezo":
@@ -157,7 +159,8 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6,
                weight_passes=WEIGHT_PASSES[name], repeats=settings.repeats,
                warmup=settings.warmup,
                state_bytes=None if opt is None else _state_bytes(opt),
-               peak_extra_bytes=peak, speedup_vs_mezo_loop=None, zo_speedup_vs_mezo_loop=None)
+               peak_extra_bytes=peak, speedup_vs_mezo_loop=None, zo_speedup_vs_mezo_loop=None,
+               exact_restore=None if opt is None else settings.exact_restore)
     if name == "lezo":
         row["lezo_active_layers"] = opt.n_active
         row["lezo_layers"] = opt.num_layers
