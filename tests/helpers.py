@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
 import torch
 
 import zokernels
@@ -69,3 +75,23 @@ ALL_BACKEND_CASES = [("torch", "cpu")] + BACKEND_CASES
 def interpreted(backend: str, device: str) -> bool:
     """Interpreted Triton is slow: such cases use smaller tensors."""
     return backend == "triton" and device == "cpu"
+
+
+def assert_same_in_both_simd_modes(script: str, tmp_path: pathlib.Path, timeout: int = 300) -> None:
+    """Run `script` (it saves a dict with "simd" = build_info()["simd"] and tensors to argv[1])
+    once with the CPU extension's default SIMD path and once with ZOKERNELS_CPU_SIMD=generic, in
+    fresh interpreters; every tensor must be bit-identical. Skips where only generic exists."""
+    package_parent = str(pathlib.Path(zokernels.__file__).resolve().parents[1])
+    results = {}
+    for simd in ("", "generic"):
+        path = tmp_path / f"out{simd}.pt"
+        env = dict(os.environ, ZOKERNELS_CPU_SIMD=simd, PYTHONPATH=package_parent)
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env,
+                       cwd=tmp_path, timeout=timeout)
+        results[simd] = torch.load(path)
+    assert results["generic"]["simd"] == "generic"
+    if results[""]["simd"] == "generic":
+        pytest.skip("no SIMD path on this machine")
+    for name, value in results[""].items():
+        if name != "simd":
+            assert_bits_equal(value, results["generic"][name], f"{name}: simd vs generic")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import zokernels
-from helpers import assert_bits_equal
+from helpers import assert_bits_equal, assert_same_in_both_simd_modes
 
 pytestmark = pytest.mark.skipif("cpu" not in zokernels.available_backends(),
                                 reason="C++ extension not built")
@@ -45,13 +45,6 @@ def test_build_info():
 
 def test_generic_path_matches_simd_path(tmp_path):
     """ZOKERNELS_CPU_SIMD=generic forces the portable kernels: same bits as the dispatched path."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    from zokernels.backends.cpu import build_info
-
     script = (
         "import sys, torch, zokernels\n"
         "from zokernels.backends.cpu import build_info\n"
@@ -64,17 +57,4 @@ def test_generic_path_matches_simd_path(tmp_path):
         "    out[str(dtype)] = t\n"
         "torch.save(out, sys.argv[1])\n"
     )
-    package_parent = str(pathlib.Path(zokernels.__file__).resolve().parents[1])
-    results = {}
-    for simd in ("", "generic"):
-        path = tmp_path / f"out{simd}.pt"
-        env = dict(os.environ, ZOKERNELS_CPU_SIMD=simd, PYTHONPATH=package_parent)
-        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env,
-                       cwd=tmp_path, timeout=120)
-        results[simd] = torch.load(path)
-    assert results["generic"]["simd"] == "generic"
-    if results[""]["simd"] == "generic":
-        pytest.skip(f"no SIMD path on this machine ({build_info()})")
-    for name, value in results[""].items():
-        if name != "simd":
-            assert_bits_equal(value, results["generic"][name], f"{name}: simd vs generic")
+    assert_same_in_both_simd_modes(script, tmp_path, timeout=120)

@@ -8,16 +8,10 @@ recovery, the lost test, rounding, the log's bookkeeping) is the reference's own
 exact in both and runs unpatched.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 
-import zokernels
-from helpers import assert_bits_equal
+from helpers import assert_bits_equal, assert_same_in_both_simd_modes
 
 pytest.importorskip("zokernels._C")
 
@@ -378,17 +372,4 @@ def test_generic_path_matches_simd_path(tmp_path):
         "        out[name + ' tensors'] = torch.cat(ts)\n"
         "torch.save(out, sys.argv[1])\n"
     )
-    package_parent = str(pathlib.Path(zokernels.__file__).resolve().parents[1])
-    results = {}
-    for simd in ("", "generic"):
-        path = tmp_path / f"out{simd}.pt"
-        env = dict(os.environ, ZOKERNELS_CPU_SIMD=simd, PYTHONPATH=package_parent)
-        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env,
-                       cwd=tmp_path, timeout=300)
-        results[simd] = torch.load(path)
-    assert results["generic"]["simd"] == "generic"
-    if results[""]["simd"] == "generic":
-        pytest.skip("no SIMD path on this machine")
-    for name, value in results[""].items():
-        if name != "simd":
-            assert_bits_equal(value, results["generic"][name], f"{name}: simd vs generic")
+    assert_same_in_both_simd_modes(script, tmp_path, timeout=300)
