@@ -204,3 +204,11 @@ def test_step_tiny_run_with_json(bench, tmp_path):
 def test_step_bad_arguments_exit_2(bench, argv, needle):
     status, _, err = bench(*argv)
     assert status == 2 and needle in err and "Traceback" not in err
+
+
+def test_step_on_a_transformers_model(bench):
+    pytest.importorskip("transformers")
+    status, out, err = bench("step", "--model", "hf-llama-tiny", "--optimizer", "mezo,pseuzo",
+                             "--repeats", "1", "--warmup", "1", "--batch", "1", "--seq", "8")
+    assert status == 0, err
+    assert "hf-llama-tiny" in out and "pseuzo" in out
