@@ -16,7 +16,7 @@ import torch
 from .._dispatch import implementation
 from ..backends.undo_buffers import UndoBuffers
 from ._groups import contiguous_views, select
-from .perturb import PerturbGroup, run_perturb
+from .perturb import PerturbGroup
 
 GroupKey = tuple[torch.device, torch.dtype]
 
@@ -50,7 +50,8 @@ class UndoLog:
         self.overflows = 0
         self.probes = 0
         self._fraction: dict[GroupKey, float] = {}
-        self._storage: dict[GroupKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        # per group: index and values buffers (they only grow) and the pass's counter
+        self._storage: dict[GroupKey, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.plan: list[PerturbGroup] | None = None
         self.decay_flags: torch.Tensor | None = None
         self.buffers: list[UndoBuffers] | None = None
@@ -96,13 +97,13 @@ class UndoLog:
         for group in plan:
             capacity = self._capacity(group)
             key = self._key(group)
-            index, values = self._storage.get(key, (None, None))
+            index, values, count = self._storage.get(key, (None, None, None))
             if index is None or index.numel() < capacity:
                 index = torch.empty(capacity, dtype=torch.int64, device=group.device)
                 values = torch.empty(capacity, dtype=key[1], device=group.device)
-                self._storage[key] = (index, values)
-            buffers.append(UndoBuffers(index[:capacity], values[:capacity],
-                                       torch.zeros(1, dtype=torch.int64, device=group.device)))
+                count = torch.zeros(1, dtype=torch.int64, device=group.device)
+                self._storage[key] = (index, values, count)
+            buffers.append(UndoBuffers(index[:capacity], values[:capacity], count.zero_()))
         for group in plan:
             self._passes[self._key(group)] = self._passes.get(self._key(group), 0) + 1
         self.plan, self.decay_flags, self.buffers = plan, decay_flags, buffers
@@ -147,7 +148,7 @@ class UndoLog:
     def nbytes(self) -> int:
         """Bytes held by the persistent buffers."""
         return sum(i.numel() * i.element_size() + v.numel() * v.element_size()
-                   for i, v in self._storage.values())
+                   for i, v, _ in self._storage.values())
 
     def state_dict(self) -> dict:
         return {"fraction": {f"{d}|{t}": f for (d, t), f in self._fraction.items()},
@@ -187,4 +188,4 @@ def run_scatter(log: UndoLog, seeds: list[int], scales: torch.Tensor, decays: to
                 dist, rounding, rounding_seed)
 
 
-__all__ = ["UndoLog", "run_scatter", "run_perturb"]
+__all__ = ["UndoLog", "run_scatter"]

@@ -97,6 +97,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._live_slots: list[int] = []
         self.trajectory: Trajectory | None = (
             Trajectory(self.algorithm, self._trajectory_meta()) if record_trajectory else None)
+        self._split_spaces()
+
+    def _split_spaces(self) -> None:
+        """Hook run once the trajectory has recorded the full parameter spaces (TeZO moves its
+        2-D weights to low-rank state here)."""
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
@@ -139,7 +144,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         held perturbation `applied[g]`), logging into log slot `log_slot`."""
         for g, space in enumerate(self.spaces):
             log = None if log_slot is None else self._logs[g][log_slot]
-            space.apply(seed, scales[g], layers=layers[g] if layers else None,
+            space.apply(seed, scales[g], layers=self._group_layers(layers, g),
                         applied=None if applied is None else applied[g], dist=self.dist,
                         log=log, check_finite=False)
 
@@ -150,9 +155,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         held, slots = self._held, self._live_slots
         self._held, self._live_slots = None, []
         if held is not None:
-            for g, space in enumerate(self.spaces):
-                space.apply(held["seed"], 0.0, layers=self._group_layers(held["layers"], g),
-                            applied=held["coefs"][g], dist=self.dist, check_finite=False)
+            self._perturb(held["seed"], [0.0] * len(self.spaces), held["layers"],
+                          applied=held["coefs"])
         for slot in reversed(slots):
             for g, space in enumerate(self.spaces):
                 space.apply_logged(self._logs[g][slot], dist=self.dist)

@@ -40,6 +40,9 @@ class _LowRankState:
         for r in self.ranks:
             self.offsets.append(self.offsets[-1] + r)
         device = weights[0].device if weights else torch.device("cpu")
+        # 1/sqrt(r_j) per tau entry, built once: makes Z's entries unit-variance
+        self.rank_norm = torch.tensor([1.0 / math.sqrt(r) for r in self.ranks for _ in range(r)],
+                                      dtype=torch.float32, device=device)
         self.momentum = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
         self.second = torch.zeros_like(self.momentum)
 
@@ -51,9 +54,7 @@ class _LowRankState:
         d = decay on decayable weights. The 1/sqrt(r) makes Z's entries unit-variance."""
         if not self.weights:
             return
-        norm = torch.tensor([1.0 / math.sqrt(r) for r in self.ranks], device=taus.device)
-        per_rank = taus * torch.repeat_interleave(norm, torch.tensor(self.ranks,
-                                                                     device=taus.device))
+        per_rank = taus * self.rank_norm
         decays = [decay if d else 1.0 for d in self.decayable]
         lowrank_perturb_(self.weights, self.us, self.vs, self.split(per_rank), scale=scale,
                          decay=decays, keys=self.keys, backend=backend, check_finite=False)
@@ -63,6 +64,12 @@ class _LowRankState:
         """Optimizer state elements: U, V and the two moment vectors (O((m + n) r) per matrix)."""
         return (sum(u.numel() + v.numel() for u, v in zip(self.us, self.vs))
                 + self.momentum.numel() + self.second.numel())
+
+
+def _split_by_rank(space: ParameterSpace) -> tuple[list[int], list[int]]:
+    """Positions of the 2-D tensors (low-rank noise) and of the others (full noise)."""
+    two_d = [j for j, t in enumerate(space.tensors) if t.dim() == 2]
+    return two_d, [j for j, t in enumerate(space.tensors) if t.dim() != 2]
 
 
 class TeZO(ZOOptimizer):
@@ -112,17 +119,14 @@ class TeZO(ZOOptimizer):
                          dist=dist, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group,
                          no_decay=no_decay, record_trajectory=record_trajectory)
-        if not hasattr(self, "lowrank"):
-            self._build_spaces()
 
     # The base class builds one ParameterSpace per group over all params; TeZO splits them: the
     # dense space keeps the 1-D ones, the low-rank state the 2-D ones.
-    def _build_spaces(self) -> None:
+    def _split_spaces(self) -> None:
         self.lowrank = []
         dense_spaces = []
-        for g, (group, space) in enumerate(zip(self.param_groups, self.spaces)):
-            two_d = [j for j, t in enumerate(space.tensors) if t.dim() == 2]
-            rest = [j for j, t in enumerate(space.tensors) if t.dim() != 2]
+        for g, space in enumerate(self.spaces):
+            two_d, rest = _split_by_rank(space)
             self.lowrank.append(_LowRankState(
                 [space.names[j] for j in two_d], [space.tensors[j] for j in two_d],
                 [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
@@ -134,13 +138,15 @@ class TeZO(ZOOptimizer):
         self.spaces = dense_spaces
 
     def _trajectory_meta(self) -> dict[str, Any]:
-        meta = super()._trajectory_meta()  # all parameters, before the split
-        if not hasattr(self, "lowrank"):
-            self._build_spaces()
+        meta = super()._trajectory_meta()  # all parameters: the split comes after
+        lowrank = []
+        for space in self.spaces:
+            two_d, _ = _split_by_rank(space)
+            lowrank.append({"param_names": [space.names[j] for j in two_d],
+                            "keys": [space.keys[j] for j in two_d],
+                            "numel": [space.tensors[j].numel() for j in two_d]})
         meta.update(rank=self.rank, variant=self.variant, betas=list(self.betas),
-                    delta=self.delta,
-                    lowrank=[{"param_names": s.names, "keys": s.keys, "numel":
-                              [w.numel() for w in s.weights]} for s in self.lowrank])
+                    delta=self.delta, lowrank=lowrank)
         return meta
 
     @property
