@@ -53,7 +53,7 @@ def bench(capsys, monkeypatch):
 
 def test_help(bench):
     status, out, _ = bench("--help")
-    assert status == 0 and "usage: zokernels-bench" in out and "{ops,step}" in out
+    assert status == 0 and "usage: zokernels-bench" in out and "{ops,step,lora}" in out
 
 
 def test_module_help():
@@ -212,3 +212,184 @@ def test_step_on_a_transformers_model(bench):
                              "--repeats", "1", "--warmup", "1", "--batch", "1", "--seq", "8")
     assert status == 0, err
     assert "hf-llama-tiny" in out and "pseuzo" in out
+
+
+# ------------------------------------------------------------------------------------------ lora
+
+LORA_TINY_RUN = ["lora", "--preset", "tiny", "--repeats", "1", "--warmup", "2",
+                 "--overhead-tensors", "10,30"]
+LORA_STEP_FIELDS = {"op", "case", "backend", "exact_restore", "preset", "targets", "rank",
+                    "layers", "dtype", "device", "tensors", "numel", "ms", "ms_p20", "ms_p80",
+                    "passes", "us_per_tensor_pass", "launches_per_step", "launches_per_pass",
+                    "state_bytes", "speedup_vs_mezo_loop", "repeats", "warmup"}
+LORA_OVERHEAD_FIELDS = {"case", "backend", "device", "tensors", "numel_per_tensor", "us_per_call",
+                        "us_p20", "us_p80", "us_per_tensor", "speedup_vs_mezo_loop",
+                        "calls_per_sample", "register_ms"}
+
+
+def test_lora_tiny_run_writes_json(bench, tmp_path):
+    from zokernels.bench.lora import CASES
+
+    path = tmp_path / "lora.json"
+    status, out, err = bench(*LORA_TINY_RUN, "--device", "cpu", "--json", str(path))
+    assert status == 0, err
+    assert "[1/" in err, "no progress display on stderr"
+    assert "mezo-loop" in out and "optimizer-undo" in out and "ParameterSpace.apply" in out, out
+    document = json.loads(path.read_text())
+    assert TOP_FIELDS | {"lora", "overhead"} <= set(document) and document["mode"] == "lora"
+    assert document["command"].startswith("zokernels-bench lora --preset tiny")
+    config = document["lora"]
+    assert config["targets"] == ["qv"] and config["backend"] == "cpu" and len(config["sets"]) == 1
+    # tiny: 2 layers x (q_proj, v_proj) x (A, B) of a 64-wide model, r = 8
+    described = config["sets"][0]
+    assert described["tensors"] == 8 and described["numel"] == 8 * 64 * 8
+    assert described["target_modules"] == ["q_proj", "v_proj"]
+    assert described["bytes"] == 4 * described["numel"]
+    rows = document["results"]
+    assert [r["case"] for r in rows] == list(CASES)
+    for row in rows:
+        assert LORA_STEP_FIELDS <= set(row), LORA_STEP_FIELDS - set(row)
+        assert row["ms_p20"] <= row["ms"] <= row["ms_p80"] and row["ms"] > 0
+        assert row["tensors"] == 8 and row["dtype"] == "float32" and row["device"] == "cpu"
+        assert row["launches_per_step"] is None, "no launches to count on the CPU"
+    assert rows[0]["speedup_vs_mezo_loop"] == 1.0 and rows[0]["passes"] == 4
+    by_case = {r["case"]: r for r in rows}
+    assert by_case["space"]["passes"] == 3 and by_case["space-undo"]["passes"] == 5
+    assert by_case["space"]["state_bytes"] == 0 and by_case["space-undo"]["state_bytes"] > 0
+    assert by_case["optimizer-undo"]["exact_restore"] is True
+    overhead = document["overhead"]
+    assert {(r["case"], r["tensors"]) for r in overhead} == {
+        (case, count) for case in ("ParameterSpace.apply", "perturb_", "mezo-loop pass")
+        for count in (10, 30)}
+    for row in overhead:
+        assert LORA_OVERHEAD_FIELDS <= set(row), LORA_OVERHEAD_FIELDS - set(row)
+        assert row["us_per_tensor"] == pytest.approx(row["us_per_call"] / row["tensors"])
+        assert row["us_p20"] <= row["us_per_call"] <= row["us_p80"]
+        assert (row["register_ms"] is not None) == (row["case"] == "ParameterSpace.apply")
+        assert row["backend"] == ("torch-loop" if row["case"] == "mezo-loop pass" else "cpu")
+
+
+def test_lora_two_target_sets_bf16_no_overhead(bench, tmp_path):
+    path = tmp_path / "lora.json"
+    status, out, err = bench("lora", "--preset", "tiny", "--targets", "qv,all", "--dtype", "bf16",
+                             "--layers", "1", "--case", "mezo-loop,space,optimizer-undo",
+                             "--repeats", "1", "--warmup", "0", "--no-overhead", "--json",
+                             str(path))
+    assert status == 0, err
+    assert "include the count-only probes" in out, "warm-up below the probe steps is noted"
+    assert out.count("lora · tiny (1 layers)") == 2, "one table per target set"
+    document = json.loads(path.read_text())
+    assert document["overhead"] == [] and "per-call overhead" not in out
+    # 1 layer x (2 or 6 linears) x (A, B)
+    assert [s["tensors"] for s in document["lora"]["sets"]] == [4, 12]
+    rows = document["results"]
+    assert [(r["targets"], r["case"]) for r in rows] == [
+        (t, c) for t in ("qv", "all") for c in ("mezo-loop", "space", "optimizer-undo")]
+    assert all(r["dtype"] == "bfloat16" for r in rows)
+    assert [r["speedup_vs_mezo_loop"] for r in rows if r["case"] == "mezo-loop"] == [1.0, 1.0]
+
+
+LORA_BAD_ARGUMENTS = [
+    (["lora", "--preset", "opt-7b"], "--preset: unknown preset 'opt-7b'"),
+    (["lora", "--targets", "mlp"], "--targets: unknown value 'mlp'"),
+    (["lora", "--rank", "0"], "--rank must be >= 1"),
+    (["lora", "--rank", "eight"], "--rank"),
+    (["lora", "--layers", "0"], "--layers must be >= 1"),
+    (["lora", "--dtype", "float64"], "unknown dtype 'float64'"),
+    (["lora", "--backend", "fpga"], "--backend: unknown value 'fpga'"),
+    (["lora", "--case", "adam"], "--case: unknown value 'adam'"),
+    (["lora", "--repeats", "0"], "--repeats must be >= 1"),
+    (["lora", "--warmup", "-1"], "--warmup must be >= 0"),
+    (["lora", "--overhead-tensors", "0"], "--overhead-tensors"),
+    (["lora", "--overhead-numel", "0"], "--overhead-numel must be >= 1"),
+    (["lora", "--source", "hub"], "--source: unknown value 'hub'"),
+    (["lora", "--device", "tpu"], "unknown device 'tpu'"),
+    (["lora", "--device", "cpu,cpu:1"], "lora takes one --device"),
+]
+if not CUDA:
+    LORA_BAD_ARGUMENTS += [(["lora", "--device", "cuda"], "CUDA is not available")]
+    if "triton" in zokernels.available_backends():  # the interpreter: never timed
+        LORA_BAD_ARGUMENTS += [(["lora", "--backend", "triton"], "not timed on CPU tensors")]
+else:
+    LORA_BAD_ARGUMENTS += [(["lora", "--device", "cuda", "--backend", "cpu"], "CPU tensors only")]
+
+
+@pytest.mark.parametrize("args, message", LORA_BAD_ARGUMENTS,
+                         ids=[" ".join(a) for a, _ in LORA_BAD_ARGUMENTS])
+def test_lora_bad_argument_exits_2(bench, args, message):
+    status, out, err = bench(*args)
+    assert status == 2, (status, err)
+    assert message in err, err
+    assert "Traceback" not in err and not out
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_lora_shapes():
+    from zokernels.bench.lora import lora_shapes
+
+    qv, every = lora_shapes("opt-1.3b", "qv"), lora_shapes("opt-1.3b", "all")
+    assert len(qv) == 96 and len(every) == 288
+    assert dict(qv)["base_model.model.model.decoder.layers.23.self_attn.v_proj.lora_A.default"
+                    ".weight"] == (8, 2048)
+    shapes = dict(every)
+    stem = "base_model.model.model.decoder.layers.0."
+    assert shapes[stem + "fc1.lora_A.default.weight"] == (8, 2048)
+    assert shapes[stem + "fc1.lora_B.default.weight"] == (8192, 8)
+    assert shapes[stem + "fc2.lora_A.default.weight"] == (8, 8192)
+    assert shapes[stem + "fc2.lora_B.default.weight"] == (2048, 8)
+    assert sum(a * b for _, (a, b) in every) == 24 * 8 * (4 * 2 * 2048 + 2 * (2048 + 8192))
+    assert len(lora_shapes("opt-13b", "all", rank=4, layers=200)) == 2400
+    assert lora_shapes("opt-125m", "qv", rank=16)[0][1] == (16, 768)
+
+
+@pytest.mark.parametrize("targets", ["qv", "all"])
+def test_lora_shapes_match_peft(targets):
+    """The shapes path names and orders the adapters exactly as peft does."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from zokernels.bench.lora import lora_shapes, peft_lora_shapes
+
+    assert lora_shapes("tiny", targets, rank=4, layers=3) == peft_lora_shapes("tiny", targets,
+                                                                              rank=4, layers=3)
+
+
+def test_lora_paths_change_adapters_and_restore_exactly():
+    """The loop and the zokernels passes both move the adapters; with lr = 0, +eps / -eps /
+    restore through ParameterSpace with undo logs gives them back bit for bit."""
+    from zokernels.bench.lora import build_adapters, lora_shapes, space_step
+    from zokernels.bench.step import mezo_loop_step
+    from zokernels.ops.undo import UndoLog
+
+    shapes = lora_shapes("tiny", "all")
+
+    def fresh():
+        named = build_adapters(shapes, torch.float32, "cpu", seed=3)
+        return named, [p.detach().clone() for _, p in named]
+
+    def changed(named, before):
+        return sum(not torch.equal(p, b) for (_, p), b in zip(named, before))
+
+    named, before = fresh()
+    params = [p for _, p in named]
+    with torch.random.fork_rng():
+        mezo_loop_step(params, lambda: sum((p.float() ** 2).sum() for p in params), seed=5,
+                       eps=1e-3, lr=1e-2)
+    assert changed(named, before) == len(shapes), "the loop left some adapters unchanged"
+
+    for logs in (None, (UndoLog(), UndoLog())):
+        named, before = fresh()
+        space = zokernels.ParameterSpace(named, backend="cpu")
+        space_step(space, 5, 1e-3, -1e-3, logs)  # coef = -lr g
+        assert changed(named, before) == len(shapes), "the update left some adapters unchanged"
+
+        named, before = fresh()
+        space = zokernels.ParameterSpace(named, backend="cpu")
+        for seed in (5, 6, 7):  # a few steps: the logs are past their probes
+            space_step(space, seed, 1e-3, 0.0, logs)
+        if logs is None:  # recovery only: exact but for an ulp of theta + eps z here and there
+            for (_, p), b in zip(named, before):
+                torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
+        else:
+            for (name, p), b in zip(named, before):
+                assert torch.equal(p.detach().view(torch.int32), b.view(torch.int32)), name
+

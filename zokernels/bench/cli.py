@@ -3,6 +3,8 @@
     zokernels-bench                 a quick representative run on the best device (cuda, else cpu)
     zokernels-bench ops [options]   perturb_ and lowrank_perturb_ over model shape sets, per backend
     zokernels-bench step [options]  one full ZO step per optimizer on a model vs the MeZO loop
+    zokernels-bench lora [options]  perturb/update of LoRA adapters only (hundreds of tiny tensors)
+                                    vs the MeZO loop, and the per-call host overhead
 
 Results print as an aligned table on stdout (progress goes to stderr); --json PATH writes them with
 the device, versions, thread count and command. The JSON schema is documented in README.md
@@ -23,6 +25,10 @@ import torch
 
 import zokernels
 
+from .lora import CASES as LORA_CASES
+from .lora import B_STD, OVERHEAD_NUMEL, OVERHEAD_TENSORS, PROBE_STEPS, SOURCES, TARGETS
+from .lora import PRESETS as LORA_PRESETS
+from .lora import LoraSettings, format_lora_tables, run_lora_bench
 from .models import HF_MODELS
 from .models import PRESETS as MODEL_PRESETS
 from .step import OPTIMIZERS, StepSettings, format_step_table, run_step_bench
@@ -104,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", action="append",
                         help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     _add_run_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="{ops,step}")
+    sub = parser.add_subparsers(dest="command", metavar="{ops,step,lora}")
     ops = sub.add_parser(
         "ops", help="perturb_ and lowrank_perturb_ vs the MeZO loop, per backend",
         description="Time perturb_ (K seeds, gaussian/rademacher, nearest/stochastic rounding) and "
@@ -163,6 +169,45 @@ def build_parser() -> argparse.ArgumentParser:
                       help="optimizers without undo logs (recovery-quality restore, no extra "
                            "memory, about half the perturb/update time)")
     _add_run_options(step, suppress=True)
+    lora = sub.add_parser(
+        "lora", help="perturb/update of LoRA adapters only vs the MeZO loop; per-call overhead",
+        description="Time one ZO step over LoRA adapters only (A: r x in, B: out x r for every "
+                    "targeted linear of an OPT-shaped model; nothing is downloaded): the MeZO "
+                    "loop, ParameterSpace's three passes with and without undo logs, and the "
+                    "MeZO optimizer's step with a constant-loss closure, side by side; then the "
+                    "host cost of ParameterSpace.apply on T tensors of a few elements each.")
+    lora.add_argument("--preset", default="opt-1.3b",
+                      help=f"base model dimensions: {', '.join(LORA_PRESETS)} (default opt-1.3b)")
+    lora.add_argument("--targets", action="append",
+                      help="qv (q_proj, v_proj: peft's default for OPT; 96 tensors on opt-1.3b), "
+                           "all (q, k, v, out_proj, fc1, fc2: 288), or both: qv,all (default qv)")
+    lora.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    lora.add_argument("--layers", type=int, metavar="N",
+                      help="decoder layers (default: the preset's); more to reach thousands of "
+                           "tensors")
+    lora.add_argument("--source", default="shapes",
+                      help="shapes (default: built from the preset) or peft (names and shapes "
+                           "of a real peft model built on the meta device; needs transformers "
+                           "and peft)")
+    lora.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, "
+                                      "bfloat16 on cuda)")
+    lora.add_argument("--device", action="append", default=argparse.SUPPRESS,
+                      help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    lora.add_argument("--backend", default="auto",
+                      help="auto (triton on cuda, cpu on cpu), cpu, triton (CUDA only) or torch")
+    lora.add_argument("--case", action="append", metavar="CASE",
+                      help=f"{', '.join(LORA_CASES)} (default: all)")
+    lora.add_argument("--repeats", type=int, help="timed steps per case (default: 5 cpu, 20 cuda)")
+    lora.add_argument("--warmup", type=int,
+                      help=f"untimed steps first (default: {PROBE_STEPS} cpu, 5 cuda; the first "
+                           f"{PROBE_STEPS} size the undo logs)")
+    lora.add_argument("--overhead-tensors", action="append", metavar="T",
+                      help=f"tensor counts for the per-call overhead (default: "
+                           f"{','.join(map(str, OVERHEAD_TENSORS))})")
+    lora.add_argument("--overhead-numel", type=int, default=OVERHEAD_NUMEL, metavar="N",
+                      help=f"elements per tensor there (default {OVERHEAD_NUMEL})")
+    lora.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead")
+    _add_run_options(lora, suppress=True)
     return parser
 
 
@@ -505,7 +550,9 @@ def format_table(results: list[dict], groups: list[Group]) -> str:
     return "\n\n".join(blocks)
 
 
-def write_json(path: str, plan: Plan, results: list[dict], argv: list[str]) -> None:
+def write_json(path: str, plan: Plan, results: list[dict], argv: list[str],
+               extra: dict | None = None) -> None:
+    """The results with the environment, date and command; `extra`: more top-level fields."""
     devices = list(dict.fromkeys([g.device for g in plan.groups] + list(plan.repeats)))
     document = environment(devices or ["cpu"])
     document.update(
@@ -513,7 +560,7 @@ def write_json(path: str, plan: Plan, results: list[dict], argv: list[str]) -> N
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=shlex.join([PROG, *argv]),
         warmup=plan.warmup, repeats=plan.repeats, notes=plan.notes, skipped=plan.skipped,
-        results=results)
+        results=results, **(extra or {}))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with open(path, "w") as f:
@@ -526,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "step":
         return main_step(args, argv)
+    if args.command == "lora":
+        return main_lora(args, argv)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -626,6 +675,146 @@ def main_step(args: argparse.Namespace, argv: list[str]) -> int:
         plan = Plan("step", [], {settings.device: settings.warmup},
                     {settings.device: settings.repeats}, [], json_path=args.json)
         write_json(args.json, plan, rows, argv)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ lora
+
+LORA_DEFAULTS = {"cpu": dict(warmup=PROBE_STEPS, repeats=5), "cuda": dict(warmup=5, repeats=20)}
+
+
+def _lora_backend(requested: str, device: str) -> str:
+    """The concrete backend of the step rows on the device, or a UsageError saying why not."""
+    from zokernels._dispatch import resolve_backend
+
+    kind = torch.device(device).type
+    if requested not in ("auto",) + FUSED_BACKENDS:
+        raise UsageError(f"--backend: unknown value {requested!r}; choose from auto, "
+                         f"{', '.join(FUSED_BACKENDS)}")
+    if requested != "auto" and requested not in zokernels.available_backends():
+        raise UsageError(f"--backend {requested}: not available here: "
+                         f"{_unavailable_reason(requested)}")
+    if requested == "cpu" and kind != "cpu":
+        raise UsageError(f"--backend cpu: it runs on CPU tensors only, and --device is {device}")
+    if requested == "triton" and kind == "cpu":
+        raise UsageError(f"--backend triton: {TRITON_ON_CPU_NOTE} (--device cuda)")
+    try:
+        backend = resolve_backend(requested, torch.device(device))
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--backend {requested}: {str(exc).splitlines()[0]}") from None
+    if backend == "triton" and kind == "cpu":  # ZOKERNELS_BACKEND=triton with auto
+        raise UsageError(f"backend triton (from ZOKERNELS_BACKEND): {TRITON_ON_CPU_NOTE}")
+    return backend
+
+
+def plan_lora(args: argparse.Namespace) -> tuple[LoraSettings, list[str]]:
+    """Settings of a `lora` run (every argument checked before anything runs), and its notes."""
+    devices = _items(getattr(args, "device", None), _best_device())
+    if len(devices) != 1:
+        raise UsageError("lora takes one --device")
+    device = _device(devices[0])
+    kind = torch.device(device).type
+    if args.preset not in LORA_PRESETS:
+        raise UsageError(f"--preset: unknown preset {args.preset!r}; choose from "
+                         f"{', '.join(LORA_PRESETS)}")
+    targets = _choices(args.targets, "qv", tuple(TARGETS), "--targets")
+    if args.source not in SOURCES:
+        raise UsageError(f"--source: unknown value {args.source!r}; choose from "
+                         f"{', '.join(SOURCES)}")
+    if args.source == "peft":
+        import importlib.util
+
+        missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UsageError(f"--source peft: needs {' and '.join(missing)} "
+                             f"(pip install {' '.join(missing)})")
+    for option, value in (("--rank", args.rank), ("--layers", args.layers),
+                          ("--overhead-numel", args.overhead_numel)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be >= 1, got {value}")
+    dtype = _dtypes([args.dtype] if args.dtype else None, DEFAULTS[kind]["dtype"])[0]
+    cases = _choices(args.case, ",".join(LORA_CASES), LORA_CASES, "--case")
+    defaults = LORA_DEFAULTS[kind]
+    repeats = defaults["repeats"] if args.repeats is None else args.repeats
+    warmup = defaults["warmup"] if args.warmup is None else args.warmup
+    if repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {warmup}")
+    counts = [] if args.no_overhead else _ints(args.overhead_tensors,
+                                               ",".join(map(str, OVERHEAD_TENSORS)),
+                                               "--overhead-tensors")
+    backend = _lora_backend(args.backend, device)
+    notes = ["the closures return a constant loss (g = 0): every pass still runs in full, only "
+             "perturb/update and the optimizer's bookkeeping are timed",
+             "passes per step: the loop's 4 (torch.normal per tensor each), zokernels' 3 "
+             "(+eps, -eps recovering theta, restore fused with the update), + 2 undo-log "
+             "scatters with exact restore; us/tensor/pass = ms/step / (tensors x passes)"]
+    if warmup < PROBE_STEPS and any(c.endswith("undo") for c in cases):
+        notes.append(f"--warmup {warmup} < {PROBE_STEPS}: the undo-log rows include the "
+                     f"count-only probes that size the logs in the first {PROBE_STEPS} steps")
+    if kind == "cpu":
+        notes.append("launches are counted on CUDA only (triton: its own counter; the loop: "
+                     "torch.profiler)")
+    elif backend == "triton":
+        notes.append("launches of the zokernels rows are Triton kernel launches "
+                     "(backends.triton launch_count), not the few small torch ops of the scalars")
+    overhead_backends: list[tuple[str, str]] = []
+    if counts:
+        if "cpu" in zokernels.available_backends():
+            overhead_backends.append(("cpu", "cpu"))
+        if (device, backend) not in overhead_backends:
+            overhead_backends.append((device, backend))
+    settings = LoraSettings(preset=args.preset, targets=tuple(targets), rank=args.rank,
+                            layers=args.layers, dtype=dtype, device=device, backend=backend,
+                            warmup=warmup, repeats=repeats, source=args.source,
+                            cases=tuple(cases), overhead_tensors=tuple(counts),
+                            overhead_numel=args.overhead_numel,
+                            overhead_backends=overhead_backends)
+    return settings, notes
+
+
+def main_lora(args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        settings, notes = plan_lora(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    progress = Progress(len(settings.targets)
+                        + len(settings.overhead_tensors) * len(settings.overhead_backends))
+    print(f"{PROG} lora: zokernels {zokernels.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads, {settings.device} "
+          f"({device_name(settings.device)})", file=sys.stderr)
+    shapes = {targets: settings.shapes(targets) for targets in settings.targets}
+    sets = [settings.describe(targets, shapes[targets]) for targets in settings.targets]
+    steps, overhead = run_lora_bench(settings, shapes, on_start=progress.start,
+                                     on_done=lambda _, result: progress.finish(result))
+    print(f"zokernels {zokernels.__version__} · torch {torch.__version__} · "
+          f"{torch.get_num_threads()} CPU threads · medians of {settings.repeats} steps after "
+          f"{settings.warmup}, the cases' steps interleaved")
+    print()
+    print(format_lora_tables(settings, sets, steps, overhead))
+    for note in notes:
+        print(f"note: {note}")
+    if getattr(args, "json", None):
+        devices = list(dict.fromkeys([settings.device]
+                                     + [d for d, _ in settings.overhead_backends]))
+        plan = Plan("lora", [], {d: settings.warmup for d in devices},
+                    {d: settings.repeats for d in devices}, notes, json_path=args.json)
+        config = dict(preset=settings.preset, targets=list(settings.targets),
+                      rank=settings.rank, layers=settings.num_layers, source=settings.source,
+                      dtype=settings.dtype, device=settings.device, backend=settings.backend,
+                      eps=settings.eps, lr=settings.lr, b_std=B_STD, cases=list(settings.cases),
+                      sets=sets, overhead_tensors=list(settings.overhead_tensors),
+                      overhead_numel=settings.overhead_numel,
+                      overhead_backends=[list(pair) for pair in settings.overhead_backends])
+        write_json(args.json, plan, steps, argv,
+                   extra=dict(lora=config, overhead=overhead))
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
