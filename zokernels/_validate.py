@@ -228,3 +228,38 @@ def check_no_overlap(written: list[tuple[str, torch.Tensor]],
                      read: list[tuple[str, Any]] = ()) -> None:
     """Refuse a call whose written tensors share memory with each other or with a tensor it reads."""
     check_reads(written_spans(written), read)
+
+
+def as_index_maps(index_maps: Any, tensors: list[torch.Tensor]) -> list[tuple[int, int, int] | None]:
+    """One (offset, local_span, global_span) or None per tensor (zokernels.sharding.IndexMap):
+    1 <= local_span <= global_span, local_span divides numel, offset >= 0 and the last element's
+    unsharded index g(numel - 1) < 2^63."""
+    if index_maps is None:
+        return [None] * len(tensors)
+    if isinstance(index_maps, (str, bytes, torch.Tensor)) or not isinstance(index_maps, Sequence):
+        raise TypeError("index_maps must be a sequence with one (offset, local_span, global_span) "
+                        f"or None per tensor, got {type(index_maps).__name__}")
+    if len(index_maps) != len(tensors):
+        raise ValueError(f"index_maps must have one entry per tensor ({len(tensors)}), "
+                         f"got {len(index_maps)}")
+    maps: list[tuple[int, int, int] | None] = []
+    for j, (entry, t) in enumerate(zip(index_maps, tensors)):
+        name = f"index_maps[{j}]"
+        if entry is None:
+            maps.append(None)
+            continue
+        if not isinstance(entry, Sequence) or len(entry) != 3:
+            raise TypeError(f"{name} must be None or (offset, local_span, global_span)")
+        offset, local_span, global_span = (as_int(v, name) for v in entry)
+        if offset < 0 or not 1 <= local_span <= global_span:
+            raise ValueError(f"{name} = {tuple(entry)} needs offset >= 0 and "
+                             "1 <= local_span <= global_span")
+        numel = t.numel()
+        if numel % local_span:
+            raise ValueError(f"{name}: local_span {local_span} does not divide the tensor's "
+                             f"{numel} elements")
+        if numel and offset + (numel // local_span - 1) * global_span + local_span > 1 << 63:
+            raise ValueError(f"{name}: the last element's unsharded index is >= 2^63")
+        identity = offset == 0 and (local_span == global_span or local_span == numel)
+        maps.append(None if identity else (offset, local_span, global_span))
+    return maps

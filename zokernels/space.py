@@ -37,8 +37,9 @@ from ._validate import (
     check_reads,
     written_spans,
 )
-from .ops.perturb import PerturbGroup, run_perturb
+from .ops.perturb import PerturbGroup, group_index_maps, run_perturb
 from .ops.undo import UndoLog, run_scatter
+from .sharding import is_dtensor, local_tensor, shard_of
 
 WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module",
                                 "_checkpoint_wrapped_module"})
@@ -113,14 +114,25 @@ class ParameterSpace:
         keys: explicit keys, one per parameter (default: from names, or positions if unnamed).
         no_decay: name substrings exempt from weight decay (MeZO's rule by default).
         backend: the backend every call uses ("auto": triton for CUDA, cpu for CPU tensors).
+
+    Sharded parameters (DTensor, e.g. FSDP2's fully_shard, or tensors marked with
+    zokernels.sharding.mark_shard): each rank writes only its local shard, drawing the noise at
+    the unsharded element indices, so z is the unsharded model's (docs/sharding.md). Names and
+    keys are the unsharded model's.
     """
 
     def __init__(self, params: Any, *, layers: Sequence[Any] | None = None,
                  keys: Sequence[int] | None = None, no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  backend: str = "auto", trainable_only: bool = True) -> None:
         named = _named(params, trainable_only)
-        self.tensors: list[torch.Tensor] = [t for _, t in named]
+        self.params: list[torch.Tensor] = [t for _, t in named]  # as given (DTensors included)
         self.names: list[str] = [n if n is not None else str(j) for j, (n, _) in enumerate(named)]
+        # what the kernels write: the local shards of sharded parameters
+        self.shards = [shard_of(t, f"params[{j}] ({self.names[j]})")
+                       for j, t in enumerate(self.params)]
+        self.index_maps = [None if shard is None else shard.index_map for shard in self.shards]
+        self._dtensors = [j for j, t in enumerate(self.params) if is_dtensor(t)]
+        self.tensors: list[torch.Tensor] = [local_tensor(t) for t in self.params]
         if keys is not None:
             if len(keys) != len(self.tensors):
                 raise ValueError(f"keys must have one key per parameter ({len(self.tensors)}), "
@@ -167,13 +179,16 @@ class ParameterSpace:
 
     def _storage_signature(self) -> list[tuple[int, torch.dtype]]:
         # A dtype or device change replaces the storage, so the address and dtype catch both.
+        for j in self._dtensors:  # a sharding wrapper may swap a DTensor's local tensor
+            self.tensors[j] = local_tensor(self.params[j])
         return [(t.data_ptr(), t.dtype) for t in self.tensors]
 
     def _assign_layers(self, layers: Sequence[Any] | None) -> list[int | None]:
         assigned: list[int | None] = [None] * len(self.tensors)
         if layers is None:
             return assigned
-        position = {id(t): j for j, t in enumerate(self.tensors)}
+        position = {id(t): j for j, t in enumerate(self.params)}
+        position.update({id(t): j for j, t in enumerate(self.tensors)})  # local shards too
         by_name = {n: j for j, n in enumerate(self.names)}
         canonical = {canonical_name(n): j for j, n in enumerate(self.names)}
         for layer, spec in enumerate(layers):
@@ -201,6 +216,12 @@ class ParameterSpace:
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any parameter is a shard (DTensor or mark_shard): the local tensors are then
+        parts of the unsharded ones."""
+        return any(shard is not None for shard in self.shards)
 
     @property
     def numel(self) -> int:
@@ -243,10 +264,12 @@ class ParameterSpace:
         plan, order = [], []
         for group, members in buckets.items():
             start = len(order)
+            positions = list(range(start, start + len(members)))
             plan.append(PerturbGroup(group.backend, group.device,
                                      [self.tensors[j] for j in members],
-                                     [self.keys[j] for j in members],
-                                     list(range(start, start + len(members)))))
+                                     [self.keys[j] for j in members], positions,
+                                     group_index_maps([self.index_maps[j] for j in members],
+                                                      list(range(len(members))))))
             order += members
         return plan, torch.tensor([self.decayable[j] for j in order], dtype=torch.bool)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from .._contract import PERTURB_DISTS, ROUNDINGS
 from .._dispatch import BACKEND_CHOICES, implementation, resolve_backend
 from .._validate import (
     as_choice,
+    as_index_maps,
     as_keys,
     as_scalar_vector,
     as_seed,
@@ -25,7 +26,8 @@ from ._groups import contiguous_views, group_indices, select as _select
 def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
              scales: Any, *, keys: list[int] | None = None, decay: Any = 1.0,
              dist: str = "gaussian", rounding: str = "nearest", rounding_seed: int | None = None,
-             applied: Any = None, backend: str = "auto", check_finite: bool = True) -> None:
+             applied: Any = None, index_maps: Any = None, backend: str = "auto",
+             check_finite: bool = True) -> None:
     """In place: t_j[i] = round(decay_j * t_j[i] + sum_k scales[k] * z(seeds[k], keys[j], i)).
 
     One read and one write of every element, whatever the number of seeds K: this is how MeZO's
@@ -52,6 +54,12 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
             rounds to the perturbed value) before the new perturbation is applied, so a ZO step
             (+eps, then -eps with applied=+eps, then the update with applied=-eps) restores far
             more weights bit for bit than adding -2 eps and +eps (docs/noise-contract.md).
+        index_maps: None, or one entry per tensor: None (unsharded) or an
+            (offset, local_span, global_span) triple (zokernels.sharding.IndexMap) saying that
+            the tensor is a shard whose local flat element i is element
+            g(i) = offset + (i // local_span) * global_span + i % local_span of the unsharded
+            tensor: z and the stochastic-rounding bits are drawn at g(i), so perturbing every
+            shard equals perturbing the unsharded tensor bit for bit (docs/sharding.md).
         backend: "auto" (triton for CUDA tensors, cpu for CPU tensors), "triton", "cpu" or "torch".
         check_finite: refuse NaN/inf scales and decay given as device tensors (one host sync).
             Numbers and CPU tensors are always checked.
@@ -75,12 +83,13 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
                                     allow_broadcast=True)
     applied_vector = None if applied is None else as_scalar_vector(
         applied, len(seed_list), "applied", check_finite=check_finite, allow_broadcast=False)
+    maps = as_index_maps(index_maps, tensors)
     for j, t in enumerate(tensors):
         check_no_internal_overlap(t, f"tensors[{j}]")
     check_no_overlap([(f"tensors[{j}]", t) for j, t in enumerate(tensors)],
                      [("scales", scales), ("decay", decay), ("applied", applied)])
     # Resolve every group's backend before writing anything: a refusal leaves all tensors as they were.
-    plan = plan_groups(tensors, key_list, backend)
+    plan = plan_groups(tensors, key_list, backend, maps)
     run_perturb(plan, seed_list, scale_vector, decay_vector, applied_vector, dist, rounding,
                 rounding_seed)
 
@@ -94,12 +103,26 @@ class PerturbGroup:
     tensors: list[torch.Tensor]
     keys: list[int]
     indices: list[int]  # positions in the caller's list, to pick per-tensor decays
+    # per tensor (offset, local_span, global_span) or None; None when no tensor is a shard
+    index_maps: list[tuple[int, int, int] | None] | None = None
+    # backend-owned reusable launch data (the Triton launch table) for this fixed tensor list
+    cache: dict = field(default_factory=dict)
 
 
-def plan_groups(tensors: list[torch.Tensor], keys: list[int], backend: str) -> list[PerturbGroup]:
+def group_index_maps(maps: list[tuple[int, int, int] | None] | None,
+                     indices: list[int]) -> list[tuple[int, int, int] | None] | None:
+    """The maps of a group's tensors, or None when none of them is a shard (the plain kernels)."""
+    if maps is None:
+        return None
+    chosen = [maps[j] for j in indices]
+    return chosen if any(m is not None for m in chosen) else None
+
+
+def plan_groups(tensors: list[torch.Tensor], keys: list[int], backend: str,
+                maps: list[tuple[int, int, int] | None] | None = None) -> list[PerturbGroup]:
     """Group validated tensors by (device, dtype) and resolve each group's backend (may raise)."""
     return [PerturbGroup(resolve_backend(backend, device), device, [tensors[j] for j in indices],
-                         [keys[j] for j in indices], indices)
+                         [keys[j] for j in indices], indices, group_index_maps(maps, indices))
             for (device, _), indices in group_indices(tensors).items()]
 
 
@@ -111,7 +134,9 @@ def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor
     logs: None, or one UndoBuffers per group (docs/undo-log.md); count_only: only count."""
     for g, group in enumerate(plan):
         device = group.device
-        log_args = {} if logs is None else {"log": logs[g], "count_only": count_only}
+        extra = {} if logs is None else {"log": logs[g], "count_only": count_only}
+        if group.index_maps is not None:
+            extra["index_maps"] = group.index_maps
         with torch.no_grad(), contiguous_views(group.tensors, write_back=not count_only) as work:
             implementation(group.backend, "perturb")(
                 work,
@@ -123,5 +148,5 @@ def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor
                 rounding,
                 rounding_seed,
                 applied=None if applied is None else applied.to(device, non_blocking=True),
-                **log_args,
+                **extra,
             )

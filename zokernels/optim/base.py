@@ -47,6 +47,18 @@ def check_common_hyper(lr: Any, eps: Any, weight_decay: Any) -> None:
     check_hyper("weight_decay", weight_decay)
 
 
+def default_group_for_shards() -> Any:
+    """Sharded parameters (each rank holds part of every tensor) need one projected gradient for
+    all ranks, or each shard would take a different step: without an explicit process_group the
+    losses are averaged over the default (world) group."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("sharded parameters (DTensor / mark_shard) need torch.distributed to be "
+                         "initialized, or an explicit process_group")
+    return dist.group.WORLD
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class (not used directly). See MeZO for the common arguments."""
 
@@ -89,6 +101,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                                       layers=self._layers_for(group, layers), backend=backend,
                                       no_decay=self.no_decay)
                        for group in self.param_groups]
+        if process_group is None and any(space.sharded for space in self.spaces):
+            self.process_group = default_group_for_shards()
         # Two logs per param group: the +eps pass and the -eps pass of a step.
         self._logs = [(UndoLog(), UndoLog()) for _ in self.param_groups]
         # What the weights hold now: {"seed", "coefs" per group, "layers"} or None, and the log

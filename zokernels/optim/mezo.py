@@ -48,6 +48,13 @@ class MeZO(ZOOptimizer):
             own micro-batch; the two losses are averaged over the ranks in one all-reduce of 8
             bytes, and every rank applies the identical seeded update (replicas stay
             bit-identical). The returned loss is the mean.
+        perturbation_parallel: with a process group of an even number of ranks, pair the ranks
+            (2i, 2i + 1): the even one evaluates f(theta + eps z), the odd one f(theta - eps z),
+            on the SAME micro-batch (give both ranks of a pair the same data), and one
+            all-reduce of 8 bytes hands every rank both losses. Each rank then runs one forward
+            and two passes per seed instead of two and three: about half the step latency, for
+            twice the devices per micro-batch. Not with sharded parameters (a pair would hold
+            one model perturbed two ways).
 
     step(closure) returns the loss at theta + eps z of the first seed, as MeZO does.
     """
@@ -59,7 +66,7 @@ class MeZO(ZOOptimizer):
                  n_spsa: int = 1, exact_restore: bool = True, backend: str = "auto",
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True,
-                 **kwargs: Any) -> None:
+                 perturbation_parallel: bool = False, **kwargs: Any) -> None:
         check_common_hyper(lr, eps, weight_decay)
         if isinstance(n_spsa, bool) or not isinstance(n_spsa, int) or n_spsa < 1:
             raise ValueError(f"n_spsa must be a positive integer, got {n_spsa!r}")
@@ -68,6 +75,24 @@ class MeZO(ZOOptimizer):
                          dist=dist, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group,
                          no_decay=no_decay, record_trajectory=record_trajectory, **kwargs)
+        self.perturbation_parallel = bool(perturbation_parallel)
+        if self.perturbation_parallel:
+            self._sign = self._pair_sign()
+
+    def _pair_sign(self) -> float:
+        """+1 on the even rank of a pair (evaluates theta + eps z), -1 on the odd one."""
+        import torch.distributed as dist
+
+        if self.process_group is None:
+            raise ValueError("perturbation_parallel needs a process_group (an even number of "
+                             "ranks, paired (2i, 2i + 1))")
+        if any(space.sharded for space in self.spaces):
+            raise ValueError("perturbation_parallel does not work with sharded parameters: the "
+                             "two ranks of a pair would hold one model perturbed two ways")
+        world = dist.get_world_size(self.process_group)
+        if world % 2:
+            raise ValueError(f"perturbation_parallel needs an even number of ranks, got {world}")
+        return 1.0 if dist.get_rank(self.process_group) % 2 == 0 else -1.0
 
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()
@@ -85,6 +110,24 @@ class MeZO(ZOOptimizer):
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
         return self._guarded(lambda: self._step(closure))
 
+    def _probe(self, closure: Closure, seed: int, eps: list[float],
+               layers: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(theta + eps z), f(theta - eps z)), averaged over the ranks; leaves a perturbation
+        held for the update to recover from."""
+        if self.perturbation_parallel:
+            self._perturb_held(seed, [self._sign * e for e in eps], layers, 0)
+            loss = self._evaluate(closure)
+            # each rank fills its side's slot: the sum over the world / the number of pairs
+            # is the mean over the pairs of (l+, l-)
+            slots = torch.stack([loss, torch.zeros_like(loss)] if self._sign > 0
+                                else [torch.zeros_like(loss), loss])
+            loss_plus, loss_minus = self._all_reduce_mean(slots) * 2
+            return loss_plus, loss_minus
+        loss_plus, loss_minus = self._probe_two_point(closure, seed, eps, layers)
+        if self.process_group is not None:
+            loss_plus, loss_minus = self._all_reduce_mean(torch.stack([loss_plus, loss_minus]))
+        return loss_plus, loss_minus
+
     def _step(self, closure: Closure) -> torch.Tensor:
         step = self.zo_state["step"]
         layers, chosen = self._step_layers(step)
@@ -94,10 +137,7 @@ class MeZO(ZOOptimizer):
             seed = self.seed_for(step, k)
             if k > 0:
                 self._restore()  # exact theta before the next seed's probe
-            loss_plus, loss_minus = self._probe_two_point(closure, seed, eps, layers)
-            if self.process_group is not None:
-                loss_plus, loss_minus = self._all_reduce_mean(torch.stack([loss_plus,
-                                                                            loss_minus]))
+            loss_plus, loss_minus = self._probe(closure, seed, eps, layers)
             if first_loss is None:
                 first_loss = loss_plus
             if not self._finite(loss_plus, loss_minus):

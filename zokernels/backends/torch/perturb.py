@@ -2,15 +2,16 @@
 
 import torch
 
-from .noise import contract_values
-from .rounding import lost_by_recovery, recover, round_to
+from .index_map import global_indices
+from .noise import contract_values, contract_values_at
+from .rounding import lost_by_recovery, recover, round_at, round_to
 
 # Elements per chunk: bounds the reference's temporaries; chunking does not change z.
 _CHUNK = 1 << 22
 
 
 def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding_seed,
-                  applied=None, log=None, count_only=False) -> None:
+                  applied=None, log=None, count_only=False, index_maps=None) -> None:
     """In place, in float32, one rounding per element (reference for every fast path).
 
     The noise sum D is accumulated from 0 in seed order and added to the weight once. With
@@ -18,16 +19,25 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
     weight is first recovered from its perturbed value (docs/noise-contract.md, "Recovery").
     With `log` (UndoBuffers), the elements recovery could not give back afterwards are appended
     to the log, in element order; `count_only` writes nothing but log.count (docs/undo-log.md).
+    `index_maps` (one (offset, local_span, global_span) or None per tensor) gives a shard's local
+    element i the contract index g(i) of the unsharded tensor, for z and for stochastic rounding
+    (docs/sharding.md); the log keeps local indices.
     """
+    maps = index_maps if index_maps is not None else [None] * len(tensors)
     start = 0  # group-flat index of the tensor's first element
-    for tensor, key, decay in zip(tensors, keys, decays):
+    for tensor, key, decay, index_map in zip(tensors, keys, decays, maps):
         flat = tensor.view(-1)
         for offset in range(0, flat.numel(), _CHUNK):
             chunk = flat[offset:offset + _CHUNK]
+            where = None if index_map is None else global_indices(index_map, offset, chunk.numel(),
+                                                                   chunk.device)
             noise_sum = torch.zeros(chunk.numel(), dtype=torch.float32, device=chunk.device)
             applied_sum = torch.zeros_like(noise_sum)
             for k, (seed, scale) in enumerate(zip(seeds, scales)):
-                z = contract_values(seed, key, offset, chunk.numel(), dist, chunk.device)
+                if where is None:
+                    z = contract_values(seed, key, offset, chunk.numel(), dist, chunk.device)
+                else:
+                    z = contract_values_at(seed, torch.full_like(where, key), where, dist)
                 noise_sum = noise_sum + scale * z
                 if applied is not None:
                     applied_sum = applied_sum + applied[k] * z
@@ -35,7 +45,11 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
             if applied is not None:
                 theta = recover(theta, applied_sum, tensor.dtype)
             acc = theta * decay + noise_sum
-            written = round_to(acc, tensor.dtype, rounding, rounding_seed, key, offset)
+            if where is None:
+                written = round_to(acc, tensor.dtype, rounding, rounding_seed, key, offset)
+            else:
+                written = round_at(acc, tensor.dtype, rounding, rounding_seed,
+                                   torch.full_like(where, key), where)
             if log is not None:
                 lost = lost_by_recovery(theta, written, noise_sum, tensor.dtype)
                 _append(log, start + offset + lost.nonzero().view(-1), theta[lost], count_only)
