@@ -8,6 +8,9 @@ from contextlib import contextmanager
 import torch
 
 
+_is_contiguous = torch.Tensor.is_contiguous
+
+
 def _increment_version(tensors: list[torch.Tensor]) -> None:
     if tensors:
         bump = getattr(torch.autograd.graph, "increment_version", None)
@@ -35,6 +38,11 @@ def contiguous_views(tensors: list[torch.Tensor],
     write_back=False: the body only reads (no copy back, no version bump)."""
     # Contiguous tensors are written directly: backends run under no_grad and the fast ones only
     # read data_ptr(), so no detached alias is needed (detach() costs microseconds per tensor).
+    if all(map(_is_contiguous, tensors)):  # the common case, at C speed (LoRA: thousands)
+        yield tensors
+        if write_back:
+            _increment_version(tensors)
+        return
     work = [t if t.is_contiguous() else t.detach().contiguous() for t in tensors]
     yield work
     if not write_back:
