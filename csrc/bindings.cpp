@@ -80,17 +80,25 @@ PYBIND11_MODULE(_C, m) {
           py::arg("applied"), py::arg("dist"), py::arg("rounding"), py::arg("rounding_seed"), py::arg("num_threads"),
           py::arg("log_index_ptr") = 0, py::arg("log_values_ptr") = 0, py::arg("log_capacity") = 0,
           py::arg("log_count_ptr") = 0, py::arg("log_mode") = 0,
-          "In place: t = round(decay * t + sum_k scale_k * z(seed_k, key, i)); applied (empty or one "
-          "per seed): the perturbation t holds now, undone first. log_mode 1: append the elements "
-          "recovery could not give back to the undo log (index, values, capacity, count); 2: only "
-          "add their number to count, writing nothing else.");
+          py::arg("index_offsets") = std::vector<uint64_t>{},
+          py::arg("index_local_spans") = std::vector<uint64_t>{},
+          py::arg("index_global_spans") = std::vector<uint64_t>{},
+          "In place: t = round(decay * t + sum_k scale_k * z(seed_k, key, g(i))); applied (empty "
+          "or one per seed): the perturbation t holds now, undone first. log_mode 1: append the "
+          "elements recovery could not give back to the undo log (index, values, capacity, "
+          "count; local indices); 2: only add their number to count, writing nothing else. "
+          "index_*: empty, or one per tensor, g(i) = offset + (i // local_span) * global_span + "
+          "i % local_span (a shard of a bigger tensor); empty: g(i) = i.");
     m.def("scatter_perturb", &zk::scatter_perturb, release_gil(), py::arg("ptrs"), py::arg("numels"),
           py::arg("keys"), py::arg("decays"), py::arg("dtype"), py::arg("index_ptr"),
           py::arg("values_ptr"), py::arg("capacity"), py::arg("count_ptr"), py::arg("seeds"),
           py::arg("scales"), py::arg("dist"), py::arg("rounding"), py::arg("rounding_seed"),
-          py::arg("num_threads"),
+          py::arg("num_threads"), py::arg("index_offsets") = std::vector<uint64_t>{},
+          py::arg("index_local_spans") = std::vector<uint64_t>{},
+          py::arg("index_global_spans") = std::vector<uint64_t>{},
           "Undo-log entries e < min(count, capacity): t[index[e]] = values[e] (no seeds), else "
-          "round(decay * values[e] + sum_k scale_k * z(seed_k, key, i)) as perturb would.");
+          "round(decay * values[e] + sum_k scale_k * z(seed_k, key, g(i))) as perturb would; "
+          "index_*: the index maps of perturb, the log's indices are local.");
     m.def("lowrank_perturb", &zk::lowrank_perturb, release_gil(), py::arg("w_ptrs"), py::arg("ms"),
           py::arg("ns"), py::arg("ranks"), py::arg("u_ptrs"), py::arg("v_ptrs"),
           py::arg("tau_ptrs"), py::arg("decays"), py::arg("scale"), py::arg("keys"),

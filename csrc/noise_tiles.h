@@ -131,6 +131,25 @@ inline void rademacher_accumulate_pair(const PhiloxKeys& keys, uint32_t key, uin
     });
 }
 
+// A tile that starts anywhere in the contract index (a run of a sharded tensor, whose head and
+// tail need not be aligned to a counter): the counters that feed positions [skip, skip + n) of the
+// kTile-aligned tile at tile_first, per_counter = 4 (gaussian) or 128 (rademacher) elements each.
+// Their elements fill tile positions [at, at + per_counter * n_blocks), inside the tile, so the
+// accumulators above write there unchanged and only the head's and tail's partial counters cost
+// extra elements.
+struct CoveringCounters {
+    uint64_t first_block;
+    int n_blocks;
+    int at;
+};
+
+inline CoveringCounters covering_counters(uint64_t tile_first, int skip, int n, int per_counter) {
+    const int at = skip - skip % per_counter;
+    const int end = (skip + n + per_counter - 1) / per_counter * per_counter;
+    return {(tile_first + static_cast<uint64_t>(at)) / static_cast<uint64_t>(per_counter),
+            (end - at) / per_counter, at};
+}
+
 // z(seed, key, tile_first + j) for j < kTile, any dist; tile_first is a multiple of 128.
 template <class Philox>
 inline void noise_tile(Dist dist, const PhiloxKeys& keys, uint32_t key, uint64_t tile_first,

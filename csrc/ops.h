@@ -24,22 +24,33 @@ void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint6
 // back (index: int64 [capacity], group-flat; values: [capacity] in the tensors' dtype) and write
 // the tensors; 2: count only, nothing written but the count. *count (int64) is added to, also
 // past the capacity; slots are taken in no particular order.
+// Index maps (sharded tensors, docs/backends.md): index_offsets, index_local_spans and
+// index_global_spans all empty (no tensor mapped), or one value each per tensor: local element i
+// of tensor j draws its noise and rounding uniform at g(i) = offset_j + (i / local_span_j) *
+// global_span_j + i % local_span_j; (0, n, n) is the identity. The log keeps local indices.
 void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& numels,
              const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
              const std::vector<uint64_t>& seeds, const std::vector<float>& scales,
              const std::vector<float>& applied, int dist, int rounding, uint64_t rounding_seed,
              int num_threads, uintptr_t log_index_ptr = 0, uintptr_t log_values_ptr = 0,
-             uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0);
+             uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0,
+             const std::vector<uint64_t>& index_offsets = {},
+             const std::vector<uint64_t>& index_local_spans = {},
+             const std::vector<uint64_t>& index_global_spans = {});
 
 // Rewrites the first min(*count, capacity) entries of an undo log over the same tensor list:
 // with no seeds t[index[e]] = values[e] bit for bit, else t_j[i] = round(decay_j * values[e] + D)
 // with perturb's D and rounding for element i, as a dense pass from values[e] would leave it.
+// Index maps as in perturb: the log's indices are local, noise and rounding are drawn at g(i).
 void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& numels,
                      const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
                      uintptr_t index_ptr, uintptr_t values_ptr, uint64_t capacity,
                      uintptr_t count_ptr, const std::vector<uint64_t>& seeds,
                      const std::vector<float>& scales, int dist, int rounding,
-                     uint64_t rounding_seed, int num_threads);
+                     uint64_t rounding_seed, int num_threads,
+                     const std::vector<uint64_t>& index_offsets = {},
+                     const std::vector<uint64_t>& index_local_spans = {},
+                     const std::vector<uint64_t>& index_global_spans = {});
 
 void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uint64_t>& ms,
                      const std::vector<uint64_t>& ns, const std::vector<uint64_t>& ranks,

@@ -7,8 +7,13 @@
 // With an undo log (docs/undo-log.md) each tile also checks which weights that recovery would not
 // give back from the rounded result and appends them to the log; the logging code, too, exists
 // only in the instantiations that log (template flag), so the plain pass is unchanged.
+// A sharded tensor (index map, docs/backends.md) runs its own instantiations (template flag
+// kMapped): its tiles follow its runs and are aligned on the contract index g(i), not on i, so
+// the noise still comes from whole vectors of consecutive counters; unmapped tensors take the
+// plain instantiations, and a call without maps only those.
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(_MSC_VER) && !defined(__clang__)
@@ -40,6 +45,7 @@ struct PerturbJob {
     uintptr_t log_values;  // storage of the tensors' dtype
     uint64_t log_capacity;
     int64_t* log_count;
+    std::vector<IndexMap> maps;  // empty: no tensor mapped; else one per tensor
 };
 
 enum LogMode : int { kNoLog = 0, kLogWrite = 1, kLogCountOnly = 2 };
@@ -73,6 +79,16 @@ ZK_INLINE typename Format::storage storage_of(float theta) {
         return static_cast<uint16_t>(Grid<Format>::round_bits(theta));
 }
 
+// round_store of a tile whose contract indices start at g: a multiple of kTile unless kMapped.
+template <class Philox, class Format, bool kMapped, class Value>
+ZK_INLINE void store_tile(const Value& value, int n, typename Format::storage* x,
+                          const PerturbJob& job, uint32_t key, uint64_t g) {
+    if constexpr (kMapped)
+        round_store_at<Philox, Format>(value, n, x, job.stochastic, job.rounding_keys, key, g);
+    else
+        round_store<Philox, Format>(value, n, x, job.stochastic, job.rounding_keys, key, g);
+}
+
 // The undo log's side of one work item: checks every tile, collects the item's lost elements
 // (or only counts them) and reserves their slots with one atomic add at the end.
 template <class Format>
@@ -83,10 +99,12 @@ struct ItemLog {
     int64_t count = 0;           // count-only mode
 
     // Rounds theta_in + D of one tile (theta_in: the weight, recovered with d1 when kRecover) into
-    // a buffer, checks each element, and stores the buffer unless counting only.
-    template <class Philox, bool kRecover>
-    void tile(const PerturbJob& job, Storage* xt, int n, uint64_t t, uint64_t start, uint32_t key,
-              float decay, const float* noise_sum, const float* applied_sum) {
+    // a buffer, checks each element, and stores the buffer unless counting only. The tile holds
+    // the local elements t .. t + n - 1 (logged as start + t + i), whose contract indices start at
+    // g (g == t unless kMapped; stochastic rounding draws at g + i).
+    template <class Philox, bool kRecover, bool kMapped>
+    void tile(const PerturbJob& job, Storage* xt, int n, uint64_t t, uint64_t g, uint64_t start,
+              uint32_t key, float decay, const float* noise_sum, const float* applied_sum) {
         alignas(64) float theta_in[kRecover ? kTile : 1];
         alignas(64) Storage rounded[kTile];
         alignas(64) uint8_t lost[kTile];
@@ -101,8 +119,8 @@ struct ItemLog {
         if constexpr (kRecover)
             for (int i = 0; i < n; ++i)
                 theta_in[i] = recover_unperturbed<Format>(Format::to_float(xt[i]), applied_sum[i]);
-        round_store<Philox, Format>([&](int i) { return decay * theta(i) + noise_sum[i]; }, n,
-                                    rounded, job.stochastic, job.rounding_keys, key, t);
+        store_tile<Philox, Format, kMapped>([&](int i) { return decay * theta(i) + noise_sum[i]; },
+                                            n, rounded, job, key, g);
         for (int i = 0; i < n; ++i)
             lost[i] = lost_by_recovery<Format>(theta(i), Format::to_float(rounded[i]), noise_sum[i]);
         if (job.log_count_only) {
@@ -150,103 +168,161 @@ struct ItemLog {
 
 struct NoItemLog {};
 
-template <class Philox, class Format, bool kRecover, bool kLog>
+// Mapped tiles: zeroes the sums over the counters that cover tile positions [skip, skip + n) of
+// the kTile-aligned tile at tile_first (kPerCounter: 4 gaussian, 128 rademacher) and adds the K
+// seeds' noise there: D into noise_sum and, when recovering, D1 into applied_sum.
+template <class Philox, bool kRecover, int kPerCounter>
+inline void accumulate_covering(const PerturbJob& job, uint32_t key, uint64_t tile_first, int skip,
+                                int n, float* noise_sum, float* applied_sum) {
+    const CoveringCounters c = covering_counters(tile_first, skip, n, kPerCounter);
+    // Never more than a tile's counters (says so to the compiler, which sizes the buffers by it).
+    const int n_blocks = min_of(c.n_blocks, kTile / kPerCounter);
+    float* sum = noise_sum + c.at;
+    float* sum_applied = applied_sum + (kRecover ? c.at : 0);
+    for (int i = 0; i < n_blocks * kPerCounter; ++i) sum[i] = 0.0f;
+    if constexpr (kRecover)
+        for (int i = 0; i < n_blocks * kPerCounter; ++i) sum_applied[i] = 0.0f;
+    for (size_t k = 0; k < job.seed_keys.size(); ++k) {
+        const float scale = job.scales[k];
+        if constexpr (kPerCounter == kGaussianPerCounter) {
+            if constexpr (kRecover)
+                gaussian_accumulate_pair<Philox>(job.seed_keys[k], key, c.first_block, n_blocks,
+                                                 job.applied[k], sum_applied, scale, sum);
+            else
+                gaussian_accumulate<Philox>(job.seed_keys[k], key, c.first_block, n_blocks, scale,
+                                            sum);
+        } else {
+            if constexpr (kRecover)
+                rademacher_accumulate_pair<Philox>(job.seed_keys[k], key, c.first_block, n_blocks,
+                                                   job.applied[k], sum_applied, scale, sum);
+            else
+                rademacher_accumulate<Philox>(job.seed_keys[k], key, c.first_block, n_blocks,
+                                              scale, sum);
+        }
+    }
+}
+
+template <class Philox, class Format, bool kRecover, bool kLog, bool kMapped>
 inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
     auto* x = reinterpret_cast<typename Format::storage*>(job.ptrs[item.tensor]);
     const uint32_t key = job.keys[item.tensor];
     const float decay = job.decays[item.tensor];
-    const size_t n_seeds = job.seed_keys.size();
     alignas(64) float noise_sum[kTile];                    // D
     alignas(64) float applied_sum[kRecover ? kTile : 1];  // D1, only when recovering
     std::conditional_t<kLog, ItemLog<Format>, NoItemLog> log;
-    for (uint64_t t = item.begin; t < item.end; t += kTile) {
-        const int n = static_cast<int>(min_of<uint64_t>(kTile, item.end - t));
-        // Whole tile zeroed: the accumulators write up to a full counter past a short last tile.
-        for (int i = 0; i < kTile; ++i) noise_sum[i] = 0.0f;
-        if constexpr (kRecover)
-            for (int i = 0; i < kTile; ++i) applied_sum[i] = 0.0f;
-        for (size_t k = 0; k < n_seeds; ++k) {
-            const float scale = job.scales[k];
-            if (job.dist == kGaussian) {
-                if constexpr (kRecover)
-                    gaussian_accumulate_pair<Philox>(job.seed_keys[k], key, t / 4, (n + 3) / 4,
-                                                     job.applied[k], applied_sum, scale, noise_sum);
-                else
-                    gaussian_accumulate<Philox>(job.seed_keys[k], key, t / 4, (n + 3) / 4, scale,
-                                                noise_sum);
-            } else {
-                if constexpr (kRecover)
-                    rademacher_accumulate_pair<Philox>(job.seed_keys[k], key, t / 128,
-                                                       (n + 127) / 128, job.applied[k],
-                                                       applied_sum, scale, noise_sum);
-                else
-                    rademacher_accumulate<Philox>(job.seed_keys[k], key, t / 128, (n + 127) / 128,
-                                                  scale, noise_sum);
+    for (uint64_t t = item.begin; t < item.end;) {
+        // The tile: local elements [t, t + n), contract indices [g, g + n). Unmapped, g = t and
+        // items start at multiples of kTile. Mapped, the tile stays inside one run and one
+        // kTile-aligned tile of g, and the sums sit at their place in that aligned tile (skip):
+        // the counters are those of an unsharded pass, and a run's unaligned head and tail only
+        // cost the rest of their first and last counter.
+        uint64_t g = t;
+        int n = static_cast<int>(min_of<uint64_t>(kTile, item.end - t));
+        int skip = 0;
+        if constexpr (kMapped) {
+            const IndexMap& map = job.maps[item.tensor];
+            const uint64_t within = t % map.local_span;
+            g = map.offset + (t / map.local_span) * map.global_span + within;
+            skip = static_cast<int>(g % kTile);
+            n = static_cast<int>(min_of<uint64_t>(kTile - skip,
+                                                  min_of(map.local_span - within, item.end - t)));
+            if (job.dist == kGaussian)
+                accumulate_covering<Philox, kRecover, kGaussianPerCounter>(
+                    job, key, g - skip, skip, n, noise_sum, applied_sum);
+            else
+                accumulate_covering<Philox, kRecover, kRademacherPerCounter>(
+                    job, key, g - skip, skip, n, noise_sum, applied_sum);
+        } else {
+            // Whole tile zeroed: the accumulators write up to a full counter past a short last
+            // tile.
+            for (int i = 0; i < kTile; ++i) noise_sum[i] = 0.0f;
+            if constexpr (kRecover)
+                for (int i = 0; i < kTile; ++i) applied_sum[i] = 0.0f;
+            for (size_t k = 0; k < job.seed_keys.size(); ++k) {
+                const float scale = job.scales[k];
+                if (job.dist == kGaussian) {
+                    if constexpr (kRecover)
+                        gaussian_accumulate_pair<Philox>(job.seed_keys[k], key, t / 4, (n + 3) / 4,
+                                                         job.applied[k], applied_sum, scale,
+                                                         noise_sum);
+                    else
+                        gaussian_accumulate<Philox>(job.seed_keys[k], key, t / 4, (n + 3) / 4,
+                                                    scale, noise_sum);
+                } else {
+                    if constexpr (kRecover)
+                        rademacher_accumulate_pair<Philox>(job.seed_keys[k], key, t / 128,
+                                                           (n + 127) / 128, job.applied[k],
+                                                           applied_sum, scale, noise_sum);
+                    else
+                        rademacher_accumulate<Philox>(job.seed_keys[k], key, t / 128,
+                                                      (n + 127) / 128, scale, noise_sum);
+                }
             }
         }
+        const float* d = noise_sum + skip;
+        const float* d1 = applied_sum + (kRecover ? skip : 0);
         // The weight enters only now, read, added to D once and rounded in one loop.
         typename Format::storage* xt = x + t;
         if constexpr (kLog) {
-            log.template tile<Philox, kRecover>(job, xt, n, t, job.starts[item.tensor], key, decay,
-                                                noise_sum, applied_sum);
+            log.template tile<Philox, kRecover, kMapped>(job, xt, n, t, g, job.starts[item.tensor],
+                                                         key, decay, d, d1);
         } else if constexpr (kRecover) {
-            round_store<Philox, Format>(
+            store_tile<Philox, Format, kMapped>(
                 [&](int i) {
-                    const float theta = recover_unperturbed<Format>(Format::to_float(xt[i]),
-                                                                    applied_sum[i]);
-                    return decay * theta + noise_sum[i];
+                    const float theta = recover_unperturbed<Format>(Format::to_float(xt[i]), d1[i]);
+                    return decay * theta + d[i];
                 },
-                n, xt, job.stochastic, job.rounding_keys, key, t);
+                n, xt, job, key, g);
         } else {
-            round_store<Philox, Format>(
-                [&](int i) { return decay * Format::to_float(xt[i]) + noise_sum[i]; }, n, xt,
-                job.stochastic, job.rounding_keys, key, t);
+            store_tile<Philox, Format, kMapped>(
+                [&](int i) { return decay * Format::to_float(xt[i]) + d[i]; }, n, xt, job, key, g);
         }
+        t += n;
     }
     if constexpr (kLog) log.flush(job);
 }
 
-template <class Philox, bool kLog>
+template <class Philox, bool kLog, bool kMapped>
 inline void perturb_item(const PerturbJob& job, const WorkItem& item) {
     const bool recover = !job.applied.empty();
     switch (job.dtype) {
         case kFloat32:
-            recover ? perturb_range<Philox, Float32Format, true, kLog>(job, item)
-                    : perturb_range<Philox, Float32Format, false, kLog>(job, item);
+            recover ? perturb_range<Philox, Float32Format, true, kLog, kMapped>(job, item)
+                    : perturb_range<Philox, Float32Format, false, kLog, kMapped>(job, item);
             break;
         case kBFloat16:
-            recover ? perturb_range<Philox, BFloat16Format, true, kLog>(job, item)
-                    : perturb_range<Philox, BFloat16Format, false, kLog>(job, item);
+            recover ? perturb_range<Philox, BFloat16Format, true, kLog, kMapped>(job, item)
+                    : perturb_range<Philox, BFloat16Format, false, kLog, kMapped>(job, item);
             break;
         default:
-            recover ? perturb_range<Philox, Float16Format, true, kLog>(job, item)
-                    : perturb_range<Philox, Float16Format, false, kLog>(job, item);
+            recover ? perturb_range<Philox, Float16Format, true, kLog, kMapped>(job, item)
+                    : perturb_range<Philox, Float16Format, false, kLog, kMapped>(job, item);
             break;
     }
 }
 
-// One flattened entry point per ISA and logging or not (both log modes share one: a count-only
-// pass differs in a branch per tile), so the plain pass's code is what it was.
-template <bool kLog>
+// One flattened entry point per ISA, logging or not (both log modes share one: a count-only
+// pass differs in a branch per tile) and mapped or not, so the plain pass's code is what it was.
+template <bool kLog, bool kMapped>
 ZK_FLATTEN void perturb_item_generic(const PerturbJob& job, const WorkItem& item) {
-    perturb_item<PhiloxGeneric, kLog>(job, item);
+    perturb_item<PhiloxGeneric, kLog, kMapped>(job, item);
 }
 
 #if ZK_HAVE_AVX2_PATH
-template <bool kLog>
+template <bool kLog, bool kMapped>
 ZK_TARGET_AVX2 ZK_FLATTEN void perturb_item_avx2(const PerturbJob& job, const WorkItem& item) {
-    perturb_item<PhiloxAvx2, kLog>(job, item);
+    perturb_item<PhiloxAvx2, kLog, kMapped>(job, item);
 }
 #endif
 
 using ItemKernel = void (*)(const PerturbJob&, const WorkItem&);
 
-template <bool kLog>
+template <bool kLog, bool kMapped>
 ItemKernel item_kernel() {
 #if ZK_HAVE_AVX2_PATH
-    if (use_avx2()) return &perturb_item_avx2<kLog>;
+    if (use_avx2()) return &perturb_item_avx2<kLog, kMapped>;
 #endif
-    return &perturb_item_generic<kLog>;
+    return &perturb_item_generic<kLog, kMapped>;
 }
 
 }  // namespace
@@ -256,7 +332,10 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
              const std::vector<uint64_t>& seeds, const std::vector<float>& scales,
              const std::vector<float>& applied, int dist, int rounding, uint64_t rounding_seed,
              int num_threads, uintptr_t log_index_ptr, uintptr_t log_values_ptr,
-             uint64_t log_capacity, uintptr_t log_count_ptr, int log_mode) {
+             uint64_t log_capacity, uintptr_t log_count_ptr, int log_mode,
+             const std::vector<uint64_t>& index_offsets,
+             const std::vector<uint64_t>& index_local_spans,
+             const std::vector<uint64_t>& index_global_spans) {
     if (numels.size() != ptrs.size() || keys.size() != ptrs.size() || decays.size() != ptrs.size())
         throw std::invalid_argument("perturb: ptrs, numels, keys and decays must have equal lengths");
     if (seeds.size() != scales.size())
@@ -273,10 +352,13 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
     if (log_mode == kLogWrite && log_capacity > 0 && (log_index_ptr == 0 || log_values_ptr == 0))
         throw std::invalid_argument("perturb: a log with capacity needs index and values");
 
+    std::vector<IndexMap> maps =
+        index_maps_from("perturb", numels, index_offsets, index_local_spans, index_global_spans);
+
     PerturbJob job{ptrs, keys, decays, {}, scales, applied, static_cast<Dist>(dist),
                    rounding == 1, PhiloxKeys(rounding_seed), dtype, {}, log_mode == kLogCountOnly,
                    reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
-                   reinterpret_cast<int64_t*>(log_count_ptr)};
+                   reinterpret_cast<int64_t*>(log_count_ptr), std::move(maps)};
     for (uint64_t seed : seeds) job.seed_keys.emplace_back(seed);
 
     uint64_t total = 0;
@@ -284,10 +366,24 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
         job.starts.push_back(total);
         total += n;
     }
-    const std::vector<WorkItem> items = split_work(numels, kItemElements);
-    const ItemKernel run_item = log_mode == kNoLog ? item_kernel<false>() : item_kernel<true>();
-    parallel_for_items(items.size(), total * (seeds.size() > 0 ? seeds.size() : 1), num_threads,
-                       [&](size_t i) { run_item(job, items[i]); });
+    const uint64_t work = total * (seeds.size() > 0 ? seeds.size() : 1);
+    if (job.maps.empty()) {
+        const std::vector<WorkItem> items = split_work(numels, kItemElements);
+        const ItemKernel run_item =
+            log_mode == kNoLog ? item_kernel<false, false>() : item_kernel<true, false>();
+        parallel_for_items(items.size(), work, num_threads,
+                           [&](size_t i) { run_item(job, items[i]); });
+        return;
+    }
+    // Mapped tensors take the mapped kernel item by item; the others the plain one.
+    const std::vector<WorkItem> items = split_work(numels, job.maps, kItemElements);
+    const ItemKernel run_plain =
+        log_mode == kNoLog ? item_kernel<false, false>() : item_kernel<true, false>();
+    const ItemKernel run_mapped =
+        log_mode == kNoLog ? item_kernel<false, true>() : item_kernel<true, true>();
+    parallel_for_items(items.size(), work, num_threads, [&](size_t i) {
+        (job.maps[items[i].tensor].mapped ? run_mapped : run_plain)(job, items[i]);
+    });
 }
 
 }  // namespace zk

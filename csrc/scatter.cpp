@@ -9,14 +9,20 @@
 // counters: one entry at a time was latency bound (~60 ns per entry and seed). The scalar
 // helpers are the tiles' (no fma, same operation order), so the values are bit-identical to
 // perturb_'s, on the AVX2 and on the generic path.
+//
+// With index maps (sharded tensors, docs/backends.md) the log's indices stay local (what the
+// logging pass recorded); each entry draws its noise and rounding uniform at g(i), in
+// instantiations of their own (template flag), so the unmapped scatter is unchanged.
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ops.h"
 #include "tile_io.h"
+#include "work_items.h"
 
 namespace zk {
 namespace {
@@ -36,6 +42,7 @@ struct ScatterJob {
     Dist dist;
     bool stochastic;
     PhiloxKeys rounding_keys;
+    std::vector<IndexMap> maps;    // empty: no tensor mapped; else one per tensor
 };
 
 // Words of the counters (block[b] lo, block[b] hi, key[b], stream) for b < n.
@@ -64,13 +71,14 @@ ZK_INLINE uint32_t word_of(uint32_t m, uint32_t w0, uint32_t w1, uint32_t w2, ui
 
 // Entries [first, first + n), n <= kBatch; returns how many had an index outside the tensors
 // (skipped).
-template <class Format>
+template <class Format, bool kMapped>
 inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
     using Storage = typename Format::storage;
     const int64_t* index = job.index + first;
     const Storage* values = reinterpret_cast<const Storage*>(job.values) + first;
     alignas(64) Storage* target[kBatch];  // &t_j[i], null for a bad index
     alignas(64) uint64_t elem[kBatch];    // i
+    alignas(64) uint64_t mapped_elem[kMapped ? kBatch : 1];  // g(i)
     alignas(64) uint32_t key[kBatch];
     alignas(64) float decay[kBatch];
     int64_t bad = 0;
@@ -80,6 +88,7 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
         if (g < 0 || static_cast<uint64_t>(g) >= job.total) {
             target[b] = nullptr;
             elem[b] = 0;
+            if constexpr (kMapped) mapped_elem[b] = 0;
             key[b] = 0;
             decay[b] = 0.0f;
             ++bad;
@@ -95,12 +104,16 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
         target[b] = reinterpret_cast<Storage*>(job.ptrs[j]) + elem[b];
         key[b] = job.keys[j];
         decay[b] = job.decays[j];
+        if constexpr (kMapped)
+            mapped_elem[b] = job.maps[j].mapped ? job.maps[j].global_of(elem[b]) : elem[b];
     }
     if (job.seed_keys.empty()) {  // restore: the bits themselves
         for (int b = 0; b < n; ++b)
             if (target[b] != nullptr) *target[b] = values[b];
         return bad;
     }
+    // The contract index of each entry's element: where its noise and rounding are drawn.
+    const uint64_t* at = kMapped ? mapped_elem : elem;
 
     // D from +0.0 in seed order, as perturb_'s noise_sum.
     alignas(64) float d[kBatch];
@@ -110,7 +123,7 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
     const int block_shift = gaussian ? 2 : 7;  // 4 or 128 elements per counter
     for (int b = 0; b < n; ++b) {
         d[b] = 0.0f;
-        block[b] = elem[b] >> block_shift;
+        block[b] = at[b] >> block_shift;
     }
     for (size_t k = 0; k < job.seed_keys.size(); ++k) {
         philox_at(job.seed_keys[k], block, key, kStreamNoise, n, w0, w1, w2, w3);
@@ -118,7 +131,7 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
         if (gaussian) {
             // gaussian_blocks: n0, n1 from words 0, 1 and n2, n3 from words 2, 3.
             for (int b = 0; b < n; ++b) {
-                const uint32_t m = static_cast<uint32_t>(elem[b] & 3u);
+                const uint32_t m = static_cast<uint32_t>(at[b] & 3u);
                 const bool pair_23 = (m & 2u) != 0;
                 float n_cos, n_sin;
                 box_muller(pair_23 ? w2[b] : w0[b], pair_23 ? w3[b] : w1[b], n_cos, n_sin);
@@ -129,7 +142,7 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
             // set for +1.
             const uint32_t scale_bits = bits_as<uint32_t>(scale);
             for (int b = 0; b < n; ++b) {
-                const uint32_t lane = static_cast<uint32_t>(elem[b] & 127u);
+                const uint32_t lane = static_cast<uint32_t>(at[b] & 127u);
                 const uint32_t word = word_of(lane >> 5, w0[b], w1[b], w2[b], w3[b]);
                 const uint32_t sign = ((~word >> (lane & 31u)) & 1u) << 31;
                 d[b] = d[b] + bits_as<float>(scale_bits ^ sign);
@@ -137,7 +150,7 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
         }
     }
 
-    // perturb_'s value(i) and round_store, for element i = elem[b].
+    // perturb_'s value(i) and round_store, for element i = elem[b] (drawn at at[b]).
     alignas(64) Storage out[kBatch];
     if constexpr (std::is_same<Format, Float32Format>::value) {
         for (int b = 0; b < n; ++b) out[b] = decay[b] * Format::to_float(values[b]) + d[b];
@@ -147,10 +160,10 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
                 Format::bits_from_float(decay[b] * Format::to_float(values[b]) + d[b]));
     } else {
         // The uniform of word i % 4 of counter i / 4 in the rounding stream.
-        for (int b = 0; b < n; ++b) block[b] = elem[b] >> 2;
+        for (int b = 0; b < n; ++b) block[b] = at[b] >> 2;
         philox_at(job.rounding_keys, block, key, kStreamRounding, n, w0, w1, w2, w3);
         for (int b = 0; b < n; ++b) {
-            const uint32_t m = static_cast<uint32_t>(elem[b] & 3u);
+            const uint32_t m = static_cast<uint32_t>(at[b] & 3u);
             const float u = word_to_uniform(word_of(m, w0[b], w1[b], w2[b], w3[b]));
             const float acc = decay[b] * Format::to_float(values[b]) + d[b];
             out[b] = static_cast<uint16_t>(stochastic_round_bits<Format>(acc, u));
@@ -162,24 +175,24 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
 }
 
 // One flattened entry point per ISA, as the other kernels (common.h, ZK_FLATTEN).
-template <class Format>
+template <class Format, bool kMapped>
 ZK_FLATTEN int64_t scatter_batch_generic(const ScatterJob& job, int64_t first, int n) {
-    return scatter_batch<Format>(job, first, n);
+    return scatter_batch<Format, kMapped>(job, first, n);
 }
 
 #if ZK_HAVE_AVX2_PATH
-template <class Format>
+template <class Format, bool kMapped>
 ZK_TARGET_AVX2 ZK_FLATTEN int64_t scatter_batch_avx2(const ScatterJob& job, int64_t first, int n) {
-    return scatter_batch<Format>(job, first, n);
+    return scatter_batch<Format, kMapped>(job, first, n);
 }
 #endif
 
 // Entries [0, used); returns how many had an index outside the tensors.
-template <class Format>
+template <class Format, bool kMapped>
 int64_t scatter_entries(const ScatterJob& job, int64_t used, int num_threads) {
-    auto* run_batch = &scatter_batch_generic<Format>;
+    auto* run_batch = &scatter_batch_generic<Format, kMapped>;
 #if ZK_HAVE_AVX2_PATH
-    if (use_avx2()) run_batch = &scatter_batch_avx2<Format>;
+    if (use_avx2()) run_batch = &scatter_batch_avx2<Format, kMapped>;
 #endif
     const long long n_batches = static_cast<long long>((used + kBatch - 1) / kBatch);
     auto body = [&](long long batch) {
@@ -209,7 +222,10 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
                      uintptr_t index_ptr, uintptr_t values_ptr, uint64_t capacity,
                      uintptr_t count_ptr, const std::vector<uint64_t>& seeds,
                      const std::vector<float>& scales, int dist, int rounding,
-                     uint64_t rounding_seed, int num_threads) {
+                     uint64_t rounding_seed, int num_threads,
+                     const std::vector<uint64_t>& index_offsets,
+                     const std::vector<uint64_t>& index_local_spans,
+                     const std::vector<uint64_t>& index_global_spans) {
     if (numels.size() != ptrs.size() || keys.size() != ptrs.size() || decays.size() != ptrs.size())
         throw std::invalid_argument(
             "scatter_perturb: ptrs, numels, keys and decays must have equal lengths");
@@ -222,6 +238,8 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
     if (rounding != 0 && rounding != 1)
         throw std::invalid_argument("scatter_perturb: bad rounding code");
     if (count_ptr == 0) throw std::invalid_argument("scatter_perturb: count_ptr is null");
+    std::vector<IndexMap> maps = index_maps_from("scatter_perturb", numels, index_offsets,
+                                                 index_local_spans, index_global_spans);
 
     // count may exceed the capacity (an overflowed log): only the stored entries exist.
     const int64_t count = *reinterpret_cast<const int64_t*>(count_ptr);
@@ -232,7 +250,7 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
 
     ScatterJob job{ptrs, keys, decays, {}, 0, reinterpret_cast<const int64_t*>(index_ptr),
                    values_ptr, {}, scales, static_cast<Dist>(dist), rounding == 1,
-                   PhiloxKeys(rounding_seed)};
+                   PhiloxKeys(rounding_seed), std::move(maps)};
     for (uint64_t n : numels) {
         job.starts.push_back(job.total);
         job.total += n;
@@ -240,11 +258,22 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
     job.starts.push_back(job.total);
     for (uint64_t seed : seeds) job.seed_keys.emplace_back(seed);
 
+    // A restore (no seeds) copies bits and never looks at the maps.
+    const bool mapped = !job.maps.empty() && !job.seed_keys.empty();
     int64_t bad = 0;
     switch (dtype) {
-        case kFloat32: bad = scatter_entries<Float32Format>(job, used, num_threads); break;
-        case kBFloat16: bad = scatter_entries<BFloat16Format>(job, used, num_threads); break;
-        default: bad = scatter_entries<Float16Format>(job, used, num_threads); break;
+        case kFloat32:
+            bad = mapped ? scatter_entries<Float32Format, true>(job, used, num_threads)
+                         : scatter_entries<Float32Format, false>(job, used, num_threads);
+            break;
+        case kBFloat16:
+            bad = mapped ? scatter_entries<BFloat16Format, true>(job, used, num_threads)
+                         : scatter_entries<BFloat16Format, false>(job, used, num_threads);
+            break;
+        default:
+            bad = mapped ? scatter_entries<Float16Format, true>(job, used, num_threads)
+                         : scatter_entries<Float16Format, false>(job, used, num_threads);
+            break;
     }
     if (bad > 0)
         throw std::invalid_argument("scatter_perturb: " + std::to_string(bad) +

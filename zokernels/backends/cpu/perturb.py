@@ -13,17 +13,48 @@ from ._loader import load_cpu_extension
 _NO_LOG, _LOG, _COUNT_ONLY = 0, 1, 2
 
 
+def index_map_kwargs(tensors: list[Tensor], index_maps: list | None) -> dict:
+    """The index maps as _C's trailing keyword arguments: three lists of uint64 (index_offsets,
+    index_local_spans, index_global_spans), one value each per tensor, (0, numel, numel) for an
+    identity entry; {} (the unmapped kernels) when no tensor is mapped. A map (offset,
+    local_span, global_span) sends local element i to contract index
+    g(i) = offset + (i // local_span) * global_span + i % local_span."""
+    if index_maps is None:
+        return {}
+    offsets, local_spans, global_spans = [], [], []
+    any_mapped = False
+    for tensor, index_map in zip(tensors, index_maps, strict=True):
+        numel = tensor.numel()
+        offset, local_span, global_span = (0, numel, numel) if index_map is None else index_map
+        # g(i) = i: offset 0 and one run, or runs that follow each other without a gap.
+        identity = offset == 0 and (local_span == numel or local_span == global_span)
+        any_mapped = any_mapped or not identity
+        offsets.append(int(offset))
+        local_spans.append(int(local_span))
+        global_spans.append(int(global_span))
+    if not any_mapped:
+        return {}
+    return dict(index_offsets=offsets, index_local_spans=local_spans,
+                index_global_spans=global_spans)
+
+
 def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales: Tensor,
                 decays: Tensor, dist: str, rounding: str, rounding_seed: int,
                 applied: Tensor | None = None, log: UndoBuffers | None = None,
-                count_only: bool = False) -> None:
-    """In place: t[i] = round(decays[j] * t[i] + D), D = sum_k scales[k] * z(seeds[k], keys[j], i)
-    summed from 0 in seed order. With `applied` (float32 [K]), the perturbation sum_k applied[k] * z
-    that t holds now is undone first (docs/noise-contract.md, "Recovery").
+                count_only: bool = False, index_maps: list | None = None) -> None:
+    """In place: t[i] = round(decays[j] * t[i] + D),
+    D = sum_k scales[k] * z(seeds[k], keys[j], g(i)) summed from 0 in seed order. With `applied`
+    (float32 [K]), the perturbation sum_k applied[k] * z that t holds now is undone first
+    (docs/noise-contract.md, "Recovery").
+
+    `index_maps`: None (g(i) = i for every tensor), or one entry per tensor, None or
+    (offset, local_span, global_span): the tensor is a shard of a bigger one and its element i is
+    element g(i) = offset + (i // local_span) * global_span + i % local_span of the whole tensor,
+    where its noise and stochastic-rounding uniform are drawn (docs/backends.md).
 
     With `log`, the elements a later recovery could not give back are appended to it (in no
-    particular order) and log.count grows by their number, also past the capacity; `count_only`
-    writes nothing but log.count (docs/undo-log.md)."""
+    particular order, local group-flat indices) and log.count grows by their number, also past the
+    capacity; `count_only` writes nothing but log.count (docs/undo-log.md)."""
     if count_only and log is None:
         raise ValueError("perturb_cpu: count_only needs a log")
     ext = load_cpu_extension()
@@ -36,4 +67,5 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     ext.perturb([t.data_ptr() for t in tensors], [t.numel() for t in tensors], list(keys),
                 decays.tolist(), DTYPE_CODES[tensors[0].dtype], list(seeds), scales.tolist(),
                 [] if applied is None else applied.tolist(), DIST_CODES[dist],
-                ROUNDING_CODES[rounding], rounding_seed, torch.get_num_threads(), **log_args)
+                ROUNDING_CODES[rounding], rounding_seed, torch.get_num_threads(), **log_args,
+                **index_map_kwargs(tensors, index_maps))
