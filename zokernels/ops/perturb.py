@@ -126,6 +126,10 @@ def plan_groups(tensors: list[torch.Tensor], keys: list[int], backend: str,
             for (device, _), indices in group_indices(tensors).items()]
 
 
+# Backends whose perturb takes table_cache= (launch data reused across calls on one tensor list).
+_CACHING_BACKENDS = ("cpu",)
+
+
 def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor,
                 decays: torch.Tensor, applied: torch.Tensor | None, dist: str, rounding: str,
                 rounding_seed: int, logs: list | None = None, count_only: bool = False) -> None:
@@ -138,6 +142,9 @@ def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor
         if group.index_maps is not None:
             extra["index_maps"] = group.index_maps
         with torch.no_grad(), contiguous_views(group.tensors, write_back=not count_only) as work:
+            if work is group.tensors and group.backend in _CACHING_BACKENDS:
+                # the group's own tensors (no temporary copies): their launch data can be reused
+                extra["table_cache"] = group.cache
             implementation(group.backend, "perturb")(
                 work,
                 group.keys,

@@ -41,7 +41,8 @@ def index_map_kwargs(tensors: list[Tensor], index_maps: list | None) -> dict:
 def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales: Tensor,
                 decays: Tensor, dist: str, rounding: str, rounding_seed: int,
                 applied: Tensor | None = None, log: UndoBuffers | None = None,
-                count_only: bool = False, index_maps: list | None = None) -> None:
+                count_only: bool = False, index_maps: list | None = None,
+                table_cache: dict | None = None) -> None:
     """In place: t[i] = round(decays[j] * t[i] + D),
     D = sum_k scales[k] * z(seeds[k], keys[j], g(i)) summed from 0 in seed order. With `applied`
     (float32 [K]), the perturbation sum_k applied[k] * z that t holds now is undone first
@@ -54,7 +55,12 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
 
     With `log`, the elements a later recovery could not give back are appended to it (in no
     particular order, local group-flat indices) and log.count grows by their number, also past the
-    capacity; `count_only` writes nothing but log.count (docs/undo-log.md)."""
+    capacity; `count_only` writes nothing but log.count (docs/undo-log.md).
+
+    `table_cache`: a dict the caller keeps for exactly this list of tensors (same objects, same
+    storage; ParameterSpace makes a new one when a storage changes): the per-tensor lists handed
+    to _C (addresses, sizes, keys, maps) are built once into it instead of on every call, which
+    is most of the host time for thousands of tiny tensors (LoRA)."""
     if count_only and log is None:
         raise ValueError("perturb_cpu: count_only needs a log")
     ext = load_cpu_extension()
@@ -64,8 +70,14 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
                         log_capacity=min(log.index.numel(), log.values.numel()),
                         log_count_ptr=log.count.data_ptr(),
                         log_mode=_COUNT_ONLY if count_only else _LOG)
-    ext.perturb([t.data_ptr() for t in tensors], [t.numel() for t in tensors], list(keys),
-                decays.tolist(), DTYPE_CODES[tensors[0].dtype], list(seeds), scales.tolist(),
-                [] if applied is None else applied.tolist(), DIST_CODES[dist],
-                ROUNDING_CODES[rounding], rounding_seed, torch.get_num_threads(), **log_args,
-                **index_map_kwargs(tensors, index_maps))
+    static = None if table_cache is None else table_cache.get("cpu")
+    if static is None:
+        static = ([t.data_ptr() for t in tensors], [t.numel() for t in tensors], list(keys),
+                  index_map_kwargs(tensors, index_maps))
+        if table_cache is not None:
+            table_cache["cpu"] = static
+    ptrs, numels, key_list, map_args = static
+    ext.perturb(ptrs, numels, key_list, decays.tolist(), DTYPE_CODES[tensors[0].dtype],
+                list(seeds), scales.tolist(), [] if applied is None else applied.tolist(),
+                DIST_CODES[dist], ROUNDING_CODES[rounding], rounding_seed,
+                torch.get_num_threads(), **log_args, **map_args)
