@@ -103,6 +103,21 @@ PYBIND11_MODULE(_C, m) {
           py::arg("ns"), py::arg("ranks"), py::arg("u_ptrs"), py::arg("v_ptrs"),
           py::arg("tau_ptrs"), py::arg("decays"), py::arg("scale"), py::arg("keys"),
           py::arg("dtype"), py::arg("rounding"), py::arg("rounding_seed"), py::arg("num_threads"),
-          "In place: W = round(decay * W + scale * U diag(tau) V^T).");
+          py::arg("applied_tau_ptrs") = std::vector<uintptr_t>{}, py::arg("applied_scale") = 0.0f,
+          py::arg("log_index_ptr") = 0, py::arg("log_values_ptr") = 0, py::arg("log_capacity") = 0,
+          py::arg("log_count_ptr") = 0, py::arg("log_mode") = 0,
+          "In place: W = round(decay * theta + scale * U diag(tau) V^T); theta = W, or with "
+          "applied_tau_ptrs the weight recovered from round(theta + applied_scale * U diag(applied "
+          "tau) V^T). log_mode 1: append the elements recovery could not give back to the undo "
+          "log (index, values, capacity, count); 2: only add their number to count.");
+    m.def("lowrank_scatter", &zk::lowrank_scatter, release_gil(), py::arg("w_ptrs"), py::arg("ms"),
+          py::arg("ns"), py::arg("ranks"), py::arg("u_ptrs"), py::arg("v_ptrs"),
+          py::arg("tau_ptrs"), py::arg("decays"), py::arg("scale"), py::arg("keys"),
+          py::arg("dtype"), py::arg("index_ptr"), py::arg("values_ptr"), py::arg("capacity"),
+          py::arg("count_ptr"), py::arg("rounding"), py::arg("rounding_seed"),
+          py::arg("num_threads"),
+          "Low-rank undo-log entries e < min(count, capacity): W[index[e]] = values[e] (no taus), "
+          "else round(decay * values[e] + scale * (U diag(tau) V^T)[row, col]) as lowrank_perturb "
+          "would.");
     m.def("build_info", &build_info, "Compiler, OpenMP, SIMD level chosen at runtime, machine.");
 }

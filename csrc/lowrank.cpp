@@ -1,10 +1,24 @@
-// lowrank_perturb_: W <- round(decay * W + scale * U diag(tau) V^T), W (m x n) row-major, U (m x r),
-// V (n x r), float32 accumulation, never materializing the m x n product: (V diag(tau))^T is
-// transposed once into an r x n scratch so that a row of the product is r vectorized axpys over
-// contiguous memory. W is walked in flat tiles of its row-major index i = row * n + col, which
-// is also the index stochastic rounding uses (stream 1, the weight's key).
+// lowrank_perturb_: W <- round(decay * theta + scale * P), P = U diag(tau) V^T, W (m x n)
+// row-major, U (m x r), V (n x r), float32 arithmetic, never materializing the m x n product:
+// (V diag(tau))^T is formed once into an r x n scratch so that a row of P is r vectorized axpys
+// over contiguous memory (lowrank.h, shared with the scatter). W is walked in flat tiles of its
+// row-major index i = row * n + col, which is also the index stochastic rounding uses (stream 1,
+// the weight's key).
+//
+// theta is W itself, or with applied taus (recovery) the weight recovered from
+// W = round(theta + applied_scale * P(applied_tau)) (rounding.h, recover_unperturbed). With an undo
+// log (docs/undo-log.md) each tile also checks which weights a later recovery with this pass's
+// D = scale * P(tau) would not give back and appends them to the log. Both exist only in the
+// instantiations that need them (template flags): the plain pass's code is what it was.
 #include <stdexcept>
+#include <type_traits>
+#include <vector>
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#endif
+
+#include "lowrank.h"
 #include "ops.h"
 #include "tile_io.h"
 #include "work_items.h"
@@ -15,40 +29,132 @@ namespace {
 struct LowRankWeight {
     uintptr_t w;
     uint64_t m, n, r;
-    const float* u;       // m x r
-    const float* vt_tau;  // r x n scratch: vt_tau[k * n + col] = V[col, k] * tau[k]
+    const float* u;        // m x r
+    const float* vt_tau;   // r x n scratch: vt_tau[k * n + col] = V[col, k] * tau[k]
+    const float* vt_held;  // the same for the applied taus (recovery only)
     float decay;
     uint32_t key;
+    uint64_t start;        // group-flat index of W[0, 0] (the undo log's index)
 };
+
+enum LogMode : int { kNoLog = 0, kLogWrite = 1, kLogCountOnly = 2 };
 
 struct LowRankJob {
     const std::vector<LowRankWeight>& weights;
     float scale;
+    float applied_scale;
     bool stochastic;
     PhiloxKeys rounding_keys;
     int dtype;
+    bool log_count_only;
+    int64_t* log_index;
+    uintptr_t log_values;  // storage of the weights' dtype
+    uint64_t log_capacity;
+    int64_t* log_count;
 };
 
-// prod[c] = sum_k U[row, k] * vt_tau[k, col + c] for c < count (k in order, float32).
-inline void lowrank_row_segment(const LowRankWeight& lw, uint64_t row, uint64_t col, int count,
-                                float* ZK_RESTRICT prod) {
-    const float* u_row = lw.u + row * lw.r;
-    const float* v0 = lw.vt_tau + col;
-    const float u0 = u_row[0];
-    for (int c = 0; c < count; ++c) prod[c] = u0 * v0[c];
-    for (uint64_t k = 1; k < lw.r; ++k) {
-        const float uk = u_row[k];
-        const float* vk = lw.vt_tau + k * lw.n + col;
-        for (int c = 0; c < count; ++c) prod[c] = prod[c] + uk * vk[c];
-    }
+// *p += v, returning the old value: reserves v consecutive log slots for one work item.
+inline int64_t fetch_add(int64_t* p, int64_t v) {
+#if defined(_MSC_VER) && !defined(__clang__)
+    return _InterlockedExchangeAdd64(reinterpret_cast<volatile long long*>(p), v);
+#else
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);  // the parallel region's barrier orders it
+#endif
 }
 
-template <class Philox, class Format>
+// Will recovery with d1 = d (a later applied pass computes applied_scale * P(applied_tau) with
+// the same scratch and the same unfused sums, so bit for bit this d) give theta back from y?
+// NaN and -0.0 are always logged: a later pass may change their bits even when recovery
+// returns them (docs/undo-log.md).
+template <class Format>
+ZK_INLINE bool lost_by_recovery(float theta, float y, float d) {
+    const uint32_t theta_bits = bits_as<uint32_t>(theta);
+    const uint32_t back_bits = bits_as<uint32_t>(recover_unperturbed<Format>(y, d));
+    const bool is_nan = (theta_bits & 0x7FFFFFFFu) > 0x7F800000u;
+    return (back_bits != theta_bits) | is_nan | (theta_bits == 0x80000000u);
+}
+
+// The storage pattern of a value of the dtype's grid (a recovered weight): exact.
+template <class Format>
+ZK_INLINE typename Format::storage storage_of(float theta) {
+    if constexpr (std::is_same<Format, Float32Format>::value)
+        return theta;
+    else
+        return static_cast<uint16_t>(Grid<Format>::round_bits(theta));
+}
+
+// The undo log's side of one work item: checks every tile, collects the item's lost elements
+// (or only counts them) and reserves their slots with one atomic add at the end.
+template <class Format>
+struct ItemLog {
+    using Storage = typename Format::storage;
+    std::vector<int64_t> index;  // group-flat
+    std::vector<Storage> values;
+    int64_t count = 0;           // count-only mode
+
+    // Rounds decay * theta + d of one tile into a buffer, checks each element against d, and
+    // stores the buffer unless counting only.
+    template <class Philox, bool kRecover>
+    void tile(const LowRankJob& job, const LowRankWeight& lw, Storage* xt, int n, uint64_t t,
+              const float* theta, const float* d) {
+        alignas(64) Storage rounded[kTile];
+        alignas(64) uint8_t lost[kTile];
+        round_store<Philox, Format>([&](int i) { return lw.decay * theta[i] + d[i]; }, n, rounded,
+                                    job.stochastic, job.rounding_keys, lw.key, t);
+        for (int i = 0; i < n; ++i)
+            lost[i] = lost_by_recovery<Format>(theta[i], Format::to_float(rounded[i]), d[i]);
+        if (job.log_count_only) {
+            for (int i = 0; i < n; ++i) count += lost[i];
+            return;
+        }
+        alignas(64) int32_t at[kTile];  // branch-free compaction of the lost positions
+        int n_lost = 0;
+        for (int i = 0; i < n; ++i) {
+            at[n_lost] = i;
+            n_lost += lost[i];
+        }
+        for (int q = 0; q < n_lost; ++q) {
+            const int i = at[q];
+            index.push_back(static_cast<int64_t>(lw.start + t + i));
+            // Without recovery the old pattern itself (keeps NaN payloads), else the recovered
+            // grid value.
+            if constexpr (kRecover)
+                values.push_back(storage_of<Format>(theta[i]));
+            else
+                values.push_back(xt[i]);
+        }
+        std::memcpy(xt, rounded, sizeof(Storage) * n);
+    }
+
+    void flush(const LowRankJob& job) {
+        if (job.log_count_only) {
+            if (count > 0) fetch_add(job.log_count, count);
+            return;
+        }
+        const int64_t n = static_cast<int64_t>(index.size());
+        if (n == 0) return;
+        // Entries past the capacity are only counted: the caller sees count > capacity.
+        const int64_t first = fetch_add(job.log_count, n);
+        const int64_t capacity = static_cast<int64_t>(job.log_capacity);
+        auto* out_values = reinterpret_cast<Storage*>(job.log_values);
+        for (int64_t m = 0; m < n && first + m < capacity; ++m) {
+            job.log_index[first + m] = index[m];
+            out_values[first + m] = values[m];
+        }
+    }
+};
+
+struct NoItemLog {};
+
+template <class Philox, class Format, bool kRecover, bool kLog>
 inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
+    using Storage = typename Format::storage;
     const LowRankWeight& lw = job.weights[item.tensor];
-    auto* w = reinterpret_cast<typename Format::storage*>(lw.w);
-    alignas(64) float acc[kTile];
-    alignas(64) float prod[kTile];
+    auto* w = reinterpret_cast<Storage*>(lw.w);
+    alignas(64) float prod[kTile];                 // P(tau), then D = scale * P(tau)
+    alignas(64) float held[kRecover ? kTile : 1];  // P(applied tau), recovery only
+    alignas(64) float acc[kTile];                  // plain pass: the result; else theta
+    std::conditional_t<kLog, ItemLog<Format>, NoItemLog> log;
     for (uint64_t t = item.begin; t < item.end; t += kTile) {
         const int n = static_cast<int>(min_of<uint64_t>(kTile, item.end - t));
         // The tile may span several (short) rows: one segment per row.
@@ -56,33 +162,79 @@ inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
             const uint64_t i = t + done;
             const uint64_t row = i / lw.n, col = i % lw.n;
             const int count = static_cast<int>(min_of<uint64_t>(lw.n - col, n - done));
-            lowrank_row_segment(lw, row, col, count, prod + done);
+            const float* u_row = lw.u + row * lw.r;
+            lowrank_row_segment(u_row, lw.vt_tau, lw.n, lw.r, col, count, prod + done);
+            if constexpr (kRecover)
+                lowrank_row_segment(u_row, lw.vt_held, lw.n, lw.r, col, count, held + done);
             done += count;
         }
-        load_decayed<Format>(w + t, n, lw.decay, acc);
-        for (int c = 0; c < n; ++c) acc[c] = acc[c] + job.scale * prod[c];
-        store_rounded<Philox, Format>(acc, n, w + t, job.stochastic, job.rounding_keys, lw.key, t);
+        Storage* xt = w + t;
+        if constexpr (!kRecover && !kLog) {
+            load_decayed<Format>(xt, n, lw.decay, acc);
+            for (int c = 0; c < n; ++c) acc[c] = acc[c] + job.scale * prod[c];
+            store_rounded<Philox, Format>(acc, n, xt, job.stochastic, job.rounding_keys, lw.key, t);
+        } else {
+            float* theta = acc;
+            for (int c = 0; c < n; ++c) {
+                const float x = Format::to_float(xt[c]);
+                if constexpr (kRecover)
+                    theta[c] = recover_unperturbed<Format>(x, job.applied_scale * held[c]);
+                else
+                    theta[c] = x;
+            }
+            for (int c = 0; c < n; ++c) prod[c] = job.scale * prod[c];
+            if constexpr (kLog) {
+                log.template tile<Philox, kRecover>(job, lw, xt, n, t, theta, prod);
+            } else {
+                round_store<Philox, Format>([&](int c) { return lw.decay * theta[c] + prod[c]; },
+                                            n, xt, job.stochastic, job.rounding_keys, lw.key, t);
+            }
+        }
     }
+    if constexpr (kLog) log.flush(job);
 }
 
-template <class Philox>
+template <class Philox, bool kLog>
 inline void lowrank_item(const LowRankJob& job, const WorkItem& item) {
+    const bool recover = job.weights[item.tensor].vt_held != nullptr;
     switch (job.dtype) {
-        case kFloat32: lowrank_range<Philox, Float32Format>(job, item); break;
-        case kBFloat16: lowrank_range<Philox, BFloat16Format>(job, item); break;
-        default: lowrank_range<Philox, Float16Format>(job, item); break;
+        case kFloat32:
+            recover ? lowrank_range<Philox, Float32Format, true, kLog>(job, item)
+                    : lowrank_range<Philox, Float32Format, false, kLog>(job, item);
+            break;
+        case kBFloat16:
+            recover ? lowrank_range<Philox, BFloat16Format, true, kLog>(job, item)
+                    : lowrank_range<Philox, BFloat16Format, false, kLog>(job, item);
+            break;
+        default:
+            recover ? lowrank_range<Philox, Float16Format, true, kLog>(job, item)
+                    : lowrank_range<Philox, Float16Format, false, kLog>(job, item);
+            break;
     }
 }
 
+// One flattened entry point per ISA and logging or not (common.h, ZK_FLATTEN).
+template <bool kLog>
 ZK_FLATTEN void lowrank_item_generic(const LowRankJob& job, const WorkItem& item) {
-    lowrank_item<PhiloxGeneric>(job, item);
+    lowrank_item<PhiloxGeneric, kLog>(job, item);
 }
 
 #if ZK_HAVE_AVX2_PATH
+template <bool kLog>
 ZK_TARGET_AVX2 ZK_FLATTEN void lowrank_item_avx2(const LowRankJob& job, const WorkItem& item) {
-    lowrank_item<PhiloxAvx2>(job, item);
+    lowrank_item<PhiloxAvx2, kLog>(job, item);
 }
 #endif
+
+using ItemKernel = void (*)(const LowRankJob&, const WorkItem&);
+
+template <bool kLog>
+ItemKernel item_kernel() {
+#if ZK_HAVE_AVX2_PATH
+    if (use_avx2()) return &lowrank_item_avx2<kLog>;
+#endif
+    return &lowrank_item_generic<kLog>;
+}
 
 }  // namespace
 
@@ -91,43 +243,60 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
                      const std::vector<uintptr_t>& u_ptrs, const std::vector<uintptr_t>& v_ptrs,
                      const std::vector<uintptr_t>& tau_ptrs, const std::vector<float>& decays,
                      float scale, const std::vector<uint32_t>& keys, int dtype, int rounding,
-                     uint64_t rounding_seed, int num_threads) {
+                     uint64_t rounding_seed, int num_threads,
+                     const std::vector<uintptr_t>& applied_tau_ptrs, float applied_scale,
+                     uintptr_t log_index_ptr, uintptr_t log_values_ptr, uint64_t log_capacity,
+                     uintptr_t log_count_ptr, int log_mode) {
     const size_t count = w_ptrs.size();
     for (size_t len : {ms.size(), ns.size(), ranks.size(), u_ptrs.size(), v_ptrs.size(),
                        tau_ptrs.size(), decays.size(), keys.size()})
         if (len != count)
             throw std::invalid_argument("lowrank_perturb: all per-weight lists must have equal lengths");
+    const bool recover = !applied_tau_ptrs.empty();
+    if (recover && applied_tau_ptrs.size() != count)
+        throw std::invalid_argument(
+            "lowrank_perturb: applied_tau_ptrs must be empty or have one pointer per weight");
     if (dtype < kFloat32 || dtype > kFloat16)
         throw std::invalid_argument("lowrank_perturb: bad dtype code");
     if (rounding != 0 && rounding != 1)
         throw std::invalid_argument("lowrank_perturb: bad rounding code");
     for (size_t j = 0; j < count; ++j)
         if (ranks[j] == 0) throw std::invalid_argument("lowrank_perturb: rank must be >= 1");
+    if (log_mode < kNoLog || log_mode > kLogCountOnly)
+        throw std::invalid_argument("lowrank_perturb: bad log_mode");
+    if (log_mode != kNoLog && log_count_ptr == 0)
+        throw std::invalid_argument("lowrank_perturb: a log needs log_count_ptr");
+    if (log_mode == kLogWrite && log_capacity > 0 && (log_index_ptr == 0 || log_values_ptr == 0))
+        throw std::invalid_argument("lowrank_perturb: a log with capacity needs index and values");
 
-    // Scratch (V diag(tau))^T for every weight: r x n floats each, small next to W.
-    std::vector<std::vector<float>> scratch(count);
+    // Scratch (V diag(tau))^T (and of the applied taus) for every weight: r x n floats each,
+    // small next to W.
+    std::vector<std::vector<float>> scratch(count), scratch_held(count);
     std::vector<LowRankWeight> weights(count);
     std::vector<uint64_t> numels(count);
+    uint64_t start = 0;
     for (size_t j = 0; j < count; ++j) {
         const uint64_t n = ns[j], r = ranks[j];
         const auto* v = reinterpret_cast<const float*>(v_ptrs[j]);
-        const auto* tau = reinterpret_cast<const float*>(tau_ptrs[j]);
-        scratch[j].resize(r * n);
-        for (uint64_t col = 0; col < n; ++col)
-            for (uint64_t k = 0; k < r; ++k) scratch[j][k * n + col] = v[col * r + k] * tau[k];
+        scaled_factor_t(v, reinterpret_cast<const float*>(tau_ptrs[j]), n, r, scratch[j]);
+        if (recover)
+            scaled_factor_t(v, reinterpret_cast<const float*>(applied_tau_ptrs[j]), n, r,
+                            scratch_held[j]);
         weights[j] = {w_ptrs[j], ms[j], n, r, reinterpret_cast<const float*>(u_ptrs[j]),
-                      scratch[j].data(), decays[j], keys[j]};
+                      scratch[j].data(), recover ? scratch_held[j].data() : nullptr, decays[j],
+                      keys[j], start};
         numels[j] = ms[j] * n;
+        start += numels[j];
     }
 
-    const LowRankJob job{weights, scale, rounding == 1, PhiloxKeys(rounding_seed), dtype};
+    const LowRankJob job{weights, scale, applied_scale, rounding == 1, PhiloxKeys(rounding_seed),
+                         dtype, log_mode == kLogCountOnly,
+                         reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
+                         reinterpret_cast<int64_t*>(log_count_ptr)};
     const std::vector<WorkItem> items = split_work(numels, kItemElements);
     uint64_t work = 0;
-    for (size_t j = 0; j < count; ++j) work += numels[j] * (ranks[j] + 1);
-    auto* run_item = &lowrank_item_generic;
-#if ZK_HAVE_AVX2_PATH
-    if (use_avx2()) run_item = &lowrank_item_avx2;
-#endif
+    for (size_t j = 0; j < count; ++j) work += numels[j] * ((recover ? 2 : 1) * ranks[j] + 1);
+    const ItemKernel run_item = log_mode == kNoLog ? item_kernel<false>() : item_kernel<true>();
     parallel_for_items(items.size(), work, num_threads, [&](size_t i) { run_item(job, items[i]); });
 }
 

@@ -52,11 +52,30 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
                      const std::vector<uint64_t>& index_local_spans = {},
                      const std::vector<uint64_t>& index_global_spans = {});
 
+// W_j = round(decay_j * theta + scale * U_j diag(tau_j) V_j^T); theta = W_j, or with
+// applied_tau_ptrs (one per weight) the weight recovered from round(theta + applied_scale *
+// U_j diag(applied_tau_j) V_j^T). Undo log (log_mode 0 none, 1 log and write, 2 count only): as
+// perturb's, over the group-flat index of the weights in list order (docs/undo-log.md).
 void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uint64_t>& ms,
                      const std::vector<uint64_t>& ns, const std::vector<uint64_t>& ranks,
                      const std::vector<uintptr_t>& u_ptrs, const std::vector<uintptr_t>& v_ptrs,
                      const std::vector<uintptr_t>& tau_ptrs, const std::vector<float>& decays,
                      float scale, const std::vector<uint32_t>& keys, int dtype, int rounding,
-                     uint64_t rounding_seed, int num_threads);
+                     uint64_t rounding_seed, int num_threads,
+                     const std::vector<uintptr_t>& applied_tau_ptrs = {},
+                     float applied_scale = 0.0f,
+                     uintptr_t log_index_ptr = 0, uintptr_t log_values_ptr = 0,
+                     uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0);
+
+// Rewrites the first min(*count, capacity) entries of a low-rank pass's undo log over the same
+// weight list: with no taus (tau_ptrs empty) W[index[e]] = values[e] bit for bit, else
+// round(decay_j * values[e] + scale * P_j[row, col]) with lowrank_perturb's P and rounding.
+void lowrank_scatter(const std::vector<uintptr_t>& w_ptrs, const std::vector<uint64_t>& ms,
+                     const std::vector<uint64_t>& ns, const std::vector<uint64_t>& ranks,
+                     const std::vector<uintptr_t>& u_ptrs, const std::vector<uintptr_t>& v_ptrs,
+                     const std::vector<uintptr_t>& tau_ptrs, const std::vector<float>& decays,
+                     float scale, const std::vector<uint32_t>& keys, int dtype,
+                     uintptr_t index_ptr, uintptr_t values_ptr, uint64_t capacity,
+                     uintptr_t count_ptr, int rounding, uint64_t rounding_seed, int num_threads);
 
 }  // namespace zk

@@ -1,13 +1,15 @@
-"""zokernels.lowrank_perturb_: W <- decay * W + scale * U diag(tau) V^T, tile by tile."""
+"""zokernels.lowrank_perturb_: W <- decay * W + scale * U diag(tau) V^T, tile by tile; recovery of
+a held low-rank perturbation (applied_scale / applied_taus) and its undo log (docs/undo-log.md)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .._contract import ROUNDINGS
-from .._dispatch import BACKEND_CHOICES, implementation, resolve_backend
+from .._dispatch import BACKEND_CHOICES, implementation
 from .._validate import (
     as_choice,
     as_keys,
@@ -17,17 +19,19 @@ from .._validate import (
     check_no_internal_overlap,
     check_no_overlap,
 )
-from ._groups import contiguous_views, group_indices, select as _select
+from ._groups import contiguous_views, select as _select
+from .perturb import PerturbGroup, plan_groups
+from .undo import UndoLog
 
 
 def _as_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor]:
     """One factor per weight; a single tensor is shared by all weights (taus only)."""
-    if isinstance(values, torch.Tensor) and name == "taus":
+    if isinstance(values, torch.Tensor) and name in ("taus", "applied_taus"):
         if values.dim() == 1:
             return [values] * count
         if values.dim() == 2 and values.shape[0] == count:
             return list(values.unbind(0))
-        raise ValueError(f"taus as one tensor must be 1-D (shared) or [{count}, r], "
+        raise ValueError(f"{name} as one tensor must be 1-D (shared) or [{count}, r], "
                          f"got shape {tuple(values.shape)}")
     factors = as_tensor_list(values, name)
     if len(factors) != count:
@@ -40,11 +44,31 @@ def _float32(factor: torch.Tensor) -> torch.Tensor:
     return factor.detach().to(torch.float32).contiguous()
 
 
+@dataclass
+class LowRankCall:
+    """Validated arguments of one low-rank pass, in the caller's weight order (factors float32
+    contiguous, scalars float32 vectors), and its (device, dtype) groups."""
+
+    plan: list[PerturbGroup]
+    us: list[torch.Tensor]
+    vs: list[torch.Tensor]
+    taus: list[torch.Tensor]
+    scale: torch.Tensor
+    decays: torch.Tensor
+    rounding: str
+    rounding_seed: int
+    applied_taus: list[torch.Tensor] | None = None
+    applied_scale: torch.Tensor | None = None
+
+
 def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
                      scale: Any = 1.0, decay: Any = 1.0, keys: list[int] | None = None,
                      rounding: str = "nearest", rounding_seed: int | None = None,
-                     backend: str = "auto", check_finite: bool = True) -> None:
-    """In place for every 2-D weight W_j (m x n): W = round(decay_j * W + scale * U diag(tau) V^T).
+                     applied_scale: Any = None, applied_taus: Any = None,
+                     log: UndoLog | None = None, backend: str = "auto",
+                     check_finite: bool = True) -> None:
+    """In place for every 2-D weight W_j (m x n): W = round(decay_j * theta + scale * P_j(tau_j)),
+    P_j(tau) = U_j diag(tau) V_j^T, theta = W (or the recovered weight, below).
 
     Args:
         weights: 2-D tensors (float32 / bfloat16 / float16), one launch per (device, dtype) group.
@@ -56,16 +80,60 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
         decay: a number, or one per weight.
         keys, rounding, rounding_seed: as in perturb_; stochastic rounding needs rounding_seed and
             draws its bits for element (row, col) at index row * n + col of the weight's key.
+        applied_scale, applied_taus: both or neither. The perturbation the weights hold now:
+            W = round(theta + applied_scale * P_j(applied_tau_j)) (nearest rounding, decay 1, the
+            same U, V and weight list). Each theta is first recovered (docs/noise-contract.md,
+            "Recovery") with D1 computed exactly as the pass that wrote it computed its D, so a
+            TeZO step (+eps, then -eps with applied +eps, then the update with applied -eps)
+            restores far more weights bit for bit than adding the opposite perturbation.
+        log: an UndoLog (nearest rounding, decay 1 only) that keeps the elements a later recovery
+            with this pass's (scale, taus) could not give back; `run_lowrank_scatter` rewrites
+            them (docs/undo-log.md, "Low-rank groups"). The first passes of a log also run a
+            count-only probe to size it.
 
     The m x n product is never materialized: kernels accumulate tiles in float32 and round once.
-    Bytes moved: 2 * itemsize * m * n for W plus 4 * (m + n + 1) * r for the factors. Tested
-    against decay * W + scale * U @ diag(tau) @ V.T.
+    Bytes moved: 2 * itemsize * m * n for W plus 4 * (m + n + 1) * r for the factors (twice the
+    factor reads with recovery). Tested against decay * W + scale * U @ diag(tau) @ V.T and, bit
+    for bit on the cpu backend, against the torch reference.
     """
     weights = as_tensor_list(weights, "weights")
+    if log is not None and not isinstance(log, UndoLog):
+        raise TypeError(f"log must be an UndoLog, got {type(log).__name__}")
+    call = prepare_lowrank(weights, us, vs, taus, scale=scale, decay=decay, keys=keys,
+                           rounding=rounding, rounding_seed=rounding_seed,
+                           applied_scale=applied_scale, applied_taus=applied_taus,
+                           backend=backend, check_finite=check_finite)
+    if log is None:
+        run_lowrank(call)
+        return
+    if call.rounding != "nearest":
+        raise ValueError("log needs rounding='nearest' (recovery inverts nearest rounding)")
+    if not bool((call.decays == 1.0).all()):
+        raise ValueError("log needs decay=1.0 (a perturbation, not an update)")
+    flags = torch.ones(len(weights), dtype=torch.bool)
+    if not call.plan:
+        log.begin(call.plan, flags)
+        return
+    if log.needs_probe(call.plan):
+        log.probe(call.plan, lambda counters: run_lowrank(call, logs=counters, count_only=True))
+    run_lowrank(call, logs=log.begin(call.plan, flags))
+
+
+def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *, scale: Any,
+                    decay: Any, keys: list[int] | None, rounding: str, rounding_seed: int | None,
+                    applied_scale: Any, applied_taus: Any, backend: str,
+                    check_finite: bool) -> LowRankCall:
+    """Validate every argument (raising TypeError / ValueError naming it, before anything is
+    written) and group the weights; `run_lowrank` then performs the pass."""
     count = len(weights)
     us = _as_factor_list(us, count, "us")
     vs = _as_factor_list(vs, count, "vs")
     taus = _as_factor_list(taus, count, "taus")
+    if (applied_scale is None) != (applied_taus is None):
+        raise ValueError("applied_scale and applied_taus go together: pass both (recovery of the "
+                         "held perturbation) or neither")
+    held_taus = None if applied_taus is None else _as_factor_list(applied_taus, count,
+                                                                  "applied_taus")
     rounding = as_choice(rounding, ROUNDINGS, "rounding")
     backend = as_choice(backend, BACKEND_CHOICES, "backend")
     if rounding_seed is None:
@@ -79,12 +147,16 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
                                     allow_broadcast=False)
     decay_vector = as_scalar_vector(decay, count, "decay", check_finite=check_finite,
                                     allow_broadcast=True)
+    applied_vector = None if applied_scale is None else as_scalar_vector(
+        applied_scale, 1, "applied_scale", check_finite=check_finite, allow_broadcast=False)
     for j, (w, u, v, tau) in enumerate(zip(weights, us, vs, taus)):
         if w.dim() != 2:
             raise ValueError(f"weights[{j}] must be 2-D, got shape {tuple(w.shape)}")
-        if not isinstance(tau, torch.Tensor) or not tau.dtype.is_floating_point:
-            raise TypeError(f"taus[{j}] must be a floating-point tensor")
         m, n = w.shape
+        for name, t in ((f"taus[{j}]", tau),) + (
+                () if held_taus is None else ((f"applied_taus[{j}]", held_taus[j]),)):
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating-point tensor")
         if u.dim() != 2 or v.dim() != 2 or tau.dim() != 1:
             raise ValueError(f"us[{j}], vs[{j}], taus[{j}] must be 2-D, 2-D and 1-D, got shapes "
                              f"{tuple(u.shape)}, {tuple(v.shape)}, {tuple(tau.shape)}")
@@ -95,29 +167,83 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
                              f"{tuple(v.shape)}")
         if r == 0:
             raise ValueError(f"taus[{j}] must have rank r >= 1")
-        for name, f in ((f"us[{j}]", u), (f"vs[{j}]", v), (f"taus[{j}]", tau)):
+        if held_taus is not None and held_taus[j].shape != (r,):
+            raise ValueError(f"applied_taus[{j}] must have the shape of taus[{j}] ({r},), got "
+                             f"{tuple(held_taus[j].shape)}")
+        factors = [(f"us[{j}]", u), (f"vs[{j}]", v), (f"taus[{j}]", tau)]
+        if held_taus is not None:
+            factors.append((f"applied_taus[{j}]", held_taus[j]))
+        for name, f in factors:
             if f.device != w.device:
                 raise ValueError(f"{name} is on {f.device} but weights[{j}] is on {w.device}")
         check_no_internal_overlap(w, f"weights[{j}]")
     # Weights may not overlap each other nor the factors read while they are written.
+    factor_lists = (("us", us), ("vs", vs), ("taus", taus)) + (
+        () if held_taus is None else (("applied_taus", held_taus),))
     check_no_overlap([(f"weights[{j}]", w) for j, w in enumerate(weights)],
-                     [(f"{name}[{j}]", f) for name, fs in (("us", us), ("vs", vs), ("taus", taus))
-                      for j, f in enumerate(fs)] + [("scale", scale), ("decay", decay)])
-    groups = group_indices(weights)
-    plan = [(resolve_backend(backend, device), device, indices)
-            for (device, _), indices in groups.items()]
+                     [(f"{name}[{j}]", f) for name, fs in factor_lists for j, f in enumerate(fs)]
+                     + [("scale", scale), ("decay", decay), ("applied_scale", applied_scale)])
+    # Resolve every group's backend before writing anything.
+    plan = plan_groups(weights, key_list, backend)
+    return LowRankCall(plan, [_float32(u) for u in us], [_float32(v) for v in vs],
+                       [_float32(t) for t in taus], scale_vector, decay_vector, rounding,
+                       rounding_seed,
+                       None if held_taus is None else [_float32(t) for t in held_taus],
+                       applied_vector)
 
-    for chosen, device, indices in plan:
-        members = [weights[j] for j in indices]
-        with torch.no_grad(), contiguous_views(members) as work:
-            implementation(chosen, "lowrank_perturb")(
+
+def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = False) -> None:
+    """Apply a validated call group by group (shared by lowrank_perturb_ and its logged passes).
+
+    logs: None, or one UndoBuffers per group (docs/undo-log.md); count_only: only count."""
+    for g, group in enumerate(call.plan):
+        device = group.device
+        pick = group.indices
+        extra: dict[str, Any] = {}
+        if call.applied_taus is not None:
+            extra.update(applied_taus=[call.applied_taus[j] for j in pick],
+                         applied_scale=call.applied_scale.to(device, non_blocking=True))
+        if logs is not None:
+            extra.update(log=logs[g], count_only=count_only)
+        with torch.no_grad(), contiguous_views(group.tensors, write_back=not count_only) as work:
+            implementation(group.backend, "lowrank_perturb")(
                 work,
-                [_float32(us[j]) for j in indices],
-                [_float32(vs[j]) for j in indices],
-                [_float32(taus[j]) for j in indices],
-                scale_vector.to(device, non_blocking=True),
-                _select(decay_vector, indices).to(device, non_blocking=True),
-                [key_list[j] for j in indices],
-                rounding,
-                rounding_seed,
+                [call.us[j] for j in pick],
+                [call.vs[j] for j in pick],
+                [call.taus[j] for j in pick],
+                call.scale.to(device, non_blocking=True),
+                _select(call.decays, pick).to(device, non_blocking=True),
+                group.keys,
+                call.rounding,
+                call.rounding_seed,
+                **extra,
             )
+
+
+def run_lowrank_scatter(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Tensor],
+                        taus: list[torch.Tensor] | None, scale: torch.Tensor,
+                        decays: torch.Tensor, rounding: str = "nearest",
+                        rounding_seed: int = 0) -> None:
+    """Rewrite the logged elements of the last low-rank pass of `log`, group by group
+    (docs/undo-log.md, "Low-rank groups"): taus None puts the logged values back bit for bit (the
+    end of an exact restore); else W = round(decays[j] * logged + scale * P_j(tau_j)) (the end of
+    an exact update). us, vs, taus (float32 contiguous), decays (float32 [count]) are in the order
+    of the weight list the logged pass was given; call it after the dense pass (restore:
+    applied_* with scale 0; update: applied_* with the update's taus and scale)."""
+    if log.plan is None:
+        return
+    for group, buffers in zip(log.plan, log.buffers):
+        device = group.device
+        pick = group.indices
+        with torch.no_grad(), contiguous_views(group.tensors) as work:
+            implementation(group.backend, "lowrank_scatter")(
+                work, [us[j] for j in pick], [vs[j] for j in pick],
+                None if taus is None else [taus[j] for j in pick],
+                buffers.index, buffers.values, buffers.count,
+                scale.to(device, non_blocking=True),
+                _select(decays, pick).to(device, non_blocking=True),
+                group.keys, rounding, rounding_seed)
+
+
+__all__ = ["lowrank_perturb_", "prepare_lowrank", "run_lowrank", "run_lowrank_scatter",
+           "LowRankCall"]

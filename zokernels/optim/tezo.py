@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from ..ops.lowrank import lowrank_perturb_
+from ..ops.lowrank import lowrank_perturb_, run_lowrank_scatter
 from ..ops.noise import noise
+from ..ops.undo import UndoLog
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from ..trajectory import register_replayer
 from .base import ZOOptimizer, check_common_hyper, check_hyper
@@ -49,15 +50,39 @@ class _LowRankState:
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
-    def apply(self, taus: torch.Tensor, scale: Any, decay: float, backend: str) -> None:
-        """W = round(d * W + scale * U diag(tau) V^T / sqrt(r)) for every weight (one launch);
-        d = decay on decayable weights. The 1/sqrt(r) makes Z's entries unit-variance."""
+    def _per_weight(self, taus: torch.Tensor) -> list[torch.Tensor]:
+        """The flat tau vector scaled by 1/sqrt(r_j) and split per weight. Elementwise, so the
+        same taus give the same bits in every pass (a recovery needs the writer's exact D)."""
+        return self.split(taus * self.rank_norm)
+
+    def _decays(self, decay: float) -> list[float]:
+        return [decay if d else 1.0 for d in self.decayable]
+
+    def apply(self, taus: torch.Tensor, scale: Any, decay: float, backend: str, *,
+              applied: tuple[torch.Tensor, float] | None = None,
+              log: UndoLog | None = None) -> None:
+        """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for every weight (one launch);
+        d = decay on decayable weights. The 1/sqrt(r) makes Z's entries unit-variance.
+        theta = W, or with applied = (held taus, held scale) the weight recovered from the
+        perturbation W holds now; `log` keeps what a later recovery of this pass would miss."""
         if not self.weights:
             return
-        per_rank = taus * self.rank_norm
-        decays = [decay if d else 1.0 for d in self.decayable]
-        lowrank_perturb_(self.weights, self.us, self.vs, self.split(per_rank), scale=scale,
-                         decay=decays, keys=self.keys, backend=backend, check_finite=False)
+        held = {} if applied is None else dict(applied_taus=self._per_weight(applied[0]),
+                                               applied_scale=applied[1])
+        lowrank_perturb_(self.weights, self.us, self.vs, self._per_weight(taus), scale=scale,
+                         decay=self._decays(decay), keys=self.keys, backend=backend,
+                         check_finite=False, log=log, **held)
+
+    def apply_logged(self, log: UndoLog, taus: torch.Tensor | None = None, scale: float = 0.0,
+                     decay: float = 1.0) -> None:
+        """Rewrite the elements `log` holds: taus None puts their logged values back bit for bit
+        (restore); else W = round(d * logged + scale * U diag(tau) V^T / sqrt(r)) (update)."""
+        if not self.weights or log.plan is None:
+            return
+        run_lowrank_scatter(log, self.us, self.vs,
+                            None if taus is None else self._per_weight(taus),
+                            torch.tensor([scale], dtype=torch.float32),
+                            torch.tensor(self._decays(decay), dtype=torch.float32))
 
     @property
     def state_numel(self) -> int:
@@ -85,12 +110,14 @@ class TeZO(ZOOptimizer):
         adam:     m as above, v = b2 v + (1 - b2) (g tau_t)^2,
                   W -= lr U diag(m_hat / (sqrt(v_hat) + delta)) V^T / sqrt(r)   (bias-corrected)
 
-    The update is fused with the restore (one low-rank pass: the held -eps Z_t and the update
-    share U and V). Optimizer state per matrix: U, V and two r-vectors, never m x n.
-    Restore exactness: the 1-D parameters use undo logs like MeZO; the 2-D weights are restored
-    by adding the opposite low-rank perturbation, so after a failed closure some of their elements
-    may differ by the rounding of the perturbed value (about an ulp of eps * |Z|); the low-rank op
-    has no recovery / undo log yet.
+    The update is fused with the restore (one low-rank pass recovers theta from the held -eps Z_t
+    and applies the update; they share U and V). Optimizer state per matrix: U, V and two
+    r-vectors, never m x n.
+    Restore exactness: as MeZO's, for every parameter. The 2-D weights are moved between
+    perturbations by recovery (lowrank_perturb_'s applied_taus / applied_scale) and keep undo logs
+    of the elements recovery cannot give back (docs/undo-log.md, "Low-rank groups"), so a failed
+    closure or a skipped step leaves every weight bit-identical and the update is computed from
+    the exact theta. exact_restore=False drops the logs (recovery quality only).
     """
 
     algorithm = "tezo"
@@ -114,7 +141,10 @@ class TeZO(ZOOptimizer):
         check_hyper("betas[1]", betas[1], high=1.0, high_open=True)
         self.rank, self.variant = rank, variant
         self.betas, self.delta = (float(betas[0]), float(betas[1])), float(delta)
-        self._lowrank_held: list[tuple[torch.Tensor, float]] | None = None
+        # What each group's 2-D weights hold now ((tau, coef) or None = theta), and the log
+        # slots filled since they were last exact.
+        self._lowrank_held: list[tuple[torch.Tensor, float] | None] | None = None
+        self._lowrank_slots: list[int] = []
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
                          dist=dist, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group,
@@ -136,6 +166,8 @@ class TeZO(ZOOptimizer):
                 keys=[space.keys[j] for j in rest], backend=self.backend,
                 no_decay=self.no_decay))
         self.spaces = dense_spaces
+        # Two logs per param group for the 2-D weights too: the +eps and the -eps pass.
+        self._lowrank_logs = [(UndoLog(), UndoLog()) for _ in self.lowrank]
 
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()  # all parameters: the split comes after
@@ -153,6 +185,12 @@ class TeZO(ZOOptimizer):
     def state_numel(self) -> int:
         return sum(s.state_numel for s in self.lowrank)
 
+    @property
+    def undo_log_bytes(self) -> int:
+        """Device memory held by the undo logs, dense and low-rank (0 with exact_restore=False)."""
+        return super().undo_log_bytes + sum(log.nbytes for pair in self._lowrank_logs
+                                            for log in pair)
+
     def _taus(self, step: int, state: _LowRankState, g: int) -> torch.Tensor:
         if state.offsets[-1] == 0:
             return state.momentum
@@ -165,30 +203,79 @@ class TeZO(ZOOptimizer):
         return self._guarded(lambda: self._step(closure))
 
     def _restore(self) -> None:
-        held, self._lowrank_held = self._lowrank_held, None
-        if held is not None:
-            for state, (taus, coef) in zip(self.lowrank, held):
-                state.apply(taus, -coef, 1.0, self.backend)
-        super()._restore()
+        """The 2-D weights back to their exact pre-step bits (a recovery pass with scale 0, then
+        the logs rewritten, latest first), then the dense ones (base class)."""
+        held, slots = self._lowrank_held, self._lowrank_slots
+        self._lowrank_held, self._lowrank_slots = None, []
+        try:
+            for state, h in zip(self.lowrank, held or []):
+                if h is not None:
+                    state.apply(h[0], 0.0, 1.0, self.backend, applied=h)
+            for slot in reversed(slots):
+                for state, pair in zip(self.lowrank, self._lowrank_logs):
+                    state.apply_logged(pair[slot])
+        finally:
+            self._clear_lowrank_logs()
+            super()._restore()
 
-    def _lowrank_perturb(self, taus: list[torch.Tensor], coefs: list[float]) -> None:
-        """Move the 2-D weights from the held coefficient to `coefs` (same tau), group by group,
-        keeping _lowrank_held true after each group for a restore."""
-        held = self._lowrank_held or [(tau, 0.0) for tau in taus]
+    def _clear_lowrank_logs(self) -> None:
+        for pair in self._lowrank_logs:
+            for log in pair:
+                if log.plan is not None:
+                    log.clear()
+
+    def _check_logs(self) -> None:
+        super()._check_logs()
+        if not self.exact_restore:
+            return
+        for pair in self._lowrank_logs:
+            for log in pair:
+                if log.check():
+                    self.zo_state["undo_overflows"] += 1
+
+    def _lowrank_perturb(self, taus: list[torch.Tensor], coefs: list[float], slot: int) -> None:
+        """Move the 2-D weights to theta + coefs[g] Z(taus[g]), from theta or by recovery from the
+        perturbation they hold (same taus), logging into `slot`; _lowrank_held stays true after
+        each group for a restore."""
+        held = self._lowrank_held or [None] * len(self.lowrank)
+        if slot not in self._lowrank_slots:
+            self._lowrank_slots.append(slot)  # before the pass: a failure inside still restores it
         for g, (state, tau) in enumerate(zip(self.lowrank, taus)):
-            state.apply(tau, coefs[g] - held[g][1], 1.0, self.backend)
+            log = self._lowrank_logs[g][slot] if self.exact_restore else None
+            state.apply(tau, coefs[g], 1.0, self.backend, applied=held[g], log=log)
             held = held[:g] + [(tau, coefs[g])] + held[g + 1:]
             self._lowrank_held = held
+
+    def _lowrank_update(self, taus: list[torch.Tensor], grads: list[torch.Tensor],
+                        lrs: list[float], decays: list[float], step: int) -> None:
+        """W = round(d * theta - lr U diag(direction) V^T / sqrt(r)) in ONE pass per group that
+        recovers theta from the held -eps Z_t, then the logged elements rewritten from their exact
+        values: bit-identical to the update applied to the unperturbed weights (and to a replay).
+        Runs no user code; an interrupt between the passes still finishes the rewrites."""
+        held, slots = self._lowrank_held, self._lowrank_slots
+        self._lowrank_held, self._lowrank_slots = None, []
+        updates: list[torch.Tensor] = []
+        try:
+            for g, state in enumerate(self.lowrank):
+                update = -lrs[g] * self._direction(state, taus[g], grads[g], step)
+                updates.append(update)
+                state.apply(update, 1.0, decays[g], self.backend,
+                            applied=None if held is None else held[g])
+        finally:
+            for slot in reversed(slots):
+                for g, (state, update) in enumerate(zip(self.lowrank, updates)):
+                    state.apply_logged(self._lowrank_logs[g][slot], update, 1.0, decays[g])
+            self._clear_lowrank_logs()
 
     def _step(self, closure) -> torch.Tensor:
         step = self.zo_state["step"]
         eps = [group["eps"] for group in self.param_groups]
         seed = self.seed_for(step)
         taus = [self._taus(step, state, g) for g, state in enumerate(self.lowrank)]
-        self._lowrank_perturb(taus, eps)
+        self._lowrank_perturb(taus, eps, 0)
         self._perturb_held(seed, eps, None, 0)
         loss_plus = self._evaluate(closure)
-        self._lowrank_perturb(taus, [-e for e in eps])
+        self._lowrank_perturb(taus, [-e for e in eps], 1)
         self._perturb_held(seed, [-e for e in eps], None, 1)
         loss_minus = self._evaluate(closure)
         if self.process_group is not None:
@@ -203,12 +290,7 @@ class TeZO(ZOOptimizer):
         grads = [half_diff / group["eps"] for group in self.param_groups]
         lrs = [group["lr"] for group in self.param_groups]
         decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
-        self._lowrank_held = None
-        for g, state in enumerate(self.lowrank):
-            direction = self._direction(state, taus[g], grads[g], step)
-            # restore (+eps tau from -eps tau, scaled by the decay) and update in one pass
-            state.apply(decays[g] * eps[g] * taus[g] - lrs[g] * direction, 1.0, decays[g],
-                        self.backend)
+        self._lowrank_update(taus, grads, lrs, decays, step)
         coefs = [(-lrs[g] * grads[g]).reshape(1) for g in range(len(self.param_groups))]
         self._update([seed], coefs, None)
         if self.trajectory is not None:
@@ -225,12 +307,17 @@ class TeZO(ZOOptimizer):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"momentum": [s.momentum.clone() for s in self.lowrank],
-                "second": [s.second.clone() for s in self.lowrank]}
+                "second": [s.second.clone() for s in self.lowrank],
+                "lowrank_undo_logs": [[log.state_dict() for log in pair]
+                                      for pair in self._lowrank_logs]}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         for s, m, v in zip(self.lowrank, state.get("momentum", []), state.get("second", [])):
             s.momentum.copy_(m)
             s.second.copy_(v)
+        for pair, saved_pair in zip(self._lowrank_logs, state.get("lowrank_undo_logs", [])):
+            for log, saved in zip(pair, saved_pair):
+                log.load_state_dict(saved)
 
 
 def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state: _LowRankState,

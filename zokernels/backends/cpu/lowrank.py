@@ -1,21 +1,48 @@
-"""lowrank_perturb_ on the CPU: W = round(decay * W + scale * U diag(tau) V^T), row tiles."""
+"""lowrank_perturb_ on the CPU: W = round(decay * theta + scale * U diag(tau) V^T), row tiles."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..undo_buffers import UndoBuffers
 from ._codes import DTYPE_CODES, ROUNDING_CODES
 from ._loader import load_cpu_extension
+
+# _C.lowrank_perturb's log_mode codes.
+_NO_LOG, _LOG, _COUNT_ONLY = 0, 1, 2
 
 
 def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor],
                         taus: list[Tensor], scale: Tensor, decays: Tensor, keys: list[int],
-                        rounding: str, rounding_seed: int) -> None:
+                        rounding: str, rounding_seed: int, applied_taus: list[Tensor] | None = None,
+                        applied_scale: Tensor | None = None, log: UndoBuffers | None = None,
+                        count_only: bool = False) -> None:
+    """In place: W_j = round(decays[j] * theta + scale * P_j(tau_j)), P_j(tau)[row, col] =
+    sum_k U_j[row, k] * (V_j[col, k] * tau[k]) summed in k order, unfused: bit-identical to
+    lowrank_perturb_torch. theta = W_j, or with `applied_taus` the weight recovered from
+    round(theta + applied_scale * P_j(applied_tau_j)) (docs/noise-contract.md, "Recovery").
+
+    With `log`, the elements a later recovery with this D = scale * P could not give back are
+    appended to it (in no particular order) and log.count grows by their number, also past the
+    capacity; `count_only` writes nothing but log.count (docs/undo-log.md)."""
+    if count_only and log is None:
+        raise ValueError("lowrank_perturb_cpu: count_only needs a log")
+    if (applied_taus is None) != (applied_scale is None):
+        raise ValueError("lowrank_perturb_cpu: applied_taus and applied_scale go together")
     ext = load_cpu_extension()
+    extra = {}
+    if applied_taus is not None:
+        extra.update(applied_tau_ptrs=[t.data_ptr() for t in applied_taus],
+                     applied_scale=float(applied_scale.reshape(-1)[0].item()))
+    if log is not None:
+        extra.update(log_index_ptr=log.index.data_ptr(), log_values_ptr=log.values.data_ptr(),
+                     log_capacity=min(log.index.numel(), log.values.numel()),
+                     log_count_ptr=log.count.data_ptr(),
+                     log_mode=_COUNT_ONLY if count_only else _LOG)
     ext.lowrank_perturb(
         [w.data_ptr() for w in weights], [w.shape[0] for w in weights],
         [w.shape[1] for w in weights], [u.shape[1] for u in us], [u.data_ptr() for u in us],
         [v.data_ptr() for v in vs], [t.data_ptr() for t in taus], decays.tolist(),
         float(scale.reshape(-1)[0].item()), list(keys), DTYPE_CODES[weights[0].dtype],
-        ROUNDING_CODES[rounding], rounding_seed, torch.get_num_threads())
+        ROUNDING_CODES[rounding], rounding_seed, torch.get_num_threads(), **extra)

@@ -1,20 +1,78 @@
-"""Low-rank perturbation reference: W = round(decay * W + scale * U diag(tau) V^T)."""
+"""Low-rank perturbation reference: W = round(decay * W + scale * U diag(tau) V^T), with recovery
+(applied_taus / applied_scale) and the undo log (docs/undo-log.md, "Low-rank groups")."""
 
 import torch
 
-from .rounding import round_to
+from .rounding import lost_by_recovery, recover, round_to
 
-# Rows per chunk: the m x n product is never materialized whole.
-_ROW_ELEMENTS = 1 << 22
+# Elements per row chunk: the m x n product is never materialized whole. The product takes 2r
+# elementwise passes over a chunk: on the CPU a cache-resident chunk (64 KiB of float32) made the
+# reference about 5x faster than 4M-element chunks (768 x 3072, r = 16: ~75 ms instead of
+# 430-940 ms, a shared 2-core machine); on a GPU big chunks keep the kernel launches few.
+_ROW_ELEMENTS = {"cpu": 1 << 14}
+_ROW_ELEMENTS_DEFAULT = 1 << 22
 
 
-def lowrank_perturb_torch(weights, us, vs, taus, scale, decays, keys, rounding, rounding_seed) -> None:
-    """In place, fp32 accumulation, one rounding per element (reference)."""
-    for weight, u, v, tau, decay, key in zip(weights, us, vs, taus, decays, keys):
+def scaled_factor_t(v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """(V diag(tau))^T, r x n: the float32 products V[col, k] * tau[k], formed once per call."""
+    return (v * tau).T.contiguous()
+
+
+def lowrank_product(u_rows: torch.Tensor, vt_tau: torch.Tensor) -> torch.Tensor:
+    """P[row, col] = U[row, 0] * vt_tau[0, col] + U[row, 1] * vt_tau[1, col] + ..., in k order,
+    each product and each sum rounded to float32 (no fma, no BLAS blocking): the C++ kernel's
+    order, so the two agree bit for bit, and a scattered element can be given the same bits."""
+    prod = u_rows[:, :1] * vt_tau[:1]
+    term = torch.empty_like(prod)  # in place: r - 1 passes over the chunk, no allocations
+    for k in range(1, vt_tau.shape[0]):
+        torch.mul(u_rows[:, k:k + 1], vt_tau[k:k + 1], out=term)
+        prod.add_(term)
+    return prod
+
+
+def lowrank_perturb_torch(weights, us, vs, taus, scale, decays, keys, rounding, rounding_seed,
+                          applied_taus=None, applied_scale=None, log=None,
+                          count_only=False) -> None:
+    """In place, fp32 arithmetic, one rounding per element (reference for every fast path):
+
+        D     = scale * P(tau),   P(tau)[row, col] = sum_k U[row, k] * (V[col, k] * tau[k])
+        theta = W, or recover(W, applied_scale * P(applied_tau)) with applied_taus
+        W     = round(decay * theta + D)
+
+    With `log` (UndoBuffers; nearest rounding, decay 1), the elements whose theta a later
+    recovery with this D would not give back (or NaN, -0.0) are appended as (group-flat index,
+    theta) in element order; `count_only` writes nothing but log.count (docs/undo-log.md).
+    """
+    start = 0  # group-flat index of the weight's first element
+    for j, (weight, u, v, tau, decay, key) in enumerate(zip(weights, us, vs, taus, decays, keys)):
         m, n = weight.shape
-        rows = max(1, _ROW_ELEMENTS // max(n, 1))
-        scaled_v = (v * tau).T  # r x n; the scale multiplies the product, as in the kernels
+        rows = max(1, _ROW_ELEMENTS.get(weight.device.type, _ROW_ELEMENTS_DEFAULT) // n)
+        vt_tau = scaled_factor_t(v, tau)
+        vt_held = None if applied_taus is None else scaled_factor_t(v, applied_taus[j])
         for row in range(0, m, rows):
             block = weight[row:row + rows]
-            acc = block.to(torch.float32) * decay + scale * (u[row:row + rows] @ scaled_v)
-            block.copy_(round_to(acc, weight.dtype, rounding, rounding_seed, key, row * n))
+            noise_sum = scale * lowrank_product(u[row:row + rows], vt_tau)
+            theta = block.to(torch.float32)
+            if vt_held is not None:
+                held = applied_scale * lowrank_product(u[row:row + rows], vt_held)
+                theta = recover(theta, held, weight.dtype)
+            acc = theta * decay + noise_sum
+            written = round_to(acc, weight.dtype, rounding, rounding_seed, key, row * n)
+            if log is not None:
+                lost = lost_by_recovery(theta, written, noise_sum, weight.dtype).view(-1)
+                _append(log, start + row * n + lost.nonzero().view(-1), theta.view(-1)[lost],
+                        count_only)
+            if not count_only:
+                block.copy_(written)
+        start += m * n
+
+
+def _append(log, indices: torch.Tensor, values: torch.Tensor, count_only: bool) -> None:
+    """Entries past the capacity are counted, not stored (docs/undo-log.md)."""
+    first = int(log.count.item())
+    log.count.add_(indices.numel())
+    if count_only:
+        return
+    room = max(0, min(indices.numel(), log.capacity - first))
+    log.index[first:first + room] = indices[:room]
+    log.values[first:first + room] = values[:room].to(log.values.dtype)

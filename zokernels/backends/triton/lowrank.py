@@ -1,6 +1,8 @@
 """Fused low-rank perturbation, in place, ONE launch for the whole weight list:
 
-    W_j <- round(decays[j] * W_j + scale * U_j diag(tau_j) V_j^T)
+    D     = scale * P_j(tau_j),  P_j(tau) = U_j diag(tau) V_j^T          (float32 tiles)
+    theta = W_j, or recover(W_j, applied_scale * P_j(applied_tau_j))   (HAS_APPLIED)
+    W_j   <- round(decays[j] * theta + D)
 
 tile by tile: a program owns one BM x BN tile of one weight, accumulates
 ``U_tile @ (V_tile * tau)^T`` over the rank in RK-wide chunks with ``tl.dot`` (float32
@@ -9,13 +11,30 @@ accumulator), and rounds once (nearest-even, or stochastic with stream 1 of ``ro
 Bytes moved per weight element: one read and one write of W's dtype; U / V / tau (float32, r
 values per row / column) are re-read once per tile row / column, mostly from L2.
 
+Recovery (``applied_taus``) runs a second ``tl.dot`` with the applied taus on the same U / V
+tiles: the same instructions on the same tile shapes, so D1 equals, bit for bit, the D that a
+pass with ``scale = applied_scale, taus = applied_taus`` over the same weight list wrote (RK, the
+rank chunk, depends on the largest rank in the call: the later pass must cover the same weights).
+The kernel is compiled with ``enable_fp_fusion=False``: ``scale * P`` is then a rounded float32
+value in both passes, never contracted into the addition it feeds (an FMA there would make the
+written value ``round(theta + scale * P)`` with an unrounded product, which the recovery, computing
+with the rounded D1, could not invert reliably). ``tl.dot`` itself (tf32x3 for fp32 weights, tf32
+otherwise; numpy's matmul under the interpreter) differs from the torch reference's k-ordered sum
+by its own rounding (tests/test_lowrank.py states the tolerance).
+
+Undo log (docs/undo-log.md, LOG_MODE 1 / 2): every element whose theta a later recovery with this
+D would not give back (or NaN, -0.0) is counted and, while slots remain, appended as
+(first_j + row * n + col, theta); a program reserves its slots with one atomic add and places
+them row-major by prefix sums. LOG_MODE 2 only counts (writes neither W nor the log).
+
 Launch table (one int64 tensor, built per call, copied without a host synchronization):
 
     [0, P)            starts[j]: first program of weight j (prefix sum of tiles), padded to
                       P = next_pow2(T) with INT64_MAX; binary search as in perturb
-    [P + 8j + 0..7]   w_off (elements of W's dtype from w_base), m, n, r,
-                      u_off, v_off, tau_off (float32 elements from f_base), key
-    [9P]              rounding seed
+    [P + 10j + 0..9]  w_off (elements of W's dtype from w_base), m, n, r,
+                      u_off, v_off, tau_off (float32 elements from f_base), key,
+                      first (group-flat index of W_j[0, 0]), held_off (applied taus, or 0)
+    [11P]             rounding seed
 """
 
 from __future__ import annotations
@@ -25,8 +44,8 @@ import triton
 import triton.language as tl
 
 from ._common import (ITEMSIZE, as_int64_bits, block_starts, count_launch, find_entry,
-                      int64_table, load_seed, next_pow2, round_nearest, round_stochastic,
-                      to_float32, SOFT_BF16)
+                      int64_table, load_seed, next_pow2, recover_unperturbed, round_nearest,
+                      round_stochastic, to_float32, SOFT_BF16)
 
 # 64 x 64 tiles at 8 warps: 16 elements per thread, ~128 registers on sm_90 (two CTAs per SM);
 # 64 x 128 needs ~220-250 registers (one CTA per SM), too little parallelism for a streaming op.
@@ -34,6 +53,7 @@ BM = 64    # rows per tile
 BN = 64    # columns per tile (contiguous in W)
 NUM_WARPS = 8
 RK_MAX = 64  # rank chunk: bounds the U / V tiles in registers whatever r is
+ROW = 10     # int64 entries per weight in the launch table
 
 
 @triton.jit
@@ -64,16 +84,18 @@ def _sr_uniforms_tile(seed, key, rows, col0, cols, n, BN: tl.constexpr, ROW4: tl
     return u
 
 
-@triton.jit
-def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr,
+@triton.jit(do_not_specialize=["capacity"])
+def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr, applied_scale_ptr,
+                    index_ptr, values_ptr, count_ptr, capacity,
                     LOG2_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     RK: tl.constexpr, STOCHASTIC: tl.constexpr, ROW4: tl.constexpr,
-                    VEC: tl.constexpr, PRECISION: tl.constexpr,
-                    SOFT_BF16: tl.constexpr):
+                    VEC: tl.constexpr, PRECISION: tl.constexpr, HAS_APPLIED: tl.constexpr,
+                    LOG_MODE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only."""
     P: tl.constexpr = 1 << LOG2_P
     pid = tl.program_id(0).to(tl.int64)
     j = find_entry(table_ptr, pid, LOG2_P)
-    row_ptr = table_ptr + P + 8 * j
+    row_ptr = table_ptr + P + 10 * j
     w_off = tl.load(row_ptr)
     m = tl.load(row_ptr + 1)
     n = tl.load(row_ptr + 2)
@@ -97,7 +119,8 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr,
     rmask = rows < m
     cmask = cols < n
 
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)   # P(tau)
+    held = tl.zeros([BM, BN], dtype=tl.float32)  # P(applied tau), HAS_APPLIED only
     for k0 in range(0, r, RK):
         ks = k0 + tl.arange(0, RK)
         kmask = ks < r
@@ -108,6 +131,9 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr,
                      mask=kmask[:, None] & cmask[None, :], other=0.0)  # V^T chunk [RK, BN]
         # tau scales V, as in the reference: U @ (V diag(tau))^T
         acc = tl.dot(ut, vt * tau[:, None], acc, input_precision=PRECISION)
+        if HAS_APPLIED:
+            tau1 = tl.load(f_base_ptr + tl.load(row_ptr + 9) + ks, mask=kmask, other=0.0)
+            held = tl.dot(ut, vt * tau1[:, None], held, input_precision=PRECISION)
 
     w_ptrs = w_base_ptr + w_off + rows[:, None] * n + cols[None, :]
     full = (tm * BM + BM <= m) & (col0 + BN <= n)
@@ -115,36 +141,75 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr,
         w = tl.load(w_ptrs)
     else:
         w = tl.load(w_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
-    acc = tl.load(decays_ptr + j) * to_float32(w, SOFT_BF16) + tl.load(scale_ptr) * acc
+    x = to_float32(w, SOFT_BF16)
+    if HAS_APPLIED:
+        x = recover_unperturbed(x, tl.load(applied_scale_ptr) * held,
+                                w_base_ptr.dtype.element_ty, SOFT_BF16)
+    d = tl.load(scale_ptr) * acc  # D: a rounded float32 value (no fp fusion)
+    acc = tl.load(decays_ptr + j) * x + d
 
     if STOCHASTIC:
-        u = _sr_uniforms_tile(load_seed(table_ptr + 9 * P), key, rows, col0, cols, n, BN, ROW4)
+        u = _sr_uniforms_tile(load_seed(table_ptr + 11 * P), key, rows, col0, cols, n, BN, ROW4)
         y = round_stochastic(acc, u, w_base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, w_base_ptr.dtype.element_ty, SOFT_BF16)
-    if full:
-        tl.store(w_ptrs, y)
-    else:
-        tl.store(w_ptrs, y, mask=rmask[:, None] & cmask[None, :])
+    if LOG_MODE != 2:
+        if full:
+            tl.store(w_ptrs, y)
+        else:
+            tl.store(w_ptrs, y, mask=rmask[:, None] & cmask[None, :])
+
+    if LOG_MODE != 0:
+        # lost: a later pass with applied = (scale, tau) recovers y with this very d and does not
+        # get x back; NaN and -0.0 are always kept (a later pass canonicalizes NaN, adds +-0.0)
+        x_bits = x.to(tl.uint32, bitcast=True)
+        back = recover_unperturbed(to_float32(y, SOFT_BF16), d, w_base_ptr.dtype.element_ty,
+                                   SOFT_BF16)
+        lost = ((back.to(tl.uint32, bitcast=True) != x_bits)
+                | ((x_bits & 0x7FFFFFFF) > 0x7F800000) | (x_bits == 0x80000000))
+        lost = (lost & rmask[:, None] & cmask[None, :]).to(tl.int32)
+        row_lost = tl.sum(lost, axis=1)
+        n_lost = tl.sum(row_lost, axis=0)
+        if n_lost > 0:  # all programs hit one counter: skip the atomic when there is nothing
+            first = tl.atomic_add(count_ptr, n_lost.to(tl.int64), sem="relaxed")
+            if LOG_MODE == 1:
+                # row-major order inside the tile: rows before, then the lost ones in the row
+                before = tl.cumsum(row_lost, axis=0) - row_lost
+                slot = first + (before[:, None] + tl.cumsum(lost, axis=1) - 1)
+                keep = (lost != 0) & (slot < capacity)  # past the capacity: counted only
+                flat = tl.load(row_ptr + 8) + rows[:, None] * n + cols[None, :]
+                tl.store(index_ptr + slot, flat, mask=keep)
+                if HAS_APPLIED:  # exact: x is a value of the weight's dtype
+                    old = round_nearest(x, w_base_ptr.dtype.element_ty, SOFT_BF16)
+                else:  # the old bits themselves (NaN payloads too)
+                    old = w
+                tl.store(values_ptr + slot, old, mask=keep)
 
 
 def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
                            vs: list[torch.Tensor], taus: list[torch.Tensor], scale: torch.Tensor,
                            decays: torch.Tensor, keys: list[int], rounding: str,
-                           rounding_seed: int) -> None:
-    """In place: W_j = round(decays[j] * W_j + scale * U_j diag(tau_j) V_j^T) for every weight,
-    float32 accumulation, one kernel launch, no host synchronization."""
+                           rounding_seed: int, applied_taus: list[torch.Tensor] | None = None,
+                           applied_scale: torch.Tensor | None = None, log=None,
+                           count_only: bool = False) -> None:
+    """In place: W_j = round(decays[j] * theta + scale * U_j diag(tau_j) V_j^T) for every weight,
+    theta = W_j or, with ``applied_taus`` (float32 [r_j] each) and ``applied_scale`` (float32 [1]),
+    W_j recovered from round(theta + applied_scale * U_j diag(applied_tau_j) V_j^T). ``log``: None,
+    or the UndoBuffers that receive the elements recovery cannot give back (the caller zeroes
+    ``log.count``); ``count_only``: only add to the count. One kernel launch, no host
+    synchronization."""
     dtype = weights[0].dtype
     itemsize = ITEMSIZE[dtype]
+    log_mode = 0 if log is None else (2 if count_only else 1)
     w_ptrs = [w.data_ptr() for w in weights]
     w_i = min(range(len(weights)), key=w_ptrs.__getitem__)
-    f_tensors = list(us) + list(vs) + list(taus)
+    f_tensors = list(us) + list(vs) + list(taus) + list(applied_taus or [])
     f_ptrs = [f.data_ptr() for f in f_tensors]
     f_i = min(range(len(f_tensors)), key=f_ptrs.__getitem__)
     w_base, f_base = w_ptrs[w_i], f_ptrs[f_i]
 
     p = next_pow2(len(weights))
-    counts, rows, max_r = [], [], 1
+    counts, rows, max_r, first = [], [], 1, 0
     vec = 16 // itemsize
     row4, aligned = True, True
     for j, w in enumerate(weights):
@@ -152,23 +217,32 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
         r = us[j].shape[1]
         max_r = max(max_r, r)
         counts.append(triton.cdiv(m, BM) * triton.cdiv(n, BN))
+        held_off = 0 if applied_taus is None else (applied_taus[j].data_ptr() - f_base) // 4
         rows += [(w_ptrs[j] - w_base) // itemsize, m, n, r,
                  (us[j].data_ptr() - f_base) // 4, (vs[j].data_ptr() - f_base) // 4,
-                 (taus[j].data_ptr() - f_base) // 4, keys[j]]
+                 (taus[j].data_ptr() - f_base) // 4, keys[j], first, held_off]
+        first += m * n
         row4 &= n % 4 == 0
         aligned &= w_ptrs[j] % 16 == 0 and n % vec == 0
-    rows += [0] * (8 * (p - len(weights)))
+    rows += [0] * (ROW * (p - len(weights)))
     table = int64_table(block_starts(counts, p) + rows + [as_int64_bits(rounding_seed)],
                         weights[0].device)
 
     rk = min(max(16, next_pow2(max_r)), RK_MAX)  # tl.dot needs K >= 16
+    scale = scale.contiguous()
     _lowrank_kernel[(sum(counts),)](
-        weights[w_i], f_tensors[f_i], table, decays.contiguous(), scale.contiguous(),
+        weights[w_i], f_tensors[f_i], table, decays.contiguous(), scale,
+        scale if applied_scale is None else applied_scale.contiguous(),  # unread without
+        # unused log arguments are None: constexpr, not even kernel parameters
+        log.index if log_mode == 1 else None, log.values if log_mode == 1 else None,
+        log.count if log_mode != 0 else None, log.capacity if log_mode == 1 else None,
         LOG2_P=p.bit_length() - 1, BM=BM, BN=BN, RK=rk,
         STOCHASTIC=(rounding == "stochastic" and dtype != torch.float32), ROW4=row4,
         VEC=vec if aligned else 1,
         # fp32 weights need fp32-accurate products (3xTF32); 16-bit weights round far coarser
         # than TF32's 2^-11, so a single TF32 pass suffices
         PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
-        SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS)
+        HAS_APPLIED=applied_taus is not None, LOG_MODE=log_mode,
+        SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS,
+        enable_fp_fusion=False)  # D = scale * P stays a rounded value (module docstring)
     count_launch()
