@@ -298,7 +298,7 @@ def test_dtensor_row_and_column_shards_equal_the_unsharded_perturb(tmp_path):
         assert torch.load(tmp_path / f"dtensor{rank}.pt")["failures"] == []
 
 
-@pytest.mark.parametrize("name", ["mezo", "lezo", "pseuzo"])
+@pytest.mark.parametrize("name", ["mezo", "lezo", "tezo", "pseuzo"])
 def test_fsdp2_training_equals_unsharded_and_its_trajectory_replays(name, tmp_path):
     """FSDP2 fully_shard on CPU (gloo): both ranks see the whole batch, so the sharded run must
     equal one unsharded process bit for bit (same z at every element, same averaged losses); its

@@ -24,17 +24,28 @@ class _LowRankState:
     """The 2-D weights of one param group with their fixed factors and tau-space moments."""
 
     def __init__(self, names: list[str], weights: list[torch.Tensor], keys: list[int],
-                 decayable: list[bool], rank: int, factor_seed: int, backend: str) -> None:
+                 decayable: list[bool], rank: int, factor_seed: int, backend: str,
+                 shards: list[Any] | None = None) -> None:
+        """weights: the tensors written (local shards of sharded weights); shards: per weight None
+        or its zokernels.sharding.Shard (the unsharded shape and the box's offset)."""
         self.names, self.weights, self.keys = names, weights, keys
         self.decayable = decayable
-        self.ranks = [min(rank, w.shape[0], w.shape[1]) for w in weights]
+        shards = shards if shards is not None else [None] * len(weights)
+        shapes = [tuple(w.shape) if sh is None else sh.global_shape
+                  for w, sh in zip(weights, shards)]
+        # the rank rule on the unsharded shape: every rank of a sharded run uses the same r
+        self.ranks = [min(rank, m, n) for m, n in shapes]
         self.us, self.vs = [], []
-        for w, key, r in zip(weights, keys, self.ranks):
-            m, n = w.shape
-            # drawn once, as pure functions of (seed, key): never saved, rebuilt on resume/replay
-            u = noise(m * r, factor_seed, key, device=w.device, backend=backend).view(m, r)
-            v = noise(n * r, factor_seed, key, offset=m * r, device=w.device,
-                      backend=backend).view(n, r)
+        for w, key, r, (m, n), shard in zip(weights, keys, self.ranks, shapes, shards):
+            row0, col0 = (0, 0) if shard is None else shard.global_offset
+            rows, cols = w.shape
+            # drawn once, as pure functions of (seed, key): never saved, rebuilt on resume/replay.
+            # U is rows x r of the unsharded m x r (flat offset row0 * r), V cols x r of n x r
+            # (after U's m * r elements): a shard's block of U diag(tau) V^T is the unsharded one.
+            u = noise(rows * r, factor_seed, key, offset=row0 * r, device=w.device,
+                      backend=backend).view(rows, r)
+            v = noise(cols * r, factor_seed, key, offset=m * r + col0 * r, device=w.device,
+                      backend=backend).view(cols, r)
             self.us.append(u)
             self.vs.append(v)
         self.offsets = [0]
@@ -93,8 +104,8 @@ class _LowRankState:
 
 def _split_by_rank(space: ParameterSpace) -> tuple[list[int], list[int]]:
     """Positions of the 2-D tensors (low-rank noise) and of the others (full noise)."""
-    two_d = [j for j, t in enumerate(space.tensors) if t.dim() == 2]
-    return two_d, [j for j, t in enumerate(space.tensors) if t.dim() != 2]
+    two_d = [j for j, t in enumerate(space.params) if t.dim() == 2]
+    return two_d, [j for j, t in enumerate(space.params) if t.dim() != 2]
 
 
 class TeZO(ZOOptimizer):
@@ -160,9 +171,10 @@ class TeZO(ZOOptimizer):
             self.lowrank.append(_LowRankState(
                 [space.names[j] for j in two_d], [space.tensors[j] for j in two_d],
                 [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
-                step_seed(self.base_seed, 0, g, purpose="factors"), self.backend))
+                step_seed(self.base_seed, 0, g, purpose="factors"), self.backend,
+                [space.shards[j] for j in two_d]))
             dense_spaces.append(ParameterSpace(
-                [(space.names[j], space.tensors[j]) for j in rest],
+                [(space.names[j], space.params[j]) for j in rest],
                 keys=[space.keys[j] for j in rest], backend=self.backend,
                 no_decay=self.no_decay))
         self.spaces = dense_spaces
@@ -176,7 +188,7 @@ class TeZO(ZOOptimizer):
             two_d, _ = _split_by_rank(space)
             lowrank.append({"param_names": [space.names[j] for j in two_d],
                             "keys": [space.keys[j] for j in two_d],
-                            "numel": [space.tensors[j].numel() for j in two_d]})
+                            "numel": [space.params[j].numel() for j in two_d]})
         meta.update(rank=self.rank, variant=self.variant, betas=list(self.betas),
                     delta=self.delta, lowrank=lowrank)
         return meta
@@ -349,12 +361,12 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
         states.append(_LowRankState(
             [space.names[j] for j in two_d], [space.tensors[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], meta["rank"],
-            step_seed(base, 0, g, purpose="factors"), backend))
+            step_seed(base, 0, g, purpose="factors"), backend, [space.shards[j] for j in two_d]))
     dense = []
     for space, lowrank in zip(spaces, meta["lowrank"]):
         names = set(lowrank["param_names"])
         rest = [j for j, n in enumerate(space.names) if n not in names]
-        dense.append(ParameterSpace([(space.names[j], space.tensors[j]) for j in rest],
+        dense.append(ParameterSpace([(space.names[j], space.params[j]) for j in rest],
                                     keys=[space.keys[j] for j in rest], backend=backend,
                                     no_decay=meta.get("no_decay", ())))
     for i, (step, seeds, coefs, decays, _) in enumerate(trajectory.records()):
