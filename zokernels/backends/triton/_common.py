@@ -11,11 +11,23 @@ The block helpers work on one BLOCK of a tensor whose first element index is a m
 word of the block is computed without a carry: ``z`` is independent of BLOCK, the grid and the
 other tensors of a call. The ``*_at`` helpers give the same values at arbitrary element indices
 (one Philox call per element: the undo log's scatter).
+
+Index maps (sharded parameters, layout in perturb.py): a local element i of a shard takes the
+noise and rounding uniforms of the contract index ``g(i) = offset + (i // local_span) *
+global_span + i % local_span``. ``map_index`` computes g for the lanes of a block;
+``noise_blocks_at`` / ``rounding_uniforms_at_blocks`` keep one Philox call per 4 (128) elements
+at non-consecutive, 64-bit block indices when the map keeps those groups aligned; otherwise the
+``*_at`` helpers run one call per element.
+
+Launch tables: ``build_table`` builds the static rows and the seeds into one tensor per call;
+``cached_table`` keeps the static tensor in a caller-owned dict (keyed by addresses, numels,
+keys, maps, block, dtype, device) and copies only the K + 1 seeds per call.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -89,30 +101,168 @@ def block_starts(counts: list[int], p: int) -> list[int]:
     return starts + [_INT64_MAX] * (p - len(starts))
 
 
-def build_table(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
-                rounding_seed: int, block: int):
-    """The launch table of a multi-tensor op (layout in perturb.py): (base tensor, int64 table on
-    the device, number of programs, LOG2_P, ALIGN).
+# ---- index maps (sharded parameters) --------------------------------------------------------
 
-    ``block``: elements per program; with block = 1 the starts are the tensors' first group-flat
-    element indices (scatter.py searches them per element)."""
+# Philox granularity of the contract: 4 elements per call (gaussian, uniform, rounding uniforms),
+# 128 per call (rademacher)
+QUAD = 4
+WORD = 128
+# local_span = global_span of a map that is a pure shift g(i) = offset + i: i // SHIFT_SPAN == 0
+# for every element (numel < 2^62), a multiple of WORD, and >= any BLOCK (map_index's cheap case)
+SHIFT_SPAN = 1 << 62
+
+
+def normalize_map(index_map, numel: int):
+    """None for an identity map, else (offset, local_span, global_span, grain) for the table.
+
+    ``g(i) = offset + (i // local_span) * global_span + i % local_span``. A map whose local rows are
+    contiguous in the global order (local_span == global_span) or that has one local row
+    (local_span == numel) is the shift g(i) = offset + i: its spans become SHIFT_SPAN so that its
+    alignment depends on the offset alone, and with offset 0 it is the identity. ``grain``: the
+    largest of 1, QUAD, WORD dividing offset and both spans: then every aligned local group of that
+    many elements maps onto one aligned global group (same local row, consecutive global indices),
+    so the kernel can keep one Philox call per group."""
+    if index_map is None:
+        return None
+    offset, local_span, global_span = (int(v) for v in index_map)
+    if local_span == global_span or local_span == numel:
+        if offset == 0:
+            return None
+        local_span = global_span = SHIFT_SPAN
+    grain = 1
+    for g in (QUAD, WORD):
+        if offset % g == 0 and local_span % g == 0 and global_span % g == 0:
+            grain = g
+    return offset, local_span, global_span, grain
+
+
+# ---- launch tables ----------------------------------------------------------------------------
+
+class LaunchTable(NamedTuple):
+    """What a multi-tensor kernel is launched with (layout in perturb.py).
+
+    table: the static part (int64, on the device): block starts and one row per tensor; depends
+    only on the tensors' addresses, numels, keys, maps and the block size. seeds: the per-call
+    part (int64 [K + 1]: seeds, rounding seed), separate so that a cached table serves any seeds.
+    block: the elements per program the table was built for (``mapped_block`` with maps)."""
+
+    base: torch.Tensor  # the tensor with the lowest address: rows hold offsets from it
+    table: torch.Tensor
+    seeds: torch.Tensor
+    n_programs: int
+    log2_p: int
+    align: int  # 16 // itemsize when every data_ptr is 16-byte aligned, else 1
+    mapped: bool  # rows carry the index maps (ROW = 8 values per tensor instead of 4)
+    block: int
+
+
+class _StaticTable(NamedTuple):
+    base_index: int  # no tensor reference: a cache entry must not keep tensors alive
+    table: torch.Tensor
+    n_programs: int
+    log2_p: int
+    align: int
+    mapped: bool
+    block: int
+
+
+# entries per table_cache dict: one group uses a few blocks (dense, recovery / log, scatter);
+# addresses that change every call (temporary contiguous copies) must not grow it
+TABLE_CACHE_ENTRIES = 4
+
+
+def _static_values(tensors, keys, block, index_maps, mapped_block):
+    """(host values of the static table, padded to an even length so that the seeds placed after
+    them stay 16-byte aligned, base index, programs, LOG2_P, ALIGN, mapped, block)."""
     itemsize = ITEMSIZE[tensors[0].dtype]
     ptrs = [t.data_ptr() for t in tensors]
     base_i = min(range(len(tensors)), key=ptrs.__getitem__)
     base = ptrs[base_i]
     numels = [t.numel() for t in tensors]
+    maps = None if index_maps is None else [normalize_map(m, n)
+                                            for m, n in zip(index_maps, numels)]
+    mapped = maps is not None and any(m is not None for m in maps)
+    if mapped and mapped_block is not None:
+        block = mapped_block
     counts = [(n + block - 1) // block for n in numels]
     p = next_pow2(len(tensors))
     rows, first = [], 0
-    for ptr, n, key in zip(ptrs, numels, keys):
+    for j, (ptr, n, key) in enumerate(zip(ptrs, numels, keys)):
         rows += [(ptr - base) // itemsize, n, key, first]
+        if mapped:
+            rows += (0, SHIFT_SPAN, SHIFT_SPAN, WORD) if maps[j] is None else maps[j]
         first += n
-    rows += [0] * (4 * (p - len(tensors)))
-    values = (block_starts(counts, p) + rows + [as_int64_bits(s) for s in seeds]
-              + [as_int64_bits(rounding_seed)])
+    row = 8 if mapped else 4
+    rows += [0] * (row * (p - len(tensors)))
+    values = block_starts(counts, p) + rows
+    values += [0] * (len(values) % 2)
     align = 16 // itemsize if all(ptr % 16 == 0 for ptr in ptrs) else 1
-    table = int64_table(values, tensors[0].device)
-    return tensors[base_i], table, sum(counts), p.bit_length() - 1, align
+    return values, base_i, sum(counts), p.bit_length() - 1, align, mapped, block
+
+
+def _seed_values(seeds: list[int], rounding_seed: int) -> list[int]:
+    return [as_int64_bits(s) for s in seeds] + [as_int64_bits(rounding_seed)]
+
+
+def build_table(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
+                rounding_seed: int, block: int, index_maps=None,
+                mapped_block: int | None = None) -> LaunchTable:
+    """The launch table of a multi-tensor op, built from scratch: static part and seeds in ONE
+    host list and one copy to the device (``seeds`` is a view of the same tensor).
+
+    ``block``: elements per program; with block = 1 the starts are the tensors' first group-flat
+    element indices (scatter.py searches them per element). ``index_maps``: None or one entry per
+    tensor, None or (offset, local_span, global_span); all-identity maps give the unmapped table.
+    ``mapped_block``: None, or the elements per program of a table with maps (then
+    ``LaunchTable.block``)."""
+    values, base_i, n_programs, log2_p, align, mapped, block = _static_values(
+        tensors, keys, block, index_maps, mapped_block)
+    table = int64_table(values + _seed_values(seeds, rounding_seed), tensors[0].device)
+    n = len(values)
+    return LaunchTable(tensors[base_i], table[:n], table[n:], n_programs, log2_p, align, mapped,
+                       block)
+
+
+def table_cache_key(tensors: list[torch.Tensor], keys: list[int], block: int, index_maps=None,
+                    mapped_block: int | None = None):
+    """Everything the static table depends on (addresses, numels, keys, maps, blocks, dtype,
+    device); O(T) but no Python list per value and no device copy."""
+    t0 = tensors[0]
+    maps = None if index_maps is None else tuple(None if m is None else tuple(m)
+                                                 for m in index_maps)
+    return (block, None if maps is None else mapped_block, t0.dtype, t0.device,
+            tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.numel, tensors)),
+            tuple(keys), maps)
+
+
+def cached_table(cache: dict | None, tensors: list[torch.Tensor], keys: list[int],
+                 seeds: list[int], rounding_seed: int, block: int, index_maps=None,
+                 mapped_block: int | None = None) -> LaunchTable:
+    """``build_table``, reusing the static device table stored in ``cache`` (one dict per
+    persistent tensor group, kept by the caller) when its key matches; else it is built and
+    stored, evicting the least recently used entry beyond TABLE_CACHE_ENTRIES. Only the seeds
+    (K + 1 int64) are copied per call, still without a host synchronization. ``cache=None``:
+    exactly ``build_table``."""
+    if cache is None:
+        return build_table(tensors, keys, seeds, rounding_seed, block, index_maps, mapped_block)
+    key = table_cache_key(tensors, keys, block, index_maps, mapped_block)
+    # dict key: the tuple's hash, computed once (a tuple does not cache its hash and every dict
+    # operation would rehash thousands of ints); the stored key settles collisions
+    h = hash(key)
+    entry = cache.pop(h, None)
+    if entry is None or entry[0] != key:
+        values, base_i, n_programs, log2_p, align, mapped, built_block = _static_values(
+            tensors, keys, block, index_maps, mapped_block)
+        entry = (key, _StaticTable(base_i, int64_table(values, tensors[0].device), n_programs,
+                                   log2_p, align, mapped, built_block))
+        while len(cache) >= TABLE_CACHE_ENTRIES:
+            del cache[next(iter(cache))]  # least recently used: hits move to the end
+    cache[h] = entry
+    static = entry[1]
+    return LaunchTable(tensors[static.base_index], static.table,
+                       int64_table(_seed_values(seeds, rounding_seed), tensors[0].device),
+                       static.n_programs, static.log2_p, static.align, static.mapped,
+                       static.block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +296,15 @@ def interleave4(a, b, c, d, N: tl.constexpr):
 
 
 @triton.jit
+def _uniforms4(w0, w1, w2, w3):
+    u0 = tl.uint_to_uniform_float(w0)
+    u1 = tl.uint_to_uniform_float(w1)
+    u2 = tl.uint_to_uniform_float(w2)
+    u3 = tl.uint_to_uniform_float(w3)
+    return u0, u1, u2, u3
+
+
+@triton.jit
 def philox_block4(seed, key, blk, STREAM: tl.constexpr, BLOCK: tl.constexpr):
     """Four uniform vectors of shape [BLOCK // 4] for elements ``blk * BLOCK + [0, BLOCK)``.
 
@@ -157,31 +316,20 @@ def philox_block4(seed, key, blk, STREAM: tl.constexpr, BLOCK: tl.constexpr):
     c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, NQ).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, key, STREAM)
-    u0 = tl.uint_to_uniform_float(w0)
-    u1 = tl.uint_to_uniform_float(w1)
-    u2 = tl.uint_to_uniform_float(w2)
-    u3 = tl.uint_to_uniform_float(w3)
-    return u0, u1, u2, u3
+    return _uniforms4(w0, w1, w2, w3)
 
 
 @triton.jit
-def noise_block(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """z for the BLOCK elements ``blk * BLOCK + [0, BLOCK)`` (stream 0), float32 [BLOCK].
-
-    DIST: 0 gaussian (Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits per Philox
-    call), 2 uniform (the uniforms that feed Box-Muller)."""
-    tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
+def _z_from_words(w0, w1, w2, w3, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """z [BLOCK] from the Philox words of the block's calls (w* of shape [BLOCK // 128] for
+    rademacher, [BLOCK // 4] otherwise), in the contract's element order."""
     if DIST == 1:
         NW: tl.constexpr = BLOCK // 128
-        g = blk.to(tl.uint64, bitcast=True) * NW
-        c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, NW).to(tl.uint32)
-        c1 = (g >> 32).to(tl.uint32)
-        w0, w1, w2, w3 = tl.philox(seed, c0, c1, key, 0)
         words = interleave4(w0, w1, w2, w3, NW)  # [BLOCK // 32], word index (i // 32)
         bits = (words[:, None] >> tl.arange(0, 32).to(tl.uint32)[None, :]) & 1
         z = tl.reshape(bits, [BLOCK]).to(tl.float32) * 2.0 - 1.0
     else:
-        u0, u1, u2, u3 = philox_block4(seed, key, blk, 0, BLOCK)
+        u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
         if DIST == 0:
             n0, n1 = tl.pair_uniform_to_normal(u0, u1)
             n2, n3 = tl.pair_uniform_to_normal(u2, u3)
@@ -189,6 +337,67 @@ def noise_block(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
         else:
             z = interleave4(u0, u1, u2, u3, BLOCK // 4)
     return z
+
+
+@triton.jit
+def noise_block(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """z for the BLOCK elements ``blk * BLOCK + [0, BLOCK)`` (stream 0), float32 [BLOCK].
+
+    DIST: 0 gaussian (Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits per Philox
+    call), 2 uniform (the uniforms that feed Box-Muller). The program's Philox blocks are
+    consecutive and start at a multiple of their power-of-two count (<= 2^32), so the low counter
+    word is ``lo + arange`` without a carry into the high word."""
+    tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
+    N: tl.constexpr = BLOCK // 128 if DIST == 1 else BLOCK // 4
+    g = blk.to(tl.uint64, bitcast=True) * N
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, N).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, key, 0)
+    return _z_from_words(w0, w1, w2, w3, DIST, BLOCK)
+
+
+@triton.jit
+def map_index(i0, lane, map_offset, local_span, global_span, BLOCK: tl.constexpr):
+    """g(i0 + lane) = map_offset + ((i0 + lane) // local_span) * global_span
+    + (i0 + lane) % local_span, for a scalar int64 i0 and int32 lanes in [0, BLOCK).
+
+    The 64-bit division is done once per program, on i0 (row r0, column c0 < local_span); per lane
+    t = c0 + lane < local_span + BLOCK, so a row of at least BLOCK elements is crossed at most
+    once (a compare) and a shorter one needs a 32-bit division only (t < 2 * BLOCK)."""
+    r0 = i0 // local_span
+    t = (i0 - r0 * local_span) + lane
+    if local_span >= BLOCK:
+        q = (t >= local_span).to(tl.int64)
+    else:
+        q = (t.to(tl.int32) // local_span.to(tl.int32)).to(tl.int64)
+    return map_offset + (r0 + q) * global_span + (t - q * local_span)
+
+
+@triton.jit
+def _philox_at_blocks(seed, key, b, STREAM: tl.constexpr):
+    """Philox words at contract block indices b (int64, any values): counter
+    (b mod 2^32, b >> 32, key, STREAM)."""
+    bu = b.to(tl.uint64, bitcast=True)
+    return tl.philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32), key, STREAM)
+
+
+@triton.jit
+def noise_blocks_at(seed, key, b, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """z (stream 0) of BLOCK elements made of whole contract Philox blocks with block indices b
+    (int64, [BLOCK // 128] for rademacher, [BLOCK // 4] otherwise; any, not consecutive): the
+    mapped fast path, where every aligned group of 4 (128) local elements is one aligned global
+    group. The same words and tl ops as ``noise_block``: bit-identical."""
+    w0, w1, w2, w3 = _philox_at_blocks(seed, key, b, 0)
+    return _z_from_words(w0, w1, w2, w3, DIST, BLOCK)
+
+
+@triton.jit
+def rounding_uniforms_at_blocks(seed, key, b, BLOCK: tl.constexpr):
+    """Stochastic-rounding uniforms (stream 1) of BLOCK elements made of whole quads with
+    contract block indices b (int64 [BLOCK // 4])."""
+    w0, w1, w2, w3 = _philox_at_blocks(seed, key, b, 1)
+    u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
+    return interleave4(u0, u1, u2, u3, BLOCK // 4)
 
 
 @triton.jit

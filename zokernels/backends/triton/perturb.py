@@ -11,22 +11,52 @@ D1 = sum_k applied[k] * z; t_j[i] is first recovered from round(theta + D1)
 and one write of the tensor's dtype (4 or 2 bytes each); the K noise terms are generated in
 registers.
 
-Launch table (one int64 tensor, built per call and copied without a host synchronization):
+Launch table: a static int64 tensor (depends only on the tensors' addresses, numels, keys, maps
+and BLOCK) and the per-call seeds (a second int64 tensor, K + 1 values), both enqueued without a
+host synchronization. With ``table_cache`` (a dict kept by the caller per persistent tensor
+group) the static tensor is built once and reused while its key matches (``cached_table``); without
+it both live in one tensor built per call (``build_table``: one copy, ``seeds`` a view of it).
 
-    [0, P)              starts[j]: first program of tensor j (exclusive prefix sum of
-                        cdiv(numel_j, BLOCK)); padded to P = next_pow2(T) with INT64_MAX
-    [P + 4j + 0..3]     offset_j (elements from the base pointer), numel_j, key_j,
-                        first_j (group-flat index of t_j[0]: numels of the tensors before j)
-    [5P, 5P + K)        seeds (uint64 bit patterns)
-    [5P + K]            rounding seed
+    static:
+    [0, P)                starts[j]: first program of tensor j (exclusive prefix sum of
+                          cdiv(numel_j, BLOCK)); padded to P = next_pow2(T) with INT64_MAX
+    [P + ROW*j + 0..3]    offset_j (elements from the base pointer), numel_j, key_j,
+                          first_j (group-flat index of t_j[0]: numels of the tensors before j)
+    [P + ROW*j + 4..7]    MAPPED only: map_offset_j, local_span_j, global_span_j, grain_j
+                          (ROW = 8 with maps, 4 without; padded to an even length)
+    seeds:
+    [0, K)                seeds (uint64 bit patterns)
+    [K]                   rounding seed
 
 Program ``pid`` finds its tensor j by a LOG2_P-step binary search over ``starts`` and handles
 the BLOCK elements ``(pid - starts[j]) * BLOCK + [0, BLOCK)`` of tensor j; the element index of
-the noise is the flat index inside tensor j. Tensors are addressed as ``base_ptr + offset_j``
+the noise is the flat index inside tensor j, or with an index map its contract index
+``g(i) = map_offset + (i // local_span) * global_span + i % local_span`` (a shard of an unsharded
+tensor: the noise and the stochastic-rounding uniforms of element i are those of element g(i) of
+the whole tensor; docs/backends.md). Tensors are addressed as ``base_ptr + offset_j``
 (all are itemsize-aligned, so the element offsets are exact). K is a runtime loop bound:
 no recompilation per number of seeds, per seed value or per list; only (dtype, dist, rounding,
-LOG2_P, alignment, recovery or not, log mode) select a compiled variant; without ``applied`` the
-recovery code is not compiled at all, without ``log`` neither is the undo log's.
+LOG2_P, alignment, recovery or not, log mode, mapped or not) select a compiled variant; without
+``applied`` the recovery code is not compiled at all, without ``log`` neither is the undo log's,
+and without maps (``index_maps`` None or all identity) neither is the map code: the unmapped
+kernel does exactly the work it did before maps existed.
+
+Index maps (MAPPED): the host normalizes each map (``normalize_map``): identity -> None (a row
+of (0, SHIFT_SPAN, SHIFT_SPAN, 128) in a mapped call, g(i) = i), a shift (local rows contiguous
+in the global order, or one local row) -> spans SHIFT_SPAN, and ``grain`` = the largest of 1, 4,
+128 dividing the offset and both spans. A grain that is a multiple of the distribution's Philox
+group (4 gaussian and rounding uniforms, 128 rademacher) maps every aligned local group onto one
+aligned global group, so each Philox call still feeds 4 (128) elements, at per-group counters
+``(b mod 2^32, b >> 32)`` with b = g(first element) // group (not consecutive: computed per group,
+64-bit); otherwise one Philox call per element (the scatter's ``noise_at`` /
+``rounding_uniform_at``). The choice is per tensor (a runtime value of the table, not a
+constexpr): a call mixing aligned shards with one uneven split (C = 7 split 4 / 3) keeps the
+grouped path for all the others, where a per-launch switch would make the whole call pay 4x
+(gaussian) or 128x (rademacher) the Philox work; the branch is uniform inside a program (one
+tensor per program), and costs one load and compare per program. g is computed per group (or
+element) with one 64-bit division per program (``map_index``); mapped launches use at most
+MAPPED_BLOCK elements per program (registers: both paths live in one kernel). The undo log
+records LOCAL group-flat indices (first_j + i), as without maps.
 
 Undo log (docs/undo-log.md): with ``log`` (UndoBuffers), every element whose old value theta_in
 (after its own recovery with ``applied``) the recovery of a later ``applied=scales`` pass would
@@ -42,9 +72,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DIST_CODES, build_table, count_launch, find_entry, load_seed,
-                      noise_block, recover_unperturbed, round_nearest, round_stochastic,
-                      rounding_uniforms, to_float32, SOFT_BF16)
+from ._common import (DIST_CODES, cached_table, count_launch, find_entry, load_seed, map_index,
+                      noise_at, noise_block, noise_blocks_at, recover_unperturbed, round_nearest,
+                      round_stochastic, rounding_uniform_at, rounding_uniforms,
+                      rounding_uniforms_at_blocks, to_float32, SOFT_BF16)
 
 # 16 elements per thread at 8 warps: 4 Philox calls per seed for gaussian, enough independent
 # work to hide memory latency; rademacher needs one Philox call per 128 elements, so a bigger
@@ -55,6 +86,12 @@ BLOCK = {"gaussian": 4096, "rademacher": 8192}
 # (fp32); at 2048 it is 48-80 registers (z does not depend on the block). The undo log's check
 # is one more recovery (of y with D): logging passes use this block too (46-80 registers, sm_90).
 RECOVER_BLOCK = 2048
+# With index maps, both noise paths are compiled into one kernel (grouped and per-element Philox,
+# chosen per tensor at run time) and the registers are those of the larger: sm_90 (ptxas 13.4,
+# compiled without a GPU), fp32 / bf16 with stochastic rounding: gaussian at 4096 216 / 250,
+# rademacher at 4096 218 / 242 (the grouped path alone: 108 / 178, 106 / 178); at 2048 123 / 123
+# and 105 / 120, no spills, fewer than the unmapped kernels at their blocks (116 / 186, 202 / 255).
+MAPPED_BLOCK = 2048
 NUM_WARPS = 8
 
 
@@ -69,19 +106,69 @@ def _load_block(ptrs, idx, numel, full):
     return x
 
 
+@triton.jit
+def _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, i0, map_offset, local_span,
+                       global_span, grain, DIST: tl.constexpr, BLOCK: tl.constexpr,
+                       HAS_APPLIED: tl.constexpr):
+    """(D, D1) for the local elements i0 + [0, BLOCK) of a mapped tensor: z at g(i).
+
+    ``grain`` (a per-tensor table value, so that one odd shard does not slow the whole call down):
+    when it is a multiple of the distribution's Philox group (4 gaussian, 128 rademacher), every
+    aligned local group is one aligned global group, and each Philox call still feeds 4 (128)
+    elements, at the global group's counter; else one Philox call per element (``noise_at``).
+    A program holds one tensor, so the branch never diverges inside a program. The counters are
+    computed once, before the loop over the seeds."""
+    GROUP: tl.constexpr = 128 if DIST == 1 else 4
+    d = tl.zeros([BLOCK], tl.float32)
+    d1 = tl.zeros([BLOCK], tl.float32)
+    if grain % GROUP == 0:
+        lanes = tl.arange(0, BLOCK // GROUP) * GROUP
+        b = map_index(i0, lanes, map_offset, local_span, global_span, BLOCK) // GROUP
+        for k in range(K):
+            z = noise_blocks_at(load_seed(seeds_ptr + k), key, b, DIST, BLOCK)
+            d = d + tl.load(scales_ptr + k) * z
+            if HAS_APPLIED:
+                d1 = d1 + tl.load(applied_ptr + k) * z
+    else:
+        g = map_index(i0, tl.arange(0, BLOCK), map_offset, local_span, global_span, BLOCK)
+        for k in range(K):
+            z = noise_at(load_seed(seeds_ptr + k), key, g, DIST)
+            d = d + tl.load(scales_ptr + k) * z
+            if HAS_APPLIED:
+                d1 = d1 + tl.load(applied_ptr + k) * z
+    return d, d1
+
+
+@triton.jit
+def _mapped_rounding_uniforms(seed, key, i0, map_offset, local_span, global_span, grain,
+                              BLOCK: tl.constexpr):
+    """Stochastic-rounding uniforms at g(i) for the local elements i0 + [0, BLOCK): one Philox
+    call per aligned quad when the map keeps quads aligned, else one per element."""
+    if grain % 4 == 0:
+        lanes = tl.arange(0, BLOCK // 4) * 4
+        b = map_index(i0, lanes, map_offset, local_span, global_span, BLOCK) // 4
+        u = rounding_uniforms_at_blocks(seed, key, b, BLOCK)
+    else:
+        g = map_index(i0, tl.arange(0, BLOCK), map_offset, local_span, global_span, BLOCK)
+        u = rounding_uniform_at(seed, key, g)
+    return u
+
+
 # K == 1 and capacity == 1 (or % 16 == 0) must not compile their own variants
 @triton.jit(do_not_specialize=["K", "capacity"])
-def _perturb_kernel(base_ptr, table_ptr, decays_ptr, scales_ptr, applied_ptr, K,
+def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, applied_ptr, K,
                     index_ptr, values_ptr, count_ptr, capacity,
                     LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                     STOCHASTIC: tl.constexpr, ALIGN: tl.constexpr, HAS_APPLIED: tl.constexpr,
-                    LOG_MODE: tl.constexpr, SOFT_BF16: tl.constexpr):
+                    LOG_MODE: tl.constexpr, MAPPED: tl.constexpr, SOFT_BF16: tl.constexpr):
     """LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only
-    (index_ptr, values_ptr and capacity are None)."""
+    (index_ptr, values_ptr and capacity are None). MAPPED: the table rows carry index maps (the
+    noise and the rounding uniforms at g(i)); without it no map code is compiled."""
     P: tl.constexpr = 1 << LOG2_P
+    ROW: tl.constexpr = 8 if MAPPED else 4
     pid = tl.program_id(0).to(tl.int64)
     j = find_entry(table_ptr, pid, LOG2_P)
-    row_ptr = table_ptr + P + 4 * j
+    row_ptr = table_ptr + P + ROW * j
     offset = tl.load(row_ptr)
     numel = tl.load(row_ptr + 1)
     key = tl.load(row_ptr + 2).to(tl.uint32)
@@ -94,14 +181,22 @@ def _perturb_kernel(base_ptr, table_ptr, decays_ptr, scales_ptr, applied_ptr, K,
     ptrs = base_ptr + offset + idx
     full = blk * BLOCK + BLOCK <= numel
     # the noise sum first (from 0.0, seed order), added to the weight once (contract order)
-    d = tl.zeros([BLOCK], tl.float32)
-    d1 = tl.zeros([BLOCK], tl.float32)  # the perturbation held now (HAS_APPLIED only)
-    seeds_ptr = table_ptr + 5 * P
-    for k in range(K):
-        z = noise_block(load_seed(seeds_ptr + k), key, blk, DIST, BLOCK)
-        d = d + tl.load(scales_ptr + k) * z
-        if HAS_APPLIED:
-            d1 = d1 + tl.load(applied_ptr + k) * z
+    if MAPPED:
+        map_offset = tl.load(row_ptr + 4)
+        local_span = tl.load(row_ptr + 5)
+        global_span = tl.load(row_ptr + 6)
+        grain = tl.load(row_ptr + 7)
+        d, d1 = _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, blk * BLOCK,
+                                   map_offset, local_span, global_span, grain, DIST, BLOCK,
+                                   HAS_APPLIED)
+    else:
+        d = tl.zeros([BLOCK], tl.float32)
+        d1 = tl.zeros([BLOCK], tl.float32)  # the perturbation held now (HAS_APPLIED only)
+        for k in range(K):
+            z = noise_block(load_seed(seeds_ptr + k), key, blk, DIST, BLOCK)
+            d = d + tl.load(scales_ptr + k) * z
+            if HAS_APPLIED:
+                d1 = d1 + tl.load(applied_ptr + k) * z
     # loaded after the loop: live across it, the weights would cost BLOCK / 256 more registers
     # per thread on top of d (178 instead of 119 for fp32 rademacher, sm_90)
     x = to_float32(_load_block(ptrs, idx, numel, full), SOFT_BF16)
@@ -110,7 +205,11 @@ def _perturb_kernel(base_ptr, table_ptr, decays_ptr, scales_ptr, applied_ptr, K,
     acc = tl.load(decays_ptr + j) * x + d
 
     if STOCHASTIC:
-        u = rounding_uniforms(load_seed(seeds_ptr + K), key, blk, BLOCK)
+        if MAPPED:
+            u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, blk * BLOCK, map_offset,
+                                          local_span, global_span, grain, BLOCK)
+        else:
+            u = rounding_uniforms(load_seed(seeds_ptr + K), key, blk, BLOCK)
         y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -147,29 +246,37 @@ def _perturb_kernel(base_ptr, table_ptr, decays_ptr, scales_ptr, applied_ptr, K,
 def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
                    scales: torch.Tensor, decays: torch.Tensor, dist: str, rounding: str,
                    rounding_seed: int, applied: torch.Tensor | None = None, log=None,
-                   count_only: bool = False) -> None:
+                   count_only: bool = False, index_maps=None,
+                   table_cache: dict | None = None) -> None:
     """In place: t[i] = round(decays[j] * t[i] + D), D = sum_k scales[k] * z(seeds[k], keys[j], i)
     summed first, for every tensor j of the list, in one kernel launch. ``applied``: None, or
     float32 [K] on the device, the coefficients of the perturbation the tensors hold now; t[i] is
     then first recovered from round(theta + sum_k applied[k] * z). ``log``: None, or the
     UndoBuffers that receive the elements recovery cannot give back (docs/undo-log.md; the
     caller zeroes ``log.count``, the kernel adds to it); ``count_only`` (with ``log``): only add to
-    the count, write nothing else. No host synchronization."""
+    the count, write nothing else. ``index_maps``: None or one entry per tensor, None (identity)
+    or (offset, local_span, global_span): the noise and rounding of local element i are the
+    contract's at g(i) (module docstring); the log keeps local indices. ``table_cache``: None, or
+    a dict the caller keeps per persistent tensor group: the static launch table is reused while
+    the tensors' addresses, numels, keys, maps and the block stay the same (``cached_table``).
+    No host synchronization."""
     log_mode = 0 if log is None else (2 if count_only else 1)
     # the log's check is a recovery: same register budget as the applied path
     block = BLOCK[dist] if applied is None and log is None else min(BLOCK[dist], RECOVER_BLOCK)
     scales = scales.contiguous()
-    base, table, n_programs, log2_p, align = build_table(tensors, keys, seeds, rounding_seed,
-                                                         block)
-    _perturb_kernel[(n_programs,)](
-        base, table, decays.contiguous(), scales,
+    launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
+                          mapped_block=min(block, MAPPED_BLOCK))
+    base = launch.base
+    _perturb_kernel[(launch.n_programs,)](
+        base, launch.table, launch.seeds, decays.contiguous(), scales,
         scales if applied is None else applied.contiguous(),  # never read without applied
         len(seeds),
         # unused log arguments are None: constexpr, not even kernel parameters
         log.index if log_mode == 1 else None, log.values if log_mode == 1 else None,
         log.count if log_mode != 0 else None, log.capacity if log_mode == 1 else None,
-        LOG2_P=log2_p, BLOCK=block, DIST=DIST_CODES[dist],
-        STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32), ALIGN=align,
-        HAS_APPLIED=applied is not None, LOG_MODE=log_mode, SOFT_BF16=SOFT_BF16,
+        LOG2_P=launch.log2_p, BLOCK=launch.block, DIST=DIST_CODES[dist],
+        STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32), ALIGN=launch.align,
+        HAS_APPLIED=applied is not None, LOG_MODE=log_mode, MAPPED=launch.mapped,
+        SOFT_BF16=SOFT_BF16,
         num_warps=NUM_WARPS)
     count_launch()

@@ -14,6 +14,11 @@ device (no host synchronization) and programs past it return at once. Each lane 
 by a LOG2_P-step binary search over the tensors' first group-flat indices (launch table of
 perturb.py built with block = 1, L1-resident) and generates its own Philox block (entries share
 none). Bytes moved per entry: 8 (index) + 2 * itemsize (value, tensor element), gathered.
+
+Index maps (MAPPED, table rows of 8 values as in perturb.py): the log holds LOCAL group-flat
+indices; a lane maps its local element i to the contract index
+``g(i) = map_offset + (i // local_span) * global_span + i % local_span`` (one 64-bit division per
+lane: entries are scattered, no grouping applies) and takes z and the rounding uniform at g(i).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DIST_CODES, build_table, count_launch, find_entry, load_seed, noise_at,
+from ._common import (DIST_CODES, cached_table, count_launch, find_entry, load_seed, noise_at,
                       round_nearest, round_stochastic, rounding_uniform_at, to_float32,
                       SOFT_BF16)
 
@@ -35,12 +40,13 @@ NUM_WARPS = 4
 
 
 @triton.jit(do_not_specialize=["K", "capacity"])
-def _scatter_perturb_kernel(base_ptr, table_ptr, index_ptr, values_ptr, count_ptr, capacity,
-                            decays_ptr, scales_ptr, K,
+def _scatter_perturb_kernel(base_ptr, table_ptr, seeds_ptr, index_ptr, values_ptr, count_ptr,
+                            capacity, decays_ptr, scales_ptr, K,
                             LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
-                            STOCHASTIC: tl.constexpr, COPY: tl.constexpr,
+                            STOCHASTIC: tl.constexpr, COPY: tl.constexpr, MAPPED: tl.constexpr,
                             SOFT_BF16: tl.constexpr):
     P: tl.constexpr = 1 << LOG2_P
+    ROW: tl.constexpr = 8 if MAPPED else 4
     pid = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.load(count_ptr), capacity)  # count may exceed the capacity (overflow)
     if pid * BLOCK >= n:
@@ -49,8 +55,8 @@ def _scatter_perturb_kernel(base_ptr, table_ptr, index_ptr, values_ptr, count_pt
     live = e < n
     g = tl.load(index_ptr + e, mask=live, other=0)  # group-flat index
     j = find_entry(table_ptr, g, LOG2_P)  # per lane: first_j <= g < first_(j+1)
-    row_ptr = table_ptr + P + 4 * j
-    i = g - tl.load(row_ptr + 3)
+    row_ptr = table_ptr + P + ROW * j
+    i = g - tl.load(row_ptr + 3)  # local element index
     # an index outside the group (a log of another tensor list) must not write out of bounds
     live = live & (i >= 0) & (i < tl.load(row_ptr + 1))
     ptrs = base_ptr + tl.load(row_ptr) + i
@@ -59,15 +65,19 @@ def _scatter_perturb_kernel(base_ptr, table_ptr, index_ptr, values_ptr, count_pt
         tl.store(ptrs, v, mask=live)
     else:
         key = tl.load(row_ptr + 2).to(tl.uint32)
-        seeds_ptr = table_ptr + 5 * P
+        if MAPPED:  # the contract index g(i) of the local element (per lane: one division each)
+            local_span = tl.load(row_ptr + 5)
+            c = tl.load(row_ptr + 4) + (i // local_span) * tl.load(row_ptr + 6) + i % local_span
+        else:
+            c = i
         # the same expression shapes as _perturb_kernel: identical FMA contraction, identical bits
         d = tl.zeros([BLOCK], tl.float32)
         for k in range(K):
-            z = noise_at(load_seed(seeds_ptr + k), key, i, DIST)
+            z = noise_at(load_seed(seeds_ptr + k), key, c, DIST)
             d = d + tl.load(scales_ptr + k) * z
         acc = tl.load(decays_ptr + j) * to_float32(v, SOFT_BF16) + d
         if STOCHASTIC:
-            u = rounding_uniform_at(load_seed(seeds_ptr + K), key, i)
+            u = rounding_uniform_at(load_seed(seeds_ptr + K), key, c)
             y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
         else:
             y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -77,20 +87,25 @@ def _scatter_perturb_kernel(base_ptr, table_ptr, index_ptr, values_ptr, count_pt
 def scatter_perturb_triton(tensors: list[torch.Tensor], keys: list[int], index: torch.Tensor,
                            values: torch.Tensor, count: torch.Tensor, seeds: list[int],
                            scales: torch.Tensor, decays: torch.Tensor, dist: str, rounding: str,
-                           rounding_seed: int) -> None:
+                           rounding_seed: int, index_maps=None,
+                           table_cache: dict | None = None) -> None:
     """In place, for the first min(count, C) entries of a log (index int64 [C], values [C] in the
     tensors' dtype, count int64 [1], all on the device; same tensor list and order as the pass
     that wrote it): K = 0 seeds copies values[e] into its element; K >= 1 writes
     round(decays[j] * values[e] + D) as perturb_ would. One launch, no host synchronization;
-    nothing is launched for an empty log (C = 0)."""
+    nothing is launched for an empty log (C = 0). ``index_maps``: as in ``perturb_triton``; the
+    log's indices are local, the noise and rounding of local element i are taken at g(i).
+    ``table_cache``: as in ``perturb_triton``."""
     capacity = index.numel()
     if capacity == 0:
         return
-    base, table, _, log2_p, _ = build_table(tensors, keys, seeds, rounding_seed, 1)
+    # a bit copy (K == 0) reads no map, but keeps them: its table is the same as the update's
+    launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, 1, index_maps)
+    base = launch.base
     _scatter_perturb_kernel[(triton.cdiv(capacity, BLOCK),)](
-        base, table, index, values, count, capacity, decays.contiguous(), scales.contiguous(),
-        len(seeds),
-        LOG2_P=log2_p, BLOCK=BLOCK, DIST=DIST_CODES[dist],
+        base, launch.table, launch.seeds, index, values, count, capacity, decays.contiguous(),
+        scales.contiguous(), len(seeds),
+        LOG2_P=launch.log2_p, BLOCK=BLOCK, DIST=DIST_CODES[dist],
         STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32),
-        COPY=len(seeds) == 0, SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS)
+        COPY=len(seeds) == 0, MAPPED=launch.mapped, SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS)
     count_launch()
