@@ -127,7 +127,7 @@ def plan_groups(tensors: list[torch.Tensor], keys: list[int], backend: str,
 
 
 # Backends whose perturb takes table_cache= (launch data reused across calls on one tensor list).
-_CACHING_BACKENDS = ("cpu",)
+_CACHING_BACKENDS = ("cpu", "triton")
 
 
 def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor,

@@ -180,13 +180,15 @@ def run_scatter(log: UndoLog, seeds: list[int], scales: torch.Tensor, decays: to
         return
     for group, buffers in zip(log.plan, log.buffers):
         device = group.device
-        maps = {} if group.index_maps is None else {"index_maps": group.index_maps}
+        extra = {} if group.index_maps is None else {"index_maps": group.index_maps}
+        if group.backend == "triton":  # the perturb passes' static launch table, reused
+            extra["table_cache"] = group.cache
         with torch.no_grad(), contiguous_views(group.tensors) as work:
             implementation(group.backend, "scatter_perturb")(
                 work, group.keys, buffers.index, buffers.values, buffers.count, seeds,
                 scales.to(device, non_blocking=True),
                 select(decays, group.indices).to(device, non_blocking=True),
-                dist, rounding, rounding_seed, **maps)
+                dist, rounding, rounding_seed, **extra)
 
 
 __all__ = ["UndoLog", "run_scatter"]
