@@ -14,12 +14,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(_MSC_VER) && !defined(__clang__)
-#include <intrin.h>
-#endif
-
 #include "lowrank.h"
 #include "ops.h"
+#include "undo_log.h"
 #include "tile_io.h"
 #include "work_items.h"
 
@@ -52,36 +49,6 @@ struct LowRankJob {
     uint64_t log_capacity;
     int64_t* log_count;
 };
-
-// *p += v, returning the old value: reserves v consecutive log slots for one work item.
-inline int64_t fetch_add(int64_t* p, int64_t v) {
-#if defined(_MSC_VER) && !defined(__clang__)
-    return _InterlockedExchangeAdd64(reinterpret_cast<volatile long long*>(p), v);
-#else
-    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);  // the parallel region's barrier orders it
-#endif
-}
-
-// Will recovery with d1 = d (a later applied pass computes applied_scale * P(applied_tau) with
-// the same scratch and the same unfused sums, so bit for bit this d) give theta back from y?
-// NaN and -0.0 are always logged: a later pass may change their bits even when recovery
-// returns them (docs/undo-log.md).
-template <class Format>
-ZK_INLINE bool lost_by_recovery(float theta, float y, float d) {
-    const uint32_t theta_bits = bits_as<uint32_t>(theta);
-    const uint32_t back_bits = bits_as<uint32_t>(recover_unperturbed<Format>(y, d));
-    const bool is_nan = (theta_bits & 0x7FFFFFFFu) > 0x7F800000u;
-    return (back_bits != theta_bits) | is_nan | (theta_bits == 0x80000000u);
-}
-
-// The storage pattern of a value of the dtype's grid (a recovered weight): exact.
-template <class Format>
-ZK_INLINE typename Format::storage storage_of(float theta) {
-    if constexpr (std::is_same<Format, Float32Format>::value)
-        return theta;
-    else
-        return static_cast<uint16_t>(Grid<Format>::round_bits(theta));
-}
 
 // The undo log's side of one work item: checks every tile, collects the item's lost elements
 // (or only counts them) and reserves their slots with one atomic add at the end.
