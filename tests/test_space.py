@@ -170,3 +170,31 @@ def test_scalar_tensor_aliasing_a_parameter_is_refused():
     with pytest.raises(ValueError, match="shares memory"):
         space.perturb(1, model.head.weight[0, :1])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_lowrank_counterpart_equals_the_op_with_the_space_keys_and_decay_rule():
+    gen = torch.Generator().manual_seed(8)
+    params = [("a.weight", torch.randn(6, 5, generator=gen)),
+              ("a.bias", torch.randn(6, generator=gen)),
+              ("b.layer_norm_proj", torch.randn(4, 3, generator=gen))]
+    space = ParameterSpace(params, backend="torch")
+    assert space.matrices() == [0, 2]
+    us = {"a.weight": torch.randn(6, 2, generator=gen),
+          "b.layer_norm_proj": torch.randn(4, 2, generator=gen)}
+    vs = {"a.weight": torch.randn(5, 2, generator=gen),
+          "b.layer_norm_proj": torch.randn(3, 2, generator=gen)}
+    tau = torch.randn(2, generator=gen)
+    expected = [params[0][1].clone(), params[2][1].clone()]
+    bias = params[1][1].clone()
+    zokernels.lowrank_perturb_(expected, [us["a.weight"], us["b.layer_norm_proj"]],
+                               [vs["a.weight"], vs["b.layer_norm_proj"]], tau, scale=0.1,
+                               decay=[0.9, 1.0], keys=[space.keys[0], space.keys[2]],
+                               backend="torch")
+    space.lowrank(us, vs, tau, scale=0.1, decay=0.9)
+    assert_bits_equal(params[0][1], expected[0])
+    assert_bits_equal(params[2][1], expected[1])  # no decay: its name has layer_norm
+    assert_bits_equal(params[1][1], bias)  # 1-D: untouched
+    before = params[0][1].clone()
+    with pytest.raises(ValueError, match="no factor"):
+        space.lowrank({"a.weight": us["a.weight"]}, vs, tau)
+    assert_bits_equal(params[0][1], before)
