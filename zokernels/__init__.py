@@ -10,6 +10,7 @@ Public ops:
     UndoLog                                    exact restore of perturbed weights
     Trajectory                                 record / save / load / replay a fine-tune
 Optimizers: zokernels.optim (MeZO, LeZO, TeZO, PseuZO).
+Sharded parameters (FSDP2 / DTensor / manual): zokernels.sharding (index maps, mark_shard).
 
 The noise contract (docs/noise-contract.md) makes z a pure function of (seed, key, element index),
 identical on the triton, cpu and torch backends.
