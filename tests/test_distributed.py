@@ -153,3 +153,5 @@ def test_perturbation_parallel_argument_checks():
     net = pretrained()
     with pytest.raises(ValueError, match="process_group"):
         make("mezo", net, perturbation_parallel=True)
+    with pytest.raises(ValueError, match="exact_restore"):
+        make("mezo", net, perturbation_parallel=True, exact_restore=False)

@@ -10,6 +10,7 @@ a trajectory recorded on the sharded run replays on the unsharded model.
 from __future__ import annotations
 
 import datetime
+import gc
 import itertools
 import math
 import os
@@ -214,6 +215,7 @@ def _dtensor_worker(rank, world, init_file, out_dir):
                     if not torch.equal(got, expected[_box(shape, start, size)]):
                         failures.append((shape, dim, str(dtype), backend))
         torch.save({"failures": failures}, os.path.join(out_dir, f"dtensor{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -243,20 +245,28 @@ def _train(name, net, opt, x, y, steps):
             opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
 
 
+def _fsdp_run(rank, out_dir, name):
+    net = _sharded_net(out_dir)
+    opt = make(name, net)  # no process_group: sharded parameters default to the world
+    assert opt.process_group is dist.group.WORLD
+    assert all(space.sharded for space in opt.spaces)
+    x, y = _task(0.5, seed=2)
+    _train(name, net, opt, x, y, STEPS)
+    full = {n: p.full_tensor().detach().clone() for n, p in net.named_parameters()}
+    if rank == 0:
+        opt.trajectory.save(os.path.join(out_dir, "trajectory.zt"))
+    torch.save({"params": full, "undo_overflows": opt.zo_state["undo_overflows"]},
+               os.path.join(out_dir, f"fsdp{rank}.pt"))
+
+
 def _fsdp_worker(rank, world, init_file, out_dir, name):
     _init(rank, world, init_file)
     try:
-        net = _sharded_net(out_dir)
-        opt = make(name, net)  # no process_group: sharded parameters default to the world
-        assert opt.process_group is dist.group.WORLD
-        assert all(space.sharded for space in opt.spaces)
-        x, y = _task(0.5, seed=2)
-        _train(name, net, opt, x, y, STEPS)
-        full = {n: p.full_tensor().detach().clone() for n, p in net.named_parameters()}
-        if rank == 0:
-            opt.trajectory.save(os.path.join(out_dir, "trajectory.zt"))
-        torch.save({"params": full, "undo_overflows": opt.zo_state["undo_overflows"]},
-                   os.path.join(out_dir, f"fsdp{rank}.pt"))
+        _fsdp_run(rank, out_dir, name)
+        # FSDP's state (and any collective it holds) is gone with _fsdp_run's frame; both ranks
+        # are past their last collective before the group is torn down
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -335,3 +345,15 @@ def test_fsdp2_rank_failing_mid_step_leaves_every_shard_restored(tmp_path):
     for rank in ranks:
         for shard, before in zip(rank["shards"], rank["before"]):
             assert_bits_equal(shard, before)
+
+
+def test_marked_shards_record_the_unsharded_sizes_and_refuse_sharded_stochastic_lowrank():
+    full = torch.randn(6, 4)
+    shard = mark_shard(full[2:5].clone(), (6, 4), (2, 0))
+    space = ParameterSpace([("w", shard)], backend="torch")
+    assert space.global_numels() == [24]  # what a trajectory records: replays on the full model
+    before = shard.clone()
+    with pytest.raises(ValueError, match="stochastic"):
+        space.lowrank([torch.randn(3, 2)], [torch.randn(4, 2)], torch.randn(2),
+                      rounding="stochastic", rounding_seed=1)
+    assert_bits_equal(shard, before)

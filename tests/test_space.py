@@ -198,3 +198,16 @@ def test_lowrank_counterpart_equals_the_op_with_the_space_keys_and_decay_rule():
     with pytest.raises(ValueError, match="no factor"):
         space.lowrank({"a.weight": us["a.weight"]}, vs, tau)
     assert_bits_equal(params[0][1], before)
+
+
+def test_a_shrunk_storage_at_the_same_address_is_seen():
+    """p.data = p.data[:k] keeps the address: the space must notice the size (cached launch lists
+    would otherwise write past the new end)."""
+    full = torch.zeros(8)
+    p = torch.nn.Parameter(full)  # shares full's storage
+    space = ParameterSpace([("p", p)], backend="cpu")
+    space.apply(1, 1.0)
+    p.data = full[:4]  # same address, half the size
+    tail = full[4:].clone()
+    space.apply(2, 1.0)
+    assert_bits_equal(full[4:], tail)  # nothing written past the parameter's new end

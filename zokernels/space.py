@@ -18,6 +18,7 @@ position as key. Explicit keys can be passed instead.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ from .ops.undo import UndoLog, run_scatter
 from .sharding import is_dtensor, local_tensor, shard_of
 
 _data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
 WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module",
                                 "_checkpoint_wrapped_module"})
 PEFT_PREFIX = "base_model.model."
@@ -179,13 +181,16 @@ class ParameterSpace:
             self._group_of.append(resolved[signature])
         self._full_plan = self._plan(None)
 
-    def _storage_signature(self) -> list[int]:
+    def _storage_signature(self) -> list[list]:
         # A dtype or device change (model.to, p.data = ...) allocates the new storage while the
         # old one is alive, so each tensor's address changes: addresses catch both, and map()
         # reads them at C speed (about 0.1 us per tensor: LoRA has thousands).
         for j in self._dtensors:  # a sharding wrapper may swap a DTensor's local tensor
             self.tensors[j] = local_tensor(self.params[j])
-        return list(map(_data_ptr, self.tensors))
+        # sizes and dtypes too: p.data = p.data[:k] keeps the address, and cached launch data
+        # (the cpu backend's lists) must never outlive the size it was built for
+        return [list(map(_data_ptr, self.tensors)), list(map(_numel, self.tensors)),
+                [t.dtype for t in self.tensors]]
 
     def _assign_layers(self, layers: Sequence[Any] | None) -> list[int | None]:
         assigned: list[int | None] = [None] * len(self.tensors)
@@ -226,6 +231,12 @@ class ParameterSpace:
         """Whether any parameter is a shard (DTensor or mark_shard): the local tensors are then
         parts of the unsharded ones."""
         return any(shard is not None for shard in self.shards)
+
+    def global_numels(self) -> list[int]:
+        """Each parameter's element count in the unsharded model (a shard's whole tensor): what a
+        trajectory records, so that it replays on the unsharded model."""
+        return [t.numel() if shard is None else math.prod(shard.global_shape)
+                for t, shard in zip(self.params, self.shards)]
 
     @property
     def numel(self) -> int:
@@ -408,6 +419,9 @@ class ParameterSpace:
         chosen = self.matrices(layers)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)):
             raise TypeError(f"decay must be a number, got {type(decay).__name__}")
+        if rounding == "stochastic" and any(self.shards[j] is not None for j in chosen):
+            raise ValueError("rounding='stochastic' on sharded parameters: the low-rank op draws "
+                             "its rounding bits at local indices, not the unsharded ones")
 
         def per_matrix(values: Any, name: str) -> Any:
             if not isinstance(values, dict):

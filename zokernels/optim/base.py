@@ -142,7 +142,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _trajectory_meta(self) -> dict[str, Any]:
         return {"base_seed": self.base_seed, "dist": self.dist, "rounding": self.rounding,
                 "groups": [{"param_names": list(g["param_names"]),
-                            "numel": [t.numel() for t in g["params"]],
+                            "numel": space.global_numels(),
                             "keys": list(space.keys)}
                            for g, space in zip(self.param_groups, self.spaces)],
                 "no_decay": list(self.no_decay)}

@@ -53,8 +53,10 @@ class MeZO(ZOOptimizer):
             on the SAME micro-batch (give both ranks of a pair the same data), and one
             all-reduce of 8 bytes hands every rank both losses. Each rank then runs one forward
             and two passes per seed instead of two and three: about half the step latency, for
-            twice the devices per micro-batch. Not with sharded parameters (a pair would hold
-            one model perturbed two ways).
+            twice the devices per micro-batch. Needs exact_restore (the pair restores from
+            different perturbations: the undo logs make both exact; an undo-log overflow, warned
+            and counted in zo_state["undo_overflows"], can leave the pair a few ulps apart).
+            Not with sharded parameters (a pair would hold one model perturbed two ways).
 
     step(closure) returns the loss at theta + eps z of the first seed, as MeZO does.
     """
@@ -77,6 +79,10 @@ class MeZO(ZOOptimizer):
                          no_decay=no_decay, record_trajectory=record_trajectory, **kwargs)
         self.perturbation_parallel = bool(perturbation_parallel)
         if self.perturbation_parallel:
+            if not self.exact_restore:
+                raise ValueError("perturbation_parallel needs exact_restore=True: the two ranks "
+                                 "of a pair restore from different perturbations, and only the "
+                                 "undo logs make both end on the same bits")
             self._sign = self._pair_sign()
 
     def _pair_sign(self) -> float:

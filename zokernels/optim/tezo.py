@@ -12,6 +12,7 @@ import torch
 from ..ops.lowrank import lowrank_perturb_, run_lowrank_scatter
 from ..ops.noise import noise
 from ..ops.undo import UndoLog
+from ..sharding import is_dtensor, local_tensor
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from ..trajectory import register_replayer
 from .base import ZOOptimizer, check_common_hyper, check_hyper
@@ -28,15 +29,20 @@ class _LowRankState:
                  shards: list[Any] | None = None) -> None:
         """weights: the tensors written (local shards of sharded weights); shards: per weight None
         or its zokernels.sharding.Shard (the unsharded shape and the box's offset)."""
-        self.names, self.weights, self.keys = names, weights, keys
+        self.names, self.keys = names, keys
+        # the parameters as given (DTensors) and what the kernels write (their local shards,
+        # looked up again before each pass: a sharding wrapper may swap them)
+        self.params = weights
+        self._dtensors = [j for j, w in enumerate(weights) if is_dtensor(w)]
+        self.weights = [local_tensor(w) for w in weights]
         self.decayable = decayable
         shards = shards if shards is not None else [None] * len(weights)
         shapes = [tuple(w.shape) if sh is None else sh.global_shape
-                  for w, sh in zip(weights, shards)]
+                  for w, sh in zip(self.weights, shards)]
         # the rank rule on the unsharded shape: every rank of a sharded run uses the same r
         self.ranks = [min(rank, m, n) for m, n in shapes]
         self.us, self.vs = [], []
-        for w, key, r, (m, n), shard in zip(weights, keys, self.ranks, shapes, shards):
+        for w, key, r, (m, n), shard in zip(self.weights, keys, self.ranks, shapes, shards):
             row0, col0 = (0, 0) if shard is None else shard.global_offset
             rows, cols = w.shape
             # drawn once, as pure functions of (seed, key): never saved, rebuilt on resume/replay.
@@ -66,6 +72,10 @@ class _LowRankState:
         same taus give the same bits in every pass (a recovery needs the writer's exact D)."""
         return self.split(taus * self.rank_norm)
 
+    def _refresh(self) -> None:
+        for j in self._dtensors:
+            self.weights[j] = local_tensor(self.params[j])
+
     def _decays(self, decay: float) -> list[float]:
         return [decay if d else 1.0 for d in self.decayable]
 
@@ -78,6 +88,7 @@ class _LowRankState:
         perturbation W holds now; `log` keeps what a later recovery of this pass would miss."""
         if not self.weights:
             return
+        self._refresh()
         held = {} if applied is None else dict(applied_taus=self._per_weight(applied[0]),
                                                applied_scale=applied[1])
         lowrank_perturb_(self.weights, self.us, self.vs, self._per_weight(taus), scale=scale,
@@ -169,7 +180,7 @@ class TeZO(ZOOptimizer):
         for g, space in enumerate(self.spaces):
             two_d, rest = _split_by_rank(space)
             self.lowrank.append(_LowRankState(
-                [space.names[j] for j in two_d], [space.tensors[j] for j in two_d],
+                [space.names[j] for j in two_d], [space.params[j] for j in two_d],
                 [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
                 step_seed(self.base_seed, 0, g, purpose="factors"), self.backend,
                 [space.shards[j] for j in two_d]))
@@ -188,7 +199,7 @@ class TeZO(ZOOptimizer):
             two_d, _ = _split_by_rank(space)
             lowrank.append({"param_names": [space.names[j] for j in two_d],
                             "keys": [space.keys[j] for j in two_d],
-                            "numel": [space.params[j].numel() for j in two_d]})
+                            "numel": [space.global_numels()[j] for j in two_d]})
         meta.update(rank=self.rank, variant=self.variant, betas=list(self.betas),
                     delta=self.delta, lowrank=lowrank)
         return meta
@@ -359,7 +370,7 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
         names = set(lowrank["param_names"])
         two_d = [j for j, n in enumerate(space.names) if n in names]
         states.append(_LowRankState(
-            [space.names[j] for j in two_d], [space.tensors[j] for j in two_d],
+            [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], meta["rank"],
             step_seed(base, 0, g, purpose="factors"), backend, [space.shards[j] for j in two_d]))
     dense = []
