@@ -65,20 +65,14 @@ struct ItemLog {
     void tile(const LowRankJob& job, const LowRankWeight& lw, Storage* xt, int n, uint64_t t,
               const float* theta, const float* d) {
         alignas(64) Storage rounded[kTile];
-        alignas(64) uint8_t lost[kTile];
         round_store<Philox, Format>([&](int i) { return lw.decay * theta[i] + d[i]; }, n, rounded,
                                     job.stochastic, job.rounding_keys, lw.key, t);
-        for (int i = 0; i < n; ++i)
-            lost[i] = lost_by_recovery<Format>(theta[i], Format::to_float(rounded[i]), d[i]);
+        alignas(64) int32_t at[kTile];
+        const int n_lost =
+            lost_positions<Format>([theta](int i) { return theta[i]; }, rounded, d, n, at);
         if (job.log_count_only) {
-            for (int i = 0; i < n; ++i) count += lost[i];
+            count += n_lost;
             return;
-        }
-        alignas(64) int32_t at[kTile];  // branch-free compaction of the lost positions
-        int n_lost = 0;
-        for (int i = 0; i < n; ++i) {
-            at[n_lost] = i;
-            n_lost += lost[i];
         }
         for (int q = 0; q < n_lost; ++q) {
             const int i = at[q];
@@ -142,12 +136,11 @@ inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
             store_rounded<Philox, Format>(acc, n, xt, job.stochastic, job.rounding_keys, lw.key, t);
         } else {
             float* theta = acc;
-            for (int c = 0; c < n; ++c) {
-                const float x = Format::to_float(xt[c]);
-                if constexpr (kRecover)
-                    theta[c] = recover_unperturbed<Format>(x, job.applied_scale * held[c]);
-                else
-                    theta[c] = x;
+            if constexpr (kRecover) {
+                for (int c = 0; c < n; ++c) held[c] = job.applied_scale * held[c];
+                recover_tile<Format>(xt, held, n, theta);
+            } else {
+                for (int c = 0; c < n; ++c) theta[c] = Format::to_float(xt[c]);
             }
             for (int c = 0; c < n; ++c) prod[c] = job.scale * prod[c];
             if constexpr (kLog) {
@@ -235,6 +228,13 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
         throw std::invalid_argument("lowrank_perturb: a log needs log_count_ptr");
     if (log_mode == kLogWrite && log_capacity > 0 && (log_index_ptr == 0 || log_values_ptr == 0))
         throw std::invalid_argument("lowrank_perturb: a log with capacity needs index and values");
+    // The log's check (undo_log.h, lost_positions) assumes what the pass wrote is
+    // round_nearest(theta + D): no decay, no stochastic rounding.
+    if (log_mode != kNoLog) {
+        if (rounding != 0) throw std::invalid_argument("lowrank_perturb: a log needs nearest rounding");
+        for (float decay : decays)
+            if (decay != 1.0f) throw std::invalid_argument("lowrank_perturb: a log needs decays of 1");
+    }
 
     // Scratch (V diag(tau))^T (and of the applied taus) for every weight: r x n floats each,
     // small next to W.

@@ -75,7 +75,6 @@ struct ItemLog {
               uint32_t key, float decay, const float* noise_sum, const float* applied_sum) {
         alignas(64) float theta_in[kRecover ? kTile : 1];
         alignas(64) Storage rounded[kTile];
-        alignas(64) uint8_t lost[kTile];
         // Without recovery the weight is read in place: copying the tile first made that copy
         // (for float32 a rep movs) the tile's first, slow touch of memory.
         auto theta = [&](int i) {
@@ -84,24 +83,14 @@ struct ItemLog {
             else
                 return Format::to_float(xt[i]);
         };
-        if constexpr (kRecover)
-            for (int i = 0; i < n; ++i)
-                theta_in[i] = recover_unperturbed<Format>(Format::to_float(xt[i]), applied_sum[i]);
+        if constexpr (kRecover) recover_tile<Format>(xt, applied_sum, n, theta_in);
         store_tile<Philox, Format, kMapped>([&](int i) { return decay * theta(i) + noise_sum[i]; },
                                             n, rounded, job, key, g);
-        for (int i = 0; i < n; ++i)
-            lost[i] = lost_by_recovery<Format>(theta(i), Format::to_float(rounded[i]), noise_sum[i]);
+        alignas(64) int32_t at[kTile];
+        const int n_lost = lost_positions<Format>(theta, rounded, noise_sum, n, at);
         if (job.log_count_only) {
-            for (int i = 0; i < n; ++i) count += lost[i];
+            count += n_lost;
         } else {
-            // Branch-free compaction of the lost positions first: a branch per element
-            // mispredicted on the few lost ones, and push_back kept the loop's state in memory.
-            alignas(64) int32_t at[kTile];
-            int n_lost = 0;
-            for (int i = 0; i < n; ++i) {
-                at[n_lost] = i;
-                n_lost += lost[i];
-            }
             for (int q = 0; q < n_lost; ++q) {
                 const int i = at[q];
                 index.push_back(static_cast<int64_t>(start + t + i));
@@ -177,6 +166,7 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
     const float decay = job.decays[item.tensor];
     alignas(64) float noise_sum[kTile];                    // D
     alignas(64) float applied_sum[kRecover ? kTile : 1];  // D1, only when recovering
+    alignas(64) float recovered[kRecover && !kLog ? kTile : 1];  // theta, recovered from D1
     std::conditional_t<kLog, ItemLog<Format>, NoItemLog> log;
     for (uint64_t t = item.begin; t < item.end;) {
         // The tile: local elements [t, t + n), contract indices [g, g + n). Unmapped, g = t and
@@ -235,12 +225,9 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
             log.template tile<Philox, kRecover, kMapped>(job, xt, n, t, g, job.starts[item.tensor],
                                                          key, decay, d, d1);
         } else if constexpr (kRecover) {
-            store_tile<Philox, Format, kMapped>(
-                [&](int i) {
-                    const float theta = recover_unperturbed<Format>(Format::to_float(xt[i]), d1[i]);
-                    return decay * theta + d[i];
-                },
-                n, xt, job, key, g);
+            recover_tile<Format>(xt, d1, n, recovered);
+            store_tile<Philox, Format, kMapped>([&](int i) { return decay * recovered[i] + d[i]; },
+                                                n, xt, job, key, g);
         } else {
             store_tile<Philox, Format, kMapped>(
                 [&](int i) { return decay * Format::to_float(xt[i]) + d[i]; }, n, xt, job, key, g);
@@ -319,6 +306,13 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
         throw std::invalid_argument("perturb: a log needs log_count_ptr");
     if (log_mode == kLogWrite && log_capacity > 0 && (log_index_ptr == 0 || log_values_ptr == 0))
         throw std::invalid_argument("perturb: a log with capacity needs index and values");
+    // The log's check (undo_log.h, lost_positions) assumes what the pass wrote is
+    // round_nearest(theta + D): no decay, no stochastic rounding.
+    if (log_mode != kNoLog) {
+        if (rounding != 0) throw std::invalid_argument("perturb: a log needs nearest rounding");
+        for (float decay : decays)
+            if (decay != 1.0f) throw std::invalid_argument("perturb: a log needs decays of 1");
+    }
 
     std::vector<IndexMap> maps =
         index_maps_from("perturb", numels, index_offsets, index_local_spans, index_global_spans);

@@ -373,3 +373,24 @@ def test_generic_path_matches_simd_path(tmp_path):
         "torch.save(out, sys.argv[1])\n"
     )
     assert_same_in_both_simd_modes(script, tmp_path, timeout=300)
+
+
+def test_kernels_refuse_a_log_with_decay_or_stochastic_rounding():
+    # The kernels' lost-element check assumes the pass wrote round_nearest(theta + D): they refuse
+    # anything else themselves (the Python layer refuses it first), writing nothing.
+    from zokernels.backends.cpu import lowrank_perturb_cpu
+
+    w = _weights([300], torch.bfloat16)[0]
+    before = w.clone()
+    for decays, rounding in ((torch.tensor([0.5]), "nearest"), (torch.ones(1), "stochastic")):
+        log = _buffers(400, torch.bfloat16)
+        with pytest.raises(ValueError, match="a log needs"):
+            perturb_cpu([w], [3], [9], torch.tensor([1e-3]), decays, "gaussian", rounding, 5,
+                        log=log)
+        m = w.view(20, 15)
+        u, v, tau = torch.randn(20, 2), torch.randn(15, 2), torch.randn(2)
+        with pytest.raises(ValueError, match="a log needs"):
+            lowrank_perturb_cpu([m], [u], [v], [tau], torch.tensor([1e-3]), decays, [3], rounding,
+                                5, log=log)
+        assert_bits_equal(w, before, "refused pass")
+        assert log.count.item() == 0
