@@ -1,5 +1,11 @@
 """TeZO (Sun et al. 2025, arXiv 2501.19057): low-rank ZO noise with fixed factors, momentum and
-Adam state in the r-dimensional tau space."""
+Adam state in the r-dimensional tau space.
+
+Every weight's noise is a pure function of (seed, its key): U_j, V_j of (factor_seed(base seed),
+key_j), tau_{t,j} of (tau_seed(base seed, t), key_j). Keys come from canonical names, so a
+weight's noise survives checkpoint/resume, freezing other parameters, regrouping and wrapper
+prefixes such as `module.`.
+"""
 
 from __future__ import annotations
 
@@ -19,16 +25,32 @@ from .base import ZOOptimizer, check_common_hyper, check_hyper
 from ._seeds import step_seed
 
 VARIANTS = ("sgd", "momentum", "adam")
+# Trajectory meta marker: tau and factors per key (earlier recordings sliced one flat tau per
+# param group and seeded the factors by group index; they cannot be replayed with this code).
+NOISE_LAYOUT = "per-key"
+
+
+def factor_seed(base_seed: int) -> int:
+    """The seed of the fixed factors: U_j = noise(m r, s, key_j), V_j = noise(n r, s, key_j,
+    offset=m r). Depends on the base seed only (not on groups or positions)."""
+    return step_seed(base_seed, 0, 0, purpose="factors")
+
+
+def tau_seed(base_seed: int, step: int) -> int:
+    """The seed of step `step`'s tau: tau_j = noise(r_j, s, key_j). Distinct from the factor seed
+    and from the dense z seed, so its draws overlap neither."""
+    return step_seed(base_seed, step, 0, purpose="tau")
 
 
 class _LowRankState:
     """The 2-D weights of one param group with their fixed factors and tau-space moments."""
 
     def __init__(self, names: list[str], weights: list[torch.Tensor], keys: list[int],
-                 decayable: list[bool], rank: int, factor_seed: int, backend: str,
+                 decayable: list[bool], rank: int, seed: int, backend: str,
                  shards: list[Any] | None = None) -> None:
-        """weights: the tensors written (local shards of sharded weights); shards: per weight None
-        or its zokernels.sharding.Shard (the unsharded shape and the box's offset)."""
+        """weights: the parameters (DTensors included; the kernels write their local shards);
+        shards: per weight None or its zokernels.sharding.Shard (the unsharded shape and the
+        box's offset); seed: the factor seed (factor_seed(base seed))."""
         self.names, self.keys = names, keys
         # the parameters as given (DTensors) and what the kernels write (their local shards,
         # looked up again before each pass: a sharding wrapper may swap them)
@@ -36,33 +58,46 @@ class _LowRankState:
         self._dtensors = [j for j, w in enumerate(weights) if is_dtensor(w)]
         self.weights = [local_tensor(w) for w in weights]
         self.decayable = decayable
-        shards = shards if shards is not None else [None] * len(weights)
-        shapes = [tuple(w.shape) if sh is None else sh.global_shape
-                  for w, sh in zip(self.weights, shards)]
+        self.shards = shards if shards is not None else [None] * len(weights)
+        self.shapes = [tuple(w.shape) if sh is None else tuple(sh.global_shape)
+                       for w, sh in zip(self.weights, self.shards)]
         # the rank rule on the unsharded shape: every rank of a sharded run uses the same r
-        self.ranks = [min(rank, m, n) for m, n in shapes]
-        self.us, self.vs = [], []
-        for w, key, r, (m, n), shard in zip(self.weights, keys, self.ranks, shapes, shards):
-            row0, col0 = (0, 0) if shard is None else shard.global_offset
-            rows, cols = w.shape
-            # drawn once, as pure functions of (seed, key): never saved, rebuilt on resume/replay.
-            # U is rows x r of the unsharded m x r (flat offset row0 * r), V cols x r of n x r
-            # (after U's m * r elements): a shard's block of U diag(tau) V^T is the unsharded one.
-            u = noise(rows * r, factor_seed, key, offset=row0 * r, device=w.device,
-                      backend=backend).view(rows, r)
-            v = noise(cols * r, factor_seed, key, offset=m * r + col0 * r, device=w.device,
-                      backend=backend).view(cols, r)
-            self.us.append(u)
-            self.vs.append(v)
+        self.ranks = [min(rank, m, n) for m, n in self.shapes]
         self.offsets = [0]
         for r in self.ranks:
             self.offsets.append(self.offsets[-1] + r)
         device = weights[0].device if weights else torch.device("cpu")
+        self.device = device
         # 1/sqrt(r_j) per tau entry, built once: makes Z's entries unit-variance
         self.rank_norm = torch.tensor([1.0 / math.sqrt(r) for r in self.ranks for _ in range(r)],
                                       dtype=torch.float32, device=device)
         self.momentum = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
         self.second = torch.zeros_like(self.momentum)
+        self.build_factors(seed, backend)
+
+    def build_factors(self, seed: int, backend: str) -> None:
+        """U_j, V_j from (seed, key_j) alone: never saved, rebuilt on resume/replay.
+
+        U_j is rows x r of the unsharded m x r (flat offset row0 * r), V_j cols x r of n x r
+        (after U's m * r elements): a shard's block of U diag(tau) V^T is the unsharded one."""
+        us, vs = [], []
+        for w, key, r, (m, _), shard in zip(self.weights, self.keys, self.ranks, self.shapes,
+                                             self.shards):
+            row0, col0 = (0, 0) if shard is None else shard.global_offset
+            rows, cols = w.shape
+            us.append(noise(rows * r, seed, key, offset=row0 * r, device=w.device,
+                            backend=backend).view(rows, r))
+            vs.append(noise(cols * r, seed, key, offset=m * r + col0 * r, device=w.device,
+                            backend=backend).view(cols, r))
+        self.us, self.vs, self.factor_seed = us, vs, seed
+
+    def taus(self, seed: int, backend: str) -> torch.Tensor:
+        """tau_j = noise(r_j, seed, key_j) for every weight, concatenated in weight order: each
+        weight's tau depends on its key only, not on which other weights are registered."""
+        if not self.weights:
+            return self.momentum
+        return torch.cat([noise(r, seed, key, device=self.device, backend=backend)
+                          for r, key in zip(self.ranks, self.keys)])
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
@@ -81,11 +116,13 @@ class _LowRankState:
 
     def apply(self, taus: torch.Tensor, scale: Any, decay: float, backend: str, *,
               applied: tuple[torch.Tensor, float] | None = None,
-              log: UndoLog | None = None) -> None:
+              log: UndoLog | None = None, rounding: str = "nearest",
+              rounding_seed: int = 0) -> None:
         """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for every weight (one launch);
         d = decay on decayable weights. The 1/sqrt(r) makes Z's entries unit-variance.
         theta = W, or with applied = (held taus, held scale) the weight recovered from the
-        perturbation W holds now; `log` keeps what a later recovery of this pass would miss."""
+        perturbation W holds now; `log` keeps what a later recovery of this pass would miss.
+        rounding: of the write (stochastic: updates only, bits from stream 1 of rounding_seed)."""
         if not self.weights:
             return
         self._refresh()
@@ -93,18 +130,22 @@ class _LowRankState:
                                                applied_scale=applied[1])
         lowrank_perturb_(self.weights, self.us, self.vs, self._per_weight(taus), scale=scale,
                          decay=self._decays(decay), keys=self.keys, backend=backend,
+                         rounding=rounding, rounding_seed=rounding_seed,
                          check_finite=False, log=log, **held)
 
     def apply_logged(self, log: UndoLog, taus: torch.Tensor | None = None, scale: float = 0.0,
-                     decay: float = 1.0) -> None:
+                     decay: float = 1.0, rounding: str = "nearest",
+                     rounding_seed: int = 0) -> None:
         """Rewrite the elements `log` holds: taus None puts their logged values back bit for bit
-        (restore); else W = round(d * logged + scale * U diag(tau) V^T / sqrt(r)) (update)."""
+        (restore); else W = round(d * logged + scale * U diag(tau) V^T / sqrt(r)) (update, with
+        the update pass's rounding and rounding_seed: the same bits as that pass)."""
         if not self.weights or log.plan is None:
             return
         run_lowrank_scatter(log, self.us, self.vs,
                             None if taus is None else self._per_weight(taus),
                             torch.tensor([scale], dtype=torch.float32),
-                            torch.tensor(self._decays(decay), dtype=torch.float32))
+                            torch.tensor(self._decays(decay), dtype=torch.float32),
+                            rounding, rounding_seed)
 
     @property
     def state_numel(self) -> int:
@@ -114,18 +155,31 @@ class _LowRankState:
 
 
 def _split_by_rank(space: ParameterSpace) -> tuple[list[int], list[int]]:
-    """Positions of the 2-D tensors (low-rank noise) and of the others (full noise)."""
-    two_d = [j for j, t in enumerate(space.params) if t.dim() == 2]
-    return two_d, [j for j, t in enumerate(space.params) if t.dim() != 2]
+    """Positions of the non-empty 2-D tensors (low-rank noise) and of the others (full noise).
+    An empty matrix (0 x n) has nothing to perturb (and no rank r >= 1): the dense space skips it.
+    Emptiness is judged on the unsharded shape: an empty local shard of a non-empty weight stays
+    low-rank (its tau and moments are the other ranks')."""
+    numels = space.global_numels()
+    two_d = [j for j, t in enumerate(space.params) if t.dim() == 2 and numels[j] > 0]
+    chosen = set(two_d)
+    return two_d, [j for j in range(len(space.params)) if j not in chosen]
 
 
 class TeZO(ZOOptimizer):
-    """ZO with low-rank noise Z_t = U diag(tau_t) V^T / sqrt(r) on every 2-D weight.
+    """ZO with low-rank noise Z_t = U diag(tau_t) V^T / sqrt(r) on every non-empty 2-D weight.
 
-    U (m x r), V (n x r) ~ N(0, 1) are fixed, drawn once from (seed, tensor key); tau_t ~ N(0, I_r)
-    is fresh each step. Dividing by sqrt(r) gives Z's entries variance 1 (without it, r), so eps and
-    lr mean what they mean for MeZO. Rank rule: r_j = min(rank, m_j, n_j). 1-D parameters (biases,
-    norms) get full-size noise and plain ZO-SGD. With g = (l+ - l-) / (2 eps):
+    Per weight j (m x n, key k_j from its canonical name), with r_j = min(rank, m, n):
+
+        U_j     = noise(m r_j, factor_seed(seed), k_j).view(m, r_j)             fixed
+        V_j     = noise(n r_j, factor_seed(seed), k_j, offset=m r_j).view(n, r_j) fixed
+        tau_t,j = noise(r_j, tau_seed(seed, t), k_j)                              fresh each step
+
+    pure functions of (seed, step, key): a weight's noise does not change when other parameters
+    are frozen, regrouped or renamed by a wrapper (`module.`), and resuming from a state_dict
+    rebuilds U, V from the saved seed. Dividing by sqrt(r) gives Z's entries variance 1 (without
+    it, r), so eps and lr mean what they mean for MeZO. 1-D parameters (biases, norms) get
+    full-size noise and plain ZO-SGD; empty matrices (0 x n) are skipped. With
+    g = (l+ - l-) / (2 eps), moments per weight in its r_j-dimensional tau space:
 
         sgd:      W -= lr g Z_t
         momentum: m = b1 m + (1 - b1) g tau_t;        W -= lr U diag(m) V^T / sqrt(r)
@@ -133,8 +187,14 @@ class TeZO(ZOOptimizer):
                   W -= lr U diag(m_hat / (sqrt(v_hat) + delta)) V^T / sqrt(r)   (bias-corrected)
 
     The update is fused with the restore (one low-rank pass recovers theta from the held -eps Z_t
-    and applies the update; they share U and V). Optimizer state per matrix: U, V and two
-    r-vectors, never m x n.
+    and applies the update; they share U and V). rounding="stochastic" applies to that update
+    pass (bf16 / fp16 weights; the perturbations round to nearest, which their recovery needs);
+    it is refused for sharded 2-D weights (the low-rank kernels draw rounding bits at local
+    indices).
+    Memory: the optimizer state per matrix is U, V and two r-vectors, O((m + n) r), never m x n.
+    The undo logs are not: with exact_restore=True each 2-D weight keeps, per perturbation pass,
+    the elements recovery cannot give back, O(lost fraction x m n) (a few percent of m n in
+    bf16 at eps = 1e-3; see undo_log_bytes). exact_restore=False drops them.
     Restore exactness: as MeZO's, for every parameter. The 2-D weights are moved between
     perturbations by recovery (lowrank_perturb_'s applied_taus / applied_scale) and keep undo logs
     of the elements recovery cannot give back (docs/undo-log.md, "Low-rank groups"), so a failed
@@ -175,15 +235,22 @@ class TeZO(ZOOptimizer):
     # The base class builds one ParameterSpace per group over all params; TeZO splits them: the
     # dense space keeps the 1-D ones, the low-rank state the 2-D ones.
     def _split_spaces(self) -> None:
+        splits = [_split_by_rank(space) for space in self.spaces]
+        if self.rounding == "stochastic":
+            sharded = [space.names[j] for space, (two_d, _) in zip(self.spaces, splits)
+                       for j in two_d if space.shards[j] is not None]
+            if sharded:
+                raise ValueError(f"rounding='stochastic' with sharded 2-D weights ({sharded[:3]}): "
+                                 "the low-rank kernels draw rounding bits at local indices, so "
+                                 "shards would not round as the unsharded weight; use "
+                                 "rounding='nearest'")
         self.lowrank = []
         dense_spaces = []
-        for g, space in enumerate(self.spaces):
-            two_d, rest = _split_by_rank(space)
+        for space, (two_d, rest) in zip(self.spaces, splits):
             self.lowrank.append(_LowRankState(
                 [space.names[j] for j in two_d], [space.params[j] for j in two_d],
                 [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
-                step_seed(self.base_seed, 0, g, purpose="factors"), self.backend,
-                [space.shards[j] for j in two_d]))
+                factor_seed(self.base_seed), self.backend, [space.shards[j] for j in two_d]))
             dense_spaces.append(ParameterSpace(
                 [(space.names[j], space.params[j]) for j in rest],
                 keys=[space.keys[j] for j in rest], backend=self.backend,
@@ -201,7 +268,7 @@ class TeZO(ZOOptimizer):
                             "keys": [space.keys[j] for j in two_d],
                             "numel": [space.global_numels()[j] for j in two_d]})
         meta.update(rank=self.rank, variant=self.variant, betas=list(self.betas),
-                    delta=self.delta, lowrank=lowrank)
+                    delta=self.delta, lowrank=lowrank, noise_layout=NOISE_LAYOUT)
         return meta
 
     @property
@@ -214,11 +281,8 @@ class TeZO(ZOOptimizer):
         return super().undo_log_bytes + sum(log.nbytes for pair in self._lowrank_logs
                                             for log in pair)
 
-    def _taus(self, step: int, state: _LowRankState, g: int) -> torch.Tensor:
-        if state.offsets[-1] == 0:
-            return state.momentum
-        return noise(state.offsets[-1], step_seed(self.base_seed, step, g, purpose="tau"), 0,
-                     device=state.momentum.device, backend=self.backend)
+    def _taus(self, step: int, state: _LowRankState) -> torch.Tensor:
+        return state.taus(tau_seed(self.base_seed, step), self.backend)
 
     def step(self, closure=None) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
@@ -270,11 +334,14 @@ class TeZO(ZOOptimizer):
             self._lowrank_held = held
 
     def _lowrank_update(self, taus: list[torch.Tensor], grads: list[torch.Tensor],
-                        lrs: list[float], decays: list[float], step: int) -> None:
+                        lrs: list[float], decays: list[float], step: int,
+                        rounding_seed: int) -> None:
         """W = round(d * theta - lr U diag(direction) V^T / sqrt(r)) in ONE pass per group that
         recovers theta from the held -eps Z_t, then the logged elements rewritten from their exact
-        values: bit-identical to the update applied to the unperturbed weights (and to a replay).
-        Runs no user code; an interrupt between the passes still finishes the rewrites."""
+        values: bit-identical to the update applied to the unperturbed weights (and to a replay),
+        with self.rounding (stochastic: bits of rounding_seed, the step's dense seed, as the
+        dense update's). Runs no user code; an interrupt between the passes still finishes the
+        rewrites."""
         held, slots = self._lowrank_held, self._lowrank_slots
         self._lowrank_held, self._lowrank_slots = None, []
         updates: list[torch.Tensor] = []
@@ -283,18 +350,20 @@ class TeZO(ZOOptimizer):
                 update = -lrs[g] * self._direction(state, taus[g], grads[g], step)
                 updates.append(update)
                 state.apply(update, 1.0, decays[g], self.backend,
-                            applied=None if held is None else held[g])
+                            applied=None if held is None else held[g], rounding=self.rounding,
+                            rounding_seed=rounding_seed)
         finally:
             for slot in reversed(slots):
                 for g, (state, update) in enumerate(zip(self.lowrank, updates)):
-                    state.apply_logged(self._lowrank_logs[g][slot], update, 1.0, decays[g])
+                    state.apply_logged(self._lowrank_logs[g][slot], update, 1.0, decays[g],
+                                       self.rounding, rounding_seed)
             self._clear_lowrank_logs()
 
     def _step(self, closure) -> torch.Tensor:
         step = self.zo_state["step"]
         eps = [group["eps"] for group in self.param_groups]
         seed = self.seed_for(step)
-        taus = [self._taus(step, state, g) for g, state in enumerate(self.lowrank)]
+        taus = [self._taus(step, state) for state in self.lowrank]
         self._lowrank_perturb(taus, eps, 0)
         self._perturb_held(seed, eps, None, 0)
         loss_plus = self._evaluate(closure)
@@ -313,7 +382,7 @@ class TeZO(ZOOptimizer):
         grads = [half_diff / group["eps"] for group in self.param_groups]
         lrs = [group["lr"] for group in self.param_groups]
         decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
-        self._lowrank_update(taus, grads, lrs, decays, step)
+        self._lowrank_update(taus, grads, lrs, decays, step, seed)
         coefs = [(-lrs[g] * grads[g]).reshape(1) for g in range(len(self.param_groups))]
         self._update([seed], coefs, None)
         if self.trajectory is not None:
@@ -329,13 +398,93 @@ class TeZO(ZOOptimizer):
         return tezo_direction(self.variant, self.betas, self.delta, state, tau, grad, step)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"momentum": [s.momentum.clone() for s in self.lowrank],
+        return {"rank": self.rank, "variant": self.variant, "betas": list(self.betas),
+                "delta": self.delta,
+                "momentum": [s.momentum.clone() for s in self.lowrank],
                 "second": [s.second.clone() for s in self.lowrank],
                 "lowrank_undo_logs": [[log.state_dict() for log in pair]
                                       for pair in self._lowrank_logs]}
 
+    def _check_loadable(self, state_dict: Any) -> None:
+        """Everything TeZO needs from a state_dict, checked before anything is modified
+        (ValueError naming the entry): rank and variant as this optimizer's, one moment vector
+        per param group of its size, loadable undo-log sizing."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        if state_dict.get("algorithm") != self.algorithm:
+            raise ValueError(f"state_dict is for {state_dict.get('algorithm')!r}, "
+                             f"not {self.algorithm!r}")
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, (list, tuple)):
+            raise ValueError("state_dict has no param_groups list")
+        if len(saved_groups) != len(self.lowrank):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has "
+                             f"{len(self.lowrank)}")
+        extra = state_dict.get("extra")
+        if not isinstance(extra, dict):
+            raise ValueError("state_dict has no TeZO state ('extra')")
+        for name, mine in (("rank", self.rank), ("variant", self.variant)):
+            if name in extra and extra[name] != mine:
+                raise ValueError(f"state_dict was saved with {name}={extra[name]!r}, this "
+                                 f"optimizer has {name}={mine!r}")
+        if "betas" in extra:
+            betas = extra["betas"]
+            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+                raise ValueError(f"state_dict betas must be a pair, got {betas!r}")
+            check_hyper("state_dict betas[0]", betas[0], high=1.0, high_open=True)
+            check_hyper("state_dict betas[1]", betas[1], high=1.0, high_open=True)
+        if "delta" in extra:
+            check_hyper("state_dict delta", extra["delta"], low_open=True)
+        groups = len(self.lowrank)
+        for name in ("momentum", "second"):
+            vectors = extra.get(name)
+            if not isinstance(vectors, (list, tuple)) or len(vectors) != groups:
+                raise ValueError(f"state_dict {name} must hold one vector per param group "
+                                 f"({groups}), got {type(vectors).__name__}"
+                                 + (f" of {len(vectors)}" if isinstance(vectors, (list, tuple))
+                                    else ""))
+            for g, (state, v) in enumerate(zip(self.lowrank, vectors)):
+                size = state.offsets[-1]
+                if (not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point
+                        or tuple(v.shape) != (size,)):
+                    got = (f"shape {tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor)
+                           else type(v).__name__)
+                    raise ValueError(f"state_dict {name}[{g}] must be a float vector of shape "
+                                     f"({size},) (the sum of the ranks of param group {g}'s 2-D "
+                                     f"weights), got {got}")
+        logs = extra.get("lowrank_undo_logs", [])
+        if not isinstance(logs, (list, tuple)) or len(logs) not in (0, groups):
+            raise ValueError(f"state_dict lowrank_undo_logs must hold one pair per param group "
+                             f"({groups})")
+        for g, pair in enumerate(logs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"state_dict lowrank_undo_logs[{g}] must be a pair")
+            for k, saved in enumerate(pair):
+                try:
+                    UndoLog().load_state_dict(saved)  # a scratch log: the real ones stay put
+                except Exception as exc:
+                    raise ValueError(f"state_dict lowrank_undo_logs[{g}][{k}] is not an undo-log "
+                                     f"state: {exc}") from exc
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As the base class's, after TeZO's checks (nothing is modified when one fails; rank and
+        variant must match, betas and delta are restored like the seed); then U and V are rebuilt
+        from the loaded seed when it differs from the one they were drawn from, so a resume into
+        an optimizer built with another seed continues the saved run."""
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+        seed = factor_seed(self.base_seed)
+        for state in self.lowrank:
+            if state.factor_seed != seed:
+                state.build_factors(seed, self.backend)
+
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        for s, m, v in zip(self.lowrank, state.get("momentum", []), state.get("second", [])):
+        # validated by _check_loadable before the base class changed anything
+        if "betas" in state:
+            self.betas = (float(state["betas"][0]), float(state["betas"][1]))
+        if "delta" in state:
+            self.delta = float(state["delta"])
+        for s, m, v in zip(self.lowrank, state["momentum"], state["second"]):
             s.momentum.copy_(m)
             s.second.copy_(v)
         for pair, saved_pair in zip(self._lowrank_logs, state.get("lowrank_undo_logs", [])):
@@ -361,18 +510,24 @@ def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state
 
 def _replay_tezo(trajectory, spaces, backend) -> None:
     """Rebuild a TeZO run: the 1-D parameters from the recorded seeded updates, the 2-D ones by
-    re-running the tau-space recursions on the recorded projected gradients."""
+    re-running the tau-space recursions on the recorded projected gradients, with the run's
+    factors, taus and rounding."""
     meta = trajectory.meta
+    if meta.get("noise_layout") != NOISE_LAYOUT:
+        raise ValueError("this TeZO trajectory was recorded before tau and the factors were drawn "
+                         "per tensor key (its noise depended on param-group index and position); "
+                         "it cannot be replayed by this version")
     base = meta["base_seed"]
     betas = tuple(meta["betas"])
+    rounding = meta.get("rounding", "nearest")
     states = []
-    for g, (space, lowrank) in enumerate(zip(spaces, meta["lowrank"])):
+    for space, lowrank in zip(spaces, meta["lowrank"]):
         names = set(lowrank["param_names"])
         two_d = [j for j, n in enumerate(space.names) if n in names]
         states.append(_LowRankState(
             [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], meta["rank"],
-            step_seed(base, 0, g, purpose="factors"), backend, [space.shards[j] for j in two_d]))
+            factor_seed(base), backend, [space.shards[j] for j in two_d]))
     dense = []
     for space, lowrank in zip(spaces, meta["lowrank"]):
         names = set(lowrank["param_names"])
@@ -384,14 +539,15 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
         for g, state in enumerate(states):
             grad = torch.tensor(trajectory.extra[f"grad{g}"][i], dtype=torch.float32)
             lr = trajectory.extra[f"lr{g}"][i]
-            tau = (noise(state.offsets[-1], step_seed(base, step, g, purpose="tau"), 0,
-                         device=state.momentum.device, backend=backend)
-                   if state.offsets[-1] else state.momentum)
+            tau = state.taus(tau_seed(base, step), backend)
             grad = grad.to(tau.device)
             direction = tezo_direction(meta["variant"], betas, meta["delta"], state, tau, grad,
                                        step)
-            state.apply(-lr * direction, 1.0, decays[g], backend)
-            dense[g].update(seeds, coefs[g], decay=decays[g], dist=meta["dist"])
+            # the run's update rounding; its stochastic bits come from the step's dense seed
+            state.apply(-lr * direction, 1.0, decays[g], backend, rounding=rounding,
+                        rounding_seed=seeds[0])
+            dense[g].update(seeds, coefs[g], decay=decays[g], dist=meta["dist"],
+                            rounding=rounding)
 
 
 register_replayer("tezo", _replay_tezo)
