@@ -1,147 +1,363 @@
 """patch_mezo_trainer: fused zo_perturb_parameters / zo_update for trainers that follow MeZO's
-`large_models/trainer.py` convention (also ZO-Bench, PseuZO, HiZOO and other copies of it).
+`large_models/trainer.py` convention.
 
 The trainer is expected to have `named_parameters_to_optim` (list of (name, param)),
 `zo_random_seed`, `projected_grad`, `args.zo_eps`, `args.weight_decay`, `_get_learning_rate()`
-and, optionally, `lr_scheduler`. Patching replaces, on that object only:
+and, optionally, `lr_scheduler`. Patching replaces, on that object only, exactly these two
+methods, with exactly MeZO's semantics (z from the zokernels noise contract, seed = the seed the
+trainer passes, key = the parameter's canonical name, instead of torch.normal after
+torch.manual_seed):
 
-    zo_perturb_parameters(random_seed=None, scaling_factor=1)   theta += scaling_factor * eps * z
-    zo_update(model)                                            theta -= lr * (g * z + wd * theta)
-                                                                (no decay on bias / layer norms),
-                                                                then lr_scheduler.step()
+    zo_perturb_parameters(random_seed=None, scaling_factor=1)
+        theta += scaling_factor * args.zo_eps * z(random_seed or zo_random_seed)
+    zo_update(model)
+        theta -= lr * (projected_grad * z(zo_random_seed) + weight_decay * theta)
+        (no decay on names containing bias / layer_norm / layernorm), then lr_scheduler.step()
 
-with the same meaning, z drawn from the zokernels noise contract (seed = the same seed the trainer
-passes, key = the parameter's canonical name) instead of torch.normal after torch.manual_seed.
-Each call is one fused pass per (device, dtype) group. The weights are tracked: a perturbation
-of the same seed moves from what they hold (recovery, plus undo logs with exact_restore=True),
-so +1, -2, +1 gives the original bits back, exactly, in every dtype.
+Any sequence of calls composes as in the original: perturbations are additive, each seed's z is
+regenerated, and zo_update acts on the weights as they are (perturbed or not). The patch tracks
+the perturbation the weights hold as a list of (seed, coefficient) pairs, coefficients summed per
+seed, so each call is ONE fused pass per (device, dtype) group over all held seeds (recovery with
+`applied=` the held coefficients, docs/noise-contract.md), and a seed whose coefficients sum back
+to 0 leaves the list.
 
-fuse_restore_update=True (opt-in): the restoring call (the one that brings the cumulative factor
-back to 0, MeZO's third zo_perturb_parameters of a step) is deferred and fused into the next
-zo_update: three passes per step instead of four. Safe only when nothing reads or writes the
-weights between the end of zo_step and zo_update (no evaluation, checkpoint, or other perturbation
-in between; MeZO's training loop calls them back to back). A deferred restore is carried out
-before any other perturbation, by `unpatch_mezo_trainer`, and by `trainer.zo_restore_pending()`.
+Exactness. When every held coefficient is back to 0 the weights are bit for bit what they were
+when they last held no perturbation (the start, or the result of a zo_update with nothing held;
+a zo_update while perturbations are held breaks this chain, see below), in every dtype, for MeZO's +1, -2, +1 as for A+1, B+1, A-1, B-1 or any other sequence (recovery
++ undo logs with exact_restore=True, docs/undo-log.md). In between, the weights equal the
+original's theta + sum_k c_k z_k up to float32 rounding (one rounding per call; the original
+rounds at least once per call too). Undo logs: two between returns to theta (MeZO's loop needs
+two); a third call in a row that does not bring every coefficient back to 0 first restores
+exactly (one extra pass) and then applies the whole held perturbation from theta in one pass, so
+memory stays that of two logs (docs/undo-log.md, "Capacity").
+
+Cost of held seeds. A pass reads and writes every parameter once whatever the number K of seeds
+in it (held seeds, plus the new one), but draws K noise streams, so its random-number work grows
+linearly with K: on a 2-core EPYC, one pass over 4M fp32 weights takes 24 ms with K = 1, 36 ms
+with 2, 60 ms with 4, 112 ms with 8; on a GPU one gaussian stream is at the memory limit and
+K > 1 is compute-bound (DESIGN.md section 4). At most `max_held_seeds` (default 8) distinct seeds
+can be held at once; a call that would hold more raises ValueError before anything is written.
+zo_update while perturbations are held runs K + 1 seeds in its pass.
+
+zo_update while a perturbation is held (the original updates the perturbed weights):
+
+    decayed parameters:     theta <- decay * (theta + sum_k h_k z_k) - lr * g * z_u
+    other parameters:       theta <- theta + sum_k h_k z_k - lr * g * z_u
+                            (decay = 1 - lr * weight_decay)
+
+as one pass with seeds = held seeds + the update seed, scales = (decay * h_k ..., -lr * g) (the
+undecayed parameters' pass has h_k), recovering theta first with applied = h_k; the undo logs are
+rescattered with the same update, so the result is exactly that formula applied to the exact
+theta (rounded once); when the two classes need different scales and an undo log covers both,
+the weights are restored exactly first and updated from theta (two passes). Afterwards the held
+perturbation is decay * h_k on the decayed parameters and h_k on the others: undoing it later
+gives back `decay * theta - lr * g * z_u` (resp. `theta - lr * g * z_u`) to within one rounding,
+not bit for bit: that point was never stored. While the two classes hold different coefficients
+(weight_decay != 0 and a perturbation held across an update), each pass runs once per class (two
+launches per group instead of one).
+
+fuse_restore_update=True (opt-in): the call that brings every held coefficient back to 0 (MeZO's
+third zo_perturb_parameters of a step) is deferred and fused into the next zo_update: three passes
+per step instead of four. Safe only when nothing reads or writes the weights between the end of
+zo_step and zo_update (no evaluation, checkpoint, or other perturbation in between; MeZO's
+training loop calls them back to back). A deferred restore is carried out before any other
+perturbation, when named_parameters_to_optim changes, by `unpatch_mezo_trainer`, and by
+`trainer.zo_restore_pending()`.
+
+Do NOT patch trainers whose methods do something else. The patch cannot tell (it never looks at
+the methods it replaces); it silently substitutes the semantics above. In particular:
+- z scaled or masked per parameter: Hessian-scaled z (HiZOO), per-layer or per-parameter
+  sparsity masks (sparse MeZO variants, gradient-sparsity options), layer selection (LeZO): the
+  patch would perturb and update every element with plain z;
+- another distribution (Rademacher: pass dist="rademacher"), an eps other than args.zo_eps (an
+  `eps=` argument, an eps schedule inside the method), or other update rules in zo_update
+  (momentum, Adam, sign, a Hessian preconditioner);
+- trainers that draw z for these weights anywhere else (torch.manual_seed + torch.normal inside
+  zo_step, a separate Hessian-perturbation method, a custom estimator): the patched methods' z is
+  a different vector, so perturbation and update would no longer match.
+Use zokernels.optim (MeZO, LeZO, TeZO, PseuZO) or ParameterSpace for such algorithms.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from .._contract import PERTURB_DISTS
+from .._dispatch import BACKEND_CHOICES
+from .._validate import as_choice
 from ..ops.undo import UndoLog
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 
 _STATE = "_zokernels_patch"
+_METHODS = ("zo_perturb_parameters", "zo_update", "zo_restore_pending")
+# Undo logs between two returns to theta: MeZO's +1, -2 needs two; more would only buy a pass in
+# sequences MeZO's loop never makes, at (8 + itemsize) bytes per lost element each.
+_LOGGED_PASSES = 2
+# A coefficient this small relative to eps is the float residue of +1, -2, +1: exactly 0.
+_ZERO = 1e-12
+
+Coefs = dict[bool, list[float]]  # per decay class (True: weight decay applies), one per seed
+Logged = tuple[ParameterSpace, UndoLog, bool | None]  # the space, its log, class (None: all)
+
+
+def _real(value: Any, what: str) -> float:
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{what} must be a real number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a real number, got {type(value).__name__}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be finite, got {number}")
+    return number
+
+
+def _seed(value: Any, what: str) -> int:
+    if isinstance(value, (bool, float, str, bytes)):
+        raise TypeError(f"{what} must be an integer seed, got {value!r}")
+    try:
+        seed = int(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be an integer seed, got {type(value).__name__}") from None
+    return seed & ((1 << 64) - 1)  # torch.manual_seed's range, negatives included
 
 
 class _PatchState:
     def __init__(self, fuse: bool, backend: str, dist: str, exact_restore: bool,
-                 no_decay: tuple[str, ...]) -> None:
+                 no_decay: tuple[str, ...], max_held_seeds: int) -> None:
         self.fuse, self.backend, self.dist = fuse, backend, dist
         self.exact_restore, self.no_decay = exact_restore, no_decay
+        self.max_held_seeds = max_held_seeds
         self.space: ParameterSpace | None = None
         self.signature: tuple | None = None
-        self.seed: int | None = None   # the perturbation the weights hold: seed and factor
-        self.held = 0.0
-        self.logs = [UndoLog(), UndoLog()]
-        self.live: list[UndoLog] = []
+        self.classes: tuple[bool, ...] = (True,)
+        self.parts: dict[bool, ParameterSpace] = {}
+        # What the weights hold: seeds in the order the passes summed them (recovery needs the
+        # same order to recompute D bit for bit), and their coefficients per decay class.
+        self.seeds: list[int] = []
+        self.coefs: Coefs = {True: []}
+        self.logs: dict[tuple[bool | None, int], UndoLog] = {}
+        self.live: list[list[Logged]] = []  # logged passes since the weights last held theta
         self.pending_restore = False
         self.originals: dict[str, Any] = {}
 
+    # -- parameters ---------------------------------------------------------------------
     def space_for(self, named: list[tuple[str, torch.Tensor]]) -> ParameterSpace:
         signature = tuple((n, id(p)) for n, p in named)
         if signature != self.signature:
-            if self.seed is not None:
+            if self.seeds and not self.pending_restore:
                 raise RuntimeError("named_parameters_to_optim changed while the weights hold a "
-                                   "perturbation; restore (scaling_factor bringing it to 0) first")
-            self.space = ParameterSpace(named, backend=self.backend, no_decay=self.no_decay)
-            self.signature = signature
+                                   "perturbation; restore it (scaling factors summing to 0) first")
+            if self.pending_restore:
+                self.restore()
+            space = ParameterSpace(named, backend=self.backend, no_decay=self.no_decay)
+            self.space, self.signature, self.parts = space, signature, {}
+            self.classes = tuple(sorted(set(space.decayable), reverse=True)) or (True,)
+            self.coefs = {c: [] for c in self.classes}
         return self.space
 
-    def move(self, space: ParameterSpace, seed: int, target: float) -> None:
-        """Bring the weights from theta + held * z(seed) to theta + target * z(seed)."""
-        if self.seed is not None and seed != self.seed:
-            self.restore(space)
-        applied = self.held if self.seed is not None else None
-        if target == 0.0:
-            if applied is not None:
-                self.restore(space)
+    def part(self, cls: bool) -> ParameterSpace:
+        """The parameters of one decay class, with the full space's keys (same z)."""
+        if cls not in self.parts:
+            space = self.space
+            members = [j for j, flag in enumerate(space.decayable) if flag == cls]
+            self.parts[cls] = ParameterSpace(
+                [(space.names[j], space.params[j]) for j in members],
+                keys=[space.keys[j] for j in members], backend=self.backend,
+                no_decay=self.no_decay)
+        return self.parts[cls]
+
+    # -- passes -------------------------------------------------------------------------
+    def uniform(self, *vectors: Coefs | None) -> bool:
+        first = self.classes[0]
+        return all(v is None or v[c] == v[first] for v in vectors for c in self.classes)
+
+    def run(self, seeds: list[int], scales: Coefs, applied: Coefs | None, decay: float = 1.0,
+            logged: bool = False) -> None:
+        """theta <- decay * theta + sum_k scales[k] z_k, theta recovered with `applied` first:
+        one pass over all parameters, or one per decay class when their coefficients differ."""
+        if self.uniform(scales, applied):
+            targets = [(self.space, None, self.classes[0])]
+        else:
+            targets = [(self.part(c), c, c) for c in self.classes]
+        entries: list[Logged] = []
+        for space, tag, cls in targets:
+            log = None
+            if logged:
+                log = self.logs.setdefault((tag, len(self.live)), UndoLog())
+                entries.append((space, log, tag))
+            space.apply(seeds, scales[cls], applied=None if applied is None else applied[cls],
+                        weight_decay_factor=decay, dist=self.dist, log=log, check_finite=False)
+        if logged:
+            self.live.append(entries)
+
+    def scatter(self, seeds: list[int] | None = None, scales: Coefs | None = None,
+                decay: float = 1.0) -> None:
+        """Rewrite the logged elements, newest log first (the oldest holds the true theta): a
+        bit copy, or the update `seeds`/`scales` applied to the logged value."""
+        for entries in reversed(self.live):
+            for space, log, cls in entries:
+                if seeds is None:
+                    space.apply_logged(log, dist=self.dist, check_finite=False)
+                else:
+                    space.apply_logged(log, seeds, scales[self.classes[0] if cls is None else cls],
+                                       weight_decay_factor=decay, dist=self.dist,
+                                       check_finite=False)
+                log.clear()
+        self.live = []
+
+    def hold(self, seeds: list[int], coefs: Coefs) -> None:
+        kept = [k for k in range(len(seeds)) if any(coefs[c][k] != 0.0 for c in self.classes)]
+        self.seeds = [seeds[k] for k in kept]
+        self.coefs = {c: [coefs[c][k] for k in kept] for c in self.classes}
+        if not self.seeds:
+            self.pending_restore = False
+
+    def padded(self, count: int) -> Coefs:
+        """The held coefficients, with zeros for seeds the next pass adds."""
+        return {c: self.coefs[c] + [0.0] * (count - len(self.seeds)) for c in self.classes}
+
+    def restore(self) -> None:
+        """Back to the weights without any held perturbation (exact, with the logs)."""
+        if self.seeds:
+            zeros = {c: [0.0] * len(self.seeds) for c in self.classes}
+            self.run(self.seeds, zeros, self.coefs)
+        self.scatter()
+        self.hold([], {c: [] for c in self.classes})
+        self.pending_restore = False
+
+    # -- the trainer's methods ----------------------------------------------------------
+    def perturb(self, seed: int, delta: float, eps: float) -> None:
+        held_seeds = [] if self.pending_restore else self.seeds
+        held = ({c: [] for c in self.classes} if self.pending_restore else self.coefs)
+        seeds = held_seeds + ([] if seed in held_seeds else [seed])
+        k = seeds.index(seed)
+        target: Coefs = {}
+        for c in self.classes:
+            row = held[c] + [0.0] * (len(seeds) - len(held_seeds))
+            row[k] += delta
+            if abs(row[k]) < _ZERO * abs(eps):
+                row[k] = 0.0  # +1, -2, +1 in floating point: exactly back
+            target[c] = row
+        nonzero = sum(any(target[c][j] != 0.0 for c in self.classes) for j in range(len(seeds)))
+        if nonzero > self.max_held_seeds:
+            raise ValueError(f"random_seed {seed}: the weights would hold perturbations of "
+                             f"{nonzero} seeds, more than max_held_seeds={self.max_held_seeds}; "
+                             "restore some (scaling factors summing to 0) first")
+        if nonzero == 0:
+            if self.pending_restore or not self.seeds:
+                return  # nothing held, nothing added (scaling_factor 0)
+            if self.fuse:
+                self.pending_restore = True  # carried out inside the next zo_update
+                return
+            self.restore()
             return
-        log = None
-        if self.exact_restore:
-            log = self.logs[len(self.live) % 2]
-            if log in self.live:  # a third move of one seed: settle back to theta first
-                self.restore(space)
-                applied, log = None, self.logs[0]
-            self.live.append(log)
-        space.apply(seed, target, applied=applied, dist=self.dist, log=log, check_finite=False)
-        self.seed, self.held = seed, target
+        if self.pending_restore:
+            self.restore()
+        if self.exact_restore and len(self.live) >= _LOGGED_PASSES:
+            self.restore()  # out of logs: settle on theta, then move from it in one pass
+        if not self.seeds:  # from theta: only the seeds that stay held need a noise stream
+            kept = [j for j in range(len(seeds)) if any(target[c][j] != 0.0 for c in self.classes)]
+            seeds = [seeds[j] for j in kept]
+            target = {c: [target[c][j] for j in kept] for c in self.classes}
+        applied = self.padded(len(seeds)) if self.seeds else None
+        self.run(seeds, target, applied, logged=self.exact_restore)
+        self.hold(seeds, target)
 
-    def restore(self, space: ParameterSpace) -> None:
-        if self.seed is None:
+    def update(self, seed: int, coef: float, decay: float) -> None:
+        if self.pending_restore:
+            # the weights hold `seeds` but mean theta: restore and update in one pass
+            seeds = list(self.seeds) + ([] if seed in self.seeds else [seed])
+            row = [0.0] * len(seeds)
+            row[seeds.index(seed)] = coef
+            scales = {c: row for c in self.classes}
+            self.run(seeds, scales, self.padded(len(seeds)), decay)
+            self.scatter(seeds, scales, decay)
+            self.hold([], {c: [] for c in self.classes})
             return
-        space.apply(self.seed, 0.0, applied=self.held, dist=self.dist, check_finite=False)
-        for log in reversed(self.live):
-            space.apply_logged(log, dist=self.dist)
-            log.clear()
-        self.live, self.seed, self.held, self.pending_restore = [], None, 0.0, False
-
-
-def _seed_of(trainer: Any, random_seed: int | None) -> int:
-    seed = trainer.zo_random_seed if random_seed is None else random_seed
-    return int(seed) & ((1 << 64) - 1)
+        if not self.seeds:
+            self.run([seed], {c: [coef] for c in self.classes}, None, decay)
+            return
+        # as the original: the update acts on the perturbed weights, decay included
+        held = {c: [(decay if c else 1.0) * h for h in self.coefs[c]] for c in self.classes}
+        seeds = self.seeds + [seed]
+        scales = {c: held[c] + [coef] for c in self.classes}
+        applied = self.padded(len(seeds))
+        whole = any(cls is None for entries in self.live for _, _, cls in entries)
+        if whole and not self.uniform(scales, applied):
+            # a log of an all-parameter pass cannot be rescattered with per-class coefficients:
+            # restore exactly, then update from theta
+            self.restore()
+            self.run(seeds, scales, None, decay)
+        else:
+            self.run(seeds, scales, applied, decay)
+            self.scatter(seeds, scales, decay)
+        # the logs described the old theta; the new one is only implicit (never stored)
+        self.hold(seeds[:-1], {c: held[c] for c in self.classes})
 
 
 def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
                        exact_restore: bool = True, dist: str = "gaussian",
                        backend: str = "auto",
-                       no_decay: tuple[str, ...] = NO_DECAY_DEFAULT) -> Any:
-    """Replace `trainer.zo_perturb_parameters` and `trainer.zo_update` with fused versions of the
-    same semantics (module docstring). Returns the trainer; `unpatch_mezo_trainer` undoes it."""
+                       no_decay: tuple[str, ...] = NO_DECAY_DEFAULT,
+                       max_held_seeds: int = 8) -> Any:
+    """Replace `trainer.zo_perturb_parameters` and `trainer.zo_update` with fused passes of
+    MeZO's semantics, as spelled out in the module docstring, and add
+    `trainer.zo_restore_pending()`. Returns the trainer; `unpatch_mezo_trainer` undoes it.
+
+    Replaced semantics: theta += scaling_factor * args.zo_eps * z(seed) and
+    theta -= lr * (projected_grad * z(zo_random_seed) + weight_decay * theta) (no decay on names
+    containing an entry of `no_decay`), then lr_scheduler.step(), with z from the zokernels noise
+    contract. Trainers whose zo_perturb_parameters / zo_update do anything else (Hessian-scaled
+    z as in HiZOO, sparsity or layer masks, other eps, other update rules) or that draw z for
+    these weights in any other method must NOT be patched: the patch cannot detect it.
+
+    Args:
+        fuse_restore_update: defer the restoring call into the next zo_update (3 passes a step).
+        exact_restore: undo logs, so restores are bit-exact in every dtype.
+        dist: "gaussian" (MeZO) or "rademacher".
+        backend: "auto", "triton", "cpu" or "torch".
+        no_decay: name substrings exempt from weight decay (MeZO's rule by default).
+        max_held_seeds: most distinct seeds the weights may hold at once (>= 1); each held seed
+            adds one noise stream to every pass.
+    """
     for name in ("zo_perturb_parameters", "zo_update"):
         if not callable(getattr(trainer, name, None)):
             raise TypeError(f"trainer has no method {name}: not a MeZO-style trainer")
     if getattr(trainer, _STATE, None) is not None:
         raise RuntimeError("trainer is already patched")
-    state = _PatchState(fuse_restore_update, backend, dist, exact_restore, tuple(no_decay))
-    state.originals = {name: trainer.__dict__[name] for name in
-                       ("zo_perturb_parameters", "zo_update", "zo_restore_pending")
+    if isinstance(max_held_seeds, bool) or not isinstance(max_held_seeds, int):
+        raise TypeError(f"max_held_seeds must be an int, got {type(max_held_seeds).__name__}")
+    if max_held_seeds < 1:
+        raise ValueError(f"max_held_seeds must be >= 1, got {max_held_seeds}")
+    dist = as_choice(dist, PERTURB_DISTS, "dist")
+    backend = as_choice(backend, BACKEND_CHOICES, "backend")
+    state = _PatchState(bool(fuse_restore_update), backend, dist, bool(exact_restore),
+                        tuple(no_decay), max_held_seeds)
+    state.originals = {name: trainer.__dict__[name] for name in _METHODS
                        if name in trainer.__dict__}
 
     def zo_perturb_parameters(random_seed: int | None = None, scaling_factor: float = 1) -> None:
-        space = state.space_for(list(trainer.named_parameters_to_optim))
-        seed = _seed_of(trainer, random_seed)
-        current = state.held if state.seed == seed and not state.pending_restore else 0.0
-        target = current + float(scaling_factor) * float(trainer.args.zo_eps)
-        if abs(target) < 1e-12 * abs(float(trainer.args.zo_eps)):
-            target = 0.0  # +1, -2, +1 in floating point: exactly back to theta
-        if target == 0.0 and state.fuse and state.seed == seed:
-            state.pending_restore = True  # carried out inside the next zo_update
-            return
-        if state.pending_restore:
-            state.restore(space)
-        state.move(space, seed, target)
+        if random_seed is None:
+            seed = _seed(trainer.zo_random_seed, "trainer.zo_random_seed")
+        else:
+            seed = _seed(random_seed, "random_seed")
+        factor = _real(scaling_factor, "scaling_factor")
+        eps = _real(trainer.args.zo_eps, "trainer.args.zo_eps")
+        state.space_for(list(trainer.named_parameters_to_optim))
+        state.perturb(seed, factor * eps, eps)
 
     def zo_update(model: Any = None) -> None:
-        space = state.space_for(list(trainer.named_parameters_to_optim))
-        seed = _seed_of(trainer, None)
-        lr = float(trainer._get_learning_rate())
-        weight_decay = float(getattr(trainer.args, "weight_decay", 0.0))
-        coef = -lr * float(trainer.projected_grad)
-        decay = 1.0 - lr * weight_decay
-        if state.pending_restore and state.seed == seed:
-            held, logs = state.held, list(state.live)
-            space.update(seed, coef, decay=decay, applied=held, dist=state.dist,
-                         check_finite=False)
-            for log in reversed(logs):
-                space.apply_logged(log, seed, coef, weight_decay_factor=decay, dist=state.dist)
-                log.clear()
-            state.live, state.seed, state.held, state.pending_restore = [], None, 0.0, False
-        else:
-            state.restore(space)
-            space.update(seed, coef, decay=decay, dist=state.dist, check_finite=False)
+        seed = _seed(trainer.zo_random_seed, "trainer.zo_random_seed")
+        lr = _real(trainer._get_learning_rate(), "trainer._get_learning_rate()")
+        grad = _real(trainer.projected_grad, "trainer.projected_grad")
+        weight_decay = _real(getattr(trainer.args, "weight_decay", 0.0),
+                             "trainer.args.weight_decay")
+        state.space_for(list(trainer.named_parameters_to_optim))
+        state.update(seed, -lr * grad, 1.0 - lr * weight_decay)
         scheduler = getattr(trainer, "lr_scheduler", None)
         if scheduler is not None:
             scheduler.step()
@@ -149,7 +365,7 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
     def zo_restore_pending() -> None:
         """Carry out a restore deferred by fuse_restore_update (e.g. before an evaluation)."""
         if state.pending_restore and state.space is not None:
-            state.restore(state.space)
+            state.restore()
 
     trainer.zo_perturb_parameters = zo_perturb_parameters
     trainer.zo_update = zo_update
@@ -159,13 +375,14 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
 
 
 def unpatch_mezo_trainer(trainer: Any) -> Any:
-    """Restore the trainer's own methods (after carrying out a deferred restore)."""
+    """Restore the trainer's own methods. Any perturbation the weights still hold (deferred or
+    not) is removed first, exactly: the original methods could not remove zokernels noise."""
     state = getattr(trainer, _STATE, None)
     if state is None:
         raise RuntimeError("trainer is not patched")
     if state.space is not None:
-        state.restore(state.space)
-    for name in ("zo_perturb_parameters", "zo_update", "zo_restore_pending"):
+        state.restore()
+    for name in _METHODS:
         if name in state.originals:
             setattr(trainer, name, state.originals[name])
         else:
