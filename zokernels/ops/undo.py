@@ -155,15 +155,64 @@ class UndoLog:
                 "passes": {f"{d}|{t}": n for (d, t), n in self._passes.items()},
                 "overflows": self.overflows, "probes": self.probes}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.overflows = int(state.get("overflows", 0))
-        self.probes = int(state.get("probes", 0))
-        def group_key(name: str) -> GroupKey:
-            device, dtype = name.split("|")
-            return torch.device(device), getattr(torch, dtype.replace("torch.", ""))
+    @staticmethod
+    def check_state(state: object, where: str = "undo-log state") -> dict:
+        """Validate a state_dict() of an UndoLog without loading it: a dict of "fraction"
+        ({"device|dtype": lost fraction in [0, 1]}), "passes" ({"device|dtype": passes >= 0}),
+        "overflows" and "probes" (integers >= 0), any of them absent. ValueError naming the entry
+        (prefixed by `where`); returns the parsed state for load_checked_state."""
+        if not isinstance(state, dict):
+            raise ValueError(f"{where} must be a dict, got {type(state).__name__}")
+        unknown = set(state) - {"fraction", "passes", "overflows", "probes"}
+        if unknown:
+            raise ValueError(f"{where} has unknown entries {sorted(unknown)}")
 
-        self._fraction = {group_key(k): float(v) for k, v in state.get("fraction", {}).items()}
-        self._passes = {group_key(k): int(v) for k, v in state.get("passes", {}).items()}
+        def count(value: object, name: str) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where} {name} must be a non-negative integer, got {value!r}")
+            return value
+
+        def per_group(name: str, parse) -> dict:
+            table = state.get(name, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"{where} {name} must be a dict, got {type(table).__name__}")
+            return {_group_key(k, f"{where} {name}"): parse(v, f"{name}[{k!r}]")
+                    for k, v in table.items()}
+
+        def fraction(value: object, name: str) -> float:
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0.0 <= value <= 1.0):
+                raise ValueError(f"{where} {name} must be a fraction in [0, 1], got {value!r}")
+            return float(value)
+
+        return {"fraction": per_group("fraction", fraction), "passes": per_group("passes", count),
+                "overflows": count(state.get("overflows", 0), "overflows"),
+                "probes": count(state.get("probes", 0), "probes")}
+
+    def load_checked_state(self, parsed: dict) -> None:
+        """Adopt a state parsed by check_state (cannot fail)."""
+        self.overflows, self.probes = parsed["overflows"], parsed["probes"]
+        self._fraction, self._passes = dict(parsed["fraction"]), dict(parsed["passes"])
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state_dict(): validated as a whole first (ValueError), so a bad one changes
+        nothing. The learned sizes only; the buffers are allocated by the next pass."""
+        self.load_checked_state(self.check_state(state))
+
+
+def _group_key(name: object, where: str) -> GroupKey:
+    """"cpu|torch.bfloat16" -> (device, floating dtype); ValueError otherwise."""
+    if not isinstance(name, str) or name.count("|") != 1:
+        raise ValueError(f"{where}: key {name!r} is not 'device|dtype'")
+    device, dtype_name = name.split("|")
+    try:
+        parsed_device = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{where}: key {name!r} names no device") from exc
+    dtype = getattr(torch, dtype_name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{where}: key {name!r} names no floating dtype")
+    return parsed_device, dtype
 
 
 def _empty_buffers(group: PerturbGroup) -> UndoBuffers:

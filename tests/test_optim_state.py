@@ -1,0 +1,331 @@
+"""Optimizer state: validated, atomic load_state_dict, resume with another seed, add_param_group,
+LeZO layer matching, trajectories without host syncs and replay by canonical names, undo-log
+overflow accounting. Small models built here; the CPU backend (auto) runs them."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+
+from zokernels import Trajectory
+from zokernels.ops.undo import UndoLog
+from zokernels.optim import LeZO, MeZO, PseuZO, TeZO
+
+from helpers import assert_bits_equal
+
+
+class Net(torch.nn.Module):
+    """An input layer, three blocks (a ModuleList, like a transformer's stack) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 8)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)) for _ in range(3))
+        self.head = torch.nn.Linear(8, 3)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class Wrapper(torch.nn.Module):
+    """What DDP / DataParallel look like to named_parameters(): every name gets `module.`."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def make_net(dtype: torch.dtype = torch.bfloat16) -> Net:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = Net()
+    return net.to(dtype)
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+
+
+def make(name: str, params, **kw):
+    options = dict(lr=kw.pop("lr", 1e-2), eps=1e-3, seed=kw.pop("seed", 0))
+    options.update(kw)
+    if name == "mezo":
+        return MeZO(params, **options)
+    if name == "lezo":
+        return LeZO(params, n_active=1, **options)
+    if name == "tezo":
+        return TeZO(params, rank=3, variant=options.pop("variant", "momentum"), **options)
+    if name == "pseuzo":
+        return PseuZO(params, window=3, beta=0.5, **options)
+    raise AssertionError(name)
+
+
+def build(name: str, net: Net, **kw):
+    if name == "lezo":
+        kw.setdefault("layers", list(net.blocks))
+    return make(name, net.named_parameters(), **kw)
+
+
+def run(name: str, opt, net: Net, steps: int) -> None:
+    x, y = _data()
+    dtype = next(net.parameters()).dtype
+    for _ in range(steps):
+        if name == "pseuzo":
+            opt.step(lambda: net.features(x.to(dtype)),
+                     lambda h: torch.nn.functional.mse_loss(net.head(h).float(), y))
+        else:
+            opt.step(lambda: torch.nn.functional.mse_loss(net(x.to(dtype)).float(), y))
+
+
+def snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in net.named_parameters()}
+
+
+def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                what: str) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert_bits_equal(actual[name], expected[name], what=f"{what}: {name}")
+
+
+def assert_states_equal(a, b, path: str = "state") -> None:
+    """Deep equality of state_dicts (tensors bit for bit)."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_states_equal(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert_bits_equal(a, b, what=path)
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+ALL = ["mezo", "lezo", "tezo", "pseuzo"]
+
+
+# -- load_state_dict: validated as a whole, atomic ------------------------------------------------
+
+def _set(*path, value):
+    def corrupt(state: dict) -> None:
+        target = state
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return corrupt
+
+
+def _delete(*path):
+    def corrupt(state: dict) -> None:
+        target = state
+        for key in path[:-1]:
+            target = target[key]
+        del target[path[-1]]
+    return corrupt
+
+
+def _rename_first_param(state: dict) -> None:
+    state["param_groups"][0]["param_names"][0] = "renamed.weight"
+
+
+def _trajectory_of_another_seed(state: dict) -> None:
+    state["trajectory"]["meta"]["base_seed"] = 12345
+
+
+CORRUPTIONS = [
+    (_set("algorithm", value="adam"), "is for 'adam'"),
+    (_delete("zo_state"), r"lacks \['zo_state'\]"),
+    (_delete("undo_logs"), r"lacks \['undo_logs'\]"),
+    (_set("base_seed", value=-1), "base_seed"),
+    (_set("base_seed", value=1 << 64), "base_seed"),
+    (_set("base_seed", value=2.0), "base_seed"),
+    (_set("dist", value="cauchy"), "dist"),
+    (_set("zo_state", "step", value=-1), r"zo_state\['step'\]"),
+    (_set("zo_state", "skipped_steps", value=1.5), r"zo_state\['skipped_steps'\]"),
+    (_delete("zo_state", "undo_overflows"), "zo_state must be a dict with keys"),
+    (_set("zo_state", "undo_overflows", value=True), r"zo_state\['undo_overflows'\]"),
+    (_set("param_groups", value=[]), "0 param groups"),
+    (_rename_first_param, "param group 0: the saved parameter names differ"),
+    (_set("param_groups", 0, "lr", value=-1.0), "param group 0 lr"),
+    (_set("param_groups", 0, "eps", value=0.0), "param group 0 eps"),
+    (_set("param_groups", 0, "weight_decay", value=math.nan), "param group 0 weight_decay"),
+    (_delete("param_groups", 0, "lr"), "param group 0 lacks 'lr'"),
+    (_set("undo_logs", value=[]), "undo_logs must hold one pair"),
+    (_set("undo_logs", 0, value=[{}]), r"undo_logs\[0\] must be a pair"),
+    (_set("undo_logs", 0, 1, "fraction", value={"cpu|torch.bfloat16": 2.0}),
+     r"undo_logs\[0\]\[1\] fraction"),
+    (_set("undo_logs", 0, 0, "fraction", value={"cpu|torch.int8": 0.1}),
+     r"undo_logs\[0\]\[0\].*floating dtype"),
+    (_set("undo_logs", 0, 0, "passes", value={"cpu|torch.float32": -2}),
+     r"undo_logs\[0\]\[0\] passes"),
+    (_set("undo_logs", 0, 0, "overflows", value="3"), r"undo_logs\[0\]\[0\] overflows"),
+    (_set("extra", value=None), "extra must be a dict"),
+    (_set("trajectory", "version", value=99), "trajectory is not a trajectory state"),
+    (_trajectory_of_another_seed, "trajectory base_seed is 12345"),
+]
+
+
+def _tezo_wrong_dtype(state: dict) -> None:
+    state["extra"]["second"][0] = state["extra"]["second"][0].double()
+
+
+TEZO_CORRUPTIONS = [
+    (_set("extra", "rank", value=4), "rank"),
+    (_delete("extra", "momentum"), "lacks 'momentum'"),
+    (_tezo_wrong_dtype, r"second\[0\] must be a float32 vector"),
+    (_set("extra", "momentum", value=[]), "momentum must hold one vector per param group"),
+    (_set("extra", "betas", value=[0.9, 1.0]), r"betas\[1\]"),
+    (_set("extra", "lowrank_undo_logs", 0, 1, value={"probes": -1}),
+     r"lowrank_undo_logs\[0\]\[1\] probes"),
+]
+
+
+def _trained(name: str, seed: int = 0, lr: float = 1e-2, steps: int = 2):
+    net = make_net()
+    opt = build(name, net, seed=seed, lr=lr)
+    run(name, opt, net, steps)
+    return net, opt
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_corrupted_field_is_refused_and_nothing_changes(name):
+    """Each field corrupted in turn in a state that otherwise differs in seed, lr, step, logs
+    and algorithm state: ValueError naming it; then the state_dict is the one from before, and
+    steps stay bit-identical to those of an untouched twin."""
+    _, other = _trained(name, seed=9, lr=5e-3, steps=3)
+    net, opt = _trained(name)
+    twin_net, twin = _trained(name)
+    before = opt.state_dict()
+    cases = CORRUPTIONS + (TEZO_CORRUPTIONS if name == "tezo" else [])
+    for corrupt, match in cases:
+        bad = other.state_dict()
+        corrupt(bad)
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+        assert_states_equal(opt.state_dict(), before, f"after refusing ({match})")
+    assert opt.base_seed == 0 and opt.param_groups[0]["lr"] == 1e-2
+    run(name, opt, net, 2)
+    run(name, twin, twin_net, 2)
+    assert_same(snapshot(net), snapshot(twin_net), "after the refused loads")
+    assert_states_equal(opt.state_dict(), twin.state_dict(), "state after the refused loads")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_round_trip_and_loaded_values_adopted(name):
+    _, other = _trained(name, seed=9, lr=5e-3, steps=3)
+    _, opt = _trained(name)
+    saved = other.state_dict()
+    opt.load_state_dict(saved)
+    assert opt.base_seed == 9 and opt.param_groups[0]["lr"] == 5e-3
+    assert opt.zo_state == other.zo_state
+    assert_states_equal(opt.state_dict(), saved)
+
+
+def test_loaded_tensors_are_copied_and_state_dict_does_not_alias():
+    net, opt = _trained("tezo", steps=3)
+    saved = opt.state_dict()
+    _, fresh = _trained("tezo", seed=5)
+    fresh.load_state_dict(saved)
+    expected = fresh.state_dict()
+    for vector in saved["extra"]["momentum"] + saved["extra"]["second"]:
+        vector.fill_(math.nan)  # the source dict mutated after the load
+    assert_states_equal(fresh.state_dict(), expected, "after mutating the loaded dict")
+    # a step mutates the moments in place: a state_dict taken before keeps its values
+    kept = [m.clone() for m in expected["extra"]["momentum"]]
+    run("tezo", fresh, net, 1)
+    for m, k in zip(expected["extra"]["momentum"], kept):
+        assert_bits_equal(m, k, what="momentum of an earlier state_dict")
+    assert not torch.equal(fresh.state_dict()["extra"]["momentum"][0], kept[0])
+
+
+def test_pseuzo_window_is_copied_on_load():
+    net, opt = _trained("pseuzo", steps=3)
+    saved = opt.state_dict()
+    _, fresh = _trained("pseuzo")
+    fresh.load_state_dict(saved)
+    expected = fresh.state_dict()
+    for entry in saved["extra"]["window"]:
+        entry["delta"].fill_(math.nan)
+    assert_states_equal(fresh.state_dict(), expected, "after mutating the loaded dict")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_resume_into_an_optimizer_built_with_another_seed_is_bit_identical(name, tmp_path):
+    """TeZO with sgd: a trajectory restarted at the checkpoint replays its tau-space recursion
+    from zero moments (tests/test_tezo.py resumes a momentum run with its whole trajectory)."""
+    options = dict(weight_decay=0.1, **({"variant": "sgd"} if name == "tezo" else {}))
+    net = make_net()
+    initial = snapshot(net)
+    opt = build(name, net, seed=3, **options)
+    run(name, opt, net, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buffer)
+    checkpoint = snapshot(net)
+    run(name, opt, net, 3)
+    uninterrupted = snapshot(net)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = make_net()
+    resumed.load_state_dict(saved["model"])
+    opt2 = build(name, resumed, seed=11, **options)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.base_seed == 3 and opt2.trajectory.meta["base_seed"] == 3
+    run(name, opt2, resumed, 3)
+    assert_same(snapshot(resumed), uninterrupted, f"{name} resumed with another seed")
+    opt2.trajectory.save(tmp_path / "run.pt")
+    replayed = make_net()
+    assert_same(snapshot(replayed), initial, "initial weights")
+    Trajectory.load(tmp_path / "run.pt").replay(replayed)
+    assert_same(snapshot(replayed), uninterrupted, f"{name} replay of the resumed run")
+
+    # without a saved trajectory: recording restarts at the checkpoint, with the loaded seed
+    no_trajectory = dict(saved["opt"], trajectory=None)
+    again = make_net()
+    again.load_state_dict(saved["model"])
+    opt3 = build(name, again, seed=11, **options)
+    opt3.load_state_dict(no_trajectory)
+    assert opt3.trajectory.meta["base_seed"] == 3 and len(opt3.trajectory) == 0
+    run(name, opt3, again, 3)
+    assert_same(snapshot(again), uninterrupted, f"{name} resumed without a trajectory")
+    from_checkpoint = make_net()
+    from_checkpoint.load_state_dict(saved["model"])
+    assert_same(snapshot(from_checkpoint), checkpoint, "checkpoint weights")
+    opt3.trajectory.replay(from_checkpoint)
+    assert_same(snapshot(from_checkpoint), uninterrupted, f"{name} replay from the checkpoint")
+
+
+@pytest.mark.parametrize("name", ["mezo", "tezo"])
+def test_load_state_dict_during_a_step_is_refused(name):
+    net, opt = _trained(name)
+    saved = opt.state_dict()
+    before = snapshot(net)
+    x, y = _data()
+
+    def closure():
+        opt.load_state_dict(saved)
+        return torch.nn.functional.mse_loss(net(x.to(torch.bfloat16)).float(), y)
+
+    with pytest.raises(RuntimeError, match="during a step"):
+        opt.step(closure)
+    assert_same(snapshot(net), before, "after the refused load")
+    after = opt.state_dict()
+    for key in ("base_seed", "zo_state", "param_groups", "trajectory"):
+        assert_states_equal(after[key], saved[key], key)
+    assert not opt._step_in_progress()
