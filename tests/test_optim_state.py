@@ -329,3 +329,77 @@ def test_load_state_dict_during_a_step_is_refused(name):
     for key in ("base_seed", "zo_state", "param_groups", "trajectory"):
         assert_states_equal(after[key], saved[key], key)
     assert not opt._step_in_progress()
+
+
+# -- add_param_group ----------------------------------------------------------------------------
+
+def _groups(net: Net) -> tuple[dict, dict]:
+    body = [(n, p) for n, p in net.named_parameters() if not n.startswith("head")]
+    head = list(net.head.named_parameters(prefix="head"))
+    return {"params": body}, {"params": head, "lr": 5e-3, "weight_decay": 0.2}
+
+
+@pytest.mark.parametrize("name", ["mezo", "lezo", "tezo"])
+def test_add_param_group_before_the_first_step_equals_building_with_both(name, tmp_path):
+    built_net, added_net = make_net(), make_net()
+    initial = snapshot(added_net)
+
+    def build_with(net, groups):
+        kw = {"layers": list(net.blocks)} if name == "lezo" else {}
+        return make(name, groups, weight_decay=0.1, **kw)
+
+    built = build_with(built_net, list(_groups(built_net)))
+    body, head = _groups(added_net)
+    added = build_with(added_net, [body])
+    added.add_param_group(head)
+    assert added.param_groups[1]["eps"] == 1e-3 and added.param_groups[1]["lr"] == 5e-3
+    run(name, built, built_net, 4)
+    run(name, added, added_net, 4)
+    assert_same(snapshot(added_net), snapshot(built_net), f"{name} with an added group")
+    assert not torch.equal(added_net.head.weight, make_net().head.weight)
+    assert_states_equal(added.state_dict(), built.state_dict(), "state with an added group")
+    added.trajectory.save(tmp_path / "run.pt")
+    replayed = make_net()
+    assert_same(snapshot(replayed), initial, "initial weights")
+    Trajectory.load(tmp_path / "run.pt").replay(replayed)
+    assert_same(snapshot(replayed), snapshot(added_net), f"{name} replay with an added group")
+
+
+def test_add_param_group_unnamed_and_frozen_tensors_are_normalized():
+    net = make_net()
+    net.head.bias.requires_grad_(False)
+    body, _ = _groups(net)
+    opt = MeZO([p for _, p in body["params"]], lr=1e-2)
+    opt.add_param_group({"params": [net.head.weight, net.head.bias]})
+    assert opt.param_groups[1]["param_names"] == ["1.0"]
+    assert opt.trajectory.meta["groups"][1]["param_names"] == ["1.0"]
+    frozen = net.head.bias.detach().clone()
+    run("mezo", opt, net, 1)
+    assert_bits_equal(net.head.bias.detach(), frozen, what="frozen bias")
+    assert not torch.equal(net.head.weight, make_net().head.weight)
+
+
+@pytest.mark.parametrize("name", ["mezo", "tezo"])
+def test_add_param_group_refusals_change_nothing(name):
+    net = make_net()
+    body, head = _groups(net)
+    opt = make(name, [body])
+    before = opt.state_dict()
+    spaces = list(opt.spaces)
+    cases = [
+        ({"params": [net.embed.weight]}, ValueError, "already in another param group"),
+        ({"params": list(net.head.parameters()), "lr": -1.0}, ValueError, "param group 1 lr"),
+        ({"params": list(net.head.parameters()), "eps": 0.0}, ValueError, "param group 1 eps"),
+        ({"params": []}, ValueError, "param group 1 has no trainable tensor"),
+        ({"lr": 1e-3}, ValueError, "param group 1 has no 'params'"),
+        ([net.head.weight], TypeError, "must be a dict"),
+    ]
+    for group, error, match in cases:
+        with pytest.raises(error, match=match):
+            opt.add_param_group(group)
+        assert len(opt.param_groups) == 1 and opt.spaces == spaces and len(opt._logs) == 1
+        assert_states_equal(opt.state_dict(), before, f"after refusing ({match})")
+    run(name, opt, net, 1)
+    with pytest.raises(RuntimeError, match="after the first step"):
+        opt.add_param_group(head)
+    assert len(opt.param_groups) == 1
