@@ -403,3 +403,81 @@ def test_add_param_group_refusals_change_nothing(name):
     with pytest.raises(RuntimeError, match="after the first step"):
         opt.add_param_group(head)
     assert len(opt.param_groups) == 1
+
+
+# -- LeZO layer matching ----------------------------------------------------------------------
+
+def _lezo(params, layers, **kw):
+    return LeZO(params, layers=layers, n_active=1, lr=1e-2, seed=2, **kw)
+
+
+def test_lezo_layer_names_match_through_canonical_names():
+    by_module, by_name = make_net(), make_net()
+    names = [[f"module.{n}" for n, _ in block.named_parameters(prefix=f"blocks.{i}")]
+             for i, block in enumerate(by_name.blocks)]
+    opt_module = _lezo(by_module.named_parameters(), list(by_module.blocks))
+    opt_name = _lezo(by_name.named_parameters(), names)
+    run("lezo", opt_module, by_module, 3)
+    run("lezo", opt_name, by_name, 3)
+    assert_same(snapshot(by_name), snapshot(by_module), "layers given by module.-prefixed names")
+    # and the other way round: a wrapped model's names, layers found on the wrapped model
+    from zokernels.integrations import find_transformer_layers
+
+    wrapped = Wrapper(make_net())
+    opt_wrapped = _lezo(wrapped.named_parameters(), find_transformer_layers(wrapped))
+    run("lezo", opt_wrapped, wrapped.module, 3)
+    assert_same(snapshot(wrapped.module), snapshot(by_module), "a module.-wrapped model")
+
+
+def test_lezo_layers_may_span_param_groups():
+    one, two = make_net(), make_net()
+    named = list(two.named_parameters())
+    groups = [{"params": named[:4]}, {"params": named[4:]}]  # blocks.0 split across the groups
+    opt_one = _lezo(one.named_parameters(), list(one.blocks))
+    opt_two = _lezo(groups, list(two.blocks))
+    run("lezo", opt_one, one, 3)
+    run("lezo", opt_two, two, 3)
+    assert_same(snapshot(two), snapshot(one), "layers spanning two param groups")
+
+
+def test_lezo_frozen_parameters_of_a_block_module_are_skipped():
+    net = make_net()
+    net.blocks[0][0].weight.requires_grad_(False)
+    frozen = net.blocks[0][0].weight.detach().clone()
+    opt = _lezo(net.named_parameters(), list(net.blocks))
+    run("lezo", opt, net, 6)
+    assert any(0 in chosen for *_, chosen in opt.trajectory.records())  # block 0 was perturbed
+    assert not torch.equal(net.blocks[0][1].weight, make_net().blocks[0][1].weight)
+    assert_bits_equal(net.blocks[0][0].weight.detach(), frozen, what="frozen norm weight")
+
+
+def test_lezo_bad_layer_specs_name_the_culprit():
+    net = make_net()
+    named = list(net.named_parameters())
+    blocks = list(net.blocks)
+    stranger = torch.nn.Parameter(torch.zeros(3))
+    cases = [
+        ([["blocks.0.1.weight", "blocks.0.nope"]], "'blocks.0.nope'.*not among"),
+        ([[stranger]], r"layers\[0\] holds a tensor of shape \(3,\).*not among"),
+        ([blocks[0], blocks[1], [net.blocks[0][1].weight]],
+         r"'blocks.0.1.weight' is in layers\[0\] and layers\[2\]"),
+        ([blocks[0], ["module.blocks.0.1.bias"]],
+         r"'blocks.0.1.bias' is in layers\[0\] and layers\[1\]"),
+        ([blocks[0], torch.nn.Linear(2, 2).requires_grad_(False)],
+         r"layers\[1\] has no trainable parameter"),
+        ([blocks[0], []], r"layers\[1\] has no trainable parameter"),
+        ([blocks[0], "blocks.1.1.weight"], r"layers\[1\] must be a module or a list"),
+        ([[3]], r"layers\[0\] holds a int"),
+    ]
+    for layers, match in cases:
+        error = TypeError if "must be a module" in match or "holds a int" in match else ValueError
+        with pytest.raises(error, match=match):
+            _lezo(named, layers)
+    # a trainable parameter of a block module that the optimizer was not given
+    without_head_of_block = [(n, p) for n, p in named if n != "blocks.2.1.bias"]
+    with pytest.raises(ValueError, match=r"layers\[2\] holds a tensor of shape \(8,\).*freeze it"):
+        _lezo(without_head_of_block, blocks)
+    # a name whose canonical form matches two parameters
+    a, b = torch.zeros(4), torch.zeros(4)
+    with pytest.raises(ValueError, match="'module.module.w', which matches"):
+        _lezo([("module.w", a), ("w", b), ("x", torch.zeros(2))], [["module.module.w"]])
