@@ -481,3 +481,99 @@ def test_lezo_bad_layer_specs_name_the_culprit():
     a, b = torch.zeros(4), torch.zeros(4)
     with pytest.raises(ValueError, match="'module.module.w', which matches"):
         _lezo([("module.w", a), ("w", b), ("x", torch.zeros(2))], [["module.module.w"]])
+
+
+# -- trajectories: recording without host syncs ---------------------------------------------------
+
+def _meta(groups: int = 2) -> dict:
+    return {"base_seed": 3, "dist": "gaussian",
+            "groups": [{"param_names": [f"w{g}"], "numel": [1], "keys": [g]}
+                       for g in range(groups)]}
+
+
+def _record_inputs(n: int):
+    """n steps of 2 seeds, 2 groups: float32 coefficient tensors, decay tensors, a grad."""
+    g = torch.Generator().manual_seed(4)
+    for step in range(n):
+        coefs = [torch.randn(2, generator=g) * 1e-3, torch.randn(2, generator=g) * 1e-3]
+        decays = 1.0 - torch.rand(2, generator=g) * 1e-4
+        yield step, [11 * step + 1, 11 * step + 2], coefs, decays, torch.randn((), generator=g)
+
+
+def test_recording_tensors_gives_the_state_of_recording_floats():
+    n = Trajectory.FLUSH_EVERY + 45  # across a batched flush
+    with_tensors, with_floats = Trajectory("mezo", _meta()), Trajectory("mezo", _meta())
+    for step, seeds, coefs, decays, grad in _record_inputs(n):
+        layers = [step % 3] if step % 2 else None
+        with_tensors.record(step, seeds, coefs, decays, layers, grad0=grad, lr0=0.5)
+        with_floats.record(step, seeds, [c.tolist() for c in coefs], decays.tolist(), layers,
+                           grad0=grad.item(), lr0=0.5)
+        for c in coefs:
+            c.fill_(math.nan)  # the caller reuses its tensors: the record keeps its own copy
+    assert_states_equal(with_tensors.state_dict(), with_floats.state_dict())
+    assert list(with_tensors.records()) == list(with_floats.records())
+    assert with_tensors.extra == with_floats.extra
+    _, _, coefs, decays, _ = next(iter(with_tensors.records()))
+    assert all(type(c) is float for group in coefs for c in group)
+    assert all(type(d) is float for d in decays)
+
+
+def test_record_does_not_synchronize_and_flushes_in_batches(monkeypatch):
+    trajectory = Trajectory("mezo", _meta())
+    inputs = list(_record_inputs(2 * Trajectory.FLUSH_EVERY))
+    transfers = []
+    original_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        transfers.append(self.numel())
+        return original_tolist(self)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("record() read a tensor on the host")
+
+    with monkeypatch.context() as patch:
+        for attr in ("item", "__float__", "__int__", "__bool__", "cpu", "numpy"):
+            patch.setattr(torch.Tensor, attr, refuse)
+        patch.setattr(torch.Tensor, "tolist", refuse)
+        for step, seeds, coefs, decays, grad in inputs[:Trajectory.FLUSH_EVERY - 1]:
+            trajectory.record(step, seeds, coefs, decays, grad0=grad)  # below the threshold
+        patch.setattr(torch.Tensor, "tolist", counting_tolist)
+        for step, seeds, coefs, decays, grad in inputs[Trajectory.FLUSH_EVERY - 1:]:
+            trajectory.record(step, seeds, coefs, decays, grad0=grad)
+    # one transfer per FLUSH_EVERY records, each of every pending value (2 x 2 + 2 + 1 a record)
+    assert transfers == [7 * Trajectory.FLUSH_EVERY] * 2
+    first = next(iter(trajectory.records()))
+    assert first[2] == [inputs[0][2][0].tolist(), inputs[0][2][1].tolist()]
+    assert first[3] == inputs[0][3].tolist()
+    assert trajectory.extra["grad0"][0] == inputs[0][4].item()
+
+
+def test_record_validates_shapes_before_recording():
+    trajectory = Trajectory("mezo", _meta())
+    with pytest.raises(ValueError, match=r"coefs\[1\] must be a 1-D tensor of 2"):
+        trajectory.record(0, [1, 2], [torch.zeros(2), torch.zeros(3)], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"coefs\[0\] must hold 2"):
+        trajectory.record(0, [1, 2], [[0.0], [0.0, 0.0]], [1.0, 1.0])
+    with pytest.raises(ValueError, match="2 coefficient groups but 1 decays"):
+        trajectory.record(0, [1, 2], [[0.0, 0.0], [0.0, 0.0]], [1.0])
+    with pytest.raises(ValueError, match="grad0 must be a number or a one-element tensor"):
+        trajectory.record(0, [1, 2], [[0.0, 0.0], [0.0, 0.0]], [1.0, 1.0], grad0=torch.zeros(2))
+    assert len(trajectory) == 0 and trajectory.extra == {}
+
+
+def test_tezo_records_device_tensors():
+    net, opt = _trained("tezo", steps=0)
+    seen = []
+    original = opt.trajectory.record
+
+    def spy(step, seeds, coefs, decays, layers=None, **extra):
+        seen.append((coefs, extra))
+        original(step, seeds, coefs, decays, layers, **extra)
+
+    opt.trajectory.record = spy
+    run("tezo", opt, net, 2)
+    assert len(seen) == 2
+    for coefs, extra in seen:
+        assert all(isinstance(c, torch.Tensor) for c in coefs)
+        assert isinstance(extra["grad0"], torch.Tensor)
+    assert all(type(g) is float for g in opt.trajectory.extra["grad0"])
