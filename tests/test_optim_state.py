@@ -577,3 +577,34 @@ def test_tezo_records_device_tensors():
         assert all(isinstance(c, torch.Tensor) for c in coefs)
         assert isinstance(extra["grad0"], torch.Tensor)
     assert all(type(g) is float for g in opt.trajectory.extra["grad0"])
+
+
+# -- replay by canonical names ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mezo", "lezo", "tezo"])
+@pytest.mark.parametrize("recorded_wrapped", [True, False])
+def test_replay_matches_names_through_wrappers(name, recorded_wrapped, tmp_path):
+    net = make_net()
+    trained = Wrapper(net) if recorded_wrapped else net
+    kw = {"layers": list(net.blocks)} if name == "lezo" else {}
+    opt = make(name, trained.named_parameters(), weight_decay=0.1, **kw)
+    run(name, opt, net, 4)
+    names = opt.trajectory.meta["groups"][0]["param_names"]
+    assert all(n.startswith("module.") == recorded_wrapped for n in names)
+    opt.trajectory.save(tmp_path / "run.pt")
+    fresh = make_net()
+    target = fresh if recorded_wrapped else Wrapper(fresh)
+    Trajectory.load(tmp_path / "run.pt").replay(target)
+    assert_same(snapshot(fresh), snapshot(net), f"{name} replayed across a wrapper")
+
+
+def test_replay_refuses_an_ambiguous_canonical_name():
+    a = torch.zeros(4)
+    opt = MeZO([("w", a)], lr=1e-2)
+    opt.step(lambda: float(a.sum()))
+    twins = [("module.w", torch.zeros(4)), ("w", torch.zeros(4))]
+    with pytest.raises(ValueError, match=r"'w' matches \['module.w', 'w'\]"):
+        opt.trajectory.replay(twins)
+    assert all(not t.any() for _, t in twins)
+    with pytest.raises(ValueError, match="lack 1 recorded parameter"):
+        opt.trajectory.replay([("v", torch.zeros(4))])

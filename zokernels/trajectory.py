@@ -245,20 +245,37 @@ class Trajectory:
 
     # -- replay ---------------------------------------------------------------------------------
     def spaces_for(self, params: Any, backend: str = "auto"):
-        """ParameterSpaces over `params` matching the recorded param groups (by name)."""
-        from .space import ParameterSpace
+        """ParameterSpaces over `params` matching the recorded param groups.
+
+        Recorded names are matched to the given ones through canonical_name (wrapper components
+        such as `module.` dropped), so a run recorded on a DDP-wrapped model replays on the bare
+        model and vice versa. The spaces carry the recorded names and keys. ValueError: a
+        recorded parameter missing or of another size, or a canonical name shared by two given
+        parameters (ambiguous)."""
+        from .space import ParameterSpace, canonical_name
 
         if isinstance(params, torch.nn.Module):
-            named = dict(params.named_parameters())
+            named = list(params.named_parameters())
         else:
-            named = dict(params)
+            named = list(params)
+        by_canonical: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for name, tensor in named:
+            by_canonical.setdefault(canonical_name(name), []).append((name, tensor))
         spaces = []
         for g, group in enumerate(self.meta["groups"]):
-            missing = [n for n in group["param_names"] if n not in named]
+            tensors, missing = [], []
+            for name in group["param_names"]:
+                matches = by_canonical.get(canonical_name(name), [])
+                if len(matches) > 1:
+                    raise ValueError(f"replay: recorded parameter {name!r} matches "
+                                     f"{[n for n, _ in matches]} (one canonical name)")
+                if matches:
+                    tensors.append(matches[0][1])
+                else:
+                    missing.append(name)
             if missing:
                 raise ValueError(f"replay: params lack {len(missing)} recorded parameter(s) of "
                                  f"group {g}, e.g. {missing[0]!r}")
-            tensors = [named[n] for n in group["param_names"]]
             for name, tensor, numel in zip(group["param_names"], tensors, group["numel"]):
                 if tensor.numel() != numel:
                     raise ValueError(f"replay: {name} has {tensor.numel()} elements, the run had "
