@@ -608,3 +608,99 @@ def test_replay_refuses_an_ambiguous_canonical_name():
     assert all(not t.any() for _, t in twins)
     with pytest.raises(ValueError, match="lack 1 recorded parameter"):
         opt.trajectory.replay([("v", torch.zeros(4))])
+
+
+# -- undo logs: TeZO's low-rank logs, overflow accounting ---------------------------------------
+
+def _all_logs(opt) -> list[UndoLog]:
+    pairs = list(opt._logs) + list(getattr(opt, "_lowrank_logs", []))
+    return [log for pair in pairs for log in pair]
+
+
+def _small_weights_trained(name: str):
+    """A net of N(0, 0.02)-sized bf16 weights (a few % of them lost to each perturbation's
+    rounding), two steps into training."""
+    net = make_net()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.05)
+    opt = build(name, net)
+    run(name, opt, net, 2)
+    return net, opt
+
+
+def _tiny_logs(opt) -> list[UndoLog]:
+    """Replace every undo log by one sized for 1e-6 of the elements, without slack: its next
+    pass overflows (bf16 weights lose a few % of their elements to rounding)."""
+    tiny = {"fraction": {"cpu|torch.bfloat16": 1e-6}, "passes": {"cpu|torch.bfloat16": 2}}
+
+    def log() -> UndoLog:
+        made = UndoLog(slack=0)
+        made.load_state_dict(tiny)
+        return made
+
+    opt._logs = [(log(), log()) for _ in opt._logs]
+    if hasattr(opt, "_lowrank_logs"):
+        opt._lowrank_logs = [(log(), log()) for _ in opt._lowrank_logs]
+    return _all_logs(opt)
+
+
+def test_tezo_undo_log_bytes_count_the_lowrank_logs():
+    _, opt = _trained("tezo", steps=3)
+    dense = sum(log.nbytes for pair in opt._logs for log in pair)
+    lowrank = sum(log.nbytes for pair in opt._lowrank_logs for log in pair)
+    assert lowrank > 0 and opt.undo_log_bytes == dense + lowrank
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_tezo_failed_closure_leaves_no_live_log_entry(fail_at):
+    net, opt = _trained("tezo", steps=2)
+    before = snapshot(net)
+    x, y = _data()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return torch.nn.functional.mse_loss(net(x.to(torch.bfloat16)).float(), y)
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    assert_same(snapshot(net), before, "after the failed step")
+    for log in _all_logs(opt):
+        assert log.plan is None and log.buffers is None
+    assert opt.undo_log_bytes > 0  # the buffers stay allocated for the next steps
+    assert not opt._step_in_progress()
+
+
+@pytest.mark.parametrize("name", ["mezo", "tezo"])
+def test_every_overflowing_log_is_counted_once_warned_and_grown(name):
+    net, opt = _small_weights_trained(name)
+    logs = _tiny_logs(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(name, opt, net, 1)
+    overflow_warnings = [w for w in caught if "undo log overflowed" in str(w.message)]
+    assert [log.overflows for log in logs] == [1] * len(logs)  # dense (and low-rank): all of them
+    assert opt.zo_state["undo_overflows"] == len(logs) == len(overflow_warnings)
+    assert all(w.category is RuntimeWarning for w in overflow_warnings)
+    # the logs grew to the counts they saw: the next steps fit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(name, opt, net, 3)
+    assert opt.zo_state["undo_overflows"] == len(logs)
+
+
+def test_an_overflow_seen_first_by_a_restore_is_counted():
+    net, opt = _small_weights_trained("tezo")
+    logs = _tiny_logs(opt)
+    plus_logs = [pair[0] for pair in list(opt._logs) + list(opt._lowrank_logs)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt):
+            opt.step(lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert [log.overflows for log in plus_logs] == [1] * len(plus_logs)
+    assert sum(log.overflows for log in logs) == len(plus_logs)  # the -eps pass never ran
+    assert opt.zo_state["undo_overflows"] == len(plus_logs)
+    assert len([w for w in caught if "undo log overflowed" in str(w.message)]) == len(plus_logs)

@@ -3,7 +3,8 @@ restore (docs/undo-log.md). Used through ParameterSpace.apply(..., log=) / .appl
 
 One log holds one pass: per (device, dtype) group of the pass, a slice of a persistent
 (index, values) buffer and a device counter. Capacities come from the fraction of lost elements
-seen so far in that group (a count-only probe the first time), times a headroom.
+seen so far in that group (a count-only probe the first time), times a headroom; an overflow
+doubles the count it learns (docs/undo-log.md, "Capacity" and "Overflow").
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from ._groups import contiguous_views, select
 from .perturb import PerturbGroup
 
 GroupKey = tuple[torch.device, torch.dtype]
+# After an overflow, a group's log is sized for this many times the count that overflowed it.
+OVERFLOW_GROWTH = 2
 
 
 class UndoLog:
@@ -34,7 +37,8 @@ class UndoLog:
 
     Attributes:
         overflows: passes whose lost elements did not all fit (their restore is recovery-quality
-            for the unlogged ones; the capacity grows after each).
+            for the unlogged ones); after each, the group's capacity is sized for
+            OVERFLOW_GROWTH x the count that overflowed it.
         probes: count-only passes run to size the log.
     """
 
@@ -77,7 +81,7 @@ class UndoLog:
 
     def _learn(self, group: PerturbGroup, count: int) -> None:
         key = self._key(group)
-        fraction = count / max(1, self._numel(group))
+        fraction = min(1.0, count / max(1, self._numel(group)))
         self._fraction[key] = max(fraction, self._fraction.get(key, 0.0))
 
     # -- a pass ---------------------------------------------------------------------------
@@ -123,13 +127,18 @@ class UndoLog:
         self._checked = True
         overflowed = False
         for group, buffers, count in zip(self.plan, self.buffers, self.counts()):
-            self._learn(group, count)
             if count > buffers.capacity:
                 overflowed = True
+                # geometric growth: the group's next capacities are sized for OVERFLOW_GROWTH x
+                # this count, so a repeat needs a pass losing that many more elements
+                self._learn(group, OVERFLOW_GROWTH * count)
+            else:
+                self._learn(group, count)
         if overflowed:
             self.overflows += 1
-            warnings.warn("zokernels: an undo log overflowed; this step's restore is exact only "
-                          "for the logged elements (the log has grown for the next steps)",
+            warnings.warn("zokernels: an undo log overflowed; this step's restore and update are "
+                          "exact only for the logged elements, the others are recovery-quality "
+                          "(docs/undo-log.md, 'Overflow'); the log has grown for the next steps",
                           RuntimeWarning, stacklevel=3)
         return overflowed
 

@@ -317,19 +317,19 @@ class TeZO(ZOOptimizer):
             super()._restore()
 
     def _clear_lowrank_logs(self) -> None:
+        """Drop the low-rank logs' entries (an overflow not read yet is counted first)."""
         for pair in self._lowrank_logs:
             for log in pair:
                 if log.plan is not None:
+                    self._check_log(log)
                     log.clear()
 
     def _check_logs(self) -> None:
+        """Read every log's count, dense and low-rank: each overflowing log is counted once."""
         super()._check_logs()
-        if not self.exact_restore:
-            return
         for pair in self._lowrank_logs:
             for log in pair:
-                if log.check():
-                    self.zo_state["undo_overflows"] += 1
+                self._check_log(log)
 
     def _lowrank_perturb(self, taus: list[torch.Tensor], coefs: list[float], slot: int) -> None:
         """Move the 2-D weights to theta + coefs[g] Z(taus[g]), from theta or by recovery from the
