@@ -122,6 +122,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Hook run once the trajectory has recorded the full parameter spaces (TeZO moves its
         2-D weights to low-rank state here)."""
 
+    def _check_added_space(self, space: ParameterSpace) -> None:
+        """Hook: refuse (ValueError) a param group added by add_param_group, before anything is
+        modified, when _group_added could not take it."""
+
     def _group_added(self) -> None:
         """Hook run by add_param_group once the new (last) group has its space and logs (TeZO
         splits it as _split_spaces does)."""
@@ -260,8 +264,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         for name, value in self.defaults.items():
             group.setdefault(name, value)
         layer_of = self._resolve_layers(list(self.param_groups) + [group])
-        space = self._space_for(group, layer_of)  # may raise: nothing is modified yet
+        space = self._space_for(group, layer_of)  # these may raise: nothing is modified yet
+        self._check_added_space(space)
+        process_group = self.process_group
+        if process_group is None and space.sharded:
+            process_group = default_group_for_shards()
         super().add_param_group(group)
+        self.process_group = process_group
         self._layer_of = layer_of
         self._registered.append(space)
         self.spaces.append(space)

@@ -240,21 +240,29 @@ class TeZO(ZOOptimizer):
         for g in range(len(self.spaces)):
             self._split_group(g)
 
+    def _check_added_space(self, space: ParameterSpace) -> None:
+        self._check_splittable(space)
+
     def _group_added(self) -> None:
         self._split_group(len(self.spaces) - 1)
+
+    def _check_splittable(self, space: ParameterSpace) -> None:
+        if self.rounding != "stochastic":
+            return
+        two_d, _ = _split_by_rank(space)
+        sharded = [space.names[j] for j in two_d if space.shards[j] is not None]
+        if sharded:
+            raise ValueError(f"rounding='stochastic' with sharded 2-D weights ({sharded[:3]}): "
+                             "the low-rank kernels draw rounding bits at local indices, so "
+                             "shards would not round as the unsharded weight; use "
+                             "rounding='nearest'")
 
     def _split_group(self, g: int) -> None:
         """Param group g's full space -> its low-rank state (the non-empty 2-D weights, with two
         undo logs: the +eps and the -eps pass) and a dense space (the others)."""
         space = self._registered[g]
+        self._check_splittable(space)
         two_d, rest = _split_by_rank(space)
-        if self.rounding == "stochastic":
-            sharded = [space.names[j] for j in two_d if space.shards[j] is not None]
-            if sharded:
-                raise ValueError(f"rounding='stochastic' with sharded 2-D weights ({sharded[:3]}): "
-                                 "the low-rank kernels draw rounding bits at local indices, so "
-                                 "shards would not round as the unsharded weight; use "
-                                 "rounding='nearest'")
         state = _LowRankState(
             [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
