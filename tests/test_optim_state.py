@@ -267,9 +267,9 @@ def test_pseuzo_window_is_copied_on_load():
 
 @pytest.mark.parametrize("name", ALL)
 def test_resume_into_an_optimizer_built_with_another_seed_is_bit_identical(name, tmp_path):
-    """TeZO with sgd: a trajectory restarted at the checkpoint replays its tau-space recursion
-    from zero moments (tests/test_tezo.py resumes a momentum run with its whole trajectory)."""
-    options = dict(weight_decay=0.1, **({"variant": "sgd"} if name == "tezo" else {}))
+    """Also without the saved trajectory: the new one starts at the checkpoint (TeZO: with the
+    loaded momentum, variant "momentum") and replays on the checkpoint's weights."""
+    options = dict(weight_decay=0.1)
     net = make_net()
     initial = snapshot(net)
     opt = build(name, net, seed=3, **options)
@@ -302,6 +302,9 @@ def test_resume_into_an_optimizer_built_with_another_seed_is_bit_identical(name,
     opt3 = build(name, again, seed=11, **options)
     opt3.load_state_dict(no_trajectory)
     assert opt3.trajectory.meta["base_seed"] == 3 and len(opt3.trajectory) == 0
+    if name == "tezo":
+        assert opt3.trajectory.meta["initial_moments"]["momentum"][0] == \
+            saved["opt"]["extra"]["momentum"][0].tolist()
     run(name, opt3, again, 3)
     assert_same(snapshot(again), uninterrupted, f"{name} resumed without a trajectory")
     from_checkpoint = make_net()

@@ -284,6 +284,12 @@ class TeZO(ZOOptimizer):
                             "numel": [space.global_numels()[j] for j in two_d]})
         meta.update(rank=self.rank, variant=self.variant, betas=list(self.betas),
                     delta=self.delta, lowrank=lowrank, noise_layout=NOISE_LAYOUT)
+        if self.zo_state["step"] > 0 and self.variant != "sgd":
+            # a trajectory started at a resumed step: the moments it starts from (O(r) floats per
+            # matrix), so that its replay on the checkpoint's weights continues the recursion
+            meta["initial_moments"] = {
+                "momentum": [s.momentum.tolist() for s in self.lowrank],
+                "second": [s.second.tolist() for s in self.lowrank]}
         return meta
 
     def _step_in_progress(self) -> bool:
@@ -507,7 +513,8 @@ def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state
 def _replay_tezo(trajectory, spaces, backend) -> None:
     """Rebuild a TeZO run: the 1-D parameters from the recorded seeded updates, the 2-D ones by
     re-running the tau-space recursions on the recorded projected gradients, with the run's
-    factors, taus and rounding."""
+    factors, taus and rounding, from zero moments or, for a trajectory started at a resumed step,
+    from the moments recorded in its meta ("initial_moments")."""
     meta = trajectory.meta
     if meta.get("noise_layout") != NOISE_LAYOUT:
         raise ValueError("this TeZO trajectory was recorded before tau and the factors were drawn "
@@ -524,6 +531,11 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
             [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], meta["rank"],
             factor_seed(base), backend, [space.shards[j] for j in two_d]))
+    initial = meta.get("initial_moments")
+    if initial is not None:  # a trajectory that starts at a resumed step
+        for state, m, v in zip(states, initial["momentum"], initial["second"]):
+            state.momentum.copy_(torch.tensor(m, dtype=torch.float32))
+            state.second.copy_(torch.tensor(v, dtype=torch.float32))
     dense = []
     for space, lowrank in zip(spaces, meta["lowrank"]):
         names = set(lowrank["param_names"])
