@@ -18,6 +18,7 @@ Format (torch.save of plain tensors, lists and numbers; loads with weights_only=
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -39,36 +40,120 @@ def _as_int64_bits(x: int) -> int:
 
 
 class Trajectory:
-    """The updates an optimizer applied; see the module docstring."""
+    """The updates an optimizer applied; see the module docstring.
+
+    record() accepts the coefficients (and decays, extra values) as device tensors and never
+    synchronizes with the device: they are kept pending and moved to the host together, one
+    transfer per device, every FLUSH_EVERY records and whenever the records are read
+    (records(), extra, state_dict(), save(), nbytes)."""
+
+    FLUSH_EVERY = 256
 
     def __init__(self, algorithm: str, meta: dict[str, Any]) -> None:
         self.algorithm = algorithm
         self.meta = meta
         self._steps: list[int] = []
         self._seeds: list[list[int]] = []
-        self._coefs: list[list[list[float]]] = []  # [step][group][k]
-        self._decays: list[list[float]] = []
+        self._coefs: list[list[Any]] = []  # [step][group] -> [k] floats (or a pending tensor)
+        self._decays: list[Any] = []  # [step] -> [group] floats (or a pending tensor)
         self._layers: list[list[int] | None] = []
-        self.extra: dict[str, list[float]] = {}
+        self._extra: dict[str, list[Any]] = {}
+        # (container, index, tensor, scalar): container[index] becomes the tensor's values
+        self._pending: list[tuple[list, int, torch.Tensor, bool]] = []
+        self._pending_records = 0
 
     def __len__(self) -> int:
         return len(self._steps)
 
-    def record(self, step: int, seeds: Sequence[int], coefs: Sequence[Sequence[float]],
-               decays: Sequence[float], layers: Sequence[int] | None = None,
-               **extra: float) -> None:
+    @property
+    def extra(self) -> dict[str, list[float]]:
+        """Per-algorithm columns (e.g. TeZO's projected gradients): name -> one float per
+        record."""
+        self._flush()
+        return self._extra
+
+    def _defer(self, container: list, index: int, value: torch.Tensor, scalar: bool) -> None:
+        # a private float32 copy on the value's device: no host sync, and the caller may reuse
+        # or modify its tensor afterwards
+        self._pending.append((container, index, value.detach().to(torch.float32).clone(), scalar))
+
+    def record(self, step: int, seeds: Sequence[int], coefs: Sequence[Any], decays: Any,
+               layers: Sequence[int] | None = None, **extra: Any) -> None:
         """One applied update: per param group g, theta = decays[g] * theta +
-        sum_k coefs[g][k] * z(seeds[k]) over the selected layers (None: all)."""
+        sum_k coefs[g][k] * z(seeds[k]) over the selected layers (None: all).
+
+        coefs: per group a 1-D tensor of len(seeds) (any device) or a sequence of numbers;
+        decays: a 1-D tensor or a sequence of numbers, one per group; extra: numbers or
+        one-element tensors. Tensors are not read here (no host synchronization)."""
+        seeds = [int(s) for s in seeds]
+        if len(decays) != len(coefs):
+            raise ValueError(f"record: {len(coefs)} coefficient groups but {len(decays)} decays")
+        row: list[Any] = []
+        deferred: list[tuple[int, torch.Tensor]] = []
+        for g, group in enumerate(coefs):
+            if isinstance(group, torch.Tensor):
+                if group.dim() != 1 or group.numel() != len(seeds):
+                    raise ValueError(f"record: coefs[{g}] must be a 1-D tensor of {len(seeds)} "
+                                     f"(one per seed), got shape {tuple(group.shape)}")
+                row.append(None)
+                deferred.append((g, group))
+            else:
+                values = [float(c) for c in group]
+                if len(values) != len(seeds):
+                    raise ValueError(f"record: coefs[{g}] must hold {len(seeds)} coefficients "
+                                     f"(one per seed), got {len(values)}")
+                row.append(values)
+        for name, value in extra.items():
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise ValueError(f"record: {name} must be a number or a one-element tensor, "
+                                 f"got shape {tuple(value.shape)}")
+        # validated: append
         self._steps.append(int(step))
-        self._seeds.append([int(s) for s in seeds])
-        self._coefs.append([[float(c) for c in group] for group in coefs])
-        self._decays.append([float(d) for d in decays])
+        self._seeds.append(seeds)
+        self._coefs.append(row)
+        for g, tensor in deferred:
+            self._defer(row, g, tensor, scalar=False)
+        if isinstance(decays, torch.Tensor):
+            self._decays.append(None)
+            self._defer(self._decays, len(self._decays) - 1, decays.reshape(-1), scalar=False)
+        else:
+            self._decays.append([float(d) for d in decays])
         self._layers.append(None if layers is None else [int(x) for x in layers])
         for name, value in extra.items():
-            self.extra.setdefault(name, []).append(float(value))
+            column = self._extra.setdefault(name, [])
+            column.append(None)
+            if isinstance(value, torch.Tensor):
+                self._defer(column, len(column) - 1, value.reshape(1), scalar=True)
+            else:
+                column[-1] = float(value)
+        if self._pending:
+            self._pending_records += 1
+            if self._pending_records >= self.FLUSH_EVERY:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Move the pending tensors to the host: one concatenation and one transfer per
+        device."""
+        if not self._pending:
+            return
+        by_device: dict[torch.device, list] = {}
+        for entry in self._pending:
+            by_device.setdefault(entry[2].device, []).append(entry)
+        for entries in by_device.values():
+            flat = torch.cat([tensor.reshape(-1) for _, _, tensor, _ in entries])
+            values = flat.to("cpu").tolist()
+            at = 0
+            for container, index, tensor, scalar in entries:
+                n = tensor.numel()
+                container[index] = values[at] if scalar else values[at:at + n]
+                at += n
+        self._pending.clear()
+        self._pending_records = 0
 
     def records(self):
-        """(step, seeds, coefs per group, decays per group, layers) per recorded update."""
+        """(step, seeds, coefs per group, decays per group, layers) per recorded update, with
+        Python floats."""
+        self._flush()
         return zip(self._steps, self._seeds, self._coefs, self._decays, self._layers)
 
     # -- serialization --------------------------------------------------------------------------
@@ -83,6 +168,8 @@ class Trajectory:
                    for k, seed in enumerate(seeds))
 
     def state_dict(self) -> dict[str, Any]:
+        """The saved format (module docstring); meta is copied."""
+        self._flush()
         groups = len(self.meta.get("groups", [])) or (len(self._coefs[0]) if self._coefs else 1)
         derived = self._seeds_derived()
         flat_coefs = [[group[k] for group in coefs] for coefs, seeds in
@@ -90,7 +177,7 @@ class Trajectory:
         return {
             "version": FORMAT_VERSION,
             "algorithm": self.algorithm,
-            "meta": self.meta,
+            "meta": copy.deepcopy(self.meta),
             "step": torch.tensor(self._steps, dtype=torch.int64),
             "n_seeds": torch.tensor([len(s) for s in self._seeds], dtype=torch.int16),
             "seeds": None if derived else torch.tensor(
@@ -101,7 +188,7 @@ class Trajectory:
                                      dtype=torch.int16),
             "layers": torch.tensor([x for l in self._layers if l is not None for x in l],
                                    dtype=torch.int16),
-            "extra": {k: torch.tensor(v, dtype=torch.float32) for k, v in self.extra.items()},
+            "extra": {k: torch.tensor(v, dtype=torch.float32) for k, v in self._extra.items()},
         }
 
     @classmethod
@@ -110,7 +197,7 @@ class Trajectory:
             raise ValueError(f"unsupported trajectory format version {state.get('version')!r}")
         from .optim._seeds import step_seed
 
-        self = cls(state["algorithm"], state["meta"])
+        self = cls(state["algorithm"], copy.deepcopy(state["meta"]))
         steps = state["step"].tolist()
         counts = state["n_seeds"].tolist()
         coefs = state["coefs"].tolist()
@@ -138,7 +225,7 @@ class Trajectory:
             self._decays.append(decays[i])
             self._layers.append(chosen)
             at += k
-        self.extra = {k: v.tolist() for k, v in state.get("extra", {}).items()}
+        self._extra = {k: v.tolist() for k, v in state.get("extra", {}).items()}
         return self
 
     def save(self, path: str | os.PathLike) -> None:
@@ -158,20 +245,37 @@ class Trajectory:
 
     # -- replay ---------------------------------------------------------------------------------
     def spaces_for(self, params: Any, backend: str = "auto"):
-        """ParameterSpaces over `params` matching the recorded param groups (by name)."""
-        from .space import ParameterSpace
+        """ParameterSpaces over `params` matching the recorded param groups.
+
+        Recorded names are matched to the given ones through canonical_name (wrapper components
+        such as `module.` dropped), so a run recorded on a DDP-wrapped model replays on the bare
+        model and vice versa. The spaces carry the recorded names and keys. ValueError: a
+        recorded parameter missing or of another size, or a canonical name shared by two given
+        parameters (ambiguous)."""
+        from .space import ParameterSpace, canonical_name
 
         if isinstance(params, torch.nn.Module):
-            named = dict(params.named_parameters())
+            named = list(params.named_parameters())
         else:
-            named = dict(params)
+            named = list(params)
+        by_canonical: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for name, tensor in named:
+            by_canonical.setdefault(canonical_name(name), []).append((name, tensor))
         spaces = []
         for g, group in enumerate(self.meta["groups"]):
-            missing = [n for n in group["param_names"] if n not in named]
+            tensors, missing = [], []
+            for name in group["param_names"]:
+                matches = by_canonical.get(canonical_name(name), [])
+                if len(matches) > 1:
+                    raise ValueError(f"replay: recorded parameter {name!r} matches "
+                                     f"{[n for n, _ in matches]} (one canonical name)")
+                if matches:
+                    tensors.append(matches[0][1])
+                else:
+                    missing.append(name)
             if missing:
                 raise ValueError(f"replay: params lack {len(missing)} recorded parameter(s) of "
                                  f"group {g}, e.g. {missing[0]!r}")
-            tensors = [named[n] for n in group["param_names"]]
             for name, tensor, numel in zip(group["param_names"], tensors, group["numel"]):
                 if tensor.numel() != numel:
                     raise ValueError(f"replay: {name} has {tensor.numel()} elements, the run had "

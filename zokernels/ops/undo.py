@@ -3,7 +3,8 @@ restore (docs/undo-log.md). Used through ParameterSpace.apply(..., log=) / .appl
 
 One log holds one pass: per (device, dtype) group of the pass, a slice of a persistent
 (index, values) buffer and a device counter. Capacities come from the fraction of lost elements
-seen so far in that group (a count-only probe the first time), times a headroom.
+seen so far in that group (a count-only probe the first time), times a headroom; an overflow
+doubles the count it learns (docs/undo-log.md, "Capacity" and "Overflow").
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from ._groups import contiguous_views, select
 from .perturb import PerturbGroup
 
 GroupKey = tuple[torch.device, torch.dtype]
+# After an overflow, a group's log is sized for this many times the count that overflowed it.
+OVERFLOW_GROWTH = 2
 
 
 class UndoLog:
@@ -34,7 +37,8 @@ class UndoLog:
 
     Attributes:
         overflows: passes whose lost elements did not all fit (their restore is recovery-quality
-            for the unlogged ones; the capacity grows after each).
+            for the unlogged ones); after each, the group's capacity is sized for
+            OVERFLOW_GROWTH x the count that overflowed it.
         probes: count-only passes run to size the log.
     """
 
@@ -77,7 +81,7 @@ class UndoLog:
 
     def _learn(self, group: PerturbGroup, count: int) -> None:
         key = self._key(group)
-        fraction = count / max(1, self._numel(group))
+        fraction = min(1.0, count / max(1, self._numel(group)))
         self._fraction[key] = max(fraction, self._fraction.get(key, 0.0))
 
     # -- a pass ---------------------------------------------------------------------------
@@ -123,13 +127,18 @@ class UndoLog:
         self._checked = True
         overflowed = False
         for group, buffers, count in zip(self.plan, self.buffers, self.counts()):
-            self._learn(group, count)
             if count > buffers.capacity:
                 overflowed = True
+                # geometric growth: the group's next capacities are sized for OVERFLOW_GROWTH x
+                # this count, so a repeat needs a pass losing that many more elements
+                self._learn(group, OVERFLOW_GROWTH * count)
+            else:
+                self._learn(group, count)
         if overflowed:
             self.overflows += 1
-            warnings.warn("zokernels: an undo log overflowed; this step's restore is exact only "
-                          "for the logged elements (the log has grown for the next steps)",
+            warnings.warn("zokernels: an undo log overflowed; this step's restore and update are "
+                          "exact only for the logged elements, the others are recovery-quality "
+                          "(docs/undo-log.md, 'Overflow'); the log has grown for the next steps",
                           RuntimeWarning, stacklevel=3)
         return overflowed
 
@@ -155,15 +164,64 @@ class UndoLog:
                 "passes": {f"{d}|{t}": n for (d, t), n in self._passes.items()},
                 "overflows": self.overflows, "probes": self.probes}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.overflows = int(state.get("overflows", 0))
-        self.probes = int(state.get("probes", 0))
-        def group_key(name: str) -> GroupKey:
-            device, dtype = name.split("|")
-            return torch.device(device), getattr(torch, dtype.replace("torch.", ""))
+    @staticmethod
+    def check_state(state: object, where: str = "undo-log state") -> dict:
+        """Validate a state_dict() of an UndoLog without loading it: a dict of "fraction"
+        ({"device|dtype": lost fraction in [0, 1]}), "passes" ({"device|dtype": passes >= 0}),
+        "overflows" and "probes" (integers >= 0), any of them absent. ValueError naming the entry
+        (prefixed by `where`); returns the parsed state for load_checked_state."""
+        if not isinstance(state, dict):
+            raise ValueError(f"{where} must be a dict, got {type(state).__name__}")
+        unknown = set(state) - {"fraction", "passes", "overflows", "probes"}
+        if unknown:
+            raise ValueError(f"{where} has unknown entries {sorted(unknown)}")
 
-        self._fraction = {group_key(k): float(v) for k, v in state.get("fraction", {}).items()}
-        self._passes = {group_key(k): int(v) for k, v in state.get("passes", {}).items()}
+        def count(value: object, name: str) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where} {name} must be a non-negative integer, got {value!r}")
+            return value
+
+        def per_group(name: str, parse) -> dict:
+            table = state.get(name, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"{where} {name} must be a dict, got {type(table).__name__}")
+            return {_group_key(k, f"{where} {name}"): parse(v, f"{name}[{k!r}]")
+                    for k, v in table.items()}
+
+        def fraction(value: object, name: str) -> float:
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0.0 <= value <= 1.0):
+                raise ValueError(f"{where} {name} must be a fraction in [0, 1], got {value!r}")
+            return float(value)
+
+        return {"fraction": per_group("fraction", fraction), "passes": per_group("passes", count),
+                "overflows": count(state.get("overflows", 0), "overflows"),
+                "probes": count(state.get("probes", 0), "probes")}
+
+    def load_checked_state(self, parsed: dict) -> None:
+        """Adopt a state parsed by check_state (cannot fail)."""
+        self.overflows, self.probes = parsed["overflows"], parsed["probes"]
+        self._fraction, self._passes = dict(parsed["fraction"]), dict(parsed["passes"])
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state_dict(): validated as a whole first (ValueError), so a bad one changes
+        nothing. The learned sizes only; the buffers are allocated by the next pass."""
+        self.load_checked_state(self.check_state(state))
+
+
+def _group_key(name: object, where: str) -> GroupKey:
+    """"cpu|torch.bfloat16" -> (device, floating dtype); ValueError otherwise."""
+    if not isinstance(name, str) or name.count("|") != 1:
+        raise ValueError(f"{where}: key {name!r} is not 'device|dtype'")
+    device, dtype_name = name.split("|")
+    try:
+        parsed_device = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{where}: key {name!r} names no device") from exc
+    dtype = getattr(torch, dtype_name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{where}: key {name!r} names no floating dtype")
+    return parsed_device, dtype
 
 
 def _empty_buffers(group: PerturbGroup) -> UndoBuffers:

@@ -8,6 +8,7 @@ scalars per step and call the passes below; none loops over parameters doing ari
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -19,7 +20,7 @@ import torch
 from .._contract import PERTURB_DISTS, ROUNDINGS
 from .._dispatch import BACKEND_CHOICES
 from ..ops.undo import UndoLog
-from ..space import ParameterSpace
+from ..space import ParameterSpace, canonical_name
 from ..trajectory import Trajectory
 from ._params import normalize_param_groups
 from ._seeds import step_seed
@@ -83,6 +84,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             for name in ("lr", "eps", "weight_decay"):
                 if name in group:
                     self._check_group_option(name, group[name], g)
+        self._zo_ready = False  # torch's __init__ calls add_param_group for the groups above
         super().__init__(groups, defaults)
         self.base_seed = int(seed)
         self.dist = dist
@@ -97,13 +99,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.no_decay = tuple(no_decay)
         self.zo_state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "undo_overflows": 0}
-        self.spaces = [ParameterSpace(list(zip(group["param_names"], group["params"])),
-                                      layers=self._layers_for(group, layers), backend=backend,
-                                      no_decay=self.no_decay)
-                       for group in self.param_groups]
+        self._layer_spec = None if layers is None else list(layers)
+        self._layer_of = self._resolve_layers(self.param_groups)
+        # The full space of every param group (what the trajectory describes) and the spaces the
+        # passes use (the same ones, except where a subclass splits them, see _split_spaces).
+        self._registered = [self._space_for(group, self._layer_of) for group in self.param_groups]
+        self.spaces = list(self._registered)
         if process_group is None and any(space.sharded for space in self.spaces):
             self.process_group = default_group_for_shards()
-        # Two logs per param group: the +eps pass and the -eps pass of a step.
+        # Two logs per param group: the +eps and the -eps pass of a step.
         self._logs = [(UndoLog(), UndoLog()) for _ in self.param_groups]
         # What the weights hold now: {"seed", "coefs" per group, "layers"} or None, and the log
         # slots filled since they were last exact.
@@ -112,40 +116,168 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.trajectory: Trajectory | None = (
             Trajectory(self.algorithm, self._trajectory_meta()) if record_trajectory else None)
         self._split_spaces()
+        self._zo_ready = True
 
     def _split_spaces(self) -> None:
         """Hook run once the trajectory has recorded the full parameter spaces (TeZO moves its
         2-D weights to low-rank state here)."""
+
+    def _check_added_space(self, space: ParameterSpace) -> None:
+        """Hook: refuse (ValueError) a param group added by add_param_group, before anything is
+        modified, when _group_added could not take it."""
+
+    def _group_added(self) -> None:
+        """Hook run by add_param_group once the new (last) group has its space and logs (TeZO
+        splits it as _split_spaces does)."""
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
     def _check_group_option(name: str, value: Any, g: int) -> None:
         check_hyper(f"param group {g} {name}", value, low_open=(name == "eps"))
 
-    def _layers_for(self, group: dict[str, Any], layers: Sequence[Any] | None):
-        """The layer spec restricted to this group's tensors (LeZO), or None."""
-        if layers is None:
+    def _space_for(self, group: dict[str, Any], layer_of: dict[int, int] | None) -> ParameterSpace:
+        return ParameterSpace(list(zip(group["param_names"], group["params"])),
+                              layers=self._layers_for(group, layer_of), backend=self.backend,
+                              no_decay=self.no_decay)
+
+    def _resolve_layers(self, groups: Sequence[dict[str, Any]]) -> dict[int, int] | None:
+        """The layer (LeZO block) of each parameter, by id, over all param groups; None without a
+        layer spec.
+
+        A block is a module (its parameters; frozen ones are skipped) or a list of parameter
+        names and tensors. Names match the optimizer's names exactly or through canonical_name
+        (so "module.layers.0.fc.weight" finds "layers.0.fc.weight"). ValueError: a listed name
+        or tensor (or a trainable parameter of a block module) that is not among this
+        optimizer's parameters, a name whose canonical form matches two parameters, a
+        parameter in two blocks, a block with no parameter of this optimizer."""
+        if self._layer_spec is None:
             return None
-        mine = {id(t) for t in group["params"]}
-        names = dict(zip(group["param_names"], group["params"]))
-        restricted = []
-        for spec in layers:
-            members = list(spec.parameters()) if isinstance(spec, torch.nn.Module) else list(spec)
-            chosen = []
+        named = [(n, t) for group in groups for n, t in zip(group["param_names"], group["params"])]
+        mine = {id(t): n for n, t in named}
+        by_name = {n: t for n, t in named}
+        by_canonical: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for n, t in named:
+            by_canonical.setdefault(canonical_name(n), []).append((n, t))
+        layer_of: dict[int, int] = {}
+        for i, spec in enumerate(self._layer_spec):
+            from_module = isinstance(spec, torch.nn.Module)
+            if from_module:
+                members = list(spec.parameters())
+            elif isinstance(spec, (str, bytes, torch.Tensor)) or not isinstance(spec, Sequence):
+                raise TypeError(f"layers[{i}] must be a module or a list of parameter names / "
+                                f"tensors, got {type(spec).__name__}")
+            else:
+                members = list(spec)
+            found = False
             for item in members:
-                tensor = names.get(item) if isinstance(item, str) else item
-                if isinstance(tensor, torch.Tensor) and id(tensor) in mine:
-                    chosen.append(tensor)
-            restricted.append(chosen)
+                if isinstance(item, str):
+                    tensor = by_name.get(item)
+                    if tensor is None:
+                        matches = by_canonical.get(canonical_name(item), [])
+                        if len(matches) > 1:
+                            raise ValueError(f"layers[{i}] names {item!r}, which matches "
+                                             f"{[n for n, _ in matches]} (one canonical name)")
+                        if not matches:
+                            raise ValueError(f"layers[{i}] names {item!r}, which is not among "
+                                             "the optimizer's trainable parameters")
+                        tensor = matches[0][1]
+                elif isinstance(item, torch.Tensor):
+                    tensor = item
+                    if id(tensor) not in mine:
+                        if from_module and not item.requires_grad:
+                            continue  # a frozen parameter of the block
+                        raise ValueError(
+                            f"layers[{i}] holds a tensor of shape {tuple(item.shape)} that is not "
+                            "among the optimizer's trainable parameters"
+                            + (" (a trainable parameter of the block module: pass it to the "
+                               "optimizer or freeze it)" if from_module else ""))
+                else:
+                    raise TypeError(f"layers[{i}] holds a {type(item).__name__}; expected "
+                                    "parameter names or tensors")
+                previous = layer_of.setdefault(id(tensor), i)
+                if previous != i:
+                    raise ValueError(f"parameter {mine[id(tensor)]!r} is in layers[{previous}] "
+                                     f"and layers[{i}]")
+                found = True
+            if not found:
+                raise ValueError(f"layers[{i}] has no trainable parameter of this optimizer (in "
+                                 "any param group)")
+        return layer_of
+
+    def _layers_for(self, group: dict[str, Any],
+                    layer_of: dict[int, int] | None) -> list[list[torch.Tensor]] | None:
+        """The layer spec restricted to this group's tensors (LeZO), or None."""
+        if layer_of is None:
+            return None
+        restricted: list[list[torch.Tensor]] = [[] for _ in self._layer_spec]
+        for tensor in group["params"]:
+            layer = layer_of.get(id(tensor))
+            if layer is not None:
+                restricted[layer].append(tensor)
         return restricted
 
     def _trajectory_meta(self) -> dict[str, Any]:
+        """What a replay needs besides the records; "groups" describes every parameter of every
+        param group (the full spaces, before any split)."""
         return {"base_seed": self.base_seed, "dist": self.dist, "rounding": self.rounding,
                 "groups": [{"param_names": list(g["param_names"]),
                             "numel": space.global_numels(),
                             "keys": list(space.keys)}
-                           for g, space in zip(self.param_groups, self.spaces)],
+                           for g, space in zip(self.param_groups, self._registered)],
                 "no_decay": list(self.no_decay)}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group before the first step (as torch.optim.Optimizer.add_param_group).
+
+        The group is normalized as the constructor's groups are: (name, tensor) pairs or
+        tensors, frozen nn.Parameters skipped, a tensor already in the optimizer refused,
+        lr / eps / weight_decay validated, missing options from the defaults. It gets its
+        ParameterSpace (and its layers, LeZO), undo logs and trajectory description (TeZO: its
+        low-rank split), so the optimizer behaves as one built with all the groups. RuntimeError
+        after the first step: the trajectory and the state would no longer describe one run."""
+        if not getattr(self, "_zo_ready", False):
+            super().add_param_group(param_group)  # torch's __init__: the constructor's groups
+            return
+        if self._step_in_progress():
+            raise RuntimeError("add_param_group called during a step")
+        if self.zo_state["step"] > 0:
+            raise RuntimeError(
+                f"add_param_group after the first step ({self.zo_state['step']} taken): the "
+                "trajectory and the optimizer state would no longer describe one run; build the "
+                "optimizer with all the param groups, or add them before the first step")
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        g = len(self.param_groups)
+        try:
+            (group,) = normalize_param_groups([param_group])
+        except (TypeError, ValueError) as exc:  # its messages count groups from 0
+            raise type(exc)(str(exc).replace("param group 0", f"param group {g}")) from None
+        if not group["_named"]:
+            group["param_names"] = [f"{g}.{j}" for j in range(len(group["params"]))]
+        present = {id(t) for existing in self.param_groups for t in existing["params"]}
+        for name, tensor in zip(group["param_names"], group["params"]):
+            if id(tensor) in present:
+                raise ValueError(f"param group {g}: {name} is already in another param group")
+        for name in ("lr", "eps", "weight_decay"):
+            if name in group:
+                self._check_group_option(name, group[name], g)
+        for name, value in self.defaults.items():
+            group.setdefault(name, value)
+        layer_of = self._resolve_layers(list(self.param_groups) + [group])
+        space = self._space_for(group, layer_of)  # these may raise: nothing is modified yet
+        self._check_added_space(space)
+        process_group = self.process_group
+        if process_group is None and space.sharded:
+            process_group = default_group_for_shards()
+        super().add_param_group(group)
+        self.process_group = process_group
+        self._layer_of = layer_of
+        self._registered.append(space)
+        self.spaces.append(space)
+        self._logs.append((UndoLog(), UndoLog()))
+        if self.trajectory is not None:
+            self.trajectory = Trajectory(self.algorithm, self._trajectory_meta())
+        self._group_added()
 
     # -- seeds ------------------------------------------------------------------------------
     def seed_for(self, step: int, index: int = 0, purpose: str = "z") -> int:
@@ -180,20 +312,26 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _group_layers(layers: list | None, g: int):
         return None if layers is None else layers[g]
 
+    def _check_log(self, log: UndoLog) -> None:
+        """Read a log's count once (UndoLog.check: an overflow warns and grows the log) and count
+        an overflow in zo_state["undo_overflows"]."""
+        if log.check():
+            self.zo_state["undo_overflows"] += 1
+
     def _clear_logs(self) -> None:
+        """Drop the logs' entries; an overflow not read yet (a restore before the losses were
+        checked) is counted first."""
         for pair in self._logs:
             for log in pair:
                 if log.plan is not None:
+                    self._check_log(log)
                     log.clear()
 
     def _check_logs(self) -> None:
         """Read the logs' counts (with the losses' synchronization): overflow -> warn, grow."""
-        if not self.exact_restore:
-            return
         for pair in self._logs:
             for log in pair:
-                if log.check():
-                    self.zo_state["undo_overflows"] += 1
+                self._check_log(log)
 
     def _perturb_held(self, seed: int, coefs: list[float], layers: list | None,
                       slot: int) -> None:
@@ -291,15 +429,30 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise
 
     # -- state ------------------------------------------------------------------------------------
+    def _step_in_progress(self) -> bool:
+        """Whether the weights hold a perturbation (a step, e.g. its closure, is running)."""
+        return self._held is not None or bool(self._live_slots)
+
     def _extra_state(self) -> dict[str, Any]:
         """Algorithm state (momentum, windows, ...): tensors and plain values."""
         return {}
 
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        """Validate the algorithm state of a state_dict without changing anything (ValueError
+        naming the entry); load_state_dict calls it before modifying the optimizer."""
+
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        """Adopt the algorithm state (validated by _check_extra_state, its tensors already copied;
+        runs after the base fields, base_seed included, are assigned). Must not fail."""
+
+    STATE_KEYS = ("algorithm", "base_seed", "dist", "zo_state", "param_groups", "undo_logs",
+                  "extra", "trajectory")
 
     def state_dict(self) -> dict[str, Any]:
-        groups = [{k: v for k, v in g.items() if k not in ("params", "_named")}
+        """Everything a resume needs: hyperparameters per group, base seed, dist, step counters,
+        undo-log sizing, algorithm state and the trajectory. Plain containers copied; no tensor
+        aliases state that a later step mutates in place."""
+        groups = [{k: copy.deepcopy(v) for k, v in g.items() if k not in ("params", "_named")}
                   for g in self.param_groups]
         return {"algorithm": self.algorithm, "base_seed": self.base_seed, "dist": self.dist,
                 "zo_state": dict(self.zo_state), "param_groups": groups,
@@ -307,32 +460,126 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "extra": self._extra_state(),
                 "trajectory": None if self.trajectory is None else self.trajectory.state_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("algorithm") != self.algorithm:
-            raise ValueError(f"state_dict is for {state_dict.get('algorithm')!r}, "
+    def _checked_state(self, state: Any) -> tuple[list[dict], list[list[dict]],
+                                                   Trajectory | None]:
+        """Validate a (copied) state_dict; ValueError naming the first bad field. Returns the
+        group options to assign, the parsed undo-log states and the trajectory to adopt."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
+        if state.get("algorithm") != self.algorithm:
+            raise ValueError(f"state_dict is for {state.get('algorithm')!r}, "
                              f"not {self.algorithm!r}")
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups, the optimizer has "
+        missing = [k for k in self.STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"state_dict lacks {missing}")
+        seed = state["base_seed"]
+        if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                or not 0 <= seed < 1 << 64):
+            raise ValueError(f"state_dict base_seed must be an integer in [0, 2^64), got {seed!r}")
+        if state["dist"] not in PERTURB_DISTS:
+            raise ValueError(f"state_dict dist must be one of {list(PERTURB_DISTS)}, "
+                             f"got {state['dist']!r}")
+        zo_state = state["zo_state"]
+        if not isinstance(zo_state, dict) or set(zo_state) != set(self.zo_state):
+            raise ValueError(f"state_dict zo_state must be a dict with keys "
+                             f"{sorted(self.zo_state)}, got "
+                             f"{sorted(zo_state) if isinstance(zo_state, dict) else zo_state!r}")
+        for key, value in zo_state.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"state_dict zo_state[{key!r}] must be a non-negative integer, "
+                                 f"got {value!r}")
+        groups = state["param_groups"]
+        if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
+            got = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
+            raise ValueError(f"state_dict has {got} param groups, the optimizer has "
                              f"{len(self.param_groups)}")
+        options = []
         for g, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            if list(saved["param_names"]) != list(group["param_names"]):
-                raise ValueError(f"param group {g}: the saved parameter names differ from this "
-                                 "optimizer's")
-        for saved, group in zip(groups, self.param_groups):
-            for k, v in saved.items():
-                if k != "param_names":
-                    group[k] = v
-        self.base_seed = int(state_dict["base_seed"])
-        self.dist = state_dict["dist"]
-        self.zo_state = dict(state_dict["zo_state"])
-        for pair, saved_pair in zip(self._logs, state_dict.get("undo_logs", [])):
+            if not isinstance(saved, dict):
+                raise ValueError(f"state_dict param group {g} must be a dict")
+            names = saved.get("param_names")
+            if not isinstance(names, (list, tuple)) or list(names) != list(group["param_names"]):
+                raise ValueError(f"state_dict param group {g}: the saved parameter names differ "
+                                 "from this optimizer's")
+            for name in ("lr", "eps", "weight_decay"):
+                if name not in saved:
+                    raise ValueError(f"state_dict param group {g} lacks {name!r}")
+                self._check_group_option(name, saved[name], g)
+            if "params" in saved:
+                raise ValueError(f"state_dict param group {g} holds 'params' (tensors are "
+                                 "matched by name, not saved)")
+            options.append({k: v for k, v in saved.items() if k != "param_names"})
+        logs = state["undo_logs"]
+        if not isinstance(logs, (list, tuple)) or len(logs) != len(self._logs):
+            raise ValueError(f"state_dict undo_logs must hold one pair per param group "
+                             f"({len(self._logs)})")
+        parsed_logs = []
+        for g, pair in enumerate(logs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"state_dict undo_logs[{g}] must be a pair")
+            parsed_logs.append([UndoLog.check_state(saved, f"state_dict undo_logs[{g}][{k}]")
+                                for k, saved in enumerate(pair)])
+        if not isinstance(state["extra"], dict):
+            raise ValueError(f"state_dict extra must be a dict, got "
+                             f"{type(state['extra']).__name__}")
+        self._check_extra_state(state["extra"])
+        trajectory = self._checked_trajectory(state)
+        return options, parsed_logs, trajectory
+
+    def _checked_trajectory(self, state: dict[str, Any]) -> Trajectory | None:
+        """The saved trajectory, parsed (it must describe this run: algorithm, seed, dist,
+        rounding, parameter names), or None when none was saved."""
+        saved = state["trajectory"]
+        if saved is None:
+            return None
+        try:
+            trajectory = Trajectory.from_state_dict(saved)
+        except Exception as exc:
+            raise ValueError(f"state_dict trajectory is not a trajectory state: {exc}") from exc
+        meta = trajectory.meta
+        expected = {"algorithm": (trajectory.algorithm, self.algorithm),
+                    "base_seed": (meta.get("base_seed"), int(state["base_seed"])),
+                    "dist": (meta.get("dist"), state["dist"]),
+                    "rounding": (meta.get("rounding", "nearest"), self.rounding)}
+        for field, (got, want) in expected.items():
+            if got != want:
+                raise ValueError(f"state_dict trajectory {field} is {got!r}, the state / "
+                                 f"optimizer has {want!r}")
+        groups = meta.get("groups")
+        if (not isinstance(groups, list) or len(groups) != len(self.param_groups)
+                or any(list(saved_group.get("param_names", ())) != list(group["param_names"])
+                       for saved_group, group in zip(groups, self.param_groups))):
+            raise ValueError("state_dict trajectory describes other parameters than this "
+                             "optimizer's param groups")
+        return trajectory
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from a state_dict: all of it is validated first (ValueError naming the field;
+        the optimizer is then left exactly as it was), its tensors are copied, and its values
+        are adopted, base seed and dist included, so that a resume continues the saved run
+        whatever seed this optimizer was built with. The saved trajectory is adopted; without
+        one, a trajectory being recorded restarts empty with the loaded seed (its records then
+        replay from the checkpoint's weights). RuntimeError during a step."""
+        if self._step_in_progress():
+            raise RuntimeError("load_state_dict called during a step (the weights hold a "
+                               "perturbation); call it between steps")
+        state = _copied(state_dict)
+        options, logs, trajectory = self._checked_state(state)
+        # -- nothing below raises: the state was validated above
+        for group, saved in zip(self.param_groups, options):
+            group.update(saved)
+        self.base_seed = int(state["base_seed"])
+        self.dist = state["dist"]
+        self.zo_state = {k: int(v) for k, v in state["zo_state"].items()}
+        for pair, saved_pair in zip(self._logs, logs):
             for log, saved in zip(pair, saved_pair):
-                log.load_state_dict(saved)
-        self._load_extra_state(state_dict.get("extra", {}))
-        saved_trajectory = state_dict.get("trajectory")
-        if saved_trajectory is not None:
-            self.trajectory = Trajectory.from_state_dict(saved_trajectory)
+                log.load_checked_state(saved)
+        self._load_extra_state(state["extra"])
+        if trajectory is not None:
+            self.trajectory = trajectory
+        elif self.trajectory is not None:
+            # none saved: record from the resumed step on, described with the loaded values
+            self.trajectory = Trajectory(self.algorithm, self._trajectory_meta())
 
     @property
     def undo_log_bytes(self) -> int:
@@ -341,3 +588,17 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # ZO keeps no gradients
         return None
+
+
+def _copied(obj: Any) -> Any:
+    """A copy of a state_dict: containers rebuilt, tensors cloned (detached), other values as
+    they are; the optimizer never keeps a reference into what it was given."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copied(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_copied(v) for v in obj)
+    return copy.deepcopy(obj)

@@ -235,41 +235,66 @@ class TeZO(ZOOptimizer):
     # The base class builds one ParameterSpace per group over all params; TeZO splits them: the
     # dense space keeps the 1-D ones, the low-rank state the 2-D ones.
     def _split_spaces(self) -> None:
-        splits = [_split_by_rank(space) for space in self.spaces]
-        if self.rounding == "stochastic":
-            sharded = [space.names[j] for space, (two_d, _) in zip(self.spaces, splits)
-                       for j in two_d if space.shards[j] is not None]
-            if sharded:
-                raise ValueError(f"rounding='stochastic' with sharded 2-D weights ({sharded[:3]}): "
-                                 "the low-rank kernels draw rounding bits at local indices, so "
-                                 "shards would not round as the unsharded weight; use "
-                                 "rounding='nearest'")
-        self.lowrank = []
-        dense_spaces = []
-        for space, (two_d, rest) in zip(self.spaces, splits):
-            self.lowrank.append(_LowRankState(
-                [space.names[j] for j in two_d], [space.params[j] for j in two_d],
-                [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
-                factor_seed(self.base_seed), self.backend, [space.shards[j] for j in two_d]))
-            dense_spaces.append(ParameterSpace(
-                [(space.names[j], space.params[j]) for j in rest],
-                keys=[space.keys[j] for j in rest], backend=self.backend,
-                no_decay=self.no_decay))
-        self.spaces = dense_spaces
-        # Two logs per param group for the 2-D weights too: the +eps and the -eps pass.
-        self._lowrank_logs = [(UndoLog(), UndoLog()) for _ in self.lowrank]
+        self.lowrank: list[_LowRankState] = []
+        self._lowrank_logs: list[tuple[UndoLog, UndoLog]] = []
+        for g in range(len(self.spaces)):
+            self._split_group(g)
+
+    def _check_added_space(self, space: ParameterSpace) -> None:
+        self._check_splittable(space)
+
+    def _group_added(self) -> None:
+        self._split_group(len(self.spaces) - 1)
+
+    def _check_splittable(self, space: ParameterSpace) -> None:
+        if self.rounding != "stochastic":
+            return
+        two_d, _ = _split_by_rank(space)
+        sharded = [space.names[j] for j in two_d if space.shards[j] is not None]
+        if sharded:
+            raise ValueError(f"rounding='stochastic' with sharded 2-D weights ({sharded[:3]}): "
+                             "the low-rank kernels draw rounding bits at local indices, so "
+                             "shards would not round as the unsharded weight; use "
+                             "rounding='nearest'")
+
+    def _split_group(self, g: int) -> None:
+        """Param group g's full space -> its low-rank state (the non-empty 2-D weights, with two
+        undo logs: the +eps and the -eps pass) and a dense space (the others)."""
+        space = self._registered[g]
+        self._check_splittable(space)
+        two_d, rest = _split_by_rank(space)
+        state = _LowRankState(
+            [space.names[j] for j in two_d], [space.params[j] for j in two_d],
+            [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
+            factor_seed(self.base_seed), self.backend, [space.shards[j] for j in two_d])
+        dense = ParameterSpace([(space.names[j], space.params[j]) for j in rest],
+                               keys=[space.keys[j] for j in rest], backend=self.backend,
+                               no_decay=self.no_decay)
+        self.lowrank.append(state)
+        self._lowrank_logs.append((UndoLog(), UndoLog()))
+        self.spaces[g] = dense
 
     def _trajectory_meta(self) -> dict[str, Any]:
-        meta = super()._trajectory_meta()  # all parameters: the split comes after
+        meta = super()._trajectory_meta()  # every parameter (the full spaces)
         lowrank = []
-        for space in self.spaces:
+        for space in self._registered:
             two_d, _ = _split_by_rank(space)
             lowrank.append({"param_names": [space.names[j] for j in two_d],
                             "keys": [space.keys[j] for j in two_d],
                             "numel": [space.global_numels()[j] for j in two_d]})
         meta.update(rank=self.rank, variant=self.variant, betas=list(self.betas),
                     delta=self.delta, lowrank=lowrank, noise_layout=NOISE_LAYOUT)
+        if self.zo_state["step"] > 0 and self.variant != "sgd":
+            # a trajectory started at a resumed step: the moments it starts from (O(r) floats per
+            # matrix), so that its replay on the checkpoint's weights continues the recursion
+            meta["initial_moments"] = {
+                "momentum": [s.momentum.tolist() for s in self.lowrank],
+                "second": [s.second.tolist() for s in self.lowrank]}
         return meta
+
+    def _step_in_progress(self) -> bool:
+        return (super()._step_in_progress() or self._lowrank_held is not None
+                or bool(self._lowrank_slots))
 
     @property
     def state_numel(self) -> int:
@@ -306,19 +331,19 @@ class TeZO(ZOOptimizer):
             super()._restore()
 
     def _clear_lowrank_logs(self) -> None:
+        """Drop the low-rank logs' entries (an overflow not read yet is counted first)."""
         for pair in self._lowrank_logs:
             for log in pair:
                 if log.plan is not None:
+                    self._check_log(log)
                     log.clear()
 
     def _check_logs(self) -> None:
+        """Read every log's count, dense and low-rank: each overflowing log is counted once."""
         super()._check_logs()
-        if not self.exact_restore:
-            return
         for pair in self._lowrank_logs:
             for log in pair:
-                if log.check():
-                    self.zo_state["undo_overflows"] += 1
+                self._check_log(log)
 
     def _lowrank_perturb(self, taus: list[torch.Tensor], coefs: list[float], slot: int) -> None:
         """Move the 2-D weights to theta + coefs[g] Z(taus[g]), from theta or by recovery from the
@@ -386,8 +411,8 @@ class TeZO(ZOOptimizer):
         coefs = [(-lrs[g] * grads[g]).reshape(1) for g in range(len(self.param_groups))]
         self._update([seed], coefs, None)
         if self.trajectory is not None:
-            self.trajectory.record(step, [seed], [c.tolist() for c in coefs], decays,
-                                   **{f"grad{g}": float(grads[g]) for g in range(len(grads))},
+            self.trajectory.record(step, [seed], coefs, decays,
+                                   **{f"grad{g}": grads[g] for g in range(len(grads))},
                                    **{f"lr{g}": lrs[g] for g in range(len(lrs))})
         self.zo_state["step"] = step + 1
         return loss_plus
@@ -405,39 +430,28 @@ class TeZO(ZOOptimizer):
                 "lowrank_undo_logs": [[log.state_dict() for log in pair]
                                       for pair in self._lowrank_logs]}
 
-    def _check_loadable(self, state_dict: Any) -> None:
-        """Everything TeZO needs from a state_dict, checked before anything is modified
-        (ValueError naming the entry): rank and variant as this optimizer's, one moment vector
-        per param group of its size, loadable undo-log sizing."""
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        if state_dict.get("algorithm") != self.algorithm:
-            raise ValueError(f"state_dict is for {state_dict.get('algorithm')!r}, "
-                             f"not {self.algorithm!r}")
-        saved_groups = state_dict.get("param_groups")
-        if not isinstance(saved_groups, (list, tuple)):
-            raise ValueError("state_dict has no param_groups list")
-        if len(saved_groups) != len(self.lowrank):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has "
-                             f"{len(self.lowrank)}")
-        extra = state_dict.get("extra")
-        if not isinstance(extra, dict):
-            raise ValueError("state_dict has no TeZO state ('extra')")
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        """TeZO's state, checked before anything is modified (ValueError naming the entry): rank
+        and variant as this optimizer's, betas and delta valid, per param group one float32
+        moment vector of the sum of its 2-D weights' ranks (O(r) per matrix to check), and
+        valid low-rank undo-log states."""
+        for name in ("rank", "variant", "betas", "delta", "momentum", "second",
+                     "lowrank_undo_logs"):
+            if name not in extra:
+                raise ValueError(f"state_dict extra lacks {name!r}")
         for name, mine in (("rank", self.rank), ("variant", self.variant)):
-            if name in extra and extra[name] != mine:
+            if extra[name] != mine:
                 raise ValueError(f"state_dict was saved with {name}={extra[name]!r}, this "
                                  f"optimizer has {name}={mine!r}")
-        if "betas" in extra:
-            betas = extra["betas"]
-            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-                raise ValueError(f"state_dict betas must be a pair, got {betas!r}")
-            check_hyper("state_dict betas[0]", betas[0], high=1.0, high_open=True)
-            check_hyper("state_dict betas[1]", betas[1], high=1.0, high_open=True)
-        if "delta" in extra:
-            check_hyper("state_dict delta", extra["delta"], low_open=True)
+        betas = extra["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"state_dict betas must be a pair, got {betas!r}")
+        check_hyper("state_dict betas[0]", betas[0], high=1.0, high_open=True)
+        check_hyper("state_dict betas[1]", betas[1], high=1.0, high_open=True)
+        check_hyper("state_dict delta", extra["delta"], low_open=True)
         groups = len(self.lowrank)
         for name in ("momentum", "second"):
-            vectors = extra.get(name)
+            vectors = extra[name]
             if not isinstance(vectors, (list, tuple)) or len(vectors) != groups:
                 raise ValueError(f"state_dict {name} must hold one vector per param group "
                                  f"({groups}), got {type(vectors).__name__}"
@@ -445,51 +459,39 @@ class TeZO(ZOOptimizer):
                                     else ""))
             for g, (state, v) in enumerate(zip(self.lowrank, vectors)):
                 size = state.offsets[-1]
-                if (not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point
+                if (not isinstance(v, torch.Tensor) or v.dtype != torch.float32
                         or tuple(v.shape) != (size,)):
                     got = (f"shape {tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor)
                            else type(v).__name__)
-                    raise ValueError(f"state_dict {name}[{g}] must be a float vector of shape "
+                    raise ValueError(f"state_dict {name}[{g}] must be a float32 vector of shape "
                                      f"({size},) (the sum of the ranks of param group {g}'s 2-D "
                                      f"weights), got {got}")
-        logs = extra.get("lowrank_undo_logs", [])
-        if not isinstance(logs, (list, tuple)) or len(logs) not in (0, groups):
+        logs = extra["lowrank_undo_logs"]
+        if not isinstance(logs, (list, tuple)) or len(logs) != groups:
             raise ValueError(f"state_dict lowrank_undo_logs must hold one pair per param group "
                              f"({groups})")
         for g, pair in enumerate(logs):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise ValueError(f"state_dict lowrank_undo_logs[{g}] must be a pair")
             for k, saved in enumerate(pair):
-                try:
-                    UndoLog().load_state_dict(saved)  # a scratch log: the real ones stay put
-                except Exception as exc:
-                    raise ValueError(f"state_dict lowrank_undo_logs[{g}][{k}] is not an undo-log "
-                                     f"state: {exc}") from exc
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As the base class's, after TeZO's checks (nothing is modified when one fails; rank and
-        variant must match, betas and delta are restored like the seed); then U and V are rebuilt
-        from the loaded seed when it differs from the one they were drawn from, so a resume into
-        an optimizer built with another seed continues the saved run."""
-        self._check_loadable(state_dict)
-        super().load_state_dict(state_dict)
-        seed = factor_seed(self.base_seed)
-        for state in self.lowrank:
-            if state.factor_seed != seed:
-                state.build_factors(seed, self.backend)
+                UndoLog.check_state(saved, f"state_dict lowrank_undo_logs[{g}][{k}]")
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        # validated by _check_loadable before the base class changed anything
-        if "betas" in state:
-            self.betas = (float(state["betas"][0]), float(state["betas"][1]))
-        if "delta" in state:
-            self.delta = float(state["delta"])
+        """betas and delta restored like the seed, the moments copied, the low-rank logs' sizing
+        loaded; U and V rebuilt when the loaded seed differs from the one they were drawn from,
+        so a resume into an optimizer built with another seed continues the saved run."""
+        self.betas = (float(state["betas"][0]), float(state["betas"][1]))
+        self.delta = float(state["delta"])
         for s, m, v in zip(self.lowrank, state["momentum"], state["second"]):
             s.momentum.copy_(m)
             s.second.copy_(v)
-        for pair, saved_pair in zip(self._lowrank_logs, state.get("lowrank_undo_logs", [])):
+        for pair, saved_pair in zip(self._lowrank_logs, state["lowrank_undo_logs"]):
             for log, saved in zip(pair, saved_pair):
                 log.load_state_dict(saved)
+        seed = factor_seed(self.base_seed)
+        for s in self.lowrank:
+            if s.factor_seed != seed:
+                s.build_factors(seed, self.backend)
 
 
 def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state: _LowRankState,
@@ -511,7 +513,8 @@ def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state
 def _replay_tezo(trajectory, spaces, backend) -> None:
     """Rebuild a TeZO run: the 1-D parameters from the recorded seeded updates, the 2-D ones by
     re-running the tau-space recursions on the recorded projected gradients, with the run's
-    factors, taus and rounding."""
+    factors, taus and rounding, from zero moments or, for a trajectory started at a resumed step,
+    from the moments recorded in its meta ("initial_moments")."""
     meta = trajectory.meta
     if meta.get("noise_layout") != NOISE_LAYOUT:
         raise ValueError("this TeZO trajectory was recorded before tau and the factors were drawn "
@@ -528,6 +531,11 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
             [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], meta["rank"],
             factor_seed(base), backend, [space.shards[j] for j in two_d]))
+    initial = meta.get("initial_moments")
+    if initial is not None:  # a trajectory that starts at a resumed step
+        for state, m, v in zip(states, initial["momentum"], initial["second"]):
+            state.momentum.copy_(torch.tensor(m, dtype=torch.float32))
+            state.second.copy_(torch.tensor(v, dtype=torch.float32))
     dense = []
     for space, lowrank in zip(spaces, meta["lowrank"]):
         names = set(lowrank["param_names"])
