@@ -179,7 +179,8 @@ def _window_field(state, j, field, value):
 
 BAD_WINDOWS = {
     "not a list": (lambda s: s["extra"].__setitem__("window", "x"), r"\['window'\] must be a list"),
-    "entry not a dict": (lambda s: s["extra"]["window"].__setitem__(0, (0, 1)), r"\[0\] must be a dict"),
+    "entry not a dict": (lambda s: s["extra"]["window"].__setitem__(0, (0, 1)),
+                         r"\[0\] must be a dict"),
     "missing delta": (lambda s: s["extra"]["window"][1].pop("delta"), r"\[1\] lacks \['delta'\]"),
     "step beyond the counter": (lambda s: _window_field(s, 1, "step", 2), r"\[1\]\['step'\] = 2"),
     "steps out of order": (lambda s: _window_field(s, 1, "step", 0), r"\[1\]\['step'\]"),

@@ -53,9 +53,10 @@ class MeZO(ZOOptimizer):
         perturbation_parallel: with a process group of an even number of ranks, pair the ranks
             (2i, 2i + 1): the even one evaluates f(theta + eps z), the odd one f(theta - eps z),
             on the SAME micro-batch (give both ranks of a pair the same data), and one
-            all-reduce of 8 * n_spsa bytes hands every rank both losses of every seed. Each rank then runs one forward
-            and two passes per seed instead of two and three: about half the step latency, for
-            twice the devices per micro-batch. Needs exact_restore (the pair restores from
+            all-reduce of 8 * n_spsa bytes hands every rank both losses of every seed. Each
+            rank then runs one forward per seed instead of two, and (n_spsa = 1) two passes
+            instead of three: about half the step latency, for twice the devices per
+            micro-batch. Needs exact_restore (the pair restores from
             different perturbations: the undo logs make both exact; an undo-log overflow, warned
             and counted in zo_state["undo_overflows"], can leave the pair a few ulps apart).
             Not with sharded parameters (a pair would hold one model perturbed two ways).
