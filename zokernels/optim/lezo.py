@@ -23,6 +23,12 @@ class LeZO(MeZO):
             zokernels.integrations.find_transformer_layers(model) finds them for common models.
         n_active: blocks perturbed per step; or
         n_dropped: blocks skipped per step (n_active = len(layers) - n_dropped). Give one.
+
+    Every MeZO option works unchanged, with the step's layer subset applied to each pass:
+    n_spsa (all seeds of a step share the subset), process_group (the subset is a function of
+    (seed, step), so every rank draws the same one without communication; one all-reduce of
+    2 * n_spsa floats per step) and perturbation_parallel (pairs of ranks evaluate the two sides
+    of each seed on the same micro-batch, see MeZO).
     """
 
     algorithm = "lezo"
@@ -32,7 +38,7 @@ class LeZO(MeZO):
                  n_active: int | None = None, n_dropped: int | None = None, n_spsa: int = 1,
                  exact_restore: bool = True, backend: str = "auto", rounding: str = "nearest",
                  process_group: Any = None, no_decay: Sequence[str] = NO_DECAY_DEFAULT,
-                 record_trajectory: bool = True) -> None:
+                 record_trajectory: bool = True, perturbation_parallel: bool = False) -> None:
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
             raise ValueError("layers must be a non-empty list of blocks (modules or lists of "
                              "parameter names / tensors)")
@@ -47,7 +53,8 @@ class LeZO(MeZO):
         super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, dist=dist,
                          n_spsa=n_spsa, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group, no_decay=no_decay,
-                         record_trajectory=record_trajectory, layers=layers)
+                         record_trajectory=record_trajectory,
+                         perturbation_parallel=perturbation_parallel, layers=layers)
 
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()

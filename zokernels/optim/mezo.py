@@ -45,15 +45,18 @@ class MeZO(ZOOptimizer):
             an ulp in expectation; its bits come from stream 1 of the step's first seed).
         record_trajectory: keep opt.trajectory (a few bytes per step).
         process_group: data parallel (torch.distributed): each rank evaluates the closure on its
-            own micro-batch; the two losses are averaged over the ranks in one all-reduce of 8
-            bytes, and every rank applies the identical seeded update (replicas stay
-            bit-identical). The returned loss is the mean.
+            own micro-batch; all n_spsa probes run first, then the 2 * n_spsa losses are
+            averaged over the ranks in ONE all-reduce (8 * n_spsa bytes) and checked for
+            finiteness once (a non-finite loss of any seed on any rank skips the whole step on
+            every rank, weights restored exactly); every rank applies the identical seeded
+            update (replicas stay bit-identical). The returned loss is the mean.
         perturbation_parallel: with a process group of an even number of ranks, pair the ranks
             (2i, 2i + 1): the even one evaluates f(theta + eps z), the odd one f(theta - eps z),
             on the SAME micro-batch (give both ranks of a pair the same data), and one
-            all-reduce of 8 bytes hands every rank both losses. Each rank then runs one forward
-            and two passes per seed instead of two and three: about half the step latency, for
-            twice the devices per micro-batch. Needs exact_restore (the pair restores from
+            all-reduce of 8 * n_spsa bytes hands every rank both losses of every seed. Each
+            rank then runs one forward per seed instead of two, and (n_spsa = 1) two passes
+            instead of three: about half the step latency, for twice the devices per
+            micro-batch. Needs exact_restore (the pair restores from
             different perturbations: the undo logs make both exact; an undo-log overflow, warned
             and counted in zo_state["undo_overflows"], can leave the pair a few ulps apart).
             Not with sharded parameters (a pair would hold one model perturbed two ways).
@@ -117,51 +120,52 @@ class MeZO(ZOOptimizer):
         return self._guarded(lambda: self._step(closure))
 
     def _probe(self, closure: Closure, seed: int, eps: list[float],
-               layers: list | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(f(theta + eps z), f(theta - eps z)), averaged over the ranks; leaves a perturbation
-        held for the update to recover from."""
+               layers: list | None) -> torch.Tensor:
+        """This rank's [f(theta + eps z), f(theta - eps z)] for one seed (float32, shape [2]),
+        not yet averaged over the ranks. With perturbation_parallel the rank evaluates its own
+        side only and puts 0 in the other slot (the reduction sums the pair). Leaves a
+        perturbation held for the next restore or the update to recover from."""
         if self.perturbation_parallel:
             self._perturb_held(seed, [self._sign * e for e in eps], layers, 0)
             loss = self._evaluate(closure)
-            # each rank fills its side's slot: the sum over the world / the number of pairs
-            # is the mean over the pairs of (l+, l-)
-            slots = torch.stack([loss, torch.zeros_like(loss)] if self._sign > 0
-                                else [torch.zeros_like(loss), loss])
-            loss_plus, loss_minus = self._all_reduce_mean(slots) * 2
-            return loss_plus, loss_minus
-        loss_plus, loss_minus = self._probe_two_point(closure, seed, eps, layers)
-        if self.process_group is not None:
-            loss_plus, loss_minus = self._all_reduce_mean(torch.stack([loss_plus, loss_minus]))
-        return loss_plus, loss_minus
+            zero = torch.zeros_like(loss)
+            return torch.stack([loss, zero] if self._sign > 0 else [zero, loss])
+        return torch.stack(self._probe_two_point(closure, seed, eps, layers))
+
+    def _reduce_losses(self, local: torch.Tensor) -> torch.Tensor:
+        """The [n_spsa, 2] losses averaged over the ranks in ONE all-reduce of 2 * n_spsa
+        floats (perturbation_parallel: each pair's two slots are filled by its two ranks, so
+        the world sum times 2 / world is the mean over the pairs)."""
+        reduced = self._all_reduce_mean(local)
+        return reduced * 2 if self.perturbation_parallel else reduced
 
     def _step(self, closure: Closure) -> torch.Tensor:
         step = self.zo_state["step"]
         layers, chosen = self._step_layers(step)
         eps = [group["eps"] for group in self.param_groups]
-        seeds, grads, first_loss = [], [], None
-        for k in range(self.n_spsa):
-            seed = self.seed_for(step, k)
+        seeds = [self.seed_for(step, k) for k in range(self.n_spsa)]
+        local = []
+        for k, seed in enumerate(seeds):
             if k > 0:
+                self._check_logs()  # count an overflow of the earlier seed's logs
                 self._restore()  # exact theta before the next seed's probe
-            loss_plus, loss_minus = self._probe(closure, seed, eps, layers)
-            if first_loss is None:
-                first_loss = loss_plus
-            if not self._finite(loss_plus, loss_minus):
-                self._check_logs()
-                self._skip([loss_plus, loss_minus])
-                self.zo_state["step"] = step + 1
-                return first_loss
-            seeds.append(seed)
-            grads.append((loss_plus - loss_minus) / 2)  # per group: divided by eps_g below
+            local.append(self._probe(closure, seed, eps, layers))
+        # one collective and one host synchronization per step, whatever n_spsa
+        losses = self._reduce_losses(torch.stack(local))  # [n_spsa, 2]: (l+, l-) per seed
+        first_loss = losses[0, 0]
+        finite = self._finite(losses)
         self._check_logs()
-        coefs = [[-(group["lr"] / self.n_spsa) * (g / group["eps"]) for g in grads]
+        if not finite:
+            self._skip(losses.reshape(-1))
+            self.zo_state["step"] = step + 1
+            return first_loss
+        grads = (losses[:, 0] - losses[:, 1]) / 2  # per group: divided by eps_g below
+        coefs = [-(group["lr"] / self.n_spsa) * (grads / group["eps"])
                  for group in self.param_groups]
-        coefs_device = [torch.stack(c).to(torch.float32) for c in coefs]
         # the earlier seeds were restored exactly: only the last one is held
-        self._update(seeds, coefs_device, layers)
+        self._update(seeds, coefs, layers)
         if self.trajectory is not None:
             decays = [1.0 - g["lr"] * g["weight_decay"] for g in self.param_groups]
-            self.trajectory.record(step, seeds, [c.tolist() for c in coefs_device], decays,
-                                   chosen)
+            self.trajectory.record(step, seeds, coefs, decays, chosen)
         self.zo_state["step"] = step + 1
         return first_loss
