@@ -245,8 +245,3 @@ class PseuZO(ZOOptimizer):
         self._window = [(int(w["step"]), int(w["seed"]), w["delta"])
                         for w in state.get("window", [])]
         self._ages = None
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # until base.load_state_dict calls _check_extra_state
-        self._check_extra_state(state_dict.get("extra", {}))
-        super().load_state_dict(state_dict)
