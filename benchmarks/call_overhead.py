@@ -22,6 +22,7 @@ import json
 import random
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,8 @@ from zokernels.bench.timing import measure
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECTIONS = 64
+WARMUP = 2
+ROUNDS = 3
 
 
 def load_space_at(rev: str):
@@ -99,31 +102,39 @@ def main(argv=None) -> int:
     if args.baseline_rev:
         spaces[f" [{args.baseline_rev}]"] = load_space_at(args.baseline_rev).ParameterSpace
 
-    def timed(fn):
-        return measure(fn, device=args.device, warmup=2, repeats=args.repeats)
-
-    rows = []
+    cases = []
     if not args.no_loop:
-        rows += [("mezo-loop", timed(lambda: mezo_loop(params, 1, 1e-3))),
-                 ("perturb_", timed(lambda: zokernels.perturb_(params, 1, 1e-3)))]
+        cases += [("mezo-loop", lambda: mezo_loop(params, 1, 1e-3)),
+                  ("perturb_", lambda: zokernels.perturb_(params, 1, 1e-3))]
     for suffix, cls in spaces.items():
         flat = cls(named)
         layered = cls(named, layers=blocks)
         same = selections[0]
-        rows += [(f"ParameterSpace.perturb{suffix}", timed(lambda: flat.perturb(1, 1e-3))),
-                 (f"layers=, same selection{suffix}",
-                  timed(lambda: layered.perturb(1, 1e-3, layers=same))),
-                 (f"layers=, new selection{suffix}",
-                  timed(lambda: layered.perturb(1, 1e-3, layers=next_selection())))]
+        cases += [(f"ParameterSpace.perturb{suffix}", lambda flat=flat: flat.perturb(1, 1e-3)),
+                  (f"layers=, same selection{suffix}",
+                   lambda layered=layered: layered.perturb(1, 1e-3, layers=same)),
+                  (f"layers=, new selection{suffix}",
+                   lambda layered=layered: layered.perturb(1, 1e-3, layers=next_selection()))]
     touched = len(layered.indices(selections[0]))
+    # Case by case, in ROUNDS rounds (a change of machine load hits every case, not one); the
+    # median over all samples. Not interleaved call by call: a zokernels call right after a torch
+    # op on another case waits for the other OpenMP pool (measured: 0.3 ms -> 1.8 ms on 200 tiny
+    # tensors), which would time the switch, not the case.
+    samples = {name: [] for name, _ in cases}
+    for _ in range(ROUNDS):
+        for name, fn in cases:
+            samples[name] += measure(fn, device=args.device, warmup=WARMUP,
+                                     repeats=args.repeats).samples_ms
     print(f"{label}: {len(params)} tensors, {numel(shapes) / 1e6:.3f}M elements, {len(blocks)} "
           f"blocks, {active} per selection ({touched} tensors), {args.device}, "
-          f"{torch.get_num_threads()} threads, medians of {args.repeats} after 2 warm-up calls")
+          f"{torch.get_num_threads()} threads, medians of {ROUNDS} rounds x {args.repeats} calls "
+          f"after {WARMUP} warm-up calls each")
     results = []
-    for name, timing in rows:
-        print(f"  {name:<40} {timing.median_ms:8.3f} ms  ({timing.spread()})")
-        results.append({"case": name, "ms": timing.median_ms, "ms_p20": timing.p20_ms,
-                        "ms_p80": timing.p80_ms, "repeats": args.repeats, "warmup": 2})
+    for name, values in samples.items():
+        ms, p20, p80 = (statistics.quantiles(values, n=10, method="inclusive")[k] for k in (4, 1, 7))
+        print(f"  {name:<40} {ms:8.3f} ms  ({p20:.2f}-{p80:.2f})")
+        results.append({"case": name, "ms": ms, "ms_p20": p20, "ms_p80": p80,
+                        "repeats": ROUNDS * args.repeats, "warmup": WARMUP})
     if args.json:
         doc = {**environment([args.device]), "mode": "call_overhead",
                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(

@@ -116,6 +116,62 @@ def test_discovered_layers_are_the_decoder_blocks(build, stack):
     assert find_transformer_layers(model) == list(stack(model))
 
 
+def gpt2_model():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4,
+                                     n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def bert_model():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64)
+    return transformers.BertModel(config).eval()
+
+
+STACKS = {"opt": (opt_model, lambda m: m.model.decoder.layers, ["q_proj", "v_proj"]),
+          "llama": (llama_model, lambda m: m.model.layers, ["q_proj", "v_proj"]),
+          "gpt2": (gpt2_model, lambda m: m.transformer.h, ["c_attn"]),
+          "bert": (bert_model, lambda m: m.encoder.layer, ["query", "value"])}
+
+
+@pytest.mark.parametrize("kind", list(STACKS))
+def test_discovered_layers_are_the_blocks_also_through_lora(kind):
+    peft = pytest.importorskip("peft")
+    build, stack, targets = STACKS[kind]
+    model = build()
+    blocks = list(stack(model))
+    assert find_transformer_layers(model) == blocks
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(  # GPT-2's Conv1D stores W transposed
+        r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=(kind == "gpt2")))
+    assert find_transformer_layers(wrapped) == blocks  # the same block objects, adapters inside
+    # LeZO over the adapters only: every block owns its adapters, nothing is left outside
+    named = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
+    opt = LeZO(named, layers=find_transformer_layers(wrapped), n_active=1, lr=1e-3, seed=0)
+    space = opt.spaces[0]
+    assert space.num_layers == len(blocks)
+    assert space.layer_members(space.num_layers) == []
+    for layer, block in enumerate(blocks):
+        members = {space.names[j] for j in space.layer_members(layer)}
+        expected = {n for n, p in named if any(p is q for q in block.parameters())}
+        assert members == expected and len(members) == 2 * len(targets)
+
+
+def test_lezo_through_lora_moves_only_the_selected_blocks_adapters():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(opt_model(), peft.LoraConfig(r=4, lora_alpha=8,
+                                                             target_modules=["q_proj", "v_proj"]))
+    before = snapshot(model)
+    opt, losses = finetune(model, [unlabelled()], optimizer="lezo", lr=1e-2, seed=3,
+                           n_active=1, progress=False)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    (record,) = list(opt.trajectory.records())
+    (chosen,) = record[4]
+    assert moved and all(f"layers.{chosen}." in n and "lora_" in n for n in moved), moved
+
+
 def test_pseuzo_split_gives_the_model_loss():
     model, data = llama_model(), batch()
     forward, loss_fn = pseuzo_causal_lm(model, data)
