@@ -117,9 +117,9 @@ def main(argv=None) -> int:
                    lambda layered=layered: layered.perturb(1, 1e-3, layers=next_selection()))]
     touched = len(layered.indices(selections[0]))
     # Case by case, in ROUNDS rounds (a change of machine load hits every case, not one); the
-    # median over all samples. Not interleaved call by call: a zokernels call right after a torch
-    # op on another case waits for the other OpenMP pool (measured: 0.3 ms -> 1.8 ms on 200 tiny
-    # tensors), which would time the switch, not the case.
+    # median over all samples. Not interleaved call by call: that made one ParameterSpace pass
+    # over 200 tiny tensors take 1.8 ms instead of 0.24 ms on 2 cores (each case then pays for
+    # the switch from the previous one, apparently thread pools waking up), not the case itself.
     samples = {name: [] for name, _ in cases}
     for _ in range(ROUNDS):
         for name, fn in cases:

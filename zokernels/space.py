@@ -13,6 +13,14 @@ key is the first 4 bytes (little-endian) of its BLAKE2b digest. Two names with t
 chance of about n^2 / 2^33 for n names) are told apart deterministically: in sorted name order,
 the second gets the digest of "name#1", the third of "name#2", ... Unnamed tensors get their
 position as key. Explicit keys can be passed instead.
+
+Plans (the backend groups of one call): the plan over all parameters is built once per storage
+(rebuilt when a parameter's address, size or dtype changes); the plan of a layer selection
+(layers=) is put together from per-layer buckets and cached per selection (PLAN_CACHE_SIZE most
+recent), dropped with the storage like the full one. Host time per pass on 2000 tensors of 8
+elements in 24 blocks, 6 selected: 1.41 -> 0.81 ms for a repeated selection, 1.46 -> 1.15 ms for
+a new one; all 24 selected: 7.33 -> 3.12 ms, as without layers= (2-core AMD EPYC,
+benchmarks/results/cpu_call_overhead_tiny2000_*.json).
 """
 
 from __future__ import annotations
@@ -21,8 +29,8 @@ import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
