@@ -12,7 +12,8 @@ learn. Losses are the mean next-token cross-entropy on a fixed held-out batch of
 
 Prints the held-out loss before and after, steps/s, and the optimizer's memory (state, undo logs,
 PseuZO's window); the last line is `RESULT {json}` for scripts. Needs transformers (and peft for
---lora). The defaults finish in a few seconds on 2 CPU cores.
+--lora). The defaults take about 20 s on 2 CPU cores, half of it importing transformers
+(150 AdamW steps about 3.5 s, 300 MeZO steps about 5 s).
 """
 
 from __future__ import annotations
