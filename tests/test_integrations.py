@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from zokernels.integrations import causal_lm_loss, find_transformer_layers, pseuzo_causal_lm
+from zokernels.integrations import (
+    causal_lm_loss,
+    find_transformer_layers,
+    lm_inputs,
+    pseuzo_causal_lm,
+    pseuzo_parameters,
+)
 from zokernels.optim import PseuZO
 
 
@@ -122,3 +128,33 @@ def test_pseuzo_causal_lm_split_matches_the_full_loss_and_trains():
 def test_pseuzo_causal_lm_refuses_other_models():
     with pytest.raises(TypeError, match="get_output_embeddings"):
         pseuzo_causal_lm(nn.Linear(3, 3), {"input_ids": torch.zeros(1, 2, dtype=torch.long)})
+
+
+def test_lm_inputs_default_labels_ignore_padding_and_keep_given_labels():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    inputs = lm_inputs(batch)
+    assert torch.equal(inputs["labels"], torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]]))
+    assert "labels" not in batch  # the caller's batch is not modified
+    assert torch.equal(lm_inputs({"input_ids": ids})["labels"], ids)
+    given = torch.full_like(ids, 3)
+    assert lm_inputs({"input_ids": ids, "labels": given})["labels"] is given
+    for bad, error, match in [([1, 2], TypeError, "batch must be a mapping"),
+                              ({"attention_mask": mask}, ValueError, "input_ids"),
+                              ({"input_ids": ids.float()}, TypeError, "integer tensor"),
+                              ({"input_ids": [[1, 2]]}, TypeError, "integer tensor")]:
+        with pytest.raises(error, match=match):
+            lm_inputs(bad)
+
+
+def test_pseuzo_parameters_drop_an_untied_head_and_keep_a_tied_one():
+    model = TinyCausalLM()
+    assert [n for n, _ in pseuzo_parameters(model)] == [
+        n for n, _ in model.named_parameters() if n != "lm_head.weight"]
+    model.lm_head.weight = model.model.embed.weight  # tied: the head weight is the embedding
+    names = [n for n, _ in pseuzo_parameters(model)]
+    assert "model.embed.weight" in names
+    assert len(names) == len(list(model.parameters()))
+    with pytest.raises(TypeError, match="pseuzo_parameters"):
+        pseuzo_parameters(nn.Linear(3, 3))

@@ -211,3 +211,101 @@ def test_a_shrunk_storage_at_the_same_address_is_seen():
     tail = full[4:].clone()
     space.apply(2, 1.0)
     assert_bits_equal(full[4:], tail)  # nothing written past the parameter's new end
+
+
+# -- plans cached per layer selection (LeZO) ---------------------------------------------------
+
+def _layered(depth: int = 6, seed: int = 4):
+    torch.manual_seed(seed)
+    model = TinyModel(depth=depth)
+    return model, ParameterSpace(model, layers=list(model.blocks), backend="cpu")
+
+
+def _same_plan(a, b):
+    (plan_a, flags_a), (plan_b, flags_b) = a, b
+    assert torch.equal(flags_a, flags_b)
+    assert len(plan_a) == len(plan_b)
+    for ga, gb in zip(plan_a, plan_b):
+        assert (ga.backend, ga.device, ga.keys, ga.indices, ga.index_maps) == \
+            (gb.backend, gb.device, gb.keys, gb.indices, gb.index_maps)
+        assert len(ga.tensors) == len(gb.tensors)
+        assert all(x is y for x, y in zip(ga.tensors, gb.tensors))
+
+
+def test_a_selection_plan_is_cached_and_equals_the_plan_built_from_scratch():
+    model, space = _layered()
+    for selection in ([1, 3], [0], [], [5, 0, 2], list(range(6))):
+        _same_plan(space._selection_plan(selection), space._plan(selection))
+    first = space._selection_plan([3, 1])
+    assert space._selection_plan([1, 3]) is first  # the same selection in another order
+    space.perturb(1, 1e-2, layers=[1, 3])
+    space.perturb(1, -1e-2, layers=[3, 1], applied=1e-2)
+    assert space._selection_plan([1, 3]) is first
+    # the cpu backend keeps its per-tensor launch lists in the cached plan's groups
+    assert all("cpu" in group.cache for group in first[0])
+
+
+def test_cached_selections_give_the_bits_of_an_uncached_space():
+    model, space = _layered()
+    reference = TinyModel(depth=6)
+    reference.load_state_dict(model.state_dict())
+    rng = __import__("random").Random(5)
+    selections = [rng.sample(range(6), 2) for _ in range(12)]
+    selections += selections[:4]  # hits after evictions too
+    for step, selection in enumerate(selections):
+        for seed, scale, applied in ((step, 1e-2, None), (step, -1e-2, 1e-2),
+                                     (step, -3e-3, -1e-2)):
+            space.perturb(seed, scale, layers=selection, applied=applied)
+            fresh = ParameterSpace(reference, layers=list(reference.blocks), backend="cpu")
+            fresh.apply(seed, scale, layers=selection, applied=applied)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_bits_equal(p.detach(), q.detach(), name)
+
+
+def test_the_plan_cache_is_bounded_and_keeps_the_most_recently_used():
+    from zokernels.space import PLAN_CACHE_SIZE
+
+    model, space = _layered(depth=6)
+    selections = [[a, b] for a in range(6) for b in range(a + 1, 6)]  # 15 > PLAN_CACHE_SIZE
+    assert len(selections) > PLAN_CACHE_SIZE
+    kept = space._selection_plan(selections[0])
+    for selection in selections[1:]:
+        space.perturb(0, 0.0, layers=selection)
+        assert space._selection_plan(selections[0]) is kept  # a hit: moved to the newest end
+        assert len(space._plan_cache) <= PLAN_CACHE_SIZE
+    assert len(space._plan_cache) == PLAN_CACHE_SIZE
+    assert (0, 1) in space._plan_cache and (0, 2) not in space._plan_cache  # evicted first
+
+
+def test_a_cached_selection_is_still_validated():
+    model, space = _layered(depth=3)
+    space.perturb(1, 1e-2, layers=[0, 1])
+    before = _snapshot(model)
+    for bad, error in [([True, 1], TypeError), ([1, 0, 1], ValueError), ([0, 3], ValueError)]:
+        with pytest.raises(error, match="layers"):
+            space.perturb(1, 1e-2, layers=bad)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_cached_selection_plans_are_dropped_when_a_storage_changes():
+    torch.manual_seed(6)
+    model = TinyModel(depth=4)
+    space = ParameterSpace(model, layers=list(model.blocks))
+    space.perturb(1, 1e-2, layers=[0, 2])
+    stale = space._selection_plan([0, 2])
+    model.to(torch.bfloat16)
+    expected = [p.detach().clone() for p in model.parameters()]
+    chosen = space.indices([0, 2])
+    zokernels.perturb_([expected[j] for j in chosen], 5, 1e-2,
+                       keys=[space.keys[j] for j in chosen])
+    space.perturb(5, 1e-2, layers=[2, 0])
+    fresh = space._selection_plan([0, 2])
+    assert fresh is not stale and all(t.dtype == torch.bfloat16 for g in fresh[0] for t in g.tensors)
+    for (name, p), reference in zip(model.named_parameters(), expected):
+        assert_bits_equal(p.detach(), reference, name)  # unselected blocks: untouched
+    # one parameter replaced (param.data = ...): its new storage is what the plan writes
+    weight = model.blocks[0].fc.weight
+    weight.data = torch.zeros_like(weight)
+    space.perturb(7, 1.0, layers=[0])
+    assert not torch.equal(weight.detach(), torch.zeros_like(weight))
+    assert any(t is weight for g in space._selection_plan([0])[0] for t in g.tensors)

@@ -13,14 +13,24 @@ key is the first 4 bytes (little-endian) of its BLAKE2b digest. Two names with t
 chance of about n^2 / 2^33 for n names) are told apart deterministically: in sorted name order,
 the second gets the digest of "name#1", the third of "name#2", ... Unnamed tensors get their
 position as key. Explicit keys can be passed instead.
+
+Plans (the backend groups of one call): the plan over all parameters is built once per storage
+(rebuilt when a parameter's address, size or dtype changes); the plan of a layer selection
+(layers=) is put together from per-layer buckets and cached per selection (PLAN_CACHE_SIZE most
+recent), dropped with the storage like the full one. Host time per pass on 2000 tensors of 8
+elements in 24 blocks, 6 selected: 1.41 -> 0.81 ms for a repeated selection, 1.46 -> 1.15 ms for
+a new one; all 24 selected: 7.33 -> 3.12 ms, as without layers= (2-core AMD EPYC,
+benchmarks/results/cpu_call_overhead_tiny2000_*.json).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
@@ -50,6 +60,10 @@ WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module",
 PEFT_PREFIX = "base_model.model."
 # MeZO's rule: no weight decay on biases and layer norms.
 NO_DECAY_DEFAULT = ("bias", "layer_norm", "layernorm")
+# Plans kept per layer selection. LeZO draws a new selection every step and uses it for 3-4
+# passes (+eps, -eps, update, undo-log rewrites), so a few entries catch every reuse; each entry
+# holds only references to the parameters and the backends' small launch data.
+PLAN_CACHE_SIZE = 8
 
 
 def canonical_name(name: str) -> str:
@@ -180,6 +194,19 @@ class ParameterSpace:
                 resolved[signature] = _Group(resolve_backend(self.backend, t.device), t.device)
             self._group_of.append(resolved[signature])
         self._full_plan = self._plan(None)
+        # Per layer (index num_layers: no layer), the non-empty members of each group in
+        # registration order: a selection's plan is put together from these, never from a loop
+        # over the parameters. Plans built for the old storage are dropped with it.
+        self._any_shard = any(m is not None for m in self.index_maps)
+        self._layer_buckets: list[dict[_Group, list[int]]] = []
+        for members in self._members:
+            buckets: dict[_Group, list[int]] = {}
+            for j in members:
+                if self.tensors[j].numel() > 0:
+                    buckets.setdefault(self._group_of[j], []).append(j)
+            self._layer_buckets.append(buckets)
+        self._plan_cache: OrderedDict[tuple[int, ...],
+                                      tuple[list[PerturbGroup], torch.Tensor]] = OrderedDict()
 
     def _storage_signature(self) -> list[list]:
         # A dtype or device change (model.to, p.data = ...) allocates the new storage while the
@@ -270,8 +297,45 @@ class ParameterSpace:
             raise ValueError("layers must not repeat a layer")
         return chosen
 
+    def _selection_plan(self, layers: Sequence[int]) -> tuple[list[PerturbGroup], torch.Tensor]:
+        """_plan(layers), validated by _check_layers on every call and cached per selection (the
+        sorted layer indices; the PLAN_CACHE_SIZE most recently used are kept). The same plan
+        objects on every call let the backends reuse their launch data (group.cache). Built from
+        the per-layer buckets: the same groups, tensors and order as _plan(layers)."""
+        selection = tuple(sorted(self._check_layers(layers)))
+        cache = self._plan_cache
+        cached = cache.get(selection)
+        if cached is not None:
+            cache.move_to_end(selection)
+            return cached
+        parts: dict[_Group, list[list[int]]] = {}
+        for layer in selection + (self.num_layers,):
+            for group, members in self._layer_buckets[layer].items():
+                parts.setdefault(group, []).append(members)
+        sharded = self._any_shard
+        plan, order = [], []
+        # groups in the order of their first member, members in registration order (as _plan)
+        for group, lists in sorted(parts.items(), key=lambda item: min(m[0] for m in item[1])):
+            members = sorted(chain.from_iterable(lists))
+            start = len(order)
+            plan.append(PerturbGroup(group.backend, group.device,
+                                     list(map(self.tensors.__getitem__, members)),
+                                     list(map(self.keys.__getitem__, members)),
+                                     list(range(start, start + len(members))),
+                                     group_index_maps([self.index_maps[j] for j in members],
+                                                      list(range(len(members))))
+                                     if sharded else None))
+            order += members
+        entry = plan, torch.tensor(list(map(self.decayable.__getitem__, order)), dtype=torch.bool)
+        cache[selection] = entry
+        while len(cache) > PLAN_CACHE_SIZE:
+            cache.popitem(last=False)
+        return entry
+
     def _plan(self, layers: Sequence[int] | None) -> tuple[list[PerturbGroup], torch.Tensor]:
-        """Backend groups for a selection, and the decay flags in the order of their tensors."""
+        """Backend groups for a selection, and the decay flags in the order of their tensors:
+        built from scratch (the reference for _selection_plan; the full plan is built once per
+        storage)."""
         buckets: dict[_Group, list[int]] = {}
         for j in self.indices(layers):
             if self.tensors[j].numel() > 0:
@@ -327,7 +391,7 @@ class ParameterSpace:
             self._register_memory()
         check_reads(self._spans, [("scales", scales), ("applied", applied),
                                   ("weight_decay_factor", weight_decay_factor)])
-        plan, flags = self._full_plan if layers is None else self._plan(layers)
+        plan, flags = self._full_plan if layers is None else self._selection_plan(layers)
         if not plan:
             if log is not None:
                 log.begin(plan, flags)

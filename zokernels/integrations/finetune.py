@@ -11,63 +11,117 @@ from typing import Any
 import torch
 
 from ..optim import LeZO, MeZO, PseuZO, TeZO, ZOOptimizer
-from .causal_lm import pseuzo_causal_lm
+from .causal_lm import lm_inputs, pseuzo_causal_lm, pseuzo_parameters
 from .layers import find_transformer_layers
 
 OPTIMIZERS = {"mezo": MeZO, "lezo": LeZO, "tezo": TeZO, "pseuzo": PseuZO}
+
+
+def _positive_int(value: Any, name: str, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, "
+                        f"got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _build(model: torch.nn.Module, name: str, kwargs: dict[str, Any]) -> ZOOptimizer:
+    kwargs = dict(kwargs)
+    if name == "lezo" and "layers" not in kwargs:
+        kwargs["layers"] = find_transformer_layers(model)
+        if "n_active" not in kwargs and "n_dropped" not in kwargs:
+            kwargs["n_active"] = max(1, len(kwargs["layers"]) // 4)
+    if name == "pseuzo":
+        params = pseuzo_parameters(model)
+        if not params:
+            raise ValueError("finetune('pseuzo'): nothing to train: the only trainable "
+                             "parameters are an untied LM head, which PseuZO's hidden-state "
+                             "output cannot see (see pseuzo_parameters)")
+    else:
+        params = model.named_parameters()
+    return OPTIMIZERS[name](params, **kwargs)
 
 
 def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
              optimizer: str | ZOOptimizer = "mezo", steps: int | None = None,
              log_every: int = 10, progress: bool = True, **optimizer_kwargs: Any
              ) -> tuple[ZOOptimizer, list[float]]:
-    """ZO fine-tuning of `model` on `batches` (dicts with input_ids, optional attention_mask and
-    labels, as transformers' causal LMs take them; the model computes the loss from labels).
+    """ZO fine-tuning of `model` on `batches`: one optimizer step per batch, minimizing the mean
+    next-token cross-entropy.
+
+    batches: dicts with input_ids, optional attention_mask and labels, as transformers' causal
+    LMs take them. labels default to input_ids (padding, attention_mask == 0, ignored) on every
+    path, so batches without labels train too. MeZO / LeZO / TeZO minimize model(**batch).loss;
+    PseuZO minimizes the same loss through pseuzo_causal_lm's split (o = the hidden state before
+    the LM head, loss_fn = head + cross-entropy).
 
     optimizer: "mezo", "lezo" (layers default to find_transformer_layers(model), n_active to a
-    quarter of them), "tezo", "pseuzo" (the hidden-state / head split of pseuzo_causal_lm), or an
-    optimizer built beforehand. optimizer_kwargs go to its constructor (lr, eps, seed, ...).
-    Trains the parameters that require grad, in eval mode (no dropout: both forwards of a step
-    must see the same function). Stops after `steps` steps or when `batches` ends. Prints
-    `step, loss (mean of the last log_every), steps/s` to stderr every log_every steps.
-    Returns (the optimizer, the loss of every step).
+    quarter of them), "tezo", "pseuzo", or an optimizer built beforehand (then used as given).
+    A name trains model.named_parameters() that require grad, except for "pseuzo", which trains
+    pseuzo_parameters(model): an LM head that is not tied to the input embeddings is left out
+    (it cannot change PseuZO's output o, so its update would be zero-mean noise and two wasted
+    passes per step) and stays unchanged. optimizer_kwargs go to its constructor (lr, eps,
+    seed, ...). Models in bf16 / fp16 and frozen parameters anywhere are fine: frozen ones are
+    never written.
+
+    Runs in eval mode (no dropout: both forwards of a step must see the same function); the
+    train/eval mode of every submodule is restored when finetune returns or raises. Stops after
+    `steps` steps or when `batches` ends. Prints `step, loss (mean of the last log_every),
+    steps/s` to stderr every log_every steps when `progress`.
+    Returns (the optimizer, the loss of every step as the optimizer's step returns it).
+    Raises TypeError / ValueError naming the argument before any weight is written.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _positive_int(steps, "steps", optional=True)
+    _positive_int(log_every, "log_every")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     if isinstance(optimizer, str):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)} or a ZO optimizer, "
                              f"got {optimizer!r}")
-        kwargs = dict(optimizer_kwargs)
-        if optimizer == "lezo" and "layers" not in kwargs:
-            kwargs["layers"] = find_transformer_layers(model)
-            if "n_active" not in kwargs and "n_dropped" not in kwargs:
-                kwargs["n_active"] = max(1, len(kwargs["layers"]) // 4)
         name = optimizer
-        optimizer = OPTIMIZERS[optimizer](model.named_parameters(), **kwargs)
+        optimizer = _build(model, name, optimizer_kwargs)
     elif isinstance(optimizer, ZOOptimizer):
         if optimizer_kwargs:
             raise ValueError("optimizer_kwargs are for an optimizer given by name")
         name = optimizer.algorithm
     else:
         raise TypeError(f"optimizer must be a name or a ZOOptimizer, got {type(optimizer).__name__}")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if log_every < 1:
-        raise ValueError(f"log_every must be >= 1, got {log_every}")
-    model.eval()
+
+    modes = [(module, module.training) for module in model.modules()]
     losses: list[float] = []
-    start = time.perf_counter()
-    for step, batch in enumerate(batches):
-        if steps is not None and step >= steps:
-            break
-        if name == "pseuzo":
-            loss = optimizer.step(*pseuzo_causal_lm(model, batch))
-        else:
-            loss = optimizer.step(lambda batch=batch: model(**batch).loss)
-        losses.append(float(loss))
-        if progress and (step + 1) % log_every == 0:
-            recent = losses[-log_every:]
-            rate = (step + 1) / (time.perf_counter() - start)
-            total = f"/{steps}" if steps is not None else ""
-            print(f"[{name}] step {step + 1}{total}  loss {sum(recent) / len(recent):.4f}  "
-                  f"{rate:.1f} steps/s", file=sys.stderr, flush=True)
+    try:
+        model.eval()
+        start = time.perf_counter()
+        for step, batch in enumerate(batches):
+            if steps is not None and step >= steps:
+                break
+            inputs = lm_inputs(batch, f"batches[{step}]")
+            if name == "pseuzo":
+                loss = optimizer.step(*pseuzo_causal_lm(model, inputs))
+            else:
+                loss = optimizer.step(lambda inputs=inputs: _model_loss(model, inputs))
+            losses.append(float(loss))
+            if progress and (step + 1) % log_every == 0:
+                recent = losses[-log_every:]
+                rate = (step + 1) / (time.perf_counter() - start)
+                total = f"/{steps}" if steps is not None else ""
+                print(f"[{name}] step {step + 1}{total}  loss {sum(recent) / len(recent):.4f}  "
+                      f"{rate:.1f} steps/s", file=sys.stderr, flush=True)
+    finally:
+        for module, training in modes:
+            module.training = training
     return optimizer, losses
+
+
+def _model_loss(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    out = model(**inputs)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError("model(**batch) returned no loss although labels were given: finetune "
+                         "needs a model that computes its loss from labels (a *ForCausalLM)")
+    return loss
