@@ -30,7 +30,11 @@ def _positive_int(value: Any, name: str, *, optional: bool = False) -> None:
 def _build(model: torch.nn.Module, name: str, kwargs: dict[str, Any]) -> ZOOptimizer:
     kwargs = dict(kwargs)
     if name == "lezo" and "layers" not in kwargs:
-        kwargs["layers"] = find_transformer_layers(model)
+        # wholly frozen blocks are left out: LeZO would spend its picks on them
+        kwargs["layers"] = [block for block in find_transformer_layers(model)
+                            if any(p.requires_grad for p in block.parameters())]
+        if not kwargs["layers"]:
+            raise ValueError("finetune('lezo'): every transformer block is frozen; pass layers=")
         if "n_active" not in kwargs and "n_dropped" not in kwargs:
             kwargs["n_active"] = max(1, len(kwargs["layers"]) // 4)
     if name == "pseuzo":
@@ -57,8 +61,8 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
     PseuZO minimizes the same loss through pseuzo_causal_lm's split (o = the hidden state before
     the LM head, loss_fn = head + cross-entropy).
 
-    optimizer: "mezo", "lezo" (layers default to find_transformer_layers(model), n_active to a
-    quarter of them), "tezo", "pseuzo", or an optimizer built beforehand (then used as given).
+    optimizer: "mezo", "lezo" (layers default to the blocks of find_transformer_layers(model)
+    that hold a trainable parameter, n_active to a quarter of them), "tezo", "pseuzo", or an optimizer built beforehand (then used as given).
     A name trains model.named_parameters() that require grad, except for "pseuzo", which trains
     pseuzo_parameters(model): an LM head that is not tied to the input embeddings is left out
     (it cannot change PseuZO's output o, so its update would be zero-mean noise and two wasted
