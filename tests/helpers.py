@@ -44,6 +44,23 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = 
     assert not bad.any(), _report(actual.cpu(), expected.cpu(), bad, what)
 
 
+def assert_states_equal(a, b, path: str = "state") -> None:
+    """Deep equality of state_dicts (tensors bit for bit)."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_states_equal(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert_bits_equal(a, b, what=path)
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float | torch.Tensor,
                  ulps: float = 0.0, dtype: torch.dtype | None = None, what: str = "tensors") -> None:
     """|actual - expected| <= atol + ulps * ulp(expected) elementwise (float64 arithmetic)."""

@@ -15,7 +15,7 @@ from zokernels import Trajectory
 from zokernels.ops.undo import UndoLog
 from zokernels.optim import LeZO, MeZO, PseuZO, TeZO
 
-from helpers import assert_bits_equal
+from helpers import assert_bits_equal, assert_states_equal
 
 
 class Net(torch.nn.Module):
@@ -98,23 +98,6 @@ def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
     assert actual.keys() == expected.keys()
     for name in expected:
         assert_bits_equal(actual[name], expected[name], what=f"{what}: {name}")
-
-
-def assert_states_equal(a, b, path: str = "state") -> None:
-    """Deep equality of state_dicts (tensors bit for bit)."""
-    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            assert_states_equal(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_states_equal(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert_bits_equal(a, b, what=path)
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 ALL = ["mezo", "lezo", "tezo", "pseuzo"]

@@ -16,7 +16,7 @@ from zokernels.optim.tezo import factor_seed, tau_seed
 from zokernels.sharding import mark_shard
 from zokernels.space import key_from_name
 
-from helpers import assert_bits_equal
+from helpers import assert_bits_equal, assert_states_equal
 
 
 class Net(torch.nn.Module):
@@ -84,23 +84,6 @@ def spec_direction(grad: float, lr: float, tau: torch.Tensor) -> torch.Tensor:
 def spec_factors(m: int, n: int, r: int, seed: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
     fs = factor_seed(seed)
     return noise(m * r, fs, key).view(m, r), noise(n * r, fs, key, offset=m * r).view(n, r)
-
-
-def assert_states_equal(a, b, path: str = "state") -> None:
-    """Deep equality of state_dicts (tensors bit for bit)."""
-    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            assert_states_equal(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_states_equal(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert_bits_equal(a, b, what=path)
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 # -- the noise is a pure function of (seed, step, key) ------------------------------------------
