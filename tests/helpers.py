@@ -38,10 +38,21 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = 
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     a, e = actual.detach().cpu(), expected.detach().cpu()
     if a.dtype.is_floating_point:
-        bits = {4: torch.int32, 2: torch.int16}[a.element_size()]
+        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
         a, e = a.view(bits), e.view(bits)
     bad = a != e
     assert not bad.any(), _report(actual.cpu(), expected.cpu(), bad, what)
+
+
+def snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in net.named_parameters()}
+
+
+def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                what: str) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert_bits_equal(actual[name], expected[name], what=f"{what}: {name}")
 
 
 def assert_states_equal(a, b, path: str = "state") -> None:

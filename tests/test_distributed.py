@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import assert_states_equal
 from test_optim import TinyNet, _task, make, pretrained  # the tiny models of the optimizer tests
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -77,25 +78,6 @@ def _algorithm_state(opt) -> dict:
     state (TeZO's moments, PseuZO's window), without the undo logs' learned sizing."""
     extra = {k: v for k, v in opt.state_dict()["extra"].items() if "undo_logs" not in k}
     return {"step": opt.zo_state["step"], "trajectory": len(opt.trajectory), "extra": extra}
-
-
-def _assert_same_state(a, b, where="state"):
-    """Equal nested dicts / lists / numbers, tensors bit for bit."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-            a.reshape(-1).view(torch.uint8) if a.is_floating_point() else a,
-            b.reshape(-1).view(torch.uint8) if b.is_floating_point() else b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
-        for k in a:
-            _assert_same_state(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
-        for j, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{where}[{j}]")
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
 def _init(rank, init_file):
@@ -192,7 +174,7 @@ def test_a_failing_rank_leaves_both_restored(run):
     assert ranks[1]["outcome"] == "RuntimeError"
     assert ranks[0]["outcome"] != "ok"  # the collective reported the peer's failure
     for r, rank in enumerate(ranks):
-        _assert_same_state(rank["state_after"], rank["state_before"], f"rank {r} optimizer")
+        assert_states_equal(rank["state_after"], rank["state_before"], f"rank {r} optimizer")
         for p, b in zip(rank["after_failure"], rank["trained"]):
             assert torch.equal(p.view(torch.int32), b.view(torch.int32)), f"rank {r} not restored"
 

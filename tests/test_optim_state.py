@@ -15,7 +15,7 @@ from zokernels import Trajectory
 from zokernels.ops.undo import UndoLog
 from zokernels.optim import LeZO, MeZO, PseuZO, TeZO
 
-from helpers import assert_bits_equal, assert_states_equal
+from helpers import assert_bits_equal, assert_same, assert_states_equal, snapshot
 
 
 class Net(torch.nn.Module):
@@ -87,17 +87,6 @@ def run(name: str, opt, net: Net, steps: int) -> None:
                      lambda h: torch.nn.functional.mse_loss(net.head(h).float(), y))
         else:
             opt.step(lambda: torch.nn.functional.mse_loss(net(x.to(dtype)).float(), y))
-
-
-def snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in net.named_parameters()}
-
-
-def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                what: str) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        assert_bits_equal(actual[name], expected[name], what=f"{what}: {name}")
 
 
 ALL = ["mezo", "lezo", "tezo", "pseuzo"]

@@ -16,7 +16,7 @@ from zokernels.optim.tezo import factor_seed, tau_seed
 from zokernels.sharding import mark_shard
 from zokernels.space import key_from_name
 
-from helpers import assert_bits_equal, assert_states_equal
+from helpers import assert_bits_equal, assert_same, assert_states_equal, snapshot
 
 
 class Net(torch.nn.Module):
@@ -55,17 +55,6 @@ def head_loss(net: Net):
     g = torch.Generator().manual_seed(2)
     h, y = torch.randn(32, 6, generator=g), torch.randn(32, 4, generator=g)
     return lambda: torch.nn.functional.mse_loss(net.b(h), y)
-
-
-def snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in net.named_parameters()}
-
-
-def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                what: str) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        assert_bits_equal(actual[name], expected[name], what=f"{what}: {name}")
 
 
 def alternating(steps: int):
