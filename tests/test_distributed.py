@@ -227,12 +227,13 @@ def test_perturbation_parallel_halves_the_forwards_and_matches_one_process(tmp_p
             torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-5)
 
 
-def test_perturbation_parallel_argument_checks():
+@pytest.mark.parametrize("name", ["mezo", "lezo"])
+def test_perturbation_parallel_argument_checks(name):
     net = pretrained()
     with pytest.raises(ValueError, match="process_group"):
-        make("mezo", net, perturbation_parallel=True)
+        make(name, net, perturbation_parallel=True)
     with pytest.raises(ValueError, match="exact_restore"):
-        make("mezo", net, perturbation_parallel=True, exact_restore=False)
+        make(name, net, perturbation_parallel=True, exact_restore=False)
 
 
 # -- manually sharded parameters ------------------------------------------------------------------

@@ -31,14 +31,6 @@ def test_lezo_accepts_every_mezo_keyword():
             assert lezo[name].default == mezo[name].default, f"{name}: different default"
 
 
-def test_lezo_perturbation_parallel_argument_checks():
-    net = pretrained()
-    with pytest.raises(ValueError, match="process_group"):
-        make("lezo", net, perturbation_parallel=True)
-    with pytest.raises(ValueError, match="exact_restore"):
-        make("lezo", net, perturbation_parallel=True, exact_restore=False)
-
-
 def test_lezo_seeds_of_a_step_share_its_layers():
     """n_spsa = 3: one layer subset per step, for every seed, the restores and the update; the
     unselected blocks are bit-identical."""
