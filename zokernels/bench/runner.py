@@ -7,7 +7,9 @@ once (random values), times a list of cases over it, and frees it before the nex
     mezo-loop        MeZO's zo_perturb_parameters: torch.manual_seed(s); per tensor
                      z = torch.normal(0, 1, p.size(), dtype, device); p.data = p.data + scale * z
     randn-add-loop   per tensor p.add_(torch.randn_like(p), alpha=scale) (in place, z still in memory)
-    perturb_         zokernels.perturb_ on one backend: K seeds, dist, rounding
+    perturb_         zokernels.perturb_ on one backend: K seeds, dist, rounding; with `applied`,
+                     the pass a ZO step makes after its first probe (recover theta from the
+                     perturbation the tensors hold, then apply the new one: applied= scales)
     lowrank_perturb_ zokernels.lowrank_perturb_ over the 2-D tensors of the set, rank r, fp32 factors
 
 Every row reports the bytes the op must move (read + write of the tensors it updates, plus the
@@ -95,6 +97,7 @@ class Case:
     k: int | None = None
     rounding: str | None = None
     rank: int | None = None
+    applied: bool = False  # perturb_ with applied= (recovery of the held perturbation first)
     repeats: int | None = None  # overrides the run's (the costly CPU loops in the quick run)
     warmup: int | None = None
 
@@ -108,6 +111,8 @@ class Case:
             parts.append(f"r={self.rank}")
         if self.rounding == "stochastic":
             parts.append("stochastic")
+        if self.applied:
+            parts.append("applied")
         return " ".join(parts)
 
 
@@ -196,8 +201,12 @@ class Workload:
             return lambda: randn_add_loop(tensors, 1, SCALE)
         if case.op == "perturb_":
             seeds, scales = list(range(1, case.k + 1)), [SCALE / case.k] * case.k
+            # applied = scales: recover theta from round(theta + D), then apply D again, so the
+            # values stay where they are however many times the case runs.
+            applied = scales if case.applied else None
             return lambda: zokernels.perturb_(tensors, seeds, scales, dist=case.dist,
-                                              rounding=case.rounding, backend=case.backend)
+                                              rounding=case.rounding, applied=applied,
+                                              backend=case.backend)
         if case.op == "lowrank_perturb_":
             us, vs, taus = self.factors(case.rank)
             return lambda: zokernels.lowrank_perturb_(self.matrices, us, vs, taus, scale=SCALE,
@@ -293,7 +302,7 @@ def run_group(group: Group, *, warmup: int, repeats: int, target_ms: float | Non
             moved = work.bytes_moved(case)
             row = dict(op=case.op, backend=case.backend, dtype=group.dtype, device=group.device,
                        dist=case.dist, k=case.k, rounding=case.rounding, rank=case.rank,
-                       shape_set=group.shape_set.name, numel=elements, tensors=tensors,
+                       applied=case.applied, shape_set=group.shape_set.name, numel=elements, tensors=tensors,
                        bytes=moved, ms=timing.median_ms, ms_p20=timing.p20_ms,
                        ms_p80=timing.p80_ms, repeats=timing.repeats, warmup=timing.warmup,
                        gbps=moved / timing.median_ms / 1e6, pct_copy_bw=None,
