@@ -49,6 +49,10 @@ def _names(code: types.CodeType) -> set[str]:
 
 def _code(obj: Any) -> types.CodeType | None:
     func = getattr(obj, "__func__", obj)  # bound method, staticmethod, classmethod
+    try:
+        func = inspect.unwrap(func)  # decorators with functools.wraps (torch.no_grad())
+    except ValueError:
+        pass
     return getattr(func, "__code__", None)
 
 
@@ -78,9 +82,11 @@ def protocol_findings(trainer: Any) -> list[str]:
         codes[name] = None if attr is None else _code(attr)
         if attr is not None and codes[name] is None:
             findings.append(f"{name} has no Python code to inspect ({type(attr).__name__})")
-    # helpers that draw noise (PseuZO's Random_noise): calling one is drawing noise
+    # helpers that draw noise without touching the weights (PseuZO's Random_noise): calling
+    # one is drawing noise
     helpers = {name for name, code in methods.items()
-               if name not in PROTOCOL_METHODS and _names(code) & _NOISE}
+               if name not in PROTOCOL_METHODS and _names(code) & _NOISE
+               and "named_parameters_to_optim" not in _names(code)}
     noise = _NOISE | helpers
     for name, allowed in (("zo_perturb_parameters", _MEZO_PERTURB), ("zo_update", _MEZO_UPDATE)):
         if codes[name] is None:
@@ -102,7 +108,7 @@ def protocol_findings(trainer: Any) -> list[str]:
                             f"itself ({', '.join(writes)}): its z is not the patch's and its "
                             "update would come on top of zo_update's")
     others = sorted(name for name, code in methods.items()
-                    if name not in PROTOCOL_METHODS and name not in helpers
+                    if name not in PROTOCOL_METHODS
                     and "named_parameters_to_optim" in _names(code) and _names(code) & noise)
     if others:
         findings.append(f"other methods draw noise for named_parameters_to_optim "
