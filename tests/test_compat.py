@@ -628,6 +628,17 @@ class PseuZOReferenceStyleTrainer(MeZOStyleTrainer):
         self.lr_scheduler.step()
 
 
+def _loss_fn(trainer):
+    """The task's loss at the trainer's weights, without autograd (as MeZO's zo_forward)."""
+    x, y = _task()
+    dtype = next(trainer.model.parameters()).dtype
+
+    def loss_fn():
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(trainer.model(x.to(dtype)).float(), y)
+    return loss_fn
+
+
 def test_zo_bench_style_trainer_is_refused_when_patching():
     trainer = ZOBenchStyleTrainer(_model(), 1e-2, 1e-3)
     with pytest.raises(MeZOProtocolError) as info:
@@ -723,10 +734,7 @@ def test_zo_bench_forced_through_is_refused_at_run_time_with_its_own_update_only
     lr = 1e-2
     trainer = patch_mezo_trainer(ZOBenchStyleTrainer(_model(torch.bfloat16), lr, 1e-3),
                                  fuse_restore_update=fuse, check_protocol=False)
-    x, y = _task()
-
-    def loss_fn():
-        return torch.nn.functional.mse_loss(trainer.model(x.bfloat16()).float(), y)
+    loss_fn = _loss_fn(trainer)
 
     theta = _weights(trainer)
     trainer.zo_step(loss_fn)
@@ -795,10 +803,7 @@ def test_zo_update_skipped_with_a_deferred_restore_is_refused(exact_restore):
     out (exactly) and refuses."""
     trainer = patch_mezo_trainer(MeZOStyleTrainer(_model(torch.bfloat16), 0.05, 1e-2, 0.0),
                                  fuse_restore_update=True, exact_restore=exact_restore)
-    x, y = _task()
-
-    def loss_fn():
-        return torch.nn.functional.mse_loss(trainer.model(x.bfloat16()).float(), y)
+    loss_fn = _loss_fn(trainer)
 
     theta = _weights(trainer)
     trainer.zo_step(loss_fn)
@@ -818,10 +823,9 @@ def test_zo_step_without_update_is_served_when_nothing_is_deferred():
     """fuse_restore_update=False: a zo_step without zo_update leaves the weights at theta, as
     MeZO's own methods do; the patch serves it."""
     trainer = patch_mezo_trainer(MeZOStyleTrainer(_model(), 0.05, 1e-2, 0.0))
-    x, y = _task()
     theta = _weights(trainer)
     for _ in range(2):
-        trainer.zo_step(lambda: torch.nn.functional.mse_loss(trainer.model(x), y))
+        trainer.zo_step(_loss_fn(trainer))
     _assert_unchanged(trainer, theta, "after two zo_steps")
     trainer.zo_update(trainer.model)
     assert trainer.scheduler_steps == 1
@@ -833,10 +837,7 @@ def test_non_finite_projected_grad_with_a_deferred_restore_leaves_theta_and_carr
     not stepped, and the next step runs normally."""
     trainer = patch_mezo_trainer(MeZOStyleTrainer(_model(torch.bfloat16), 0.05, 1e-2, 0.0),
                                  fuse_restore_update=True)
-    x, y = _task()
-
-    def loss_fn():
-        return torch.nn.functional.mse_loss(trainer.model(x.bfloat16()).float(), y)
+    loss_fn = _loss_fn(trainer)
 
     theta = _weights(trainer)
     trainer.zo_step(loss_fn)
@@ -861,11 +862,8 @@ def test_other_optimizer_stepping_during_a_deferred_restore_sees_theta():
                                      fuse_restore_update=fuse)
         other = torch.nn.Parameter(torch.ones(3))
         optimizer = torch.optim.SGD([other], lr=0.1)
-        x, y = _task()
+        loss_fn = _loss_fn(trainer)
         seen = []
-
-        def loss_fn():
-            return torch.nn.functional.mse_loss(trainer.model(x.bfloat16()).float(), y)
 
         theta = _weights(trainer)
         for _ in range(2):
