@@ -42,17 +42,18 @@ class PseuZO(ZOOptimizer):
         c_k = beta_t^(t - k) <dO_k, e> / eps                   (k in the window)
         theta = (1 - lr wd) theta - lr sum_k c_k z_k          (one fused K-seed pass)
 
-    beta_t is a number, a schedule (a callable of the step t = zo_state["step"]), or the
-    reference's schedule ("reference", see reference_beta); the whole window is weighted with
-    the current beta_t, so a change of beta re-weights it, as in the reference. beta_t = 1 weights
-    the window uniformly. A step with beta_t = 0 is, with beta_zero="one_sided" (default for a
+    beta_t is a number, a schedule, or the reference's schedule ("reference", see
+    reference_beta). A schedule is a callable of the schedule epoch t // beta_epoch_steps (with
+    the default beta_epoch_steps = 1: of the step t = zo_state["step"]). The whole window is
+    weighted with the current beta_t, so a change of beta re-weights it, as in the reference.
+    beta_t = 1 weights the window uniformly. A step with beta_t = 0 is, with beta_zero="one_sided" (default for a
     number or a callable), ZO-SGD with a one-sided difference through the output (the update uses
     the current entry only; with a constant beta = 0 the window keeps just that entry); with
     beta_zero="mezo" (default for "reference", as the reference does), a plain MeZO step: two
     forwards at theta +- eps z_t, g = (L+ - L-) / (2 eps), theta = (1 - lr wd) theta - lr g z_t,
-    the window left as it is. Window resets: with "reference", the window is cleared at each
-    cycle start; with a callable, at each step whose beta is 1 while the previous step's was not
-    (beta returning to 1 starts a cycle); never with a number.
+    the window left as it is. Window resets, as the reference's: with a schedule ("reference" or
+    a callable), the window is cleared at the first step of every epoch whose beta is 1 ("reference":
+    each cycle start); never with a number.
 
     decay_per_entry=True applies the reference's weight decay: (1 - lr wd) once per window entry,
     as its sequential loop does: theta = d^K theta - lr sum_k d^(K-1-k) c_k z_k with
@@ -79,23 +80,24 @@ class PseuZO(ZOOptimizer):
     no skips); its schedule counts epochs of the data loader and derives cycle =
     num_train_epochs // 2 (pass beta_cycle accordingly and beta_epoch_steps = steps per epoch),
     and it runs plain MeZO in the epochs after the last whole cycle (an odd epoch count), which
-    "reference" does not (use a callable); its noise is torch.normal after torch.manual_seed,
-    here the zokernels noise contract.
+    "reference" does not (use a callable); after a beta = 0 epoch it stays in MeZO mode until
+    beta is 1 again, where a schedule here takes a PseuZO step for any beta > 0 (only a callable
+    can go from 0 to a beta in (0, 1)); its noise is torch.normal after torch.manual_seed, here
+    the zokernels noise contract.
 
     Resume: state_dict() saves the window and the schedule's settings; the schedule's position
     is the step counter zo_state["step"]. load_state_dict requires the optimizer to be built with
     the same beta (number or "reference" with the same beta_cycle / beta_epoch_steps),
     beta_zero and decay_per_entry (ValueError naming the field otherwise). A callable cannot be
     saved: the state records only that beta was one; build the resumed optimizer with the same
-    callable, a pure function of the step (it is called again for the resumed steps, and for the
-    step before to detect a return to beta = 1).
+    callable, a pure function of the epoch (it is called again for the resumed steps).
 
     Args (besides MeZO's lr, eps, weight_decay, seed, dist, exact_restore, backend, no_decay,
     record_trajectory):
         window: number of (seed, dO) pairs kept (default 14; with a constant beta = 0, one).
-        beta: a number in [0, 1], "reference", or a callable step -> beta in [0, 1].
+        beta: a number in [0, 1], "reference", or a callable epoch -> beta in [0, 1].
         beta_cycle: with "reference": epochs per cycle (required).
-        beta_epoch_steps: with "reference": steps per epoch (default 1).
+        beta_epoch_steps: with a schedule: steps per epoch (default 1).
         beta_zero: "one_sided" or "mezo": what a step with beta = 0 does (default: "mezo" for
             "reference", else "one_sided").
         decay_per_entry: weight decay once per window entry, as the reference (default False:
@@ -116,16 +118,16 @@ class PseuZO(ZOOptimizer):
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  record_trajectory: bool = True) -> None:
         check_common_hyper(lr, eps, weight_decay)
-        if isinstance(beta, str):
-            if beta != "reference":
-                raise ValueError(f"beta must be a number in [0, 1], 'reference' or a callable of "
-                                 f"the step, got {beta!r}")
-            for name, value in (("beta_cycle", beta_cycle), ("beta_epoch_steps", beta_epoch_steps)):
+        if isinstance(beta, str) and beta != "reference":
+            raise ValueError(f"beta must be a number in [0, 1], 'reference' or a callable of the "
+                             f"epoch, got {beta!r}")
+        if beta == "reference" or callable(beta):  # a schedule (a callable's values: per step)
+            needed = (("beta_cycle", beta_cycle),) if beta == "reference" else ()
+            for name, value in needed + (("beta_epoch_steps", beta_epoch_steps),):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"beta='reference' needs {name} as a positive integer "
-                                     f"(epochs per cycle, steps per epoch), got {value!r}")
-        elif callable(beta):
-            pass  # checked at each step: beta(step) must be in [0, 1]
+                    raise ValueError(f"beta={'reference' if beta == 'reference' else 'callable'} "
+                                     f"needs {name} as a positive integer (epochs per cycle, "
+                                     f"steps per epoch), got {value!r}")
         else:
             beta = check_hyper("beta", beta, high=1.0)
         if beta_zero is None:
@@ -141,7 +143,7 @@ class PseuZO(ZOOptimizer):
         self.window = window
         self.beta = beta
         self.beta_cycle = beta_cycle if beta == "reference" else None
-        self.beta_epoch_steps = beta_epoch_steps if beta == "reference" else 1
+        self.beta_epoch_steps = 1 if isinstance(beta, float) else beta_epoch_steps
         self.beta_zero = beta_zero
         self.decay_per_entry = bool(decay_per_entry)
         self.store_dtype = store_dtype
@@ -172,16 +174,16 @@ class PseuZO(ZOOptimizer):
         if self.beta == "reference":
             return reference_beta(step, self.beta_cycle, self.beta_epoch_steps)
         if callable(self.beta):
-            return check_hyper(f"beta({step})", self.beta(step), high=1.0)
+            epoch = step // self.beta_epoch_steps
+            return check_hyper(f"beta({epoch})", self.beta(epoch), high=1.0)
         return self.beta
 
     def resets_window(self, step: int) -> bool:
-        """Whether the window is cleared before step `step` (a cycle starts)."""
-        if self.beta == "reference":
-            return step % (self.beta_cycle * self.beta_epoch_steps) == 0
-        if callable(self.beta):
-            return self.beta_at(step) == 1.0 and (step == 0 or self.beta_at(step - 1) != 1.0)
-        return False
+        """Whether the window is cleared before step `step`: with a schedule, at the first step
+        of every epoch whose beta is 1 (as the reference)."""
+        if isinstance(self.beta, float):
+            return False
+        return step % self.beta_epoch_steps == 0 and self.beta_at(step) == 1.0
 
     @property
     def capacity(self) -> int:
