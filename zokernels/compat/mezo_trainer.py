@@ -61,7 +61,8 @@ third zo_perturb_parameters of a step) is deferred and fused into the next zo_up
 per step instead of four. Safe only when nothing reads or writes the weights between the end of
 zo_step and zo_update (no evaluation, checkpoint, or other perturbation in between; MeZO's
 training loop calls them back to back). A deferred restore is carried out before any other
-perturbation, when named_parameters_to_optim changes, by `unpatch_mezo_trainer`, and by
+perturbation, when named_parameters_to_optim changes, before any torch.optim optimizer steps
+(a global optimizer step pre-hook, see below), by `unpatch_mezo_trainer`, and by
 `trainer.zo_restore_pending()`.
 
 What the patch refuses (MeZOProtocolError, a RuntimeError; the weights are then left at the
@@ -84,8 +85,9 @@ Classes of the transformers / torch packages are not scanned (the stock Trainer 
 check_protocol=False skips this (for a trainer known to follow the protocol); the run-time checks
 stay.
 
-At run time, at no cost beyond reading each patched tensor's version counter and address after
-each call (a Python attribute read per tensor, no pass over the weights):
+At run time, at no cost beyond reading each patched tensor's version counter and address (no
+pass over the weights; about 0.3 us per tensor on a 2-core EPYC: 0.2 ms for OPT-13B's 644
+tensors, 1.6 ms for 5000 LoRA tensors, six times in MeZO's step):
 - weights written by someone else while the patch expects them untouched: while a perturbation
   is held or a restore deferred, and between the call that brings a zo_step's perturbations
   (random_seed=None, MeZO's zo_step) back to theta and zo_update. Detected through
@@ -296,8 +298,8 @@ class _PatchState:
         if self.space is None or self.seen is None or not self.guarded():
             return []
         versions, addresses = self.fingerprint()
-        return [name for name, v, a, sv, sa in zip(self.space.names, versions, addresses, *self.seen)
-                if v != sv or a != sa]
+        return [name for name, v, a, sv, sa
+                in zip(self.space.names, versions, addresses, *self.seen) if v != sv or a != sa]
 
     def drop_held_inexact(self) -> None:
         """Remove the held perturbation by recovery alone (the weights were written meanwhile:
@@ -313,8 +315,8 @@ class _PatchState:
         self.pending_restore = False
 
     def refuse(self, message: str) -> None:
-        self.refused = message + (" The patch now refuses every call; unpatch_mezo_trainer(trainer) "
-                                  "removes it.")
+        self.refused = message + (" The patch now refuses every call; "
+                                  "unpatch_mezo_trainer(trainer) removes it.")
         self.awaiting_update = False
         self.settle()
         raise MeZOProtocolError(self.refused)
@@ -351,7 +353,7 @@ class _PatchState:
             elif (not self.pending_restore or self.refused is not None) and self.hook is not None:
                 self.hook.remove()
                 self.hook = None
-        self.seen = None if self.space is None else self.fingerprint()
+        self.seen = self.fingerprint() if self.space is not None and self.guarded() else None
 
     def before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """A torch optimizer is about to step while a restore is deferred: carry it out first

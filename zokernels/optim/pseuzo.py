@@ -46,14 +46,15 @@ class PseuZO(ZOOptimizer):
     reference_beta). A schedule is a callable of the schedule epoch t // beta_epoch_steps (with
     the default beta_epoch_steps = 1: of the step t = zo_state["step"]). The whole window is
     weighted with the current beta_t, so a change of beta re-weights it, as in the reference.
-    beta_t = 1 weights the window uniformly. A step with beta_t = 0 is, with beta_zero="one_sided" (default for a
-    number or a callable), ZO-SGD with a one-sided difference through the output (the update uses
-    the current entry only; with a constant beta = 0 the window keeps just that entry); with
-    beta_zero="mezo" (default for "reference", as the reference does), a plain MeZO step: two
-    forwards at theta +- eps z_t, g = (L+ - L-) / (2 eps), theta = (1 - lr wd) theta - lr g z_t,
-    the window left as it is. Window resets, as the reference's: with a schedule ("reference" or
-    a callable), the window is cleared at the first step of every epoch whose beta is 1 ("reference":
-    each cycle start); never with a number.
+    beta_t = 1 weights the window uniformly. A step with beta_t = 0 is, with
+    beta_zero="one_sided" (default for a number or a callable), ZO-SGD with a one-sided
+    difference through the output (the update uses the current entry only; with a constant
+    beta = 0 the window keeps just that entry); with beta_zero="mezo" (default for "reference",
+    as the reference does), a plain MeZO step: two forwards at theta +- eps z_t,
+    g = (L+ - L-) / (2 eps), theta = (1 - lr wd) theta - lr g z_t, the window left as it is.
+    Window resets, as the reference's: with a schedule ("reference" or a callable), the window is
+    cleared at the first step of every epoch whose beta is 1 ("reference": each cycle start);
+    never with a number.
 
     decay_per_entry=True applies the reference's weight decay: (1 - lr wd) once per window entry,
     as its sequential loop does: theta = d^K theta - lr sum_k d^(K-1-k) c_k z_k with
