@@ -878,3 +878,24 @@ def test_other_optimizer_stepping_during_a_deferred_restore_sees_theta():
         results.append(_weights(trainer))
     for a, b in zip(*results):
         assert_bits_equal(a, b, what="fused vs unfused around another optimizer")
+
+
+def test_a_dropped_trainer_leaves_no_live_hook():
+    """A patched trainer dropped while a restore is deferred: its optimizer pre-hook holds the
+    patch weakly, so it keeps no weights alive and does nothing."""
+    import gc
+    import weakref
+
+    trainer = patch_mezo_trainer(MeZOStyleTrainer(_model(), 0.05, 1e-2, 0.0),
+                                 fuse_restore_update=True)
+    trainer.zo_step(_loss_fn(trainer))
+    state = weakref.ref(trainer._zokernels_patch)
+    assert state().hook is not None
+    model = weakref.ref(trainer.model)
+    del trainer
+    gc.collect()
+    assert state() is None and model() is None
+    other = torch.nn.Parameter(torch.ones(3))
+    other.grad = torch.ones(3)
+    torch.optim.SGD([other], lr=0.5).step()  # the left-over hook runs and does nothing
+    assert torch.equal(other.detach(), torch.full((3,), 0.5))

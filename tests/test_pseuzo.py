@@ -333,6 +333,9 @@ def _run_against_reference(steps, *, opt_beta, beta_of_epoch, epoch_steps=1, siz
         shape.append((ref.mode, len(seeds)))
     travelled = float((ref.theta - start.double()).abs().max())
     assert travelled > 0.05
+    replayed = start.clone()  # the records (MeZO steps, per-entry decays) rebuild the run
+    opt.trajectory.replay([("w", replayed)], backend="torch")
+    assert_bits_equal(replayed, w, what="trajectory replay")
     assert_close(w, ref.theta.float(), atol=1e-4 * travelled, what="weights after the run")
     return shape
 

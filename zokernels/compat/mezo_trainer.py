@@ -124,6 +124,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -349,13 +350,13 @@ class _PatchState:
         exactly while a restore is deferred."""
         if hook_changes:
             if self.pending_restore and self.hook is None and self.refused is None:
-                self.hook = register_optimizer_step_pre_hook(self.before_optimizer_step)
+                self.hook = register_optimizer_step_pre_hook(_pre_hook(self))
             elif (not self.pending_restore or self.refused is not None) and self.hook is not None:
                 self.hook.remove()
                 self.hook = None
         self.seen = self.fingerprint() if self.space is not None and self.guarded() else None
 
-    def before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def before_optimizer_step(self) -> None:
         """A torch optimizer is about to step while a restore is deferred: carry it out first
         (exactly), so that optimizer never steps on theta - eps z. The hook stays registered
         (inert) until the next patched call removes it: hooks cannot be removed while torch
@@ -433,6 +434,18 @@ class _PatchState:
             self.scatter(seeds, scales, decay)
         # the logs described the old theta; the new one is only implicit (never stored)
         self.hold(seeds[:-1], {c: held[c] for c in self.classes})
+
+
+def _pre_hook(state: _PatchState) -> Any:
+    """The global optimizer step pre-hook of one patch, holding it weakly (a hook left behind by
+    a patched trainer that was dropped keeps no weights alive and does nothing)."""
+    ref = weakref.ref(state)
+
+    def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+        live = ref()
+        if live is not None:
+            live.before_optimizer_step()
+    return hook
 
 
 def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
