@@ -409,6 +409,8 @@ def test_decay_once_per_step_by_default():
     (dict(beta=lambda t: 0.5, beta_epoch_steps=1.5), ValueError, "needs beta_epoch_steps"),
     (dict(beta="reference", beta_cycle=4, beta_epoch_steps=0), ValueError, "beta_epoch_steps"),
     (dict(beta=0.5, beta_zero="two_sided"), ValueError, "beta_zero"),
+    (dict(beta=0.5, beta_cycle=4), ValueError, "beta_cycle is for beta='reference' only"),
+    (dict(beta=0.5, beta_epoch_steps=2), ValueError, "beta_epoch_steps is for a beta schedule"),
 ])
 def test_bad_beta_settings_are_refused(kwargs, exc, match):
     w, _, _ = _problem()
@@ -484,3 +486,22 @@ def test_loading_other_schedule_settings_is_refused(other, field):
     old = copy.deepcopy(source.state_dict())
     del old["extra"]["schedule"]  # saved before the schedule settings existed: accepted
     PseuZO([("w", w.clone())], lr=0.05, window=4, beta=0.8).load_state_dict(old)
+
+
+def test_beta_zero_mezo_is_mezo_bit_for_bit():
+    """A constant beta = 0 with beta_zero="mezo": every step is MeZO's (the same seeds, losses at
+    theta +- eps z, decay once), so the weights equal zokernels' MeZO bit for bit, and step()
+    returns MeZO's loss at theta + eps z."""
+    from zokernels.optim import MeZO
+
+    w, forward, loss = _problem()
+    w2 = w.clone()
+    opt = PseuZO([("w", w)], lr=0.05, eps=1e-3, weight_decay=0.1, seed=6, beta=0.0,
+                 beta_zero="mezo")
+    mezo = MeZO([("w", w2)], lr=0.05, eps=1e-3, weight_decay=0.1, seed=6)
+    for step in range(5):
+        got = opt.step(lambda: forward(w), loss)
+        expected = mezo.step(lambda: loss(forward(w2)))
+        assert_bits_equal(w, w2, what=f"step {step}")
+        assert float(got) == float(expected)
+    assert opt._window == [] and len(list(opt.trajectory.records())) == 5

@@ -131,6 +131,12 @@ class PseuZO(ZOOptimizer):
                                      f"steps per epoch), got {value!r}")
         else:
             beta = check_hyper("beta", beta, high=1.0)
+        if beta != "reference" and beta_cycle is not None:
+            raise ValueError(f"beta_cycle is for beta='reference' only, got beta_cycle="
+                             f"{beta_cycle!r} with beta={beta!r}")
+        if isinstance(beta, float) and beta_epoch_steps != 1:
+            raise ValueError(f"beta_epoch_steps is for a beta schedule only, got "
+                             f"beta_epoch_steps={beta_epoch_steps!r} with beta={beta!r}")
         if beta_zero is None:
             beta_zero = "mezo" if beta == "reference" else "one_sided"
         if beta_zero not in BETA_ZERO_MODES:
@@ -331,7 +337,7 @@ class PseuZO(ZOOptimizer):
             self.zo_state["step"] = step + 1
             return losses[0]
         grad = ((losses[0] - losses[1]) / 2).reshape(1)
-        coefs = [-(group["lr"] / group["eps"]) * grad for group in self.param_groups]
+        coefs = [-group["lr"] * (grad / group["eps"]) for group in self.param_groups]  # as MeZO
         decays = self._decays(1)
         self._update([seed], coefs, None, decays)
         if self.trajectory is not None:
