@@ -94,14 +94,21 @@ tensors, 1.6 ms for 5000 LoRA tensors, six times in MeZO's step):
   `tensor._version` (every in-place op on the parameter: optimizers, copy_, add_) and the
   tensor's address (`param.data = ...`). Writes through `param.data.add_(...)` bypass the
   version counter and are NOT detected.
-- zo_update not called after such a zo_step: the next zo_step's first perturbation refuses.
+- with fuse_restore_update=True, zo_update not called after such a zo_step: the next zo_step's
+  first perturbation carries the deferred restore out and refuses (the weights sat at
+  theta - eps z past the step, where an evaluation or a checkpoint may have read them). Without
+  fusion a zo_step without zo_update leaves the weights at theta, as MeZO's own methods do, and
+  is served (the patch cannot tell it from a caller probing perturbations).
 - with fuse_restore_update=True, a torch.optim optimizer stepping while a restore is deferred:
-  a global optimizer step pre-hook (registered only while a restore is deferred) carries the
-  restore out first, exactly, so a foreign optimizer never steps on theta - eps z (and the
-  following zo_update then refuses, the weights being theta + that optimizer's update).
+  a global optimizer step pre-hook (registered only while a restore is deferred, holding the
+  patch weakly) carries the restore out first, exactly, so a foreign optimizer never steps on
+  theta - eps z; if it wrote the patched weights, the following zo_update refuses, the weights
+  being exactly theta + that optimizer's update. An optimizer of other parameters (a head
+  trained by backprop) changes nothing: the step then costs the one pass fusion saved.
 After a refusal, every patched method raises until `unpatch_mezo_trainer(trainer)`.
 
-Refusals and the weights. A refusal leaves the weights at theta, bit for bit, with one exception:
+Refusals and the weights. A refusal leaves the weights at theta (the unperturbed weights, with
+whatever another writer applied to them), bit for bit, with one exception:
 a foreign write while the weights held a perturbation (explicitly, or a deferred restore that no
 optimizer hook caught). The perturbation is then removed by recovery only (theta + the foreign
 change, within float32 rounding of the noise): the undo logs hold values from before the foreign
