@@ -72,7 +72,8 @@ def _own_methods(trainer: Any) -> dict[str, types.CodeType]:
 
 def protocol_findings(trainer: Any) -> list[str]:
     """What in the trainer's code departs from MeZO's protocol, one sentence each (empty: the
-    trainer looks like MeZO's). The methods are read as the trainer's class defines them:
+    trainer looks like MeZO's; tests/test_compat.py checks stand-ins written like MeZO's,
+    ZO-Bench's and PseuZO's reference trainers, and MeZO variants). The methods are read as the trainer's class defines them:
     methods set on the instance (another wrapper's) are not inspected."""
     findings: list[str] = []
     methods = _own_methods(trainer)
