@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import types
 
 import pytest
@@ -508,3 +509,393 @@ def test_sequences_restore_exactly_bf16_and_fuse_changes_nothing(name, fuse):
         unfused, _ = _run_sequence(SEQUENCES[name], torch.bfloat16, False, 0.5, compare=False)
         for a, b in zip(final, unfused):
             assert_bits_equal(a, b, what=f"{name}: fused vs unfused")
+
+
+# -- what the patch refuses ---------------------------------------------------------------------
+
+from zokernels.compat import MeZOProtocolError, protocol_findings  # noqa: E402
+
+
+class ZOBenchStyleTrainer:
+    """ZO-Bench's zo_sgd protocol (zo-bench/trainer.py): MeZO's method names, but zo_step draws
+    its own z (torch.manual_seed + torch.normal), masks it by a gradient sparsity, and applies
+    the update through self.optimizer.step(); zo_update only steps the scheduler."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, eps: float) -> None:
+        self.model = model
+        self.args = types.SimpleNamespace(zo_eps=eps, weight_decay=0.0, q=1)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.scheduler_steps = 0
+        self.lr_scheduler = types.SimpleNamespace(step=self._count_scheduler_step)
+        self.named_parameters_to_optim = []
+        self.zo_random_seed = 0
+        self.projected_grad = 0.0
+        self.gradient_sparsity = None
+        self.sparse_grad_rng = torch.Generator()
+        self.sparse_grad_random_seed = 5
+        self.rng = torch.Generator().manual_seed(3)
+
+    def _count_scheduler_step(self) -> None:
+        self.scheduler_steps += 1
+
+    def get_grad_sparsity_by_name(self, name):
+        return self.gradient_sparsity
+
+    def zo_perturb_parameters(self, random_seed=None, scaling_factor=1):
+        torch.manual_seed(random_seed if random_seed is not None else self.zo_random_seed)
+        self.sparse_grad_rng.manual_seed(self.sparse_grad_random_seed)
+        for name, param in self.named_parameters_to_optim:
+            sparsity = self.get_grad_sparsity_by_name(name)
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device,
+                             dtype=param.data.dtype)
+            if sparsity is not None:
+                z[torch.rand(z.shape, generator=self.sparse_grad_rng) < sparsity] = 0
+            param.data = param.data + scaling_factor * z * self.args.zo_eps
+
+    @torch.no_grad()
+    def zo_step(self, loss_fn):
+        self.named_parameters_to_optim = []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                self.named_parameters_to_optim.append((name, param))
+                param.grad = None
+        self.zo_random_seed = int(torch.randint(0, 1_000_000_000, (1,), generator=self.rng))
+        self.zo_perturb_parameters(scaling_factor=1)
+        loss1 = loss_fn()
+        self.zo_perturb_parameters(scaling_factor=-2)
+        loss2 = loss_fn()
+        self.projected_grad = float((loss1 - loss2) / (2 * self.args.zo_eps))
+        self.zo_perturb_parameters(scaling_factor=1)
+        torch.manual_seed(self.zo_random_seed)
+        for name, param in self.named_parameters_to_optim:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device,
+                             dtype=param.data.dtype)
+            param.grad = self.projected_grad * z / self.args.q
+            self.optimizer.step()
+            param.grad = None
+        return loss1
+
+    def zo_update(self, model):
+        self.lr_scheduler.step()
+
+
+class PseuZOReferenceStyleTrainer(MeZOStyleTrainer):
+    """The protocol of PseuZO's reference (pzo_trainer.py): MeZO's methods drawing z through a
+    Random_noise helper, and a pseudo-Jacobian mode trained through pzo_perturb_parameters /
+    pzo_step / pzo_update with a sliding window of (seed, output difference)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sliding_window = []
+        self.coefficients = [1.0]
+        self.grad_last = None
+
+    def Random_noise(self, size, device, dtype):  # noqa: N802 (the reference's name)
+        return torch.normal(mean=0, std=1, size=size, device=device, dtype=dtype)
+
+    def zo_perturb_parameters(self, random_seed=None, scaling_factor=1):
+        torch.manual_seed(random_seed if random_seed is not None else self.zo_random_seed)
+        for _, param in self.named_parameters_to_optim:
+            z = self.Random_noise(param.data.size(), param.data.device, param.data.dtype)
+            param.data = param.data + scaling_factor * z * self.args.zo_eps
+
+    def pzo_perturb_parameters(self, random_seed, scaling_factor=1):
+        torch.manual_seed(random_seed)
+        with torch.no_grad():
+            for _, param in self.named_parameters_to_optim:
+                z = self.Random_noise(param.data.size(), param.data.device, param.data.dtype)
+                param.data = param.data + scaling_factor * z * self.args.zo_eps
+
+    def pzo_step(self, forward, loss_fn):
+        self.named_parameters_to_optim = [(n, p) for n, p in self.model.named_parameters()
+                                          if p.requires_grad]
+        seed = int(torch.randint(0, 1_000_000_000, (1,), generator=self.rng))
+        o0 = forward().detach().requires_grad_(True)
+        (self.grad_last,) = torch.autograd.grad(loss_fn(o0), o0)
+        self.pzo_perturb_parameters(seed, 1)
+        o1 = forward().detach()
+        self.pzo_perturb_parameters(seed, -1)
+        self.sliding_window.append((seed, o1 - o0.detach()))
+
+    def pzo_update(self, model):
+        for co, (seed, do) in zip(self.coefficients[-len(self.sliding_window):],
+                                  self.sliding_window):
+            value = co * float((do * self.grad_last).sum()) / self.args.zo_eps
+            torch.manual_seed(seed)
+            for _, param in self.named_parameters_to_optim:
+                z = self.Random_noise(param.data.size(), param.data.device, param.data.dtype)
+                param.data = param.data - self._get_learning_rate() * value * z
+        self.lr_scheduler.step()
+
+
+def _loss_fn(trainer):
+    """The task's loss at the trainer's weights, without autograd (as MeZO's zo_forward)."""
+    x, y = _task()
+    dtype = next(trainer.model.parameters()).dtype
+
+    def loss_fn():
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(trainer.model(x.to(dtype)).float(), y)
+    return loss_fn
+
+
+def test_zo_bench_style_trainer_is_refused_when_patching():
+    trainer = ZOBenchStyleTrainer(_model(), 1e-2, 1e-3)
+    with pytest.raises(MeZOProtocolError) as info:
+        patch_mezo_trainer(trainer)
+    message = str(info.value)
+    assert "ZOBenchStyleTrainer does not follow MeZO's" in message
+    assert "zo_step draws noise, steps an optimizer or writes the weights itself" in message
+    for name in ("manual_seed", "normal", "optimizer", "grad"):
+        assert name in message.split("zo_step draws")[1].split(":")[0], name
+    assert "zo_update does not update the weights" in message
+    assert "get_grad_sparsity_by_name" in message and "sparse_grad_rng" in message
+    assert "check_protocol=False" in message
+    for name in ("zo_perturb_parameters", "zo_update", "zo_restore_pending", "_zokernels_patch"):
+        assert name not in trainer.__dict__, name
+    assert len(protocol_findings(trainer)) == 3
+
+
+def test_pseuzo_reference_style_trainer_is_refused_when_patching():
+    trainer = PseuZOReferenceStyleTrainer(_model(), 1e-2, 1e-3, 0.0)
+    with pytest.raises(MeZOProtocolError) as info:
+        patch_mezo_trainer(trainer)
+    message = str(info.value)
+    assert "zo_perturb_parameters references names MeZO's does not (Random_noise)" in message
+    assert ("other methods draw noise for named_parameters_to_optim (pzo_perturb_parameters, "
+            "pzo_step, pzo_update)") in message
+    assert "_zokernels_patch" not in trainer.__dict__
+
+
+class _HessianScaled(MeZOStyleTrainer):
+    """HiZOO-like: z scaled by a per-parameter Hessian estimate."""
+
+    def zo_perturb_parameters(self, random_seed=None, scaling_factor=1):
+        torch.manual_seed(random_seed if random_seed is not None else self.zo_random_seed)
+        for name, param in self.named_parameters_to_optim:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device,
+                             dtype=param.data.dtype)
+            param.data = param.data + scaling_factor * z * self.hessian[name] * self.args.zo_eps
+
+
+class _Momentum(MeZOStyleTrainer):
+    """zo_update with a momentum buffer."""
+
+    def zo_update(self, model):
+        torch.manual_seed(self.zo_random_seed)
+        for name, param in self.named_parameters_to_optim:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device,
+                             dtype=param.data.dtype)
+            self.momentum[name] = 0.9 * self.momentum[name] + self.projected_grad * z
+            param.data = param.data - self._get_learning_rate() * self.momentum[name]
+        self.lr_scheduler.step()
+
+
+class _ExtraEstimator(MeZOStyleTrainer):
+    """MeZO's methods, plus another method drawing z for the weights (Rademacher)."""
+
+    def rademacher_step(self):
+        for _, param in self.named_parameters_to_optim:
+            param.data += torch.randint(0, 2, param.shape).to(param.dtype) * 2 - 1
+
+
+@pytest.mark.parametrize("cls,expected", [
+    (_HessianScaled, "zo_perturb_parameters references names MeZO's does not (hessian)"),
+    (_Momentum, "zo_update references names MeZO's does not (momentum)"),
+    (_ExtraEstimator, "other methods draw noise for named_parameters_to_optim (rademacher_step)"),
+])
+def test_variants_of_mezo_are_refused_naming_what_differs(cls, expected):
+    trainer = cls(_model(), 1e-3, 1e-3, 0.0)
+    assert protocol_findings(trainer) == [f for f in protocol_findings(trainer) if expected in f]
+    with pytest.raises(MeZOProtocolError, match=re.escape(expected)):
+        patch_mezo_trainer(trainer)
+    patch_mezo_trainer(trainer, check_protocol=False)  # the caller's word; run-time checks stay
+    assert protocol_findings(MeZOStyleTrainer(_model(), 1e-3, 1e-3, 0.0)) == []
+
+
+def _zo_bench_expected(trainer: ZOBenchStyleTrainer, theta: list[torch.Tensor], lr: float):
+    """ZO-Bench's own update from the exact theta: param.add_(g * z, alpha=-lr) (SGD), z from
+    torch.manual_seed(zo_random_seed) + torch.normal in parameter order."""
+    torch.manual_seed(trainer.zo_random_seed)
+    expected = []
+    for t in theta:
+        z = torch.normal(mean=0, std=1, size=t.size(), dtype=t.dtype)
+        expected.append(t.clone().add_(trainer.projected_grad * z, alpha=-lr))
+    return expected
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_zo_bench_forced_through_is_refused_at_run_time_with_its_own_update_only(fuse):
+    """check_protocol=False: ZO-Bench's zo_step updates the weights through its optimizer; the
+    patched zo_update sees they changed after the restore and refuses (no second update, the
+    scheduler not stepped). With fuse_restore_update=True the deferred restore is carried out,
+    exactly, before ZO-Bench's optimizer steps: either way the weights are exactly theta plus
+    ZO-Bench's own update."""
+    lr = 1e-2
+    trainer = patch_mezo_trainer(ZOBenchStyleTrainer(_model(torch.bfloat16), lr, 1e-3),
+                                 fuse_restore_update=fuse, check_protocol=False)
+    loss_fn = _loss_fn(trainer)
+
+    theta = _weights(trainer)
+    trainer.zo_step(loss_fn)
+    expected = _zo_bench_expected(trainer, theta, lr)
+    for p, e in zip(trainer.model.parameters(), expected):
+        assert_bits_equal(p.detach(), e, what="ZO-Bench's update from the exact theta")
+    with pytest.raises(MeZOProtocolError, match="written by someone else between a zo_step's "
+                                                "restore and zo_update"):
+        trainer.zo_update(trainer.model)
+    _assert_unchanged(trainer, expected, "after the refused zo_update")
+    assert trainer.scheduler_steps == 0
+    assert trainer._zokernels_patch.hook is None
+    with pytest.raises(MeZOProtocolError, match="refuses every call"):
+        trainer.zo_step(loss_fn)
+    _assert_unchanged(trainer, expected, "after a call to the refusing patch")
+    unpatch_mezo_trainer(trainer)
+    _assert_unchanged(trainer, expected, "after unpatch")
+
+
+@pytest.mark.parametrize("write", ["add_", "data ="])
+def test_foreign_write_while_a_restore_is_deferred_is_refused(write):
+    """Not through an optimizer (no hook): an in-place add_ (version counter) or `param.data =`
+    (address) while the weights hold theta - eps z. The perturbation is removed by recovery
+    (not exact: the undo logs predate the write), the weights are theta + the write to within
+    float32 rounding, never theta - eps z."""
+    trainer = patch_mezo_trainer(MeZOStyleTrainer(_named_model(), 0.05, 1e-2, 0.0),
+                                 fuse_restore_update=True)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    theta = _weights(trainer)
+    trainer.zo_step(lambda: trainer.model.head(trainer.model.proj(x)).square().mean().detach())
+    head = trainer.model.head.weight
+    if write == "add_":
+        with torch.no_grad():
+            head.add_(0.5)
+    else:
+        head.data = head.data + 0.5
+    with pytest.raises(MeZOProtocolError, match=r"\(head.weight\) were written by someone else "
+                                                "while they held a zokernels perturbation"):
+        trainer.zo_update(trainer.model)
+    for (name, p), t in zip(trainer.model.named_parameters(), theta):
+        assert_close(p.detach(), t + (0.5 if name == "head.weight" else 0.0), atol=1e-6,
+                     what=name)
+    assert trainer.scheduler_steps == 0 and trainer._zokernels_patch.hook is None
+    with pytest.raises(MeZOProtocolError):
+        trainer.zo_restore_pending()
+    unpatch_mezo_trainer(trainer)
+
+
+def test_write_between_restore_and_update_is_refused_without_touching_the_weights():
+    """fuse_restore_update=False: the weights are back at theta after zo_step; a `param.data =`
+    replacement (no version bump, a new address) before zo_update is seen."""
+    trainer = patch_mezo_trainer(MeZOStyleTrainer(_named_model(), 0.05, 1e-2, 0.0))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    trainer.zo_step(lambda: trainer.model.head(trainer.model.proj(x)).square().mean().detach())
+    trainer.model.proj.bias.data = trainer.model.proj.bias.data * 2
+    written = _weights(trainer)
+    with pytest.raises(MeZOProtocolError, match=r"\(proj.bias\) were written"):
+        trainer.zo_update(trainer.model)
+    _assert_unchanged(trainer, written, "after the refused zo_update")
+
+
+@pytest.mark.parametrize("exact_restore", [True, False])
+def test_zo_update_skipped_with_a_deferred_restore_is_refused(exact_restore):
+    """fuse_restore_update=True and a second zo_step without zo_update: the weights sat at
+    theta - eps z past the first step. The second step's first perturbation carries the restore
+    out (exactly) and refuses."""
+    trainer = patch_mezo_trainer(MeZOStyleTrainer(_model(torch.bfloat16), 0.05, 1e-2, 0.0),
+                                 fuse_restore_update=True, exact_restore=exact_restore)
+    loss_fn = _loss_fn(trainer)
+
+    theta = _weights(trainer)
+    trainer.zo_step(loss_fn)
+    with pytest.raises(MeZOProtocolError, match="zo_update was not called after the previous"):
+        trainer.zo_step(loss_fn)
+    if exact_restore:
+        _assert_unchanged(trainer, theta, "after the refused step")
+    else:
+        # recovery alone: within one bf16 rounding of theta -/+ eps z (one ulp of the weight,
+        # or 2^-12 for weights below |eps z| < 0.05), far from theta - eps z
+        for p, t in zip(trainer.model.parameters(), theta):
+            assert_close(p.detach(), t, atol=2.0**-12, ulps=1, what="recovered without logs")
+    assert trainer.scheduler_steps == 0
+
+
+def test_zo_step_without_update_is_served_when_nothing_is_deferred():
+    """fuse_restore_update=False: a zo_step without zo_update leaves the weights at theta, as
+    MeZO's own methods do; the patch serves it."""
+    trainer = patch_mezo_trainer(MeZOStyleTrainer(_model(), 0.05, 1e-2, 0.0))
+    theta = _weights(trainer)
+    for _ in range(2):
+        trainer.zo_step(_loss_fn(trainer))
+    _assert_unchanged(trainer, theta, "after two zo_steps")
+    trainer.zo_update(trainer.model)
+    assert trainer.scheduler_steps == 1
+
+
+def test_non_finite_projected_grad_with_a_deferred_restore_leaves_theta_and_carries_on():
+    """MeZO writes NaN into every weight; the patch refuses the zo_update with ValueError, the
+    deferred restore carried out (the weights exactly theta, not theta - eps z), the scheduler
+    not stepped, and the next step runs normally."""
+    trainer = patch_mezo_trainer(MeZOStyleTrainer(_model(torch.bfloat16), 0.05, 1e-2, 0.0),
+                                 fuse_restore_update=True)
+    loss_fn = _loss_fn(trainer)
+
+    theta = _weights(trainer)
+    trainer.zo_step(loss_fn)
+    trainer.projected_grad = float("inf")
+    with pytest.raises(ValueError, match="projected_grad"):
+        trainer.zo_update(trainer.model)
+    _assert_unchanged(trainer, theta, "after the refused non-finite update")
+    assert trainer.scheduler_steps == 0 and trainer._zokernels_patch.hook is None
+    trainer.zo_step(loss_fn)
+    trainer.zo_update(trainer.model)
+    assert trainer.scheduler_steps == 1
+    assert not torch.equal(next(trainer.model.parameters()), theta[0])
+
+
+def test_other_optimizer_stepping_during_a_deferred_restore_sees_theta():
+    """A torch optimizer for other parameters (a head trained by backprop) stepping between
+    zo_step and zo_update: the pre-hook restores first; it does not touch the patched weights,
+    so zo_update proceeds, and the result is the unfused one, bit for bit."""
+    results = []
+    for fuse in (False, True):
+        trainer = patch_mezo_trainer(MeZOStyleTrainer(_model(torch.bfloat16), 0.05, 1e-2, 0.1),
+                                     fuse_restore_update=fuse)
+        other = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.SGD([other], lr=0.1)
+        loss_fn = _loss_fn(trainer)
+        seen = []
+
+        theta = _weights(trainer)
+        for _ in range(2):
+            trainer.zo_step(loss_fn)
+            other.grad = torch.ones(3)
+            optimizer.step()
+            seen.append(_weights(trainer))
+            trainer.zo_update(trainer.model)
+        for p, t in zip(seen[0], theta):
+            assert_bits_equal(p, t, what="the weights the other optimizer saw")
+        assert trainer._zokernels_patch.hook is None
+        results.append(_weights(trainer))
+    for a, b in zip(*results):
+        assert_bits_equal(a, b, what="fused vs unfused around another optimizer")
+
+
+def test_a_dropped_trainer_leaves_no_live_hook():
+    """A patched trainer dropped while a restore is deferred: its optimizer pre-hook holds the
+    patch weakly, so it keeps no weights alive and does nothing."""
+    import gc
+    import weakref
+
+    trainer = patch_mezo_trainer(MeZOStyleTrainer(_model(), 0.05, 1e-2, 0.0),
+                                 fuse_restore_update=True)
+    trainer.zo_step(_loss_fn(trainer))
+    state = weakref.ref(trainer._zokernels_patch)
+    assert state().hook is not None
+    model = weakref.ref(trainer.model)
+    del trainer
+    gc.collect()
+    assert state() is None and model() is None
+    other = torch.nn.Parameter(torch.ones(3))
+    other.grad = torch.ones(3)
+    torch.optim.SGD([other], lr=0.5).step()  # the left-over hook runs and does nothing
+    assert torch.equal(other.detach(), torch.full((3,), 0.5))

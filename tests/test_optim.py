@@ -514,7 +514,7 @@ def test_bad_arguments_of_each_optimizer():
     with pytest.raises(ValueError, match="rank"):
         TeZO(net.named_parameters(), rank=0)
     with pytest.raises(ValueError, match="beta"):
-        PseuZO(net.named_parameters(), beta=1.0)
+        PseuZO(net.named_parameters(), beta=1.5)
     with pytest.raises(ValueError, match="window"):
         PseuZO(net.named_parameters(), window=0)
     with pytest.raises(ValueError, match="closure"):

@@ -395,16 +395,18 @@ class ZOOptimizer(torch.optim.Optimizer):
                       f"({[float(l) for l in losses]}); step skipped, weights restored exactly",
                       RuntimeWarning, stacklevel=3)
 
-    def _update(self, seeds: list[int], coefs_per_group: list[Any], layers: list | None) -> None:
-        """theta = (1 - lr * wd) * theta + sum_k coefs[g][k] * z_k in ONE pass per group,
-        recovering from the held perturbation (its seed must be the last of `seeds`), then the
-        logged elements rewritten from their exact values: the result equals an update applied
-        to the unperturbed weights, bit for bit. Runs no user code; an interrupt between the
-        passes still finishes the rewrites."""
+    def _update(self, seeds: list[int], coefs_per_group: list[Any], layers: list | None,
+                decays: list[float] | None = None) -> None:
+        """theta = decays[g] * theta + sum_k coefs[g][k] * z_k in ONE pass per group (decays
+        default: 1 - lr * wd), recovering from the held perturbation (its seed must be the last
+        of `seeds`), then the logged elements rewritten from their exact values: the result
+        equals an update applied to the unperturbed weights, bit for bit. Runs no user code; an
+        interrupt between the passes still finishes the rewrites."""
         held, slots = self._held, self._live_slots
         if held is not None and held["seed"] != seeds[-1]:
             raise AssertionError("the held perturbation's seed must be the update's last seed")
-        decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
+        if decays is None:
+            decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
         try:
             for g, space in enumerate(self.spaces):
                 applied = None if held is None else [0.0] * (len(seeds) - 1) + [held["coefs"][g]]

@@ -22,33 +22,89 @@ def aligned_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[slices].to(torch.float32) * b[slices].to(torch.float32)).sum()
 
 
+def reference_beta(step: int, cycle: int, epoch_steps: int = 1) -> float:
+    """The beta schedule of PseuZO's reference (pzo_trainer.py, `cyclic_hyperbola`): epochs of
+    `epoch_steps` steps, cycles of `cycle` epochs; in epoch t of a cycle (t = 0, 1, ...)
+    beta = 1 / (1 + 10 t) for t <= 10, then 0 until the cycle ends. The reference clears its
+    window at each cycle start (beta = 1) and runs plain MeZO while beta = 0. Tested, with
+    PseuZO(beta="reference"), against a sequential re-implementation of the reference's update
+    rule (tests/test_pseuzo.py)."""
+    t = (step // epoch_steps) % cycle
+    return 1.0 / (1.0 + 10.0 * t) if t <= 10 else 0.0
+
+
+BETA_ZERO_MODES = ("one_sided", "mezo")
+
+
 class PseuZO(ZOOptimizer):
-    """Pseudo-Jacobian ZO: per step, with o = forward() the model output and L = loss_fn(o),
+    """Pseudo-Jacobian ZO: per step t, with o = forward() the model output and L = loss_fn(o),
 
         o0 = forward(theta),  e = dL/do at o0 (autograd through loss_fn only)
         o1 = forward(theta + eps z_t),  dO_t = o1 - o0        (window of the last `window` steps)
-        c_k = beta^(t - k) <dO_k, e> / eps                     (k in the window)
+        c_k = beta_t^(t - k) <dO_k, e> / eps                   (k in the window)
         theta = (1 - lr wd) theta - lr sum_k c_k z_k          (one fused K-seed pass)
 
-    beta = 0 leaves only the current term: ZO-SGD with a one-sided difference through the output;
-    the window then keeps the current entry only. Two passes over the weights per step (+eps;
-    restore fused with the K-seed update), exact with undo logs like MeZO. The window lives on
-    the output's device: `window_bytes` reports it.
+    beta_t is a number, a schedule, or the reference's schedule ("reference", see
+    reference_beta). A schedule is a callable of the schedule epoch t // beta_epoch_steps (with
+    the default beta_epoch_steps = 1: of the step t = zo_state["step"]). The whole window is
+    weighted with the current beta_t, so a change of beta re-weights it, as in the reference.
+    beta_t = 1 weights the window uniformly. A step with beta_t = 0 is, with
+    beta_zero="one_sided" (default for a number or a callable), ZO-SGD with a one-sided
+    difference through the output (the update uses the current entry only; with a constant
+    beta = 0 the window keeps just that entry); with beta_zero="mezo" (default for "reference",
+    as the reference does), a plain MeZO step: two forwards at theta +- eps z_t,
+    g = (L+ - L-) / (2 eps), theta = (1 - lr wd) theta - lr g z_t, the window left as it is.
+    Window resets, as the reference's: with a schedule ("reference" or a callable), the window is
+    cleared at the first step of every epoch whose beta is 1 ("reference": each cycle start);
+    never with a number.
+
+    decay_per_entry=True applies the reference's weight decay: (1 - lr wd) once per window entry,
+    as its sequential loop does: theta = d^K theta - lr sum_k d^(K-1-k) c_k z_k with
+    d = 1 - lr wd and K the entries used (still one pass).
+
+    Two passes over the weights per step (+eps; restore fused with the K-seed update), exact
+    with undo logs like MeZO (MeZO steps: three). The window lives on the output's device:
+    `window_bytes` reports it.
 
     Data parallel (process_group): each rank keeps the output differences of its own
     micro-batches; the K projections <dO_k, e>, the loss and max |dO_t| are averaged over the
-    ranks in ONE all-reduce of K + 2 floats, and every rank applies the identical update. A
-    non-finite loss, output difference or projection on any rank skips the step on every rank
-    (weights restored exactly, the window unchanged, warned, counted in
-    zo_state["skipped_steps"]).
+    ranks in ONE all-reduce of K + 2 floats (MeZO steps: the two losses), and every rank applies
+    the identical update. A non-finite loss, output difference or projection on any rank skips
+    the step on every rank (weights restored exactly, the window unchanged except for a reset due
+    at that step, warned, counted in zo_state["skipped_steps"]).
 
     step(forward, loss_fn) returns L(o0), the loss at the unperturbed weights (the mean over the
-    ranks).
+    ranks); a MeZO step returns L(theta + eps z_t), as MeZO does.
+
+    Differences from the reference that remain (with the same noise and batches it matches to
+    float32 rounding): the reference returns L(theta + eps z) on PseuZO steps too; it computes
+    <dO_k, e> in the output's dtype (here float32); its window is indexed by position, so a step
+    skipped here (non-finite) ages the window by one step more than the reference would (it has
+    no skips); its schedule counts epochs of the data loader and derives cycle =
+    num_train_epochs // 2 (pass beta_cycle accordingly and beta_epoch_steps = steps per epoch),
+    and it runs plain MeZO in the epochs after the last whole cycle (an odd epoch count), which
+    "reference" does not (use a callable); after a beta = 0 epoch it stays in MeZO mode until
+    beta is 1 again, where a schedule here takes a PseuZO step for any beta > 0 (only a callable
+    can go from 0 to a beta in (0, 1)); its noise is torch.normal after torch.manual_seed, here
+    the zokernels noise contract.
+
+    Resume: state_dict() saves the window and the schedule's settings; the schedule's position
+    is the step counter zo_state["step"]. load_state_dict requires the optimizer to be built with
+    the same beta (number or "reference" with the same beta_cycle / beta_epoch_steps),
+    beta_zero and decay_per_entry (ValueError naming the field otherwise). A callable cannot be
+    saved: the state records only that beta was one; build the resumed optimizer with the same
+    callable, a pure function of the epoch (it is called again for the resumed steps).
 
     Args (besides MeZO's lr, eps, weight_decay, seed, dist, exact_restore, backend, no_decay,
     record_trajectory):
-        window: number of (seed, dO) pairs kept (default 14; with beta = 0, one).
-        beta: EMA factor in [0, 1) weighting older pairs.
+        window: number of (seed, dO) pairs kept (default 14; with a constant beta = 0, one).
+        beta: a number in [0, 1], "reference", or a callable epoch -> beta in [0, 1].
+        beta_cycle: with "reference": epochs per cycle (required).
+        beta_epoch_steps: with a schedule: steps per epoch (default 1).
+        beta_zero: "one_sided" or "mezo": what a step with beta = 0 does (default: "mezo" for
+            "reference", else "one_sided").
+        decay_per_entry: weight decay once per window entry, as the reference (default False:
+            once per step).
         store_dtype: dtype of the stored dO (default: the output's dtype).
     """
 
@@ -56,20 +112,49 @@ class PseuZO(ZOOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3,
                  weight_decay: float = 0.0, seed: int = 0, dist: str = "gaussian", *,
-                 window: int = 14, beta: float = 0.9, store_dtype: torch.dtype | None = None,
+                 window: int = 14, beta: float | str | Callable[[int], float] = 0.9,
+                 beta_cycle: int | None = None, beta_epoch_steps: int = 1,
+                 beta_zero: str | None = None, decay_per_entry: bool = False,
+                 store_dtype: torch.dtype | None = None,
                  exact_restore: bool = True, backend: str = "auto",
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  record_trajectory: bool = True) -> None:
         check_common_hyper(lr, eps, weight_decay)
-        check_hyper("beta", beta, high=1.0, high_open=True)
+        if isinstance(beta, str) and beta != "reference":
+            raise ValueError(f"beta must be a number in [0, 1], 'reference' or a callable of the "
+                             f"epoch, got {beta!r}")
+        if beta == "reference" or callable(beta):  # a schedule (a callable's values: per step)
+            needed = (("beta_cycle", beta_cycle),) if beta == "reference" else ()
+            for name, value in needed + (("beta_epoch_steps", beta_epoch_steps),):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"beta={'reference' if beta == 'reference' else 'callable'} "
+                                     f"needs {name} as a positive integer (epochs per cycle, "
+                                     f"steps per epoch), got {value!r}")
+        else:
+            beta = check_hyper("beta", beta, high=1.0)
+        if beta != "reference" and beta_cycle is not None:
+            raise ValueError(f"beta_cycle is for beta='reference' only, got beta_cycle="
+                             f"{beta_cycle!r} with beta={beta!r}")
+        if isinstance(beta, float) and beta_epoch_steps != 1:
+            raise ValueError(f"beta_epoch_steps is for a beta schedule only, got "
+                             f"beta_epoch_steps={beta_epoch_steps!r} with beta={beta!r}")
+        if beta_zero is None:
+            beta_zero = "mezo" if beta == "reference" else "one_sided"
+        if beta_zero not in BETA_ZERO_MODES:
+            raise ValueError(f"beta_zero must be one of {list(BETA_ZERO_MODES)}, got "
+                             f"{beta_zero!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
         if store_dtype is not None and not (isinstance(store_dtype, torch.dtype)
                                             and store_dtype.is_floating_point):
             raise ValueError(f"store_dtype must be a floating torch.dtype, got {store_dtype!r}")
         self.window = window
-        self.beta = float(beta)
+        self.beta = beta
+        self.beta_cycle = beta_cycle if beta == "reference" else None
+        self.beta_epoch_steps = 1 if isinstance(beta, float) else beta_epoch_steps
+        self.beta_zero = beta_zero
+        self.decay_per_entry = bool(decay_per_entry)
         self.store_dtype = store_dtype
         self._window: list[tuple[int, int, torch.Tensor]] = []  # (step, seed, dO), oldest first
         # (ages t - k of the window's entries as a float64 device tensor, the step t they are
@@ -81,15 +166,39 @@ class PseuZO(ZOOptimizer):
                          rounding=rounding, process_group=process_group,
                          no_decay=no_decay, record_trajectory=record_trajectory)
 
+    def _schedule(self) -> dict[str, Any]:
+        """The beta settings, as saved (a callable as the word "callable")."""
+        return {"beta": "callable" if callable(self.beta) else self.beta,
+                "beta_cycle": self.beta_cycle, "beta_epoch_steps": self.beta_epoch_steps,
+                "beta_zero": self.beta_zero, "decay_per_entry": self.decay_per_entry}
+
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()
-        meta.update(window=self.window, beta=self.beta)
+        meta.update(window=self.window, **self._schedule())
         return meta
+
+    def beta_at(self, step: int) -> float:
+        """beta for step `step` (ValueError naming it when a callable returns a value outside
+        [0, 1])."""
+        if self.beta == "reference":
+            return reference_beta(step, self.beta_cycle, self.beta_epoch_steps)
+        if callable(self.beta):
+            epoch = step // self.beta_epoch_steps
+            return check_hyper(f"beta({epoch})", self.beta(epoch), high=1.0)
+        return self.beta
+
+    def resets_window(self, step: int) -> bool:
+        """Whether the window is cleared before step `step`: with a schedule, at the first step
+        of every epoch whose beta is 1 (as the reference)."""
+        if isinstance(self.beta, float):
+            return False
+        return step % self.beta_epoch_steps == 0 and self.beta_at(step) == 1.0
 
     @property
     def capacity(self) -> int:
-        """Entries the window keeps: `window`, or 1 with beta = 0 (older weights are 0)."""
-        return 1 if self.beta == 0.0 else self.window
+        """Entries the window keeps: `window`, or 1 with a constant beta = 0 (older weights are
+        0)."""
+        return 1 if self.beta == 0.0 and not callable(self.beta) else self.window
 
     @property
     def window_bytes(self) -> int:
@@ -99,7 +208,8 @@ class PseuZO(ZOOptimizer):
     def step(self, forward: Callable[[], torch.Tensor] | None = None,  # type: ignore[override]
              loss_fn: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
         """One PseuZO step: forward() is called twice (theta, theta + eps z), loss_fn once, on
-        the unperturbed output. Returns the loss there."""
+        the unperturbed output (a MeZO step: forward and loss_fn at theta +- eps z). Returns the
+        loss there (a MeZO step: at theta + eps z)."""
         if forward is None or loss_fn is None:
             raise ValueError("PseuZO.step needs forward() (the model output) and loss_fn(output)")
         return self._guarded(lambda: self._step(forward, loss_fn))
@@ -143,8 +253,26 @@ class PseuZO(ZOOptimizer):
         return torch.tensor([float(step - k) for k, _, _ in self._window], dtype=torch.float64,
                             device=device)
 
+    def _decays(self, count: int) -> list[float]:
+        """Per group, the decay of a K-entry update: 1 - lr wd, or (1 - lr wd)^K per entry."""
+        power = count if self.decay_per_entry else 1
+        return [(1.0 - g["lr"] * g["weight_decay"]) ** power for g in self.param_groups]
+
+    def _entry_decays(self, count: int, device: torch.device) -> list[torch.Tensor | float]:
+        """Per group, the factors d^(K-1-k) of the entries (oldest first) with decay_per_entry
+        (the decay the reference applies after entry k), else 1."""
+        if not self.decay_per_entry:
+            return [1.0] * len(self.param_groups)
+        exponents = torch.arange(count - 1, -1, -1, dtype=torch.float64, device=device)
+        return [torch.pow(1.0 - g["lr"] * g["weight_decay"], exponents).to(torch.float32)
+                for g in self.param_groups]
+
     def _step(self, forward, loss_fn) -> torch.Tensor:
         step = self.zo_state["step"]
+        beta = self.beta_at(step)
+        if beta == 0.0 and self.beta_zero == "mezo":
+            return self._mezo_step(step, forward, loss_fn)
+        reset = self.resets_window(step)
         o0 = self._output(forward)
         leaf = o0.clone().requires_grad_(True)
         with torch.enable_grad():
@@ -158,16 +286,18 @@ class PseuZO(ZOOptimizer):
             raise ValueError(f"forward() changed its output shape under the perturbation: "
                              f"{tuple(o0.shape)} -> {tuple(o1.shape)}")
         delta = (o1 - o0).to(self.store_dtype or o0.dtype)
-        # the window this step uses; self._window changes only once the step is taken
-        keep = self.capacity - 1
+        # the window this step keeps; self._window changes only once the step is taken
+        keep = 0 if reset else self.capacity - 1
         old = [(k, s, d if d.device == e.device else d.to(e.device))
                for k, s, d in (self._window[-keep:] if keep else [])]
         window = old + [(step, seed, delta)]
         ages = torch.cat([self._old_ages(step, e.device)[len(self._window) - len(old):],
                           torch.zeros(1, dtype=torch.float64, device=e.device)])
+        # the entries the update uses: beta = 0 weights all but the current one by 0
+        used, used_ages = (window, ages) if beta != 0.0 else (window[-1:], ages[-1:])
         # one all-reduce of K + 2 floats: the projections, the loss, and max |dO_t| (finite
         # check of this step's difference); a NaN / inf on any rank reaches every rank
-        packed = torch.cat([torch.stack([aligned_dot(d, e) for _, _, d in window]),
+        packed = torch.cat([torch.stack([aligned_dot(d, e) for _, _, d in used]),
                             loss.detach().reshape(1),
                             delta.abs().amax().to(torch.float32).reshape(1)])
         packed = self._all_reduce_mean(packed)
@@ -176,25 +306,67 @@ class PseuZO(ZOOptimizer):
         self._check_logs()
         if not finite:
             self._skip([mean_loss])
+            if reset:
+                self._window, self._ages = [], None
             self.zo_state["step"] = step + 1
             return mean_loss
         # beta^(t - k) on the device (float64, rounded once to float32 as a host power would)
-        weights = torch.pow(self.beta, ages).to(torch.float32)
-        coefs = [-(group["lr"] / group["eps"]) * weights * projections
-                 for group in self.param_groups]
-        seeds = [s for _, s, _ in window]  # oldest first: the held seed is last
-        self._update(seeds, coefs, None)
+        weights = torch.pow(beta, used_ages).to(torch.float32)
+        coefs = [-(group["lr"] / group["eps"]) * weights * projections * entry
+                 for group, entry in zip(self.param_groups,
+                                         self._entry_decays(len(used), e.device))]
+        seeds = [s for _, s, _ in used]  # oldest first: the held seed is last
+        decays = self._decays(len(used))
+        self._update(seeds, coefs, None, decays)
         self._window, self._ages = window, (ages, step)
         if self.trajectory is not None:
-            decays = [1.0 - g["lr"] * g["weight_decay"] for g in self.param_groups]
             self.trajectory.record(step, seeds, coefs, decays)
         self.zo_state["step"] = step + 1
         return mean_loss
 
+    def _mezo_step(self, step: int, forward, loss_fn) -> torch.Tensor:
+        """beta = 0 with beta_zero="mezo": one MeZO step (two-sided, losses at theta +- eps z);
+        the window is left as it is."""
+        seed = self.seed_for(step)
+        eps = [group["eps"] for group in self.param_groups]
+        losses = torch.stack(self._probe_two_point(lambda: loss_fn(self._output(forward)), seed,
+                                                   eps, None))
+        losses = self._all_reduce_mean(losses)
+        finite = self._finite(losses)
+        self._check_logs()
+        if not finite:
+            self._skip(losses)
+            self.zo_state["step"] = step + 1
+            return losses[0]
+        grad = ((losses[0] - losses[1]) / 2).reshape(1)
+        coefs = [-group["lr"] * (grad / group["eps"]) for group in self.param_groups]  # as MeZO
+        decays = self._decays(1)
+        self._update([seed], coefs, None, decays)
+        if self.trajectory is not None:
+            self.trajectory.record(step, [seed], coefs, decays)
+        self.zo_state["step"] = step + 1
+        return losses[0]
+
     # -- state ------------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
         return {"step": self.zo_state["step"],
-                "window": [{"step": k, "seed": s, "delta": d} for k, s, d in self._window]}
+                "window": [{"step": k, "seed": s, "delta": d} for k, s, d in self._window],
+                "schedule": self._schedule()}
+
+    def _check_schedule_state(self, extra: dict[str, Any]) -> None:
+        """The saved beta settings (absent in states saved before they existed: not checked)
+        must be this optimizer's: the window and the steps to come depend on them."""
+        saved = extra.get("schedule")
+        if saved is None:
+            return
+        if not isinstance(saved, dict):
+            raise ValueError(f"state_dict['extra']['schedule'] must be a dict, got "
+                             f"{type(saved).__name__}")
+        for field, value in self._schedule().items():
+            if field not in saved or saved[field] != value:
+                raise ValueError(f"state_dict['extra']['schedule']['{field}'] is "
+                                 f"{saved.get(field)!r}, this optimizer has {value!r}: build it "
+                                 f"with the saved {field} to resume")
 
     def _check_extra_state(self, extra: Any) -> None:
         """A loaded window, checked before anything changes (ValueError naming the field): a
@@ -203,6 +375,7 @@ class PseuZO(ZOOptimizer):
         floating-point tensor delta, all deltas of one shape."""
         if not isinstance(extra, dict):
             raise ValueError(f"state_dict['extra'] must be a dict, got {type(extra).__name__}")
+        self._check_schedule_state(extra)
         entries = extra.get("window", [])
         if not isinstance(entries, list):
             raise ValueError(f"state_dict['extra']['window'] must be a list, got "
