@@ -144,6 +144,18 @@ def _is_real_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_numbers(values: Any, count: int, name: str) -> None:
+    """`count` real numbers, each finite in float32 (pure Python: for host-side records)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of {count} numbers, got "
+                        f"{type(values).__name__}")
+    if len(values) != count:
+        raise ValueError(f"{name} must have {count} value(s), got {len(values)}")
+    for k, v in enumerate(values):
+        if not _is_real_number(v) or not _fits_float32(v):
+            raise ValueError(f"{name}[{k}] must be a number finite in float32, got {v!r}")
+
+
 def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: bool,
                      allow_broadcast: bool) -> torch.Tensor:
     """Numbers or a tensor -> a detached float32 tensor of shape [length].

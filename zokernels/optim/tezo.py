@@ -20,7 +20,6 @@ from ..ops.noise import noise
 from ..ops.undo import UndoLog
 from ..sharding import is_dtensor, local_tensor
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
-from ..trajectory import register_replayer
 from .base import ZOOptimizer, check_common_hyper, check_hyper
 from ._seeds import step_seed
 
@@ -358,10 +357,10 @@ class TeZO(ZOOptimizer):
             held = held[:g] + [(tau, coefs[g])] + held[g + 1:]
             self._lowrank_held = held
 
-    def _lowrank_update(self, taus: list[torch.Tensor], grads: list[torch.Tensor],
-                        lrs: list[float], decays: list[float], step: int,
+    def _lowrank_update(self, updates: list[torch.Tensor], decays: list[float],
                         rounding_seed: int) -> None:
-        """W = round(d * theta - lr U diag(direction) V^T / sqrt(r)) in ONE pass per group that
+        """W = round(d * theta + U diag(update) V^T / sqrt(r)) (update = -lr * direction, see
+        _step) in ONE pass per group that
         recovers theta from the held -eps Z_t, then the logged elements rewritten from their exact
         values: bit-identical to the update applied to the unperturbed weights (and to a replay),
         with self.rounding (stochastic: bits of rounding_seed, the step's dense seed, as the
@@ -369,11 +368,8 @@ class TeZO(ZOOptimizer):
         rewrites."""
         held, slots = self._lowrank_held, self._lowrank_slots
         self._lowrank_held, self._lowrank_slots = None, []
-        updates: list[torch.Tensor] = []
         try:
-            for g, state in enumerate(self.lowrank):
-                update = -lrs[g] * self._direction(state, taus[g], grads[g], step)
-                updates.append(update)
+            for g, (state, update) in enumerate(zip(self.lowrank, updates)):
                 state.apply(update, 1.0, decays[g], self.backend,
                             applied=None if held is None else held[g], rounding=self.rounding,
                             rounding_seed=rounding_seed)
@@ -397,18 +393,28 @@ class TeZO(ZOOptimizer):
         loss_minus = self._evaluate(closure)
         if self.process_group is not None:
             loss_plus, loss_minus = self._all_reduce_mean(torch.stack([loss_plus, loss_minus]))
-        if not self._finite(loss_plus, loss_minus):
+        half_diff = (loss_plus - loss_minus) / 2
+        grads = [half_diff / group["eps"] for group in self.param_groups]
+        lrs = [group["lr"] for group in self.param_groups]
+        decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
+        coefs = [(-lrs[g] * grads[g]).reshape(1) for g in range(len(self.param_groups))]
+        # The tau-space updates (advancing the moments) before the one host synchronization, so
+        # that a projected gradient overflowing float32 anywhere (the losses' difference, the
+        # moments, the update) skips the step like a non-finite loss, the moments put back.
+        moments = [(s.momentum.clone(), s.second.clone()) for s in self.lowrank]
+        updates = [-lrs[g] * self._direction(state, taus[g], grads[g], step)
+                   for g, state in enumerate(self.lowrank)]
+        if not self._finite(loss_plus, loss_minus, *coefs, *updates,
+                            *(t for s in self.lowrank for t in (s.momentum, s.second))):
+            for s, (m, v) in zip(self.lowrank, moments):
+                s.momentum.copy_(m)
+                s.second.copy_(v)
             self._check_logs()
             self._skip([loss_plus, loss_minus])
             self.zo_state["step"] = step + 1
             return loss_plus
         self._check_logs()
-        half_diff = (loss_plus - loss_minus) / 2
-        grads = [half_diff / group["eps"] for group in self.param_groups]
-        lrs = [group["lr"] for group in self.param_groups]
-        decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
-        self._lowrank_update(taus, grads, lrs, decays, step, seed)
-        coefs = [(-lrs[g] * grads[g]).reshape(1) for g in range(len(self.param_groups))]
+        self._lowrank_update(updates, decays, seed)
         self._update([seed], coefs, None)
         if self.trajectory is not None:
             self.trajectory.record(step, [seed], coefs, decays,
@@ -466,6 +472,15 @@ class TeZO(ZOOptimizer):
                     raise ValueError(f"state_dict {name}[{g}] must be a float32 vector of shape "
                                      f"({size},) (the sum of the ranks of param group {g}'s 2-D "
                                      f"weights), got {got}")
+                if v.device not in (state.device, torch.device("cpu")):
+                    raise ValueError(f"state_dict {name}[{g}] is on {v.device}; TeZO's moments "
+                                     f"live on {state.device} (a CPU copy loads too)")
+                # O(r) values: a NaN / inf (or a negative second moment: the sqrt of it) would
+                # be written into every later update
+                if not bool(torch.isfinite(v).all()) or (name == "second"
+                                                        and bool((v < 0).any())):
+                    raise ValueError(f"state_dict {name}[{g}] must hold finite values"
+                                     + (" >= 0" if name == "second" else ""))
         logs = extra["lowrank_undo_logs"]
         if not isinstance(logs, (list, tuple)) or len(logs) != groups:
             raise ValueError(f"state_dict lowrank_undo_logs must hold one pair per param group "
@@ -557,5 +572,3 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
             dense[g].update(seeds, coefs[g], decay=decays[g], dist=meta["dist"],
                             rounding=rounding)
 
-
-register_replayer("tezo", _replay_tezo)
