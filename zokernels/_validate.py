@@ -94,6 +94,34 @@ def as_tensor_list(tensors: Any, name: str) -> list[torch.Tensor]:
     return tensors
 
 
+def check_values(t: torch.Tensor, name: str) -> None:
+    """A tensor whose values a call reads (scales, factors): real storage, not meta."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: it holds no values")
+    check_addressable(t, name)
+
+
+def as_device(value: Any, name: str = "device") -> torch.device:
+    """A torch.device that exists in this process (ValueError naming the argument)."""
+    if isinstance(value, bool) or not isinstance(value, (str, torch.device, int)):
+        raise TypeError(f"{name} must be a torch.device or a string, got {type(value).__name__}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1')") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={value!r} but CUDA is not available")
+    if device.type not in ("cpu", "meta"):
+        try:  # an index past the device count, a backend torch was built without, ...
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(f"{name}={value!r} is not available here "
+                             f"({str(exc).split('. ')[0][:120] or type(exc).__name__})"
+                             ) from None
+    return device
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     from .sharding import is_dtensor  # no import cycle: sharding imports only torch
 
@@ -170,6 +198,7 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
     if isinstance(values, torch.Tensor):
         if not (values.dtype.is_floating_point or values.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {values.dtype}")
+        check_values(values, name)
         vector = values.detach().reshape(-1).to(torch.float32)
     else:
         if scalar:
