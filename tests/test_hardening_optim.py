@@ -386,3 +386,20 @@ def test_noise_device_errors_name_the_argument(device, match):
         pytest.skip("CUDA is available")
     with pytest.raises(ValueError, match=rf"device='{device}'.*{match}"):
         noise(8, 1, device=device)
+
+
+@pytest.mark.parametrize("field, value", [("betas", [1.0, 0.999]), ("variant", "lion"),
+                                          ("delta", 0.0), ("rank", 0)])
+def test_tezo_replay_refuses_a_hostile_meta_before_writing(field, value):
+    net = model()
+    opt = make("tezo", net)
+    for _ in range(2):
+        take_step("tezo", opt, net)
+    state = opt.trajectory.state_dict()
+    state["meta"][field] = value
+    trajectory = Trajectory.from_state_dict(state)
+    fresh = model()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=field):
+        trajectory.replay(fresh)
+    assert_same(snapshot(fresh), before, "weights")

@@ -44,12 +44,13 @@ MAX_SEEDS_PER_STEP = 1024
 _INT64_LIMIT = 1 << 63
 _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 # How each algorithm replays: "seeded" (every record is theta = decay * theta + sum_k c_k z_k:
-# MeZO, LeZO, PseuZO) or the module and function of a dedicated replayer. Looked up by name when a
-# replay needs it, so a replay never depends on what was imported before; an algorithm in neither
-# this table nor register_replayer's is refused.
-_BUILTIN_REPLAYERS: dict[str, str | tuple[str, str]] = {
+# MeZO, LeZO, PseuZO) or the module of a dedicated replayer with its replay function and the
+# function that checks what the replay reads (before anything is applied). Looked up by name when
+# a replay needs it, so a replay never depends on what was imported before; an algorithm in
+# neither this table nor register_replayer's is refused.
+_BUILTIN_REPLAYERS: dict[str, str | tuple[str, str, str]] = {
     "mezo": "seeded", "lezo": "seeded", "pseuzo": "seeded",
-    "tezo": ("zokernels.optim.tezo", "_replay_tezo"),
+    "tezo": ("zokernels.optim.tezo", "_replay_tezo", "_check_tezo_replay"),
 }
 # Extra columns a replay reads, per param group g: f"{prefix}{g}" (checked before replaying).
 _REQUIRED_COLUMNS = {"tezo": ("grad", "lr")}
@@ -64,16 +65,17 @@ def register_replayer(algorithm: str, replayer: Any) -> None:
     _REPLAYERS[algorithm] = replayer
 
 
-def _replayer(algorithm: str) -> Any:
-    """The replayer of `algorithm` (None: plain seeded updates); ValueError if unknown."""
+def _replayer(algorithm: str) -> tuple[Any, Any]:
+    """(replayer, checker) of `algorithm` ((None, None): plain seeded updates); ValueError if
+    unknown."""
     entry = _BUILTIN_REPLAYERS.get(algorithm)
     if entry == "seeded":
-        return None
+        return None, None
     if entry is not None:
-        module, name = entry
-        return getattr(importlib.import_module(module), name)
+        module = importlib.import_module(entry[0])
+        return getattr(module, entry[1]), getattr(module, entry[2])
     if algorithm in _REPLAYERS:
-        return _REPLAYERS[algorithm]
+        return _REPLAYERS[algorithm], None
     raise ValueError(f"cannot replay a trajectory of algorithm {algorithm!r}: not a zokernels "
                      f"algorithm ({sorted(_BUILTIN_REPLAYERS)}) nor one registered with "
                      "register_replayer")
@@ -399,9 +401,11 @@ class Trajectory:
         an nn.Module or (name, tensor) pairs with the recorded names, or the tensors in the
         recorded order (see spaces_for). Everything is checked first (the parameters, the
         algorithm, every record): a refusal leaves `params` untouched."""
-        replayer = _replayer(self.algorithm)
+        replayer, check = _replayer(self.algorithm)
         spaces = self.spaces_for(params, backend)
         self.check_records(spaces)
+        if check is not None:
+            check(self, spaces)
         if replayer is not None:
             replayer(self, spaces, backend)
             return

@@ -525,6 +525,48 @@ def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state
     return m_hat / (v_hat.sqrt() + delta)
 
 
+def _check_tezo_replay(trajectory, spaces) -> None:
+    """What _replay_tezo reads of a trajectory's meta, checked before it applies anything
+    (ValueError naming the field): a hostile file must not steer the moments into NaN."""
+    meta = trajectory.meta
+    if meta.get("noise_layout") != NOISE_LAYOUT:
+        return  # _replay_tezo refuses it before writing
+    rank, variant, betas = meta.get("rank"), meta.get("variant"), meta.get("betas")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"TeZO trajectory meta rank must be a positive integer, got {rank!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"TeZO trajectory meta variant must be one of {list(VARIANTS)}, got "
+                         f"{variant!r}")
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+        raise ValueError(f"TeZO trajectory meta betas must be a pair, got {betas!r}")
+    check_hyper("TeZO trajectory meta betas[0]", betas[0], high=1.0, high_open=True)
+    check_hyper("TeZO trajectory meta betas[1]", betas[1], high=1.0, high_open=True)
+    check_hyper("TeZO trajectory meta delta", meta.get("delta"), low_open=True)
+    lowrank = meta.get("lowrank")
+    if not isinstance(lowrank, list) or len(lowrank) != len(spaces):
+        raise ValueError("TeZO trajectory meta lowrank must describe each param group")
+    sizes = []
+    for g, (group, space) in enumerate(zip(lowrank, spaces)):
+        names = group.get("param_names") if isinstance(group, dict) else None
+        if not isinstance(names, list) or not set(names) <= set(space.names) or any(
+                space.params[space.names.index(n)].dim() != 2 for n in names):
+            raise ValueError(f"TeZO trajectory meta lowrank[{g}] must name 2-D parameters of "
+                             f"param group {g}")
+        shapes = [space.params[space.names.index(n)].shape for n in names]
+        sizes.append(sum(min(rank, m, n) for m, n in shapes))
+    initial = meta.get("initial_moments")
+    if initial is not None:
+        for name in ("momentum", "second"):
+            vectors = initial.get(name) if isinstance(initial, dict) else None
+            if not isinstance(vectors, list) or [len(v) if isinstance(v, list) else -1
+                                                 for v in vectors] != sizes or not all(
+                    isinstance(x, (int, float)) and math.isfinite(x) and (name == "momentum"
+                                                                          or x >= 0)
+                    for v in vectors for x in v):
+                raise ValueError(f"TeZO trajectory meta initial_moments {name} must hold "
+                                 f"finite values, {sizes} per param group")
+
+
 def _replay_tezo(trajectory, spaces, backend) -> None:
     """Rebuild a TeZO run: the 1-D parameters from the recorded seeded updates, the 2-D ones by
     re-running the tau-space recursions on the recorded projected gradients, with the run's
