@@ -122,6 +122,9 @@ def as_device(value: Any, name: str = "device") -> torch.device:
     return device
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # no Python dispatch: skip that lookup
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     from .sharding import is_dtensor  # no import cycle: sharding imports only torch
 
@@ -136,15 +139,16 @@ def check_addressable(t: torch.Tensor, name: str) -> None:
     backends refuse the meta device on their own."""
     if t.is_nested:
         raise TypeError(f"{name} is a nested tensor; pass its components as separate tensors")
-    if (is_traceable_wrapper_subclass(t) or torch._is_functional_tensor(t)
-            or torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)):
+    if torch._is_functional_tensor(t) or (type(t) not in _PLAIN_TYPES and (
+            is_traceable_wrapper_subclass(t)
+            or torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python))):
         if _is_dtensor(t):
             raise TypeError(f"{name} is a DTensor: pass its local shard (to_local(), with "
                             "index_maps= from zokernels.sharding.index_map_of) or register it in "
                             "a ParameterSpace, which does both")
         raise TypeError(f"{name} is a {type(t).__name__} without real addressable storage (a "
                         "fake, functional or wrapper-subclass tensor); pass a plain tensor")
-    if t.device.type == "meta" or t.numel() == 0:
+    if t.is_meta or t.numel() == 0:
         return
     pointer = t.data_ptr()
     if pointer == 0:
@@ -152,8 +156,11 @@ def check_addressable(t: torch.Tensor, name: str) -> None:
     if pointer % t.element_size():
         raise ValueError(f"{name} is not aligned to its element size "
                          f"(data_ptr % {t.element_size()} != 0)")
-    needed = (t.storage_offset() + 1
-              + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())))
+    if t.is_contiguous():
+        needed = t.storage_offset() + t.numel()
+    else:
+        needed = (t.storage_offset() + 1
+                  + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())))
     held = t.untyped_storage().nbytes()
     if needed * t.element_size() > held:
         raise ValueError(f"{name} addresses {needed * t.element_size()} bytes of its storage, "
