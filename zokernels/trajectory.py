@@ -41,7 +41,7 @@ FORMAT_VERSION = 1
 # Seeds one step may hold (MeZO's n_spsa, PseuZO's window): the optimizers refuse more, and a
 # loaded trajectory declaring more is refused (its seeds are derived on load).
 MAX_SEEDS_PER_STEP = 1024
-_INT64_LIMIT = 1 << 63
+COUNTER_LIMIT = 1 << 63  # steps and counters are int64 in the saved format
 _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 # How each algorithm replays: "seeded" (every record is theta = decay * theta + sum_k c_k z_k:
 # MeZO, LeZO, PseuZO) or the module of a dedicated replayer with its replay function and the
@@ -476,7 +476,7 @@ def _checked_meta(meta: Any, seeds_saved: bool) -> int:
         for field, values in (("numel", numels), ("keys", keys)):
             if not isinstance(values, list) or len(values) != len(names):
                 raise ValueError(f"{where} {field} must be a list of {len(names)} integers")
-        if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < _INT64_LIMIT
+        if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < COUNTER_LIMIT
                for n in numels):
             raise ValueError(f"{where} numel must hold integers in [0, 2^63)")
         try:
@@ -498,7 +498,7 @@ def _checked_state(state: Any) -> dict[str, Any]:
     groups = _checked_meta(state.get("meta"), state.get("seeds") is not None)
     steps = _field(state, "step", 1, True, None)
     count = len(steps)
-    if any(not 0 <= b < _INT64_LIMIT for b in steps) or any(
+    if any(not 0 <= b < COUNTER_LIMIT for b in steps) or any(
             a >= b for a, b in zip(steps, steps[1:])):
         raise ValueError("trajectory step must hold increasing steps in [0, 2^63)")
     counts = _field(state, "n_seeds", 1, True, count)

@@ -22,12 +22,11 @@ from .._dispatch import BACKEND_CHOICES
 from .._validate import as_seed
 from ..ops.undo import UndoLog
 from ..space import ParameterSpace, canonical_name
-from ..trajectory import Trajectory
+from ..trajectory import COUNTER_LIMIT, Trajectory
 from ._params import normalize_param_groups
 from ._seeds import step_seed
 
 Closure = Callable[[], Any]
-COUNTER_LIMIT = 1 << 63  # step counters are int64 in the trajectory format
 
 
 def check_hyper(name: str, value: Any, *, low: float = 0.0, low_open: bool = False,

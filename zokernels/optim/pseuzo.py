@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from .._validate import as_seed
 from ..space import NO_DECAY_DEFAULT
 from ..trajectory import MAX_SEEDS_PER_STEP
-from .._validate import as_seed
 from .base import ZOOptimizer, check_common_hyper, check_hyper
 
 
@@ -248,6 +248,9 @@ class PseuZO(ZOOptimizer):
             if not isinstance(d, torch.Tensor) or not d.is_floating_point():
                 raise ValueError(f"{where}['delta'] must be a floating-point tensor, got "
                                  f"{d.dtype if isinstance(d, torch.Tensor) else type(d).__name__}")
+            if self.store_dtype is not None and d.dtype != self.store_dtype:
+                raise ValueError(f"{where}['delta'] is {d.dtype}, this optimizer stores "
+                                 f"{self.store_dtype}")
             if d.device.type == "meta" or d.is_sparse or d.layout != torch.strided:
                 raise ValueError(f"{where}['delta'] must be a dense tensor with values, got a "
                                  f"{d.layout} tensor on {d.device}")
