@@ -403,3 +403,13 @@ def test_tezo_replay_refuses_a_hostile_meta_before_writing(field, value):
     with pytest.raises(ValueError, match=field):
         trajectory.replay(fresh)
     assert_same(snapshot(fresh), before, "weights")
+
+
+def test_pseuzo_window_of_another_store_dtype_is_refused():
+    net = model()
+    opt = PseuZO(net.named_parameters(), lr=1e-2, seed=5, window=3, store_dtype=torch.float16)
+    take_step("pseuzo", opt, net)
+    bad = opt.state_dict()
+    bad["extra"]["window"][0]["delta"] = bad["extra"]["window"][0]["delta"].float()
+    with pytest.raises(ValueError, match="float16"):
+        opt.load_state_dict(bad)

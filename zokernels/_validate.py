@@ -257,9 +257,9 @@ def check_no_internal_overlap(t: torch.Tensor, name: str) -> None:
     non-contiguous views): with the dims of size > 1 sorted by stride, each stride must exceed
     the span of the dims inside it. Every slice, transpose, permutation and channels-last layout
     passes; a view that fails may still be overlap-free but is refused (copy it first)."""
-    if t.is_contiguous():  # the common case, and contiguous elements never overlap
+    if t.is_contiguous() or t.numel() <= 1:  # the common case; these never overlap
         return
-    if t.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.size())):
+    if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.size())):
         raise ValueError(f"{name} has internal memory overlap (a stride-0 / expanded view); "
                          "pass a tensor whose elements are distinct")
     span = 0  # the largest element offset reached by the dims checked so far
