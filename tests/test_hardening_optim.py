@@ -194,7 +194,8 @@ def test_trajectory_declaring_huge_seed_counts_is_refused(tmp_path):
                       "groups": [{"param_names": ["w"], "numel": [4], "keys": [0]}]},
              "step": torch.arange(steps), "n_seeds": torch.full((steps,), 32767, dtype=torch.int16),
              "seeds": None, "coefs": torch.zeros(1, 1).expand(steps * 32767, 1),
-             "decays": torch.ones(steps, 1), "n_layers": torch.full((steps,), -1, dtype=torch.int16),
+             "decays": torch.ones(steps, 1),
+             "n_layers": torch.full((steps,), -1, dtype=torch.int16),
              "layers": torch.zeros(0, dtype=torch.int16), "extra": {}}
     torch.save(state, tmp_path / "t.pt")
     assert (tmp_path / "t.pt").stat().st_size < 10_000
