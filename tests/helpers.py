@@ -12,6 +12,12 @@ import torch
 
 import zokernels
 
+# Wall-clock bounds of tests that wait on other processes. They only turn a hang into a failure,
+# so they are generous: a full run on a loaded 2-core machine can stretch a few-second child
+# process or a peer's step by minutes, and that must not fail a test.
+SUBPROCESS_TIMEOUT = 1800  # seconds a child interpreter may run
+COLLECTIVE_TIMEOUT = 600  # seconds a gloo collective waits for its peer
+
 MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 SMALLEST_SPACING = {torch.float32: 2.0 ** -149, torch.bfloat16: 2.0 ** -133, torch.float16: 2.0 ** -24}
 
@@ -105,7 +111,8 @@ def interpreted(backend: str, device: str) -> bool:
     return backend == "triton" and device == "cpu"
 
 
-def assert_same_in_both_simd_modes(script: str, tmp_path: pathlib.Path, timeout: int = 300) -> None:
+def assert_same_in_both_simd_modes(script: str, tmp_path: pathlib.Path,
+                                   timeout: int = SUBPROCESS_TIMEOUT) -> None:
     """Run `script` (it saves a dict with "simd" = build_info()["simd"] and tensors to argv[1])
     once with the CPU extension's default SIMD path and once with ZOKERNELS_CPU_SIMD=generic, in
     fresh interpreters; every tensor must be bit-identical. Skips where only generic exists."""

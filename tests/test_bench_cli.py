@@ -19,6 +19,8 @@ import torch
 import zokernels
 from zokernels.bench import cli
 
+from helpers import SUBPROCESS_TIMEOUT
+
 PACKAGE_PARENT = str(pathlib.Path(zokernels.__file__).resolve().parents[1])
 CUDA = torch.cuda.is_available()
 TINY_RUN = ["ops", "--shape-set", "tiny", "--repeats", "1", "--warmup", "0", "--k", "1,2",
@@ -59,7 +61,7 @@ def test_help(bench):
 def test_module_help():
     """The console script's entry point, in a fresh interpreter (one: each costs an import)."""
     result = subprocess.run([sys.executable, "-m", "zokernels.bench.cli", "ops", "--help"],
-                            capture_output=True, text=True, timeout=120,
+                            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
                             env=dict(os.environ, PYTHONPATH=PACKAGE_PARENT))
     assert result.returncode == 0, result.stderr
     assert "usage: zokernels-bench ops" in result.stdout

@@ -57,4 +57,4 @@ def test_generic_path_matches_simd_path(tmp_path):
         "    out[str(dtype)] = t\n"
         "torch.save(out, sys.argv[1])\n"
     )
-    assert_same_in_both_simd_modes(script, tmp_path, timeout=120)
+    assert_same_in_both_simd_modes(script, tmp_path)

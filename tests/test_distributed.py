@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import assert_states_equal
+from helpers import COLLECTIVE_TIMEOUT, assert_states_equal
 from test_optim import TinyNet, _task, make, pretrained  # the tiny models of the optimizer tests
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -82,7 +82,7 @@ def _algorithm_state(opt) -> dict:
 
 def _init(rank, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
     torch.set_num_threads(1)
 
 

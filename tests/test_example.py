@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SUBPROCESS_TIMEOUT
+
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +25,7 @@ def run_example(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "zokernels.integrations.example", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
 
 
 def result_of(proc: subprocess.CompletedProcess) -> dict:

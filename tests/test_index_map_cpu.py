@@ -309,7 +309,7 @@ def test_generic_path_matches_simd_path_with_maps(tmp_path):
         "        out[f'scatter {dist} {dtype}'] = s\n"
         "torch.save(out, sys.argv[1])\n"
     )
-    assert_same_in_both_simd_modes(script, tmp_path, timeout=120)
+    assert_same_in_both_simd_modes(script, tmp_path)
 
 
 def test_bad_maps_raise_before_anything_is_written():

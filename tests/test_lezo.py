@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from zokernels.optim import LeZO, MeZO
 
+from helpers import COLLECTIVE_TIMEOUT
 from test_optim import TinyNet, _task, finetune_loss, make, pretrained
 
 STEPS = 4
@@ -50,7 +51,7 @@ def test_lezo_seeds_of_a_step_share_its_layers():
 def _pair_worker(rank, init_file, state, out_dir):
     """Both ranks see the whole batch; rank 0 evaluates theta + eps z, rank 1 theta - eps z."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
     torch.set_num_threads(1)
     results = {}
     for n_spsa in (1, 2):

@@ -10,6 +10,8 @@ import pytest
 
 import zokernels
 
+from helpers import SUBPROCESS_TIMEOUT
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -67,7 +69,7 @@ def test_missing_extension_fails_only_when_used(tmp_path):
     package_parent = str(pathlib.Path(zokernels.__file__).resolve().parents[1])
     env = dict(os.environ, ZOKERNELS_BACKEND="", PYTHONPATH=package_parent)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=120)
+                            cwd=tmp_path, env=env, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
 
 

@@ -14,6 +14,7 @@ import gc
 import itertools
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ import zokernels
 from zokernels import ParameterSpace, Trajectory, UndoLog
 from zokernels.sharding import IndexMap, index_map_for_box, index_map_of, mark_shard
 
-from helpers import assert_bits_equal
+from helpers import COLLECTIVE_TIMEOUT, assert_bits_equal
 from test_optim import TinyNet, _task, make, pretrained
 
 BACKENDS = [b for b in ("torch", "cpu", "triton") if b in zokernels.available_backends()]
@@ -182,9 +183,15 @@ def test_shard_undo_log_restores_and_updates_like_the_unsharded_space(backend, d
 STEPS = 3
 
 
-def _init(rank: int, world: int, init_file: str, timeout: float = 60) -> None:
+# What rank 0 of the failure test waits, inside one step begun together with its peer (after a
+# barrier), for the collective the failed peer never joins: the one timeout that must fire.
+FAILED_PEER_TIMEOUT = 20
+
+
+def _init(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=timeout))
+                            world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
     torch.set_num_threads(1)
 
 
@@ -273,13 +280,23 @@ def _fsdp_worker(rank, world, init_file, out_dir, name):
 
 def _fsdp_failure_worker(rank, world, init_file, out_dir):
     """Rank 1's closure raises in its second call (the -eps forward); rank 0 is then stuck in that
-    forward's all-gather until the collective times out and raises."""
-    _init(rank, world, init_file, timeout=10)
+    forward's all-gather until the collective times out and raises.
+
+    Only that wait is timed: set-up and the first step run under the generous default, the
+    failing step starts on both ranks together (a barrier), and rank 1 stays alive (outside any
+    collective) until rank 0 has saved its outcome: rank 0 then always meets the timeout, never
+    a peer that vanished under it."""
+    _init(rank, world, init_file)
     net = _sharded_net(out_dir)
     opt = make("mezo", net)
     x, y = _task(0.5, seed=2)
     _train("mezo", net, opt, x, y, 1)
     before = [p.to_local().detach().clone() for p in net.parameters()]
+    dist.barrier()
+    if rank == 0:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(datetime.timedelta(seconds=FAILED_PEER_TIMEOUT))
     calls = {"n": 0}
 
     def closure():
@@ -292,8 +309,13 @@ def _fsdp_failure_worker(rank, world, init_file, out_dir):
         outcome = "ok"
     except Exception as exc:  # its own error, or the collective's timeout
         outcome = type(exc).__name__
+    path = os.path.join(out_dir, f"fail{rank}.pt")
     torch.save({"shards": [p.to_local().detach() for p in net.parameters()], "before": before,
-                "outcome": outcome}, os.path.join(out_dir, f"fail{rank}.pt"))
+                "outcome": outcome}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    if rank == 1:  # until rank 0 is done (mp.spawn ends this wait if rank 0 dies)
+        while not os.path.exists(os.path.join(out_dir, "fail0.pt")):
+            time.sleep(0.05)
     # no destroy_process_group: the peer is gone, a barrier-like teardown could hang
 
 

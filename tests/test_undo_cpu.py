@@ -372,7 +372,7 @@ def test_generic_path_matches_simd_path(tmp_path):
         "        out[name + ' tensors'] = torch.cat(ts)\n"
         "torch.save(out, sys.argv[1])\n"
     )
-    assert_same_in_both_simd_modes(script, tmp_path, timeout=300)
+    assert_same_in_both_simd_modes(script, tmp_path)
 
 
 def test_kernels_refuse_a_log_with_decay_or_stochastic_rounding():

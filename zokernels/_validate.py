@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ._contract import KEY_LIMIT, SEED_LIMIT
 
@@ -89,10 +90,81 @@ def as_tensor_list(tensors: Any, name: str) -> list[torch.Tensor]:
         if t.is_inference() and not torch.is_inference_mode_enabled():
             raise ValueError(f"{name}[{j}] is an inference tensor: it can be updated in place "
                              "only inside torch.inference_mode()")
-        if t.device.type != "meta" and t.data_ptr() % t.element_size():
-            raise ValueError(f"{name}[{j}] is not aligned to its element size "
-                             f"(data_ptr % {t.element_size()} != 0)")
+        check_addressable(t, f"{name}[{j}]")
     return tensors
+
+
+def check_values(t: torch.Tensor, name: str) -> None:
+    """A tensor whose values a call reads (scales, factors): real storage, not meta."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: it holds no values")
+    check_addressable(t, name)
+
+
+def as_device(value: Any, name: str = "device") -> torch.device:
+    """A torch.device that exists in this process (ValueError naming the argument)."""
+    if isinstance(value, bool) or not isinstance(value, (str, torch.device, int)):
+        raise TypeError(f"{name} must be a torch.device or a string, got {type(value).__name__}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1')") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={value!r} but CUDA is not available")
+    if device.type not in ("cpu", "meta"):
+        try:  # an index past the device count, a backend torch was built without, ...
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(f"{name}={value!r} is not available here "
+                             f"({str(exc).split('. ')[0][:120] or type(exc).__name__})"
+                             ) from None
+    return device
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # no Python dispatch: skip that lookup
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from .sharding import is_dtensor  # no import cycle: sharding imports only torch
+
+    return is_dtensor(t)
+
+
+def check_addressable(t: torch.Tensor, name: str) -> None:
+    """Refuse a tensor the kernels could not write through a raw pointer: one without real,
+    addressable memory of its own (DTensor, FakeTensor, wrapper subclasses such as TwoTensor,
+    functional tensors, nested tensors, data_ptr 0), one misaligned to its element size, or one
+    whose storage is smaller than its view addresses. Meta tensors (no memory) pass: the
+    backends refuse the meta device on their own."""
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor; pass its components as separate tensors")
+    if torch._is_functional_tensor(t) or (type(t) not in _PLAIN_TYPES and (
+            is_traceable_wrapper_subclass(t)
+            or torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python))):
+        if _is_dtensor(t):
+            raise TypeError(f"{name} is a DTensor: pass its local shard (to_local(), with "
+                            "index_maps= from zokernels.sharding.index_map_of) or register it in "
+                            "a ParameterSpace, which does both")
+        raise TypeError(f"{name} is a {type(t).__name__} without real addressable storage (a "
+                        "fake, functional or wrapper-subclass tensor); pass a plain tensor")
+    if t.is_meta or t.numel() == 0:
+        return
+    pointer = t.data_ptr()
+    if pointer == 0:
+        raise TypeError(f"{name} has no addressable memory (data_ptr is 0)")
+    if pointer % t.element_size():
+        raise ValueError(f"{name} is not aligned to its element size "
+                         f"(data_ptr % {t.element_size()} != 0)")
+    if t.is_contiguous():
+        needed = t.storage_offset() + t.numel()
+    else:
+        needed = (t.storage_offset() + 1
+                  + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())))
+    held = t.untyped_storage().nbytes()
+    if needed * t.element_size() > held:
+        raise ValueError(f"{name} addresses {needed * t.element_size()} bytes of its storage, "
+                         f"which holds only {held} (a storage resized below its views)")
 
 
 def _fits_float32(value: float | int) -> bool:
@@ -105,6 +177,18 @@ def _fits_float32(value: float | int) -> bool:
 
 def _is_real_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_numbers(values: Any, count: int, name: str) -> None:
+    """`count` real numbers, each finite in float32 (pure Python: for host-side records)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of {count} numbers, got "
+                        f"{type(values).__name__}")
+    if len(values) != count:
+        raise ValueError(f"{name} must have {count} value(s), got {len(values)}")
+    for k, v in enumerate(values):
+        if not _is_real_number(v) or not _fits_float32(v):
+            raise ValueError(f"{name}[{k}] must be a number finite in float32, got {v!r}")
 
 
 def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: bool,
@@ -121,6 +205,7 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
     if isinstance(values, torch.Tensor):
         if not (values.dtype.is_floating_point or values.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {values.dtype}")
+        check_values(values, name)
         vector = values.detach().reshape(-1).to(torch.float32)
     else:
         if scalar:
@@ -165,18 +250,25 @@ def as_keys(keys: Any, count: int) -> list[int]:
 
 
 def check_no_internal_overlap(t: torch.Tensor, name: str) -> None:
-    """Refuse tensors whose elements share memory (expand(), stride 0): writes would race."""
-    if t.is_contiguous():  # the common case, and contiguous elements never overlap
+    """Refuse tensors whose elements may share memory (expand(), stride 0, as_strided views):
+    writes would race, or the last one would win.
+
+    Non-overlap is proven, not asked of torch (whose check answers "too hard" for most
+    non-contiguous views): with the dims of size > 1 sorted by stride, each stride must exceed
+    the span of the dims inside it. Every slice, transpose, permutation and channels-last layout
+    passes; a view that fails may still be overlap-free but is refused (copy it first)."""
+    if t.is_contiguous() or t.numel() <= 1:  # the common case; these never overlap
         return
-    if t.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.size())):
+    if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.size())):
         raise ValueError(f"{name} has internal memory overlap (a stride-0 / expanded view); "
                          "pass a tensor whose elements are distinct")
-    if not t.is_contiguous():
-        try:  # private helper; 1 means MemOverlap.Yes
-            if torch._debug_has_internal_overlap(t) == 1:
-                raise ValueError(f"{name} has internal memory overlap")
-        except (AttributeError, RuntimeError):
-            pass
+    span = 0  # the largest element offset reached by the dims checked so far
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz > 1):
+        if stride <= span:
+            raise ValueError(f"{name} has internal memory overlap, or strides {tuple(t.stride())} "
+                             f"for shape {tuple(t.shape)} whose elements cannot be proven "
+                             "distinct; pass a tensor whose elements are distinct (e.g. .clone())")
+        span += (size - 1) * stride
 
 
 def _memory_span(t: torch.Tensor) -> tuple[int, int]:

@@ -14,25 +14,71 @@ Format (torch.save of plain tensors, lists and numbers; loads with weights_only=
     when every seed is derived from (base_seed, step, k)), coefs float32 [sum n_seeds, G],
     decays float32 [S, G], n_layers int16 [S] (-1: all), layers int16 [sum n_layers],
     extra: per-algorithm float32 columns (e.g. TeZO's projected gradients).
+
+Loading is bounded by the file (docs/threat-model.md): every field is checked before a record is
+built (types, shapes, finite values, counter ranges), each step holds at most
+MAX_SEEDS_PER_STEP seeds, and every tensor must hold its values in its own storage (a stride-0
+view of a few bytes cannot declare millions of seeds), so the work of a load, derived seeds
+included, grows with the file's size.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ._contract import PERTURB_DISTS, ROUNDINGS
+from ._seeds import step_seed
+from ._validate import as_key, as_seed, as_seed_list, check_addressable, check_numbers
+
 FORMAT_VERSION = 1
+# Seeds one step may hold (MeZO's n_spsa, PseuZO's window): the optimizers refuse more, and a
+# loaded trajectory declaring more is refused (its seeds are derived on load).
+MAX_SEEDS_PER_STEP = 1024
+COUNTER_LIMIT = 1 << 63  # steps and counters are int64 in the saved format
+_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+# How each algorithm replays: "seeded" (every record is theta = decay * theta + sum_k c_k z_k:
+# MeZO, LeZO, PseuZO) or the module of a dedicated replayer with its replay function and the
+# function that checks what the replay reads (before anything is applied). Looked up by name when
+# a replay needs it, so a replay never depends on what was imported before; an algorithm in
+# neither this table nor register_replayer's is refused.
+_BUILTIN_REPLAYERS: dict[str, str | tuple[str, str, str]] = {
+    "mezo": "seeded", "lezo": "seeded", "pseuzo": "seeded",
+    "tezo": ("zokernels.optim.tezo", "_replay_tezo", "_check_tezo_replay"),
+}
+# Extra columns a replay reads, per param group g: f"{prefix}{g}" (checked before replaying).
+_REQUIRED_COLUMNS = {"tezo": ("grad", "lr")}
 _REPLAYERS: dict[str, Any] = {}
 
 
 def register_replayer(algorithm: str, replayer: Any) -> None:
-    """`replayer(trajectory, spaces, backend)` rebuilds the weights for `algorithm` (algorithms
-    whose updates are not plain seeded sums, e.g. TeZO's low-rank moments)."""
+    """`replayer(trajectory, spaces, backend)` rebuilds the weights for `algorithm`: for
+    algorithms outside zokernels (the built-in ones are found by name, whatever was imported)."""
+    if algorithm in _BUILTIN_REPLAYERS:
+        raise ValueError(f"{algorithm!r} is a built-in algorithm; its replayer is fixed")
     _REPLAYERS[algorithm] = replayer
+
+
+def _replayer(algorithm: str) -> tuple[Any, Any]:
+    """(replayer, checker) of `algorithm` ((None, None): plain seeded updates); ValueError if
+    unknown."""
+    entry = _BUILTIN_REPLAYERS.get(algorithm)
+    if entry == "seeded":
+        return None, None
+    if entry is not None:
+        module = importlib.import_module(entry[0])
+        return getattr(module, entry[1]), getattr(module, entry[2])
+    if algorithm in _REPLAYERS:
+        return _REPLAYERS[algorithm], None
+    raise ValueError(f"cannot replay a trajectory of algorithm {algorithm!r}: not a zokernels "
+                     f"algorithm ({sorted(_BUILTIN_REPLAYERS)}) nor one registered with "
+                     "register_replayer")
 
 
 def _as_int64_bits(x: int) -> int:
@@ -86,6 +132,9 @@ class Trajectory:
         decays: a 1-D tensor or a sequence of numbers, one per group; extra: numbers or
         one-element tensors. Tensors are not read here (no host synchronization)."""
         seeds = [int(s) for s in seeds]
+        if not 1 <= len(seeds) <= MAX_SEEDS_PER_STEP:
+            raise ValueError(f"record: {len(seeds)} seeds; a step holds 1 to "
+                             f"{MAX_SEEDS_PER_STEP}")
         if len(decays) != len(coefs):
             raise ValueError(f"record: {len(coefs)} coefficient groups but {len(decays)} decays")
         row: list[Any] = []
@@ -157,9 +206,11 @@ class Trajectory:
         return zip(self._steps, self._seeds, self._coefs, self._decays, self._layers)
 
     # -- serialization --------------------------------------------------------------------------
-    def _seeds_derived(self) -> bool:
-        from .optim._seeds import step_seed
+    def last_step(self) -> int | None:
+        """The step of the last record (None when empty)."""
+        return self._steps[-1] if self._steps else None
 
+    def _seeds_derived(self) -> bool:
         base = self.meta.get("base_seed")
         if base is None or self.meta.get("derived_seeds") is False:
             return False
@@ -193,19 +244,13 @@ class Trajectory:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "Trajectory":
-        if state.get("version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported trajectory format version {state.get('version')!r}")
-        from .optim._seeds import step_seed
-
-        self = cls(state["algorithm"], copy.deepcopy(state["meta"]))
-        steps = state["step"].tolist()
-        counts = state["n_seeds"].tolist()
-        coefs = state["coefs"].tolist()
-        decays = state["decays"].tolist()
-        n_layers = state["n_layers"].tolist()
-        layers = state["layers"].tolist()
-        seeds = None if state["seeds"] is None else [s & ((1 << 64) - 1)
-                                                     for s in state["seeds"].tolist()]
+        """Parse a saved trajectory, checking all of it first (ValueError naming the field):
+        see the module docstring for the bounds."""
+        parsed = _checked_state(state)
+        self = cls(parsed["algorithm"], copy.deepcopy(parsed["meta"]))
+        steps, counts = parsed["step"], parsed["n_seeds"]
+        coefs, decays = parsed["coefs"], parsed["decays"]
+        n_layers, layers, seeds = parsed["n_layers"], parsed["layers"], parsed["seeds"]
         at = at_layer = 0
         for i, step in enumerate(steps):
             k = counts[i]
@@ -225,7 +270,7 @@ class Trajectory:
             self._decays.append(decays[i])
             self._layers.append(chosen)
             at += k
-        self._extra = {k: v.tolist() for k, v in state.get("extra", {}).items()}
+        self._extra = parsed["extra"]
         return self
 
     def save(self, path: str | os.PathLike) -> None:
@@ -244,20 +289,50 @@ class Trajectory:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- replay ---------------------------------------------------------------------------------
+    def _named_params(self, params: Any) -> list[tuple[str, torch.Tensor]]:
+        """`params` as (name, tensor) pairs carrying the recorded names where they were given
+        in the recorded order (plain tensors), else as given (a module, or pairs)."""
+        groups = self.meta["groups"]
+        recorded = [name for group in groups for name in group["param_names"]]
+        named_run = all(group.get("named", True) for group in groups)
+        if isinstance(params, torch.nn.Module):
+            if not named_run:
+                raise ValueError(
+                    "replay: the run was recorded from unnamed tensors (e.g. "
+                    "MeZO(model.parameters())), so a module's names cannot be matched; pass "
+                    "list(model.parameters()) (the tensors in the order the optimizer got them)")
+            return list(params.named_parameters())
+        if isinstance(params, torch.Tensor) or not hasattr(params, "__iter__"):
+            raise TypeError("replay: params must be a module, (name, tensor) pairs, or tensors "
+                            f"in the recorded order, got {type(params).__name__}")
+        items = list(params)
+        pairs = [isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                 and isinstance(item[1], torch.Tensor) for item in items]
+        if items and all(pairs):
+            return items
+        if any(pairs) or not all(isinstance(item, torch.Tensor) for item in items):
+            raise TypeError("replay: params must be all (name, tensor) pairs or all tensors")
+        # plain tensors: as the optimizer took them (frozen nn.Parameters skipped), in order
+        tensors = [t for t in items
+                   if not (isinstance(t, torch.nn.Parameter) and not t.requires_grad)]
+        if len(tensors) != len(recorded):
+            raise ValueError(f"replay: got {len(tensors)} trainable tensors, the run recorded "
+                             f"{len(recorded)} (plain tensors are matched by position)")
+        return list(zip(recorded, tensors))
+
     def spaces_for(self, params: Any, backend: str = "auto"):
         """ParameterSpaces over `params` matching the recorded param groups.
 
-        Recorded names are matched to the given ones through canonical_name (wrapper components
-        such as `module.` dropped), so a run recorded on a DDP-wrapped model replays on the bare
-        model and vice versa. The spaces carry the recorded names and keys. ValueError: a
-        recorded parameter missing or of another size, or a canonical name shared by two given
-        parameters (ambiguous)."""
+        params: what the optimizer accepted: an nn.Module or (name, tensor) pairs when the run
+        recorded names, or the tensors themselves in the recorded order (frozen nn.Parameters
+        skipped, as the optimizers do). Recorded names are matched to the given ones through
+        canonical_name (wrapper components such as `module.` dropped), so a run recorded on a
+        DDP-wrapped model replays on the bare model and vice versa. The spaces carry the
+        recorded names and keys. ValueError: a recorded parameter missing or of another size,
+        or a canonical name shared by two given parameters (ambiguous)."""
         from .space import ParameterSpace, canonical_name
 
-        if isinstance(params, torch.nn.Module):
-            named = list(params.named_parameters())
-        else:
-            named = list(params)
+        named = self._named_params(params)
         by_canonical: dict[str, list[tuple[str, torch.Tensor]]] = {}
         for name, tensor in named:
             by_canonical.setdefault(canonical_name(name), []).append((name, tensor))
@@ -286,11 +361,51 @@ class Trajectory:
             spaces.append(space)
         return spaces
 
+    def check_records(self, spaces: Sequence[Any], seeds_per_step: tuple[int, int] = (
+            1, MAX_SEEDS_PER_STEP)) -> None:
+        """Every record checked against the spaces it will be applied to, before any is
+        (ValueError naming the record): seeds valid and between seeds_per_step's bounds, one
+        finite coefficient per seed and one finite decay per param group, layer choices valid
+        for the spaces, the extra columns the replay reads complete and finite. A replay never
+        stops half-way on a bad record, nor a resume adopt one."""
+        extra = self.extra
+        low, high = seeds_per_step
+        for i, (step, seeds, coefs, decays, layers) in enumerate(self.records()):
+            where = f"trajectory record {i} (step {step})"
+            try:
+                seed_list = as_seed_list(seeds)
+                if not low <= len(seed_list) <= high:
+                    raise ValueError(f"{len(seed_list)} seeds, expected {low}"
+                                     + ("" if low == high else f" to {high}"))
+                if len(coefs) != len(spaces) or len(decays) != len(spaces):
+                    raise ValueError(f"{len(coefs)} coefficient groups and {len(decays)} decays "
+                                     f"for {len(spaces)} param groups")
+                check_numbers(decays, len(spaces), "decays")
+                for g, space in enumerate(spaces):
+                    check_numbers(coefs[g], len(seed_list), f"coefs[{g}]")
+                    if layers is not None:
+                        space.indices(layers)
+                for prefix in _REQUIRED_COLUMNS.get(self.algorithm, ()):
+                    missing = [f"{prefix}{g}" for g in range(len(spaces))
+                               if f"{prefix}{g}" not in extra]
+                    if missing:
+                        raise ValueError(f"the replay needs the extra columns {missing}")
+                for name, column in extra.items():
+                    if len(column) != len(self) or not math.isfinite(column[i]):
+                        raise ValueError(f"extra column {name!r} has no finite value here")
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}: {exc}") from None
+
     def replay(self, params: Any, *, backend: str = "auto") -> None:
         """Apply every recorded update, in order, in place to `params` (the initial weights):
-        an nn.Module or (name, tensor) pairs with the recorded names."""
+        an nn.Module or (name, tensor) pairs with the recorded names, or the tensors in the
+        recorded order (see spaces_for). Everything is checked first (the parameters, the
+        algorithm, every record): a refusal leaves `params` untouched."""
+        replayer, check = _replayer(self.algorithm)
         spaces = self.spaces_for(params, backend)
-        replayer = _REPLAYERS.get(self.algorithm)
+        self.check_records(spaces)
+        if check is not None:
+            check(self, spaces)
         if replayer is not None:
             replayer(self, spaces, backend)
             return
@@ -299,3 +414,112 @@ class Trajectory:
             for g, space in enumerate(spaces):
                 space.update(seeds, coefs[g], decay=decays[g], layers=layers, dist=dist,
                              rounding=rounding)
+
+
+# -- checks of a saved trajectory ------------------------------------------------------------------
+
+def _field(state: dict[str, Any], name: str, dim: int, integer: bool, rows: int | None,
+           width: int | None = None) -> list:
+    """A tensor field as a list, checked: an integer (or float32) tensor of `dim` dims and `rows`
+    rows (`width` columns), with real storage holding every value (no stride-0 expansion), and
+    finite when floating."""
+    t = state.get(name)
+    where = f"trajectory {name}"
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{where} must be a tensor, got {type(t).__name__}")
+    try:
+        check_addressable(t, where)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    if t.device.type == "meta" or t.layout != torch.strided:
+        raise ValueError(f"{where} must be a dense tensor with values, got {t.layout} on "
+                         f"{t.device}")
+    if t.dtype not in (_INTEGER_DTYPES if integer else (torch.float32,)):
+        raise ValueError(f"{where} must be {'an integer' if integer else 'a float32'} tensor, "
+                         f"got {t.dtype}")
+    shape = (rows,) if width is None else (rows, width)
+    if t.dim() != dim or (rows is not None and tuple(t.shape) != shape):
+        raise ValueError(f"{where} must have shape {shape}, got {tuple(t.shape)}")
+    if t.numel() and t.untyped_storage().nbytes() < t.numel() * t.element_size():
+        raise ValueError(f"{where} declares {t.numel()} values but its storage holds "
+                         f"{t.untyped_storage().nbytes()} bytes (an expanded view)")
+    if not integer and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{where} must hold finite values")
+    return t.tolist()
+
+
+def _checked_meta(meta: Any, seeds_saved: bool) -> int:
+    """The meta fields a load and a replay read; returns the number of param groups."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"trajectory meta must be a dict, got {type(meta).__name__}")
+    if "base_seed" in meta or not seeds_saved:
+        try:
+            as_seed(meta.get("base_seed"), "base_seed")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"trajectory meta {exc}") from None
+    if meta.get("dist", "gaussian") not in PERTURB_DISTS:
+        raise ValueError(f"trajectory meta dist must be one of {list(PERTURB_DISTS)}, got "
+                         f"{meta.get('dist')!r}")
+    if meta.get("rounding", "nearest") not in ROUNDINGS:
+        raise ValueError(f"trajectory meta rounding must be one of {list(ROUNDINGS)}, got "
+                         f"{meta.get('rounding')!r}")
+    groups = meta.get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise ValueError("trajectory meta groups must be a non-empty list (one per param group)")
+    for g, group in enumerate(groups):
+        where = f"trajectory meta groups[{g}]"
+        if not isinstance(group, dict):
+            raise ValueError(f"{where} must be a dict")
+        names, numels, keys = (group.get(k) for k in ("param_names", "numel", "keys"))
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{where} param_names must be a list of strings")
+        for field, values in (("numel", numels), ("keys", keys)):
+            if not isinstance(values, list) or len(values) != len(names):
+                raise ValueError(f"{where} {field} must be a list of {len(names)} integers")
+        if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < COUNTER_LIMIT
+               for n in numels):
+            raise ValueError(f"{where} numel must hold integers in [0, 2^63)")
+        try:
+            [as_key(k, "key") for k in keys]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where} keys: {exc}") from None
+    return len(groups)
+
+
+def _checked_state(state: Any) -> dict[str, Any]:
+    """Every field of a saved trajectory checked, before any record is built; the tensors as
+    lists. ValueError naming the field."""
+    if not isinstance(state, dict):
+        raise ValueError(f"a trajectory state must be a dict, got {type(state).__name__}")
+    if state.get("version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported trajectory format version {state.get('version')!r}")
+    if not isinstance(state.get("algorithm"), str):
+        raise ValueError("trajectory algorithm must be a string")
+    groups = _checked_meta(state.get("meta"), state.get("seeds") is not None)
+    steps = _field(state, "step", 1, True, None)
+    count = len(steps)
+    if any(not 0 <= b < COUNTER_LIMIT for b in steps) or any(
+            a >= b for a, b in zip(steps, steps[1:])):
+        raise ValueError("trajectory step must hold increasing steps in [0, 2^63)")
+    counts = _field(state, "n_seeds", 1, True, count)
+    if any(not 1 <= k <= MAX_SEEDS_PER_STEP for k in counts):
+        raise ValueError(f"trajectory n_seeds must be in [1, {MAX_SEEDS_PER_STEP}] per step")
+    total = sum(counts)
+    seeds = None
+    if state.get("seeds") is not None:
+        seeds = [s & ((1 << 64) - 1) for s in _field(state, "seeds", 1, True, total)]
+    coefs = _field(state, "coefs", 2, False, total, groups)
+    decays = _field(state, "decays", 2, False, count, groups)
+    n_layers = _field(state, "n_layers", 1, True, count)
+    if any(n < -1 for n in n_layers):
+        raise ValueError("trajectory n_layers must be -1 (all layers) or a count")
+    layers = _field(state, "layers", 1, True, sum(n for n in n_layers if n > 0))
+    if any(x < 0 for x in layers):
+        raise ValueError("trajectory layers must hold layer indices >= 0")
+    extra = state.get("extra", {})
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise ValueError("trajectory extra must be a dict of named columns")
+    columns = {name: _field(extra, name, 1, False, count) for name in extra}
+    return {"algorithm": state["algorithm"], "meta": state["meta"], "step": steps,
+            "n_seeds": counts, "seeds": seeds, "coefs": coefs, "decays": decays,
+            "n_layers": n_layers, "layers": layers, "extra": columns}

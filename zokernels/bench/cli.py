@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
 import sys
@@ -404,8 +405,8 @@ def plan_ops(args: argparse.Namespace) -> Plan:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
     if args.warmup is not None and args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.max_gb is not None and args.max_gb <= 0:
-        raise UsageError(f"--max-gb must be > 0, got {args.max_gb:g}")
+    if args.max_gb is not None and not (math.isfinite(args.max_gb) and args.max_gb > 0):
+        raise UsageError(f"--max-gb must be a finite number > 0, got {args.max_gb:g}")
     names = _items(args.shape_set, "") if args.shape_set else None
     shape_sets = []
     for name in names or []:
@@ -550,6 +551,37 @@ def format_table(results: list[dict], groups: list[Group]) -> str:
     return "\n\n".join(blocks)
 
 
+def check_json_path(path: str) -> None:
+    """Refuse (UsageError) a --json PATH that cannot be written, before anything runs: a
+    directory, a path under a file, or a place this process may not write."""
+    if os.path.isdir(path):
+        raise UsageError(f"--json {path}: is a directory; give a file path")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"--json {path}: the file is not writable")
+    # the nearest existing ancestor must be a directory we may create entries in
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UsageError(f"--json {path}: {ancestor} is not a directory")
+    if not os.path.exists(path) and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"--json {path}: cannot create files in {ancestor}")
+
+
+def apply_run_options(args: argparse.Namespace) -> None:
+    """The options every run shares, checked before any work: --json PATH writable, --threads
+    in [1, CPUs of this machine] (torch crashes on absurd counts); then the threads are set."""
+    if getattr(args, "json", None):
+        check_json_path(args.json)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        limit = os.cpu_count() or 1
+        if not 1 <= threads <= limit:
+            raise UsageError(f"--threads must be in [1, {limit}] (the CPUs of this machine), "
+                             f"got {threads}")
+        torch.set_num_threads(threads)
+
+
 def write_json(path: str, plan: Plan, results: list[dict], argv: list[str],
                extra: dict | None = None) -> None:
     """The results with the environment, date and command; `extra`: more top-level fields."""
@@ -576,10 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lora":
         return main_lora(args, argv)
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UsageError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        apply_run_options(args)
         plan = plan_ops(args) if args.command == "ops" else plan_quick(args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -648,10 +677,7 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
 
 def main_step(args: argparse.Namespace, argv: list[str]) -> int:
     try:
-        if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise UsageError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        apply_run_options(args)
         settings, optimizers = plan_step(args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -777,10 +803,7 @@ def plan_lora(args: argparse.Namespace) -> tuple[LoraSettings, list[str]]:
 
 def main_lora(args: argparse.Namespace, argv: list[str]) -> int:
     try:
-        if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise UsageError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        apply_run_options(args)
         settings, notes = plan_lora(args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

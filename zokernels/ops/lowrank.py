@@ -18,6 +18,7 @@ from .._validate import (
     as_tensor_list,
     check_no_internal_overlap,
     check_no_overlap,
+    check_values,
 )
 from ._groups import contiguous_views, select as _select
 from .perturb import PerturbGroup, plan_groups
@@ -27,6 +28,7 @@ from .undo import UndoLog
 def _as_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor]:
     """One factor per weight; a single tensor is shared by all weights (taus only)."""
     if isinstance(values, torch.Tensor) and name in ("taus", "applied_taus"):
+        check_values(values, name)
         if values.dim() == 1:
             return [values] * count
         if values.dim() == 2 and values.shape[0] == count:

@@ -6,7 +6,7 @@ import torch
 
 from .._contract import NOISE_DISTS, SEED_LIMIT
 from .._dispatch import implementation, resolve_backend
-from .._validate import as_choice, as_int, as_key, as_seed, check_range
+from .._validate import as_choice, as_device, as_int, as_key, as_seed, check_range
 
 
 def noise(numel: int, seed: int, key: int = 0, *, offset: int = 0, dist: str = "gaussian",
@@ -27,7 +27,7 @@ def noise(numel: int, seed: int, key: int = 0, *, offset: int = 0, dist: str = "
     if offset + numel > SEED_LIMIT:
         raise ValueError("offset + numel must not exceed 2^64 (the contract's element index range)")
     dist = as_choice(dist, NOISE_DISTS, "dist")
-    device = torch.device("cpu") if device is None else torch.device(device)
+    device = torch.device("cpu") if device is None else as_device(device, "device")
     chosen = resolve_backend(backend, device)
     if numel == 0:
         return torch.empty(0, dtype=torch.float32, device=device)

@@ -19,9 +19,10 @@ import torch
 
 from .._contract import PERTURB_DISTS, ROUNDINGS
 from .._dispatch import BACKEND_CHOICES
+from .._validate import as_seed
 from ..ops.undo import UndoLog
 from ..space import ParameterSpace, canonical_name
-from ..trajectory import Trajectory
+from ..trajectory import COUNTER_LIMIT, Trajectory
 from ._params import normalize_param_groups
 from ._seeds import step_seed
 
@@ -69,8 +70,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                  exact_restore: bool, backend: str, no_decay: Sequence[str],
                  record_trajectory: bool, layers: Sequence[Any] | None = None,
                  rounding: str = "nearest", process_group: Any = None) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        seed = as_seed(seed, "seed")  # the ops' rule: an integer in [0, 2^64)
         if dist not in PERTURB_DISTS:
             raise ValueError(f"dist must be one of {list(PERTURB_DISTS)}, got {dist!r}")
         if backend not in BACKEND_CHOICES:
@@ -85,6 +85,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if name in group:
                     self._check_group_option(name, group[name], g)
         self._zo_ready = False  # torch's __init__ calls add_param_group for the groups above
+        self._stepping = False  # a step is running (its closure included): step() is refused
         super().__init__(groups, defaults)
         self.base_seed = int(seed)
         self.dist = dist
@@ -221,6 +222,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         param group (the full spaces, before any split)."""
         return {"base_seed": self.base_seed, "dist": self.dist, "rounding": self.rounding,
                 "groups": [{"param_names": list(g["param_names"]),
+                            "named": bool(g.get("_named", True)),
                             "numel": space.global_numels(),
                             "keys": list(space.keys)}
                            for g, space in zip(self.param_groups, self._registered)],
@@ -383,17 +385,24 @@ class ZOOptimizer(torch.optim.Optimizer):
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.process_group)
         return reduced / dist.get_world_size(self.process_group)
 
-    def _finite(self, *losses: torch.Tensor) -> bool:
-        """One host synchronization: the step needs to know whether to skip."""
-        values = torch.stack([l.to("cpu") if l.device.type != "cpu" else l for l in losses])
-        return bool(torch.isfinite(values).all())
+    def _finite(self, *values: torch.Tensor) -> bool:
+        """Whether every value (losses, and the projected gradients / coefficients computed from
+        them, any shapes) is finite: one host synchronization per device (one in practice), the
+        step needs it to know whether to skip."""
+        per_device: dict[torch.device, list[torch.Tensor]] = {}
+        for v in values:
+            per_device.setdefault(v.device, []).append(v.detach().reshape(-1).to(torch.float32))
+        return all(bool(torch.isfinite(torch.cat(vs)).all()) for vs in per_device.values())
 
     def _skip(self, losses: Sequence[torch.Tensor]) -> None:
+        """A step whose losses, or the projected gradient / update coefficients computed from
+        them (finite losses whose difference overflows float32), are not finite: weights
+        restored exactly, counted in zo_state["skipped_steps"], warned."""
         self._restore()
         self.zo_state["skipped_steps"] += 1
-        warnings.warn(f"{type(self).__name__}: non-finite loss at step {self.zo_state['step']} "
-                      f"({[float(l) for l in losses]}); step skipped, weights restored exactly",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{type(self).__name__}: non-finite loss or projected gradient at step "
+                      f"{self.zo_state['step']} (losses {[float(l) for l in losses]}); step "
+                      "skipped, weights restored exactly", RuntimeWarning, stacklevel=3)
 
     def _update(self, seeds: list[int], coefs_per_group: list[Any], layers: list | None,
                 decays: list[float] | None = None) -> None:
@@ -423,12 +432,21 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._clear_logs()
 
     def _guarded(self, body: Callable[[], Any]) -> Any:
-        """Run a step body; on any exception (KeyboardInterrupt included) restore exactly."""
+        """Run a step body; on any exception (KeyboardInterrupt included) restore exactly.
+
+        A step called again from inside a step (its closure calling opt.step()) is refused with
+        RuntimeError before it touches anything; the outer step then fails and restores."""
+        if self._stepping:
+            raise RuntimeError(f"{type(self).__name__}.step() called while a step is running "
+                               "(from its closure?): steps cannot nest")
+        self._stepping = True
         try:
             return body()
         except BaseException:
             self._restore()
             raise
+        finally:
+            self._stepping = False
 
     # -- state ------------------------------------------------------------------------------------
     def _step_in_progress(self) -> bool:
@@ -453,14 +471,23 @@ class ZOOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs: hyperparameters per group, base seed, dist, step counters,
         undo-log sizing, algorithm state and the trajectory. Plain containers copied; no tensor
-        aliases state that a later step mutates in place."""
+        aliases state that a later step mutates in place. Runs the hooks registered with
+        register_state_dict_pre_hook / register_state_dict_post_hook as torch.optim does (a
+        post hook may return a replacement)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         groups = [{k: copy.deepcopy(v) for k, v in g.items() if k not in ("params", "_named")}
                   for g in self.param_groups]
-        return {"algorithm": self.algorithm, "base_seed": self.base_seed, "dist": self.dist,
-                "zo_state": dict(self.zo_state), "param_groups": groups,
-                "undo_logs": [[log.state_dict() for log in pair] for pair in self._logs],
-                "extra": self._extra_state(),
-                "trajectory": None if self.trajectory is None else self.trajectory.state_dict()}
+        state = {"algorithm": self.algorithm, "base_seed": self.base_seed, "dist": self.dist,
+                 "zo_state": dict(self.zo_state), "param_groups": groups,
+                 "undo_logs": [[log.state_dict() for log in pair] for pair in self._logs],
+                 "extra": self._extra_state(),
+                 "trajectory": None if self.trajectory is None else self.trajectory.state_dict()}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
+        return state
 
     def _checked_state(self, state: Any) -> tuple[list[dict], list[list[dict]],
                                                    Trajectory | None]:
@@ -474,10 +501,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         missing = [k for k in self.STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"state_dict lacks {missing}")
-        seed = state["base_seed"]
-        if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                or not 0 <= seed < 1 << 64):
-            raise ValueError(f"state_dict base_seed must be an integer in [0, 2^64), got {seed!r}")
+        try:
+            as_seed(state["base_seed"], "base_seed")  # the constructor's (and the ops') rule
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"state_dict {exc}") from None
         if state["dist"] not in PERTURB_DISTS:
             raise ValueError(f"state_dict dist must be one of {list(PERTURB_DISTS)}, "
                              f"got {state['dist']!r}")
@@ -487,9 +514,14 @@ class ZOOptimizer(torch.optim.Optimizer):
                              f"{sorted(self.zo_state)}, got "
                              f"{sorted(zo_state) if isinstance(zo_state, dict) else zo_state!r}")
         for key, value in zo_state.items():
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"state_dict zo_state[{key!r}] must be a non-negative integer, "
-                                 f"got {value!r}")
+            # int64 counters: the trajectory's step column (and torch) store them as such
+            if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                    or not 0 <= value < COUNTER_LIMIT):
+                raise ValueError(f"state_dict zo_state[{key!r}] must be an integer in "
+                                 f"[0, 2^63), got {value!r}")
+        if zo_state["skipped_steps"] > zo_state["step"]:
+            raise ValueError(f"state_dict zo_state: skipped_steps {zo_state['skipped_steps']} "
+                             f"exceeds step {zo_state['step']}")
         groups = state["param_groups"]
         if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
             got = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
@@ -539,6 +571,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         except Exception as exc:
             raise ValueError(f"state_dict trajectory is not a trajectory state: {exc}") from exc
         meta = trajectory.meta
+        last = trajectory.last_step()
+        if last is not None and last >= state["zo_state"]["step"]:
+            raise ValueError(f"state_dict trajectory records step {last}, not below the saved "
+                             f"step counter {state['zo_state']['step']}")
         expected = {"algorithm": (trajectory.algorithm, self.algorithm),
                     "base_seed": (meta.get("base_seed"), int(state["base_seed"])),
                     "dist": (meta.get("dist"), state["dist"]),
@@ -553,7 +589,15 @@ class ZOOptimizer(torch.optim.Optimizer):
                        for saved_group, group in zip(groups, self.param_groups))):
             raise ValueError("state_dict trajectory describes other parameters than this "
                              "optimizer's param groups")
+        try:  # every record as this optimizer would have recorded it (seeds, layers, columns)
+            trajectory.check_records(self._registered, self._seeds_per_step())
+        except ValueError as exc:
+            raise ValueError(f"state_dict {exc}") from None
         return trajectory
+
+    def _seeds_per_step(self) -> tuple[int, int]:
+        """(fewest, most) seeds one recorded step of this optimizer holds."""
+        return 1, 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from a state_dict: all of it is validated first (ValueError naming the field;
@@ -562,9 +606,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         whatever seed this optimizer was built with. The saved trajectory is adopted; without
         one, a trajectory being recorded restarts empty with the loaded seed (its records then
         replay from the checkpoint's weights). RuntimeError during a step."""
-        if self._step_in_progress():
+        if self._step_in_progress() or self._stepping:
             raise RuntimeError("load_state_dict called during a step (the weights hold a "
                                "perturbation); call it between steps")
+        if isinstance(state_dict, dict):
+            # torch.optim's load_state_dict pre hooks: each may return a replacement
+            state_dict = dict(state_dict)
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = pre_hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
         state = _copied(state_dict)
         options, logs, trajectory = self._checked_state(state)
         # -- nothing below raises: the state was validated above
@@ -582,6 +633,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         elif self.trajectory is not None:
             # none saved: record from the resumed step on, described with the loaded values
             self.trajectory = Trajectory(self.algorithm, self._trajectory_meta())
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     @property
     def undo_log_bytes(self) -> int:

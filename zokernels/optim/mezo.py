@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..space import NO_DECAY_DEFAULT
+from ..trajectory import MAX_SEEDS_PER_STEP
 from .base import Closure, ZOOptimizer, check_common_hyper
 
 
@@ -73,8 +74,10 @@ class MeZO(ZOOptimizer):
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True,
                  perturbation_parallel: bool = False, **kwargs: Any) -> None:
         check_common_hyper(lr, eps, weight_decay)
-        if isinstance(n_spsa, bool) or not isinstance(n_spsa, int) or n_spsa < 1:
-            raise ValueError(f"n_spsa must be a positive integer, got {n_spsa!r}")
+        if (isinstance(n_spsa, bool) or not isinstance(n_spsa, int)
+                or not 1 <= n_spsa <= MAX_SEEDS_PER_STEP):
+            raise ValueError(f"n_spsa must be an integer in [1, {MAX_SEEDS_PER_STEP}], "
+                             f"got {n_spsa!r}")
         self.n_spsa = n_spsa
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
                          dist=dist, exact_restore=exact_restore, backend=backend,
@@ -102,6 +105,9 @@ class MeZO(ZOOptimizer):
         if world % 2:
             raise ValueError(f"perturbation_parallel needs an even number of ranks, got {world}")
         return 1.0 if dist.get_rank(self.process_group) % 2 == 0 else -1.0
+
+    def _seeds_per_step(self) -> tuple[int, int]:
+        return self.n_spsa, self.n_spsa
 
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()
@@ -153,15 +159,16 @@ class MeZO(ZOOptimizer):
         # one collective and one host synchronization per step, whatever n_spsa
         losses = self._reduce_losses(torch.stack(local))  # [n_spsa, 2]: (l+, l-) per seed
         first_loss = losses[0, 0]
-        finite = self._finite(losses)
+        grads = (losses[:, 0] - losses[:, 1]) / 2  # per group: divided by eps_g below
+        coefs = [-(group["lr"] / self.n_spsa) * (grads / group["eps"])
+                 for group in self.param_groups]
+        # finite losses can still overflow float32 in their difference: such a step is skipped
+        finite = self._finite(losses, *coefs)
         self._check_logs()
         if not finite:
             self._skip(losses.reshape(-1))
             self.zo_state["step"] = step + 1
             return first_loss
-        grads = (losses[:, 0] - losses[:, 1]) / 2  # per group: divided by eps_g below
-        coefs = [-(group["lr"] / self.n_spsa) * (grads / group["eps"])
-                 for group in self.param_groups]
         # the earlier seeds were restored exactly: only the last one is held
         self._update(seeds, coefs, layers)
         if self.trajectory is not None:

@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
+from .._validate import as_seed
 from ..space import NO_DECAY_DEFAULT
+from ..trajectory import MAX_SEEDS_PER_STEP
 from .base import ZOOptimizer, check_common_hyper, check_hyper
 
 
@@ -144,8 +146,10 @@ class PseuZO(ZOOptimizer):
         if beta_zero not in BETA_ZERO_MODES:
             raise ValueError(f"beta_zero must be one of {list(BETA_ZERO_MODES)}, got "
                              f"{beta_zero!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive integer, got {window!r}")
+        if (isinstance(window, bool) or not isinstance(window, int)
+                or not 1 <= window <= MAX_SEEDS_PER_STEP):
+            raise ValueError(f"window must be an integer in [1, {MAX_SEEDS_PER_STEP}], "
+                             f"got {window!r}")
         if store_dtype is not None and not (isinstance(store_dtype, torch.dtype)
                                             and store_dtype.is_floating_point):
             raise ValueError(f"store_dtype must be a floating torch.dtype, got {store_dtype!r}")
@@ -193,6 +197,9 @@ class PseuZO(ZOOptimizer):
         if isinstance(self.beta, float):
             return False
         return step % self.beta_epoch_steps == 0 and self.beta_at(step) == 1.0
+
+    def _seeds_per_step(self) -> tuple[int, int]:
+        return 1, self.capacity
 
     @property
     def capacity(self) -> int:
@@ -302,7 +309,15 @@ class PseuZO(ZOOptimizer):
                             delta.abs().amax().to(torch.float32).reshape(1)])
         packed = self._all_reduce_mean(packed)
         projections, mean_loss = packed[:-2], packed[-2]
-        finite = self._finite(packed)  # the step's one host synchronization
+        # beta^(t - k) on the device (float64, rounded once to float32 as a host power would)
+        weights = torch.pow(beta, used_ages).to(torch.float32)
+        coefs = [-(group["lr"] / group["eps"]) * weights * projections * entry
+                 for group, entry in zip(self.param_groups,
+                                         self._entry_decays(len(used), e.device))]
+        decays = self._decays(len(used))
+        # the step's one host synchronization; finite projections can still give coefficients
+        # that overflow float32: such a step is skipped too
+        finite = self._finite(packed, *coefs)
         self._check_logs()
         if not finite:
             self._skip([mean_loss])
@@ -310,13 +325,7 @@ class PseuZO(ZOOptimizer):
                 self._window, self._ages = [], None
             self.zo_state["step"] = step + 1
             return mean_loss
-        # beta^(t - k) on the device (float64, rounded once to float32 as a host power would)
-        weights = torch.pow(beta, used_ages).to(torch.float32)
-        coefs = [-(group["lr"] / group["eps"]) * weights * projections * entry
-                 for group, entry in zip(self.param_groups,
-                                         self._entry_decays(len(used), e.device))]
         seeds = [s for _, s, _ in used]  # oldest first: the held seed is last
-        decays = self._decays(len(used))
         self._update(seeds, coefs, None, decays)
         self._window, self._ages = window, (ages, step)
         if self.trajectory is not None:
@@ -332,14 +341,14 @@ class PseuZO(ZOOptimizer):
         losses = torch.stack(self._probe_two_point(lambda: loss_fn(self._output(forward)), seed,
                                                    eps, None))
         losses = self._all_reduce_mean(losses)
-        finite = self._finite(losses)
+        grad = ((losses[0] - losses[1]) / 2).reshape(1)
+        coefs = [-group["lr"] * (grad / group["eps"]) for group in self.param_groups]  # as MeZO
+        finite = self._finite(losses, *coefs)  # an overflowing gradient is skipped too
         self._check_logs()
         if not finite:
             self._skip(losses)
             self.zo_state["step"] = step + 1
             return losses[0]
-        grad = ((losses[0] - losses[1]) / 2).reshape(1)
-        coefs = [-group["lr"] * (grad / group["eps"]) for group in self.param_groups]  # as MeZO
         decays = self._decays(1)
         self._update([seed], coefs, None, decays)
         if self.trajectory is not None:
@@ -389,7 +398,8 @@ class PseuZO(ZOOptimizer):
                                        or not isinstance(saved_step, int) or saved_step < 0):
             raise ValueError(f"state_dict['extra']['step'] must be a non-negative int, got "
                              f"{saved_step!r}")
-        shape, previous = None, -1
+        shape = dtype = device = None
+        previous = -1
         for j, entry in enumerate(entries):
             where = f"state_dict['extra']['window'][{j}]"
             if not isinstance(entry, dict):
@@ -404,15 +414,26 @@ class PseuZO(ZOOptimizer):
             if saved_step is not None and k >= saved_step:
                 raise ValueError(f"{where}['step'] = {k} is not below the saved step counter "
                                  f"{saved_step}")
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 1 << 64:
-                raise ValueError(f"{where}['seed'] must be an int in [0, 2^64), got {s!r}")
+            try:
+                as_seed(s, "seed")  # the ops' seed rule
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}['seed']: {exc}") from None
             if not isinstance(d, torch.Tensor) or not d.is_floating_point():
                 raise ValueError(f"{where}['delta'] must be a floating-point tensor, got "
                                  f"{d.dtype if isinstance(d, torch.Tensor) else type(d).__name__}")
-            if shape is not None and d.shape != shape:
-                raise ValueError(f"{where}['delta'] has shape {tuple(d.shape)}, the earlier "
-                                 f"entries {tuple(shape)}")
-            shape, previous = d.shape, k
+            if self.store_dtype is not None and d.dtype != self.store_dtype:
+                raise ValueError(f"{where}['delta'] is {d.dtype}, this optimizer stores "
+                                 f"{self.store_dtype}")
+            if d.device.type == "meta" or d.is_sparse or d.layout != torch.strided:
+                raise ValueError(f"{where}['delta'] must be a dense tensor with values, got a "
+                                 f"{d.layout} tensor on {d.device}")
+            if shape is not None and (d.shape, d.dtype, d.device) != (shape, dtype, device):
+                raise ValueError(f"{where}['delta'] has shape {tuple(d.shape)} ({d.dtype}, "
+                                 f"{d.device}), the earlier entries {tuple(shape)} ({dtype}, "
+                                 f"{device})")
+            if not bool(torch.isfinite(d).all()):  # every later step would be skipped
+                raise ValueError(f"{where}['delta'] must hold finite values")
+            shape, dtype, device, previous = d.shape, d.dtype, d.device, k
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._window = [(int(w["step"]), int(w["seed"]), w["delta"])

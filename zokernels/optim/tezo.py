@@ -20,7 +20,6 @@ from ..ops.noise import noise
 from ..ops.undo import UndoLog
 from ..sharding import is_dtensor, local_tensor
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
-from ..trajectory import register_replayer
 from .base import ZOOptimizer, check_common_hyper, check_hyper
 from ._seeds import step_seed
 
@@ -358,10 +357,10 @@ class TeZO(ZOOptimizer):
             held = held[:g] + [(tau, coefs[g])] + held[g + 1:]
             self._lowrank_held = held
 
-    def _lowrank_update(self, taus: list[torch.Tensor], grads: list[torch.Tensor],
-                        lrs: list[float], decays: list[float], step: int,
+    def _lowrank_update(self, updates: list[torch.Tensor], decays: list[float],
                         rounding_seed: int) -> None:
-        """W = round(d * theta - lr U diag(direction) V^T / sqrt(r)) in ONE pass per group that
+        """W = round(d * theta + U diag(update) V^T / sqrt(r)) (update = -lr * direction, see
+        _step) in ONE pass per group that
         recovers theta from the held -eps Z_t, then the logged elements rewritten from their exact
         values: bit-identical to the update applied to the unperturbed weights (and to a replay),
         with self.rounding (stochastic: bits of rounding_seed, the step's dense seed, as the
@@ -369,11 +368,8 @@ class TeZO(ZOOptimizer):
         rewrites."""
         held, slots = self._lowrank_held, self._lowrank_slots
         self._lowrank_held, self._lowrank_slots = None, []
-        updates: list[torch.Tensor] = []
         try:
-            for g, state in enumerate(self.lowrank):
-                update = -lrs[g] * self._direction(state, taus[g], grads[g], step)
-                updates.append(update)
+            for g, (state, update) in enumerate(zip(self.lowrank, updates)):
                 state.apply(update, 1.0, decays[g], self.backend,
                             applied=None if held is None else held[g], rounding=self.rounding,
                             rounding_seed=rounding_seed)
@@ -397,18 +393,28 @@ class TeZO(ZOOptimizer):
         loss_minus = self._evaluate(closure)
         if self.process_group is not None:
             loss_plus, loss_minus = self._all_reduce_mean(torch.stack([loss_plus, loss_minus]))
-        if not self._finite(loss_plus, loss_minus):
+        half_diff = (loss_plus - loss_minus) / 2
+        grads = [half_diff / group["eps"] for group in self.param_groups]
+        lrs = [group["lr"] for group in self.param_groups]
+        decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
+        coefs = [(-lrs[g] * grads[g]).reshape(1) for g in range(len(self.param_groups))]
+        # The tau-space updates (advancing the moments) before the one host synchronization, so
+        # that a projected gradient overflowing float32 anywhere (the losses' difference, the
+        # moments, the update) skips the step like a non-finite loss, the moments put back.
+        moments = [(s.momentum.clone(), s.second.clone()) for s in self.lowrank]
+        updates = [-lrs[g] * self._direction(state, taus[g], grads[g], step)
+                   for g, state in enumerate(self.lowrank)]
+        if not self._finite(loss_plus, loss_minus, *coefs, *updates,
+                            *(t for s in self.lowrank for t in (s.momentum, s.second))):
+            for s, (m, v) in zip(self.lowrank, moments):
+                s.momentum.copy_(m)
+                s.second.copy_(v)
             self._check_logs()
             self._skip([loss_plus, loss_minus])
             self.zo_state["step"] = step + 1
             return loss_plus
         self._check_logs()
-        half_diff = (loss_plus - loss_minus) / 2
-        grads = [half_diff / group["eps"] for group in self.param_groups]
-        lrs = [group["lr"] for group in self.param_groups]
-        decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
-        self._lowrank_update(taus, grads, lrs, decays, step, seed)
-        coefs = [(-lrs[g] * grads[g]).reshape(1) for g in range(len(self.param_groups))]
+        self._lowrank_update(updates, decays, seed)
         self._update([seed], coefs, None)
         if self.trajectory is not None:
             self.trajectory.record(step, [seed], coefs, decays,
@@ -466,6 +472,15 @@ class TeZO(ZOOptimizer):
                     raise ValueError(f"state_dict {name}[{g}] must be a float32 vector of shape "
                                      f"({size},) (the sum of the ranks of param group {g}'s 2-D "
                                      f"weights), got {got}")
+                if v.device not in (state.device, torch.device("cpu")):
+                    raise ValueError(f"state_dict {name}[{g}] is on {v.device}; TeZO's moments "
+                                     f"live on {state.device} (a CPU copy loads too)")
+                # O(r) values: a NaN / inf (or a negative second moment: the sqrt of it) would
+                # be written into every later update
+                if not bool(torch.isfinite(v).all()) or (name == "second"
+                                                        and bool((v < 0).any())):
+                    raise ValueError(f"state_dict {name}[{g}] must hold finite values"
+                                     + (" >= 0" if name == "second" else ""))
         logs = extra["lowrank_undo_logs"]
         if not isinstance(logs, (list, tuple)) or len(logs) != groups:
             raise ValueError(f"state_dict lowrank_undo_logs must hold one pair per param group "
@@ -508,6 +523,48 @@ def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state
     m_hat = state.momentum / (1 - b1 ** t)
     v_hat = state.second / (1 - b2 ** t)
     return m_hat / (v_hat.sqrt() + delta)
+
+
+def _check_tezo_replay(trajectory, spaces) -> None:
+    """What _replay_tezo reads of a trajectory's meta, checked before it applies anything
+    (ValueError naming the field): a hostile file must not steer the moments into NaN."""
+    meta = trajectory.meta
+    if meta.get("noise_layout") != NOISE_LAYOUT:
+        return  # _replay_tezo refuses it before writing
+    rank, variant, betas = meta.get("rank"), meta.get("variant"), meta.get("betas")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"TeZO trajectory meta rank must be a positive integer, got {rank!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"TeZO trajectory meta variant must be one of {list(VARIANTS)}, got "
+                         f"{variant!r}")
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+        raise ValueError(f"TeZO trajectory meta betas must be a pair, got {betas!r}")
+    check_hyper("TeZO trajectory meta betas[0]", betas[0], high=1.0, high_open=True)
+    check_hyper("TeZO trajectory meta betas[1]", betas[1], high=1.0, high_open=True)
+    check_hyper("TeZO trajectory meta delta", meta.get("delta"), low_open=True)
+    lowrank = meta.get("lowrank")
+    if not isinstance(lowrank, list) or len(lowrank) != len(spaces):
+        raise ValueError("TeZO trajectory meta lowrank must describe each param group")
+    sizes = []
+    for g, (group, space) in enumerate(zip(lowrank, spaces)):
+        names = group.get("param_names") if isinstance(group, dict) else None
+        if not isinstance(names, list) or not set(names) <= set(space.names) or any(
+                space.params[space.names.index(n)].dim() != 2 for n in names):
+            raise ValueError(f"TeZO trajectory meta lowrank[{g}] must name 2-D parameters of "
+                             f"param group {g}")
+        shapes = [space.params[space.names.index(n)].shape for n in names]
+        sizes.append(sum(min(rank, m, n) for m, n in shapes))
+    initial = meta.get("initial_moments")
+    if initial is not None:
+        for name in ("momentum", "second"):
+            vectors = initial.get(name) if isinstance(initial, dict) else None
+            if not isinstance(vectors, list) or [len(v) if isinstance(v, list) else -1
+                                                 for v in vectors] != sizes or not all(
+                    isinstance(x, (int, float)) and math.isfinite(x) and (name == "momentum"
+                                                                          or x >= 0)
+                    for v in vectors for x in v):
+                raise ValueError(f"TeZO trajectory meta initial_moments {name} must hold "
+                                 f"finite values, {sizes} per param group")
 
 
 def _replay_tezo(trajectory, spaces, backend) -> None:
@@ -557,5 +614,3 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
             dense[g].update(seeds, coefs[g], decay=decays[g], dist=meta["dist"],
                             rounding=rounding)
 
-
-register_replayer("tezo", _replay_tezo)
