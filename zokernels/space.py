@@ -44,6 +44,7 @@ from ._validate import (
     as_seed,
     as_seed_list,
     as_tensor_list,
+    plain_tensor,
     check_no_internal_overlap,
     check_reads,
     written_spans,
@@ -149,8 +150,10 @@ class ParameterSpace:
         self.shards = [shard_of(t, f"params[{j}] ({self.names[j]})")
                        for j, t in enumerate(self.params)]
         self.index_maps = [None if shard is None else shard.index_map for shard in self.shards]
-        self._dtensors = [j for j, t in enumerate(self.params) if is_dtensor(t)]
-        self.tensors: list[torch.Tensor] = [local_tensor(t) for t in self.params]
+        # DTensors and tensor subclasses: what the kernels write is re-fetched at every call
+        self._dtensors = [j for j, t in enumerate(self.params)
+                          if is_dtensor(t) or type(t) not in (torch.Tensor, torch.nn.Parameter)]
+        self.tensors: list[torch.Tensor] = [self._writable(j) for j in range(len(self.params))]
         if keys is not None:
             if len(keys) != len(self.tensors):
                 raise ValueError(f"keys must have one key per parameter ({len(self.tensors)}), "
@@ -213,11 +216,16 @@ class ParameterSpace:
         # old one is alive, so each tensor's address changes: addresses catch both, and map()
         # reads them at C speed (about 0.1 us per tensor: LoRA has thousands).
         for j in self._dtensors:  # a sharding wrapper may swap a DTensor's local tensor
-            self.tensors[j] = local_tensor(self.params[j])
+            self.tensors[j] = self._writable(j)
         # sizes and dtypes too: p.data = p.data[:k] keeps the address, and cached launch data
         # (the cpu backend's lists) must never outlive the size it was built for
         return [list(map(_data_ptr, self.tensors)), list(map(_numel, self.tensors)),
                 [t.dtype for t in self.tensors]]
+
+    def _writable(self, j: int) -> torch.Tensor:
+        """What the kernels write for parameter j: a DTensor's local shard, a subclass's plain
+        alias (never what the subclass's overrides say about its memory, see plain_tensor)."""
+        return plain_tensor(local_tensor(self.params[j]), f"params[{j}]")
 
     def _assign_layers(self, layers: Sequence[Any] | None) -> list[int | None]:
         assigned: list[int | None] = [None] * len(self.tensors)

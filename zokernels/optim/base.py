@@ -19,7 +19,7 @@ import torch
 
 from .._contract import PERTURB_DISTS, ROUNDINGS
 from .._dispatch import BACKEND_CHOICES
-from .._validate import as_seed
+from .._validate import StorageBudget, as_seed, is_finite_number
 from ..ops.undo import UndoLog
 from ..space import ParameterSpace, canonical_name
 from ..trajectory import COUNTER_LIMIT, Trajectory
@@ -32,7 +32,7 @@ Closure = Callable[[], Any]
 def check_hyper(name: str, value: Any, *, low: float = 0.0, low_open: bool = False,
                 high: float | None = None, high_open: bool = False) -> float:
     """A finite real hyperparameter in the given range, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_finite_number(value):  # an int too large for a float is not finite either
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     value = float(value)
     if value < low or (low_open and value == low):
@@ -369,7 +369,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                                  f"{tuple(loss.shape)}")
             return loss.detach().reshape(()).to(torch.float32)
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-            return torch.tensor(float(loss), dtype=torch.float32)
+            try:
+                value = float(loss)
+            except OverflowError:  # an int beyond float range: a non-finite loss (skipped)
+                value = math.inf if loss > 0 else -math.inf
+            return torch.tensor(value, dtype=torch.float32)
         raise TypeError(f"the closure must return a scalar loss (tensor or number), "
                         f"got {type(loss).__name__}")
 
@@ -616,7 +620,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 result = pre_hook(self, state_dict)
                 if result is not None:
                     state_dict = result
-        state = _copied(state_dict)
+        state = _copied(state_dict, StorageBudget())
         options, logs, trajectory = self._checked_state(state)
         # -- nothing below raises: the state was validated above
         for group, saved in zip(self.param_groups, options):
@@ -645,15 +649,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         return None
 
 
-def _copied(obj: Any) -> Any:
+def _copied(obj: Any, budget: StorageBudget, where: str = "state_dict") -> Any:
     """A copy of a state_dict: containers rebuilt, tensors cloned (detached), other values as
-    they are; the optimizer never keeps a reference into what it was given."""
+    they are; the optimizer never keeps a reference into what it was given. Each tensor is
+    counted against its storage before it is cloned (StorageBudget: ValueError naming it), so
+    an expanded view in a small file cannot make the copy allocate more than the file holds."""
     if isinstance(obj, torch.Tensor):
+        budget.charge(obj, where)
         return obj.detach().clone()
     if isinstance(obj, dict):
-        return {k: _copied(v) for k, v in obj.items()}
+        return {k: _copied(v, budget, f"{where}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_copied(v) for v in obj]
+        return [_copied(v, budget, f"{where}[{j}]") for j, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        return tuple(_copied(v) for v in obj)
+        return tuple(_copied(v, budget, f"{where}[{j}]") for j, v in enumerate(obj))
     return copy.deepcopy(obj)

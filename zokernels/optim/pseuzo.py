@@ -191,12 +191,15 @@ class PseuZO(ZOOptimizer):
             return check_hyper(f"beta({epoch})", self.beta(epoch), high=1.0)
         return self.beta
 
-    def resets_window(self, step: int) -> bool:
+    def resets_window(self, step: int, beta: float | None = None) -> bool:
         """Whether the window is cleared before step `step`: with a schedule, at the first step
-        of every epoch whose beta is 1 (as the reference)."""
+        of every epoch whose beta is 1 (as the reference). beta: the step's beta_at(step), when
+        the caller has it (a step evaluates a callable schedule once)."""
         if isinstance(self.beta, float):
             return False
-        return step % self.beta_epoch_steps == 0 and self.beta_at(step) == 1.0
+        if step % self.beta_epoch_steps:
+            return False
+        return (self.beta_at(step) if beta is None else beta) == 1.0
 
     def _seeds_per_step(self) -> tuple[int, int]:
         return 1, self.capacity
@@ -279,7 +282,7 @@ class PseuZO(ZOOptimizer):
         beta = self.beta_at(step)
         if beta == 0.0 and self.beta_zero == "mezo":
             return self._mezo_step(step, forward, loss_fn)
-        reset = self.resets_window(step)
+        reset = self.resets_window(step, beta)  # the schedule is called once per step
         o0 = self._output(forward)
         leaf = o0.clone().requires_grad_(True)
         with torch.enable_grad():
