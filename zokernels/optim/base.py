@@ -620,7 +620,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 result = pre_hook(self, state_dict)
                 if result is not None:
                     state_dict = result
-        state = _copied(state_dict, StorageBudget())
+        state = _copied(state_dict)
         options, logs, trajectory = self._checked_state(state)
         # -- nothing below raises: the state was validated above
         for group, saved in zip(self.param_groups, options):
@@ -649,18 +649,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         return None
 
 
-def _copied(obj: Any, budget: StorageBudget, where: str = "state_dict") -> Any:
+def _copied(state: Any) -> Any:
     """A copy of a state_dict: containers rebuilt, tensors cloned (detached), other values as
-    they are; the optimizer never keeps a reference into what it was given. Each tensor is
+    they are; the optimizer never keeps a reference into what it was given. A tensor object
+    that appears several times is cloned once (aliasing kept, as deepcopy keeps it); each is
     counted against its storage before it is cloned (StorageBudget: ValueError naming it), so
-    an expanded view in a small file cannot make the copy allocate more than the file holds."""
-    if isinstance(obj, torch.Tensor):
-        budget.charge(obj, where)
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _copied(v, budget, f"{where}[{k!r}]") for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_copied(v, budget, f"{where}[{j}]") for j, v in enumerate(obj)]
-    if isinstance(obj, tuple):
-        return tuple(_copied(v, budget, f"{where}[{j}]") for j, v in enumerate(obj))
-    return copy.deepcopy(obj)
+    an expanded view, or views of one storage, in a small file cannot make the copy allocate
+    more than the file holds."""
+    budget, clones = StorageBudget(), {}
+
+    def copied(obj: Any, where: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in clones:
+                budget.charge(obj, where)
+                clones[id(obj)] = obj.detach().clone()
+            return clones[id(obj)]
+        if isinstance(obj, dict):
+            return {k: copied(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [copied(v, f"{where}[{j}]") for j, v in enumerate(obj)]
+        if isinstance(obj, tuple):
+            return tuple(copied(v, f"{where}[{j}]") for j, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+    return copied(state, "state_dict")
