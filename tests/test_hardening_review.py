@@ -407,7 +407,8 @@ def bench(capsys, monkeypatch):
     (["ops", "--shape-set", "tiny", "--k", "1025"], "--k"),
     (["ops", "--shape-set", "tiny", "--k", "100000000000"], "--k"),
     (["lora", "--overhead-numel", str(10 ** 14)], "--overhead-numel"),
-], ids=["window", "k", "k-huge", "overhead-numel"])
+    (["ops", "--shape-set", "tiny", "--json", "out\0.json"], "--json"),
+], ids=["window", "k", "k-huge", "overhead-numel", "json-nul"])
 def test_bench_arguments_beyond_limits_are_usage_errors(bench, argv, needle):
     status, out, err = bench(*argv)
     assert status == 2, (status, err)

@@ -559,6 +559,8 @@ def format_table(results: list[dict], groups: list[Group]) -> str:
 def check_json_path(path: str) -> None:
     """Refuse (UsageError) a --json PATH that cannot be written, before anything runs: a
     directory, a path under a file, or a place this process may not write."""
+    if "\0" in path:  # os.path answers False for it; open() would raise after the run
+        raise UsageError(f"--json {path!r}: a path cannot contain a NUL character")
     if os.path.isdir(path):
         raise UsageError(f"--json {path}: is a directory; give a file path")
     if os.path.exists(path) and not os.access(path, os.W_OK):
