@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -144,6 +145,46 @@ def test_plain_subclasses_still_work_and_bump_versions():
     perturb_(expected, 3, [1.0], backend="cpu")
     assert type(t) is Tagged and torch.equal(t.as_subclass(torch.Tensor), expected)
     assert t._version > version
+
+
+def test_a_subclass_cannot_hide_that_scales_alias_the_written_tensor():
+    class HiddenPointer(torch.Tensor):
+        def data_ptr(self):
+            return 16
+
+    w = torch.ones(8)
+    with pytest.raises(ValueError, match="scales shares memory with tensors"):
+        perturb_(w, 1, w[:1].as_subclass(HiddenPointer), backend="cpu")
+    assert torch.equal(w, torch.ones(8))
+
+
+@pytest.mark.parametrize("argument", ["seeds", "seed-0d", "keys", "rounding_seed", "scales[0]",
+                                      "index_maps"])
+def test_meta_integer_arguments_are_refused_by_name(argument):
+    """Seeds, keys and other numbers given as meta tensors raised torch's NotImplementedError /
+    RuntimeError ("Cannot copy out of meta tensor") instead of naming the argument."""
+    meta = torch.tensor(3, device="meta")
+    w = torch.zeros(8)
+    kwargs = dict(tensors=w, seeds=1, scales=[1.0])
+    name = argument
+    if argument == "seeds":
+        kwargs["seeds"] = torch.tensor([1, 2], device="meta")
+        kwargs["scales"] = [1.0, 1.0]
+    elif argument == "seed-0d":
+        kwargs["seeds"], name = meta, "seeds"
+    elif argument == "keys":
+        kwargs["keys"] = torch.tensor([1], device="meta")
+    elif argument == "rounding_seed":
+        kwargs["rounding_seed"] = meta
+    elif argument == "scales[0]":
+        kwargs["scales"] = [torch.tensor(1.0, device="meta")]
+    else:
+        kwargs["index_maps"], name = [(meta, 8, 8)], "index_maps[0]"
+    with pytest.raises(ValueError, match=re.escape(name) + " is a meta tensor"):
+        perturb_(**kwargs)
+    assert torch.equal(w, torch.zeros(8))
+    with pytest.raises(ValueError, match="numel is a meta tensor"):
+        zokernels.noise(meta, 1)
 
 
 # -- negated views -------------------------------------------------------------------------------

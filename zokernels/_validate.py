@@ -32,7 +32,7 @@ def as_int(value: Any, name: str) -> int:
         if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer, got a tensor of shape "
                             f"{tuple(value.shape)} and dtype {value.dtype}")
-        return int(value.item())
+        return int(host_values(value, name)[0])
     try:
         return operator.index(value)
     except TypeError:
@@ -57,7 +57,7 @@ def as_seed_list(seeds: Any) -> list[int]:
     if isinstance(seeds, torch.Tensor):
         if seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
             raise TypeError(f"seeds must hold integers, got a tensor of dtype {seeds.dtype}")
-        seeds = seeds.reshape(-1).tolist()
+        seeds = host_values(seeds, "seeds")
     elif not isinstance(seeds, Sequence) or isinstance(seeds, (str, bytes)):
         seeds = [seeds]
     if len(seeds) == 0:
@@ -118,6 +118,14 @@ def check_values(t: torch.Tensor, name: str) -> None:
     if t.device.type == "meta":
         raise ValueError(f"{name} is a meta tensor: it holds no values")
     check_addressable(t, name)
+
+
+def host_values(t: torch.Tensor, name: str) -> list:
+    """A tensor of numbers the host reads (seeds, keys, a 0-d number), as a flat list: refused
+    by name when it holds no values (meta, fake, storage-less), never torch's own error."""
+    t = plain_tensor(t, name)
+    check_values(t, name)
+    return t.reshape(-1).tolist()
 
 
 def as_device(value: Any, name: str = "device") -> torch.device:
@@ -253,7 +261,7 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
         items = []
         for k, v in enumerate(values):
             if isinstance(v, torch.Tensor) and v.numel() == 1:
-                v = v.item()
+                v = host_values(v, f"{name}[{k}]")[0]
             if not _is_real_number(v):
                 raise TypeError(f"{name}[{k}] must be a real number, got {type(v).__name__}")
             if not (_fits_float32(v)):
@@ -278,7 +286,7 @@ def as_keys(keys: Any, count: int) -> list[int]:
             raise ValueError("more tensors than distinct default keys; pass keys")
         return list(range(count))
     if isinstance(keys, torch.Tensor):
-        keys = keys.reshape(-1).tolist()
+        keys = host_values(keys, "keys")
     elif not isinstance(keys, Sequence) or isinstance(keys, (str, bytes)):
         raise TypeError(f"keys must be a sequence of integers, got {type(keys).__name__}")
     if len(keys) != count:
@@ -340,7 +348,10 @@ def check_reads(spans: dict[str, list[tuple[int, int, str]]],
                 read: list[tuple[str, Any]]) -> None:
     """Refuse read tensors (factors, scalar tensors) that share memory with written ones."""
     for name, t in read:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = plain_tensor(t, name)  # where its memory really is, whatever a subclass says
+        if t.numel() == 0 or t.device.type == "meta":
             continue
         device_spans = spans.get(str(t.device), [])
         if not device_spans:
