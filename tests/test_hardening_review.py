@@ -98,6 +98,13 @@ _LIAR_CHILD = textwrap.dedent(r"""
             opt.step(lambda: m(x).pow(2).mean())
     results["MeZO cpu"] = "same" if torch.equal(net.weight.detach().as_subclass(torch.Tensor),
                                                 twin.weight.detach()) else "different"
+    w = torch.ones(8)  # scales aliasing the written tensor, their pointer hidden
+    try:
+        perturb_(w, 1, w[:1].as_subclass(Liar), backend="cpu")
+        results["scales alias"] = "no error"
+    except Exception as exc:
+        results["scales alias"] = type(exc).__name__ + ": " + str(exc)
+    results["scales alias"] += "" if torch.equal(w, torch.ones(8)) else " (written)"
     print("RESULTS " + json.dumps(results))
 """)
 
@@ -109,6 +116,9 @@ def test_subclass_overrides_cannot_redirect_the_kernels():
     assert proc.returncode == 0, f"the child died (rc {proc.returncode})\n{proc.stderr[-3000:]}"
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
     results = json.loads(line[len("RESULTS "):])
+    alias = results.pop("scales alias")
+    assert alias.startswith("ValueError: scales shares memory with tensors[0]"), alias
+    assert not alias.endswith("(written)"), alias
     assert results and all(v == "same" for v in results.values()), results
 
 
@@ -145,17 +155,6 @@ def test_plain_subclasses_still_work_and_bump_versions():
     perturb_(expected, 3, [1.0], backend="cpu")
     assert type(t) is Tagged and torch.equal(t.as_subclass(torch.Tensor), expected)
     assert t._version > version
-
-
-def test_a_subclass_cannot_hide_that_scales_alias_the_written_tensor():
-    class HiddenPointer(torch.Tensor):
-        def data_ptr(self):
-            return 16
-
-    w = torch.ones(8)
-    with pytest.raises(ValueError, match="scales shares memory with tensors"):
-        perturb_(w, 1, w[:1].as_subclass(HiddenPointer), backend="cpu")
-    assert torch.equal(w, torch.ones(8))
 
 
 @pytest.mark.parametrize("argument", ["seeds", "seed-0d", "keys", "rounding_seed", "scales[0]",
@@ -271,7 +270,7 @@ def test_expanded_tensors_in_a_checkpoint_are_refused_before_copying(where):
     _run(opt, net)
     state = opt.state_dict()
     if where == "extra":
-        state["extra"] = {"junk": torch.zeros(1).expand(1 << 26)}
+        state["extra"] = {"junk": torch.zeros(1).expand(1 << 24)}
         needle = r"\['extra'\]\['junk'\]"
     else:
         rows = state["trajectory"]["coefs"].shape[0]
