@@ -429,3 +429,101 @@ def test_options_and_memory():
             lowrank_logs = sum(log.nbytes for pair in opt._lowrank_logs for log in pair)
             assert lowrank_logs == 0
     assert sizes[("virtual", "inplace")] < sizes[("inplace", "inplace")]
+
+
+def test_probes_see_the_pending_deferred_update():
+    """With updates pending (weight decay: D != 1, biases in the Linear's output), the probe
+    losses equal those of a twin that merged first, to float32 rounding of the weights (the
+    twin's merge rounds W_eff once); probing the parameters as written (without the pending
+    part) gives a clearly different loss."""
+    losses, written = {}, None
+    for merge_first in (False, True):
+        model = make_model()
+        opt = TeZO(model.named_parameters(), lr=5e-2, eps=1e-3, seed=2, rank=3,
+                   variant="adam", weight_decay=1.0, update="deferred")
+        for _ in range(3):
+            opt.step(alternating(model, 1))
+        if merge_first:
+            opt.merge()
+        else:  # the parameters as written (named_parameters does not merge)
+            written = {n: p.detach().clone() for n, p in model.named_parameters()}
+        seen = []
+        opt.step(lm_loss(model, seen))
+        losses[merge_first] = seen
+    pending, merged = losses[False], losses[True]
+    for p, m in zip(pending, merged):
+        assert abs(p - m) <= 2e-6 * abs(m), (p, m)
+    stale_model = make_model()
+    with torch.no_grad():
+        for name, p in stale_model.named_parameters():
+            p.copy_(written[name])
+    stale = []
+    TeZO(stale_model.named_parameters(), lr=0.0, eps=1e-3, seed=2, rank=3).step(
+        lm_loss(stale_model, stale))
+    assert abs(stale[0] - merged[0]) > 1e-3 * abs(merged[0])
+
+
+# -- transformers models, finetune ---------------------------------------------------------------
+
+def _tiny_config_model(kind: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "opt":
+        config = transformers.OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                        ffn_dim=64, num_attention_heads=4,
+                                        word_embed_proj_dim=32, max_position_embeddings=64)
+        return transformers.OPTForCausalLM(config).eval()
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _lm_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (2, 12), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_transformers_models_keep_every_linear_virtual(kind):
+    """OPT: the tied lm_head (nn.Linear) and embed_tokens are both read through exact modules,
+    so the shared weight stays virtual; the learned positions (an nn.Embedding subclass with its
+    own forward) move to the in-place path (one more closure call in the first step). LLaMA:
+    every 2-D weight is virtual. The probe losses match the in-place ones to float32
+    rounding."""
+    data = _lm_batch()
+    losses = {}
+    for probe in ("virtual", "inplace"):
+        model = _tiny_config_model(kind)
+        opt = TeZO(model.named_parameters(), lr=0.0, eps=1e-3, seed=1, rank=4, probe=probe)
+        seen = []
+
+        def closure(model=model, seen=seen):
+            loss = model(**data).loss
+            seen.append(loss.item())
+            return loss
+        for _ in range(2):
+            opt.step(closure)
+        losses[probe] = seen
+        if probe == "virtual":
+            two_d = {n for n, p in model.named_parameters() if p.dim() == 2}
+            inplace = two_d - virtual_names(opt)
+            assert inplace == ({"model.decoder.embed_positions.weight"} if kind == "opt"
+                               else set())
+    assert len(losses["virtual"]) == len(losses["inplace"]) + (1 if kind == "opt" else 0)
+    for v, i in zip(losses["virtual"][-4:], losses["inplace"][-4:]):
+        assert abs(v - i) <= 2e-6 * abs(i), (v, i)
+
+
+def test_finetune_merges_the_deferred_updates_and_leaves_no_hook():
+    from zokernels.integrations import finetune
+
+    model = _tiny_config_model("llama")
+    initial = snapshot(model)
+    opt, losses = finetune(model, [_lm_batch()] * 3, optimizer="tezo", lr=1e-3, rank=4,
+                           update="deferred", progress=False)
+    assert len(losses) == 3 and not opt._virtual.pending
+    assert hooks_left(model) == []
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight,
+                           initial["model.layers.0.mlp.up_proj.weight"])
