@@ -32,6 +32,7 @@ import torch
 import zokernels
 from zokernels.bench.models import build_model, synthetic_batch
 from zokernels.optim import TeZO
+from zokernels.optim.tezo import tau_seed
 
 MODES = {"inplace": dict(probe="inplace"), "virtual": dict(probe="virtual"),
          "deferred": dict(probe="virtual", update="deferred")}
@@ -66,6 +67,27 @@ def small_decoder(dtype: torch.dtype, batch: int, seq: int):
 MODELS = {"bert-minilm": bert_minilm, "small": small_decoder}
 
 
+def float64_grad(base, loss_of, opt: TeZO, held: list[dict], eps: float) -> float:
+    """(L(theta + eps Z) - L(theta - eps Z)) / (2 eps) in float64 at step 0: 2-D weights
+    theta + s U diag(tau) V^T / sqrt(r) from the optimizer's own factors, 1-D parameters as they
+    were held during each probe."""
+    losses = []
+    for sign, state_1d in zip((1.0, -1.0), held):
+        twin = copy.deepcopy(base).double()
+        params = dict(twin.named_parameters())
+        with torch.no_grad():
+            for name, value in state_1d.items():
+                params[name].copy_(value.double())
+            for state in opt.lowrank:
+                tau = state.taus(tau_seed(opt.base_seed, 0), opt.backend)
+                for j, name in enumerate(state.names):
+                    t = (tau * state.rank_norm)[state.offsets[j]:state.offsets[j + 1]].double()
+                    z = state.us[j].double() @ torch.diag(t) @ state.vs[j].double().T
+                    params[name].add_(sign * eps * z)
+            losses.append(float(loss_of(twin)))
+    return (losses[0] - losses[1]) / (2 * eps)
+
+
 def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, warmup: int,
             repeats: int, lr: float, eps: float) -> dict:
     dtype = getattr(torch, dtype_name)
@@ -73,21 +95,30 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, w
     params = [p for p in base.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
 
-    # loss agreement: the same weights (lr = 0), 3 steps, every probe loss
-    agreement = {}
+    # loss agreement: the same weights (lr = 0), 3 steps, every probe loss; the first step's
+    # projected gradient of each mode against float64 losses at theta +- eps Z
+    agreement, first_grad, truth = {}, {}, None
     for mode in ("inplace", "virtual"):
         model = copy.deepcopy(base)
         opt = TeZO(model.named_parameters(), lr=0.0, eps=eps, rank=rank, seed=0, **MODES[mode])
         seen: list[float] = []
+        held: list[dict] = []
 
-        def closure(model=model, seen=seen):
+        def closure(model=model, seen=seen, held=held):
+            held.append({n: p.detach().clone() for n, p in model.named_parameters()
+                         if p.dim() == 1})
             loss = loss_of(model)
             seen.append(float(loss))
             return loss
-        for _ in range(3):
+        opt.step(closure)
+        first_grad[mode] = (seen[-1 - 1] - seen[-1]) / (2 * eps)
+        if mode == "virtual":
+            truth = float64_grad(base, loss_of, opt, held[-2:], eps)
+        for _ in range(2):
             opt.step(closure)
         agreement[mode] = seen[-6:]
     rel = [abs(v - i) / abs(i) for v, i in zip(agreement["virtual"], agreement["inplace"])]
+    grad_error = {mode: abs(g - truth) / abs(truth) for mode, g in first_grad.items()}
 
     models = {mode: copy.deepcopy(base) for mode in MODES}
     opts = {mode: TeZO(models[mode].named_parameters(), lr=lr, eps=eps, rank=rank, seed=0,
@@ -130,6 +161,8 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, w
                 two_forwards_ms=statistics.median(forwards), modes=rows,
                 deferred_merge_ms=merge_ms,
                 loss_rel_diff_virtual_vs_inplace=dict(max=max(rel), median=statistics.median(rel)),
+                first_grad=dict(first_grad, float64=truth),
+                first_grad_rel_error_vs_float64=grad_error,
                 virtual_weights=len(kept), two_d_weights=len(two_d),
                 inplace_2d=[n for n in two_d if n not in set(kept)])
 
@@ -160,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{m} {modes[m]['zo_ms']:.1f} ms ({modes[m]['zo_vs_inplace']:.2f}x)"
                               for m in MODES)
                   + f"; merge {row['deferred_merge_ms']:.1f} ms; loss rel diff max "
-                  f"{row['loss_rel_diff_virtual_vs_inplace']['max']:.2e}; in-place 2-D "
+                  f"{row['loss_rel_diff_virtual_vs_inplace']['max']:.2e}; projected gradient "
+                  f"error vs float64: " + ", ".join(f"{m} {e:.2e}" for m, e in
+                                                    row["first_grad_rel_error_vs_float64"].items())
+                  + "; in-place 2-D "
                   f"{row['inplace_2d']}", flush=True)
     report = dict(benchmark="tezo_virtual", date=datetime.datetime.now(datetime.timezone.utc)
                   .isoformat(timespec="seconds"), command=" ".join(["python"] + sys.argv),
