@@ -67,8 +67,8 @@ def small_decoder(dtype: torch.dtype, batch: int, seq: int):
 MODELS = {"bert-minilm": bert_minilm, "small": small_decoder}
 
 
-def float64_grad(base, loss_of, opt: TeZO, held: list[dict], eps: float) -> float:
-    """(L(theta + eps Z) - L(theta - eps Z)) / (2 eps) in float64 at step 0: 2-D weights
+def float64_losses(base, loss_of, opt: TeZO, held: list[dict], eps: float) -> list[float]:
+    """L(theta + eps Z), L(theta - eps Z) in float64 at step 0: 2-D weights
     theta + s U diag(tau) V^T / sqrt(r) from the optimizer's own factors, 1-D parameters as they
     were held during each probe."""
     losses = []
@@ -85,7 +85,7 @@ def float64_grad(base, loss_of, opt: TeZO, held: list[dict], eps: float) -> floa
                     z = state.us[j].double() @ torch.diag(t) @ state.vs[j].double().T
                     params[name].add_(sign * eps * z)
             losses.append(float(loss_of(twin)))
-    return (losses[0] - losses[1]) / (2 * eps)
+    return losses
 
 
 def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, warmup: int,
@@ -97,7 +97,7 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, w
 
     # loss agreement: the same weights (lr = 0), 3 steps, every probe loss; the first step's
     # projected gradient of each mode against float64 losses at theta +- eps Z
-    agreement, first_grad, truth = {}, {}, None
+    agreement, first, truth = {}, {}, None
     for mode in ("inplace", "virtual"):
         model = copy.deepcopy(base)
         opt = TeZO(model.named_parameters(), lr=0.0, eps=eps, rank=rank, seed=0, **MODES[mode])
@@ -111,14 +111,19 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, w
             seen.append(float(loss))
             return loss
         opt.step(closure)
-        first_grad[mode] = (seen[-1 - 1] - seen[-1]) / (2 * eps)
+        first[mode] = seen[-2:]
         if mode == "virtual":
-            truth = float64_grad(base, loss_of, opt, held[-2:], eps)
+            truth = float64_losses(base, loss_of, opt, held[-2:], eps)
         for _ in range(2):
             opt.step(closure)
         agreement[mode] = seen[-6:]
     rel = [abs(v - i) / abs(i) for v, i in zip(agreement["virtual"], agreement["inplace"])]
-    grad_error = {mode: abs(g - truth) / abs(truth) for mode, g in first_grad.items()}
+    def grad(pair):
+        return (pair[0] - pair[1]) / (2 * eps)
+    grad_error = {mode: abs(grad(pair) - grad(truth)) / abs(grad(truth))
+                  for mode, pair in first.items()}
+    loss_error = {mode: max(abs(a - b) / abs(b) for a, b in zip(pair, truth))
+                  for mode, pair in first.items()}
 
     models = {mode: copy.deepcopy(base) for mode in MODES}
     opts = {mode: TeZO(models[mode].named_parameters(), lr=lr, eps=eps, rank=rank, seed=0,
@@ -161,7 +166,8 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, w
                 two_forwards_ms=statistics.median(forwards), modes=rows,
                 deferred_merge_ms=merge_ms,
                 loss_rel_diff_virtual_vs_inplace=dict(max=max(rel), median=statistics.median(rel)),
-                first_grad=dict(first_grad, float64=truth),
+                first_losses=dict(first, float64=truth),
+                first_loss_rel_error_vs_float64=loss_error,
                 first_grad_rel_error_vs_float64=grad_error,
                 virtual_weights=len(kept), two_d_weights=len(two_d),
                 inplace_2d=[n for n in two_d if n not in set(kept)])
@@ -193,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{m} {modes[m]['zo_ms']:.1f} ms ({modes[m]['zo_vs_inplace']:.2f}x)"
                               for m in MODES)
                   + f"; merge {row['deferred_merge_ms']:.1f} ms; loss rel diff max "
-                  f"{row['loss_rel_diff_virtual_vs_inplace']['max']:.2e}; projected gradient "
+                  f"{row['loss_rel_diff_virtual_vs_inplace']['max']:.2e}; loss error vs float64: "
+                  + ", ".join(f"{m} {e:.2e}" for m, e in
+                              row["first_loss_rel_error_vs_float64"].items())
+                  + "; projected gradient "
                   f"error vs float64: " + ", ".join(f"{m} {e:.2e}" for m, e in
                                                     row["first_grad_rel_error_vs_float64"].items())
                   + "; in-place 2-D "

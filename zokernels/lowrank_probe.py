@@ -179,7 +179,7 @@ class VirtualLowRank:
     changed through them: a forward pre-hook (outside `stepping()`), a state_dict pre-hook and a
     load_state_dict pre-hook; merge removes them.
 
-    Factor copies in another dtype (bf16 / fp16 outputs) are made on first use and kept."""
+    The term is computed in the output's dtype (factors cast per call: no copies are kept)."""
 
     def __init__(self, parts: list[VirtualPart], backend: str = "auto") -> None:
         self.parts = parts
@@ -189,7 +189,6 @@ class VirtualLowRank:
         self._stepping = False
         self._probe: tuple[object, list[torch.Tensor], list[dict]] | None = None
         self._watch: list[Any] = []
-        self._cast: dict[tuple[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._index()
 
     def _index(self) -> None:
@@ -214,7 +213,6 @@ class VirtualLowRank:
             kept.owners = [list(modules) for modules in found]
             parts.append(kept)
         self.parts = parts
-        self._cast.clear()
         self._index()
 
     def set_factors(self, p: int, us: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
@@ -222,7 +220,6 @@ class VirtualLowRank:
         if self.pending:
             raise RuntimeError("set_factors with pending deferred updates")
         self.parts[p].us, self.parts[p].vs = list(us), list(vs)
-        self._cast = {key: value for key, value in self._cast.items() if key[0] != p}
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -235,11 +232,10 @@ class VirtualLowRank:
 
     @property
     def nbytes(self) -> int:
-        """Memory this object adds to the optimizer: the deferred vectors and factor copies in
-        other dtypes (the float32 factors belong to the optimizer's state)."""
-        total = sum(p.accum.numel() * 4 + p.decay_mask.numel() * 4 for p in self.parts)
-        return total + sum(u.numel() * u.element_size() + v.numel() * v.element_size()
-                           for u, v in self._cast.values())
+        """Memory this object adds to the optimizer: the deferred vectors a and their decay masks,
+        8 bytes per rank entry (the float32 factors belong to the optimizer's state; a hook's
+        scratch, N x r per call, is freed when it returns)."""
+        return sum(p.accum.numel() * 4 + p.decay_mask.numel() * 4 for p in self.parts)
 
     # -- probes --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -270,15 +266,6 @@ class VirtualLowRank:
             if handle is not None:
                 handle.remove()
 
-    def _factors(self, p: int, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        part = self.parts[p]
-        if dtype == torch.float32:
-            return part.us[j], part.vs[j]
-        key = (p, j, dtype)
-        if key not in self._cast:
-            self._cast[key] = (part.us[j].to(dtype), part.vs[j].to(dtype))
-        return self._cast[key]
-
     def _add_term(self, token, module, args, kwargs, output) -> None:
         probe = self._probe
         if probe is None or probe[0] is not token:
@@ -295,7 +282,7 @@ class VirtualLowRank:
         if dtype not in per_dtype:
             per_dtype[dtype] = self.parts[p].slices(probe[1][p].to(dtype))
         coef = per_dtype[dtype][j]
-        u, v = self._factors(p, j, dtype)
+        u, v = self.parts[p].us[j], self.parts[p].vs[j]  # float32; cast per call (no copies kept)
         scale = self.parts[p].scales[j]
         x = args[0] if args else kwargs["input"]
         if reader is F.linear:
@@ -303,13 +290,13 @@ class VirtualLowRank:
                 output.mul_(scale)
                 if module.bias is not None:
                     output.add_(module.bias, alpha=1.0 - scale)
-            left = x.reshape(-1, v.shape[0]).to(dtype) @ v  # (x V), N x r
-            right = u.t()
+            left = x.reshape(-1, v.shape[0]).to(dtype) @ v.to(dtype)  # (x V), N x r
+            right = u.to(dtype).t()
         else:
             if scale != 1.0:
                 output.mul_(scale)
-            left = F.embedding(x, u).reshape(-1, u.shape[1])  # U[i], N x r
-            right = v.t()
+            left = F.embedding(x, u).reshape(-1, u.shape[1]).to(dtype)  # U[i], N x r
+            right = v.to(dtype).t()
         left.mul_(coef)
         if output.is_contiguous():
             output.view(-1, right.shape[1]).addmm_(left, right)

@@ -453,9 +453,9 @@ class TeZO(ZOOptimizer):
 
     @property
     def extra_memory_bytes(self) -> int:
-        """Device memory the optimizer holds besides the parameters: undo logs (dense and
-        low-rank), the low-rank state (U, V, moments: float32), and with virtual probes the
-        deferred vectors and factor copies in the weights' dtype (bf16 / fp16 models)."""
+        """Device memory the optimizer holds between steps besides the parameters: undo logs
+        (dense and low-rank), the low-rank state (U, V, moments: float32, O((m + n) r) per
+        matrix) and, with virtual probes, the deferred vectors (8 bytes per rank entry)."""
         total = self.undo_log_bytes + 4 * self.state_numel
         return total + (0 if self._virtual is None else self._virtual.nbytes)
 
