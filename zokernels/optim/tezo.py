@@ -224,7 +224,8 @@ class TeZO(ZOOptimizer):
     reads `weight.t()`, or not read at all stays with the in-place path, and that first step then
     runs once more, one more closure call). The probes see theta + eps Z in the output's
     arithmetic instead of round(theta + eps Z) in the weight's dtype (docs/tezo.md: losses agree
-    to ~1e-6 relative in fp32, ~1e-3 in bf16); the update is the in-place one, bit for bit.
+    to float32 rounding in fp32, within the bf16 forward's error in bf16); the update is the
+    in-place one, bit for bit.
     probe="inplace": every 2-D weight as described above.
     update="deferred" (needs probe="virtual"): the virtual weights are not written by the update
     either: W_eff = D W + U diag(a) V^T, a = d a - lr direction / sqrt(r), D = d D (d = 1 - lr wd
