@@ -527,3 +527,38 @@ def test_finetune_merges_the_deferred_updates_and_leaves_no_hook():
     assert hooks_left(model) == []
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight,
                            initial["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_adapters(use_dora):
+    """PEFT LoRA on q/v projections and the embedding: lora_A / lora_B are exact nn.Linear
+    modules (DoRA reads their product through their forwards too, on an identity), so they are
+    virtual; the embedding adapters are a ParameterDict passed to F.embedding, so they stay
+    in-place (the first step runs once more). Losses match the in-place probes to float32
+    rounding."""
+    peft = pytest.importorskip("peft")
+    data = _lm_batch()
+    losses = {}
+    for probe in ("virtual", "inplace"):
+        model = peft.get_peft_model(
+            _tiny_config_model("llama"),
+            peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                            use_dora=use_dora, lora_dropout=0.0, init_lora_weights=False)).eval()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = TeZO(named, lr=0.0, eps=1e-3, seed=2, rank=2, probe=probe)
+        seen = []
+
+        def closure(model=model, seen=seen):
+            loss = model(**data).loss
+            seen.append(loss.item())
+            return loss
+        for _ in range(2):
+            opt.step(closure)
+        losses[probe] = seen
+        if probe == "virtual":
+            inplace = {n for n, p in named if p.dim() == 2} - virtual_names(opt)
+            assert inplace == {n for n, _ in named if "lora_embedding" in n} and len(inplace) == 2
+            assert len(virtual_names(opt)) == 8
+    assert len(losses["virtual"]) == len(losses["inplace"]) + 1
+    for v, i in zip(losses["virtual"][-4:], losses["inplace"][-4:]):
+        assert abs(v - i) <= 2e-6 * abs(i), (v, i)

@@ -42,7 +42,8 @@ _METADATA = frozenset({
     torch.Tensor.ndim.__get__, torch.Tensor.requires_grad.__get__, torch.Tensor.is_cuda.__get__,
     torch.Tensor.layout.__get__, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel,
     torch.Tensor.is_floating_point, torch.Tensor.element_size, torch.Tensor.data_ptr,
-    torch.Tensor.__len__,
+    torch.Tensor.__len__, torch.Tensor.stride, torch.Tensor.is_contiguous,
+    torch.Tensor.storage_offset, torch.Tensor.nelement,
 })
 
 
