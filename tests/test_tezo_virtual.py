@@ -237,8 +237,8 @@ def test_updates_equal_the_inplace_path_bit_for_bit(variant, dtype):
 @pytest.mark.parametrize("steps_before", [0, 2])
 def test_a_failing_closure_leaves_weights_and_modules_as_they_were(update, exc, fail_at,
                                                                    steps_before):
-    """At each closure call, in the tracked first step and in a later one: every weight
-    bit-identical, no hook left on any module (nor a global one), pending deferred updates
+    """At each closure call (halfway through a forward), in the tracked first step and in a later
+    one: every weight bit-identical, no hook left on any module (nor a global one), pending deferred updates
     unchanged; training then continues exactly as a twin that never failed."""
     model, twin = make_model(dtype=torch.bfloat16), make_model(dtype=torch.bfloat16)
     opt, twin_opt = [TeZO(m.named_parameters(), lr=1e-2, eps=1e-3, seed=3, rank=3,
@@ -251,10 +251,12 @@ def test_a_failing_closure_leaves_weights_and_modules_as_they_were(update, exc, 
     watched = hooks_left(model)  # deferred: the merge-on-observe hooks of pending updates
     calls = []
     good = lm_loss(model)
+    ids, _ = batch()
 
-    def failing():
+    def failing():  # raises halfway through the forward: the probe hook has already run
         calls.append(1)
         if len(calls) == fail_at:
+            model.fc(model.embed(ids))
             raise exc("boom")
         return good()
 
