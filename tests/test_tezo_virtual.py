@@ -564,3 +564,23 @@ def test_peft_adapters(use_dora):
     assert len(losses["virtual"]) == len(losses["inplace"]) + 1
     for v, i in zip(losses["virtual"][-4:], losses["inplace"][-4:]):
         assert abs(v - i) <= 2e-6 * abs(i), (v, i)
+
+
+def test_use_tracker_allows_metadata_reads_only():
+    from zokernels.lowrank_probe import UseTracker
+
+    linear = torch.nn.Linear(3, 4)
+    x = torch.randn(2, 3)
+    tracker = UseTracker([linear.weight])
+    with torch.no_grad(), tracker:
+        _ = (linear.weight.dtype, linear.weight.shape, linear.weight.numel())
+        linear(x)
+    assert tracker.owners == [[linear]] and not tracker.foreign
+    assert tracker.readers_only_through_owners(0)
+    tracker = UseTracker([linear.weight])
+    with torch.no_grad(), tracker:
+        linear(x)
+        linear.weight.sum()
+    assert tracker.foreign == {0: "TensorBase.sum"}
+    assert not tracker.readers_only_through_owners(0)
+    assert hooks_left(linear) == []
