@@ -238,8 +238,8 @@ def test_updates_equal_the_inplace_path_bit_for_bit(variant, dtype):
 def test_a_failing_closure_leaves_weights_and_modules_as_they_were(update, exc, fail_at,
                                                                    steps_before):
     """At each closure call (halfway through a forward), in the tracked first step and in a later
-    one: every weight bit-identical, no hook left on any module (nor a global one), pending deferred updates
-    unchanged; training then continues exactly as a twin that never failed."""
+    one: every weight bit-identical, no hook left on any module (nor a global one), pending
+    deferred updates unchanged; training then continues exactly as a twin that never failed."""
     model, twin = make_model(dtype=torch.bfloat16), make_model(dtype=torch.bfloat16)
     opt, twin_opt = [TeZO(m.named_parameters(), lr=1e-2, eps=1e-3, seed=3, rank=3,
                           variant="momentum", weight_decay=0.1, update=update)
