@@ -119,7 +119,7 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
     finally:
         for module, training in modes:
             module.training = training
-        if isinstance(optimizer, TeZO) and not optimizer._step_in_progress():
+        if isinstance(optimizer, TeZO):
             optimizer.merge()  # update="deferred": the returned model holds its weights
     return optimizer, losses
 
