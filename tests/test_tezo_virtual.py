@@ -584,3 +584,24 @@ def test_use_tracker_allows_metadata_reads_only():
     assert tracker.foreign == {0: "TensorBase.sum"}
     assert not tracker.readers_only_through_owners(0)
     assert hooks_left(linear) == []
+
+
+def test_a_refused_load_state_dict_writes_nothing():
+    """Validation comes before the merge: a bad state raises ValueError with the weights
+    bit-identical and the deferred updates still pending."""
+    model = make_model(dtype=torch.bfloat16)
+    opt = TeZO(model.named_parameters(), lr=1e-2, eps=1e-3, seed=5, rank=3, variant="momentum",
+               update="deferred")
+    saved = opt.state_dict()
+    for _ in range(2):
+        opt.step(lm_loss(model))
+    before = snapshot(model)
+    bad = copy.deepcopy(saved)
+    bad["extra"]["rank"] = 4
+    with pytest.raises(ValueError, match="rank"):
+        opt.load_state_dict(bad)
+    assert_same(snapshot(model), before, "after a refused load")
+    assert opt._virtual.pending and hooks_left(model)
+    opt.load_state_dict(saved)  # a valid one merges first
+    assert not opt._virtual.pending and hooks_left(model) == []
+    assert not torch.equal(model.fc.weight, before["fc.weight"])
