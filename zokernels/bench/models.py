@@ -74,7 +74,7 @@ class Decoder(nn.Module):
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
         # tied as in OPT / GPT-2: an nn.Linear sharing the embedding's weight
-        self.lm_head = nn.Linear(config.d_model, config.vocab, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab, bias=False, device="meta")
         self.lm_head.weight = self.embed_tokens.weight
 
     def features(self, ids: torch.Tensor) -> torch.Tensor:
