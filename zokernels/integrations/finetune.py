@@ -74,6 +74,8 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
     train/eval mode of every submodule is restored when finetune returns or raises. Stops after
     `steps` steps or when `batches` ends. Prints `step, loss (mean of the last log_every),
     steps/s` to stderr every log_every steps when `progress`.
+    TeZO with update="deferred": its pending updates are merged into the model before finetune
+    returns or raises (docs/tezo.md).
     Returns (the optimizer, the loss of every step as the optimizer's step returns it).
     Raises TypeError / ValueError naming the argument before any weight is written.
     """
@@ -119,6 +121,8 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
     finally:
         for module, training in modes:
             module.training = training
+        if isinstance(optimizer, TeZO):
+            optimizer.merge()  # update="deferred": the returned model holds its weights
     return optimizer, losses
 
 
