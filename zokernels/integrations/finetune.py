@@ -31,11 +31,15 @@ def trainable_blocks(model: torch.nn.Module, where: str = "finetune('lezo')",
                      option: str = "layers=") -> list[torch.nn.Module]:
     """LeZO's default layers: the blocks of find_transformer_layers(model) that hold a trainable
     parameter (wholly frozen blocks are left out: LeZO would spend its picks on them).
-    ValueError naming `where` and `option` when every block is frozen."""
-    blocks = [block for block in find_transformer_layers(model)
-              if any(p.requires_grad for p in block.parameters())]
+    ValueError naming `where` and `option` when there is none."""
+    try:
+        blocks = [block for block in find_transformer_layers(model)
+                  if any(p.requires_grad for p in block.parameters())]
+    except ValueError:  # no repeated block list holds a trainable parameter
+        blocks = []
     if not blocks:
-        raise ValueError(f"{where}: every transformer block is frozen; pass {option}")
+        raise ValueError(f"{where}: no transformer block holds a trainable parameter (every "
+                         f"block frozen, or no repeated block list); pass {option}")
     return blocks
 
 

@@ -12,6 +12,7 @@ Importing this module imports transformers (zokernels.integrations imports it la
 Tested with transformers 4.46 and 5.x.
 """
 
+import itertools
 import math
 import numbers
 import time
@@ -179,6 +180,26 @@ def _process_group() -> Any:
     return None
 
 
+def _numpy_safe_globals() -> Any:
+    """torch.serialization.safe_globals for the numpy objects of a pickled numpy RNG state."""
+    import numpy as np
+
+    core = np._core if int(np.__version__.split(".")[0]) >= 2 else np.core
+    return torch.serialization.safe_globals([core.multiarray._reconstruct, np.ndarray, np.dtype,
+                                             type(np.dtype(np.uint32))])
+
+
+def _broadcast_module_state(model: torch.nn.Module, group: Any) -> None:
+    """Every parameter and buffer from rank 0, once (what DDP does when it wraps a model): the
+    replicas start identical, and the identical seeded updates keep them so."""
+    import torch.distributed as dist
+
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    with torch.no_grad():
+        for tensor in tensors.values():
+            dist.broadcast(tensor.data, src=0, group=group)
+
+
 class _TrainerOptimizer(torch.optim.Optimizer):
     """What the Trainer holds as its optimizer. The ZO step runs in ZOTrainer.training_step (it
     needs the batch); the Trainer's optimizer.step() afterwards has nothing left to do.
@@ -283,9 +304,9 @@ class ZOTrainer(transformers.Trainer):
     DistributedDataParallel (accelerate prepares it with evaluation_mode=True: no gradient
     buckets, no buffer broadcasts per forward); the optimizer gets the world process group,
     each rank evaluates its own micro-batch, and the losses are averaged in one all-reduce per
-    step, so every rank applies the same update. The trained parameters are broadcast from
-    rank 0 once, when the optimizer is built (as DDP does at wrapping), so replicas start, and
-    stay, bit-identical.
+    step, so every rank applies the same update. The model's parameters and buffers are
+    broadcast from rank 0 once, when the optimizer is built (as DDP does when it wraps a model),
+    so the replicas start, and stay, bit-identical.
     """
 
     def __init__(self, model: Any = None, args: Optional[ZOConfig] = None, *positional: Any,
@@ -349,12 +370,7 @@ class ZOTrainer(transformers.Trainer):
             kwargs.update(window=args.pseuzo_window, beta=args.pseuzo_beta)
         optimizer = _build(model, name, kwargs, where="ZOTrainer")
         if group is not None:
-            import torch.distributed as dist
-
-            with torch.no_grad():
-                for g in optimizer.param_groups:
-                    for p in g["params"]:
-                        dist.broadcast(p.data, src=0, group=group)
+            _broadcast_module_state(model, group)
         return optimizer
 
     def _named_blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -388,6 +404,14 @@ class ZOTrainer(transformers.Trainer):
                     return self.compute_loss(model, dict(inputs))
             loss = self.zo_optimizer.step(closure)
         return loss.detach().to(self.args.device)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _load_rng_state(self, checkpoint: Optional[str]) -> None:
+        """The stock method with numpy's array globals allowed in torch.load: transformers < 4.50
+        loads rng_state.pth with torch.load's default, which torch >= 2.6 made weights_only, and
+        the file holds numpy's RNG state (resume then fails on 4.46 with torch >= 2.6)."""
+        with _numpy_safe_globals():
+            super()._load_rng_state(checkpoint)
 
     # -- logging ----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
