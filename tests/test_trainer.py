@@ -20,11 +20,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import zokernels  # noqa: E402
 from helpers import assert_bits_equal, assert_same, assert_states_equal, snapshot  # noqa: E402
 from zokernels.integrations import ZOConfig, ZOTrainer  # noqa: E402
 from zokernels.optim import MeZO  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
 VOCAB, SEQ = 32, 12
 
 
@@ -316,11 +317,12 @@ def test_two_processes_under_torchrun_stay_bit_identical(tmp_path):
     same losses and end with bit-identical weights although they started from different ones."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
+    package_parent = str(Path(zokernels.__file__).resolve().parents[1])  # the one under test
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(tmp_path), str(ROOT / "tests")],
+         str(script), str(tmp_path), str(TESTS)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
