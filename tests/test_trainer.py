@@ -206,6 +206,25 @@ def test_pseuzo_leaves_an_untied_head_unchanged(tmp_path):
     assert not torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
 
 
+def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
+    """A number or a schedule name goes to PseuZO(beta=...) as given (PseuZO validates it)."""
+    import importlib
+
+    from zokernels.optim import PseuZO
+
+    finetune_module = importlib.import_module("zokernels.integrations.finetune")
+
+    seen = []
+
+    def build(params, **kwargs):
+        seen.append(kwargs["beta"])
+        return PseuZO(params, **dict(kwargs, beta=0.5))
+    monkeypatch.setitem(finetune_module.OPTIMIZERS, "pseuzo", build)
+    for beta in ("reference", 0.25):
+        trainer(llama(), tmp_path, zo_optimizer="pseuzo", pseuzo_beta=beta)
+    assert seen == ["reference", 0.25]
+
+
 # -- checks ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, match", [
@@ -235,6 +254,21 @@ def test_pseuzo_leaves_an_untied_head_unchanged(tmp_path):
 def test_config_refuses_bad_options(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         config(tmp_path, **options)
+
+
+def test_config_from_the_command_line(tmp_path):
+    """HfArgumentParser builds ZOConfig from argv (options checked the same way)."""
+    parser = transformers.HfArgumentParser(ZOConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--zo_optimizer", "lezo", "--lezo_layers",
+         "model.layers.0", "model.layers.1", "--zo_eps", "0.01", "--report_to", "none"])
+    assert args.lezo_layers == ["model.layers.0", "model.layers.1"] and args.zo_eps == 0.01
+    assert args.learning_rate == 1e-6 and args.max_grad_norm == 0.0
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--zo_optimizer", "pseuzo", "--pseuzo_beta", "0.5"])
+    assert args.pseuzo_beta == 0.5
+    with pytest.raises(ValueError, match="zo_eps"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--zo_eps", "-1"])
 
 
 def test_trainer_checks_its_arguments_before_training(tmp_path):

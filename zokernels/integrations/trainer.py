@@ -390,8 +390,6 @@ class ZOTrainer(transformers.Trainer):
                       num_items_in_batch: Any = None) -> torch.Tensor:
         """One ZO step on `inputs`; returns its loss (detached). num_items_in_batch (transformers
         >= 4.46) is not used: each probe's loss is the batch mean."""
-        if self.zo_optimizer is None:
-            self.create_optimizer()
         model.eval()
         inputs = self._prepare_inputs(inputs)
         if self.args.zo_optimizer == "pseuzo":
