@@ -107,6 +107,26 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path, name, dtype):
         assert len(whole.zo_optimizer.state_dict()["extra"]["window"]) == 3
 
 
+def test_lora_resume_is_bit_identical(tmp_path):
+    """A LoRA checkpoint holds the adapters: resumed onto the same base model with differently
+    initialized adapters, the run ends on the uninterrupted run's adapters, bit for bit."""
+    peft = pytest.importorskip("peft")
+
+    def lora(seed):
+        model = llama()
+        torch.manual_seed(seed)  # the adapters' initialization
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                          target_modules=["q_proj", "v_proj"]))
+    options = dict(zo_optimizer="lezo", lezo_n_active=1, save_strategy="steps", save_steps=3,
+                   learning_rate=1e-2)
+    whole = trainer(lora(0), tmp_path, **options)
+    whole.train()
+    resumed = trainer(lora(7), tmp_path, **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert_same(snapshot(resumed.model), snapshot(whole.model), "LoRA resumed at step 3")
+    assert_states_equal(resumed.zo_optimizer.state_dict(), whole.zo_optimizer.state_dict())
+
+
 # -- what a step is ---------------------------------------------------------------------------------
 
 class Recording(ZOTrainer):
