@@ -310,6 +310,20 @@ def test_trainer_checks_its_arguments_before_training(tmp_path):
     assert_same(snapshot(model), before, "after refused arguments")
 
 
+def package_env() -> dict[str, str]:
+    """The environment of a child process that imports the zokernels under test."""
+    package_parent = str(Path(zokernels.__file__).resolve().parents[1])
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                PYTHONPATH=os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]))
+
+
+def test_integrations_import_transformers_only_for_the_trainer():
+    code = ("import sys; import zokernels.integrations as zi; from zokernels.integrations import *; "
+            "assert 'transformers' not in sys.modules; zi.ZOConfig; "
+            "assert 'transformers' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], env=package_env(), check=True, timeout=300)
+
+
 # -- two processes under torchrun -------------------------------------------------------------------
 
 WORKER = textwrap.dedent('''
@@ -371,13 +385,10 @@ def test_two_processes_under_torchrun_stay_bit_identical(tmp_path):
     same losses and end with bit-identical weights although they started from different ones."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    package_parent = str(Path(zokernels.__file__).resolve().parents[1])  # the one under test
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(script), str(tmp_path), str(TESTS)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=package_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for name in ("mezo", "pseuzo"):

@@ -9,8 +9,9 @@ from .causal_lm import causal_lm_loss, lm_inputs, pseuzo_causal_lm, pseuzo_param
 from .finetune import finetune
 from .layers import find_transformer_layers
 
+# ZOTrainer / ZOConfig are left out of __all__: a star import must not need transformers
 __all__ = ["find_transformer_layers", "pseuzo_causal_lm", "pseuzo_parameters", "causal_lm_loss",
-           "lm_inputs", "finetune", "ZOTrainer", "ZOConfig"]
+           "lm_inputs", "finetune"]
 
 
 def __getattr__(name: str) -> Any:

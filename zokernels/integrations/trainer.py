@@ -55,7 +55,8 @@ class ZOConfig(transformers.TrainingArguments):
     lr_scheduler_type (default here "constant", as MeZO's runs) and warmup, weight_decay (decoupled,
     fused into the update, not on names containing bias / layer_norm / layernorm: the zokernels
     rule), max_steps, num_train_epochs, per_device_train_batch_size, logging / eval / save
-    strategies and steps, seed (of the data order; also zo_seed's default).
+    strategies and steps, seed (of the data order; also zo_seed's default). Not used: optim,
+    optim_args and the adam_* options (the ZO optimizer replaces the Trainer's).
 
     Refused (ValueError naming the option): gradient_accumulation_steps > 1 (ZO has no gradient
     to accumulate: use a larger per_device_train_batch_size, which costs forward memory only,
