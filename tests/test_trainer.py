@@ -127,7 +127,7 @@ def test_lora_resume_is_bit_identical(tmp_path):
     assert_states_equal(resumed.zo_optimizer.state_dict(), whole.zo_optimizer.state_dict())
 
 
-# -- what a step is ---------------------------------------------------------------------------------
+# -- what a step is -------------------------------------------------------------------------------
 
 class Recording(ZOTrainer):
     """Records each step's batch and the lr the optimizer holds when it steps."""
@@ -305,7 +305,8 @@ def test_trainer_checks_its_arguments_before_training(tmp_path):
         trainer(model, tmp_path, zo_optimizer="lezo", lezo_n_active=3)
     for p in model.model.layers.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="no transformer block holds a trainable parameter .*; pass lezo_layers"):
+    with pytest.raises(ValueError, match="no transformer block holds a trainable parameter"
+                                         ".*; pass lezo_layers"):
         trainer(model, tmp_path, zo_optimizer="lezo")
     assert_same(snapshot(model), before, "after refused arguments")
 
@@ -318,13 +319,14 @@ def package_env() -> dict[str, str]:
 
 
 def test_integrations_import_transformers_only_for_the_trainer():
-    code = ("import sys; import zokernels.integrations as zi; from zokernels.integrations import *; "
+    code = ("import sys; import zokernels.integrations as zi; "
+            "from zokernels.integrations import *; "
             "assert 'transformers' not in sys.modules; zi.ZOConfig; "
             "assert 'transformers' in sys.modules")
     subprocess.run([sys.executable, "-c", code], env=package_env(), check=True, timeout=300)
 
 
-# -- two processes under torchrun -------------------------------------------------------------------
+# -- two processes under torchrun -----------------------------------------------------------------
 
 WORKER = textwrap.dedent('''
     import json, os, sys

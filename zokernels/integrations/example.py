@@ -13,8 +13,8 @@ learn. Losses are the mean next-token cross-entropy on a fixed held-out batch of
 Prints the held-out loss before and after, steps/s, and the optimizer's memory (state, undo logs,
 PseuZO's window); the last line is `RESULT {json}` for scripts. Needs transformers (and peft for
 --lora). With --trainer the fine-tuning runs through ZOTrainer / ZOConfig (transformers.Trainer)
-on a dataset of the same sequences instead of finetune(). The defaults take about 20 s on 2 CPU cores, half of it importing transformers
-(150 AdamW steps about 3.5 s, 300 MeZO steps about 5 s).
+on a dataset of the same sequences instead of finetune(). The defaults take about 20 s on 2 CPU
+cores, half of it importing transformers (150 AdamW steps about 3.5 s, 300 MeZO steps about 5 s).
 """
 
 from __future__ import annotations
