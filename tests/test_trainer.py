@@ -160,6 +160,17 @@ def test_steps_are_the_optimizers_steps_with_the_scheduled_lr(tmp_path):
     assert_same(snapshot(run.model), snapshot(model), "trainer vs hand loop")
 
 
+def test_model_init_gets_its_own_optimizer(tmp_path):
+    """With model_init, train() builds a new model and a new ZO optimizer over it."""
+    run = ZOTrainer(model_init=lambda: llama(), args=config(tmp_path, max_steps=2),
+                    train_dataset=Tokens())
+    first = run.zo_optimizer
+    run.train()
+    assert run.zo_optimizer is not first and run.zo_optimizer.zo_state["step"] == 2
+    params = {id(p) for g in run.zo_optimizer.param_groups for p in g["params"]}
+    assert params == {id(p) for p in run.model.parameters()}
+
+
 def test_logs_carry_the_zo_counters_and_skipped_steps(tmp_path):
     """Every training log has loss, learning_rate, steps_per_second, zo_skipped_steps and
     zo_undo_overflows and no grad_norm; a non-finite loss skips its step (weights restored)

@@ -324,17 +324,21 @@ class ZOTrainer(transformers.Trainer):
         self._clock = _StepClock()
         super().__init__(model, args, *positional, **kwargs)
         self.add_callback(self._clock)
-        # ZO computes no gradient: a DDP wrapper would only allocate gradient buckets and
-        # broadcast buffers before every forward. accelerate's evaluation mode places the model
-        # (and applies torch.compile if configured) without it.
+        if self.model is not None:
+            self.create_optimizer()  # checks the options against the model before any work
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The stock accelerator, whose prepare_model never wraps the model in DDP: ZO computes
+        no gradient, so a DDP wrapper would only allocate gradient buckets and broadcast the
+        buffers before every forward. accelerate's evaluation mode places the model (and applies
+        torch.compile when configured) without it."""
+        super().create_accelerator_and_postprocess()
         prepare_model = self.accelerator.prepare_model
 
         def prepare_without_ddp(model: torch.nn.Module, *a: Any, **k: Any) -> torch.nn.Module:
             k["evaluation_mode"] = True
             return prepare_model(model, *a, **k)
         self.accelerator.prepare_model = prepare_without_ddp
-        if self.model is not None:
-            self.create_optimizer()  # checks the options against the model before any work
 
     # -- optimizer ----------------------------------------------------------------------------
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
