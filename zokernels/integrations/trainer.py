@@ -9,7 +9,12 @@ writes the lr of the ZO optimizer's param groups), max_steps, logging, evaluatio
 and resume_from_checkpoint.
 
 Importing this module imports transformers (zokernels.integrations imports it lazily).
-Tested with transformers 4.46 and 5.x.
+Tested with transformers 4.46.3 and 5.25. The overridden hooks exist in both with compatible
+signatures, which the overrides accept in either form: training_step(model, inputs,
+num_items_in_batch=None), create_optimizer(model=None) (5.x may pass the model), log(logs,
+*args) (5.x adds start_time), create_accelerator_and_postprocess(); `processing_class` (4.46+)
+and every other Trainer argument pass through unchanged. The one private override,
+_load_rng_state, lets transformers 4.46 read its own rng_state.pth under torch >= 2.6.
 """
 
 import itertools
@@ -410,9 +415,10 @@ class ZOTrainer(transformers.Trainer):
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _load_rng_state(self, checkpoint: Optional[str]) -> None:
-        """The stock method with numpy's array globals allowed in torch.load: transformers < 4.50
+        """The stock method with numpy's array types allowed in torch.load: transformers 4.46
         loads rng_state.pth with torch.load's default, which torch >= 2.6 made weights_only, and
-        the file holds numpy's RNG state (resume then fails on 4.46 with torch >= 2.6)."""
+        the file holds numpy's RNG state (its resume fails without this; later releases allow
+        the types themselves, and the allowance is then harmless)."""
         with _numpy_safe_globals():
             super()._load_rng_state(checkpoint)
 
