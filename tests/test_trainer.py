@@ -395,7 +395,8 @@ WORKER = textwrap.dedent('''
 def test_two_processes_under_torchrun_stay_bit_identical(tmp_path):
     """torchrun --nproc-per-node 2 (gloo on CPU): the model is not wrapped in DDP, every step
     issues exactly one collective (the optimizer's all-reduce of the losses), the ranks log the
-    same losses and end with bit-identical weights although they started from different ones."""
+    same losses and end with bit-identical weights although they started from different ones,
+    and MeZO's weights equal one process's on the concatenated batches up to rounding."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     proc = subprocess.run(
@@ -412,3 +413,11 @@ def test_two_processes_under_torchrun_stay_bit_identical(tmp_path):
         assert a["params"] == b["params"], f"{name}: replicas differ"
         start = snapshot(llama(seed=0))
         assert any(a["params"][n] != start[n].view(-1).tolist() for n in start), name
+    # one process on the concatenated batches (2 x 4 sequences per step, the same order): the
+    # same updates up to the rounding of a mean of two means
+    one = trainer(llama(seed=0), tmp_path / "one", zo_optimizer="mezo", max_steps=4,
+                  per_device_train_batch_size=8)
+    one.train()
+    for n, p in one.model.named_parameters():
+        torch.testing.assert_close(torch.tensor(ranks[0]["mezo"]["params"][n]),
+                                   p.detach().view(-1), rtol=0, atol=1e-5)
