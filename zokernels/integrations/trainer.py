@@ -280,9 +280,9 @@ class ZOTrainer(transformers.Trainer):
     """transformers.Trainer that fine-tunes with a zokernels ZO optimizer instead of backprop.
 
     ZOTrainer(model=..., args=ZOConfig(...), train_dataset=..., eval_dataset=...,
-    data_collator=..., processing_class=...): the Trainer's arguments (positional or by name;
-    on transformers 4.46 `processing_class` too). `args` must be a ZOConfig; `optimizers` must
-    be left out (the ZO optimizer is built from args). The optimizer is built, and its options
+    data_collator=..., processing_class=...): the installed Trainer's arguments, by name or
+    position. `args` must be a ZOConfig; `optimizers` must be left out (the ZO optimizer and
+    the scheduler are built from args). The optimizer is built, and its options
     checked against the model (LeZO's layers, PseuZO's split), when the trainer is built;
     `trainer.zo_optimizer` is it.
 
