@@ -238,7 +238,9 @@ def test_pseuzo_leaves_an_untied_head_unchanged(tmp_path):
 
 
 def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
-    """A number or a schedule name goes to PseuZO(beta=...) as given (PseuZO validates it)."""
+    """A number goes to PseuZO(beta=...) as given; "reference" also gets the reference trainer's
+    epoch clock: cycles of pseuzo_beta_cycle epochs (default num_train_epochs // 2) of one step
+    per batch."""
     import importlib
 
     from zokernels.optim import PseuZO
@@ -248,12 +250,23 @@ def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
     seen = []
 
     def build(params, **kwargs):
-        seen.append(kwargs["beta"])
-        return PseuZO(params, **dict(kwargs, beta=0.5))
+        seen.append({k: kwargs.get(k) for k in ("beta", "beta_cycle", "beta_epoch_steps",
+                                                 "decay_per_entry")})
+        return PseuZO(params, **kwargs)
     monkeypatch.setitem(finetune_module.OPTIMIZERS, "pseuzo", build)
-    for beta in ("reference", 0.25):
-        trainer(llama(), tmp_path, zo_optimizer="pseuzo", pseuzo_beta=beta)
-    assert seen == ["reference", 0.25]
+    for options in ({"pseuzo_beta": 0.25},
+                    {"pseuzo_beta": "reference", "num_train_epochs": 4},
+                    {"pseuzo_beta": "reference", "pseuzo_beta_cycle": 3,
+                     "pseuzo_decay_per_entry": True}):
+        made = trainer(llama(), tmp_path, zo_optimizer="pseuzo", **options)
+        made.create_optimizer()
+        steps_per_epoch = len(made.get_train_dataloader())
+    assert seen == [
+        dict(beta=0.25, beta_cycle=None, beta_epoch_steps=None, decay_per_entry=False),
+        dict(beta="reference", beta_cycle=2, beta_epoch_steps=steps_per_epoch,
+             decay_per_entry=False),
+        dict(beta="reference", beta_cycle=3, beta_epoch_steps=steps_per_epoch,
+             decay_per_entry=True)]
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -276,6 +289,11 @@ def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
     ({"zo_optimizer": "pseuzo", "pseuzo_window": 0}, "pseuzo_window"),
     ({"zo_optimizer": "pseuzo", "pseuzo_beta": 1.5}, "pseuzo_beta"),
     ({"zo_optimizer": "pseuzo", "pseuzo_beta": ""}, "pseuzo_beta"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_beta_cycle": 2}, "pseuzo_beta_cycle applies"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_beta": "reference", "pseuzo_beta_cycle": 0},
+     "pseuzo_beta_cycle"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_decay_per_entry": 1}, "pseuzo_decay_per_entry"),
+    ({"zo_optimizer": "mezo", "pseuzo_decay_per_entry": True}, "pseuzo_decay_per_entry applies"),
     ({"tezo_rank": 4}, "tezo_rank applies to zo_optimizer='tezo'"),
     ({"zo_optimizer": "tezo", "pseuzo_window": 3}, "pseuzo_window applies"),
     ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),

@@ -36,7 +36,8 @@ from .finetune import OPTIMIZERS, _build, trainable_blocks
 # The options of one algorithm; setting one for another algorithm is refused (it would be ignored).
 ALGORITHM_OPTIONS = {"lezo": ("lezo_n_active", "lezo_layers"),
                      "tezo": ("tezo_rank", "tezo_variant"),
-                     "pseuzo": ("pseuzo_window", "pseuzo_beta")}
+                     "pseuzo": ("pseuzo_window", "pseuzo_beta", "pseuzo_beta_cycle",
+                                "pseuzo_decay_per_entry")}
 
 
 def _integer(value: Any, name: str, low: int, *, optional: bool = False) -> None:
@@ -112,6 +113,12 @@ class ZOConfig(transformers.TrainingArguments):
     pseuzo_window: int = field(default=14, metadata={"help": "PseuZO window length."})
     pseuzo_beta: Union[float, str] = field(
         default=0.9, metadata={"help": "PseuZO beta: a number or a schedule name."})
+    pseuzo_beta_cycle: Optional[int] = field(
+        default=None, metadata={"help": "pseuzo_beta='reference': epochs per beta cycle "
+                                        "(default: num_train_epochs // 2, as the reference)."})
+    pseuzo_decay_per_entry: bool = field(
+        default=False, metadata={"help": "PseuZO: weight decay once per window entry (the "
+                                         "reference's rule)."})
 
     def __post_init__(self) -> None:
         self._check_zo_options()
@@ -150,6 +157,13 @@ class ZOConfig(transformers.TrainingArguments):
         _integer(self.tezo_rank, "tezo_rank", 1)
         _choice(self.tezo_variant, "tezo_variant", TEZO_VARIANTS)
         _integer(self.pseuzo_window, "pseuzo_window", 1)
+        _integer(self.pseuzo_beta_cycle, "pseuzo_beta_cycle", 1, optional=True)
+        if self.pseuzo_beta_cycle is not None and self.pseuzo_beta != "reference":
+            raise ValueError("pseuzo_beta_cycle applies to pseuzo_beta='reference' only, got "
+                             f"pseuzo_beta={self.pseuzo_beta!r}")
+        if not isinstance(self.pseuzo_decay_per_entry, bool):
+            raise ValueError(f"pseuzo_decay_per_entry must be a bool, got "
+                             f"{self.pseuzo_decay_per_entry!r}")
         beta = self.pseuzo_beta
         if isinstance(beta, str):
             if not beta:
@@ -377,11 +391,26 @@ class ZOTrainer(transformers.Trainer):
         elif name == "tezo":
             kwargs.update(rank=args.tezo_rank, variant=args.tezo_variant)
         elif name == "pseuzo":
-            kwargs.update(window=args.pseuzo_window, beta=args.pseuzo_beta)
+            kwargs.update(window=args.pseuzo_window, beta=args.pseuzo_beta,
+                          decay_per_entry=args.pseuzo_decay_per_entry)
+            if args.pseuzo_beta == "reference":  # cycles of epochs, as PseuZO's reference trainer
+                kwargs.update(beta_cycle=args.pseuzo_beta_cycle
+                              or max(1, int(args.num_train_epochs) // 2),
+                              beta_epoch_steps=self._steps_per_epoch())
         optimizer = _build(model, name, kwargs, where="ZOTrainer")
         if group is not None:
             _broadcast_module_state(model, group)
         return optimizer
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (one per batch: no gradient accumulation), for the epoch
+        clock of PseuZO's reference beta schedule."""
+        try:
+            steps = len(self.get_train_dataloader())
+        except TypeError:  # an iterable dataset has no length
+            raise ValueError("pseuzo_beta='reference' counts epochs: it needs a train dataset "
+                             "with a length") from None
+        return max(1, steps)
 
     def _named_blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """args.lezo_layers resolved to modules (a ModuleList stands for its children)."""
