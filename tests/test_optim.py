@@ -238,7 +238,8 @@ def test_pseuzo_failure_restores_exact_bits(dtype, fail_in):
 def test_tezo_failure_restores_every_bit(dtype, fail_at):
     """The 2-D weights too: low-rank recovery plus their own undo logs (docs/undo-log.md)."""
     net = pretrained(dtype)
-    opt = make("tezo", net)
+    opt = make("tezo", net, probe="inplace")  # the in-place probes' logs (virtual probes:
+    # test_tezo_virtual.py)
     run_steps("tezo", opt, net, 2)
     before = snapshot(net)
     exc = KeyboardInterrupt if fail_at == 2 else Boom
@@ -254,7 +255,7 @@ def test_tezo_failure_restores_every_bit(dtype, fail_at):
 def test_tezo_without_logs_restores_by_recovery_only():
     """exact_restore=False: no log memory; recovery alone gives back nearly every bit."""
     net = pretrained(torch.bfloat16)
-    opt = make("tezo", net, exact_restore=False)
+    opt = make("tezo", net, exact_restore=False, probe="inplace")
     run_steps("tezo", opt, net, 2)
     before = snapshot(net)
     with pytest.raises(Boom):

@@ -33,7 +33,7 @@ from .lora import PRESETS as LORA_PRESETS
 from .lora import LoraSettings, format_lora_tables, run_lora_bench
 from .models import HF_MODELS
 from .models import PRESETS as MODEL_PRESETS
-from .step import OPTIMIZERS, StepSettings, format_step_table, run_step_bench
+from .step import OPTIMIZERS, TEZO_MODES, StepSettings, format_step_table, run_step_bench
 from .runner import (
     BASELINE,
     DTYPE_ALIASES,
@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--model", help=f"{', '.join(STEP_MODELS)} (default: small on cpu, "
                                       "opt-1.3b on cuda; hf-* need transformers)")
     step.add_argument("--optimizer", action="append",
-                      help=f"{', '.join(STEP_OPTIMIZERS)} (default: all)")
+                      help=f"{', '.join(STEP_OPTIMIZERS)} (default: these), or TeZO's "
+                           "other modes tezo-inplace, tezo-deferred")
     step.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, "
                                       "bfloat16 on cuda)")
     step.add_argument("--device", action="append", default=argparse.SUPPRESS,
@@ -656,8 +657,8 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
 
         if importlib.util.find_spec("transformers") is None:
             raise UsageError(f"--model {model}: needs transformers (pip install transformers)")
-    optimizers = _choices(args.optimizer, ",".join(STEP_OPTIMIZERS), STEP_OPTIMIZERS,
-                          "--optimizer")
+    optimizers = _choices(args.optimizer, ",".join(STEP_OPTIMIZERS),
+                          tuple(dict.fromkeys(STEP_OPTIMIZERS + tuple(TEZO_MODES))), "--optimizer")
     dtype = _dtypes([args.dtype] if args.dtype else None, DEFAULTS[kind]["dtype"])[0]
     backend = args.backend
     if backend not in ("auto",) + FUSED_BACKENDS:

@@ -73,6 +73,9 @@ class Decoder(nn.Module):
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
+        # tied as in OPT / GPT-2: an nn.Linear sharing the embedding's weight
+        self.lm_head = nn.Linear(config.d_model, config.vocab, bias=False, device="meta")
+        self.lm_head.weight = self.embed_tokens.weight
 
     def features(self, ids: torch.Tensor) -> torch.Tensor:
         """The hidden state before the head (PseuZO's output o)."""
@@ -83,7 +86,7 @@ class Decoder(nn.Module):
         return self.final_layer_norm(h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.embed_tokens.weight.T
+        return self.lm_head(h)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(ids))

@@ -19,11 +19,17 @@ from .models import BenchModel, build_model, synthetic_batch
 from .timing import _quantile, synchronize
 
 OPTIMIZERS = ("mezo", "lezo", "tezo", "pseuzo")
+# TeZO's probe / update modes as rows of their own ("tezo" is the default: virtual probes)
+TEZO_MODES = {"tezo": {}, "tezo-inplace": {"probe": "inplace"},
+              "tezo-deferred": {"update": "deferred"}}
 MEZO_LOOP = "mezo-loop"
 # Forward passes per step and passes over the weights per step (the MeZO loop: 4 with
 # torch.normal for every parameter each time).
-FORWARDS = {"mezo": 2, "lezo": 2, "tezo": 2, "pseuzo": 2, MEZO_LOOP: 2}
-WEIGHT_PASSES = {"mezo": "3", "lezo": "3 (over the active layers)", "tezo": "3 (low-rank)",
+FORWARDS = {"mezo": 2, "lezo": 2, "tezo": 2, "tezo-inplace": 2, "tezo-deferred": 2, "pseuzo": 2,
+            MEZO_LOOP: 2}
+WEIGHT_PASSES = {"mezo": "3", "lezo": "3 (over the active layers)",
+                 "tezo": "1 (low-rank, virtual probes)", "tezo-inplace": "3 (low-rank)",
+                 "tezo-deferred": "0 (+1 per merge)",
                  "pseuzo": "2", MEZO_LOOP: "4"}
 
 
@@ -43,6 +49,10 @@ class StepSettings:
     exact_restore: bool = True  # undo logs (docs/undo-log.md); False: recovery only
 
 
+def opt_hooks_forwards(name: str) -> bool:
+    return name in TEZO_MODES and TEZO_MODES[name].get("probe", "virtual") == "virtual"
+
+
 class _ForwardClock:
     """Wraps a model call: accumulates its synchronized wall time."""
 
@@ -55,6 +65,21 @@ class _ForwardClock:
         out = fn()
         synchronize(self.device)
         self.seconds += time.perf_counter() - start
+        return out
+
+
+class _PlainForwardClock(_ForwardClock):
+    """Runs the closure untimed and times `plain` (the same forward without the optimizer's
+    hooks) right after it instead."""
+
+    def __init__(self, device: str, plain: Callable[[], torch.Tensor]) -> None:
+        super().__init__(device)
+        self.plain = plain
+
+    def __call__(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        out = fn()
+        with torch.no_grad():
+            super().__call__(self.plain)
         return out
 
 
@@ -91,18 +116,18 @@ def _make(name: str, model: BenchModel, settings: StepSettings, lr: float, eps: 
     if name == "lezo":
         active = max(1, round(settings.lezo_active * len(model.blocks)))
         return LeZO(named, layers=model.blocks, n_active=active, **common)
-    if name == "tezo":
-        return TeZO(named, rank=settings.rank, **common)
+    if name in TEZO_MODES:
+        return TeZO(named, rank=settings.rank, **common, **TEZO_MODES[name])
     if name == "pseuzo":
         return PseuZO(named, window=settings.window, **common)
     raise ValueError(name)
 
 
 def _state_bytes(opt) -> int:
+    if isinstance(opt, TeZO):
+        return opt.extra_memory_bytes  # logs, U, V, moments, deferred vectors, factor copies
     total = getattr(opt, "undo_log_bytes", 0)
     total += getattr(opt, "window_bytes", 0)
-    if isinstance(opt, TeZO):
-        total += 4 * opt.state_numel
     return total
 
 
@@ -124,6 +149,12 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6,
         opt = None
     else:
         opt = _make(name, model, settings, lr, eps)
+        if opt_hooks_forwards(name):
+            # TeZO's virtual probes work inside the forwards: the forward time subtracted is
+            # that of an identical model without hooks (a forward of the optimized one outside
+            # a step would merge deferred updates), run after each step
+            plain = build_model(settings.model, dtype, settings.device)
+            clock = _PlainForwardClock(settings.device, lambda: plain.loss(ids))
         if name == "pseuzo":
             def one_step() -> None:
                 opt.step(lambda: clock(lambda: model.features(ids)),

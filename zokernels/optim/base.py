@@ -435,14 +435,17 @@ class ZOOptimizer(torch.optim.Optimizer):
                                        rounding=self.rounding, check_finite=False)
             self._clear_logs()
 
+    def _refuse_nested_step(self) -> None:
+        raise RuntimeError(f"{type(self).__name__}.step() called while a step is running "
+                           "(from its closure?): steps cannot nest")
+
     def _guarded(self, body: Callable[[], Any]) -> Any:
         """Run a step body; on any exception (KeyboardInterrupt included) restore exactly.
 
         A step called again from inside a step (its closure calling opt.step()) is refused with
         RuntimeError before it touches anything; the outer step then fails and restores."""
         if self._stepping:
-            raise RuntimeError(f"{type(self).__name__}.step() called while a step is running "
-                               "(from its closure?): steps cannot nest")
+            self._refuse_nested_step()
         self._stepping = True
         try:
             return body()

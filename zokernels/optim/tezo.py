@@ -9,21 +9,25 @@ prefixes such as `module.`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
 from ..ops.lowrank import lowrank_perturb_, run_lowrank_scatter
 from ..ops.noise import noise
 from ..ops.undo import UndoLog
 from ..sharding import is_dtensor, local_tensor
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
-from .base import ZOOptimizer, check_common_hyper, check_hyper
+from .base import ZOOptimizer, _copied, check_common_hyper, check_hyper
 from ._seeds import step_seed
 
 VARIANTS = ("sgd", "momentum", "adam")
+PROBES = ("virtual", "inplace")
+UPDATES = ("inplace", "deferred")
 # Trajectory meta marker: tau and factors per key (earlier recordings sliced one flat tau per
 # param group and seeded the factors by group index; they cannot be replayed with this code).
 NOISE_LAYOUT = "per-key"
@@ -72,6 +76,8 @@ class _LowRankState:
                                       dtype=torch.float32, device=device)
         self.momentum = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
         self.second = torch.zeros_like(self.momentum)
+        # the weights the in-place passes write (all, until TeZO moves some to virtual probes)
+        self.inplace = list(range(len(weights)))
         self.build_factors(seed, backend)
 
     def build_factors(self, seed: int, backend: str) -> None:
@@ -116,34 +122,39 @@ class _LowRankState:
     def apply(self, taus: torch.Tensor, scale: Any, decay: float, backend: str, *,
               applied: tuple[torch.Tensor, float] | None = None,
               log: UndoLog | None = None, rounding: str = "nearest",
-              rounding_seed: int = 0) -> None:
-        """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for every weight (one launch);
-        d = decay on decayable weights. The 1/sqrt(r) makes Z's entries unit-variance.
-        theta = W, or with applied = (held taus, held scale) the weight recovered from the
-        perturbation W holds now; `log` keeps what a later recovery of this pass would miss.
-        rounding: of the write (stochastic: updates only, bits from stream 1 of rounding_seed)."""
-        if not self.weights:
+              rounding_seed: int = 0, positions: list[int] | None = None) -> None:
+        """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for the weights at
+        `positions` (default: self.inplace), one launch; d = decay on decayable weights. The
+        1/sqrt(r) makes Z's entries unit-variance. theta = W, or with applied = (held taus, held
+        scale) the weight recovered from the perturbation W holds now; `log` keeps what a later
+        recovery of this pass would miss. rounding: of the write (stochastic: updates only, bits
+        from stream 1 of rounding_seed). taus (and applied taus) cover every weight."""
+        pick = self.inplace if positions is None else positions
+        if not pick:
             return
         self._refresh()
-        held = {} if applied is None else dict(applied_taus=self._per_weight(applied[0]),
-                                               applied_scale=applied[1])
-        lowrank_perturb_(self.weights, self.us, self.vs, self._per_weight(taus), scale=scale,
-                         decay=self._decays(decay), keys=self.keys, backend=backend,
-                         rounding=rounding, rounding_seed=rounding_seed,
+        held = {} if applied is None else dict(
+            applied_taus=_take(self._per_weight(applied[0]), pick), applied_scale=applied[1])
+        lowrank_perturb_(_take(self.weights, pick), _take(self.us, pick), _take(self.vs, pick),
+                         _take(self._per_weight(taus), pick), scale=scale,
+                         decay=_take(self._decays(decay), pick), keys=_take(self.keys, pick),
+                         backend=backend, rounding=rounding, rounding_seed=rounding_seed,
                          check_finite=False, log=log, **held)
 
     def apply_logged(self, log: UndoLog, taus: torch.Tensor | None = None, scale: float = 0.0,
                      decay: float = 1.0, rounding: str = "nearest",
                      rounding_seed: int = 0) -> None:
-        """Rewrite the elements `log` holds: taus None puts their logged values back bit for bit
-        (restore); else W = round(d * logged + scale * U diag(tau) V^T / sqrt(r)) (update, with
-        the update pass's rounding and rounding_seed: the same bits as that pass)."""
-        if not self.weights or log.plan is None:
+        """Rewrite the elements `log` holds (logged by in-place passes over self.inplace): taus
+        None puts their logged values back bit for bit (restore); else W = round(d * logged +
+        scale * U diag(tau) V^T / sqrt(r)) (update, with the update pass's rounding and
+        rounding_seed: the same bits as that pass)."""
+        pick = self.inplace
+        if not pick or log.plan is None:
             return
-        run_lowrank_scatter(log, self.us, self.vs,
-                            None if taus is None else self._per_weight(taus),
+        run_lowrank_scatter(log, _take(self.us, pick), _take(self.vs, pick),
+                            None if taus is None else _take(self._per_weight(taus), pick),
                             torch.tensor([scale], dtype=torch.float32),
-                            torch.tensor(self._decays(decay), dtype=torch.float32),
+                            torch.tensor(_take(self._decays(decay), pick), dtype=torch.float32),
                             rounding, rounding_seed)
 
     @property
@@ -151,6 +162,10 @@ class _LowRankState:
         """Optimizer state elements: U, V and the two moment vectors (O((m + n) r) per matrix)."""
         return (sum(u.numel() + v.numel() for u, v in zip(self.us, self.vs))
                 + self.momentum.numel() + self.second.numel())
+
+
+def _take(values: list, positions: list[int]) -> list:
+    return values if len(positions) == len(values) else [values[j] for j in positions]
 
 
 def _split_by_rank(space: ParameterSpace) -> tuple[list[int], list[int]]:
@@ -199,6 +214,26 @@ class TeZO(ZOOptimizer):
     of the elements recovery cannot give back (docs/undo-log.md, "Low-rank groups"), so a failed
     closure or a skipped step leaves every weight bit-identical and the update is computed from
     the exact theta. exact_restore=False drops the logs (recovery quality only).
+
+    probe="virtual" (the default): the 2-D weights read only by exact nn.Linear / nn.Embedding
+    forwards are never written by the probes; a forward hook adds the low-rank term
+    +-eps x V diag(tau / sqrt(r)) U^T to those modules' outputs (zokernels.lowrank_probe): no pass
+    over them, nothing to restore, no undo log. The first step checks it (every read of each
+    such weight must be its modules' forward; a weight read anywhere else, e.g. a head that
+    reads `weight.t()`, or not read at all stays with the in-place path, and that first step then
+    runs once more, one more closure call). The probes see theta + eps Z in the output's
+    arithmetic instead of round(theta + eps Z) in the weight's dtype (docs/tezo.md: losses agree
+    to float32 rounding in fp32, within the bf16 forward's error in bf16); the update is the
+    in-place one, bit for bit.
+    probe="inplace": every 2-D weight as described above.
+    update="deferred" (needs probe="virtual"): the virtual weights are not written by the update
+    either: W_eff = D W + U diag(a) V^T, a = d a - lr direction / sqrt(r), D = d D (d = 1 - lr wd
+    on decayable weights), and `merge()` writes W = round(W_eff) (nearest rounding, also with
+    rounding="stochastic", which then applies to the other parameters). Merged automatically
+    before the model's state_dict() / load_state_dict(), before a forward of their modules outside
+    a step, by this optimizer's state_dict() / load_state_dict() and at the end of finetune();
+    reading the parameters directly (p.data, named_parameters()) needs `merge()` first. A merge
+    followed by more steps gives the result of never merging up to one rounding per merge.
     """
 
     algorithm = "tezo"
@@ -209,9 +244,17 @@ class TeZO(ZOOptimizer):
                  exact_restore: bool = True, backend: str = "auto",
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
-                 record_trajectory: bool = True) -> None:
+                 record_trajectory: bool = True, probe: str = "virtual",
+                 update: str = "inplace") -> None:
         check_common_hyper(lr, eps, weight_decay)
         check_hyper("delta", delta, low_open=True)
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {list(PROBES)}, got {probe!r}")
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {list(UPDATES)}, got {update!r}")
+        if update == "deferred" and probe != "virtual":
+            raise ValueError("update='deferred' needs probe='virtual' (the deferred part of a "
+                             "weight is evaluated by the virtual probes' hooks)")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if variant not in VARIANTS:
@@ -226,6 +269,17 @@ class TeZO(ZOOptimizer):
         # slots filled since they were last exact.
         self._lowrank_held: list[tuple[torch.Tensor, float] | None] | None = None
         self._lowrank_slots: list[int] = []
+        self.probe, self.update = probe, update
+        # the 2-D weights the probes leave unwritten (virtual), and whether the first step's
+        # tracked forward has confirmed them (zokernels.lowrank_probe)
+        self._virtual: VirtualLowRank | None = None
+        self._virtual_positions: list[list[int]] = []
+        self._demoting: list[list[int]] = []
+        self._virtual_index: list[torch.Tensor] = []
+        self._tracked = False
+        self._in_step = False
+        self._merges_recorded = 0
+        self._merge_called = False  # merge() since the last record (update="deferred")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
                          dist=dist, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group,
@@ -238,12 +292,15 @@ class TeZO(ZOOptimizer):
         self._lowrank_logs: list[tuple[UndoLog, UndoLog]] = []
         for g in range(len(self.spaces)):
             self._split_group(g)
+        self._build_virtual()
 
     def _check_added_space(self, space: ParameterSpace) -> None:
         self._check_splittable(space)
 
     def _group_added(self) -> None:
+        self.merge()
         self._split_group(len(self.spaces) - 1)
+        self._build_virtual()
 
     def _check_splittable(self, space: ParameterSpace) -> None:
         if self.rounding != "stochastic":
@@ -273,6 +330,135 @@ class TeZO(ZOOptimizer):
         self._lowrank_logs.append((UndoLog(), UndoLog()))
         self.spaces[g] = dense
 
+    # -- virtual probes (zokernels.lowrank_probe) --------------------------------------------------
+    def _build_virtual(self) -> None:
+        """probe="virtual": every unsharded 2-D weight is a candidate until the next step's tracked
+        forward confirms it (the in-place passes take the others)."""
+        if self.probe != "virtual":
+            return
+        positions = [[j for j in range(len(state.weights))
+                      if state.shards[j] is None and j not in state._dtensors]
+                     for state in self.lowrank]
+        parts = [VirtualPart([state.params[j] for j in chosen], [state.us[j] for j in chosen],
+                             [state.vs[j] for j in chosen], [state.keys[j] for j in chosen],
+                             [state.decayable[j] for j in chosen])
+                 for state, chosen in zip(self.lowrank, positions)]
+        self._virtual = VirtualLowRank(parts, self.backend)
+        self._merges_recorded = 0
+        self._tracked = False
+        self._demoting = [[] for _ in self.lowrank]
+        self._set_positions(positions)
+
+    def _set_positions(self, positions: list[list[int]]) -> None:
+        """The weights at positions[g] of each group's low-rank state are the virtual ones, the
+        others in-place (with fresh undo logs when the in-place set changed: the old ones were
+        sized for other weights)."""
+        indices = []
+        for g, (state, chosen) in enumerate(zip(self.lowrank, positions)):
+            inplace = [j for j in range(len(state.weights)) if j not in set(chosen)]
+            if inplace != state.inplace:
+                state.inplace = inplace
+                self._lowrank_logs[g] = (UndoLog(), UndoLog())
+            indices.append(self._entries(state, chosen))
+        self._virtual_positions = [list(chosen) for chosen in positions]
+        self._virtual_index = indices
+        if self.trajectory is not None:
+            self.trajectory.meta["tezo_virtual"] = self._virtual_names()
+
+    def _virtual_names(self) -> list[list[str]]:
+        return [[state.names[j] for j in chosen]
+                for state, chosen in zip(self.lowrank, self._virtual_positions)]
+
+    def _tracking_result(self, tracker: UseTracker) -> tuple[list[list[int]], list[list[Any]]]:
+        """Per group, the candidates' indices (within their part) read only through their
+        modules' forwards, and those modules."""
+        at, keep, owners = 0, [], []
+        for chosen in self._virtual_positions:
+            kept, found = [], []
+            for k in range(len(chosen)):
+                if tracker.readers_only_through_owners(at):
+                    kept.append(k)
+                    found.append(tracker.owners[at])
+                at += 1
+            keep.append(kept)
+            owners.append(found)
+        return keep, owners
+
+    def _confirm(self, keep: list[list[int]], owners: list[list[Any]]) -> None:
+        """Keep the confirmed candidates virtual (with their owner modules). The others are
+        `_demoting` until _finish_demotion moves them to the in-place path (once no weight holds
+        a perturbation): within the tracked step they are read by nobody, so their probe
+        perturbation changes no loss either way, and their update is written from theta."""
+        self._virtual.restrict(keep, owners)
+        self._tracked = True
+        kept = [[chosen[k] for k in ks] for chosen, ks in zip(self._virtual_positions, keep)]
+        self._demoting = [[j for j in chosen if j not in set(ks)]
+                          for chosen, ks in zip(self._virtual_positions, kept)]
+        self._virtual_positions = kept
+        self._virtual_index = [self._entries(state, chosen)
+                               for state, chosen in zip(self.lowrank, kept)]
+
+    def _finish_demotion(self) -> None:
+        if not any(self._demoting):
+            return
+        self._demoting = [[] for _ in self.lowrank]
+        self._set_positions(self._virtual_positions)
+        if not any(self._virtual_positions):
+            self._virtual = None
+
+    @staticmethod
+    def _entries(state: _LowRankState, chosen: list[int]) -> torch.Tensor:
+        """The flat tau-space entries of the weights at `chosen`."""
+        index = [i for j in chosen for i in range(state.offsets[j], state.offsets[j + 1])]
+        return torch.tensor(index, dtype=torch.long, device=state.device)
+
+    def _virtual_coefs(self, taus: list[torch.Tensor], coefs: list[float]) -> list[torch.Tensor]:
+        """Per group, scale * tau / sqrt(r) at the virtual weights' entries."""
+        return [(tau * state.rank_norm)[index] * coef
+                for state, tau, index, coef in zip(self.lowrank, taus, self._virtual_index, coefs)]
+
+    def _probe_loss(self, closure, taus: list[torch.Tensor], coefs: list[float]) -> torch.Tensor:
+        """The closure's loss with the virtual weights at W_eff + coefs[g] Z (the in-place
+        ones and the dense space already hold their perturbation). The first probe of an
+        optimizer also tracks who reads the virtual weights; if some must move to the in-place
+        path it raises _Retrack (the step is restored, then run again)."""
+        if self._virtual is None:
+            return self._evaluate(closure)
+        probing = self._virtual.probing(self._virtual_coefs(taus, coefs))
+        if self._tracked:
+            with probing:
+                return self._evaluate(closure)
+        tracker = UseTracker(self._virtual.weights())
+        with tracker, probing:
+            loss = self._evaluate(closure)
+        keep, owners = self._tracking_result(tracker)
+        self._confirm(keep, owners)
+        if tracker.foreign:  # this loss missed their perturbation: restore, then run again
+            raise _Retrack
+        return loss
+
+    def merge(self) -> None:
+        """Write the deferred updates (update="deferred"): W = round(D W + U diag(a) V^T) for
+        every virtual weight with a pending update, one low-rank pass per param group; a no-op
+        otherwise. RuntimeError during a step."""
+        if self._step_in_progress():
+            raise RuntimeError("merge called during a step (the closure is running)")
+        self._merge_called = True
+        if self._virtual is not None:
+            self._virtual.merge()
+
+    @property
+    def _merges(self) -> int:
+        return 0 if self._virtual is None else self._virtual.merges
+
+    @property
+    def extra_memory_bytes(self) -> int:
+        """Device memory the optimizer holds between steps besides the parameters: undo logs
+        (dense and low-rank), the low-rank state (U, V, moments: float32, O((m + n) r) per
+        matrix) and, with virtual probes, the deferred vectors (8 bytes per rank entry)."""
+        total = self.undo_log_bytes + 4 * self.state_numel
+        return total + (0 if self._virtual is None else self._virtual.nbytes)
+
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()  # every parameter (the full spaces)
         lowrank = []
@@ -282,7 +468,10 @@ class TeZO(ZOOptimizer):
                             "keys": [space.keys[j] for j in two_d],
                             "numel": [space.global_numels()[j] for j in two_d]})
         meta.update(rank=self.rank, variant=self.variant, betas=list(self.betas),
-                    delta=self.delta, lowrank=lowrank, noise_layout=NOISE_LAYOUT)
+                    delta=self.delta, lowrank=lowrank, noise_layout=NOISE_LAYOUT,
+                    tezo_probe=self.probe, tezo_update=self.update)
+        if getattr(self, "_virtual_positions", None):
+            meta["tezo_virtual"] = self._virtual_names()
         if self.zo_state["step"] > 0 and self.variant != "sgd":
             # a trajectory started at a resumed step: the moments it starts from (O(r) floats per
             # matrix), so that its replay on the checkpoint's weights continues the recursion
@@ -293,7 +482,7 @@ class TeZO(ZOOptimizer):
 
     def _step_in_progress(self) -> bool:
         return (super()._step_in_progress() or self._lowrank_held is not None
-                or bool(self._lowrank_slots))
+                or bool(self._lowrank_slots) or self._in_step)
 
     @property
     def state_numel(self) -> int:
@@ -311,7 +500,42 @@ class TeZO(ZOOptimizer):
     def step(self, closure=None) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
             raise ValueError("TeZO.step needs a closure that returns the loss")
-        return self._guarded(lambda: self._step(closure))
+        if self._in_step:  # before the virtual probes' hooks are entered a second time
+            self._refuse_nested_step()
+        stepping = (contextlib.nullcontext() if self._virtual is None
+                    else self._virtual.stepping())
+        self._in_step = True
+        try:
+            with stepping:
+                try:
+                    return self._guarded(lambda: self._step(closure))
+                except _Retrack:  # restored: the weights read elsewhere move to in-place
+                    self._finish_demotion()
+                    return self._guarded(lambda: self._step(closure))
+        finally:
+            self._in_step = False
+            self._finish_demotion()
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ZOOptimizer.state_dict, after merging the deferred updates (update="deferred"), so
+        that the model's weights saved beside it are the ones it continues from."""
+        if not self._step_in_progress():
+            self.merge()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ZOOptimizer.load_state_dict (validated first, nothing changed on bad input); pending
+        deferred updates are merged into the current weights before the state is adopted."""
+        if self._step_in_progress():
+            raise RuntimeError("load_state_dict called during a step (the weights hold a "
+                               "perturbation); call it between steps")
+        self._checked_state(_copied(state_dict))
+        self.merge()
+        super().load_state_dict(state_dict)
+        if self._virtual is not None:  # U, V may have been rebuilt from the loaded seed
+            for g, (state, chosen) in enumerate(zip(self.lowrank, self._virtual_positions)):
+                self._virtual.set_factors(g, [state.us[j] for j in chosen],
+                                          [state.vs[j] for j in chosen])
 
     def _restore(self) -> None:
         """The 2-D weights back to their exact pre-step bits (a recovery pass with scale 0, then
@@ -373,12 +597,28 @@ class TeZO(ZOOptimizer):
                 state.apply(update, 1.0, decays[g], self.backend,
                             applied=None if held is None else held[g], rounding=self.rounding,
                             rounding_seed=rounding_seed)
+                if self._virtual is not None:
+                    self._virtual_update(g, update, decays[g], rounding_seed)
         finally:
             for slot in reversed(slots):
                 for g, (state, update) in enumerate(zip(self.lowrank, updates)):
                     state.apply_logged(self._lowrank_logs[g][slot], update, 1.0, decays[g],
                                        self.rounding, rounding_seed)
             self._clear_lowrank_logs()
+
+    def _virtual_update(self, g: int, update: torch.Tensor, decay: float,
+                        rounding_seed: int) -> None:
+        """The update of group g's virtual weights: deferred (accumulated), or written from the
+        unperturbed weights as the in-place pass writes them."""
+        state = self.lowrank[g]
+        written = self._demoting[g]
+        if self.update == "deferred":
+            self._virtual.accumulate(g, (update * state.rank_norm)[self._virtual_index[g]],
+                                     decay)
+        else:
+            written = sorted(written + self._virtual_positions[g])
+        state.apply(update, 1.0, decay, self.backend, rounding=self.rounding,
+                    rounding_seed=rounding_seed, positions=written)
 
     def _step(self, closure) -> torch.Tensor:
         step = self.zo_state["step"]
@@ -387,10 +627,10 @@ class TeZO(ZOOptimizer):
         taus = [self._taus(step, state) for state in self.lowrank]
         self._lowrank_perturb(taus, eps, 0)
         self._perturb_held(seed, eps, None, 0)
-        loss_plus = self._evaluate(closure)
+        loss_plus = self._probe_loss(closure, taus, eps)
         self._lowrank_perturb(taus, [-e for e in eps], 1)
         self._perturb_held(seed, [-e for e in eps], None, 1)
-        loss_minus = self._evaluate(closure)
+        loss_minus = self._probe_loss(closure, taus, [-e for e in eps])
         if self.process_group is not None:
             loss_plus, loss_minus = self._all_reduce_mean(torch.stack([loss_plus, loss_minus]))
         half_diff = (loss_plus - loss_minus) / 2
@@ -417,9 +657,14 @@ class TeZO(ZOOptimizer):
         self._lowrank_update(updates, decays, seed)
         self._update([seed], coefs, None)
         if self.trajectory is not None:
+            deferred = {}
+            if self.update == "deferred":  # replay follows the merges and the deferred steps
+                merged = self._merge_called or self._merges != self._merges_recorded
+                deferred = {"merge": float(merged), "deferred": float(self._virtual is not None)}
+                self._merges_recorded, self._merge_called = self._merges, False
             self.trajectory.record(step, [seed], coefs, decays,
                                    **{f"grad{g}": grads[g] for g in range(len(grads))},
-                                   **{f"lr{g}": lrs[g] for g in range(len(lrs))})
+                                   **{f"lr{g}": lrs[g] for g in range(len(lrs))}, **deferred)
         self.zo_state["step"] = step + 1
         return loss_plus
 
@@ -507,6 +752,11 @@ class TeZO(ZOOptimizer):
         for s in self.lowrank:
             if s.factor_seed != seed:
                 s.build_factors(seed, self.backend)
+
+
+class _Retrack(Exception):
+    """The first step's tracked forward found weights read outside their modules: restore, move
+    them to the in-place path, run the step again."""
 
 
 def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state: _LowRankState,
@@ -600,7 +850,26 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
         dense.append(ParameterSpace([(space.names[j], space.params[j]) for j in rest],
                                     keys=[space.keys[j] for j in rest], backend=backend,
                                     no_decay=meta.get("no_decay", ())))
+    # update="deferred": the virtual weights' updates of the steps marked "deferred" are
+    # accumulated and written at the recorded merges (before the step marked "merge") and at the
+    # end, as the run wrote them
+    deferred = trajectory.extra.get("deferred") if meta.get("tezo_update") == "deferred" else None
+    merges = trajectory.extra.get("merge")
+    target, virtual, indices = None, [], []
+    if deferred is not None:
+        parts = []
+        for state, names in zip(states, meta.get("tezo_virtual", [[] for _ in states])):
+            chosen = [j for j, n in enumerate(state.names) if n in set(names)]
+            virtual.append(chosen)
+            indices.append(TeZO._entries(state, chosen))
+            parts.append(VirtualPart([state.params[j] for j in chosen],
+                                     [state.us[j] for j in chosen], [state.vs[j] for j in chosen],
+                                     [state.keys[j] for j in chosen],
+                                     [state.decayable[j] for j in chosen]))
+        target = VirtualLowRank(parts, backend)
     for i, (step, seeds, coefs, decays, _) in enumerate(trajectory.records()):
+        if target is not None and merges[i]:
+            target.merge()
         for g, state in enumerate(states):
             grad = torch.tensor(trajectory.extra[f"grad{g}"][i], dtype=torch.float32)
             lr = trajectory.extra[f"lr{g}"][i]
@@ -608,9 +877,16 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
             grad = grad.to(tau.device)
             direction = tezo_direction(meta["variant"], betas, meta["delta"], state, tau, grad,
                                        step)
+            update = -lr * direction
+            written = None
+            if target is not None and deferred[i]:
+                target.accumulate(g, (update * state.rank_norm)[indices[g]], decays[g])
+                written = [j for j in range(len(state.weights)) if j not in set(virtual[g])]
             # the run's update rounding; its stochastic bits come from the step's dense seed
-            state.apply(-lr * direction, 1.0, decays[g], backend, rounding=rounding,
-                        rounding_seed=seeds[0])
+            state.apply(update, 1.0, decays[g], backend, rounding=rounding,
+                        rounding_seed=seeds[0], positions=written)
             dense[g].update(seeds, coefs[g], decay=decays[g], dist=meta["dist"],
                             rounding=rounding)
+    if target is not None:
+        target.merge()
 

@@ -1,0 +1,607 @@
+"""TeZO's virtual probes (probe="virtual") and deferred updates (update="deferred"):
+the probe losses against a float64 evaluation of theta + eps Z, the updates bit for bit against
+the in-place path, the first step's check of who reads each weight (tied head, a head read as
+weight.t(), a subclass with its own forward, an unread weight), exceptions at every closure call,
+merges (explicit, model state_dict / load_state_dict / forward, optimizer state), replay and
+resume. Small models built here; the CPU backend (auto) runs them."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.nn.modules import module as nn_module
+
+from zokernels import Trajectory, noise
+from zokernels.optim import TeZO
+from zokernels.optim.tezo import factor_seed, tau_seed
+from zokernels.space import key_from_name
+
+from helpers import assert_bits_equal, assert_same, snapshot, ulp
+
+VOCAB, DIM, HIDDEN = 13, 8, 12
+
+
+class LM(torch.nn.Module):
+    """Embedding, a residual MLP block, and a head tied to the embedding (read by an nn.Linear)."""
+
+    def __init__(self, tie: bool = True) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, DIM)
+        self.fc = torch.nn.Linear(DIM, HIDDEN)
+        self.norm = torch.nn.LayerNorm(HIDDEN)
+        self.out = torch.nn.Linear(HIDDEN, DIM, bias=False)
+        self.head = torch.nn.Linear(DIM, VOCAB, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return h + self.out(torch.tanh(self.norm(self.fc(h))))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(ids))
+
+
+class TransposedHead(LM):
+    """MobileBERT-style: the head's weight is read as weight.t() outside its module."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hidden(ids) @ self.head.weight.t()
+
+
+class OffsetEmbedding(torch.nn.Embedding):
+    """OPT-style learned positions: a subclass whose forward takes another argument."""
+
+    def forward(self, ids: torch.Tensor, offset: int = 2) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(ids + offset)
+
+
+class WithSpare(LM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = torch.nn.Linear(DIM, DIM)  # never called: its weight is read by nobody
+
+
+class WithPositions(LM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = OffsetEmbedding(8, DIM)
+        self.spare = torch.nn.Linear(DIM, DIM)  # never called: its weight is read by nobody
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        return self.head(self.hidden(ids) + self.pos(positions, offset=0))
+
+
+def make_model(kind=LM, dtype: torch.dtype = torch.float32, **kw) -> torch.nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = kind(**kw)
+    return model.to(dtype)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return (torch.randint(0, VOCAB, (4, 6), generator=g),
+            torch.randint(0, VOCAB, (4, 6), generator=g))
+
+
+def lm_loss(model: torch.nn.Module, log: list | None = None):
+    ids, targets = batch()
+
+    def closure():
+        logits = model(ids).float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        if log is not None:
+            log.append(loss.item())
+        return loss
+    return closure
+
+
+def alternating(model: torch.nn.Module, steps: int):
+    """Runs the model (its reads are tracked) but returns 1, 0, 1, 0, ...: the same projected
+    gradient whatever the probes computed."""
+    values = iter([1.0, 0.0] * steps)
+    forward = lm_loss(model)
+
+    def closure():
+        forward()
+        return next(values)
+    return closure
+
+
+def hooks_left(model: torch.nn.Module) -> list[str]:
+    left = [name for name, m in model.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks or m._state_dict_pre_hooks
+            or m._load_state_dict_pre_hooks]
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        left.append("<global>")
+    return left
+
+
+def virtual_names(opt: TeZO) -> set[str]:
+    return {n for names in opt._virtual_names() for n in names}
+
+
+def spec_z(name: str, shape: tuple[int, int], rank: int, seed: int, step: int) -> torch.Tensor:
+    """Z = U diag(tau) V^T / sqrt(r) of a weight, float64, from the documented draws."""
+    m, n = shape
+    r = min(rank, m, n)
+    key = key_from_name(name)
+    u = noise(m * r, factor_seed(seed), key).view(m, r).double()
+    v = noise(n * r, factor_seed(seed), key, offset=m * r).view(n, r).double()
+    tau = noise(r, tau_seed(seed, step), key).double()
+    return u @ torch.diag(tau) @ v.T / math.sqrt(r)
+
+
+def float64_loss(model: torch.nn.Module, held: dict[str, torch.Tensor], scale: float,
+                 rank: int, seed: int, step: int) -> float:
+    """The loss at theta + scale Z in float64: 2-D weights theta plus scale Z exactly, 1-D
+    parameters as held (their dense probe)."""
+    twin = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            value = held[name].double()
+            if p.dim() == 2:
+                value = value + scale * spec_z(name, tuple(p.shape), rank, seed, step)
+            p.copy_(value)
+    return lm_loss(twin)().item()
+
+
+# -- the probes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", [LM, TransposedHead, WithPositions])
+def test_probe_losses_are_theta_plus_eps_z(kind):
+    """fp32: both probe losses equal the float64 loss at theta +- eps Z to 2e-6 relative (the
+    float32 forward's own rounding); the perturbation moves the loss by > 100x that. Weights read
+    outside their module (tied head read as weight.t(), a subclass, an unread weight) are on the
+    in-place path; a read elsewhere costs one more closure call in the first step."""
+    eps, rank, seed = 1e-2, 3, 4
+    model = make_model(kind)
+    opt = TeZO(model.named_parameters(), lr=0.0, eps=eps, seed=seed, rank=rank)
+    seen, held = [], []
+    theta = snapshot(model)
+
+    def closure():  # the 1-D parameters hold their dense probe (reading them is not tracked)
+        held.append({**theta, **{n: p.detach().clone() for n, p in model.named_parameters()
+                                 if p.dim() == 1}})
+        return lm_loss(model, seen)()
+
+    opt.step(closure)
+    expected_virtual = {LM: {"embed.weight", "fc.weight", "out.weight"},
+                        TransposedHead: {"fc.weight", "out.weight"},
+                        WithPositions: {"embed.weight", "fc.weight", "out.weight"}}[kind]
+    assert virtual_names(opt) == expected_virtual
+    calls = 2 if kind is LM else 3  # a read elsewhere: the +eps forward ran again
+    assert len(seen) == calls
+    base = lm_loss(model)()
+    for loss, state, sign in zip(seen[-2:], held[-2:], (1.0, -1.0)):
+        reference = float64_loss(model, state, sign * eps, rank, seed, 0)
+        assert abs(loss - reference) <= 2e-6 * abs(reference), (loss, reference)
+        assert abs(reference - base.item()) > 2e-4 * abs(reference)
+    # later steps: no tracking, no extra call, the same agreement
+    seen.clear()
+    held.clear()
+    opt.step(closure)
+    assert len(seen) == 2
+    reference = float64_loss(model, held[0], eps, rank, seed, 1)
+    assert abs(seen[0] - reference) <= 2e-6 * abs(reference)
+
+
+def test_bf16_probe_losses_agree_with_the_inplace_probes():
+    """bf16: the virtual probes round theta + eps Z only through the forward's bf16 arithmetic,
+    the in-place probes round it into the weights first; both are within bf16 forward error of
+    the float64 loss (measured differences ~1e-3 relative, docs/tezo.md)."""
+    eps, rank, seed = 1e-2, 3, 4
+    losses = {}
+    for probe in ("virtual", "inplace"):
+        model = make_model(dtype=torch.bfloat16)
+        seen = []
+        opt = TeZO(model.named_parameters(), lr=0.0, eps=eps, seed=seed, rank=rank, probe=probe)
+        opt.step(lm_loss(model, seen))
+        losses[probe] = seen
+    for plus_minus in range(2):
+        v, i = losses["virtual"][plus_minus], losses["inplace"][plus_minus]
+        assert abs(v - i) <= 1e-2 * abs(i), (v, i)
+    assert losses["virtual"][0] != losses["virtual"][1]
+
+
+@pytest.mark.parametrize("variant", ["sgd", "adam"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_updates_equal_the_inplace_path_bit_for_bit(variant, dtype):
+    """Same projected gradients (alternating losses): the virtual-probe run writes the in-place
+    run's weights, every bit, weight decay and stochastic rounding included."""
+    models, opts = [], []
+    for probe in ("virtual", "inplace"):
+        model = make_model(WithSpare, dtype)
+        rounding = "stochastic" if dtype == torch.bfloat16 else "nearest"
+        opts.append(TeZO(model.named_parameters(), lr=1e-2, eps=1e-3, seed=2, rank=3,
+                         variant=variant, weight_decay=0.1, rounding=rounding, probe=probe))
+        models.append(model)
+    for opt, model in zip(opts, models):
+        for _ in range(3):
+            opt.step(alternating(model, 1))
+    assert virtual_names(opts[0]) == {"embed.weight", "fc.weight", "out.weight"}
+    assert_same(snapshot(models[0]), snapshot(models[1]), "virtual vs in-place probes")
+    assert not torch.equal(models[0].fc.weight, make_model(WithSpare, dtype).fc.weight)
+
+
+# -- exceptions --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("update", ["inplace", "deferred"])
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("fail_at", [1, 2])
+@pytest.mark.parametrize("steps_before", [0, 2])
+def test_a_failing_closure_leaves_weights_and_modules_as_they_were(update, exc, fail_at,
+                                                                   steps_before):
+    """At each closure call (halfway through a forward), in the tracked first step and in a later
+    one: every weight bit-identical, no hook left on any module (nor a global one), pending
+    deferred updates unchanged; training then continues exactly as a twin that never failed."""
+    model, twin = make_model(dtype=torch.bfloat16), make_model(dtype=torch.bfloat16)
+    opt, twin_opt = [TeZO(m.named_parameters(), lr=1e-2, eps=1e-3, seed=3, rank=3,
+                          variant="momentum", weight_decay=0.1, update=update)
+                     for m in (model, twin)]
+    for _ in range(steps_before):
+        opt.step(lm_loss(model))
+        twin_opt.step(lm_loss(twin))
+    before = snapshot(model)
+    watched = hooks_left(model)  # deferred: the merge-on-observe hooks of pending updates
+    calls = []
+    good = lm_loss(model)
+    ids, _ = batch()
+
+    def failing():  # raises halfway through the forward: the probe hook has already run
+        calls.append(1)
+        if len(calls) == fail_at:
+            model.fc(model.embed(ids))
+            raise exc("boom")
+        return good()
+
+    with pytest.raises(exc):
+        opt.step(failing)
+    assert_same(snapshot(model), before, f"after a failure at call {fail_at}")
+    assert hooks_left(model) == watched
+    assert not opt._step_in_progress()
+    for _ in range(2):
+        opt.step(lm_loss(model))
+        twin_opt.step(lm_loss(twin))
+    opt.merge()
+    twin_opt.merge()
+    assert_same(snapshot(model), snapshot(twin), "after the failure, against the twin")
+    assert hooks_left(model) == []
+
+
+# -- deferred updates ------------------------------------------------------------------------------
+
+def test_deferred_update_is_one_rounding_of_the_exact_sum():
+    """Four sgd steps with weight decay, merged once: each virtual weight is the float64
+    D W + sum_t (prod_{s>t} d) (-lr g_t Z_t) rounded once (within half an ulp, plus float32
+    accumulation); the parameters are not written before the merge."""
+    lr, wd, rank, seed, steps = 5e-3, 0.5, 3, 6, 4
+    model = make_model(dtype=torch.bfloat16)
+    initial = snapshot(model)
+    opt = TeZO(model.named_parameters(), lr=lr, eps=1e-3, seed=seed, rank=rank,
+               weight_decay=wd, update="deferred")
+    for _ in range(steps):
+        opt.step(alternating(model, 1))
+    for name in ("embed.weight", "fc.weight", "out.weight"):
+        assert_bits_equal(dict(model.named_parameters())[name].detach(), initial[name],
+                          what=f"{name} before the merge")
+    opt.merge()
+    d = 1.0 - lr * wd
+    grads = opt.trajectory.extra["grad0"]
+    for name in ("embed.weight", "fc.weight", "out.weight"):
+        exact = initial[name].double() * d ** steps
+        for t in range(steps):
+            exact -= d ** (steps - 1 - t) * lr * grads[t] * spec_z(
+                name, tuple(exact.shape), rank, seed, t)
+        got = dict(model.named_parameters())[name].detach()
+        err = (got.double() - exact).abs()
+        bound = 0.5 * ulp(exact, torch.bfloat16) + 1e-6 * exact.abs() + 1e-9
+        assert bool((err <= bound).all()), f"{name}: max err {err.max().item()}"
+    changed = dict(model.named_parameters())["fc.weight"].detach()
+    assert not torch.equal(changed, initial["fc.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_merge_between_steps_costs_at_most_one_rounding(dtype):
+    """Same gradients; merging after step 3 of 6 as well differs from merging once at the end by
+    the first merge's rounding (half an ulp of the weights then, times the decay) and the final
+    one (half an ulp), plus the float32 evaluation of the low-rank sum (a few float32 ulps of the
+    tensor's scale)."""
+    results, middle = [], {}
+    for merge_at in (None, 3):
+        model = make_model(dtype=dtype)
+        opt = TeZO(model.named_parameters(), lr=2e-2, eps=1e-3, seed=1, rank=3,
+                   variant="adam", weight_decay=0.1, update="deferred")
+        for step in range(6):
+            if step == merge_at:
+                opt.merge()
+                middle = snapshot(model)
+            opt.step(alternating(model, 1))
+        opt.merge()
+        results.append(snapshot(model))
+    once, twice = results
+    for name in ("embed.weight", "fc.weight", "out.weight"):
+        diff = (twice[name].double() - once[name].double()).abs()
+        bound = (ulp(middle[name], dtype) + ulp(once[name], dtype)
+                 + 2.0 ** -21 * once[name].double().abs().max())
+        assert bool((diff <= bound).all()), f"{name}: {(diff / bound).max().item()}"
+        assert not torch.equal(once[name], middle[name])
+    for name in ("fc.bias", "norm.weight", "norm.bias"):  # in-place: unaffected by merges
+        assert_bits_equal(twice[name], once[name], what=name)
+
+
+def test_the_model_merges_before_it_can_be_observed():
+    """model.state_dict(), a forward outside a step, model.load_state_dict() and the optimizer's
+    state_dict() merge first; afterwards no hook stays on the model."""
+    def trained():
+        model = make_model(dtype=torch.bfloat16)
+        opt = TeZO(model.named_parameters(), lr=1e-2, eps=1e-3, seed=5, rank=3,
+                   update="deferred")
+        for _ in range(2):
+            opt.step(lm_loss(model))
+        return model, opt
+
+    reference, ref_opt = trained()
+    assert hooks_left(reference)  # pending: watched
+    ref_opt.merge()
+    merged = snapshot(reference)
+    assert hooks_left(reference) == []
+
+    model, _ = trained()
+    saved = model.state_dict()
+    assert_same({n: saved[n] for n in merged}, merged, "model.state_dict()")
+    assert_same(snapshot(model), merged, "after model.state_dict()")
+
+    model, _ = trained()
+    lm_loss(model)()
+    assert_same(snapshot(model), merged, "after a forward")
+
+    model, opt = trained()
+    opt.state_dict()
+    assert_same(snapshot(model), merged, "after opt.state_dict()")
+
+    model, _ = trained()
+    model.load_state_dict({n: t.clone() for n, t in saved.items()})
+    assert_same(snapshot(model), merged, "after model.load_state_dict()")
+    assert hooks_left(model) == []
+
+
+def test_deferred_trajectory_replays_and_resumes_bit_for_bit(tmp_path):
+    """Merges in the middle (model.state_dict(), a checkpoint) are recorded: the replay on the
+    initial weights gives the run's weights, and a resume from the checkpoint continues it bit
+    for bit."""
+    model = make_model(WithPositions, torch.bfloat16)
+    initial = snapshot(model)
+    kw = dict(lr=1e-2, eps=1e-3, rank=3, variant="momentum", weight_decay=0.1,
+              update="deferred")
+    opt = TeZO(model.named_parameters(), seed=3, **kw)
+    for _ in range(2):
+        opt.step(lm_loss(model))
+    model.state_dict()
+    opt.step(lm_loss(model))
+    checkpoint = {"model": copy.deepcopy(model.state_dict()),
+                  "opt": copy.deepcopy(opt.state_dict())}
+    for _ in range(3):
+        opt.step(lm_loss(model))
+    opt.merge()
+    final = snapshot(model)
+    assert opt.trajectory.extra["merge"] == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+
+    opt.trajectory.save(tmp_path / "run.pt")
+    replayed = make_model(WithPositions, torch.bfloat16)
+    assert_same(snapshot(replayed), initial, "initial weights")
+    Trajectory.load(tmp_path / "run.pt").replay(replayed)
+    assert_same(snapshot(replayed), final, "replay")
+
+    resumed = make_model(WithPositions, torch.bfloat16)
+    resumed.load_state_dict(checkpoint["model"])
+    opt2 = TeZO(resumed.named_parameters(), seed=9, **kw)
+    opt2.load_state_dict(checkpoint["opt"])
+    for _ in range(3):
+        opt2.step(lm_loss(resumed))
+    opt2.merge()
+    assert_same(snapshot(resumed), final, "resumed")
+    assert opt2.trajectory.extra["merge"] == opt.trajectory.extra["merge"]
+
+
+def test_options_and_memory():
+    model = make_model()
+    with pytest.raises(ValueError, match="probe"):
+        TeZO(model.named_parameters(), probe="lazy")
+    with pytest.raises(ValueError, match="update"):
+        TeZO(model.named_parameters(), update="later")
+    with pytest.raises(ValueError, match="needs probe='virtual'"):
+        TeZO(model.named_parameters(), probe="inplace", update="deferred")
+    sizes = {}
+    for probe, update in (("inplace", "inplace"), ("virtual", "inplace"),
+                          ("virtual", "deferred")):
+        model = make_model(dtype=torch.bfloat16)
+        opt = TeZO(model.named_parameters(), lr=1e-2, rank=3, probe=probe, update=update)
+        for _ in range(2):
+            opt.step(lm_loss(model))
+        sizes[(probe, update)] = opt.extra_memory_bytes
+        assert opt.trajectory.meta["tezo_probe"] == probe
+        assert opt.trajectory.meta["tezo_update"] == update
+        if probe == "virtual":
+            lowrank_logs = sum(log.nbytes for pair in opt._lowrank_logs for log in pair)
+            assert lowrank_logs == 0
+    assert sizes[("virtual", "inplace")] < sizes[("inplace", "inplace")]
+
+
+def test_probes_see_the_pending_deferred_update():
+    """With updates pending (weight decay: D != 1, biases in the Linear's output), the probe
+    losses equal those of a twin that merged first, to float32 rounding of the weights (the
+    twin's merge rounds W_eff once); probing the parameters as written (without the pending
+    part) gives a clearly different loss."""
+    losses, written = {}, None
+    for merge_first in (False, True):
+        model = make_model()
+        opt = TeZO(model.named_parameters(), lr=5e-2, eps=1e-3, seed=2, rank=3,
+                   variant="adam", weight_decay=1.0, update="deferred")
+        for _ in range(3):
+            opt.step(alternating(model, 1))
+        if merge_first:
+            opt.merge()
+        else:  # the parameters as written (named_parameters does not merge)
+            written = {n: p.detach().clone() for n, p in model.named_parameters()}
+        seen = []
+        opt.step(lm_loss(model, seen))
+        losses[merge_first] = seen
+    pending, merged = losses[False], losses[True]
+    for p, m in zip(pending, merged):
+        assert abs(p - m) <= 2e-6 * abs(m), (p, m)
+    stale_model = make_model()
+    with torch.no_grad():
+        for name, p in stale_model.named_parameters():
+            p.copy_(written[name])
+    stale = []
+    TeZO(stale_model.named_parameters(), lr=0.0, eps=1e-3, seed=2, rank=3).step(
+        lm_loss(stale_model, stale))
+    assert abs(stale[0] - merged[0]) > 1e-3 * abs(merged[0])
+
+
+# -- transformers models, finetune ---------------------------------------------------------------
+
+def _tiny_config_model(kind: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "opt":
+        config = transformers.OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                        ffn_dim=64, num_attention_heads=4,
+                                        word_embed_proj_dim=32, max_position_embeddings=64)
+        return transformers.OPTForCausalLM(config).eval()
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _lm_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (2, 12), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_transformers_models_keep_every_linear_virtual(kind):
+    """OPT: the tied lm_head (nn.Linear) and embed_tokens are both read through exact modules,
+    so the shared weight stays virtual; the learned positions (an nn.Embedding subclass with its
+    own forward) move to the in-place path (one more closure call in the first step). LLaMA:
+    every 2-D weight is virtual. The probe losses match the in-place ones to float32
+    rounding."""
+    data = _lm_batch()
+    losses = {}
+    for probe in ("virtual", "inplace"):
+        model = _tiny_config_model(kind)
+        opt = TeZO(model.named_parameters(), lr=0.0, eps=1e-3, seed=1, rank=4, probe=probe)
+        seen = []
+
+        def closure(model=model, seen=seen):
+            loss = model(**data).loss
+            seen.append(loss.item())
+            return loss
+        for _ in range(2):
+            opt.step(closure)
+        losses[probe] = seen
+        if probe == "virtual":
+            two_d = {n for n, p in model.named_parameters() if p.dim() == 2}
+            inplace = two_d - virtual_names(opt)
+            assert inplace == ({"model.decoder.embed_positions.weight"} if kind == "opt"
+                               else set())
+    assert len(losses["virtual"]) == len(losses["inplace"]) + (1 if kind == "opt" else 0)
+    for v, i in zip(losses["virtual"][-4:], losses["inplace"][-4:]):
+        assert abs(v - i) <= 2e-6 * abs(i), (v, i)
+
+
+def test_finetune_merges_the_deferred_updates_and_leaves_no_hook():
+    from zokernels.integrations import finetune
+
+    model = _tiny_config_model("llama")
+    initial = snapshot(model)
+    opt, losses = finetune(model, [_lm_batch()] * 3, optimizer="tezo", lr=1e-3, rank=4,
+                           update="deferred", progress=False)
+    assert len(losses) == 3 and not opt._virtual.pending
+    assert hooks_left(model) == []
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight,
+                           initial["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_adapters(use_dora):
+    """PEFT LoRA on q/v projections and the embedding: lora_A / lora_B are exact nn.Linear
+    modules (DoRA reads their product through their forwards too, on an identity), so they are
+    virtual; the embedding adapters are a ParameterDict passed to F.embedding, so they stay
+    in-place (the first step runs once more). Losses match the in-place probes to float32
+    rounding."""
+    peft = pytest.importorskip("peft")
+    data = _lm_batch()
+    losses = {}
+    for probe in ("virtual", "inplace"):
+        model = peft.get_peft_model(
+            _tiny_config_model("llama"),
+            peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                            use_dora=use_dora, lora_dropout=0.0, init_lora_weights=False)).eval()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = TeZO(named, lr=0.0, eps=1e-3, seed=2, rank=2, probe=probe)
+        seen = []
+
+        def closure(model=model, seen=seen):
+            loss = model(**data).loss
+            seen.append(loss.item())
+            return loss
+        for _ in range(2):
+            opt.step(closure)
+        losses[probe] = seen
+        if probe == "virtual":
+            inplace = {n for n, p in named if p.dim() == 2} - virtual_names(opt)
+            assert inplace == {n for n, _ in named if "lora_embedding" in n} and len(inplace) == 2
+            assert len(virtual_names(opt)) == 8
+    assert len(losses["virtual"]) == len(losses["inplace"]) + 1
+    for v, i in zip(losses["virtual"][-4:], losses["inplace"][-4:]):
+        assert abs(v - i) <= 2e-6 * abs(i), (v, i)
+
+
+def test_use_tracker_allows_metadata_reads_only():
+    from zokernels.lowrank_probe import UseTracker
+
+    linear = torch.nn.Linear(3, 4)
+    x = torch.randn(2, 3)
+    tracker = UseTracker([linear.weight])
+    with torch.no_grad(), tracker:
+        _ = (linear.weight.dtype, linear.weight.shape, linear.weight.numel())
+        linear(x)
+    assert tracker.owners == [[linear]] and not tracker.foreign
+    assert tracker.readers_only_through_owners(0)
+    tracker = UseTracker([linear.weight])
+    with torch.no_grad(), tracker:
+        linear(x)
+        linear.weight.sum()
+    assert tracker.foreign == {0: "TensorBase.sum"}
+    assert not tracker.readers_only_through_owners(0)
+    assert hooks_left(linear) == []
+
+
+def test_a_refused_load_state_dict_writes_nothing():
+    """Validation comes before the merge: a bad state raises ValueError with the weights
+    bit-identical and the deferred updates still pending."""
+    model = make_model(dtype=torch.bfloat16)
+    opt = TeZO(model.named_parameters(), lr=1e-2, eps=1e-3, seed=5, rank=3, variant="momentum",
+               update="deferred")
+    saved = opt.state_dict()
+    for _ in range(2):
+        opt.step(lm_loss(model))
+    before = snapshot(model)
+    bad = copy.deepcopy(saved)
+    bad["extra"]["rank"] = 4
+    with pytest.raises(ValueError, match="rank"):
+        opt.load_state_dict(bad)
+    assert_same(snapshot(model), before, "after a refused load")
+    assert opt._virtual.pending and hooks_left(model)
+    opt.load_state_dict(saved)  # a valid one merges first
+    assert not opt._virtual.pending and hooks_left(model) == []
+    assert not torch.equal(model.fc.weight, before["fc.weight"])

@@ -1,0 +1,359 @@
+"""Low-rank perturbations evaluated without writing the weights (TeZO's virtual probes).
+
+With fixed factors U (m x r), V (n x r), a 2-D weight W that is read only by the forward of exact
+`nn.Linear` / `nn.Embedding` modules can be evaluated at
+
+    W_eff + U diag(c) V^T,        W_eff = D W + U diag(a) V^T
+
+without a pass over W: a forward hook adds the low-rank part to the module's output,
+
+    nn.Linear     y = x W^T + b   ->  D (y - b) + b + ((x V) * (a + c)) U^T
+    nn.Embedding  y = W[i]        ->  D y + (U[i] * (a + c)) V^T
+
+O(N r (m + n)) for N rows of input, against O(m n) for a pass over W. D (a scalar per weight) and
+a (an r-vector per weight) hold updates that were not written yet (deferred updates); `merge`
+writes them, W = round(D W + U diag(a) V^T), one rounding per merge.
+
+Whether a weight qualifies is measured, not assumed: `UseTracker` watches one forward (a
+TorchFunctionMode sees every torch call that reads the weight, global module hooks say which
+module is running) and reports, per weight, the exact Linear / Embedding modules that read it in
+their own forward and the first read anywhere else (a tied head read as `weight.t()`, a
+ParameterDict passed to F.embedding, a subclass with its own forward, an Embedding with
+max_norm, which renormalizes W in place, ...). A weight read elsewhere, or not read at all, must
+stay with the in-place path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules import module as _module
+from torch.overrides import TorchFunctionMode
+
+from .ops.lowrank import lowrank_perturb_
+
+# Reads of a weight that do not see its values (metadata), allowed anywhere.
+_METADATA = frozenset({
+    torch.Tensor.dtype.__get__, torch.Tensor.shape.__get__, torch.Tensor.device.__get__,
+    torch.Tensor.ndim.__get__, torch.Tensor.requires_grad.__get__, torch.Tensor.is_cuda.__get__,
+    torch.Tensor.layout.__get__, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel,
+    torch.Tensor.is_floating_point, torch.Tensor.element_size, torch.Tensor.data_ptr,
+    torch.Tensor.__len__, torch.Tensor.stride, torch.Tensor.is_contiguous,
+    torch.Tensor.storage_offset, torch.Tensor.nelement,
+})
+
+
+def owner_function(module: torch.nn.Module) -> Any:
+    """The function through which `module` reads its weight when the low-rank term can be added
+    to its output exactly: F.linear for an exact nn.Linear, F.embedding for an exact nn.Embedding
+    without max_norm; None otherwise (subclasses, a replaced forward)."""
+    if "forward" in module.__dict__:
+        return None
+    kind = type(module)
+    if kind is torch.nn.Linear:
+        return F.linear
+    if kind is torch.nn.Embedding and module.max_norm is None:
+        return F.embedding
+    return None
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+class UseTracker(TorchFunctionMode):
+    """Who reads each of `weights` during the forwards run inside `with tracker:`.
+
+    After the block: owners[j] lists the exact Linear / Embedding modules (owner_function) that
+    read weights[j] in their own forward; foreign[j] (when present) names the first other read.
+    Costs a Python call per torch call while active (meant for one step)."""
+
+    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self._weights = list(weights)
+        self._position = {id(w): j for j, w in enumerate(self._weights)}
+        self.owners: list[list[torch.nn.Module]] = [[] for _ in self._weights]
+        self.foreign: dict[int, str] = {}
+        self._running: list[tuple[torch.nn.Module, Any]] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "UseTracker":
+        try:
+            self._handles.append(_module.register_module_forward_pre_hook(self._enter_module))
+            self._handles.append(_module.register_module_forward_hook(self._leave_module,
+                                                                      always_call=True))
+            super().__enter__()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._remove()
+            self._running.clear()
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _enter_module(self, module: torch.nn.Module, args: Any) -> None:
+        reader = owner_function(module)
+        if reader is not None and id(module.weight) in self._position:
+            self._running.append((module, reader))
+
+    def _leave_module(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._running and self._running[-1][0] is module:
+            self._running.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _METADATA:
+            for t in _tensors((args, kwargs)):
+                j = self._position.get(id(t))
+                if j is None:
+                    continue
+                module, reader = self._running[-1] if self._running else (None, None)
+                if module is not None and module.weight is t and func is reader:
+                    if not any(o is module for o in self.owners[j]):
+                        self.owners[j].append(module)
+                else:
+                    self.foreign.setdefault(j, getattr(func, "__qualname__", repr(func)))
+        return func(*args, **kwargs)
+
+    def readers_only_through_owners(self, j: int) -> bool:
+        """Whether weights[j] was read, and only by its owners' forwards."""
+        return bool(self.owners[j]) and j not in self.foreign
+
+
+class VirtualPart:
+    """The virtual weights of one param group: W_j (m_j x n_j), its factors (float32, shared with
+    the optimizer, never copied), its owner modules (known after a tracked forward) and its
+    deferred update: one float32 vector `accum` holding a_j at offsets[j]:offsets[j + 1], and
+    the scale D_j per weight."""
+
+    def __init__(self, weights: list[torch.Tensor], us: list[torch.Tensor],
+                 vs: list[torch.Tensor], keys: list[int], decayable: list[bool]) -> None:
+        self.weights, self.us, self.vs = weights, us, vs
+        self.keys, self.decayable = keys, decayable
+        self.owners: list[list[torch.nn.Module]] = [[] for _ in weights]
+        self.ranks = [u.shape[1] for u in us]
+        self.offsets = [0]
+        for r in self.ranks:
+            self.offsets.append(self.offsets[-1] + r)
+        device = weights[0].device if weights else torch.device("cpu")
+        self.accum = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
+        self.decay_mask = torch.tensor([1.0 if d else 0.0 for d, r in zip(decayable, self.ranks)
+                                        for _ in range(r)], dtype=torch.float32, device=device)
+        self.scales = [1.0] * len(weights)
+        self.pending = False
+
+    def slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+
+class VirtualLowRank:
+    """Virtual probes and deferred updates over the parts (param groups) of one optimizer.
+
+    `probing(coefs)` makes the owners of every registered weight compute, inside the block, as
+    if W_j = W_eff,j + U_j diag(c_j) V_j^T (c = coefs[p] sliced per weight; None: no
+    perturbation): one global module forward hook that exists only inside the block (removed on
+    any exception, KeyboardInterrupt included; one left behind by an interrupt inside its own
+    registration is inert) adds the low-rank term to the output of every exact nn.Linear /
+    nn.Embedding whose weight is registered, whichever module that is (tied weights included).
+    Its correctness needs every read of the weight to be such a forward: `UseTracker` checks
+    it. `accumulate` defers an update, `merge` writes the pending ones. While updates are
+    pending the owner modules carry three hooks that merge before the model can be observed or
+    changed through them: a forward pre-hook (outside `stepping()`), a state_dict pre-hook and a
+    load_state_dict pre-hook; merge removes them.
+
+    The term is computed in the output's dtype (factors cast per call: no copies are kept)."""
+
+    def __init__(self, parts: list[VirtualPart], backend: str = "auto") -> None:
+        self.parts = parts
+        self.backend = backend
+        self.pending = False
+        self.merges = 0  # merge() calls, pending or not (the optimizer records them)
+        self._stepping = False
+        self._probe: tuple[object, list[torch.Tensor], list[dict]] | None = None
+        self._watch: list[Any] = []
+        self._index()
+
+    def _index(self) -> None:
+        self._entries = {id(w): (p, j) for p, part in enumerate(self.parts)
+                         for j, w in enumerate(part.weights)}
+
+    def weights(self) -> list[torch.Tensor]:
+        return [w for part in self.parts for w in part.weights]
+
+    def restrict(self, keep: list[list[int]], owners: list[list[list[torch.nn.Module]]]) -> None:
+        """Keep the weights at keep[p] of each part, with their owner modules (owners[p][k]: of
+        the k-th kept weight). Nothing may be pending (a tracked forward precedes the first
+        update)."""
+        if self.pending:
+            raise RuntimeError("restrict with pending deferred updates")
+        parts = []
+        for part, positions, found in zip(self.parts, keep, owners):
+            kept = VirtualPart([part.weights[j] for j in positions],
+                               [part.us[j] for j in positions], [part.vs[j] for j in positions],
+                               [part.keys[j] for j in positions],
+                               [part.decayable[j] for j in positions])
+            kept.owners = [list(modules) for modules in found]
+            parts.append(kept)
+        self.parts = parts
+        self._index()
+
+    def set_factors(self, p: int, us: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
+        """New factors for part p's weights (rebuilt from another seed); nothing pending."""
+        if self.pending:
+            raise RuntimeError("set_factors with pending deferred updates")
+        self.parts[p].us, self.parts[p].vs = list(us), list(vs)
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        seen: dict[int, torch.nn.Module] = {}
+        for part in self.parts:
+            for owners in part.owners:
+                for module in owners:
+                    seen.setdefault(id(module), module)
+        return list(seen.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this object adds to the optimizer: the deferred vectors a and their decay masks,
+        8 bytes per rank entry (the float32 factors belong to the optimizer's state; a hook's
+        scratch, N x r per call, is freed when it returns)."""
+        return sum(p.accum.numel() * 4 + p.decay_mask.numel() * 4 for p in self.parts)
+
+    # -- probes --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Marks an optimizer step: the merge-on-observe hooks stay inert inside."""
+        self._stepping = True
+        try:
+            yield
+        finally:
+            self._stepping = False
+
+    @contextlib.contextmanager
+    def probing(self, coefs: Sequence[torch.Tensor | None]) -> Iterator[None]:
+        """Owner outputs as if W_j = W_eff,j + U_j diag(c_j) V_j^T inside the block."""
+        totals = [part.accum if c is None else part.accum + c
+                  for part, c in zip(self.parts, coefs)]
+        token = object()
+        handle = None
+        try:
+            self._probe = (token, totals, [{} for _ in self.parts])
+            handle = _module.register_module_forward_hook(
+                lambda module, args, kwargs, output: self._add_term(token, module, args, kwargs,
+                                                                    output),
+                with_kwargs=True)
+            yield
+        finally:
+            self._probe = None
+            if handle is not None:
+                handle.remove()
+
+    def _add_term(self, token, module, args, kwargs, output) -> None:
+        probe = self._probe
+        if probe is None or probe[0] is not token:
+            return None
+        reader = owner_function(module)
+        if reader is None:
+            return None
+        entry = self._entries.get(id(module.weight))
+        if entry is None:
+            return None
+        p, j = entry
+        dtype = output.dtype
+        per_dtype = probe[2][p]
+        if dtype not in per_dtype:
+            per_dtype[dtype] = self.parts[p].slices(probe[1][p].to(dtype))
+        coef = per_dtype[dtype][j]
+        u, v = self.parts[p].us[j], self.parts[p].vs[j]  # float32; cast per call (no copies kept)
+        scale = self.parts[p].scales[j]
+        x = args[0] if args else kwargs["input"]
+        if reader is F.linear:
+            if scale != 1.0:  # D (y - b) + b = D x W^T + b
+                output.mul_(scale)
+                if module.bias is not None:
+                    output.add_(module.bias, alpha=1.0 - scale)
+            left = x.reshape(-1, v.shape[0]).to(dtype) @ v.to(dtype)  # (x V), N x r
+            right = u.to(dtype).t()
+        else:
+            if scale != 1.0:
+                output.mul_(scale)
+            left = F.embedding(x, u).reshape(-1, u.shape[1]).to(dtype)  # U[i], N x r
+            right = v.to(dtype).t()
+        left.mul_(coef)
+        if output.is_contiguous():
+            output.view(-1, right.shape[1]).addmm_(left, right)
+        else:
+            output.add_((left @ right).view(output.shape))
+        return None
+
+    # -- deferred updates ----------------------------------------------------------------------
+    def accumulate(self, p: int, update: torch.Tensor, decay: float) -> None:
+        """W_eff = d W_eff + U diag(u) V^T for the weights of part p (d = decay on decayable
+        weights, 1 on the others): a = d a + u, D = d D. update: float32, one r-slice per weight
+        in the part's order (already including any 1/sqrt(r)). d is used rounded to float32, as
+        the low-rank kernels and a saved trajectory hold it."""
+        part = self.parts[p]
+        if not part.weights:
+            return
+        decay = float(torch.tensor(decay, dtype=torch.float32))
+        if decay != 1.0:
+            part.accum.mul_(1.0 + (decay - 1.0) * part.decay_mask)
+            part.scales = [s * decay if d else s for s, d in zip(part.scales, part.decayable)]
+        part.accum.add_(update)
+        part.pending = True
+        if not self.pending:
+            self.pending = True
+            self._watch_modules()
+
+    def merge(self) -> None:
+        """W = round(D W + U diag(a) V^T) for every weight with a pending update (one low-rank
+        pass per part, rounding to nearest), then a = 0, D = 1 and the observe hooks removed."""
+        self.merges += 1
+        if not self.pending:
+            return
+        for part in self.parts:
+            if part.pending:
+                lowrank_perturb_(part.weights, part.us, part.vs, part.slices(part.accum),
+                                 scale=1.0, decay=part.scales, keys=part.keys,
+                                 backend=self.backend, check_finite=False)
+                part.accum.zero_()
+                part.scales = [1.0] * len(part.weights)
+                part.pending = False
+        self.pending = False
+        self._unwatch_modules()
+
+    def _watch_modules(self) -> None:
+        for module in self.modules:
+            self._watch.append(module.register_forward_pre_hook(self._observed))
+            self._watch.append(module.register_state_dict_pre_hook(self._observed))
+            self._watch.append(module.register_load_state_dict_pre_hook(self._observed))
+
+    def _unwatch_modules(self) -> None:
+        while self._watch:
+            self._watch.pop().remove()
+
+    def _observed(self, *args: Any) -> None:
+        if not self._stepping:
+            self.merge()
+
+
+__all__ = ["UseTracker", "VirtualLowRank", "VirtualPart", "owner_function"]
