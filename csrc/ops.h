@@ -15,9 +15,10 @@ std::array<uint32_t, 4> philox_words(uint64_t seed, uint32_t c0, uint32_t c1, ui
 // counters, out: int64 [n, 4] holding uint32 values.
 void philox_fill(uint64_t seed, uintptr_t counters_ptr, uintptr_t out_ptr, uint64_t n, int num_threads);
 
-// out: float32 [numel], out[j] = z(seed, key, offset + j).
+// out: float32 [numel], out[j] = z(seed, key, offset + j). contract (1 or 2): the version of the
+// gaussian normals (docs/noise-contract.md), also in perturb and scatter_perturb.
 void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint64_t offset, int dist,
-           int num_threads);
+           int contract, int num_threads);
 
 // applied: empty, or one coefficient per seed: the perturbation the tensors hold now, undone first.
 // Undo log (docs/undo-log.md), log_mode 0: none; 1: append the elements recovery could not give
@@ -31,8 +32,8 @@ void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint6
 void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& numels,
              const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
              const std::vector<uint64_t>& seeds, const std::vector<float>& scales,
-             const std::vector<float>& applied, int dist, int rounding, uint64_t rounding_seed,
-             int num_threads, uintptr_t log_index_ptr = 0, uintptr_t log_values_ptr = 0,
+             const std::vector<float>& applied, int dist, int contract, int rounding,
+             uint64_t rounding_seed, int num_threads, uintptr_t log_index_ptr = 0, uintptr_t log_values_ptr = 0,
              uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0,
              const std::vector<uint64_t>& index_offsets = {},
              const std::vector<uint64_t>& index_local_spans = {},
@@ -46,7 +47,7 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
                      const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
                      uintptr_t index_ptr, uintptr_t values_ptr, uint64_t capacity,
                      uintptr_t count_ptr, const std::vector<uint64_t>& seeds,
-                     const std::vector<float>& scales, int dist, int rounding,
+                     const std::vector<float>& scales, int dist, int contract, int rounding,
                      uint64_t rounding_seed, int num_threads,
                      const std::vector<uint64_t>& index_offsets = {},
                      const std::vector<uint64_t>& index_local_spans = {},
