@@ -77,6 +77,10 @@ PYBIND11_MODULE(_C, m) {
           py::arg("num_threads"),
           "out[j] = z(seed, key, offset + j), float32; dist 0 gaussian, 1 rademacher, 2 uniform; "
           "contract 1 or 2: the version of the gaussian normals.");
+    m.def("normal_pairs_v2", &zk::normal_pairs_v2, release_gil(), py::arg("w_radius_ptr"),
+          py::arg("w_angle_ptr"), py::arg("out_ptr"), py::arg("n"),
+          "out[n, 2] = contract v2 Box-Muller (n_cos, n_sin) of uint32 words w_radius[n], "
+          "w_angle[n] (tests on chosen words).");
     m.def("perturb", &zk::perturb, release_gil(), py::arg("ptrs"), py::arg("numels"),
           py::arg("keys"), py::arg("decays"), py::arg("dtype"), py::arg("seeds"), py::arg("scales"),
           py::arg("applied"), py::arg("dist"), py::arg("contract"), py::arg("rounding"),

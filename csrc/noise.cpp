@@ -45,7 +45,33 @@ ZK_TARGET_AVX2 ZK_FLATTEN void noise_item_avx2(const NoiseJob& job, const WorkIt
 }
 #endif
 
+// Contract v2 Box-Muller of given words, one clone per ISA (normal_pairs_v2).
+ZK_FLATTEN void normal_pairs_v2_generic(const uint32_t* w_radius, const uint32_t* w_angle,
+                                        float* out, uint64_t n) {
+    for (uint64_t q = 0; q < n; ++q)
+        box_muller_v2<FmaPortable>(w_radius[q], w_angle[q], out[2 * q], out[2 * q + 1]);
+}
+
+#if ZK_HAVE_AVX2_PATH
+ZK_TARGET_AVX2 ZK_FLATTEN void normal_pairs_v2_avx2(const uint32_t* w_radius,
+                                                    const uint32_t* w_angle, float* out,
+                                                    uint64_t n) {
+    for (uint64_t q = 0; q < n; ++q)
+        box_muller_v2<FmaHardware>(w_radius[q], w_angle[q], out[2 * q], out[2 * q + 1]);
+}
+#endif
+
 }  // namespace
+
+void normal_pairs_v2(uintptr_t w_radius_ptr, uintptr_t w_angle_ptr, uintptr_t out_ptr,
+                     uint64_t n) {
+    auto* run = &normal_pairs_v2_generic;
+#if ZK_HAVE_AVX2_PATH
+    if (use_avx2()) run = &normal_pairs_v2_avx2;
+#endif
+    run(reinterpret_cast<const uint32_t*>(w_radius_ptr), reinterpret_cast<const uint32_t*>(w_angle_ptr),
+        reinterpret_cast<float*>(out_ptr), n);
+}
 
 void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint64_t offset, int dist,
            int contract, int num_threads) {

@@ -20,6 +20,10 @@ void philox_fill(uint64_t seed, uintptr_t counters_ptr, uintptr_t out_ptr, uint6
 void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint64_t offset, int dist,
            int contract, int num_threads);
 
+// out: float32 [n, 2], the contract v2 normals (n_cos, n_sin) of the words w_radius[q], w_angle[q]
+// (uint32 [n] each): the Box-Muller alone, for tests on chosen words.
+void normal_pairs_v2(uintptr_t w_radius_ptr, uintptr_t w_angle_ptr, uintptr_t out_ptr, uint64_t n);
+
 // applied: empty, or one coefficient per seed: the perturbation the tensors hold now, undone first.
 // Undo log (docs/undo-log.md), log_mode 0: none; 1: append the elements recovery could not give
 // back (index: int64 [capacity], group-flat; values: [capacity] in the tensors' dtype) and write

@@ -21,7 +21,7 @@ TWO_PI = 6.283185307179586
 # float32 Box-Muller below, bit-identical on every backend. Words, uniforms and rademacher values
 # are the same in both. The default for new work is 2; 1 replays recordings made before v2.
 CONTRACTS = (1, 2)
-DEFAULT_CONTRACT = 1  # becomes 2 once every backend implements v2 (this branch)
+DEFAULT_CONTRACT = 2
 
 # v2 normals: constants as float32 bit patterns. -2 ln(1 + f) = f * P(f) for f in
 # [sqrt(1/2) - 1, sqrt(2) - 1), P(f) = sum_j NORMAL_V2_LOG[j] f^j (minimax, relative error 1.7e-7);
@@ -35,6 +35,14 @@ NORMAL_V2_U_SCALE = 0x2F7FFFFF  # (1 - 2^-24) 2^-32
 NORMAL_V2_U_OFFSET = 0x2F000000  # 2^-33
 NORMAL_V2_SIN = (0x3F490FDB, 0xBDA55DDD, 0x3B232F49, 0xB816C981)
 NORMAL_V2_COS = (0x3F7FFFFF, 0xBE9DE9C6, 0x3C81D732, 0xB9A71AED)
+
+
+def as_contract(value, name: str = "contract") -> int:
+    """`value` checked as a contract version (1 or 2; bool refused), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in CONTRACTS:
+        raise ValueError(f"{name} must be one of {list(CONTRACTS)} (the version of the gaussian "
+                         f"normals, docs/noise-contract.md), got {value!r}")
+    return int(value)
 
 
 def float32_from_bits(bits: int) -> float:
