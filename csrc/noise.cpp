@@ -74,7 +74,7 @@ void normal_pairs_v2(uintptr_t w_radius_ptr, uintptr_t w_angle_ptr, uintptr_t ou
 }
 
 void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint64_t offset, int dist,
-           int contract, int num_threads) {
+           int num_threads, int contract) {
     if (dist < kGaussian || dist > kUniform) throw std::invalid_argument("noise: bad dist code");
     if (contract != kContractV1 && contract != kContractV2)
         throw std::invalid_argument("noise: contract must be 1 or 2");

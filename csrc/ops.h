@@ -18,7 +18,7 @@ void philox_fill(uint64_t seed, uintptr_t counters_ptr, uintptr_t out_ptr, uint6
 // out: float32 [numel], out[j] = z(seed, key, offset + j). contract (1 or 2): the version of the
 // gaussian normals (docs/noise-contract.md), also in perturb and scatter_perturb.
 void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint64_t offset, int dist,
-           int contract, int num_threads);
+           int num_threads, int contract = 2);
 
 // out: float32 [n, 2], the contract v2 normals (n_cos, n_sin) of the words w_radius[q], w_angle[q]
 // (uint32 [n] each): the Box-Muller alone, for tests on chosen words.
@@ -36,12 +36,12 @@ void normal_pairs_v2(uintptr_t w_radius_ptr, uintptr_t w_angle_ptr, uintptr_t ou
 void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& numels,
              const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
              const std::vector<uint64_t>& seeds, const std::vector<float>& scales,
-             const std::vector<float>& applied, int dist, int contract, int rounding,
-             uint64_t rounding_seed, int num_threads, uintptr_t log_index_ptr = 0, uintptr_t log_values_ptr = 0,
+             const std::vector<float>& applied, int dist, int rounding, uint64_t rounding_seed,
+             int num_threads, uintptr_t log_index_ptr = 0, uintptr_t log_values_ptr = 0,
              uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0,
              const std::vector<uint64_t>& index_offsets = {},
              const std::vector<uint64_t>& index_local_spans = {},
-             const std::vector<uint64_t>& index_global_spans = {});
+             const std::vector<uint64_t>& index_global_spans = {}, int contract = 2);
 
 // Rewrites the first min(*count, capacity) entries of an undo log over the same tensor list:
 // with no seeds t[index[e]] = values[e] bit for bit, else t_j[i] = round(decay_j * values[e] + D)
@@ -51,11 +51,12 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
                      const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
                      uintptr_t index_ptr, uintptr_t values_ptr, uint64_t capacity,
                      uintptr_t count_ptr, const std::vector<uint64_t>& seeds,
-                     const std::vector<float>& scales, int dist, int contract, int rounding,
+                     const std::vector<float>& scales, int dist, int rounding,
                      uint64_t rounding_seed, int num_threads,
                      const std::vector<uint64_t>& index_offsets = {},
                      const std::vector<uint64_t>& index_local_spans = {},
-                     const std::vector<uint64_t>& index_global_spans = {});
+                     const std::vector<uint64_t>& index_global_spans = {},
+                     int contract = 2);
 
 // W_j = round(decay_j * theta + scale * U_j diag(tau_j) V_j^T); theta = W_j, or with
 // applied_tau_ptrs (one per weight) the weight recovered from round(theta + applied_scale *

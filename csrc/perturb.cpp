@@ -287,13 +287,12 @@ ItemKernel item_kernel() {
 void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& numels,
              const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
              const std::vector<uint64_t>& seeds, const std::vector<float>& scales,
-             const std::vector<float>& applied, int dist, int contract, int rounding,
-             uint64_t rounding_seed, int num_threads, uintptr_t log_index_ptr,
-             uintptr_t log_values_ptr,
+             const std::vector<float>& applied, int dist, int rounding, uint64_t rounding_seed,
+             int num_threads, uintptr_t log_index_ptr, uintptr_t log_values_ptr,
              uint64_t log_capacity, uintptr_t log_count_ptr, int log_mode,
              const std::vector<uint64_t>& index_offsets,
              const std::vector<uint64_t>& index_local_spans,
-             const std::vector<uint64_t>& index_global_spans) {
+             const std::vector<uint64_t>& index_global_spans, int contract) {
     if (numels.size() != ptrs.size() || keys.size() != ptrs.size() || decays.size() != ptrs.size())
         throw std::invalid_argument("perturb: ptrs, numels, keys and decays must have equal lengths");
     if (seeds.size() != scales.size())

@@ -227,11 +227,11 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
                      const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
                      uintptr_t index_ptr, uintptr_t values_ptr, uint64_t capacity,
                      uintptr_t count_ptr, const std::vector<uint64_t>& seeds,
-                     const std::vector<float>& scales, int dist, int contract, int rounding,
+                     const std::vector<float>& scales, int dist, int rounding,
                      uint64_t rounding_seed, int num_threads,
                      const std::vector<uint64_t>& index_offsets,
                      const std::vector<uint64_t>& index_local_spans,
-                     const std::vector<uint64_t>& index_global_spans) {
+                     const std::vector<uint64_t>& index_global_spans, int contract) {
     if (numels.size() != ptrs.size() || keys.size() != ptrs.size() || decays.size() != ptrs.size())
         throw std::invalid_argument(
             "scatter_perturb: ptrs, numels, keys and decays must have equal lengths");

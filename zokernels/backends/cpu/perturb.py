@@ -82,5 +82,5 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     ptrs, numels, key_list, map_args = static
     ext.perturb(ptrs, numels, key_list, decays.tolist(), DTYPE_CODES[tensors[0].dtype],
                 list(seeds), scales.tolist(), [] if applied is None else applied.tolist(),
-                DIST_CODES[dist], contract, ROUNDING_CODES[rounding], rounding_seed,
-                torch.get_num_threads(), **log_args, **map_args)
+                DIST_CODES[dist], ROUNDING_CODES[rounding], rounding_seed,
+                torch.get_num_threads(), **log_args, **map_args, contract=contract)

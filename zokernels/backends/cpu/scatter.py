@@ -26,7 +26,6 @@ def scatter_perturb_cpu(tensors: list[Tensor], keys: list[int], index: Tensor, v
     ext.scatter_perturb([t.data_ptr() for t in tensors], [t.numel() for t in tensors], list(keys),
                         decays.tolist(), DTYPE_CODES[tensors[0].dtype], index.data_ptr(),
                         values.data_ptr(), min(index.numel(), values.numel()), count.data_ptr(),
-                        list(seeds), scales.tolist(), DIST_CODES[dist], contract,
-                        ROUNDING_CODES[rounding],
+                        list(seeds), scales.tolist(), DIST_CODES[dist], ROUNDING_CODES[rounding],
                         rounding_seed, torch.get_num_threads(),
-                        **index_map_kwargs(tensors, index_maps))
+                        **index_map_kwargs(tensors, index_maps), contract=contract)
