@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ._contract import PERTURB_DISTS, ROUNDINGS
+from ._contract import DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract
 from ._dispatch import BACKEND_CHOICES, resolve_backend
 from ._validate import (
     as_choice,
@@ -364,7 +364,7 @@ class ParameterSpace:
               layers: Sequence[int] | None = None, weight_decay_factor: Any = 1.0,
               applied: Any = None, dist: str = "gaussian", rounding: str = "nearest",
               rounding_seed: int | None = None, check_finite: bool = True,
-              log: UndoLog | None = None) -> None:
+              log: UndoLog | None = None, contract: int = DEFAULT_CONTRACT) -> None:
         """perturb_ over the registered parameters (all, or the selected layers):
 
             theta = round(d * theta + sum_k scales[k] * z(seeds[k], key, i))
@@ -374,10 +374,11 @@ class ParameterSpace:
         nearest rounding and no decay only) keeps the elements recovery cannot give back, for
         `apply_logged` (docs/undo-log.md); the first pass of a log also runs a count-only probe
         to size it. One backend call per (device, dtype) group; validation covers only the
-        scalars passed here.
+        scalars passed here. `contract`: the version of the gaussian normals (see perturb_).
         """
         seed_list = as_seed_list(seeds)
         dist = as_choice(dist, PERTURB_DISTS, "dist")
+        contract = as_contract(contract)
         rounding = as_choice(rounding, ROUNDINGS, "rounding")
         rounding_seed = (seed_list[0] if rounding_seed is None
                          else as_seed(rounding_seed, "rounding_seed"))
@@ -407,20 +408,20 @@ class ParameterSpace:
         decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
         if log is None:
             run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
-                        rounding_seed)
+                        rounding_seed, contract=contract)
             return
         if log.needs_probe(plan):
             log.probe(plan, lambda counters: run_perturb(
                 plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
-                rounding_seed, logs=counters, count_only=True))
+                rounding_seed, logs=counters, count_only=True, contract=contract))
         buffers = log.begin(plan, flags)
         run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
-                    rounding_seed, logs=buffers)
+                    rounding_seed, logs=buffers, contract=contract)
 
     def apply_logged(self, log: UndoLog, seeds: int | Sequence[int] = (), scales: Any = (), *,
                      weight_decay_factor: Any = 1.0, dist: str = "gaussian",
                      rounding: str = "nearest", rounding_seed: int | None = None,
-                     check_finite: bool = True) -> None:
+                     check_finite: bool = True, contract: int = DEFAULT_CONTRACT) -> None:
         """Rewrite the elements `log` holds from their logged (pre-pass) values: with no seeds,
         put the values back bit for bit (the end of an exact restore); with seeds,
 
@@ -428,7 +429,8 @@ class ParameterSpace:
 
         exactly as `apply` computes it from an unperturbed weight (the end of an exact update).
         Call it after the dense pass (restore: `applied=` with scale 0; update: `applied=` with
-        the update's coefficients) over the same parameters the logged pass covered.
+        the update's coefficients) over the same parameters the logged pass covered, with the
+        pass's `contract`.
         """
         if not isinstance(log, UndoLog):
             raise TypeError(f"log must be an UndoLog, got {type(log).__name__}")
@@ -437,6 +439,7 @@ class ParameterSpace:
         else:
             seed_list = []
         dist = as_choice(dist, PERTURB_DISTS, "dist")
+        contract = as_contract(contract)
         rounding = as_choice(rounding, ROUNDINGS, "rounding")
         rounding_seed = (as_seed(rounding_seed, "rounding_seed") if rounding_seed is not None
                          else seed_list[0] if seed_list else 0)
@@ -452,7 +455,8 @@ class ParameterSpace:
                                "indices no longer apply")
         flags = log.decay_flags
         decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
-        run_scatter(log, seed_list, scale_vector, decays, dist, rounding, rounding_seed)
+        run_scatter(log, seed_list, scale_vector, decays, dist, rounding, rounding_seed,
+                    contract=contract)
 
     def perturb(self, seed: int, scale: Any, *, layers: Sequence[int] | None = None,
                 applied: Any = None, dist: str = "gaussian", **kwargs: Any) -> None:
