@@ -22,6 +22,9 @@ TWO_PI = 6.283185307179586
 # are the same in both. The default for new work is 2; 1 replays recordings made before v2.
 CONTRACTS = (1, 2)
 DEFAULT_CONTRACT = 2
+# What a saved optimizer state or trajectory meta without a "contract" field was made with: every
+# recording from before v2 used the v1 normals.
+CONTRACT_OF_UNVERSIONED = 1
 
 # v2 normals: constants as float32 bit patterns. -2 ln(1 + f) = f * P(f) for f in
 # [sqrt(1/2) - 1, sqrt(2) - 1), P(f) = sum_j NORMAL_V2_LOG[j] f^j (minimax, relative error 1.7e-7);
@@ -43,6 +46,12 @@ def as_contract(value, name: str = "contract") -> int:
         raise ValueError(f"{name} must be one of {list(CONTRACTS)} (the version of the gaussian "
                          f"normals, docs/noise-contract.md), got {value!r}")
     return int(value)
+
+
+def saved_contract(saved) -> object:
+    """The contract version recorded in a saved state / trajectory meta (a mapping), as saved
+    (check it with as_contract); one saved before versions existed is v1."""
+    return saved.get("contract", CONTRACT_OF_UNVERSIONED)
 
 
 def float32_from_bits(bits: int) -> float:

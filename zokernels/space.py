@@ -142,7 +142,8 @@ class ParameterSpace:
 
     def __init__(self, params: Any, *, layers: Sequence[Any] | None = None,
                  keys: Sequence[int] | None = None, no_decay: Sequence[str] = NO_DECAY_DEFAULT,
-                 backend: str = "auto", trainable_only: bool = True) -> None:
+                 backend: str = "auto", trainable_only: bool = True,
+                 contract: int = DEFAULT_CONTRACT) -> None:
         named = _named(params, trainable_only)
         self.params: list[torch.Tensor] = [t for _, t in named]  # as given (DTensors included)
         self.names: list[str] = [n if n is not None else str(j) for j, (n, _) in enumerate(named)]
@@ -167,6 +168,9 @@ class ParameterSpace:
             raise ValueError("keys must be distinct: two parameters would get the same noise")
         self.decayable = [not any(s in name for s in no_decay) for name in self.names]
         self.backend = as_choice(backend, BACKEND_CHOICES, "backend")
+        # the version of the gaussian normals every pass of this space uses unless told otherwise
+        # (an optimizer's, adopted from a checkpoint or a trajectory; docs/noise-contract.md)
+        self.contract = as_contract(contract)
 
         self._layer_of = self._assign_layers(layers)
         self.num_layers = 0 if layers is None else len(layers)
@@ -364,7 +368,7 @@ class ParameterSpace:
               layers: Sequence[int] | None = None, weight_decay_factor: Any = 1.0,
               applied: Any = None, dist: str = "gaussian", rounding: str = "nearest",
               rounding_seed: int | None = None, check_finite: bool = True,
-              log: UndoLog | None = None, contract: int = DEFAULT_CONTRACT) -> None:
+              log: UndoLog | None = None, contract: int | None = None) -> None:
         """perturb_ over the registered parameters (all, or the selected layers):
 
             theta = round(d * theta + sum_k scales[k] * z(seeds[k], key, i))
@@ -378,7 +382,7 @@ class ParameterSpace:
         """
         seed_list = as_seed_list(seeds)
         dist = as_choice(dist, PERTURB_DISTS, "dist")
-        contract = as_contract(contract)
+        contract = self.contract if contract is None else as_contract(contract)
         rounding = as_choice(rounding, ROUNDINGS, "rounding")
         rounding_seed = (seed_list[0] if rounding_seed is None
                          else as_seed(rounding_seed, "rounding_seed"))
@@ -421,7 +425,7 @@ class ParameterSpace:
     def apply_logged(self, log: UndoLog, seeds: int | Sequence[int] = (), scales: Any = (), *,
                      weight_decay_factor: Any = 1.0, dist: str = "gaussian",
                      rounding: str = "nearest", rounding_seed: int | None = None,
-                     check_finite: bool = True, contract: int = DEFAULT_CONTRACT) -> None:
+                     check_finite: bool = True, contract: int | None = None) -> None:
         """Rewrite the elements `log` holds from their logged (pre-pass) values: with no seeds,
         put the values back bit for bit (the end of an exact restore); with seeds,
 
@@ -439,7 +443,7 @@ class ParameterSpace:
         else:
             seed_list = []
         dist = as_choice(dist, PERTURB_DISTS, "dist")
-        contract = as_contract(contract)
+        contract = self.contract if contract is None else as_contract(contract)
         rounding = as_choice(rounding, ROUNDINGS, "rounding")
         rounding_seed = (as_seed(rounding_seed, "rounding_seed") if rounding_seed is not None
                          else seed_list[0] if seed_list else 0)

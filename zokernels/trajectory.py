@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ._contract import PERTURB_DISTS, ROUNDINGS
+from ._contract import PERTURB_DISTS, ROUNDINGS, as_contract, saved_contract
 from ._seeds import step_seed
 from ._validate import (
     StorageBudget,
@@ -364,7 +364,8 @@ class Trajectory:
                                      f"{numel}")
             space = ParameterSpace(list(zip(group["param_names"], tensors)),
                                    layers=group.get("layers"), keys=group["keys"],
-                                   backend=backend, no_decay=self.meta.get("no_decay", ()))
+                                   backend=backend, no_decay=self.meta.get("no_decay", ()),
+                                   contract=saved_contract(self.meta))
             spaces.append(space)
         return spaces
 
@@ -468,6 +469,7 @@ def _checked_meta(meta: Any, seeds_saved: bool) -> int:
     if meta.get("rounding", "nearest") not in ROUNDINGS:
         raise ValueError(f"trajectory meta rounding must be one of {list(ROUNDINGS)}, got "
                          f"{meta.get('rounding')!r}")
+    as_contract(saved_contract(meta), "trajectory meta contract")  # absent: v1 (before versions)
     groups = meta.get("groups")
     if not isinstance(groups, list) or not groups:
         raise ValueError("trajectory meta groups must be a non-empty list (one per param group)")

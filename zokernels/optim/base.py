@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .._contract import PERTURB_DISTS, ROUNDINGS
+from .._contract import (DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract,
+                          saved_contract)
 from .._dispatch import BACKEND_CHOICES
 from .._validate import StorageBudget, as_seed, is_finite_number
 from ..ops.undo import UndoLog
@@ -69,8 +70,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, seed: int, dist: str,
                  exact_restore: bool, backend: str, no_decay: Sequence[str],
                  record_trajectory: bool, layers: Sequence[Any] | None = None,
-                 rounding: str = "nearest", process_group: Any = None) -> None:
+                 rounding: str = "nearest", process_group: Any = None,
+                 contract: int = DEFAULT_CONTRACT) -> None:
         seed = as_seed(seed, "seed")  # the ops' rule: an integer in [0, 2^64)
+        contract = as_contract(contract)
         if dist not in PERTURB_DISTS:
             raise ValueError(f"dist must be one of {list(PERTURB_DISTS)}, got {dist!r}")
         if backend not in BACKEND_CHOICES:
@@ -89,6 +92,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.base_seed = int(seed)
         self.dist = dist
+        self.contract = contract  # of the gaussian normals (docs/noise-contract.md)
         self.exact_restore = bool(exact_restore)
         self.rounding = rounding  # of the update (the perturbations round to nearest)
         self.process_group = process_group
@@ -139,7 +143,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _space_for(self, group: dict[str, Any], layer_of: dict[int, int] | None) -> ParameterSpace:
         return ParameterSpace(list(zip(group["param_names"], group["params"])),
                               layers=self._layers_for(group, layer_of), backend=self.backend,
-                              no_decay=self.no_decay)
+                              no_decay=self.no_decay, contract=self.contract)
 
     def _resolve_layers(self, groups: Sequence[dict[str, Any]]) -> dict[int, int] | None:
         """The layer (LeZO block) of each parameter, by id, over all param groups; None without a
@@ -220,7 +224,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _trajectory_meta(self) -> dict[str, Any]:
         """What a replay needs besides the records; "groups" describes every parameter of every
         param group (the full spaces, before any split)."""
-        return {"base_seed": self.base_seed, "dist": self.dist, "rounding": self.rounding,
+        return {"base_seed": self.base_seed, "dist": self.dist, "contract": self.contract,
+                "rounding": self.rounding,
                 "groups": [{"param_names": list(g["param_names"]),
                             "named": bool(g.get("_named", True)),
                             "numel": space.global_numels(),
@@ -486,7 +491,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         groups = [{k: copy.deepcopy(v) for k, v in g.items() if k not in ("params", "_named")}
                   for g in self.param_groups]
         state = {"algorithm": self.algorithm, "base_seed": self.base_seed, "dist": self.dist,
-                 "zo_state": dict(self.zo_state), "param_groups": groups,
+                 "contract": self.contract, "zo_state": dict(self.zo_state), "param_groups": groups,
                  "undo_logs": [[log.state_dict() for log in pair] for pair in self._logs],
                  "extra": self._extra_state(),
                  "trajectory": None if self.trajectory is None else self.trajectory.state_dict()}
@@ -515,6 +520,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if state["dist"] not in PERTURB_DISTS:
             raise ValueError(f"state_dict dist must be one of {list(PERTURB_DISTS)}, "
                              f"got {state['dist']!r}")
+        as_contract(saved_contract(state), "state_dict contract")
         zo_state = state["zo_state"]
         if not isinstance(zo_state, dict) or set(zo_state) != set(self.zo_state):
             raise ValueError(f"state_dict zo_state must be a dict with keys "
@@ -585,6 +591,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         expected = {"algorithm": (trajectory.algorithm, self.algorithm),
                     "base_seed": (meta.get("base_seed"), int(state["base_seed"])),
                     "dist": (meta.get("dist"), state["dist"]),
+                    "contract": (saved_contract(meta), saved_contract(state)),
                     "rounding": (meta.get("rounding", "nearest"), self.rounding)}
         for field, (got, want) in expected.items():
             if got != want:
@@ -630,6 +637,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             group.update(saved)
         self.base_seed = int(state["base_seed"])
         self.dist = state["dist"]
+        self._adopt_contract(saved_contract(state))
         self.zo_state = {k: int(v) for k, v in state["zo_state"].items()}
         for pair, saved_pair in zip(self._logs, logs):
             for log, saved in zip(pair, saved_pair):
@@ -642,6 +650,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.trajectory = Trajectory(self.algorithm, self._trajectory_meta())
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _adopt_contract(self, contract: int) -> None:
+        """Use normals of this contract version from now on (a loaded state's: a run resumes
+        with the noise it was recorded with); TeZO also redraws its factors."""
+        self.contract = contract
+        for space in self._registered + self.spaces:
+            space.contract = contract
 
     @property
     def undo_log_bytes(self) -> int:

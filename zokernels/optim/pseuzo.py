@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .._contract import DEFAULT_CONTRACT
 from .._validate import as_seed
 from ..space import NO_DECAY_DEFAULT
 from ..trajectory import MAX_SEEDS_PER_STEP
@@ -121,7 +122,7 @@ class PseuZO(ZOOptimizer):
                  exact_restore: bool = True, backend: str = "auto",
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
-                 record_trajectory: bool = True) -> None:
+                 record_trajectory: bool = True, contract: int = DEFAULT_CONTRACT) -> None:
         check_common_hyper(lr, eps, weight_decay)
         if isinstance(beta, str) and beta != "reference":
             raise ValueError(f"beta must be a number in [0, 1], 'reference' or a callable of the "
@@ -168,7 +169,8 @@ class PseuZO(ZOOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
                          dist=dist, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group,
-                         no_decay=no_decay, record_trajectory=record_trajectory)
+                         no_decay=no_decay, record_trajectory=record_trajectory,
+                         contract=contract)
 
     def _schedule(self) -> dict[str, Any]:
         """The beta settings, as saved (a callable as the word "callable")."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .._contract import DEFAULT_CONTRACT, saved_contract
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
 from ..ops.lowrank import lowrank_perturb_, run_lowrank_scatter
 from ..ops.noise import noise
@@ -50,10 +51,12 @@ class _LowRankState:
 
     def __init__(self, names: list[str], weights: list[torch.Tensor], keys: list[int],
                  decayable: list[bool], rank: int, seed: int, backend: str,
-                 shards: list[Any] | None = None) -> None:
+                 shards: list[Any] | None = None, contract: int = DEFAULT_CONTRACT) -> None:
         """weights: the parameters (DTensors included; the kernels write their local shards);
         shards: per weight None or its zokernels.sharding.Shard (the unsharded shape and the
-        box's offset); seed: the factor seed (factor_seed(base seed))."""
+        box's offset); seed: the factor seed (factor_seed(base seed)); contract: the version of
+        the gaussian normals U, V and tau are drawn with."""
+        self.contract = contract
         self.names, self.keys = names, keys
         # the parameters as given (DTensors) and what the kernels write (their local shards,
         # looked up again before each pass: a sharding wrapper may swap them)
@@ -91,9 +94,9 @@ class _LowRankState:
             row0, col0 = (0, 0) if shard is None else shard.global_offset
             rows, cols = w.shape
             us.append(noise(rows * r, seed, key, offset=row0 * r, device=w.device,
-                            backend=backend).view(rows, r))
+                            backend=backend, contract=self.contract).view(rows, r))
             vs.append(noise(cols * r, seed, key, offset=m * r + col0 * r, device=w.device,
-                            backend=backend).view(cols, r))
+                            backend=backend, contract=self.contract).view(cols, r))
         self.us, self.vs, self.factor_seed = us, vs, seed
 
     def taus(self, seed: int, backend: str) -> torch.Tensor:
@@ -101,7 +104,8 @@ class _LowRankState:
         weight's tau depends on its key only, not on which other weights are registered."""
         if not self.weights:
             return self.momentum
-        return torch.cat([noise(r, seed, key, device=self.device, backend=backend)
+        return torch.cat([noise(r, seed, key, device=self.device, backend=backend,
+                                contract=self.contract)
                           for r, key in zip(self.ranks, self.keys)])
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -245,7 +249,7 @@ class TeZO(ZOOptimizer):
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  record_trajectory: bool = True, probe: str = "virtual",
-                 update: str = "inplace") -> None:
+                 update: str = "inplace", contract: int = DEFAULT_CONTRACT) -> None:
         check_common_hyper(lr, eps, weight_decay)
         check_hyper("delta", delta, low_open=True)
         if probe not in PROBES:
@@ -283,7 +287,8 @@ class TeZO(ZOOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
                          dist=dist, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group,
-                         no_decay=no_decay, record_trajectory=record_trajectory)
+                         no_decay=no_decay, record_trajectory=record_trajectory,
+                         contract=contract)
 
     # The base class builds one ParameterSpace per group over all params; TeZO splits them: the
     # dense space keeps the 1-D ones, the low-rank state the 2-D ones.
@@ -322,10 +327,11 @@ class TeZO(ZOOptimizer):
         state = _LowRankState(
             [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
-            factor_seed(self.base_seed), self.backend, [space.shards[j] for j in two_d])
+            factor_seed(self.base_seed), self.backend, [space.shards[j] for j in two_d],
+            self.contract)
         dense = ParameterSpace([(space.names[j], space.params[j]) for j in rest],
                                keys=[space.keys[j] for j in rest], backend=self.backend,
-                               no_decay=self.no_decay)
+                               no_decay=self.no_decay, contract=self.contract)
         self.lowrank.append(state)
         self._lowrank_logs.append((UndoLog(), UndoLog()))
         self.spaces[g] = dense
@@ -750,7 +756,8 @@ class TeZO(ZOOptimizer):
                 log.load_state_dict(saved)
         seed = factor_seed(self.base_seed)
         for s in self.lowrank:
-            if s.factor_seed != seed:
+            if s.factor_seed != seed or s.contract != self.contract:
+                s.contract = self.contract
                 s.build_factors(seed, self.backend)
 
 
@@ -837,7 +844,8 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
         states.append(_LowRankState(
             [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], meta["rank"],
-            factor_seed(base), backend, [space.shards[j] for j in two_d]))
+            factor_seed(base), backend, [space.shards[j] for j in two_d],
+            saved_contract(meta)))
     initial = meta.get("initial_moments")
     if initial is not None:  # a trajectory that starts at a resumed step
         for state, m, v in zip(states, initial["momentum"], initial["second"]):
@@ -849,7 +857,8 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
         rest = [j for j, n in enumerate(space.names) if n not in names]
         dense.append(ParameterSpace([(space.names[j], space.params[j]) for j in rest],
                                     keys=[space.keys[j] for j in rest], backend=backend,
-                                    no_decay=meta.get("no_decay", ())))
+                                    no_decay=meta.get("no_decay", ()),
+                                    contract=saved_contract(meta)))
     # update="deferred": the virtual weights' updates of the steps marked "deferred" are
     # accumulated and written at the recorded merges (before the step marked "merge") and at the
     # end, as the run wrote them
