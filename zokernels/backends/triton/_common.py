@@ -9,13 +9,15 @@ Stochastic rounding: word ``i mod 4`` of block ``i // 4`` on stream 1 with ``rou
 The block helpers work on one BLOCK of a tensor whose first element index is a multiple of BLOCK
 (BLOCK a power of two >= 128), so the Philox blocks never straddle two programs and the low counter
 word of the block is computed without a carry: ``z`` is independent of BLOCK, the grid and the
-other tensors of a call. The ``*_at`` helpers give the same values at arbitrary element indices
-(one Philox call per element: the undo log's scatter).
+other tensors of a call. A block is held as a tile in Philox layout (``tile_lanes``: the call is
+the last dimension, so each thread uses the noise it computed, with no shuffle). The ``*_at``
+helpers give the same values at arbitrary element indices (one Philox call per element: the undo
+log's scatter).
 
 Index maps (sharded parameters, layout in perturb.py): a local element i of a shard takes the
 noise and rounding uniforms of the contract index ``g(i) = offset + (i // local_span) *
 global_span + i % local_span``. ``map_index`` computes g for the lanes of a block;
-``noise_blocks_at`` / ``rounding_uniforms_at_blocks`` keep one Philox call per 4 (128) elements
+``noise_words_at_blocks`` / ``rounding_tile_at_blocks`` keep one Philox call per 4 (128) elements
 at non-consecutive, 64-bit block indices when the map keeps those groups aligned; otherwise the
 ``*_at`` helpers run one call per element.
 
@@ -290,9 +292,15 @@ def load_seed(ptr):
 
 
 @triton.jit
-def interleave4(a, b, c, d, N: tl.constexpr):
-    """[N] x 4 -> [4N] with out[4j + m] = (a, b, c, d)[m][j] (register-local join + reshape)."""
-    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [4 * N])
+def quads(a, b, c, d):
+    """[N] x 4 -> [4, N] with out[m, j] = (a, b, c, d)[m][j]: a broadcast and selects on a
+    dimension that Triton's default layout keeps inside a thread (threads go along the last
+    dimension), so m is a constant per register, the selects fold away and the 4 values of a
+    Philox call stay in the registers that computed them (tl.join + reshape costs a
+    shared-memory shuffle per call instead)."""
+    m = tl.arange(0, 4)[:, None]
+    return tl.where(m < 2, tl.where(m == 0, a[None, :], b[None, :]),
+                    tl.where(m == 2, c[None, :], d[None, :]))
 
 
 @triton.jit
@@ -304,56 +312,139 @@ def _uniforms4(w0, w1, w2, w3):
     return u0, u1, u2, u3
 
 
-@triton.jit
-def philox_block4(seed, key, blk, STREAM: tl.constexpr, BLOCK: tl.constexpr):
-    """Four uniform vectors of shape [BLOCK // 4] for elements ``blk * BLOCK + [0, BLOCK)``.
-
-    One Philox call per 4 elements, counter ``(b lo, b hi, key, STREAM)`` with ``b = i // 4``.
-    ``blk * BLOCK // 4`` is a multiple of the power of two BLOCK // 4 <= 2^32, so adding
-    ``arange(BLOCK // 4)`` to its low word never carries into the high word."""
-    NQ: tl.constexpr = BLOCK // 4
-    g = blk.to(tl.uint64, bitcast=True) * NQ
-    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, NQ).to(tl.uint32)
-    c1 = (g >> 32).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, key, STREAM)
-    return _uniforms4(w0, w1, w2, w3)
+# ---- tiles: a block's elements in Philox layout ------------------------------------------------
+# A program's BLOCK elements are held as a tile whose LAST dimension is the Philox call (Triton's
+# default layout spreads threads along the last dimension and keeps the others in registers):
+# [4, BLOCK // 4] for gaussian / uniform / rounding uniforms (element 4j + m at [m, j]),
+# [32, 4, BLOCK // 128] for rademacher (bit s of word m of call j: element 128j + 32m + s at
+# [s, m, j]). Loads, stores, the noise and the sums all use the tile, so the noise is consumed
+# where it is computed; ``flat`` gives the block order back (the undo log's prefix sums).
 
 
 @triton.jit
-def _z_from_words(w0, w1, w2, w3, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """z [BLOCK] from the Philox words of the block's calls (w* of shape [BLOCK // 128] for
-    rademacher, [BLOCK // 4] otherwise), in the contract's element order."""
+def tile_lanes(DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """int32 element offsets inside the block, in the tile's shape."""
+    if DIST == 1:
+        lanes = (tl.arange(0, 32)[:, None, None] + (tl.arange(0, 4) * 32)[None, :, None]
+                 + (tl.arange(0, BLOCK // 128) * 128)[None, None, :])
+    else:
+        lanes = tl.arange(0, 4)[:, None] + (tl.arange(0, BLOCK // 4) * 4)[None, :]
+    return lanes
+
+
+@triton.jit
+def flat(x, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """A tile as [BLOCK] in element order."""
+    if DIST == 1:
+        x = tl.reshape(tl.permute(x, (2, 1, 0)), [BLOCK])
+    else:
+        x = tl.reshape(tl.trans(x), [BLOCK])
+    return x
+
+
+@triton.jit
+def as_tile(u, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """A [4, BLOCK // 4] quad tile (rounding uniforms) in the tile shape of DIST: element
+    128j + 32m + s = 4q + t with q = 32j + 8m + s // 4, t = s % 4."""
     if DIST == 1:
         NW: tl.constexpr = BLOCK // 128
-        words = interleave4(w0, w1, w2, w3, NW)  # [BLOCK // 32], word index (i // 32)
-        bits = (words[:, None] >> tl.arange(0, 32).to(tl.uint32)[None, :]) & 1
-        z = tl.reshape(bits, [BLOCK]).to(tl.float32) * 2.0 - 1.0
+        u = tl.reshape(u, [4, NW, 4, 8])  # (t, j, m, s // 4)
+        u = tl.reshape(tl.permute(u, (3, 0, 2, 1)), [32, 4, NW])
+    return u
+
+
+@triton.jit
+def _philox_calls(seed, key, blk, N: tl.constexpr, STREAM: tl.constexpr):
+    """Words of the N consecutive Philox calls ``blk * N + [0, N)`` (counter (b lo, b hi, key,
+    STREAM)). ``blk * N`` is a multiple of the power of two N <= 2^32, so adding ``arange(N)`` to
+    its low word never carries into the high word."""
+    g = blk.to(tl.uint64, bitcast=True) * N
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, N).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    return tl.philox(seed, c0, c1, key, STREAM)
+
+
+@triton.jit
+def _philox_at_blocks(seed, key, b, STREAM: tl.constexpr):
+    """Philox words at contract block indices b (int64, any values): counter
+    (b mod 2^32, b >> 32, key, STREAM)."""
+    bu = b.to(tl.uint64, bitcast=True)
+    return tl.philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32), key, STREAM)
+
+
+@triton.jit
+def rademacher_signs(w0, w1, w2, w3):
+    """[32, 4, N] uint32: 0 where the contract's z is +1 (bit s of word m set), 0x80000000 where
+    it is -1, i.e. the float32 sign bit of z. ``sign ^ bits(1.0)`` is z itself, ``sign ^ bits(c)``
+    is c * z exactly: a Rademacher term costs a shift, a logic op and an add per element."""
+    nw = ~quads(w0, w1, w2, w3)  # bit clear -> -1: the inverted word's bit is the sign
+    s = tl.arange(0, 32).to(tl.uint32)
+    return (nw[None, :, :] << (31 - s)[:, None, None]) & 0x80000000
+
+
+@triton.jit
+def signed(c, sign):
+    """c * z for a Rademacher z given as its sign bit: c with the sign flipped (exact, as the
+    product c * (+-1.0) is)."""
+    return (c.to(tl.uint32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile_from_words(w0, w1, w2, w3, DIST: tl.constexpr):
+    """z tile from the words of the tile's Philox calls (DIST 0 gaussian, 2 uniform; rademacher
+    goes through ``rademacher_signs``)."""
+    u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
+    if DIST == 0:
+        n0, n1 = tl.pair_uniform_to_normal(u0, u1)
+        n2, n3 = tl.pair_uniform_to_normal(u2, u3)
+        z = quads(n0, n1, n2, n3)
     else:
-        u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
-        if DIST == 0:
-            n0, n1 = tl.pair_uniform_to_normal(u0, u1)
-            n2, n3 = tl.pair_uniform_to_normal(u2, u3)
-            z = interleave4(n0, n1, n2, n3, BLOCK // 4)
-        else:
-            z = interleave4(u0, u1, u2, u3, BLOCK // 4)
+        z = quads(u0, u1, u2, u3)
     return z
 
 
 @triton.jit
-def noise_block(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """z for the BLOCK elements ``blk * BLOCK + [0, BLOCK)`` (stream 0), float32 [BLOCK].
-
-    DIST: 0 gaussian (Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits per Philox
-    call), 2 uniform (the uniforms that feed Box-Muller). The program's Philox blocks are
-    consecutive and start at a multiple of their power-of-two count (<= 2^32), so the low counter
-    word is ``lo + arange`` without a carry into the high word."""
+def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Words of the Philox calls of the block ``blk`` (stream 0): BLOCK // 128 calls for
+    rademacher, BLOCK // 4 otherwise."""
     tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
     N: tl.constexpr = BLOCK // 128 if DIST == 1 else BLOCK // 4
-    g = blk.to(tl.uint64, bitcast=True) * N
-    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, N).to(tl.uint32)
-    c1 = (g >> 32).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, key, 0)
-    return _z_from_words(w0, w1, w2, w3, DIST, BLOCK)
+    return _philox_calls(seed, key, blk, N, 0)
+
+
+@triton.jit
+def add_noise(d, c, w0, w1, w2, w3, DIST: tl.constexpr):
+    """d + c * z for the tile's z given by its Philox words (the contract's ``d + c * z``: for
+    rademacher the product is exact, so adding the sign-flipped c is the same float32 value)."""
+    if DIST == 1:
+        d = d + signed(c, rademacher_signs(w0, w1, w2, w3))
+    else:
+        d = d + c * _tile_from_words(w0, w1, w2, w3, DIST)
+    return d
+
+
+@triton.jit
+def noise_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """z for the BLOCK elements ``blk * BLOCK + [0, BLOCK)`` (stream 0), float32, tile shape.
+
+    DIST: 0 gaussian (Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits per Philox
+    call), 2 uniform (the uniforms that feed Box-Muller)."""
+    w0, w1, w2, w3 = noise_words(seed, key, blk, DIST, BLOCK)
+    if DIST == 1:
+        z = signed(1.0 + tl.zeros([32, 4, BLOCK // 128], tl.float32),
+                   rademacher_signs(w0, w1, w2, w3))
+    else:
+        z = _tile_from_words(w0, w1, w2, w3, DIST)
+    return z
+
+
+@triton.jit
+def rounding_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Stochastic-rounding uniforms (stream 1, word i mod 4 of call i // 4) for elements
+    ``blk * BLOCK + [0, BLOCK)``, in the tile shape of DIST."""
+    w0, w1, w2, w3 = _philox_calls(seed, key, blk, BLOCK // 4, 1)
+    u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
+    return as_tile(quads(u0, u1, u2, u3), DIST, BLOCK)
 
 
 @triton.jit
@@ -374,30 +465,20 @@ def map_index(i0, lane, map_offset, local_span, global_span, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _philox_at_blocks(seed, key, b, STREAM: tl.constexpr):
-    """Philox words at contract block indices b (int64, any values): counter
-    (b mod 2^32, b >> 32, key, STREAM)."""
-    bu = b.to(tl.uint64, bitcast=True)
-    return tl.philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32), key, STREAM)
+def noise_words_at_blocks(seed, key, b):
+    """Words (stream 0) of the Philox calls with contract block indices b (int64, any values):
+    the mapped fast path, where every aligned group of 4 (128) local elements is one aligned
+    global group. Fed to ``add_noise`` as ``noise_words`` is: bit-identical."""
+    return _philox_at_blocks(seed, key, b, 0)
 
 
 @triton.jit
-def noise_blocks_at(seed, key, b, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """z (stream 0) of BLOCK elements made of whole contract Philox blocks with block indices b
-    (int64, [BLOCK // 128] for rademacher, [BLOCK // 4] otherwise; any, not consecutive): the
-    mapped fast path, where every aligned group of 4 (128) local elements is one aligned global
-    group. The same words and tl ops as ``noise_block``: bit-identical."""
-    w0, w1, w2, w3 = _philox_at_blocks(seed, key, b, 0)
-    return _z_from_words(w0, w1, w2, w3, DIST, BLOCK)
-
-
-@triton.jit
-def rounding_uniforms_at_blocks(seed, key, b, BLOCK: tl.constexpr):
+def rounding_tile_at_blocks(seed, key, b, DIST: tl.constexpr, BLOCK: tl.constexpr):
     """Stochastic-rounding uniforms (stream 1) of BLOCK elements made of whole quads with
-    contract block indices b (int64 [BLOCK // 4])."""
+    contract block indices b (int64 [BLOCK // 4]), in the tile shape of DIST."""
     w0, w1, w2, w3 = _philox_at_blocks(seed, key, b, 1)
     u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
-    return interleave4(u0, u1, u2, u3, BLOCK // 4)
+    return as_tile(quads(u0, u1, u2, u3), DIST, BLOCK)
 
 
 @triton.jit
@@ -444,13 +525,6 @@ def rounding_uniform_at(seed, key, i):
     w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
                                key, 1)
     return tl.uint_to_uniform_float(_pick4(w0, w1, w2, w3, i & 3))
-
-
-@triton.jit
-def rounding_uniforms(seed, key, blk, BLOCK: tl.constexpr):
-    """Stochastic-rounding uniforms (stream 1) for elements ``blk * BLOCK + [0, BLOCK)``."""
-    u0, u1, u2, u3 = philox_block4(seed, key, blk, 1, BLOCK)
-    return interleave4(u0, u1, u2, u3, BLOCK // 4)
 
 
 @triton.jit

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DIST_CODES, as_int64_bits, count_launch, int64_table, load_seed, noise_block
+from ._common import (DIST_CODES, as_int64_bits, count_launch, int64_table, load_seed, noise_tile,
+                      tile_lanes)
 
 # 16 gaussians per thread (4 Philox calls) at 8 warps; rademacher is cheaper per element, so a
 # bigger block amortizes the per-program setup over more stores.
@@ -26,14 +27,16 @@ def _noise_kernel(out_ptr, params_ptr, lead, numel, DIST: tl.constexpr, BLOCK: t
     seed = load_seed(params_ptr)
     key = tl.load(params_ptr + 1).to(tl.uint32)
     first_blk = tl.load(params_ptr + 2)  # offset // BLOCK (fits int64 for any uint64 offset)
-    z = noise_block(seed, key, first_blk + pid, DIST, BLOCK)
+    z = noise_tile(seed, key, first_blk + pid, DIST, BLOCK)  # Philox layout (_common.py)
     # output index of the block's elements: global index - offset
     start = pid * BLOCK - lead
-    idx = start + tl.arange(0, BLOCK)
+    lanes = tile_lanes(DIST, BLOCK)  # int32
+    ptrs = out_ptr + start + lanes
     if (start >= 0) & (start + BLOCK <= numel):
-        tl.store(out_ptr + idx, z)  # interior blocks: unmasked, vectorizable when lead % 16 == 0
+        tl.store(ptrs, z)  # interior blocks: unmasked, vectorizable when lead % 16 == 0
     else:
-        tl.store(out_ptr + idx, z, mask=(idx >= 0) & (idx < numel))
+        idx = start + lanes
+        tl.store(ptrs, z, mask=(idx >= 0) & (idx < numel))
 
 
 def noise_triton(numel: int, seed: int, key: int, offset: int, dist: str,
