@@ -400,7 +400,9 @@ def perturb_variants(extra=None) -> list[Variant]:
     from zokernels.backends.triton import perturb as P
     out = []
     combos = []
-    for dist in ("gaussian", "rademacher"):
+    has_normal = "NORMAL" in P._perturb_kernel.arg_names
+    dists = ["gaussian", "rademacher"] + (["gaussian-v2"] if has_normal else [])
+    for dist in dists:
         for dt in ("bf16", "fp16", "fp32"):
             for rounding in (("nearest",) if dt == "fp32" else ("nearest", "stochastic")):
                 for applied in (False, True):
@@ -408,13 +410,18 @@ def perturb_variants(extra=None) -> list[Variant]:
                         combos.append((dist, dt, rounding, applied, log, False))
                 # mapped (sharded) variants: the plain update pass only
                 combos.append((dist, dt, rounding, False, "none", True))
-    for dist, dt, rounding, applied, log, mapped in combos:
+    for name_dist, dt, rounding, applied, log, mapped in combos:
+        dist, normal = ("gaussian", 2) if name_dist == "gaussian-v2" else (name_dist, 1)
         ty, size = _DT[dt]
         log_mode = {"none": 0, "log": 1, "count": 2}[log]
-        block = P.BLOCK[dist] if not applied and log == "none" else min(P.BLOCK[dist],
-                                                                          P.RECOVER_BLOCK)
-        if mapped:
-            block = min(block, P.MAPPED_BLOCK)
+        if hasattr(P, "block_for"):
+            block = P.block_for(dist, rounding == "stochastic" and dt != "fp32",
+                                applied or log != "none", mapped, normal)
+        else:  # the kernels before block_for (the baseline)
+            block = P.BLOCK[dist] if not applied and log == "none" else min(P.BLOCK[dist],
+                                                                              P.RECOVER_BLOCK)
+            if mapped:
+                block = min(block, P.MAPPED_BLOCK)
         sig = {"base_ptr": "*" + ty, "table_ptr": "*i64", "seeds_ptr": "*i64",
                "decays_ptr": "*fp32", "scales_ptr": "*fp32", "applied_ptr": "*fp32", "K": "i32",
                "index_ptr": "*i64", "values_ptr": "*" + ty, "count_ptr": "*i64",
@@ -423,28 +430,38 @@ def perturb_variants(extra=None) -> list[Variant]:
                  "STOCHASTIC": rounding == "stochastic", "ALIGN": 16 // size,
                  "HAS_APPLIED": applied, "LOG_MODE": log_mode, "MAPPED": mapped,
                  "SOFT_BF16": False}
+        if has_normal:
+            const["NORMAL"] = normal
         if log_mode != 1:
             const.update(index_ptr=None, values_ptr=None, capacity=None)
         if log_mode == 0:
             const["count_ptr"] = None
         const.update({k: v for k, v in (extra or {}).items() if k in P._perturb_kernel.arg_names})
-        name = (f"perturb/{dist}/{dt}/{rounding}" + ("/applied" if applied else "")
+        name = (f"perturb/{name_dist}/{dt}/{rounding}" + ("/applied" if applied else "")
                 + ({"none": "", "log": "/log", "count": "/count_only"}[log])
                 + ("/mapped" if mapped else ""))
+        opts = {"num_warps": P.NUM_WARPS}
+        if hasattr(P, "MAXNREG"):
+            opts["maxnreg"] = P.MAXNREG
         out.append(Variant(name, "perturb", P._perturb_kernel, sig, const,
-                           {"num_warps": P.NUM_WARPS}, dt, dist, block, "seed", 2 * size,
+                           opts, dt, dist, block, "seed", 2 * size,
                            {"rounding": rounding, "applied": applied, "log": log,
-                            "mapped": mapped}))
+                            "mapped": mapped, "normal": normal if dist == "gaussian" else None}))
     return out
 
 
 def noise_variants() -> list[Variant]:
     from zokernels.backends.triton import noise as N
     out = []
-    for dist in ("gaussian", "rademacher", "uniform"):
+    has_normal = "NORMAL" in N._noise_kernel.arg_names
+    for name_dist in ("gaussian", "rademacher", "uniform") + (("gaussian-v2",) if has_normal
+                                                                else ()):
+        dist, normal = ("gaussian", 2) if name_dist == "gaussian-v2" else (name_dist, 1)
         sig = {"out_ptr": "*fp32", "params_ptr": "*i64", "lead": "i64", "numel": "i64"}
         const = {"DIST": N.DIST_CODES[dist], "BLOCK": N.BLOCK[dist]}
-        out.append(Variant(f"noise/{dist}/fp32", "noise", N._noise_kernel, sig, const,
+        if has_normal:
+            const["NORMAL"] = normal
+        out.append(Variant(f"noise/{name_dist}/fp32", "noise", N._noise_kernel, sig, const,
                            {"num_warps": N.NUM_WARPS}, "fp32", dist, N.BLOCK[dist], "none", 4))
     return out
 
@@ -466,12 +483,14 @@ def lowrank_variants() -> list[Variant]:
         rk = min(max(16, 1 << (r - 1).bit_length()), L.RK_MAX)
         const = {"LOG2_P": 3, "BM": L.BM, "BN": L.BN, "RK": rk,
                  "STOCHASTIC": rounding == "stochastic", "ROW4": True, "VEC": 16 // size,
+                 "UV16": True, "KFULL": r % rk == 0,
                  "PRECISION": "tf32x3" if dt == "fp32" else "tf32", "HAS_APPLIED": applied,
                  "LOG_MODE": log_mode, "SOFT_BF16": False}
         if log_mode != 1:
             const.update(index_ptr=None, values_ptr=None, capacity=None)
         if log_mode == 0:
             const["count_ptr"] = None
+        const = {k: v for k, v in const.items() if k in L._lowrank_kernel.arg_names}
         name = (f"lowrank/r{r}/{dt}/{rounding}" + ("/applied" if applied else "")
                 + ({"none": "", "log": "/log", "count": "/count_only"}[log]))
         opts = {"num_warps": L.NUM_WARPS, "enable_fp_fusion": False}
@@ -487,7 +506,9 @@ def scatter_variants() -> list[Variant]:
     from zokernels.backends.triton import lowrank_scatter as LS
     from zokernels.backends.triton import scatter as S
     out = []
-    for dist in ("gaussian", "rademacher"):
+    has_normal = "NORMAL" in S._scatter_perturb_kernel.arg_names
+    for name_dist in ("gaussian", "rademacher") + (("gaussian-v2",) if has_normal else ()):
+        dist, normal = ("gaussian", 2) if name_dist == "gaussian-v2" else (name_dist, 1)
         for dt, rounding in (("bf16", "nearest"), ("bf16", "stochastic"), ("fp32", "nearest")):
             ty, size = _DT[dt]
             sig = {"base_ptr": "*" + ty, "table_ptr": "*i64", "seeds_ptr": "*i64",
@@ -496,8 +517,10 @@ def scatter_variants() -> list[Variant]:
             const = {"LOG2_P": 3, "BLOCK": S.BLOCK, "DIST": S.DIST_CODES[dist],
                      "STOCHASTIC": rounding == "stochastic", "COPY": False, "MAPPED": False,
                      "SOFT_BF16": False}
+            if has_normal:
+                const["NORMAL"] = normal
             # gathered: index (8 B) + value + the tensor element's write, per entry
-            out.append(Variant(f"scatter/{dist}/{dt}/{rounding}", "scatter",
+            out.append(Variant(f"scatter/{name_dist}/{dt}/{rounding}", "scatter",
                                S._scatter_perturb_kernel, sig, const,
                                {"num_warps": S.NUM_WARPS}, dt, dist, S.BLOCK, "seed",
                                8 + 2 * size, {"rounding": rounding}))

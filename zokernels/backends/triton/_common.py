@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._normal import normal_pair_v2
+
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
@@ -343,14 +345,35 @@ def flat(x, DIST: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def as_tile(u, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """A [4, BLOCK // 4] quad tile (rounding uniforms) in the tile shape of DIST: element
-    128j + 32m + s = 4q + t with q = 32j + 8m + s // 4, t = s % 4."""
-    if DIST == 1:
-        NW: tl.constexpr = BLOCK // 128
-        u = tl.reshape(u, [4, NW, 4, 8])  # (t, j, m, s // 4)
-        u = tl.reshape(tl.permute(u, (3, 0, 2, 1)), [32, 4, NW])
-    return u
+def _mulhilo(a, M: tl.constexpr):
+    """(hi, lo) 32-bit halves of the 64-bit product a * M (uint32 a): one IMAD.WIDE.U32 where
+    umulhi and mul compile to two instructions."""
+    p = a.to(tl.uint64) * M
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+
+
+@triton.jit
+def philox(seed, c0, c1, c2, c3):
+    """Philox4x32-10 (Random123), key (seed lo, seed hi): the same words as ``tl.philox``, the
+    same rounds (tests compare the backends bit for bit), each round's two multiplies as 64-bit
+    products (saves 20 of ~60 instructions per call, sm_90)."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    c0 = tl.to_tensor(c0).to(tl.uint32, bitcast=True)
+    c1 = tl.to_tensor(c1).to(tl.uint32, bitcast=True)
+    c2 = tl.to_tensor(c2).to(tl.uint32, bitcast=True)
+    c3 = tl.to_tensor(c3).to(tl.uint32, bitcast=True)
+    for _ in tl.static_range(10):
+        hi_b, lo_b = _mulhilo(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
+        c0 = hi_b ^ c1 ^ k0
+        c2 = hi_a ^ c3 ^ k1
+        c1 = lo_b
+        c3 = lo_a
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -361,7 +384,7 @@ def _philox_calls(seed, key, blk, N: tl.constexpr, STREAM: tl.constexpr):
     g = blk.to(tl.uint64, bitcast=True) * N
     c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, N).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
-    return tl.philox(seed, c0, c1, key, STREAM)
+    return philox(seed, c0, c1, key, STREAM)
 
 
 @triton.jit
@@ -369,7 +392,7 @@ def _philox_at_blocks(seed, key, b, STREAM: tl.constexpr):
     """Philox words at contract block indices b (int64, any values): counter
     (b mod 2^32, b >> 32, key, STREAM)."""
     bu = b.to(tl.uint64, bitcast=True)
-    return tl.philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32), key, STREAM)
+    return philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32), key, STREAM)
 
 
 @triton.jit
@@ -390,16 +413,23 @@ def signed(c, sign):
 
 
 @triton.jit
-def _tile_from_words(w0, w1, w2, w3, DIST: tl.constexpr):
+def _tile_from_words(w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
     """z tile from the words of the tile's Philox calls (DIST 0 gaussian, 2 uniform; rademacher
-    goes through ``rademacher_signs``)."""
-    u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
-    if DIST == 0:
-        n0, n1 = tl.pair_uniform_to_normal(u0, u1)
-        n2, n3 = tl.pair_uniform_to_normal(u2, u3)
+    goes through ``rademacher_signs``). NORMAL: the contract version of the gaussian normals, 1
+    (Triton's pair_uniform_to_normal on the uniforms) or 2 (``normal_pair_v2`` on the words,
+    bit-identical on every backend)."""
+    if DIST == 0 and NORMAL == 2:
+        n0, n1 = normal_pair_v2(w0, w1)
+        n2, n3 = normal_pair_v2(w2, w3)
         z = quads(n0, n1, n2, n3)
     else:
-        z = quads(u0, u1, u2, u3)
+        u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
+        if DIST == 0:
+            n0, n1 = tl.pair_uniform_to_normal(u0, u1)
+            n2, n3 = tl.pair_uniform_to_normal(u2, u3)
+            z = quads(n0, n1, n2, n3)
+        else:
+            z = quads(u0, u1, u2, u3)
     return z
 
 
@@ -413,38 +443,66 @@ def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def add_noise(d, c, w0, w1, w2, w3, DIST: tl.constexpr):
+def add_noise(d, c, w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
     """d + c * z for the tile's z given by its Philox words (the contract's ``d + c * z``: for
     rademacher the product is exact, so adding the sign-flipped c is the same float32 value)."""
     if DIST == 1:
         d = d + signed(c, rademacher_signs(w0, w1, w2, w3))
     else:
-        d = d + c * _tile_from_words(w0, w1, w2, w3, DIST)
+        d = d + c * _tile_from_words(w0, w1, w2, w3, DIST, NORMAL)
     return d
 
 
 @triton.jit
-def noise_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+def noise_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, NORMAL: tl.constexpr):
     """z for the BLOCK elements ``blk * BLOCK + [0, BLOCK)`` (stream 0), float32, tile shape.
 
     DIST: 0 gaussian (Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits per Philox
-    call), 2 uniform (the uniforms that feed Box-Muller)."""
+    call), 2 uniform (the uniforms that feed Box-Muller v1). NORMAL: 1 or 2 (``_tile_from_words``)."""
     w0, w1, w2, w3 = noise_words(seed, key, blk, DIST, BLOCK)
     if DIST == 1:
         z = signed(1.0 + tl.zeros([32, 4, BLOCK // 128], tl.float32),
                    rademacher_signs(w0, w1, w2, w3))
     else:
-        z = _tile_from_words(w0, w1, w2, w3, DIST)
+        z = _tile_from_words(w0, w1, w2, w3, DIST, NORMAL)
     return z
+
+
+@triton.jit
+def _rounding_from_words(w0, w1, w2, w3, DIST: tl.constexpr):
+    """Rounding uniforms in the tile shape of DIST from the words of the tile's quads: quads
+    [BLOCK // 4] for gaussian; for rademacher [8, 4, N] with quad (t, m, j) holding elements
+    128j + 32m + 4t + r, which a register-local join and permute turn into the [32, 4, N] tile
+    (s = 4t + r)."""
+    u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
+    if DIST == 1:
+        u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [8, 4, N, 2, 2]: r = 2 * dim3 + dim4
+        u = tl.reshape(tl.permute(u, (0, 3, 4, 1, 2)), [32, 4, u0.shape[2]])
+    else:
+        u = quads(u0, u1, u2, u3)
+    return u
+
+
+@triton.jit
+def _rounding_quads(DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Quad indices inside the block, shaped as ``_rounding_from_words`` wants them."""
+    if DIST == 1:
+        q = (tl.arange(0, 8)[:, None, None] + (tl.arange(0, 4) * 8)[None, :, None]
+             + (tl.arange(0, BLOCK // 128) * 32)[None, None, :])
+    else:
+        q = tl.arange(0, BLOCK // 4)
+    return q
 
 
 @triton.jit
 def rounding_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
     """Stochastic-rounding uniforms (stream 1, word i mod 4 of call i // 4) for elements
-    ``blk * BLOCK + [0, BLOCK)``, in the tile shape of DIST."""
-    w0, w1, w2, w3 = _philox_calls(seed, key, blk, BLOCK // 4, 1)
-    u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
-    return as_tile(quads(u0, u1, u2, u3), DIST, BLOCK)
+    ``blk * BLOCK + [0, BLOCK)``, in the tile shape of DIST (a thread computes the quads of its
+    own elements)."""
+    g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 4)  # no carry: see _philox_calls
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + _rounding_quads(DIST, BLOCK).to(tl.uint32)
+    w0, w1, w2, w3 = philox(seed, c0, (g >> 32).to(tl.uint32), key, 1)
+    return _rounding_from_words(w0, w1, w2, w3, DIST)
 
 
 @triton.jit
@@ -473,12 +531,11 @@ def noise_words_at_blocks(seed, key, b):
 
 
 @triton.jit
-def rounding_tile_at_blocks(seed, key, b, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """Stochastic-rounding uniforms (stream 1) of BLOCK elements made of whole quads with
-    contract block indices b (int64 [BLOCK // 4]), in the tile shape of DIST."""
+def rounding_tile_at_blocks(seed, key, b, DIST: tl.constexpr):
+    """Stochastic-rounding uniforms (stream 1) of a block made of whole quads with contract block
+    indices b (int64, shaped by ``_rounding_quads``), in the tile shape of DIST."""
     w0, w1, w2, w3 = _philox_at_blocks(seed, key, b, 1)
-    u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
-    return as_tile(quads(u0, u1, u2, u3), DIST, BLOCK)
+    return _rounding_from_words(w0, w1, w2, w3, DIST)
 
 
 @triton.jit
@@ -488,7 +545,7 @@ def _pick4(w0, w1, w2, w3, m):
 
 
 @triton.jit
-def noise_at(seed, key, i, DIST: tl.constexpr):
+def noise_at(seed, key, i, DIST: tl.constexpr, NORMAL: tl.constexpr = 1):
     """z(seed, key, i) (stream 0) at arbitrary element indices i (int64, any shape), bit-identical
     to ``noise_block``: the same Philox counter and the same tl ops on the picked words. One
     Philox call per element (scattered elements share no blocks); gaussian transforms only the
@@ -496,21 +553,24 @@ def noise_at(seed, key, i, DIST: tl.constexpr):
     ib = i.to(tl.uint64, bitcast=True)
     if DIST == 1:
         b = ib >> 7  # 128 elements per block: word (i % 128) // 32, bit i % 32
-        w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+        w0, w1, w2, w3 = philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
                                    key, 0)
         w = _pick4(w0, w1, w2, w3, (i >> 5) & 3)
         bit = (w >> (i & 31).to(tl.uint32)) & 1
         z = bit.to(tl.float32) * 2.0 - 1.0
     else:
         b = ib >> 2
-        w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+        w0, w1, w2, w3 = philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
                                    key, 0)
         m = i & 3
         if DIST == 0:
-            first = m < 2  # (u0, u1) -> n0, n1; (u2, u3) -> n2, n3
-            ua = tl.uint_to_uniform_float(tl.where(first, w0, w2))
-            ub = tl.uint_to_uniform_float(tl.where(first, w1, w3))
-            na, nb = tl.pair_uniform_to_normal(ua, ub)
+            first = m < 2  # (w0, w1) -> n0, n1; (w2, w3) -> n2, n3
+            if NORMAL == 2:
+                na, nb = normal_pair_v2(tl.where(first, w0, w2), tl.where(first, w1, w3))
+            else:
+                ua = tl.uint_to_uniform_float(tl.where(first, w0, w2))
+                ub = tl.uint_to_uniform_float(tl.where(first, w1, w3))
+                na, nb = tl.pair_uniform_to_normal(ua, ub)
             z = tl.where((m & 1) == 0, na, nb)
         else:
             z = tl.uint_to_uniform_float(_pick4(w0, w1, w2, w3, m))
@@ -522,7 +582,7 @@ def rounding_uniform_at(seed, key, i):
     """The stochastic-rounding uniform (stream 1, word i mod 4 of block i // 4) of element i
     (int64, any shape); bit-identical to ``rounding_uniforms``."""
     b = i.to(tl.uint64, bitcast=True) >> 2
-    w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+    w0, w1, w2, w3 = philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
                                key, 1)
     return tl.uint_to_uniform_float(_pick4(w0, w1, w2, w3, i & 3))
 

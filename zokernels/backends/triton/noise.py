@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._contract import DEFAULT_CONTRACT
 from ._common import (DIST_CODES, as_int64_bits, count_launch, int64_table, load_seed, noise_tile,
                       tile_lanes)
 
@@ -22,12 +23,13 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _noise_kernel(out_ptr, params_ptr, lead, numel, DIST: tl.constexpr, BLOCK: tl.constexpr):
+def _noise_kernel(out_ptr, params_ptr, lead, numel, DIST: tl.constexpr, BLOCK: tl.constexpr,
+                  NORMAL: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     seed = load_seed(params_ptr)
     key = tl.load(params_ptr + 1).to(tl.uint32)
     first_blk = tl.load(params_ptr + 2)  # offset // BLOCK (fits int64 for any uint64 offset)
-    z = noise_tile(seed, key, first_blk + pid, DIST, BLOCK)  # Philox layout (_common.py)
+    z = noise_tile(seed, key, first_blk + pid, DIST, BLOCK, NORMAL)  # Philox layout (_common.py)
     # output index of the block's elements: global index - offset
     start = pid * BLOCK - lead
     lanes = tile_lanes(DIST, BLOCK)  # int32
@@ -40,9 +42,10 @@ def _noise_kernel(out_ptr, params_ptr, lead, numel, DIST: tl.constexpr, BLOCK: t
 
 
 def noise_triton(numel: int, seed: int, key: int, offset: int, dist: str,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, contract: int = DEFAULT_CONTRACT) -> torch.Tensor:
     """out[j] = z(seed, key, offset + j) for dist in gaussian / rademacher / uniform; float32
-    [numel] on ``device``. One launch."""
+    [numel] on ``device``; ``contract`` 1 or 2: the version of the gaussian normals. One
+    launch."""
     device = torch.device(device)
     block = BLOCK[dist]
     out = torch.empty(numel, dtype=torch.float32, device=device)
@@ -50,6 +53,6 @@ def noise_triton(numel: int, seed: int, key: int, offset: int, dist: str,
     params = int64_table([as_int64_bits(seed), key, offset // block], device)
     grid = (triton.cdiv(lead + numel, block),)
     _noise_kernel[grid](out, params, lead, numel, DIST=DIST_CODES[dist], BLOCK=block,
-                        num_warps=NUM_WARPS)
+                        NORMAL=contract, num_warps=NUM_WARPS)
     count_launch()
     return out

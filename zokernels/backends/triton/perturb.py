@@ -72,34 +72,39 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._contract import DEFAULT_CONTRACT
 from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_entry, flat,
                       load_seed,
                       map_index, noise_at, noise_words, noise_words_at_blocks, recover_unperturbed,
                       round_nearest, round_stochastic, rounding_tile, rounding_tile_at_blocks,
+                      _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16)
 
-# 16 elements per thread at 8 warps: 4 Philox calls per seed for gaussian, enough independent
-# work to hide memory latency; rademacher needs one Philox call per 128 elements, so a bigger
-# block halves the per-program overhead (table search, loads of decay and scales).
+# Elements per program. Registers on sm_90 are capped at MAXNREG (ptxas; counts in
+# benchmarks/results/sass_budget_*.json, no spills). Plain passes: gaussian 4096 (16 elements per
+# thread at 8 warps: 4 Philox calls per seed, independent work to hide memory latency),
+# rademacher 8192 (32 per thread: one word of one Philox call per seed; every element also
+# amortizes the per-program table search and loads).
 BLOCK = {"gaussian": 4096, "rademacher": 8192}
+# Stochastic rounding (16-bit) holds the rounding quads' words and the division's temporaries
+# too: at the blocks above it spills under MAXNREG (32 spill instructions gaussian, 376
+# rademacher); half the block does not.
+STOCHASTIC_BLOCK = {"gaussian": 2048, "rademacher": 2048}
 # With recovery, x, D1 and D are all live after the noise loop and the recovery adds three
-# candidate tests per element: at the blocks above sm_90 needs 128-255 registers with spills
-# (fp32); at 2048 it is 48-80 registers (z does not depend on the block). The undo log's check
-# is one more recovery (of y with D): logging passes use this block too (46-80 registers, sm_90).
+# candidate tests per element: z does not depend on the block, so recovering and logging passes
+# (the log's check is one more recovery) use a smaller one.
 RECOVER_BLOCK = 2048
 # With index maps, both noise paths are compiled into one kernel (grouped and per-element Philox,
-# chosen per tensor at run time) and the registers are those of the larger: sm_90 (ptxas 13.4,
-# compiled without a GPU), fp32 / bf16 with stochastic rounding: gaussian at 4096 216 / 250,
-# rademacher at 4096 218 / 242 (the grouped path alone: 108 / 178, 106 / 178); at 2048 123 / 123
-# and 105 / 120, no spills, fewer than the unmapped kernels at their blocks (116 / 186, 202 / 255).
+# chosen per tensor at run time) and the registers are those of the larger.
 MAPPED_BLOCK = 2048
+MAXNREG = 96
 NUM_WARPS = 8
 
 
 @triton.jit
 def _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, i0, map_offset, local_span,
                        global_span, grain, d, d1, DIST: tl.constexpr, BLOCK: tl.constexpr,
-                       HAS_APPLIED: tl.constexpr):
+                       HAS_APPLIED: tl.constexpr, NORMAL: tl.constexpr):
     """(D, D1) for the local elements i0 + [0, BLOCK) of a mapped tensor: z at g(i), in the tile
     shape of DIST (d, d1: zero tiles).
 
@@ -115,13 +120,13 @@ def _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, i0, map_offse
         b = map_index(i0, lanes, map_offset, local_span, global_span, BLOCK) // GROUP
         for k in range(K):
             w0, w1, w2, w3 = noise_words_at_blocks(load_seed(seeds_ptr + k), key, b)
-            d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST)
+            d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
             if HAS_APPLIED:
-                d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST)
+                d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
     else:
         g = map_index(i0, tile_lanes(DIST, BLOCK), map_offset, local_span, global_span, BLOCK)
         for k in range(K):
-            z = noise_at(load_seed(seeds_ptr + k), key, g, DIST)
+            z = noise_at(load_seed(seeds_ptr + k), key, g, DIST, NORMAL)
             d = d + tl.load(scales_ptr + k) * z
             if HAS_APPLIED:
                 d1 = d1 + tl.load(applied_ptr + k) * z
@@ -134,9 +139,9 @@ def _mapped_rounding_uniforms(seed, key, i0, map_offset, local_span, global_span
     """Stochastic-rounding uniforms at g(i) for the local elements i0 + [0, BLOCK), tile shape:
     one Philox call per aligned quad when the map keeps quads aligned, else one per element."""
     if grain % 4 == 0:
-        lanes = tl.arange(0, BLOCK // 4) * 4
+        lanes = _rounding_quads(DIST, BLOCK) * 4
         b = map_index(i0, lanes, map_offset, local_span, global_span, BLOCK) // 4
-        u = rounding_tile_at_blocks(seed, key, b, DIST, BLOCK)
+        u = rounding_tile_at_blocks(seed, key, b, DIST)
     else:
         g = map_index(i0, tile_lanes(DIST, BLOCK), map_offset, local_span, global_span, BLOCK)
         u = rounding_uniform_at(seed, key, g)
@@ -149,10 +154,12 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                     index_ptr, values_ptr, count_ptr, capacity,
                     LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                     STOCHASTIC: tl.constexpr, ALIGN: tl.constexpr, HAS_APPLIED: tl.constexpr,
-                    LOG_MODE: tl.constexpr, MAPPED: tl.constexpr, SOFT_BF16: tl.constexpr):
+                    LOG_MODE: tl.constexpr, MAPPED: tl.constexpr, SOFT_BF16: tl.constexpr,
+                    NORMAL: tl.constexpr):
     """LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only
     (index_ptr, values_ptr and capacity are None). MAPPED: the table rows carry index maps (the
-    noise and the rounding uniforms at g(i)); without it no map code is compiled.
+    noise and the rounding uniforms at g(i)); without it no map code is compiled. NORMAL: the
+    contract version of the gaussian normals (1 or 2).
 
     The block is held as a tile in Philox layout (``tile_lanes``): the noise of a Philox call is
     used in the registers that computed it. Index math is int32 inside the block (the block's
@@ -190,13 +197,13 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         grain = tl.load(row_ptr + 7)
         d, d1 = _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, start,
                                    map_offset, local_span, global_span, grain, d, d1, DIST,
-                                   BLOCK, HAS_APPLIED)
+                                   BLOCK, HAS_APPLIED, NORMAL)
     else:
         for k in range(K):
             w0, w1, w2, w3 = noise_words(load_seed(seeds_ptr + k), key, blk, DIST, BLOCK)
-            d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST)
+            d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
             if HAS_APPLIED:
-                d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST)
+                d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
     x = to_float32(w, SOFT_BF16)
     if HAS_APPLIED:
         x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -242,11 +249,29 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                          mask=keep)  # exact: x is a value of the tensor's dtype
 
 
+def block_for(dist: str, stochastic: bool, recover: bool, mapped: bool = False,
+              normal: int = 2) -> int:
+    """Elements per program of a pass. ``recover``: with ``applied`` or a log; ``mapped``: a
+    table with index maps; ``normal``: the contract version of the gaussian normals (v1's
+    libdevice log / sin / cos hold more registers: half the block keeps it under MAXNREG
+    without spills)."""
+    block = BLOCK[dist]
+    if stochastic:
+        block = min(block, STOCHASTIC_BLOCK[dist])
+    if recover:
+        block = min(block, RECOVER_BLOCK)
+    if mapped:
+        block = min(block, MAPPED_BLOCK)
+    if dist == "gaussian" and normal == 1:
+        block = max(block // 2, 128)
+    return block
+
+
 def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
                    scales: torch.Tensor, decays: torch.Tensor, dist: str, rounding: str,
                    rounding_seed: int, applied: torch.Tensor | None = None, log=None,
                    count_only: bool = False, index_maps=None,
-                   table_cache: dict | None = None) -> None:
+                   table_cache: dict | None = None, contract: int = DEFAULT_CONTRACT) -> None:
     """In place: t[i] = round(decays[j] * t[i] + D), D = sum_k scales[k] * z(seeds[k], keys[j], i)
     summed first, for every tensor j of the list, in one kernel launch. ``applied``: None, or
     float32 [K] on the device, the coefficients of the perturbation the tensors hold now; t[i] is
@@ -258,13 +283,15 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     contract's at g(i) (module docstring); the log keeps local indices. ``table_cache``: None, or
     a dict the caller keeps per persistent tensor group: the static launch table is reused while
     the tensors' addresses, numels, keys, maps and the block stay the same (``cached_table``).
-    No host synchronization."""
+    ``contract``: 1 or 2, the version of the gaussian normals (docs/noise-contract.md). No host
+    synchronization."""
     log_mode = 0 if log is None else (2 if count_only else 1)
-    # the log's check is a recovery: same register budget as the applied path
-    block = BLOCK[dist] if applied is None and log is None else min(BLOCK[dist], RECOVER_BLOCK)
+    stochastic = rounding == "stochastic" and tensors[0].dtype != torch.float32
+    recover = applied is not None or log is not None
+    block = block_for(dist, stochastic, recover, normal=contract)
     scales = scales.contiguous()
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
-                          mapped_block=min(block, MAPPED_BLOCK))
+                          mapped_block=block_for(dist, stochastic, recover, True, contract))
     base = launch.base
     _perturb_kernel[(launch.n_programs,)](
         base, launch.table, launch.seeds, decays.contiguous(), scales,
@@ -274,8 +301,8 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         log.index if log_mode == 1 else None, log.values if log_mode == 1 else None,
         log.count if log_mode != 0 else None, log.capacity if log_mode == 1 else None,
         LOG2_P=launch.log2_p, BLOCK=launch.block, DIST=DIST_CODES[dist],
-        STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32), ALIGN=launch.align,
+        STOCHASTIC=stochastic, ALIGN=launch.align,
         HAS_APPLIED=applied is not None, LOG_MODE=log_mode, MAPPED=launch.mapped,
-        SOFT_BF16=SOFT_BF16,
-        num_warps=NUM_WARPS)
+        SOFT_BF16=SOFT_BF16, NORMAL=contract,
+        num_warps=NUM_WARPS, maxnreg=MAXNREG)
     count_launch()

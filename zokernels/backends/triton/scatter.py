@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._contract import DEFAULT_CONTRACT
 from ._common import (DIST_CODES, cached_table, count_launch, find_entry, load_seed, noise_at,
                       round_nearest, round_stochastic, rounding_uniform_at, to_float32,
                       SOFT_BF16)
@@ -44,7 +45,7 @@ def _scatter_perturb_kernel(base_ptr, table_ptr, seeds_ptr, index_ptr, values_pt
                             capacity, decays_ptr, scales_ptr, K,
                             LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                             STOCHASTIC: tl.constexpr, COPY: tl.constexpr, MAPPED: tl.constexpr,
-                            SOFT_BF16: tl.constexpr):
+                            SOFT_BF16: tl.constexpr, NORMAL: tl.constexpr):
     P: tl.constexpr = 1 << LOG2_P
     ROW: tl.constexpr = 8 if MAPPED else 4
     pid = tl.program_id(0).to(tl.int64)
@@ -73,7 +74,7 @@ def _scatter_perturb_kernel(base_ptr, table_ptr, seeds_ptr, index_ptr, values_pt
         # the same expression shapes as _perturb_kernel: identical FMA contraction, identical bits
         d = tl.zeros([BLOCK], tl.float32)
         for k in range(K):
-            z = noise_at(load_seed(seeds_ptr + k), key, c, DIST)
+            z = noise_at(load_seed(seeds_ptr + k), key, c, DIST, NORMAL)
             d = d + tl.load(scales_ptr + k) * z
         acc = tl.load(decays_ptr + j) * to_float32(v, SOFT_BF16) + d
         if STOCHASTIC:
@@ -88,14 +89,15 @@ def scatter_perturb_triton(tensors: list[torch.Tensor], keys: list[int], index: 
                            values: torch.Tensor, count: torch.Tensor, seeds: list[int],
                            scales: torch.Tensor, decays: torch.Tensor, dist: str, rounding: str,
                            rounding_seed: int, index_maps=None,
-                           table_cache: dict | None = None) -> None:
+                           table_cache: dict | None = None,
+                           contract: int = DEFAULT_CONTRACT) -> None:
     """In place, for the first min(count, C) entries of a log (index int64 [C], values [C] in the
     tensors' dtype, count int64 [1], all on the device; same tensor list and order as the pass
     that wrote it): K = 0 seeds copies values[e] into its element; K >= 1 writes
     round(decays[j] * values[e] + D) as perturb_ would. One launch, no host synchronization;
     nothing is launched for an empty log (C = 0). ``index_maps``: as in ``perturb_triton``; the
     log's indices are local, the noise and rounding of local element i are taken at g(i).
-    ``table_cache``: as in ``perturb_triton``."""
+    ``table_cache``, ``contract``: as in ``perturb_triton``."""
     capacity = index.numel()
     if capacity == 0:
         return
@@ -107,5 +109,6 @@ def scatter_perturb_triton(tensors: list[torch.Tensor], keys: list[int], index: 
         scales.contiguous(), len(seeds),
         LOG2_P=launch.log2_p, BLOCK=BLOCK, DIST=DIST_CODES[dist],
         STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32),
-        COPY=len(seeds) == 0, MAPPED=launch.mapped, SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS)
+        COPY=len(seeds) == 0, MAPPED=launch.mapped, SOFT_BF16=SOFT_BF16, NORMAL=contract,
+        num_warps=NUM_WARPS)
     count_launch()
