@@ -56,6 +56,13 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --tree PATH: count the kernels of another checkout (an older commit: before / after tables)
+if "--tree" in sys.argv[:-1]:
+    ROOT = os.path.abspath(sys.argv[sys.argv.index("--tree") + 1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
 SM_COUNT = 132
 ISSUE_PER_CLK = 128
 CLOCK_HZ = 1.755e9
@@ -416,7 +423,7 @@ def perturb_variants(extra=None) -> list[Variant]:
         log_mode = {"none": 0, "log": 1, "count": 2}[log]
         if hasattr(P, "block_for"):
             block = P.block_for(dist, rounding == "stochastic" and dt != "fp32",
-                                applied or log != "none", mapped, normal)
+                                applied or log != "none", mapped, normal, size)
         else:  # the kernels before block_for (the baseline)
             block = P.BLOCK[dist] if not applied and log == "none" else min(P.BLOCK[dist],
                                                                               P.RECOVER_BLOCK)
@@ -541,8 +548,63 @@ def scatter_variants() -> list[Variant]:
     return out
 
 
+# ---- what-ifs: compiled alternatives that are not the contract, for decisions ----------------
+
+def _whatif_kernels():
+    """The rounding step alone on a bf16 block held as a gaussian tile: MODE 0 round to nearest,
+    1 the contract's stochastic rounding (stream-1 uniforms, correctly rounded division), 2 integer
+    stochastic rounding (16 random low bits added to the float32 pattern, then truncation to bf16;
+    NOT the contract: it would change every backend's SR values). Rows' differences give the cost
+    of each rounding."""
+    import triton
+    import triton.language as tl
+
+    from zokernels.backends.triton._common import (load_seed, philox, quads, round_nearest,
+                                                   round_stochastic, rounding_tile, tile_lanes)
+
+    @triton.jit
+    def _whatif_rounding_kernel(x_ptr, seed_ptr, scale, MODE: tl.constexpr,
+                                BLOCK: tl.constexpr):
+        blk = tl.program_id(0).to(tl.int64)
+        ptrs = x_ptr + blk * BLOCK + tile_lanes(0, BLOCK)
+        acc = tl.load(ptrs).to(tl.float32) * scale
+        seed = load_seed(seed_ptr)
+        key = tl.load(seed_ptr + 1).to(tl.uint32)
+        if MODE == 0:
+            y = round_nearest(acc, tl.bfloat16, False)
+        elif MODE == 1:
+            y = round_stochastic(acc, rounding_tile(seed, key, blk, 0, BLOCK), tl.bfloat16, False)
+        else:
+            g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 4)
+            c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, BLOCK // 4).to(tl.uint32)
+            w0, w1, w2, w3 = philox(seed, c0, (g >> 32).to(tl.uint32), key, 1)
+            bits = acc.to(tl.uint32, bitcast=True)
+            up = bits + (quads(w0, w1, w2, w3) & 0xFFFF)
+            keep = (bits & 0x7FFFFFFF) >= 0x7F800000  # inf / NaN: no carry into them
+            y = (tl.where(keep, bits, up) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        tl.store(ptrs, y)
+
+    return _whatif_rounding_kernel
+
+
+def whatif_variants() -> list[Variant]:
+    try:
+        fn = _whatif_kernels()
+    except ImportError:  # a checkout without these helpers (--tree of an older commit)
+        return []
+    out = []
+    for block in (2048, 4096):
+        for mode, name in enumerate(("nearest", "contract-sr", "integer-sr")):
+            out.append(Variant(f"whatif/rounding/bf16/{name}/block{block}", "whatif", fn,
+                               {"x_ptr": "*bf16", "seed_ptr": "*i64", "scale": "fp32"},
+                               {"MODE": mode, "BLOCK": block}, {"num_warps": 8, "maxnreg": 96},
+                               "bf16", "none", block, "none", 4, {"rounding": name}))
+    return out
+
+
 def all_variants() -> list[Variant]:
-    return perturb_variants() + noise_variants() + lowrank_variants() + scatter_variants()
+    return (perturb_variants() + noise_variants() + lowrank_variants() + scatter_variants()
+            + whatif_variants())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,6 +681,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write one row per variant to this path")
     ap.add_argument("--verbose", action="store_true", help="per-block counts and decisions")
     ap.add_argument("--workdir", default=None, help="keep the cubins here (default: a temp dir)")
+    ap.add_argument("--tree", default=None,
+                    help="import zokernels from this checkout (read before the imports)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launches' default, silenced
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -644,7 +708,7 @@ def main(argv=None) -> int:
     if args.json:
         doc = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "triton": triton.__version__, "gpu_model": GPU_MODEL,
+               "triton": triton.__version__, "gpu_model": GPU_MODEL, "kernels_from": ROOT,
                "hot_path_rules": "benchmarks/sass_budget.py module docstring", "rows": rows}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -653,5 +717,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     raise SystemExit(main())

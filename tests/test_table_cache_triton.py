@@ -85,7 +85,8 @@ def test_static_table_is_reused_and_seeds_are_per_call():
     from zokernels.backends.triton._common import cached_table
     from zokernels.backends.triton.perturb import block_for
 
-    block = block_for("gaussian", stochastic=False, recover=False, normal=DEFAULT_CONTRACT)
+    block = block_for("gaussian", stochastic=False, recover=False, normal=DEFAULT_CONTRACT,
+                      itemsize=tensors[0].element_size())
     launch = cached_table(cache, tensors, [1, 4, 7, 10], [2 ** 64 - 1, 5], 9, block)
     assert launch.table is table
     assert launch.seeds.cpu().tolist() == [-1, 5, 9]  # uint64 bit patterns, rounding seed last

@@ -250,12 +250,15 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
 
 
 def block_for(dist: str, stochastic: bool, recover: bool, mapped: bool = False,
-              normal: int = 2) -> int:
+              normal: int = 2, itemsize: int = 2) -> int:
     """Elements per program of a pass. ``recover``: with ``applied`` or a log; ``mapped``: a
     table with index maps; ``normal``: the contract version of the gaussian normals (v1's
     libdevice log / sin / cos hold more registers: half the block keeps it under MAXNREG
-    without spills)."""
+    without spills); ``itemsize``: rademacher's 32 fp32 weights per thread spill at 8192 (8
+    spill instructions), not at 4096."""
     block = BLOCK[dist]
+    if dist == "rademacher" and itemsize == 4:
+        block = min(block, 4096)
     if stochastic:
         block = min(block, STOCHASTIC_BLOCK[dist])
     if recover:
@@ -288,10 +291,12 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     log_mode = 0 if log is None else (2 if count_only else 1)
     stochastic = rounding == "stochastic" and tensors[0].dtype != torch.float32
     recover = applied is not None or log is not None
-    block = block_for(dist, stochastic, recover, normal=contract)
+    itemsize = tensors[0].element_size()
+    block = block_for(dist, stochastic, recover, normal=contract, itemsize=itemsize)
     scales = scales.contiguous()
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
-                          mapped_block=block_for(dist, stochastic, recover, True, contract))
+                          mapped_block=block_for(dist, stochastic, recover, True, contract,
+                                                 itemsize))
     base = launch.base
     _perturb_kernel[(launch.n_programs,)](
         base, launch.table, launch.seeds, decays.contiguous(), scales,
