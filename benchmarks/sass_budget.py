@@ -1,14 +1,15 @@
 """Instruction budget of the Triton kernels, counted offline from compiled sm_90 SASS.
 
 Every kernel variant the package launches is compiled for sm_90 without a GPU
-(``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``), its cubin disassembled with
-the ``nvdisasm`` shipped in the triton wheel, and the instructions on the hot path of a FULL (non-tail)
-block counted per element and by class. Usage:
+(``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``), its cubin disassembled
+with the ``nvdisasm`` shipped in the triton wheel, and the instructions on the hot path of a FULL
+(non-tail) block counted per element and by class. Usage:
 
-    python benchmarks/sass_budget.py [--only PATTERN] [--json PATH] [--verbose]
+    python benchmarks/sass_budget.py [--only PATTERN] [--json PATH] [--verbose] [--tree CHECKOUT]
 
-Hot path (``hot_path``): the SASS is split into basic blocks (leaders: the entry, branch targets, the
-instruction after a branch or EXIT) and walked from the entry. Unconditional branches are followed.
+Hot path (``hot_path``): the SASS is split into basic blocks (leaders: the entry, branch targets,
+the instruction after a branch or EXIT) and walked from the entry. Unconditional branches are
+followed.
 At a conditional branch the walk decides, by these rules in this order (``--verbose`` prints each
 decision and the per-block counts):
 
@@ -24,7 +25,8 @@ decision and the per-block counts):
    guard (K >= 1): the walk falls through, into the loop. ``choose-loop``: when another source loop
    starts at the target (the mapped kernel's two noise paths: one Philox call per 4 / 128
    elements for aligned shards, one per element for odd splits), the walk goes to the shorter loop,
-   the grouped path.
+   the grouped path. (ptxas's unrolled copy of a short loop, x4 for long trip counts followed by
+   a single-trip loop, is the same shape: the single-trip loop is counted, one seed per trip.)
 3. ``slow-path``: a forward branch that jumps over a region containing a CALL or a whole inner loop
    is a libdevice slow path's guard (the Payne-Hanek reduction of sin / cos for |x| > 105615, the
    division's slow path): never taken by the values a kernel produces (Box-Muller's angle is
@@ -423,7 +425,8 @@ def perturb_variants(extra=None) -> list[Variant]:
         log_mode = {"none": 0, "log": 1, "count": 2}[log]
         if hasattr(P, "block_for"):
             block = P.block_for(dist, rounding == "stochastic" and dt != "fp32",
-                                applied or log != "none", mapped, normal, size)
+                                applied or log != "none", mapped, normal, size,
+                                log != "none")
         else:  # the kernels before block_for (the baseline)
             block = P.BLOCK[dist] if not applied and log == "none" else min(P.BLOCK[dist],
                                                                               P.RECOVER_BLOCK)
@@ -633,7 +636,8 @@ def measure(v: Variant, workdir: str, verbose: bool = False) -> list[dict]:
     # STL / LDL on the hot path (a libdevice slow path's local array is not a spill)
     spills = sum(n for k, n in a["path"].counts.items() if a["instrs"][k].base in ("STL", "LDL"))
     base = {"kernel": v.kernel, "dtype": v.dtype, "dist": v.dist, "regs": usage["regs"],
-            "spills": spills, "stack_bytes": usage["stack"] + usage["local"], "shared_bytes": shared,
+            "spills": spills, "stack_bytes": usage["stack"] + usage["local"],
+            "shared_bytes": shared,
             "ctas_per_sm": ctas_per_sm(usage["regs"], num_warps, shared),
             "num_warps": num_warps, "elems_per_program": v.elems, "elems_per_thread": ept,
             "sass_instructions": len(a["instrs"]), **v.meta}
@@ -677,7 +681,8 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="*", help="a variant's name, or an fnmatch pattern / substring of names")
+    ap.add_argument("--only", default="*",
+                    help="a variant's name, or an fnmatch pattern / substring of names")
     ap.add_argument("--json", default=None, help="write one row per variant to this path")
     ap.add_argument("--verbose", action="store_true", help="per-block counts and decisions")
     ap.add_argument("--workdir", default=None, help="keep the cubins here (default: a temp dir)")

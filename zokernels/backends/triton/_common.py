@@ -458,7 +458,8 @@ def noise_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, NORMAL: 
     """z for the BLOCK elements ``blk * BLOCK + [0, BLOCK)`` (stream 0), float32, tile shape.
 
     DIST: 0 gaussian (Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits per Philox
-    call), 2 uniform (the uniforms that feed Box-Muller v1). NORMAL: 1 or 2 (``_tile_from_words``)."""
+    call), 2 uniform (the uniforms that feed Box-Muller v1). NORMAL: 1 or 2
+    (``_tile_from_words``)."""
     w0, w1, w2, w3 = noise_words(seed, key, blk, DIST, BLOCK)
     if DIST == 1:
         z = signed(1.0 + tl.zeros([32, 4, BLOCK // 128], tl.float32),
@@ -547,7 +548,7 @@ def _pick4(w0, w1, w2, w3, m):
 @triton.jit
 def noise_at(seed, key, i, DIST: tl.constexpr, NORMAL: tl.constexpr = 1):
     """z(seed, key, i) (stream 0) at arbitrary element indices i (int64, any shape), bit-identical
-    to ``noise_block``: the same Philox counter and the same tl ops on the picked words. One
+    to ``noise_tile``: the same Philox counter and the same tl ops on the picked words. One
     Philox call per element (scattered elements share no blocks); gaussian transforms only the
     pair that holds element i (Box-Muller is elementwise, so the other pair cannot change it)."""
     ib = i.to(tl.uint64, bitcast=True)

@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from ._common import (ITEMSIZE, as_int64_bits, block_starts, count_launch, find_entry,
-                      int64_table, load_seed, next_pow2, recover_unperturbed, round_nearest,
-                      round_stochastic, to_float32, SOFT_BF16)
+                      int64_table, load_seed, next_pow2, philox, recover_unperturbed,
+                      round_nearest, round_stochastic, to_float32, SOFT_BF16)
 
 # 64 x 64 tiles at 8 warps: 16 elements per thread, ~128 registers on sm_90 (two CTAs per SM);
 # 64 x 128 needs ~220-250 registers (one CTA per SM), too little parallelism for a streaming op.
@@ -69,7 +69,7 @@ def _sr_uniforms_tile(seed, key, rows, col0, cols, n, BN: tl.constexpr, ROW4: tl
     if ROW4:
         b = ((rows * n + col0) >> 2)[:, None] + tl.arange(0, BN // 4)[None, :]
         bu = b.to(tl.uint64, bitcast=True)
-        w0, w1, w2, w3 = tl.philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32),
+        w0, w1, w2, w3 = philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32),
                                    (bu >> 32).to(tl.uint32), key, 1)
         u0 = tl.uint_to_uniform_float(w0)
         u1 = tl.uint_to_uniform_float(w1)
@@ -79,7 +79,7 @@ def _sr_uniforms_tile(seed, key, rows, col0, cols, n, BN: tl.constexpr, ROW4: tl
     else:
         i = rows[:, None] * n + cols[None, :]
         b = (i >> 2).to(tl.uint64, bitcast=True)
-        w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32),
+        w0, w1, w2, w3 = philox(seed, (b & 0xFFFFFFFF).to(tl.uint32),
                                    (b >> 32).to(tl.uint32), key, 1)
         m4 = i & 3
         w = tl.where(m4 == 0, w0, tl.where(m4 == 1, w1, tl.where(m4 == 2, w2, w3)))

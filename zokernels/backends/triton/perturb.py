@@ -91,9 +91,11 @@ BLOCK = {"gaussian": 4096, "rademacher": 8192}
 # rademacher); half the block does not.
 STOCHASTIC_BLOCK = {"gaussian": 2048, "rademacher": 2048}
 # With recovery, x, D1 and D are all live after the noise loop and the recovery adds three
-# candidate tests per element: z does not depend on the block, so recovering and logging passes
-# (the log's check is one more recovery) use a smaller one.
-RECOVER_BLOCK = 2048
+# candidate tests per element: z does not depend on the block, so recovering passes with 4-byte
+# weights and logging passes (the log's check is one more recovery) use smaller ones (at 4096
+# they spill 2-78 instructions under MAXNREG; 16-bit recovery at 4096 does not).
+RECOVER_BLOCK = 4096
+LOG_BLOCK = 2048
 # With index maps, both noise paths are compiled into one kernel (grouped and per-element Philox,
 # chosen per tensor at run time) and the registers are those of the larger.
 MAPPED_BLOCK = 2048
@@ -250,8 +252,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
 
 
 def block_for(dist: str, stochastic: bool, recover: bool, mapped: bool = False,
-              normal: int = 2, itemsize: int = 2) -> int:
-    """Elements per program of a pass. ``recover``: with ``applied`` or a log; ``mapped``: a
+              normal: int = 2, itemsize: int = 2, log: bool = False) -> int:
+    """Elements per program of a pass. ``recover``: with ``applied`` or a log; ``log``: with a
+    log; ``mapped``: a
     table with index maps; ``normal``: the contract version of the gaussian normals (v1's
     libdevice log / sin / cos hold more registers: half the block keeps it under MAXNREG
     without spills); ``itemsize``: rademacher's 32 fp32 weights per thread spill at 8192 (8
@@ -262,7 +265,7 @@ def block_for(dist: str, stochastic: bool, recover: bool, mapped: bool = False,
     if stochastic:
         block = min(block, STOCHASTIC_BLOCK[dist])
     if recover:
-        block = min(block, RECOVER_BLOCK)
+        block = min(block, RECOVER_BLOCK if itemsize == 2 and not log else LOG_BLOCK)
     if mapped:
         block = min(block, MAPPED_BLOCK)
     if dist == "gaussian" and normal == 1:
@@ -292,11 +295,12 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     stochastic = rounding == "stochastic" and tensors[0].dtype != torch.float32
     recover = applied is not None or log is not None
     itemsize = tensors[0].element_size()
-    block = block_for(dist, stochastic, recover, normal=contract, itemsize=itemsize)
+    block = block_for(dist, stochastic, recover, normal=contract, itemsize=itemsize,
+                      log=log is not None)
     scales = scales.contiguous()
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
                           mapped_block=block_for(dist, stochastic, recover, True, contract,
-                                                 itemsize))
+                                                 itemsize, log is not None))
     base = launch.base
     _perturb_kernel[(launch.n_programs,)](
         base, launch.table, launch.seeds, decays.contiguous(), scales,
