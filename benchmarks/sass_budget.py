@@ -37,6 +37,10 @@ decision and the per-block counts):
    that join. The walk takes the side with fewer predicated global memory instructions (a tail's
    masked accesses are predicated, a full block's are not; a log append is predicated by its
    mask, so a block with no lost element is counted), the fall-through on a tie.
+5. ``exit-after-store``: a predicated EXIT after the path has stored (ptxas if-converts the full
+   block's unmasked store and exits, leaving the tail's masked stores after the EXIT) ends the
+   walk when the code after it holds predicated global memory instructions; an early predicated
+   EXIT before any store (the scatter's programs past the log's count) is not taken.
 
 Predicated instructions on the path count as issued. Counts are per thread (one issue slot per warp
 instruction), divided by the elements a thread owns in a full block.
@@ -96,6 +100,7 @@ _BRANCH_OPS = {"BRA", "BRX", "BSSY", "BSYNC", "BAR", "EXIT", "WARPSYNC", "CALL",
                "DEPBAR", "YIELD", "JMP", "BREAK", "KILL", "WARPGROUP", "ELECT", "MEMBAR",
                "ERRBAR", "ACQBULK", "SYNCS"}
 _GLOBAL_MEM = {"LDG", "STG", "ATOMG", "RED", "REDG", "LDGSTS"}
+_STORES = {"STG", "ATOMG", "RED", "REDG"}
 
 
 def op_class(op: str) -> str:
@@ -232,6 +237,16 @@ def hot_path(instrs: list[Instr], labels: dict[str, int], has_loop: bool) -> Pat
         path.counts[k] = path.counts.get(k, 0) + 1
         if ins.base in ("EXIT", "RET") and ins.pred is None:
             break
+        if ins.base == "EXIT":
+            end = next((x for x in range(k + 1, len(instrs))
+                        if instrs[x].base == "EXIT" and instrs[x].pred is None), len(instrs))
+            stored = any(instrs[x].base in _STORES for x in path.counts if x < k)
+            if stored and _pred_global(instrs, k + 1, end) > 0:
+                path.decisions.append((k, "exit-after-store", "exit"))
+                break
+            path.decisions.append((k, "exit-after-store", "fall"))
+            k += 1
+            continue
         if not (_is_branch(ins) and ins.target in labels):
             k += 1
             continue

@@ -91,6 +91,27 @@ def test_hot_path_rules():
     assert c["fixed"]["mem"] == 2 and c["fixed"]["cvt"] == 1 and c["fixed"]["branch"] == 3
 
 
+# ptxas's if-converted epilogue: the full block stores unmasked and exits; the tail's masked stores
+# follow. An early predicated EXIT (before any store) is not taken.
+EPILOGUE = """
+        /*0000*/              @P0 EXIT ;
+        /*0010*/                   LDG.E.64 R2, desc[UR4][R8.64] ;
+        /*0020*/              @P1 STG.E.64 desc[UR4][R8.64], R2 ;
+        /*0030*/              @!P1 EXIT ;
+        /*0040*/              @!P2 STG.E.U16 desc[UR4][R8.64], R2 ;
+        /*0050*/              @!P3 STG.E.U16 desc[UR4][R8.64+0x2], R3 ;
+        /*0060*/                   EXIT ;
+"""
+
+
+def test_exit_after_store():
+    instrs, labels = sb.parse_sass(EPILOGUE)
+    path = sb.hot_path(instrs, labels, has_loop=False)
+    assert sorted(instrs[k].addr for k in path.counts) == [0x00, 0x10, 0x20, 0x30]
+    assert [(instrs[k].addr, r, t) for k, r, t in path.decisions] == [
+        (0x00, "exit-after-store", "fall"), (0x30, "exit-after-store", "exit")]
+
+
 def test_without_source_loop_the_loops_are_slow_paths():
     instrs, labels = sb.parse_sass(SYNTHETIC)
     path = sb.hot_path(instrs, labels, has_loop=False)
@@ -212,7 +233,7 @@ def test_tool_runs_on_one_variant(tmp_path):
 def test_budget_of_the_main_passes(tmp_path):
     """The instruction budget the kernels were rewritten to (issue 16; SASS counts are exact for a
     given triton wheel, so a change that breaks the structure shows here): no spills, <= 96
-    registers, v2 gaussian bf16 K=1 <= 50 instructions per element and <= 34 per extra seed,
+    registers, v2 gaussian bf16 K=1 <= 48 instructions per element and <= 34 per extra seed,
     rademacher <= 6.5 per extra seed (docs/gpu-performance.md has the full table)."""
     out = tmp_path / "budget.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sass_budget.py"),
@@ -223,5 +244,5 @@ def test_budget_of_the_main_passes(tmp_path):
     for r in rows.values():
         assert r["regs"] <= 96 and r["spills"] == 0, r["variant"]
     v2 = rows["perturb/gaussian-v2/bf16/nearest/K=1"]
-    assert v2["instr_per_elem"] <= 50 and v2["instr_per_extra_seed"] <= 34
+    assert v2["instr_per_elem"] <= 48 and v2["instr_per_extra_seed"] <= 34
     assert rows["perturb/rademacher/bf16/nearest/K=1"]["instr_per_extra_seed"] <= 6.5
