@@ -122,17 +122,21 @@ def _bit_length(v: torch.Tensor) -> torch.Tensor:
 
 
 def widths_at_restore(y: torch.Tensor, d: torch.Tensor):
-    """Per element of y (dtype): the selector width and the candidate interval's first key."""
+    """Per element of y (dtype): the selector width, the candidate interval's first key, and
+    whether the interval is known (y not finite: the raw pattern; y finite: some weight maps to
+    y, else the element was not written by a logged pass and is only recovered)."""
     dtype = y.dtype
     yf = y.to(torch.float32)
     finite = torch.isfinite(yf)
     width = torch.full(y.shape, _BITS[dtype], dtype=torch.int64, device=y.device)
     lo = torch.zeros_like(width)
+    known = ~finite
     if bool(finite.any()):
         l, h = candidate_range(yf[finite], d[finite], dtype)
-        width[finite] = _bit_length(h - l)
+        width[finite] = torch.where(h >= l, _bit_length((h - l).clamp(min=0)), 0)
         lo[finite] = l
-    return width, lo
+        known[finite] = h >= l
+    return width, lo, known
 
 
 def write_block(regions: torch.Tensor, pool: torch.Tensor, count: torch.Tensor, block: int,
@@ -215,16 +219,16 @@ def recover_tensor(regions, pool, first_block: int, y: torch.Tensor, d: torch.Te
     region row first_block: exact, except in lost blocks (recovery as `applied=`)."""
     dtype = y.dtype
     theta = recover(y.to(torch.float32), d, dtype).to(dtype)
-    width, lo = widths_at_restore(y, d)
+    width, lo, known = widths_at_restore(y, d)
+    finite = torch.isfinite(y.to(torch.float32))
     for b in range(n_blocks(y.numel())):
         part = slice(b * BLOCK, (b + 1) * BLOCK)
-        sel = read_block(regions, pool, first_block + b, width[part])
+        sel = read_block(regions, pool, first_block + b, width[part] * known[part])
         if sel is None:
             continue
-        w, l = width[part], lo[part]
-        exact = torch.where(w == _BITS[dtype], _from_pattern(sel, dtype),
-                            from_key(l + sel, dtype))
-        theta[part] = torch.where(w > 0, exact, theta[part])
+        exact = torch.where(finite[part], from_key(lo[part] + sel, dtype),
+                            _from_pattern(sel, dtype))
+        theta[part] = torch.where(known[part], exact, theta[part])
     return theta
 
 
