@@ -225,8 +225,12 @@ class SelectorLog(UndoLog):
     pool: `fraction` is pool words per element. A pool that overflows loses the blocks that did
     not get room: their weights are recovered as `applied=` alone recovers them."""
 
-    def __init__(self, *, headroom: float = 1.15, slack: int = 256, probe_passes: int = 2) -> None:
+    def __init__(self, *, headroom: float = 1.15, slack: int = 256, probe_passes: int = 2,
+                 words: int | None = None) -> None:
         super().__init__(headroom=headroom, slack=slack, probe_passes=probe_passes)
+        if words is not None and words < 2:
+            raise ValueError(f"words must be >= 2 (a header and bits), got {words}")
+        self.words = words  # per block row, header included; None: REGION_WORDS[dtype]
         # per group: flat regions buffer, pool, count (they only grow)
         self._sel_storage: dict[GroupKey, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -240,7 +244,7 @@ class SelectorLog(UndoLog):
 
     def _buffers(self, group: PerturbGroup, capacity: int) -> SelectorBuffers:
         key = self._key(group)
-        words = REGION_WORDS[key[1]]
+        words = self.words or REGION_WORDS[key[1]]
         rows = self._rows(group)
         regions, pool, count = self._sel_storage.get(key, (None, None, None))
         if regions is None:
