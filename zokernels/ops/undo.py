@@ -215,6 +215,8 @@ class UndoLog:
 # on average 113 selector bits in bf16 (p99.9: 163) and 193 in fp32 (p99.9: 255); rows of 6 and
 # 8 words keep two logs (a step's at most) at 2.4% / 1.7% of the parameters' bytes, pool included.
 REGION_WORDS = {torch.float32: 8, torch.bfloat16: 6, torch.float16: 6}
+# Backends whose perturb reads and writes selector logs (selector_log=, held_log=).
+SELECTOR_BACKENDS = ("cpu", "torch")
 
 
 class SelectorLog(UndoLog):
@@ -330,4 +332,4 @@ def run_scatter(log: UndoLog, seeds: list[int], scales: torch.Tensor, decays: to
                 dist, rounding, rounding_seed, **extra)
 
 
-__all__ = ["SelectorLog", "UndoLog", "run_scatter"]
+__all__ = ["SELECTOR_BACKENDS", "SelectorLog", "UndoLog", "run_scatter"]

@@ -19,7 +19,7 @@ import torch
 
 from .._contract import PERTURB_DISTS, ROUNDINGS
 from .._dispatch import BACKEND_CHOICES
-from ..ops.undo import SelectorLog, UndoLog
+from ..ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 from ..space import ParameterSpace, canonical_name
 from ..trajectory import Trajectory
 from ._params import normalize_param_groups
@@ -107,9 +107,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.spaces = list(self._registered)
         if process_group is None and any(space.sharded for space in self.spaces):
             self.process_group = default_group_for_shards()
-        # Two selector logs per param group: the +eps and the -eps pass of a step; each pass
-        # reads the one of the perturbation it moves from (docs/undo-log.md).
-        self._logs = [(SelectorLog(), SelectorLog()) for _ in self.param_groups]
+        # Two logs per param group: the +eps and the -eps pass of a step (docs/undo-log.md).
+        self._logs = [_log_pair(space) for space in self.spaces]
         # What the weights hold now: {"seed", "coefs" per group, "layers"} or None, and the log
         # slots filled since they were last exact.
         self._held: dict[str, Any] | None = None
@@ -275,7 +274,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._layer_of = layer_of
         self._registered.append(space)
         self.spaces.append(space)
-        self._logs.append((SelectorLog(), SelectorLog()))
+        self._logs.append(_log_pair(space))
         if self.trajectory is not None:
             self.trajectory = Trajectory(self.algorithm, self._trajectory_meta())
         self._group_added()
@@ -293,20 +292,25 @@ class ZOOptimizer(torch.optim.Optimizer):
         logging into log slot `log_slot`."""
         for g, space in enumerate(self.spaces):
             log = None if log_slot is None else self._logs[g][log_slot]
-            held_log = None if held_slot is None else self._logs[g][held_slot]
+            held_log = None if held_slot is None else _selector(self._logs[g][held_slot])
             space.apply(seed, scales[g], layers=self._group_layers(layers, g),
                         applied=None if applied is None else applied[g], dist=self.dist,
                         log=log, held_log=held_log, check_finite=False)
 
     def _restore(self) -> None:
         """Put the weights back to their exact pre-step bits (docs/undo-log.md): one dense pass
-        that recovers from the held perturbation, exactly with its selector log."""
-        held = self._held
+        that recovers from the held perturbation, exactly with its selector log (a backend
+        without selector logs: then its undo logs rewritten, latest first)."""
+        held, slots = self._held, self._live_slots
         self._held, self._live_slots = None, []
         try:
             if held is not None:
                 self._perturb(held["seed"], [0.0] * len(self.spaces), held["layers"],
                               applied=held["coefs"], held_slot=held["slot"])
+            for slot in reversed(slots):
+                for g, space in enumerate(self.spaces):
+                    if _selector(self._logs[g][slot]) is None:
+                        space.apply_logged(self._logs[g][slot], dist=self.dist)
         finally:
             self._clear_logs()
 
@@ -405,20 +409,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         recovering from the held perturbation (its seed must be the last of `seeds`) exactly
         with its selector log: the result equals an update applied to the unperturbed weights,
         bit for bit. Runs no user code."""
-        held = self._held
+        held, slots = self._held, self._live_slots
         if held is not None and held["seed"] != seeds[-1]:
             raise AssertionError("the held perturbation's seed must be the update's last seed")
         decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
         try:
             for g, space in enumerate(self.spaces):
                 applied = None if held is None else [0.0] * (len(seeds) - 1) + [held["coefs"][g]]
-                held_log = None if held is None or held["slot"] is None else self._logs[g][held["slot"]]
+                held_log = (None if held is None or held["slot"] is None
+                            else _selector(self._logs[g][held["slot"]]))
                 space.update(seeds, coefs_per_group[g], decay=decays[g],
                              layers=self._group_layers(layers, g), applied=applied,
                              dist=self.dist, rounding=self.rounding, check_finite=False,
                              held_log=held_log)
         finally:
             self._held, self._live_slots = None, []
+            for slot in reversed(slots):
+                for g, space in enumerate(self.spaces):
+                    if _selector(self._logs[g][slot]) is None:
+                        space.apply_logged(self._logs[g][slot], seeds, coefs_per_group[g],
+                                           weight_decay_factor=decays[g], dist=self.dist,
+                                           rounding=self.rounding, check_finite=False)
             self._clear_logs()
 
     def _guarded(self, body: Callable[[], Any]) -> Any:
@@ -601,6 +612,20 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # ZO keeps no gradients
         return None
+
+
+def _log_pair(space: ParameterSpace) -> tuple[UndoLog, UndoLog]:
+    """The +eps / -eps logs of a param group: selector logs (a few bits per ambiguous element,
+    read by the next pass) where every backend of the space has them (cpu, torch), else undo
+    logs of (index, value) entries rewritten after the dense pass (triton)."""
+    plan, _ = space._full_plan
+    if all(group.backend in SELECTOR_BACKENDS for group in plan):
+        return SelectorLog(), SelectorLog()
+    return UndoLog(), UndoLog()
+
+
+def _selector(log: UndoLog) -> SelectorLog | None:
+    return log if isinstance(log, SelectorLog) else None
 
 
 def _copied(obj: Any) -> Any:
