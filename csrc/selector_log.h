@@ -161,12 +161,7 @@ ZK_INLINE uint32_t same_value(uint32_t a, uint32_t b) {
 }
 
 ZK_INLINE int bit_length(uint32_t v) {
-    int n = 0;
-    while (v != 0) {
-        ++n;
-        v >>= 1;
-    }
-    return n;
+    return v == 0 ? 0 : 32 - __builtin_clz(v);  // a select: no loop, no mispredicted branch
 }
 
 // For gathered suspects q < m: bit j of mask[q] says whether key center[q] + j - 3 maps to y[q]
@@ -201,32 +196,35 @@ inline bool resolve_interval(uint32_t center, uint32_t mask, float y, float d, u
     return true;
 }
 
-// Appends one item's selectors block by block and stores each block at its end.
+// Appends one block's selectors (LSB first) and stores them at the block's end. A 64-bit
+// accumulator takes each selector without a branch; a full word is flushed every ~20 selectors.
 struct SelectorWriter {
     const SelectorLogRef* log = nullptr;
     uint64_t block = 0;
-    uint64_t bits = 0;
+    uint64_t acc = 0;    // pending bits
+    int pending = 0;     // their number (< 32 between appends)
+    uint64_t n_full = 0; // words stored in `words`
     uint32_t words[kSelectorBlock + 1];  // a block's worst case: 32 bits per element
 
     void start(const SelectorLogRef& ref, uint64_t b) {
         log = &ref;
         block = b;
-        bits = 0;
-        words[0] = 0;
+        acc = 0;
+        pending = 0;
+        n_full = 0;
     }
     ZK_INLINE void append(int width, uint32_t sel) {
-        if (width == 0) return;
-        const uint64_t at = bits;
-        const int shift = static_cast<int>(at % 32);
-        const uint64_t w = at / 32;
-        const uint64_t v = static_cast<uint64_t>(sel) << shift;
-        if (shift == 0) words[w] = 0;
-        words[w] |= static_cast<uint32_t>(v);
-        if (shift + width > 32) words[w + 1] = static_cast<uint32_t>(v >> 32);
-        bits += static_cast<uint64_t>(width);
+        acc |= static_cast<uint64_t>(sel) << pending;
+        pending += width;
+        if (pending >= 32) {
+            words[n_full++] = static_cast<uint32_t>(acc);
+            acc >>= 32;
+            pending -= 32;
+        }
     }
     void finish() {
-        const uint64_t n_words = (bits + 31) / 32;
+        if (pending > 0) words[n_full] = static_cast<uint32_t>(acc);
+        const uint64_t n_words = n_full + (pending > 0 ? 1 : 0);
         int32_t* row = log->regions + block * log->words;
         if (n_words + 1 <= log->words) {
             if (!log->count_only) {
@@ -246,15 +244,18 @@ struct SelectorWriter {
     }
 };
 
-// Reads one item's selectors back in element order.
+// Reads one block's selectors back in element order, a word at a time (never past the last
+// word the block's bits occupy).
 struct SelectorReader {
     const uint32_t* src = nullptr;  // nullptr: the block is lost
-    uint64_t bit = 0;
+    uint64_t buf = 0;               // bits read ahead
+    int have = 0;                   // their number
 
     void start(const SelectorLogRef& ref, uint64_t block) {
         const int32_t* row = ref.regions + block * ref.words;
         const int32_t header = row[0];
-        bit = 0;
+        buf = 0;
+        have = 0;
         if (header == 0)
             src = reinterpret_cast<const uint32_t*>(row + 1);
         else if (header > 0)
@@ -264,13 +265,14 @@ struct SelectorReader {
     }
     bool lost() const { return src == nullptr; }
     ZK_INLINE uint32_t take(int width) {
-        if (width == 0) return 0;
-        const uint64_t w = bit / 32;
-        const int shift = static_cast<int>(bit % 32);
-        uint64_t v = src[w] >> shift;
-        if (shift + width > 32) v |= static_cast<uint64_t>(src[w + 1]) << (32 - shift);
-        bit += static_cast<uint64_t>(width);
-        return width == 32 ? static_cast<uint32_t>(v) : static_cast<uint32_t>(v & ((1ull << width) - 1));
+        if (have < width) {
+            buf |= static_cast<uint64_t>(*src++) << have;
+            have += 32;
+        }
+        const uint64_t v = buf & ((uint64_t{1} << width) - 1);
+        buf >>= width;
+        have -= width;
+        return static_cast<uint32_t>(v);
     }
 };
 
@@ -309,8 +311,8 @@ inline void log_selectors(const typename Format::storage* ZK_RESTRICT theta,
             writer.append(K::kBits, K::pattern(theta[at[q]]));
             continue;
         }
-        uint32_t lo, hi;
-        resolve_interval<Format>(center[q], mask[q], yv, d_s[q], &lo, &hi);  // theta maps to y
+        uint32_t lo = center[q], hi = center[q];  // theta maps to y: always resolved
+        resolve_interval<Format>(center[q], mask[q], yv, d_s[q], &lo, &hi);
         writer.append(bit_length(hi - lo), center[q] - lo);
     }
 }

@@ -300,6 +300,9 @@ class TeZO(ZOOptimizer):
     def state_numel(self) -> int:
         return sum(s.state_numel for s in self.lowrank)
 
+    def _buffer_bytes(self) -> int:  # extra_memory_bytes: factors and moments (float32)
+        return 4 * self.state_numel
+
     @property
     def undo_log_bytes(self) -> int:
         """Device memory held by the undo logs, dense and low-rank (0 with exact_restore=False)."""
