@@ -313,3 +313,31 @@ def test_triton_groups_keep_undo_logs_and_restore_exactly():
     before = snapshot(net)
     opt.step(_closure(net, torch.bfloat16))
     assert_same(snapshot(net), before, "triton lr=0")
+
+
+TIE_EPS = {torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -12, torch.float32: 2.0 ** -25}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rounding_ties(dtype):
+    """Weights in [0.5, 1) moved by half their ulp (rademacher, eps = ulp / 2): every sum is a
+    rounding tie, where two weights round to the same value (ties to even). Both backends keep
+    the same bits and restore exactly."""
+    g = torch.Generator().manual_seed(5)
+    original = [(0.5 + 0.5 * torch.rand(3000, generator=g)).to(dtype),
+                -(0.5 + 0.5 * torch.rand(1500, generator=g)).to(dtype)]
+    keys, ones = [0, 1], torch.ones(2)
+    logs = {}
+    for name, fn in BACKENDS.items():
+        tensors = [t.clone() for t in original]
+        log = _buffers(tensors)
+        fn(tensors, keys, [2], torch.tensor([TIE_EPS[dtype]]), ones, "rademacher", "nearest", 2,
+           selector_log=log)
+        fn(tensors, keys, [2], torch.tensor([0.0]), ones, "rademacher", "nearest", 2,
+           applied=torch.tensor([TIE_EPS[dtype]]), held_log=log)
+        for j, (a, b) in enumerate(zip(tensors, original)):
+            assert_bits_equal(a, b, f"{name} tensor {j}")
+        logs[name] = _streams(log)
+    assert logs["cpu"] == logs["torch"]
+    assert any(row[0] == "pool" or any(w not in (0, None, 12345) for w in row[1:])
+               for row in logs["cpu"])  # the ties were logged
