@@ -530,7 +530,8 @@ def _held_buffers(held_log: SelectorLog, plan: list[PerturbGroup], applied: Any)
         raise ValueError("held_log needs applied= (the perturbation the log describes)")
     logged = held_log.plan
     if logged is None or len(logged) != len(plan) or any(
-            len(a.tensors) != len(b.tensors) or any(x is not y for x, y in zip(a.tensors, b.tensors))
+            len(a.tensors) != len(b.tensors)
+            or any(x is not y for x, y in zip(a.tensors, b.tensors))
             for a, b in zip(logged, plan)):
         raise ValueError("held_log was not written by a pass over these tensors")
     return held_log.buffers
