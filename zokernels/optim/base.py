@@ -21,7 +21,7 @@ from .._contract import (DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract
                           saved_contract)
 from .._dispatch import BACKEND_CHOICES
 from .._validate import StorageBudget, as_seed, is_finite_number
-from ..ops.undo import UndoLog
+from ..ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 from ..space import ParameterSpace, canonical_name
 from ..trajectory import COUNTER_LIMIT, Trajectory
 from ._params import normalize_param_groups
@@ -112,8 +112,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.spaces = list(self._registered)
         if process_group is None and any(space.sharded for space in self.spaces):
             self.process_group = default_group_for_shards()
-        # Two logs per param group: the +eps and the -eps pass of a step.
-        self._logs = [(UndoLog(), UndoLog()) for _ in self.param_groups]
+        # Two logs per param group: the +eps and the -eps pass of a step (docs/undo-log.md).
+        self._logs = [_log_pair(space) for space in self.spaces]
         # What the weights hold now: {"seed", "coefs" per group, "layers"} or None, and the log
         # slots filled since they were last exact.
         self._held: dict[str, Any] | None = None
@@ -281,7 +281,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._layer_of = layer_of
         self._registered.append(space)
         self.spaces.append(space)
-        self._logs.append((UndoLog(), UndoLog()))
+        self._logs.append(_log_pair(space))
         if self.trajectory is not None:
             self.trajectory = Trajectory(self.algorithm, self._trajectory_meta())
         self._group_added()
@@ -292,28 +292,34 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- the passes ----------------------------------------------------------------------------
     def _perturb(self, seed: int, scales: list[float], layers: list | None, *,
-                 applied: list[float] | None = None, log_slot: int | None = None) -> None:
+                 applied: list[float] | None = None, log_slot: int | None = None,
+                 held_slot: int | None = None) -> None:
         """One pass per param group: theta += scales[g] * z(seed) (after recovering from the
-        held perturbation `applied[g]`), logging into log slot `log_slot`."""
+        held perturbation `applied[g]`, exactly with the selector log of slot `held_slot`),
+        logging into log slot `log_slot`."""
         for g, space in enumerate(self.spaces):
             log = None if log_slot is None else self._logs[g][log_slot]
+            held_log = None if held_slot is None else _selector(self._logs[g][held_slot])
             space.apply(seed, scales[g], layers=self._group_layers(layers, g),
                         applied=None if applied is None else applied[g], dist=self.dist,
-                        log=log, check_finite=False)
+                        log=log, held_log=held_log, check_finite=False)
 
     def _restore(self) -> None:
-        """Put the weights back to their exact pre-step bits (docs/undo-log.md): a dense pass
-        that recovers from the held perturbation, then the logs rewritten, latest first (an
-        earlier log holds truer values)."""
+        """Put the weights back to their exact pre-step bits (docs/undo-log.md): one dense pass
+        that recovers from the held perturbation, exactly with its selector log (a backend
+        without selector logs: then its undo logs rewritten, latest first)."""
         held, slots = self._held, self._live_slots
         self._held, self._live_slots = None, []
-        if held is not None:
-            self._perturb(held["seed"], [0.0] * len(self.spaces), held["layers"],
-                          applied=held["coefs"])
-        for slot in reversed(slots):
-            for g, space in enumerate(self.spaces):
-                space.apply_logged(self._logs[g][slot], dist=self.dist)
-        self._clear_logs()
+        try:
+            if held is not None:
+                self._perturb(held["seed"], [0.0] * len(self.spaces), held["layers"],
+                              applied=held["coefs"], held_slot=held["slot"])
+            for slot in reversed(slots):
+                for g, space in enumerate(self.spaces):
+                    if _selector(self._logs[g][slot]) is None:
+                        space.apply_logged(self._logs[g][slot], dist=self.dist)
+        finally:
+            self._clear_logs()
 
     @staticmethod
     def _group_layers(layers: list | None, g: int):
@@ -344,16 +350,19 @@ class ZOOptimizer(torch.optim.Optimizer):
                       slot: int) -> None:
         """Move the weights to theta + coefs[g] * z(seed) (from theta, or from the perturbation
         they hold, which must have the same seed), logging into `slot`."""
-        applied = None
+        applied = held_slot = None
         if self._held is not None:
             if self._held["seed"] != seed or self._held["layers"] != layers:
                 self._restore()
             else:
-                applied = self._held["coefs"]
+                applied, held_slot = self._held["coefs"], self._held["slot"]
+        log_slot = slot if self.exact_restore else None
+        if log_slot is not None and log_slot == held_slot:
+            raise AssertionError("a pass cannot write the selector log it reads")
         self._live_slots.append(slot)  # before the pass: a failure inside still restores it
-        self._perturb(seed, coefs, layers, applied=applied,
-                      log_slot=slot if self.exact_restore else None)
-        self._held = {"seed": seed, "coefs": list(coefs), "layers": layers}
+        self._perturb(seed, coefs, layers, applied=applied, log_slot=log_slot,
+                      held_slot=held_slot)
+        self._held = {"seed": seed, "coefs": list(coefs), "layers": layers, "slot": log_slot}
 
     def _probe_two_point(self, closure: Closure, seed: int, eps: list[float],
                          layers: list | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -417,9 +426,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                 decays: list[float] | None = None) -> None:
         """theta = decays[g] * theta + sum_k coefs[g][k] * z_k in ONE pass per group (decays
         default: 1 - lr * wd), recovering from the held perturbation (its seed must be the last
-        of `seeds`), then the logged elements rewritten from their exact values: the result
-        equals an update applied to the unperturbed weights, bit for bit. Runs no user code; an
-        interrupt between the passes still finishes the rewrites."""
+        of `seeds`) exactly with its selector log (a backend without selector logs: then its
+        undo logs' elements rewritten from their exact values): the result equals an update
+        applied to the unperturbed weights, bit for bit. Runs no user code; an interrupt between
+        the passes still finishes the rewrites."""
         held, slots = self._held, self._live_slots
         if held is not None and held["seed"] != seeds[-1]:
             raise AssertionError("the held perturbation's seed must be the update's last seed")
@@ -428,16 +438,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         try:
             for g, space in enumerate(self.spaces):
                 applied = None if held is None else [0.0] * (len(seeds) - 1) + [held["coefs"][g]]
+                held_log = (None if held is None or held["slot"] is None
+                            else _selector(self._logs[g][held["slot"]]))
                 space.update(seeds, coefs_per_group[g], decay=decays[g],
                              layers=self._group_layers(layers, g), applied=applied,
-                             dist=self.dist, rounding=self.rounding, check_finite=False)
+                             dist=self.dist, rounding=self.rounding, check_finite=False,
+                             held_log=held_log)
         finally:
             self._held, self._live_slots = None, []
             for slot in reversed(slots):
                 for g, space in enumerate(self.spaces):
-                    space.apply_logged(self._logs[g][slot], seeds, coefs_per_group[g],
-                                       weight_decay_factor=decays[g], dist=self.dist,
-                                       rounding=self.rounding, check_finite=False)
+                    if _selector(self._logs[g][slot]) is None:
+                        space.apply_logged(self._logs[g][slot], seeds, coefs_per_group[g],
+                                           weight_decay_factor=decays[g], dist=self.dist,
+                                           rounding=self.rounding, check_finite=False)
             self._clear_logs()
 
     def _refuse_nested_step(self) -> None:
@@ -663,8 +677,34 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Device memory held by the undo logs (0 with exact_restore=False)."""
         return sum(log.nbytes for pair in self._logs for log in pair)
 
+    @property
+    def extra_memory_bytes(self) -> int:
+        """Memory a step needs beyond the parameters, held between steps: the undo logs
+        (undo_log_bytes, persistent buffers that only grow) plus the algorithm's own buffers
+        (_buffer_bytes). The kernels' scratch is per thread on the stack (C++) or in registers
+        (Triton) and counts nothing; see docs/undo-log.md."""
+        return self.undo_log_bytes + self._buffer_bytes()
+
+    def _buffer_bytes(self) -> int:
+        """Device memory of the algorithm's buffers (TeZO's factors, ...); 0 here."""
+        return 0
+
     def zero_grad(self, set_to_none: bool = True) -> None:  # ZO keeps no gradients
         return None
+
+
+def _log_pair(space: ParameterSpace) -> tuple[UndoLog, UndoLog]:
+    """The +eps / -eps logs of a param group: selector logs (a few bits per ambiguous element,
+    read by the next pass) where every backend of the space has them (cpu, torch), else undo
+    logs of (index, value) entries rewritten after the dense pass (triton)."""
+    plan, _ = space._full_plan
+    if all(group.backend in SELECTOR_BACKENDS for group in plan):
+        return SelectorLog(), SelectorLog()
+    return UndoLog(), UndoLog()
+
+
+def _selector(log: UndoLog) -> SelectorLog | None:
+    return log if isinstance(log, SelectorLog) else None
 
 
 def _copied(state: Any) -> Any:
