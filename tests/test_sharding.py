@@ -316,7 +316,9 @@ def _fsdp_failure_worker(rank, world, init_file, out_dir):
     if rank == 1:  # until rank 0 is done (mp.spawn ends this wait if rank 0 dies)
         while not os.path.exists(os.path.join(out_dir, "fail0.pt")):
             time.sleep(0.05)
-    # no destroy_process_group: the peer is gone, a barrier-like teardown could hang
+    # no destroy_process_group: the peer is gone, a barrier-like teardown could hang; and no
+    # interpreter teardown either (gloo's destructors can abort a process whose peer failed)
+    os._exit(0)
 
 
 def _spawn(worker, tmp_path, *args):
