@@ -1,7 +1,8 @@
 """ZOOptimizer: what every zokernels optimizer shares.
 
 Param groups, validation, per-step seeds, one ParameterSpace per param group, the exact
-perturb / restore / update protocol with undo logs (docs/undo-log.md), exception safety,
+perturb / restore / update protocol (zokernels.held.HeldPerturbation: one dense target per param
+group, TeZO adds low-rank ones; undo logs, docs/undo-log.md), exception safety,
 non-finite-loss skips, state_dict round trips and trajectory recording. Subclasses compute a few
 scalars per step and call the passes below; none loops over parameters doing arithmetic.
 """

@@ -112,6 +112,10 @@ class TeZO(MeZO):
     to float32 rounding in fp32, within the bf16 forward's error in bf16); the update is the
     in-place one, bit for bit.
     probe="inplace": every 2-D weight as described above.
+    n_spsa, perturbation_parallel: as MeZO's (TeZO is MeZO's SPSA step over a low-rank target):
+    probe k of step t perturbs with z(seed_for(t, k)) and tau(tau_seed(seed, t, k)), all probes
+    run first, their losses are averaged over the ranks in ONE all-reduce (8 n_spsa bytes), and
+    the 2-D weights take the tau-space step of (1 / n) sum_k g_k tau_k (the moments too).
     update="deferred" (needs probe="virtual"): the virtual weights are not written by the update
     either: W_eff = D W + U diag(a) V^T, a = d a - lr direction / sqrt(r), D = d D (d = 1 - lr wd
     on decayable weights), and `merge()` writes W = round(W_eff) (nearest rounding, also with
