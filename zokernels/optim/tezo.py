@@ -19,7 +19,6 @@ import torch
 from ..held import DenseTarget
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
 from ..lowrank_space import LowRankNoise, LowRankSpace, split_by_rank
-from ..ops.noise import noise
 from ..ops.undo import UndoLog
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from ..trajectory import MAX_SEEDS_PER_STEP
