@@ -175,13 +175,18 @@ class HeldPerturbation:
         only (the weights were written by someone else meanwhile, the logs predate it)."""
         held, live = self.held, self.live
         self.held, self.live = [None] * len(self.targets), []
+        failure: BaseException | None = None
         try:
-            for target, h in zip(self.targets, held):
-                if h is not None:
-                    target.write(target.zero(h), h)
-            for slot in reversed(live if exact else []):
-                for target, logs in zip(self.targets, self.logs):
-                    target.rewrite(logs[slot])
+            for i, (target, h) in enumerate(zip(self.targets, held)):
+                try:  # a target that fails does not keep the others perturbed
+                    if h is not None:
+                        target.write(target.zero(h), h)
+                    for slot in reversed(live if exact else []):
+                        target.rewrite(self.logs[i][slot])
+                except BaseException as exc:
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
         finally:
             self.clear_logs()
 
