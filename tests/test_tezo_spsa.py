@@ -98,7 +98,8 @@ def test_n_spsa_matches_the_estimator_written_out(probe, n_spsa):
     recorded = [opt.trajectory.extra["grad0" + (f"_{k}" if k else "")][0]
                 for k in range(n_spsa)]
     assert recorded == pytest.approx(grads, rel=1e-3, abs=1e-4)
-    assert list(next(opt.trajectory.records())[1]) == [opt.seed_for(0, k) for k in range(n_spsa)]
+    seeds = list(next(opt.trajectory.records())[1])
+    assert seeds == [opt.seed_for(0, k) for k in range(n_spsa)]
     # g_k to float32 rounding of the losses (the virtual probes see theta + eps Z unrounded,
     # docs/tezo.md), times lr |Z|: about 1e-6 on weights of size 1, against updates of ~1e-2
     for (name, a), b in zip(net.named_parameters(), reference.parameters()):
