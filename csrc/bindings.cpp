@@ -74,15 +74,22 @@ PYBIND11_MODULE(_C, m) {
           "out[n, 4] = philox(seed, c[n, 4]); both int64 arrays holding uint32 values.");
     m.def("noise", &zk::noise, release_gil(), py::arg("out_ptr"), py::arg("numel"), py::arg("seed"),
           py::arg("key"), py::arg("offset"), py::arg("dist"), py::arg("num_threads"),
-          "out[j] = z(seed, key, offset + j), float32; dist 0 gaussian, 1 rademacher, 2 uniform.");
+          py::arg("contract") = 2,
+          "out[j] = z(seed, key, offset + j), float32; dist 0 gaussian, 1 rademacher, 2 uniform; "
+          "contract 1 or 2: the version of the gaussian normals.");
+    m.def("normal_pairs_v2", &zk::normal_pairs_v2, release_gil(), py::arg("w_radius_ptr"),
+          py::arg("w_angle_ptr"), py::arg("out_ptr"), py::arg("n"),
+          "out[n, 2] = contract v2 Box-Muller (n_cos, n_sin) of uint32 words w_radius[n], "
+          "w_angle[n] (tests on chosen words).");
     m.def("perturb", &zk::perturb, release_gil(), py::arg("ptrs"), py::arg("numels"),
           py::arg("keys"), py::arg("decays"), py::arg("dtype"), py::arg("seeds"), py::arg("scales"),
-          py::arg("applied"), py::arg("dist"), py::arg("rounding"), py::arg("rounding_seed"), py::arg("num_threads"),
+          py::arg("applied"), py::arg("dist"), py::arg("rounding"), py::arg("rounding_seed"),
+          py::arg("num_threads"),
           py::arg("log_index_ptr") = 0, py::arg("log_values_ptr") = 0, py::arg("log_capacity") = 0,
           py::arg("log_count_ptr") = 0, py::arg("log_mode") = 0,
           py::arg("index_offsets") = std::vector<uint64_t>{},
           py::arg("index_local_spans") = std::vector<uint64_t>{},
-          py::arg("index_global_spans") = std::vector<uint64_t>{},
+          py::arg("index_global_spans") = std::vector<uint64_t>{}, py::arg("contract") = 2,
           "In place: t = round(decay * t + sum_k scale_k * z(seed_k, key, g(i))); applied (empty "
           "or one per seed): the perturbation t holds now, undone first. log_mode 1: append the "
           "elements recovery could not give back to the undo log (index, values, capacity, "
@@ -95,7 +102,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("scales"), py::arg("dist"), py::arg("rounding"), py::arg("rounding_seed"),
           py::arg("num_threads"), py::arg("index_offsets") = std::vector<uint64_t>{},
           py::arg("index_local_spans") = std::vector<uint64_t>{},
-          py::arg("index_global_spans") = std::vector<uint64_t>{},
+          py::arg("index_global_spans") = std::vector<uint64_t>{}, py::arg("contract") = 2,
           "Undo-log entries e < min(count, capacity): t[index[e]] = values[e] (no seeds), else "
           "round(decay * values[e] + sum_k scale_k * z(seed_k, key, g(i))) as perturb would; "
           "index_*: the index maps of perturb, the log's indices are local.");

@@ -1,10 +1,17 @@
-// Branch-free float32 log / sin / cos for Box-Muller, written as scalar code that compilers
+// Box-Muller of the noise contract, v1 and v2 (docs/noise-contract.md).
+//
+// v1: branch-free float32 log / sin / cos for Box-Muller, written as scalar code that compilers
 // vectorize inside loops (libm calls would block vectorization): -2 ln a through atanh with one
 // division and a 2-term polynomial, sin / cos of the angle reduced by k pi/2 (k from the uniform's
 // integer) with short minimax polynomials. z agrees with double precision to < 1e-6 absolute
 // (checked over all 2^31 radius words and all 2^31 angle words at the largest radius), well
 // inside the contract's 1e-5 against torch (docs/noise-contract.md, "gaussian"). Only plain
 // float32 + - * / sqrt (no fma), so the AVX2 and generic clones give the same bits.
+//
+// v2 (box_muller_v2): every float32 operation fixed by the contract, fma where it says fma, so
+// the result is bit-identical to the torch reference and Triton. The `Fma` parameter supplies a
+// correctly rounded fma: the instruction in the AVX2 clone, and in the generic clone the
+// instruction where the target has one, else an exact emulation in double.
 #pragma once
 
 #include <cmath>
@@ -93,6 +100,87 @@ ZK_INLINE void box_muller(uint32_t w_radius, uint32_t w_angle, float& n_cos, flo
     const float r = bits_as<float>(bits_as<uint32_t>(r_abs) ^ ((k << 30) & 0x80000000u));
     n_cos = r * cos_q;
     n_sin = r * sin_q;
+}
+
+// v2 constants (zokernels/_contract.py, NORMAL_V2_*), float32 bit patterns.
+constexpr uint32_t kV2UScaleBits = 0x2F7FFFFFu;   // (1 - 2^-24) 2^-32
+constexpr uint32_t kV2UOffsetBits = 0x2F000000u;  // 2^-33
+constexpr uint32_t kV2MinusTwoLn2Bits = 0xBFB17218u;
+constexpr uint32_t kV2Log[8] = {0xBFFFFFFFu, 0x3F80003Du, 0xBF2AACEEu, 0x3EFFB11Eu,
+                                0xBECBC717u, 0x3EB0A604u, 0xBEA61E86u, 0x3E4EFD40u};
+constexpr uint32_t kV2Sin[4] = {0x3F490FDBu, 0xBDA55DDDu, 0x3B232F49u, 0xB816C981u};
+constexpr uint32_t kV2Cos[4] = {0x3F7FFFFFu, 0xBE9DE9C6u, 0x3C81D732u, 0xB9A71AEDu};
+
+// fma as an instruction: std::fmaf inlined into a function compiled for FMA (the AVX2 clone).
+struct FmaHardware {
+    static ZK_INLINE float fma(float a, float b, float c) { return std::fmaf(a, b, c); }
+};
+
+// fma for the generic clone. Without an FMA instruction in the target (x86-64 baseline), std::fmaf
+// is a libm call per operation; instead, in double: p = a * b is exact, s = p + c rounds once and
+// TwoSum gives its error err exactly (s + err = p + c). float(s) is the correctly rounded result
+// unless s is exactly halfway between two floats while err != 0 (a double rounding: any other
+// halfway point between p + c and s would be a double nearer to p + c than s): then the result is
+// the float on err's side. d = s - float(s) and float(s) + 2d are exact; s is halfway iff d != 0
+// and float(s) + 2d is a float (the other neighbour). Only double compares and selects, so GCC
+// vectorizes it with SSE2 (a round-to-odd version with 64-bit integer compares did not). Checked
+// against the hardware fma on 2M constructed halfway cases (half of them needing the correction).
+struct FmaPortable {
+    static ZK_INLINE float fma(float a, float b, float c) {
+#if defined(__FP_FAST_FMAF)
+        return std::fmaf(a, b, c);
+#else
+        const double p = static_cast<double>(a) * static_cast<double>(b);
+        const double cd = static_cast<double>(c);
+        const double s = p + cd;
+        const double v = s - p;
+        const double err = (p - (s - v)) + (cd - v);
+        const double r = static_cast<double>(static_cast<float>(s));
+        const double d = s - r;
+        const double other = r + 2.0 * d;
+        // & rather than && and ?: keeps the loop free of branches (vectorizable)
+        const bool halfway = (d != 0.0) & (static_cast<double>(static_cast<float>(other)) == other);
+        const bool to_other = halfway & (((err > 0.0) & (d > 0.0)) | ((err < 0.0) & (d < 0.0)));
+        return static_cast<float>(to_other ? other : r);
+#endif
+    }
+};
+
+// Contract v2 Box-Muller of two words: (r cos th, r sin th), the operations in the contract's order.
+template <class Fma>
+ZK_INLINE void box_muller_v2(uint32_t w_radius, uint32_t w_angle, float& n_cos, float& n_sin) {
+    // radius: u = fma(float(w), U_SCALE, U_OFFSET) in [2^-33, 1 - 2^-24]; u = m 2^e with m in
+    // [sqrt(1/2), sqrt(2)), f = m - 1 exact; -2 ln u = f P(f) + e (-2 ln 2).
+    const float u = Fma::fma(static_cast<float>(w_radius), bits_as<float>(kV2UScaleBits),
+                             bits_as<float>(kV2UOffsetBits));
+    const int32_t ub = bits_as<int32_t>(u);
+    const int32_t e = (ub - 0x3F3504F3) >> 23;  // arithmetic shift: floor
+    const float f = bits_as<float>(ub - e * 8388608) - 1.0f;
+    float p = Fma::fma(bits_as<float>(kV2Log[7]), f, bits_as<float>(kV2Log[6]));
+    p = Fma::fma(p, f, bits_as<float>(kV2Log[5]));  // written out: a loop here stops GCC from
+    p = Fma::fma(p, f, bits_as<float>(kV2Log[4]));  // vectorizing the caller's loop
+    p = Fma::fma(p, f, bits_as<float>(kV2Log[3]));
+    p = Fma::fma(p, f, bits_as<float>(kV2Log[2]));
+    p = Fma::fma(p, f, bits_as<float>(kV2Log[1]));
+    p = Fma::fma(p, f, bits_as<float>(kV2Log[0]));
+    const float y = Fma::fma(p, f, static_cast<float>(e) * bits_as<float>(kV2MinusTwoLn2Bits));
+    const float r_abs = std::sqrt(y);  // correctly rounded (IEEE)
+    // angle: th = q pi/2 + pi/4 v, q = the top two bits, x = 1 + (2h + 1) 2^-23 from bits 1..22,
+    // v = 2x - 3 (exact).
+    const float x = bits_as<float>((w_angle & 0x007FFFFFu) | 0x3F800001u);
+    const float v = x * 2.0f - 3.0f;
+    const float v2 = v * v;
+    float s = Fma::fma(bits_as<float>(kV2Sin[3]), v2, bits_as<float>(kV2Sin[2]));
+    s = Fma::fma(s, v2, bits_as<float>(kV2Sin[1]));
+    s = Fma::fma(s, v2, bits_as<float>(kV2Sin[0])) * v;
+    float c = Fma::fma(bits_as<float>(kV2Cos[3]), v2, bits_as<float>(kV2Cos[2]));
+    c = Fma::fma(c, v2, bits_as<float>(kV2Cos[1]));
+    c = Fma::fma(c, v2, bits_as<float>(kV2Cos[0]));
+    // odd q: (cos, sin) -> (-sin, cos); q >= 2 negates both, on r's sign bit.
+    const bool odd = (w_angle & 0x40000000u) != 0;
+    const float r = bits_as<float>(bits_as<uint32_t>(r_abs) ^ (w_angle & 0x80000000u));
+    n_cos = r * (odd ? -s : c);
+    n_sin = r * (odd ? c : s);
 }
 
 }  // namespace zk

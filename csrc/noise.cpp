@@ -16,6 +16,7 @@ struct NoiseJob {
     PhiloxKeys keys;
     uint32_t key;
     Dist dist;
+    Contract contract;
 };
 
 // Fills out[j] for j in [item.begin, item.end).
@@ -28,7 +29,7 @@ inline void noise_range(const NoiseJob& job, const WorkItem& item) {
         const uint64_t tile_first = i & ~static_cast<uint64_t>(kTile - 1);
         const uint64_t skip = i - tile_first;
         const uint64_t count = min_of<uint64_t>(kTile - skip, item.end - j);
-        noise_tile<Philox>(job.dist, job.keys, job.key, tile_first, z);
+        noise_tile<Philox>(job.dist, job.contract, job.keys, job.key, tile_first, z);
         for (uint64_t c = 0; c < count; ++c) job.out[j + c] = z[skip + c];
         j += count;
     }
@@ -44,16 +45,44 @@ ZK_TARGET_AVX2 ZK_FLATTEN void noise_item_avx2(const NoiseJob& job, const WorkIt
 }
 #endif
 
+// Contract v2 Box-Muller of given words, one clone per ISA (normal_pairs_v2).
+ZK_FLATTEN void normal_pairs_v2_generic(const uint32_t* w_radius, const uint32_t* w_angle,
+                                        float* out, uint64_t n) {
+    for (uint64_t q = 0; q < n; ++q)
+        box_muller_v2<FmaPortable>(w_radius[q], w_angle[q], out[2 * q], out[2 * q + 1]);
+}
+
+#if ZK_HAVE_AVX2_PATH
+ZK_TARGET_AVX2 ZK_FLATTEN void normal_pairs_v2_avx2(const uint32_t* w_radius,
+                                                    const uint32_t* w_angle, float* out,
+                                                    uint64_t n) {
+    for (uint64_t q = 0; q < n; ++q)
+        box_muller_v2<FmaHardware>(w_radius[q], w_angle[q], out[2 * q], out[2 * q + 1]);
+}
+#endif
+
 }  // namespace
 
+void normal_pairs_v2(uintptr_t w_radius_ptr, uintptr_t w_angle_ptr, uintptr_t out_ptr,
+                     uint64_t n) {
+    auto* run = &normal_pairs_v2_generic;
+#if ZK_HAVE_AVX2_PATH
+    if (use_avx2()) run = &normal_pairs_v2_avx2;
+#endif
+    run(reinterpret_cast<const uint32_t*>(w_radius_ptr), reinterpret_cast<const uint32_t*>(w_angle_ptr),
+        reinterpret_cast<float*>(out_ptr), n);
+}
+
 void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint64_t offset, int dist,
-           int num_threads) {
+           int num_threads, int contract) {
     if (dist < kGaussian || dist > kUniform) throw std::invalid_argument("noise: bad dist code");
+    if (contract != kContractV1 && contract != kContractV2)
+        throw std::invalid_argument("noise: contract must be 1 or 2");
     if (numel == 0) return;
     if (offset > UINT64_MAX - (numel - 1))
         throw std::invalid_argument("noise: offset + numel exceeds 2^64");
     const NoiseJob job{reinterpret_cast<float*>(out_ptr), offset, PhiloxKeys(seed), key,
-                       static_cast<Dist>(dist)};
+                       static_cast<Dist>(dist), static_cast<Contract>(contract)};
     // Items split the output; interior item boundaries fall on multiples of kItemElements of
     // the absolute index, hence on tile boundaries, so no tile is generated twice.
     std::vector<WorkItem> items;

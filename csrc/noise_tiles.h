@@ -17,15 +17,44 @@ constexpr int kMaxCountersPerTile = kTile / kGaussianPerCounter;
 
 enum Dist : int { kGaussian = 0, kRademacher = 1, kUniform = 2 };
 
+// Contract version of the gaussian normals (docs/noise-contract.md): v1 box_muller, v2
+// box_muller_v2. Words, uniforms and rademacher values are the same in both.
+enum Contract : int { kContractV1 = 1, kContractV2 = 2 };
+
+// The fma of each ISA's clone (fastmath.h): the instruction in the AVX2 clone.
+template <class Philox>
+struct IsaFma {
+    using type = FmaPortable;
+};
+#if ZK_HAVE_AVX2_PATH
+template <>
+struct IsaFma<PhiloxAvx2> {
+    using type = FmaHardware;
+};
+#endif
+
 // z[4q + m] = n_m for the counters first_block + q, q < n_blocks <= kMaxCountersPerTile (n0, n1
 // from words 0, 1 and n2, n3 from words 2, 3). Box-Muller runs on whole vectors of counters (the
 // words come in structure-of-arrays form) and the store interleaves the four results.
 template <class Philox>
 inline void gaussian_blocks(const PhiloxKeys& keys, uint32_t key, uint64_t first_block, int n_blocks,
-                            float* ZK_RESTRICT z) {
+                            Contract contract, float* ZK_RESTRICT z) {
     alignas(64) uint32_t w0[kMaxCountersPerTile], w1[kMaxCountersPerTile],
         w2[kMaxCountersPerTile], w3[kMaxCountersPerTile];
     Philox::blocks(keys, first_block, key, kStreamNoise, n_blocks, w0, w1, w2, w3);
+    if (contract == kContractV2) {
+        using Fma = typename IsaFma<Philox>::type;
+        for (int q = 0; q < n_blocks; ++q) {
+            float n0, n1, n2, n3;
+            box_muller_v2<Fma>(w0[q], w1[q], n0, n1);
+            box_muller_v2<Fma>(w2[q], w3[q], n2, n3);
+            z[4 * q + 0] = n0;
+            z[4 * q + 1] = n1;
+            z[4 * q + 2] = n2;
+            z[4 * q + 3] = n3;
+        }
+        return;
+    }
     for (int q = 0; q < n_blocks; ++q) {
         float n0, n1, n2, n3;
         box_muller(w0[q], w1[q], n0, n1);
@@ -42,9 +71,10 @@ inline void gaussian_blocks(const PhiloxKeys& keys, uint32_t key, uint64_t first
 // compiler de-interleave and re-interleave acc (about twice the shuffles of one store).
 template <class Philox>
 inline void gaussian_accumulate(const PhiloxKeys& keys, uint32_t key, uint64_t first_block,
-                                int n_blocks, float scale, float* ZK_RESTRICT acc) {
+                                int n_blocks, Contract contract, float scale,
+                                float* ZK_RESTRICT acc) {
     alignas(64) float z[kTile];
-    gaussian_blocks<Philox>(keys, key, first_block, n_blocks, z);
+    gaussian_blocks<Philox>(keys, key, first_block, n_blocks, contract, z);
     for (int i = 0; i < 4 * n_blocks; ++i) acc[i] = acc[i] + scale * z[i];
 }
 
@@ -52,10 +82,11 @@ inline void gaussian_accumulate(const PhiloxKeys& keys, uint32_t key, uint64_t f
 // (perturb_ with applied=: the recovery sum D1 and the new sum D2 see the same z).
 template <class Philox>
 inline void gaussian_accumulate_pair(const PhiloxKeys& keys, uint32_t key, uint64_t first_block,
-                                     int n_blocks, float scale_a, float* ZK_RESTRICT sum_a,
-                                     float scale_b, float* ZK_RESTRICT sum_b) {
+                                     int n_blocks, Contract contract, float scale_a,
+                                     float* ZK_RESTRICT sum_a, float scale_b,
+                                     float* ZK_RESTRICT sum_b) {
     alignas(64) float z[kTile];
-    gaussian_blocks<Philox>(keys, key, first_block, n_blocks, z);
+    gaussian_blocks<Philox>(keys, key, first_block, n_blocks, contract, z);
     for (int i = 0; i < 4 * n_blocks; ++i) {
         sum_a[i] = sum_a[i] + scale_a * z[i];
         sum_b[i] = sum_b[i] + scale_b * z[i];
@@ -152,11 +183,11 @@ inline CoveringCounters covering_counters(uint64_t tile_first, int skip, int n, 
 
 // z(seed, key, tile_first + j) for j < kTile, any dist; tile_first is a multiple of 128.
 template <class Philox>
-inline void noise_tile(Dist dist, const PhiloxKeys& keys, uint32_t key, uint64_t tile_first,
-                       float* ZK_RESTRICT z) {
+inline void noise_tile(Dist dist, Contract contract, const PhiloxKeys& keys, uint32_t key,
+                       uint64_t tile_first, float* ZK_RESTRICT z) {
     switch (dist) {
         case kGaussian:
-            gaussian_blocks<Philox>(keys, key, tile_first / 4, kTile / 4, z);
+            gaussian_blocks<Philox>(keys, key, tile_first / 4, kTile / 4, contract, z);
             break;
         case kRademacher:
             rademacher_blocks<Philox>(keys, key, tile_first / 128, kTile / 128, z);

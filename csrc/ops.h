@@ -15,9 +15,14 @@ std::array<uint32_t, 4> philox_words(uint64_t seed, uint32_t c0, uint32_t c1, ui
 // counters, out: int64 [n, 4] holding uint32 values.
 void philox_fill(uint64_t seed, uintptr_t counters_ptr, uintptr_t out_ptr, uint64_t n, int num_threads);
 
-// out: float32 [numel], out[j] = z(seed, key, offset + j).
+// out: float32 [numel], out[j] = z(seed, key, offset + j). contract (1 or 2): the version of the
+// gaussian normals (docs/noise-contract.md), also in perturb and scatter_perturb.
 void noise(uintptr_t out_ptr, uint64_t numel, uint64_t seed, uint32_t key, uint64_t offset, int dist,
-           int num_threads);
+           int num_threads, int contract = 2);
+
+// out: float32 [n, 2], the contract v2 normals (n_cos, n_sin) of the words w_radius[q], w_angle[q]
+// (uint32 [n] each): the Box-Muller alone, for tests on chosen words.
+void normal_pairs_v2(uintptr_t w_radius_ptr, uintptr_t w_angle_ptr, uintptr_t out_ptr, uint64_t n);
 
 // applied: empty, or one coefficient per seed: the perturbation the tensors hold now, undone first.
 // Undo log (docs/undo-log.md), log_mode 0: none; 1: append the elements recovery could not give
@@ -36,7 +41,7 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
              uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0,
              const std::vector<uint64_t>& index_offsets = {},
              const std::vector<uint64_t>& index_local_spans = {},
-             const std::vector<uint64_t>& index_global_spans = {});
+             const std::vector<uint64_t>& index_global_spans = {}, int contract = 2);
 
 // Rewrites the first min(*count, capacity) entries of an undo log over the same tensor list:
 // with no seeds t[index[e]] = values[e] bit for bit, else t_j[i] = round(decay_j * values[e] + D)
@@ -50,7 +55,8 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
                      uint64_t rounding_seed, int num_threads,
                      const std::vector<uint64_t>& index_offsets = {},
                      const std::vector<uint64_t>& index_local_spans = {},
-                     const std::vector<uint64_t>& index_global_spans = {});
+                     const std::vector<uint64_t>& index_global_spans = {},
+                     int contract = 2);
 
 // W_j = round(decay_j * theta + scale * U_j diag(tau_j) V_j^T); theta = W_j, or with
 // applied_tau_ptrs (one per weight) the weight recovered from round(theta + applied_scale *

@@ -32,6 +32,7 @@ struct PerturbJob {
     const std::vector<float>& scales;
     const std::vector<float>& applied;  // empty: no recovery
     Dist dist;
+    Contract contract;
     bool stochastic;
     PhiloxKeys rounding_keys;
     int dtype;
@@ -144,10 +145,11 @@ inline void accumulate_covering(const PerturbJob& job, uint32_t key, uint64_t ti
         if constexpr (kPerCounter == kGaussianPerCounter) {
             if constexpr (kRecover)
                 gaussian_accumulate_pair<Philox>(job.seed_keys[k], key, c.first_block, n_blocks,
-                                                 job.applied[k], sum_applied, scale, sum);
+                                                 job.contract, job.applied[k], sum_applied, scale,
+                                                 sum);
             else
-                gaussian_accumulate<Philox>(job.seed_keys[k], key, c.first_block, n_blocks, scale,
-                                            sum);
+                gaussian_accumulate<Philox>(job.seed_keys[k], key, c.first_block, n_blocks,
+                                            job.contract, scale, sum);
         } else {
             if constexpr (kRecover)
                 rademacher_accumulate_pair<Philox>(job.seed_keys[k], key, c.first_block, n_blocks,
@@ -201,11 +203,11 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
                 if (job.dist == kGaussian) {
                     if constexpr (kRecover)
                         gaussian_accumulate_pair<Philox>(job.seed_keys[k], key, t / 4, (n + 3) / 4,
-                                                         job.applied[k], applied_sum, scale,
-                                                         noise_sum);
+                                                         job.contract, job.applied[k], applied_sum,
+                                                         scale, noise_sum);
                     else
                         gaussian_accumulate<Philox>(job.seed_keys[k], key, t / 4, (n + 3) / 4,
-                                                    scale, noise_sum);
+                                                    job.contract, scale, noise_sum);
                 } else {
                     if constexpr (kRecover)
                         rademacher_accumulate_pair<Philox>(job.seed_keys[k], key, t / 128,
@@ -290,7 +292,7 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
              uint64_t log_capacity, uintptr_t log_count_ptr, int log_mode,
              const std::vector<uint64_t>& index_offsets,
              const std::vector<uint64_t>& index_local_spans,
-             const std::vector<uint64_t>& index_global_spans) {
+             const std::vector<uint64_t>& index_global_spans, int contract) {
     if (numels.size() != ptrs.size() || keys.size() != ptrs.size() || decays.size() != ptrs.size())
         throw std::invalid_argument("perturb: ptrs, numels, keys and decays must have equal lengths");
     if (seeds.size() != scales.size())
@@ -299,6 +301,8 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
         throw std::invalid_argument("perturb: applied must be empty or have one value per seed");
     if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("perturb: bad dtype code");
     if (dist != kGaussian && dist != kRademacher) throw std::invalid_argument("perturb: bad dist code");
+    if (contract != kContractV1 && contract != kContractV2)
+        throw std::invalid_argument("perturb: contract must be 1 or 2");
     if (rounding != 0 && rounding != 1) throw std::invalid_argument("perturb: bad rounding code");
     if (log_mode < kNoLog || log_mode > kLogCountOnly)
         throw std::invalid_argument("perturb: bad log_mode");
@@ -318,7 +322,7 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
         index_maps_from("perturb", numels, index_offsets, index_local_spans, index_global_spans);
 
     PerturbJob job{ptrs, keys, decays, {}, scales, applied, static_cast<Dist>(dist),
-                   rounding == 1, PhiloxKeys(rounding_seed), dtype, {}, log_mode == kLogCountOnly,
+                   static_cast<Contract>(contract), rounding == 1, PhiloxKeys(rounding_seed), dtype, {}, log_mode == kLogCountOnly,
                    reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
                    reinterpret_cast<int64_t*>(log_count_ptr), std::move(maps)};
     for (uint64_t seed : seeds) job.seed_keys.emplace_back(seed);

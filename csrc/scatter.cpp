@@ -40,6 +40,7 @@ struct ScatterJob {
     std::vector<PhiloxKeys> seed_keys;
     const std::vector<float>& scales;
     Dist dist;
+    Contract contract;
     bool stochastic;
     PhiloxKeys rounding_keys;
     std::vector<IndexMap> maps;    // empty: no tensor mapped; else one per tensor
@@ -71,7 +72,7 @@ ZK_INLINE uint32_t word_of(uint32_t m, uint32_t w0, uint32_t w1, uint32_t w2, ui
 
 // Entries [first, first + n), n <= kBatch; returns how many had an index outside the tensors
 // (skipped).
-template <class Format, bool kMapped>
+template <class Format, bool kMapped, class Fma>
 inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
     using Storage = typename Format::storage;
     const int64_t* index = job.index + first;
@@ -134,7 +135,12 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
                 const uint32_t m = static_cast<uint32_t>(at[b] & 3u);
                 const bool pair_23 = (m & 2u) != 0;
                 float n_cos, n_sin;
-                box_muller(pair_23 ? w2[b] : w0[b], pair_23 ? w3[b] : w1[b], n_cos, n_sin);
+                const uint32_t w_radius = pair_23 ? w2[b] : w0[b];
+                const uint32_t w_angle = pair_23 ? w3[b] : w1[b];
+                if (job.contract == kContractV2)
+                    box_muller_v2<Fma>(w_radius, w_angle, n_cos, n_sin);
+                else
+                    box_muller(w_radius, w_angle, n_cos, n_sin);
                 d[b] = d[b] + scale * ((m & 1u) != 0 ? n_sin : n_cos);
             }
         } else {
@@ -177,13 +183,13 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
 // One flattened entry point per ISA, as the other kernels (common.h, ZK_FLATTEN).
 template <class Format, bool kMapped>
 ZK_FLATTEN int64_t scatter_batch_generic(const ScatterJob& job, int64_t first, int n) {
-    return scatter_batch<Format, kMapped>(job, first, n);
+    return scatter_batch<Format, kMapped, FmaPortable>(job, first, n);
 }
 
 #if ZK_HAVE_AVX2_PATH
 template <class Format, bool kMapped>
 ZK_TARGET_AVX2 ZK_FLATTEN int64_t scatter_batch_avx2(const ScatterJob& job, int64_t first, int n) {
-    return scatter_batch<Format, kMapped>(job, first, n);
+    return scatter_batch<Format, kMapped, FmaHardware>(job, first, n);
 }
 #endif
 
@@ -225,7 +231,7 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
                      uint64_t rounding_seed, int num_threads,
                      const std::vector<uint64_t>& index_offsets,
                      const std::vector<uint64_t>& index_local_spans,
-                     const std::vector<uint64_t>& index_global_spans) {
+                     const std::vector<uint64_t>& index_global_spans, int contract) {
     if (numels.size() != ptrs.size() || keys.size() != ptrs.size() || decays.size() != ptrs.size())
         throw std::invalid_argument(
             "scatter_perturb: ptrs, numels, keys and decays must have equal lengths");
@@ -235,6 +241,8 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
         throw std::invalid_argument("scatter_perturb: bad dtype code");
     if (dist != kGaussian && dist != kRademacher)
         throw std::invalid_argument("scatter_perturb: bad dist code");
+    if (contract != kContractV1 && contract != kContractV2)
+        throw std::invalid_argument("scatter_perturb: contract must be 1 or 2");
     if (rounding != 0 && rounding != 1)
         throw std::invalid_argument("scatter_perturb: bad rounding code");
     if (count_ptr == 0) throw std::invalid_argument("scatter_perturb: count_ptr is null");
@@ -249,7 +257,8 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
         throw std::invalid_argument("scatter_perturb: entries need index and values");
 
     ScatterJob job{ptrs, keys, decays, {}, 0, reinterpret_cast<const int64_t*>(index_ptr),
-                   values_ptr, {}, scales, static_cast<Dist>(dist), rounding == 1,
+                   values_ptr, {}, scales, static_cast<Dist>(dist), static_cast<Contract>(contract),
+                   rounding == 1,
                    PhiloxKeys(rounding_seed), std::move(maps)};
     for (uint64_t n : numels) {
         job.starts.push_back(job.total);

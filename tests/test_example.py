@@ -1,6 +1,7 @@
 """The offline example (python -m zokernels.integrations.example) runs end to end in a fresh
 process with the hub switched off: tiny model from a config, AdamW pre-training, ZO fine-tuning
-through finetune(); the held-out loss must drop. Skipped without transformers."""
+through finetune() or, with --trainer, through ZOTrainer; the held-out loss must drop. Skipped
+without transformers."""
 
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def test_pseuzo_example_in_bf16_lowers_the_loss():
     assert result["final_loss"] < result["initial_loss"] - 0.05, result
     assert result["window_bytes"] > 0 and result["state_bytes"] >= result["window_bytes"]
     assert result["steps_per_s"] > 0
+
+
+def test_trainer_example_lowers_the_loss():
+    result = result_of(run_example("--trainer", "--optimizer", "lezo", *QUICK))
+    assert result["trainer"] is True and result["optimizer"] == "lezo"
+    assert result["steps"] == 60 and result["skipped_steps"] == 0
+    assert result["final_loss"] < result["initial_loss"] - 0.05, result
+    assert result["undo_log_bytes"] > 0
 
 
 def test_example_refuses_bad_arguments():

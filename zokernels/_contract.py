@@ -1,5 +1,7 @@
 """Constants of the noise contract (docs/noise-contract.md), shared by every backend."""
 
+import struct
+
 # Philox4x32-10 (Random123).
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
@@ -13,6 +15,49 @@ UNIFORM_SCALE = 4.6566127342e-10
 # Box-Muller constants as in Triton's pair_uniform_to_normal.
 BOX_MULLER_MIN_U = 1.0e-7
 TWO_PI = 6.283185307179586
+
+# Contract version of the gaussian normals (docs/noise-contract.md): 1 = Triton's
+# pair_uniform_to_normal (libdevice-dependent, agrees across backends within 1e-5), 2 = the fixed
+# float32 Box-Muller below, bit-identical on every backend. Words, uniforms and rademacher values
+# are the same in both. The default for new work is 2; 1 replays recordings made before v2.
+CONTRACTS = (1, 2)
+DEFAULT_CONTRACT = 2
+# What a saved optimizer state or trajectory meta without a "contract" field was made with: every
+# recording from before v2 used the v1 normals.
+CONTRACT_OF_UNVERSIONED = 1
+
+# v2 normals: constants as float32 bit patterns. -2 ln(1 + f) = f * P(f) for f in
+# [sqrt(1/2) - 1, sqrt(2) - 1), P(f) = sum_j NORMAL_V2_LOG[j] f^j (minimax, relative error 1.7e-7);
+# sin(pi/4 v) = v * sum_j NORMAL_V2_SIN[j] v^(2j) and cos(pi/4 v) = sum_j NORMAL_V2_COS[j] v^(2j)
+# on [-1, 1] (relative error 3.2e-9 and 3.3e-8).
+NORMAL_V2_LOG = (0xBFFFFFFF, 0x3F80003D, 0xBF2AACEE, 0x3EFFB11E, 0xBECBC717, 0x3EB0A604,
+                 0xBEA61E86, 0x3E4EFD40)
+NORMAL_V2_MINUS_TWO_LN2 = 0xBFB17218  # float32(-2 ln 2)
+# u = fma(float32(word), U_SCALE, U_OFFSET) in [2^-33, 1 - 2^-24]: never 0, never 1
+NORMAL_V2_U_SCALE = 0x2F7FFFFF  # (1 - 2^-24) 2^-32
+NORMAL_V2_U_OFFSET = 0x2F000000  # 2^-33
+NORMAL_V2_SIN = (0x3F490FDB, 0xBDA55DDD, 0x3B232F49, 0xB816C981)
+NORMAL_V2_COS = (0x3F7FFFFF, 0xBE9DE9C6, 0x3C81D732, 0xB9A71AED)
+
+
+def as_contract(value, name: str = "contract") -> int:
+    """`value` checked as a contract version (1 or 2; bool refused), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in CONTRACTS:
+        raise ValueError(f"{name} must be one of {list(CONTRACTS)} (the version of the gaussian "
+                         f"normals, docs/noise-contract.md), got {value!r}")
+    return int(value)
+
+
+def saved_contract(saved) -> object:
+    """The contract version recorded in a saved state / trajectory meta (a mapping), as saved
+    (check it with as_contract); one saved before versions existed is v1."""
+    return saved.get("contract", CONTRACT_OF_UNVERSIONED)
+
+
+def float32_from_bits(bits: int) -> float:
+    """The Python float equal to the float32 with this bit pattern (exact)."""
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
 
 # Counter word c3 separates independent streams of one seed.
 STREAM_NOISE = 0

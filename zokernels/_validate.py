@@ -32,7 +32,7 @@ def as_int(value: Any, name: str) -> int:
         if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer, got a tensor of shape "
                             f"{tuple(value.shape)} and dtype {value.dtype}")
-        return int(value.item())
+        return int(host_values(value, name)[0])
     try:
         return operator.index(value)
     except TypeError:
@@ -57,7 +57,7 @@ def as_seed_list(seeds: Any) -> list[int]:
     if isinstance(seeds, torch.Tensor):
         if seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
             raise TypeError(f"seeds must hold integers, got a tensor of dtype {seeds.dtype}")
-        seeds = seeds.reshape(-1).tolist()
+        seeds = host_values(seeds, "seeds")
     elif not isinstance(seeds, Sequence) or isinstance(seeds, (str, bytes)):
         seeds = [seeds]
     if len(seeds) == 0:
@@ -82,6 +82,7 @@ def as_tensor_list(tensors: Any, name: str) -> list[torch.Tensor]:
     for j, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{j}] must be a torch.Tensor, got {type(t).__name__}")
+        t = tensors[j] = plain_tensor(t, f"{name}[{j}]")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}[{j}] has dtype {t.dtype}; supported dtypes are "
                             "float32, bfloat16 and float16")
@@ -90,8 +91,26 @@ def as_tensor_list(tensors: Any, name: str) -> list[torch.Tensor]:
         if t.is_inference() and not torch.is_inference_mode_enabled():
             raise ValueError(f"{name}[{j}] is an inference tensor: it can be updated in place "
                              "only inside torch.inference_mode()")
+        if t.is_neg():
+            raise ValueError(f"{name}[{j}] is a negated view (its negative bit is set, e.g. "
+                             "z.conj().imag): the kernels would write its memory without the "
+                             "sign; pass a tensor without it (t.resolve_neg() is a copy)")
         check_addressable(t, f"{name}[{j}]")
     return tensors
+
+
+def plain_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t itself for a torch.Tensor or an nn.Parameter; for a subclass, a plain torch.Tensor alias
+    of the same memory (same storage, offset, sizes, strides and version counter), made with
+    __torch_function__ disabled and torch's own method: the checks and the kernels then read
+    torch's metadata, never what a subclass's Python overrides (data_ptr, numel, stride, dtype,
+    ... or its __torch_function__) say about its memory. Tensors without real storage of their
+    own are refused (check_addressable)."""
+    if type(t) in _PLAIN_TYPES:
+        return t
+    _check_real_storage(t, name)
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch._C.TensorBase.as_subclass(t, torch.Tensor)
 
 
 def check_values(t: torch.Tensor, name: str) -> None:
@@ -99,6 +118,14 @@ def check_values(t: torch.Tensor, name: str) -> None:
     if t.device.type == "meta":
         raise ValueError(f"{name} is a meta tensor: it holds no values")
     check_addressable(t, name)
+
+
+def host_values(t: torch.Tensor, name: str) -> list:
+    """A tensor of numbers the host reads (seeds, keys, a 0-d number), as a flat list: refused
+    by name when it holds no values (meta, fake, storage-less), never torch's own error."""
+    t = plain_tensor(t, name)
+    check_values(t, name)
+    return t.reshape(-1).tolist()
 
 
 def as_device(value: Any, name: str = "device") -> torch.device:
@@ -131,12 +158,8 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return is_dtensor(t)
 
 
-def check_addressable(t: torch.Tensor, name: str) -> None:
-    """Refuse a tensor the kernels could not write through a raw pointer: one without real,
-    addressable memory of its own (DTensor, FakeTensor, wrapper subclasses such as TwoTensor,
-    functional tensors, nested tensors, data_ptr 0), one misaligned to its element size, or one
-    whose storage is smaller than its view addresses. Meta tensors (no memory) pass: the
-    backends refuse the meta device on their own."""
+def _check_real_storage(t: torch.Tensor, name: str) -> None:
+    """Refuse nested, functional, fake and wrapper-subclass tensors (DTensor by name)."""
     if t.is_nested:
         raise TypeError(f"{name} is a nested tensor; pass its components as separate tensors")
     if torch._is_functional_tensor(t) or (type(t) not in _PLAIN_TYPES and (
@@ -148,6 +171,15 @@ def check_addressable(t: torch.Tensor, name: str) -> None:
                             "a ParameterSpace, which does both")
         raise TypeError(f"{name} is a {type(t).__name__} without real addressable storage (a "
                         "fake, functional or wrapper-subclass tensor); pass a plain tensor")
+
+
+def check_addressable(t: torch.Tensor, name: str) -> None:
+    """Refuse a tensor the kernels could not write through a raw pointer: one without real,
+    addressable memory of its own (DTensor, FakeTensor, wrapper subclasses such as TwoTensor,
+    functional tensors, nested tensors, data_ptr 0), one misaligned to its element size, or one
+    whose storage is smaller than its view addresses. Meta tensors (no memory) pass: the
+    backends refuse the meta device on their own."""
+    _check_real_storage(t, name)
     if t.is_meta or t.numel() == 0:
         return
     pointer = t.data_ptr()
@@ -179,6 +211,17 @@ def _is_real_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real number (not a bool) that is finite as a float (an int too large for a float is
+    not: math.isfinite would raise OverflowError on it)."""
+    if not _is_real_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_numbers(values: Any, count: int, name: str) -> None:
     """`count` real numbers, each finite in float32 (pure Python: for host-side records)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
@@ -205,8 +248,10 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
     if isinstance(values, torch.Tensor):
         if not (values.dtype.is_floating_point or values.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {values.dtype}")
+        values = plain_tensor(values, name)
         check_values(values, name)
-        vector = values.detach().reshape(-1).to(torch.float32)
+        # resolve_neg: the kernels read raw memory, without a negated view's sign
+        vector = values.detach().reshape(-1).to(torch.float32).resolve_neg()
     else:
         if scalar:
             values = [values]
@@ -216,7 +261,7 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
         items = []
         for k, v in enumerate(values):
             if isinstance(v, torch.Tensor) and v.numel() == 1:
-                v = v.item()
+                v = host_values(v, f"{name}[{k}]")[0]
             if not _is_real_number(v):
                 raise TypeError(f"{name}[{k}] must be a real number, got {type(v).__name__}")
             if not (_fits_float32(v)):
@@ -241,7 +286,7 @@ def as_keys(keys: Any, count: int) -> list[int]:
             raise ValueError("more tensors than distinct default keys; pass keys")
         return list(range(count))
     if isinstance(keys, torch.Tensor):
-        keys = keys.reshape(-1).tolist()
+        keys = host_values(keys, "keys")
     elif not isinstance(keys, Sequence) or isinstance(keys, (str, bytes)):
         raise TypeError(f"keys must be a sequence of integers, got {type(keys).__name__}")
     if len(keys) != count:
@@ -303,7 +348,10 @@ def check_reads(spans: dict[str, list[tuple[int, int, str]]],
                 read: list[tuple[str, Any]]) -> None:
     """Refuse read tensors (factors, scalar tensors) that share memory with written ones."""
     for name, t in read:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = plain_tensor(t, name)  # where its memory really is, whatever a subclass says
+        if t.numel() == 0 or t.device.type == "meta":
             continue
         device_spans = spans.get(str(t.device), [])
         if not device_spans:
@@ -355,3 +403,34 @@ def as_index_maps(index_maps: Any, tensors: list[torch.Tensor]) -> list[tuple[in
         identity = offset == 0 and (local_span == global_span or local_span == numel)
         maps.append(None if identity else (offset, local_span, global_span))
     return maps
+
+
+class StorageBudget:
+    """Bounds the work of reading the tensors of an untrusted state (a checkpoint, a trajectory):
+    every value a tensor declares must be held in its storage, and the tensors viewing one
+    storage together declare at most the bytes it holds. A stride-0 (expanded) view, or many
+    fields viewing one small storage, cannot make a small file declare huge tensors: copying or
+    listing the values costs at most what the file holds. Views that partition a storage pass.
+    Meta tensors (no values) and empty ones cost nothing; other layouts are left to the
+    fields' own checks."""
+
+    def __init__(self) -> None:
+        self._used: dict[tuple[str, int], int] = {}
+
+    def charge(self, t: torch.Tensor, name: str) -> None:
+        """Count t's values against its storage (ValueError naming it when they exceed it)."""
+        if t.layout != torch.strided or t.is_meta or t.numel() == 0:
+            return
+        t = plain_tensor(t, name)
+        storage = t.untyped_storage()
+        held, declared = storage.nbytes(), t.numel() * t.element_size()
+        key = (str(t.device), storage.data_ptr())
+        used = self._used.get(key, 0) + declared
+        if declared > held:
+            raise ValueError(f"{name} declares {t.numel()} values but its storage holds {held} "
+                             "bytes (an expanded view)")
+        if used > held:
+            raise ValueError(f"{name} shares its storage with other tensors of this state: "
+                             f"together they declare {used} bytes of a {held}-byte storage "
+                             "(overlapping views of one storage)")
+        self._used[key] = used

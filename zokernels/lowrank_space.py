@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ._contract import DEFAULT_CONTRACT
 from .ops.lowrank import lowrank_perturb_, run_lowrank_scatter
 from .ops.noise import noise
 from .ops.undo import UndoLog
@@ -35,10 +36,12 @@ class LowRankSpace:
 
     def __init__(self, names: list[str], weights: list[torch.Tensor], keys: list[int],
                  decayable: list[bool], rank: int, seed: int, backend: str,
-                 shards: list[Any] | None = None) -> None:
+                 shards: list[Any] | None = None, contract: int = DEFAULT_CONTRACT) -> None:
         """weights: the parameters (DTensors included; the kernels write their local shards);
         shards: per weight None or its zokernels.sharding.Shard (the unsharded shape and the
-        box's offset); seed: the factor seed (factor_seed(base seed))."""
+        box's offset); seed: the factor seed (factor_seed(base seed)); contract: the version of
+        the gaussian normals U, V and tau are drawn with."""
+        self.contract = contract
         self.names, self.keys = names, keys
         # the parameters as given (DTensors) and what the kernels write (their local shards,
         # looked up again before each pass: a sharding wrapper may swap them)
@@ -76,9 +79,9 @@ class LowRankSpace:
             row0, col0 = (0, 0) if shard is None else shard.global_offset
             rows, cols = w.shape
             us.append(noise(rows * r, seed, key, offset=row0 * r, device=w.device,
-                            backend=backend).view(rows, r))
+                            backend=backend, contract=self.contract).view(rows, r))
             vs.append(noise(cols * r, seed, key, offset=m * r + col0 * r, device=w.device,
-                            backend=backend).view(cols, r))
+                            backend=backend, contract=self.contract).view(cols, r))
         self.us, self.vs, self.factor_seed, self.backend = us, vs, seed, backend
 
     def taus(self, seed: int, backend: str) -> torch.Tensor:
@@ -86,7 +89,8 @@ class LowRankSpace:
         weight's tau depends on its key only, not on which other weights are registered."""
         if not self.weights:
             return self.momentum
-        return torch.cat([noise(r, seed, key, device=self.device, backend=backend)
+        return torch.cat([noise(r, seed, key, device=self.device, backend=backend,
+                                contract=self.contract)
                           for r, key in zip(self.ranks, self.keys)])
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:

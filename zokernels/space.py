@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ._contract import PERTURB_DISTS, ROUNDINGS
+from ._contract import DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract
 from ._dispatch import BACKEND_CHOICES, resolve_backend
 from ._validate import (
     as_choice,
@@ -44,6 +44,7 @@ from ._validate import (
     as_seed,
     as_seed_list,
     as_tensor_list,
+    plain_tensor,
     check_no_internal_overlap,
     check_reads,
     written_spans,
@@ -141,7 +142,8 @@ class ParameterSpace:
 
     def __init__(self, params: Any, *, layers: Sequence[Any] | None = None,
                  keys: Sequence[int] | None = None, no_decay: Sequence[str] = NO_DECAY_DEFAULT,
-                 backend: str = "auto", trainable_only: bool = True) -> None:
+                 backend: str = "auto", trainable_only: bool = True,
+                 contract: int = DEFAULT_CONTRACT) -> None:
         named = _named(params, trainable_only)
         self.params: list[torch.Tensor] = [t for _, t in named]  # as given (DTensors included)
         self.names: list[str] = [n if n is not None else str(j) for j, (n, _) in enumerate(named)]
@@ -149,8 +151,10 @@ class ParameterSpace:
         self.shards = [shard_of(t, f"params[{j}] ({self.names[j]})")
                        for j, t in enumerate(self.params)]
         self.index_maps = [None if shard is None else shard.index_map for shard in self.shards]
-        self._dtensors = [j for j, t in enumerate(self.params) if is_dtensor(t)]
-        self.tensors: list[torch.Tensor] = [local_tensor(t) for t in self.params]
+        # DTensors and tensor subclasses: what the kernels write is re-fetched at every call
+        self._dtensors = [j for j, t in enumerate(self.params)
+                          if is_dtensor(t) or type(t) not in (torch.Tensor, torch.nn.Parameter)]
+        self.tensors: list[torch.Tensor] = [self._writable(j) for j in range(len(self.params))]
         if keys is not None:
             if len(keys) != len(self.tensors):
                 raise ValueError(f"keys must have one key per parameter ({len(self.tensors)}), "
@@ -164,6 +168,9 @@ class ParameterSpace:
             raise ValueError("keys must be distinct: two parameters would get the same noise")
         self.decayable = [not any(s in name for s in no_decay) for name in self.names]
         self.backend = as_choice(backend, BACKEND_CHOICES, "backend")
+        # the version of the gaussian normals every pass of this space uses unless told otherwise
+        # (an optimizer's, adopted from a checkpoint or a trajectory; docs/noise-contract.md)
+        self.contract = as_contract(contract)
 
         self._layer_of = self._assign_layers(layers)
         self.num_layers = 0 if layers is None else len(layers)
@@ -213,11 +220,16 @@ class ParameterSpace:
         # old one is alive, so each tensor's address changes: addresses catch both, and map()
         # reads them at C speed (about 0.1 us per tensor: LoRA has thousands).
         for j in self._dtensors:  # a sharding wrapper may swap a DTensor's local tensor
-            self.tensors[j] = local_tensor(self.params[j])
+            self.tensors[j] = self._writable(j)
         # sizes and dtypes too: p.data = p.data[:k] keeps the address, and cached launch data
         # (the cpu backend's lists) must never outlive the size it was built for
         return [list(map(_data_ptr, self.tensors)), list(map(_numel, self.tensors)),
                 [t.dtype for t in self.tensors]]
+
+    def _writable(self, j: int) -> torch.Tensor:
+        """What the kernels write for parameter j: a DTensor's local shard, a subclass's plain
+        alias (never what the subclass's overrides say about its memory, see plain_tensor)."""
+        return plain_tensor(local_tensor(self.params[j]), f"params[{j}]")
 
     def _assign_layers(self, layers: Sequence[Any] | None) -> list[int | None]:
         assigned: list[int | None] = [None] * len(self.tensors)
@@ -356,7 +368,7 @@ class ParameterSpace:
               layers: Sequence[int] | None = None, weight_decay_factor: Any = 1.0,
               applied: Any = None, dist: str = "gaussian", rounding: str = "nearest",
               rounding_seed: int | None = None, check_finite: bool = True,
-              log: UndoLog | None = None) -> None:
+              log: UndoLog | None = None, contract: int | None = None) -> None:
         """perturb_ over the registered parameters (all, or the selected layers):
 
             theta = round(d * theta + sum_k scales[k] * z(seeds[k], key, i))
@@ -366,10 +378,11 @@ class ParameterSpace:
         nearest rounding and no decay only) keeps the elements recovery cannot give back, for
         `apply_logged` (docs/undo-log.md); the first pass of a log also runs a count-only probe
         to size it. One backend call per (device, dtype) group; validation covers only the
-        scalars passed here.
+        scalars passed here. `contract`: the version of the gaussian normals (see perturb_).
         """
         seed_list = as_seed_list(seeds)
         dist = as_choice(dist, PERTURB_DISTS, "dist")
+        contract = self.contract if contract is None else as_contract(contract)
         rounding = as_choice(rounding, ROUNDINGS, "rounding")
         rounding_seed = (seed_list[0] if rounding_seed is None
                          else as_seed(rounding_seed, "rounding_seed"))
@@ -399,20 +412,20 @@ class ParameterSpace:
         decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
         if log is None:
             run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
-                        rounding_seed)
+                        rounding_seed, contract=contract)
             return
         if log.needs_probe(plan):
             log.probe(plan, lambda counters: run_perturb(
                 plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
-                rounding_seed, logs=counters, count_only=True))
+                rounding_seed, logs=counters, count_only=True, contract=contract))
         buffers = log.begin(plan, flags)
         run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
-                    rounding_seed, logs=buffers)
+                    rounding_seed, logs=buffers, contract=contract)
 
     def apply_logged(self, log: UndoLog, seeds: int | Sequence[int] = (), scales: Any = (), *,
                      weight_decay_factor: Any = 1.0, dist: str = "gaussian",
                      rounding: str = "nearest", rounding_seed: int | None = None,
-                     check_finite: bool = True) -> None:
+                     check_finite: bool = True, contract: int | None = None) -> None:
         """Rewrite the elements `log` holds from their logged (pre-pass) values: with no seeds,
         put the values back bit for bit (the end of an exact restore); with seeds,
 
@@ -420,7 +433,8 @@ class ParameterSpace:
 
         exactly as `apply` computes it from an unperturbed weight (the end of an exact update).
         Call it after the dense pass (restore: `applied=` with scale 0; update: `applied=` with
-        the update's coefficients) over the same parameters the logged pass covered.
+        the update's coefficients) over the same parameters the logged pass covered, with the
+        pass's `contract`.
         """
         if not isinstance(log, UndoLog):
             raise TypeError(f"log must be an UndoLog, got {type(log).__name__}")
@@ -429,6 +443,7 @@ class ParameterSpace:
         else:
             seed_list = []
         dist = as_choice(dist, PERTURB_DISTS, "dist")
+        contract = self.contract if contract is None else as_contract(contract)
         rounding = as_choice(rounding, ROUNDINGS, "rounding")
         rounding_seed = (as_seed(rounding_seed, "rounding_seed") if rounding_seed is not None
                          else seed_list[0] if seed_list else 0)
@@ -444,7 +459,8 @@ class ParameterSpace:
                                "indices no longer apply")
         flags = log.decay_flags
         decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
-        run_scatter(log, seed_list, scale_vector, decays, dist, rounding, rounding_seed)
+        run_scatter(log, seed_list, scale_vector, decays, dist, rounding, rounding_seed,
+                    contract=contract)
 
     def perturb(self, seed: int, scale: Any, *, layers: Sequence[int] | None = None,
                 applied: Any = None, dist: str = "gaussian", **kwargs: Any) -> None:

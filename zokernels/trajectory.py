@@ -33,9 +33,16 @@ from typing import Any
 
 import torch
 
-from ._contract import PERTURB_DISTS, ROUNDINGS
+from ._contract import PERTURB_DISTS, ROUNDINGS, as_contract, saved_contract
 from ._seeds import step_seed
-from ._validate import as_key, as_seed, as_seed_list, check_addressable, check_numbers
+from ._validate import (
+    StorageBudget,
+    as_key,
+    as_seed,
+    as_seed_list,
+    check_addressable,
+    check_numbers,
+)
 
 FORMAT_VERSION = 1
 # Seeds one step may hold (MeZO's n_spsa, PseuZO's window): the optimizers refuse more, and a
@@ -357,7 +364,8 @@ class Trajectory:
                                      f"{numel}")
             space = ParameterSpace(list(zip(group["param_names"], tensors)),
                                    layers=group.get("layers"), keys=group["keys"],
-                                   backend=backend, no_decay=self.meta.get("no_decay", ()))
+                                   backend=backend, no_decay=self.meta.get("no_decay", ()),
+                                   contract=saved_contract(self.meta))
             spaces.append(space)
         return spaces
 
@@ -419,7 +427,7 @@ class Trajectory:
 # -- checks of a saved trajectory ------------------------------------------------------------------
 
 def _field(state: dict[str, Any], name: str, dim: int, integer: bool, rows: int | None,
-           width: int | None = None) -> list:
+           width: int | None = None, *, budget: StorageBudget) -> list:
     """A tensor field as a list, checked: an integer (or float32) tensor of `dim` dims and `rows`
     rows (`width` columns), with real storage holding every value (no stride-0 expansion), and
     finite when floating."""
@@ -440,9 +448,7 @@ def _field(state: dict[str, Any], name: str, dim: int, integer: bool, rows: int 
     shape = (rows,) if width is None else (rows, width)
     if t.dim() != dim or (rows is not None and tuple(t.shape) != shape):
         raise ValueError(f"{where} must have shape {shape}, got {tuple(t.shape)}")
-    if t.numel() and t.untyped_storage().nbytes() < t.numel() * t.element_size():
-        raise ValueError(f"{where} declares {t.numel()} values but its storage holds "
-                         f"{t.untyped_storage().nbytes()} bytes (an expanded view)")
+    budget.charge(t, where)  # the values are in the file, each once
     if not integer and t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{where} must hold finite values")
     return t.tolist()
@@ -463,6 +469,7 @@ def _checked_meta(meta: Any, seeds_saved: bool) -> int:
     if meta.get("rounding", "nearest") not in ROUNDINGS:
         raise ValueError(f"trajectory meta rounding must be one of {list(ROUNDINGS)}, got "
                          f"{meta.get('rounding')!r}")
+    as_contract(saved_contract(meta), "trajectory meta contract")  # absent: v1 (before versions)
     groups = meta.get("groups")
     if not isinstance(groups, list) or not groups:
         raise ValueError("trajectory meta groups must be a non-empty list (one per param group)")
@@ -496,30 +503,32 @@ def _checked_state(state: Any) -> dict[str, Any]:
     if not isinstance(state.get("algorithm"), str):
         raise ValueError("trajectory algorithm must be a string")
     groups = _checked_meta(state.get("meta"), state.get("seeds") is not None)
-    steps = _field(state, "step", 1, True, None)
+    budget = StorageBudget()
+    steps = _field(state, "step", 1, True, None, budget=budget)
     count = len(steps)
     if any(not 0 <= b < COUNTER_LIMIT for b in steps) or any(
             a >= b for a, b in zip(steps, steps[1:])):
         raise ValueError("trajectory step must hold increasing steps in [0, 2^63)")
-    counts = _field(state, "n_seeds", 1, True, count)
+    counts = _field(state, "n_seeds", 1, True, count, budget=budget)
     if any(not 1 <= k <= MAX_SEEDS_PER_STEP for k in counts):
         raise ValueError(f"trajectory n_seeds must be in [1, {MAX_SEEDS_PER_STEP}] per step")
     total = sum(counts)
     seeds = None
     if state.get("seeds") is not None:
-        seeds = [s & ((1 << 64) - 1) for s in _field(state, "seeds", 1, True, total)]
-    coefs = _field(state, "coefs", 2, False, total, groups)
-    decays = _field(state, "decays", 2, False, count, groups)
-    n_layers = _field(state, "n_layers", 1, True, count)
+        seeds = [s & ((1 << 64) - 1)
+                 for s in _field(state, "seeds", 1, True, total, budget=budget)]
+    coefs = _field(state, "coefs", 2, False, total, groups, budget=budget)
+    decays = _field(state, "decays", 2, False, count, groups, budget=budget)
+    n_layers = _field(state, "n_layers", 1, True, count, budget=budget)
     if any(n < -1 for n in n_layers):
         raise ValueError("trajectory n_layers must be -1 (all layers) or a count")
-    layers = _field(state, "layers", 1, True, sum(n for n in n_layers if n > 0))
+    layers = _field(state, "layers", 1, True, sum(n for n in n_layers if n > 0), budget=budget)
     if any(x < 0 for x in layers):
         raise ValueError("trajectory layers must hold layer indices >= 0")
     extra = state.get("extra", {})
     if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
         raise ValueError("trajectory extra must be a dict of named columns")
-    columns = {name: _field(extra, name, 1, False, count) for name in extra}
+    columns = {name: _field(extra, name, 1, False, count, budget=budget) for name in extra}
     return {"algorithm": state["algorithm"], "meta": state["meta"], "step": steps,
             "n_seeds": counts, "seeds": seeds, "coefs": coefs, "decays": decays,
             "n_layers": n_layers, "layers": layers, "extra": columns}

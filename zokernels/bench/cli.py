@@ -26,6 +26,7 @@ import torch
 
 import zokernels
 
+from ..trajectory import MAX_SEEDS_PER_STEP
 from .lora import CASES as LORA_CASES
 from .lora import B_STD, OVERHEAD_NUMEL, OVERHEAD_TENSORS, PROBE_STEPS, SOURCES, TARGETS
 from .lora import PRESETS as LORA_PRESETS
@@ -237,7 +238,8 @@ def _choices(values: list[str] | None, default: str, allowed: tuple[str, ...] | 
     return chosen
 
 
-def _ints(values: list[str] | None, default: str, option: str) -> list[int]:
+def _ints(values: list[str] | None, default: str, option: str,
+          high: int | None = None) -> list[int]:
     numbers = []
     for item in _items(values, default):
         try:
@@ -246,6 +248,8 @@ def _ints(values: list[str] | None, default: str, option: str) -> list[int]:
             raise UsageError(f"{option}: {item!r} is not an integer") from None
         if number < 1:
             raise UsageError(f"{option}: values must be >= 1, got {number}")
+        if high is not None and number > high:
+            raise UsageError(f"{option}: values must be <= {high}, got {number}")
         numbers.append(number)
     return numbers
 
@@ -417,7 +421,8 @@ def plan_ops(args: argparse.Namespace) -> Plan:
             raise UsageError(f"--shape-set: {exc}") from None
     dtypes = _dtypes(args.dtype, "") if args.dtype else None
     ops = _choices(args.op, "perturb,lowrank", OPS, "--op")
-    ks = _ints(args.k, "1,2,14", "--k")
+    # seeds per call: at most what one recorded step may hold (the optimizers' own limit)
+    ks = _ints(args.k, "1,2,14", "--k", high=MAX_SEEDS_PER_STEP)
     dists = _choices(args.dist, ",".join(DISTS), DISTS, "--dist")
     roundings = _choices(args.rounding, ",".join(ROUNDINGS), ROUNDINGS, "--rounding")
     ranks = _ints(args.rank, "8,16,64", "--rank")
@@ -555,6 +560,8 @@ def format_table(results: list[dict], groups: list[Group]) -> str:
 def check_json_path(path: str) -> None:
     """Refuse (UsageError) a --json PATH that cannot be written, before anything runs: a
     directory, a path under a file, or a place this process may not write."""
+    if "\0" in path:  # os.path answers False for it; open() would raise after the run
+        raise UsageError(f"--json {path!r}: a path cannot contain a NUL character")
     if os.path.isdir(path):
         raise UsageError(f"--json {path}: is a directory; give a file path")
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -664,6 +671,8 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
                           ("--window", args.window)):
         if value < 1:
             raise UsageError(f"{option} must be >= 1, got {value}")
+    if args.window > MAX_SEEDS_PER_STEP:  # PseuZO's own limit, checked before any work
+        raise UsageError(f"--window must be <= {MAX_SEEDS_PER_STEP}, got {args.window}")
     if not 0.0 < args.lezo_active <= 1.0:
         raise UsageError(f"--lezo-active must be in (0, 1], got {args.lezo_active:g}")
     repeats = args.repeats if args.repeats is not None else (3 if kind == "cpu" else 10)
@@ -772,6 +781,14 @@ def plan_lora(args: argparse.Namespace) -> tuple[LoraSettings, list[str]]:
     counts = [] if args.no_overhead else _ints(args.overhead_tensors,
                                                ",".join(map(str, OVERHEAD_TENSORS)),
                                                "--overhead-tensors")
+    if counts:  # the overhead's tensors are allocated at once: refuse what cannot fit
+        needed = max(counts) * args.overhead_numel * 4
+        free = available_memory_bytes("cpu")
+        if free is not None and needed > MEMORY_HEADROOM * free:
+            raise UsageError(f"--overhead-numel {args.overhead_numel} x --overhead-tensors "
+                             f"{max(counts)}: needs {needed / 1e9:.2f} GB of float32 tensors, "
+                             f"more than {MEMORY_HEADROOM:.0%} of the free memory "
+                             f"({free / 1e9:.2f} GB)")
     backend = _lora_backend(args.backend, device)
     notes = ["the closures return a constant loss (g = 0): every pass still runs in full, only "
              "perturb/update and the optimizer's bookkeeping are timed",

@@ -252,7 +252,9 @@ def _real(value: Any, what: str) -> float:
         raise TypeError(f"{what} must be a real number, got {type(value).__name__}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{what} must be finite, got an integer beyond float range") from None
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor without a value
         raise TypeError(f"{what} must be a real number, got {type(value).__name__}") from None
     if not math.isfinite(number):
         raise ValueError(f"{what} must be finite, got {number}")

@@ -27,20 +27,33 @@ def _positive_int(value: Any, name: str, *, optional: bool = False) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _build(model: torch.nn.Module, name: str, kwargs: dict[str, Any]) -> ZOOptimizer:
+def trainable_blocks(model: torch.nn.Module, where: str = "finetune('lezo')",
+                     option: str = "layers=") -> list[torch.nn.Module]:
+    """LeZO's default layers: the blocks of find_transformer_layers(model) that hold a trainable
+    parameter (wholly frozen blocks are left out: LeZO would spend its picks on them).
+    ValueError naming `where` and `option` when there is none."""
+    try:
+        blocks = [block for block in find_transformer_layers(model)
+                  if any(p.requires_grad for p in block.parameters())]
+    except ValueError:  # no repeated block list holds a trainable parameter
+        blocks = []
+    if not blocks:
+        raise ValueError(f"{where}: no transformer block holds a trainable parameter (every "
+                         f"block frozen, or no repeated block list); pass {option}")
+    return blocks
+
+
+def _build(model: torch.nn.Module, name: str, kwargs: dict[str, Any],
+           where: str = "finetune") -> ZOOptimizer:
     kwargs = dict(kwargs)
     if name == "lezo" and "layers" not in kwargs:
-        # wholly frozen blocks are left out: LeZO would spend its picks on them
-        kwargs["layers"] = [block for block in find_transformer_layers(model)
-                            if any(p.requires_grad for p in block.parameters())]
-        if not kwargs["layers"]:
-            raise ValueError("finetune('lezo'): every transformer block is frozen; pass layers=")
+        kwargs["layers"] = trainable_blocks(model)
         if "n_active" not in kwargs and "n_dropped" not in kwargs:
             kwargs["n_active"] = max(1, len(kwargs["layers"]) // 4)
     if name == "pseuzo":
         params = pseuzo_parameters(model)
         if not params:
-            raise ValueError("finetune('pseuzo'): nothing to train: the only trainable "
+            raise ValueError(f"{where}('pseuzo'): nothing to train: the only trainable "
                              "parameters are an untied LM head, which PseuZO's hidden-state "
                              "output cannot see (see pseuzo_parameters)")
     else:

@@ -19,6 +19,7 @@ from .._validate import (
     check_no_internal_overlap,
     check_no_overlap,
     check_values,
+    plain_tensor,
 )
 from ._groups import contiguous_views, select as _select
 from .perturb import PerturbGroup, plan_groups
@@ -28,6 +29,7 @@ from .undo import UndoLog
 def _as_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor]:
     """One factor per weight; a single tensor is shared by all weights (taus only)."""
     if isinstance(values, torch.Tensor) and name in ("taus", "applied_taus"):
+        values = plain_tensor(values, name)
         check_values(values, name)
         if values.dim() == 1:
             return [values] * count
@@ -43,7 +45,7 @@ def _as_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor]:
 
 def _float32(factor: torch.Tensor) -> torch.Tensor:
     """Factors are small ((m + n) * r): a float32 contiguous copy, only when needed, is cheap."""
-    return factor.detach().to(torch.float32).contiguous()
+    return factor.detach().to(torch.float32).resolve_neg().contiguous()
 
 
 @dataclass

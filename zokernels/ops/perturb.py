@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .._contract import PERTURB_DISTS, ROUNDINGS
+from .._contract import DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract
 from .._dispatch import BACKEND_CHOICES, implementation, resolve_backend
 from .._validate import (
     as_choice,
@@ -27,7 +27,7 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
              scales: Any, *, keys: list[int] | None = None, decay: Any = 1.0,
              dist: str = "gaussian", rounding: str = "nearest", rounding_seed: int | None = None,
              applied: Any = None, index_maps: Any = None, backend: str = "auto",
-             check_finite: bool = True) -> None:
+             check_finite: bool = True, contract: int = DEFAULT_CONTRACT) -> None:
     """In place: t_j[i] = round(decay_j * t_j[i] + sum_k scales[k] * z(seeds[k], keys[j], i)).
 
     One read and one write of every element, whatever the number of seeds K: this is how MeZO's
@@ -63,6 +63,8 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
         backend: "auto" (triton for CUDA tensors, cpu for CPU tensors), "triton", "cpu" or "torch".
         check_finite: refuse NaN/inf scales and decay given as device tensors (one host sync).
             Numbers and CPU tensors are always checked.
+        contract: 2 (default) or 1, the version of the gaussian normals (zokernels.noise,
+            docs/noise-contract.md); 1 replays perturbations recorded before v2.
 
     The arithmetic is float32: D is summed from 0 in seed order, added to the weight once, and
     the result rounds once to the tensor's dtype. Bytes moved: 2 * itemsize
@@ -74,6 +76,7 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
     seed_list = as_seed_list(seeds)
     dist = as_choice(dist, PERTURB_DISTS, "dist")
     rounding = as_choice(rounding, ROUNDINGS, "rounding")
+    contract = as_contract(contract)
     backend = as_choice(backend, BACKEND_CHOICES, "backend")
     rounding_seed = seed_list[0] if rounding_seed is None else as_seed(rounding_seed, "rounding_seed")
     key_list = as_keys(keys, len(tensors))
@@ -91,7 +94,7 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
     # Resolve every group's backend before writing anything: a refusal leaves all tensors as they were.
     plan = plan_groups(tensors, key_list, backend, maps)
     run_perturb(plan, seed_list, scale_vector, decay_vector, applied_vector, dist, rounding,
-                rounding_seed)
+                rounding_seed, contract=contract)
 
 
 @dataclass
@@ -132,10 +135,12 @@ _CACHING_BACKENDS = ("cpu", "triton")
 
 def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor,
                 decays: torch.Tensor, applied: torch.Tensor | None, dist: str, rounding: str,
-                rounding_seed: int, logs: list | None = None, count_only: bool = False) -> None:
+                rounding_seed: int, logs: list | None = None, count_only: bool = False,
+                contract: int = DEFAULT_CONTRACT) -> None:
     """Apply validated arguments group by group (shared by perturb_ and ParameterSpace).
 
-    logs: None, or one UndoBuffers per group (docs/undo-log.md); count_only: only count."""
+    logs: None, or one UndoBuffers per group (docs/undo-log.md); count_only: only count;
+    contract: the version of the gaussian normals."""
     for g, group in enumerate(plan):
         device = group.device
         extra = {} if logs is None else {"log": logs[g], "count_only": count_only}
@@ -155,5 +160,6 @@ def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor
                 rounding,
                 rounding_seed,
                 applied=None if applied is None else applied.to(device, non_blocking=True),
+                contract=contract,
                 **extra,
             )

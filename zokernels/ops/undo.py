@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from .._contract import DEFAULT_CONTRACT
 from .._dispatch import implementation
 from ..backends.undo_buffers import UndoBuffers
 from ._groups import contiguous_views, select
@@ -232,8 +233,10 @@ def _empty_buffers(group: PerturbGroup) -> UndoBuffers:
 
 
 def run_scatter(log: UndoLog, seeds: list[int], scales: torch.Tensor, decays: torch.Tensor,
-                dist: str, rounding: str, rounding_seed: int) -> None:
-    """Rewrite the logged elements of the last pass, group by group (docs/undo-log.md)."""
+                dist: str, rounding: str, rounding_seed: int,
+                contract: int = DEFAULT_CONTRACT) -> None:
+    """Rewrite the logged elements of the last pass, group by group (docs/undo-log.md);
+    contract: the version of the gaussian normals."""
     if log.plan is None:
         return
     for group, buffers in zip(log.plan, log.buffers):
@@ -246,7 +249,7 @@ def run_scatter(log: UndoLog, seeds: list[int], scales: torch.Tensor, decays: to
                 work, group.keys, buffers.index, buffers.values, buffers.count, seeds,
                 scales.to(device, non_blocking=True),
                 select(decays, group.indices).to(device, non_blocking=True),
-                dist, rounding, rounding_seed, **extra)
+                dist, rounding, rounding_seed, contract=contract, **extra)
 
 
 __all__ = ["UndoLog", "run_scatter"]

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from .._contract import PERTURB_DISTS, ROUNDINGS
+from .._contract import (DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract,
+                          saved_contract)
 from .._dispatch import BACKEND_CHOICES
-from .._validate import as_seed
+from .._validate import StorageBudget, as_seed, is_finite_number
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..ops.undo import UndoLog
 from ..space import ParameterSpace, canonical_name
@@ -34,7 +35,7 @@ Closure = Callable[[], Any]
 def check_hyper(name: str, value: Any, *, low: float = 0.0, low_open: bool = False,
                 high: float | None = None, high_open: bool = False) -> float:
     """A finite real hyperparameter in the given range, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_finite_number(value):  # an int too large for a float is not finite either
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     value = float(value)
     if value < low or (low_open and value == low):
@@ -71,8 +72,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, seed: int, dist: str,
                  exact_restore: bool, backend: str, no_decay: Sequence[str],
                  record_trajectory: bool, layers: Sequence[Any] | None = None,
-                 rounding: str = "nearest", process_group: Any = None) -> None:
+                 rounding: str = "nearest", process_group: Any = None,
+                 contract: int = DEFAULT_CONTRACT) -> None:
         seed = as_seed(seed, "seed")  # the ops' rule: an integer in [0, 2^64)
+        contract = as_contract(contract)
         if dist not in PERTURB_DISTS:
             raise ValueError(f"dist must be one of {list(PERTURB_DISTS)}, got {dist!r}")
         if backend not in BACKEND_CHOICES:
@@ -91,6 +94,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.base_seed = int(seed)
         self.dist = dist
+        self.contract = contract  # of the gaussian normals (docs/noise-contract.md)
         self.exact_restore = bool(exact_restore)
         self.rounding = rounding  # of the update (the perturbations round to nearest)
         self.process_group = process_group
@@ -141,7 +145,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _space_for(self, group: dict[str, Any], layer_of: dict[int, int] | None) -> ParameterSpace:
         return ParameterSpace(list(zip(group["param_names"], group["params"])),
                               layers=self._layers_for(group, layer_of), backend=self.backend,
-                              no_decay=self.no_decay)
+                              no_decay=self.no_decay, contract=self.contract)
 
     def _resolve_layers(self, groups: Sequence[dict[str, Any]]) -> dict[int, int] | None:
         """The layer (LeZO block) of each parameter, by id, over all param groups; None without a
@@ -222,7 +226,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _trajectory_meta(self) -> dict[str, Any]:
         """What a replay needs besides the records; "groups" describes every parameter of every
         param group (the full spaces, before any split)."""
-        return {"base_seed": self.base_seed, "dist": self.dist, "rounding": self.rounding,
+        return {"base_seed": self.base_seed, "dist": self.dist, "contract": self.contract,
+                "rounding": self.rounding,
                 "groups": [{"param_names": list(g["param_names"]),
                             "named": bool(g.get("_named", True)),
                             "numel": space.global_numels(),
@@ -362,7 +367,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                                  f"{tuple(loss.shape)}")
             return loss.detach().reshape(()).to(torch.float32)
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-            return torch.tensor(float(loss), dtype=torch.float32)
+            try:
+                value = float(loss)
+            except OverflowError:  # an int beyond float range: a non-finite loss (skipped)
+                value = math.inf if loss > 0 else -math.inf
+            return torch.tensor(value, dtype=torch.float32)
         raise TypeError(f"the closure must return a scalar loss (tensor or number), "
                         f"got {type(loss).__name__}")
 
@@ -465,7 +474,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         groups = [{k: copy.deepcopy(v) for k, v in g.items() if k not in ("params", "_named")}
                   for g in self.param_groups]
         state = {"algorithm": self.algorithm, "base_seed": self.base_seed, "dist": self.dist,
-                 "zo_state": dict(self.zo_state), "param_groups": groups,
+                 "contract": self.contract, "zo_state": dict(self.zo_state), "param_groups": groups,
                  "undo_logs": [[log.state_dict() for log in pair] for pair in self._logs],
                  "extra": self._extra_state(),
                  "trajectory": None if self.trajectory is None else self.trajectory.state_dict()}
@@ -494,6 +503,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if state["dist"] not in PERTURB_DISTS:
             raise ValueError(f"state_dict dist must be one of {list(PERTURB_DISTS)}, "
                              f"got {state['dist']!r}")
+        as_contract(saved_contract(state), "state_dict contract")
         zo_state = state["zo_state"]
         if not isinstance(zo_state, dict) or set(zo_state) != set(self.zo_state):
             raise ValueError(f"state_dict zo_state must be a dict with keys "
@@ -564,6 +574,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         expected = {"algorithm": (trajectory.algorithm, self.algorithm),
                     "base_seed": (meta.get("base_seed"), int(state["base_seed"])),
                     "dist": (meta.get("dist"), state["dist"]),
+                    "contract": (saved_contract(meta), saved_contract(state)),
                     "rounding": (meta.get("rounding", "nearest"), self.rounding)}
         for field, (got, want) in expected.items():
             if got != want:
@@ -609,6 +620,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             group.update(saved)
         self.base_seed = int(state["base_seed"])
         self.dist = state["dist"]
+        self._adopt_contract(saved_contract(state))
         self.zo_state = {k: int(v) for k, v in state["zo_state"].items()}
         for pair, saved_pair in zip(self._logs, logs):
             for log, saved in zip(pair, saved_pair):
@@ -622,6 +634,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _adopt_contract(self, contract: int) -> None:
+        """Use normals of this contract version from now on (a loaded state's: a run resumes
+        with the noise it was recorded with); TeZO also redraws its factors."""
+        self.contract = contract
+        for space in self._registered + self.spaces:
+            space.contract = contract
+
     @property
     def undo_log_bytes(self) -> int:
         """Device memory held by the undo logs, of every held target (0 with
@@ -632,15 +651,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         return None
 
 
-def _copied(obj: Any) -> Any:
+def _copied(state: Any) -> Any:
     """A copy of a state_dict: containers rebuilt, tensors cloned (detached), other values as
-    they are; the optimizer never keeps a reference into what it was given."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _copied(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_copied(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_copied(v) for v in obj)
-    return copy.deepcopy(obj)
+    they are; the optimizer never keeps a reference into what it was given. A tensor object
+    that appears several times is cloned once (aliasing kept, as deepcopy keeps it); each is
+    counted against its storage before it is cloned (StorageBudget: ValueError naming it), so
+    an expanded view, or views of one storage, in a small file cannot make the copy allocate
+    more than the file holds."""
+    budget, clones = StorageBudget(), {}
+
+    def copied(obj: Any, where: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in clones:
+                budget.charge(obj, where)
+                clones[id(obj)] = obj.detach().clone()
+            return clones[id(obj)]
+        if isinstance(obj, dict):
+            return {k: copied(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [copied(v, f"{where}[{j}]") for j, v in enumerate(obj)]
+        if isinstance(obj, tuple):
+            return tuple(copied(v, f"{where}[{j}]") for j, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+    return copied(state, "state_dict")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .._contract import DEFAULT_CONTRACT
 from ..space import NO_DECAY_DEFAULT
 from ._seeds import choose_layers
 from .mezo import MeZO
@@ -38,7 +39,8 @@ class LeZO(MeZO):
                  n_active: int | None = None, n_dropped: int | None = None, n_spsa: int = 1,
                  exact_restore: bool = True, backend: str = "auto", rounding: str = "nearest",
                  process_group: Any = None, no_decay: Sequence[str] = NO_DECAY_DEFAULT,
-                 record_trajectory: bool = True, perturbation_parallel: bool = False) -> None:
+                 record_trajectory: bool = True, perturbation_parallel: bool = False,
+                 contract: int = DEFAULT_CONTRACT) -> None:
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
             raise ValueError("layers must be a non-empty list of blocks (modules or lists of "
                              "parameter names / tensors)")
@@ -54,7 +56,8 @@ class LeZO(MeZO):
                          n_spsa=n_spsa, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group, no_decay=no_decay,
                          record_trajectory=record_trajectory,
-                         perturbation_parallel=perturbation_parallel, layers=layers)
+                         perturbation_parallel=perturbation_parallel, layers=layers,
+                         contract=contract)
 
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .._contract import DEFAULT_CONTRACT
 from .._validate import as_seed
 from ..space import NO_DECAY_DEFAULT
 from ..trajectory import MAX_SEEDS_PER_STEP
@@ -121,7 +122,7 @@ class PseuZO(ZOOptimizer):
                  exact_restore: bool = True, backend: str = "auto",
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
-                 record_trajectory: bool = True) -> None:
+                 record_trajectory: bool = True, contract: int = DEFAULT_CONTRACT) -> None:
         check_common_hyper(lr, eps, weight_decay)
         if isinstance(beta, str) and beta != "reference":
             raise ValueError(f"beta must be a number in [0, 1], 'reference' or a callable of the "
@@ -168,7 +169,8 @@ class PseuZO(ZOOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
                          dist=dist, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group,
-                         no_decay=no_decay, record_trajectory=record_trajectory)
+                         no_decay=no_decay, record_trajectory=record_trajectory,
+                         contract=contract)
 
     def _schedule(self) -> dict[str, Any]:
         """The beta settings, as saved (a callable as the word "callable")."""
@@ -191,12 +193,15 @@ class PseuZO(ZOOptimizer):
             return check_hyper(f"beta({epoch})", self.beta(epoch), high=1.0)
         return self.beta
 
-    def resets_window(self, step: int) -> bool:
+    def resets_window(self, step: int, beta: float | None = None) -> bool:
         """Whether the window is cleared before step `step`: with a schedule, at the first step
-        of every epoch whose beta is 1 (as the reference)."""
+        of every epoch whose beta is 1 (as the reference). beta: the step's beta_at(step), when
+        the caller has it (a step evaluates a callable schedule once)."""
         if isinstance(self.beta, float):
             return False
-        return step % self.beta_epoch_steps == 0 and self.beta_at(step) == 1.0
+        if step % self.beta_epoch_steps:
+            return False
+        return (self.beta_at(step) if beta is None else beta) == 1.0
 
     def _seeds_per_step(self) -> tuple[int, int]:
         return 1, self.capacity
@@ -279,7 +284,7 @@ class PseuZO(ZOOptimizer):
         beta = self.beta_at(step)
         if beta == 0.0 and self.beta_zero == "mezo":
             return self._mezo_step(step, forward, loss_fn)
-        reset = self.resets_window(step)
+        reset = self.resets_window(step, beta)  # the schedule is called once per step
         o0 = self._output(forward)
         leaf = o0.clone().requires_grad_(True)
         with torch.enable_grad():

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._contract import DEFAULT_CONTRACT, saved_contract
 from ..held import DenseTarget
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
 from ..lowrank_space import LowRankNoise, LowRankSpace, split_by_rank
@@ -135,7 +136,8 @@ class TeZO(MeZO):
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  record_trajectory: bool = True, probe: str = "virtual",
                  update: str = "inplace", n_spsa: int = 1,
-                 perturbation_parallel: bool = False) -> None:
+                 perturbation_parallel: bool = False,
+                 contract: int = DEFAULT_CONTRACT) -> None:
         check_common_hyper(lr, eps, weight_decay)
         check_hyper("delta", delta, low_open=True)
         if probe not in PROBES:
@@ -170,7 +172,7 @@ class TeZO(MeZO):
                          dist=dist, n_spsa=n_spsa, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group, no_decay=no_decay,
                          record_trajectory=record_trajectory,
-                         perturbation_parallel=perturbation_parallel)
+                         perturbation_parallel=perturbation_parallel, contract=contract)
 
     # The base class builds one ParameterSpace per group over all params; TeZO splits them: the
     # dense space keeps the 1-D ones, the low-rank space the 2-D ones (both held targets).
@@ -209,10 +211,11 @@ class TeZO(MeZO):
         state = LowRankSpace(
             [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
-            factor_seed(self.base_seed), self.backend, [space.shards[j] for j in two_d])
+            factor_seed(self.base_seed), self.backend, [space.shards[j] for j in two_d],
+            self.contract)
         dense = ParameterSpace([(space.names[j], space.params[j]) for j in rest],
                                keys=[space.keys[j] for j in rest], backend=self.backend,
-                               no_decay=self.no_decay)
+                               no_decay=self.no_decay, contract=self.contract)
         self.lowrank.append(state)
         self.spaces[g] = dense
         self.held.replace(self._dense_targets[g], DenseTarget(dense))
@@ -589,7 +592,8 @@ class TeZO(MeZO):
                 log.load_state_dict(saved)
         seed = factor_seed(self.base_seed)
         for s in self.lowrank:
-            if s.factor_seed != seed:
+            if s.factor_seed != seed or s.contract != self.contract:
+                s.contract = self.contract
                 s.build_factors(seed, self.backend)
 
 
@@ -685,7 +689,8 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
         states.append(LowRankSpace(
             [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], meta["rank"],
-            factor_seed(base), backend, [space.shards[j] for j in two_d]))
+            factor_seed(base), backend, [space.shards[j] for j in two_d],
+            saved_contract(meta)))
     initial = meta.get("initial_moments")
     if initial is not None:  # a trajectory that starts at a resumed step
         for state, m, v in zip(states, initial["momentum"], initial["second"]):
@@ -697,7 +702,8 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
         rest = [j for j, n in enumerate(space.names) if n not in names]
         dense.append(ParameterSpace([(space.names[j], space.params[j]) for j in rest],
                                     keys=[space.keys[j] for j in rest], backend=backend,
-                                    no_decay=meta.get("no_decay", ())))
+                                    no_decay=meta.get("no_decay", ()),
+                                    contract=saved_contract(meta)))
     # update="deferred": the virtual weights' updates of the steps marked "deferred" are
     # accumulated and written at the recorded merges (before the step marked "merge") and at the
     # end, as the run wrote them

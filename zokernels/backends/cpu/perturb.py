@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._contract import DEFAULT_CONTRACT
 from ..undo_buffers import UndoBuffers
 from ._codes import DIST_CODES, DTYPE_CODES, ROUNDING_CODES
 from ._loader import load_cpu_extension
@@ -42,7 +43,7 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
                 decays: Tensor, dist: str, rounding: str, rounding_seed: int,
                 applied: Tensor | None = None, log: UndoBuffers | None = None,
                 count_only: bool = False, index_maps: list | None = None,
-                table_cache: dict | None = None) -> None:
+                table_cache: dict | None = None, contract: int = DEFAULT_CONTRACT) -> None:
     """In place: t[i] = round(decays[j] * t[i] + D),
     D = sum_k scales[k] * z(seeds[k], keys[j], g(i)) summed from 0 in seed order. With `applied`
     (float32 [K]), the perturbation sum_k applied[k] * z that t holds now is undone first
@@ -60,7 +61,9 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     `table_cache`: a dict the caller keeps for exactly this list of tensors (same objects, same
     storage; ParameterSpace makes a new one when a storage changes): the per-tensor lists handed
     to _C (addresses, sizes, keys, maps) are built once into it instead of on every call, which
-    is most of the host time for thousands of tiny tensors (LoRA)."""
+    is most of the host time for thousands of tiny tensors (LoRA).
+
+    `contract`: 1 or 2, the version of the gaussian normals (docs/noise-contract.md)."""
     if count_only and log is None:
         raise ValueError("perturb_cpu: count_only needs a log")
     ext = load_cpu_extension()
@@ -80,4 +83,4 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     ext.perturb(ptrs, numels, key_list, decays.tolist(), DTYPE_CODES[tensors[0].dtype],
                 list(seeds), scales.tolist(), [] if applied is None else applied.tolist(),
                 DIST_CODES[dist], ROUNDING_CODES[rounding], rounding_seed,
-                torch.get_num_threads(), **log_args, **map_args)
+                torch.get_num_threads(), **log_args, **map_args, contract=contract)

@@ -2,6 +2,7 @@
 
 import torch
 
+from ..._contract import DEFAULT_CONTRACT
 from .index_map import global_indices
 from .noise import contract_values, contract_values_at
 from .rounding import lost_by_recovery, recover, round_at, round_to
@@ -11,7 +12,8 @@ _CHUNK = 1 << 22
 
 
 def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding_seed,
-                  applied=None, log=None, count_only=False, index_maps=None) -> None:
+                  applied=None, log=None, count_only=False, index_maps=None,
+                  contract=DEFAULT_CONTRACT) -> None:
     """In place, in float32, one rounding per element (reference for every fast path).
 
     The noise sum D is accumulated from 0 in seed order and added to the weight once. With
@@ -21,7 +23,8 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
     to the log, in element order; `count_only` writes nothing but log.count (docs/undo-log.md).
     `index_maps` (one (offset, local_span, global_span) or None per tensor) gives a shard's local
     element i the contract index g(i) of the unsharded tensor, for z and for stochastic rounding
-    (docs/sharding.md); the log keeps local indices.
+    (docs/sharding.md); the log keeps local indices. `contract` (1 or 2): the version of the
+    gaussian normals (docs/noise-contract.md).
     """
     maps = index_maps if index_maps is not None else [None] * len(tensors)
     start = 0  # group-flat index of the tensor's first element
@@ -35,9 +38,11 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
             applied_sum = torch.zeros_like(noise_sum)
             for k, (seed, scale) in enumerate(zip(seeds, scales)):
                 if where is None:
-                    z = contract_values(seed, key, offset, chunk.numel(), dist, chunk.device)
+                    z = contract_values(seed, key, offset, chunk.numel(), dist, chunk.device,
+                                        contract=contract)
                 else:
-                    z = contract_values_at(seed, torch.full_like(where, key), where, dist)
+                    z = contract_values_at(seed, torch.full_like(where, key), where, dist,
+                                           contract=contract)
                 noise_sum = noise_sum + scale * z
                 if applied is not None:
                     applied_sum = applied_sum + applied[k] * z

@@ -2,18 +2,21 @@
 
 import torch
 
+from ..._contract import DEFAULT_CONTRACT
 from .index_map import map_indices
 from .noise import contract_values_at
 from .rounding import round_at
 
 
 def scatter_perturb_torch(tensors, keys, index, values, count, seeds, scales, decays, dist,
-                          rounding, rounding_seed, index_maps=None) -> None:
+                          rounding, rounding_seed, index_maps=None,
+                          contract=DEFAULT_CONTRACT) -> None:
     """For the first min(count, capacity) entries e of a log over `tensors` (group-flat indices,
     in list order): with no seeds, t[index[e]] = values[e] bit for bit; else
     t_j[i] = round(decays[j] * values[e] + sum_k scales[k] * z(seeds[k], keys[j], i)),
     the arithmetic and rounding of perturb_torch, so an entry ends as a dense pass from values[e]
-    would leave it. `index_maps`: as in perturb_torch (noise and rounding at g(local index))."""
+    would leave it. `index_maps`: as in perturb_torch (noise and rounding at g(local index));
+    `contract`: the version of the gaussian normals."""
     maps = index_maps if index_maps is not None else [None] * len(tensors)
     used = min(int(count.item()), index.numel())
     index, values = index[:used], values[:used]
@@ -31,7 +34,8 @@ def scatter_perturb_torch(tensors, keys, index, values, count, seeds, scales, de
                 where = local if index_map is None else map_indices(index_map, local)
                 noise_sum = torch.zeros(local.numel(), dtype=torch.float32, device=local.device)
                 for seed, scale in zip(seeds, scales):
-                    noise_sum = noise_sum + scale * contract_values_at(seed, key_column, where, dist)
+                    z = contract_values_at(seed, key_column, where, dist, contract=contract)
+                    noise_sum = noise_sum + scale * z
                 acc = values[mine].to(torch.float32) * decay + noise_sum
                 flat[local] = round_at(acc, tensor.dtype, rounding, rounding_seed, key_column, where)
         start += numel

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._normal import normal_pair_v2
+
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
@@ -328,9 +330,13 @@ def _z_from_words(w0, w1, w2, w3, DIST: tl.constexpr, BLOCK: tl.constexpr):
         words = interleave4(w0, w1, w2, w3, NW)  # [BLOCK // 32], word index (i // 32)
         bits = (words[:, None] >> tl.arange(0, 32).to(tl.uint32)[None, :]) & 1
         z = tl.reshape(bits, [BLOCK]).to(tl.float32) * 2.0 - 1.0
+    elif DIST == 0:  # gaussian, contract v2 (_normal.py)
+        n0, n1 = normal_pair_v2(w0, w1)
+        n2, n3 = normal_pair_v2(w2, w3)
+        z = interleave4(n0, n1, n2, n3, BLOCK // 4)
     else:
         u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
-        if DIST == 0:
+        if DIST == 3:  # gaussian, contract v1
             n0, n1 = tl.pair_uniform_to_normal(u0, u1)
             n2, n3 = tl.pair_uniform_to_normal(u2, u3)
             z = interleave4(n0, n1, n2, n3, BLOCK // 4)
@@ -343,8 +349,9 @@ def _z_from_words(w0, w1, w2, w3, DIST: tl.constexpr, BLOCK: tl.constexpr):
 def noise_block(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
     """z for the BLOCK elements ``blk * BLOCK + [0, BLOCK)`` (stream 0), float32 [BLOCK].
 
-    DIST: 0 gaussian (Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits per Philox
-    call), 2 uniform (the uniforms that feed Box-Muller). The program's Philox blocks are
+    DIST: 0 gaussian (contract v2 Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits
+    per Philox call), 2 uniform (the uniforms that feed v1's Box-Muller), 3 gaussian with contract
+    v1 normals (_normal.dist_code). The program's Philox blocks are
     consecutive and start at a multiple of their power-of-two count (<= 2^32), so the low counter
     word is ``lo + arange`` without a carry into the high word."""
     tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
@@ -425,7 +432,11 @@ def noise_at(seed, key, i, DIST: tl.constexpr):
         w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
                                    key, 0)
         m = i & 3
-        if DIST == 0:
+        if DIST == 0:  # gaussian, contract v2
+            first = m < 2
+            na, nb = normal_pair_v2(tl.where(first, w0, w2), tl.where(first, w1, w3))
+            z = tl.where((m & 1) == 0, na, nb)
+        elif DIST == 3:  # gaussian, contract v1
             first = m < 2  # (u0, u1) -> n0, n1; (u2, u3) -> n2, n3
             ua = tl.uint_to_uniform_float(tl.where(first, w0, w2))
             ub = tl.uint_to_uniform_float(tl.where(first, w1, w3))

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DIST_CODES, as_int64_bits, count_launch, int64_table, load_seed, noise_block
+from ..._contract import DEFAULT_CONTRACT
+from ._common import as_int64_bits, count_launch, int64_table, load_seed, noise_block
+from ._normal import dist_code
 
 # 16 gaussians per thread (4 Philox calls) at 8 warps; rademacher is cheaper per element, so a
 # bigger block amortizes the per-program setup over more stores.
@@ -37,16 +39,16 @@ def _noise_kernel(out_ptr, params_ptr, lead, numel, DIST: tl.constexpr, BLOCK: t
 
 
 def noise_triton(numel: int, seed: int, key: int, offset: int, dist: str,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, contract: int = DEFAULT_CONTRACT) -> torch.Tensor:
     """out[j] = z(seed, key, offset + j) for dist in gaussian / rademacher / uniform; float32
-    [numel] on ``device``. One launch."""
+    [numel] on ``device``; contract 1 or 2 picks the gaussian normals. One launch."""
     device = torch.device(device)
     block = BLOCK[dist]
     out = torch.empty(numel, dtype=torch.float32, device=device)
     lead = offset % block
     params = int64_table([as_int64_bits(seed), key, offset // block], device)
     grid = (triton.cdiv(lead + numel, block),)
-    _noise_kernel[grid](out, params, lead, numel, DIST=DIST_CODES[dist], BLOCK=block,
+    _noise_kernel[grid](out, params, lead, numel, DIST=dist_code(dist, contract), BLOCK=block,
                         num_warps=NUM_WARPS)
     count_launch()
     return out

@@ -72,10 +72,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DIST_CODES, cached_table, count_launch, find_entry, load_seed, map_index,
+from ..._contract import DEFAULT_CONTRACT
+from ._common import (cached_table, count_launch, find_entry, load_seed, map_index,
                       noise_at, noise_block, noise_blocks_at, recover_unperturbed, round_nearest,
                       round_stochastic, rounding_uniform_at, rounding_uniforms,
                       rounding_uniforms_at_blocks, to_float32, SOFT_BF16)
+from ._normal import dist_code
 
 # 16 elements per thread at 8 warps: 4 Philox calls per seed for gaussian, enough independent
 # work to hide memory latency; rademacher needs one Philox call per 128 elements, so a bigger
@@ -247,7 +249,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
                    scales: torch.Tensor, decays: torch.Tensor, dist: str, rounding: str,
                    rounding_seed: int, applied: torch.Tensor | None = None, log=None,
                    count_only: bool = False, index_maps=None,
-                   table_cache: dict | None = None) -> None:
+                   table_cache: dict | None = None, contract: int = DEFAULT_CONTRACT) -> None:
     """In place: t[i] = round(decays[j] * t[i] + D), D = sum_k scales[k] * z(seeds[k], keys[j], i)
     summed first, for every tensor j of the list, in one kernel launch. ``applied``: None, or
     float32 [K] on the device, the coefficients of the perturbation the tensors hold now; t[i] is
@@ -274,7 +276,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         # unused log arguments are None: constexpr, not even kernel parameters
         log.index if log_mode == 1 else None, log.values if log_mode == 1 else None,
         log.count if log_mode != 0 else None, log.capacity if log_mode == 1 else None,
-        LOG2_P=launch.log2_p, BLOCK=launch.block, DIST=DIST_CODES[dist],
+        LOG2_P=launch.log2_p, BLOCK=launch.block, DIST=dist_code(dist, contract),
         STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32), ALIGN=launch.align,
         HAS_APPLIED=applied is not None, LOG_MODE=log_mode, MAPPED=launch.mapped,
         SOFT_BF16=SOFT_BF16,

@@ -27,9 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DIST_CODES, cached_table, count_launch, find_entry, load_seed, noise_at,
+from ..._contract import DEFAULT_CONTRACT
+from ._common import (cached_table, count_launch, find_entry, load_seed, noise_at,
                       round_nearest, round_stochastic, rounding_uniform_at, to_float32,
                       SOFT_BF16)
+from ._normal import dist_code
 
 # 4 entries per thread at 4 warps: each lane runs its own Philox call and Box-Muller, so a lane
 # costs ~4x the registers of a dense-kernel element; sm_90 (ptxas): 89 registers for gaussian,
@@ -88,7 +90,8 @@ def scatter_perturb_triton(tensors: list[torch.Tensor], keys: list[int], index: 
                            values: torch.Tensor, count: torch.Tensor, seeds: list[int],
                            scales: torch.Tensor, decays: torch.Tensor, dist: str, rounding: str,
                            rounding_seed: int, index_maps=None,
-                           table_cache: dict | None = None) -> None:
+                           table_cache: dict | None = None,
+                           contract: int = DEFAULT_CONTRACT) -> None:
     """In place, for the first min(count, C) entries of a log (index int64 [C], values [C] in the
     tensors' dtype, count int64 [1], all on the device; same tensor list and order as the pass
     that wrote it): K = 0 seeds copies values[e] into its element; K >= 1 writes
@@ -105,7 +108,7 @@ def scatter_perturb_triton(tensors: list[torch.Tensor], keys: list[int], index: 
     _scatter_perturb_kernel[(triton.cdiv(capacity, BLOCK),)](
         base, launch.table, launch.seeds, index, values, count, capacity, decays.contiguous(),
         scales.contiguous(), len(seeds),
-        LOG2_P=launch.log2_p, BLOCK=BLOCK, DIST=DIST_CODES[dist],
+        LOG2_P=launch.log2_p, BLOCK=BLOCK, DIST=dist_code(dist, contract),
         STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32),
         COPY=len(seeds) == 0, MAPPED=launch.mapped, SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS)
     count_launch()

@@ -1,0 +1,441 @@
+"""ZOTrainer / ZOConfig on transformers' Trainer (tiny LLaMA models built from a config; nothing
+is downloaded). Checked: a resumed run is bit-identical to an uninterrupted one (every optimizer,
+fp32 and bf16); the trainer's steps are exactly the optimizer's steps with the scheduled lr; PEFT
+LoRA trains only the adapters, LeZO finds the blocks through the wrapper, PseuZO leaves an untied
+head alone; logs; option checks; 2 processes under torchrun (gloo) keep bit-identical replicas
+with one all-reduce per step. Runs on the transformers CI installs and on 4.46 (.ci/run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import zokernels  # noqa: E402
+from helpers import assert_bits_equal, assert_same, assert_states_equal, snapshot  # noqa: E402
+from zokernels.integrations import ZOConfig, ZOTrainer  # noqa: E402
+from zokernels.optim import MeZO  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+VOCAB, SEQ = 32, 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is ~10x faster than two here (no synchronization)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A 2-block LLaMA with hidden size 16 and an untied LM head, random weights from `seed`."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=SEQ)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """n random sequences with labels = input_ids."""
+
+    def __init__(self, n: int = 48, seed: int = 1) -> None:
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def config(out: Path, **overrides) -> ZOConfig:
+    options = dict(output_dir=str(out), learning_rate=2e-3, max_steps=6,
+                   per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                   disable_tqdm=True, save_strategy="no", logging_steps=2, seed=3)
+    options.update(overrides)
+    return ZOConfig(**options)
+
+
+def trainer(model, out: Path, cls=ZOTrainer, **overrides) -> ZOTrainer:
+    return cls(model=model, args=config(out, **overrides), train_dataset=Tokens())
+
+
+# -- resume ---------------------------------------------------------------------------------------
+
+OPTIONS = {"mezo": {"zo_n_spsa": 2}, "lezo": {"lezo_n_active": 1},
+           "tezo": {"tezo_rank": 2, "tezo_variant": "adam"},
+           "pseuzo": {"pseuzo_window": 3, "pseuzo_beta": 0.5}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_resume_from_a_checkpoint_is_bit_identical(tmp_path, name, dtype):
+    """6 steps saving at step 3, then a fresh trainer on a differently initialized model resumed
+    from checkpoint-3: the weights and the whole optimizer state (counters, moments, window,
+    trajectory) equal the uninterrupted run's bit for bit. A warmup + linear schedule and weight
+    decay make the lr and the scheduler state part of it; bf16 rounds stochastically."""
+    options = dict(OPTIONS[name], zo_optimizer=name, save_strategy="steps", save_steps=3,
+                   lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.1)
+    if dtype == torch.bfloat16:
+        options["zo_rounding"] = "stochastic"
+    initial = snapshot(llama(dtype=dtype))
+    whole = trainer(llama(dtype=dtype), tmp_path, **options)
+    whole.train()
+    final = snapshot(whole.model)
+    changed = [n for n in final if not torch.equal(final[n], initial[n])]
+    assert len(changed) > len(final) // 2, f"{name} trained too little: {changed}"
+    assert whole.zo_optimizer.zo_state["step"] == 6 and len(whole.zo_optimizer.trajectory) == 6
+
+    resumed = trainer(llama(seed=99, dtype=dtype), tmp_path, **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert resumed.state.global_step == 6
+    assert_same(snapshot(resumed.model), final, f"{name} resumed at step 3")
+    assert_states_equal(resumed.zo_optimizer.state_dict(), whole.zo_optimizer.state_dict())
+    if name == "pseuzo":
+        assert len(whole.zo_optimizer.state_dict()["extra"]["window"]) == 3
+
+
+def test_lora_resume_is_bit_identical(tmp_path):
+    """A LoRA checkpoint holds the adapters: resumed onto the same base model with differently
+    initialized adapters, the run ends on the uninterrupted run's adapters, bit for bit."""
+    peft = pytest.importorskip("peft")
+
+    def lora(seed):
+        model = llama()
+        torch.manual_seed(seed)  # the adapters' initialization
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                          target_modules=["q_proj", "v_proj"]))
+    options = dict(zo_optimizer="lezo", lezo_n_active=1, save_strategy="steps", save_steps=3,
+                   learning_rate=1e-2)
+    whole = trainer(lora(0), tmp_path, **options)
+    whole.train()
+    resumed = trainer(lora(7), tmp_path, **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert_same(snapshot(resumed.model), snapshot(whole.model), "LoRA resumed at step 3")
+    assert_states_equal(resumed.zo_optimizer.state_dict(), whole.zo_optimizer.state_dict())
+
+
+# -- what a step is -------------------------------------------------------------------------------
+
+class Recording(ZOTrainer):
+    """Records each step's batch and the lr the optimizer holds when it steps."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append(({k: v.clone() for k, v in inputs.items()},
+                          self.zo_optimizer.param_groups[0]["lr"]))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def test_steps_are_the_optimizers_steps_with_the_scheduled_lr(tmp_path):
+    """ZOTrainer(mezo) with a linear schedule equals a hand loop of MeZO.step on the same batches
+    with the lr set by hand, bit for bit: nothing else touches the weights. No gradient is ever
+    created, and the model steps in eval mode."""
+    run = trainer(llama(), tmp_path, cls=Recording, lr_scheduler_type="linear", weight_decay=0.05,
+                  zo_seed=11, max_steps=5)
+    run.seen = []
+    run.train()
+    lrs = [lr for _, lr in run.seen]
+    assert lrs == pytest.approx([2e-3 * (5 - k) / 5 for k in range(5)], rel=1e-12)
+    assert all(p.grad is None for p in run.model.parameters())
+    assert not run.model.training
+
+    model = llama()
+    opt = MeZO(model.named_parameters(), lr=1.0, eps=1e-3, weight_decay=0.05, seed=11)
+    model.eval()
+    for inputs, lr in run.seen:
+        opt.param_groups[0]["lr"] = lr
+        opt.step(lambda inputs=inputs: model(**inputs).loss)
+    assert_same(snapshot(run.model), snapshot(model), "trainer vs hand loop")
+
+
+def test_model_init_gets_its_own_optimizer(tmp_path):
+    """With model_init, train() builds a new model and a new ZO optimizer over it."""
+    run = ZOTrainer(model_init=lambda: llama(), args=config(tmp_path, max_steps=2),
+                    train_dataset=Tokens())
+    first = run.zo_optimizer
+    run.train()
+    assert run.zo_optimizer is not first and run.zo_optimizer.zo_state["step"] == 2
+    params = {id(p) for g in run.zo_optimizer.param_groups for p in g["params"]}
+    assert params == {id(p) for p in run.model.parameters()}
+
+
+def test_logs_carry_the_zo_counters_and_skipped_steps(tmp_path):
+    """Every training log has loss, learning_rate, steps_per_second, zo_skipped_steps and
+    zo_undo_overflows and no grad_norm; a non-finite loss skips its step (weights restored)
+    and is counted; evaluation runs and logs eval_loss."""
+
+    class NaNAtStep2(ZOTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            return loss * math.nan if self.state.global_step == 2 else loss
+
+    run = NaNAtStep2(model=llama(), args=config(tmp_path, eval_strategy="steps", eval_steps=3),
+                     train_dataset=Tokens(), eval_dataset=Tokens(8, seed=5))
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        run.train()
+    train_logs = [log for log in run.state.log_history if "loss" in log]
+    assert [log["step"] for log in train_logs] == [2, 4, 6]
+    for log in train_logs:
+        assert {"learning_rate", "steps_per_second", "zo_skipped_steps",
+                "zo_undo_overflows"} <= log.keys()
+        assert "grad_norm" not in log and log["steps_per_second"] > 0
+    assert [log["zo_skipped_steps"] for log in train_logs] == [0, 1, 1]
+    assert [log["step"] for log in run.state.log_history if "eval_loss" in log] == [3, 6]
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+def test_lora_trains_only_the_adapters_and_lezo_finds_the_blocks_through_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                         target_modules=["q_proj", "v_proj"]))
+    before = snapshot(model)
+    run = trainer(model, tmp_path, zo_optimizer="lezo", lezo_n_active=1)
+    assert run.zo_optimizer.num_layers == 2
+    names = [n for g in run.zo_optimizer.param_groups for n in g["param_names"]]
+    assert names and all("lora_" in n for n in names)
+    run.train()
+    after = snapshot(model)
+    for name in before:
+        if "lora_" in name:
+            continue
+        assert_bits_equal(after[name], before[name], what=f"frozen {name}")
+    assert any(not torch.equal(after[n], before[n]) for n in before if "lora_B" in n)
+
+
+def test_lezo_layers_by_name(tmp_path):
+    model = llama()
+    run = trainer(model, tmp_path, zo_optimizer="lezo", lezo_layers=["model.layers"])
+    by_stack = run.zo_optimizer._trajectory_meta()["groups"][0]["layers"]
+    run = trainer(model, tmp_path, zo_optimizer="lezo",
+                  lezo_layers=["model.layers.0", "model.layers.1"])
+    assert run.zo_optimizer._trajectory_meta()["groups"][0]["layers"] == by_stack
+    assert run.zo_optimizer.num_layers == 2 and run.zo_optimizer.n_active == 1
+
+
+def test_pseuzo_leaves_an_untied_head_unchanged(tmp_path):
+    model = llama()
+    head = model.lm_head.weight.detach().clone()
+    before = snapshot(model)
+    run = trainer(model, tmp_path, zo_optimizer="pseuzo", pseuzo_window=2)
+    names = [n for g in run.zo_optimizer.param_groups for n in g["param_names"]]
+    assert "lm_head.weight" not in names and len(names) == len(before) - 1
+    run.train()
+    assert_bits_equal(model.lm_head.weight.detach(), head, what="lm_head")
+    assert not torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+
+
+def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
+    """A number goes to PseuZO(beta=...) as given; "reference" also gets the reference trainer's
+    epoch clock: cycles of pseuzo_beta_cycle epochs (default num_train_epochs // 2) of one step
+    per batch."""
+    import importlib
+
+    from zokernels.optim import PseuZO
+
+    finetune_module = importlib.import_module("zokernels.integrations.finetune")
+
+    seen = []
+
+    def build(params, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("beta", "beta_cycle", "beta_epoch_steps",
+                                                 "decay_per_entry")})
+        return PseuZO(params, **kwargs)
+    monkeypatch.setitem(finetune_module.OPTIMIZERS, "pseuzo", build)
+    for options in ({"pseuzo_beta": 0.25},
+                    {"pseuzo_beta": "reference", "num_train_epochs": 4},
+                    {"pseuzo_beta": "reference", "pseuzo_beta_cycle": 3,
+                     "pseuzo_decay_per_entry": True}):
+        made = trainer(llama(), tmp_path, zo_optimizer="pseuzo", **options)
+        made.create_optimizer()
+        steps_per_epoch = len(made.get_train_dataloader())
+    assert seen == [
+        dict(beta=0.25, beta_cycle=None, beta_epoch_steps=None, decay_per_entry=False),
+        dict(beta="reference", beta_cycle=2, beta_epoch_steps=steps_per_epoch,
+             decay_per_entry=False),
+        dict(beta="reference", beta_cycle=3, beta_epoch_steps=steps_per_epoch,
+             decay_per_entry=True)]
+
+
+# -- checks ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, match", [
+    ({"zo_optimizer": "adam"}, "zo_optimizer"),
+    ({"zo_eps": 0.0}, "zo_eps"),
+    ({"zo_eps": math.inf}, "zo_eps"),
+    ({"zo_seed": -1}, "zo_seed"),
+    ({"zo_n_spsa": 0}, "zo_n_spsa"),
+    ({"zo_optimizer": "tezo", "zo_n_spsa": 2}, "zo_n_spsa"),
+    ({"zo_dist": "uniform"}, "zo_dist"),
+    ({"zo_exact_restore": "yes"}, "zo_exact_restore"),
+    ({"zo_rounding": "down"}, "zo_rounding"),
+    ({"zo_optimizer": "lezo", "lezo_n_active": -1}, "lezo_n_active"),
+    ({"zo_optimizer": "lezo", "lezo_layers": "model.layers"}, "lezo_layers"),
+    ({"zo_optimizer": "lezo", "lezo_layers": []}, "lezo_layers"),
+    ({"zo_optimizer": "tezo", "tezo_rank": 0}, "tezo_rank"),
+    ({"zo_optimizer": "tezo", "tezo_variant": "lion"}, "tezo_variant"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_window": 0}, "pseuzo_window"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_beta": 1.5}, "pseuzo_beta"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_beta": ""}, "pseuzo_beta"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_beta_cycle": 2}, "pseuzo_beta_cycle applies"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_beta": "reference", "pseuzo_beta_cycle": 0},
+     "pseuzo_beta_cycle"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_decay_per_entry": 1}, "pseuzo_decay_per_entry"),
+    ({"zo_optimizer": "mezo", "pseuzo_decay_per_entry": True}, "pseuzo_decay_per_entry applies"),
+    ({"tezo_rank": 4}, "tezo_rank applies to zo_optimizer='tezo'"),
+    ({"zo_optimizer": "tezo", "pseuzo_window": 3}, "pseuzo_window applies"),
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+    ({"max_grad_norm": 1.0}, "max_grad_norm"),
+    ({"bf16": True}, "bf16"),
+])
+def test_config_refuses_bad_options(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **options)
+
+
+def test_config_from_the_command_line(tmp_path):
+    """HfArgumentParser builds ZOConfig from argv (options checked the same way)."""
+    parser = transformers.HfArgumentParser(ZOConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--zo_optimizer", "lezo", "--lezo_layers",
+         "model.layers.0", "model.layers.1", "--zo_eps", "0.01", "--report_to", "none"])
+    assert args.lezo_layers == ["model.layers.0", "model.layers.1"] and args.zo_eps == 0.01
+    assert args.learning_rate == 1e-6 and args.max_grad_norm == 0.0
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--zo_optimizer", "pseuzo", "--pseuzo_beta", "0.5"])
+    assert args.pseuzo_beta == 0.5
+    with pytest.raises(ValueError, match="zo_eps"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--zo_eps", "-1"])
+
+
+def test_trainer_checks_its_arguments_before_training(tmp_path):
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="ZOConfig"):
+        ZOTrainer(model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="optimizers"):
+        ZOTrainer(model=model, args=config(tmp_path),
+                  optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(ValueError, match="lezo_layers: 'model.blocks'"):
+        trainer(model, tmp_path, zo_optimizer="lezo", lezo_layers=["model.blocks"])
+    with pytest.raises(ValueError, match="lezo_n_active = 3 exceeds the 2"):
+        trainer(model, tmp_path, zo_optimizer="lezo", lezo_n_active=3)
+    for p in model.model.layers.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no transformer block holds a trainable parameter"
+                                         ".*; pass lezo_layers"):
+        trainer(model, tmp_path, zo_optimizer="lezo")
+    assert_same(snapshot(model), before, "after refused arguments")
+
+
+def package_env() -> dict[str, str]:
+    """The environment of a child process that imports the zokernels under test."""
+    package_parent = str(Path(zokernels.__file__).resolve().parents[1])
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                PYTHONPATH=os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]))
+
+
+def test_integrations_import_transformers_only_for_the_trainer():
+    code = ("import sys; import zokernels.integrations as zi; "
+            "from zokernels.integrations import *; "
+            "assert 'transformers' not in sys.modules; zi.ZOConfig; "
+            "assert 'transformers' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], env=package_env(), check=True, timeout=300)
+
+
+# -- two processes under torchrun -----------------------------------------------------------------
+
+WORKER = textwrap.dedent('''
+    import json, os, sys
+    import torch
+    import torch.distributed as dist
+    import transformers
+    sys.path.insert(0, sys.argv[2])
+    from test_trainer import Tokens, llama
+    from zokernels.integrations import ZOConfig, ZOTrainer
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    counts = {"all_reduce": 0, "other": 0}
+    for op in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
+               "reduce_scatter", "barrier", "reduce"):
+        def counted(*a, _original=getattr(dist, op), _op=op, **k):
+            counts["all_reduce" if _op == "all_reduce" else "other"] += 1
+            return _original(*a, **k)
+        setattr(dist, op, counted)
+
+    class Count(transformers.TrainerCallback):
+        """Collectives from each step's begin to its end (logging comes after the end)."""
+        def __init__(self, per_step):
+            self.per_step = per_step
+        def on_step_begin(self, *a, **k):
+            self.before = dict(counts)
+        def on_step_end(self, *a, **k):
+            self.per_step.append({o: counts[o] - self.before[o] for o in counts})
+
+    results = {}
+    for name in ("mezo", "pseuzo"):
+        args = ZOConfig(output_dir=out, zo_optimizer=name, learning_rate=2e-3, max_steps=4,
+                        per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                        disable_tqdm=True, save_strategy="no", logging_steps=2, seed=3,
+                        ddp_backend="gloo", ddp_timeout=600)
+        rank = int(os.environ["RANK"])
+        # ranks start from different weights: the trainer broadcasts rank 0's
+        trainer = ZOTrainer(model=llama(seed=rank), args=args, train_dataset=Tokens())
+        per_step = []
+        trainer.add_callback(Count(per_step))
+        trainer.train()
+        model = trainer.model
+        results[name] = {
+            "per_step": per_step,
+            "is_ddp": isinstance(trainer.model_wrapped,
+                                 torch.nn.parallel.DistributedDataParallel),
+            "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
+            "params": {n: p.detach().float().view(-1).tolist()
+                       for n, p in model.named_parameters()}}
+    with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(results, f)
+''')
+
+
+def test_two_processes_under_torchrun_stay_bit_identical(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo on CPU): the model is not wrapped in DDP, every step
+    issues exactly one collective (the optimizer's all-reduce of the losses), the ranks log the
+    same losses and end with bit-identical weights although they started from different ones,
+    and MeZO's weights equal one process's on the concatenated batches up to rounding."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), str(tmp_path), str(TESTS)],
+        cwd=tmp_path, env=package_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name in ("mezo", "pseuzo"):
+        a, b = ranks[0][name], ranks[1][name]
+        assert not a["is_ddp"] and not b["is_ddp"]
+        assert a["per_step"] == b["per_step"] == [{"all_reduce": 1, "other": 0}] * 4, name
+        assert a["losses"] == b["losses"] and len(a["losses"]) == 2
+        assert a["params"] == b["params"], f"{name}: replicas differ"
+        start = snapshot(llama(seed=0))
+        assert any(a["params"][n] != start[n].view(-1).tolist() for n in start), name
+    # one process on the concatenated batches (2 x 4 sequences per step, the same order): the
+    # same updates up to the rounding of a mean of two means
+    one = trainer(llama(seed=0), tmp_path / "one", zo_optimizer="mezo", max_steps=4,
+                  per_device_train_batch_size=8)
+    one.train()
+    for n, p in one.model.named_parameters():
+        torch.testing.assert_close(torch.tensor(ranks[0]["mezo"]["params"][n]),
+                                   p.detach().view(-1), rtol=0, atol=1e-5)

@@ -1,0 +1,467 @@
+"""ZOTrainer and ZOConfig: zeroth-order fine-tuning inside transformers.Trainer.
+
+ZOConfig is transformers.TrainingArguments plus the zokernels optimizer's options (zo_*, lezo_*,
+tezo_*, pseuzo_*), each validated when the config is built. ZOTrainer is a transformers.Trainer
+whose training_step runs one step of a zokernels optimizer (MeZO, LeZO, TeZO or PseuZO) on the
+batch in place of forward + backward: no gradient, no .backward(), no optimizer memory beyond the
+ZO state. Everything else is the stock Trainer: data loading, the learning-rate schedule (it
+writes the lr of the ZO optimizer's param groups), max_steps, logging, evaluation, checkpoints
+and resume_from_checkpoint.
+
+Importing this module imports transformers (zokernels.integrations imports it lazily).
+Tested with transformers 4.46.3 and 5.25. The overridden hooks exist in both with compatible
+signatures, which the overrides accept in either form: training_step(model, inputs,
+num_items_in_batch=None), create_optimizer(model=None) (5.x may pass the model), log(logs,
+*args) (5.x adds start_time), create_accelerator_and_postprocess(); `processing_class` (4.46+)
+and every other Trainer argument pass through unchanged. The one private override,
+_load_rng_state, lets transformers 4.46 read its own rng_state.pth under torch >= 2.6.
+"""
+
+import itertools
+import math
+import numbers
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
+
+import torch
+import transformers
+
+from .._contract import PERTURB_DISTS, ROUNDINGS
+from ..optim import ZOOptimizer
+from ..optim.tezo import VARIANTS as TEZO_VARIANTS
+from .causal_lm import pseuzo_causal_lm
+from .finetune import OPTIMIZERS, _build, trainable_blocks
+
+# The options of one algorithm; setting one for another algorithm is refused (it would be ignored).
+ALGORITHM_OPTIONS = {"lezo": ("lezo_n_active", "lezo_layers"),
+                     "tezo": ("tezo_rank", "tezo_variant"),
+                     "pseuzo": ("pseuzo_window", "pseuzo_beta", "pseuzo_beta_cycle",
+                                "pseuzo_decay_per_entry")}
+
+
+def _integer(value: Any, name: str, low: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, "
+                         f"got {value!r}")
+
+
+def _choice(value: Any, name: str, choices: Any) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class ZOConfig(transformers.TrainingArguments):
+    """transformers.TrainingArguments for ZOTrainer, with the zokernels optimizer's options.
+
+    Used from TrainingArguments: learning_rate (the ZO lr; default here 1e-6, MeZO's),
+    lr_scheduler_type (default here "constant", as MeZO's runs) and warmup, weight_decay (decoupled,
+    fused into the update, not on names containing bias / layer_norm / layernorm: the zokernels
+    rule), max_steps, num_train_epochs, per_device_train_batch_size, logging / eval / save
+    strategies and steps, seed (of the data order; also zo_seed's default). Not used: optim,
+    optim_args and the adam_* options (the ZO optimizer replaces the Trainer's).
+
+    Refused (ValueError naming the option): gradient_accumulation_steps > 1 (ZO has no gradient
+    to accumulate: use a larger per_device_train_batch_size, which costs forward memory only,
+    or zo_n_spsa for more directions per step), max_grad_norm > 0 (nothing to clip; default
+    here 0), fp16 / bf16 mixed precision (load the model in torch.bfloat16 instead: ZO keeps no
+    fp32 master weights), deepspeed and fsdp (ZO data parallelism needs no sharded gradients;
+    see ZOTrainer). average_tokens_across_devices defaults to False here: each rank's loss is
+    the mean over its own micro-batch and the optimizer averages the ranks.
+
+    ZO options:
+        zo_optimizer: "mezo", "lezo", "tezo" or "pseuzo".
+        zo_eps: perturbation scale (> 0).
+        zo_seed: base seed of the noise (steps draw BLAKE2b(seed, step, k)); None: `seed`.
+        zo_n_spsa: seeds per step (MeZO / LeZO).
+        zo_dist: "gaussian" or "rademacher".
+        zo_exact_restore: keep undo logs so every restore and update is exact (default True).
+        zo_rounding: of the update, "nearest" or "stochastic" (for bf16 / fp16 weights).
+        lezo_n_active: blocks perturbed per step (default: a quarter of them, at least 1).
+        lezo_layers: None (the blocks of find_transformer_layers(model) that hold a trainable
+            parameter, looked up through PEFT / DDP wrappers) or names of submodules as
+            model.named_modules() gives them; a ModuleList name stands for its children.
+        tezo_rank, tezo_variant: TeZO's rank and "sgd" / "momentum" / "adam".
+        pseuzo_window: window length; pseuzo_beta: a number, or a string naming a schedule,
+            passed unchanged to PseuZO(beta=...), which validates it.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "ZO learning rate."})
+    lr_scheduler_type: Union[transformers.SchedulerType, str] = field(
+        default="constant", metadata={"help": "Learning-rate schedule of the ZO optimizer."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Must be 0: ZO has no gradient."})
+    average_tokens_across_devices: bool = field(
+        default=False, metadata={"help": "Each rank's loss is its own micro-batch mean."})
+    zo_optimizer: str = field(default="mezo",
+                              metadata={"help": "mezo, lezo, tezo or pseuzo."})
+    zo_eps: float = field(default=1e-3, metadata={"help": "Perturbation scale."})
+    zo_seed: Optional[int] = field(default=None,
+                                   metadata={"help": "Noise base seed (default: seed)."})
+    zo_n_spsa: int = field(default=1, metadata={"help": "Seeds per step (mezo, lezo)."})
+    zo_dist: str = field(default="gaussian", metadata={"help": "gaussian or rademacher."})
+    zo_exact_restore: bool = field(default=True, metadata={"help": "Undo logs (exact restore)."})
+    zo_rounding: str = field(default="nearest",
+                             metadata={"help": "Update rounding: nearest or stochastic."})
+    lezo_n_active: Optional[int] = field(default=None, metadata={"help": "LeZO blocks per step."})
+    lezo_layers: Optional[list[str]] = field(
+        default=None, metadata={"help": "LeZO blocks: submodule names (default: discovered)."})
+    tezo_rank: int = field(default=8, metadata={"help": "TeZO rank."})
+    tezo_variant: str = field(default="sgd", metadata={"help": "TeZO: sgd, momentum or adam."})
+    pseuzo_window: int = field(default=14, metadata={"help": "PseuZO window length."})
+    pseuzo_beta: Union[float, str] = field(
+        default=0.9, metadata={"help": "PseuZO beta: a number or a schedule name."})
+    pseuzo_beta_cycle: Optional[int] = field(
+        default=None, metadata={"help": "pseuzo_beta='reference': epochs per beta cycle "
+                                        "(default: num_train_epochs // 2, as the reference)."})
+    pseuzo_decay_per_entry: bool = field(
+        default=False, metadata={"help": "PseuZO: weight decay once per window entry (the "
+                                         "reference's rule)."})
+
+    def __post_init__(self) -> None:
+        self._check_zo_options()
+        super().__post_init__()
+
+    def _check_zo_options(self) -> None:
+        """ValueError naming the first bad option; runs before TrainingArguments' own setup."""
+        _choice(self.zo_optimizer, "zo_optimizer", OPTIMIZERS)
+        if (isinstance(self.zo_eps, bool) or not isinstance(self.zo_eps, numbers.Real)
+                or not math.isfinite(self.zo_eps) or self.zo_eps <= 0):
+            raise ValueError(f"zo_eps must be a finite number > 0, got {self.zo_eps!r}")
+        _integer(self.zo_seed, "zo_seed", 0, optional=True)
+        if self.zo_seed is not None and self.zo_seed >= 1 << 64:
+            raise ValueError(f"zo_seed must be below 2^64, got {self.zo_seed}")
+        _integer(self.zo_n_spsa, "zo_n_spsa", 1)
+        if self.zo_n_spsa != 1 and self.zo_optimizer not in ("mezo", "lezo"):
+            raise ValueError(f"zo_n_spsa applies to zo_optimizer 'mezo' and 'lezo', not "
+                             f"{self.zo_optimizer!r}")
+        _choice(self.zo_dist, "zo_dist", PERTURB_DISTS)
+        if not isinstance(self.zo_exact_restore, bool):
+            raise ValueError(f"zo_exact_restore must be a bool, got {self.zo_exact_restore!r}")
+        _choice(self.zo_rounding, "zo_rounding", ROUNDINGS)
+        defaults = {f.name: f.default for f in fields(ZOConfig)}
+        for algorithm, options in ALGORITHM_OPTIONS.items():
+            for option in options:
+                if algorithm != self.zo_optimizer and getattr(self, option) != defaults[option]:
+                    raise ValueError(f"{option} applies to zo_optimizer={algorithm!r}, not "
+                                     f"{self.zo_optimizer!r}")
+        _integer(self.lezo_n_active, "lezo_n_active", 0, optional=True)
+        layers = self.lezo_layers
+        if layers is not None and (isinstance(layers, str) or not isinstance(layers, (list, tuple))
+                                   or not layers
+                                   or not all(isinstance(n, str) and n for n in layers)):
+            raise ValueError("lezo_layers must be None or a non-empty list of submodule names, "
+                             f"got {layers!r}")
+        _integer(self.tezo_rank, "tezo_rank", 1)
+        _choice(self.tezo_variant, "tezo_variant", TEZO_VARIANTS)
+        _integer(self.pseuzo_window, "pseuzo_window", 1)
+        _integer(self.pseuzo_beta_cycle, "pseuzo_beta_cycle", 1, optional=True)
+        if self.pseuzo_beta_cycle is not None and self.pseuzo_beta != "reference":
+            raise ValueError("pseuzo_beta_cycle applies to pseuzo_beta='reference' only, got "
+                             f"pseuzo_beta={self.pseuzo_beta!r}")
+        if not isinstance(self.pseuzo_decay_per_entry, bool):
+            raise ValueError(f"pseuzo_decay_per_entry must be a bool, got "
+                             f"{self.pseuzo_decay_per_entry!r}")
+        beta = self.pseuzo_beta
+        if isinstance(beta, str):
+            if not beta:
+                raise ValueError("pseuzo_beta must be a number or a schedule name, got ''")
+        elif (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
+              or not math.isfinite(beta) or not 0 <= beta <= 1):
+            raise ValueError(f"pseuzo_beta must be a number in [0, 1] or a schedule name, "
+                             f"got {beta!r}")
+        # the TrainingArguments that have no ZO meaning
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"gradient_accumulation_steps must be 1 for ZOTrainer, got "
+                f"{self.gradient_accumulation_steps}: ZO has no gradient to accumulate; raise "
+                "per_device_train_batch_size (forward memory only) or zo_n_spsa instead")
+        if self.max_grad_norm:
+            raise ValueError(f"max_grad_norm must be 0 for ZOTrainer (no gradient to clip), got "
+                             f"{self.max_grad_norm!r}")
+        if self.fp16 or self.bf16:
+            raise ValueError("fp16 / bf16 mixed precision is not supported by ZOTrainer: load the "
+                             "model in torch.bfloat16 (ZO keeps no fp32 master weights), and "
+                             "consider zo_rounding='stochastic'")
+        if self.deepspeed or self.fsdp:
+            raise ValueError("deepspeed / fsdp are not supported by ZOTrainer: under torchrun or "
+                             "accelerate it runs data parallel through the optimizer's process "
+                             "group (one all-reduce of a few floats per step)")
+
+
+def _process_group() -> Any:
+    """The world group under torchrun / accelerate with more than one process, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _numpy_safe_globals() -> Any:
+    """torch.serialization.safe_globals for the numpy objects of a pickled numpy RNG state."""
+    import numpy as np
+
+    core = np._core if int(np.__version__.split(".")[0]) >= 2 else np.core
+    return torch.serialization.safe_globals([core.multiarray._reconstruct, np.ndarray, np.dtype,
+                                             type(np.dtype(np.uint32))])
+
+
+def _broadcast_module_state(model: torch.nn.Module, group: Any) -> None:
+    """Every parameter and buffer from rank 0, once (what DDP does when it wraps a model): the
+    replicas start identical, and the identical seeded updates keep them so."""
+    import torch.distributed as dist
+
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    with torch.no_grad():
+        for tensor in tensors.values():
+            dist.broadcast(tensor.data, src=0, group=group)
+
+
+class _TrainerOptimizer(torch.optim.Optimizer):
+    """What the Trainer holds as its optimizer. The ZO step runs in ZOTrainer.training_step (it
+    needs the batch); the Trainer's optimizer.step() afterwards has nothing left to do.
+    param_groups, state_dict and load_state_dict are the ZO optimizer's: the lr scheduler writes
+    the ZO lr, checkpoints hold the ZO state. Like accelerate's wrapper, it does not call
+    Optimizer.__init__ (it holds no state of its own)."""
+
+    def __init__(self, zo: ZOOptimizer) -> None:  # pylint: disable=super-init-not-called
+        self.zo = zo
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.zo.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.zo.param_groups = groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.zo.defaults
+
+    @property
+    def state(self) -> Any:
+        return self.zo.state
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise RuntimeError("ZOTrainer steps its ZO optimizer in training_step; "
+                               "optimizer.step() takes no closure here")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.zo.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.zo.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The ZO state; its algorithm tensors (PseuZO's window, TeZO's moments) go to the device
+        of the parameters (the Trainer loads checkpoints onto the CPU)."""
+        params = [p for group in self.zo.param_groups for p in group["params"]]
+        if params and isinstance(state_dict, dict) and isinstance(state_dict.get("extra"), dict):
+            device = params[0].device
+            state_dict = dict(state_dict, extra=_to_device(state_dict["extra"], device))
+        self.zo.load_state_dict(state_dict)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+class _StepClock(transformers.TrainerCallback):
+    """(time, global step) at train begin (after a resume's state is loaded) and at each log."""
+
+    def __init__(self) -> None:
+        self.mark: Optional[tuple[float, int]] = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.mark = (time.perf_counter(), state.global_step)
+
+
+class ZOTrainer(transformers.Trainer):
+    """transformers.Trainer that fine-tunes with a zokernels ZO optimizer instead of backprop.
+
+    ZOTrainer(model=..., args=ZOConfig(...), train_dataset=..., eval_dataset=...,
+    data_collator=..., processing_class=...): the installed Trainer's arguments, by name or
+    position. `args` must be a ZOConfig; `optimizers` must be left out (the ZO optimizer and
+    the scheduler are built from args). The optimizer is built, and its options
+    checked against the model (LeZO's layers, PseuZO's split), when the trainer is built;
+    `trainer.zo_optimizer` is it.
+
+    Each training step is one `zo_optimizer.step` on the batch, with the model in eval mode
+    (dropout off: the probes of a step must see one function):
+    - MeZO / LeZO / TeZO minimize `self.compute_loss(model, batch)` (the model's loss from the
+      batch's labels, as the stock Trainer; override compute_loss for another loss), called
+      2 * n_spsa times under torch.no_grad; the step's loss is the optimizer's (MeZO's: at
+      theta + eps z).
+    - PseuZO uses pseuzo_causal_lm's split of a causal LM (hidden state before the LM head;
+      head + shifted cross-entropy; labels default to input_ids with padding ignored) and trains
+      pseuzo_parameters(model): an LM head not tied to the input embeddings stays unchanged.
+    Trained: the parameters that require grad (a PEFT LoRA model: its adapters only). LeZO's
+    blocks come from find_transformer_layers through the PEFT wrapper unless lezo_layers names
+    them.
+
+    Logs add, to each training log: steps_per_second (since the previous log), zo_skipped_steps
+    (steps skipped for a non-finite loss, weights restored exactly) and zo_undo_overflows; there
+    is no grad_norm. Checkpoints (save_steps / save_strategy) hold the model, the ZO optimizer's
+    state_dict (step counter, undo-log sizing, TeZO's moments, PseuZO's window, the
+    trajectory), the scheduler and the RNG states; train(resume_from_checkpoint=...) continues
+    bit for bit (CPU, fp32 and bf16, every optimizer: tests/test_trainer.py).
+
+    Multi-process (torchrun, accelerate launch): the model is not wrapped in
+    DistributedDataParallel (accelerate prepares it with evaluation_mode=True: no gradient
+    buckets, no buffer broadcasts per forward); the optimizer gets the world process group,
+    each rank evaluates its own micro-batch, and the losses are averaged in one all-reduce per
+    step, so every rank applies the same update. The model's parameters and buffers are
+    broadcast from rank 0 once, when the optimizer is built (as DDP does when it wraps a model),
+    so the replicas start, and stay, bit-identical.
+    """
+
+    def __init__(self, model: Any = None, args: Optional[ZOConfig] = None, *positional: Any,
+                 **kwargs: Any) -> None:
+        if not isinstance(args, ZOConfig):
+            raise TypeError(f"args must be a ZOConfig (TrainingArguments with the ZO options), "
+                            f"got {type(args).__name__}")
+        optimizers = kwargs.get("optimizers", (None, None))
+        if tuple(optimizers) != (None, None) or kwargs.get("optimizer_cls_and_kwargs"):
+            raise ValueError("optimizers / optimizer_cls_and_kwargs: ZOTrainer builds its ZO "
+                             "optimizer and scheduler from args (zo_*, learning_rate, "
+                             "lr_scheduler_type); override create_scheduler for another schedule")
+        self.zo_optimizer: Optional[ZOOptimizer] = None
+        self._clock = _StepClock()
+        super().__init__(model, args, *positional, **kwargs)
+        self.add_callback(self._clock)
+        if self.model is not None:
+            self.create_optimizer()  # checks the options against the model before any work
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The stock accelerator, whose prepare_model never wraps the model in DDP: ZO computes
+        no gradient, so a DDP wrapper would only allocate gradient buckets and broadcast the
+        buffers before every forward. accelerate's evaluation mode places the model (and applies
+        torch.compile when configured) without it."""
+        super().create_accelerator_and_postprocess()
+        prepare_model = self.accelerator.prepare_model
+
+        def prepare_without_ddp(model: torch.nn.Module, *a: Any, **k: Any) -> torch.nn.Module:
+            k["evaluation_mode"] = True
+            return prepare_model(model, *a, **k)
+        self.accelerator.prepare_model = prepare_without_ddp
+
+    # -- optimizer ----------------------------------------------------------------------------
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
+        """The ZO optimizer over self.model (built once; again after model_init), held by the
+        Trainer through a view whose step() is empty (the step runs in training_step)."""
+        if self.optimizer is None:
+            self.zo_optimizer = self._build_zo_optimizer(self.model)
+            self.optimizer = _TrainerOptimizer(self.zo_optimizer)
+        return self.optimizer
+
+    def _build_zo_optimizer(self, model: torch.nn.Module) -> ZOOptimizer:
+        args = self.args
+        name = args.zo_optimizer
+        group = _process_group()
+        kwargs: dict[str, Any] = dict(
+            lr=args.learning_rate, eps=args.zo_eps, weight_decay=args.weight_decay,
+            seed=args.seed if args.zo_seed is None else args.zo_seed, dist=args.zo_dist,
+            exact_restore=args.zo_exact_restore, rounding=args.zo_rounding,
+            process_group=group)
+        if name in ("mezo", "lezo"):
+            kwargs["n_spsa"] = args.zo_n_spsa
+        if name == "lezo":
+            layers = (trainable_blocks(model, "ZOTrainer(zo_optimizer='lezo')", "lezo_layers")
+                      if args.lezo_layers is None else self._named_blocks(model))
+            n_active = (max(1, len(layers) // 4) if args.lezo_n_active is None
+                        else args.lezo_n_active)
+            if n_active > len(layers):
+                raise ValueError(f"lezo_n_active = {n_active} exceeds the {len(layers)} LeZO "
+                                 "blocks")
+            kwargs.update(layers=layers, n_active=n_active)
+        elif name == "tezo":
+            kwargs.update(rank=args.tezo_rank, variant=args.tezo_variant)
+        elif name == "pseuzo":
+            kwargs.update(window=args.pseuzo_window, beta=args.pseuzo_beta,
+                          decay_per_entry=args.pseuzo_decay_per_entry)
+            if args.pseuzo_beta == "reference":  # cycles of epochs, as PseuZO's reference trainer
+                kwargs.update(beta_cycle=args.pseuzo_beta_cycle
+                              or max(1, int(args.num_train_epochs) // 2),
+                              beta_epoch_steps=self._steps_per_epoch())
+        optimizer = _build(model, name, kwargs, where="ZOTrainer")
+        if group is not None:
+            _broadcast_module_state(model, group)
+        return optimizer
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (one per batch: no gradient accumulation), for the epoch
+        clock of PseuZO's reference beta schedule."""
+        try:
+            steps = len(self.get_train_dataloader())
+        except TypeError:  # an iterable dataset has no length
+            raise ValueError("pseuzo_beta='reference' counts epochs: it needs a train dataset "
+                             "with a length") from None
+        return max(1, steps)
+
+    def _named_blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """args.lezo_layers resolved to modules (a ModuleList stands for its children)."""
+        blocks: list[torch.nn.Module] = []
+        for name in self.args.lezo_layers:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"lezo_layers: {name!r} is not a submodule of the model (names "
+                                 "as model.named_modules() gives them)") from None
+            blocks.extend(module if isinstance(module, torch.nn.ModuleList) else [module])
+        return blocks
+
+    # -- the step -------------------------------------------------------------------------------
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
+        """One ZO step on `inputs`; returns its loss (detached). num_items_in_batch (transformers
+        >= 4.46) is not used: each probe's loss is the batch mean."""
+        model.eval()
+        inputs = self._prepare_inputs(inputs)
+        if self.args.zo_optimizer == "pseuzo":
+            loss = self.zo_optimizer.step(
+                *pseuzo_causal_lm(self.accelerator.unwrap_model(model), inputs))
+        else:
+            def closure() -> torch.Tensor:
+                with self.compute_loss_context_manager():
+                    # a copy: compute_loss may pop the labels, and the closure runs 2+ times
+                    return self.compute_loss(model, dict(inputs))
+            loss = self.zo_optimizer.step(closure)
+        return loss.detach().to(self.args.device)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _load_rng_state(self, checkpoint: Optional[str]) -> None:
+        """The stock method with numpy's array types allowed in torch.load: transformers 4.46
+        loads rng_state.pth with torch.load's default, which torch >= 2.6 made weights_only, and
+        the file holds numpy's RNG state (its resume fails without this; later releases allow
+        the types themselves, and the allowance is then harmless)."""
+        with _numpy_safe_globals():
+            super()._load_rng_state(checkpoint)
+
+    # -- logging ----------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training logs get steps_per_second, zo_skipped_steps and zo_undo_overflows."""
+        if "loss" in logs and self.zo_optimizer is not None:
+            logs.pop("grad_norm", None)  # the Trainer's norm of gradients that do not exist
+            now, step = time.perf_counter(), self.state.global_step
+            if self._clock.mark is not None:
+                then, before = self._clock.mark
+                if step > before and now > then:
+                    logs["steps_per_second"] = round((step - before) / (now - then), 3)
+            self._clock.mark = (now, step)
+            logs["zo_skipped_steps"] = self.zo_optimizer.zo_state["skipped_steps"]
+            logs["zo_undo_overflows"] = self.zo_optimizer.zo_state["undo_overflows"]
+        super().log(logs, *args, **kwargs)
