@@ -33,6 +33,10 @@ void normal_pairs_v2(uintptr_t w_radius_ptr, uintptr_t w_angle_ptr, uintptr_t ou
 // index_global_spans all empty (no tensor mapped), or one value each per tensor: local element i
 // of tensor j draws its noise and rounding uniform at g(i) = offset_j + (i / local_span_j) *
 // global_span_j + i % local_span_j; (0, n, n) is the identity. The log keeps local indices.
+// Selector logs (selector_log.h, docs/undo-log.md): selector_out = (regions, words, pool,
+// capacity, count, count_only) receives what a later pass needs to recover every weight exactly
+// (nearest rounding, decays 1); selector_in = (regions, words, pool, capacity), with applied,
+// is read to recover the weights exactly. Exclusive with log_mode != 0.
 void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& numels,
              const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
              const std::vector<uint64_t>& seeds, const std::vector<float>& scales,
@@ -41,7 +45,9 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
              uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0,
              const std::vector<uint64_t>& index_offsets = {},
              const std::vector<uint64_t>& index_local_spans = {},
-             const std::vector<uint64_t>& index_global_spans = {}, int contract = 2);
+             const std::vector<uint64_t>& index_global_spans = {}, int contract = 2,
+             const std::vector<uint64_t>& selector_out = {},
+             const std::vector<uint64_t>& selector_in = {});
 
 // Rewrites the first min(*count, capacity) entries of an undo log over the same tensor list:
 // with no seeds t[index[e]] = values[e] bit for bit, else t_j[i] = round(decay_j * values[e] + D)

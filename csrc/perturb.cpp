@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "selector_log.h"
 #include "undo_log.h"
 #include "tile_io.h"
 #include "work_items.h"
@@ -44,6 +45,9 @@ struct PerturbJob {
     uint64_t log_capacity;
     int64_t* log_count;
     std::vector<IndexMap> maps;  // empty: no tensor mapped; else one per tensor
+    // Selector logs (selector_log.h): written by this pass / read to recover exactly (applied=).
+    SelectorLogRef sel_out, sel_in;
+    std::vector<uint64_t> first_blocks;  // per tensor, its first block row
 };
 
 enum LogMode : int { kNoLog = 0, kLogWrite = 1, kLogCountOnly = 2 };
@@ -126,6 +130,56 @@ struct ItemLog {
 
 struct NoItemLog {};
 
+// The selector logs' side of one work item (an item covers whole blocks): recovers each tile
+// exactly from the held log, rounds, logs the new selectors and stores.
+template <class Format>
+struct ItemSelectors {
+    using Storage = typename Format::storage;
+    SelectorWriter writer;
+    SelectorReader reader;
+    uint64_t block = ~uint64_t{0};
+
+    template <class Philox, bool kRecover, bool kMapped>
+    void tile(const PerturbJob& job, Storage* xt, int n, uint64_t t, uint64_t g, size_t tensor,
+              uint32_t key, float decay, const float* noise_sum, const float* applied_sum) {
+        const uint64_t b = job.first_blocks[tensor] + t / kSelectorBlock;
+        if (b != block) {
+            finish(job);
+            block = b;
+            if (job.sel_out.active()) writer.start(job.sel_out, b);
+            if (job.sel_in.active()) reader.start(job.sel_in, b);
+        }
+        alignas(64) Storage theta_s[kTile];
+        alignas(64) float theta[kTile];
+        alignas(64) Storage rounded[kTile];
+        if constexpr (kRecover) {
+            if (job.sel_in.active()) {
+                recover_selectors<Format>(xt, applied_sum, n, reader, theta_s, theta);
+            } else {
+                recover_tile<Format>(xt, applied_sum, n, theta);
+                for (int i = 0; i < n; ++i) theta_s[i] = storage_of<Format>(theta[i]);
+            }
+        } else {
+            for (int i = 0; i < n; ++i) {
+                theta_s[i] = xt[i];
+                theta[i] = Format::to_float(xt[i]);
+            }
+        }
+        store_tile<Philox, Format, kMapped>([&](int i) { return decay * theta[i] + noise_sum[i]; },
+                                            n, rounded, job, key, g);
+        if (job.sel_in.active() && decay == 1.0f)  // left at its value: theta's exact pattern
+            for (int i = 0; i < n; ++i)
+                rounded[i] = (bits_as<uint32_t>(noise_sum[i]) << 1) == 0 ? theta_s[i] : rounded[i];
+        if (job.sel_out.active()) log_selectors<Format>(theta_s, rounded, noise_sum, n, writer);
+        if (!job.sel_out.count_only) std::memcpy(xt, rounded, sizeof(Storage) * n);
+    }
+
+    void finish(const PerturbJob& job) {
+        if (block != ~uint64_t{0} && job.sel_out.active()) writer.finish();
+        block = ~uint64_t{0};
+    }
+};
+
 // Mapped tiles: zeroes the sums over the counters that cover tile positions [skip, skip + n) of
 // the kTile-aligned tile at tile_first (kPerCounter: 4 gaussian, 128 rademacher) and adds the K
 // seeds' noise there: D into noise_sum and, when recovering, D1 into applied_sum.
@@ -161,7 +215,7 @@ inline void accumulate_covering(const PerturbJob& job, uint32_t key, uint64_t ti
     }
 }
 
-template <class Philox, class Format, bool kRecover, bool kLog, bool kMapped>
+template <class Philox, class Format, bool kRecover, bool kLog, bool kMapped, bool kSel>
 inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
     auto* x = reinterpret_cast<typename Format::storage*>(job.ptrs[item.tensor]);
     const uint32_t key = job.keys[item.tensor];
@@ -170,6 +224,7 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
     alignas(64) float applied_sum[kRecover ? kTile : 1];  // D1, only when recovering
     alignas(64) float recovered[kRecover && !kLog ? kTile : 1];  // theta, recovered from D1
     std::conditional_t<kLog, ItemLog<Format>, NoItemLog> log;
+    std::conditional_t<kSel, ItemSelectors<Format>, NoItemLog> selectors;
     for (uint64_t t = item.begin; t < item.end;) {
         // The tile: local elements [t, t + n), contract indices [g, g + n). Unmapped, g = t and
         // items start at multiples of kTile. Mapped, the tile stays inside one run and one
@@ -186,6 +241,8 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
             skip = static_cast<int>(g % kTile);
             n = static_cast<int>(min_of<uint64_t>(kTile - skip,
                                                   min_of(map.local_span - within, item.end - t)));
+            if constexpr (kSel)  // a tile stays inside one block of the selector log
+                n = min_of(n, static_cast<int>(kSelectorBlock - t % kSelectorBlock));
             if (job.dist == kGaussian)
                 accumulate_covering<Philox, kRecover, kGaussianPerCounter>(
                     job, key, g - skip, skip, n, noise_sum, applied_sum);
@@ -223,7 +280,10 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
         const float* d1 = applied_sum + (kRecover ? skip : 0);
         // The weight enters only now, read, added to D once and rounded in one loop.
         typename Format::storage* xt = x + t;
-        if constexpr (kLog) {
+        if constexpr (kSel) {
+            selectors.template tile<Philox, kRecover, kMapped>(job, xt, n, t, g, item.tensor, key,
+                                                               decay, d, d1);
+        } else if constexpr (kLog) {
             log.template tile<Philox, kRecover, kMapped>(job, xt, n, t, g, job.starts[item.tensor],
                                                          key, decay, d, d1);
         } else if constexpr (kRecover) {
@@ -237,49 +297,72 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
         t += n;
     }
     if constexpr (kLog) log.flush(job);
+    if constexpr (kSel) selectors.finish(job);
 }
 
-template <class Philox, bool kLog, bool kMapped>
+template <class Philox, bool kLog, bool kMapped, bool kSel>
 inline void perturb_item(const PerturbJob& job, const WorkItem& item) {
     const bool recover = !job.applied.empty();
     switch (job.dtype) {
         case kFloat32:
-            recover ? perturb_range<Philox, Float32Format, true, kLog, kMapped>(job, item)
-                    : perturb_range<Philox, Float32Format, false, kLog, kMapped>(job, item);
+            recover ? perturb_range<Philox, Float32Format, true, kLog, kMapped, kSel>(job, item)
+                    : perturb_range<Philox, Float32Format, false, kLog, kMapped, kSel>(job, item);
             break;
         case kBFloat16:
-            recover ? perturb_range<Philox, BFloat16Format, true, kLog, kMapped>(job, item)
-                    : perturb_range<Philox, BFloat16Format, false, kLog, kMapped>(job, item);
+            recover ? perturb_range<Philox, BFloat16Format, true, kLog, kMapped, kSel>(job, item)
+                    : perturb_range<Philox, BFloat16Format, false, kLog, kMapped, kSel>(job, item);
             break;
         default:
-            recover ? perturb_range<Philox, Float16Format, true, kLog, kMapped>(job, item)
-                    : perturb_range<Philox, Float16Format, false, kLog, kMapped>(job, item);
+            recover ? perturb_range<Philox, Float16Format, true, kLog, kMapped, kSel>(job, item)
+                    : perturb_range<Philox, Float16Format, false, kLog, kMapped, kSel>(job, item);
             break;
     }
 }
 
 // One flattened entry point per ISA, logging or not (both log modes share one: a count-only
 // pass differs in a branch per tile) and mapped or not, so the plain pass's code is what it was.
-template <bool kLog, bool kMapped>
+template <bool kLog, bool kMapped, bool kSel>
 ZK_FLATTEN void perturb_item_generic(const PerturbJob& job, const WorkItem& item) {
-    perturb_item<PhiloxGeneric, kLog, kMapped>(job, item);
+    perturb_item<PhiloxGeneric, kLog, kMapped, kSel>(job, item);
 }
 
 #if ZK_HAVE_AVX2_PATH
-template <bool kLog, bool kMapped>
+template <bool kLog, bool kMapped, bool kSel>
 ZK_TARGET_AVX2 ZK_FLATTEN void perturb_item_avx2(const PerturbJob& job, const WorkItem& item) {
-    perturb_item<PhiloxAvx2, kLog, kMapped>(job, item);
+    perturb_item<PhiloxAvx2, kLog, kMapped, kSel>(job, item);
 }
 #endif
 
 using ItemKernel = void (*)(const PerturbJob&, const WorkItem&);
 
-template <bool kLog, bool kMapped>
+template <bool kLog, bool kMapped, bool kSel = false>
 ItemKernel item_kernel() {
 #if ZK_HAVE_AVX2_PATH
-    if (use_avx2()) return &perturb_item_avx2<kLog, kMapped>;
+    if (use_avx2()) return &perturb_item_avx2<kLog, kMapped, kSel>;
 #endif
-    return &perturb_item_generic<kLog, kMapped>;
+    return &perturb_item_generic<kLog, kMapped, kSel>;
+}
+
+// The selector log's fields from _C's lists: out = (regions, words, pool, capacity, count,
+// count_only), in = (regions, words, pool, capacity); empty: none.
+SelectorLogRef selector_ref(const std::vector<uint64_t>& v, bool out) {
+    SelectorLogRef ref;
+    if (v.empty()) return ref;
+    if (v.size() != (out ? 6u : 4u))
+        throw std::invalid_argument(out ? "perturb: selector_out must hold 6 values"
+                                        : "perturb: selector_in must hold 4 values");
+    ref.regions = reinterpret_cast<int32_t*>(v[0]);
+    ref.words = v[1];
+    ref.pool = reinterpret_cast<int32_t*>(v[2]);
+    ref.capacity = v[3];
+    if (out) {
+        ref.count = reinterpret_cast<int64_t*>(v[4]);
+        ref.count_only = v[5] != 0;
+        if (ref.count == nullptr) throw std::invalid_argument("perturb: selector_out needs a count");
+    }
+    if (ref.regions == nullptr || ref.words < 2 || (ref.capacity > 0 && ref.pool == nullptr))
+        throw std::invalid_argument("perturb: a selector log needs regions of >= 2 words");
+    return ref;
 }
 
 }  // namespace
@@ -292,7 +375,8 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
              uint64_t log_capacity, uintptr_t log_count_ptr, int log_mode,
              const std::vector<uint64_t>& index_offsets,
              const std::vector<uint64_t>& index_local_spans,
-             const std::vector<uint64_t>& index_global_spans, int contract) {
+             const std::vector<uint64_t>& index_global_spans, int contract,
+             const std::vector<uint64_t>& selector_out, const std::vector<uint64_t>& selector_in) {
     if (numels.size() != ptrs.size() || keys.size() != ptrs.size() || decays.size() != ptrs.size())
         throw std::invalid_argument("perturb: ptrs, numels, keys and decays must have equal lengths");
     if (seeds.size() != scales.size())
@@ -320,12 +404,30 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
 
     std::vector<IndexMap> maps =
         index_maps_from("perturb", numels, index_offsets, index_local_spans, index_global_spans);
+    const SelectorLogRef sel_out = selector_ref(selector_out, true);
+    const SelectorLogRef sel_in = selector_ref(selector_in, false);
+    const bool sel = sel_out.active() || sel_in.active();
+    if (sel && log_mode != kNoLog)
+        throw std::invalid_argument("perturb: an undo log and a selector log are exclusive");
+    if (sel_in.active() && applied.empty())
+        throw std::invalid_argument("perturb: selector_in needs applied");
+    if (sel_out.active()) {
+        if (rounding != 0) throw std::invalid_argument("perturb: a log needs nearest rounding");
+        for (float decay : decays)
+            if (decay != 1.0f) throw std::invalid_argument("perturb: a log needs decays of 1");
+    }
 
     PerturbJob job{ptrs, keys, decays, {}, scales, applied, static_cast<Dist>(dist),
                    static_cast<Contract>(contract), rounding == 1, PhiloxKeys(rounding_seed), dtype, {}, log_mode == kLogCountOnly,
                    reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
-                   reinterpret_cast<int64_t*>(log_count_ptr), std::move(maps)};
+                   reinterpret_cast<int64_t*>(log_count_ptr), std::move(maps), sel_out, sel_in,
+                   {}};
     for (uint64_t seed : seeds) job.seed_keys.emplace_back(seed);
+    uint64_t blocks = 0;
+    for (uint64_t n : numels) {
+        job.first_blocks.push_back(blocks);
+        blocks += (n + kSelectorBlock - 1) / kSelectorBlock;
+    }
 
     uint64_t total = 0;
     for (uint64_t n : numels) {
@@ -333,6 +435,18 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
         total += n;
     }
     const uint64_t work = total * (seeds.size() > 0 ? seeds.size() : 1);
+    if (sel) {
+        // Items of whole blocks (local multiples of kItemElements), mapped tensors included:
+        // each block's bits are written or read by one thread, in element order.
+        const std::vector<WorkItem> items = split_work(numels, kItemElements);
+        const ItemKernel run_plain = item_kernel<false, false, true>();
+        const ItemKernel run_mapped = item_kernel<false, true, true>();
+        parallel_for_items(items.size(), work, num_threads, [&](size_t i) {
+            const bool mapped = !job.maps.empty() && job.maps[items[i].tensor].mapped;
+            (mapped ? run_mapped : run_plain)(job, items[i]);
+        });
+        return;
+    }
     if (job.maps.empty()) {
         const std::vector<WorkItem> items = split_work(numels, kItemElements);
         const ItemKernel run_item =

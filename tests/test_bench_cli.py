@@ -176,7 +176,8 @@ def test_triton_on_cpu_tensors_is_skipped_with_a_note(bench, monkeypatch):
 
 STEP_FIELDS = {"op", "optimizer", "backend", "model", "dtype", "device", "numel", "ms", "ms_p20",
                "ms_p80", "forward_ms", "zo_ms", "state_bytes", "peak_extra_bytes",
-               "speedup_vs_mezo_loop", "zo_speedup_vs_mezo_loop", "repeats"}
+               "speedup_vs_mezo_loop", "zo_speedup_vs_mezo_loop", "repeats",
+               "extra_memory_bytes", "extra_memory_ratio"}
 
 
 def test_step_tiny_run_with_json(bench, tmp_path):
@@ -194,6 +195,11 @@ def test_step_tiny_run_with_json(bench, tmp_path):
         assert row["ms"] > 0 and 0 <= row["forward_ms"] <= row["ms"] + 1e-6
     assert document["results"][0]["speedup_vs_mezo_loop"] == 1.0
     assert all(row["state_bytes"] is not None for row in document["results"][1:])
+    assert "extra/params" in out
+    for row in document["results"][1:]:  # logs (+ window, factors) as a fraction of the params
+        assert row["extra_memory_bytes"] > 0
+        assert row["extra_memory_ratio"] == row["extra_memory_bytes"] / row["param_bytes"]
+    assert document["results"][0]["extra_memory_bytes"] is None  # the MeZO loop keeps nothing
 
 
 @pytest.mark.parametrize("argv,needle", [

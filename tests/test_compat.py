@@ -167,7 +167,9 @@ def test_weight_decay_rule_by_name():
     assert trainer.scheduler_steps == 1
 
 
-LEARN_SEEDS = range(6)
+# 24 seeds: the mean's standard error (~2% of the loss here) leaves the 10% margin to the
+# algorithm; with 6 the comparison depended on the noise draw (one change of normals broke it).
+LEARN_SEEDS = range(24)
 
 
 @functools.cache
@@ -183,7 +185,7 @@ def _original_final_losses() -> tuple[float, ...]:
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_patched_learns_at_least_as_well(fuse):
-    """Averaged over 6 seeds, the patched trainer's final loss is within 10% of the original's
+    """Averaged over 24 seeds, the patched trainer's final loss is within 10% of the original's
     or lower (the noise streams differ, the algorithm does not)."""
     original = _original_final_losses()
     patched = []

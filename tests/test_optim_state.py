@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from zokernels import Trajectory
-from zokernels.ops.undo import UndoLog
+from zokernels.ops.undo import SelectorLog, UndoLog
 from zokernels.optim import LeZO, MeZO, PseuZO, TeZO
 
 from helpers import assert_bits_equal, assert_same, assert_states_equal, snapshot
@@ -606,17 +606,26 @@ def _small_weights_trained(name: str):
 
 def _tiny_logs(opt) -> list[UndoLog]:
     """Replace every undo log by one sized for 1e-6 of the elements, without slack: its next
-    pass overflows (bf16 weights lose a few % of their elements to rounding)."""
+    pass overflows (bf16 weights lose a few % of their elements to rounding). The dense selector
+    logs keep a fixed row of bits per block: they get rows of one word and the weights are
+    scaled down 1e6 x first (every element then needs many selector bits), so that their
+    blocks spill to the tiny pool."""
+    with torch.no_grad():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.mul_(1e-6)
     tiny = {"fraction": {"cpu|torch.bfloat16": 1e-6}, "passes": {"cpu|torch.bfloat16": 2}}
 
-    def log() -> UndoLog:
-        made = UndoLog(slack=0)
+    def log(kind) -> UndoLog:
+        # the dense selector logs (rows of one word of bits, so that blocks spill to the pool)
+        # or the low-rank undo logs
+        made = kind(slack=0, words=2) if kind is SelectorLog else kind(slack=0)
         made.load_state_dict(tiny)
         return made
 
-    opt._logs = [(log(), log()) for _ in opt._logs]
+    opt._logs = [(log(type(a)), log(type(b))) for a, b in opt._logs]
     if hasattr(opt, "_lowrank_logs"):
-        opt._lowrank_logs = [(log(), log()) for _ in opt._lowrank_logs]
+        opt._lowrank_logs = [(log(type(a)), log(type(b))) for a, b in opt._lowrank_logs]
     return _all_logs(opt)
 
 

@@ -8,6 +8,8 @@ import weakref
 import pytest
 import torch
 
+from zokernels._contract import DEFAULT_CONTRACT
+
 import zokernels
 from helpers import assert_bits_equal
 
@@ -81,8 +83,11 @@ def test_static_table_is_reused_and_seeds_are_per_call():
     _perturb(tensors, [2, 3], [1e-3, 1e-3], cache)
     assert _static_tables(cache)[0] is table
     from zokernels.backends.triton._common import cached_table
+    from zokernels.backends.triton.perturb import block_for
 
-    launch = cached_table(cache, tensors, [1, 4, 7, 10], [2 ** 64 - 1, 5], 9, 4096)
+    block = block_for("gaussian", stochastic=False, recover=False, normal=DEFAULT_CONTRACT,
+                      itemsize=tensors[0].element_size())
+    launch = cached_table(cache, tensors, [1, 4, 7, 10], [2 ** 64 - 1, 5], 9, block)
     assert launch.table is table
     assert launch.seeds.cpu().tolist() == [-1, 5, 9]  # uint64 bit patterns, rounding seed last
 

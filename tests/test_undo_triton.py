@@ -175,38 +175,39 @@ try:
 
     @triton.jit
     def _noise_at_kernel(out_ptr, seed_ptr, key, offset, numel, DIST: tl.constexpr,
-                         ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+                         ROUNDING: tl.constexpr, BLOCK: tl.constexpr, NORMAL: tl.constexpr):
         e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         # reversed lanes: neighbouring elements in no particular lane order
         i = offset + (numel - 1 - e).to(tl.int64)
         if ROUNDING:
             z = rounding_uniform_at(load_seed(seed_ptr), key.to(tl.uint32), i)
         else:
-            z = noise_at(load_seed(seed_ptr), key.to(tl.uint32), i, DIST)
+            z = noise_at(load_seed(seed_ptr), key.to(tl.uint32), i, DIST, NORMAL)
         tl.store(out_ptr + (numel - 1 - e), z, mask=e < numel)
 except ImportError:  # no triton: every test here is skipped
     pass
 
 
-def _noise_at(numel, seed, key, offset, dist, rounding=False):
+def _noise_at(numel, seed, key, offset, dist, rounding=False, contract=2):
     from zokernels.backends.triton._common import DIST_CODES, as_int64_bits
 
     out = torch.empty(numel, dtype=torch.float32, device=DEVICE)
     seed_t = torch.tensor([as_int64_bits(seed)], dtype=torch.int64, device=DEVICE)
     _noise_at_kernel[(triton.cdiv(numel, 256),)](out, seed_t, key, offset, numel,
                                                   DIST=DIST_CODES[dist], ROUNDING=rounding,
-                                                  BLOCK=256)
+                                                  BLOCK=256, NORMAL=contract)
     return out.cpu()
 
 
+@pytest.mark.parametrize("contract", [1, 2])
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher", "uniform"])
 @pytest.mark.parametrize("offset", [0, 3, 2 ** 32 - 130, 2 ** 40 + 61])
-def test_noise_at_equals_noise_block(dist, offset):
+def test_noise_at_equals_noise_block(dist, offset, contract):
     seed, key = 2 ** 63 + 12345, 2 ** 32 - 3
-    got = _noise_at(700, seed, key, offset, dist)
+    got = _noise_at(700, seed, key, offset, dist, contract=contract)
     expected = zokernels.noise(700, seed, key, offset=offset, dist=dist, device=DEVICE,
-                               backend="triton").cpu()
-    assert_bits_equal(got, expected, f"noise_at {dist} offset {offset}")
+                               backend="triton", contract=contract).cpu()
+    assert_bits_equal(got, expected, f"noise_at {dist} offset {offset} contract {contract}")
 
 
 @pytest.mark.parametrize("offset", [0, 2 ** 32 - 130])

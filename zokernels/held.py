@@ -3,15 +3,20 @@
 The one implementation of the exact perturbation protocol, shared by the optimizers
 (zokernels.optim) and the MeZO-trainer patch (zokernels.compat). It keeps, per target:
 
-- the perturbation the target's weights hold now (None: they hold theta),
-- its undo logs, one per log slot (slot 0: the +eps pass of a step, slot 1: the -eps pass),
+- the perturbation the target's weights hold now (None: they hold theta) and the log slot of
+  the pass that wrote it,
+- its logs, one per log slot (slot 0: the +eps pass of a step, slot 1: the -eps pass): selector
+  logs (dense spaces on cpu / torch: the next pass that recovers from the logged one reads it
+  and recovers exactly) or undo logs (Triton, low-rank: the logged elements are rewritten
+  after that pass),
 
 and the slots filled since the weights were last exact. Its moves:
 
     perturb(moves, slot)   theta + move, from theta or by recovery from what is held
-    restore()              back to the exact theta (recovery pass, then the logs, newest first)
+    restore()              back to the exact theta (recovery pass, then the undo logs, newest
+                           first)
     update(moves, decays)  round(d theta + move) from the exact theta, in one recovering pass
-                           plus the logged elements rewritten from their exact values
+                           plus the undo-logged elements rewritten from their exact values
 
 A target implements `compatible`, `zero`, `write` and `rewrite` over its kind of move (and
 optionally `make_log`):
@@ -26,11 +31,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .ops.undo import UndoLog
+from .ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 from .space import ParameterSpace
 
 # Log slots per target: MeZO's +eps and -eps passes (restore and update rewrite both).
 SLOTS = 2
+
+
+def _selector(log: Any) -> SelectorLog | None:
+    return log if isinstance(log, SelectorLog) else None
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,15 @@ class DenseTarget:
 
     def __init__(self, space: ParameterSpace) -> None:
         self.space = space
+
+    def make_log(self) -> UndoLog:
+        """A selector log (a few bits per ambiguous element, read by the next pass, which
+        recovers from this one exactly) where every backend of the space has them (cpu, torch),
+        else an undo log of (index, value) entries rewritten after that pass (triton)."""
+        plan, _ = self.space._full_plan
+        if all(group.backend in SELECTOR_BACKENDS for group in plan):
+            return SelectorLog()
+        return UndoLog()
 
     def compatible(self, held: SeededNoise, move: SeededNoise) -> bool:
         """Whether a pass of `move` can recover theta from `held` (same layers, its seeds among
@@ -83,14 +101,19 @@ class DenseTarget:
 
     def write(self, move: SeededNoise, held: SeededNoise | None = None, *, decay: Any = 1.0,
               rounding: str = "nearest", rounding_seed: int | None = None,
-              log: UndoLog | None = None) -> None:
+              log: UndoLog | None = None, held_log: UndoLog | None = None) -> None:
+        """held_log: the log of the pass that wrote `held` (a selector log makes this pass's
+        recovery exact)."""
         self.space.apply(list(move.seeds), move.coefs, layers=move.layers,
                          weight_decay_factor=decay, applied=self._applied(held, move),
                          dist=move.dist, rounding=rounding, rounding_seed=rounding_seed,
-                         log=log, check_finite=False)
+                         log=log, held_log=None if held is None else _selector(held_log),
+                         check_finite=False)
 
     def rewrite(self, log: UndoLog, move: SeededNoise | None = None, *, decay: Any = 1.0,
                 rounding: str = "nearest", rounding_seed: int | None = None) -> None:
+        if _selector(log) is not None:
+            return  # read by the pass that recovered from its pass: nothing to rewrite
         if move is None:
             self.space.apply_logged(log, check_finite=False)
         else:
@@ -110,6 +133,7 @@ class HeldPerturbation:
         self.targets: list[Any] = []
         self.logs: list[tuple[UndoLog, ...]] = []
         self.held: list[Any] = []
+        self.held_slot: list[int | None] = []  # the log slot of the pass that wrote held[i]
         self.live: list[int] = []  # log slots filled since the weights were last exact
         self.exact = bool(exact)
         self.on_overflow = on_overflow
@@ -121,6 +145,7 @@ class HeldPerturbation:
         self.targets.append(target)
         self.logs.append(self._fresh_logs(target))
         self.held.append(None)
+        self.held_slot.append(None)
         return len(self.targets) - 1
 
     def replace(self, index: int, target: Any) -> None:
@@ -137,6 +162,10 @@ class HeldPerturbation:
         UndoLog's check / clear / plan / nbytes)."""
         make = getattr(target, "make_log", UndoLog)
         return tuple(make() for _ in range(SLOTS))
+
+    def _held_log(self, i: int) -> Any:
+        slot = self.held_slot[i]
+        return None if self.held[i] is None or slot is None else self.logs[i][slot]
 
     @property
     def active(self) -> bool:
@@ -161,26 +190,32 @@ class HeldPerturbation:
         for i, (target, move) in enumerate(zip(self.targets, moves)):
             if move is None:
                 continue
-            target.write(move, self.held[i], log=self.logs[i][slot] if logged else None)
-            self.held[i] = move  # per target: a failure in a later one restores this one
+            if logged and self.held[i] is not None and self.held_slot[i] == slot:
+                raise AssertionError("a pass cannot write the selector log it reads")
+            target.write(move, self.held[i], log=self.logs[i][slot] if logged else None,
+                         held_log=self._held_log(i))
+            # per target: a failure in a later one restores this one
+            self.held[i], self.held_slot[i] = move, slot if logged else None
 
     def declare(self, moves: Sequence[Any]) -> None:
         """The weights hold `moves` now, without logs (the compat patch after an update while
         perturbed: the point they came from was never stored)."""
         self.held = list(moves)
+        self.held_slot = [None] * len(self.targets)
 
     def restore(self, exact: bool = True) -> None:
         """Back to theta: a recovery pass per target holding a perturbation, then (exact) the
         logs rewritten, newest first (an older log holds truer values). exact=False: recovery
         only (the weights were written by someone else meanwhile, the logs predate it)."""
+        held_logs = [self._held_log(i) if exact else None for i in range(len(self.targets))]
         held, live = self.held, self.live
-        self.held, self.live = [None] * len(self.targets), []
+        self.held, self.held_slot, self.live = [None] * len(self.targets), [None] * len(held), []
         failure: BaseException | None = None
         try:
             for i, (target, h) in enumerate(zip(self.targets, held)):
                 try:  # a target that fails does not keep the others perturbed
                     if h is not None:
-                        target.write(target.zero(h), h)
+                        target.write(target.zero(h), h, held_log=held_logs[i])
                     for slot in reversed(live if exact else []):
                         target.rewrite(self.logs[i][slot])
                 except BaseException as exc:
@@ -196,13 +231,15 @@ class HeldPerturbation:
         pass that recovers from the held perturbation, then the logged elements rewritten from
         their exact values: bit for bit the update of the unperturbed weights. Runs no user
         code; an interrupt between the passes still finishes the rewrites."""
+        held_logs = [self._held_log(i) for i in range(len(self.targets))]
         held, live = self.held, self.live
-        self.held, self.live = [None] * len(self.targets), []
+        self.held, self.held_slot, self.live = [None] * len(self.targets), [None] * len(held), []
         try:
-            for target, move, h, decay in zip(self.targets, moves, held, decays):
+            for target, move, h, decay, held_log in zip(self.targets, moves, held, decays,
+                                                        held_logs):
                 if move is not None:
                     target.write(move, h, decay=decay, rounding=rounding,
-                                 rounding_seed=rounding_seed)
+                                 rounding_seed=rounding_seed, held_log=held_log)
         finally:
             for slot in reversed(live):
                 for target, logs, move, decay in zip(self.targets, self.logs, moves, decays):

@@ -155,7 +155,8 @@ class LowRankSpace:
 
     def write(self, move: LowRankNoise, held: LowRankNoise | None = None, *, decay: float = 1.0,
               rounding: str = "nearest", rounding_seed: int | None = None,
-              log: UndoLog | None = None) -> None:
+              log: UndoLog | None = None, held_log: Any = None) -> None:
+        # held_log unused: low-rank passes keep undo logs, rewritten after the recovering pass
         self.apply(move.taus, move.scale, decay, self.backend,
                    applied=None if held is None else (held.taus, held.scale), log=log,
                    rounding=rounding, rounding_seed=rounding_seed or 0)

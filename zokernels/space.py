@@ -51,7 +51,7 @@ from ._validate import (
 )
 from .ops.lowrank import lowrank_perturb_
 from .ops.perturb import PerturbGroup, group_index_maps, run_perturb
-from .ops.undo import UndoLog, run_scatter
+from .ops.undo import SelectorLog, UndoLog, run_scatter
 from .sharding import is_dtensor, local_tensor, shard_of
 
 _data_ptr = torch.Tensor.data_ptr
@@ -368,7 +368,8 @@ class ParameterSpace:
               layers: Sequence[int] | None = None, weight_decay_factor: Any = 1.0,
               applied: Any = None, dist: str = "gaussian", rounding: str = "nearest",
               rounding_seed: int | None = None, check_finite: bool = True,
-              log: UndoLog | None = None, contract: int | None = None) -> None:
+              log: UndoLog | None = None, held_log: SelectorLog | None = None,
+              contract: int | None = None) -> None:
         """perturb_ over the registered parameters (all, or the selected layers):
 
             theta = round(d * theta + sum_k scales[k] * z(seeds[k], key, i))
@@ -377,8 +378,11 @@ class ParameterSpace:
         no-decay rule). `applied` recovers the weights first (see perturb_). `log` (an UndoLog,
         nearest rounding and no decay only) keeps the elements recovery cannot give back, for
         `apply_logged` (docs/undo-log.md); the first pass of a log also runs a count-only probe
-        to size it. One backend call per (device, dtype) group; validation covers only the
-        scalars passed here. `contract`: the version of the gaussian normals (see perturb_).
+        to size it. A SelectorLog instead keeps what a later pass needs to recover every weight
+        exactly: that pass names it `held_log` (with `applied` = the logged pass's scale, the same
+        seed and layers), and its own result is then exact whatever the rounding did
+        (docs/undo-log.md). One backend call per (device, dtype) group; validation covers only
+        the scalars passed here. `contract`: the version of the gaussian normals (see perturb_).
         """
         seed_list = as_seed_list(seeds)
         dist = as_choice(dist, PERTURB_DISTS, "dist")
@@ -405,6 +409,7 @@ class ParameterSpace:
         check_reads(self._spans, [("scales", scales), ("applied", applied),
                                   ("weight_decay_factor", weight_decay_factor)])
         plan, flags = self._full_plan if layers is None else self._selection_plan(layers)
+        held = None if held_log is None else _held_buffers(held_log, plan, applied_vector)
         if not plan:
             if log is not None:
                 log.begin(plan, flags)
@@ -412,7 +417,16 @@ class ParameterSpace:
         decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
         if log is None:
             run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
-                        rounding_seed, contract=contract)
+                        rounding_seed, held_logs=held, contract=contract)
+            return
+        if isinstance(log, SelectorLog):
+            if log.needs_probe(plan):
+                log.probe(plan, lambda counters: run_perturb(
+                    plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
+                    rounding_seed, selector_logs=counters, count_only=True, held_logs=held, contract=contract))
+            buffers = log.begin(plan, flags)
+            run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
+                        rounding_seed, selector_logs=buffers, held_logs=held, contract=contract)
             return
         if log.needs_probe(plan):
             log.probe(plan, lambda counters: run_perturb(
@@ -522,3 +536,19 @@ class ParameterSpace:
                          applied_taus=None if applied_taus is None
                          else per_matrix(applied_taus, "applied_taus"),
                          log=log, backend=self.backend, check_finite=check_finite)
+
+
+def _held_buffers(held_log: SelectorLog, plan: list[PerturbGroup], applied: Any) -> list:
+    """The buffers of the selector log a recovering pass reads: it must have logged the same
+    tensors (same groups, same order), ValueError / TypeError before anything is written."""
+    if not isinstance(held_log, SelectorLog):
+        raise TypeError(f"held_log must be a SelectorLog, got {type(held_log).__name__}")
+    if applied is None:
+        raise ValueError("held_log needs applied= (the perturbation the log describes)")
+    logged = held_log.plan
+    if logged is None or len(logged) != len(plan) or any(
+            len(a.tensors) != len(b.tensors)
+            or any(x is not y for x, y in zip(a.tensors, b.tensors))
+            for a, b in zip(logged, plan)):
+        raise ValueError("held_log was not written by a pass over these tensors")
+    return held_log.buffers

@@ -23,3 +23,22 @@ class UndoBuffers(NamedTuple):
     @property
     def capacity(self) -> int:
         return self.index.numel()
+
+
+class SelectorBuffers(NamedTuple):
+    """One (device, dtype) group's selector log (zokernels/backends/torch/selector_log.py).
+
+    regions: int32 [blocks, words], one row per block of 1024 elements of each tensor (in the
+             call's order): word 0 the header (0: the bits follow in the row; 1 + offset: in the
+             pool at offset; -1: lost), then the block's selector bits.
+    pool:    int32 [capacity] words for the blocks whose bits do not fit their row.
+    count:   int64 [1] pool words asked for, also past the capacity.
+    """
+
+    regions: torch.Tensor
+    pool: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.numel()

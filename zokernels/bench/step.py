@@ -124,11 +124,9 @@ def _make(name: str, model: BenchModel, settings: StepSettings, lr: float, eps: 
 
 
 def _state_bytes(opt) -> int:
-    if isinstance(opt, TeZO):
-        return opt.extra_memory_bytes  # logs, U, V, moments, deferred vectors, factor copies
-    total = getattr(opt, "undo_log_bytes", 0)
-    total += getattr(opt, "window_bytes", 0)
-    return total
+    """Logs and buffers beyond the parameters: undo / selector logs, PseuZO's window, TeZO's
+    factors, moments and deferred vectors (ZOOptimizer.extra_memory_bytes)."""
+    return opt.extra_memory_bytes
 
 
 def time_step(name: str, settings: StepSettings, lr: float = 1e-6,
@@ -190,6 +188,9 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6,
                weight_passes=WEIGHT_PASSES[name], repeats=settings.repeats,
                warmup=settings.warmup,
                state_bytes=None if opt is None else _state_bytes(opt),
+               # logs + buffers beyond the parameters (ZOOptimizer.extra_memory_bytes)
+               extra_memory_bytes=None if opt is None else opt.extra_memory_bytes,
+               extra_memory_ratio=None if opt is None else opt.extra_memory_bytes / param_bytes,
                peak_extra_bytes=peak, speedup_vs_mezo_loop=None, zo_speedup_vs_mezo_loop=None,
                exact_restore=None if opt is None else settings.exact_restore)
     if name == "lezo":
@@ -218,7 +219,8 @@ def run_step_bench(settings: StepSettings, optimizers: list[str],
 
 
 COLUMNS = ("optimizer", "step ms", "p20-p80", "forward ms", "perturb/update ms", "weight passes",
-           "state MB", "peak extra MB", "step vs loop", "perturb/update vs loop")
+           "state MB", "extra MB", "extra/params", "peak extra MB", "step vs loop",
+           "perturb/update vs loop")
 
 
 def format_step_table(rows: list[dict]) -> str:
@@ -239,7 +241,10 @@ def format_step_table(rows: list[dict]) -> str:
         zo_speed = r["zo_speedup_vs_mezo_loop"]
         table.append([r["optimizer"], fmt(r["ms"]), f"{fmt(r['ms_p20'])}-{fmt(r['ms_p80'])}",
                       fmt(r["forward_ms"]), fmt(r["zo_ms"]), r["weight_passes"],
-                      mb(r["state_bytes"]), mb(r["peak_extra_bytes"]),
+                      mb(r["state_bytes"]), mb(r.get("extra_memory_bytes")),
+                      "-" if r.get("extra_memory_ratio") is None
+                      else f"{100 * r['extra_memory_ratio']:.2f}%",
+                      mb(r["peak_extra_bytes"]),
                       f"{r['speedup_vs_mezo_loop']:.2f}x",
                       "-" if zo_speed is None else f"{zo_speed:.2f}x"])
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]

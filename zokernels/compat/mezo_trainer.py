@@ -234,7 +234,7 @@ class _ClassedTarget:
 
     def write(self, move: ClassedNoise, held: ClassedNoise | None = None, *, decay: Any = 1.0,
               rounding: str = "nearest", rounding_seed: int | None = None,
-              log: _ClassLogs | None = None) -> None:
+              log: _ClassLogs | None = None, held_log: Any = None) -> None:
         for target, tag, cls in self._passes(move, held):
             target.write(self._of(move, cls), self._of(held, cls), decay=decay,
                          log=None if log is None else log.begin(tag))

@@ -136,14 +136,20 @@ _CACHING_BACKENDS = ("cpu", "triton")
 def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor,
                 decays: torch.Tensor, applied: torch.Tensor | None, dist: str, rounding: str,
                 rounding_seed: int, logs: list | None = None, count_only: bool = False,
+                selector_logs: list | None = None, held_logs: list | None = None,
                 contract: int = DEFAULT_CONTRACT) -> None:
     """Apply validated arguments group by group (shared by perturb_ and ParameterSpace).
 
-    logs: None, or one UndoBuffers per group (docs/undo-log.md); count_only: only count;
+    logs: None, or one UndoBuffers per group (docs/undo-log.md); count_only: only count.
+    selector_logs / held_logs: None, or one SelectorBuffers per group, written / read;
     contract: the version of the gaussian normals."""
     for g, group in enumerate(plan):
         device = group.device
         extra = {} if logs is None else {"log": logs[g], "count_only": count_only}
+        if selector_logs is not None:
+            extra.update(selector_log=selector_logs[g], count_only=count_only)
+        if held_logs is not None:
+            extra["held_log"] = held_logs[g]
         if group.index_maps is not None:
             extra["index_maps"] = group.index_maps
         with torch.no_grad(), contiguous_views(group.tensors, write_back=not count_only) as work:

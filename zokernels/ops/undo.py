@@ -16,7 +16,8 @@ import torch
 
 from .._contract import DEFAULT_CONTRACT
 from .._dispatch import implementation
-from ..backends.undo_buffers import UndoBuffers
+from ..backends.torch.selector_log import n_blocks
+from ..backends.undo_buffers import SelectorBuffers, UndoBuffers
 from ._groups import contiguous_views, select
 from .perturb import PerturbGroup
 
@@ -210,6 +211,88 @@ class UndoLog:
         self.load_checked_state(self.check_state(state))
 
 
+# Words per block row of a selector log (header included), by dtype: measured on N(0, 0.02)
+# weights at eps = 1e-3 (benchmarks/results/undo_memory_cpu.json), a block of 1024 elements needs
+# on average 113 selector bits in bf16 (p99.9: 163) and 193 in fp32 (p99.9: 255); rows of 6 and
+# 8 words keep two logs (a step's at most) at 2.4% / 1.7% of the parameters' bytes, pool included.
+REGION_WORDS = {torch.float32: 8, torch.bfloat16: 6, torch.float16: 6}
+# Backends whose perturb reads and writes selector logs (selector_log=, held_log=).
+SELECTOR_BACKENDS = ("cpu", "torch")
+
+
+class SelectorLog(UndoLog):
+    """What one perturbation pass writes so that a later pass (`held_log=`) recovers every weight
+    exactly: per (device, dtype) group a row of REGION_WORDS int32 words per block of 1024
+    elements and a pool for the blocks whose selector bits do not fit their row
+    (docs/undo-log.md). Sizing, probes, overflow reporting and growth as UndoLog's, for the
+    pool: `fraction` is pool words per element. A pool that overflows loses the blocks that did
+    not get room: their weights are recovered as `applied=` alone recovers them."""
+
+    def __init__(self, *, headroom: float = 1.15, slack: int = 256, probe_passes: int = 2,
+                 words: int | None = None) -> None:
+        super().__init__(headroom=headroom, slack=slack, probe_passes=probe_passes)
+        if words is not None and words < 2:
+            raise ValueError(f"words must be >= 2 (a header and bits), got {words}")
+        self.words = words  # per block row, header included; None: REGION_WORDS[dtype]
+        # per group: flat regions buffer, pool, count (they only grow)
+        self._sel_storage: dict[GroupKey, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _rows(group: PerturbGroup) -> int:
+        return sum(n_blocks(t.numel()) for t in group.tensors)
+
+    def _capacity(self, group: PerturbGroup) -> int:
+        wanted = math.ceil(self._fraction[self._key(group)] * self.headroom * self._numel(group))
+        return min(wanted + self.slack, (1 << 31) - 2)
+
+    def _buffers(self, group: PerturbGroup, capacity: int) -> SelectorBuffers:
+        key = self._key(group)
+        words = self.words or REGION_WORDS[key[1]]
+        rows = self._rows(group)
+        regions, pool, count = self._sel_storage.get(key, (None, None, None))
+        if regions is None:
+            count = torch.zeros(1, dtype=torch.int64, device=group.device)
+            regions = pool = torch.empty(0, dtype=torch.int32, device=group.device)
+        if regions.numel() < rows * words:
+            regions = torch.empty(rows * words, dtype=torch.int32, device=group.device)
+        if pool.numel() < capacity:
+            pool = torch.empty(capacity, dtype=torch.int32, device=group.device)
+        self._sel_storage[key] = (regions, pool, count)
+        return SelectorBuffers(regions[:rows * words].view(rows, words), pool[:capacity],
+                               count.zero_())
+
+    def probe(self, plan: list[PerturbGroup], run) -> None:
+        """Size the pool: `run(buffers)` performs the pass in count-only mode."""
+        counters = [self._buffers(g, 0) for g in plan]
+        run(counters)
+        for group, counter in zip(plan, counters):
+            self._learn(group, int(counter.count.item()))
+        self.probes += 1
+
+    def begin(self, plan: list[PerturbGroup], decay_flags: torch.Tensor) -> list[SelectorBuffers]:
+        if not self._checked:
+            self.check()
+        buffers = [self._buffers(g, self._capacity(g)) for g in plan]
+        for group in plan:
+            self._passes[self._key(group)] = self._passes.get(self._key(group), 0) + 1
+        self.plan, self.decay_flags, self.buffers = plan, decay_flags, buffers
+        self._checked = False
+        return buffers
+
+    def check(self) -> bool:
+        return super().check()
+
+    def release(self) -> None:
+        self.clear()
+        self._sel_storage.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the persistent buffers (rows, pool, counter)."""
+        return sum(r.numel() * 4 + p.numel() * 4 + c.numel() * 8
+                   for r, p, c in self._sel_storage.values())
+
+
 def _group_key(name: object, where: str) -> GroupKey:
     """"cpu|torch.bfloat16" -> (device, floating dtype); ValueError otherwise."""
     if not isinstance(name, str) or name.count("|") != 1:
@@ -252,4 +335,4 @@ def run_scatter(log: UndoLog, seeds: list[int], scales: torch.Tensor, decays: to
                 dist, rounding, rounding_seed, contract=contract, **extra)
 
 
-__all__ = ["UndoLog", "run_scatter"]
+__all__ = ["SELECTOR_BACKENDS", "SelectorLog", "UndoLog", "run_scatter"]

@@ -410,8 +410,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 decays: list[float] | None = None) -> None:
         """theta = decays[g] * theta + sum_k coefs[g][k] * z_k in ONE pass per group (decays
         default: 1 - lr * wd), recovering from the held perturbation (its seed must be among
-        `seeds`), then the logged elements rewritten from their exact values: the result equals
-        an update applied to the unperturbed weights, bit for bit (HeldPerturbation.update)."""
+        `seeds`) exactly with its selector log (Triton: then the undo-logged elements rewritten
+        from their exact values): the result equals an update applied to the unperturbed
+        weights, bit for bit (HeldPerturbation.update)."""
         self._apply_update(self._dense_moves(seeds, coefs_per_group, layers), decays, seeds[0])
 
     def _apply_update(self, moves: list[Any], decays: list[float] | None,
@@ -646,6 +647,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Device memory held by the undo logs, of every held target (0 with
         exact_restore=False)."""
         return self.held.nbytes
+
+    @property
+    def extra_memory_bytes(self) -> int:
+        """Memory a step needs beyond the parameters, held between steps: the undo logs
+        (undo_log_bytes, persistent buffers that only grow) plus the algorithm's own buffers
+        (_buffer_bytes). The kernels' scratch is per thread on the stack (C++) or in registers
+        (Triton) and counts nothing; see docs/undo-log.md."""
+        return self.undo_log_bytes + self._buffer_bytes()
+
+    def _buffer_bytes(self) -> int:
+        """Device memory of the algorithm's buffers (TeZO's factors, ...); 0 here."""
+        return 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # ZO keeps no gradients
         return None

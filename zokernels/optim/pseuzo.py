@@ -217,6 +217,9 @@ class PseuZO(ZOOptimizer):
         """Bytes held by the stored output differences dO_k."""
         return sum(d.numel() * d.element_size() for _, _, d in self._window)
 
+    def _buffer_bytes(self) -> int:  # extra_memory_bytes: the output window
+        return self.window_bytes
+
     def step(self, forward: Callable[[], torch.Tensor] | None = None,  # type: ignore[override]
              loss_fn: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
         """One PseuZO step: forward() is called twice (theta, theta + eps z), loss_fn once, on

@@ -357,14 +357,6 @@ class TeZO(MeZO):
     def _merges(self) -> int:
         return 0 if self._virtual is None else self._virtual.merges
 
-    @property
-    def extra_memory_bytes(self) -> int:
-        """Device memory the optimizer holds between steps besides the parameters: undo logs
-        (dense and low-rank), the low-rank state (U, V, moments: float32, O((m + n) r) per
-        matrix) and, with virtual probes, the deferred vectors (8 bytes per rank entry)."""
-        total = self.undo_log_bytes + 4 * self.state_numel
-        return total + (0 if self._virtual is None else self._virtual.nbytes)
-
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()  # every parameter (the full spaces)
         lowrank = []
@@ -392,6 +384,12 @@ class TeZO(MeZO):
     @property
     def state_numel(self) -> int:
         return sum(s.state_numel for s in self.lowrank)
+
+    def _buffer_bytes(self) -> int:
+        """extra_memory_bytes beside the undo logs (dense and low-rank): the low-rank state (U,
+        V, moments: float32, O((m + n) r) per matrix) and, with virtual probes, the deferred
+        vectors (8 bytes per rank entry)."""
+        return 4 * self.state_numel + (0 if self._virtual is None else self._virtual.nbytes)
 
     def _probe_noise(self, step: int, k: int) -> TeZONoise:
         """Probe k's dense seed and taus (k = 0: the seeds TeZO always drew)."""

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..._contract import DEFAULT_CONTRACT
-from ..undo_buffers import UndoBuffers
+from ..undo_buffers import SelectorBuffers, UndoBuffers
 from ._codes import DIST_CODES, DTYPE_CODES, ROUNDING_CODES
 from ._loader import load_cpu_extension
 
@@ -43,7 +43,9 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
                 decays: Tensor, dist: str, rounding: str, rounding_seed: int,
                 applied: Tensor | None = None, log: UndoBuffers | None = None,
                 count_only: bool = False, index_maps: list | None = None,
-                table_cache: dict | None = None, contract: int = DEFAULT_CONTRACT) -> None:
+                table_cache: dict | None = None, selector_log: SelectorBuffers | None = None,
+                held_log: SelectorBuffers | None = None,
+                contract: int = DEFAULT_CONTRACT) -> None:
     """In place: t[i] = round(decays[j] * t[i] + D),
     D = sum_k scales[k] * z(seeds[k], keys[j], g(i)) summed from 0 in seed order. With `applied`
     (float32 [K]), the perturbation sum_k applied[k] * z that t holds now is undone first
@@ -63,8 +65,11 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     to _C (addresses, sizes, keys, maps) are built once into it instead of on every call, which
     is most of the host time for thousands of tiny tensors (LoRA).
 
+    `selector_log` / `held_log` (SelectorBuffers): the selector log this pass writes (nearest
+    rounding, decays 1; with `count_only`, only the pool words it needs are counted) / the one
+    it reads, with `applied`, to recover every weight exactly (docs/undo-log.md).
     `contract`: 1 or 2, the version of the gaussian normals (docs/noise-contract.md)."""
-    if count_only and log is None:
+    if count_only and log is None and selector_log is None:
         raise ValueError("perturb_cpu: count_only needs a log")
     ext = load_cpu_extension()
     log_args = {}
@@ -80,6 +85,14 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
         if table_cache is not None:
             table_cache["cpu"] = static
     ptrs, numels, key_list, map_args = static
+    if selector_log is not None:
+        log_args["selector_out"] = [
+            selector_log.regions.data_ptr(), selector_log.regions.shape[1],
+            selector_log.pool.data_ptr(), selector_log.pool.numel(),
+            selector_log.count.data_ptr(), int(count_only)]
+    if held_log is not None:
+        log_args["selector_in"] = [held_log.regions.data_ptr(), held_log.regions.shape[1],
+                                   held_log.pool.data_ptr(), held_log.pool.numel()]
     ext.perturb(ptrs, numels, key_list, decays.tolist(), DTYPE_CODES[tensors[0].dtype],
                 list(seeds), scales.tolist(), [] if applied is None else applied.tolist(),
                 DIST_CODES[dist], ROUNDING_CODES[rounding], rounding_seed,

@@ -6,14 +6,15 @@ from ..._contract import DEFAULT_CONTRACT
 from .index_map import global_indices
 from .noise import contract_values, contract_values_at
 from .rounding import lost_by_recovery, recover, round_at, round_to
+from .selector_log import BLOCK, log_tensor, recover_tensor
 
 # Elements per chunk: bounds the reference's temporaries; chunking does not change z.
 _CHUNK = 1 << 22
 
 
 def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding_seed,
-                  applied=None, log=None, count_only=False, index_maps=None,
-                  contract=DEFAULT_CONTRACT) -> None:
+                  applied=None, log=None, count_only=False, index_maps=None, selector_log=None,
+                  held_log=None, contract=DEFAULT_CONTRACT) -> None:
     """In place, in float32, one rounding per element (reference for every fast path).
 
     The noise sum D is accumulated from 0 in seed order and added to the weight once. With
@@ -25,9 +26,15 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
     element i the contract index g(i) of the unsharded tensor, for z and for stochastic rounding
     (docs/sharding.md); the log keeps local indices. `contract` (1 or 2): the version of the
     gaussian normals (docs/noise-contract.md).
+    `selector_log` (SelectorBuffers, nearest rounding and decay 1 only) receives the selectors
+    a later pass needs to recover every weight exactly from what this pass writes; `held_log`
+    (with `applied`) holds those of the perturbation the tensors hold now, read to recover them
+    exactly (selector_log.py, docs/undo-log.md). `count_only` with `selector_log`: only the pool
+    words the pass needs are counted, nothing is written.
     """
     maps = index_maps if index_maps is not None else [None] * len(tensors)
     start = 0  # group-flat index of the tensor's first element
+    block = 0  # the tensor's first selector-log block
     for tensor, key, decay, index_map in zip(tensors, keys, decays, maps):
         flat = tensor.view(-1)
         for offset in range(0, flat.numel(), _CHUNK):
@@ -47,8 +54,16 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
                 if applied is not None:
                     applied_sum = applied_sum + applied[k] * z
             theta = chunk.to(torch.float32)
-            if applied is not None:
+            chunk_block = block + offset // BLOCK
+            if applied is not None and held_log is not None:
+                theta_exact = recover_tensor(held_log.regions, held_log.pool, chunk_block,
+                                             chunk, applied_sum)
+                theta = theta_exact.to(torch.float32)
+            elif applied is not None:
                 theta = recover(theta, applied_sum, tensor.dtype)
+                theta_exact = theta.to(tensor.dtype)
+            else:
+                theta_exact = chunk.clone()
             acc = theta * decay + noise_sum
             if where is None:
                 written = round_to(acc, tensor.dtype, rounding, rounding_seed, key, offset)
@@ -58,9 +73,18 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
             if log is not None:
                 lost = lost_by_recovery(theta, written, noise_sum, tensor.dtype)
                 _append(log, start + offset + lost.nonzero().view(-1), theta[lost], count_only)
+            if selector_log is not None:
+                log_tensor(selector_log.regions, selector_log.pool, selector_log.count,
+                           chunk_block, theta_exact, written, noise_sum, count_only)
+            if held_log is not None:
+                # an element the pass leaves at its value keeps theta's exact pattern (-0.0,
+                # NaN payloads): a restore (scale 0) gives back the bits
+                keep = (noise_sum == 0) & (decay == 1)
+                written = torch.where(keep, theta_exact, written)
             if not count_only:
                 chunk.copy_(written)
         start += flat.numel()
+        block += -(-flat.numel() // BLOCK)
 
 
 def _append(log, indices: torch.Tensor, values: torch.Tensor, count_only: bool) -> None:

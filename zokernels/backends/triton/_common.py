@@ -9,13 +9,15 @@ Stochastic rounding: word ``i mod 4`` of block ``i // 4`` on stream 1 with ``rou
 The block helpers work on one BLOCK of a tensor whose first element index is a multiple of BLOCK
 (BLOCK a power of two >= 128), so the Philox blocks never straddle two programs and the low counter
 word of the block is computed without a carry: ``z`` is independent of BLOCK, the grid and the
-other tensors of a call. The ``*_at`` helpers give the same values at arbitrary element indices
-(one Philox call per element: the undo log's scatter).
+other tensors of a call. A block is held as a tile in Philox layout (``tile_lanes``: the call is
+the last dimension, so each thread uses the noise it computed, with no shuffle). The ``*_at``
+helpers give the same values at arbitrary element indices (one Philox call per element: the undo
+log's scatter).
 
 Index maps (sharded parameters, layout in perturb.py): a local element i of a shard takes the
 noise and rounding uniforms of the contract index ``g(i) = offset + (i // local_span) *
 global_span + i % local_span``. ``map_index`` computes g for the lanes of a block;
-``noise_blocks_at`` / ``rounding_uniforms_at_blocks`` keep one Philox call per 4 (128) elements
+``noise_words_at_blocks`` / ``rounding_tile_at_blocks`` keep one Philox call per 4 (128) elements
 at non-consecutive, 64-bit block indices when the map keeps those groups aligned; otherwise the
 ``*_at`` helpers run one call per element.
 
@@ -292,9 +294,15 @@ def load_seed(ptr):
 
 
 @triton.jit
-def interleave4(a, b, c, d, N: tl.constexpr):
-    """[N] x 4 -> [4N] with out[4j + m] = (a, b, c, d)[m][j] (register-local join + reshape)."""
-    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [4 * N])
+def quads(a, b, c, d):
+    """[N] x 4 -> [4, N] with out[m, j] = (a, b, c, d)[m][j]: a broadcast and selects on a
+    dimension that Triton's default layout keeps inside a thread (threads go along the last
+    dimension), so m is a constant per register, the selects fold away and the 4 values of a
+    Philox call stay in the registers that computed them (tl.join + reshape costs a
+    shared-memory shuffle per call instead)."""
+    m = tl.arange(0, 4)[:, None]
+    return tl.where(m < 2, tl.where(m == 0, a[None, :], b[None, :]),
+                    tl.where(m == 2, c[None, :], d[None, :]))
 
 
 @triton.jit
@@ -306,61 +314,196 @@ def _uniforms4(w0, w1, w2, w3):
     return u0, u1, u2, u3
 
 
-@triton.jit
-def philox_block4(seed, key, blk, STREAM: tl.constexpr, BLOCK: tl.constexpr):
-    """Four uniform vectors of shape [BLOCK // 4] for elements ``blk * BLOCK + [0, BLOCK)``.
-
-    One Philox call per 4 elements, counter ``(b lo, b hi, key, STREAM)`` with ``b = i // 4``.
-    ``blk * BLOCK // 4`` is a multiple of the power of two BLOCK // 4 <= 2^32, so adding
-    ``arange(BLOCK // 4)`` to its low word never carries into the high word."""
-    NQ: tl.constexpr = BLOCK // 4
-    g = blk.to(tl.uint64, bitcast=True) * NQ
-    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, NQ).to(tl.uint32)
-    c1 = (g >> 32).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, key, STREAM)
-    return _uniforms4(w0, w1, w2, w3)
+# ---- tiles: a block's elements in Philox layout ------------------------------------------------
+# A program's BLOCK elements are held as a tile whose LAST dimension is the Philox call (Triton's
+# default layout spreads threads along the last dimension and keeps the others in registers):
+# [4, BLOCK // 4] for gaussian / uniform / rounding uniforms (element 4j + m at [m, j]),
+# [32, 4, BLOCK // 128] for rademacher (bit s of word m of call j: element 128j + 32m + s at
+# [s, m, j]). Loads, stores, the noise and the sums all use the tile, so the noise is consumed
+# where it is computed; ``flat`` gives the block order back (the undo log's prefix sums).
 
 
 @triton.jit
-def _z_from_words(w0, w1, w2, w3, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """z [BLOCK] from the Philox words of the block's calls (w* of shape [BLOCK // 128] for
-    rademacher, [BLOCK // 4] otherwise), in the contract's element order."""
+def tile_lanes(DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """int32 element offsets inside the block, in the tile's shape."""
     if DIST == 1:
-        NW: tl.constexpr = BLOCK // 128
-        words = interleave4(w0, w1, w2, w3, NW)  # [BLOCK // 32], word index (i // 32)
-        bits = (words[:, None] >> tl.arange(0, 32).to(tl.uint32)[None, :]) & 1
-        z = tl.reshape(bits, [BLOCK]).to(tl.float32) * 2.0 - 1.0
-    elif DIST == 0:  # gaussian, contract v2 (_normal.py)
+        lanes = (tl.arange(0, 32)[:, None, None] + (tl.arange(0, 4) * 32)[None, :, None]
+                 + (tl.arange(0, BLOCK // 128) * 128)[None, None, :])
+    else:
+        lanes = tl.arange(0, 4)[:, None] + (tl.arange(0, BLOCK // 4) * 4)[None, :]
+    return lanes
+
+
+@triton.jit
+def flat(x, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """A tile as [BLOCK] in element order."""
+    if DIST == 1:
+        x = tl.reshape(tl.permute(x, (2, 1, 0)), [BLOCK])
+    else:
+        x = tl.reshape(tl.trans(x), [BLOCK])
+    return x
+
+
+@triton.jit
+def _mulhilo(a, M: tl.constexpr):
+    """(hi, lo) 32-bit halves of the 64-bit product a * M (uint32 a): one IMAD.WIDE.U32 where
+    umulhi and mul compile to two instructions."""
+    p = a.to(tl.uint64) * M
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+
+
+@triton.jit
+def philox(seed, c0, c1, c2, c3):
+    """Philox4x32-10 (Random123), key (seed lo, seed hi): the same words as ``tl.philox``, the
+    same rounds (tests compare the backends bit for bit), each round's two multiplies as 64-bit
+    products (saves 20 of ~60 instructions per call, sm_90)."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    c0 = tl.to_tensor(c0).to(tl.uint32, bitcast=True)
+    c1 = tl.to_tensor(c1).to(tl.uint32, bitcast=True)
+    c2 = tl.to_tensor(c2).to(tl.uint32, bitcast=True)
+    c3 = tl.to_tensor(c3).to(tl.uint32, bitcast=True)
+    for _ in tl.static_range(10):
+        hi_b, lo_b = _mulhilo(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
+        c0 = hi_b ^ c1 ^ k0
+        c2 = hi_a ^ c3 ^ k1
+        c1 = lo_b
+        c3 = lo_a
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _philox_calls(seed, key, blk, N: tl.constexpr, STREAM: tl.constexpr):
+    """Words of the N consecutive Philox calls ``blk * N + [0, N)`` (counter (b lo, b hi, key,
+    STREAM)). ``blk * N`` is a multiple of the power of two N <= 2^32, so adding ``arange(N)`` to
+    its low word never carries into the high word."""
+    g = blk.to(tl.uint64, bitcast=True) * N
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, N).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    return philox(seed, c0, c1, key, STREAM)
+
+
+@triton.jit
+def _philox_at_blocks(seed, key, b, STREAM: tl.constexpr):
+    """Philox words at contract block indices b (int64, any values): counter
+    (b mod 2^32, b >> 32, key, STREAM)."""
+    bu = b.to(tl.uint64, bitcast=True)
+    return philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32), key, STREAM)
+
+
+@triton.jit
+def rademacher_signs(w0, w1, w2, w3):
+    """[32, 4, N] uint32: 0 where the contract's z is +1 (bit s of word m set), 0x80000000 where
+    it is -1, i.e. the float32 sign bit of z. ``sign ^ bits(1.0)`` is z itself, ``sign ^ bits(c)``
+    is c * z exactly: a Rademacher term costs a shift, a logic op and an add per element."""
+    nw = ~quads(w0, w1, w2, w3)  # bit clear -> -1: the inverted word's bit is the sign
+    s = tl.arange(0, 32).to(tl.uint32)
+    return (nw[None, :, :] << (31 - s)[:, None, None]) & 0x80000000
+
+
+@triton.jit
+def signed(c, sign):
+    """c * z for a Rademacher z given as its sign bit: c with the sign flipped (exact, as the
+    product c * (+-1.0) is)."""
+    return (c.to(tl.uint32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile_from_words(w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
+    """z tile from the words of the tile's Philox calls (DIST 0 gaussian, 2 uniform; rademacher
+    goes through ``rademacher_signs``). NORMAL: the contract version of the gaussian normals, 1
+    (Triton's pair_uniform_to_normal on the uniforms) or 2 (``normal_pair_v2`` on the words,
+    bit-identical on every backend)."""
+    if DIST == 0 and NORMAL == 2:
         n0, n1 = normal_pair_v2(w0, w1)
         n2, n3 = normal_pair_v2(w2, w3)
-        z = interleave4(n0, n1, n2, n3, BLOCK // 4)
+        z = quads(n0, n1, n2, n3)
     else:
         u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
-        if DIST == 3:  # gaussian, contract v1
+        if DIST == 0:
             n0, n1 = tl.pair_uniform_to_normal(u0, u1)
             n2, n3 = tl.pair_uniform_to_normal(u2, u3)
-            z = interleave4(n0, n1, n2, n3, BLOCK // 4)
+            z = quads(n0, n1, n2, n3)
         else:
-            z = interleave4(u0, u1, u2, u3, BLOCK // 4)
+            z = quads(u0, u1, u2, u3)
     return z
 
 
 @triton.jit
-def noise_block(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """z for the BLOCK elements ``blk * BLOCK + [0, BLOCK)`` (stream 0), float32 [BLOCK].
-
-    DIST: 0 gaussian (contract v2 Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits
-    per Philox call), 2 uniform (the uniforms that feed v1's Box-Muller), 3 gaussian with contract
-    v1 normals (_normal.dist_code). The program's Philox blocks are
-    consecutive and start at a multiple of their power-of-two count (<= 2^32), so the low counter
-    word is ``lo + arange`` without a carry into the high word."""
+def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Words of the Philox calls of the block ``blk`` (stream 0): BLOCK // 128 calls for
+    rademacher, BLOCK // 4 otherwise."""
     tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
     N: tl.constexpr = BLOCK // 128 if DIST == 1 else BLOCK // 4
-    g = blk.to(tl.uint64, bitcast=True) * N
-    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, N).to(tl.uint32)
-    c1 = (g >> 32).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, key, 0)
-    return _z_from_words(w0, w1, w2, w3, DIST, BLOCK)
+    return _philox_calls(seed, key, blk, N, 0)
+
+
+@triton.jit
+def add_noise(d, c, w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
+    """d + c * z for the tile's z given by its Philox words (the contract's ``d + c * z``: for
+    rademacher the product is exact, so adding the sign-flipped c is the same float32 value)."""
+    if DIST == 1:
+        d = d + signed(c, rademacher_signs(w0, w1, w2, w3))
+    else:
+        d = d + c * _tile_from_words(w0, w1, w2, w3, DIST, NORMAL)
+    return d
+
+
+@triton.jit
+def noise_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, NORMAL: tl.constexpr):
+    """z for the BLOCK elements ``blk * BLOCK + [0, BLOCK)`` (stream 0), float32, tile shape.
+
+    DIST: 0 gaussian (Box-Muller on 2 pairs per Philox call), 1 rademacher (128 bits per Philox
+    call), 2 uniform (the uniforms that feed Box-Muller v1). NORMAL: 1 or 2
+    (``_tile_from_words``)."""
+    w0, w1, w2, w3 = noise_words(seed, key, blk, DIST, BLOCK)
+    if DIST == 1:
+        z = signed(1.0 + tl.zeros([32, 4, BLOCK // 128], tl.float32),
+                   rademacher_signs(w0, w1, w2, w3))
+    else:
+        z = _tile_from_words(w0, w1, w2, w3, DIST, NORMAL)
+    return z
+
+
+@triton.jit
+def _rounding_from_words(w0, w1, w2, w3, DIST: tl.constexpr):
+    """Rounding uniforms in the tile shape of DIST from the words of the tile's quads: quads
+    [BLOCK // 4] for gaussian; for rademacher [8, 4, N] with quad (t, m, j) holding elements
+    128j + 32m + 4t + r, which a register-local join and permute turn into the [32, 4, N] tile
+    (s = 4t + r)."""
+    u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
+    if DIST == 1:
+        u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [8, 4, N, 2, 2]: r = 2 * dim3 + dim4
+        u = tl.reshape(tl.permute(u, (0, 3, 4, 1, 2)), [32, 4, u0.shape[2]])
+    else:
+        u = quads(u0, u1, u2, u3)
+    return u
+
+
+@triton.jit
+def _rounding_quads(DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Quad indices inside the block, shaped as ``_rounding_from_words`` wants them."""
+    if DIST == 1:
+        q = (tl.arange(0, 8)[:, None, None] + (tl.arange(0, 4) * 8)[None, :, None]
+             + (tl.arange(0, BLOCK // 128) * 32)[None, None, :])
+    else:
+        q = tl.arange(0, BLOCK // 4)
+    return q
+
+
+@triton.jit
+def rounding_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Stochastic-rounding uniforms (stream 1, word i mod 4 of call i // 4) for elements
+    ``blk * BLOCK + [0, BLOCK)``, in the tile shape of DIST (a thread computes the quads of its
+    own elements)."""
+    g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 4)  # no carry: see _philox_calls
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + _rounding_quads(DIST, BLOCK).to(tl.uint32)
+    w0, w1, w2, w3 = philox(seed, c0, (g >> 32).to(tl.uint32), key, 1)
+    return _rounding_from_words(w0, w1, w2, w3, DIST)
 
 
 @triton.jit
@@ -381,30 +524,19 @@ def map_index(i0, lane, map_offset, local_span, global_span, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _philox_at_blocks(seed, key, b, STREAM: tl.constexpr):
-    """Philox words at contract block indices b (int64, any values): counter
-    (b mod 2^32, b >> 32, key, STREAM)."""
-    bu = b.to(tl.uint64, bitcast=True)
-    return tl.philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32), key, STREAM)
+def noise_words_at_blocks(seed, key, b):
+    """Words (stream 0) of the Philox calls with contract block indices b (int64, any values):
+    the mapped fast path, where every aligned group of 4 (128) local elements is one aligned
+    global group. Fed to ``add_noise`` as ``noise_words`` is: bit-identical."""
+    return _philox_at_blocks(seed, key, b, 0)
 
 
 @triton.jit
-def noise_blocks_at(seed, key, b, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """z (stream 0) of BLOCK elements made of whole contract Philox blocks with block indices b
-    (int64, [BLOCK // 128] for rademacher, [BLOCK // 4] otherwise; any, not consecutive): the
-    mapped fast path, where every aligned group of 4 (128) local elements is one aligned global
-    group. The same words and tl ops as ``noise_block``: bit-identical."""
-    w0, w1, w2, w3 = _philox_at_blocks(seed, key, b, 0)
-    return _z_from_words(w0, w1, w2, w3, DIST, BLOCK)
-
-
-@triton.jit
-def rounding_uniforms_at_blocks(seed, key, b, BLOCK: tl.constexpr):
-    """Stochastic-rounding uniforms (stream 1) of BLOCK elements made of whole quads with
-    contract block indices b (int64 [BLOCK // 4])."""
+def rounding_tile_at_blocks(seed, key, b, DIST: tl.constexpr):
+    """Stochastic-rounding uniforms (stream 1) of a block made of whole quads with contract block
+    indices b (int64, shaped by ``_rounding_quads``), in the tile shape of DIST."""
     w0, w1, w2, w3 = _philox_at_blocks(seed, key, b, 1)
-    u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
-    return interleave4(u0, u1, u2, u3, BLOCK // 4)
+    return _rounding_from_words(w0, w1, w2, w3, DIST)
 
 
 @triton.jit
@@ -414,33 +546,32 @@ def _pick4(w0, w1, w2, w3, m):
 
 
 @triton.jit
-def noise_at(seed, key, i, DIST: tl.constexpr):
+def noise_at(seed, key, i, DIST: tl.constexpr, NORMAL: tl.constexpr = 1):
     """z(seed, key, i) (stream 0) at arbitrary element indices i (int64, any shape), bit-identical
-    to ``noise_block``: the same Philox counter and the same tl ops on the picked words. One
+    to ``noise_tile``: the same Philox counter and the same tl ops on the picked words. One
     Philox call per element (scattered elements share no blocks); gaussian transforms only the
     pair that holds element i (Box-Muller is elementwise, so the other pair cannot change it)."""
     ib = i.to(tl.uint64, bitcast=True)
     if DIST == 1:
         b = ib >> 7  # 128 elements per block: word (i % 128) // 32, bit i % 32
-        w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+        w0, w1, w2, w3 = philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
                                    key, 0)
         w = _pick4(w0, w1, w2, w3, (i >> 5) & 3)
         bit = (w >> (i & 31).to(tl.uint32)) & 1
         z = bit.to(tl.float32) * 2.0 - 1.0
     else:
         b = ib >> 2
-        w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+        w0, w1, w2, w3 = philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
                                    key, 0)
         m = i & 3
-        if DIST == 0:  # gaussian, contract v2
-            first = m < 2
-            na, nb = normal_pair_v2(tl.where(first, w0, w2), tl.where(first, w1, w3))
-            z = tl.where((m & 1) == 0, na, nb)
-        elif DIST == 3:  # gaussian, contract v1
-            first = m < 2  # (u0, u1) -> n0, n1; (u2, u3) -> n2, n3
-            ua = tl.uint_to_uniform_float(tl.where(first, w0, w2))
-            ub = tl.uint_to_uniform_float(tl.where(first, w1, w3))
-            na, nb = tl.pair_uniform_to_normal(ua, ub)
+        if DIST == 0:
+            first = m < 2  # (w0, w1) -> n0, n1; (w2, w3) -> n2, n3
+            if NORMAL == 2:
+                na, nb = normal_pair_v2(tl.where(first, w0, w2), tl.where(first, w1, w3))
+            else:
+                ua = tl.uint_to_uniform_float(tl.where(first, w0, w2))
+                ub = tl.uint_to_uniform_float(tl.where(first, w1, w3))
+                na, nb = tl.pair_uniform_to_normal(ua, ub)
             z = tl.where((m & 1) == 0, na, nb)
         else:
             z = tl.uint_to_uniform_float(_pick4(w0, w1, w2, w3, m))
@@ -452,16 +583,9 @@ def rounding_uniform_at(seed, key, i):
     """The stochastic-rounding uniform (stream 1, word i mod 4 of block i // 4) of element i
     (int64, any shape); bit-identical to ``rounding_uniforms``."""
     b = i.to(tl.uint64, bitcast=True) >> 2
-    w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+    w0, w1, w2, w3 = philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
                                key, 1)
     return tl.uint_to_uniform_float(_pick4(w0, w1, w2, w3, i & 3))
-
-
-@triton.jit
-def rounding_uniforms(seed, key, blk, BLOCK: tl.constexpr):
-    """Stochastic-rounding uniforms (stream 1) for elements ``blk * BLOCK + [0, BLOCK)``."""
-    u0, u1, u2, u3 = philox_block4(seed, key, blk, 1, BLOCK)
-    return interleave4(u0, u1, u2, u3, BLOCK // 4)
 
 
 @triton.jit

@@ -29,19 +29,6 @@ _U_SCALE = tl.constexpr(float32_from_bits(NORMAL_V2_U_SCALE))
 _U_OFFSET = tl.constexpr(float32_from_bits(NORMAL_V2_U_OFFSET))
 
 
-# The kernels' DIST constexpr: 0 gaussian (contract v2, the default), 1 rademacher, 2 uniform,
-# 3 gaussian with contract v1 normals. Folding the version into DIST leaves the kernel signatures
-# as they were, and _common.DIST_CODES still gives the default contract.
-DIST_GAUSSIAN_V1 = 3
-
-
-def dist_code(dist: str, contract: int) -> int:
-    """The DIST constexpr of a launch for dist ("gaussian", "rademacher", "uniform") and contract."""
-    if dist == "gaussian" and contract == 1:
-        return DIST_GAUSSIAN_V1
-    return {"gaussian": 0, "rademacher": 1, "uniform": 2}[dist]
-
-
 @triton.jit
 def _sqrt_rn_positive(y):
     """sqrt(y) correctly rounded, for normal positive y (here y in [1.1e-7, 46]), without the

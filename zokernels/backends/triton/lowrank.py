@@ -44,14 +44,17 @@ import triton
 import triton.language as tl
 
 from ._common import (ITEMSIZE, as_int64_bits, block_starts, count_launch, find_entry,
-                      int64_table, load_seed, next_pow2, recover_unperturbed, round_nearest,
-                      round_stochastic, to_float32, SOFT_BF16)
+                      int64_table, load_seed, next_pow2, philox, recover_unperturbed,
+                      round_nearest, round_stochastic, to_float32, SOFT_BF16)
 
 # 64 x 64 tiles at 8 warps: 16 elements per thread, ~128 registers on sm_90 (two CTAs per SM);
 # 64 x 128 needs ~220-250 registers (one CTA per SM), too little parallelism for a streaming op.
 BM = 64    # rows per tile
 BN = 64    # columns per tile (contiguous in W)
 NUM_WARPS = 8
+# the rank loop runs once for r <= RK_MAX: software pipelining (num_stages > 1) would only
+# allocate more shared memory (3 stages: 100 KB at r = 64, one CTA per SM)
+NUM_STAGES = 1
 RK_MAX = 64  # rank chunk: bounds the U / V tiles in registers whatever r is
 ROW = 10     # int64 entries per weight in the launch table
 
@@ -66,7 +69,7 @@ def _sr_uniforms_tile(seed, key, rows, col0, cols, n, BN: tl.constexpr, ROW4: tl
     if ROW4:
         b = ((rows * n + col0) >> 2)[:, None] + tl.arange(0, BN // 4)[None, :]
         bu = b.to(tl.uint64, bitcast=True)
-        w0, w1, w2, w3 = tl.philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32),
+        w0, w1, w2, w3 = philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32),
                                    (bu >> 32).to(tl.uint32), key, 1)
         u0 = tl.uint_to_uniform_float(w0)
         u1 = tl.uint_to_uniform_float(w1)
@@ -76,7 +79,7 @@ def _sr_uniforms_tile(seed, key, rows, col0, cols, n, BN: tl.constexpr, ROW4: tl
     else:
         i = rows[:, None] * n + cols[None, :]
         b = (i >> 2).to(tl.uint64, bitcast=True)
-        w0, w1, w2, w3 = tl.philox(seed, (b & 0xFFFFFFFF).to(tl.uint32),
+        w0, w1, w2, w3 = philox(seed, (b & 0xFFFFFFFF).to(tl.uint32),
                                    (b >> 32).to(tl.uint32), key, 1)
         m4 = i & 3
         w = tl.where(m4 == 0, w0, tl.where(m4 == 1, w1, tl.where(m4 == 2, w2, w3)))
@@ -89,9 +92,12 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr, ap
                     index_ptr, values_ptr, count_ptr, capacity,
                     LOG2_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     RK: tl.constexpr, STOCHASTIC: tl.constexpr, ROW4: tl.constexpr,
-                    VEC: tl.constexpr, PRECISION: tl.constexpr, HAS_APPLIED: tl.constexpr,
+                    VEC: tl.constexpr, UV16: tl.constexpr, KFULL: tl.constexpr,
+                    PRECISION: tl.constexpr, HAS_APPLIED: tl.constexpr,
                     LOG_MODE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only."""
+    """LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only.
+    UV16: U / V rows are 16-byte vectors (aligned, r % 4 == 0); KFULL: every r is a multiple of
+    RK (interior tiles load U, V and tau without masks)."""
     P: tl.constexpr = 1 << LOG2_P
     pid = tl.program_id(0).to(tl.int64)
     j = find_entry(table_ptr, pid, LOG2_P)
@@ -108,35 +114,52 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr, ap
         # host checked: W pointers 16-byte aligned and every n % VEC == 0 -> 16-byte row vectors
         w_off = tl.multiple_of(w_off, VEC)
         n = tl.multiple_of(n, VEC)
+    if UV16:
+        # host checked: U / V 16-byte aligned and every r % 4 == 0 -> 16-byte rows of U and V
+        r = tl.multiple_of(r, 4)
+        u_off = tl.multiple_of(u_off, 4)
+        v_off = tl.multiple_of(v_off, 4)
 
     t = pid - tl.load(table_ptr + j)
     tiles_n = (n + BN - 1) // BN
     tm = t // tiles_n
     tn = t - tm * tiles_n
-    rows = tm * BM + tl.arange(0, BM)  # int64
+    rows = tm * BM + tl.arange(0, BM)  # int64 (rounding counters, log indices)
     col0 = tn * BN
     cols = col0 + tl.arange(0, BN)
     rmask = rows < m
     cmask = cols < n
+    full = (tm * BM + BM <= m) & (col0 + BN <= n)
+    # int32 offsets inside the tile from int64 scalar bases (r, n < 2^31 / BM)
+    ri = tl.arange(0, BM)
+    ci = tl.arange(0, BN)
+    r32 = r.to(tl.int32)
+    if UV16:
+        r32 = tl.multiple_of(r32, 4)
+    u_ptrs = f_base_ptr + (u_off + tm * BM * r) + ri[:, None] * r32  # U rows of the tile
+    v_ptrs = f_base_ptr + (v_off + col0 * r) + ci[None, :] * r32  # V rows as columns of V^T
 
     acc = tl.zeros([BM, BN], dtype=tl.float32)   # P(tau)
     held = tl.zeros([BM, BN], dtype=tl.float32)  # P(applied tau), HAS_APPLIED only
-    for k0 in range(0, r, RK):
+    for k0 in range(0, r32, RK):
         ks = k0 + tl.arange(0, RK)
-        kmask = ks < r
-        tau = tl.load(f_base_ptr + tau_off + ks, mask=kmask, other=0.0)
-        ut = tl.load(f_base_ptr + u_off + rows[:, None] * r + ks[None, :],
-                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        vt = tl.load(f_base_ptr + v_off + cols[None, :] * r + ks[:, None],
-                     mask=kmask[:, None] & cmask[None, :], other=0.0)  # V^T chunk [RK, BN]
+        if full and KFULL:  # no masks: 16-byte loads of U and V (UV16)
+            tau = tl.load(f_base_ptr + tau_off + ks)
+            ut = tl.load(u_ptrs + ks[None, :])
+            vt = tl.load(v_ptrs + ks[:, None])  # V^T chunk [RK, BN]
+        else:
+            kmask = ks < r32
+            tau = tl.load(f_base_ptr + tau_off + ks, mask=kmask, other=0.0)
+            ut = tl.load(u_ptrs + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            vt = tl.load(v_ptrs + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
         # tau scales V, as in the reference: U @ (V diag(tau))^T
         acc = tl.dot(ut, vt * tau[:, None], acc, input_precision=PRECISION)
         if HAS_APPLIED:
-            tau1 = tl.load(f_base_ptr + tl.load(row_ptr + 9) + ks, mask=kmask, other=0.0)
+            tau1 = tl.load(f_base_ptr + tl.load(row_ptr + 9) + ks, mask=ks < r32, other=0.0)
             held = tl.dot(ut, vt * tau1[:, None], held, input_precision=PRECISION)
 
-    w_ptrs = w_base_ptr + w_off + rows[:, None] * n + cols[None, :]
-    full = (tm * BM + BM <= m) & (col0 + BN <= n)
+    w_ptrs = w_base_ptr + (w_off + tm * BM * n + col0) + (ri[:, None] * n.to(tl.int32)
+                                                         + ci[None, :])
     if full:  # unmasked interior tiles keep 16-byte vector accesses
         w = tl.load(w_ptrs)
     else:
@@ -211,7 +234,7 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
     p = next_pow2(len(weights))
     counts, rows, max_r, first = [], [], 1, 0
     vec = 16 // itemsize
-    row4, aligned = True, True
+    row4, aligned, uv16 = True, True, f_base % 16 == 0
     for j, w in enumerate(weights):
         m, n = w.shape
         r = us[j].shape[1]
@@ -224,11 +247,13 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
         first += m * n
         row4 &= n % 4 == 0
         aligned &= w_ptrs[j] % 16 == 0 and n % vec == 0
+        uv16 &= r % 4 == 0 and all(f.data_ptr() % 16 == 0 for f in (us[j], vs[j]))
     rows += [0] * (ROW * (p - len(weights)))
     table = int64_table(block_starts(counts, p) + rows + [as_int64_bits(rounding_seed)],
                         weights[0].device)
 
     rk = min(max(16, next_pow2(max_r)), RK_MAX)  # tl.dot needs K >= 16
+    kfull = all(u.shape[1] % rk == 0 for u in us)
     scale = scale.contiguous()
     _lowrank_kernel[(sum(counts),)](
         weights[w_i], f_tensors[f_i], table, decays.contiguous(), scale,
@@ -238,11 +263,11 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
         log.count if log_mode != 0 else None, log.capacity if log_mode == 1 else None,
         LOG2_P=p.bit_length() - 1, BM=BM, BN=BN, RK=rk,
         STOCHASTIC=(rounding == "stochastic" and dtype != torch.float32), ROW4=row4,
-        VEC=vec if aligned else 1,
+        VEC=vec if aligned else 1, UV16=uv16, KFULL=kfull,
         # fp32 weights need fp32-accurate products (3xTF32); 16-bit weights round far coarser
         # than TF32's 2^-11, so a single TF32 pass suffices
         PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
         HAS_APPLIED=applied_taus is not None, LOG_MODE=log_mode,
-        SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS,
+        SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         enable_fp_fusion=False)  # D = scale * P stays a rounded value (module docstring)
     count_launch()

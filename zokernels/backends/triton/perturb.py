@@ -73,46 +73,42 @@ import triton
 import triton.language as tl
 
 from ..._contract import DEFAULT_CONTRACT
-from ._common import (cached_table, count_launch, find_entry, load_seed, map_index,
-                      noise_at, noise_block, noise_blocks_at, recover_unperturbed, round_nearest,
-                      round_stochastic, rounding_uniform_at, rounding_uniforms,
-                      rounding_uniforms_at_blocks, to_float32, SOFT_BF16)
-from ._normal import dist_code
+from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_entry, flat,
+                      load_seed,
+                      map_index, noise_at, noise_words, noise_words_at_blocks, recover_unperturbed,
+                      round_nearest, round_stochastic, rounding_tile, rounding_tile_at_blocks,
+                      _rounding_quads,
+                      rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16)
 
-# 16 elements per thread at 8 warps: 4 Philox calls per seed for gaussian, enough independent
-# work to hide memory latency; rademacher needs one Philox call per 128 elements, so a bigger
-# block halves the per-program overhead (table search, loads of decay and scales).
+# Elements per program. Registers on sm_90 are capped at MAXNREG (ptxas; counts in
+# benchmarks/results/sass_budget_*.json, no spills). Plain passes: gaussian 4096 (16 elements per
+# thread at 8 warps: 4 Philox calls per seed, independent work to hide memory latency),
+# rademacher 8192 (32 per thread: one word of one Philox call per seed; every element also
+# amortizes the per-program table search and loads).
 BLOCK = {"gaussian": 4096, "rademacher": 8192}
+# Stochastic rounding (16-bit) holds the rounding quads' words and the division's temporaries
+# too: at the blocks above it spills under MAXNREG (32 spill instructions gaussian, 376
+# rademacher); half the block does not.
+STOCHASTIC_BLOCK = {"gaussian": 2048, "rademacher": 2048}
 # With recovery, x, D1 and D are all live after the noise loop and the recovery adds three
-# candidate tests per element: at the blocks above sm_90 needs 128-255 registers with spills
-# (fp32); at 2048 it is 48-80 registers (z does not depend on the block). The undo log's check
-# is one more recovery (of y with D): logging passes use this block too (46-80 registers, sm_90).
-RECOVER_BLOCK = 2048
+# candidate tests per element: z does not depend on the block, so recovering passes with 4-byte
+# weights and logging passes (the log's check is one more recovery) use smaller ones (at 4096
+# they spill 2-78 instructions under MAXNREG; 16-bit recovery at 4096 does not).
+RECOVER_BLOCK = 4096
+LOG_BLOCK = 2048
 # With index maps, both noise paths are compiled into one kernel (grouped and per-element Philox,
-# chosen per tensor at run time) and the registers are those of the larger: sm_90 (ptxas 13.4,
-# compiled without a GPU), fp32 / bf16 with stochastic rounding: gaussian at 4096 216 / 250,
-# rademacher at 4096 218 / 242 (the grouped path alone: 108 / 178, 106 / 178); at 2048 123 / 123
-# and 105 / 120, no spills, fewer than the unmapped kernels at their blocks (116 / 186, 202 / 255).
+# chosen per tensor at run time) and the registers are those of the larger.
 MAPPED_BLOCK = 2048
+MAXNREG = 96
 NUM_WARPS = 8
 
 
 @triton.jit
-def _load_block(ptrs, idx, numel, full):
-    """The block's weights; a runtime-length mask would forbid vector loads, so interior blocks
-    go unmasked."""
-    if full:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=idx < numel, other=0.0)
-    return x
-
-
-@triton.jit
 def _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, i0, map_offset, local_span,
-                       global_span, grain, DIST: tl.constexpr, BLOCK: tl.constexpr,
-                       HAS_APPLIED: tl.constexpr):
-    """(D, D1) for the local elements i0 + [0, BLOCK) of a mapped tensor: z at g(i).
+                       global_span, grain, d, d1, DIST: tl.constexpr, BLOCK: tl.constexpr,
+                       HAS_APPLIED: tl.constexpr, NORMAL: tl.constexpr):
+    """(D, D1) for the local elements i0 + [0, BLOCK) of a mapped tensor: z at g(i), in the tile
+    shape of DIST (d, d1: zero tiles).
 
     ``grain`` (a per-tensor table value, so that one odd shard does not slow the whole call down):
     when it is a multiple of the distribution's Philox group (4 gaussian, 128 rademacher), every
@@ -121,20 +117,18 @@ def _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, i0, map_offse
     A program holds one tensor, so the branch never diverges inside a program. The counters are
     computed once, before the loop over the seeds."""
     GROUP: tl.constexpr = 128 if DIST == 1 else 4
-    d = tl.zeros([BLOCK], tl.float32)
-    d1 = tl.zeros([BLOCK], tl.float32)
     if grain % GROUP == 0:
         lanes = tl.arange(0, BLOCK // GROUP) * GROUP
         b = map_index(i0, lanes, map_offset, local_span, global_span, BLOCK) // GROUP
         for k in range(K):
-            z = noise_blocks_at(load_seed(seeds_ptr + k), key, b, DIST, BLOCK)
-            d = d + tl.load(scales_ptr + k) * z
+            w0, w1, w2, w3 = noise_words_at_blocks(load_seed(seeds_ptr + k), key, b)
+            d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
             if HAS_APPLIED:
-                d1 = d1 + tl.load(applied_ptr + k) * z
+                d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
     else:
-        g = map_index(i0, tl.arange(0, BLOCK), map_offset, local_span, global_span, BLOCK)
+        g = map_index(i0, tile_lanes(DIST, BLOCK), map_offset, local_span, global_span, BLOCK)
         for k in range(K):
-            z = noise_at(load_seed(seeds_ptr + k), key, g, DIST)
+            z = noise_at(load_seed(seeds_ptr + k), key, g, DIST, NORMAL)
             d = d + tl.load(scales_ptr + k) * z
             if HAS_APPLIED:
                 d1 = d1 + tl.load(applied_ptr + k) * z
@@ -143,15 +137,15 @@ def _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, i0, map_offse
 
 @triton.jit
 def _mapped_rounding_uniforms(seed, key, i0, map_offset, local_span, global_span, grain,
-                              BLOCK: tl.constexpr):
-    """Stochastic-rounding uniforms at g(i) for the local elements i0 + [0, BLOCK): one Philox
-    call per aligned quad when the map keeps quads aligned, else one per element."""
+                              DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Stochastic-rounding uniforms at g(i) for the local elements i0 + [0, BLOCK), tile shape:
+    one Philox call per aligned quad when the map keeps quads aligned, else one per element."""
     if grain % 4 == 0:
-        lanes = tl.arange(0, BLOCK // 4) * 4
+        lanes = _rounding_quads(DIST, BLOCK) * 4
         b = map_index(i0, lanes, map_offset, local_span, global_span, BLOCK) // 4
-        u = rounding_uniforms_at_blocks(seed, key, b, BLOCK)
+        u = rounding_tile_at_blocks(seed, key, b, DIST)
     else:
-        g = map_index(i0, tl.arange(0, BLOCK), map_offset, local_span, global_span, BLOCK)
+        g = map_index(i0, tile_lanes(DIST, BLOCK), map_offset, local_span, global_span, BLOCK)
         u = rounding_uniform_at(seed, key, g)
     return u
 
@@ -162,56 +156,67 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                     index_ptr, values_ptr, count_ptr, capacity,
                     LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                     STOCHASTIC: tl.constexpr, ALIGN: tl.constexpr, HAS_APPLIED: tl.constexpr,
-                    LOG_MODE: tl.constexpr, MAPPED: tl.constexpr, SOFT_BF16: tl.constexpr):
+                    LOG_MODE: tl.constexpr, MAPPED: tl.constexpr, SOFT_BF16: tl.constexpr,
+                    NORMAL: tl.constexpr):
     """LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only
     (index_ptr, values_ptr and capacity are None). MAPPED: the table rows carry index maps (the
-    noise and the rounding uniforms at g(i)); without it no map code is compiled."""
+    noise and the rounding uniforms at g(i)); without it no map code is compiled. NORMAL: the
+    contract version of the gaussian normals (1 or 2).
+
+    The block is held as a tile in Philox layout (``tile_lanes``): the noise of a Philox call is
+    used in the registers that computed it. Index math is int32 inside the block (the block's
+    first element is one int64 scalar), and masks exist only on the tail block."""
     P: tl.constexpr = 1 << LOG2_P
     ROW: tl.constexpr = 8 if MAPPED else 4
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # compared with the int64 starts of the table
     j = find_entry(table_ptr, pid, LOG2_P)
     row_ptr = table_ptr + P + ROW * j
     offset = tl.load(row_ptr)
     numel = tl.load(row_ptr + 1)
     key = tl.load(row_ptr + 2).to(tl.uint32)
     blk = pid - tl.load(table_ptr + j)  # block index inside tensor j
+    start = blk * BLOCK  # first element of the block: the only int64 index
     if ALIGN > 1:
         # host checked: every data_ptr % 16 == 0, so every element offset is a multiple of ALIGN
         offset = tl.multiple_of(offset, ALIGN)
 
-    idx = blk * BLOCK + tl.arange(0, BLOCK)  # int64 flat index inside tensor j
-    ptrs = base_ptr + offset + idx
-    full = blk * BLOCK + BLOCK <= numel
-    # the noise sum first (from 0.0, seed order), added to the weight once (contract order)
+    lanes = tile_lanes(DIST, BLOCK)  # int32
+    ptrs = base_ptr + (offset + start) + lanes
+    rem = numel - start
+    full = rem >= BLOCK
+    # the weights first: their loads overlap the noise arithmetic
+    if full:  # interior blocks: no mask, vector loads
+        w = tl.load(ptrs)
+    else:
+        w = tl.load(ptrs, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32), other=0.0)
+    # the noise sum (from 0.0, seed order), added to the weight once (contract order)
+    d = tl.zeros(lanes.shape, tl.float32)
+    d1 = tl.zeros(lanes.shape, tl.float32)  # the perturbation held now (HAS_APPLIED only)
     if MAPPED:
         map_offset = tl.load(row_ptr + 4)
         local_span = tl.load(row_ptr + 5)
         global_span = tl.load(row_ptr + 6)
         grain = tl.load(row_ptr + 7)
-        d, d1 = _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, blk * BLOCK,
-                                   map_offset, local_span, global_span, grain, DIST, BLOCK,
-                                   HAS_APPLIED)
+        d, d1 = _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, start,
+                                   map_offset, local_span, global_span, grain, d, d1, DIST,
+                                   BLOCK, HAS_APPLIED, NORMAL)
     else:
-        d = tl.zeros([BLOCK], tl.float32)
-        d1 = tl.zeros([BLOCK], tl.float32)  # the perturbation held now (HAS_APPLIED only)
         for k in range(K):
-            z = noise_block(load_seed(seeds_ptr + k), key, blk, DIST, BLOCK)
-            d = d + tl.load(scales_ptr + k) * z
+            w0, w1, w2, w3 = noise_words(load_seed(seeds_ptr + k), key, blk, DIST, BLOCK)
+            d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
             if HAS_APPLIED:
-                d1 = d1 + tl.load(applied_ptr + k) * z
-    # loaded after the loop: live across it, the weights would cost BLOCK / 256 more registers
-    # per thread on top of d (178 instead of 119 for fp32 rademacher, sm_90)
-    x = to_float32(_load_block(ptrs, idx, numel, full), SOFT_BF16)
+                d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
+    x = to_float32(w, SOFT_BF16)
     if HAS_APPLIED:
         x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
     acc = tl.load(decays_ptr + j) * x + d
 
     if STOCHASTIC:
         if MAPPED:
-            u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, blk * BLOCK, map_offset,
-                                          local_span, global_span, grain, BLOCK)
+            u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, start, map_offset,
+                                          local_span, global_span, grain, DIST, BLOCK)
         else:
-            u = rounding_uniforms(load_seed(seeds_ptr + K), key, blk, BLOCK)
+            u = rounding_tile(load_seed(seeds_ptr + K), key, blk, DIST, BLOCK)
         y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -219,7 +224,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         if full:
             tl.store(ptrs, y)
         else:
-            tl.store(ptrs, y, mask=idx < numel)
+            tl.store(ptrs, y, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32))
 
     if LOG_MODE != 0:
         # lost: a later pass with applied = these scales recovers y with this very d (same
@@ -230,8 +235,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                                    SOFT_BF16)
         lost = ((back.to(tl.uint32, bitcast=True) != x_bits)
                 | ((x_bits & 0x7FFFFFFF) > 0x7F800000) | (x_bits == 0x80000000))
-        lane = tl.arange(0, BLOCK)  # int32: no int64 index kept live through the check
-        lost = (lost & (lane < numel - blk * BLOCK)).to(tl.int32)
+        lost = flat((lost & (lanes < rem)).to(tl.int32), DIST, BLOCK)  # block order
         n_lost = tl.sum(lost, axis=0)
         if n_lost > 0:  # all programs hit one counter: skip the atomic when there is nothing
             # one atomic per program reserves its slots; relaxed: only the counter matters
@@ -239,10 +243,34 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
             if LOG_MODE == 1:
                 slot = first + tl.cumsum(lost, axis=0) - 1  # lost elements in block order
                 keep = (lost != 0) & (slot < capacity)  # past the capacity: counted only
-                tl.store(index_ptr + slot, tl.load(row_ptr + 3) + blk * BLOCK + lane, mask=keep)
+                tl.store(index_ptr + slot,
+                         tl.load(row_ptr + 3) + start + flat(lanes, DIST, BLOCK), mask=keep)
                 tl.store(values_ptr + slot,
-                         round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16),
+                         flat(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16), DIST,
+                              BLOCK),
                          mask=keep)  # exact: x is a value of the tensor's dtype
+
+
+def block_for(dist: str, stochastic: bool, recover: bool, mapped: bool = False,
+              normal: int = 2, itemsize: int = 2, log: bool = False) -> int:
+    """Elements per program of a pass. ``recover``: with ``applied`` or a log; ``log``: with a
+    log; ``mapped``: a
+    table with index maps; ``normal``: the contract version of the gaussian normals (v1's
+    libdevice log / sin / cos hold more registers: half the block keeps it under MAXNREG
+    without spills); ``itemsize``: rademacher's 32 fp32 weights per thread spill at 8192 (8
+    spill instructions), not at 4096."""
+    block = BLOCK[dist]
+    if dist == "rademacher" and itemsize == 4:
+        block = min(block, 4096)
+    if stochastic:
+        block = min(block, STOCHASTIC_BLOCK[dist])
+    if recover:
+        block = min(block, RECOVER_BLOCK if itemsize == 2 and not log else LOG_BLOCK)
+    if mapped:
+        block = min(block, MAPPED_BLOCK)
+    if dist == "gaussian" and normal == 1:
+        block = max(block // 2, 128)
+    return block
 
 
 def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
@@ -261,13 +289,18 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     contract's at g(i) (module docstring); the log keeps local indices. ``table_cache``: None, or
     a dict the caller keeps per persistent tensor group: the static launch table is reused while
     the tensors' addresses, numels, keys, maps and the block stay the same (``cached_table``).
-    No host synchronization."""
+    ``contract``: 1 or 2, the version of the gaussian normals (docs/noise-contract.md). No host
+    synchronization."""
     log_mode = 0 if log is None else (2 if count_only else 1)
-    # the log's check is a recovery: same register budget as the applied path
-    block = BLOCK[dist] if applied is None and log is None else min(BLOCK[dist], RECOVER_BLOCK)
+    stochastic = rounding == "stochastic" and tensors[0].dtype != torch.float32
+    recover = applied is not None or log is not None
+    itemsize = tensors[0].element_size()
+    block = block_for(dist, stochastic, recover, normal=contract, itemsize=itemsize,
+                      log=log is not None)
     scales = scales.contiguous()
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
-                          mapped_block=min(block, MAPPED_BLOCK))
+                          mapped_block=block_for(dist, stochastic, recover, True, contract,
+                                                 itemsize, log is not None))
     base = launch.base
     _perturb_kernel[(launch.n_programs,)](
         base, launch.table, launch.seeds, decays.contiguous(), scales,
@@ -276,9 +309,9 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         # unused log arguments are None: constexpr, not even kernel parameters
         log.index if log_mode == 1 else None, log.values if log_mode == 1 else None,
         log.count if log_mode != 0 else None, log.capacity if log_mode == 1 else None,
-        LOG2_P=launch.log2_p, BLOCK=launch.block, DIST=dist_code(dist, contract),
-        STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32), ALIGN=launch.align,
+        LOG2_P=launch.log2_p, BLOCK=launch.block, DIST=DIST_CODES[dist],
+        STOCHASTIC=stochastic, ALIGN=launch.align,
         HAS_APPLIED=applied is not None, LOG_MODE=log_mode, MAPPED=launch.mapped,
-        SOFT_BF16=SOFT_BF16,
-        num_warps=NUM_WARPS)
+        SOFT_BF16=SOFT_BF16, NORMAL=contract,
+        num_warps=NUM_WARPS, maxnreg=MAXNREG)
     count_launch()

@@ -1,7 +1,7 @@
 """Philox4x32-10 words for given counters (known-answer and cross-backend tests).
 
 Computes ``(w0, w1, w2, w3) = philox(seed, (c0, c1, c2, c3))`` element-wise with
-``tl.philox``, the same function every other Triton kernel of this backend uses. Bytes moved:
+``_common.philox``, the same function every other Triton kernel of this backend uses. Bytes moved:
 4 x 8 bytes read and 4 x 8 bytes written per counter (int64 in and out, uint32 values).
 """
 
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_int64_bits, count_launch, int64_table, load_seed
+from ._common import as_int64_bits, count_launch, int64_table, load_seed, philox
 
 BLOCK = 1024  # a test utility: small and simple beats fast here
 NUM_WARPS = 4
@@ -28,7 +28,7 @@ def _philox_kernel(seed_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, w0_ptr, w1_ptr, w2_
     c1 = tl.load(c1_ptr + offs, mask=mask, other=0).to(tl.uint32)
     c2 = tl.load(c2_ptr + offs, mask=mask, other=0).to(tl.uint32)
     c3 = tl.load(c3_ptr + offs, mask=mask, other=0).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+    w0, w1, w2, w3 = philox(seed, c0, c1, c2, c3)
     # widen, then mask: a zero extension whatever the signedness rules of the cast
     tl.store(w0_ptr + offs, w0.to(tl.int64) & 0xFFFFFFFF, mask=mask)
     tl.store(w1_ptr + offs, w1.to(tl.int64) & 0xFFFFFFFF, mask=mask)

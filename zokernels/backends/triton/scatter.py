@@ -28,10 +28,9 @@ import triton
 import triton.language as tl
 
 from ..._contract import DEFAULT_CONTRACT
-from ._common import (cached_table, count_launch, find_entry, load_seed, noise_at,
+from ._common import (DIST_CODES, cached_table, count_launch, find_entry, load_seed, noise_at,
                       round_nearest, round_stochastic, rounding_uniform_at, to_float32,
                       SOFT_BF16)
-from ._normal import dist_code
 
 # 4 entries per thread at 4 warps: each lane runs its own Philox call and Box-Muller, so a lane
 # costs ~4x the registers of a dense-kernel element; sm_90 (ptxas): 89 registers for gaussian,
@@ -46,7 +45,7 @@ def _scatter_perturb_kernel(base_ptr, table_ptr, seeds_ptr, index_ptr, values_pt
                             capacity, decays_ptr, scales_ptr, K,
                             LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                             STOCHASTIC: tl.constexpr, COPY: tl.constexpr, MAPPED: tl.constexpr,
-                            SOFT_BF16: tl.constexpr):
+                            SOFT_BF16: tl.constexpr, NORMAL: tl.constexpr):
     P: tl.constexpr = 1 << LOG2_P
     ROW: tl.constexpr = 8 if MAPPED else 4
     pid = tl.program_id(0).to(tl.int64)
@@ -75,7 +74,7 @@ def _scatter_perturb_kernel(base_ptr, table_ptr, seeds_ptr, index_ptr, values_pt
         # the same expression shapes as _perturb_kernel: identical FMA contraction, identical bits
         d = tl.zeros([BLOCK], tl.float32)
         for k in range(K):
-            z = noise_at(load_seed(seeds_ptr + k), key, c, DIST)
+            z = noise_at(load_seed(seeds_ptr + k), key, c, DIST, NORMAL)
             d = d + tl.load(scales_ptr + k) * z
         acc = tl.load(decays_ptr + j) * to_float32(v, SOFT_BF16) + d
         if STOCHASTIC:
@@ -98,7 +97,7 @@ def scatter_perturb_triton(tensors: list[torch.Tensor], keys: list[int], index: 
     round(decays[j] * values[e] + D) as perturb_ would. One launch, no host synchronization;
     nothing is launched for an empty log (C = 0). ``index_maps``: as in ``perturb_triton``; the
     log's indices are local, the noise and rounding of local element i are taken at g(i).
-    ``table_cache``: as in ``perturb_triton``."""
+    ``table_cache``, ``contract``: as in ``perturb_triton``."""
     capacity = index.numel()
     if capacity == 0:
         return
@@ -108,7 +107,8 @@ def scatter_perturb_triton(tensors: list[torch.Tensor], keys: list[int], index: 
     _scatter_perturb_kernel[(triton.cdiv(capacity, BLOCK),)](
         base, launch.table, launch.seeds, index, values, count, capacity, decays.contiguous(),
         scales.contiguous(), len(seeds),
-        LOG2_P=launch.log2_p, BLOCK=BLOCK, DIST=dist_code(dist, contract),
+        LOG2_P=launch.log2_p, BLOCK=BLOCK, DIST=DIST_CODES[dist],
         STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32),
-        COPY=len(seeds) == 0, MAPPED=launch.mapped, SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS)
+        COPY=len(seeds) == 0, MAPPED=launch.mapped, SOFT_BF16=SOFT_BF16, NORMAL=contract,
+        num_warps=NUM_WARPS)
     count_launch()

@@ -1,0 +1,107 @@
+"""Exact restore, old and new, side by side: one MeZO step's ZO time and extra memory on the CPU.
+
+Three MeZO optimizers on the same bench model (zokernels.bench.models, random N(0, 0.02)-like
+init), stepped interleaved so that machine noise hits them alike:
+
+  selector   the default: selector logs (docs/undo-log.md), each pass reads the previous log
+  undo-log   the previous protocol: (index, value) undo logs rewritten after each dense pass
+             (the same optimizer with its logs swapped for UndoLog pairs)
+  no-exact   exact_restore=False: recovery only, no logs
+
+ZO time = step time minus the two forwards (timed inside the closure). Medians over the timed
+steps after warm-up steps (which size the logs), ratios against no-exact.
+
+Usage: python benchmarks/undo_step_cpu.py [--model small] [--dtype bfloat16] [--repeats 7]
+       [--warmup 2] [--threads 2] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from zokernels.bench.models import build_model, synthetic_batch
+from zokernels.ops.undo import UndoLog
+from zokernels.optim import MeZO
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.model, dtype, "cpu")
+    ids = synthetic_batch(model, args.batch, args.seq, "cpu")
+    params = [p for p in model.module.parameters() if p.requires_grad]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    named = list(model.module.named_parameters())
+    opts = {"selector": MeZO(named, lr=1e-6, eps=1e-3, seed=0, backend="cpu"),
+            "undo-log": MeZO(named, lr=1e-6, eps=1e-3, seed=0, backend="cpu"),
+            "no-exact": MeZO(named, lr=1e-6, eps=1e-3, seed=0, backend="cpu",
+                             exact_restore=False)}
+    opts["undo-log"]._logs = [(UndoLog(), UndoLog()) for _ in opts["undo-log"]._logs]
+    forward = [0.0]
+
+    def closure():
+        start = time.perf_counter()
+        loss = model.loss(ids)
+        forward[0] += time.perf_counter() - start
+        return loss
+
+    zo = {name: [] for name in opts}
+    total = {name: [] for name in opts}
+    with torch.random.fork_rng():
+        for r in range(args.warmup + args.repeats):
+            for name, opt in opts.items():
+                forward[0] = 0.0
+                start = time.perf_counter()
+                opt.step(closure)
+                elapsed = time.perf_counter() - start
+                if r >= args.warmup:
+                    zo[name].append(1e3 * (elapsed - forward[0]))
+                    total[name].append(1e3 * elapsed)
+    base = statistics.median(zo["no-exact"])
+    rows = []
+    for name, opt in opts.items():
+        extra = opt.extra_memory_bytes
+        row = dict(variant=name, zo_ms=statistics.median(zo[name]),
+                   step_ms=statistics.median(total[name]), zo_vs_no_exact=statistics.median(
+                       zo[name]) / base, extra_memory_bytes=extra,
+                   extra_bytes_per_param=extra / sum(p.numel() for p in params),
+                   extra_percent_of_params=100 * extra / param_bytes,
+                   undo_overflows=opt.zo_state["undo_overflows"])
+        rows.append(row)
+        print(f"{args.model} {args.dtype} {name:9s} ZO {row['zo_ms']:8.1f} ms "
+              f"({row['zo_vs_no_exact']:.2f}x no-exact)  step {row['step_ms']:8.1f} ms  extra "
+              f"{extra / 1e6:7.2f} MB = {row['extra_bytes_per_param']:.3f} B/param = "
+              f"{row['extra_percent_of_params']:.2f}% of the parameters", flush=True)
+    doc = {"benchmark": "undo_step_cpu", "date": datetime.datetime.now(datetime.timezone.utc)
+           .isoformat(timespec="seconds"), "device": platform.processor() or platform.machine(),
+           "torch": torch.__version__, "threads": args.threads, "model": args.model,
+           "dtype": args.dtype, "numel": sum(p.numel() for p in params), "param_bytes": param_bytes,
+           "repeats": args.repeats, "warmup": args.warmup, "batch": args.batch, "seq": args.seq,
+           "command": "python benchmarks/undo_step_cpu.py " + " ".join(
+               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json"),
+           "results": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,343 @@
+"""The selector log (docs/undo-log.md): a pass that logs keeps the few bits a later pass needs to
+recover every weight exactly; the C++ kernel against the torch reference, the overflow policy,
+and the optimizers' exact restore at a few % of the parameters' memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_bits_equal, assert_same, snapshot
+
+from zokernels.backends.cpu.perturb import perturb_cpu
+from zokernels.backends.torch.perturb import perturb_torch
+from zokernels.backends.torch.rounding import recover
+from zokernels.backends.torch.selector_log import BLOCK, n_blocks
+from zokernels.backends.undo_buffers import SelectorBuffers
+from zokernels.ops.undo import SelectorLog, UndoLog
+from zokernels.optim import LeZO, MeZO, PseuZO
+from zokernels.space import ParameterSpace
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+BACKENDS = {"torch": perturb_torch, "cpu": perturb_cpu}
+EPS = 1e-3
+
+
+def _weights(dtype: torch.dtype) -> list[torch.Tensor]:
+    """N(0, 0.02) tensors of odd sizes, and the worst cases: zeros, -0.0, tiny values, NaN,
+    infinities, a mix in one block."""
+    g = torch.Generator().manual_seed(3)
+    tensors = [(0.02 * torch.randn(n, generator=g)).to(dtype) for n in (0, 1, 3, 1023, 4097)]
+    tensors += [torch.zeros(100, dtype=dtype), torch.full((50,), -0.0, dtype=dtype),
+                (1e-7 * torch.randn(300, generator=g)).to(dtype),
+                torch.full((7,), float("nan"), dtype=dtype)]
+    mix = (0.02 * torch.randn(2 * BLOCK + 5, generator=g)).to(dtype)
+    mix[::7] = 0.0
+    mix[1::11] = -0.0
+    mix[2::13] = float("nan")
+    mix[3::17] = float("inf")
+    mix[4::19] = 1e-30
+    tensors.append(mix)
+    return tensors
+
+
+def _buffers(tensors, words: int = 6, capacity: int = 1 << 16) -> SelectorBuffers:
+    rows = sum(n_blocks(t.numel()) for t in tensors)
+    return SelectorBuffers(torch.full((rows, words), 12345, dtype=torch.int32),
+                           torch.zeros(capacity, dtype=torch.int32),
+                           torch.zeros(1, dtype=torch.int64))
+
+
+def _streams(log: SelectorBuffers) -> list[list[int]]:
+    """Each block's row, with a spilled block's header replaced by its pool words (the pool's
+    order of blocks depends on the threads)."""
+    out = []
+    words = log.regions.shape[1]
+    for row in log.regions.tolist():
+        if row[0] > 0:
+            out.append(["pool"] + log.pool[row[0] - 1:row[0] - 1 + 64].tolist())
+        else:
+            out.append(row[:1] + [None] * (words - 1) if row[0] == -1 else row)
+    return out
+
+
+def _step_passes(fn, tensors, dist: str, seed: int = 11, words: int = 6,
+                 capacity: int = 1 << 16):
+    """+eps z logged into L1; -eps z from the exact theta (reading L1) logged into L2; then a
+    restore (scale 0) reading L2. Returns the weights after each pass and the logs."""
+    keys = list(range(len(tensors)))
+    ones = torch.ones(len(tensors))
+    l1, l2 = _buffers(tensors, words, capacity), _buffers(tensors, words, capacity)
+    fn(tensors, keys, [seed], torch.tensor([EPS]), ones, dist, "nearest", seed, selector_log=l1)
+    plus = [t.clone() for t in tensors]
+    fn(tensors, keys, [seed], torch.tensor([-EPS]), ones, dist, "nearest", seed,
+       applied=torch.tensor([EPS]), held_log=l1, selector_log=l2)
+    minus = [t.clone() for t in tensors]
+    fn(tensors, keys, [seed], torch.tensor([0.0]), ones, dist, "nearest", seed,
+       applied=torch.tensor([-EPS]), held_log=l2)
+    return plus, minus, l1, l2
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_minus_pass_and_restore_are_exact(backend, dist, dtype):
+    """The -eps pass writes round(theta - eps z) exactly (not from a recovered theta), and the
+    restore gives back every pattern: zeros, -0.0, tiny values, NaN payloads, infinities."""
+    fn = BACKENDS[backend]
+    original = _weights(dtype)
+    tensors = [t.clone() for t in original]
+    _, minus, _, l2 = _step_passes(fn, tensors, dist)
+    direct = [t.clone() for t in original]
+    fn(direct, list(range(len(direct))), [11], torch.tensor([-EPS]), torch.ones(len(direct)),
+       dist, "nearest", 11)
+    for j, (a, b) in enumerate(zip(minus, direct)):
+        finite = torch.isfinite(b.float())  # a NaN's payload: the direct pass canonicalizes it
+        assert_bits_equal(a[finite], b[finite], f"{backend} -eps tensor {j}")
+    for j, (a, b) in enumerate(zip(tensors, original)):
+        assert_bits_equal(a, b, f"{backend} restore tensor {j}")
+    assert int(l2.count) <= l2.pool.numel()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_log_equals_reference(dtype):
+    """Rademacher noise is bit-identical on both backends, so are the logs: the same rows, the
+    same bits in the pool, the same weights after every pass."""
+    runs = {name: _step_passes(fn, _weights(dtype), "rademacher") for name, fn in BACKENDS.items()}
+    (p_ref, m_ref, l1_ref, l2_ref), (p_cpu, m_cpu, l1_cpu, l2_cpu) = runs["torch"], runs["cpu"]
+    for j, (a, b) in enumerate(zip(p_cpu, p_ref)):
+        finite = torch.isfinite(b.float())
+        assert_bits_equal(a[finite], b[finite], f"+eps tensor {j}")
+    for j, (a, b) in enumerate(zip(m_cpu, m_ref)):
+        finite = torch.isfinite(b.float())
+        assert_bits_equal(a[finite], b[finite], f"-eps tensor {j}")
+    assert _streams(l1_cpu) == _streams(l1_ref)
+    assert _streams(l2_cpu) == _streams(l2_ref)
+    assert int(l1_cpu.count) == int(l1_ref.count) and int(l2_cpu.count) == int(l2_ref.count)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_reads_the_reference_log(dtype):
+    """A log written by one backend restores on the other (rademacher: the same D)."""
+    original = _weights(dtype)
+    tensors = [t.clone() for t in original]
+    keys, ones = list(range(len(tensors))), torch.ones(len(tensors))
+    log = _buffers(tensors)
+    perturb_torch(tensors, keys, [5], torch.tensor([EPS]), ones, "rademacher", "nearest", 5,
+                  selector_log=log)
+    perturb_cpu(tensors, keys, [5], torch.tensor([0.0]), ones, "rademacher", "nearest", 5,
+                applied=torch.tensor([EPS]), held_log=log)
+    for j, (a, b) in enumerate(zip(tensors, original)):
+        assert_bits_equal(a, b, f"tensor {j}")
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_count_only_writes_nothing_and_counts_the_pool_words(backend, dtype):
+    fn = BACKENDS[backend]
+    tensors = _weights(dtype)
+    before = [t.clone() for t in tensors]
+    keys, ones = list(range(len(tensors))), torch.ones(len(tensors))
+    probe = _buffers(tensors, capacity=0)
+    fn(tensors, keys, [7], torch.tensor([EPS]), ones, "gaussian", "nearest", 7,
+       selector_log=probe, count_only=True)
+    for a, b in zip(tensors, before):
+        assert_bits_equal(a, b, "count-only pass")
+    assert (probe.regions == 12345).all()
+    real = _buffers(tensors)
+    fn(tensors, keys, [7], torch.tensor([EPS]), ones, "gaussian", "nearest", 7, selector_log=real)
+    assert int(probe.count) == int(real.count) > 0  # the zeros and tiny values spill
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_overflow_loses_whole_blocks_to_recovery(backend, dtype):
+    """The one overflow policy: a block whose bits fit neither its row nor the pool is marked
+    lost (header -1) and recovered as applied= alone would; every other block stays exact, and
+    count says how many pool words the pass wanted."""
+    fn = BACKENDS[backend]
+    original = _weights(dtype)
+    tensors = [t.clone() for t in original]
+    keys, ones = list(range(len(tensors))), torch.ones(len(tensors))
+    log = _buffers(tensors, capacity=0)
+    fn(tensors, keys, [9], torch.tensor([EPS]), ones, "rademacher", "nearest", 9,
+       selector_log=log)
+    perturbed = [t.clone() for t in tensors]
+    fn(tensors, keys, [9], torch.tensor([0.0]), ones, "rademacher", "nearest", 9,
+       applied=torch.tensor([EPS]), held_log=log)
+    assert int(log.count) > 0
+    row = 0
+    for j, (t, theta, y) in enumerate(zip(tensors, original, perturbed)):
+        noise = torch.zeros(y.numel())
+        perturb_torch([noise], [keys[j]], [9], torch.tensor([EPS]), torch.ones(1), "rademacher",
+                      "nearest", 9)
+        recovered = recover(y.float(), noise, dtype).to(dtype)
+        for b in range(n_blocks(t.numel())):
+            part = slice(b * BLOCK, (b + 1) * BLOCK)
+            lost = int(log.regions[row, 0]) == -1
+            expected = recovered[part] if lost else theta[part]
+            finite = torch.isfinite(expected.float()) | ~torch.tensor(lost)
+            assert_bits_equal(t[part][finite], expected[finite], f"tensor {j} block {b}")
+            row += 1
+    assert (log.regions[:, 0] == -1).any()
+
+
+def test_selector_log_arguments_are_checked_before_any_write():
+    tensors = [(0.02 * torch.randn(300)).to(torch.bfloat16)]
+    before = tensors[0].clone()
+    space = ParameterSpace([("w", tensors[0])], backend="cpu")
+    log = SelectorLog()
+    space.apply(3, EPS, log=log)
+    perturbed = tensors[0].clone()
+    with pytest.raises(ValueError, match="applied"):
+        space.apply(3, 0.0, held_log=log)
+    other = ParameterSpace([("v", torch.zeros(10, dtype=torch.bfloat16))], backend="cpu")
+    with pytest.raises(ValueError, match="not written by a pass over these tensors"):
+        other.apply(3, 0.0, applied=EPS, held_log=log)
+    with pytest.raises(TypeError, match="SelectorLog"):
+        space.apply(3, 0.0, applied=EPS, held_log=UndoLog())
+    assert_bits_equal(tensors[0], perturbed, "after refused calls")
+    space.apply(3, 0.0, applied=EPS, held_log=log)
+    assert_bits_equal(tensors[0], before, "restored")
+
+
+def _net(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64),
+                              torch.nn.Linear(64, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.02)
+        net[0].bias.zero_()                 # zeros, like LayerNorm biases and LoRA's B
+        net[2].bias[::2] = -0.0
+        net[2].bias[1::4] = 1e-30
+    return net.to(dtype)
+
+
+def _closure(net, dtype):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 64, generator=g).to(dtype), torch.randn(8, 3, generator=g).to(dtype)
+    return lambda: torch.nn.functional.mse_loss(net(x).float(), y.float())
+
+
+def _step(opt, net, closure) -> None:
+    """One step; PseuZO takes forward() and loss_fn(output): the closure is its forward."""
+    if isinstance(opt, PseuZO):
+        opt.step(lambda: closure().reshape(1), lambda out: out.sum())
+    else:
+        opt.step(closure)
+
+
+OPTIMIZERS = {
+    "mezo": lambda net, **kw: MeZO(net.named_parameters(), eps=EPS, backend="cpu", **kw),
+    "lezo": lambda net, **kw: LeZO(net.named_parameters(), layers=[net[0], net[2], net[3]],
+                                   n_active=2, eps=EPS, backend="cpu", **kw),
+    "pseuzo": lambda net, **kw: PseuZO(net.named_parameters(), eps=EPS, backend="cpu", **kw)}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lr_zero_steps_leave_every_weight_bit_identical(name, dtype):
+    net = _net(dtype)
+    opt = OPTIMIZERS[name](net, lr=0.0)
+    assert all(isinstance(log, SelectorLog) for pair in opt._logs for log in pair)
+    before = snapshot(net)
+    closure = _closure(net, dtype)
+    for _ in range(3):
+        _step(opt, net, closure)
+    assert_same(snapshot(net), before, f"{name} lr=0")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_failing_closure_leaves_every_weight_bit_identical(name, dtype, fail_at):
+    net = _net(dtype)
+    opt = OPTIMIZERS[name](net, lr=1e-3)
+    closure = _closure(net, dtype)
+    _step(opt, net, closure)  # weights of any pattern after an update (the zeros are now tiny)
+    before = snapshot(net)
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return closure()
+
+    with pytest.raises(KeyboardInterrupt):
+        _step(opt, net, failing)
+    assert_same(snapshot(net), before, f"{name} failed at call {fail_at}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_update_equals_the_update_of_the_unperturbed_weights(dtype):
+    """Bit for bit what one dense update pass from the exact theta writes."""
+    net = _net(dtype)
+    opt = MeZO(net.named_parameters(), lr=1e-2, eps=EPS, backend="cpu", record_trajectory=True)
+    before = snapshot(net)
+    opt.step(_closure(net, dtype))
+    replayed = _net(dtype)
+    opt.trajectory.replay(list(replayed.named_parameters()), backend="cpu")
+    assert_same(snapshot(net), snapshot(replayed), "step vs replay")
+    assert any(not torch.equal(a, b) for a, b in zip(before.values(), snapshot(net).values()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extra_memory_is_at_most_5_percent_of_the_parameters(dtype):
+    """N(0, 0.02) weights, eps = 1e-3, default settings: the selector logs (rows and pools,
+    both passes' logs) stay under 5% of the parameters' bytes."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.02)
+    net = net.to(dtype)
+    opt = MeZO(net.parameters(), lr=1e-4, eps=EPS, backend="cpu")
+    x = torch.randn(4, 512).to(dtype)
+    for _ in range(3):
+        opt.step(lambda: net(x).float().pow(2).mean())
+    params = sum(p.numel() * p.element_size() for p in net.parameters())
+    assert 0 < opt.extra_memory_bytes <= 0.05 * params, (opt.extra_memory_bytes, params)
+    assert opt.extra_memory_bytes >= opt.undo_log_bytes
+    assert opt.zo_state["undo_overflows"] == 0
+
+
+def test_triton_groups_keep_undo_logs_and_restore_exactly():
+    """Backends without selector logs (triton) keep the (index, value) undo logs (whose lr = 0
+    update turns -0.0 into +0.0: -0.0 + 0 * z; the selector logs keep the pattern)."""
+    net = _net(torch.bfloat16)
+    with torch.no_grad():
+        net[2].bias.abs_()
+    opt = MeZO(net.named_parameters(), lr=0.0, eps=EPS, backend="triton")
+    assert all(type(log) is UndoLog for pair in opt._logs for log in pair)
+    before = snapshot(net)
+    opt.step(_closure(net, torch.bfloat16))
+    assert_same(snapshot(net), before, "triton lr=0")
+
+
+TIE_EPS = {torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -12, torch.float32: 2.0 ** -25}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rounding_ties(dtype):
+    """Weights in [0.5, 1) moved by half their ulp (rademacher, eps = ulp / 2): every sum is a
+    rounding tie, where two weights round to the same value (ties to even). Both backends keep
+    the same bits and restore exactly."""
+    g = torch.Generator().manual_seed(5)
+    original = [(0.5 + 0.5 * torch.rand(3000, generator=g)).to(dtype),
+                -(0.5 + 0.5 * torch.rand(1500, generator=g)).to(dtype)]
+    keys, ones = [0, 1], torch.ones(2)
+    logs = {}
+    for name, fn in BACKENDS.items():
+        tensors = [t.clone() for t in original]
+        log = _buffers(tensors)
+        fn(tensors, keys, [2], torch.tensor([TIE_EPS[dtype]]), ones, "rademacher", "nearest", 2,
+           selector_log=log)
+        fn(tensors, keys, [2], torch.tensor([0.0]), ones, "rademacher", "nearest", 2,
+           applied=torch.tensor([TIE_EPS[dtype]]), held_log=log)
+        for j, (a, b) in enumerate(zip(tensors, original)):
+            assert_bits_equal(a, b, f"{name} tensor {j}")
+        logs[name] = _streams(log)
+    assert logs["cpu"] == logs["torch"]
+    assert any(row[0] == "pool" or any(w not in (0, None, 12345) for w in row[1:])
+               for row in logs["cpu"])  # the ties were logged
