@@ -130,3 +130,43 @@ def assert_same_in_both_simd_modes(script: str, tmp_path: pathlib.Path,
     for name, value in results[""].items():
         if name != "simd":
             assert_bits_equal(value, results["generic"][name], f"{name}: simd vs generic")
+
+
+def cli_runner(capsys, monkeypatch=None, *, forbid_work: bool = False):
+    """A function calling zokernels-bench's cli.main(argv) -> (exit status, stdout, stderr):
+    argparse's exits are caught and the thread count (--threads) is restored afterwards. With
+    `forbid_work` (needs monkeypatch) the benchmark itself raises: a refusal must come before
+    any work."""
+    from zokernels.bench import cli
+
+    if forbid_work:
+        def no_work(*args, **kwargs):
+            raise AssertionError("the benchmark ran before the bad argument was refused")
+
+        for name in ("execute", "run_step_bench", "run_lora_bench"):
+            monkeypatch.setattr(cli, name, no_work)
+    threads = torch.get_num_threads()
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            status = cli.main(list(argv))
+        except SystemExit as exc:
+            status = exc.code
+        finally:
+            torch.set_num_threads(threads)
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run
+
+
+def two_layer_model(seed: int = 0) -> torch.nn.Module:
+    """A 6 -> 5 -> 3 stack of two Linear layers, seeded (the hardening tests' model)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+
+
+def square_loss(net: torch.nn.Module):
+    """A closure: the mean square of net's output on a fixed 2 x 6 batch."""
+    x = torch.linspace(-1, 1, 12).reshape(2, 6)
+    return lambda: net(x).pow(2).mean()

@@ -19,7 +19,7 @@ import torch
 import zokernels
 from zokernels.bench import cli
 
-from helpers import SUBPROCESS_TIMEOUT
+from helpers import SUBPROCESS_TIMEOUT, cli_runner
 
 PACKAGE_PARENT = str(pathlib.Path(zokernels.__file__).resolve().parents[1])
 CUDA = torch.cuda.is_available()
@@ -38,19 +38,7 @@ def bench(capsys, monkeypatch):
     """Call cli.main(argv) -> (exit status, stdout, stderr); argparse's exits are caught and the
     thread count (--threads) is restored for the rest of the session."""
     monkeypatch.setenv("ZOKERNELS_BACKEND", "")
-    threads = torch.get_num_threads()
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        try:
-            status = cli.main(list(argv))
-        except SystemExit as exc:
-            status = exc.code
-        finally:
-            torch.set_num_threads(threads)
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
+    return cli_runner(capsys)
 
 
 def test_help(bench):

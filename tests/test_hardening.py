@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import zokernels
+from helpers import cli_runner
 from zokernels import ParameterSpace, lowrank_perturb_, perturb_
 
 PACKAGE_PARENT = str(pathlib.Path(zokernels.__file__).resolve().parents[1])
@@ -200,26 +201,7 @@ def test_non_overlapping_views_are_still_accepted(make):
 def bench(capsys, monkeypatch):
     """cli.main(argv) -> (status, stdout, stderr), with the benchmark itself forbidden: a refusal
     must come before any work. The thread count is restored afterwards."""
-    from zokernels.bench import cli
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("the benchmark ran before the bad argument was refused")
-
-    for name in ("execute", "run_step_bench", "run_lora_bench"):
-        monkeypatch.setattr(cli, name, no_work)
-    threads = torch.get_num_threads()
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        try:
-            status = cli.main(list(argv))
-        except SystemExit as exc:
-            status = exc.code
-        finally:
-            torch.set_num_threads(threads)
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
+    return cli_runner(capsys, monkeypatch, forbid_work=True)
 
 
 def _assert_usage_error(result, *needles):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import zokernels
-from helpers import assert_same, assert_states_equal, snapshot
+from helpers import assert_same, assert_states_equal, snapshot, square_loss, two_layer_model
 from zokernels import Trajectory, noise, perturb_
 from zokernels.optim import LeZO, MeZO, PseuZO, TeZO
 from zokernels.trajectory import MAX_SEEDS_PER_STEP
@@ -23,14 +23,7 @@ PACKAGE_PARENT = str(pathlib.Path(zokernels.__file__).resolve().parents[1])
 BIG = 3.0e38  # finite in float32; BIG - (-BIG) is not
 
 
-def model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
-
-
-def loss_of(net: torch.nn.Module):
-    x = torch.linspace(-1, 1, 12).reshape(2, 6)
-    return lambda: net(x).pow(2).mean()
+model, loss_of = two_layer_model, square_loss  # helpers.py
 
 
 def make(name: str, net: torch.nn.Module, **kwargs):

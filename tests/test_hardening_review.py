@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import zokernels
-from helpers import assert_bits_equal, assert_same, assert_states_equal, snapshot
+from helpers import (assert_bits_equal, assert_same, assert_states_equal, cli_runner, snapshot,
+                     square_loss, two_layer_model)
 from zokernels import ParameterSpace, Trajectory, lowrank_perturb_, perturb_
 from zokernels.compat import patch_mezo_trainer
 from zokernels.optim import MeZO, PseuZO
@@ -30,14 +31,7 @@ from zokernels.optim import MeZO, PseuZO
 PACKAGE_PARENT = str(pathlib.Path(zokernels.__file__).resolve().parents[1])
 
 
-def model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
-
-
-def loss_of(net: torch.nn.Module):
-    x = torch.linspace(-1, 1, 12).reshape(2, 6)
-    return lambda: net(x).pow(2).mean()
+model, loss_of = two_layer_model, square_loss  # helpers.py
 
 
 # -- tensors whose class lies about their memory -------------------------------------------------
@@ -420,25 +414,7 @@ def test_bad_schedule_values_leave_the_weights_bit_identical(schedule):
 @pytest.fixture
 def bench(capsys, monkeypatch):
     """cli.main(argv) -> (status, stdout, stderr), with the benchmark itself forbidden."""
-    from zokernels.bench import cli
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("the benchmark ran before the bad argument was refused")
-
-    for name in ("execute", "run_step_bench", "run_lora_bench"):
-        monkeypatch.setattr(cli, name, no_work)
-    threads = torch.get_num_threads()
-
-    def run(*argv: str):
-        try:
-            status = cli.main(list(argv))
-        except SystemExit as exc:
-            status = exc.code
-        finally:
-            torch.set_num_threads(threads)
-        captured = capsys.readouterr()
-        return status, captured.out, captured.err
-    return run
+    return cli_runner(capsys, monkeypatch, forbid_work=True)
 
 
 @pytest.mark.parametrize("argv, needle", [
