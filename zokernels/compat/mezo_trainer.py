@@ -130,6 +130,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 import warnings
 import weakref
 from typing import Any
@@ -140,6 +141,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .._contract import PERTURB_DISTS
 from .._dispatch import BACKEND_CHOICES
 from .._validate import as_choice
+from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..ops.undo import UndoLog
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from .protocol import MeZOProtocolError
@@ -156,7 +158,93 @@ _VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
 
 Coefs = dict[bool, list[float]]  # per decay class (True: weight decay applies), one per seed
-Logged = tuple[ParameterSpace, UndoLog, bool | None]  # the space, its log, class (None: all)
+
+
+@dataclass(frozen=True)
+class ClassedNoise:
+    """sum_k coefs[c][k] z(seeds[k]) on the parameters of decay class c."""
+
+    seeds: tuple[int, ...]
+    coefs: Coefs
+    dist: str
+
+
+class _ClassLogs:
+    """One log slot of _ClassedTarget: an UndoLog per pass kind (None: one pass over both
+    classes, or a class), kept across steps (each learns its size), and the kinds the last
+    pass used."""
+
+    def __init__(self) -> None:
+        self.by_tag: dict[bool | None, UndoLog] = {}
+        self.used: list[bool | None] = []
+
+    def begin(self, tag: bool | None) -> UndoLog:
+        self.used.append(tag)
+        return self.by_tag.setdefault(tag, UndoLog())
+
+    @property
+    def plan(self) -> Any:
+        return True if self.used else None  # HeldPerturbation clears a log with a plan
+
+    def check(self) -> bool:
+        return any([self.by_tag[t].check() for t in self.used])
+
+    def clear(self) -> None:
+        for tag in self.used:
+            self.by_tag[tag].clear()
+        self.used = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(log.nbytes for log in self.by_tag.values())
+
+
+class _ClassedTarget:
+    """The patched parameters as one held target (zokernels.held) whose moves hold coefficients
+    per decay class: ONE pass over all of them while the classes' coefficients agree (weight
+    decay 0, or nothing held across an update), one pass per class otherwise."""
+
+    def __init__(self, state: "_PatchState") -> None:
+        self.state = state
+
+    make_log = _ClassLogs
+
+    def compatible(self, held: ClassedNoise, move: ClassedNoise) -> bool:
+        return True  # the patch always passes the held seeds first
+
+    def zero(self, held: ClassedNoise) -> ClassedNoise:
+        return ClassedNoise(held.seeds, {c: [0.0] * len(held.seeds) for c in held.coefs},
+                            held.dist)
+
+    def uniform(self, *moves: ClassedNoise | None) -> bool:
+        first = self.state.classes[0]
+        return all(m is None or m.coefs[c] == m.coefs[first]
+                   for m in moves for c in self.state.classes)
+
+    def _passes(self, *moves: ClassedNoise | None) -> list[tuple[DenseTarget, bool | None, bool]]:
+        """(target, log tag, class) per pass."""
+        if self.uniform(*moves):
+            return [(DenseTarget(self.state.space), None, self.state.classes[0])]
+        return [(DenseTarget(self.state.part(c)), c, c) for c in self.state.classes]
+
+    @staticmethod
+    def _of(move: ClassedNoise | None, cls: bool) -> SeededNoise | None:
+        return None if move is None else SeededNoise(move.seeds, move.coefs[cls], None,
+                                                     move.dist)
+
+    def write(self, move: ClassedNoise, held: ClassedNoise | None = None, *, decay: Any = 1.0,
+              rounding: str = "nearest", rounding_seed: int | None = None,
+              log: _ClassLogs | None = None, held_log: Any = None) -> None:
+        for target, tag, cls in self._passes(move, held):
+            target.write(self._of(move, cls), self._of(held, cls), decay=decay,
+                         log=None if log is None else log.begin(tag))
+
+    def rewrite(self, log: _ClassLogs, move: ClassedNoise | None = None, *, decay: Any = 1.0,
+                rounding: str = "nearest", rounding_seed: int | None = None) -> None:
+        for tag in log.used:
+            space = self.state.space if tag is None else self.state.part(tag)
+            cls = self.state.classes[0] if tag is None else tag
+            DenseTarget(space).rewrite(log.by_tag[tag], self._of(move, cls), decay=decay)
 
 
 def _real(value: Any, what: str) -> float:
@@ -193,12 +281,10 @@ class _PatchState:
         self.signature: tuple | None = None
         self.classes: tuple[bool, ...] = (True,)
         self.parts: dict[bool, ParameterSpace] = {}
-        # What the weights hold: seeds in the order the passes summed them (recovery needs the
-        # same order to recompute D bit for bit), and their coefficients per decay class.
-        self.seeds: list[int] = []
-        self.coefs: Coefs = {True: []}
-        self.logs: dict[tuple[bool | None, int], UndoLog] = {}
-        self.live: list[list[Logged]] = []  # logged passes since the weights last held theta
+        # What the weights hold (zokernels.held, one target): seeds in the order the passes
+        # summed them (recovery needs the same order to recompute D bit for bit), and their
+        # coefficients per decay class.
+        self.held = HeldPerturbation([_ClassedTarget(self)], exact=exact_restore)
         self.pending_restore = False
         self.originals: dict[str, Any] = {}
         # run-time checks (module docstring, "What the patch refuses")
@@ -219,8 +305,21 @@ class _PatchState:
             space = ParameterSpace(named, backend=self.backend, no_decay=self.no_decay)
             self.space, self.signature, self.parts = space, signature, {}
             self.classes = tuple(sorted(set(space.decayable), reverse=True)) or (True,)
-            self.coefs = {c: [] for c in self.classes}
         return self.space
+
+    @property
+    def seeds(self) -> list[int]:
+        move = self.held.held[0]
+        return [] if move is None else list(move.seeds)
+
+    @property
+    def coefs(self) -> Coefs:
+        move = self.held.held[0]
+        return {c: [] if move is None else list(move.coefs[c]) for c in self.classes}
+
+    def moves(self, seeds: list[int], coefs: Coefs) -> list[ClassedNoise]:
+        return [ClassedNoise(tuple(seeds), {c: list(coefs[c]) for c in self.classes},
+                             self.dist)]
 
     def part(self, cls: bool) -> ParameterSpace:
         """The parameters of one decay class, with the full space's keys (same z)."""
@@ -233,63 +332,21 @@ class _PatchState:
                 no_decay=self.no_decay)
         return self.parts[cls]
 
-    # -- passes -------------------------------------------------------------------------
-    def uniform(self, *vectors: Coefs | None) -> bool:
-        first = self.classes[0]
-        return all(v is None or v[c] == v[first] for v in vectors for c in self.classes)
-
-    def run(self, seeds: list[int], scales: Coefs, applied: Coefs | None, decay: float = 1.0,
-            logged: bool = False) -> None:
-        """theta <- decay * theta + sum_k scales[k] z_k, theta recovered with `applied` first:
-        one pass over all parameters, or one per decay class when their coefficients differ."""
-        if self.uniform(scales, applied):
-            targets = [(self.space, None, self.classes[0])]
-        else:
-            targets = [(self.part(c), c, c) for c in self.classes]
-        entries: list[Logged] = []
-        for space, tag, cls in targets:
-            log = None
-            if logged:
-                log = self.logs.setdefault((tag, len(self.live)), UndoLog())
-                entries.append((space, log, tag))
-            space.apply(seeds, scales[cls], applied=None if applied is None else applied[cls],
-                        weight_decay_factor=decay, dist=self.dist, log=log, check_finite=False)
-        if logged:
-            self.live.append(entries)
-
-    def scatter(self, seeds: list[int] | None = None, scales: Coefs | None = None,
-                decay: float = 1.0) -> None:
-        """Rewrite the logged elements, newest log first (the oldest holds the true theta): a
-        bit copy, or the update `seeds`/`scales` applied to the logged value."""
-        for entries in reversed(self.live):
-            for space, log, cls in entries:
-                if seeds is None:
-                    space.apply_logged(log, dist=self.dist, check_finite=False)
-                else:
-                    space.apply_logged(log, seeds, scales[self.classes[0] if cls is None else cls],
-                                       weight_decay_factor=decay, dist=self.dist,
-                                       check_finite=False)
-                log.clear()
-        self.live = []
-
+    # -- what the weights hold ------------------------------------------------------------
     def hold(self, seeds: list[int], coefs: Coefs) -> None:
+        """The weights hold `seeds` with `coefs` (after the pass that wrote them): seeds whose
+        coefficients are 0 in every class are dropped."""
         kept = [k for k in range(len(seeds)) if any(coefs[c][k] != 0.0 for c in self.classes)]
-        self.seeds = [seeds[k] for k in kept]
-        self.coefs = {c: [coefs[c][k] for k in kept] for c in self.classes}
-        if not self.seeds:
+        if kept:
+            self.held.declare(self.moves([seeds[k] for k in kept],
+                                         {c: [coefs[c][k] for k in kept] for c in self.classes}))
+        else:
+            self.held.declare([None])
             self.pending_restore = False
-
-    def padded(self, count: int) -> Coefs:
-        """The held coefficients, with zeros for seeds the next pass adds."""
-        return {c: self.coefs[c] + [0.0] * (count - len(self.seeds)) for c in self.classes}
 
     def restore(self) -> None:
         """Back to the weights without any held perturbation (exact, with the logs)."""
-        if self.seeds:
-            zeros = {c: [0.0] * len(self.seeds) for c in self.classes}
-            self.run(self.seeds, zeros, self.coefs)
-        self.scatter()
-        self.hold([], {c: [] for c in self.classes})
+        self.held.restore()
         self.pending_restore = False
 
     # -- run-time checks ------------------------------------------------------------------
@@ -314,14 +371,7 @@ class _PatchState:
     def drop_held_inexact(self) -> None:
         """Remove the held perturbation by recovery alone (the weights were written meanwhile:
         the undo logs hold older values and would undo that write on the logged elements)."""
-        if self.seeds:
-            zeros = {c: [0.0] * len(self.seeds) for c in self.classes}
-            self.run(self.seeds, zeros, self.coefs)
-        for entries in self.live:
-            for _, log, _ in entries:
-                log.clear()
-        self.live = []
-        self.hold([], {c: [] for c in self.classes})
+        self.held.restore(exact=False)
         self.pending_restore = False
 
     def refuse(self, message: str) -> None:
@@ -403,14 +453,13 @@ class _PatchState:
             return
         if self.pending_restore:
             self.restore()
-        if self.exact_restore and len(self.live) >= _LOGGED_PASSES:
+        if self.exact_restore and len(self.held.live) >= _LOGGED_PASSES:
             self.restore()  # out of logs: settle on theta, then move from it in one pass
         if not self.seeds:  # from theta: only the seeds that stay held need a noise stream
             kept = [j for j in range(len(seeds)) if any(target[c][j] != 0.0 for c in self.classes)]
             seeds = [seeds[j] for j in kept]
             target = {c: [target[c][j] for j in kept] for c in self.classes}
-        applied = self.padded(len(seeds)) if self.seeds else None
-        self.run(seeds, target, applied, logged=self.exact_restore)
+        self.held.perturb(self.moves(seeds, target), len(self.held.live))
         self.hold(seeds, target)
 
     def update(self, seed: int, coef: float, decay: float) -> None:
@@ -419,28 +468,25 @@ class _PatchState:
             seeds = list(self.seeds) + ([] if seed in self.seeds else [seed])
             row = [0.0] * len(seeds)
             row[seeds.index(seed)] = coef
-            scales = {c: row for c in self.classes}
-            self.run(seeds, scales, self.padded(len(seeds)), decay)
-            self.scatter(seeds, scales, decay)
-            self.hold([], {c: [] for c in self.classes})
+            self.held.update(self.moves(seeds, {c: row for c in self.classes}),
+                             [decay])
+            self.pending_restore = False
             return
         if not self.seeds:
-            self.run([seed], {c: [coef] for c in self.classes}, None, decay)
+            self.held.update(self.moves([seed], {c: [coef] for c in self.classes}),
+                             [decay])
             return
         # as the original: the update acts on the perturbed weights, decay included
         held = {c: [(decay if c else 1.0) * h for h in self.coefs[c]] for c in self.classes}
         seeds = self.seeds + [seed]
         scales = {c: held[c] + [coef] for c in self.classes}
-        applied = self.padded(len(seeds))
-        whole = any(cls is None for entries in self.live for _, _, cls in entries)
-        if whole and not self.uniform(scales, applied):
+        (move,) = self.moves(seeds, scales)
+        whole = any(None in logs[slot].used for logs in self.held.logs for slot in self.held.live)
+        if whole and not self.held.targets[0].uniform(move, self.held.held[0]):
             # a log of an all-parameter pass cannot be rescattered with per-class coefficients:
             # restore exactly, then update from theta
             self.restore()
-            self.run(seeds, scales, None, decay)
-        else:
-            self.run(seeds, scales, applied, decay)
-            self.scatter(seeds, scales, decay)
+        self.held.update([move], [decay])
         # the logs described the old theta; the new one is only implicit (never stored)
         self.hold(seeds[:-1], {c: held[c] for c in self.classes})
 

@@ -1,7 +1,8 @@
 """ZOOptimizer: what every zokernels optimizer shares.
 
 Param groups, validation, per-step seeds, one ParameterSpace per param group, the exact
-perturb / restore / update protocol with undo logs (docs/undo-log.md), exception safety,
+perturb / restore / update protocol (zokernels.held.HeldPerturbation: one dense target per param
+group, TeZO adds low-rank ones; undo logs, docs/undo-log.md), exception safety,
 non-finite-loss skips, state_dict round trips and trajectory recording. Subclasses compute a few
 scalars per step and call the passes below; none loops over parameters doing arithmetic.
 """
@@ -21,7 +22,8 @@ from .._contract import (DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract
                           saved_contract)
 from .._dispatch import BACKEND_CHOICES
 from .._validate import StorageBudget, as_seed, is_finite_number
-from ..ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
+from ..held import DenseTarget, HeldPerturbation, SeededNoise
+from ..ops.undo import UndoLog
 from ..space import ParameterSpace, canonical_name
 from ..trajectory import COUNTER_LIMIT, Trajectory
 from ._params import normalize_param_groups
@@ -112,12 +114,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.spaces = list(self._registered)
         if process_group is None and any(space.sharded for space in self.spaces):
             self.process_group = default_group_for_shards()
-        # Two logs per param group: the +eps and the -eps pass of a step (docs/undo-log.md).
-        self._logs = [_log_pair(space) for space in self.spaces]
-        # What the weights hold now: {"seed", "coefs" per group, "layers"} or None, and the log
-        # slots filled since they were last exact.
-        self._held: dict[str, Any] | None = None
-        self._live_slots: list[int] = []
+        # What the weights hold now and its moves (zokernels.held): one dense target per param
+        # group (with two logs: the +eps and the -eps pass of a step); TeZO adds low-rank ones.
+        self.held = HeldPerturbation([DenseTarget(space) for space in self.spaces],
+                                     exact=self.exact_restore, on_overflow=self._count_overflow)
+        self._dense_targets = list(range(len(self.spaces)))  # held target of group g's space
+        self._target_group = list(range(len(self.spaces)))  # param group of each held target
         self.trajectory: Trajectory | None = (
             Trajectory(self.algorithm, self._trajectory_meta()) if record_trajectory else None)
         self._split_spaces()
@@ -281,7 +283,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._layer_of = layer_of
         self._registered.append(space)
         self.spaces.append(space)
-        self._logs.append(_log_pair(space))
+        self._dense_targets.append(self.held.add(DenseTarget(space)))
+        self._target_group.append(len(self.spaces) - 1)
         if self.trajectory is not None:
             self.trajectory = Trajectory(self.algorithm, self._trajectory_meta())
         self._group_added()
@@ -291,86 +294,67 @@ class ZOOptimizer(torch.optim.Optimizer):
         return step_seed(self.base_seed, step, index, purpose=purpose)
 
     # -- the passes ----------------------------------------------------------------------------
-    def _perturb(self, seed: int, scales: list[float], layers: list | None, *,
-                 applied: list[float] | None = None, log_slot: int | None = None,
-                 held_slot: int | None = None) -> None:
-        """One pass per param group: theta += scales[g] * z(seed) (after recovering from the
-        held perturbation `applied[g]`, exactly with the selector log of slot `held_slot`),
-        logging into log slot `log_slot`."""
-        for g, space in enumerate(self.spaces):
-            log = None if log_slot is None else self._logs[g][log_slot]
-            held_log = None if held_slot is None else _selector(self._logs[g][held_slot])
-            space.apply(seed, scales[g], layers=self._group_layers(layers, g),
-                        applied=None if applied is None else applied[g], dist=self.dist,
-                        log=log, held_log=held_log, check_finite=False)
+    @property
+    def _logs(self) -> list[tuple[UndoLog, ...]]:
+        """The undo logs of each param group's dense space (the +eps and the -eps pass)."""
+        return [self.held.logs[i] for i in self._dense_targets]
+
+    @_logs.setter
+    def _logs(self, pairs: list[tuple[UndoLog, ...]]) -> None:
+        for i, pair in zip(self._dense_targets, pairs):
+            self.held.logs[i] = tuple(pair)
+
+    def _dense_moves(self, seeds: Sequence[int], coefs: list[Any],
+                     layers: list | None) -> list[Any]:
+        """One move per held target: sum_k coefs[g][k] z(seeds[k]) on group g's dense space (the
+        other targets, TeZO's low-rank ones, None)."""
+        moves: list[Any] = [None] * len(self.held.targets)
+        for g, i in enumerate(self._dense_targets):
+            moves[i] = SeededNoise(tuple(seeds), coefs[g], self._group_layers(layers, g),
+                                   self.dist)
+        return moves
+
+    def _probe_moves(self, seed: Any, coefs: list[float], layers: list | None) -> list[Any]:
+        """The moves of a probe: coefs[g] z(seed) per group (TeZO adds its low-rank noise)."""
+        return self._dense_moves([seed], [(c,) for c in coefs], layers)
 
     def _restore(self) -> None:
-        """Put the weights back to their exact pre-step bits (docs/undo-log.md): one dense pass
-        that recovers from the held perturbation, exactly with its selector log (a backend
-        without selector logs: then its undo logs rewritten, latest first)."""
-        held, slots = self._held, self._live_slots
-        self._held, self._live_slots = None, []
-        try:
-            if held is not None:
-                self._perturb(held["seed"], [0.0] * len(self.spaces), held["layers"],
-                              applied=held["coefs"], held_slot=held["slot"])
-            for slot in reversed(slots):
-                for g, space in enumerate(self.spaces):
-                    if _selector(self._logs[g][slot]) is None:
-                        space.apply_logged(self._logs[g][slot], dist=self.dist)
-        finally:
-            self._clear_logs()
+        """Put the weights back to their exact pre-step bits (docs/undo-log.md)."""
+        self.held.restore()
 
     @staticmethod
     def _group_layers(layers: list | None, g: int):
         return None if layers is None else layers[g]
 
-    def _check_log(self, log: UndoLog) -> None:
-        """Read a log's count once (UndoLog.check: an overflow warns and grows the log) and count
-        an overflow in zo_state["undo_overflows"]."""
-        if log.check():
-            self.zo_state["undo_overflows"] += 1
+    def _count_overflow(self) -> None:
+        self.zo_state["undo_overflows"] += 1
 
     def _clear_logs(self) -> None:
-        """Drop the logs' entries; an overflow not read yet (a restore before the losses were
-        checked) is counted first."""
-        for pair in self._logs:
-            for log in pair:
-                if log.plan is not None:
-                    self._check_log(log)
-                    log.clear()
+        self.held.clear_logs()
 
     def _check_logs(self) -> None:
-        """Read the logs' counts (with the losses' synchronization): overflow -> warn, grow."""
-        for pair in self._logs:
-            for log in pair:
-                self._check_log(log)
+        """Read the logs' counts (with the losses' synchronization): overflow -> warn, grow,
+        counted in zo_state["undo_overflows"]."""
+        self.held.check_logs()
 
-    def _perturb_held(self, seed: int, coefs: list[float], layers: list | None,
+    def _perturb_held(self, seed: Any, coefs: list[float], layers: list | None,
                       slot: int) -> None:
         """Move the weights to theta + coefs[g] * z(seed) (from theta, or from the perturbation
         they hold, which must have the same seed), logging into `slot`."""
-        applied = held_slot = None
-        if self._held is not None:
-            if self._held["seed"] != seed or self._held["layers"] != layers:
-                self._restore()
-            else:
-                applied, held_slot = self._held["coefs"], self._held["slot"]
-        log_slot = slot if self.exact_restore else None
-        if log_slot is not None and log_slot == held_slot:
-            raise AssertionError("a pass cannot write the selector log it reads")
-        self._live_slots.append(slot)  # before the pass: a failure inside still restores it
-        self._perturb(seed, coefs, layers, applied=applied, log_slot=log_slot,
-                      held_slot=held_slot)
-        self._held = {"seed": seed, "coefs": list(coefs), "layers": layers, "slot": log_slot}
+        self.held.perturb(self._probe_moves(seed, coefs, layers), slot)
+
+    def _probe_eval(self, closure: Closure, seed: Any, coefs: list[float]) -> torch.Tensor:
+        """The closure's loss at the probe just moved to (TeZO: its virtual probes)."""
+        return self._evaluate(closure)
 
     def _probe_two_point(self, closure: Closure, seed: int, eps: list[float],
                          layers: list | None) -> tuple[torch.Tensor, torch.Tensor]:
         """theta + eps z -> f, theta - eps z -> f. Leaves -eps held with both logs live."""
         self._perturb_held(seed, eps, layers, 0)
-        loss_plus = self._evaluate(closure)
-        self._perturb_held(seed, [-e for e in eps], layers, 1)
-        loss_minus = self._evaluate(closure)
+        loss_plus = self._probe_eval(closure, seed, eps)
+        minus = [-e for e in eps]
+        self._perturb_held(seed, minus, layers, 1)
+        loss_minus = self._probe_eval(closure, seed, minus)
         return loss_plus, loss_minus
 
     @staticmethod
@@ -425,34 +409,20 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _update(self, seeds: list[int], coefs_per_group: list[Any], layers: list | None,
                 decays: list[float] | None = None) -> None:
         """theta = decays[g] * theta + sum_k coefs[g][k] * z_k in ONE pass per group (decays
-        default: 1 - lr * wd), recovering from the held perturbation (its seed must be the last
-        of `seeds`) exactly with its selector log (a backend without selector logs: then its
-        undo logs' elements rewritten from their exact values): the result equals an update
-        applied to the unperturbed weights, bit for bit. Runs no user code; an interrupt between
-        the passes still finishes the rewrites."""
-        held, slots = self._held, self._live_slots
-        if held is not None and held["seed"] != seeds[-1]:
-            raise AssertionError("the held perturbation's seed must be the update's last seed")
+        default: 1 - lr * wd), recovering from the held perturbation (its seed must be among
+        `seeds`) exactly with its selector log (Triton: then the undo-logged elements rewritten
+        from their exact values): the result equals an update applied to the unperturbed
+        weights, bit for bit (HeldPerturbation.update)."""
+        self._apply_update(self._dense_moves(seeds, coefs_per_group, layers), decays, seeds[0])
+
+    def _apply_update(self, moves: list[Any], decays: list[float] | None,
+                      rounding_seed: int) -> None:
+        """HeldPerturbation.update with each target's group decay and this optimizer's rounding
+        (stochastic bits from `rounding_seed`, the step's first seed)."""
         if decays is None:
             decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
-        try:
-            for g, space in enumerate(self.spaces):
-                applied = None if held is None else [0.0] * (len(seeds) - 1) + [held["coefs"][g]]
-                held_log = (None if held is None or held["slot"] is None
-                            else _selector(self._logs[g][held["slot"]]))
-                space.update(seeds, coefs_per_group[g], decay=decays[g],
-                             layers=self._group_layers(layers, g), applied=applied,
-                             dist=self.dist, rounding=self.rounding, check_finite=False,
-                             held_log=held_log)
-        finally:
-            self._held, self._live_slots = None, []
-            for slot in reversed(slots):
-                for g, space in enumerate(self.spaces):
-                    if _selector(self._logs[g][slot]) is None:
-                        space.apply_logged(self._logs[g][slot], seeds, coefs_per_group[g],
-                                           weight_decay_factor=decays[g], dist=self.dist,
-                                           rounding=self.rounding, check_finite=False)
-            self._clear_logs()
+        self.held.update(moves, [decays[g] for g in self._target_group], rounding=self.rounding,
+                         rounding_seed=rounding_seed)
 
     def _refuse_nested_step(self) -> None:
         raise RuntimeError(f"{type(self).__name__}.step() called while a step is running "
@@ -477,7 +447,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -- state ------------------------------------------------------------------------------------
     def _step_in_progress(self) -> bool:
         """Whether the weights hold a perturbation (a step, e.g. its closure, is running)."""
-        return self._held is not None or bool(self._live_slots)
+        return self.held.active
 
     def _extra_state(self) -> dict[str, Any]:
         """Algorithm state (momentum, windows, ...): tensors and plain values."""
@@ -674,8 +644,9 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @property
     def undo_log_bytes(self) -> int:
-        """Device memory held by the undo logs (0 with exact_restore=False)."""
-        return sum(log.nbytes for pair in self._logs for log in pair)
+        """Device memory held by the undo logs, of every held target (0 with
+        exact_restore=False)."""
+        return self.held.nbytes
 
     @property
     def extra_memory_bytes(self) -> int:
@@ -691,20 +662,6 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # ZO keeps no gradients
         return None
-
-
-def _log_pair(space: ParameterSpace) -> tuple[UndoLog, UndoLog]:
-    """The +eps / -eps logs of a param group: selector logs (a few bits per ambiguous element,
-    read by the next pass) where every backend of the space has them (cpu, torch), else undo
-    logs of (index, value) entries rewritten after the dense pass (triton)."""
-    plan, _ = space._full_plan
-    if all(group.backend in SELECTOR_BACKENDS for group in plan):
-        return SelectorLog(), SelectorLog()
-    return UndoLog(), UndoLog()
-
-
-def _selector(log: UndoLog) -> SelectorLog | None:
-    return log if isinstance(log, SelectorLog) else None
 
 
 def _copied(state: Any) -> Any:

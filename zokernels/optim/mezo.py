@@ -98,13 +98,16 @@ class MeZO(ZOOptimizer):
         if self.process_group is None:
             raise ValueError("perturbation_parallel needs a process_group (an even number of "
                              "ranks, paired (2i, 2i + 1))")
-        if any(space.sharded for space in self.spaces):
+        if self._has_shards():
             raise ValueError("perturbation_parallel does not work with sharded parameters: the "
                              "two ranks of a pair would hold one model perturbed two ways")
         world = dist.get_world_size(self.process_group)
         if world % 2:
             raise ValueError(f"perturbation_parallel needs an even number of ranks, got {world}")
         return 1.0 if dist.get_rank(self.process_group) % 2 == 0 else -1.0
+
+    def _has_shards(self) -> bool:
+        return any(space.sharded for space in self.spaces)
 
     def _seeds_per_step(self) -> tuple[int, int]:
         return self.n_spsa, self.n_spsa
@@ -125,15 +128,20 @@ class MeZO(ZOOptimizer):
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
         return self._guarded(lambda: self._step(closure))
 
-    def _probe(self, closure: Closure, seed: int, eps: list[float],
+    def _probe_noise(self, step: int, k: int) -> Any:
+        """What probe k of step `step` perturbs with: its seed (TeZO: with its taus)."""
+        return self.seed_for(step, k)
+
+    def _probe(self, closure: Closure, seed: Any, eps: list[float],
                layers: list | None) -> torch.Tensor:
         """This rank's [f(theta + eps z), f(theta - eps z)] for one seed (float32, shape [2]),
         not yet averaged over the ranks. With perturbation_parallel the rank evaluates its own
         side only and puts 0 in the other slot (the reduction sums the pair). Leaves a
         perturbation held for the next restore or the update to recover from."""
         if self.perturbation_parallel:
-            self._perturb_held(seed, [self._sign * e for e in eps], layers, 0)
-            loss = self._evaluate(closure)
+            coefs = [self._sign * e for e in eps]
+            self._perturb_held(seed, coefs, layers, 0)
+            loss = self._probe_eval(closure, seed, coefs)
             zero = torch.zeros_like(loss)
             return torch.stack([loss, zero] if self._sign > 0 else [zero, loss])
         return torch.stack(self._probe_two_point(closure, seed, eps, layers))
@@ -149,7 +157,7 @@ class MeZO(ZOOptimizer):
         step = self.zo_state["step"]
         layers, chosen = self._step_layers(step)
         eps = [group["eps"] for group in self.param_groups]
-        seeds = [self.seed_for(step, k) for k in range(self.n_spsa)]
+        seeds = [self._probe_noise(step, k) for k in range(self.n_spsa)]
         local = []
         for k, seed in enumerate(seeds):
             if k > 0:
@@ -158,6 +166,12 @@ class MeZO(ZOOptimizer):
             local.append(self._probe(closure, seed, eps, layers))
         # one collective and one host synchronization per step, whatever n_spsa
         losses = self._reduce_losses(torch.stack(local))  # [n_spsa, 2]: (l+, l-) per seed
+        return self._finish_step(step, seeds, losses, layers, chosen)
+
+    def _finish_step(self, step: int, seeds: list[Any], losses: torch.Tensor,
+                     layers: list | None, chosen: list[int] | None) -> torch.Tensor:
+        """The estimate from the reduced losses, the finiteness check (one host sync), the
+        update (or a skip) and the trajectory record; returns the first seed's l+."""
         first_loss = losses[0, 0]
         grads = (losses[:, 0] - losses[:, 1]) / 2  # per group: divided by eps_g below
         coefs = [-(group["lr"] / self.n_spsa) * (grads / group["eps"])

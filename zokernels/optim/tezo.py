@@ -12,18 +12,19 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .._contract import DEFAULT_CONTRACT, saved_contract
+from ..held import DenseTarget
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
-from ..ops.lowrank import lowrank_perturb_, run_lowrank_scatter
-from ..ops.noise import noise
+from ..lowrank_space import LowRankNoise, LowRankSpace, split_by_rank
 from ..ops.undo import UndoLog
-from ..sharding import is_dtensor, local_tensor
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
-from .base import ZOOptimizer, _copied, check_common_hyper, check_hyper
+from ..trajectory import MAX_SEEDS_PER_STEP
+from .base import _copied, check_common_hyper, check_hyper
+from .mezo import MeZO
 from ._seeds import step_seed
 
 VARIANTS = ("sgd", "momentum", "adam")
@@ -40,150 +41,31 @@ def factor_seed(base_seed: int) -> int:
     return step_seed(base_seed, 0, 0, purpose="factors")
 
 
-def tau_seed(base_seed: int, step: int) -> int:
-    """The seed of step `step`'s tau: tau_j = noise(r_j, s, key_j). Distinct from the factor seed
-    and from the dense z seed, so its draws overlap neither."""
-    return step_seed(base_seed, step, 0, purpose="tau")
+def tau_seed(base_seed: int, step: int, index: int = 0) -> int:
+    """The seed of step `step`'s tau (of its probe `index`, n_spsa): tau_j = noise(r_j, s,
+    key_j). Distinct from the factor seed and from the dense z seed, so its draws overlap
+    neither."""
+    return step_seed(base_seed, step, index, purpose="tau")
 
 
-class _LowRankState:
-    """The 2-D weights of one param group with their fixed factors and tau-space moments."""
+class TeZONoise(NamedTuple):
+    """One probe's noise: the dense seed (1-D parameters) and each group's tau vector."""
 
-    def __init__(self, names: list[str], weights: list[torch.Tensor], keys: list[int],
-                 decayable: list[bool], rank: int, seed: int, backend: str,
-                 shards: list[Any] | None = None, contract: int = DEFAULT_CONTRACT) -> None:
-        """weights: the parameters (DTensors included; the kernels write their local shards);
-        shards: per weight None or its zokernels.sharding.Shard (the unsharded shape and the
-        box's offset); seed: the factor seed (factor_seed(base seed)); contract: the version of
-        the gaussian normals U, V and tau are drawn with."""
-        self.contract = contract
-        self.names, self.keys = names, keys
-        # the parameters as given (DTensors) and what the kernels write (their local shards,
-        # looked up again before each pass: a sharding wrapper may swap them)
-        self.params = weights
-        self._dtensors = [j for j, w in enumerate(weights) if is_dtensor(w)]
-        self.weights = [local_tensor(w) for w in weights]
-        self.decayable = decayable
-        self.shards = shards if shards is not None else [None] * len(weights)
-        self.shapes = [tuple(w.shape) if sh is None else tuple(sh.global_shape)
-                       for w, sh in zip(self.weights, self.shards)]
-        # the rank rule on the unsharded shape: every rank of a sharded run uses the same r
-        self.ranks = [min(rank, m, n) for m, n in self.shapes]
-        self.offsets = [0]
-        for r in self.ranks:
-            self.offsets.append(self.offsets[-1] + r)
-        device = weights[0].device if weights else torch.device("cpu")
-        self.device = device
-        # 1/sqrt(r_j) per tau entry, built once: makes Z's entries unit-variance
-        self.rank_norm = torch.tensor([1.0 / math.sqrt(r) for r in self.ranks for _ in range(r)],
-                                      dtype=torch.float32, device=device)
-        self.momentum = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
-        self.second = torch.zeros_like(self.momentum)
-        # the weights the in-place passes write (all, until TeZO moves some to virtual probes)
-        self.inplace = list(range(len(weights)))
-        self.build_factors(seed, backend)
-
-    def build_factors(self, seed: int, backend: str) -> None:
-        """U_j, V_j from (seed, key_j) alone: never saved, rebuilt on resume/replay.
-
-        U_j is rows x r of the unsharded m x r (flat offset row0 * r), V_j cols x r of n x r
-        (after U's m * r elements): a shard's block of U diag(tau) V^T is the unsharded one."""
-        us, vs = [], []
-        for w, key, r, (m, _), shard in zip(self.weights, self.keys, self.ranks, self.shapes,
-                                             self.shards):
-            row0, col0 = (0, 0) if shard is None else shard.global_offset
-            rows, cols = w.shape
-            us.append(noise(rows * r, seed, key, offset=row0 * r, device=w.device,
-                            backend=backend, contract=self.contract).view(rows, r))
-            vs.append(noise(cols * r, seed, key, offset=m * r + col0 * r, device=w.device,
-                            backend=backend, contract=self.contract).view(cols, r))
-        self.us, self.vs, self.factor_seed = us, vs, seed
-
-    def taus(self, seed: int, backend: str) -> torch.Tensor:
-        """tau_j = noise(r_j, seed, key_j) for every weight, concatenated in weight order: each
-        weight's tau depends on its key only, not on which other weights are registered."""
-        if not self.weights:
-            return self.momentum
-        return torch.cat([noise(r, seed, key, device=self.device, backend=backend,
-                                contract=self.contract)
-                          for r, key in zip(self.ranks, self.keys)])
-
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
-
-    def _per_weight(self, taus: torch.Tensor) -> list[torch.Tensor]:
-        """The flat tau vector scaled by 1/sqrt(r_j) and split per weight. Elementwise, so the
-        same taus give the same bits in every pass (a recovery needs the writer's exact D)."""
-        return self.split(taus * self.rank_norm)
-
-    def _refresh(self) -> None:
-        for j in self._dtensors:
-            self.weights[j] = local_tensor(self.params[j])
-
-    def _decays(self, decay: float) -> list[float]:
-        return [decay if d else 1.0 for d in self.decayable]
-
-    def apply(self, taus: torch.Tensor, scale: Any, decay: float, backend: str, *,
-              applied: tuple[torch.Tensor, float] | None = None,
-              log: UndoLog | None = None, rounding: str = "nearest",
-              rounding_seed: int = 0, positions: list[int] | None = None) -> None:
-        """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for the weights at
-        `positions` (default: self.inplace), one launch; d = decay on decayable weights. The
-        1/sqrt(r) makes Z's entries unit-variance. theta = W, or with applied = (held taus, held
-        scale) the weight recovered from the perturbation W holds now; `log` keeps what a later
-        recovery of this pass would miss. rounding: of the write (stochastic: updates only, bits
-        from stream 1 of rounding_seed). taus (and applied taus) cover every weight."""
-        pick = self.inplace if positions is None else positions
-        if not pick:
-            return
-        self._refresh()
-        held = {} if applied is None else dict(
-            applied_taus=_take(self._per_weight(applied[0]), pick), applied_scale=applied[1])
-        lowrank_perturb_(_take(self.weights, pick), _take(self.us, pick), _take(self.vs, pick),
-                         _take(self._per_weight(taus), pick), scale=scale,
-                         decay=_take(self._decays(decay), pick), keys=_take(self.keys, pick),
-                         backend=backend, rounding=rounding, rounding_seed=rounding_seed,
-                         check_finite=False, log=log, **held)
-
-    def apply_logged(self, log: UndoLog, taus: torch.Tensor | None = None, scale: float = 0.0,
-                     decay: float = 1.0, rounding: str = "nearest",
-                     rounding_seed: int = 0) -> None:
-        """Rewrite the elements `log` holds (logged by in-place passes over self.inplace): taus
-        None puts their logged values back bit for bit (restore); else W = round(d * logged +
-        scale * U diag(tau) V^T / sqrt(r)) (update, with the update pass's rounding and
-        rounding_seed: the same bits as that pass)."""
-        pick = self.inplace
-        if not pick or log.plan is None:
-            return
-        run_lowrank_scatter(log, _take(self.us, pick), _take(self.vs, pick),
-                            None if taus is None else _take(self._per_weight(taus), pick),
-                            torch.tensor([scale], dtype=torch.float32),
-                            torch.tensor(_take(self._decays(decay), pick), dtype=torch.float32),
-                            rounding, rounding_seed)
-
-    @property
-    def state_numel(self) -> int:
-        """Optimizer state elements: U, V and the two moment vectors (O((m + n) r) per matrix)."""
-        return (sum(u.numel() + v.numel() for u, v in zip(self.us, self.vs))
-                + self.momentum.numel() + self.second.numel())
+    seed: int
+    taus: list[torch.Tensor]
 
 
-def _take(values: list, positions: list[int]) -> list:
-    return values if len(positions) == len(values) else [values[j] for j in positions]
+def g_tau(grads: Sequence[torch.Tensor], taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tau-space projected gradient (1 / n) sum_k g_k tau_k of n probes (g tau for one)."""
+    if len(taus) == 1:
+        return grads[0] * taus[0]
+    total = (grads[0] / len(taus)) * taus[0]
+    for grad, tau in zip(grads[1:], taus[1:]):
+        total = total + (grad / len(taus)) * tau
+    return total
 
 
-def _split_by_rank(space: ParameterSpace) -> tuple[list[int], list[int]]:
-    """Positions of the non-empty 2-D tensors (low-rank noise) and of the others (full noise).
-    An empty matrix (0 x n) has nothing to perturb (and no rank r >= 1): the dense space skips it.
-    Emptiness is judged on the unsharded shape: an empty local shard of a non-empty weight stays
-    low-rank (its tau and moments are the other ranks')."""
-    numels = space.global_numels()
-    two_d = [j for j, t in enumerate(space.params) if t.dim() == 2 and numels[j] > 0]
-    chosen = set(two_d)
-    return two_d, [j for j in range(len(space.params)) if j not in chosen]
-
-
-class TeZO(ZOOptimizer):
+class TeZO(MeZO):
     """ZO with low-rank noise Z_t = U diag(tau_t) V^T / sqrt(r) on every non-empty 2-D weight.
 
     Per weight j (m x n, key k_j from its canonical name), with r_j = min(rank, m, n):
@@ -230,6 +112,10 @@ class TeZO(ZOOptimizer):
     to float32 rounding in fp32, within the bf16 forward's error in bf16); the update is the
     in-place one, bit for bit.
     probe="inplace": every 2-D weight as described above.
+    n_spsa, perturbation_parallel: as MeZO's (TeZO is MeZO's SPSA step over a low-rank target):
+    probe k of step t perturbs with z(seed_for(t, k)) and tau(tau_seed(seed, t, k)), all probes
+    run first, their losses are averaged over the ranks in ONE all-reduce (8 n_spsa bytes), and
+    the 2-D weights take the tau-space step of (1 / n) sum_k g_k tau_k (the moments too).
     update="deferred" (needs probe="virtual"): the virtual weights are not written by the update
     either: W_eff = D W + U diag(a) V^T, a = d a - lr direction / sqrt(r), D = d D (d = 1 - lr wd
     on decayable weights), and `merge()` writes W = round(W_eff) (nearest rounding, also with
@@ -249,7 +135,9 @@ class TeZO(ZOOptimizer):
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  record_trajectory: bool = True, probe: str = "virtual",
-                 update: str = "inplace", contract: int = DEFAULT_CONTRACT) -> None:
+                 update: str = "inplace", n_spsa: int = 1,
+                 perturbation_parallel: bool = False,
+                 contract: int = DEFAULT_CONTRACT) -> None:
         check_common_hyper(lr, eps, weight_decay)
         check_hyper("delta", delta, low_open=True)
         if probe not in PROBES:
@@ -269,10 +157,6 @@ class TeZO(ZOOptimizer):
         check_hyper("betas[1]", betas[1], high=1.0, high_open=True)
         self.rank, self.variant = rank, variant
         self.betas, self.delta = (float(betas[0]), float(betas[1])), float(delta)
-        # What each group's 2-D weights hold now ((tau, coef) or None = theta), and the log
-        # slots filled since they were last exact.
-        self._lowrank_held: list[tuple[torch.Tensor, float] | None] | None = None
-        self._lowrank_slots: list[int] = []
         self.probe, self.update = probe, update
         # the 2-D weights the probes leave unwritten (virtual), and whether the first step's
         # tracked forward has confirmed them (zokernels.lowrank_probe)
@@ -284,17 +168,17 @@ class TeZO(ZOOptimizer):
         self._in_step = False
         self._merges_recorded = 0
         self._merge_called = False  # merge() since the last record (update="deferred")
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
-                         dist=dist, exact_restore=exact_restore, backend=backend,
-                         rounding=rounding, process_group=process_group,
-                         no_decay=no_decay, record_trajectory=record_trajectory,
-                         contract=contract)
+        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed,
+                         dist=dist, n_spsa=n_spsa, exact_restore=exact_restore, backend=backend,
+                         rounding=rounding, process_group=process_group, no_decay=no_decay,
+                         record_trajectory=record_trajectory,
+                         perturbation_parallel=perturbation_parallel, contract=contract)
 
     # The base class builds one ParameterSpace per group over all params; TeZO splits them: the
-    # dense space keeps the 1-D ones, the low-rank state the 2-D ones.
+    # dense space keeps the 1-D ones, the low-rank space the 2-D ones (both held targets).
     def _split_spaces(self) -> None:
-        self.lowrank: list[_LowRankState] = []
-        self._lowrank_logs: list[tuple[UndoLog, UndoLog]] = []
+        self.lowrank: list[LowRankSpace] = []
+        self._lowrank_targets: list[int] = []  # held target of group g's low-rank space
         for g in range(len(self.spaces)):
             self._split_group(g)
         self._build_virtual()
@@ -310,7 +194,7 @@ class TeZO(ZOOptimizer):
     def _check_splittable(self, space: ParameterSpace) -> None:
         if self.rounding != "stochastic":
             return
-        two_d, _ = _split_by_rank(space)
+        two_d, _ = split_by_rank(space)
         sharded = [space.names[j] for j in two_d if space.shards[j] is not None]
         if sharded:
             raise ValueError(f"rounding='stochastic' with sharded 2-D weights ({sharded[:3]}): "
@@ -323,8 +207,8 @@ class TeZO(ZOOptimizer):
         undo logs: the +eps and the -eps pass) and a dense space (the others)."""
         space = self._registered[g]
         self._check_splittable(space)
-        two_d, rest = _split_by_rank(space)
-        state = _LowRankState(
+        two_d, rest = split_by_rank(space)
+        state = LowRankSpace(
             [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], self.rank,
             factor_seed(self.base_seed), self.backend, [space.shards[j] for j in two_d],
@@ -333,8 +217,24 @@ class TeZO(ZOOptimizer):
                                keys=[space.keys[j] for j in rest], backend=self.backend,
                                no_decay=self.no_decay, contract=self.contract)
         self.lowrank.append(state)
-        self._lowrank_logs.append((UndoLog(), UndoLog()))
         self.spaces[g] = dense
+        self.held.replace(self._dense_targets[g], DenseTarget(dense))
+        self._lowrank_targets.append(self.held.add(state))
+        self._target_group.append(g)
+
+    @property
+    def _lowrank_logs(self) -> list[tuple[UndoLog, ...]]:
+        """The undo logs of each param group's low-rank space (the +eps and the -eps pass)."""
+        return [self.held.logs[i] for i in self._lowrank_targets]
+
+    @_lowrank_logs.setter
+    def _lowrank_logs(self, pairs: list[tuple[UndoLog, ...]]) -> None:
+        for i, pair in zip(self._lowrank_targets, pairs):
+            self.held.logs[i] = tuple(pair)
+
+    def _has_shards(self) -> bool:
+        return super()._has_shards() or any(
+            shard is not None for state in self.lowrank for shard in state.shards)
 
     # -- virtual probes (zokernels.lowrank_probe) --------------------------------------------------
     def _build_virtual(self) -> None:
@@ -364,7 +264,7 @@ class TeZO(ZOOptimizer):
             inplace = [j for j in range(len(state.weights)) if j not in set(chosen)]
             if inplace != state.inplace:
                 state.inplace = inplace
-                self._lowrank_logs[g] = (UndoLog(), UndoLog())
+                self.held.replace(self._lowrank_targets[g], state)
             indices.append(self._entries(state, chosen))
         self._virtual_positions = [list(chosen) for chosen in positions]
         self._virtual_index = indices
@@ -413,7 +313,7 @@ class TeZO(ZOOptimizer):
             self._virtual = None
 
     @staticmethod
-    def _entries(state: _LowRankState, chosen: list[int]) -> torch.Tensor:
+    def _entries(state: LowRankSpace, chosen: list[int]) -> torch.Tensor:
         """The flat tau-space entries of the weights at `chosen`."""
         index = [i for j in chosen for i in range(state.offsets[j], state.offsets[j + 1])]
         return torch.tensor(index, dtype=torch.long, device=state.device)
@@ -461,7 +361,7 @@ class TeZO(ZOOptimizer):
         meta = super()._trajectory_meta()  # every parameter (the full spaces)
         lowrank = []
         for space in self._registered:
-            two_d, _ = _split_by_rank(space)
+            two_d, _ = split_by_rank(space)
             lowrank.append({"param_names": [space.names[j] for j in two_d],
                             "keys": [space.keys[j] for j in two_d],
                             "numel": [space.global_numels()[j] for j in two_d]})
@@ -479,8 +379,7 @@ class TeZO(ZOOptimizer):
         return meta
 
     def _step_in_progress(self) -> bool:
-        return (super()._step_in_progress() or self._lowrank_held is not None
-                or bool(self._lowrank_slots) or self._in_step)
+        return super()._step_in_progress() or self._in_step
 
     @property
     def state_numel(self) -> int:
@@ -492,14 +391,20 @@ class TeZO(ZOOptimizer):
         vectors (8 bytes per rank entry)."""
         return 4 * self.state_numel + (0 if self._virtual is None else self._virtual.nbytes)
 
-    @property
-    def undo_log_bytes(self) -> int:
-        """Device memory held by the undo logs, dense and low-rank (0 with exact_restore=False)."""
-        return super().undo_log_bytes + sum(log.nbytes for pair in self._lowrank_logs
-                                            for log in pair)
+    def _probe_noise(self, step: int, k: int) -> TeZONoise:
+        """Probe k's dense seed and taus (k = 0: the seeds TeZO always drew)."""
+        seed = tau_seed(self.base_seed, step, k)
+        return TeZONoise(self.seed_for(step, k),
+                         [state.taus(seed, self.backend) for state in self.lowrank])
 
-    def _taus(self, step: int, state: _LowRankState) -> torch.Tensor:
-        return state.taus(tau_seed(self.base_seed, step), self.backend)
+    def _probe_moves(self, noise: TeZONoise, coefs: list[float], layers: list | None) -> list:
+        moves = super()._probe_moves(noise.seed, coefs, layers)
+        for g, i in enumerate(self._lowrank_targets):
+            moves[i] = LowRankNoise(noise.taus[g], coefs[g])
+        return moves
+
+    def _probe_eval(self, closure, noise: TeZONoise, coefs: list[float]) -> torch.Tensor:
+        return self._probe_loss(closure, noise.taus, coefs)
 
     def step(self, closure=None) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
@@ -541,75 +446,6 @@ class TeZO(ZOOptimizer):
                 self._virtual.set_factors(g, [state.us[j] for j in chosen],
                                           [state.vs[j] for j in chosen])
 
-    def _restore(self) -> None:
-        """The 2-D weights back to their exact pre-step bits (a recovery pass with scale 0, then
-        the logs rewritten, latest first), then the dense ones (base class)."""
-        held, slots = self._lowrank_held, self._lowrank_slots
-        self._lowrank_held, self._lowrank_slots = None, []
-        try:
-            for state, h in zip(self.lowrank, held or []):
-                if h is not None:
-                    state.apply(h[0], 0.0, 1.0, self.backend, applied=h)
-            for slot in reversed(slots):
-                for state, pair in zip(self.lowrank, self._lowrank_logs):
-                    state.apply_logged(pair[slot])
-        finally:
-            self._clear_lowrank_logs()
-            super()._restore()
-
-    def _clear_lowrank_logs(self) -> None:
-        """Drop the low-rank logs' entries (an overflow not read yet is counted first)."""
-        for pair in self._lowrank_logs:
-            for log in pair:
-                if log.plan is not None:
-                    self._check_log(log)
-                    log.clear()
-
-    def _check_logs(self) -> None:
-        """Read every log's count, dense and low-rank: each overflowing log is counted once."""
-        super()._check_logs()
-        for pair in self._lowrank_logs:
-            for log in pair:
-                self._check_log(log)
-
-    def _lowrank_perturb(self, taus: list[torch.Tensor], coefs: list[float], slot: int) -> None:
-        """Move the 2-D weights to theta + coefs[g] Z(taus[g]), from theta or by recovery from the
-        perturbation they hold (same taus), logging into `slot`; _lowrank_held stays true after
-        each group for a restore."""
-        held = self._lowrank_held or [None] * len(self.lowrank)
-        if slot not in self._lowrank_slots:
-            self._lowrank_slots.append(slot)  # before the pass: a failure inside still restores it
-        for g, (state, tau) in enumerate(zip(self.lowrank, taus)):
-            log = self._lowrank_logs[g][slot] if self.exact_restore else None
-            state.apply(tau, coefs[g], 1.0, self.backend, applied=held[g], log=log)
-            held = held[:g] + [(tau, coefs[g])] + held[g + 1:]
-            self._lowrank_held = held
-
-    def _lowrank_update(self, updates: list[torch.Tensor], decays: list[float],
-                        rounding_seed: int) -> None:
-        """W = round(d * theta + U diag(update) V^T / sqrt(r)) (update = -lr * direction, see
-        _step) in ONE pass per group that
-        recovers theta from the held -eps Z_t, then the logged elements rewritten from their exact
-        values: bit-identical to the update applied to the unperturbed weights (and to a replay),
-        with self.rounding (stochastic: bits of rounding_seed, the step's dense seed, as the
-        dense update's). Runs no user code; an interrupt between the passes still finishes the
-        rewrites."""
-        held, slots = self._lowrank_held, self._lowrank_slots
-        self._lowrank_held, self._lowrank_slots = None, []
-        try:
-            for g, (state, update) in enumerate(zip(self.lowrank, updates)):
-                state.apply(update, 1.0, decays[g], self.backend,
-                            applied=None if held is None else held[g], rounding=self.rounding,
-                            rounding_seed=rounding_seed)
-                if self._virtual is not None:
-                    self._virtual_update(g, update, decays[g], rounding_seed)
-        finally:
-            for slot in reversed(slots):
-                for g, (state, update) in enumerate(zip(self.lowrank, updates)):
-                    state.apply_logged(self._lowrank_logs[g][slot], update, 1.0, decays[g],
-                                       self.rounding, rounding_seed)
-            self._clear_lowrank_logs()
-
     def _virtual_update(self, g: int, update: torch.Tensor, decay: float,
                         rounding_seed: int) -> None:
         """The update of group g's virtual weights: deferred (accumulated), or written from the
@@ -624,58 +460,58 @@ class TeZO(ZOOptimizer):
         state.apply(update, 1.0, decay, self.backend, rounding=self.rounding,
                     rounding_seed=rounding_seed, positions=written)
 
-    def _step(self, closure) -> torch.Tensor:
-        step = self.zo_state["step"]
-        eps = [group["eps"] for group in self.param_groups]
-        seed = self.seed_for(step)
-        taus = [self._taus(step, state) for state in self.lowrank]
-        self._lowrank_perturb(taus, eps, 0)
-        self._perturb_held(seed, eps, None, 0)
-        loss_plus = self._probe_loss(closure, taus, eps)
-        self._lowrank_perturb(taus, [-e for e in eps], 1)
-        self._perturb_held(seed, [-e for e in eps], None, 1)
-        loss_minus = self._probe_loss(closure, taus, [-e for e in eps])
-        if self.process_group is not None:
-            loss_plus, loss_minus = self._all_reduce_mean(torch.stack([loss_plus, loss_minus]))
-        half_diff = (loss_plus - loss_minus) / 2
-        grads = [half_diff / group["eps"] for group in self.param_groups]
+    def _finish_step(self, step: int, noises: list[TeZONoise], losses: torch.Tensor,
+                     layers: list | None, chosen: list[int] | None) -> torch.Tensor:
+        """MeZO's estimate per probe k, g_k = (l+ - l-) / (2 eps); the 1-D parameters get
+        MeZO's update, the 2-D ones the tau-space update of (1 / n) sum_k g_k tau_k."""
+        seeds = [noise.seed for noise in noises]
+        seed = seeds[0]
+        half_diffs = (losses[:, 0] - losses[:, 1]) / 2
+        grads = [half_diffs / group["eps"] for group in self.param_groups]  # [n_spsa] per group
         lrs = [group["lr"] for group in self.param_groups]
         decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
-        coefs = [(-lrs[g] * grads[g]).reshape(1) for g in range(len(self.param_groups))]
+        coefs = [-(lrs[g] / self.n_spsa) * grads[g] for g in range(len(self.param_groups))]
         # The tau-space updates (advancing the moments) before the one host synchronization, so
         # that a projected gradient overflowing float32 anywhere (the losses' difference, the
         # moments, the update) skips the step like a non-finite loss, the moments put back.
         moments = [(s.momentum.clone(), s.second.clone()) for s in self.lowrank]
-        updates = [-lrs[g] * self._direction(state, taus[g], grads[g], step)
+        updates = [-lrs[g] * self._direction(
+                       state, g_tau(list(grads[g]), [noise.taus[g] for noise in noises]), step)
                    for g, state in enumerate(self.lowrank)]
-        if not self._finite(loss_plus, loss_minus, *coefs, *updates,
+        if not self._finite(losses, *coefs, *updates,
                             *(t for s in self.lowrank for t in (s.momentum, s.second))):
             for s, (m, v) in zip(self.lowrank, moments):
                 s.momentum.copy_(m)
                 s.second.copy_(v)
             self._check_logs()
-            self._skip([loss_plus, loss_minus])
+            self._skip(losses.reshape(-1))
             self.zo_state["step"] = step + 1
-            return loss_plus
+            return losses[0, 0]
         self._check_logs()
-        self._lowrank_update(updates, decays, seed)
-        self._update([seed], coefs, None)
+        moves = self._dense_moves(seeds, coefs, None)
+        for g, i in enumerate(self._lowrank_targets):
+            moves[i] = LowRankNoise(updates[g], 1.0)
+        self._apply_update(moves, decays, seed)
+        if self._virtual is not None:
+            for g in range(len(self.lowrank)):
+                self._virtual_update(g, updates[g], decays[g], seed)
         if self.trajectory is not None:
             deferred = {}
             if self.update == "deferred":  # replay follows the merges and the deferred steps
                 merged = self._merge_called or self._merges != self._merges_recorded
                 deferred = {"merge": float(merged), "deferred": float(self._virtual is not None)}
                 self._merges_recorded, self._merge_called = self._merges, False
-            self.trajectory.record(step, [seed], coefs, decays,
-                                   **{f"grad{g}": grads[g] for g in range(len(grads))},
+            columns = {f"grad{g}" + (f"_{k}" if k else ""): grads[g][k]
+                       for g in range(len(grads)) for k in range(self.n_spsa)}
+            self.trajectory.record(step, seeds, coefs, decays, **columns,
                                    **{f"lr{g}": lrs[g] for g in range(len(lrs))}, **deferred)
         self.zo_state["step"] = step + 1
-        return loss_plus
+        return losses[0, 0]
 
-    def _direction(self, state: _LowRankState, tau: torch.Tensor, grad: torch.Tensor,
-                   step: int) -> torch.Tensor:
-        """The tau-space update direction; advances the moments."""
-        return tezo_direction(self.variant, self.betas, self.delta, state, tau, grad, step)
+    def _direction(self, state: LowRankSpace, g_tau: torch.Tensor, step: int) -> torch.Tensor:
+        """The tau-space update direction from the projected gradient g tau; advances the
+        moments."""
+        return tezo_direction(self.variant, self.betas, self.delta, state, g_tau, step)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"rank": self.rank, "variant": self.variant, "betas": list(self.betas),
@@ -764,12 +600,11 @@ class _Retrack(Exception):
     them to the in-place path, run the step again."""
 
 
-def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state: _LowRankState,
-                   tau: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
+def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state: LowRankSpace,
+                   g_tau: torch.Tensor, step: int) -> torch.Tensor:
     if variant == "sgd":
-        return grad * tau
+        return g_tau
     b1, b2 = betas
-    g_tau = grad * tau
     state.momentum.mul_(b1).add_((1 - b1) * g_tau)
     if variant == "momentum":
         return state.momentum.clone()
@@ -797,6 +632,15 @@ def _check_tezo_replay(trajectory, spaces) -> None:
     check_hyper("TeZO trajectory meta betas[0]", betas[0], high=1.0, high_open=True)
     check_hyper("TeZO trajectory meta betas[1]", betas[1], high=1.0, high_open=True)
     check_hyper("TeZO trajectory meta delta", meta.get("delta"), low_open=True)
+    n_spsa = meta.get("n_spsa", 1)
+    if (isinstance(n_spsa, bool) or not isinstance(n_spsa, int)
+            or not 1 <= n_spsa <= MAX_SEEDS_PER_STEP):
+        raise ValueError(f"TeZO trajectory meta n_spsa must be a positive integer, got "
+                         f"{n_spsa!r}")
+    missing = [f"grad{g}_{k}" for g in range(len(spaces)) for k in range(1, n_spsa)
+               if f"grad{g}_{k}" not in trajectory.extra]
+    if missing:
+        raise ValueError(f"TeZO trajectory of n_spsa={n_spsa} lacks the columns {missing[:3]}")
     lowrank = meta.get("lowrank")
     if not isinstance(lowrank, list) or len(lowrank) != len(spaces):
         raise ValueError("TeZO trajectory meta lowrank must describe each param group")
@@ -833,13 +677,14 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
                          "per tensor key (its noise depended on param-group index and position); "
                          "it cannot be replayed by this version")
     base = meta["base_seed"]
+    n_spsa = meta.get("n_spsa", 1)
     betas = tuple(meta["betas"])
     rounding = meta.get("rounding", "nearest")
     states = []
     for space, lowrank in zip(spaces, meta["lowrank"]):
         names = set(lowrank["param_names"])
         two_d = [j for j, n in enumerate(space.names) if n in names]
-        states.append(_LowRankState(
+        states.append(LowRankSpace(
             [space.names[j] for j in two_d], [space.params[j] for j in two_d],
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], meta["rank"],
             factor_seed(base), backend, [space.shards[j] for j in two_d],
@@ -878,12 +723,13 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
         if target is not None and merges[i]:
             target.merge()
         for g, state in enumerate(states):
-            grad = torch.tensor(trajectory.extra[f"grad{g}"][i], dtype=torch.float32)
             lr = trajectory.extra[f"lr{g}"][i]
-            tau = state.taus(tau_seed(base, step), backend)
-            grad = grad.to(tau.device)
-            direction = tezo_direction(meta["variant"], betas, meta["delta"], state, tau, grad,
-                                       step)
+            taus = [state.taus(tau_seed(base, step, k), backend) for k in range(n_spsa)]
+            grads = [torch.tensor(trajectory.extra[f"grad{g}" + (f"_{k}" if k else "")][i],
+                                  dtype=torch.float32).to(taus[0].device)
+                     for k in range(n_spsa)]
+            direction = tezo_direction(meta["variant"], betas, meta["delta"], state,
+                                       g_tau(grads, taus), step)
             update = -lr * direction
             written = None
             if target is not None and deferred[i]:

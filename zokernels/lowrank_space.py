@@ -1,0 +1,190 @@
+"""LowRankSpace: the 2-D weights of one param group with fixed factors, as a target of held
+perturbations (zokernels.held): W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)).
+
+The space layer's one low-rank front door for the optimizers: TeZO draws tau and moves the
+weights through zokernels.held.HeldPerturbation, which calls `write` / `rewrite` here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._contract import DEFAULT_CONTRACT
+from .ops.lowrank import lowrank_perturb_, run_lowrank_scatter
+from .ops.noise import noise
+from .ops.undo import UndoLog
+from .sharding import is_dtensor, local_tensor
+from .space import ParameterSpace
+
+
+@dataclass(frozen=True)
+class LowRankNoise:
+    """scale * U diag(taus) V^T / sqrt(r) on every weight of a LowRankSpace (taus: the flat
+    tau vector of all its weights, in weight order)."""
+
+    taus: torch.Tensor
+    scale: Any = 1.0
+
+
+class LowRankSpace:
+    """The 2-D weights of one param group with their fixed factors and tau-space moments; a
+    target of zokernels.held.HeldPerturbation (moves: LowRankNoise)."""
+
+    def __init__(self, names: list[str], weights: list[torch.Tensor], keys: list[int],
+                 decayable: list[bool], rank: int, seed: int, backend: str,
+                 shards: list[Any] | None = None, contract: int = DEFAULT_CONTRACT) -> None:
+        """weights: the parameters (DTensors included; the kernels write their local shards);
+        shards: per weight None or its zokernels.sharding.Shard (the unsharded shape and the
+        box's offset); seed: the factor seed (factor_seed(base seed)); contract: the version of
+        the gaussian normals U, V and tau are drawn with."""
+        self.contract = contract
+        self.names, self.keys = names, keys
+        # the parameters as given (DTensors) and what the kernels write (their local shards,
+        # looked up again before each pass: a sharding wrapper may swap them)
+        self.params = weights
+        self._dtensors = [j for j, w in enumerate(weights) if is_dtensor(w)]
+        self.weights = [local_tensor(w) for w in weights]
+        self.decayable = decayable
+        self.shards = shards if shards is not None else [None] * len(weights)
+        self.shapes = [tuple(w.shape) if sh is None else tuple(sh.global_shape)
+                       for w, sh in zip(self.weights, self.shards)]
+        # the rank rule on the unsharded shape: every rank of a sharded run uses the same r
+        self.ranks = [min(rank, m, n) for m, n in self.shapes]
+        self.offsets = [0]
+        for r in self.ranks:
+            self.offsets.append(self.offsets[-1] + r)
+        device = weights[0].device if weights else torch.device("cpu")
+        self.device = device
+        # 1/sqrt(r_j) per tau entry, built once: makes Z's entries unit-variance
+        self.rank_norm = torch.tensor([1.0 / math.sqrt(r) for r in self.ranks for _ in range(r)],
+                                      dtype=torch.float32, device=device)
+        self.momentum = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
+        self.second = torch.zeros_like(self.momentum)
+        # the weights the in-place passes write (all, until TeZO moves some to virtual probes)
+        self.inplace = list(range(len(weights)))
+        self.build_factors(seed, backend)
+
+    def build_factors(self, seed: int, backend: str) -> None:
+        """U_j, V_j from (seed, key_j) alone: never saved, rebuilt on resume/replay.
+
+        U_j is rows x r of the unsharded m x r (flat offset row0 * r), V_j cols x r of n x r
+        (after U's m * r elements): a shard's block of U diag(tau) V^T is the unsharded one."""
+        us, vs = [], []
+        for w, key, r, (m, _), shard in zip(self.weights, self.keys, self.ranks, self.shapes,
+                                             self.shards):
+            row0, col0 = (0, 0) if shard is None else shard.global_offset
+            rows, cols = w.shape
+            us.append(noise(rows * r, seed, key, offset=row0 * r, device=w.device,
+                            backend=backend, contract=self.contract).view(rows, r))
+            vs.append(noise(cols * r, seed, key, offset=m * r + col0 * r, device=w.device,
+                            backend=backend, contract=self.contract).view(cols, r))
+        self.us, self.vs, self.factor_seed, self.backend = us, vs, seed, backend
+
+    def taus(self, seed: int, backend: str) -> torch.Tensor:
+        """tau_j = noise(r_j, seed, key_j) for every weight, concatenated in weight order: each
+        weight's tau depends on its key only, not on which other weights are registered."""
+        if not self.weights:
+            return self.momentum
+        return torch.cat([noise(r, seed, key, device=self.device, backend=backend,
+                                contract=self.contract)
+                          for r, key in zip(self.ranks, self.keys)])
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def _per_weight(self, taus: torch.Tensor) -> list[torch.Tensor]:
+        """The flat tau vector scaled by 1/sqrt(r_j) and split per weight. Elementwise, so the
+        same taus give the same bits in every pass (a recovery needs the writer's exact D)."""
+        return self.split(taus * self.rank_norm)
+
+    def _refresh(self) -> None:
+        for j in self._dtensors:
+            self.weights[j] = local_tensor(self.params[j])
+
+    def _decays(self, decay: float) -> list[float]:
+        return [decay if d else 1.0 for d in self.decayable]
+
+    def apply(self, taus: torch.Tensor, scale: Any, decay: float, backend: str, *,
+              applied: tuple[torch.Tensor, float] | None = None,
+              log: UndoLog | None = None, rounding: str = "nearest",
+              rounding_seed: int = 0, positions: list[int] | None = None) -> None:
+        """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for the weights at
+        `positions` (default: self.inplace), one launch; d = decay on decayable weights. The
+        1/sqrt(r) makes Z's entries unit-variance. theta = W, or with applied = (held taus, held
+        scale) the weight recovered from the perturbation W holds now; `log` keeps what a later
+        recovery of this pass would miss. rounding: of the write (stochastic: updates only, bits
+        from stream 1 of rounding_seed). taus (and applied taus) cover every weight."""
+        pick = self.inplace if positions is None else positions
+        if not pick:
+            return
+        self._refresh()
+        held = {} if applied is None else dict(
+            applied_taus=_take(self._per_weight(applied[0]), pick), applied_scale=applied[1])
+        lowrank_perturb_(_take(self.weights, pick), _take(self.us, pick), _take(self.vs, pick),
+                         _take(self._per_weight(taus), pick), scale=scale,
+                         decay=_take(self._decays(decay), pick), keys=_take(self.keys, pick),
+                         backend=backend, rounding=rounding, rounding_seed=rounding_seed,
+                         check_finite=False, log=log, **held)
+
+    def apply_logged(self, log: UndoLog, taus: torch.Tensor | None = None, scale: float = 0.0,
+                     decay: float = 1.0, rounding: str = "nearest",
+                     rounding_seed: int = 0) -> None:
+        """Rewrite the elements `log` holds (logged by in-place passes over self.inplace): taus
+        None puts their logged values back bit for bit (restore); else W = round(d * logged +
+        scale * U diag(tau) V^T / sqrt(r)) (update, with the update pass's rounding and
+        rounding_seed: the same bits as that pass)."""
+        pick = self.inplace
+        if not pick or log.plan is None:
+            return
+        run_lowrank_scatter(log, _take(self.us, pick), _take(self.vs, pick),
+                            None if taus is None else _take(self._per_weight(taus), pick),
+                            torch.tensor([scale], dtype=torch.float32),
+                            torch.tensor(_take(self._decays(decay), pick), dtype=torch.float32),
+                            rounding, rounding_seed)
+
+    # -- the target interface of zokernels.held ------------------------------------------------
+    def compatible(self, held: LowRankNoise, move: LowRankNoise) -> bool:
+        return True  # the kernels take the held taus apart from the new ones
+
+    def zero(self, held: LowRankNoise) -> LowRankNoise:
+        return LowRankNoise(held.taus, 0.0)
+
+    def write(self, move: LowRankNoise, held: LowRankNoise | None = None, *, decay: float = 1.0,
+              rounding: str = "nearest", rounding_seed: int | None = None,
+              log: UndoLog | None = None, held_log: Any = None) -> None:
+        # held_log unused: low-rank passes keep undo logs, rewritten after the recovering pass
+        self.apply(move.taus, move.scale, decay, self.backend,
+                   applied=None if held is None else (held.taus, held.scale), log=log,
+                   rounding=rounding, rounding_seed=rounding_seed or 0)
+
+    def rewrite(self, log: UndoLog, move: LowRankNoise | None = None, *, decay: float = 1.0,
+                rounding: str = "nearest", rounding_seed: int | None = None) -> None:
+        if move is None:
+            self.apply_logged(log)
+        else:
+            self.apply_logged(log, move.taus, move.scale, decay, rounding, rounding_seed or 0)
+
+    @property
+    def state_numel(self) -> int:
+        """Optimizer state elements: U, V and the two moment vectors (O((m + n) r) per matrix)."""
+        return (sum(u.numel() + v.numel() for u, v in zip(self.us, self.vs))
+                + self.momentum.numel() + self.second.numel())
+
+
+def _take(values: list, positions: list[int]) -> list:
+    return values if len(positions) == len(values) else [values[j] for j in positions]
+
+
+def split_by_rank(space: ParameterSpace) -> tuple[list[int], list[int]]:
+    """Positions of the non-empty 2-D tensors (low-rank noise) and of the others (full noise).
+    An empty matrix (0 x n) has nothing to perturb (and no rank r >= 1): the dense space skips it.
+    Emptiness is judged on the unsharded shape: an empty local shard of a non-empty weight stays
+    low-rank (its tau and moments are the other ranks')."""
+    numels = space.global_numels()
+    two_d = [j for j, t in enumerate(space.params) if t.dim() == 2 and numels[j] > 0]
+    chosen = set(two_d)
+    return two_d, [j for j in range(len(space.params)) if j not in chosen]
