@@ -75,7 +75,7 @@ def trainer(model, out: Path, cls=ZOTrainer, **overrides) -> ZOTrainer:
 # -- resume ---------------------------------------------------------------------------------------
 
 OPTIONS = {"mezo": {"zo_n_spsa": 2}, "lezo": {"lezo_n_active": 1},
-           "tezo": {"tezo_rank": 2, "tezo_variant": "adam"},
+           "tezo": {"tezo_rank": 2, "tezo_variant": "adam", "zo_n_spsa": 2},
            "pseuzo": {"pseuzo_window": 3, "pseuzo_beta": 0.5}}
 
 
@@ -277,7 +277,7 @@ def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
     ({"zo_eps": math.inf}, "zo_eps"),
     ({"zo_seed": -1}, "zo_seed"),
     ({"zo_n_spsa": 0}, "zo_n_spsa"),
-    ({"zo_optimizer": "tezo", "zo_n_spsa": 2}, "zo_n_spsa"),
+    ({"zo_optimizer": "pseuzo", "zo_n_spsa": 2}, "zo_n_spsa"),
     ({"zo_dist": "uniform"}, "zo_dist"),
     ({"zo_exact_restore": "yes"}, "zo_exact_restore"),
     ({"zo_rounding": "down"}, "zo_rounding"),

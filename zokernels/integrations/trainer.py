@@ -76,7 +76,7 @@ class ZOConfig(transformers.TrainingArguments):
         zo_optimizer: "mezo", "lezo", "tezo" or "pseuzo".
         zo_eps: perturbation scale (> 0).
         zo_seed: base seed of the noise (steps draw BLAKE2b(seed, step, k)); None: `seed`.
-        zo_n_spsa: seeds per step (MeZO / LeZO).
+        zo_n_spsa: probes (seeds) per step (MeZO / LeZO / TeZO).
         zo_dist: "gaussian" or "rademacher".
         zo_exact_restore: keep undo logs so every restore and update is exact (default True).
         zo_rounding: of the update, "nearest" or "stochastic" (for bf16 / fp16 weights).
@@ -100,7 +100,7 @@ class ZOConfig(transformers.TrainingArguments):
     zo_eps: float = field(default=1e-3, metadata={"help": "Perturbation scale."})
     zo_seed: Optional[int] = field(default=None,
                                    metadata={"help": "Noise base seed (default: seed)."})
-    zo_n_spsa: int = field(default=1, metadata={"help": "Seeds per step (mezo, lezo)."})
+    zo_n_spsa: int = field(default=1, metadata={"help": "Probes per step (mezo, lezo, tezo)."})
     zo_dist: str = field(default="gaussian", metadata={"help": "gaussian or rademacher."})
     zo_exact_restore: bool = field(default=True, metadata={"help": "Undo logs (exact restore)."})
     zo_rounding: str = field(default="nearest",
@@ -134,8 +134,8 @@ class ZOConfig(transformers.TrainingArguments):
         if self.zo_seed is not None and self.zo_seed >= 1 << 64:
             raise ValueError(f"zo_seed must be below 2^64, got {self.zo_seed}")
         _integer(self.zo_n_spsa, "zo_n_spsa", 1)
-        if self.zo_n_spsa != 1 and self.zo_optimizer not in ("mezo", "lezo"):
-            raise ValueError(f"zo_n_spsa applies to zo_optimizer 'mezo' and 'lezo', not "
+        if self.zo_n_spsa != 1 and self.zo_optimizer not in ("mezo", "lezo", "tezo"):
+            raise ValueError(f"zo_n_spsa applies to zo_optimizer 'mezo', 'lezo' and 'tezo', not "
                              f"{self.zo_optimizer!r}")
         _choice(self.zo_dist, "zo_dist", PERTURB_DISTS)
         if not isinstance(self.zo_exact_restore, bool):
@@ -377,7 +377,7 @@ class ZOTrainer(transformers.Trainer):
             seed=args.seed if args.zo_seed is None else args.zo_seed, dist=args.zo_dist,
             exact_restore=args.zo_exact_restore, rounding=args.zo_rounding,
             process_group=group)
-        if name in ("mezo", "lezo"):
+        if name in ("mezo", "lezo", "tezo"):
             kwargs["n_spsa"] = args.zo_n_spsa
         if name == "lezo":
             layers = (trainable_blocks(model, "ZOTrainer(zo_optimizer='lezo')", "lezo_layers")
