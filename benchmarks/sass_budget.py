@@ -66,8 +66,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --tree PATH: count the kernels of another checkout (an older commit: before / after tables)
 if "--tree" in sys.argv[:-1]:
     ROOT = os.path.abspath(sys.argv[sys.argv.index("--tree") + 1])
-if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+else:
+    try:
+        import zokernels  # noqa: F401  (installed, or already on the path)
+    except ImportError:  # run from a checkout: its kernels
+        sys.path.insert(0, ROOT)
 
 SM_COUNT = 132
 ISSUE_PER_CLK = 128

@@ -46,11 +46,11 @@ def test_help(bench):
     assert status == 0 and "usage: zokernels-bench" in out and "{ops,step,lora}" in out
 
 
-def test_module_help():
+def test_module_help(tmp_path):
     """The console script's entry point, in a fresh interpreter (one: each costs an import)."""
     result = subprocess.run([sys.executable, "-m", "zokernels.bench.cli", "ops", "--help"],
                             capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
-                            env=dict(os.environ, PYTHONPATH=PACKAGE_PARENT))
+                            env=dict(os.environ, PYTHONPATH=PACKAGE_PARENT), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "usage: zokernels-bench ops" in result.stdout
     assert "--shape-set" in result.stdout and "--max-gb" in result.stdout

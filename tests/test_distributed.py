@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import COLLECTIVE_TIMEOUT, assert_states_equal
+from helpers import COLLECTIVE_TIMEOUT, assert_states_equal, finish_process_group
 from test_optim import TinyNet, _task, make, pretrained  # the tiny models of the optimizer tests
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -204,7 +204,7 @@ def _pair_worker(rank, init_file, state, out_dir):
         results[n_spsa] = {"params": [p.detach() for p in net.parameters()],
                            "calls": calls["n"], "losses": losses}
     torch.save(results, os.path.join(out_dir, f"pair{rank}.pt"))
-    dist.destroy_process_group()
+    finish_process_group()
 
 
 def test_perturbation_parallel_halves_the_forwards_and_matches_one_process(tmp_path):
@@ -294,7 +294,7 @@ def _shard_worker(rank, init_file, state, out_dir):
             reference.step(lambda: loss(params))
         result["unsharded"] = params
     torch.save(result, os.path.join(out_dir, f"shard{rank}.pt"))
-    dist.destroy_process_group()
+    finish_process_group()
 
 
 def test_row_sharded_mezo_equals_the_unsharded_run_bit_for_bit(tmp_path):

@@ -230,12 +230,12 @@ _THREADS_CHILD = textwrap.dedent(r"""
 """)
 
 
-def test_cli_threads_bounded():
+def test_cli_threads_bounded(tmp_path):
     """Item 4: --threads 100000 used to SIGSEGV inside torch.set_num_threads (in a child: a crash
     fails this test instead of killing pytest)."""
     env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _THREADS_CHILD], capture_output=True,
-                          text=True, env=env)
+                          text=True, env=env, cwd=tmp_path)  # not the checkout: the package
     assert proc.returncode == 0, f"the child died (rc {proc.returncode})\n{proc.stderr[-3000:]}"
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
     for command, (status, err) in json.loads(line[len("RESULTS "):]).items():

@@ -301,7 +301,7 @@ def test_tezo_replays_in_a_fresh_interpreter_without_importing_optim_first(tmp_p
     env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _FRESH_REPLAY, str(tmp_path / "t.pt"),
                            str(tmp_path / "w.pt"), str(tmp_path / "out.pt")],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same(torch.load(tmp_path / "out.pt"), snapshot(net), "weights")
 

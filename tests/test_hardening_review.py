@@ -102,10 +102,10 @@ _LIAR_CHILD = textwrap.dedent(r"""
 """)
 
 
-def test_subclass_overrides_cannot_redirect_the_kernels():
+def test_subclass_overrides_cannot_redirect_the_kernels(tmp_path):
     env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _LIAR_CHILD], capture_output=True, text=True,
-                          env=env)
+                          env=env, cwd=tmp_path)  # not the checkout: the installed package
     assert proc.returncode == 0, f"the child died (rc {proc.returncode})\n{proc.stderr[-3000:]}"
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
     results = json.loads(line[len("RESULTS "):])

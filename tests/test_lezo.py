@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from zokernels.optim import LeZO, MeZO
 
-from helpers import COLLECTIVE_TIMEOUT
+from helpers import COLLECTIVE_TIMEOUT, finish_process_group
 from test_optim import TinyNet, _task, finetune_loss, make, pretrained
 
 STEPS = 4
@@ -70,7 +70,7 @@ def _pair_worker(rank, init_file, state, out_dir):
                            "calls": calls["n"], "losses": losses,
                            "layers": [chosen for *_, chosen in opt.trajectory.records()]}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    finish_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

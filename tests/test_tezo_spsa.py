@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import assert_states_equal
+from helpers import assert_states_equal, finish_process_group
 from test_distributed import STEPS, WORLD, _algorithm_state, _init, _losses, _net
 from test_optim import _task, make, pretrained
 from zokernels.ops.noise import noise
@@ -196,7 +196,7 @@ def _pair_worker(rank, init_file, state, out_dir):
     results["data_parallel"] = {"params": [p.detach() for p in net.parameters()],
                                 "all_reduce_per_step": per_step}
     torch.save(results, os.path.join(out_dir, f"pair{rank}.pt"))
-    dist.destroy_process_group()
+    finish_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
