@@ -9,6 +9,7 @@
 // bit_length(hi - lo) bits, and a y that is not finite keeps theta's raw pattern.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -99,14 +100,16 @@ struct Keys {
     }
 };
 
-// The key interval [lo, hi] of the weights mapping to finite y, given a member m (image == y).
+// The last key from member m towards `end` (kLast upward, kFirst downward) whose image is y:
+// gallop until a non-member (or `end`), then bisect. The members form one interval (rounding is
+// monotone), so the boundary found does not depend on the probes.
 template <class Format>
-inline void interval_from(uint32_t m, float y, float d, uint32_t* lo, uint32_t* hi) {
+inline uint32_t interval_edge(int64_t m, int64_t end, float y, float d) {
     using K = Keys<Format>;
-    // upward: gallop to a non-member (or the last key), then bisect
-    uint64_t good = m, bad = uint64_t{K::kLast} + 1, step = 1;
-    while (good < K::kLast) {
-        const uint64_t c = good + step > K::kLast ? K::kLast : good + step;
+    const int64_t dir = end >= m ? 1 : -1;
+    int64_t good = m, bad = end + dir, step = 1;
+    while (good != end) {
+        const int64_t c = dir > 0 ? std::min(good + step, end) : std::max(good - step, end);
         if (K::image(static_cast<uint32_t>(c), d) == y) {
             good = c;
             step *= 2;
@@ -115,28 +118,19 @@ inline void interval_from(uint32_t m, float y, float d, uint32_t* lo, uint32_t* 
             break;
         }
     }
-    while (bad - good > 1) {
-        const uint64_t mid = good + (bad - good) / 2;
+    while ((bad - good) * dir > 1) {
+        const int64_t mid = good + (bad - good) / 2;
         (K::image(static_cast<uint32_t>(mid), d) == y ? good : bad) = mid;
     }
-    *hi = static_cast<uint32_t>(good);
-    // downward
-    int64_t g = m, b = int64_t{K::kFirst} - 1, s = 1;
-    while (g > int64_t{K::kFirst}) {
-        const int64_t c = g - s < int64_t{K::kFirst} ? int64_t{K::kFirst} : g - s;
-        if (K::image(static_cast<uint32_t>(c), d) == y) {
-            g = c;
-            s *= 2;
-        } else {
-            b = c;
-            break;
-        }
-    }
-    while (g - b > 1) {
-        const int64_t mid = b + (g - b) / 2;
-        (K::image(static_cast<uint32_t>(mid), d) == y ? g : b) = mid;
-    }
-    *lo = static_cast<uint32_t>(g);
+    return static_cast<uint32_t>(good);
+}
+
+// The key interval [lo, hi] of the weights mapping to finite y, given a member m (image == y).
+template <class Format>
+inline void interval_from(uint32_t m, float y, float d, uint32_t* lo, uint32_t* hi) {
+    using K = Keys<Format>;
+    *hi = interval_edge<Format>(m, int64_t{K::kLast}, y, d);
+    *lo = interval_edge<Format>(m, int64_t{K::kFirst}, y, d);
 }
 
 // The first key whose image is >= y (image is monotone in the key): a member when one exists.
