@@ -210,6 +210,25 @@ def test_step_on_a_transformers_model(bench):
     assert "hf-llama-tiny" in out and "pseuzo" in out
 
 
+def test_bert_minilm_bench_model_views_agree():
+    """The MiniLM-shaped BERT: 12 blocks for LeZO, and PseuZO's features -> head_loss split gives
+    the model's loss (the MLM head's decoder tied to the word embeddings)."""
+    pytest.importorskip("transformers")
+    from zokernels.bench.models import build_model, synthetic_batch
+
+    model = build_model("hf-bert-minilm", torch.float32, "cpu")
+    assert len(model.blocks) == 12 and model.vocab == 30522
+    head = model.module.cls.predictions.decoder
+    assert head.weight is model.module.bert.embeddings.word_embeddings.weight
+    ids = synthetic_batch(model, 1, 8, "cpu")
+    with torch.no_grad():
+        logits = model.module(input_ids=ids).logits
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 30522),
+                                                     ids[:, 1:].reshape(-1))
+        assert torch.isfinite(model.loss(ids))
+        assert torch.equal(model.loss(ids), expected)
+
+
 # ------------------------------------------------------------------------------------------ lora
 
 LORA_TINY_RUN = ["lora", "--preset", "tiny", "--repeats", "1", "--warmup", "2",

@@ -29,7 +29,9 @@ PRESETS = {
     "opt-125m": DecoderConfig(vocab=50272, d_model=768, n_layers=12, n_heads=12, d_ff=3072),
     "opt-1.3b": DecoderConfig(vocab=50272, d_model=2048, n_layers=24, n_heads=32, d_ff=8192),
 }
-HF_MODELS = ("hf-opt-125m", "hf-llama-tiny")
+# transformers models from their configs (random init): OPT-125m, a tiny Llama, and a BERT of
+# MiniLM-L12-H384's shape (12 layers, hidden 384, BERT's vocabulary) with its tied MLM head
+HF_MODELS = ("hf-opt-125m", "hf-llama-tiny", "hf-bert-minilm")
 
 
 class DecoderLayer(nn.Module):
@@ -128,6 +130,21 @@ def _hf_model(name: str) -> BenchModel:
                                         word_embed_proj_dim=768)
         model = transformers.OPTForCausalLM(config)
         stack, blocks = model.model.decoder, list(model.model.decoder.layers)
+    elif name == "hf-bert-minilm":
+        config = transformers.BertConfig(hidden_size=384, num_hidden_layers=12,
+                                         num_attention_heads=12, intermediate_size=1536)
+        model = transformers.BertForMaskedLM(config)
+        bert = model.bert
+
+        def features(ids: torch.Tensor) -> torch.Tensor:
+            return bert(input_ids=ids).last_hidden_state
+
+        def head_loss(h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            # the MLM head (its decoder tied to the word embeddings) predicting the next token
+            return lm_loss(model.cls(h), ids)
+
+        return BenchModel(name, model, list(bert.encoder.layer), features, head_loss,
+                          config.vocab_size)
     else:
         config = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688,
                                           num_hidden_layers=4, num_attention_heads=4,
