@@ -190,12 +190,26 @@ def test_step_tiny_run_with_json(bench, tmp_path):
     assert document["results"][0]["extra_memory_bytes"] is None  # the MeZO loop keeps nothing
 
 
+def test_step_compare_exact_interleaves_a_copy_without_logs(bench, tmp_path):
+    path = tmp_path / "step.json"
+    status, out, err = bench("step", "--model", "tiny", "--optimizer", "mezo", "--repeats", "1",
+                             "--warmup", "1", "--batch", "2", "--seq", "8", "--compare-exact",
+                             "--json", str(path))
+    assert status == 0, err
+    assert "exact vs no-logs" in out
+    loop, mezo = json.loads(path.read_text())["results"]
+    assert "zo_ms_no_exact" not in loop and mezo["exact_restore"] is True
+    assert mezo["zo_ms_no_exact"] > 0
+    assert mezo["zo_ratio_exact_vs_no_exact"] == mezo["zo_ms"] / mezo["zo_ms_no_exact"]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["step", "--model", "gpt-5"], "--model: unknown model"),
     (["step", "--optimizer", "adamw"], "--optimizer: unknown value"),
     (["step", "--batch", "0"], "--batch must be >= 1"),
     (["step", "--lezo-active", "1.5"], "--lezo-active"),
     (["step", "--backend", "fpga"], "--backend: unknown value"),
+    (["step", "--compare-exact", "--no-exact-restore"], "give one of them"),
 ])
 def test_step_bad_arguments_exit_2(bench, argv, needle):
     status, _, err = bench(*argv)

@@ -169,8 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--rank", type=int, default=8, help="TeZO rank (default 8)")
     step.add_argument("--window", type=int, default=14, help="PseuZO window (default 14)")
     step.add_argument("--no-exact-restore", action="store_true",
-                      help="optimizers without undo logs (recovery-quality restore, no extra "
-                           "memory, about half the perturb/update time)")
+                      help="optimizers without exact-restore logs (recovery-quality restore, "
+                           "no log memory)")
+    step.add_argument("--compare-exact", action="store_true",
+                      help="also step each optimizer without exact-restore logs on a copy of the "
+                           "model, interleaved step by step, and report both ZO times and their "
+                           "ratio")
     _add_run_options(step, suppress=True)
     lora = sub.add_parser(
         "lora", help="perturb/update of LoRA adapters only vs the MeZO loop; per-call overhead",
@@ -679,6 +683,8 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
     warmup = args.warmup if args.warmup is not None else (2 if kind == "cpu" else 3)
     if repeats < 1 or warmup < 0:
         raise UsageError("--repeats must be >= 1 and --warmup >= 0")
+    if args.compare_exact and args.no_exact_restore:
+        raise UsageError("--compare-exact compares against --no-exact-restore: give one of them")
     settings = StepSettings(model, dtype, device, args.batch, args.seq, warmup, repeats,
                             backend, args.lezo_active, args.rank, args.window,
                             exact_restore=not args.no_exact_restore)
@@ -698,15 +704,17 @@ def main_step(args: argparse.Namespace, argv: list[str]) -> int:
           f"({device_name(settings.device)})", file=sys.stderr)
     rows = run_step_bench(settings, optimizers,
                           on_start=lambda name: progress.start(f"{settings.model} {name}"),
-                          on_done=lambda name, row: progress.finish(f"{_ms(row['ms'])} ms"))
+                          on_done=lambda name, row: progress.finish(f"{_ms(row['ms'])} ms"),
+                          compare_exact=args.compare_exact)
     print(f"zokernels {zokernels.__version__} · torch {torch.__version__} · "
           f"{torch.get_num_threads()} CPU threads · medians of {settings.repeats} steps after "
           f"{settings.warmup}")
     print()
     print(format_step_table(rows))
     print("note: perturb/update = step - forwards (PseuZO's includes its autograd through "
-          "loss_fn); state = undo logs + PseuZO window + TeZO factors; peak extra = GPU memory "
-          "above the start of the timed steps (CUDA only)")
+          "loss_fn); state = extra = exact-restore logs + PseuZO window + TeZO factors, moments "
+          "and deferred vectors (opt.extra_memory_bytes); peak extra = GPU memory above the "
+          "start of the timed steps (CUDA only)")
     if getattr(args, "json", None):
         plan = Plan("step", [], {settings.device: settings.warmup},
                     {settings.device: settings.repeats}, [], json_path=args.json)

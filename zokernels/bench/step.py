@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -129,62 +129,89 @@ def _state_bytes(opt) -> int:
     return opt.extra_memory_bytes
 
 
-def time_step(name: str, settings: StepSettings, lr: float = 1e-6,
-              eps: float = 1e-3) -> dict:
-    """Median step time of one optimizer (or the MeZO loop) with its forward / ZO split."""
+@dataclass
+class _Case:
+    """One optimizer (or the MeZO loop) on a fresh copy of the model, ready to step."""
+
+    opt: object
+    clock: _ForwardClock
+    one_step: Callable[[], None]
+    params: list[torch.Tensor]
+
+
+def _case(name: str, settings: StepSettings, exact_restore: bool, lr: float,
+          eps: float) -> _Case:
     dtype = getattr(torch, settings.dtype)
     model = build_model(settings.model, dtype, settings.device)
     ids = synthetic_batch(model, settings.batch, settings.seq, settings.device)
     clock = _ForwardClock(settings.device)
     params = [p for p in model.module.parameters() if p.requires_grad]
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
     if name == MEZO_LOOP:
         seeds = iter(range(10**9))
 
         def one_step() -> None:
             mezo_loop_step(params, lambda: clock(lambda: model.loss(ids)), seed=next(seeds),
                            eps=eps, lr=lr)
-        opt = None
+        return _Case(None, clock, one_step, params)
+    opt = _make(name, model, replace(settings, exact_restore=exact_restore), lr, eps)
+    if opt_hooks_forwards(name):
+        # TeZO's virtual probes work inside the forwards: the forward time subtracted is that
+        # of an identical model without hooks (a forward of the optimized one outside a step
+        # would merge deferred updates), run after each step
+        plain = build_model(settings.model, dtype, settings.device)
+        clock = _PlainForwardClock(settings.device, lambda: plain.loss(ids))
+    if name == "pseuzo":
+        def one_step() -> None:
+            opt.step(lambda: clock(lambda: model.features(ids)),
+                     lambda h: model.head_loss(h, ids))
     else:
-        opt = _make(name, model, settings, lr, eps)
-        if opt_hooks_forwards(name):
-            # TeZO's virtual probes work inside the forwards: the forward time subtracted is
-            # that of an identical model without hooks (a forward of the optimized one outside
-            # a step would merge deferred updates), run after each step
-            plain = build_model(settings.model, dtype, settings.device)
-            clock = _PlainForwardClock(settings.device, lambda: plain.loss(ids))
-        if name == "pseuzo":
-            def one_step() -> None:
-                opt.step(lambda: clock(lambda: model.features(ids)),
-                         lambda h: model.head_loss(h, ids))
-        else:
-            def one_step() -> None:
-                opt.step(lambda: clock(lambda: model.loss(ids)))
+        def one_step() -> None:
+            opt.step(lambda: clock(lambda: model.loss(ids)))
+    return _Case(opt, clock, one_step, params)
+
+
+def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 1e-3,
+              compare_exact: bool = False) -> dict:
+    """Median step time of one optimizer (or the MeZO loop) with its forward / ZO split.
+
+    compare_exact: also step the same optimizer built with exact_restore=False on another copy
+    of the model, interleaved step by step with this one (machine noise hits both alike), and
+    report its ZO time (`zo_ms_no_exact`) and the ratio (`zo_ratio_exact_vs_no_exact`)."""
+    cases = [_case(name, settings, settings.exact_restore, lr, eps)]
+    if compare_exact and name != MEZO_LOOP:
+        cases.append(_case(name, settings, False, lr, eps))
+    main = cases[0]
+    opt, params = main.opt, main.params
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
     cuda = torch.device(settings.device).type == "cuda"
+    totals = [[] for _ in cases]
+    forwards = [[] for _ in cases]
     with torch.random.fork_rng(devices=[torch.device(settings.device)] if cuda else []):
         for _ in range(settings.warmup):
-            one_step()
+            for case in cases:
+                case.one_step()
         if cuda:
             torch.cuda.reset_peak_memory_stats(settings.device)
             base = torch.cuda.memory_allocated(settings.device)
-        totals, forwards = [], []
         for _ in range(settings.repeats):
-            clock.seconds = 0.0
-            synchronize(settings.device)
-            start = time.perf_counter()
-            one_step()
-            synchronize(settings.device)
-            totals.append(1e3 * (time.perf_counter() - start))
-            forwards.append(1e3 * clock.seconds)
+            for c, case in enumerate(cases):
+                case.clock.seconds = 0.0
+                synchronize(settings.device)
+                start = time.perf_counter()
+                case.one_step()
+                synchronize(settings.device)
+                totals[c].append(1e3 * (time.perf_counter() - start))
+                forwards[c].append(1e3 * case.clock.seconds)
+        # with compare_exact the peak covers both copies' steps (CUDA)
         peak = torch.cuda.max_memory_allocated(settings.device) - base if cuda else None
-    zo = [t - f for t, f in zip(totals, forwards)]
+    zo = [[t - f for t, f in zip(ts, fs)] for ts, fs in zip(totals, forwards)]
     row = dict(op="step", optimizer=name, backend="torch-loop" if opt is None else settings.backend,
                model=settings.model, dtype=settings.dtype, device=settings.device,
                numel=sum(p.numel() for p in params), param_bytes=param_bytes,
                batch=settings.batch, seq=settings.seq,
-               ms=statistics.median(totals), ms_p20=_quantile(totals, 0.2),
-               ms_p80=_quantile(totals, 0.8), forward_ms=statistics.median(forwards),
-               zo_ms=statistics.median(zo), forwards_per_step=FORWARDS[name],
+               ms=statistics.median(totals[0]), ms_p20=_quantile(totals[0], 0.2),
+               ms_p80=_quantile(totals[0], 0.8), forward_ms=statistics.median(forwards[0]),
+               zo_ms=statistics.median(zo[0]), forwards_per_step=FORWARDS[name],
                weight_passes=WEIGHT_PASSES[name], repeats=settings.repeats,
                warmup=settings.warmup,
                state_bytes=None if opt is None else _state_bytes(opt),
@@ -193,6 +220,11 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6,
                extra_memory_ratio=None if opt is None else opt.extra_memory_bytes / param_bytes,
                peak_extra_bytes=peak, speedup_vs_mezo_loop=None, zo_speedup_vs_mezo_loop=None,
                exact_restore=None if opt is None else settings.exact_restore)
+    if len(cases) > 1:
+        row["zo_ms_no_exact"] = statistics.median(zo[1])
+        # the ratio of the medians of the interleaved steps
+        row["zo_ratio_exact_vs_no_exact"] = (row["zo_ms"] / row["zo_ms_no_exact"]
+                                             if row["zo_ms_no_exact"] > 0 else None)
     if name == "lezo":
         row["lezo_active_layers"] = opt.n_active
         row["lezo_layers"] = opt.num_layers
@@ -201,13 +233,15 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6,
 
 def run_step_bench(settings: StepSettings, optimizers: list[str],
                    on_start: Callable[[str], None] | None = None,
-                   on_done: Callable[[str, dict], None] | None = None) -> list[dict]:
-    """The MeZO loop first, then each optimizer; speedups filled in against the loop."""
+                   on_done: Callable[[str, dict], None] | None = None,
+                   compare_exact: bool = False) -> list[dict]:
+    """The MeZO loop first, then each optimizer; speedups filled in against the loop
+    (compare_exact: see time_step)."""
     rows = []
     for name in [MEZO_LOOP] + [o for o in optimizers if o != MEZO_LOOP]:
         if on_start:
             on_start(name)
-        row = time_step(name, settings)
+        row = time_step(name, settings, compare_exact=compare_exact)
         rows.append(row)
         if on_done:
             on_done(name, row)
@@ -221,6 +255,8 @@ def run_step_bench(settings: StepSettings, optimizers: list[str],
 COLUMNS = ("optimizer", "step ms", "p20-p80", "forward ms", "perturb/update ms", "weight passes",
            "state MB", "extra MB", "extra/params", "peak extra MB", "step vs loop",
            "perturb/update vs loop")
+# with compare_exact: the ZO time of the same optimizer without logs, and the ratio
+COMPARE_COLUMNS = ("no-logs perturb/update ms", "exact vs no-logs")
 
 
 def format_step_table(rows: list[dict]) -> str:
@@ -236,7 +272,8 @@ def format_step_table(rows: list[dict]) -> str:
     def fmt(value: float) -> str:
         return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
-    table = [list(COLUMNS)]
+    compare = any("zo_ms_no_exact" in r for r in rows)
+    table = [list(COLUMNS) + (list(COMPARE_COLUMNS) if compare else [])]
     for r in rows:
         zo_speed = r["zo_speedup_vs_mezo_loop"]
         table.append([r["optimizer"], fmt(r["ms"]), f"{fmt(r['ms_p20'])}-{fmt(r['ms_p80'])}",
@@ -247,7 +284,11 @@ def format_step_table(rows: list[dict]) -> str:
                       mb(r["peak_extra_bytes"]),
                       f"{r['speedup_vs_mezo_loop']:.2f}x",
                       "-" if zo_speed is None else f"{zo_speed:.2f}x"])
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+        if compare:
+            ratio = r.get("zo_ratio_exact_vs_no_exact")
+            table[-1] += ["-" if "zo_ms_no_exact" not in r else fmt(r["zo_ms_no_exact"]),
+                          "-" if ratio is None else f"{ratio:.2f}x"]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = [head]
     for index, line in enumerate(table):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
