@@ -26,9 +26,11 @@ slowest lane). Keys are uint32: key(p) = p ^ (SIGN | (negative ? SIGN - 1 : 0)),
 
 Packing: widths in element order -> exclusive cumsum = bit offsets; a selector spans at most two
 words (offset % 32 + width <= 63), so word w is the sum (= OR: the bits are disjoint) of the low
-parts of the selectors starting in w and the high parts of those starting in w - 1, computed for
-8 words at a time as a masked [8, BLOCK] sum (no atomics, no zeroed destination: the row and pool
-words are written once each, as in the reference).
+parts of the selectors starting in w and the high parts of those starting in w - 1. Up to 8 words
+(a row: REGION_WORDS <= 8) that is one masked [8, BLOCK] sum in registers, each word stored
+once; a longer stream (a spilled block, up to BLOCK words) is zeroed and the selectors are ORed
+into it with atomics (one program is one CTA: a barrier orders the zeros before the ORs). Words
+past the stream are never written, as in the reference.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import triton.language as tl
 from ._common import flat, recover_unperturbed, round_nearest, to_float32
 
 SELECTOR_BLOCK = 1024
-_CHUNK = tl.constexpr(8)  # words packed per step of the masked sum
+_CHUNK = tl.constexpr(8)  # streams up to this many words are packed by a masked sum
 # largest finite magnitude patterns
 _MAXF32 = tl.constexpr(0x7F7FFFFF)
 _MAXBF16 = tl.constexpr(0x7F7F)
@@ -303,13 +305,20 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, width, s
         low = sel << shift
         high = tl.where(shift == 0, 0, sel >> (32 - shift))  # the bits past the first word
         word = start >> 5
-        idx = tl.arange(0, _CHUNK)
-        for base in range(0, n_words, _CHUNK):
-            w = (base + idx)[:, None]
-            part = (tl.where(word[None, :] == w, low[None, :], 0)
-                    + tl.where(word[None, :] + 1 == w, high[None, :], 0))
-            tl.store(dst + base + idx, tl.sum(part, axis=1).to(tl.int32, bitcast=True),
-                     mask=base + idx < n_words)
+        if n_words <= _CHUNK:  # a row's worth: one masked sum, in registers
+            idx = tl.arange(0, _CHUNK)
+            part = (tl.where(word[None, :] == idx[:, None], low[None, :], 0)
+                    + tl.where(word[None, :] + 1 == idx[:, None], high[None, :], 0))
+            tl.store(dst + idx, tl.sum(part, axis=1).to(tl.int32, bitcast=True),
+                     mask=idx < n_words)
+        else:  # up to BLOCK words: zeroed, then each selector ORed into its (two) words
+            lane = tl.arange(0, BLOCK)
+            tl.store(dst + lane, tl.zeros([BLOCK], tl.int32), mask=lane < n_words)
+            tl.debug_barrier()  # the zeros before any OR (one program: one CTA)
+            tl.atomic_or(dst + word, low.to(tl.int32, bitcast=True), mask=width > 0,
+                         sem="relaxed")
+            tl.atomic_or(dst + word + 1, high.to(tl.int32, bitcast=True),
+                         mask=(start & 31) + width > 32, sem="relaxed")
 
 
 @triton.jit
