@@ -144,9 +144,10 @@ def _weights(dtype: torch.dtype) -> list[torch.Tensor]:
     return tensors
 
 
-def _buffers(tensors, dtype, capacity: int = 1 << 14, device=DEVICE) -> SelectorBuffers:
+def _buffers(tensors, dtype, capacity: int = 1 << 14, device=DEVICE,
+             words: int | None = None) -> SelectorBuffers:
     rows = sum(n_blocks(t.numel()) for t in tensors)
-    return SelectorBuffers(torch.full((rows, WORDS[dtype]), 12345, dtype=torch.int32,
+    return SelectorBuffers(torch.full((rows, words or WORDS[dtype]), 12345, dtype=torch.int32,
                                       device=device),
                            torch.full((capacity,), 777, dtype=torch.int32, device=device),
                            torch.zeros(1, dtype=torch.int64, device=device))
@@ -188,6 +189,26 @@ def _passes(fn, tensors, dtype, dist, capacity=1 << 14, device="cpu", seeds=(11,
     fn(tensors, keys, seeds, torch.zeros(2, device=device), ones, dist, "nearest", 5,
        applied=-plus_s, held_log=l2)
     return plus, minus, l1, l2
+
+
+def test_wide_rows_match_reference():
+    """SelectorLog(words=16): rows holding up to 15 words (packed by the atomic path) and
+    spilled blocks, as the reference lays them out."""
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(6)
+    original = [(0.02 * torch.randn(3 * BLOCK, generator=g)).to(dtype)]
+    original[0][:20] = 0.0  # 15 bits each: ~9-15 words in block 0
+    original[0][BLOCK:BLOCK + 200] = 0.0  # block 1 spills
+    keys, ones, scale = [0], torch.ones(1), torch.tensor([EPS])
+    ref = _buffers(original, dtype, device="cpu", words=16)
+    perturb_torch([t.clone() for t in original], keys, [3], scale, ones, "gaussian", "nearest", 3,
+                  selector_log=ref)
+    tri = _buffers(original, dtype, words=16)
+    perturb_triton([t.clone().to(DEVICE) for t in original], keys, [3], scale.to(DEVICE),
+                   ones.to(DEVICE), "gaussian", "nearest", 3, selector_log=tri)
+    assert int(tri.count) == int(ref.count) > 0
+    assert 8 < int(ref.regions[0, 1:].ne(12345).sum()) < 16  # block 0's row holds > 8 words
+    assert _streams(tri, ref) == _streams(ref, ref)
 
 
 def _assert_same_or_both_nan(a, b, what):

@@ -103,6 +103,8 @@ LOG_BLOCK = 2048
 MAPPED_BLOCK = 2048
 MAXNREG = 96
 NUM_WARPS = 8
+# Selector passes (one program per 1024-element block of the log): warps per program.
+SELECTOR_WARPS = 8
 
 
 @triton.jit
@@ -254,8 +256,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         width, sel = selector_widths(theta_bits, y, d, lanes < rem, base_ptr.dtype.element_ty,
                                      SOFT_BF16)
         write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
-                    sel_row, flat(width, DIST, BLOCK), flat(sel, DIST, BLOCK), SEL_OUT == 2,
-                    BLOCK)
+                    sel_row, width, sel, SEL_OUT == 2, DIST, BLOCK)
 
     if LOG_MODE != 0:
         # lost: a later pass with applied = these scales recovers y with this very d (same
@@ -375,7 +376,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         in_words=None if held is None else held.regions.shape[1],
         in_pool_ptr=None if held is None else held.pool,
         SEL_OUT=sel_out, SEL_IN=held is not None,
-        num_warps=NUM_WARPS, maxnreg=MAXNREG)
+        num_warps=SELECTOR_WARPS if selector else NUM_WARPS, maxnreg=MAXNREG)
     count_launch()
 
 

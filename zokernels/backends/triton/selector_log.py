@@ -24,13 +24,12 @@ Stages 2 and 3 run only when some lane of the block needs them (SIMT: the block 
 slowest lane). Keys are uint32: key(p) = p ^ (SIGN | (negative ? SIGN - 1 : 0)), -0.0 just below
 +0.0, and KFIRST - 1 >= 0, KLAST + 1 < 2^32 for every format, so e +- 1 never wraps.
 
-Packing: widths in element order -> exclusive cumsum = bit offsets; a selector spans at most two
-words (offset % 32 + width <= 63), so word w is the sum (= OR: the bits are disjoint) of the low
-parts of the selectors starting in w and the high parts of those starting in w - 1. Up to 8 words
-(a row: REGION_WORDS <= 8) that is one masked [8, BLOCK] sum in registers, each word stored
-once; a longer stream (a spilled block, up to BLOCK words) is zeroed and the selectors are ORed
-into it with atomics (one program is one CTA: a barrier orders the zeros before the ORs). Words
-past the stream are never written, as in the reference.
+Packing: the widths' exclusive prefix sums in element order are the bit offsets (``_prefix``,
+computed in the tile layout: no reshuffle); a selector spans at most two words (offset % 32 +
+width <= 63). The block's stream (at most BLOCK words) is zeroed and each selector ORed into
+its one or two words with atomics (one program is one CTA: a barrier orders the zeros before the
+ORs; OR is commutative, so the words do not depend on the order). Words past the stream are never
+written, as in the reference. Reading gathers the same one or two words per element.
 """
 
 from __future__ import annotations
@@ -38,10 +37,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import flat, recover_unperturbed, round_nearest, to_float32
+from ._common import recover_unperturbed, round_nearest, to_float32
 
 SELECTOR_BLOCK = 1024
-_CHUNK = tl.constexpr(8)  # streams up to this many words are packed by a masked sum
 # largest finite magnitude patterns
 _MAXF32 = tl.constexpr(0x7F7FFFFF)
 _MAXBF16 = tl.constexpr(0x7F7F)
@@ -101,26 +99,15 @@ def _image(k, d, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 @triton.jit
 def _ge(k, d, yv, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """image(k) >= y, extended past the finite keys (below: False, above: True)."""
-    BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
-    MAXF: tl.constexpr = _MAXF32 if OUT_DTYPE == tl.float32 else (
-        _MAXBF16 if OUT_DTYPE == tl.bfloat16 else _MAXF16)
-    KFIRST: tl.constexpr = (1 << (BITS - 1)) - 1 - MAXF
-    KLAST: tl.constexpr = (1 << (BITS - 1)) + MAXF
-    kc = tl.minimum(tl.maximum(k, KFIRST), KLAST)
-    return (k > KLAST) | ((k >= KFIRST) & (_image(kc, d, OUT_DTYPE, SOFT_BF16) >= yv))
+    """image(k) >= y for keys in [KFIRST - 1, KLAST + 1]: the two past the finite ones are the
+    infinities, whose images (-inf, +inf for a finite d) compare right with a finite y."""
+    return _image(k, d, OUT_DTYPE, SOFT_BF16) >= yv
 
 
 @triton.jit
 def _gt(k, d, yv, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """image(k) > y, extended as ``_ge``."""
-    BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
-    MAXF: tl.constexpr = _MAXF32 if OUT_DTYPE == tl.float32 else (
-        _MAXBF16 if OUT_DTYPE == tl.bfloat16 else _MAXF16)
-    KFIRST: tl.constexpr = (1 << (BITS - 1)) - 1 - MAXF
-    KLAST: tl.constexpr = (1 << (BITS - 1)) + MAXF
-    kc = tl.minimum(tl.maximum(k, KFIRST), KLAST)
-    return (k > KLAST) | ((k >= KFIRST) & (_image(kc, d, OUT_DTYPE, SOFT_BF16) > yv))
+    """image(k) > y, keys as ``_ge``."""
+    return _image(k, d, OUT_DTYPE, SOFT_BF16) > yv
 
 
 @triton.jit
@@ -182,9 +169,10 @@ def _edges(y, yv, d, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
                           OUT_DTYPE), OUT_DTYPE)
     e_hi = key_of(pattern(round_nearest(r + (err + 0.5 * g_up), OUT_DTYPE, SOFT_BF16),
                           OUT_DTYPE), OUT_DTYPE)
-    # NaN / infinite estimates (y - d overflowed) land outside and are bisected
-    e_lo = tl.minimum(tl.maximum(e_lo, KFIRST), KLAST + 1)
-    e_hi = tl.minimum(tl.maximum(e_hi, KFIRST), KLAST + 1)
+    # onto the finite keys (NaN / infinite estimates: y - d overflowed), so that e +- 1 stays in
+    # [KFIRST - 1, KLAST + 1] (``_ge``); an edge further out is bisected
+    e_lo = tl.minimum(tl.maximum(e_lo, KFIRST), KLAST)
+    e_hi = tl.minimum(tl.maximum(e_hi, KFIRST), KLAST)
     below = _ge(e_lo - 1, d, yv, OUT_DTYPE, SOFT_BF16)
     at = _ge(e_lo, d, yv, OUT_DTYPE, SOFT_BF16)
     above = _ge(e_lo + 1, d, yv, OUT_DTYPE, SOFT_BF16)
@@ -269,22 +257,28 @@ def selector_widths(theta, y, d, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.c
 
 
 @triton.jit
-def unflat(x, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """Inverse of ``_common.flat``: [BLOCK] in element order -> the tile of DIST."""
-    if DIST == 1:
-        x = tl.permute(tl.reshape(x, [BLOCK // 128, 4, 32]), (2, 1, 0))
-    else:
-        x = tl.trans(tl.reshape(x, [BLOCK // 4, 4]))
-    return x
+def _prefix(w, DIST: tl.constexpr):
+    """(exclusive prefix sums of the int32 tile w in element order, their total), in the tile
+    layout (``_common.tile_lanes``): sums over the in-thread dimensions, one cumsum across the
+    Philox calls, no reshuffle into element order."""
+    if DIST == 1:  # [32, 4, N]: element 128 j + 32 m + s at [s, m, j]
+        per_call_word = tl.sum(w, axis=0)  # [4, N]
+        per_call = tl.sum(per_call_word, axis=0)  # [N]
+        start = ((tl.cumsum(per_call, axis=0) - per_call)[None, None, :]
+                 + (tl.cumsum(per_call_word, axis=0) - per_call_word)[None, :, :]
+                 + (tl.cumsum(w, axis=0) - w))
+    else:  # [4, N]: element 4 j + m at [m, j]
+        per_call = tl.sum(w, axis=0)
+        start = (tl.cumsum(per_call, axis=0) - per_call)[None, :] + (tl.cumsum(w, axis=0) - w)
+    return start, tl.sum(per_call, axis=0)
 
 
 @triton.jit
 def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, width, sel,
-                COUNT_ONLY: tl.constexpr, BLOCK: tl.constexpr):
-    """Store one block's selectors (width int32, sel uint32, [BLOCK] in element order) in row
-    ``row`` of the regions or in the pool (reference: selector_log.write_block)."""
-    start = tl.cumsum(width, axis=0) - width  # bit offset of each selector
-    total = tl.sum(width, axis=0)
+                COUNT_ONLY: tl.constexpr, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Store one block's selectors (width int32, sel uint32, tiles) in row ``row`` of the
+    regions or in the pool (reference: selector_log.write_block)."""
+    start, total = _prefix(width, DIST)
     n_words = (total + 31) // 32
     row_ptr = regions_ptr + row * words
     spill = n_words + 1 > words
@@ -301,48 +295,38 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, width, s
             dst = pool_ptr + tl.where(fits, first, 0)
             n_words = tl.where(fits, n_words, 0)  # a lost block writes no bits
         tl.store(row_ptr, header)
+        lane = tl.arange(0, BLOCK)  # the stream (<= BLOCK words) zeroed, then ORed into
+        tl.store(dst + lane, tl.zeros([BLOCK], tl.int32), mask=lane < n_words)
+        tl.debug_barrier()  # one program is one CTA: the zeros land before any OR
         shift = (start & 31).to(tl.uint32)
-        low = sel << shift
-        high = tl.where(shift == 0, 0, sel >> (32 - shift))  # the bits past the first word
         word = start >> 5
-        if n_words <= _CHUNK:  # a row's worth: one masked sum, in registers
-            idx = tl.arange(0, _CHUNK)
-            part = (tl.where(word[None, :] == idx[:, None], low[None, :], 0)
-                    + tl.where(word[None, :] + 1 == idx[:, None], high[None, :], 0))
-            tl.store(dst + idx, tl.sum(part, axis=1).to(tl.int32, bitcast=True),
-                     mask=idx < n_words)
-        else:  # up to BLOCK words: zeroed, then each selector ORed into its (two) words
-            lane = tl.arange(0, BLOCK)
-            tl.store(dst + lane, tl.zeros([BLOCK], tl.int32), mask=lane < n_words)
-            tl.debug_barrier()  # the zeros before any OR (one program: one CTA)
-            tl.atomic_or(dst + word, low.to(tl.int32, bitcast=True), mask=width > 0,
-                         sem="relaxed")
-            tl.atomic_or(dst + word + 1, high.to(tl.int32, bitcast=True),
-                         mask=(start & 31) + width > 32, sem="relaxed")
+        tl.atomic_or(dst + word, (sel << shift).to(tl.int32, bitcast=True),
+                     mask=(width > 0) & (word < n_words), sem="relaxed")
+        high = tl.where(shift == 0, 0, sel >> (32 - shift))  # the bits past the first word
+        tl.atomic_or(dst + word + 1, high.to(tl.int32, bitcast=True),
+                     mask=((start & 31) + width > 32) & (word + 1 < n_words), sem="relaxed")
 
 
 @triton.jit
-def read_block(regions_ptr, words, pool_ptr, row, width):
-    """(sel uint32 [BLOCK] in element order, lost) of one block: the selectors of ``width``
-    (int32, element order) from row ``row`` or the pool (reference: selector_log.read_block)."""
-    start = tl.cumsum(width, axis=0) - width
+def read_block(regions_ptr, words, pool_ptr, row, width, DIST: tl.constexpr):
+    """(sel uint32 tile, lost) of one block: the selectors of ``width`` (int32 tile) from row
+    ``row`` or the pool (reference: selector_log.read_block)."""
+    start, _ = _prefix(width, DIST)
     row_ptr = regions_ptr + row * words
     header = tl.load(row_ptr)
     word = start >> 5
     shift = (start & 31).to(tl.uint32)
-    m_low = width > 0
-    m_high = (start & 31) + width > 32
     if header == 0:
         src = row_ptr + 1
     else:
         src = pool_ptr + tl.maximum(header - 1, 0)
     present = header + 0 * width >= 0  # a tensor: the interpreter refuses tensor & scalar masks
-    m_low = m_low & present
-    m_high = m_high & present
-    low = tl.load(src + word, mask=m_low, other=0).to(tl.uint32, bitcast=True)
-    high = tl.load(src + word + 1, mask=m_high, other=0).to(tl.uint32, bitcast=True)
+    low = tl.load(src + word, mask=(width > 0) & present, other=0).to(tl.uint32, bitcast=True)
+    high = tl.load(src + word + 1, mask=((start & 31) + width > 32) & present,
+                   other=0).to(tl.uint32, bitcast=True)
     sel = (low >> shift) | tl.where(shift == 0, 0, high << (32 - shift))
-    sel = tl.where(width >= 32, sel, sel & ((tl.full(sel.shape, 1, tl.uint32) << width.to(tl.uint32)) - 1))
+    one = tl.full(sel.shape, 1, tl.uint32)
+    sel = tl.where(width >= 32, sel, sel & ((one << width.to(tl.uint32)) - 1))
     return sel, header < 0
 
 
@@ -370,8 +354,7 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, row, DIST: tl.constex
     from the held log's row ``row``; lost blocks and elements no weight maps to are recovered
     as ``applied=`` alone recovers them (recover_unperturbed)."""
     width, lo, known = held_widths(y, d1, valid, OUT_DTYPE, SOFT_BF16)
-    sel, lost = read_block(regions_ptr, words, pool_ptr, row, flat(width, DIST, BLOCK))
-    sel = unflat(sel, DIST, BLOCK)
+    sel, lost = read_block(regions_ptr, words, pool_ptr, row, width, DIST)
     yv = to_float32(y, SOFT_BF16)
     finite = tl.abs(yv) <= 3.4028234663852886e38
     theta = tl.where(finite, from_key(lo + sel, OUT_DTYPE), sel)
