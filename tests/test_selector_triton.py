@@ -244,6 +244,49 @@ def test_logged_step_matches_reference_and_restores_exactly(dtype, dist):
         assert_bits_equal(a.cpu(), b, f"restored tensor {j}")
 
 
+TIE_EPS = {torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -12, torch.float32: 2.0 ** -25}
+HUGE = {torch.bfloat16: 2e38, torch.float16: 4e4, torch.float32: 2e38}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["ties", "overflow"])
+def test_ties_and_overflowing_images(dtype, case):
+    """ties: weights in [0.5, 1) of either sign moved by half their ulp (rademacher), every sum a
+    rounding tie; overflow: N(0, 1) weights moved by a scale whose images overflow to +-inf (their
+    raw patterns are logged), next to binade edges (powers of two and their neighbours). The
+    log equals the reference's, and a restore reading it gives back every bit."""
+    g = torch.Generator().manual_seed(5)
+    if case == "ties":
+        t = 0.5 + 0.5 * torch.rand(1500, generator=g)
+        original = [t.to(dtype), (-t[:700]).to(dtype)]
+        dist, scale = "rademacher", TIE_EPS[dtype]
+    else:
+        edges = torch.tensor([2.0 ** e for e in range(-12, 4)])
+        edges = torch.cat([edges, -edges]).to(dtype)
+        up = (edges.view(_INT[dtype]) + 1).view(dtype)
+        down = (edges.view(_INT[dtype]) - 1).view(dtype)
+        original = [torch.randn(1025, generator=g).to(dtype), torch.cat([edges, up, down])]
+        dist, scale = "gaussian", HUGE[dtype]
+    keys, ones, scales = [0, 1], torch.ones(2), torch.tensor([scale])
+    ref = _buffers(original, dtype, device="cpu")
+    ref_t = [t.clone() for t in original]
+    perturb_torch(ref_t, keys, [2], scales, ones, dist, "nearest", 2, selector_log=ref)
+    tri = _buffers(original, dtype)
+    tensors = [t.clone().to(DEVICE) for t in original]
+    perturb_triton(tensors, keys, [2], scales.to(DEVICE), ones.to(DEVICE), dist, "nearest", 2,
+                   selector_log=tri)
+    for j, (a, b) in enumerate(zip(ref_t, tensors)):
+        _assert_same_or_both_nan(a, b.cpu(), f"{case} tensor {j}")
+    if case == "overflow":
+        assert bool(torch.isinf(ref_t[0].float()).any())
+    assert int(tri.count) == int(ref.count)
+    assert _streams(tri, ref) == _streams(ref, ref)
+    perturb_triton(tensors, keys, [2], torch.zeros(1, device=DEVICE), ones.to(DEVICE), dist,
+                   "nearest", 2, applied=scales.to(DEVICE), held_log=tri)
+    for j, (a, b) in enumerate(zip(tensors, original)):
+        assert_bits_equal(a.cpu(), b, f"{case} restored tensor {j}")
+
+
 def test_count_only_counts_and_writes_nothing():
     dtype = torch.bfloat16
     original = _weights(dtype)
