@@ -438,11 +438,22 @@ def perturb_variants(extra=None) -> list[Variant]:
                         combos.append((dist, dt, rounding, applied, log, False))
                 # mapped (sharded) variants: the plain update pass only
                 combos.append((dist, dt, rounding, False, "none", True))
+    has_selector = "SEL_OUT" in P._perturb_kernel.arg_names
+    if has_selector:  # selector logs (nearest rounding): the passes of a step
+        for dist in dists[1:]:  # rademacher and the current gaussian
+            for dt in ("bf16", "fp16", "fp32"):
+                for sel in ("sel_out", "sel_in_out", "sel_in") + (("sel_count",) * (dt == "bf16")):
+                    combos.append((dist, dt, "nearest", sel != "sel_out" and sel != "sel_count",
+                                   sel, False))
     for name_dist, dt, rounding, applied, log, mapped in combos:
         dist, normal = ("gaussian", 2) if name_dist == "gaussian-v2" else (name_dist, 1)
         ty, size = _DT[dt]
-        log_mode = {"none": 0, "log": 1, "count": 2}[log]
-        if hasattr(P, "block_for"):
+        sel_out = {"sel_out": 1, "sel_in_out": 1, "sel_count": 2}.get(log, 0)
+        sel_in = log in ("sel_in_out", "sel_in")
+        log_mode = {"none": 0, "log": 1, "count": 2}.get(log, 0)
+        if sel_out or sel_in:
+            block = P.block_for(dist, False, True, selector=True)
+        elif hasattr(P, "block_for"):
             block = P.block_for(dist, rounding == "stochastic" and dt != "fp32",
                                 applied or log != "none", mapped, normal, size,
                                 log != "none")
@@ -465,11 +476,26 @@ def perturb_variants(extra=None) -> list[Variant]:
             const.update(index_ptr=None, values_ptr=None, capacity=None)
         if log_mode == 0:
             const["count_ptr"] = None
+        if has_selector:
+            sig.update(sel_rows_ptr="*i64", out_regions_ptr="*i32", out_words="i32",
+                       out_pool_ptr="*i32", out_capacity="i32", out_count_ptr="*i64",
+                       in_regions_ptr="*i32", in_words="i32", in_pool_ptr="*i32")
+            const.update(SEL_OUT=sel_out, SEL_IN=sel_in)
+            unused = []
+            if not (sel_out or sel_in):
+                unused.append("sel_rows_ptr")
+            if not sel_out:
+                unused += ["out_regions_ptr", "out_words", "out_count_ptr"]
+            if sel_out != 1:
+                unused += ["out_pool_ptr", "out_capacity"]
+            if not sel_in:
+                unused += ["in_regions_ptr", "in_words", "in_pool_ptr"]
+            const.update({k: None for k in unused})
         const.update({k: v for k, v in (extra or {}).items() if k in P._perturb_kernel.arg_names})
         name = (f"perturb/{name_dist}/{dt}/{rounding}" + ("/applied" if applied else "")
-                + ({"none": "", "log": "/log", "count": "/count_only"}[log])
+                + ({"none": "", "log": "/log", "count": "/count_only"}.get(log, "/" + log))
                 + ("/mapped" if mapped else ""))
-        opts = {"num_warps": P.NUM_WARPS}
+        opts = {"num_warps": P.SELECTOR_WARPS if sel_out or sel_in else P.NUM_WARPS}
         if hasattr(P, "MAXNREG"):
             opts["maxnreg"] = P.MAXNREG
         out.append(Variant(name, "perturb", P._perturb_kernel, sig, const,
@@ -521,7 +547,7 @@ def lowrank_variants() -> list[Variant]:
             const["count_ptr"] = None
         const = {k: v for k, v in const.items() if k in L._lowrank_kernel.arg_names}
         name = (f"lowrank/r{r}/{dt}/{rounding}" + ("/applied" if applied else "")
-                + ({"none": "", "log": "/log", "count": "/count_only"}[log]))
+                + ({"none": "", "log": "/log", "count": "/count_only"}.get(log, "/" + log)))
         opts = {"num_warps": L.NUM_WARPS, "enable_fp_fusion": False}
         if hasattr(L, "NUM_STAGES"):
             opts["num_stages"] = L.NUM_STAGES

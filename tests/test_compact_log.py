@@ -302,14 +302,12 @@ def test_extra_memory_is_at_most_5_percent_of_the_parameters(dtype):
     assert opt.zo_state["undo_overflows"] == 0
 
 
-def test_triton_groups_keep_undo_logs_and_restore_exactly():
-    """Backends without selector logs (triton) keep the (index, value) undo logs (whose lr = 0
-    update turns -0.0 into +0.0: -0.0 + 0 * z; the selector logs keep the pattern)."""
+def test_triton_groups_keep_selector_logs_and_restore_exactly():
+    """The triton backend has selector logs too (tests/test_selector_triton.py): its groups keep
+    them, and an lr = 0 step leaves every weight bit-identical, -0.0 included."""
     net = _net(torch.bfloat16)
-    with torch.no_grad():
-        net[2].bias.abs_()
     opt = MeZO(net.named_parameters(), lr=0.0, eps=EPS, backend="triton")
-    assert all(type(log) is UndoLog for pair in opt._logs for log in pair)
+    assert all(type(log) is SelectorLog for pair in opt._logs for log in pair)
     before = snapshot(net)
     opt.step(_closure(net, torch.bfloat16))
     assert_same(snapshot(net), before, "triton lr=0")

@@ -60,8 +60,9 @@ class DenseTarget:
 
     def make_log(self) -> UndoLog:
         """A selector log (a few bits per ambiguous element, read by the next pass, which
-        recovers from this one exactly) where every backend of the space has them (cpu, torch),
-        else an undo log of (index, value) entries rewritten after that pass (triton)."""
+        recovers from this one exactly) where every backend of the space has them
+        (SELECTOR_BACKENDS: cpu, torch, triton), else an undo log of (index, value) entries
+        rewritten after that pass."""
         plan, _ = self.space._full_plan
         if all(group.backend in SELECTOR_BACKENDS for group in plan):
             return SelectorLog()

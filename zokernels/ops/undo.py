@@ -217,7 +217,7 @@ class UndoLog:
 # 8 words keep two logs (a step's at most) at 2.4% / 1.7% of the parameters' bytes, pool included.
 REGION_WORDS = {torch.float32: 8, torch.bfloat16: 6, torch.float16: 6}
 # Backends whose perturb reads and writes selector logs (selector_log=, held_log=).
-SELECTOR_BACKENDS = ("cpu", "torch")
+SELECTOR_BACKENDS = ("cpu", "torch", "triton")
 
 
 class SelectorLog(UndoLog):

@@ -78,7 +78,9 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       map_index, noise_at, noise_words, noise_words_at_blocks, recover_unperturbed,
                       round_nearest, round_stochastic, rounding_tile, rounding_tile_at_blocks,
                       _rounding_quads,
-                      rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16)
+                      rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table)
+from .selector_log import (SELECTOR_BLOCK, from_pattern, held_theta, pattern, selector_widths,
+                           write_block)
 
 # Elements per program. Registers on sm_90 are capped at MAXNREG (ptxas; counts in
 # benchmarks/results/sass_budget_*.json, no spills). Plain passes: gaussian 4096 (16 elements per
@@ -101,6 +103,8 @@ LOG_BLOCK = 2048
 MAPPED_BLOCK = 2048
 MAXNREG = 96
 NUM_WARPS = 8
+# Selector passes (one program per 1024-element block of the log): warps per program.
+SELECTOR_WARPS = 8
 
 
 @triton.jit
@@ -157,11 +161,17 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                     LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                     STOCHASTIC: tl.constexpr, ALIGN: tl.constexpr, HAS_APPLIED: tl.constexpr,
                     LOG_MODE: tl.constexpr, MAPPED: tl.constexpr, SOFT_BF16: tl.constexpr,
-                    NORMAL: tl.constexpr):
+                    NORMAL: tl.constexpr, sel_rows_ptr, out_regions_ptr, out_words, out_pool_ptr,
+                    out_capacity, out_count_ptr, in_regions_ptr, in_words, in_pool_ptr,
+                    SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr):
     """LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only
     (index_ptr, values_ptr and capacity are None). MAPPED: the table rows carry index maps (the
     noise and the rounding uniforms at g(i)); without it no map code is compiled. NORMAL: the
-    contract version of the gaussian normals (1 or 2).
+    contract version of the gaussian normals (1 or 2). SEL_OUT: 0 no selector log, 1 write the
+    selector log ``out_*``, 2 count its pool words only (nothing else written); SEL_IN: recover
+    exactly from the held selector log ``in_*`` (with HAS_APPLIED). With either, BLOCK is the
+    log's block (selector_log.py) and the program's row is ``sel_rows[j] + blk``; unused
+    selector arguments are None.
 
     The block is held as a tile in Philox layout (``tile_lanes``): the noise of a Philox call is
     used in the registers that computed it. Index math is int32 inside the block (the block's
@@ -207,7 +217,13 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
             if HAS_APPLIED:
                 d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
     x = to_float32(w, SOFT_BF16)
-    if HAS_APPLIED:
+    if SEL_OUT != 0 or SEL_IN:
+        sel_row = tl.load(sel_rows_ptr + j) + blk  # BLOCK is the log's block
+    if SEL_IN:  # exact: theta's pattern from the held log
+        theta = held_theta(w, d1, lanes < rem, in_regions_ptr, in_words, in_pool_ptr, sel_row,
+                           DIST, BLOCK, base_ptr.dtype.element_ty, SOFT_BF16)
+        x = to_float32(from_pattern(theta, base_ptr.dtype.element_ty), SOFT_BF16)
+    elif HAS_APPLIED:
         x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
     acc = tl.load(decays_ptr + j) * x + d
 
@@ -220,11 +236,27 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
-    if LOG_MODE != 2:
+    if SEL_IN:  # left at its value (D == 0, decay 1): theta's exact pattern (-0.0, NaN payloads)
+        keep = (d == 0.0) & (tl.load(decays_ptr + j) == 1.0 + 0.0 * d)  # tensor & tensor
+        y = tl.where(keep, from_pattern(theta, base_ptr.dtype.element_ty), y)
+    if LOG_MODE != 2 and SEL_OUT != 2:
         if full:
             tl.store(ptrs, y)
         else:
             tl.store(ptrs, y, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32))
+
+    if SEL_OUT != 0:
+        if SEL_IN:
+            theta_bits = theta
+        elif HAS_APPLIED:  # x is a value of the dtype
+            theta_bits = pattern(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16),
+                                 base_ptr.dtype.element_ty)
+        else:
+            theta_bits = pattern(w, base_ptr.dtype.element_ty)
+        width, sel = selector_widths(theta_bits, y, d, lanes < rem, base_ptr.dtype.element_ty,
+                                     SOFT_BF16)
+        write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
+                    sel_row, width, sel, SEL_OUT == 2, DIST, BLOCK)
 
     if LOG_MODE != 0:
         # lost: a later pass with applied = these scales recovers y with this very d (same
@@ -252,13 +284,17 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
 
 
 def block_for(dist: str, stochastic: bool, recover: bool, mapped: bool = False,
-              normal: int = 2, itemsize: int = 2, log: bool = False) -> int:
+              normal: int = 2, itemsize: int = 2, log: bool = False,
+              selector: bool = False) -> int:
     """Elements per program of a pass. ``recover``: with ``applied`` or a log; ``log``: with a
     log; ``mapped``: a
     table with index maps; ``normal``: the contract version of the gaussian normals (v1's
     libdevice log / sin / cos hold more registers: half the block keeps it under MAXNREG
     without spills); ``itemsize``: rademacher's 32 fp32 weights per thread spill at 8192 (8
-    spill instructions), not at 4096."""
+    spill instructions), not at 4096. ``selector``: a selector log is written or read: one
+    program per block of the log (SELECTOR_BLOCK elements)."""
+    if selector:
+        return SELECTOR_BLOCK
     block = BLOCK[dist]
     if dist == "rademacher" and itemsize == 4:
         block = min(block, 4096)
@@ -277,7 +313,8 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
                    scales: torch.Tensor, decays: torch.Tensor, dist: str, rounding: str,
                    rounding_seed: int, applied: torch.Tensor | None = None, log=None,
                    count_only: bool = False, index_maps=None,
-                   table_cache: dict | None = None, contract: int = DEFAULT_CONTRACT) -> None:
+                   table_cache: dict | None = None, contract: int = DEFAULT_CONTRACT,
+                   selector_log=None, held_log=None) -> None:
     """In place: t[i] = round(decays[j] * t[i] + D), D = sum_k scales[k] * z(seeds[k], keys[j], i)
     summed first, for every tensor j of the list, in one kernel launch. ``applied``: None, or
     float32 [K] on the device, the coefficients of the perturbation the tensors hold now; t[i] is
@@ -289,19 +326,35 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     contract's at g(i) (module docstring); the log keeps local indices. ``table_cache``: None, or
     a dict the caller keeps per persistent tensor group: the static launch table is reused while
     the tensors' addresses, numels, keys, maps and the block stay the same (``cached_table``).
-    ``contract``: 1 or 2, the version of the gaussian normals (docs/noise-contract.md). No host
-    synchronization."""
+    ``contract``: 1 or 2, the version of the gaussian normals (docs/noise-contract.md).
+    ``selector_log`` / ``held_log`` (SelectorBuffers, docs/undo-log.md): the selector log this
+    pass writes (nearest rounding, decays 1; with ``count_only`` only the pool words it needs are
+    added to its count) / the one it reads, with ``applied``, to recover every weight exactly;
+    bit-identical to the torch reference's (the pool's block order aside: one atomic add per
+    spilled block). No host synchronization."""
+    if selector_log is not None and log is not None:
+        raise ValueError("perturb_triton: log and selector_log are exclusive")
+    if held_log is not None and applied is None:
+        raise ValueError("perturb_triton: held_log needs applied")
+    if selector_log is not None and rounding != "nearest":
+        raise ValueError("perturb_triton: selector_log needs rounding='nearest'")
+    if count_only and log is None and selector_log is None:
+        raise ValueError("perturb_triton: count_only needs a log or a selector_log")
     log_mode = 0 if log is None else (2 if count_only else 1)
+    sel_out = 0 if selector_log is None else (2 if count_only else 1)
+    selector = selector_log is not None or held_log is not None
     stochastic = rounding == "stochastic" and tensors[0].dtype != torch.float32
-    recover = applied is not None or log is not None
+    recover = applied is not None or log is not None or selector_log is not None
     itemsize = tensors[0].element_size()
     block = block_for(dist, stochastic, recover, normal=contract, itemsize=itemsize,
-                      log=log is not None)
+                      log=log is not None, selector=selector)
     scales = scales.contiguous()
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
                           mapped_block=block_for(dist, stochastic, recover, True, contract,
-                                                 itemsize, log is not None))
+                                                 itemsize, log is not None, selector))
     base = launch.base
+    sel_rows = _selector_rows(table_cache, tensors) if selector else None
+    out, held = selector_log, held_log
     _perturb_kernel[(launch.n_programs,)](
         base, launch.table, launch.seeds, decays.contiguous(), scales,
         scales if applied is None else applied.contiguous(),  # never read without applied
@@ -313,5 +366,32 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         STOCHASTIC=stochastic, ALIGN=launch.align,
         HAS_APPLIED=applied is not None, LOG_MODE=log_mode, MAPPED=launch.mapped,
         SOFT_BF16=SOFT_BF16, NORMAL=contract,
-        num_warps=NUM_WARPS, maxnreg=MAXNREG)
+        sel_rows_ptr=sel_rows,
+        out_regions_ptr=None if out is None else out.regions,
+        out_words=None if out is None else out.regions.shape[1],
+        out_pool_ptr=None if sel_out != 1 else out.pool,
+        out_capacity=None if sel_out != 1 else out.pool.numel(),
+        out_count_ptr=None if out is None else out.count,
+        in_regions_ptr=None if held is None else held.regions,
+        in_words=None if held is None else held.regions.shape[1],
+        in_pool_ptr=None if held is None else held.pool,
+        SEL_OUT=sel_out, SEL_IN=held is not None,
+        num_warps=SELECTOR_WARPS if selector else NUM_WARPS, maxnreg=MAXNREG)
     count_launch()
+
+
+def _selector_rows(table_cache: dict | None, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """int64 [T] on the device: each tensor's first row in a selector log (its blocks of
+    SELECTOR_BLOCK elements follow those of the tensors before it), kept in ``table_cache``."""
+    numels = tuple(t.numel() for t in tensors)
+    hit = None if table_cache is None else table_cache.get("selector_rows")
+    if hit is not None and hit[0] == numels and hit[1].device == tensors[0].device:
+        return hit[1]
+    rows, first = [], 0
+    for n in numels:
+        rows.append(first)
+        first += -(-n // SELECTOR_BLOCK)
+    table = int64_table(rows, tensors[0].device)
+    if table_cache is not None:
+        table_cache["selector_rows"] = (numels, table)
+    return table
