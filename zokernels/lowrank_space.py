@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from ._contract import DEFAULT_CONTRACT
+from ._dispatch import resolve_backend
 from .ops.lowrank import lowrank_perturb_, run_lowrank_scatter
 from .ops.noise import noise
-from .ops.undo import UndoLog
+from .ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 from .sharding import is_dtensor, local_tensor
 from .space import ParameterSpace
 
@@ -110,17 +111,24 @@ class LowRankSpace:
 
     def apply(self, taus: torch.Tensor, scale: Any, decay: float, backend: str, *,
               applied: tuple[torch.Tensor, float] | None = None,
-              log: UndoLog | None = None, rounding: str = "nearest",
-              rounding_seed: int = 0, positions: list[int] | None = None) -> None:
+              log: UndoLog | None = None, held_log: SelectorLog | None = None,
+              rounding: str = "nearest", rounding_seed: int = 0,
+              positions: list[int] | None = None) -> None:
         """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for the weights at
         `positions` (default: self.inplace), one launch; d = decay on decayable weights. The
         1/sqrt(r) makes Z's entries unit-variance. theta = W, or with applied = (held taus, held
-        scale) the weight recovered from the perturbation W holds now; `log` keeps what a later
-        recovery of this pass would miss. rounding: of the write (stochastic: updates only, bits
-        from stream 1 of rounding_seed). taus (and applied taus) cover every weight."""
+        scale) the weight recovered from the perturbation W holds now, exactly with `held_log`
+        (the SelectorLog of the pass that wrote it, over the same positions); `log` (a
+        SelectorLog, or an UndoLog) keeps what a later recovery of this pass needs or would
+        miss. rounding: of the write (stochastic: updates only, bits from stream 1 of
+        rounding_seed; refused on sharded weights, whose bits would be drawn at local indices).
+        taus (and applied taus) cover every weight."""
         pick = self.inplace if positions is None else positions
         if not pick:
             return
+        if rounding == "stochastic" and any(self.shards[j] is not None for j in pick):
+            raise ValueError("rounding='stochastic' on sharded weights: the low-rank op draws "
+                             "its rounding bits at local indices, not the unsharded ones")
         self._refresh()
         held = {} if applied is None else dict(
             applied_taus=_take(self._per_weight(applied[0]), pick), applied_scale=applied[1])
@@ -128,7 +136,8 @@ class LowRankSpace:
                          _take(self._per_weight(taus), pick), scale=scale,
                          decay=_take(self._decays(decay), pick), keys=_take(self.keys, pick),
                          backend=backend, rounding=rounding, rounding_seed=rounding_seed,
-                         check_finite=False, log=log, **held)
+                         check_finite=False, log=log,
+                         held_log=None if applied is None else held_log, **held)
 
     def apply_logged(self, log: UndoLog, taus: torch.Tensor | None = None, scale: float = 0.0,
                      decay: float = 1.0, rounding: str = "nearest",
@@ -147,6 +156,15 @@ class LowRankSpace:
                             rounding, rounding_seed)
 
     # -- the target interface of zokernels.held ------------------------------------------------
+    def make_log(self) -> UndoLog:
+        """A selector log where every weight's backend has them (cpu, torch): the pass that
+        recovers from the logged one reads it and is exact; else an undo log of (index, value)
+        entries rewritten after that pass (triton)."""
+        if all(resolve_backend(self.backend, w.device) in SELECTOR_BACKENDS
+               for w in self.weights):
+            return SelectorLog()
+        return UndoLog()
+
     def compatible(self, held: LowRankNoise, move: LowRankNoise) -> bool:
         return True  # the kernels take the held taus apart from the new ones
 
@@ -156,13 +174,17 @@ class LowRankSpace:
     def write(self, move: LowRankNoise, held: LowRankNoise | None = None, *, decay: float = 1.0,
               rounding: str = "nearest", rounding_seed: int | None = None,
               log: UndoLog | None = None, held_log: Any = None) -> None:
-        # held_log unused: low-rank passes keep undo logs, rewritten after the recovering pass
+        """held_log: the log of the pass that wrote `held` (a selector log makes this pass's
+        recovery exact; an undo log is rewritten after it, `rewrite`)."""
         self.apply(move.taus, move.scale, decay, self.backend,
                    applied=None if held is None else (held.taus, held.scale), log=log,
+                   held_log=held_log if isinstance(held_log, SelectorLog) else None,
                    rounding=rounding, rounding_seed=rounding_seed or 0)
 
     def rewrite(self, log: UndoLog, move: LowRankNoise | None = None, *, decay: float = 1.0,
                 rounding: str = "nearest", rounding_seed: int | None = None) -> None:
+        if isinstance(log, SelectorLog):
+            return  # read by the pass that recovered from its pass: nothing to rewrite
         if move is None:
             self.apply_logged(log)
         else:
