@@ -126,6 +126,12 @@ class LowRankSpace:
         pick = self.inplace if positions is None else positions
         if not pick:
             return
+        for name, t in (("taus", taus),) + (() if applied is None else (("applied taus",
+                                                                         applied[0]),)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.offsets[-1],):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be one vector of the {self.offsets[-1]} entries "
+                                 f"of every weight's tau (the sum of their ranks), got {got}")
         if rounding == "stochastic" and any(self.shards[j] is not None for j in pick):
             raise ValueError("rounding='stochastic' on sharded weights: the low-rank op draws "
                              "its rounding bits at local indices, not the unsharded ones")
