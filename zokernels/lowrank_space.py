@@ -22,34 +22,37 @@ from .sharding import is_dtensor, local_tensor
 from .space import ParameterSpace
 
 
-class LowRankSelectorLog(SelectorLog):
+class SizedSelectorLog(SelectorLog):
     """A SelectorLog whose pool is also probed before a pass larger than every pass it learned
-    its size from. The pool words of a low-rank pass grow steeply with the size of its D, which
-    follows ||tau|| (r entries: it varies from step to step, unlike a dense z's): on a 2048 x 2048
-    N(0, 0.02) weight, rank 8, eps = 1e-3, one pass needs pool words of 0.01% / 0.11% / 0.43%
-    of the weight's bytes at ||tau|| / sqrt(r) = 0.7 / 1.0 / 1.47 in bf16 (0.02% / 0.19% / 0.54%
-    in fp32), so a pool sized by the earlier steps overflows at the first larger tau. The size
-    of a pass (`expect`, per (device, dtype) group) is the mean over its elements of
-    (|scale| ||tau_j|| / sqrt(r_j))^4, a monotone stand-in for that growth; a new largest size is
-    a record of a random sequence, so the probes are few (about ln(steps))."""
+    its size from. The pool words of a pass grow steeply with the spread of its D: on a
+    2048 x 2048 N(0, 0.02) weight, eps = 1e-3, a low-rank pass (rank 8) needs pool words of
+    0.01% / 0.11% / 0.43% of the weight's bytes at ||tau|| / sqrt(r) = 0.7 / 1.0 / 1.47 in bf16
+    (0.02% / 0.19% / 0.54% in fp32), so a pool sized by earlier passes overflows at the first
+    larger tau (TeZO: ||tau|| changes every step), or at the first pass of two held seeds (the
+    MeZO-trainer patch's A+1, B+1). The caller gives each pass's size (`expect`: a number, or
+    one per (device, dtype) group key): the 4th power of D's standard deviation, a monotone
+    stand-in for that growth. A new largest size of a random sequence is a record, so the probes
+    are few (about ln(passes) for TeZO's taus, none after the first two for MeZO's loop)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.size: dict = {}  # the coming pass's size per group key (LowRankSpace sets it)
-        self._largest: dict = {}  # the largest size whose pool words were learned
+        self.size: float | dict = 0.0  # the coming pass's size
+        self._largest: dict = {}  # per group key, the largest size whose pool words were learned
 
-    def expect(self, sizes: dict) -> None:
-        self.size = sizes
+    def expect(self, size: float | dict) -> None:
+        self.size = size
+
+    def _size(self, key) -> float:
+        return self.size.get(key, 0.0) if isinstance(self.size, dict) else float(self.size)
 
     def needs_probe(self, plan) -> bool:
         return super().needs_probe(plan) or any(
-            self.size.get(self._key(g), 0.0) > self._largest.get(self._key(g), -1.0)
-            for g in plan)
+            self._size(self._key(g)) > self._largest.get(self._key(g), -1.0) for g in plan)
 
     def _learn(self, group, count: int) -> None:
         super()._learn(group, count)
         key = self._key(group)
-        self._largest[key] = max(self._largest.get(key, 0.0), self.size.get(key, 0.0))
+        self._largest[key] = max(self._largest.get(key, 0.0), self._size(key))
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ class LowRankSpace:
             raise ValueError("rounding='stochastic' on sharded weights: the low-rank op draws "
                              "its rounding bits at local indices, not the unsharded ones")
         self._refresh()
-        if isinstance(log, LowRankSelectorLog):
+        if isinstance(log, SizedSelectorLog):
             log.expect(self._sizes(taus, scale, pick))
         held = {} if applied is None else dict(
             applied_taus=_take(self._per_weight(applied[0]), pick), applied_scale=applied[1])
@@ -178,8 +181,9 @@ class LowRankSpace:
                          held_log=None if applied is None else held_log, **held)
 
     def _sizes(self, taus: torch.Tensor, scale: Any, pick: list[int]) -> dict:
-        """Per (device, dtype) of the weights at `pick`: the size of a pass (LowRankSelectorLog),
-        the mean over their elements of (|scale| ||tau_j|| / sqrt(r_j))^4."""
+        """Per (device, dtype) of the weights at `pick`: the size of a pass (SizedSelectorLog),
+        the mean over their elements of (|scale| ||tau_j|| / sqrt(r_j))^4 (the standard
+        deviation of D = scale U diag(tau_j) V^T / sqrt(r_j) for unit-variance U, V)."""
         squares = (taus.detach().float() * self.rank_norm) ** 2
         norms = [float(v) for v in torch.stack([squares[self.offsets[j]:self.offsets[j + 1]].sum()
                                                 for j in pick]).tolist()]
@@ -215,7 +219,7 @@ class LowRankSpace:
         entries rewritten after that pass (triton)."""
         if all(resolve_backend(self.backend, w.device) in SELECTOR_BACKENDS
                for w in self.weights):
-            return LowRankSelectorLog()
+            return SizedSelectorLog()
         return UndoLog()
 
     def compatible(self, held: LowRankNoise, move: LowRankNoise) -> bool:

@@ -146,6 +146,7 @@ from .._contract import PERTURB_DISTS
 from .._dispatch import BACKEND_CHOICES
 from .._validate import as_choice
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
+from ..lowrank_space import SizedSelectorLog
 from ..ops.undo import SelectorLog, UndoLog
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from .protocol import MeZOProtocolError
@@ -184,12 +185,18 @@ class _ClassLogs:
         self.by_tag: dict[bool | None, UndoLog] = {}
         self.used: list[bool | None] = []
 
-    def begin(self, tag: bool | None) -> UndoLog:
+    def begin(self, tag: bool | None, move: SeededNoise) -> UndoLog:
+        """The log of a pass of `move` over the parameters of `tag`."""
         self.used.append(tag)
         fresh = DenseTarget(self.state.space_of(tag)).make_log()
+        if isinstance(fresh, SelectorLog):
+            fresh = SizedSelectorLog()  # held seeds make bigger D than MeZO's loop: probe then
         if type(self.by_tag.get(tag)) is not type(fresh):  # new, or the backend changed
             self.by_tag[tag] = fresh
-        return self.by_tag[tag]
+        log = self.by_tag[tag]
+        if isinstance(log, SizedSelectorLog):  # D's variance: the sum of the squared coefs
+            log.expect(sum(float(c) ** 2 for c in move.coefs) ** 2)
+        return log
 
     def selectors(self) -> dict[bool | None, SelectorLog]:
         """The selector logs of the last pass, by kind ({}: none, or undo logs)."""
@@ -265,8 +272,9 @@ class _ClassedTarget:
                                                 held_log=held_selectors[None])
             held, held_selectors = None, {}
         for target, tag, cls in passes:
-            target.write(self._of(move, cls), self._of(held, cls), decay=decay,
-                         log=None if log is None else log.begin(tag),
+            part = self._of(move, cls)
+            target.write(part, self._of(held, cls), decay=decay,
+                         log=None if log is None else log.begin(tag, part),
                          held_log=held_selectors.get(tag))
 
     def rewrite(self, log: _ClassLogs, move: ClassedNoise | None = None, *, decay: Any = 1.0,
