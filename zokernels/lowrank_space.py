@@ -32,10 +32,12 @@ class SizedSelectorLog(SelectorLog):
     MeZO-trainer patch's A+1, B+1). The caller gives each pass's size (`expect`: a number, or
     one per (device, dtype) group key): the 4th power of D's standard deviation, a monotone
     stand-in for that growth. A new largest size of a random sequence is a record, so the probes
-    are few (about ln(passes) for TeZO's taus, none after the first two for MeZO's loop)."""
+    are few (about ln(passes) for TeZO's taus, none after the first two for MeZO's loop). A log
+    loaded from a state_dict keeps the saved sizing for its first pass (the largest size is not
+    saved): that pass's count is learned with its size. Arguments: SelectorLog's."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.size: float | dict = 0.0  # the coming pass's size
         self._largest: dict = {}  # per group key, the largest size whose pool words were learned
 
@@ -46,8 +48,9 @@ class SizedSelectorLog(SelectorLog):
         return self.size.get(key, 0.0) if isinstance(self.size, dict) else float(self.size)
 
     def needs_probe(self, plan) -> bool:
+        keys = [self._key(g) for g in plan]
         return super().needs_probe(plan) or any(
-            self._size(self._key(g)) > self._largest.get(self._key(g), -1.0) for g in plan)
+            key in self._largest and self._size(key) > self._largest[key] for key in keys)
 
     def _learn(self, group, count: int) -> None:
         super()._learn(group, count)
