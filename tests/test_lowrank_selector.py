@@ -174,8 +174,9 @@ def test_overflow_loses_whole_blocks_to_recovery(backend):
         flat, theta, rec = w.view(-1), theta.view(-1), rec.view(-1)
         for b in range(n_blocks(flat.numel())):
             part = slice(b * 1024, (b + 1) * 1024)
-            expected = rec[part] if bool(lost[row]) else theta[part]
-            assert_bits_equal(flat[part], expected, f"weight {j} block {b} (lost: {bool(lost[row])})")
+            was_lost = bool(lost[row])
+            expected = rec[part] if was_lost else theta[part]
+            assert_bits_equal(flat[part], expected, f"weight {j} block {b} (lost: {was_lost})")
             row += 1
 
 
