@@ -259,18 +259,13 @@ class _ClassedTarget:
               rounding: str = "nearest", rounding_seed: int | None = None,
               log: _ClassLogs | None = None, held_log: _ClassLogs | None = None) -> None:
         """held_log: the slot of the pass that wrote `held`. Its selector logs are read by the
-        passes over the same parameters: per class when it was written per class; when it
-        covers all of them and this move needs a pass per class, the weights go back to the
-        exact theta first (one more pass) and move from there."""
+        passes over the same parameters: per class when it was written per class. (A log over
+        all of them cannot be read per class: _PatchState.update restores exactly first.)"""
         held_selectors = {} if held is None or held_log is None else held_log.selectors()
         per_class = bool(held_selectors) and None not in held_selectors
         passes = self._passes(move, held, per_class=per_class)
         if None in held_selectors and passes[0][1] is not None:
-            cls = self.state.classes[0]
-            DenseTarget(self.state.space).write(self._of(self.zero(held), cls),
-                                                self._of(held, cls),
-                                                held_log=held_selectors[None])
-            held, held_selectors = None, {}
+            raise AssertionError("a selector log over all parameters read per class")
         for target, tag, cls in passes:
             part = self._of(move, cls)
             target.write(part, self._of(held, cls), decay=decay,
