@@ -118,10 +118,14 @@ PYBIND11_MODULE(_C, m) {
           py::arg("applied_tau_ptrs") = std::vector<uintptr_t>{}, py::arg("applied_scale") = 0.0f,
           py::arg("log_index_ptr") = 0, py::arg("log_values_ptr") = 0, py::arg("log_capacity") = 0,
           py::arg("log_count_ptr") = 0, py::arg("log_mode") = 0,
+          py::arg("selector_out") = std::vector<uint64_t>{},
+          py::arg("selector_in") = std::vector<uint64_t>{},
           "In place: W = round(decay * theta + scale * U diag(tau) V^T); theta = W, or with "
           "applied_tau_ptrs the weight recovered from round(theta + applied_scale * U diag(applied "
           "tau) V^T). log_mode 1: append the elements recovery could not give back to the undo "
-          "log (index, values, capacity, count); 2: only add their number to count.");
+          "log (index, values, capacity, count); 2: only add their number to count. "
+          "selector_out / selector_in: the selector logs of perturb, over the weights' flat "
+          "indices in list order (docs/undo-log.md).");
     m.def("lowrank_scatter", &zk::lowrank_scatter, release_gil(), py::arg("w_ptrs"), py::arg("ms"),
           py::arg("ns"), py::arg("ranks"), py::arg("u_ptrs"), py::arg("v_ptrs"),
           py::arg("tau_ptrs"), py::arg("decays"), py::arg("scale"), py::arg("keys"),

@@ -8,14 +8,18 @@
 // theta is W itself, or with applied taus (recovery) the weight recovered from
 // W = round(theta + applied_scale * P(applied_tau)) (rounding.h, recover_unperturbed). With an undo
 // log (docs/undo-log.md) each tile also checks which weights a later recovery with this pass's
-// D = scale * P(tau) would not give back and appends them to the log. Both exist only in the
-// instantiations that need them (template flags): the plain pass's code is what it was.
+// D = scale * P(tau) would not give back and appends them to the log. With selector logs
+// (selector_log.h, the dense pass's format and blocks) a tile, which is one block of 1024 elements
+// of the weight's flat index, recovers exactly from the log of the pass that wrote what it holds
+// and logs what the next pass needs. Each exists only in the instantiations that need it
+// (template flags): the plain pass's code is what it was.
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
 
 #include "lowrank.h"
 #include "ops.h"
+#include "selector_log.h"
 #include "undo_log.h"
 #include "tile_io.h"
 #include "work_items.h"
@@ -32,6 +36,7 @@ struct LowRankWeight {
     float decay;
     uint32_t key;
     uint64_t start;        // group-flat index of W[0, 0] (the undo log's index)
+    uint64_t first_block;  // the selector logs' row of W's first block
 };
 
 enum LogMode : int { kNoLog = 0, kLogWrite = 1, kLogCountOnly = 2 };
@@ -48,6 +53,8 @@ struct LowRankJob {
     uintptr_t log_values;  // storage of the weights' dtype
     uint64_t log_capacity;
     int64_t* log_count;
+    // Selector logs: written by this pass / read to recover exactly (with applied taus).
+    SelectorLogRef sel_out, sel_in;
 };
 
 // The undo log's side of one work item: checks every tile, collects the item's lost elements
@@ -107,7 +114,48 @@ struct ItemLog {
 
 struct NoItemLog {};
 
-template <class Philox, class Format, bool kRecover, bool kLog>
+// The selector logs' side of one tile (== one block: items start at multiples of kTile): theta
+// recovered exactly from the held log, rounded, the new selectors logged, stored. d1: the
+// applied D1 (kRecover), d: this pass's D.
+template <class Philox, class Format, bool kRecover>
+inline void selector_tile(const LowRankJob& job, const LowRankWeight& lw,
+                          typename Format::storage* xt, int n, uint64_t t, const float* d1,
+                          const float* d) {
+    using Storage = typename Format::storage;
+    const uint64_t block = lw.first_block + t / kSelectorBlock;
+    alignas(64) Storage theta_s[kTile];
+    alignas(64) float theta[kTile];
+    alignas(64) Storage rounded[kTile];
+    if constexpr (kRecover) {
+        if (job.sel_in.active()) {
+            SelectorReader reader;
+            reader.start(job.sel_in, block);
+            recover_selectors<Format>(xt, d1, n, reader, theta_s, theta);
+        } else {
+            recover_tile<Format>(xt, d1, n, theta);
+            for (int i = 0; i < n; ++i) theta_s[i] = storage_of<Format>(theta[i]);
+        }
+    } else {
+        for (int i = 0; i < n; ++i) {
+            theta_s[i] = xt[i];
+            theta[i] = Format::to_float(xt[i]);
+        }
+    }
+    round_store<Philox, Format>([&](int i) { return lw.decay * theta[i] + d[i]; }, n, rounded,
+                                job.stochastic, job.rounding_keys, lw.key, t);
+    if (job.sel_in.active() && lw.decay == 1.0f)  // left at its value: theta's exact pattern
+        for (int i = 0; i < n; ++i)
+            rounded[i] = (bits_as<uint32_t>(d[i]) << 1) == 0 ? theta_s[i] : rounded[i];
+    if (job.sel_out.active()) {
+        SelectorWriter writer;
+        writer.start(job.sel_out, block);
+        log_selectors<Format>(theta_s, rounded, d, n, writer);
+        writer.finish();
+    }
+    if (!job.sel_out.count_only) std::memcpy(xt, rounded, sizeof(Storage) * n);
+}
+
+template <class Philox, class Format, bool kRecover, bool kLog, bool kSel>
 inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
     using Storage = typename Format::storage;
     const LowRankWeight& lw = job.weights[item.tensor];
@@ -130,7 +178,12 @@ inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
             done += count;
         }
         Storage* xt = w + t;
-        if constexpr (!kRecover && !kLog) {
+        if constexpr (kSel) {
+            if constexpr (kRecover)
+                for (int c = 0; c < n; ++c) held[c] = job.applied_scale * held[c];
+            for (int c = 0; c < n; ++c) prod[c] = job.scale * prod[c];
+            selector_tile<Philox, Format, kRecover>(job, lw, xt, n, t, held, prod);
+        } else if constexpr (!kRecover && !kLog) {
             load_decayed<Format>(xt, n, lw.decay, acc);
             for (int c = 0; c < n; ++c) acc[c] = acc[c] + job.scale * prod[c];
             store_rounded<Philox, Format>(acc, n, xt, job.stochastic, job.rounding_keys, lw.key, t);
@@ -154,46 +207,69 @@ inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
     if constexpr (kLog) log.flush(job);
 }
 
-template <class Philox, bool kLog>
+template <class Philox, bool kLog, bool kSel>
 inline void lowrank_item(const LowRankJob& job, const WorkItem& item) {
     const bool recover = job.weights[item.tensor].vt_held != nullptr;
     switch (job.dtype) {
         case kFloat32:
-            recover ? lowrank_range<Philox, Float32Format, true, kLog>(job, item)
-                    : lowrank_range<Philox, Float32Format, false, kLog>(job, item);
+            recover ? lowrank_range<Philox, Float32Format, true, kLog, kSel>(job, item)
+                    : lowrank_range<Philox, Float32Format, false, kLog, kSel>(job, item);
             break;
         case kBFloat16:
-            recover ? lowrank_range<Philox, BFloat16Format, true, kLog>(job, item)
-                    : lowrank_range<Philox, BFloat16Format, false, kLog>(job, item);
+            recover ? lowrank_range<Philox, BFloat16Format, true, kLog, kSel>(job, item)
+                    : lowrank_range<Philox, BFloat16Format, false, kLog, kSel>(job, item);
             break;
         default:
-            recover ? lowrank_range<Philox, Float16Format, true, kLog>(job, item)
-                    : lowrank_range<Philox, Float16Format, false, kLog>(job, item);
+            recover ? lowrank_range<Philox, Float16Format, true, kLog, kSel>(job, item)
+                    : lowrank_range<Philox, Float16Format, false, kLog, kSel>(job, item);
             break;
     }
 }
 
-// One flattened entry point per ISA and logging or not (common.h, ZK_FLATTEN).
-template <bool kLog>
+// One flattened entry point per ISA and kind of log (none, undo, selector; common.h, ZK_FLATTEN).
+template <bool kLog, bool kSel>
 ZK_FLATTEN void lowrank_item_generic(const LowRankJob& job, const WorkItem& item) {
-    lowrank_item<PhiloxGeneric, kLog>(job, item);
+    lowrank_item<PhiloxGeneric, kLog, kSel>(job, item);
 }
 
 #if ZK_HAVE_AVX2_PATH
-template <bool kLog>
+template <bool kLog, bool kSel>
 ZK_TARGET_AVX2 ZK_FLATTEN void lowrank_item_avx2(const LowRankJob& job, const WorkItem& item) {
-    lowrank_item<PhiloxAvx2, kLog>(job, item);
+    lowrank_item<PhiloxAvx2, kLog, kSel>(job, item);
 }
 #endif
 
 using ItemKernel = void (*)(const LowRankJob&, const WorkItem&);
 
-template <bool kLog>
+template <bool kLog, bool kSel = false>
 ItemKernel item_kernel() {
 #if ZK_HAVE_AVX2_PATH
-    if (use_avx2()) return &lowrank_item_avx2<kLog>;
+    if (use_avx2()) return &lowrank_item_avx2<kLog, kSel>;
 #endif
-    return &lowrank_item_generic<kLog>;
+    return &lowrank_item_generic<kLog, kSel>;
+}
+
+// A selector log's fields from _C's list (perturb's format): out = (regions, words, pool,
+// capacity, count, count_only), in = (regions, words, pool, capacity); empty: none.
+SelectorLogRef selector_ref(const std::vector<uint64_t>& v, bool out) {
+    SelectorLogRef ref;
+    if (v.empty()) return ref;
+    if (v.size() != (out ? 6u : 4u))
+        throw std::invalid_argument(out ? "lowrank_perturb: selector_out must hold 6 values"
+                                        : "lowrank_perturb: selector_in must hold 4 values");
+    ref.regions = reinterpret_cast<int32_t*>(v[0]);
+    ref.words = v[1];
+    ref.pool = reinterpret_cast<int32_t*>(v[2]);
+    ref.capacity = v[3];
+    if (out) {
+        ref.count = reinterpret_cast<int64_t*>(v[4]);
+        ref.count_only = v[5] != 0;
+        if (ref.count == nullptr)
+            throw std::invalid_argument("lowrank_perturb: selector_out needs a count");
+    }
+    if (ref.regions == nullptr || ref.words < 2 || (ref.capacity > 0 && ref.pool == nullptr))
+        throw std::invalid_argument("lowrank_perturb: a selector log needs regions of >= 2 words");
+    return ref;
 }
 
 }  // namespace
@@ -206,7 +282,9 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
                      uint64_t rounding_seed, int num_threads,
                      const std::vector<uintptr_t>& applied_tau_ptrs, float applied_scale,
                      uintptr_t log_index_ptr, uintptr_t log_values_ptr, uint64_t log_capacity,
-                     uintptr_t log_count_ptr, int log_mode) {
+                     uintptr_t log_count_ptr, int log_mode,
+                     const std::vector<uint64_t>& selector_out,
+                     const std::vector<uint64_t>& selector_in) {
     const size_t count = w_ptrs.size();
     for (size_t len : {ms.size(), ns.size(), ranks.size(), u_ptrs.size(), v_ptrs.size(),
                        tau_ptrs.size(), decays.size(), keys.size()})
@@ -236,12 +314,25 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
             if (decay != 1.0f) throw std::invalid_argument("lowrank_perturb: a log needs decays of 1");
     }
 
+    const SelectorLogRef sel_out = selector_ref(selector_out, true);
+    const SelectorLogRef sel_in = selector_ref(selector_in, false);
+    const bool sel = sel_out.active() || sel_in.active();
+    if (sel && log_mode != kNoLog)
+        throw std::invalid_argument("lowrank_perturb: an undo log and a selector log are exclusive");
+    if (sel_in.active() && !recover)
+        throw std::invalid_argument("lowrank_perturb: selector_in needs applied_tau_ptrs");
+    if (sel_out.active()) {  // log_selectors assumes round_nearest(theta + D) was written
+        if (rounding != 0) throw std::invalid_argument("lowrank_perturb: a log needs nearest rounding");
+        for (float decay : decays)
+            if (decay != 1.0f) throw std::invalid_argument("lowrank_perturb: a log needs decays of 1");
+    }
+
     // Scratch (V diag(tau))^T (and of the applied taus) for every weight: r x n floats each,
     // small next to W.
     std::vector<std::vector<float>> scratch(count), scratch_held(count);
     std::vector<LowRankWeight> weights(count);
     std::vector<uint64_t> numels(count);
-    uint64_t start = 0;
+    uint64_t start = 0, blocks = 0;
     for (size_t j = 0; j < count; ++j) {
         const uint64_t n = ns[j], r = ranks[j];
         const auto* v = reinterpret_cast<const float*>(v_ptrs[j]);
@@ -251,19 +342,23 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
                             scratch_held[j]);
         weights[j] = {w_ptrs[j], ms[j], n, r, reinterpret_cast<const float*>(u_ptrs[j]),
                       scratch[j].data(), recover ? scratch_held[j].data() : nullptr, decays[j],
-                      keys[j], start};
+                      keys[j], start, blocks};
         numels[j] = ms[j] * n;
         start += numels[j];
+        blocks += (numels[j] + kSelectorBlock - 1) / kSelectorBlock;
     }
 
     const LowRankJob job{weights, scale, applied_scale, rounding == 1, PhiloxKeys(rounding_seed),
                          dtype, log_mode == kLogCountOnly,
                          reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
-                         reinterpret_cast<int64_t*>(log_count_ptr)};
+                         reinterpret_cast<int64_t*>(log_count_ptr), sel_out, sel_in};
     const std::vector<WorkItem> items = split_work(numels, kItemElements);
     uint64_t work = 0;
     for (size_t j = 0; j < count; ++j) work += numels[j] * ((recover ? 2 : 1) * ranks[j] + 1);
-    const ItemKernel run_item = log_mode == kNoLog ? item_kernel<false>() : item_kernel<true>();
+    // Items of whole blocks (multiples of kTile == kSelectorBlock): each block's selectors are
+    // written or read by one tile.
+    const ItemKernel run_item = sel ? item_kernel<false, true>()
+                                : log_mode == kNoLog ? item_kernel<false>() : item_kernel<true>();
     parallel_for_items(items.size(), work, num_threads, [&](size_t i) { run_item(job, items[i]); });
 }
 

@@ -68,6 +68,9 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
 // applied_tau_ptrs (one per weight) the weight recovered from round(theta + applied_scale *
 // U_j diag(applied_tau_j) V_j^T). Undo log (log_mode 0 none, 1 log and write, 2 count only): as
 // perturb's, over the group-flat index of the weights in list order (docs/undo-log.md).
+// Selector logs (selector_out / selector_in, perturb's format; exclusive with log_mode != 0;
+// selector_in needs applied_tau_ptrs): perturb's blocks of 1024 elements of each weight's flat
+// index, the weights' blocks following each other in list order.
 void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uint64_t>& ms,
                      const std::vector<uint64_t>& ns, const std::vector<uint64_t>& ranks,
                      const std::vector<uintptr_t>& u_ptrs, const std::vector<uintptr_t>& v_ptrs,
@@ -77,7 +80,9 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
                      const std::vector<uintptr_t>& applied_tau_ptrs = {},
                      float applied_scale = 0.0f,
                      uintptr_t log_index_ptr = 0, uintptr_t log_values_ptr = 0,
-                     uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0);
+                     uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0,
+                     const std::vector<uint64_t>& selector_out = {},
+                     const std::vector<uint64_t>& selector_in = {});
 
 // Rewrites the first min(*count, capacity) entries of a low-rank pass's undo log over the same
 // weight list: with no taus (tau_ptrs empty) W[index[e]] = values[e] bit for bit, else

@@ -12,6 +12,7 @@ import torch
 import zokernels
 from zokernels import ParameterSpace
 from zokernels.compat import patch_mezo_trainer, unpatch_mezo_trainer
+from zokernels.ops.undo import SelectorLog
 from zokernels.space import canonical_name, keys_from_names
 
 from helpers import assert_bits_equal, assert_close
@@ -252,6 +253,41 @@ def test_unpatch_puts_back_instance_methods_and_removes_held_perturbations():
         assert_bits_equal(p.detach(), b, what="held seeds removed by unpatch")
     assert trainer.zo_perturb_parameters is own_perturb and trainer.zo_update is own_update
     assert "zo_restore_pending" not in trainer.__dict__
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_logs_take_at_most_5_percent_of_bf16_parameters_and_restore_exactly(weight_decay):
+    """On cpu the patch keeps selector logs (one per pass kind and slot): N(0, 0.02) bf16
+    weights at eps = 1e-3, after MeZO's steps, they hold at most 5% of the parameters' bytes,
+    and +1, -2, +1 as well as an A+1, B+1, A-1, B-1 sequence (the second pass reads the first
+    pass's log, the restores the last one's) give back every weight bit for bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model = model.to(torch.bfloat16)
+    trainer = patch_mezo_trainer(MeZOStyleTrainer(model, 1e-4, 1e-3, weight_decay))
+    x = torch.randn(4, 512).to(torch.bfloat16)
+
+    def loss_fn():
+        with torch.no_grad():
+            return model(x).float().pow(2).mean()
+
+    for _ in range(3):
+        trainer.zo_step(loss_fn)
+        trainer.zo_update(model)
+    held = trainer._zokernels_patch.held
+    logs = [log for slot in held.logs[0] for log in slot.by_tag.values()]
+    assert logs and all(isinstance(log, SelectorLog) for log in logs)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 0 < held.nbytes <= 0.05 * params, (held.nbytes, params)
+    before = [p.detach().clone() for p in model.parameters()]
+    for sequence in ([(9, 1), (9, -2), (9, 1)], [(3, 1), (4, 1), (3, -1), (4, -1)]):
+        for seed, factor in sequence:
+            trainer.zo_perturb_parameters(random_seed=seed, scaling_factor=factor)
+        for p, b in zip(model.parameters(), before):
+            assert_bits_equal(p.detach(), b, what=f"after {sequence}")
 
 
 def _patched_named(**kwargs) -> MeZOStyleTrainer:

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 import zokernels
 from zokernels import ParameterSpace, Trajectory, UndoLog
+from zokernels.lowrank_space import LowRankSpace
 from zokernels.sharding import IndexMap, index_map_for_box, index_map_of, mark_shard
 
 from helpers import COLLECTIVE_TIMEOUT, assert_bits_equal
@@ -377,8 +378,11 @@ def test_marked_shards_record_the_unsharded_sizes_and_refuse_sharded_stochastic_
     shard = mark_shard(full[2:5].clone(), (6, 4), (2, 0))
     space = ParameterSpace([("w", shard)], backend="torch")
     assert space.global_numels() == [24]  # what a trajectory records: replays on the full model
+    state = LowRankSpace(space.names, space.params, space.keys, space.decayable, rank=2, seed=1,
+                         backend="torch", shards=space.shards)
+    assert [tuple(u.shape) for u in state.us] == [(3, 2)]  # the shard's rows of U
+    assert state.shapes == [(6, 4)]
     before = shard.clone()
     with pytest.raises(ValueError, match="stochastic"):
-        space.lowrank([torch.randn(3, 2)], [torch.randn(4, 2)], torch.randn(2),
-                      rounding="stochastic", rounding_seed=1)
+        state.apply(torch.randn(2), 1e-3, 1.0, "torch", rounding="stochastic", rounding_seed=1)
     assert_bits_equal(shard, before)

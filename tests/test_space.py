@@ -1,10 +1,13 @@
 """ParameterSpace: stable keys, layer selection, weight-decay mask, same results as perturb_."""
 
+import math
+
 import pytest
 import torch
 
 import zokernels
 from helpers import ALL_BACKEND_CASES, assert_bits_equal
+from zokernels.lowrank_space import LowRankSpace, split_by_rank
 from zokernels.space import ParameterSpace, canonical_name, keys_from_names
 
 
@@ -172,32 +175,36 @@ def test_scalar_tensor_aliasing_a_parameter_is_refused():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_lowrank_counterpart_equals_the_op_with_the_space_keys_and_decay_rule():
+def test_lowrank_space_over_a_space_takes_its_keys_and_decay_rule():
+    """The one low-rank front door: LowRankSpace over a space's 2-D parameters writes what
+    lowrank_perturb_ writes with the space's keys and MeZO's no-decay rule; the 1-D ones are
+    not touched; a bad argument changes nothing."""
     gen = torch.Generator().manual_seed(8)
     params = [("a.weight", torch.randn(6, 5, generator=gen)),
               ("a.bias", torch.randn(6, generator=gen)),
               ("b.layer_norm_proj", torch.randn(4, 3, generator=gen))]
     space = ParameterSpace(params, backend="torch")
-    assert space.matrices() == [0, 2]
-    us = {"a.weight": torch.randn(6, 2, generator=gen),
-          "b.layer_norm_proj": torch.randn(4, 2, generator=gen)}
-    vs = {"a.weight": torch.randn(5, 2, generator=gen),
-          "b.layer_norm_proj": torch.randn(3, 2, generator=gen)}
-    tau = torch.randn(2, generator=gen)
+    two_d, rest = split_by_rank(space)
+    assert (two_d, rest) == ([0, 2], [1])
+    state = LowRankSpace([space.names[j] for j in two_d], [space.params[j] for j in two_d],
+                         [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d],
+                         rank=2, seed=3, backend="torch")
+    tau = torch.randn(state.offsets[-1], generator=gen)
     expected = [params[0][1].clone(), params[2][1].clone()]
     bias = params[1][1].clone()
-    zokernels.lowrank_perturb_(expected, [us["a.weight"], us["b.layer_norm_proj"]],
-                               [vs["a.weight"], vs["b.layer_norm_proj"]], tau, scale=0.1,
-                               decay=[0.9, 1.0], keys=[space.keys[0], space.keys[2]],
+    norm = torch.tensor(1 / math.sqrt(2), dtype=torch.float32)  # Z's 1/sqrt(r), elementwise
+    zokernels.lowrank_perturb_(expected, state.us, state.vs, [t * norm for t in state.split(tau)],
+                               scale=0.1, decay=[0.9, 1.0], keys=[space.keys[0], space.keys[2]],
                                backend="torch")
-    space.lowrank(us, vs, tau, scale=0.1, decay=0.9)
+    state.apply(tau, 0.1, 0.9, "torch")
     assert_bits_equal(params[0][1], expected[0])
     assert_bits_equal(params[2][1], expected[1])  # no decay: its name has layer_norm
     assert_bits_equal(params[1][1], bias)  # 1-D: untouched
-    before = params[0][1].clone()
-    with pytest.raises(ValueError, match="no factor"):
-        space.lowrank({"a.weight": us["a.weight"]}, vs, tau)
-    assert_bits_equal(params[0][1], before)
+    before = [params[0][1].clone(), params[2][1].clone()]
+    with pytest.raises(ValueError, match="taus"):
+        state.apply(tau[:3], 0.1, 0.9, "torch")  # the second weight's tau is short
+    assert_bits_equal(params[0][1], before[0])
+    assert_bits_equal(params[2][1], before[1])
 
 
 def test_a_shrunk_storage_at_the_same_address_is_seen():

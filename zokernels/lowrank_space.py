@@ -14,11 +14,48 @@ from typing import Any
 import torch
 
 from ._contract import DEFAULT_CONTRACT
+from ._dispatch import resolve_backend
 from .ops.lowrank import lowrank_perturb_, run_lowrank_scatter
 from .ops.noise import noise
-from .ops.undo import UndoLog
+from .ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 from .sharding import is_dtensor, local_tensor
 from .space import ParameterSpace
+
+
+class SizedSelectorLog(SelectorLog):
+    """A SelectorLog whose pool is also probed before a pass larger than every pass it learned
+    its size from. The pool words of a pass grow steeply with the spread of its D: on a
+    2048 x 2048 N(0, 0.02) weight, eps = 1e-3, a low-rank pass (rank 8) needs pool words of
+    0.01% / 0.11% / 0.43% of the weight's bytes at ||tau|| / sqrt(r) = 0.7 / 1.0 / 1.47 in bf16
+    (0.02% / 0.19% / 0.54% in fp32), so a pool sized by earlier passes overflows at the first
+    larger tau (TeZO: ||tau|| changes every step), or at the first pass of two held seeds (the
+    MeZO-trainer patch's A+1, B+1). The caller gives each pass's size (`expect`: a number, or
+    one per (device, dtype) group key): the 4th power of D's standard deviation, a monotone
+    stand-in for that growth. A new largest size of a random sequence is a record, so the probes
+    are few (about ln(passes) for TeZO's taus, none after the first two for MeZO's loop). A log
+    loaded from a state_dict keeps the saved sizing for its first pass (the largest size is not
+    saved): that pass's count is learned with its size. Arguments: SelectorLog's."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.size: float | dict = 0.0  # the coming pass's size
+        self._largest: dict = {}  # per group key, the largest size whose pool words were learned
+
+    def expect(self, size: float | dict) -> None:
+        self.size = size
+
+    def _size(self, key) -> float:
+        return self.size.get(key, 0.0) if isinstance(self.size, dict) else float(self.size)
+
+    def needs_probe(self, plan) -> bool:
+        keys = [self._key(g) for g in plan]
+        return super().needs_probe(plan) or any(
+            key in self._largest and self._size(key) > self._largest[key] for key in keys)
+
+    def _learn(self, group, count: int) -> None:
+        super()._learn(group, count)
+        key = self._key(group)
+        self._largest[key] = max(self._largest.get(key, 0.0), self._size(key))
 
 
 @dataclass(frozen=True)
@@ -110,25 +147,57 @@ class LowRankSpace:
 
     def apply(self, taus: torch.Tensor, scale: Any, decay: float, backend: str, *,
               applied: tuple[torch.Tensor, float] | None = None,
-              log: UndoLog | None = None, rounding: str = "nearest",
-              rounding_seed: int = 0, positions: list[int] | None = None) -> None:
+              log: UndoLog | None = None, held_log: SelectorLog | None = None,
+              rounding: str = "nearest", rounding_seed: int = 0,
+              positions: list[int] | None = None) -> None:
         """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for the weights at
         `positions` (default: self.inplace), one launch; d = decay on decayable weights. The
         1/sqrt(r) makes Z's entries unit-variance. theta = W, or with applied = (held taus, held
-        scale) the weight recovered from the perturbation W holds now; `log` keeps what a later
-        recovery of this pass would miss. rounding: of the write (stochastic: updates only, bits
-        from stream 1 of rounding_seed). taus (and applied taus) cover every weight."""
+        scale) the weight recovered from the perturbation W holds now, exactly with `held_log`
+        (the SelectorLog of the pass that wrote it, over the same positions); `log` (a
+        SelectorLog, or an UndoLog) keeps what a later recovery of this pass needs or would
+        miss. rounding: of the write (stochastic: updates only, bits from stream 1 of
+        rounding_seed; refused on sharded weights, whose bits would be drawn at local indices).
+        taus (and applied taus) cover every weight."""
         pick = self.inplace if positions is None else positions
         if not pick:
             return
+        for name, t in (("taus", taus),) + (() if applied is None else (("applied taus",
+                                                                         applied[0]),)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.offsets[-1],):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be one vector of the {self.offsets[-1]} entries "
+                                 f"of every weight's tau (the sum of their ranks), got {got}")
+        if rounding == "stochastic" and any(self.shards[j] is not None for j in pick):
+            raise ValueError("rounding='stochastic' on sharded weights: the low-rank op draws "
+                             "its rounding bits at local indices, not the unsharded ones")
         self._refresh()
+        if isinstance(log, SizedSelectorLog):
+            log.expect(self._sizes(taus, scale, pick))
         held = {} if applied is None else dict(
             applied_taus=_take(self._per_weight(applied[0]), pick), applied_scale=applied[1])
         lowrank_perturb_(_take(self.weights, pick), _take(self.us, pick), _take(self.vs, pick),
                          _take(self._per_weight(taus), pick), scale=scale,
                          decay=_take(self._decays(decay), pick), keys=_take(self.keys, pick),
                          backend=backend, rounding=rounding, rounding_seed=rounding_seed,
-                         check_finite=False, log=log, **held)
+                         check_finite=False, log=log,
+                         held_log=None if applied is None else held_log, **held)
+
+    def _sizes(self, taus: torch.Tensor, scale: Any, pick: list[int]) -> dict:
+        """Per (device, dtype) of the weights at `pick`: the size of a pass (SizedSelectorLog),
+        the mean over their elements of (|scale| ||tau_j|| / sqrt(r_j))^4 (the standard
+        deviation of D = scale U diag(tau_j) V^T / sqrt(r_j) for unit-variance U, V)."""
+        squares = (taus.detach().float() * self.rank_norm) ** 2
+        norms = [float(v) for v in torch.stack([squares[self.offsets[j]:self.offsets[j + 1]].sum()
+                                                for j in pick]).tolist()]
+        factor = float(scale) ** 4
+        totals: dict = {}
+        for j, norm in zip(pick, norms):
+            w = self.weights[j]
+            total, count = totals.get((w.device, w.dtype), (0.0, 0))
+            totals[(w.device, w.dtype)] = (total + w.numel() * norm * norm * factor,
+                                           count + w.numel())
+        return {key: total / max(1, count) for key, (total, count) in totals.items()}
 
     def apply_logged(self, log: UndoLog, taus: torch.Tensor | None = None, scale: float = 0.0,
                      decay: float = 1.0, rounding: str = "nearest",
@@ -147,6 +216,15 @@ class LowRankSpace:
                             rounding, rounding_seed)
 
     # -- the target interface of zokernels.held ------------------------------------------------
+    def make_log(self) -> UndoLog:
+        """A selector log where every weight's backend has them (cpu, torch): the pass that
+        recovers from the logged one reads it and is exact; else an undo log of (index, value)
+        entries rewritten after that pass (triton)."""
+        if all(resolve_backend(self.backend, w.device) in SELECTOR_BACKENDS
+               for w in self.weights):
+            return SizedSelectorLog()
+        return UndoLog()
+
     def compatible(self, held: LowRankNoise, move: LowRankNoise) -> bool:
         return True  # the kernels take the held taus apart from the new ones
 
@@ -156,13 +234,17 @@ class LowRankSpace:
     def write(self, move: LowRankNoise, held: LowRankNoise | None = None, *, decay: float = 1.0,
               rounding: str = "nearest", rounding_seed: int | None = None,
               log: UndoLog | None = None, held_log: Any = None) -> None:
-        # held_log unused: low-rank passes keep undo logs, rewritten after the recovering pass
+        """held_log: the log of the pass that wrote `held` (a selector log makes this pass's
+        recovery exact; an undo log is rewritten after it, `rewrite`)."""
         self.apply(move.taus, move.scale, decay, self.backend,
                    applied=None if held is None else (held.taus, held.scale), log=log,
+                   held_log=held_log if isinstance(held_log, SelectorLog) else None,
                    rounding=rounding, rounding_seed=rounding_seed or 0)
 
     def rewrite(self, log: UndoLog, move: LowRankNoise | None = None, *, decay: float = 1.0,
                 rounding: str = "nearest", rounding_seed: int | None = None) -> None:
+        if isinstance(log, SelectorLog):
+            return  # read by the pass that recovered from its pass: nothing to rewrite
         if move is None:
             self.apply_logged(log)
         else:

@@ -49,7 +49,6 @@ from ._validate import (
     check_reads,
     written_spans,
 )
-from .ops.lowrank import lowrank_perturb_
 from .ops.perturb import PerturbGroup, group_index_maps, run_perturb
 from .ops.undo import SelectorLog, UndoLog, run_scatter
 from .sharding import is_dtensor, local_tensor, shard_of
@@ -488,54 +487,6 @@ class ParameterSpace:
         decayable parameters only (e.g. decay = 1 - lr * weight_decay)."""
         self.apply(seeds, coefs, layers=layers, weight_decay_factor=decay, applied=applied,
                    dist=dist, **kwargs)
-
-    def matrices(self, layers: Sequence[int] | None = None) -> list[int]:
-        """Positions of the registered 2-D parameters (of the selected layers): the weights
-        `lowrank` applies to, in this order."""
-        return [j for j in self.indices(layers) if self.params[j].dim() == 2]
-
-    def lowrank(self, us: Any, vs: Any, taus: Any, *, scale: Any = 1.0, decay: float = 1.0,
-                layers: Sequence[int] | None = None, applied_scale: Any = None,
-                applied_taus: Any = None, rounding: str = "nearest",
-                rounding_seed: int | None = None, log: UndoLog | None = None,
-                check_finite: bool = True) -> None:
-        """The low-rank counterpart of `apply` (TeZO-style noise) over the registered 2-D
-        parameters (`matrices(layers)`), in one launch per (device, dtype) group:
-
-            W = round(d * theta + scale * U diag(tau) V^T)
-
-        with d = decay on decayable parameters and 1 on the others (MeZO's no-decay rule), and
-        theta recovered from the held perturbation when applied_scale / applied_taus are given.
-        us, vs, taus: one factor per matrix, as a list in `matrices(layers)` order or a dict by
-        parameter name (taus may also be one 1-D tensor shared by all). U is m x r and V n x r
-        of the tensor that is written: for a sharded parameter, the rows of the local box. The
-        rest is lowrank_perturb_'s (keys from the registration)."""
-        chosen = self.matrices(layers)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-            raise TypeError(f"decay must be a number, got {type(decay).__name__}")
-        if rounding == "stochastic" and any(self.shards[j] is not None for j in chosen):
-            raise ValueError("rounding='stochastic' on sharded parameters: the low-rank op draws "
-                             "its rounding bits at local indices, not the unsharded ones")
-
-        def per_matrix(values: Any, name: str) -> Any:
-            if not isinstance(values, dict):
-                return values
-            missing = [self.names[j] for j in chosen if self.names[j] not in values]
-            if missing:
-                raise ValueError(f"{name} has no factor for {missing[:3]}")
-            return [values[self.names[j]] for j in chosen]
-        if not chosen:
-            return
-        if self._storage_signature() != self._storage:
-            self._register_memory()
-        lowrank_perturb_([self.tensors[j] for j in chosen], per_matrix(us, "us"),
-                         per_matrix(vs, "vs"), per_matrix(taus, "taus"), scale=scale,
-                         decay=[float(decay) if self.decayable[j] else 1.0 for j in chosen],
-                         keys=[self.keys[j] for j in chosen], rounding=rounding,
-                         rounding_seed=rounding_seed, applied_scale=applied_scale,
-                         applied_taus=None if applied_taus is None
-                         else per_matrix(applied_taus, "applied_taus"),
-                         log=log, backend=self.backend, check_finite=check_finite)
 
 
 def _held_buffers(held_log: SelectorLog, plan: list[PerturbGroup], applied: Any) -> list:

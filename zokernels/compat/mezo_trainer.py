@@ -23,13 +23,16 @@ to 0 leaves the list.
 
 Exactness. When every held coefficient is back to 0 the weights are bit for bit what they were
 when they last held no perturbation (the start, or the result of a zo_update with nothing held;
-a zo_update while perturbations are held breaks this chain, see below), in every dtype, for MeZO's +1, -2, +1 as for A+1, B+1, A-1, B-1 or any other sequence (recovery
-+ undo logs with exact_restore=True, docs/undo-log.md). In between, the weights equal the
-original's theta + sum_k c_k z_k up to float32 rounding (one rounding per call; the original
-rounds at least once per call too). Undo logs: two between returns to theta (MeZO's loop needs
-two); a third call in a row that does not bring every coefficient back to 0 first restores
-exactly (one extra pass) and then applies the whole held perturbation from theta in one pass, so
-memory stays that of two logs (docs/undo-log.md, "Capacity").
+a zo_update while perturbations are held breaks this chain, see below), in every dtype, for
+MeZO's +1, -2, +1 as for A+1, B+1, A-1, B-1 or any other sequence (recovery plus, with
+exact_restore=True, logs: on cpu / torch selector logs, read by the pass that recovers from the
+logged one, about 2.4% of bf16 / 1.7% of fp32 parameters for two; on triton undo logs, rewritten
+after it, about 50% / 40%; docs/undo-log.md). In between, the weights equal the original's
+theta + sum_k c_k z_k up to float32 rounding (one rounding per call; the original rounds at least
+once per call too). Logs: two between returns to theta (MeZO's loop needs two); a third call in
+a row that does not bring every coefficient back to 0 first restores exactly (one extra pass) and
+then applies the whole held perturbation from theta in one pass, so memory stays that of two logs
+(docs/undo-log.md, "Capacity").
 
 Cost of held seeds. A pass reads and writes every parameter once whatever the number K of seeds
 in it (held seeds, plus the new one), but draws K noise streams, so its random-number work grows
@@ -46,10 +49,11 @@ zo_update while a perturbation is held (the original updates the perturbed weigh
                             (decay = 1 - lr * weight_decay)
 
 as one pass with seeds = held seeds + the update seed, scales = (decay * h_k ..., -lr * g) (the
-undecayed parameters' pass has h_k), recovering theta first with applied = h_k; the undo logs are
-rescattered with the same update, so the result is exactly that formula applied to the exact
-theta (rounded once); when the two classes need different scales and an undo log covers both,
-the weights are restored exactly first and updated from theta (two passes). Afterwards the held
+undecayed parameters' pass has h_k), recovering theta first with applied = h_k (exactly from the
+selector logs, or with the undo logs rescattered with the same update), so the result is exactly
+that formula applied to the exact theta (rounded once); when the two classes need different
+scales and a log covers both, the weights are restored exactly first and updated from theta (two
+passes). Afterwards the held
 perturbation is decay * h_k on the decayed parameters and h_k on the others: undoing it later
 gives back `decay * theta - lr * g * z_u` (resp. `theta - lr * g * z_u`) to within one rounding,
 not bit for bit: that point was never stored. While the two classes hold different coefficients
@@ -142,15 +146,16 @@ from .._contract import PERTURB_DISTS
 from .._dispatch import BACKEND_CHOICES
 from .._validate import as_choice
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
-from ..ops.undo import UndoLog
+from ..lowrank_space import SizedSelectorLog
+from ..ops.undo import SelectorLog, UndoLog
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from .protocol import MeZOProtocolError
 from .protocol import check_protocol as check_protocol_of
 
 _STATE = "_zokernels_patch"
 _METHODS = ("zo_perturb_parameters", "zo_update", "zo_restore_pending")
-# Undo logs between two returns to theta: MeZO's +1, -2 needs two; more would only buy a pass in
-# sequences MeZO's loop never makes, at (8 + itemsize) bytes per lost element each.
+# Logs between two returns to theta: MeZO's +1, -2 needs two; more would only buy a pass in
+# sequences MeZO's loop never makes, at the memory of one more log each.
 _LOGGED_PASSES = 2
 # A coefficient this small relative to eps is the float residue of +1, -2, +1: exactly 0.
 _ZERO = 1e-12
@@ -170,17 +175,33 @@ class ClassedNoise:
 
 
 class _ClassLogs:
-    """One log slot of _ClassedTarget: an UndoLog per pass kind (None: one pass over both
-    classes, or a class), kept across steps (each learns its size), and the kinds the last
-    pass used."""
+    """One log slot of _ClassedTarget: a log per pass kind (None: one pass over both classes, or
+    a class), kept across steps (each learns its size), and the kinds the last pass used. Each
+    is what DenseTarget.make_log builds for its parameters: a selector log on cpu / torch (read
+    by the pass that recovers from this one), an undo log on triton (rewritten after it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: "_PatchState") -> None:
+        self.state = state
         self.by_tag: dict[bool | None, UndoLog] = {}
         self.used: list[bool | None] = []
 
-    def begin(self, tag: bool | None) -> UndoLog:
+    def begin(self, tag: bool | None, move: SeededNoise) -> UndoLog:
+        """The log of a pass of `move` over the parameters of `tag`."""
         self.used.append(tag)
-        return self.by_tag.setdefault(tag, UndoLog())
+        fresh = DenseTarget(self.state.space_of(tag)).make_log()
+        if isinstance(fresh, SelectorLog):
+            fresh = SizedSelectorLog()  # held seeds make bigger D than MeZO's loop: probe then
+        if type(self.by_tag.get(tag)) is not type(fresh):  # new, or the backend changed
+            self.by_tag[tag] = fresh
+        log = self.by_tag[tag]
+        if isinstance(log, SizedSelectorLog):  # D's variance: the sum of the squared coefs
+            log.expect(sum(float(c) ** 2 for c in move.coefs) ** 2)
+        return log
+
+    def selectors(self) -> dict[bool | None, SelectorLog]:
+        """The selector logs of the last pass, by kind ({}: none, or undo logs)."""
+        return {tag: self.by_tag[tag] for tag in self.used
+                if isinstance(self.by_tag[tag], SelectorLog)}
 
     @property
     def plan(self) -> Any:
@@ -207,7 +228,8 @@ class _ClassedTarget:
     def __init__(self, state: "_PatchState") -> None:
         self.state = state
 
-    make_log = _ClassLogs
+    def make_log(self) -> _ClassLogs:
+        return _ClassLogs(self.state)
 
     def compatible(self, held: ClassedNoise, move: ClassedNoise) -> bool:
         return True  # the patch always passes the held seeds first
@@ -221,9 +243,10 @@ class _ClassedTarget:
         return all(m is None or m.coefs[c] == m.coefs[first]
                    for m in moves for c in self.state.classes)
 
-    def _passes(self, *moves: ClassedNoise | None) -> list[tuple[DenseTarget, bool | None, bool]]:
+    def _passes(self, *moves: ClassedNoise | None,
+                per_class: bool = False) -> list[tuple[DenseTarget, bool | None, bool]]:
         """(target, log tag, class) per pass."""
-        if self.uniform(*moves):
+        if self.uniform(*moves) and not per_class:
             return [(DenseTarget(self.state.space), None, self.state.classes[0])]
         return [(DenseTarget(self.state.part(c)), c, c) for c in self.state.classes]
 
@@ -234,17 +257,27 @@ class _ClassedTarget:
 
     def write(self, move: ClassedNoise, held: ClassedNoise | None = None, *, decay: Any = 1.0,
               rounding: str = "nearest", rounding_seed: int | None = None,
-              log: _ClassLogs | None = None, held_log: Any = None) -> None:
-        for target, tag, cls in self._passes(move, held):
-            target.write(self._of(move, cls), self._of(held, cls), decay=decay,
-                         log=None if log is None else log.begin(tag))
+              log: _ClassLogs | None = None, held_log: _ClassLogs | None = None) -> None:
+        """held_log: the slot of the pass that wrote `held`. Its selector logs are read by the
+        passes over the same parameters: per class when it was written per class. (A log over
+        all of them cannot be read per class: _PatchState.update restores exactly first.)"""
+        held_selectors = {} if held is None or held_log is None else held_log.selectors()
+        per_class = bool(held_selectors) and None not in held_selectors
+        passes = self._passes(move, held, per_class=per_class)
+        if None in held_selectors and passes[0][1] is not None:
+            raise AssertionError("a selector log over all parameters read per class")
+        for target, tag, cls in passes:
+            part = self._of(move, cls)
+            target.write(part, self._of(held, cls), decay=decay,
+                         log=None if log is None else log.begin(tag, part),
+                         held_log=held_selectors.get(tag))
 
     def rewrite(self, log: _ClassLogs, move: ClassedNoise | None = None, *, decay: Any = 1.0,
                 rounding: str = "nearest", rounding_seed: int | None = None) -> None:
-        for tag in log.used:
-            space = self.state.space if tag is None else self.state.part(tag)
+        for tag in log.used:  # selector logs: nothing to rewrite (DenseTarget.rewrite)
             cls = self.state.classes[0] if tag is None else tag
-            DenseTarget(space).rewrite(log.by_tag[tag], self._of(move, cls), decay=decay)
+            DenseTarget(self.state.space_of(tag)).rewrite(log.by_tag[tag], self._of(move, cls),
+                                                          decay=decay)
 
 
 def _real(value: Any, what: str) -> float:
@@ -321,6 +354,10 @@ class _PatchState:
         return [ClassedNoise(tuple(seeds), {c: list(coefs[c]) for c in self.classes},
                              self.dist)]
 
+    def space_of(self, tag: bool | None) -> ParameterSpace:
+        """The parameters of a pass kind: all (None) or one decay class."""
+        return self.space if tag is None else self.part(tag)
+
     def part(self, cls: bool) -> ParameterSpace:
         """The parameters of one decay class, with the full space's keys (same z)."""
         if cls not in self.parts:
@@ -333,13 +370,16 @@ class _PatchState:
         return self.parts[cls]
 
     # -- what the weights hold ------------------------------------------------------------
-    def hold(self, seeds: list[int], coefs: Coefs) -> None:
+    def hold(self, seeds: list[int], coefs: Coefs, slot: int | None = None) -> None:
         """The weights hold `seeds` with `coefs` (after the pass that wrote them): seeds whose
-        coefficients are 0 in every class are dropped."""
+        coefficients are 0 in every class are dropped (their terms added +0 to that pass's D,
+        so the recovery's D is the same bits). slot: the log slot of that pass (its selector
+        logs recover them exactly); None after an update (that point was never stored)."""
         kept = [k for k in range(len(seeds)) if any(coefs[c][k] != 0.0 for c in self.classes)]
         if kept:
             self.held.declare(self.moves([seeds[k] for k in kept],
                                          {c: [coefs[c][k] for k in kept] for c in self.classes}))
+            self.held.held_slot[0] = slot
         else:
             self.held.declare([None])
             self.pending_restore = False
@@ -460,7 +500,7 @@ class _PatchState:
             seeds = [seeds[j] for j in kept]
             target = {c: [target[c][j] for j in kept] for c in self.classes}
         self.held.perturb(self.moves(seeds, target), len(self.held.live))
-        self.hold(seeds, target)
+        self.hold(seeds, target, self.held.held_slot[0])
 
     def update(self, seed: int, coef: float, decay: float) -> None:
         if self.pending_restore:
@@ -521,7 +561,8 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
 
     Args:
         fuse_restore_update: defer the restoring call into the next zo_update (3 passes a step).
-        exact_restore: undo logs, so restores are bit-exact in every dtype.
+        exact_restore: logs (selector logs on cpu / torch, undo logs on triton), so restores
+            are bit-exact in every dtype.
         dist: "gaussian" (MeZO) or "rademacher".
         backend: "auto", "triton", "cpu" or "torch".
         no_decay: name substrings exempt from weight decay (MeZO's rule by default).

@@ -1,5 +1,6 @@
 """zokernels.lowrank_perturb_: W <- decay * W + scale * U diag(tau) V^T, tile by tile; recovery of
-a held low-rank perturbation (applied_scale / applied_taus) and its undo log (docs/undo-log.md)."""
+a held low-rank perturbation (applied_scale / applied_taus), its selector logs (cpu, torch) and
+its undo log (docs/undo-log.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .._validate import (
 )
 from ._groups import contiguous_views, select as _select
 from .perturb import PerturbGroup, plan_groups
-from .undo import UndoLog
+from .undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 
 
 def _as_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor]:
@@ -69,8 +70,8 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
                      scale: Any = 1.0, decay: Any = 1.0, keys: list[int] | None = None,
                      rounding: str = "nearest", rounding_seed: int | None = None,
                      applied_scale: Any = None, applied_taus: Any = None,
-                     log: UndoLog | None = None, backend: str = "auto",
-                     check_finite: bool = True) -> None:
+                     log: UndoLog | None = None, held_log: SelectorLog | None = None,
+                     backend: str = "auto", check_finite: bool = True) -> None:
     """In place for every 2-D weight W_j (m x n): W = round(decay_j * theta + scale * P_j(tau_j)),
     P_j(tau) = U_j diag(tau) V_j^T, theta = W (or the recovered weight, below).
 
@@ -90,10 +91,17 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
             "Recovery") with D1 computed exactly as the pass that wrote it computed its D, so a
             TeZO step (+eps, then -eps with applied +eps, then the update with applied -eps)
             restores far more weights bit for bit than adding the opposite perturbation.
-        log: an UndoLog (nearest rounding, decay 1 only) that keeps the elements a later recovery
-            with this pass's (scale, taus) could not give back; `run_lowrank_scatter` rewrites
-            them (docs/undo-log.md, "Low-rank groups"). The first passes of a log also run a
+        log: a SelectorLog (cpu / torch backends) or an UndoLog (nearest rounding, decay 1
+            only). A SelectorLog keeps the few bits per ambiguous element that a later pass over
+            the same weights, naming it `held_log` with applied_* = this pass's (scale, taus),
+            needs to recover every weight exactly. An UndoLog keeps the elements a later
+            recovery could not give back; `run_lowrank_scatter` rewrites them after that pass
+            (docs/undo-log.md, "Low-rank groups"). The first passes of a log also run a
             count-only probe to size it.
+        held_log: the SelectorLog of the pass that wrote the perturbation the weights hold
+            (applied_scale / applied_taus, the same weights in the same order): each theta is
+            recovered exactly from it, and an element this pass leaves at its value (scale 0,
+            decay 1: a restore) keeps theta's exact bits. Any decay and rounding for the move.
 
     The m x n product is never materialized: kernels accumulate tiles in float32 and round once.
     Bytes moved: 2 * itemsize * m * n for W plus 4 * (m + n + 1) * r for the factors (twice the
@@ -102,25 +110,60 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
     """
     weights = as_tensor_list(weights, "weights")
     if log is not None and not isinstance(log, UndoLog):
-        raise TypeError(f"log must be an UndoLog, got {type(log).__name__}")
+        raise TypeError(f"log must be an UndoLog or a SelectorLog, got {type(log).__name__}")
+    if held_log is not None and not isinstance(held_log, SelectorLog):
+        raise TypeError(f"held_log must be a SelectorLog, got {type(held_log).__name__}")
+    if log is not None and log is held_log:
+        raise ValueError("log and held_log must be two logs: a pass cannot overwrite the log "
+                         "it reads")
     call = prepare_lowrank(weights, us, vs, taus, scale=scale, decay=decay, keys=keys,
                            rounding=rounding, rounding_seed=rounding_seed,
                            applied_scale=applied_scale, applied_taus=applied_taus,
                            backend=backend, check_finite=check_finite)
+    held = None if held_log is None else _held_buffers(held_log, call)
     if log is None:
-        run_lowrank(call)
+        run_lowrank(call, held_logs=held)
         return
     if call.rounding != "nearest":
         raise ValueError("log needs rounding='nearest' (recovery inverts nearest rounding)")
     if not bool((call.decays == 1.0).all()):
         raise ValueError("log needs decay=1.0 (a perturbation, not an update)")
+    selector = isinstance(log, SelectorLog)
+    if selector:
+        _check_selector_backends(call.plan, "log")
     flags = torch.ones(len(weights), dtype=torch.bool)
     if not call.plan:
         log.begin(call.plan, flags)
         return
+    key = "selector_logs" if selector else "logs"
     if log.needs_probe(call.plan):
-        log.probe(call.plan, lambda counters: run_lowrank(call, logs=counters, count_only=True))
-    run_lowrank(call, logs=log.begin(call.plan, flags))
+        log.probe(call.plan, lambda counters: run_lowrank(
+            call, count_only=True, held_logs=held, **{key: counters}))
+    run_lowrank(call, held_logs=held, **{key: log.begin(call.plan, flags)})
+
+
+def _check_selector_backends(plan: list[PerturbGroup], name: str) -> None:
+    for group in plan:
+        if group.backend not in SELECTOR_BACKENDS:
+            raise ValueError(f"{name}: selector logs need the {' or '.join(SELECTOR_BACKENDS)} "
+                             f"backend, the weights on {group.device} run on {group.backend} "
+                             "(use an UndoLog there)")
+
+
+def _held_buffers(held_log: SelectorLog, call: LowRankCall) -> list:
+    """The buffers of the selector log a recovering pass reads: written by a pass over the same
+    weights (same groups, same order), with applied_*; ValueError before anything is written."""
+    if call.applied_taus is None:
+        raise ValueError("held_log needs applied_scale and applied_taus (the perturbation the "
+                         "log describes)")
+    _check_selector_backends(call.plan, "held_log")
+    logged = held_log.plan
+    if logged is None or len(logged) != len(call.plan) or any(
+            len(a.tensors) != len(b.tensors)
+            or any(x is not y for x, y in zip(a.tensors, b.tensors))
+            for a, b in zip(logged, call.plan)):
+        raise ValueError("held_log was not written by a pass over these weights")
+    return held_log.buffers
 
 
 def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *, scale: Any,
@@ -196,10 +239,12 @@ def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
                        applied_vector)
 
 
-def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = False) -> None:
+def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = False,
+                selector_logs: list | None = None, held_logs: list | None = None) -> None:
     """Apply a validated call group by group (shared by lowrank_perturb_ and its logged passes).
 
-    logs: None, or one UndoBuffers per group (docs/undo-log.md); count_only: only count."""
+    logs: None, or one UndoBuffers per group (docs/undo-log.md); count_only: only count.
+    selector_logs / held_logs: None, or one SelectorBuffers per group, written / read."""
     for g, group in enumerate(call.plan):
         device = group.device
         pick = group.indices
@@ -209,6 +254,10 @@ def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = 
                          applied_scale=call.applied_scale.to(device, non_blocking=True))
         if logs is not None:
             extra.update(log=logs[g], count_only=count_only)
+        if selector_logs is not None:
+            extra.update(selector_log=selector_logs[g], count_only=count_only)
+        if held_logs is not None:
+            extra["held_log"] = held_logs[g]
         with torch.no_grad(), contiguous_views(group.tensors, write_back=not count_only) as work:
             implementation(group.backend, "lowrank_perturb")(
                 work,

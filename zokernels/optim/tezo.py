@@ -20,7 +20,7 @@ from .._contract import DEFAULT_CONTRACT, saved_contract
 from ..held import DenseTarget
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
 from ..lowrank_space import LowRankNoise, LowRankSpace, split_by_rank
-from ..ops.undo import UndoLog
+from ..ops.undo import SelectorLog, UndoLog
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from ..trajectory import MAX_SEEDS_PER_STEP
 from .base import _copied, check_common_hyper, check_hyper
@@ -92,12 +92,15 @@ class TeZO(MeZO):
     it is refused for sharded 2-D weights (the low-rank kernels draw rounding bits at local
     indices).
     Memory: the optimizer state per matrix is U, V and two r-vectors, O((m + n) r), never m x n.
-    The undo logs are not: with exact_restore=True each 2-D weight keeps, per perturbation pass,
-    the elements recovery cannot give back, O(lost fraction x m n) (a few percent of m n in
-    bf16 at eps = 1e-3; see undo_log_bytes). exact_restore=False drops them.
+    The logs of the in-place 2-D weights are not: with exact_restore=True each keeps, per
+    perturbation pass, a selector log on cpu / torch (a row of 6 / 8 int32 words per 1024
+    elements plus a small pool: about 2.4% of bf16, 1.7% of fp32 weights for the two passes at
+    eps = 1e-3) or an undo log on triton (the elements recovery cannot give back, about 50% of
+    bf16 weights); see undo_log_bytes. exact_restore=False drops them.
     Restore exactness: as MeZO's, for every parameter. The 2-D weights are moved between
-    perturbations by recovery (lowrank_perturb_'s applied_taus / applied_scale) and keep undo logs
-    of the elements recovery cannot give back (docs/undo-log.md, "Low-rank groups"), so a failed
+    perturbations by recovery (lowrank_perturb_'s applied_taus / applied_scale), exact from the
+    selector log of the pass that wrote them (or made exact by rewriting the undo-logged
+    elements afterwards; docs/undo-log.md, "Low-rank groups"), so a failed
     closure or a skipped step leaves every weight bit-identical and the update is computed from
     the exact theta. exact_restore=False drops the logs (recovery quality only).
 
@@ -519,13 +522,16 @@ class TeZO(MeZO):
                 "momentum": [s.momentum.clone() for s in self.lowrank],
                 "second": [s.second.clone() for s in self.lowrank],
                 "lowrank_undo_logs": [[log.state_dict() for log in pair]
+                                      for pair in self._lowrank_logs],
+                "lowrank_log_kinds": [[_log_kind(log) for log in pair]
                                       for pair in self._lowrank_logs]}
 
     def _check_extra_state(self, extra: dict[str, Any]) -> None:
         """TeZO's state, checked before anything is modified (ValueError naming the entry): rank
         and variant as this optimizer's, betas and delta valid, per param group one float32
         moment vector of the sum of its 2-D weights' ranks (O(r) per matrix to check), and
-        valid low-rank undo-log states."""
+        valid low-rank log states, with their kinds ("lowrank_log_kinds", "selector" or "undo"
+        per log; absent in checkpoints from before the low-rank selector logs: all "undo")."""
         for name in ("rank", "variant", "betas", "delta", "momentum", "second",
                      "lowrank_undo_logs"):
             if name not in extra:
@@ -575,6 +581,12 @@ class TeZO(MeZO):
                 raise ValueError(f"state_dict lowrank_undo_logs[{g}] must be a pair")
             for k, saved in enumerate(pair):
                 UndoLog.check_state(saved, f"state_dict lowrank_undo_logs[{g}][{k}]")
+        kinds = extra.get("lowrank_log_kinds", [["undo", "undo"]] * groups)
+        if (not isinstance(kinds, (list, tuple)) or len(kinds) != groups
+                or any(not isinstance(pair, (list, tuple)) or len(pair) != 2
+                       or any(kind not in _LOG_KINDS for kind in pair) for pair in kinds)):
+            raise ValueError(f"state_dict lowrank_log_kinds must hold one pair per param group "
+                             f"({groups}) of {' / '.join(_LOG_KINDS)}, got {kinds!r}")
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         """betas and delta restored like the seed, the moments copied, the low-rank logs' sizing
@@ -585,14 +597,30 @@ class TeZO(MeZO):
         for s, m, v in zip(self.lowrank, state["momentum"], state["second"]):
             s.momentum.copy_(m)
             s.second.copy_(v)
-        for pair, saved_pair in zip(self._lowrank_logs, state["lowrank_undo_logs"]):
-            for log, saved in zip(pair, saved_pair):
-                log.load_state_dict(saved)
+        kinds = state.get("lowrank_log_kinds", [["undo", "undo"]] * len(self.lowrank))
+        for pair, saved_pair, kind_pair in zip(self._lowrank_logs, state["lowrank_undo_logs"],
+                                               kinds):
+            for log, saved, kind in zip(pair, saved_pair, kind_pair):
+                parsed = UndoLog.check_state(saved)
+                if kind != _log_kind(log):
+                    # sizes in another unit (lost elements vs pool words per element): only the
+                    # counters carry over, the log probes its size again
+                    parsed.update(fraction={}, passes={})
+                log.load_checked_state(parsed)
         seed = factor_seed(self.base_seed)
         for s in self.lowrank:
             if s.factor_seed != seed or s.contract != self.contract:
                 s.contract = self.contract
                 s.build_factors(seed, self.backend)
+
+
+# A low-rank log's kind in a state_dict: its sizing state means pool words per element
+# (selector) or lost elements per element (undo).
+_LOG_KINDS = ("selector", "undo")
+
+
+def _log_kind(log: UndoLog) -> str:
+    return "selector" if isinstance(log, SelectorLog) else "undo"
 
 
 class _Retrack(Exception):

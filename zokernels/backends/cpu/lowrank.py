@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..undo_buffers import UndoBuffers
+from ..undo_buffers import SelectorBuffers, UndoBuffers
 from ._codes import DTYPE_CODES, ROUNDING_CODES
 from ._loader import load_cpu_extension
 
@@ -17,7 +17,8 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
                         taus: list[Tensor], scale: Tensor, decays: Tensor, keys: list[int],
                         rounding: str, rounding_seed: int, applied_taus: list[Tensor] | None = None,
                         applied_scale: Tensor | None = None, log: UndoBuffers | None = None,
-                        count_only: bool = False) -> None:
+                        count_only: bool = False, selector_log: SelectorBuffers | None = None,
+                        held_log: SelectorBuffers | None = None) -> None:
     """In place: W_j = round(decays[j] * theta + scale * P_j(tau_j)), P_j(tau)[row, col] =
     sum_k U_j[row, k] * (V_j[col, k] * tau[k]) summed in k order, unfused: bit-identical to
     lowrank_perturb_torch. theta = W_j, or with `applied_taus` the weight recovered from
@@ -25,8 +26,13 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
 
     With `log`, the elements a later recovery with this D = scale * P could not give back are
     appended to it (in no particular order) and log.count grows by their number, also past the
-    capacity; `count_only` writes nothing but log.count (docs/undo-log.md)."""
-    if count_only and log is None:
+    capacity; `count_only` writes nothing but log.count (docs/undo-log.md).
+
+    `selector_log` / `held_log` (SelectorBuffers): the selector log this pass writes (nearest
+    rounding, decays 1; with `count_only`, only the pool words it needs are counted) / the one
+    it reads, with `applied_taus`, to recover every weight exactly: perturb_cpu's format, blocks
+    of each weight's flat index in list order (docs/undo-log.md, "Low-rank groups")."""
+    if count_only and log is None and selector_log is None:
         raise ValueError("lowrank_perturb_cpu: count_only needs a log")
     if (applied_taus is None) != (applied_scale is None):
         raise ValueError("lowrank_perturb_cpu: applied_taus and applied_scale go together")
@@ -40,6 +46,14 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
                      log_capacity=min(log.index.numel(), log.values.numel()),
                      log_count_ptr=log.count.data_ptr(),
                      log_mode=_COUNT_ONLY if count_only else _LOG)
+    if selector_log is not None:
+        extra["selector_out"] = [
+            selector_log.regions.data_ptr(), selector_log.regions.shape[1],
+            selector_log.pool.data_ptr(), selector_log.pool.numel(),
+            selector_log.count.data_ptr(), int(count_only)]
+    if held_log is not None:
+        extra["selector_in"] = [held_log.regions.data_ptr(), held_log.regions.shape[1],
+                                held_log.pool.data_ptr(), held_log.pool.numel()]
     ext.lowrank_perturb(
         [w.data_ptr() for w in weights], [w.shape[0] for w in weights],
         [w.shape[1] for w in weights], [u.shape[1] for u in us], [u.data_ptr() for u in us],
