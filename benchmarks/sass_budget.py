@@ -429,10 +429,13 @@ def perturb_variants(extra=None) -> list[Variant]:
     out = []
     combos = []
     has_normal = "NORMAL" in P._perturb_kernel.arg_names
+    # contract 3's integer stochastic rounding (STOCHASTIC = 2), where the tree has it
+    has_integer_sr = hasattr(P, "round_stochastic_integer")
     dists = ["gaussian", "rademacher"] + (["gaussian-v2"] if has_normal else [])
     for dist in dists:
         for dt in ("bf16", "fp16", "fp32"):
-            for rounding in (("nearest",) if dt == "fp32" else ("nearest", "stochastic")):
+            for rounding in (("nearest",) if dt == "fp32" else ("nearest", "stochastic")
+                             + (("stochastic-v3",) if has_integer_sr else ())):
                 for applied in (False, True):
                     for log in ("none", "log", "count"):
                         combos.append((dist, dt, rounding, applied, log, False))
@@ -442,8 +445,9 @@ def perturb_variants(extra=None) -> list[Variant]:
         dist, normal = ("gaussian", 2) if name_dist == "gaussian-v2" else (name_dist, 1)
         ty, size = _DT[dt]
         log_mode = {"none": 0, "log": 1, "count": 2}[log]
+        stochastic = {"nearest": 0, "stochastic": 1, "stochastic-v3": 2}[rounding]
         if hasattr(P, "block_for"):
-            block = P.block_for(dist, rounding == "stochastic" and dt != "fp32",
+            block = P.block_for(dist, stochastic,
                                 applied or log != "none", mapped, normal, size,
                                 log != "none")
         else:  # the kernels before block_for (the baseline)
@@ -456,7 +460,8 @@ def perturb_variants(extra=None) -> list[Variant]:
                "index_ptr": "*i64", "values_ptr": "*" + ty, "count_ptr": "*i64",
                "capacity": "i32"}
         const = {"LOG2_P": 3, "BLOCK": block, "DIST": P.DIST_CODES[dist],
-                 "STOCHASTIC": rounding == "stochastic", "ALIGN": 16 // size,
+                 "STOCHASTIC": stochastic if has_integer_sr else stochastic == 1,
+                 "ALIGN": 16 // size,
                  "HAS_APPLIED": applied, "LOG_MODE": log_mode, "MAPPED": mapped,
                  "SOFT_BF16": False}
         if has_normal:

@@ -4,7 +4,9 @@ multi-tensor launch tables, seed handling and the dtype maps.
 The contract (docs/noise-contract.md) in short: Philox4x32-10 with key = seed (lo, hi) and counter
 ``(b mod 2^32, b >> 32, key, stream)``. Gaussian / uniform: ``b = i // 4``, one Philox call feeds
 four consecutive elements. Rademacher: ``b = i // 128``, one call feeds 128 elements (one bit each).
-Stochastic rounding: word ``i mod 4`` of block ``i // 4`` on stream 1 with ``rounding_seed``.
+Stochastic rounding: word ``i mod 4`` of block ``i // 4`` on stream 1 with ``rounding_seed``
+(contracts 1, 2); contract 3: 16 bits, half ``i mod 2`` of word ``(i mod 8) // 2`` of block
+``i // 8`` on stream 1 (``rounding_bits_tile``, ``round_stochastic_integer``).
 
 The block helpers work on one BLOCK of a tensor whose first element index is a multiple of BLOCK
 (BLOCK a power of two >= 128), so the Philox blocks never straddle two programs and the low counter
@@ -589,6 +591,49 @@ def rounding_uniform_at(seed, key, i):
 
 
 @triton.jit
+def _rounding_bits(seed, key, b_lo, b_hi, sub):
+    """Contract 3's 16 random bits: half (sub & 1) (low half first) of word sub // 2 of the
+    rounding stream's call (b_lo, b_hi, key, 1); sub = i mod 8 for element i of call b = i // 8."""
+    w0, w1, w2, w3 = philox(seed, b_lo, b_hi, key, 1)
+    w = _pick4(w0, w1, w2, w3, sub >> 1)
+    return (w >> ((sub & 1) * 16).to(tl.uint32)) & 0xFFFF
+
+
+@triton.jit
+def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Contract 3's random bits of the elements ``blk * BLOCK + [0, BLOCK)`` in the tile shape of
+    DIST: one Philox call per 8 consecutive elements. The counters are built per quad (gaussian:
+    quad j uses half of call j // 2) or per word (rademacher: 8 elements of the 32 of a word
+    share a call), so that the copies of a call in one thread's registers are the same
+    expression and compile to one call. ``blk * BLOCK // 8`` is a multiple of BLOCK // 8, so adding
+    the call index inside the block to its low word never carries."""
+    g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 8)
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    if DIST == 1:
+        # element 128j + 32m + s at [s, m, j]: call 16j + 4m + s // 8, sub-index s % 8
+        s8 = tl.arange(0, 32)[:, None, None]
+        q = (tl.arange(0, 4) * 4)[None, :, None] + (tl.arange(0, BLOCK // 128) * 16)[None, None, :]
+        r = _rounding_bits(seed, key, c0 + (q + (s8 >> 3)).to(tl.uint32), c1, s8 & 7)
+    else:
+        # quad j (elements 4j .. 4j + 3) is half j % 2 of call j // 2: words (0, 1) or (2, 3)
+        w0, w1, w2, w3 = philox(seed, c0 + tl.arange(0, BLOCK // 8).to(tl.uint32), c1, key, 1)
+        a = tl.reshape(tl.join(w0, w2), [BLOCK // 4])
+        b = tl.reshape(tl.join(w1, w3), [BLOCK // 4])
+        r = quads(a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16)
+    return r
+
+
+@triton.jit
+def rounding_bits_at(seed, key, i):
+    """Contract 3's random bits of element indices i (int64, any shape, any values);
+    bit-identical to ``rounding_bits_tile``."""
+    b = i.to(tl.uint64, bitcast=True) >> 3
+    return _rounding_bits(seed, key, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+                          (i & 7).to(tl.int32))
+
+
+@triton.jit
 def to_float32(x, SOFT_BF16: tl.constexpr):
     """Exact widening to float32 (bf16: the 16 bits become the high half of the float32)."""
     if SOFT_BF16 and x.dtype == tl.bfloat16:
@@ -629,6 +674,27 @@ def round_stochastic(acc, u, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
     p = tl.math.div_rn(a_abs - y_abs, tl.abs(to_float32(y2, SOFT_BF16)) - y_abs)
     take = (u < p) & (y_abs <= 3.4028234663852886e38)  # y finite
     return tl.where(take, y2, y)
+
+
+@triton.jit
+def round_stochastic_integer(acc, r, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Contract 3 stochastic rounding of float32 ``acc`` to the 16-bit OUT_DTYPE with 16 random
+    bits r (uint32 < 2^16; ``rounding_bits_tile``): the bits are added below the ones the dtype
+    keeps, then truncated (docs/noise-contract.md). bf16: on the signed float32 pattern, the same
+    as on the magnitude (below the largest finite bf16 the carry never reaches the sign); fp16:
+    on |acc| * 2^-112, whose fp32 pattern has fp16's layout shifted left by 13 (subnormals too).
+    |acc| >= the largest finite value, inf and NaN: round to nearest. Why: no division and no
+    neighbour arithmetic, and one Philox call per 8 elements (the uniform version: per 4)."""
+    nearest = round_nearest(acc, OUT_DTYPE, SOFT_BF16)
+    if OUT_DTYPE == tl.bfloat16:
+        kept = (acc.to(tl.uint32, bitcast=True) + r) >> 16
+        LIMIT: tl.constexpr = 3.3895313892515355e38
+    else:
+        m = (tl.abs(acc) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)  # 2^-112
+        kept = ((m + (r >> 3)) >> 13) | ((acc.to(tl.uint32, bitcast=True) >> 16) & 0x8000)
+        LIMIT: tl.constexpr = 65504.0
+    y = kept.to(tl.uint16).to(OUT_DTYPE, bitcast=True)
+    return tl.where(tl.abs(acc) < LIMIT, y, nearest)
 
 
 @triton.jit
