@@ -704,21 +704,18 @@ def _fits(c, d1, x, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _neighbour(r, rf, UP: tl.constexpr, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """float32 value of the OUT_DTYPE neighbour of r (float32 value rf) toward +inf (UP) or -inf:
-    one step of the 16- / 32-bit sign-magnitude pattern, +-tiny (smallest subnormal) for +-0."""
+def _neighbour(r, rf, down, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """float32 value of the OUT_DTYPE neighbour of r (float32 value rf) toward -inf where
+    ``down``, else toward +inf: one step of the 16- / 32-bit sign-magnitude pattern (away from
+    zero when the direction and the sign agree), +-tiny (smallest subnormal) for +-0."""
     if OUT_DTYPE == tl.float32:
         bits = r.to(tl.uint32, bitcast=True)
         SIGN: tl.constexpr = 0x80000000
     else:
         bits = r.to(tl.uint16, bitcast=True).to(tl.uint32)
         SIGN: tl.constexpr = 0x8000
-    if UP:
-        nb = tl.where(rf < 0.0, bits - 1, bits + 1)
-        nb = tl.where(rf == 0.0, 1, nb)
-    else:
-        nb = tl.where(rf < 0.0, bits + 1, bits - 1)
-        nb = tl.where(rf == 0.0, SIGN | 1, nb)
+    nb = tl.where((rf < 0.0) == down, bits + 1, bits - 1)
+    nb = tl.where(rf == 0.0, tl.where(down, SIGN | 1, 1), nb)
     if OUT_DTYPE == tl.float32:
         y = nb.to(tl.float32, bitcast=True)
     else:
@@ -731,16 +728,16 @@ def recover_unperturbed(x, d1, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr)
     """The weight theta (float32 value of an OUT_DTYPE number) with round(theta + d1) == x.
 
     Why: a tensor holds round(theta + D1); adding D2 - D1 to it drifts by an ulp for about half of
-    the bf16 elements per step. r = round(x - d1) is theta or one of its two neighbours, so the
-    first of (r, next_down(r), next_up(r)) that rounds forward to x is taken, else r; a
-    non-finite r is kept (docs/noise-contract.md, "Recovery"). Candidates are tested one after
-    the other so that few per-element temporaries are live at once (register pressure)."""
+    the bf16 elements per step. r = round(x - d1) is theta or one of its two neighbours; the
+    contract takes the first of (r, next_down(r), next_up(r)) that rounds forward to x, else r,
+    and keeps a non-finite r (docs/noise-contract.md, "Recovery"). round(c + d1) is monotonic in
+    c, so when r overshoots (round(r + d1) > x) next_up(r) cannot fit, and when it undershoots
+    next_down(r) cannot: one neighbour test (the one on the side of x) gives the contract's
+    result with two forward roundings instead of three."""
     r = round_nearest(x - d1, OUT_DTYPE, SOFT_BF16)
     rf = to_float32(r, SOFT_BF16)
-    found = _fits(rf, d1, x, OUT_DTYPE, SOFT_BF16) | ~(tl.abs(rf) <= 3.4028234663852886e38)
-    c = _neighbour(r, rf, False, OUT_DTYPE, SOFT_BF16)
-    fits = ~found & _fits(c, d1, x, OUT_DTYPE, SOFT_BF16)
-    theta = tl.where(fits, c, rf)
-    found = found | fits
-    c = _neighbour(r, rf, True, OUT_DTYPE, SOFT_BF16)
-    return tl.where(~found & _fits(c, d1, x, OUT_DTYPE, SOFT_BF16), c, theta)
+    back = to_float32(round_nearest(rf + d1, OUT_DTYPE, SOFT_BF16), SOFT_BF16)
+    c = _neighbour(r, rf, back > x, OUT_DTYPE, SOFT_BF16)
+    take = ((back != x) & (tl.abs(rf) <= 3.4028234663852886e38)
+            & _fits(c, d1, x, OUT_DTYPE, SOFT_BF16))
+    return tl.where(take, c, rf)
