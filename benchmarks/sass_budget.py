@@ -579,15 +579,21 @@ def scatter_variants() -> list[Variant]:
 
 def _whatif_kernels():
     """The rounding step alone on a bf16 block held as a gaussian tile: MODE 0 round to nearest,
-    1 the contract's stochastic rounding (stream-1 uniforms, correctly rounded division), 2 integer
-    stochastic rounding (16 random low bits added to the float32 pattern, then truncation to bf16;
-    NOT the contract: it would change every backend's SR values). Rows' differences give the cost
-    of each rounding."""
+    1 the uniform-based stochastic rounding of contracts 1 / 2 (stream-1 uniforms, correctly
+    rounded division), 2 contract 3's integer stochastic rounding (16 random bits per element,
+    one Philox call per 8 elements), 3 the same rule with 8 random bits per element (one call per
+    16 elements; NOT a contract: SR probabilities quantized to 1/256 ulp). Rows' differences give
+    the cost of each rounding."""
     import triton
     import triton.language as tl
 
     from zokernels.backends.triton._common import (load_seed, philox, quads, round_nearest,
                                                    round_stochastic, rounding_tile, tile_lanes)
+    try:  # contract 3 (absent from older trees)
+        from zokernels.backends.triton._common import (round_stochastic_integer,
+                                                       rounding_bits_tile)
+    except ImportError:
+        round_stochastic_integer = rounding_bits_tile = None
 
     @triton.jit
     def _whatif_rounding_kernel(x_ptr, seed_ptr, scale, MODE: tl.constexpr,
@@ -601,27 +607,30 @@ def _whatif_kernels():
             y = round_nearest(acc, tl.bfloat16, False)
         elif MODE == 1:
             y = round_stochastic(acc, rounding_tile(seed, key, blk, 0, BLOCK), tl.bfloat16, False)
+        elif MODE == 2:
+            y = round_stochastic_integer(acc, rounding_bits_tile(seed, key, blk, 0, BLOCK),
+                                         tl.bfloat16, False)
         else:
-            g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 4)
-            c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, BLOCK // 4).to(tl.uint32)
+            g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 16)
+            c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, BLOCK // 16).to(tl.uint32)
             w0, w1, w2, w3 = philox(seed, c0, (g >> 32).to(tl.uint32), key, 1)
-            bits = acc.to(tl.uint32, bitcast=True)
-            up = bits + (quads(w0, w1, w2, w3) & 0xFFFF)
-            keep = (bits & 0x7FFFFFFF) >= 0x7F800000  # inf / NaN: no carry into them
-            y = (tl.where(keep, bits, up) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            w = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), [BLOCK // 4])  # quad j
+            r = quads(w << 8, w, w >> 8, w >> 16) & 0xFF00  # byte m of the quad's word
+            y = round_stochastic_integer(acc, r, tl.bfloat16, False)
         tl.store(ptrs, y)
 
-    return _whatif_rounding_kernel
+    return _whatif_rounding_kernel, round_stochastic_integer is not None
 
 
 def whatif_variants() -> list[Variant]:
     try:
-        fn = _whatif_kernels()
+        fn, has_integer = _whatif_kernels()
     except ImportError:  # a checkout without these helpers (--tree of an older commit)
         return []
     out = []
+    names = ("nearest", "contract-sr", "contract3-sr", "integer-sr-8bit")
     for block in (2048, 4096):
-        for mode, name in enumerate(("nearest", "contract-sr", "integer-sr")):
+        for mode, name in enumerate(names if has_integer else names[:2]):
             out.append(Variant(f"whatif/rounding/bf16/{name}/block{block}", "whatif", fn,
                                {"x_ptr": "*bf16", "seed_ptr": "*i64", "scale": "fp32"},
                                {"MODE": mode, "BLOCK": block}, {"num_warps": 8, "maxnreg": 96},
