@@ -150,18 +150,28 @@ def test_integer_rounding_sharded_and_scatter_match_the_dense_pass(fast_case, dt
     """A shard (index map) draws the bits of its contract indices, and the undo log's scatter
     rewrites an element as the dense pass rounds it, both bit for bit with the reference."""
     backend, device = fast_case
+    # (dist, columns, shard's first column, shard's width): grain 4 (gaussian's grouped path),
+    # grain 128 (rademacher's grouped path), grain 1 (one Philox call per element)
+    for dist, cols, first, width in [("gaussian", 40, 12, 20), ("rademacher", 256, 128, 128),
+                                     ("gaussian", 40, 3, 19)]:
+        rows = 3
+        whole = _edge_values(dtype, rows * cols)[:rows * cols].view(rows, cols)
+        whole = torch.where(whole.isnan(), torch.zeros_like(whole), whole)
+        dense = whole.clone()
+        zokernels.perturb_(dense, 3, 1e-3, keys=[7], dist=dist, rounding="stochastic",
+                           rounding_seed=5, backend="torch", contract=3, check_finite=False)
+        shard = whole[:, first:first + width].contiguous().to(device)
+        zokernels.perturb_(shard, 3, 1e-3, keys=[7], dist=dist, rounding="stochastic",
+                           rounding_seed=5, index_maps=[(first, width, cols)], backend=backend,
+                           contract=3, check_finite=False)
+        _same_bits_or_both_nan(shard.cpu(), dense[:, first:first + width].contiguous(),
+                               f"{backend} {dist} shard {first}:{first + width} of {cols}")
     rows, cols = 6, 40
     whole = _edge_values(dtype, rows * cols)[:rows * cols].view(rows, cols)
     whole = torch.where(whole.isnan(), torch.zeros_like(whole), whole)
     dense = whole.clone()
     zokernels.perturb_(dense, 3, 1e-3, keys=[7], rounding="stochastic", rounding_seed=5,
                        backend="torch", contract=3, check_finite=False)
-    # columns 12 .. 31 of every row: g(i) = 12 + (i // 20) * 40 + i % 20
-    shard = whole[:, 12:32].contiguous().to(device)
-    zokernels.perturb_(shard, 3, 1e-3, keys=[7], rounding="stochastic", rounding_seed=5,
-                       index_maps=[(12, 20, cols)], backend=backend, contract=3,
-                       check_finite=False)
-    _same_bits_or_both_nan(shard.cpu(), dense[:, 12:32].contiguous(), f"{backend} shard")
     # scatter: entries at every 3rd element, values = the weights before the pass
     flat = whole.reshape(-1)
     index = torch.arange(0, flat.numel(), 3, dtype=torch.int64)

@@ -77,8 +77,8 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       load_seed,
                       map_index, noise_at, noise_words, noise_words_at_blocks, recover_unperturbed,
                       philox, quads, round_nearest, round_stochastic, round_stochastic_integer,
-                      _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile, rounding_tile_at_blocks,
-                      _rounding_quads,
+                      _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
+                      rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16)
 
 # Elements per program. Registers on sm_90 are capped at MAXNREG (ptxas; counts in
@@ -193,10 +193,10 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                     LOG_MODE: tl.constexpr, MAPPED: tl.constexpr, SOFT_BF16: tl.constexpr,
                     NORMAL: tl.constexpr):
     """STOCHASTIC: 0 round to nearest, 1 the uniform-based stochastic rounding (contracts 1, 2),
-    2 the integer one (contract 3). LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only
-    (index_ptr, values_ptr and capacity are None). MAPPED: the table rows carry index maps (the
-    noise and the rounding uniforms at g(i)); without it no map code is compiled. NORMAL: the
-    contract version of the gaussian normals (1 or 2).
+    2 the integer one (contract 3). LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log
+    and write, 2 count only (index_ptr, values_ptr and capacity are None). MAPPED: the table rows
+    carry index maps (the noise and the rounding bits at g(i)); without it no map code is
+    compiled. NORMAL: the version of the gaussian normals (1 or 2).
 
     The block is held as a tile in Philox layout (``tile_lanes``): the noise of a Philox call is
     used in the registers that computed it. Index math is int32 inside the block (the block's
@@ -334,8 +334,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     a dict the caller keeps per persistent tensor group: the static launch table is reused while
     the tensors' addresses, numels, keys, maps and the block stay the same (``cached_table``).
     ``contract``: 1, 2 or 3 (docs/noise-contract.md): the gaussian normals (1: v1, else v2)
-    and the stochastic rounding (3: integer). No host
-    synchronization."""
+    and the stochastic rounding (3: integer). No host synchronization."""
     log_mode = 0 if log is None else (2 if count_only else 1)
     stochastic = 0
     if rounding == "stochastic" and tensors[0].dtype != torch.float32:
