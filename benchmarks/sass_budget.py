@@ -429,10 +429,13 @@ def perturb_variants(extra=None) -> list[Variant]:
     out = []
     combos = []
     has_normal = "NORMAL" in P._perturb_kernel.arg_names
+    # contract 3's integer stochastic rounding (STOCHASTIC = 2), where the tree has it
+    has_integer_sr = hasattr(P, "round_stochastic_integer")
     dists = ["gaussian", "rademacher"] + (["gaussian-v2"] if has_normal else [])
     for dist in dists:
         for dt in ("bf16", "fp16", "fp32"):
-            for rounding in (("nearest",) if dt == "fp32" else ("nearest", "stochastic")):
+            for rounding in (("nearest",) if dt == "fp32" else ("nearest", "stochastic")
+                             + (("stochastic-v3",) if has_integer_sr else ())):
                 for applied in (False, True):
                     for log in ("none", "log", "count"):
                         combos.append((dist, dt, rounding, applied, log, False))
@@ -451,10 +454,11 @@ def perturb_variants(extra=None) -> list[Variant]:
         sel_out = {"sel_out": 1, "sel_in_out": 1, "sel_count": 2}.get(log, 0)
         sel_in = log in ("sel_in_out", "sel_in")
         log_mode = {"none": 0, "log": 1, "count": 2}.get(log, 0)
+        stochastic = {"nearest": 0, "stochastic": 1, "stochastic-v3": 2}[rounding]
         if sel_out or sel_in:
-            block = P.block_for(dist, False, True, selector=True)
+            block = P.block_for(dist, 0, True, selector=True)
         elif hasattr(P, "block_for"):
-            block = P.block_for(dist, rounding == "stochastic" and dt != "fp32",
+            block = P.block_for(dist, stochastic,
                                 applied or log != "none", mapped, normal, size,
                                 log != "none")
         else:  # the kernels before block_for (the baseline)
@@ -467,7 +471,8 @@ def perturb_variants(extra=None) -> list[Variant]:
                "index_ptr": "*i64", "values_ptr": "*" + ty, "count_ptr": "*i64",
                "capacity": "i32"}
         const = {"LOG2_P": 3, "BLOCK": block, "DIST": P.DIST_CODES[dist],
-                 "STOCHASTIC": rounding == "stochastic", "ALIGN": 16 // size,
+                 "STOCHASTIC": stochastic if has_integer_sr else stochastic == 1,
+                 "ALIGN": 16 // size,
                  "HAS_APPLIED": applied, "LOG_MODE": log_mode, "MAPPED": mapped,
                  "SOFT_BF16": False}
         if has_normal:
@@ -600,15 +605,21 @@ def scatter_variants() -> list[Variant]:
 
 def _whatif_kernels():
     """The rounding step alone on a bf16 block held as a gaussian tile: MODE 0 round to nearest,
-    1 the contract's stochastic rounding (stream-1 uniforms, correctly rounded division), 2 integer
-    stochastic rounding (16 random low bits added to the float32 pattern, then truncation to bf16;
-    NOT the contract: it would change every backend's SR values). Rows' differences give the cost
-    of each rounding."""
+    1 the uniform-based stochastic rounding of contracts 1 / 2 (stream-1 uniforms, correctly
+    rounded division), 2 contract 3's integer stochastic rounding (16 random bits per element,
+    one Philox call per 8 elements), 3 the same rule with 8 random bits per element (one call per
+    16 elements; NOT a contract: SR probabilities quantized to 1/256 ulp). Rows' differences give
+    the cost of each rounding."""
     import triton
     import triton.language as tl
 
     from zokernels.backends.triton._common import (load_seed, philox, quads, round_nearest,
                                                    round_stochastic, rounding_tile, tile_lanes)
+    try:  # contract 3 (absent from older trees)
+        from zokernels.backends.triton._common import (round_stochastic_integer,
+                                                       rounding_bits_tile)
+    except ImportError:
+        round_stochastic_integer = rounding_bits_tile = None
 
     @triton.jit
     def _whatif_rounding_kernel(x_ptr, seed_ptr, scale, MODE: tl.constexpr,
@@ -622,27 +633,30 @@ def _whatif_kernels():
             y = round_nearest(acc, tl.bfloat16, False)
         elif MODE == 1:
             y = round_stochastic(acc, rounding_tile(seed, key, blk, 0, BLOCK), tl.bfloat16, False)
+        elif MODE == 2:
+            y = round_stochastic_integer(acc, rounding_bits_tile(seed, key, blk, 0, BLOCK),
+                                         tl.bfloat16, False)
         else:
-            g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 4)
-            c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, BLOCK // 4).to(tl.uint32)
+            g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 16)
+            c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, BLOCK // 16).to(tl.uint32)
             w0, w1, w2, w3 = philox(seed, c0, (g >> 32).to(tl.uint32), key, 1)
-            bits = acc.to(tl.uint32, bitcast=True)
-            up = bits + (quads(w0, w1, w2, w3) & 0xFFFF)
-            keep = (bits & 0x7FFFFFFF) >= 0x7F800000  # inf / NaN: no carry into them
-            y = (tl.where(keep, bits, up) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            w = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), [BLOCK // 4])  # quad j
+            r = quads(w << 8, w, w >> 8, w >> 16) & 0xFF00  # byte m of the quad's word
+            y = round_stochastic_integer(acc, r, tl.bfloat16, False)
         tl.store(ptrs, y)
 
-    return _whatif_rounding_kernel
+    return _whatif_rounding_kernel, round_stochastic_integer is not None
 
 
 def whatif_variants() -> list[Variant]:
     try:
-        fn = _whatif_kernels()
+        fn, has_integer = _whatif_kernels()
     except ImportError:  # a checkout without these helpers (--tree of an older commit)
         return []
     out = []
+    names = ("nearest", "contract-sr", "contract3-sr", "integer-sr-8bit")
     for block in (2048, 4096):
-        for mode, name in enumerate(("nearest", "contract-sr", "integer-sr")):
+        for mode, name in enumerate(names if has_integer else names[:2]):
             out.append(Variant(f"whatif/rounding/bf16/{name}/block{block}", "whatif", fn,
                                {"x_ptr": "*bf16", "seed_ptr": "*i64", "scale": "fp32"},
                                {"MODE": mode, "BLOCK": block}, {"num_warps": 8, "maxnreg": 96},

@@ -34,7 +34,7 @@ struct PerturbJob {
     const std::vector<float>& applied;  // empty: no recovery
     Dist dist;
     Contract contract;
-    bool stochastic;
+    int rounding;  // Rounding (rounding.h)
     PhiloxKeys rounding_keys;
     int dtype;
     // Undo log (log_mode != kNoLog): starts[j] is the group-flat index of tensor j's element 0.
@@ -57,9 +57,9 @@ template <class Philox, class Format, bool kMapped, class Value>
 ZK_INLINE void store_tile(const Value& value, int n, typename Format::storage* x,
                           const PerturbJob& job, uint32_t key, uint64_t g) {
     if constexpr (kMapped)
-        round_store_at<Philox, Format>(value, n, x, job.stochastic, job.rounding_keys, key, g);
+        round_store_at<Philox, Format>(value, n, x, job.rounding, job.rounding_keys, key, g);
     else
-        round_store<Philox, Format>(value, n, x, job.stochastic, job.rounding_keys, key, g);
+        round_store<Philox, Format>(value, n, x, job.rounding, job.rounding_keys, key, g);
 }
 
 // The undo log's side of one work item: checks every tile, collects the item's lost elements
@@ -387,7 +387,9 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
     if (dist != kGaussian && dist != kRademacher) throw std::invalid_argument("perturb: bad dist code");
     if (contract != kContractV1 && contract != kContractV2)
         throw std::invalid_argument("perturb: contract must be 1 or 2");
-    if (rounding != 0 && rounding != 1) throw std::invalid_argument("perturb: bad rounding code");
+    if (rounding != kRoundNearest && rounding != kRoundStochastic &&
+        rounding != kRoundStochasticInteger)
+        throw std::invalid_argument("perturb: bad rounding code");
     if (log_mode < kNoLog || log_mode > kLogCountOnly)
         throw std::invalid_argument("perturb: bad log_mode");
     if (log_mode != kNoLog && log_count_ptr == 0)
@@ -418,7 +420,7 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
     }
 
     PerturbJob job{ptrs, keys, decays, {}, scales, applied, static_cast<Dist>(dist),
-                   static_cast<Contract>(contract), rounding == 1, PhiloxKeys(rounding_seed), dtype, {}, log_mode == kLogCountOnly,
+                   static_cast<Contract>(contract), rounding, PhiloxKeys(rounding_seed), dtype, {}, log_mode == kLogCountOnly,
                    reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
                    reinterpret_cast<int64_t*>(log_count_ptr), std::move(maps), sel_out, sel_in,
                    {}};

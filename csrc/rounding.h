@@ -4,6 +4,8 @@
 // (c10) conversions bit for bit.
 #pragma once
 
+#include <type_traits>
+
 #include "common.h"
 
 namespace zk {
@@ -80,6 +82,29 @@ ZK_INLINE uint32_t stochastic_round_bits(float acc, float u) {
     result = y_value == acc ? y : result;
     result = y_abs <= 3.4028234663852886e38f ? result : y;  // y inf or NaN: keep y
     return result & 0xFFFFu;
+}
+
+// Rounding codes of the _C API: nearest, the contract-1/2 stochastic rounding above, and contract
+// 3's integer stochastic rounding below.
+enum Rounding : int { kRoundNearest = 0, kRoundStochastic = 1, kRoundStochasticInteger = 2 };
+
+// Contract 3 stochastic rounding of acc to a 16-bit format with 16 random bits (docs/
+// noise-contract.md): m = the float32 pattern of |acc| (bf16) or of |acc| * 2^-112 (fp16: exact
+// power-of-two scaling onto fp32's subnormal boundary, after which the pattern shifted right by
+// 13 is fp16's magnitude pattern, subnormals included); the random bits are added below the kDrop
+// bits the format drops, then truncated: away from zero with probability (m mod 2^kDrop) / 2^kDrop.
+// |acc| at or above the largest finite value, inf and NaN round to nearest. No division and no
+// float compare of neighbours (the uniform-based version's cost on GPUs). Returns the pattern.
+template <class Format>
+ZK_INLINE uint32_t integer_stochastic_round_bits(float acc, uint32_t random16) {
+    constexpr bool kHalf = std::is_same<Format, Float16Format>::value;
+    constexpr int kDrop = kHalf ? 13 : 16;
+    constexpr float kLimit = kHalf ? 65504.0f : 0x1.FEp127f;  // largest finite value
+    const float magnitude = kHalf ? abs_of(acc) * 0x1p-112f : abs_of(acc);
+    const uint32_t kept = (bits_as<uint32_t>(magnitude) + (random16 >> (16 - kDrop))) >> kDrop;
+    const uint32_t sign = (bits_as<uint32_t>(acc) >> 16) & 0x8000u;
+    const uint32_t nearest = Format::bits_from_float(acc);
+    return abs_of(acc) < kLimit ? (kept | sign) : nearest;  // false for NaN
 }
 
 // The dtype's grid as bit patterns, to step to neighbours: round_bits(v) is float32 v rounded to

@@ -41,7 +41,7 @@ struct ScatterJob {
     const std::vector<float>& scales;
     Dist dist;
     Contract contract;
-    bool stochastic;
+    int rounding;  // Rounding (rounding.h)
     PhiloxKeys rounding_keys;
     std::vector<IndexMap> maps;    // empty: no tensor mapped; else one per tensor
 };
@@ -160,10 +160,21 @@ inline int64_t scatter_batch(const ScatterJob& job, int64_t first, int n) {
     alignas(64) Storage out[kBatch];
     if constexpr (std::is_same<Format, Float32Format>::value) {
         for (int b = 0; b < n; ++b) out[b] = decay[b] * Format::to_float(values[b]) + d[b];
-    } else if (!job.stochastic) {
+    } else if (job.rounding == kRoundNearest) {
         for (int b = 0; b < n; ++b)
             out[b] = static_cast<uint16_t>(
                 Format::bits_from_float(decay[b] * Format::to_float(values[b]) + d[b]));
+    } else if (job.rounding == kRoundStochasticInteger) {
+        // Contract 3: the 16 bits of half i % 2 of word (i % 8) / 2 of counter i / 8.
+        for (int b = 0; b < n; ++b) block[b] = at[b] >> 3;
+        philox_at(job.rounding_keys, block, key, kStreamRounding, n, w0, w1, w2, w3);
+        for (int b = 0; b < n; ++b) {
+            const uint32_t m = static_cast<uint32_t>((at[b] >> 1) & 3u);
+            const uint32_t half = static_cast<uint32_t>(at[b] & 1u) * 16u;
+            const uint32_t random16 = (word_of(m, w0[b], w1[b], w2[b], w3[b]) >> half) & 0xFFFFu;
+            const float acc = decay[b] * Format::to_float(values[b]) + d[b];
+            out[b] = static_cast<uint16_t>(integer_stochastic_round_bits<Format>(acc, random16));
+        }
     } else {
         // The uniform of word i % 4 of counter i / 4 in the rounding stream.
         for (int b = 0; b < n; ++b) block[b] = at[b] >> 2;
@@ -243,7 +254,8 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
         throw std::invalid_argument("scatter_perturb: bad dist code");
     if (contract != kContractV1 && contract != kContractV2)
         throw std::invalid_argument("scatter_perturb: contract must be 1 or 2");
-    if (rounding != 0 && rounding != 1)
+    if (rounding != kRoundNearest && rounding != kRoundStochastic &&
+        rounding != kRoundStochasticInteger)
         throw std::invalid_argument("scatter_perturb: bad rounding code");
     if (count_ptr == 0) throw std::invalid_argument("scatter_perturb: count_ptr is null");
     std::vector<IndexMap> maps = index_maps_from("scatter_perturb", numels, index_offsets,
@@ -258,7 +270,7 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
 
     ScatterJob job{ptrs, keys, decays, {}, 0, reinterpret_cast<const int64_t*>(index_ptr),
                    values_ptr, {}, scales, static_cast<Dist>(dist), static_cast<Contract>(contract),
-                   rounding == 1,
+                   rounding,
                    PhiloxKeys(rounding_seed), std::move(maps)};
     for (uint64_t n : numels) {
         job.starts.push_back(job.total);

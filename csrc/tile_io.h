@@ -54,55 +54,61 @@ inline void recover_tile(const typename Format::storage* ZK_RESTRICT x, const fl
     for (int q = 0; q < n_retry; ++q) theta[at[q]] = x_s[q];
 }
 
-// x[i] = round(value(i)) for i < n, where element i has contract index 4 * first_block + lead
-// + i (lead < 4, lead + n <= kTile): the stochastic uniform of element i is word (lead + i) % 4
-// of stream-1 counter first_block + (lead + i) / 4. value(i) may read x[i] (perturb_ reads the
-// weight here, in place): each element is read before it is written.
+// x[i] = round(value(i)) for i < n, where element i has contract index first + i, with
+// (first % 8) + n <= kTile + 8 (a tile, or a run of a sharded tensor inside one). Stochastic
+// rounding (kRoundStochastic): the uniform of word (first + i) % 4 of stream-1 counter
+// (first + i) / 4; kRoundStochasticInteger (contract 3): the 16 bits of half (first + i) % 2 of
+// word ((first + i) % 8) / 2 of stream-1 counter (first + i) / 8. value(i) may read x[i]
+// (perturb_ reads the weight here, in place): each element is read before it is written.
 template <class Philox, class Format, class Value>
-inline void round_store_blocks(const Value& value, int n, typename Format::storage* x,
-                               bool stochastic, const PhiloxKeys& rounding_keys, uint32_t key,
-                               uint64_t first_block, int lead) {
+inline void round_store_at(const Value& value, int n, typename Format::storage* x, int rounding,
+                           const PhiloxKeys& rounding_keys, uint32_t key, uint64_t first) {
     if constexpr (std::is_same<Format, Float32Format>::value) {
-        (void)stochastic, (void)rounding_keys, (void)key, (void)first_block, (void)lead;
+        (void)rounding, (void)rounding_keys, (void)key, (void)first;
         for (int i = 0; i < n; ++i) x[i] = value(i);  // float32 is already exact
-    } else {
-        if (!stochastic) {
-            for (int i = 0; i < n; ++i) x[i] = static_cast<uint16_t>(Format::bits_from_float(value(i)));
-            return;
-        }
-        alignas(64) float u[kTile];
-        uniform_blocks<Philox>(rounding_keys, key, kStreamRounding, first_block, (lead + n + 3) / 4,
+    } else if (rounding == kRoundNearest) {
+        for (int i = 0; i < n; ++i) x[i] = static_cast<uint16_t>(Format::bits_from_float(value(i)));
+    } else if (rounding == kRoundStochastic) {
+        alignas(64) float u[kTile + 4];
+        const int lead = static_cast<int>(first % 4);
+        uniform_blocks<Philox>(rounding_keys, key, kStreamRounding, first / 4, (lead + n + 3) / 4,
                                u);
         const float* u_at = u + lead;
         for (int i = 0; i < n; ++i)
             x[i] = static_cast<uint16_t>(stochastic_round_bits<Format>(value(i), u_at[i]));
+    } else {
+        constexpr int kPerCounter = 8;
+        alignas(64) uint32_t w0[kTile / kPerCounter + 1], w1[kTile / kPerCounter + 1],
+            w2[kTile / kPerCounter + 1], w3[kTile / kPerCounter + 1];
+        alignas(64) uint32_t random16[kTile + kPerCounter];
+        const int lead = static_cast<int>(first % kPerCounter);
+        const int n_blocks = (lead + n + kPerCounter - 1) / kPerCounter;
+        Philox::blocks(rounding_keys, first / kPerCounter, key, kStreamRounding, n_blocks, w0, w1,
+                       w2, w3);
+        for (int q = 0; q < n_blocks; ++q) {
+            uint32_t* r = random16 + kPerCounter * q;
+            r[0] = w0[q] & 0xFFFFu, r[1] = w0[q] >> 16, r[2] = w1[q] & 0xFFFFu, r[3] = w1[q] >> 16;
+            r[4] = w2[q] & 0xFFFFu, r[5] = w2[q] >> 16, r[6] = w3[q] & 0xFFFFu, r[7] = w3[q] >> 16;
+        }
+        const uint32_t* r_at = random16 + lead;
+        for (int i = 0; i < n; ++i)
+            x[i] = static_cast<uint16_t>(integer_stochastic_round_bits<Format>(value(i), r_at[i]));
     }
 }
 
-// x[i] = round(value(i)) for i < n, where element i has flat index tile_first + i (a multiple of
-// 4, so the stream-1 counters of stochastic rounding start at tile_first / 4).
+// round_store_at for a tile whose first element index tile_first is a multiple of 8.
 template <class Philox, class Format, class Value>
-inline void round_store(const Value& value, int n, typename Format::storage* x, bool stochastic,
+inline void round_store(const Value& value, int n, typename Format::storage* x, int rounding,
                         const PhiloxKeys& rounding_keys, uint32_t key, uint64_t tile_first) {
-    round_store_blocks<Philox, Format>(value, n, x, stochastic, rounding_keys, key, tile_first / 4,
-                                       0);
-}
-
-// round_store for elements whose contract indices first .. first + n - 1 start anywhere (a run of
-// a sharded tensor, docs/backends.md "index maps"); (first % 4) + n <= kTile.
-template <class Philox, class Format, class Value>
-inline void round_store_at(const Value& value, int n, typename Format::storage* x, bool stochastic,
-                           const PhiloxKeys& rounding_keys, uint32_t key, uint64_t first) {
-    round_store_blocks<Philox, Format>(value, n, x, stochastic, rounding_keys, key, first / 4,
-                                       static_cast<int>(first % 4));
+    round_store_at<Philox, Format>(value, n, x, rounding, rounding_keys, key, tile_first);
 }
 
 // x[i] = round(acc[i]) for i < n (lowrank_perturb_).
 template <class Philox, class Format>
 inline void store_rounded(const float* ZK_RESTRICT acc, int n, typename Format::storage* ZK_RESTRICT x,
-                          bool stochastic, const PhiloxKeys& rounding_keys, uint32_t key,
+                          int rounding, const PhiloxKeys& rounding_keys, uint32_t key,
                           uint64_t tile_first) {
-    round_store<Philox, Format>([acc](int i) { return acc[i]; }, n, x, stochastic, rounding_keys,
+    round_store<Philox, Format>([acc](int i) { return acc[i]; }, n, x, rounding, rounding_keys,
                                 key, tile_first);
 }
 

@@ -1,6 +1,7 @@
 """Optimizers, checkpoints and trajectories carry the noise contract version (docs/noise-contract.md):
-v2 normals by default, v1 on request, and a state or trajectory saved before versions existed
-(no "contract" field) resumes / replays with the v1 normals it was made with."""
+v2 normals by default, v1 on request, v3 (v2 normals, integer stochastic rounding) on request, and
+a state or trajectory saved before versions existed (no "contract" field) resumes / replays with
+the v1 normals it was made with."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def test_default_is_v2_and_v1_is_a_different_run(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("contract", [1, 2])
+@pytest.mark.parametrize("contract", [1, 2, 3])
 def test_trajectory_replays_with_its_recorded_normals(name, contract):
     net = Net()
     start = snapshot(net)
@@ -129,7 +130,7 @@ def test_tezo_factors_follow_the_contract_and_a_loaded_one():
     assert v2.contract == 1 and torch.equal(v2.lowrank[0].us[0], expected)
 
 
-@pytest.mark.parametrize("bad", [0, 3, "2", 2.0, True, None])
+@pytest.mark.parametrize("bad", [0, 4, "2", 2.0, True, None])
 def test_bad_contract_is_refused(bad):
     with pytest.raises(ValueError, match="contract"):
         MeZO(Net().named_parameters(), contract=bad)
@@ -147,6 +148,39 @@ def test_bad_contract_is_refused(bad):
     meta_bad["meta"]["contract"] = bad
     with pytest.raises(ValueError, match="contract"):
         Trajectory.from_state_dict(meta_bad)
+
+
+def _bf16_run(contract: int, steps: int = 3):
+    """MeZO on a bf16 net with stochastic rounding of the updates (the contracts' rounding
+    differs there; fp32 updates are exact)."""
+    net = Net().to(torch.bfloat16)
+    start = snapshot(net)
+    opt = MeZO(net.named_parameters(), lr=1e-2, eps=1e-3, seed=11, rounding="stochastic",
+               contract=contract)
+    for _ in range(steps):
+        opt.step(lambda: net(X.to(torch.bfloat16)).float().pow(2).mean())
+    return net, opt, start
+
+
+def test_contract_3_records_and_replays_its_stochastic_rounding():
+    net3, opt3, start = _bf16_run(3)
+    net2, _, _ = _bf16_run(2)
+    assert opt3.state_dict()["contract"] == 3 and opt3.trajectory.meta["contract"] == 3
+    differs = any(not torch.equal(p, q) for p, q in zip(net3.parameters(), net2.parameters()))
+    assert differs, "contracts 2 and 3 rounded the bf16 updates alike"
+    fresh = Net().to(torch.bfloat16)
+    assert_same(snapshot(fresh), start, "initial weights")
+    Trajectory.from_state_dict(opt3.trajectory.state_dict()).replay(fresh)
+    assert_same(snapshot(fresh), snapshot(net3), "contract 3 replay")
+    # a checkpoint resumes with its contract: 3 + 2 steps == 5 steps
+    whole, _, _ = _bf16_run(3, steps=5)
+    resumed_net, resumed_opt, _ = _bf16_run(2, steps=0)  # built with another contract
+    resumed_net.load_state_dict(net3.state_dict())
+    resumed_opt.load_state_dict(opt3.state_dict())
+    assert resumed_opt.contract == 3
+    for _ in range(2):
+        resumed_opt.step(lambda: resumed_net(X.to(torch.bfloat16)).float().pow(2).mean())
+    assert_same(snapshot(resumed_net), snapshot(whole), "resumed contract 3 run")
 
 
 def test_trajectory_contract_must_match_the_state():

@@ -246,3 +246,25 @@ def test_budget_of_the_main_passes(tmp_path):
     v2 = rows["perturb/gaussian-v2/bf16/nearest/K=1"]
     assert v2["instr_per_elem"] <= 48 and v2["instr_per_extra_seed"] <= 34
     assert rows["perturb/rademacher/bf16/nearest/K=1"]["instr_per_extra_seed"] <= 6.5
+
+
+@needs_ptxas
+def test_budget_of_rounding_and_recovery(tmp_path):
+    """What contract 3's integer stochastic rounding and the one-neighbour recovery cost on top
+    of a plain v2 gaussian bf16 pass (docs/gpu-performance.md; issue 16 asks <= 8 and <= 15, the
+    kernels measure +14.3 and +19.9: these bounds catch a regression, not the issue's target),
+    and every pass of the family stays at <= 96 registers without spills."""
+    out = tmp_path / "budget.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sass_budget.py"),
+                           "--only", "perturb/gaussian-v2/bf16/*", "--json", str(out)],
+                          capture_output=True, text=True, env=_compiled_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    for r in rows.values():
+        assert r["regs"] <= 96 and r["spills"] == 0, r["variant"]
+    plain = rows["perturb/gaussian-v2/bf16/nearest/K=1"]["instr_per_elem"]
+    sr3 = rows["perturb/gaussian-v2/bf16/stochastic-v3/K=1"]["instr_per_elem"]
+    sr1 = rows["perturb/gaussian-v2/bf16/stochastic/K=1"]["instr_per_elem"]
+    applied = rows["perturb/gaussian-v2/bf16/nearest/applied/K=1"]["instr_per_elem"]
+    assert sr3 - plain <= 15.0 and sr3 < sr1 - 30, (plain, sr3, sr1)
+    assert applied - plain <= 21.0, (plain, applied)

@@ -73,3 +73,59 @@ def test_unaligned_views_are_correct():
     zokernels.perturb_(copies, 7, 0.5, backend="triton")
     for j, (v, c) in enumerate(zip(views, copies)):
         assert_bits_equal(v, c, f"view {j}")
+
+
+
+if "triton" in zokernels.available_backends():
+    import triton
+    import triton.language as tl
+
+    from zokernels.backends.triton._common import SOFT_BF16, recover_unperturbed
+
+    @triton.jit
+    def _recover_kernel(x_ptr, d1_ptr, out_ptr, grid_ptr, n, SOFT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        """out = recover_unperturbed(x, d1) on the grid of grid_ptr's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < n
+        x = tl.load(x_ptr + offs, mask=live, other=0.0)
+        d1 = tl.load(d1_ptr + offs, mask=live, other=0.0)
+        tl.store(out_ptr + offs, recover_unperturbed(x, d1, grid_ptr.dtype.element_ty, SOFT),
+                 mask=live)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_recovery_matches_reference_where_a_neighbour_is_needed(dtype):
+    """The kernel's recovery tests one neighbour (the one on x's side: round(c + d1) is
+    monotonic in c) where the contract lists three candidates; its result must be the contract's
+    (the torch reference) bit for bit. r = round(x - d1) itself fits almost always; a neighbour
+    is needed only at binade boundaries for a few d1 (found by this sweep: x = +-2^k, the
+    smallest normal, zeros, the largest finite, inf, NaN, d1 across +-3 ulp)."""
+    from zokernels.backends.torch.rounding import recover
+
+    info = torch.finfo(dtype)
+    centres = [1.0, -1.0, 2.0 ** -10, -2.0, 0.5, float(info.tiny), -float(info.tiny), 0.0, -0.0,
+               float(info.max), float("inf"), float("nan")]
+    xs, d1s = [], []
+    for c in centres:
+        spacing = float(info.eps) * max(abs(c), float(info.tiny)) if abs(c) < float("inf") else 1.0
+        d1 = torch.linspace(-3 * spacing, 3 * spacing, 200_001)
+        xs.append(torch.full_like(d1, c).to(dtype).to(torch.float32))
+        d1s.append(d1)
+    x, d1 = torch.cat(xs), torch.cat(d1s)
+    # keep every element that needs a neighbour, and every 97th other one (interpreter time)
+    expected = recover(x, d1, dtype)
+    needs = (expected != (x - d1).to(dtype).to(torch.float32)) & ~expected.isnan()
+    keep = needs | (torch.arange(x.numel()) % 97 == 0)
+    x, d1, expected = x[keep], d1[keep], expected[keep]
+    got = torch.empty_like(x, device=DEVICE)
+    n = x.numel()
+    _recover_kernel[((n + 1023) // 1024,)](x.to(DEVICE), d1.to(DEVICE), got,
+                                           torch.empty(1, dtype=dtype, device=DEVICE), n,
+                                           SOFT=SOFT_BF16, BLOCK=1024)
+    got = got.cpu()
+    nan = got.isnan() & expected.isnan()
+    assert torch.equal(got.isnan(), expected.isnan()), "NaN positions"
+    assert_bits_equal(got[~nan], expected[~nan], f"{dtype} recovery")
+    if dtype == torch.float16:  # the sweep holds cases that need next_up / next_down
+        assert needs.sum() >= 8, int(needs.sum())

@@ -16,11 +16,14 @@ UNIFORM_SCALE = 4.6566127342e-10
 BOX_MULLER_MIN_U = 1.0e-7
 TWO_PI = 6.283185307179586
 
-# Contract version of the gaussian normals (docs/noise-contract.md): 1 = Triton's
-# pair_uniform_to_normal (libdevice-dependent, agrees across backends within 1e-5), 2 = the fixed
-# float32 Box-Muller below, bit-identical on every backend. Words, uniforms and rademacher values
-# are the same in both. The default for new work is 2; 1 replays recordings made before v2.
-CONTRACTS = (1, 2)
+# Contract versions (docs/noise-contract.md): 1 = Triton's pair_uniform_to_normal for the
+# gaussian normals (libdevice-dependent, agrees across backends within 1e-5) and stochastic
+# rounding by a uniform against the rounding probability; 2 = the fixed float32 Box-Muller below,
+# bit-identical on every backend, with v1's stochastic rounding; 3 = v2's normals with integer
+# stochastic rounding (16 random bits added below the kept bits, then truncated: one Philox call
+# per 8 elements, no division). Words, uniforms and rademacher values are the same in all three.
+# The default for new work is 2; 1 replays recordings made before v2.
+CONTRACTS = (1, 2, 3)
 DEFAULT_CONTRACT = 2
 # What a saved optimizer state or trajectory meta without a "contract" field was made with: every
 # recording from before v2 used the v1 normals.
@@ -41,11 +44,24 @@ NORMAL_V2_COS = (0x3F7FFFFF, 0xBE9DE9C6, 0x3C81D732, 0xB9A71AED)
 
 
 def as_contract(value, name: str = "contract") -> int:
-    """`value` checked as a contract version (1 or 2; bool refused), else ValueError naming it."""
+    """`value` checked as a contract version (1, 2 or 3; bool refused), else ValueError naming
+    it."""
     if isinstance(value, bool) or not isinstance(value, int) or value not in CONTRACTS:
-        raise ValueError(f"{name} must be one of {list(CONTRACTS)} (the version of the gaussian "
-                         f"normals, docs/noise-contract.md), got {value!r}")
+        raise ValueError(f"{name} must be one of {list(CONTRACTS)} (the version of the noise "
+                         f"contract, docs/noise-contract.md), got {value!r}")
     return int(value)
+
+
+def normals_version(contract: int) -> int:
+    """The version of the gaussian normals a contract uses: 1 (libdevice Box-Muller) or 2 (the
+    fixed float32 Box-Muller; contracts 2 and 3)."""
+    return 1 if contract == 1 else 2
+
+
+def integer_rounding(contract: int) -> bool:
+    """Whether a contract's stochastic rounding is the integer one (contract 3) rather than the
+    uniform-against-probability one (contracts 1 and 2)."""
+    return contract >= 3
 
 
 def saved_contract(saved) -> object:
@@ -62,6 +78,16 @@ def float32_from_bits(bits: int) -> float:
 # Counter word c3 separates independent streams of one seed.
 STREAM_NOISE = 0
 STREAM_ROUNDING = 1
+
+# Contract 3 stochastic rounding: 16 random bits per element, word (i mod 8) // 2 of call i // 8
+# of the rounding stream, low half for even i; the float32 magnitude pattern (bf16) or that of
+# |acc| * 2^-112 (fp16: its fp32 pattern then has fp16's layout, subnormals included) keeps its
+# top bits after the bits are added below the DROP bits that the dtype does not keep.
+INTEGER_SR_GROUP = 8
+INTEGER_SR_DROP = {"bfloat16": 16, "float16": 13}
+INTEGER_SR_FP16_PRESCALE = 2.0 ** -112
+# largest finite values: from there on (and for inf / NaN) the result is round-to-nearest
+INTEGER_SR_LIMIT = {"bfloat16": 3.3895313892515355e38, "float16": 65504.0}
 
 # Elements fed by one Philox call.
 GAUSSIAN_GROUP = 4

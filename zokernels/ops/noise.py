@@ -21,7 +21,8 @@ def noise(numel: int, seed: int, key: int = 0, *, offset: int = 0, dist: str = "
     contract: the version of the gaussian normals (docs/noise-contract.md): 2 (default), a fixed
     float32 Box-Muller, bit-identical on every backend; 1, the normals of zokernels before v2
     (Triton's pair_uniform_to_normal; backends agree within 1e-5), to replay old recordings.
-    Rademacher and uniform values do not depend on it.
+    3 gives v2's normals (it differs only in stochastic rounding). Rademacher and uniform
+    values do not depend on it.
     Writes 4 bytes per element. Tested across backends against the torch reference: words,
     uniforms, rademacher and v2 gaussians bit-identical, v1 gaussians within 1e-5.
     """

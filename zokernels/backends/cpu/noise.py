@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._contract import DEFAULT_CONTRACT
+from ..._contract import DEFAULT_CONTRACT, normals_version
 from ._codes import DIST_CODES
 from ._loader import load_cpu_extension
 
@@ -15,5 +15,5 @@ def noise_cpu(numel: int, seed: int, key: int, offset: int, dist: str,
     ext = load_cpu_extension()
     out = torch.empty(numel, dtype=torch.float32, device=device)
     ext.noise(out.data_ptr(), numel, seed, key, offset, DIST_CODES[dist], torch.get_num_threads(),
-              contract=contract)
+              contract=normals_version(contract))
     return out

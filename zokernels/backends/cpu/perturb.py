@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..._contract import DEFAULT_CONTRACT
 from ..undo_buffers import SelectorBuffers, UndoBuffers
-from ._codes import DIST_CODES, DTYPE_CODES, ROUNDING_CODES
+from ._codes import DIST_CODES, DTYPE_CODES, native_contract
 from ._loader import load_cpu_extension
 
 # _C.perturb's log_mode codes.
@@ -68,7 +68,8 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     `selector_log` / `held_log` (SelectorBuffers): the selector log this pass writes (nearest
     rounding, decays 1; with `count_only`, only the pool words it needs are counted) / the one
     it reads, with `applied`, to recover every weight exactly (docs/undo-log.md).
-    `contract`: 1 or 2, the version of the gaussian normals (docs/noise-contract.md)."""
+    `contract`: 1, 2 or 3 (docs/noise-contract.md): the gaussian normals and the stochastic
+    rounding."""
     if count_only and log is None and selector_log is None:
         raise ValueError("perturb_cpu: count_only needs a log")
     ext = load_cpu_extension()
@@ -93,7 +94,8 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     if held_log is not None:
         log_args["selector_in"] = [held_log.regions.data_ptr(), held_log.regions.shape[1],
                                    held_log.pool.data_ptr(), held_log.pool.numel()]
+    codes = native_contract(rounding, contract)
     ext.perturb(ptrs, numels, key_list, decays.tolist(), DTYPE_CODES[tensors[0].dtype],
                 list(seeds), scales.tolist(), [] if applied is None else applied.tolist(),
-                DIST_CODES[dist], ROUNDING_CODES[rounding], rounding_seed,
-                torch.get_num_threads(), **log_args, **map_args, contract=contract)
+                DIST_CODES[dist], codes["rounding"], rounding_seed, torch.get_num_threads(),
+                **log_args, **map_args, contract=codes["contract"])

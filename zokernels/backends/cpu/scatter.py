@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..._contract import DEFAULT_CONTRACT
-from ._codes import DIST_CODES, DTYPE_CODES, ROUNDING_CODES
+from ._codes import DIST_CODES, DTYPE_CODES, native_contract
 from ._loader import load_cpu_extension
 from .perturb import index_map_kwargs
 
@@ -20,12 +20,13 @@ def scatter_perturb_cpu(tensors: list[Tensor], keys: list[int], index: Tensor, v
     t_j[i] = round(decays[j] * values[e] + sum_k scales[k] * z(seeds[k], keys[j], g(i))) with
     perturb_cpu's arithmetic and rounding, so an entry ends as a dense pass from values[e] would
     leave it. `index_maps` as in perturb_cpu: the log's indices are local, g(i) is where the
-    noise and the rounding uniform are drawn. `contract`: 1 or 2, the version of the gaussian
-    normals."""
+    noise and the rounding uniform are drawn. `contract`: 1, 2 or 3 (normals,
+    stochastic rounding)."""
     ext = load_cpu_extension()
+    codes = native_contract(rounding, contract)
     ext.scatter_perturb([t.data_ptr() for t in tensors], [t.numel() for t in tensors], list(keys),
                         decays.tolist(), DTYPE_CODES[tensors[0].dtype], index.data_ptr(),
                         values.data_ptr(), min(index.numel(), values.numel()), count.data_ptr(),
-                        list(seeds), scales.tolist(), DIST_CODES[dist], ROUNDING_CODES[rounding],
+                        list(seeds), scales.tolist(), DIST_CODES[dist], codes["rounding"],
                         rounding_seed, torch.get_num_threads(),
-                        **index_map_kwargs(tensors, index_maps), contract=contract)
+                        **index_map_kwargs(tensors, index_maps), contract=codes["contract"])

@@ -66,10 +66,11 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
                 theta_exact = chunk.clone()
             acc = theta * decay + noise_sum
             if where is None:
-                written = round_to(acc, tensor.dtype, rounding, rounding_seed, key, offset)
+                written = round_to(acc, tensor.dtype, rounding, rounding_seed, key, offset,
+                                   contract)
             else:
                 written = round_at(acc, tensor.dtype, rounding, rounding_seed,
-                                   torch.full_like(where, key), where)
+                                   torch.full_like(where, key), where, contract)
             if log is not None:
                 lost = lost_by_recovery(theta, written, noise_sum, tensor.dtype)
                 _append(log, start + offset + lost.nonzero().view(-1), theta[lost], count_only)

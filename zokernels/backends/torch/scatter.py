@@ -16,7 +16,7 @@ def scatter_perturb_torch(tensors, keys, index, values, count, seeds, scales, de
     t_j[i] = round(decays[j] * values[e] + sum_k scales[k] * z(seeds[k], keys[j], i)),
     the arithmetic and rounding of perturb_torch, so an entry ends as a dense pass from values[e]
     would leave it. `index_maps`: as in perturb_torch (noise and rounding at g(local index));
-    `contract`: the version of the gaussian normals."""
+    `contract`: the contract version (normals, stochastic rounding)."""
     maps = index_maps if index_maps is not None else [None] * len(tensors)
     used = min(int(count.item()), index.numel())
     index, values = index[:used], values[:used]
@@ -37,6 +37,7 @@ def scatter_perturb_torch(tensors, keys, index, values, count, seeds, scales, de
                     z = contract_values_at(seed, key_column, where, dist, contract=contract)
                     noise_sum = noise_sum + scale * z
                 acc = values[mine].to(torch.float32) * decay + noise_sum
-                flat[local] = round_at(acc, tensor.dtype, rounding, rounding_seed, key_column, where)
+                flat[local] = round_at(acc, tensor.dtype, rounding, rounding_seed, key_column, where,
+                                       contract)
         start += numel
 

@@ -4,7 +4,9 @@ multi-tensor launch tables, seed handling and the dtype maps.
 The contract (docs/noise-contract.md) in short: Philox4x32-10 with key = seed (lo, hi) and counter
 ``(b mod 2^32, b >> 32, key, stream)``. Gaussian / uniform: ``b = i // 4``, one Philox call feeds
 four consecutive elements. Rademacher: ``b = i // 128``, one call feeds 128 elements (one bit each).
-Stochastic rounding: word ``i mod 4`` of block ``i // 4`` on stream 1 with ``rounding_seed``.
+Stochastic rounding: word ``i mod 4`` of block ``i // 4`` on stream 1 with ``rounding_seed``
+(contracts 1, 2); contract 3: 16 bits, half ``i mod 2`` of word ``(i mod 8) // 2`` of block
+``i // 8`` on stream 1 (``rounding_bits_tile``, ``round_stochastic_integer``).
 
 The block helpers work on one BLOCK of a tensor whose first element index is a multiple of BLOCK
 (BLOCK a power of two >= 128), so the Philox blocks never straddle two programs and the low counter
@@ -589,6 +591,49 @@ def rounding_uniform_at(seed, key, i):
 
 
 @triton.jit
+def _rounding_bits(seed, key, b_lo, b_hi, sub):
+    """Contract 3's 16 random bits: half (sub & 1) (low half first) of word sub // 2 of the
+    rounding stream's call (b_lo, b_hi, key, 1); sub = i mod 8 for element i of call b = i // 8."""
+    w0, w1, w2, w3 = philox(seed, b_lo, b_hi, key, 1)
+    w = _pick4(w0, w1, w2, w3, sub >> 1)
+    return (w >> ((sub & 1) * 16).to(tl.uint32)) & 0xFFFF
+
+
+@triton.jit
+def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Contract 3's random bits of the elements ``blk * BLOCK + [0, BLOCK)`` in the tile shape of
+    DIST: one Philox call per 8 consecutive elements. The counters are built per quad (gaussian:
+    quad j uses half of call j // 2) or per word (rademacher: 8 elements of the 32 of a word
+    share a call), so that the copies of a call in one thread's registers are the same
+    expression and compile to one call. ``blk * BLOCK // 8`` is a multiple of BLOCK // 8, so adding
+    the call index inside the block to its low word never carries."""
+    g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 8)
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    if DIST == 1:
+        # element 128j + 32m + s at [s, m, j]: call 16j + 4m + s // 8, sub-index s % 8
+        s8 = tl.arange(0, 32)[:, None, None]
+        q = (tl.arange(0, 4) * 4)[None, :, None] + (tl.arange(0, BLOCK // 128) * 16)[None, None, :]
+        r = _rounding_bits(seed, key, c0 + (q + (s8 >> 3)).to(tl.uint32), c1, s8 & 7)
+    else:
+        # quad j (elements 4j .. 4j + 3) is half j % 2 of call j // 2: words (0, 1) or (2, 3)
+        w0, w1, w2, w3 = philox(seed, c0 + tl.arange(0, BLOCK // 8).to(tl.uint32), c1, key, 1)
+        a = tl.reshape(tl.join(w0, w2), [BLOCK // 4])
+        b = tl.reshape(tl.join(w1, w3), [BLOCK // 4])
+        r = quads(a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16)
+    return r
+
+
+@triton.jit
+def rounding_bits_at(seed, key, i):
+    """Contract 3's random bits of element indices i (int64, any shape, any values);
+    bit-identical to ``rounding_bits_tile``."""
+    b = i.to(tl.uint64, bitcast=True) >> 3
+    return _rounding_bits(seed, key, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+                          (i & 7).to(tl.int32))
+
+
+@triton.jit
 def to_float32(x, SOFT_BF16: tl.constexpr):
     """Exact widening to float32 (bf16: the 16 bits become the high half of the float32)."""
     if SOFT_BF16 and x.dtype == tl.bfloat16:
@@ -632,27 +677,45 @@ def round_stochastic(acc, u, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def round_stochastic_integer(acc, r, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Contract 3 stochastic rounding of float32 ``acc`` to the 16-bit OUT_DTYPE with 16 random
+    bits r (uint32 < 2^16; ``rounding_bits_tile``): the bits are added below the ones the dtype
+    keeps, then truncated (docs/noise-contract.md). bf16: on the signed float32 pattern, the same
+    as on the magnitude (below the largest finite bf16 the carry never reaches the sign); fp16:
+    on |acc| * 2^-112, whose fp32 pattern has fp16's layout shifted left by 13 (subnormals too).
+    |acc| >= the largest finite value, inf and NaN: round to nearest. Why: no division and no
+    neighbour arithmetic, and one Philox call per 8 elements (the uniform version: per 4)."""
+    nearest = round_nearest(acc, OUT_DTYPE, SOFT_BF16)
+    if OUT_DTYPE == tl.bfloat16:
+        kept = (acc.to(tl.uint32, bitcast=True) + r) >> 16
+        LIMIT: tl.constexpr = 3.3895313892515355e38
+    else:
+        m = (tl.abs(acc) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)  # 2^-112
+        kept = ((m + (r >> 3)) >> 13) | ((acc.to(tl.uint32, bitcast=True) >> 16) & 0x8000)
+        LIMIT: tl.constexpr = 65504.0
+    y = kept.to(tl.uint16).to(OUT_DTYPE, bitcast=True)
+    return tl.where(tl.abs(acc) < LIMIT, y, nearest)
+
+
+@triton.jit
 def _fits(c, d1, x, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
     """round_nearest(c + d1) == x, compared as values (float32 c, d1, x)."""
     return to_float32(round_nearest(c + d1, OUT_DTYPE, SOFT_BF16), SOFT_BF16) == x
 
 
 @triton.jit
-def _neighbour(r, rf, UP: tl.constexpr, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """float32 value of the OUT_DTYPE neighbour of r (float32 value rf) toward +inf (UP) or -inf:
-    one step of the 16- / 32-bit sign-magnitude pattern, +-tiny (smallest subnormal) for +-0."""
+def _neighbour(r, rf, down, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """float32 value of the OUT_DTYPE neighbour of r (float32 value rf) toward -inf where
+    ``down``, else toward +inf: one step of the 16- / 32-bit sign-magnitude pattern (away from
+    zero when the direction and the sign agree), +-tiny (smallest subnormal) for +-0."""
     if OUT_DTYPE == tl.float32:
         bits = r.to(tl.uint32, bitcast=True)
         SIGN: tl.constexpr = 0x80000000
     else:
         bits = r.to(tl.uint16, bitcast=True).to(tl.uint32)
         SIGN: tl.constexpr = 0x8000
-    if UP:
-        nb = tl.where(rf < 0.0, bits - 1, bits + 1)
-        nb = tl.where(rf == 0.0, 1, nb)
-    else:
-        nb = tl.where(rf < 0.0, bits + 1, bits - 1)
-        nb = tl.where(rf == 0.0, SIGN | 1, nb)
+    nb = tl.where((rf < 0.0) == down, bits + 1, bits - 1)
+    nb = tl.where(rf == 0.0, tl.where(down, SIGN | 1, 1), nb)
     if OUT_DTYPE == tl.float32:
         y = nb.to(tl.float32, bitcast=True)
     else:
@@ -665,16 +728,16 @@ def recover_unperturbed(x, d1, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr)
     """The weight theta (float32 value of an OUT_DTYPE number) with round(theta + d1) == x.
 
     Why: a tensor holds round(theta + D1); adding D2 - D1 to it drifts by an ulp for about half of
-    the bf16 elements per step. r = round(x - d1) is theta or one of its two neighbours, so the
-    first of (r, next_down(r), next_up(r)) that rounds forward to x is taken, else r; a
-    non-finite r is kept (docs/noise-contract.md, "Recovery"). Candidates are tested one after
-    the other so that few per-element temporaries are live at once (register pressure)."""
+    the bf16 elements per step. r = round(x - d1) is theta or one of its two neighbours; the
+    contract takes the first of (r, next_down(r), next_up(r)) that rounds forward to x, else r,
+    and keeps a non-finite r (docs/noise-contract.md, "Recovery"). round(c + d1) is monotonic in
+    c, so when r overshoots (round(r + d1) > x) next_up(r) cannot fit, and when it undershoots
+    next_down(r) cannot: one neighbour test (the one on the side of x) gives the contract's
+    result with two forward roundings instead of three."""
     r = round_nearest(x - d1, OUT_DTYPE, SOFT_BF16)
     rf = to_float32(r, SOFT_BF16)
-    found = _fits(rf, d1, x, OUT_DTYPE, SOFT_BF16) | ~(tl.abs(rf) <= 3.4028234663852886e38)
-    c = _neighbour(r, rf, False, OUT_DTYPE, SOFT_BF16)
-    fits = ~found & _fits(c, d1, x, OUT_DTYPE, SOFT_BF16)
-    theta = tl.where(fits, c, rf)
-    found = found | fits
-    c = _neighbour(r, rf, True, OUT_DTYPE, SOFT_BF16)
-    return tl.where(~found & _fits(c, d1, x, OUT_DTYPE, SOFT_BF16), c, theta)
+    back = to_float32(round_nearest(rf + d1, OUT_DTYPE, SOFT_BF16), SOFT_BF16)
+    c = _neighbour(r, rf, back > x, OUT_DTYPE, SOFT_BF16)
+    take = ((back != x) & (tl.abs(rf) <= 3.4028234663852886e38)
+            & _fits(c, d1, x, OUT_DTYPE, SOFT_BF16))
+    return tl.where(take, c, rf)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._contract import DEFAULT_CONTRACT
+from ..._contract import DEFAULT_CONTRACT, normals_version
 from ._common import (DIST_CODES, as_int64_bits, count_launch, int64_table, load_seed, noise_tile,
                       tile_lanes)
 
@@ -53,6 +53,6 @@ def noise_triton(numel: int, seed: int, key: int, offset: int, dist: str,
     params = int64_table([as_int64_bits(seed), key, offset // block], device)
     grid = (triton.cdiv(lead + numel, block),)
     _noise_kernel[grid](out, params, lead, numel, DIST=DIST_CODES[dist], BLOCK=block,
-                        NORMAL=contract, num_warps=NUM_WARPS)
+                        NORMAL=normals_version(contract), num_warps=NUM_WARPS)
     count_launch()
     return out

@@ -72,12 +72,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._contract import DEFAULT_CONTRACT
+from ..._contract import DEFAULT_CONTRACT, integer_rounding, normals_version
 from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_entry, flat,
                       load_seed,
                       map_index, noise_at, noise_words, noise_words_at_blocks, recover_unperturbed,
-                      round_nearest, round_stochastic, rounding_tile, rounding_tile_at_blocks,
-                      _rounding_quads,
+                      philox, quads, round_nearest, round_stochastic, round_stochastic_integer,
+                      _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
+                      rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table)
 from .selector_log import (SELECTOR_BLOCK, from_pattern, held_theta, pattern, selector_widths,
                            write_block)
@@ -98,6 +99,9 @@ STOCHASTIC_BLOCK = {"gaussian": 2048, "rademacher": 2048}
 # they spill 2-78 instructions under MAXNREG; 16-bit recovery at 4096 does not).
 RECOVER_BLOCK = 4096
 LOG_BLOCK = 2048
+# Contract 3's integer stochastic rounding keeps the plain blocks (no spills under MAXNREG); with
+# recovery too, 16-bit gaussian v2 at 4096 spills 3 instructions, at 2048 none.
+INTEGER_STOCHASTIC_RECOVER_BLOCK = 2048
 # With index maps, both noise paths are compiled into one kernel (grouped and per-element Philox,
 # chosen per tensor at run time) and the registers are those of the larger.
 MAPPED_BLOCK = 2048
@@ -154,6 +158,36 @@ def _mapped_rounding_uniforms(seed, key, i0, map_offset, local_span, global_span
     return u
 
 
+@triton.jit
+def _mapped_rounding_bits(seed, key, i0, map_offset, local_span, global_span, grain,
+                          DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """Contract 3's random bits at g(i) for the local elements i0 + [0, BLOCK), tile shape. When
+    the map keeps the tile's Philox groups aligned (quads for gaussian, words of 128 for
+    rademacher), g is computed per group and each group's elements take consecutive global
+    indices; else per element, one Philox call each."""
+    GROUP: tl.constexpr = 128 if DIST == 1 else 4
+    if grain % GROUP == 0:
+        gq = map_index(i0, tl.arange(0, BLOCK // GROUP) * GROUP, map_offset, local_span,
+                       global_span, BLOCK)  # the groups' first global indices
+        if DIST == 1:  # [s, m, j]: global element gq[j] + 32m + s
+            s8 = tl.arange(0, 32)[:, None, None]
+            b = (gq >> 3)[None, None, :] + (tl.arange(0, 4) * 4)[None, :, None] + (s8 >> 3)
+            r = _rounding_bits(seed, key, (b & 0xFFFFFFFF).to(tl.uint32),
+                               (b >> 32).to(tl.uint32), s8 & 7)
+        else:  # quad j: half (gq[j] / 4) % 2 of call gq[j] // 8
+            b = gq >> 3
+            w0, w1, w2, w3 = philox(seed, (b & 0xFFFFFFFF).to(tl.uint32), (b >> 32).to(tl.uint32),
+                                    key, 1)
+            odd = (gq & 4) != 0
+            a = tl.where(odd, w2, w0)
+            c = tl.where(odd, w3, w1)
+            r = quads(a & 0xFFFF, a >> 16, c & 0xFFFF, c >> 16)
+    else:
+        g = map_index(i0, tile_lanes(DIST, BLOCK), map_offset, local_span, global_span, BLOCK)
+        r = rounding_bits_at(seed, key, g)
+    return r
+
+
 # K == 1 and capacity == 1 (or % 16 == 0) must not compile their own variants
 @triton.jit(do_not_specialize=["K", "capacity"])
 def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, applied_ptr, K,
@@ -164,14 +198,15 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                     NORMAL: tl.constexpr, sel_rows_ptr, out_regions_ptr, out_words, out_pool_ptr,
                     out_capacity, out_count_ptr, in_regions_ptr, in_words, in_pool_ptr,
                     SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr):
-    """LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only
-    (index_ptr, values_ptr and capacity are None). MAPPED: the table rows carry index maps (the
-    noise and the rounding uniforms at g(i)); without it no map code is compiled. NORMAL: the
-    contract version of the gaussian normals (1 or 2). SEL_OUT: 0 no selector log, 1 write the
-    selector log ``out_*``, 2 count its pool words only (nothing else written); SEL_IN: recover
-    exactly from the held selector log ``in_*`` (with HAS_APPLIED). With either, BLOCK is the
-    log's block (selector_log.py) and the program's row is ``sel_rows[j] + blk``; unused
-    selector arguments are None.
+    """STOCHASTIC: 0 round to nearest, 1 the uniform-based stochastic rounding (contracts 1, 2),
+    2 the integer one (contract 3). LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log
+    and write, 2 count only (index_ptr, values_ptr and capacity are None). MAPPED: the table rows
+    carry index maps (the noise and the rounding bits at g(i)); without it no map code is
+    compiled. NORMAL: the version of the gaussian normals (1 or 2). SEL_OUT: 0 no selector log,
+    1 write the selector log ``out_*``, 2 count its pool words only (nothing else written);
+    SEL_IN: recover exactly from the held selector log ``in_*`` (with HAS_APPLIED). With either,
+    BLOCK is the log's block (selector_log.py) and the program's row is ``sel_rows[j] + blk``;
+    unused selector arguments are None.
 
     The block is held as a tile in Philox layout (``tile_lanes``): the noise of a Philox call is
     used in the registers that computed it. Index math is int32 inside the block (the block's
@@ -227,7 +262,14 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
     acc = tl.load(decays_ptr + j) * x + d
 
-    if STOCHASTIC:
+    if STOCHASTIC == 2:  # contract 3: integer stochastic rounding
+        if MAPPED:
+            r = _mapped_rounding_bits(load_seed(seeds_ptr + K), key, start, map_offset,
+                                      local_span, global_span, grain, DIST, BLOCK)
+        else:
+            r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, DIST, BLOCK)
+        y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16)
+    elif STOCHASTIC:
         if MAPPED:
             u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, start, map_offset,
                                           local_span, global_span, grain, DIST, BLOCK)
@@ -283,7 +325,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                          mask=keep)  # exact: x is a value of the tensor's dtype
 
 
-def block_for(dist: str, stochastic: bool, recover: bool, mapped: bool = False,
+def block_for(dist: str, stochastic: int, recover: bool, mapped: bool = False,
               normal: int = 2, itemsize: int = 2, log: bool = False,
               selector: bool = False) -> int:
     """Elements per program of a pass. ``recover``: with ``applied`` or a log; ``log``: with a
@@ -298,8 +340,10 @@ def block_for(dist: str, stochastic: bool, recover: bool, mapped: bool = False,
     block = BLOCK[dist]
     if dist == "rademacher" and itemsize == 4:
         block = min(block, 4096)
-    if stochastic:
+    if stochastic == 1:  # True: the uniform-based rounding
         block = min(block, STOCHASTIC_BLOCK[dist])
+    if stochastic == 2 and recover:
+        block = min(block, INTEGER_STOCHASTIC_RECOVER_BLOCK)
     if recover:
         block = min(block, RECOVER_BLOCK if itemsize == 2 and not log else LOG_BLOCK)
     if mapped:
@@ -326,7 +370,8 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     contract's at g(i) (module docstring); the log keeps local indices. ``table_cache``: None, or
     a dict the caller keeps per persistent tensor group: the static launch table is reused while
     the tensors' addresses, numels, keys, maps and the block stay the same (``cached_table``).
-    ``contract``: 1 or 2, the version of the gaussian normals (docs/noise-contract.md).
+    ``contract``: 1, 2 or 3 (docs/noise-contract.md): the gaussian normals (1: v1, else v2)
+    and the stochastic rounding (3: integer).
     ``selector_log`` / ``held_log`` (SelectorBuffers, docs/undo-log.md): the selector log this
     pass writes (nearest rounding, decays 1; with ``count_only`` only the pool words it needs are
     added to its count) / the one it reads, with ``applied``, to recover every weight exactly;
@@ -343,14 +388,17 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     log_mode = 0 if log is None else (2 if count_only else 1)
     sel_out = 0 if selector_log is None else (2 if count_only else 1)
     selector = selector_log is not None or held_log is not None
-    stochastic = rounding == "stochastic" and tensors[0].dtype != torch.float32
+    stochastic = 0
+    if rounding == "stochastic" and tensors[0].dtype != torch.float32:
+        stochastic = 2 if integer_rounding(contract) else 1
+    normal = normals_version(contract)
     recover = applied is not None or log is not None or selector_log is not None
     itemsize = tensors[0].element_size()
-    block = block_for(dist, stochastic, recover, normal=contract, itemsize=itemsize,
+    block = block_for(dist, stochastic, recover, normal=normal, itemsize=itemsize,
                       log=log is not None, selector=selector)
     scales = scales.contiguous()
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
-                          mapped_block=block_for(dist, stochastic, recover, True, contract,
+                          mapped_block=block_for(dist, stochastic, recover, True, normal,
                                                  itemsize, log is not None, selector))
     base = launch.base
     sel_rows = _selector_rows(table_cache, tensors) if selector else None
@@ -365,7 +413,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         LOG2_P=launch.log2_p, BLOCK=launch.block, DIST=DIST_CODES[dist],
         STOCHASTIC=stochastic, ALIGN=launch.align,
         HAS_APPLIED=applied is not None, LOG_MODE=log_mode, MAPPED=launch.mapped,
-        SOFT_BF16=SOFT_BF16, NORMAL=contract,
+        SOFT_BF16=SOFT_BF16, NORMAL=normal,
         sel_rows_ptr=sel_rows,
         out_regions_ptr=None if out is None else out.regions,
         out_words=None if out is None else out.regions.shape[1],

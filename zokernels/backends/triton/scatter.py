@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._contract import DEFAULT_CONTRACT
+from ..._contract import DEFAULT_CONTRACT, integer_rounding, normals_version
 from ._common import (DIST_CODES, cached_table, count_launch, find_entry, load_seed, noise_at,
-                      round_nearest, round_stochastic, rounding_uniform_at, to_float32,
-                      SOFT_BF16)
+                      round_nearest, round_stochastic, round_stochastic_integer, rounding_bits_at,
+                      rounding_uniform_at, to_float32, SOFT_BF16)
 
 # 4 entries per thread at 4 warps: each lane runs its own Philox call and Box-Muller, so a lane
 # costs ~4x the registers of a dense-kernel element; sm_90 (ptxas): 89 registers for gaussian,
@@ -77,7 +77,10 @@ def _scatter_perturb_kernel(base_ptr, table_ptr, seeds_ptr, index_ptr, values_pt
             z = noise_at(load_seed(seeds_ptr + k), key, c, DIST, NORMAL)
             d = d + tl.load(scales_ptr + k) * z
         acc = tl.load(decays_ptr + j) * to_float32(v, SOFT_BF16) + d
-        if STOCHASTIC:
+        if STOCHASTIC == 2:  # contract 3: integer stochastic rounding
+            r = rounding_bits_at(load_seed(seeds_ptr + K), key, c)
+            y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16)
+        elif STOCHASTIC:
             u = rounding_uniform_at(load_seed(seeds_ptr + K), key, c)
             y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
         else:
@@ -104,11 +107,14 @@ def scatter_perturb_triton(tensors: list[torch.Tensor], keys: list[int], index: 
     # a bit copy (K == 0) reads no map, but keeps them: its table is the same as the update's
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, 1, index_maps)
     base = launch.base
+    stochastic = 0  # STOCHASTIC: as in _perturb_kernel (2: contract 3's integer rounding)
+    if rounding == "stochastic" and base.dtype != torch.float32:
+        stochastic = 2 if integer_rounding(contract) else 1
     _scatter_perturb_kernel[(triton.cdiv(capacity, BLOCK),)](
         base, launch.table, launch.seeds, index, values, count, capacity, decays.contiguous(),
         scales.contiguous(), len(seeds),
         LOG2_P=launch.log2_p, BLOCK=BLOCK, DIST=DIST_CODES[dist],
-        STOCHASTIC=(rounding == "stochastic" and base.dtype != torch.float32),
-        COPY=len(seeds) == 0, MAPPED=launch.mapped, SOFT_BF16=SOFT_BF16, NORMAL=contract,
+        STOCHASTIC=stochastic, COPY=len(seeds) == 0, MAPPED=launch.mapped, SOFT_BF16=SOFT_BF16,
+        NORMAL=normals_version(contract),
         num_warps=NUM_WARPS)
     count_launch()
