@@ -15,9 +15,9 @@ import torch
 
 from ._contract import DEFAULT_CONTRACT
 from ._dispatch import resolve_backend
-from .ops.lowrank import lowrank_perturb_, run_lowrank_scatter
+from .ops.lowrank import LOWRANK_SELECTOR_BACKENDS, lowrank_perturb_, run_lowrank_scatter
 from .ops.noise import noise
-from .ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
+from .ops.undo import SelectorLog, UndoLog
 from .sharding import is_dtensor, local_tensor
 from .space import ParameterSpace
 
@@ -220,7 +220,7 @@ class LowRankSpace:
         """A selector log where every weight's backend has them (cpu, torch): the pass that
         recovers from the logged one reads it and is exact; else an undo log of (index, value)
         entries rewritten after that pass (triton)."""
-        if all(resolve_backend(self.backend, w.device) in SELECTOR_BACKENDS
+        if all(resolve_backend(self.backend, w.device) in LOWRANK_SELECTOR_BACKENDS
                for w in self.weights):
             return SizedSelectorLog()
         return UndoLog()

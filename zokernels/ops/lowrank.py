@@ -24,7 +24,7 @@ from .._validate import (
 )
 from ._groups import contiguous_views, select as _select
 from .perturb import PerturbGroup, plan_groups
-from .undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
+from .undo import SelectorLog, UndoLog
 
 
 def _as_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor]:
@@ -142,10 +142,15 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
     run_lowrank(call, held_logs=held, **{key: log.begin(call.plan, flags)})
 
 
+# Backends whose low-rank op reads and writes selector logs (the dense op: undo.SELECTOR_BACKENDS).
+LOWRANK_SELECTOR_BACKENDS = ("cpu", "torch")
+
+
 def _check_selector_backends(plan: list[PerturbGroup], name: str) -> None:
     for group in plan:
-        if group.backend not in SELECTOR_BACKENDS:
-            raise ValueError(f"{name}: selector logs need the {' or '.join(SELECTOR_BACKENDS)} "
+        if group.backend not in LOWRANK_SELECTOR_BACKENDS:
+            raise ValueError(f"{name}: selector logs need the "
+                             f"{' or '.join(LOWRANK_SELECTOR_BACKENDS)} "
                              f"backend, the weights on {group.device} run on {group.backend} "
                              "(use an UndoLog there)")
 
