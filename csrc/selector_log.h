@@ -196,14 +196,18 @@ ZK_INLINE int bit_length(uint32_t v) {
 
 // For gathered suspects q < m: bit j of mask[q] says whether key center[q] + j - 3 maps to y[q]
 // (j = 0..6). Vectorizes; most intervals are 2 or 3 keys wide and are read off the mask.
-template <class Format>
+// kCenterMaps: the caller knows that every center maps to its y (the writer: theta), so bit 3 is
+// set without computing its image.
+template <class Format, bool kCenterMaps = false>
 inline void window_masks(const uint32_t* ZK_RESTRICT center, const uint32_t* ZK_RESTRICT y_bits,
                          const float* ZK_RESTRICT d, int m, uint8_t* ZK_RESTRICT mask) {
     using K = Keys<Format>;
     for (int q = 0; q < m; ++q) {
-        uint32_t bits = 0;
-        for (int j = 0; j < 7; ++j)
+        uint32_t bits = kCenterMaps ? 1u << 3 : 0u;
+        for (int j = 0; j < 7; ++j) {
+            if (kCenterMaps && j == 3) continue;
             bits |= same_value(bits_as<uint32_t>(K::image(center[q] + j - 3u, d[q])), y_bits[q]) << j;
+        }
         mask[q] = static_cast<uint8_t>(bits);
     }
 }
@@ -311,13 +315,14 @@ inline void bisect_intervals(const float* ZK_RESTRICT y, const float* ZK_RESTRIC
 }
 
 // The suspects' intervals [lo, hi]: window_intervals, then the rare ones with a finite y by
-// bisect_intervals; on return rare[q] says that y is not finite (no interval).
-template <class Format>
+// bisect_intervals; on return rare[q] says that y is not finite (no interval). kCenterMaps: as
+// for window_masks.
+template <class Format, bool kCenterMaps>
 inline void suspect_intervals(const uint32_t* ZK_RESTRICT center, const uint32_t* ZK_RESTRICT y_bits,
                               const float* ZK_RESTRICT d, int m, uint32_t* ZK_RESTRICT lo,
                               uint32_t* ZK_RESTRICT hi, uint8_t* ZK_RESTRICT rare) {
     alignas(64) uint8_t mask[kTile];
-    window_masks<Format>(center, y_bits, d, m, mask);
+    window_masks<Format, kCenterMaps>(center, y_bits, d, m, mask);
     window_intervals(center, mask, y_bits, m, lo, hi, rare);
     alignas(64) uint8_t bisect[kTile];
     for (int q = 0; q < m; ++q) {
@@ -463,7 +468,7 @@ inline void log_selectors(const typename Format::storage* ZK_RESTRICT theta,
         y_bits[q] = bits_as<uint32_t>(Format::to_float(y[at[q]]));
         d_s[q] = d[at[q]];
     }
-    suspect_intervals<Format>(center, y_bits, d_s, n_suspect, lo, hi, raw);
+    suspect_intervals<Format, true>(center, y_bits, d_s, n_suspect, lo, hi, raw);
     for (int q = 0; q < n_suspect; ++q) {
         if (!raw[q])  // theta maps to y: lo <= center <= hi
             writer.append(bit_length(hi[q] - lo[q]), center[q] - lo[q]);
@@ -519,7 +524,7 @@ inline void recover_selectors(const typename Format::storage* ZK_RESTRICT x,
             theta_s[at[q]] = K::storage(
                 G::round_bits(recover_unperturbed<Format>(bits_as<float>(y_bits[q]), d_s[q])));
     } else {
-        suspect_intervals<Format>(center, y_bits, d_s, n_suspect, lo, hi, raw);
+        suspect_intervals<Format, false>(center, y_bits, d_s, n_suspect, lo, hi, raw);
         for (int q = 0; q < n_suspect; ++q) {
             uint32_t p;
             if (raw[q])  // y not finite: theta's own pattern
