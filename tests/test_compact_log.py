@@ -383,12 +383,13 @@ def _crafted_scales(dtype: torch.dtype) -> list[list[float]]:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prefilter_is_conservative_on_every_pattern(dtype):
-    """The C++ passes prove most elements single candidates from bit patterns alone and test
-    only the others exactly (selector_log.h, Keys::single_candidate); a prefilter that called an
-    element with several candidates single would write fewer bits than the reference (writer) or
-    read the wrong ones (reader). Every 16-bit pattern (float32: a sample built around ties)
-    against crafted noise: the C++ log equals the torch reference's bit for bit, and a C++
-    recovering pass reading the reference's log gives back every pattern."""
+    """The C++ passes prove most bf16 / fp16 elements single candidates from bit patterns alone
+    and test only the others exactly (selector_log.h, Keys::single_candidate; float32 tests the
+    key neighbours); a test that called an element with several candidates single would write
+    fewer bits than the reference (writer) or read the wrong ones (reader). Every 16-bit pattern
+    (float32: a sample built around ties) against crafted noise: the C++ log equals the torch
+    reference's bit for bit, and a C++ recovering pass reading the reference's log gives back
+    every pattern."""
     theta = _every_pattern(dtype)
     rows = n_blocks(theta.numel())
     for k, scales in enumerate(_crafted_scales(dtype)):
