@@ -149,8 +149,8 @@ struct ItemSelectors {
             if (job.sel_out.active()) writer.start(job.sel_out, b);
             if (job.sel_in.active()) reader.start(job.sel_in, b);
         }
-        alignas(64) Storage theta_s[kTile];
-        alignas(64) float theta[kTile];
+        alignas(64) Storage theta_s[kRecover ? kTile : 1];
+        alignas(64) float theta[kRecover ? kTile : 1];
         alignas(64) Storage rounded[kTile];
         if constexpr (kRecover) {
             if (job.sel_in.active()) {
@@ -159,18 +159,19 @@ struct ItemSelectors {
                 recover_tile<Format>(xt, applied_sum, n, theta);
                 for (int i = 0; i < n; ++i) theta_s[i] = storage_of<Format>(theta[i]);
             }
+            store_tile<Philox, Format, kMapped>(
+                [&](int i) { return decay * theta[i] + noise_sum[i]; }, n, rounded, job, key, g);
+            if (job.sel_in.active() && decay == 1.0f)  // left at its value: theta's exact pattern
+                for (int i = 0; i < n; ++i)
+                    rounded[i] = (bits_as<uint32_t>(noise_sum[i]) << 1) == 0 ? theta_s[i] : rounded[i];
         } else {
-            for (int i = 0; i < n; ++i) {
-                theta_s[i] = xt[i];
-                theta[i] = Format::to_float(xt[i]);
-            }
+            // theta is the tensor itself, read in place (written only after the log)
+            store_tile<Philox, Format, kMapped>(
+                [&](int i) { return decay * Format::to_float(xt[i]) + noise_sum[i]; }, n, rounded,
+                job, key, g);
         }
-        store_tile<Philox, Format, kMapped>([&](int i) { return decay * theta[i] + noise_sum[i]; },
-                                            n, rounded, job, key, g);
-        if (job.sel_in.active() && decay == 1.0f)  // left at its value: theta's exact pattern
-            for (int i = 0; i < n; ++i)
-                rounded[i] = (bits_as<uint32_t>(noise_sum[i]) << 1) == 0 ? theta_s[i] : rounded[i];
-        if (job.sel_out.active()) log_selectors<Format>(theta_s, rounded, noise_sum, n, writer);
+        const Storage* held = kRecover ? theta_s : xt;
+        if (job.sel_out.active()) log_selectors<Format>(held, rounded, noise_sum, n, writer);
         if (!job.sel_out.count_only) std::memcpy(xt, rounded, sizeof(Storage) * n);
     }
 

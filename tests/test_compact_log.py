@@ -11,7 +11,7 @@ from helpers import assert_bits_equal, assert_same, snapshot
 from zokernels.backends.cpu.perturb import perturb_cpu
 from zokernels.backends.torch.perturb import perturb_torch
 from zokernels.backends.torch.rounding import recover
-from zokernels.backends.torch.selector_log import BLOCK, n_blocks
+from zokernels.backends.torch.selector_log import BLOCK, n_blocks, widths_and_selectors
 from zokernels.backends.undo_buffers import SelectorBuffers
 from zokernels.ops.undo import SelectorLog, UndoLog
 from zokernels.optim import LeZO, MeZO, PseuZO
@@ -339,3 +339,77 @@ def test_rounding_ties(dtype):
     assert logs["cpu"] == logs["torch"]
     assert any(row[0] == "pool" or any(w not in (0, None, 12345) for w in row[1:])
                for row in logs["cpu"])  # the ties were logged
+
+
+def _block_words(log: SelectorBuffers, n_words: list[int]) -> list[tuple[bool, list[int]]]:
+    """Each block's own words (n_words[b] of them), wherever they are: in its row or the pool
+    (whose order of blocks depends on the threads, which large calls use)."""
+    out = []
+    for b, (header, n) in enumerate(zip(log.regions[:, 0].tolist(), n_words)):
+        words = log.regions[b, 1:1 + n] if header == 0 else log.pool[header - 1:header - 1 + n]
+        out.append((header == 0, words.tolist()))
+    return out
+
+
+def _every_pattern(dtype: torch.dtype) -> torch.Tensor:
+    """Every 16-bit pattern (NaNs, infinities, zeros, subnormals, every binade's edges); for
+    float32 a sample: random bit patterns, and weights of a few binades whose sums with the
+    scales of _CRAFTED_SCALES are exact rounding ties."""
+    if dtype != torch.float32:
+        return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    g = torch.Generator().manual_seed(8)
+    raw = torch.randint(-(1 << 31), 1 << 31, (1 << 14,), generator=g, dtype=torch.int64)
+    exponent = torch.randint(-8, 2, (3 << 14,), generator=g).float()
+    binades = (1 + torch.rand(3 << 14, generator=g)) * torch.exp2(exponent)
+    binades[::2] = -binades[::2]
+    binades[1::3] = binades[1::3].view(torch.int32).bitwise_and(~0x3FF).view(torch.float32)
+    return torch.cat([raw.to(torch.int32).view(torch.float32), binades])
+
+
+def _crafted_scales(dtype: torch.dtype) -> list[list[float]]:
+    """Rademacher scales (d = sum of +-scale per seed): half an ulp of many binades (ties), odd
+    multiples of it, the smallest subnormals, N(0, 1)-sized eps, values that flip signs and send
+    the largest weights to infinity, and two-seed sums."""
+    mantissa = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}[dtype]
+    exponents = range(-16, 2, 3) if dtype != torch.float16 else range(-14, 16, 3)
+    scales = [[2.0 ** (e - mantissa)] for e in exponents]
+    scales += [[3 * 2.0 ** (e - mantissa)] for e in exponents[::2]]
+    scales += [[2.0 ** -149], [1e-40], [1e-7], [1e-3], [0.7], [3e4], [2.0 ** 127 * 1.5],
+               [1e-3, 2.0 ** (-8 - mantissa)], [0.02, 1e-3]]
+    return scales
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefilter_is_conservative_on_every_pattern(dtype):
+    """The C++ passes prove most bf16 / fp16 elements single candidates from bit patterns alone
+    and test only the others exactly (selector_log.h, Keys::single_candidate; float32 tests the
+    key neighbours); a test that called an element with several candidates single would write
+    fewer bits than the reference (writer) or read the wrong ones (reader). Every 16-bit pattern
+    (float32: a sample built around ties) against crafted noise: the C++ log equals the torch
+    reference's bit for bit, and a C++ recovering pass reading the reference's log gives back
+    every pattern."""
+    theta = _every_pattern(dtype)
+    rows = n_blocks(theta.numel())
+    for k, scales in enumerate(_crafted_scales(dtype)):
+        seeds = [100 + k + j for j in range(len(scales))]
+        logs, outs = {}, {}
+        for name, fn in BACKENDS.items():
+            t = theta.clone()
+            log = _buffers([t], words=6, capacity=rows * 1024)
+            fn([t], [3], seeds, torch.tensor(scales), torch.ones(1), "rademacher", "nearest", 1,
+               selector_log=log)
+            logs[name], outs[name] = log, t
+        finite = torch.isfinite(outs["torch"].float())
+        assert_bits_equal(outs["cpu"][finite], outs["torch"][finite], f"{scales}: +d")
+        d = torch.zeros(theta.numel())
+        perturb_torch([d], [3], seeds, torch.tensor(scales), torch.ones(1), "rademacher",
+                      "nearest", 1)
+        width, _ = widths_and_selectors(theta, outs["torch"], d)
+        n_words = [-(-int(width[b * BLOCK:(b + 1) * BLOCK].sum()) // 32) for b in range(rows)]
+        assert _block_words(logs["cpu"], n_words) == _block_words(logs["torch"], n_words), \
+            f"{scales}: logs differ"
+        assert int(logs["cpu"].count) == int(logs["torch"].count) <= rows * 1024
+        back = outs["torch"].clone()
+        perturb_cpu([back], [3], seeds, torch.zeros(len(scales)), torch.ones(1), "rademacher",
+                    "nearest", 1, applied=torch.tensor(scales), held_log=logs["torch"])
+        assert_bits_equal(back, theta, f"{scales}: restore")
