@@ -249,29 +249,6 @@ ItemKernel item_kernel() {
     return &lowrank_item_generic<kLog, kSel>;
 }
 
-// A selector log's fields from _C's list (perturb's format): out = (regions, words, pool,
-// capacity, count, count_only), in = (regions, words, pool, capacity); empty: none.
-SelectorLogRef selector_ref(const std::vector<uint64_t>& v, bool out) {
-    SelectorLogRef ref;
-    if (v.empty()) return ref;
-    if (v.size() != (out ? 6u : 4u))
-        throw std::invalid_argument(out ? "lowrank_perturb: selector_out must hold 6 values"
-                                        : "lowrank_perturb: selector_in must hold 4 values");
-    ref.regions = reinterpret_cast<int32_t*>(v[0]);
-    ref.words = v[1];
-    ref.pool = reinterpret_cast<int32_t*>(v[2]);
-    ref.capacity = v[3];
-    if (out) {
-        ref.count = reinterpret_cast<int64_t*>(v[4]);
-        ref.count_only = v[5] != 0;
-        if (ref.count == nullptr)
-            throw std::invalid_argument("lowrank_perturb: selector_out needs a count");
-    }
-    if (ref.regions == nullptr || ref.words < 2 || (ref.capacity > 0 && ref.pool == nullptr))
-        throw std::invalid_argument("lowrank_perturb: a selector log needs regions of >= 2 words");
-    return ref;
-}
-
 }  // namespace
 
 void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uint64_t>& ms,
@@ -314,8 +291,8 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
             if (decay != 1.0f) throw std::invalid_argument("lowrank_perturb: a log needs decays of 1");
     }
 
-    const SelectorLogRef sel_out = selector_ref(selector_out, true);
-    const SelectorLogRef sel_in = selector_ref(selector_in, false);
+    const SelectorLogRef sel_out = selector_log_ref(selector_out, true, "lowrank_perturb");
+    const SelectorLogRef sel_in = selector_log_ref(selector_in, false, "lowrank_perturb");
     const bool sel = sel_out.active() || sel_in.active();
     if (sel && log_mode != kNoLog)
         throw std::invalid_argument("lowrank_perturb: an undo log and a selector log are exclusive");

@@ -12,7 +12,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "compact.h"
 #include "noise_tiles.h"
@@ -34,6 +37,30 @@ struct SelectorLogRef {
     bool count_only = false;
     bool active() const { return regions != nullptr; }
 };
+
+// A selector log's fields from _C's lists (perturb and lowrank_perturb alike): out = (regions,
+// words, pool, capacity, count, count_only), in = (regions, words, pool, capacity); empty: none.
+// `op` names the caller in the errors.
+inline SelectorLogRef selector_log_ref(const std::vector<uint64_t>& v, bool out, const char* op) {
+    SelectorLogRef ref;
+    if (v.empty()) return ref;
+    const std::string name(op);
+    if (v.size() != (out ? 6u : 4u))
+        throw std::invalid_argument(name + (out ? ": selector_out must hold 6 values"
+                                                : ": selector_in must hold 4 values"));
+    ref.regions = reinterpret_cast<int32_t*>(v[0]);
+    ref.words = v[1];
+    ref.pool = reinterpret_cast<int32_t*>(v[2]);
+    ref.capacity = v[3];
+    if (out) {
+        ref.count = reinterpret_cast<int64_t*>(v[4]);
+        ref.count_only = v[5] != 0;
+        if (ref.count == nullptr) throw std::invalid_argument(name + ": selector_out needs a count");
+    }
+    if (ref.regions == nullptr || ref.words < 2 || (ref.capacity > 0 && ref.pool == nullptr))
+        throw std::invalid_argument(name + ": a selector log needs regions of >= 2 words");
+    return ref;
+}
 
 template <class Format>
 struct Keys {
