@@ -562,6 +562,47 @@ def lowrank_variants() -> list[Variant]:
     return out
 
 
+def lowrank_selector_variants() -> list[Variant]:
+    """The low-rank selector passes (one program per 1024-element log block, P in k order): the
+    loop runs once per rank term after the first (r = 16 -> 15 iterations)."""
+    from zokernels.backends.triton import lowrank as L
+    if not hasattr(L, "_lowrank_selector_kernel"):
+        return []
+    out = []
+    combos = [(dt, "nearest", sel) for dt in ("bf16", "fp32")
+              for sel in ("sel_out", "sel_in_out", "sel_in")]
+    combos += [("bf16", "nearest", "sel_count"), ("bf16", "stochastic", "sel_in")]
+    for dt, rounding, sel in combos:
+        ty, size = _DT[dt]
+        sel_out = {"sel_out": 1, "sel_in_out": 1, "sel_count": 2}.get(sel, 0)
+        sel_in = sel in ("sel_in_out", "sel_in")
+        sig = {"w_base_ptr": "*" + ty, "f_base_ptr": "*fp32", "table_ptr": "*i64",
+               "decays_ptr": "*fp32", "scale_ptr": "*fp32", "applied_scale_ptr": "*fp32",
+               "R_MAX": "i32", "out_regions_ptr": "*i32", "out_words": "i32",
+               "out_pool_ptr": "*i32", "out_capacity": "i32", "out_count_ptr": "*i64",
+               "in_regions_ptr": "*i32", "in_words": "i32", "in_pool_ptr": "*i32"}
+        const = {"LOG2_P": 3, "BLOCK": L.SELECTOR_BLOCK,
+                 "STOCHASTIC": rounding == "stochastic", "HAS_APPLIED": sel_in,
+                 "SEL_OUT": sel_out, "SEL_IN": sel_in, "SOFT_BF16": False}
+        unused = []
+        if not sel_out:
+            unused += ["out_regions_ptr", "out_words", "out_count_ptr"]
+        if sel_out != 1:
+            unused += ["out_pool_ptr", "out_capacity"]
+        if not sel_in:
+            unused += ["in_regions_ptr", "in_words", "in_pool_ptr"]
+        const.update({k: None for k in unused})
+        out.append(Variant(f"lowrank_selector/r16/{dt}/{rounding}/{sel}", "lowrank_selector",
+                           L._lowrank_selector_kernel, sig, const,
+                           {"num_warps": L.SELECTOR_WARPS, "enable_fp_fusion": False,
+                            "maxnreg": L.MAXNREG}, dt,
+                           "lowrank-r16", L.SELECTOR_BLOCK, "fixed", 2 * size,
+                           {"rank": 16, "rounding": rounding, "log": sel,
+                            "loop": "one iteration per rank term k = 1 .. r - 1"},
+                           iters=15))
+    return out
+
+
 def scatter_variants() -> list[Variant]:
     from zokernels.backends.triton import lowrank_scatter as LS
     from zokernels.backends.triton import scatter as S
@@ -665,7 +706,8 @@ def whatif_variants() -> list[Variant]:
 
 
 def all_variants() -> list[Variant]:
-    return (perturb_variants() + noise_variants() + lowrank_variants() + scatter_variants()
+    return (perturb_variants() + noise_variants() + lowrank_variants()
+            + lowrank_selector_variants() + scatter_variants()
             + whatif_variants())
 
 

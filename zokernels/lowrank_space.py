@@ -217,9 +217,9 @@ class LowRankSpace:
 
     # -- the target interface of zokernels.held ------------------------------------------------
     def make_log(self) -> UndoLog:
-        """A selector log where every weight's backend has them (cpu, torch): the pass that
-        recovers from the logged one reads it and is exact; else an undo log of (index, value)
-        entries rewritten after that pass (triton)."""
+        """A selector log where every weight's backend has them (SELECTOR_BACKENDS: cpu, torch,
+        triton): the pass that recovers from the logged one reads it and is exact; else an undo
+        log of (index, value) entries rewritten after that pass."""
         if all(resolve_backend(self.backend, w.device) in SELECTOR_BACKENDS
                for w in self.weights):
             return SizedSelectorLog()

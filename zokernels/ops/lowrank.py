@@ -1,6 +1,6 @@
 """zokernels.lowrank_perturb_: W <- decay * W + scale * U diag(tau) V^T, tile by tile; recovery of
-a held low-rank perturbation (applied_scale / applied_taus), its selector logs (cpu, torch) and
-its undo log (docs/undo-log.md)."""
+a held low-rank perturbation (applied_scale / applied_taus), its selector logs and its undo log
+(docs/undo-log.md)."""
 
 from __future__ import annotations
 
@@ -91,8 +91,7 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
             "Recovery") with D1 computed exactly as the pass that wrote it computed its D, so a
             TeZO step (+eps, then -eps with applied +eps, then the update with applied -eps)
             restores far more weights bit for bit than adding the opposite perturbation.
-        log: a SelectorLog (cpu / torch backends) or an UndoLog (nearest rounding, decay 1
-            only). A SelectorLog keeps the few bits per ambiguous element that a later pass over
+        log: a SelectorLog or an UndoLog (nearest rounding, decay 1 only). A SelectorLog keeps the few bits per ambiguous element that a later pass over
             the same weights, naming it `held_log` with applied_* = this pass's (scale, taus),
             needs to recover every weight exactly. An UndoLog keeps the elements a later
             recovery could not give back; `run_lowrank_scatter` rewrites them after that pass

@@ -45,7 +45,12 @@ import triton.language as tl
 
 from ._common import (ITEMSIZE, as_int64_bits, block_starts, count_launch, find_entry,
                       int64_table, load_seed, next_pow2, philox, recover_unperturbed,
-                      round_nearest, round_stochastic, to_float32, SOFT_BF16)
+                      round_nearest, round_stochastic, rounding_tile, tile_lanes, to_float32,
+                      SOFT_BF16)
+from .lowrank_scatter import ordered_product
+from .perturb import MAXNREG
+from .selector_log import (SELECTOR_BLOCK, from_pattern, held_theta, pattern, selector_widths,
+                           write_block)
 
 # 64 x 64 tiles at 8 warps: 16 elements per thread, ~128 registers on sm_90 (two CTAs per SM);
 # 64 x 128 needs ~220-250 registers (one CTA per SM), too little parallelism for a streaming op.
@@ -209,18 +214,110 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr, ap
                 tl.store(values_ptr + slot, old, mask=keep)
 
 
+# Selector passes: one program per SELECTOR_BLOCK flat elements (the log's block), 4 per thread,
+# registers capped as the dense selector passes' (perturb.MAXNREG; sass_budget: no spills).
+SELECTOR_WARPS = 8
+
+
+@triton.jit
+def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr,
+                             applied_scale_ptr, out_regions_ptr, out_words, out_pool_ptr,
+                             out_capacity, out_count_ptr, in_regions_ptr, in_words, in_pool_ptr,
+                             LOG2_P: tl.constexpr, BLOCK: tl.constexpr,
+                             STOCHASTIC: tl.constexpr, HAS_APPLIED: tl.constexpr,
+                             SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr,
+                             SOFT_BF16: tl.constexpr):
+    """A pass that writes (SEL_OUT 1, or 2: count the pool words only, write nothing else) or
+    reads (SEL_IN, with HAS_APPLIED) a selector log: program ``pid`` handles the flat elements
+    ``blk * BLOCK + [0, BLOCK)`` of weight j, which is the log's row ``pid`` (the weights' blocks
+    follow each other in list order, as the table's programs do). P is the reference's k-ordered
+    sum (``ordered_product``), not ``tl.dot`` tiles: the log's intervals depend on D bit for bit,
+    and the reading pass must see the D the writing pass used, on any backend. The block is held
+    in the gaussian tile layout (``tile_lanes``), so the dense selector helpers and the rounding
+    tiles apply unchanged. Table: the tile kernel's, with blocks for tiles."""
+    P: tl.constexpr = 1 << LOG2_P
+    pid = tl.program_id(0).to(tl.int64)
+    j = find_entry(table_ptr, pid, LOG2_P)
+    row_ptr = table_ptr + P + 10 * j
+    m = tl.load(row_ptr + 1)
+    n = tl.load(row_ptr + 2)
+    r = tl.load(row_ptr + 3)
+    key = tl.load(row_ptr + 7).to(tl.uint32)
+    blk = pid - tl.load(table_ptr + j)
+    start = blk * BLOCK  # int64; offsets inside the block are int32
+    lanes = tile_lanes(0, BLOCK)
+    rem = m * n - start
+    valid = lanes < rem
+    ptrs = w_base_ptr + (tl.load(row_ptr) + start) + lanes
+    w = tl.load(ptrs, mask=valid, other=0.0)
+    # (row, col) of each element: one int32 division from the block's first column
+    row0 = start // n
+    c = (start - row0 * n).to(tl.int32) + lanes
+    q = c // n.to(tl.int32)
+    rows = tl.minimum(row0 + q, m - 1)  # the tail's lanes past the weight read its last row
+    cols = (c - q * n.to(tl.int32)).to(tl.int64)
+    u_ptrs = f_base_ptr + tl.load(row_ptr + 4) + rows * r
+    v_ptrs = f_base_ptr + tl.load(row_ptr + 5) + cols * r
+    d = tl.load(scale_ptr) * ordered_product(u_ptrs, v_ptrs, f_base_ptr + tl.load(row_ptr + 6),
+                                             r, r, valid, False)
+    x = to_float32(w, SOFT_BF16)
+    if HAS_APPLIED:
+        d1 = tl.load(applied_scale_ptr) * ordered_product(
+            u_ptrs, v_ptrs, f_base_ptr + tl.load(row_ptr + 9), r, r, valid, False)
+    if SEL_IN:  # exact: theta's pattern from the held log
+        theta = held_theta(w, d1, valid, in_regions_ptr, in_words, in_pool_ptr, pid, 0, BLOCK,
+                           w_base_ptr.dtype.element_ty, SOFT_BF16)
+        x = to_float32(from_pattern(theta, w_base_ptr.dtype.element_ty), SOFT_BF16)
+    elif HAS_APPLIED:
+        x = recover_unperturbed(x, d1, w_base_ptr.dtype.element_ty, SOFT_BF16)
+    decay = tl.load(decays_ptr + j)
+    acc = decay * x + d
+    if STOCHASTIC:
+        u = rounding_tile(load_seed(table_ptr + 11 * P), key, blk, 0, BLOCK)
+        y = round_stochastic(acc, u, w_base_ptr.dtype.element_ty, SOFT_BF16)
+    else:
+        y = round_nearest(acc, w_base_ptr.dtype.element_ty, SOFT_BF16)
+    if SEL_IN:  # left at its value (D == 0, decay 1): theta's exact pattern (-0.0, NaN payloads)
+        keep = (d == 0.0) & (decay == 1.0 + 0.0 * d)  # tensor & tensor
+        y = tl.where(keep, from_pattern(theta, w_base_ptr.dtype.element_ty), y)
+    if SEL_OUT != 2:
+        tl.store(ptrs, y, mask=valid)
+    if SEL_OUT != 0:
+        if SEL_IN:
+            theta_bits = theta
+        elif HAS_APPLIED:  # x is a value of the dtype
+            theta_bits = pattern(round_nearest(x, w_base_ptr.dtype.element_ty, SOFT_BF16),
+                                 w_base_ptr.dtype.element_ty)
+        else:
+            theta_bits = pattern(w, w_base_ptr.dtype.element_ty)
+        width, sel = selector_widths(theta_bits, y, d, valid, w_base_ptr.dtype.element_ty,
+                                     SOFT_BF16)
+        write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr, pid,
+                    width, sel, SEL_OUT == 2, 0, BLOCK)
+
+
 def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
                            vs: list[torch.Tensor], taus: list[torch.Tensor], scale: torch.Tensor,
                            decays: torch.Tensor, keys: list[int], rounding: str,
                            rounding_seed: int, applied_taus: list[torch.Tensor] | None = None,
                            applied_scale: torch.Tensor | None = None, log=None,
-                           count_only: bool = False) -> None:
+                           count_only: bool = False, selector_log=None,
+                           held_log=None) -> None:
     """In place: W_j = round(decays[j] * theta + scale * U_j diag(tau_j) V_j^T) for every weight,
     theta = W_j or, with ``applied_taus`` (float32 [r_j] each) and ``applied_scale`` (float32 [1]),
     W_j recovered from round(theta + applied_scale * U_j diag(applied_tau_j) V_j^T). ``log``: None,
     or the UndoBuffers that receive the elements recovery cannot give back (the caller zeroes
-    ``log.count``); ``count_only``: only add to the count. One kernel launch, no host
-    synchronization."""
+    ``log.count``); ``count_only``: only add to the count. ``selector_log`` / ``held_log``
+    (SelectorBuffers, docs/undo-log.md): the selector log this pass writes (nearest rounding,
+    decays 1; with ``count_only`` only its pool words are counted) / the one it reads, with
+    ``applied_taus``, to recover every weight exactly; bit-identical to the torch reference's
+    (the pool's block order aside), P then summed in the reference's k order
+    (``_lowrank_selector_kernel``). One kernel launch, no host synchronization."""
+    if selector_log is not None or held_log is not None:
+        _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, rounding,
+                               rounding_seed, applied_taus, applied_scale, log, count_only,
+                               selector_log, held_log)
+        return
     dtype = weights[0].dtype
     itemsize = ITEMSIZE[dtype]
     log_mode = 0 if log is None else (2 if count_only else 1)
@@ -270,4 +367,63 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
         HAS_APPLIED=applied_taus is not None, LOG_MODE=log_mode,
         SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         enable_fp_fusion=False)  # D = scale * P stays a rounded value (module docstring)
+    count_launch()
+
+
+def _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, rounding, rounding_seed,
+                           applied_taus, applied_scale, log, count_only, selector_log,
+                           held_log) -> None:
+    """``lowrank_perturb_triton`` with a selector log written or read: one launch of
+    ``_lowrank_selector_kernel``, a program per log block."""
+    if log is not None:
+        raise ValueError("lowrank_perturb_triton: an undo log (log=) cannot be written by a pass "
+                         "that writes or reads a selector log; use a selector log for both")
+    if held_log is not None and applied_taus is None:
+        raise ValueError("lowrank_perturb_triton: held_log needs applied_taus")
+    if selector_log is not None and rounding != "nearest":
+        raise ValueError("lowrank_perturb_triton: selector_log needs rounding='nearest'")
+    if count_only and selector_log is None:
+        raise ValueError("lowrank_perturb_triton: count_only needs a log or a selector_log")
+    dtype = weights[0].dtype
+    itemsize = ITEMSIZE[dtype]
+    w_ptrs = [w.data_ptr() for w in weights]
+    w_i = min(range(len(weights)), key=w_ptrs.__getitem__)
+    f_tensors = list(us) + list(vs) + list(taus) + list(applied_taus or [])
+    f_ptrs = [f.data_ptr() for f in f_tensors]
+    f_i = min(range(len(f_tensors)), key=f_ptrs.__getitem__)
+    w_base, f_base = w_ptrs[w_i], f_ptrs[f_i]
+    p = next_pow2(len(weights))
+    counts, rows, first = [], [], 0
+    for j, w in enumerate(weights):
+        m, n = w.shape
+        r = us[j].shape[1]
+        counts.append(triton.cdiv(m * n, SELECTOR_BLOCK))  # the log's rows, in list order
+        held_off = 0 if applied_taus is None else (applied_taus[j].data_ptr() - f_base) // 4
+        rows += [(w_ptrs[j] - w_base) // itemsize, m, n, r,
+                 (us[j].data_ptr() - f_base) // 4, (vs[j].data_ptr() - f_base) // 4,
+                 (taus[j].data_ptr() - f_base) // 4, keys[j], first, held_off]
+        first += m * n
+    rows += [0] * (ROW * (p - len(weights)))
+    table = int64_table(block_starts(counts, p) + rows + [as_int64_bits(rounding_seed)],
+                        weights[0].device)
+    sel_out = 0 if selector_log is None else (2 if count_only else 1)
+    out, held = selector_log, held_log
+    scale = scale.contiguous()
+    _lowrank_selector_kernel[(sum(counts),)](
+        weights[w_i], f_tensors[f_i], table, decays.contiguous(), scale,
+        scale if applied_scale is None else applied_scale.contiguous(),
+        # unused log arguments are None: constexpr, not even kernel parameters
+        None if out is None else out.regions,
+        None if out is None else out.regions.shape[1],
+        None if sel_out != 1 else out.pool,
+        None if sel_out != 1 else out.pool.numel(),
+        None if out is None else out.count,
+        None if held is None else held.regions,
+        None if held is None else held.regions.shape[1],
+        None if held is None else held.pool,
+        LOG2_P=p.bit_length() - 1, BLOCK=SELECTOR_BLOCK,
+        STOCHASTIC=(rounding == "stochastic" and dtype != torch.float32),
+        HAS_APPLIED=applied_taus is not None, SEL_OUT=sel_out, SEL_IN=held is not None,
+        SOFT_BF16=SOFT_BF16, num_warps=SELECTOR_WARPS, maxnreg=MAXNREG,
+        enable_fp_fusion=False)  # P, D and the sum stay the reference's roundings
     count_launch()

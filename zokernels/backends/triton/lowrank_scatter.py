@@ -40,6 +40,31 @@ NUM_WARPS = 4
 _INT64_MAX = (1 << 63) - 1
 
 
+@triton.jit
+def ordered_product(u_ptrs, v_ptrs, tau_ptrs, r, R_MAX, live, PER_LANE: tl.constexpr):
+    """P = U[row, 0] * (V[col, 0] * tau[0]) + U[row, 1] * (V[col, 1] * tau[1]) + ... per lane
+    (u_ptrs / v_ptrs: the lanes' U and V rows): k = 0 starts the sum (not +0.0, which would turn
+    -0.0 into +0.0), then k in order, each product and sum rounded (callers compile with
+    enable_fp_fusion=False): the torch reference's and the C++ kernel's P, bit for bit.
+    PER_LANE (the scatter: lanes of different weights): tau_ptrs and the ranks r are per lane,
+    at most R_MAX, loads masked by ``live``. Else (one weight per program): r and tau_ptrs are
+    scalars, every lane's U / V pointers are in bounds (no masks), the loop runs r - 1 times."""
+    if PER_LANE:
+        p = tl.load(u_ptrs, mask=live, other=0.0) * (tl.load(v_ptrs, mask=live, other=0.0)
+                                                     * tl.load(tau_ptrs, mask=live, other=0.0))
+        for k in range(1, R_MAX):
+            has_k = live & (k < r)
+            term = tl.load(u_ptrs + k, mask=has_k, other=0.0) * (
+                tl.load(v_ptrs + k, mask=has_k, other=0.0)
+                * tl.load(tau_ptrs + k, mask=has_k, other=0.0))
+            p = tl.where(has_k, p + term, p)
+    else:
+        p = tl.load(u_ptrs) * (tl.load(v_ptrs) * tl.load(tau_ptrs))
+        for k in range(1, r):
+            p = p + tl.load(u_ptrs + k) * (tl.load(v_ptrs + k) * tl.load(tau_ptrs + k))
+    return p
+
+
 @triton.jit(do_not_specialize=["capacity", "R_MAX"])
 def _lowrank_scatter_kernel(w_base_ptr, f_base_ptr, table_ptr, index_ptr, values_ptr, count_ptr,
                             capacity, decays_ptr, scale_ptr, R_MAX,
@@ -71,15 +96,7 @@ def _lowrank_scatter_kernel(w_base_ptr, f_base_ptr, table_ptr, index_ptr, values
         u_ptrs = f_base_ptr + tl.load(row_ptr + 4) + row * r
         v_ptrs = f_base_ptr + tl.load(row_ptr + 5) + col * r
         tau_ptrs = f_base_ptr + tl.load(row_ptr + 6)
-        # k = 0 starts the sum (not +0.0), then k in order: the reference's P, rounding by rounding
-        p = tl.load(u_ptrs, mask=live, other=0.0) * (tl.load(v_ptrs, mask=live, other=0.0)
-                                                     * tl.load(tau_ptrs, mask=live, other=0.0))
-        for k in range(1, R_MAX):
-            has_k = live & (k < r)
-            term = tl.load(u_ptrs + k, mask=has_k, other=0.0) * (
-                tl.load(v_ptrs + k, mask=has_k, other=0.0)
-                * tl.load(tau_ptrs + k, mask=has_k, other=0.0))
-            p = tl.where(has_k, p + term, p)
+        p = ordered_product(u_ptrs, v_ptrs, tau_ptrs, r, R_MAX, live, True)
         acc = tl.load(decays_ptr + j) * to_float32(v, SOFT_BF16) + tl.load(scale_ptr) * p
         key = tl.load(row_ptr + 7).to(tl.uint32)
         if STOCHASTIC:
