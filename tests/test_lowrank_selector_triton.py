@@ -14,7 +14,7 @@ from helpers import assert_bits_equal, assert_same, snapshot
 import zokernels
 from zokernels.backends.torch.lowrank import lowrank_perturb_torch
 from zokernels.backends.triton.lowrank import lowrank_perturb_triton
-from zokernels.ops.undo import SelectorLog
+from zokernels.ops.undo import SelectorLog, UndoLog
 from zokernels.optim import TeZO
 from test_lowrank_selector import _buffers, _s, _step_passes, _streams
 from test_lowrank_undo import _problem
@@ -145,6 +145,13 @@ def test_public_op_logs_and_restores_on_triton():
                                backend="triton")
     assert log.probes == 1 and log.nbytes > 0
     assert any(not torch.equal(a, b) for a, b in zip(weights, original))
+    perturbed = [w.clone() for w in weights]
+    with pytest.raises(ValueError, match="log: with held_log, the triton backend"):
+        zokernels.lowrank_perturb_(weights, us, vs, taus, scale=-EPS, keys=keys,
+                                   applied_scale=EPS, applied_taus=taus, held_log=log,
+                                   log=UndoLog(), backend="triton")
+    for j, (a, b) in enumerate(zip(weights, perturbed)):
+        assert_bits_equal(a, b, f"after the refused call, weight {j}")
     zokernels.lowrank_perturb_(weights, us, vs, taus, scale=0.0, keys=keys, applied_scale=EPS,
                                applied_taus=taus, held_log=log, backend="triton")
     for j, (a, b) in enumerate(zip(weights, original)):

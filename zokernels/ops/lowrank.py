@@ -120,6 +120,11 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
                            applied_scale=applied_scale, applied_taus=applied_taus,
                            backend=backend, check_finite=check_finite)
     held = None if held_log is None else _held_buffers(held_log, call)
+    if held is not None and log is not None and not isinstance(log, SelectorLog) and any(
+            group.backend == "triton" for group in call.plan):
+        # the Triton selector pass (k-ordered P) keeps no undo log; refused before any write
+        raise ValueError("log: with held_log, the triton backend needs a SelectorLog (an "
+                         "UndoLog is written by cpu / torch only)")
     if log is None:
         run_lowrank(call, held_logs=held)
         return
