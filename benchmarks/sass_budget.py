@@ -542,7 +542,8 @@ def lowrank_variants() -> list[Variant]:
                "capacity": "i32"}
         rk = min(max(16, 1 << (r - 1).bit_length()), L.RK_MAX)
         const = {"LOG2_P": 3, "BM": L.BM, "BN": L.BN, "RK": rk,
-                 "STOCHASTIC": rounding == "stochastic", "ROW4": True, "VEC": 16 // size,
+                 "STOCHASTIC": rounding == "stochastic", "ROW4": True, "ROWG": True,
+                 "VEC": 16 // size,
                  "UV16": True, "KFULL": r % rk == 0,
                  "PRECISION": "tf32x3" if dt == "fp32" else "tf32", "HAS_APPLIED": applied,
                  "LOG_MODE": log_mode, "SOFT_BF16": False}

@@ -157,7 +157,8 @@ class LowRankSpace:
         (the SelectorLog of the pass that wrote it, over the same positions); `log` (a
         SelectorLog, or an UndoLog) keeps what a later recovery of this pass needs or would
         miss. rounding: of the write (stochastic: updates only, bits from stream 1 of
-        rounding_seed; refused on sharded weights, whose bits would be drawn at local indices).
+        rounding_seed, the rule of the space's contract: 3 integer, else uniform-based; refused
+        on sharded weights, whose bits would be drawn at local indices).
         taus (and applied taus) cover every weight."""
         pick = self.inplace if positions is None else positions
         if not pick:
@@ -181,7 +182,8 @@ class LowRankSpace:
                          decay=_take(self._decays(decay), pick), keys=_take(self.keys, pick),
                          backend=backend, rounding=rounding, rounding_seed=rounding_seed,
                          check_finite=False, log=log,
-                         held_log=None if applied is None else held_log, **held)
+                         held_log=None if applied is None else held_log,
+                         contract=self.contract, **held)
 
     def _sizes(self, taus: torch.Tensor, scale: Any, pick: list[int]) -> dict:
         """Per (device, dtype) of the weights at `pick`: the size of a pass (SizedSelectorLog),

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .._contract import ROUNDINGS
+from .._contract import DEFAULT_CONTRACT, ROUNDINGS, as_contract
 from .._dispatch import BACKEND_CHOICES, implementation
 from .._validate import (
     as_choice,
@@ -64,6 +64,7 @@ class LowRankCall:
     rounding_seed: int
     applied_taus: list[torch.Tensor] | None = None
     applied_scale: torch.Tensor | None = None
+    contract: int = DEFAULT_CONTRACT
 
 
 def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
@@ -71,7 +72,8 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
                      rounding: str = "nearest", rounding_seed: int | None = None,
                      applied_scale: Any = None, applied_taus: Any = None,
                      log: UndoLog | None = None, held_log: SelectorLog | None = None,
-                     backend: str = "auto", check_finite: bool = True) -> None:
+                     backend: str = "auto", check_finite: bool = True,
+                     contract: int = DEFAULT_CONTRACT) -> None:
     """In place for every 2-D weight W_j (m x n): W = round(decay_j * theta + scale * P_j(tau_j)),
     P_j(tau) = U_j diag(tau) V_j^T, theta = W (or the recovered weight, below).
 
@@ -101,6 +103,9 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
             (applied_scale / applied_taus, the same weights in the same order): each theta is
             recovered exactly from it, and an element this pass leaves at its value (scale 0,
             decay 1: a restore) keeps theta's exact bits. Any decay and rounding for the move.
+        contract: 2 (default), 1 or 3, the version of the noise contract
+            (docs/noise-contract.md): 3 makes rounding="stochastic" the integer stochastic
+            rounding (16 random bits per element), 1 and 2 the uniform-based one, as perturb_.
 
     The m x n product is never materialized: kernels accumulate tiles in float32 and round once.
     Bytes moved: 2 * itemsize * m * n for W plus 4 * (m + n + 1) * r for the factors (twice the
@@ -118,7 +123,7 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
     call = prepare_lowrank(weights, us, vs, taus, scale=scale, decay=decay, keys=keys,
                            rounding=rounding, rounding_seed=rounding_seed,
                            applied_scale=applied_scale, applied_taus=applied_taus,
-                           backend=backend, check_finite=check_finite)
+                           backend=backend, check_finite=check_finite, contract=contract)
     held = None if held_log is None else _held_buffers(held_log, call)
     if held is not None and log is not None and not isinstance(log, SelectorLog) and any(
             group.backend == "triton" for group in call.plan):
@@ -173,7 +178,7 @@ def _held_buffers(held_log: SelectorLog, call: LowRankCall) -> list:
 def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *, scale: Any,
                     decay: Any, keys: list[int] | None, rounding: str, rounding_seed: int | None,
                     applied_scale: Any, applied_taus: Any, backend: str,
-                    check_finite: bool) -> LowRankCall:
+                    check_finite: bool, contract: int = DEFAULT_CONTRACT) -> LowRankCall:
     """Validate every argument (raising TypeError / ValueError naming it, before anything is
     written) and group the weights; `run_lowrank` then performs the pass."""
     count = len(weights)
@@ -187,6 +192,7 @@ def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
                                                                   "applied_taus")
     rounding = as_choice(rounding, ROUNDINGS, "rounding")
     backend = as_choice(backend, BACKEND_CHOICES, "backend")
+    contract = as_contract(contract)
     if rounding_seed is None:
         if rounding == "stochastic":
             raise ValueError("rounding_seed is required with rounding='stochastic' (lowrank_perturb_ "
@@ -240,7 +246,7 @@ def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
                        [_float32(t) for t in taus], scale_vector, decay_vector, rounding,
                        rounding_seed,
                        None if held_taus is None else [_float32(t) for t in held_taus],
-                       applied_vector)
+                       applied_vector, contract)
 
 
 def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = False,
@@ -273,6 +279,7 @@ def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = 
                 group.keys,
                 call.rounding,
                 call.rounding_seed,
+                contract=call.contract,
                 **extra,
             )
 
