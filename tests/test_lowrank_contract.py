@@ -134,3 +134,30 @@ def test_space_passes_its_contract(backend):
                                keys=[5], rounding="stochastic", rounding_seed=4, backend=backend,
                                contract=3)
     assert_bits_equal(weights[0], copy[0], "space vs op, contract 3")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_scatter_rounds_alike(dtype):
+    """lowrank_scatter_<b> (an undo log's update) with contract 3: cpu == torch == triton for
+    entries of every weight (grouped and odd columns), and not contract 2's bits."""
+    from zokernels._dispatch import implementation
+    weights0, us, vs, taus, keys = _problem(dtype, seed=4)
+    numel = sum(w.numel() for w in weights0)
+    g = torch.Generator().manual_seed(6)
+    index = torch.randperm(numel, generator=g)[:600].to(torch.int64)
+    values = (torch.randn(600, generator=g) * 0.02).to(dtype)
+    count = torch.tensor([600], dtype=torch.int64)
+    decays = torch.tensor([0.9, 1.0, 0.5, 1.0])
+    runs = {}
+    for b in BACKENDS:
+        for contract in (2, 3):
+            weights = [w.clone() for w in weights0]
+            implementation(b, "lowrank_scatter")(weights, us, vs, taus, index, values, count,
+                                                 _s(2.0 ** -9), decays, keys, "stochastic", 13,
+                                                 contract=contract)
+            runs[b, contract] = weights
+    for contract in (2, 3):
+        for b in ("cpu", "triton"):
+            for j, (a, e) in enumerate(zip(runs[b, contract], runs["torch", contract])):
+                assert_bits_equal(a, e, f"{b} vs torch, contract {contract}, weight {j}")
+    assert any(not torch.equal(a, e) for a, e in zip(runs["torch", 3], runs["torch", 2]))

@@ -215,7 +215,7 @@ class LowRankSpace:
                             None if taus is None else _take(self._per_weight(taus), pick),
                             torch.tensor([scale], dtype=torch.float32),
                             torch.tensor(_take(self._decays(decay), pick), dtype=torch.float32),
-                            rounding, rounding_seed)
+                            rounding, rounding_seed, contract=self.contract)
 
     # -- the target interface of zokernels.held ------------------------------------------------
     def make_log(self) -> UndoLog:

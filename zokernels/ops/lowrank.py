@@ -287,13 +287,15 @@ def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = 
 def run_lowrank_scatter(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Tensor],
                         taus: list[torch.Tensor] | None, scale: torch.Tensor,
                         decays: torch.Tensor, rounding: str = "nearest",
-                        rounding_seed: int = 0) -> None:
+                        rounding_seed: int = 0, contract: int = DEFAULT_CONTRACT) -> None:
     """Rewrite the logged elements of the last low-rank pass of `log`, group by group
     (docs/undo-log.md, "Low-rank groups"): taus None puts the logged values back bit for bit (the
     end of an exact restore); else W = round(decays[j] * logged + scale * P_j(tau_j)) (the end of
     an exact update). us, vs, taus (float32 contiguous), decays (float32 [count]) are in the order
     of the weight list the logged pass was given; call it after the dense pass (restore:
-    applied_* with scale 0; update: applied_* with the update's taus and scale)."""
+    applied_* with scale 0; update: applied_* with the update's taus and scale). contract: the
+    update pass's (its stochastic rounding)."""
+    contract = as_contract(contract)
     if log.plan is None:
         return
     for group, buffers in zip(log.plan, log.buffers):
@@ -306,7 +308,7 @@ def run_lowrank_scatter(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Ten
                 buffers.index, buffers.values, buffers.count,
                 scale.to(device, non_blocking=True),
                 _select(decays, pick).to(device, non_blocking=True),
-                group.keys, rounding, rounding_seed)
+                group.keys, rounding, rounding_seed, contract=contract)
 
 
 __all__ = ["lowrank_perturb_", "prepare_lowrank", "run_lowrank", "run_lowrank_scatter",

@@ -10,7 +10,8 @@ P is summed in k order, each product and sum rounded (the kernel is compiled wit
 The dense Triton pass computes P with ``tl.dot`` tiles instead, which no per-element code can
 reproduce; a scattered update therefore matches the dense pass within the tolerance that
 tests/test_lowrank.py allows the dense pass against the reference, while the restore (a bit copy)
-is exact. Rounding: nearest, or stochastic with stream 1 of ``rounding_seed`` at (key_j, i).
+is exact. Rounding: nearest, or stochastic with stream 1 of ``rounding_seed`` at (key_j, i)
+(the uniform-based rule, or contract 3's 16 integer bits).
 
 Programs cover the C = capacity slots of the log, BLOCK entries each; ``count`` is read on the
 device (no host synchronization) and programs past it return at once. Each lane finds its weight
@@ -29,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._contract import DEFAULT_CONTRACT, integer_rounding
 from ._common import (ITEMSIZE, as_int64_bits, count_launch, find_entry, int64_table, load_seed,
-                      next_pow2, round_nearest, round_stochastic, rounding_uniform_at,
-                      to_float32, SOFT_BF16)
+                      next_pow2, round_nearest, round_stochastic, round_stochastic_integer,
+                      rounding_bits_at, rounding_uniform_at, to_float32, SOFT_BF16)
 
 # One dot product of length r per lane from gathered U / V rows: 4 entries per thread at 4 warps,
 # as the dense scatter (programs past ``count`` return at once).
@@ -99,7 +101,10 @@ def _lowrank_scatter_kernel(w_base_ptr, f_base_ptr, table_ptr, index_ptr, values
         p = ordered_product(u_ptrs, v_ptrs, tau_ptrs, r, R_MAX, live, True)
         acc = tl.load(decays_ptr + j) * to_float32(v, SOFT_BF16) + tl.load(scale_ptr) * p
         key = tl.load(row_ptr + 7).to(tl.uint32)
-        if STOCHASTIC:
+        if STOCHASTIC == 2:  # contract 3: integer stochastic rounding
+            rb = rounding_bits_at(load_seed(table_ptr + 9 * P), key, i)
+            y = round_stochastic_integer(acc, rb, w_base_ptr.dtype.element_ty, SOFT_BF16)
+        elif STOCHASTIC:
             u = rounding_uniform_at(load_seed(table_ptr + 9 * P), key, i)
             y = round_stochastic(acc, u, w_base_ptr.dtype.element_ty, SOFT_BF16)
         else:
@@ -111,11 +116,13 @@ def lowrank_scatter_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
                            vs: list[torch.Tensor], taus: list[torch.Tensor] | None,
                            index: torch.Tensor, values: torch.Tensor, count: torch.Tensor,
                            scale: torch.Tensor, decays: torch.Tensor, keys: list[int],
-                           rounding: str, rounding_seed: int) -> None:
+                           rounding: str, rounding_seed: int,
+                           contract: int = DEFAULT_CONTRACT) -> None:
     """In place, for the first min(count, C) entries of a low-rank log (index int64 [C], values
     [C] in the weights' dtype, count int64 [1], all on the device; same weight list and order as
     the pass that wrote it): taus None copies values[e] into its element; else writes
-    round(decays[j] * values[e] + scale * P_j(tau_j)[row, col]) with the reference's k-ordered P.
+    round(decays[j] * values[e] + scale * P_j(tau_j)[row, col]) with the reference's k-ordered P
+    (``contract`` 3: the integer stochastic rounding, else the uniform-based one).
     One launch, no host synchronization; nothing is launched for an empty log (C = 0)."""
     capacity = index.numel()
     if capacity == 0:
@@ -146,7 +153,8 @@ def lowrank_scatter_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
         weights[w_i], f_tensors[f_i], table, index, values, count, capacity,
         decays.contiguous(), scale.contiguous(), max_r,
         LOG2_P=p.bit_length() - 1, BLOCK=BLOCK,
-        STOCHASTIC=(rounding == "stochastic" and weights[0].dtype != torch.float32),
+        STOCHASTIC=(0 if rounding != "stochastic" or weights[0].dtype == torch.float32
+                    else 2 if integer_rounding(contract) else 1),
         COPY=taus is None, SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS,
         enable_fp_fusion=False)  # P and the update stay the reference's roundings
     count_launch()
