@@ -564,8 +564,12 @@ def lowrank_variants() -> list[Variant]:
 
 
 def lowrank_selector_variants() -> list[Variant]:
-    """The low-rank selector passes (one program per 1024-element log block, P in k order): the
-    loop runs once per rank term after the first (r = 16 -> 15 iterations)."""
+    """The low-rank selector passes (one program per 1024-element log block, P in k order). The
+    walk counts each outermost loop once (as the dense selector variants at K = 1): the
+    selector bisection (run only by blocks with unresolved lanes) and the rank loop's single-trip
+    remainder. ptxas unrolls the rank loop x4: 109 instructions per 4 terms x 4 elements per
+    thread (36 LDG, 32 FMUL, 16 FADD, 20 IADD3), i.e. ~6.8 instructions per element per rank
+    term, twice with recovery: add (r - 2) x 6.8 (x 2) for rank r."""
     from zokernels.backends.triton import lowrank as L
     if not hasattr(L, "_lowrank_selector_kernel"):
         return []
@@ -593,14 +597,14 @@ def lowrank_selector_variants() -> list[Variant]:
         if not sel_in:
             unused += ["in_regions_ptr", "in_words", "in_pool_ptr"]
         const.update({k: None for k in unused})
-        out.append(Variant(f"lowrank_selector/r16/{dt}/{rounding}/{sel}", "lowrank_selector",
+        out.append(Variant(f"lowrank_selector/{dt}/{rounding}/{sel}", "lowrank_selector",
                            L._lowrank_selector_kernel, sig, const,
                            {"num_warps": L.SELECTOR_WARPS, "enable_fp_fusion": False,
                             "maxnreg": L.MAXNREG}, dt,
-                           "lowrank-r16", L.SELECTOR_BLOCK, "fixed", 2 * size,
-                           {"rank": 16, "rounding": rounding, "log": sel,
-                            "loop": "one iteration per rank term k = 1 .. r - 1"},
-                           iters=15))
+                           "lowrank", L.SELECTOR_BLOCK, "fixed", 2 * size,
+                           {"rounding": rounding, "log": sel,
+                            "loop": "outermost loops once; rank terms: +6.8 instr/elem each"},
+                           iters=1))
     return out
 
 
