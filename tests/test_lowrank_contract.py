@@ -161,3 +161,27 @@ def test_scatter_rounds_alike(dtype):
             for j, (a, e) in enumerate(zip(runs[b, contract], runs["torch", contract])):
                 assert_bits_equal(a, e, f"{b} vs torch, contract {contract}, weight {j}")
     assert any(not torch.equal(a, e) for a, e in zip(runs["torch", 3], runs["torch", 2]))
+
+
+def test_tezo_contract_reaches_the_lowrank_update():
+    """TeZO(contract=3, rounding="stochastic") on torch, cpu and triton: the same step bit for
+    bit (P in k order on every in-place pass that reads a selector log, v2 normals, integer
+    rounding), and its 2-D weights differ from a contract-2 step's (their update rounded by the
+    contract's rule: the contract reaches the low-rank ops)."""
+    from test_tezo_selector import _closure, _net
+    from helpers import snapshot
+    dtype = torch.bfloat16
+    runs = {}
+    for backend, contract in (("torch", 3), ("cpu", 3), ("triton", 3), ("torch", 2)):
+        net = _net(dtype)
+        opt = zokernels.optim.TeZO(net.named_parameters(), eps=1e-3, rank=4, probe="inplace",
+                                   backend=backend, lr=1e-2, rounding="stochastic",
+                                   contract=contract)
+        opt.step(_closure(net, dtype))
+        runs[backend, contract] = snapshot(net)
+    names = [k for k, v in runs["torch", 3].items() if v.dim() == 2]
+    assert names
+    for backend in ("cpu", "triton"):
+        for name, value in runs["torch", 3].items():
+            assert_bits_equal(runs[backend, 3][name], value, f"{backend} {name}")
+    assert any(not torch.equal(runs["torch", 3][n], runs["torch", 2][n]) for n in names)
