@@ -169,3 +169,28 @@ def test_tezo_lr_zero_step_leaves_every_weight_bit_identical(dtype):
     opt.step(_closure(net, dtype))
     assert_same(snapshot(net), before, "TeZO triton lr=0")
     assert sum(log.nbytes for pair in opt._lowrank_logs for log in pair) > 0
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_tezo_failing_closure_leaves_every_weight_bit_identical(fail_at):
+    """After an update (weights of any pattern), a closure failing at the +eps or the -eps
+    evaluation: the restore reads the selector log of the pass that wrote the weights."""
+    from test_tezo_selector import _closure, _net
+    dtype = torch.bfloat16
+    net = _net(dtype)
+    opt = TeZO(net.named_parameters(), eps=EPS, rank=4, probe="inplace", backend="triton",
+               lr=1e-3)
+    closure = _closure(net, dtype)
+    opt.step(closure)
+    before = snapshot(net)
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return closure()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(failing)
+    assert_same(snapshot(net), before, f"TeZO triton failed at call {fail_at}")
