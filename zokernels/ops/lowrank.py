@@ -93,9 +93,10 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
             "Recovery") with D1 computed exactly as the pass that wrote it computed its D, so a
             TeZO step (+eps, then -eps with applied +eps, then the update with applied -eps)
             restores far more weights bit for bit than adding the opposite perturbation.
-        log: a SelectorLog or an UndoLog (nearest rounding, decay 1 only). A SelectorLog keeps the few bits per ambiguous element that a later pass over
-            the same weights, naming it `held_log` with applied_* = this pass's (scale, taus),
-            needs to recover every weight exactly. An UndoLog keeps the elements a later
+        log: a SelectorLog or an UndoLog (nearest rounding, decay 1 only). A SelectorLog
+            keeps the few bits per ambiguous element that a later pass over the same weights,
+            naming it `held_log` with applied_* = this pass's (scale, taus), needs to recover
+            every weight exactly. An UndoLog keeps the elements a later
             recovery could not give back; `run_lowrank_scatter` rewrites them after that pass
             (docs/undo-log.md, "Low-rank groups"). The first passes of a log also run a
             count-only probe to size it.

@@ -62,4 +62,5 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
         [w.shape[1] for w in weights], [u.shape[1] for u in us], [u.data_ptr() for u in us],
         [v.data_ptr() for v in vs], [t.data_ptr() for t in taus], decays.tolist(),
         float(scale.reshape(-1)[0].item()), list(keys), DTYPE_CODES[weights[0].dtype],
-        native_contract(rounding, contract)["rounding"], rounding_seed, torch.get_num_threads(), **extra)
+        native_contract(rounding, contract)["rounding"], rounding_seed, torch.get_num_threads(),
+        **extra)

@@ -465,7 +465,8 @@ def _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, stochasti
         None if held is None else held.regions.shape[1],
         None if held is None else held.pool,
         LOG2_P=p.bit_length() - 1, BLOCK=SELECTOR_BLOCK,
-        STOCHASTIC=stochastic, HAS_APPLIED=applied_taus is not None, SEL_OUT=sel_out, SEL_IN=held is not None,
+        STOCHASTIC=stochastic, HAS_APPLIED=applied_taus is not None, SEL_OUT=sel_out,
+        SEL_IN=held is not None,
         SOFT_BF16=SOFT_BF16, num_warps=SELECTOR_WARPS, maxnreg=MAXNREG,
         enable_fp_fusion=False)  # P, D and the sum stay the reference's roundings
     count_launch()
