@@ -27,6 +27,15 @@ D would not give back (or NaN, -0.0) is counted and, while slots remain, appende
 (first_j + row * n + col, theta); a program reserves its slots with one atomic add and places
 them row-major by prefix sums. LOG_MODE 2 only counts (writes neither W nor the log).
 
+Selector logs (``selector_log`` / ``held_log``, docs/undo-log.md "Low-rank groups"): such a pass
+runs ``_lowrank_selector_kernel`` instead, one program per 1024-element block of the log with P
+summed in the reference's k order (the log needs D bit for bit), the dense selector helpers
+(selector_log.py) on the block.
+
+Stochastic rounding follows the contract (``contract``): 1 / 2 the uniform-based rule (one Philox
+call per 4 elements of a row when every n % 4 == 0), 3 the integer one (16 bits per element, one
+call per 8 elements of a row when every n % 8 == 0); else one call per element.
+
 Launch table (one int64 tensor, built per call, copied without a host synchronization):
 
     [0, P)            starts[j]: first program of weight j (prefix sum of tiles), padded to
