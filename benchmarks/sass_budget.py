@@ -542,7 +542,8 @@ def lowrank_variants() -> list[Variant]:
                "capacity": "i32"}
         rk = min(max(16, 1 << (r - 1).bit_length()), L.RK_MAX)
         const = {"LOG2_P": 3, "BM": L.BM, "BN": L.BN, "RK": rk,
-                 "STOCHASTIC": rounding == "stochastic", "ROW4": True, "VEC": 16 // size,
+                 "STOCHASTIC": rounding == "stochastic", "ROW4": True, "ROWG": True,
+                 "VEC": 16 // size,
                  "UV16": True, "KFULL": r % rk == 0,
                  "PRECISION": "tf32x3" if dt == "fp32" else "tf32", "HAS_APPLIED": applied,
                  "LOG_MODE": log_mode, "SOFT_BF16": False}
@@ -559,6 +560,51 @@ def lowrank_variants() -> list[Variant]:
         out.append(Variant(name, "lowrank", L._lowrank_kernel, sig, const, opts, dt,
                            f"lowrank-r{r}", L.BM * L.BN, "fixed", 2 * size,
                            {"rank": r, "rounding": rounding, "applied": applied, "log": log}))
+    return out
+
+
+def lowrank_selector_variants() -> list[Variant]:
+    """The low-rank selector passes (one program per 1024-element log block, P in k order). The
+    walk counts each outermost loop once (as the dense selector variants at K = 1): the
+    selector bisection (run only by blocks with unresolved lanes) and the rank loop's single-trip
+    remainder. ptxas unrolls the rank loop x4: 109 instructions per 4 terms x 4 elements per
+    thread (36 LDG, 32 FMUL, 16 FADD, 20 IADD3), i.e. ~6.8 instructions per element per rank
+    term, twice with recovery: add (r - 2) x 6.8 (x 2) for rank r."""
+    from zokernels.backends.triton import lowrank as L
+    if not hasattr(L, "_lowrank_selector_kernel"):
+        return []
+    out = []
+    combos = [(dt, "nearest", sel) for dt in ("bf16", "fp32")
+              for sel in ("sel_out", "sel_in_out", "sel_in")]
+    combos += [("bf16", "nearest", "sel_count"), ("bf16", "stochastic", "sel_in")]
+    for dt, rounding, sel in combos:
+        ty, size = _DT[dt]
+        sel_out = {"sel_out": 1, "sel_in_out": 1, "sel_count": 2}.get(sel, 0)
+        sel_in = sel in ("sel_in_out", "sel_in")
+        sig = {"w_base_ptr": "*" + ty, "f_base_ptr": "*fp32", "table_ptr": "*i64",
+               "decays_ptr": "*fp32", "scale_ptr": "*fp32", "applied_scale_ptr": "*fp32",
+               "R_MAX": "i32", "out_regions_ptr": "*i32", "out_words": "i32",
+               "out_pool_ptr": "*i32", "out_capacity": "i32", "out_count_ptr": "*i64",
+               "in_regions_ptr": "*i32", "in_words": "i32", "in_pool_ptr": "*i32"}
+        const = {"LOG2_P": 3, "BLOCK": L.SELECTOR_BLOCK,
+                 "STOCHASTIC": rounding == "stochastic", "HAS_APPLIED": sel_in,
+                 "SEL_OUT": sel_out, "SEL_IN": sel_in, "SOFT_BF16": False}
+        unused = []
+        if not sel_out:
+            unused += ["out_regions_ptr", "out_words", "out_count_ptr"]
+        if sel_out != 1:
+            unused += ["out_pool_ptr", "out_capacity"]
+        if not sel_in:
+            unused += ["in_regions_ptr", "in_words", "in_pool_ptr"]
+        const.update({k: None for k in unused})
+        out.append(Variant(f"lowrank_selector/{dt}/{rounding}/{sel}", "lowrank_selector",
+                           L._lowrank_selector_kernel, sig, const,
+                           {"num_warps": L.SELECTOR_WARPS, "enable_fp_fusion": False,
+                            "maxnreg": L.MAXNREG}, dt,
+                           "lowrank", L.SELECTOR_BLOCK, "fixed", 2 * size,
+                           {"rounding": rounding, "log": sel,
+                            "loop": "outermost loops once; rank terms: +6.8 instr/elem each"},
+                           iters=1))
     return out
 
 
@@ -665,7 +711,8 @@ def whatif_variants() -> list[Variant]:
 
 
 def all_variants() -> list[Variant]:
-    return (perturb_variants() + noise_variants() + lowrank_variants() + scatter_variants()
+    return (perturb_variants() + noise_variants() + lowrank_variants()
+            + lowrank_selector_variants() + scatter_variants()
             + whatif_variants())
 
 

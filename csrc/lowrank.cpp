@@ -45,7 +45,7 @@ struct LowRankJob {
     const std::vector<LowRankWeight>& weights;
     float scale;
     float applied_scale;
-    bool stochastic;
+    int rounding;  // Rounding (rounding.h): nearest, uniform-based or integer stochastic
     PhiloxKeys rounding_keys;
     int dtype;
     bool log_count_only;
@@ -73,7 +73,7 @@ struct ItemLog {
               const float* theta, const float* d) {
         alignas(64) Storage rounded[kTile];
         round_store<Philox, Format>([&](int i) { return lw.decay * theta[i] + d[i]; }, n, rounded,
-                                    job.stochastic, job.rounding_keys, lw.key, t);
+                                    job.rounding, job.rounding_keys, lw.key, t);
         alignas(64) int32_t at[kTile];
         const int n_lost =
             lost_positions<Format>([theta](int i) { return theta[i]; }, rounded, d, n, at);
@@ -142,7 +142,7 @@ inline void selector_tile(const LowRankJob& job, const LowRankWeight& lw,
         }
     }
     round_store<Philox, Format>([&](int i) { return lw.decay * theta[i] + d[i]; }, n, rounded,
-                                job.stochastic, job.rounding_keys, lw.key, t);
+                                job.rounding, job.rounding_keys, lw.key, t);
     if (job.sel_in.active() && lw.decay == 1.0f)  // left at its value: theta's exact pattern
         for (int i = 0; i < n; ++i)
             rounded[i] = (bits_as<uint32_t>(d[i]) << 1) == 0 ? theta_s[i] : rounded[i];
@@ -186,7 +186,7 @@ inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
         } else if constexpr (!kRecover && !kLog) {
             load_decayed<Format>(xt, n, lw.decay, acc);
             for (int c = 0; c < n; ++c) acc[c] = acc[c] + job.scale * prod[c];
-            store_rounded<Philox, Format>(acc, n, xt, job.stochastic, job.rounding_keys, lw.key, t);
+            store_rounded<Philox, Format>(acc, n, xt, job.rounding, job.rounding_keys, lw.key, t);
         } else {
             float* theta = acc;
             if constexpr (kRecover) {
@@ -200,7 +200,7 @@ inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
                 log.template tile<Philox, kRecover>(job, lw, xt, n, t, theta, prod);
             } else {
                 round_store<Philox, Format>([&](int c) { return lw.decay * theta[c] + prod[c]; },
-                                            n, xt, job.stochastic, job.rounding_keys, lw.key, t);
+                                            n, xt, job.rounding, job.rounding_keys, lw.key, t);
             }
         }
     }
@@ -273,7 +273,8 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
             "lowrank_perturb: applied_tau_ptrs must be empty or have one pointer per weight");
     if (dtype < kFloat32 || dtype > kFloat16)
         throw std::invalid_argument("lowrank_perturb: bad dtype code");
-    if (rounding != 0 && rounding != 1)
+    if (rounding != kRoundNearest && rounding != kRoundStochastic &&
+        rounding != kRoundStochasticInteger)
         throw std::invalid_argument("lowrank_perturb: bad rounding code");
     for (size_t j = 0; j < count; ++j)
         if (ranks[j] == 0) throw std::invalid_argument("lowrank_perturb: rank must be >= 1");
@@ -325,7 +326,7 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
         blocks += (numels[j] + kSelectorBlock - 1) / kSelectorBlock;
     }
 
-    const LowRankJob job{weights, scale, applied_scale, rounding == 1, PhiloxKeys(rounding_seed),
+    const LowRankJob job{weights, scale, applied_scale, rounding, PhiloxKeys(rounding_seed),
                          dtype, log_mode == kLogCountOnly,
                          reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
                          reinterpret_cast<int64_t*>(log_count_ptr), sel_out, sel_in};

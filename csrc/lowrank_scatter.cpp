@@ -39,7 +39,7 @@ struct ScatterJob {
     uintptr_t values;              // storage of the weights' dtype
     float scale;
     bool copy;
-    bool stochastic;
+    int rounding;  // Rounding (rounding.h)
     PhiloxKeys rounding_keys;
 };
 
@@ -51,6 +51,16 @@ inline float rounding_uniform_at(const PhiloxKeys& keys, uint32_t key, uint64_t 
                      kStreamRounding};
     philox_rounds(keys, w[0], w[1], w[2], w[3]);
     return word_to_uniform(w[i & 3u]);
+}
+
+// Contract 3's 16 random bits of element i: half i % 2 of word (i % 8) / 2 of counter
+// (i / 8 lo, i / 8 hi, key, stream 1), as round_store_at gives them to the dense pass.
+inline uint32_t rounding_bits_at(const PhiloxKeys& keys, uint32_t key, uint64_t i) {
+    const uint64_t block = i >> 3;
+    uint32_t w[4] = {static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), key,
+                     kStreamRounding};
+    philox_rounds(keys, w[0], w[1], w[2], w[3]);
+    return (w[(i >> 1) & 3u] >> ((i & 1u) * 16u)) & 0xFFFFu;
 }
 
 // Entry e; returns false for an index outside the weights (skipped).
@@ -77,8 +87,11 @@ inline bool scatter_entry(const ScatterJob& job, int64_t e) {
     const float acc = sw.decay * Format::to_float(value) + job.scale * p;
     if constexpr (std::is_same<Format, Float32Format>::value) {
         *target = acc;
-    } else if (!job.stochastic) {
+    } else if (job.rounding == kRoundNearest) {
         *target = static_cast<uint16_t>(Format::bits_from_float(acc));
+    } else if (job.rounding == kRoundStochasticInteger) {
+        const uint32_t random16 = rounding_bits_at(job.rounding_keys, sw.key, i);
+        *target = static_cast<uint16_t>(integer_stochastic_round_bits<Format>(acc, random16));
     } else {
         const float u = rounding_uniform_at(job.rounding_keys, sw.key, i);
         *target = static_cast<uint16_t>(stochastic_round_bits<Format>(acc, u));
@@ -125,7 +138,8 @@ void lowrank_scatter(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
         throw std::invalid_argument("lowrank_scatter: tau_ptrs must be empty or one per weight");
     if (dtype < kFloat32 || dtype > kFloat16)
         throw std::invalid_argument("lowrank_scatter: bad dtype code");
-    if (rounding != 0 && rounding != 1)
+    if (rounding != kRoundNearest && rounding != kRoundStochastic &&
+        rounding != kRoundStochasticInteger)
         throw std::invalid_argument("lowrank_scatter: bad rounding code");
     for (size_t j = 0; j < count; ++j)
         if (ranks[j] == 0) throw std::invalid_argument("lowrank_scatter: rank must be >= 1");
@@ -139,7 +153,7 @@ void lowrank_scatter(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
         throw std::invalid_argument("lowrank_scatter: entries need index and values");
 
     ScatterJob job{{}, {}, reinterpret_cast<const int64_t*>(index_ptr), values_ptr, scale, copy,
-                   rounding == 1, PhiloxKeys(rounding_seed)};
+                   rounding, PhiloxKeys(rounding_seed)};
     uint64_t total = 0;
     for (size_t j = 0; j < count; ++j) {
         job.weights.push_back({w_ptrs[j], ns[j], ranks[j],

@@ -197,9 +197,9 @@ def test_public_op_sizes_reads_and_checks_its_logs():
          dict(scale=0.0, applied_scale=EPS, applied_taus=taus, held_log=UndoLog())),
         (ValueError, "cannot overwrite the log it reads",
          dict(scale=0.0, applied_scale=EPS, applied_taus=taus, held_log=log, log=log)),
-        (ValueError, "selector logs need",
+        (ValueError, "log needs rounding='nearest'",
          dict(scale=-EPS, applied_scale=EPS, applied_taus=taus, log=SelectorLog(),
-              backend="triton")),
+              rounding="stochastic", rounding_seed=3)),
     ]
     for error, message, kwargs in refusals:
         with pytest.raises(error, match=message):

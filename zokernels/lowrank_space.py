@@ -15,9 +15,9 @@ import torch
 
 from ._contract import DEFAULT_CONTRACT
 from ._dispatch import resolve_backend
-from .ops.lowrank import LOWRANK_SELECTOR_BACKENDS, lowrank_perturb_, run_lowrank_scatter
+from .ops.lowrank import lowrank_perturb_, run_lowrank_scatter
 from .ops.noise import noise
-from .ops.undo import SelectorLog, UndoLog
+from .ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 from .sharding import is_dtensor, local_tensor
 from .space import ParameterSpace
 
@@ -157,7 +157,8 @@ class LowRankSpace:
         (the SelectorLog of the pass that wrote it, over the same positions); `log` (a
         SelectorLog, or an UndoLog) keeps what a later recovery of this pass needs or would
         miss. rounding: of the write (stochastic: updates only, bits from stream 1 of
-        rounding_seed; refused on sharded weights, whose bits would be drawn at local indices).
+        rounding_seed, the rule of the space's contract: 3 integer, else uniform-based; refused
+        on sharded weights, whose bits would be drawn at local indices).
         taus (and applied taus) cover every weight."""
         pick = self.inplace if positions is None else positions
         if not pick:
@@ -181,7 +182,8 @@ class LowRankSpace:
                          decay=_take(self._decays(decay), pick), keys=_take(self.keys, pick),
                          backend=backend, rounding=rounding, rounding_seed=rounding_seed,
                          check_finite=False, log=log,
-                         held_log=None if applied is None else held_log, **held)
+                         held_log=None if applied is None else held_log,
+                         contract=self.contract, **held)
 
     def _sizes(self, taus: torch.Tensor, scale: Any, pick: list[int]) -> dict:
         """Per (device, dtype) of the weights at `pick`: the size of a pass (SizedSelectorLog),
@@ -213,14 +215,14 @@ class LowRankSpace:
                             None if taus is None else _take(self._per_weight(taus), pick),
                             torch.tensor([scale], dtype=torch.float32),
                             torch.tensor(_take(self._decays(decay), pick), dtype=torch.float32),
-                            rounding, rounding_seed)
+                            rounding, rounding_seed, contract=self.contract)
 
     # -- the target interface of zokernels.held ------------------------------------------------
     def make_log(self) -> UndoLog:
-        """A selector log where every weight's backend has them (cpu, torch): the pass that
-        recovers from the logged one reads it and is exact; else an undo log of (index, value)
-        entries rewritten after that pass (triton)."""
-        if all(resolve_backend(self.backend, w.device) in LOWRANK_SELECTOR_BACKENDS
+        """A selector log where every weight's backend has them (SELECTOR_BACKENDS: cpu, torch,
+        triton): the pass that recovers from the logged one reads it and is exact; else an undo
+        log of (index, value) entries rewritten after that pass."""
+        if all(resolve_backend(self.backend, w.device) in SELECTOR_BACKENDS
                for w in self.weights):
             return SizedSelectorLog()
         return UndoLog()

@@ -1,6 +1,6 @@
 """zokernels.lowrank_perturb_: W <- decay * W + scale * U diag(tau) V^T, tile by tile; recovery of
-a held low-rank perturbation (applied_scale / applied_taus), its selector logs (cpu, torch) and
-its undo log (docs/undo-log.md)."""
+a held low-rank perturbation (applied_scale / applied_taus), its selector logs and its undo log
+(docs/undo-log.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .._contract import ROUNDINGS
+from .._contract import DEFAULT_CONTRACT, ROUNDINGS, as_contract
 from .._dispatch import BACKEND_CHOICES, implementation
 from .._validate import (
     as_choice,
@@ -24,7 +24,7 @@ from .._validate import (
 )
 from ._groups import contiguous_views, select as _select
 from .perturb import PerturbGroup, plan_groups
-from .undo import SelectorLog, UndoLog
+from .undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 
 
 def _as_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor]:
@@ -64,6 +64,7 @@ class LowRankCall:
     rounding_seed: int
     applied_taus: list[torch.Tensor] | None = None
     applied_scale: torch.Tensor | None = None
+    contract: int = DEFAULT_CONTRACT
 
 
 def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
@@ -71,7 +72,8 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
                      rounding: str = "nearest", rounding_seed: int | None = None,
                      applied_scale: Any = None, applied_taus: Any = None,
                      log: UndoLog | None = None, held_log: SelectorLog | None = None,
-                     backend: str = "auto", check_finite: bool = True) -> None:
+                     backend: str = "auto", check_finite: bool = True,
+                     contract: int = DEFAULT_CONTRACT) -> None:
     """In place for every 2-D weight W_j (m x n): W = round(decay_j * theta + scale * P_j(tau_j)),
     P_j(tau) = U_j diag(tau) V_j^T, theta = W (or the recovered weight, below).
 
@@ -91,10 +93,10 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
             "Recovery") with D1 computed exactly as the pass that wrote it computed its D, so a
             TeZO step (+eps, then -eps with applied +eps, then the update with applied -eps)
             restores far more weights bit for bit than adding the opposite perturbation.
-        log: a SelectorLog (cpu / torch backends) or an UndoLog (nearest rounding, decay 1
-            only). A SelectorLog keeps the few bits per ambiguous element that a later pass over
-            the same weights, naming it `held_log` with applied_* = this pass's (scale, taus),
-            needs to recover every weight exactly. An UndoLog keeps the elements a later
+        log: a SelectorLog or an UndoLog (nearest rounding, decay 1 only). A SelectorLog
+            keeps the few bits per ambiguous element that a later pass over the same weights,
+            naming it `held_log` with applied_* = this pass's (scale, taus), needs to recover
+            every weight exactly. An UndoLog keeps the elements a later
             recovery could not give back; `run_lowrank_scatter` rewrites them after that pass
             (docs/undo-log.md, "Low-rank groups"). The first passes of a log also run a
             count-only probe to size it.
@@ -102,6 +104,9 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
             (applied_scale / applied_taus, the same weights in the same order): each theta is
             recovered exactly from it, and an element this pass leaves at its value (scale 0,
             decay 1: a restore) keeps theta's exact bits. Any decay and rounding for the move.
+        contract: 2 (default), 1 or 3, the version of the noise contract
+            (docs/noise-contract.md): 3 makes rounding="stochastic" the integer stochastic
+            rounding (16 random bits per element), 1 and 2 the uniform-based one, as perturb_.
 
     The m x n product is never materialized: kernels accumulate tiles in float32 and round once.
     Bytes moved: 2 * itemsize * m * n for W plus 4 * (m + n + 1) * r for the factors (twice the
@@ -119,8 +124,13 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
     call = prepare_lowrank(weights, us, vs, taus, scale=scale, decay=decay, keys=keys,
                            rounding=rounding, rounding_seed=rounding_seed,
                            applied_scale=applied_scale, applied_taus=applied_taus,
-                           backend=backend, check_finite=check_finite)
+                           backend=backend, check_finite=check_finite, contract=contract)
     held = None if held_log is None else _held_buffers(held_log, call)
+    if held is not None and log is not None and not isinstance(log, SelectorLog) and any(
+            group.backend == "triton" for group in call.plan):
+        # the Triton selector pass (k-ordered P) keeps no undo log; refused before any write
+        raise ValueError("log: with held_log, the triton backend needs a SelectorLog (an "
+                         "UndoLog is written by cpu / torch only)")
     if log is None:
         run_lowrank(call, held_logs=held)
         return
@@ -142,15 +152,10 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
     run_lowrank(call, held_logs=held, **{key: log.begin(call.plan, flags)})
 
 
-# Backends whose low-rank op reads and writes selector logs (the dense op: undo.SELECTOR_BACKENDS).
-LOWRANK_SELECTOR_BACKENDS = ("cpu", "torch")
-
-
 def _check_selector_backends(plan: list[PerturbGroup], name: str) -> None:
     for group in plan:
-        if group.backend not in LOWRANK_SELECTOR_BACKENDS:
-            raise ValueError(f"{name}: selector logs need the "
-                             f"{' or '.join(LOWRANK_SELECTOR_BACKENDS)} "
+        if group.backend not in SELECTOR_BACKENDS:
+            raise ValueError(f"{name}: selector logs need the {' or '.join(SELECTOR_BACKENDS)} "
                              f"backend, the weights on {group.device} run on {group.backend} "
                              "(use an UndoLog there)")
 
@@ -174,7 +179,7 @@ def _held_buffers(held_log: SelectorLog, call: LowRankCall) -> list:
 def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *, scale: Any,
                     decay: Any, keys: list[int] | None, rounding: str, rounding_seed: int | None,
                     applied_scale: Any, applied_taus: Any, backend: str,
-                    check_finite: bool) -> LowRankCall:
+                    check_finite: bool, contract: int = DEFAULT_CONTRACT) -> LowRankCall:
     """Validate every argument (raising TypeError / ValueError naming it, before anything is
     written) and group the weights; `run_lowrank` then performs the pass."""
     count = len(weights)
@@ -188,6 +193,7 @@ def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
                                                                   "applied_taus")
     rounding = as_choice(rounding, ROUNDINGS, "rounding")
     backend = as_choice(backend, BACKEND_CHOICES, "backend")
+    contract = as_contract(contract)
     if rounding_seed is None:
         if rounding == "stochastic":
             raise ValueError("rounding_seed is required with rounding='stochastic' (lowrank_perturb_ "
@@ -241,7 +247,7 @@ def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
                        [_float32(t) for t in taus], scale_vector, decay_vector, rounding,
                        rounding_seed,
                        None if held_taus is None else [_float32(t) for t in held_taus],
-                       applied_vector)
+                       applied_vector, contract)
 
 
 def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = False,
@@ -274,6 +280,7 @@ def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = 
                 group.keys,
                 call.rounding,
                 call.rounding_seed,
+                contract=call.contract,
                 **extra,
             )
 
@@ -281,13 +288,15 @@ def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = 
 def run_lowrank_scatter(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Tensor],
                         taus: list[torch.Tensor] | None, scale: torch.Tensor,
                         decays: torch.Tensor, rounding: str = "nearest",
-                        rounding_seed: int = 0) -> None:
+                        rounding_seed: int = 0, contract: int = DEFAULT_CONTRACT) -> None:
     """Rewrite the logged elements of the last low-rank pass of `log`, group by group
     (docs/undo-log.md, "Low-rank groups"): taus None puts the logged values back bit for bit (the
     end of an exact restore); else W = round(decays[j] * logged + scale * P_j(tau_j)) (the end of
     an exact update). us, vs, taus (float32 contiguous), decays (float32 [count]) are in the order
     of the weight list the logged pass was given; call it after the dense pass (restore:
-    applied_* with scale 0; update: applied_* with the update's taus and scale)."""
+    applied_* with scale 0; update: applied_* with the update's taus and scale). contract: the
+    update pass's (its stochastic rounding)."""
+    contract = as_contract(contract)
     if log.plan is None:
         return
     for group, buffers in zip(log.plan, log.buffers):
@@ -300,7 +309,7 @@ def run_lowrank_scatter(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Ten
                 buffers.index, buffers.values, buffers.count,
                 scale.to(device, non_blocking=True),
                 _select(decays, pick).to(device, non_blocking=True),
-                group.keys, rounding, rounding_seed)
+                group.keys, rounding, rounding_seed, contract=contract)
 
 
 __all__ = ["lowrank_perturb_", "prepare_lowrank", "run_lowrank", "run_lowrank_scatter",

@@ -93,10 +93,9 @@ class TeZO(MeZO):
     indices).
     Memory: the optimizer state per matrix is U, V and two r-vectors, O((m + n) r), never m x n.
     The logs of the in-place 2-D weights are not: with exact_restore=True each keeps, per
-    perturbation pass, a selector log on cpu / torch (a row of 6 / 8 int32 words per 1024
-    elements plus a small pool: about 2.4% of bf16, 1.7% of fp32 weights for the two passes at
-    eps = 1e-3) or an undo log on triton (the elements recovery cannot give back, about 50% of
-    bf16 weights); see undo_log_bytes. exact_restore=False drops them.
+    perturbation pass, a selector log (a row of 6 / 8 int32 words per 1024 elements plus a
+    small pool: about 2.4% of bf16, 1.7% of fp32 weights for the two passes at eps = 1e-3) on
+    every backend; see undo_log_bytes. exact_restore=False drops them.
     Restore exactness: as MeZO's, for every parameter. The 2-D weights are moved between
     perturbations by recovery (lowrank_perturb_'s applied_taus / applied_scale), exact from the
     selector log of the pass that wrote them (or made exact by rewriting the undo-logged

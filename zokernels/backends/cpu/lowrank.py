@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._contract import DEFAULT_CONTRACT
 from ..undo_buffers import SelectorBuffers, UndoBuffers
-from ._codes import DTYPE_CODES, ROUNDING_CODES
+from ._codes import DTYPE_CODES, native_contract
 from ._loader import load_cpu_extension
 
 # _C.lowrank_perturb's log_mode codes.
@@ -18,7 +19,8 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
                         rounding: str, rounding_seed: int, applied_taus: list[Tensor] | None = None,
                         applied_scale: Tensor | None = None, log: UndoBuffers | None = None,
                         count_only: bool = False, selector_log: SelectorBuffers | None = None,
-                        held_log: SelectorBuffers | None = None) -> None:
+                        held_log: SelectorBuffers | None = None,
+                        contract: int = DEFAULT_CONTRACT) -> None:
     """In place: W_j = round(decays[j] * theta + scale * P_j(tau_j)), P_j(tau)[row, col] =
     sum_k U_j[row, k] * (V_j[col, k] * tau[k]) summed in k order, unfused: bit-identical to
     lowrank_perturb_torch. theta = W_j, or with `applied_taus` the weight recovered from
@@ -31,7 +33,8 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
     `selector_log` / `held_log` (SelectorBuffers): the selector log this pass writes (nearest
     rounding, decays 1; with `count_only`, only the pool words it needs are counted) / the one
     it reads, with `applied_taus`, to recover every weight exactly: perturb_cpu's format, blocks
-    of each weight's flat index in list order (docs/undo-log.md, "Low-rank groups")."""
+    of each weight's flat index in list order (docs/undo-log.md, "Low-rank groups").
+    `contract` picks the stochastic rounding (3: the integer one; csrc/rounding.h code 2)."""
     if count_only and log is None and selector_log is None:
         raise ValueError("lowrank_perturb_cpu: count_only needs a log")
     if (applied_taus is None) != (applied_scale is None):
@@ -59,4 +62,5 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
         [w.shape[1] for w in weights], [u.shape[1] for u in us], [u.data_ptr() for u in us],
         [v.data_ptr() for v in vs], [t.data_ptr() for t in taus], decays.tolist(),
         float(scale.reshape(-1)[0].item()), list(keys), DTYPE_CODES[weights[0].dtype],
-        ROUNDING_CODES[rounding], rounding_seed, torch.get_num_threads(), **extra)
+        native_contract(rounding, contract)["rounding"], rounding_seed, torch.get_num_threads(),
+        **extra)

@@ -4,6 +4,7 @@ groups")."""
 
 import torch
 
+from ..._contract import DEFAULT_CONTRACT
 from .rounding import lost_by_recovery, recover, round_to
 from .selector_log import BLOCK, log_tensor, n_blocks, recover_tensor
 
@@ -35,7 +36,8 @@ def lowrank_product(u_rows: torch.Tensor, vt_tau: torch.Tensor) -> torch.Tensor:
 
 def lowrank_perturb_torch(weights, us, vs, taus, scale, decays, keys, rounding, rounding_seed,
                           applied_taus=None, applied_scale=None, log=None,
-                          count_only=False, selector_log=None, held_log=None) -> None:
+                          count_only=False, selector_log=None, held_log=None,
+                          contract=DEFAULT_CONTRACT) -> None:
     """In place, fp32 arithmetic, one rounding per element (reference for every fast path):
 
         D     = scale * P(tau),   P(tau)[row, col] = sum_k U[row, k] * (V[col, k] * tau[k])
@@ -49,7 +51,8 @@ def lowrank_perturb_torch(weights, us, vs, taus, scale, decays, keys, rounding, 
     weight's flat index row * n + col, the weights' blocks in list order: the selectors a later
     pass needs to recover every weight exactly / those of the perturbation held now (with
     applied_taus), read to recover it exactly; an element the pass leaves at its value (D == 0,
-    decay 1) then keeps theta's exact pattern.
+    decay 1) then keeps theta's exact pattern. `contract` picks the stochastic rounding
+    (docs/noise-contract.md: 3 the integer one, else the uniform-based one).
     """
     start = 0  # group-flat index of the weight's first element
     first_block = 0  # the weight's first selector-log block
@@ -79,7 +82,7 @@ def lowrank_perturb_torch(weights, us, vs, taus, scale, decays, keys, rounding, 
             else:
                 theta_exact = x.clone()
             acc = theta * decay + noise_sum
-            written = round_to(acc, weight.dtype, rounding, rounding_seed, key, a)
+            written = round_to(acc, weight.dtype, rounding, rounding_seed, key, a, contract)
             if log is not None:
                 lost = lost_by_recovery(theta, written, noise_sum, weight.dtype)
                 _append(log, start + a + lost.nonzero().view(-1), theta[lost], count_only)

@@ -27,6 +27,15 @@ D would not give back (or NaN, -0.0) is counted and, while slots remain, appende
 (first_j + row * n + col, theta); a program reserves its slots with one atomic add and places
 them row-major by prefix sums. LOG_MODE 2 only counts (writes neither W nor the log).
 
+Selector logs (``selector_log`` / ``held_log``, docs/undo-log.md "Low-rank groups"): such a pass
+runs ``_lowrank_selector_kernel`` instead, one program per 1024-element block of the log with P
+summed in the reference's k order (the log needs D bit for bit), the dense selector helpers
+(selector_log.py) on the block.
+
+Stochastic rounding follows the contract (``contract``): 1 / 2 the uniform-based rule (one Philox
+call per 4 elements of a row when every n % 4 == 0), 3 the integer one (16 bits per element, one
+call per 8 elements of a row when every n % 8 == 0); else one call per element.
+
 Launch table (one int64 tensor, built per call, copied without a host synchronization):
 
     [0, P)            starts[j]: first program of weight j (prefix sum of tiles), padded to
@@ -43,9 +52,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._contract import DEFAULT_CONTRACT, integer_rounding
 from ._common import (ITEMSIZE, as_int64_bits, block_starts, count_launch, find_entry,
                       int64_table, load_seed, next_pow2, philox, recover_unperturbed,
-                      round_nearest, round_stochastic, to_float32, SOFT_BF16)
+                      round_nearest, round_stochastic, round_stochastic_integer,
+                      rounding_bits_at, rounding_bits_tile, rounding_tile, tile_lanes,
+                      to_float32, SOFT_BF16)
+from .lowrank_scatter import ordered_product
+from .perturb import MAXNREG
+from .selector_log import (SELECTOR_BLOCK, from_pattern, held_theta, pattern, selector_widths,
+                           write_block)
 
 # 64 x 64 tiles at 8 warps: 16 elements per thread, ~128 registers on sm_90 (two CTAs per SM);
 # 64 x 128 needs ~220-250 registers (one CTA per SM), too little parallelism for a streaming op.
@@ -87,15 +103,39 @@ def _sr_uniforms_tile(seed, key, rows, col0, cols, n, BN: tl.constexpr, ROW4: tl
     return u
 
 
+@triton.jit
+def _sr_bits_tile(seed, key, rows, col0, cols, n, BN: tl.constexpr, ROW8: tl.constexpr):
+    """Contract 3's 16 random bits for the tile elements i = row * n + col, [BM, BN]: half i % 2
+    of word (i % 8) // 2 of the stream-1 Philox call i // 8 (``rounding_bits_at``).
+
+    ROW8 (every n % 8 == 0): the 8 elements of a call lie in one row of the tile, so one call per
+    8 elements, its 8 halves interleaved along the row (the nested joins put bit 2 of i % 8 in the
+    outermost position). Otherwise one call per element."""
+    if ROW8:
+        b = ((rows * n + col0) >> 3)[:, None] + tl.arange(0, BN // 8)[None, :]
+        bu = b.to(tl.uint64, bitcast=True)
+        w0, w1, w2, w3 = philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32),
+                                (bu >> 32).to(tl.uint32), key, 1)
+        lo = tl.join(tl.join(w0 & 0xFFFF, w2 & 0xFFFF), tl.join(w1 & 0xFFFF, w3 & 0xFFFF))
+        hi = tl.join(tl.join(w0 >> 16, w2 >> 16), tl.join(w1 >> 16, w3 >> 16))
+        r = tl.reshape(tl.join(lo, hi), [rows.shape[0], BN])
+    else:
+        r = rounding_bits_at(seed, key, rows[:, None] * n + cols[None, :])
+    return r
+
+
 @triton.jit(do_not_specialize=["capacity"])
 def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr, applied_scale_ptr,
                     index_ptr, values_ptr, count_ptr, capacity,
                     LOG2_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    RK: tl.constexpr, STOCHASTIC: tl.constexpr, ROW4: tl.constexpr,
+                    RK: tl.constexpr, STOCHASTIC: tl.constexpr, ROWG: tl.constexpr,
                     VEC: tl.constexpr, UV16: tl.constexpr, KFULL: tl.constexpr,
                     PRECISION: tl.constexpr, HAS_APPLIED: tl.constexpr,
                     LOG_MODE: tl.constexpr, SOFT_BF16: tl.constexpr):
     """LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log and write, 2 count only.
+    STOCHASTIC: 0 round to nearest, 1 the uniform-based stochastic rounding (contracts 1, 2), 2
+    the integer one (contract 3); ROWG: every n is a multiple of its Philox group (4 uniforms,
+    8 elements of integer bits), one call per group.
     UV16: U / V rows are 16-byte vectors (aligned, r % 4 == 0); KFULL: every r is a multiple of
     RK (interior tiles load U, V and tau without masks)."""
     P: tl.constexpr = 1 << LOG2_P
@@ -171,8 +211,11 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr, ap
     d = tl.load(scale_ptr) * acc  # D: a rounded float32 value (no fp fusion)
     acc = tl.load(decays_ptr + j) * x + d
 
-    if STOCHASTIC:
-        u = _sr_uniforms_tile(load_seed(table_ptr + 11 * P), key, rows, col0, cols, n, BN, ROW4)
+    if STOCHASTIC == 2:  # contract 3: integer stochastic rounding
+        rb = _sr_bits_tile(load_seed(table_ptr + 11 * P), key, rows, col0, cols, n, BN, ROWG)
+        y = round_stochastic_integer(acc, rb, w_base_ptr.dtype.element_ty, SOFT_BF16)
+    elif STOCHASTIC:
+        u = _sr_uniforms_tile(load_seed(table_ptr + 11 * P), key, rows, col0, cols, n, BN, ROWG)
         y = round_stochastic(acc, u, w_base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, w_base_ptr.dtype.element_ty, SOFT_BF16)
@@ -209,18 +252,116 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr, ap
                 tl.store(values_ptr + slot, old, mask=keep)
 
 
+# Selector passes: one program per SELECTOR_BLOCK flat elements (the log's block), 4 per thread,
+# registers capped as the dense selector passes' (perturb.MAXNREG; sass_budget: no spills).
+SELECTOR_WARPS = 8
+
+
+@triton.jit
+def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr,
+                             applied_scale_ptr, out_regions_ptr, out_words, out_pool_ptr,
+                             out_capacity, out_count_ptr, in_regions_ptr, in_words, in_pool_ptr,
+                             LOG2_P: tl.constexpr, BLOCK: tl.constexpr,
+                             STOCHASTIC: tl.constexpr, HAS_APPLIED: tl.constexpr,
+                             SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr,
+                             SOFT_BF16: tl.constexpr):
+    """A pass that writes (SEL_OUT 1, or 2: count the pool words only, write nothing else) or
+    reads (SEL_IN, with HAS_APPLIED) a selector log: program ``pid`` handles the flat elements
+    ``blk * BLOCK + [0, BLOCK)`` of weight j, which is the log's row ``pid`` (the weights' blocks
+    follow each other in list order, as the table's programs do). P is the reference's k-ordered
+    sum (``ordered_product``), not ``tl.dot`` tiles: the log's intervals depend on D bit for bit,
+    and the reading pass must see the D the writing pass used, on any backend. The block is held
+    in the gaussian tile layout (``tile_lanes``), so the dense selector helpers and the rounding
+    tiles apply unchanged. Table: the tile kernel's, with blocks for tiles. STOCHASTIC: as the
+    tile kernel's."""
+    P: tl.constexpr = 1 << LOG2_P
+    pid = tl.program_id(0).to(tl.int64)
+    j = find_entry(table_ptr, pid, LOG2_P)
+    row_ptr = table_ptr + P + 10 * j
+    m = tl.load(row_ptr + 1)
+    n = tl.load(row_ptr + 2)
+    r = tl.load(row_ptr + 3)
+    key = tl.load(row_ptr + 7).to(tl.uint32)
+    blk = pid - tl.load(table_ptr + j)
+    start = blk * BLOCK  # int64; offsets inside the block are int32
+    lanes = tile_lanes(0, BLOCK)
+    rem = m * n - start
+    valid = lanes < rem
+    ptrs = w_base_ptr + (tl.load(row_ptr) + start) + lanes
+    w = tl.load(ptrs, mask=valid, other=0.0)
+    # (row, col) of each element: one int32 division from the block's first column
+    row0 = start // n
+    c = (start - row0 * n).to(tl.int32) + lanes
+    q = c // n.to(tl.int32)
+    rows = tl.minimum(row0 + q, m - 1)  # the tail's lanes past the weight read its last row
+    cols = (c - q * n.to(tl.int32)).to(tl.int64)
+    u_ptrs = f_base_ptr + tl.load(row_ptr + 4) + rows * r
+    v_ptrs = f_base_ptr + tl.load(row_ptr + 5) + cols * r
+    d = tl.load(scale_ptr) * ordered_product(u_ptrs, v_ptrs, f_base_ptr + tl.load(row_ptr + 6),
+                                             r, r, valid, False)
+    x = to_float32(w, SOFT_BF16)
+    if HAS_APPLIED:
+        d1 = tl.load(applied_scale_ptr) * ordered_product(
+            u_ptrs, v_ptrs, f_base_ptr + tl.load(row_ptr + 9), r, r, valid, False)
+    if SEL_IN:  # exact: theta's pattern from the held log
+        theta = held_theta(w, d1, valid, in_regions_ptr, in_words, in_pool_ptr, pid, 0, BLOCK,
+                           w_base_ptr.dtype.element_ty, SOFT_BF16)
+        x = to_float32(from_pattern(theta, w_base_ptr.dtype.element_ty), SOFT_BF16)
+    elif HAS_APPLIED:
+        x = recover_unperturbed(x, d1, w_base_ptr.dtype.element_ty, SOFT_BF16)
+    decay = tl.load(decays_ptr + j)
+    acc = decay * x + d
+    if STOCHASTIC == 2:  # contract 3: integer stochastic rounding
+        rb = rounding_bits_tile(load_seed(table_ptr + 11 * P), key, blk, 0, BLOCK)
+        y = round_stochastic_integer(acc, rb, w_base_ptr.dtype.element_ty, SOFT_BF16)
+    elif STOCHASTIC:
+        u = rounding_tile(load_seed(table_ptr + 11 * P), key, blk, 0, BLOCK)
+        y = round_stochastic(acc, u, w_base_ptr.dtype.element_ty, SOFT_BF16)
+    else:
+        y = round_nearest(acc, w_base_ptr.dtype.element_ty, SOFT_BF16)
+    if SEL_IN:  # left at its value (D == 0, decay 1): theta's exact pattern (-0.0, NaN payloads)
+        keep = (d == 0.0) & (decay == 1.0 + 0.0 * d)  # tensor & tensor
+        y = tl.where(keep, from_pattern(theta, w_base_ptr.dtype.element_ty), y)
+    if SEL_OUT != 2:
+        tl.store(ptrs, y, mask=valid)
+    if SEL_OUT != 0:
+        if SEL_IN:
+            theta_bits = theta
+        elif HAS_APPLIED:  # x is a value of the dtype
+            theta_bits = pattern(round_nearest(x, w_base_ptr.dtype.element_ty, SOFT_BF16),
+                                 w_base_ptr.dtype.element_ty)
+        else:
+            theta_bits = pattern(w, w_base_ptr.dtype.element_ty)
+        width, sel = selector_widths(theta_bits, y, d, valid, w_base_ptr.dtype.element_ty,
+                                     SOFT_BF16)
+        write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr, pid,
+                    width, sel, SEL_OUT == 2, 0, BLOCK)
+
+
 def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
                            vs: list[torch.Tensor], taus: list[torch.Tensor], scale: torch.Tensor,
                            decays: torch.Tensor, keys: list[int], rounding: str,
                            rounding_seed: int, applied_taus: list[torch.Tensor] | None = None,
                            applied_scale: torch.Tensor | None = None, log=None,
-                           count_only: bool = False) -> None:
+                           count_only: bool = False, selector_log=None,
+                           held_log=None, contract: int = DEFAULT_CONTRACT) -> None:
     """In place: W_j = round(decays[j] * theta + scale * U_j diag(tau_j) V_j^T) for every weight,
     theta = W_j or, with ``applied_taus`` (float32 [r_j] each) and ``applied_scale`` (float32 [1]),
     W_j recovered from round(theta + applied_scale * U_j diag(applied_tau_j) V_j^T). ``log``: None,
     or the UndoBuffers that receive the elements recovery cannot give back (the caller zeroes
-    ``log.count``); ``count_only``: only add to the count. One kernel launch, no host
-    synchronization."""
+    ``log.count``); ``count_only``: only add to the count. ``selector_log`` / ``held_log``
+    (SelectorBuffers, docs/undo-log.md): the selector log this pass writes (nearest rounding,
+    decays 1; with ``count_only`` only its pool words are counted) / the one it reads, with
+    ``applied_taus``, to recover every weight exactly; bit-identical to the torch reference's
+    (the pool's block order aside), P then summed in the reference's k order
+    (``_lowrank_selector_kernel``). ``contract`` picks the stochastic rounding (3: the integer
+    one). One kernel launch, no host synchronization."""
+    stochastic = _stochastic_code(rounding, weights[0].dtype, contract)
+    if selector_log is not None or held_log is not None:
+        _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, stochastic,
+                               rounding_seed, applied_taus, applied_scale, log, count_only,
+                               selector_log, held_log)
+        return
     dtype = weights[0].dtype
     itemsize = ITEMSIZE[dtype]
     log_mode = 0 if log is None else (2 if count_only else 1)
@@ -234,7 +375,8 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
     p = next_pow2(len(weights))
     counts, rows, max_r, first = [], [], 1, 0
     vec = 16 // itemsize
-    row4, aligned, uv16 = True, True, f_base % 16 == 0
+    group = 8 if stochastic == 2 else 4  # elements per Philox call of the rounding bits
+    row_grouped, aligned, uv16 = True, True, f_base % 16 == 0
     for j, w in enumerate(weights):
         m, n = w.shape
         r = us[j].shape[1]
@@ -245,7 +387,7 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
                  (us[j].data_ptr() - f_base) // 4, (vs[j].data_ptr() - f_base) // 4,
                  (taus[j].data_ptr() - f_base) // 4, keys[j], first, held_off]
         first += m * n
-        row4 &= n % 4 == 0
+        row_grouped &= n % group == 0
         aligned &= w_ptrs[j] % 16 == 0 and n % vec == 0
         uv16 &= r % 4 == 0 and all(f.data_ptr() % 16 == 0 for f in (us[j], vs[j]))
     rows += [0] * (ROW * (p - len(weights)))
@@ -262,7 +404,7 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
         log.index if log_mode == 1 else None, log.values if log_mode == 1 else None,
         log.count if log_mode != 0 else None, log.capacity if log_mode == 1 else None,
         LOG2_P=p.bit_length() - 1, BM=BM, BN=BN, RK=rk,
-        STOCHASTIC=(rounding == "stochastic" and dtype != torch.float32), ROW4=row4,
+        STOCHASTIC=stochastic, ROWG=row_grouped,
         VEC=vec if aligned else 1, UV16=uv16, KFULL=kfull,
         # fp32 weights need fp32-accurate products (3xTF32); 16-bit weights round far coarser
         # than TF32's 2^-11, so a single TF32 pass suffices
@@ -270,4 +412,70 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
         HAS_APPLIED=applied_taus is not None, LOG_MODE=log_mode,
         SOFT_BF16=SOFT_BF16, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         enable_fp_fusion=False)  # D = scale * P stays a rounded value (module docstring)
+    count_launch()
+
+
+def _stochastic_code(rounding: str, dtype: torch.dtype, contract: int) -> int:
+    """The kernels' STOCHASTIC: 0 nearest (float32 weights always), 1 uniform-based, 2 integer."""
+    if rounding != "stochastic" or dtype == torch.float32:
+        return 0
+    return 2 if integer_rounding(contract) else 1
+
+
+def _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, stochastic: int,
+                           rounding_seed, applied_taus, applied_scale, log, count_only,
+                           selector_log, held_log) -> None:
+    """``lowrank_perturb_triton`` with a selector log written or read: one launch of
+    ``_lowrank_selector_kernel``, a program per log block (``stochastic``: _stochastic_code)."""
+    if log is not None:
+        raise ValueError("lowrank_perturb_triton: an undo log (log=) cannot be written by a pass "
+                         "that writes or reads a selector log; use a selector log for both")
+    if held_log is not None and applied_taus is None:
+        raise ValueError("lowrank_perturb_triton: held_log needs applied_taus")
+    if selector_log is not None and stochastic:
+        raise ValueError("lowrank_perturb_triton: selector_log needs rounding='nearest'")
+    if count_only and selector_log is None:
+        raise ValueError("lowrank_perturb_triton: count_only needs a log or a selector_log")
+    dtype = weights[0].dtype
+    itemsize = ITEMSIZE[dtype]
+    w_ptrs = [w.data_ptr() for w in weights]
+    w_i = min(range(len(weights)), key=w_ptrs.__getitem__)
+    f_tensors = list(us) + list(vs) + list(taus) + list(applied_taus or [])
+    f_ptrs = [f.data_ptr() for f in f_tensors]
+    f_i = min(range(len(f_tensors)), key=f_ptrs.__getitem__)
+    w_base, f_base = w_ptrs[w_i], f_ptrs[f_i]
+    p = next_pow2(len(weights))
+    counts, rows, first = [], [], 0
+    for j, w in enumerate(weights):
+        m, n = w.shape
+        r = us[j].shape[1]
+        counts.append(triton.cdiv(m * n, SELECTOR_BLOCK))  # the log's rows, in list order
+        held_off = 0 if applied_taus is None else (applied_taus[j].data_ptr() - f_base) // 4
+        rows += [(w_ptrs[j] - w_base) // itemsize, m, n, r,
+                 (us[j].data_ptr() - f_base) // 4, (vs[j].data_ptr() - f_base) // 4,
+                 (taus[j].data_ptr() - f_base) // 4, keys[j], first, held_off]
+        first += m * n
+    rows += [0] * (ROW * (p - len(weights)))
+    table = int64_table(block_starts(counts, p) + rows + [as_int64_bits(rounding_seed)],
+                        weights[0].device)
+    sel_out = 0 if selector_log is None else (2 if count_only else 1)
+    out, held = selector_log, held_log
+    scale = scale.contiguous()
+    _lowrank_selector_kernel[(sum(counts),)](
+        weights[w_i], f_tensors[f_i], table, decays.contiguous(), scale,
+        scale if applied_scale is None else applied_scale.contiguous(),
+        # unused log arguments are None: constexpr, not even kernel parameters
+        None if out is None else out.regions,
+        None if out is None else out.regions.shape[1],
+        None if sel_out != 1 else out.pool,
+        None if sel_out != 1 else out.pool.numel(),
+        None if out is None else out.count,
+        None if held is None else held.regions,
+        None if held is None else held.regions.shape[1],
+        None if held is None else held.pool,
+        LOG2_P=p.bit_length() - 1, BLOCK=SELECTOR_BLOCK,
+        STOCHASTIC=stochastic, HAS_APPLIED=applied_taus is not None, SEL_OUT=sel_out,
+        SEL_IN=held is not None,
+        SOFT_BF16=SOFT_BF16, num_warps=SELECTOR_WARPS, maxnreg=MAXNREG,
+        enable_fp_fusion=False)  # P, D and the sum stay the reference's roundings
     count_launch()
