@@ -190,6 +190,19 @@ def test_step_tiny_run_with_json(bench, tmp_path):
     assert document["results"][0]["extra_memory_bytes"] is None  # the MeZO loop keeps nothing
 
 
+def test_plain_forward_clock_keeps_its_forwards_out_of_the_step():
+    """TeZO's virtual-probe rows time an identical model without hooks after each closure call:
+    that forward is the row's forward time and is not part of the step (`outside`), else the
+    hooked forward would be counted as perturb/update."""
+    from zokernels.bench.step import _PlainForwardClock
+
+    calls = []
+    clock = _PlainForwardClock("cpu", lambda: calls.append("plain") or torch.ones(64).sum())
+    out = clock(lambda: calls.append("hooked") or torch.zeros(()))
+    assert calls == ["hooked", "plain"] and float(out) == 0.0
+    assert clock.seconds > 0 and clock.outside == clock.seconds
+
+
 def test_step_compare_exact_interleaves_a_copy_without_logs(bench, tmp_path):
     path = tmp_path / "step.json"
     status, out, err = bench("step", "--model", "tiny", "--optimizer", "mezo", "--repeats", "1",
