@@ -1,5 +1,5 @@
 """Optimizers, checkpoints and trajectories carry the noise contract version (docs/noise-contract.md):
-v2 normals by default, v1 on request, v3 (v2 normals, integer stochastic rounding) on request, and
+v3 (v2 normals, integer stochastic rounding) by default, v2 and v1 on request, and
 a state or trajectory saved before versions existed (no "contract" field) resumes / replays with
 the v1 normals it was made with."""
 
@@ -54,19 +54,37 @@ NAMES = ["mezo", "lezo", "tezo", "pseuzo"]
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_default_is_v2_and_v1_is_a_different_run(name):
+def test_default_is_v3_and_v1_is_a_different_run(name):
     runs = {}
-    for contract in (None, 2, 1):
+    for contract in (None, 3, 2, 1):
         net = Net()
         opt = build(name, net) if contract is None else build(name, net, contract=contract)
         take_steps(name, opt, net, 3)
         runs[contract] = (snapshot(net), opt)
-    assert_same(runs[None][0], runs[2][0], "default vs contract=2")
-    assert runs[None][1].contract == 2 and runs[1][1].contract == 1
-    assert runs[None][1].state_dict()["contract"] == 2
-    assert runs[1][1].trajectory.meta["contract"] == 1
+    assert_same(runs[None][0], runs[3][0], "default vs contract=3")
+    # round to nearest: v3 and v2 share the normals, so the same run
+    assert_same(runs[3][0], runs[2][0], "contract=3 vs contract=2, nearest rounding")
+    assert runs[None][1].contract == 3 and runs[2][1].contract == 2 and runs[1][1].contract == 1
+    assert runs[None][1].state_dict()["contract"] == 3
+    assert runs[2][1].trajectory.meta["contract"] == 2 and runs[1][1].trajectory.meta["contract"] == 1
     differs = any(not torch.equal(runs[1][0][n], runs[2][0][n]) for n in runs[2][0])
     assert differs, "v1 and v2 normals gave the same weights"
+
+
+def test_default_stochastic_rounding_is_v3s():
+    """bf16 weights with stochastic rounding: the default is contract 3's integer rounding (another
+    run than contract 2's uniform-based one)."""
+    runs = {}
+    for contract in (None, 3, 2):
+        net = Net().to(torch.bfloat16)
+        kwargs = dict(rounding="stochastic") | ({} if contract is None else dict(contract=contract))
+        opt = MeZO(net.named_parameters(), lr=1e-2, eps=1e-3, seed=11, **kwargs)
+        for _ in range(3):
+            opt.step(lambda: net(X.to(torch.bfloat16)).float().pow(2).mean())
+        runs[contract] = snapshot(net)
+    assert_same(runs[None], runs[3], "default vs contract=3, stochastic rounding")
+    assert any(not torch.equal(runs[3][n], runs[2][n]) for n in runs[3]), \
+        "contracts 3 and 2 rounded stochastically alike"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -92,7 +110,7 @@ def test_trajectory_replays_with_its_recorded_normals(name, contract):
 @pytest.mark.parametrize("name", NAMES)
 def test_unversioned_state_and_trajectory_resume_as_v1(name):
     """A checkpoint from before contract versions (no "contract" in the state nor in its
-    trajectory's meta) was made with v1 normals: a default (v2) optimizer adopts v1 from it and
+    trajectory's meta) was made with v1 normals: a default (v3) optimizer adopts v1 from it and
     continues exactly as the uninterrupted v1 run."""
     whole_net = Net()
     whole = build(name, whole_net, contract=1)
@@ -104,7 +122,7 @@ def test_unversioned_state_and_trajectory_resume_as_v1(name):
     state = first.state_dict()
     del state["contract"]
     del state["trajectory"]["meta"]["contract"]
-    resumed = build(name, net)  # default contract 2
+    resumed = build(name, net)  # default contract 3
     resumed.load_state_dict(state)
     assert resumed.contract == 1
     take_steps(name, resumed, net, 2)

@@ -104,7 +104,7 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
             (applied_scale / applied_taus, the same weights in the same order): each theta is
             recovered exactly from it, and an element this pass leaves at its value (scale 0,
             decay 1: a restore) keeps theta's exact bits. Any decay and rounding for the move.
-        contract: 2 (default), 1 or 3, the version of the noise contract
+        contract: 3 (default), 2 or 1, the version of the noise contract
             (docs/noise-contract.md): 3 makes rounding="stochastic" the integer stochastic
             rounding (16 random bits per element), 1 and 2 the uniform-based one, as perturb_.
 

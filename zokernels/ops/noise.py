@@ -18,10 +18,10 @@ def noise(numel: int, seed: int, key: int = 0, *, offset: int = 0, dist: str = "
     (+-1, one Philox call per 128 elements) or "uniform" (the uniforms in [0, 1) that feed the
     gaussian). These are exactly the values `perturb_` adds for a tensor with this key, so
     `noise(t.numel(), s, key).view_as(t)` materializes what `perturb_` applies without storing it.
-    contract: the version of the gaussian normals (docs/noise-contract.md): 2 (default), a fixed
-    float32 Box-Muller, bit-identical on every backend; 1, the normals of zokernels before v2
-    (Triton's pair_uniform_to_normal; backends agree within 1e-5), to replay old recordings.
-    3 gives v2's normals (it differs only in stochastic rounding). Rademacher and uniform
+    contract: the version of the noise contract (docs/noise-contract.md): 3 (default) and 2 give
+    the v2 normals, a fixed float32 Box-Muller, bit-identical on every backend (they differ only
+    in stochastic rounding); 1, the normals of zokernels before v2 (Triton's
+    pair_uniform_to_normal; backends agree within 1e-5), to replay old recordings. Rademacher and uniform
     values do not depend on it.
     Writes 4 bytes per element. Tested across backends against the torch reference: words,
     uniforms, rademacher and v2 gaussians bit-identical, v1 gaussians within 1e-5.

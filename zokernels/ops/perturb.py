@@ -63,10 +63,10 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
         backend: "auto" (triton for CUDA tensors, cpu for CPU tensors), "triton", "cpu" or "torch".
         check_finite: refuse NaN/inf scales and decay given as device tensors (one host sync).
             Numbers and CPU tensors are always checked.
-        contract: 2 (default), 1 or 3, the version of the noise contract (zokernels.noise,
-            docs/noise-contract.md): 1 replays perturbations recorded before v2 (its gaussian
-            normals); 3 has v2's normals and the integer stochastic rounding (16 random bits per
-            element: cheaper on GPUs, other rounded values than 1 and 2).
+        contract: 3 (default), 2 or 1, the version of the noise contract (zokernels.noise,
+            docs/noise-contract.md): 3 has v2's normals and the integer stochastic rounding (16
+            random bits per element: cheaper, other rounded values than 1 and 2); 2 and 1
+            replay what was recorded with them (1: the gaussian normals before v2).
 
     The arithmetic is float32: D is summed from 0 in seed order, added to the weight once, and
     the result rounds once to the tensor's dtype. Bytes moved: 2 * itemsize
