@@ -150,13 +150,16 @@ def _shards(cases, globals_):
 
 
 def _perturb(tensors, keys, maps, seeds, scales, decays, dist, rounding="nearest",
-             applied=None, log=None, backend="triton", table_cache=None):
+             applied=None, log=None, backend="triton", table_cache=None, contract=None):
+    if contract is not None:  # else the default contract
+        extra = {"contract": contract}
+    else:
+        extra = {}
     if backend == "torch":
         from zokernels.backends.torch import perturb_torch as fn
-        extra = {}
     else:
         fn = _triton().perturb_triton
-        extra = {"index_maps": maps, "table_cache": table_cache}
+        extra.update(index_maps=maps, table_cache=table_cache)
     fn(tensors, keys, seeds, torch.tensor(scales, dtype=torch.float32, device=DEVICE),
        torch.tensor(decays, dtype=torch.float32, device=DEVICE), dist, rounding, ROUNDING_SEED,
        applied=None if applied is None else torch.tensor(applied, dtype=torch.float32,
@@ -489,7 +492,7 @@ def test_stochastic_rounding_at_64_bit_indices():
              for m, rows in BIG_MAPS]
     tensors = [t.to(DEVICE).clone() for t in start]
     _perturb(tensors, [key] * len(tensors), [m for m, _ in BIG_MAPS], [seed], [scale],
-             [1.0] * len(tensors), "gaussian", "stochastic")
+             [1.0] * len(tensors), "gaussian", "stochastic", contract=2)  # contract 2's uniforms
     for t, x, (m, rows) in zip(tensors, start, BIG_MAPS):
         acc = x.float() + torch.tensor(scale, dtype=torch.float32) * _z_rows(m, rows, seed, key,
                                                                                 "gaussian")

@@ -149,7 +149,7 @@ def _perturb(tensors, seeds, scales, dist, applied=None, log=None, count_only=Fa
     fn(tensors, keys[:len(tensors)], seeds, torch.tensor(scales, device=DEVICE),
        torch.tensor(decays, device=DEVICE), dist, rounding, seeds[0] if seeds else 0,
        applied=None if applied is None else torch.tensor(applied, device=DEVICE),
-       log=log, count_only=count_only)
+       log=log, count_only=count_only, contract=2)  # as _scatter: the oracles are contract 2's
 
 
 def _scatter(tensors, log, seeds, scales, dist, backend="triton", keys=KEYS, decays=None,
@@ -160,7 +160,8 @@ def _scatter(tensors, log, seeds, scales, dist, backend="triton", keys=KEYS, dec
     decays = [1.0] * len(tensors) if decays is None else decays
     fn(tensors, keys[:len(tensors)], log.index, log.values, log.count, seeds,
        torch.tensor(scales, dtype=torch.float32, device=DEVICE),
-       torch.tensor(decays, dtype=torch.float32, device=DEVICE), dist, rounding, rounding_seed)
+       torch.tensor(decays, dtype=torch.float32, device=DEVICE), dist, rounding, rounding_seed,
+       contract=2)  # the oracle below rounds by contract 2's uniforms
 
 
 # ---------------------------------------------------------------------------------------------
