@@ -61,6 +61,24 @@ def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
         assert_bits_equal(actual[name], expected[name], what=f"{what}: {name}")
 
 
+def assert_interrupted_step_leaves_weights(step, net: torch.nn.Module, closure,
+                                           fail_at: int, what: str) -> None:
+    """`step(failing)` where the closure raises KeyboardInterrupt at its call number `fail_at`:
+    the interrupt propagates and every weight of `net` is bit-identical to before the step."""
+    before = snapshot(net)
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return closure()
+
+    with pytest.raises(KeyboardInterrupt):
+        step(failing)
+    assert_same(snapshot(net), before, f"{what} failed at call {fail_at}")
+
+
 def assert_states_equal(a, b, path: str = "state") -> None:
     """Deep equality of state_dicts (tensors bit for bit)."""
     assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
