@@ -424,6 +424,18 @@ class Variant:
     iters: int = 1
 
 
+
+def _unused_selector_args(sel_out: int, sel_in: bool) -> list[str]:
+    """The selector-log kernel arguments a variant does not use (passed as None: constexpr)."""
+    unused = []
+    if not sel_out:
+        unused += ["out_regions_ptr", "out_words", "out_count_ptr"]
+    if sel_out != 1:
+        unused += ["out_pool_ptr", "out_capacity"]
+    if not sel_in:
+        unused += ["in_regions_ptr", "in_words", "in_pool_ptr"]
+    return unused
+
 def perturb_variants(extra=None) -> list[Variant]:
     from zokernels.backends.triton import perturb as P
     out = []
@@ -486,15 +498,9 @@ def perturb_variants(extra=None) -> list[Variant]:
                        out_pool_ptr="*i32", out_capacity="i32", out_count_ptr="*i64",
                        in_regions_ptr="*i32", in_words="i32", in_pool_ptr="*i32")
             const.update(SEL_OUT=sel_out, SEL_IN=sel_in)
-            unused = []
+            unused = _unused_selector_args(sel_out, sel_in)
             if not (sel_out or sel_in):
                 unused.append("sel_rows_ptr")
-            if not sel_out:
-                unused += ["out_regions_ptr", "out_words", "out_count_ptr"]
-            if sel_out != 1:
-                unused += ["out_pool_ptr", "out_capacity"]
-            if not sel_in:
-                unused += ["in_regions_ptr", "in_words", "in_pool_ptr"]
             const.update({k: None for k in unused})
         const.update({k: v for k, v in (extra or {}).items() if k in P._perturb_kernel.arg_names})
         name = (f"perturb/{name_dist}/{dt}/{rounding}" + ("/applied" if applied else "")
@@ -589,14 +595,7 @@ def lowrank_selector_variants() -> list[Variant]:
         const = {"LOG2_P": 3, "BLOCK": L.SELECTOR_BLOCK,
                  "STOCHASTIC": rounding == "stochastic", "HAS_APPLIED": sel_in,
                  "SEL_OUT": sel_out, "SEL_IN": sel_in, "SOFT_BF16": False}
-        unused = []
-        if not sel_out:
-            unused += ["out_regions_ptr", "out_words", "out_count_ptr"]
-        if sel_out != 1:
-            unused += ["out_pool_ptr", "out_capacity"]
-        if not sel_in:
-            unused += ["in_regions_ptr", "in_words", "in_pool_ptr"]
-        const.update({k: None for k in unused})
+        const.update({k: None for k in _unused_selector_args(sel_out, sel_in)})
         out.append(Variant(f"lowrank_selector/{dt}/{rounding}/{sel}", "lowrank_selector",
                            L._lowrank_selector_kernel, sig, const,
                            {"num_warps": L.SELECTOR_WARPS, "enable_fp_fusion": False,

@@ -338,6 +338,15 @@ def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scal
                     width, sel, SEL_OUT == 2, 0, BLOCK)
 
 
+
+def _bases(weights, us, vs, taus, applied_taus):
+    """The weights' data pointers, and the weight / float32 factor at the lowest address: the
+    kernels address every tensor as an element offset from these two bases."""
+    w_ptrs = [w.data_ptr() for w in weights]
+    factors = list(us) + list(vs) + list(taus) + list(applied_taus or [])
+    return (w_ptrs, weights[min(range(len(weights)), key=w_ptrs.__getitem__)],
+            min(factors, key=lambda f: f.data_ptr()))
+
 def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
                            vs: list[torch.Tensor], taus: list[torch.Tensor], scale: torch.Tensor,
                            decays: torch.Tensor, keys: list[int], rounding: str,
@@ -365,12 +374,8 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
     dtype = weights[0].dtype
     itemsize = ITEMSIZE[dtype]
     log_mode = 0 if log is None else (2 if count_only else 1)
-    w_ptrs = [w.data_ptr() for w in weights]
-    w_i = min(range(len(weights)), key=w_ptrs.__getitem__)
-    f_tensors = list(us) + list(vs) + list(taus) + list(applied_taus or [])
-    f_ptrs = [f.data_ptr() for f in f_tensors]
-    f_i = min(range(len(f_tensors)), key=f_ptrs.__getitem__)
-    w_base, f_base = w_ptrs[w_i], f_ptrs[f_i]
+    w_ptrs, w_base_tensor, f_base_tensor = _bases(weights, us, vs, taus, applied_taus)
+    w_base, f_base = w_base_tensor.data_ptr(), f_base_tensor.data_ptr()
 
     p = next_pow2(len(weights))
     counts, rows, max_r, first = [], [], 1, 0
@@ -398,7 +403,7 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
     kfull = all(u.shape[1] % rk == 0 for u in us)
     scale = scale.contiguous()
     _lowrank_kernel[(sum(counts),)](
-        weights[w_i], f_tensors[f_i], table, decays.contiguous(), scale,
+        w_base_tensor, f_base_tensor, table, decays.contiguous(), scale,
         scale if applied_scale is None else applied_scale.contiguous(),  # unread without
         # unused log arguments are None: constexpr, not even kernel parameters
         log.index if log_mode == 1 else None, log.values if log_mode == 1 else None,
@@ -438,12 +443,8 @@ def _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, stochasti
         raise ValueError("lowrank_perturb_triton: count_only needs a log or a selector_log")
     dtype = weights[0].dtype
     itemsize = ITEMSIZE[dtype]
-    w_ptrs = [w.data_ptr() for w in weights]
-    w_i = min(range(len(weights)), key=w_ptrs.__getitem__)
-    f_tensors = list(us) + list(vs) + list(taus) + list(applied_taus or [])
-    f_ptrs = [f.data_ptr() for f in f_tensors]
-    f_i = min(range(len(f_tensors)), key=f_ptrs.__getitem__)
-    w_base, f_base = w_ptrs[w_i], f_ptrs[f_i]
+    w_ptrs, w_base_tensor, f_base_tensor = _bases(weights, us, vs, taus, applied_taus)
+    w_base, f_base = w_base_tensor.data_ptr(), f_base_tensor.data_ptr()
     p = next_pow2(len(weights))
     counts, rows, first = [], [], 0
     for j, w in enumerate(weights):
@@ -462,7 +463,7 @@ def _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, stochasti
     out, held = selector_log, held_log
     scale = scale.contiguous()
     _lowrank_selector_kernel[(sum(counts),)](
-        weights[w_i], f_tensors[f_i], table, decays.contiguous(), scale,
+        w_base_tensor, f_base_tensor, table, decays.contiguous(), scale,
         scale if applied_scale is None else applied_scale.contiguous(),
         # unused log arguments are None: constexpr, not even kernel parameters
         None if out is None else out.regions,
