@@ -1,21 +1,21 @@
-"""What an exact restore must keep: the ambiguity of recovery, measured (docs/undo-log.md).
+"""What an exact restore must keep: the selector streams, measured (docs/undo-log.md).
 
-For weights theta and a perturbation D = eps * z (z standard normal), y = round(theta + D). The
-weights c with round(c + D) == y form one interval of patterns; when it holds n > 1 of them,
-bit_length(n - 1) selector bits single theta out (zokernels/backends/torch/selector_log.py).
-This script reports, per dtype and eps, on N(0, 0.02) weights and on the worst cases (zeros,
-tiny values, -0.0, NaN):
+For weights theta and a perturbation D = eps * z (z standard normal), y = round(theta + D). A
+reader knows y and D: r = round(y - D) is theta unless the element fails a test on (y, D); those
+("kept") keep key(theta) - key(r) in a few bits of their block's stream
+(zokernels/backends/torch/selector_log.py). This script reports, per dtype and eps, on
+N(0, 0.02) weights and on the worst cases (zeros, tiny values, -0.0, NaN):
 
-  ambiguous           fraction of elements with n > 1
-  recovery_wrong      fraction that recovery alone (applied=) gets wrong (today's undo log)
-  width_histogram     fraction of elements per selector width (bits)
-  bits_per_element    mean selector bits per element
-  block_bits          per block of 1024 elements: mean / p99 / p99.9 / max total bits
+  kept                fraction of elements the stream keeps (each costs >= 1 bit)
+  moved               fraction with theta != r (they cost >= 3 bits)
+  recovery_wrong      fraction that recovery alone (applied=) gets wrong (the undo log's entries)
+  bits_per_element    mean stream bits per element
+  block_bits          per block of 1024 elements: mean / p99 / p99.9 / max stream bits
   layouts             bytes per element of one log for region sizes (words per block incl. the
                       header word): regions + the pool words of the blocks that spill, and % of
                       the parameters' bytes for the two logs a step keeps at most
-  old_log             bytes per element of today's (index, value) log (recovery_wrong x
-                      (8 + itemsize)), per pass
+  old_log             bytes per element of the undo log's (index, value) entries
+                      (recovery_wrong x (8 + itemsize)), per pass
 
 Usage: python benchmarks/undo_memory.py [--elements 2097152] [--json PATH]
 """
@@ -29,25 +29,24 @@ import platform
 
 import torch
 
-from zokernels.backends.torch.selector_log import BLOCK, ambiguity_stats
+from zokernels.backends.torch.selector_log import BLOCK, stream_stats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-REGION_WORDS = (2, 3, 4, 6, 8, 12, 16)
+REGION_WORDS = (4, 6, 8, 9, 10, 12, 14, 16)
 
 
 def _summary(theta: torch.Tensor, d: torch.Tensor) -> dict:
-    stats = ambiguity_stats(theta, d)
-    width = stats["width"]
-    n = width.numel()
+    stats = stream_stats(theta, d)
+    per_block = stats["block_bits"].to(torch.float64)
+    n = theta.numel()
     itemsize = theta.element_size()
-    hist = torch.bincount(width, minlength=33)
-    out = {"elements": n, "ambiguous": float((width > 0).float().mean()),
+    out = {"elements": n, "kept": float(stats["kept"].float().mean()),
+           "moved": float(stats["moved"].float().mean()),
            "recovery_wrong": float(stats["recovery_wrong"].float().mean()),
-           "width_histogram": {str(w): float(c) / n for w, c in enumerate(hist.tolist()) if c},
-           "bits_per_element": float(width.float().mean())}
+           "bits_per_element": float(per_block.sum()) / n}
     blocks = n // BLOCK
     if blocks:
-        per_block = width[:blocks * BLOCK].view(blocks, BLOCK).sum(1).to(torch.float64)
+        per_block = per_block[:blocks]
         q = torch.quantile(per_block, torch.tensor([0.99, 0.999], dtype=torch.float64))
         out["block_bits"] = {"mean": float(per_block.mean()), "p99": float(q[0]),
                              "p99.9": float(q[1]), "max": float(per_block.max())}
@@ -89,7 +88,7 @@ def main(argv=None) -> int:
                 row.update(_summary(theta, d))
                 results.append(row)
                 lay = row.get("layouts", {})
-                print(f"{name:9s} eps={eps:g} {case:14s} ambiguous={row['ambiguous']:.4f} "
+                print(f"{name:9s} eps={eps:g} {case:14s} kept={row["kept"]:.4f} moved={row['moved']:.4f} "
                       f"wrong={row['recovery_wrong']:.4f} bits/elem={row['bits_per_element']:.3f} "
                       f"block p99.9={row.get('block_bits', {}).get('p99.9', 0):.0f} "
                       + " ".join(f"W{w}:{v['two_logs_percent_of_params']:.2f}%"

@@ -1,13 +1,29 @@
 """The selector log (reference): what a perturbation pass must keep so that a later pass can
-recover every weight exactly (docs/undo-log.md).
+recover every weight exactly (docs/undo-log.md, "The selector stream").
 
-A pass writes y = round_nearest(float32(theta) + D). Rounding is monotone, so the weights c with
-round(float32(c) + D) == y (compared as values) form one interval [lo, hi] of the dtype's
-patterns in value order ("keys"; -0.0 sits just below +0.0). The interval depends on (y, D)
-alone, so the writing pass (theta known) and a reading pass (only y known) both find it; the
-log keeps, for every element whose interval holds more than one weight, the selector
-key(theta) - lo in width(y, D) = bit_length(hi - lo) bits. An element whose y is not finite
-keeps the raw pattern of theta (itemsize * 8 bits: NaN payloads, infinities).
+A pass writes y = round_nearest(float32(theta) + D). A reading pass knows y and recomputes D bit
+for bit, so both sides compute, from (y, D) alone, the recovery candidate r = round_nearest(y - D)
+and a cheap conservative test that proves r to be the only weight mapping to y (`flags`; exact
+for float32). For the elements it cannot prove (about 10% of bf16, 13% of fp32 N(0, 0.02)
+weights at eps = 1e-3), both sides also test r's two key neighbours (`classes`: keys are
+patterns in value order, -0.0 just below +0.0): when r maps to y and neither neighbour does,
+theta == r after all; when r and exactly one neighbour map, theta lies on that side of r or is
+r. The rest ("F" elements) keep delta = key(theta) - key(r), almost always 0 or +-1, and an
+element whose y is not finite ("N") keeps theta's raw pattern (NaN payloads, infinities).
+
+A block's stream (LSB first; empty when the block has no F or N element), fields in order:
+
+    n_f       11 bits   the block's number of F elements
+    moved     1 bit per F element, in element order: delta != 0                  ("X" elements)
+    step      per X element, in element order: 1 bit (far = |delta| >= 2) when the side is
+              known, else 2 bits: bit 0 = delta < 0, bit 1 = far
+    width     6 bits    only when the block has a far X element: W = bit_length of the
+                        block's largest |delta| - 2
+    payloads  in element order: |delta| - 2 in W bits per far X element; theta's raw pattern
+              (16 / 32 bits) per N element
+
+Every field's position follows from counts a reader has before it reads the field, so a reader
+can take all of a block's fields at once (Triton) or one element at a time (C++).
 
 Storage, per (device, dtype) group of a pass, for blocks of BLOCK consecutive elements of a
 tensor (a tensor's last block may be short; blocks of the group's tensors follow each other in
@@ -15,8 +31,8 @@ the call's order):
 
     regions: int32 [n_blocks, words]  word 0: 0 (the block's bits follow in words 1..), or
              1 + the offset of its bits in the pool, or -1 (lost: the pool was full);
-             words 1..: the block's selectors, concatenated in element order, LSB first
-    pool:    int32 [capacity]         bit streams of the blocks that do not fit their region
+             words 1..: the block's stream
+    pool:    int32 [capacity]         streams of the blocks that do not fit their region
     count:   int64 [1]                pool words asked for (also past the capacity)
 
 Elements of a lost block are recovered as `applied=` alone recovers them.
@@ -29,10 +45,13 @@ import torch
 from .rounding import recover
 
 BLOCK = 1024
+COUNT_BITS = 11  # n_f: 0 .. BLOCK
+WIDTH_BITS = 6   # W: 0 .. 32
 _BITS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-# largest finite magnitude pattern
-_MAX_FINITE = {torch.float32: 0x7F7FFFFF, torch.bfloat16: 0x7F7F, torch.float16: 0x7BFF}
+# mantissa bits of the 16-bit formats (Keys::single_candidate in csrc/selector_log.h)
+_MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
+_U32 = 0xFFFFFFFF
 
 
 def n_blocks(numel: int) -> int:
@@ -47,6 +66,7 @@ def _pattern(values: torch.Tensor) -> torch.Tensor:
 
 def _from_pattern(patterns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bits = _BITS[dtype]
+    patterns = patterns & ((1 << bits) - 1)
     signed = torch.where(patterns >= 1 << (bits - 1), patterns - (1 << bits), patterns)
     return signed.to(_INT[dtype]).view(dtype)
 
@@ -59,7 +79,9 @@ def key_of(values: torch.Tensor) -> torch.Tensor:
 
 
 def from_key(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dtype values of keys (taken modulo 2^bits: any int64 gives some pattern)."""
     sign = 1 << (_BITS[dtype] - 1)
+    keys = keys & ((1 << _BITS[dtype]) - 1)
     p = torch.where(keys >= sign, keys - sign, (sign - 1 - keys) + sign)
     return _from_pattern(p, dtype)
 
@@ -69,49 +91,53 @@ def _image(keys: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return (from_key(keys, dtype).to(torch.float32) + d).to(dtype).to(torch.float32)
 
 
-def candidate_range(y: torch.Tensor, d: torch.Tensor, dtype: torch.dtype):
-    """(lo, hi): the keys of the first and last weight c with round(c + d) == y (float32 values
-    of finite dtype y, d float32), by binary search over all finite keys (exact, slow)."""
-    sign = 1 << (_BITS[dtype] - 1)
-    first, last = sign - 1 - _MAX_FINITE[dtype], sign + _MAX_FINITE[dtype]
+def flags(y: torch.Tensor, d: torch.Tensor):
+    """(flagged, r, maps) per element of y (dtype) perturbed by d (float32): r = round_nearest(y - d)
+    (dtype), flagged = y is not finite, or r is not proven to be the only weight c with
+    round(float32(c) + d) == y. The proof (exact for float32, conservative for 16-bit formats):
 
-    def first_key(pred):  # smallest key in [first, last + 1] where pred (monotone) holds
-        low = torch.full(y.shape, first, dtype=torch.int64, device=y.device)
-        high = torch.full_like(low, last + 1)
-        while bool((low < high).any()):
-            mid = (low + high) // 2
-            ok = pred(mid.clamp(max=last))
-            high = torch.where((low < high) & ok, mid, high)
-            low = torch.where((low < high) & ~ok, mid + 1, low)
-        return low
+    - r maps to y: round(float32(r) + d) == y as values;
+    - float32: neither key neighbour of r maps to y (image compares as values);
+    - 16-bit formats (csrc Keys::single_candidate, from bit patterns): y is normal with a
+      mantissa field in [2, M - 2], r's exponent field (less 1 when its mantissa field is 0) is
+      at least y's, and s = float32(r) + d is not half-way between two values of the format."""
+    dtype = y.dtype
+    yf = y.to(torch.float32)
+    r = (yf - d).to(dtype)
+    s = r.to(torch.float32) + d
+    maps = s.to(dtype).to(torch.float32) == yf
+    if dtype == torch.float32:
+        k = key_of(r)
+        single = (_image(k - 1, d, dtype) != yf) & (_image(k + 1, d, dtype) != yf)
+    else:
+        man = _MANTISSA[dtype]
+        mantissa_mask, unit = (1 << man) - 1, 1 << man
+        exponent_mask = 0x7FFF & ~mantissa_mask
+        c, yp = _pattern(r), _pattern(y)
+        e, ym = yp & exponent_mask, yp & mantissa_mask
+        c_gap = ((c & exponent_mask) >> man) - ((c & mantissa_mask) == 0).to(torch.int64)
+        single = c_gap >= (e >> man)
+        single &= ((e - unit) & _U32) < exponent_mask - unit  # normal, not inf / NaN
+        single &= ((ym - 2) & _U32) <= mantissa_mask - 3
+        below = 0xFFFF if dtype == torch.bfloat16 else 0x1FFF  # float32 bits below the mantissa
+        single &= ((s.view(torch.int32).to(torch.int64) & below) != (below + 1) // 2)
+    return ~torch.isfinite(yf) | ~(maps & single), r, maps
 
-    lo = first_key(lambda k: _image(k, d, dtype) >= y)
-    hi = first_key(lambda k: _image(k, d, dtype) > y) - 1
-    return lo, hi
 
-
-def widths_and_selectors(theta: torch.Tensor, y: torch.Tensor, d: torch.Tensor):
-    """Per element (theta, y dtype tensors, y = round(theta + d), d float32): the selector width
-    (0: theta is the only candidate) and the selector (int64)."""
-    dtype = theta.dtype
+def classes(y: torch.Tensor, d: torch.Tensor):
+    """(f, n, side, r) per element of y (dtype) perturbed by d: f = the F elements (finite y, the
+    stream keeps their delta), n = y not finite (the stream keeps theta's pattern), side = +1 /
+    -1 when theta cannot lie below / above r (r and only its upper / lower key neighbour map to
+    y), else 0; r = round_nearest(y - d)."""
+    flagged, r, maps = flags(y, d)
     yf = y.to(torch.float32)
     finite = torch.isfinite(yf)
-    k = key_of(theta)
-    # exact test of "only candidate" on the neighbours (monotone: an interval)
-    sign = 1 << (_BITS[dtype] - 1)
-    lo_end, hi_end = sign - 1 - _MAX_FINITE[dtype], sign + _MAX_FINITE[dtype]
-    below = (k > lo_end) & (_image((k - 1).clamp(lo_end, hi_end), d, dtype) == yf)
-    above = (k < hi_end) & (_image((k + 1).clamp(lo_end, hi_end), d, dtype) == yf)
-    ambiguous = finite & (below | above)
-    width = torch.zeros_like(k)
-    sel = torch.zeros_like(k)
-    if bool(ambiguous.any()):
-        lo, hi = candidate_range(yf[ambiguous], d[ambiguous], dtype)
-        width[ambiguous] = _bit_length(hi - lo)
-        sel[ambiguous] = k[ambiguous] - lo
-    width = torch.where(finite, width, torch.full_like(width, _BITS[dtype]))
-    sel = torch.where(finite, sel, _pattern(theta))
-    return width, sel
+    k = key_of(r)
+    below = _image(k - 1, d, y.dtype) == yf
+    above = _image(k + 1, d, y.dtype) == yf
+    f = flagged & finite & ~(maps & ~below & ~above)
+    side = (maps & above & ~below).to(torch.int64) - (maps & below & ~above).to(torch.int64)
+    return f, ~finite, side, r
 
 
 def _bit_length(v: torch.Tensor) -> torch.Tensor:
@@ -121,28 +147,38 @@ def _bit_length(v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def widths_at_restore(y: torch.Tensor, d: torch.Tensor):
-    """Per element of y (dtype): the selector width, the candidate interval's first key, and
-    whether the interval is known (y not finite: the raw pattern; y finite: some weight maps to
-    y, else the element was not written by a logged pass and is only recovered)."""
-    dtype = y.dtype
-    yf = y.to(torch.float32)
-    finite = torch.isfinite(yf)
-    width = torch.full(y.shape, _BITS[dtype], dtype=torch.int64, device=y.device)
-    lo = torch.zeros_like(width)
-    known = ~finite
-    if bool(finite.any()):
-        l, h = candidate_range(yf[finite], d[finite], dtype)
-        width[finite] = torch.where(h >= l, _bit_length((h - l).clamp(min=0)), 0)
-        lo[finite] = l
-        known[finite] = h >= l
-    return width, lo, known
+def block_fields(theta: torch.Tensor, y: torch.Tensor, d: torch.Tensor):
+    """One block's stream as (widths, values): its fields in order (flat theta, y of one block,
+    y = round(theta + d), d float32). Empty when the block has no F or N element."""
+    dtype = theta.dtype
+    f, n, side, r = classes(y, d)
+    none = torch.zeros(0, dtype=torch.int64, device=theta.device)
+    if not bool((f | n).any()):
+        return none, none
+    delta = key_of(theta) - key_of(r)
+    moved = f & (delta != 0)
+    far = moved & (delta.abs() >= 2)
+    step = torch.where(side != 0, far.to(torch.int64),
+                       (delta < 0).to(torch.int64) | (far.to(torch.int64) << 1))
+    widths = [torch.tensor([COUNT_BITS]), torch.ones(int(f.sum()), dtype=torch.int64),
+              torch.where(side != 0, 1, 2)[moved]]
+    values = [f.sum().reshape(1), moved[f].to(torch.int64), step[moved]]
+    w = 0
+    if bool(far.any()):
+        w = int(_bit_length((delta.abs() - 2)[far].max().reshape(1)))
+        widths.append(torch.tensor([WIDTH_BITS]))
+        values.append(torch.tensor([w]))
+    payload = far | n
+    widths.append(torch.where(n, _BITS[dtype], w)[payload])
+    values.append(torch.where(n, _pattern(theta), delta.abs() - 2)[payload])
+    return (torch.cat([x.to(theta.device) for x in widths]),
+            torch.cat([x.to(theta.device) for x in values]))
 
 
 def write_block(regions: torch.Tensor, pool: torch.Tensor, count: torch.Tensor, block: int,
                 width: torch.Tensor, sel: torch.Tensor, count_only: bool = False) -> None:
-    """Store one block's selectors (element order) in its region or the pool; count_only: only
-    add the pool words it needs to count."""
+    """Store one block's fields (widths, values; block_fields) in its region or the pool;
+    count_only: only add the pool words it needs to count."""
     stream = _pack(width, sel)
     room = regions.shape[1] - 1
     if count_only:
@@ -162,18 +198,15 @@ def write_block(regions: torch.Tensor, pool: torch.Tensor, count: torch.Tensor, 
         regions[block, 0] = -1
 
 
-def read_block(regions: torch.Tensor, pool: torch.Tensor, block: int, width: torch.Tensor):
-    """The selectors of one block (None: the block is lost)."""
-    total = int(width.sum())
-    words = -(-total // 32)
+def block_stream(regions: torch.Tensor, pool: torch.Tensor, block: int):
+    """The words a block's stream may occupy (None: the block is lost): the rest of its row, or
+    the pool from its offset."""
     header = int(regions[block, 0])
     if header == 0:
-        stream = regions[block, 1:1 + words]
-    elif header == -1:
-        return None
-    else:
-        stream = pool[header - 1:header - 1 + words]
-    return _unpack(stream, width)
+        return regions[block, 1:]
+    if header > 0 and header - 1 < pool.numel():
+        return pool[header - 1:]
+    return None  # -1 (lost), or an offset past the pool (not written by a pass)
 
 
 def _pack(width: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
@@ -191,50 +224,82 @@ def _pack(width: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     return torch.where(acc >= 1 << 31, acc - (1 << 32), acc).to(torch.int32)
 
 
-def _unpack(stream: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
-    words = stream.to(torch.int64) & 0xFFFFFFFF
-    start = torch.cumsum(width, 0) - width
-    owner = torch.repeat_interleave(torch.arange(width.numel(), device=width.device), width)
-    total = int(width.sum())
-    bit = torch.arange(total, device=width.device) - start[owner]
-    position = start[owner] + bit
-    value = (words[position // 32] >> (position % 32)) & 1
-    sel = torch.zeros(width.numel(), dtype=torch.int64, device=width.device)
-    sel.index_add_(0, owner, value << bit)
-    return sel
+def take(stream: torch.Tensor, position: torch.Tensor, width: torch.Tensor | int) -> torch.Tensor:
+    """The fields of `width` bits (0 .. 32) at bit `position` (int64 tensors) of an int32
+    stream, as int64; bits past the stream's end read as 0."""
+    width = torch.as_tensor(width, dtype=torch.int64, device=stream.device).expand_as(position)
+    if position.numel() == 0:
+        return torch.zeros_like(position)
+    need = int(position.max()) // 32 + 2
+    words = torch.zeros(max(need, stream.numel()) + 1, dtype=torch.int64, device=stream.device)
+    words[:stream.numel()] = stream.to(torch.int64) & _U32
+    at = position // 32
+    pair = words[at] | (words[at + 1] << 32)  # 64 bits from the field's first word
+    return (pair >> (position % 32)) & ((1 << width) - 1)
+
+
+def read_block(stream: torch.Tensor, r: torch.Tensor, f: torch.Tensor, n: torch.Tensor,
+               side: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """theta (dtype) of one block's F and N elements from its stream (block_stream) and
+    classes(); r elsewhere."""
+    ones = f.to(torch.int64)
+    moved = f & (take(stream, COUNT_BITS + torch.cumsum(ones, 0) - ones, 1) == 1)
+    step_width = torch.where(moved, torch.where(side != 0, 1, 2), 0)
+    base = COUNT_BITS + int(ones.sum())
+    step = take(stream, base + torch.cumsum(step_width, 0) - step_width, step_width)
+    negative = torch.where(side != 0, side < 0, step & 1 == 1) & moved
+    far = moved & (torch.where(side != 0, step, step >> 1) == 1)
+    w_at = base + int(step_width.sum())
+    has_far = bool(far.any())
+    w = min(int(take(stream, torch.tensor([w_at], device=stream.device), WIDTH_BITS)), 32) \
+        if has_far else 0
+    widths = torch.where(n, _BITS[dtype], torch.where(far, w, 0))
+    payload = take(stream, w_at + WIDTH_BITS * has_far + torch.cumsum(widths, 0) - widths, widths)
+    magnitude = torch.where(far, 2 + payload, moved.to(torch.int64))
+    theta = from_key(key_of(r) + torch.where(negative, -magnitude, magnitude), dtype)
+    return torch.where(n, _from_pattern(payload, dtype), theta)
 
 
 def log_tensor(regions, pool, count, first_block: int, theta: torch.Tensor, y: torch.Tensor,
                d: torch.Tensor, count_only: bool = False) -> None:
-    """Log the selectors of one tensor (flat theta, y dtype; d float32), its blocks starting at
+    """Log the streams of one tensor (flat theta, y dtype; d float32), its blocks starting at
     region row first_block."""
-    width, sel = widths_and_selectors(theta, y, d)
     for b in range(n_blocks(theta.numel())):
         part = slice(b * BLOCK, (b + 1) * BLOCK)
-        write_block(regions, pool, count, first_block + b, width[part], sel[part], count_only)
+        width, value = block_fields(theta[part], y[part], d[part])
+        write_block(regions, pool, count, first_block + b, width, value, count_only)
 
 
 def recover_tensor(regions, pool, first_block: int, y: torch.Tensor, d: torch.Tensor):
-    """theta (dtype) of one tensor holding y = round(theta + d) with its selectors logged from
+    """theta (dtype) of one tensor holding y = round(theta + d) with its streams logged from
     region row first_block: exact, except in lost blocks (recovery as `applied=`)."""
     dtype = y.dtype
-    theta = recover(y.to(torch.float32), d, dtype).to(dtype)
-    width, lo, known = widths_at_restore(y, d)
-    finite = torch.isfinite(y.to(torch.float32))
+    f, n, side, r = classes(y, d)
+    kept = f | n
+    theta = r.clone()
+    lost = recover(y.to(torch.float32), d, dtype).to(dtype)
     for b in range(n_blocks(y.numel())):
         part = slice(b * BLOCK, (b + 1) * BLOCK)
-        sel = read_block(regions, pool, first_block + b, width[part] * known[part])
-        if sel is None:
+        if not bool(kept[part].any()):
             continue
-        exact = torch.where(finite[part], from_key(lo[part] + sel, dtype),
-                            _from_pattern(sel, dtype))
-        theta[part] = torch.where(known[part], exact, theta[part])
+        stream = block_stream(regions, pool, first_block + b)
+        if stream is None:
+            theta[part] = lost[part]
+            continue
+        exact = read_block(stream, r[part], f[part], n[part], side[part], dtype)
+        theta[part] = torch.where(kept[part], exact, theta[part])
     return theta
 
 
-def ambiguity_stats(theta: torch.Tensor, d: torch.Tensor) -> dict:
-    """For benchmarks/undo_memory.py: widths of the elements of theta perturbed by d."""
+def stream_stats(theta: torch.Tensor, d: torch.Tensor) -> dict:
+    """For benchmarks/undo_memory.py: per block of theta perturbed by d, the stream's bits; per
+    element, kept (F or N) / moved (theta != r) / what recovery alone gets wrong."""
     y = (theta.to(torch.float32) + d).to(theta.dtype)
-    width, _ = widths_and_selectors(theta, y, d)
+    f, n, _, r = classes(y, d)
+    bits = torch.tensor([int(block_fields(theta[b * BLOCK:(b + 1) * BLOCK],
+                                          y[b * BLOCK:(b + 1) * BLOCK],
+                                          d[b * BLOCK:(b + 1) * BLOCK])[0].sum())
+                         for b in range(n_blocks(theta.numel()))])
     lost = recover(y.to(torch.float32), d, theta.dtype).to(theta.dtype)
-    return {"width": width, "recovery_wrong": _pattern(lost) != _pattern(theta)}
+    return {"block_bits": bits, "kept": f | n, "moved": key_of(theta) != key_of(r),
+            "recovery_wrong": _pattern(lost) != _pattern(theta)}
