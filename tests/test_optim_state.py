@@ -690,3 +690,30 @@ def test_an_overflow_seen_first_by_a_restore_is_counted():
     assert sum(log.overflows for log in logs) == len(plus_logs)  # the -eps pass never ran
     assert opt.zo_state["undo_overflows"] == len(plus_logs)
     assert len([w for w in caught if "undo log overflowed" in str(w.message)]) == len(plus_logs)
+
+
+def test_log_sizes_load_only_in_their_own_unit():
+    """A log's learned sizes count lost elements (UndoLog) or pool words of one stream format
+    (SelectorLog): a state saved by the other kind, or by the selector logs' older stream
+    (no unit recorded), loads its counters but not its sizes, so the log probes again instead of
+    sizing a pool for another format."""
+    group = {"cpu|torch.bfloat16": 0.01}
+    for log_type, other in ((SelectorLog, UndoLog), (UndoLog, SelectorLog)):
+        own = log_type().state_dict()
+        own.update(fraction=dict(group), passes={"cpu|torch.bfloat16": 3}, overflows=2)
+        loaded = log_type()
+        loaded.load_state_dict(own)
+        assert loaded.state_dict() == own
+        foreign = dict(own, unit=other.UNIT)
+        loaded = log_type()
+        loaded.load_state_dict(foreign)
+        assert loaded.state_dict()["fraction"] == {} and loaded.state_dict()["passes"] == {}
+        assert loaded.overflows == 2
+    legacy = {"fraction": dict(group), "passes": {}, "overflows": 0, "probes": 1}
+    undo, selector = UndoLog(), SelectorLog()
+    undo.load_state_dict(legacy)
+    selector.load_state_dict(legacy)
+    assert undo.state_dict()["fraction"] == group
+    assert selector.state_dict()["fraction"] == {}
+    with pytest.raises(ValueError, match="unit"):
+        SelectorLog().load_state_dict(dict(legacy, unit=3))

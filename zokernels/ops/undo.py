@@ -44,6 +44,11 @@ class UndoLog:
         probes: count-only passes run to size the log.
     """
 
+    # What a learned fraction counts, saved with it: a state in another unit (another kind of log,
+    # or a selector log of an older stream format) loads its counters but not its sizes.
+    UNIT = "lost_elements"
+    LEGACY_UNITS: tuple[str | None, ...] = (None,)  # states saved before units were recorded
+
     def __init__(self, *, headroom: float = 1.15, slack: int = 1024, probe_passes: int = 2) -> None:
         if not headroom >= 1.0:
             raise ValueError(f"headroom must be >= 1, got {headroom}")
@@ -164,17 +169,18 @@ class UndoLog:
     def state_dict(self) -> dict:
         return {"fraction": {f"{d}|{t}": f for (d, t), f in self._fraction.items()},
                 "passes": {f"{d}|{t}": n for (d, t), n in self._passes.items()},
-                "overflows": self.overflows, "probes": self.probes}
+                "overflows": self.overflows, "probes": self.probes, "unit": self.UNIT}
 
     @staticmethod
     def check_state(state: object, where: str = "undo-log state") -> dict:
         """Validate a state_dict() of an UndoLog without loading it: a dict of "fraction"
         ({"device|dtype": lost fraction in [0, 1]}), "passes" ({"device|dtype": passes >= 0}),
-        "overflows" and "probes" (integers >= 0), any of them absent. ValueError naming the entry
-        (prefixed by `where`); returns the parsed state for load_checked_state."""
+        "overflows" and "probes" (integers >= 0) and "unit" (a string: what the fractions count),
+        any of them absent. ValueError naming the entry (prefixed by `where`); returns the parsed
+        state for load_checked_state."""
         if not isinstance(state, dict):
             raise ValueError(f"{where} must be a dict, got {type(state).__name__}")
-        unknown = set(state) - {"fraction", "passes", "overflows", "probes"}
+        unknown = set(state) - {"fraction", "passes", "overflows", "probes", "unit"}
         if unknown:
             raise ValueError(f"{where} has unknown entries {sorted(unknown)}")
 
@@ -196,14 +202,21 @@ class UndoLog:
                 raise ValueError(f"{where} {name} must be a fraction in [0, 1], got {value!r}")
             return float(value)
 
+        unit = state.get("unit")
+        if unit is not None and not isinstance(unit, str):
+            raise ValueError(f"{where} unit must be a string, got {type(unit).__name__}")
         return {"fraction": per_group("fraction", fraction), "passes": per_group("passes", count),
                 "overflows": count(state.get("overflows", 0), "overflows"),
-                "probes": count(state.get("probes", 0), "probes")}
+                "probes": count(state.get("probes", 0), "probes"), "unit": unit}
 
     def load_checked_state(self, parsed: dict) -> None:
-        """Adopt a state parsed by check_state (cannot fail)."""
+        """Adopt a state parsed by check_state (cannot fail). Sizes learned in another unit
+        are dropped: the log probes its size again."""
         self.overflows, self.probes = parsed["overflows"], parsed["probes"]
-        self._fraction, self._passes = dict(parsed["fraction"]), dict(parsed["passes"])
+        if parsed.get("unit") in (self.UNIT, *self.LEGACY_UNITS):
+            self._fraction, self._passes = dict(parsed["fraction"]), dict(parsed["passes"])
+        else:
+            self._fraction, self._passes = {}, {}
 
     def load_state_dict(self, state: dict) -> None:
         """Load a state_dict(): validated as a whole first (ValueError), so a bad one changes
@@ -212,10 +225,11 @@ class UndoLog:
 
 
 # Words per block row of a selector log (header included), by dtype: measured on N(0, 0.02)
-# weights at eps = 1e-3 (benchmarks/results/undo_memory_cpu.json), a block of 1024 elements needs
-# on average 113 selector bits in bf16 (p99.9: 163) and 193 in fp32 (p99.9: 255); rows of 6 and
-# 8 words keep two logs (a step's at most) at 2.4% / 1.7% of the parameters' bytes, pool included.
-REGION_WORDS = {torch.float32: 8, torch.bfloat16: 6, torch.float16: 6}
+# weights at eps = 1e-3 (benchmarks/undo_memory.py, benchmarks/results/undo_memory_cpu.json), a
+# block of 1024 elements needs on average 189 stream bits in bf16 (p99.9: 341) and 285 in fp32
+# (p99.9: 410); rows of 8 and 12 words keep two logs (a step's at most) at 3.5% / 2.4% of the
+# parameters' bytes, pool included, the least of the row sizes measured.
+REGION_WORDS = {torch.float32: 12, torch.bfloat16: 8, torch.float16: 8}
 # Backends whose perturb reads and writes selector logs (selector_log=, held_log=).
 SELECTOR_BACKENDS = ("cpu", "torch", "triton")
 
@@ -227,6 +241,11 @@ class SelectorLog(UndoLog):
     (docs/undo-log.md). Sizing, probes, overflow reporting and growth as UndoLog's, for the
     pool: `fraction` is pool words per element. A pool that overflows loses the blocks that did
     not get room: their weights are recovered as `applied=` alone recovers them."""
+
+    # pool words per element of the v2 stream (selector_log.py); states of the v1 stream (no
+    # unit recorded) sized a smaller pool
+    UNIT = "selector_v2_pool_words"
+    LEGACY_UNITS = ()
 
     def __init__(self, *, headroom: float = 1.15, slack: int = 256, probe_passes: int = 2,
                  words: int | None = None) -> None:
