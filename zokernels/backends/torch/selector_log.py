@@ -3,13 +3,15 @@ recover every weight exactly (docs/undo-log.md, "The selector stream").
 
 A pass writes y = round_nearest(float32(theta) + D). A reading pass knows y and recomputes D bit
 for bit, so both sides compute, from (y, D) alone, the recovery candidate r = round_nearest(y - D)
-and a cheap conservative test that proves r to be the only weight mapping to y (`flags`; exact
-for float32). For the elements it cannot prove (about 10% of bf16, 13% of fp32 N(0, 0.02)
-weights at eps = 1e-3), both sides also test r's two key neighbours (`classes`: keys are
-patterns in value order, -0.0 just below +0.0): when r maps to y and neither neighbour does,
-theta == r after all; when r and exactly one neighbour map, theta lies on that side of r or is
-r. The rest ("F" elements) keep delta = key(theta) - key(r), almost always 0 or +-1, and an
-element whose y is not finite ("N") keeps theta's raw pattern (NaN payloads, infinities).
+and the images round(float32(c) + D) of r and of its two key neighbours (keys: patterns in value
+order, -0.0 just below +0.0). Rounding is monotone, so when r maps to y and neither neighbour
+does, r is the only weight mapping to y: theta == r, nothing is kept. When r and exactly one
+neighbour map, theta is r or lies on that side of r (`side`). The others with a finite y ("F"
+elements: about 8% of bf16, 13% of fp32 N(0, 0.02) weights at eps = 1e-3) keep
+delta = key(theta) - key(r), almost always 0 or +-1; an element whose y is not finite ("N")
+keeps theta's raw pattern (NaN payloads, infinities). `flags` is a cheaper test that proves
+most elements single without the neighbours' images (exact for float32, conservative for the
+16-bit formats); implementations may run it first: the classes do not depend on it.
 
 A block's stream (LSB first; empty when the block has no F or N element), fields in order:
 
