@@ -58,15 +58,22 @@ def test_factors_are_the_noise_of_seed_and_key(box):
     assert_bits_equal(state.vs[0], v, "vs")
 
 
-def test_chunks_keep_the_order_and_the_budget():
+def test_chunks_keep_the_order_and_the_budget(monkeypatch):
+    """Runs in order, within min(factor_budget, FACTOR_FRACTION of the weights' bytes), a
+    weight over the bound alone."""
     weights = [torch.zeros(8, 4), torch.zeros(16, 8), torch.zeros(4, 4), torch.zeros(2, 2)]
     state = LowRankSpace(["a", "b", "c", "d"], weights, [1, 2, 3, 4], [True] * 4, rank=2,
                          seed=1, backend="cpu")
     sizes = [state.factor_bytes(j) for j in range(4)]
     assert sizes == [4 * (8 + 4) * 2, 4 * (16 + 8) * 2, 4 * 8 * 2, 4 * 4 * 2]
+    assert state.chunks([0, 1, 2, 3]) == [[0], [1], [2], [3]]  # 1% of 720 bytes: 7.2
+    monkeypatch.setattr(lowrank_space, "FACTOR_FRACTION", 1.0)
+    assert state.chunks([0, 1, 2, 3]) == [[0, 1, 2, 3]]
     state.factor_budget = sizes[0] + sizes[2]
     assert state.chunks([0, 1, 2, 3]) == [[0], [1], [2, 3]]  # b alone exceeds the budget
     assert state.chunks([0, 2, 3]) == [[0, 2], [3]]
+    monkeypatch.setattr(lowrank_space, "FACTOR_FRACTION", (sizes[2] + sizes[3]) / 720)
+    assert state.chunks([0, 1, 2, 3]) == [[0], [1], [2, 3]]
     state.factor_budget = 1
     assert state.chunks([3, 1]) == [[3], [1]]
 
@@ -112,12 +119,15 @@ class _Launches:
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(f"{v}" for v in m.values()))
 def test_a_tiny_budget_gives_the_same_weights(monkeypatch, mode, rounding):
     """A budget of one byte (every pass without logs launched weight by weight: the virtual
-    updates, merges, and every pass with exact_restore=False) against the default budget (one
-    launch per pass on this model): the same weights bit for bit after several steps, merges
-    and (exact restore) a replay included."""
+    updates, merges, and every pass with exact_restore=False) against an unbounded one (one
+    launch per pass): the same weights bit for bit after several steps, merges and (exact
+    restore) a replay included. Passes with logs (in-place probes with exact restore, and the
+    update recovering from them) are one launch over all weights either way."""
     runs = {}
-    for budget in (lowrank_space.FACTOR_BUDGET, 1):
+    logged = mode["probe"] == "inplace" and mode.get("exact_restore", True)
+    for budget in (1 << 40, 1):
         monkeypatch.setattr(lowrank_space, "FACTOR_BUDGET", budget)
+        monkeypatch.setattr(lowrank_space, "FACTOR_FRACTION", 1e9)
         launches = _Launches(monkeypatch)
         model = make_model(dtype=torch.bfloat16)
         opt = _opt(model, mode, rounding=rounding)
@@ -127,18 +137,14 @@ def test_a_tiny_budget_gives_the_same_weights(monkeypatch, mode, rounding):
             if step == 2:
                 opt.merge()
         opt.merge()
-        runs[budget] = (snapshot(model), launches.calls, opt)
-        if budget == 1:
-            # logged passes (in-place probes with exact restore, and the update recovering from
-            # them) stay one launch over all weights; every other launch holds one weight
-            logged = mode["probe"] == "inplace" and mode.get("exact_restore", True)
-            matrices = len(opt.lowrank[0].weights)
-            assert all(count == (matrices if logged else 1) for count, _ in launches.calls)
+        runs[budget] = (snapshot(model), opt)
+        matrices = len(opt.lowrank[0].weights)
+        assert matrices == 3 and launches.calls
+        one = matrices if logged or budget > 1 else 1  # weights per launch
+        assert all(count == one for count, _ in launches.calls), launches.calls
         monkeypatch.undo()
-    (chunked, chunked_calls, opt), (whole, whole_calls, _) = (runs[1],
-                                                              runs[lowrank_space.FACTOR_BUDGET])
-    assert len(chunked_calls) >= len(whole_calls) > 0
-    assert_same(chunked, whole, f"budget 1 vs {lowrank_space.FACTOR_BUDGET}, {mode}")
+    (chunked, opt), (whole, _) = runs[1], runs[1 << 40]
+    assert_same(chunked, whole, f"budget 1 vs unbounded, {mode}")
     if not mode.get("exact_restore", True):
         return  # the run restored by recovery alone: its replay (from exact thetas) differs
     replayed = make_model(dtype=torch.bfloat16)

@@ -324,7 +324,8 @@ class VirtualLowRank:
 
     def merge(self) -> None:
         """W = round(D W + U diag(a) V^T) for every weight with a pending update (one low-rank
-        pass per part, rounding to nearest), then a = 0, D = 1 and the observe hooks removed."""
+        launch per run of a part's weights, LowRankSpace.chunks, rounding to nearest), then
+        a = 0, D = 1 and the observe hooks removed."""
         self.merges += 1
         if not self.pending:
             return
@@ -334,11 +335,12 @@ class VirtualLowRank:
             at = {j: i for i, j in enumerate(part.positions)}
             # run by run, each run's a and D reset once it is written: an interrupt between
             # runs leaves the others pending, none merged twice
+            slices = part.slices(part.accum)
             for run in part.space.chunks(part.positions):
                 picked = [at[j] for j in run]
-                part.space.perturb(run, {"taus": [part.slices(part.accum)[i] for i in picked],
+                part.space.perturb(run, {"taus": [slices[i] for i in picked],
                                          "decay": [part.scales[i] for i in picked]},
-                                   logged=False, scale=1.0, backend=self.backend,
+                                   chunked=False, scale=1.0, backend=self.backend,
                                    check_finite=False)
                 for i in picked:
                     part.accum[part.offsets[i]:part.offsets[i + 1]].zero_()

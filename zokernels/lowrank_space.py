@@ -24,10 +24,13 @@ from .sharding import is_dtensor, local_tensor
 from .space import ParameterSpace
 
 
-# The scratch of one launch of a pass without logs: the factors of the weights it writes, float32.
-# 8 MiB holds every factor of an OPT-125m-sized model at rank 8 (7 MiB: one launch, as when they
-# were kept) and cuts a 7B model's (about 80 MiB: 0.6% of its bf16 bytes) into about 10 launches
-# of a 13 GB pass, whose launch costs are negligible next to it.
+# The scratch of one launch of a pass without logs (the factors of the weights it writes, float32)
+# is kept under FACTOR_FRACTION of those weights' bytes, capped at FACTOR_BUDGET: the factors
+# are 1-9% of a matrix's bf16 bytes at rank 8 (4 (m + n) r against 2 m n), so the fraction
+# bounds the scratch relative to the model (OPT-125m: 7 MiB of factors, 2.5 MiB runs), and the
+# cap cuts a 7B model's 80 MiB into 10 launches of a 13 GB pass, whose launch costs are
+# negligible next to it. A weight whose own factors exceed the bound is a run by itself.
+FACTOR_FRACTION = 0.01
 FACTOR_BUDGET = 8 << 20
 
 
@@ -85,7 +88,8 @@ class LowRankSpace:
     / undo log (TeZO's in-place probes and the update that recovers from them) draws the
     factors of all its weights, 4 (m + n) r bytes per matrix, as one launch (`perturb`); the
     others (updates without logs, merges) launch per run of weights whose factors fit
-    `factor_budget` (FACTOR_BUDGET bytes, or one weight's factors)."""
+    FACTOR_FRACTION of their weights' bytes and `factor_budget` (FACTOR_BUDGET), or one
+    weight's factors (`chunks`)."""
 
     def __init__(self, names: list[str], weights: list[torch.Tensor], keys: list[int],
                  decayable: list[bool], rank: int, seed: int, backend: str,
@@ -168,29 +172,32 @@ class LowRankSpace:
         return 4 * (rows + cols) * self.ranks[j]
 
     def chunks(self, positions: list[int]) -> list[list[int]]:
-        """`positions` cut, in order, into runs whose factors fit `factor_budget` bytes (a run
-        holds at least one weight, whatever its factors' size)."""
+        """`positions` cut, in order, into runs whose factors fit min(factor_budget,
+        FACTOR_FRACTION of the bytes of the weights at `positions`) (a run holds at least one
+        weight, whatever its factors' size)."""
+        budget = min(self.factor_budget, FACTOR_FRACTION * sum(
+            self.weights[j].numel() * self.weights[j].element_size() for j in positions))
         runs: list[list[int]] = []
         used = 0
         for j in positions:
             size = self.factor_bytes(j)
-            if not runs or used + size > self.factor_budget:
+            if not runs or used + size > budget:
                 runs.append([])
                 used = 0
             runs[-1].append(j)
             used += size
         return runs
 
-    def perturb(self, positions: list[int], per_weight: dict[str, list], *, logged: bool,
+    def perturb(self, positions: list[int], per_weight: dict[str, list], *, chunked: bool,
                 **common: Any) -> None:
         """lowrank_perturb_ on the weights at `positions` with their factors drawn for the pass:
         per_weight maps an argument of lowrank_perturb_ to its values in `positions` order
-        (taus, decay, applied_taus), `common` holds the others. A pass that writes or reads a
-        log (`logged`) is one launch: a log holds the blocks of one call, and the pass that
-        recovers from it must name the same weights in the same order, so its scratch is the
-        factors of all of `positions`. Any other pass launches once per `chunks` run, its
-        scratch under factor_budget (or one weight's factors)."""
-        runs = [positions] if logged else self.chunks(positions)
+        (taus, decay, applied_taus), `common` holds the others. chunked: one launch per `chunks`
+        run, its scratch within the run's bound; else one launch, whose scratch is the factors
+        of all of `positions`: what a pass that writes or reads a log must be, since a log holds
+        the blocks of one call and the pass that recovers from it must name the same weights in
+        the same order."""
+        runs = self.chunks(positions) if chunked else [positions]
         at = {j: i for i, j in enumerate(positions)}
         for run in runs:
             us, vs = self.factors_for(run)
@@ -230,7 +237,8 @@ class LowRankSpace:
               rounding: str = "nearest", rounding_seed: int = 0,
               positions: list[int] | None = None) -> None:
         """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for the weights at
-        `positions` (default: self.inplace), one launch; d = decay on decayable weights. The
+        `positions` (default: self.inplace), d = decay on decayable weights: one launch with
+        a log or held_log, else one per `chunks` run (`perturb`: the factors' scratch). The
         1/sqrt(r) makes Z's entries unit-variance. theta = W, or with applied = (held taus, held
         scale) the weight recovered from the perturbation W holds now, exactly with `held_log`
         (the SelectorLog of the pass that wrote it, over the same positions); `log` (a
@@ -260,8 +268,8 @@ class LowRankSpace:
         if applied is not None:
             per_weight["applied_taus"] = _take(self._per_weight(applied[0]), pick)
             held = dict(applied_scale=applied[1], held_log=held_log)
-        self.perturb(pick, per_weight, logged=log is not None or held.get("held_log") is not None,
-                     scale=scale, backend=backend, rounding=rounding, rounding_seed=rounding_seed,
+        logged = log is not None or held.get("held_log") is not None
+        self.perturb(pick, per_weight, chunked=not logged, scale=scale, backend=backend, rounding=rounding, rounding_seed=rounding_seed,
                      check_finite=False, log=log, **held)
 
     def _sizes(self, taus: torch.Tensor, scale: Any, pick: list[int]) -> dict:
