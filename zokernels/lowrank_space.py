@@ -269,8 +269,9 @@ class LowRankSpace:
             per_weight["applied_taus"] = _take(self._per_weight(applied[0]), pick)
             held = dict(applied_scale=applied[1], held_log=held_log)
         logged = log is not None or held.get("held_log") is not None
-        self.perturb(pick, per_weight, chunked=not logged, scale=scale, backend=backend, rounding=rounding, rounding_seed=rounding_seed,
-                     check_finite=False, log=log, **held)
+        self.perturb(pick, per_weight, chunked=not logged, scale=scale, backend=backend,
+                     rounding=rounding, rounding_seed=rounding_seed, check_finite=False, log=log,
+                     **held)
 
     def _sizes(self, taus: torch.Tensor, scale: Any, pick: list[int]) -> dict:
         """Per (device, dtype) of the weights at `pick`: the size of a pass (SizedSelectorLog),

@@ -93,9 +93,10 @@ class TeZO(MeZO):
     indices).
     Memory: the optimizer state per matrix is two r-vectors (the moments). U and V are not
     kept: each pass, probe hook and merge draws the factors it needs from (seed, key) and frees
-    them (transient scratch: 4 (m + n) r bytes per matrix of a logged in-place pass, all of its
-    weights at once; a pass without logs, per run of weights whose factors fit 1% of their bytes
-    and 8 MiB, zokernels.lowrank_space.chunks; a virtual probe's hook, its layer's). The logs of the in-place 2-D weights are not: with exact_restore=True each keeps, per
+    them (transient scratch: a logged in-place pass, 4 (m + n) r bytes per matrix for all of
+    its weights at once; a pass without logs, runs of weights whose factors fit 1% of their
+    bytes and 8 MiB, LowRankSpace.chunks; a virtual probe's hook, its layer's). The logs of the
+    in-place 2-D weights are larger: with exact_restore=True each keeps, per
     perturbation pass, a selector log (a row of 6 / 8 int32 words per 1024 elements plus a
     small pool: about 2.4% of bf16, 1.7% of fp32 weights for the two passes at eps = 1e-3) on
     every backend; see undo_log_bytes. exact_restore=False drops them.
