@@ -195,3 +195,43 @@ def test_a_virtual_probe_draws_its_layer_factors_per_call(monkeypatch):
                                                           for j in part.positions)]
     assert virtual and set(drawn) >= set(virtual)
     assert drawn.count("embed.weight") >= 2 * 2  # embedding and tied head, two probes
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m.get("exact_restore", True)],
+                         ids=lambda m: "-".join(f"{v}" for v in m.values()))
+def test_an_interrupt_while_drawing_factors_leaves_every_weight(monkeypatch, mode):
+    """KeyboardInterrupt from the draw of a factor (in a hook or a pass) propagates; with exact
+    restore the weights are those of before the step (merged deferred updates included), no
+    hook is left behind, and the next steps equal an uninterrupted twin's."""
+    model, twin = make_model(dtype=torch.bfloat16), make_model(dtype=torch.bfloat16)
+    opt, other = _opt(model, mode), _opt(twin, mode)
+    for _ in range(2):
+        opt.step(lm_loss(model))
+        other.step(lm_loss(twin))
+    original = LowRankSpace.factors
+    for fail_at in (1, 2, 4):
+        opt.merge()
+        before = snapshot(model)
+        calls = []
+
+        def failing(self, j):
+            calls.append(j)
+            if len(calls) == fail_at:
+                raise KeyboardInterrupt
+            return original(self, j)
+
+        monkeypatch.setattr(LowRankSpace, "factors", failing)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step(lm_loss(model))
+        monkeypatch.setattr(LowRankSpace, "factors", original)
+        opt.merge()
+        assert_same(snapshot(model), before, f"interrupted at draw {fail_at}, {mode}")
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    model(ids)  # no probe hook left: a plain forward outside a step
+    other.merge()
+    for _ in range(2):
+        opt.step(lm_loss(model))
+        other.step(lm_loss(twin))
+    opt.merge()
+    other.merge()
+    assert_same(snapshot(model), snapshot(twin), f"after the interrupts, {mode}")
