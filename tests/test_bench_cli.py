@@ -184,7 +184,7 @@ def test_step_tiny_run_with_json(bench, tmp_path):
     assert document["results"][0]["speedup_vs_mezo_loop"] == 1.0
     assert all(row["state_bytes"] is not None for row in document["results"][1:])
     assert "extra/params" in out
-    for row in document["results"][1:]:  # logs (+ window, factors) as a fraction of the params
+    for row in document["results"][1:]:  # logs (+ window, moments) as a fraction of the params
         assert row["extra_memory_bytes"] > 0
         assert row["extra_memory_ratio"] == row["extra_memory_bytes"] / row["param_bytes"]
     assert document["results"][0]["extra_memory_bytes"] is None  # the MeZO loop keeps nothing

@@ -73,8 +73,8 @@ def test_a_failing_closure_leaves_every_weight_bit_identical(backend, dtype, fai
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_extra_memory_is_at_most_5_percent_of_the_parameters(dtype):
     """N(0, 0.02) weights, eps = 1e-3, probe="inplace": the two passes' selector logs (rows and
-    pools) of the 2-D weights and of the biases, plus TeZO's U, V and moments ((m + n) r + 2r
-    floats per matrix: 1.6% of these bf16 weights at the default rank 8), under 5%."""
+    pools) of the 2-D weights and of the biases, plus TeZO's moments (2r floats per matrix; U
+    and V, 1.6% of these bf16 weights at the default rank 8, are drawn per pass), under 5%."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048))
     with torch.no_grad():

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 from torch.overrides import TorchFunctionMode
 
-from .ops.lowrank import lowrank_perturb_
+from .lowrank_space import LowRankSpace
 
 # Reads of a weight that do not see its values (metadata), allowed anywhere.
 _METADATA = frozenset({
@@ -140,29 +140,35 @@ class UseTracker(TorchFunctionMode):
 
 
 class VirtualPart:
-    """The virtual weights of one param group: W_j (m_j x n_j), its factors (float32, shared with
-    the optimizer, never copied), its owner modules (known after a tracked forward) and its
-    deferred update: one float32 vector `accum` holding a_j at offsets[j]:offsets[j + 1], and
-    the scale D_j per weight."""
+    """The virtual weights of one param group: the weights at `positions` of its LowRankSpace
+    (whose `factors` draws U_j, V_j when a hook or a merge needs them), their owner modules
+    (known after a tracked forward) and their deferred update: one float32 vector `accum`
+    holding a_j at offsets[j]:offsets[j + 1], and the scale D_j per weight."""
 
-    def __init__(self, weights: list[torch.Tensor], us: list[torch.Tensor],
-                 vs: list[torch.Tensor], keys: list[int], decayable: list[bool]) -> None:
-        self.weights, self.us, self.vs = weights, us, vs
-        self.keys, self.decayable = keys, decayable
-        self.owners: list[list[torch.nn.Module]] = [[] for _ in weights]
-        self.ranks = [u.shape[1] for u in us]
+    def __init__(self, space: LowRankSpace, positions: list[int]) -> None:
+        self.space, self.positions = space, list(positions)
+        self.weights = [space.params[j] for j in self.positions]
+        self.keys = [space.keys[j] for j in self.positions]
+        self.decayable = [space.decayable[j] for j in self.positions]
+        self.owners: list[list[torch.nn.Module]] = [[] for _ in self.weights]
+        self.ranks = [space.ranks[j] for j in self.positions]
         self.offsets = [0]
         for r in self.ranks:
             self.offsets.append(self.offsets[-1] + r)
-        device = weights[0].device if weights else torch.device("cpu")
+        device = self.weights[0].device if self.weights else torch.device("cpu")
         self.accum = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
-        self.decay_mask = torch.tensor([1.0 if d else 0.0 for d, r in zip(decayable, self.ranks)
+        self.decay_mask = torch.tensor([1.0 if d else 0.0 for d, r in zip(self.decayable,
+                                                                        self.ranks)
                                         for _ in range(r)], dtype=torch.float32, device=device)
-        self.scales = [1.0] * len(weights)
+        self.scales = [1.0] * len(self.weights)
         self.pending = False
 
     def slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def factors(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """U, V of this part's j-th weight, drawn now (float32)."""
+        return self.space.factors(self.positions[j])
 
 
 class VirtualLowRank:
@@ -180,7 +186,8 @@ class VirtualLowRank:
     changed through them: a forward pre-hook (outside `stepping()`), a state_dict pre-hook and a
     load_state_dict pre-hook; merge removes them.
 
-    The term is computed in the output's dtype (factors cast per call: no copies are kept)."""
+    The term is computed in the output's dtype (the layer's factors drawn and cast per call,
+    freed when it returns: no copies are kept)."""
 
     def __init__(self, parts: list[VirtualPart], backend: str = "auto") -> None:
         self.parts = parts
@@ -206,21 +213,12 @@ class VirtualLowRank:
         if self.pending:
             raise RuntimeError("restrict with pending deferred updates")
         parts = []
-        for part, positions, found in zip(self.parts, keep, owners):
-            kept = VirtualPart([part.weights[j] for j in positions],
-                               [part.us[j] for j in positions], [part.vs[j] for j in positions],
-                               [part.keys[j] for j in positions],
-                               [part.decayable[j] for j in positions])
+        for part, kept_at, found in zip(self.parts, keep, owners):
+            kept = VirtualPart(part.space, [part.positions[k] for k in kept_at])
             kept.owners = [list(modules) for modules in found]
             parts.append(kept)
         self.parts = parts
         self._index()
-
-    def set_factors(self, p: int, us: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
-        """New factors for part p's weights (rebuilt from another seed); nothing pending."""
-        if self.pending:
-            raise RuntimeError("set_factors with pending deferred updates")
-        self.parts[p].us, self.parts[p].vs = list(us), list(vs)
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -233,9 +231,9 @@ class VirtualLowRank:
 
     @property
     def nbytes(self) -> int:
-        """Memory this object adds to the optimizer: the deferred vectors a and their decay masks,
-        8 bytes per rank entry (the float32 factors belong to the optimizer's state; a hook's
-        scratch, N x r per call, is freed when it returns)."""
+        """Memory this object keeps: the deferred vectors a and their decay masks, 8 bytes per
+        rank entry. Transient: a hook draws its layer's U, V (4 (m + n) r bytes) and an N x r
+        scratch, freed when it returns; a merge, the factors of one run of weights."""
         return sum(p.accum.numel() * 4 + p.decay_mask.numel() * 4 for p in self.parts)
 
     # -- probes --------------------------------------------------------------------------------
@@ -283,7 +281,7 @@ class VirtualLowRank:
         if dtype not in per_dtype:
             per_dtype[dtype] = self.parts[p].slices(probe[1][p].to(dtype))
         coef = per_dtype[dtype][j]
-        u, v = self.parts[p].us[j], self.parts[p].vs[j]  # float32; cast per call (no copies kept)
+        u, v = self.parts[p].factors(j)  # drawn per call, freed on return: nothing is kept
         scale = self.parts[p].scales[j]
         x = args[0] if args else kwargs["input"]
         if reader is F.linear:
@@ -326,18 +324,28 @@ class VirtualLowRank:
 
     def merge(self) -> None:
         """W = round(D W + U diag(a) V^T) for every weight with a pending update (one low-rank
-        pass per part, rounding to nearest), then a = 0, D = 1 and the observe hooks removed."""
+        launch per run of a part's weights, LowRankSpace.chunks, rounding to nearest), then
+        a = 0, D = 1 and the observe hooks removed."""
         self.merges += 1
         if not self.pending:
             return
         for part in self.parts:
-            if part.pending:
-                lowrank_perturb_(part.weights, part.us, part.vs, part.slices(part.accum),
-                                 scale=1.0, decay=part.scales, keys=part.keys,
-                                 backend=self.backend, check_finite=False)
-                part.accum.zero_()
-                part.scales = [1.0] * len(part.weights)
-                part.pending = False
+            if not part.pending:
+                continue
+            at = {j: i for i, j in enumerate(part.positions)}
+            # run by run, each run's a and D reset once it is written: an interrupt between
+            # runs leaves the others pending, none merged twice
+            slices = part.slices(part.accum)
+            for run in part.space.chunks(part.positions):
+                picked = [at[j] for j in run]
+                part.space.perturb(run, {"taus": [slices[i] for i in picked],
+                                         "decay": [part.scales[i] for i in picked]},
+                                   chunked=False, scale=1.0, backend=self.backend,
+                                   check_finite=False)
+                for i in picked:
+                    part.accum[part.offsets[i]:part.offsets[i + 1]].zero_()
+                    part.scales[i] = 1.0
+            part.pending = False
         self.pending = False
         self._unwatch_modules()
 

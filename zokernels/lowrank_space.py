@@ -1,5 +1,7 @@
 """LowRankSpace: the 2-D weights of one param group with fixed factors, as a target of held
 perturbations (zokernels.held): W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)).
+The factors are a pure function of (seed, key): they are drawn for each pass that needs them
+and freed after it, never kept (`factors`).
 
 The space layer's one low-rank front door for the optimizers: TeZO draws tau and moves the
 weights through zokernels.held.HeldPerturbation, which calls `write` / `rewrite` here.
@@ -20,6 +22,16 @@ from .ops.noise import noise
 from .ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 from .sharding import is_dtensor, local_tensor
 from .space import ParameterSpace
+
+
+# The scratch of one launch of a pass without logs (the factors of the weights it writes, float32)
+# is kept under FACTOR_FRACTION of those weights' bytes, capped at FACTOR_BUDGET: the factors
+# are 1-9% of a matrix's bf16 bytes at rank 8 (4 (m + n) r against 2 m n), so the fraction
+# bounds the scratch relative to the model (OPT-125m: 7 MiB of factors, 2.5 MiB runs), and the
+# cap cuts a 7B model's 80 MiB into 10 launches of a 13 GB pass, whose launch costs are
+# negligible next to it. A weight whose own factors exceed the bound is a run by itself.
+FACTOR_FRACTION = 0.01
+FACTOR_BUDGET = 8 << 20
 
 
 class SizedSelectorLog(SelectorLog):
@@ -68,8 +80,16 @@ class LowRankNoise:
 
 
 class LowRankSpace:
-    """The 2-D weights of one param group with their fixed factors and tau-space moments; a
-    target of zokernels.held.HeldPerturbation (moves: LowRankNoise)."""
+    """The 2-D weights of one param group, the seed of their fixed factors and their tau-space
+    moments; a target of zokernels.held.HeldPerturbation (moves: LowRankNoise).
+
+    Memory: kept, the two moment vectors (8 bytes per rank entry). Transient, the factors of a
+    pass, drawn before its launch and freed after it: a pass that writes or reads a selector
+    / undo log (TeZO's in-place probes and the update that recovers from them) draws the
+    factors of all its weights, 4 (m + n) r bytes per matrix, as one launch (`perturb`); the
+    others (updates without logs, merges) launch per run of weights whose factors fit
+    FACTOR_FRACTION of their weights' bytes and `factor_budget` (FACTOR_BUDGET), or one
+    weight's factors (`chunks`)."""
 
     def __init__(self, names: list[str], weights: list[torch.Tensor], keys: list[int],
                  decayable: list[bool], rank: int, seed: int, backend: str,
@@ -103,23 +123,89 @@ class LowRankSpace:
         self.second = torch.zeros_like(self.momentum)
         # the weights the in-place passes write (all, until TeZO moves some to virtual probes)
         self.inplace = list(range(len(weights)))
-        self.build_factors(seed, backend)
+        self.factor_budget = FACTOR_BUDGET
+        self.set_factor_seed(seed, backend)
 
-    def build_factors(self, seed: int, backend: str) -> None:
-        """U_j, V_j from (seed, key_j) alone: never saved, rebuilt on resume/replay.
+    def set_factor_seed(self, seed: int, backend: str) -> None:
+        """U_j, V_j are drawn from (seed, key_j) alone when a pass needs them (`factors`):
+        nothing is kept, so a new seed (resume, replay) takes effect at the next use."""
+        self.factor_seed, self.backend = seed, backend
+
+    def factors(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """U_j, V_j of weight j, drawn now (float32; the caller frees them).
 
         U_j is rows x r of the unsharded m x r (flat offset row0 * r), V_j cols x r of n x r
-        (after U's m * r elements): a shard's block of U diag(tau) V^T is the unsharded one."""
-        us, vs = [], []
-        for w, key, r, (m, _), shard in zip(self.weights, self.keys, self.ranks, self.shapes,
-                                             self.shards):
-            row0, col0 = (0, 0) if shard is None else shard.global_offset
-            rows, cols = w.shape
-            us.append(noise(rows * r, seed, key, offset=row0 * r, device=w.device,
-                            backend=backend, contract=self.contract).view(rows, r))
-            vs.append(noise(cols * r, seed, key, offset=m * r + col0 * r, device=w.device,
-                            backend=backend, contract=self.contract).view(cols, r))
-        self.us, self.vs, self.factor_seed, self.backend = us, vs, seed, backend
+        (after U's m * r elements): a shard's block of U diag(tau) V^T is the unsharded one.
+        The noise contract makes them the same bits on every backend and at every call."""
+        w, key, r, (m, _), shard = (self.weights[j], self.keys[j], self.ranks[j], self.shapes[j],
+                                    self.shards[j])
+        row0, col0 = (0, 0) if shard is None else shard.global_offset
+        rows, cols = w.shape
+
+        def draw(numel: int, offset: int) -> torch.Tensor:
+            return noise(numel, self.factor_seed, key, offset=offset, device=w.device,
+                         backend=self.backend, contract=self.contract)
+
+        if row0 + rows == m and col0 == 0:  # V's elements follow U's: one launch for both
+            both = draw((rows + cols) * r, row0 * r)
+            return both[:rows * r].view(rows, r), both[rows * r:].view(cols, r)
+        return draw(rows * r, row0 * r).view(rows, r), draw(cols * r, (m + col0) * r).view(cols, r)
+
+    def factors_for(self, positions: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The factors of the weights at `positions` (lists of U_j, of V_j), drawn now."""
+        pairs = [self.factors(j) for j in positions]
+        return [u for u, _ in pairs], [v for _, v in pairs]
+
+    @property
+    def us(self) -> list[torch.Tensor]:
+        """Every weight's U_j, drawn at each access (see `factors`)."""
+        return self.factors_for(range(len(self.weights)))[0]
+
+    @property
+    def vs(self) -> list[torch.Tensor]:
+        """Every weight's V_j, drawn at each access (see `factors`)."""
+        return self.factors_for(range(len(self.weights)))[1]
+
+    def factor_bytes(self, j: int) -> int:
+        """Bytes of U_j and V_j (float32) of the local block of weight j."""
+        rows, cols = self.weights[j].shape
+        return 4 * (rows + cols) * self.ranks[j]
+
+    def chunks(self, positions: list[int]) -> list[list[int]]:
+        """`positions` cut, in order, into runs whose factors fit min(factor_budget,
+        FACTOR_FRACTION of the bytes of the weights at `positions`) (a run holds at least one
+        weight, whatever its factors' size)."""
+        budget = min(self.factor_budget, FACTOR_FRACTION * sum(
+            self.weights[j].numel() * self.weights[j].element_size() for j in positions))
+        runs: list[list[int]] = []
+        used = 0
+        for j in positions:
+            size = self.factor_bytes(j)
+            if not runs or used + size > budget:
+                runs.append([])
+                used = 0
+            runs[-1].append(j)
+            used += size
+        return runs
+
+    def perturb(self, positions: list[int], per_weight: dict[str, list], *, chunked: bool,
+                **common: Any) -> None:
+        """lowrank_perturb_ on the weights at `positions` with their factors drawn for the pass:
+        per_weight maps an argument of lowrank_perturb_ to its values in `positions` order
+        (taus, decay, applied_taus), `common` holds the others. chunked: one launch per `chunks`
+        run, its scratch within the run's bound; else one launch, whose scratch is the factors
+        of all of `positions`: what a pass that writes or reads a log must be, since a log holds
+        the blocks of one call and the pass that recovers from it must name the same weights in
+        the same order."""
+        runs = self.chunks(positions) if chunked else [positions]
+        at = {j: i for i, j in enumerate(positions)}
+        for run in runs:
+            us, vs = self.factors_for(run)
+            lowrank_perturb_([self.weights[j] for j in run], us, vs,
+                             keys=[self.keys[j] for j in run], contract=self.contract,
+                             **{name: [values[at[j]] for j in run]
+                                for name, values in per_weight.items()}, **common)
+            del us, vs  # freed before the next run's factors are drawn
 
     def taus(self, seed: int, backend: str) -> torch.Tensor:
         """tau_j = noise(r_j, seed, key_j) for every weight, concatenated in weight order: each
@@ -151,7 +237,8 @@ class LowRankSpace:
               rounding: str = "nearest", rounding_seed: int = 0,
               positions: list[int] | None = None) -> None:
         """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for the weights at
-        `positions` (default: self.inplace), one launch; d = decay on decayable weights. The
+        `positions` (default: self.inplace), d = decay on decayable weights: one launch with
+        a log or held_log, else one per `chunks` run (`perturb`: the factors' scratch). The
         1/sqrt(r) makes Z's entries unit-variance. theta = W, or with applied = (held taus, held
         scale) the weight recovered from the perturbation W holds now, exactly with `held_log`
         (the SelectorLog of the pass that wrote it, over the same positions); `log` (a
@@ -175,15 +262,16 @@ class LowRankSpace:
         self._refresh()
         if isinstance(log, SizedSelectorLog):
             log.expect(self._sizes(taus, scale, pick))
-        held = {} if applied is None else dict(
-            applied_taus=_take(self._per_weight(applied[0]), pick), applied_scale=applied[1])
-        lowrank_perturb_(_take(self.weights, pick), _take(self.us, pick), _take(self.vs, pick),
-                         _take(self._per_weight(taus), pick), scale=scale,
-                         decay=_take(self._decays(decay), pick), keys=_take(self.keys, pick),
-                         backend=backend, rounding=rounding, rounding_seed=rounding_seed,
-                         check_finite=False, log=log,
-                         held_log=None if applied is None else held_log,
-                         contract=self.contract, **held)
+        per_weight = {"taus": _take(self._per_weight(taus), pick),
+                      "decay": _take(self._decays(decay), pick)}
+        held: dict = {}
+        if applied is not None:
+            per_weight["applied_taus"] = _take(self._per_weight(applied[0]), pick)
+            held = dict(applied_scale=applied[1], held_log=held_log)
+        logged = log is not None or held.get("held_log") is not None
+        self.perturb(pick, per_weight, chunked=not logged, scale=scale, backend=backend,
+                     rounding=rounding, rounding_seed=rounding_seed, check_finite=False, log=log,
+                     **held)
 
     def _sizes(self, taus: torch.Tensor, scale: Any, pick: list[int]) -> dict:
         """Per (device, dtype) of the weights at `pick`: the size of a pass (SizedSelectorLog),
@@ -211,7 +299,8 @@ class LowRankSpace:
         pick = self.inplace
         if not pick or log.plan is None:
             return
-        run_lowrank_scatter(log, _take(self.us, pick), _take(self.vs, pick),
+        us, vs = self.factors_for(pick)  # the logged pass's weights: one scatter, all factors
+        run_lowrank_scatter(log, us, vs,
                             None if taus is None else _take(self._per_weight(taus), pick),
                             torch.tensor([scale], dtype=torch.float32),
                             torch.tensor(_take(self._decays(decay), pick), dtype=torch.float32),
@@ -254,9 +343,9 @@ class LowRankSpace:
 
     @property
     def state_numel(self) -> int:
-        """Optimizer state elements: U, V and the two moment vectors (O((m + n) r) per matrix)."""
-        return (sum(u.numel() + v.numel() for u, v in zip(self.us, self.vs))
-                + self.momentum.numel() + self.second.numel())
+        """Optimizer state elements: the two moment vectors (2 r per matrix). The factors are
+        not state: each pass, probe and merge draws the ones it needs (`factors`)."""
+        return self.momentum.numel() + self.second.numel()
 
 
 def _take(values: list, positions: list[int]) -> list:

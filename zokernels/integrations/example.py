@@ -105,9 +105,9 @@ def add_lora(model: torch.nn.Module, kind: str) -> torch.nn.Module:
 
 
 def memory(opt: Any) -> dict[str, int]:
-    """Bytes the optimizer holds besides the weights: its state (TeZO's fp32 factors U, V and
-    moments; PseuZO's window; MeZO and LeZO keep none), the undo logs of exact restore, and
-    PseuZO's window on its own."""
+    """Bytes the optimizer holds besides the weights: its state (TeZO's moments, its factors
+    being drawn per pass; PseuZO's window; MeZO and LeZO keep none), the undo logs of exact
+    restore, and PseuZO's window on its own."""
     window = int(getattr(opt, "window_bytes", 0))
     state = 4 * int(getattr(opt, "state_numel", 0)) + window
     return {"state_bytes": state, "undo_log_bytes": int(opt.undo_log_bytes),

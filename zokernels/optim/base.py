@@ -637,7 +637,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _adopt_contract(self, contract: int) -> None:
         """Use normals of this contract version from now on (a loaded state's: a run resumes
-        with the noise it was recorded with); TeZO also redraws its factors."""
+        with the noise it was recorded with); TeZO draws its factors with it from then on."""
         self.contract = contract
         for space in self._registered + self.spaces:
             space.contract = contract
@@ -657,7 +657,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self.undo_log_bytes + self._buffer_bytes()
 
     def _buffer_bytes(self) -> int:
-        """Device memory of the algorithm's buffers (TeZO's factors, ...); 0 here."""
+        """Device memory of the algorithm's buffers (TeZO's moments, ...); 0 here."""
         return 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # ZO keeps no gradients

@@ -76,7 +76,7 @@ class TeZO(MeZO):
 
     pure functions of (seed, step, key): a weight's noise does not change when other parameters
     are frozen, regrouped or renamed by a wrapper (`module.`), and resuming from a state_dict
-    rebuilds U, V from the saved seed. Dividing by sqrt(r) gives Z's entries variance 1 (without
+    draws U, V from the saved seed. Dividing by sqrt(r) gives Z's entries variance 1 (without
     it, r), so eps and lr mean what they mean for MeZO. 1-D parameters (biases, norms) get
     full-size noise and plain ZO-SGD; empty matrices (0 x n) are skipped. With
     g = (l+ - l-) / (2 eps), moments per weight in its r_j-dimensional tau space:
@@ -91,8 +91,12 @@ class TeZO(MeZO):
     pass (bf16 / fp16 weights; the perturbations round to nearest, which their recovery needs);
     it is refused for sharded 2-D weights (the low-rank kernels draw rounding bits at local
     indices).
-    Memory: the optimizer state per matrix is U, V and two r-vectors, O((m + n) r), never m x n.
-    The logs of the in-place 2-D weights are not: with exact_restore=True each keeps, per
+    Memory: the optimizer state per matrix is two r-vectors (the moments). U and V are not
+    kept: each pass, probe hook and merge draws the factors it needs from (seed, key) and frees
+    them (transient scratch: a logged in-place pass, 4 (m + n) r bytes per matrix for all of
+    its weights at once; a pass without logs, runs of weights whose factors fit 1% of their
+    bytes and 8 MiB, LowRankSpace.chunks; a virtual probe's hook, its layer's). The logs of the
+    in-place 2-D weights are larger: with exact_restore=True each keeps, per
     perturbation pass, a selector log (a row of 6 / 8 int32 words per 1024 elements plus a
     small pool: about 2.4% of bf16, 1.7% of fp32 weights for the two passes at eps = 1e-3) on
     every backend; see undo_log_bytes. exact_restore=False drops them.
@@ -247,10 +251,7 @@ class TeZO(MeZO):
         positions = [[j for j in range(len(state.weights))
                       if state.shards[j] is None and j not in state._dtensors]
                      for state in self.lowrank]
-        parts = [VirtualPart([state.params[j] for j in chosen], [state.us[j] for j in chosen],
-                             [state.vs[j] for j in chosen], [state.keys[j] for j in chosen],
-                             [state.decayable[j] for j in chosen])
-                 for state, chosen in zip(self.lowrank, positions)]
+        parts = [VirtualPart(state, chosen) for state, chosen in zip(self.lowrank, positions)]
         self._virtual = VirtualLowRank(parts, self.backend)
         self._merges_recorded = 0
         self._tracked = False
@@ -388,9 +389,10 @@ class TeZO(MeZO):
         return sum(s.state_numel for s in self.lowrank)
 
     def _buffer_bytes(self) -> int:
-        """extra_memory_bytes beside the undo logs (dense and low-rank): the low-rank state (U,
-        V, moments: float32, O((m + n) r) per matrix) and, with virtual probes, the deferred
-        vectors (8 bytes per rank entry)."""
+        """extra_memory_bytes beside the undo logs (dense and low-rank): the moments (float32,
+        8 bytes per rank entry) and, with virtual probes, the deferred vectors (8 bytes per rank
+        entry). The factors U, V are not kept: a pass draws them as transient scratch
+        (LowRankSpace: up to 4 (m + n) r bytes per matrix it writes)."""
         return 4 * self.state_numel + (0 if self._virtual is None else self._virtual.nbytes)
 
     def _probe_noise(self, step: int, k: int) -> TeZONoise:
@@ -443,10 +445,6 @@ class TeZO(MeZO):
         self._checked_state(_copied(state_dict))
         self.merge()
         super().load_state_dict(state_dict)
-        if self._virtual is not None:  # U, V may have been rebuilt from the loaded seed
-            for g, (state, chosen) in enumerate(zip(self.lowrank, self._virtual_positions)):
-                self._virtual.set_factors(g, [state.us[j] for j in chosen],
-                                          [state.vs[j] for j in chosen])
 
     def _virtual_update(self, g: int, update: torch.Tensor, decay: float,
                         rounding_seed: int) -> None:
@@ -589,8 +587,9 @@ class TeZO(MeZO):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         """betas and delta restored like the seed, the moments copied, the low-rank logs' sizing
-        loaded; U and V rebuilt when the loaded seed differs from the one they were drawn from,
-        so a resume into an optimizer built with another seed continues the saved run."""
+        loaded; U and V drawn from the loaded seed and contract from now on (passes, probes and
+        merges draw them when they need them), so a resume into an optimizer built with another
+        seed continues the saved run."""
         self.betas = (float(state["betas"][0]), float(state["betas"][1]))
         self.delta = float(state["delta"])
         for s, m, v in zip(self.lowrank, state["momentum"], state["second"]):
@@ -606,11 +605,9 @@ class TeZO(MeZO):
                     # counters carry over, the log probes its size again
                     parsed.update(fraction={}, passes={})
                 log.load_checked_state(parsed)
-        seed = factor_seed(self.base_seed)
         for s in self.lowrank:
-            if s.factor_seed != seed or s.contract != self.contract:
-                s.contract = self.contract
-                s.build_factors(seed, self.backend)
+            s.contract = self.contract
+            s.set_factor_seed(factor_seed(self.base_seed), self.backend)
 
 
 # A low-rank log's kind in a state_dict: its sizing state means pool words per element
@@ -741,10 +738,7 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
             chosen = [j for j, n in enumerate(state.names) if n in set(names)]
             virtual.append(chosen)
             indices.append(TeZO._entries(state, chosen))
-            parts.append(VirtualPart([state.params[j] for j in chosen],
-                                     [state.us[j] for j in chosen], [state.vs[j] for j in chosen],
-                                     [state.keys[j] for j in chosen],
-                                     [state.decayable[j] for j in chosen]))
+            parts.append(VirtualPart(state, chosen))
         target = VirtualLowRank(parts, backend)
     for i, (step, seeds, coefs, decays, _) in enumerate(trajectory.records()):
         if target is not None and merges[i]:
