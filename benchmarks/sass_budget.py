@@ -433,7 +433,7 @@ def _unused_selector_args(sel_out: int, sel_in: bool) -> list[str]:
     if sel_out != 1:
         unused += ["out_pool_ptr", "out_capacity"]
     if not sel_in:
-        unused += ["in_regions_ptr", "in_words", "in_pool_ptr"]
+        unused += ["in_regions_ptr", "in_words", "in_pool_ptr", "in_capacity"]
     return unused
 
 def perturb_variants(extra=None) -> list[Variant]:
@@ -496,7 +496,8 @@ def perturb_variants(extra=None) -> list[Variant]:
         if has_selector:
             sig.update(sel_rows_ptr="*i64", out_regions_ptr="*i32", out_words="i32",
                        out_pool_ptr="*i32", out_capacity="i32", out_count_ptr="*i64",
-                       in_regions_ptr="*i32", in_words="i32", in_pool_ptr="*i32")
+                       in_regions_ptr="*i32", in_words="i32", in_pool_ptr="*i32",
+                       in_capacity="i32")
             const.update(SEL_OUT=sel_out, SEL_IN=sel_in)
             unused = _unused_selector_args(sel_out, sel_in)
             if not (sel_out or sel_in):
@@ -591,7 +592,8 @@ def lowrank_selector_variants() -> list[Variant]:
                "decays_ptr": "*fp32", "scale_ptr": "*fp32", "applied_scale_ptr": "*fp32",
                "R_MAX": "i32", "out_regions_ptr": "*i32", "out_words": "i32",
                "out_pool_ptr": "*i32", "out_capacity": "i32", "out_count_ptr": "*i64",
-               "in_regions_ptr": "*i32", "in_words": "i32", "in_pool_ptr": "*i32"}
+               "in_regions_ptr": "*i32", "in_words": "i32", "in_pool_ptr": "*i32",
+               "in_capacity": "i32"}
         const = {"LOG2_P": 3, "BLOCK": L.SELECTOR_BLOCK,
                  "STOCHASTIC": rounding == "stochastic", "HAS_APPLIED": sel_in,
                  "SEL_OUT": sel_out, "SEL_IN": sel_in, "SOFT_BF16": False}

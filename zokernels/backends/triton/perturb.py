@@ -80,8 +80,7 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table)
-from .selector_log import (SELECTOR_BLOCK, from_pattern, held_theta, pattern, selector_widths,
-                           write_block)
+from .selector_log import SELECTOR_BLOCK, from_pattern, held_theta, pattern, write_block
 
 # Elements per program. Registers on sm_90 are capped at MAXNREG (ptxas; counts in
 # benchmarks/results/sass_budget_*.json, no spills). Plain passes: gaussian 4096 (16 elements per
@@ -197,7 +196,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                     LOG_MODE: tl.constexpr, MAPPED: tl.constexpr, SOFT_BF16: tl.constexpr,
                     NORMAL: tl.constexpr, sel_rows_ptr, out_regions_ptr, out_words, out_pool_ptr,
                     out_capacity, out_count_ptr, in_regions_ptr, in_words, in_pool_ptr,
-                    SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr):
+                    in_capacity, SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr):
     """STOCHASTIC: 0 round to nearest, 1 the uniform-based stochastic rounding (contracts 1, 2),
     2 the integer one (contract 3). LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log
     and write, 2 count only (index_ptr, values_ptr and capacity are None). MAPPED: the table rows
@@ -255,8 +254,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
     if SEL_OUT != 0 or SEL_IN:
         sel_row = tl.load(sel_rows_ptr + j) + blk  # BLOCK is the log's block
     if SEL_IN:  # exact: theta's pattern from the held log
-        theta = held_theta(w, d1, lanes < rem, in_regions_ptr, in_words, in_pool_ptr, sel_row,
-                           DIST, BLOCK, base_ptr.dtype.element_ty, SOFT_BF16)
+        theta = held_theta(w, d1, lanes < rem, in_regions_ptr, in_words, in_pool_ptr,
+                           in_capacity, sel_row, DIST, BLOCK, base_ptr.dtype.element_ty,
+                           SOFT_BF16)
         x = to_float32(from_pattern(theta, base_ptr.dtype.element_ty), SOFT_BF16)
     elif HAS_APPLIED:
         x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -278,14 +278,15 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
+    written = y
     if SEL_IN:  # left at its value (D == 0, decay 1): theta's exact pattern (-0.0, NaN payloads)
         keep = (d == 0.0) & (tl.load(decays_ptr + j) == 1.0 + 0.0 * d)  # tensor & tensor
-        y = tl.where(keep, from_pattern(theta, base_ptr.dtype.element_ty), y)
+        written = tl.where(keep, from_pattern(theta, base_ptr.dtype.element_ty), y)
     if LOG_MODE != 2 and SEL_OUT != 2:
         if full:
-            tl.store(ptrs, y)
+            tl.store(ptrs, written)
         else:
-            tl.store(ptrs, y, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32))
+            tl.store(ptrs, written, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32))
 
     if SEL_OUT != 0:
         if SEL_IN:
@@ -295,10 +296,10 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                                  base_ptr.dtype.element_ty)
         else:
             theta_bits = pattern(w, base_ptr.dtype.element_ty)
-        width, sel = selector_widths(theta_bits, y, d, lanes < rem, base_ptr.dtype.element_ty,
-                                     SOFT_BF16)
+        # the log is the reference's for the rounded y, before ``keep`` (as the reference)
         write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
-                    sel_row, width, sel, SEL_OUT == 2, DIST, BLOCK)
+                    sel_row, theta_bits, y, d, lanes < rem, SEL_OUT == 2, DIST, BLOCK,
+                    base_ptr.dtype.element_ty, SOFT_BF16)
 
     if LOG_MODE != 0:
         # lost: a later pass with applied = these scales recovers y with this very d (same
@@ -423,6 +424,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         in_regions_ptr=None if held is None else held.regions,
         in_words=None if held is None else held.regions.shape[1],
         in_pool_ptr=None if held is None else held.pool,
+        in_capacity=None if held is None else held.pool.numel(),
         SEL_OUT=sel_out, SEL_IN=held is not None,
         num_warps=SELECTOR_WARPS if selector else NUM_WARPS, maxnreg=MAXNREG)
     count_launch()
