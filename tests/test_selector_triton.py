@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from helpers import assert_bits_equal, assert_same, snapshot
 
+from zokernels.backends.torch.noise import contract_values
 from zokernels.backends.torch.perturb import perturb_torch
 from zokernels.backends.torch.selector_log import BLOCK, classes, flags, key_of, n_blocks
 from zokernels.backends.triton._common import SOFT_BF16
@@ -295,6 +296,85 @@ def test_count_only_counts_and_writes_nothing():
     perturb_torch([t.clone() for t in original], keys, [4], scale.cpu(), ones.cpu(), "gaussian",
                   "nearest", 4, selector_log=ref, count_only=True)
     assert int(ref.count) == int(probe.count)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_far_and_non_finite_elements_match_reference(dtype):
+    """Blocks whose streams hold far elements (zeros, -0.0 and tiny weights next to |D|: W and
+    payloads) and N elements (NaN, infinities, and the largest values pushed past them: raw
+    patterns), next to ordinary weights: the log equals the reference's, and a restore reading
+    it gives back every bit (NaN payloads included)."""
+    g = torch.Generator().manual_seed(12)
+    info = torch.finfo(dtype)
+    block = (0.02 * torch.randn(2 * BLOCK + 100, generator=g)).to(dtype)
+    block[::5] = 0.0
+    block[1::9] = -0.0
+    block[2::11] = (1e-7 * torch.randn(block[2::11].numel(), generator=g)).to(dtype)
+    block[3::13] = info.tiny
+    block[BLOCK::17] = float("nan")
+    block[BLOCK + 1::19] = float("inf")
+    block[BLOCK + 2::23] = -float("inf")
+    block[BLOCK + 3::29] = info.max
+    block[BLOCK + 4::31] = -info.max
+    nan_bits = block.view(_INT[dtype])
+    nan_bits[2 * BLOCK + 1] = 0x7FC1 if dtype != torch.float32 else 0x7FC00123  # a payload
+    original = [block]
+    keys, ones = [0], torch.ones(1)
+    scales = torch.tensor([EPS, float(info.max) / 4])  # the second seed overflows the largest
+    ref = _buffers(original, dtype, device="cpu")
+    ref_t = [t.clone() for t in original]
+    perturb_torch(ref_t, keys, [6, 7], scales, ones, "rademacher", "nearest", 6, selector_log=ref)
+    tri = _buffers(original, dtype)
+    tensors = [t.clone().to(DEVICE) for t in original]
+    perturb_triton(tensors, keys, [6, 7], scales.to(DEVICE), ones.to(DEVICE), "rademacher",
+                   "nearest", 6, selector_log=tri)
+    _assert_same_or_both_nan(ref_t[0], tensors[0].cpu(), "perturbed")
+    assert int(tri.count) == int(ref.count)
+    assert _streams(tri, ref) == _streams(ref, ref)
+    # the streams do hold far and N elements
+    d = torch.zeros(block.numel())
+    for seed, scale in zip([6, 7], scales.tolist()):
+        d = d + scale * contract_values(seed, 0, 0, block.numel(), "rademacher", "cpu")
+    f, n, _, r = classes(ref_t[0], d)
+    far = f & ((key_of(block) - key_of(r)).abs() >= 2)
+    assert bool(n.any()) and bool(far[:BLOCK].any()) and bool(far[BLOCK:2 * BLOCK].any())
+    perturb_triton(tensors, keys, [6, 7], torch.zeros(2, device=DEVICE), ones.to(DEVICE),
+                   "rademacher", "nearest", 6, applied=scales.to(DEVICE), held_log=tri)
+    assert_bits_equal(tensors[0].cpu(), original[0], "restored")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_garbage_logs_are_read_within_bounds(dtype):
+    """A held log full of garbage (headers 0, -1, offsets inside, at the end of and past a small
+    pool; random words and pool): reading it loads nothing outside the rows' words 1.. and the
+    pool (the interpreter raises on an out-of-bounds load) and decodes what the reference
+    decodes from the same words, bit for bit."""
+    g = torch.Generator().manual_seed(13)
+    original = [(0.02 * torch.randn(3 * BLOCK + 50, generator=g)).to(dtype),
+                torch.zeros(BLOCK, dtype=dtype)]
+    keys, ones = [0, 1], torch.ones(2)
+    scale = torch.tensor([EPS])
+    rows = sum(n_blocks(t.numel()) for t in original)
+    capacity = 40
+    regions = torch.randint(-(1 << 31), 1 << 31, (rows, WORDS[dtype]), generator=g,
+                            dtype=torch.int64).to(torch.int32)
+    regions[:, 0] = torch.tensor([0, -1, 1, capacity, capacity + 1, 1 << 30][:rows],
+                                 dtype=torch.int32)
+    pool = torch.randint(-(1 << 31), 1 << 31, (capacity,), generator=g,
+                         dtype=torch.int64).to(torch.int32)
+    perturbed = [t.clone() for t in original]
+    perturb_torch(perturbed, keys, [8], scale, ones, "gaussian", "nearest", 8)
+    results = []
+    for fn, device in ((perturb_torch, "cpu"), (perturb_triton, DEVICE)):
+        held = SelectorBuffers(regions.clone().to(device), pool.clone().to(device),
+                               torch.zeros(1, dtype=torch.int64, device=device))
+        tensors = [t.clone().to(device) for t in perturbed]
+        fn(tensors, keys, [8], torch.zeros(1, device=device), ones.to(device), "gaussian",
+           "nearest", 8, applied=scale.to(device), held_log=held)
+        results.append([t.cpu() for t in tensors])
+        assert torch.equal(held.regions.cpu(), regions) and torch.equal(held.pool.cpu(), pool)
+    for j, (a, b) in enumerate(zip(*results)):
+        assert_bits_equal(b, a, f"tensor {j}")
 
 
 def test_pool_overflow_loses_whole_blocks_to_recovery():
