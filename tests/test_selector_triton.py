@@ -13,6 +13,7 @@ from helpers import assert_bits_equal, assert_same, snapshot
 
 from zokernels.backends.torch.noise import contract_values
 from zokernels.backends.torch.perturb import perturb_torch
+from zokernels.backends.torch.rounding import recover
 from zokernels.backends.torch.selector_log import BLOCK, classes, flags, key_of, n_blocks
 from zokernels.backends.triton._common import SOFT_BF16
 from zokernels.backends.triton.perturb import perturb_triton
@@ -33,11 +34,13 @@ _INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: 
 
 @triton.jit
 def _classes_kernel(y_ptr, d_ptr, out_ptr, N: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                    SOFT: tl.constexpr):
-    """out[0..3, i]: F, N, side and key(r) of y[i] perturbed by d[i] (element_classes)."""
+                    SOFT: tl.constexpr, RECOVERY: tl.constexpr):
+    """out[0..4, i]: F, N, side, key(r) and the key recovery alone gives, of y[i] perturbed by
+    d[i] (element_classes)."""
     i = tl.arange(0, N)
-    f, n, side, kr = element_classes(tl.load(y_ptr + i), tl.load(d_ptr + i), i >= 0, OUT_DTYPE,
-                                     SOFT)
+    f, n, side, kr, back = element_classes(tl.load(y_ptr + i), tl.load(d_ptr + i), i >= 0,
+                                           OUT_DTYPE, SOFT, RECOVERY)
+    tl.store(out_ptr + 4 * N + i, back.to(tl.int64))
     tl.store(out_ptr + i, f.to(tl.int64))
     tl.store(out_ptr + N + i, n.to(tl.int64))
     tl.store(out_ptr + 2 * N + i, side.to(tl.int64))
@@ -90,21 +93,26 @@ def _adversarial_pairs(dtype: torch.dtype, n: int):
 def test_classes_match_reference(dtype):
     """F, N, side and r per element equal the reference's ``classes`` (whose F goes through
     ``flags``' single-candidate test; the kernel tests r's neighbours for every element, which
-    the single-candidate proof makes equivalent) on adversarial pairs."""
+    the single-candidate proof makes equivalent), and the fallback of lost blocks equals
+    recovery alone (rounding.recover), on adversarial pairs."""
     n = 1 << 18 if dtype != torch.float32 else 1 << 13
     theta, d = _adversarial_pairs(dtype, n)
     y = (theta.float() + d).to(dtype)
-    out = torch.empty(4, n, dtype=torch.int64, device=DEVICE)
-    _classes_kernel[(1,)](y.to(DEVICE), d.to(DEVICE), out, N=n, OUT_DTYPE=_TL[dtype],
-                          SOFT=SOFT_BF16)
-    out = out.cpu()
     f, n_el, side, r = classes(y, d)
     flagged, _, _ = flags(y, d)
     assert not (f & ~flagged).any()  # F is a subset of the reference's flagged elements
-    for what, got, want in (("F", out[0] == 1, f), ("N", out[1] == 1, n_el),
-                            ("side", out[2], side), ("key(r)", out[3], key_of(r))):
-        bad = got != want
-        assert not bad.any(), (what, theta[bad][:5], d[bad][:5], got[bad][:5], want[bad][:5])
+    for recovery in (False, True):  # the writer's test, the reader's (with the fallback)
+        out = torch.empty(5, n, dtype=torch.int64, device=DEVICE)
+        _classes_kernel[(1,)](y.to(DEVICE), d.to(DEVICE), out, N=n, OUT_DTYPE=_TL[dtype],
+                              SOFT=SOFT_BF16, RECOVERY=recovery)
+        out = out.cpu()
+        back = recover(y.float(), d, dtype).to(dtype) if recovery else r
+        for what, got, want in (("F", out[0] == 1, f), ("N", out[1] == 1, n_el),
+                                ("side", out[2], side), ("key(r)", out[3], key_of(r)),
+                                ("recovery", out[4], key_of(back))):
+            bad = got != want
+            assert not bad.any(), (what, recovery, theta[bad][:5], d[bad][:5], got[bad][:5],
+                                   want[bad][:5])
     # the classes are not vacuous: each kind occurs
     assert f.any() and n_el.any() and (side == 1).any() and (side == -1).any()
     tail = slice(n - 1024, n)  # N(0, 0.02) at eps 1e-3: a minority is F

@@ -304,7 +304,7 @@ def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scal
             u_ptrs, v_ptrs, f_base_ptr + tl.load(row_ptr + 9), r, r, valid, False)
     if SEL_IN:  # exact: theta's pattern from the held log
         theta = held_theta(w, d1, valid, in_regions_ptr, in_words, in_pool_ptr, in_capacity, pid,
-                           0, BLOCK, w_base_ptr.dtype.element_ty, SOFT_BF16)
+                           w_base_ptr.dtype.element_ty, SOFT_BF16)
         x = to_float32(from_pattern(theta, w_base_ptr.dtype.element_ty), SOFT_BF16)
     elif HAS_APPLIED:
         x = recover_unperturbed(x, d1, w_base_ptr.dtype.element_ty, SOFT_BF16)
@@ -334,7 +334,7 @@ def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scal
             theta_bits = pattern(w, w_base_ptr.dtype.element_ty)
         # the log is the reference's for the rounded y, before ``keep`` (as the reference)
         write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr, pid,
-                    theta_bits, y, d, valid, SEL_OUT == 2, 0, BLOCK, w_base_ptr.dtype.element_ty,
+                    theta_bits, y, d, valid, SEL_OUT == 2, BLOCK, w_base_ptr.dtype.element_ty,
                     SOFT_BF16)
 
 

@@ -80,7 +80,8 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table)
-from .selector_log import SELECTOR_BLOCK, from_pattern, held_theta, pattern, write_block
+from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, kernel_tile,
+                           pattern, write_block)
 
 # Elements per program. Registers on sm_90 are capped at MAXNREG (ptxas; counts in
 # benchmarks/results/sass_budget_*.json, no spills). Plain passes: gaussian 4096 (16 elements per
@@ -253,10 +254,12 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
     x = to_float32(w, SOFT_BF16)
     if SEL_OUT != 0 or SEL_IN:
         sel_row = tl.load(sel_rows_ptr + j) + blk  # BLOCK is the log's block
+        sel_valid = tile_lanes(0, BLOCK) < rem  # the selector's tiles: element_tile
     if SEL_IN:  # exact: theta's pattern from the held log
-        theta = held_theta(w, d1, lanes < rem, in_regions_ptr, in_words, in_pool_ptr,
-                           in_capacity, sel_row, DIST, BLOCK, base_ptr.dtype.element_ty,
-                           SOFT_BF16)
+        theta_sel = held_theta(element_tile(w, DIST, BLOCK), element_tile(d1, DIST, BLOCK),
+                               sel_valid, in_regions_ptr, in_words, in_pool_ptr, in_capacity,
+                               sel_row, base_ptr.dtype.element_ty, SOFT_BF16)
+        theta = kernel_tile(theta_sel, DIST, BLOCK)
         x = to_float32(from_pattern(theta, base_ptr.dtype.element_ty), SOFT_BF16)
     elif HAS_APPLIED:
         x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -290,15 +293,17 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
 
     if SEL_OUT != 0:
         if SEL_IN:
-            theta_bits = theta
+            theta_bits = theta_sel
         elif HAS_APPLIED:  # x is a value of the dtype
-            theta_bits = pattern(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16),
-                                 base_ptr.dtype.element_ty)
+            theta_bits = element_tile(pattern(round_nearest(x, base_ptr.dtype.element_ty,
+                                                            SOFT_BF16), base_ptr.dtype.element_ty),
+                                      DIST, BLOCK)
         else:
-            theta_bits = pattern(w, base_ptr.dtype.element_ty)
+            theta_bits = element_tile(pattern(w, base_ptr.dtype.element_ty), DIST, BLOCK)
         # the log is the reference's for the rounded y, before ``keep`` (as the reference)
         write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
-                    sel_row, theta_bits, y, d, lanes < rem, SEL_OUT == 2, DIST, BLOCK,
+                    sel_row, theta_bits, element_tile(y, DIST, BLOCK),
+                    element_tile(d, DIST, BLOCK), sel_valid, SEL_OUT == 2, BLOCK,
                     base_ptr.dtype.element_ty, SOFT_BF16)
 
     if LOG_MODE != 0:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import recover_unperturbed, round_nearest, to_float32
+from ._common import flat, round_nearest, to_float32
 
 SELECTOR_BLOCK = 1024
 
@@ -88,22 +88,45 @@ def _image(k, d, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def element_classes(y, d, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """(f, n, side, kr) per element of y = round(theta + d) (OUT_DTYPE tensor; reference:
+def element_classes(y, d, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
+                    RECOVERY: tl.constexpr):
+    """(f, n, side, kr, back) per element of y = round(theta + d) (OUT_DTYPE tensor; reference:
     selector_log.classes): f = finite y and theta not proven to be r = round(y - d), n = y not
     finite, side (int32) = +1 / -1 where only r and its upper / lower key neighbour map to y, else
-    0; kr = key(r). Lanes not ``valid`` are neither F nor N."""
+    0; kr = key(r). RECOVERY (the reader, for lost blocks): back = the key recovery alone gives
+    (``recover_unperturbed``: r where it maps or is not finite, else its neighbour on y's side
+    where that maps, else r), else kr. Lanes not ``valid`` are neither F nor N."""
+    BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
+    SIGN: tl.constexpr = 1 << (BITS - 1)
     yv = to_float32(y, SOFT_BF16)
     r = round_nearest(yv - d, OUT_DTYPE, SOFT_BF16)
+    rv = to_float32(r, SOFT_BF16)
     kr = key_of(pattern(r, OUT_DTYPE), OUT_DTYPE)
-    maps = to_float32(round_nearest(to_float32(r, SOFT_BF16) + d, OUT_DTYPE, SOFT_BF16),
-                      SOFT_BF16) == yv
-    below = _image(kr - 1, d, OUT_DTYPE, SOFT_BF16) == yv
-    above = _image(kr + 1, d, OUT_DTYPE, SOFT_BF16) == yv
+    image = to_float32(round_nearest(rv + d, OUT_DTYPE, SOFT_BF16), SOFT_BF16)
+    maps = image == yv
+    if RECOVERY:
+        # across zero (r = +-0) r's key neighbour has r's value, hence r's image: that slot
+        # tests the next key, +-tiny, the neighbour recovery alone takes, and below / above
+        # (read only where r maps) are true there
+        plus_zero = kr == SIGN
+        minus_zero = kr == SIGN - 1
+        k_down = kr - 1 - plus_zero.to(tl.uint32)
+        k_up = kr + 1 + minus_zero.to(tl.uint32)
+        at_down = _image(k_down, d, OUT_DTYPE, SOFT_BF16) == yv
+        at_up = _image(k_up, d, OUT_DTYPE, SOFT_BF16) == yv
+        below = at_down | plus_zero
+        above = at_up | minus_zero
+        neighbour = tl.where(image > yv, tl.where(at_down, k_down, kr),
+                             tl.where(at_up, k_up, kr))
+        back = tl.where(maps | (tl.abs(rv) > 3.4028234663852886e38), kr, neighbour)
+    else:
+        below = _image(kr - 1, d, OUT_DTYPE, SOFT_BF16) == yv
+        above = _image(kr + 1, d, OUT_DTYPE, SOFT_BF16) == yv
+        back = kr
     finite = tl.abs(yv) <= 3.4028234663852886e38
     f = valid & finite & ~(maps & ~below & ~above)
     side = (maps & above & ~below).to(tl.int32) - (maps & below & ~above).to(tl.int32)
-    return f, valid & ~finite, side, kr
+    return f, valid & ~finite, side, kr, back
 
 
 @triton.jit
@@ -116,21 +139,31 @@ def bit_length(v):
 
 
 @triton.jit
-def _prefix(w, DIST: tl.constexpr):
-    """(exclusive prefix sums of the int32 tile w in element order, their total), in the tile
-    layout (``_common.tile_lanes``): sums over the in-thread dimensions, one cumsum across the
-    Philox calls, no reshuffle into element order. Several counts travel packed in one int32
-    (each field wide enough for its block total), one scan for all of them."""
+def _prefix(w):
+    """(exclusive prefix sums of the int32 [4, N] tile w in element order, their total): sums
+    over the in-thread dimension, one cumsum across the columns, no reshuffle. Several counts
+    travel packed in one int32 (each field wide enough for its block total), one scan for all."""
+    per_column = tl.sum(w, axis=0)
+    start = (tl.cumsum(per_column, axis=0) - per_column)[None, :] + (tl.cumsum(w, axis=0) - w)
+    return start, tl.sum(per_column, axis=0)
+
+
+@triton.jit
+def element_tile(x, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """A tile of the perturb kernel's layout (``_common.tile_lanes``) in the selector's, DIST 0's
+    [4, BLOCK // 4] (element 4 j + m at [m, j]: a column holds consecutive elements, so the
+    stream's short fields of a column are one run)."""
+    if DIST == 1:
+        x = tl.trans(tl.reshape(flat(x, DIST, BLOCK), [BLOCK // 4, 4]))
+    return x
+
+
+@triton.jit
+def kernel_tile(x, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """The inverse of ``element_tile``."""
     if DIST == 1:  # [32, 4, N]: element 128 j + 32 m + s at [s, m, j]
-        per_call_word = tl.sum(w, axis=0)  # [4, N]
-        per_call = tl.sum(per_call_word, axis=0)  # [N]
-        start = ((tl.cumsum(per_call, axis=0) - per_call)[None, None, :]
-                 + (tl.cumsum(per_call_word, axis=0) - per_call_word)[None, :, :]
-                 + (tl.cumsum(w, axis=0) - w))
-    else:  # [4, N]: element 4 j + m at [m, j]
-        per_call = tl.sum(w, axis=0)
-        start = (tl.cumsum(per_call, axis=0) - per_call)[None, :] + (tl.cumsum(w, axis=0) - w)
-    return start, tl.sum(per_call, axis=0)
+        x = tl.permute(tl.reshape(tl.trans(x), [BLOCK // 128, 4, 32]), (2, 1, 0))
+    return x
 
 
 @triton.jit
@@ -148,29 +181,25 @@ def _or_bits(dst, pos, value, live):
 
 
 @triton.jit
-def _or_runs(dst, pos, value, width, live, DIST: tl.constexpr):
-    """``_or_bits`` of short fields (value < 2^width, width <= 2): in DIST 0 tiles a column holds
-    consecutive elements, whose fields follow each other in the stream, so a column's fields are
-    one run of at most 8 bits, ORed with two atomics instead of two per element."""
-    if DIST == 0:
-        inner = (tl.cumsum(width, axis=0) - width).to(tl.uint32)  # offsets inside the run
-        _or_bits(dst, tl.min(pos - inner.to(tl.int32), axis=0), tl.sum(value << inner, axis=0),
-                 live)
-    else:
-        _or_bits(dst, pos, value, live)
+def _or_runs(dst, pos, value, width, live):
+    """``_or_bits`` of short fields (value < 2^width, width <= 2, [4, N] tiles): a column's
+    consecutive elements have consecutive fields, one run of at most 8 bits, ORed with two
+    atomics instead of two per element."""
+    inner = (tl.cumsum(width, axis=0) - width).to(tl.uint32)  # offsets inside the run
+    _or_bits(dst, tl.min(pos - inner.to(tl.int32), axis=0), tl.sum(value << inner, axis=0), live)
 
 
 @triton.jit
 def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y, d, valid,
-                COUNT_ONLY: tl.constexpr, DIST: tl.constexpr, BLOCK: tl.constexpr,
-                OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+                COUNT_ONLY: tl.constexpr, BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                SOFT_BF16: tl.constexpr):
     """Store the stream of one block (theta: uint32 patterns, y = round(theta + d) OUT_DTYPE,
     tiles) in row ``row`` of the regions or in the pool (reference: selector_log.block_fields,
     write_block); COUNT_ONLY: only add the pool words a spilling block needs to the count."""
     BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
     COUNT: tl.constexpr = 11  # n_f's bits
     WIDTH: tl.constexpr = 6   # W's bits
-    f, n, side, kr = element_classes(y, d, valid, OUT_DTYPE, SOFT_BF16)
+    f, n, side, kr, _ = element_classes(y, d, valid, OUT_DTYPE, SOFT_BF16, False)
     kt = key_of(theta, OUT_DTYPE)
     up = kt > kr
     magnitude = tl.where(up, kt - kr, kr - kt)  # |delta|, uint32
@@ -183,8 +212,8 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
     known = side != 0  # the side of r is known: the step is the far bit alone
     step_width = tl.where(moved, tl.where(known, 1, 2), 0)
     # one scan for F's and N's ranks, one for the steps' offsets and the far elements' ranks
-    kept, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11), DIST)
-    steps, steps_total = _prefix(step_width | (far.to(tl.int32) << 12), DIST)
+    kept, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
+    steps, steps_total = _prefix(step_width | (far.to(tl.int32) << 12))
     n_f = kept_total & 0x7FF
     steps_at = COUNT + n_f
     w_at = steps_at + (steps_total & 0xFFF)
@@ -218,10 +247,9 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
             tl.store(dst + BLOCK + lane, tl.zeros([BLOCK], tl.int32), mask=lane + BLOCK < n_words)
         tl.debug_barrier()  # one program is one CTA: the zeros land before any OR
         live = n_words > 0
-        _or_runs(dst, COUNT + (kept & 0x7FF), moved.to(tl.uint32), f.to(tl.int32), live, DIST)
+        _or_runs(dst, COUNT + (kept & 0x7FF), moved.to(tl.uint32), f.to(tl.int32), live)
         step = tl.where(known, far.to(tl.uint32), (~up).to(tl.uint32) | (far.to(tl.uint32) << 1))
-        _or_runs(dst, steps_at + (steps & 0xFFF), tl.where(moved, step, 0), step_width, live,
-                 DIST)
+        _or_runs(dst, steps_at + (steps & 0xFFF), tl.where(moved, step, 0), step_width, live)
         payload = tl.where(n, theta, tl.where(far, magnitude - 2, 0))
         _or_bits(dst, payload_at + w * (steps >> 12) + BITS * (kept >> 11), payload, live)
 
@@ -241,22 +269,18 @@ def _take(src, limit, pos, width, present):
 
 
 @triton.jit
-def _take_runs(src, limit, pos, width, DIST: tl.constexpr):
-    """``_take`` of short fields (width <= 2): in DIST 0 tiles one run per column (the
-    ``_or_runs`` of the writer), two loads per column instead of two per element."""
-    if DIST == 0:
-        inner = tl.cumsum(width, axis=0) - width
-        run_width = tl.sum(width, axis=0)
-        run = _take(src, limit, tl.min(pos - inner, axis=0), run_width, run_width > 0)
-        bits = (run[None, :] >> inner.to(tl.uint32)) & ((1 << width.to(tl.uint32)) - 1)
-    else:
-        bits = _take(src, limit, pos, width, width > 0)
-    return bits
+def _take_runs(src, limit, pos, width):
+    """``_take`` of short fields (width <= 2, [4, N] tiles): a column's fields are one run (the
+    writer's ``_or_runs``), read with two loads instead of two per element."""
+    inner = tl.cumsum(width, axis=0) - width
+    run_width = tl.sum(width, axis=0)
+    run = _take(src, limit, tl.min(pos - inner, axis=0), run_width, run_width > 0)
+    return (run[None, :] >> inner.to(tl.uint32)) & ((1 << width.to(tl.uint32)) - 1)
 
 
 @triton.jit
-def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row, DIST: tl.constexpr,
-               BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row,
+               OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
     """theta's exact pattern (uint32, tile) for the weights holding y = round(theta + d1), read
     from the held log's row ``row`` (reference: selector_log.read_block, recover_tensor); a lost
     block (header -1, or an offset outside the pool) recovers its F and N elements as
@@ -264,7 +288,7 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row, DIST: 
     BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
     COUNT: tl.constexpr = 11  # n_f's bits
     WIDTH: tl.constexpr = 6   # W's bits
-    f, n, side, kr = element_classes(y, d1, valid, OUT_DTYPE, SOFT_BF16)
+    f, n, side, kr, back = element_classes(y, d1, valid, OUT_DTYPE, SOFT_BF16, True)
     row_ptr = regions_ptr + row * words
     header = tl.load(row_ptr)
     in_pool = (header > 0) & (header <= capacity)
@@ -275,18 +299,18 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row, DIST: 
         src = row_ptr + 1
     limit = tl.where(in_pool, capacity - (header - 1), tl.where(lost, 0, words - 1))
     # 1: the moved bits, at the F elements' ranks
-    kept, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11), DIST)
+    kept, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
     steps_at = COUNT + (kept_total & 0x7FF)
-    moved = f & (_take_runs(src, limit, COUNT + (kept & 0x7FF), f.to(tl.int32), DIST) != 0)
+    moved = f & (_take_runs(src, limit, COUNT + (kept & 0x7FF), f.to(tl.int32)) != 0)
     # 2: the steps of the moved elements: the far bit, and the sign where the side is unknown
     known = side != 0
     step_width = tl.where(moved, tl.where(known, 1, 2), 0)
-    steps, steps_total = _prefix(step_width, DIST)
-    step = _take_runs(src, limit, steps_at + steps, step_width, DIST)
+    steps, steps_total = _prefix(step_width)
+    step = _take_runs(src, limit, steps_at + steps, step_width)
     negative = moved & tl.where(known, side < 0, (step & 1) != 0)
     far = moved & (tl.where(known, step, step >> 1) != 0)
     # 3: W (when the block has a far element) and the payloads
-    far_rank, n_far = _prefix(far.to(tl.int32), DIST)
+    far_rank, n_far = _prefix(far.to(tl.int32))
     has_far = (n_far > 0).to(tl.int32)
     w_at = steps_at + steps_total
     w = tl.minimum(_take(src, limit, w_at, WIDTH + 0 * has_far, has_far != 0), 32)
@@ -297,8 +321,4 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row, DIST: 
     magnitude = tl.where(far, 2 + payload, moved.to(tl.uint32))
     theta = tl.where(n, payload,
                      from_key(tl.where(negative, kr - magnitude, kr + magnitude), OUT_DTYPE))
-    if lost:
-        back = recover_unperturbed(to_float32(y, SOFT_BF16), d1, OUT_DTYPE, SOFT_BF16)
-        theta = tl.where(f | n, pattern(round_nearest(back, OUT_DTYPE, SOFT_BF16), OUT_DTYPE),
-                         theta)
-    return theta
+    return tl.where(lost, from_key(back, OUT_DTYPE), theta)
