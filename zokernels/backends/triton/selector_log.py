@@ -255,26 +255,25 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
 
 
 @triton.jit
-def _take(src, limit, pos, width, present):
-    """The ``width``-bit fields (0 .. 32, int32) at bit ``pos`` of the stream at src, as uint32;
-    only words [0, limit) are read (bits past them read as 0), and only where ``present``."""
+def _window(src, limit, pos, width, present):
+    """32 bits of the stream at src from bit ``pos`` (a field of ``width`` <= 32 bits at its
+    low end, bits above it unmasked), as uint32: only the words the field touches are loaded,
+    only words [0, limit) (bits past them read as 0), and only where ``present``."""
     word = pos >> 5
     shift = (pos & 31).to(tl.uint32)
     low = tl.load(src + word, mask=present & (word < limit), other=0).to(tl.uint32, bitcast=True)
     high = tl.load(src + word + 1, mask=present & ((pos & 31) + width > 32) & (word + 1 < limit),
                    other=0).to(tl.uint32, bitcast=True)
-    bits = (low >> shift) | tl.where(shift == 0, 0, high << (32 - shift))
-    return tl.where(width >= 32, bits, bits & ((tl.full(bits.shape, 1, tl.uint32)
-                                                 << width.to(tl.uint32)) - 1))
+    return (low >> shift) | tl.where(shift == 0, 0, high << (32 - shift))
 
 
 @triton.jit
 def _take_runs(src, limit, pos, width):
-    """``_take`` of short fields (width <= 2, [4, N] tiles): a column's fields are one run (the
+    """The short fields (width <= 2, [4, N] tiles) at ``pos``: a column's fields are one run (the
     writer's ``_or_runs``), read with two loads instead of two per element."""
     inner = tl.cumsum(width, axis=0) - width
     run_width = tl.sum(width, axis=0)
-    run = _take(src, limit, tl.min(pos - inner, axis=0), run_width, run_width > 0)
+    run = _window(src, limit, tl.min(pos - inner, axis=0), run_width, run_width > 0)
     return (run[None, :] >> inner.to(tl.uint32)) & ((1 << width.to(tl.uint32)) - 1)
 
 
@@ -288,6 +287,7 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row,
     BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
     COUNT: tl.constexpr = 11  # n_f's bits
     WIDTH: tl.constexpr = 6   # W's bits
+    RAW_MASK: tl.constexpr = 0xFFFFFFFF if OUT_DTYPE == tl.float32 else 0xFFFF
     f, n, side, kr, back = element_classes(y, d1, valid, OUT_DTYPE, SOFT_BF16, True)
     row_ptr = regions_ptr + row * words
     header = tl.load(row_ptr)
@@ -305,19 +305,22 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row,
     # 2: the steps of the moved elements: the far bit, and the sign where the side is unknown
     known = side != 0
     step_width = tl.where(moved, tl.where(known, 1, 2), 0)
-    steps, steps_total = _prefix(step_width)
+    steps, _ = _prefix(step_width)
     step = _take_runs(src, limit, steps_at + steps, step_width)
     negative = moved & tl.where(known, side < 0, (step & 1) != 0)
     far = moved & (tl.where(known, step, step >> 1) != 0)
-    # 3: W (when the block has a far element) and the payloads
-    far_rank, n_far = _prefix(far.to(tl.int32))
-    has_far = (n_far > 0).to(tl.int32)
-    w_at = steps_at + steps_total
-    w = tl.minimum(_take(src, limit, w_at, WIDTH + 0 * has_far, has_far != 0), 32)
+    # 3: W (when the block has a far element) and the payloads; this scan's total also gives
+    # the steps' (the second scan's is not taken)
+    far_rank, totals = _prefix(far.to(tl.int32) | (step_width << 11))
+    has_far = ((totals & 0x7FF) > 0).to(tl.int32)
+    w_at = steps_at + (totals >> 11)
+    w = tl.minimum(_window(src, limit, w_at, WIDTH + 0 * has_far, has_far != 0) & 63, 32)
     w = w.to(tl.int32) * has_far
+    w_mask = tl.where(w >= 32, -1, (1 << w) - 1).to(tl.uint32)
     payload_width = tl.where(far, w, tl.where(n, BITS, 0))
-    payload = _take(src, limit, w_at + WIDTH * has_far + w * far_rank + BITS * (kept >> 11),
-                    payload_width, far | n)
+    payload = _window(src, limit, w_at + WIDTH * has_far + w * (far_rank & 0x7FF)
+                      + BITS * (kept >> 11), payload_width, far | n)
+    payload = payload & tl.where(n, RAW_MASK, w_mask)
     magnitude = tl.where(far, 2 + payload, moved.to(tl.uint32))
     theta = tl.where(n, payload,
                      from_key(tl.where(negative, kr - magnitude, kr + magnitude), OUT_DTYPE))
