@@ -83,7 +83,11 @@ def from_key(k, OUT_DTYPE: tl.constexpr):
 @triton.jit
 def _image(k, d, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
     """round_nearest(c + d) as float32, c the weight of key k (NaN for the NaN keys)."""
-    c = to_float32(from_pattern(from_key(k, OUT_DTYPE), OUT_DTYPE), SOFT_BF16)
+    if OUT_DTYPE == tl.bfloat16:  # the key in the high half is the float32 pattern's key
+        hk = k << 16
+        c = (hk ^ tl.where(hk >= 0x80000000, 0x80000000, 0xFFFF0000)).to(tl.float32, bitcast=True)
+    else:
+        c = to_float32(from_pattern(from_key(k, OUT_DTYPE), OUT_DTYPE), SOFT_BF16)
     return to_float32(round_nearest(c + d, OUT_DTYPE, SOFT_BF16), SOFT_BF16)
 
 
@@ -127,6 +131,11 @@ def element_classes(y, d, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexp
     f = valid & finite & ~(maps & ~below & ~above)
     side = (maps & above & ~below).to(tl.int32) - (maps & below & ~above).to(tl.int32)
     return f, valid & ~finite, side, kr, back
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
 
 
 @triton.jit
@@ -205,16 +214,15 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
     magnitude = tl.where(up, kt - kr, kr - kt)  # |delta|, uint32
     moved = f & (magnitude != 0)
     far = moved & (magnitude >= 2)
-    # W = bit_length(the largest |delta| - 2 of a far element); m == 0: no far element
-    m = tl.max(tl.where(far, magnitude - 1, 0))
-    has_far = (m > 0).to(tl.int32)
-    w = bit_length(m - 1) * has_far
+    # W = bit_length(the largest |delta| - 2 of a far element) = bit_length of their OR
+    w = bit_length(tl.reduce(tl.where(far, magnitude - 2, 0), None, _bit_or))
     known = side != 0  # the side of r is known: the step is the far bit alone
     step_width = tl.where(moved, tl.where(known, 1, 2), 0)
     # one scan for F's and N's ranks, one for the steps' offsets and the far elements' ranks
     kept, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
     steps, steps_total = _prefix(step_width | (far.to(tl.int32) << 12))
     n_f = kept_total & 0x7FF
+    has_far = ((steps_total >> 12) > 0).to(tl.int32)
     steps_at = COUNT + n_f
     w_at = steps_at + (steps_total & 0xFFF)
     payload_at = w_at + WIDTH * has_far
@@ -235,18 +243,14 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
             dst = pool_ptr + tl.where(fits, first, 0)
             n_words = tl.where(fits, n_words, 0)  # a lost block writes no bits
         tl.store(row_ptr, header)
-        # the stream zeroed, n_f and W already in their words
-        lane = tl.arange(0, BLOCK)
-        w_word = w_at >> 5
-        w_shift = w_at & 31
-        head = (tl.where(lane == 0, n_f, 0)
-                | tl.where(lane == w_word, (w << w_shift) * has_far, 0)
-                | tl.where(lane == w_word + 1, (w >> (32 - w_shift)) * (w_shift > 32 - WIDTH), 0))
-        tl.store(dst + lane, head, mask=lane < n_words)
+        lane = tl.arange(0, BLOCK)  # the stream zeroed, then its fields ORed in
+        tl.store(dst + lane, tl.zeros([BLOCK], tl.int32), mask=lane < n_words)
         if BITS == 32:  # up to 1121 words: n_f, 1024 x (1 + 2 + 32) bits, W
             tl.store(dst + BLOCK + lane, tl.zeros([BLOCK], tl.int32), mask=lane + BLOCK < n_words)
         tl.debug_barrier()  # one program is one CTA: the zeros land before any OR
         live = n_words > 0
+        _or_bits(dst, n_f * 0, n_f.to(tl.uint32), live)
+        _or_bits(dst, w_at, w.to(tl.uint32), live)  # 0 without a far element
         _or_runs(dst, COUNT + (kept & 0x7FF), moved.to(tl.uint32), f.to(tl.int32), live)
         step = tl.where(known, far.to(tl.uint32), (~up).to(tl.uint32) | (far.to(tl.uint32) << 1))
         _or_runs(dst, steps_at + (steps & 0xFFF), tl.where(moved, step, 0), step_width, live)
