@@ -149,12 +149,13 @@ def bit_length(v):
 
 @triton.jit
 def _prefix(w):
-    """(exclusive prefix sums of the int32 [4, N] tile w in element order, their total): sums
-    over the in-thread dimension, one cumsum across the columns, no reshuffle. Several counts
-    travel packed in one int32 (each field wide enough for its block total), one scan for all."""
+    """Exclusive prefix sums of the int32 [4, N] tile w in element order, in two parts: the
+    columns' starts ([N]: one cumsum across the columns) and the offsets inside the columns
+    ([4, N], in-thread); and their total. Several counts travel packed in one int32 (each field
+    wide enough for its block total), one scan for all."""
     per_column = tl.sum(w, axis=0)
-    start = (tl.cumsum(per_column, axis=0) - per_column)[None, :] + (tl.cumsum(w, axis=0) - w)
-    return start, tl.sum(per_column, axis=0)
+    return (tl.cumsum(per_column, axis=0) - per_column, tl.cumsum(w, axis=0) - w,
+            tl.sum(per_column, axis=0))
 
 
 @triton.jit
@@ -190,12 +191,11 @@ def _or_bits(dst, pos, value, live):
 
 
 @triton.jit
-def _or_runs(dst, pos, value, width, live):
-    """``_or_bits`` of short fields (value < 2^width, width <= 2, [4, N] tiles): a column's
-    consecutive elements have consecutive fields, one run of at most 8 bits, ORed with two
-    atomics instead of two per element."""
-    inner = (tl.cumsum(width, axis=0) - width).to(tl.uint32)  # offsets inside the run
-    _or_bits(dst, tl.min(pos - inner.to(tl.int32), axis=0), tl.sum(value << inner, axis=0), live)
+def _or_runs(dst, column_pos, inner, value, live):
+    """``_or_bits`` of short fields ([4, N] tiles, each at bit ``column_pos`` + ``inner``, at
+    most 8 bits per column): a column's consecutive elements have consecutive fields, one run
+    ORed with two atomics instead of two per element."""
+    _or_bits(dst, column_pos, tl.sum(value << inner.to(tl.uint32), axis=0), live)
 
 
 @triton.jit
@@ -219,8 +219,8 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
     known = side != 0  # the side of r is known: the step is the far bit alone
     step_width = tl.where(moved, tl.where(known, 1, 2), 0)
     # one scan for F's and N's ranks, one for the steps' offsets and the far elements' ranks
-    kept, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
-    steps, steps_total = _prefix(step_width | (far.to(tl.int32) << 12))
+    kept, kept_in, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
+    steps, steps_in, steps_total = _prefix(step_width | (far.to(tl.int32) << 12))
     n_f = kept_total & 0x7FF
     has_far = ((steps_total >> 12) > 0).to(tl.int32)
     steps_at = COUNT + n_f
@@ -251,11 +251,14 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
         live = n_words > 0
         _or_bits(dst, n_f * 0, n_f.to(tl.uint32), live)
         _or_bits(dst, w_at, w.to(tl.uint32), live)  # 0 without a far element
-        _or_runs(dst, COUNT + (kept & 0x7FF), moved.to(tl.uint32), f.to(tl.int32), live)
+        _or_runs(dst, COUNT + (kept & 0x7FF), kept_in & 0x7FF, moved.to(tl.uint32), live)
         step = tl.where(known, far.to(tl.uint32), (~up).to(tl.uint32) | (far.to(tl.uint32) << 1))
-        _or_runs(dst, steps_at + (steps & 0xFFF), tl.where(moved, step, 0), step_width, live)
+        _or_runs(dst, steps_at + (steps & 0xFFF), steps_in & 0xFFF, tl.where(moved, step, 0),
+                 live)
         payload = tl.where(n, theta, tl.where(far, magnitude - 2, 0))
-        _or_bits(dst, payload_at + w * (steps >> 12) + BITS * (kept >> 11), payload, live)
+        far_rank = (steps >> 12)[None, :] + (steps_in >> 12)
+        n_rank = (kept >> 11)[None, :] + (kept_in >> 11)
+        _or_bits(dst, payload_at + w * far_rank + BITS * n_rank, payload, live)
 
 
 @triton.jit
@@ -272,12 +275,12 @@ def _window(src, limit, pos, width, present):
 
 
 @triton.jit
-def _take_runs(src, limit, pos, width):
-    """The short fields (width <= 2, [4, N] tiles) at ``pos``: a column's fields are one run (the
-    writer's ``_or_runs``), read with two loads instead of two per element."""
-    inner = tl.cumsum(width, axis=0) - width
+def _take_runs(src, limit, column_pos, inner, width):
+    """The short fields (width <= 2, [4, N] tiles) at bit ``column_pos`` + ``inner``: a column's
+    fields are one run (the writer's ``_or_runs``), read with two loads instead of two per
+    element."""
     run_width = tl.sum(width, axis=0)
-    run = _window(src, limit, tl.min(pos - inner, axis=0), run_width, run_width > 0)
+    run = _window(src, limit, column_pos, run_width, run_width > 0)
     return (run[None, :] >> inner.to(tl.uint32)) & ((1 << width.to(tl.uint32)) - 1)
 
 
@@ -303,27 +306,30 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row,
         src = row_ptr + 1
     limit = tl.where(in_pool, capacity - (header - 1), tl.where(lost, 0, words - 1))
     # 1: the moved bits, at the F elements' ranks
-    kept, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
+    kept, kept_in, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
     steps_at = COUNT + (kept_total & 0x7FF)
-    moved = f & (_take_runs(src, limit, COUNT + (kept & 0x7FF), f.to(tl.int32)) != 0)
+    moved = f & (_take_runs(src, limit, COUNT + (kept & 0x7FF), kept_in & 0x7FF,
+                            f.to(tl.int32)) != 0)
     # 2: the steps of the moved elements: the far bit, and the sign where the side is unknown
     known = side != 0
     step_width = tl.where(moved, tl.where(known, 1, 2), 0)
-    steps, _ = _prefix(step_width)
-    step = _take_runs(src, limit, steps_at + steps, step_width)
+    steps, steps_in, _ = _prefix(step_width)
+    step = _take_runs(src, limit, steps_at + steps, steps_in, step_width)
     negative = moved & tl.where(known, side < 0, (step & 1) != 0)
     far = moved & (tl.where(known, step, step >> 1) != 0)
     # 3: W (when the block has a far element) and the payloads; this scan's total also gives
     # the steps' (the second scan's is not taken)
-    far_rank, totals = _prefix(far.to(tl.int32) | (step_width << 11))
+    far_before, far_in, totals = _prefix(far.to(tl.int32) | (step_width << 11))
     has_far = ((totals & 0x7FF) > 0).to(tl.int32)
     w_at = steps_at + (totals >> 11)
     w = tl.minimum(_window(src, limit, w_at, WIDTH + 0 * has_far, has_far != 0) & 63, 32)
     w = w.to(tl.int32) * has_far
     w_mask = tl.where(w >= 32, -1, (1 << w) - 1).to(tl.uint32)
     payload_width = tl.where(far, w, tl.where(n, BITS, 0))
-    payload = _window(src, limit, w_at + WIDTH * has_far + w * (far_rank & 0x7FF)
-                      + BITS * (kept >> 11), payload_width, far | n)
+    far_rank = (far_before & 0x7FF)[None, :] + (far_in & 0x7FF)
+    n_rank = (kept >> 11)[None, :] + (kept_in >> 11)
+    payload = _window(src, limit, w_at + WIDTH * has_far + w * far_rank + BITS * n_rank,
+                      payload_width, far | n)
     payload = payload & tl.where(n, RAW_MASK, w_mask)
     magnitude = tl.where(far, 2 + payload, moved.to(tl.uint32))
     theta = tl.where(n, payload,
