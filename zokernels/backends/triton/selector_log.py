@@ -256,9 +256,14 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
         _or_runs(dst, steps_at + (steps & 0xFFF), steps_in & 0xFFF, tl.where(moved, step, 0),
                  live)
         payload = tl.where(n, theta, tl.where(far, magnitude - 2, 0))
-        far_rank = (steps >> 12)[None, :] + (steps_in >> 12)
-        n_rank = (kept >> 11)[None, :] + (kept_in >> 11)
-        _or_bits(dst, payload_at + w * far_rank + BITS * n_rank, payload, live)
+        payload_width = tl.where(far, w, tl.where(n, BITS, 0))
+        payload_in = tl.cumsum(payload_width, axis=0) - payload_width
+        column_pos = payload_at + w * (steps >> 12) + BITS * (kept >> 11)
+        if tl.max(tl.sum(payload_width, axis=0)) <= 32:  # typical: each column's payloads are
+            # one run of at most 32 bits (at most one far or N element, or short ones)
+            _or_bits(dst, column_pos, tl.sum(payload << payload_in.to(tl.uint32), axis=0), live)
+        else:
+            _or_bits(dst, column_pos[None, :] + payload_in, payload, live)
 
 
 @triton.jit
@@ -319,17 +324,17 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row,
     far = moved & (tl.where(known, step, step >> 1) != 0)
     # 3: W (when the block has a far element) and the payloads; this scan's total also gives
     # the steps' (the second scan's is not taken)
-    far_before, far_in, totals = _prefix(far.to(tl.int32) | (step_width << 11))
+    far_before, _, totals = _prefix(far.to(tl.int32) | (step_width << 11))
     has_far = ((totals & 0x7FF) > 0).to(tl.int32)
     w_at = steps_at + (totals >> 11)
     w = tl.minimum(_window(src, limit, w_at, WIDTH + 0 * has_far, has_far != 0) & 63, 32)
     w = w.to(tl.int32) * has_far
     w_mask = tl.where(w >= 32, -1, (1 << w) - 1).to(tl.uint32)
     payload_width = tl.where(far, w, tl.where(n, BITS, 0))
-    far_rank = (far_before & 0x7FF)[None, :] + (far_in & 0x7FF)
-    n_rank = (kept >> 11)[None, :] + (kept_in >> 11)
-    payload = _window(src, limit, w_at + WIDTH * has_far + w * far_rank + BITS * n_rank,
-                      payload_width, far | n)
+    payload_in = tl.cumsum(payload_width, axis=0) - payload_width
+    run_width = tl.sum(payload_width, axis=0)
+    column_pos = w_at + WIDTH * has_far + w * (far_before & 0x7FF) + BITS * (kept >> 11)
+    payload = _window(src, limit, column_pos[None, :] + payload_in, payload_width, far | n)
     payload = payload & tl.where(n, RAW_MASK, w_mask)
     magnitude = tl.where(far, 2 + payload, moved.to(tl.uint32))
     theta = tl.where(n, payload,
