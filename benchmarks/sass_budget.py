@@ -509,8 +509,8 @@ def perturb_variants(extra=None) -> list[Variant]:
                 + ("/mapped" if mapped else ""))
         opts = {"num_warps": P.NUM_WARPS}
         if sel_out or sel_in:
-            opts["num_warps"] = (P.selector_warps(dist, size, bool(sel_out and sel_in))
-                                 if hasattr(P, "selector_warps") else P.SELECTOR_WARPS)
+            opts["num_warps"] = (P.SELECTOR_WARPS[dist] if isinstance(P.SELECTOR_WARPS, dict)
+                                 else P.SELECTOR_WARPS)
         if hasattr(P, "MAXNREG"):
             opts["maxnreg"] = P.MAXNREG
         out.append(Variant(name, "perturb", P._perturb_kernel, sig, const,

@@ -108,14 +108,11 @@ MAPPED_BLOCK = 2048
 MAXNREG = 96
 NUM_WARPS = 8
 
-
-def selector_warps(dist: str, itemsize: int, reads_and_writes: bool) -> int:
-    """Warps per selector program (one 1024-element block of the log). 4 warps give a thread 8
-    elements, which halves the per-element cost of the block's scans and reductions (2-3 each
-    per pass); the passes that do not fit MAXNREG that way without spills keep 8: rademacher's
-    (its tile is reshuffled into the selector's) and the float32 pass reading one log and
-    writing another (sass_budget)."""
-    return 8 if dist == "rademacher" or (itemsize == 4 and reads_and_writes) else 4
+# Selector passes (one program per 1024-element block of the log): warps per program. 4 warps
+# give a thread 8 elements, which halves the per-element cost of the block's scans and
+# reductions (2-3 each per pass); rademacher's tile, reshuffled into the selector's layout,
+# spills under MAXNREG that way, and keeps 8 (sass_budget).
+SELECTOR_WARPS = {"gaussian": 4, "rademacher": 8}
 
 
 @triton.jit
@@ -438,8 +435,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         in_pool_ptr=None if held is None else held.pool,
         in_capacity=None if held is None else held.pool.numel(),
         SEL_OUT=sel_out, SEL_IN=held is not None,
-        num_warps=(selector_warps(dist, itemsize, selector_log is not None and held is not None)
-                   if selector else NUM_WARPS), maxnreg=MAXNREG)
+        num_warps=SELECTOR_WARPS[dist] if selector else NUM_WARPS, maxnreg=MAXNREG)
     count_launch()
 
 
