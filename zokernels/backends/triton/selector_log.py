@@ -120,9 +120,9 @@ def element_classes(y, d, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexp
         at_up = _image(k_up, d, OUT_DTYPE, SOFT_BF16) == yv
         below = at_down | plus_zero
         above = at_up | minus_zero
-        neighbour = tl.where(image > yv, tl.where(at_down, k_down, kr),
-                             tl.where(at_up, k_up, kr))
-        back = tl.where(maps | (tl.abs(rv) > 3.4028234663852886e38), kr, neighbour)
+        # where r does not map, at most one neighbour does (the one on y's side: monotone)
+        back = tl.where(maps | (tl.abs(rv) > 3.4028234663852886e38), kr,
+                        tl.where(at_down, k_down, tl.where(at_up, k_up, kr)))
     else:
         below = _image(kr - 1, d, OUT_DTYPE, SOFT_BF16) == yv
         above = _image(kr + 1, d, OUT_DTYPE, SOFT_BF16) == yv
@@ -310,6 +310,8 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row,
     else:
         src = row_ptr + 1
     limit = tl.where(in_pool, capacity - (header - 1), tl.where(lost, 0, words - 1))
+    # a lost block reads no bits, so nothing moves from r: r becomes what recovery alone gives
+    kr = tl.where(lost, back, kr)
     # 1: the moved bits, at the F elements' ranks
     kept, kept_in, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
     steps_at = COUNT + (kept_total & 0x7FF)
@@ -332,11 +334,10 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row,
     w_mask = tl.where(w >= 32, -1, (1 << w) - 1).to(tl.uint32)
     payload_width = tl.where(far, w, tl.where(n, BITS, 0))
     payload_in = tl.cumsum(payload_width, axis=0) - payload_width
-    run_width = tl.sum(payload_width, axis=0)
     column_pos = w_at + WIDTH * has_far + w * (far_before & 0x7FF) + BITS * (kept >> 11)
     payload = _window(src, limit, column_pos[None, :] + payload_in, payload_width, far | n)
     payload = payload & tl.where(n, RAW_MASK, w_mask)
     magnitude = tl.where(far, 2 + payload, moved.to(tl.uint32))
-    theta = tl.where(n, payload,
+    theta = tl.where(n & ~lost, payload,
                      from_key(tl.where(negative, kr - magnitude, kr + magnitude), OUT_DTYPE))
-    return tl.where(lost, from_key(back, OUT_DTYPE), theta)
+    return theta
