@@ -80,8 +80,8 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table)
-from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, kernel_tile,
-                           pattern, write_block)
+from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, pattern,
+                           write_block)
 
 # Elements per program. Registers on sm_90 are capped at MAXNREG (ptxas; counts in
 # benchmarks/results/sass_budget_*.json, no spills). Plain passes: gaussian 4096 (16 elements per
@@ -110,8 +110,9 @@ NUM_WARPS = 8
 
 # Selector passes (one program per 1024-element block of the log): warps per program. 4 warps
 # give a thread 8 elements, which halves the per-element cost of the block's scans and
-# reductions (2-3 each per pass); rademacher's tile, reshuffled into the selector's layout,
-# spills under MAXNREG that way, and keeps 8 (sass_budget).
+# reductions (2-3 each per pass); rademacher's noise, moved into the selector's layout through
+# shared memory, makes its 16-bit pass that reads one log and writes another spill under
+# MAXNREG that way (4 instructions), so rademacher keeps 8 (sass_budget).
 SELECTOR_WARPS = {"gaussian": 4, "rademacher": 8}
 
 
@@ -229,7 +230,10 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         # host checked: every data_ptr % 16 == 0, so every element offset is a multiple of ALIGN
         offset = tl.multiple_of(offset, ALIGN)
 
-    lanes = tile_lanes(DIST, BLOCK)  # int32
+    # a selector pass holds the block in the selector's layout (element_tile); only the noise,
+    # generated in DIST's, is moved there
+    TILE: tl.constexpr = 0 if SEL_OUT != 0 or SEL_IN else DIST
+    lanes = tile_lanes(TILE, BLOCK)  # int32
     ptrs = base_ptr + (offset + start) + lanes
     rem = numel - start
     full = rem >= BLOCK
@@ -239,8 +243,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
     else:
         w = tl.load(ptrs, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32), other=0.0)
     # the noise sum (from 0.0, seed order), added to the weight once (contract order)
-    d = tl.zeros(lanes.shape, tl.float32)
-    d1 = tl.zeros(lanes.shape, tl.float32)  # the perturbation held now (HAS_APPLIED only)
+    d = tl.zeros(tile_lanes(DIST, BLOCK).shape, tl.float32)
+    d1 = tl.zeros(d.shape, tl.float32)  # the perturbation held now (HAS_APPLIED only)
     if MAPPED:
         map_offset = tl.load(row_ptr + 4)
         local_span = tl.load(row_ptr + 5)
@@ -258,12 +262,12 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
     x = to_float32(w, SOFT_BF16)
     if SEL_OUT != 0 or SEL_IN:
         sel_row = tl.load(sel_rows_ptr + j) + blk  # BLOCK is the log's block
-        sel_valid = tile_lanes(0, BLOCK) < rem  # the selector's tiles: element_tile
+        d = element_tile(d, DIST, BLOCK)
+        if HAS_APPLIED:
+            d1 = element_tile(d1, DIST, BLOCK)
     if SEL_IN:  # exact: theta's pattern from the held log
-        theta_sel = held_theta(element_tile(w, DIST, BLOCK), element_tile(d1, DIST, BLOCK),
-                               sel_valid, in_regions_ptr, in_words, in_pool_ptr, in_capacity,
-                               sel_row, base_ptr.dtype.element_ty, SOFT_BF16)
-        theta = kernel_tile(theta_sel, DIST, BLOCK)
+        theta = held_theta(w, d1, lanes < rem, in_regions_ptr, in_words, in_pool_ptr,
+                           in_capacity, sel_row, base_ptr.dtype.element_ty, SOFT_BF16)
         x = to_float32(from_pattern(theta, base_ptr.dtype.element_ty), SOFT_BF16)
     elif HAS_APPLIED:
         x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -272,16 +276,16 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
     if STOCHASTIC == 2:  # contract 3: integer stochastic rounding
         if MAPPED:
             r = _mapped_rounding_bits(load_seed(seeds_ptr + K), key, start, map_offset,
-                                      local_span, global_span, grain, DIST, BLOCK)
+                                      local_span, global_span, grain, TILE, BLOCK)
         else:
-            r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, DIST, BLOCK)
+            r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
         y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16)
     elif STOCHASTIC:
         if MAPPED:
             u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, start, map_offset,
-                                          local_span, global_span, grain, DIST, BLOCK)
+                                          local_span, global_span, grain, TILE, BLOCK)
         else:
-            u = rounding_tile(load_seed(seeds_ptr + K), key, blk, DIST, BLOCK)
+            u = rounding_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
         y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -297,17 +301,15 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
 
     if SEL_OUT != 0:
         if SEL_IN:
-            theta_bits = theta_sel
+            theta_bits = theta
         elif HAS_APPLIED:  # x is a value of the dtype
-            theta_bits = element_tile(pattern(round_nearest(x, base_ptr.dtype.element_ty,
-                                                            SOFT_BF16), base_ptr.dtype.element_ty),
-                                      DIST, BLOCK)
+            theta_bits = pattern(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16),
+                                 base_ptr.dtype.element_ty)
         else:
-            theta_bits = element_tile(pattern(w, base_ptr.dtype.element_ty), DIST, BLOCK)
+            theta_bits = pattern(w, base_ptr.dtype.element_ty)
         # the log is the reference's for the rounded y, before ``keep`` (as the reference)
         write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
-                    sel_row, theta_bits, element_tile(y, DIST, BLOCK),
-                    element_tile(d, DIST, BLOCK), sel_valid, SEL_OUT == 2, BLOCK,
+                    sel_row, theta_bits, y, d, lanes < rem, SEL_OUT == 2, BLOCK,
                     base_ptr.dtype.element_ty, SOFT_BF16)
 
     if LOG_MODE != 0:
@@ -319,7 +321,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                                    SOFT_BF16)
         lost = ((back.to(tl.uint32, bitcast=True) != x_bits)
                 | ((x_bits & 0x7FFFFFFF) > 0x7F800000) | (x_bits == 0x80000000))
-        lost = flat((lost & (lanes < rem)).to(tl.int32), DIST, BLOCK)  # block order
+        lost = flat((lost & (lanes < rem)).to(tl.int32), TILE, BLOCK)  # block order
         n_lost = tl.sum(lost, axis=0)
         if n_lost > 0:  # all programs hit one counter: skip the atomic when there is nothing
             # one atomic per program reserves its slots; relaxed: only the counter matters
@@ -328,9 +330,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                 slot = first + tl.cumsum(lost, axis=0) - 1  # lost elements in block order
                 keep = (lost != 0) & (slot < capacity)  # past the capacity: counted only
                 tl.store(index_ptr + slot,
-                         tl.load(row_ptr + 3) + start + flat(lanes, DIST, BLOCK), mask=keep)
+                         tl.load(row_ptr + 3) + start + flat(lanes, TILE, BLOCK), mask=keep)
                 tl.store(values_ptr + slot,
-                         flat(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16), DIST,
+                         flat(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16), TILE,
                               BLOCK),
                          mask=keep)  # exact: x is a value of the tensor's dtype
 

@@ -169,14 +169,6 @@ def element_tile(x, DIST: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def kernel_tile(x, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """The inverse of ``element_tile``."""
-    if DIST == 1:  # [32, 4, N]: element 128 j + 32 m + s at [s, m, j]
-        x = tl.permute(tl.reshape(tl.trans(x), [BLOCK // 128, 4, 32]), (2, 1, 0))
-    return x
-
-
-@triton.jit
 def _or_bits(dst, pos, value, live):
     """OR ``value`` (uint32, 0 where there is no field) into the stream at dst from bit ``pos``,
     continuing into the next word where it must. ORing zero changes nothing: only nonzero parts
