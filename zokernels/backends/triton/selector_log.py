@@ -183,14 +183,6 @@ def _or_bits(dst, pos, value, live):
 
 
 @triton.jit
-def _or_runs(dst, column_pos, inner, value, live):
-    """``_or_bits`` of short fields ([4, N] tiles, each at bit ``column_pos`` + ``inner``, at
-    most 8 bits per column): a column's consecutive elements have consecutive fields, one run
-    ORed with two atomics instead of two per element."""
-    _or_bits(dst, column_pos, tl.sum(value << inner.to(tl.uint32), axis=0), live)
-
-
-@triton.jit
 def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y, d, valid,
                 COUNT_ONLY: tl.constexpr, BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr,
                 SOFT_BF16: tl.constexpr):
@@ -210,9 +202,21 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
     w = bit_length(tl.reduce(tl.where(far, magnitude - 2, 0), None, _bit_or))
     known = side != 0  # the side of r is known: the step is the far bit alone
     step_width = tl.where(moved, tl.where(known, 1, 2), 0)
-    # one scan for F's and N's ranks, one for the steps' offsets and the far elements' ranks
+    step = tl.where(known, far.to(tl.uint32), (~up).to(tl.uint32) | (far.to(tl.uint32) << 1))
+    payload = tl.where(n, theta, tl.where(far, magnitude - 2, 0))
+    payload_width = tl.where(far, w, tl.where(n, BITS, 0))
+    # one scan for F's and N's ranks, one for the steps' offsets and the far elements' ranks;
+    # each column's runs of moved bits and steps (and payloads) are built first, so that only
+    # they, not the elements' classes, are held through the scans
     kept, kept_in, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
     steps, steps_in, steps_total = _prefix(step_width | (far.to(tl.int32) << 12))
+    moved_run = tl.sum(moved.to(tl.uint32) << (kept_in & 0x7FF).to(tl.uint32), axis=0)
+    step_run = tl.sum(tl.where(moved, step, 0) << (steps_in & 0xFFF).to(tl.uint32), axis=0)
+    payload_in = tl.cumsum(payload_width, axis=0) - payload_width
+    payload_run = tl.sum(payload << payload_in.to(tl.uint32), axis=0)
+    # typical blocks: every column's payloads fit one 32-bit run (at most one far or N element
+    # in the column, or short ones)
+    one_run = tl.max(tl.sum(payload_width, axis=0)) <= 32
     n_f = kept_total & 0x7FF
     has_far = ((steps_total >> 12) > 0).to(tl.int32)
     steps_at = COUNT + n_f
@@ -243,17 +247,11 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
         live = n_words > 0
         _or_bits(dst, n_f * 0, n_f.to(tl.uint32), live)
         _or_bits(dst, w_at, w.to(tl.uint32), live)  # 0 without a far element
-        _or_runs(dst, COUNT + (kept & 0x7FF), kept_in & 0x7FF, moved.to(tl.uint32), live)
-        step = tl.where(known, far.to(tl.uint32), (~up).to(tl.uint32) | (far.to(tl.uint32) << 1))
-        _or_runs(dst, steps_at + (steps & 0xFFF), steps_in & 0xFFF, tl.where(moved, step, 0),
-                 live)
-        payload = tl.where(n, theta, tl.where(far, magnitude - 2, 0))
-        payload_width = tl.where(far, w, tl.where(n, BITS, 0))
-        payload_in = tl.cumsum(payload_width, axis=0) - payload_width
+        _or_bits(dst, COUNT + (kept & 0x7FF), moved_run, live)
+        _or_bits(dst, steps_at + (steps & 0xFFF), step_run, live)
         column_pos = payload_at + w * (steps >> 12) + BITS * (kept >> 11)
-        if tl.max(tl.sum(payload_width, axis=0)) <= 32:  # typical: each column's payloads are
-            # one run of at most 32 bits (at most one far or N element, or short ones)
-            _or_bits(dst, column_pos, tl.sum(payload << payload_in.to(tl.uint32), axis=0), live)
+        if one_run:
+            _or_bits(dst, column_pos, payload_run, live)
         else:
             _or_bits(dst, column_pos[None, :] + payload_in, payload, live)
 
