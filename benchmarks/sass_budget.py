@@ -603,7 +603,10 @@ def lowrank_selector_variants() -> list[Variant]:
         const.update({k: None for k in _unused_selector_args(sel_out, sel_in)})
         out.append(Variant(f"lowrank_selector/{dt}/{rounding}/{sel}", "lowrank_selector",
                            L._lowrank_selector_kernel, sig, const,
-                           {"num_warps": L.SELECTOR_WARPS, "enable_fp_fusion": False,
+                           {"num_warps": (L.SELECTOR_WARPS["read" if sel_in else "write"]
+                                          if isinstance(L.SELECTOR_WARPS, dict)
+                                          else L.SELECTOR_WARPS),
+                            "enable_fp_fusion": False,
                             "maxnreg": L.MAXNREG}, dt,
                            "lowrank", L.SELECTOR_BLOCK, "fixed", 2 * size,
                            {"rounding": rounding, "log": sel,

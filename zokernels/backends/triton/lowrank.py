@@ -251,9 +251,12 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr, ap
                 tl.store(values_ptr + slot, old, mask=keep)
 
 
-# Selector passes: one program per SELECTOR_BLOCK flat elements (the log's block), 4 per thread,
-# registers capped as the dense selector passes' (perturb.MAXNREG; sass_budget: no spills).
-SELECTOR_WARPS = 8
+# Selector passes: one program per SELECTOR_BLOCK flat elements (the log's block), registers
+# capped as the dense selector passes' (perturb.MAXNREG; sass_budget: no spills). Warps per
+# program, by whether the pass reads a held log: 4 (8 elements per thread: the block's scans
+# cost half as much per element) fit for a pass that only writes; one that reads holds each
+# element's U / V row pointers for two products and keeps 8.
+SELECTOR_WARPS = {"write": 4, "read": 8}
 
 
 @triton.jit
@@ -478,6 +481,7 @@ def _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, stochasti
         LOG2_P=p.bit_length() - 1, BLOCK=SELECTOR_BLOCK,
         STOCHASTIC=stochastic, HAS_APPLIED=applied_taus is not None, SEL_OUT=sel_out,
         SEL_IN=held is not None,
-        SOFT_BF16=SOFT_BF16, num_warps=SELECTOR_WARPS, maxnreg=MAXNREG,
+        SOFT_BF16=SOFT_BF16, num_warps=SELECTOR_WARPS["read" if held is not None else "write"],
+        maxnreg=MAXNREG,
         enable_fp_fusion=False)  # P, D and the sum stay the reference's roundings
     count_launch()
