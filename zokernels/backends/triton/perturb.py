@@ -112,8 +112,9 @@ NUM_WARPS = 8
 # give a thread 8 elements, which halves the per-element cost of the block's scans and
 # reductions (2-3 each per pass); rademacher's noise, moved into the selector's layout through
 # shared memory, makes its 16-bit pass that reads one log and writes another spill under
-# MAXNREG that way (4 instructions), so rademacher keeps 8 (sass_budget).
-SELECTOR_WARPS = {"gaussian": 4, "rademacher": 8}
+# MAXNREG that way (4 instructions), so rademacher keeps NUM_WARPS (sass_budget), and so do
+# mapped launches (both noise paths compiled: gaussian reading passes spill 10-18 at 4).
+SELECTOR_WARPS = {"gaussian": 4, "rademacher": NUM_WARPS}
 
 
 @triton.jit
@@ -437,7 +438,8 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         in_pool_ptr=None if held is None else held.pool,
         in_capacity=None if held is None else held.pool.numel(),
         SEL_OUT=sel_out, SEL_IN=held is not None,
-        num_warps=SELECTOR_WARPS[dist] if selector else NUM_WARPS, maxnreg=MAXNREG)
+        num_warps=SELECTOR_WARPS[dist] if selector and not launch.mapped else NUM_WARPS,
+        maxnreg=MAXNREG)
     count_launch()
 
 
