@@ -58,6 +58,7 @@ import fnmatch
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -824,7 +825,7 @@ def main(argv=None) -> int:
             rows += measure(v, workdir, args.verbose)
     print_table(rows)
     if args.json:
-        doc = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        doc = {"command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "triton": triton.__version__, "gpu_model": GPU_MODEL, "kernels_from": ROOT,
                "hot_path_rules": "benchmarks/sass_budget.py module docstring", "rows": rows}
