@@ -1,30 +1,34 @@
-"""Selector logs on the Triton backend: the v2 stream (the spec is the torch reference,
-zokernels/backends/torch/selector_log.py; docs/undo-log.md).
+"""Selector logs on the Triton backend: the v2 stream, bit-identical to the torch reference
+(zokernels/backends/torch/selector_log.py is the spec: flags, classes, block_fields, read_block;
+docs/undo-log.md).
 
-One program owns one block of SELECTOR_BLOCK = 1024 elements, the log's block: it writes (or
-reads) one row, with one atomic add per block that spills to the pool.
+One program owns one block of SELECTOR_BLOCK = 1024 elements, the log's block, as a [4, 256]
+tile whose columns hold consecutive elements (``element_tile``): it writes or reads one row, with
+one atomic add per block that spills to the pool.
 
-Per element both sides compute, from (y, D) alone, the recovery candidate r = round(y - D) and
-the images of r and its two key neighbours (``element_classes``): F (finite y, and r is not
-proven to be theta: r does not map to y, or a neighbour does too), N (y not finite) and the side
-of r theta must lie on. The reference first runs a cheap "single" test and tests the neighbours
-only for the flagged elements; that test implies that no neighbour maps (it is a proof of
-uniqueness), so testing the neighbours of every element gives the reference's F exactly, and on
-a GPU every lane of a block pays for the neighbours anyway (tests/test_selector_triton.py checks
-the classes against the reference's ``flags`` / ``classes``).
+Classes (``element_classes``): both sides compute, from (y, D) alone, r = round(y - D) and the
+images of r and of its two key neighbours; F = finite y and r not proven to be theta (r does not
+map to y, or a neighbour maps too), N = y not finite, side = where theta must lie when exactly
+one neighbour maps. The reference tests the neighbours only where its single-candidate test
+(``flags``) fails; that test proves that no neighbour maps, so testing every element's
+neighbours gives its F exactly, and a GPU block pays for its slowest lane anyway
+(tests/test_selector_triton.py compares them on every 16-bit pattern and adversarial pairs).
 
-Every field of the stream sits at an exclusive prefix sum of per-element quantities in element
-order (``_prefix``: computed in the tile layout, no reshuffle):
+Every field of a block's stream starts at an exclusive prefix sum of per-element counts in
+element order (``_prefix``: in-thread sums down a column, one cumsum across the columns; several
+counts packed in one int32):
 
-- writing: all of them are known, so two scans (F and N counts; step widths and far counts),
-  one max for W; the stream (at most 1121 words) is zeroed with n_f and W already in place, then
-  each moved bit, step and payload is ORed into its words with atomics (one program is one CTA: a
-  barrier orders the zeros before the ORs; OR is commutative, so the words do not depend on the
-  order). Words past the stream are never written, as in the reference.
-- reading: three dependent gathers: the moved bits (positions from F's ranks), the steps (from
-  the moved elements' step widths), then W and the payloads (from the far elements' ranks and
-  N's). Every load is masked to the row's words 1.. or to the pool's capacity, so any content of
-  the words (garbage, stale data) reads bits, never memory outside the log.
+- writing: all counts are known: two scans (F and N; step widths and far elements) and an OR
+  reduction for W. A column's moved bits, steps and (in typical blocks, where they fit 32 bits)
+  payloads are consecutive in the stream, so each is ORed in as one run with two atomics, into
+  the stream zeroed first (one program is one CTA: a barrier orders the zeros before the ORs;
+  OR is commutative, so the words do not depend on the order). Words past the stream are never
+  written, as in the reference.
+- reading: three dependent gathers: the moved bits (at F's ranks), the steps (at the moved
+  elements' step widths), then W and the payloads (at the far elements' ranks and N's). Every
+  load is masked to the row's words 1.. or to the pool's capacity: any content of the words
+  (garbage, stale data) reads as bits, never as memory outside the log. A lost block reads no
+  bits; its r is replaced by what recovery alone gives, found from the classes' images.
 
 Keys are uint32: key(p) = p ^ (SIGN | (negative ? SIGN - 1 : 0)), -0.0 just below +0.0, taken
 modulo 2^BITS as in the reference (a neighbour of key 0 or of the last key wraps).
@@ -135,6 +139,7 @@ def element_classes(y, d, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexp
 
 @triton.jit
 def _bit_or(a, b):
+    """tl.reduce's combine for an OR (REDUX.OR on sm_80+)."""
     return a | b
 
 
@@ -245,7 +250,7 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
             tl.store(dst + BLOCK + lane, tl.zeros([BLOCK], tl.int32), mask=lane + BLOCK < n_words)
         tl.debug_barrier()  # one program is one CTA: the zeros land before any OR
         live = n_words > 0
-        _or_bits(dst, n_f * 0, n_f.to(tl.uint32), live)
+        _or_bits(dst, n_f * 0, n_f.to(tl.uint32), live)  # at bit 0
         _or_bits(dst, w_at, w.to(tl.uint32), live)  # 0 without a far element
         _or_bits(dst, COUNT + (kept & 0x7FF), moved_run, live)
         _or_bits(dst, steps_at + (steps & 0xFFF), step_run, live)
@@ -272,7 +277,7 @@ def _window(src, limit, pos, width, present):
 @triton.jit
 def _take_runs(src, limit, column_pos, inner, width):
     """The short fields (width <= 2, [4, N] tiles) at bit ``column_pos`` + ``inner``: a column's
-    fields are one run (the writer's ``_or_runs``), read with two loads instead of two per
+    fields are one run (as the writer ORs them), read with two loads instead of two per
     element."""
     run_width = tl.sum(width, axis=0)
     run = _window(src, limit, column_pos, run_width, run_width > 0)
