@@ -215,8 +215,10 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
     unused selector arguments are None.
 
     The block is held as a tile in Philox layout (``tile_lanes``): the noise of a Philox call is
-    used in the registers that computed it. Index math is int32 inside the block (the block's
-    first element is one int64 scalar), and masks exist only on the tail block."""
+    used in the registers that computed it; a selector pass holds it in the selector's layout
+    (``TILE`` 0, columns of consecutive elements) and moves only the noise there. Index math is
+    int32 inside the block (the block's first element is one int64 scalar), and masks exist
+    only on the tail block."""
     P: tl.constexpr = 1 << LOG2_P
     ROW: tl.constexpr = 8 if MAPPED else 4
     pid = tl.program_id(0).to(tl.int64)  # compared with the int64 starts of the table
