@@ -104,6 +104,13 @@ def test_classes_match_reference(dtype):
     n = 1 << 18 if dtype != torch.float32 else 1 << 16
     theta, d = _adversarial_pairs(dtype, n)
     y = (theta.float() + d).to(dtype)
+    # and (y, d) no weight gives: r = +-0 not mapping (y an odd multiple of the smallest
+    # subnormal, d half of it off y), where recovery alone tests +-tiny, not the other zero
+    tiny = float(torch.tensor(1, dtype=_INT[dtype]).view(dtype).float())
+    odd = torch.arange(-15, 16, 2, dtype=torch.float32) * tiny
+    y[-4 * odd.numel():] = odd.repeat(4).to(dtype)
+    d[-4 * odd.numel():] = odd.repeat(4) + torch.tensor([0.5, -0.5, 0.5, -0.5]).repeat_interleave(
+        odd.numel()) * tiny
     f, n_el, side, r = classes(y, d)
     flagged, _, _ = flags(y, d)
     assert not (f & ~flagged).any()  # F is a subset of the reference's flagged elements

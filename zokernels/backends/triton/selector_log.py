@@ -104,33 +104,21 @@ def element_classes(y, d, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexp
     0; kr = key(r). RECOVERY (the reader, for lost blocks): back = the key recovery alone gives
     (``recover_unperturbed``: r where it maps or is not finite, else its neighbour on y's side
     where that maps, else r), else kr. Lanes not ``valid`` are neither F nor N."""
-    BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
-    SIGN: tl.constexpr = 1 << (BITS - 1)
     yv = to_float32(y, SOFT_BF16)
     r = round_nearest(yv - d, OUT_DTYPE, SOFT_BF16)
     rv = to_float32(r, SOFT_BF16)
     kr = key_of(pattern(r, OUT_DTYPE), OUT_DTYPE)
     image = to_float32(round_nearest(rv + d, OUT_DTYPE, SOFT_BF16), SOFT_BF16)
     maps = image == yv
+    below = _image(kr - 1, d, OUT_DTYPE, SOFT_BF16) == yv
+    above = _image(kr + 1, d, OUT_DTYPE, SOFT_BF16) == yv
+    back = kr
     if RECOVERY:
-        # across zero (r = +-0) r's key neighbour has r's value, hence r's image: that slot
-        # tests the next key, +-tiny, the neighbour recovery alone takes, and below / above
-        # (read only where r maps) are true there
-        plus_zero = kr == SIGN
-        minus_zero = kr == SIGN - 1
-        k_down = kr - 1 - plus_zero.to(tl.uint32)
-        k_up = kr + 1 + minus_zero.to(tl.uint32)
-        at_down = _image(k_down, d, OUT_DTYPE, SOFT_BF16) == yv
-        at_up = _image(k_up, d, OUT_DTYPE, SOFT_BF16) == yv
-        below = at_down | plus_zero
-        above = at_up | minus_zero
-        # where r does not map, at most one neighbour does (the one on y's side: monotone)
+        # where r does not map, at most one neighbour does (the one on y's side: monotone). Across
+        # zero recovery tests +-tiny, not the other zero; neither maps there: r = +-0 not mapping
+        # needs |y - d| = tiny / 2 with y's ulp tiny and y odd, and d +- tiny rounds off y too
         back = tl.where(maps | (tl.abs(rv) > 3.4028234663852886e38), kr,
-                        tl.where(at_down, k_down, tl.where(at_up, k_up, kr)))
-    else:
-        below = _image(kr - 1, d, OUT_DTYPE, SOFT_BF16) == yv
-        above = _image(kr + 1, d, OUT_DTYPE, SOFT_BF16) == yv
-        back = kr
+                        tl.where(below, kr - 1, tl.where(above, kr + 1, kr)))
     finite = tl.abs(yv) <= 3.4028234663852886e38
     f = valid & finite & ~(maps & ~below & ~above)
     side = (maps & above & ~below).to(tl.int32) - (maps & below & ~above).to(tl.int32)
