@@ -297,6 +297,32 @@ def test_ties_and_overflowing_images(dtype, case):
         assert_bits_equal(a.cpu(), b, f"{case} restored tensor {j}")
 
 
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("contract", [2, 3])
+def test_update_reading_the_log_matches_reference(dist, contract):
+    """An update (decays, stochastic rounding: contract 2's uniforms, contract 3's integer bits)
+    recovering from the -eps pass's log writes what the reference writes, bit for bit: the
+    selector pass's rounding tiles are in the selector's layout."""
+    dtype = torch.bfloat16
+    original = _weights(dtype)[3:6]
+    keys = list(range(len(original)))
+    decays = torch.tensor([0.9, 1.0, 0.5])
+    scales = torch.tensor([EPS])
+    results = []
+    for fn, device in ((perturb_torch, "cpu"), (perturb_triton, DEVICE)):
+        tensors = [t.clone().to(device) for t in original]
+        log = _buffers(tensors, dtype, device=device)
+        ones = torch.ones(len(tensors), device=device)
+        fn(tensors, keys, [5], scales.to(device), ones, dist, "nearest", 5, selector_log=log,
+           contract=contract)
+        fn(tensors, keys, [5, 6], torch.tensor([0.0, 0.25], device=device), decays.to(device),
+           dist, "stochastic", 9, applied=torch.tensor([EPS, 0.0], device=device), held_log=log,
+           contract=contract)
+        results.append([t.cpu() for t in tensors])
+    for j, (a, b) in enumerate(zip(*results)):
+        assert_bits_equal(b, a, f"update of tensor {j}")
+
+
 def test_count_only_counts_and_writes_nothing():
     dtype = torch.bfloat16
     original = _weights(dtype)
@@ -437,16 +463,18 @@ def test_pool_overflow_loses_whole_blocks_to_recovery():
     assert not torch.equal(_bits_list(recovered)[0], _bits_list(original)[0])  # loss is visible
 
 
-def test_sharded_tensors_match_reference():
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_sharded_tensors_match_reference(dist):
     """Shards with index maps (an aligned one: grouped Philox; an odd one: per element) log and
-    restore as the reference does."""
+    restore as the reference does (rademacher: its noise moved into the selector's layout)."""
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(4)
     original = [(0.02 * torch.randn(40 * 24, generator=g)).to(dtype),
                 (0.02 * torch.randn(40 * 27, generator=g)).to(dtype)]
     maps = [(0, 24, 51), (24, 27, 51)]  # two column shards of a [40, 51] weight
-    ref = _passes_mapped(perturb_torch, [t.clone() for t in original], maps, "cpu")
-    tri = _passes_mapped(perturb_triton, [t.clone().to(DEVICE) for t in original], maps, DEVICE)
+    ref = _passes_mapped(perturb_torch, [t.clone() for t in original], maps, "cpu", dist)
+    tri = _passes_mapped(perturb_triton, [t.clone().to(DEVICE) for t in original], maps, DEVICE,
+                         dist)
     for j, (a, b) in enumerate(zip(ref[0], tri[0])):
         _assert_same_or_both_nan(a, b.cpu(), f"shard {j}")
     assert int(tri[1].count) == int(ref[1].count)
@@ -455,14 +483,13 @@ def test_sharded_tensors_match_reference():
         assert_bits_equal(a.cpu(), b, f"shard {j}")
 
 
-def _passes_mapped(fn, tensors, maps, device):
+def _passes_mapped(fn, tensors, maps, device, dist):
     keys, ones = [7, 7], torch.ones(2, device=device)
     scale = torch.tensor([EPS], device=device)
     log = _buffers(tensors, torch.bfloat16, device=device)
-    fn(tensors, keys, [2], scale, ones, "gaussian", "nearest", 2, selector_log=log,
-       index_maps=maps)
+    fn(tensors, keys, [2], scale, ones, dist, "nearest", 2, selector_log=log, index_maps=maps)
     plus = [t.clone() for t in tensors]
-    fn(tensors, keys, [2], torch.zeros(1, device=device), ones, "gaussian", "nearest", 2,
+    fn(tensors, keys, [2], torch.zeros(1, device=device), ones, dist, "nearest", 2,
        applied=scale, held_log=log, index_maps=maps)
     return plus, log, tensors
 
