@@ -58,6 +58,7 @@ import fnmatch
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -433,7 +434,7 @@ def _unused_selector_args(sel_out: int, sel_in: bool) -> list[str]:
     if sel_out != 1:
         unused += ["out_pool_ptr", "out_capacity"]
     if not sel_in:
-        unused += ["in_regions_ptr", "in_words", "in_pool_ptr"]
+        unused += ["in_regions_ptr", "in_words", "in_pool_ptr", "in_capacity"]
     return unused
 
 def perturb_variants(extra=None) -> list[Variant]:
@@ -496,7 +497,8 @@ def perturb_variants(extra=None) -> list[Variant]:
         if has_selector:
             sig.update(sel_rows_ptr="*i64", out_regions_ptr="*i32", out_words="i32",
                        out_pool_ptr="*i32", out_capacity="i32", out_count_ptr="*i64",
-                       in_regions_ptr="*i32", in_words="i32", in_pool_ptr="*i32")
+                       in_regions_ptr="*i32", in_words="i32", in_pool_ptr="*i32",
+                       in_capacity="i32")
             const.update(SEL_OUT=sel_out, SEL_IN=sel_in)
             unused = _unused_selector_args(sel_out, sel_in)
             if not (sel_out or sel_in):
@@ -506,7 +508,10 @@ def perturb_variants(extra=None) -> list[Variant]:
         name = (f"perturb/{name_dist}/{dt}/{rounding}" + ("/applied" if applied else "")
                 + ({"none": "", "log": "/log", "count": "/count_only"}.get(log, "/" + log))
                 + ("/mapped" if mapped else ""))
-        opts = {"num_warps": P.SELECTOR_WARPS if sel_out or sel_in else P.NUM_WARPS}
+        opts = {"num_warps": P.NUM_WARPS}
+        if sel_out or sel_in:
+            opts["num_warps"] = (P.SELECTOR_WARPS[dist] if isinstance(P.SELECTOR_WARPS, dict)
+                                 else P.SELECTOR_WARPS)
         if hasattr(P, "MAXNREG"):
             opts["maxnreg"] = P.MAXNREG
         out.append(Variant(name, "perturb", P._perturb_kernel, sig, const,
@@ -591,14 +596,18 @@ def lowrank_selector_variants() -> list[Variant]:
                "decays_ptr": "*fp32", "scale_ptr": "*fp32", "applied_scale_ptr": "*fp32",
                "R_MAX": "i32", "out_regions_ptr": "*i32", "out_words": "i32",
                "out_pool_ptr": "*i32", "out_capacity": "i32", "out_count_ptr": "*i64",
-               "in_regions_ptr": "*i32", "in_words": "i32", "in_pool_ptr": "*i32"}
+               "in_regions_ptr": "*i32", "in_words": "i32", "in_pool_ptr": "*i32",
+               "in_capacity": "i32"}
         const = {"LOG2_P": 3, "BLOCK": L.SELECTOR_BLOCK,
                  "STOCHASTIC": rounding == "stochastic", "HAS_APPLIED": sel_in,
                  "SEL_OUT": sel_out, "SEL_IN": sel_in, "SOFT_BF16": False}
         const.update({k: None for k in _unused_selector_args(sel_out, sel_in)})
         out.append(Variant(f"lowrank_selector/{dt}/{rounding}/{sel}", "lowrank_selector",
                            L._lowrank_selector_kernel, sig, const,
-                           {"num_warps": L.SELECTOR_WARPS, "enable_fp_fusion": False,
+                           {"num_warps": (L.SELECTOR_WARPS["read" if sel_in else "write"]
+                                          if isinstance(L.SELECTOR_WARPS, dict)
+                                          else L.SELECTOR_WARPS),
+                            "enable_fp_fusion": False,
                             "maxnreg": L.MAXNREG}, dt,
                            "lowrank", L.SELECTOR_BLOCK, "fixed", 2 * size,
                            {"rounding": rounding, "log": sel,
@@ -816,7 +825,7 @@ def main(argv=None) -> int:
             rows += measure(v, workdir, args.verbose)
     print_table(rows)
     if args.json:
-        doc = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        doc = {"command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "triton": triton.__version__, "gpu_model": GPU_MODEL, "kernels_from": ROOT,
                "hot_path_rules": "benchmarks/sass_budget.py module docstring", "rows": rows}

@@ -1,7 +1,7 @@
 """Selector logs on the Triton backend (zokernels/backends/triton/selector_log.py) against the
-torch reference (zokernels/backends/torch/selector_log.py): the per-element interval against
-brute force, the logs bit for bit, exact restores, count-only, pool overflow, sharded tensors,
-and MeZO's exact restore on backend="triton" (docs/undo-log.md)."""
+torch reference (zokernels/backends/torch/selector_log.py): the per-element classes, the logs
+bit for bit, exact restores, count-only, pool overflow, garbage logs, sharded tensors, and
+MeZO's exact restore on backend="triton" (docs/undo-log.md)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import triton
 import triton.language as tl
 from helpers import assert_bits_equal, assert_same, snapshot
 
+from zokernels.backends.torch.noise import contract_values
 from zokernels.backends.torch.perturb import perturb_torch
-from zokernels.backends.torch.selector_log import BLOCK, candidate_range, key_of, n_blocks
-from zokernels.backends.triton._common import SOFT_BF16, round_nearest, to_float32
+from zokernels.backends.torch.rounding import recover
+from zokernels.backends.torch.selector_log import BLOCK, classes, flags, key_of, n_blocks
+from zokernels.backends.triton._common import SOFT_BF16
 from zokernels.backends.triton.perturb import perturb_triton
-from zokernels.backends.triton.selector_log import _single, candidate_interval, pattern
+from zokernels.backends.triton.selector_log import element_classes
 from zokernels.backends.undo_buffers import SelectorBuffers
 from zokernels.ops.undo import SelectorLog
 from zokernels.optim import MeZO
@@ -28,38 +30,28 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 _INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
-# ---- the interval of one element, against brute force ---------------------------------------
+# ---- the classes of one element, against the reference --------------------------------------
 
 @triton.jit
-def _interval_kernel(theta_ptr, d_ptr, out_ptr, N: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                     SOFT: tl.constexpr):
-    """out[0..5, i]: the prefilter and the interval [lo, hp) from theta (writer) and from
-    r = round(y - d) (reader), y = round(theta + d)."""
+def _classes_kernel(y_ptr, d_ptr, out_ptr, N: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                    SOFT: tl.constexpr, RECOVERY: tl.constexpr):
+    """out[0..4, i]: F, N, side, key(r) and the key recovery alone gives, of y[i] perturbed by
+    d[i] (element_classes)."""
     i = tl.arange(0, N)
-    t = tl.load(theta_ptr + i)
-    d = tl.load(d_ptr + i)
-    c = pattern(t, OUT_DTYPE)
-    cv = to_float32(t, SOFT)
-    y = round_nearest(cv + d, OUT_DTYPE, SOFT)
-    yv = to_float32(y, SOFT)
-    yp = pattern(y, OUT_DTYPE)
-    valid = i >= 0
-    lo, hp = candidate_interval(c, cv, yp, yv, d, valid, OUT_DTYPE, SOFT)
-    tl.store(out_ptr + i, _single(c, yp, cv, yv, d, OUT_DTYPE, SOFT).to(tl.int64))
-    tl.store(out_ptr + N + i, lo.to(tl.int64))
-    tl.store(out_ptr + 2 * N + i, hp.to(tl.int64))
-    r = round_nearest(yv - d, OUT_DTYPE, SOFT)
-    rp = pattern(r, OUT_DTYPE)
-    rv = to_float32(r, SOFT)
-    lo, hp = candidate_interval(rp, rv, yp, yv, d, valid, OUT_DTYPE, SOFT)
-    tl.store(out_ptr + 3 * N + i, _single(rp, yp, rv, yv, d, OUT_DTYPE, SOFT).to(tl.int64))
-    tl.store(out_ptr + 4 * N + i, lo.to(tl.int64))
-    tl.store(out_ptr + 5 * N + i, hp.to(tl.int64))
+    f, n, side, kr, back = element_classes(tl.load(y_ptr + i), tl.load(d_ptr + i), i >= 0,
+                                           OUT_DTYPE, SOFT, RECOVERY)
+    tl.store(out_ptr + i, f.to(tl.int64))
+    tl.store(out_ptr + N + i, n.to(tl.int64))
+    tl.store(out_ptr + 2 * N + i, side.to(tl.int64))
+    tl.store(out_ptr + 3 * N + i, kr.to(tl.int64))
+    tl.store(out_ptr + 4 * N + i, back.to(tl.int64))
 
 
 def _adversarial_pairs(dtype: torch.dtype, n: int):
-    """(theta, d): binade edges, zeros, subnormals, the largest values, ties (d = half an ulp of
-    theta), overflowing images, tiny and zero d, and N(0, 0.02) weights with d = 1e-3 z."""
+    """(theta, d): binade edges, zeros, -0.0, subnormals, the largest values, ties (d = half an
+    ulp of theta), overflowing images, NaN / inf weights, tiny and zero d, N(0, 0.02) weights
+    with d = 1e-3 z; every 16-bit pattern (random float32 patterns) with d = 1e-2 |theta| z,
+    1e-3 z and 5 z."""
     g = torch.Generator().manual_seed(1)
     info = torch.finfo(dtype)
     special = [0.0, info.tiny, info.tiny * 2, info.smallest_normal, 1.0, 0.5, 2.0, 3.0, 1e-5,
@@ -67,16 +59,15 @@ def _adversarial_pairs(dtype: torch.dtype, n: int):
     values = []
     for v in special:
         t = torch.tensor(v, dtype=dtype)
-        up = torch.nextafter(t.float(), torch.tensor(float("inf"))).to(dtype) if dtype == torch.float32 else \
-            (t.view(_INT[dtype]) + 1).view(dtype)
+        up = (t.view(_INT[dtype]) + 1).view(dtype)
         down = (t.view(_INT[dtype]) - 1).view(dtype) if v != 0.0 else t
         values += [t, up, down]
     values = torch.stack(values).to(dtype)
-    values = torch.cat([values, -values, torch.tensor([-0.0], dtype=dtype)])
-    values = values[torch.isfinite(values.float())]
-    ds = torch.tensor([0.0, 1e-3, -1e-3, 1e-4, 3e-7, -3e-7, 1e-30, 1e-40, 1e3, -1e3,
-                       float(info.max) / 2, -float(info.max) / 2, float(info.tiny) / 2],
-                      dtype=torch.float32)
+    values = torch.cat([values, -values, torch.tensor([-0.0, float("nan"), float("inf"),
+                                                       -float("inf")], dtype=dtype)])
+    ds = torch.tensor([0.0, -0.0, 1e-3, -1e-3, 1e-4, 3e-7, -3e-7, 1e-30, 1e-40, 1e3, -1e3,
+                       float(info.max) / 2, -float(info.max) / 2, float(info.max),
+                       float(info.tiny) / 2], dtype=torch.float32)
     theta = values.repeat_interleave(ds.numel())
     d = ds.repeat(values.numel())
     # ties: theta in [0.5, 1) (either sign), d = +-half an ulp of theta
@@ -88,6 +79,16 @@ def _adversarial_pairs(dtype: torch.dtype, n: int):
     tie_d = ulp * 0.5 * torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0)
     theta = torch.cat([theta, tie_theta])
     d = torch.cat([d, tie_d])
+    if dtype != torch.float32:
+        every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    else:
+        every = torch.randint(-(1 << 31), 1 << 31, (1 << 14,), generator=g,
+                              dtype=torch.int64).to(torch.int32).view(dtype)
+    size = every.float().abs()
+    size = torch.where(torch.isfinite(size), size, 1.0)
+    for scale in (1e-2 * size, 1e-3, 5.0):  # an ulp or so in every binade; absolute
+        theta = torch.cat([theta, every])
+        d = torch.cat([d, scale * torch.randn(every.numel(), generator=g)])
     rest = n - theta.numel()
     theta = torch.cat([theta, (0.02 * torch.randn(rest, generator=g)).to(dtype)])
     d = torch.cat([d, 1e-3 * torch.randn(rest, generator=g)])
@@ -95,31 +96,40 @@ def _adversarial_pairs(dtype: torch.dtype, n: int):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_interval_and_prefilter_match_brute_force(dtype):
-    """The Triton interval (prefilter, estimated edges, bisect fallback) equals the reference's
-    binary search over every key, from theta (writing) and from round(y - d) (reading); where
-    the prefilter says "one weight", brute force agrees (conservative)."""
-    n = 2048
+def test_classes_match_reference(dtype):
+    """F, N, side and r per element equal the reference's ``classes`` (whose F goes through
+    ``flags``' single-candidate test; the kernel tests r's neighbours for every element, which
+    the single-candidate proof makes equivalent), and the fallback of lost blocks equals
+    recovery alone (rounding.recover), on adversarial pairs."""
+    n = 1 << 18 if dtype != torch.float32 else 1 << 16
     theta, d = _adversarial_pairs(dtype, n)
-    out = torch.empty(6, n, dtype=torch.int64, device=DEVICE)
-    _interval_kernel[(1,)](theta.to(DEVICE), d.to(DEVICE), out, N=n, OUT_DTYPE=_TL[dtype],
-                           SOFT=SOFT_BF16)
-    out = out.cpu()
-    y = (theta.float() + d).to(dtype).float()
-    finite = torch.isfinite(y)
-    lo, hi = candidate_range(y[finite], d[finite], dtype)
-    for side, c in ((0, theta), (3, (y - d).to(dtype))):
-        single, t_lo, t_hp = out[side][finite], out[side + 1][finite], out[side + 2][finite]
-        bad = (t_lo != lo) | (t_hp != hi + 1)
-        assert not bad.any(), (side, theta[finite][bad][:5], d[finite][bad][:5], t_lo[bad][:5],
-                               lo[bad][:5], t_hp[bad][:5], hi[bad][:5] + 1)
-        k = key_of(c[finite])
-        wrong = (single == 1) & ~((lo == hi) & (lo == k))
-        assert not wrong.any(), (side, theta[finite][wrong][:5], d[finite][wrong][:5])
-    # the prefilter is not vacuous: most N(0, 0.02) weights at eps 1e-3 pass it
-    tail = slice(n - 1024, n)
-    assert out[0][tail].float().mean() > 0.6
-    assert out[3][tail].float().mean() > 0.6
+    y = (theta.float() + d).to(dtype)
+    # and (y, d) no weight gives: r = +-0 not mapping (y an odd multiple of the smallest
+    # subnormal, d half of it off y), where recovery alone tests +-tiny, not the other zero
+    tiny = float(torch.tensor(1, dtype=_INT[dtype]).view(dtype).float())
+    odd = torch.arange(-15, 16, 2, dtype=torch.float32) * tiny
+    y[-4 * odd.numel():] = odd.repeat(4).to(dtype)
+    d[-4 * odd.numel():] = odd.repeat(4) + torch.tensor([0.5, -0.5, 0.5, -0.5]).repeat_interleave(
+        odd.numel()) * tiny
+    f, n_el, side, r = classes(y, d)
+    flagged, _, _ = flags(y, d)
+    assert not (f & ~flagged).any()  # F is a subset of the reference's flagged elements
+    for recovery in (False, True):  # the writer's test, the reader's (with the fallback)
+        out = torch.empty(5, n, dtype=torch.int64, device=DEVICE)
+        _classes_kernel[(1,)](y.to(DEVICE), d.to(DEVICE), out, N=n, OUT_DTYPE=_TL[dtype],
+                              SOFT=SOFT_BF16, RECOVERY=recovery)
+        out = out.cpu()
+        back = recover(y.float(), d, dtype).to(dtype) if recovery else r
+        for what, got, want in (("F", out[0] == 1, f), ("N", out[1] == 1, n_el),
+                                ("side", out[2], side), ("key(r)", out[3], key_of(r)),
+                                ("recovery", out[4], key_of(back))):
+            bad = got != want
+            assert not bad.any(), (what, recovery, theta[bad][:5], d[bad][:5], got[bad][:5],
+                                   want[bad][:5])
+    # the classes are not vacuous: each kind occurs
+    assert f.any() and n_el.any() and (side == 1).any() and (side == -1).any()
+    tail = slice(n - 1024, n)  # N(0, 0.02) at eps 1e-3: a minority is F
+    assert 0.0 < f[tail].float().mean() < 0.3
 
 
 # ---- whole passes against the torch reference -----------------------------------------------
@@ -197,7 +207,7 @@ def test_wide_rows_match_reference():
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(6)
     original = [(0.02 * torch.randn(3 * BLOCK, generator=g)).to(dtype)]
-    original[0][:20] = 0.0  # 15 bits each: ~9-15 words in block 0
+    original[0][:10] = 0.0  # far elements, ~14 payload bits each: 12 words in block 0's row
     original[0][BLOCK:BLOCK + 200] = 0.0  # block 1 spills
     keys, ones, scale = [0], torch.ones(1), torch.tensor([EPS])
     ref = _buffers(original, dtype, device="cpu", words=16)
@@ -287,6 +297,32 @@ def test_ties_and_overflowing_images(dtype, case):
         assert_bits_equal(a.cpu(), b, f"{case} restored tensor {j}")
 
 
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("contract", [2, 3])
+def test_update_reading_the_log_matches_reference(dist, contract):
+    """An update (decays, stochastic rounding: contract 2's uniforms, contract 3's integer bits)
+    recovering from the -eps pass's log writes what the reference writes, bit for bit: the
+    selector pass's rounding tiles are in the selector's layout."""
+    dtype = torch.bfloat16
+    original = _weights(dtype)[3:6]
+    keys = list(range(len(original)))
+    decays = torch.tensor([0.9, 1.0, 0.5])
+    scales = torch.tensor([EPS])
+    results = []
+    for fn, device in ((perturb_torch, "cpu"), (perturb_triton, DEVICE)):
+        tensors = [t.clone().to(device) for t in original]
+        log = _buffers(tensors, dtype, device=device)
+        ones = torch.ones(len(tensors), device=device)
+        fn(tensors, keys, [5], scales.to(device), ones, dist, "nearest", 5, selector_log=log,
+           contract=contract)
+        fn(tensors, keys, [5, 6], torch.tensor([0.0, 0.25], device=device), decays.to(device),
+           dist, "stochastic", 9, applied=torch.tensor([EPS, 0.0], device=device), held_log=log,
+           contract=contract)
+        results.append([t.cpu() for t in tensors])
+    for j, (a, b) in enumerate(zip(*results)):
+        assert_bits_equal(b, a, f"update of tensor {j}")
+
+
 def test_count_only_counts_and_writes_nothing():
     dtype = torch.bfloat16
     original = _weights(dtype)
@@ -307,6 +343,85 @@ def test_count_only_counts_and_writes_nothing():
     perturb_torch([t.clone() for t in original], keys, [4], scale.cpu(), ones.cpu(), "gaussian",
                   "nearest", 4, selector_log=ref, count_only=True)
     assert int(ref.count) == int(probe.count)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_far_and_non_finite_elements_match_reference(dtype):
+    """Blocks whose streams hold far elements (zeros, -0.0 and tiny weights next to |D|: W and
+    payloads) and N elements (NaN, infinities, and the largest values pushed past them: raw
+    patterns), next to ordinary weights: the log equals the reference's, and a restore reading
+    it gives back every bit (NaN payloads included)."""
+    g = torch.Generator().manual_seed(12)
+    info = torch.finfo(dtype)
+    block = (0.02 * torch.randn(2 * BLOCK + 100, generator=g)).to(dtype)
+    block[::5] = 0.0
+    block[1::9] = -0.0
+    block[2::11] = (1e-7 * torch.randn(block[2::11].numel(), generator=g)).to(dtype)
+    block[3::13] = info.tiny
+    block[BLOCK::17] = float("nan")
+    block[BLOCK + 1::19] = float("inf")
+    block[BLOCK + 2::23] = -float("inf")
+    block[BLOCK + 3::29] = info.max
+    block[BLOCK + 4::31] = -info.max
+    nan_bits = block.view(_INT[dtype])
+    nan_bits[2 * BLOCK + 1] = 0x7FC1 if dtype != torch.float32 else 0x7FC00123  # a payload
+    original = [block]
+    keys, ones = [0], torch.ones(1)
+    scales = torch.tensor([EPS, float(info.max) / 4])  # the second seed overflows the largest
+    ref = _buffers(original, dtype, device="cpu")
+    ref_t = [t.clone() for t in original]
+    perturb_torch(ref_t, keys, [6, 7], scales, ones, "rademacher", "nearest", 6, selector_log=ref)
+    tri = _buffers(original, dtype)
+    tensors = [t.clone().to(DEVICE) for t in original]
+    perturb_triton(tensors, keys, [6, 7], scales.to(DEVICE), ones.to(DEVICE), "rademacher",
+                   "nearest", 6, selector_log=tri)
+    _assert_same_or_both_nan(ref_t[0], tensors[0].cpu(), "perturbed")
+    assert int(tri.count) == int(ref.count)
+    assert _streams(tri, ref) == _streams(ref, ref)
+    # the streams do hold far and N elements
+    d = torch.zeros(block.numel())
+    for seed, scale in zip([6, 7], scales.tolist()):
+        d = d + scale * contract_values(seed, 0, 0, block.numel(), "rademacher", "cpu")
+    f, n, _, r = classes(ref_t[0], d)
+    far = f & ((key_of(block) - key_of(r)).abs() >= 2)
+    assert bool(n.any()) and bool(far[:BLOCK].any()) and bool(far[BLOCK:2 * BLOCK].any())
+    perturb_triton(tensors, keys, [6, 7], torch.zeros(2, device=DEVICE), ones.to(DEVICE),
+                   "rademacher", "nearest", 6, applied=scales.to(DEVICE), held_log=tri)
+    assert_bits_equal(tensors[0].cpu(), original[0], "restored")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_garbage_logs_are_read_within_bounds(dtype):
+    """A held log full of garbage (headers 0, -1, offsets inside, at the end of and past a small
+    pool; random words and pool): reading it loads nothing outside the rows' words 1.. and the
+    pool (the interpreter raises on an out-of-bounds load) and decodes what the reference
+    decodes from the same words, bit for bit."""
+    g = torch.Generator().manual_seed(13)
+    original = [(0.02 * torch.randn(3 * BLOCK + 50, generator=g)).to(dtype),
+                torch.zeros(BLOCK, dtype=dtype)]
+    keys, ones = [0, 1], torch.ones(2)
+    scale = torch.tensor([EPS])
+    rows = sum(n_blocks(t.numel()) for t in original)
+    capacity = 40
+    regions = torch.randint(-(1 << 31), 1 << 31, (rows, WORDS[dtype]), generator=g,
+                            dtype=torch.int64).to(torch.int32)
+    regions[:, 0] = torch.tensor([0, -1, 1, capacity, capacity + 1, 1 << 30][:rows],
+                                 dtype=torch.int32)
+    pool = torch.randint(-(1 << 31), 1 << 31, (capacity,), generator=g,
+                         dtype=torch.int64).to(torch.int32)
+    perturbed = [t.clone() for t in original]
+    perturb_torch(perturbed, keys, [8], scale, ones, "gaussian", "nearest", 8)
+    results = []
+    for fn, device in ((perturb_torch, "cpu"), (perturb_triton, DEVICE)):
+        held = SelectorBuffers(regions.clone().to(device), pool.clone().to(device),
+                               torch.zeros(1, dtype=torch.int64, device=device))
+        tensors = [t.clone().to(device) for t in perturbed]
+        fn(tensors, keys, [8], torch.zeros(1, device=device), ones.to(device), "gaussian",
+           "nearest", 8, applied=scale.to(device), held_log=held)
+        results.append([t.cpu() for t in tensors])
+        assert torch.equal(held.regions.cpu(), regions) and torch.equal(held.pool.cpu(), pool)
+    for j, (a, b) in enumerate(zip(*results)):
+        assert_bits_equal(b, a, f"tensor {j}")
 
 
 def test_pool_overflow_loses_whole_blocks_to_recovery():
@@ -348,16 +463,18 @@ def test_pool_overflow_loses_whole_blocks_to_recovery():
     assert not torch.equal(_bits_list(recovered)[0], _bits_list(original)[0])  # loss is visible
 
 
-def test_sharded_tensors_match_reference():
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_sharded_tensors_match_reference(dist):
     """Shards with index maps (an aligned one: grouped Philox; an odd one: per element) log and
-    restore as the reference does."""
+    restore as the reference does (rademacher: its noise moved into the selector's layout)."""
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(4)
     original = [(0.02 * torch.randn(40 * 24, generator=g)).to(dtype),
                 (0.02 * torch.randn(40 * 27, generator=g)).to(dtype)]
     maps = [(0, 24, 51), (24, 27, 51)]  # two column shards of a [40, 51] weight
-    ref = _passes_mapped(perturb_torch, [t.clone() for t in original], maps, "cpu")
-    tri = _passes_mapped(perturb_triton, [t.clone().to(DEVICE) for t in original], maps, DEVICE)
+    ref = _passes_mapped(perturb_torch, [t.clone() for t in original], maps, "cpu", dist)
+    tri = _passes_mapped(perturb_triton, [t.clone().to(DEVICE) for t in original], maps, DEVICE,
+                         dist)
     for j, (a, b) in enumerate(zip(ref[0], tri[0])):
         _assert_same_or_both_nan(a, b.cpu(), f"shard {j}")
     assert int(tri[1].count) == int(ref[1].count)
@@ -366,14 +483,13 @@ def test_sharded_tensors_match_reference():
         assert_bits_equal(a.cpu(), b, f"shard {j}")
 
 
-def _passes_mapped(fn, tensors, maps, device):
+def _passes_mapped(fn, tensors, maps, device, dist):
     keys, ones = [7, 7], torch.ones(2, device=device)
     scale = torch.tensor([EPS], device=device)
     log = _buffers(tensors, torch.bfloat16, device=device)
-    fn(tensors, keys, [2], scale, ones, "gaussian", "nearest", 2, selector_log=log,
-       index_maps=maps)
+    fn(tensors, keys, [2], scale, ones, dist, "nearest", 2, selector_log=log, index_maps=maps)
     plus = [t.clone() for t in tensors]
-    fn(tensors, keys, [2], torch.zeros(1, device=device), ones, "gaussian", "nearest", 2,
+    fn(tensors, keys, [2], torch.zeros(1, device=device), ones, dist, "nearest", 2,
        applied=scale, held_log=log, index_maps=maps)
     return plus, log, tensors
 

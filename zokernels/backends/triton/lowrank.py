@@ -60,8 +60,7 @@ from ._common import (ITEMSIZE, as_int64_bits, block_starts, count_launch, find_
                       to_float32, SOFT_BF16)
 from .lowrank_scatter import ordered_product
 from .perturb import MAXNREG
-from .selector_log import (SELECTOR_BLOCK, from_pattern, held_theta, pattern, selector_widths,
-                           write_block)
+from .selector_log import SELECTOR_BLOCK, from_pattern, held_theta, pattern, write_block
 
 # 64 x 64 tiles at 8 warps: 16 elements per thread, ~128 registers on sm_90 (two CTAs per SM);
 # 64 x 128 needs ~220-250 registers (one CTA per SM), too little parallelism for a streaming op.
@@ -252,16 +251,19 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr, ap
                 tl.store(values_ptr + slot, old, mask=keep)
 
 
-# Selector passes: one program per SELECTOR_BLOCK flat elements (the log's block), 4 per thread,
-# registers capped as the dense selector passes' (perturb.MAXNREG; sass_budget: no spills).
-SELECTOR_WARPS = 8
+# Selector passes: one program per SELECTOR_BLOCK flat elements (the log's block), registers
+# capped as the dense selector passes' (perturb.MAXNREG; sass_budget: no spills). Warps per
+# program, by whether the pass reads a held log: 4 (8 elements per thread: the block's scans
+# cost half as much per element) fit for a pass that only writes; one that reads holds each
+# element's U / V row pointers for two products and keeps 8.
+SELECTOR_WARPS = {"write": 4, "read": 8}
 
 
 @triton.jit
 def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr,
                              applied_scale_ptr, out_regions_ptr, out_words, out_pool_ptr,
                              out_capacity, out_count_ptr, in_regions_ptr, in_words, in_pool_ptr,
-                             LOG2_P: tl.constexpr, BLOCK: tl.constexpr,
+                             in_capacity, LOG2_P: tl.constexpr, BLOCK: tl.constexpr,
                              STOCHASTIC: tl.constexpr, HAS_APPLIED: tl.constexpr,
                              SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr,
                              SOFT_BF16: tl.constexpr):
@@ -269,7 +271,7 @@ def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scal
     reads (SEL_IN, with HAS_APPLIED) a selector log: program ``pid`` handles the flat elements
     ``blk * BLOCK + [0, BLOCK)`` of weight j, which is the log's row ``pid`` (the weights' blocks
     follow each other in list order, as the table's programs do). P is the reference's k-ordered
-    sum (``ordered_product``), not ``tl.dot`` tiles: the log's intervals depend on D bit for bit,
+    sum (``ordered_product``), not ``tl.dot`` tiles: the log's classes depend on D bit for bit,
     and the reading pass must see the D the writing pass used, on any backend. The block is held
     in the gaussian tile layout (``tile_lanes``), so the dense selector helpers and the rounding
     tiles apply unchanged. Table: the tile kernel's, with blocks for tiles. STOCHASTIC: as the
@@ -304,7 +306,7 @@ def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scal
         d1 = tl.load(applied_scale_ptr) * ordered_product(
             u_ptrs, v_ptrs, f_base_ptr + tl.load(row_ptr + 9), r, r, valid, False)
     if SEL_IN:  # exact: theta's pattern from the held log
-        theta = held_theta(w, d1, valid, in_regions_ptr, in_words, in_pool_ptr, pid, 0, BLOCK,
+        theta = held_theta(w, d1, valid, in_regions_ptr, in_words, in_pool_ptr, in_capacity, pid,
                            w_base_ptr.dtype.element_ty, SOFT_BF16)
         x = to_float32(from_pattern(theta, w_base_ptr.dtype.element_ty), SOFT_BF16)
     elif HAS_APPLIED:
@@ -319,11 +321,12 @@ def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scal
         y = round_stochastic(acc, u, w_base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, w_base_ptr.dtype.element_ty, SOFT_BF16)
+    written = y
     if SEL_IN:  # left at its value (D == 0, decay 1): theta's exact pattern (-0.0, NaN payloads)
         keep = (d == 0.0) & (decay == 1.0 + 0.0 * d)  # tensor & tensor
-        y = tl.where(keep, from_pattern(theta, w_base_ptr.dtype.element_ty), y)
+        written = tl.where(keep, from_pattern(theta, w_base_ptr.dtype.element_ty), y)
     if SEL_OUT != 2:
-        tl.store(ptrs, y, mask=valid)
+        tl.store(ptrs, written, mask=valid)
     if SEL_OUT != 0:
         if SEL_IN:
             theta_bits = theta
@@ -332,10 +335,10 @@ def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scal
                                  w_base_ptr.dtype.element_ty)
         else:
             theta_bits = pattern(w, w_base_ptr.dtype.element_ty)
-        width, sel = selector_widths(theta_bits, y, d, valid, w_base_ptr.dtype.element_ty,
-                                     SOFT_BF16)
+        # the log is the reference's for the rounded y, before ``keep`` (as the reference)
         write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr, pid,
-                    width, sel, SEL_OUT == 2, 0, BLOCK)
+                    theta_bits, y, d, valid, SEL_OUT == 2, BLOCK, w_base_ptr.dtype.element_ty,
+                    SOFT_BF16)
 
 
 
@@ -474,9 +477,11 @@ def _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, stochasti
         None if held is None else held.regions,
         None if held is None else held.regions.shape[1],
         None if held is None else held.pool,
+        None if held is None else held.pool.numel(),
         LOG2_P=p.bit_length() - 1, BLOCK=SELECTOR_BLOCK,
         STOCHASTIC=stochastic, HAS_APPLIED=applied_taus is not None, SEL_OUT=sel_out,
         SEL_IN=held is not None,
-        SOFT_BF16=SOFT_BF16, num_warps=SELECTOR_WARPS, maxnreg=MAXNREG,
+        SOFT_BF16=SOFT_BF16, num_warps=SELECTOR_WARPS["read" if held is not None else "write"],
+        maxnreg=MAXNREG,
         enable_fp_fusion=False)  # P, D and the sum stay the reference's roundings
     count_launch()

@@ -80,7 +80,7 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table)
-from .selector_log import (SELECTOR_BLOCK, from_pattern, held_theta, pattern, selector_widths,
+from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, pattern,
                            write_block)
 
 # Elements per program. Registers on sm_90 are capped at MAXNREG (ptxas; counts in
@@ -107,8 +107,14 @@ INTEGER_STOCHASTIC_RECOVER_BLOCK = 2048
 MAPPED_BLOCK = 2048
 MAXNREG = 96
 NUM_WARPS = 8
-# Selector passes (one program per 1024-element block of the log): warps per program.
-SELECTOR_WARPS = 8
+
+# Selector passes (one program per 1024-element block of the log): warps per program. 4 warps
+# give a thread 8 elements, which halves the per-element cost of the block's scans and
+# reductions (2-3 each per pass); rademacher's noise, moved into the selector's layout through
+# shared memory, makes its 16-bit pass that reads one log and writes another spill under
+# MAXNREG that way (4 instructions), so rademacher keeps NUM_WARPS (sass_budget), and so do
+# mapped launches (both noise paths compiled: gaussian reading passes spill 10-18 at 4).
+SELECTOR_WARPS = {"gaussian": 4, "rademacher": NUM_WARPS}
 
 
 @triton.jit
@@ -197,7 +203,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                     LOG_MODE: tl.constexpr, MAPPED: tl.constexpr, SOFT_BF16: tl.constexpr,
                     NORMAL: tl.constexpr, sel_rows_ptr, out_regions_ptr, out_words, out_pool_ptr,
                     out_capacity, out_count_ptr, in_regions_ptr, in_words, in_pool_ptr,
-                    SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr):
+                    in_capacity, SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr):
     """STOCHASTIC: 0 round to nearest, 1 the uniform-based stochastic rounding (contracts 1, 2),
     2 the integer one (contract 3). LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log
     and write, 2 count only (index_ptr, values_ptr and capacity are None). MAPPED: the table rows
@@ -209,8 +215,10 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
     unused selector arguments are None.
 
     The block is held as a tile in Philox layout (``tile_lanes``): the noise of a Philox call is
-    used in the registers that computed it. Index math is int32 inside the block (the block's
-    first element is one int64 scalar), and masks exist only on the tail block."""
+    used in the registers that computed it; a selector pass holds it in the selector's layout
+    (``TILE`` 0, columns of consecutive elements) and moves only the noise there. Index math is
+    int32 inside the block (the block's first element is one int64 scalar), and masks exist
+    only on the tail block."""
     P: tl.constexpr = 1 << LOG2_P
     ROW: tl.constexpr = 8 if MAPPED else 4
     pid = tl.program_id(0).to(tl.int64)  # compared with the int64 starts of the table
@@ -225,7 +233,10 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         # host checked: every data_ptr % 16 == 0, so every element offset is a multiple of ALIGN
         offset = tl.multiple_of(offset, ALIGN)
 
-    lanes = tile_lanes(DIST, BLOCK)  # int32
+    # a selector pass holds the block in the selector's layout (element_tile); only the noise,
+    # generated in DIST's, is moved there
+    TILE: tl.constexpr = 0 if SEL_OUT != 0 or SEL_IN else DIST
+    lanes = tile_lanes(TILE, BLOCK)  # int32
     ptrs = base_ptr + (offset + start) + lanes
     rem = numel - start
     full = rem >= BLOCK
@@ -235,8 +246,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
     else:
         w = tl.load(ptrs, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32), other=0.0)
     # the noise sum (from 0.0, seed order), added to the weight once (contract order)
-    d = tl.zeros(lanes.shape, tl.float32)
-    d1 = tl.zeros(lanes.shape, tl.float32)  # the perturbation held now (HAS_APPLIED only)
+    d = tl.zeros(tile_lanes(DIST, BLOCK).shape, tl.float32)
+    d1 = tl.zeros(d.shape, tl.float32)  # the perturbation held now (HAS_APPLIED only)
     if MAPPED:
         map_offset = tl.load(row_ptr + 4)
         local_span = tl.load(row_ptr + 5)
@@ -254,9 +265,12 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
     x = to_float32(w, SOFT_BF16)
     if SEL_OUT != 0 or SEL_IN:
         sel_row = tl.load(sel_rows_ptr + j) + blk  # BLOCK is the log's block
+        d = element_tile(d, DIST, BLOCK)
+        if HAS_APPLIED:
+            d1 = element_tile(d1, DIST, BLOCK)
     if SEL_IN:  # exact: theta's pattern from the held log
-        theta = held_theta(w, d1, lanes < rem, in_regions_ptr, in_words, in_pool_ptr, sel_row,
-                           DIST, BLOCK, base_ptr.dtype.element_ty, SOFT_BF16)
+        theta = held_theta(w, d1, lanes < rem, in_regions_ptr, in_words, in_pool_ptr,
+                           in_capacity, sel_row, base_ptr.dtype.element_ty, SOFT_BF16)
         x = to_float32(from_pattern(theta, base_ptr.dtype.element_ty), SOFT_BF16)
     elif HAS_APPLIED:
         x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -265,27 +279,28 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
     if STOCHASTIC == 2:  # contract 3: integer stochastic rounding
         if MAPPED:
             r = _mapped_rounding_bits(load_seed(seeds_ptr + K), key, start, map_offset,
-                                      local_span, global_span, grain, DIST, BLOCK)
+                                      local_span, global_span, grain, TILE, BLOCK)
         else:
-            r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, DIST, BLOCK)
+            r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
         y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16)
     elif STOCHASTIC:
         if MAPPED:
             u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, start, map_offset,
-                                          local_span, global_span, grain, DIST, BLOCK)
+                                          local_span, global_span, grain, TILE, BLOCK)
         else:
-            u = rounding_tile(load_seed(seeds_ptr + K), key, blk, DIST, BLOCK)
+            u = rounding_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
         y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
+    written = y
     if SEL_IN:  # left at its value (D == 0, decay 1): theta's exact pattern (-0.0, NaN payloads)
         keep = (d == 0.0) & (tl.load(decays_ptr + j) == 1.0 + 0.0 * d)  # tensor & tensor
-        y = tl.where(keep, from_pattern(theta, base_ptr.dtype.element_ty), y)
+        written = tl.where(keep, from_pattern(theta, base_ptr.dtype.element_ty), y)
     if LOG_MODE != 2 and SEL_OUT != 2:
         if full:
-            tl.store(ptrs, y)
+            tl.store(ptrs, written)
         else:
-            tl.store(ptrs, y, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32))
+            tl.store(ptrs, written, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32))
 
     if SEL_OUT != 0:
         if SEL_IN:
@@ -295,10 +310,10 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                                  base_ptr.dtype.element_ty)
         else:
             theta_bits = pattern(w, base_ptr.dtype.element_ty)
-        width, sel = selector_widths(theta_bits, y, d, lanes < rem, base_ptr.dtype.element_ty,
-                                     SOFT_BF16)
+        # the log is the reference's for the rounded y, before ``keep`` (as the reference)
         write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
-                    sel_row, width, sel, SEL_OUT == 2, DIST, BLOCK)
+                    sel_row, theta_bits, y, d, lanes < rem, SEL_OUT == 2, BLOCK,
+                    base_ptr.dtype.element_ty, SOFT_BF16)
 
     if LOG_MODE != 0:
         # lost: a later pass with applied = these scales recovers y with this very d (same
@@ -309,7 +324,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                                    SOFT_BF16)
         lost = ((back.to(tl.uint32, bitcast=True) != x_bits)
                 | ((x_bits & 0x7FFFFFFF) > 0x7F800000) | (x_bits == 0x80000000))
-        lost = flat((lost & (lanes < rem)).to(tl.int32), DIST, BLOCK)  # block order
+        lost = flat((lost & (lanes < rem)).to(tl.int32), TILE, BLOCK)  # block order
         n_lost = tl.sum(lost, axis=0)
         if n_lost > 0:  # all programs hit one counter: skip the atomic when there is nothing
             # one atomic per program reserves its slots; relaxed: only the counter matters
@@ -318,9 +333,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                 slot = first + tl.cumsum(lost, axis=0) - 1  # lost elements in block order
                 keep = (lost != 0) & (slot < capacity)  # past the capacity: counted only
                 tl.store(index_ptr + slot,
-                         tl.load(row_ptr + 3) + start + flat(lanes, DIST, BLOCK), mask=keep)
+                         tl.load(row_ptr + 3) + start + flat(lanes, TILE, BLOCK), mask=keep)
                 tl.store(values_ptr + slot,
-                         flat(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16), DIST,
+                         flat(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16), TILE,
                               BLOCK),
                          mask=keep)  # exact: x is a value of the tensor's dtype
 
@@ -423,8 +438,10 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         in_regions_ptr=None if held is None else held.regions,
         in_words=None if held is None else held.regions.shape[1],
         in_pool_ptr=None if held is None else held.pool,
+        in_capacity=None if held is None else held.pool.numel(),
         SEL_OUT=sel_out, SEL_IN=held is not None,
-        num_warps=SELECTOR_WARPS if selector else NUM_WARPS, maxnreg=MAXNREG)
+        num_warps=SELECTOR_WARPS[dist] if selector and not launch.mapped else NUM_WARPS,
+        maxnreg=MAXNREG)
     count_launch()
 
 

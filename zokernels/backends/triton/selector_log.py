@@ -1,35 +1,37 @@
-"""Selector logs on the Triton backend (docs/undo-log.md; reference:
-zokernels/backends/torch/selector_log.py, C++: csrc/selector_log.h).
+"""Selector logs on the Triton backend: the v2 stream, bit-identical to the torch reference
+(zokernels/backends/torch/selector_log.py is the spec: flags, classes, block_fields, read_block;
+docs/undo-log.md).
 
-One program handles one block of SELECTOR_BLOCK = 1024 elements, the log's block, so a row is
-written (or read) by one program, with one atomic add per block that spills to the pool.
+One program owns one block of SELECTOR_BLOCK = 1024 elements, the log's block, as a [4, 256]
+tile whose columns hold consecutive elements (``element_tile``): it writes or reads one row, with
+one atomic add per block that spills to the pool.
 
-Per element, with y = round_nearest(float32(c) + d) (c: theta when writing, r = round(y - d)
-when reading), the key interval [lo, hi] of the weights mapping to y is found in three stages:
+Classes (``element_classes``): both sides compute, from (y, D) alone, r = round(y - D) and the
+images of r and of its two key neighbours; F = finite y and r not proven to be theta (r does not
+map to y, or a neighbour maps too), N = y not finite, side = where theta must lie when exactly
+one neighbour maps. The reference tests the neighbours only where its single-candidate test
+(``flags``) fails; that test proves that no neighbour maps, so testing every element's
+neighbours gives its F exactly, and a GPU block pays for its slowest lane anyway
+(tests/test_selector_triton.py compares them on every 16-bit pattern and adversarial pairs).
 
-1. ``_single``: a conservative integer prefilter proves the interval is {c}: c and y share sign
-   and a normal, non-max exponent field, c's mantissa != 0 (its lower neighbour is one ulp
-   away), y's mantissa in [2, M - 2] (y +- 1.5 ulp stays in the binade), s = fl32(c + d) is not a
-   half-way tie of the format and round(s) == y. Then s +- ulp rounds to y +- ulp, never y. An
-   element whose interval has one member takes 0 bits, so the writer's and the reader's
-   prefilters need not agree (tests/test_selector_triton.py checks them against brute force).
-2. ``_edges``: the interval's edges are estimated from (y, d) alone, c_lo ~ y - d - ulp_dn / 2,
-   c_hi ~ y - d + ulp_up / 2 (TwoSum keeps y - d's rounding error), and each is confirmed by
-   three images around the estimate (monotone: the first key whose image is >= y, resp. > y).
-3. ``_bisect``: the lanes whose estimate was off by more than one key (weights much smaller than
-   |d|: zeros, subnormals; overflow at the format's ends) bisect the whole key range, a fixed
-   BITS + 1 steps, under a block-uniform ``if``.
+Every field of a block's stream starts at an exclusive prefix sum of per-element counts in
+element order (``_prefix``: in-thread sums down a column, one cumsum across the columns; several
+counts packed in one int32):
 
-Stages 2 and 3 run only when some lane of the block needs them (SIMT: the block pays for its
-slowest lane). Keys are uint32: key(p) = p ^ (SIGN | (negative ? SIGN - 1 : 0)), -0.0 just below
-+0.0, and KFIRST - 1 >= 0, KLAST + 1 < 2^32 for every format, so e +- 1 never wraps.
+- writing: all counts are known: two scans (F and N; step widths and far elements) and an OR
+  reduction for W. A column's moved bits, steps and (in typical blocks, where they fit 32 bits)
+  payloads are consecutive in the stream, so each is ORed in as one run with two atomics, into
+  the stream zeroed first (one program is one CTA: a barrier orders the zeros before the ORs;
+  OR is commutative, so the words do not depend on the order). Words past the stream are never
+  written, as in the reference.
+- reading: three dependent gathers: the moved bits (at F's ranks), the steps (at the moved
+  elements' step widths), then W and the payloads (at the far elements' ranks and N's). Every
+  load is masked to the row's words 1.. or to the pool's capacity: any content of the words
+  (garbage, stale data) reads as bits, never as memory outside the log. A lost block reads no
+  bits; its r is replaced by what recovery alone gives, found from the classes' images.
 
-Packing: the widths' exclusive prefix sums in element order are the bit offsets (``_prefix``,
-computed in the tile layout: no reshuffle); a selector spans at most two words (offset % 32 +
-width <= 63). The block's stream (at most BLOCK words) is zeroed and each selector ORed into
-its one or two words with atomics (one program is one CTA: a barrier orders the zeros before the
-ORs; OR is commutative, so the words do not depend on the order). Words past the stream are never
-written, as in the reference. Reading gathers the same one or two words per element.
+Keys are uint32: key(p) = p ^ (SIGN | (negative ? SIGN - 1 : 0)), -0.0 just below +0.0, taken
+modulo 2^BITS as in the reference (a neighbour of key 0 or of the last key wraps).
 """
 
 from __future__ import annotations
@@ -37,13 +39,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import recover_unperturbed, round_nearest, to_float32
+from ._common import flat, round_nearest, to_float32
 
 SELECTOR_BLOCK = 1024
-# largest finite magnitude patterns
-_MAXF32 = tl.constexpr(0x7F7FFFFF)
-_MAXBF16 = tl.constexpr(0x7F7F)
-_MAXF16 = tl.constexpr(0x7BFF)
 
 
 @triton.jit
@@ -67,12 +65,6 @@ def from_pattern(p, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _value(p, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """float32 value of an OUT_DTYPE pattern (exact)."""
-    return to_float32(from_pattern(p, OUT_DTYPE), SOFT_BF16)
-
-
-@triton.jit
 def key_of(p, OUT_DTYPE: tl.constexpr):
     """Monotone uint32 key of a pattern (-0.0 one below +0.0)."""
     BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
@@ -83,152 +75,60 @@ def key_of(p, OUT_DTYPE: tl.constexpr):
 
 @triton.jit
 def from_key(k, OUT_DTYPE: tl.constexpr):
+    """The pattern of key k modulo 2^BITS (a uint32 sum or difference of keys may wrap)."""
     BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
     SIGN: tl.constexpr = 1 << (BITS - 1)
-    ALL: tl.constexpr = (1 << BITS) - 1
+    if OUT_DTYPE != tl.float32:
+        k = k & 0xFFFF
     negative = (k >> (BITS - 1)) - 1  # all ones below SIGN
-    return (k ^ (SIGN | (negative & (SIGN - 1)))) & ALL
+    return k ^ (SIGN | (negative & (SIGN - 1)))
 
 
 @triton.jit
 def _image(k, d, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """round_nearest(c + d) as float32, c the weight of key k (a finite key)."""
-    c = _value(from_key(k, OUT_DTYPE), OUT_DTYPE, SOFT_BF16)
+    """round_nearest(c + d) as float32, c the weight of key k (NaN for the NaN keys)."""
+    if OUT_DTYPE == tl.bfloat16:  # the key in the high half is the float32 pattern's key
+        hk = k << 16
+        c = (hk ^ tl.where(hk >= 0x80000000, 0x80000000, 0xFFFF0000)).to(tl.float32, bitcast=True)
+    else:
+        c = to_float32(from_pattern(from_key(k, OUT_DTYPE), OUT_DTYPE), SOFT_BF16)
     return to_float32(round_nearest(c + d, OUT_DTYPE, SOFT_BF16), SOFT_BF16)
 
 
 @triton.jit
-def _ge(k, d, yv, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """image(k) >= y for keys in [KFIRST - 1, KLAST + 1]: the two past the finite ones are the
-    infinities, whose images (-inf, +inf for a finite d) compare right with a finite y."""
-    return _image(k, d, OUT_DTYPE, SOFT_BF16) >= yv
-
-
-@triton.jit
-def _gt(k, d, yv, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """image(k) > y, keys as ``_ge``."""
-    return _image(k, d, OUT_DTYPE, SOFT_BF16) > yv
-
-
-@triton.jit
-def _two_sum(a, b):
-    """s = fl(a + b) and its exact error (Knuth; adds only, so nothing is contracted)."""
-    s = a + b
-    bb = s - a
-    err = (a - (s - bb)) + (b - bb)
-    return s, err
-
-
-@triton.jit
-def _single(c, y, cv, yv, d, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """True where the weights mapping to y (pattern, float32 yv) are provably {c} (pattern,
-    float32 cv), given d: the prefilter of the module docstring (conservative)."""
-    MB: tl.constexpr = 23 if OUT_DTYPE == tl.float32 else (7 if OUT_DTYPE == tl.bfloat16 else 10)
-    BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
-    EMAX: tl.constexpr = (1 << (BITS - 1 - MB)) - 1
-    MM: tl.constexpr = (1 << MB) - 1
-    s, err = _two_sum(cv, d)
-    ey = (y >> MB) & EMAX
-    my = y & MM
-    ok = ((((c ^ y) >> MB) == 0) & (ey != 0) & (ey != EMAX) & ((c & MM) != 0)
-          & (my >= 2) & (my <= MM - 1))
-    sb = s.to(tl.uint32, bitcast=True)
-    if OUT_DTYPE == tl.bfloat16:
-        tie = (sb & 0xFFFF) == 0x8000
-    elif OUT_DTYPE == tl.float16:
-        tie = (sb & 0x1FFF) == 0x1000
-    else:
-        # half an ulp of a normal y with exponent field ey: 2^(ey - 151) (never a tie for ey 1)
-        half = tl.where(ey >= 25, (ey - 24) << 23, tl.where(ey >= 2, 1 << (ey - 2), 0x7F800000))
-        tie = tl.abs(err) == half.to(tl.float32, bitcast=True)
-    return ok & ~tie & (to_float32(round_nearest(s, OUT_DTYPE, SOFT_BF16), SOFT_BF16) == yv)
-
-
-@triton.jit
-def _edges(y, yv, d, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """(lo, hp, resolved): lo = the first key whose image is >= y, hp = the first key whose
-    image is > y (the interval is [lo, hp - 1], empty when hp == lo), from an estimate and three
-    images each; resolved where both estimates were within one key."""
-    BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
-    MAXF: tl.constexpr = _MAXF32 if OUT_DTYPE == tl.float32 else (
-        _MAXBF16 if OUT_DTYPE == tl.bfloat16 else _MAXF16)
-    SIGN: tl.constexpr = 1 << (BITS - 1)
-    KFIRST: tl.constexpr = SIGN - 1 - MAXF
-    KLAST: tl.constexpr = SIGN + MAXF
-    ky = key_of(y, OUT_DTYPE)
-    zero = yv == 0.0
-    # y's neighbours by value (both zeros have the neighbours -tiny, +tiny)
-    v_dn = _value(from_key(tl.where(zero, SIGN - 2, ky - 1), OUT_DTYPE), OUT_DTYPE, SOFT_BF16)
-    v_up = _value(from_key(tl.where(zero, SIGN + 1, ky + 1), OUT_DTYPE), OUT_DTYPE, SOFT_BF16)
-    g_dn = yv - v_dn  # exact: adjacent values; infinite past the largest finite
-    g_up = v_up - yv
-    g_dn2 = tl.where(tl.abs(g_dn) <= 3.4028234663852886e38, g_dn, g_up)
-    g_up = tl.where(tl.abs(g_up) <= 3.4028234663852886e38, g_up, g_dn)
-    r, err = _two_sum(yv, -d)
-    e_lo = key_of(pattern(round_nearest(r + (err - 0.5 * g_dn2), OUT_DTYPE, SOFT_BF16),
-                          OUT_DTYPE), OUT_DTYPE)
-    e_hi = key_of(pattern(round_nearest(r + (err + 0.5 * g_up), OUT_DTYPE, SOFT_BF16),
-                          OUT_DTYPE), OUT_DTYPE)
-    # onto the finite keys (NaN / infinite estimates: y - d overflowed), so that e +- 1 stays in
-    # [KFIRST - 1, KLAST + 1] (``_ge``); an edge further out is bisected
-    e_lo = tl.minimum(tl.maximum(e_lo, KFIRST), KLAST)
-    e_hi = tl.minimum(tl.maximum(e_hi, KFIRST), KLAST)
-    below = _ge(e_lo - 1, d, yv, OUT_DTYPE, SOFT_BF16)
-    at = _ge(e_lo, d, yv, OUT_DTYPE, SOFT_BF16)
-    above = _ge(e_lo + 1, d, yv, OUT_DTYPE, SOFT_BF16)
-    lo = tl.where(at, e_lo, e_lo + 1)
-    resolved = ~below & above
-    below = _gt(e_hi - 1, d, yv, OUT_DTYPE, SOFT_BF16)
-    at = _gt(e_hi, d, yv, OUT_DTYPE, SOFT_BF16)
-    above = _gt(e_hi + 1, d, yv, OUT_DTYPE, SOFT_BF16)
-    hp = tl.where(at, e_hi, e_hi + 1)
-    return lo, hp, resolved & ~below & above
-
-
-@triton.jit
-def _bisect(yv, d, lo, hp, todo, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """lo, hp of ``_edges`` by bisection over all keys where ``todo`` (else unchanged): BITS + 1
-    halvings of [KFIRST, KLAST + 1], both edges at once."""
-    BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
-    MAXF: tl.constexpr = _MAXF32 if OUT_DTYPE == tl.float32 else (
-        _MAXBF16 if OUT_DTYPE == tl.bfloat16 else _MAXF16)
-    SIGN: tl.constexpr = 1 << (BITS - 1)
-    KFIRST: tl.constexpr = SIGN - 1 - MAXF
-    KLAST: tl.constexpr = SIGN + MAXF
-    a_lo = tl.where(todo, KFIRST, lo)  # first key with image >= y lies in [a, b]
-    b_lo = tl.where(todo, KLAST + 1, lo)
-    a_hp = tl.where(todo, KFIRST, hp)
-    b_hp = tl.where(todo, KLAST + 1, hp)
-    for _ in range(BITS + 1):
-        m = a_lo + (b_lo - a_lo) // 2
-        ok = _ge(m, d, yv, OUT_DTYPE, SOFT_BF16)
-        b_lo = tl.where(ok, m, b_lo)
-        a_lo = tl.where(ok, a_lo, m + 1)
-        m = a_hp + (b_hp - a_hp) // 2
-        ok = _gt(m, d, yv, OUT_DTYPE, SOFT_BF16)
-        b_hp = tl.where(ok, m, b_hp)
-        a_hp = tl.where(ok, a_hp, m + 1)
-    return a_lo, a_hp
-
-
-@triton.jit
-def candidate_interval(c, cv, y, yv, d, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """(lo, hp): the weights mapping to finite y (pattern y, float32 yv) given d are the keys
-    [lo, hp - 1] (empty when hp == lo), exactly; c (pattern, float32 cv): a candidate, the
-    answer {c} where ``_single`` proves it. Lanes not ``valid`` or with y not finite get {c}."""
+def element_classes(y, d, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
+                    RECOVERY: tl.constexpr):
+    """(f, n, side, kr, back) per element of y = round(theta + d) (OUT_DTYPE tensor; reference:
+    selector_log.classes): f = finite y and theta not proven to be r = round(y - d), n = y not
+    finite, side (int32) = +1 / -1 where only r and its upper / lower key neighbour map to y, else
+    0; kr = key(r). RECOVERY (the reader, for lost blocks): back = the key recovery alone gives
+    (``recover_unperturbed``: r where it maps or is not finite, else its neighbour on y's side
+    where that maps, else r), else kr. Lanes not ``valid`` are neither F nor N."""
+    yv = to_float32(y, SOFT_BF16)
+    r = round_nearest(yv - d, OUT_DTYPE, SOFT_BF16)
+    rv = to_float32(r, SOFT_BF16)
+    kr = key_of(pattern(r, OUT_DTYPE), OUT_DTYPE)
+    image = to_float32(round_nearest(rv + d, OUT_DTYPE, SOFT_BF16), SOFT_BF16)
+    maps = image == yv
+    below = _image(kr - 1, d, OUT_DTYPE, SOFT_BF16) == yv
+    above = _image(kr + 1, d, OUT_DTYPE, SOFT_BF16) == yv
+    back = kr
+    if RECOVERY:
+        # where r does not map, at most one neighbour does (the one on y's side: monotone). Across
+        # zero recovery tests +-tiny, not the other zero; neither maps there: r = +-0 not mapping
+        # needs |y - d| = tiny / 2 with y's ulp tiny and y odd, and d +- tiny rounds off y too
+        back = tl.where(maps | (tl.abs(rv) > 3.4028234663852886e38), kr,
+                        tl.where(below, kr - 1, tl.where(above, kr + 1, kr)))
     finite = tl.abs(yv) <= 3.4028234663852886e38
-    kc = key_of(c, OUT_DTYPE)
-    lo = kc
-    hp = kc + 1
-    need = valid & finite & ~_single(c, y, cv, yv, d, OUT_DTYPE, SOFT_BF16)
-    if tl.max(need.to(tl.int32)) > 0:
-        e_lo, e_hp, resolved = _edges(y, yv, d, OUT_DTYPE, SOFT_BF16)
-        lo = tl.where(need, e_lo, lo)
-        hp = tl.where(need, e_hp, hp)
-        todo = need & ~resolved
-        if tl.max(todo.to(tl.int32)) > 0:
-            lo, hp = _bisect(yv, d, lo, hp, todo, OUT_DTYPE, SOFT_BF16)
-    return lo, hp
+    f = valid & finite & ~(maps & ~below & ~above)
+    side = (maps & above & ~below).to(tl.int32) - (maps & below & ~above).to(tl.int32)
+    return f, valid & ~finite, side, kr, back
+
+
+@triton.jit
+def _bit_or(a, b):
+    """tl.reduce's combine for an OR (REDUX.OR on sm_80+)."""
+    return a | b
 
 
 @triton.jit
@@ -241,51 +141,88 @@ def bit_length(v):
 
 
 @triton.jit
-def selector_widths(theta, y, d, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """Writing side, per element: (width int32, selector uint32) of theta (pattern) holding
-    y = round(theta + d) (OUT_DTYPE tensor): bit_length(hi - lo) bits of key(theta) - lo for a
-    finite y, theta's raw pattern in BITS bits for a non-finite y, 0 bits where not valid."""
+def _prefix(w):
+    """Exclusive prefix sums of the int32 [4, N] tile w in element order, in two parts: the
+    columns' starts ([N]: one cumsum across the columns) and the offsets inside the columns
+    ([4, N], in-thread); and their total. Several counts travel packed in one int32 (each field
+    wide enough for its block total), one scan for all."""
+    per_column = tl.sum(w, axis=0)
+    return (tl.cumsum(per_column, axis=0) - per_column, tl.cumsum(w, axis=0) - w,
+            tl.sum(per_column, axis=0))
+
+
+@triton.jit
+def element_tile(x, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """A tile of the perturb kernel's layout (``_common.tile_lanes``) in the selector's, DIST 0's
+    [4, BLOCK // 4] (element 4 j + m at [m, j]: a column holds consecutive elements, so the
+    stream's short fields of a column are one run)."""
+    if DIST == 1:
+        x = tl.trans(tl.reshape(flat(x, DIST, BLOCK), [BLOCK // 4, 4]))
+    return x
+
+
+@triton.jit
+def _or_bits(dst, pos, value, live):
+    """OR ``value`` (uint32, 0 where there is no field) into the stream at dst from bit ``pos``,
+    continuing into the next word where it must. ORing zero changes nothing: only nonzero parts
+    are sent."""
+    value = tl.where(live, value, 0)
+    word = pos >> 5
+    shift = (pos & 31).to(tl.uint32)
+    low = value << shift
+    tl.atomic_or(dst + word, low.to(tl.int32, bitcast=True), mask=low != 0, sem="relaxed")
+    high = tl.where(shift == 0, 0, value >> (32 - shift))
+    tl.atomic_or(dst + word + 1, high.to(tl.int32, bitcast=True), mask=high != 0, sem="relaxed")
+
+
+@triton.jit
+def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y, d, valid,
+                COUNT_ONLY: tl.constexpr, BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                SOFT_BF16: tl.constexpr):
+    """Store the stream of one block (theta: uint32 patterns, y = round(theta + d) OUT_DTYPE,
+    tiles) in row ``row`` of the regions or in the pool (reference: selector_log.block_fields,
+    write_block); COUNT_ONLY: only add the pool words a spilling block needs to the count."""
     BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
-    yv = to_float32(y, SOFT_BF16)
-    yp = pattern(y, OUT_DTYPE)
-    lo, hp = candidate_interval(theta, _value(theta, OUT_DTYPE, SOFT_BF16), yp, yv, d, valid,
-                                OUT_DTYPE, SOFT_BF16)
-    finite = tl.abs(yv) <= 3.4028234663852886e38
-    width = tl.where(finite, bit_length(hp - 1 - lo), BITS)
-    sel = tl.where(finite, key_of(theta, OUT_DTYPE) - lo, theta)
-    return tl.where(valid, width, 0), sel
-
-
-@triton.jit
-def _prefix(w, DIST: tl.constexpr):
-    """(exclusive prefix sums of the int32 tile w in element order, their total), in the tile
-    layout (``_common.tile_lanes``): sums over the in-thread dimensions, one cumsum across the
-    Philox calls, no reshuffle into element order."""
-    if DIST == 1:  # [32, 4, N]: element 128 j + 32 m + s at [s, m, j]
-        per_call_word = tl.sum(w, axis=0)  # [4, N]
-        per_call = tl.sum(per_call_word, axis=0)  # [N]
-        start = ((tl.cumsum(per_call, axis=0) - per_call)[None, None, :]
-                 + (tl.cumsum(per_call_word, axis=0) - per_call_word)[None, :, :]
-                 + (tl.cumsum(w, axis=0) - w))
-    else:  # [4, N]: element 4 j + m at [m, j]
-        per_call = tl.sum(w, axis=0)
-        start = (tl.cumsum(per_call, axis=0) - per_call)[None, :] + (tl.cumsum(w, axis=0) - w)
-    return start, tl.sum(per_call, axis=0)
-
-
-@triton.jit
-def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, width, sel,
-                COUNT_ONLY: tl.constexpr, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """Store one block's selectors (width int32, sel uint32, tiles) in row ``row`` of the
-    regions or in the pool (reference: selector_log.write_block)."""
-    start, total = _prefix(width, DIST)
-    n_words = (total + 31) // 32
-    row_ptr = regions_ptr + row * words
+    COUNT: tl.constexpr = 11  # n_f's bits
+    WIDTH: tl.constexpr = 6   # W's bits
+    f, n, side, kr, _ = element_classes(y, d, valid, OUT_DTYPE, SOFT_BF16, False)
+    kt = key_of(theta, OUT_DTYPE)
+    up = kt > kr
+    magnitude = tl.where(up, kt - kr, kr - kt)  # |delta|, uint32
+    moved = f & (magnitude != 0)
+    far = moved & (magnitude >= 2)
+    # W = bit_length(the largest |delta| - 2 of a far element) = bit_length of their OR
+    w = bit_length(tl.reduce(tl.where(far, magnitude - 2, 0), None, _bit_or))
+    known = side != 0  # the side of r is known: the step is the far bit alone
+    step_width = tl.where(moved, tl.where(known, 1, 2), 0)
+    step = tl.where(known, far.to(tl.uint32), (~up).to(tl.uint32) | (far.to(tl.uint32) << 1))
+    payload = tl.where(n, theta, tl.where(far, magnitude - 2, 0))
+    payload_width = tl.where(far, w, tl.where(n, BITS, 0))
+    # one scan for F's and N's ranks, one for the steps' offsets and the far elements' ranks;
+    # each column's runs of moved bits and steps (and payloads) are built first, so that only
+    # they, not the elements' classes, are held through the scans
+    kept, kept_in, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
+    steps, steps_in, steps_total = _prefix(step_width | (far.to(tl.int32) << 12))
+    moved_run = tl.sum(moved.to(tl.uint32) << (kept_in & 0x7FF).to(tl.uint32), axis=0)
+    step_run = tl.sum(tl.where(moved, step, 0) << (steps_in & 0xFFF).to(tl.uint32), axis=0)
+    payload_in = tl.cumsum(payload_width, axis=0) - payload_width
+    payload_run = tl.sum(payload << payload_in.to(tl.uint32), axis=0)
+    # typical blocks: every column's payloads fit one 32-bit run (at most one far or N element
+    # in the column, or short ones)
+    one_run = tl.max(tl.sum(payload_width, axis=0)) <= 32
+    n_f = kept_total & 0x7FF
+    has_far = ((steps_total >> 12) > 0).to(tl.int32)
+    steps_at = COUNT + n_f
+    w_at = steps_at + (steps_total & 0xFFF)
+    payload_at = w_at + WIDTH * has_far
+    total = payload_at + w * (steps_total >> 12) + BITS * (kept_total >> 11)
+    n_words = ((total + 31) >> 5) * (kept_total != 0)  # no F and no N element: empty
     spill = n_words + 1 > words
     if COUNT_ONLY:
         if spill:
             tl.atomic_add(count_ptr, n_words.to(tl.int64), sem="relaxed")
     else:
+        row_ptr = regions_ptr + row * words
         dst = row_ptr + 1
         header = n_words * 0
         if spill:
@@ -295,72 +232,95 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, width, s
             dst = pool_ptr + tl.where(fits, first, 0)
             n_words = tl.where(fits, n_words, 0)  # a lost block writes no bits
         tl.store(row_ptr, header)
-        lane = tl.arange(0, BLOCK)  # the stream (<= BLOCK words) zeroed, then ORed into
+        lane = tl.arange(0, BLOCK)  # the stream zeroed, then its fields ORed in
         tl.store(dst + lane, tl.zeros([BLOCK], tl.int32), mask=lane < n_words)
+        if BITS == 32:  # up to 1121 words: n_f, 1024 x (1 + 2 + 32) bits, W
+            tl.store(dst + BLOCK + lane, tl.zeros([BLOCK], tl.int32), mask=lane + BLOCK < n_words)
         tl.debug_barrier()  # one program is one CTA: the zeros land before any OR
-        shift = (start & 31).to(tl.uint32)
-        word = start >> 5
-        tl.atomic_or(dst + word, (sel << shift).to(tl.int32, bitcast=True),
-                     mask=(width > 0) & (word < n_words), sem="relaxed")
-        high = tl.where(shift == 0, 0, sel >> (32 - shift))  # the bits past the first word
-        tl.atomic_or(dst + word + 1, high.to(tl.int32, bitcast=True),
-                     mask=((start & 31) + width > 32) & (word + 1 < n_words), sem="relaxed")
+        live = n_words > 0
+        _or_bits(dst, n_f * 0, n_f.to(tl.uint32), live)  # at bit 0
+        _or_bits(dst, w_at, w.to(tl.uint32), live)  # 0 without a far element
+        _or_bits(dst, COUNT + (kept & 0x7FF), moved_run, live)
+        _or_bits(dst, steps_at + (steps & 0xFFF), step_run, live)
+        column_pos = payload_at + w * (steps >> 12) + BITS * (kept >> 11)
+        if one_run:
+            _or_bits(dst, column_pos, payload_run, live)
+        else:
+            _or_bits(dst, column_pos[None, :] + payload_in, payload, live)
 
 
 @triton.jit
-def read_block(regions_ptr, words, pool_ptr, row, width, DIST: tl.constexpr):
-    """(sel uint32 tile, lost) of one block: the selectors of ``width`` (int32 tile) from row
-    ``row`` or the pool (reference: selector_log.read_block)."""
-    start, _ = _prefix(width, DIST)
+def _window(src, limit, pos, width, present):
+    """32 bits of the stream at src from bit ``pos`` (a field of ``width`` <= 32 bits at its
+    low end, bits above it unmasked), as uint32: only the words the field touches are loaded,
+    only words [0, limit) (bits past them read as 0), and only where ``present``."""
+    word = pos >> 5
+    shift = (pos & 31).to(tl.uint32)
+    low = tl.load(src + word, mask=present & (word < limit), other=0).to(tl.uint32, bitcast=True)
+    high = tl.load(src + word + 1, mask=present & ((pos & 31) + width > 32) & (word + 1 < limit),
+                   other=0).to(tl.uint32, bitcast=True)
+    return (low >> shift) | tl.where(shift == 0, 0, high << (32 - shift))
+
+
+@triton.jit
+def _take_runs(src, limit, column_pos, inner, width):
+    """The short fields (width <= 2, [4, N] tiles) at bit ``column_pos`` + ``inner``: a column's
+    fields are one run (as the writer ORs them), read with two loads instead of two per
+    element."""
+    run_width = tl.sum(width, axis=0)
+    run = _window(src, limit, column_pos, run_width, run_width > 0)
+    return (run[None, :] >> inner.to(tl.uint32)) & ((1 << width.to(tl.uint32)) - 1)
+
+
+@triton.jit
+def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row,
+               OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """theta's exact pattern (uint32, tile) for the weights holding y = round(theta + d1), read
+    from the held log's row ``row`` (reference: selector_log.read_block, recover_tensor); a lost
+    block (header -1, or an offset outside the pool) recovers its F and N elements as
+    ``applied=`` alone recovers them (recover_unperturbed), the others as r."""
+    BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
+    COUNT: tl.constexpr = 11  # n_f's bits
+    WIDTH: tl.constexpr = 6   # W's bits
+    RAW_MASK: tl.constexpr = 0xFFFFFFFF if OUT_DTYPE == tl.float32 else 0xFFFF
+    f, n, side, kr, back = element_classes(y, d1, valid, OUT_DTYPE, SOFT_BF16, True)
     row_ptr = regions_ptr + row * words
     header = tl.load(row_ptr)
-    word = start >> 5
-    shift = (start & 31).to(tl.uint32)
-    if header == 0:
-        src = row_ptr + 1
+    in_pool = (header > 0) & (header <= capacity)
+    lost = (header < 0) | (header > capacity)
+    if in_pool:
+        src = pool_ptr + (header - 1)
     else:
-        src = pool_ptr + tl.maximum(header - 1, 0)
-    present = header + 0 * width >= 0  # a tensor: the interpreter refuses tensor & scalar masks
-    low = tl.load(src + word, mask=(width > 0) & present, other=0).to(tl.uint32, bitcast=True)
-    high = tl.load(src + word + 1, mask=((start & 31) + width > 32) & present,
-                   other=0).to(tl.uint32, bitcast=True)
-    sel = (low >> shift) | tl.where(shift == 0, 0, high << (32 - shift))
-    one = tl.full(sel.shape, 1, tl.uint32)
-    sel = tl.where(width >= 32, sel, sel & ((one << width.to(tl.uint32)) - 1))
-    return sel, header < 0
-
-
-@triton.jit
-def held_widths(y, d1, valid, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """Reading side, per element of y = round(theta + d1): (width int32, lo key, known): the
-    selector width and the interval's first key where some weight maps to y (known), BITS bits
-    of raw pattern for a non-finite y; 0 bits where not known or not valid."""
-    BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
-    yv = to_float32(y, SOFT_BF16)
-    yp = pattern(y, OUT_DTYPE)
-    r = round_nearest(yv - d1, OUT_DTYPE, SOFT_BF16)
-    lo, hp = candidate_interval(pattern(r, OUT_DTYPE), to_float32(r, SOFT_BF16), yp, yv, d1,
-                                valid, OUT_DTYPE, SOFT_BF16)
-    finite = tl.abs(yv) <= 3.4028234663852886e38
-    known = valid & (~finite | (hp > lo))
-    width = tl.where(finite, bit_length(hp - 1 - lo), BITS)
-    return tl.where(known, width, 0), lo, known
-
-
-@triton.jit
-def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, row, DIST: tl.constexpr,
-               BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """theta's exact pattern (uint32, tile) for the weights holding y = round(theta + d1), read
-    from the held log's row ``row``; lost blocks and elements no weight maps to are recovered
-    as ``applied=`` alone recovers them (recover_unperturbed)."""
-    width, lo, known = held_widths(y, d1, valid, OUT_DTYPE, SOFT_BF16)
-    sel, lost = read_block(regions_ptr, words, pool_ptr, row, width, DIST)
-    yv = to_float32(y, SOFT_BF16)
-    finite = tl.abs(yv) <= 3.4028234663852886e38
-    theta = tl.where(finite, from_key(lo + sel, OUT_DTYPE), sel)
-    fallback = lost | ~known
-    if tl.max(fallback.to(tl.int32)) > 0:
-        back = pattern(round_nearest(recover_unperturbed(yv, d1, OUT_DTYPE, SOFT_BF16),
-                                     OUT_DTYPE, SOFT_BF16), OUT_DTYPE)
-        theta = tl.where(fallback, back, theta)
+        src = row_ptr + 1
+    limit = tl.where(in_pool, capacity - (header - 1), tl.where(lost, 0, words - 1))
+    # a lost block reads no bits, so nothing moves from r: r becomes what recovery alone gives
+    kr = tl.where(lost, back, kr)
+    # 1: the moved bits, at the F elements' ranks
+    kept, kept_in, kept_total = _prefix(f.to(tl.int32) | (n.to(tl.int32) << 11))
+    steps_at = COUNT + (kept_total & 0x7FF)
+    moved = f & (_take_runs(src, limit, COUNT + (kept & 0x7FF), kept_in & 0x7FF,
+                            f.to(tl.int32)) != 0)
+    # 2: the steps of the moved elements: the far bit, and the sign where the side is unknown
+    known = side != 0
+    step_width = tl.where(moved, tl.where(known, 1, 2), 0)
+    steps, steps_in, _ = _prefix(step_width)
+    step = _take_runs(src, limit, steps_at + steps, steps_in, step_width)
+    negative = moved & tl.where(known, side < 0, (step & 1) != 0)
+    far = moved & (tl.where(known, step, step >> 1) != 0)
+    # 3: W (when the block has a far element) and the payloads; this scan's total also gives
+    # the steps' (the second scan's is not taken)
+    far_before, _, totals = _prefix(far.to(tl.int32) | (step_width << 11))
+    has_far = ((totals & 0x7FF) > 0).to(tl.int32)
+    w_at = steps_at + (totals >> 11)
+    w = tl.minimum(_window(src, limit, w_at, WIDTH + 0 * has_far, has_far != 0) & 63, 32)
+    w = w.to(tl.int32) * has_far
+    w_mask = tl.where(w >= 32, -1, (1 << w) - 1).to(tl.uint32)
+    payload_width = tl.where(far, w, tl.where(n, BITS, 0))
+    payload_in = tl.cumsum(payload_width, axis=0) - payload_width
+    column_pos = w_at + WIDTH * has_far + w * (far_before & 0x7FF) + BITS * (kept >> 11)
+    payload = _window(src, limit, column_pos[None, :] + payload_in, payload_width, far | n)
+    payload = payload & tl.where(n, RAW_MASK, w_mask)
+    magnitude = tl.where(far, 2 + payload, moved.to(tl.uint32))
+    theta = tl.where(n & ~lost, payload,
+                     from_key(tl.where(negative, kr - magnitude, kr + magnitude), OUT_DTYPE))
     return theta
