@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                 row.update(_summary(theta, d))
                 results.append(row)
                 lay = row.get("layouts", {})
-                print(f"{name:9s} eps={eps:g} {case:14s} kept={row["kept"]:.4f} moved={row['moved']:.4f} "
+                print(f"{name:9s} eps={eps:g} {case:14s} kept={row['kept']:.4f} moved={row['moved']:.4f} "
                       f"wrong={row['recovery_wrong']:.4f} bits/elem={row['bits_per_element']:.3f} "
                       f"block p99.9={row.get('block_bits', {}).get('p99.9', 0):.0f} "
                       + " ".join(f"W{w}:{v['two_logs_percent_of_params']:.2f}%"

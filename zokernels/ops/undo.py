@@ -212,10 +212,11 @@ class UndoLog:
 
 
 # Words per block row of a selector log (header included), by dtype: measured on N(0, 0.02)
-# weights at eps = 1e-3 (benchmarks/results/undo_memory_cpu.json), a block of 1024 elements needs
-# on average 113 selector bits in bf16 (p99.9: 163) and 193 in fp32 (p99.9: 255); rows of 6 and
-# 8 words keep two logs (a step's at most) at 2.4% / 1.7% of the parameters' bytes, pool included.
-REGION_WORDS = {torch.float32: 8, torch.bfloat16: 6, torch.float16: 6}
+# weights at eps = 1e-3 (benchmarks/undo_memory.py --elements 262144, stream v2), a block of 1024
+# elements needs on average 194 stream bits in bf16 (p99.9: 348), 172 in fp16 (p99.9: 231) and
+# 285 in fp32 (p99.9: 420); rows of 8, 8 and 12 words keep two logs (a step's at most) at 3.6%,
+# 3.1% and 2.4% of the parameters' bytes, pool included.
+REGION_WORDS = {torch.float32: 12, torch.bfloat16: 8, torch.float16: 8}
 # Backends whose perturb reads and writes selector logs (selector_log=, held_log=).
 SELECTOR_BACKENDS = ("cpu", "torch", "triton")
 
