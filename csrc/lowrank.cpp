@@ -114,45 +114,20 @@ struct ItemLog {
 
 struct NoItemLog {};
 
-// The selector logs' side of one tile (== one block: items start at multiples of kTile): theta
-// recovered exactly from the held log, rounded, the new selectors logged, stored. d1: the
-// applied D1 (kRecover), d: this pass's D.
+// The selector logs' side of one tile (== one block: items start at multiples of kTile):
+// selector_block. d1: the applied D1 (kRecover), d: this pass's D.
 template <class Philox, class Format, bool kRecover>
 inline void selector_tile(const LowRankJob& job, const LowRankWeight& lw,
                           typename Format::storage* xt, int n, uint64_t t, const float* d1,
                           const float* d) {
     using Storage = typename Format::storage;
-    const uint64_t block = lw.first_block + t / kSelectorBlock;
-    alignas(64) Storage theta_s[kTile];
-    alignas(64) float theta[kTile];
-    alignas(64) Storage rounded[kTile];
-    if constexpr (kRecover) {
-        if (job.sel_in.active()) {
-            SelectorReader reader;
-            reader.start(job.sel_in, block);
-            recover_selectors<Format>(xt, d1, n, reader, theta_s, theta);
-        } else {
-            recover_tile<Format>(xt, d1, n, theta);
-            for (int i = 0; i < n; ++i) theta_s[i] = storage_of<Format>(theta[i]);
-        }
-    } else {
-        for (int i = 0; i < n; ++i) {
-            theta_s[i] = xt[i];
-            theta[i] = Format::to_float(xt[i]);
-        }
-    }
-    round_store<Philox, Format>([&](int i) { return lw.decay * theta[i] + d[i]; }, n, rounded,
-                                job.rounding, job.rounding_keys, lw.key, t);
-    if (job.sel_in.active() && lw.decay == 1.0f)  // left at its value: theta's exact pattern
-        for (int i = 0; i < n; ++i)
-            rounded[i] = (bits_as<uint32_t>(d[i]) << 1) == 0 ? theta_s[i] : rounded[i];
-    if (job.sel_out.active()) {
-        SelectorWriter writer;
-        writer.start(job.sel_out, block);
-        log_selectors<Format>(theta_s, rounded, d, n, writer);
-        writer.finish();
-    }
-    if (!job.sel_out.count_only) std::memcpy(xt, rounded, sizeof(Storage) * n);
+    selector_block<Format, kRecover>(
+        job.sel_in, job.sel_out, lw.first_block + t / kSelectorBlock, xt, n, lw.decay, d, d1,
+        [&](const Storage* theta, Storage* y) {
+            round_store<Philox, Format>(
+                [&](int i) { return lw.decay * Format::to_float(theta[i]) + d[i]; }, n, y,
+                job.rounding, job.rounding_keys, lw.key, t);
+        });
 }
 
 template <class Philox, class Format, bool kRecover, bool kLog, bool kSel>
@@ -299,7 +274,7 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
         throw std::invalid_argument("lowrank_perturb: an undo log and a selector log are exclusive");
     if (sel_in.active() && !recover)
         throw std::invalid_argument("lowrank_perturb: selector_in needs applied_tau_ptrs");
-    if (sel_out.active()) {  // log_selectors assumes round_nearest(theta + D) was written
+    if (sel_out.active()) {  // log_block assumes round_nearest(theta + D) was written
         if (rounding != 0) throw std::invalid_argument("lowrank_perturb: a log needs nearest rounding");
         for (float decay : decays)
             if (decay != 1.0f) throw std::invalid_argument("lowrank_perturb: a log needs decays of 1");

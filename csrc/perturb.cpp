@@ -130,54 +130,57 @@ struct ItemLog {
 
 struct NoItemLog {};
 
-// The selector logs' side of one work item (an item covers whole blocks): recovers each tile
-// exactly from the held log, rounds, logs the new selectors and stores.
+// The selector logs' side of one work item (an item covers whole blocks): each block runs whole
+// (selector_block: recovered exactly from the held log, rounded, its stream logged, stored). An
+// unmapped tile is a block; a mapped tensor's block can span several tiles (runs, aligned tiles
+// of g), whose sums are gathered here until the block's last tile, since the stream's fields are
+// placed by the whole block's classes.
 template <class Format>
 struct ItemSelectors {
     using Storage = typename Format::storage;
-    SelectorWriter writer;
-    SelectorReader reader;
-    uint64_t block = ~uint64_t{0};
+    struct Segment {
+        int at, n;   // block positions [at, at + n)
+        uint64_t g;  // contract index of position at (stochastic rounding draws there)
+    };
+    alignas(64) float d[kSelectorBlock], d1[kSelectorBlock];
+    Segment segments[kSelectorBlock];
+    int n_segments = 0;
 
+    // The tile's local elements [t, t + n) of an item ending at `end`, contract indices from g.
     template <class Philox, bool kRecover, bool kMapped>
-    void tile(const PerturbJob& job, Storage* xt, int n, uint64_t t, uint64_t g, size_t tensor,
-              uint32_t key, float decay, const float* noise_sum, const float* applied_sum) {
+    void tile(const PerturbJob& job, Storage* xt, int n, uint64_t t, uint64_t end, uint64_t g,
+              size_t tensor, uint32_t key, float decay, const float* noise_sum,
+              const float* applied_sum) {
         const uint64_t b = job.first_blocks[tensor] + t / kSelectorBlock;
-        if (b != block) {
-            finish(job);
-            block = b;
-            if (job.sel_out.active()) writer.start(job.sel_out, b);
-            if (job.sel_in.active()) reader.start(job.sel_in, b);
-        }
-        alignas(64) Storage theta_s[kRecover ? kTile : 1];
-        alignas(64) float theta[kRecover ? kTile : 1];
-        alignas(64) Storage rounded[kTile];
-        if constexpr (kRecover) {
-            if (job.sel_in.active()) {
-                recover_selectors<Format>(xt, applied_sum, n, reader, theta_s, theta);
-            } else {
-                recover_tile<Format>(xt, applied_sum, n, theta);
-                for (int i = 0; i < n; ++i) theta_s[i] = storage_of<Format>(theta[i]);
-            }
-            store_tile<Philox, Format, kMapped>(
-                [&](int i) { return decay * theta[i] + noise_sum[i]; }, n, rounded, job, key, g);
-            if (job.sel_in.active() && decay == 1.0f)  // left at its value: theta's exact pattern
-                for (int i = 0; i < n; ++i)
-                    rounded[i] = (bits_as<uint32_t>(noise_sum[i]) << 1) == 0 ? theta_s[i] : rounded[i];
+        if constexpr (!kMapped) {
+            selector_block<Format, kRecover>(
+                job.sel_in, job.sel_out, b, xt, n, decay, noise_sum, applied_sum,
+                [&](const Storage* theta, Storage* y) {
+                    store_tile<Philox, Format, false>(
+                        [&](int i) { return decay * Format::to_float(theta[i]) + noise_sum[i]; }, n,
+                        y, job, key, g);
+                });
         } else {
-            // theta is the tensor itself, read in place (written only after the log)
-            store_tile<Philox, Format, kMapped>(
-                [&](int i) { return decay * Format::to_float(xt[i]) + noise_sum[i]; }, n, rounded,
-                job, key, g);
+            const int at = static_cast<int>(t % kSelectorBlock);
+            if (at == 0) n_segments = 0;
+            std::memcpy(d + at, noise_sum, sizeof(float) * n);
+            if constexpr (kRecover) std::memcpy(d1 + at, applied_sum, sizeof(float) * n);
+            segments[n_segments++] = {at, n, g};
+            const int length = static_cast<int>(min_of<uint64_t>(kSelectorBlock, end - (t - at)));
+            if (at + n < length) return;  // the block goes on in the next tile
+            selector_block<Format, kRecover>(
+                job.sel_in, job.sel_out, b, xt - at, length, decay, d, d1,
+                [&](const Storage* theta, Storage* y) {
+                    for (int s = 0; s < n_segments; ++s) {
+                        const Segment seg = segments[s];
+                        store_tile<Philox, Format, true>(
+                            [&](int i) {
+                                return decay * Format::to_float(theta[seg.at + i]) + d[seg.at + i];
+                            },
+                            seg.n, y + seg.at, job, key, seg.g);
+                    }
+                });
         }
-        const Storage* held = kRecover ? theta_s : xt;
-        if (job.sel_out.active()) log_selectors<Format>(held, rounded, noise_sum, n, writer);
-        if (!job.sel_out.count_only) std::memcpy(xt, rounded, sizeof(Storage) * n);
-    }
-
-    void finish(const PerturbJob& job) {
-        if (block != ~uint64_t{0} && job.sel_out.active()) writer.finish();
-        block = ~uint64_t{0};
     }
 };
 
@@ -282,8 +285,8 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
         // The weight enters only now, read, added to D once and rounded in one loop.
         typename Format::storage* xt = x + t;
         if constexpr (kSel) {
-            selectors.template tile<Philox, kRecover, kMapped>(job, xt, n, t, g, item.tensor, key,
-                                                               decay, d, d1);
+            selectors.template tile<Philox, kRecover, kMapped>(job, xt, n, t, item.end, g,
+                                                               item.tensor, key, decay, d, d1);
         } else if constexpr (kLog) {
             log.template tile<Philox, kRecover, kMapped>(job, xt, n, t, g, job.starts[item.tensor],
                                                          key, decay, d, d1);
@@ -298,7 +301,6 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
         t += n;
     }
     if constexpr (kLog) log.flush(job);
-    if constexpr (kSel) selectors.finish(job);
 }
 
 template <class Philox, bool kLog, bool kMapped, bool kSel>

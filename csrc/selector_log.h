@@ -1,15 +1,26 @@
-// The selector log (docs/undo-log.md; reference: zokernels/backends/torch/selector_log.py): per
-// element whose perturbed value y = round(theta + d) several weights round to, the few bits that
-// single theta out of them; per block of kSelectorBlock elements a fixed row of words, plus a
-// shared pool (one atomic add per block that does not fit its row).
+// The selector log, stream v2 (docs/undo-log.md). The spec, bit for bit, is the torch reference
+// zokernels/backends/torch/selector_log.py (`flags`, `classes`, `block_fields`, `read_block`).
 //
-// The weights c with round(float32(c) + d) == y form one interval of patterns in value order
-// ("keys", -0.0 just below +0.0), because rounding is monotone. Both the writing pass (theta
-// known) and a reading pass (only y known) find it exactly, so the log keeps key(theta) - lo in
-// bit_length(hi - lo) bits, and a y that is not finite keeps theta's raw pattern.
+// A pass writes y = round(theta + d). Writer and reader both compute, from (y, d) alone, the
+// recovery candidate r = round(y - d) and the same classes: `flagged` (y not finite, or r not
+// proven the only weight mapping to y), and for flagged elements r's key neighbours' images:
+// F = finite y and not (r maps and neither neighbour does), N = y not finite, side = +1 / -1 when
+// r and only its upper / lower neighbour map. Unkept elements are exactly r. Per block of
+// kSelectorBlock elements the stream (LSB first in int32 words; empty without F and N) is
+//
+//   n_F (11 bits) | moved: 1 bit per F element (delta = key(theta) - key(r) != 0)
+//   | step per moved element: 1 bit far (|delta| >= 2) when side != 0, else 2 bits (delta < 0, far)
+//   | W (6 bits, only with a far element: bit_length of the block's largest |delta| - 2)
+//   | payloads in element order: |delta| - 2 in W bits per far element, theta's pattern per N one.
+//
+// Both sides handle a block whole (a sharded tensor's tiles of one block are gathered first), so
+// the reader places every field from its own classes, as the reference does; n_F is written for
+// readers that decode tile by tile. Storage: a row of `words` int32 per block (word 0: 0 = the
+// stream follows in the row, 1 + its offset in the pool, -1 = lost) and a pool shared by the
+// blocks that do not fit their row (one atomic add per such block). A lost block's kept elements
+// are recovered as applied= alone recovers them.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -20,12 +31,18 @@
 #include "compact.h"
 #include "noise_tiles.h"
 #include "rounding.h"
+#include "tile_io.h"
 #include "undo_log.h"
 
 namespace zk {
 
 constexpr int kSelectorBlock = 1024;  // elements per block (== kTile: one tile is one block)
 static_assert(kSelectorBlock == kTile, "the unmapped tiles are the log's blocks");
+constexpr int kCountBits = 11;  // n_F: 0 .. kSelectorBlock
+constexpr int kWidthBits = 6;   // W: 0 .. 32
+// A block's longest stream: every element F with a 2-bit step and a 32-bit payload.
+constexpr int kMaxStreamBits = kCountBits + 3 * kSelectorBlock + kWidthBits + 32 * kSelectorBlock;
+constexpr int kMaxStreamWords = kMaxStreamBits / 32 + 4;  // + the words a 64-bit read may touch
 
 // The log's buffers (regions: int32 [blocks, words]; pool: int32 [capacity]; count: int64).
 struct SelectorLogRef {
@@ -66,11 +83,6 @@ template <class Format>
 struct Keys {
     static constexpr int kBits = std::is_same<Format, Float32Format>::value ? 32 : 16;
     static constexpr uint32_t kSign = Grid<Format>::kSign;
-    static constexpr uint32_t kMaxFinite = kBits == 32 ? 0x7F7FFFFFu
-                                           : std::is_same<Format, BFloat16Format>::value ? 0x7F7Fu
-                                                                                         : 0x7BFFu;
-    static constexpr uint32_t kFirst = kSign - 1u - kMaxFinite;  // key of -max
-    static constexpr uint32_t kLast = kSign + kMaxFinite;        // key of +max
 
     static ZK_INLINE uint32_t pattern(typename Format::storage s) {
         if constexpr (kBits == 32)
@@ -84,20 +96,25 @@ struct Keys {
         else
             return static_cast<uint16_t>(p);
     }
-    // Branch-free (mispredicted sign branches cost more than the rest of the loop): a negative
-    // pattern's key is (2 kSign - 1) - p == p ^ (2 kSign - 1), a positive one's p + kSign == p ^ kSign.
+    // Keys: patterns in value order, -0.0 just below +0.0. Branch-free (mispredicted sign
+    // branches cost more than the rest of the loop): a negative pattern's key is
+    // (2 kSign - 1) - p == p ^ (2 kSign - 1), a positive one's p + kSign == p ^ kSign.
     static constexpr uint32_t kAll = kSign | (kSign - 1u);
     static ZK_INLINE uint32_t key(uint32_t p) {
         const uint32_t negative = 0u - (p >> (kBits - 1));
         return p ^ (kSign | (negative & (kSign - 1u)));
     }
+    // The pattern of key k taken modulo 2^kBits (as the reference's from_key: a decoded key may
+    // step past either end).
     static ZK_INLINE uint32_t from_key(uint32_t k) {
+        k &= kAll;
         const uint32_t negative = (k >> (kBits - 1)) - 1u;  // all ones below kSign
         return (k ^ (kSign | (negative & (kSign - 1u)))) & kAll;
     }
     // round_nearest(v) as a pattern and a pattern's float32 value, for sums of finite weights
-    // and finite d (finite or infinite, never NaN): the formats' conversions without their NaN
-    // select, which kept GCC from vectorizing the loops below.
+    // and finite d (finite or infinite; a NaN gives some pattern, which no caller compares
+    // equal to a finite y): the formats' conversions without their NaN select, which kept GCC
+    // from vectorizing the loops below.
     static ZK_INLINE uint32_t round_finite(float v) {
         const uint32_t b = bits_as<uint32_t>(v);
         if constexpr (kBits == 32) {
@@ -115,16 +132,12 @@ struct Keys {
             return ((b & 0x80000000u) >> 16) | (((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu));
         }
     }
-    static ZK_INLINE float value(uint32_t p) { return Grid<Format>::value(p); }
-    // Magnitude pattern of +inf: a pattern p is finite iff (p & ~kSign) < kInf.
-    static constexpr uint32_t kInf = kBits == 32 ? 0x7F800000u
-                                     : std::is_same<Format, BFloat16Format>::value ? 0x7F80u
-                                                                                   : 0x7C00u;
-    // round_nearest(c + d) as float32, c the weight of key k (finite d; the keys next to the
-    // finite ones are the infinities, whose image is never a finite y)
-    static ZK_INLINE float image(uint32_t k, float d) {
-        return value(round_finite(value(from_key(k)) + d));
+    static ZK_INLINE float value(uint32_t p) { return Grid<Format>::value(p & kAll); }
+    // round_nearest(float32(c) + d) as float32 bits, c the weight of pattern p / of key k
+    static ZK_INLINE uint32_t image_of(uint32_t p, float d) {
+        return bits_as<uint32_t>(value(round_finite(value(p) + d)));
     }
+    static ZK_INLINE uint32_t image(uint32_t k, float d) { return image_of(from_key(k), d); }
 
     // Fields of a pattern: mantissa bits (p - 1 for p significand bits), exponent mask.
     static constexpr int kMantissa = kBits == 32 ? 23
@@ -135,18 +148,16 @@ struct Keys {
 
     // 1 when bit patterns alone prove that c is the only weight whose image is y, given that it
     // is one (16-bit formats: y = round(s), s = float32(c) + d computed as image() does; c, y
-    // patterns). Cheap and conservative: a 0 only sends the element to the exact test. The
-    // proof: let y have a normal exponent field of spacing u and a mantissa in [2, M - 2]
-    // (M = 2^(p-1)), and let both key neighbours of c lie at least u from c (c's exponent field,
-    // less 1 when its mantissa is 0, at least y's: c is not a zero). image() is monotone in the
-    // weight, so it suffices that the values c -+ u (real numbers) do not map to y. Their exact
-    // sums with d lie within 1.5 u of y, inside y's binade, where the float32 grid is uniform
-    // with u an even multiple of its spacing: float32(c -+ u + d) = s -+ u. Rounding s -+ u to
-    // the format gives y -+ u unless s is half-way between two values of the format (its bits
-    // below the format's mantissa are exactly one half), where ties-to-even can send one of
-    // them to the even y as well. (float32 takes the exact neighbour test instead: its image is
-    // one add, and the exact test leaves fewer elements to the suspects' path, 13.3% against
-    // 15.4% of N(0, 0.02) weights at eps = 1e-3.)
+    // patterns). Cheap and conservative: a 0 flags the element. The proof: let y have a normal
+    // exponent field of spacing u and a mantissa in [2, M - 2] (M = 2^(p-1)), and let both key
+    // neighbours of c lie at least u from c (c's exponent field, less 1 when its mantissa is 0,
+    // at least y's: c is not a zero). image() is monotone in the weight, so it suffices that the
+    // values c -+ u (real numbers) do not map to y. Their exact sums with d lie within 1.5 u of
+    // y, inside y's binade, where the float32 grid is uniform with u an even multiple of its
+    // spacing: float32(c -+ u + d) = s -+ u. Rounding s -+ u to the format gives y -+ u unless s
+    // is half-way between two values of the format (its bits below the format's mantissa are
+    // exactly one half), where ties-to-even can send one of them to the even y as well.
+    // (float32 tests the key neighbours exactly: its image is one add.)
     static ZK_INLINE uint32_t single_candidate(uint32_t c, uint32_t y, float s) {
         static_assert(kBits == 16, "float32 tests the key neighbours exactly");
         const uint32_t e = y & kExponentMask;
@@ -163,407 +174,370 @@ struct Keys {
     }
 };
 
-// The last key from member m towards `end` (kLast upward, kFirst downward) whose image is y:
-// gallop until a non-member (or `end`), then bisect. The members form one interval (rounding is
-// monotone), so the boundary found does not depend on the probes.
-template <class Format>
-inline uint32_t interval_edge(int64_t m, int64_t end, float y, float d) {
-    using K = Keys<Format>;
-    const int64_t dir = end >= m ? 1 : -1;
-    int64_t good = m, bad = end + dir, step = 1;
-    while (good != end) {
-        const int64_t c = dir > 0 ? std::min(good + step, end) : std::max(good - step, end);
-        if (K::image(static_cast<uint32_t>(c), d) == y) {
-            good = c;
-            step *= 2;
-        } else {
-            bad = c;
-            break;
-        }
-    }
-    while ((bad - good) * dir > 1) {
-        const int64_t mid = good + (bad - good) / 2;
-        (K::image(static_cast<uint32_t>(mid), d) == y ? good : bad) = mid;
-    }
-    return static_cast<uint32_t>(good);
-}
-
-// The key interval [lo, hi] of the weights mapping to finite y, given a member m (image == y).
-template <class Format>
-inline void interval_from(uint32_t m, float y, float d, uint32_t* lo, uint32_t* hi) {
-    using K = Keys<Format>;
-    *hi = interval_edge<Format>(m, int64_t{K::kLast}, y, d);
-    *lo = interval_edge<Format>(m, int64_t{K::kFirst}, y, d);
-}
-
-// The first key whose image is >= y (image is monotone in the key): a member when one exists.
-template <class Format>
-inline uint32_t lower_bound_key(float y, float d) {
-    using K = Keys<Format>;
-    uint64_t low = K::kFirst, high = uint64_t{K::kLast} + 1;
-    while (low < high) {
-        const uint64_t mid = low + (high - low) / 2;
-        if (K::image(static_cast<uint32_t>(mid), d) >= y)
-            high = mid;
-        else
-            low = mid + 1;
-    }
-    return static_cast<uint32_t>(low > K::kLast ? K::kLast : low);
-}
-
-// Float equality of two finite-or-not float32 patterns without a float compare (vectorizes): equal
-// patterns, or both zeros. (Not IEEE for NaN, which the callers treat apart.)
+// Float equality of two float32 patterns without a float compare (vectorizes): equal patterns,
+// or both zeros. (Not IEEE for NaN: a caller's y is finite wherever the answer matters.)
 ZK_INLINE uint32_t same_value(uint32_t a, uint32_t b) {
     return ((a == b) | (((a | b) << 1) == 0)) ? 1u : 0u;
+}
+
+ZK_INLINE uint32_t not_finite_bits(uint32_t y_bits) {
+    return (y_bits & 0x7FFFFFFFu) >= 0x7F800000u ? 1u : 0u;
 }
 
 ZK_INLINE int bit_length(uint32_t v) {
     return v == 0 ? 0 : 32 - __builtin_clz(v);  // a select: no loop, no mispredicted branch
 }
 
-// For gathered suspects q < m: bit j of mask[q] says whether key center[q] + j - 3 maps to y[q]
-// (j = 0..6). Vectorizes; most intervals are 2 or 3 keys wide and are read off the mask.
-// kCenterMaps: the caller knows that every center maps to its y (the writer: theta), so bit 3 is
-// set without computing its image.
-template <class Format, bool kCenterMaps = false>
-inline void window_masks(const uint32_t* ZK_RESTRICT center, const uint32_t* ZK_RESTRICT y_bits,
-                         const float* ZK_RESTRICT d, int m, uint8_t* ZK_RESTRICT mask) {
-    using K = Keys<Format>;
-    for (int q = 0; q < m; ++q) {
-        uint32_t bits = kCenterMaps ? 1u << 3 : 0u;
-        for (int j = 0; j < 7; ++j) {
-            if (kCenterMaps && j == 3) continue;
-            bits |= same_value(bits_as<uint32_t>(K::image(center[q] + j - 3u, d[q])), y_bits[q]) << j;
-        }
-        mask[q] = static_cast<uint8_t>(bits);
-    }
-}
-
-// The interval [lo, hi] of the keys mapping to finite y from a window mask around `center`
-// (window_masks); false when no weight maps to y.
+// Stage 1 on both sides, every element (vectorizes; `flags` in the reference): r[i] =
+// round(y - d) and flagged[i] = y is not finite, or r is not proven the only weight mapping
+// to y: it must map (image == y as values) and be single, for float32 exactly (neither key
+// neighbour maps), for the 16-bit formats by Keys::single_candidate (which also fails for a y
+// that is not normal).
 template <class Format>
-inline bool resolve_interval(uint32_t center, uint32_t mask, float y, float d, uint32_t* lo,
-                             uint32_t* hi) {
+inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const float* ZK_RESTRICT d,
+                          int n, typename Format::storage* ZK_RESTRICT r_out,
+                          uint8_t* ZK_RESTRICT flagged) {
     using K = Keys<Format>;
-    if (mask != 0 && (mask & 0x41u) == 0) {  // the run of members ends inside the window
-        *lo = center - 3u + static_cast<uint32_t>(count_trailing_zeros(mask));
-        *hi = center - 3u + static_cast<uint32_t>(31 - __builtin_clz(mask));
-        return true;
-    }
-    const uint32_t m = mask != 0 ? center - 3u + static_cast<uint32_t>(count_trailing_zeros(mask))
-                                 : lower_bound_key<Format>(y, d);
-    if (K::image(m, d) != y) return false;
-    interval_from<Format>(m, y, d, lo, hi);
-    return true;
-}
-
-// floor(log2(v)) for 0 < v < 2^24 from the float32 exponent of v: vectorizes, a bit scan does not.
-ZK_INLINE uint32_t log2_small(uint32_t v) {
-    return (bits_as<uint32_t>(static_cast<float>(static_cast<int32_t>(v))) >> 23) - 127u;
-}
-
-// resolve_interval's common case for gathered suspects q < m (window masks from window_masks),
-// vectorized: when y is finite and the run of members ends inside the window, the interval
-// [lo[q], hi[q]]; otherwise rare[q] = 1 (the run reaches the window's edge, no member in it, or
-// y is not finite).
-inline void window_intervals(const uint32_t* ZK_RESTRICT center, const uint8_t* ZK_RESTRICT mask,
-                             const uint32_t* ZK_RESTRICT y_bits, int m, uint32_t* ZK_RESTRICT lo,
-                             uint32_t* ZK_RESTRICT hi, uint8_t* ZK_RESTRICT rare) {
-    for (int q = 0; q < m; ++q) {
-        const uint32_t mk = mask[q];
-        lo[q] = center[q] - 3u + log2_small(mk & (0u - mk));  // count_trailing_zeros
-        hi[q] = center[q] - 3u + log2_small(mk);
-        const uint32_t finite = (y_bits[q] & 0x7FFFFFFFu) < 0x7F800000u ? 1u : 0u;
-        rare[q] = static_cast<uint8_t>((mk == 0 ? 1u : 0u) | ((mk & 0x41u) != 0 ? 1u : 0u) |
-                                       (finite ^ 1u));
-    }
-}
-
-// Exact intervals by binary search over all finite keys, vectorized across gathered elements
-// q < m (finite y): lo[q] = the first key whose image is >= y[q], hi[q] = the last whose image
-// is <= y[q] (hi < lo: no weight maps to y). The image is monotone in the key, so these are the
-// edges that interval_from / lower_bound_key find, whatever the probes. The search starts from
-// the keys A, B of y - d -+ 2 ulp(y) when their images prove them outside the interval
-// (image(A) < y < image(B)), else from all finite keys; the lanes of a chunk take the steps of
-// its widest range. It serves the ~1% of elements whose run of members leaves the window
-// (weights small next to |d|), for which resolve_interval gallops one element at a time through
-// a chain of dependent images.
-template <class Format>
-inline void bisect_intervals(const float* ZK_RESTRICT y, const float* ZK_RESTRICT d, int m,
-                             uint32_t* ZK_RESTRICT lo, uint32_t* ZK_RESTRICT hi) {
-    using K = Keys<Format>;
-    constexpr int kLanes = 16;  // two AVX2 registers of keys: two chains hide the latency
-    for (int q0 = 0; q0 < m; q0 += kLanes) {
-        // The answers lie in [a, a_end) and [b, b_end) (b: the first key whose image is > y);
-        // lanes past m repeat element q0.
-        uint32_t a[kLanes], a_end[kLanes], b[kLanes], b_end[kLanes];
-        float yl[kLanes], dl[kLanes];
-        uint32_t span[kLanes];
-        for (int l = 0; l < kLanes; ++l) {
-            const int q = q0 + l < m ? q0 + l : q0;
-            yl[l] = y[q];
-            dl[l] = d[q];
-            const uint32_t y_abs = K::round_finite(abs_of(y[q]));  // y's magnitude pattern
-            const float ulp = K::value(y_abs + 1u) - K::value(y_abs);  // inf past the max
-            const float x = y[q] - d[q];
-            uint32_t ka = K::key(K::round_finite(x - (ulp + ulp)));
-            uint32_t kb = K::key(K::round_finite(x + (ulp + ulp)));
-            ka = ka < K::kFirst ? K::kFirst : ka > K::kLast ? K::kLast : ka;
-            kb = kb < K::kFirst ? K::kFirst : kb > K::kLast ? K::kLast : kb;
-            const bool bounded = (K::image(ka, d[q]) < y[q]) & (K::image(kb, d[q]) > y[q]);
-            a[l] = b[l] = bounded ? ka + 1u : K::kFirst;
-            a_end[l] = b_end[l] = bounded ? kb : K::kLast + 1u;
-            span[l] = a_end[l] - a[l];
-        }
-        uint32_t widest = 0;
-        for (int l = 0; l < kLanes; ++l) widest |= span[l];
-        const int steps = bit_length(widest);  // each step halves every range (floor)
-        for (int step = 0; step < steps; ++step) {
-            for (int l = 0; l < kLanes; ++l) {
-                const uint32_t mid_a = a[l] + (a_end[l] - a[l]) / 2u;
-                const uint32_t mid_b = b[l] + (b_end[l] - b[l]) / 2u;
-                // All-ones / zero masks and unconditional stores: GCC turned selects into masked
-                // stores, which are microcoded on AMD cores.
-                const uint32_t ge = 0u - (K::image(mid_a, dl[l]) >= yl[l] ? 1u : 0u);
-                const uint32_t gt = 0u - (K::image(mid_b, dl[l]) > yl[l] ? 1u : 0u);
-                const uint32_t open_a = 0u - (a[l] < a_end[l] ? 1u : 0u);
-                const uint32_t open_b = 0u - (b[l] < b_end[l] ? 1u : 0u);
-                a_end[l] = ((open_a & ge) & mid_a) | (~(open_a & ge) & a_end[l]);
-                a[l] = ((open_a & ~ge) & (mid_a + 1u)) | (~(open_a & ~ge) & a[l]);
-                b_end[l] = ((open_b & gt) & mid_b) | (~(open_b & gt) & b_end[l]);
-                b[l] = ((open_b & ~gt) & (mid_b + 1u)) | (~(open_b & ~gt) & b[l]);
-            }
-        }
-        for (int l = 0; l < kLanes && q0 + l < m; ++l) {
-            lo[q0 + l] = a[l];
-            hi[q0 + l] = b[l] - 1u;
-        }
-    }
-}
-
-// The suspects' intervals [lo, hi]: window_intervals, then the rare ones with a finite y by
-// bisect_intervals; on return rare[q] says that y is not finite (no interval). kCenterMaps: as
-// for window_masks.
-template <class Format, bool kCenterMaps>
-inline void suspect_intervals(const uint32_t* ZK_RESTRICT center, const uint32_t* ZK_RESTRICT y_bits,
-                              const float* ZK_RESTRICT d, int m, uint32_t* ZK_RESTRICT lo,
-                              uint32_t* ZK_RESTRICT hi, uint8_t* ZK_RESTRICT rare) {
-    alignas(64) uint8_t mask[kTile];
-    window_masks<Format, kCenterMaps>(center, y_bits, d, m, mask);
-    window_intervals(center, mask, y_bits, m, lo, hi, rare);
-    alignas(64) uint8_t bisect[kTile];
-    for (int q = 0; q < m; ++q) {
-        const uint32_t finite = (y_bits[q] & 0x7FFFFFFFu) < 0x7F800000u ? 1u : 0u;
-        bisect[q] = static_cast<uint8_t>(rare[q] & finite);
-        rare[q] = static_cast<uint8_t>(finite ^ 1u);
-    }
-    alignas(64) int32_t at[kTile];
-    const int n_rare = compact_flags(bisect, m, at);
-    if (n_rare == 0) return;
-    alignas(64) float y_r[kTile], d_r[kTile];
-    alignas(64) uint32_t lo_r[kTile], hi_r[kTile];
-    for (int j = 0; j < n_rare; ++j) {
-        y_r[j] = bits_as<float>(y_bits[at[j]]);
-        d_r[j] = d[at[j]];
-    }
-    bisect_intervals<Format>(y_r, d_r, n_rare, lo_r, hi_r);
-    for (int j = 0; j < n_rare; ++j) {
-        lo[at[j]] = lo_r[j];
-        hi[at[j]] = hi_r[j];
-    }
-}
-
-// Appends one block's selectors (LSB first) and stores them at the block's end. A 64-bit
-// accumulator takes each selector without a branch; a full word is flushed every ~20 selectors.
-struct SelectorWriter {
-    const SelectorLogRef* log = nullptr;
-    uint64_t block = 0;
-    uint64_t acc = 0;    // pending bits
-    int pending = 0;     // their number (< 32 between appends)
-    uint64_t n_full = 0; // words stored in `words`
-    uint32_t words[kSelectorBlock + 1];  // a block's worst case: 32 bits per element
-
-    void start(const SelectorLogRef& ref, uint64_t b) {
-        log = &ref;
-        block = b;
-        acc = 0;
-        pending = 0;
-        n_full = 0;
-    }
-    ZK_INLINE void append(int width, uint32_t sel) {
-        acc |= static_cast<uint64_t>(sel) << pending;
-        pending += width;
-        if (pending >= 32) {
-            words[n_full++] = static_cast<uint32_t>(acc);
-            acc >>= 32;
-            pending -= 32;
-        }
-    }
-    void finish() {
-        if (pending > 0) words[n_full] = static_cast<uint32_t>(acc);
-        const uint64_t n_words = n_full + (pending > 0 ? 1 : 0);
-        int32_t* row = log->regions + block * log->words;
-        if (n_words + 1 <= log->words) {
-            if (!log->count_only) {
-                row[0] = 0;
-                std::memcpy(row + 1, words, n_words * 4);
-            }
-            return;
-        }
-        const int64_t first = fetch_add(log->count, static_cast<int64_t>(n_words));
-        if (log->count_only) return;
-        if (static_cast<uint64_t>(first) + n_words <= log->capacity && first < INT32_MAX - 1) {
-            row[0] = static_cast<int32_t>(first + 1);
-            std::memcpy(log->pool + first, words, n_words * 4);
-        } else {
-            row[0] = -1;  // lost: recovered as applied= alone recovers it
-        }
-    }
-};
-
-// Reads one block's selectors back in element order, a word at a time (never past the last
-// word the block's bits occupy).
-struct SelectorReader {
-    const uint32_t* src = nullptr;  // nullptr: the block is lost
-    uint64_t buf = 0;               // bits read ahead
-    int have = 0;                   // their number
-
-    void start(const SelectorLogRef& ref, uint64_t block) {
-        const int32_t* row = ref.regions + block * ref.words;
-        const int32_t header = row[0];
-        buf = 0;
-        have = 0;
-        if (header == 0)
-            src = reinterpret_cast<const uint32_t*>(row + 1);
-        else if (header > 0)
-            src = reinterpret_cast<const uint32_t*>(ref.pool + (header - 1));
-        else
-            src = nullptr;
-    }
-    bool lost() const { return src == nullptr; }
-    ZK_INLINE uint32_t take(int width) {
-        if (have < width) {
-            buf |= static_cast<uint64_t>(*src++) << have;
-            have += 32;
-        }
-        const uint64_t v = buf & ((uint64_t{1} << width) - 1);
-        buf >>= width;
-        have -= width;
-        return static_cast<uint32_t>(v);
-    }
-};
-
-// Both sides, per tile: stage 1 (every element, vectorized) finds the elements with a single
-// candidate: the 16-bit formats from bit patterns (Keys::single_candidate, integer operations
-// and one float add; conservative), float32 by testing the two key neighbours. The others
-// ("suspects": 10.3% of bf16, 13.3% of fp32 N(0, 0.02) weights at eps = 1e-3, 8.4% / 13.3%
-// having several candidates) are gathered, and their intervals read off the 7-key window or,
-// for the ~1% wide ones, bisected (suspect_intervals, vectorized); the last loop appends /
-// takes the selectors in element order. The two sides' tests differ, which is fine: each is
-// conservative, and an element whose interval has one key takes 0 bits either way.
-
-// Writing side of one tile: theta (storage patterns), y = round(theta + d) (storage), d.
-template <class Format>
-inline void log_selectors(const typename Format::storage* ZK_RESTRICT theta,
-                          const typename Format::storage* ZK_RESTRICT y,
-                          const float* ZK_RESTRICT d, int n, SelectorWriter& writer) {
-    using K = Keys<Format>;
-    alignas(64) uint8_t suspect[kTile];
     for (int i = 0; i < n; ++i) {
-        const uint32_t c = K::pattern(theta[i]);
-        if constexpr (K::kBits == 32) {  // the exact test: theta's key neighbours miss y
-            const uint32_t y_bits = bits_as<uint32_t>(y[i]);
-            const uint32_t k = K::key(c);
-            const uint32_t below = bits_as<uint32_t>(K::image(k - 1u, d[i]));
-            const uint32_t above = bits_as<uint32_t>(K::image(k + 1u, d[i]));
-            const uint32_t not_finite = (y_bits & 0x7FFFFFFFu) >= 0x7F800000u ? 1u : 0u;
-            suspect[i] = static_cast<uint8_t>(same_value(below, y_bits) |
-                                              same_value(above, y_bits) | not_finite);
+        const uint32_t y_pattern = K::pattern(y[i]);
+        const float y_value = K::value(y_pattern);
+        const uint32_t y_bits = bits_as<uint32_t>(y_value);
+        const uint32_t r = K::round_finite(y_value - d[i]);
+        const float s = K::value(r) + d[i];
+        const uint32_t maps = same_value(bits_as<uint32_t>(K::value(K::round_finite(s))), y_bits);
+        r_out[i] = K::storage(r);
+        if constexpr (K::kBits == 32) {
+            const uint32_t k = K::key(r);
+            const uint32_t neighbour = same_value(K::image(k - 1u, d[i]), y_bits) |
+                                       same_value(K::image(k + 1u, d[i]), y_bits);
+            flagged[i] = static_cast<uint8_t>(not_finite_bits(y_bits) | neighbour | (maps ^ 1u));
         } else {
-            const float c_value = K::value(c);
-            suspect[i] = static_cast<uint8_t>(
-                K::single_candidate(c, K::pattern(y[i]), c_value + d[i]) ^ 1u);
+            flagged[i] = static_cast<uint8_t>((maps & K::single_candidate(r, y_pattern, s)) ^ 1u);
         }
     }
-    alignas(64) int32_t at[kTile];
-    const int n_suspect = compact_flags(suspect, n, at);
-    alignas(64) uint32_t center[kTile], y_bits[kTile], lo[kTile], hi[kTile];
-    alignas(64) float d_s[kTile];
-    alignas(64) uint8_t raw[kTile];
-    for (int q = 0; q < n_suspect; ++q) {
-        center[q] = K::key(K::pattern(theta[at[q]]));
-        y_bits[q] = bits_as<uint32_t>(Format::to_float(y[at[q]]));
+}
+
+// A block's kept elements (F and N, `classes` in the reference), in element order.
+struct KeptElements {
+    int count = 0;    // F and N elements
+    int n_count = 0;  // N elements
+    alignas(64) int32_t at[kSelectorBlock];     // positions in the block
+    alignas(64) uint32_t kr[kSelectorBlock];    // key(r)
+    alignas(64) uint8_t is_n[kSelectorBlock];   // y not finite: the stream keeps theta's pattern
+    alignas(64) uint8_t sided[kSelectorBlock];  // side != 0: theta is not on one side of r
+    alignas(64) uint8_t down[kSelectorBlock];   // side == -1
+};
+
+// Stage 2 on both sides: flag_elements, then for the (~10%) flagged elements r's key
+// neighbours, which decide kept / side; fills `kept`, leaves r in r_out. The flagged elements'
+// inputs are gathered first so that the tests run as a vectorized loop.
+template <class Format>
+inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
+                           const float* ZK_RESTRICT d, int n,
+                           typename Format::storage* ZK_RESTRICT r_out, KeptElements& kept) {
+    using K = Keys<Format>;
+    alignas(64) uint8_t flagged[kSelectorBlock];
+    flag_elements<Format>(y, d, n, r_out, flagged);
+    alignas(64) int32_t at[kSelectorBlock];
+    const int m = compact_flags(flagged, n, at);
+    alignas(64) uint32_t y_bits[kSelectorBlock], r[kSelectorBlock], kr[kSelectorBlock];
+    alignas(64) float d_s[kSelectorBlock];
+    for (int q = 0; q < m; ++q) {
+        y_bits[q] = bits_as<uint32_t>(K::value(K::pattern(y[at[q]])));
+        r[q] = K::pattern(r_out[at[q]]);
         d_s[q] = d[at[q]];
     }
-    suspect_intervals<Format, true>(center, y_bits, d_s, n_suspect, lo, hi, raw);
-    for (int q = 0; q < n_suspect; ++q) {
-        if (!raw[q])  // theta maps to y: lo <= center <= hi
-            writer.append(bit_length(hi[q] - lo[q]), center[q] - lo[q]);
-        else  // y not finite: theta's own pattern
-            writer.append(K::kBits, K::pattern(theta[at[q]]));
+    alignas(64) uint8_t keep[kSelectorBlock], is_n[kSelectorBlock], sided[kSelectorBlock],
+        down[kSelectorBlock];
+    for (int q = 0; q < m; ++q) {
+        const uint32_t k = K::key(r[q]);
+        const uint32_t maps = same_value(K::image_of(r[q], d_s[q]), y_bits[q]);
+        const uint32_t below = same_value(K::image(k - 1u, d_s[q]), y_bits[q]);
+        const uint32_t above = same_value(K::image(k + 1u, d_s[q]), y_bits[q]);
+        const uint32_t nf = not_finite_bits(y_bits[q]);
+        const uint32_t only_r = maps & (below ^ 1u) & (above ^ 1u);
+        kr[q] = k;
+        keep[q] = static_cast<uint8_t>(nf | (only_r ^ 1u));
+        is_n[q] = static_cast<uint8_t>(nf);
+        sided[q] = static_cast<uint8_t>(maps & (below ^ above));
+        down[q] = static_cast<uint8_t>(maps & below & (above ^ 1u));
+    }
+    alignas(64) int32_t which[kSelectorBlock];
+    const int count = compact_flags(keep, m, which);
+    int n_count = 0;
+    for (int p = 0; p < count; ++p) {
+        const int q = which[p];
+        kept.at[p] = at[q];
+        kept.kr[p] = kr[q];
+        kept.is_n[p] = is_n[q];
+        kept.sided[p] = sided[q];
+        kept.down[p] = down[q];
+        n_count += is_n[q];
+    }
+    kept.count = count;
+    kept.n_count = n_count;
+}
+
+// Bits appended LSB first into words, without a branch per field (value < 2^width <= 2^32).
+struct BitSink {
+    uint32_t* out;
+    uint64_t acc = 0;  // pending bits
+    int pending = 0;   // their number (< 32 between appends)
+    int n_full = 0;    // words completed
+
+    explicit BitSink(uint32_t* words) : out(words) {}
+    ZK_INLINE void append(int width, uint32_t value) {
+        acc |= static_cast<uint64_t>(value) << pending;
+        pending += width;
+        out[n_full] = static_cast<uint32_t>(acc);  // stored unconditionally: no branch
+        const int full = pending >> 5;
+        acc >>= 32 * full;
+        n_full += full;
+        pending -= 32 * full;
+    }
+    int finish() {
+        out[n_full] = static_cast<uint32_t>(acc);
+        return n_full + (pending > 0 ? 1 : 0);
+    }
+};
+
+// Stores one block's stream (n_words words) in its row or the pool (write_block in the
+// reference); count-only: only counts the pool words it needs.
+inline void store_stream(const SelectorLogRef& log, uint64_t block, const uint32_t* words,
+                         int n_words) {
+    int32_t* row = log.regions + block * log.words;
+    if (static_cast<uint64_t>(n_words) + 1 <= log.words) {
+        if (!log.count_only) {
+            row[0] = 0;
+            std::memcpy(row + 1, words, static_cast<size_t>(n_words) * 4);
+        }
+        return;
+    }
+    const int64_t first = fetch_add(log.count, static_cast<int64_t>(n_words));
+    if (log.count_only) return;
+    if (static_cast<uint64_t>(first) + static_cast<uint64_t>(n_words) <= log.capacity &&
+        first < INT32_MAX - 1) {
+        row[0] = static_cast<int32_t>(first + 1);
+        std::memcpy(log.pool + first, words, static_cast<size_t>(n_words) * 4);
+    } else {
+        row[0] = -1;  // lost: recovered as applied= alone recovers it
     }
 }
 
-// Reading side of one tile: theta (storage patterns and float32) of the weights holding
-// y = x[i] = round(theta + d1), exact unless the block is lost (then recover_unperturbed).
+// Writing side of one block: theta (storage patterns), y = round(theta + d) (storage), d.
 template <class Format>
-inline void recover_selectors(const typename Format::storage* ZK_RESTRICT x,
-                              const float* ZK_RESTRICT d1, int n, SelectorReader& reader,
-                              typename Format::storage* ZK_RESTRICT theta_s,
-                              float* ZK_RESTRICT theta) {
+inline void log_block(const SelectorLogRef& log, uint64_t block,
+                      const typename Format::storage* ZK_RESTRICT theta,
+                      const typename Format::storage* ZK_RESTRICT y, const float* ZK_RESTRICT d,
+                      int n) {
     using K = Keys<Format>;
-    using G = Grid<Format>;
-    // Stage 1: r = round(y - d1) is theta when it maps to y and is the single candidate.
-    alignas(64) uint8_t suspect[kTile];
-    for (int i = 0; i < n; ++i) {
-        const uint32_t y_pattern = K::pattern(x[i]);
-        const float y_value = K::value(y_pattern);
-        const uint32_t r = K::round_finite(y_value - d1[i]);
-        const float r_value = K::value(r);
-        const float s = r_value + d1[i];
-        const uint32_t y_bits = bits_as<uint32_t>(y_value);
-        const uint32_t maps = bits_as<uint32_t>(K::value(K::round_finite(s))) == y_bits ? 1u : 0u;
-        theta_s[i] = K::storage(r);
-        if constexpr (K::kBits == 32) {  // the exact test: r's key neighbours miss y
-            const uint32_t k = K::key(r);
-            const uint32_t below = bits_as<uint32_t>(K::image(k - 1u, d1[i]));
-            const uint32_t above = bits_as<uint32_t>(K::image(k + 1u, d1[i]));
-            const uint32_t not_finite = ((y_bits & 0x7FFFFFFFu) >= 0x7F800000u ? 1u : 0u) |
-                                        ((r & (K::kSign - 1u)) >= K::kInf ? 1u : 0u);
-            suspect[i] = static_cast<uint8_t>(not_finite | same_value(below, y_bits) |
-                                              same_value(above, y_bits) | (maps ^ 1u));
+    alignas(64) typename Format::storage r[kSelectorBlock];
+    KeptElements kept;
+    classify_block<Format>(y, d, n, r, kept);
+    alignas(64) uint32_t words[kMaxStreamWords];
+    if (kept.count == 0) {
+        store_stream(log, block, words, 0);
+        return;
+    }
+    const int count = kept.count;
+    // delta = key(theta) - key(r) as a sign and a magnitude (uint32: |delta| < 2^32)
+    alignas(64) uint32_t payload[kSelectorBlock];
+    alignas(64) uint8_t moved[kSelectorBlock], step[kSelectorBlock], far[kSelectorBlock];
+    alignas(64) uint32_t t[kSelectorBlock];
+    for (int p = 0; p < count; ++p) t[p] = K::pattern(theta[kept.at[p]]);
+    alignas(64) uint32_t far_value[kSelectorBlock];
+    for (int p = 0; p < count; ++p) {  // vectorizes: masks, no branches, no reduction
+        const uint32_t kt = K::key(t[p]), kr = kept.kr[p];
+        const uint32_t negative = kt < kr ? 1u : 0u;
+        const uint32_t sign = 0u - negative;
+        const uint32_t magnitude = ((kt - kr) ^ sign) - sign;  // |kt - kr|
+        const uint32_t f = kept.is_n[p] ^ 1u;
+        const uint32_t mv = f & (magnitude != 0 ? 1u : 0u);
+        const uint32_t fr = mv & (magnitude >= 2 ? 1u : 0u);
+        const uint32_t sided = kept.sided[p];
+        far_value[p] = (magnitude - 2u) & (0u - fr);
+        moved[p] = static_cast<uint8_t>(mv);
+        far[p] = static_cast<uint8_t>(fr);
+        step[p] = static_cast<uint8_t>(sided ? fr : negative | (fr << 1));
+        payload[p] = (t[p] & (0u - kept.is_n[p])) | far_value[p];
+    }
+    uint32_t largest = 0, any_far = 0;
+    for (int p = 0; p < count; ++p) {
+        largest = far_value[p] > largest ? far_value[p] : largest;
+        any_far |= far[p];
+    }
+    BitSink sink(words);
+    const int n_f = count - kept.n_count;
+    sink.append(kCountBits, static_cast<uint32_t>(n_f));
+    // moved bits of the F elements, packed eight per multiply (compact_flags' trick)
+    alignas(64) uint8_t moved_f[kSelectorBlock + 32];
+    int j = 0;
+    for (int p = 0; p < count; ++p) {
+        moved_f[j] = moved[p];
+        j += kept.is_n[p] ^ 1;
+    }
+    const unsigned tail = static_cast<unsigned>(n_f) < kSelectorBlock ? n_f : kSelectorBlock;
+    std::memset(moved_f + tail, 0, 32);  // the last 32-bit group's bits past n_F are 0
+    for (int b = 0; b < n_f; b += 32) {
+        uint32_t bits = 0;
+        for (int k = 0; k < 4; ++k) {
+            uint64_t eight;
+            std::memcpy(&eight, moved_f + b + 8 * k, 8);
+            bits |= static_cast<uint32_t>((eight * 0x0102040810204080ull) >> 56) << (8 * k);
+        }
+        sink.append(min_of(32, n_f - b), bits);
+    }
+    alignas(64) int32_t at_moved[kSelectorBlock];
+    const int n_moved = compact_flags(moved, count, at_moved);
+    for (int q = 0; q < n_moved; ++q) {
+        const int p = at_moved[q];
+        sink.append(kept.sided[p] ? 1 : 2, step[p]);
+    }
+    if (any_far | (kept.n_count > 0 ? 1u : 0u)) {
+        const int w = bit_length(largest);
+        if (any_far) sink.append(kWidthBits, static_cast<uint32_t>(w));
+        for (int p = 0; p < count; ++p)
+            sink.append(kept.is_n[p] ? K::kBits : far[p] ? w : 0, payload[p]);
+    }
+    store_stream(log, block, words, sink.finish());
+}
+
+// A block's stream as the reader sees it (block_stream in the reference): the rest of its row,
+// or the pool from its offset; copied on demand into a zero-padded buffer, so that any bit past
+// the stream's end reads as 0 (a stream holding garbage reads inside its row / the pool).
+struct StreamSource {
+    const uint32_t* src = nullptr;
+    uint64_t limit = 0;  // words readable at src
+    int have = 0;        // words copied into `words`
+    alignas(64) uint32_t words[kMaxStreamWords];
+
+    // false: the block is lost (-1, or a header that points past the pool)
+    bool open(const SelectorLogRef& log, uint64_t block) {
+        const int32_t* row = log.regions + block * log.words;
+        const int32_t header = row[0];
+        have = 0;
+        if (header == 0) {
+            src = reinterpret_cast<const uint32_t*>(row + 1);
+            limit = log.words - 1;
+        } else if (header > 0 && static_cast<uint64_t>(header - 1) < log.capacity) {
+            src = reinterpret_cast<const uint32_t*>(log.pool + (header - 1));
+            limit = log.capacity - static_cast<uint64_t>(header - 1);
         } else {
-            suspect[i] = static_cast<uint8_t>((maps & K::single_candidate(r, y_pattern, s)) ^ 1u);
+            return false;
+        }
+        return true;
+    }
+    // Makes the bits below `bits` (plus a word for 64-bit reads) readable.
+    void ensure(int bits) {
+        const int need = min_of(bits / 32 + 2, kMaxStreamWords);
+        if (need <= have) return;
+        const int copied = static_cast<int>(min_of<uint64_t>(limit, static_cast<uint64_t>(need)));
+        if (copied > have) std::memcpy(words + have, src + have, static_cast<size_t>(copied - have) * 4);
+        const int from = copied > have ? copied : have;
+        if (need > from) std::memset(words + from, 0, static_cast<size_t>(need - from) * 4);
+        have = need;
+    }
+    // The `width` (0 .. 32) bits at bit `pos` (ensured).
+    ZK_INLINE uint32_t field(uint32_t pos, int width) const {
+        uint64_t pair;
+        std::memcpy(&pair, words + (pos >> 5), 8);
+        return static_cast<uint32_t>((pair >> (pos & 31u)) & ((uint64_t{1} << width) - 1u));
+    }
+};
+
+// Reading side of one block: theta (storage patterns) of the weights holding y = x[i] =
+// round(theta + d1): exact, unless the block is lost (then recover_unperturbed).
+template <class Format>
+inline void recover_block(const SelectorLogRef& log, uint64_t block,
+                          const typename Format::storage* ZK_RESTRICT x,
+                          const float* ZK_RESTRICT d1, int n,
+                          typename Format::storage* ZK_RESTRICT theta) {
+    using K = Keys<Format>;
+    KeptElements kept;
+    classify_block<Format>(x, d1, n, theta, kept);  // theta = r
+    const int count = kept.count;
+    if (count == 0) return;
+    StreamSource stream;
+    if (!stream.open(log, block)) {
+        for (int p = 0; p < count; ++p) {
+            const int i = kept.at[p];
+            theta[i] = K::storage(Grid<Format>::round_bits(
+                recover_unperturbed<Format>(Format::to_float(x[i]), d1[i])));
+        }
+        return;
+    }
+    // Each field's position: the running sum of the widths before it (as the reference's
+    // cumsums), independent reads rather than a serial bit reader.
+    const int n_f = count - kept.n_count;
+    stream.ensure(kCountBits + 3 * n_f + kWidthBits);
+    alignas(64) uint8_t moved[kSelectorBlock], far[kSelectorBlock];
+    alignas(64) uint32_t step[kSelectorBlock];
+    uint32_t pos = kCountBits;
+    for (int p = 0; p < count; ++p) {
+        const uint32_t f = kept.is_n[p] ^ 1u;
+        moved[p] = static_cast<uint8_t>(stream.field(pos, 1) & f);
+        pos += f;
+    }
+    uint32_t any_far = 0;
+    for (int p = 0; p < count; ++p) {
+        const int width = moved[p] ? (kept.sided[p] ? 1 : 2) : 0;
+        const uint32_t s = stream.field(pos, width);
+        pos += static_cast<uint32_t>(width);
+        step[p] = s;
+        far[p] = static_cast<uint8_t>(moved[p] & (kept.sided[p] ? s : s >> 1));
+        any_far |= far[p];
+    }
+    int w = 0;
+    if (any_far) {
+        w = static_cast<int>(min_of(stream.field(pos, kWidthBits), 32u));
+        pos += kWidthBits;
+    }
+    const bool payloads = any_far || kept.n_count > 0;
+    if (payloads) stream.ensure(static_cast<int>(pos) + 32 * count);
+    for (int p = 0; p < count; ++p) {
+        const int width = kept.is_n[p] ? K::kBits : far[p] ? w : 0;
+        const uint32_t payload = payloads ? stream.field(pos, width) : 0u;
+        pos += static_cast<uint32_t>(width);
+        const uint32_t negative = kept.sided[p] ? kept.down[p] : step[p] & 1u;
+        const uint32_t magnitude = far[p] ? 2u + payload : moved[p];
+        const uint32_t k = negative ? kept.kr[p] - magnitude : kept.kr[p] + magnitude;
+        theta[kept.at[p]] = K::storage(kept.is_n[p] ? payload : K::from_key(k));
+    }
+}
+
+// One block of a pass with selector logs, perturb and lowrank_perturb alike: theta (exactly
+// from the held log `in`, by recovery alone without one, or x itself without kRecover), the
+// rounded result round(decay * theta + d) from `store(theta, y)`, the new stream into `out`,
+// then x (unless counting only). x holds the block's n elements, d / d1 their sums.
+template <class Format, bool kRecover, class Store>
+inline void selector_block(const SelectorLogRef& in, const SelectorLogRef& out, uint64_t block,
+                           typename Format::storage* x, int n, float decay, const float* d,
+                           const float* d1, const Store& store) {
+    using Storage = typename Format::storage;
+    alignas(64) Storage recovered[kRecover ? kSelectorBlock : 1];
+    alignas(64) Storage y[kSelectorBlock];
+    const Storage* theta = x;  // without recovery, read in place (x is written last)
+    if constexpr (kRecover) {
+        if (in.active()) {
+            recover_block<Format>(in, block, x, d1, n, recovered);
+        } else {
+            alignas(64) float value[kSelectorBlock];
+            recover_tile<Format>(x, d1, n, value);
+            for (int i = 0; i < n; ++i) recovered[i] = storage_of<Format>(value[i]);
+        }
+        theta = recovered;
+    }
+    store(theta, y);
+    // The stream is of round(theta + d) (the reference logs before the rule below).
+    if (out.active()) log_block<Format>(out, block, theta, y, d, n);
+    if (in.active() && decay == 1.0f) {  // left at its value: theta's exact pattern
+        using K = Keys<Format>;
+        for (int i = 0; i < n; ++i) {  // a mask, not a select of loads: vectorizes
+            const uint32_t keep = 0u - ((bits_as<uint32_t>(d[i]) << 1) == 0 ? 1u : 0u);
+            y[i] = K::storage((K::pattern(theta[i]) & keep) | (K::pattern(y[i]) & ~keep));
         }
     }
-    alignas(64) int32_t at[kTile];
-    const int n_suspect = compact_flags(suspect, n, at);
-    alignas(64) uint32_t center[kTile], y_bits[kTile], lo[kTile], hi[kTile];
-    alignas(64) float d_s[kTile];
-    alignas(64) uint8_t raw[kTile];
-    for (int q = 0; q < n_suspect; ++q) {
-        center[q] = K::key(K::pattern(theta_s[at[q]]));  // r
-        y_bits[q] = bits_as<uint32_t>(Format::to_float(x[at[q]]));
-        d_s[q] = d1[at[q]];
-    }
-    if (reader.lost()) {  // recovery alone
-        for (int q = 0; q < n_suspect; ++q)
-            theta_s[at[q]] = K::storage(
-                G::round_bits(recover_unperturbed<Format>(bits_as<float>(y_bits[q]), d_s[q])));
-    } else {
-        suspect_intervals<Format, false>(center, y_bits, d_s, n_suspect, lo, hi, raw);
-        for (int q = 0; q < n_suspect; ++q) {
-            uint32_t p;
-            if (raw[q])  // y not finite: theta's own pattern
-                p = reader.take(K::kBits);
-            else if (hi[q] + 1u != lo[q])  // (hi < lo only as lo - 1: hi is below lo's key)
-                p = K::from_key(lo[q] + reader.take(bit_length(hi[q] - lo[q])));
-            else  // no weight maps to y: not written by the logged pass
-                p = G::round_bits(recover_unperturbed<Format>(bits_as<float>(y_bits[q]), d_s[q]));
-            theta_s[at[q]] = K::storage(p);
-        }
-    }
-    for (int i = 0; i < n; ++i) theta[i] = Format::to_float(theta_s[i]);
+    if (!out.count_only) std::memcpy(x, y, sizeof(Storage) * n);
 }
 
 }  // namespace zk

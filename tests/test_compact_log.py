@@ -12,7 +12,7 @@ from helpers import (assert_bits_equal, assert_interrupted_step_leaves_weights, 
 from zokernels.backends.cpu.perturb import perturb_cpu
 from zokernels.backends.torch.perturb import perturb_torch
 from zokernels.backends.torch.rounding import recover
-from zokernels.backends.torch.selector_log import BLOCK, n_blocks, widths_and_selectors
+from zokernels.backends.torch.selector_log import BLOCK, block_fields, log_tensor, n_blocks
 from zokernels.backends.undo_buffers import SelectorBuffers
 from zokernels.ops.undo import SelectorLog, UndoLog
 from zokernels.optim import LeZO, MeZO, PseuZO
@@ -31,14 +31,19 @@ def _weights(dtype: torch.dtype) -> list[torch.Tensor]:
     tensors += [torch.zeros(100, dtype=dtype), torch.full((50,), -0.0, dtype=dtype),
                 (1e-7 * torch.randn(300, generator=g)).to(dtype),
                 torch.full((7,), float("nan"), dtype=dtype)]
-    mix = (0.02 * torch.randn(2 * BLOCK + 5, generator=g)).to(dtype)
+    tensors.append(_mix(dtype, 2 * BLOCK + 5, g))
+    return tensors
+
+
+def _mix(dtype: torch.dtype, n: int, g: torch.Generator) -> torch.Tensor:
+    """N(0, 0.02) weights with zeros, -0.0, NaN, infinities and tiny values in every block."""
+    mix = (0.02 * torch.randn(n, generator=g)).to(dtype)
     mix[::7] = 0.0
     mix[1::11] = -0.0
     mix[2::13] = float("nan")
     mix[3::17] = float("inf")
     mix[4::19] = 1e-30
-    tensors.append(mix)
-    return tensors
+    return mix
 
 
 def _buffers(tensors, words: int = 6, capacity: int = 1 << 16) -> SelectorBuffers:
@@ -62,19 +67,21 @@ def _streams(log: SelectorBuffers) -> list[list[int]]:
 
 
 def _step_passes(fn, tensors, dist: str, seed: int = 11, words: int = 6,
-                 capacity: int = 1 << 16):
+                 capacity: int = 1 << 16, index_maps=None):
     """+eps z logged into L1; -eps z from the exact theta (reading L1) logged into L2; then a
     restore (scale 0) reading L2. Returns the weights after each pass and the logs."""
     keys = list(range(len(tensors)))
     ones = torch.ones(len(tensors))
+    extra = {} if index_maps is None else {"index_maps": index_maps}
     l1, l2 = _buffers(tensors, words, capacity), _buffers(tensors, words, capacity)
-    fn(tensors, keys, [seed], torch.tensor([EPS]), ones, dist, "nearest", seed, selector_log=l1)
+    fn(tensors, keys, [seed], torch.tensor([EPS]), ones, dist, "nearest", seed, selector_log=l1,
+       **extra)
     plus = [t.clone() for t in tensors]
     fn(tensors, keys, [seed], torch.tensor([-EPS]), ones, dist, "nearest", seed,
-       applied=torch.tensor([EPS]), held_log=l1, selector_log=l2)
+       applied=torch.tensor([EPS]), held_log=l1, selector_log=l2, **extra)
     minus = [t.clone() for t in tensors]
     fn(tensors, keys, [seed], torch.tensor([0.0]), ones, dist, "nearest", seed,
-       applied=torch.tensor([-EPS]), held_log=l2)
+       applied=torch.tensor([-EPS]), held_log=l2, **extra)
     return plus, minus, l1, l2
 
 
@@ -129,6 +136,117 @@ def test_cpu_reads_the_reference_log(dtype):
                 applied=torch.tensor([EPS]), held_log=log)
     for j, (a, b) in enumerate(zip(tensors, original)):
         assert_bits_equal(a, b, f"tensor {j}")
+
+
+# Shards whose runs are shorter than a block (and unaligned on the contract index): a block of
+# the log spans several tiles, down to one element each (local_span 1).
+SHARD_MAPS = [(5, 100, 333), (1000, 1, 3), (7, 1250, 2000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sharded_blocks_spanning_several_tiles_equal_the_reference(dtype):
+    """Mapped tensors, whose blocks the C++ pass gathers tile by tile: the same logs (far and N
+    elements included), the same weights after every pass, an exact restore."""
+    g = torch.Generator().manual_seed(4)
+    original = [_mix(dtype, 3000, g), _mix(dtype, 2100, g),
+                (0.02 * torch.randn(2500, generator=g)).to(dtype)]
+    runs = {name: _step_passes(fn, [t.clone() for t in original], "rademacher",
+                               index_maps=SHARD_MAPS, capacity=1 << 18)
+            for name, fn in BACKENDS.items()}
+    for k in (0, 1):  # after +eps, after -eps
+        for j, (a, b) in enumerate(zip(runs["cpu"][k], runs["torch"][k])):
+            finite = torch.isfinite(b.float())
+            assert_bits_equal(a[finite], b[finite], f"pass {k} tensor {j}")
+    for k in (2, 3):
+        assert _streams(runs["cpu"][k]) == _streams(runs["torch"][k])
+        assert int(runs["cpu"][k].count) == int(runs["torch"][k].count) > 0
+    for name in BACKENDS:  # _step_passes restored its clones in place: rerun to read them
+        tensors = [t.clone() for t in original]
+        _step_passes(BACKENDS[name], tensors, "rademacher", index_maps=SHARD_MAPS,
+                     capacity=1 << 18)
+        for j, (a, b) in enumerate(zip(tensors, original)):
+            assert_bits_equal(a, b, f"{name} restore tensor {j}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gaussian_log_of_many_blocks_equals_the_reference(dtype):
+    """N(0, 0.02) weights over many blocks under gaussian noise (elements two or more keys from
+    r with no known side): the C++ log equals the reference's for the same D (the C++ pass's
+    own noise), and the restore is exact."""
+    g = torch.Generator().manual_seed(6)
+    theta = torch.cat([(0.02 * torch.randn(40 * BLOCK, generator=g)).to(dtype),
+                       _mix(dtype, 3 * BLOCK + 17, g)])
+    d = torch.zeros(theta.numel())
+    perturb_cpu([d], [0], [13], torch.tensor([EPS]), torch.ones(1), "gaussian", "nearest", 13)
+    t = theta.clone()
+    cpu = _buffers([t], words=6, capacity=1 << 18)
+    perturb_cpu([t], [0], [13], torch.tensor([EPS]), torch.ones(1), "gaussian", "nearest", 13,
+                selector_log=cpu)
+    ref = _buffers([t], words=6, capacity=1 << 18)
+    log_tensor(ref.regions, ref.pool, ref.count, 0, theta, t, d)
+    assert _streams(cpu) == _streams(ref)
+    assert int(cpu.count) == int(ref.count)
+    perturb_cpu([t], [0], [13], torch.tensor([0.0]), torch.ones(1), "gaussian", "nearest", 13,
+                applied=torch.tensor([EPS]), held_log=cpu)
+    assert_bits_equal(t, theta, "restore")
+
+
+def _garbage_log(tensors, words: int, capacity: int, g: torch.Generator) -> SelectorBuffers:
+    """Rows and a pool of random words (so n_F up to 2047, W up to 63, any step and payload
+    bits) with headers of every kind: in the row, into the pool (also near its end), past the
+    pool, lost, negative. Both sit at the start of larger buffers of random words, so that a read
+    past a row or past the pool would see words the reference reads as 0."""
+    rows = sum(n_blocks(t.numel()) for t in tensors)
+    spare = torch.randint(-(1 << 31), 1 << 31, (rows * words + 4096,), generator=g,
+                          dtype=torch.int64).to(torch.int32)
+    pool_spare = torch.randint(-(1 << 31), 1 << 31, (capacity + 4096,), generator=g,
+                               dtype=torch.int64).to(torch.int32)
+    regions = spare[:rows * words].view(rows, words)
+    kinds = torch.randint(0, 6, (rows,), generator=g)
+    header = torch.randint(1, capacity + 1, (rows,), generator=g)
+    header = torch.where(kinds == 0, 0, header)
+    header = torch.where(kinds == 1, capacity - torch.randint(0, 3, (rows,), generator=g), header)
+    header = torch.where(kinds == 2, capacity + 1 + torch.randint(0, 9, (rows,), generator=g),
+                         header)
+    header = torch.where(kinds == 3, -1, header)
+    header = torch.where(kinds == 4, -torch.randint(2, 1 << 30, (rows,), generator=g), header)
+    regions[:, 0] = header.to(torch.int32)
+    return SelectorBuffers(regions, pool_spare[:capacity], torch.zeros(1, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["dense", "sharded"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_log_of_garbage_is_read_inside_its_buffers(dtype, mapped):
+    """A recovering pass reading a log that no pass wrote neither crashes nor reads outside each
+    row (words 1..) or the pool (bits past their end read as 0): it gives back exactly what the
+    reference reads from the same words (in lost blocks, recovery's NaNs as NaNs: torch's
+    conversions do not keep one NaN pattern)."""
+    g = torch.Generator().manual_seed(9 + mapped)
+    original = [_mix(dtype, 3000, g), (1e-7 * torch.randn(2100, generator=g)).to(dtype),
+                (0.02 * torch.randn(2500, generator=g)).to(dtype)]
+    extra = {"index_maps": SHARD_MAPS} if mapped else {}
+    keys, ones = list(range(len(original))), torch.ones(len(original))
+    perturbed = [t.clone() for t in original]
+    perturb_torch(perturbed, keys, [3], torch.tensor([EPS]), ones, "rademacher", "nearest", 3,
+                  **extra)
+    for words in (2, 6):
+        log = _garbage_log(original, words, 300, g)
+        outs = {}
+        for name, fn in BACKENDS.items():
+            tensors = [t.clone() for t in perturbed]
+            fn(tensors, keys, [3], torch.tensor([0.0]), ones, "rademacher", "nearest", 3,
+               applied=torch.tensor([EPS]), held_log=log, **extra)
+            outs[name] = tensors
+        header = log.regions[:, 0]
+        lost_rows = (header < 0) | (header > log.pool.numel())
+        row = 0
+        for j, (a, b) in enumerate(zip(outs["cpu"], outs["torch"])):
+            rows = n_blocks(b.numel())
+            lost = lost_rows[row:row + rows].repeat_interleave(BLOCK)[:b.numel()]
+            row += rows
+            exact = torch.isfinite(b.float()) | ~lost
+            assert_bits_equal(a[exact], b[exact], f"words {words} tensor {j}")
+            assert torch.equal(a.float().isnan(), b.float().isnan()), f"words {words} tensor {j}"
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -381,12 +499,15 @@ def test_prefilter_is_conservative_on_every_pattern(dtype):
     every pattern."""
     theta = _every_pattern(dtype)
     rows = n_blocks(theta.numel())
+    # a pool for the longest streams (every element far, 32-bit payloads): no block is lost, so
+    # the pool's order of blocks (threads) does not decide which are
+    capacity = rows * -(-(11 + 3 * BLOCK + 6 + 32 * BLOCK) // 32)
     for k, scales in enumerate(_crafted_scales(dtype)):
         seeds = [100 + k + j for j in range(len(scales))]
         logs, outs = {}, {}
         for name, fn in BACKENDS.items():
             t = theta.clone()
-            log = _buffers([t], words=6, capacity=rows * 1024)
+            log = _buffers([t], words=6, capacity=capacity)
             fn([t], [3], seeds, torch.tensor(scales), torch.ones(1), "rademacher", "nearest", 1,
                selector_log=log)
             logs[name], outs[name] = log, t
@@ -395,11 +516,12 @@ def test_prefilter_is_conservative_on_every_pattern(dtype):
         d = torch.zeros(theta.numel())
         perturb_torch([d], [3], seeds, torch.tensor(scales), torch.ones(1), "rademacher",
                       "nearest", 1)
-        width, _ = widths_and_selectors(theta, outs["torch"], d)
-        n_words = [-(-int(width[b * BLOCK:(b + 1) * BLOCK].sum()) // 32) for b in range(rows)]
+        part = [slice(b * BLOCK, (b + 1) * BLOCK) for b in range(rows)]
+        n_words = [-(-int(block_fields(theta[p], outs["torch"][p], d[p])[0].sum()) // 32)
+                   for p in part]
         assert _block_words(logs["cpu"], n_words) == _block_words(logs["torch"], n_words), \
             f"{scales}: logs differ"
-        assert int(logs["cpu"].count) == int(logs["torch"].count) <= rows * 1024
+        assert int(logs["cpu"].count) == int(logs["torch"].count) <= capacity
         back = outs["torch"].clone()
         perturb_cpu([back], [3], seeds, torch.zeros(len(scales)), torch.ones(1), "rademacher",
                     "nearest", 1, applied=torch.tensor(scales), held_log=logs["torch"])

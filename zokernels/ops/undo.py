@@ -226,9 +226,10 @@ class UndoLog:
 
 # Words per block row of a selector log (header included), by dtype: measured on N(0, 0.02)
 # weights at eps = 1e-3 (benchmarks/undo_memory.py, benchmarks/results/undo_memory_cpu.json), a
-# block of 1024 elements needs on average 189 stream bits in bf16 (p99.9: 341) and 285 in fp32
-# (p99.9: 410); rows of 8 and 12 words keep two logs (a step's at most) at 3.5% / 2.4% of the
-# parameters' bytes, pool included, the least of the row sizes measured.
+# block of 1024 elements needs on average 192 stream bits in bf16 (p99.9: 355), 175 in fp16
+# (p99.9: 241) and 286 in fp32 (p99.9: 413); rows of 8, 8 and 12 words keep two logs (a step's at
+# most) at 3.6%, 3.2% and 2.4% of the parameters' bytes, pool included, the least of the row
+# sizes measured.
 REGION_WORDS = {torch.float32: 12, torch.bfloat16: 8, torch.float16: 8}
 # Backends whose perturb reads and writes selector logs (selector_log=, held_log=).
 SELECTOR_BACKENDS = ("cpu", "torch", "triton")
