@@ -620,7 +620,7 @@ def _tiny_logs(opt) -> list[UndoLog]:
         # the dense selector logs (rows of one word of bits, so that blocks spill to the pool)
         # or the low-rank undo logs
         made = kind(slack=0, words=2) if kind is SelectorLog else kind(slack=0)
-        made.load_state_dict(tiny)
+        made.load_state_dict(dict(tiny, unit=kind.UNIT))  # sizes in the log's own unit
         return made
 
     opt._logs = [(log(type(a)), log(type(b))) for a, b in opt._logs]
