@@ -1,5 +1,6 @@
-// The selector log, stream v2 (docs/undo-log.md). The spec, bit for bit, is the torch reference
-// zokernels/backends/torch/selector_log.py (`flags`, `classes`, `block_fields`, `read_block`).
+// The selector log, stream v2 (docs/undo-log.md: storage, capacity, overflow). The spec, bit for
+// bit, is the torch reference zokernels/backends/torch/selector_log.py (`flags`, `classes`,
+// `block_fields`, `read_block`).
 //
 // A pass writes y = round(theta + d). Writer and reader both compute, from (y, d) alone, the
 // recovery candidate r = round(y - d) and the same classes: `flagged` (y not finite, or r not
