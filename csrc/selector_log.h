@@ -1,5 +1,6 @@
-// The selector log, stream v2 (docs/undo-log.md). The spec, bit for bit, is the torch reference
-// zokernels/backends/torch/selector_log.py (`flags`, `classes`, `block_fields`, `read_block`).
+// The selector log, stream v2 (docs/undo-log.md: storage, capacity, overflow). The spec, bit for
+// bit, is the torch reference zokernels/backends/torch/selector_log.py (`flags`, `classes`,
+// `block_fields`, `read_block`).
 //
 // A pass writes y = round(theta + d). Writer and reader both compute, from (y, d) alone, the
 // recovery candidate r = round(y - d) and the same classes: `flagged` (y not finite, or r not
@@ -132,7 +133,8 @@ struct Keys {
             return ((b & 0x80000000u) >> 16) | (((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu));
         }
     }
-    static ZK_INLINE float value(uint32_t p) { return Grid<Format>::value(p & kAll); }
+    // (a 16-bit pattern's bits past 16 are shifted out by the conversions)
+    static ZK_INLINE float value(uint32_t p) { return Grid<Format>::value(p); }
     // round_nearest(float32(c) + d) as float32 bits, c the weight of pattern p / of key k
     static ZK_INLINE uint32_t image_of(uint32_t p, float d) {
         return bits_as<uint32_t>(value(round_finite(value(p) + d)));
@@ -188,15 +190,27 @@ ZK_INLINE int bit_length(uint32_t v) {
     return v == 0 ? 0 : 32 - __builtin_clz(v);  // a select: no loop, no mispredicted branch
 }
 
+// Per flagged element, the classes (`classes` in the reference) as bits of one byte.
+enum ClassBits : uint8_t { kKeep = 1, kIsN = 2, kSided = 4, kDown = 8 };
+
+// The class byte of an element whose r = round(y - d) does (maps) / whose key neighbours do
+// (below, above) map to y (as values); nf: y is not finite.
+ZK_INLINE uint8_t class_byte(uint32_t maps, uint32_t below, uint32_t above, uint32_t nf) {
+    const uint32_t only_r = maps & (below ^ 1u) & (above ^ 1u);
+    return static_cast<uint8_t>((nf | (only_r ^ 1u)) | (nf << 1) | ((maps & (below ^ above)) << 2) |
+                                ((maps & below & (above ^ 1u)) << 3));
+}
+
 // Stage 1 on both sides, every element (vectorizes; `flags` in the reference): r[i] =
 // round(y - d) and flagged[i] = y is not finite, or r is not proven the only weight mapping
 // to y: it must map (image == y as values) and be single, for float32 exactly (neither key
 // neighbour maps), for the 16-bit formats by Keys::single_candidate (which also fails for a y
-// that is not normal).
+// that is not normal). float32 has tested the neighbours here, so it also stores the class
+// byte (for float32 every flagged element is kept).
 template <class Format>
 inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const float* ZK_RESTRICT d,
                           int n, typename Format::storage* ZK_RESTRICT r_out,
-                          uint8_t* ZK_RESTRICT flagged) {
+                          uint8_t* ZK_RESTRICT flagged, uint8_t* ZK_RESTRICT class_out) {
     using K = Keys<Format>;
     for (int i = 0; i < n; ++i) {
         const uint32_t y_pattern = K::pattern(y[i]);
@@ -208,10 +222,13 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
         r_out[i] = K::storage(r);
         if constexpr (K::kBits == 32) {
             const uint32_t k = K::key(r);
-            const uint32_t neighbour = same_value(K::image(k - 1u, d[i]), y_bits) |
-                                       same_value(K::image(k + 1u, d[i]), y_bits);
-            flagged[i] = static_cast<uint8_t>(not_finite_bits(y_bits) | neighbour | (maps ^ 1u));
+            const uint32_t below = same_value(K::image(k - 1u, d[i]), y_bits);
+            const uint32_t above = same_value(K::image(k + 1u, d[i]), y_bits);
+            const uint32_t nf = not_finite_bits(y_bits);
+            flagged[i] = static_cast<uint8_t>(nf | below | above | (maps ^ 1u));
+            class_out[i] = class_byte(maps, below, above, nf);
         } else {
+            (void)class_out;
             flagged[i] = static_cast<uint8_t>((maps & K::single_candidate(r, y_pattern, s)) ^ 1u);
         }
     }
@@ -223,23 +240,34 @@ struct KeptElements {
     int n_count = 0;  // N elements
     alignas(64) int32_t at[kSelectorBlock];     // positions in the block
     alignas(64) uint32_t kr[kSelectorBlock];    // key(r)
-    alignas(64) uint8_t is_n[kSelectorBlock];   // y not finite: the stream keeps theta's pattern
-    alignas(64) uint8_t sided[kSelectorBlock];  // side != 0: theta is not on one side of r
-    alignas(64) uint8_t down[kSelectorBlock];   // side == -1
+    alignas(64) uint8_t code[kSelectorBlock];   // ClassBits
 };
 
-// Stage 2 on both sides: flag_elements, then for the (~10%) flagged elements r's key
-// neighbours, which decide kept / side; fills `kept`, leaves r in r_out. The flagged elements'
-// inputs are gathered first so that the tests run as a vectorized loop.
+// Stage 2 on both sides: flag_elements, then (16-bit formats) for the ~10% flagged elements r's
+// key neighbours, which decide kept / side; fills `kept`, leaves r in r_out. The flagged
+// elements' inputs are gathered first so that the tests run as a vectorized loop.
 template <class Format>
 inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
                            const float* ZK_RESTRICT d, int n,
                            typename Format::storage* ZK_RESTRICT r_out, KeptElements& kept) {
     using K = Keys<Format>;
-    alignas(64) uint8_t flagged[kSelectorBlock];
-    flag_elements<Format>(y, d, n, r_out, flagged);
+    alignas(64) uint8_t flagged[kSelectorBlock], code[kSelectorBlock];
+    flag_elements<Format>(y, d, n, r_out, flagged, code);
     alignas(64) int32_t at[kSelectorBlock];
     const int m = compact_flags(flagged, n, at);
+    int n_count = 0;
+    if constexpr (K::kBits == 32) {  // flagged == kept, classes from stage 1
+        for (int q = 0; q < m; ++q) {
+            const int i = at[q];
+            kept.at[q] = i;
+            kept.kr[q] = K::key(K::pattern(r_out[i]));
+            kept.code[q] = code[i];
+            n_count += code[i] >> 1 & 1;
+        }
+        kept.count = m;
+        kept.n_count = n_count;
+        return;
+    }
     alignas(64) uint32_t y_bits[kSelectorBlock], r[kSelectorBlock], kr[kSelectorBlock];
     alignas(64) float d_s[kSelectorBlock];
     for (int q = 0; q < m; ++q) {
@@ -247,32 +275,24 @@ inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
         r[q] = K::pattern(r_out[at[q]]);
         d_s[q] = d[at[q]];
     }
-    alignas(64) uint8_t keep[kSelectorBlock], is_n[kSelectorBlock], sided[kSelectorBlock],
-        down[kSelectorBlock];
+    alignas(64) uint8_t keep[kSelectorBlock];
     for (int q = 0; q < m; ++q) {
         const uint32_t k = K::key(r[q]);
         const uint32_t maps = same_value(K::image_of(r[q], d_s[q]), y_bits[q]);
         const uint32_t below = same_value(K::image(k - 1u, d_s[q]), y_bits[q]);
         const uint32_t above = same_value(K::image(k + 1u, d_s[q]), y_bits[q]);
-        const uint32_t nf = not_finite_bits(y_bits[q]);
-        const uint32_t only_r = maps & (below ^ 1u) & (above ^ 1u);
         kr[q] = k;
-        keep[q] = static_cast<uint8_t>(nf | (only_r ^ 1u));
-        is_n[q] = static_cast<uint8_t>(nf);
-        sided[q] = static_cast<uint8_t>(maps & (below ^ above));
-        down[q] = static_cast<uint8_t>(maps & below & (above ^ 1u));
+        code[q] = class_byte(maps, below, above, not_finite_bits(y_bits[q]));
+        keep[q] = code[q] & kKeep;
     }
     alignas(64) int32_t which[kSelectorBlock];
     const int count = compact_flags(keep, m, which);
-    int n_count = 0;
     for (int p = 0; p < count; ++p) {
         const int q = which[p];
         kept.at[p] = at[q];
         kept.kr[p] = kr[q];
-        kept.is_n[p] = is_n[q];
-        kept.sided[p] = sided[q];
-        kept.down[p] = down[q];
-        n_count += is_n[q];
+        kept.code[p] = code[q];
+        n_count += code[q] >> 1 & 1;
     }
     kept.count = count;
     kept.n_count = n_count;
@@ -339,27 +359,28 @@ inline void log_block(const SelectorLogRef& log, uint64_t block,
         store_stream(log, block, words, 0);
         return;
     }
-    const int count = kept.count;
-    // delta = key(theta) - key(r) as a sign and a magnitude (uint32: |delta| < 2^32)
-    alignas(64) uint32_t payload[kSelectorBlock];
-    alignas(64) uint8_t moved[kSelectorBlock], step[kSelectorBlock], far[kSelectorBlock];
+    const int count = kept.count, n_count = kept.n_count, n_f = count - n_count;
     alignas(64) uint32_t t[kSelectorBlock];
     for (int p = 0; p < count; ++p) t[p] = K::pattern(theta[kept.at[p]]);
-    alignas(64) uint32_t far_value[kSelectorBlock];
+    // delta = key(theta) - key(r) as a sign and a magnitude (uint32: |delta| < 2^32)
+    alignas(64) uint32_t payload[kSelectorBlock], far_value[kSelectorBlock];
+    alignas(64) uint8_t moved[kSelectorBlock + 32], step[kSelectorBlock], far[kSelectorBlock],
+        wide[kSelectorBlock];
     for (int p = 0; p < count; ++p) {  // vectorizes: masks, no branches, no reduction
         const uint32_t kt = K::key(t[p]), kr = kept.kr[p];
         const uint32_t negative = kt < kr ? 1u : 0u;
         const uint32_t sign = 0u - negative;
         const uint32_t magnitude = ((kt - kr) ^ sign) - sign;  // |kt - kr|
-        const uint32_t f = kept.is_n[p] ^ 1u;
-        const uint32_t mv = f & (magnitude != 0 ? 1u : 0u);
+        const uint32_t is_n = kept.code[p] >> 1 & 1u;
+        const uint32_t sided = kept.code[p] >> 2 & 1u;
+        const uint32_t mv = (is_n ^ 1u) & (magnitude != 0 ? 1u : 0u);
         const uint32_t fr = mv & (magnitude >= 2 ? 1u : 0u);
-        const uint32_t sided = kept.sided[p];
         far_value[p] = (magnitude - 2u) & (0u - fr);
         moved[p] = static_cast<uint8_t>(mv);
         far[p] = static_cast<uint8_t>(fr);
+        wide[p] = static_cast<uint8_t>(fr | is_n);
         step[p] = static_cast<uint8_t>(sided ? fr : negative | (fr << 1));
-        payload[p] = (t[p] & (0u - kept.is_n[p])) | far_value[p];
+        payload[p] = (t[p] & (0u - is_n)) | far_value[p];
     }
     uint32_t largest = 0, any_far = 0;
     for (int p = 0; p < count; ++p) {
@@ -367,37 +388,43 @@ inline void log_block(const SelectorLogRef& log, uint64_t block,
         any_far |= far[p];
     }
     BitSink sink(words);
-    const int n_f = count - kept.n_count;
     sink.append(kCountBits, static_cast<uint32_t>(n_f));
-    // moved bits of the F elements, packed eight per multiply (compact_flags' trick)
+    // moved bits of the F elements (all kept ones unless some are N), eight per multiply
     alignas(64) uint8_t moved_f[kSelectorBlock + 32];
-    int j = 0;
-    for (int p = 0; p < count; ++p) {
-        moved_f[j] = moved[p];
-        j += kept.is_n[p] ^ 1;
+    const uint8_t* bits_of = moved;
+    if (n_count > 0) {
+        int j = 0;
+        for (int p = 0; p < count; ++p) {
+            moved_f[j] = moved[p];
+            j += (kept.code[p] >> 1 & 1) ^ 1;
+        }
+        bits_of = moved_f;
     }
     const unsigned tail = static_cast<unsigned>(n_f) < kSelectorBlock ? n_f : kSelectorBlock;
-    std::memset(moved_f + tail, 0, 32);  // the last 32-bit group's bits past n_F are 0
+    std::memset((n_count > 0 ? moved_f : moved) + tail, 0, 32);  // bits past n_F: 0
     for (int b = 0; b < n_f; b += 32) {
         uint32_t bits = 0;
         for (int k = 0; k < 4; ++k) {
             uint64_t eight;
-            std::memcpy(&eight, moved_f + b + 8 * k, 8);
+            std::memcpy(&eight, bits_of + b + 8 * k, 8);
             bits |= static_cast<uint32_t>((eight * 0x0102040810204080ull) >> 56) << (8 * k);
         }
         sink.append(min_of(32, n_f - b), bits);
     }
-    alignas(64) int32_t at_moved[kSelectorBlock];
-    const int n_moved = compact_flags(moved, count, at_moved);
+    alignas(64) int32_t at[kSelectorBlock];
+    const int n_moved = compact_flags(moved, count, at);
     for (int q = 0; q < n_moved; ++q) {
-        const int p = at_moved[q];
-        sink.append(kept.sided[p] ? 1 : 2, step[p]);
+        const int p = at[q];
+        sink.append(kept.code[p] & kSided ? 1 : 2, step[p]);
     }
-    if (any_far | (kept.n_count > 0 ? 1u : 0u)) {
+    if (any_far | (n_count > 0 ? 1u : 0u)) {
         const int w = bit_length(largest);
         if (any_far) sink.append(kWidthBits, static_cast<uint32_t>(w));
-        for (int p = 0; p < count; ++p)
-            sink.append(kept.is_n[p] ? K::kBits : far[p] ? w : 0, payload[p]);
+        const int n_wide = compact_flags(wide, count, at);
+        for (int q = 0; q < n_wide; ++q) {
+            const int p = at[q];
+            sink.append(kept.code[p] & kIsN ? K::kBits : w, payload[p]);
+        }
     }
     store_stream(log, block, words, sink.finish());
 }
@@ -467,42 +494,65 @@ inline void recover_block(const SelectorLogRef& log, uint64_t block,
         return;
     }
     // Each field's position: the running sum of the widths before it (as the reference's
-    // cumsums), independent reads rather than a serial bit reader.
-    const int n_f = count - kept.n_count;
+    // cumsums); only the moved elements have steps, only the far and N ones payloads.
+    const int n_count = kept.n_count, n_f = count - n_count;
     stream.ensure(kCountBits + 3 * n_f + kWidthBits);
-    alignas(64) uint8_t moved[kSelectorBlock], far[kSelectorBlock];
-    alignas(64) uint32_t step[kSelectorBlock];
+    alignas(64) uint8_t moved[kSelectorBlock], far[kSelectorBlock], wide[kSelectorBlock];
+    alignas(64) uint32_t step[kSelectorBlock], payload[kSelectorBlock], out[kSelectorBlock];
     uint32_t pos = kCountBits;
-    for (int p = 0; p < count; ++p) {
-        const uint32_t f = kept.is_n[p] ^ 1u;
-        moved[p] = static_cast<uint8_t>(stream.field(pos, 1) & f);
-        pos += f;
+    if (n_count == 0) {  // the F elements are the kept ones: moved bit p at 11 + p
+        for (int p = 0; p < count; ++p) {
+            const uint32_t bit = kCountBits + static_cast<uint32_t>(p);
+            moved[p] = static_cast<uint8_t>(stream.words[bit >> 5] >> (bit & 31u) & 1u);
+        }
+        pos += static_cast<uint32_t>(count);
+    } else {
+        for (int p = 0; p < count; ++p) {
+            const uint32_t f = (kept.code[p] >> 1 & 1u) ^ 1u;
+            moved[p] = static_cast<uint8_t>(stream.field(pos, 1) & f);
+            pos += f;
+        }
+    }
+    for (int p = 0; p < count; ++p) step[p] = 0;
+    alignas(64) int32_t at[kSelectorBlock];
+    const int n_moved = compact_flags(moved, count, at);
+    for (int q = 0; q < n_moved; ++q) {
+        const int p = at[q];
+        const int width = kept.code[p] & kSided ? 1 : 2;
+        step[p] = stream.field(pos, width);
+        pos += static_cast<uint32_t>(width);
     }
     uint32_t any_far = 0;
     for (int p = 0; p < count; ++p) {
-        const int width = moved[p] ? (kept.sided[p] ? 1 : 2) : 0;
-        const uint32_t s = stream.field(pos, width);
-        pos += static_cast<uint32_t>(width);
-        step[p] = s;
-        far[p] = static_cast<uint8_t>(moved[p] & (kept.sided[p] ? s : s >> 1));
-        any_far |= far[p];
+        const uint32_t sided = kept.code[p] >> 2 & 1u;
+        far[p] = static_cast<uint8_t>(moved[p] & (sided ? step[p] : step[p] >> 1));
+        wide[p] = static_cast<uint8_t>(far[p] | (kept.code[p] >> 1 & 1u));
+        payload[p] = 0;
     }
-    int w = 0;
-    if (any_far) {
-        w = static_cast<int>(min_of(stream.field(pos, kWidthBits), 32u));
-        pos += kWidthBits;
+    for (int p = 0; p < count; ++p) any_far |= far[p];
+    if (any_far | (n_count > 0 ? 1u : 0u)) {
+        int w = 0;
+        if (any_far) {
+            w = static_cast<int>(min_of(stream.field(pos, kWidthBits), 32u));
+            pos += kWidthBits;
+        }
+        stream.ensure(static_cast<int>(pos) + 32 * count);
+        const int n_wide = compact_flags(wide, count, at);
+        for (int q = 0; q < n_wide; ++q) {
+            const int p = at[q];
+            const int width = kept.code[p] & kIsN ? K::kBits : w;
+            payload[p] = stream.field(pos, width);
+            pos += static_cast<uint32_t>(width);
+        }
     }
-    const bool payloads = any_far || kept.n_count > 0;
-    if (payloads) stream.ensure(static_cast<int>(pos) + 32 * count);
-    for (int p = 0; p < count; ++p) {
-        const int width = kept.is_n[p] ? K::kBits : far[p] ? w : 0;
-        const uint32_t payload = payloads ? stream.field(pos, width) : 0u;
-        pos += static_cast<uint32_t>(width);
-        const uint32_t negative = kept.sided[p] ? kept.down[p] : step[p] & 1u;
-        const uint32_t magnitude = far[p] ? 2u + payload : moved[p];
+    for (int p = 0; p < count; ++p) {  // vectorizes
+        const uint32_t code = kept.code[p];
+        const uint32_t negative = code & kSided ? code >> 3 & 1u : step[p] & 1u;
+        const uint32_t magnitude = far[p] ? 2u + payload[p] : moved[p];
         const uint32_t k = negative ? kept.kr[p] - magnitude : kept.kr[p] + magnitude;
-        theta[kept.at[p]] = K::storage(kept.is_n[p] ? payload : K::from_key(k));
+        out[p] = code & kIsN ? payload[p] : K::from_key(k);
     }
+    for (int p = 0; p < count; ++p) theta[kept.at[p]] = K::storage(out[p]);
 }
 
 // One block of a pass with selector logs, perturb and lowrank_perturb alike: theta (exactly
