@@ -164,9 +164,9 @@ struct Keys {
         static_assert(kBits == 16, "float32 tests the key neighbours exactly");
         const uint32_t e = y & kExponentMask;
         const uint32_t ym = y & kMantissaMask;
-        const int32_t c_gap = static_cast<int32_t>((c & kExponentMask) >> kMantissa) -
-                              ((c & kMantissaMask) == 0 ? 1 : 0);
-        uint32_t ok = c_gap >= static_cast<int32_t>(e >> kMantissa) ? 1u : 0u;
+        // c's exponent field, less 1 when its mantissa is 0, at least y's: as integers,
+        // |c| - 1 >= e (e has no mantissa bits), i.e. |c| > e
+        uint32_t ok = (c & (kSign - 1u)) > e ? 1u : 0u;
         ok &= e - kUnit < kExponentMask - kUnit ? 1u : 0u;  // normal, not inf / NaN
         ok &= ym - 2u <= kMantissaMask - 3u ? 1u : 0u;
         // s lies in y's normal binade: 16 (bfloat16) / 13 (float16) float32 bits below the mantissa
