@@ -578,8 +578,6 @@ inline void selector_block(const SelectorLogRef& in, const SelectorLogRef& out, 
         theta = recovered;
     }
     store(theta, y);
-    // The stream is of round(theta + d) (the reference logs before the rule below).
-    if (out.active()) log_block<Format>(out, block, theta, y, d, n);
     if (in.active() && decay == 1.0f) {  // left at its value: theta's exact pattern
         using K = Keys<Format>;
         for (int i = 0; i < n; ++i) {  // a mask, not a select of loads: vectorizes
@@ -587,6 +585,9 @@ inline void selector_block(const SelectorLogRef& in, const SelectorLogRef& out, 
             y[i] = K::storage((K::pattern(theta[i]) & keep) | (K::pattern(y[i]) & ~keep));
         }
     }
+    // The stream is of what is stored (a kept -0.0 is not round(-0.0 + 0) = +0.0): a reader
+    // computes its classes from that.
+    if (out.active()) log_block<Format>(out, block, theta, y, d, n);
     if (!out.count_only) std::memcpy(x, y, sizeof(Storage) * n);
 }
 

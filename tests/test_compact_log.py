@@ -526,3 +526,30 @@ def test_prefilter_is_conservative_on_every_pattern(dtype):
         perturb_cpu([back], [3], seeds, torch.zeros(len(scales)), torch.ones(1), "rademacher",
                     "nearest", 1, applied=torch.tensor(scales), held_log=logs["torch"])
         assert_bits_equal(back, theta, f"{scales}: restore")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_pass_that_keeps_a_weight_logs_what_it_stores(dtype):
+    """A pass that reads one log and writes the next with D == 0 (scale 0, decay 1) stores theta's
+    exact pattern (-0.0 stays -0.0, not round(-0.0 + 0) = +0.0) and must log that value: its
+    reader sees -0.0, whose recovery candidate is -0.0. The chain +eps (L1), scale 0 reading L1
+    writing L2, restore reading L2 gives back every pattern, and cpu == torch bit for bit."""
+    n = 3 * BLOCK + 17
+    g = torch.Generator().manual_seed(3)
+    theta = (0.02 * torch.randn(n, generator=g)).to(dtype)
+    theta[::3] = -0.0
+    theta[1::7] = 0.0
+    ones = torch.ones(1)
+    runs = {}
+    for name, fn in BACKENDS.items():
+        t = theta.clone()
+        l1, l2 = _buffers([t], words=8), _buffers([t], words=8)
+        fn([t], [0], [9], torch.tensor([EPS]), ones, "gaussian", "nearest", 1, selector_log=l1)
+        fn([t], [0], [9], torch.tensor([0.0]), ones, "gaussian", "nearest", 1,
+           applied=torch.tensor([EPS]), held_log=l1, selector_log=l2)
+        assert_bits_equal(t, theta, f"{name}: the scale-0 pass keeps every pattern")
+        fn([t], [0], [9], torch.tensor([0.0]), ones, "gaussian", "nearest", 1,
+           applied=torch.tensor([0.0]), held_log=l2)
+        assert_bits_equal(t, theta, f"{name}: restore from the scale-0 pass's log")
+        runs[name] = l2
+    assert _streams(runs["cpu"]) == _streams(runs["torch"])

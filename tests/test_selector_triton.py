@@ -549,3 +549,26 @@ def test_mezo_on_triton_extra_memory_is_at_most_5_percent():
     params = sum(p.numel() * p.element_size() for p in net.parameters())
     assert 0 < opt.extra_memory_bytes <= 0.05 * params, (opt.extra_memory_bytes, params)
     assert opt.zo_state["undo_overflows"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_a_pass_that_keeps_a_weight_logs_what_it_stores(dtype):
+    """Scale 0 reading L1 and writing L2 keeps -0.0 as -0.0 (D == 0, decay 1) and logs that
+    value, as the reference does; a restore reading L2 gives back every pattern."""
+    n = BLOCK + 77
+    g = torch.Generator().manual_seed(4)
+    theta = (0.02 * torch.randn(n, generator=g)).to(dtype)
+    theta[::3] = -0.0
+    ones = torch.ones(1, device=DEVICE)
+    logs = {}
+    for name, fn in (("torch", perturb_torch), ("triton", perturb_triton)):
+        t = theta.clone().to(DEVICE)
+        l1, l2 = _buffers([t], dtype), _buffers([t], dtype)
+        eps, zero = torch.tensor([EPS], device=DEVICE), torch.tensor([0.0], device=DEVICE)
+        fn([t], [0], [9], eps, ones, "gaussian", "nearest", 1, selector_log=l1)
+        fn([t], [0], [9], zero, ones, "gaussian", "nearest", 1, applied=eps, held_log=l1,
+           selector_log=l2)
+        fn([t], [0], [9], zero, ones, "gaussian", "nearest", 1, applied=zero, held_log=l2)
+        assert_bits_equal(t.cpu(), theta, f"{name}: restore from the scale-0 pass's log")
+        logs[name] = l2
+    assert _streams(logs["triton"], logs["torch"]) == _streams(logs["torch"], logs["torch"])

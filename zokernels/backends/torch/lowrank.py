@@ -86,12 +86,12 @@ def lowrank_perturb_torch(weights, us, vs, taus, scale, decays, keys, rounding, 
             if log is not None:
                 lost = lost_by_recovery(theta, written, noise_sum, weight.dtype)
                 _append(log, start + a + lost.nonzero().view(-1), theta[lost], count_only)
-            if selector_log is not None:
-                log_tensor(selector_log.regions, selector_log.pool, selector_log.count, block,
-                           theta_exact, written, noise_sum, count_only)
             if held_log is not None:
                 # left at its value (a restore, scale 0): theta's exact bits (-0.0, NaN payloads)
                 written = torch.where((noise_sum == 0) & (decay == 1), theta_exact, written)
+            if selector_log is not None:  # of what is stored: a reader sees that
+                log_tensor(selector_log.regions, selector_log.pool, selector_log.count, block,
+                           theta_exact, written, noise_sum, count_only)
             if not count_only:
                 x.copy_(written)
         start += m * n

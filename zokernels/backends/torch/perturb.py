@@ -74,14 +74,14 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
             if log is not None:
                 lost = lost_by_recovery(theta, written, noise_sum, tensor.dtype)
                 _append(log, start + offset + lost.nonzero().view(-1), theta[lost], count_only)
-            if selector_log is not None:
-                log_tensor(selector_log.regions, selector_log.pool, selector_log.count,
-                           chunk_block, theta_exact, written, noise_sum, count_only)
             if held_log is not None:
                 # an element the pass leaves at its value keeps theta's exact pattern (-0.0,
                 # NaN payloads): a restore (scale 0) gives back the bits
                 keep = (noise_sum == 0) & (decay == 1)
                 written = torch.where(keep, theta_exact, written)
+            if selector_log is not None:  # of what is stored: a reader sees that
+                log_tensor(selector_log.regions, selector_log.pool, selector_log.count,
+                           chunk_block, theta_exact, written, noise_sum, count_only)
             if not count_only:
                 chunk.copy_(written)
         start += flat.numel()

@@ -335,9 +335,10 @@ def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scal
                                  w_base_ptr.dtype.element_ty)
         else:
             theta_bits = pattern(w, w_base_ptr.dtype.element_ty)
-        # the log is the reference's for the rounded y, before ``keep`` (as the reference)
+        # the log is of what is stored (``written``: a kept -0.0 is not round(-0.0 + 0)), as the
+        # reference's: a reader computes its classes from that
         write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr, pid,
-                    theta_bits, y, d, valid, SEL_OUT == 2, BLOCK, w_base_ptr.dtype.element_ty,
+                    theta_bits, written, d, valid, SEL_OUT == 2, BLOCK, w_base_ptr.dtype.element_ty,
                     SOFT_BF16)
 
 

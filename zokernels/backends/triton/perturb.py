@@ -310,9 +310,10 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
                                  base_ptr.dtype.element_ty)
         else:
             theta_bits = pattern(w, base_ptr.dtype.element_ty)
-        # the log is the reference's for the rounded y, before ``keep`` (as the reference)
+        # the log is of what is stored (``written``: a kept -0.0 is not round(-0.0 + 0)), as the
+        # reference's: a reader computes its classes from that
         write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
-                    sel_row, theta_bits, y, d, lanes < rem, SEL_OUT == 2, BLOCK,
+                    sel_row, theta_bits, written, d, lanes < rem, SEL_OUT == 2, BLOCK,
                     base_ptr.dtype.element_ty, SOFT_BF16)
 
     if LOG_MODE != 0:
