@@ -78,6 +78,15 @@ def test_chunks_keep_the_order_and_the_budget(monkeypatch):
     assert state.chunks([3, 1]) == [[3], [1]]
 
 
+def _step_twins(pairs, steps: int) -> None:
+    """Step each (optimizer, model) of `pairs` `steps` times, then merge each."""
+    for _ in range(steps):
+        for opt, model in pairs:
+            opt.step(lm_loss(model))
+    for opt, _ in pairs:
+        opt.merge()
+
+
 def _opt(model, mode, **kwargs):
     return TeZO(model.named_parameters(), lr=1e-2, eps=1e-3, rank=3, seed=4, variant="adam",
                 **dict(mode, **kwargs))
@@ -168,11 +177,7 @@ def test_resume_draws_the_factors_of_the_loaded_seed():
                      variant="adam", **mode)
         other.load_state_dict(state)
         assert all(s.factor_seed == factor_seed(4) for s in other.lowrank)
-        for _ in range(2):
-            opt.step(lm_loss(model))
-            other.step(lm_loss(twin))
-        opt.merge()
-        other.merge()
+        _step_twins([(opt, model), (other, twin)], 2)
         assert_same(snapshot(twin), snapshot(model), f"resumed into seed 99, {mode}")
 
 
@@ -229,9 +234,5 @@ def test_an_interrupt_while_drawing_factors_leaves_every_weight(monkeypatch, mod
     ids = torch.zeros(2, 3, dtype=torch.long)
     model(ids)  # no probe hook left: a plain forward outside a step
     other.merge()
-    for _ in range(2):
-        opt.step(lm_loss(model))
-        other.step(lm_loss(twin))
-    opt.merge()
-    other.merge()
+    _step_twins([(opt, model), (other, twin)], 2)
     assert_same(snapshot(model), snapshot(twin), f"after the interrupts, {mode}")

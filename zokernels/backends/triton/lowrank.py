@@ -60,7 +60,7 @@ from ._common import (ITEMSIZE, as_int64_bits, block_starts, count_launch, find_
                       to_float32, SOFT_BF16)
 from .lowrank_scatter import ordered_product
 from .perturb import MAXNREG
-from .selector_log import SELECTOR_BLOCK, from_pattern, held_theta, pattern, write_block
+from .selector_log import SELECTOR_BLOCK, from_pattern, held_theta, log_stored, stored_value
 
 # 64 x 64 tiles at 8 warps: 16 elements per thread, ~128 registers on sm_90 (two CTAs per SM);
 # 64 x 128 needs ~220-250 registers (one CTA per SM), too little parallelism for a streaming op.
@@ -305,6 +305,7 @@ def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scal
     if HAS_APPLIED:
         d1 = tl.load(applied_scale_ptr) * ordered_product(
             u_ptrs, v_ptrs, f_base_ptr + tl.load(row_ptr + 9), r, r, valid, False)
+    theta = w  # replaced by the held pattern with SEL_IN, the only case that reads it
     if SEL_IN:  # exact: theta's pattern from the held log
         theta = held_theta(w, d1, valid, in_regions_ptr, in_words, in_pool_ptr, in_capacity, pid,
                            w_base_ptr.dtype.element_ty, SOFT_BF16)
@@ -321,25 +322,13 @@ def _lowrank_selector_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scal
         y = round_stochastic(acc, u, w_base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, w_base_ptr.dtype.element_ty, SOFT_BF16)
-    written = y
-    if SEL_IN:  # left at its value (D == 0, decay 1): theta's exact pattern (-0.0, NaN payloads)
-        keep = (d == 0.0) & (decay == 1.0 + 0.0 * d)  # tensor & tensor
-        written = tl.where(keep, from_pattern(theta, w_base_ptr.dtype.element_ty), y)
+    written = stored_value(y, theta, d, decay, SEL_IN, w_base_ptr.dtype.element_ty)
     if SEL_OUT != 2:
         tl.store(ptrs, written, mask=valid)
     if SEL_OUT != 0:
-        if SEL_IN:
-            theta_bits = theta
-        elif HAS_APPLIED:  # x is a value of the dtype
-            theta_bits = pattern(round_nearest(x, w_base_ptr.dtype.element_ty, SOFT_BF16),
-                                 w_base_ptr.dtype.element_ty)
-        else:
-            theta_bits = pattern(w, w_base_ptr.dtype.element_ty)
-        # the log is of what is stored (``written``: a kept -0.0 is not round(-0.0 + 0)), as the
-        # reference's: a reader computes its classes from that
-        write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr, pid,
-                    theta_bits, written, d, valid, SEL_OUT == 2, BLOCK, w_base_ptr.dtype.element_ty,
-                    SOFT_BF16)
+        log_stored(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr, pid,
+                   theta, w, x, written, d, valid, SEL_OUT == 2, SEL_IN, HAS_APPLIED, BLOCK,
+                   w_base_ptr.dtype.element_ty, SOFT_BF16)
 
 
 

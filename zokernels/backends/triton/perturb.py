@@ -80,8 +80,8 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table)
-from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, pattern,
-                           write_block)
+from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, log_stored,
+                           stored_value)
 
 # Elements per program. Registers on sm_90 are capped at MAXNREG (ptxas; counts in
 # benchmarks/results/sass_budget_*.json, no spills). Plain passes: gaussian 4096 (16 elements per
@@ -268,6 +268,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         d = element_tile(d, DIST, BLOCK)
         if HAS_APPLIED:
             d1 = element_tile(d1, DIST, BLOCK)
+    theta = w  # replaced by the held pattern with SEL_IN, the only case that reads it
     if SEL_IN:  # exact: theta's pattern from the held log
         theta = held_theta(w, d1, lanes < rem, in_regions_ptr, in_words, in_pool_ptr,
                            in_capacity, sel_row, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -292,10 +293,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
     else:
         y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
-    written = y
-    if SEL_IN:  # left at its value (D == 0, decay 1): theta's exact pattern (-0.0, NaN payloads)
-        keep = (d == 0.0) & (tl.load(decays_ptr + j) == 1.0 + 0.0 * d)  # tensor & tensor
-        written = tl.where(keep, from_pattern(theta, base_ptr.dtype.element_ty), y)
+    written = stored_value(y, theta, d, tl.load(decays_ptr + j), SEL_IN,
+                           base_ptr.dtype.element_ty)
     if LOG_MODE != 2 and SEL_OUT != 2:
         if full:
             tl.store(ptrs, written)
@@ -303,18 +302,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
             tl.store(ptrs, written, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32))
 
     if SEL_OUT != 0:
-        if SEL_IN:
-            theta_bits = theta
-        elif HAS_APPLIED:  # x is a value of the dtype
-            theta_bits = pattern(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16),
-                                 base_ptr.dtype.element_ty)
-        else:
-            theta_bits = pattern(w, base_ptr.dtype.element_ty)
-        # the log is of what is stored (``written``: a kept -0.0 is not round(-0.0 + 0)), as the
-        # reference's: a reader computes its classes from that
-        write_block(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
-                    sel_row, theta_bits, written, d, lanes < rem, SEL_OUT == 2, BLOCK,
-                    base_ptr.dtype.element_ty, SOFT_BF16)
+        log_stored(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
+                   sel_row, theta, w, x, written, d, lanes < rem, SEL_OUT == 2, SEL_IN,
+                   HAS_APPLIED, BLOCK, base_ptr.dtype.element_ty, SOFT_BF16)
 
     if LOG_MODE != 0:
         # lost: a later pass with applied = these scales recovers y with this very d (same

@@ -273,6 +273,36 @@ def _take_runs(src, limit, column_pos, inner, width):
 
 
 @triton.jit
+def stored_value(y, theta, d, decay, SEL_IN: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """What a pass stores: y = round(...), except that a pass recovering from a held log keeps
+    theta's exact pattern (uint32) where it leaves the element at its value (D == 0, decay 1:
+    -0.0, NaN payloads)."""
+    written = y
+    if SEL_IN:
+        keep = (d == 0.0) & (decay == 1.0 + 0.0 * d)  # tensor & tensor
+        written = tl.where(keep, from_pattern(theta, OUT_DTYPE), y)
+    return written
+
+
+@triton.jit
+def log_stored(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, w, x, written, d,
+               valid, COUNT_ONLY: tl.constexpr, SEL_IN: tl.constexpr, HAS_APPLIED: tl.constexpr,
+               BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """write_block for what a pass stored (``written``: a kept -0.0 is not round(-0.0 + 0)), as
+    the reference does, since a reader computes its classes from that. The weight held before
+    the pass: theta (the held log's pattern) with SEL_IN, else x (recovered by applied=, a value
+    of the dtype) with HAS_APPLIED, else w as read."""
+    if SEL_IN:
+        theta_bits = theta
+    elif HAS_APPLIED:
+        theta_bits = pattern(round_nearest(x, OUT_DTYPE, SOFT_BF16), OUT_DTYPE)
+    else:
+        theta_bits = pattern(w, OUT_DTYPE)
+    write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta_bits, written, d,
+                valid, COUNT_ONLY, BLOCK, OUT_DTYPE, SOFT_BF16)
+
+
+@triton.jit
 def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row,
                OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
     """theta's exact pattern (uint32, tile) for the weights holding y = round(theta + d1), read
