@@ -121,7 +121,7 @@ inline void selector_tile(const LowRankJob& job, const LowRankWeight& lw,
                           typename Format::storage* xt, int n, uint64_t t, const float* d1,
                           const float* d) {
     using Storage = typename Format::storage;
-    selector_block<Format, kRecover>(
+    selector_block<Philox, Format, kRecover>(
         job.sel_in, job.sel_out, lw.first_block + t / kSelectorBlock, xt, n, lw.decay, d, d1,
         [&](const Storage* theta, Storage* y) {
             round_store<Philox, Format>(
@@ -166,7 +166,7 @@ inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
             float* theta = acc;
             if constexpr (kRecover) {
                 for (int c = 0; c < n; ++c) held[c] = job.applied_scale * held[c];
-                recover_tile<Format>(xt, held, n, theta);
+                recover_tile<Philox, Format>(xt, held, n, theta);
             } else {
                 for (int c = 0; c < n; ++c) theta[c] = Format::to_float(xt[c]);
             }

@@ -3,6 +3,7 @@
 // the loops here are plain C++ that the compiler vectorizes for the ISA of the calling kernel.
 #pragma once
 
+#include "compact.h"
 #include "fastmath.h"
 #include "philox.h"
 
@@ -21,15 +22,18 @@ enum Dist : int { kGaussian = 0, kRademacher = 1, kUniform = 2 };
 // box_muller_v2. Words, uniforms and rademacher values are the same in both.
 enum Contract : int { kContractV1 = 1, kContractV2 = 2 };
 
-// The fma of each ISA's clone (fastmath.h): the instruction in the AVX2 clone.
+// What differs between the ISA clones (named by their Philox): the fma (fastmath.h: the
+// instruction in the AVX2 clone) and the flag compaction (compact.h).
 template <class Philox>
-struct IsaFma {
-    using type = FmaPortable;
+struct IsaOf {
+    using Fma = FmaPortable;
+    using Compact = CompactGeneric;
 };
 #if ZK_HAVE_AVX2_PATH
 template <>
-struct IsaFma<PhiloxAvx2> {
-    using type = FmaHardware;
+struct IsaOf<PhiloxAvx2> {
+    using Fma = FmaHardware;
+    using Compact = CompactAvx2;
 };
 #endif
 
@@ -43,7 +47,7 @@ inline void gaussian_blocks(const PhiloxKeys& keys, uint32_t key, uint64_t first
         w2[kMaxCountersPerTile], w3[kMaxCountersPerTile];
     Philox::blocks(keys, first_block, key, kStreamNoise, n_blocks, w0, w1, w2, w3);
     if (contract == kContractV2) {
-        using Fma = typename IsaFma<Philox>::type;
+        using Fma = typename IsaOf<Philox>::Fma;
         for (int q = 0; q < n_blocks; ++q) {
             float n0, n1, n2, n3;
             box_muller_v2<Fma>(w0[q], w1[q], n0, n1);

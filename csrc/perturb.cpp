@@ -88,7 +88,7 @@ struct ItemLog {
             else
                 return Format::to_float(xt[i]);
         };
-        if constexpr (kRecover) recover_tile<Format>(xt, applied_sum, n, theta_in);
+        if constexpr (kRecover) recover_tile<Philox, Format>(xt, applied_sum, n, theta_in);
         store_tile<Philox, Format, kMapped>([&](int i) { return decay * theta(i) + noise_sum[i]; },
                                             n, rounded, job, key, g);
         alignas(64) int32_t at[kTile];
@@ -153,7 +153,7 @@ struct ItemSelectors {
               const float* applied_sum) {
         const uint64_t b = job.first_blocks[tensor] + t / kSelectorBlock;
         if constexpr (!kMapped) {
-            selector_block<Format, kRecover>(
+            selector_block<Philox, Format, kRecover>(
                 job.sel_in, job.sel_out, b, xt, n, decay, noise_sum, applied_sum,
                 [&](const Storage* theta, Storage* y) {
                     store_tile<Philox, Format, false>(
@@ -168,7 +168,7 @@ struct ItemSelectors {
             segments[n_segments++] = {at, n, g};
             const int length = static_cast<int>(min_of<uint64_t>(kSelectorBlock, end - (t - at)));
             if (at + n < length) return;  // the block goes on in the next tile
-            selector_block<Format, kRecover>(
+            selector_block<Philox, Format, kRecover>(
                 job.sel_in, job.sel_out, b, xt - at, length, decay, d, d1,
                 [&](const Storage* theta, Storage* y) {
                     for (int s = 0; s < n_segments; ++s) {
@@ -291,7 +291,7 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
             log.template tile<Philox, kRecover, kMapped>(job, xt, n, t, g, job.starts[item.tensor],
                                                          key, decay, d, d1);
         } else if constexpr (kRecover) {
-            recover_tile<Format>(xt, d1, n, recovered);
+            recover_tile<Philox, Format>(xt, d1, n, recovered);
             store_tile<Philox, Format, kMapped>([&](int i) { return decay * recovered[i] + d[i]; },
                                                 n, xt, job, key, g);
         } else {

@@ -186,9 +186,23 @@ ZK_INLINE uint32_t not_finite_bits(uint32_t y_bits) {
     return (y_bits & 0x7FFFFFFFu) >= 0x7F800000u ? 1u : 0u;
 }
 
+// The 8 low bits of v as 8 bytes of 0 / 1, bit j in byte j (the inverse of the multiply that
+// packs the moved bits): byte j keeps bit j of a broadcast, then + 0x7F carries it to bit 7.
+ZK_INLINE uint64_t spread_bits(uint32_t v) {
+    const uint64_t x = (static_cast<uint64_t>(v & 0xFFu) * 0x0101010101010101ull) & 0x8040201008040201ull;
+    return ((x + 0x7F7F7F7F7F7F7F7Full) >> 7) & 0x0101010101010101ull;
+}
+
 ZK_INLINE int bit_length(uint32_t v) {
     return v == 0 ? 0 : 32 - __builtin_clz(v);  // a select: no loop, no mispredicted branch
 }
+
+// Loops over a gathered list of m elements run to whole_lanes(m) <= kSelectorBlock, the extra
+// lanes repeating element 0 and their results unused: GCC leaves a loop's remainder scalar, and
+// with ~100 flagged elements per block that remainder cost as much as the vector part (perf).
+constexpr int kLanes = 32;
+ZK_INLINE int whole_lanes(int m) { return (m + kLanes - 1) & ~(kLanes - 1); }
+static_assert(kSelectorBlock % kLanes == 0, "whole lanes stay inside a block's arrays");
 
 // Per flagged element, the classes (`classes` in the reference) as bits of one byte.
 enum ClassBits : uint8_t { kKeep = 1, kIsN = 2, kSided = 4, kDown = 8 };
@@ -206,7 +220,7 @@ ZK_INLINE uint8_t class_byte(uint32_t maps, uint32_t below, uint32_t above, uint
 // to y: it must map (image == y as values) and be single, for float32 exactly (neither key
 // neighbour maps), for the 16-bit formats by Keys::single_candidate (which also fails for a y
 // that is not normal). float32 has tested the neighbours here, so it also stores the class
-// byte (for float32 every flagged element is kept).
+// byte (for float32 every flagged element is kept); the 16-bit formats store `maps` there.
 template <class Format>
 inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const float* ZK_RESTRICT d,
                           int n, typename Format::storage* ZK_RESTRICT r_out,
@@ -227,9 +241,9 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
             const uint32_t nf = not_finite_bits(y_bits);
             flagged[i] = static_cast<uint8_t>(nf | below | above | (maps ^ 1u));
             class_out[i] = class_byte(maps, below, above, nf);
-        } else {
-            (void)class_out;
+        } else {  // class_out: maps, so that stage 2 computes only the neighbours' images
             flagged[i] = static_cast<uint8_t>((maps & K::single_candidate(r, y_pattern, s)) ^ 1u);
+            class_out[i] = static_cast<uint8_t>(maps);
         }
     }
 }
@@ -241,20 +255,31 @@ struct KeptElements {
     alignas(64) int32_t at[kSelectorBlock];     // positions in the block
     alignas(64) uint32_t kr[kSelectorBlock];    // key(r)
     alignas(64) uint8_t code[kSelectorBlock];   // ClassBits
+
+    // Entries count .. whole_lanes(count) - 1 for the loops that run in whole lanes: position 0,
+    // class N (neither moved nor far: they add nothing to a block's reductions).
+    void pad() {
+        for (int p = count; p < whole_lanes(count); ++p) {
+            at[p] = 0;
+            kr[p] = 0;
+            code[p] = kKeep | kIsN;
+        }
+    }
 };
 
 // Stage 2 on both sides: flag_elements, then (16-bit formats) for the ~10% flagged elements r's
 // key neighbours, which decide kept / side; fills `kept`, leaves r in r_out. The flagged
 // elements' inputs are gathered first so that the tests run as a vectorized loop.
-template <class Format>
+template <class Philox, class Format>
 inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
                            const float* ZK_RESTRICT d, int n,
                            typename Format::storage* ZK_RESTRICT r_out, KeptElements& kept) {
     using K = Keys<Format>;
+    using Compact = typename IsaOf<Philox>::Compact;
     alignas(64) uint8_t flagged[kSelectorBlock], code[kSelectorBlock];
     flag_elements<Format>(y, d, n, r_out, flagged, code);
-    alignas(64) int32_t at[kSelectorBlock];
-    const int m = compact_flags(flagged, n, at);
+    alignas(64) int32_t at[kSelectorBlock + kCompactSlack];
+    const int m = Compact::flags(flagged, n, at);
     int n_count = 0;
     if constexpr (K::kBits == 32) {  // flagged == kept, classes from stage 1
         for (int q = 0; q < m; ++q) {
@@ -266,27 +291,31 @@ inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
         }
         kept.count = m;
         kept.n_count = n_count;
+        kept.pad();
         return;
     }
     alignas(64) uint32_t y_bits[kSelectorBlock], r[kSelectorBlock], kr[kSelectorBlock];
     alignas(64) float d_s[kSelectorBlock];
-    for (int q = 0; q < m; ++q) {
+    alignas(64) uint8_t maps[kSelectorBlock];
+    const int lanes = whole_lanes(m);
+    for (int q = m; q < lanes; ++q) at[q] = 0;
+    for (int q = 0; q < lanes; ++q) {
         y_bits[q] = bits_as<uint32_t>(K::value(K::pattern(y[at[q]])));
         r[q] = K::pattern(r_out[at[q]]);
         d_s[q] = d[at[q]];
+        maps[q] = code[at[q]];
     }
     alignas(64) uint8_t keep[kSelectorBlock];
-    for (int q = 0; q < m; ++q) {
+    for (int q = 0; q < lanes; ++q) {
         const uint32_t k = K::key(r[q]);
-        const uint32_t maps = same_value(K::image_of(r[q], d_s[q]), y_bits[q]);
         const uint32_t below = same_value(K::image(k - 1u, d_s[q]), y_bits[q]);
         const uint32_t above = same_value(K::image(k + 1u, d_s[q]), y_bits[q]);
         kr[q] = k;
-        code[q] = class_byte(maps, below, above, not_finite_bits(y_bits[q]));
+        code[q] = class_byte(maps[q], below, above, not_finite_bits(y_bits[q]));
         keep[q] = code[q] & kKeep;
     }
-    alignas(64) int32_t which[kSelectorBlock];
-    const int count = compact_flags(keep, m, which);
+    alignas(64) int32_t which[kSelectorBlock + kCompactSlack];
+    const int count = Compact::flags(keep, m, which);
     for (int p = 0; p < count; ++p) {
         const int q = which[p];
         kept.at[p] = at[q];
@@ -296,6 +325,7 @@ inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
     }
     kept.count = count;
     kept.n_count = n_count;
+    kept.pad();
 }
 
 // Bits appended LSB first into words, without a branch per field (value < 2^width <= 2^32).
@@ -345,15 +375,16 @@ inline void store_stream(const SelectorLogRef& log, uint64_t block, const uint32
 }
 
 // Writing side of one block: theta (storage patterns), y = round(theta + d) (storage), d.
-template <class Format>
+template <class Philox, class Format>
 inline void log_block(const SelectorLogRef& log, uint64_t block,
                       const typename Format::storage* ZK_RESTRICT theta,
                       const typename Format::storage* ZK_RESTRICT y, const float* ZK_RESTRICT d,
                       int n) {
     using K = Keys<Format>;
+    using Compact = typename IsaOf<Philox>::Compact;
     alignas(64) typename Format::storage r[kSelectorBlock];
     KeptElements kept;
-    classify_block<Format>(y, d, n, r, kept);
+    classify_block<Philox, Format>(y, d, n, r, kept);
     alignas(64) uint32_t words[kMaxStreamWords];
     if (kept.count == 0) {
         store_stream(log, block, words, 0);
@@ -361,12 +392,13 @@ inline void log_block(const SelectorLogRef& log, uint64_t block,
     }
     const int count = kept.count, n_count = kept.n_count, n_f = count - n_count;
     alignas(64) uint32_t t[kSelectorBlock];
-    for (int p = 0; p < count; ++p) t[p] = K::pattern(theta[kept.at[p]]);
+    const int lanes = whole_lanes(count);
+    for (int p = 0; p < lanes; ++p) t[p] = K::pattern(theta[kept.at[p]]);
     // delta = key(theta) - key(r) as a sign and a magnitude (uint32: |delta| < 2^32)
     alignas(64) uint32_t payload[kSelectorBlock], far_value[kSelectorBlock];
     alignas(64) uint8_t moved[kSelectorBlock + 32], step[kSelectorBlock], far[kSelectorBlock],
         wide[kSelectorBlock];
-    for (int p = 0; p < count; ++p) {  // vectorizes: masks, no branches, no reduction
+    for (int p = 0; p < lanes; ++p) {  // vectorizes: masks, no branches, no reduction
         const uint32_t kt = K::key(t[p]), kr = kept.kr[p];
         const uint32_t negative = kt < kr ? 1u : 0u;
         const uint32_t sign = 0u - negative;
@@ -411,8 +443,8 @@ inline void log_block(const SelectorLogRef& log, uint64_t block,
         }
         sink.append(min_of(32, n_f - b), bits);
     }
-    alignas(64) int32_t at[kSelectorBlock];
-    const int n_moved = compact_flags(moved, count, at);
+    alignas(64) int32_t at[kSelectorBlock + kCompactSlack];
+    const int n_moved = Compact::flags(moved, count, at);
     for (int q = 0; q < n_moved; ++q) {
         const int p = at[q];
         sink.append(kept.code[p] & kSided ? 1 : 2, step[p]);
@@ -420,7 +452,7 @@ inline void log_block(const SelectorLogRef& log, uint64_t block,
     if (any_far | (n_count > 0 ? 1u : 0u)) {
         const int w = bit_length(largest);
         if (any_far) sink.append(kWidthBits, static_cast<uint32_t>(w));
-        const int n_wide = compact_flags(wide, count, at);
+        const int n_wide = Compact::flags(wide, count, at);
         for (int q = 0; q < n_wide; ++q) {
             const int p = at[q];
             sink.append(kept.code[p] & kIsN ? K::kBits : w, payload[p]);
@@ -474,14 +506,15 @@ struct StreamSource {
 
 // Reading side of one block: theta (storage patterns) of the weights holding y = x[i] =
 // round(theta + d1): exact, unless the block is lost (then recover_unperturbed).
-template <class Format>
+template <class Philox, class Format>
 inline void recover_block(const SelectorLogRef& log, uint64_t block,
                           const typename Format::storage* ZK_RESTRICT x,
                           const float* ZK_RESTRICT d1, int n,
                           typename Format::storage* ZK_RESTRICT theta) {
     using K = Keys<Format>;
+    using Compact = typename IsaOf<Philox>::Compact;
     KeptElements kept;
-    classify_block<Format>(x, d1, n, theta, kept);  // theta = r
+    classify_block<Philox, Format>(x, d1, n, theta, kept);  // theta = r
     const int count = kept.count;
     if (count == 0) return;
     StreamSource stream;
@@ -500,11 +533,13 @@ inline void recover_block(const SelectorLogRef& log, uint64_t block,
     alignas(64) uint8_t moved[kSelectorBlock], far[kSelectorBlock], wide[kSelectorBlock];
     alignas(64) uint32_t step[kSelectorBlock], payload[kSelectorBlock], out[kSelectorBlock];
     uint32_t pos = kCountBits;
-    if (n_count == 0) {  // the F elements are the kept ones: moved bit p at 11 + p
-        for (int p = 0; p < count; ++p) {
-            const uint32_t bit = kCountBits + static_cast<uint32_t>(p);
-            moved[p] = static_cast<uint8_t>(stream.words[bit >> 5] >> (bit & 31u) & 1u);
+    const int lanes = whole_lanes(count);
+    if (n_count == 0) {  // the F elements are the kept ones: moved bit p at 11 + p, 8 at a time
+        for (int p = 0; p < lanes; p += 8) {
+            const uint64_t spread = spread_bits(stream.field(kCountBits + static_cast<uint32_t>(p), 8));
+            std::memcpy(moved + p, &spread, 8);
         }
+        for (int p = count; p < lanes; ++p) moved[p] = 0;
         pos += static_cast<uint32_t>(count);
     } else {
         for (int p = 0; p < count; ++p) {
@@ -512,10 +547,11 @@ inline void recover_block(const SelectorLogRef& log, uint64_t block,
             moved[p] = static_cast<uint8_t>(stream.field(pos, 1) & f);
             pos += f;
         }
+        for (int p = count; p < lanes; ++p) moved[p] = 0;
     }
-    for (int p = 0; p < count; ++p) step[p] = 0;
-    alignas(64) int32_t at[kSelectorBlock];
-    const int n_moved = compact_flags(moved, count, at);
+    for (int p = 0; p < lanes; ++p) step[p] = 0;
+    alignas(64) int32_t at[kSelectorBlock + kCompactSlack];
+    const int n_moved = Compact::flags(moved, count, at);
     for (int q = 0; q < n_moved; ++q) {
         const int p = at[q];
         const int width = kept.code[p] & kSided ? 1 : 2;
@@ -523,7 +559,7 @@ inline void recover_block(const SelectorLogRef& log, uint64_t block,
         pos += static_cast<uint32_t>(width);
     }
     uint32_t any_far = 0;
-    for (int p = 0; p < count; ++p) {
+    for (int p = 0; p < lanes; ++p) {
         const uint32_t sided = kept.code[p] >> 2 & 1u;
         far[p] = static_cast<uint8_t>(moved[p] & (sided ? step[p] : step[p] >> 1));
         wide[p] = static_cast<uint8_t>(far[p] | (kept.code[p] >> 1 & 1u));
@@ -537,7 +573,7 @@ inline void recover_block(const SelectorLogRef& log, uint64_t block,
             pos += kWidthBits;
         }
         stream.ensure(static_cast<int>(pos) + 32 * count);
-        const int n_wide = compact_flags(wide, count, at);
+        const int n_wide = Compact::flags(wide, count, at);
         for (int q = 0; q < n_wide; ++q) {
             const int p = at[q];
             const int width = kept.code[p] & kIsN ? K::kBits : w;
@@ -545,7 +581,7 @@ inline void recover_block(const SelectorLogRef& log, uint64_t block,
             pos += static_cast<uint32_t>(width);
         }
     }
-    for (int p = 0; p < count; ++p) {  // vectorizes
+    for (int p = 0; p < lanes; ++p) {  // vectorizes
         const uint32_t code = kept.code[p];
         const uint32_t negative = code & kSided ? code >> 3 & 1u : step[p] & 1u;
         const uint32_t magnitude = far[p] ? 2u + payload[p] : moved[p];
@@ -559,7 +595,7 @@ inline void recover_block(const SelectorLogRef& log, uint64_t block,
 // from the held log `in`, by recovery alone without one, or x itself without kRecover), the
 // rounded result round(decay * theta + d) from `store(theta, y)`, the new stream into `out`,
 // then x (unless counting only). x holds the block's n elements, d / d1 their sums.
-template <class Format, bool kRecover, class Store>
+template <class Philox, class Format, bool kRecover, class Store>
 inline void selector_block(const SelectorLogRef& in, const SelectorLogRef& out, uint64_t block,
                            typename Format::storage* x, int n, float decay, const float* d,
                            const float* d1, const Store& store) {
@@ -569,10 +605,10 @@ inline void selector_block(const SelectorLogRef& in, const SelectorLogRef& out, 
     const Storage* theta = x;  // without recovery, read in place (x is written last)
     if constexpr (kRecover) {
         if (in.active()) {
-            recover_block<Format>(in, block, x, d1, n, recovered);
+            recover_block<Philox, Format>(in, block, x, d1, n, recovered);
         } else {
             alignas(64) float value[kSelectorBlock];
-            recover_tile<Format>(x, d1, n, value);
+            recover_tile<Philox, Format>(x, d1, n, value);
             for (int i = 0; i < n; ++i) recovered[i] = storage_of<Format>(value[i]);
         }
         theta = recovered;
@@ -587,7 +623,7 @@ inline void selector_block(const SelectorLogRef& in, const SelectorLogRef& out, 
     }
     // The stream is of what is stored (a kept -0.0 is not round(-0.0 + 0) = +0.0): a reader
     // computes its classes from that.
-    if (out.active()) log_block<Format>(out, block, theta, y, d, n);
+    if (out.active()) log_block<Philox, Format>(out, block, theta, y, d, n);
     if (!out.count_only) std::memcpy(x, y, sizeof(Storage) * n);
 }
 

@@ -22,7 +22,7 @@ inline void load_decayed(const typename Format::storage* ZK_RESTRICT x, int n, f
 // is not finite), which holds for all but a few percent of the elements; only the others are
 // gathered and run through the full test of the three candidates. One stage ran all three
 // candidates for every element (4 roundings each): a recovering bf16 pass cost 1.8x a plain one.
-template <class Format>
+template <class Philox, class Format>
 inline void recover_tile(const typename Format::storage* ZK_RESTRICT x, const float* ZK_RESTRICT d1,
                          int n, float* ZK_RESTRICT theta) {
     using G = Grid<Format>;
@@ -43,8 +43,8 @@ inline void recover_tile(const typename Format::storage* ZK_RESTRICT x, const fl
         const bool r_finite = (bits_as<uint32_t>(r) & 0x7FFFFFFFu) < 0x7F800000u;
         retry[i] = (back_bits != x_bits) & r_finite;
     }
-    alignas(64) int32_t at[kTile];
-    const int n_retry = compact_flags(retry, n, at);
+    alignas(64) int32_t at[kTile + kCompactSlack];
+    const int n_retry = IsaOf<Philox>::Compact::flags(retry, n, at);
     alignas(64) float x_s[kTile], d1_s[kTile];
     for (int q = 0; q < n_retry; ++q) {
         x_s[q] = Format::to_float(x[at[q]]);

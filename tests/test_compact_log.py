@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (assert_bits_equal, assert_interrupted_step_leaves_weights, assert_same,
-                     snapshot)
+                     assert_same_in_both_simd_modes, snapshot)
 
 from zokernels.backends.cpu.perturb import perturb_cpu
 from zokernels.backends.torch.perturb import perturb_torch
@@ -189,6 +189,52 @@ def test_gaussian_log_of_many_blocks_equals_the_reference(dtype):
     perturb_cpu([t], [0], [13], torch.tensor([0.0]), torch.ones(1), "gaussian", "nearest", 13,
                 applied=torch.tensor([EPS]), held_log=cpu)
     assert_bits_equal(t, theta, "restore")
+
+
+def test_generic_path_writes_and_reads_the_simd_paths_logs(tmp_path):
+    """ZOKERNELS_CPU_SIMD=generic (another flag compaction, other loop shapes): the same weights
+    after every pass and the same streams as the dispatched path, for every dtype, both
+    distributions, dense and sharded tensors with zeros, -0.0, NaN, infinities and tiny weights."""
+    script = (
+        "import sys, torch\n"
+        "from zokernels.backends.cpu import build_info, perturb_cpu\n"
+        "from zokernels.backends.undo_buffers import SelectorBuffers\n"
+        "torch.set_num_threads(1)\n"
+        "out = {'simd': build_info()['simd']}\n"
+        "def buffers(rows):\n"
+        "    return SelectorBuffers(torch.zeros(rows, 6, dtype=torch.int32),\n"
+        "                           torch.zeros(1 << 18, dtype=torch.int32),\n"
+        "                           torch.zeros(1, dtype=torch.int64))\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    g = torch.Generator().manual_seed(2)\n"
+        "    mix = (0.02 * torch.randn(3000, generator=g)).to(dtype)\n"
+        "    mix[::7], mix[1::11], mix[2::13], mix[3::17], mix[4::19] = (\n"
+        "        0.0, -0.0, float('nan'), float('inf'), 1e-30)\n"
+        "    base = [mix, (0.02 * torch.randn(9 * 1024 + 5, generator=g)).to(dtype),\n"
+        "            (1e-7 * torch.randn(2500, generator=g)).to(dtype)]\n"
+        "    for dist in ('gaussian', 'rademacher'):\n"
+        "        for maps in (None, [(5, 100, 333), (1000, 1, 3), (7, 1250, 2000)]):\n"
+        "            ts = [t.clone() for t in base]\n"
+        "            extra = {} if maps is None else {'index_maps': maps}\n"
+        "            keys, ones = [0, 1, 2], torch.ones(3)\n"
+        "            rows = sum(-(-t.numel() // 1024) for t in ts)\n"
+        "            l1, l2 = buffers(rows), buffers(rows)\n"
+        "            name = f'{dtype} {dist} {maps is None}'\n"
+        "            perturb_cpu(ts, keys, [9], torch.tensor([1e-3]), ones, dist, 'nearest', 9,\n"
+        "                        selector_log=l1, **extra)\n"
+        "            out[name + ' +eps'] = torch.cat(ts)\n"
+        "            perturb_cpu(ts, keys, [9], torch.tensor([-1e-3]), ones, dist, 'nearest', 9,\n"
+        "                        applied=torch.tensor([1e-3]), held_log=l1, selector_log=l2, **extra)\n"
+        "            out[name + ' -eps'] = torch.cat(ts)\n"
+        "            perturb_cpu(ts, keys, [9], torch.tensor([0.0]), ones, dist, 'nearest', 9,\n"
+        "                        applied=torch.tensor([-1e-3]), held_log=l2, **extra)\n"
+        "            out[name + ' restored'] = torch.cat(ts)\n"
+        "            for k, log in (('l1', l1), ('l2', l2)):\n"
+        "                out[f'{name} {k} rows'] = log.regions.clone()\n"
+        "                out[f'{name} {k} pool'] = log.pool[:int(log.count)].clone()\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    assert_same_in_both_simd_modes(script, tmp_path)
 
 
 def _garbage_log(tensors, words: int, capacity: int, g: torch.Generator) -> SelectorBuffers:
