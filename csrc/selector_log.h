@@ -80,6 +80,9 @@ inline SelectorLogRef selector_log_ref(const std::vector<uint64_t>& v, bool out,
     return ref;
 }
 
+// A condition as a vector lane would hold it: all ones or zero.
+ZK_INLINE uint32_t lane_mask(bool condition) { return 0u - static_cast<uint32_t>(condition); }
+
 template <class Format>
 struct Keys {
     static constexpr int kBits = std::is_same<Format, Float32Format>::value ? 32 : 16;
@@ -160,26 +163,38 @@ struct Keys {
     // is half-way between two values of the format (its bits below the format's mantissa are
     // exactly one half), where ties-to-even can send one of them to the even y as well.
     // (float32 tests the key neighbours exactly: its image is one add.)
+    //
+    // Returned as a lane mask (all ones: single), and every field compared as a signed int32
+    // (all are below 2^15): GCC vectorizes that without masking each compare to 0 / 1 or
+    // emulating unsigned compares.
     static ZK_INLINE uint32_t single_candidate(uint32_t c, uint32_t y, float s) {
         static_assert(kBits == 16, "float32 tests the key neighbours exactly");
-        const uint32_t e = y & kExponentMask;
-        const uint32_t ym = y & kMantissaMask;
+        const int32_t e = static_cast<int32_t>(y & kExponentMask);
+        const int32_t ym = static_cast<int32_t>(y & kMantissaMask);
         // c's exponent field, less 1 when its mantissa is 0, at least y's: as integers,
         // |c| - 1 >= e (e has no mantissa bits), i.e. |c| > e
-        uint32_t ok = (c & (kSign - 1u)) > e ? 1u : 0u;
-        ok &= e - kUnit < kExponentMask - kUnit ? 1u : 0u;  // normal, not inf / NaN
-        ok &= ym - 2u <= kMantissaMask - 3u ? 1u : 0u;
+        uint32_t ok = lane_mask(static_cast<int32_t>(c & (kSign - 1u)) > e);
+        // y normal, not inf / NaN: kUnit <= e < kExponentMask
+        ok &= lane_mask(e >= static_cast<int32_t>(kUnit)) &
+              lane_mask(e < static_cast<int32_t>(kExponentMask));
+        ok &= lane_mask(ym >= 2) & lane_mask(ym < static_cast<int32_t>(kMantissaMask));
         // s lies in y's normal binade: 16 (bfloat16) / 13 (float16) float32 bits below the mantissa
-        constexpr uint32_t kBelow = std::is_same<Format, BFloat16Format>::value ? 0xFFFFu : 0x1FFFu;
-        ok &= (bits_as<uint32_t>(s) & kBelow) != (kBelow + 1u) / 2u ? 1u : 0u;
+        constexpr int32_t kBelow = std::is_same<Format, BFloat16Format>::value ? 0xFFFF : 0x1FFF;
+        ok &= ~lane_mask((static_cast<int32_t>(bits_as<uint32_t>(s)) & kBelow) == (kBelow + 1) / 2);
         return ok;
     }
 };
 
 // Float equality of two float32 patterns without a float compare (vectorizes): equal patterns,
-// or both zeros. (Not IEEE for NaN: a caller's y is finite wherever the answer matters.)
+// or both zeros. (Not IEEE for NaN: a caller's y is finite wherever the answer matters.) For two
+// 16-bit patterns (the formats' conversions to float32 are exact and one to one) the same test
+// is same_pattern_mask's, as a lane mask.
 ZK_INLINE uint32_t same_value(uint32_t a, uint32_t b) {
     return ((a == b) | (((a | b) << 1) == 0)) ? 1u : 0u;
+}
+
+ZK_INLINE uint32_t same_pattern_mask(uint32_t a, uint32_t b) {  // 16-bit patterns a, b
+    return lane_mask(a == b) | lane_mask(((a | b) & 0x7FFFu) == 0);
 }
 
 ZK_INLINE uint32_t not_finite_bits(uint32_t y_bits) {
@@ -232,9 +247,9 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
         const uint32_t y_bits = bits_as<uint32_t>(y_value);
         const uint32_t r = K::round_finite(y_value - d[i]);
         const float s = K::value(r) + d[i];
-        const uint32_t maps = same_value(bits_as<uint32_t>(K::value(K::round_finite(s))), y_bits);
         r_out[i] = K::storage(r);
         if constexpr (K::kBits == 32) {
+            const uint32_t maps = same_value(bits_as<uint32_t>(K::value(K::round_finite(s))), y_bits);
             const uint32_t k = K::key(r);
             const uint32_t below = same_value(K::image(k - 1u, d[i]), y_bits);
             const uint32_t above = same_value(K::image(k + 1u, d[i]), y_bits);
@@ -242,8 +257,11 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
             flagged[i] = static_cast<uint8_t>(nf | below | above | (maps ^ 1u));
             class_out[i] = class_byte(maps, below, above, nf);
         } else {  // class_out: maps, so that stage 2 computes only the neighbours' images
-            flagged[i] = static_cast<uint8_t>((maps & K::single_candidate(r, y_pattern, s)) ^ 1u);
-            class_out[i] = static_cast<uint8_t>(maps);
+            (void)y_bits;
+            const uint32_t maps = same_pattern_mask(K::round_finite(s), y_pattern);
+            const uint32_t single = maps & K::single_candidate(r, y_pattern, s);
+            flagged[i] = static_cast<uint8_t>(~single & 1u);
+            class_out[i] = static_cast<uint8_t>(maps & 1u);
         }
     }
 }
