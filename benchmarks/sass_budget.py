@@ -480,7 +480,7 @@ def perturb_variants(extra=None) -> list[Variant]:
             if mapped:
                 block = min(block, P.MAPPED_BLOCK)
         sig = {"base_ptr": "*" + ty, "table_ptr": "*i64", "seeds_ptr": "*i64",
-               "decays_ptr": "*fp32", "scales_ptr": "*fp32", "applied_ptr": "*fp32", "K": "i32",
+               "schedule_ptr": "*i64", "decays_ptr": "*fp32", "scales_ptr": "*fp32", "applied_ptr": "*fp32", "K": "i32",
                "index_ptr": "*i64", "values_ptr": "*" + ty, "count_ptr": "*i64",
                "capacity": "i32"}
         const = {"LOG2_P": 3, "BLOCK": block, "DIST": P.DIST_CODES[dist],
