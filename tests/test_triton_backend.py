@@ -80,7 +80,21 @@ if "triton" in zokernels.available_backends():
     import triton
     import triton.language as tl
 
-    from zokernels.backends.triton._common import SOFT_BF16, recover_unperturbed
+    from zokernels.backends.triton._common import (SOFT_BF16, _neighbour, recover_unperturbed,
+                                                   round_nearest)
+
+    @triton.jit
+    def _neighbour_kernel(rf_ptr, out_ptr, grid_ptr, n, DOWN: tl.constexpr, SOFT: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        """out = the float32 value of the grid-dtype neighbour of rf (a grid value) toward -inf
+        (DOWN) or +inf."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < n
+        rf = tl.load(rf_ptr + offs, mask=live, other=0.0)
+        r = round_nearest(rf, grid_ptr.dtype.element_ty, SOFT)
+        down = tl.zeros([BLOCK], tl.int1) | DOWN
+        tl.store(out_ptr + offs, _neighbour(r, rf, down, grid_ptr.dtype.element_ty, SOFT),
+                 mask=live)
 
     @triton.jit
     def _recover_kernel(x_ptr, d1_ptr, out_ptr, grid_ptr, n, SOFT: tl.constexpr,
@@ -173,3 +187,29 @@ def test_loaded_key_schedule_matches_reference(dist, dtype):
         zokernels.perturb_(ref, seeds, scales, dist=dist, backend="torch", **kwargs)
         for j, (g, r) in enumerate(zip(got, ref)):
             assert_bits_equal(g.cpu(), r.cpu(), f"{dist} {dtype} {kwargs} tensor {j}")
+
+
+@pytest.mark.parametrize("down", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_neighbour_of_every_16bit_value(dtype, down):
+    """The recovery's neighbour step (bf16: 0x10000 on the float32 pattern) against the 16-bit
+    sign-magnitude step of the contract for every non-NaN pattern: +-1 away from / toward zero,
+    +-tiny for +-0, max <-> inf (NaN patterns and +-inf's outward step, a NaN, are never taken:
+    recovery keeps a non-finite r)."""
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype).to(torch.float32)
+    keep = ~values.isnan()
+    bits, values = bits[keep].to(torch.int32) & 0xFFFF, values[keep]
+    away = (values < 0) == down
+    expected = torch.where(away, bits + 1, bits - 1)
+    expected = torch.where(values == 0, 0x8001 if down else 0x0001, expected)
+    expected = expected.to(torch.int16).view(dtype).to(torch.float32)
+    got = torch.empty_like(values, device=DEVICE)
+    n = values.numel()
+    _neighbour_kernel[((n + 1023) // 1024,)](values.to(DEVICE), got,
+                                             torch.empty(1, dtype=dtype, device=DEVICE), n,
+                                             DOWN=down, SOFT=SOFT_BF16, BLOCK=1024)
+    got = got.cpu()
+    nan = expected.isnan()  # +-inf stepped outward: a NaN pattern (never taken: r is finite)
+    assert torch.equal(got.isnan(), nan), "NaN positions"
+    assert_bits_equal(got[~nan], expected[~nan], f"{dtype} down={down}")

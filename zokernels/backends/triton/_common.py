@@ -813,6 +813,13 @@ def _neighbour(r, rf, down, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
     """float32 value of the OUT_DTYPE neighbour of r (float32 value rf) toward -inf where
     ``down``, else toward +inf: one step of the 16- / 32-bit sign-magnitude pattern (away from
     zero when the direction and the sign agree), +-tiny (smallest subnormal) for +-0."""
+    if OUT_DTYPE == tl.bfloat16:
+        # a bf16 value's float32 pattern has 16 zero low bits: one bf16 step is 0x10000 there
+        # (subnormals, binade carries and max -> inf included), no 16-bit pack / unpack
+        bits = rf.to(tl.uint32, bitcast=True)
+        nb = tl.where((rf < 0.0) == down, bits + 0x10000, bits - 0x10000)
+        nb = tl.where(rf == 0.0, tl.where(down, 0x80010000, 0x10000), nb)
+        return nb.to(tl.float32, bitcast=True)
     if OUT_DTYPE == tl.float32:
         bits = r.to(tl.uint32, bitcast=True)
         SIGN: tl.constexpr = 0x80000000
