@@ -447,13 +447,23 @@ def load_key_schedule(ptr):
 
 
 @triton.jit
-def philox_scheduled(ks, c0, c1, c2, c3):
-    """``philox`` with the key schedule given (``load_key_schedule``): the same words."""
+def philox_scheduled(ks, c0, c1, c2, c3, zero):
+    """``philox`` with the key schedule given (``load_key_schedule``): the same words.
+
+    ``zero``: a uint32 that is 0 at run time but not to the compiler (``numel >> 62``). XORed
+    into round 0's high products, it keeps them 32-bit values when they are hoisted out of a
+    seed loop (the counters do not depend on the seed): a hoisted ``trunc`` of the 64-bit
+    product is sunk back into the loop by LLVM, which then widens round 0's key XOR and round
+    1's multiply to 64 bits, and ptxas adds a zero high word per call (sm_90 SASS, sass_budget:
+    -0.5 instructions per element and seed for the gaussian tile)."""
     c0 = tl.to_tensor(c0).to(tl.uint32, bitcast=True)
     c1 = tl.to_tensor(c1).to(tl.uint32, bitcast=True)
     c2 = tl.to_tensor(c2).to(tl.uint32, bitcast=True)
     c3 = tl.to_tensor(c3).to(tl.uint32, bitcast=True)
-    for r in tl.static_range(10):
+    hi_b, lo_b = _mulhilo(c2, 0xCD9E8D57)
+    hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
+    c0, c1, c2, c3 = (hi_b ^ zero) ^ c1 ^ ks[0], lo_b, (hi_a ^ zero) ^ c3 ^ ks[1], lo_a
+    for r in tl.static_range(1, 10):
         c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, ks[2 * r], ks[2 * r + 1])
     return c0, c1, c2, c3
 
@@ -470,12 +480,13 @@ def _philox_calls(seed, key, blk, N: tl.constexpr, STREAM: tl.constexpr):
 
 
 @triton.jit
-def _philox_calls_scheduled(ks, key, blk, N: tl.constexpr, STREAM: tl.constexpr):
-    """``_philox_calls`` with the seed's key schedule given (``load_key_schedule``)."""
+def _philox_calls_scheduled(ks, key, blk, N: tl.constexpr, STREAM: tl.constexpr, zero):
+    """``_philox_calls`` with the seed's key schedule given (``load_key_schedule``; ``zero``:
+    see ``philox_scheduled``)."""
     g = blk.to(tl.uint64, bitcast=True) * N
     c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, N).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
-    return philox_scheduled(ks, c0, c1, key, STREAM)
+    return philox_scheduled(ks, c0, c1, key, STREAM, zero)
 
 
 @triton.jit
@@ -534,11 +545,12 @@ def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def noise_words_scheduled(ks, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """``noise_words`` with the seed's key schedule given (``load_key_schedule``)."""
+def noise_words_scheduled(ks, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, zero):
+    """``noise_words`` with the seed's key schedule given (``load_key_schedule``; ``zero``: 0 at
+    run time, see ``philox_scheduled``)."""
     tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
     N: tl.constexpr = BLOCK // 128 if DIST == 1 else BLOCK // 4
-    return _philox_calls_scheduled(ks, key, blk, N, 0)
+    return _philox_calls_scheduled(ks, key, blk, N, 0, zero)
 
 
 @triton.jit
@@ -631,11 +643,12 @@ def noise_words_at_blocks(seed, key, b):
 
 
 @triton.jit
-def noise_words_at_blocks_scheduled(ks, key, b):
-    """``noise_words_at_blocks`` with the seed's key schedule given (``load_key_schedule``)."""
+def noise_words_at_blocks_scheduled(ks, key, b, zero):
+    """``noise_words_at_blocks`` with the seed's key schedule given (``load_key_schedule``;
+    ``zero``: see ``philox_scheduled``)."""
     bu = b.to(tl.uint64, bitcast=True)
     return philox_scheduled(ks, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32), key,
-                            0)
+                            0, zero)
 
 
 @triton.jit

@@ -134,9 +134,10 @@ def _mapped_noise_sums(seeds_ptr, schedule_ptr, scales_ptr, applied_ptr, K, key,
     if grain % GROUP == 0:
         lanes = tl.arange(0, BLOCK // GROUP) * GROUP
         b = map_index(i0, lanes, map_offset, local_span, global_span, BLOCK) // GROUP
+        zero = (i0 >> 62).to(tl.uint32)  # i0 < numel < 2^62: philox_scheduled
         for k in range(K):
             w0, w1, w2, w3 = noise_words_at_blocks_scheduled(
-                load_key_schedule(schedule_ptr + 10 * k), key, b)
+                load_key_schedule(schedule_ptr + 10 * k), key, b, zero)
             d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
             if HAS_APPLIED:
                 d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
@@ -260,17 +261,19 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                                    BLOCK, HAS_APPLIED, NORMAL)
     else:
         # each seed's Philox key schedule is loaded (host-computed, ``key_schedule``), not
-        # computed: 5 loads instead of 18 additions per seed and thread. The two loop forms
-        # differ only in how ptxas allocates registers (sass_budget): with recovery, pointers
-        # carried through the loop keep it under MAXNREG without spills (indexed: 5 spill
-        # instructions); without, indexed loads issue fewer instructions per seed
+        # computed: 5 loads instead of 18 additions per seed and thread. zero: numel < 2^62, a 0
+        # the compiler cannot see (``philox_scheduled``). The two loop forms differ only in how
+        # ptxas allocates registers (sass_budget): with recovery, pointers carried through the
+        # loop keep it under MAXNREG without spills (indexed: 5 spill instructions); without,
+        # indexed loads issue fewer instructions per seed
+        zero = (numel >> 62).to(tl.uint32)
         if HAS_APPLIED:
             ks_ptr = schedule_ptr
             sc_ptr = scales_ptr
             ap_ptr = applied_ptr
             for k in range(K):
                 w0, w1, w2, w3 = noise_words_scheduled(load_key_schedule(ks_ptr), key, blk,
-                                                       DIST, BLOCK)
+                                                       DIST, BLOCK, zero)
                 d = add_noise(d, tl.load(sc_ptr), w0, w1, w2, w3, DIST, NORMAL)
                 d1 = add_noise(d1, tl.load(ap_ptr), w0, w1, w2, w3, DIST, NORMAL)
                 ks_ptr += 10
@@ -279,7 +282,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
         else:
             for k in range(K):
                 w0, w1, w2, w3 = noise_words_scheduled(load_key_schedule(schedule_ptr + 10 * k),
-                                                       key, blk, DIST, BLOCK)
+                                                       key, blk, DIST, BLOCK, zero)
                 d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
     x = to_float32(w, SOFT_BF16)
     if SEL_OUT != 0 or SEL_IN:
