@@ -417,7 +417,12 @@ def philox(seed, c0, c1, c2, c3):
     c2 = tl.to_tensor(c2).to(tl.uint32, bitcast=True)
     c3 = tl.to_tensor(c3).to(tl.uint32, bitcast=True)
     for _ in tl.static_range(10):
-        c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, k0, k1)
+        hi_b, lo_b = _mulhilo(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
+        c0 = hi_b ^ c1 ^ k0
+        c2 = hi_a ^ c3 ^ k1
+        c1 = lo_b
+        c3 = lo_a
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
     return c0, c1, c2, c3
