@@ -25,7 +25,8 @@ at non-consecutive, 64-bit block indices when the map keeps those groups aligned
 
 Launch tables: ``build_table`` builds the static rows and the seeds into one tensor per call;
 ``cached_table`` keeps the static tensor in a caller-owned dict (keyed by addresses, numels,
-keys, maps, block, dtype, device) and copies only the K + 1 seeds per call.
+keys, maps, block, dtype, device) and copies only the K + 1 seeds per call (with
+``schedule=True`` followed by each seed's Philox key schedule, ``key_schedule``).
 """
 
 from __future__ import annotations
