@@ -147,8 +147,8 @@ def test_recovery_matches_reference_where_a_neighbour_is_needed(dtype):
 
 def test_key_schedule_layout():
     """With ``schedule``, the launch table's seeds are followed (16-byte aligned) by each seed's
-    Philox-10 key schedule: value r of seed k holds (k0 + r W0, k1 + r W1) mod 2^32, low word
-    first; the seeds view is unchanged."""
+    Philox-10 key schedule, the rounding seed's last: value r of seed k holds (k0 + r W0,
+    k1 + r W1) mod 2^32, low word first; the seeds view is unchanged."""
     from zokernels.backends.triton._common import build_table, cached_table, key_schedule
 
     seeds = [2 ** 64 - 1, 0, 7, 0x9E3779B97F4A7C15]
@@ -159,8 +159,8 @@ def test_key_schedule_layout():
         assert launch.seeds.cpu().tolist() == [-1, 0, 7, 0x9E3779B97F4A7C15 - 2 ** 64, 9]
         assert launch.schedule.data_ptr() % 16 == 0
         got = [v & (2 ** 64 - 1) for v in launch.schedule.cpu().tolist()]
-        assert len(got) == 10 * len(seeds)
-        for k, s in enumerate(seeds):
+        assert len(got) == 10 * (len(seeds) + 1)  # the rounding seed's last
+        for k, s in enumerate(seeds + [9]):
             for r in range(10):
                 lo = ((s & m) + r * 0x9E3779B9) & m
                 hi = ((s >> 32) + r * 0xBB67AE85) & m
@@ -175,12 +175,16 @@ def test_key_schedule_layout():
 def test_loaded_key_schedule_matches_reference(dist, dtype):
     """Seeds whose key words wrap in the schedule (all ones, zero, a high word near 2^32): the
     kernels that load the schedule give the torch reference's values bit for bit, with and
-    without recovery, and for shards (index maps)."""
+    without recovery, for shards (index maps) and with contract 3's stochastic rounding (the
+    rounding seed's schedule)."""
     seeds = [2 ** 64 - 1, 0, 0xFFFFFFF0_00000010, 0x00000010_FFFFFFF0]
     scales = [0.25, -0.5, 1.0, 0.125]
     applied = [0.5, 0.25, -1.0, 0.0]
     start = [torch.randn(n, device=DEVICE).to(dtype) for n in (1, 700, 4099)]
-    for kwargs in ({}, {"applied": applied}, {"index_maps": [None, (3, 100, 300), None]}):
+    for kwargs in ({}, {"applied": applied}, {"index_maps": [None, (3, 100, 300), None]},
+                   {"rounding": "stochastic", "rounding_seed": 2 ** 64 - 1, "contract": 3},
+                   {"rounding": "stochastic", "rounding_seed": 0x00000010_FFFFFFF0,
+                    "contract": 3, "applied": applied}):
         got = [t.clone() for t in start]
         ref = [t.clone() for t in start]
         zokernels.perturb_(got, seeds, scales, dist=dist, backend="triton", **kwargs)

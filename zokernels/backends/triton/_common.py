@@ -162,8 +162,9 @@ class LaunchTable(NamedTuple):
     align: int  # 16 // itemsize when every data_ptr is 16-byte aligned, else 1
     mapped: bool  # rows carry the index maps (ROW = 8 values per tensor instead of 4)
     block: int
-    # with key_schedule: int64 [10 K], seed k's Philox key schedule at [10 k, 10 k + 10)
-    # (``key_schedule``), a 16-byte aligned view of the seeds' device tensor; else None
+    # with schedule: int64 [10 (K + 1)], seed k's Philox key schedule at [10 k, 10 k + 10), the
+    # rounding seed's at [10 K, 10 K + 10) (``key_schedule``), a 16-byte aligned view of the
+    # seeds' device tensor; else None
     schedule: torch.Tensor | None = None
 
 
@@ -232,11 +233,12 @@ def key_schedule(seed: int) -> tuple[int, ...]:
 
 def _seed_values(seeds: list[int], rounding_seed: int, schedule: bool = False) -> list[int]:
     """[seeds (K)] [rounding seed]; with ``schedule``, padded to an even length (16-byte
-    alignment) and followed by the K seeds' key schedules (``key_schedule``)."""
+    alignment) and followed by the key schedules (``key_schedule``) of the K seeds and of the
+    rounding seed."""
     values = [as_int64_bits(s) for s in seeds] + [as_int64_bits(rounding_seed)]
     if schedule:
         values += [0] * (len(values) % 2)
-        for s in seeds:
+        for s in list(seeds) + [rounding_seed]:
             values += key_schedule(s)
     return values
 
@@ -715,16 +717,20 @@ def rounding_uniform_at(seed, key, i):
 
 
 @triton.jit
-def _rounding_bits(seed, key, b_lo, b_hi, sub):
+def _rounding_bits(seed, key, b_lo, b_hi, sub, ks=None):
     """Contract 3's 16 random bits: half (sub & 1) (low half first) of word sub // 2 of the
-    rounding stream's call (b_lo, b_hi, key, 1); sub = i mod 8 for element i of call b = i // 8."""
-    w0, w1, w2, w3 = philox(seed, b_lo, b_hi, key, 1)
+    rounding stream's call (b_lo, b_hi, key, 1); sub = i mod 8 for element i of call b = i // 8.
+    ``ks``: None, or the seed's key schedule (``load_key_schedule``)."""
+    if ks is None:
+        w0, w1, w2, w3 = philox(seed, b_lo, b_hi, key, 1)
+    else:
+        w0, w1, w2, w3 = philox_scheduled(ks, b_lo, b_hi, key, 1, 0)
     w = _pick4(w0, w1, w2, w3, sub >> 1)
     return (w >> ((sub & 1) * 16).to(tl.uint32)) & 0xFFFF
 
 
 @triton.jit
-def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None):
     """Contract 3's random bits of the elements ``blk * BLOCK + [0, BLOCK)`` in the tile shape of
     DIST: one Philox call per 8 consecutive elements. The counters are built per quad (gaussian:
     quad j uses half of call j // 2) or per word (rademacher: 8 elements of the 32 of a word
@@ -738,10 +744,15 @@ def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
         # element 128j + 32m + s at [s, m, j]: call 16j + 4m + s // 8, sub-index s % 8
         s8 = tl.arange(0, 32)[:, None, None]
         q = (tl.arange(0, 4) * 4)[None, :, None] + (tl.arange(0, BLOCK // 128) * 16)[None, None, :]
-        r = _rounding_bits(seed, key, c0 + (q + (s8 >> 3)).to(tl.uint32), c1, s8 & 7)
+        r = _rounding_bits(seed, key, c0 + (q + (s8 >> 3)).to(tl.uint32), c1, s8 & 7, ks)
     else:
         # quad j (elements 4j .. 4j + 3) is half j % 2 of call j // 2: words (0, 1) or (2, 3)
-        w0, w1, w2, w3 = philox(seed, c0 + tl.arange(0, BLOCK // 8).to(tl.uint32), c1, key, 1)
+        if ks is None:
+            w0, w1, w2, w3 = philox(seed, c0 + tl.arange(0, BLOCK // 8).to(tl.uint32), c1, key,
+                                    1)
+        else:
+            w0, w1, w2, w3 = philox_scheduled(ks, c0 + tl.arange(0, BLOCK // 8).to(tl.uint32),
+                                              c1, key, 1, 0)
         a = tl.reshape(tl.join(w0, w2), [BLOCK // 4])
         b = tl.reshape(tl.join(w1, w3), [BLOCK // 4])
         r = quads(a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16)

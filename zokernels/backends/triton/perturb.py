@@ -31,6 +31,7 @@ it both live in one tensor built per call (``build_table``: one copy, ``seeds`` 
     [10 k, 10 k + 10)     seed k's Philox-10 key schedule, value r = round r's key words (low,
                           high) (``_common.key_schedule``): the seed loop loads it (5 x 16 bytes)
                           instead of computing 18 additions per seed in every thread
+    [10 K, 10 K + 10)     the rounding seed's (contract 3's rounding bits of gaussian tiles)
 
 Program ``pid`` finds its tensor j by a LOG2_P-step binary search over ``starts`` and handles
 the BLOCK elements ``(pid - starts[j]) * BLOCK + [0, BLOCK)`` of tensor j; the element index of
@@ -307,6 +308,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
         if MAPPED:
             r = _mapped_rounding_bits(load_seed(seeds_ptr + K), key, start, map_offset,
                                       local_span, global_span, grain, TILE, BLOCK)
+        elif TILE == 0:  # the rounding seed's key schedule loaded (rademacher: spills)
+            r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK,
+                                   load_key_schedule(schedule_ptr + 10 * K))
         else:
             r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
         y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16)
