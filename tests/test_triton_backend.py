@@ -217,3 +217,37 @@ def test_neighbour_of_every_16bit_value(dtype, down):
     nan = expected.isnan()  # +-inf stepped outward: a NaN pattern (never taken: r is finite)
     assert torch.equal(got.isnan(), nan), "NaN positions"
     assert_bits_equal(got[~nan], expected[~nan], f"{dtype} down={down}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_recovery_matches_reference_at_exact_ties(dtype):
+    """d1 at exact multiples of a quarter / half ulp of x: x - d1 lands on a midpoint of the
+    16-bit grid, round-to-even picks the neighbour that does not round back, and the contract's
+    neighbour candidate is needed (x = 1, d1 = -2^-8 in bf16: r = 1, the result 1 + 2^-7). Random
+    d1 never hit these for bf16; the kernel's neighbour step must still give the reference's
+    result there."""
+    from zokernels.backends.torch.rounding import recover
+
+    info = torch.finfo(dtype)
+    xs, d1s = [], []
+    for c in [1.0, -1.0, 2.0, -2.0, 0.5, 2.0 ** -10, float(info.tiny), -float(info.tiny), 0.0,
+              -0.0, float(info.max), -float(info.max)]:
+        ulp = float(info.eps) * max(abs(c), float(info.tiny))
+        for k in range(-12, 13):
+            for step in (0.25, 0.5):
+                xs.append(c)
+                d1s.append(k * step * ulp)
+    x = torch.tensor(xs).to(dtype).to(torch.float32)
+    d1 = torch.tensor(d1s)
+    expected = recover(x, d1, dtype)
+    needs = (expected != (x - d1).to(dtype).to(torch.float32)) & ~expected.isnan()
+    assert needs.sum() >= 20, int(needs.sum())
+    got = torch.empty_like(x, device=DEVICE)
+    n = x.numel()
+    _recover_kernel[((n + 1023) // 1024,)](x.to(DEVICE), d1.to(DEVICE), got,
+                                           torch.empty(1, dtype=dtype, device=DEVICE), n,
+                                           SOFT=SOFT_BF16, BLOCK=1024)
+    got = got.cpu()
+    nan = got.isnan() & expected.isnan()
+    assert torch.equal(got.isnan(), expected.isnan()), "NaN positions"
+    assert_bits_equal(got[~nan], expected[~nan], f"{dtype} recovery at ties")
