@@ -199,10 +199,15 @@ def test_neighbour_of_every_16bit_value(dtype, down):
     """The recovery's neighbour step (bf16: 0x10000 on the float32 pattern) against the 16-bit
     sign-magnitude step of the contract for every non-NaN pattern: +-1 away from / toward zero,
     +-tiny for +-0, max <-> inf (NaN patterns and +-inf's outward step, a NaN, are never taken:
-    recovery keeps a non-finite r)."""
+    recovery keeps a non-finite r; nor are bf16's +0 down and -0 up)."""
     bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
     values = bits.view(dtype).to(torch.float32)
     keep = ~values.isnan()
+    if dtype == torch.bfloat16:
+        # bf16 steps by the sign bit: +0 down and -0 up are never taken by the recovery (r = +0
+        # implies the direction up, r = -0 with up implies r fits; _neighbour's comment)
+        zero_sign = bits.to(torch.int32) & 0x8000
+        keep &= ~((values == 0) & ((zero_sign == 0) == down))
     bits, values = bits[keep].to(torch.int32) & 0xFFFF, values[keep]
     away = (values < 0) == down
     expected = torch.where(away, bits + 1, bits - 1)
@@ -251,3 +256,32 @@ def test_recovery_matches_reference_at_exact_ties(dtype):
     nan = got.isnan() & expected.isnan()
     assert torch.equal(got.isnan(), expected.isnan()), "NaN positions"
     assert_bits_equal(got[~nan], expected[~nan], f"{dtype} recovery at ties")
+
+
+def test_bf16_recovery_near_zero_matches_reference():
+    """bf16 recovery around +-0 (r = +-0 from both signs of x - d1, x == d1, d1 = -0, exact
+    ties on the subnormal grid): the neighbour step by the sign bit (no zero case) gives the
+    reference's result bit for bit."""
+    from zokernels.backends.torch.rounding import recover
+
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    n = 60_000
+    x = torch.randint(-8, 9, (n,), generator=g).float() * 2.0 ** -133  # subnormal multiples
+    x = x.to(dtype).to(torch.float32)
+    x[::7] = -0.0
+    x[1::7] = 0.0
+    d1 = torch.randint(-4096, 4097, (n,), generator=g).float() * 2.0 ** -145
+    d1[::11] = x[::11]
+    d1[2::13] = -0.0
+    d1[3::17] = -d1[3::17] * 2.0 ** 20  # large d1: r = -round(d1), far from zero
+    expected = recover(x, d1, dtype)
+    got = torch.empty_like(x, device=DEVICE)
+    _recover_kernel[((n + 1023) // 1024,)](x.to(DEVICE), d1.to(DEVICE), got,
+                                           torch.empty(1, dtype=dtype, device=DEVICE), n,
+                                           SOFT=SOFT_BF16, BLOCK=1024)
+    got = got.cpu()
+    assert ((x - d1).to(dtype) == 0).sum() > 1000  # r = +-0 is exercised
+    nan = got.isnan() & expected.isnan()
+    assert torch.equal(got.isnan(), expected.isnan()), "NaN positions"
+    assert_bits_equal(got[~nan], expected[~nan], "bf16 recovery near zero")

@@ -845,10 +845,16 @@ def _neighbour(r, rf, down, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
     zero when the direction and the sign agree), +-tiny (smallest subnormal) for +-0."""
     if OUT_DTYPE == tl.bfloat16:
         # a bf16 value's float32 pattern has 16 zero low bits: one bf16 step is 0x10000 there
-        # (subnormals, binade carries and max -> inf included), no 16-bit pack / unpack
+        # (subnormals, binade carries and max -> inf included), no 16-bit pack / unpack. The
+        # direction is taken from the sign BIT (-0 counts as negative), so +0 up gives +tiny and
+        # -0 down -tiny, as the contract's step, and no zero case is tested: +0 down and -0 up
+        # give NaN patterns, which ``recover_unperturbed`` never takes. There r = +0 means
+        # x - d1 >= 0 exactly (float32 subtraction keeps the sign), so round(0 + d1) <= x and
+        # the direction is up; r = -0 means x - d1 < 0 (or x = -0, d1 = +0), so round(d1) >= x
+        # and up comes only with round(r + d1) == x, where r itself is kept.
         bits = rf.to(tl.uint32, bitcast=True)
-        nb = tl.where((rf < 0.0) == down, bits + 0x10000, bits - 0x10000)
-        nb = tl.where(rf == 0.0, tl.where(down, 0x80010000, 0x10000), nb)
+        negative = rf.to(tl.int32, bitcast=True) < 0
+        nb = tl.where(negative == down, bits + 0x10000, bits - 0x10000)
         return nb.to(tl.float32, bitcast=True)
     if OUT_DTYPE == tl.float32:
         bits = r.to(tl.uint32, bitcast=True)
