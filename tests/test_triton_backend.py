@@ -285,3 +285,22 @@ def test_bf16_recovery_near_zero_matches_reference():
     nan = got.isnan() & expected.isnan()
     assert torch.equal(got.isnan(), expected.isnan()), "NaN positions"
     assert_bits_equal(got[~nan], expected[~nan], "bf16 recovery near zero")
+
+
+def test_bf16_recovery_keeps_an_infinite_r():
+    """x = max - ulp, d1 = -3 * 2^119: r = round(x - d1) = inf, and its neighbour max does round
+    back to x (a tie to even), yet the contract keeps the non-finite r: the finiteness guard."""
+    from zokernels.backends.torch.rounding import recover
+
+    dtype = torch.bfloat16
+    top = torch.tensor([torch.finfo(dtype).max]).to(dtype).view(torch.int16)
+    below = float((top - 1).view(dtype))  # max - ulp
+    x = torch.tensor([below, -below])
+    d1 = torch.tensor([-3 * 2.0 ** 119, 3 * 2.0 ** 119])
+    expected = recover(x, d1, dtype)
+    assert torch.isinf(expected).all()
+    got = torch.empty_like(x, device=DEVICE)
+    _recover_kernel[(1,)](x.to(DEVICE), d1.to(DEVICE), got,
+                          torch.empty(1, dtype=dtype, device=DEVICE), 2, SOFT=SOFT_BF16,
+                          BLOCK=1024)
+    assert_bits_equal(got.cpu(), expected, "bf16 recovery, infinite r")
