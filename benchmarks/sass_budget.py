@@ -479,10 +479,11 @@ def perturb_variants(extra=None) -> list[Variant]:
                                                                               P.RECOVER_BLOCK)
             if mapped:
                 block = min(block, P.MAPPED_BLOCK)
+        # schedule_ptr: the seeds' Philox key schedules (absent from older trees: ignored there)
         sig = {"base_ptr": "*" + ty, "table_ptr": "*i64", "seeds_ptr": "*i64",
-               "decays_ptr": "*fp32", "scales_ptr": "*fp32", "applied_ptr": "*fp32", "K": "i32",
-               "index_ptr": "*i64", "values_ptr": "*" + ty, "count_ptr": "*i64",
-               "capacity": "i32"}
+               "schedule_ptr": "*i64", "decays_ptr": "*fp32", "scales_ptr": "*fp32",
+               "applied_ptr": "*fp32", "K": "i32", "index_ptr": "*i64", "values_ptr": "*" + ty,
+               "count_ptr": "*i64", "capacity": "i32"}
         const = {"LOG2_P": 3, "BLOCK": block, "DIST": P.DIST_CODES[dist],
                  "STOCHASTIC": stochastic if has_integer_sr else stochastic == 1,
                  "ALIGN": 16 // size,

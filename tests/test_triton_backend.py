@@ -80,7 +80,21 @@ if "triton" in zokernels.available_backends():
     import triton
     import triton.language as tl
 
-    from zokernels.backends.triton._common import SOFT_BF16, recover_unperturbed
+    from zokernels.backends.triton._common import (SOFT_BF16, _neighbour, recover_unperturbed,
+                                                   round_nearest)
+
+    @triton.jit
+    def _neighbour_kernel(rf_ptr, out_ptr, grid_ptr, n, DOWN: tl.constexpr, SOFT: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        """out = the float32 value of the grid-dtype neighbour of rf (a grid value) toward -inf
+        (DOWN) or +inf."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < n
+        rf = tl.load(rf_ptr + offs, mask=live, other=0.0)
+        r = round_nearest(rf, grid_ptr.dtype.element_ty, SOFT)
+        down = tl.zeros([BLOCK], tl.int1) | DOWN
+        tl.store(out_ptr + offs, _neighbour(r, rf, down, grid_ptr.dtype.element_ty, SOFT),
+                 mask=live)
 
     @triton.jit
     def _recover_kernel(x_ptr, d1_ptr, out_ptr, grid_ptr, n, SOFT: tl.constexpr,
@@ -129,3 +143,164 @@ def test_recovery_matches_reference_where_a_neighbour_is_needed(dtype):
     assert_bits_equal(got[~nan], expected[~nan], f"{dtype} recovery")
     if dtype == torch.float16:  # the sweep holds cases that need next_up / next_down
         assert needs.sum() >= 8, int(needs.sum())
+
+
+def test_key_schedule_layout():
+    """With ``schedule``, the launch table's seeds are followed (16-byte aligned) by each seed's
+    Philox-10 key schedule, the rounding seed's last: value r of seed k holds (k0 + r W0,
+    k1 + r W1) mod 2^32, low word first; the seeds view is unchanged."""
+    from zokernels.backends.triton._common import build_table, cached_table, key_schedule
+
+    seeds = [2 ** 64 - 1, 0, 7, 0x9E3779B97F4A7C15]
+    tensors = [torch.randn(300, device=DEVICE)]
+    m = 0xFFFFFFFF
+    for launch in (build_table(tensors, [1], seeds, 9, 4096, schedule=True),
+                   cached_table({}, tensors, [1], seeds, 9, 4096, schedule=True)):
+        assert launch.seeds.cpu().tolist() == [-1, 0, 7, 0x9E3779B97F4A7C15 - 2 ** 64, 9]
+        assert launch.schedule.data_ptr() % 16 == 0
+        got = [v & (2 ** 64 - 1) for v in launch.schedule.cpu().tolist()]
+        assert len(got) == 10 * (len(seeds) + 1)  # the rounding seed's last
+        for k, s in enumerate(seeds + [9]):
+            for r in range(10):
+                lo = ((s & m) + r * 0x9E3779B9) & m
+                hi = ((s >> 32) + r * 0xBB67AE85) & m
+                assert got[10 * k + r] == lo | hi << 32, (k, r)
+            assert tuple(got[10 * k:10 * k + 10]) == tuple(v & (2 ** 64 - 1)
+                                                           for v in key_schedule(s))
+    assert build_table(tensors, [1], seeds, 9, 4096).schedule is None
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_loaded_key_schedule_matches_reference(dist, dtype):
+    """Seeds whose key words wrap in the schedule (all ones, zero, a high word near 2^32): the
+    kernels that load the schedule give the torch reference's values bit for bit, with and
+    without recovery, for shards (index maps) and with contract 3's stochastic rounding (the
+    rounding seed's schedule)."""
+    seeds = [2 ** 64 - 1, 0, 0xFFFFFFF0_00000010, 0x00000010_FFFFFFF0]
+    scales = [0.25, -0.5, 1.0, 0.125]
+    applied = [0.5, 0.25, -1.0, 0.0]
+    start = [torch.randn(n, device=DEVICE).to(dtype) for n in (1, 700, 4099)]
+    for kwargs in ({}, {"applied": applied}, {"index_maps": [None, (3, 100, 300), None]},
+                   {"rounding": "stochastic", "rounding_seed": 2 ** 64 - 1, "contract": 3},
+                   {"rounding": "stochastic", "rounding_seed": 0x00000010_FFFFFFF0,
+                    "contract": 3, "applied": applied}):
+        got = [t.clone() for t in start]
+        ref = [t.clone() for t in start]
+        zokernels.perturb_(got, seeds, scales, dist=dist, backend="triton", **kwargs)
+        zokernels.perturb_(ref, seeds, scales, dist=dist, backend="torch", **kwargs)
+        for j, (g, r) in enumerate(zip(got, ref)):
+            assert_bits_equal(g.cpu(), r.cpu(), f"{dist} {dtype} {kwargs} tensor {j}")
+
+
+@pytest.mark.parametrize("down", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_neighbour_of_every_16bit_value(dtype, down):
+    """The recovery's neighbour step (bf16: 0x10000 on the float32 pattern) against the 16-bit
+    sign-magnitude step of the contract for every non-NaN pattern: +-1 away from / toward zero,
+    +-tiny for +-0, max <-> inf (NaN patterns and +-inf's outward step, a NaN, are never taken:
+    recovery keeps a non-finite r; nor are bf16's +0 down and -0 up)."""
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype).to(torch.float32)
+    keep = ~values.isnan()
+    if dtype == torch.bfloat16:
+        # bf16 steps by the sign bit: +0 down and -0 up are never taken by the recovery (r = +0
+        # implies the direction up, r = -0 with up implies r fits; _neighbour's comment)
+        zero_sign = bits.to(torch.int32) & 0x8000
+        keep &= ~((values == 0) & ((zero_sign == 0) == down))
+    bits, values = bits[keep].to(torch.int32) & 0xFFFF, values[keep]
+    away = (values < 0) == down
+    expected = torch.where(away, bits + 1, bits - 1)
+    expected = torch.where(values == 0, 0x8001 if down else 0x0001, expected)
+    expected = expected.to(torch.int16).view(dtype).to(torch.float32)
+    got = torch.empty_like(values, device=DEVICE)
+    n = values.numel()
+    _neighbour_kernel[((n + 1023) // 1024,)](values.to(DEVICE), got,
+                                             torch.empty(1, dtype=dtype, device=DEVICE), n,
+                                             DOWN=down, SOFT=SOFT_BF16, BLOCK=1024)
+    got = got.cpu()
+    nan = expected.isnan()  # +-inf stepped outward: a NaN pattern (never taken: r is finite)
+    assert torch.equal(got.isnan(), nan), "NaN positions"
+    assert_bits_equal(got[~nan], expected[~nan], f"{dtype} down={down}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_recovery_matches_reference_at_exact_ties(dtype):
+    """d1 at exact multiples of a quarter / half ulp of x: x - d1 lands on a midpoint of the
+    16-bit grid, round-to-even picks the neighbour that does not round back, and the contract's
+    neighbour candidate is needed (x = 1, d1 = -2^-8 in bf16: r = 1, the result 1 + 2^-7). Random
+    d1 never hit these for bf16; the kernel's neighbour step must still give the reference's
+    result there."""
+    from zokernels.backends.torch.rounding import recover
+
+    info = torch.finfo(dtype)
+    xs, d1s = [], []
+    for c in [1.0, -1.0, 2.0, -2.0, 0.5, 2.0 ** -10, float(info.tiny), -float(info.tiny), 0.0,
+              -0.0, float(info.max), -float(info.max)]:
+        ulp = float(info.eps) * max(abs(c), float(info.tiny))
+        for k in range(-12, 13):
+            for step in (0.25, 0.5):
+                xs.append(c)
+                d1s.append(k * step * ulp)
+    x = torch.tensor(xs).to(dtype).to(torch.float32)
+    d1 = torch.tensor(d1s)
+    expected = recover(x, d1, dtype)
+    needs = (expected != (x - d1).to(dtype).to(torch.float32)) & ~expected.isnan()
+    assert needs.sum() >= 20, int(needs.sum())
+    got = torch.empty_like(x, device=DEVICE)
+    n = x.numel()
+    _recover_kernel[((n + 1023) // 1024,)](x.to(DEVICE), d1.to(DEVICE), got,
+                                           torch.empty(1, dtype=dtype, device=DEVICE), n,
+                                           SOFT=SOFT_BF16, BLOCK=1024)
+    got = got.cpu()
+    nan = got.isnan() & expected.isnan()
+    assert torch.equal(got.isnan(), expected.isnan()), "NaN positions"
+    assert_bits_equal(got[~nan], expected[~nan], f"{dtype} recovery at ties")
+
+
+def test_bf16_recovery_near_zero_matches_reference():
+    """bf16 recovery around +-0 (r = +-0 from both signs of x - d1, x == d1, d1 = -0, exact
+    ties on the subnormal grid): the neighbour step by the sign bit (no zero case) gives the
+    reference's result bit for bit."""
+    from zokernels.backends.torch.rounding import recover
+
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    n = 60_000
+    x = torch.randint(-8, 9, (n,), generator=g).float() * 2.0 ** -133  # subnormal multiples
+    x = x.to(dtype).to(torch.float32)
+    x[::7] = -0.0
+    x[1::7] = 0.0
+    d1 = torch.randint(-4096, 4097, (n,), generator=g).float() * 2.0 ** -145
+    d1[::11] = x[::11]
+    d1[2::13] = -0.0
+    d1[3::17] = -d1[3::17] * 2.0 ** 20  # large d1: r = -round(d1), far from zero
+    expected = recover(x, d1, dtype)
+    got = torch.empty_like(x, device=DEVICE)
+    _recover_kernel[((n + 1023) // 1024,)](x.to(DEVICE), d1.to(DEVICE), got,
+                                           torch.empty(1, dtype=dtype, device=DEVICE), n,
+                                           SOFT=SOFT_BF16, BLOCK=1024)
+    got = got.cpu()
+    assert ((x - d1).to(dtype) == 0).sum() > 1000  # r = +-0 is exercised
+    nan = got.isnan() & expected.isnan()
+    assert torch.equal(got.isnan(), expected.isnan()), "NaN positions"
+    assert_bits_equal(got[~nan], expected[~nan], "bf16 recovery near zero")
+
+
+def test_bf16_recovery_keeps_an_infinite_r():
+    """x = max - ulp, d1 = -3 * 2^119: r = round(x - d1) = inf, and its neighbour max does round
+    back to x (a tie to even), yet the contract keeps the non-finite r: the finiteness guard."""
+    from zokernels.backends.torch.rounding import recover
+
+    dtype = torch.bfloat16
+    top = torch.tensor([torch.finfo(dtype).max]).to(dtype).view(torch.int16)
+    below = float((top - 1).view(dtype))  # max - ulp
+    x = torch.tensor([below, -below])
+    d1 = torch.tensor([-3 * 2.0 ** 119, 3 * 2.0 ** 119])
+    expected = recover(x, d1, dtype)
+    assert torch.isinf(expected).all()
+    got = torch.empty_like(x, device=DEVICE)
+    _recover_kernel[(1,)](x.to(DEVICE), d1.to(DEVICE), got,
+                          torch.empty(1, dtype=dtype, device=DEVICE), 2, SOFT=SOFT_BF16,
+                          BLOCK=1024)
+    assert_bits_equal(got.cpu(), expected, "bf16 recovery, infinite r")

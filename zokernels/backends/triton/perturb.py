@@ -27,6 +27,11 @@ it both live in one tensor built per call (``build_table``: one copy, ``seeds`` 
     seeds:
     [0, K)                seeds (uint64 bit patterns)
     [K]                   rounding seed
+    schedule (same device tensor, after the seeds padded to an even length: 16-byte aligned):
+    [10 k, 10 k + 10)     seed k's Philox-10 key schedule, value r = round r's key words (low,
+                          high) (``_common.key_schedule``): the seed loop loads it (5 x 16 bytes)
+                          instead of computing 18 additions per seed in every thread
+    [10 K, 10 K + 10)     the rounding seed's (contract 3's rounding bits of gaussian tiles)
 
 Program ``pid`` finds its tensor j by a LOG2_P-step binary search over ``starts`` and handles
 the BLOCK elements ``(pid - starts[j]) * BLOCK + [0, BLOCK)`` of tensor j; the element index of
@@ -74,8 +79,8 @@ import triton.language as tl
 
 from ..._contract import DEFAULT_CONTRACT, integer_rounding, normals_version
 from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_entry, flat,
-                      load_seed,
-                      map_index, noise_at, noise_words, noise_words_at_blocks, recover_unperturbed,
+                      load_key_schedule, load_seed, map_index, noise_at,
+                      noise_words_at_blocks_scheduled, noise_words_scheduled, recover_unperturbed,
                       philox, quads, round_nearest, round_stochastic, round_stochastic_integer,
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
@@ -118,9 +123,9 @@ SELECTOR_WARPS = {"gaussian": 4, "rademacher": NUM_WARPS}
 
 
 @triton.jit
-def _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, i0, map_offset, local_span,
-                       global_span, grain, d, d1, DIST: tl.constexpr, BLOCK: tl.constexpr,
-                       HAS_APPLIED: tl.constexpr, NORMAL: tl.constexpr):
+def _mapped_noise_sums(seeds_ptr, schedule_ptr, scales_ptr, applied_ptr, K, key, i0, map_offset,
+                       local_span, global_span, grain, d, d1, DIST: tl.constexpr,
+                       BLOCK: tl.constexpr, HAS_APPLIED: tl.constexpr, NORMAL: tl.constexpr):
     """(D, D1) for the local elements i0 + [0, BLOCK) of a mapped tensor: z at g(i), in the tile
     shape of DIST (d, d1: zero tiles).
 
@@ -134,8 +139,10 @@ def _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, i0, map_offse
     if grain % GROUP == 0:
         lanes = tl.arange(0, BLOCK // GROUP) * GROUP
         b = map_index(i0, lanes, map_offset, local_span, global_span, BLOCK) // GROUP
+        zero = (i0 >> 62).to(tl.uint32)  # i0 < numel < 2^62: philox_scheduled
         for k in range(K):
-            w0, w1, w2, w3 = noise_words_at_blocks(load_seed(seeds_ptr + k), key, b)
+            w0, w1, w2, w3 = noise_words_at_blocks_scheduled(
+                load_key_schedule(schedule_ptr + 10 * k), key, b, zero)
             d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
             if HAS_APPLIED:
                 d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
@@ -196,7 +203,8 @@ def _mapped_rounding_bits(seed, key, i0, map_offset, local_span, global_span, gr
 
 # K == 1 and capacity == 1 (or % 16 == 0) must not compile their own variants
 @triton.jit(do_not_specialize=["K", "capacity"])
-def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, applied_ptr, K,
+def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, scales_ptr,
+                    applied_ptr, K,
                     index_ptr, values_ptr, count_ptr, capacity,
                     LOG2_P: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                     STOCHASTIC: tl.constexpr, ALIGN: tl.constexpr, HAS_APPLIED: tl.constexpr,
@@ -253,15 +261,34 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         local_span = tl.load(row_ptr + 5)
         global_span = tl.load(row_ptr + 6)
         grain = tl.load(row_ptr + 7)
-        d, d1 = _mapped_noise_sums(seeds_ptr, scales_ptr, applied_ptr, K, key, start,
-                                   map_offset, local_span, global_span, grain, d, d1, DIST,
+        d, d1 = _mapped_noise_sums(seeds_ptr, schedule_ptr, scales_ptr, applied_ptr, K, key,
+                                   start, map_offset, local_span, global_span, grain, d, d1, DIST,
                                    BLOCK, HAS_APPLIED, NORMAL)
     else:
-        for k in range(K):
-            w0, w1, w2, w3 = noise_words(load_seed(seeds_ptr + k), key, blk, DIST, BLOCK)
-            d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
-            if HAS_APPLIED:
-                d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
+        # each seed's Philox key schedule is loaded (host-computed, ``key_schedule``), not
+        # computed: 5 loads instead of 18 additions per seed and thread. zero: numel < 2^62, a 0
+        # the compiler cannot see (``philox_scheduled``). The two loop forms differ only in how
+        # ptxas allocates registers (sass_budget): with recovery, pointers carried through the
+        # loop keep it under MAXNREG without spills (indexed: 5 spill instructions); without,
+        # indexed loads issue fewer instructions per seed
+        zero = (numel >> 62).to(tl.uint32)
+        if HAS_APPLIED:
+            ks_ptr = schedule_ptr
+            sc_ptr = scales_ptr
+            ap_ptr = applied_ptr
+            for k in range(K):
+                w0, w1, w2, w3 = noise_words_scheduled(load_key_schedule(ks_ptr), key, blk,
+                                                       DIST, BLOCK, zero)
+                d = add_noise(d, tl.load(sc_ptr), w0, w1, w2, w3, DIST, NORMAL)
+                d1 = add_noise(d1, tl.load(ap_ptr), w0, w1, w2, w3, DIST, NORMAL)
+                ks_ptr += 10
+                sc_ptr += 1
+                ap_ptr += 1
+        else:
+            for k in range(K):
+                w0, w1, w2, w3 = noise_words_scheduled(load_key_schedule(schedule_ptr + 10 * k),
+                                                       key, blk, DIST, BLOCK, zero)
+                d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
     x = to_float32(w, SOFT_BF16)
     if SEL_OUT != 0 or SEL_IN:
         sel_row = tl.load(sel_rows_ptr + j) + blk  # BLOCK is the log's block
@@ -281,6 +308,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, decays_ptr, scales_ptr, appl
         if MAPPED:
             r = _mapped_rounding_bits(load_seed(seeds_ptr + K), key, start, map_offset,
                                       local_span, global_span, grain, TILE, BLOCK)
+        elif TILE == 0:  # the rounding seed's key schedule loaded (rademacher: spills)
+            r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK,
+                                   load_key_schedule(schedule_ptr + 10 * K))
         else:
             r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
         y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -405,12 +435,13 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     scales = scales.contiguous()
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
                           mapped_block=block_for(dist, stochastic, recover, True, normal,
-                                                 itemsize, log is not None, selector))
+                                                 itemsize, log is not None, selector),
+                          schedule=True)
     base = launch.base
     sel_rows = _selector_rows(table_cache, tensors) if selector else None
     out, held = selector_log, held_log
     _perturb_kernel[(launch.n_programs,)](
-        base, launch.table, launch.seeds, decays.contiguous(), scales,
+        base, launch.table, launch.seeds, launch.schedule, decays.contiguous(), scales,
         scales if applied is None else applied.contiguous(),  # never read without applied
         len(seeds),
         # unused log arguments are None: constexpr, not even kernel parameters
