@@ -193,6 +193,10 @@ ZK_INLINE uint32_t same_value(uint32_t a, uint32_t b) {
     return ((a == b) | (((a | b) << 1) == 0)) ? 1u : 0u;
 }
 
+ZK_INLINE uint32_t same_value_mask(uint32_t a, uint32_t b) {
+    return lane_mask(a == b) | lane_mask(((a | b) << 1) == 0);
+}
+
 ZK_INLINE uint32_t same_pattern_mask(uint32_t a, uint32_t b) {  // 16-bit patterns a, b
     return lane_mask(a == b) | lane_mask(((a | b) & 0x7FFFu) == 0);
 }
@@ -249,13 +253,17 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
         const float s = K::value(r) + d[i];
         r_out[i] = K::storage(r);
         if constexpr (K::kBits == 32) {
-            const uint32_t maps = same_value(bits_as<uint32_t>(K::value(K::round_finite(s))), y_bits);
+            // lane masks, as the 16-bit formats' test (class_byte's logic, on masks)
+            const uint32_t maps = same_value_mask(bits_as<uint32_t>(s), y_bits);
             const uint32_t k = K::key(r);
-            const uint32_t below = same_value(K::image(k - 1u, d[i]), y_bits);
-            const uint32_t above = same_value(K::image(k + 1u, d[i]), y_bits);
-            const uint32_t nf = not_finite_bits(y_bits);
-            flagged[i] = static_cast<uint8_t>(nf | below | above | (maps ^ 1u));
-            class_out[i] = class_byte(maps, below, above, nf);
+            const uint32_t below = same_value_mask(K::image(k - 1u, d[i]), y_bits);
+            const uint32_t above = same_value_mask(K::image(k + 1u, d[i]), y_bits);
+            const uint32_t nf = lane_mask(static_cast<int32_t>(y_bits & 0x7FFFFFFFu) >= 0x7F800000);
+            const uint32_t keep = nf | ~(maps & ~below & ~above);
+            flagged[i] = static_cast<uint8_t>(keep & 1u);
+            class_out[i] = static_cast<uint8_t>((keep & kKeep) | (nf & kIsN) |
+                                                (maps & (below ^ above) & kSided) |
+                                                (maps & below & ~above & kDown));
         } else {  // class_out: maps, so that stage 2 computes only the neighbours' images
             (void)y_bits;
             const uint32_t maps = same_pattern_mask(K::round_finite(s), y_pattern);
