@@ -108,6 +108,19 @@ if "triton" in zokernels.available_backends():
                  mask=live)
 
 
+def _assert_kernel_recovers(x, d1, dtype, expected, what: str) -> None:
+    """_recover_kernel's result on (x, d1) equals `expected` bit for bit (NaNs as NaNs)."""
+    got = torch.empty_like(x, device=DEVICE)
+    n = x.numel()
+    _recover_kernel[((n + 1023) // 1024,)](x.to(DEVICE), d1.to(DEVICE), got,
+                                           torch.empty(1, dtype=dtype, device=DEVICE), n,
+                                           SOFT=SOFT_BF16, BLOCK=1024)
+    got = got.cpu()
+    nan = got.isnan() & expected.isnan()
+    assert torch.equal(got.isnan(), expected.isnan()), f"{what}: NaN positions"
+    assert_bits_equal(got[~nan], expected[~nan], what)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_recovery_matches_reference_where_a_neighbour_is_needed(dtype):
     """The kernel's recovery tests one neighbour (the one on x's side: round(c + d1) is
@@ -132,15 +145,7 @@ def test_recovery_matches_reference_where_a_neighbour_is_needed(dtype):
     needs = (expected != (x - d1).to(dtype).to(torch.float32)) & ~expected.isnan()
     keep = needs | (torch.arange(x.numel()) % 97 == 0)
     x, d1, expected = x[keep], d1[keep], expected[keep]
-    got = torch.empty_like(x, device=DEVICE)
-    n = x.numel()
-    _recover_kernel[((n + 1023) // 1024,)](x.to(DEVICE), d1.to(DEVICE), got,
-                                           torch.empty(1, dtype=dtype, device=DEVICE), n,
-                                           SOFT=SOFT_BF16, BLOCK=1024)
-    got = got.cpu()
-    nan = got.isnan() & expected.isnan()
-    assert torch.equal(got.isnan(), expected.isnan()), "NaN positions"
-    assert_bits_equal(got[~nan], expected[~nan], f"{dtype} recovery")
+    _assert_kernel_recovers(x, d1, dtype, expected, f"{dtype} recovery")
     if dtype == torch.float16:  # the sweep holds cases that need next_up / next_down
         assert needs.sum() >= 8, int(needs.sum())
 
@@ -247,15 +252,7 @@ def test_recovery_matches_reference_at_exact_ties(dtype):
     expected = recover(x, d1, dtype)
     needs = (expected != (x - d1).to(dtype).to(torch.float32)) & ~expected.isnan()
     assert needs.sum() >= 20, int(needs.sum())
-    got = torch.empty_like(x, device=DEVICE)
-    n = x.numel()
-    _recover_kernel[((n + 1023) // 1024,)](x.to(DEVICE), d1.to(DEVICE), got,
-                                           torch.empty(1, dtype=dtype, device=DEVICE), n,
-                                           SOFT=SOFT_BF16, BLOCK=1024)
-    got = got.cpu()
-    nan = got.isnan() & expected.isnan()
-    assert torch.equal(got.isnan(), expected.isnan()), "NaN positions"
-    assert_bits_equal(got[~nan], expected[~nan], f"{dtype} recovery at ties")
+    _assert_kernel_recovers(x, d1, dtype, expected, f"{dtype} recovery at ties")
 
 
 def test_bf16_recovery_near_zero_matches_reference():
@@ -276,15 +273,8 @@ def test_bf16_recovery_near_zero_matches_reference():
     d1[2::13] = -0.0
     d1[3::17] = -d1[3::17] * 2.0 ** 20  # large d1: r = -round(d1), far from zero
     expected = recover(x, d1, dtype)
-    got = torch.empty_like(x, device=DEVICE)
-    _recover_kernel[((n + 1023) // 1024,)](x.to(DEVICE), d1.to(DEVICE), got,
-                                           torch.empty(1, dtype=dtype, device=DEVICE), n,
-                                           SOFT=SOFT_BF16, BLOCK=1024)
-    got = got.cpu()
     assert ((x - d1).to(dtype) == 0).sum() > 1000  # r = +-0 is exercised
-    nan = got.isnan() & expected.isnan()
-    assert torch.equal(got.isnan(), expected.isnan()), "NaN positions"
-    assert_bits_equal(got[~nan], expected[~nan], "bf16 recovery near zero")
+    _assert_kernel_recovers(x, d1, dtype, expected, "bf16 recovery near zero")
 
 
 def test_bf16_recovery_keeps_an_infinite_r():
@@ -299,8 +289,4 @@ def test_bf16_recovery_keeps_an_infinite_r():
     d1 = torch.tensor([-3 * 2.0 ** 119, 3 * 2.0 ** 119])
     expected = recover(x, d1, dtype)
     assert torch.isinf(expected).all()
-    got = torch.empty_like(x, device=DEVICE)
-    _recover_kernel[(1,)](x.to(DEVICE), d1.to(DEVICE), got,
-                          torch.empty(1, dtype=dtype, device=DEVICE), 2, SOFT=SOFT_BF16,
-                          BLOCK=1024)
-    assert_bits_equal(got.cpu(), expected, "bf16 recovery, infinite r")
+    _assert_kernel_recovers(x, d1, dtype, expected, "bf16 recovery, infinite r")
