@@ -290,3 +290,14 @@ def test_bf16_recovery_keeps_an_infinite_r():
     expected = recover(x, d1, dtype)
     assert torch.isinf(expected).all()
     _assert_kernel_recovers(x, d1, dtype, expected, "bf16 recovery, infinite r")
+
+
+def test_perturb_triton_rejects_no_seeds():
+    """The recovering kernel assumes K >= 1 (tl.assume): the backend entry rejects K = 0 itself,
+    not only the public API's seed validation."""
+    backend = _triton()
+    t = torch.zeros(8, dtype=torch.bfloat16, device=DEVICE)
+    empty = torch.zeros(0, device=DEVICE)
+    with pytest.raises(ValueError, match="at least one seed"):
+        backend.perturb_triton([t], [1], [], empty, torch.ones(1, device=DEVICE), "gaussian",
+                               "nearest", 0, applied=empty)

@@ -270,12 +270,19 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
         # the compiler cannot see (``philox_scheduled``). The two loop forms differ only in how
         # ptxas allocates registers (sass_budget): with recovery, pointers carried through the
         # loop keep it under MAXNREG without spills (indexed: 5 spill instructions); without,
-        # indexed loads issue fewer instructions per seed
+        # indexed loads issue fewer instructions per seed. K >= 1 (perturb_triton checks): told
+        # to the recovering loop, LLVM drops the loop's K == 0 bypass, on both sides of which
+        # ptxas zeroed the D and D1 tiles (-1.2 per element at K = 1); not with the undo log's
+        # appends, contract 1 / 2's stochastic rounding or contract 3's with count_only (ptxas
+        # then allocates the seed loop worse: +0.2 to +1.0 per seed), nor in the plain loop
+        # (docs/gpu-performance.md)
         zero = (numel >> 62).to(tl.uint32)
         if HAS_APPLIED:
             ks_ptr = schedule_ptr
             sc_ptr = scales_ptr
             ap_ptr = applied_ptr
+            if (LOG_MODE == 0 and STOCHASTIC != 1) or (LOG_MODE == 2 and STOCHASTIC == 0):
+                tl.assume(K >= 1)
             for k in range(K):
                 w0, w1, w2, w3 = noise_words_scheduled(load_key_schedule(ks_ptr), key, blk,
                                                        DIST, BLOCK, zero)
@@ -413,6 +420,8 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     added to its count) / the one it reads, with ``applied``, to recover every weight exactly;
     bit-identical to the torch reference's (the pool's block order aside: one atomic add per
     spilled block). No host synchronization."""
+    if len(seeds) == 0:  # the recovering kernel assumes K >= 1
+        raise ValueError("perturb_triton: seeds must hold at least one seed")
     if selector_log is not None and log is not None:
         raise ValueError("perturb_triton: log and selector_log are exclusive")
     if held_log is not None and applied is None:
