@@ -185,24 +185,21 @@ struct Keys {
     }
 };
 
-// Float equality of two float32 patterns without a float compare (vectorizes): equal patterns,
-// or both zeros. (Not IEEE for NaN: a caller's y is finite wherever the answer matters.) For two
-// 16-bit patterns (the formats' conversions to float32 are exact and one to one) the same test
-// is same_pattern_mask's, as a lane mask.
-ZK_INLINE uint32_t same_value(uint32_t a, uint32_t b) {
-    return ((a == b) | (((a | b) << 1) == 0)) ? 1u : 0u;
-}
-
+// Float equality of two float32 patterns without a float compare (vectorizes), as a lane mask:
+// equal patterns, or both zeros. (Not IEEE for NaN: a caller's y is finite wherever the answer
+// matters.) same_pattern_mask: the same test on two 16-bit patterns (the formats' conversions
+// to float32 are exact and one to one).
 ZK_INLINE uint32_t same_value_mask(uint32_t a, uint32_t b) {
     return lane_mask(a == b) | lane_mask(((a | b) << 1) == 0);
 }
 
-ZK_INLINE uint32_t same_pattern_mask(uint32_t a, uint32_t b) {  // 16-bit patterns a, b
+ZK_INLINE uint32_t same_pattern_mask(uint32_t a, uint32_t b) {
     return lane_mask(a == b) | lane_mask(((a | b) & 0x7FFFu) == 0);
 }
 
-ZK_INLINE uint32_t not_finite_bits(uint32_t y_bits) {
-    return (y_bits & 0x7FFFFFFFu) >= 0x7F800000u ? 1u : 0u;
+// A float32 pattern that is not finite, as a lane mask (a signed compare: the magnitude < 2^31).
+ZK_INLINE uint32_t not_finite_mask(uint32_t y_bits) {
+    return lane_mask(static_cast<int32_t>(y_bits & 0x7FFFFFFFu) >= 0x7F800000);
 }
 
 // The 8 low bits of v as 8 bytes of 0 / 1, bit j in byte j (the inverse of the multiply that
@@ -227,11 +224,11 @@ static_assert(kSelectorBlock % kLanes == 0, "whole lanes stay inside a block's a
 enum ClassBits : uint8_t { kKeep = 1, kIsN = 2, kSided = 4, kDown = 8 };
 
 // The class byte of an element whose r = round(y - d) does (maps) / whose key neighbours do
-// (below, above) map to y (as values); nf: y is not finite.
+// (below, above) map to y (as values); nf: y is not finite. All four are lane masks.
 ZK_INLINE uint8_t class_byte(uint32_t maps, uint32_t below, uint32_t above, uint32_t nf) {
-    const uint32_t only_r = maps & (below ^ 1u) & (above ^ 1u);
-    return static_cast<uint8_t>((nf | (only_r ^ 1u)) | (nf << 1) | ((maps & (below ^ above)) << 2) |
-                                ((maps & below & (above ^ 1u)) << 3));
+    const uint32_t keep = nf | ~(maps & ~below & ~above);
+    return static_cast<uint8_t>((keep & kKeep) | (nf & kIsN) | (maps & (below ^ above) & kSided) |
+                                (maps & below & ~above & kDown));
 }
 
 // Stage 1 on both sides, every element (vectorizes; `flags` in the reference): r[i] =
@@ -253,17 +250,13 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
         const float s = K::value(r) + d[i];
         r_out[i] = K::storage(r);
         if constexpr (K::kBits == 32) {
-            // lane masks, as the 16-bit formats' test (class_byte's logic, on masks)
             const uint32_t maps = same_value_mask(bits_as<uint32_t>(s), y_bits);
             const uint32_t k = K::key(r);
             const uint32_t below = same_value_mask(K::image(k - 1u, d[i]), y_bits);
             const uint32_t above = same_value_mask(K::image(k + 1u, d[i]), y_bits);
-            const uint32_t nf = lane_mask(static_cast<int32_t>(y_bits & 0x7FFFFFFFu) >= 0x7F800000);
-            const uint32_t keep = nf | ~(maps & ~below & ~above);
-            flagged[i] = static_cast<uint8_t>(keep & 1u);
-            class_out[i] = static_cast<uint8_t>((keep & kKeep) | (nf & kIsN) |
-                                                (maps & (below ^ above) & kSided) |
-                                                (maps & below & ~above & kDown));
+            const uint8_t code = class_byte(maps, below, above, not_finite_mask(y_bits));
+            flagged[i] = code & kKeep;
+            class_out[i] = code;
         } else {  // class_out: maps, so that stage 2 computes only the neighbours' images
             (void)y_bits;
             const uint32_t maps = same_pattern_mask(K::round_finite(s), y_pattern);
@@ -334,10 +327,10 @@ inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
     alignas(64) uint8_t keep[kSelectorBlock];
     for (int q = 0; q < lanes; ++q) {
         const uint32_t k = K::key(r[q]);
-        const uint32_t below = same_value(K::image(k - 1u, d_s[q]), y_bits[q]);
-        const uint32_t above = same_value(K::image(k + 1u, d_s[q]), y_bits[q]);
+        const uint32_t below = same_value_mask(K::image(k - 1u, d_s[q]), y_bits[q]);
+        const uint32_t above = same_value_mask(K::image(k + 1u, d_s[q]), y_bits[q]);
         kr[q] = k;
-        code[q] = class_byte(maps[q], below, above, not_finite_bits(y_bits[q]));
+        code[q] = class_byte(0u - maps[q], below, above, not_finite_mask(y_bits[q]));
         keep[q] = code[q] & kKeep;
     }
     alignas(64) int32_t which[kSelectorBlock + kCompactSlack];
