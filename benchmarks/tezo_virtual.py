@@ -82,7 +82,8 @@ def float64_losses(base, loss_of, opt: TeZO, held: list[dict], eps: float) -> li
                 tau = state.taus(tau_seed(opt.base_seed, 0), opt.backend)
                 for j, name in enumerate(state.names):
                     t = (tau * state.rank_norm)[state.offsets[j]:state.offsets[j + 1]].double()
-                    z = state.us[j].double() @ torch.diag(t) @ state.vs[j].double().T
+                    u, v = state.factors(j)  # drawn for this weight only
+                    z = u.double() @ torch.diag(t) @ v.double().T
                     params[name].add_(sign * eps * z)
             losses.append(float(loss_of(twin)))
     return losses

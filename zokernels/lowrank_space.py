@@ -158,7 +158,8 @@ class LowRankSpace:
 
     @property
     def us(self) -> list[torch.Tensor]:
-        """Every weight's U_j, drawn at each access (see `factors`)."""
+        """Every weight's U_j, drawn at each access (see `factors`; a convenience for inspection:
+        code that needs one weight's factors calls `factors(j)`)."""
         return self.factors_for(range(len(self.weights)))[0]
 
     @property

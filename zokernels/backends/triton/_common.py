@@ -477,32 +477,33 @@ def philox_scheduled(ks, c0, c1, c2, c3, zero):
 
 
 @triton.jit
-def _philox_calls(seed, key, blk, N: tl.constexpr, STREAM: tl.constexpr):
+def _philox_keyed(seed, ks, c0, c1, c2, c3, zero):
+    """``philox(seed, ...)`` when ``ks`` is None, else ``philox_scheduled(ks, ..., zero)`` with the
+    seed's key schedule (``load_key_schedule``): the same words. Resolved at compile time."""
+    if ks is None:
+        return philox(seed, c0, c1, c2, c3)
+    else:
+        return philox_scheduled(ks, c0, c1, c2, c3, zero)
+
+
+@triton.jit
+def _philox_calls(seed, key, blk, N: tl.constexpr, STREAM: tl.constexpr, ks=None, zero=0):
     """Words of the N consecutive Philox calls ``blk * N + [0, N)`` (counter (b lo, b hi, key,
     STREAM)). ``blk * N`` is a multiple of the power of two N <= 2^32, so adding ``arange(N)`` to
-    its low word never carries into the high word."""
+    its low word never carries into the high word. ``ks``, ``zero``: ``_philox_keyed``."""
     g = blk.to(tl.uint64, bitcast=True) * N
     c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, N).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
-    return philox(seed, c0, c1, key, STREAM)
+    return _philox_keyed(seed, ks, c0, c1, key, STREAM, zero)
 
 
 @triton.jit
-def _philox_calls_scheduled(ks, key, blk, N: tl.constexpr, STREAM: tl.constexpr, zero):
-    """``_philox_calls`` with the seed's key schedule given (``load_key_schedule``; ``zero``:
-    see ``philox_scheduled``)."""
-    g = blk.to(tl.uint64, bitcast=True) * N
-    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, N).to(tl.uint32)
-    c1 = (g >> 32).to(tl.uint32)
-    return philox_scheduled(ks, c0, c1, key, STREAM, zero)
-
-
-@triton.jit
-def _philox_at_blocks(seed, key, b, STREAM: tl.constexpr):
+def _philox_at_blocks(seed, key, b, STREAM: tl.constexpr, ks=None, zero=0):
     """Philox words at contract block indices b (int64, any values): counter
-    (b mod 2^32, b >> 32, key, STREAM)."""
+    (b mod 2^32, b >> 32, key, STREAM). ``ks``, ``zero``: ``_philox_keyed``."""
     bu = b.to(tl.uint64, bitcast=True)
-    return philox(seed, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32), key, STREAM)
+    return _philox_keyed(seed, ks, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32),
+                         key, STREAM, zero)
 
 
 @triton.jit
@@ -544,21 +545,13 @@ def _tile_from_words(w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
 
 
 @triton.jit
-def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None, zero=0):
     """Words of the Philox calls of the block ``blk`` (stream 0): BLOCK // 128 calls for
-    rademacher, BLOCK // 4 otherwise."""
+    rademacher, BLOCK // 4 otherwise. With ``ks`` (the seed's key schedule,
+    ``load_key_schedule``; ``seed`` is then unused) and ``zero``: see ``philox_scheduled``."""
     tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
     N: tl.constexpr = BLOCK // 128 if DIST == 1 else BLOCK // 4
-    return _philox_calls(seed, key, blk, N, 0)
-
-
-@triton.jit
-def noise_words_scheduled(ks, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, zero):
-    """``noise_words`` with the seed's key schedule given (``load_key_schedule``; ``zero``: 0 at
-    run time, see ``philox_scheduled``)."""
-    tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
-    N: tl.constexpr = BLOCK // 128 if DIST == 1 else BLOCK // 4
-    return _philox_calls_scheduled(ks, key, blk, N, 0, zero)
+    return _philox_calls(seed, key, blk, N, 0, ks, zero)
 
 
 @triton.jit
@@ -643,20 +636,12 @@ def map_index(i0, lane, map_offset, local_span, global_span, BLOCK: tl.constexpr
 
 
 @triton.jit
-def noise_words_at_blocks(seed, key, b):
+def noise_words_at_blocks(seed, key, b, ks=None, zero=0):
     """Words (stream 0) of the Philox calls with contract block indices b (int64, any values):
     the mapped fast path, where every aligned group of 4 (128) local elements is one aligned
-    global group. Fed to ``add_noise`` as ``noise_words`` is: bit-identical."""
-    return _philox_at_blocks(seed, key, b, 0)
-
-
-@triton.jit
-def noise_words_at_blocks_scheduled(ks, key, b, zero):
-    """``noise_words_at_blocks`` with the seed's key schedule given (``load_key_schedule``;
-    ``zero``: see ``philox_scheduled``)."""
-    bu = b.to(tl.uint64, bitcast=True)
-    return philox_scheduled(ks, (bu & 0xFFFFFFFF).to(tl.uint32), (bu >> 32).to(tl.uint32), key,
-                            0, zero)
+    global group. Fed to ``add_noise`` as ``noise_words`` is: bit-identical. ``ks``, ``zero``:
+    as ``noise_words``."""
+    return _philox_at_blocks(seed, key, b, 0, ks, zero)
 
 
 @triton.jit
@@ -721,10 +706,7 @@ def _rounding_bits(seed, key, b_lo, b_hi, sub, ks=None):
     """Contract 3's 16 random bits: half (sub & 1) (low half first) of word sub // 2 of the
     rounding stream's call (b_lo, b_hi, key, 1); sub = i mod 8 for element i of call b = i // 8.
     ``ks``: None, or the seed's key schedule (``load_key_schedule``)."""
-    if ks is None:
-        w0, w1, w2, w3 = philox(seed, b_lo, b_hi, key, 1)
-    else:
-        w0, w1, w2, w3 = philox_scheduled(ks, b_lo, b_hi, key, 1, 0)
+    w0, w1, w2, w3 = _philox_keyed(seed, ks, b_lo, b_hi, key, 1, 0)
     w = _pick4(w0, w1, w2, w3, sub >> 1)
     return (w >> ((sub & 1) * 16).to(tl.uint32)) & 0xFFFF
 
@@ -747,12 +729,8 @@ def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, 
         r = _rounding_bits(seed, key, c0 + (q + (s8 >> 3)).to(tl.uint32), c1, s8 & 7, ks)
     else:
         # quad j (elements 4j .. 4j + 3) is half j % 2 of call j // 2: words (0, 1) or (2, 3)
-        if ks is None:
-            w0, w1, w2, w3 = philox(seed, c0 + tl.arange(0, BLOCK // 8).to(tl.uint32), c1, key,
-                                    1)
-        else:
-            w0, w1, w2, w3 = philox_scheduled(ks, c0 + tl.arange(0, BLOCK // 8).to(tl.uint32),
-                                              c1, key, 1, 0)
+        w0, w1, w2, w3 = _philox_keyed(seed, ks, c0 + tl.arange(0, BLOCK // 8).to(tl.uint32), c1,
+                                       key, 1, 0)
         a = tl.reshape(tl.join(w0, w2), [BLOCK // 4])
         b = tl.reshape(tl.join(w1, w3), [BLOCK // 4])
         r = quads(a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16)

@@ -80,7 +80,7 @@ import triton.language as tl
 from ..._contract import DEFAULT_CONTRACT, integer_rounding, normals_version
 from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_entry, flat,
                       load_key_schedule, load_seed, map_index, noise_at,
-                      noise_words_at_blocks_scheduled, noise_words_scheduled, recover_unperturbed,
+                      noise_words, noise_words_at_blocks, recover_unperturbed,
                       philox, quads, round_nearest, round_stochastic, round_stochastic_integer,
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
@@ -141,8 +141,8 @@ def _mapped_noise_sums(seeds_ptr, schedule_ptr, scales_ptr, applied_ptr, K, key,
         b = map_index(i0, lanes, map_offset, local_span, global_span, BLOCK) // GROUP
         zero = (i0 >> 62).to(tl.uint32)  # i0 < numel < 2^62: philox_scheduled
         for k in range(K):
-            w0, w1, w2, w3 = noise_words_at_blocks_scheduled(
-                load_key_schedule(schedule_ptr + 10 * k), key, b, zero)
+            w0, w1, w2, w3 = noise_words_at_blocks(
+                None, key, b, load_key_schedule(schedule_ptr + 10 * k), zero)
             d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
             if HAS_APPLIED:
                 d1 = add_noise(d1, tl.load(applied_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
@@ -284,8 +284,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
             if (LOG_MODE == 0 and STOCHASTIC != 1) or (LOG_MODE == 2 and STOCHASTIC == 0):
                 tl.assume(K >= 1)
             for k in range(K):
-                w0, w1, w2, w3 = noise_words_scheduled(load_key_schedule(ks_ptr), key, blk,
-                                                       DIST, BLOCK, zero)
+                w0, w1, w2, w3 = noise_words(None, key, blk, DIST, BLOCK,
+                                             load_key_schedule(ks_ptr), zero)
                 d = add_noise(d, tl.load(sc_ptr), w0, w1, w2, w3, DIST, NORMAL)
                 d1 = add_noise(d1, tl.load(ap_ptr), w0, w1, w2, w3, DIST, NORMAL)
                 ks_ptr += 10
@@ -293,8 +293,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                 ap_ptr += 1
         else:
             for k in range(K):
-                w0, w1, w2, w3 = noise_words_scheduled(load_key_schedule(schedule_ptr + 10 * k),
-                                                       key, blk, DIST, BLOCK, zero)
+                w0, w1, w2, w3 = noise_words(None, key, blk, DIST, BLOCK,
+                                             load_key_schedule(schedule_ptr + 10 * k), zero)
                 d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
     x = to_float32(w, SOFT_BF16)
     if SEL_OUT != 0 or SEL_IN:
