@@ -166,7 +166,9 @@ struct Keys {
     //
     // Returned as a lane mask (all ones: single), and every field compared as a signed int32
     // (all are below 2^15): GCC vectorizes that without masking each compare to 0 / 1 or
-    // emulating unsigned compares.
+    // emulating unsigned compares. kHalfWayMargin > 0 also fails an s within that many float32
+    // steps of half-way (the writer's test, flag_written).
+    template <int kHalfWayMargin = 0>
     static ZK_INLINE uint32_t single_candidate(uint32_t c, uint32_t y, float s) {
         static_assert(kBits == 16, "float32 tests the key neighbours exactly");
         const int32_t e = static_cast<int32_t>(y & kExponentMask);
@@ -180,7 +182,11 @@ struct Keys {
         ok &= lane_mask(ym >= 2) & lane_mask(ym < static_cast<int32_t>(kMantissaMask));
         // s lies in y's normal binade: 16 (bfloat16) / 13 (float16) float32 bits below the mantissa
         constexpr int32_t kBelow = std::is_same<Format, BFloat16Format>::value ? 0xFFFF : 0x1FFF;
-        ok &= ~lane_mask((static_cast<int32_t>(bits_as<uint32_t>(s)) & kBelow) == (kBelow + 1) / 2);
+        const int32_t from_half = (static_cast<int32_t>(bits_as<uint32_t>(s)) & kBelow) - (kBelow + 1) / 2;
+        if constexpr (kHalfWayMargin == 0)
+            ok &= ~lane_mask(from_half == 0);
+        else
+            ok &= lane_mask(from_half > kHalfWayMargin) | lane_mask(from_half < -kHalfWayMargin);
         return ok;
     }
 };
@@ -267,6 +273,61 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
     }
 }
 
+// Stage 1 on the writing side, every element: flagged[i] = 0 only where element i is provably
+// not kept, found from what the writer has: theta and the sum it rounded to y (decay 1), without
+// flag_elements' r = round(y - d) and its images (about half the work for 16-bit formats, most
+// of it for float32). Every element this flags gets stage 2's full classes (r, whether r maps,
+// its neighbours), which keep exactly the reader's elements.
+//
+// 16-bit formats: theta maps to y (round(s0) == y, s0 = float32(theta) + d) and
+// single_candidate(theta, y, s0) holds with s0 more than kMargin float32 steps (of y's binade,
+// spacing q = u / 2^16 bfloat16, u / 2^13 float16, u y's spacing) from half-way. Then the
+// reader's r = round(float32(y - d)) is theta, so its s is s0 and its test is this one without
+// the margin (which it passes: unflagged, and not kept). Why r is theta: with e = s0 - y
+// (|e| <= u/2 - (kMargin + 1) q) and s0 = theta + d + a (|a| <= q/2), y - d = theta + a - e lies
+// within u/2 - (kMargin + 1/2) q of theta. float32 rounds that by at most half its spacing g on
+// that side of theta, where the format's spacing is 2^16 g (2^13 g) and at least u
+// (single_candidate's exponent test), so g >= q: for g = q the result stays within
+// u/2 - kMargin q of theta, for g >= 2q within u/2 + g/2 < (2^16 g)/2. Either way it rounds to
+// theta (kMargin >= 1: no tie).
+//
+// float32: |theta| >= |d|, so t = d - (y - theta) is exact and theta + d = y + t (Fast2Sum); y
+// normal, theta's key neighbours at least y's spacing u away (the exponent test above), and
+// |t| < u/2. Then y - d = theta - t rounds to theta (r = theta maps), and theta -+ g + d =
+// y + t -+ g (g >= u) lies more than u/2 beyond y on either side, where y's neighbours are at
+// most u away: neither key neighbour maps, so theta is not kept.
+//
+// tests/test_lowrank_selector.py checks the writer against the reference on every 16-bit
+// pattern with sums at and next to ties (test_writer_test_matches_the_reader_at_near_half_way_sums).
+constexpr int kWriterHalfWayMargin = 2;
+
+template <class Format>
+inline void flag_written(const typename Format::storage* ZK_RESTRICT theta,
+                         const typename Format::storage* ZK_RESTRICT y,
+                         const float* ZK_RESTRICT d, int n, uint8_t* ZK_RESTRICT flagged) {
+    using K = Keys<Format>;
+    for (int i = 0; i < n; ++i) {
+        const uint32_t t = K::pattern(theta[i]), y_pattern = K::pattern(y[i]);
+        uint32_t single;
+        if constexpr (K::kBits == 32) {
+            const float residual = d[i] - (bits_as<float>(y_pattern) - bits_as<float>(t));
+            const int32_t e = static_cast<int32_t>(y_pattern & K::kExponentMask);
+            // u/2 = 2^(E - 151) for y's exponent field E: a normal float32 when E >= 25
+            const int32_t half_spacing = e - (24 << 23);
+            single = lane_mask(static_cast<int32_t>(t & 0x7FFFFFFFu) >=
+                               static_cast<int32_t>(bits_as<uint32_t>(d[i]) & 0x7FFFFFFFu)) &
+                     lane_mask(static_cast<int32_t>(t & 0x7FFFFFFFu) > e) &
+                     lane_mask(e >= (25 << 23)) & lane_mask(e < static_cast<int32_t>(K::kExponentMask)) &
+                     lane_mask(static_cast<int32_t>(bits_as<uint32_t>(residual) & 0x7FFFFFFFu) < half_spacing);
+        } else {
+            const float s0 = K::value(t) + d[i];
+            single = lane_mask(K::round_finite(s0) == y_pattern) &
+                     K::template single_candidate<kWriterHalfWayMargin>(t, y_pattern, s0);
+        }
+        flagged[i] = static_cast<uint8_t>(~single & 1u);
+    }
+}
+
 // A block's kept elements (F and N, `classes` in the reference), in element order.
 struct KeptElements {
     int count = 0;    // F and N elements
@@ -286,21 +347,29 @@ struct KeptElements {
     }
 };
 
-// Stage 2 on both sides: flag_elements, then (16-bit formats) for the ~10% flagged elements r's
-// key neighbours, which decide kept / side; fills `kept`, leaves r in r_out. The flagged
-// elements' inputs are gathered first so that the tests run as a vectorized loop.
+// Stage 2 on both sides: stage 1, then for the flagged elements (~10% of N(0, 0.02) weights)
+// what stage 1 did not compute of r's classes; fills `kept`. The reader (theta == nullptr) runs
+// flag_elements, which leaves r in r_out for every element and, for float32, the classes; a
+// writer runs flag_written and computes r, whether it maps and its key neighbours here, for its
+// flagged elements only (r_out is not written). The flagged elements' inputs are gathered first
+// so that the tests run as a vectorized loop.
 template <class Philox, class Format>
 inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
                            const float* ZK_RESTRICT d, int n,
+                           const typename Format::storage* ZK_RESTRICT theta,
                            typename Format::storage* ZK_RESTRICT r_out, KeptElements& kept) {
     using K = Keys<Format>;
     using Compact = typename IsaOf<Philox>::Compact;
+    const bool writer = theta != nullptr;
     alignas(64) uint8_t flagged[kSelectorBlock], code[kSelectorBlock];
-    flag_elements<Format>(y, d, n, r_out, flagged, code);
+    if (writer)
+        flag_written<Format>(theta, y, d, n, flagged);
+    else
+        flag_elements<Format>(y, d, n, r_out, flagged, code);
     alignas(64) int32_t at[kSelectorBlock + kCompactSlack];
     const int m = Compact::flags(flagged, n, at);
     int n_count = 0;
-    if constexpr (K::kBits == 32) {  // flagged == kept, classes from stage 1
+    if (K::kBits == 32 && !writer) {  // flagged == kept, classes from stage 1
         for (int q = 0; q < m; ++q) {
             const int i = at[q];
             kept.at[q] = i;
@@ -320,9 +389,18 @@ inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
     for (int q = m; q < lanes; ++q) at[q] = 0;
     for (int q = 0; q < lanes; ++q) {
         y_bits[q] = bits_as<uint32_t>(K::value(K::pattern(y[at[q]])));
-        r[q] = K::pattern(r_out[at[q]]);
         d_s[q] = d[at[q]];
-        maps[q] = code[at[q]];
+    }
+    if (writer) {  // flag_elements' r and maps, for the flagged elements
+        for (int q = 0; q < lanes; ++q) {
+            r[q] = K::round_finite(bits_as<float>(y_bits[q]) - d_s[q]);
+            maps[q] = static_cast<uint8_t>(same_value_mask(K::image_of(r[q], d_s[q]), y_bits[q]) & 1u);
+        }
+    } else {
+        for (int q = 0; q < lanes; ++q) {
+            r[q] = K::pattern(r_out[at[q]]);
+            maps[q] = code[at[q]];
+        }
     }
     alignas(64) uint8_t keep[kSelectorBlock];
     for (int q = 0; q < lanes; ++q) {
@@ -403,7 +481,7 @@ inline void log_block(const SelectorLogRef& log, uint64_t block,
     using Compact = typename IsaOf<Philox>::Compact;
     alignas(64) typename Format::storage r[kSelectorBlock];
     KeptElements kept;
-    classify_block<Philox, Format>(y, d, n, r, kept);
+    classify_block<Philox, Format>(y, d, n, theta, r, kept);
     alignas(64) uint32_t words[kMaxStreamWords];
     if (kept.count == 0) {
         store_stream(log, block, words, 0);
@@ -533,7 +611,7 @@ inline void recover_block(const SelectorLogRef& log, uint64_t block,
     using K = Keys<Format>;
     using Compact = typename IsaOf<Philox>::Compact;
     KeptElements kept;
-    classify_block<Philox, Format>(x, d1, n, theta, kept);  // theta = r
+    classify_block<Philox, Format>(x, d1, n, nullptr, theta, kept);  // theta = r
     const int count = kept.count;
     if (count == 0) return;
     StreamSource stream;
