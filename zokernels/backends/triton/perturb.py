@@ -97,7 +97,7 @@ BLOCK = {"gaussian": 4096, "rademacher": 8192}
 # The plain rademacher pass (nearest rounding; no recovery, log, map or selector) in the vector
 # tile (``tile_lanes`` 3 / 4), by itemsize: 16-bit 16384 (64 elements per thread, 2 words of one
 # Philox call: the call costs ~1 instruction per element and seed instead of ~2, each extra
-# seed 3.98 instead of 5.0 at 8192 in the [32, 4, N] tile; 96 registers, no spills, with the
+# seed 3.92 instead of 5.0 at 8192 in the [32, 4, N] tile; 96 registers, no spills, with the
 # weights loaded after the seed loop and the tail's masks computed on the tail's side only:
 # ``_update_block``); fp32 8192 (at 16384 its 64 fp32 weights per thread spill 12 instructions;
 # fp32 is memory-bound either way).
@@ -303,13 +303,16 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
         # computed: 5 loads instead of 18 additions per seed and thread. zero: numel < 2^62, a 0
         # the compiler cannot see (``philox_scheduled``). The two loop forms differ only in how
         # ptxas allocates registers (sass_budget): with recovery, pointers carried through the
-        # loop keep it under MAXNREG without spills (indexed: 5 spill instructions); without,
-        # indexed loads issue fewer instructions per seed. K >= 1 (perturb_triton checks): told
-        # to the recovering loop, LLVM drops the loop's K == 0 bypass, on both sides of which
-        # ptxas zeroed the D and D1 tiles (-1.2 per element at K = 1); not with the undo log's
-        # appends, contract 1 / 2's stochastic rounding or contract 3's with count_only (ptxas
-        # then allocates the seed loop worse: +0.2 to +1.0 per seed), nor in the plain loop
-        # (docs/gpu-performance.md)
+        # loop keep it under MAXNREG without spills (indexed: 5 spill instructions; the form
+        # without recovery: +0.9 to +5.2 at K = 1, or 3 spill instructions); without, the loop
+        # runs over k10 = 10 k, the schedule indexed by it and the scale pointer carried (a
+        # shorter trip-count and address update: every such variant 0.1 to 1.3 instructions per
+        # element cheaper per seed than indexing both by k, none dearer). K >= 1
+        # (perturb_triton checks): told to the recovering loop, LLVM drops the loop's K == 0
+        # bypass, on both sides of which ptxas zeroed the D and D1 tiles (-1.2 per element at
+        # K = 1); not with the undo log's appends, contract 1 / 2's stochastic rounding or
+        # contract 3's with count_only (ptxas then allocates the seed loop worse: +0.2 to +1.0
+        # per seed), nor in the plain loop (docs/gpu-performance.md)
         zero = (numel >> 62).to(tl.uint32)
         if HAS_APPLIED:
             ks_ptr = schedule_ptr
@@ -326,10 +329,12 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                 sc_ptr += 1
                 ap_ptr += 1
         else:
-            for k in range(K):
+            sc_ptr = scales_ptr
+            for k10 in range(0, 10 * K, 10):  # k10 = 10 k
                 w0, w1, w2, w3 = noise_words(None, key, blk, DIST, BLOCK,
-                                             load_key_schedule(schedule_ptr + 10 * k), zero)
-                d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, NTILE, NORMAL)
+                                             load_key_schedule(schedule_ptr + k10), zero)
+                d = add_noise(d, tl.load(sc_ptr), w0, w1, w2, w3, NTILE, NORMAL)
+                sc_ptr += 1
     if VEC:
         _update_block(ptrs, full, lanes, rem, d, tl.load(decays_ptr + j), BLOCK, SOFT_BF16)
     else:
