@@ -234,7 +234,8 @@ def test_budget_of_the_main_passes(tmp_path):
     """The instruction budget the kernels were rewritten to (issue 16; SASS counts are exact for a
     given triton wheel, so a change that breaks the structure shows here): no spills, <= 96
     registers, v2 gaussian bf16 K=1 <= 48 instructions per element and <= 34 per extra seed,
-    rademacher <= 6.5 per extra seed (docs/gpu-performance.md has the full table)."""
+    rademacher <= 4 per extra seed and a K=14 ceiling >= 60% of copy (docs/gpu-performance.md
+    has the full table)."""
     out = tmp_path / "budget.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sass_budget.py"),
                            "--only", "perturb/*/bf16/nearest", "--json", str(out)],
@@ -245,7 +246,8 @@ def test_budget_of_the_main_passes(tmp_path):
         assert r["regs"] <= 96 and r["spills"] == 0, r["variant"]
     v2 = rows["perturb/gaussian-v2/bf16/nearest/K=1"]
     assert v2["instr_per_elem"] <= 48 and v2["instr_per_extra_seed"] <= 34
-    assert rows["perturb/rademacher/bf16/nearest/K=1"]["instr_per_extra_seed"] <= 6.5
+    assert rows["perturb/rademacher/bf16/nearest/K=1"]["instr_per_extra_seed"] <= 4.0
+    assert rows["perturb/rademacher/bf16/nearest/K=14"]["ceiling_pct_copy"] >= 60.0
 
 
 @needs_ptxas

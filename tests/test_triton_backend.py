@@ -50,18 +50,42 @@ def test_noise_independent_of_block_size(monkeypatch, dist):
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
-def test_perturb_independent_of_block_size(monkeypatch, dist):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_perturb_independent_of_block_size(monkeypatch, dist, dtype):
+    """Full blocks and tails at several blocks (the plain rademacher pass's vector tile too:
+    VEC_BLOCK) give the torch reference's values bit for bit."""
     from zokernels.backends.triton import perturb as perturb_module
 
-    start = [torch.randn(n, device=DEVICE) for n in (1, 1000, 3000)]
+    start = [torch.randn(n, device=DEVICE).to(dtype) for n in (1, 1000, 3000)]
     reference = [t.clone() for t in start]
-    zokernels.perturb_(reference, [4, 5], [1.0, -0.5], dist=dist, backend="triton")
-    for block in (128, 512, 2048):
+    zokernels.perturb_(reference, [4, 5], [1.0, -0.5], dist=dist, backend="torch")
+    for block in (128, 512, 2048, 16384):
         monkeypatch.setitem(perturb_module.BLOCK, dist, block)
+        for itemsize in (2, 4):
+            monkeypatch.setitem(perturb_module.VEC_BLOCK, itemsize, block)
         got = [t.clone() for t in start]
         zokernels.perturb_(got, [4, 5], [1.0, -0.5], dist=dist, backend="triton")
         for j, (g, r) in enumerate(zip(got, reference)):
             assert_bits_equal(g, r, f"{dist} BLOCK={block} tensor {j}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_plain_rademacher_full_blocks_match_reference(dtype):
+    """The plain rademacher pass at its own block (VEC_BLOCK: the vector tile, weights loaded
+    after the seed loop): full blocks and a tail, bit for bit against the torch reference."""
+    from zokernels.backends.triton.perturb import VEC_BLOCK
+
+    block = VEC_BLOCK[torch.empty(0, dtype=dtype).element_size()]
+    start = [torch.randn(n, device=DEVICE).to(dtype) for n in (2 * block + 77, 5)]
+    seeds = [2 ** 64 - 1, 3, 0x00000010_FFFFFFF0]
+    got = [t.clone() for t in start]
+    ref = [t.clone() for t in start]
+    zokernels.perturb_(got, seeds, [0.25, -1e-3, 3.0], dist="rademacher", backend="triton",
+                       decay=0.5)
+    zokernels.perturb_(ref, seeds, [0.25, -1e-3, 3.0], dist="rademacher", backend="torch",
+                       decay=0.5)
+    for j, (g, r) in enumerate(zip(got, ref)):
+        assert_bits_equal(g.cpu(), r.cpu(), f"{dtype} tensor {j}")
 
 
 def test_unaligned_views_are_correct():

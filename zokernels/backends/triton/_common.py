@@ -368,12 +368,26 @@ def _uniforms4(w0, w1, w2, w3):
 # [32, 4, BLOCK // 128] for rademacher (bit s of word m of call j: element 128j + 32m + s at
 # [s, m, j]). Loads, stores, the noise and the sums all use the tile, so the noise is consumed
 # where it is computed; ``flat`` gives the block order back (the undo log's prefix sums).
+# Tile codes 3 and 4, the rademacher VECTOR tile of the plain pass (perturb's VEC): [V, 32 // V,
+# 4, BLOCK // 128] with V = 8 (16-bit weights) or 4 (fp32), element 128j + 32m + Vv + t at
+# [t, v, m, j]: a thread's word is 32 // V vectors of 16 bytes, and the coalesced layout that
+# Triton gives its loads and stores (V elements per thread on the first dimension, threads on
+# the last) holds the same elements in the same threads as the tile's own layout; with the
+# [32, 4, N] tile it puts 4 threads on the first dimension, and every load and store went
+# through a shared-memory layout conversion (5120 bytes; at 64 elements per thread 16 rounds,
+# 32 barriers per block; sass_budget). ``flat`` and the rounding tiles do not take codes 3 and 4.
 
 
 @triton.jit
 def tile_lanes(DIST: tl.constexpr, BLOCK: tl.constexpr):
     """int32 element offsets inside the block, in the tile's shape."""
-    if DIST == 1:
+    if DIST == 3 or DIST == 4:
+        V: tl.constexpr = 8 if DIST == 3 else 4
+        lanes = (tl.arange(0, V)[:, None, None, None]
+                 + (tl.arange(0, 32 // V) * V)[None, :, None, None]
+                 + (tl.arange(0, 4) * 32)[None, None, :, None]
+                 + (tl.arange(0, BLOCK // 128) * 128)[None, None, None, :])
+    elif DIST == 1:
         lanes = (tl.arange(0, 32)[:, None, None] + (tl.arange(0, 4) * 32)[None, :, None]
                  + (tl.arange(0, BLOCK // 128) * 128)[None, None, :])
     else:
@@ -517,6 +531,15 @@ def rademacher_signs(w0, w1, w2, w3):
 
 
 @triton.jit
+def rademacher_signs_vec(w0, w1, w2, w3, V: tl.constexpr):
+    """``rademacher_signs`` in the vector tile [V, 32 // V, 4, N] (tile codes 3, 4): bit V v + t
+    of word m of call j at [t, v, m, j]."""
+    nw = ~quads(w0, w1, w2, w3)
+    s = tl.arange(0, V)[:, None] + (tl.arange(0, 32 // V) * V)[None, :]
+    return (nw[None, None, :, :] << (31 - s).to(tl.uint32)[:, :, None, None]) & 0x80000000
+
+
+@triton.jit
 def signed(c, sign):
     """c * z for a Rademacher z given as its sign bit: c with the sign flipped (exact, as the
     product c * (+-1.0) is)."""
@@ -550,7 +573,7 @@ def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None
     rademacher, BLOCK // 4 otherwise. With ``ks`` (the seed's key schedule,
     ``load_key_schedule``; ``seed`` is then unused) and ``zero``: see ``philox_scheduled``."""
     tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
-    N: tl.constexpr = BLOCK // 128 if DIST == 1 else BLOCK // 4
+    N: tl.constexpr = BLOCK // 128 if DIST == 1 or DIST >= 3 else BLOCK // 4
     return _philox_calls(seed, key, blk, N, 0, ks, zero)
 
 
@@ -558,7 +581,9 @@ def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None
 def add_noise(d, c, w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
     """d + c * z for the tile's z given by its Philox words (the contract's ``d + c * z``: for
     rademacher the product is exact, so adding the sign-flipped c is the same float32 value)."""
-    if DIST == 1:
+    if DIST == 3 or DIST == 4:
+        d = d + signed(c, rademacher_signs_vec(w0, w1, w2, w3, 8 if DIST == 3 else 4))
+    elif DIST == 1:
         d = d + signed(c, rademacher_signs(w0, w1, w2, w3))
     else:
         d = d + c * _tile_from_words(w0, w1, w2, w3, DIST, NORMAL)

@@ -94,6 +94,14 @@ from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_thet
 # rademacher 8192 (32 per thread: one word of one Philox call per seed; every element also
 # amortizes the per-program table search and loads).
 BLOCK = {"gaussian": 4096, "rademacher": 8192}
+# The plain rademacher pass (nearest rounding; no recovery, log, map or selector) in the vector
+# tile (``tile_lanes`` 3 / 4), by itemsize: 16-bit 16384 (64 elements per thread, 2 words of one
+# Philox call: the call costs ~1 instruction per element and seed instead of ~2, each extra
+# seed 3.92 instead of 5.0 at 8192 in the [32, 4, N] tile; 96 registers, no spills, with the
+# weights loaded after the seed loop and the tail's masks computed on the tail's side only:
+# ``_update_block``); fp32 8192 (at 16384 its 64 fp32 weights per thread spill 12 instructions;
+# fp32 is memory-bound either way).
+VEC_BLOCK = {2: 16384, 4: 8192}
 # Stochastic rounding (16-bit) holds the rounding quads' words and the division's temporaries
 # too: at the blocks above it spills under MAXNREG (32 spill instructions gaussian, 376
 # rademacher); half the block does not.
@@ -201,6 +209,21 @@ def _mapped_rounding_bits(seed, key, i0, map_offset, local_span, global_span, gr
     return r
 
 
+@triton.jit
+def _update_block(ptrs, full, lanes, rem, d, decay, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """t = round_nearest(decay * t + d) on the block: load, update and store inside each side of
+    the full / tail test, so that the tail's masks are computed on the tail's side only."""
+    if full:
+        w = tl.load(ptrs)
+        tl.store(ptrs, round_nearest(decay * to_float32(w, SOFT_BF16) + d,
+                                     ptrs.dtype.element_ty, SOFT_BF16))
+    else:
+        mask = lanes < tl.minimum(rem, BLOCK).to(tl.int32)
+        w = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, round_nearest(decay * to_float32(w, SOFT_BF16) + d,
+                                     ptrs.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
 # K == 1 and capacity == 1 (or % 16 == 0) must not compile their own variants
 @triton.jit(do_not_specialize=["K", "capacity"])
 def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, scales_ptr,
@@ -222,8 +245,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     BLOCK is the log's block (selector_log.py) and the program's row is ``sel_rows[j] + blk``;
     unused selector arguments are None.
 
-    The block is held as a tile in Philox layout (``tile_lanes``): the noise of a Philox call is
-    used in the registers that computed it; a selector pass holds it in the selector's layout
+    The block is held as a tile in Philox layout (``tile_lanes``; the plain rademacher pass in
+    the vector tile, codes 3 / 4): the noise of a Philox call is used in the registers that
+    computed it; a selector pass holds it in the selector's layout
     (``TILE`` 0, columns of consecutive elements) and moves only the noise there. Index math is
     int32 inside the block (the block's first element is one int64 scalar), and masks exist
     only on the tail block."""
@@ -242,19 +266,29 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
         offset = tl.multiple_of(offset, ALIGN)
 
     # a selector pass holds the block in the selector's layout (element_tile); only the noise,
-    # generated in DIST's, is moved there
-    TILE: tl.constexpr = 0 if SEL_OUT != 0 or SEL_IN else DIST
+    # generated in DIST's, is moved there. VEC: the plain rademacher pass (nearest rounding, no
+    # recovery, log or map) holds it in the vector tile (``tile_lanes`` 3 / 4: a thread's
+    # words as 16-byte vectors, so the weights' loads and stores need no shared-memory layout
+    # conversion) at VEC_BLOCK elements per program (2 words per thread: one Philox call per
+    # thread feeds 64 elements)
+    VEC: tl.constexpr = (DIST == 1 and not HAS_APPLIED and LOG_MODE == 0 and STOCHASTIC == 0
+                         and not MAPPED and SEL_OUT == 0 and not SEL_IN)
+    VTILE: tl.constexpr = 4 if base_ptr.dtype.element_ty == tl.float32 else 3
+    TILE: tl.constexpr = 0 if SEL_OUT != 0 or SEL_IN else (VTILE if VEC else DIST)
+    NTILE: tl.constexpr = VTILE if VEC else DIST  # the noise's tile
     lanes = tile_lanes(TILE, BLOCK)  # int32
     ptrs = base_ptr + (offset + start) + lanes
     rem = numel - start
     full = rem >= BLOCK
-    # the weights first: their loads overlap the noise arithmetic
-    if full:  # interior blocks: no mask, vector loads
-        w = tl.load(ptrs)
-    else:
-        w = tl.load(ptrs, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32), other=0.0)
+    # the weights first: their loads overlap the noise arithmetic (VEC: after the seed loop, in
+    # _update_block: its 64 accumulators per thread leave no registers for them)
+    if not VEC:
+        if full:  # interior blocks: no mask, vector loads
+            w = tl.load(ptrs)
+        else:
+            w = tl.load(ptrs, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32), other=0.0)
     # the noise sum (from 0.0, seed order), added to the weight once (contract order)
-    d = tl.zeros(tile_lanes(DIST, BLOCK).shape, tl.float32)
+    d = tl.zeros(tile_lanes(NTILE, BLOCK).shape, tl.float32)
     d1 = tl.zeros(d.shape, tl.float32)  # the perturbation held now (HAS_APPLIED only)
     if MAPPED:
         map_offset = tl.load(row_ptr + 4)
@@ -269,13 +303,16 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
         # computed: 5 loads instead of 18 additions per seed and thread. zero: numel < 2^62, a 0
         # the compiler cannot see (``philox_scheduled``). The two loop forms differ only in how
         # ptxas allocates registers (sass_budget): with recovery, pointers carried through the
-        # loop keep it under MAXNREG without spills (indexed: 5 spill instructions); without,
-        # indexed loads issue fewer instructions per seed. K >= 1 (perturb_triton checks): told
-        # to the recovering loop, LLVM drops the loop's K == 0 bypass, on both sides of which
-        # ptxas zeroed the D and D1 tiles (-1.2 per element at K = 1); not with the undo log's
-        # appends, contract 1 / 2's stochastic rounding or contract 3's with count_only (ptxas
-        # then allocates the seed loop worse: +0.2 to +1.0 per seed), nor in the plain loop
-        # (docs/gpu-performance.md)
+        # loop keep it under MAXNREG without spills (indexed: 5 spill instructions; the form
+        # without recovery: +0.9 to +5.2 at K = 1, or 3 spill instructions); without, the loop
+        # runs over k10 = 10 k, the schedule indexed by it and the scale pointer carried (a
+        # shorter trip-count and address update: every such variant 0.1 to 1.3 instructions per
+        # element cheaper per seed than indexing both by k, none dearer). K >= 1
+        # (perturb_triton checks): told to the recovering loop, LLVM drops the loop's K == 0
+        # bypass, on both sides of which ptxas zeroed the D and D1 tiles (-1.2 per element at
+        # K = 1); not with the undo log's appends, contract 1 / 2's stochastic rounding or
+        # contract 3's with count_only (ptxas then allocates the seed loop worse: +0.2 to +1.0
+        # per seed), nor in the plain loop (docs/gpu-performance.md)
         zero = (numel >> 62).to(tl.uint32)
         if HAS_APPLIED:
             ks_ptr = schedule_ptr
@@ -292,80 +329,85 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                 sc_ptr += 1
                 ap_ptr += 1
         else:
-            for k in range(K):
+            sc_ptr = scales_ptr
+            for k10 in range(0, 10 * K, 10):  # k10 = 10 k
                 w0, w1, w2, w3 = noise_words(None, key, blk, DIST, BLOCK,
-                                             load_key_schedule(schedule_ptr + 10 * k), zero)
-                d = add_noise(d, tl.load(scales_ptr + k), w0, w1, w2, w3, DIST, NORMAL)
-    x = to_float32(w, SOFT_BF16)
-    if SEL_OUT != 0 or SEL_IN:
-        sel_row = tl.load(sel_rows_ptr + j) + blk  # BLOCK is the log's block
-        d = element_tile(d, DIST, BLOCK)
-        if HAS_APPLIED:
-            d1 = element_tile(d1, DIST, BLOCK)
-    theta = w  # replaced by the held pattern with SEL_IN, the only case that reads it
-    if SEL_IN:  # exact: theta's pattern from the held log
-        theta = held_theta(w, d1, lanes < rem, in_regions_ptr, in_words, in_pool_ptr,
-                           in_capacity, sel_row, base_ptr.dtype.element_ty, SOFT_BF16)
-        x = to_float32(from_pattern(theta, base_ptr.dtype.element_ty), SOFT_BF16)
-    elif HAS_APPLIED:
-        x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
-    acc = tl.load(decays_ptr + j) * x + d
-
-    if STOCHASTIC == 2:  # contract 3: integer stochastic rounding
-        if MAPPED:
-            r = _mapped_rounding_bits(load_seed(seeds_ptr + K), key, start, map_offset,
-                                      local_span, global_span, grain, TILE, BLOCK)
-        elif TILE == 0:  # the rounding seed's key schedule loaded (rademacher: spills)
-            r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK,
-                                   load_key_schedule(schedule_ptr + 10 * K))
-        else:
-            r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
-        y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16)
-    elif STOCHASTIC:
-        if MAPPED:
-            u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, start, map_offset,
-                                          local_span, global_span, grain, TILE, BLOCK)
-        else:
-            u = rounding_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
-        y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
+                                             load_key_schedule(schedule_ptr + k10), zero)
+                d = add_noise(d, tl.load(sc_ptr), w0, w1, w2, w3, NTILE, NORMAL)
+                sc_ptr += 1
+    if VEC:
+        _update_block(ptrs, full, lanes, rem, d, tl.load(decays_ptr + j), BLOCK, SOFT_BF16)
     else:
-        y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
-    written = stored_value(y, theta, d, tl.load(decays_ptr + j), SEL_IN,
-                           base_ptr.dtype.element_ty)
-    if LOG_MODE != 2 and SEL_OUT != 2:
-        if full:
-            tl.store(ptrs, written)
+        x = to_float32(w, SOFT_BF16)
+        if SEL_OUT != 0 or SEL_IN:
+            sel_row = tl.load(sel_rows_ptr + j) + blk  # BLOCK is the log's block
+            d = element_tile(d, DIST, BLOCK)
+            if HAS_APPLIED:
+                d1 = element_tile(d1, DIST, BLOCK)
+        theta = w  # replaced by the held pattern with SEL_IN, the only case that reads it
+        if SEL_IN:  # exact: theta's pattern from the held log
+            theta = held_theta(w, d1, lanes < rem, in_regions_ptr, in_words, in_pool_ptr,
+                               in_capacity, sel_row, base_ptr.dtype.element_ty, SOFT_BF16)
+            x = to_float32(from_pattern(theta, base_ptr.dtype.element_ty), SOFT_BF16)
+        elif HAS_APPLIED:
+            x = recover_unperturbed(x, d1, base_ptr.dtype.element_ty, SOFT_BF16)
+        acc = tl.load(decays_ptr + j) * x + d
+
+        if STOCHASTIC == 2:  # contract 3: integer stochastic rounding
+            if MAPPED:
+                r = _mapped_rounding_bits(load_seed(seeds_ptr + K), key, start, map_offset,
+                                          local_span, global_span, grain, TILE, BLOCK)
+            elif TILE == 0:  # the rounding seed's key schedule loaded (rademacher: spills)
+                r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK,
+                                       load_key_schedule(schedule_ptr + 10 * K))
+            else:
+                r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
+            y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16)
+        elif STOCHASTIC:
+            if MAPPED:
+                u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, start, map_offset,
+                                              local_span, global_span, grain, TILE, BLOCK)
+            else:
+                u = rounding_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
+            y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
         else:
-            tl.store(ptrs, written, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32))
+            y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
+        written = stored_value(y, theta, d, tl.load(decays_ptr + j), SEL_IN,
+                               base_ptr.dtype.element_ty)
+        if LOG_MODE != 2 and SEL_OUT != 2:
+            if full:
+                tl.store(ptrs, written)
+            else:
+                tl.store(ptrs, written, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32))
 
-    if SEL_OUT != 0:
-        log_stored(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
-                   sel_row, theta, w, x, written, d, lanes < rem, SEL_OUT == 2, SEL_IN,
-                   HAS_APPLIED, BLOCK, base_ptr.dtype.element_ty, SOFT_BF16)
+        if SEL_OUT != 0:
+            log_stored(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
+                       sel_row, theta, w, x, written, d, lanes < rem, SEL_OUT == 2, SEL_IN,
+                       HAS_APPLIED, BLOCK, base_ptr.dtype.element_ty, SOFT_BF16)
 
-    if LOG_MODE != 0:
-        # lost: a later pass with applied = these scales recovers y with this very d (same
-        # `d + s * z` shape as its d1, so FMA contraction treats both alike) and does not get x
-        # back; NaN and -0.0 are always kept (a later pass canonicalizes NaN, adds +-0.0)
-        x_bits = x.to(tl.uint32, bitcast=True)
-        back = recover_unperturbed(to_float32(y, SOFT_BF16), d, base_ptr.dtype.element_ty,
-                                   SOFT_BF16)
-        lost = ((back.to(tl.uint32, bitcast=True) != x_bits)
-                | ((x_bits & 0x7FFFFFFF) > 0x7F800000) | (x_bits == 0x80000000))
-        lost = flat((lost & (lanes < rem)).to(tl.int32), TILE, BLOCK)  # block order
-        n_lost = tl.sum(lost, axis=0)
-        if n_lost > 0:  # all programs hit one counter: skip the atomic when there is nothing
-            # one atomic per program reserves its slots; relaxed: only the counter matters
-            first = tl.atomic_add(count_ptr, n_lost.to(tl.int64), sem="relaxed")
-            if LOG_MODE == 1:
-                slot = first + tl.cumsum(lost, axis=0) - 1  # lost elements in block order
-                keep = (lost != 0) & (slot < capacity)  # past the capacity: counted only
-                tl.store(index_ptr + slot,
-                         tl.load(row_ptr + 3) + start + flat(lanes, TILE, BLOCK), mask=keep)
-                tl.store(values_ptr + slot,
-                         flat(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16), TILE,
-                              BLOCK),
-                         mask=keep)  # exact: x is a value of the tensor's dtype
+        if LOG_MODE != 0:
+            # lost: a later pass with applied = these scales recovers y with this very d (same
+            # `d + s * z` shape as its d1, so FMA contraction treats both alike) and does not get x
+            # back; NaN and -0.0 are always kept (a later pass canonicalizes NaN, adds +-0.0)
+            x_bits = x.to(tl.uint32, bitcast=True)
+            back = recover_unperturbed(to_float32(y, SOFT_BF16), d, base_ptr.dtype.element_ty,
+                                       SOFT_BF16)
+            lost = ((back.to(tl.uint32, bitcast=True) != x_bits)
+                    | ((x_bits & 0x7FFFFFFF) > 0x7F800000) | (x_bits == 0x80000000))
+            lost = flat((lost & (lanes < rem)).to(tl.int32), TILE, BLOCK)  # block order
+            n_lost = tl.sum(lost, axis=0)
+            if n_lost > 0:  # all programs hit one counter: skip the atomic when there is nothing
+                # one atomic per program reserves its slots; relaxed: only the counter matters
+                first = tl.atomic_add(count_ptr, n_lost.to(tl.int64), sem="relaxed")
+                if LOG_MODE == 1:
+                    slot = first + tl.cumsum(lost, axis=0) - 1  # lost elements in block order
+                    keep = (lost != 0) & (slot < capacity)  # past the capacity: counted only
+                    tl.store(index_ptr + slot,
+                             tl.load(row_ptr + 3) + start + flat(lanes, TILE, BLOCK), mask=keep)
+                    tl.store(values_ptr + slot,
+                             flat(round_nearest(x, base_ptr.dtype.element_ty, SOFT_BF16), TILE,
+                                  BLOCK),
+                             mask=keep)  # exact: x is a value of the tensor's dtype
 
 
 def block_for(dist: str, stochastic: int, recover: bool, mapped: bool = False,
@@ -375,11 +417,14 @@ def block_for(dist: str, stochastic: int, recover: bool, mapped: bool = False,
     log; ``mapped``: a
     table with index maps; ``normal``: the contract version of the gaussian normals (v1's
     libdevice log / sin / cos hold more registers: half the block keeps it under MAXNREG
-    without spills); ``itemsize``: rademacher's 32 fp32 weights per thread spill at 8192 (8
-    spill instructions), not at 4096. ``selector``: a selector log is written or read: one
+    without spills); ``itemsize``: the plain rademacher pass's vector tile (VEC_BLOCK); other
+    rademacher passes' 32 fp32 weights per thread spill at 8192 (8 spill instructions), not at
+    4096. ``selector``: a selector log is written or read: one
     program per block of the log (SELECTOR_BLOCK elements)."""
     if selector:
         return SELECTOR_BLOCK
+    if dist == "rademacher" and stochastic == 0 and not recover and not mapped:
+        return VEC_BLOCK[itemsize]  # the vector tile (_perturb_kernel's VEC)
     block = BLOCK[dist]
     if dist == "rademacher" and itemsize == 4:
         block = min(block, 4096)
