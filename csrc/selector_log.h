@@ -237,12 +237,13 @@ ZK_INLINE uint8_t class_byte(uint32_t maps, uint32_t below, uint32_t above, uint
                                 (maps & below & ~above & kDown));
 }
 
-// Stage 1 on both sides, every element (vectorizes; `flags` in the reference): r[i] =
+// Stage 1 on the reading side, every element (vectorizes; `flags` in the reference): r[i] =
 // round(y - d) and flagged[i] = y is not finite, or r is not proven the only weight mapping
 // to y: it must map (image == y as values) and be single, for float32 exactly (neither key
 // neighbour maps), for the 16-bit formats by Keys::single_candidate (which also fails for a y
 // that is not normal). float32 has tested the neighbours here, so it also stores the class
-// byte (for float32 every flagged element is kept); the 16-bit formats store `maps` there.
+// byte in class_out (for float32 every flagged element is kept); the 16-bit formats leave
+// class_out alone (stage 2 tests the flagged elements).
 template <class Format>
 inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const float* ZK_RESTRICT d,
                           int n, typename Format::storage* ZK_RESTRICT r_out,
@@ -263,12 +264,11 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
             const uint8_t code = class_byte(maps, below, above, not_finite_mask(y_bits));
             flagged[i] = code & kKeep;
             class_out[i] = code;
-        } else {  // class_out: maps, so that stage 2 computes only the neighbours' images
+        } else {  // patterns compared exactly: single_candidate fails unless y is normal
             (void)y_bits;
-            const uint32_t maps = same_pattern_mask(K::round_finite(s), y_pattern);
-            const uint32_t single = maps & K::single_candidate(r, y_pattern, s);
+            const uint32_t single = lane_mask(K::round_finite(s) == y_pattern) &
+                                    K::single_candidate(r, y_pattern, s);
             flagged[i] = static_cast<uint8_t>(~single & 1u);
-            class_out[i] = static_cast<uint8_t>(maps & 1u);
         }
     }
 }
@@ -348,11 +348,11 @@ struct KeptElements {
 };
 
 // Stage 2 on both sides: stage 1, then for the flagged elements (~10% of N(0, 0.02) weights)
-// what stage 1 did not compute of r's classes; fills `kept`. The reader (theta == nullptr) runs
-// flag_elements, which leaves r in r_out for every element and, for float32, the classes; a
-// writer runs flag_written and computes r, whether it maps and its key neighbours here, for its
-// flagged elements only (r_out is not written). The flagged elements' inputs are gathered first
-// so that the tests run as a vectorized loop.
+// r's classes; fills `kept`. The reader (theta == nullptr) runs flag_elements, which leaves r in
+// r_out for every element (and, for float32, the classes: done); a writer runs flag_written and
+// computes r here, for its flagged elements only (r_out is not written). Then whether r maps and
+// its key neighbours' images, for the flagged elements only. Their inputs are gathered first so
+// that the tests run as a vectorized loop.
 template <class Philox, class Format>
 inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
                            const float* ZK_RESTRICT d, int n,
@@ -391,17 +391,13 @@ inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
         y_bits[q] = bits_as<uint32_t>(K::value(K::pattern(y[at[q]])));
         d_s[q] = d[at[q]];
     }
-    if (writer) {  // flag_elements' r and maps, for the flagged elements
-        for (int q = 0; q < lanes; ++q) {
-            r[q] = K::round_finite(bits_as<float>(y_bits[q]) - d_s[q]);
-            maps[q] = static_cast<uint8_t>(same_value_mask(K::image_of(r[q], d_s[q]), y_bits[q]) & 1u);
-        }
+    if (writer) {  // r, which flag_elements computes for the reader
+        for (int q = 0; q < lanes; ++q) r[q] = K::round_finite(bits_as<float>(y_bits[q]) - d_s[q]);
     } else {
-        for (int q = 0; q < lanes; ++q) {
-            r[q] = K::pattern(r_out[at[q]]);
-            maps[q] = code[at[q]];
-        }
+        for (int q = 0; q < lanes; ++q) r[q] = K::pattern(r_out[at[q]]);
     }
+    for (int q = 0; q < lanes; ++q)  // r maps to y (as values: a zero y is flagged)
+        maps[q] = static_cast<uint8_t>(same_value_mask(K::image_of(r[q], d_s[q]), y_bits[q]) & 1u);
     alignas(64) uint8_t keep[kSelectorBlock];
     for (int q = 0; q < lanes; ++q) {
         const uint32_t k = K::key(r[q]);
