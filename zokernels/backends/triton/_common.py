@@ -892,3 +892,14 @@ def recover_unperturbed(x, d1, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr)
     take = ((back != x) & (tl.abs(rf) <= 3.4028234663852886e38)
             & _fits(c, d1, x, OUT_DTYPE, SOFT_BF16))
     return tl.where(take, c, rf)
+
+
+@triton.jit
+def recovery_loses(x, y, d, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """The undo log's lost elements: a later pass that recovers y with this very d (applied=; the
+    same ``d + s * z`` shape as its d1, so FMA contraction treats both alike) does not get x back.
+    NaN and -0.0 are always lost (a later pass canonicalizes NaN, adds +-0.0)."""
+    x_bits = x.to(tl.uint32, bitcast=True)
+    back = recover_unperturbed(to_float32(y, SOFT_BF16), d, OUT_DTYPE, SOFT_BF16)
+    return ((back.to(tl.uint32, bitcast=True) != x_bits)
+            | ((x_bits & 0x7FFFFFFF) > 0x7F800000) | (x_bits == 0x80000000))

@@ -55,6 +55,7 @@ import triton.language as tl
 from ..._contract import DEFAULT_CONTRACT, integer_rounding
 from ._common import (ITEMSIZE, as_int64_bits, block_starts, count_launch, find_entry,
                       int64_table, load_seed, next_pow2, philox, recover_unperturbed,
+                      recovery_loses,
                       round_nearest, round_stochastic, round_stochastic_integer,
                       rounding_bits_at, rounding_bits_tile, rounding_tile, tile_lanes,
                       to_float32, SOFT_BF16)
@@ -225,13 +226,8 @@ def _lowrank_kernel(w_base_ptr, f_base_ptr, table_ptr, decays_ptr, scale_ptr, ap
             tl.store(w_ptrs, y, mask=rmask[:, None] & cmask[None, :])
 
     if LOG_MODE != 0:
-        # lost: a later pass with applied = (scale, tau) recovers y with this very d and does not
-        # get x back; NaN and -0.0 are always kept (a later pass canonicalizes NaN, adds +-0.0)
-        x_bits = x.to(tl.uint32, bitcast=True)
-        back = recover_unperturbed(to_float32(y, SOFT_BF16), d, w_base_ptr.dtype.element_ty,
-                                   SOFT_BF16)
-        lost = ((back.to(tl.uint32, bitcast=True) != x_bits)
-                | ((x_bits & 0x7FFFFFFF) > 0x7F800000) | (x_bits == 0x80000000))
+        # lost: a later pass with applied = (scale, tau) does not recover x
+        lost = recovery_loses(x, y, d, w_base_ptr.dtype.element_ty, SOFT_BF16)
         lost = (lost & rmask[:, None] & cmask[None, :]).to(tl.int32)
         row_lost = tl.sum(lost, axis=1)
         n_lost = tl.sum(row_lost, axis=0)

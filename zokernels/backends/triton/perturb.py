@@ -81,6 +81,7 @@ from ..._contract import DEFAULT_CONTRACT, integer_rounding, normals_version
 from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_entry, flat,
                       load_key_schedule, load_seed, map_index, noise_at,
                       noise_words, noise_words_at_blocks, recover_unperturbed,
+                      recovery_loses,
                       philox, quads, round_nearest, round_stochastic, round_stochastic_integer,
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
@@ -386,14 +387,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                        HAS_APPLIED, BLOCK, base_ptr.dtype.element_ty, SOFT_BF16)
 
         if LOG_MODE != 0:
-            # lost: a later pass with applied = these scales recovers y with this very d (same
-            # `d + s * z` shape as its d1, so FMA contraction treats both alike) and does not get x
-            # back; NaN and -0.0 are always kept (a later pass canonicalizes NaN, adds +-0.0)
-            x_bits = x.to(tl.uint32, bitcast=True)
-            back = recover_unperturbed(to_float32(y, SOFT_BF16), d, base_ptr.dtype.element_ty,
-                                       SOFT_BF16)
-            lost = ((back.to(tl.uint32, bitcast=True) != x_bits)
-                    | ((x_bits & 0x7FFFFFFF) > 0x7F800000) | (x_bits == 0x80000000))
+            # lost: a later pass with applied = these scales does not recover x
+            lost = recovery_loses(x, y, d, base_ptr.dtype.element_ty, SOFT_BF16)
             lost = flat((lost & (lanes < rem)).to(tl.int32), TILE, BLOCK)  # block order
             n_lost = tl.sum(lost, axis=0)
             if n_lost > 0:  # all programs hit one counter: skip the atomic when there is nothing
