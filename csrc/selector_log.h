@@ -162,7 +162,7 @@ struct Keys {
     // spacing: float32(c -+ u + d) = s -+ u. Rounding s -+ u to the format gives y -+ u unless s
     // is half-way between two values of the format (its bits below the format's mantissa are
     // exactly one half), where ties-to-even can send one of them to the even y as well.
-    // (float32 tests the key neighbours exactly: its image is one add.)
+    // (float32: single_by_residual.)
     //
     // Returned as a lane mask (all ones: single), and every field compared as a signed int32
     // (all are below 2^15): GCC vectorizes that without masking each compare to 0 / 1 or
@@ -170,7 +170,7 @@ struct Keys {
     // steps of half-way (the writer's test, flag_written).
     template <int kHalfWayMargin = 0>
     static ZK_INLINE uint32_t single_candidate(uint32_t c, uint32_t y, float s) {
-        static_assert(kBits == 16, "float32 tests the key neighbours exactly");
+        static_assert(kBits == 16, "float32 uses single_by_residual");
         const int32_t e = static_cast<int32_t>(y & kExponentMask);
         const int32_t ym = static_cast<int32_t>(y & kMantissaMask);
         // c's exponent field, less 1 when its mantissa is 0, at least y's: as integers,
@@ -188,6 +188,27 @@ struct Keys {
         else
             ok &= lane_mask(from_half > kHalfWayMargin) | lane_mask(from_half < -kHalfWayMargin);
         return ok;
+    }
+
+    // float32's cheap test, the same contract as single_candidate: 1 when c is proven the only
+    // weight whose image is y (c, y patterns, s = float32(c) + d as image() computes it). Proof:
+    // c maps (s == y as patterns: y must be normal), |c| >= |d|, so t = d - (s - c) is exact and
+    // c + d = s + t (Fast2Sum); |t| < u/2 for y's spacing u, and both key neighbours of c lie at
+    // least u from c (c's exponent field, less 1 when its mantissa is 0, at least y's). Then
+    // (c -+ g) + d = y + t -+ g (g >= u) lies more than u/2 beyond y on either side, where y's
+    // neighbours are at most u away: neither key neighbour maps.
+    static ZK_INLINE uint32_t single_by_residual(uint32_t c, uint32_t y, float d, float s) {
+        static_assert(kBits == 32, "the 16-bit formats use single_candidate");
+        const int32_t e = static_cast<int32_t>(y & kExponentMask);
+        const int32_t c_magnitude = static_cast<int32_t>(c & 0x7FFFFFFFu);
+        const float residual = d - (s - bits_as<float>(c));
+        // u/2 = 2^(E - 151) for y's exponent field E: a normal float32 when E >= 25
+        const int32_t half_spacing = e - (24 << 23);
+        return lane_mask(bits_as<uint32_t>(s) == y) &
+               lane_mask(c_magnitude >= static_cast<int32_t>(bits_as<uint32_t>(d) & 0x7FFFFFFFu)) &
+               lane_mask(c_magnitude > e) & lane_mask(e >= (25 << 23)) &
+               lane_mask(e < static_cast<int32_t>(kExponentMask)) &
+               lane_mask(static_cast<int32_t>(bits_as<uint32_t>(residual) & 0x7FFFFFFFu) < half_spacing);
     }
 };
 
@@ -237,17 +258,15 @@ ZK_INLINE uint8_t class_byte(uint32_t maps, uint32_t below, uint32_t above, uint
                                 (maps & below & ~above & kDown));
 }
 
-// Stage 1 on the reading side, every element (vectorizes; `flags` in the reference): r[i] =
-// round(y - d) and flagged[i] = y is not finite, or r is not proven the only weight mapping
-// to y: it must map (image == y as values) and be single, for float32 exactly (neither key
-// neighbour maps), for the 16-bit formats by Keys::single_candidate (which also fails for a y
-// that is not normal). float32 has tested the neighbours here, so it also stores the class
-// byte in class_out (for float32 every flagged element is kept); the 16-bit formats leave
-// class_out alone (stage 2 tests the flagged elements).
+// Stage 1 on the reading side, every element (vectorizes; `flags` in the reference, which is
+// exact for float32: this is a cheaper superset there): r[i] = round(y - d) and flagged[i] = y
+// is not finite, or r is not proven the only weight mapping to y (Keys::single_candidate for
+// the 16-bit formats, Keys::single_by_residual for float32; both fail for a y that is not
+// normal). Stage 2 computes the flagged elements' classes.
 template <class Format>
 inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const float* ZK_RESTRICT d,
                           int n, typename Format::storage* ZK_RESTRICT r_out,
-                          uint8_t* ZK_RESTRICT flagged, uint8_t* ZK_RESTRICT class_out) {
+                          uint8_t* ZK_RESTRICT flagged) {
     using K = Keys<Format>;
     for (int i = 0; i < n; ++i) {
         const uint32_t y_pattern = K::pattern(y[i]);
@@ -256,27 +275,18 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
         const uint32_t r = K::round_finite(y_value - d[i]);
         const float s = K::value(r) + d[i];
         r_out[i] = K::storage(r);
-        if constexpr (K::kBits == 32) {
-            const uint32_t maps = same_value_mask(bits_as<uint32_t>(s), y_bits);
-            const uint32_t k = K::key(r);
-            const uint32_t below = same_value_mask(K::image(k - 1u, d[i]), y_bits);
-            const uint32_t above = same_value_mask(K::image(k + 1u, d[i]), y_bits);
-            const uint8_t code = class_byte(maps, below, above, not_finite_mask(y_bits));
-            flagged[i] = code & kKeep;
-            class_out[i] = code;
-        } else {  // patterns compared exactly: single_candidate fails unless y is normal
-            (void)y_bits;
-            const uint32_t single = lane_mask(K::round_finite(s) == y_pattern) &
-                                    K::single_candidate(r, y_pattern, s);
-            flagged[i] = static_cast<uint8_t>(~single & 1u);
-        }
+        uint32_t single;
+        if constexpr (K::kBits == 32)
+            single = K::single_by_residual(r, y_bits, d[i], s);
+        else  // patterns compared exactly: single_candidate fails unless y is normal
+            single = lane_mask(K::round_finite(s) == y_pattern) & K::single_candidate(r, y_pattern, s);
+        flagged[i] = static_cast<uint8_t>(~single & 1u);
     }
 }
 
 // Stage 1 on the writing side, every element: flagged[i] = 0 only where element i is provably
 // not kept, found from what the writer has: theta and the sum it rounded to y (decay 1), without
-// flag_elements' r = round(y - d) and its images (about half the work for 16-bit formats, most
-// of it for float32). Every element this flags gets stage 2's full classes (r, whether r maps,
+// flag_elements' r = round(y - d) and its image (about half the work). Every element this flags gets stage 2's full classes (r, whether r maps,
 // its neighbours), which keep exactly the reader's elements.
 //
 // 16-bit formats: theta maps to y (round(s0) == y, s0 = float32(theta) + d) and
@@ -291,14 +301,13 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
 // u/2 - kMargin q of theta, for g >= 2q within u/2 + g/2 < (2^16 g)/2. Either way it rounds to
 // theta (kMargin >= 1: no tie).
 //
-// float32: |theta| >= |d|, so t = d - (y - theta) is exact and theta + d = y + t (Fast2Sum); y
-// normal, theta's key neighbours at least y's spacing u away (the exponent test above), and
-// |t| < u/2. Then y - d = theta - t rounds to theta (r = theta maps), and theta -+ g + d =
-// y + t -+ g (g >= u) lies more than u/2 beyond y on either side, where y's neighbours are at
-// most u away: neither key neighbour maps, so theta is not kept.
+// float32: Keys::single_by_residual proves theta the only weight mapping to y; the reader's
+// r = round(y - d) = round(theta - t) is then theta (|t| < u/2, theta's neighbours >= u away)
+// and the reader runs the same test on it.
 //
 // tests/test_lowrank_selector.py checks the writer against the reference on every 16-bit
-// pattern with sums at and next to ties (test_writer_test_matches_the_reader_at_near_half_way_sums).
+// pattern and every float32 exponent with sums at and next to ties
+// (test_writer_test_matches_the_reader_at_near_half_way_sums).
 constexpr int kWriterHalfWayMargin = 2;
 
 template <class Format>
@@ -310,15 +319,7 @@ inline void flag_written(const typename Format::storage* ZK_RESTRICT theta,
         const uint32_t t = K::pattern(theta[i]), y_pattern = K::pattern(y[i]);
         uint32_t single;
         if constexpr (K::kBits == 32) {
-            const float residual = d[i] - (bits_as<float>(y_pattern) - bits_as<float>(t));
-            const int32_t e = static_cast<int32_t>(y_pattern & K::kExponentMask);
-            // u/2 = 2^(E - 151) for y's exponent field E: a normal float32 when E >= 25
-            const int32_t half_spacing = e - (24 << 23);
-            single = lane_mask(static_cast<int32_t>(t & 0x7FFFFFFFu) >=
-                               static_cast<int32_t>(bits_as<uint32_t>(d[i]) & 0x7FFFFFFFu)) &
-                     lane_mask(static_cast<int32_t>(t & 0x7FFFFFFFu) > e) &
-                     lane_mask(e >= (25 << 23)) & lane_mask(e < static_cast<int32_t>(K::kExponentMask)) &
-                     lane_mask(static_cast<int32_t>(bits_as<uint32_t>(residual) & 0x7FFFFFFFu) < half_spacing);
+            single = K::single_by_residual(t, y_pattern, d[i], K::value(t) + d[i]);
         } else {
             const float s0 = K::value(t) + d[i];
             single = lane_mask(K::round_finite(s0) == y_pattern) &
@@ -349,10 +350,10 @@ struct KeptElements {
 
 // Stage 2 on both sides: stage 1, then for the flagged elements (~10% of N(0, 0.02) weights)
 // r's classes; fills `kept`. The reader (theta == nullptr) runs flag_elements, which leaves r in
-// r_out for every element (and, for float32, the classes: done); a writer runs flag_written and
-// computes r here, for its flagged elements only (r_out is not written). Then whether r maps and
-// its key neighbours' images, for the flagged elements only. Their inputs are gathered first so
-// that the tests run as a vectorized loop.
+// r_out for every element; a writer runs flag_written and computes r here, for its flagged
+// elements only (r_out is not written). Then whether r maps and its key neighbours' images, for
+// the flagged elements only. Their inputs are gathered first so that the tests run as a
+// vectorized loop.
 template <class Philox, class Format>
 inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
                            const float* ZK_RESTRICT d, int n,
@@ -361,30 +362,17 @@ inline void classify_block(const typename Format::storage* ZK_RESTRICT y,
     using K = Keys<Format>;
     using Compact = typename IsaOf<Philox>::Compact;
     const bool writer = theta != nullptr;
-    alignas(64) uint8_t flagged[kSelectorBlock], code[kSelectorBlock];
+    alignas(64) uint8_t flagged[kSelectorBlock];
     if (writer)
         flag_written<Format>(theta, y, d, n, flagged);
     else
-        flag_elements<Format>(y, d, n, r_out, flagged, code);
+        flag_elements<Format>(y, d, n, r_out, flagged);
     alignas(64) int32_t at[kSelectorBlock + kCompactSlack];
     const int m = Compact::flags(flagged, n, at);
     int n_count = 0;
-    if (K::kBits == 32 && !writer) {  // flagged == kept, classes from stage 1
-        for (int q = 0; q < m; ++q) {
-            const int i = at[q];
-            kept.at[q] = i;
-            kept.kr[q] = K::key(K::pattern(r_out[i]));
-            kept.code[q] = code[i];
-            n_count += code[i] >> 1 & 1;
-        }
-        kept.count = m;
-        kept.n_count = n_count;
-        kept.pad();
-        return;
-    }
     alignas(64) uint32_t y_bits[kSelectorBlock], r[kSelectorBlock], kr[kSelectorBlock];
     alignas(64) float d_s[kSelectorBlock];
-    alignas(64) uint8_t maps[kSelectorBlock];
+    alignas(64) uint8_t maps[kSelectorBlock], code[kSelectorBlock];
     const int lanes = whole_lanes(m);
     for (int q = m; q < lanes; ++q) at[q] = 0;
     for (int q = 0; q < lanes; ++q) {
