@@ -182,7 +182,8 @@ struct Keys {
         ok &= lane_mask(ym >= 2) & lane_mask(ym < static_cast<int32_t>(kMantissaMask));
         // s lies in y's normal binade: 16 (bfloat16) / 13 (float16) float32 bits below the mantissa
         constexpr int32_t kBelow = std::is_same<Format, BFloat16Format>::value ? 0xFFFF : 0x1FFF;
-        const int32_t from_half = (static_cast<int32_t>(bits_as<uint32_t>(s)) & kBelow) - (kBelow + 1) / 2;
+        const int32_t from_half =
+            (static_cast<int32_t>(bits_as<uint32_t>(s)) & kBelow) - (kBelow + 1) / 2;
         if constexpr (kHalfWayMargin == 0)
             ok &= ~lane_mask(from_half == 0);
         else
@@ -208,20 +209,16 @@ struct Keys {
                lane_mask(c_magnitude >= static_cast<int32_t>(bits_as<uint32_t>(d) & 0x7FFFFFFFu)) &
                lane_mask(c_magnitude > e) & lane_mask(e >= (25 << 23)) &
                lane_mask(e < static_cast<int32_t>(kExponentMask)) &
-               lane_mask(static_cast<int32_t>(bits_as<uint32_t>(residual) & 0x7FFFFFFFu) < half_spacing);
+               lane_mask(static_cast<int32_t>(bits_as<uint32_t>(residual) & 0x7FFFFFFFu) <
+                         half_spacing);
     }
 };
 
 // Float equality of two float32 patterns without a float compare (vectorizes), as a lane mask:
 // equal patterns, or both zeros. (Not IEEE for NaN: a caller's y is finite wherever the answer
-// matters.) same_pattern_mask: the same test on two 16-bit patterns (the formats' conversions
-// to float32 are exact and one to one).
+// matters.)
 ZK_INLINE uint32_t same_value_mask(uint32_t a, uint32_t b) {
     return lane_mask(a == b) | lane_mask(((a | b) << 1) == 0);
-}
-
-ZK_INLINE uint32_t same_pattern_mask(uint32_t a, uint32_t b) {
-    return lane_mask(a == b) | lane_mask(((a | b) & 0x7FFFu) == 0);
 }
 
 // A float32 pattern that is not finite, as a lane mask (a signed compare: the magnitude < 2^31).
@@ -279,15 +276,17 @@ inline void flag_elements(const typename Format::storage* ZK_RESTRICT y, const f
         if constexpr (K::kBits == 32)
             single = K::single_by_residual(r, y_bits, d[i], s);
         else  // patterns compared exactly: single_candidate fails unless y is normal
-            single = lane_mask(K::round_finite(s) == y_pattern) & K::single_candidate(r, y_pattern, s);
+            single = lane_mask(K::round_finite(s) == y_pattern) &
+                     K::single_candidate(r, y_pattern, s);
         flagged[i] = static_cast<uint8_t>(~single & 1u);
     }
 }
 
 // Stage 1 on the writing side, every element: flagged[i] = 0 only where element i is provably
 // not kept, found from what the writer has: theta and the sum it rounded to y (decay 1), without
-// flag_elements' r = round(y - d) and its image (about half the work). Every element this flags gets stage 2's full classes (r, whether r maps,
-// its neighbours), which keep exactly the reader's elements.
+// flag_elements' r = round(y - d) and its image (about half the work). Every element this
+// flags gets stage 2's full classes (r, whether r maps, its neighbours), which keep exactly the
+// reader's elements.
 //
 // 16-bit formats: theta maps to y (round(s0) == y, s0 = float32(theta) + d) and
 // single_candidate(theta, y, s0) holds with s0 more than kMargin float32 steps (of y's binade,
