@@ -349,8 +349,8 @@ struct KeptElements {
 
 // Stage 2 on both sides: stage 1, then for the flagged elements (~10% of N(0, 0.02) weights)
 // r's classes; fills `kept`. The reader (theta == nullptr) runs flag_elements, which leaves r in
-// r_out for every element; a writer runs flag_written and computes r here, for its flagged
-// elements only (r_out is not written). Then whether r maps and its key neighbours' images, for
+// r_out for every element; a writer (r_out == nullptr) runs flag_written and computes r here,
+// for its flagged elements only. Then whether r maps and its key neighbours' images, for
 // the flagged elements only. Their inputs are gathered first so that the tests run as a
 // vectorized loop.
 template <class Philox, class Format>
@@ -462,9 +462,8 @@ inline void log_block(const SelectorLogRef& log, uint64_t block,
                       int n) {
     using K = Keys<Format>;
     using Compact = typename IsaOf<Philox>::Compact;
-    alignas(64) typename Format::storage r[kSelectorBlock];
     KeptElements kept;
-    classify_block<Philox, Format>(y, d, n, theta, r, kept);
+    classify_block<Philox, Format>(y, d, n, theta, nullptr, kept);
     alignas(64) uint32_t words[kMaxStreamWords];
     if (kept.count == 0) {
         store_stream(log, block, words, 0);
