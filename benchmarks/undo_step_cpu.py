@@ -1,15 +1,18 @@
 """Exact restore, old and new, side by side: one MeZO step's ZO time and extra memory on the CPU.
 
-Three MeZO optimizers on the same bench model (zokernels.bench.models, random N(0, 0.02)-like
+Four MeZO optimizers on the same bench model (zokernels.bench.models, random N(0, 0.02)-like
 init), stepped interleaved so that machine noise hits them alike:
 
-  selector   the default: selector logs (docs/undo-log.md), each pass reads the previous log
-  undo-log   the previous protocol: (index, value) undo logs rewritten after each dense pass
-             (the same optimizer with its logs swapped for UndoLog pairs)
-  no-exact   exact_restore=False: recovery only, no logs
+  virtual    the default: virtual probes (docs/dense-probes.md), nothing written, no log
+  selector   probe="inplace": selector logs (docs/undo-log.md), each pass reads the previous log
+  undo-log   the protocol before them: (index, value) undo logs rewritten after each dense pass
+             (the in-place optimizer with its logs swapped for UndoLog pairs)
+  no-exact   probe="inplace", exact_restore=False: recovery only, no logs
 
-ZO time = step time minus the two forwards (timed inside the closure). Medians over the timed
-steps after warm-up steps (which size the logs), ratios against no-exact. --clock cpu (needs
+ZO time = step time minus two forwards of an identical model without optimizer, timed right
+after each step (a virtual probe draws its noise inside the forward, so the closure's own time
+is not the forward's). Medians over the timed steps after warm-up steps (which size the logs and
+run the virtual probes' check), ratios against no-exact. --clock cpu (needs
 --threads 1: the kernels and the forward then run in the calling thread) times the thread's CPU
 time (time.thread_time), which other jobs on a shared machine inflate far less than wall-clock.
 
@@ -55,30 +58,35 @@ def main(argv=None) -> int:
     params = [p for p in model.module.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     named = list(model.module.named_parameters())
-    opts = {"selector": MeZO(named, lr=1e-6, eps=1e-3, seed=0, backend="cpu"),
-            "undo-log": MeZO(named, lr=1e-6, eps=1e-3, seed=0, backend="cpu"),
-            "no-exact": MeZO(named, lr=1e-6, eps=1e-3, seed=0, backend="cpu",
-                             exact_restore=False)}
+    common = dict(lr=1e-6, eps=1e-3, seed=0, backend="cpu")
+    opts = {"virtual": MeZO(named, **common),
+            "selector": MeZO(named, probe="inplace", **common),
+            "undo-log": MeZO(named, probe="inplace", **common),
+            "no-exact": MeZO(named, probe="inplace", exact_restore=False, **common)}
     opts["undo-log"]._logs = [(UndoLog(), UndoLog()) for _ in opts["undo-log"]._logs]
-    forward = [0.0]
+    plain = build_model(args.model, dtype, "cpu")
 
     def closure():
+        return model.loss(ids)
+
+    def plain_forwards() -> float:
         start = clock()
-        loss = model.loss(ids)
-        forward[0] += clock() - start
-        return loss
+        with torch.no_grad():
+            plain.loss(ids)
+            plain.loss(ids)
+        return clock() - start
 
     zo = {name: [] for name in opts}
     total = {name: [] for name in opts}
     with torch.random.fork_rng():
         for r in range(args.warmup + args.repeats):
             for name, opt in opts.items():
-                forward[0] = 0.0
                 start = clock()
                 opt.step(closure)
                 elapsed = clock() - start
+                forwards = plain_forwards()
                 if r >= args.warmup:
-                    zo[name].append(1e3 * (elapsed - forward[0]))
+                    zo[name].append(1e3 * (elapsed - forwards))
                     total[name].append(1e3 * elapsed)
     base = statistics.median(zo["no-exact"])
     rows = []
@@ -89,7 +97,8 @@ def main(argv=None) -> int:
                        zo[name]) / base, extra_memory_bytes=extra,
                    extra_bytes_per_param=extra / sum(p.numel() for p in params),
                    extra_percent_of_params=100 * extra / param_bytes,
-                   undo_overflows=opt.zo_state["undo_overflows"])
+                   undo_overflows=opt.zo_state["undo_overflows"],
+                   probes=opt.dense_probe_status)
         rows.append(row)
         print(f"{args.model} {args.dtype} {name:9s} ZO {row['zo_ms']:8.1f} ms "
               f"({row['zo_vs_no_exact']:.2f}x no-exact)  step {row['step_ms']:8.1f} ms  extra "

@@ -447,7 +447,7 @@ def test_extra_memory_is_at_most_5_percent_of_the_parameters(dtype):
         for p in net.parameters():
             p.normal_(0.0, 0.02)
     net = net.to(dtype)
-    opt = MeZO(net.parameters(), lr=1e-4, eps=EPS, backend="cpu")
+    opt = MeZO(net.parameters(), lr=1e-4, eps=EPS, backend="cpu", probe="inplace")
     x = torch.randn(4, 512).to(dtype)
     for _ in range(3):
         opt.step(lambda: net(x).float().pow(2).mean())
@@ -461,7 +461,7 @@ def test_triton_groups_keep_selector_logs_and_restore_exactly():
     """The triton backend has selector logs too (tests/test_selector_triton.py): its groups keep
     them, and an lr = 0 step leaves every weight bit-identical, -0.0 included."""
     net = _net(torch.bfloat16)
-    opt = MeZO(net.named_parameters(), lr=0.0, eps=EPS, backend="triton")
+    opt = MeZO(net.named_parameters(), lr=0.0, eps=EPS, backend="triton", probe="inplace")
     assert all(type(log) is SelectorLog for pair in opt._logs for log in pair)
     before = snapshot(net)
     opt.step(_closure(net, torch.bfloat16))

@@ -522,7 +522,8 @@ def _mezo_net(in_features: int, out_features: int, device) -> torch.nn.Module:
 
 def _mezo_run(backend: str, device, steps: int = 2, size=(64, 32)):
     net = _mezo_net(*size, device)
-    opt = MeZO(net.parameters(), lr=0.0, eps=EPS, backend=backend, exact_restore=True)
+    opt = MeZO(net.parameters(), lr=0.0, eps=EPS, backend=backend, exact_restore=True,
+               probe="inplace")
     x = torch.randn(4, size[0], generator=torch.Generator().manual_seed(1)).to(device)
     before = snapshot(net)
     for _ in range(steps):

@@ -23,6 +23,10 @@ optionally `make_log`):
 
     DenseTarget   over a ParameterSpace       move: SeededNoise(seeds, coefs, layers, dist)
     LowRankSpace  (zokernels.lowrank_space)   move: LowRankNoise(taus, scale)
+
+A target with `writes_probes = False` (zokernels.dense_probe.VirtualDenseTarget) is never
+written by perturb or restore: they call its `hold(move)` / `hold(None)`, and the probes read
+what it holds; its update is an ordinary pass from theta.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ SLOTS = 2
 
 def _selector(log: Any) -> SelectorLog | None:
     return log if isinstance(log, SelectorLog) else None
+
+
+def _writes_probes(target: Any) -> bool:
+    """False for a target whose probes are evaluated without writing the weights
+    (zokernels.dense_probe.VirtualDenseTarget: perturb and restore only set what it `hold`s)."""
+    return getattr(target, "writes_probes", True)
 
 
 @dataclass(frozen=True)
@@ -193,8 +203,11 @@ class HeldPerturbation:
                 continue
             if logged and self.held[i] is not None and self.held_slot[i] == slot:
                 raise AssertionError("a pass cannot write the selector log it reads")
-            target.write(move, self.held[i], log=self.logs[i][slot] if logged else None,
-                         held_log=self._held_log(i))
+            if not _writes_probes(target):
+                target.hold(move)
+            else:
+                target.write(move, self.held[i], log=self.logs[i][slot] if logged else None,
+                             held_log=self._held_log(i))
             # per target: a failure in a later one restores this one
             self.held[i], self.held_slot[i] = move, slot if logged else None
 
@@ -215,7 +228,9 @@ class HeldPerturbation:
         try:
             for i, (target, h) in enumerate(zip(self.targets, held)):
                 try:  # a target that fails does not keep the others perturbed
-                    if h is not None:
+                    if h is not None and not _writes_probes(target):
+                        target.hold(None)
+                    elif h is not None:
                         target.write(target.zero(h), h, held_log=held_logs[i])
                     for slot in reversed(live if exact else []):
                         target.rewrite(self.logs[i][slot])

@@ -261,6 +261,26 @@ class ParameterSpace:
                 assigned[j] = layer
         return assigned
 
+    def subspace(self, positions: Sequence[int]) -> "ParameterSpace":
+        """The parameters at `positions` as a space of their own: same names, keys, layer
+        numbering (a layer selection means the same blocks in both), decay mask, backend and
+        contract, so its passes draw and write exactly what this space's would for them."""
+        positions = list(positions)
+        layers = None
+        if self.num_layers:
+            layers = [[self.params[j] for j in positions if self._layer_of[j] == layer]
+                      for layer in range(self.num_layers)]
+        sub = ParameterSpace([(self.names[j], self.params[j]) for j in positions],
+                             layers=layers, keys=[self.keys[j] for j in positions],
+                             no_decay=(), backend=self.backend, contract=self.contract)
+        sub.decayable = [self.decayable[j] for j in positions]
+        sub._register_memory()  # its plans carry the decay mask
+        return sub
+
+    def plain(self, j: int) -> bool:
+        """Whether parameter j is an ordinary unsharded tensor (no DTensor, subclass or shard)."""
+        return self.index_maps[j] is None and j not in self._dtensors
+
     def __len__(self) -> int:
         return len(self.tensors)
 

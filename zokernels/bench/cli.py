@@ -33,7 +33,8 @@ from .lora import PRESETS as LORA_PRESETS
 from .lora import LoraSettings, format_lora_tables, run_lora_bench
 from .models import HF_MODELS
 from .models import PRESETS as MODEL_PRESETS
-from .step import OPTIMIZERS, TEZO_MODES, StepSettings, format_step_table, run_step_bench
+from .step import (OPTIMIZERS, PROBE_MODES, TEZO_MODES, StepSettings, format_step_table,
+                   run_step_bench)
 from .runner import (
     BASELINE,
     DTYPE_ALIASES,
@@ -152,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--model", help=f"{', '.join(STEP_MODELS)} (default: small on cpu, "
                                       "opt-1.3b on cuda; hf-* need transformers)")
     step.add_argument("--optimizer", action="append",
-                      help=f"{', '.join(STEP_OPTIMIZERS)} (default: these), or TeZO's "
-                           "other modes tezo-inplace, tezo-deferred")
+                      help=f"{', '.join(STEP_OPTIMIZERS)} (default: these), TeZO's "
+                           "other modes tezo-inplace, tezo-deferred, or MeZO / LeZO with "
+                           "in-place probes: mezo-inplace, lezo-inplace")
     step.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, "
                                       "bfloat16 on cuda)")
     step.add_argument("--device", action="append", default=argparse.SUPPRESS,
@@ -173,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "no log memory)")
     step.add_argument("--compare-exact", action="store_true",
                       help="also step each optimizer without exact-restore logs on a copy of the "
-                           "model, interleaved step by step, and report both ZO times and their "
-                           "ratio")
+                           "model (MeZO / LeZO: with in-place probes), interleaved step by step, "
+                           "and report both ZO times and their ratio")
     _add_run_options(step, suppress=True)
     lora = sub.add_parser(
         "lora", help="perturb/update of LoRA adapters only vs the MeZO loop; per-call overhead",
@@ -662,7 +664,8 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
         if importlib.util.find_spec("transformers") is None:
             raise UsageError(f"--model {model}: needs transformers (pip install transformers)")
     optimizers = _choices(args.optimizer, ",".join(STEP_OPTIMIZERS),
-                          tuple(dict.fromkeys(STEP_OPTIMIZERS + tuple(TEZO_MODES))), "--optimizer")
+                          tuple(dict.fromkeys(STEP_OPTIMIZERS + tuple(TEZO_MODES)
+                                              + tuple(PROBE_MODES))), "--optimizer")
     dtype = _dtypes([args.dtype] if args.dtype else None, DEFAULTS[kind]["dtype"])[0]
     backend = args.backend
     if backend not in ("auto",) + FUSED_BACKENDS:

@@ -22,12 +22,17 @@ OPTIMIZERS = ("mezo", "lezo", "tezo", "pseuzo")
 # TeZO's probe / update modes as rows of their own ("tezo" is the default: virtual probes)
 TEZO_MODES = {"tezo": {}, "tezo-inplace": {"probe": "inplace"},
               "tezo-deferred": {"update": "deferred"}}
+# MeZO / LeZO probe virtually by default (zokernels.dense_probe); their in-place probes are rows
+# of their own. --compare-exact compares every MeZO / LeZO row with the in-place optimizer
+# built with exact_restore=False.
+PROBE_MODES = {"mezo-inplace": "mezo", "lezo-inplace": "lezo"}
 MEZO_LOOP = "mezo-loop"
 # Forward passes per step and passes over the weights per step (the MeZO loop: 4 with
 # torch.normal for every parameter each time).
 FORWARDS = {"mezo": 2, "lezo": 2, "tezo": 2, "tezo-inplace": 2, "tezo-deferred": 2, "pseuzo": 2,
-            MEZO_LOOP: 2}
-WEIGHT_PASSES = {"mezo": "3", "lezo": "3 (over the active layers)",
+            MEZO_LOOP: 2, "mezo-inplace": 2, "lezo-inplace": 2}
+WEIGHT_PASSES = {"mezo": "1 (+2 drawn in the reads)", "lezo": "1 (+2 in the reads; active layers)",
+                 "mezo-inplace": "3", "lezo-inplace": "3 (over the active layers)",
                  "tezo": "1 (low-rank, virtual probes)", "tezo-inplace": "3 (low-rank)",
                  "tezo-deferred": "0 (+1 per merge)",
                  "pseuzo": "2", MEZO_LOOP: "4"}
@@ -50,7 +55,9 @@ class StepSettings:
 
 
 def opt_hooks_forwards(name: str) -> bool:
-    return name in TEZO_MODES and TEZO_MODES[name].get("probe", "virtual") == "virtual"
+    """Whether the optimizer's probes work inside the forwards (virtual probes)."""
+    return name in ("mezo", "lezo") or (name in TEZO_MODES
+                                        and TEZO_MODES[name].get("probe", "virtual") == "virtual")
 
 
 class _ForwardClock:
@@ -114,6 +121,8 @@ def _make(name: str, model: BenchModel, settings: StepSettings, lr: float, eps: 
     named = list(model.module.named_parameters())
     common = dict(lr=lr, eps=eps, seed=0, backend=settings.backend,
                   exact_restore=settings.exact_restore)
+    if name in PROBE_MODES:
+        name, common["probe"] = PROBE_MODES[name], "inplace"
     if name == "mezo":
         return MeZO(named, **common)
     if name == "lezo":
@@ -182,7 +191,9 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
     report its ZO time (`zo_ms_no_exact`) and the ratio (`zo_ratio_exact_vs_no_exact`)."""
     cases = [_case(name, settings, settings.exact_restore, lr, eps)]
     if compare_exact and name != MEZO_LOOP:
-        cases.append(_case(name, settings, False, lr, eps))
+        # MeZO / LeZO against their in-place probes without logs
+        twin = {"mezo": "mezo-inplace", "lezo": "lezo-inplace"}.get(name, name)
+        cases.append(_case(twin, settings, False, lr, eps))
     main = cases[0]
     opt, params = main.opt, main.params
     param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -228,7 +239,9 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
         # the ratio of the medians of the interleaved steps
         row["zo_ratio_exact_vs_no_exact"] = (row["zo_ms"] / row["zo_ms_no_exact"]
                                              if row["zo_ms_no_exact"] > 0 else None)
-    if name == "lezo":
+    if opt is not None and getattr(opt, "dense_probe", "inplace") == "virtual":
+        row["dense_probe_status"] = opt.dense_probe_status
+    if PROBE_MODES.get(name, name) == "lezo":
         row["lezo_active_layers"] = opt.n_active
         row["lezo_layers"] = opt.num_layers
     return row

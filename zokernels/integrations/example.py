@@ -107,11 +107,13 @@ def add_lora(model: torch.nn.Module, kind: str) -> torch.nn.Module:
 def memory(opt: Any) -> dict[str, int]:
     """Bytes the optimizer holds besides the weights: its state (TeZO's moments, its factors
     being drawn per pass; PseuZO's window; MeZO and LeZO keep none), the undo logs of exact
-    restore, and PseuZO's window on its own."""
+    restore, PseuZO's window on its own, and all of it with the virtual probes' largest draw
+    (extra_memory_bytes); `probes`: how MeZO / LeZO evaluate their probes."""
     window = int(getattr(opt, "window_bytes", 0))
     state = 4 * int(getattr(opt, "state_numel", 0)) + window
     return {"state_bytes": state, "undo_log_bytes": int(opt.undo_log_bytes),
-            "window_bytes": window}
+            "window_bytes": window, "extra_memory_bytes": int(opt.extra_memory_bytes),
+            "probes": getattr(opt, "dense_probe_status", None)}
 
 
 def train_with_trainer(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
@@ -235,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
           f"after {result['steps']} steps ({result['steps_per_s']:.1f} steps/s; pre-training "
           f"{result['pretrain_steps']} AdamW steps took {result['pretrain_s']:.1f} s)")
     print(f"optimizer memory: state {result['state_bytes'] * mib:.3f} MiB, undo logs "
-          f"{result['undo_log_bytes'] * mib:.3f} MiB, window {result['window_bytes'] * mib:.3f} MiB")
+          f"{result['undo_log_bytes'] * mib:.3f} MiB, window {result['window_bytes'] * mib:.3f} MiB"
+          f"; extra in all {result['extra_memory_bytes'] * mib:.3f} MiB"
+          + (f" (probes: {result['probes']})" if result["probes"] else ""))
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

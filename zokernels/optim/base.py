@@ -22,6 +22,7 @@ from .._contract import (DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract
                           saved_contract)
 from .._dispatch import BACKEND_CHOICES
 from .._validate import StorageBudget, as_seed, is_finite_number
+from ..dense_probe import DenseProbes, ProbeTracker, VirtualDenseTarget
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..ops.undo import UndoLog
 from ..space import ParameterSpace, canonical_name
@@ -30,6 +31,10 @@ from ._params import normalize_param_groups
 from ._seeds import step_seed
 
 Closure = Callable[[], Any]
+# How dense probes are evaluated: "inplace" writes theta +- eps z into the weights (restored
+# exactly with logs), "virtual" hands the perturbed values to the forward's reads
+# (zokernels.dense_probe), checked on the first probe.
+DENSE_PROBES = ("virtual", "inplace")
 
 
 def check_hyper(name: str, value: Any, *, low: float = 0.0, low_open: bool = False,
@@ -73,9 +78,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                  exact_restore: bool, backend: str, no_decay: Sequence[str],
                  record_trajectory: bool, layers: Sequence[Any] | None = None,
                  rounding: str = "nearest", process_group: Any = None,
-                 contract: int = DEFAULT_CONTRACT) -> None:
+                 contract: int = DEFAULT_CONTRACT, dense_probe: str = "inplace") -> None:
         seed = as_seed(seed, "seed")  # the ops' rule: an integer in [0, 2^64)
         contract = as_contract(contract)
+        if dense_probe not in DENSE_PROBES:
+            raise ValueError(f"probe must be one of {list(DENSE_PROBES)}, got {dense_probe!r}")
         if dist not in PERTURB_DISTS:
             raise ValueError(f"dist must be one of {list(PERTURB_DISTS)}, got {dist!r}")
         if backend not in BACKEND_CHOICES:
@@ -120,6 +127,14 @@ class ZOOptimizer(torch.optim.Optimizer):
                                      exact=self.exact_restore, on_overflow=self._count_overflow)
         self._dense_targets = list(range(len(self.spaces)))  # held target of group g's space
         self._target_group = list(range(len(self.spaces)))  # param group of each held target
+        # virtual dense probes (zokernels.dense_probe): requested, checked on the first probe,
+        # then the held target of each group's virtual part (None: all in place)
+        self.dense_probe = dense_probe
+        self._probe_check = dense_probe == "virtual"
+        self._virtual_targets: list[int | None] = [None] * len(self.spaces)
+        self._probes: DenseProbes | None = None
+        self.dense_probe_status = ("in place" if dense_probe == "inplace"
+                                   else "virtual requested: checked on the first probe")
         self.trajectory: Trajectory | None = (
             Trajectory(self.algorithm, self._trajectory_meta()) if record_trajectory else None)
         self._split_spaces()
@@ -285,6 +300,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.spaces.append(space)
         self._dense_targets.append(self.held.add(DenseTarget(space)))
         self._target_group.append(len(self.spaces) - 1)
+        self._virtual_targets.append(None)
         if self.trajectory is not None:
             self.trajectory = Trajectory(self.algorithm, self._trajectory_meta())
         self._group_added()
@@ -312,6 +328,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         for g, i in enumerate(self._dense_targets):
             moves[i] = SeededNoise(tuple(seeds), coefs[g], self._group_layers(layers, g),
                                    self.dist)
+            if self._virtual_targets[g] is not None:
+                moves[self._virtual_targets[g]] = moves[i]
         return moves
 
     def _probe_moves(self, seed: Any, coefs: list[float], layers: list | None) -> list[Any]:
@@ -341,11 +359,109 @@ class ZOOptimizer(torch.optim.Optimizer):
                       slot: int) -> None:
         """Move the weights to theta + coefs[g] * z(seed) (from theta, or from the perturbation
         they hold, which must have the same seed), logging into `slot`."""
-        self.held.perturb(self._probe_moves(seed, coefs, layers), slot)
+        moves = self._probe_moves(seed, coefs, layers)
+        if self._probe_check and not self.held.exact:
+            # the virtual probes' check compares at the exact theta: this pass logs, so that
+            # its restore is exact, even with exact_restore=False
+            self.held.exact = True
+            try:
+                self.held.perturb(moves, slot)
+            finally:
+                self.held.exact = False
+            return
+        self.held.perturb(moves, slot)
 
     def _probe_eval(self, closure: Closure, seed: Any, coefs: list[float]) -> torch.Tensor:
-        """The closure's loss at the probe just moved to (TeZO: its virtual probes)."""
-        return self._evaluate(closure)
+        """The closure's loss at the probe just moved to: its virtual part evaluated through
+        zokernels.dense_probe (TeZO: its low-rank virtual probes)."""
+        if self._probe_check:
+            return self._checked_probe(closure)
+        if self._probes is None:
+            return self._evaluate(closure)
+        with self._probes.probing():
+            return self._evaluate(closure)
+
+    def _checked_probe(self, closure: Closure) -> torch.Tensor:
+        """The first probe with probe="virtual": evaluated in place (its loss is the step's),
+        restored, then evaluated again with every plain parameter virtual, the random state
+        reset in between (dropout draws alike) and every read classified. The virtual path is
+        kept when the two losses are equal bit for bit and no parameter was written; it then
+        holds the parameters read through torch functions (those read only whole and larger
+        than the scratch bound, and those not read, stay in place). Otherwise everything stays
+        in place, with a warning. Either way the weights hold theta afterwards: the caller's
+        next move starts from there."""
+        before = _random_state()
+        loss = self._evaluate(closure)
+        after = _random_state()
+        moves = list(self.held.held)
+        self.held.restore()
+        if not bool(torch.isfinite(loss)):
+            return loss  # nothing to compare: checked again on the next probe
+        candidates = [[j for j in range(len(space)) if space.plain(j)] for space in self.spaces]
+        trial = DenseProbes([VirtualDenseTarget(space.subspace(chosen))
+                             for space, chosen in zip(self.spaces, candidates)])
+        for target, g in zip(trial.targets, range(len(self.spaces))):
+            target.hold(moves[self._dense_targets[g]])
+        tracker = ProbeTracker()
+        _set_random_state(before)
+        try:
+            with trial.probing(tracker):
+                virtual = self._evaluate(closure)
+        except Exception as exc:  # the virtual path failed where the in-place one did not
+            virtual, reason = None, f"the virtual probe raised {type(exc).__name__}: {exc}"
+        finally:
+            _set_random_state(after)
+        self._probe_check = False  # decided (an interrupt above leaves it to the next probe)
+        if virtual is not None:
+            reason = None
+            if tracker.write is not None:
+                reason = f"a parameter is written during the forward ({tracker.write})"
+            elif not torch.equal(virtual.view(torch.int32), loss.view(torch.int32)):
+                reason = (f"the virtual +eps loss {float(virtual)!r} differs from the in-place "
+                          f"one {float(loss)!r}")
+        if reason is None:
+            reason = self._split_virtual(trial, candidates, tracker)
+        if not self.held.exact:  # drop the check's log buffers: nothing logs from now on
+            for i in self._dense_targets:
+                self.held.replace(i, self.held.targets[i])
+        if reason is not None:
+            self.dense_probe_status = f"in place ({reason})"
+            warnings.warn(f"{type(self).__name__}: probe='virtual' falls back to in-place "
+                          f"probes: {reason}", RuntimeWarning, stacklevel=5)
+        return loss
+
+    def _split_virtual(self, trial: DenseProbes, candidates: list[list[int]],
+                       tracker: ProbeTracker) -> str | None:
+        """Make the checked parameters virtual (DenseProbes.qualifies): each group's held
+        target splits into an in-place part (_dense_targets[g]) and a virtual one (a
+        VirtualDenseTarget); self.spaces keeps the whole groups. Returns why none qualified,
+        or None."""
+        chosen = [[j for j in positions if trial.qualifies(space.tensors[j],
+                                                           tracker.reads.get(id(space.params[j])))]
+                  for space, positions in zip(self.spaces, candidates)]
+        if not any(chosen):
+            return "no parameter is read through torch functions the probes can intercept"
+        virtual = []
+        for g, (space, keep) in enumerate(zip(list(self.spaces), chosen)):
+            if not keep:
+                continue
+            kept = set(keep)
+            rest = space.subspace([j for j in range(len(space)) if j not in kept])
+            target = VirtualDenseTarget(space.subspace(keep))
+            self.held.replace(self._dense_targets[g], DenseTarget(rest))
+            self._virtual_targets[g] = self.held.add(target)
+            self._target_group.append(g)
+            virtual.append(target)
+        # chunks as large as the largest draw some virtual parameter needs anyway (fewer
+        # calls, same peak); the steps' draws are measured from the next probe on (the check
+        # drew every read parameter once, those that stay in place included)
+        needed = max(trial.draw_elements(space.tensors[j], tracker.reads[id(space.params[j])])
+                     for space, keep in zip(self.spaces, chosen) for j in keep)
+        self._probes = DenseProbes(virtual, max(trial.scratch_elements, needed))
+        count, total = sum(len(keep) for keep in chosen), sum(len(s) for s in self._registered)
+        self.dense_probe_status = (f"virtual ({count} of {total} parameters"
+                                   + ("" if count == total else "; the others in place") + ")")
+        return None
 
     def _probe_two_point(self, closure: Closure, seed: int, eps: list[float],
                          layers: list | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,6 +537,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         (stochastic bits from `rounding_seed`, the step's first seed)."""
         if decays is None:
             decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
+        for g, i in enumerate(self._virtual_targets):
+            if i is not None and self.param_groups[g]["lr"] == 0 and decays[g] == 1.0:
+                # nothing to apply: skip the pass (a pass adding +-0.0 would turn -0.0 into
+                # +0.0; the in-place path's recovering update keeps it)
+                self.held.targets[i].hold(None)
+                moves = list(moves)
+                moves[i] = None
         self.held.update(moves, [decays[g] for g in self._target_group], rounding=self.rounding,
                          rounding_seed=rounding_seed)
 
@@ -639,7 +762,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Use normals of this contract version from now on (a loaded state's: a run resumes
         with the noise it was recorded with); TeZO draws its factors with it from then on."""
         self.contract = contract
-        for space in self._registered + self.spaces:
+        held = [t.space for t in self.held.targets if isinstance(t, DenseTarget)]
+        for space in self._registered + self.spaces + held:
             space.contract = contract
 
     @property
@@ -652,9 +776,12 @@ class ZOOptimizer(torch.optim.Optimizer):
     def extra_memory_bytes(self) -> int:
         """Memory a step needs beyond the parameters, held between steps: the undo logs
         (undo_log_bytes, persistent buffers that only grow) plus the algorithm's own buffers
-        (_buffer_bytes). The kernels' scratch is per thread on the stack (C++) or in registers
-        (Triton) and counts nothing; see docs/undo-log.md."""
-        return self.undo_log_bytes + self._buffer_bytes()
+        (_buffer_bytes), plus, with virtual probes, the largest perturbed copy a probe has
+        held so far (zokernels.dense_probe: a chunk of a weight's rows, an embedding's selected
+        rows or a small parameter, transient). The kernels' scratch is per thread on the stack
+        (C++) or in registers (Triton) and counts nothing; see docs/undo-log.md."""
+        scratch = 0 if self._probes is None else self._probes.peak_scratch_bytes
+        return self.undo_log_bytes + self._buffer_bytes() + scratch
 
     def _buffer_bytes(self) -> int:
         """Device memory of the algorithm's buffers (TeZO's moments, ...); 0 here."""
@@ -662,6 +789,18 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # ZO keeps no gradients
         return None
+
+
+def _random_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """torch's CPU and (initialized) CUDA generator states."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_random_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def _copied(state: Any) -> Any:

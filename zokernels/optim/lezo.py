@@ -25,7 +25,8 @@ class LeZO(MeZO):
         n_active: blocks perturbed per step; or
         n_dropped: blocks skipped per step (n_active = len(layers) - n_dropped). Give one.
 
-    Every MeZO option works unchanged, with the step's layer subset applied to each pass:
+    Every MeZO option works unchanged (probe="virtual" included: only the selected layers' reads
+    are perturbed), with the step's layer subset applied to each pass:
     n_spsa (all seeds of a step share the subset), process_group (the subset is a function of
     (seed, step), so every rank draws the same one without communication; one all-reduce of
     2 * n_spsa floats per step) and perturbation_parallel (pairs of ranks evaluate the two sides
@@ -40,7 +41,7 @@ class LeZO(MeZO):
                  exact_restore: bool = True, backend: str = "auto", rounding: str = "nearest",
                  process_group: Any = None, no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  record_trajectory: bool = True, perturbation_parallel: bool = False,
-                 contract: int = DEFAULT_CONTRACT) -> None:
+                 contract: int = DEFAULT_CONTRACT, probe: str = "virtual") -> None:
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
             raise ValueError("layers must be a non-empty list of blocks (modules or lists of "
                              "parameter names / tensors)")
@@ -57,7 +58,7 @@ class LeZO(MeZO):
                          rounding=rounding, process_group=process_group, no_decay=no_decay,
                          record_trajectory=record_trajectory,
                          perturbation_parallel=perturbation_parallel, layers=layers,
-                         contract=contract)
+                         contract=contract, probe=probe)
 
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()

@@ -61,6 +61,18 @@ class MeZO(ZOOptimizer):
             different perturbations: the undo logs make both exact; an undo-log overflow, warned
             and counted in zo_state["undo_overflows"], can leave the pair a few ulps apart).
             Not with sharded parameters (a pair would hold one model perturbed two ways).
+        probe: "inplace" writes theta +- eps z into the weights for each forward (restored
+            exactly with the logs of exact_restore). "virtual" writes nothing: every torch
+            function the forward calls on a parameter gets the perturbed values, drawn on the
+            fly by the same kernels (F.linear a chunk of rows at a time, F.embedding only the
+            selected rows; zokernels.dense_probe), so there is nothing to restore and no log;
+            extra memory is one chunk (about 1% of the parameters, reported in
+            extra_memory_bytes). The first probe checks it: it runs in place and virtually,
+            and the virtual path is kept only if both losses are equal bit for bit (the step,
+            its loss and the trajectory are then exactly the in-place ones); otherwise it warns
+            and stays in place (dense_probe_status says which and why). Parameters that are
+            sharded, not read in the forward, or read whole by other functions while larger
+            than the chunk stay in place. The first step calls the closure once more.
 
     step(closure) returns the loss at theta + eps z of the first seed, as MeZO does.
     """
@@ -72,7 +84,8 @@ class MeZO(ZOOptimizer):
                  n_spsa: int = 1, exact_restore: bool = True, backend: str = "auto",
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT, record_trajectory: bool = True,
-                 perturbation_parallel: bool = False, **kwargs: Any) -> None:
+                 perturbation_parallel: bool = False, probe: str = "virtual",
+                 **kwargs: Any) -> None:
         check_common_hyper(lr, eps, weight_decay)
         if (isinstance(n_spsa, bool) or not isinstance(n_spsa, int)
                 or not 1 <= n_spsa <= MAX_SEEDS_PER_STEP):
@@ -82,7 +95,8 @@ class MeZO(ZOOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
                          dist=dist, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group,
-                         no_decay=no_decay, record_trajectory=record_trajectory, **kwargs)
+                         no_decay=no_decay, record_trajectory=record_trajectory,
+                         dense_probe=probe, **kwargs)
         self.perturbation_parallel = bool(perturbation_parallel)
         if self.perturbation_parallel:
             if not self.exact_restore:

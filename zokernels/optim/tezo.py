@@ -178,7 +178,8 @@ class TeZO(MeZO):
                          dist=dist, n_spsa=n_spsa, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group, no_decay=no_decay,
                          record_trajectory=record_trajectory,
-                         perturbation_parallel=perturbation_parallel, contract=contract)
+                         perturbation_parallel=perturbation_parallel, contract=contract,
+                         probe="inplace")  # its dense part: TeZO probes low-rank (below)
 
     # The base class builds one ParameterSpace per group over all params; TeZO splits them: the
     # dense space keeps the 1-D ones, the low-rank space the 2-D ones (both held targets).
