@@ -409,3 +409,25 @@ def test_extra_memory_of_a_transformer_is_a_few_percent():
     assert opt.dense_probe_status == "virtual (100 of 100 parameters)"
     assert 0 < opt.extra_memory_bytes <= 0.05 * params
     assert opt.undo_log_bytes == 0
+
+
+def test_the_device_embedding_path_equals_the_row_path():
+    """Off the CPU the embedding is looked up chunk by chunk (no host synchronization); run on
+    CPU tensors here, it gives the selected-rows path's values bit for bit."""
+    model = make()
+    opt = MeZO(model.named_parameters(), eps=1e-3, backend="cpu")
+    opt.step(closure_for(model, batch()))
+    from zokernels.held import SeededNoise
+
+    target = opt._probes.targets[0]
+    j = target.space.names.index("embed.weight")
+    target.hold(SeededNoise((7,), (1e-3,)))
+    try:
+        opt._probes.scratch_elements = 1  # chunks of ROW_ALIGN = 256 rows: 256 + 44
+        draw = dense_probe._Draw(opt._probes, target)
+        ids = torch.tensor([[0, 5, 299, 5], [256, 255, 1, 0]])
+        assert opt._probes.rows_per_chunk(24) == 256
+        assert_bits_equal(draw._embedding_by_chunks(ids, j), draw.embedding(ids, j),
+                          "chunked lookup")
+    finally:
+        target.hold(None)

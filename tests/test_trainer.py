@@ -74,7 +74,7 @@ def trainer(model, out: Path, cls=ZOTrainer, **overrides) -> ZOTrainer:
 
 # -- resume ---------------------------------------------------------------------------------------
 
-OPTIONS = {"mezo": {"zo_n_spsa": 2}, "lezo": {"lezo_n_active": 1},
+OPTIONS = {"mezo": {"zo_n_spsa": 2, "zo_probe": "inplace"}, "lezo": {"lezo_n_active": 1},
            "tezo": {"tezo_rank": 2, "tezo_variant": "adam", "zo_n_spsa": 2},
            "pseuzo": {"pseuzo_window": 3, "pseuzo_beta": 0.5}}
 
@@ -280,6 +280,8 @@ def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
     ({"zo_optimizer": "pseuzo", "zo_n_spsa": 2}, "zo_n_spsa"),
     ({"zo_dist": "uniform"}, "zo_dist"),
     ({"zo_exact_restore": "yes"}, "zo_exact_restore"),
+    ({"zo_probe": "lazy"}, "zo_probe"),
+    ({"zo_optimizer": "pseuzo", "zo_probe": "inplace"}, "zo_probe applies"),
     ({"zo_rounding": "down"}, "zo_rounding"),
     ({"zo_optimizer": "lezo", "lezo_n_active": -1}, "lezo_n_active"),
     ({"zo_optimizer": "lezo", "lezo_layers": "model.layers"}, "lezo_layers"),

@@ -311,8 +311,11 @@ class _Draw:
         return out
 
     def embedding(self, ids: torch.Tensor, j: int) -> torch.Tensor:
-        """F.embedding(ids, W') reading only the selected rows of the perturbed weight j."""
+        """F.embedding(ids, W') reading only the selected rows of the perturbed weight j (on
+        the CPU; elsewhere a chunk of rows at a time, which needs no host synchronization)."""
         weight = self.space.tensors[j].detach()
+        if ids.device.type != "cpu":
+            return self._embedding_by_chunks(ids, j)
         unique, inverse = torch.unique(ids, return_inverse=True)
         rows = weight.index_select(0, unique.reshape(-1))
         width = weight[0].numel() if weight.shape[0] else 0
@@ -321,6 +324,20 @@ class _Draw:
             self._draw([j] * flat.shape[0], list(flat.unbind(0)),
                        [int(r) * width for r in unique.reshape(-1).tolist()])
         return F.embedding(inverse, rows)
+
+    def _embedding_by_chunks(self, ids: torch.Tensor, j: int) -> torch.Tensor:
+        """F.embedding(ids, W') over chunks of W's rows, each id looked up in the chunk that
+        holds it (torch.where, no host synchronization: the selected rows would need one)."""
+        rows, columns = self.space.tensors[j].shape
+        step = self.probes.rows_per_chunk(columns)
+        out = None
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            block = self.row_block(j, start, stop)
+            inside = (ids >= start) & (ids < stop)
+            looked = F.embedding((ids - start).clamp(0, stop - start - 1), block)
+            out = looked if out is None else torch.where(inside.unsqueeze(-1), looked, out)
+        return out
 
 
 class _ProbeMode(TorchFunctionMode):

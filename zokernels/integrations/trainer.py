@@ -79,6 +79,8 @@ class ZOConfig(transformers.TrainingArguments):
         zo_n_spsa: probes (seeds) per step (MeZO / LeZO / TeZO).
         zo_dist: "gaussian" or "rademacher".
         zo_exact_restore: keep undo logs so every restore and update is exact (default True).
+        zo_probe: "virtual" (default: the probes write no weight, docs/dense-probes.md; TeZO:
+            its low-rank virtual probes) or "inplace" (MeZO / LeZO / TeZO).
         zo_rounding: of the update, "nearest" or "stochastic" (for bf16 / fp16 weights).
         lezo_n_active: blocks perturbed per step (default: a quarter of them, at least 1).
         lezo_layers: None (the blocks of find_transformer_layers(model) that hold a trainable
@@ -103,6 +105,8 @@ class ZOConfig(transformers.TrainingArguments):
     zo_n_spsa: int = field(default=1, metadata={"help": "Probes per step (mezo, lezo, tezo)."})
     zo_dist: str = field(default="gaussian", metadata={"help": "gaussian or rademacher."})
     zo_exact_restore: bool = field(default=True, metadata={"help": "Undo logs (exact restore)."})
+    zo_probe: str = field(default="virtual",
+                          metadata={"help": "virtual or inplace probes (mezo, lezo, tezo)."})
     zo_rounding: str = field(default="nearest",
                              metadata={"help": "Update rounding: nearest or stochastic."})
     lezo_n_active: Optional[int] = field(default=None, metadata={"help": "LeZO blocks per step."})
@@ -141,6 +145,10 @@ class ZOConfig(transformers.TrainingArguments):
         if not isinstance(self.zo_exact_restore, bool):
             raise ValueError(f"zo_exact_restore must be a bool, got {self.zo_exact_restore!r}")
         _choice(self.zo_rounding, "zo_rounding", ROUNDINGS)
+        _choice(self.zo_probe, "zo_probe", ("virtual", "inplace"))
+        if self.zo_probe != "virtual" and self.zo_optimizer not in ("mezo", "lezo", "tezo"):
+            raise ValueError(f"zo_probe applies to zo_optimizer 'mezo', 'lezo' and 'tezo', not "
+                             f"{self.zo_optimizer!r}")
         defaults = {f.name: f.default for f in fields(ZOConfig)}
         for algorithm, options in ALGORITHM_OPTIONS.items():
             for option in options:
@@ -379,6 +387,7 @@ class ZOTrainer(transformers.Trainer):
             process_group=group)
         if name in ("mezo", "lezo", "tezo"):
             kwargs["n_spsa"] = args.zo_n_spsa
+            kwargs["probe"] = args.zo_probe
         if name == "lezo":
             layers = (trainable_blocks(model, "ZOTrainer(zo_optimizer='lezo')", "lezo_layers")
                       if args.lezo_layers is None else self._named_blocks(model))

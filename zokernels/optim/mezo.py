@@ -20,11 +20,13 @@ class MeZO(ZOOptimizer):
         l+ = f(theta + eps z_s),  l- = f(theta - eps z_s),  g_s = (l+ - l-) / (2 eps)
         theta = (1 - lr wd) theta - (lr / n_spsa) sum_s g_s z_s       (decay: decayable params)
 
-    Passes over the weights per step (n_spsa = 1): +eps, -eps (recovering theta from +eps), and
-    the update fused with the restore: three instead of MeZO's four, each ONE launch per
-    (device, dtype) and param group. With exact_restore (default), the elements recovery cannot
-    give back are kept in undo logs, so the update starts from the exact unperturbed weights and
-    a closure that raises leaves the weights bit-identical (docs/undo-log.md).
+    Passes over the weights per step (n_spsa = 1): with virtual probes (the default) the update
+    only; the +eps and -eps values are drawn inside the forward's reads (docs/dense-probes.md).
+    In place: +eps, -eps (recovering theta from +eps), and the update fused with the restore:
+    three instead of MeZO's four, each ONE launch per (device, dtype) and param group; with
+    exact_restore (default), the elements recovery cannot give back are kept in selector logs,
+    so the update starts from the exact unperturbed weights (docs/undo-log.md). Either way a
+    closure that raises leaves the weights bit-identical.
 
     Args:
         params: iterable of tensors, of (name, tensor) pairs (recommended: model.named_parameters();
@@ -38,9 +40,10 @@ class MeZO(ZOOptimizer):
         seed: base seed; step t's seeds are BLAKE2b(seed, t, k) (zokernels.optim._seeds).
         dist: "gaussian" (MeZO) or "rademacher".
         n_spsa: seeds per step (averaged estimate).
-        exact_restore: keep undo logs (about (8 + itemsize) bytes x 5-8% of the elements per
-            pass at eps 1e-3; see undo_log_bytes). False: no extra memory, recovery-quality
-            restore (a few % of elements one ulp off per step in bf16).
+        exact_restore: keep selector logs for the parameters probed in place (about 3.7% of
+            bf16, 2.4% of fp32 parameter bytes at eps 1e-3; see undo_log_bytes). False: no log,
+            recovery-quality restores in place (a few % of elements one ulp off per step in
+            bf16). Virtual probes need neither: they write nothing (`probe`).
         backend: "auto", "triton", "cpu" or "torch".
         rounding: of the update, "nearest" or "stochastic" (bf16/fp16: keeps updates below half
             an ulp in expectation; its bits come from stream 1 of the step's first seed).
