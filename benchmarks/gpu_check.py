@@ -257,7 +257,7 @@ def section_step(args: argparse.Namespace, cap_s: float, log: Log) -> dict[str, 
                             repeats=2 if args.cpu_dry_run else 10)
     rows = []
     start = time.perf_counter()
-    for name in ("mezo-loop", "mezo"):
+    for name in ("mezo-loop", "mezo", "mezo-inplace"):  # MeZO: virtual probes (the default)
         if time.perf_counter() - start > cap_s:
             return dict(status="timed out", rows=rows, cap_s=cap_s)
         row = time_step(name, settings)
@@ -330,10 +330,51 @@ def section_host_sync(args: argparse.Namespace, cap_s: float, log: Log) -> dict[
     except Exception as error:  # capture refused: an illegal (syncing) call inside the passes
         checks.append(dict(name="CUDA graph capture + replay equals eager", ok=False,
                            detail=f"{type(error).__name__}: {error}"))
+    checks.append(_virtual_probe_sync_check(device))
     for check in checks:
         log(f"  {'ok ' if check['ok'] else 'FAIL'} {check['name']}"
             + (f": {check['detail']}" if check.get("detail") else ""))
     return dict(status="passed" if all(c["ok"] for c in checks) else "failed", checks=checks)
+
+
+def _virtual_probe_sync_check(device: torch.device) -> dict[str, Any]:
+    """A virtual probe's forward (docs/dense-probes.md: an embedding looked up chunk by chunk, a
+    linear's rows drawn in chunks) under sync-debug error mode, after the first step's check
+    (which may synchronize) has kept the virtual path."""
+    from zokernels.held import SeededNoise
+    from zokernels.optim import MeZO
+
+    name = "virtual probe forward: no sync in sync-debug error mode"
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(4096, 512), torch.nn.Linear(512, 4096))
+        model = model.to(device=device, dtype=torch.bfloat16)
+        ids = torch.randint(0, 4096, (4, 64), device=device)
+
+        def closure() -> torch.Tensor:
+            return model(ids).float().logsumexp(-1).mean()
+
+        opt = MeZO(model.named_parameters(), lr=1e-4, eps=1e-3)
+        opt.step(closure)
+        if opt._probes is None:
+            return dict(name=name, ok=False, detail=f"not virtual: {opt.dense_probe_status}")
+        target = opt._probes.targets[0]
+        target.hold(SeededNoise((1234,), (1e-3,)))
+        try:
+            with torch.no_grad(), opt._probes.probing():
+                closure()  # kernels compiled, tables built
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                with torch.no_grad(), opt._probes.probing():
+                    closure()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        finally:
+            target.hold(None)
+        return dict(name=name, ok=True)
+    except Exception as error:
+        return dict(name=name, ok=False, detail=f"{type(error).__name__}: {error}")
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, float, Log], dict[str, Any]]] = {

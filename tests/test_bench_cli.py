@@ -216,6 +216,21 @@ def test_step_compare_exact_interleaves_a_copy_without_logs(bench, tmp_path):
     assert mezo["zo_ratio_exact_vs_no_exact"] == mezo["zo_ms"] / mezo["zo_ms_no_exact"]
 
 
+def test_step_rows_of_virtual_and_inplace_probes(bench, tmp_path):
+    """MeZO / LeZO probe virtually by default; their in-place rows are mezo-inplace /
+    lezo-inplace. A virtual row says which path its check kept."""
+    path = tmp_path / "step.json"
+    status, out, err = bench("step", "--model", "tiny", "--optimizer", "mezo,mezo-inplace",
+                             "--repeats", "1", "--warmup", "1", "--batch", "2", "--seq", "8",
+                             "--json", str(path))
+    assert status == 0, err
+    _, virtual, inplace = json.loads(path.read_text())["results"]
+    assert virtual["optimizer"] == "mezo" and inplace["optimizer"] == "mezo-inplace"
+    assert virtual["dense_probe_status"].startswith("virtual")
+    assert "dense_probe_status" not in inplace
+    assert virtual["weight_passes"].startswith("1") and inplace["weight_passes"] == "3"
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["step", "--model", "gpt-5"], "--model: unknown model"),
     (["step", "--optimizer", "adamw"], "--optimizer: unknown value"),

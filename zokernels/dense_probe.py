@@ -253,7 +253,7 @@ class _Draw:
         if device not in self._kernels:
             backend = resolve_backend(self.space.backend, device)
             self._kernels[device] = (implementation(backend, "perturb"),
-                                     self.scales.to(device))
+                                     self.scales.to(device, non_blocking=True))
         return self._kernels[device]
 
     def _draw(self, positions: list[int], pieces: list[torch.Tensor],

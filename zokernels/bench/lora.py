@@ -241,8 +241,9 @@ def _step_callable(case: str, named: list[tuple[str, torch.nn.Parameter]],
         grad = float(closure() - closure()) / (2 * eps)  # constant loss: 0
         return lambda: space_step(space, next(seeds), eps, -lr * grad, logs), logs
     if case in ("optimizer", "optimizer-undo"):
+        # in-place probes: the constant closure reads no parameter, and the passes are timed
         opt = MeZO(named, lr=lr, eps=eps, backend=settings.backend,
-                   exact_restore=case == "optimizer-undo")
+                   exact_restore=case == "optimizer-undo", probe="inplace")
         return lambda: opt.step(closure), opt
     raise ValueError(f"unknown case {case!r}")
 
