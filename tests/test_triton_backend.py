@@ -91,29 +91,31 @@ def test_plain_rademacher_full_blocks_match_reference(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_octet_tile_stochastic_rounding_full_blocks_match_reference(dtype):
     """Contract 3's stochastic rounding of the gaussian pass in the octet tile (``tile_lanes``
-    5: a thread's 8 consecutive elements share one rounding Philox call), at its own blocks
-    (with and without recovery): full blocks and tails of several tensors, values at the
-    largest finite value (the round-to-nearest guard), bit for bit against the torch
+    5: a thread's 8 consecutive elements share one rounding Philox call; bf16 rounds through a
+    float32 mask and one select), at its own blocks (with and without recovery): full blocks and
+    tails of several tensors, and sums around the largest finite value (the round-to-nearest
+    guard: in range, in the band above it, overflow), bit for bit against the torch
     reference."""
     from zokernels.backends.triton.perturb import block_for
 
     info = torch.finfo(dtype)
     block = max(block_for("gaussian", 2, False), block_for("gaussian", 2, True))
-    start = [torch.randn(n, device=DEVICE).to(dtype) for n in (2 * block + 77, block, 5)]
-    edge = torch.tensor([info.max, -info.max, info.max * 0.99, info.tiny, -info.tiny, 0.0],
-                        dtype=dtype)
-    start[0][block - 3:block + 3] = edge.to(DEVICE)
-    seeds = [2 ** 64 - 1, 7]
-    scales = [1e-2, -3e-3]
-    for kwargs in ({}, {"applied": [0.5, -0.25]}):
-        got = [t.clone() for t in start]
-        ref = [t.clone() for t in start]
-        for ts, b in ((got, "triton"), (ref, "torch")):
-            zokernels.perturb_(ts, seeds, scales, dist="gaussian", rounding="stochastic",
-                               rounding_seed=0x00000010_FFFFFFF0, contract=3, decay=0.75,
-                               backend=b, check_finite=False, **kwargs)
-        for j, (g, r) in enumerate(zip(got, ref)):
-            assert_bits_equal(g.cpu(), r.cpu(), f"{dtype} {kwargs} tensor {j}")
+    sizes = (2 * block + 77, block, 5)
+    near_max = torch.tensor([1.0, -1.0, 1 - 2 ** -8, -(1 - 2 ** -7), 0.5, -0.75]) * info.max
+    cases = [([torch.randn(n, device=DEVICE).to(dtype) for n in sizes], [1e-2, -3e-3], 0.75),
+             ([near_max.to(dtype).repeat(n // 6 + 1)[:n].to(DEVICE) for n in sizes],
+              [info.max * 2 ** -8, info.max * 2 ** -10], 1.0)]
+    for start, scales, decay in cases:
+        for kwargs in ({}, {"applied": [0.5, -0.25]}):
+            got = [t.clone() for t in start]
+            ref = [t.clone() for t in start]
+            for ts, b in ((got, "triton"), (ref, "torch")):
+                zokernels.perturb_(ts, [2 ** 64 - 1, 7], scales, dist="gaussian",
+                                   rounding="stochastic", rounding_seed=0x00000010_FFFFFFF0,
+                                   contract=3, decay=decay, backend=b, check_finite=False,
+                                   **kwargs)
+            for j, (g, r) in enumerate(zip(got, ref)):
+                assert_bits_equal(g.cpu(), r.cpu(), f"{dtype} {scales} {kwargs} tensor {j}")
 
 
 def test_unaligned_views_are_correct():

@@ -278,8 +278,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     # OCT: gaussian passes with contract 3's stochastic rounding hold the block in the octet
     # tile (``tile_lanes`` 5: a thread's 8 consecutive elements take the rounding bits of one
     # Philox call it computes itself)
-    OCT: tl.constexpr = (DIST == 0 and STOCHASTIC == 2 and not MAPPED and SEL_OUT == 0
-                         and not SEL_IN)
+    OCT: tl.constexpr = (DIST == 0 and NORMAL == 2 and STOCHASTIC == 2 and not MAPPED
+                         and SEL_OUT == 0 and not SEL_IN)
     NTILE: tl.constexpr = VTILE if VEC else (5 if OCT else DIST)  # the noise's tile
     TILE: tl.constexpr = 0 if SEL_OUT != 0 or SEL_IN else NTILE
     lanes = tile_lanes(TILE, BLOCK)  # int32
@@ -378,7 +378,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                                        load_key_schedule(schedule_ptr + 10 * K))
             else:
                 r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
-            y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16)
+            y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16,
+                                         not MAPPED)
         elif STOCHASTIC:
             if MAPPED:
                 u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, start, map_offset,
