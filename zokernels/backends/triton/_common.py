@@ -779,10 +779,11 @@ def _rounding_bits(seed, key, b_lo, b_hi, sub, ks=None):
 @triton.jit
 def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None):
     """Contract 3's random bits of the elements ``blk * BLOCK + [0, BLOCK)`` in the tile shape of
-    DIST: one Philox call per 8 consecutive elements. The counters are built per quad (gaussian:
-    quad j uses half of call j // 2) or per word (rademacher: 8 elements of the 32 of a word
-    share a call), so that the copies of a call in one thread's registers are the same
-    expression and compile to one call. ``blk * BLOCK // 8`` is a multiple of BLOCK // 8, so adding
+    DIST: one Philox call per 8 consecutive elements. The octet tile (5) holds call j's 8
+    elements in column j, in one thread; the [4, N] gaussian tile computes call j once and moves
+    its halves to quads 2j and 2j + 1 (two threads: shared memory); rademacher builds the
+    counters per word (8 elements of the 32 of a word share a call), so that the copies of a
+    call in one thread's registers are the same expression and compile to one call. ``blk * BLOCK // 8`` is a multiple of BLOCK // 8, so adding
     the call index inside the block to its low word never carries."""
     g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 8)
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
