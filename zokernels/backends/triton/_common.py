@@ -353,6 +353,18 @@ def quads(a, b, c, d):
 
 
 @triton.jit
+def octets(a, b, c, d, e, f, g, h):
+    """[N] x 8 -> [8, N] with out[m, j] = (a, ..., h)[m][j]: ``quads`` 8 wide (the octet tile,
+    code 5; the selects fold away, the values stay in the registers that computed them)."""
+    m = tl.arange(0, 8)[:, None]
+    lo = tl.where(m < 2, tl.where(m == 0, a[None, :], b[None, :]),
+                  tl.where(m == 2, c[None, :], d[None, :]))
+    hi = tl.where(m < 6, tl.where(m == 4, e[None, :], f[None, :]),
+                  tl.where(m == 6, g[None, :], h[None, :]))
+    return tl.where(m < 4, lo, hi)
+
+
+@triton.jit
 def _uniforms4(w0, w1, w2, w3):
     u0 = tl.uint_to_uniform_float(w0)
     u1 = tl.uint_to_uniform_float(w1)
@@ -376,6 +388,12 @@ def _uniforms4(w0, w1, w2, w3):
 # [32, 4, N] tile it puts 4 threads on the first dimension, and every load and store went
 # through a shared-memory layout conversion (5120 bytes; at 64 elements per thread 16 rounds,
 # 32 barriers per block; sass_budget). ``flat`` and the rounding tiles do not take codes 3 and 4.
+# Tile code 5, the gaussian OCTET tile of contract 3's stochastic rounding: [8, BLOCK // 8],
+# element 8j + m at [m, j]: a thread holds 8 consecutive elements per column, i.e. both quads of
+# one rounding call (contract 3: call i // 8) and the two gaussian calls 2j, 2j + 1, so the
+# rounding bits need no exchange between threads (in the [4, N] tile quads 2j and 2j + 1 lie in
+# different threads: the rounding words went through shared memory) and a column is one 16-byte
+# load / store of 16-bit weights.
 
 
 @triton.jit
@@ -391,7 +409,8 @@ def tile_lanes(DIST: tl.constexpr, BLOCK: tl.constexpr):
         lanes = (tl.arange(0, 32)[:, None, None] + (tl.arange(0, 4) * 32)[None, :, None]
                  + (tl.arange(0, BLOCK // 128) * 128)[None, None, :])
     else:
-        lanes = tl.arange(0, 4)[:, None] + (tl.arange(0, BLOCK // 4) * 4)[None, :]
+        Q: tl.constexpr = 8 if DIST == 5 else 4
+        lanes = tl.arange(0, Q)[:, None] + (tl.arange(0, BLOCK // Q) * Q)[None, :]
     return lanes
 
 
@@ -547,46 +566,67 @@ def signed(c, sign):
 
 
 @triton.jit
-def _tile_from_words(w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
-    """z tile from the words of the tile's Philox calls (DIST 0 gaussian, 2 uniform; rademacher
-    goes through ``rademacher_signs``). NORMAL: the contract version of the gaussian normals, 1
-    (Triton's pair_uniform_to_normal on the uniforms) or 2 (``normal_pair_v2`` on the words,
-    bit-identical on every backend)."""
-    if DIST == 0 and NORMAL == 2:
+def _z4(w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
+    """The 4 values of z (elements 4b .. 4b + 3) of Philox calls b from their words (DIST 0 or 5
+    gaussian, 2 uniform). NORMAL: the contract version of the gaussian normals, 1 (Triton's
+    pair_uniform_to_normal on the uniforms) or 2 (``normal_pair_v2`` on the words, bit-identical
+    on every backend)."""
+    if DIST != 2 and NORMAL == 2:
         n0, n1 = normal_pair_v2(w0, w1)
         n2, n3 = normal_pair_v2(w2, w3)
-        z = quads(n0, n1, n2, n3)
     else:
-        u0, u1, u2, u3 = _uniforms4(w0, w1, w2, w3)
-        if DIST == 0:
-            n0, n1 = tl.pair_uniform_to_normal(u0, u1)
-            n2, n3 = tl.pair_uniform_to_normal(u2, u3)
-            z = quads(n0, n1, n2, n3)
-        else:
-            z = quads(u0, u1, u2, u3)
-    return z
+        n0, n1, n2, n3 = _uniforms4(w0, w1, w2, w3)
+        if DIST != 2:
+            n0, n1 = tl.pair_uniform_to_normal(n0, n1)
+            n2, n3 = tl.pair_uniform_to_normal(n2, n3)
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _tile_from_words(w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
+    """z tile [4, N] from the words of the tile's Philox calls (DIST 0 gaussian, 2 uniform;
+    rademacher goes through ``rademacher_signs``, the octet tile through ``add_noise``). NORMAL:
+    ``_z4``."""
+    n0, n1, n2, n3 = _z4(w0, w1, w2, w3, DIST, NORMAL)
+    return quads(n0, n1, n2, n3)
 
 
 @triton.jit
 def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None, zero=0):
-    """Words of the Philox calls of the block ``blk`` (stream 0): BLOCK // 128 calls for
-    rademacher, BLOCK // 4 otherwise. With ``ks`` (the seed's key schedule,
-    ``load_key_schedule``; ``seed`` is then unused) and ``zero``: see ``philox_scheduled``."""
+    """Words of the Philox calls of the block ``blk`` (stream 0), a tuple: the 4 words of
+    BLOCK // 128 calls for rademacher, of BLOCK // 4 calls otherwise; for the octet tile (5)
+    8 words, those of the even calls 2j then of the odd calls 2j + 1 (j < BLOCK // 8). With
+    ``ks`` (the seed's key schedule, ``load_key_schedule``; ``seed`` is then unused) and
+    ``zero``: see ``philox_scheduled``."""
     tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
-    N: tl.constexpr = BLOCK // 128 if DIST == 1 or DIST >= 3 else BLOCK // 4
-    return _philox_calls(seed, key, blk, N, 0, ks, zero)
+    if DIST == 5:
+        # calls 2j and 2j + 1 of the block's BLOCK // 4 (their low counter words never carry)
+        g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 4)
+        c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, BLOCK // 8).to(tl.uint32) * 2
+        c1 = (g >> 32).to(tl.uint32)
+        a0, a1, a2, a3 = _philox_keyed(seed, ks, c0, c1, key, 0, zero)
+        b0, b1, b2, b3 = _philox_keyed(seed, ks, c0 + 1, c1, key, 0, zero)
+        return a0, a1, a2, a3, b0, b1, b2, b3
+    else:
+        N: tl.constexpr = BLOCK // 128 if DIST == 1 or DIST >= 3 else BLOCK // 4
+        return _philox_calls(seed, key, blk, N, 0, ks, zero)
 
 
 @triton.jit
-def add_noise(d, c, w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
-    """d + c * z for the tile's z given by its Philox words (the contract's ``d + c * z``: for
-    rademacher the product is exact, so adding the sign-flipped c is the same float32 value)."""
-    if DIST == 3 or DIST == 4:
-        d = d + signed(c, rademacher_signs_vec(w0, w1, w2, w3, 8 if DIST == 3 else 4))
+def add_noise(d, c, w, DIST: tl.constexpr, NORMAL: tl.constexpr):
+    """d + c * z for the tile's z given by its Philox words ``w`` (``noise_words``' tuple; the
+    contract's ``d + c * z``: for rademacher the product is exact, so adding the sign-flipped c
+    is the same float32 value)."""
+    if DIST == 5:
+        n0, n1, n2, n3 = _z4(w[0], w[1], w[2], w[3], DIST, NORMAL)
+        n4, n5, n6, n7 = _z4(w[4], w[5], w[6], w[7], DIST, NORMAL)
+        d = d + c * octets(n0, n1, n2, n3, n4, n5, n6, n7)
+    elif DIST == 3 or DIST == 4:
+        d = d + signed(c, rademacher_signs_vec(w[0], w[1], w[2], w[3], 8 if DIST == 3 else 4))
     elif DIST == 1:
-        d = d + signed(c, rademacher_signs(w0, w1, w2, w3))
+        d = d + signed(c, rademacher_signs(w[0], w[1], w[2], w[3]))
     else:
-        d = d + c * _tile_from_words(w0, w1, w2, w3, DIST, NORMAL)
+        d = d + c * _tile_from_words(w[0], w[1], w[2], w[3], DIST, NORMAL)
     return d
 
 
@@ -739,10 +779,11 @@ def _rounding_bits(seed, key, b_lo, b_hi, sub, ks=None):
 @triton.jit
 def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None):
     """Contract 3's random bits of the elements ``blk * BLOCK + [0, BLOCK)`` in the tile shape of
-    DIST: one Philox call per 8 consecutive elements. The counters are built per quad (gaussian:
-    quad j uses half of call j // 2) or per word (rademacher: 8 elements of the 32 of a word
-    share a call), so that the copies of a call in one thread's registers are the same
-    expression and compile to one call. ``blk * BLOCK // 8`` is a multiple of BLOCK // 8, so adding
+    DIST: one Philox call per 8 consecutive elements. The octet tile (5) holds call j's 8
+    elements in column j, in one thread; the [4, N] gaussian tile computes call j once and moves
+    its halves to quads 2j and 2j + 1 (two threads: shared memory); rademacher builds the
+    counters per word (8 elements of the 32 of a word share a call), so that the copies of a
+    call in one thread's registers are the same expression and compile to one call. ``blk * BLOCK // 8`` is a multiple of BLOCK // 8, so adding
     the call index inside the block to its low word never carries."""
     g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 8)
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
@@ -753,12 +794,18 @@ def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, 
         q = (tl.arange(0, 4) * 4)[None, :, None] + (tl.arange(0, BLOCK // 128) * 16)[None, None, :]
         r = _rounding_bits(seed, key, c0 + (q + (s8 >> 3)).to(tl.uint32), c1, s8 & 7, ks)
     else:
-        # quad j (elements 4j .. 4j + 3) is half j % 2 of call j // 2: words (0, 1) or (2, 3)
         w0, w1, w2, w3 = _philox_keyed(seed, ks, c0 + tl.arange(0, BLOCK // 8).to(tl.uint32), c1,
                                        key, 1, 0)
-        a = tl.reshape(tl.join(w0, w2), [BLOCK // 4])
-        b = tl.reshape(tl.join(w1, w3), [BLOCK // 4])
-        r = quads(a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16)
+        if DIST == 5:
+            # element 8j + m at [m, j]: half m % 2 of word m // 2 of call j, in one thread
+            r = octets(w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16,
+                       w2 & 0xFFFF, w2 >> 16, w3 & 0xFFFF, w3 >> 16)
+        else:
+            # quad j (elements 4j .. 4j + 3) is half j % 2 of call j // 2: words (0, 1) or
+            # (2, 3), moved between threads (tl.join + reshape: shared memory)
+            a = tl.reshape(tl.join(w0, w2), [BLOCK // 4])
+            b = tl.reshape(tl.join(w1, w3), [BLOCK // 4])
+            r = quads(a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16)
     return r
 
 
@@ -815,24 +862,38 @@ def round_stochastic(acc, u, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def round_stochastic_integer(acc, r, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+def round_stochastic_integer(acc, r, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
+                             SELECT_F32: tl.constexpr = True):
     """Contract 3 stochastic rounding of float32 ``acc`` to the 16-bit OUT_DTYPE with 16 random
     bits r (uint32 < 2^16; ``rounding_bits_tile``): the bits are added below the ones the dtype
     keeps, then truncated (docs/noise-contract.md). bf16: on the signed float32 pattern, the same
     as on the magnitude (below the largest finite bf16 the carry never reaches the sign); fp16:
     on |acc| * 2^-112, whose fp32 pattern has fp16's layout shifted left by 13 (subnormals too).
     |acc| >= the largest finite value, inf and NaN: round to nearest. Why: no division and no
-    neighbour arithmetic, and one Philox call per 8 elements (the uniform version: per 4)."""
-    nearest = round_nearest(acc, OUT_DTYPE, SOFT_BF16)
-    if OUT_DTYPE == tl.bfloat16:
-        kept = (acc.to(tl.uint32, bitcast=True) + r) >> 16
-        LIMIT: tl.constexpr = 3.3895313892515355e38
+    neighbour arithmetic, and one Philox call per 8 elements (the uniform version: per 4).
+
+    bf16 with SELECT_F32: the truncation is a mask on the float32 pattern (a finite bf16 value,
+    which the round to nearest then converts exactly) and the guard selects between it and acc
+    before the one conversion, so ptxas fuses mask and select into one predicated LOP3 and packs
+    the results with the F2FP the store needs anyway: 2 instructions per element where a select
+    of the two 16-bit results took 3 (sm_90 SASS, octet tile: SR pass 54.0 -> 52.7 per element).
+    The mapped pass's quad tile keeps the 16-bit select (SELECT_F32=False: 151.4, against 152.1)."""
+    if OUT_DTYPE == tl.bfloat16 and SELECT_F32:
+        kept = (acc.to(tl.uint32, bitcast=True) + r) & 0xFFFF0000
+        t = tl.where(tl.abs(acc) < 3.3895313892515355e38, kept.to(tl.float32, bitcast=True), acc)
+        y = round_nearest(t, OUT_DTYPE, SOFT_BF16)
     else:
-        m = (tl.abs(acc) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)  # 2^-112
-        kept = ((m + (r >> 3)) >> 13) | ((acc.to(tl.uint32, bitcast=True) >> 16) & 0x8000)
-        LIMIT: tl.constexpr = 65504.0
-    y = kept.to(tl.uint16).to(OUT_DTYPE, bitcast=True)
-    return tl.where(tl.abs(acc) < LIMIT, y, nearest)
+        nearest = round_nearest(acc, OUT_DTYPE, SOFT_BF16)
+        if OUT_DTYPE == tl.bfloat16:
+            kept = (acc.to(tl.uint32, bitcast=True) + r) >> 16
+            LIMIT: tl.constexpr = 3.3895313892515355e38
+        else:
+            m = (tl.abs(acc) * 1.925929944387236e-34).to(tl.uint32, bitcast=True)  # 2^-112
+            kept = ((m + (r >> 3)) >> 13) | ((acc.to(tl.uint32, bitcast=True) >> 16) & 0x8000)
+            LIMIT: tl.constexpr = 65504.0
+        y = tl.where(tl.abs(acc) < LIMIT, kept.to(tl.uint16).to(OUT_DTYPE, bitcast=True),
+                     nearest)
+    return y
 
 
 @triton.jit
