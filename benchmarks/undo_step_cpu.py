@@ -1,6 +1,6 @@
 """Exact restore, old and new, side by side: one MeZO step's ZO time and extra memory on the CPU.
 
-Four MeZO optimizers on the same bench model (zokernels.bench.models, random N(0, 0.02)-like
+Four MeZO (or LeZO: --optimizer lezo) optimizers on the same bench model (zokernels.bench.models, random N(0, 0.02)-like
 init), stepped interleaved so that machine noise hits them alike:
 
   virtual    the default: virtual probes (docs/dense-probes.md), nothing written, no log
@@ -16,7 +16,8 @@ run the virtual probes' check), ratios against no-exact. --clock cpu (needs
 --threads 1: the kernels and the forward then run in the calling thread) times the thread's CPU
 time (time.thread_time), which other jobs on a shared machine inflate far less than wall-clock.
 
-Usage: python benchmarks/undo_step_cpu.py [--model small] [--dtype bfloat16] [--repeats 7]
+Usage: python benchmarks/undo_step_cpu.py [--model small] [--optimizer mezo|lezo]
+       [--dtype bfloat16] [--repeats 7]
        [--warmup 2] [--threads 2] [--clock wall] [--json PATH]
 """
 
@@ -33,12 +34,14 @@ import torch
 
 from zokernels.bench.models import build_model, synthetic_batch
 from zokernels.ops.undo import UndoLog
-from zokernels.optim import MeZO
+from zokernels.optim import LeZO, MeZO
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small")
+    parser.add_argument("--optimizer", choices=["mezo", "lezo"], default="mezo",
+                        help="lezo: a quarter of the model's blocks per step")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
@@ -59,10 +62,13 @@ def main(argv=None) -> int:
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     named = list(model.module.named_parameters())
     common = dict(lr=1e-6, eps=1e-3, seed=0, backend="cpu")
-    opts = {"virtual": MeZO(named, **common),
-            "selector": MeZO(named, probe="inplace", **common),
-            "undo-log": MeZO(named, probe="inplace", **common),
-            "no-exact": MeZO(named, probe="inplace", exact_restore=False, **common)}
+    if args.optimizer == "lezo":
+        common.update(layers=model.blocks, n_active=max(1, round(len(model.blocks) / 4)))
+    build = MeZO if args.optimizer == "mezo" else LeZO
+    opts = {"virtual": build(named, **common),
+            "selector": build(named, probe="inplace", **common),
+            "undo-log": build(named, probe="inplace", **common),
+            "no-exact": build(named, probe="inplace", exact_restore=False, **common)}
     opts["undo-log"]._logs = [(UndoLog(), UndoLog()) for _ in opts["undo-log"]._logs]
     plain = build_model(args.model, dtype, "cpu")
 
@@ -100,13 +106,14 @@ def main(argv=None) -> int:
                    undo_overflows=opt.zo_state["undo_overflows"],
                    probes=opt.dense_probe_status)
         rows.append(row)
-        print(f"{args.model} {args.dtype} {name:9s} ZO {row['zo_ms']:8.1f} ms "
+        print(f"{args.optimizer} {args.model} {args.dtype} {name:9s} ZO {row['zo_ms']:8.1f} ms "
               f"({row['zo_vs_no_exact']:.2f}x no-exact)  step {row['step_ms']:8.1f} ms  extra "
               f"{extra / 1e6:7.2f} MB = {row['extra_bytes_per_param']:.3f} B/param = "
               f"{row['extra_percent_of_params']:.2f}% of the parameters", flush=True)
     doc = {"benchmark": "undo_step_cpu", "date": datetime.datetime.now(datetime.timezone.utc)
            .isoformat(timespec="seconds"), "device": platform.processor() or platform.machine(),
            "torch": torch.__version__, "threads": args.threads, "model": args.model,
+           "optimizer": args.optimizer,
            "dtype": args.dtype, "numel": sum(p.numel() for p in params), "param_bytes": param_bytes,
            "repeats": args.repeats, "warmup": args.warmup, "batch": args.batch, "seq": args.seq,
            "command": "python benchmarks/undo_step_cpu.py " + " ".join(

@@ -431,3 +431,22 @@ def test_the_device_embedding_path_equals_the_row_path():
                           "chunked lookup")
     finally:
         target.hold(None)
+
+
+def test_triton_backend_under_the_interpreter():
+    """The virtual draws call the triton backend's perturb kernel (interpreted on CPU tensors
+    here): a small model's steps equal the in-place ones bit for bit."""
+    pytest.importorskip("triton")
+
+    def factory(model, probe):
+        return MeZO(model.named_parameters(), lr=1e-2, eps=1e-3, backend="triton", probe=probe)
+
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(3))
+    inplace, virtual = make(torch.bfloat16, vocab=40, width=8), make(torch.bfloat16, vocab=40,
+                                                                   width=8)
+    opt_in, opt_v = factory(inplace, "inplace"), factory(virtual, "virtual")
+    for _ in range(2):
+        assert_bits_equal(opt_v.step(closure_for(virtual, ids)),
+                          opt_in.step(closure_for(inplace, ids)), "loss")
+    assert_same(snapshot(virtual), snapshot(inplace), "weights")
+    assert opt_v.dense_probe_status.startswith("virtual")

@@ -93,6 +93,19 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _registered(values: Any, entries: dict) -> list[torch.Tensor]:
+    """The tensors among `values` (and in their containers) whose id is in `entries`: the mode's
+    test of every torch call, written for the common case of a few plain tensor arguments."""
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if id(value) in entries:
+                found.append(value)
+        elif isinstance(value, (list, tuple, dict)):
+            found.extend(t for t in _tensors(value) if id(t) in entries)
+    return found
+
+
 def _replace(value: Any, swap: dict[int, torch.Tensor]) -> Any:
     """`value` with the tensors whose id is in `swap` replaced (containers rebuilt)."""
     if isinstance(value, torch.Tensor):
@@ -193,10 +206,6 @@ class DenseProbes:
         virtual within the limit."""
         return bool(reads) and self.draw_elements(tensor, reads) <= self.limit_elements
 
-    @property
-    def spaces(self) -> list[ParameterSpace]:
-        return [t.space for t in self.targets]
-
     @contextlib.contextmanager
     def probing(self, tracker: ProbeTracker | None = None) -> Iterator[None]:
         """Inside the block, reads of the targets' parameters see their `current` perturbation;
@@ -214,13 +223,12 @@ class DenseProbes:
             draw = _Draw(self, target)
             for j in chosen:
                 active[id(target.space.params[j])] = (draw, j)
-            small = [j for j in chosen if target.space.tensors[j].dim() <= 1]
-            room = self.scratch_elements
-            for j in list(small):
-                room -= target.space.tensors[j].numel()
-                if room < 0:
-                    small = small[:small.index(j)]
-                    break
+            small, room = [], self.scratch_elements
+            for j in chosen:
+                size = target.space.tensors[j].numel()
+                if target.space.tensors[j].dim() <= 1 and size <= room:
+                    small.append(j)
+                    room -= size
             for j, copy in zip(small, draw.wholes(small)):
                 prefetched[id(target.space.params[j])] = copy
         if not active and tracker is None:
@@ -362,7 +370,9 @@ class _ProbeMode(TorchFunctionMode):
         if func in _METADATA:
             return func(*args, **kwargs)
         entries = self.probes.entries
-        found = [t for t in _tensors((args, kwargs)) if id(t) in entries]
+        found = _registered(args, entries)
+        if kwargs:
+            found += _registered(kwargs.values(), entries)
         if not found:
             return func(*args, **kwargs)
         if self.tracker is not None:
