@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .held import DenseTarget, SeededNoise
-from .lowrank_probe import _METADATA
 from ._dispatch import implementation, resolve_backend
+from .held import DenseTarget, SeededNoise
+from .lowrank_probe import _METADATA, _tensors  # metadata reads; the tensors in an argument
 from .ops.undo import UndoLog
 from .space import ParameterSpace
 
@@ -80,17 +80,6 @@ class VirtualDenseTarget(DenseTarget):
 
     def rewrite(self, log: UndoLog, move: SeededNoise | None = None, **kwargs: Any) -> None:
         return None
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
 
 
 def _registered(values: Any, entries: dict) -> list[torch.Tensor]:

@@ -715,9 +715,10 @@ def main_step(args: argparse.Namespace, argv: list[str]) -> int:
     print()
     print(format_step_table(rows))
     print("note: perturb/update = step - forwards (PseuZO's includes its autograd through "
-          "loss_fn); state = extra = exact-restore logs + PseuZO window + TeZO moments and "
-          "deferred vectors (opt.extra_memory_bytes); peak extra = GPU memory above the "
-          "start of the timed steps (CUDA only)")
+          "loss_fn; virtual-probe rows: the draws inside their forwards); state = extra = "
+          "exact-restore logs + PseuZO window + TeZO moments and deferred vectors + the "
+          "virtual probes' largest draw (opt.extra_memory_bytes); peak extra = GPU memory "
+          "above the start of the timed steps (CUDA only)")
     if getattr(args, "json", None):
         plan = Plan("step", [], {settings.device: settings.warmup},
                     {settings.device: settings.repeats}, [], json_path=args.json)
