@@ -386,10 +386,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         restored, then evaluated again with every plain parameter virtual, the random state
         reset in between (dropout draws alike) and every read classified. The virtual path is
         kept when the two losses are equal bit for bit and no parameter was written; it then
-        holds the parameters read through torch functions (those read only whole and larger
-        than the scratch bound, and those not read, stay in place). Otherwise everything stays
-        in place, with a warning. Either way the weights hold theta afterwards: the caller's
-        next move starts from there."""
+        holds the parameters read through torch functions whose draws fit the limit
+        (DenseProbes.qualifies; the others, and those not read, stay in place). Otherwise
+        everything stays in place, with a warning. Either way the weights hold theta
+        afterwards: the caller's next move starts from there."""
         before = _random_state()
         loss = self._evaluate(closure)
         after = _random_state()
