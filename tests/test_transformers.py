@@ -365,3 +365,29 @@ def test_finetune_pseuzo_through_a_lora_wrapper():
     assert all(math.isfinite(loss) for loss in losses)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved and moved <= set(adapters)
+
+
+def test_lora_adapters_with_virtual_probes_equal_the_inplace_run():
+    """PEFT's adapters are read through F.linear: MeZO's default virtual probes keep all of them
+    virtual (no log) and step bit for bit as the exact in-place probes do."""
+    peft = pytest.importorskip("peft")
+
+    def build():
+        torch.manual_seed(0)
+        return peft.get_peft_model(opt_model(), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    inplace, virtual, data = build(), build(), batch()
+    with torch.no_grad():
+        for p, q in zip(inplace.parameters(), virtual.parameters()):
+            q.copy_(p)
+    opts = [MeZO([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=1e-2,
+                 eps=1e-3, probe=probe) for model, probe in ((inplace, "inplace"),
+                                                            (virtual, "virtual"))]
+    for _ in range(3):
+        losses = [opt.step(lambda m=model: m(**data).loss)
+                  for opt, model in zip(opts, (inplace, virtual))]
+        assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(p, q) for p, q in zip(inplace.parameters(), virtual.parameters()))
+    assert opts[1].dense_probe_status == "virtual (12 of 12 parameters)"
+    assert opts[1].undo_log_bytes == 0
