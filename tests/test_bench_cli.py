@@ -178,9 +178,15 @@ def test_step_tiny_run_with_json(bench, tmp_path):
     assert TOP_FIELDS <= set(document) and document["mode"] == "step"
     names = [row["optimizer"] for row in document["results"]]
     assert names == ["mezo-loop", "mezo", "lezo", "tezo", "pseuzo"]
+    from zokernels.bench.step import opt_hooks_forwards
+
     for row in document["results"]:
         assert STEP_FIELDS <= set(row), STEP_FIELDS - set(row)
-        assert row["ms"] > 0 and 0 <= row["forward_ms"] <= row["ms"] + 1e-6
+        assert row["ms"] > 0 and row["forward_ms"] >= 0
+        if not opt_hooks_forwards(row["optimizer"]):
+            # timed inside the step; a virtual-probe row's forwards are an identical model's,
+            # timed apart (they can exceed its step time under machine noise)
+            assert row["forward_ms"] <= row["ms"] + 1e-6
     assert document["results"][0]["speedup_vs_mezo_loop"] == 1.0
     assert all(row["state_bytes"] is not None for row in document["results"][1:])
     assert "extra/params" in out
