@@ -254,8 +254,9 @@ def test_budget_of_the_main_passes(tmp_path):
 def test_budget_of_rounding_and_recovery(tmp_path):
     """What contract 3's integer stochastic rounding and the one-neighbour recovery cost on top
     of a plain v2 gaussian bf16 pass (docs/gpu-performance.md; issue 16 asks <= 8 and <= 15, the
-    kernels measure +8.6 (the octet tile) and +14.9: the SR bound is the measured value, not the
-    issue's target), and every pass of the family stays at <= 96 registers without spills."""
+    kernels measure +7.6 (the octet tile and its tail mask: 51.62 - 44.06 = 7.56) and +14.9: the
+    SR bound is the measured value), and every pass of the family stays at <= 96 registers
+    without spills."""
     out = tmp_path / "budget.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sass_budget.py"),
                            "--only", "perturb/gaussian-v2/bf16/*", "--json", str(out)],
@@ -268,5 +269,5 @@ def test_budget_of_rounding_and_recovery(tmp_path):
     sr3 = rows["perturb/gaussian-v2/bf16/stochastic-v3/K=1"]["instr_per_elem"]
     sr1 = rows["perturb/gaussian-v2/bf16/stochastic/K=1"]["instr_per_elem"]
     applied = rows["perturb/gaussian-v2/bf16/nearest/applied/K=1"]["instr_per_elem"]
-    assert sr3 - plain <= 8.7 and sr3 < sr1 - 30, (plain, sr3, sr1)
+    assert sr3 - plain <= 7.6 and sr3 < sr1 - 30, (plain, sr3, sr1)
     assert applied - plain <= 21.0, (plain, applied)

@@ -123,6 +123,33 @@ def test_octet_tile_stochastic_rounding_full_blocks_match_reference(dtype):
                 assert_bits_equal(g.cpu(), r.cpu(), f"{dtype} {scales} {kwargs} tensor {j}")
 
 
+
+@pytest.mark.parametrize("rounding_seed", ["seed0", "other"])
+def test_octet_tile_tail_mask_matches_reference(rounding_seed):
+    """The octet tile's tail mask (``perturb._tail_mask``: element 8 j + m written when
+    m < min(rem, BLOCK) - 8 j) at remainders that end inside a column, on a column's last
+    element and one past it, with the rounding seed the first seed (what the optimizers pass)
+    and another one: bit for bit against the torch reference, and the elements after each
+    tensor's end (the same storage) untouched."""
+    from zokernels.backends.triton.perturb import block_for
+
+    block = block_for("gaussian", 2, False)
+    seeds = [0x00000010_FFFFFFF0, 7]
+    rseed = seeds[0] if rounding_seed == "seed0" else 2 ** 64 - 1
+    for dtype in (torch.bfloat16, torch.float16):
+        for rem in (1, 7, 8, 9, block - 1):
+            n = block + rem
+            storage = torch.randn(n + 24, device=DEVICE).to(dtype)
+            got, ref = storage.clone(), storage.clone()
+            zokernels.perturb_([got[:n], got[n + 8:n + 8 + 13]], seeds, [1e-2, -3e-3],
+                               dist="gaussian", rounding="stochastic", rounding_seed=rseed,
+                               contract=3, decay=0.75, backend="triton")
+            zokernels.perturb_([ref[:n], ref[n + 8:n + 8 + 13]], seeds, [1e-2, -3e-3],
+                               dist="gaussian", rounding="stochastic", rounding_seed=rseed,
+                               contract=3, decay=0.75, backend="torch")
+            assert_bits_equal(got.cpu(), ref.cpu(), f"{dtype} rem {rem}")
+            assert_bits_equal(got[n:n + 8].cpu(), storage[n:n + 8].cpu(), f"{dtype} rem {rem}")
+
 def test_unaligned_views_are_correct():
     """Views at odd element offsets cannot use the 16-byte alignment hint; results must not change."""
     storage = torch.randn(5000, device=DEVICE)

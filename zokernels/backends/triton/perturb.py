@@ -225,6 +225,21 @@ def _update_block(ptrs, full, lanes, rem, d, decay, BLOCK: tl.constexpr, SOFT_BF
                                      ptrs.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
+@triton.jit
+def _tail_mask(lanes, rem, OCTETS: tl.constexpr, BLOCK: tl.constexpr):
+    """lanes < min(rem, BLOCK): the tail block's mask. OCTETS (the octet tile, ``tile_lanes`` 5,
+    without a log): the same mask as m < min(rem, BLOCK) - 8 j for element 8 j + m (no overflow:
+    both sides < BLOCK + 8), one subtraction per column compared with constants, so that the
+    lanes' 8 j + m are not materialized; ptxas computed them before the full / tail test, where
+    the full block paid for them too (sm_90 SASS, bf16 SR contract 3: 14 instructions per thread,
+    52.7 -> 51.6 per element). With a log the lanes are needed anyway (dearer there: not used)."""
+    lim = tl.minimum(rem, BLOCK).to(tl.int32)
+    if OCTETS:
+        return tl.arange(0, 8)[:, None] < (lim - tl.arange(0, BLOCK // 8) * 8)[None, :]
+    else:
+        return lanes < lim
+
+
 # K == 1 and capacity == 1 (or % 16 == 0) must not compile their own variants
 @triton.jit(do_not_specialize=["K", "capacity"])
 def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, scales_ptr,
@@ -283,6 +298,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     NTILE: tl.constexpr = VTILE if VEC else (5 if OCT else DIST)  # the noise's tile
     TILE: tl.constexpr = 0 if SEL_OUT != 0 or SEL_IN else NTILE
     lanes = tile_lanes(TILE, BLOCK)  # int32
+    OCT_MASK: tl.constexpr = TILE == 5 and LOG_MODE == 0  # the tail's masks: _tail_mask
     ptrs = base_ptr + (offset + start) + lanes
     rem = numel - start
     full = rem >= BLOCK
@@ -292,7 +308,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
         if full:  # interior blocks: no mask, vector loads
             w = tl.load(ptrs)
         else:
-            w = tl.load(ptrs, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32), other=0.0)
+            w = tl.load(ptrs, mask=_tail_mask(lanes, rem, OCT_MASK, BLOCK), other=0.0)
     # OCT without recovery: the rounding bits are drawn before the seed loop (sm_90 SASS: bf16
     # 54.9 -> 54.0 instructions per element at K = 1, fp16 58.9 -> 58.0, each extra seed
     # unchanged or cheaper, 96 registers, no spills; with recovery before the loop costs more:
@@ -395,7 +411,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
             if full:
                 tl.store(ptrs, written)
             else:
-                tl.store(ptrs, written, mask=lanes < tl.minimum(rem, BLOCK).to(tl.int32))
+                tl.store(ptrs, written, mask=_tail_mask(lanes, rem, OCT_MASK, BLOCK))
 
         if SEL_OUT != 0:
             log_stored(out_regions_ptr, out_words, out_pool_ptr, out_capacity, out_count_ptr,
