@@ -107,6 +107,12 @@ def _replace(value: Any, swap: dict[int, torch.Tensor]) -> Any:
     return value
 
 
+def _embedding_weight(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """F.embedding's (weight, max_norm) arguments."""
+    return (args[1] if len(args) > 1 else kwargs.get("weight"),
+            args[3] if len(args) > 3 else kwargs.get("max_norm"))
+
+
 def _writes(func: Any, args: tuple, kwargs: dict, tensor: torch.Tensor) -> bool:
     """Whether `func` writes `tensor` in place (an in-place method on it, out=, setitem,
     F.embedding's max_norm renormalization)."""
@@ -121,8 +127,7 @@ def _writes(func: Any, args: tuple, kwargs: dict, tensor: torch.Tensor) -> bool:
     if out is not None and any(t is tensor for t in _tensors(out)):
         return True
     if func is F.embedding:
-        weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        max_norm = args[3] if len(args) > 3 else kwargs.get("max_norm")
+        weight, max_norm = _embedding_weight(args, kwargs)
         return weight is tensor and max_norm is not None
     return False
 
@@ -153,8 +158,7 @@ def _rows_argument(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
     if func is F.embedding:
-        weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        max_norm = args[3] if len(args) > 3 else kwargs.get("max_norm")
+        weight, max_norm = _embedding_weight(args, kwargs)
         return weight if max_norm is None else None
     return None
 
@@ -245,29 +249,33 @@ class _Draw:
         self.seeds, self.dist = list(move.seeds), move.dist
         self.scales = torch.tensor([float(c) for c in move.coefs], dtype=torch.float32)
         self._kernels: dict[torch.device, tuple[Any, torch.Tensor]] = {}
+        self._ones: dict[torch.device, torch.Tensor] = {}  # decays of 1, grown on demand
 
-    def _kernel(self, device: torch.device) -> tuple[Any, torch.Tensor]:
+    def _kernel(self, device: torch.device, count: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """The device's perturb kernel, scales, and `count` decays of 1."""
         if device not in self._kernels:
             backend = resolve_backend(self.space.backend, device)
             self._kernels[device] = (implementation(backend, "perturb"),
                                      self.scales.to(device, non_blocking=True))
-        return self._kernels[device]
+        ones = self._ones.get(device)
+        if ones is None or ones.numel() < count:
+            ones = self._ones[device] = torch.ones(count, dtype=torch.float32, device=device)
+        return (*self._kernels[device], ones[:count])
 
     def _draw(self, positions: list[int], pieces: list[torch.Tensor],
               starts: list[int]) -> None:
         """pieces[k] (a contiguous copy of elements starting at flat index starts[k] of
         parameter positions[k]) = round(pieces[k] + sum_s scales[s] z(seeds[s], key, start + i))
         in one kernel call."""
-        kernel, scales = self._kernel(pieces[0].device)
+        kernel, scales, ones = self._kernel(pieces[0].device, len(pieces))
         keys = [self.space.keys[j] for j in positions]
         maps = [None if start == 0 and piece.numel() == self.space.tensors[j].numel()
                 else (start, piece.numel(), piece.numel())
                 for j, piece, start in zip(positions, pieces, starts)]
         extra = {"index_maps": maps} if any(m is not None for m in maps) else {}
         with torch.no_grad():
-            kernel(pieces, keys, self.seeds, scales,
-                   torch.ones(len(pieces), dtype=torch.float32, device=scales.device), self.dist,
-                   "nearest", self.seeds[0], contract=self.space.contract, **extra)
+            kernel(pieces, keys, self.seeds, scales, ones, self.dist, "nearest", self.seeds[0],
+                   contract=self.space.contract, **extra)
         self.probes._charge(pieces)
 
     def wholes(self, positions: list[int]) -> list[torch.Tensor]:

@@ -56,7 +56,7 @@ class StepSettings:
 
 def opt_hooks_forwards(name: str) -> bool:
     """Whether the optimizer's probes work inside the forwards (virtual probes)."""
-    return name in ("mezo", "lezo") or (name in TEZO_MODES
+    return name in PROBE_MODES.values() or (name in TEZO_MODES
                                         and TEZO_MODES[name].get("probe", "virtual") == "virtual")
 
 
@@ -193,7 +193,7 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
     cases = [_case(name, settings, settings.exact_restore, lr, eps)]
     if compare_exact and name != MEZO_LOOP:
         # MeZO / LeZO against their in-place probes without logs
-        twin = {"mezo": "mezo-inplace", "lezo": "lezo-inplace"}.get(name, name)
+        twin = {base: row for row, base in PROBE_MODES.items()}.get(name, name)
         cases.append(_case(twin, settings, False, lr, eps))
     main = cases[0]
     opt, params = main.opt, main.params

@@ -400,7 +400,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         candidates = [[j for j in range(len(space)) if space.plain(j)] for space in self.spaces]
         trial = DenseProbes([VirtualDenseTarget(space.subspace(chosen))
                              for space, chosen in zip(self.spaces, candidates)])
-        for target, g in zip(trial.targets, range(len(self.spaces))):
+        for g, target in enumerate(trial.targets):
             target.hold(moves[self._dense_targets[g]])
         tracker = ProbeTracker()
         _set_random_state(before)
@@ -537,12 +537,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         (stochastic bits from `rounding_seed`, the step's first seed)."""
         if decays is None:
             decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
+        moves = list(moves)
         for g, i in enumerate(self._virtual_targets):
             if i is not None and self.param_groups[g]["lr"] == 0 and decays[g] == 1.0:
                 # nothing to apply: skip the pass (a pass adding +-0.0 would turn -0.0 into
                 # +0.0; the in-place path's recovering update keeps it)
                 self.held.targets[i].hold(None)
-                moves = list(moves)
                 moves[i] = None
         self.held.update(moves, [decays[g] for g in self._target_group], rounding=self.rounding,
                          rounding_seed=rounding_seed)
