@@ -196,6 +196,30 @@ def test_step_tiny_run_with_json(bench, tmp_path):
     assert document["results"][0]["extra_memory_bytes"] is None  # the MeZO loop keeps nothing
 
 
+def test_pseuzo_row_is_timed_with_a_full_window(bench, tmp_path):
+    """PseuZO's window gains an entry per step: its row warms up until the window is full, so
+    the time (one seed per entry in the update) and the memory (one stored dO per entry) are the
+    steady state's, not those of a half-empty window."""
+    path = tmp_path / "step.json"
+    batch, seq, window = 2, 8, 5
+    status, out, err = bench("step", "--model", "tiny", "--optimizer", "mezo,pseuzo",
+                             "--repeats", "1", "--warmup", "1", "--batch", str(batch), "--seq",
+                             str(seq), "--window", str(window), "--json", str(path))
+    assert status == 0, err
+    rows = {row["optimizer"]: row for row in json.loads(path.read_text())["results"]}
+    assert rows["mezo"]["warmup"] == 1 and rows["pseuzo"]["warmup"] == window
+    from zokernels.bench.step import StepSettings, _case
+
+    # the memory of the same optimizer stepped window times by hand: its window full (a row
+    # measured after 2 steps would hold 2 entries of dO and report less)
+    settings = StepSettings("tiny", "float32", "cpu", batch, seq, 1, 1, window=window)
+    case = _case("pseuzo", settings, True, 1e-6, 1e-3)
+    for _ in range(window):
+        case.one_step()
+    assert case.opt.window_length == window
+    assert rows["pseuzo"]["extra_memory_bytes"] == case.opt.extra_memory_bytes
+
+
 def test_plain_forward_clock_keeps_its_forwards_out_of_the_step():
     """TeZO's virtual-probe rows time an identical model without hooks after each closure call:
     that forward is the row's forward time and is not part of the step (`outside`), else the

@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
     step.add_argument("--repeats", type=int, help="timed steps (default: 3 cpu, 10 cuda)")
     step.add_argument("--warmup", type=int, help="untimed steps first (default: 2 cpu, 3 cuda; "
-                                                 "the first steps size the undo logs)")
+                                                 "the first steps size the undo logs; PseuZO "
+                                                 "at least --window, to fill its window)")
     step.add_argument("--lezo-active", type=float, default=0.25, metavar="FRACTION",
                       help="fraction of the blocks LeZO perturbs per step (default 0.25)")
     step.add_argument("--rank", type=int, default=8, help="TeZO rank (default 8)")

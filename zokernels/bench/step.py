@@ -142,6 +142,14 @@ def _state_bytes(opt) -> int:
     return opt.extra_memory_bytes
 
 
+def _steps_to_fill(opt) -> int:
+    """Warm-up steps after which a step's work and memory stop growing: PseuZO's window gains
+    one (seed, dO) entry per step up to its capacity, and every entry is a seed of the update
+    and a stored output difference; timed or measured before it is full, the row would
+    understate both."""
+    return opt.capacity if isinstance(opt, PseuZO) else 0
+
+
 @dataclass
 class _Case:
     """One optimizer (or the MeZO loop) on a fresh copy of the model, ready to step."""
@@ -201,8 +209,9 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
     cuda = torch.device(settings.device).type == "cuda"
     totals = [[] for _ in cases]
     forwards = [[] for _ in cases]
+    warmup = max(settings.warmup, _steps_to_fill(opt))
     with torch.random.fork_rng(devices=[torch.device(settings.device)] if cuda else []):
-        for _ in range(settings.warmup):
+        for _ in range(warmup):
             for case in cases:
                 case.one_step()
         if cuda:
@@ -228,7 +237,7 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
                ms_p80=_quantile(totals[0], 0.8), forward_ms=statistics.median(forwards[0]),
                zo_ms=statistics.median(zo[0]), forwards_per_step=FORWARDS[name],
                weight_passes=WEIGHT_PASSES[name], repeats=settings.repeats,
-               warmup=settings.warmup,
+               warmup=warmup,
                state_bytes=None if opt is None else _state_bytes(opt),
                # logs + buffers beyond the parameters (ZOOptimizer.extra_memory_bytes)
                extra_memory_bytes=None if opt is None else opt.extra_memory_bytes,

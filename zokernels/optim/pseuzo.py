@@ -213,6 +213,11 @@ class PseuZO(ZOOptimizer):
         return 1 if self.beta == 0.0 and not callable(self.beta) else self.window
 
     @property
+    def window_length(self) -> int:
+        """Entries (seed, dO) the window holds now: one more per step up to `capacity`."""
+        return len(self._window)
+
+    @property
     def window_bytes(self) -> int:
         """Bytes held by the stored output differences dO_k."""
         return sum(d.numel() * d.element_size() for _, _, d in self._window)
