@@ -211,21 +211,6 @@ def _mapped_rounding_bits(seed, key, i0, map_offset, local_span, global_span, gr
 
 
 @triton.jit
-def _update_block(ptrs, full, lanes, rem, d, decay, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """t = round_nearest(decay * t + d) on the block: load, update and store inside each side of
-    the full / tail test, so that the tail's masks are computed on the tail's side only."""
-    if full:
-        w = tl.load(ptrs)
-        tl.store(ptrs, round_nearest(decay * to_float32(w, SOFT_BF16) + d,
-                                     ptrs.dtype.element_ty, SOFT_BF16))
-    else:
-        mask = lanes < tl.minimum(rem, BLOCK).to(tl.int32)
-        w = tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, round_nearest(decay * to_float32(w, SOFT_BF16) + d,
-                                     ptrs.dtype.element_ty, SOFT_BF16), mask=mask)
-
-
-@triton.jit
 def _tail_mask(lanes, rem, OCTETS: tl.constexpr, BLOCK: tl.constexpr):
     """lanes < min(rem, BLOCK): the tail block's mask. OCTETS (the octet tile, ``tile_lanes`` 5,
     without a log): the same mask as m < min(rem, BLOCK) - 8 j for element 8 j + m (no overflow:
@@ -238,6 +223,21 @@ def _tail_mask(lanes, rem, OCTETS: tl.constexpr, BLOCK: tl.constexpr):
         return tl.arange(0, 8)[:, None] < (lim - tl.arange(0, BLOCK // 8) * 8)[None, :]
     else:
         return lanes < lim
+
+
+@triton.jit
+def _update_block(ptrs, full, lanes, rem, d, decay, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """t = round_nearest(decay * t + d) on the block: load, update and store inside each side of
+    the full / tail test, so that the tail's masks are computed on the tail's side only."""
+    if full:
+        w = tl.load(ptrs)
+        tl.store(ptrs, round_nearest(decay * to_float32(w, SOFT_BF16) + d,
+                                     ptrs.dtype.element_ty, SOFT_BF16))
+    else:
+        mask = _tail_mask(lanes, rem, False, BLOCK)
+        w = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, round_nearest(decay * to_float32(w, SOFT_BF16) + d,
+                                     ptrs.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 # K == 1 and capacity == 1 (or % 16 == 0) must not compile their own variants
