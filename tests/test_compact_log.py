@@ -396,7 +396,9 @@ OPTIMIZERS = {
     "mezo": lambda net, **kw: MeZO(net.named_parameters(), eps=EPS, backend="cpu", **kw),
     "lezo": lambda net, **kw: LeZO(net.named_parameters(), layers=[net[0], net[2], net[3]],
                                    n_active=2, eps=EPS, backend="cpu", **kw),
-    "pseuzo": lambda net, **kw: PseuZO(net.named_parameters(), eps=EPS, backend="cpu", **kw)}
+    "pseuzo": lambda net, **kw: PseuZO(net.named_parameters(), eps=EPS, backend="cpu", **kw),
+    "pseuzo-inplace": lambda net, **kw: PseuZO(net.named_parameters(), eps=EPS, backend="cpu",
+                                               probe="inplace", **kw)}
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import zokernels.dense_probe as dense_probe
-from zokernels.optim import LeZO, MeZO
+from zokernels.optim import LeZO, MeZO, PseuZO
 
 from helpers import assert_bits_equal, assert_same, snapshot
 
@@ -208,6 +208,61 @@ def test_parameters_not_read_stay_in_place():
     assert opt.held.targets[opt._dense_targets[0]].space.names == ["unused.weight",
                                                                     "unused.bias"]
     assert len(opt.spaces[0]) == len(list(models[1][0].parameters()))  # the whole group
+
+
+def pseuzo_steps(model: torch.nn.Module, probe: str, steps: int, ids: torch.Tensor,
+                 **kw) -> tuple[PseuZO, list[torch.Tensor]]:
+    """PseuZO on `model`: its output is the logits, loss_fn the cross entropy."""
+    opt = PseuZO(model.named_parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe=probe, **kw)
+
+    def loss_fn(logits):
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                               ids[:, 1:].reshape(-1))
+    return opt, [opt.step(lambda: model(ids[:, :-1]), loss_fn) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pseuzo_steps_equal_the_exact_inplace_steps(dtype):
+    """Its one probe (theta + eps z, the output) virtual: losses, every stored output
+    difference, weights and trajectory bit for bit those of the in-place steps, through a
+    window that fills and rolls and a schedule with MeZO steps (beta = 0) between them."""
+    ids = batch()
+    kw = dict(window=3, weight_decay=0.1, beta=lambda epoch: 0.0 if epoch % 4 == 2 else 0.9,
+              beta_zero="mezo")
+    inplace, virtual = make(dtype), make(dtype)
+    opt_in, losses_in = pseuzo_steps(inplace, "inplace", 7, ids, **kw)
+    opt_v, losses_v = pseuzo_steps(virtual, "virtual", 7, ids, **kw)
+    for k, (a, b) in enumerate(zip(losses_v, losses_in)):
+        assert_bits_equal(a, b, f"loss of step {k}")
+    assert_same(snapshot(virtual), snapshot(inplace), "weights after the steps")
+    assert opt_v.window_length == opt_in.window_length == 3
+    for (k, s, d), (k2, s2, d2) in zip(opt_v._window, opt_in._window):
+        assert (k, s) == (k2, s2)
+        assert_bits_equal(d, d2, f"window entry of step {k}")
+    assert_same_state(opt_v.trajectory.state_dict(), opt_in.trajectory.state_dict())
+    assert opt_v.dense_probe_status.startswith("virtual"), opt_v.dense_probe_status
+    assert opt_in.undo_log_bytes > 0 and opt_v.undo_log_bytes == 0
+    assert opt_v.extra_memory_bytes == opt_v.window_bytes + opt_v._probes.peak_scratch_bytes
+
+
+def test_pseuzo_output_that_differs_falls_back_with_a_warning():
+    """The check compares the whole output tensor: a forward whose output changes between the
+    two evaluations keeps PseuZO in place; lr = 0 steps still leave the weights as they were."""
+    model = make(torch.bfloat16)
+    ids = batch()
+    calls = []
+
+    def forward():
+        calls.append(1)
+        return model(ids[:, :-1]) + (1e-2 if len(calls) == 3 else 0.0)  # the check's virtual one
+
+    opt = PseuZO(model.named_parameters(), lr=0.0, eps=1e-3, backend="cpu")
+    before = snapshot(model)
+    with pytest.warns(RuntimeWarning, match="the virtual \\+eps output differs"):
+        opt.step(forward, lambda out: out.float().square().mean())
+    assert opt.dense_probe_status.startswith("in place (the virtual +eps output differs")
+    opt.step(forward, lambda out: out.float().square().mean())
+    assert_same(snapshot(model), before, "weights after lr=0 steps")
 
 
 class Writer(LM):

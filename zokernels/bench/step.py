@@ -22,20 +22,20 @@ OPTIMIZERS = ("mezo", "lezo", "tezo", "pseuzo")
 # TeZO's probe / update modes as rows of their own ("tezo" is the default: virtual probes)
 TEZO_MODES = {"tezo": {}, "tezo-inplace": {"probe": "inplace"},
               "tezo-deferred": {"update": "deferred"}}
-# MeZO / LeZO probe virtually by default (zokernels.dense_probe); their in-place probes are rows
-# of their own. --compare-exact compares every MeZO / LeZO row with the in-place optimizer
-# built with exact_restore=False.
-PROBE_MODES = {"mezo-inplace": "mezo", "lezo-inplace": "lezo"}
+# MeZO / LeZO / PseuZO probe virtually by default (zokernels.dense_probe); their in-place
+# probes are rows of their own. --compare-exact compares each of their rows with the in-place
+# optimizer built with exact_restore=False.
+PROBE_MODES = {"mezo-inplace": "mezo", "lezo-inplace": "lezo", "pseuzo-inplace": "pseuzo"}
 MEZO_LOOP = "mezo-loop"
 # Forward passes per step and passes over the weights per step (the MeZO loop: 4 with
 # torch.normal for every parameter each time).
 FORWARDS = {"mezo": 2, "lezo": 2, "tezo": 2, "tezo-inplace": 2, "tezo-deferred": 2, "pseuzo": 2,
-            MEZO_LOOP: 2, "mezo-inplace": 2, "lezo-inplace": 2}
+            MEZO_LOOP: 2, "mezo-inplace": 2, "lezo-inplace": 2, "pseuzo-inplace": 2}
 WEIGHT_PASSES = {"mezo": "1 (+2 drawn in the reads)", "lezo": "1 (+2 in the reads; active layers)",
                  "mezo-inplace": "3", "lezo-inplace": "3 (over the active layers)",
                  "tezo": "1 (low-rank, virtual probes)", "tezo-inplace": "3 (low-rank)",
                  "tezo-deferred": "0 (+1 per merge)",
-                 "pseuzo": "2", MEZO_LOOP: "4"}
+                 "pseuzo": "1 (+1 drawn in the reads)", "pseuzo-inplace": "2", MEZO_LOOP: "4"}
 
 
 @dataclass
@@ -175,13 +175,15 @@ def _case(name: str, settings: StepSettings, exact_restore: bool, lr: float,
                            eps=eps, lr=lr)
         return _Case(None, clock, one_step, params)
     opt = _make(name, model, replace(settings, exact_restore=exact_restore), lr, eps)
+    pseuzo = isinstance(opt, PseuZO)  # its forward is the model's output, its loss a function
     if opt_hooks_forwards(name):
-        # TeZO's virtual probes work inside the forwards: the forward time subtracted is that
-        # of an identical model without hooks (a forward of the optimized one outside a step
-        # would merge deferred updates), run after each step
+        # virtual probes work inside the forwards: the forward time subtracted is that of an
+        # identical model without the probes (a forward of the optimized one outside a step
+        # would merge TeZO's deferred updates), run after each of its forwards
         plain = build_model(settings.model, dtype, settings.device)
-        clock = _PlainForwardClock(settings.device, lambda: plain.loss(ids))
-    if name == "pseuzo":
+        clock = _PlainForwardClock(settings.device, (lambda: plain.features(ids)) if pseuzo
+                                   else (lambda: plain.loss(ids)))
+    if pseuzo:
         def one_step() -> None:
             opt.step(lambda: clock(lambda: model.features(ids)),
                      lambda h: model.head_loss(h, ids))

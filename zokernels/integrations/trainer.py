@@ -80,7 +80,7 @@ class ZOConfig(transformers.TrainingArguments):
         zo_dist: "gaussian" or "rademacher".
         zo_exact_restore: keep undo logs so every restore and update is exact (default True).
         zo_probe: "virtual" (default: the probes write no weight, docs/dense-probes.md; TeZO:
-            its low-rank virtual probes) or "inplace" (MeZO / LeZO / TeZO).
+            its low-rank virtual probes) or "inplace".
         zo_rounding: of the update, "nearest" or "stochastic" (for bf16 / fp16 weights).
         lezo_n_active: blocks perturbed per step (default: a quarter of them, at least 1).
         lezo_layers: None (the blocks of find_transformer_layers(model) that hold a trainable
@@ -146,9 +146,6 @@ class ZOConfig(transformers.TrainingArguments):
             raise ValueError(f"zo_exact_restore must be a bool, got {self.zo_exact_restore!r}")
         _choice(self.zo_rounding, "zo_rounding", ROUNDINGS)
         _choice(self.zo_probe, "zo_probe", ("virtual", "inplace"))
-        if self.zo_probe != "virtual" and self.zo_optimizer not in ("mezo", "lezo", "tezo"):
-            raise ValueError(f"zo_probe applies to zo_optimizer 'mezo', 'lezo' and 'tezo', not "
-                             f"{self.zo_optimizer!r}")
         defaults = {f.name: f.default for f in fields(ZOConfig)}
         for algorithm, options in ALGORITHM_OPTIONS.items():
             for option in options:
@@ -384,10 +381,9 @@ class ZOTrainer(transformers.Trainer):
             lr=args.learning_rate, eps=args.zo_eps, weight_decay=args.weight_decay,
             seed=args.seed if args.zo_seed is None else args.zo_seed, dist=args.zo_dist,
             exact_restore=args.zo_exact_restore, rounding=args.zo_rounding,
-            process_group=group)
+            process_group=group, probe=args.zo_probe)
         if name in ("mezo", "lezo", "tezo"):
             kwargs["n_spsa"] = args.zo_n_spsa
-            kwargs["probe"] = args.zo_probe
         if name == "lezo":
             layers = (trainable_blocks(model, "ZOTrainer(zo_optimizer='lezo')", "lezo_layers")
                       if args.lezo_layers is None else self._named_blocks(model))

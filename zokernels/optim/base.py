@@ -371,31 +371,35 @@ class ZOOptimizer(torch.optim.Optimizer):
             return
         self.held.perturb(moves, slot)
 
-    def _probe_eval(self, closure: Closure, seed: Any, coefs: list[float]) -> torch.Tensor:
-        """The closure's loss at the probe just moved to: its virtual part evaluated through
-        zokernels.dense_probe (TeZO: its low-rank virtual probes)."""
+    def _probe_eval(self, closure: Closure, seed: Any, coefs: list[float],
+                    evaluate: Callable[[Closure], torch.Tensor] | None = None) -> torch.Tensor:
+        """evaluate(closure) (default: the closure's loss, _evaluate) at the probe just moved
+        to: its virtual part evaluated through zokernels.dense_probe (TeZO: its low-rank
+        virtual probes)."""
+        evaluate = evaluate or self._evaluate
         if self._probe_check:
-            return self._checked_probe(closure)
+            return self._checked_probe(closure, evaluate)
         if self._probes is None:
-            return self._evaluate(closure)
+            return evaluate(closure)
         with self._probes.probing():
-            return self._evaluate(closure)
+            return evaluate(closure)
 
-    def _checked_probe(self, closure: Closure) -> torch.Tensor:
-        """The first probe with probe="virtual": evaluated in place (its loss is the step's),
+    def _checked_probe(self, closure: Closure,
+                       evaluate: Callable[[Closure], torch.Tensor]) -> torch.Tensor:
+        """The first probe with probe="virtual": evaluated in place (its result is the step's),
         restored, then evaluated again with every plain parameter virtual, the random state
         reset in between (dropout draws alike) and every read classified. The virtual path is
-        kept when the two losses are equal bit for bit and no parameter was written; it then
-        holds the parameters read through torch functions whose draws fit the limit
-        (DenseProbes.qualifies; the others, and those not read, stay in place). Otherwise
-        everything stays in place, with a warning. Either way the weights hold theta
-        afterwards: the caller's next move starts from there."""
+        kept when the two results (a loss; PseuZO: the model output) are equal bit for bit and
+        no parameter was written; it then holds the parameters read through torch functions
+        whose draws fit the limit (DenseProbes.qualifies; the others, and those not read, stay
+        in place). Otherwise everything stays in place, with a warning. Either way the weights
+        hold theta afterwards: the caller's next move starts from there."""
         before = _random_state()
-        loss = self._evaluate(closure)
+        loss = evaluate(closure)
         after = _random_state()
         moves = list(self.held.held)
         self.held.restore()
-        if not bool(torch.isfinite(loss)):
+        if not bool(torch.isfinite(loss).all()):
             return loss  # nothing to compare: checked again on the next probe
         candidates = [[j for j in range(len(space)) if space.plain(j)] for space in self.spaces]
         trial = DenseProbes([VirtualDenseTarget(space.subspace(chosen))
@@ -406,7 +410,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         _set_random_state(before)
         try:
             with trial.probing(tracker):
-                virtual = self._evaluate(closure)
+                virtual = evaluate(closure)
         except Exception as exc:  # the virtual path failed where the in-place one did not
             virtual, reason = None, f"the virtual probe raised {type(exc).__name__}: {exc}"
         finally:
@@ -416,9 +420,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             reason = None
             if tracker.write is not None:
                 reason = f"a parameter is written during the forward ({tracker.write})"
-            elif not torch.equal(virtual.view(torch.int32), loss.view(torch.int32)):
+            elif not _same_bits(virtual, loss):
                 reason = (f"the virtual +eps loss {float(virtual)!r} differs from the in-place "
-                          f"one {float(loss)!r}")
+                          f"one {float(loss)!r}" if loss.numel() == 1 else
+                          "the virtual +eps output differs from the in-place one")
         if reason is None:
             reason = self._split_virtual(trial, candidates, tracker)
         if not self.held.exact:  # drop the check's log buffers: nothing logs from now on
@@ -789,6 +794,15 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # ZO keeps no gradients
         return None
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two floating tensors hold the same bits (same shape and dtype; NaN payloads and
+    signed zeros count): the virtual probe's check."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
 
 
 def _random_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:

@@ -65,9 +65,11 @@ class PseuZO(ZOOptimizer):
     as its sequential loop does: theta = d^K theta - lr sum_k d^(K-1-k) c_k z_k with
     d = 1 - lr wd and K the entries used (still one pass).
 
-    Two passes over the weights per step (+eps; restore fused with the K-seed update), exact
-    with undo logs like MeZO (MeZO steps: three). The window lives on the output's device:
-    `window_bytes` reports it.
+    Passes over the weights per step: with virtual probes (the default, as MeZO's) one, the
+    K-seed update; theta + eps z_t is drawn inside the forward's reads (docs/dense-probes.md).
+    With probe="inplace" two (+eps; restore fused with the K-seed update), exact with selector
+    logs like MeZO's in-place probes (MeZO steps: one / three). The window lives on the output's
+    device: `window_bytes` reports it.
 
     Data parallel (process_group): each rank keeps the output differences of its own
     micro-batches; the K projections <dO_k, e>, the loss and max |dO_t| are averaged over the
@@ -109,6 +111,11 @@ class PseuZO(ZOOptimizer):
         decay_per_entry: weight decay once per window entry, as the reference (default False:
             once per step).
         store_dtype: dtype of the stored dO (default: the output's dtype).
+        probe: "virtual" (default) or "inplace", as MeZO's: the forward at theta + eps z_t
+            reads perturbed copies drawn on the fly and writes no weight; the first probe runs
+            both ways and keeps the virtual path only if the two outputs are equal bit for bit
+            (else it warns and stays in place; dense_probe_status says which). A passing run
+            has exactly the outputs, window, weights and trajectory of the in-place one.
     """
 
     algorithm = "pseuzo"
@@ -122,7 +129,8 @@ class PseuZO(ZOOptimizer):
                  exact_restore: bool = True, backend: str = "auto",
                  rounding: str = "nearest", process_group: Any = None,
                  no_decay: Sequence[str] = NO_DECAY_DEFAULT,
-                 record_trajectory: bool = True, contract: int = DEFAULT_CONTRACT) -> None:
+                 record_trajectory: bool = True, contract: int = DEFAULT_CONTRACT,
+                 probe: str = "virtual") -> None:
         check_common_hyper(lr, eps, weight_decay)
         if isinstance(beta, str) and beta != "reference":
             raise ValueError(f"beta must be a number in [0, 1], 'reference' or a callable of the "
@@ -170,7 +178,7 @@ class PseuZO(ZOOptimizer):
                          dist=dist, exact_restore=exact_restore, backend=backend,
                          rounding=rounding, process_group=process_group,
                          no_decay=no_decay, record_trajectory=record_trajectory,
-                         contract=contract)
+                         contract=contract, dense_probe=probe)
 
     def _schedule(self) -> dict[str, Any]:
         """The beta settings, as saved (a callable as the word "callable")."""
@@ -301,7 +309,7 @@ class PseuZO(ZOOptimizer):
         eps = [group["eps"] for group in self.param_groups]
         seed = self.seed_for(step)
         self._perturb_held(seed, eps, None, 0)
-        o1 = self._output(forward)
+        o1 = self._probe_eval(forward, seed, eps, evaluate=self._output)
         if o1.shape != o0.shape:
             raise ValueError(f"forward() changed its output shape under the perturbation: "
                              f"{tuple(o0.shape)} -> {tuple(o1.shape)}")
