@@ -7,6 +7,7 @@ set with one repeat, so the whole file takes a few seconds on a CPU.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -165,7 +166,7 @@ def test_triton_on_cpu_tensors_is_skipped_with_a_note(bench, monkeypatch):
 STEP_FIELDS = {"op", "optimizer", "backend", "model", "dtype", "device", "numel", "ms", "ms_p20",
                "ms_p80", "forward_ms", "zo_ms", "state_bytes", "peak_extra_bytes",
                "speedup_vs_mezo_loop", "zo_speedup_vs_mezo_loop", "repeats",
-               "extra_memory_bytes", "extra_memory_ratio"}
+               "extra_memory_bytes", "extra_memory_ratio", "clock"}
 
 
 def test_step_tiny_run_with_json(bench, tmp_path):
@@ -244,6 +245,34 @@ def test_step_compare_exact_interleaves_a_copy_without_logs(bench, tmp_path):
     assert "zo_ms_no_exact" not in loop and mezo["exact_restore"] is True
     assert mezo["zo_ms_no_exact"] > 0
     assert mezo["zo_ratio_exact_vs_no_exact"] == mezo["zo_ms"] / mezo["zo_ms_no_exact"]
+
+
+def test_step_clock_cpu_times_the_calling_thread(bench, tmp_path, monkeypatch):
+    """--clock cpu: every row (the loop, in-place and virtual probes) is timed by the thread's
+    CPU time and says so. Its clock is replaced by one that ticks 1 s per reading: the steps and
+    forwards timed by it are whole seconds, which wall time would not give."""
+    from zokernels.bench import step as step_module
+
+    ticks = itertools.count()
+    monkeypatch.setitem(step_module.CLOCKS, "cpu", lambda: float(next(ticks)))
+    path = tmp_path / "step.json"
+    status, out, err = bench("step", "--model", "tiny", "--optimizer", "mezo,tezo-inplace",
+                             "--repeats", "1", "--warmup", "1", "--batch", "2", "--seq", "8",
+                             "--threads", "1", "--clock", "cpu", "--json", str(path))
+    assert status == 0, err
+    assert "thread CPU time" in out
+    rows = json.loads(path.read_text())["results"]
+    assert [row["optimizer"] for row in rows] == ["mezo-loop", "mezo", "tezo-inplace"]
+    for row in rows:
+        assert row["clock"] == "cpu"
+        for key in ("ms", "forward_ms"):
+            assert row[key] > 0 and row[key] % 1000.0 == 0.0, (row["optimizer"], key, row[key])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs for --threads 2")
+def test_step_clock_cpu_needs_one_thread(bench):
+    status, _, err = bench("step", "--model", "tiny", "--threads", "2", "--clock", "cpu")
+    assert status == 2 and "--clock cpu counts the calling thread's CPU time only" in err
 
 
 def test_step_rows_of_virtual_and_inplace_probes(bench, tmp_path):

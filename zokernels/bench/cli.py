@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--no-exact-restore", action="store_true",
                       help="optimizers without exact-restore logs (recovery-quality restore, "
                            "no log memory)")
+    step.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                      help="wall (default): wall time; cpu: the calling thread's CPU time "
+                           "(needs --threads 1 and the cpu device, where the kernels and the "
+                           "forwards run in that thread), which other jobs on a shared machine "
+                           "move far less")
     step.add_argument("--compare-exact", action="store_true",
                       help="also step each optimizer without exact-restore logs on a copy of the "
                            "model (MeZO / LeZO: with in-place probes), interleaved step by step, "
@@ -689,9 +694,13 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
         raise UsageError("--repeats must be >= 1 and --warmup >= 0")
     if args.compare_exact and args.no_exact_restore:
         raise UsageError("--compare-exact compares against --no-exact-restore: give one of them")
+    if args.clock == "cpu" and (kind != "cpu" or torch.get_num_threads() != 1):
+        raise UsageError("--clock cpu counts the calling thread's CPU time only: it needs "
+                         f"--threads 1 and --device cpu (got {torch.get_num_threads()} threads, "
+                         f"device {device})")
     settings = StepSettings(model, dtype, device, args.batch, args.seq, warmup, repeats,
                             backend, args.lezo_active, args.rank, args.window,
-                            exact_restore=not args.no_exact_restore)
+                            exact_restore=not args.no_exact_restore, clock=args.clock)
     return settings, optimizers
 
 
@@ -710,9 +719,10 @@ def main_step(args: argparse.Namespace, argv: list[str]) -> int:
                           on_start=lambda name: progress.start(f"{settings.model} {name}"),
                           on_done=lambda name, row: progress.finish(f"{_ms(row['ms'])} ms"),
                           compare_exact=args.compare_exact)
+    clock = "" if settings.clock == "wall" else " · thread CPU time"
     print(f"zokernels {zokernels.__version__} · torch {torch.__version__} · "
           f"{torch.get_num_threads()} CPU threads · medians of {settings.repeats} steps after "
-          f"{settings.warmup}")
+          f"{settings.warmup}{clock}")
     print()
     print(format_step_table(rows))
     print("note: perturb/update = step - forwards (PseuZO's includes its autograd through "

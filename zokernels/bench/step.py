@@ -52,6 +52,10 @@ class StepSettings:
     rank: int = 8
     window: int = 14
     exact_restore: bool = True  # undo logs (docs/undo-log.md); False: recovery only
+    clock: str = "wall"  # "cpu": the calling thread's CPU time (1 thread, CPU device only)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def opt_hooks_forwards(name: str) -> bool:
@@ -61,18 +65,19 @@ def opt_hooks_forwards(name: str) -> bool:
 
 
 class _ForwardClock:
-    """Wraps a model call: accumulates its synchronized wall time (`seconds`); `outside`: time
-    spent inside the step that is not the step's (the plain forwards of _PlainForwardClock)."""
+    """Wraps a model call: accumulates its synchronized time by `now` (wall time, or the
+    thread's CPU time) in `seconds`; `outside`: time spent inside the step that is not the
+    step's (the plain forwards of _PlainForwardClock)."""
 
-    def __init__(self, device: str) -> None:
-        self.device, self.seconds, self.outside = device, 0.0, 0.0
+    def __init__(self, device: str, now: Callable[[], float] = time.perf_counter) -> None:
+        self.device, self.now, self.seconds, self.outside = device, now, 0.0, 0.0
 
     def __call__(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         synchronize(self.device)
-        start = time.perf_counter()
+        start = self.now()
         out = fn()
         synchronize(self.device)
-        self.seconds += time.perf_counter() - start
+        self.seconds += self.now() - start
         return out
 
 
@@ -80,8 +85,9 @@ class _PlainForwardClock(_ForwardClock):
     """Runs the closure untimed and times `plain` (the same forward without the optimizer's
     hooks) right after it instead; the plain forward's time is not part of the step (`outside`)."""
 
-    def __init__(self, device: str, plain: Callable[[], torch.Tensor]) -> None:
-        super().__init__(device)
+    def __init__(self, device: str, plain: Callable[[], torch.Tensor],
+                 now: Callable[[], float] = time.perf_counter) -> None:
+        super().__init__(device, now)
         self.plain = plain
 
     def __call__(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -165,7 +171,8 @@ def _case(name: str, settings: StepSettings, exact_restore: bool, lr: float,
     dtype = getattr(torch, settings.dtype)
     model = build_model(settings.model, dtype, settings.device)
     ids = synthetic_batch(model, settings.batch, settings.seq, settings.device)
-    clock = _ForwardClock(settings.device)
+    now = CLOCKS[settings.clock]
+    clock = _ForwardClock(settings.device, now)
     params = [p for p in model.module.parameters() if p.requires_grad]
     if name == MEZO_LOOP:
         seeds = iter(range(10**9))
@@ -182,7 +189,7 @@ def _case(name: str, settings: StepSettings, exact_restore: bool, lr: float,
         # would merge TeZO's deferred updates), run after each of its forwards
         plain = build_model(settings.model, dtype, settings.device)
         clock = _PlainForwardClock(settings.device, (lambda: plain.features(ids)) if pseuzo
-                                   else (lambda: plain.loss(ids)))
+                                   else (lambda: plain.loss(ids)), now)
     if pseuzo:
         def one_step() -> None:
             opt.step(lambda: clock(lambda: model.features(ids)),
@@ -195,7 +202,8 @@ def _case(name: str, settings: StepSettings, exact_restore: bool, lr: float,
 
 def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 1e-3,
               compare_exact: bool = False) -> dict:
-    """Median step time of one optimizer (or the MeZO loop) with its forward / ZO split.
+    """Median step time of one optimizer (or the MeZO loop) with its forward / ZO split, by
+    settings.clock (wall time, or the calling thread's CPU time).
 
     compare_exact: also step the same optimizer built with exact_restore=False on another copy
     of the model, interleaved step by step with this one (machine noise hits both alike), and
@@ -207,6 +215,7 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
         cases.append(_case(twin, settings, False, lr, eps))
     main = cases[0]
     opt, params = main.opt, main.params
+    now = CLOCKS[settings.clock]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     cuda = torch.device(settings.device).type == "cuda"
     totals = [[] for _ in cases]
@@ -223,10 +232,10 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
             for c, case in enumerate(cases):
                 case.clock.seconds = case.clock.outside = 0.0
                 synchronize(settings.device)
-                start = time.perf_counter()
+                start = now()
                 case.one_step()
                 synchronize(settings.device)
-                totals[c].append(1e3 * (time.perf_counter() - start - case.clock.outside))
+                totals[c].append(1e3 * (now() - start - case.clock.outside))
                 forwards[c].append(1e3 * case.clock.seconds)
         # with compare_exact the peak covers both copies' steps (CUDA)
         peak = torch.cuda.max_memory_allocated(settings.device) - base if cuda else None
@@ -234,7 +243,7 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
     row = dict(op="step", optimizer=name, backend="torch-loop" if opt is None else settings.backend,
                model=settings.model, dtype=settings.dtype, device=settings.device,
                numel=sum(p.numel() for p in params), param_bytes=param_bytes,
-               batch=settings.batch, seq=settings.seq,
+               batch=settings.batch, seq=settings.seq, clock=settings.clock,
                ms=statistics.median(totals[0]), ms_p20=_quantile(totals[0], 0.2),
                ms_p80=_quantile(totals[0], 0.8), forward_ms=statistics.median(forwards[0]),
                zo_ms=statistics.median(zo[0]), forwards_per_step=FORWARDS[name],
