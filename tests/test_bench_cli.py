@@ -269,6 +269,13 @@ def test_step_clock_cpu_times_the_calling_thread(bench, tmp_path, monkeypatch):
             assert row[key] > 0 and row[key] % 1000.0 == 0.0, (row["optimizer"], key, row[key])
 
 
+def test_step_settings_refuse_an_unknown_clock():
+    from zokernels.bench.step import StepSettings
+
+    with pytest.raises(ValueError, match="clock must be one of"):
+        StepSettings("tiny", "float32", "cpu", 2, 8, 1, 1, clock="cycles")
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs for --threads 2")
 def test_step_clock_cpu_needs_one_thread(bench):
     status, _, err = bench("step", "--model", "tiny", "--threads", "2", "--clock", "cpu")

@@ -54,6 +54,10 @@ class StepSettings:
     exact_restore: bool = True  # undo logs (docs/undo-log.md); False: recovery only
     clock: str = "wall"  # "cpu": the calling thread's CPU time (1 thread, CPU device only)
 
+    def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {self.clock!r}")
+
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
