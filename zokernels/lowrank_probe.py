@@ -289,8 +289,8 @@ class VirtualLowRank:
                 output.mul_(scale)
                 if module.bias is not None:
                     output.add_(module.bias, alpha=1.0 - scale)
-            # (x V), N x r, as (V^T x^T)^T: CPU BLAS runs an r-row left operand 1.5-4x faster
-            # than an r-column right one in fp32 (docs/tezo.md, "Time"); the same in bf16
+            # (x V), N x r, as (V^T x^T)^T: CPU BLAS runs an r-row left operand 1.4-4x faster
+            # than an r-column right one in fp32 (docs/tezo.md, "Time"); about even in bf16
             left = (v.to(dtype).t() @ x.reshape(-1, v.shape[0]).to(dtype).t()).t()
             right = u.to(dtype).t()
         else:
