@@ -13,7 +13,8 @@ OUTDIR/gpu_check.log (everything printed, the pytest output included), one secti
   ops        `zokernels-bench ops` rows on opt-1.3b bf16 shapes: copy, the MeZO loop, perturb_
              gaussian K=1/2/14, rademacher K=1/14, stochastic rounding, applied=, low-rank
              r=16/64; GB/s and % of the copy measured in the same run
-  step       one MeZO step on opt-1.3b shapes (bf16): forward / ZO split and peak extra memory
+  step       MeZO's and TeZO's steps on opt-1.3b shapes (bf16), virtual probes (the default)
+             and in place: forward / ZO split and peak extra memory
   host_sync  a step's three passes (perturb, probe move, restore + update) with device-tensor
              coefficients under torch.cuda.set_sync_debug_mode("error") (any host sync raises),
              then captured in a CUDA graph and replayed: the bits must equal the eager passes
@@ -257,12 +258,13 @@ def section_step(args: argparse.Namespace, cap_s: float, log: Log) -> dict[str, 
                             repeats=2 if args.cpu_dry_run else 10)
     rows = []
     start = time.perf_counter()
-    for name in ("mezo-loop", "mezo", "mezo-inplace"):  # MeZO: virtual probes (the default)
+    # virtual probes (the default) and in place: MeZO's dense draws, TeZO's low-rank hooks
+    for name in ("mezo-loop", "mezo", "mezo-inplace", "tezo", "tezo-inplace"):
         if time.perf_counter() - start > cap_s:
             return dict(status="timed out", rows=rows, cap_s=cap_s)
         row = time_step(name, settings)
         peak = row["peak_extra_bytes"]
-        log(f"  step {name:10s} {row['ms']:9.2f} ms  forward {row['forward_ms']:8.2f} ms  "
+        log(f"  step {name:12s} {row['ms']:9.2f} ms  forward {row['forward_ms']:8.2f} ms  "
             f"ZO {row['zo_ms']:8.2f} ms  peak extra "
             + ("-" if peak is None else f"{peak / 2**20:.1f} MiB"))
         rows.append(row)

@@ -85,7 +85,7 @@ def test_cpu_dry_run_writes_every_section(gpu_check, tmp_path):
         assert row["pct_copy_bw"] > 0 and row["gbps"] > 0 and row["dtype"] == "bfloat16"
 
     optimizers = [row["optimizer"] for row in sections["step"]["rows"]]
-    assert optimizers == ["mezo-loop", "mezo", "mezo-inplace"]
+    assert optimizers == ["mezo-loop", "mezo", "mezo-inplace", "tezo", "tezo-inplace"]
     assert all("peak_extra_bytes" in row for row in sections["step"]["rows"])
     log = (tmp_path / "gpu_check.log").read_text()
     assert "[tests] passed" in log and "% of copy" in log
