@@ -34,6 +34,7 @@ import torch
 
 import zokernels
 from zokernels.bench.models import build_model, synthetic_batch
+from zokernels.bench.step import CLOCKS
 from zokernels.optim import TeZO
 from zokernels.optim.tezo import tau_seed
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--eps", type=float, default=1e-3)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="cpu: the thread's CPU time (time.thread_time; needs --threads 1, "
                              "where the kernels and the forwards run in the calling thread), "
                              "which other jobs on a shared machine inflate less than wall time")
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1 (other threads' CPU time is not counted)")
-    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     results = []
     for model in args.model or ["bert-minilm", "small"]:

@@ -28,11 +28,11 @@ import datetime
 import json
 import platform
 import statistics
-import time
 
 import torch
 
 from zokernels.bench.models import build_model, synthetic_batch
+from zokernels.bench.step import CLOCKS
 from zokernels.ops.undo import UndoLog
 from zokernels.optim import LeZO, MeZO
 
@@ -48,12 +48,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1 (other threads' CPU time is not counted)")
-    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model = build_model(args.model, dtype, "cpu")

@@ -219,7 +219,7 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
         cases.append(_case(twin, settings, False, lr, eps))
     main = cases[0]
     opt, params = main.opt, main.params
-    now = CLOCKS[settings.clock]
+    now = main.clock.now
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     cuda = torch.device(settings.device).type == "cuda"
     totals = [[] for _ in cases]
