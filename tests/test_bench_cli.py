@@ -179,15 +179,11 @@ def test_step_tiny_run_with_json(bench, tmp_path):
     assert TOP_FIELDS <= set(document) and document["mode"] == "step"
     names = [row["optimizer"] for row in document["results"]]
     assert names == ["mezo-loop", "mezo", "lezo", "tezo", "pseuzo"]
-    from zokernels.bench.step import opt_hooks_forwards
-
     for row in document["results"]:
         assert STEP_FIELDS <= set(row), STEP_FIELDS - set(row)
-        assert row["ms"] > 0 and row["forward_ms"] >= 0
-        if not opt_hooks_forwards(row["optimizer"]):
-            # timed inside the step; a virtual-probe row's forwards are an identical model's,
-            # timed apart (they can exceed its step time under machine noise)
-            assert row["forward_ms"] <= row["ms"] + 1e-6
+        assert row["ms"] > 0 and row["forward_ms"] > 0
+        # the forwards are an identical model's, timed apart: the ZO part is the difference
+        assert row["zo_ms"] == row["ms"] - row["forward_ms"]
     assert document["results"][0]["speedup_vs_mezo_loop"] == 1.0
     assert all(row["state_bytes"] is not None for row in document["results"][1:])
     assert "extra/params" in out
@@ -221,17 +217,59 @@ def test_pseuzo_row_is_timed_with_a_full_window(bench, tmp_path):
     assert rows["pseuzo"]["extra_memory_bytes"] == case.opt.extra_memory_bytes
 
 
-def test_plain_forward_clock_keeps_its_forwards_out_of_the_step():
-    """TeZO's virtual-probe rows time an identical model without hooks after each closure call:
-    that forward is the row's forward time and is not part of the step (`outside`), else the
-    hooked forward would be counted as perturb/update."""
-    from zokernels.bench.step import _PlainForwardClock
+def test_step_forwards_are_timed_apart_after_each_step(monkeypatch):
+    """Every row's forwards are those of an identical model without an optimizer, run after
+    each timed step and outside it (time_step): the optimized model runs only inside the steps,
+    the plain one only outside them, FORWARDS[name] times per step."""
+    from zokernels.bench import step as step_module
+    from zokernels.bench.models import BenchModel
 
-    calls = []
-    clock = _PlainForwardClock("cpu", lambda: calls.append("plain") or torch.ones(64).sum())
-    out = clock(lambda: calls.append("hooked") or torch.zeros(()))
-    assert calls == ["hooked", "plain"] and float(out) == 0.0
-    assert clock.seconds > 0 and clock.outside == clock.seconds
+    log, inside = [], []
+    real_case = step_module._case
+
+    def case(*args, **kwargs):
+        made = real_case(*args, **kwargs)
+        one_step = made.one_step
+
+        def logged() -> None:
+            inside.append(True)
+            try:
+                one_step()
+            finally:
+                inside.pop()
+        made.one_step = logged
+        return made
+
+    real_build = step_module.build_model
+
+    def build(*args, **kwargs) -> BenchModel:
+        model = real_build(*args, **kwargs)
+        features = model.features  # a field of the model; its loss calls it too
+
+        def traced(ids):
+            log.append((id(model), bool(inside)))
+            return features(ids)
+        model.features = traced
+        return model
+
+    monkeypatch.setattr(step_module, "_case", case)
+    monkeypatch.setattr(step_module, "build_model", build)
+    settings = step_module.StepSettings("tiny", "float32", "cpu", 2, 8, warmup=1, repeats=3)
+    row = step_module.time_step("mezo", settings, compare_exact=True)
+    models = {}
+    for model, in_step in log:
+        models.setdefault(model, set()).add(in_step)
+    assert len(models) == 3  # the optimized copy, its twin without logs, the plain model
+    plain = [m for m, where in models.items() if where == {False}]
+    assert len(plain) == 1 and all(where == {True} for m, where in models.items()
+                                   if m != plain[0])
+    # FORWARDS["mezo"] plain forwards after each timed step of each copy (3 repeats x 2
+    # copies), and once per warm-up round
+    assert sum(1 for m, _ in log if m == plain[0]) == (3 * 2 + 1) * step_module.FORWARDS["mezo"]
+    # one forward time for both copies: their ZO parts subtract the same number
+    assert row["zo_ms"] == row["ms"] - row["forward_ms"]
+    assert row["zo_ms_no_exact"] == row["ms_no_exact"] - row["forward_ms"]
+    assert row["step_ratio_exact_vs_no_exact"] == row["ms"] / row["ms_no_exact"]
 
 
 def test_step_compare_exact_interleaves_a_copy_without_logs(bench, tmp_path):

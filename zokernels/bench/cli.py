@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--compare-exact", action="store_true",
                       help="also step each optimizer without exact-restore logs on a copy of the "
                            "model (MeZO / LeZO: with in-place probes), interleaved step by step, "
-                           "and report both ZO times and their ratio")
+                           "and report both ZO times and the ratios of the ZO parts and of the "
+                           "whole steps")
     _add_run_options(step, suppress=True)
     lora = sub.add_parser(
         "lora", help="perturb/update of LoRA adapters only vs the MeZO loop; per-call overhead",
@@ -725,7 +726,8 @@ def main_step(args: argparse.Namespace, argv: list[str]) -> int:
           f"{settings.warmup}{clock}")
     print()
     print(format_step_table(rows))
-    print("note: perturb/update = step - forwards (PseuZO's includes its autograd through "
+    print("note: perturb/update = step - forwards, the forwards of an identical model "
+          "without the optimizer timed after each step (PseuZO's includes its autograd through "
           "loss_fn; virtual-probe rows: the draws inside their forwards); state = extra = "
           "exact-restore logs + PseuZO window + TeZO moments and deferred vectors + the "
           "virtual probes' largest draw (opt.extra_memory_bytes); peak extra = GPU memory "

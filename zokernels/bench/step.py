@@ -1,8 +1,9 @@
 """`zokernels-bench step`: one full ZO step on a model, split into forward and perturb/update
 time, against the same step done with MeZO's per-parameter loop.
 
-Each optimizer runs on a fresh copy of the model (same random weights) and the same batch; the
-closure times its own forwards (synchronized on GPU), so perturb/update = step - forwards.
+Each optimizer runs on a fresh copy of the model (same random weights) and the same batch. The
+step is timed whole (synchronized on GPU); after it, the same number of forwards of an identical
+model without an optimizer, so perturb/update (the ZO part) = step - forwards (time_step).
 """
 
 from __future__ import annotations
@@ -68,41 +69,6 @@ def opt_hooks_forwards(name: str) -> bool:
                                         and TEZO_MODES[name].get("probe", "virtual") == "virtual")
 
 
-class _ForwardClock:
-    """Wraps a model call: accumulates its synchronized time by `now` (wall time, or the
-    thread's CPU time) in `seconds`; `outside`: time spent inside the step that is not the
-    step's (the plain forwards of _PlainForwardClock)."""
-
-    def __init__(self, device: str, now: Callable[[], float] = time.perf_counter) -> None:
-        self.device, self.now, self.seconds, self.outside = device, now, 0.0, 0.0
-
-    def __call__(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        synchronize(self.device)
-        start = self.now()
-        out = fn()
-        synchronize(self.device)
-        self.seconds += self.now() - start
-        return out
-
-
-class _PlainForwardClock(_ForwardClock):
-    """Runs the closure untimed and times `plain` (the same forward without the optimizer's
-    hooks) right after it instead; the plain forward's time is not part of the step (`outside`)."""
-
-    def __init__(self, device: str, plain: Callable[[], torch.Tensor],
-                 now: Callable[[], float] = time.perf_counter) -> None:
-        super().__init__(device, now)
-        self.plain = plain
-
-    def __call__(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        out = fn()
-        before = self.seconds
-        with torch.no_grad():
-            super().__call__(self.plain)
-        self.outside += self.seconds - before
-        return out
-
-
 def mezo_loop_step(params: list[torch.Tensor], closure: Callable[[], torch.Tensor], *, seed: int,
                    eps: float, lr: float) -> torch.Tensor:
     """MeZO's trainer step as published: torch.manual_seed, then per parameter a torch.normal
@@ -165,7 +131,6 @@ class _Case:
     """One optimizer (or the MeZO loop) on a fresh copy of the model, ready to step."""
 
     opt: object
-    clock: _ForwardClock
     one_step: Callable[[], None]
     params: list[torch.Tensor]
 
@@ -175,82 +140,101 @@ def _case(name: str, settings: StepSettings, exact_restore: bool, lr: float,
     dtype = getattr(torch, settings.dtype)
     model = build_model(settings.model, dtype, settings.device)
     ids = synthetic_batch(model, settings.batch, settings.seq, settings.device)
-    now = CLOCKS[settings.clock]
-    clock = _ForwardClock(settings.device, now)
     params = [p for p in model.module.parameters() if p.requires_grad]
     if name == MEZO_LOOP:
         seeds = iter(range(10**9))
 
         def one_step() -> None:
-            mezo_loop_step(params, lambda: clock(lambda: model.loss(ids)), seed=next(seeds),
-                           eps=eps, lr=lr)
-        return _Case(None, clock, one_step, params)
+            mezo_loop_step(params, lambda: model.loss(ids), seed=next(seeds), eps=eps, lr=lr)
+        return _Case(None, one_step, params)
     opt = _make(name, model, replace(settings, exact_restore=exact_restore), lr, eps)
-    pseuzo = isinstance(opt, PseuZO)  # its forward is the model's output, its loss a function
-    if opt_hooks_forwards(name):
-        # virtual probes work inside the forwards: the forward time subtracted is that of an
-        # identical model without the probes (a forward of the optimized one outside a step
-        # would merge TeZO's deferred updates), run after each of its forwards
-        plain = build_model(settings.model, dtype, settings.device)
-        clock = _PlainForwardClock(settings.device, (lambda: plain.features(ids)) if pseuzo
-                                   else (lambda: plain.loss(ids)), now)
-    if pseuzo:
+    if isinstance(opt, PseuZO):  # its forward is the model's output, its loss a function of it
         def one_step() -> None:
-            opt.step(lambda: clock(lambda: model.features(ids)),
-                     lambda h: model.head_loss(h, ids))
+            opt.step(lambda: model.features(ids), lambda h: model.head_loss(h, ids))
     else:
         def one_step() -> None:
-            opt.step(lambda: clock(lambda: model.loss(ids)))
-    return _Case(opt, clock, one_step, params)
+            opt.step(lambda: model.loss(ids))
+    return _Case(opt, one_step, params)
+
+
+def _plain_forwards(name: str, settings: StepSettings) -> Callable[[], None]:
+    """The forwards of one step (FORWARDS[name]) on an identical model without an optimizer,
+    under no_grad: what a step's ZO part is measured against (time_step)."""
+    plain = build_model(settings.model, getattr(torch, settings.dtype), settings.device)
+    ids = synthetic_batch(plain, settings.batch, settings.seq, settings.device)
+    forward = plain.features if PROBE_MODES.get(name, name) == "pseuzo" else plain.loss
+
+    def forwards() -> None:
+        with torch.no_grad():
+            for _ in range(FORWARDS[name]):
+                forward(ids)
+    return forwards
 
 
 def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 1e-3,
               compare_exact: bool = False) -> dict:
-    """Median step time of one optimizer (or the MeZO loop) with its forward / ZO split, by
-    settings.clock (wall time, or the calling thread's CPU time).
+    """Median step time of one optimizer (or the MeZO loop) and its ZO part, by settings.clock
+    (wall time, or the calling thread's CPU time).
 
-    compare_exact: also step the same optimizer built with exact_restore=False on another copy
-    of the model, interleaved step by step with this one (machine noise hits both alike), and
-    report its ZO time (`zo_ms_no_exact`) and the ratio (`zo_ratio_exact_vs_no_exact`)."""
+    ZO part = step - the step's forwards, the forwards being those of an identical model
+    without the optimizer, timed right after every step (`forward_ms`, their median). One
+    definition for every row: a virtual probe's draws or hooks run inside its forwards and
+    cannot be timed apart, and forwards timed inside an in-place step ran in another cache and
+    allocator state than those subtracted from a virtual one (measured on `small` at 1 thread:
+    up to 15% of a forward apart, i.e. up to half of the ZO part).
+
+    compare_exact: also step the same optimizer built with exact_restore=False (MeZO / LeZO /
+    PseuZO: with in-place probes) on another copy of the model, interleaved step by step with
+    this one so that machine noise hits both alike; the plain forwards after both steps are
+    pooled into the one `forward_ms` of both. Reports its step and ZO time (`ms_no_exact`,
+    `zo_ms_no_exact`) and the ratios of the medians (`step_ratio_exact_vs_no_exact`, which
+    subtracts nothing, and `zo_ratio_exact_vs_no_exact`)."""
     cases = [_case(name, settings, settings.exact_restore, lr, eps)]
     if compare_exact and name != MEZO_LOOP:
-        # MeZO / LeZO against their in-place probes without logs
+        # MeZO / LeZO / PseuZO against their in-place probes without logs
         twin = {base: row for row, base in PROBE_MODES.items()}.get(name, name)
         cases.append(_case(twin, settings, False, lr, eps))
+    forwards = _plain_forwards(name, settings)
     main = cases[0]
     opt, params = main.opt, main.params
-    now = main.clock.now
+    now = CLOCKS[settings.clock]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     cuda = torch.device(settings.device).type == "cuda"
-    totals = [[] for _ in cases]
-    forwards = [[] for _ in cases]
+    steps: list[list[float]] = [[] for _ in cases]
+    forward_ms: list[float] = []
+
+    def timed(fn: Callable[[], object]) -> float:
+        synchronize(settings.device)
+        start = now()
+        fn()
+        synchronize(settings.device)
+        return 1e3 * (now() - start)
+
     warmup = max(settings.warmup, _steps_to_fill(opt))
     with torch.random.fork_rng(devices=[torch.device(settings.device)] if cuda else []):
         for _ in range(warmup):
             for case in cases:
                 case.one_step()
+            forwards()
         if cuda:
             torch.cuda.reset_peak_memory_stats(settings.device)
             base = torch.cuda.memory_allocated(settings.device)
         for _ in range(settings.repeats):
             for c, case in enumerate(cases):
-                case.clock.seconds = case.clock.outside = 0.0
-                synchronize(settings.device)
-                start = now()
-                case.one_step()
-                synchronize(settings.device)
-                totals[c].append(1e3 * (now() - start - case.clock.outside))
-                forwards[c].append(1e3 * case.clock.seconds)
+                steps[c].append(timed(case.one_step))
+                forward_ms.append(timed(forwards))
         # with compare_exact the peak covers both copies' steps (CUDA)
         peak = torch.cuda.max_memory_allocated(settings.device) - base if cuda else None
-    zo = [[t - f for t, f in zip(ts, fs)] for ts, fs in zip(totals, forwards)]
+    step_ms = [statistics.median(ts) for ts in steps]
+    forward = statistics.median(forward_ms)
+    zo = [ms - forward for ms in step_ms]
     row = dict(op="step", optimizer=name, backend="torch-loop" if opt is None else settings.backend,
                model=settings.model, dtype=settings.dtype, device=settings.device,
                numel=sum(p.numel() for p in params), param_bytes=param_bytes,
                batch=settings.batch, seq=settings.seq, clock=settings.clock,
-               ms=statistics.median(totals[0]), ms_p20=_quantile(totals[0], 0.2),
-               ms_p80=_quantile(totals[0], 0.8), forward_ms=statistics.median(forwards[0]),
-               zo_ms=statistics.median(zo[0]), forwards_per_step=FORWARDS[name],
+               ms=step_ms[0], ms_p20=_quantile(steps[0], 0.2),
+               ms_p80=_quantile(steps[0], 0.8), forward_ms=forward,
+               zo_ms=zo[0], forwards_per_step=FORWARDS[name],
                weight_passes=WEIGHT_PASSES[name], repeats=settings.repeats,
                warmup=warmup,
                state_bytes=None if opt is None else _state_bytes(opt),
@@ -260,10 +244,9 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
                peak_extra_bytes=peak, speedup_vs_mezo_loop=None, zo_speedup_vs_mezo_loop=None,
                exact_restore=None if opt is None else settings.exact_restore)
     if len(cases) > 1:
-        row["zo_ms_no_exact"] = statistics.median(zo[1])
-        # the ratio of the medians of the interleaved steps
-        row["zo_ratio_exact_vs_no_exact"] = (row["zo_ms"] / row["zo_ms_no_exact"]
-                                             if row["zo_ms_no_exact"] > 0 else None)
+        row["ms_no_exact"], row["zo_ms_no_exact"] = step_ms[1], zo[1]
+        row["step_ratio_exact_vs_no_exact"] = step_ms[0] / step_ms[1]
+        row["zo_ratio_exact_vs_no_exact"] = zo[0] / zo[1] if zo[1] > 0 else None
     if opt is not None and getattr(opt, "dense_probe", "inplace") == "virtual":
         row["dense_probe_status"] = opt.dense_probe_status
     if PROBE_MODES.get(name, name) == "lezo":
@@ -296,8 +279,8 @@ def run_step_bench(settings: StepSettings, optimizers: list[str],
 COLUMNS = ("optimizer", "step ms", "p20-p80", "forward ms", "perturb/update ms", "weight passes",
            "state MB", "extra MB", "extra/params", "peak extra MB", "step vs loop",
            "perturb/update vs loop")
-# with compare_exact: the ZO time of the same optimizer without logs, and the ratio
-COMPARE_COLUMNS = ("no-logs perturb/update ms", "exact vs no-logs")
+# with compare_exact: the ZO time of the same optimizer without logs, and the ratios
+COMPARE_COLUMNS = ("no-logs perturb/update ms", "exact vs no-logs", "step vs no-logs")
 
 
 def format_step_table(rows: list[dict]) -> str:
@@ -327,8 +310,10 @@ def format_step_table(rows: list[dict]) -> str:
                       "-" if zo_speed is None else f"{zo_speed:.2f}x"])
         if compare:
             ratio = r.get("zo_ratio_exact_vs_no_exact")
+            step_ratio = r.get("step_ratio_exact_vs_no_exact")
             table[-1] += ["-" if "zo_ms_no_exact" not in r else fmt(r["zo_ms_no_exact"]),
-                          "-" if ratio is None else f"{ratio:.2f}x"]
+                          "-" if ratio is None else f"{ratio:.2f}x",
+                          "-" if step_ratio is None else f"{step_ratio:.2f}x"]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = [head]
     for index, line in enumerate(table):
