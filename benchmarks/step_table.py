@@ -54,8 +54,9 @@ def main(argv=None) -> int:
     def zo(r: dict) -> str:
         if r.get("zo_ms_no_exact") is None:
             return _ms(r["zo_ms"])
+        ratio = r["zo_ratio_exact_vs_no_exact"]  # None when a ZO part came out <= 0
         return (f"{_ms(r['zo_ms'])} ({_ms(r['zo_ms_no_exact'])}, "
-                f"{r['zo_ratio_exact_vs_no_exact']:.2f}×)")
+                + ("–" if ratio is None else f"{ratio:.2f}×") + ")")
 
     def memory(r: dict) -> str:
         ratio = r.get("extra_memory_ratio")
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     table("extra memory, % of the parameters' bytes", memory)
     def step(r: dict) -> str:
         ratio = r.get("step_ratio_exact_vs_no_exact")
-        tail = "" if ratio is None else f"; {ratio:.2f}×"
+        tail = "" if "ms_no_exact" not in r else "; –" if ratio is None else f"; {ratio:.2f}×"
         return f"{_ms(r['ms'])} ({_ms(r['forward_ms'])}{tail})"
 
     table("step ms (forwards ms; vs no logs)", step)
@@ -95,6 +96,8 @@ def _ratio_table(columns: list, again: list, order: list[str]) -> None:
     def tezo(rows: dict, name: str) -> str:
         if name not in rows or "tezo-inplace" not in rows:
             return ""
+        if min(rows[name]["zo_ms"], rows["tezo-inplace"]["zo_ms"]) <= 0:
+            return "–"
         return f"{rows[name]['zo_ms'] / rows['tezo-inplace']['zo_ms']:.2f}×"
 
     titles = " | ".join(c for c, _ in columns)

@@ -181,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "move far less")
     step.add_argument("--compare-exact", action="store_true",
                       help="also step each optimizer without exact-restore logs on a copy of the "
-                           "model (MeZO / LeZO: with in-place probes), interleaved step by step, "
-                           "and report both ZO times and the ratios of the ZO parts and of the "
-                           "whole steps")
+                           "model (MeZO / LeZO / PseuZO: with in-place probes), interleaved step "
+                           "by step, and report both ZO times and the ratios of the ZO parts and "
+                           "of the whole steps")
     _add_run_options(step, suppress=True)
     lora = sub.add_parser(
         "lora", help="perturb/update of LoRA adapters only vs the MeZO loop; per-call overhead",
