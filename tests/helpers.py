@@ -178,6 +178,17 @@ def cli_runner(capsys, monkeypatch=None, *, forbid_work: bool = False):
     return run
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (the scripts are not a package)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def two_layer_model(seed: int = 0) -> torch.nn.Module:
     """A 6 -> 5 -> 3 stack of two Linear layers, seeded (the hardening tests' model)."""
     torch.manual_seed(seed)

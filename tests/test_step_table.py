@@ -3,21 +3,17 @@ JSONs, including the two-run ratio table (--again) and ZO parts that came out <=
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step_table.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def step_table():
-    spec = importlib.util.spec_from_file_location("step_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_table")
 
 
 def _row(optimizer: str, ms: float, forward: float, no_exact: float | None = None) -> dict:
