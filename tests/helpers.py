@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -180,8 +181,6 @@ def cli_runner(capsys, monkeypatch=None, *, forbid_work: bool = False):
 
 def load_benchmark(name: str):
     """benchmarks/<name>.py imported as a module (the scripts are not a package)."""
-    import importlib.util
-
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

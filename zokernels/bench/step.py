@@ -129,11 +129,15 @@ class _Case:
     params: list[torch.Tensor]
 
 
+def _model_and_batch(settings: StepSettings) -> tuple[BenchModel, torch.Tensor]:
+    """A fresh copy of the settings' model (the same random weights every time) and its batch."""
+    model = build_model(settings.model, getattr(torch, settings.dtype), settings.device)
+    return model, synthetic_batch(model, settings.batch, settings.seq, settings.device)
+
+
 def _case(name: str, settings: StepSettings, exact_restore: bool, lr: float,
           eps: float) -> _Case:
-    dtype = getattr(torch, settings.dtype)
-    model = build_model(settings.model, dtype, settings.device)
-    ids = synthetic_batch(model, settings.batch, settings.seq, settings.device)
+    model, ids = _model_and_batch(settings)
     params = [p for p in model.module.parameters() if p.requires_grad]
     if name == MEZO_LOOP:
         seeds = iter(range(10**9))
@@ -154,8 +158,7 @@ def _case(name: str, settings: StepSettings, exact_restore: bool, lr: float,
 def _plain_forwards(name: str, settings: StepSettings) -> Callable[[], None]:
     """The forwards of one step (FORWARDS[name]) on an identical model without an optimizer,
     under no_grad: what a step's ZO part is measured against (time_step)."""
-    plain = build_model(settings.model, getattr(torch, settings.dtype), settings.device)
-    ids = synthetic_batch(plain, settings.batch, settings.seq, settings.device)
+    plain, ids = _model_and_batch(settings)
     forward = plain.features if PROBE_MODES.get(name, name) == "pseuzo" else plain.loss
 
     def forwards() -> None:
@@ -215,7 +218,7 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
             base = torch.cuda.memory_allocated(settings.device)
         for _ in range(settings.repeats):
             for c, case in enumerate(cases):
-                if cuda:  # the steps' peak, not the plain model's forwards (compare_exact: both copies')
+                if cuda:  # the steps' peak, not the plain forwards' (compare_exact: both copies)
                     torch.cuda.reset_peak_memory_stats(settings.device)
                 steps[c].append(timed(case.one_step))
                 if cuda:
