@@ -454,6 +454,11 @@ def perturb_variants(extra=None) -> list[Variant]:
                         combos.append((dist, dt, rounding, applied, log, False))
                 # mapped (sharded) variants: the plain update pass only
                 combos.append((dist, dt, rounding, False, "none", True))
+    has_source = "HAS_SOURCE" in P._perturb_kernel.arg_names
+    if has_source:  # out of place (a virtual probe's draw: nearest, its chunks mapped or not)
+        for dt in ("bf16", "fp32"):
+            for mapped in (False, True):
+                combos.append((dists[-1], dt, "nearest", False, "source", mapped))
     has_selector = "SEL_OUT" in P._perturb_kernel.arg_names
     if has_selector:  # selector logs (nearest rounding): the passes of a step
         for dist in dists[1:]:  # rademacher and the current gaussian
@@ -467,13 +472,14 @@ def perturb_variants(extra=None) -> list[Variant]:
         sel_out = {"sel_out": 1, "sel_in_out": 1, "sel_count": 2}.get(log, 0)
         sel_in = log in ("sel_in_out", "sel_in")
         log_mode = {"none": 0, "log": 1, "count": 2}.get(log, 0)
+        source = log == "source"
         stochastic = {"nearest": 0, "stochastic": 1, "stochastic-v3": 2}[rounding]
         if sel_out or sel_in:
             block = P.block_for(dist, 0, True, selector=True)
         elif hasattr(P, "block_for"):
             block = P.block_for(dist, stochastic,
-                                applied or log != "none", mapped, normal, size,
-                                log != "none")
+                                applied or log not in ("none", "source"), mapped, normal, size,
+                                log not in ("none", "source"))
         else:  # the kernels before block_for (the baseline)
             block = P.BLOCK[dist] if not applied and log == "none" else min(P.BLOCK[dist],
                                                                               P.RECOVER_BLOCK)
@@ -505,6 +511,12 @@ def perturb_variants(extra=None) -> list[Variant]:
             if not (sel_out or sel_in):
                 unused.append("sel_rows_ptr")
             const.update({k: None for k in unused})
+        if has_source:
+            const["HAS_SOURCE"] = source
+            if source:
+                sig.update(src_base_ptr="*" + ty, src_offsets_ptr="*i64")
+            else:
+                const.update(src_base_ptr=None, src_offsets_ptr=None)
         const.update({k: v for k, v in (extra or {}).items() if k in P._perturb_kernel.arg_names})
         name = (f"perturb/{name_dist}/{dt}/{rounding}" + ("/applied" if applied else "")
                 + ({"none": "", "log": "/log", "count": "/count_only"}.get(log, "/" + log))

@@ -92,6 +92,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("index_global_spans") = std::vector<uint64_t>{}, py::arg("contract") = 2,
           py::arg("selector_out") = std::vector<uint64_t>{},
           py::arg("selector_in") = std::vector<uint64_t>{},
+          py::arg("source_ptrs") = std::vector<uintptr_t>{},
           "In place: t = round(decay * t + sum_k scale_k * z(seed_k, key, g(i))); applied (empty "
           "or one per seed): the perturbation t holds now, undone first. log_mode 1: append the "
           "elements recovery could not give back to the undo log (index, values, capacity, "
@@ -100,7 +101,8 @@ PYBIND11_MODULE(_C, m) {
           "i % local_span (a shard of a bigger tensor); empty: g(i) = i. selector_out (regions, "
           "words, pool, capacity, count, count_only) / selector_in (regions, words, pool, "
           "capacity): the selector log this pass writes / reads to recover exactly "
-          "(docs/undo-log.md).");
+          "(docs/undo-log.md). source_ptrs (empty, or one per tensor, without applied or logs): "
+          "t = round(decay * s + ...) reads source s instead of t.");
     m.def("scatter_perturb", &zk::scatter_perturb, release_gil(), py::arg("ptrs"), py::arg("numels"),
           py::arg("keys"), py::arg("decays"), py::arg("dtype"), py::arg("index_ptr"),
           py::arg("values_ptr"), py::arg("capacity"), py::arg("count_ptr"), py::arg("seeds"),

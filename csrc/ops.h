@@ -37,6 +37,8 @@ void normal_pairs_v2(uintptr_t w_radius_ptr, uintptr_t w_angle_ptr, uintptr_t ou
 // capacity, count, count_only) receives what a later pass needs to recover every weight exactly
 // (nearest rounding, decays 1); selector_in = (regions, words, pool, capacity), with applied,
 // is read to recover the weights exactly. Exclusive with log_mode != 0.
+// source_ptrs (empty, or one per tensor, same dtype and numel): out of place, tensor j is written
+// round(decay * s_j[i] + D) from source s_j, which is only read; excludes applied and every log.
 void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& numels,
              const std::vector<uint32_t>& keys, const std::vector<float>& decays, int dtype,
              const std::vector<uint64_t>& seeds, const std::vector<float>& scales,
@@ -47,7 +49,8 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
              const std::vector<uint64_t>& index_local_spans = {},
              const std::vector<uint64_t>& index_global_spans = {}, int contract = 2,
              const std::vector<uint64_t>& selector_out = {},
-             const std::vector<uint64_t>& selector_in = {});
+             const std::vector<uint64_t>& selector_in = {},
+             const std::vector<uintptr_t>& source_ptrs = {});
 
 // Rewrites the first min(*count, capacity) entries of an undo log over the same tensor list:
 // with no seeds t[index[e]] = values[e] bit for bit, else t_j[i] = round(decay_j * values[e] + D)

@@ -11,6 +11,9 @@
 // kMapped): its tiles follow its runs and are aligned on the contract index g(i), not on i, so
 // the noise still comes from whole vectors of consecutive counters; unmapped tensors take the
 // plain instantiations, and a call without maps only those.
+// Out of place (source_ptrs): t = round(decay * s + D) reads a source tensor s and writes t, one
+// read and one write per element (a virtual probe's perturbed copy of a weight without a clone
+// first); only the plain pass (no recovery, no log), where the weight is read in the store loop.
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
@@ -27,6 +30,7 @@ namespace {
 
 struct PerturbJob {
     const std::vector<uintptr_t>& ptrs;
+    const std::vector<uintptr_t>& sources;  // empty: in place; else tensor j reads sources[j]
     const std::vector<uint32_t>& keys;
     const std::vector<float>& decays;
     std::vector<PhiloxKeys> seed_keys;
@@ -229,6 +233,10 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
     alignas(64) float recovered[kRecover && !kLog ? kTile : 1];  // theta, recovered from D1
     std::conditional_t<kLog, ItemLog<Format>, NoItemLog> log;
     std::conditional_t<kSel, ItemSelectors<Format>, NoItemLog> selectors;
+    using Storage = typename Format::storage;
+    const Storage* source = job.sources.empty()
+                                ? nullptr
+                                : reinterpret_cast<const Storage*>(job.sources[item.tensor]);
     for (uint64_t t = item.begin; t < item.end;) {
         // The tile: local elements [t, t + n), contract indices [g, g + n). Unmapped, g = t and
         // items start at multiples of kTile. Mapped, the tile stays inside one run and one
@@ -295,8 +303,10 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
             store_tile<Philox, Format, kMapped>([&](int i) { return decay * recovered[i] + d[i]; },
                                                 n, xt, job, key, g);
         } else {
+            // in place, the weight itself: each element is read before it is written
+            const Storage* st = source == nullptr ? xt : source + t;
             store_tile<Philox, Format, kMapped>(
-                [&](int i) { return decay * Format::to_float(xt[i]) + d[i]; }, n, xt, job, key, g);
+                [&](int i) { return decay * Format::to_float(st[i]) + d[i]; }, n, xt, job, key, g);
         }
         t += n;
     }
@@ -357,9 +367,15 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
              const std::vector<uint64_t>& index_offsets,
              const std::vector<uint64_t>& index_local_spans,
              const std::vector<uint64_t>& index_global_spans, int contract,
-             const std::vector<uint64_t>& selector_out, const std::vector<uint64_t>& selector_in) {
+             const std::vector<uint64_t>& selector_out, const std::vector<uint64_t>& selector_in,
+             const std::vector<uintptr_t>& source_ptrs) {
     if (numels.size() != ptrs.size() || keys.size() != ptrs.size() || decays.size() != ptrs.size())
         throw std::invalid_argument("perturb: ptrs, numels, keys and decays must have equal lengths");
+    if (!source_ptrs.empty() && source_ptrs.size() != ptrs.size())
+        throw std::invalid_argument("perturb: source_ptrs must be empty or have one per tensor");
+    if (!source_ptrs.empty() && (!applied.empty() || log_mode != 0 || !selector_out.empty() ||
+                                 !selector_in.empty()))
+        throw std::invalid_argument("perturb: source_ptrs excludes applied and the logs");
     if (seeds.size() != scales.size())
         throw std::invalid_argument("perturb: seeds and scales must have equal lengths");
     if (!applied.empty() && applied.size() != seeds.size())
@@ -400,7 +416,7 @@ void perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint64_t>& nu
             if (decay != 1.0f) throw std::invalid_argument("perturb: a log needs decays of 1");
     }
 
-    PerturbJob job{ptrs, keys, decays, {}, scales, applied, static_cast<Dist>(dist),
+    PerturbJob job{ptrs, source_ptrs, keys, decays, {}, scales, applied, static_cast<Dist>(dist),
                    static_cast<Contract>(contract), rounding, PhiloxKeys(rounding_seed), dtype, {}, log_mode == kLogCountOnly,
                    reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
                    reinterpret_cast<int64_t*>(log_count_ptr), std::move(maps), sel_out, sel_in,

@@ -16,7 +16,9 @@ KeyboardInterrupt anywhere leaves the weights as they were. The noise of element
 contract's z(seed, key, i) whatever the chunk (index maps), so the probe sees exactly the bits the
 in-place pass would write. The cost is the in-place pass's noise (once per read: a weight read
 twice, e.g. a tied embedding and head, draws its noise twice, the embedding only for its rows)
-plus a copy into scratch; the scratch is bounded (`scratch_elements`, the peak is reported).
+written straight into scratch (the kernel's out-of-place form reads theta and writes
+theta + eps z: one pass where a clone and an in-place pass took two); the scratch is bounded
+(`scratch_elements`, the peak is reported).
 
 What qualifies is measured, not assumed: the optimizer's first probe runs in place AND virtually
 (`ProbeTracker` classifies every read) and keeps the virtual path only when both losses are equal
@@ -262,17 +264,20 @@ class _Draw:
             ones = self._ones[device] = torch.ones(count, dtype=torch.float32, device=device)
         return (*self._kernels[device], ones[:count])
 
-    def _draw(self, positions: list[int], pieces: list[torch.Tensor],
-              starts: list[int]) -> None:
-        """pieces[k] (a contiguous copy of elements starting at flat index starts[k] of
-        parameter positions[k]) = round(pieces[k] + sum_s scales[s] z(seeds[s], key, start + i))
-        in one kernel call."""
+    def _draw(self, positions: list[int], pieces: list[torch.Tensor], starts: list[int],
+              sources: list[torch.Tensor] | None = None) -> None:
+        """pieces[k] (contiguous, holding elements starting at flat index starts[k] of parameter
+        positions[k]) = round(sources[k] + sum_s scales[s] z(seeds[s], key, start + i)) in one
+        kernel call, sources[k] (contiguous, read only) holding the parameter's values there
+        (None: the pieces hold them already, updated in place)."""
         kernel, scales, ones = self._kernel(pieces[0].device, len(pieces))
         keys = [self.space.keys[j] for j in positions]
         maps = [None if start == 0 and piece.numel() == self.space.tensors[j].numel()
                 else (start, piece.numel(), piece.numel())
                 for j, piece, start in zip(positions, pieces, starts)]
         extra = {"index_maps": maps} if any(m is not None for m in maps) else {}
+        if sources is not None:
+            extra["sources"] = sources
         with torch.no_grad():
             kernel(pieces, keys, self.seeds, scales, ones, self.dist, "nearest", self.seeds[0],
                    contract=self.space.contract, **extra)
@@ -280,23 +285,24 @@ class _Draw:
 
     def wholes(self, positions: list[int]) -> list[torch.Tensor]:
         """Perturbed copies of the parameters at `positions` (same shapes, contiguous)."""
-        copies = [self.space.tensors[j].detach().clone(memory_format=torch.contiguous_format)
-                  for j in positions]
+        values = [self.space.tensors[j].detach().contiguous() for j in positions]
+        copies = [torch.empty_like(v) for v in values]
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for k, copy in enumerate(copies):
             if copy.numel():
                 groups.setdefault((copy.device, copy.dtype), []).append(k)
         for ks in groups.values():
             self._draw([positions[k] for k in ks], [copies[k].view(-1) for k in ks],
-                       [0] * len(ks))
+                       [0] * len(ks), [values[k].view(-1) for k in ks])
         return copies
 
     def row_block(self, j: int, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the perturbed 2-D parameter j."""
-        weight = self.space.tensors[j].detach()
-        copy = weight[start:stop].clone(memory_format=torch.contiguous_format)
+        """Rows [start, stop) of the perturbed 2-D parameter j, drawn in one pass from the
+        weight's rows into a new tensor (the kernel's out-of-place form: no clone first)."""
+        rows = self.space.tensors[j].detach()[start:stop].contiguous()
+        copy = torch.empty_like(rows)
         if copy.numel():
-            self._draw([j], [copy.view(-1)], [start * weight.shape[1]])
+            self._draw([j], [copy.view(-1)], [start * rows.shape[1]], [rows.view(-1)])
         return copy
 
     def linear(self, x: torch.Tensor, j: int, bias: torch.Tensor | None) -> torch.Tensor:

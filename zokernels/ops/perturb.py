@@ -27,7 +27,8 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
              scales: Any, *, keys: list[int] | None = None, decay: Any = 1.0,
              dist: str = "gaussian", rounding: str = "nearest", rounding_seed: int | None = None,
              applied: Any = None, index_maps: Any = None, backend: str = "auto",
-             check_finite: bool = True, contract: int = DEFAULT_CONTRACT) -> None:
+             check_finite: bool = True, contract: int = DEFAULT_CONTRACT,
+             sources: torch.Tensor | list[torch.Tensor] | None = None) -> None:
     """In place: t_j[i] = round(decay_j * t_j[i] + sum_k scales[k] * z(seeds[k], keys[j], i)).
 
     One read and one write of every element, whatever the number of seeds K: this is how MeZO's
@@ -67,6 +68,11 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
             docs/noise-contract.md): 3 has v2's normals and the integer stochastic rounding (16
             random bits per element: cheaper, other rounded values than 1 and 2); 2 and 1
             replay what was recorded with them (1: the gaussian normals before v2).
+        sources: None, or one tensor per tensor (same shape, dtype and device, sharing no memory
+            with any tensor written): out of place, t_j[i] = round(decay_j * s_j[i] + sum_k ...),
+            s_j only read. A perturbed copy of a weight in one pass (read s, write t) where a
+            clone and an in-place pass take two; how virtual probes draw theta + eps z without
+            writing the weights (zokernels.dense_probe). Not with `applied`.
 
     The arithmetic is float32: D is summed from 0 in seed order, added to the weight once, and
     the result rounds once to the tensor's dtype. Bytes moved: 2 * itemsize
@@ -89,14 +95,33 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
     applied_vector = None if applied is None else as_scalar_vector(
         applied, len(seed_list), "applied", check_finite=check_finite, allow_broadcast=False)
     maps = as_index_maps(index_maps, tensors)
+    source_list = None if sources is None else as_sources(sources, tensors)
+    if source_list is not None and applied is not None:
+        raise ValueError("sources and applied are exclusive: recovery reads the tensors "
+                         "themselves")
     for j, t in enumerate(tensors):
         check_no_internal_overlap(t, f"tensors[{j}]")
     check_no_overlap([(f"tensors[{j}]", t) for j, t in enumerate(tensors)],
-                     [("scales", scales), ("decay", decay), ("applied", applied)])
+                     [("scales", scales), ("decay", decay), ("applied", applied)]
+                     + [(f"sources[{j}]", s) for j, s in enumerate(source_list or [])])
     # Resolve every group's backend before writing anything: a refusal leaves all tensors as they were.
     plan = plan_groups(tensors, key_list, backend, maps)
     run_perturb(plan, seed_list, scale_vector, decay_vector, applied_vector, dist, rounding,
-                rounding_seed, contract=contract)
+                rounding_seed, contract=contract, sources=source_list)
+
+
+def as_sources(sources: Any, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """perturb_'s `sources`: one tensor per tensor, of its shape, dtype and device."""
+    source_list = as_tensor_list(sources, "sources")
+    if len(source_list) != len(tensors):
+        raise ValueError(f"sources must have one tensor per tensor ({len(tensors)}), "
+                         f"got {len(source_list)}")
+    for j, (s, t) in enumerate(zip(source_list, tensors)):
+        if s.shape != t.shape or s.dtype != t.dtype or s.device != t.device:
+            raise ValueError(f"sources[{j}] must have the shape, dtype and device of tensors[{j}] "
+                             f"({tuple(t.shape)}, {t.dtype}, {t.device}), got "
+                             f"({tuple(s.shape)}, {s.dtype}, {s.device})")
+    return source_list
 
 
 @dataclass
@@ -139,12 +164,13 @@ def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor
                 decays: torch.Tensor, applied: torch.Tensor | None, dist: str, rounding: str,
                 rounding_seed: int, logs: list | None = None, count_only: bool = False,
                 selector_logs: list | None = None, held_logs: list | None = None,
-                contract: int = DEFAULT_CONTRACT) -> None:
+                contract: int = DEFAULT_CONTRACT, sources: list | None = None) -> None:
     """Apply validated arguments group by group (shared by perturb_ and ParameterSpace).
 
     logs: None, or one UndoBuffers per group (docs/undo-log.md); count_only: only count.
     selector_logs / held_logs: None, or one SelectorBuffers per group, written / read;
-    contract: the version of the gaussian normals."""
+    contract: the version of the gaussian normals; sources: None, or one tensor per tensor of
+    the caller's list, read instead of the tensor (out of place)."""
     for g, group in enumerate(plan):
         device = group.device
         extra = {} if logs is None else {"log": logs[g], "count_only": count_only}
@@ -154,6 +180,8 @@ def run_perturb(plan: list[PerturbGroup], seeds: list[int], scales: torch.Tensor
             extra["held_log"] = held_logs[g]
         if group.index_maps is not None:
             extra["index_maps"] = group.index_maps
+        if sources is not None:  # read only: a non-contiguous one is read through a copy
+            extra["sources"] = [sources[j].detach().contiguous() for j in group.indices]
         with torch.no_grad(), contiguous_views(group.tensors, write_back=not count_only) as work:
             if work is group.tensors and group.backend in _CACHING_BACKENDS:
                 # the group's own tensors (no temporary copies): their launch data can be reused

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..._contract import DEFAULT_CONTRACT
+from .. import check_sources
 from ..undo_buffers import SelectorBuffers, UndoBuffers
 from ._codes import DIST_CODES, DTYPE_CODES, native_contract
 from ._loader import load_cpu_extension
@@ -45,7 +46,7 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
                 count_only: bool = False, index_maps: list | None = None,
                 table_cache: dict | None = None, selector_log: SelectorBuffers | None = None,
                 held_log: SelectorBuffers | None = None,
-                contract: int = DEFAULT_CONTRACT) -> None:
+                contract: int = DEFAULT_CONTRACT, sources: list[Tensor] | None = None) -> None:
     """In place: t[i] = round(decays[j] * t[i] + D),
     D = sum_k scales[k] * z(seeds[k], keys[j], g(i)) summed from 0 in seed order. With `applied`
     (float32 [K]), the perturbation sum_k applied[k] * z that t holds now is undone first
@@ -69,7 +70,9 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     rounding, decays 1; with `count_only`, only the pool words it needs are counted) / the one
     it reads, with `applied`, to recover every weight exactly (docs/undo-log.md).
     `contract`: 1, 2 or 3 (docs/noise-contract.md): the gaussian normals and the stochastic
-    rounding."""
+    rounding. `sources` (None, or one contiguous tensor per tensor, same dtype and numel; without
+    `applied` and the logs): out of place, t[i] = round(decays[j] * s[i] + D), s only read."""
+    check_sources(tensors, sources, applied, log, selector_log, held_log, "perturb_cpu")
     if count_only and log is None and selector_log is None:
         raise ValueError("perturb_cpu: count_only needs a log")
     ext = load_cpu_extension()
@@ -94,6 +97,8 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     if held_log is not None:
         log_args["selector_in"] = [held_log.regions.data_ptr(), held_log.regions.shape[1],
                                    held_log.pool.data_ptr(), held_log.pool.numel()]
+    if sources is not None:
+        log_args["source_ptrs"] = [s.data_ptr() for s in sources]
     codes = native_contract(rounding, contract)
     ext.perturb(ptrs, numels, key_list, decays.tolist(), DTYPE_CODES[tensors[0].dtype],
                 list(seeds), scales.tolist(), [] if applied is None else applied.tolist(),

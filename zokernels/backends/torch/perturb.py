@@ -1,8 +1,10 @@
-"""perturb_ reference: t = round(decay * t + D), D = sum_k scales[k] * z(seeds[k], key, i)."""
+"""perturb_ reference: t = round(decay * t + D), D = sum_k scales[k] * z(seeds[k], key, i)
+(out of place with sources: t = round(decay * s + D))."""
 
 import torch
 
 from ..._contract import DEFAULT_CONTRACT
+from .. import check_sources
 from .index_map import global_indices
 from .noise import contract_values, contract_values_at
 from .rounding import lost_by_recovery, recover, round_at, round_to
@@ -14,7 +16,7 @@ _CHUNK = 1 << 22
 
 def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding_seed,
                   applied=None, log=None, count_only=False, index_maps=None, selector_log=None,
-                  held_log=None, contract=DEFAULT_CONTRACT) -> None:
+                  held_log=None, contract=DEFAULT_CONTRACT, sources=None) -> None:
     """In place, in float32, one rounding per element (reference for every fast path).
 
     The noise sum D is accumulated from 0 in seed order and added to the weight once. With
@@ -31,12 +33,16 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
     (with `applied`) holds those of the perturbation the tensors hold now, read to recover them
     exactly (selector_log.py, docs/undo-log.md). `count_only` with `selector_log`: only the pool
     words the pass needs are counted, nothing is written.
+    `sources` (None, or one tensor per tensor, same dtype and numel; without `applied` and the
+    logs): out of place, t = round(decay * s + D), s only read.
     """
+    check_sources(tensors, sources, applied, log, selector_log, held_log, "perturb_torch")
     maps = index_maps if index_maps is not None else [None] * len(tensors)
+    sources = sources if sources is not None else tensors
     start = 0  # group-flat index of the tensor's first element
     block = 0  # the tensor's first selector-log block
-    for tensor, key, decay, index_map in zip(tensors, keys, decays, maps):
-        flat = tensor.view(-1)
+    for tensor, source, key, decay, index_map in zip(tensors, sources, keys, decays, maps):
+        flat, read = tensor.view(-1), source.reshape(-1)
         for offset in range(0, flat.numel(), _CHUNK):
             chunk = flat[offset:offset + _CHUNK]
             where = None if index_map is None else global_indices(index_map, offset, chunk.numel(),
@@ -53,7 +59,7 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
                 noise_sum = noise_sum + scale * z
                 if applied is not None:
                     applied_sum = applied_sum + applied[k] * z
-            theta = chunk.to(torch.float32)
+            theta = read[offset:offset + _CHUNK].to(torch.float32)
             chunk_block = block + offset // BLOCK
             if applied is not None and held_log is not None:
                 theta_exact = recover_tensor(held_log.regions, held_log.pool, chunk_block,

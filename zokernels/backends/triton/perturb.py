@@ -63,6 +63,11 @@ element) with one 64-bit division per program (``map_index``); mapped launches u
 MAPPED_BLOCK elements per program (registers: both paths live in one kernel). The undo log
 records LOCAL group-flat indices (first_j + i), as without maps.
 
+Out of place (``sources``, the plain pass only: no recovery, log or selector): tensor j is
+written ``round(decays[j] * s_j[i] + D)`` from source s_j, addressed as ``src_base_ptr +
+src_offsets[j]`` (an int64 tensor built per call); the weights' loads read s_j instead of t_j,
+nothing else changes, and without sources (HAS_SOURCE False) no code does.
+
 Undo log (docs/undo-log.md): with ``log`` (UndoBuffers), every element whose old value theta_in
 (after its own recovery with ``applied``) the recovery of a later ``applied=scales`` pass would
 not give back bit for bit (or that is NaN or -0.0) is counted in ``log.count`` and, while slots
@@ -86,6 +91,7 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table)
+from .. import check_sources
 from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, log_stored,
                            stored_value)
 
@@ -226,16 +232,18 @@ def _tail_mask(lanes, rem, OCTETS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _update_block(ptrs, full, lanes, rem, d, decay, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """t = round_nearest(decay * t + d) on the block: load, update and store inside each side of
-    the full / tail test, so that the tail's masks are computed on the tail's side only."""
+def _update_block(ptrs, src_ptrs, full, lanes, rem, d, decay, BLOCK: tl.constexpr,
+                  SOFT_BF16: tl.constexpr):
+    """t = round_nearest(decay * s + d) on the block (s: the source, the weight itself in place):
+    load, update and store inside each side of the full / tail test, so that the tail's masks are
+    computed on the tail's side only."""
     if full:
-        w = tl.load(ptrs)
+        w = tl.load(src_ptrs)
         tl.store(ptrs, round_nearest(decay * to_float32(w, SOFT_BF16) + d,
                                      ptrs.dtype.element_ty, SOFT_BF16))
     else:
         mask = _tail_mask(lanes, rem, False, BLOCK)
-        w = tl.load(ptrs, mask=mask, other=0.0)
+        w = tl.load(src_ptrs, mask=mask, other=0.0)
         tl.store(ptrs, round_nearest(decay * to_float32(w, SOFT_BF16) + d,
                                      ptrs.dtype.element_ty, SOFT_BF16), mask=mask)
 
@@ -250,7 +258,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                     LOG_MODE: tl.constexpr, MAPPED: tl.constexpr, SOFT_BF16: tl.constexpr,
                     NORMAL: tl.constexpr, sel_rows_ptr, out_regions_ptr, out_words, out_pool_ptr,
                     out_capacity, out_count_ptr, in_regions_ptr, in_words, in_pool_ptr,
-                    in_capacity, SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr):
+                    in_capacity, SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr, src_base_ptr,
+                    src_offsets_ptr, HAS_SOURCE: tl.constexpr):
     """STOCHASTIC: 0 round to nearest, 1 the uniform-based stochastic rounding (contracts 1, 2),
     2 the integer one (contract 3). LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log
     and write, 2 count only (index_ptr, values_ptr and capacity are None). MAPPED: the table rows
@@ -259,7 +268,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     1 write the selector log ``out_*``, 2 count its pool words only (nothing else written);
     SEL_IN: recover exactly from the held selector log ``in_*`` (with HAS_APPLIED). With either,
     BLOCK is the log's block (selector_log.py) and the program's row is ``sel_rows[j] + blk``;
-    unused selector arguments are None.
+    unused selector arguments are None. HAS_SOURCE: out of place, the weights are read from
+    ``src_base_ptr + src_offsets[j]`` (both None without).
 
     The block is held as a tile in Philox layout (``tile_lanes``; the plain rademacher pass in
     the vector tile, codes 3 / 4): the noise of a Philox call is used in the registers that
@@ -300,15 +310,22 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     lanes = tile_lanes(TILE, BLOCK)  # int32
     OCT_MASK: tl.constexpr = TILE == 5 and LOG_MODE == 0  # the tail's masks: _tail_mask
     ptrs = base_ptr + (offset + start) + lanes
+    if HAS_SOURCE:
+        src_offset = tl.load(src_offsets_ptr + j)
+        if ALIGN > 1:  # host checked the sources' alignment too
+            src_offset = tl.multiple_of(src_offset, ALIGN)
+        src_ptrs = src_base_ptr + (src_offset + start) + lanes
+    else:
+        src_ptrs = ptrs
     rem = numel - start
     full = rem >= BLOCK
     # the weights first: their loads overlap the noise arithmetic (VEC: after the seed loop, in
     # _update_block: its 64 accumulators per thread leave no registers for them)
     if not VEC:
         if full:  # interior blocks: no mask, vector loads
-            w = tl.load(ptrs)
+            w = tl.load(src_ptrs)
         else:
-            w = tl.load(ptrs, mask=_tail_mask(lanes, rem, OCT_MASK, BLOCK), other=0.0)
+            w = tl.load(src_ptrs, mask=_tail_mask(lanes, rem, OCT_MASK, BLOCK), other=0.0)
     # OCT without recovery: the rounding bits are drawn before the seed loop (sm_90 SASS: bf16
     # 54.9 -> 54.0 instructions per element at K = 1, fp16 58.9 -> 58.0, each extra seed
     # unchanged or cheaper, 96 registers, no spills; with recovery before the loop costs more:
@@ -366,7 +383,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                 d = add_noise(d, tl.load(sc_ptr), words, NTILE, NORMAL)
                 sc_ptr += 1
     if VEC:
-        _update_block(ptrs, full, lanes, rem, d, tl.load(decays_ptr + j), BLOCK, SOFT_BF16)
+        _update_block(ptrs, src_ptrs, full, lanes, rem, d, tl.load(decays_ptr + j), BLOCK,
+                      SOFT_BF16)
     else:
         x = to_float32(w, SOFT_BF16)
         if SEL_OUT != 0 or SEL_IN:
@@ -473,7 +491,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
                    rounding_seed: int, applied: torch.Tensor | None = None, log=None,
                    count_only: bool = False, index_maps=None,
                    table_cache: dict | None = None, contract: int = DEFAULT_CONTRACT,
-                   selector_log=None, held_log=None) -> None:
+                   selector_log=None, held_log=None, sources=None) -> None:
     """In place: t[i] = round(decays[j] * t[i] + D), D = sum_k scales[k] * z(seeds[k], keys[j], i)
     summed first, for every tensor j of the list, in one kernel launch. ``applied``: None, or
     float32 [K] on the device, the coefficients of the perturbation the tensors hold now; t[i] is
@@ -491,7 +509,10 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     pass writes (nearest rounding, decays 1; with ``count_only`` only the pool words it needs are
     added to its count) / the one it reads, with ``applied``, to recover every weight exactly;
     bit-identical to the torch reference's (the pool's block order aside: one atomic add per
-    spilled block). No host synchronization."""
+    spilled block). ``sources`` (None, or one contiguous tensor per tensor, same dtype and numel;
+    without ``applied`` and the logs): out of place, t[i] = round(decays[j] * s[i] + D), s only
+    read. No host synchronization."""
+    check_sources(tensors, sources, applied, log, selector_log, held_log, "perturb_triton")
     if len(seeds) == 0:  # the recovering kernel assumes K >= 1
         raise ValueError("perturb_triton: seeds must hold at least one seed")
     if selector_log is not None and log is not None:
@@ -519,6 +540,12 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
                                                  itemsize, log is not None, selector),
                           schedule=True)
     base = launch.base
+    align = launch.align
+    src_base = src_offsets = None
+    if sources is not None:
+        src_base, offsets, src_align = source_table(sources)
+        src_offsets = int64_table(offsets, tensors[0].device)
+        align = min(align, src_align)
     sel_rows = _selector_rows(table_cache, tensors) if selector else None
     out, held = selector_log, held_log
     _perturb_kernel[(launch.n_programs,)](
@@ -529,7 +556,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         log.index if log_mode == 1 else None, log.values if log_mode == 1 else None,
         log.count if log_mode != 0 else None, log.capacity if log_mode == 1 else None,
         LOG2_P=launch.log2_p, BLOCK=launch.block, DIST=DIST_CODES[dist],
-        STOCHASTIC=stochastic, ALIGN=launch.align,
+        STOCHASTIC=stochastic, ALIGN=align,
         HAS_APPLIED=applied is not None, LOG_MODE=log_mode, MAPPED=launch.mapped,
         SOFT_BF16=SOFT_BF16, NORMAL=normal,
         sel_rows_ptr=sel_rows,
@@ -543,9 +570,21 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         in_pool_ptr=None if held is None else held.pool,
         in_capacity=None if held is None else held.pool.numel(),
         SEL_OUT=sel_out, SEL_IN=held is not None,
+        src_base_ptr=src_base, src_offsets_ptr=src_offsets, HAS_SOURCE=sources is not None,
         num_warps=SELECTOR_WARPS[dist] if selector and not launch.mapped else NUM_WARPS,
         maxnreg=MAXNREG)
     count_launch()
+
+
+def source_table(sources: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int]:
+    """(the source with the lowest address, each source's element offset from it, the ALIGN
+    they allow: 16 // itemsize when every address is 16-byte aligned, else 1)."""
+    itemsize = sources[0].element_size()
+    ptrs = [s.data_ptr() for s in sources]
+    first = min(range(len(sources)), key=ptrs.__getitem__)
+    aligned = all(p % 16 == 0 for p in ptrs)
+    return (sources[first], [(p - ptrs[first]) // itemsize for p in ptrs],
+            16 // itemsize if aligned else 1)
 
 
 def _selector_rows(table_cache: dict | None, tensors: list[torch.Tensor]) -> torch.Tensor:
