@@ -456,9 +456,10 @@ def perturb_variants(extra=None) -> list[Variant]:
                 combos.append((dist, dt, rounding, False, "none", True))
     has_source = "HAS_SOURCE" in P._perturb_kernel.arg_names
     if has_source:  # out of place (a virtual probe's draw: nearest, its chunks mapped or not)
-        for dt in ("bf16", "fp32"):
-            for mapped in (False, True):
-                combos.append((dists[-1], dt, "nearest", False, "source", mapped))
+        for dist in ("rademacher", dists[-1]):  # rademacher's plain pass: the vector tile
+            for dt in ("bf16", "fp32"):
+                for mapped in (False, True):
+                    combos.append((dist, dt, "nearest", False, "source", mapped))
     has_selector = "SEL_OUT" in P._perturb_kernel.arg_names
     if has_selector:  # selector logs (nearest rounding): the passes of a step
         for dist in dists[1:]:  # rademacher and the current gaussian
@@ -479,7 +480,8 @@ def perturb_variants(extra=None) -> list[Variant]:
         elif hasattr(P, "block_for"):
             block = P.block_for(dist, stochastic,
                                 applied or log not in ("none", "source"), mapped, normal, size,
-                                log not in ("none", "source"))
+                                log not in ("none", "source"), **({"source": True} if source
+                                                                 else {}))
         else:  # the kernels before block_for (the baseline)
             block = P.BLOCK[dist] if not applied and log == "none" else min(P.BLOCK[dist],
                                                                               P.RECOVER_BLOCK)

@@ -302,11 +302,13 @@ inline void perturb_range(const PerturbJob& job, const WorkItem& item) {
             recover_tile<Philox, Format>(xt, d1, n, recovered);
             store_tile<Philox, Format, kMapped>([&](int i) { return decay * recovered[i] + d[i]; },
                                                 n, xt, job, key, g);
-        } else {
-            // in place, the weight itself: each element is read before it is written
-            const Storage* st = source == nullptr ? xt : source + t;
+        } else if (source != nullptr) {  // out of place: the source's tile, only read
+            const Storage* st = source + t;
             store_tile<Philox, Format, kMapped>(
                 [&](int i) { return decay * Format::to_float(st[i]) + d[i]; }, n, xt, job, key, g);
+        } else {
+            store_tile<Philox, Format, kMapped>(
+                [&](int i) { return decay * Format::to_float(xt[i]) + d[i]; }, n, xt, job, key, g);
         }
         t += n;
     }

@@ -60,6 +60,43 @@ def test_out_of_place_shards_use_their_index_maps(any_case):
         assert_bits_equal(block.cpu(), expected[start:stop].cpu(), f"{backend} {dtype} rows")
 
 
+def test_sources_at_their_own_addresses(any_case):
+    """Sources laid out unlike their targets (one buffer, in reversed order, one of them an
+    element off 16-byte alignment) and targets of mixed dtypes in one call: each target reads its
+    own source (a kernel addressing a source by its target's offset, or by the first source's,
+    reads other values)."""
+    backend, device = any_case
+    sizes = [1000, 37, 513]
+    buffer = torch.randn(1 + sum(sizes), device=device)
+    ends = [1 + sum(sizes[j:]) for j in range(len(sizes))]  # reversed: the last one first
+    sources = [buffer[end - n:end] for end, n in zip(ends, sizes)]
+    assert sources[-1].data_ptr() == buffer[1:].data_ptr()  # 4 bytes past the buffer's start
+    halves = [torch.randn(n, device=device).to(torch.bfloat16) for n in (300, 71)]
+    sources += halves
+    out = [torch.full_like(t, float("nan")) for t in sources]
+    expected = [t.clone() for t in sources]
+    keys = [3, 9, 27, 81, 243]
+    zokernels.perturb_(out, 7, 0.01, keys=keys, backend=backend, sources=sources)
+    zokernels.perturb_(expected, 7, 0.01, keys=keys, backend=backend)
+    for j, (o, e) in enumerate(zip(out, expected)):
+        assert_bits_equal(o.cpu(), e.cpu(), f"{backend} tensor {j}")
+
+
+def test_an_inference_tensor_can_be_a_source(any_case):
+    """A source is only read: an inference tensor (which may not be written outside
+    inference_mode) is accepted as one, and stays as it was."""
+    backend, device = any_case
+    with torch.inference_mode():
+        source = torch.randn(300, device=device)
+    kept = source.clone()
+    out = torch.empty(300, device=device)
+    expected = kept.clone()
+    zokernels.perturb_(out, 2, 0.5, sources=source, backend=backend)
+    zokernels.perturb_(expected, 2, 0.5, backend=backend)
+    assert_bits_equal(out, expected, "from an inference tensor")
+    assert_bits_equal(source, kept, "the source is only read")
+
+
 def test_non_contiguous_sources_and_targets(any_case):
     backend, device = any_case
     source = torch.randn(30, 40, device=device).t()  # 40 x 30, non-contiguous
@@ -95,7 +132,8 @@ def test_bad_sources_are_refused_before_any_write(case):
     before = [x.clone() for x in t]
     message = {"count": "sources must have one tensor per tensor",
                "shape": r"sources\[1\] must have the shape", "dtype": r"sources\[1\] must have",
-               "overlap": "sources", "alias": "sources", "applied": "sources and applied",
+               "overlap": r"sources\[0\] shares memory", "alias": r"sources\[0\] shares memory",
+               "applied": "sources and applied",
                "type": r"sources\[1\] must be a torch.Tensor"}[case]
     error = TypeError if case == "type" else ValueError
     with pytest.raises(error, match=message):
@@ -117,7 +155,7 @@ def test_backends_refuse_sources_beside_recovery(backend):
     with pytest.raises(ValueError, match="sources exclude applied"):
         perturb(t, [0], [1], one, one, "gaussian", "nearest", 1, applied=one,
                 sources=[torch.ones(8)])
-    with pytest.raises(ValueError, match="contiguous, of its tensor's dtype and numel"):
+    with pytest.raises(ValueError, match="contiguous, of its tensor's dtype, numel and device"):
         perturb(t, [0], [1], one, one, "gaussian", "nearest", 1, sources=[torch.ones(9)])
     with pytest.raises(ValueError, match="contiguous"):
         perturb(t, [0], [1], one, one, "gaussian", "nearest", 1,

@@ -71,8 +71,9 @@ def as_choice(value: Any, choices: Sequence[str], name: str) -> str:
     return value
 
 
-def as_tensor_list(tensors: Any, name: str) -> list[torch.Tensor]:
-    """A list of floating-point tensors of a supported dtype."""
+def as_tensor_list(tensors: Any, name: str, read_only: bool = False) -> list[torch.Tensor]:
+    """A list of floating-point tensors of a supported dtype (read_only: tensors a call only
+    reads, e.g. perturb_'s sources: inference tensors are fine there)."""
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     elif isinstance(tensors, (str, bytes)) or not hasattr(tensors, "__iter__"):
@@ -88,13 +89,14 @@ def as_tensor_list(tensors: Any, name: str) -> list[torch.Tensor]:
                             "float32, bfloat16 and float16")
         if t.is_sparse or t.layout != torch.strided:
             raise TypeError(f"{name}[{j}] must be a dense (strided) tensor, got layout {t.layout}")
-        if t.is_inference() and not torch.is_inference_mode_enabled():
+        if t.is_inference() and not torch.is_inference_mode_enabled() and not read_only:
             raise ValueError(f"{name}[{j}] is an inference tensor: it can be updated in place "
                              "only inside torch.inference_mode()")
         if t.is_neg():
             raise ValueError(f"{name}[{j}] is a negated view (its negative bit is set, e.g. "
-                             "z.conj().imag): the kernels would write its memory without the "
-                             "sign; pass a tensor without it (t.resolve_neg() is a copy)")
+                             f"z.conj().imag): the kernels would {'read' if read_only else 'write'}"
+                             " its memory without the sign; pass a tensor without it "
+                             "(t.resolve_neg() is a copy)")
         check_addressable(t, f"{name}[{j}]")
     return tensors
 

@@ -240,6 +240,15 @@ class DenseProbes:
         return max(ROW_ALIGN, self.scratch_elements // max(columns, 1) // ROW_ALIGN * ROW_ALIGN)
 
 
+def _scratch(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(a new contiguous tensor to draw `values` + eps z into, the flat values the draw reads
+    from). A non-contiguous parameter's values are cloned into it instead and drawn in place
+    (None): a contiguous copy to read from would be a second piece of scratch."""
+    if values.is_contiguous():
+        return torch.empty_like(values), values.view(-1)
+    return values.clone(memory_format=torch.contiguous_format), None
+
+
 class _Draw:
     """The perturbed values of one target's parameters under its `current` perturbation: copies
     drawn by the backend's perturb kernel (the in-place pass's arithmetic and rounding), element
@@ -285,24 +294,25 @@ class _Draw:
 
     def wholes(self, positions: list[int]) -> list[torch.Tensor]:
         """Perturbed copies of the parameters at `positions` (same shapes, contiguous)."""
-        values = [self.space.tensors[j].detach().contiguous() for j in positions]
-        copies = [torch.empty_like(v) for v in values]
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for k, copy in enumerate(copies):
+        values = [self.space.tensors[j].detach() for j in positions]
+        pieces = [_scratch(v) for v in values]
+        groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+        for k, (copy, source) in enumerate(pieces):
             if copy.numel():
-                groups.setdefault((copy.device, copy.dtype), []).append(k)
-        for ks in groups.values():
-            self._draw([positions[k] for k in ks], [copies[k].view(-1) for k in ks],
-                       [0] * len(ks), [values[k].view(-1) for k in ks])
-        return copies
+                groups.setdefault((copy.device, copy.dtype, source is None), []).append(k)
+        for (_, _, in_place), ks in groups.items():
+            self._draw([positions[k] for k in ks], [pieces[k][0].view(-1) for k in ks],
+                       [0] * len(ks), None if in_place else [pieces[k][1] for k in ks])
+        return [copy for copy, _ in pieces]
 
     def row_block(self, j: int, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the perturbed 2-D parameter j, drawn in one pass from the
         weight's rows into a new tensor (the kernel's out-of-place form: no clone first)."""
-        rows = self.space.tensors[j].detach()[start:stop].contiguous()
-        copy = torch.empty_like(rows)
+        rows = self.space.tensors[j].detach()[start:stop]
+        copy, source = _scratch(rows)
         if copy.numel():
-            self._draw([j], [copy.view(-1)], [start * rows.shape[1]], [rows.view(-1)])
+            self._draw([j], [copy.view(-1)], [start * rows.shape[1]],
+                       None if source is None else [source])
         return copy
 
     def linear(self, x: torch.Tensor, j: int, bias: torch.Tensor | None) -> torch.Tensor:

@@ -3,13 +3,14 @@
 
 def check_sources(tensors, sources, applied, log, selector_log, held_log, name: str) -> None:
     """A backend's checks of `sources` (the public op validated them): one contiguous tensor per
-    tensor, of its dtype and numel, and no recovery or log beside them."""
+    tensor, of its dtype, numel and device, and no recovery or log beside them."""
     if sources is None:
         return
     if len(sources) != len(tensors):
         raise ValueError(f"{name}: sources must have one tensor per tensor")
-    if any(s.dtype != t.dtype or s.numel() != t.numel() or not s.is_contiguous()
-           for s, t in zip(sources, tensors)):
-        raise ValueError(f"{name}: each source must be contiguous, of its tensor's dtype and numel")
+    if any(s.dtype != t.dtype or s.numel() != t.numel() or s.device != t.device
+           or not s.is_contiguous() for s, t in zip(sources, tensors)):
+        raise ValueError(f"{name}: each source must be contiguous, of its tensor's dtype, numel "
+                         "and device")
     if applied is not None or log is not None or selector_log is not None or held_log is not None:
         raise ValueError(f"{name}: sources exclude applied and the logs")

@@ -29,7 +29,8 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
              applied: Any = None, index_maps: Any = None, backend: str = "auto",
              check_finite: bool = True, contract: int = DEFAULT_CONTRACT,
              sources: torch.Tensor | list[torch.Tensor] | None = None) -> None:
-    """In place: t_j[i] = round(decay_j * t_j[i] + sum_k scales[k] * z(seeds[k], keys[j], i)).
+    """In place: t_j[i] = round(decay_j * t_j[i] + sum_k scales[k] * z(seeds[k], keys[j], i))
+    (out of place with `sources`: s_j[i] read instead of t_j[i]).
 
     One read and one write of every element, whatever the number of seeds K: this is how MeZO's
     restore + update fuse into a single pass and how PseuZO applies a 14-seed window.
@@ -112,7 +113,7 @@ def perturb_(tensors: torch.Tensor | list[torch.Tensor], seeds: int | list[int],
 
 def as_sources(sources: Any, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """perturb_'s `sources`: one tensor per tensor, of its shape, dtype and device."""
-    source_list = as_tensor_list(sources, "sources")
+    source_list = as_tensor_list(sources, "sources", read_only=True)
     if len(source_list) != len(tensors):
         raise ValueError(f"sources must have one tensor per tensor ({len(tensors)}), "
                          f"got {len(source_list)}")

@@ -76,12 +76,13 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     if count_only and log is None and selector_log is None:
         raise ValueError("perturb_cpu: count_only needs a log")
     ext = load_cpu_extension()
-    log_args = {}
+    native_args = {}
     if log is not None:
-        log_args = dict(log_index_ptr=log.index.data_ptr(), log_values_ptr=log.values.data_ptr(),
-                        log_capacity=min(log.index.numel(), log.values.numel()),
-                        log_count_ptr=log.count.data_ptr(),
-                        log_mode=_COUNT_ONLY if count_only else _LOG)
+        native_args = dict(log_index_ptr=log.index.data_ptr(),
+                           log_values_ptr=log.values.data_ptr(),
+                           log_capacity=min(log.index.numel(), log.values.numel()),
+                           log_count_ptr=log.count.data_ptr(),
+                           log_mode=_COUNT_ONLY if count_only else _LOG)
     static = None if table_cache is None else table_cache.get("cpu")
     if static is None:
         static = ([t.data_ptr() for t in tensors], [t.numel() for t in tensors], list(keys),
@@ -90,17 +91,17 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
             table_cache["cpu"] = static
     ptrs, numels, key_list, map_args = static
     if selector_log is not None:
-        log_args["selector_out"] = [
+        native_args["selector_out"] = [
             selector_log.regions.data_ptr(), selector_log.regions.shape[1],
             selector_log.pool.data_ptr(), selector_log.pool.numel(),
             selector_log.count.data_ptr(), int(count_only)]
     if held_log is not None:
-        log_args["selector_in"] = [held_log.regions.data_ptr(), held_log.regions.shape[1],
+        native_args["selector_in"] = [held_log.regions.data_ptr(), held_log.regions.shape[1],
                                    held_log.pool.data_ptr(), held_log.pool.numel()]
     if sources is not None:
-        log_args["source_ptrs"] = [s.data_ptr() for s in sources]
+        native_args["source_ptrs"] = [s.data_ptr() for s in sources]
     codes = native_contract(rounding, contract)
     ext.perturb(ptrs, numels, key_list, decays.tolist(), DTYPE_CODES[tensors[0].dtype],
                 list(seeds), scales.tolist(), [] if applied is None else applied.tolist(),
                 DIST_CODES[dist], codes["rounding"], rounding_seed, torch.get_num_threads(),
-                **log_args, **map_args, contract=codes["contract"])
+                **native_args, **map_args, contract=codes["contract"])

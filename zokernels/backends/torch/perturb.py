@@ -59,7 +59,8 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
                 noise_sum = noise_sum + scale * z
                 if applied is not None:
                     applied_sum = applied_sum + applied[k] * z
-            theta = read[offset:offset + _CHUNK].to(torch.float32)
+            theta_in = read[offset:offset + _CHUNK]
+            theta = theta_in.to(torch.float32)
             chunk_block = block + offset // BLOCK
             if applied is not None and held_log is not None:
                 theta_exact = recover_tensor(held_log.regions, held_log.pool, chunk_block,
@@ -69,7 +70,7 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
                 theta = recover(theta, applied_sum, tensor.dtype)
                 theta_exact = theta.to(tensor.dtype)
             else:
-                theta_exact = chunk.clone()
+                theta_exact = theta_in.clone()
             acc = theta * decay + noise_sum
             if where is None:
                 written = round_to(acc, tensor.dtype, rounding, rounding_seed, key, offset,

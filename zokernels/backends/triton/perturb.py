@@ -109,6 +109,9 @@ BLOCK = {"gaussian": 4096, "rademacher": 8192}
 # ``_update_block``); fp32 8192 (at 16384 its 64 fp32 weights per thread spill 12 instructions;
 # fp32 is memory-bound either way).
 VEC_BLOCK = {2: 16384, 4: 8192}
+# Out of place (sources=), the source's pointers are live too: the 16-bit vector tile at 16384
+# spills 4 instructions under MAXNREG, at 8192 none (sass_budget, rademacher .../source rows).
+SOURCE_VEC_BLOCK = 8192
 # Stochastic rounding (16-bit) holds the rounding quads' words and the division's temporaries
 # too: at the blocks above it spills under MAXNREG (32 spill instructions gaussian, 376
 # rademacher); half the block does not.
@@ -457,7 +460,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
 
 def block_for(dist: str, stochastic: int, recover: bool, mapped: bool = False,
               normal: int = 2, itemsize: int = 2, log: bool = False,
-              selector: bool = False) -> int:
+              selector: bool = False, source: bool = False) -> int:
     """Elements per program of a pass. ``recover``: with ``applied`` or a log; ``log``: with a
     log; ``mapped``: a
     table with index maps; ``normal``: the contract version of the gaussian normals (v1's
@@ -465,11 +468,13 @@ def block_for(dist: str, stochastic: int, recover: bool, mapped: bool = False,
     without spills); ``itemsize``: the plain rademacher pass's vector tile (VEC_BLOCK); other
     rademacher passes' 32 fp32 weights per thread spill at 8192 (8 spill instructions), not at
     4096. ``selector``: a selector log is written or read: one
-    program per block of the log (SELECTOR_BLOCK elements)."""
+    program per block of the log (SELECTOR_BLOCK elements). ``source``: out of place
+    (``sources``; the vector tile then at most SOURCE_VEC_BLOCK)."""
     if selector:
         return SELECTOR_BLOCK
     if dist == "rademacher" and stochastic == 0 and not recover and not mapped:
-        return VEC_BLOCK[itemsize]  # the vector tile (_perturb_kernel's VEC)
+        block = VEC_BLOCK[itemsize]  # the vector tile (_perturb_kernel's VEC)
+        return min(block, SOURCE_VEC_BLOCK) if source else block
     block = BLOCK[dist]
     if dist == "rademacher" and itemsize == 4:
         block = min(block, 4096)
@@ -532,17 +537,18 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     normal = normals_version(contract)
     recover = applied is not None or log is not None or selector_log is not None
     itemsize = tensors[0].element_size()
+    source = sources is not None
     block = block_for(dist, stochastic, recover, normal=normal, itemsize=itemsize,
-                      log=log is not None, selector=selector)
+                      log=log is not None, selector=selector, source=source)
     scales = scales.contiguous()
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
                           mapped_block=block_for(dist, stochastic, recover, True, normal,
-                                                 itemsize, log is not None, selector),
+                                                 itemsize, log is not None, selector, source),
                           schedule=True)
     base = launch.base
     align = launch.align
     src_base = src_offsets = None
-    if sources is not None:
+    if source:
         src_base, offsets, src_align = source_table(sources)
         src_offsets = int64_table(offsets, tensors[0].device)
         align = min(align, src_align)
@@ -570,7 +576,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         in_pool_ptr=None if held is None else held.pool,
         in_capacity=None if held is None else held.pool.numel(),
         SEL_OUT=sel_out, SEL_IN=held is not None,
-        src_base_ptr=src_base, src_offsets_ptr=src_offsets, HAS_SOURCE=sources is not None,
+        src_base_ptr=src_base, src_offsets_ptr=src_offsets, HAS_SOURCE=source,
         num_warps=SELECTOR_WARPS[dist] if selector and not launch.mapped else NUM_WARPS,
         maxnreg=MAXNREG)
     count_launch()
