@@ -460,6 +460,17 @@ def perturb_variants(extra=None) -> list[Variant]:
             for dt in ("bf16", "fp32"):
                 for mapped in (False, True):
                     combos.append((dist, dt, "nearest", False, "source", mapped))
+    has_shift = "SHIFTED" in P._perturb_kernel.arg_names
+    if has_shift:  # shards at block boundaries: the plain kernel at shifted counters
+        combos += [(dists[-1], "bf16", "nearest", False, "none", "shift"),
+                   (dists[-1], "fp32", "nearest", False, "none", "shift"),
+                   (dists[-1], "bf16", "nearest", True, "none", "shift"),
+                   ("rademacher", "bf16", "nearest", False, "none", "shift")]
+        if has_integer_sr:
+            combos.append((dists[-1], "bf16", "stochastic-v3", False, "none", "shift"))
+        if has_source:  # a virtual probe's piece at a block boundary
+            combos += [(dist, dt, "nearest", False, "source", "shift")
+                       for dist in ("rademacher", dists[-1]) for dt in ("bf16", "fp32")]
     has_selector = "SEL_OUT" in P._perturb_kernel.arg_names
     if has_selector:  # selector logs (nearest rounding): the passes of a step
         for dist in dists[1:]:  # rademacher and the current gaussian
@@ -468,6 +479,7 @@ def perturb_variants(extra=None) -> list[Variant]:
                     combos.append((dist, dt, "nearest", sel != "sel_out" and sel != "sel_count",
                                    sel, False))
     for name_dist, dt, rounding, applied, log, mapped in combos:
+        shifted, mapped = mapped == "shift", mapped is True
         dist, normal = ("gaussian", 2) if name_dist == "gaussian-v2" else (name_dist, 1)
         ty, size = _DT[dt]
         sel_out = {"sel_out": 1, "sel_in_out": 1, "sel_count": 2}.get(log, 0)
@@ -513,6 +525,12 @@ def perturb_variants(extra=None) -> list[Variant]:
             if not (sel_out or sel_in):
                 unused.append("sel_rows_ptr")
             const.update({k: None for k in unused})
+        if has_shift:
+            const["SHIFTED"] = shifted
+            if shifted:
+                sig["shifts_ptr"] = "*i64"
+            else:
+                const["shifts_ptr"] = None
         if has_source:
             const["HAS_SOURCE"] = source
             if source:
@@ -522,7 +540,7 @@ def perturb_variants(extra=None) -> list[Variant]:
         const.update({k: v for k, v in (extra or {}).items() if k in P._perturb_kernel.arg_names})
         name = (f"perturb/{name_dist}/{dt}/{rounding}" + ("/applied" if applied else "")
                 + ({"none": "", "log": "/log", "count": "/count_only"}.get(log, "/" + log))
-                + ("/mapped" if mapped else ""))
+                + ("/mapped" if mapped else "") + ("/shifted" if shifted else ""))
         opts = {"num_warps": P.NUM_WARPS}
         if sel_out or sel_in:
             opts["num_warps"] = (P.SELECTOR_WARPS[dist] if isinstance(P.SELECTOR_WARPS, dict)

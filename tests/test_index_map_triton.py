@@ -501,3 +501,63 @@ def test_stochastic_rounding_at_64_bit_indices():
                               for r in range(rows)])
         assert_bits_equal(t.cpu(), round_stochastic(acc, torch.bfloat16, uniforms),
                           f"stochastic rounding {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards at block boundaries: the plain kernel at shifted counters (SHIFTED)
+# ---------------------------------------------------------------------------------------------
+
+
+def _recording(monkeypatch):
+    """The (MAPPED, SHIFTED) flags of every perturb launch, in order."""
+    from zokernels.backends.triton import perturb as perturb_module
+
+    launched = []
+    kernel = perturb_module._perturb_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["MAPPED"], kwargs["SHIFTED"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(perturb_module, "_perturb_kernel", Recorder())
+    return launched
+
+
+@pytest.mark.parametrize("dtype,rounding", ROUNDED, ids=ROUNDED_IDS)
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_block_aligned_shards_take_the_plain_kernel(monkeypatch, dist, dtype, rounding):
+    """Shards whose map is a shift by a multiple of every pass's block (16384: FSDP2's dim-0
+    shards, a virtual probe's row pieces) run the plain kernel, its noise and rounding bits drawn
+    for block blk + shift: bit for bit the global tensor's slices (a tail block included, a
+    64-bit counter too), with and without `sources`; a shift that is not a whole block keeps
+    the mapped kernel."""
+    launched = _recording(monkeypatch)
+    n = 3 * 16384 + 1000
+    whole = _globals([((n,), None)], dtype, seed=5)[0]
+    shards = [(16384, n - 16384), (2 * 16384, 700)]  # (offset, numel): a tail, a short shard
+    expected = whole.clone()
+    seeds, scales = SEED_SETS["K3"]
+    _perturb([expected], [9], None, seeds, scales, [0.875], dist, rounding)
+    pieces = [whole[o:o + m].clone() for o, m in shards]
+    _perturb(pieces, [9, 9], [(o, m, m) for o, m in shards], seeds, scales, [0.875, 0.875],
+             dist, rounding)
+    for piece, (o, m) in zip(pieces, shards):
+        assert_bits_equal(piece.cpu(), expected[o:o + m].cpu(), f"shard at {o}")
+    if rounding == "nearest":  # out of place (a virtual probe's piece)
+        out = torch.full((700,), float("nan"), dtype=dtype, device=DEVICE)
+        _triton().perturb_triton([out], [9], seeds, torch.tensor(scales, device=DEVICE),
+                                 torch.tensor([0.875], device=DEVICE), dist, rounding,
+                                 ROUNDING_SEED, index_maps=[(2 * 16384, 700, 700)],
+                                 sources=[whole[2 * 16384:2 * 16384 + 700]])
+        assert_bits_equal(out.cpu(), expected[2 * 16384:2 * 16384 + 700].cpu(), "out of place")
+    big = torch.zeros(4096, device=DEVICE)  # block 2^28 of the whole tensor: counter >= 2^32
+    _perturb([big], [3], [(2 ** 40, 4096, 4096)], [7], [1.0], [1.0], dist)
+    assert_bits_equal(big.cpu(), _z_rows((2 ** 40, 4096, 4096), 1, 7, 3, dist), "2^40")
+    odd = whole[100:1100].clone()  # a shift by 100: not a whole block
+    _perturb([odd], [9], [(100, 1000, 1000)], seeds, scales, [0.875], dist, rounding)
+    assert_bits_equal(odd.cpu(), expected[100:1100].cpu(), "shard at 100")
+    assert launched[:2] == [(False, False), (False, True)]
+    assert launched[-2:] == [(False, True), (True, False)]

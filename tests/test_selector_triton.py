@@ -463,15 +463,19 @@ def test_pool_overflow_loses_whole_blocks_to_recovery():
     assert not torch.equal(_bits_list(recovered)[0], _bits_list(original)[0])  # loss is visible
 
 
+@pytest.mark.parametrize("shards", ["columns", "row-blocks"])
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
-def test_sharded_tensors_match_reference(dist):
-    """Shards with index maps (an aligned one: grouped Philox; an odd one: per element) log and
-    restore as the reference does (rademacher: its noise moved into the selector's layout)."""
+def test_sharded_tensors_match_reference(dist, shards):
+    """Shards with index maps (an aligned one: grouped Philox; an odd one: per element; rows at
+    block boundaries: the plain kernel at shifted counters) log and restore as the reference
+    does (rademacher: its noise moved into the selector's layout)."""
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(4)
-    original = [(0.02 * torch.randn(40 * 24, generator=g)).to(dtype),
-                (0.02 * torch.randn(40 * 27, generator=g)).to(dtype)]
-    maps = [(0, 24, 51), (24, 27, 51)]  # two column shards of a [40, 51] weight
+    if shards == "columns":  # two column shards of a [40, 51] weight
+        sizes, maps = [40 * 24, 40 * 27], [(0, 24, 51), (24, 27, 51)]
+    else:  # rows [1, 2) and [2, 4) of a [4, 1024] weight: shifts by 1 and 2 log blocks
+        sizes, maps = [1024, 2048], [(1024, 1024, 1024), (2048, 2048, 2048)]
+    original = [(0.02 * torch.randn(n, generator=g)).to(dtype) for n in sizes]
     ref = _passes_mapped(perturb_torch, [t.clone() for t in original], maps, "cpu", dist)
     tri = _passes_mapped(perturb_triton, [t.clone().to(DEVICE) for t in original], maps, DEVICE,
                          dist)

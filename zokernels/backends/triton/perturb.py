@@ -46,6 +46,13 @@ LOG2_P, alignment, recovery or not, log mode, mapped or not) select a compiled v
 and without maps (``index_maps`` None or all identity) neither is the map code: the unmapped
 kernel does exactly the work it did before maps existed.
 
+Shards at block boundaries (SHIFTED): when every map of a call is None or a shift g(i) =
+offset + i by a multiple of the pass's block (FSDP2's dim-0 shards of whole rows, a virtual
+probe's row pieces), the call takes the plain kernel and its table; tensor j's block b draws the
+noise and rounding bits of block ``b + shifts[j]`` of the whole tensor, the plain tiles at other
+counters (``block_shifts``: an int64 [T] kept in ``table_cache``), instead of the mapped kernel's
+per-group counters (sm_90: 44 instead of 64 instructions per element, bf16 v2 gaussian).
+
 Index maps (MAPPED): the host normalizes each map (``normalize_map``): identity -> None (a row
 of (0, SHIFT_SPAN, SHIFT_SPAN, 128) in a mapped call, g(i) = i), a shift (local rows contiguous
 in the global order, or one local row) -> spans SHIFT_SPAN, and ``grain`` = the largest of 1, 4,
@@ -90,7 +97,8 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       philox, quads, round_nearest, round_stochastic, round_stochastic_integer,
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
-                      rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table)
+                      rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table,
+                      normalize_map, SHIFT_SPAN)
 from .. import check_sources
 from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, log_stored,
                            stored_value)
@@ -262,7 +270,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                     NORMAL: tl.constexpr, sel_rows_ptr, out_regions_ptr, out_words, out_pool_ptr,
                     out_capacity, out_count_ptr, in_regions_ptr, in_words, in_pool_ptr,
                     in_capacity, SEL_OUT: tl.constexpr, SEL_IN: tl.constexpr, src_base_ptr,
-                    src_offsets_ptr, HAS_SOURCE: tl.constexpr):
+                    src_offsets_ptr, HAS_SOURCE: tl.constexpr, shifts_ptr,
+                    SHIFTED: tl.constexpr):
     """STOCHASTIC: 0 round to nearest, 1 the uniform-based stochastic rounding (contracts 1, 2),
     2 the integer one (contract 3). LOG_MODE: 0 no log (index_ptr .. capacity are None), 1 log
     and write, 2 count only (index_ptr, values_ptr and capacity are None). MAPPED: the table rows
@@ -272,7 +281,10 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     SEL_IN: recover exactly from the held selector log ``in_*`` (with HAS_APPLIED). With either,
     BLOCK is the log's block (selector_log.py) and the program's row is ``sel_rows[j] + blk``;
     unused selector arguments are None. HAS_SOURCE: out of place, the weights are read from
-    ``src_base_ptr + src_offsets[j]`` (both None without).
+    ``src_base_ptr + src_offsets[j]`` (both None without). SHIFTED: tensor j is a shard whose
+    element i is element ``shifts[j] * BLOCK + i`` of the whole tensor: the noise and rounding
+    bits are drawn for block ``blk + shifts[j]``, the plain kernel's tiles at another counter
+    (None without; the host's ``block_shifts``).
 
     The block is held as a tile in Philox layout (``tile_lanes``; the plain rademacher pass in
     the vector tile, codes 3 / 4): the noise of a Philox call is used in the registers that
@@ -290,6 +302,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     key = tl.load(row_ptr + 2).to(tl.uint32)
     blk = pid - tl.load(table_ptr + j)  # block index inside tensor j
     start = blk * BLOCK  # first element of the block: the only int64 index
+    nblk = blk  # the block whose noise and rounding bits the program draws
+    if SHIFTED:
+        nblk = blk + tl.load(shifts_ptr + j)
     if ALIGN > 1:
         # host checked: every data_ptr % 16 == 0, so every element offset is a multiple of ALIGN
         offset = tl.multiple_of(offset, ALIGN)
@@ -335,7 +350,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     # bf16 applied= 74.0 -> 75.9, so those passes draw them after it)
     EARLY_BITS: tl.constexpr = OCT and not HAS_APPLIED
     if EARLY_BITS:
-        r_early = rounding_bits_tile(None, key, blk, TILE, BLOCK,
+        r_early = rounding_bits_tile(None, key, nblk, TILE, BLOCK,
                                      load_key_schedule(schedule_ptr + 10 * K))
     # the noise sum (from 0.0, seed order), added to the weight once (contract order)
     d = tl.zeros(tile_lanes(NTILE, BLOCK).shape, tl.float32)
@@ -371,7 +386,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
             if (LOG_MODE == 0 and STOCHASTIC != 1) or (LOG_MODE == 2 and STOCHASTIC == 0):
                 tl.assume(K >= 1)
             for k in range(K):
-                words = noise_words(None, key, blk, NTILE, BLOCK, load_key_schedule(ks_ptr),
+                words = noise_words(None, key, nblk, NTILE, BLOCK, load_key_schedule(ks_ptr),
                                     zero)
                 d = add_noise(d, tl.load(sc_ptr), words, NTILE, NORMAL)
                 d1 = add_noise(d1, tl.load(ap_ptr), words, NTILE, NORMAL)
@@ -381,7 +396,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
         else:
             sc_ptr = scales_ptr
             for k10 in range(0, 10 * K, 10):  # k10 = 10 k
-                words = noise_words(None, key, blk, NTILE, BLOCK,
+                words = noise_words(None, key, nblk, NTILE, BLOCK,
                                     load_key_schedule(schedule_ptr + k10), zero)
                 d = add_noise(d, tl.load(sc_ptr), words, NTILE, NORMAL)
                 sc_ptr += 1
@@ -411,10 +426,10 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
             elif EARLY_BITS:
                 r = r_early
             elif TILE != 1:  # the rounding seed's key schedule loaded (rademacher: spills)
-                r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK,
+                r = rounding_bits_tile(load_seed(seeds_ptr + K), key, nblk, TILE, BLOCK,
                                        load_key_schedule(schedule_ptr + 10 * K))
             else:
-                r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
+                r = rounding_bits_tile(load_seed(seeds_ptr + K), key, nblk, TILE, BLOCK)
             y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16,
                                          not MAPPED)
         elif STOCHASTIC:
@@ -422,7 +437,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                 u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, start, map_offset,
                                               local_span, global_span, grain, TILE, BLOCK)
             else:
-                u = rounding_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK)
+                u = rounding_tile(load_seed(seeds_ptr + K), key, nblk, TILE, BLOCK)
             y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
         else:
             y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -540,6 +555,10 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     source = sources is not None
     block = block_for(dist, stochastic, recover, normal=normal, itemsize=itemsize,
                       log=log is not None, selector=selector, source=source)
+    # shards that are whole blocks of their tensor take the plain kernel at shifted counters
+    shifts = block_shifts(index_maps, tensors, block, table_cache)
+    if shifts is not None:
+        index_maps = None
     scales = scales.contiguous()
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
                           mapped_block=block_for(dist, stochastic, recover, True, normal,
@@ -577,9 +596,41 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         in_capacity=None if held is None else held.pool.numel(),
         SEL_OUT=sel_out, SEL_IN=held is not None,
         src_base_ptr=src_base, src_offsets_ptr=src_offsets, HAS_SOURCE=source,
+        shifts_ptr=shifts, SHIFTED=shifts is not None,
         num_warps=SELECTOR_WARPS[dist] if selector and not launch.mapped else NUM_WARPS,
         maxnreg=MAXNREG)
     count_launch()
+
+
+def block_shifts(index_maps, tensors: list[torch.Tensor], block: int,
+                 table_cache: dict | None) -> torch.Tensor | None:
+    """int64 [T] on the device when every index map is None or a shift g(i) = offset + i by a
+    multiple of ``block`` (a shard of whole rows at a block boundary: FSDP2's dim-0 shards, a
+    virtual probe's row pieces): tensor j's block b is block ``b + shifts[j]`` of the whole
+    tensor, which the plain kernel draws with its own tiles (SHIFTED). None otherwise (no maps,
+    all identities, or a map the mapped kernel must take). Kept in ``table_cache``."""
+    if index_maps is None:
+        return None
+    shifts = []
+    for index_map, tensor in zip(index_maps, tensors):
+        normal = normalize_map(index_map, tensor.numel())
+        if normal is None:
+            shifts.append(0)
+            continue
+        offset, local_span, _, _ = normal
+        if local_span != SHIFT_SPAN or offset % block:
+            return None
+        shifts.append(offset // block)
+    if not any(shifts):
+        return None
+    key = (tuple(shifts), tensors[0].device)
+    hit = None if table_cache is None else table_cache.get("block_shifts")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    table = int64_table(shifts, tensors[0].device)
+    if table_cache is not None:
+        table_cache["block_shifts"] = (key, table)
+    return table
 
 
 def source_table(sources: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int]:
