@@ -467,7 +467,12 @@ def perturb_variants(extra=None) -> list[Variant]:
                    (dists[-1], "bf16", "nearest", True, "none", "shift"),
                    ("rademacher", "bf16", "nearest", False, "none", "shift")]
         if has_integer_sr:
-            combos.append((dists[-1], "bf16", "stochastic-v3", False, "none", "shift"))
+            combos += [(dists[-1], "bf16", "stochastic-v3", False, "none", "shift"),
+                       (dists[-1], "bf16", "stochastic-v3", True, "none", "shift")]
+        combos += [(dists[-1], "bf16", "nearest", False, "log", "shift"),
+                   (dists[-1], "bf16", "nearest", False, "sel_out", "shift"),
+                   (dists[-1], "bf16", "nearest", True, "sel_in_out", "shift"),
+                   ("rademacher", "bf16", "nearest", True, "sel_in_out", "shift")]
         if has_source:  # a virtual probe's piece at a block boundary
             combos += [(dist, dt, "nearest", False, "source", "shift")
                        for dist in ("rademacher", dists[-1]) for dt in ("bf16", "fp32")]

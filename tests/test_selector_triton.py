@@ -477,8 +477,23 @@ def test_sharded_tensors_match_reference(dist, shards):
         sizes, maps = [1024, 2048], [(1024, 1024, 1024), (2048, 2048, 2048)]
     original = [(0.02 * torch.randn(n, generator=g)).to(dtype) for n in sizes]
     ref = _passes_mapped(perturb_torch, [t.clone() for t in original], maps, "cpu", dist)
-    tri = _passes_mapped(perturb_triton, [t.clone().to(DEVICE) for t in original], maps, DEVICE,
-                         dist)
+    from zokernels.backends.triton import perturb as perturb_module
+    launched, kernel = [], perturb_module._perturb_kernel
+
+    class Recorder:  # which kernel the shards take: mapped, or plain at shifted counters
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["MAPPED"], kwargs["SHIFTED"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    perturb_module._perturb_kernel = Recorder()
+    try:
+        tri = _passes_mapped(perturb_triton, [t.clone().to(DEVICE) for t in original], maps,
+                             DEVICE, dist)
+    finally:
+        perturb_module._perturb_kernel = kernel
+    assert launched == [(shards == "columns", shards == "row-blocks")] * 2
     for j, (a, b) in enumerate(zip(ref[0], tri[0])):
         _assert_same_or_both_nan(a, b.cpu(), f"shard {j}")
     assert int(tri[1].count) == int(ref[1].count)

@@ -520,9 +520,11 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     caller zeroes ``log.count``, the kernel adds to it); ``count_only`` (with ``log``): only add to
     the count, write nothing else. ``index_maps``: None or one entry per tensor, None (identity)
     or (offset, local_span, global_span): the noise and rounding of local element i are the
-    contract's at g(i) (module docstring); the log keeps local indices. ``table_cache``: None, or
-    a dict the caller keeps per persistent tensor group: the static launch table is reused while
-    the tensors' addresses, numels, keys, maps and the block stay the same (``cached_table``).
+    contract's at g(i) (module docstring); the log keeps local indices; when every map is None
+    or a shift by whole blocks, the plain kernel runs at shifted counters (SHIFTED,
+    ``block_shifts``). ``table_cache``: None, or a dict the caller keeps per persistent tensor
+    group: the static launch table is reused while the tensors' addresses, numels, keys, maps and
+    the block stay the same (``cached_table``), and so are the shifts (entry "block_shifts").
     ``contract``: 1, 2 or 3 (docs/noise-contract.md): the gaussian normals (1: v1, else v2)
     and the stochastic rounding (3: integer).
     ``selector_log`` / ``held_log`` (SelectorBuffers, docs/undo-log.md): the selector log this
