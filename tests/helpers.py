@@ -208,3 +208,23 @@ def finish_process_group() -> None:
 
     dist.barrier()
     dist.destroy_process_group()
+
+
+def record_perturb_launches(monkeypatch, *flags: str) -> list:
+    """The Triton perturb kernel's launches from now on: per launch, the value of the one
+    constexpr in `flags`, or the tuple of several (e.g. "MAPPED", "SHIFTED"), in order."""
+    from zokernels.backends.triton import perturb as perturb_module
+
+    launched = []
+    kernel = perturb_module._perturb_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                values = tuple(kwargs[f] for f in flags)
+                launched.append(values[0] if len(values) == 1 else values)
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(perturb_module, "_perturb_kernel", Recorder())
+    return launched

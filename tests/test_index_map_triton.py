@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import zokernels
-from helpers import assert_bits_equal, assert_close
+from helpers import assert_bits_equal, assert_close, record_perturb_launches
 
 pytestmark = pytest.mark.skipif("triton" not in zokernels.available_backends(),
                                 reason="triton backend not available")
@@ -245,20 +245,9 @@ def test_fast_paths_are_exercised():
                          ids=["none", "all-none", "identity-tuple", "identity-spans"])
 def test_no_maps_launch_the_unmapped_kernel(monkeypatch, maps):
     """index_maps None or all identity: the unmapped variant (MAPPED=False, 4-value rows)."""
-    from zokernels.backends.triton import perturb as perturb_module
     from zokernels.backends.triton._common import build_table
 
-    launched = []
-    kernel = perturb_module._perturb_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["MAPPED"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(perturb_module, "_perturb_kernel", Recorder())
+    launched = record_perturb_launches(monkeypatch, "MAPPED")
     tensors = [torch.randn(5, device=DEVICE), torch.randn(7, device=DEVICE)]
     _perturb(tensors, [1, 2], maps, [3], [0.5], [1.0, 1.0], "gaussian")
     _perturb(tensors, [1, 2], [(0, 5, 5), (3, 7, 14)], [3], [0.5], [1.0, 1.0], "gaussian")
@@ -508,24 +497,6 @@ def test_stochastic_rounding_at_64_bit_indices():
 # ---------------------------------------------------------------------------------------------
 
 
-def _recording(monkeypatch):
-    """The (MAPPED, SHIFTED) flags of every perturb launch, in order."""
-    from zokernels.backends.triton import perturb as perturb_module
-
-    launched = []
-    kernel = perturb_module._perturb_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append((kwargs["MAPPED"], kwargs["SHIFTED"]))
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(perturb_module, "_perturb_kernel", Recorder())
-    return launched
-
-
 @pytest.mark.parametrize("dtype,rounding", ROUNDED, ids=ROUNDED_IDS)
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 def test_block_aligned_shards_take_the_plain_kernel(monkeypatch, dist, dtype, rounding):
@@ -534,7 +505,7 @@ def test_block_aligned_shards_take_the_plain_kernel(monkeypatch, dist, dtype, ro
     for block blk + shift: bit for bit the global tensor's slices (a tail block included, a
     64-bit counter too), with and without `sources`; a shift that is not a whole block keeps
     the mapped kernel."""
-    launched = _recording(monkeypatch)
+    launched = record_perturb_launches(monkeypatch, "MAPPED", "SHIFTED")
     n = 3 * 16384 + 1000
     whole = _globals([((n,), None)], dtype, seed=5)[0]
     shards = [(16384, n - 16384), (2 * 16384, 700)]  # (offset, numel): a tail, a short shard

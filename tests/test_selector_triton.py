@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import assert_bits_equal, assert_same, snapshot
+from helpers import assert_bits_equal, assert_same, record_perturb_launches, snapshot
 
 from zokernels.backends.torch.noise import contract_values
 from zokernels.backends.torch.perturb import perturb_torch
@@ -465,7 +465,7 @@ def test_pool_overflow_loses_whole_blocks_to_recovery():
 
 @pytest.mark.parametrize("shards", ["columns", "row-blocks"])
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
-def test_sharded_tensors_match_reference(dist, shards):
+def test_sharded_tensors_match_reference(dist, shards, monkeypatch):
     """Shards with index maps (an aligned one: grouped Philox; an odd one: per element; rows at
     block boundaries: the plain kernel at shifted counters) log and restore as the reference
     does (rademacher: its noise moved into the selector's layout)."""
@@ -477,22 +477,9 @@ def test_sharded_tensors_match_reference(dist, shards):
         sizes, maps = [1024, 2048], [(1024, 1024, 1024), (2048, 2048, 2048)]
     original = [(0.02 * torch.randn(n, generator=g)).to(dtype) for n in sizes]
     ref = _passes_mapped(perturb_torch, [t.clone() for t in original], maps, "cpu", dist)
-    from zokernels.backends.triton import perturb as perturb_module
-    launched, kernel = [], perturb_module._perturb_kernel
-
-    class Recorder:  # which kernel the shards take: mapped, or plain at shifted counters
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append((kwargs["MAPPED"], kwargs["SHIFTED"]))
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    perturb_module._perturb_kernel = Recorder()
-    try:
-        tri = _passes_mapped(perturb_triton, [t.clone().to(DEVICE) for t in original], maps,
-                             DEVICE, dist)
-    finally:
-        perturb_module._perturb_kernel = kernel
+    launched = record_perturb_launches(monkeypatch, "MAPPED", "SHIFTED")
+    tri = _passes_mapped(perturb_triton, [t.clone().to(DEVICE) for t in original], maps, DEVICE,
+                         dist)
     assert launched == [(shards == "columns", shards == "row-blocks")] * 2
     for j, (a, b) in enumerate(zip(ref[0], tri[0])):
         _assert_same_or_both_nan(a, b.cpu(), f"shard {j}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -183,13 +184,35 @@ class _StaticTable(NamedTuple):
 TABLE_CACHE_ENTRIES = 4
 
 
-def _static_values(tensors, keys, block, index_maps, mapped_block):
-    """(host values of the static table, padded to an even length so that the seeds placed after
-    them stay 16-byte aligned, base index, programs, LOG2_P, ALIGN, mapped, block)."""
+def base_and_offsets(tensors: list[torch.Tensor]) -> tuple[int, list[int], int]:
+    """(index of the tensor with the lowest address, every tensor's element offset from it, the
+    ALIGN they allow: 16 // itemsize when every address is 16-byte aligned, else 1). Tensors of
+    one dtype: the kernels address tensor j as ``base_ptr + offset_j``."""
     itemsize = ITEMSIZE[tensors[0].dtype]
     ptrs = [t.data_ptr() for t in tensors]
     base_i = min(range(len(tensors)), key=ptrs.__getitem__)
-    base = ptrs[base_i]
+    align = 16 // itemsize if all(ptr % 16 == 0 for ptr in ptrs) else 1
+    return base_i, [(ptr - ptrs[base_i]) // itemsize for ptr in ptrs], align
+
+
+def cached_int64(table_cache: dict | None, name: str, key, values: Callable[[], list[int]],
+                 device: torch.device) -> torch.Tensor:
+    """``int64_table(values(), device)``, kept in ``table_cache[name]`` and reused while ``key``
+    (everything the values depend on) and the device stay the same (values() is not called
+    then)."""
+    hit = None if table_cache is None else table_cache.get(name)
+    if hit is not None and hit[0] == (key, device):
+        return hit[1]
+    table = int64_table(values(), device)
+    if table_cache is not None:
+        table_cache[name] = ((key, device), table)
+    return table
+
+
+def _static_values(tensors, keys, block, index_maps, mapped_block):
+    """(host values of the static table, padded to an even length so that the seeds placed after
+    them stay 16-byte aligned, base index, programs, LOG2_P, ALIGN, mapped, block)."""
+    base_i, offsets, align = base_and_offsets(tensors)
     numels = [t.numel() for t in tensors]
     maps = None if index_maps is None else [normalize_map(m, n)
                                             for m, n in zip(index_maps, numels)]
@@ -199,8 +222,8 @@ def _static_values(tensors, keys, block, index_maps, mapped_block):
     counts = [(n + block - 1) // block for n in numels]
     p = next_pow2(len(tensors))
     rows, first = [], 0
-    for j, (ptr, n, key) in enumerate(zip(ptrs, numels, keys)):
-        rows += [(ptr - base) // itemsize, n, key, first]
+    for j, (offset, n, key) in enumerate(zip(offsets, numels, keys)):
+        rows += [offset, n, key, first]
         if mapped:
             rows += (0, SHIFT_SPAN, SHIFT_SPAN, WORD) if maps[j] is None else maps[j]
         first += n
@@ -208,7 +231,6 @@ def _static_values(tensors, keys, block, index_maps, mapped_block):
     rows += [0] * (row * (p - len(tensors)))
     values = block_starts(counts, p) + rows
     values += [0] * (len(values) % 2)
-    align = 16 // itemsize if all(ptr % 16 == 0 for ptr in ptrs) else 1
     return values, base_i, sum(counts), p.bit_length() - 1, align, mapped, block
 
 

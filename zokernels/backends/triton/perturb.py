@@ -98,7 +98,7 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table,
-                      normalize_map, SHIFT_SPAN)
+                      normalize_map, SHIFT_SPAN, base_and_offsets, cached_int64)
 from .. import check_sources
 from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, log_stored,
                            stored_value)
@@ -569,9 +569,9 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     base = launch.base
     align = launch.align
     src_base = src_offsets = None
-    if source:
-        src_base, offsets, src_align = source_table(sources)
-        src_offsets = int64_table(offsets, tensors[0].device)
+    if source:  # the sources addressed as the tensors are: a base and element offsets
+        first, offsets, src_align = base_and_offsets(sources)
+        src_base, src_offsets = sources[first], int64_table(offsets, tensors[0].device)
         align = min(align, src_align)
     sel_rows = _selector_rows(table_cache, tensors) if selector else None
     out, held = selector_log, held_log
@@ -625,39 +625,20 @@ def block_shifts(index_maps, tensors: list[torch.Tensor], block: int,
         shifts.append(offset // block)
     if not any(shifts):
         return None
-    key = (tuple(shifts), tensors[0].device)
-    hit = None if table_cache is None else table_cache.get("block_shifts")
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    table = int64_table(shifts, tensors[0].device)
-    if table_cache is not None:
-        table_cache["block_shifts"] = (key, table)
-    return table
-
-
-def source_table(sources: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int]:
-    """(the source with the lowest address, each source's element offset from it, the ALIGN
-    they allow: 16 // itemsize when every address is 16-byte aligned, else 1)."""
-    itemsize = sources[0].element_size()
-    ptrs = [s.data_ptr() for s in sources]
-    first = min(range(len(sources)), key=ptrs.__getitem__)
-    aligned = all(p % 16 == 0 for p in ptrs)
-    return (sources[first], [(p - ptrs[first]) // itemsize for p in ptrs],
-            16 // itemsize if aligned else 1)
+    return cached_int64(table_cache, "block_shifts", tuple(shifts), lambda: shifts,
+                        tensors[0].device)
 
 
 def _selector_rows(table_cache: dict | None, tensors: list[torch.Tensor]) -> torch.Tensor:
     """int64 [T] on the device: each tensor's first row in a selector log (its blocks of
     SELECTOR_BLOCK elements follow those of the tensors before it), kept in ``table_cache``."""
     numels = tuple(t.numel() for t in tensors)
-    hit = None if table_cache is None else table_cache.get("selector_rows")
-    if hit is not None and hit[0] == numels and hit[1].device == tensors[0].device:
-        return hit[1]
-    rows, first = [], 0
-    for n in numels:
-        rows.append(first)
-        first += -(-n // SELECTOR_BLOCK)
-    table = int64_table(rows, tensors[0].device)
-    if table_cache is not None:
-        table_cache["selector_rows"] = (numels, table)
-    return table
+
+    def rows() -> list[int]:
+        starts, first = [], 0
+        for n in numels:
+            starts.append(first)
+            first += -(-n // SELECTOR_BLOCK)
+        return starts
+
+    return cached_int64(table_cache, "selector_rows", numels, rows, tensors[0].device)
