@@ -493,42 +493,93 @@ def test_stochastic_rounding_at_64_bit_indices():
 
 
 # ---------------------------------------------------------------------------------------------
-# Shards at block boundaries: the plain kernel at shifted counters (SHIFTED)
-# ---------------------------------------------------------------------------------------------
+# Shifted shards: the plain kernel at shifted counters (SHIFTED)
 
 
 @pytest.mark.parametrize("dtype,rounding", ROUNDED, ids=ROUNDED_IDS)
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
-def test_block_aligned_shards_take_the_plain_kernel(monkeypatch, dist, dtype, rounding):
-    """Shards whose map is a shift by a multiple of every pass's block (16384: FSDP2's dim-0
-    shards, a virtual probe's row pieces) run the plain kernel, its noise and rounding bits drawn
-    for block blk + shift: bit for bit the global tensor's slices (a tail block included, a
-    64-bit counter too), with and without `sources`; a shift that is not a whole block keeps
-    the mapped kernel."""
+def test_shifted_shards_take_the_plain_kernel(monkeypatch, dist, dtype, rounding):
+    """Shards whose map is a shift by a multiple of the pass's Philox call (4 elements gaussian,
+    8 with contract 3's rounding bits, 128 rademacher) run the plain kernel, its noise and
+    rounding bits drawn from element shift + blk * BLOCK: bit for bit the global tensor's slices,
+    whether the shift is a whole block (a tail block, a short shard) or not (FSDP2's 1-D chunks,
+    rows of 384 crossing block boundaries), with and without `sources`, at 64-bit counters and
+    next to a 2^32-call segment boundary; a shift by part of a call, or a shard whose blocks
+    would cross a segment boundary (the low counter word would carry), keeps the mapped kernel."""
+    from zokernels.backends.triton.perturb import shift_grain
+
     launched = record_perturb_launches(monkeypatch, "MAPPED", "SHIFTED")
+    grain = shift_grain(dist, 2 if rounding == "stochastic" else 0)  # contract 3: the default
     n = 3 * 16384 + 1000
     whole = _globals([((n,), None)], dtype, seed=5)[0]
-    shards = [(16384, n - 16384), (2 * 16384, 700)]  # (offset, numel): a tail, a short shard
     expected = whole.clone()
     seeds, scales = SEED_SETS["K3"]
     _perturb([expected], [9], None, seeds, scales, [0.875], dist, rounding)
-    pieces = [whole[o:o + m].clone() for o, m in shards]
-    _perturb(pieces, [9, 9], [(o, m, m) for o, m in shards], seeds, scales, [0.875, 0.875],
-             dist, rounding)
-    for piece, (o, m) in zip(pieces, shards):
-        assert_bits_equal(piece.cpu(), expected[o:o + m].cpu(), f"shard at {o}")
-    if rounding == "nearest":  # out of place (a virtual probe's piece)
+    calls = [[(16384, n - 16384), (2 * 16384, 700)],  # whole blocks: a tail, a short shard
+             [(384, 1000), (16384 + 640, 5000)],  # whole calls of every pass, not blocks
+             [(100, 1000)], [(104, 1000)],  # whole gaussian calls; 104: of the rounding bits
+             [(102, 1000)]]  # part of a call: mapped
+    for shards in calls:
+        pieces = [whole[o:o + m].clone() for o, m in shards]
+        _perturb(pieces, [9] * len(shards), [(o, m, m) for o, m in shards], seeds, scales,
+                 [0.875] * len(shards), dist, rounding)
+        for piece, (o, m) in zip(pieces, shards):
+            assert_bits_equal(piece.cpu(), expected[o:o + m].cpu(), f"shard at {o}")
+        shifted = all(o % grain == 0 for o, _ in shards)
+        assert launched.pop() == (not shifted, shifted), shards
+    if rounding == "nearest":  # out of place (a virtual probe's piece), inside a block
         out = torch.full((700,), float("nan"), dtype=dtype, device=DEVICE)
         _triton().perturb_triton([out], [9], seeds, torch.tensor(scales, device=DEVICE),
                                  torch.tensor([0.875], device=DEVICE), dist, rounding,
-                                 ROUNDING_SEED, index_maps=[(2 * 16384, 700, 700)],
-                                 sources=[whole[2 * 16384:2 * 16384 + 700]])
-        assert_bits_equal(out.cpu(), expected[2 * 16384:2 * 16384 + 700].cpu(), "out of place")
-    big = torch.zeros(4096, device=DEVICE)  # block 2^28 of the whole tensor: counter >= 2^32
-    _perturb([big], [3], [(2 ** 40, 4096, 4096)], [7], [1.0], [1.0], dist)
-    assert_bits_equal(big.cpu(), _z_rows((2 ** 40, 4096, 4096), 1, 7, 3, dist), "2^40")
-    odd = whole[100:1100].clone()  # a shift by 100: not a whole block
-    _perturb([odd], [9], [(100, 1000, 1000)], seeds, scales, [0.875], dist, rounding)
-    assert_bits_equal(odd.cpu(), expected[100:1100].cpu(), "shard at 100")
-    assert launched[:2] == [(False, False), (False, True)]
-    assert launched[-2:] == [(False, True), (True, False)]
+                                 ROUNDING_SEED, index_maps=[(16384 + 384, 700, 700)],
+                                 sources=[whole[16384 + 384:16384 + 1084]])
+        assert_bits_equal(out.cpu(), expected[16384 + 384:16384 + 1084].cpu(), "out of place")
+        assert launched.pop() == (False, True)
+    # fp32 zeros + z: block 2^28 of the whole tensor (counter >= 2^32); shards next to the
+    # 2^32-call boundary at 2^34 elements: below it, above it, across it (mapped)
+    for offset, shifted in [(2 ** 40, True), (2 ** 34 - 12160, True), (2 ** 34 + 384, True),
+                            (2 ** 34 - 384, False)]:
+        big = torch.zeros(4000, device=DEVICE)
+        _perturb([big], [3], [(offset, 4000, 4000)], [7], [1.0], [1.0], dist)
+        assert_bits_equal(big.cpu(), _z_rows((offset, 4000, 4000), 1, 7, 3, dist), str(offset))
+        assert launched.pop() == (not shifted, shifted), offset
+
+
+def _fsdp2_box(shape, rank, world):
+    """FSDP2's dim-0 chunk of a tensor for a rank: ceil(rows / world) rows from rank * that."""
+    chunk = -(-shape[0] // world)
+    start = min(rank * chunk, shape[0])
+    return start, min(chunk, shape[0] - start)
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_an_fsdp2_rank_group_takes_the_shifted_kernel(monkeypatch, dist):
+    """One rank of a 4-way FSDP2 split of a small decoder layer (2-D weights, biases, norms: the
+    1-D chunks at 24 and 48 elements) as marked shards in a ParameterSpace: the +eps pass and a
+    decayed contract-3 stochastic-rounding update take the plain kernel at shifted counters for
+    gaussian (every offset is whole calls of 4 and 8), the mapped one for rademacher (24 is not
+    whole calls of 128), and every shard ends as the unsharded space's slice, bit for bit."""
+    from zokernels.sharding import mark_shard
+    from zokernels.space import ParameterSpace
+
+    launched = record_perturb_launches(monkeypatch, "MAPPED", "SHIFTED")
+    generator = torch.Generator().manual_seed(11)
+    shapes = {"embed.weight": (50, 64), "q.weight": (32, 64), "q.bias": (32,),
+              "norm.weight": (64,), "norm.bias": (64,)}
+    fulls = {name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+             .to(DEVICE) for name, shape in shapes.items()}
+    boxes = {name: _fsdp2_box(shape, 3, 4) for name, shape in shapes.items()}
+    shards = {name: mark_shard(fulls[name][start:start + rows].clone(), shapes[name],
+                               (start,) + (0,) * (len(shapes[name]) - 1))
+              for name, (start, rows) in boxes.items()}
+    whole = ParameterSpace(list(fulls.items()), backend="triton")
+    part = ParameterSpace(list(shards.items()), backend="triton")
+    for space in (whole, part):
+        space.apply(31, 1e-3, dist=dist)
+        space.apply(31, -0.02, applied=1e-3, weight_decay_factor=0.99, dist=dist,
+                    rounding="stochastic", rounding_seed=5, contract=3)
+    for name, (start, rows) in boxes.items():
+        assert_bits_equal(shards[name].cpu(), fulls[name][start:start + rows].cpu(), name)
+    shifted = dist == "gaussian"
+    assert launched == [(False, False)] * 2 + [(not shifted, shifted)] * 2
+

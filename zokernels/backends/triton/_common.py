@@ -542,14 +542,28 @@ def _philox_keyed(seed, ks, c0, c1, c2, c3, zero):
 
 
 @triton.jit
-def _philox_calls(seed, key, blk, N: tl.constexpr, STREAM: tl.constexpr, ks=None, zero=0):
-    """Words of the N consecutive Philox calls ``blk * N + [0, N)`` (counter (b lo, b hi, key,
-    STREAM)). ``blk * N`` is a multiple of the power of two N <= 2^32, so adding ``arange(N)`` to
-    its low word never carries into the high word. ``ks``, ``zero``: ``_philox_keyed``."""
+def first_call(blk, N: tl.constexpr, GROUP: tl.constexpr, shift=None):
+    """(low, high) uint32 words of the first of the N Philox calls (of GROUP elements each) of
+    block ``blk``: ``blk * N``, plus ``shift // GROUP`` for a shifted shard (``shift``: the
+    shard's first element in the whole tensor, a multiple of GROUP; perturb.py SHIFTED). A tile
+    adds the call's index inside the block to the low word only. From ``blk * N``, a multiple of
+    the power of two N <= 2^32, that never carries into the high word; from a shifted start it
+    could at a 2^32-call boundary, so the host sends a shard only when its blocks' calls lie in
+    one such segment (perturb.py ``element_shifts``)."""
     g = blk.to(tl.uint64, bitcast=True) * N
-    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, N).to(tl.uint32)
-    c1 = (g >> 32).to(tl.uint32)
-    return _philox_keyed(seed, ks, c0, c1, key, STREAM, zero)
+    if shift is not None:
+        g += shift.to(tl.uint64, bitcast=True) // GROUP
+    return (g & 0xFFFFFFFF).to(tl.uint32), (g >> 32).to(tl.uint32)
+
+
+@triton.jit
+def _philox_calls(seed, key, blk, N: tl.constexpr, STREAM: tl.constexpr, ks=None, zero=0,
+                  GROUP: tl.constexpr = 4, shift=None):
+    """Words of the N consecutive Philox calls ``blk * N (+ shift // GROUP) + [0, N)`` (counter
+    (b lo, b hi, key, STREAM); no carry: ``first_call``). ``ks``, ``zero``:
+    ``_philox_keyed``."""
+    c0, c1 = first_call(blk, N, GROUP, shift)
+    return _philox_keyed(seed, ks, c0 + tl.arange(0, N).to(tl.uint32), c1, key, STREAM, zero)
 
 
 @triton.jit
@@ -614,24 +628,26 @@ def _tile_from_words(w0, w1, w2, w3, DIST: tl.constexpr, NORMAL: tl.constexpr):
 
 
 @triton.jit
-def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None, zero=0):
+def noise_words(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None, zero=0,
+                shift=None):
     """Words of the Philox calls of the block ``blk`` (stream 0), a tuple: the 4 words of
     BLOCK // 128 calls for rademacher, of BLOCK // 4 calls otherwise; for the octet tile (5)
     8 words, those of the even calls 2j then of the odd calls 2j + 1 (j < BLOCK // 8). With
     ``ks`` (the seed's key schedule, ``load_key_schedule``; ``seed`` is then unused) and
-    ``zero``: see ``philox_scheduled``."""
+    ``zero``: see ``philox_scheduled``. ``shift``: None, or a shifted shard's first element in
+    the whole tensor (a multiple of the call's elements, 8 for the octet tile: ``first_call``);
+    the block is then elements ``shift + blk * BLOCK + [0, BLOCK)`` of the whole tensor."""
     tl.static_assert(BLOCK >= 128 and (BLOCK & (BLOCK - 1)) == 0, "BLOCK: a power of two >= 128")
     if DIST == 5:
-        # calls 2j and 2j + 1 of the block's BLOCK // 4 (their low counter words never carry)
-        g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 4)
-        c0 = (g & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, BLOCK // 8).to(tl.uint32) * 2
-        c1 = (g >> 32).to(tl.uint32)
+        # calls 2j and 2j + 1 of the block's BLOCK // 4 (the first call's index is even)
+        c0, c1 = first_call(blk, BLOCK // 4, 4, shift)
+        c0 = c0 + tl.arange(0, BLOCK // 8).to(tl.uint32) * 2
         a0, a1, a2, a3 = _philox_keyed(seed, ks, c0, c1, key, 0, zero)
         b0, b1, b2, b3 = _philox_keyed(seed, ks, c0 + 1, c1, key, 0, zero)
         return a0, a1, a2, a3, b0, b1, b2, b3
     else:
-        N: tl.constexpr = BLOCK // 128 if DIST == 1 or DIST >= 3 else BLOCK // 4
-        return _philox_calls(seed, key, blk, N, 0, ks, zero)
+        GROUP: tl.constexpr = 128 if DIST == 1 or DIST >= 3 else 4
+        return _philox_calls(seed, key, blk, BLOCK // GROUP, 0, ks, zero, GROUP, shift)
 
 
 @triton.jit
@@ -695,13 +711,12 @@ def _rounding_quads(DIST: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def rounding_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr):
+def rounding_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, shift=None):
     """Stochastic-rounding uniforms (stream 1, word i mod 4 of call i // 4) for elements
-    ``blk * BLOCK + [0, BLOCK)``, in the tile shape of DIST (a thread computes the quads of its
-    own elements)."""
-    g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 4)  # no carry: see _philox_calls
-    c0 = (g & 0xFFFFFFFF).to(tl.uint32) + _rounding_quads(DIST, BLOCK).to(tl.uint32)
-    w0, w1, w2, w3 = philox(seed, c0, (g >> 32).to(tl.uint32), key, 1)
+    ``blk * BLOCK + [0, BLOCK)`` (plus ``shift``: ``noise_words``), in the tile shape of DIST (a
+    thread computes the quads of its own elements)."""
+    c0, c1 = first_call(blk, BLOCK // 4, 4, shift)
+    w0, w1, w2, w3 = philox(seed, c0 + _rounding_quads(DIST, BLOCK).to(tl.uint32), c1, key, 1)
     return _rounding_from_words(w0, w1, w2, w3, DIST)
 
 
@@ -799,17 +814,17 @@ def _rounding_bits(seed, key, b_lo, b_hi, sub, ks=None):
 
 
 @triton.jit
-def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None):
-    """Contract 3's random bits of the elements ``blk * BLOCK + [0, BLOCK)`` in the tile shape of
-    DIST: one Philox call per 8 consecutive elements. The octet tile (5) holds call j's 8
-    elements in column j, in one thread; the [4, N] gaussian tile computes call j once and moves
-    its halves to quads 2j and 2j + 1 (two threads: shared memory); rademacher builds the
-    counters per word (8 elements of the 32 of a word share a call), so that the copies of a
-    call in one thread's registers are the same expression and compile to one call. ``blk * BLOCK // 8`` is a multiple of BLOCK // 8, so adding
-    the call index inside the block to its low word never carries."""
-    g = blk.to(tl.uint64, bitcast=True) * (BLOCK // 8)
-    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (g >> 32).to(tl.uint32)
+def rounding_bits_tile(seed, key, blk, DIST: tl.constexpr, BLOCK: tl.constexpr, ks=None,
+                       shift=None):
+    """Contract 3's random bits of the elements ``blk * BLOCK + [0, BLOCK)`` (plus ``shift``:
+    ``noise_words``) in the tile shape of DIST: one Philox call per 8 consecutive elements. The
+    octet tile (5) holds call j's 8 elements in column j, in one thread; the [4, N] gaussian tile
+    computes call j once and moves its halves to quads 2j and 2j + 1 (two threads: shared
+    memory); rademacher builds the counters per word (8 elements of the 32 of a word share a
+    call), so that the copies of a call in one thread's registers are the same expression and
+    compile to one call. The call index inside the block is added to the low word
+    (``first_call``)."""
+    c0, c1 = first_call(blk, BLOCK // 8, 8, shift)
     if DIST == 1:
         # element 128j + 32m + s at [s, m, j]: call 16j + 4m + s // 8, sub-index s % 8
         s8 = tl.arange(0, 32)[:, None, None]

@@ -46,12 +46,14 @@ LOG2_P, alignment, recovery or not, log mode, mapped or not) select a compiled v
 and without maps (``index_maps`` None or all identity) neither is the map code: the unmapped
 kernel does exactly the work it did before maps existed.
 
-Shards at block boundaries (SHIFTED): when every map of a call is None or a shift g(i) =
-offset + i by a multiple of the pass's block (FSDP2's dim-0 shards of whole rows, a virtual
-probe's row pieces), the call takes the plain kernel and its table; tensor j's block b draws the
-noise and rounding bits of block ``b + shifts[j]`` of the whole tensor, the plain tiles at other
-counters (``block_shifts``: an int64 [T] kept in ``table_cache``), instead of the mapped kernel's
-per-group counters (sm_90: 44 instead of 64 instructions per element, bf16 v2 gaussian).
+Shifted shards (SHIFTED): when every map of a call is None or a shift g(i) = offset + i by a
+multiple of the pass's Philox call (``shift_grain``: 4 elements gaussian, 8 with contract 3's
+rounding bits, 128 rademacher; FSDP2's dim-0 shards, 2-D and 1-D, a virtual probe's row
+pieces), the call takes the plain kernel and its table; tensor j's block b draws the noise and
+rounding bits of elements ``shifts[j] + b * BLOCK + [0, BLOCK)`` of the whole tensor, the plain
+tiles at other counters (``element_shifts``: an int64 [T] kept in ``table_cache``), instead of
+the mapped kernel's per-group counters (sm_90: 44 instead of 64 instructions per element, bf16
+v2 gaussian).
 
 Index maps (MAPPED): the host normalizes each map (``normalize_map``): identity -> None (a row
 of (0, SHIFT_SPAN, SHIFT_SPAN, 128) in a mapped call, g(i) = i), a shift (local rows contiguous
@@ -282,9 +284,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     BLOCK is the log's block (selector_log.py) and the program's row is ``sel_rows[j] + blk``;
     unused selector arguments are None. HAS_SOURCE: out of place, the weights are read from
     ``src_base_ptr + src_offsets[j]`` (both None without). SHIFTED: tensor j is a shard whose
-    element i is element ``shifts[j] * BLOCK + i`` of the whole tensor: the noise and rounding
-    bits are drawn for block ``blk + shifts[j]``, the plain kernel's tiles at another counter
-    (None without; the host's ``block_shifts``).
+    element i is element ``shifts[j] + i`` of the whole tensor: the noise and rounding bits are
+    drawn for the elements from ``shifts[j] + blk * BLOCK``, the plain kernel's tiles at
+    other counters (None without; the host's ``element_shifts``).
 
     The block is held as a tile in Philox layout (``tile_lanes``; the plain rademacher pass in
     the vector tile, codes 3 / 4): the noise of a Philox call is used in the registers that
@@ -302,9 +304,9 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     key = tl.load(row_ptr + 2).to(tl.uint32)
     blk = pid - tl.load(table_ptr + j)  # block index inside tensor j
     start = blk * BLOCK  # first element of the block: the only int64 index
-    nblk = blk  # the block whose noise and rounding bits the program draws
+    shift = None  # SHIFTED: the shard's first element in the whole tensor (noise, rounding bits)
     if SHIFTED:
-        nblk = blk + tl.load(shifts_ptr + j)
+        shift = tl.load(shifts_ptr + j)
     if ALIGN > 1:
         # host checked: every data_ptr % 16 == 0, so every element offset is a multiple of ALIGN
         offset = tl.multiple_of(offset, ALIGN)
@@ -350,8 +352,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     # bf16 applied= 74.0 -> 75.9, so those passes draw them after it)
     EARLY_BITS: tl.constexpr = OCT and not HAS_APPLIED
     if EARLY_BITS:
-        r_early = rounding_bits_tile(None, key, nblk, TILE, BLOCK,
-                                     load_key_schedule(schedule_ptr + 10 * K))
+        r_early = rounding_bits_tile(None, key, blk, TILE, BLOCK,
+                                     load_key_schedule(schedule_ptr + 10 * K), shift)
     # the noise sum (from 0.0, seed order), added to the weight once (contract order)
     d = tl.zeros(tile_lanes(NTILE, BLOCK).shape, tl.float32)
     d1 = tl.zeros(d.shape, tl.float32)  # the perturbation held now (HAS_APPLIED only)
@@ -386,8 +388,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
             if (LOG_MODE == 0 and STOCHASTIC != 1) or (LOG_MODE == 2 and STOCHASTIC == 0):
                 tl.assume(K >= 1)
             for k in range(K):
-                words = noise_words(None, key, nblk, NTILE, BLOCK, load_key_schedule(ks_ptr),
-                                    zero)
+                words = noise_words(None, key, blk, NTILE, BLOCK, load_key_schedule(ks_ptr),
+                                    zero, shift)
                 d = add_noise(d, tl.load(sc_ptr), words, NTILE, NORMAL)
                 d1 = add_noise(d1, tl.load(ap_ptr), words, NTILE, NORMAL)
                 ks_ptr += 10
@@ -396,8 +398,8 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
         else:
             sc_ptr = scales_ptr
             for k10 in range(0, 10 * K, 10):  # k10 = 10 k
-                words = noise_words(None, key, nblk, NTILE, BLOCK,
-                                    load_key_schedule(schedule_ptr + k10), zero)
+                words = noise_words(None, key, blk, NTILE, BLOCK,
+                                    load_key_schedule(schedule_ptr + k10), zero, shift)
                 d = add_noise(d, tl.load(sc_ptr), words, NTILE, NORMAL)
                 sc_ptr += 1
     if VEC:
@@ -426,10 +428,11 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
             elif EARLY_BITS:
                 r = r_early
             elif TILE != 1:  # the rounding seed's key schedule loaded (rademacher: spills)
-                r = rounding_bits_tile(load_seed(seeds_ptr + K), key, nblk, TILE, BLOCK,
-                                       load_key_schedule(schedule_ptr + 10 * K))
+                r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK,
+                                       load_key_schedule(schedule_ptr + 10 * K), shift)
             else:
-                r = rounding_bits_tile(load_seed(seeds_ptr + K), key, nblk, TILE, BLOCK)
+                r = rounding_bits_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK,
+                                       shift=shift)
             y = round_stochastic_integer(acc, r, base_ptr.dtype.element_ty, SOFT_BF16,
                                          not MAPPED)
         elif STOCHASTIC:
@@ -437,7 +440,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
                 u = _mapped_rounding_uniforms(load_seed(seeds_ptr + K), key, start, map_offset,
                                               local_span, global_span, grain, TILE, BLOCK)
             else:
-                u = rounding_tile(load_seed(seeds_ptr + K), key, nblk, TILE, BLOCK)
+                u = rounding_tile(load_seed(seeds_ptr + K), key, blk, TILE, BLOCK, shift)
             y = round_stochastic(acc, u, base_ptr.dtype.element_ty, SOFT_BF16)
         else:
             y = round_nearest(acc, base_ptr.dtype.element_ty, SOFT_BF16)
@@ -521,10 +524,10 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     the count, write nothing else. ``index_maps``: None or one entry per tensor, None (identity)
     or (offset, local_span, global_span): the noise and rounding of local element i are the
     contract's at g(i) (module docstring); the log keeps local indices; when every map is None
-    or a shift by whole blocks, the plain kernel runs at shifted counters (SHIFTED,
-    ``block_shifts``). ``table_cache``: None, or a dict the caller keeps per persistent tensor
+    or a shift by whole Philox calls, the plain kernel runs at shifted counters (SHIFTED,
+    ``element_shifts``). ``table_cache``: None, or a dict the caller keeps per persistent tensor
     group: the static launch table is reused while the tensors' addresses, numels, keys, maps and
-    the block stay the same (``cached_table``), and so are the shifts (entry "block_shifts").
+    the block stay the same (``cached_table``), and so are the shifts (entry "shifts").
     ``contract``: 1, 2 or 3 (docs/noise-contract.md): the gaussian normals (1: v1, else v2)
     and the stochastic rounding (3: integer).
     ``selector_log`` / ``held_log`` (SelectorBuffers, docs/undo-log.md): the selector log this
@@ -557,8 +560,9 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     source = sources is not None
     block = block_for(dist, stochastic, recover, normal=normal, itemsize=itemsize,
                       log=log is not None, selector=selector, source=source)
-    # shards that are whole blocks of their tensor take the plain kernel at shifted counters
-    shifts = block_shifts(index_maps, tensors, block, table_cache)
+    # shards shifted by whole Philox calls take the plain kernel at shifted counters
+    shifts = element_shifts(index_maps, tensors, block, shift_grain(dist, stochastic),
+                            table_cache)
     if shifts is not None:
         index_maps = None
     scales = scales.contiguous()
@@ -604,13 +608,31 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     count_launch()
 
 
-def block_shifts(index_maps, tensors: list[torch.Tensor], block: int,
-                 table_cache: dict | None) -> torch.Tensor | None:
+def shift_grain(dist: str, stochastic: int) -> int:
+    """Elements of one Philox call of a pass's noise and rounding bits: a shard shifted by a
+    multiple of it draws whole calls of the whole tensor, in the plain kernel's tiles (gaussian
+    noise and contract 1 / 2's rounding uniforms 4, contract 3's rounding bits 8, rademacher
+    128)."""
+    if dist == "rademacher":
+        return 128
+    return 8 if stochastic == 2 else 4
+
+
+# A shifted tile adds its calls' indices to the low counter word only (``first_call``): the
+# calls of a shard's blocks must lie in one 2^32-call segment, 2^34 elements at 4 per call (the
+# segments of 8 and 128 per call are unions of those)
+_SEGMENT_BITS = 34
+
+
+def element_shifts(index_maps, tensors: list[torch.Tensor], block: int, grain: int,
+                   table_cache: dict | None) -> torch.Tensor | None:
     """int64 [T] on the device when every index map is None or a shift g(i) = offset + i by a
-    multiple of ``block`` (a shard of whole rows at a block boundary: FSDP2's dim-0 shards, a
-    virtual probe's row pieces): tensor j's block b is block ``b + shifts[j]`` of the whole
-    tensor, which the plain kernel draws with its own tiles (SHIFTED). None otherwise (no maps,
-    all identities, or a map the mapped kernel must take). Kept in ``table_cache``."""
+    multiple of ``grain`` (``shift_grain``): FSDP2's dim-0 shards (whole rows, or 1-D chunks
+    of a multiple of grain), a virtual probe's row pieces. The plain kernel then draws tensor
+    j's block at element ``shifts[j] + b * block`` of the whole tensor, in its own tiles
+    (SHIFTED). A shift that is not a whole block also needs the shard's blocks in one counter
+    segment (``_SEGMENT_BITS``: any shard of a tensor under 2^34 elements). None otherwise (no
+    maps, all identities, or a map the mapped kernel must take). Kept in ``table_cache``."""
     if index_maps is None:
         return None
     shifts = []
@@ -620,13 +642,15 @@ def block_shifts(index_maps, tensors: list[torch.Tensor], block: int,
             shifts.append(0)
             continue
         offset, local_span, _, _ = normal
-        if local_span != SHIFT_SPAN or offset % block:
+        if local_span != SHIFT_SPAN or offset % grain:
             return None
-        shifts.append(offset // block)
+        end = offset + -(-tensor.numel() // block) * block - 1  # the last block's last element
+        if offset % block and offset >> _SEGMENT_BITS != end >> _SEGMENT_BITS:
+            return None
+        shifts.append(offset)
     if not any(shifts):
         return None
-    return cached_int64(table_cache, "block_shifts", tuple(shifts), lambda: shifts,
-                        tensors[0].device)
+    return cached_int64(table_cache, "shifts", tuple(shifts), lambda: shifts, tensors[0].device)
 
 
 def _selector_rows(table_cache: dict | None, tensors: list[torch.Tensor]) -> torch.Tensor:
