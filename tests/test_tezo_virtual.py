@@ -433,6 +433,112 @@ def test_options_and_memory():
     assert sizes[("virtual", "inplace")] < sizes[("inplace", "inplace")]
 
 
+def _cached_factor_bytes(opt: TeZO) -> int:
+    """Bytes of every virtual weight's U, V once, in the weight's dtype (a tied head shares its
+    embedding's)."""
+    return sum((w.shape[0] + w.shape[1]) * part.ranks[j] * w.element_size()
+               for part in opt._virtual.parts for j, w in enumerate(part.weights))
+
+
+@pytest.mark.parametrize("update", ["inplace", "deferred"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_factor_cache_changes_memory_never_a_result(dtype, update):
+    """The virtual probes' factors kept across probes and steps (cast to the forward's dtype)
+    give the losses, weights, moments and trajectory of drawing them in every hook call, bit for
+    bit; the cache holds each virtual weight's factors once and extra_memory_bytes counts
+    exactly its bytes."""
+    runs = {}
+    for cache in (0.0, 1.0):
+        model = make_model(dtype=dtype)
+        seen: list[float] = []
+        opt = TeZO(model.named_parameters(), lr=1e-2, eps=1e-3, seed=3, rank=3, variant="adam",
+                   weight_decay=0.5, update=update, factor_cache=cache)
+        for _ in range(4):
+            opt.step(lm_loss(model, seen))
+        extra = opt.extra_memory_bytes
+        opt.merge()
+        runs[cache] = seen, snapshot(model), opt, extra
+    (losses0, weights0, opt0, extra0), (losses1, weights1, opt1, extra1) = runs[0.0], runs[1.0]
+    assert losses1 == losses0
+    assert_same(weights1, weights0, "cached factors")
+    for a, b in zip(opt0.lowrank, opt1.lowrank):
+        assert_bits_equal(b.second, a.second, "second moments")
+    assert opt1.trajectory.extra == opt0.trajectory.extra
+    assert opt0._virtual.cache.nbytes == 0
+    assert virtual_names(opt1) == {"embed.weight", "fc.weight", "out.weight"}  # head: tied
+    assert opt1._virtual.cache.nbytes == _cached_factor_bytes(opt1) > 0
+    assert extra1 - extra0 == opt1._virtual.cache.nbytes
+
+
+def test_the_factor_cache_keeps_to_its_budget():
+    """factor_cache is a fraction of the parameters' bytes: the cache never holds more, keeps
+    what fits (the rest is drawn per hook call, with the same result), and refuses bad values
+    by name."""
+    model = make_model()
+    param_bytes = sum(p.numel() * 4 for p in model.parameters())
+    full = None
+    for fraction in (1.0, 0.3, 0.0):  # 0.3: one of the three pairs of factors fits
+        model, twin = make_model(), make_model()
+        opt = TeZO(model.named_parameters(), lr=1e-2, rank=3, factor_cache=fraction)
+        ref = TeZO(twin.named_parameters(), lr=1e-2, rank=3, factor_cache=0.0)
+        for _ in range(2):
+            opt.step(lm_loss(model))
+            ref.step(lm_loss(twin))
+        assert_same(snapshot(model), snapshot(twin), f"factor_cache={fraction}")
+        cache = opt._virtual.cache
+        assert cache.budget == int(fraction * param_bytes)
+        assert cache.nbytes <= cache.budget
+        full = cache.nbytes if full is None else full
+        if fraction == 0.3:
+            assert 0 < cache.nbytes < full
+    for bad in (-0.1, 1.5, float("nan"), "all"):
+        with pytest.raises(ValueError, match="factor_cache"):
+            TeZO(make_model().named_parameters(), factor_cache=bad)
+
+
+def test_a_resume_redraws_the_factors_of_the_saved_seed():
+    """An optimizer built with another seed fills its cache, then loads a saved state (seed and
+    contract adopted): its next steps draw the saved run's factors, bit for bit that run's."""
+    model = make_model()
+    opt = TeZO(model.named_parameters(), lr=1e-2, seed=0, rank=3, variant="adam",
+               factor_cache=1.0, contract=2)
+    for _ in range(2):
+        opt.step(lm_loss(model))
+    saved, weights = copy.deepcopy(opt.state_dict()), snapshot(model)
+    for _ in range(2):
+        opt.step(lm_loss(model))
+    expected = snapshot(model)
+    other = make_model()
+    resumed = TeZO(other.named_parameters(), lr=1e-2, seed=7, rank=3, variant="adam",
+                   factor_cache=1.0)
+    resumed.step(lm_loss(other))  # its cache now holds seed 7's factors
+    assert resumed._virtual.cache.nbytes > 0
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            p.copy_(weights[name])
+    resumed.load_state_dict(saved)
+    for _ in range(2):
+        resumed.step(lm_loss(other))
+    assert_same(snapshot(other), expected, "resumed")
+    assert resumed._virtual.cache.nbytes == _cached_factor_bytes(resumed)
+
+
+def test_the_factor_cache_benchmark_measures_both_modes():
+    """benchmarks/tezo_factor_cache.py on `small` (2 rounds): its two optimizers agree (it
+    asserts their losses), all 38 2-D weights are virtual, and the cache stays within its 4%."""
+    import time
+
+    from helpers import load_benchmark
+
+    row = load_benchmark("tezo_factor_cache").measure("small", "bfloat16", batch=1, seq=8,
+                                                      rank=8, repeats=2, warmup=0,
+                                                      clock=time.perf_counter)
+    assert row["virtual_weights"] == 38
+    assert 0 < row["cache_pct_of_params"] <= row["budget_pct_of_params"] <= 4.0
+    assert row["cache_pct_of_params"] < row["full_need_pct_of_params"]  # 4.2%: 36 of 38 kept
+    assert set(row["hook_ms_per_probe"]) == {"cache", "no cache"}
+
+
 def test_probes_see_the_pending_deferred_update():
     """With updates pending (weight decay: D != 1, biases in the Linear's output), the probe
     losses equal those of a twin that merged first, to float32 rounding of the weights (the

@@ -171,6 +171,51 @@ class VirtualPart:
         return self.space.factors(self.positions[j])
 
 
+class FactorCache:
+    """The virtual probes' factors U_j, V_j cast to a forward's dtype, kept while they fit.
+
+    An entry is added when a hook first needs a weight's factors in a dtype and the entries'
+    bytes stay within `budget` bytes (first come, first kept: the model's order of use); past
+    the budget a hook draws and casts them per call, as with no cache. The cast is elementwise,
+    so a kept factor is the one a call would draw, bit for bit: the cache changes time and
+    memory, never a result. An entry is redrawn when what its factors are drawn from changed:
+    its space's factor seed or contract (a resumed run adopts the saved ones), or the weight's
+    device."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = int(budget)
+        self.nbytes = 0
+        self._entries: dict[tuple[int, int, torch.dtype], tuple] = {}  # (stamp, U, V)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+    def factors(self, part: VirtualPart, p: int, j: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """U, V of part p's j-th weight in `dtype`: kept, or drawn now (and kept if they fit)."""
+        key = (p, j, dtype)
+        stamp = (part.space.factor_seed, part.space.contract, part.weights[j].device)
+        hit = self._entries.get(key)
+        if hit is not None:
+            if hit[0] == stamp:
+                return hit[1], hit[2]
+            del self._entries[key]
+            self.nbytes -= _factor_bytes(hit[1], hit[2])
+        u, v = part.factors(j)
+        u, v = u.to(dtype), v.to(dtype)
+        size = _factor_bytes(u, v)
+        if self.nbytes + size <= self.budget:
+            self._entries[key] = (stamp, u, v)
+            self.nbytes += size
+        return u, v
+
+
+def _factor_bytes(u: torch.Tensor, v: torch.Tensor) -> int:
+    """Bytes U and V keep alive (a float32 draw is one buffer holding both)."""
+    return (u.numel() + v.numel()) * u.element_size()
+
+
 class VirtualLowRank:
     """Virtual probes and deferred updates over the parts (param groups) of one optimizer.
 
@@ -186,14 +231,18 @@ class VirtualLowRank:
     changed through them: a forward pre-hook (outside `stepping()`), a state_dict pre-hook and a
     load_state_dict pre-hook; merge removes them.
 
-    The term is computed in the output's dtype (the layer's factors drawn and cast per call,
-    freed when it returns: no copies are kept)."""
+    The term is computed in the output's dtype, from the layer's factors cast to it. The hooks
+    keep those cast factors (`FactorCache`) while they fit `cache_bytes`: drawing and casting
+    them in every call was a third of the hooks' time on `small` (docs/tezo.md, "The factor
+    cache"); past the budget a call draws them and frees them when it returns."""
 
-    def __init__(self, parts: list[VirtualPart], backend: str = "auto") -> None:
+    def __init__(self, parts: list[VirtualPart], backend: str = "auto",
+                 cache_bytes: int = 0) -> None:
         self.parts = parts
         self.backend = backend
         self.pending = False
         self.merges = 0  # merge() calls, pending or not (the optimizer records them)
+        self.cache = FactorCache(cache_bytes)
         self._stepping = False
         self._probe: tuple[object, list[torch.Tensor], list[dict]] | None = None
         self._watch: list[Any] = []
@@ -218,6 +267,7 @@ class VirtualLowRank:
             kept.owners = [list(modules) for modules in found]
             parts.append(kept)
         self.parts = parts
+        self.cache.clear()  # keyed by (part, position): the kept weights' indices changed
         self._index()
 
     @property
@@ -232,9 +282,11 @@ class VirtualLowRank:
     @property
     def nbytes(self) -> int:
         """Memory this object keeps: the deferred vectors a and their decay masks, 8 bytes per
-        rank entry. Transient: a hook draws its layer's U, V (4 (m + n) r bytes) and an N x r
-        scratch, freed when it returns; a merge, the factors of one run of weights."""
-        return sum(p.accum.numel() * 4 + p.decay_mask.numel() * 4 for p in self.parts)
+        rank entry, and the cached factors (at most the cache's budget). Transient: a hook
+        whose factors are not cached draws its layer's U, V (4 (m + n) r bytes), and every hook
+        an N x r scratch, freed when it returns; a merge, the factors of one run of weights."""
+        return (sum(p.accum.numel() * 4 + p.decay_mask.numel() * 4 for p in self.parts)
+                + self.cache.nbytes)
 
     # -- probes --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -281,7 +333,7 @@ class VirtualLowRank:
         if dtype not in per_dtype:
             per_dtype[dtype] = self.parts[p].slices(probe[1][p].to(dtype))
         coef = per_dtype[dtype][j]
-        u, v = self.parts[p].factors(j)  # drawn per call, freed on return: nothing is kept
+        u, v = self.cache.factors(self.parts[p], p, j, dtype)  # in the output's dtype
         scale = self.parts[p].scales[j]
         x = args[0] if args else kwargs["input"]
         if reader is F.linear:
@@ -291,13 +343,13 @@ class VirtualLowRank:
                     output.add_(module.bias, alpha=1.0 - scale)
             # (x V), N x r, as (V^T x^T)^T: CPU BLAS runs an r-row left operand 1.4-4x faster
             # than an r-column right one in fp32 (docs/tezo.md, "Time"); about even in bf16
-            left = (v.to(dtype).t() @ x.reshape(-1, v.shape[0]).to(dtype).t()).t()
-            right = u.to(dtype).t()
+            left = (v.t() @ x.reshape(-1, v.shape[0]).to(dtype).t()).t()
+            right = u.t()
         else:
             if scale != 1.0:
                 output.mul_(scale)
-            left = F.embedding(x, u).reshape(-1, u.shape[1]).to(dtype)  # U[i], N x r
-            right = v.to(dtype).t()
+            left = F.embedding(x, u).reshape(-1, u.shape[1])  # U[i], N x r
+            right = v.t()
         left.mul_(coef)
         if output.is_contiguous():
             output.view(-1, right.shape[1]).addmm_(left, right)
@@ -366,4 +418,4 @@ class VirtualLowRank:
             self.merge()
 
 
-__all__ = ["UseTracker", "VirtualLowRank", "VirtualPart", "owner_function"]
+__all__ = ["FactorCache", "UseTracker", "VirtualLowRank", "VirtualPart", "owner_function"]

@@ -729,8 +729,8 @@ def main_step(args: argparse.Namespace, argv: list[str]) -> int:
     print("note: perturb/update = step - forwards, the forwards of an identical model "
           "without the optimizer timed after each step (PseuZO's includes its autograd through "
           "loss_fn; virtual-probe rows: the draws inside their forwards); state = extra = "
-          "exact-restore logs + PseuZO window + TeZO moments and deferred vectors + the "
-          "virtual probes' largest draw (opt.extra_memory_bytes); peak extra = GPU memory "
+          "exact-restore logs + PseuZO window + TeZO moments, deferred vectors and factor "
+          "cache + the virtual probes' largest draw (opt.extra_memory_bytes); peak extra = GPU memory "
           "above the start of the timed steps (CUDA only)")
     if getattr(args, "json", None):
         plan = Plan("step", [], {settings.device: settings.warmup},

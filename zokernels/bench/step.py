@@ -107,7 +107,7 @@ def _make(name: str, model: BenchModel, settings: StepSettings, lr: float, eps: 
 
 def _state_bytes(opt) -> int:
     """Logs and buffers beyond the parameters: undo / selector logs, PseuZO's window, TeZO's
-    moments and deferred vectors, the virtual probes' largest draw
+    moments, deferred vectors and factor cache, the virtual probes' largest draw
     (ZOOptimizer.extra_memory_bytes)."""
     return opt.extra_memory_bytes
 

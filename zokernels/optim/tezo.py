@@ -30,6 +30,12 @@ from ._seeds import step_seed
 VARIANTS = ("sgd", "momentum", "adam")
 PROBES = ("virtual", "inplace")
 UPDATES = ("inplace", "deferred")
+# The virtual probes keep the factors they cast while those fit this fraction of the parameters'
+# bytes (lowrank_probe.FactorCache): all of them from about 10M parameters at rank 8 (r (m + n)
+# / (m n) of each matrix: 4.1% on the 7M `small`, 1-1.4% on OPT-125m, 0.4% at d = 4096), with
+# room left under the 5% of docs/undo-log.md's memory target for the moments and the logs of
+# the in-place parameters.
+FACTOR_CACHE = 0.04
 # Trajectory meta marker: tau and factors per key (earlier recordings sliced one flat tau per
 # param group and seeded the factors by group index; they cannot be replayed with this code).
 NOISE_LAYOUT = "per-key"
@@ -91,11 +97,14 @@ class TeZO(MeZO):
     pass (bf16 / fp16 weights; the perturbations round to nearest, which their recovery needs);
     it is refused for sharded 2-D weights (the low-rank kernels draw rounding bits at local
     indices).
-    Memory: the optimizer state per matrix is two r-vectors (the moments). U and V are not
-    kept: each pass, probe hook and merge draws the factors it needs from (seed, key) and frees
-    them (transient scratch: a logged in-place pass, 4 (m + n) r bytes per matrix for all of
-    its weights at once; a pass without logs, runs of weights whose factors fit 1% of their
-    bytes and 8 MiB, LowRankSpace.chunks; a virtual probe's hook, its layer's). The logs of the
+    Memory: the optimizer state per matrix is two r-vectors (the moments). Passes and merges
+    draw the factors they need from (seed, key) and free them (transient scratch: a logged
+    in-place pass, 4 (m + n) r bytes per matrix for all of its weights at once; a pass without
+    logs, runs of weights whose factors fit 1% of their bytes and 8 MiB, LowRankSpace.chunks).
+    The virtual probes' hooks keep U, V cast to the forward's dtype while they fit
+    factor_cache (a fraction of the parameters' bytes, default FACTOR_CACHE = 0.04; 0 draws
+    them in every hook call), and draw the rest per call: the same results either way
+    (lowrank_probe.FactorCache). The logs of the
     in-place 2-D weights are larger: with exact_restore=True each keeps, per
     perturbation pass, a selector log (a row of 6 / 8 int32 words per 1024 elements plus a
     small pool: about 2.4% of bf16, 1.7% of fp32 weights for the two passes at eps = 1e-3) on
@@ -143,9 +152,11 @@ class TeZO(MeZO):
                  record_trajectory: bool = True, probe: str = "virtual",
                  update: str = "inplace", n_spsa: int = 1,
                  perturbation_parallel: bool = False,
-                 contract: int = DEFAULT_CONTRACT) -> None:
+                 contract: int = DEFAULT_CONTRACT,
+                 factor_cache: float = FACTOR_CACHE) -> None:
         check_common_hyper(lr, eps, weight_decay)
         check_hyper("delta", delta, low_open=True)
+        check_hyper("factor_cache", factor_cache, high=1.0)
         if probe not in PROBES:
             raise ValueError(f"probe must be one of {list(PROBES)}, got {probe!r}")
         if update not in UPDATES:
@@ -164,6 +175,7 @@ class TeZO(MeZO):
         self.rank, self.variant = rank, variant
         self.betas, self.delta = (float(betas[0]), float(betas[1])), float(delta)
         self.probe, self.update = probe, update
+        self.factor_cache = float(factor_cache)
         # the 2-D weights the probes leave unwritten (virtual), and whether the first step's
         # tracked forward has confirmed them (zokernels.lowrank_probe)
         self._virtual: VirtualLowRank | None = None
@@ -253,7 +265,10 @@ class TeZO(MeZO):
                       if state.shards[j] is None and j not in state._dtensors]
                      for state in self.lowrank]
         parts = [VirtualPart(state, chosen) for state, chosen in zip(self.lowrank, positions)]
-        self._virtual = VirtualLowRank(parts, self.backend)
+        param_bytes = sum(p.numel() * p.element_size() for space in self._registered
+                          for p in space.params)
+        self._virtual = VirtualLowRank(parts, self.backend,
+                                       cache_bytes=int(self.factor_cache * param_bytes))
         self._merges_recorded = 0
         self._tracked = False
         self._demoting = [[] for _ in self.lowrank]
@@ -392,8 +407,9 @@ class TeZO(MeZO):
     def _buffer_bytes(self) -> int:
         """extra_memory_bytes beside the undo logs (dense and low-rank): the moments (float32,
         8 bytes per rank entry) and, with virtual probes, the deferred vectors (8 bytes per rank
-        entry). The factors U, V are not kept: a pass draws them as transient scratch
-        (LowRankSpace: up to 4 (m + n) r bytes per matrix it writes)."""
+        entry) and the factor cache (at most factor_cache x the parameters' bytes). A pass
+        draws its factors as transient scratch (LowRankSpace: up to 4 (m + n) r bytes per matrix
+        it writes)."""
         return 4 * self.state_numel + (0 if self._virtual is None else self._virtual.nbytes)
 
     def _probe_noise(self, step: int, k: int) -> TeZONoise:

@@ -1,0 +1,129 @@
+"""TeZO's virtual probes with and without the factor cache: the hooks' cost per probe.
+
+Two identical models, each with a TeZO optimizer (virtual probes): one with the default
+`factor_cache` (its hooks keep U, V cast to the forward's dtype), one with `factor_cache=0`
+(every hook call draws and casts them). After two steps (the first step's tracked forward, the
+cache filled), forwards are timed in a shuffled order each round: plain (no hook), probed with
+the cache, probed without. The hook cost per probe is the median over rounds of (probed -
+plain) of the same round. Also: the cache's bytes, its budget and the full need, as % of the
+parameters' bytes, and that both optimizers' probe losses are identical.
+
+    python benchmarks/tezo_factor_cache.py --model small --dtype bfloat16 --threads 1 \\
+        --clock cpu --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import random
+import statistics
+import sys
+
+import torch
+
+import zokernels
+from zokernels.bench.step import CLOCKS
+from zokernels.optim import TeZO
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from tezo_virtual import MODELS  # noqa: E402  (the same models, the same batches)
+
+
+def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, repeats: int,
+            warmup: int, clock) -> dict:
+    dtype = getattr(torch, dtype_name)
+    model, loss_of = MODELS[model_name](dtype, batch, seq)
+    twin = copy.deepcopy(model)
+    cached = TeZO(model.named_parameters(), lr=1e-6, rank=rank)
+    drawn = TeZO(twin.named_parameters(), lr=1e-6, rank=rank, factor_cache=0.0)
+    with torch.no_grad():
+        for _ in range(2):
+            losses = [cached.step(lambda: loss_of(model)), drawn.step(lambda: loss_of(twin))]
+            assert torch.equal(torch.as_tensor(losses[0]), torch.as_tensor(losses[1])), losses
+    generator = torch.Generator().manual_seed(0)
+    coefs = [torch.randn(part.offsets[-1], generator=generator) * 1e-3
+             for part in cached._virtual.parts]
+    runs = {"plain": (model, None), "cache": (model, cached), "no cache": (twin, drawn)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    shuffle = random.Random(0)
+    for r in range(warmup + repeats):
+        shuffle.shuffle(order)
+        for name in order:
+            net, opt = runs[name]
+            start = clock()
+            with torch.no_grad():
+                if opt is None:
+                    loss_of(net)
+                else:
+                    with opt._virtual.probing(coefs):
+                        loss_of(net)
+            if r >= warmup:
+                times[name].append(1e3 * (clock() - start))
+    hook = {name: statistics.median(a - b for a, b in zip(times[name], times["plain"]))
+            for name in ("cache", "no cache")}
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = cached._virtual.cache
+    need = sum((w.shape[0] + w.shape[1]) * part.ranks[j] * w.element_size()
+               for part in cached._virtual.parts for j, w in enumerate(part.weights))
+    return dict(model=model_name, dtype=dtype_name, batch=batch, seq=seq, rank=rank,
+                virtual_weights=sum(len(part.weights) for part in cached._virtual.parts),
+                plain_forward_ms=statistics.median(times["plain"]),
+                hook_ms_per_probe={name: round(v, 3) for name, v in hook.items()},
+                hook_ratio_cache_vs_not=hook["cache"] / hook["no cache"],
+                cache_pct_of_params=100 * cache.nbytes / param_bytes,
+                budget_pct_of_params=100 * cache.budget / param_bytes,
+                full_need_pct_of_params=100 * need / param_bytes,
+                extra_memory_pct={"cache": 100 * cached.extra_memory_bytes / param_bytes,
+                                  "no cache": 100 * drawn.extra_memory_bytes / param_bytes})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", choices=list(MODELS))
+    parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="cpu: the thread's CPU time (needs --threads 1)")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (other threads' CPU time is not counted)")
+    torch.set_num_threads(args.threads)
+    results = []
+    for model in args.model or ["small", "bert-minilm"]:
+        for dtype in args.dtype or ["float32", "bfloat16"]:
+            row = measure(model, dtype, args.batch, args.seq, args.rank, args.repeats,
+                          args.warmup, CLOCKS[args.clock])
+            results.append(row)
+            hook = row["hook_ms_per_probe"]
+            print(f"{model} {dtype}: forward {row['plain_forward_ms']:.1f} ms; hooks per probe "
+                  f"{hook['no cache']:.2f} ms without the cache, {hook['cache']:.2f} ms with it "
+                  f"({row['hook_ratio_cache_vs_not']:.2f}x); cache "
+                  f"{row['cache_pct_of_params']:.2f}% of the parameters (budget "
+                  f"{row['budget_pct_of_params']:.2f}%, all factors "
+                  f"{row['full_need_pct_of_params']:.2f}%)", flush=True)
+    report = dict(benchmark="tezo_factor_cache",
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  command=" ".join(["python"] + sys.argv), device="cpu",
+                  cpu=platform.processor() or platform.machine(), threads=args.threads,
+                  clock=args.clock, torch=torch.__version__, zokernels=zokernels.__version__,
+                  python=platform.python_version(), warmup=args.warmup, repeats=args.repeats,
+                  results=results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
