@@ -14,23 +14,20 @@ parameters' bytes, and that both optimizers' probe losses are identical.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
-import json
-import platform
+import pathlib
 import random
 import statistics
 import sys
 
 import torch
 
-import zokernels
 from zokernels.bench.step import CLOCKS
 from zokernels.optim import TeZO
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from tezo_virtual import MODELS  # noqa: E402  (the same models, the same batches)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+# the same models and batches, command line and report
+from tezo_virtual import MODELS, parse_arguments, write_report  # noqa: E402
 
 
 def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, repeats: int,
@@ -83,22 +80,7 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, r
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", choices=list(MODELS))
-    parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                        help="cpu: the thread's CPU time (needs --threads 1)")
-    parser.add_argument("--out")
-    args = parser.parse_args(argv)
-    if args.clock == "cpu" and args.threads != 1:
-        parser.error("--clock cpu needs --threads 1 (other threads' CPU time is not counted)")
-    torch.set_num_threads(args.threads)
+    args = parse_arguments(__doc__.splitlines()[0], argv, seq=64, warmup=5, repeats=40)
     results = []
     for model in args.model or ["small", "bert-minilm"]:
         for dtype in args.dtype or ["float32", "bfloat16"]:
@@ -112,16 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['cache_pct_of_params']:.2f}% of the parameters (budget "
                   f"{row['budget_pct_of_params']:.2f}%, all factors "
                   f"{row['full_need_pct_of_params']:.2f}%)", flush=True)
-    report = dict(benchmark="tezo_factor_cache",
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  command=" ".join(["python"] + sys.argv), device="cpu",
-                  cpu=platform.processor() or platform.machine(), threads=args.threads,
-                  clock=args.clock, torch=torch.__version__, zokernels=zokernels.__version__,
-                  python=platform.python_version(), warmup=args.warmup, repeats=args.repeats,
-                  results=results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report("tezo_factor_cache", args, results)
     return 0
 
 

@@ -178,28 +178,55 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, w
                 inplace_2d=[n for n in two_d if n not in set(kept)])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(description: str, argv: list[str] | None, seq: int, warmup: int,
+                    repeats: int, extra=None) -> argparse.Namespace:
+    """The TeZO benchmarks' command line (models, dtypes, shapes, rounds, clock, --out), with
+    `extra(parser)` adding a script's own options; sets torch's threads."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", action="append", choices=list(MODELS))
     parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=seq)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-6)
-    parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="cpu: the thread's CPU time (time.thread_time; needs --threads 1, "
                              "where the kernels and the forwards run in the calling thread), "
                              "which other jobs on a shared machine inflate less than wall time")
     parser.add_argument("--out")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1 (other threads' CPU time is not counted)")
-    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
+    return args
+
+
+def write_report(benchmark: str, args: argparse.Namespace, results: list[dict],
+                 **fields) -> None:
+    """The JSON report (date, command, machine, versions, clock, rounds, results) to --out."""
+    report = dict(benchmark=benchmark, date=datetime.datetime.now(datetime.timezone.utc)
+                  .isoformat(timespec="seconds"), command=" ".join(["python"] + sys.argv),
+                  device="cpu", cpu=platform.processor() or platform.machine(),
+                  threads=args.threads, clock=args.clock, torch=torch.__version__,
+                  zokernels=zokernels.__version__, python=platform.python_version(),
+                  **fields, warmup=args.warmup, repeats=args.repeats, results=results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--lr", type=float, default=1e-6)
+        parser.add_argument("--eps", type=float, default=1e-3)
+
+    args = parse_arguments(__doc__.splitlines()[0], argv, seq=32, warmup=2, repeats=9,
+                           extra=options)
+    clock = CLOCKS[args.clock]
     results = []
     for model in args.model or ["bert-minilm", "small"]:
         for dtype in args.dtype or ["float32", "bfloat16"]:
@@ -219,16 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     row["first_grad_rel_error_vs_float64"].items())
                   + "; in-place 2-D "
                   f"{row['inplace_2d']}", flush=True)
-    report = dict(benchmark="tezo_virtual", date=datetime.datetime.now(datetime.timezone.utc)
-                  .isoformat(timespec="seconds"), command=" ".join(["python"] + sys.argv),
-                  device="cpu", cpu=platform.processor() or platform.machine(),
-                  threads=args.threads, clock=args.clock, torch=torch.__version__,
-                  zokernels=zokernels.__version__,
-                  python=platform.python_version(), lr=args.lr, eps=args.eps,
-                  warmup=args.warmup, repeats=args.repeats, results=results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report("tezo_virtual", args, results, lr=args.lr, eps=args.eps)
     return 0
 
 
