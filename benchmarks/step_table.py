@@ -20,6 +20,7 @@ NAMES = {"mezo-loop": "MeZO loop", "mezo": "MeZO (virtual probes, default)",
          "mezo-inplace": "MeZO in place", "lezo": "LeZO (¼ of the blocks, virtual)",
          "lezo-inplace": "LeZO in place", "tezo": "TeZO (virtual probes, default)",
          "tezo-deferred": "TeZO deferred", "tezo-inplace": "TeZO in place",
+         "tezo-nocache": "TeZO virtual, factor_cache=0",
          "pseuzo": "PseuZO (window 14, full; virtual probe, default)",
          "pseuzo-inplace": "PseuZO in place"}
 MODELS = {"hf-bert-minilm": "MiniLM-BERT"}
@@ -87,7 +88,8 @@ def _column(path: str) -> tuple[str, dict]:
 
 def _ratio_table(columns: list, again: list, order: list[str]) -> None:
     """Per optimizer and column: 'ZO ratio (step ratio) / the same in the second run'; then
-    TeZO's virtual and deferred ZO parts over in-place TeZO's, in both runs."""
+    TeZO's virtual (with and without the factor cache, where measured) and deferred ZO parts
+    over in-place TeZO's, in both runs."""
     def pair(rows: dict, name: str) -> str:
         r = rows.get(name, {})
         zo, step = r.get("zo_ratio_exact_vs_no_exact"), r.get("step_ratio_exact_vs_no_exact")
@@ -108,7 +110,9 @@ def _ratio_table(columns: list, again: list, order: list[str]) -> None:
                  for (_, a), (_, b) in zip(columns, again)]
         if any(cells):
             print(f"| {NAMES[name]} | " + " | ".join(cells) + " |")
-    for name in ("tezo", "tezo-deferred"):
+    for name in ("tezo", "tezo-nocache", "tezo-deferred"):
+        if name not in order:
+            continue
         cells = [f"{tezo(a, name)} / {tezo(b, name)}" for (_, a), (_, b) in zip(columns, again)]
         print(f"| {NAMES[name]}: ZO part / in-place TeZO's | " + " | ".join(cells) + " |")
     print()

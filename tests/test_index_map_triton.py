@@ -536,13 +536,30 @@ def test_shifted_shards_take_the_plain_kernel(monkeypatch, dist, dtype, rounding
         assert_bits_equal(out.cpu(), expected[16384 + 384:16384 + 1084].cpu(), "out of place")
         assert launched.pop() == (False, True)
     # fp32 zeros + z: block 2^28 of the whole tensor (counter >= 2^32); shards next to the
-    # 2^32-call boundary at 2^34 elements: below it, above it, across it (mapped)
+    # 2^32-call boundary at 2^34 elements: below it, above it, across it (mapped), and one that
+    # crosses it only in its tail block's masked lanes (gaussian: 4092 is whole calls of 4)
     for offset, shifted in [(2 ** 40, True), (2 ** 34 - 12160, True), (2 ** 34 + 384, True),
-                            (2 ** 34 - 384, False)]:
+                            (2 ** 34 - 384, False), (2 ** 34 - 4092, dist == "gaussian")]:
         big = torch.zeros(4000, device=DEVICE)
         _perturb([big], [3], [(offset, 4000, 4000)], [7], [1.0], [1.0], dist)
         assert_bits_equal(big.cpu(), _z_rows((offset, 4000, 4000), 1, 7, 3, dist), str(offset))
         assert launched.pop() == (not shifted, shifted), offset
+    if rounding == "stochastic":  # rounding bits / uniforms at high shifted counters
+        for contract in (3, 2):
+            for offset in (2 ** 34 - 12160, 2 ** 40 + 384):
+                pieces = {}
+                for kernel in ("shifted", "mapped"):
+                    if kernel == "mapped":  # the same call forced onto the mapped kernel
+                        monkeypatch.setattr(_triton().perturb, "element_shifts",
+                                            lambda *args: None)
+                    pieces[kernel] = whole[:3000].clone()
+                    _perturb([pieces[kernel]], [9], [(offset, 3000, 3000)], seeds, scales,
+                             [0.875], dist, rounding, contract=contract)
+                    assert launched.pop() == (kernel == "mapped", kernel == "shifted")
+                monkeypatch.undo()
+                launched = record_perturb_launches(monkeypatch, "MAPPED", "SHIFTED")
+                assert_bits_equal(pieces["shifted"].cpu(), pieces["mapped"].cpu(),
+                                  f"contract {contract} at {offset}")
 
 
 def _fsdp2_box(shape, rank, world):

@@ -37,11 +37,12 @@ def test_two_runs_give_the_ratio_table(step_table, tmp_path, capsys):
     first = _write(tmp_path / "a.json", [
         _row("mezo-loop", 300.0, 100.0), _row("mezo", 150.0, 100.0, 140.0),
         _row("lezo", 95.0, 100.0, 120.0), _row("tezo", 120.0, 100.0, 120.0),
-        _row("tezo-deferred", 110.0, 100.0, 110.0),
+        _row("tezo-nocache", 130.0, 100.0, 130.0), _row("tezo-deferred", 110.0, 100.0, 110.0),
         _row("tezo-inplace", 180.0, 100.0, 140.0)])
     second = _write(tmp_path / "b.json", [
         _row("mezo-loop", 300.0, 100.0), _row("mezo", 95.0, 100.0, 140.0),
-        _row("tezo", 140.0, 100.0, 120.0), _row("tezo-deferred", 110.0, 100.0, 110.0),
+        _row("tezo", 140.0, 100.0, 120.0), _row("tezo-nocache", 150.0, 100.0, 150.0),
+        _row("tezo-deferred", 110.0, 100.0, 110.0),
         _row("tezo-inplace", 180.0, 100.0, 140.0)])
     assert step_table.main([first, "--again", second]) == 0
     out = capsys.readouterr().out
@@ -54,6 +55,8 @@ def test_two_runs_give_the_ratio_table(step_table, tmp_path, capsys):
     # TeZO's virtual and deferred ZO parts over in-place TeZO's (80 ms), in both runs
     assert "| TeZO (virtual probes, default): ZO part / in-place TeZO's | 0.25× / 0.50× |" in out
     assert "| TeZO deferred: ZO part / in-place TeZO's | 0.12× / 0.12× |" in out
+    # the same virtual probes without the factor cache, where measured
+    assert "| TeZO virtual, factor_cache=0: ZO part / in-place TeZO's | 0.38× / 0.62× |" in out
 
 
 def test_again_needs_the_same_columns(step_table, tmp_path, capsys):

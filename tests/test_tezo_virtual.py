@@ -496,12 +496,16 @@ def test_the_factor_cache_keeps_to_its_budget():
             TeZO(make_model().named_parameters(), factor_cache=bad)
 
 
-def test_a_resume_redraws_the_factors_of_the_saved_seed():
-    """An optimizer built with another seed fills its cache, then loads a saved state (seed and
-    contract adopted): its next steps draw the saved run's factors, bit for bit that run's."""
+@pytest.mark.parametrize("changed", ["seed", "contract"])
+def test_a_resume_redraws_the_factors_of_the_saved_run(changed):
+    """An optimizer built with another seed (or contract: 1's normals against the default 3's)
+    fills its cache, then loads a saved state, adopting its seed and contract: its next steps
+    draw the saved run's factors, bit for bit that run's."""
+    saved_kw = {"seed": 0, "contract": 1 if changed == "contract" else 3}
+    built_kw = {"seed": 7 if changed == "seed" else 0, "contract": 3}
     model = make_model()
-    opt = TeZO(model.named_parameters(), lr=1e-2, seed=0, rank=3, variant="adam",
-               factor_cache=1.0, contract=2)
+    opt = TeZO(model.named_parameters(), lr=1e-2, rank=3, variant="adam", factor_cache=1.0,
+               **saved_kw)
     for _ in range(2):
         opt.step(lm_loss(model))
     saved, weights = copy.deepcopy(opt.state_dict()), snapshot(model)
@@ -509,9 +513,9 @@ def test_a_resume_redraws_the_factors_of_the_saved_seed():
         opt.step(lm_loss(model))
     expected = snapshot(model)
     other = make_model()
-    resumed = TeZO(other.named_parameters(), lr=1e-2, seed=7, rank=3, variant="adam",
-                   factor_cache=1.0)
-    resumed.step(lm_loss(other))  # its cache now holds seed 7's factors
+    resumed = TeZO(other.named_parameters(), lr=1e-2, rank=3, variant="adam", factor_cache=1.0,
+                   **built_kw)
+    resumed.step(lm_loss(other))  # its cache now holds the other seed's / contract's factors
     assert resumed._virtual.cache.nbytes > 0
     with torch.no_grad():
         for name, p in other.named_parameters():
@@ -521,6 +525,41 @@ def test_a_resume_redraws_the_factors_of_the_saved_seed():
         resumed.step(lm_loss(other))
     assert_same(snapshot(other), expected, "resumed")
     assert resumed._virtual.cache.nbytes == _cached_factor_bytes(resumed)
+
+
+@pytest.mark.parametrize("layout", ["two groups", "autocast"])
+def test_the_factor_cache_with_groups_and_autocast(layout):
+    """Two param groups (two parts: entries keyed by part and position), and a CPU bf16
+    autocast forward of an fp32 model (the tied embedding's output fp32, the head's bf16: two
+    entries for one weight): the same losses and weights as drawing per call."""
+    runs = {}
+    for cache in (0.0, 1.0):
+        model = make_model()
+        seen: list[float] = []
+        if layout == "two groups":
+            named = list(model.named_parameters())
+            params = [{"params": named[:2]}, {"params": named[2:]}]
+            closure = lm_loss(model, seen)
+        else:
+            params = model.named_parameters()
+            plain = lm_loss(model, seen)
+
+            def closure(plain=plain):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return plain()
+        opt = TeZO(params, lr=1e-2, eps=1e-3, rank=3, variant="adam", factor_cache=cache)
+        for _ in range(3):
+            opt.step(closure)
+        runs[cache] = seen, snapshot(model), opt
+    (losses0, weights0, _), (losses1, weights1, opt1) = runs[0.0], runs[1.0]
+    assert losses1 == losses0
+    assert_same(weights1, weights0, layout)
+    entries = opt1._virtual.cache._entries
+    if layout == "two groups":
+        assert len(opt1._virtual.parts) == 2 and {p for p, _ in entries} == {0, 1}
+    else:
+        dtypes = [set(kept) for _, kept in entries.values()]
+        assert {torch.float32, torch.bfloat16} in dtypes, dtypes  # the tied embedding / head
 
 
 def test_the_factor_cache_benchmark_measures_both_modes():

@@ -178,36 +178,39 @@ class FactorCache:
     bytes stay within `budget` bytes (first come, first kept: the model's order of use); past
     the budget a hook draws and casts them per call, as with no cache. The cast is elementwise,
     so a kept factor is the one a call would draw, bit for bit: the cache changes time and
-    memory, never a result. An entry is redrawn when what its factors are drawn from changed:
-    its space's factor seed or contract (a resumed run adopts the saved ones), or the weight's
-    device."""
+    memory, never a result. A weight's entries (one per dtype its forwards produce: a tied
+    embedding and head share them when their outputs have one dtype, not under autocast) are
+    dropped together when what they are drawn from changed: its space's factor seed or contract
+    (a resumed run adopts the saved ones), or the weight's device."""
 
     def __init__(self, budget: int) -> None:
         self.budget = int(budget)
-        self.nbytes = 0
-        self._entries: dict[tuple[int, int, torch.dtype], tuple] = {}  # (stamp, U, V)
+        # (part, position) -> (stamp, {dtype: (U, V)}); bytes are counted from it, not kept
+        # beside it, so that an interrupt cannot leave a stale count
+        self._entries: dict[tuple[int, int], tuple[tuple, dict]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_factor_bytes(u, v) for _, kept in self._entries.values()
+                   for u, v in kept.values())
 
     def clear(self) -> None:
         self._entries.clear()
-        self.nbytes = 0
 
     def factors(self, part: VirtualPart, p: int, j: int,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """U, V of part p's j-th weight in `dtype`: kept, or drawn now (and kept if they fit)."""
-        key = (p, j, dtype)
         stamp = (part.space.factor_seed, part.space.contract, part.weights[j].device)
-        hit = self._entries.get(key)
-        if hit is not None:
-            if hit[0] == stamp:
-                return hit[1], hit[2]
-            del self._entries[key]
-            self.nbytes -= _factor_bytes(hit[1], hit[2])
+        entry = self._entries.get((p, j))
+        if entry is not None and entry[0] != stamp:
+            del self._entries[(p, j)]
+            entry = None
+        if entry is not None and dtype in entry[1]:
+            return entry[1][dtype]
         u, v = part.factors(j)
         u, v = u.to(dtype), v.to(dtype)
-        size = _factor_bytes(u, v)
-        if self.nbytes + size <= self.budget:
-            self._entries[key] = (stamp, u, v)
-            self.nbytes += size
+        if self.nbytes + _factor_bytes(u, v) <= self.budget:
+            self._entries.setdefault((p, j), (stamp, {}))[1][dtype] = (u, v)
         return u, v
 
 

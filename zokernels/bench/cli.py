@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "opt-1.3b on cuda; hf-* need transformers)")
     step.add_argument("--optimizer", action="append",
                       help=f"{', '.join(STEP_OPTIMIZERS)} (default: these), TeZO's "
-                           "other modes tezo-inplace, tezo-deferred, or MeZO / LeZO / PseuZO "
-                           "with in-place probes: mezo-inplace, lezo-inplace, pseuzo-inplace")
+                           "other modes tezo-inplace, tezo-deferred, tezo-nocache "
+                           "(factor_cache=0), or MeZO / LeZO / PseuZO with in-place probes: "
+                           "mezo-inplace, lezo-inplace, pseuzo-inplace")
     step.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, "
                                       "bfloat16 on cuda)")
     step.add_argument("--device", action="append", default=argparse.SUPPRESS,

@@ -22,7 +22,8 @@ from .timing import _quantile, synchronize
 OPTIMIZERS = ("mezo", "lezo", "tezo", "pseuzo")
 # TeZO's probe / update modes as rows of their own ("tezo" is the default: virtual probes)
 TEZO_MODES = {"tezo": {}, "tezo-inplace": {"probe": "inplace"},
-              "tezo-deferred": {"update": "deferred"}}
+              "tezo-deferred": {"update": "deferred"},
+              "tezo-nocache": {"factor_cache": 0.0}}  # the hooks draw U, V in every call
 # MeZO / LeZO / PseuZO probe virtually by default (zokernels.dense_probe); their in-place
 # probes are rows of their own. --compare-exact compares each of their rows with the in-place
 # optimizer built with exact_restore=False.
@@ -31,11 +32,12 @@ MEZO_LOOP = "mezo-loop"
 # Forward passes per step and passes over the weights per step (the MeZO loop: 4 with
 # torch.normal for every parameter each time).
 FORWARDS = {"mezo": 2, "lezo": 2, "tezo": 2, "tezo-inplace": 2, "tezo-deferred": 2, "pseuzo": 2,
-            MEZO_LOOP: 2, "mezo-inplace": 2, "lezo-inplace": 2, "pseuzo-inplace": 2}
+            "tezo-nocache": 2, MEZO_LOOP: 2, "mezo-inplace": 2, "lezo-inplace": 2,
+            "pseuzo-inplace": 2}
 WEIGHT_PASSES = {"mezo": "1 (+2 drawn in the reads)", "lezo": "1 (+2 in the reads; active layers)",
                  "mezo-inplace": "3", "lezo-inplace": "3 (over the active layers)",
                  "tezo": "1 (low-rank, virtual probes)", "tezo-inplace": "3 (low-rank)",
-                 "tezo-deferred": "0 (+1 per merge)",
+                 "tezo-deferred": "0 (+1 per merge)", "tezo-nocache": "1 (low-rank, virtual probes)",
                  "pseuzo": "1 (+1 drawn in the reads)", "pseuzo-inplace": "2", MEZO_LOOP: "4"}
 
 

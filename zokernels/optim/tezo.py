@@ -32,7 +32,7 @@ PROBES = ("virtual", "inplace")
 UPDATES = ("inplace", "deferred")
 # The virtual probes keep the factors they cast while those fit this fraction of the parameters'
 # bytes (lowrank_probe.FactorCache): all of them from about 10M parameters at rank 8 (r (m + n)
-# / (m n) of each matrix: 4.1% on the 7M `small`, 1-1.4% on OPT-125m, 0.4% at d = 4096), with
+# elements per m x n matrix: 4.2% of the 7M `small`, 1.4% of OPT-125m, 0.3-0.4% at d = 4096), with
 # room left under the 5% of docs/undo-log.md's memory target for the moments and the logs of
 # the in-place parameters.
 FACTOR_CACHE = 0.04

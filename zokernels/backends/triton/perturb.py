@@ -630,7 +630,7 @@ def element_shifts(index_maps, tensors: list[torch.Tensor], block: int, grain: i
     multiple of ``grain`` (``shift_grain``): FSDP2's dim-0 shards (whole rows, or 1-D chunks
     of a multiple of grain), a virtual probe's row pieces. The plain kernel then draws tensor
     j's block at element ``shifts[j] + b * block`` of the whole tensor, in its own tiles
-    (SHIFTED). A shift that is not a whole block also needs the shard's blocks in one counter
+    (SHIFTED). A shift that is not a whole block also needs the shard's elements in one counter
     segment (``_SEGMENT_BITS``: any shard of a tensor under 2^34 elements). None otherwise (no
     maps, all identities, or a map the mapped kernel must take). Kept in ``table_cache``."""
     if index_maps is None:
@@ -644,7 +644,8 @@ def element_shifts(index_maps, tensors: list[torch.Tensor], block: int, grain: i
         offset, local_span, _, _ = normal
         if local_span != SHIFT_SPAN or offset % grain:
             return None
-        end = offset + -(-tensor.numel() // block) * block - 1  # the last block's last element
+        # a carry past the last element is harmless: those lanes are masked
+        end = offset + tensor.numel() - 1
         if offset % block and offset >> _SEGMENT_BITS != end >> _SEGMENT_BITS:
             return None
         shifts.append(offset)
