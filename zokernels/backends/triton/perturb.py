@@ -619,8 +619,8 @@ def shift_grain(dist: str, stochastic: int) -> int:
 
 
 # A shifted tile adds its calls' indices to the low counter word only (``first_call``): the
-# calls of a shard's blocks must lie in one 2^32-call segment, 2^34 elements at 4 per call (the
-# segments of 8 and 128 per call are unions of those)
+# calls of a shard's elements must lie in one 2^32-call segment, 2^34 elements at 4 per call
+# (the segments of 8 and 128 per call are unions of those)
 _SEGMENT_BITS = 34
 
 
