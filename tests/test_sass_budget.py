@@ -292,9 +292,9 @@ def test_budget_of_rounding_and_recovery(tmp_path):
 @needs_ptxas
 def test_out_of_place_draws_do_not_spill(tmp_path):
     """Every out-of-place pass (sources=; gaussian and rademacher, bf16 and fp32, plain, mapped
-    and shifted) stays at <= 96 registers without spills: the 16-bit rademacher vector tile spilled 4
-    instructions at its in-place block of 16384 and runs at SOURCE_VEC_BLOCK (8192) out of
-    place."""
+    and shifted) stays at <= 96 registers without spills: the 16-bit rademacher vector tile
+    spilled 4 instructions at its in-place block of 16384 and runs at SOURCE_VEC_BLOCK (8192)
+    out of place."""
     out = tmp_path / "budget.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sass_budget.py"),
                            "--only", "perturb/*/nearest/source*", "--json", str(out)],

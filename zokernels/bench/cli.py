@@ -731,8 +731,8 @@ def main_step(args: argparse.Namespace, argv: list[str]) -> int:
           "without the optimizer timed after each step (PseuZO's includes its autograd through "
           "loss_fn; virtual-probe rows: the draws inside their forwards); state = extra = "
           "exact-restore logs + PseuZO window + TeZO moments, deferred vectors and factor "
-          "cache + the virtual probes' largest draw (opt.extra_memory_bytes); peak extra = GPU memory "
-          "above the start of the timed steps (CUDA only)")
+          "cache + the virtual probes' largest draw (opt.extra_memory_bytes); peak extra = GPU "
+          "memory above the start of the timed steps (CUDA only)")
     if getattr(args, "json", None):
         plan = Plan("step", [], {settings.device: settings.warmup},
                     {settings.device: settings.repeats}, [], json_path=args.json)

@@ -37,7 +37,8 @@ FORWARDS = {"mezo": 2, "lezo": 2, "tezo": 2, "tezo-inplace": 2, "tezo-deferred":
 WEIGHT_PASSES = {"mezo": "1 (+2 drawn in the reads)", "lezo": "1 (+2 in the reads; active layers)",
                  "mezo-inplace": "3", "lezo-inplace": "3 (over the active layers)",
                  "tezo": "1 (low-rank, virtual probes)", "tezo-inplace": "3 (low-rank)",
-                 "tezo-deferred": "0 (+1 per merge)", "tezo-nocache": "1 (low-rank, virtual probes)",
+                 "tezo-deferred": "0 (+1 per merge)",
+                 "tezo-nocache": "1 (low-rank, virtual probes)",
                  "pseuzo": "1 (+1 drawn in the reads)", "pseuzo-inplace": "2", MEZO_LOOP: "4"}
 
 

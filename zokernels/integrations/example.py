@@ -106,9 +106,10 @@ def add_lora(model: torch.nn.Module, kind: str) -> torch.nn.Module:
 
 def memory(opt: Any) -> dict[str, int]:
     """Bytes the optimizer holds besides the weights: its state (TeZO's moments, its factors
-    drawn per pass or kept by its probes' factor cache; PseuZO's window; MeZO and LeZO keep none), the undo logs of exact
-    restore, PseuZO's window on its own, and all of it with the virtual probes' largest draw
-    (extra_memory_bytes); `probes`: how MeZO / LeZO evaluate their probes."""
+    drawn per pass or kept by its probes' factor cache; PseuZO's window; MeZO and LeZO keep
+    none), the undo logs of exact restore, PseuZO's window on its own, and all of it with the
+    virtual probes' largest draw (extra_memory_bytes); `probes`: how MeZO / LeZO evaluate their
+    probes."""
     window = int(getattr(opt, "window_bytes", 0))
     state = 4 * int(getattr(opt, "state_numel", 0)) + window
     return {"state_bytes": state, "undo_log_bytes": int(opt.undo_log_bytes),
