@@ -76,6 +76,8 @@ def trainer(model, out: Path, cls=ZOTrainer, **overrides) -> ZOTrainer:
 
 OPTIONS = {"mezo": {"zo_n_spsa": 2, "zo_probe": "inplace"}, "lezo": {"lezo_n_active": 1},
            "tezo": {"tezo_rank": 2, "tezo_variant": "adam", "zo_n_spsa": 2},
+           "tezo-deferred": {"tezo_rank": 2, "tezo_variant": "momentum", "tezo_update": "deferred",
+                             "tezo_factor_cache": 0.0},
            "pseuzo": {"pseuzo_window": 3, "pseuzo_beta": 0.5},
            "pseuzo-inplace": {"pseuzo_window": 3, "pseuzo_beta": 0.5, "zo_probe": "inplace"}}
 
@@ -126,6 +128,51 @@ def test_lora_resume_is_bit_identical(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     assert_same(snapshot(resumed.model), snapshot(whole.model), "LoRA resumed at step 3")
     assert_states_equal(resumed.zo_optimizer.state_dict(), whole.zo_optimizer.state_dict())
+
+
+class Interrupt(transformers.TrainerCallback):
+    """Raises at the end of step `at` (a crash, or a user's Ctrl-C, between steps)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_tezo_deferred_updates_are_merged_by_evaluation_and_at_the_end(tmp_path):
+    """tezo_update="deferred" with an evaluation every 2 steps: the evaluation forwards merge
+    (merge-on-observe), and train() merges the rest when it returns, or raises: afterwards
+    nothing is pending, no hook is left on the model, and the weights are the run's (a twin
+    that merges explicitly after its own 3 steps ends on the same bits)."""
+    options = dict(zo_optimizer="tezo", tezo_rank=2, tezo_update="deferred", max_steps=5,
+                   eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
+    initial = snapshot(llama())
+    run = ZOTrainer(model=llama(), args=config(tmp_path / "a", **options),
+                    train_dataset=Tokens(), eval_dataset=Tokens(8, seed=5))
+    assert run.zo_optimizer.update == "deferred" and run.zo_optimizer.probe == "virtual"
+    run.train()
+    opt = run.zo_optimizer
+    assert opt.zo_state["step"] == 5 and not opt._virtual.pending
+    assert opt._virtual.merges >= 3  # the evaluations after steps 2 and 4, the end of train()
+    assert not any(m._forward_pre_hooks or m._state_dict_pre_hooks
+                   for m in run.model.modules())
+    trained = snapshot(run.model)
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"],
+                           initial["model.layers.0.mlp.up_proj.weight"])
+
+    stopped = ZOTrainer(model=llama(), args=config(tmp_path / "b", **dict(options, max_steps=3,
+                                                                      eval_strategy="no")),
+                        train_dataset=Tokens(), callbacks=[Interrupt(3)])
+    twin = ZOTrainer(model=llama(), args=config(tmp_path / "c", **dict(options, max_steps=3,
+                                                                   eval_strategy="no")),
+                     train_dataset=Tokens())
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train()
+    assert stopped.zo_optimizer.zo_state["step"] == 3 and not stopped.zo_optimizer._virtual.pending
+    twin.train()
+    assert_same(snapshot(stopped.model), snapshot(twin.model), "interrupted after step 3")
 
 
 # -- what a step is -------------------------------------------------------------------------------
@@ -288,6 +335,13 @@ def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
     ({"zo_optimizer": "lezo", "lezo_layers": []}, "lezo_layers"),
     ({"zo_optimizer": "tezo", "tezo_rank": 0}, "tezo_rank"),
     ({"zo_optimizer": "tezo", "tezo_variant": "lion"}, "tezo_variant"),
+    ({"zo_optimizer": "tezo", "tezo_update": "later"}, "tezo_update"),
+    ({"zo_optimizer": "tezo", "tezo_update": "deferred", "zo_probe": "inplace"},
+     "tezo_update='deferred' needs zo_probe='virtual'"),
+    ({"zo_optimizer": "tezo", "tezo_factor_cache": 1.5}, "tezo_factor_cache"),
+    ({"zo_optimizer": "tezo", "tezo_factor_cache": math.nan}, "tezo_factor_cache"),
+    ({"zo_optimizer": "tezo", "tezo_factor_cache": True}, "tezo_factor_cache"),
+    ({"tezo_update": "deferred"}, "tezo_update applies to zo_optimizer='tezo'"),
     ({"zo_optimizer": "pseuzo", "pseuzo_window": 0}, "pseuzo_window"),
     ({"zo_optimizer": "pseuzo", "pseuzo_beta": 1.5}, "pseuzo_beta"),
     ({"zo_optimizer": "pseuzo", "pseuzo_beta": ""}, "pseuzo_beta"),
@@ -318,6 +372,10 @@ def test_config_from_the_command_line(tmp_path):
     (args,) = parser.parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--zo_optimizer", "pseuzo", "--pseuzo_beta", "0.5"])
     assert args.pseuzo_beta == 0.5
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--zo_optimizer", "tezo", "--tezo_update", "deferred",
+         "--tezo_factor_cache", "0.01"])
+    assert args.tezo_update == "deferred" and args.tezo_factor_cache == 0.01
     with pytest.raises(ValueError, match="zo_eps"):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--zo_eps", "-1"])
 

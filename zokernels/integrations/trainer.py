@@ -28,14 +28,16 @@ import torch
 import transformers
 
 from .._contract import PERTURB_DISTS, ROUNDINGS
-from ..optim import ZOOptimizer
+from ..optim import TeZO, ZOOptimizer
+from ..optim.tezo import FACTOR_CACHE as TEZO_FACTOR_CACHE
+from ..optim.tezo import UPDATES as TEZO_UPDATES
 from ..optim.tezo import VARIANTS as TEZO_VARIANTS
 from .causal_lm import pseuzo_causal_lm
 from .finetune import OPTIMIZERS, _build, trainable_blocks
 
 # The options of one algorithm; setting one for another algorithm is refused (it would be ignored).
 ALGORITHM_OPTIONS = {"lezo": ("lezo_n_active", "lezo_layers"),
-                     "tezo": ("tezo_rank", "tezo_variant"),
+                     "tezo": ("tezo_rank", "tezo_variant", "tezo_update", "tezo_factor_cache"),
                      "pseuzo": ("pseuzo_window", "pseuzo_beta", "pseuzo_beta_cycle",
                                 "pseuzo_decay_per_entry")}
 
@@ -87,6 +89,12 @@ class ZOConfig(transformers.TrainingArguments):
             parameter, looked up through PEFT / DDP wrappers) or names of submodules as
             model.named_modules() gives them; a ModuleList name stands for its children.
         tezo_rank, tezo_variant: TeZO's rank and "sgd" / "momentum" / "adam".
+        tezo_update: "inplace" (default) or "deferred" (needs zo_probe="virtual"): the virtual
+            weights' updates are accumulated in r-vectors and merged into the model when it is
+            observed (its state_dict for a checkpoint, an evaluation forward) and when train()
+            returns or raises (docs/tezo.md, "Deferred updates").
+        tezo_factor_cache: the virtual probes' factor cache, a fraction of the parameters'
+            bytes (default 0.04; 0 draws the factors in every hook call; the same results).
         pseuzo_window: window length; pseuzo_beta: a number, or a string naming a schedule,
             passed unchanged to PseuZO(beta=...), which validates it.
     """
@@ -114,6 +122,12 @@ class ZOConfig(transformers.TrainingArguments):
         default=None, metadata={"help": "LeZO blocks: submodule names (default: discovered)."})
     tezo_rank: int = field(default=8, metadata={"help": "TeZO rank."})
     tezo_variant: str = field(default="sgd", metadata={"help": "TeZO: sgd, momentum or adam."})
+    tezo_update: str = field(default="inplace",
+                             metadata={"help": "TeZO update: inplace or deferred (merged when "
+                                               "the model is observed)."})
+    tezo_factor_cache: float = field(
+        default=TEZO_FACTOR_CACHE,
+        metadata={"help": "TeZO factor cache, a fraction of the parameters' bytes (0: none)."})
     pseuzo_window: int = field(default=14, metadata={"help": "PseuZO window length."})
     pseuzo_beta: Union[float, str] = field(
         default=0.9, metadata={"help": "PseuZO beta: a number or a schedule name."})
@@ -161,6 +175,16 @@ class ZOConfig(transformers.TrainingArguments):
                              f"got {layers!r}")
         _integer(self.tezo_rank, "tezo_rank", 1)
         _choice(self.tezo_variant, "tezo_variant", TEZO_VARIANTS)
+        _choice(self.tezo_update, "tezo_update", TEZO_UPDATES)
+        if self.tezo_update == "deferred" and self.zo_probe != "virtual":
+            raise ValueError("tezo_update='deferred' needs zo_probe='virtual' (the deferred part "
+                             f"of a weight is evaluated by the virtual probes), got zo_probe="
+                             f"{self.zo_probe!r}")
+        cache = self.tezo_factor_cache
+        if (isinstance(cache, bool) or not isinstance(cache, numbers.Real)
+                or not math.isfinite(cache) or not 0 <= cache <= 1):
+            raise ValueError(f"tezo_factor_cache must be a number in [0, 1] (a fraction of the "
+                             f"parameters' bytes), got {cache!r}")
         _integer(self.pseuzo_window, "pseuzo_window", 1)
         _integer(self.pseuzo_beta_cycle, "pseuzo_beta_cycle", 1, optional=True)
         if self.pseuzo_beta_cycle is not None and self.pseuzo_beta != "reference":
@@ -318,6 +342,10 @@ class ZOTrainer(transformers.Trainer):
     blocks come from find_transformer_layers through the PEFT wrapper unless lezo_layers names
     them.
 
+    TeZO with tezo_update="deferred" writes its virtual weights only when they are merged: a
+    checkpoint (the model's state_dict) or an evaluation forward merges them, and so does the end
+    of train() (returning or raising).
+
     Logs add, to each training log: steps_per_second (since the previous log), zo_skipped_steps
     (steps skipped for a non-finite loss, weights restored exactly) and zo_undo_overflows; there
     is no grad_norm. Checkpoints (save_steps / save_strategy) hold the model, the ZO optimizer's
@@ -394,7 +422,8 @@ class ZOTrainer(transformers.Trainer):
                                  "blocks")
             kwargs.update(layers=layers, n_active=n_active)
         elif name == "tezo":
-            kwargs.update(rank=args.tezo_rank, variant=args.tezo_variant)
+            kwargs.update(rank=args.tezo_rank, variant=args.tezo_variant,
+                          update=args.tezo_update, factor_cache=args.tezo_factor_cache)
         elif name == "pseuzo":
             kwargs.update(window=args.pseuzo_window, beta=args.pseuzo_beta,
                           decay_per_entry=args.pseuzo_decay_per_entry)
@@ -430,6 +459,16 @@ class ZOTrainer(transformers.Trainer):
         return blocks
 
     # -- the step -------------------------------------------------------------------------------
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The stock train(); then, returning or raising, TeZO's pending deferred updates
+        (tezo_update="deferred") are merged, so the model holds its weights afterwards (as after
+        finetune()). Checkpoints and evaluations in between merge through the model's hooks."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if isinstance(self.zo_optimizer, TeZO):
+                self.zo_optimizer.merge()
+
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
         """One ZO step on `inputs`; returns its loss (detached). num_items_in_batch (transformers
