@@ -562,6 +562,44 @@ def test_the_factor_cache_with_groups_and_autocast(layout):
         assert {torch.float32, torch.bfloat16} in dtypes, dtypes  # the tied embedding / head
 
 
+def test_the_factor_cache_drops_the_entries_its_forwards_stopped_using():
+    """A budget that holds every virtual weight's float32 factors once. Three steps under CPU
+    bf16 autocast fill it with bf16 entries (and the embedding's fp32 one); with autocast off
+    the forwards need float32 factors that no longer fit, so the entries unused in the last two
+    probes make room: after one more step the cache holds exactly the float32 factors of every
+    virtual weight. Losses and weights stay those of drawing per call."""
+    runs = {}
+    for with_cache in (False, True):
+        model = make_model()
+        seen: list[float] = []
+        plain = lm_loss(model, seen)
+
+        def autocast(plain=plain):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return plain()
+        full = sum((w.shape[0] + w.shape[1]) * 3 * 4
+                   for w in (model.embed.weight, model.fc.weight, model.out.weight))
+        param_bytes = sum(p.numel() * 4 for p in model.parameters())
+        opt = TeZO(model.named_parameters(), lr=1e-2, eps=1e-3, rank=3,
+                   factor_cache=(full + 0.5) / param_bytes if with_cache else 0.0)
+        for _ in range(3):
+            opt.step(autocast)
+        cache = opt._virtual.cache
+        if with_cache:
+            assert cache.budget == full
+            assert any(torch.bfloat16 in kept for _, kept in cache._entries.values())
+        for _ in range(3):
+            opt.step(plain)
+        runs[with_cache] = seen, snapshot(model), opt
+    (losses0, weights0, _), (losses1, weights1, opt1) = runs[False], runs[True]
+    assert losses1 == losses0
+    assert_same(weights1, weights0, "cache across an autocast change")
+    cache = opt1._virtual.cache
+    assert virtual_names(opt1) == {"embed.weight", "fc.weight", "out.weight"}
+    assert [set(kept) for _, kept in cache._entries.values()] == [{torch.float32}] * 3
+    assert cache.nbytes == _cached_factor_bytes(opt1) == cache.budget
+
+
 def test_the_factor_cache_benchmark_measures_both_modes():
     """benchmarks/tezo_factor_cache.py on `small` (2 rounds): its two optimizers agree (it
     asserts their losses), all 38 2-D weights are virtual, and the cache stays within its 4%."""

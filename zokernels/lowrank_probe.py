@@ -181,21 +181,29 @@ class FactorCache:
     memory, never a result. A weight's entries (one per dtype its forwards produce: a tied
     embedding and head share them when their outputs have one dtype, not under autocast) are
     dropped together when what they are drawn from changed: its space's factor seed or contract
-    (a resumed run adopts the saved ones), or the weight's device."""
+    (a resumed run adopts the saved ones), or the weight's device. An entry that no hook used in
+    the current probe or the one before is stale (the forwards stopped producing its dtype,
+    e.g. autocast turned off, or stopped reading its weight): a new entry that does not fit
+    makes room by dropping the stale ones first. Entries in use are never dropped for a new one,
+    so a model whose factors exceed the budget keeps its first ones rather than churning."""
 
     def __init__(self, budget: int) -> None:
         self.budget = int(budget)
-        # (part, position) -> (stamp, {dtype: (U, V)}); bytes are counted from it, not kept
-        # beside it, so that an interrupt cannot leave a stale count
+        # (part, position) -> (stamp, {dtype: (U, V, probe of last use)}); bytes are counted
+        # from it, not kept beside it, so that an interrupt cannot leave a stale count
         self._entries: dict[tuple[int, int], tuple[tuple, dict]] = {}
+        self._probe = 0  # probes begun (VirtualLowRank.probing)
 
     @property
     def nbytes(self) -> int:
         return sum(_factor_bytes(u, v) for _, kept in self._entries.values()
-                   for u, v in kept.values())
+                   for u, v, _ in kept.values())
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def begin_probe(self) -> None:
+        self._probe += 1
 
     def factors(self, part: VirtualPart, p: int, j: int,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,12 +214,25 @@ class FactorCache:
             del self._entries[(p, j)]
             entry = None
         if entry is not None and dtype in entry[1]:
-            return entry[1][dtype]
+            u, v, _ = entry[1][dtype]
+            entry[1][dtype] = (u, v, self._probe)
+            return u, v
         u, v = part.factors(j)
         u, v = u.to(dtype), v.to(dtype)
-        if self.nbytes + _factor_bytes(u, v) <= self.budget:
-            self._entries.setdefault((p, j), (stamp, {}))[1][dtype] = (u, v)
+        size = _factor_bytes(u, v)
+        if size <= self.budget and self.nbytes + size > self.budget:
+            self._drop_stale()
+        if self.nbytes + size <= self.budget:
+            self._entries.setdefault((p, j), (stamp, {}))[1][dtype] = (u, v, self._probe)
         return u, v
+
+    def _drop_stale(self) -> None:
+        """Drops the entries unused in this probe and the one before."""
+        for key, (_, kept) in list(self._entries.items()):
+            for dtype in [d for d, (_, _, used) in kept.items() if used < self._probe - 1]:
+                del kept[dtype]
+            if not kept:
+                del self._entries[key]
 
 
 def _factor_bytes(u: torch.Tensor, v: torch.Tensor) -> int:
@@ -306,6 +327,7 @@ class VirtualLowRank:
         """Owner outputs as if W_j = W_eff,j + U_j diag(c_j) V_j^T inside the block."""
         totals = [part.accum if c is None else part.accum + c
                   for part, c in zip(self.parts, coefs)]
+        self.cache.begin_probe()
         token = object()
         handle = None
         try:
