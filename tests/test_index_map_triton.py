@@ -550,8 +550,8 @@ def test_shifted_shards_take_the_plain_kernel(monkeypatch, dist, dtype, rounding
                 pieces = {}
                 for kernel in ("shifted", "mapped"):
                     if kernel == "mapped":  # the same call forced onto the mapped kernel
-                        monkeypatch.setattr(_triton().perturb, "element_shifts",
-                                            lambda *args: None)
+                        monkeypatch.setattr(_triton().perturb, "shard_shifts",
+                                            lambda maps, tensors, *args: [None] * len(tensors))
                     pieces[kernel] = whole[:3000].clone()
                     _perturb([pieces[kernel]], [9], [(offset, 3000, 3000)], seeds, scales,
                              [0.875], dist, rounding, contract=contract)
@@ -562,6 +562,54 @@ def test_shifted_shards_take_the_plain_kernel(monkeypatch, dist, dtype, rounding
                                   f"contract {contract} at {offset}")
 
 
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_a_call_with_shifted_and_mapped_shards_is_split(monkeypatch, dist):
+    """Shards at whole Philox calls beside column shards (and a plain tensor) in one call, with
+    SPLIT_MIN_ELEMENTS lowered so that these small tensors split: the plain kernel takes the
+    shifted ones and the plain tensor, the mapped kernel the rest (rademacher: also the chunk at
+    1400, not whole calls of 128), and every result equals the unsharded run's, bit for bit: a
+    stochastic-rounding update, a recovering pass, and its undo log at the indices of the whole
+    call (the parts are not contiguous in it). Without the lowered bound the call stays one
+    mapped launch."""
+    from zokernels.backends.triton import perturb as module
+
+    seeds, scales = SEED_SETS["K3"]
+    held = [-s / 2 for s in scales]
+    cases = [((3000,), [Box(1, 3000, 0, 1, 384, 1384), Box(1, 3000, 0, 1, 1400, 2400)]),
+             ((5, 7), [Box(5, 7, 0, 5, 0, 3)]), ((700,), [Box(1, 700, 0, 1, 0, 700)])]
+    order = [0, 2, 1, 3]  # shifted, mapped, shifted (gaussian) or mapped, plain
+    for dtype in (torch.float32, torch.bfloat16):
+        globals_ = _globals(cases, dtype, seed=8, tiny=True)
+        shards, skeys, maps, sdecays, where = _shards(cases, globals_)
+        shards, skeys, maps, sdecays, where = ([x[k] for k in order]
+                                               for x in (shards, skeys, maps, sdecays, where))
+        ones = [1.0] * len(cases)
+        launched = record_perturb_launches(monkeypatch, "MAPPED", "SHIFTED")
+        _perturb([t.clone() for t in shards], skeys, maps, seeds, scales, sdecays,
+                 dist)  # below the bound
+        assert launched == [(True, False)]
+        monkeypatch.setattr(module, "SPLIT_MIN_ELEMENTS", 0)
+        launched.clear()
+        rounding = "stochastic" if dtype == torch.bfloat16 else "nearest"
+        _perturb(globals_, _keys(len(cases)), None, seeds, scales, _decays(len(cases)), dist,
+                 rounding)
+        _perturb(shards, skeys, maps, seeds, scales, sdecays, dist, rounding)
+        _assert_shards_equal_global(shards, where, globals_, f"{dist} {dtype} update")
+        global_log = _buffers(sum(g.numel() for g in globals_), dtype)
+        shard_log = _buffers(sum(t.numel() for t in shards), dtype)
+        _perturb(globals_, _keys(len(cases)), None, seeds, scales, ones, dist, applied=held,
+                 log=global_log)
+        _perturb(shards, skeys, maps, seeds, scales, [1.0] * len(shards), dist, applied=held,
+                 log=shard_log)
+        what = f"{dist} {dtype} logging pass"
+        _assert_shards_equal_global(shards, where, globals_, what)
+        want = _global_entries_in_shards(global_log, globals_, where, shards)
+        assert len(want) > 10 and _entries(shard_log) == want, what
+        # per pass: the unsharded tensors, then the shards' two parts
+        assert launched == [(False, False), (False, True), (True, False)] * 2, what
+        monkeypatch.undo()
+
+
 def _fsdp2_box(shape, rank, world):
     """FSDP2's dim-0 chunk of a tensor for a rank: ceil(rows / world) rows from rank * that."""
     chunk = -(-shape[0] // world)
@@ -569,16 +617,22 @@ def _fsdp2_box(shape, rank, world):
     return start, min(chunk, shape[0] - start)
 
 
+@pytest.mark.parametrize("split_at", [None, 0], ids=["one-launch", "split"])
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
-def test_an_fsdp2_rank_group_takes_the_shifted_kernel(monkeypatch, dist):
+def test_an_fsdp2_rank_group_takes_the_shifted_kernel(monkeypatch, dist, split_at):
     """One rank of a 4-way FSDP2 split of a small decoder layer (2-D weights, biases, norms: the
     1-D chunks at 24 and 48 elements) as marked shards in a ParameterSpace: the +eps pass and a
     decayed contract-3 stochastic-rounding update take the plain kernel at shifted counters for
-    gaussian (every offset is whole calls of 4 and 8), the mapped one for rademacher (24 is not
-    whole calls of 128), and every shard ends as the unsharded space's slice, bit for bit."""
+    gaussian (every offset is whole calls of 4 and 8). For rademacher only q.weight's rows start
+    at whole calls of 128 (row 24 of 64 columns): below SPLIT_MIN_ELEMENTS the group takes the
+    mapped kernel, with the bound at 0 it is split (q.weight shifted, the rest mapped). Every
+    shard ends as the unsharded space's slice, bit for bit."""
+    from zokernels.backends.triton import perturb as module
     from zokernels.sharding import mark_shard
     from zokernels.space import ParameterSpace
 
+    if split_at is not None:
+        monkeypatch.setattr(module, "SPLIT_MIN_ELEMENTS", split_at)
     launched = record_perturb_launches(monkeypatch, "MAPPED", "SHIFTED")
     generator = torch.Generator().manual_seed(11)
     shapes = {"embed.weight": (50, 64), "q.weight": (32, 64), "q.bias": (32,),
@@ -597,6 +651,10 @@ def test_an_fsdp2_rank_group_takes_the_shifted_kernel(monkeypatch, dist):
                     rounding="stochastic", rounding_seed=5, contract=3)
     for name, (start, rows) in boxes.items():
         assert_bits_equal(shards[name].cpu(), fulls[name][start:start + rows].cpu(), name)
-    shifted = dist == "gaussian"
-    assert launched == [(False, False)] * 2 + [(not shifted, shifted)] * 2
+    if dist == "gaussian":
+        assert launched == [(False, False)] * 2 + [(False, True)] * 2
+    elif split_at is None:
+        assert launched == [(False, False)] * 2 + [(True, False)] * 2
+    else:
+        assert launched == [(False, False)] * 2 + [(False, True), (True, False)] * 2
 

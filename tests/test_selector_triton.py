@@ -463,27 +463,35 @@ def test_pool_overflow_loses_whole_blocks_to_recovery():
     assert not torch.equal(_bits_list(recovered)[0], _bits_list(original)[0])  # loss is visible
 
 
-@pytest.mark.parametrize("shards", ["columns", "row-blocks", "inside-blocks"])
+@pytest.mark.parametrize("shards", ["columns", "row-blocks", "inside-blocks", "split"])
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 def test_sharded_tensors_match_reference(dist, shards, monkeypatch):
     """Shards with index maps (an aligned one: grouped Philox; an odd one: per element; rows at
     block boundaries, and chunks at whole Philox calls inside a block: the plain kernel at
-    shifted counters) log and restore as the reference does (rademacher: its noise moved into
-    the selector's layout)."""
+    shifted counters; both kinds in one call, split into a shifted and a mapped launch that
+    write and read one log at the whole call's rows) log and restore as the reference does
+    (rademacher: its noise moved into the selector's layout)."""
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(4)
     if shards == "columns":  # two column shards of a [40, 51] weight
         sizes, maps = [40 * 24, 40 * 27], [(0, 24, 51), (24, 27, 51)]
     elif shards == "row-blocks":  # rows [1, 2) and [2, 4) of a [4, 1024] weight: 1, 2 blocks
         sizes, maps = [1024, 2048], [(1024, 1024, 1024), (2048, 2048, 2048)]
-    else:  # chunks at 384 and 1408 of a 1-D tensor: 3 and 11 rademacher calls, no log block
+    elif shards == "inside-blocks":  # chunks at 384, 1408 of a 1-D tensor: no log block
         sizes, maps = [1024, 600], [(384, 1024, 1024), (1408, 600, 600)]
+    else:  # a column shard, a chunk at 384 (3 rademacher calls), another column shard
+        sizes, maps = [40 * 24, 1500, 40 * 27], [(0, 24, 51), (384, 1500, 1500), (24, 27, 51)]
+        from zokernels.backends.triton import perturb as module
+        monkeypatch.setattr(module, "SPLIT_MIN_ELEMENTS", 0)
     original = [(0.02 * torch.randn(n, generator=g)).to(dtype) for n in sizes]
     ref = _passes_mapped(perturb_torch, [t.clone() for t in original], maps, "cpu", dist)
     launched = record_perturb_launches(monkeypatch, "MAPPED", "SHIFTED")
     tri = _passes_mapped(perturb_triton, [t.clone().to(DEVICE) for t in original], maps, DEVICE,
                          dist)
-    assert launched == [(shards == "columns", shards != "columns")] * 2
+    if shards == "split":
+        assert launched == [(False, True), (True, False)] * 2
+    else:
+        assert launched == [(shards == "columns", shards != "columns")] * 2
     for j, (a, b) in enumerate(zip(ref[0], tri[0])):
         _assert_same_or_both_nan(a, b.cpu(), f"shard {j}")
     assert int(tri[1].count) == int(ref[1].count)
@@ -493,7 +501,7 @@ def test_sharded_tensors_match_reference(dist, shards, monkeypatch):
 
 
 def _passes_mapped(fn, tensors, maps, device, dist):
-    keys, ones = [7, 7], torch.ones(2, device=device)
+    keys, ones = [7] * len(tensors), torch.ones(len(tensors), device=device)
     scale = torch.tensor([EPS], device=device)
     log = _buffers(tensors, torch.bfloat16, device=device)
     fn(tensors, keys, [2], scale, ones, dist, "nearest", 2, selector_log=log, index_maps=maps)

@@ -179,9 +179,10 @@ class _StaticTable(NamedTuple):
     block: int
 
 
-# entries per table_cache dict: one group uses a few blocks (dense, recovery / log, scatter);
-# addresses that change every call (temporary contiguous copies) must not grow it
-TABLE_CACHE_ENTRIES = 4
+# launch tables per table_cache dict: one group uses a few blocks (dense, recovery / log,
+# scatter), each in two tables when its calls are split into a shifted and a mapped launch
+# (perturb.py); addresses that change every call (temporary contiguous copies) must not grow it
+TABLE_CACHE_ENTRIES = 8
 
 
 def base_and_offsets(tensors: list[torch.Tensor]) -> tuple[int, list[int], int]:
@@ -209,9 +210,11 @@ def cached_int64(table_cache: dict | None, name: str, key, values: Callable[[], 
     return table
 
 
-def _static_values(tensors, keys, block, index_maps, mapped_block):
+def _static_values(tensors, keys, block, index_maps, mapped_block, firsts=None):
     """(host values of the static table, padded to an even length so that the seeds placed after
-    them stay 16-byte aligned, base index, programs, LOG2_P, ALIGN, mapped, block)."""
+    them stay 16-byte aligned, base index, programs, LOG2_P, ALIGN, mapped, block). firsts:
+    each tensor's group-flat index (default: the numels before it in this list; a launch over
+    part of a group gives the whole group's)."""
     base_i, offsets, align = base_and_offsets(tensors)
     numels = [t.numel() for t in tensors]
     maps = None if index_maps is None else [normalize_map(m, n)
@@ -221,12 +224,13 @@ def _static_values(tensors, keys, block, index_maps, mapped_block):
         block = mapped_block
     counts = [(n + block - 1) // block for n in numels]
     p = next_pow2(len(tensors))
-    rows, first = [], 0
-    for j, (offset, n, key) in enumerate(zip(offsets, numels, keys)):
+    if firsts is None:
+        firsts = block_starts(numels, len(numels))
+    rows = []
+    for j, (offset, n, key, first) in enumerate(zip(offsets, numels, keys, firsts)):
         rows += [offset, n, key, first]
         if mapped:
             rows += (0, SHIFT_SPAN, SHIFT_SPAN, WORD) if maps[j] is None else maps[j]
-        first += n
     row = 8 if mapped else 4
     rows += [0] * (row * (p - len(tensors)))
     values = block_starts(counts, p) + rows
@@ -274,7 +278,8 @@ def _split_seeds(tensor: torch.Tensor, k: int, schedule: bool):
 
 def build_table(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
                 rounding_seed: int, block: int, index_maps=None,
-                mapped_block: int | None = None, schedule: bool = False) -> LaunchTable:
+                mapped_block: int | None = None, schedule: bool = False,
+                firsts: list[int] | None = None) -> LaunchTable:
     """The launch table of a multi-tensor op, built from scratch: static part and seeds in ONE
     host list and one copy to the device (``seeds`` is a view of the same tensor).
 
@@ -283,9 +288,10 @@ def build_table(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
     tensor, None or (offset, local_span, global_span); all-identity maps give the unmapped table.
     ``mapped_block``: None, or the elements per program of a table with maps (then
     ``LaunchTable.block``). ``schedule``: the seeds' Philox key schedules follow them in the
-    same tensor (``LaunchTable.schedule``)."""
+    same tensor (``LaunchTable.schedule``). ``firsts``: the tensors' group-flat indices
+    (``_static_values``)."""
     values, base_i, n_programs, log2_p, align, mapped, block = _static_values(
-        tensors, keys, block, index_maps, mapped_block)
+        tensors, keys, block, index_maps, mapped_block, firsts)
     table = int64_table(values + _seed_values(seeds, rounding_seed, schedule),
                         tensors[0].device)
     n = len(values)
@@ -295,7 +301,7 @@ def build_table(tensors: list[torch.Tensor], keys: list[int], seeds: list[int],
 
 
 def table_cache_key(tensors: list[torch.Tensor], keys: list[int], block: int, index_maps=None,
-                    mapped_block: int | None = None):
+                    mapped_block: int | None = None, firsts: list[int] | None = None):
     """Everything the static table depends on (addresses, numels, keys, maps, blocks, dtype,
     device); O(T) but no Python list per value and no device copy."""
     t0 = tensors[0]
@@ -303,12 +309,13 @@ def table_cache_key(tensors: list[torch.Tensor], keys: list[int], block: int, in
                                                  for m in index_maps)
     return (block, None if maps is None else mapped_block, t0.dtype, t0.device,
             tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.numel, tensors)),
-            tuple(keys), maps)
+            tuple(keys), maps, None if firsts is None else tuple(firsts))
 
 
 def cached_table(cache: dict | None, tensors: list[torch.Tensor], keys: list[int],
                  seeds: list[int], rounding_seed: int, block: int, index_maps=None,
-                 mapped_block: int | None = None, schedule: bool = False) -> LaunchTable:
+                 mapped_block: int | None = None, schedule: bool = False,
+                 firsts: list[int] | None = None) -> LaunchTable:
     """``build_table``, reusing the static device table stored in ``cache`` (one dict per
     persistent tensor group, kept by the caller) when its key matches; else it is built and
     stored, evicting the least recently used entry beyond TABLE_CACHE_ENTRIES. Only the seeds
@@ -316,19 +323,22 @@ def cached_table(cache: dict | None, tensors: list[torch.Tensor], keys: list[int
     host synchronization. ``cache=None``: exactly ``build_table``."""
     if cache is None:
         return build_table(tensors, keys, seeds, rounding_seed, block, index_maps, mapped_block,
-                           schedule)
-    key = table_cache_key(tensors, keys, block, index_maps, mapped_block)
+                           schedule, firsts)
+    key = table_cache_key(tensors, keys, block, index_maps, mapped_block, firsts)
     # dict key: the tuple's hash, computed once (a tuple does not cache its hash and every dict
     # operation would rehash thousands of ints); the stored key settles collisions
     h = hash(key)
     entry = cache.pop(h, None)
     if entry is None or entry[0] != key:
         values, base_i, n_programs, log2_p, align, mapped, built_block = _static_values(
-            tensors, keys, block, index_maps, mapped_block)
+            tensors, keys, block, index_maps, mapped_block, firsts)
         entry = (key, _StaticTable(base_i, int64_table(values, tensors[0].device), n_programs,
                                    log2_p, align, mapped, built_block))
-        while len(cache) >= TABLE_CACHE_ENTRIES:
-            del cache[next(iter(cache))]  # least recently used: hits move to the end
+        # least recently used first (hits move to the end); the named entries of cached_int64
+        # (str keys, a fixed few per group) are not tables and never evicted
+        tables = [k for k in cache if not isinstance(k, str)]
+        for old in tables[:max(0, len(tables) - TABLE_CACHE_ENTRIES + 1)]:
+            del cache[old]
     cache[h] = entry
     static = entry[1]
     seeds_t, schedule_t = _split_seeds(
@@ -549,7 +559,7 @@ def first_call(blk, N: tl.constexpr, GROUP: tl.constexpr, shift=None):
     adds the call's index inside the block to the low word only. From ``blk * N``, a multiple of
     the power of two N <= 2^32, that never carries into the high word; from a shifted start it
     could at a 2^32-call boundary, so the host sends a shard only when its blocks' calls lie in
-    one such segment (perturb.py ``element_shifts``)."""
+    one such segment (perturb.py ``shard_shifts``)."""
     g = blk.to(tl.uint64, bitcast=True) * N
     if shift is not None:
         g += shift.to(tl.uint64, bitcast=True) // GROUP

@@ -46,14 +46,17 @@ LOG2_P, alignment, recovery or not, log mode, mapped or not) select a compiled v
 and without maps (``index_maps`` None or all identity) neither is the map code: the unmapped
 kernel does exactly the work it did before maps existed.
 
-Shifted shards (SHIFTED): when every map of a call is None or a shift g(i) = offset + i by a
+Shifted shards (SHIFTED): a tensor whose map is None or a shift g(i) = offset + i by a
 multiple of the pass's Philox call (``shift_grain``: 4 elements gaussian, 8 with contract 3's
 rounding bits, 128 rademacher; FSDP2's dim-0 shards, 2-D and 1-D, a virtual probe's row
-pieces), the call takes the plain kernel and its table; tensor j's block b draws the noise and
-rounding bits of elements ``shifts[j] + b * BLOCK + [0, BLOCK)`` of the whole tensor, the plain
-tiles at other counters (``element_shifts``: an int64 [T] kept in ``table_cache``), instead of
-the mapped kernel's per-group counters (sm_90: 44 instead of 64 instructions per element, bf16
-v2 gaussian).
+pieces) takes the plain kernel and its table; its block b draws the noise and rounding bits of
+elements ``shifts[j] + b * BLOCK + [0, BLOCK)`` of the whole tensor, the plain tiles at other
+counters (``shard_shifts``; an int64 [T] kept in ``table_cache``), instead of the mapped
+kernel's per-group counters (sm_90: 44 instead of 64 instructions per element, bf16 v2
+gaussian; rademacher 10 instead of 46). A call with other maps beside such tensors is split
+into a plain and a mapped launch when the plain part is large enough (``SPLIT_MIN_ELEMENTS``);
+each tensor keeps its group-flat index (``first_j``, the undo log's) and selector rows of the
+whole call.
 
 Index maps (MAPPED): the host normalizes each map (``normalize_map``): identity -> None (a row
 of (0, SHIFT_SPAN, SHIFT_SPAN, 128) in a mapped call, g(i) = i), a shift (local rows contiguous
@@ -87,6 +90,8 @@ schedule. ``count_only``: only the count is added; neither the tensors nor the l
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -100,7 +105,7 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       _rounding_bits, rounding_bits_at, rounding_bits_tile, rounding_tile,
                       rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table,
-                      normalize_map, SHIFT_SPAN, base_and_offsets, cached_int64)
+                      normalize_map, SHIFT_SPAN, base_and_offsets, cached_int64, block_starts)
 from .. import check_sources
 from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, log_stored,
                            stored_value)
@@ -286,7 +291,7 @@ def _perturb_kernel(base_ptr, table_ptr, seeds_ptr, schedule_ptr, decays_ptr, sc
     ``src_base_ptr + src_offsets[j]`` (both None without). SHIFTED: tensor j is a shard whose
     element i is element ``shifts[j] + i`` of the whole tensor: the noise and rounding bits are
     drawn for the elements from ``shifts[j] + blk * BLOCK``, the plain kernel's tiles at
-    other counters (None without; the host's ``element_shifts``).
+    other counters (None without; the host's ``shard_shifts``).
 
     The block is held as a tile in Philox layout (``tile_lanes``; the plain rademacher pass in
     the vector tile, codes 3 / 4): the noise of a Philox call is used in the registers that
@@ -523,11 +528,13 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     caller zeroes ``log.count``, the kernel adds to it); ``count_only`` (with ``log``): only add to
     the count, write nothing else. ``index_maps``: None or one entry per tensor, None (identity)
     or (offset, local_span, global_span): the noise and rounding of local element i are the
-    contract's at g(i) (module docstring); the log keeps local indices; when every map is None
-    or a shift by whole Philox calls, the plain kernel runs at shifted counters (SHIFTED,
-    ``element_shifts``). ``table_cache``: None, or a dict the caller keeps per persistent tensor
-    group: the static launch table is reused while the tensors' addresses, numels, keys, maps and
-    the block stay the same (``cached_table``), and so are the shifts (entry "shifts").
+    contract's at g(i) (module docstring); the log keeps local indices; tensors whose map is None
+    or a shift by whole Philox calls run in the plain kernel at shifted counters (SHIFTED,
+    ``shard_shifts``), in a launch of their own when other maps need the mapped kernel and they
+    hold at least SPLIT_MIN_ELEMENTS. ``table_cache``: None, or a dict the caller keeps per
+    persistent tensor group: the static launch tables are reused while the tensors' addresses,
+    numels, keys, maps and the block stay the same (``cached_table``), and so are the shifts
+    (entry "shifts") and a split call's parts.
     ``contract``: 1, 2 or 3 (docs/noise-contract.md): the gaussian normals (1: v1, else v2)
     and the stochastic rounding (3: integer).
     ``selector_log`` / ``held_log`` (SelectorBuffers, docs/undo-log.md): the selector log this
@@ -560,27 +567,71 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     source = sources is not None
     block = block_for(dist, stochastic, recover, normal=normal, itemsize=itemsize,
                       log=log is not None, selector=selector, source=source)
-    # shards shifted by whole Philox calls take the plain kernel at shifted counters
-    shifts = element_shifts(index_maps, tensors, block, shift_grain(dist, stochastic),
-                            table_cache)
-    if shifts is not None:
-        index_maps = None
-    scales = scales.contiguous()
+    mapped_block = block_for(dist, stochastic, recover, True, normal, itemsize, log is not None,
+                             selector, source)
+    launch = functools.partial(
+        _launch, seeds=seeds, scales=scales.contiguous(), applied=applied, log=log,
+        log_mode=log_mode, selector_log=selector_log, sel_out=sel_out, held_log=held_log,
+        selector=selector, dist=dist, stochastic=stochastic, normal=normal,
+        rounding_seed=rounding_seed, table_cache=table_cache)
+    decays = decays.contiguous()
+    shifts = shard_shifts(index_maps, tensors, block, shift_grain(dist, stochastic))
+    plain = [] if shifts is None else [j for j, shift in enumerate(shifts) if shift is not None]
+    if shifts is None or len(plain) in (0, len(tensors)) or sum(
+            tensors[j].numel() for j in plain) < SPLIT_MIN_ELEMENTS:
+        # one launch: the plain kernel (shifted shards at shifted counters), or the mapped one
+        whole = shifts is not None and len(plain) == len(tensors)
+        launch(tensors, keys, decays, sources, None if whole else index_maps, block,
+               mapped_block,
+               shifts=_shifts_table(table_cache, "shifts", shifts, tensors) if whole else None,
+               firsts=None, sel_rows=_selector_rows(table_cache, tensors) if selector else None)
+        return
+    # the shifted shards in the plain kernel, the others in the mapped one: two launches over
+    # parts of the group, each tensor at its group-flat index (undo log) and selector rows
+    mapped = [j for j, shift in enumerate(shifts) if shift is None]
+    numels = tuple(t.numel() for t in tensors)
+    firsts = block_starts(list(numels), len(tensors))
+    rows = _selector_row_values(tensors) if selector else None
+    for name, part in (("shifted", plain), ("mapped", mapped)):
+        sub = [tensors[j] for j in part]
+        picked = cached_int64(table_cache, f"split/{name}", (numels, tuple(part)), lambda: part,
+                              decays.device)
+        sel_rows = None if rows is None else cached_int64(
+            table_cache, f"selector_rows/{name}", (numels, tuple(part)),
+            lambda: [rows[j] for j in part], tensors[0].device)
+        shifted = name == "shifted"
+        launch(sub, [keys[j] for j in part], decays.index_select(0, picked),
+               None if sources is None else [sources[j] for j in part],
+               None if shifted else [index_maps[j] for j in part], block, mapped_block,
+               shifts=(_shifts_table(table_cache, "split/shifts", [shifts[j] for j in part], sub)
+                       if shifted else None),
+               firsts=[firsts[j] for j in part], sel_rows=sel_rows)
+
+
+# Splitting a call costs a launch; the mapped kernel's extra instructions on the shifted shards
+# (sm_90, bf16: 19 per element gaussian, 36 rademacher, more per extra seed; sass_budget) cost
+# about that (a few us) at a few million elements on an H100 (~30 T instructions/s). Smaller
+# calls keep one launch.
+SPLIT_MIN_ELEMENTS = 1 << 22
+
+
+def _launch(tensors, keys, decays, sources, index_maps, block, mapped_block, *, shifts, firsts,
+            sel_rows, seeds, scales, applied, log, log_mode, selector_log, sel_out, held_log,
+            selector, dist, stochastic, normal, rounding_seed, table_cache) -> None:
+    """One launch of _perturb_kernel over `tensors` (all of a call, or one part of a split one:
+    then `firsts` and `sel_rows` are the whole group's)."""
     launch = cached_table(table_cache, tensors, keys, seeds, rounding_seed, block, index_maps,
-                          mapped_block=block_for(dist, stochastic, recover, True, normal,
-                                                 itemsize, log is not None, selector, source),
-                          schedule=True)
+                          mapped_block=mapped_block, schedule=True, firsts=firsts)
     base = launch.base
     align = launch.align
     src_base = src_offsets = None
-    if source:  # the sources addressed as the tensors are: a base and element offsets
+    if sources is not None:  # the sources addressed as the tensors are: a base and offsets
         first, offsets, src_align = base_and_offsets(sources)
         src_base, src_offsets = sources[first], int64_table(offsets, tensors[0].device)
         align = min(align, src_align)
-    sel_rows = _selector_rows(table_cache, tensors) if selector else None
     out, held = selector_log, held_log
     _perturb_kernel[(launch.n_programs,)](
-        base, launch.table, launch.seeds, launch.schedule, decays.contiguous(), scales,
+        base, launch.table, launch.seeds, launch.schedule, decays, scales,
         scales if applied is None else applied.contiguous(),  # never read without applied
         len(seeds),
         # unused log arguments are None: constexpr, not even kernel parameters
@@ -601,7 +652,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         in_pool_ptr=None if held is None else held.pool,
         in_capacity=None if held is None else held.pool.numel(),
         SEL_OUT=sel_out, SEL_IN=held is not None,
-        src_base_ptr=src_base, src_offsets_ptr=src_offsets, HAS_SOURCE=source,
+        src_base_ptr=src_base, src_offsets_ptr=src_offsets, HAS_SOURCE=sources is not None,
         shifts_ptr=shifts, SHIFTED=shifts is not None,
         num_warps=SELECTOR_WARPS[dist] if selector and not launch.mapped else NUM_WARPS,
         maxnreg=MAXNREG)
@@ -624,46 +675,50 @@ def shift_grain(dist: str, stochastic: int) -> int:
 _SEGMENT_BITS = 34
 
 
-def element_shifts(index_maps, tensors: list[torch.Tensor], block: int, grain: int,
-                   table_cache: dict | None) -> torch.Tensor | None:
-    """int64 [T] on the device when every index map is None or a shift g(i) = offset + i by a
-    multiple of ``grain`` (``shift_grain``): FSDP2's dim-0 shards (whole rows, or 1-D chunks
-    of a multiple of grain), a virtual probe's row pieces. The plain kernel then draws tensor
-    j's block at element ``shifts[j] + b * block`` of the whole tensor, in its own tiles
-    (SHIFTED). A shift that is not a whole block also needs the shard's elements in one counter
-    segment (``_SEGMENT_BITS``: any shard of a tensor under 2^34 elements). None otherwise (no
-    maps, all identities, or a map the mapped kernel must take). Kept in ``table_cache``."""
+def shard_shifts(index_maps, tensors: list[torch.Tensor], block: int,
+                 grain: int) -> list[int | None] | None:
+    """Per tensor, the shift s of its map when the plain kernel can draw its block b at element
+    ``s + b * block`` of the whole tensor (SHIFTED): 0 for an identity, s for a shift
+    g(i) = s + i by a multiple of ``grain`` (``shift_grain``: FSDP2's dim-0 shards, whole rows
+    or 1-D chunks of a multiple of grain; a virtual probe's row pieces); None for a map the
+    mapped kernel must take. A shift that is not a whole block also needs the shard's elements
+    in one counter segment (``_SEGMENT_BITS``: any shard of a tensor under 2^34 elements).
+    None without maps."""
     if index_maps is None:
         return None
-    shifts = []
+    shifts: list[int | None] = []
     for index_map, tensor in zip(index_maps, tensors):
         normal = normalize_map(index_map, tensor.numel())
         if normal is None:
             shifts.append(0)
             continue
         offset, local_span, _, _ = normal
-        if local_span != SHIFT_SPAN or offset % grain:
-            return None
         # a carry past the last element is harmless: those lanes are masked
         end = offset + tensor.numel() - 1
-        if offset % block and offset >> _SEGMENT_BITS != end >> _SEGMENT_BITS:
-            return None
-        shifts.append(offset)
+        if local_span != SHIFT_SPAN or offset % grain or (
+                offset % block and offset >> _SEGMENT_BITS != end >> _SEGMENT_BITS):
+            shifts.append(None)
+        else:
+            shifts.append(offset)
+    return shifts
+
+
+def _shifts_table(table_cache: dict | None, name: str, shifts: list[int],
+                  tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """int64 [T] on the device (kept in ``table_cache[name]``), or None when every shift is 0
+    (the plain kernel's own counters)."""
     if not any(shifts):
         return None
-    return cached_int64(table_cache, "shifts", tuple(shifts), lambda: shifts, tensors[0].device)
+    return cached_int64(table_cache, name, tuple(shifts), lambda: shifts, tensors[0].device)
+
+
+def _selector_row_values(tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's first row in a selector log: its blocks of SELECTOR_BLOCK elements follow
+    those of the tensors before it."""
+    return block_starts([-(-t.numel() // SELECTOR_BLOCK) for t in tensors], len(tensors))
 
 
 def _selector_rows(table_cache: dict | None, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """int64 [T] on the device: each tensor's first row in a selector log (its blocks of
-    SELECTOR_BLOCK elements follow those of the tensors before it), kept in ``table_cache``."""
-    numels = tuple(t.numel() for t in tensors)
-
-    def rows() -> list[int]:
-        starts, first = [], 0
-        for n in numels:
-            starts.append(first)
-            first += -(-n // SELECTOR_BLOCK)
-        return starts
-
-    return cached_int64(table_cache, "selector_rows", numels, rows, tensors[0].device)
+    """``_selector_row_values`` as int64 [T] on the device, kept in ``table_cache``."""
+    return cached_int64(table_cache, "selector_rows", tuple(t.numel() for t in tensors),
+                        lambda: _selector_row_values(tensors), tensors[0].device)
