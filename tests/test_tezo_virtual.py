@@ -600,6 +600,25 @@ def test_the_factor_cache_drops_the_entries_its_forwards_stopped_using():
     assert cache.nbytes == _cached_factor_bytes(opt1) == cache.budget
 
 
+def test_the_factor_cache_budget_follows_the_parameters_bytes():
+    """The budget is factor_cache x the parameters' bytes when each probe starts: a model cast
+    from fp32 to bf16 mid-run halves it, the fp32 entries (now unused) make way, and the cache
+    ends within the new budget holding bf16 factors."""
+    model = make_model()
+    opt = TeZO(model.named_parameters(), lr=1e-2, rank=3, factor_cache=0.3)
+    for _ in range(2):
+        opt.step(lm_loss(model))
+    cache = opt._virtual.cache
+    assert cache.budget == int(0.3 * sum(p.numel() * 4 for p in model.parameters()))
+    assert 0 < cache.nbytes <= cache.budget
+    model.to(torch.bfloat16)
+    for _ in range(3):
+        opt.step(lm_loss(model))
+    assert cache.budget == int(0.3 * sum(p.numel() * 2 for p in model.parameters()))
+    assert 0 < cache.nbytes <= cache.budget
+    assert {dtype for _, kept in cache._entries.values() for dtype in kept} == {torch.bfloat16}
+
+
 def test_the_factor_cache_benchmark_measures_both_modes():
     """benchmarks/tezo_factor_cache.py on `small` (2 rounds): its two optimizers agree (it
     asserts their losses), all 38 2-D weights are virtual, and the cache stays within its 4%."""
@@ -712,6 +731,33 @@ def test_finetune_merges_the_deferred_updates_and_leaves_no_hook():
     assert hooks_left(model) == []
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight,
                            initial["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_a_failed_merge_does_not_hide_the_error_that_ended_finetune(monkeypatch):
+    """finetune merges the deferred updates when its loop raises; if that merge fails too, the
+    loop's error still propagates, with the merge's failure as a note, and the updates stay
+    pending for a later merge()."""
+    from zokernels.integrations import finetune
+
+    model = _tiny_config_model("llama")
+    opt = TeZO(model.named_parameters(), lr=1e-3, rank=4, update="deferred")
+
+    def batches():
+        yield _lm_batch()
+        yield _lm_batch()
+        raise KeyError("the data ran dry")
+
+    def failing_merge():
+        raise RuntimeError("no memory for the factors")
+    monkeypatch.setattr(opt, "merge", failing_merge)
+    with pytest.raises(KeyError, match="the data ran dry") as caught:
+        finetune(model, batches(), optimizer=opt, progress=False)
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert "TeZO.merge() after this error failed too" in notes and "no memory" in notes
+    assert opt._virtual.pending
+    monkeypatch.undo()
+    opt.merge()
+    assert not opt._virtual.pending and hooks_left(model) == []
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

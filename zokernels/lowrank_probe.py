@@ -26,7 +26,7 @@ stay with the in-place path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -185,10 +185,14 @@ class FactorCache:
     the current probe or the one before is stale (the forwards stopped producing its dtype,
     e.g. autocast turned off, or stopped reading its weight): a new entry that does not fit
     makes room by dropping the stale ones first. Entries in use are never dropped for a new one,
-    so a model whose factors exceed the budget keeps its first ones rather than churning."""
+    so a model whose factors exceed the budget keeps its first ones rather than churning. The
+    budget is set again at each probe (`begin_probe`: the parameters may have been cast); a
+    cache over a lowered budget drops its stale entries, then, if still over, all of them (it
+    refills within the new one)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = int(budget)
+        self._swept = -1  # the probe in which _drop_stale last ran (nothing turns stale inside one)
         # (part, position) -> (stamp, {dtype: (U, V, probe of last use)}); bytes are counted
         # from it, not kept beside it, so that an interrupt cannot leave a stale count
         self._entries: dict[tuple[int, int], tuple[tuple, dict]] = {}
@@ -202,8 +206,14 @@ class FactorCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def begin_probe(self) -> None:
+    def begin_probe(self, budget: int | None = None) -> None:
         self._probe += 1
+        if budget is not None:
+            self.budget = int(budget)
+            if self.nbytes > self.budget:
+                self._drop_stale()
+            if self.nbytes > self.budget:
+                self.clear()
 
     def factors(self, part: VirtualPart, p: int, j: int,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +230,7 @@ class FactorCache:
         u, v = part.factors(j)
         u, v = u.to(dtype), v.to(dtype)
         size = _factor_bytes(u, v)
-        if size <= self.budget and self.nbytes + size > self.budget:
+        if size <= self.budget and self._swept != self._probe and self.nbytes + size > self.budget:
             self._drop_stale()
         if self.nbytes + size <= self.budget:
             self._entries.setdefault((p, j), (stamp, {}))[1][dtype] = (u, v, self._probe)
@@ -228,6 +238,7 @@ class FactorCache:
 
     def _drop_stale(self) -> None:
         """Drops the entries unused in this probe and the one before."""
+        self._swept = self._probe
         for key, (_, kept) in list(self._entries.items()):
             for dtype in [d for d, (_, _, used) in kept.items() if used < self._probe - 1]:
                 del kept[dtype]
@@ -256,17 +267,19 @@ class VirtualLowRank:
     load_state_dict pre-hook; merge removes them.
 
     The term is computed in the output's dtype, from the layer's factors cast to it. The hooks
-    keep those cast factors (`FactorCache`) while they fit `cache_bytes`: drawing and casting
+    keep those cast factors (`FactorCache`) while they fit `cache_bytes` (bytes, or a function
+    giving them, asked at each probe): drawing and casting
     them in every call was a third of the hooks' time on `small` (docs/tezo.md, "The factor
     cache"); past the budget a call draws them and frees them when it returns."""
 
     def __init__(self, parts: list[VirtualPart], backend: str = "auto",
-                 cache_bytes: int = 0) -> None:
+                 cache_bytes: int | Callable[[], int] = 0) -> None:
         self.parts = parts
         self.backend = backend
         self.pending = False
         self.merges = 0  # merge() calls, pending or not (the optimizer records them)
-        self.cache = FactorCache(cache_bytes)
+        self._cache_budget = cache_bytes if callable(cache_bytes) else (lambda: cache_bytes)
+        self.cache = FactorCache(self._cache_budget())
         self._stepping = False
         self._probe: tuple[object, list[torch.Tensor], list[dict]] | None = None
         self._watch: list[Any] = []
@@ -327,7 +340,7 @@ class VirtualLowRank:
         """Owner outputs as if W_j = W_eff,j + U_j diag(c_j) V_j^T inside the block."""
         totals = [part.accum if c is None else part.accum + c
                   for part, c in zip(self.parts, coefs)]
-        self.cache.begin_probe()
+        self.cache.begin_probe(self._cache_budget())
         token = object()
         handle = None
         try:

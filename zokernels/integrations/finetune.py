@@ -3,9 +3,11 @@ with any zokernels optimizer, with a progress line."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -43,6 +45,34 @@ def trainable_blocks(model: torch.nn.Module, where: str = "finetune('lezo')",
     return blocks
 
 
+@contextlib.contextmanager
+def merged_at_exit(optimizer_now: Callable[[], Any]) -> Iterator[None]:
+    """Merges TeZO's pending deferred updates (update="deferred") when the block ends, returning
+    or raising, so that the model holds its weights afterwards; other optimizers: nothing.
+    optimizer_now() gives the optimizer when the block ends (a Trainer may build it inside). A
+    merge that fails while an exception propagates does not replace that exception: the
+    merge's error is added to it as a note (a warning before Python 3.11), and the updates stay
+    pending (`opt.merge()` retries)."""
+    try:
+        yield
+    except BaseException as error:
+        optimizer = optimizer_now()
+        if isinstance(optimizer, TeZO):
+            try:
+                optimizer.merge()
+            except Exception as failed:  # noqa: BLE001 - reported on the first error
+                message = (f"TeZO.merge() after this error failed too ({failed!r}); the "
+                           "deferred updates are still pending: call opt.merge()")
+                if hasattr(error, "add_note"):
+                    error.add_note(message)
+                else:
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
+        raise
+    optimizer = optimizer_now()
+    if isinstance(optimizer, TeZO):
+        optimizer.merge()
+
+
 def _build(model: torch.nn.Module, name: str, kwargs: dict[str, Any],
            where: str = "finetune") -> ZOOptimizer:
     kwargs = dict(kwargs)
@@ -75,7 +105,8 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
     the LM head, loss_fn = head + cross-entropy).
 
     optimizer: "mezo", "lezo" (layers default to the blocks of find_transformer_layers(model)
-    that hold a trainable parameter, n_active to a quarter of them), "tezo", "pseuzo", or an optimizer built beforehand (then used as given).
+    that hold a trainable parameter, n_active to a quarter of them), "tezo", "pseuzo", or an
+    optimizer built beforehand (then used as given).
     A name trains model.named_parameters() that require grad, except for "pseuzo", which trains
     pseuzo_parameters(model): an LM head that is not tied to the input embeddings is left out
     (it cannot change PseuZO's output o, so its update would be zero-mean noise and two wasted
@@ -109,33 +140,34 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
             raise ValueError("optimizer_kwargs are for an optimizer given by name")
         name = optimizer.algorithm
     else:
-        raise TypeError(f"optimizer must be a name or a ZOOptimizer, got {type(optimizer).__name__}")
+        raise TypeError(f"optimizer must be a name or a ZOOptimizer, got "
+                        f"{type(optimizer).__name__}")
 
     modes = [(module, module.training) for module in model.modules()]
     losses: list[float] = []
     try:
-        model.eval()
-        start = time.perf_counter()
-        for step, batch in enumerate(batches):
-            if steps is not None and step >= steps:
-                break
-            inputs = lm_inputs(batch, f"batches[{step}]")
-            if name == "pseuzo":
-                loss = optimizer.step(*pseuzo_causal_lm(model, inputs))
-            else:
-                loss = optimizer.step(lambda inputs=inputs: _model_loss(model, inputs))
-            losses.append(float(loss))
-            if progress and (step + 1) % log_every == 0:
-                recent = losses[-log_every:]
-                rate = (step + 1) / (time.perf_counter() - start)
-                total = f"/{steps}" if steps is not None else ""
-                print(f"[{name}] step {step + 1}{total}  loss {sum(recent) / len(recent):.4f}  "
-                      f"{rate:.1f} steps/s", file=sys.stderr, flush=True)
+        with merged_at_exit(lambda: optimizer):  # update="deferred": the model holds its weights
+            model.eval()
+            start = time.perf_counter()
+            for step, batch in enumerate(batches):
+                if steps is not None and step >= steps:
+                    break
+                inputs = lm_inputs(batch, f"batches[{step}]")
+                if name == "pseuzo":
+                    loss = optimizer.step(*pseuzo_causal_lm(model, inputs))
+                else:
+                    loss = optimizer.step(lambda inputs=inputs: _model_loss(model, inputs))
+                losses.append(float(loss))
+                if progress and (step + 1) % log_every == 0:
+                    recent = losses[-log_every:]
+                    rate = (step + 1) / (time.perf_counter() - start)
+                    total = f"/{steps}" if steps is not None else ""
+                    mean = sum(recent) / len(recent)
+                    print(f"[{name}] step {step + 1}{total}  loss {mean:.4f}  {rate:.1f} steps/s",
+                          file=sys.stderr, flush=True)
     finally:
         for module, training in modes:
             module.training = training
-        if isinstance(optimizer, TeZO):
-            optimizer.merge()  # update="deferred": the returned model holds its weights
     return optimizer, losses
 
 

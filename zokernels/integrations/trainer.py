@@ -28,12 +28,12 @@ import torch
 import transformers
 
 from .._contract import PERTURB_DISTS, ROUNDINGS
-from ..optim import TeZO, ZOOptimizer
+from ..optim import ZOOptimizer
 from ..optim.tezo import FACTOR_CACHE as TEZO_FACTOR_CACHE
 from ..optim.tezo import UPDATES as TEZO_UPDATES
 from ..optim.tezo import VARIANTS as TEZO_VARIANTS
 from .causal_lm import pseuzo_causal_lm
-from .finetune import OPTIMIZERS, _build, trainable_blocks
+from .finetune import OPTIMIZERS, _build, merged_at_exit, trainable_blocks
 
 # The options of one algorithm; setting one for another algorithm is refused (it would be ignored).
 ALGORITHM_OPTIONS = {"lezo": ("lezo_n_active", "lezo_layers"),
@@ -463,11 +463,8 @@ class ZOTrainer(transformers.Trainer):
         """The stock train(); then, returning or raising, TeZO's pending deferred updates
         (tezo_update="deferred") are merged, so the model holds its weights afterwards (as after
         finetune()). Checkpoints and evaluations in between merge through the model's hooks."""
-        try:
+        with merged_at_exit(lambda: self.zo_optimizer):
             return super().train(*args, **kwargs)
-        finally:
-            if isinstance(self.zo_optimizer, TeZO):
-                self.zo_optimizer.merge()
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:

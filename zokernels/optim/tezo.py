@@ -21,6 +21,7 @@ from ..held import DenseTarget
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
 from ..lowrank_space import LowRankNoise, LowRankSpace, split_by_rank
 from ..ops.undo import SelectorLog, UndoLog
+from ..sharding import local_tensor
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from ..trajectory import MAX_SEEDS_PER_STEP
 from .base import _copied, check_common_hyper, check_hyper
@@ -265,14 +266,17 @@ class TeZO(MeZO):
                       if state.shards[j] is None and j not in state._dtensors]
                      for state in self.lowrank]
         parts = [VirtualPart(state, chosen) for state, chosen in zip(self.lowrank, positions)]
-        param_bytes = sum(p.numel() * p.element_size() for space in self._registered
-                          for p in space.params)
-        self._virtual = VirtualLowRank(parts, self.backend,
-                                       cache_bytes=int(self.factor_cache * param_bytes))
+        self._virtual = VirtualLowRank(parts, self.backend, cache_bytes=self._factor_cache_bytes)
         self._merges_recorded = 0
         self._tracked = False
         self._demoting = [[] for _ in self.lowrank]
         self._set_positions(positions)
+
+    def _factor_cache_bytes(self) -> int:
+        """factor_cache x the bytes the parameters hold now (a shard's local ones), asked at each
+        probe: a model cast to another dtype gets the budget of its new bytes."""
+        local = [local_tensor(p) for space in self._registered for p in space.params]
+        return int(self.factor_cache * sum(t.numel() * t.element_size() for t in local))
 
     def _set_positions(self, positions: list[list[int]]) -> None:
         """The weights at positions[g] of each group's low-rank state are the virtual ones, the
