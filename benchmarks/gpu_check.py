@@ -12,7 +12,9 @@ OUTDIR/gpu_check.log (everything printed, the pytest output included), one secti
              is present (GPU_LANE), in a subprocess with a time limit; counts and failing tests
   ops        `zokernels-bench ops` rows on opt-1.3b bf16 shapes: copy, the MeZO loop, perturb_
              gaussian K=1/2/14, rademacher K=1/14, stochastic rounding, applied=, low-rank
-             r=16/64; GB/s and % of the copy measured in the same run
+             r=16/64, and perturb_ on an FSDP2-like rank group's shards (gaussian K=1,
+             rademacher K=1/14) split into a shifted and a mapped launch against one mapped
+             launch; GB/s and % of the copy measured in the same run
   step       MeZO's and TeZO's steps on opt-1.3b shapes (bf16), virtual probes (the default)
              and in place: forward / ZO split and peak extra memory
   host_sync  a step's three passes (perturb, probe move, restore + update) with device-tensor
@@ -219,6 +221,12 @@ def ops_cases(backend: str) -> list:
     cases.append(_case("perturb_", backend, dist="gaussian", k=1, rounding="nearest",
                        applied=True))
     cases += [_case("lowrank_perturb_", backend, rank=r, rounding="nearest") for r in (16, 64)]
+    # an FSDP2-like rank group (runner.Workload.shard_maps): the shifted / mapped split against
+    # one mapped launch
+    cases += [_case("perturb_", backend, rounding="nearest", shards=shards, **p)
+              for p in (dict(dist="gaussian", k=1), dict(dist="rademacher", k=1),
+                        dict(dist="rademacher", k=14))
+              for shards in ("split", "mapped")]
     return cases
 
 

@@ -658,3 +658,29 @@ def test_an_fsdp2_rank_group_takes_the_shifted_kernel(monkeypatch, dist, split_a
     else:
         assert launched == [(False, False)] * 2 + [(False, True), (True, False)] * 2
 
+
+
+def test_the_benchmark_shard_cases_split_and_agree(monkeypatch):
+    """The ops benchmark's shard cases (runner.Workload.shard_maps, in the GPU check): "split"
+    runs the 2-D shards in the plain kernel and the 1-D ones in the mapped one (2 launches),
+    "mapped" all in one mapped launch, with the same bits (tiny shapes; the split's size bound
+    lowered)."""
+    from zokernels.backends.triton import perturb as module
+    from zokernels.backends.triton._common import launch_count, reset_launch_count
+    from zokernels.bench.runner import Case, Group, Workload, get_shape_set
+
+    monkeypatch.setattr(module, "SPLIT_MIN_ELEMENTS", 0)
+    results, launches = {}, {}
+    for shards in ("split", "mapped"):
+        case = Case("perturb_", "triton", "rademacher", 2, "nearest", shards=shards)
+        workload = Workload(Group(get_shape_set("tiny"), "bfloat16", DEVICE, [case]))
+        before = [t.clone() for t in workload.tensors]
+        reset_launch_count()
+        workload.callable(case)()
+        launches[shards] = launch_count()
+        assert not all(torch.equal(a, b) for a, b in zip(before, workload.tensors))
+        results[shards] = workload.tensors
+    assert launches == {"split": 2, "mapped": 1}
+    for j, (a, b) in enumerate(zip(results["split"], results["mapped"])):
+        assert_bits_equal(a.cpu(), b.cpu(), f"tensor {j}")
+    assert module.SPLIT_MIN_ELEMENTS == 0  # the "mapped" case restored the bound it lowered

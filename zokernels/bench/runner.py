@@ -98,6 +98,11 @@ class Case:
     rounding: str | None = None
     rank: int | None = None
     applied: bool = False  # perturb_ with applied= (recovery of the held perturbation first)
+    # perturb_ on shards (index maps: Workload.shard_maps): None unsharded; "split" the 2-D
+    # tensors at whole Philox calls, the 1-D ones at an offset that is not (the Triton backend
+    # splits such a call into a shifted and a mapped launch); "mapped" the same maps in one
+    # mapped launch (the split turned off, as before it existed)
+    shards: str | None = None
     repeats: int | None = None  # overrides the run's (the costly CPU loops in the quick run)
     warmup: int | None = None
 
@@ -113,6 +118,8 @@ class Case:
             parts.append("stochastic")
         if self.applied:
             parts.append("applied")
+        if self.shards:
+            parts.append(f"shards={self.shards}")
         return " ".join(parts)
 
 
@@ -204,9 +211,15 @@ class Workload:
             # applied = scales: recover theta from round(theta + D), then apply D again, so the
             # values stay where they are however many times the case runs.
             applied = scales if case.applied else None
-            return lambda: zokernels.perturb_(tensors, seeds, scales, dist=case.dist,
-                                              rounding=case.rounding, applied=applied,
-                                              backend=case.backend)
+            maps = None if case.shards is None else self.shard_maps()
+
+            def perturb() -> None:
+                zokernels.perturb_(tensors, seeds, scales, dist=case.dist,
+                                   rounding=case.rounding, applied=applied, index_maps=maps,
+                                   backend=case.backend)
+            if case.shards == "mapped":
+                return lambda: _without_split(perturb)
+            return perturb
         if case.op == "lowrank_perturb_":
             us, vs, taus = self.factors(case.rank)
             return lambda: zokernels.lowrank_perturb_(self.matrices, us, vs, taus, scale=SCALE,
@@ -214,12 +227,36 @@ class Workload:
                                                       backend=case.backend)
         raise ValueError(f"unknown op {case.op!r}")
 
+    def shard_maps(self) -> list[tuple[int, int, int]]:
+        """Every tensor as rank 1's dim-0 shard of a tensor twice its size (g(i) = numel + i),
+        the 1-D ones 2 elements further (g(i) = numel + 2 + i): FSDP2's layout, where 1-D
+        chunks (e.g. 5120 / 16 = 320) need not start at whole Philox calls (4 gaussian, 128
+        rademacher), while rows of 2048 do."""
+        return [(t.numel() + (2 if t.dim() == 1 else 0), t.numel(), t.numel())
+                for t in self.tensors]
+
     def free(self) -> None:
         self.tensors = self.copies = self.matrices = []
         self._factors = {}
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _without_split(fn: Callable[[], None]) -> None:
+    """fn() with the Triton backend's shifted / mapped split turned off (a call with any map
+    that the plain kernel cannot take runs in one mapped launch, as before the split)."""
+    try:
+        from zokernels.backends.triton import perturb as triton_perturb
+    except ImportError:  # no Triton: nothing to turn off
+        fn()
+        return
+    bound = triton_perturb.SPLIT_MIN_ELEMENTS
+    triton_perturb.SPLIT_MIN_ELEMENTS = 1 << 62
+    try:
+        fn()
+    finally:
+        triton_perturb.SPLIT_MIN_ELEMENTS = bound
 
 
 def copy_loop(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
