@@ -113,6 +113,19 @@ def test_no_baselines_and_bf16(bench, tmp_path):
     assert all(r["dtype"] == "bfloat16" for r in rows)
 
 
+def test_shards_rows(bench, tmp_path):
+    """--shards none,split: each perturb_ case unsharded and on shards (index maps); the row
+    says which."""
+    path = tmp_path / "bench.json"
+    status, _, err = bench("ops", "--shape-set", "tiny", "--repeats", "1", "--warmup", "0",
+                           "--k", "1", "--dist", "gaussian", "--op", "perturb", "--no-baselines",
+                           "--shards", "none,split", "--json", str(path))
+    assert status == 0, err
+    rows = [r for r in json.loads(path.read_text())["results"] if r["op"] == "perturb_"]
+    assert sorted((r["shards"] or "none") for r in rows) == ["none", "split"]
+    assert all(r["ms"] > 0 for r in rows)
+
+
 def test_max_gb_skips_with_reason(bench):
     status, out, err = bench(*TINY_RUN, "--max-gb", "0.0001")
     assert status == 1, err
@@ -126,6 +139,7 @@ BAD_ARGUMENTS = [
     (["ops", "--backend", "tensorrt"], "unknown value 'tensorrt'"),
     (["ops", "--k", "0"], "--k"),
     (["ops", "--rank", "eight"], "--rank"),
+    (["ops", "--shards", "rows"], "--shards"),
     (["ops", "--repeats", "0"], "--repeats"),
     (["ops", "--no-such-option"], "unrecognized arguments"),
 ]

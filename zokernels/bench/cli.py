@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="nearest, stochastic (default: both; stochastic for bf16/fp16 only)")
     ops.add_argument("--rank", action="append", metavar="R",
                      help="low-rank op ranks (default: 8,16,64)")
+    ops.add_argument("--shards", action="append",
+                     help="perturb_ on the tensors as shards with index maps (FSDP2's dim-0 "
+                          "layout, the 1-D ones off whole Philox calls): none, split (the "
+                          "Triton backend's shifted + mapped launches), mapped (one mapped "
+                          "launch) (default: none)")
     ops.add_argument("--repeats", type=int, help="timed calls per row (default: 5 cpu, 20 cuda)")
     ops.add_argument("--warmup", type=int, help="untimed calls first (default: 1 cpu, 5 cuda)")
     ops.add_argument("--max-gb", type=float, metavar="GB",
@@ -440,6 +445,8 @@ def plan_ops(args: argparse.Namespace) -> Plan:
     dists = _choices(args.dist, ",".join(DISTS), DISTS, "--dist")
     roundings = _choices(args.rounding, ",".join(ROUNDINGS), ROUNDINGS, "--rounding")
     ranks = _ints(args.rank, "8,16,64", "--rank")
+    shards = [None if v == "none" else v
+              for v in _choices(args.shards, "none", ("none", "split", "mapped"), "--shards")]
     requested = _choices(args.backend, "auto", ("auto",) + FUSED_BACKENDS, "--backend")
     notes: list[str] = []
     backends = fused_backends(requested, devices, notes)
@@ -458,8 +465,9 @@ def plan_ops(args: argparse.Namespace) -> Plan:
                 for backend in backends[device]:
                     rounds = [r for r in roundings if r == "nearest" or dtype != "float32"]
                     if "perturb_" in ops:
-                        cases += [Case("perturb_", backend, dist, k, rounding)
-                                  for dist in dists for k in ks for rounding in rounds]
+                        cases += [Case("perturb_", backend, dist, k, rounding, shards=layout)
+                                  for dist in dists for k in ks for rounding in rounds
+                                  for layout in shards]
                     if "lowrank_perturb_" in ops and shape_set.matrices:
                         cases += [Case("lowrank_perturb_", backend, rounding=rounding, rank=rank)
                                   for rank in ranks for rounding in rounds]
