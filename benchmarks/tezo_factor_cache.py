@@ -5,7 +5,10 @@ Two identical models, each with a TeZO optimizer (virtual probes): one with the 
 (every hook call draws and casts them). After two steps (the first step's tracked forward, the
 cache filled), forwards are timed in a shuffled order each round: plain (no hook), probed with
 the cache, probed without. The hook cost per probe is the median over rounds of (probed -
-plain) of the same round. Also: the cache's bytes, its budget and the full need, as % of the
+plain) of the same round. Then both optimizers step alternately and the update pass over the
+2-D weights (LowRankSpace.apply) is timed inside each step: with the cache, an fp32 model's
+update takes the kept float32 factors instead of drawing them (bf16 forwards keep bf16 casts:
+no difference expected). Also: the cache's bytes, its budget and the full need, as % of the
 parameters' bytes, and that both optimizers' probe losses are identical.
 
     python benchmarks/tezo_factor_cache.py --model small --dtype bfloat16 --threads 1 \\
@@ -23,6 +26,7 @@ import sys
 import torch
 
 from zokernels.bench.step import CLOCKS
+from zokernels.lowrank_space import LowRankSpace
 from zokernels.optim import TeZO
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -63,6 +67,8 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, r
                 times[name].append(1e3 * (clock() - start))
     hook = {name: statistics.median(a - b for a, b in zip(times[name], times["plain"]))
             for name in ("cache", "no cache")}
+    update = _update_pass_ms({"cache": (model, cached), "no cache": (twin, drawn)}, loss_of,
+                             repeats, warmup, clock)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cache = cached._virtual.cache
     need = sum((w.shape[0] + w.shape[1]) * part.ranks[j] * w.element_size()
@@ -72,11 +78,40 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, r
                 plain_forward_ms=statistics.median(times["plain"]),
                 hook_ms_per_probe={name: round(v, 3) for name, v in hook.items()},
                 hook_ratio_cache_vs_not=hook["cache"] / hook["no cache"],
+                update_pass_ms={name: round(v, 3) for name, v in update.items()},
+                update_ratio_cache_vs_not=update["cache"] / update["no cache"],
                 cache_pct_of_params=100 * cache.nbytes / param_bytes,
                 budget_pct_of_params=100 * cache.budget / param_bytes,
                 full_need_pct_of_params=100 * need / param_bytes,
                 extra_memory_pct={"cache": 100 * cached.extra_memory_bytes / param_bytes,
                                   "no cache": 100 * drawn.extra_memory_bytes / param_bytes})
+
+
+def _update_pass_ms(runs: dict, loss_of, repeats: int, warmup: int, clock) -> dict:
+    """Median per step of the time spent in LowRankSpace.apply (the 2-D weights' update) for
+    each (model, optimizer), stepped alternately."""
+    spent: list[float] = []
+    apply = LowRankSpace.apply
+
+    def timed(self, *args, **kwargs):
+        start = clock()
+        try:
+            return apply(self, *args, **kwargs)
+        finally:
+            spent.append(clock() - start)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    LowRankSpace.apply = timed
+    try:
+        with torch.no_grad():
+            for r in range(warmup + repeats):
+                for name, (net, opt) in runs.items():
+                    spent.clear()
+                    opt.step(lambda net=net: loss_of(net))
+                    if r >= warmup:
+                        times[name].append(1e3 * sum(spent))
+    finally:
+        LowRankSpace.apply = apply
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             hook = row["hook_ms_per_probe"]
             print(f"{model} {dtype}: forward {row['plain_forward_ms']:.1f} ms; hooks per probe "
                   f"{hook['no cache']:.2f} ms without the cache, {hook['cache']:.2f} ms with it "
-                  f"({row['hook_ratio_cache_vs_not']:.2f}x); cache "
+                  f"({row['hook_ratio_cache_vs_not']:.2f}x); update pass "
+                  f"{row['update_pass_ms']['no cache']:.2f} / {row['update_pass_ms']['cache']:.2f}"
+                  f" ms ({row['update_ratio_cache_vs_not']:.2f}x); cache "
                   f"{row['cache_pct_of_params']:.2f}% of the parameters (budget "
                   f"{row['budget_pct_of_params']:.2f}%, all factors "
                   f"{row['full_need_pct_of_params']:.2f}%)", flush=True)

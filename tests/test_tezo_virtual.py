@@ -600,6 +600,34 @@ def test_the_factor_cache_drops_the_entries_its_forwards_stopped_using():
     assert cache.nbytes == _cached_factor_bytes(opt1) == cache.budget
 
 
+@pytest.mark.parametrize("update", ["inplace", "deferred"])
+def test_the_update_and_merges_use_the_kept_float32_factors(monkeypatch, update):
+    """In an fp32 model the hooks keep the float32 draws themselves: a step's update (and a
+    deferred run's merge) takes them instead of drawing again. Factor draws per step after the
+    cache is filled: none with the cache; without it one per hook call (4 per probe: the tied
+    embedding is read twice) and one per virtual weight in the write; bf16 forwards keep bf16
+    casts, so the write draws."""
+    from zokernels.lowrank_space import LowRankSpace
+
+    draws = []
+    original = LowRankSpace.factors
+    monkeypatch.setattr(LowRankSpace, "factors",
+                        lambda self, j: draws.append(j) or original(self, j))
+    counted = {}
+    for dtype, cache in ((torch.float32, 1.0), (torch.float32, 0.0), (torch.bfloat16, 1.0)):
+        model = make_model(dtype=dtype)
+        opt = TeZO(model.named_parameters(), lr=1e-2, rank=3, update=update, factor_cache=cache)
+        for _ in range(2):
+            opt.step(lm_loss(model))
+        draws.clear()
+        opt.step(lm_loss(model))
+        opt.merge()
+        counted[(dtype, cache)] = len(draws)
+    assert counted[(torch.float32, 1.0)] == 0
+    assert counted[(torch.float32, 0.0)] == 2 * 4 + 3  # two probes, the update or the merge
+    assert counted[(torch.bfloat16, 1.0)] == 3  # the update's or the merge's float32 draws
+
+
 def test_the_factor_cache_budget_follows_the_parameters_bytes():
     """The budget is factor_cache x the parameters' bytes when each probe starts: a model cast
     from fp32 to bf16 mid-run halves it, the fp32 entries (now unused) make way, and the cache
@@ -633,6 +661,10 @@ def test_the_factor_cache_benchmark_measures_both_modes():
     assert 0 < row["cache_pct_of_params"] <= row["budget_pct_of_params"] <= 4.0
     assert row["cache_pct_of_params"] < row["full_need_pct_of_params"]  # 4.2%: 36 of 38 kept
     assert set(row["hook_ms_per_probe"]) == {"cache", "no cache"}
+    assert set(row["update_pass_ms"]) == {"cache", "no cache"}
+    assert all(ms > 0 for ms in row["update_pass_ms"].values())
+    from zokernels.lowrank_space import LowRankSpace
+    assert LowRankSpace.apply.__name__ == "apply"  # the timing wrapper was removed
 
 
 def test_probes_see_the_pending_deferred_update():

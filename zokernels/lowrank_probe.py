@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 from torch.overrides import TorchFunctionMode
 
-from .lowrank_space import LowRankSpace
+from .lowrank_space import KeptFactors, LowRankSpace
 
 # Reads of a weight that do not see its values (metadata), allowed anywhere.
 _METADATA = frozenset({
@@ -215,18 +215,28 @@ class FactorCache:
             if self.nbytes > self.budget:
                 self.clear()
 
-    def factors(self, part: VirtualPart, p: int, j: int,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """U, V of part p's j-th weight in `dtype`: kept, or drawn now (and kept if they fit)."""
+    def kept(self, part: VirtualPart, p: int, j: int,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """U, V of part p's j-th weight in `dtype` if kept and still current, else None."""
         stamp = (part.space.factor_seed, part.space.contract, part.weights[j].device)
         entry = self._entries.get((p, j))
         if entry is not None and entry[0] != stamp:
             del self._entries[(p, j)]
             entry = None
-        if entry is not None and dtype in entry[1]:
-            u, v, _ = entry[1][dtype]
-            entry[1][dtype] = (u, v, self._probe)
-            return u, v
+        if entry is None or dtype not in entry[1]:
+            return None
+        u, v, _ = entry[1][dtype]
+        return u, v
+
+    def factors(self, part: VirtualPart, p: int, j: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """U, V of part p's j-th weight in `dtype` for a hook: kept, or drawn now (and kept if
+        they fit)."""
+        kept = self.kept(part, p, j, dtype)
+        if kept is not None:
+            self._entries[(p, j)][1][dtype] = (*kept, self._probe)
+            return kept
+        stamp = (part.space.factor_seed, part.space.contract, part.weights[j].device)
         u, v = part.factors(j)
         u, v = u.to(dtype), v.to(dtype)
         size = _factor_bytes(u, v)
@@ -421,7 +431,7 @@ class VirtualLowRank:
         self.merges += 1
         if not self.pending:
             return
-        for part in self.parts:
+        for p, part in enumerate(self.parts):
             if not part.pending:
                 continue
             at = {j: i for i, j in enumerate(part.positions)}
@@ -432,14 +442,26 @@ class VirtualLowRank:
                 picked = [at[j] for j in run]
                 part.space.perturb(run, {"taus": [slices[i] for i in picked],
                                          "decay": [part.scales[i] for i in picked]},
-                                   chunked=False, scale=1.0, backend=self.backend,
-                                   check_finite=False)
+                                   chunked=False, kept=self.kept_float32(p), scale=1.0,
+                                   backend=self.backend, check_finite=False)
                 for i in picked:
                     part.accum[part.offsets[i]:part.offsets[i + 1]].zero_()
                     part.scales[i] = 1.0
             part.pending = False
         self.pending = False
         self._unwatch_modules()
+
+    def kept_float32(self, p: int) -> KeptFactors:
+        """Part p's factors the hooks keep in float32 (forwards in float32: the draws
+        themselves), by position in its space, for the passes that write these weights (the
+        update, a merge): they skip those draws."""
+        part = self.parts[p]
+        at = {position: j for j, position in enumerate(part.positions)}
+
+        def kept(position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+            j = at.get(position)
+            return None if j is None else self.cache.kept(part, p, j, torch.float32)
+        return kept
 
     def _watch_modules(self) -> None:
         for module in self.modules:

@@ -10,8 +10,9 @@ weights through zokernels.held.HeldPerturbation, which calls `write` / `rewrite`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -32,6 +33,10 @@ from .space import ParameterSpace
 # negligible next to it. A weight whose own factors exceed the bound is a run by itself.
 FACTOR_FRACTION = 0.01
 FACTOR_BUDGET = 8 << 20
+
+# Position -> (U, V) in float32 where the caller already holds them (the bits `factors` would
+# draw), else None: a pass then draws only the others (TeZO's factor cache, lowrank_probe).
+KeptFactors = Callable[[int], Optional[tuple[torch.Tensor, torch.Tensor]]]
 
 
 class SizedSelectorLog(SelectorLog):
@@ -151,9 +156,11 @@ class LowRankSpace:
             return both[:rows * r].view(rows, r), both[rows * r:].view(cols, r)
         return draw(rows * r, row0 * r).view(rows, r), draw(cols * r, (m + col0) * r).view(cols, r)
 
-    def factors_for(self, positions: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The factors of the weights at `positions` (lists of U_j, of V_j), drawn now."""
-        pairs = [self.factors(j) for j in positions]
+    def factors_for(self, positions: list[int], kept: KeptFactors | None = None
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The factors of the weights at `positions` (lists of U_j, of V_j), drawn now, or
+        kept(j) where it holds them (float32, the bits of a draw: TeZO's factor cache)."""
+        pairs = [(None if kept is None else kept(j)) or self.factors(j) for j in positions]
         return [u for u, _ in pairs], [v for _, v in pairs]
 
     @property
@@ -190,18 +197,18 @@ class LowRankSpace:
         return runs
 
     def perturb(self, positions: list[int], per_weight: dict[str, list], *, chunked: bool,
-                **common: Any) -> None:
+                kept: KeptFactors | None = None, **common: Any) -> None:
         """lowrank_perturb_ on the weights at `positions` with their factors drawn for the pass:
         per_weight maps an argument of lowrank_perturb_ to its values in `positions` order
         (taus, decay, applied_taus), `common` holds the others. chunked: one launch per `chunks`
         run, its scratch within the run's bound; else one launch, whose scratch is the factors
         of all of `positions`: what a pass that writes or reads a log must be, since a log holds
         the blocks of one call and the pass that recovers from it must name the same weights in
-        the same order."""
+        the same order. kept: factors already held (`factors_for`)."""
         runs = self.chunks(positions) if chunked else [positions]
         at = {j: i for i, j in enumerate(positions)}
         for run in runs:
-            us, vs = self.factors_for(run)
+            us, vs = self.factors_for(run, kept)
             lowrank_perturb_([self.weights[j] for j in run], us, vs,
                              keys=[self.keys[j] for j in run], contract=self.contract,
                              **{name: [values[at[j]] for j in run]
@@ -236,7 +243,7 @@ class LowRankSpace:
               applied: tuple[torch.Tensor, float] | None = None,
               log: UndoLog | None = None, held_log: SelectorLog | None = None,
               rounding: str = "nearest", rounding_seed: int = 0,
-              positions: list[int] | None = None) -> None:
+              positions: list[int] | None = None, kept: KeptFactors | None = None) -> None:
         """W = round(d * theta + scale * U diag(tau) V^T / sqrt(r)) for the weights at
         `positions` (default: self.inplace), d = decay on decayable weights: one launch with
         a log or held_log, else one per `chunks` run (`perturb`: the factors' scratch). The
@@ -246,8 +253,8 @@ class LowRankSpace:
         SelectorLog, or an UndoLog) keeps what a later recovery of this pass needs or would
         miss. rounding: of the write (stochastic: updates only, bits from stream 1 of
         rounding_seed, the rule of the space's contract: 3 integer, else uniform-based; refused
-        on sharded weights, whose bits would be drawn at local indices).
-        taus (and applied taus) cover every weight."""
+        on sharded weights, whose bits would be drawn at local indices). kept: factors already
+        held (`factors_for`). taus (and applied taus) cover every weight."""
         pick = self.inplace if positions is None else positions
         if not pick:
             return
@@ -270,9 +277,9 @@ class LowRankSpace:
             per_weight["applied_taus"] = _take(self._per_weight(applied[0]), pick)
             held = dict(applied_scale=applied[1], held_log=held_log)
         logged = log is not None or held.get("held_log") is not None
-        self.perturb(pick, per_weight, chunked=not logged, scale=scale, backend=backend,
-                     rounding=rounding, rounding_seed=rounding_seed, check_finite=False, log=log,
-                     **held)
+        self.perturb(pick, per_weight, chunked=not logged, kept=kept, scale=scale,
+                     backend=backend, rounding=rounding, rounding_seed=rounding_seed,
+                     check_finite=False, log=log, **held)
 
     def _sizes(self, taus: torch.Tensor, scale: Any, pick: list[int]) -> dict:
         """Per (device, dtype) of the weights at `pick`: the size of a pass (SizedSelectorLog),

@@ -339,7 +339,8 @@ def run_group(group: Group, *, warmup: int, repeats: int, target_ms: float | Non
             moved = work.bytes_moved(case)
             row = dict(op=case.op, backend=case.backend, dtype=group.dtype, device=group.device,
                        dist=case.dist, k=case.k, rounding=case.rounding, rank=case.rank,
-                       applied=case.applied, shards=case.shards, shape_set=group.shape_set.name, numel=elements, tensors=tensors,
+                       applied=case.applied, shards=case.shards,
+                       shape_set=group.shape_set.name, numel=elements, tensors=tensors,
                        bytes=moved, ms=timing.median_ms, ms_p20=timing.p20_ms,
                        ms_p80=timing.p80_ms, repeats=timing.repeats, warmup=timing.warmup,
                        gbps=moved / timing.median_ms / 1e6, pct_copy_bw=None,

@@ -99,7 +99,8 @@ class TeZO(MeZO):
     it is refused for sharded 2-D weights (the low-rank kernels draw rounding bits at local
     indices).
     Memory: the optimizer state per matrix is two r-vectors (the moments). Passes and merges
-    draw the factors they need from (seed, key) and free them (transient scratch: a logged
+    draw the factors they need from (seed, key) and free them, or take the float32 ones the
+    virtual probes' cache keeps (transient scratch: a logged
     in-place pass, 4 (m + n) r bytes per matrix for all of its weights at once; a pass without
     logs, runs of weights whose factors fit 1% of their bytes and 8 MiB, LowRankSpace.chunks).
     The virtual probes' hooks keep U, V cast to the forward's dtype while they fit
@@ -479,7 +480,8 @@ class TeZO(MeZO):
         else:
             written = sorted(written + self._virtual_positions[g])
         state.apply(update, 1.0, decay, self.backend, rounding=self.rounding,
-                    rounding_seed=rounding_seed, positions=written)
+                    rounding_seed=rounding_seed, positions=written,
+                    kept=self._virtual.kept_float32(g))
 
     def _finish_step(self, step: int, noises: list[TeZONoise], losses: torch.Tensor,
                      layers: list | None, chosen: list[int] | None) -> torch.Tensor:
