@@ -201,6 +201,21 @@ def _global_entries_in_shards(global_logs, globals_, where, shards):
     return expected
 
 
+def _logged_pass(globals_, shards, keys, maps, where, seeds, scales, held, dist, what):
+    """One pass with an undo log (applied=held: recovering first) over the unsharded tensors
+    and over their shards: the shards end as the global slices; returns (the global log's
+    entries in the shards, at the shard call's group-flat indices; the shards' log's)."""
+    dtype = globals_[0].dtype
+    global_log = _buffers(sum(g.numel() for g in globals_), dtype)
+    shard_log = _buffers(sum(s.numel() for s in shards), dtype)
+    _perturb(globals_, _keys(len(globals_)), None, seeds, scales, [1.0] * len(globals_), dist,
+             applied=held, log=global_log)
+    _perturb(shards, keys, maps, seeds, scales, [1.0] * len(shards), dist, applied=held,
+             log=shard_log)
+    _assert_shards_equal_global(shards, where, globals_, what)
+    return _global_entries_in_shards(global_log, globals_, where, shards), _entries(shard_log)
+
+
 def _assert_shards_equal_global(shards, where, globals_, what):
     for s, (shard, (j, box)) in enumerate(zip(shards, where)):
         assert_bits_equal(shard.cpu(), box.take(globals_[j]).cpu(),
@@ -356,16 +371,9 @@ def test_logging_pass(dist, dtype, applied):
     if applied:
         _perturb(globals_, _keys(len(SMALL)), None, seeds, held, ones, dist)
     shards, skeys, maps, _, where = _shards(SMALL, globals_)
-    global_log = _buffers(sum(g.numel() for g in globals_), dtype)
-    shard_log = _buffers(sum(s.numel() for s in shards), dtype)
-    _perturb(globals_, _keys(len(SMALL)), None, seeds, scales, ones, dist, applied=held,
-             log=global_log)
-    _perturb(shards, skeys, maps, seeds, scales, [1.0] * len(shards), dist, applied=held,
-             log=shard_log)
     what = f"{dist} {dtype} applied={applied}"
-    _assert_shards_equal_global(shards, where, globals_, what)
-    expected = _global_entries_in_shards(global_log, globals_, where, shards)
-    got = _entries(shard_log)
+    expected, got = _logged_pass(globals_, shards, skeys, maps, where, seeds, scales, held, dist,
+                                 what)
     assert len(expected) > 10, what  # the tiny weights are lost: the comparison has content
     assert sorted(got) == sorted(expected), f"{what}: logged local indices differ"
     assert got == expected, f"{what}: logged values differ"
@@ -583,7 +591,6 @@ def test_a_call_with_shifted_and_mapped_shards_is_split(monkeypatch, dist):
         shards, skeys, maps, sdecays, where = _shards(cases, globals_)
         shards, skeys, maps, sdecays, where = ([x[k] for k in order]
                                                for x in (shards, skeys, maps, sdecays, where))
-        ones = [1.0] * len(cases)
         launched = record_perturb_launches(monkeypatch, "MAPPED", "SHIFTED")
         _perturb([t.clone() for t in shards], skeys, maps, seeds, scales, sdecays,
                  dist)  # below the bound
@@ -595,16 +602,10 @@ def test_a_call_with_shifted_and_mapped_shards_is_split(monkeypatch, dist):
                  rounding)
         _perturb(shards, skeys, maps, seeds, scales, sdecays, dist, rounding)
         _assert_shards_equal_global(shards, where, globals_, f"{dist} {dtype} update")
-        global_log = _buffers(sum(g.numel() for g in globals_), dtype)
-        shard_log = _buffers(sum(t.numel() for t in shards), dtype)
-        _perturb(globals_, _keys(len(cases)), None, seeds, scales, ones, dist, applied=held,
-                 log=global_log)
-        _perturb(shards, skeys, maps, seeds, scales, [1.0] * len(shards), dist, applied=held,
-                 log=shard_log)
         what = f"{dist} {dtype} logging pass"
-        _assert_shards_equal_global(shards, where, globals_, what)
-        want = _global_entries_in_shards(global_log, globals_, where, shards)
-        assert len(want) > 10 and _entries(shard_log) == want, what
+        want, got = _logged_pass(globals_, shards, skeys, maps, where, seeds, scales, held, dist,
+                                 what)
+        assert len(want) > 10 and got == want, what
         # per pass: the unsharded tensors, then the shards' two parts
         assert launched == [(False, False), (False, True), (True, False)] * 2, what
         monkeypatch.undo()
