@@ -628,6 +628,28 @@ def test_the_update_and_merges_use_the_kept_float32_factors(monkeypatch, update)
     assert counted[(torch.bfloat16, 1.0)] == 3  # the update's or the merge's float32 draws
 
 
+@pytest.mark.parametrize("update", ["inplace", "deferred"])
+def test_kept_factors_drawn_under_inference_mode_serve_later_passes(update):
+    """A closure whose forward runs under torch.inference_mode(): the hooks' float32 draws,
+    kept by the cache, are inference tensors. The update and the merges, outside that mode,
+    only read them: the run proceeds, bit for bit that of drawing the factors per call."""
+    runs = {}
+    for cache in (0.0, 1.0):
+        model = make_model()
+        plain = lm_loss(model)
+
+        def closure(plain=plain):
+            with torch.inference_mode():
+                return plain()
+        opt = TeZO(model.named_parameters(), lr=1e-2, rank=3, update=update, factor_cache=cache)
+        for _ in range(3):
+            opt.step(closure)
+        opt.merge()
+        runs[cache] = snapshot(model), opt
+    assert runs[1.0][1]._virtual.cache.nbytes > 0
+    assert_same(runs[1.0][0], runs[0.0][0], f"inference-mode forwards, update={update}")
+
+
 def test_the_factor_cache_budget_follows_the_parameters_bytes():
     """The budget is factor_cache x the parameters' bytes when each probe starts: a model cast
     from fp32 to bf16 mid-run halves it, the fp32 entries (now unused) make way, and the cache

@@ -38,7 +38,7 @@ def _as_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor]:
             return list(values.unbind(0))
         raise ValueError(f"{name} as one tensor must be 1-D (shared) or [{count}, r], "
                          f"got shape {tuple(values.shape)}")
-    factors = as_tensor_list(values, name)
+    factors = as_tensor_list(values, name, read_only=True)  # only read: inference tensors too
     if len(factors) != count:
         raise ValueError(f"{name} must have one tensor per weight ({count}), got {len(factors)}")
     return factors
