@@ -175,6 +175,14 @@ def test_inference_and_misaligned_tensors_are_refused():
     assert torch.equal(live, before)
     with torch.inference_mode():  # inside inference mode the update is allowed, as in torch
         zokernels.perturb_([frozen], 1, 0.1)
+    # the low-rank op only reads its factors: inference tensors are fine there, not as weights
+    with torch.inference_mode():
+        u, v, tau, frozen_w = torch.randn(4, 2), torch.randn(3, 2), torch.randn(2), torch.zeros(4, 3)
+    w = torch.zeros(4, 3)
+    zokernels.lowrank_perturb_([w], [u], [v], [tau], scale=1.0)
+    assert torch.allclose(w, u @ (v * tau).t(), atol=1e-6)
+    with pytest.raises(ValueError, match="inference tensor"):
+        zokernels.lowrank_perturb_([frozen_w], [u], [v], [tau], scale=1.0)
     raw = bytearray(4 * 5)
     shifted = torch.frombuffer(raw, dtype=torch.float32, offset=1, count=4)
     with pytest.raises(ValueError, match="aligned"):
