@@ -581,8 +581,11 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
             tensors[j].numel() for j in plain) < SPLIT_MIN_ELEMENTS:
         # one launch: the plain kernel (shifted shards at shifted counters), or the mapped one
         whole = shifts is not None and len(plain) == len(tensors)
-        launch(tensors, keys, decays, sources, None if whole else index_maps, block,
-               mapped_block,
+        mapped_call = shifts is not None and not whole  # some map the plain kernel cannot take
+        # a mapped table's programs hold mapped_block elements whatever the plain block: keyed
+        # on it alone, passes that differ only in the plain block share it in table_cache
+        launch(tensors, keys, decays, sources, None if whole else index_maps,
+               mapped_block if mapped_call else block, mapped_block,
                shifts=_shifts_table(table_cache, "shifts", shifts, tensors) if whole else None,
                firsts=None, sel_rows=_selector_rows(table_cache, tensors) if selector else None)
         return
@@ -602,7 +605,8 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
         shifted = name == "shifted"
         launch(sub, [keys[j] for j in part], decays.index_select(0, picked),
                None if sources is None else [sources[j] for j in part],
-               None if shifted else [index_maps[j] for j in part], block, mapped_block,
+               None if shifted else [index_maps[j] for j in part],
+               block if shifted else mapped_block, mapped_block,
                shifts=(_shifts_table(table_cache, "split/shifts", [shifts[j] for j in part], sub)
                        if shifted else None),
                firsts=[firsts[j] for j in part], sel_rows=sel_rows)
