@@ -143,10 +143,12 @@ class VirtualPart:
     """The virtual weights of one param group: the weights at `positions` of its LowRankSpace
     (whose `factors` draws U_j, V_j when a hook or a merge needs them), their owner modules
     (known after a tracked forward) and their deferred update: one float32 vector `accum`
-    holding a_j at offsets[j]:offsets[j + 1], and the scale D_j per weight."""
+    holding a_j at offsets[j]:offsets[j + 1], and the scale D_j per weight. index: position in
+    the space -> j."""
 
     def __init__(self, space: LowRankSpace, positions: list[int]) -> None:
         self.space, self.positions = space, list(positions)
+        self.index = {position: j for j, position in enumerate(self.positions)}
         self.weights = [space.params[j] for j in self.positions]
         self.keys = [space.keys[j] for j in self.positions]
         self.decayable = [space.decayable[j] for j in self.positions]
@@ -206,21 +208,24 @@ class FactorCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def begin_probe(self, budget: int | None = None) -> None:
+    def begin_probe(self, budget: int) -> None:
         self._probe += 1
-        if budget is not None:
-            self.budget = int(budget)
-            if self.nbytes > self.budget:
-                self._drop_stale()
-            if self.nbytes > self.budget:
-                self.clear()
+        self.budget = int(budget)
+        if self.nbytes > self.budget:
+            self._drop_stale()
+        if self.nbytes > self.budget:
+            self.clear()
+
+    @staticmethod
+    def _stamp(part: VirtualPart, j: int) -> tuple:
+        """What part's j-th weight's factors are drawn from, beside its key and shape."""
+        return part.space.factor_seed, part.space.contract, part.weights[j].device
 
     def kept(self, part: VirtualPart, p: int, j: int,
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """U, V of part p's j-th weight in `dtype` if kept and still current, else None."""
-        stamp = (part.space.factor_seed, part.space.contract, part.weights[j].device)
         entry = self._entries.get((p, j))
-        if entry is not None and entry[0] != stamp:
+        if entry is not None and entry[0] != self._stamp(part, j):
             del self._entries[(p, j)]
             entry = None
         if entry is None or dtype not in entry[1]:
@@ -236,14 +241,14 @@ class FactorCache:
         if kept is not None:
             self._entries[(p, j)][1][dtype] = (*kept, self._probe)
             return kept
-        stamp = (part.space.factor_seed, part.space.contract, part.weights[j].device)
         u, v = part.factors(j)
         u, v = u.to(dtype), v.to(dtype)
         size = _factor_bytes(u, v)
         if size <= self.budget and self._swept != self._probe and self.nbytes + size > self.budget:
             self._drop_stale()
         if self.nbytes + size <= self.budget:
-            self._entries.setdefault((p, j), (stamp, {}))[1][dtype] = (u, v, self._probe)
+            self._entries.setdefault((p, j), (self._stamp(part, j), {}))[1][dtype] = (
+                u, v, self._probe)
         return u, v
 
     def _drop_stale(self) -> None:
@@ -434,7 +439,7 @@ class VirtualLowRank:
         for p, part in enumerate(self.parts):
             if not part.pending:
                 continue
-            at = {j: i for i, j in enumerate(part.positions)}
+            at = part.index
             # run by run, each run's a and D reset once it is written: an interrupt between
             # runs leaves the others pending, none merged twice
             slices = part.slices(part.accum)
@@ -456,10 +461,9 @@ class VirtualLowRank:
         themselves), by position in its space, for the passes that write these weights (the
         update, a merge): they skip those draws."""
         part = self.parts[p]
-        at = {position: j for j, position in enumerate(part.positions)}
 
         def kept(position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-            j = at.get(position)
+            j = part.index.get(position)
             return None if j is None else self.cache.kept(part, p, j, torch.float32)
         return kept
 

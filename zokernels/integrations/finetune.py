@@ -53,24 +53,25 @@ def merged_at_exit(optimizer_now: Callable[[], Any]) -> Iterator[None]:
     merge that fails while an exception propagates does not replace that exception: the
     merge's error is added to it as a note (a warning before Python 3.11), and the updates stay
     pending (`opt.merge()` retries)."""
+    def merge() -> None:
+        optimizer = optimizer_now()
+        if isinstance(optimizer, TeZO):
+            optimizer.merge()
+
     try:
         yield
     except BaseException as error:
-        optimizer = optimizer_now()
-        if isinstance(optimizer, TeZO):
-            try:
-                optimizer.merge()
-            except Exception as failed:  # noqa: BLE001 - reported on the first error
-                message = (f"TeZO.merge() after this error failed too ({failed!r}); the "
-                           "deferred updates are still pending: call opt.merge()")
-                if hasattr(error, "add_note"):
-                    error.add_note(message)
-                else:
-                    warnings.warn(message, RuntimeWarning, stacklevel=3)
+        try:
+            merge()
+        except Exception as failed:  # noqa: BLE001 - reported on the first error
+            message = (f"TeZO.merge() after this error failed too ({failed!r}); the deferred "
+                       "updates are still pending: call opt.merge()")
+            if hasattr(error, "add_note"):
+                error.add_note(message)
+            else:
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
         raise
-    optimizer = optimizer_now()
-    if isinstance(optimizer, TeZO):
-        optimizer.merge()
+    merge()
 
 
 def _build(model: torch.nn.Module, name: str, kwargs: dict[str, Any],

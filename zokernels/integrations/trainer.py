@@ -50,6 +50,12 @@ def _integer(value: Any, name: str, low: int, *, optional: bool = False) -> None
                          f"got {value!r}")
 
 
+def _finite(value: Any) -> bool:
+    """A finite real number (a bool is not one here)."""
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+            and math.isfinite(value))
+
+
 def _choice(value: Any, name: str, choices: Any) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -145,8 +151,7 @@ class ZOConfig(transformers.TrainingArguments):
     def _check_zo_options(self) -> None:
         """ValueError naming the first bad option; runs before TrainingArguments' own setup."""
         _choice(self.zo_optimizer, "zo_optimizer", OPTIMIZERS)
-        if (isinstance(self.zo_eps, bool) or not isinstance(self.zo_eps, numbers.Real)
-                or not math.isfinite(self.zo_eps) or self.zo_eps <= 0):
+        if not _finite(self.zo_eps) or self.zo_eps <= 0:
             raise ValueError(f"zo_eps must be a finite number > 0, got {self.zo_eps!r}")
         _integer(self.zo_seed, "zo_seed", 0, optional=True)
         if self.zo_seed is not None and self.zo_seed >= 1 << 64:
@@ -181,8 +186,7 @@ class ZOConfig(transformers.TrainingArguments):
                              f"of a weight is evaluated by the virtual probes), got zo_probe="
                              f"{self.zo_probe!r}")
         cache = self.tezo_factor_cache
-        if (isinstance(cache, bool) or not isinstance(cache, numbers.Real)
-                or not math.isfinite(cache) or not 0 <= cache <= 1):
+        if not _finite(cache) or not 0 <= cache <= 1:
             raise ValueError(f"tezo_factor_cache must be a number in [0, 1] (a fraction of the "
                              f"parameters' bytes), got {cache!r}")
         _integer(self.pseuzo_window, "pseuzo_window", 1)
@@ -197,8 +201,7 @@ class ZOConfig(transformers.TrainingArguments):
         if isinstance(beta, str):
             if not beta:
                 raise ValueError("pseuzo_beta must be a number or a schedule name, got ''")
-        elif (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
-              or not math.isfinite(beta) or not 0 <= beta <= 1):
+        elif not _finite(beta) or not 0 <= beta <= 1:
             raise ValueError(f"pseuzo_beta must be a number in [0, 1] or a schedule name, "
                              f"got {beta!r}")
         # the TrainingArguments that have no ZO meaning
