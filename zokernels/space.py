@@ -117,8 +117,11 @@ def _named(params: Any, trainable_only: bool) -> list[tuple[str | None, torch.Te
 
 @dataclass(frozen=True)
 class _Group:
+    """One kernel call's key. The dtype is part of it: a backend call takes one dtype for all of
+    its tensors, and a group equal across dtypes would hand it bf16 and fp32 weights together."""
     backend: str
     device: torch.device
+    dtype: torch.dtype
 
 
 class ParameterSpace:
@@ -197,7 +200,8 @@ class ParameterSpace:
         for t in tensors:
             signature = (t.device, t.dtype)
             if signature not in resolved:
-                resolved[signature] = _Group(resolve_backend(self.backend, t.device), t.device)
+                resolved[signature] = _Group(resolve_backend(self.backend, t.device), t.device,
+                                              t.dtype)
             self._group_of.append(resolved[signature])
         self._full_plan = self._plan(None)
         # Per layer (index num_layers: no layer), the non-empty members of each group in

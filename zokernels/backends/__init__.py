@@ -1,6 +1,17 @@
 """Three implementations of one semantics: torch (reference), cpu (C++), triton."""
 
 
+def one_dtype(tensors, name: str):
+    """The dtype all `tensors` of one backend call share. The native kernels take one element
+    size per call: a mixed list would be read and written at the wrong size (out of bounds), so
+    it is refused here, whatever grouping the caller did."""
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        raise ValueError(f"{name}: the tensors of one call must share one dtype, got "
+                         f"{sorted({str(t.dtype) for t in tensors})}")
+    return dtype
+
+
 def check_sources(tensors, sources, applied, log, selector_log, held_log, name: str) -> None:
     """A backend's checks of `sources` (the public op validated them): one contiguous tensor per
     tensor, of its dtype, numel and device, and no recovery or log beside them."""

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..._contract import DEFAULT_CONTRACT
+from .. import one_dtype
 from ..undo_buffers import SelectorBuffers, UndoBuffers
 from ._codes import DTYPE_CODES, native_contract
 from ._loader import load_cpu_extension
@@ -61,6 +62,7 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
         [w.data_ptr() for w in weights], [w.shape[0] for w in weights],
         [w.shape[1] for w in weights], [u.shape[1] for u in us], [u.data_ptr() for u in us],
         [v.data_ptr() for v in vs], [t.data_ptr() for t in taus], decays.tolist(),
-        float(scale.reshape(-1)[0].item()), list(keys), DTYPE_CODES[weights[0].dtype],
+        float(scale.reshape(-1)[0].item()), list(keys),
+        DTYPE_CODES[one_dtype(weights, "lowrank_perturb_cpu")],
         native_contract(rounding, contract)["rounding"], rounding_seed, torch.get_num_threads(),
         **extra)

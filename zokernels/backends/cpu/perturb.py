@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..._contract import DEFAULT_CONTRACT
-from .. import check_sources
+from .. import check_sources, one_dtype
 from ..undo_buffers import SelectorBuffers, UndoBuffers
 from ._codes import DIST_CODES, DTYPE_CODES, native_contract
 from ._loader import load_cpu_extension
@@ -86,10 +86,11 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     static = None if table_cache is None else table_cache.get("cpu")
     if static is None:
         static = ([t.data_ptr() for t in tensors], [t.numel() for t in tensors], list(keys),
-                  index_map_kwargs(tensors, index_maps))
+                  index_map_kwargs(tensors, index_maps),
+                  DTYPE_CODES[one_dtype(tensors, "perturb_cpu")])
         if table_cache is not None:
             table_cache["cpu"] = static
-    ptrs, numels, key_list, map_args = static
+    ptrs, numels, key_list, map_args, dtype_code = static
     if selector_log is not None:
         native_args["selector_out"] = [
             selector_log.regions.data_ptr(), selector_log.regions.shape[1],
@@ -101,7 +102,7 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
     if sources is not None:
         native_args["source_ptrs"] = [s.data_ptr() for s in sources]
     codes = native_contract(rounding, contract)
-    ext.perturb(ptrs, numels, key_list, decays.tolist(), DTYPE_CODES[tensors[0].dtype],
+    ext.perturb(ptrs, numels, key_list, decays.tolist(), dtype_code,
                 list(seeds), scales.tolist(), [] if applied is None else applied.tolist(),
                 DIST_CODES[dist], codes["rounding"], rounding_seed, torch.get_num_threads(),
                 **native_args, **map_args, contract=codes["contract"])

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..._contract import DEFAULT_CONTRACT
+from .. import one_dtype
 from ._codes import DIST_CODES, DTYPE_CODES, native_contract
 from ._loader import load_cpu_extension
 from .perturb import index_map_kwargs
@@ -24,8 +25,9 @@ def scatter_perturb_cpu(tensors: list[Tensor], keys: list[int], index: Tensor, v
     stochastic rounding)."""
     ext = load_cpu_extension()
     codes = native_contract(rounding, contract)
+    dtype_code = DTYPE_CODES[one_dtype(tensors, "scatter_perturb_cpu")]
     ext.scatter_perturb([t.data_ptr() for t in tensors], [t.numel() for t in tensors], list(keys),
-                        decays.tolist(), DTYPE_CODES[tensors[0].dtype], index.data_ptr(),
+                        decays.tolist(), dtype_code, index.data_ptr(),
                         values.data_ptr(), min(index.numel(), values.numel()), count.data_ptr(),
                         list(seeds), scales.tolist(), DIST_CODES[dist], codes["rounding"],
                         rounding_seed, torch.get_num_threads(),

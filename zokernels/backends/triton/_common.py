@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import one_dtype
 from ._normal import normal_pair_v2
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def base_and_offsets(tensors: list[torch.Tensor]) -> tuple[int, list[int], int]:
     """(index of the tensor with the lowest address, every tensor's element offset from it, the
     ALIGN they allow: 16 // itemsize when every address is 16-byte aligned, else 1). Tensors of
     one dtype: the kernels address tensor j as ``base_ptr + offset_j``."""
-    itemsize = ITEMSIZE[tensors[0].dtype]
+    itemsize = ITEMSIZE[one_dtype(tensors, "the triton backend")]
     ptrs = [t.data_ptr() for t in tensors]
     base_i = min(range(len(tensors)), key=ptrs.__getitem__)
     align = 16 // itemsize if all(ptr % 16 == 0 for ptr in ptrs) else 1

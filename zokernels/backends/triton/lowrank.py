@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from ..._contract import DEFAULT_CONTRACT, integer_rounding
+from .. import one_dtype
 from ._common import (ITEMSIZE, as_int64_bits, block_starts, count_launch, find_entry,
                       int64_table, load_seed, next_pow2, philox, recover_unperturbed,
                       recovery_loses,
@@ -354,7 +355,7 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
     (the pool's block order aside), P then summed in the reference's k order
     (``_lowrank_selector_kernel``). ``contract`` picks the stochastic rounding (3: the integer
     one). One kernel launch, no host synchronization."""
-    stochastic = _stochastic_code(rounding, weights[0].dtype, contract)
+    stochastic = _stochastic_code(rounding, one_dtype(weights, "lowrank_perturb_triton"), contract)
     if selector_log is not None or held_log is not None:
         _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, stochastic,
                                rounding_seed, applied_taus, applied_scale, log, count_only,

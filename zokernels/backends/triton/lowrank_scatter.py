@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..._contract import DEFAULT_CONTRACT, integer_rounding
+from .. import one_dtype
 from ._common import (ITEMSIZE, as_int64_bits, count_launch, find_entry, int64_table, load_seed,
                       next_pow2, round_nearest, round_stochastic, round_stochastic_integer,
                       rounding_bits_at, rounding_uniform_at, to_float32, SOFT_BF16)
@@ -127,7 +128,7 @@ def lowrank_scatter_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
     capacity = index.numel()
     if capacity == 0:
         return
-    itemsize = ITEMSIZE[weights[0].dtype]
+    itemsize = ITEMSIZE[one_dtype(weights, "lowrank_scatter_triton")]
     w_ptrs = [w.data_ptr() for w in weights]
     w_i = min(range(len(weights)), key=w_ptrs.__getitem__)
     f_tensors = list(us) + list(vs) + list(taus or [])
