@@ -407,3 +407,27 @@ def test_pseuzo_window_of_another_store_dtype_is_refused():
     bad["extra"]["window"][0]["delta"] = bad["extra"]["window"][0]["delta"].float()
     with pytest.raises(ValueError, match="float16"):
         opt.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("name", ["mezo", "lezo", "tezo", "pseuzo"])
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_meta_parameters_are_refused_when_the_optimizer_is_built(name, which):
+    """A parameter on the meta device holds no values and never will (torch replaces a meta
+    model's parameters when it materializes it). Steps used to fail deep inside a pass with
+    torch's "Tensor.item() cannot be called on meta tensors", or, for TeZO's virtual probes,
+    after the 1-D parameters had been updated."""
+    net = model()
+    setattr(net[1], which, torch.nn.Parameter(torch.empty_like(getattr(net[1], which),
+                                                               device="meta")))
+    with pytest.raises(ValueError, match=r"\(1\.%s\) is on the meta device" % which):
+        make(name, net, backend="torch")
+
+
+def test_a_space_refuses_to_write_meta_parameters_before_writing():
+    from zokernels.space import ParameterSpace
+
+    real, meta = torch.zeros(5), torch.empty(3, device="meta")
+    space = ParameterSpace([("real", real), ("meta", meta)], backend="torch")
+    with pytest.raises(ValueError, match=r"params\[1\] \(meta\) is on the meta device"):
+        space.apply(1, 0.5)
+    assert torch.equal(real, torch.zeros(5))

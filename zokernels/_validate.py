@@ -122,6 +122,15 @@ def check_values(t: torch.Tensor, name: str) -> None:
     check_addressable(t, name)
 
 
+def meta_parameter_error(name: str) -> ValueError:
+    """The refusal of a parameter on the meta device (a model built under torch.device("meta")
+    and not materialized; to_empty() replaces such a model's parameters with new objects, so an
+    optimizer must be built after it)."""
+    return ValueError(f"{name} is on the meta device: it holds no values to perturb; build the "
+                      "optimizer over the materialized model (to_empty() replaces a meta "
+                      "model's parameters, then load or initialize its weights)")
+
+
 def host_values(t: torch.Tensor, name: str) -> list:
     """A tensor of numbers the host reads (seeds, keys, a 0-d number), as a flat list: refused
     by name when it holds no values (meta, fake, storage-less), never torch's own error."""

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._signals import interrupts_deferred
 from .ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 from .space import ParameterSpace
 
@@ -66,6 +67,9 @@ class DenseTarget:
     """A ParameterSpace as a target of held perturbations."""
 
     def __init__(self, space: ParameterSpace) -> None:
+        # a meta parameter never gets values (torch replaces it, or refuses .data = ...): the
+        # optimizers refuse it when built, not at a step
+        space.check_materialized()
         self.space = space
 
     def make_log(self) -> UndoLog:
@@ -224,45 +228,69 @@ class HeldPerturbation:
         held_logs = [self._held_log(i) if exact else None for i in range(len(self.targets))]
         held, live = self.held, self.live
         self.held, self.held_slot, self.live = [None] * len(self.targets), [None] * len(held), []
+        with interrupts_deferred():
+            try:
+                failure = self._restore_targets(range(len(self.targets)), held, held_logs,
+                                                live if exact else [])
+                if failure is not None:
+                    raise failure
+            finally:
+                self.clear_logs()
+
+    def _restore_targets(self, indices: Sequence[int], held: Sequence[Any],
+                         held_logs: Sequence[Any], live: Sequence[int]) -> BaseException | None:
+        """Targets `indices` back to theta from what they held, their `live` log slots rewritten
+        newest first; returns the first failure (a target that fails does not keep the others
+        perturbed)."""
         failure: BaseException | None = None
-        try:
-            for i, (target, h) in enumerate(zip(self.targets, held)):
-                try:  # a target that fails does not keep the others perturbed
-                    if h is not None and not _writes_probes(target):
-                        target.hold(None)
-                    elif h is not None:
-                        target.write(target.zero(h), h, held_log=held_logs[i])
-                    for slot in reversed(live if exact else []):
-                        target.rewrite(self.logs[i][slot])
-                except BaseException as exc:
-                    failure = failure or exc
-            if failure is not None:
-                raise failure
-        finally:
-            self.clear_logs()
+        for i in indices:
+            target, h = self.targets[i], held[i]
+            try:
+                if h is not None and not _writes_probes(target):
+                    target.hold(None)
+                elif h is not None:
+                    target.write(target.zero(h), h, held_log=held_logs[i])
+                for slot in reversed(live):
+                    target.rewrite(self.logs[i][slot])
+            except BaseException as exc:
+                failure = failure or exc
+        return failure
 
     def update(self, moves: Sequence[Any], decays: Sequence[Any], *, rounding: str = "nearest",
                rounding_seed: int | None = None) -> None:
         """theta = round(decays[i] theta + moves[i]) on every target (None: untouched), in ONE
         pass that recovers from the held perturbation, then the logged elements rewritten from
         their exact values: bit for bit the update of the unperturbed weights. Runs no user
-        code; an interrupt between the passes still finishes the rewrites."""
+        code, with SIGINT held until it ends (zokernels._signals). A target whose pass fails
+        (e.g. out of memory) and the ones after it are restored to theta instead: the error
+        says which targets kept the update."""
         held_logs = [self._held_log(i) for i in range(len(self.targets))]
         held, live = self.held, self.live
         self.held, self.held_slot, self.live = [None] * len(self.targets), [None] * len(held), []
-        try:
-            for target, move, h, decay, held_log in zip(self.targets, moves, held, decays,
-                                                        held_logs):
-                if move is not None:
-                    target.write(move, h, decay=decay, rounding=rounding,
-                                 rounding_seed=rounding_seed, held_log=held_log)
-        finally:
-            for slot in reversed(live):
-                for target, logs, move, decay in zip(self.targets, self.logs, moves, decays):
+        reached = 0  # the targets before it are updated
+        with interrupts_deferred():
+            try:
+                for target, move, h, decay, held_log in zip(self.targets, moves, held, decays,
+                                                            held_logs):
                     if move is not None:
-                        target.rewrite(logs[slot], move, decay=decay, rounding=rounding,
-                                       rounding_seed=rounding_seed)
-            self.clear_logs()
+                        target.write(move, h, decay=decay, rounding=rounding,
+                                     rounding_seed=rounding_seed, held_log=held_log)
+                    reached += 1
+            except BaseException as exc:
+                self._restore_targets(range(reached, len(self.targets)), held, held_logs, live)
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"HeldPerturbation.update: targets [0, {reached}) of "
+                                 f"{len(self.targets)} were updated; the rest were restored to "
+                                 "the weights before the step")
+                raise
+            finally:
+                for slot in reversed(live):
+                    for i in range(reached):
+                        if moves[i] is not None:
+                            self.targets[i].rewrite(self.logs[i][slot], moves[i],
+                                                    decay=decays[i], rounding=rounding,
+                                                    rounding_seed=rounding_seed)
+                self.clear_logs()
 
     # -- logs ----------------------------------------------------------------------------------
     def _check(self, log: UndoLog) -> None:

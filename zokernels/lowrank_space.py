@@ -18,6 +18,7 @@ import torch
 
 from ._contract import DEFAULT_CONTRACT
 from ._dispatch import resolve_backend
+from ._validate import meta_parameter_error
 from .ops.lowrank import lowrank_perturb_, run_lowrank_scatter
 from .ops.noise import noise
 from .ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
@@ -110,6 +111,7 @@ class LowRankSpace:
         self.params = weights
         self._dtensors = [j for j, w in enumerate(weights) if is_dtensor(w)]
         self.weights = [local_tensor(w) for w in weights]
+        self.check_materialized()  # the moments live on the weights' device
         self.decayable = decayable
         self.shards = shards if shards is not None else [None] * len(weights)
         self.shapes = [tuple(w.shape) if sh is None else tuple(sh.global_shape)
@@ -231,6 +233,13 @@ class LowRankSpace:
         """The flat tau vector scaled by 1/sqrt(r_j) and split per weight. Elementwise, so the
         same taus give the same bits in every pass (a recovery needs the writer's exact D)."""
         return self.split(taus * self.rank_norm)
+
+    def check_materialized(self) -> None:
+        """Refuse meta weights (ValueError naming the first): they hold no values, and the
+        moments and factors would be made on the meta device."""
+        for j, w in enumerate(self.weights):
+            if w.is_meta:
+                raise meta_parameter_error(f"weight {self.names[j]}")
 
     def _refresh(self) -> None:
         for j in self._dtensors:

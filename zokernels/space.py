@@ -47,6 +47,7 @@ from ._validate import (
     plain_tensor,
     check_no_internal_overlap,
     check_reads,
+    meta_parameter_error,
     written_spans,
 )
 from .ops.perturb import PerturbGroup, group_index_maps, run_perturb
@@ -191,6 +192,8 @@ class ParameterSpace:
         tensors = as_tensor_list(self.tensors, "params")
         for j, t in enumerate(tensors):
             check_no_internal_overlap(t, f"params[{j}]")
+        # meta parameters (a model not materialized yet) are registered, refused when written
+        self._meta = [j for j, t in enumerate(tensors) if t.is_meta]
         self._spans = written_spans([(f"params[{j}] ({self.names[j]})", t)
                                      for j, t in enumerate(tensors)])
         self._storage = self._storage_signature()
@@ -280,6 +283,15 @@ class ParameterSpace:
         sub.decayable = [self.decayable[j] for j in positions]
         sub._register_memory()  # its plans carry the decay mask
         return sub
+
+    def check_materialized(self) -> None:
+        """Refuse to write meta parameters (ValueError naming the first): they hold no values
+        (a `param.data = ...` since the last call is registered first)."""
+        if self._storage_signature() != self._storage:
+            self._register_memory()
+        if self._meta:
+            j = self._meta[0]
+            raise meta_parameter_error(f"params[{j}] ({self.names[j]})")
 
     def plain(self, j: int) -> bool:
         """Whether parameter j is an ordinary unsharded tensor (no DTensor, subclass or shard)."""
@@ -427,8 +439,7 @@ class ParameterSpace:
             if isinstance(weight_decay_factor, torch.Tensor) or weight_decay_factor != 1.0:
                 raise ValueError("log needs weight_decay_factor=1.0 (a perturbation, not an "
                                  "update)")
-        if self._storage_signature() != self._storage:
-            self._register_memory()
+        self.check_materialized()
         check_reads(self._spans, [("scales", scales), ("applied", applied),
                                   ("weight_decay_factor", weight_decay_factor)])
         plan, flags = self._full_plan if layers is None else self._selection_plan(layers)

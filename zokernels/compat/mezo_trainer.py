@@ -144,6 +144,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .._contract import PERTURB_DISTS
 from .._dispatch import BACKEND_CHOICES
+from .._signals import interrupts_deferred
 from .._validate import as_choice
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..lowrank_space import SizedSelectorLog
@@ -503,6 +504,10 @@ class _PatchState:
         self.hold(seeds, target, self.held.held_slot[0])
 
     def update(self, seed: int, coef: float, decay: float) -> None:
+        with interrupts_deferred():  # the weights and what this state says they hold, together
+            self._update(seed, coef, decay)
+
+    def _update(self, seed: int, coef: float, decay: float) -> None:
         if self.pending_restore:
             # the weights hold `seeds` but mean theta: restore and update in one pass
             seeds = list(self.seeds) + ([] if seed in self.seeds else [seed])

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .._contract import DEFAULT_CONTRACT
+from .._signals import interrupts_deferred
 from .._validate import as_seed
 from ..space import NO_DECAY_DEFAULT
 from ..trajectory import MAX_SEEDS_PER_STEP
@@ -347,11 +348,12 @@ class PseuZO(ZOOptimizer):
             self.zo_state["step"] = step + 1
             return mean_loss
         seeds = [s for _, s, _ in used]  # oldest first: the held seed is last
-        self._update(seeds, coefs, None, decays)
-        self._window, self._ages = window, (ages, step)
-        if self.trajectory is not None:
-            self.trajectory.record(step, seeds, coefs, decays)
-        self.zo_state["step"] = step + 1
+        with interrupts_deferred():  # the update and the state that records it, together
+            self._update(seeds, coefs, None, decays)
+            self._window, self._ages = window, (ages, step)
+            if self.trajectory is not None:
+                self.trajectory.record(step, seeds, coefs, decays)
+            self.zo_state["step"] = step + 1
         return mean_loss
 
     def _mezo_step(self, step: int, forward, loss_fn) -> torch.Tensor:
@@ -371,10 +373,11 @@ class PseuZO(ZOOptimizer):
             self.zo_state["step"] = step + 1
             return losses[0]
         decays = self._decays(1)
-        self._update([seed], coefs, None, decays)
-        if self.trajectory is not None:
-            self.trajectory.record(step, [seed], coefs, decays)
-        self.zo_state["step"] = step + 1
+        with interrupts_deferred():  # the update and the state that records it, together
+            self._update([seed], coefs, None, decays)
+            if self.trajectory is not None:
+                self.trajectory.record(step, [seed], coefs, decays)
+            self.zo_state["step"] = step + 1
         return losses[0]
 
     # -- state ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._contract import DEFAULT_CONTRACT, saved_contract
+from .._signals import interrupts_deferred
 from ..held import DenseTarget
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
 from ..lowrank_space import LowRankNoise, LowRankSpace, split_by_rank
@@ -488,7 +489,6 @@ class TeZO(MeZO):
         """MeZO's estimate per probe k, g_k = (l+ - l-) / (2 eps); the 1-D parameters get
         MeZO's update, the 2-D ones the tau-space update of (1 / n) sum_k g_k tau_k."""
         seeds = [noise.seed for noise in noises]
-        seed = seeds[0]
         half_diffs = (losses[:, 0] - losses[:, 1]) / 2
         grads = [half_diffs / group["eps"] for group in self.param_groups]  # [n_spsa] per group
         lrs = [group["lr"] for group in self.param_groups]
@@ -496,21 +496,40 @@ class TeZO(MeZO):
         coefs = [-(lrs[g] / self.n_spsa) * grads[g] for g in range(len(self.param_groups))]
         # The tau-space updates (advancing the moments) before the one host synchronization, so
         # that a projected gradient overflowing float32 anywhere (the losses' difference, the
-        # moments, the update) skips the step like a non-finite loss, the moments put back.
+        # moments, the update) skips the step like a non-finite loss, the moments put back; so
+        # does any failure before the update (an interrupt, a warning raised as an error).
         moments = [(s.momentum.clone(), s.second.clone()) for s in self.lowrank]
-        updates = [-lrs[g] * self._direction(
-                       state, g_tau(list(grads[g]), [noise.taus[g] for noise in noises]), step)
-                   for g, state in enumerate(self.lowrank)]
-        if not self._finite(losses, *coefs, *updates,
-                            *(t for s in self.lowrank for t in (s.momentum, s.second))):
-            for s, (m, v) in zip(self.lowrank, moments):
-                s.momentum.copy_(m)
-                s.second.copy_(v)
+        try:
+            updates = [-lrs[g] * self._direction(
+                           state, g_tau(list(grads[g]), [noise.taus[g] for noise in noises]),
+                           step)
+                       for g, state in enumerate(self.lowrank)]
+            finite = self._finite(losses, *coefs, *updates,
+                                  *(t for s in self.lowrank for t in (s.momentum, s.second)))
             self._check_logs()
+        except BaseException:
+            self._put_back(moments)
+            raise
+        if not finite:
+            self._put_back(moments)
             self._skip(losses.reshape(-1))
             self.zo_state["step"] = step + 1
             return losses[0, 0]
-        self._check_logs()
+        with interrupts_deferred():  # the update and the state that records it, together
+            return self._commit(step, seeds, coefs, decays, lrs, grads, updates, losses)
+
+    def _put_back(self, moments: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The moments as they were before this step's tau-space update."""
+        for s, (m, v) in zip(self.lowrank, moments):
+            s.momentum.copy_(m)
+            s.second.copy_(v)
+
+    def _commit(self, step: int, seeds: list[int], coefs: list[Any], decays: list[float],
+                lrs: list[float], grads: list[torch.Tensor], updates: list[torch.Tensor],
+                losses: torch.Tensor) -> torch.Tensor:
+        """The step's update (dense 1-D parameters, low-rank weights in place, the virtual
+        ones written or deferred), its trajectory record and step counter."""
+        seed = seeds[0]
         moves = self._dense_moves(seeds, coefs, None)
         for g, i in enumerate(self._lowrank_targets):
             moves[i] = LowRankNoise(updates[g], 1.0)

@@ -1,0 +1,226 @@
+"""A step's commit (its update passes, trajectory record and step counter) is all or nothing.
+
+A Ctrl-C (SIGINT) that arrives while the update writes the weights is held until the commit is
+over: the step completes, then KeyboardInterrupt is raised, and the run resumes as if it had not
+been interrupted. Before, the interrupt left targets perturbed or the weights updated under a step
+counter that said otherwise. A pass that fails outright (out of memory) restores the targets it
+did not reach and says which ones kept the update."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from helpers import assert_same, assert_states_equal, snapshot
+from zokernels import held as held_module
+from zokernels import space as space_module
+from zokernels import lowrank_space as lowrank_module
+from zokernels._signals import interrupts_deferred
+from zokernels.optim import LeZO, MeZO, PseuZO, TeZO
+
+
+def send_sigint() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_deferred_sigint_arrives_after_the_section():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            send_sigint()
+            done.append("body")
+            with interrupts_deferred():  # nested: the inner section hands it outward
+                send_sigint()
+                done.append("inner")
+            done.append("after inner")
+    assert done == ["body", "inner", "after inner"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_deferred_sigint_calls_the_installed_handler_once():
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with interrupts_deferred():
+            send_sigint()
+            send_sigint()
+            assert calls == []
+        assert calls == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_sections_outside_the_main_thread_run_plainly():
+    seen = []
+
+    def body():
+        with interrupts_deferred():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [signal.default_int_handler]
+
+
+class Net(torch.nn.Module):
+    """Two blocks of two dtypes: several kernel calls and targets per update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Linear(6, 8)
+        self.second = torch.nn.Linear(8, 3).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)).to(torch.bfloat16)).float()
+
+
+X = torch.linspace(-1, 1, 12).reshape(2, 6)
+NAMES = ["mezo", "mezo-inplace", "lezo", "tezo", "tezo-inplace", "tezo-deferred", "pseuzo"]
+
+
+def make(name: str, net: Net):
+    common = dict(lr=1e-2, eps=1e-3, seed=7)
+    if name.startswith("mezo"):
+        return MeZO(net.named_parameters(), probe="inplace" if name == "mezo-inplace"
+                    else "virtual", **common)
+    if name == "lezo":
+        return LeZO(net.named_parameters(), layers=[net.first, net.second], n_active=1, **common)
+    if name.startswith("tezo"):
+        extra = {"tezo-inplace": {"probe": "inplace"}, "tezo-deferred": {"update": "deferred"}}
+        return TeZO(net.named_parameters(), rank=2, **extra.get(name, {}), **common)
+    return PseuZO(net.named_parameters(), window=3, **common)
+
+
+def take_step(name: str, opt, net: Net):
+    if name == "pseuzo":
+        return opt.step(lambda: net(X), lambda out: out.pow(2).mean())
+    return opt.step(lambda: net(X).pow(2).mean())
+
+
+def interrupt_inside_updates(monkeypatch, action) -> list:
+    """Run `action` at the first kernel pass of every HeldPerturbation.update from now on
+    (dense and low-rank passes alike); returns the list of passes it ran at."""
+    state = {"updating": False}
+    fired = []
+    update = held_module.HeldPerturbation.update
+
+    def updating(self, *args, **kwargs):
+        state["updating"] = True
+        try:
+            return update(self, *args, **kwargs)
+        finally:
+            state["updating"] = False
+
+    def hooked(original, name):
+        def call(*args, **kwargs):
+            if state["updating"]:
+                state["updating"] = False  # once per update
+                fired.append(name)
+                action()
+            return original(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(held_module.HeldPerturbation, "update", updating)
+    monkeypatch.setattr(space_module, "run_perturb", hooked(space_module.run_perturb, "dense"))
+    monkeypatch.setattr(lowrank_module, "lowrank_perturb_",
+                        hooked(lowrank_module.lowrank_perturb_, "lowrank"))
+    return fired
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sigint_during_the_update_completes_the_step_first(name, monkeypatch):
+    reference, net = Net(), Net()
+    ref_opt, opt = make(name, reference), make(name, net)
+    for _ in range(2):
+        take_step(name, ref_opt, reference)
+        take_step(name, opt, net)
+    take_step(name, ref_opt, reference)
+    fired = interrupt_inside_updates(monkeypatch, send_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        take_step(name, opt, net)
+    monkeypatch.undo()
+    assert fired, "the update made no kernel pass"
+    assert opt.zo_state["step"] == ref_opt.zo_state["step"] == 3
+    if name == "tezo-deferred":
+        opt.merge()
+        ref_opt.merge()
+    assert_same(snapshot(net), snapshot(reference), f"{name}: interrupted step")
+    assert_states_equal(opt.state_dict(), ref_opt.state_dict())
+    take_step(name, ref_opt, reference)  # and the run goes on as if never interrupted
+    take_step(name, opt, net)
+    assert_same(snapshot(net), snapshot(reference), f"{name}: the step after")
+
+
+def test_a_failing_update_pass_restores_the_targets_it_did_not_reach(monkeypatch):
+    """MeZO with two parameter groups (one target each): the second group's pass fails before
+    writing. The first group keeps its update, the second is back at its exact theta, and the
+    error says so; nothing is left perturbed."""
+    def build(net):
+        return MeZO([{"params": list(net.first.named_parameters(prefix="first"))},
+                     {"params": list(net.second.named_parameters(prefix="second"))}],
+                    lr=1e-2, eps=1e-3, seed=7, probe="inplace")
+
+    reference, net = Net(), Net()
+    ref_opt, opt = build(reference), build(net)
+    take_step("mezo", ref_opt, reference)
+    take_step("mezo", opt, net)
+    before = snapshot(net)
+    take_step("mezo", ref_opt, reference)
+    updated = snapshot(reference)
+
+    class OutOfMemory(RuntimeError):
+        pass
+
+    write = held_module.DenseTarget.write
+    calls = []
+
+    def failing_second_update(self, move, held=None, **kwargs):
+        if "decay" in kwargs:
+            calls.append(self)
+            if len(calls) == 2:
+                raise OutOfMemory("out of memory")
+        return write(self, move, held, **kwargs)
+
+    monkeypatch.setattr(held_module.DenseTarget, "write", failing_second_update)
+    with pytest.raises(OutOfMemory) as error:
+        take_step("mezo", opt, net)
+    monkeypatch.undo()
+    assert "targets [0, 1) of 2 were updated" in "\n".join(getattr(error.value, "__notes__", []))
+    after = snapshot(net)
+    assert_same({n: t for n, t in after.items() if n.startswith("first")},
+                {n: t for n, t in updated.items() if n.startswith("first")}, "updated group")
+    assert_same({n: t for n, t in after.items() if n.startswith("second")},
+                {n: t for n, t in before.items() if n.startswith("second")}, "restored group")
+    assert not opt.held.active and opt.zo_state["step"] == 1
+
+
+@pytest.mark.parametrize("name", ["tezo", "tezo-inplace"])
+def test_tezo_interrupted_before_its_update_keeps_its_moments(name, monkeypatch):
+    """The tau-space update advances the moments before the step's one host synchronization;
+    an interrupt there (or a warning raised as an error) puts them back with the weights."""
+    net = Net()
+    opt = TeZO(net.named_parameters(), rank=2, lr=1e-2, eps=1e-3, seed=7, variant="adam",
+               probe="inplace" if name == "tezo-inplace" else "virtual")
+    take_step(name, opt, net)
+    before, state = snapshot(net), opt.state_dict()
+
+    def interrupted(*values):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(opt, "_finite", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        take_step(name, opt, net)
+    monkeypatch.undo()
+    assert_same(snapshot(net), before, f"{name}: weights")
+    after = opt.state_dict()
+    for key in ("zo_state", "trajectory"):
+        assert_states_equal(after[key], state[key], key)
+    for key, value in state["extra"].items():  # the moments (the logs' sizing saw the probes)
+        if "undo_logs" not in key:
+            assert_states_equal(after["extra"][key], value, key)
