@@ -194,6 +194,24 @@ def two_layer_model(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
 
 
+class MixedDtypeNet(torch.nn.Module):
+    """A float32 block, a bfloat16 block and a float16 norm: three dtypes in one module, so a
+    group of its parameters takes several kernel calls and targets per pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Linear(6, 8)
+        self.second = torch.nn.Linear(8, 4).to(torch.bfloat16)
+        self.norm = torch.nn.LayerNorm(4).to(torch.float16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.first(x)).to(torch.bfloat16)
+        out = self.second(hidden).to(torch.float16)
+        return torch.nn.functional.layer_norm(out.float(), (4,), self.norm.weight.float(),
+                                              self.norm.bias.float())
+
+
 def square_loss(net: torch.nn.Module):
     """A closure: the mean square of net's output on a fixed 2 x 6 batch."""
     x = torch.linspace(-1, 1, 12).reshape(2, 6)

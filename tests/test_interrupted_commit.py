@@ -15,7 +15,7 @@ import threading
 import pytest
 import torch
 
-from helpers import assert_same, assert_states_equal, snapshot
+from helpers import MixedDtypeNet, assert_bits_equal, assert_same, assert_states_equal, snapshot
 from zokernels import held as held_module
 from zokernels import space as space_module
 from zokernels import lowrank_space as lowrank_module
@@ -33,25 +33,38 @@ def test_deferred_sigint_arrives_after_the_section():
         with interrupts_deferred():
             send_sigint()
             done.append("body")
-            with interrupts_deferred():  # nested: the inner section hands it outward
-                send_sigint()
+            with interrupts_deferred():  # nested: part of the outer section
                 done.append("inner")
             done.append("after inner")
     assert done == ["body", "inner", "after inner"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_deferred_sigint_calls_the_installed_handler_once():
+def test_deferred_sigint_calls_the_installed_handler_once_after():
     calls = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
     try:
         with interrupts_deferred():
             send_sigint()
-            send_sigint()
             assert calls == []
         assert calls == [signal.SIGINT]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_sigint_interrupts_at_once():
+    """Pressing Ctrl-C twice stops a section that takes too long (the state it protects is
+    then the user's to repair); nested sections are part of the outermost."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            with interrupts_deferred():
+                send_sigint()
+                done.append("first held")
+                send_sigint()
+                done.append("not reached")
+    assert done == ["first held"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sections_outside_the_main_thread_run_plainly():
@@ -67,19 +80,7 @@ def test_sections_outside_the_main_thread_run_plainly():
     assert seen == [signal.default_int_handler]
 
 
-class Net(torch.nn.Module):
-    """Two blocks of two dtypes: several kernel calls and targets per update."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.first = torch.nn.Linear(6, 8)
-        self.second = torch.nn.Linear(8, 3).to(torch.bfloat16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(torch.tanh(self.first(x)).to(torch.bfloat16)).float()
-
-
+Net = MixedDtypeNet  # several kernel calls and targets per update
 X = torch.linspace(-1, 1, 12).reshape(2, 6)
 NAMES = ["mezo", "mezo-inplace", "lezo", "tezo", "tezo-inplace", "tezo-deferred", "pseuzo"]
 
@@ -191,7 +192,8 @@ def test_a_failing_update_pass_restores_the_targets_it_did_not_reach(monkeypatch
     with pytest.raises(OutOfMemory) as error:
         take_step("mezo", opt, net)
     monkeypatch.undo()
-    assert "targets [0, 1) of 2 were updated" in "\n".join(getattr(error.value, "__notes__", []))
+    assert "failed at target 1 of 2: targets [0, 1) keep the update" in "\n".join(
+        getattr(error.value, "__notes__", []))
     after = snapshot(net)
     assert_same({n: t for n, t in after.items() if n.startswith("first")},
                 {n: t for n, t in updated.items() if n.startswith("first")}, "updated group")
@@ -224,3 +226,128 @@ def test_tezo_interrupted_before_its_update_keeps_its_moments(name, monkeypatch)
     for key, value in state["extra"].items():  # the moments (the logs' sizing saw the probes)
         if "undo_logs" not in key:
             assert_states_equal(after["extra"][key], value, key)
+
+
+def test_sigint_during_a_deferred_merge_merges_every_weight_once(monkeypatch):
+    """TeZO's deferred updates are merged run by run, each run's pending vector reset once it is
+    written: an interrupt between the two would merge that run again later."""
+    reference, net = Net(), Net()
+    ref_opt, opt = make("tezo-deferred", reference), make("tezo-deferred", net)
+    for _ in range(2):
+        take_step("tezo-deferred", ref_opt, reference)
+        take_step("tezo-deferred", opt, net)
+    ref_opt.merge()
+    original = lowrank_module.lowrank_perturb_
+    fired = []
+
+    def interrupted(*args, **kwargs):
+        original(*args, **kwargs)
+        if not fired:  # right after a run is written, before its pending vector is reset
+            fired.append(1)
+            send_sigint()
+
+    monkeypatch.setattr(lowrank_module, "lowrank_perturb_", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opt.merge()
+    monkeypatch.undo()
+    assert fired
+    opt.merge()  # nothing left pending: a second merge writes nothing
+    assert_same(snapshot(net), snapshot(reference), "merged once")
+
+
+def test_sigint_during_a_skipped_step_still_counts_it(monkeypatch):
+    """A non-finite step is restored, counted in skipped_steps and passed by the step counter
+    together: an interrupt in the restore used to leave skipped_steps ahead of the counter,
+    which a checkpoint then refuses to load."""
+    net = Net()
+    opt = make("mezo-inplace", net)
+    before = snapshot(net)
+    restore = held_module.HeldPerturbation._restore_targets
+
+    def interrupted(self, *args, **kwargs):
+        send_sigint()
+        return restore(self, *args, **kwargs)
+
+    monkeypatch.setattr(held_module.HeldPerturbation, "_restore_targets", interrupted)
+    with pytest.warns(RuntimeWarning, match="non-finite"), pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: net(X).pow(2).mean() * float("nan"))
+    monkeypatch.undo()
+    assert_same(snapshot(net), before, "skipped step")
+    assert opt.zo_state["step"] == opt.zo_state["skipped_steps"] == 1
+    opt.load_state_dict(opt.state_dict())
+
+
+def test_sigint_as_a_restore_begins_leaves_the_weights_restorable(monkeypatch):
+    """The restore between two seeds (n_spsa = 2, in place) marks the weights exact inside its
+    held section: a signal that arrives as the section is entered finds them still marked as
+    perturbed, and the step's own restore gives theta back."""
+    net = Net()
+    opt = MeZO(net.named_parameters(), lr=1e-2, eps=1e-3, seed=7, probe="inplace", n_spsa=2)
+    before = snapshot(net)
+    real = held_module.interrupts_deferred
+    calls = []
+
+    def arriving_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            send_sigint()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(held_module, "interrupts_deferred", arriving_first)
+    with pytest.raises(KeyboardInterrupt):
+        take_step("mezo", opt, net)
+    monkeypatch.undo()
+    assert calls and not opt.held.active
+    assert_same(snapshot(net), before, "interrupted between seeds")
+
+
+def interrupt_after_first_pass(monkeypatch) -> list:
+    """SIGINT right after the first dense kernel pass returns (before its caller records what it
+    wrote); returns the list it fires into."""
+    fired = []
+    original = space_module.run_perturb
+
+    def run(*args, **kwargs):
+        original(*args, **kwargs)
+        if not fired and not kwargs.get("count_only"):  # (a log's sizing pass writes nothing)
+            fired.append(1)
+            send_sigint()
+
+    monkeypatch.setattr(space_module, "run_perturb", run)
+    return fired
+
+
+@pytest.mark.parametrize("name", ["mezo-inplace", "tezo-inplace"])
+def test_sigint_right_after_an_inplace_probe_pass_restores_exactly(name, monkeypatch):
+    """The +eps pass and the record that the weights hold it go together: an interrupt right
+    after the pass used to leave it unrecorded, so the step's restore skipped it."""
+    net = Net()
+    opt = make(name, net)
+    take_step(name, opt, net)
+    before = snapshot(net)
+    fired = interrupt_after_first_pass(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        take_step(name, opt, net)
+    monkeypatch.undo()
+    assert fired and not opt.held.active
+    assert_same(snapshot(net), before, f"{name}: interrupted after its first pass")
+
+
+def test_sigint_in_the_mezo_trainer_patch_keeps_its_state_true(monkeypatch):
+    """The patch's moves (zokernels.compat) record what the weights hold in the same held
+    section: interrupted right after the +1 pass, the -1 move that follows returns to theta."""
+    from test_compat import MeZOStyleTrainer, _model
+    from zokernels.compat import patch_mezo_trainer
+
+    trainer = patch_mezo_trainer(MeZOStyleTrainer(_model(torch.bfloat16), 1e-3, 1e-3, 0.0))
+    trainer.named_parameters_to_optim = list(trainer.model.named_parameters())
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.zo_random_seed = 3
+    fired = interrupt_after_first_pass(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.zo_perturb_parameters(scaling_factor=1)
+    monkeypatch.undo()
+    assert fired
+    trainer.zo_perturb_parameters(scaling_factor=-1)
+    for p, b in zip(trainer.model.parameters(), before):
+        assert_bits_equal(p.detach(), b, what="back at theta")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import ALL_BACKEND_CASES, assert_bits_equal, assert_close, assert_same, snapshot
+from helpers import (ALL_BACKEND_CASES, MixedDtypeNet, assert_bits_equal, assert_close,
+                     assert_same, snapshot)
 from zokernels import perturb_
 from zokernels._dispatch import implementation
 from zokernels.optim import LeZO, MeZO, PseuZO, TeZO
@@ -18,23 +19,7 @@ from zokernels.space import ParameterSpace
 from zokernels.ops.undo import SelectorLog
 
 
-class MixedNet(torch.nn.Module):
-    """A float32 block, a bfloat16 block and a float16 norm: three dtypes, one module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.first = torch.nn.Linear(6, 8)
-        self.second = torch.nn.Linear(8, 4).to(torch.bfloat16)
-        self.norm = torch.nn.LayerNorm(4).to(torch.float16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = torch.tanh(self.first(x)).to(torch.bfloat16)
-        out = self.second(hidden).to(torch.float16)
-        return torch.nn.functional.layer_norm(out.float(), (4,), self.norm.weight.float(),
-                                              self.norm.bias.float())
-
-
+MixedNet = MixedDtypeNet
 X = torch.linspace(-1, 1, 18).reshape(3, 6)
 
 
@@ -136,17 +121,38 @@ def test_zero_lr_steps_leave_mixed_dtypes_bit_identical(name, backend, device):
 FAST_BACKENDS = [case for case in ALL_BACKEND_CASES if case[0] != "torch"]
 
 
+def _native_call(op: str, tensors, device, cached: bool):
+    """Arguments of one native call of `op` over `tensors` (2-D, one float32, one bfloat16):
+    a valid call but for the mixed dtypes."""
+    one = torch.ones(1, device=device)
+    decays = torch.ones(len(tensors), device=device)
+    if op == "perturb":
+        return (tensors, [1, 2], [5], one * 1e-3, decays, "gaussian", "nearest", 5), \
+            {"table_cache": {} if cached else None}
+    empty_log = (torch.zeros(4, dtype=torch.int64, device=device),
+                 torch.zeros(4, device=device), torch.ones(1, dtype=torch.int64, device=device))
+    if op == "scatter_perturb":
+        return (tensors, [1, 2], *empty_log, [5], one * 1e-3, decays, "gaussian", "nearest",
+                5), {}
+    us = [torch.randn(t.shape[0], 2, device=device) for t in tensors]
+    vs = [torch.randn(t.shape[1], 2, device=device) for t in tensors]
+    taus = [torch.randn(2, device=device) for _ in tensors]
+    if op == "lowrank_perturb":
+        return (tensors, us, vs, taus, one * 1e-3, decays, [1, 2], "nearest", 5), {}
+    return (tensors, us, vs, taus, *empty_log, one * 1e-3, decays, [1, 2], "nearest", 5), {}
+
+
 @pytest.mark.parametrize("backend,device", FAST_BACKENDS)
-@pytest.mark.parametrize("cached", [False, True])
-def test_native_backends_refuse_one_call_of_several_dtypes(backend, device, cached):
+@pytest.mark.parametrize("op,cached", [("perturb", False), ("perturb", True),
+                                       ("scatter_perturb", False), ("lowrank_perturb", False),
+                                       ("lowrank_scatter", False)])
+def test_native_backends_refuse_one_call_of_several_dtypes(backend, device, op, cached):
     """Whatever a caller's grouping, a native call given two dtypes raises before writing (it
     would address the bf16 tensor at float32's element size)."""
-    tensors = [torch.randn(64, device=device), torch.randn(64, device=device).bfloat16()]
+    tensors = [torch.randn(8, 8, device=device), torch.randn(8, 8, device=device).bfloat16()]
     before = [t.clone() for t in tensors]
-    one = torch.ones(1, device=device)
+    args, kwargs = _native_call(op, tensors, device, cached)
     with pytest.raises(ValueError, match="share one dtype"):
-        implementation(backend, "perturb")(tensors, [1, 2], [5], one * 1e-3,
-                                           torch.ones(2, device=device), "gaussian", "nearest",
-                                           5, table_cache={} if cached else None)
+        implementation(backend, op)(*args, **kwargs)
     for t, b in zip(tensors, before):
         assert_bits_equal(t, b, "refused call")

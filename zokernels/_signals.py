@@ -3,9 +3,11 @@ bookkeeping that says they happened (a step's update, its trajectory record and 
 
 Python raises KeyboardInterrupt from its SIGINT handler between any two bytecodes, so a Ctrl-C in
 such a section would leave some weights updated and others still perturbed, or the weights
-updated under a step counter that says they were not. Inside `interrupts_deferred()` a SIGINT
-is only noted; the handler that was installed runs once the section is over (the default one
-then raises KeyboardInterrupt there). The sections run no user code and take one weight pass."""
+updated under a step counter that says they were not. Inside `interrupts_deferred()` a first
+SIGINT is only noted; the handler that was installed runs once the section is over (the default
+one then raises KeyboardInterrupt there). A second SIGINT runs it at once: a section that takes
+long (a first Triton compilation, interpreted kernels) can still be stopped by pressing twice,
+at the price of the state the section protects."""
 
 from __future__ import annotations
 
@@ -15,25 +17,39 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+_depth = 0  # sections open in the main thread; only the outermost installs a handler
+
 
 @contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Run the body with SIGINT held back until it ends (reentrant: an inner section hands a
-    signal it held to the outer one). Outside the main thread there is nothing to defer: Python
-    runs signal handlers in the main thread only. A handler that is not a Python callable
-    (SIG_IGN, SIG_DFL, one installed from C) is left in place."""
-    if threading.current_thread() is not threading.main_thread():
+    """Run the body with SIGINT held back until it ends. Sections nest (an inner one is part of
+    the outer). Outside the main thread there is nothing to defer: Python runs signal handlers
+    in the main thread only. A handler that is not a Python callable (SIG_IGN, SIG_DFL, one
+    installed from C) is left in place."""
+    global _depth
+    if _depth or threading.current_thread() is not threading.main_thread():
         yield
         return
+    # asked first: a handler installed from C reads as None, and could not be put back
     previous = signal.getsignal(signal.SIGINT)
     if not callable(previous):
         yield
         return
     held: list[tuple[int, FrameType | None]] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if held:  # pressed again: the user insists
+            held.clear()
+            previous(signum, frame)
+        else:
+            held.append((signum, frame))
+
+    signal.signal(signal.SIGINT, hold)
+    _depth += 1
     try:
         yield
     finally:
+        _depth -= 1
         signal.signal(signal.SIGINT, previous)
         if held:
             previous(*held[0])

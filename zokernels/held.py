@@ -137,6 +137,18 @@ class DenseTarget:
                                     rounding_seed=rounding_seed, check_finite=False)
 
 
+def _partial_update_note(reached: int, count: int, failure: BaseException | None) -> str:
+    """What an update that failed at target `reached` left behind (HeldPerturbation.update)."""
+    note = (f"HeldPerturbation.update failed at target {reached} of {count}: targets "
+            f"[0, {reached}) keep the update; target {reached} and those after it were restored "
+            "to the weights before the step, except that a target written in several kernel "
+            "calls (one per device and dtype) keeps the calls made before the failure at neither "
+            "value")
+    if failure is not None:
+        note += f"; the restore failed too: {type(failure).__name__}: {failure}"
+    return note
+
+
 class HeldPerturbation:
     """What the weights of `targets` hold now, and its moves (module docstring).
 
@@ -195,25 +207,28 @@ class HeldPerturbation:
     def perturb(self, moves: Sequence[Any], slot: int | None) -> None:
         """Move each target to theta + moves[i] (None: leave it), from theta or by recovery from
         what it holds, logging into `slot` (None: no log). A held perturbation no pass can
-        recover from (another seed, other layers) is restored exactly first."""
-        if any(h is not None and m is not None and not t.compatible(h, m)
-               for t, h, m in zip(self.targets, self.held, moves)):
-            self.restore()
-        logged = self.exact and slot is not None
-        if logged and slot not in self.live:
-            self.live.append(slot)  # before the pass: a failure inside still restores it
-        for i, (target, move) in enumerate(zip(self.targets, moves)):
-            if move is None:
-                continue
-            if logged and self.held[i] is not None and self.held_slot[i] == slot:
-                raise AssertionError("a pass cannot write the selector log it reads")
-            if not _writes_probes(target):
-                target.hold(move)
-            else:
-                target.write(move, self.held[i], log=self.logs[i][slot] if logged else None,
-                             held_log=self._held_log(i))
-            # per target: a failure in a later one restores this one
-            self.held[i], self.held_slot[i] = move, slot if logged else None
+        recover from (another seed, other layers) is restored exactly first. SIGINT is held
+        until it ends: a pass and the record of what it wrote go together."""
+        with interrupts_deferred():
+            if any(h is not None and m is not None and not t.compatible(h, m)
+                   for t, h, m in zip(self.targets, self.held, moves)):
+                self.restore()
+            logged = self.exact and slot is not None
+            if logged and slot not in self.live:
+                self.live.append(slot)  # before the pass: a failure inside still restores it
+            for i, (target, move) in enumerate(zip(self.targets, moves)):
+                if move is None:
+                    continue
+                if logged and self.held[i] is not None and self.held_slot[i] == slot:
+                    raise AssertionError("a pass cannot write the selector log it reads")
+                if not _writes_probes(target):
+                    target.hold(move)
+                else:
+                    target.write(move, self.held[i],
+                                 log=self.logs[i][slot] if logged else None,
+                                 held_log=self._held_log(i))
+                # per target: a failure in a later one restores this one
+                self.held[i], self.held_slot[i] = move, slot if logged else None
 
     def declare(self, moves: Sequence[Any]) -> None:
         """The weights hold `moves` now, without logs (the compat patch after an update while
@@ -225,10 +240,11 @@ class HeldPerturbation:
         """Back to theta: a recovery pass per target holding a perturbation, then (exact) the
         logs rewritten, newest first (an older log holds truer values). exact=False: recovery
         only (the weights were written by someone else meanwhile, the logs predate it)."""
-        held_logs = [self._held_log(i) if exact else None for i in range(len(self.targets))]
-        held, live = self.held, self.live
-        self.held, self.held_slot, self.live = [None] * len(self.targets), [None] * len(held), []
-        with interrupts_deferred():
+        with interrupts_deferred():  # entered first: the state says what the weights hold
+            held_logs = [self._held_log(i) if exact else None for i in range(len(self.targets))]
+            held, live = self.held, self.live
+            self.held, self.held_slot = [None] * len(self.targets), [None] * len(held)
+            self.live = []
             try:
                 failure = self._restore_targets(range(len(self.targets)), held, held_logs,
                                                 live if exact else [])
@@ -264,11 +280,12 @@ class HeldPerturbation:
         code, with SIGINT held until it ends (zokernels._signals). A target whose pass fails
         (e.g. out of memory) and the ones after it are restored to theta instead: the error
         says which targets kept the update."""
-        held_logs = [self._held_log(i) for i in range(len(self.targets))]
-        held, live = self.held, self.live
-        self.held, self.held_slot, self.live = [None] * len(self.targets), [None] * len(held), []
-        reached = 0  # the targets before it are updated
-        with interrupts_deferred():
+        with interrupts_deferred():  # entered first: the state says what the weights hold
+            held_logs = [self._held_log(i) for i in range(len(self.targets))]
+            held, live = self.held, self.live
+            self.held, self.held_slot = [None] * len(self.targets), [None] * len(held)
+            self.live = []
+            reached = 0  # the targets before it are updated
             try:
                 for target, move, h, decay, held_log in zip(self.targets, moves, held, decays,
                                                             held_logs):
@@ -277,11 +294,10 @@ class HeldPerturbation:
                                      rounding_seed=rounding_seed, held_log=held_log)
                     reached += 1
             except BaseException as exc:
-                self._restore_targets(range(reached, len(self.targets)), held, held_logs, live)
+                failure = self._restore_targets(range(reached, len(self.targets)), held,
+                                                held_logs, live)
                 if hasattr(exc, "add_note"):
-                    exc.add_note(f"HeldPerturbation.update: targets [0, {reached}) of "
-                                 f"{len(self.targets)} were updated; the rest were restored to "
-                                 "the weights before the step")
+                    exc.add_note(_partial_update_note(reached, len(self.targets), failure))
                 raise
             finally:
                 for slot in reversed(live):

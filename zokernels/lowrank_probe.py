@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 from torch.overrides import TorchFunctionMode
 
+from ._signals import interrupts_deferred
 from .lowrank_space import KeptFactors, LowRankSpace
 
 # Reads of a weight that do not see its values (metadata), allowed anywhere.
@@ -436,12 +437,16 @@ class VirtualLowRank:
         self.merges += 1
         if not self.pending:
             return
+        with interrupts_deferred():  # a run written and its a, D reset happen together
+            self._merge_parts()
+
+    def _merge_parts(self) -> None:
         for p, part in enumerate(self.parts):
             if not part.pending:
                 continue
             at = part.index
-            # run by run, each run's a and D reset once it is written: an interrupt between
-            # runs leaves the others pending, none merged twice
+            # run by run, each run's a and D reset once it is written: a failure between runs
+            # leaves the others pending, none merged twice
             slices = part.slices(part.accum)
             for run in part.space.chunks(part.positions):
                 picked = [at[j] for j in run]

@@ -387,8 +387,9 @@ class _PatchState:
 
     def restore(self) -> None:
         """Back to the weights without any held perturbation (exact, with the logs)."""
-        self.held.restore()
-        self.pending_restore = False
+        with interrupts_deferred():  # the weights and what this state says they hold, together
+            self.held.restore()
+            self.pending_restore = False
 
     # -- run-time checks ------------------------------------------------------------------
     def fingerprint(self) -> tuple[list[int], list[int]]:
@@ -500,8 +501,9 @@ class _PatchState:
             kept = [j for j in range(len(seeds)) if any(target[c][j] != 0.0 for c in self.classes)]
             seeds = [seeds[j] for j in kept]
             target = {c: [target[c][j] for j in kept] for c in self.classes}
-        self.held.perturb(self.moves(seeds, target), len(self.held.live))
-        self.hold(seeds, target, self.held.held_slot[0])
+        with interrupts_deferred():  # the weights and what this state says they hold, together
+            self.held.perturb(self.moves(seeds, target), len(self.held.live))
+            self.hold(seeds, target, self.held.held_slot[0])
 
     def update(self, seed: int, coef: float, decay: float) -> None:
         with interrupts_deferred():  # the weights and what this state says they hold, together

@@ -21,6 +21,7 @@ import torch
 from .._contract import (DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract,
                           saved_contract)
 from .._dispatch import BACKEND_CHOICES
+from .._signals import interrupts_deferred
 from .._validate import StorageBudget, as_seed, is_finite_number
 from ..dense_probe import DenseProbes, ProbeTracker, VirtualDenseTarget
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
@@ -517,15 +518,18 @@ class ZOOptimizer(torch.optim.Optimizer):
             per_device.setdefault(v.device, []).append(v.detach().reshape(-1).to(torch.float32))
         return all(bool(torch.isfinite(torch.cat(vs)).all()) for vs in per_device.values())
 
-    def _skip(self, losses: Sequence[torch.Tensor]) -> None:
+    def _skip(self, losses: Sequence[torch.Tensor], step: int) -> None:
         """A step whose losses, or the projected gradient / update coefficients computed from
         them (finite losses whose difference overflows float32), are not finite: weights
-        restored exactly, counted in zo_state["skipped_steps"], warned."""
-        self._restore()
-        self.zo_state["skipped_steps"] += 1
-        warnings.warn(f"{type(self).__name__}: non-finite loss or projected gradient at step "
-                      f"{self.zo_state['step']} (losses {[float(l) for l in losses]}); step "
-                      "skipped, weights restored exactly", RuntimeWarning, stacklevel=3)
+        restored exactly, counted in zo_state["skipped_steps"], the step counter advanced past
+        it (the three together: an interrupt waits for them), warned."""
+        with interrupts_deferred():
+            self._restore()
+            self.zo_state["skipped_steps"] += 1
+            self.zo_state["step"] = step + 1
+            warnings.warn(f"{type(self).__name__}: non-finite loss or projected gradient at "
+                          f"step {step} (losses {[float(l) for l in losses]}); step skipped, "
+                          "weights restored exactly", RuntimeWarning, stacklevel=3)
 
     def _update(self, seeds: list[int], coefs_per_group: list[Any], layers: list | None,
                 decays: list[float] | None = None) -> None:

@@ -198,8 +198,7 @@ class MeZO(ZOOptimizer):
         finite = self._finite(losses, *coefs)
         self._check_logs()
         if not finite:
-            self._skip(losses.reshape(-1))
-            self.zo_state["step"] = step + 1
+            self._skip(losses.reshape(-1), step)
             return first_loss
         # the earlier seeds were restored exactly: only the last one is held. The update and the
         # state that records it happen together (a Ctrl-C waits for both: zokernels._signals).

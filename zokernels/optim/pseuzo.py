@@ -342,10 +342,10 @@ class PseuZO(ZOOptimizer):
         finite = self._finite(packed, *coefs)
         self._check_logs()
         if not finite:
-            self._skip([mean_loss])
-            if reset:
-                self._window, self._ages = [], None
-            self.zo_state["step"] = step + 1
+            with interrupts_deferred():  # the window's reset and the skip, together
+                if reset:
+                    self._window, self._ages = [], None
+                self._skip([mean_loss], step)
             return mean_loss
         seeds = [s for _, s, _ in used]  # oldest first: the held seed is last
         with interrupts_deferred():  # the update and the state that records it, together
@@ -369,8 +369,7 @@ class PseuZO(ZOOptimizer):
         finite = self._finite(losses, *coefs)  # an overflowing gradient is skipped too
         self._check_logs()
         if not finite:
-            self._skip(losses)
-            self.zo_state["step"] = step + 1
+            self._skip(losses, step)
             return losses[0]
         decays = self._decays(1)
         with interrupts_deferred():  # the update and the state that records it, together

@@ -497,25 +497,26 @@ class TeZO(MeZO):
         # The tau-space updates (advancing the moments) before the one host synchronization, so
         # that a projected gradient overflowing float32 anywhere (the losses' difference, the
         # moments, the update) skips the step like a non-finite loss, the moments put back; so
-        # does any failure before the update (an interrupt, a warning raised as an error).
-        moments = [(s.momentum.clone(), s.second.clone()) for s in self.lowrank]
-        try:
-            updates = [-lrs[g] * self._direction(
-                           state, g_tau(list(grads[g]), [noise.taus[g] for noise in noises]),
-                           step)
-                       for g, state in enumerate(self.lowrank)]
-            finite = self._finite(losses, *coefs, *updates,
-                                  *(t for s in self.lowrank for t in (s.momentum, s.second)))
-            self._check_logs()
-        except BaseException:
-            self._put_back(moments)
-            raise
-        if not finite:
-            self._put_back(moments)
-            self._skip(losses.reshape(-1))
-            self.zo_state["step"] = step + 1
-            return losses[0, 0]
-        with interrupts_deferred():  # the update and the state that records it, together
+        # does any failure before the update (a warning raised as an error). From here on the
+        # step ends whole: the moments, the update and the state that records it (a Ctrl-C
+        # waits, zokernels._signals).
+        with interrupts_deferred():
+            moments = [(s.momentum.clone(), s.second.clone()) for s in self.lowrank]
+            try:
+                updates = [-lrs[g] * self._direction(
+                               state, g_tau(list(grads[g]), [noise.taus[g] for noise in noises]),
+                               step)
+                           for g, state in enumerate(self.lowrank)]
+                finite = self._finite(losses, *coefs, *updates,
+                                      *(t for s in self.lowrank for t in (s.momentum, s.second)))
+                self._check_logs()
+            except BaseException:
+                self._put_back(moments)
+                raise
+            if not finite:
+                self._put_back(moments)
+                self._skip(losses.reshape(-1), step)
+                return losses[0, 0]
             return self._commit(step, seeds, coefs, decays, lrs, grads, updates, losses)
 
     def _put_back(self, moments: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
