@@ -5,9 +5,9 @@ Python raises KeyboardInterrupt from its SIGINT handler between any two bytecode
 such a section would leave some weights updated and others still perturbed, or the weights
 updated under a step counter that says they were not. Inside `interrupts_deferred()` a first
 SIGINT is only noted; the handler that was installed runs once the section is over (the default
-one then raises KeyboardInterrupt there). A second SIGINT runs it at once: a section that takes
-long (a first Triton compilation, interpreted kernels) can still be stopped by pressing twice,
-at the price of the state the section protects."""
+one then raises KeyboardInterrupt there). With the default handler a second SIGINT raises at
+once: a section that takes long (a first Triton compilation, interpreted kernels) can still be
+stopped by pressing twice, at the price of the state the section protects."""
 
 from __future__ import annotations
 
@@ -38,10 +38,11 @@ def interrupts_deferred() -> Iterator[None]:
     held: list[tuple[int, FrameType | None]] = []
 
     def hold(signum: int, frame: FrameType | None) -> None:
-        if held:  # pressed again: the user insists
+        if held and previous is signal.default_int_handler:  # pressed again: the user insists
             held.clear()
+            signal.signal(signal.SIGINT, previous)
             previous(signum, frame)
-        else:
+        elif not held:  # (a handler of the user's runs once, after the section)
             held.append((signum, frame))
 
     signal.signal(signal.SIGINT, hold)
@@ -49,7 +50,7 @@ def interrupts_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        _depth -= 1
         signal.signal(signal.SIGINT, previous)
+        _depth -= 1
         if held:
             previous(*held[0])

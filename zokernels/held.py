@@ -137,13 +137,21 @@ class DenseTarget:
                                     rounding_seed=rounding_seed, check_finite=False)
 
 
-def _partial_update_note(reached: int, count: int, failure: BaseException | None) -> str:
-    """What an update that failed at target `reached` left behind (HeldPerturbation.update)."""
-    note = (f"HeldPerturbation.update failed at target {reached} of {count}: targets "
-            f"[0, {reached}) keep the update; target {reached} and those after it were restored "
-            "to the weights before the step, except that a target written in several kernel "
-            "calls (one per device and dtype) keeps the calls made before the failure at neither "
-            "value")
+def _partial_update_note(reached: int, count: int, failure: BaseException | None,
+                         forced: bool = False) -> str:
+    """What an update that failed at target `reached` left behind (HeldPerturbation.update);
+    forced: stopped by a second Ctrl-C, target `reached` left as the interrupt found it."""
+    if forced:
+        note = (f"HeldPerturbation.update stopped by a second Ctrl-C at target {reached} of "
+                f"{count}: targets [0, {reached}) keep the update, target {reached} holds the "
+                "update or its perturbation (unknown), those after it were restored to the "
+                "weights before the step")
+    else:
+        note = (f"HeldPerturbation.update failed at target {reached} of {count}: targets "
+                f"[0, {reached}) keep the update; target {reached} and those after it were "
+                "restored to the weights before the step, except that a target written in "
+                "several kernel calls (one per device and dtype) keeps the calls made before the "
+                "failure at neither value")
     if failure is not None:
         note += f"; the restore failed too: {type(failure).__name__}: {failure}"
     return note
@@ -294,19 +302,25 @@ class HeldPerturbation:
                                      rounding_seed=rounding_seed, held_log=held_log)
                     reached += 1
             except BaseException as exc:
-                failure = self._restore_targets(range(reached, len(self.targets)), held,
-                                                held_logs, live)
+                # a KeyboardInterrupt here is a second Ctrl-C (the first is held): it arrives
+                # after a kernel call returns, so target `reached` may hold either value
+                forced = isinstance(exc, KeyboardInterrupt)
+                failure = self._restore_targets(range(reached + forced, len(self.targets)),
+                                                held, held_logs, live)
                 if hasattr(exc, "add_note"):
-                    exc.add_note(_partial_update_note(reached, len(self.targets), failure))
+                    exc.add_note(_partial_update_note(reached, len(self.targets), failure,
+                                                      forced))
                 raise
             finally:
-                for slot in reversed(live):
-                    for i in range(reached):
-                        if moves[i] is not None:
-                            self.targets[i].rewrite(self.logs[i][slot], moves[i],
-                                                    decay=decays[i], rounding=rounding,
-                                                    rounding_seed=rounding_seed)
-                self.clear_logs()
+                try:
+                    for slot in reversed(live):
+                        for i in range(reached):
+                            if moves[i] is not None:
+                                self.targets[i].rewrite(self.logs[i][slot], moves[i],
+                                                        decay=decays[i], rounding=rounding,
+                                                        rounding_seed=rounding_seed)
+                finally:
+                    self.clear_logs()
 
     # -- logs ----------------------------------------------------------------------------------
     def _check(self, log: UndoLog) -> None:

@@ -434,11 +434,10 @@ class VirtualLowRank:
         """W = round(D W + U diag(a) V^T) for every weight with a pending update (one low-rank
         launch per run of a part's weights, LowRankSpace.chunks, rounding to nearest), then
         a = 0, D = 1 and the observe hooks removed."""
-        self.merges += 1
-        if not self.pending:
-            return
         with interrupts_deferred():  # a run written and its a, D reset happen together
-            self._merge_parts()
+            self.merges += 1
+            if self.pending:
+                self._merge_parts()
 
     def _merge_parts(self) -> None:
         for p, part in enumerate(self.parts):

@@ -433,18 +433,20 @@ class _PatchState:
             return
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         held = bool(self.seeds)
-        if held:
-            self.drop_held_inexact()
         where = ("while they held a zokernels perturbation" if held else
                  "between a zo_step's restore and zo_update")
         after = ("the perturbation was removed by recovery: the weights are theta plus that "
                  "change, within float32 rounding (not bit-exact: the undo logs predate it)"
                  if held else "the weights are left as that writer made them")
-        self.refuse(f"patch_mezo_trainer: the weights ({shown}) were written by someone else "
-                    f"{where} (an optimizer step, copy_, param.data = ...): the trainer updates "
-                    f"them itself, so the patched zo_update would update them a second time "
-                    f"with another z. Nothing was applied; {after}. Such trainers (ZO-Bench's "
-                    "zo_step, for one) cannot be patched.")
+        message = (f"patch_mezo_trainer: the weights ({shown}) were written by someone else "
+                   f"{where} (an optimizer step, copy_, param.data = ...): the trainer updates "
+                   f"them itself, so the patched zo_update would update them a second time "
+                   f"with another z. Nothing was applied; {after}. Such trainers (ZO-Bench's "
+                   "zo_step, for one) cannot be patched.")
+        with interrupts_deferred():  # the inexact drop and the refusal it leads to, together
+            if held:
+                self.drop_held_inexact()
+            self.refuse(message)
 
     def settle(self, hook_changes: bool = True) -> None:
         """After each call: remember the weights' fingerprint; hold the optimizer pre-hook

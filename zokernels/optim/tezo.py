@@ -374,9 +374,10 @@ class TeZO(MeZO):
         otherwise. RuntimeError during a step."""
         if self._step_in_progress():
             raise RuntimeError("merge called during a step (the closure is running)")
-        self._merge_called = True
-        if self._virtual is not None:
-            self._virtual.merge()
+        with interrupts_deferred():  # the merge and the record of it (trajectories), together
+            self._merge_called = True
+            if self._virtual is not None:
+                self._virtual.merge()
 
     @property
     def _merges(self) -> int:
