@@ -431,3 +431,21 @@ def test_a_space_refuses_to_write_meta_parameters_before_writing():
     with pytest.raises(ValueError, match=r"params\[1\] \(meta\) is on the meta device"):
         space.apply(1, 0.5)
     assert torch.equal(real, torch.zeros(5))
+
+
+@pytest.mark.parametrize("name", ["mezo", "tezo", "pseuzo"])
+def test_a_skipped_step_warns_at_the_callers_line(name):
+    """The warning names the user's `opt.step(...)` line, not a line inside zokernels (nor
+    torch.optim's step wrapper), so `warnings.filterwarnings(module=...)` and the printed
+    location point at the training loop."""
+    net = model()
+    opt = make(name, net)
+    x = torch.linspace(-1, 1, 12).reshape(2, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if name == "pseuzo":
+            opt.step(lambda: net(x), lambda out: out.sum() * float("nan"))
+        else:
+            opt.step(lambda: net(x).sum() * float("nan"))
+    (warning,) = [w for w in caught if "non-finite" in str(w.message)]
+    assert warning.filename == __file__, warning.filename

@@ -5,14 +5,16 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import warnings
 
 import torch
+
+from ._warn import warn
 
 BACKENDS = ("torch", "cpu", "triton")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 # Overrides "auto" for every call, e.g. ZOKERNELS_BACKEND=torch to debug against the reference.
 BACKEND_ENV = "ZOKERNELS_BACKEND"
+
 
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -95,9 +97,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             global _warned_cpu_fallback
             if not _warned_cpu_fallback:
                 _warned_cpu_fallback = True
-                warnings.warn("zokernels: the C++ CPU extension is not available; falling back to "
-                              "the slow torch reference. backend='cpu' raises with the build error.",
-                              RuntimeWarning, stacklevel=3)
+                warn("zokernels: the C++ CPU extension is not available; falling back to the "
+                     "slow torch reference. backend='cpu' raises with the build error.")
         return "torch"
     reason = backend_supports(backend, device)
     if reason is not None:

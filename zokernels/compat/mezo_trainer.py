@@ -135,7 +135,6 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-import warnings
 import weakref
 from typing import Any
 
@@ -146,6 +145,7 @@ from .._contract import PERTURB_DISTS
 from .._dispatch import BACKEND_CHOICES
 from .._signals import interrupts_deferred
 from .._validate import as_choice
+from .._warn import warn
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..lowrank_space import SizedSelectorLog
 from ..ops.undo import SelectorLog, UndoLog
@@ -681,10 +681,9 @@ def unpatch_mezo_trainer(trainer: Any) -> Any:
         written = state.written()
         if written and state.seeds:
             state.drop_held_inexact()
-            warnings.warn(f"unpatch_mezo_trainer: the weights ({', '.join(written[:5])}) were "
-                          "written by someone else while they held a zokernels perturbation; it "
-                          "was removed by recovery alone (within float32 rounding, not "
-                          "bit-exact)", RuntimeWarning, stacklevel=2)
+            warn(f"unpatch_mezo_trainer: the weights ({', '.join(written[:5])}) were written by "
+                 "someone else while they held a zokernels perturbation; it was removed by "
+                 "recovery alone (within float32 rounding, not bit-exact)")
         state.restore()
     if state.hook is not None:
         state.hook.remove()

@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from .._warn import warn
 from ..optim import LeZO, MeZO, PseuZO, TeZO, ZOOptimizer
 from .causal_lm import lm_inputs, pseuzo_causal_lm, pseuzo_parameters
 from .layers import find_transformer_layers
@@ -69,7 +69,7 @@ def merged_at_exit(optimizer_now: Callable[[], Any]) -> Iterator[None]:
             if hasattr(error, "add_note"):
                 error.add_note(message)
             else:
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                warn(message)
         raise
     merge()
 

@@ -10,12 +10,12 @@ doubles the count it learns (docs/undo-log.md, "Capacity" and "Overflow").
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 from .._contract import DEFAULT_CONTRACT
 from .._dispatch import implementation
+from .._warn import warn
 from ..backends.torch.selector_log import n_blocks
 from ..backends.undo_buffers import SelectorBuffers, UndoBuffers
 from ._groups import contiguous_views, select
@@ -143,10 +143,9 @@ class UndoLog:
                 self._learn(group, count)
         if overflowed:
             self.overflows += 1
-            warnings.warn("zokernels: an undo log overflowed; this step's restore and update are "
-                          "exact only for the logged elements, the others are recovery-quality "
-                          "(docs/undo-log.md, 'Overflow'); the log has grown for the next steps",
-                          RuntimeWarning, stacklevel=3)
+            warn("zokernels: an undo log overflowed; this step's restore and update are exact "
+                 "only for the logged elements, the others are recovery-quality "
+                 "(docs/undo-log.md, 'Overflow'); the log has grown for the next steps")
         return overflowed
 
     def clear(self) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from .._contract import (DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract
 from .._dispatch import BACKEND_CHOICES
 from .._signals import interrupts_deferred
 from .._validate import StorageBudget, as_seed, is_finite_number
+from .._warn import warn
 from ..dense_probe import DenseProbes, ProbeTracker, VirtualDenseTarget
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..ops.undo import UndoLog
@@ -432,8 +432,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self.held.replace(i, self.held.targets[i])
         if reason is not None:
             self.dense_probe_status = f"in place ({reason})"
-            warnings.warn(f"{type(self).__name__}: probe='virtual' falls back to in-place "
-                          f"probes: {reason}", RuntimeWarning, stacklevel=5)
+            warn(f"{type(self).__name__}: probe='virtual' falls back to in-place probes: "
+                 f"{reason}")
         return loss
 
     def _split_virtual(self, trial: DenseProbes, candidates: list[list[int]],
@@ -527,9 +527,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._restore()
             self.zo_state["skipped_steps"] += 1
             self.zo_state["step"] = step + 1
-            warnings.warn(f"{type(self).__name__}: non-finite loss or projected gradient at "
-                          f"step {step} (losses {[float(l) for l in losses]}); step skipped, "
-                          "weights restored exactly", RuntimeWarning, stacklevel=3)
+            warn(f"{type(self).__name__}: non-finite loss or projected gradient at step {step} "
+                 f"(losses {[float(l) for l in losses]}); step skipped, weights restored "
+                 "exactly")
 
     def _update(self, seeds: list[int], coefs_per_group: list[Any], layers: list | None,
                 decays: list[float] | None = None) -> None:
