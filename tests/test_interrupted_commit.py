@@ -417,3 +417,70 @@ def test_sigint_in_the_patched_zo_update_keeps_the_run_exact(fuse, monkeypatch):
     trainer.zo_update(trainer.model)
     for p, q in zip(trainer.model.parameters(), reference.model.parameters()):
         assert_bits_equal(p.detach(), q.detach(), what="after an interrupted zo_update")
+
+
+def test_a_second_sigint_inside_an_update_stops_it_and_says_where(monkeypatch):
+    """Two presses while the first of two targets' update passes returns: the second raises at
+    once. The first target keeps its update, the second is restored, the note says so, and
+    no section is left open."""
+    def build(net):
+        return MeZO([{"params": list(net.first.named_parameters(prefix="first"))},
+                     {"params": list(net.second.named_parameters(prefix="second"))}],
+                    lr=1e-2, eps=1e-3, seed=7, probe="inplace")
+
+    reference, net = Net(), Net()
+    ref_opt, opt = build(reference), build(net)
+    take_step("mezo", ref_opt, reference)
+    take_step("mezo", opt, net)
+    before = snapshot(net)
+    take_step("mezo", ref_opt, reference)
+    updated = snapshot(reference)
+    write = held_module.DenseTarget.write
+    pressed = []
+
+    def pressed_twice(self, move, held=None, **kwargs):
+        write(self, move, held, **kwargs)
+        if "decay" in kwargs and not pressed:
+            pressed.append(1)
+            send_sigint()
+            send_sigint()
+
+    monkeypatch.setattr(held_module.DenseTarget, "write", pressed_twice)
+    with pytest.raises(KeyboardInterrupt) as error:
+        take_step("mezo", opt, net)
+    monkeypatch.undo()
+    assert "stopped by a second Ctrl-C at target 0 of 2" in "\n".join(
+        getattr(error.value, "__notes__", []))
+    after = snapshot(net)
+    assert_same({n: t for n, t in after.items() if n.startswith("first")},
+                {n: t for n, t in updated.items() if n.startswith("first")}, "updated group")
+    assert_same({n: t for n, t in after.items() if n.startswith("second")},
+                {n: t for n, t in before.items() if n.startswith("second")}, "restored group")
+    assert _signals._depth == 0 and not opt.held.active
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_as_a_section_closes_leaves_no_section_open(monkeypatch):
+    """A SIGINT landing right after the section puts the handler back raises there; the next
+    section still holds signals."""
+    real_signal = signal.signal
+    sent = []
+
+    def swap(signum, handler):
+        result = real_signal(signum, handler)
+        if handler is signal.default_int_handler and not sent:
+            sent.append(1)
+            send_sigint()
+        return result
+
+    monkeypatch.setattr(_signals.signal, "signal", swap)
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            pass
+    monkeypatch.undo()
+    assert sent and _signals._depth == 0
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            send_sigint()
+            held_back = True
+    assert held_back

@@ -50,7 +50,9 @@ def interrupts_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        _depth -= 1
+        try:
+            signal.signal(signal.SIGINT, previous)
+        finally:  # a signal right after the swap raises here: the count must still drop
+            _depth -= 1
         if held:
             previous(*held[0])

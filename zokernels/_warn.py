@@ -3,22 +3,35 @@ around its calls (torch.optim's step hooks, contextlib), not the library's own l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
 
+import torch.optim
+import torch.utils._contextlib
+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_WRAPPERS = (os.sep + os.path.join("torch", "optim") + os.sep, os.sep + "contextlib.py",
-             os.sep + os.path.join("torch", "utils", "_contextlib.py"))
+_OPTIM = os.path.dirname(os.path.abspath(torch.optim.__file__)) + os.sep
+_WRAPPER_FILES = frozenset(os.path.abspath(m.__file__)
+                           for m in (contextlib, torch.utils._contextlib))
 
 
-def _internal(filename: str) -> bool:
-    return filename.startswith(_PACKAGE) or any(w in filename for w in _WRAPPERS)
+def _internal(frame) -> bool:
+    """A frame of zokernels or of a wrapper around its calls. A script run from inside the
+    package (`python -m zokernels.bench.cli`) is the user's code; pseudo-files (`<string>`,
+    `<frozen runpy>`) are not zokernels'."""
+    name = frame.f_code.co_filename
+    if name.startswith("<") or frame.f_globals.get("__name__") == "__main__":
+        return False
+    path = os.path.abspath(name)
+    return path.startswith((_PACKAGE, _OPTIM)) or path in _WRAPPER_FILES
 
 
 def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
-    """warnings.warn(message, category) at the first calling frame outside zokernels."""
+    """warnings.warn(message, category) at the first calling frame outside zokernels (the
+    outermost frame if every one is inside)."""
     level, frame = 2, sys._getframe(1)
-    while frame is not None and _internal(os.path.abspath(frame.f_code.co_filename)):
+    while frame.f_back is not None and _internal(frame):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

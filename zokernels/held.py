@@ -141,11 +141,13 @@ def _partial_update_note(reached: int, count: int, failure: BaseException | None
                          forced: bool = False) -> str:
     """What an update that failed at target `reached` left behind (HeldPerturbation.update);
     forced: stopped by a second Ctrl-C, target `reached` left as the interrupt found it."""
-    if forced:
+    if forced and reached == count:
+        note = "HeldPerturbation.update stopped by a second Ctrl-C after its last pass"
+    elif forced:
         note = (f"HeldPerturbation.update stopped by a second Ctrl-C at target {reached} of "
                 f"{count}: targets [0, {reached}) keep the update, target {reached} holds the "
-                "update or its perturbation (unknown), those after it were restored to the "
-                "weights before the step")
+                "update, its perturbation or (written in several kernel calls) a mix of the "
+                "two, those after it were restored to the weights before the step")
     else:
         note = (f"HeldPerturbation.update failed at target {reached} of {count}: targets "
                 f"[0, {reached}) keep the update; target {reached} and those after it were "
@@ -305,7 +307,7 @@ class HeldPerturbation:
                 # a KeyboardInterrupt here is a second Ctrl-C (the first is held): it arrives
                 # after a kernel call returns, so target `reached` may hold either value
                 forced = isinstance(exc, KeyboardInterrupt)
-                failure = self._restore_targets(range(reached + forced, len(self.targets)),
+                failure = self._restore_targets(range(reached + int(forced), len(self.targets)),
                                                 held, held_logs, live)
                 if hasattr(exc, "add_note"):
                     exc.add_note(_partial_update_note(reached, len(self.targets), failure,
