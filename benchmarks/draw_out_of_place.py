@@ -17,8 +17,6 @@ Usage: python benchmarks/draw_out_of_place.py [--device cpu] [--dtype float32,bf
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -26,7 +24,7 @@ import time
 import torch
 
 from zokernels._dispatch import implementation, resolve_backend
-from zokernels.bench.runner import environment
+from zokernels.bench.runner import write_report
 
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
@@ -115,13 +113,8 @@ def main(argv=None) -> int:
                   f"{row['ms_clone_in_place']:.2f} ms, ratio {row['ratio']:.3f} "
                   f"(medians of {args.repeats}, {args.clock} clock)")
     if args.json:
-        doc = dict(environment([args.device]),
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   command=("python benchmarks/draw_out_of_place.py "
-                            + " ".join(argv or sys.argv[1:])),
-                   repeats=args.repeats, results=results)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_report(args.json, [args.device], "benchmarks/draw_out_of_place.py", argv,
+                     repeats=args.repeats, results=results)
     return 0
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -22,7 +20,7 @@ import torch
 
 import zokernels._signals as signals
 from zokernels import held
-from zokernels.bench.runner import environment
+from zokernels.bench.runner import write_report
 from zokernels.optim import MeZO, TeZO, base, mezo, tezo
 
 # every module that opens a held section on a step's path
@@ -96,12 +94,8 @@ def main(argv=None) -> int:
               f"ms with ({row['sections_per_step']} entered per step): "
               f"{row['us_per_step']:+.0f} us per step (medians of {args.steps}, thread CPU)")
     if args.json:
-        doc = dict(environment(["cpu"]),
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   command="python benchmarks/held_sections.py " + " ".join(argv or sys.argv[1:]),
-                   steps=args.steps, results=results)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_report(args.json, ["cpu"], "benchmarks/held_sections.py", argv, steps=args.steps,
+                     results=results)
     return 0
 
 

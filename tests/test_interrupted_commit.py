@@ -162,10 +162,9 @@ def test_sigint_during_the_update_completes_the_step_first(name, monkeypatch):
     assert_same(snapshot(net), snapshot(reference), f"{name}: the step after")
 
 
-def test_a_failing_update_pass_restores_the_targets_it_did_not_reach(monkeypatch):
-    """MeZO with two parameter groups (one target each): the second group's pass fails before
-    writing. The first group keeps its update, the second is back at its exact theta, and the
-    error says so; nothing is left perturbed."""
+def two_target_run():
+    """MeZO in place with two parameter groups (one target each) after one step: (net, opt,
+    its weights now, the weights an uninterrupted second step gives)."""
     def build(net):
         return MeZO([{"params": list(net.first.named_parameters(prefix="first"))},
                      {"params": list(net.second.named_parameters(prefix="second"))}],
@@ -175,9 +174,31 @@ def test_a_failing_update_pass_restores_the_targets_it_did_not_reach(monkeypatch
     ref_opt, opt = build(reference), build(net)
     take_step("mezo", ref_opt, reference)
     take_step("mezo", opt, net)
-    before = snapshot(net)
     take_step("mezo", ref_opt, reference)
-    updated = snapshot(reference)
+    return net, opt, snapshot(net), snapshot(reference)
+
+
+def assert_first_updated_second_restored(net, before, updated) -> None:
+    after = snapshot(net)
+    for prefix, expected, what in (("first", updated, "updated"), ("second", before, "restored")):
+        assert_same({n: t for n, t in after.items() if n.startswith(prefix)},
+                    {n: t for n, t in expected.items() if n.startswith(prefix)}, what)
+
+
+def failing_step_notes(monkeypatch, opt, net, write, error_type) -> str:
+    """A MeZO step whose DenseTarget.write is `write`, raising `error_type`: its notes."""
+    monkeypatch.setattr(held_module.DenseTarget, "write", write)
+    with pytest.raises(error_type) as error:
+        take_step("mezo", opt, net)
+    monkeypatch.undo()
+    return "\n".join(getattr(error.value, "__notes__", []))
+
+
+def test_a_failing_update_pass_restores_the_targets_it_did_not_reach(monkeypatch):
+    """MeZO with two parameter groups (one target each): the second group's pass fails before
+    writing. The first group keeps its update, the second is back at its exact theta, and the
+    error says so; nothing is left perturbed."""
+    net, opt, before, updated = two_target_run()
 
     class OutOfMemory(RuntimeError):
         pass
@@ -192,17 +213,9 @@ def test_a_failing_update_pass_restores_the_targets_it_did_not_reach(monkeypatch
                 raise OutOfMemory("out of memory")
         return write(self, move, held, **kwargs)
 
-    monkeypatch.setattr(held_module.DenseTarget, "write", failing_second_update)
-    with pytest.raises(OutOfMemory) as error:
-        take_step("mezo", opt, net)
-    monkeypatch.undo()
-    assert "failed at target 1 of 2: targets [0, 1) keep the update" in "\n".join(
-        getattr(error.value, "__notes__", []))
-    after = snapshot(net)
-    assert_same({n: t for n, t in after.items() if n.startswith("first")},
-                {n: t for n, t in updated.items() if n.startswith("first")}, "updated group")
-    assert_same({n: t for n, t in after.items() if n.startswith("second")},
-                {n: t for n, t in before.items() if n.startswith("second")}, "restored group")
+    notes = failing_step_notes(monkeypatch, opt, net, failing_second_update, OutOfMemory)
+    assert "failed at target 1 of 2: targets [0, 1) keep the update" in notes
+    assert_first_updated_second_restored(net, before, updated)
     assert not opt.held.active and opt.zo_state["step"] == 1
 
 
@@ -423,18 +436,7 @@ def test_a_second_sigint_inside_an_update_stops_it_and_says_where(monkeypatch):
     """Two presses while the first of two targets' update passes returns: the second raises at
     once. The first target keeps its update, the second is restored, the note says so, and
     no section is left open."""
-    def build(net):
-        return MeZO([{"params": list(net.first.named_parameters(prefix="first"))},
-                     {"params": list(net.second.named_parameters(prefix="second"))}],
-                    lr=1e-2, eps=1e-3, seed=7, probe="inplace")
-
-    reference, net = Net(), Net()
-    ref_opt, opt = build(reference), build(net)
-    take_step("mezo", ref_opt, reference)
-    take_step("mezo", opt, net)
-    before = snapshot(net)
-    take_step("mezo", ref_opt, reference)
-    updated = snapshot(reference)
+    net, opt, before, updated = two_target_run()
     write = held_module.DenseTarget.write
     pressed = []
 
@@ -445,17 +447,9 @@ def test_a_second_sigint_inside_an_update_stops_it_and_says_where(monkeypatch):
             send_sigint()
             send_sigint()
 
-    monkeypatch.setattr(held_module.DenseTarget, "write", pressed_twice)
-    with pytest.raises(KeyboardInterrupt) as error:
-        take_step("mezo", opt, net)
-    monkeypatch.undo()
-    assert "stopped by a second Ctrl-C at target 0 of 2" in "\n".join(
-        getattr(error.value, "__notes__", []))
-    after = snapshot(net)
-    assert_same({n: t for n, t in after.items() if n.startswith("first")},
-                {n: t for n, t in updated.items() if n.startswith("first")}, "updated group")
-    assert_same({n: t for n, t in after.items() if n.startswith("second")},
-                {n: t for n, t in before.items() if n.startswith("second")}, "restored group")
+    notes = failing_step_notes(monkeypatch, opt, net, pressed_twice, KeyboardInterrupt)
+    assert "stopped by a second Ctrl-C at target 0 of 2" in notes
+    assert_first_updated_second_restored(net, before, updated)
     assert _signals._depth == 0 and not opt.held.active
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

@@ -18,7 +18,9 @@ factors for the low-rank op), so GB/s compares with the copy measured in the sam
 
 from __future__ import annotations
 
+import datetime
 import gc
+import json
 import os
 import platform
 import sys
@@ -393,6 +395,18 @@ def environment(devices: list[str]) -> dict:
     if any(torch.device(d).type == "cuda" for d in devices):
         info["cuda"] = torch.version.cuda
     return info
+
+
+def write_report(path: str, devices: list[str], script: str, argv: list[str] | None,
+                 **fields) -> None:
+    """A benchmark script's JSON: environment(devices), the date, the command that ran it
+    (`python <script> <argv>`) and `fields`."""
+    doc = dict(environment(devices),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               command=f"python {script} " + " ".join(sys.argv[1:] if argv is None else argv),
+               **fields)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 def available_memory_bytes(device: str) -> int | None:
