@@ -251,10 +251,7 @@ class HeldPerturbation:
         logs rewritten, newest first (an older log holds truer values). exact=False: recovery
         only (the weights were written by someone else meanwhile, the logs predate it)."""
         with interrupts_deferred():  # entered first: the state says what the weights hold
-            held_logs = [self._held_log(i) if exact else None for i in range(len(self.targets))]
-            held, live = self.held, self.live
-            self.held, self.held_slot = [None] * len(self.targets), [None] * len(held)
-            self.live = []
+            held, held_logs, live = self._take(exact)
             try:
                 failure = self._restore_targets(range(len(self.targets)), held, held_logs,
                                                 live if exact else [])
@@ -262,6 +259,15 @@ class HeldPerturbation:
                     raise failure
             finally:
                 self.clear_logs()
+
+    def _take(self, exact: bool = True) -> tuple[list[Any], list[Any], list[int]]:
+        """What the weights hold (per target), the logs of the passes that wrote it (None
+        unless exact) and the live log slots; the state then says the weights hold theta (the
+        caller's pass makes that true, inside its held section)."""
+        held_logs = [self._held_log(i) if exact else None for i in range(len(self.targets))]
+        held, live = self.held, self.live
+        self.held, self.held_slot, self.live = [None] * len(held), [None] * len(held), []
+        return held, held_logs, live
 
     def _restore_targets(self, indices: Sequence[int], held: Sequence[Any],
                          held_logs: Sequence[Any], live: Sequence[int]) -> BaseException | None:
@@ -291,10 +297,7 @@ class HeldPerturbation:
         (e.g. out of memory) and the ones after it are restored to theta instead: the error
         says which targets kept the update."""
         with interrupts_deferred():  # entered first: the state says what the weights hold
-            held_logs = [self._held_log(i) for i in range(len(self.targets))]
-            held, live = self.held, self.live
-            self.held, self.held_slot = [None] * len(self.targets), [None] * len(held)
-            self.live = []
+            held, held_logs, live = self._take()
             reached = 0  # the targets before it are updated
             try:
                 for target, move, h, decay, held_log in zip(self.targets, moves, held, decays,

@@ -540,6 +540,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         weights, bit for bit (HeldPerturbation.update)."""
         self._apply_update(self._dense_moves(seeds, coefs_per_group, layers), decays, seeds[0])
 
+    def _commit_step(self, step: int, seeds: list[int], coefs: list[Any], layers: list | None,
+                     decays: list[float] | None = None, chosen: list[int] | None = None) -> None:
+        """The step's update (`_update`), its trajectory record and the step counter, together:
+        an interrupt waits for all three (zokernels._signals). decays default: 1 - lr * wd."""
+        if decays is None:
+            decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
+        with interrupts_deferred():
+            self._update(seeds, coefs, layers, decays)
+            if self.trajectory is not None:
+                self.trajectory.record(step, seeds, coefs, decays, chosen)
+            self.zo_state["step"] = step + 1
+
     def _apply_update(self, moves: list[Any], decays: list[float] | None,
                       rounding_seed: int) -> None:
         """HeldPerturbation.update with each target's group decay and this optimizer's rounding

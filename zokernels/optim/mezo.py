@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from .._signals import interrupts_deferred
 from ..space import NO_DECAY_DEFAULT
 from ..trajectory import MAX_SEEDS_PER_STEP
 from .base import Closure, ZOOptimizer, check_common_hyper
@@ -200,12 +199,6 @@ class MeZO(ZOOptimizer):
         if not finite:
             self._skip(losses.reshape(-1), step)
             return first_loss
-        # the earlier seeds were restored exactly: only the last one is held. The update and the
-        # state that records it happen together (a Ctrl-C waits for both: zokernels._signals).
-        with interrupts_deferred():
-            self._update(seeds, coefs, layers)
-            if self.trajectory is not None:
-                decays = [1.0 - g["lr"] * g["weight_decay"] for g in self.param_groups]
-                self.trajectory.record(step, seeds, coefs, decays, chosen)
-            self.zo_state["step"] = step + 1
+        # the earlier seeds were restored exactly: only the last one is held
+        self._commit_step(step, seeds, coefs, layers, chosen=chosen)
         return first_loss

@@ -348,12 +348,9 @@ class PseuZO(ZOOptimizer):
                 self._skip([mean_loss], step)
             return mean_loss
         seeds = [s for _, s, _ in used]  # oldest first: the held seed is last
-        with interrupts_deferred():  # the update and the state that records it, together
-            self._update(seeds, coefs, None, decays)
+        with interrupts_deferred():  # the window goes with the step that records it
+            self._commit_step(step, seeds, coefs, None, decays)
             self._window, self._ages = window, (ages, step)
-            if self.trajectory is not None:
-                self.trajectory.record(step, seeds, coefs, decays)
-            self.zo_state["step"] = step + 1
         return mean_loss
 
     def _mezo_step(self, step: int, forward, loss_fn) -> torch.Tensor:
@@ -371,12 +368,7 @@ class PseuZO(ZOOptimizer):
         if not finite:
             self._skip(losses, step)
             return losses[0]
-        decays = self._decays(1)
-        with interrupts_deferred():  # the update and the state that records it, together
-            self._update([seed], coefs, None, decays)
-            if self.trajectory is not None:
-                self.trajectory.record(step, [seed], coefs, decays)
-            self.zo_state["step"] = step + 1
+        self._commit_step(step, [seed], coefs, None, self._decays(1))
         return losses[0]
 
     # -- state ------------------------------------------------------------------------------------
