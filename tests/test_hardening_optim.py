@@ -449,3 +449,32 @@ def test_a_skipped_step_warns_at_the_callers_line(name):
             opt.step(lambda: net(x).sum() * float("nan"))
     (warning,) = [w for w in caught if "non-finite" in str(w.message)]
     assert warning.filename == __file__, warning.filename
+
+
+def test_a_warning_names_the_line_of_a_module_being_imported(tmp_path, monkeypatch):
+    """A step run by a module's top-level code while it is imported: the warning names that
+    module's line (importlib's frames are above it; the warning is issued for the frame found,
+    not by a stack level that the warnings module would count skipping importlib's frames), and
+    the `default` action's registry of what was shown is that module's."""
+    source = textwrap.dedent("""\
+        import torch
+        from zokernels.optim import MeZO
+        net = torch.nn.Linear(3, 1)
+        opt = MeZO(net.parameters(), lr=1e-2, seed=5)
+        x = torch.ones(2, 3)
+        for _ in range(2):
+            opt.step(lambda: net(x).sum() * float("nan"))
+        """)
+    (tmp_path / "zk_user_module.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "zk_user_module", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        import importlib
+        module = importlib.import_module("zk_user_module")
+    found = [w for w in caught if "non-finite" in str(w.message)]
+    assert len(found) == 2, [str(w.message) for w in caught]  # one per skipped step
+    for warning in found:
+        assert warning.filename == str(tmp_path / "zk_user_module.py"), warning.filename
+        assert warning.lineno == 7
+    assert module.__warningregistry__, "the registry is the importing module's"

@@ -20,8 +20,11 @@ _WRAPPER_FILES = frozenset(os.path.abspath(m.__file__)
 def _internal(frame) -> bool:
     """A frame of zokernels or of a wrapper around its calls. A script run from inside the
     package (`python -m zokernels.bench.cli`) is the user's code; pseudo-files (`<string>`,
-    `<frozen runpy>`) are not zokernels'."""
+    `<frozen runpy>`) are not zokernels', and importlib's frames pass a warning raised while a
+    module is imported on to the line that imported it."""
     name = frame.f_code.co_filename
+    if "importlib" in name and "_bootstrap" in name:  # an import zokernels' code runs under
+        return True
     if name.startswith("<") or frame.f_globals.get("__name__") == "__main__":
         return False
     path = os.path.abspath(name)
@@ -30,8 +33,13 @@ def _internal(frame) -> bool:
 
 def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """warnings.warn(message, category) at the first calling frame outside zokernels (the
-    outermost frame if every one is inside)."""
-    level, frame = 2, sys._getframe(1)
+    outermost frame if every one is inside). Issued for that frame explicitly rather than by a
+    stacklevel, which the warnings module counts skipping importlib's frames."""
+    frame = sys._getframe(1)
     while frame.f_back is not None and _internal(frame):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+        frame = frame.f_back
+    module_globals = frame.f_globals
+    warnings.warn_explicit(message, category, frame.f_code.co_filename, frame.f_lineno,
+                           module=module_globals.get("__name__", "<unknown>"),
+                           registry=module_globals.setdefault("__warningregistry__", {}),
+                           module_globals=module_globals)
