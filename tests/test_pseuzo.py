@@ -183,14 +183,20 @@ BAD_WINDOWS = {
                          r"\[0\] must be a dict"),
     "missing delta": (lambda s: s["extra"]["window"][1].pop("delta"), r"\[1\] lacks \['delta'\]"),
     "step beyond the counter": (lambda s: _window_field(s, 1, "step", 2), r"\[1\]\['step'\] = 2"),
+    # the counter adopted (zo_state), not only its copy in extra: ages t - k stay positive
+    "step beyond zo_state's counter": (
+        lambda s: (s["extra"].pop("step"), _window_field(s, 1, "step", 100)),
+        r"\[1\]\['step'\] = 100 is not below .*\['zo_state'\]\['step'\] = 2"),
     "steps out of order": (lambda s: _window_field(s, 1, "step", 0), r"\[1\]\['step'\]"),
     "step not an int": (lambda s: _window_field(s, 0, "step", 0.0), r"\[0\]\['step'\]"),
     "negative seed": (lambda s: _window_field(s, 0, "seed", -1), r"\[0\]\['seed'\]"),
     "seed of 65 bits": (lambda s: _window_field(s, 0, "seed", 1 << 64), r"\[0\]\['seed'\]"),
     "integer delta": (lambda s: _window_field(s, 0, "delta", torch.zeros(2, 5, dtype=torch.int64)),
                       r"\[0\]\['delta'\] must be a floating"),
-    "delta shapes differ": (lambda s: _window_field(s, 1, "delta", torch.zeros(3)),
-                            r"\[1\]\['delta'\] has shape \(3,\)"),
+    "delta ranks differ": (lambda s: _window_field(s, 1, "delta", torch.zeros(3)),
+                           r"\[1\]\['delta'\] has shape \(3,\)"),
+    "delta dtypes differ": (lambda s: _window_field(s, 1, "delta", torch.zeros(2, 5).double()),
+                            r"\[1\]\['delta'\] has shape \(2, 5\) \(torch.float64"),
     "too many entries": (lambda s: s["extra"]["window"].extend(
         copy.deepcopy(s["extra"]["window"][:1]) * 3), "has 5 entries, .* at most 4"),
 }
@@ -233,6 +239,30 @@ def test_resume_mid_window_is_bit_identical():
     assert_bits_equal(w2, w, what="resumed PseuZO")
     assert [(k, s) for k, s, _ in opt2._window] == [(k, s) for k, s, _ in opt._window]
     assert list(opt2.trajectory.records())[-1][2] == list(opt.trajectory.records())[-1][2]
+
+
+def test_resume_with_outputs_of_several_lengths_is_bit_identical():
+    """Batches padded to different lengths give outputs of different shapes (aligned_dot lines
+    them up at their last positions): the window then holds deltas of several lengths, and the
+    optimizer resumes from its own state_dict as from any other."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    batches = [(torch.randn(1, rows, 8), torch.randn(1, rows, 3)) for rows in (5, 4, 6, 3, 7)]
+
+    def run(opt, net, chosen):
+        for x, y in chosen:
+            opt.step(lambda: net(x), lambda o: ((o - y) ** 2).mean())
+
+    opt = PseuZO(model.named_parameters(), lr=1e-2, window=4, beta=0.9, seed=3)
+    run(opt, model, batches[:3])
+    assert {tuple(d.shape) for _, _, d in opt._window} == {(1, 5, 3), (1, 4, 3), (1, 6, 3)}
+    saved_model, saved = copy.deepcopy(model), copy.deepcopy(opt.state_dict())
+    run(opt, model, batches[3:])
+    resumed = PseuZO(saved_model.named_parameters(), lr=1e-2, window=4, beta=0.9, seed=0)
+    resumed.load_state_dict(saved)
+    run(resumed, saved_model, batches[3:])
+    for a, b in zip(saved_model.parameters(), model.parameters()):
+        assert_bits_equal(a, b, what="resumed PseuZO with outputs of several lengths")
 
 
 # -- beta schedules, as PseuZO's reference runs them ---------------------------------------------

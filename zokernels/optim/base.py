@@ -597,9 +597,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Algorithm state (momentum, windows, ...): tensors and plain values."""
         return {}
 
-    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+    def _check_extra_state(self, extra: dict[str, Any], step: int) -> None:
         """Validate the algorithm state of a state_dict without changing anything (ValueError
-        naming the entry); load_state_dict calls it before modifying the optimizer."""
+        naming the entry); load_state_dict calls it before modifying the optimizer. step: the
+        (checked) step counter the optimizer would adopt with it."""
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         """Adopt the algorithm state (validated by _check_extra_state, its tensors already copied;
@@ -697,7 +698,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not isinstance(state["extra"], dict):
             raise ValueError(f"state_dict extra must be a dict, got "
                              f"{type(state['extra']).__name__}")
-        self._check_extra_state(state["extra"])
+        self._check_extra_state(state["extra"], zo_state["step"])
         trajectory = self._checked_trajectory(state)
         return options, parsed_logs, trajectory
 

@@ -392,11 +392,12 @@ class PseuZO(ZOOptimizer):
                                  f"{saved.get(field)!r}, this optimizer has {value!r}: build it "
                                  f"with the saved {field} to resume")
 
-    def _check_extra_state(self, extra: Any) -> None:
+    def _check_extra_state(self, extra: Any, step: int) -> None:
         """A loaded window, checked before anything changes (ValueError naming the field): a
         list of at most `capacity` dicts, oldest first, each with an int step (increasing, below
-        the saved step counter `extra["step"]` when present), an int seed in [0, 2^64) and a
-        floating-point tensor delta, all deltas of one shape."""
+        the step counter the optimizer adopts, `step`, and `extra["step"]` when present), an int
+        seed in [0, 2^64) and a floating-point tensor delta, all deltas of one rank, dtype and
+        device (their lengths may differ as the outputs' do: aligned_dot aligns them)."""
         if not isinstance(extra, dict):
             raise ValueError(f"state_dict['extra'] must be a dict, got {type(extra).__name__}")
         self._check_schedule_state(extra)
@@ -426,9 +427,11 @@ class PseuZO(ZOOptimizer):
             if isinstance(k, bool) or not isinstance(k, int) or k <= previous:
                 raise ValueError(f"{where}['step'] must be an int above the previous entry's "
                                  f"({previous}), got {k!r}")
-            if saved_step is not None and k >= saved_step:
-                raise ValueError(f"{where}['step'] = {k} is not below the saved step counter "
-                                 f"{saved_step}")
+            for counter, name in ((saved_step, "state_dict['extra']['step']"),
+                                  (step, "state_dict['zo_state']['step']")):
+                if counter is not None and k >= counter:  # ages t - k must be positive
+                    raise ValueError(f"{where}['step'] = {k} is not below the saved step "
+                                     f"counter {name} = {counter}")
             try:
                 as_seed(s, "seed")  # the ops' seed rule
             except (TypeError, ValueError) as exc:
@@ -442,10 +445,10 @@ class PseuZO(ZOOptimizer):
             if d.device.type == "meta" or d.is_sparse or d.layout != torch.strided:
                 raise ValueError(f"{where}['delta'] must be a dense tensor with values, got a "
                                  f"{d.layout} tensor on {d.device}")
-            if shape is not None and (d.shape, d.dtype, d.device) != (shape, dtype, device):
+            if shape is not None and (d.dim(), d.dtype, d.device) != (len(shape), dtype, device):
                 raise ValueError(f"{where}['delta'] has shape {tuple(d.shape)} ({d.dtype}, "
-                                 f"{d.device}), the earlier entries {tuple(shape)} ({dtype}, "
-                                 f"{device})")
+                                 f"{d.device}), the earlier entries {len(shape)} dimensions "
+                                 f"({dtype}, {device})")
             if not bool(torch.isfinite(d).all()):  # every later step would be skipped
                 raise ValueError(f"{where}['delta'] must hold finite values")
             shape, dtype, device, previous = d.shape, d.dtype, d.device, k

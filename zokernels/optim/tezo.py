@@ -567,7 +567,7 @@ class TeZO(MeZO):
                 "lowrank_log_kinds": [[_log_kind(log) for log in pair]
                                       for pair in self._lowrank_logs]}
 
-    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+    def _check_extra_state(self, extra: dict[str, Any], step: int) -> None:
         """TeZO's state, checked before anything is modified (ValueError naming the entry): rank
         and variant as this optimizer's, betas and delta valid, per param group one float32
         moment vector of the sum of its 2-D weights' ranks (O(r) per matrix to check), and
