@@ -355,6 +355,9 @@ def test_step_rows_of_virtual_and_inplace_probes(bench, tmp_path):
     (["step", "--lezo-active", "1.5"], "--lezo-active"),
     (["step", "--backend", "fpga"], "--backend: unknown value"),
     (["step", "--compare-exact", "--no-exact-restore"], "give one of them"),
+    (["step", "--model", "tiny", "--seq", "257"], "--model tiny takes at most 256 tokens"),
+    (["step", "--seq", str(10 ** 20)], "takes at most 512 tokens"),
+    (["step", "--model", "tiny", "--batch", str(10 ** 12)], "the logits alone need"),
 ])
 def test_step_bad_arguments_exit_2(bench, argv, needle):
     status, _, err = bench(*argv)
@@ -480,6 +483,8 @@ LORA_BAD_ARGUMENTS = [
     (["lora", "--device", "tpu"], "unknown device 'tpu'"),
     (["lora", "--device", "cpu,cpu:1"], "lora takes one --device"),
 ]
+LORA_BAD_ARGUMENTS += [(["lora", "--layers", str(10 ** 9)], "the adapters need"),
+                       (["lora", "--rank", str(10 ** 9)], "the adapters need")]
 if not CUDA:
     LORA_BAD_ARGUMENTS += [(["lora", "--device", "cuda"], "CUDA is not available")]
     if "triton" in zokernels.available_backends():  # the interpreter: never timed
@@ -513,6 +518,10 @@ def test_lora_shapes():
     assert shapes[stem + "fc2.lora_B.default.weight"] == (2048, 8)
     assert sum(a * b for _, (a, b) in every) == 24 * 8 * (4 * 2 * 2048 + 2 * (2048 + 8192))
     assert len(lora_shapes("opt-13b", "all", rank=4, layers=200)) == 2400
+    from zokernels.bench.lora import TENSOR_OVERHEAD_BYTES, adapter_bytes
+
+    assert adapter_bytes("opt-1.3b", "all", 8, None, torch.bfloat16) == (
+        2 * sum(a * b for _, (a, b) in every) + len(every) * TENSOR_OVERHEAD_BYTES)
     assert lora_shapes("opt-125m", "qv", rank=16)[0][1] == (16, 768)
 
 

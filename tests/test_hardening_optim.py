@@ -241,6 +241,23 @@ def test_nested_step_is_refused_and_weights_kept(name):
 
 # -- item 14: hooks and the seed rule -------------------------------------------------------------
 
+@pytest.mark.parametrize("name", ["mezo", "tezo", "pseuzo"])
+def test_integer_hyperparameters_beyond_int64_are_kept_as_floats(name):
+    """2^64 is a finite number but no int64: kept as the int, it passed the checks and broke
+    the step's tensor arithmetic (OverflowError). The constructor, add_param_group and
+    load_state_dict all store the checked lr / eps / weight_decay as floats."""
+    net = model()
+    opt = make(name, net)
+    state = opt.state_dict()
+    state["param_groups"][0]["eps"] = 1 << 64
+    opt.load_state_dict(state)
+    assert type(opt.param_groups[0]["eps"]) is float
+    built = MeZO([{"params": list(net.parameters()), "lr": 0, "eps": 1 << 64}], weight_decay=1)
+    assert [type(built.param_groups[0][k]) for k in ("lr", "eps", "weight_decay")] == [float] * 3
+    take_step(name, opt, net)  # no OverflowError
+    take_step("mezo", built, net)
+
+
 def test_state_dict_hooks_run_as_in_torch_optim():
     net, opt = _mezo_state()
     calls = []
@@ -399,6 +416,58 @@ def test_tezo_replay_refuses_a_hostile_meta_before_writing(field, value):
     assert_same(snapshot(fresh), before, "weights")
 
 
+def _deferred_tezo_trajectory_state() -> dict:
+    """A deferred TeZO run over two param groups (its meta names each group's virtual weights,
+    its records carry the merge and deferred columns), as a trajectory state."""
+    net = model()
+    groups = [{"params": [(f"{i}.{n}", p) for n, p in net[i].named_parameters()]}
+              for i in (0, 1)]
+    opt = TeZO(groups, lr=1e-2, seed=5, rank=2, variant="adam", update="deferred")
+    for _ in range(3):
+        take_step("tezo", opt, net)
+    return opt.trajectory.state_dict()
+
+
+def _overflowing_gradient(state: dict) -> None:
+    state["extra"]["grad0"][-1] = 3e38  # finite in float32, overflows the recursion
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda s: s["meta"].__setitem__("tezo_virtual", s["meta"]["tezo_virtual"][:1]),
+     "tezo_virtual must name"),
+    (lambda s: s["meta"]["tezo_virtual"][1].append("0.weight"), "tezo_virtual must name"),
+    (lambda s: s["extra"].pop("merge"), r"lacks the columns \['merge'\]"),
+    (_overflowing_gradient, "record 2: the update of param group 0 is not finite"),
+], ids=["a group short", "a weight of another group", "no merge column", "overflow"])
+def test_deferred_tezo_replay_refuses_an_inconsistent_file_before_writing(corrupt, match):
+    """Refused before any weight is written: the groups' virtual weights and the deferred
+    columns the replay reads, and updates that overflow float32 in the tau-space recursion
+    from finite recorded values (the run itself would have skipped such a step)."""
+    state = _deferred_tezo_trajectory_state()
+    corrupt(state)
+    trajectory = Trajectory.from_state_dict(state)
+    fresh = model()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=match):
+        trajectory.replay(fresh)
+    assert_same(snapshot(fresh), before, "weights")
+    good = Trajectory.from_state_dict(_deferred_tezo_trajectory_state())
+    good.replay(fresh)  # the same replay from an intact file goes through
+    assert not torch.equal(snapshot(fresh)["0.weight"], before["0.weight"])
+
+
+def test_tezo_replay_without_a_base_seed_is_refused_before_writing():
+    """A trajectory built in memory (a file without one is refused on load) whose meta lost
+    the base seed the factors and taus are drawn from: ValueError, not a KeyError mid-way."""
+    trajectory = Trajectory.from_state_dict(_deferred_tezo_trajectory_state())
+    del trajectory.meta["base_seed"]
+    fresh = model()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="base_seed"):
+        trajectory.replay(fresh)
+    assert_same(snapshot(fresh), before, "weights")
+
+
 def test_pseuzo_window_of_another_store_dtype_is_refused():
     net = model()
     opt = PseuZO(net.named_parameters(), lr=1e-2, seed=5, window=3, store_dtype=torch.float16)
@@ -449,6 +518,22 @@ def test_a_skipped_step_warns_at_the_callers_line(name):
             opt.step(lambda: net(x).sum() * float("nan"))
     (warning,) = [w for w in caught if "non-finite" in str(w.message)]
     assert warning.filename == __file__, warning.filename
+
+
+def test_a_warning_from_a_python_c_script_names_its_line():
+    """`python -c` code has no source a loader can give (warnings.warn_explicit with the
+    module's globals raised ImportError there): the warning is printed at <string>'s line."""
+    code = textwrap.dedent("""\
+        import torch
+        from zokernels.optim import MeZO
+        net = torch.nn.Linear(3, 1)
+        opt = MeZO(net.parameters(), lr=1e-2)
+        opt.step(lambda: net(torch.ones(2, 3)).sum() * float("nan"))
+        """)
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert child.returncode == 0, child.stderr
+    assert "<string>:5: RuntimeWarning: MeZO: non-finite loss" in child.stderr, child.stderr
 
 
 def test_a_warning_names_the_line_of_a_module_being_imported(tmp_path, monkeypatch):

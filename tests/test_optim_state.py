@@ -150,7 +150,30 @@ CORRUPTIONS = [
     (_set("extra", value=None), "extra must be a dict"),
     (_set("trajectory", "version", value=99), "trajectory is not a trajectory state"),
     (_trajectory_of_another_seed, "trajectory base_seed is 12345"),
+    # the trajectory's meta as this optimizer records it: the resumed run appends to it
+    (lambda s: s["trajectory"]["meta"]["groups"][0]["keys"].reverse(),
+     r"trajectory meta groups\[0\]\['keys'\]\[0\] differs"),
+    (_set("trajectory", "meta", "no_decay", value=[]), r"trajectory meta no_decay differs"),
+    (lambda s: s["trajectory"]["meta"]["groups"][0]["numel"].__setitem__(0, 7),
+     r"trajectory meta groups\[0\]\['numel'\]\[0\] differs"),
+    (_set("trajectory", "meta", "groups", 0, "named", value=torch.tensor([])),
+     r"trajectory meta groups\[0\]\['named'\] differs"),
 ]
+
+TRAJECTORY_META_CORRUPTIONS = {
+    "mezo": [(_set("trajectory", "meta", "n_spsa", value=2), "trajectory meta n_spsa differs")],
+    "lezo": [(lambda s: s["trajectory"]["meta"]["groups"][0]["layers"].reverse(),
+              r"trajectory meta groups\[0\]\['layers'\]\[0\]\[0\] differs")],
+    "tezo": [(_set("trajectory", "meta", "betas", value=[0.5, 0.999]),
+              r"trajectory meta betas\[0\] differs"),
+             (_set("trajectory", "meta", "delta", value=1.0), "trajectory meta delta differs"),
+             (_set("trajectory", "meta", "rank", value="3"), "trajectory meta rank differs"),
+             (lambda s: s["trajectory"]["meta"]["lowrank"][0]["keys"].reverse(),
+              r"trajectory meta lowrank\[0\]\['keys'\]\[0\] differs"),
+             (_set("trajectory", "meta", "tezo_update", value="deferred"),
+              "trajectory meta tezo_update differs")],
+    "pseuzo": [(_set("trajectory", "meta", "window", value=5), "trajectory meta window differs")],
+}
 
 
 def _tezo_wrong_dtype(state: dict) -> None:
@@ -184,7 +207,8 @@ def test_every_corrupted_field_is_refused_and_nothing_changes(name):
     net, opt = _trained(name)
     twin_net, twin = _trained(name)
     before = opt.state_dict()
-    cases = CORRUPTIONS + (TEZO_CORRUPTIONS if name == "tezo" else [])
+    cases = (CORRUPTIONS + TRAJECTORY_META_CORRUPTIONS[name]
+             + (TEZO_CORRUPTIONS if name == "tezo" else []))
     for corrupt, match in cases:
         bad = other.state_dict()
         corrupt(bad)
@@ -196,6 +220,20 @@ def test_every_corrupted_field_is_refused_and_nothing_changes(name):
     run(name, twin, twin_net, 2)
     assert_same(snapshot(net), snapshot(twin_net), "after the refused loads")
     assert_states_equal(opt.state_dict(), twin.state_dict(), "state after the refused loads")
+
+
+def test_lezo_resumes_its_trajectory_with_another_number_of_active_blocks():
+    """The records name their blocks, so n_active is a setting a resume may change; the
+    trajectory then replays the whole run."""
+    net, opt = _trained("lezo")
+    resumed = LeZO(net.named_parameters(), layers=list(net.blocks), n_active=2, lr=1e-2,
+                   eps=1e-3, seed=0)
+    resumed.load_state_dict(opt.state_dict())
+    run("lezo", resumed, net, 2)
+    assert [len(record[4]) for record in resumed.trajectory.records()] == [1, 1, 2, 2]
+    replayed = make_net()
+    resumed.trajectory.replay(replayed)
+    assert_same(snapshot(replayed), snapshot(net), "replay across the changed n_active")
 
 
 @pytest.mark.parametrize("name", ALL)

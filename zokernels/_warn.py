@@ -38,8 +38,8 @@ def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
     frame = sys._getframe(1)
     while frame.f_back is not None and _internal(frame):
         frame = frame.f_back
+    # no module_globals (as warnings.warn): a `python -c` script's loader cannot give source
     module_globals = frame.f_globals
     warnings.warn_explicit(message, category, frame.f_code.co_filename, frame.f_lineno,
                            module=module_globals.get("__name__", "<unknown>"),
-                           registry=module_globals.setdefault("__warningregistry__", {}),
-                           module_globals=module_globals)
+                           registry=module_globals.setdefault("__warningregistry__", {}))

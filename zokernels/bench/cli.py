@@ -30,8 +30,8 @@ from ..trajectory import MAX_SEEDS_PER_STEP
 from .lora import CASES as LORA_CASES
 from .lora import B_STD, OVERHEAD_NUMEL, OVERHEAD_TENSORS, PROBE_STEPS, SOURCES, TARGETS
 from .lora import PRESETS as LORA_PRESETS
-from .lora import LoraSettings, format_lora_tables, run_lora_bench
-from .models import HF_MODELS
+from .lora import LoraSettings, adapter_bytes, format_lora_tables, run_lora_bench
+from .models import HF_MODELS, vocab_and_positions
 from .models import PRESETS as MODEL_PRESETS
 from .step import (OPTIMIZERS, PROBE_MODES, TEZO_MODES, StepSettings, format_step_table,
                    run_step_bench)
@@ -694,6 +694,16 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
                           ("--window", args.window)):
         if value < 1:
             raise UsageError(f"{option} must be >= 1, got {value}")
+    vocab, positions = vocab_and_positions(model)
+    if args.seq > positions:
+        raise UsageError(f"--seq {args.seq}: --model {model} takes at most {positions} tokens")
+    # the loss's float32 logits, the largest activation of a step: refuse what cannot fit
+    logits = args.batch * args.seq * vocab * 4
+    free = available_memory_bytes(device)
+    if free is not None and logits > MEMORY_HEADROOM * free:
+        raise UsageError(f"--batch {args.batch} x --seq {args.seq}: the logits alone need "
+                         f"{logits / 1e9:.2f} GB, more than {MEMORY_HEADROOM:.0%} of the free "
+                         f"memory ({free / 1e9:.2f} GB)")
     if args.window > MAX_SEEDS_PER_STEP:  # PseuZO's own limit, checked before any work
         raise UsageError(f"--window must be <= {MAX_SEEDS_PER_STEP}, got {args.window}")
     if not 0.0 < args.lezo_active <= 1.0:
@@ -804,6 +814,13 @@ def plan_lora(args: argparse.Namespace) -> tuple[LoraSettings, list[str]]:
         if value is not None and value < 1:
             raise UsageError(f"{option} must be >= 1, got {value}")
     dtype = _dtypes([args.dtype] if args.dtype else None, DEFAULTS[kind]["dtype"])[0]
+    adapters = max(adapter_bytes(args.preset, t, args.rank, args.layers, DTYPES[dtype])
+                   for t in targets)
+    free = available_memory_bytes(device)
+    if free is not None and adapters > MEMORY_HEADROOM * free:
+        raise UsageError(f"--rank {args.rank}, --layers {args.layers or 'of the preset'}: the "
+                         f"adapters need {adapters / 1e9:.2f} GB, more than "
+                         f"{MEMORY_HEADROOM:.0%} of the free memory ({free / 1e9:.2f} GB)")
     cases = _choices(args.case, ",".join(LORA_CASES), LORA_CASES, "--case")
     defaults = LORA_DEFAULTS[kind]
     repeats = defaults["repeats"] if args.repeats is None else args.repeats

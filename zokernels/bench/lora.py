@@ -121,6 +121,22 @@ def lora_shapes(preset: str, targets: str = "qv", rank: int = 8,
     return shapes
 
 
+# a tensor's Python and allocator overhead beside its elements, roughly (thousands of tiny ones)
+TENSOR_OVERHEAD_BYTES = 1024
+
+
+def adapter_bytes(preset: str, targets: str, rank: int, layers: int | None,
+                  dtype: torch.dtype) -> int:
+    """Memory of the adapters lora_shapes describes (elements and per-tensor overhead), counted
+    without listing them: what a run must allocate before anything is timed."""
+    base = PRESETS[preset]
+    linears = [dims(base) for _, dims in _target_linears(targets)]
+    per_layer = sum(rank * (out_features + in_features) for out_features, in_features in linears)
+    count = base.layers if layers is None else layers
+    element = torch.empty((), dtype=dtype).element_size()
+    return count * (per_layer * element + 2 * len(linears) * TENSOR_OVERHEAD_BYTES)
+
+
 def peft_lora_shapes(preset: str, targets: str = "qv", rank: int = 8,
                      layers: int | None = None) -> list[tuple[str, Shape]]:
     """The trainable (name, shape) of a real peft LoRA model of the preset's dimensions, built

@@ -30,8 +30,18 @@ PRESETS = {
     "opt-1.3b": DecoderConfig(vocab=50272, d_model=2048, n_layers=24, n_heads=32, d_ff=8192),
 }
 # transformers models from their configs (random init): OPT-125m, a tiny Llama, and a BERT of
-# MiniLM-L12-H384's shape (12 layers, hidden 384, BERT's vocabulary) with its tied MLM head
-HF_MODELS = ("hf-opt-125m", "hf-llama-tiny", "hf-bert-minilm")
+# MiniLM-L12-H384's shape (12 layers, hidden 384, BERT's vocabulary) with its tied MLM head;
+# their (vocabulary, positions), known before a model is built
+HF_SIZES = {"hf-opt-125m": (50272, 2048), "hf-llama-tiny": (4096, 2048),
+            "hf-bert-minilm": (30522, 512)}
+HF_MODELS = tuple(HF_SIZES)
+
+
+def vocab_and_positions(name: str) -> tuple[int, int]:
+    """(vocabulary size, longest sequence) of a step-benchmark model, without building it."""
+    if name in PRESETS:
+        return PRESETS[name].vocab, PRESETS[name].max_len
+    return HF_SIZES[name]
 
 
 class DecoderLayer(nn.Module):
@@ -124,14 +134,16 @@ def _hf_model(name: str) -> BenchModel:
         import transformers
     except ImportError:
         raise ValueError(f"model {name!r} needs transformers (pip install transformers)") from None
+    vocab, positions = HF_SIZES[name]
     if name == "hf-opt-125m":
-        config = transformers.OPTConfig(vocab_size=50272, hidden_size=768, num_hidden_layers=12,
-                                        ffn_dim=3072, num_attention_heads=12,
-                                        word_embed_proj_dim=768)
+        config = transformers.OPTConfig(vocab_size=vocab, max_position_embeddings=positions,
+                                        hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
+                                        num_attention_heads=12, word_embed_proj_dim=768)
         model = transformers.OPTForCausalLM(config)
         stack, blocks = model.model.decoder, list(model.model.decoder.layers)
     elif name == "hf-bert-minilm":
-        config = transformers.BertConfig(hidden_size=384, num_hidden_layers=12,
+        config = transformers.BertConfig(vocab_size=vocab, max_position_embeddings=positions,
+                                         hidden_size=384, num_hidden_layers=12,
                                          num_attention_heads=12, intermediate_size=1536)
         model = transformers.BertForMaskedLM(config)
         bert = model.bert
@@ -146,7 +158,8 @@ def _hf_model(name: str) -> BenchModel:
         return BenchModel(name, model, list(bert.encoder.layer), features, head_loss,
                           config.vocab_size)
     else:
-        config = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688,
+        config = transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=positions,
+                                          hidden_size=256, intermediate_size=688,
                                           num_hidden_layers=4, num_attention_heads=4,
                                           num_key_value_heads=4)
         model = transformers.LlamaForCausalLM(config)

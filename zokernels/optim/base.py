@@ -36,6 +36,7 @@ Closure = Callable[[], Any]
 # exactly with logs), "virtual" hands the perturbed values to the forward's reads
 # (zokernels.dense_probe), checked on the first probe.
 DENSE_PROBES = ("virtual", "inplace")
+_GROUP_OPTIONS = ("lr", "eps", "weight_decay")  # every param group's, checked by check_hyper
 
 
 def check_hyper(name: str, value: Any, *, low: float = 0.0, low_open: bool = False,
@@ -94,9 +95,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise TypeError("no_decay must be a sequence of name substrings, e.g. ('bias',)")
         groups = normalize_param_groups(params)
         for g, group in enumerate(groups):
-            for name in ("lr", "eps", "weight_decay"):
+            for name in _GROUP_OPTIONS:
                 if name in group:
-                    self._check_group_option(name, group[name], g)
+                    group[name] = self._check_group_option(name, group[name], g)
+        # as floats: an int beyond int64 passes as a finite number, then breaks tensor arithmetic
+        defaults = {k: float(v) if k in _GROUP_OPTIONS else v for k, v in defaults.items()}
         self._zo_ready = False  # torch's __init__ calls add_param_group for the groups above
         self._stepping = False  # a step is running (its closure included): step() is refused
         super().__init__(groups, defaults)
@@ -155,8 +158,9 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
-    def _check_group_option(name: str, value: Any, g: int) -> None:
-        check_hyper(f"param group {g} {name}", value, low_open=(name == "eps"))
+    def _check_group_option(name: str, value: Any, g: int) -> float:
+        """lr, eps or weight_decay of param group g, checked, as a float."""
+        return check_hyper(f"param group {g} {name}", value, low_open=(name == "eps"))
 
     def _space_for(self, group: dict[str, Any], layer_of: dict[int, int] | None) -> ParameterSpace:
         return ParameterSpace(list(zip(group["param_names"], group["params"])),
@@ -283,9 +287,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         for name, tensor in zip(group["param_names"], group["params"]):
             if id(tensor) in present:
                 raise ValueError(f"param group {g}: {name} is already in another param group")
-        for name in ("lr", "eps", "weight_decay"):
+        for name in _GROUP_OPTIONS:
             if name in group:
-                self._check_group_option(name, group[name], g)
+                group[name] = self._check_group_option(name, group[name], g)
         for name, value in self.defaults.items():
             group.setdefault(name, value)
         layer_of = self._resolve_layers(list(self.param_groups) + [group])
@@ -677,10 +681,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             if not isinstance(names, (list, tuple)) or list(names) != list(group["param_names"]):
                 raise ValueError(f"state_dict param group {g}: the saved parameter names differ "
                                  "from this optimizer's")
-            for name in ("lr", "eps", "weight_decay"):
+            for name in _GROUP_OPTIONS:
                 if name not in saved:
                     raise ValueError(f"state_dict param group {g} lacks {name!r}")
-                self._check_group_option(name, saved[name], g)
+                saved[name] = self._check_group_option(name, saved[name], g)
             if "params" in saved:
                 raise ValueError(f"state_dict param group {g} holds 'params' (tensors are "
                                  "matched by name, not saved)")
@@ -728,15 +732,38 @@ class ZOOptimizer(torch.optim.Optimizer):
                                  f"optimizer has {want!r}")
         groups = meta.get("groups")
         if (not isinstance(groups, list) or len(groups) != len(self.param_groups)
-                or any(list(saved_group.get("param_names", ())) != list(group["param_names"])
+                or any(not isinstance(saved_group, dict)
+                       or not _same_meta(saved_group.get("param_names"), group["param_names"])
                        for saved_group, group in zip(groups, self.param_groups))):
             raise ValueError("state_dict trajectory describes other parameters than this "
                              "optimizer's param groups")
+        # the rest of what its records mean (noise keys, sizes, decay mask, blocks, ranks,
+        # moments' settings...) as this optimizer records it: the run goes on appending to it
+        adopted = self._adopted_meta(state)
+        for field, want in self._trajectory_meta().items():
+            if field in self._RESUME_FREE_META:
+                continue
+            want = adopted.get(field, want)
+            where = _meta_difference(meta.get(field, _META_DEFAULTS.get(field, _MISSING)),
+                                     want, field)
+            if where is not None:
+                raise ValueError(f"state_dict trajectory meta {where} differs from what this "
+                                 "optimizer records (its records would not replay); set "
+                                 "state_dict['trajectory'] = None to start a new trajectory")
         try:  # every record as this optimizer would have recorded it (seeds, layers, columns)
             trajectory.check_records(self._registered, self._seeds_per_step())
         except ValueError as exc:
             raise ValueError(f"state_dict {exc}") from None
         return trajectory
+
+    # Trajectory meta fields a resumed optimizer need not share with the saved run's: compared
+    # with the state above (seed, dist, contract, rounding), or describing its settings only.
+    _RESUME_FREE_META = frozenset({"base_seed", "dist", "contract", "rounding"})
+
+    def _adopted_meta(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Trajectory meta fields as they will be once `state` (checked) is loaded, for the
+        settings a load adopts from it (TeZO: betas and delta)."""
+        return {}
 
     def _seeds_per_step(self) -> tuple[int, int]:
         """(fewest, most) seeds one recorded step of this optimizer holds."""
@@ -811,6 +838,45 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # ZO keeps no gradients
         return None
+
+
+_MISSING = object()
+# Meta fields a trajectory of an earlier version may lack, read as the replays read them.
+_META_DEFAULTS = {"named": True, "no_decay": [], "n_spsa": 1}
+
+
+def _same_meta(got: Any, want: Any) -> bool:
+    return _meta_difference(got, want, "") is None
+
+
+def _meta_difference(got: Any, want: Any, where: str) -> str | None:
+    """Where a saved trajectory meta value differs from this optimizer's (None: nowhere):
+    dicts by want's keys (defaults for fields older versions lack), sequences element by
+    element, numbers by value with bools apart, anything else (a tensor, an object) differs."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            return where
+        for key, value in want.items():
+            found = _meta_difference(got.get(key, _META_DEFAULTS.get(key, _MISSING)), value,
+                                     f"{where}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(want, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(want):
+            return where
+        for j, (a, b) in enumerate(zip(got, want)):
+            found = _meta_difference(a, b, f"{where}[{j}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(want, (bool, str)) or want is None:
+        return None if type(got) is type(want) and got == want else where
+    if isinstance(want, numbers.Real):
+        same = (isinstance(got, numbers.Real) and not isinstance(got, bool)
+                and not isinstance(got, torch.Tensor) and got == want)
+        return None if same else where
+    return where
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

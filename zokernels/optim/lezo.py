@@ -60,6 +60,9 @@ class LeZO(MeZO):
                          perturbation_parallel=perturbation_parallel, layers=layers,
                          contract=contract, probe=probe)
 
+    # the records name their blocks: a resume may choose another number of them per step
+    _RESUME_FREE_META = MeZO._RESUME_FREE_META | {"n_active"}
+
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()
         meta["n_active"] = self.n_active

@@ -18,6 +18,7 @@ import torch
 
 from .._contract import DEFAULT_CONTRACT, saved_contract
 from .._signals import interrupts_deferred
+from .._validate import as_seed
 from ..held import DenseTarget
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
 from ..lowrank_space import LowRankNoise, LowRankSpace, split_by_rank
@@ -404,6 +405,10 @@ class TeZO(MeZO):
                 "second": [s.second.tolist() for s in self.lowrank]}
         return meta
 
+    # the probes (virtual or in place) and their weights do not change what a record means
+    _RESUME_FREE_META = MeZO._RESUME_FREE_META | {"tezo_probe", "tezo_virtual",
+                                                  "initial_moments"}
+
     def _step_in_progress(self) -> bool:
         return super()._step_in_progress() or self._in_step
 
@@ -629,6 +634,10 @@ class TeZO(MeZO):
             raise ValueError(f"state_dict lowrank_log_kinds must hold one pair per param group "
                              f"({groups}) of {' / '.join(_LOG_KINDS)}, got {kinds!r}")
 
+    def _adopted_meta(self, state: dict[str, Any]) -> dict[str, Any]:
+        extra = state["extra"]
+        return {"betas": [float(b) for b in extra["betas"]], "delta": float(extra["delta"])}
+
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         """betas and delta restored like the seed, the moments copied, the low-rank logs' sizing
         loaded; U and V drawn from the loaded seed and contract from now on (passes, probes and
@@ -685,7 +694,8 @@ def tezo_direction(variant: str, betas: tuple[float, float], delta: float, state
 
 def _check_tezo_replay(trajectory, spaces) -> None:
     """What _replay_tezo reads of a trajectory's meta, checked before it applies anything
-    (ValueError naming the field): a hostile file must not steer the moments into NaN."""
+    (ValueError naming the field): a hostile file must not steer the moments into NaN (the
+    updates themselves are checked finite by _replay_tezo's first pass)."""
     meta = trajectory.meta
     if meta.get("noise_layout") != NOISE_LAYOUT:
         return  # _replay_tezo refuses it before writing
@@ -709,9 +719,24 @@ def _check_tezo_replay(trajectory, spaces) -> None:
                if f"grad{g}_{k}" not in trajectory.extra]
     if missing:
         raise ValueError(f"TeZO trajectory of n_spsa={n_spsa} lacks the columns {missing[:3]}")
+    try:
+        as_seed(meta.get("base_seed"), "TeZO trajectory meta base_seed")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
     lowrank = meta.get("lowrank")
     if not isinstance(lowrank, list) or len(lowrank) != len(spaces):
         raise ValueError("TeZO trajectory meta lowrank must describe each param group")
+    if meta.get("tezo_update") == "deferred":
+        virtual = meta.get("tezo_virtual", [[] for _ in spaces])
+        if not isinstance(virtual, list) or len(virtual) != len(spaces) or not all(
+                isinstance(names, list) and isinstance(group, dict)
+                and set(names) <= set(group.get("param_names") or ())
+                for names, group in zip(virtual, lowrank)):
+            raise ValueError("TeZO trajectory meta tezo_virtual must name, per param group, "
+                             "2-D parameters of its lowrank entry")
+        missing = [name for name in ("merge", "deferred") if name not in trajectory.extra]
+        if missing:
+            raise ValueError(f"TeZO trajectory of update='deferred' lacks the columns {missing}")
     sizes = []
     for g, (group, space) in enumerate(zip(lowrank, spaces)):
         names = group.get("param_names") if isinstance(group, dict) else None
@@ -738,7 +763,8 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
     """Rebuild a TeZO run: the 1-D parameters from the recorded seeded updates, the 2-D ones by
     re-running the tau-space recursions on the recorded projected gradients, with the run's
     factors, taus and rounding, from zero moments or, for a trajectory started at a resumed step,
-    from the moments recorded in its meta ("initial_moments")."""
+    from the moments recorded in its meta ("initial_moments"). The recursions run twice: once
+    to check every update finite before anything is written, then to apply them."""
     meta = trajectory.meta
     if meta.get("noise_layout") != NOISE_LAYOUT:
         raise ValueError("this TeZO trajectory was recorded before tau and the factors were drawn "
@@ -746,7 +772,7 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
                          "it cannot be replayed by this version")
     base = meta["base_seed"]
     n_spsa = meta.get("n_spsa", 1)
-    betas = tuple(meta["betas"])
+    betas, delta = (float(meta["betas"][0]), float(meta["betas"][1])), float(meta["delta"])
     rounding = meta.get("rounding", "nearest")
     states = []
     for space, lowrank in zip(spaces, meta["lowrank"]):
@@ -757,11 +783,6 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
             [space.keys[j] for j in two_d], [space.decayable[j] for j in two_d], meta["rank"],
             factor_seed(base), backend, [space.shards[j] for j in two_d],
             saved_contract(meta)))
-    initial = meta.get("initial_moments")
-    if initial is not None:  # a trajectory that starts at a resumed step
-        for state, m, v in zip(states, initial["momentum"], initial["second"]):
-            state.momentum.copy_(torch.tensor(m, dtype=torch.float32))
-            state.second.copy_(torch.tensor(v, dtype=torch.float32))
     dense = []
     for space, lowrank in zip(spaces, meta["lowrank"]):
         names = set(lowrank["param_names"])
@@ -784,18 +805,42 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
             indices.append(TeZO._entries(state, chosen))
             parts.append(VirtualPart(state, chosen))
         target = VirtualLowRank(parts, backend)
-    for i, (step, seeds, coefs, decays, _) in enumerate(trajectory.records()):
+    def updates():
+        """Per record, per group, the tau-space update -lr * direction, advancing the moments
+        from where the run started them."""
+        initial = meta.get("initial_moments")
+        for g, state in enumerate(states):
+            state.momentum.zero_()
+            state.second.zero_()
+            if initial is not None:  # a trajectory that starts at a resumed step
+                state.momentum.copy_(torch.tensor(initial["momentum"][g], dtype=torch.float32))
+                state.second.copy_(torch.tensor(initial["second"][g], dtype=torch.float32))
+        for i, (step, *_) in enumerate(trajectory.records()):
+            per_group = []
+            for g, state in enumerate(states):
+                lr = trajectory.extra[f"lr{g}"][i]
+                taus = [state.taus(tau_seed(base, step, k), backend) for k in range(n_spsa)]
+                grads = [torch.tensor(trajectory.extra[f"grad{g}" + (f"_{k}" if k else "")][i],
+                                      dtype=torch.float32).to(taus[0].device)
+                         for k in range(n_spsa)]
+                direction = tezo_direction(meta["variant"], betas, delta, state,
+                                           g_tau(grads, taus), step)
+                per_group.append(-lr * direction)
+            yield per_group
+
+    # First pass, writing nothing: finite values in the file can still overflow float32 in the
+    # recursions, and the run would have skipped such a step rather than record it.
+    for i, per_group in enumerate(updates()):
+        for g, update in enumerate(per_group):
+            if not bool(torch.isfinite(update).all()):
+                raise ValueError(f"TeZO trajectory record {i}: the update of param group {g} "
+                                 "is not finite (the recorded projected gradients overflow "
+                                 "float32); nothing was replayed")
+    for i, ((_, seeds, coefs, decays, _), per_group) in enumerate(zip(trajectory.records(),
+                                                                      updates())):
         if target is not None and merges[i]:
             target.merge()
-        for g, state in enumerate(states):
-            lr = trajectory.extra[f"lr{g}"][i]
-            taus = [state.taus(tau_seed(base, step, k), backend) for k in range(n_spsa)]
-            grads = [torch.tensor(trajectory.extra[f"grad{g}" + (f"_{k}" if k else "")][i],
-                                  dtype=torch.float32).to(taus[0].device)
-                     for k in range(n_spsa)]
-            direction = tezo_direction(meta["variant"], betas, meta["delta"], state,
-                                       g_tau(grads, taus), step)
-            update = -lr * direction
+        for g, (state, update) in enumerate(zip(states, per_group)):
             written = None
             if target is not None and deferred[i]:
                 target.accumulate(g, (update * state.rank_norm)[indices[g]], decays[g])
