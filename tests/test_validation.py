@@ -208,3 +208,59 @@ def test_huge_integer_scale_is_a_value_error():
 def test_meta_tensors_are_not_taken_for_aliases():
     zokernels.perturb_([torch.empty(3, device="meta"), torch.empty(4, device="meta")], 1, 0.1,
                        backend="torch")
+
+
+# -- found by fuzzing the public ops -----------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["us rows", "vs rows", "taus rank", "us dtype", "count",
+                                  "decays"])
+def test_run_lowrank_scatter_checks_its_factors_against_the_logged_weights(case):
+    """The kernels index the factors by the logged weights' rows and columns (the cpu one read
+    a (1, r) U for a 4M-row weight far past its end): refused by name before any write."""
+    from zokernels.ops import lowrank_perturb_
+    from zokernels.ops.lowrank import run_lowrank_scatter
+    from zokernels.ops.undo import UndoLog
+
+    m, n, r = 64, 3, 4
+    w = (torch.rand(m, n) * 1e-6).to(torch.bfloat16)
+    log = UndoLog()
+    lowrank_perturb_([w], torch.ones(m, r), torch.ones(n, r), torch.ones(r), scale=1.0, log=log,
+                     backend="cpu")
+    before = w.clone()
+    us, vs, taus, decays = [torch.ones(m, r)], [torch.ones(n, r)], [torch.ones(r)], \
+        torch.ones(1)
+    if case == "us rows":
+        us = [torch.ones(1, r)]
+    elif case == "vs rows":
+        vs = [torch.ones(n + 1, r)]
+    elif case == "taus rank":
+        taus = [torch.ones(r + 1)]
+    elif case == "us dtype":
+        us = [torch.ones(m, r, dtype=torch.float64)]
+    elif case == "count":
+        us = us * 2
+    else:
+        decays = torch.ones(2)
+    with pytest.raises(ValueError, match=r"(us|vs|taus|decays)"):
+        run_lowrank_scatter(log, us, vs, taus, torch.tensor([1.0]), decays)
+    assert torch.equal(w.view(torch.int16), before.view(torch.int16))
+    run_lowrank_scatter(log, [torch.ones(m, r)], [torch.ones(n, r)], None, torch.tensor([0.0]),
+                        torch.ones(1))  # the right factors: accepted (the restore)
+
+
+def test_noise_of_2_to_the_63_elements_is_refused_by_name():
+    with pytest.raises(ValueError, match="numel must be below 2\\^63"):
+        zokernels.noise(1 << 63, 1)
+
+
+def test_numpy_integers_are_taken_where_python_ints_are():
+    np = pytest.importorskip("numpy")
+    t = torch.zeros(8)
+    zokernels.perturb_(t, np.uint64(3), 1e-3, contract=np.int64(2), backend="torch")
+    expected = torch.zeros(8)
+    zokernels.perturb_(expected, 3, 1e-3, contract=2, backend="torch")
+    assert torch.equal(t, expected)
+    space = zokernels.ParameterSpace([("t", t)], backend="torch")
+    log = zokernels.ops.undo.UndoLog()
+    space.apply(np.uint64(5), 1e-3, log=log)
+    space.apply_logged(log, np.uint64(5), [1e-3])  # seeds as apply takes them

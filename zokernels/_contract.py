@@ -1,5 +1,6 @@
 """Constants of the noise contract (docs/noise-contract.md), shared by every backend."""
 
+import numbers
 import struct
 
 # Philox4x32-10 (Random123).
@@ -47,7 +48,8 @@ NORMAL_V2_COS = (0x3F7FFFFF, 0xBE9DE9C6, 0x3C81D732, 0xB9A71AED)
 def as_contract(value, name: str = "contract") -> int:
     """`value` checked as a contract version (1, 2 or 3; bool refused), else ValueError naming
     it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value not in CONTRACTS:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or value not in CONTRACTS):
         raise ValueError(f"{name} must be one of {list(CONTRACTS)} (the version of the noise "
                          f"contract, docs/noise-contract.md), got {value!r}")
     return int(value)

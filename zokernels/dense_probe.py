@@ -74,6 +74,8 @@ class VirtualDenseTarget(DenseTarget):
         return True
 
     def hold(self, move: SeededNoise | None) -> None:
+        if move is not None:  # what the probes will draw from, as a pass would check it
+            self.space.check_materialized()
         self.current = move
 
     def write(self, move: SeededNoise, held: SeededNoise | None = None, **kwargs: Any) -> None:

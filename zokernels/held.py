@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._signals import interrupts_deferred
-from .ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
+from .ops.undo import SELECTOR_BACKENDS, LoggedMemoryMoved, SelectorLog, UndoLog
 from .space import ParameterSpace
 
 # Log slots per target: MeZO's +eps and -eps passes (restore and update rewrite both).
@@ -124,6 +124,20 @@ class DenseTarget:
                          dist=move.dist, rounding=rounding, rounding_seed=rounding_seed,
                          log=log, held_log=None if held is None else _selector(held_log),
                          check_finite=False)
+
+    def restore(self, held: SeededNoise, held_log: UndoLog | None = None) -> None:
+        """Back to theta from `held` (written by the pass of `held_log`). A parameter given
+        other memory since that pass (`param.data = ...` in a closure) keeps what was assigned
+        to it while the others are restored, exactly; RuntimeError then names it."""
+        try:
+            self.write(self.zero(held), held, held_log=held_log)
+        except LoggedMemoryMoved as exc:
+            moved = self.space.recover_in_logged_memory(held_log, held.seeds, held.coefs,
+                                                        held.dist)
+            raise RuntimeError(f"{', '.join(moved)}: given other memory while the weights held a "
+                               "perturbation (param.data = ... or model.to(...) inside a step's "
+                               "closure?); kept as assigned, the other parameters restored "
+                               "exactly") from exc
 
     def rewrite(self, log: UndoLog, move: SeededNoise | None = None, *, decay: Any = 1.0,
                 rounding: str = "nearest", rounding_seed: int | None = None) -> None:
@@ -280,6 +294,8 @@ class HeldPerturbation:
             try:
                 if h is not None and not _writes_probes(target):
                     target.hold(None)
+                elif h is not None and hasattr(target, "restore"):
+                    target.restore(h, held_logs[i])
                 elif h is not None:
                     target.write(target.zero(h), h, held_log=held_logs[i])
                 for slot in reversed(live):

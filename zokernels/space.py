@@ -55,6 +55,9 @@ from .ops.undo import SelectorLog, UndoLog, run_scatter
 from .sharding import is_dtensor, local_tensor, shard_of
 
 _data_ptr = torch.Tensor.data_ptr
+_stride = torch.Tensor.stride
+_untyped_storage = torch.Tensor.untyped_storage
+_storage_nbytes = torch.UntypedStorage.nbytes
 _numel = torch.Tensor.numel
 WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module",
                                 "_checkpoint_wrapped_module"})
@@ -191,7 +194,7 @@ class ParameterSpace:
         """
         tensors = as_tensor_list(self.tensors, "params")
         for j, t in enumerate(tensors):
-            check_no_internal_overlap(t, f"params[{j}]")
+            check_no_internal_overlap(t, f"params[{j}] ({self.names[j]})")
         # meta parameters (a model not materialized yet) are registered, refused when written
         self._meta = [j for j, t in enumerate(tensors) if t.is_meta]
         self._spans = written_spans([(f"params[{j}] ({self.names[j]})", t)
@@ -228,9 +231,13 @@ class ParameterSpace:
         for j in self._dtensors:  # a sharding wrapper may swap a DTensor's local tensor
             self.tensors[j] = self._writable(j)
         # sizes and dtypes too: p.data = p.data[:k] keeps the address, and cached launch data
-        # (the cpu backend's lists) must never outlive the size it was built for
+        # (the cpu backend's lists) must never outlive the size it was built for; strides and
+        # the storage's size: p.data = p.data[:1].expand(...) keeps address and size, and a
+        # storage resized below its tensor can come back at the same address (the checks of
+        # _register_memory must run again, or a kernel writes past the storage's end)
         return [list(map(_data_ptr, self.tensors)), list(map(_numel, self.tensors)),
-                [t.dtype for t in self.tensors]]
+                [t.dtype for t in self.tensors], list(map(_stride, self.tensors)),
+                list(map(_storage_nbytes, map(_untyped_storage, self.tensors)))]
 
     def _writable(self, j: int) -> torch.Tensor:
         """What the kernels write for parameter j: a DTensor's local shard, a subclass's plain
@@ -470,6 +477,20 @@ class ParameterSpace:
         run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
                     rounding_seed, logs=buffers, contract=contract)
 
+    def recover_in_logged_memory(self, held_log: SelectorLog, seeds: Sequence[int],
+                                 applied: Sequence[float], dist: str) -> list[str]:
+        """Recover theta from the perturbation (seeds, applied coefficients) that held_log's
+        pass wrote, exactly, in the memory that pass wrote: a tensor given other memory since
+        (`param.data = ...` during a step) keeps what was assigned to it, the others go back
+        to theta. Returns the names of the ones that moved. The restore of a failed step."""
+        plan, moved = held_log.stand_ins()
+        count = max((j for group in plan for j in group.indices), default=-1) + 1
+        run_perturb(plan, list(seeds), torch.zeros(len(seeds), dtype=torch.float32),
+                    torch.ones(count, dtype=torch.float32),
+                    torch.tensor([float(c) for c in applied], dtype=torch.float32), dist,
+                    "nearest", seeds[0], held_logs=held_log.buffers, contract=self.contract)
+        return [self.names[j] for j, t in enumerate(self.tensors) if any(t is m for m in moved)]
+
     def apply_logged(self, log: UndoLog, seeds: int | Sequence[int] = (), scales: Any = (), *,
                      weight_decay_factor: Any = 1.0, dist: str = "gaussian",
                      rounding: str = "nearest", rounding_seed: int | None = None,
@@ -486,10 +507,9 @@ class ParameterSpace:
         """
         if not isinstance(log, UndoLog):
             raise TypeError(f"log must be an UndoLog, got {type(log).__name__}")
-        if isinstance(seeds, int) or isinstance(seeds, torch.Tensor) or len(seeds) > 0:
-            seed_list = as_seed_list(seeds)
-        else:
-            seed_list = []
+        # no seeds (an empty sequence): a restore; else any seed form apply takes
+        empty = isinstance(seeds, Sequence) and not isinstance(seeds, (str, bytes)) and not seeds
+        seed_list = [] if empty else as_seed_list(seeds)
         dist = as_choice(dist, PERTURB_DISTS, "dist")
         contract = self.contract if contract is None else as_contract(contract)
         rounding = as_choice(rounding, ROUNDINGS, "rounding")
@@ -502,10 +522,7 @@ class ParameterSpace:
                                   check_finite=check_finite, allow_broadcast=False)
         if log.plan is None:
             return
-        if self._storage_signature() != self._storage:
-            raise RuntimeError("the parameters' storage changed since the logged pass: the log's "
-                               "indices no longer apply")
-        flags = log.decay_flags
+        flags = log.decay_flags  # (run_scatter refuses a log over tensors given other memory)
         decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
         run_scatter(log, seed_list, scale_vector, decays, dist, rounding, rounding_seed,
                     contract=contract)
@@ -526,15 +543,10 @@ class ParameterSpace:
 
 def _held_buffers(held_log: SelectorLog, plan: list[PerturbGroup], applied: Any) -> list:
     """The buffers of the selector log a recovering pass reads: it must have logged the same
-    tensors (same groups, same order), ValueError / TypeError before anything is written."""
+    tensors (same groups, same order, same memory), ValueError / TypeError before anything is
+    written."""
     if not isinstance(held_log, SelectorLog):
         raise TypeError(f"held_log must be a SelectorLog, got {type(held_log).__name__}")
     if applied is None:
         raise ValueError("held_log needs applied= (the perturbation the log describes)")
-    logged = held_log.plan
-    if logged is None or len(logged) != len(plan) or any(
-            len(a.tensors) != len(b.tensors)
-            or any(x is not y for x, y in zip(a.tensors, b.tensors))
-            for a, b in zip(logged, plan)):
-        raise ValueError("held_log was not written by a pass over these tensors")
-    return held_log.buffers
+    return held_log.buffers_over(plan, "held_log")

@@ -167,13 +167,7 @@ def _held_buffers(held_log: SelectorLog, call: LowRankCall) -> list:
         raise ValueError("held_log needs applied_scale and applied_taus (the perturbation the "
                          "log describes)")
     _check_selector_backends(call.plan, "held_log")
-    logged = held_log.plan
-    if logged is None or len(logged) != len(call.plan) or any(
-            len(a.tensors) != len(b.tensors)
-            or any(x is not y for x, y in zip(a.tensors, b.tensors))
-            for a, b in zip(logged, call.plan)):
-        raise ValueError("held_log was not written by a pass over these weights")
-    return held_log.buffers
+    return held_log.buffers_over(call.plan, "held_log", "weights")
 
 
 def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *, scale: Any,
@@ -285,6 +279,36 @@ def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = 
             )
 
 
+def _check_scatter_factors(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Tensor],
+                           taus: list[torch.Tensor] | None, decays: torch.Tensor) -> None:
+    """The factors of run_lowrank_scatter, checked against the logged weights before anything
+    is written (ValueError naming the first): the kernels index them by the weights' rows and
+    columns. Float32, contiguous, on the weight's device: U_j (m, r), V_j (n, r), tau_j (r,),
+    one decay per weight."""
+    weights = {j: w for group in log.plan for j, w in zip(group.indices, group.tensors)}
+    count = max(weights, default=-1) + 1
+    for name, given in (("us", us), ("vs", vs)) + (() if taus is None else (("taus", taus),)):
+        if not isinstance(given, (list, tuple)) or len(given) != count:
+            raise ValueError(f"{name} must hold one tensor per weight of the logged pass "
+                             f"({count})")
+    if not isinstance(decays, torch.Tensor) or decays.dtype != torch.float32 or \
+            decays.numel() != count:
+        raise ValueError(f"decays must be a float32 tensor of {count} values, one per weight")
+    for j, w in weights.items():
+        m, n = w.shape
+        r = us[j].shape[-1] if isinstance(us[j], torch.Tensor) else -1
+        shapes = [("us", us[j], (m, r)), ("vs", vs[j], (n, r))]
+        if taus is not None:
+            shapes.append(("taus", taus[j], (r,)))
+        for name, t, shape in shapes:
+            if (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or r < 1
+                    or t.dtype != torch.float32 or not t.is_contiguous() or t.device != w.device):
+                got = (f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)
+                       else type(t).__name__)
+                raise ValueError(f"{name}[{j}] must be a contiguous float32 tensor of shape "
+                                 f"{shape} on {w.device} (weight {j} is {m} x {n}), got {got}")
+
+
 def run_lowrank_scatter(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Tensor],
                         taus: list[torch.Tensor] | None, scale: torch.Tensor,
                         decays: torch.Tensor, rounding: str = "nearest",
@@ -299,6 +323,8 @@ def run_lowrank_scatter(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Ten
     contract = as_contract(contract)
     if log.plan is None:
         return
+    log.check_memory("log")
+    _check_scatter_factors(log, us, vs, taus, decays)
     for group, buffers in zip(log.plan, log.buffers):
         device = group.device
         pick = group.indices

@@ -27,6 +27,8 @@ def noise(numel: int, seed: int, key: int = 0, *, offset: int = 0, dist: str = "
     uniforms, rademacher and v2 gaussians bit-identical, v1 gaussians within 1e-5.
     """
     numel = check_range(as_int(numel, "numel"), 0, SEED_LIMIT, "numel")
+    if numel >= 1 << 63:  # the contract's indices go to 2^64, a tensor's size is an int64
+        raise ValueError(f"numel must be below 2^63 (one tensor of it is made), got {numel}")
     seed = as_seed(seed, "seed")
     key = as_key(key, "key")
     offset = check_range(as_int(offset, "offset"), 0, SEED_LIMIT, "offset")

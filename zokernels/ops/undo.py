@@ -10,6 +10,8 @@ doubles the count it learns (docs/undo-log.md, "Capacity" and "Overflow").
 from __future__ import annotations
 
 import math
+from itertools import chain
+from operator import attrgetter
 
 import torch
 
@@ -64,6 +66,7 @@ class UndoLog:
         # per group: index and values buffers (they only grow) and the pass's counter
         self._storage: dict[GroupKey, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.plan: list[PerturbGroup] | None = None
+        self.memory: list[list] | None = None  # plan_memory at begin
         self.decay_flags: torch.Tensor | None = None
         self.buffers: list[UndoBuffers] | None = None
         self._checked = True
@@ -118,8 +121,19 @@ class UndoLog:
         for group in plan:
             self._passes[self._key(group)] = self._passes.get(self._key(group), 0) + 1
         self.plan, self.decay_flags, self.buffers = plan, decay_flags, buffers
+        self.memory = plan_memory(plan)
         self._checked = False
         return buffers
+
+    def check_memory(self, what: str) -> None:
+        """LoggedMemoryMoved (a ValueError) unless the logged pass's tensors still have the
+        memory it wrote (a `param.data = ...` or `model.to(...)` since gives them another
+        address, size or dtype: the log's indices and selector rows would then be read for
+        memory they do not describe, past its end for a larger tensor)."""
+        if self.plan is not None and plan_memory(self.plan) != self.memory:
+            raise LoggedMemoryMoved(f"{what}: a tensor of the logged pass was given other memory "
+                                    "since (param.data = ..., model.to(...)); the log does not "
+                                    "describe it")
 
     def counts(self) -> list[int]:
         """Lost elements per group of the last pass (one host synchronization)."""
@@ -152,7 +166,7 @@ class UndoLog:
         """Forget the last pass (its entries must not be scattered again)."""
         if not self._checked:
             self.check()
-        self.plan = self.decay_flags = self.buffers = None
+        self.plan = self.decay_flags = self.buffers = self.memory = None
 
     def release(self) -> None:
         """Free the buffers (the learned fractions stay)."""
@@ -295,8 +309,42 @@ class SelectorLog(UndoLog):
         for group in plan:
             self._passes[self._key(group)] = self._passes.get(self._key(group), 0) + 1
         self.plan, self.decay_flags, self.buffers = plan, decay_flags, buffers
+        self.memory = plan_memory(plan)
         self._checked = False
         return buffers
+
+    def buffers_over(self, plan: list[PerturbGroup], what: str,
+                     items: str = "tensors") -> list[SelectorBuffers]:
+        """The buffers a pass over `plan` reads to recover from this log's pass: ValueError,
+        before anything is written, unless that pass wrote these very tensors (same groups,
+        same order) in the memory they have now."""
+        self.check_memory(what)
+        logged = self.plan
+        if logged is None or len(logged) != len(plan) or any(
+                len(a.tensors) != len(b.tensors)
+                or any(x is not y for x, y in zip(a.tensors, b.tensors))
+                for a, b in zip(logged, plan)):
+            raise ValueError(f"{what} was not written by a pass over these {items}")
+        return self.buffers
+
+    def stand_ins(self) -> tuple[list[PerturbGroup], list[torch.Tensor]]:
+        """The logged pass's plan with every tensor given other memory since replaced by a
+        scratch tensor of the memory it had (a pass recovering from the log then writes the
+        others exactly where it logged them), and the replaced tensors."""
+        memory, plan, moved = zip(*self.memory), [], []
+        for group in self.plan:
+            tensors = []
+            for t in group.tensors:
+                address, numel, dtype, stride = next(memory)
+                if (t.data_ptr(), t.numel(), t.dtype, t.stride()) == (address, numel, dtype,
+                                                                     stride):
+                    tensors.append(t)
+                else:
+                    moved.append(t)
+                    tensors.append(torch.empty(numel, dtype=dtype, device=group.device))
+            plan.append(PerturbGroup(group.backend, group.device, tensors, group.keys,
+                                     group.indices, group.index_maps))
+        return plan, moved
 
     def check(self) -> bool:
         return super().check()
@@ -334,6 +382,22 @@ def _empty_buffers(group: PerturbGroup) -> UndoBuffers:
                        torch.zeros(1, dtype=torch.int64, device=group.device))
 
 
+class LoggedMemoryMoved(ValueError):
+    """A log is read for tensors given other memory since its pass (UndoLog.check_memory)."""
+
+
+def plan_memory(plan: list[PerturbGroup]) -> list[list]:
+    """Addresses, elements, dtypes and strides of a plan's tensors now, in plan order (strides:
+    a transposed view has the address and size, not the element order, a log describes); read
+    by map() at C speed, for thousands of LoRA tensors per pass."""
+    tensors = list(chain.from_iterable(group.tensors for group in plan))
+    return [list(map(torch.Tensor.data_ptr, tensors)), list(map(torch.Tensor.numel, tensors)),
+            list(map(_dtype_of, tensors)), list(map(torch.Tensor.stride, tensors))]
+
+
+_dtype_of = attrgetter("dtype")
+
+
 def run_scatter(log: UndoLog, seeds: list[int], scales: torch.Tensor, decays: torch.Tensor,
                 dist: str, rounding: str, rounding_seed: int,
                 contract: int = DEFAULT_CONTRACT) -> None:
@@ -341,6 +405,7 @@ def run_scatter(log: UndoLog, seeds: list[int], scales: torch.Tensor, decays: to
     contract: the version of the gaussian normals."""
     if log.plan is None:
         return
+    log.check_memory("log")
     for group, buffers in zip(log.plan, log.buffers):
         device = group.device
         extra = {} if group.index_maps is None else {"index_maps": group.index_maps}

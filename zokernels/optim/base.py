@@ -355,6 +355,15 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _clear_logs(self) -> None:
         self.held.clear_logs()
 
+    def _check_parameters(self) -> None:
+        """Every parameter of every param group as registered, or checked again where its
+        storage changed since (param.data = ..., model.to(...)): ValueError (overlapping or
+        expanded tensors, a storage smaller than its tensor, meta) before anything is written.
+        The passes check the tensors they write; an update written in several passes (TeZO's
+        dense, low-rank and virtual parts) checks them all first."""
+        for space in self._registered:
+            space.check_materialized()
+
     def _check_logs(self) -> None:
         """Read the logs' counts (with the losses' synchronization): overflow -> warn, grow,
         counted in zo_state["undo_overflows"]."""

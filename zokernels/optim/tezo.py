@@ -436,6 +436,11 @@ class TeZO(MeZO):
             moves[i] = LowRankNoise(noise.taus[g], coefs[g])
         return moves
 
+    def _step(self, closure) -> torch.Tensor:
+        # its dense and low-rank passes each check their own part: the group as a whole first
+        self._check_parameters()
+        return super()._step(closure)
+
     def _probe_eval(self, closure, noise: TeZONoise, coefs: list[float]) -> torch.Tensor:
         return self._probe_loss(closure, noise.taus, coefs)
 
@@ -516,6 +521,7 @@ class TeZO(MeZO):
                 finite = self._finite(losses, *coefs, *updates,
                                       *(t for s in self.lowrank for t in (s.momentum, s.second)))
                 self._check_logs()
+                self._check_parameters()  # the update's passes write them one part at a time
             except BaseException:
                 self._put_back(moments)
                 raise
