@@ -13,6 +13,7 @@ from torch import nn
 
 import zokernels
 from zokernels import ParameterSpace
+from zokernels.held import MovedParameters
 from zokernels.ops.undo import LoggedMemoryMoved, SelectorLog, UndoLog
 from zokernels.optim import LeZO, MeZO, PseuZO, TeZO
 
@@ -150,10 +151,14 @@ def test_virtual_probes_refuse_an_unsupported_dtype_by_name(name):
 # -- inside a step ----------------------------------------------------------------------------
 
 MOVES = {
-    "theta in new memory": lambda w, theta: theta.clone(),
-    "shrunk": lambda w, theta: torch.full((100,), 0.5),
-    "grown": lambda w, theta: torch.full((4096 * 16,), 0.5),
-    "half": lambda w, theta: w.data.half(),
+    "theta in new memory": lambda w, v, theta: theta.clone(),
+    "shrunk": lambda w, v, theta: torch.full((100,), 0.5),
+    "grown": lambda w, v, theta: torch.full((4096 * 16,), 0.5),
+    "half": lambda w, v, theta: w.data.half(),
+    # what a pass would refuse to write: restored around without checking the moved one again
+    "double": lambda w, v, theta: w.data.double(),
+    "expanded at its address": lambda w, v, theta: w.data[:1].expand(4096),
+    "another parameter's memory": lambda w, v, theta: v.data.view(-1),
 }
 
 
@@ -168,22 +173,45 @@ def test_a_parameter_moved_inside_the_closure_keeps_it_and_the_others_are_restor
     named = _named()
     opt = _optimizer("mezo", named, backend, lr=1e-2, probe="inplace")
     theta = _snapshot(named)
-    w = dict(named)["w"]
+    w, v = dict(named)["w"], dict(named)["v"]
     assigned = []
 
     def hook(call):
         if call == 1:
-            w.data = MOVES[move](w, theta["w"])
+            w.data = MOVES[move](w, v, theta["w"])
             assigned.append(w.detach().clone())
 
-    with pytest.raises(RuntimeError, match="w: given other memory while the weights held a "
-                                           "perturbation") as caught:
+    with pytest.raises(MovedParameters, match="w: given other memory while the weights held a "
+                                              "perturbation") as caught:
         _step("mezo", opt, named, hook)
     assert isinstance(caught.value.__cause__, LoggedMemoryMoved)
-    assert_bits_equal(w.detach(), assigned[0], what="the moved parameter")
+    assert caught.value.names == ["w"]
+    if move == "another parameter's memory":
+        assert w.data_ptr() == v.data_ptr()  # as assigned: v's memory, v restored
+    else:
+        assert_bits_equal(w.detach(), assigned[0], what="the moved parameter")
     for k, p in named[1:]:
         assert_bits_equal(p.detach(), theta[k], what=f"{k} after the failed step")
     assert not opt.held.active and opt.zo_state["step"] == 0
+
+
+def test_a_parameter_moved_in_the_last_closure_call_is_named_in_the_update_note():
+    """Moved in the -eps probe's closure: the update refuses the log, the restore recovers the
+    others; the note says which parameter kept what was assigned."""
+    named = _named()
+    opt = _optimizer("mezo", named, lr=1e-2, probe="inplace")
+    theta = _snapshot(named)
+    w = dict(named)["w"]
+
+    def hook(call):
+        if call == 2:
+            w.data = torch.full((100,), 0.5)
+
+    with pytest.raises(LoggedMemoryMoved) as caught:
+        _step("mezo", opt, named, hook)
+    assert any("w: given other memory" in note for note in caught.value.__notes__)
+    for k, p in named[1:]:
+        assert_bits_equal(p.detach(), theta[k], what=f"{k} after the failed step")
 
 
 @pytest.mark.parametrize("name", ["lezo", "tezo", "pseuzo"])

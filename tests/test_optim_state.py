@@ -172,7 +172,7 @@ TRAJECTORY_META_CORRUPTIONS = {
               r"trajectory meta lowrank\[0\]\['keys'\]\[0\] differs"),
              (_set("trajectory", "meta", "tezo_update", value="deferred"),
               "trajectory meta tezo_update differs")],
-    "pseuzo": [(_set("trajectory", "meta", "window", value=5), "trajectory meta window differs")],
+    "pseuzo": [],  # its window and schedule are settings, compared through extra["schedule"]
 }
 
 
@@ -220,6 +220,25 @@ def test_every_corrupted_field_is_refused_and_nothing_changes(name):
     run(name, twin, twin_net, 2)
     assert_same(snapshot(net), snapshot(twin_net), "after the refused loads")
     assert_states_equal(opt.state_dict(), twin.state_dict(), "state after the refused loads")
+
+
+def test_checkpoints_of_earlier_versions_resume_with_their_trajectory():
+    """Trajectory meta written before a field existed reads as the replays read it: a TeZO
+    run without "tezo_update" (updates were in place), a PseuZO run without its schedule
+    fields (and a state without "schedule"); PseuZO's window is a setting a resume may change."""
+    _, tezo = _trained("tezo")
+    state = tezo.state_dict()
+    del state["trajectory"]["meta"]["tezo_update"]
+    build("tezo", make_net()).load_state_dict(state)
+    _, pseuzo = _trained("pseuzo")
+    state = pseuzo.state_dict()
+    for field in ("beta", "beta_cycle", "beta_epoch_steps", "beta_zero", "decay_per_entry"):
+        del state["trajectory"]["meta"][field]
+    del state["extra"]["schedule"]
+    build("pseuzo", make_net()).load_state_dict(state)
+    wider = PseuZO(make_net().named_parameters(), window=6, beta=0.5, lr=1e-2, eps=1e-3)
+    wider.load_state_dict(pseuzo.state_dict())
+    assert len(wider.trajectory) == 2
 
 
 def test_lezo_resumes_its_trajectory_with_another_number_of_active_blocks():

@@ -238,9 +238,9 @@ def test_run_lowrank_scatter_checks_its_factors_against_the_logged_weights(case)
     elif case == "us dtype":
         us = [torch.ones(m, r, dtype=torch.float64)]
     elif case == "count":
-        us = us * 2
+        us = []
     else:
-        decays = torch.ones(2)
+        decays = torch.ones(1, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"(us|vs|taus|decays)"):
         run_lowrank_scatter(log, us, vs, taus, torch.tensor([1.0]), decays)
     assert torch.equal(w.view(torch.int16), before.view(torch.int16))

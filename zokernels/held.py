@@ -127,17 +127,19 @@ class DenseTarget:
 
     def restore(self, held: SeededNoise, held_log: UndoLog | None = None) -> None:
         """Back to theta from `held` (written by the pass of `held_log`). A parameter given
-        other memory since that pass (`param.data = ...` in a closure) keeps what was assigned
-        to it while the others are restored, exactly; RuntimeError then names it."""
+        other memory since that pass (`param.data = ...` in a closure, whatever it assigned:
+        another size, dtype, an expanded view, another parameter's memory) keeps what was
+        assigned to it while the others are restored exactly where the pass wrote them, without
+        checking the parameters again; MovedParameters then names it."""
+        selector = _selector(held_log)
         try:
-            self.write(self.zero(held), held, held_log=held_log)
+            if selector is not None:
+                selector.check_memory("held_log")
         except LoggedMemoryMoved as exc:
-            moved = self.space.recover_in_logged_memory(held_log, held.seeds, held.coefs,
+            moved = self.space.recover_in_logged_memory(selector, held.seeds, held.coefs,
                                                         held.dist)
-            raise RuntimeError(f"{', '.join(moved)}: given other memory while the weights held a "
-                               "perturbation (param.data = ... or model.to(...) inside a step's "
-                               "closure?); kept as assigned, the other parameters restored "
-                               "exactly") from exc
+            raise MovedParameters(moved) from exc
+        self.write(self.zero(held), held, held_log=held_log)
 
     def rewrite(self, log: UndoLog, move: SeededNoise | None = None, *, decay: Any = 1.0,
                 rounding: str = "nearest", rounding_seed: int | None = None) -> None:
@@ -149,6 +151,17 @@ class DenseTarget:
             self.space.apply_logged(log, list(move.seeds), move.coefs, weight_decay_factor=decay,
                                     dist=move.dist, rounding=rounding,
                                     rounding_seed=rounding_seed, check_finite=False)
+
+
+class MovedParameters(RuntimeError):
+    """Parameters given other memory while the weights held a perturbation (DenseTarget.restore
+    restored the others and left these as assigned)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"{', '.join(names)}: given other memory while the weights held a "
+                         "perturbation (param.data = ... or model.to(...) inside a step's "
+                         "closure?); kept as assigned, the other parameters restored exactly")
+        self.names = names
 
 
 def _partial_update_note(reached: int, count: int, failure: BaseException | None,
@@ -168,7 +181,9 @@ def _partial_update_note(reached: int, count: int, failure: BaseException | None
                 "restored to the weights before the step, except that a target written in "
                 "several kernel calls (one per device and dtype) keeps the calls made before the "
                 "failure at neither value")
-    if failure is not None:
+    if isinstance(failure, MovedParameters):
+        note += f"; {failure}"
+    elif failure is not None:
         note += f"; the restore failed too: {type(failure).__name__}: {failure}"
     return note
 

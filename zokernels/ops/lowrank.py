@@ -286,14 +286,15 @@ def _check_scatter_factors(log: UndoLog, us: list[torch.Tensor], vs: list[torch.
     columns. Float32, contiguous, on the weight's device: U_j (m, r), V_j (n, r), tau_j (r,),
     one decay per weight."""
     weights = {j: w for group in log.plan for j, w in zip(group.indices, group.tensors)}
-    count = max(weights, default=-1) + 1
+    count = max(weights, default=-1) + 1  # at least: empty weights after the last are in no group
     for name, given in (("us", us), ("vs", vs)) + (() if taus is None else (("taus", taus),)):
-        if not isinstance(given, (list, tuple)) or len(given) != count:
+        if not isinstance(given, (list, tuple)) or len(given) < count:
             raise ValueError(f"{name} must hold one tensor per weight of the logged pass "
-                             f"({count})")
+                             f"(at least {count})")
     if not isinstance(decays, torch.Tensor) or decays.dtype != torch.float32 or \
-            decays.numel() != count:
-        raise ValueError(f"decays must be a float32 tensor of {count} values, one per weight")
+            decays.numel() < count:
+        raise ValueError(f"decays must be a float32 tensor of one value per weight (at least "
+                         f"{count})")
     for j, w in weights.items():
         m, n = w.shape
         r = us[j].shape[-1] if isinstance(us[j], torch.Tensor) else -1

@@ -335,9 +335,9 @@ class SelectorLog(UndoLog):
         for group in self.plan:
             tensors = []
             for t in group.tensors:
-                address, numel, dtype, stride = next(memory)
-                if (t.data_ptr(), t.numel(), t.dtype, t.stride()) == (address, numel, dtype,
-                                                                     stride):
+                address, numel, dtype, stride, nbytes = next(memory)
+                if (t.data_ptr(), t.numel(), t.dtype, t.stride(), t.untyped_storage().nbytes()
+                        ) == (address, numel, dtype, stride, nbytes):
                     tensors.append(t)
                 else:
                     moved.append(t)
@@ -387,12 +387,14 @@ class LoggedMemoryMoved(ValueError):
 
 
 def plan_memory(plan: list[PerturbGroup]) -> list[list]:
-    """Addresses, elements, dtypes and strides of a plan's tensors now, in plan order (strides:
-    a transposed view has the address and size, not the element order, a log describes); read
-    by map() at C speed, for thousands of LoRA tensors per pass."""
+    """Addresses, elements, dtypes, strides and storage sizes of a plan's tensors now, in plan
+    order (strides: a transposed view has the address and size, not the element order, a log
+    describes; the storage's size: one shrunk below its tensor can come back at the same
+    address); read by map() at C speed, for thousands of LoRA tensors per pass."""
     tensors = list(chain.from_iterable(group.tensors for group in plan))
     return [list(map(torch.Tensor.data_ptr, tensors)), list(map(torch.Tensor.numel, tensors)),
-            list(map(_dtype_of, tensors)), list(map(torch.Tensor.stride, tensors))]
+            list(map(_dtype_of, tensors)), list(map(torch.Tensor.stride, tensors)),
+            list(map(torch.UntypedStorage.nbytes, map(torch.Tensor.untyped_storage, tensors)))]
 
 
 _dtype_of = attrgetter("dtype")

@@ -851,7 +851,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
 _MISSING = object()
 # Meta fields a trajectory of an earlier version may lack, read as the replays read them.
-_META_DEFAULTS = {"named": True, "no_decay": [], "n_spsa": 1}
+_META_DEFAULTS = {"named": True, "no_decay": [], "n_spsa": 1, "tezo_update": "inplace"}
 
 
 def _same_meta(got: Any, want: Any) -> bool:

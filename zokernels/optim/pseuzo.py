@@ -187,6 +187,11 @@ class PseuZO(ZOOptimizer):
                 "beta_cycle": self.beta_cycle, "beta_epoch_steps": self.beta_epoch_steps,
                 "beta_zero": self.beta_zero, "decay_per_entry": self.decay_per_entry}
 
+    # the records hold their seeds and coefficients; the window and the schedule describe the
+    # settings (compared with the state's "schedule" where it has one, _check_schedule_state)
+    _RESUME_FREE_META = ZOOptimizer._RESUME_FREE_META | {
+        "window", "beta", "beta_cycle", "beta_epoch_steps", "beta_zero", "decay_per_entry"}
+
     def _trajectory_meta(self) -> dict[str, Any]:
         meta = super()._trajectory_meta()
         meta.update(window=self.window, **self._schedule())

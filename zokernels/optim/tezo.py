@@ -736,6 +736,7 @@ def _check_tezo_replay(trajectory, spaces) -> None:
         virtual = meta.get("tezo_virtual", [[] for _ in spaces])
         if not isinstance(virtual, list) or len(virtual) != len(spaces) or not all(
                 isinstance(names, list) and isinstance(group, dict)
+                and all(isinstance(name, str) for name in names)
                 and set(names) <= set(group.get("param_names") or ())
                 for names, group in zip(virtual, lowrank)):
             raise ValueError("TeZO trajectory meta tezo_virtual must name, per param group, "
