@@ -30,7 +30,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, count
 from typing import Any
 
 import torch
@@ -51,10 +51,13 @@ from ._validate import (
     written_spans,
 )
 from .ops.perturb import PerturbGroup, group_index_maps, run_perturb
-from .ops.undo import SelectorLog, UndoLog, run_scatter
+from .ops.undo import RegisteredMemory, SelectorLog, UndoLog, run_scatter
 from .sharding import is_dtensor, local_tensor, shard_of
 
 _data_ptr = torch.Tensor.data_ptr
+# Registrations, numbered across spaces: a log stamped with the one it was written under is
+# read under the same one only if no tensor of the space changed memory in between.
+_REGISTRATIONS = count(1)
 _stride = torch.Tensor.stride
 _untyped_storage = torch.Tensor.untyped_storage
 _storage_nbytes = torch.UntypedStorage.nbytes
@@ -197,9 +200,12 @@ class ParameterSpace:
             check_no_internal_overlap(t, f"params[{j}] ({self.names[j]})")
         # meta parameters (a model not materialized yet) are registered, refused when written
         self._meta = [j for j, t in enumerate(tensors) if t.is_meta]
+        self._registration = next(_REGISTRATIONS)
         self._spans = written_spans([(f"params[{j}] ({self.names[j]})", t)
                                      for j, t in enumerate(tensors)])
         self._storage = self._storage_signature()
+        # what the logs of this registration's passes describe (never mutated: replaced)
+        self._memory = RegisteredMemory(self._storage, list(self.tensors))
         # Backend per (device, dtype), resolved now: a refusal happens before any write.
         self._group_of: list[_Group] = []
         resolved: dict[tuple[torch.device, torch.dtype], _Group] = {}
@@ -450,10 +456,11 @@ class ParameterSpace:
         check_reads(self._spans, [("scales", scales), ("applied", applied),
                                   ("weight_decay_factor", weight_decay_factor)])
         plan, flags = self._full_plan if layers is None else self._selection_plan(layers)
-        held = None if held_log is None else _held_buffers(held_log, plan, applied_vector)
+        held = (None if held_log is None
+                else _held_buffers(held_log, plan, applied_vector, self._registration))
         if not plan:
             if log is not None:
-                log.begin(plan, flags)
+                log.begin(plan, flags, stamp=self._registration, memory=self._memory)
             return
         decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
         if log is None:
@@ -465,7 +472,7 @@ class ParameterSpace:
                 log.probe(plan, lambda counters: run_perturb(
                     plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
                     rounding_seed, selector_logs=counters, count_only=True, held_logs=held, contract=contract))
-            buffers = log.begin(plan, flags)
+            buffers = log.begin(plan, flags, stamp=self._registration, memory=self._memory)
             run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
                         rounding_seed, selector_logs=buffers, held_logs=held, contract=contract)
             return
@@ -473,7 +480,7 @@ class ParameterSpace:
             log.probe(plan, lambda counters: run_perturb(
                 plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
                 rounding_seed, logs=counters, count_only=True, contract=contract))
-        buffers = log.begin(plan, flags)
+        buffers = log.begin(plan, flags, stamp=self._registration, memory=self._memory)
         run_perturb(plan, seed_list, scale_vector, decays, applied_vector, dist, rounding,
                     rounding_seed, logs=buffers, contract=contract)
 
@@ -522,10 +529,13 @@ class ParameterSpace:
                                   check_finite=check_finite, allow_broadcast=False)
         if log.plan is None:
             return
-        flags = log.decay_flags  # (run_scatter refuses a log over tensors given other memory)
+        self.check_materialized()  # a changed memory registered (or refused) first
+        flags = log.decay_flags
         decays = torch.where(flags.to(factor.device), factor, torch.ones_like(factor))
+        # a log of this registration describes the memory; another one is compared (refused
+        # for tensors given other memory since its pass)
         run_scatter(log, seed_list, scale_vector, decays, dist, rounding, rounding_seed,
-                    contract=contract)
+                    contract=contract, memory_checked=log.stamp == self._registration)
 
     def perturb(self, seed: int, scale: Any, *, layers: Sequence[int] | None = None,
                 applied: Any = None, dist: str = "gaussian", **kwargs: Any) -> None:
@@ -541,12 +551,15 @@ class ParameterSpace:
                    dist=dist, **kwargs)
 
 
-def _held_buffers(held_log: SelectorLog, plan: list[PerturbGroup], applied: Any) -> list:
+def _held_buffers(held_log: SelectorLog, plan: list[PerturbGroup], applied: Any,
+                  registration: int) -> list:
     """The buffers of the selector log a recovering pass reads: it must have logged the same
     tensors (same groups, same order, same memory), ValueError / TypeError before anything is
-    written."""
+    written. A log written under the space's current registration describes its memory (the
+    space compared every tensor's at this call): not compared again."""
     if not isinstance(held_log, SelectorLog):
         raise TypeError(f"held_log must be a SelectorLog, got {type(held_log).__name__}")
     if applied is None:
         raise ValueError("held_log needs applied= (the perturbation the log describes)")
-    return held_log.buffers_over(plan, "held_log")
+    return held_log.buffers_over(plan, "held_log",
+                                 memory_checked=held_log.stamp == registration)

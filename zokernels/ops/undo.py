@@ -66,7 +66,10 @@ class UndoLog:
         # per group: index and values buffers (they only grow) and the pass's counter
         self._storage: dict[GroupKey, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.plan: list[PerturbGroup] | None = None
-        self.memory: list[list] | None = None  # plan_memory at begin
+        # the memory its pass wrote (plan_memory, or the space's RegisteredMemory) and the
+        # space's registration then (ParameterSpace; None from the ops)
+        self.memory: list[list] | RegisteredMemory | None = None
+        self.stamp: int | None = None
         self.decay_flags: torch.Tensor | None = None
         self.buffers: list[UndoBuffers] | None = None
         self._checked = True
@@ -103,7 +106,9 @@ class UndoLog:
             self._learn(group, int(counter.count.item()))
         self.probes += 1
 
-    def begin(self, plan: list[PerturbGroup], decay_flags: torch.Tensor) -> list[UndoBuffers]:
+    def begin(self, plan: list[PerturbGroup], decay_flags: torch.Tensor,
+              stamp: int | None = None,
+              memory: RegisteredMemory | None = None) -> list[UndoBuffers]:
         """Buffers for a pass over `plan` (the previous pass's entries are dropped)."""
         if not self._checked:
             self.check()
@@ -121,7 +126,8 @@ class UndoLog:
         for group in plan:
             self._passes[self._key(group)] = self._passes.get(self._key(group), 0) + 1
         self.plan, self.decay_flags, self.buffers = plan, decay_flags, buffers
-        self.memory = plan_memory(plan)
+        self.memory = plan_memory(plan) if memory is None else memory
+        self.stamp = stamp
         self._checked = False
         return buffers
 
@@ -130,10 +136,16 @@ class UndoLog:
         memory it wrote (a `param.data = ...` or `model.to(...)` since gives them another
         address, size or dtype: the log's indices and selector rows would then be read for
         memory they do not describe, past its end for a larger tensor)."""
-        if self.plan is not None and plan_memory(self.plan) != self.memory:
+        if self.plan is not None and plan_memory(self.plan) != self._logged_memory():
             raise LoggedMemoryMoved(f"{what}: a tensor of the logged pass was given other memory "
                                     "since (param.data = ..., model.to(...)); the log does not "
                                     "describe it")
+
+    def _logged_memory(self) -> list[list]:
+        """plan_memory of the logged pass's tensors as the pass found them."""
+        if isinstance(self.memory, RegisteredMemory):
+            return self.memory.of(self.plan)
+        return self.memory
 
     def counts(self) -> list[int]:
         """Lost elements per group of the last pass (one host synchronization)."""
@@ -166,7 +178,7 @@ class UndoLog:
         """Forget the last pass (its entries must not be scattered again)."""
         if not self._checked:
             self.check()
-        self.plan = self.decay_flags = self.buffers = self.memory = None
+        self.plan = self.decay_flags = self.buffers = self.memory = self.stamp = None
 
     def release(self) -> None:
         """Free the buffers (the learned fractions stay)."""
@@ -302,23 +314,27 @@ class SelectorLog(UndoLog):
             self._learn(group, int(counter.count.item()))
         self.probes += 1
 
-    def begin(self, plan: list[PerturbGroup], decay_flags: torch.Tensor) -> list[SelectorBuffers]:
+    def begin(self, plan: list[PerturbGroup], decay_flags: torch.Tensor,
+              stamp: int | None = None,
+              memory: RegisteredMemory | None = None) -> list[SelectorBuffers]:
         if not self._checked:
             self.check()
         buffers = [self._buffers(g, self._capacity(g)) for g in plan]
         for group in plan:
             self._passes[self._key(group)] = self._passes.get(self._key(group), 0) + 1
         self.plan, self.decay_flags, self.buffers = plan, decay_flags, buffers
-        self.memory = plan_memory(plan)
+        self.memory = plan_memory(plan) if memory is None else memory
+        self.stamp = stamp
         self._checked = False
         return buffers
 
-    def buffers_over(self, plan: list[PerturbGroup], what: str,
-                     items: str = "tensors") -> list[SelectorBuffers]:
+    def buffers_over(self, plan: list[PerturbGroup], what: str, items: str = "tensors", *,
+                     memory_checked: bool = False) -> list[SelectorBuffers]:
         """The buffers a pass over `plan` reads to recover from this log's pass: ValueError,
         before anything is written, unless that pass wrote these very tensors (same groups,
-        same order) in the memory they have now."""
-        self.check_memory(what)
+        same order) in the memory they have now (memory_checked: the caller knows they do)."""
+        if not memory_checked:
+            self.check_memory(what)
         logged = self.plan
         if logged is None or len(logged) != len(plan) or any(
                 len(a.tensors) != len(b.tensors)
@@ -331,7 +347,7 @@ class SelectorLog(UndoLog):
         """The logged pass's plan with every tensor given other memory since replaced by a
         scratch tensor of the memory it had (a pass recovering from the log then writes the
         others exactly where it logged them), and the replaced tensors."""
-        memory, plan, moved = zip(*self.memory), [], []
+        memory, plan, moved = zip(*self._logged_memory()), [], []
         for group in self.plan:
             tensors = []
             for t in group.tensors:
@@ -382,6 +398,21 @@ def _empty_buffers(group: PerturbGroup) -> UndoBuffers:
                        torch.zeros(1, dtype=torch.int64, device=group.device))
 
 
+class RegisteredMemory:
+    """The memory of a ParameterSpace's tensors at one registration: its signature columns
+    (addresses, elements, dtypes, strides, storage sizes; plan_memory's) in the space's order.
+    A log written by the space keeps it instead of reading every tensor's memory at each pass;
+    `of` picks a plan's tensors when a reader asks."""
+
+    def __init__(self, signature: list[list], tensors: list[torch.Tensor]) -> None:
+        self.signature, self.tensors = signature, tensors
+
+    def of(self, plan: list[PerturbGroup]) -> list[list]:
+        position = {id(t): j for j, t in enumerate(self.tensors)}
+        order = [position[id(t)] for group in plan for t in group.tensors]
+        return [[column[j] for j in order] for column in self.signature]
+
+
 class LoggedMemoryMoved(ValueError):
     """A log is read for tensors given other memory since its pass (UndoLog.check_memory)."""
 
@@ -402,12 +433,14 @@ _dtype_of = attrgetter("dtype")
 
 def run_scatter(log: UndoLog, seeds: list[int], scales: torch.Tensor, decays: torch.Tensor,
                 dist: str, rounding: str, rounding_seed: int,
-                contract: int = DEFAULT_CONTRACT) -> None:
+                contract: int = DEFAULT_CONTRACT, memory_checked: bool = False) -> None:
     """Rewrite the logged elements of the last pass, group by group (docs/undo-log.md);
-    contract: the version of the gaussian normals."""
+    contract: the version of the gaussian normals; memory_checked: the caller knows the logged
+    tensors have the memory the pass wrote (else compared here, LoggedMemoryMoved)."""
     if log.plan is None:
         return
-    log.check_memory("log")
+    if not memory_checked:
+        log.check_memory("log")
     for group, buffers in zip(log.plan, log.buffers):
         device = group.device
         extra = {} if group.index_maps is None else {"index_maps": group.index_maps}
