@@ -408,12 +408,18 @@ def test_tezo_replay_refuses_a_hostile_meta_before_writing(field, value):
         take_step("tezo", opt, net)
     state = opt.trajectory.state_dict()
     state["meta"][field] = value
-    trajectory = Trajectory.from_state_dict(state)
+    _refused_replay(Trajectory.from_state_dict(state), field)
+
+
+def _refused_replay(trajectory: Trajectory, match: str) -> tuple[torch.nn.Module, dict]:
+    """Replay `trajectory` onto a fresh model: ValueError matching `match`, weights untouched;
+    returns the model and its weights."""
     fresh = model()
     before = snapshot(fresh)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=match):
         trajectory.replay(fresh)
     assert_same(snapshot(fresh), before, "weights")
+    return fresh, before
 
 
 def _deferred_tezo_trajectory_state() -> dict:
@@ -445,12 +451,7 @@ def test_deferred_tezo_replay_refuses_an_inconsistent_file_before_writing(corrup
     from finite recorded values (the run itself would have skipped such a step)."""
     state = _deferred_tezo_trajectory_state()
     corrupt(state)
-    trajectory = Trajectory.from_state_dict(state)
-    fresh = model()
-    before = snapshot(fresh)
-    with pytest.raises(ValueError, match=match):
-        trajectory.replay(fresh)
-    assert_same(snapshot(fresh), before, "weights")
+    fresh, before = _refused_replay(Trajectory.from_state_dict(state), match)
     good = Trajectory.from_state_dict(_deferred_tezo_trajectory_state())
     good.replay(fresh)  # the same replay from an intact file goes through
     assert not torch.equal(snapshot(fresh)["0.weight"], before["0.weight"])
@@ -461,11 +462,7 @@ def test_tezo_replay_without_a_base_seed_is_refused_before_writing():
     the base seed the factors and taus are drawn from: ValueError, not a KeyError mid-way."""
     trajectory = Trajectory.from_state_dict(_deferred_tezo_trajectory_state())
     del trajectory.meta["base_seed"]
-    fresh = model()
-    before = snapshot(fresh)
-    with pytest.raises(ValueError, match="base_seed"):
-        trajectory.replay(fresh)
-    assert_same(snapshot(fresh), before, "weights")
+    _refused_replay(trajectory, "base_seed")
 
 
 def test_pseuzo_window_of_another_store_dtype_is_refused():
