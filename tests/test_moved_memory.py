@@ -237,7 +237,8 @@ def test_every_optimizer_restores_the_parameters_a_closure_did_not_move(name):
 def test_tezo_lowrank_weight_moved_inside_the_closure_is_refused(change):
     """TeZO's in-place low-rank pass: the log of the +eps pass is refused for a weight given
     other memory (a transposed view too: same address and size, another element order), which
-    keeps what was assigned."""
+    keeps what was assigned; the error names it (and the group's other weights, which keep
+    their perturbation: low-rank passes have no stand-in recovery)."""
     named = _named()
     opt = _optimizer("tezo", named, lr=0.0, probe="inplace")
     v = dict(named)["v"]
@@ -250,8 +251,8 @@ def test_tezo_lowrank_weight_moved_inside_the_closure_is_refused(change):
                       "half": lambda: v.data.half()}[change]()
             assigned.append(v.detach().clone())
 
-    with pytest.raises(ValueError, match="held_log: a tensor of the logged pass was given "
-                                         "other memory"):
+    with pytest.raises(LoggedMemoryMoved, match=r"v: given other memory while the weights "
+                                                r"held a low-rank perturbation"):
         _step("tezo", opt, named, hook)
     assert_bits_equal(v.detach(), assigned[0], what="the moved weight")
 

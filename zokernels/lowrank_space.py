@@ -21,7 +21,7 @@ from ._dispatch import resolve_backend
 from ._validate import meta_parameter_error
 from .ops.lowrank import lowrank_perturb_, run_lowrank_scatter
 from .ops.noise import noise
-from .ops.undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
+from .ops.undo import SELECTOR_BACKENDS, LoggedMemoryMoved, SelectorLog, UndoLog
 from .sharding import is_dtensor, local_tensor
 from .space import ParameterSpace
 
@@ -343,11 +343,23 @@ class LowRankSpace:
               rounding: str = "nearest", rounding_seed: int | None = None,
               log: UndoLog | None = None, held_log: Any = None) -> None:
         """held_log: the log of the pass that wrote `held` (a selector log makes this pass's
-        recovery exact; an undo log is rewritten after it, `rewrite`)."""
-        self.apply(move.taus, move.scale, decay, self.backend,
-                   applied=None if held is None else (held.taus, held.scale), log=log,
-                   held_log=held_log if isinstance(held_log, SelectorLog) else None,
-                   rounding=rounding, rounding_seed=rounding_seed or 0)
+        recovery exact; an undo log is rewritten after it, `rewrite`). A weight given other
+        memory since that pass: LoggedMemoryMoved naming it, nothing written (the other weights
+        keep the perturbation they hold: low-rank passes have no stand-in recovery)."""
+        try:
+            self.apply(move.taus, move.scale, decay, self.backend,
+                       applied=None if held is None else (held.taus, held.scale), log=log,
+                       held_log=held_log if isinstance(held_log, SelectorLog) else None,
+                       rounding=rounding, rounding_seed=rounding_seed or 0)
+        except LoggedMemoryMoved as exc:
+            moved = {id(t) for t in held_log.moved()}
+            names = [n for n, w in zip(self.names, self.weights) if id(w) in moved]
+            others = [n for n, w in zip(self.names, self.weights) if id(w) not in moved]
+            raise LoggedMemoryMoved(
+                f"{', '.join(names) or 'a weight'}: given other memory while the weights held "
+                "a low-rank perturbation (param.data = ... inside a step's closure?); nothing "
+                f"was written; the other weights ({', '.join(others) or 'none'}) still hold "
+                "it") from exc
 
     def rewrite(self, log: UndoLog, move: LowRankNoise | None = None, *, decay: float = 1.0,
                 rounding: str = "nearest", rounding_seed: int | None = None) -> None:

@@ -141,6 +141,13 @@ class UndoLog:
                                     "since (param.data = ..., model.to(...)); the log does not "
                                     "describe it")
 
+    def moved(self) -> list[torch.Tensor]:
+        """The logged pass's tensors that have other memory now than the pass wrote."""
+        now = zip(*plan_memory(self.plan))
+        logged = zip(*self._logged_memory())
+        tensors = [t for group in self.plan for t in group.tensors]
+        return [t for t, a, b in zip(tensors, now, logged) if a != b]
+
     def _logged_memory(self) -> list[list]:
         """plan_memory of the logged pass's tensors as the pass found them."""
         if isinstance(self.memory, RegisteredMemory):
