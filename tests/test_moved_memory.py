@@ -124,13 +124,15 @@ print("v kept" if torch.equal(v.detach(), before) else "v changed")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_storage_shrunk_at_its_address_is_refused_before_any_write(backend):
+def test_a_storage_shrunk_at_its_address_is_refused_before_any_write(backend, tmp_path):
     """A storage resized below its tensor that comes back at the same address used to keep the
     registered signature (address, size, dtype), so the kernels wrote the whole tensor's extent
     past the storage's end (heap corruption, an abort). The storage's size is part of what a
     pass checks."""
+    # run from elsewhere: from the source tree, `-c` would import its zokernels (no built
+    # extension there when the project was installed with `pip install .`)
     child = subprocess.run([sys.executable, "-c", SHRUNK_AT_ITS_ADDRESS, backend],
-                           capture_output=True, text=True, timeout=300,
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
                            env={**os.environ, "TRITON_INTERPRET": "1"})
     assert child.returncode == 0, child.stderr
     if child.stdout.startswith("never at its address"):
