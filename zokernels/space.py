@@ -51,17 +51,12 @@ from ._validate import (
     written_spans,
 )
 from .ops.perturb import PerturbGroup, group_index_maps, run_perturb
-from .ops.undo import RegisteredMemory, SelectorLog, UndoLog, run_scatter
+from .ops.undo import RegisteredMemory, SelectorLog, UndoLog, memory_of, run_scatter
 from .sharding import is_dtensor, local_tensor, shard_of
 
-_data_ptr = torch.Tensor.data_ptr
 # Registrations, numbered across spaces: a log stamped with the one it was written under is
 # read under the same one only if no tensor of the space changed memory in between.
 _REGISTRATIONS = count(1)
-_stride = torch.Tensor.stride
-_untyped_storage = torch.Tensor.untyped_storage
-_storage_nbytes = torch.UntypedStorage.nbytes
-_numel = torch.Tensor.numel
 WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module",
                                 "_checkpoint_wrapped_module"})
 PEFT_PREFIX = "base_model.model."
@@ -241,9 +236,7 @@ class ParameterSpace:
         # the storage's size: p.data = p.data[:1].expand(...) keeps address and size, and a
         # storage resized below its tensor can come back at the same address (the checks of
         # _register_memory must run again, or a kernel writes past the storage's end)
-        return [list(map(_data_ptr, self.tensors)), list(map(_numel, self.tensors)),
-                [t.dtype for t in self.tensors], list(map(_stride, self.tensors)),
-                list(map(_storage_nbytes, map(_untyped_storage, self.tensors)))]
+        return memory_of(self.tensors)
 
     def _writable(self, j: int) -> torch.Tensor:
         """What the kernels write for parameter j: a DTensor's local shard, a subclass's plain

@@ -354,17 +354,15 @@ class SelectorLog(UndoLog):
         """The logged pass's plan with every tensor given other memory since replaced by a
         scratch tensor of the memory it had (a pass recovering from the log then writes the
         others exactly where it logged them), and the replaced tensors."""
-        memory, plan, moved = zip(*self._logged_memory()), [], []
+        moved = self.moved()
+        logged = zip(*self._logged_memory())
+        plan = []
         for group in self.plan:
             tensors = []
             for t in group.tensors:
-                address, numel, dtype, stride, nbytes = next(memory)
-                if (t.data_ptr(), t.numel(), t.dtype, t.stride(), t.untyped_storage().nbytes()
-                        ) == (address, numel, dtype, stride, nbytes):
-                    tensors.append(t)
-                else:
-                    moved.append(t)
-                    tensors.append(torch.empty(numel, dtype=dtype, device=group.device))
+                _, numel, dtype, _, _ = next(logged)
+                tensors.append(torch.empty(numel, dtype=dtype, device=group.device)
+                               if any(t is m for m in moved) else t)
             plan.append(PerturbGroup(group.backend, group.device, tensors, group.keys,
                                      group.indices, group.index_maps))
         return plan, moved
@@ -424,15 +422,20 @@ class LoggedMemoryMoved(ValueError):
     """A log is read for tensors given other memory since its pass (UndoLog.check_memory)."""
 
 
-def plan_memory(plan: list[PerturbGroup]) -> list[list]:
-    """Addresses, elements, dtypes, strides and storage sizes of a plan's tensors now, in plan
-    order (strides: a transposed view has the address and size, not the element order, a log
+def memory_of(tensors: list[torch.Tensor]) -> list[list]:
+    """Addresses, elements, dtypes, strides and storage sizes of `tensors` now, one list per
+    column (strides: a transposed view has the address and size, not the element order, a log
     describes; the storage's size: one shrunk below its tensor can come back at the same
-    address); read by map() at C speed, for thousands of LoRA tensors per pass."""
-    tensors = list(chain.from_iterable(group.tensors for group in plan))
+    address); read by map() at C speed, for thousands of LoRA tensors per pass. The one
+    definition of "the same memory": ParameterSpace's signature and the logs' stamps."""
     return [list(map(torch.Tensor.data_ptr, tensors)), list(map(torch.Tensor.numel, tensors)),
             list(map(_dtype_of, tensors)), list(map(torch.Tensor.stride, tensors)),
             list(map(torch.UntypedStorage.nbytes, map(torch.Tensor.untyped_storage, tensors)))]
+
+
+def plan_memory(plan: list[PerturbGroup]) -> list[list]:
+    """memory_of a plan's tensors, in plan order."""
+    return memory_of(list(chain.from_iterable(group.tensors for group in plan)))
 
 
 _dtype_of = attrgetter("dtype")
