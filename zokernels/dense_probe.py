@@ -251,6 +251,18 @@ def _scratch(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return values.clone(memory_format=torch.contiguous_format), None
 
 
+def _in_layout(drawn: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`drawn` (contiguous) with the memory order of `like`: its dimensions laid out in the
+    order of its strides, largest first. Reductions and GEMMs choose their order by the layout,
+    so a perturbed copy of a transposed or channels-last parameter must keep it to give the
+    in-place probe's bits."""
+    if like.is_contiguous():
+        return drawn
+    dims = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # stable: ties in order
+    laid = drawn.permute(dims).contiguous()
+    return laid.permute([dims.index(d) for d in range(like.dim())])
+
+
 class _Draw:
     """The perturbed values of one target's parameters under its `current` perturbation: copies
     drawn by the backend's perturb kernel (the in-place pass's arithmetic and rounding), element
@@ -305,7 +317,14 @@ class _Draw:
         for (_, _, in_place), ks in groups.items():
             self._draw([positions[k] for k in ks], [pieces[k][0].view(-1) for k in ks],
                        [0] * len(ks), None if in_place else [pieces[k][1] for k in ks])
-        return [copy for copy, _ in pieces]
+        return [self._laid_out(copy, value) for (copy, _), value in zip(pieces, values)]
+
+    def _laid_out(self, drawn: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """_in_layout, its second copy charged to the scratch peak."""
+        laid = _in_layout(drawn, like)
+        if laid is not drawn:
+            self.probes._charge([drawn, laid])
+        return laid
 
     def row_block(self, j: int, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the perturbed 2-D parameter j, drawn in one pass from the
@@ -315,7 +334,7 @@ class _Draw:
         if copy.numel():
             self._draw([j], [copy.view(-1)], [start * rows.shape[1]],
                        None if source is None else [source])
-        return copy
+        return self._laid_out(copy, rows)
 
     def linear(self, x: torch.Tensor, j: int, bias: torch.Tensor | None) -> torch.Tensor:
         """F.linear(x, W', bias) with W' the perturbed weight j, a chunk of rows at a time."""
@@ -402,6 +421,8 @@ class _ProbeMode(TorchFunctionMode):
             if func is F.linear:
                 x = args[0] if args else kwargs["input"]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                if id(x) in active:  # a parameter as the input (a prefix through an encoder)
+                    x = self._whole(x)
                 if bias is not None and id(bias) in active:
                     bias = self._whole(bias)
                 return draw.linear(x, j, bias)

@@ -37,8 +37,9 @@ from torch.overrides import TorchFunctionMode
 from ._signals import interrupts_deferred
 from .lowrank_space import KeptFactors, LowRankSpace
 
-# Reads of a weight that do not see its values (metadata), allowed anywhere.
+# Calls on a weight that neither see nor change its values (metadata), allowed anywhere.
 _METADATA = frozenset({
+    torch.Tensor.requires_grad_,
     torch.Tensor.dtype.__get__, torch.Tensor.shape.__get__, torch.Tensor.device.__get__,
     torch.Tensor.ndim.__get__, torch.Tensor.requires_grad.__get__, torch.Tensor.is_cuda.__get__,
     torch.Tensor.layout.__get__, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel,
@@ -73,6 +74,30 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _span(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage address, first byte, byte after the last) of a strided tensor's elements, or
+    None (no elements, no storage: sparse, nested, meta)."""
+    if t.layout != torch.strided or t.is_meta or t.numel() == 0:
+        return None
+    try:
+        storage, start = t.untyped_storage().data_ptr(), t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        return None
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    return storage, start, start + extent * t.element_size()
+
+
+def first_global_forward_hook(handle: Any) -> Any:
+    """Moves the global forward hook of `handle` before the others registered earlier (torch
+    runs global forward hooks in registration order, before the module's own): a user's global
+    hook then sees what it would see in place (the output with the probe's term) and runs after
+    the module's forward has ended. Returns the handle."""
+    hooks = getattr(_module, "_global_forward_hooks", None)
+    if hooks is not None and getattr(handle, "id", None) in hooks:
+        hooks.move_to_end(handle.id, last=False)
+    return handle
+
+
 class UseTracker(TorchFunctionMode):
     """Who reads each of `weights` during the forwards run inside `with tracker:`.
 
@@ -84,6 +109,13 @@ class UseTracker(TorchFunctionMode):
         super().__init__()
         self._weights = list(weights)
         self._position = {id(w): j for j, w in enumerate(self._weights)}
+        # the weights' memory by storage: a read through another tensor over it (a view made
+        # before the step, a .detach() alias, a tied copy of the storage) is a read elsewhere
+        self._memory: dict[int, list[tuple[int, int, int]]] = {}
+        for j, w in enumerate(self._weights):
+            span = _span(w)
+            if span is not None:
+                self._memory.setdefault(span[0], []).append((*span[1:], j))
         self.owners: list[list[torch.nn.Module]] = [[] for _ in self._weights]
         self.foreign: dict[int, str] = {}
         self._running: list[tuple[torch.nn.Module, Any]] = []
@@ -92,8 +124,8 @@ class UseTracker(TorchFunctionMode):
     def __enter__(self) -> "UseTracker":
         try:
             self._handles.append(_module.register_module_forward_pre_hook(self._enter_module))
-            self._handles.append(_module.register_module_forward_hook(self._leave_module,
-                                                                      always_call=True))
+            self._handles.append(first_global_forward_hook(_module.register_module_forward_hook(
+                self._leave_module, always_call=True)))
             super().__enter__()
         except BaseException:
             self._remove()
@@ -112,8 +144,11 @@ class UseTracker(TorchFunctionMode):
             self._handles.pop().remove()
 
     def _enter_module(self, module: torch.nn.Module, args: Any) -> None:
+        # the global pre-hooks run before the module's own: a module with pre-hooks of its own
+        # (which may read the weight, where no output term can follow) reads it elsewhere
         reader = owner_function(module)
-        if reader is not None and id(module.weight) in self._position:
+        if (reader is not None and id(module.weight) in self._position
+                and not module._forward_pre_hooks):
             self._running.append((module, reader))
 
     def _leave_module(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -126,6 +161,9 @@ class UseTracker(TorchFunctionMode):
             for t in _tensors((args, kwargs)):
                 j = self._position.get(id(t))
                 if j is None:
+                    alias = self._aliased(t)
+                    if alias is not None:
+                        self.foreign.setdefault(alias, getattr(func, "__qualname__", repr(func)))
                     continue
                 module, reader = self._running[-1] if self._running else (None, None)
                 if module is not None and module.weight is t and func is reader:
@@ -134,6 +172,17 @@ class UseTracker(TorchFunctionMode):
                 else:
                     self.foreign.setdefault(j, getattr(func, "__qualname__", repr(func)))
         return func(*args, **kwargs)
+
+    def _aliased(self, t: torch.Tensor) -> int | None:
+        """The weight whose memory `t` (not the weight itself) overlaps, or None."""
+        span = _span(t) if self._memory else None
+        if span is None:
+            return None
+        storage, start, stop = span
+        for first, last, j in self._memory.get(storage, ()):
+            if start < last and first < stop:
+                return j
+        return None
 
     def readers_only_through_owners(self, j: int) -> bool:
         """Whether weights[j] was read, and only by its owners' forwards."""
@@ -361,10 +410,10 @@ class VirtualLowRank:
         handle = None
         try:
             self._probe = (token, totals, [{} for _ in self.parts])
-            handle = _module.register_module_forward_hook(
+            handle = first_global_forward_hook(_module.register_module_forward_hook(
                 lambda module, args, kwargs, output: self._add_term(token, module, args, kwargs,
                                                                     output),
-                with_kwargs=True)
+                with_kwargs=True))
             yield
         finally:
             self._probe = None

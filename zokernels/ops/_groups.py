@@ -34,8 +34,15 @@ def group_indices(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch
 def contiguous_views(tensors: list[torch.Tensor],
                      write_back: bool = True) -> Iterator[list[torch.Tensor]]:
     """Contiguous tensors to write into; non-contiguous inputs get a temporary copy
-    that is copied back only when the body succeeds, so a failure leaves them untouched.
-    write_back=False: the body only reads (no copy back, no version bump)."""
+    that is copied back only when the body succeeds, so a failure leaves them untouched. Every
+    write of a parameter goes through here: version counters bumped, autocast's cached casts
+    dropped. write_back=False: the body only reads (no copy back, no version bump)."""
+    if write_back:
+        # torch.autocast keeps its cast of a weight (a leaf that requires grad) for the whole
+        # autocast region, keyed by the tensor and blind to in-place writes: a forward after
+        # this write would read the cast of the old values (a step run inside autocast probed
+        # -eps with the +eps weights). Dropped before the write, so a failure inside drops it too.
+        torch.clear_autocast_cache()
     # Contiguous tensors are written directly: backends run under no_grad and the fast ones only
     # read data_ptr(), so no detached alias is needed (detach() costs microseconds per tensor).
     if all(map(_is_contiguous, tensors)):  # the common case, at C speed (LoRA: thousands)

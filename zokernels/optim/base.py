@@ -10,6 +10,7 @@ scalars per step and call the passes below; none loops over parameters doing ari
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -402,8 +403,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                        evaluate: Callable[[Closure], torch.Tensor]) -> torch.Tensor:
         """The first probe with probe="virtual": evaluated in place (its result is the step's),
         restored, then evaluated again with every plain parameter virtual, the random state
-        reset in between (dropout draws alike) and every read classified. The virtual path is
-        kept when the two results (a loss; PseuZO: the model output) are equal bit for bit and
+        reset in between (dropout draws alike) and every read classified (a probe of some
+        layers, LeZO's, is compared with a third evaluation: in place, every parameter
+        perturbed). The virtual path is kept when the results (a loss; PseuZO: the model
+        output) are equal bit for bit and
         no parameter was written; it then holds the parameters read through torch functions
         whose draws fit the limit (DenseProbes.qualifies; the others, and those not read, stay
         in place). Otherwise everything stays in place, with a warning. Either way the weights
@@ -415,6 +418,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.held.restore()
         if not bool(torch.isfinite(loss).all()):
             return loss  # nothing to compare: checked again on the next probe
+        reference = loss
+        if any(isinstance(m, SeededNoise) and m.layers is not None for m in moves):
+            # LeZO's probe perturbs some layers: every parameter is checked once, against an
+            # in-place probe of its own with all of them perturbed
+            moves = [dataclasses.replace(m, layers=None) if isinstance(m, SeededNoise) else m
+                     for m in moves]
+            reference = self._reference_probe(closure, evaluate, moves, before)
+            if not bool(torch.isfinite(reference).all()):
+                _set_random_state(after)
+                return loss
         candidates = [[j for j in range(len(space)) if space.plain(j)] for space in self.spaces]
         trial = DenseProbes([VirtualDenseTarget(space.subspace(chosen))
                              for space, chosen in zip(self.spaces, candidates)])
@@ -434,9 +447,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             reason = None
             if tracker.write is not None:
                 reason = f"a parameter is written during the forward ({tracker.write})"
-            elif not _same_bits(virtual, loss):
+            elif not _same_bits(virtual, reference):
                 reason = (f"the virtual +eps loss {float(virtual)!r} differs from the in-place "
-                          f"one {float(loss)!r}" if loss.numel() == 1 else
+                          f"one {float(reference)!r}" if reference.numel() == 1 else
                           "the virtual +eps output differs from the in-place one")
         if reason is None:
             reason = self._split_virtual(trial, candidates, tracker)
@@ -448,6 +461,22 @@ class ZOOptimizer(torch.optim.Optimizer):
             warn(f"{type(self).__name__}: probe='virtual' falls back to in-place probes: "
                  f"{reason}")
         return loss
+
+    def _reference_probe(self, closure: Closure, evaluate: Callable[[Closure], torch.Tensor],
+                         moves: list[Any], before: Any) -> torch.Tensor:
+        """evaluate(closure) with the weights moved in place to `moves`, from the random state
+        `before`; the weights hold theta again afterwards (logged: exact even with
+        exact_restore=False)."""
+        exact, self.held.exact = self.held.exact, True
+        try:
+            self.held.perturb(moves, 0)
+        finally:
+            self.held.exact = exact
+        try:
+            _set_random_state(before)
+            return evaluate(closure)
+        finally:
+            self.held.restore()
 
     def _split_virtual(self, trial: DenseProbes, candidates: list[list[int]],
                        tracker: ProbeTracker) -> str | None:

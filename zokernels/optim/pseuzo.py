@@ -260,7 +260,9 @@ class PseuZO(ZOOptimizer):
                             f"{out.dtype}")
         if out.numel() == 0:
             raise ValueError(f"forward() returned an empty tensor (shape {tuple(out.shape)})")
-        return out.detach()
+        # a copy: an output over a parameter's memory (forward returning a view of a weight)
+        # would follow the weights as the probes move them, and its difference would vanish
+        return out.detach().clone()
 
     @staticmethod
     def _loss_value(loss: Any) -> torch.Tensor:
