@@ -75,7 +75,8 @@ class MeZO(ZOOptimizer):
             its loss and the trajectory are then exactly the in-place ones); otherwise it warns
             and stays in place (dense_probe_status says which and why). Parameters that are
             sharded, not read in the forward, or read whole by other functions while larger
-            than the chunk stay in place. The first step calls the closure once more.
+            than the chunk stay in place. The first step calls the closure once more (LeZO:
+            twice: its check also runs every layer in place).
 
     step(closure) returns the loss at theta + eps z of the first seed, as MeZO does.
     """
