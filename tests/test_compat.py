@@ -168,6 +168,22 @@ def test_weight_decay_rule_by_name():
     assert trainer.scheduler_steps == 1
 
 
+def test_no_decay_given_as_a_list_is_the_rule():
+    """no_decay=["bias"]: the names containing "bias" are exempt, every other name decays
+    (a str "bias" is refused: tuple("bias") would exempt every name holding b, i, a or s)."""
+    trainer = patch_mezo_trainer(MeZOStyleTrainer(_named_model(), lr=0.1, eps=1e-3,
+                                                  weight_decay=0.5), no_decay=["bias"])
+    trainer.named_parameters_to_optim = list(trainer.model.named_parameters())
+    trainer.projected_grad = 0.0
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.zo_update(trainer.model)
+    for name, p in trainer.model.named_parameters():
+        if "bias" in name:
+            assert_bits_equal(p.detach(), before[name], what=name)
+        else:  # layer_norm.weight decays here: only "bias" is exempt
+            torch.testing.assert_close(p.detach(), before[name] * 0.95)
+
+
 # 24 seeds: the mean's standard error (~2% of the loss here) leaves the 10% margin to the
 # algorithm; with 6 the comparison depended on the noise draw (one change of normals broke it).
 LEARN_SEEDS = range(24)
@@ -312,6 +328,9 @@ def test_bad_arguments_raise_naming_them_and_change_nothing():
     cases = [
         (dict(random_seed=4, scaling_factor=float("nan")), ValueError, "scaling_factor"),
         (dict(random_seed=4, scaling_factor="1"), TypeError, "scaling_factor"),
+        # finite, but scaling_factor * zo_eps beyond float32 (it overflowed the logs' sizing)
+        (dict(random_seed=4, scaling_factor=1e308), ValueError, "scaling_factor"),
+        (dict(random_seed=5, scaling_factor=-1e41), ValueError, "scaling_factor"),  # x zo_eps 1e-2
         (dict(random_seed=1.5), TypeError, "random_seed"),
         (dict(random_seed="4"), TypeError, "random_seed"),
     ]
@@ -338,7 +357,17 @@ def test_patch_arguments_are_checked_before_patching():
     for kwargs, error, name in [(dict(max_held_seeds=0), ValueError, "max_held_seeds"),
                                 (dict(max_held_seeds=2.0), TypeError, "max_held_seeds"),
                                 (dict(dist="uniform"), ValueError, "dist"),
-                                (dict(backend="gpu"), ValueError, "backend")]:
+                                (dict(backend="gpu"), ValueError, "backend"),
+                                # a str would be split into letters: ('b', 'i', 'a', 's')
+                                (dict(no_decay="bias"), TypeError, "no_decay"),
+                                (dict(no_decay=("bias", "")), ValueError, "no_decay"),
+                                (dict(no_decay=("bias", 3)), ValueError, "no_decay"),
+                                (dict(no_decay=5), TypeError, "no_decay"),
+                                # bool("False") is True
+                                (dict(fuse_restore_update="False"), TypeError,
+                                 "fuse_restore_update"),
+                                (dict(exact_restore="no"), TypeError, "exact_restore"),
+                                (dict(check_protocol=0), TypeError, "check_protocol")]:
         with pytest.raises(error, match=name):
             patch_mezo_trainer(trainer, **kwargs)
         assert "zo_perturb_parameters" not in trainer.__dict__

@@ -125,6 +125,22 @@ def test_pseuzo_causal_lm_split_matches_the_full_loss_and_trains():
     assert last < first
 
 
+def test_pseuzo_causal_lm_passes_every_input_but_the_labels_to_the_base():
+    """position_ids (packed sequences) and other model inputs reach the base model as the full
+    model passes them (they were dropped: only input_ids / attention_mask went through)."""
+    model = TinyCausalLM()
+    seen = {}
+    base = model._base
+    model._base = lambda **kwargs: seen.update(kwargs) or base(kwargs["input_ids"])
+    ids = torch.randint(0, 40, (2, 6))
+    positions = torch.arange(6).remainder(3).expand(2, 6)
+    forward, _ = pseuzo_causal_lm(model, {"input_ids": ids, "position_ids": positions,
+                                          "token_type_ids": torch.zeros_like(ids)})
+    forward()
+    assert sorted(seen) == ["input_ids", "position_ids", "token_type_ids"]
+    assert seen["position_ids"] is positions
+
+
 def test_pseuzo_causal_lm_refuses_other_models():
     with pytest.raises(TypeError, match="get_output_embeddings"):
         pseuzo_causal_lm(nn.Linear(3, 3), {"input_ids": torch.zeros(1, 2, dtype=torch.long)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -353,6 +354,12 @@ def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
     ({"tezo_rank": 4}, "tezo_rank applies to zo_optimizer='tezo'"),
     ({"zo_optimizer": "tezo", "pseuzo_window": 3}, "pseuzo_window applies"),
     ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+    ({"accelerator_config": {"gradient_accumulation_kwargs": {"num_steps": 4}}},
+     "accelerator_config's gradient_accumulation_kwargs num_steps"),
+    ({"zo_optimizer": ["mezo"]}, "zo_optimizer"),  # unhashable: was a bare TypeError
+    ({"zo_dist": None}, "zo_dist"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_beta": "cosine"}, "pseuzo_beta"),
+    ({"zo_optimizer": "pseuzo", "label_smoothing_factor": 0.1}, "label_smoothing_factor"),
     ({"max_grad_norm": 1.0}, "max_grad_norm"),
     ({"bf16": True}, "bf16"),
 ])
@@ -378,6 +385,43 @@ def test_config_from_the_command_line(tmp_path):
     assert args.tezo_update == "deferred" and args.tezo_factor_cache == 0.01
     with pytest.raises(ValueError, match="zo_eps"):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--zo_eps", "-1"])
+    # pseuzo_beta: a schedule name or a number from argv (a Union[float, str] field was
+    # parsed as float, refusing "reference")
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--zo_optimizer", "pseuzo", "--pseuzo_beta",
+         "reference", "--pseuzo_beta_cycle", "2"])
+    assert args.pseuzo_beta == "reference" and args.pseuzo_beta_cycle == 2
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--zo_optimizer", "pseuzo", "--pseuzo_beta", "1"])
+    assert args.pseuzo_beta == 1.0 and type(args.pseuzo_beta) is float
+    for bad in ("nan", "1.5", "cosine"):
+        with pytest.raises(ValueError, match="pseuzo_beta"):
+            parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--zo_optimizer",
+                                                "pseuzo", "--pseuzo_beta", bad])
+
+
+def test_config_stores_numpy_scalars_as_python_numbers(tmp_path):
+    """The optimizers take Python ints only: numpy integers ZOConfig accepts are converted
+    (they were refused when the optimizer was built: "must be an integer ..., got
+    np.int64(2)")."""
+    np = pytest.importorskip("numpy")
+    args = config(tmp_path, zo_n_spsa=np.int64(2), zo_seed=np.uint32(5),
+                  zo_eps=np.float32(1e-3), zo_dist=np.str_("rademacher"))
+    assert (type(args.zo_n_spsa), type(args.zo_seed), type(args.zo_eps),
+            type(args.zo_dist)) == (int, int, float, str)
+    assert args.zo_n_spsa == 2 and args.zo_seed == 5 and args.zo_eps == float(np.float32(1e-3))
+    built = ZOTrainer(model=llama(), args=args, train_dataset=Tokens())
+    assert built.zo_optimizer.n_spsa == 2
+    for options in ({"zo_optimizer": "lezo", "lezo_n_active": np.int32(1)},
+                    {"zo_optimizer": "tezo", "tezo_rank": np.int64(2),
+                     "tezo_factor_cache": np.float32(0.5)},
+                    {"zo_optimizer": "pseuzo", "pseuzo_window": np.int64(3),
+                     "pseuzo_beta": "reference", "pseuzo_beta_cycle": np.int64(2)},
+                    {"zo_optimizer": "pseuzo", "pseuzo_beta": np.float64(0.5)}):
+        args = config(tmp_path, **options)
+        for name in options:
+            assert type(getattr(args, name)) in (int, float, str), name
+        ZOTrainer(model=llama(), args=args, train_dataset=Tokens())  # the optimizer accepts them
 
 
 def test_trainer_checks_its_arguments_before_training(tmp_path):
@@ -398,6 +442,191 @@ def test_trainer_checks_its_arguments_before_training(tmp_path):
                                          ".*; pass lezo_layers"):
         trainer(model, tmp_path, zo_optimizer="lezo")
     assert_same(snapshot(model), before, "after refused arguments")
+
+
+def test_gradient_accumulation_set_after_the_config_is_refused(tmp_path):
+    """accelerator_config's num_steps becomes gradient_accumulation_steps inside
+    Trainer.__init__ (3 global steps ran 12 ZO steps): ZOTrainer refuses it before the stock
+    setup copies it into the arguments."""
+    args = config(tmp_path)
+    args.accelerator_config.gradient_accumulation_kwargs = {"num_steps": 4}
+    with pytest.raises(ValueError, match="gradient_accumulation_kwargs num_steps"):
+        ZOTrainer(model=llama(), args=args, train_dataset=Tokens())
+    assert args.gradient_accumulation_steps == 1
+
+
+def test_mixed_precision_from_the_environment_is_refused(tmp_path, monkeypatch):
+    """ACCELERATE_MIXED_PRECISION (accelerate launch --mixed_precision) reaches the accelerator
+    without fp16 / bf16: its autocast would run the probes in bf16. Refused once the
+    accelerator exists, naming the setting; the model is not touched."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    args = config(tmp_path)
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="mixed_precision is 'bf16'.*ACCELERATE_MIXED_PRECISION"):
+        ZOTrainer(model=model, args=args, train_dataset=Tokens())
+    assert_same(snapshot(model), before, "after the refused trainer")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert ZOTrainer(model=model, args=config(tmp_path),
+                     train_dataset=Tokens()).accelerator.mixed_precision == "no"
+
+
+def test_resume_needs_the_optimizer_state_of_the_same_checkpoint(tmp_path):
+    """A checkpoint without optimizer.pt / scheduler.pt (save_only_model=True, or removed)
+    restarted the ZO optimizer at step 0 at global step 3 (its seeds reused); an optimizer.pt
+    of another checkpoint was accepted. Both are refused, naming the checkpoint, before the
+    Trainer loads the model's weights: the model is left as it was."""
+    import shutil
+
+    options = dict(save_strategy="steps", save_steps=3, max_steps=6)
+    trainer(llama(), tmp_path / "run", **options).train()
+    saved = tmp_path / "run" / "checkpoint-3"
+
+    def variant(name, edit):
+        checkpoint = tmp_path / name / "checkpoint-3"
+        shutil.copytree(saved, checkpoint)
+        edit(checkpoint)
+        return checkpoint
+    cases = [
+        (variant("no-optimizer", lambda c: (c / "optimizer.pt").unlink()),
+         "has no optimizer.pt"),
+        (variant("no-scheduler", lambda c: (c / "scheduler.pt").unlink()),
+         "has no scheduler.pt"),
+        (variant("other-optimizer", lambda c: shutil.copy(
+            tmp_path / "run" / "checkpoint-6" / "optimizer.pt", c / "optimizer.pt")),
+         "holds ZO step 6 but its trainer_state.json global step 3"),
+        (variant("garbage-optimizer", lambda c: (c / "optimizer.pt").write_bytes(b"not a pickle")),
+         "optimizer.pt cannot be read"),
+    ]
+    for checkpoint, match in cases:
+        model = llama(seed=99)
+        before = snapshot(model)
+        resumed = trainer(model, checkpoint.parent, **options)
+        with pytest.raises(ValueError, match=re.escape(f"={str(checkpoint)!r}") + ".*" + match):
+            resumed.train(resume_from_checkpoint=str(checkpoint))
+        assert_same(snapshot(model), before, f"after the refused resume ({match})")
+        assert resumed.zo_optimizer.zo_state["step"] == 0
+
+    # an option the saved state refuses (zo_n_spsa) is refused before the weights are loaded too
+    model = llama(seed=99)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="checkpoint-3'.*n_spsa"):
+        trainer(model, tmp_path / "run", zo_n_spsa=2, **options).train(
+            resume_from_checkpoint=str(saved))
+    assert_same(snapshot(model), before, "after the resume refused for zo_n_spsa")
+
+    only_model = tmp_path / "only-model"
+    trainer(llama(), only_model, save_only_model=True, **options).train()
+    with pytest.raises(ValueError, match="has no optimizer.pt .saved with save_only_model"):
+        trainer(llama(seed=99), only_model, save_only_model=True, **options).train(
+            resume_from_checkpoint=True)  # the last checkpoint, checkpoint-6
+
+
+# -- PseuZO's causal-LM split on transformers' models ---------------------------------------------
+
+def _tiny(cls, config_cls, **extra):
+    torch.manual_seed(0)
+    options = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ)
+    options.update(extra)
+    return cls(config_cls(**options)).eval()
+
+
+def test_pseuzo_split_loss_is_the_models_own_loss():
+    """LLaMA and GPT-2, with padding and packed position_ids (which the split dropped): the
+    split's loss is the model's loss on the same batch."""
+    from zokernels.integrations import lm_inputs, pseuzo_causal_lm
+    from zokernels.integrations.causal_lm import check_causal_lm_split
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    positions = torch.arange(SEQ).remainder(SEQ // 2).expand(2, SEQ)
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=SEQ,
+        initializer_range=0.5)).eval()
+    # large weights: the positions change the loss visibly (checked below)
+    big = _tiny(transformers.LlamaForCausalLM, transformers.LlamaConfig, initializer_range=0.5)
+    for model in (big, gpt2):
+        for batch in ({"input_ids": ids, "attention_mask": mask},
+                      {"input_ids": ids, "position_ids": positions}):
+            forward, loss_fn = pseuzo_causal_lm(model, batch)
+            with torch.no_grad():
+                split = loss_fn(forward())
+                own = model(**lm_inputs(batch)).loss
+            torch.testing.assert_close(split, own, rtol=1e-6, atol=1e-6)
+            check_causal_lm_split(model, batch)
+        # position_ids change the loss: had they been dropped, the comparison would fail
+        with torch.no_grad():
+            assert not torch.allclose(model(**lm_inputs({"input_ids": ids})).loss,
+                                      model(**lm_inputs({"input_ids": ids,
+                                                         "position_ids": positions})).loss,
+                                      rtol=1e-3)
+
+
+def test_pseuzo_split_refuses_models_whose_loss_it_is_not():
+    """Logit transforms after the head (Gemma2's softcapping, Cohere's logit_scale, Granite's
+    logits_scaling) and non-causal LMs (BERT's MLM head has a transform, its labels are not
+    shifted) are refused; an unknown transform is caught by check_causal_lm_split."""
+    from zokernels.integrations import pseuzo_causal_lm, pseuzo_parameters
+    from zokernels.integrations.causal_lm import check_causal_lm_split
+
+    batch = {"input_ids": torch.randint(0, VOCAB, (2, SEQ))}
+    refused = [
+        (_tiny(transformers.Gemma2ForCausalLM, transformers.Gemma2Config, head_dim=8,
+               final_logit_softcapping=1.0), ValueError, "final_logit_softcapping=1.0"),
+        (_tiny(transformers.CohereForCausalLM, transformers.CohereConfig, logit_scale=0.0625),
+         ValueError, "logit_scale=0.0625"),
+        (_tiny(transformers.GraniteForCausalLM, transformers.GraniteConfig, logits_scaling=8.0),
+         ValueError, "logits_scaling=8.0"),
+        (transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2)), TypeError, "needs a causal LM .*BertForMaskedLM"),
+    ]
+    for model, error, match in refused:
+        with pytest.raises(error, match=match):
+            pseuzo_causal_lm(model, batch)
+        with pytest.raises(error, match=match):
+            pseuzo_parameters(model)
+    # the identity values of those settings are not transforms
+    granite = _tiny(transformers.GraniteForCausalLM, transformers.GraniteConfig,
+                    logits_scaling=1.0)
+    check_causal_lm_split(granite, batch)
+
+    class Scaled(transformers.LlamaForCausalLM):  # a transform no config attribute names
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+    torch.manual_seed(0)
+    scaled = Scaled(llama().config).eval()
+    pseuzo_causal_lm(scaled, batch)  # structurally a causal LM
+    with pytest.raises(ValueError, match="check_causal_lm_split: Scaled's logits differ"):
+        check_causal_lm_split(scaled, batch)
+
+
+def test_pseuzo_trainer_refuses_a_model_with_an_unknown_logit_transform(tmp_path):
+    """ZOTrainer checks the split against the model's logits on the first batch, before the
+    first step: nothing is trained."""
+    class Halved(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):  # the Trainer's columns
+            out = super().forward(input_ids=input_ids, labels=labels, **kwargs)
+            out.logits = out.logits / 2
+            return out
+    torch.manual_seed(0)
+    model = Halved(llama().config)
+    before = snapshot(model)
+    run = trainer(model, tmp_path, zo_optimizer="pseuzo", pseuzo_window=2)
+    with pytest.raises(ValueError, match="Halved's logits differ"):
+        run.train()
+    assert_same(snapshot(model), before, "after the refused PseuZO run")
+    assert run.zo_optimizer.zo_state["step"] == 0
+    from zokernels.integrations import finetune  # the same check, on its first batch
+    with pytest.raises(ValueError, match="Halved's logits differ"):
+        finetune(model, [{"input_ids": Tokens().ids[:2]}], optimizer="pseuzo", progress=False)
+    assert_same(snapshot(model), before, "after the refused finetune")
 
 
 def package_env() -> dict[str, str]:

@@ -119,7 +119,8 @@ change, within float32 rounding of the noise): the undo logs hold values from be
 write and would undo it on the logged elements.
 
 Invalid values (a non-integer seed, a non-finite scaling_factor, zo_eps, lr, weight_decay or
-projected_grad) raise TypeError / ValueError naming them and change nothing but a deferred
+projected_grad; a scaling_factor * zo_eps beyond float32's range) raise TypeError / ValueError
+naming them and change nothing but a deferred
 restore, which is carried out first (the weights never stay at theta - eps z). MeZO, given a
 non-finite projected_grad, writes NaN into every weight and carries on; the patch refuses that
 zo_update instead (no weight written, scheduler not stepped, the weights at theta) and stays
@@ -160,6 +161,10 @@ _METHODS = ("zo_perturb_parameters", "zo_update", "zo_restore_pending")
 _LOGGED_PASSES = 2
 # A coefficient this small relative to eps is the float residue of +1, -2, +1: exactly 0.
 _ZERO = 1e-12
+# The largest perturbation coefficient (scaling_factor * zo_eps) a call may apply: beyond
+# float32's range every weight would overflow, and the logs' sizing (coefficients to the 4th
+# power) overflows from about 1e77.
+_MAX_COEF = float(torch.finfo(torch.float32).max)
 _VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
 
@@ -293,6 +298,28 @@ def _real(value: Any, what: str) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{what} must be finite, got {number}")
     return number
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):  # bool("False") is True
+        raise TypeError(f"{what} must be a bool, got {value!r}")
+    return value
+
+
+def _substrings(value: Any, what: str) -> tuple[str, ...]:
+    """A sequence of non-empty name substrings (a str would be split into its letters)."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of name substrings, e.g. ('bias',), got "
+                        f"{value!r}")
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a sequence of name substrings, got "
+                        f"{type(value).__name__}") from None
+    for item in items:
+        if not isinstance(item, str) or not item:  # "" is in every name: nothing would decay
+            raise ValueError(f"{what} entries must be non-empty strings, got {item!r}")
+    return items
 
 
 def _seed(value: Any, what: str) -> int:
@@ -574,11 +601,15 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
             are bit-exact in every dtype.
         dist: "gaussian" (MeZO) or "rademacher".
         backend: "auto", "triton", "cpu" or "torch".
-        no_decay: name substrings exempt from weight decay (MeZO's rule by default).
+        no_decay: name substrings exempt from weight decay (MeZO's rule by default): a
+            sequence of non-empty strings (a str is refused, TypeError: it is not split into
+            its letters).
         max_held_seeds: most distinct seeds the weights may hold at once (>= 1); each held seed
             adds one noise stream to every pass.
         check_protocol: refuse, before patching, a trainer whose methods' code departs from
             MeZO's protocol (False: skip that check; the run-time checks stay).
+        fuse_restore_update, exact_restore and check_protocol must be bools (TypeError: a
+        string such as "False" would be true).
     """
     for name in ("zo_perturb_parameters", "zo_update"):
         if not callable(getattr(trainer, name, None)):
@@ -589,12 +620,16 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
         raise TypeError(f"max_held_seeds must be an int, got {type(max_held_seeds).__name__}")
     if max_held_seeds < 1:
         raise ValueError(f"max_held_seeds must be >= 1, got {max_held_seeds}")
+    fuse_restore_update = _flag(fuse_restore_update, "fuse_restore_update")
+    exact_restore = _flag(exact_restore, "exact_restore")
+    check_protocol = _flag(check_protocol, "check_protocol")
+    no_decay = _substrings(no_decay, "no_decay")
     dist = as_choice(dist, PERTURB_DISTS, "dist")
     backend = as_choice(backend, BACKEND_CHOICES, "backend")
     if check_protocol:
         check_protocol_of(trainer)
-    state = _PatchState(bool(fuse_restore_update), backend, dist, bool(exact_restore),
-                        tuple(no_decay), max_held_seeds)
+    state = _PatchState(fuse_restore_update, backend, dist, exact_restore, no_decay,
+                        max_held_seeds)
     state.originals = {name: trainer.__dict__[name] for name in _METHODS
                        if name in trainer.__dict__}
 
@@ -630,6 +665,10 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
                 seed = _seed(random_seed, "random_seed")
             factor = _real(scaling_factor, "scaling_factor")
             eps = _real(trainer.args.zo_eps, "trainer.args.zo_eps")
+            if not abs(factor * eps) <= _MAX_COEF:
+                raise ValueError(f"scaling_factor * trainer.args.zo_eps must be at most "
+                                 f"{_MAX_COEF:.4g} in magnitude (float32's range), got "
+                                 f"scaling_factor={factor!r} with zo_eps={eps!r}")
             state.space_for(list(trainer.named_parameters_to_optim))
             state.perturb(seed, factor * eps, eps)
             if random_seed is None and (state.pending_restore or not state.seeds):

@@ -2,16 +2,27 @@
 the output o is the hidden state before the LM head; loss_fn(o) applies the head and the shifted
 cross-entropy, so PseuZO's autograd runs through the head only. Duck-typed: no transformers
 import; a model needs get_output_embeddings() and base_model (transformers' names); a PEFT
-wrapper is looked through with its get_base_model()."""
+wrapper is looked through with its get_base_model().
+
+The split is exact only where the model's logits are lm_head(hidden state) and its loss the
+shifted cross-entropy. Refused, for a transformers model: one that is not a causal LM (a masked
+LM's head has a transform before its decoder, and its labels are not shifted), and a config with
+a logit transform the split does not apply (final_logit_softcapping, logit_scale,
+logits_scaling). check_causal_lm_split compares the split's logits with the model's own on a
+batch, for transforms this list does not know."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import sys
+
 import torch
 
 IGNORE_INDEX = -100  # transformers' label for positions without a loss
+# config attributes of transformers' logit transforms after the LM head, and their identity
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1, "logits_scaling": 1}
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -56,7 +67,35 @@ def _split(model: torch.nn.Module, caller: str) -> tuple[torch.nn.Module, Any]:
     if head is None or base is None or base is model:
         raise TypeError(f"{caller} needs a causal LM with get_output_embeddings() and "
                         "base_model (transformers' *ForCausalLM)")
+    transformers = sys.modules.get("transformers")  # loaded if `model` is one of its models
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        _check_transformers_model(model, caller)
     return head, base
+
+
+def _check_transformers_model(model: Any, caller: str) -> None:
+    """TypeError for a transformers model that is not a causal LM, ValueError for a config
+    with a logit transform the split would skip."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update([names] if isinstance(names, str) else names)
+    if not any(cls.__name__ in causal for cls in type(model).__mro__):
+        raise TypeError(f"{caller} needs a causal LM (a class of transformers' "
+                        f"AutoModelForCausalLM), got {type(model).__name__}: its loss is not "
+                        "the shifted cross-entropy of lm_head(hidden state)")
+    configs = [model.config]
+    if callable(getattr(model.config, "get_text_config", None)):
+        configs.append(model.config.get_text_config())
+    for config in configs:
+        for name, identity in _LOGIT_TRANSFORMS.items():
+            value = getattr(config, name, None)
+            if value is not None and value != identity:
+                raise ValueError(f"{caller}: {type(model).__name__}'s config has {name}="
+                                 f"{value!r}, a transform of the logits after the LM head that "
+                                 "the split does not apply (its loss would not be the model's); "
+                                 "use MeZO, LeZO or TeZO for this model")
 
 
 def pseuzo_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -86,17 +125,19 @@ def pseuzo_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parame
 def pseuzo_causal_lm(model: torch.nn.Module, batch: Mapping[str, Any]
                      ) -> tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """(forward, loss_fn) for PseuZO.step on one batch (input_ids, optional attention_mask and
-    labels; labels default to input_ids with padding ignored, see lm_inputs).
+    labels; labels default to input_ids with padding ignored, see lm_inputs; every other key,
+    position_ids for one, goes to the base model, as the full model passes it).
 
-    forward() = model.base_model(input_ids, attention_mask).last_hidden_state (the LM head's
+    forward() = model.base_model(**batch without labels).last_hidden_state (the LM head's
     input; for a PEFT model, that of get_base_model());
     loss_fn(o) = causal_lm_loss(lm_head(o), labels).
     Train only pseuzo_parameters(model) with it: an untied head gets no signal through o.
+    Models whose loss this is not are refused (module docstring); check_causal_lm_split
+    checks the logits on a batch.
     """
     head, base = _split(model, "pseuzo_causal_lm")
     inputs = lm_inputs(batch)
-    labels = inputs["labels"]
-    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    labels = inputs.pop("labels")
 
     def forward() -> torch.Tensor:
         out = base(**inputs)
@@ -109,3 +150,31 @@ def pseuzo_causal_lm(model: torch.nn.Module, batch: Mapping[str, Any]
         return causal_lm_loss(head(hidden), labels)
 
     return forward, loss_fn
+
+
+def check_causal_lm_split(model: torch.nn.Module, batch: Mapping[str, Any],
+                          rtol: float = 1e-3) -> None:
+    """ValueError if pseuzo_causal_lm's logits, lm_head(hidden state), differ from the model's
+    own logits on `batch` by more than rtol of the largest logit: a transform after the head
+    that the split would skip. One full forward without gradients; put the model in eval mode
+    first (dropout). A model whose output has no logits is not checked."""
+    head, _ = _split(model, "check_causal_lm_split")
+    forward, _ = pseuzo_causal_lm(model, batch)
+    inputs = {k: v for k, v in lm_inputs(batch).items() if k != "labels"}
+    with torch.no_grad():
+        out = model(**inputs)
+        logits = getattr(out, "logits", None)
+        if logits is None:
+            return
+        split = head(forward()).float()
+        logits = logits.float()
+        if split.shape != logits.shape:
+            raise ValueError(f"check_causal_lm_split: the model's logits have shape "
+                             f"{tuple(logits.shape)}, lm_head(hidden state) {tuple(split.shape)}")
+        error = float((split - logits).abs().max())
+        scale = float(logits.abs().max())
+    if not error <= rtol * scale:
+        raise ValueError(f"check_causal_lm_split: {type(model).__name__}'s logits differ from "
+                         f"lm_head(hidden state) by up to {error:.3g} (largest logit "
+                         f"{scale:.3g}): the model transforms its logits after the head, which "
+                         "PseuZO's split would skip; use MeZO, LeZO or TeZO for this model")

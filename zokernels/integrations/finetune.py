@@ -13,7 +13,7 @@ import torch
 
 from .._warn import warn
 from ..optim import LeZO, MeZO, PseuZO, TeZO, ZOOptimizer
-from .causal_lm import lm_inputs, pseuzo_causal_lm, pseuzo_parameters
+from .causal_lm import check_causal_lm_split, lm_inputs, pseuzo_causal_lm, pseuzo_parameters
 from .layers import find_transformer_layers
 
 OPTIMIZERS = {"mezo": MeZO, "lezo": LeZO, "tezo": TeZO, "pseuzo": PseuZO}
@@ -103,7 +103,8 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
     LMs take them. labels default to input_ids (padding, attention_mask == 0, ignored) on every
     path, so batches without labels train too. MeZO / LeZO / TeZO minimize model(**batch).loss;
     PseuZO minimizes the same loss through pseuzo_causal_lm's split (o = the hidden state before
-    the LM head, loss_fn = head + cross-entropy).
+    the LM head, loss_fn = head + cross-entropy); a model for which that is not its loss is
+    refused (pseuzo_causal_lm; check_causal_lm_split on the first batch, before any step).
 
     optimizer: "mezo", "lezo" (layers default to the blocks of find_transformer_layers(model)
     that hold a trainable parameter, n_active to a quarter of them), "tezo", "pseuzo", or an
@@ -155,6 +156,8 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
                     break
                 inputs = lm_inputs(batch, f"batches[{step}]")
                 if name == "pseuzo":
+                    if step == 0:  # the split's logits against the model's own, once
+                        check_causal_lm_split(model, inputs)
                     loss = optimizer.step(*pseuzo_causal_lm(model, inputs))
                 else:
                     loss = optimizer.step(lambda inputs=inputs: _model_loss(model, inputs))

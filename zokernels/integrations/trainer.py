@@ -8,18 +8,31 @@ ZO state. Everything else is the stock Trainer: data loading, the learning-rate 
 writes the lr of the ZO optimizer's param groups), max_steps, logging, evaluation, checkpoints
 and resume_from_checkpoint.
 
+Resume. The checkpoint must hold optimizer.pt and scheduler.pt, the ZO step counter saved in
+optimizer.pt must equal trainer_state.json's global step (one ZO step per global step), and the
+saved ZO state must load into this run's optimizer; otherwise ValueError naming the checkpoint
+(a save_only_model=True checkpoint cannot be resumed). zo_eps, zo_seed, zo_dist, weight_decay
+and the learning rate (with the scheduler's state) are taken from the checkpoint whatever this
+ZOConfig says; a changed zo_optimizer, zo_n_spsa, zo_rounding, lezo_layers, tezo_rank,
+tezo_variant, tezo_update, pseuzo_beta or pseuzo_decay_per_entry is refused; zo_probe,
+zo_exact_restore, lezo_n_active and pseuzo_window apply as this ZOConfig sets them. The stock
+Trainer loads the model's weights before the optimizer state: ZOTrainer checks all of the above
+first, so a refused resume leaves the model as it was.
+
 Importing this module imports transformers (zokernels.integrations imports it lazily).
 Tested with transformers 4.46.3 and 5.25. The overridden hooks exist in both with compatible
 signatures, which the overrides accept in either form: training_step(model, inputs,
 num_items_in_batch=None), create_optimizer(model=None) (5.x may pass the model), log(logs,
 *args) (5.x adds start_time), create_accelerator_and_postprocess(); `processing_class` (4.46+)
-and every other Trainer argument pass through unchanged. The one private override,
-_load_rng_state, lets transformers 4.46 read its own rng_state.pth under torch >= 2.6.
+and every other Trainer argument pass through unchanged. The private overrides:
+_load_rng_state lets transformers 4.46 read its own rng_state.pth under torch >= 2.6;
+_load_optimizer_and_scheduler(checkpoint) checks the ZO step it loaded.
 """
 
 import itertools
 import math
 import numbers
+import os
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
@@ -32,7 +45,7 @@ from ..optim import ZOOptimizer
 from ..optim.tezo import FACTOR_CACHE as TEZO_FACTOR_CACHE
 from ..optim.tezo import UPDATES as TEZO_UPDATES
 from ..optim.tezo import VARIANTS as TEZO_VARIANTS
-from .causal_lm import pseuzo_causal_lm
+from .causal_lm import check_causal_lm_split, pseuzo_causal_lm
 from .finetune import OPTIMIZERS, _build, merged_at_exit, trainable_blocks
 
 # The options of one algorithm; setting one for another algorithm is refused (it would be ignored).
@@ -42,12 +55,14 @@ ALGORITHM_OPTIONS = {"lezo": ("lezo_n_active", "lezo_layers"),
                                 "pseuzo_decay_per_entry")}
 
 
-def _integer(value: Any, name: str, low: int, *, optional: bool = False) -> None:
+def _integer(value: Any, name: str, low: int, *, optional: bool = False) -> Optional[int]:
+    """`value` as a Python int (the optimizers refuse numpy integers), or ValueError."""
     if optional and value is None:
-        return
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, "
                          f"got {value!r}")
+    return int(value)
 
 
 def _finite(value: Any) -> bool:
@@ -56,9 +71,33 @@ def _finite(value: Any) -> bool:
             and math.isfinite(value))
 
 
-def _choice(value: Any, name: str, choices: Any) -> None:
-    if value not in choices:
+def _choice(value: Any, name: str, choices: Any) -> str:
+    """`value` as a Python str, or ValueError (also for an unhashable value such as a list)."""
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return str(value)
+
+
+def _number_or_name(value: Any) -> Any:
+    """pseuzo_beta as given: a numeric string (the command line's) becomes a float."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return str(value)
+    return value
+
+
+def _check_accumulation(args: Any) -> None:
+    """ValueError if accelerator_config asks for gradient accumulation (Trainer.__init__ would
+    set gradient_accumulation_steps from it, after ZOConfig refused that option)."""
+    config = getattr(args, "accelerator_config", None)
+    kwargs = getattr(config, "gradient_accumulation_kwargs", None) or {}
+    if isinstance(kwargs, dict) and kwargs.get("num_steps", 1) != 1:
+        raise ValueError(
+            f"accelerator_config's gradient_accumulation_kwargs num_steps must be 1 for "
+            f"ZOTrainer, got {kwargs['num_steps']!r}: ZO has no gradient to accumulate; raise "
+            "per_device_train_batch_size (forward memory only) or zo_n_spsa instead")
 
 
 @dataclass
@@ -72,12 +111,16 @@ class ZOConfig(transformers.TrainingArguments):
     strategies and steps, seed (of the data order; also zo_seed's default). Not used: optim,
     optim_args and the adam_* options (the ZO optimizer replaces the Trainer's).
 
-    Refused (ValueError naming the option): gradient_accumulation_steps > 1 (ZO has no gradient
+    Refused (ValueError naming the option): gradient_accumulation_steps > 1, also when set
+    through accelerator_config's gradient_accumulation_kwargs num_steps (ZO has no gradient
     to accumulate: use a larger per_device_train_batch_size, which costs forward memory only,
     or zo_n_spsa for more directions per step), max_grad_norm > 0 (nothing to clip; default
     here 0), fp16 / bf16 mixed precision (load the model in torch.bfloat16 instead: ZO keeps no
-    fp32 master weights), deepspeed and fsdp (ZO data parallelism needs no sharded gradients;
-    see ZOTrainer). average_tokens_across_devices defaults to False here: each rank's loss is
+    fp32 master weights; mixed precision from the environment, ACCELERATE_MIXED_PRECISION or
+    `accelerate launch --mixed_precision`, is refused by ZOTrainer once its accelerator
+    exists), deepspeed and fsdp (ZO data parallelism needs no sharded gradients; see
+    ZOTrainer), label_smoothing_factor with zo_optimizer="pseuzo" (its loss is the split's
+    plain cross-entropy). average_tokens_across_devices defaults to False here: each rank's loss is
     the mean over its own micro-batch and the optimizer averages the ranks.
 
     ZO options:
@@ -101,8 +144,11 @@ class ZOConfig(transformers.TrainingArguments):
             returns or raises (docs/tezo.md, "Deferred updates").
         tezo_factor_cache: the virtual probes' factor cache, a fraction of the parameters'
             bytes (default 0.04; 0 draws the factors in every hook call; the same results).
-        pseuzo_window: window length; pseuzo_beta: a number, or a string naming a schedule,
-            passed unchanged to PseuZO(beta=...), which validates it.
+        pseuzo_window: window length; pseuzo_beta: a number in [0, 1] or "reference" (PseuZO's
+            reference schedule on the trainer's epoch clock); from the command line a numeric
+            string becomes a float. Passed to PseuZO(beta=...).
+        Validated numbers and strings are stored as Python int / float / str (numpy scalars
+        are accepted and converted).
     """
 
     learning_rate: float = field(default=1e-6, metadata={"help": "ZO learning rate."})
@@ -135,8 +181,10 @@ class ZOConfig(transformers.TrainingArguments):
         default=TEZO_FACTOR_CACHE,
         metadata={"help": "TeZO factor cache, a fraction of the parameters' bytes (0: none)."})
     pseuzo_window: int = field(default=14, metadata={"help": "PseuZO window length."})
-    pseuzo_beta: Union[float, str] = field(
-        default=0.9, metadata={"help": "PseuZO beta: a number or a schedule name."})
+    # typed str for the command line (HfArgumentParser reads Union[float, str] as float and
+    # refuses "reference"); a float is accepted too, a numeric string becomes one
+    pseuzo_beta: str = field(
+        default=0.9, metadata={"help": "PseuZO beta: a number in [0, 1] or 'reference'."})
     pseuzo_beta_cycle: Optional[int] = field(
         default=None, metadata={"help": "pseuzo_beta='reference': epochs per beta cycle "
                                         "(default: num_train_epochs // 2, as the reference)."})
@@ -147,40 +195,49 @@ class ZOConfig(transformers.TrainingArguments):
     def __post_init__(self) -> None:
         self._check_zo_options()
         super().__post_init__()
+        # TrainingArguments has parsed accelerator_config now; Trainer.__init__ would turn its
+        # num_steps into gradient_accumulation_steps
+        _check_accumulation(self)
 
     def _check_zo_options(self) -> None:
-        """ValueError naming the first bad option; runs before TrainingArguments' own setup."""
-        _choice(self.zo_optimizer, "zo_optimizer", OPTIMIZERS)
+        """ValueError naming the first bad option; runs before TrainingArguments' own setup.
+        Validated values are normalized to Python's types (numpy integers and floats, numpy
+        strings, a numeric pseuzo_beta string from the command line)."""
+        self.zo_optimizer = _choice(self.zo_optimizer, "zo_optimizer", OPTIMIZERS)
         if not _finite(self.zo_eps) or self.zo_eps <= 0:
             raise ValueError(f"zo_eps must be a finite number > 0, got {self.zo_eps!r}")
-        _integer(self.zo_seed, "zo_seed", 0, optional=True)
+        self.zo_eps = float(self.zo_eps)
+        self.zo_seed = _integer(self.zo_seed, "zo_seed", 0, optional=True)
         if self.zo_seed is not None and self.zo_seed >= 1 << 64:
             raise ValueError(f"zo_seed must be below 2^64, got {self.zo_seed}")
-        _integer(self.zo_n_spsa, "zo_n_spsa", 1)
+        self.zo_n_spsa = _integer(self.zo_n_spsa, "zo_n_spsa", 1)
         if self.zo_n_spsa != 1 and self.zo_optimizer not in ("mezo", "lezo", "tezo"):
             raise ValueError(f"zo_n_spsa applies to zo_optimizer 'mezo', 'lezo' and 'tezo', not "
                              f"{self.zo_optimizer!r}")
-        _choice(self.zo_dist, "zo_dist", PERTURB_DISTS)
+        self.zo_dist = _choice(self.zo_dist, "zo_dist", PERTURB_DISTS)
         if not isinstance(self.zo_exact_restore, bool):
             raise ValueError(f"zo_exact_restore must be a bool, got {self.zo_exact_restore!r}")
-        _choice(self.zo_rounding, "zo_rounding", ROUNDINGS)
-        _choice(self.zo_probe, "zo_probe", ("virtual", "inplace"))
+        self.zo_rounding = _choice(self.zo_rounding, "zo_rounding", ROUNDINGS)
+        self.zo_probe = _choice(self.zo_probe, "zo_probe", ("virtual", "inplace"))
+        self.pseuzo_beta = _number_or_name(self.pseuzo_beta)
         defaults = {f.name: f.default for f in fields(ZOConfig)}
         for algorithm, options in ALGORITHM_OPTIONS.items():
             for option in options:
                 if algorithm != self.zo_optimizer and getattr(self, option) != defaults[option]:
                     raise ValueError(f"{option} applies to zo_optimizer={algorithm!r}, not "
                                      f"{self.zo_optimizer!r}")
-        _integer(self.lezo_n_active, "lezo_n_active", 0, optional=True)
+        self.lezo_n_active = _integer(self.lezo_n_active, "lezo_n_active", 0, optional=True)
         layers = self.lezo_layers
         if layers is not None and (isinstance(layers, str) or not isinstance(layers, (list, tuple))
                                    or not layers
                                    or not all(isinstance(n, str) and n for n in layers)):
             raise ValueError("lezo_layers must be None or a non-empty list of submodule names, "
                              f"got {layers!r}")
-        _integer(self.tezo_rank, "tezo_rank", 1)
-        _choice(self.tezo_variant, "tezo_variant", TEZO_VARIANTS)
-        _choice(self.tezo_update, "tezo_update", TEZO_UPDATES)
+        if layers is not None:
+            self.lezo_layers = [str(n) for n in layers]
+        self.tezo_rank = _integer(self.tezo_rank, "tezo_rank", 1)
+        self.tezo_variant = _choice(self.tezo_variant, "tezo_variant", TEZO_VARIANTS)
+        self.tezo_update = _choice(self.tezo_update, "tezo_update", TEZO_UPDATES)
         if self.tezo_update == "deferred" and self.zo_probe != "virtual":
             raise ValueError("tezo_update='deferred' needs zo_probe='virtual' (the deferred part "
                              f"of a weight is evaluated by the virtual probes), got zo_probe="
@@ -189,8 +246,10 @@ class ZOConfig(transformers.TrainingArguments):
         if not _finite(cache) or not 0 <= cache <= 1:
             raise ValueError(f"tezo_factor_cache must be a number in [0, 1] (a fraction of the "
                              f"parameters' bytes), got {cache!r}")
-        _integer(self.pseuzo_window, "pseuzo_window", 1)
-        _integer(self.pseuzo_beta_cycle, "pseuzo_beta_cycle", 1, optional=True)
+        self.tezo_factor_cache = float(cache)
+        self.pseuzo_window = _integer(self.pseuzo_window, "pseuzo_window", 1)
+        self.pseuzo_beta_cycle = _integer(self.pseuzo_beta_cycle, "pseuzo_beta_cycle", 1,
+                                          optional=True)
         if self.pseuzo_beta_cycle is not None and self.pseuzo_beta != "reference":
             raise ValueError("pseuzo_beta_cycle applies to pseuzo_beta='reference' only, got "
                              f"pseuzo_beta={self.pseuzo_beta!r}")
@@ -199,11 +258,18 @@ class ZOConfig(transformers.TrainingArguments):
                              f"{self.pseuzo_decay_per_entry!r}")
         beta = self.pseuzo_beta
         if isinstance(beta, str):
-            if not beta:
-                raise ValueError("pseuzo_beta must be a number or a schedule name, got ''")
+            if beta != "reference":
+                raise ValueError(f"pseuzo_beta must be a number in [0, 1] or 'reference' (the "
+                                 f"reference's schedule), got {beta!r}")
         elif not _finite(beta) or not 0 <= beta <= 1:
-            raise ValueError(f"pseuzo_beta must be a number in [0, 1] or a schedule name, "
-                             f"got {beta!r}")
+            raise ValueError(f"pseuzo_beta must be a number in [0, 1] or 'reference' (the "
+                             f"reference's schedule), got {beta!r}")
+        else:
+            self.pseuzo_beta = float(beta)
+        if self.zo_optimizer == "pseuzo" and self.label_smoothing_factor:
+            raise ValueError(f"label_smoothing_factor must be 0 with zo_optimizer='pseuzo', got "
+                             f"{self.label_smoothing_factor!r}: PseuZO's loss is the plain "
+                             "shifted cross-entropy of pseuzo_causal_lm, not compute_loss")
         # the TrainingArguments that have no ZO meaning
         if self.gradient_accumulation_steps != 1:
             raise ValueError(
@@ -341,6 +407,9 @@ class ZOTrainer(transformers.Trainer):
     - PseuZO uses pseuzo_causal_lm's split of a causal LM (hidden state before the LM head;
       head + shifted cross-entropy; labels default to input_ids with padding ignored) and trains
       pseuzo_parameters(model): an LM head not tied to the input embeddings stays unchanged.
+      Models whose loss that is not are refused: not a causal LM, or a logit transform after
+      the head (Gemma2's softcapping, Cohere's logit_scale, Granite's logits_scaling; others
+      by comparing the split's logits with the model's on the first batch).
     Trained: the parameters that require grad (a PEFT LoRA model: its adapters only). LeZO's
     blocks come from find_transformer_layers through the PEFT wrapper unless lezo_layers names
     them.
@@ -354,7 +423,8 @@ class ZOTrainer(transformers.Trainer):
     is no grad_norm. Checkpoints (save_steps / save_strategy) hold the model, the ZO optimizer's
     state_dict (step counter, undo-log sizing, TeZO's moments, PseuZO's window, the
     trajectory), the scheduler and the RNG states; train(resume_from_checkpoint=...) continues
-    bit for bit (CPU, fp32 and bf16, every optimizer: tests/test_trainer.py).
+    bit for bit (CPU, fp32 and bf16, every optimizer: tests/test_trainer.py), after the checks
+    of the module docstring ("Resume"), made before any weight is loaded.
 
     Multi-process (torchrun, accelerate launch): the model is not wrapped in
     DistributedDataParallel (accelerate prepares it with evaluation_mode=True: no gradient
@@ -377,6 +447,8 @@ class ZOTrainer(transformers.Trainer):
                              "lr_scheduler_type); override create_scheduler for another schedule")
         self.zo_optimizer: Optional[ZOOptimizer] = None
         self._clock = _StepClock()
+        self._split_checked = False
+        self._resume_step: Optional[int] = None
         super().__init__(model, args, *positional, **kwargs)
         self.add_callback(self._clock)
         if self.model is not None:
@@ -386,8 +458,27 @@ class ZOTrainer(transformers.Trainer):
         """The stock accelerator, whose prepare_model never wraps the model in DDP: ZO computes
         no gradient, so a DDP wrapper would only allocate gradient buckets and broadcast the
         buffers before every forward. accelerate's evaluation mode places the model (and applies
-        torch.compile when configured) without it."""
+        torch.compile when configured) without it.
+
+        Refused here (ValueError), as ZOConfig refuses them: gradient accumulation that reaches
+        the Trainer other than through gradient_accumulation_steps, and mixed precision from
+        wherever the accelerator takes it (fp16 / bf16, the ACCELERATE_MIXED_PRECISION
+        environment variable, `accelerate launch --mixed_precision`): its autocast would run
+        the probes' forwards in half precision."""
+        _check_accumulation(self.args)  # before the stock hook copies num_steps into args
         super().create_accelerator_and_postprocess()
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError(f"gradient_accumulation_steps must be 1 for ZOTrainer, got "
+                             f"{self.args.gradient_accumulation_steps} after the Trainer's "
+                             "setup: ZO has no gradient to accumulate")
+        precision = str(self.accelerator.mixed_precision)
+        if precision != "no":
+            raise ValueError(
+                f"mixed precision is not supported by ZOTrainer, but the accelerator's "
+                f"mixed_precision is {precision!r} (from fp16 / bf16, the "
+                "ACCELERATE_MIXED_PRECISION environment variable or `accelerate launch "
+                "--mixed_precision`): unset it (mixed_precision 'no') and load the model in "
+                "torch.bfloat16 instead (ZO keeps no fp32 master weights)")
         prepare_model = self.accelerator.prepare_model
 
         def prepare_without_ddp(model: torch.nn.Module, *a: Any, **k: Any) -> torch.nn.Module:
@@ -462,12 +553,22 @@ class ZOTrainer(transformers.Trainer):
         return blocks
 
     # -- the step -------------------------------------------------------------------------------
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         """The stock train(); then, returning or raising, TeZO's pending deferred updates
         (tezo_update="deferred") are merged, so the model holds its weights afterwards (as after
-        finetune()). Checkpoints and evaluations in between merge through the model's hooks."""
+        finetune()). Checkpoints and evaluations in between merge through the model's hooks.
+
+        A resume_from_checkpoint is checked first, before the Trainer loads anything into the
+        model (_check_checkpoint): a refused resume leaves the model as it was."""
+        self._resume_step = None
+        self._split_checked = False  # model_init may give another model
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+        if checkpoint is not None and checkpoint is not False:
+            self._resume_step = self._check_checkpoint(str(checkpoint))
         with merged_at_exit(lambda: self.zo_optimizer):
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
@@ -476,8 +577,11 @@ class ZOTrainer(transformers.Trainer):
         model.eval()
         inputs = self._prepare_inputs(inputs)
         if self.args.zo_optimizer == "pseuzo":
-            loss = self.zo_optimizer.step(
-                *pseuzo_causal_lm(self.accelerator.unwrap_model(model), inputs))
+            unwrapped = self.accelerator.unwrap_model(model)
+            if not self._split_checked:  # once: the split's logits against the model's own
+                check_causal_lm_split(unwrapped, inputs)
+                self._split_checked = True
+            loss = self.zo_optimizer.step(*pseuzo_causal_lm(unwrapped, inputs))
         else:
             def closure() -> torch.Tensor:
                 with self.compute_loss_context_manager():
@@ -487,6 +591,59 @@ class ZOTrainer(transformers.Trainer):
         return loss.detach().to(self.args.device)
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def _check_checkpoint(self, checkpoint: str) -> int:
+        """The ZO step a resume from `checkpoint` continues at, or ValueError naming it: its
+        optimizer.pt and scheduler.pt must exist (the stock Trainer would silently restart the
+        ZO optimizer at step 0, reusing the seeds of steps already taken, and the schedule),
+        and the saved ZO step counter must equal trainer_state.json's global step (one ZO step
+        per global step: the files are of one checkpoint)."""
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+
+        where = f"resume_from_checkpoint={checkpoint!r}"
+        for name in (OPTIMIZER_NAME, SCHEDULER_NAME):
+            if not os.path.isfile(os.path.join(checkpoint, name)):
+                raise ValueError(
+                    f"{where}: the checkpoint has no {name} (saved with save_only_model=True, "
+                    "or removed): ZOTrainer cannot resume without the ZO optimizer's state (its "
+                    "step counter seeds the noise) and the scheduler's; resume from a full "
+                    "checkpoint, or load the weights into the model and start a new run")
+        state_file = os.path.join(checkpoint, TRAINER_STATE_NAME)
+        global_step = (transformers.TrainerState.load_from_json(state_file).global_step
+                       if os.path.isfile(state_file) else 0)  # as the stock Trainer reads it
+        try:
+            saved = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu",
+                               weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{where}: its {OPTIMIZER_NAME} cannot be read ({exc})") from exc
+        zo_state = saved.get("zo_state") if isinstance(saved, dict) else None
+        step = zo_state.get("step") if isinstance(zo_state, dict) else None
+        if step != global_step:
+            raise ValueError(
+                f"{where}: its {OPTIMIZER_NAME} holds ZO step {step!r} but its "
+                f"{TRAINER_STATE_NAME} global step {global_step} (one ZO step per global "
+                f"step): the files are not of one checkpoint, or {OPTIMIZER_NAME} is not a "
+                "zokernels optimizer's state")
+        if self.optimizer is not None:
+            # its options against this run's now, before the Trainer loads the model's weights
+            # (validated whole first: a refusal leaves the optimizer as it was; the Trainer
+            # loads the same state again later)
+            try:
+                self.optimizer.load_state_dict(saved)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+        return global_step
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        """The stock loading, then a check that it did load the state _check_checkpoint read
+        (a ZO optimizer left at another step would reuse or skip seeds)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        expected = self._resume_step
+        if checkpoint is not None and expected is not None:
+            step = self.zo_optimizer.zo_state["step"]
+            if step != expected:
+                raise RuntimeError(f"resume_from_checkpoint={checkpoint!r}: the ZO optimizer is "
+                                   f"at step {step} after loading, not {expected}")
+
     def _load_rng_state(self, checkpoint: Optional[str]) -> None:
         """The stock method with numpy's array types allowed in torch.load: transformers 4.46
         loads rng_state.pth with torch.load's default, which torch >= 2.6 made weights_only, and
