@@ -289,6 +289,15 @@ def test_finetune_restores_every_module_mode_on_return_and_on_error():
     assert seen == [False] * 4  # every step ran in eval mode (no dropout)
 
 
+def test_finetune_refuses_an_optimizer_over_another_model():
+    model, other = opt_model(), opt_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="none of model's parameters"):
+        finetune(model, [unlabelled()], optimizer=MeZO(other.parameters(), lr=1e-3),
+                 progress=False)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 class NoLoss(torch.nn.Module):
     """A causal LM that ignores its labels: its output has no loss."""
 

@@ -13,10 +13,9 @@ batch, for transforms this list does not know."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
-
-import sys
 
 import torch
 

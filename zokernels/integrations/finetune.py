@@ -140,6 +140,11 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
     elif isinstance(optimizer, ZOOptimizer):
         if optimizer_kwargs:
             raise ValueError("optimizer_kwargs are for an optimizer given by name")
+        owned = {id(p) for p in model.parameters()}
+        if not any(id(p) in owned for g in optimizer.param_groups for p in g["params"]):
+            # its steps would perturb and update other tensors: the model would never change
+            raise ValueError("optimizer holds none of model's parameters (build it over "
+                             "model.parameters() or model.named_parameters())")
         name = optimizer.algorithm
     else:
         raise TypeError(f"optimizer must be a name or a ZOOptimizer, got "
