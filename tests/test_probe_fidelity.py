@@ -173,6 +173,106 @@ def test_lezo_check_covers_the_layers_its_first_step_leaves_alone(seed):
         assert torch.equal(a, b)
 
 
+class _TwoBlocks(nn.Module):
+    """Two blocks; `trip(both)` decides what the loss does when both blocks are perturbed at
+    once, a point LeZO (one block per step) never visits but its first check does."""
+
+    def __init__(self, trip=None) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.trip = trip
+        self.mark()
+
+    def mark(self) -> None:
+        self.a0, self.b0 = self.a.weight.detach().clone(), self.b.weight.detach().clone()
+
+    def forward(self) -> torch.Tensor:
+        loss = self.b(torch.tanh(self.a(torch.ones(2, 4)))).pow(2).sum()
+        moved = not torch.equal(self.a.weight, self.a0), not torch.equal(self.b.weight, self.b0)
+        return loss if self.trip is None or not all(moved) else self.trip(loss)
+
+
+def _raise(loss):
+    raise RuntimeError("a guard that trips only with both blocks perturbed")
+
+
+@pytest.mark.parametrize("trip, reason", [
+    (lambda loss: loss * float("inf"), "the in-place probe of every layer is not finite"),
+    (_raise, "the in-place probe of every layer raised RuntimeError")])
+def test_lezo_check_decides_when_the_every_layer_probe_fails(trip, reason):
+    """The every-layer probe failing decides the check (in place, warned): no pending check
+    running three forwards per step, no failed step."""
+    def run(probe):
+        torch.manual_seed(0)
+        model = _TwoBlocks(trip)
+        opt = LeZO(model.named_parameters(), layers=[model.a, model.b], n_active=1, lr=1e-3,
+                   backend="cpu", probe=probe)
+        calls = []
+
+        def closure():
+            calls.append(1)
+            return model()
+        per_step = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(4):
+                model.mark()
+                before = len(calls)
+                opt.step(closure)
+                per_step.append(len(calls) - before)
+        return per_step, [p.detach().clone() for p in model.parameters()], opt, caught
+
+    per_step_i, params_i, _, _ = run("inplace")
+    per_step, params, opt, caught = run("virtual")
+    assert opt.dense_probe_status.startswith(f"in place ({reason}"), opt.dense_probe_status
+    assert [str(w.message) for w in caught if "falls back" in str(w.message)]
+    assert per_step == [3, 2, 2, 2] and per_step_i == [2, 2, 2, 2]
+    for a, b in zip(params_i, params):
+        assert torch.equal(a, b)
+
+
+def test_lezo_check_logs_do_not_outlive_it():
+    """The every-layer probe logs into logs of its own: after a fallback the run's logs are
+    those of probe="inplace" (sized for one block, not the model)."""
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(256, 256) for _ in range(8))
+            self.view = self.blocks[0].weight.t()  # a read the probes cannot see: fallback
+
+        def forward(self) -> torch.Tensor:
+            x = torch.ones(2, 256)
+            for block in self.blocks:
+                x = torch.tanh(block(x))
+            return (x @ self.view).pow(2).sum()
+
+    def run(probe):
+        torch.manual_seed(0)
+        model = Blocks()
+        opt = LeZO(model.named_parameters(), layers=list(model.blocks), n_active=1, lr=1e-4,
+                   eps=1e-2, backend="cpu", probe=probe)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(6):
+                opt.step(model)
+        return opt
+
+    inplace, fallen_back = run("inplace"), run("virtual")
+    assert fallen_back.dense_probe_status.startswith("in place (the virtual +eps loss")
+    assert fallen_back.extra_memory_bytes == inplace.extra_memory_bytes > 0
+
+
+def test_lezo_with_every_layer_active_checks_once():
+    torch.manual_seed(0)
+    model = _TwoBlocks()
+    opt = LeZO(model.named_parameters(), layers=[model.a, model.b], n_active=2, lr=1e-3,
+               backend="cpu")
+    calls = []
+    opt.step(lambda: calls.append(1) or model())
+    assert len(calls) == 3  # +eps in place, +eps virtual, -eps: as MeZO
+    assert opt.dense_probe_status == "virtual (4 of 4 parameters)"
+
+
 class _Layouts(nn.Module):
     """Parameters laid out other than row-major: a channels-last 4-D tensor read whole, a
     transposed linear weight (read in row chunks) and a summed transposed matrix."""
@@ -190,11 +290,14 @@ class _Layouts(nn.Module):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_non_contiguous_parameters_keep_their_layout(seed):
+def test_non_contiguous_parameters_keep_their_layout(seed, monkeypatch):
+    from zokernels import dense_probe
+
+    # chunks of 256 rows: the 300-row transposed weight is drawn in two row chunks
+    monkeypatch.setattr(dense_probe, "MIN_SCRATCH_ELEMENTS", 256 * 48)
+
     def make(model, probe):
-        # a small chunk bound, so that the 300-row transposed weight is drawn in row chunks
-        opt = MeZO(model.parameters(), lr=1e-3, seed=seed, backend="cpu", probe=probe)
-        return opt
+        return MeZO(model.parameters(), lr=1e-3, seed=seed, backend="cpu", probe=probe)
 
     inplace = _run(_Layouts, lambda m: make(m, "inplace"), _self_loss, 4)
     virtual = _run(_Layouts, lambda m: make(m, "virtual"), _self_loss, 4)
@@ -288,18 +391,38 @@ def test_tezo_weights_read_elsewhere_stay_in_place(model, in_place):
         torch.testing.assert_close(a, b, rtol=0.0, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_use_tracker_sees_reads_through_other_tensors_over_the_memory():
     from zokernels.lowrank_probe import UseTracker
 
     lin = nn.Linear(6, 4)
     alias, flat_view = lin.weight.detach(), lin.weight.view(-1)[5:9]
+    numpy_rows = torch.from_numpy(lin.weight.detach().numpy()[2:])  # another storage object
     other = torch.randn(4, 6)
+    nested = torch.nested.nested_tensor([torch.randn(2, 6), torch.randn(3, 6)])
     for read, foreign in ((lambda: F.linear(torch.ones(2, 6), alias), True),
                           (lambda: flat_view.sum(), True),
-                          (lambda: other.sum() + lin.bias.sum(), False)):
+                          (lambda: numpy_rows.sum(), True),
+                          (lambda: other.sum() + lin.bias.sum(), False),
+                          (lambda: torch.nested.to_padded_tensor(nested, 0.0).sum(), False)):
         with UseTracker([lin.weight]) as tracker:
             read()
         assert (0 in tracker.foreign) is foreign
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_tezo_virtual_with_nested_tensors_in_the_forward():
+    lin = nn.Linear(3, 3)
+    torch.manual_seed(0)
+    batch = [torch.randn(2, 3), torch.randn(4, 3)]
+
+    def closure():
+        padded = torch.nested.to_padded_tensor(torch.nested.nested_tensor(batch), 0.0)
+        return lin(padded).pow(2).sum()
+
+    opt = TeZO(lin.parameters(), lr=1e-3, rank=2, backend="cpu")
+    assert torch.isfinite(opt.step(closure))
+    assert opt.trajectory.meta["tezo_virtual"] == [["0.0"]]  # the weight stays virtual
 
 
 # -- PseuZO ------------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ stay with the in-place path.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -74,17 +76,48 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _span(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(storage address, first byte, byte after the last) of a strided tensor's elements, or
-    None (no elements, no storage: sparse, nested, meta)."""
-    if t.layout != torch.strided or t.is_meta or t.numel() == 0:
-        return None
+def _span(t: torch.Tensor) -> tuple[torch.device, int, int] | None:
+    """(device, first byte, byte after the last) of a strided tensor's elements, or None (no
+    elements; sparse, nested, meta, or a subclass without storage)."""
     try:
-        storage, start = t.untyped_storage().data_ptr(), t.data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        if (t.layout != torch.strided or t.is_nested or t.is_meta or t.numel() == 0):
+            return None
+        start = t.data_ptr()
+        extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    except (RuntimeError, NotImplementedError, TypeError):
         return None
-    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
-    return storage, start, start + extent * t.element_size()
+    return t.device, start, start + extent * t.element_size()
+
+
+class _Spans:
+    """The byte ranges of some tensors' elements, per device, and which one a tensor's own
+    range overlaps (bisect over the sorted starts; `reach`: the furthest end so far)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        per_device: dict[torch.device, list[tuple[int, int, int]]] = {}
+        for j, t in enumerate(tensors):
+            span = _span(t)
+            if span is not None:
+                per_device.setdefault(span[0], []).append((span[1], span[2], j))
+        self._spans = {}
+        for device, spans in per_device.items():
+            spans.sort()
+            self._spans[device] = (spans, [s[0] for s in spans],
+                                   list(itertools.accumulate((s[1] for s in spans), max)))
+
+    def overlapped(self, t: torch.Tensor) -> int | None:
+        """The position of a tensor whose range overlaps t's, or None."""
+        span = _span(t) if self._spans else None
+        if span is None or span[0] not in self._spans:
+            return None
+        spans, starts, reach = self._spans[span[0]]
+        _, start, stop = span
+        k = bisect.bisect_left(starts, stop) - 1  # the last range starting before t ends
+        while k >= 0 and reach[k] > start:
+            if spans[k][1] > start:
+                return spans[k][2]
+            k -= 1
+        return None
 
 
 def first_global_forward_hook(handle: Any) -> Any:
@@ -109,13 +142,9 @@ class UseTracker(TorchFunctionMode):
         super().__init__()
         self._weights = list(weights)
         self._position = {id(w): j for j, w in enumerate(self._weights)}
-        # the weights' memory by storage: a read through another tensor over it (a view made
-        # before the step, a .detach() alias, a tied copy of the storage) is a read elsewhere
-        self._memory: dict[int, list[tuple[int, int, int]]] = {}
-        for j, w in enumerate(self._weights):
-            span = _span(w)
-            if span is not None:
-                self._memory.setdefault(span[0], []).append((*span[1:], j))
+        # the weights' memory: a read through another tensor over it (a view made before the
+        # step, a .detach() alias, W.data) is a read elsewhere
+        self._memory = _Spans(self._weights)
         self.owners: list[list[torch.nn.Module]] = [[] for _ in self._weights]
         self.foreign: dict[int, str] = {}
         self._running: list[tuple[torch.nn.Module, Any]] = []
@@ -161,7 +190,7 @@ class UseTracker(TorchFunctionMode):
             for t in _tensors((args, kwargs)):
                 j = self._position.get(id(t))
                 if j is None:
-                    alias = self._aliased(t)
+                    alias = self._memory.overlapped(t)
                     if alias is not None:
                         self.foreign.setdefault(alias, getattr(func, "__qualname__", repr(func)))
                     continue
@@ -172,17 +201,6 @@ class UseTracker(TorchFunctionMode):
                 else:
                     self.foreign.setdefault(j, getattr(func, "__qualname__", repr(func)))
         return func(*args, **kwargs)
-
-    def _aliased(self, t: torch.Tensor) -> int | None:
-        """The weight whose memory `t` (not the weight itself) overlaps, or None."""
-        span = _span(t) if self._memory else None
-        if span is None:
-            return None
-        storage, start, stop = span
-        for first, last, j in self._memory.get(storage, ()):
-            if start < last and first < stop:
-                return j
-        return None
 
     def readers_only_through_owners(self, j: int) -> bool:
         """Whether weights[j] was read, and only by its owners' forwards."""

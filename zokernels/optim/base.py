@@ -405,52 +405,62 @@ class ZOOptimizer(torch.optim.Optimizer):
         restored, then evaluated again with every plain parameter virtual, the random state
         reset in between (dropout draws alike) and every read classified (a probe of some
         layers, LeZO's, is compared with a third evaluation: in place, every parameter
-        perturbed). The virtual path is kept when the results (a loss; PseuZO: the model
-        output) are equal bit for bit and
-        no parameter was written; it then holds the parameters read through torch functions
+        perturbed, with logs of its own). The virtual path is kept when the results (a loss;
+        PseuZO: the model output) are equal bit for bit and no parameter was written, on every
+        rank of the process group; it then holds the parameters read through torch functions
         whose draws fit the limit (DenseProbes.qualifies; the others, and those not read, stay
-        in place). Otherwise everything stays in place, with a warning. Either way the weights
-        hold theta afterwards: the caller's next move starts from there."""
+        in place). Otherwise everything stays in place, with a warning. A non-finite first
+        loss leaves the check to the next probe. Either way the weights hold theta afterwards:
+        the caller's next move starts from there."""
         before = _random_state()
         loss = evaluate(closure)
         after = _random_state()
         moves = list(self.held.held)
         self.held.restore()
-        if not bool(torch.isfinite(loss).all()):
+        if not self._on_every_rank(bool(torch.isfinite(loss).all()), loss.device):
             return loss  # nothing to compare: checked again on the next probe
-        reference = loss
-        if any(isinstance(m, SeededNoise) and m.layers is not None for m in moves):
-            # LeZO's probe perturbs some layers: every parameter is checked once, against an
-            # in-place probe of its own with all of them perturbed
-            moves = [dataclasses.replace(m, layers=None) if isinstance(m, SeededNoise) else m
-                     for m in moves]
-            reference = self._reference_probe(closure, evaluate, moves, before)
-            if not bool(torch.isfinite(reference).all()):
-                _set_random_state(after)
-                return loss
-        candidates = [[j for j in range(len(space)) if space.plain(j)] for space in self.spaces]
-        trial = DenseProbes([VirtualDenseTarget(space.subspace(chosen))
-                             for space, chosen in zip(self.spaces, candidates)])
-        for g, target in enumerate(trial.targets):
-            target.hold(moves[self._dense_targets[g]])
-        tracker = ProbeTracker()
-        _set_random_state(before)
+        reference, reason, virtual = loss, None, None
         try:
-            with trial.probing(tracker):
-                virtual = evaluate(closure)
-        except Exception as exc:  # the virtual path failed where the in-place one did not
-            virtual, reason = None, f"the virtual probe raised {type(exc).__name__}: {exc}"
+            if self._probes_some_layers(moves):
+                # LeZO's probe perturbs some layers: every parameter is checked once, against an
+                # in-place probe of its own with all of them perturbed
+                moves = [dataclasses.replace(m, layers=None) if isinstance(m, SeededNoise)
+                         else m for m in moves]
+                try:
+                    reference = self._reference_probe(closure, evaluate, moves, before)
+                except Exception as exc:  # at a point the run never visits: stay in place
+                    reason = (f"the in-place probe of every layer raised "
+                              f"{type(exc).__name__}: {exc}")
+                if reason is None and not bool(torch.isfinite(reference).all()):
+                    reason = "the in-place probe of every layer is not finite"
+                if not self._on_every_rank(reason is None, loss.device) and reason is None:
+                    reason = "the in-place probe of every layer failed on another rank"
+            if reason is None:
+                candidates = [[j for j in range(len(space)) if space.plain(j)]
+                              for space in self.spaces]
+                trial = DenseProbes([VirtualDenseTarget(space.subspace(chosen))
+                                     for space, chosen in zip(self.spaces, candidates)])
+                for g, target in enumerate(trial.targets):
+                    target.hold(moves[self._dense_targets[g]])
+                tracker = ProbeTracker()
+                _set_random_state(before)
+                try:
+                    with trial.probing(tracker):
+                        virtual = evaluate(closure)
+                except Exception as exc:  # the virtual path failed where in place did not
+                    reason = f"the virtual probe raised {type(exc).__name__}: {exc}"
         finally:
             _set_random_state(after)
         self._probe_check = False  # decided (an interrupt above leaves it to the next probe)
         if virtual is not None:
-            reason = None
             if tracker.write is not None:
                 reason = f"a parameter is written during the forward ({tracker.write})"
             elif not _same_bits(virtual, reference):
                 reason = (f"the virtual +eps loss {float(virtual)!r} differs from the in-place "
                           f"one {float(reference)!r}" if reference.numel() == 1 else
                           "the virtual +eps output differs from the in-place one")
+        if not self._on_every_rank(reason is None, loss.device) and reason is None:
+            reason = "the check failed on another rank"
         if reason is None:
             reason = self._split_virtual(trial, candidates, tracker)
         if not self.held.exact:  # drop the check's log buffers: nothing logs from now on
@@ -462,21 +472,44 @@ class ZOOptimizer(torch.optim.Optimizer):
                  f"{reason}")
         return loss
 
+    def _probes_some_layers(self, moves: list[Any]) -> bool:
+        """Whether a dense move perturbs only some of its space's layers (LeZO)."""
+        return any(isinstance(m, SeededNoise) and m.layers is not None
+                   and len(t.space.indices(m.layers)) < len(t.space)
+                   for t, m in zip(self.held.targets, moves))
+
+    def _on_every_rank(self, flag: bool, device: torch.device) -> bool:
+        """With sharded parameters, whether `flag` holds on every rank of the process group (one
+        small all-reduce, in the first probe's check only): their forwards gather shards, so
+        every rank must run the same forwards, or one would wait forever. Otherwise `flag`: the
+        ranks of a data-parallel step may decide apart (the virtual and the in-place path give
+        the same bits), and the step keeps its one collective."""
+        if self.process_group is None or not any(s.sharded for s in self._registered):
+            return flag
+        votes = self._all_reduce_mean(torch.tensor([float(flag)], device=device))
+        return bool(votes.item() == 1.0)
+
     def _reference_probe(self, closure: Closure, evaluate: Callable[[Closure], torch.Tensor],
                          moves: list[Any], before: Any) -> torch.Tensor:
         """evaluate(closure) with the weights moved in place to `moves`, from the random state
         `before`; the weights hold theta again afterwards (logged: exact even with
         exact_restore=False)."""
-        exact, self.held.exact = self.held.exact, True
+        # logs of its own, dropped with it: the run's logs keep the size of the run's passes
+        logs, self.held.logs = self.held.logs, [self.held._fresh_logs(t)
+                                                for t in self.held.targets]
         try:
-            self.held.perturb(moves, 0)
-        finally:
-            self.held.exact = exact
-        try:
+            exact, self.held.exact = self.held.exact, True
+            try:
+                self.held.perturb(moves, 0)
+            finally:
+                self.held.exact = exact
             _set_random_state(before)
             return evaluate(closure)
         finally:
-            self.held.restore()
+            try:
+                self.held.restore()
+            finally:
+                self.held.logs = logs
 
     def _split_virtual(self, trial: DenseProbes, candidates: list[list[int]],
                        tracker: ProbeTracker) -> str | None:

@@ -310,7 +310,7 @@ class PseuZO(ZOOptimizer):
             return self._mezo_step(step, forward, loss_fn)
         reset = self.resets_window(step, beta)  # the schedule is called once per step
         o0 = self._output(forward)
-        leaf = o0.clone().requires_grad_(True)
+        leaf = o0.detach().requires_grad_(True)  # o0 is already a copy (_output)
         with torch.enable_grad():
             loss = self._loss_value(loss_fn(leaf))
             (e,) = torch.autograd.grad(loss, leaf)
