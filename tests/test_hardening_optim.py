@@ -371,7 +371,8 @@ def test_replay_checks_every_record_before_applying_any():
     """Item 12: a bad third record used to leave the first two applied."""
     net, opt = _mezo_state(n_spsa=1)
     trajectory = opt.trajectory
-    trajectory.record(2, [opt.seed_for(2)], [[float("nan")]], [1.0])
+    # a device tensor's values are not read by record() (no host sync): replay must catch them
+    trajectory.record(2, [opt.seed_for(2)], [torch.tensor([float("nan")])], [1.0])
     fresh = model()
     before = snapshot(fresh)
     with pytest.raises(ValueError, match=r"record 2 .*coefs\[0\]"):

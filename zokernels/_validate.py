@@ -84,9 +84,7 @@ def as_tensor_list(tensors: Any, name: str, read_only: bool = False) -> list[tor
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{j}] must be a torch.Tensor, got {type(t).__name__}")
         t = tensors[j] = plain_tensor(t, f"{name}[{j}]")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name}[{j}] has dtype {t.dtype}; supported dtypes are "
-                            "float32, bfloat16 and float16")
+        check_dtype(t, f"{name}[{j}]")
         if t.is_sparse or t.layout != torch.strided:
             raise TypeError(f"{name}[{j}] must be a dense (strided) tensor, got layout {t.layout}")
         if t.is_inference() and not torch.is_inference_mode_enabled() and not read_only:
@@ -99,6 +97,12 @@ def as_tensor_list(tensors: Any, name: str, read_only: bool = False) -> list[tor
                              "(t.resolve_neg() is a copy)")
         check_addressable(t, f"{name}[{j}]")
     return tensors
+
+
+def check_dtype(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float32, bfloat16 "
+                        "and float16")
 
 
 def plain_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -116,9 +120,11 @@ def plain_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def check_values(t: torch.Tensor, name: str) -> None:
-    """A tensor whose values a call reads (scales, factors): real storage, not meta."""
+    """A tensor whose values a call reads (scales, factors): dense, real storage, not meta."""
     if t.device.type == "meta":
         raise ValueError(f"{name} is a meta tensor: it holds no values")
+    if t.layout != torch.strided:  # before check_addressable: a sparse tensor has no data_ptr
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     check_addressable(t, name)
 
 
@@ -414,6 +420,40 @@ def as_index_maps(index_maps: Any, tensors: list[torch.Tensor]) -> list[tuple[in
         identity = offset == 0 and (local_span == global_span or local_span == numel)
         maps.append(None if identity else (offset, local_span, global_span))
     return maps
+
+
+# Containers a checkpoint or a trajectory may nest (torch.load(weights_only=True) builds these):
+# theirs nest about 8 deep; deeper (or cyclic) contents would make the copies and checks
+# exhaust Python's stack.
+MAX_NESTING = 64
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def check_nesting(obj: Any, name: str, limit: int = MAX_NESTING) -> None:
+    """Refuse (ValueError naming the place) containers nested more than `limit` deep or
+    containing themselves. Each container is visited once (a shared one is fine), so the check
+    and a copy that keeps the sharing cost time linear in what a file holds."""
+    done: set[int] = set()
+    open_: set[int] = set()  # containers on the current path: meeting one again is a cycle
+
+    def visit(o: Any, where: str, depth: int) -> None:
+        if id(o) in done:
+            return
+        if id(o) in open_:
+            raise ValueError(f"{where} contains itself (a cyclic container)")
+        if depth > limit:
+            raise ValueError(f"{where} nests containers more than {limit} deep")
+        open_.add(id(o))
+        items = o.items() if isinstance(o, dict) else enumerate(o)
+        for key, value in items:
+            for part in ((key, value) if isinstance(o, dict) else (value,)):
+                if isinstance(part, _CONTAINERS):
+                    visit(part, f"{where}[{key!r}]", depth + 1)
+        open_.discard(id(o))
+        done.add(id(o))
+
+    if isinstance(obj, _CONTAINERS):
+        visit(obj, name, 0)
 
 
 class StorageBudget:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -36,11 +37,13 @@ import torch
 from ._contract import PERTURB_DISTS, ROUNDINGS, as_contract, saved_contract
 from ._seeds import step_seed
 from ._validate import (
+    FLOAT32_MAX,
     StorageBudget,
     as_key,
     as_seed,
     as_seed_list,
     check_addressable,
+    check_nesting,
     check_numbers,
 )
 
@@ -137,8 +140,20 @@ class Trajectory:
 
         coefs: per group a 1-D tensor of len(seeds) (any device) or a sequence of numbers;
         decays: a 1-D tensor or a sequence of numbers, one per group; extra: numbers or
-        one-element tensors. Tensors are not read here (no host synchronization)."""
-        seeds = [int(s) for s in seeds]
+        one-element tensors. Tensors are not read here (no host synchronization); everything
+        else is checked as a load checks it (ValueError), so that what is recorded saves and
+        loads: a step in [0, 2^63) above the last one, seeds in [0, 2^64), numbers finite in
+        float32, layer indices in [0, 2^15)."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not (
+                0 <= step < COUNTER_LIMIT):
+            raise ValueError(f"record: step must be an integer in [0, 2^63), got {step!r}")
+        if self._steps and step <= self._steps[-1]:
+            raise ValueError(f"record: step {step} is not above the last recorded step "
+                             f"{self._steps[-1]}")
+        try:
+            seeds = as_seed_list(list(seeds))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"record: {exc}") from None
         if not 1 <= len(seeds) <= MAX_SEEDS_PER_STEP:
             raise ValueError(f"record: {len(seeds)} seeds; a step holds 1 to "
                              f"{MAX_SEEDS_PER_STEP}")
@@ -154,15 +169,24 @@ class Trajectory:
                 row.append(None)
                 deferred.append((g, group))
             else:
-                values = [float(c) for c in group]
+                values = [_recorded_number(c, f"coefs[{g}][{k}]") for k, c in enumerate(group)]
                 if len(values) != len(seeds):
                     raise ValueError(f"record: coefs[{g}] must hold {len(seeds)} coefficients "
                                      f"(one per seed), got {len(values)}")
                 row.append(values)
+        if not isinstance(decays, torch.Tensor):
+            decays = [_recorded_number(d, f"decays[{g}]") for g, d in enumerate(decays)]
         for name, value in extra.items():
-            if isinstance(value, torch.Tensor) and value.numel() != 1:
-                raise ValueError(f"record: {name} must be a number or a one-element tensor, "
-                                 f"got shape {tuple(value.shape)}")
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"record: {name} must be a number or a one-element tensor, "
+                                     f"got shape {tuple(value.shape)}")
+            else:
+                extra[name] = _recorded_number(value, name)
+        if layers is not None:
+            layers = [int(x) for x in layers]
+            if any(not 0 <= x < 1 << 15 for x in layers):  # saved as int16
+                raise ValueError(f"record: layers must hold indices in [0, 2^15), got {layers}")
         # validated: append
         self._steps.append(int(step))
         self._seeds.append(seeds)
@@ -173,15 +197,15 @@ class Trajectory:
             self._decays.append(None)
             self._defer(self._decays, len(self._decays) - 1, decays.reshape(-1), scalar=False)
         else:
-            self._decays.append([float(d) for d in decays])
-        self._layers.append(None if layers is None else [int(x) for x in layers])
+            self._decays.append(decays)
+        self._layers.append(layers)
         for name, value in extra.items():
             column = self._extra.setdefault(name, [])
             column.append(None)
             if isinstance(value, torch.Tensor):
                 self._defer(column, len(column) - 1, value.reshape(1), scalar=True)
             else:
-                column[-1] = float(value)
+                column[-1] = value
         if self._pending:
             self._pending_records += 1
             if self._pending_records >= self.FLUSH_EVERY:
@@ -426,6 +450,20 @@ class Trajectory:
 
 # -- checks of a saved trajectory ------------------------------------------------------------------
 
+def _recorded_number(value: Any, name: str) -> float:
+    """A number record() keeps, as a float finite in float32 (the saved format's), else
+    ValueError naming it."""
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        number = math.inf
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"record: {name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        raise ValueError(f"record: {name} must be finite in float32, got {value!r}")
+    return number
+
+
 def _field(state: dict[str, Any], name: str, dim: int, integer: bool, rows: int | None,
            width: int | None = None, *, budget: StorageBudget) -> list:
     """A tensor field as a list, checked: an integer (or float32) tensor of `dim` dims and `rows`
@@ -435,13 +473,13 @@ def _field(state: dict[str, Any], name: str, dim: int, integer: bool, rows: int 
     where = f"trajectory {name}"
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{where} must be a tensor, got {type(t).__name__}")
+    if t.device.type == "meta" or t.layout != torch.strided:  # a sparse one has no data_ptr
+        raise ValueError(f"{where} must be a dense tensor with values, got {t.layout} on "
+                         f"{t.device}")
     try:
         check_addressable(t, where)
     except TypeError as exc:
         raise ValueError(str(exc)) from None
-    if t.device.type == "meta" or t.layout != torch.strided:
-        raise ValueError(f"{where} must be a dense tensor with values, got {t.layout} on "
-                         f"{t.device}")
     if t.dtype not in (_INTEGER_DTYPES if integer else (torch.float32,)):
         raise ValueError(f"{where} must be {'an integer' if integer else 'a float32'} tensor, "
                          f"got {t.dtype}")
@@ -498,6 +536,7 @@ def _checked_state(state: Any) -> dict[str, Any]:
     lists. ValueError naming the field."""
     if not isinstance(state, dict):
         raise ValueError(f"a trajectory state must be a dict, got {type(state).__name__}")
+    check_nesting(state, "trajectory")  # before anything walks or copies it (meta: deepcopy)
     if state.get("version") != FORMAT_VERSION:
         raise ValueError(f"unsupported trajectory format version {state.get('version')!r}")
     if not isinstance(state.get("algorithm"), str):

@@ -17,6 +17,7 @@ from .._validate import (
     as_scalar_vector,
     as_seed,
     as_tensor_list,
+    check_dtype,
     check_no_internal_overlap,
     check_no_overlap,
     check_values,
@@ -32,6 +33,7 @@ def _as_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor]:
     if isinstance(values, torch.Tensor) and name in ("taus", "applied_taus"):
         values = plain_tensor(values, name)
         check_values(values, name)
+        check_dtype(values, name)  # as a list's (a negated view is resolved when read)
         if values.dim() == 1:
             return [values] * count
         if values.dim() == 2 and values.shape[0] == count:
@@ -237,11 +239,21 @@ def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
                      + [("scale", scale), ("decay", decay), ("applied_scale", applied_scale)])
     # Resolve every group's backend before writing anything.
     plan = plan_groups(weights, key_list, backend)
-    return LowRankCall(plan, [_float32(u) for u in us], [_float32(v) for v in vs],
-                       [_float32(t) for t in taus], scale_vector, decay_vector, rounding,
-                       rounding_seed,
-                       None if held_taus is None else [_float32(t) for t in held_taus],
-                       applied_vector, contract)
+    us, vs, taus = [_float32(u) for u in us], [_float32(v) for v in vs], [_float32(t) for t in taus]
+    held_taus = None if held_taus is None else [_float32(t) for t in held_taus]
+    if check_finite:  # as scale's check: the optimizers pass check_finite=False (no host sync)
+        named = [(f"{name}[{j}]", f) for name, fs in (("us", us), ("vs", vs), ("taus", taus),
+                                                      ("applied_taus", held_taus or []))
+                 for j, f in enumerate(fs)]
+        by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        for name, f in named:
+            by_device.setdefault(f.device, []).append((name, f))
+        for entries in by_device.values():  # one synchronization per device
+            if not bool(torch.isfinite(torch.cat([f.reshape(-1) for _, f in entries])).all()):
+                bad = next(name for name, f in entries if not bool(torch.isfinite(f).all()))
+                raise ValueError(f"{bad} must be finite in float32")
+    return LowRankCall(plan, us, vs, taus, scale_vector, decay_vector, rounding, rounding_seed,
+                       held_taus, applied_vector, contract)
 
 
 def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = False,

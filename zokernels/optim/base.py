@@ -22,7 +22,8 @@ from .._contract import (DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract
                           saved_contract)
 from .._dispatch import BACKEND_CHOICES
 from .._signals import interrupts_deferred
-from .._validate import StorageBudget, as_seed, is_finite_number
+from .._validate import (FLOAT32_MAX, StorageBudget, as_seed, check_nesting,
+                         is_finite_number, written_spans)
 from .._warn import warn
 from ..dense_probe import DenseProbes, ProbeTracker, VirtualDenseTarget
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
@@ -38,6 +39,9 @@ Closure = Callable[[], Any]
 # (zokernels.dense_probe), checked on the first probe.
 DENSE_PROBES = ("virtual", "inplace")
 _GROUP_OPTIONS = ("lr", "eps", "weight_decay")  # every param group's, checked by check_hyper
+# Learning rates torch's schedulers keep in the param groups (LRScheduler, OneCycleLR, SWALR):
+# a checkpoint may bring them to an optimizer whose scheduler is built after the load.
+_SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "swa_lr")
 
 
 def check_hyper(name: str, value: Any, *, low: float = 0.0, low_open: bool = False,
@@ -54,10 +58,23 @@ def check_hyper(name: str, value: Any, *, low: float = 0.0, low_open: bool = Fal
 
 
 def check_common_hyper(lr: Any, eps: Any, weight_decay: Any) -> None:
-    """The hyperparameters every optimizer shares: lr >= 0, eps > 0, weight_decay >= 0."""
-    check_hyper("lr", lr)
-    check_hyper("eps", eps, low_open=True)
-    check_hyper("weight_decay", weight_decay)
+    """The hyperparameters every optimizer shares: lr >= 0, eps > 0, weight_decay >= 0, each
+    finite in float32 (the kernels' scalars), with a decay factor 1 - lr * wd finite in
+    float32."""
+    check_decay(check_hyper("lr", lr, high=FLOAT32_MAX),
+                check_hyper("weight_decay", weight_decay, high=FLOAT32_MAX), "")
+    check_hyper("eps", eps, low_open=True, high=FLOAT32_MAX)
+
+
+def check_decay(lr: float, weight_decay: float, where: str, power: int = 1) -> None:
+    """The update's decay factor (1 - lr * weight_decay)^power (checked lr and weight_decay;
+    power: the times a step applies it) must be finite in float32, or the kernels refuse every
+    step."""
+    decay = 1.0 - lr * weight_decay
+    if abs(decay) > FLOAT32_MAX ** (1.0 / power):  # (decay <= 1: only its magnitude can grow)
+        raise ValueError(f"{where}lr * weight_decay = {lr * weight_decay:g}: the decay factor "
+                         f"(1 - lr * weight_decay)" + (f"^{power}" if power > 1 else "")
+                         + " is not finite in float32; lower lr or weight_decay")
 
 
 def default_group_for_shards() -> Any:
@@ -104,6 +121,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._zo_ready = False  # torch's __init__ calls add_param_group for the groups above
         self._stepping = False  # a step is running (its closure included): step() is refused
         super().__init__(groups, defaults)
+        for g, group in enumerate(self.param_groups):  # the defaults filled in
+            self._check_group_decay(group, g)
         self.base_seed = int(seed)
         self.dist = dist
         self.contract = contract  # of the gaussian normals (docs/noise-contract.md)
@@ -123,6 +142,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         # The full space of every param group (what the trajectory describes) and the spaces the
         # passes use (the same ones, except where a subclass splits them, see _split_spaces).
         self._registered = [self._space_for(group, self._layer_of) for group in self.param_groups]
+        _check_disjoint(self._registered)
         self.spaces = list(self._registered)
         if process_group is None and any(space.sharded for space in self.spaces):
             self.process_group = default_group_for_shards()
@@ -160,8 +180,18 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
     def _check_group_option(name: str, value: Any, g: int) -> float:
-        """lr, eps or weight_decay of param group g, checked, as a float."""
-        return check_hyper(f"param group {g} {name}", value, low_open=(name == "eps"))
+        """lr, eps or weight_decay of param group g, checked (finite in float32: the kernels'
+        scalars), as a float."""
+        return check_hyper(f"param group {g} {name}", value, low_open=(name == "eps"),
+                           high=FLOAT32_MAX)
+
+    def _check_group_decay(self, group: dict[str, Any], g: int, where: str = "") -> None:
+        check_decay(group["lr"], group["weight_decay"], f"{where}param group {g}: ",
+                    self._decay_power())
+
+    def _decay_power(self) -> int:
+        """How many times a step applies the decay factor at most (PseuZO: per window entry)."""
+        return 1
 
     def _space_for(self, group: dict[str, Any], layer_of: dict[int, int] | None) -> ParameterSpace:
         return ParameterSpace(list(zip(group["param_names"], group["params"])),
@@ -293,8 +323,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                 group[name] = self._check_group_option(name, group[name], g)
         for name, value in self.defaults.items():
             group.setdefault(name, value)
+        self._check_group_decay(group, g)
         layer_of = self._resolve_layers(list(self.param_groups) + [group])
         space = self._space_for(group, layer_of)  # these may raise: nothing is modified yet
+        _check_disjoint(self._registered + [space])
         self._check_added_space(space)
         process_group = self.process_group
         if process_group is None and space.sharded:
@@ -351,7 +383,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         return None if layers is None else layers[g]
 
     def _count_overflow(self) -> None:
-        self.zo_state["undo_overflows"] += 1
+        # saturates: an int64 counter (a loaded one may be near its end), never a failing step
+        self.zo_state["undo_overflows"] = min(self.zo_state["undo_overflows"] + 1,
+                                              COUNTER_LIMIT - 1)
 
     def _clear_logs(self) -> None:
         self.held.clear_logs()
@@ -643,6 +677,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.held.update(moves, [decays[g] for g in self._target_group], rounding=self.rounding,
                          rounding_seed=rounding_seed)
 
+    def _check_can_step(self) -> None:
+        """Refuse (ValueError) a step that could not commit, before it modifies anything: a step
+        counter at its int64 end (its state_dict would no longer load), or group options a
+        scheduler (or a user) set outside the constructor's rules (the kernels would refuse
+        the update, or the trajectory its record, after the weights moved)."""
+        if self.zo_state["step"] >= COUNTER_LIMIT - 1:
+            raise ValueError(f"the step counter zo_state['step'] = {self.zo_state['step']} is at "
+                             "its end (2^63 - 1): no further step can be recorded")
+        for g, group in enumerate(self.param_groups):
+            for name in _GROUP_OPTIONS:
+                self._check_group_option(name, group[name], g)
+            self._check_group_decay(group, g)
+
     def _refuse_nested_step(self) -> None:
         raise RuntimeError(f"{type(self).__name__}.step() called while a step is running "
                            "(from its closure?): steps cannot nest")
@@ -654,6 +701,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         RuntimeError before it touches anything; the outer step then fails and restores."""
         if self._stepping:
             self._refuse_nested_step()
+        self._check_can_step()
         self._stepping = True
         try:
             return body()
@@ -752,14 +800,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             if not isinstance(names, (list, tuple)) or list(names) != list(group["param_names"]):
                 raise ValueError(f"state_dict param group {g}: the saved parameter names differ "
                                  "from this optimizer's")
-            for name in _GROUP_OPTIONS:
-                if name not in saved:
-                    raise ValueError(f"state_dict param group {g} lacks {name!r}")
-                saved[name] = self._check_group_option(name, saved[name], g)
-            if "params" in saved:
-                raise ValueError(f"state_dict param group {g} holds 'params' (tensors are "
-                                 "matched by name, not saved)")
-            options.append({k: v for k, v in saved.items() if k != "param_names"})
+            options.append(self._checked_group_state(saved, group, g))
         logs = state["undo_logs"]
         if not isinstance(logs, (list, tuple)) or len(logs) != len(self._logs):
             raise ValueError(f"state_dict undo_logs must hold one pair per param group "
@@ -776,6 +817,42 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._check_extra_state(state["extra"], zo_state["step"])
         trajectory = self._checked_trajectory(state)
         return options, parsed_logs, trajectory
+
+    def _checked_group_state(self, saved: dict[str, Any], group: dict[str, Any],
+                             g: int) -> dict[str, Any]:
+        """The options of saved param group g to adopt, every key checked (ValueError naming
+        it): lr / eps / weight_decay as the constructor checks them, a scheduler's learning
+        rates (_SCHEDULER_KEYS) finite and >= 0, "_named" (internal, not adopted) as this
+        group's, any other key one this optimizer's group holds (set when it was built),
+        of the same type; "params" and unknown keys are refused."""
+        for name in _GROUP_OPTIONS:
+            if name not in saved:
+                raise ValueError(f"state_dict param group {g} lacks {name!r}")
+        options = {}
+        for key, value in saved.items():
+            if key == "param_names":  # compared by the caller
+                continue
+            where = f"state_dict param group {g} {key!r}"
+            if key == "params":
+                raise ValueError(f"state_dict param group {g} holds 'params' (tensors are "
+                                 "matched by name, not saved)")
+            if key == "_named":  # how the group was built: not a setting a load changes
+                if value is not group["_named"]:
+                    raise ValueError(f"{where} must be {group['_named']}, got {value!r}")
+                continue
+            if key in _GROUP_OPTIONS:
+                value = self._check_group_option(key, value, g)
+            elif key in _SCHEDULER_KEYS:
+                value = check_hyper(where, value, high=FLOAT32_MAX)
+            elif key not in group:
+                raise ValueError(f"state_dict param group {g} holds an unknown key {key!r} "
+                                 "(not one of this optimizer's param group's)")
+            elif type(value) is not type(group[key]):
+                raise ValueError(f"{where} is a {type(value).__name__}, this optimizer's is a "
+                                 f"{type(group[key]).__name__}")
+            options[key] = value
+        self._check_group_decay(options, g, "state_dict ")
+        return options
 
     def _checked_trajectory(self, state: dict[str, Any]) -> Trajectory | None:
         """The saved trajectory, parsed (it must describe this run: algorithm, seed, dist,
@@ -825,7 +902,17 @@ class ZOOptimizer(torch.optim.Optimizer):
             trajectory.check_records(self._registered, self._seeds_per_step())
         except ValueError as exc:
             raise ValueError(f"state_dict {exc}") from None
+        # the columns this optimizer records, no other: the next record appends to each, so an
+        # unknown column would fall behind the records and make the trajectory unloadable
+        columns, mine = set(trajectory.extra), self._extra_columns()
+        if columns - mine or (len(trajectory) and columns != mine):
+            raise ValueError(f"state_dict trajectory has the extra columns {sorted(columns)}, "
+                             f"this optimizer records {sorted(mine)}")
         return trajectory
+
+    def _extra_columns(self) -> set[str]:
+        """The names of the trajectory's extra columns this optimizer records (TeZO's)."""
+        return set()
 
     # Trajectory meta fields a resumed optimizer need not share with the saved run's: compared
     # with the state above (seed, dist, contract, rounding), or describing its settings only.
@@ -950,6 +1037,14 @@ def _meta_difference(got: Any, want: Any, where: str) -> str | None:
     return where
 
 
+def _check_disjoint(spaces: Sequence[ParameterSpace]) -> None:
+    """Param groups must not share memory: each group's space proves its own tensors distinct,
+    the same check over all groups' tensors proves them distinct across groups (ValueError
+    naming two tensors that share memory)."""
+    written_spans([(f"param group {g} tensor {name!r}", t) for g, space in enumerate(spaces)
+                   for name, t in zip(space.names, space.tensors)])
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two floating tensors hold the same bits (same shape and dtype; NaN payloads and
     signed zeros count): the virtual probe's check."""
@@ -977,21 +1072,29 @@ def _copied(state: Any) -> Any:
     that appears several times is cloned once (aliasing kept, as deepcopy keeps it); each is
     counted against its storage before it is cloned (StorageBudget: ValueError naming it), so
     an expanded view, or views of one storage, in a small file cannot make the copy allocate
-    more than the file holds."""
-    budget, clones = StorageBudget(), {}
+    more than the file holds. Containers are copied once too, after check_nesting; sparse (or
+    other non-strided) tensors are refused by name."""
+    check_nesting(state, "state_dict")  # cyclic or too deep: refused, not a RecursionError
+    budget, copies = StorageBudget(), {}
 
     def copied(obj: Any, where: str) -> Any:
+        if id(obj) in copies:  # shared: copied once (work bounded by the file's contents)
+            return copies[id(obj)]
         if isinstance(obj, torch.Tensor):
-            if id(obj) not in clones:
-                budget.charge(obj, where)
-                clones[id(obj)] = obj.detach().clone()
-            return clones[id(obj)]
-        if isinstance(obj, dict):
-            return {k: copied(v, f"{where}[{k!r}]") for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [copied(v, f"{where}[{j}]") for j, v in enumerate(obj)]
-        if isinstance(obj, tuple):
-            return tuple(copied(v, f"{where}[{j}]") for j, v in enumerate(obj))
-        return copy.deepcopy(obj)
+            if obj.layout != torch.strided:  # a state holds none; torch's ops would fail later
+                raise ValueError(f"{where} is a {obj.layout} tensor; a state_dict holds dense "
+                                 "tensors")
+            budget.charge(obj, where)
+            result = obj.detach().clone()
+        elif isinstance(obj, dict):
+            result = {k: copied(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        elif isinstance(obj, list):
+            result = [copied(v, f"{where}[{j}]") for j, v in enumerate(obj)]
+        elif isinstance(obj, tuple):
+            result = tuple(copied(v, f"{where}[{j}]") for j, v in enumerate(obj))
+        else:
+            return copy.deepcopy(obj)
+        copies[id(obj)] = result
+        return result
 
     return copied(state, "state_dict")

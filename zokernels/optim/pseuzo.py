@@ -111,7 +111,8 @@ class PseuZO(ZOOptimizer):
             "reference", else "one_sided").
         decay_per_entry: weight decay once per window entry, as the reference (default False:
             once per step).
-        store_dtype: dtype of the stored dO (default: the output's dtype).
+        store_dtype: dtype of the stored dO (default: the output's dtype). A window loaded (or
+            kept) in another dtype is converted to it at the next step.
         probe: "virtual" (default) or "inplace", as MeZO's: the forward at theta + eps z_t
             reads perturbed copies drawn on the fly and writes no weight; the first probe runs
             both ways and keeps the virtual path only if the two outputs are equal bit for bit
@@ -220,6 +221,9 @@ class PseuZO(ZOOptimizer):
     def _seeds_per_step(self) -> tuple[int, int]:
         return 1, self.capacity
 
+    def _decay_power(self) -> int:
+        return self.capacity if self.decay_per_entry else 1
+
     @property
     def capacity(self) -> int:
         """Entries the window keeps: `window`, or 1 with a constant beta = 0 (older weights are
@@ -324,7 +328,9 @@ class PseuZO(ZOOptimizer):
         delta = (o1 - o0).to(self.store_dtype or o0.dtype)
         # the window this step keeps; self._window changes only once the step is taken
         keep = 0 if reset else self.capacity - 1
-        old = [(k, s, d if d.device == e.device else d.to(e.device))
+        # one device and dtype, this step's: a window loaded (or kept from steps whose outputs
+        # had another dtype) in another one would not save as one window
+        old = [(k, s, d.to(device=e.device, dtype=delta.dtype))
                for k, s, d in (self._window[-keep:] if keep else [])]
         window = old + [(step, seed, delta)]
         ages = torch.cat([self._old_ages(step, e.device)[len(self._window) - len(old):],
@@ -456,8 +462,9 @@ class PseuZO(ZOOptimizer):
                 raise ValueError(f"{where}['delta'] has shape {tuple(d.shape)} ({d.dtype}, "
                                  f"{d.device}), the earlier entries {len(shape)} dimensions "
                                  f"({dtype}, {device})")
-            if not bool(torch.isfinite(d).all()):  # every later step would be skipped
-                raise ValueError(f"{where}['delta'] must hold finite values")
+            # in float32, as aligned_dot reads it: else every later step would be skipped
+            if not bool(torch.isfinite(d.to(torch.float32)).all()):
+                raise ValueError(f"{where}['delta'] must hold values finite in float32")
             shape, dtype, device, previous = d.shape, d.dtype, d.device, k
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:

@@ -412,6 +412,14 @@ class TeZO(MeZO):
     def _step_in_progress(self) -> bool:
         return super()._step_in_progress() or self._in_step
 
+    def _extra_columns(self) -> set[str]:
+        """As _commit records them: per group its projected gradients and lr, and with
+        update="deferred" the merge flags."""
+        columns = {f"{name}{g}" for g in range(len(self.param_groups)) for name in ("grad", "lr")}
+        columns |= {f"grad{g}_{k}" for g in range(len(self.param_groups))
+                    for k in range(1, self.n_spsa)}
+        return columns | ({"merge", "deferred"} if self.update == "deferred" else set())
+
     @property
     def state_numel(self) -> int:
         return sum(s.state_numel for s in self.lowrank)
