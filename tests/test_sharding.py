@@ -322,6 +322,85 @@ def _fsdp_failure_worker(rank, world, init_file, out_dir):
     os._exit(0)
 
 
+def _mixed_worker(rank, world, init_file, out_dir):
+    """One weight sharded by hand (mark_shard, gathered in the forward) among plain parameters:
+    MeZO's virtual check holds the shard in place while it compares (it used to leave it at
+    theta and always fell back), and the run equals the unsharded one; a process group without
+    this rank and a sharded group added to perturbation_parallel are refused."""
+    _init(rank, world, init_file)
+    try:
+        from zokernels.optim import MeZO
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4))
+        full = net[2].weight.detach().clone()
+        local = torch.nn.Parameter(full[2 * rank:2 * rank + 2].clone())
+        mark_shard(local, (4, 6), (2 * rank, 0))
+        x, y = _mixed_data()
+
+        def closure():
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local.detach().contiguous())
+            hidden = net[1](net[0](x))
+            out = torch.nn.functional.linear(hidden, torch.cat(parts), net[2].bias)
+            return torch.nn.functional.mse_loss(out, y)
+
+        params = [("0.weight", net[0].weight), ("0.bias", net[0].bias), ("2.weight", local),
+                  ("2.bias", net[2].bias)]
+        opt = MeZO(params, lr=1e-2, seed=3)
+        for _ in range(3):
+            opt.step(closure)
+        outcome = {"status": opt.dense_probe_status, "local": local.detach().clone(),
+                   "plain": [p.detach().clone() for p in (net[0].weight, net[0].bias,
+                                                          net[2].bias)]}
+        only_zero = dist.new_group([0])  # every rank calls new_group; rank 1 is not in it
+        if rank == 1:
+            try:
+                MeZO(net.parameters(), lr=1e-2, process_group=only_zero)
+                outcome["outside"] = "accepted"
+            except ValueError as exc:
+                outcome["outside"] = str(exc)
+        pairs = MeZO(net[0].parameters(), lr=1e-2, process_group=dist.group.WORLD,
+                     perturbation_parallel=True)
+        try:
+            pairs.add_param_group({"params": [local]})
+            outcome["pairs"] = "accepted"
+        except ValueError as exc:
+            outcome["pairs"] = str(exc)
+        outcome["pair_groups"] = len(pairs.param_groups)
+        torch.save(outcome, os.path.join(out_dir, f"mixed{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_and_plain_parameters_share_the_virtual_check_and_groups_are_checked(tmp_path):
+    from zokernels.optim import MeZO
+
+    _spawn(_mixed_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"mixed{r}.pt") for r in range(2)]
+    # the unsharded run, in this process
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4))
+    x, y = _mixed_data()
+    opt = MeZO(net.named_parameters(), lr=1e-2, seed=3, probe="inplace")
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
+    for rank, got in enumerate(ranks):
+        assert got["status"] == "virtual (3 of 4 parameters; the others in place)"
+        assert_bits_equal(got["local"], net[2].weight.detach()[2 * rank:2 * rank + 2])
+        for a, b in zip(got["plain"], (net[0].weight, net[0].bias, net[2].bias)):
+            assert_bits_equal(a, b.detach())
+        assert got["pairs"].startswith("perturbation_parallel does not work with sharded")
+        assert got["pair_groups"] == 1  # refused before anything was added
+    assert ranks[1]["outside"].startswith("process_group does not hold this rank (1)")
+
+
+def _mixed_data() -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.randn(16, 8, generator=torch.Generator().manual_seed(1)),
+            torch.randn(16, 4, generator=torch.Generator().manual_seed(2)))
+
+
 def _spawn(worker, tmp_path, *args):
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), *args), nprocs=2, join=True)
 

@@ -9,6 +9,7 @@ scalars per step and call the passes below; none loops over parameters doing ari
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -134,6 +135,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
             if not dist.is_available() or not dist.is_initialized():
                 raise ValueError("process_group given but torch.distributed is not initialized")
+            outside = process_group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", None)
+            if not outside and not isinstance(process_group, dist.ProcessGroup):
+                raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got "
+                                f"{type(process_group).__name__}")
+            if outside or dist.get_rank() not in dist.get_process_group_ranks(process_group):
+                # its collectives would do nothing here (world size -1): a silent wrong step
+                raise ValueError(f"process_group does not hold this rank ({dist.get_rank()}): "
+                                 "new_group(ranks) is for the ranks it lists")
         self.backend = backend
         self.no_decay = tuple(no_decay)
         self.zo_state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "undo_overflows": 0}
@@ -463,6 +472,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 try:
                     reference = self._reference_probe(closure, evaluate, moves, before)
                 except Exception as exc:  # at a point the run never visits: stay in place
+                    if self._sharded_forwards():
+                        raise  # a peer may be waiting in this forward's collective: fail
                     reason = (f"the in-place probe of every layer raised "
                               f"{type(exc).__name__}: {exc}")
                 if reason is None and not bool(torch.isfinite(reference).all()):
@@ -479,9 +490,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                 tracker = ProbeTracker()
                 _set_random_state(before)
                 try:
-                    with trial.probing(tracker):
+                    with self._others_in_place(moves, candidates), trial.probing(tracker):
                         virtual = evaluate(closure)
                 except Exception as exc:  # the virtual path failed where in place did not
+                    if self._sharded_forwards():
+                        raise  # a peer may be waiting in this forward's collective: fail
                     reason = f"the virtual probe raised {type(exc).__name__}: {exc}"
         finally:
             _set_random_state(after)
@@ -506,19 +519,44 @@ class ZOOptimizer(torch.optim.Optimizer):
                  f"{reason}")
         return loss
 
+    @contextlib.contextmanager
+    def _others_in_place(self, moves: list[Any], candidates: list[list[int]]) -> Any:
+        """Inside the block, the parameters outside `candidates` (sharded ones) hold `moves` in
+        place (exact, with logs of their own), as they will in the steps after the check."""
+        targets, held_moves = [], []
+        for g, (space, chosen) in enumerate(zip(self.spaces, candidates)):
+            kept = set(chosen)
+            rest = [j for j in range(len(space)) if j not in kept]
+            if rest:
+                targets.append(DenseTarget(space.subspace(rest)))
+                held_moves.append(moves[self._dense_targets[g]])
+        if not targets:
+            yield
+            return
+        others = HeldPerturbation(targets, exact=True)
+        try:
+            others.perturb(held_moves, 0)
+            yield
+        finally:
+            others.restore()
+
     def _probes_some_layers(self, moves: list[Any]) -> bool:
         """Whether a dense move perturbs only some of its space's layers (LeZO)."""
         return any(isinstance(m, SeededNoise) and m.layers is not None
                    and len(t.space.indices(m.layers)) < len(t.space)
                    for t, m in zip(self.held.targets, moves))
 
+    def _sharded_forwards(self) -> bool:
+        """Whether the forwards gather shards (sharded parameters in a process group): every
+        rank must then run the same forwards, or one would wait forever in a collective."""
+        return self.process_group is not None and any(s.sharded for s in self._registered)
+
     def _on_every_rank(self, flag: bool, device: torch.device) -> bool:
-        """With sharded parameters, whether `flag` holds on every rank of the process group (one
-        small all-reduce, in the first probe's check only): their forwards gather shards, so
-        every rank must run the same forwards, or one would wait forever. Otherwise `flag`: the
-        ranks of a data-parallel step may decide apart (the virtual and the in-place path give
-        the same bits), and the step keeps its one collective."""
-        if self.process_group is None or not any(s.sharded for s in self._registered):
+        """With _sharded_forwards, whether `flag` holds on every rank of the process group (one
+        small all-reduce, in the first probe's check only). Otherwise `flag`: the ranks of a
+        data-parallel step may decide apart (the virtual and the in-place path give the same
+        bits), and the step keeps its one collective."""
+        if not self._sharded_forwards():
             return flag
         votes = self._all_reduce_mean(torch.tensor([float(flag)], device=device))
         return bool(votes.item() == 1.0)

@@ -7,9 +7,12 @@ from typing import Any
 
 import torch
 
-from ..space import NO_DECAY_DEFAULT
+from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from ..trajectory import MAX_SEEDS_PER_STEP
 from .base import Closure, ZOOptimizer, check_common_hyper
+
+_PAIRS_UNSHARDED = ("perturbation_parallel does not work with sharded parameters: the two ranks "
+                    "of a pair would hold one model perturbed two ways")
 
 
 class MeZO(ZOOptimizer):
@@ -117,12 +120,16 @@ class MeZO(ZOOptimizer):
             raise ValueError("perturbation_parallel needs a process_group (an even number of "
                              "ranks, paired (2i, 2i + 1))")
         if self._has_shards():
-            raise ValueError("perturbation_parallel does not work with sharded parameters: the "
-                             "two ranks of a pair would hold one model perturbed two ways")
+            raise ValueError(_PAIRS_UNSHARDED)
         world = dist.get_world_size(self.process_group)
         if world % 2:
             raise ValueError(f"perturbation_parallel needs an even number of ranks, got {world}")
         return 1.0 if dist.get_rank(self.process_group) % 2 == 0 else -1.0
+
+    def _check_added_space(self, space: ParameterSpace) -> None:
+        if self.perturbation_parallel and space.sharded:
+            raise ValueError(_PAIRS_UNSHARDED)
+        super()._check_added_space(space)
 
     def _has_shards(self) -> bool:
         return any(space.sharded for space in self.spaces)
