@@ -259,7 +259,10 @@ def test_lezo_check_logs_do_not_outlive_it():
 
     inplace, fallen_back = run("inplace"), run("virtual")
     assert fallen_back.dense_probe_status.startswith("in place (the virtual +eps loss")
-    assert fallen_back.extra_memory_bytes == inplace.extra_memory_bytes > 0
+    # not equal: a log's pool is sized by the ambiguous elements its passes met, and after the
+    # check the first -eps pass starts from theta (in place: from +eps), a few % apart (0.3%
+    # in CI's 2-thread run); the check's every-layer logs, kept, made it 2.2x
+    assert 0 < fallen_back.extra_memory_bytes <= 1.25 * inplace.extra_memory_bytes
 
 
 def test_lezo_with_every_layer_active_checks_once():
