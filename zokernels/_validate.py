@@ -216,7 +216,7 @@ def check_addressable(t: torch.Tensor, name: str) -> None:
                          f"which holds only {held} (a storage resized below its views)")
 
 
-def _fits_float32(value: float | int) -> bool:
+def fits_float32(value: float | int) -> bool:
     """Finite, and finite again once rounded to float32 (huge ints included)."""
     try:
         return math.isfinite(value) and abs(value) <= FLOAT32_MAX
@@ -247,7 +247,7 @@ def check_numbers(values: Any, count: int, name: str) -> None:
     if len(values) != count:
         raise ValueError(f"{name} must have {count} value(s), got {len(values)}")
     for k, v in enumerate(values):
-        if not _is_real_number(v) or not _fits_float32(v):
+        if not _is_real_number(v) or not fits_float32(v):
             raise ValueError(f"{name}[{k}] must be a number finite in float32, got {v!r}")
 
 
@@ -281,7 +281,7 @@ def as_scalar_vector(values: Scalars, length: int, name: str, *, check_finite: b
                 v = host_values(v, f"{name}[{k}]")[0]
             if not _is_real_number(v):
                 raise TypeError(f"{name}[{k}] must be a real number, got {type(v).__name__}")
-            if not (_fits_float32(v)):
+            if not (fits_float32(v)):
                 raise ValueError(f"{name}[{k}] must be finite in float32, got {v}")
             items.append(float(v))
         vector = torch.tensor(items, dtype=torch.float32)

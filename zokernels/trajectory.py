@@ -37,7 +37,6 @@ import torch
 from ._contract import PERTURB_DISTS, ROUNDINGS, as_contract, saved_contract
 from ._seeds import step_seed
 from ._validate import (
-    FLOAT32_MAX,
     StorageBudget,
     as_key,
     as_seed,
@@ -45,6 +44,7 @@ from ._validate import (
     check_addressable,
     check_nesting,
     check_numbers,
+    fits_float32,
 )
 
 FORMAT_VERSION = 1
@@ -459,7 +459,7 @@ def _recorded_number(value: Any, name: str) -> float:
         number = math.inf
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"record: {name} must be a number, got {type(value).__name__}") from None
-    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+    if not fits_float32(number):
         raise ValueError(f"record: {name} must be finite in float32, got {value!r}")
     return number
 

@@ -469,13 +469,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                 # in-place probe of its own with all of them perturbed
                 moves = [dataclasses.replace(m, layers=None) if isinstance(m, SeededNoise)
                          else m for m in moves]
-                try:
-                    reference = self._reference_probe(closure, evaluate, moves, before)
-                except Exception as exc:  # at a point the run never visits: stay in place
-                    if self._sharded_forwards():
-                        raise  # a peer may be waiting in this forward's collective: fail
-                    reason = (f"the in-place probe of every layer raised "
-                              f"{type(exc).__name__}: {exc}")
+                # it raising (a point the run never visits) decides the check: in place
+                reference, reason = self._attempt(
+                    lambda: self._reference_probe(closure, evaluate, moves, before),
+                    "the in-place probe of every layer")
                 if reason is None and not bool(torch.isfinite(reference).all()):
                     reason = "the in-place probe of every layer is not finite"
                 if not self._on_every_rank(reason is None, loss.device) and reason is None:
@@ -489,13 +486,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                     target.hold(moves[self._dense_targets[g]])
                 tracker = ProbeTracker()
                 _set_random_state(before)
-                try:
+
+                def trial_probe() -> torch.Tensor:
                     with self._others_in_place(moves, candidates), trial.probing(tracker):
-                        virtual = evaluate(closure)
-                except Exception as exc:  # the virtual path failed where in place did not
-                    if self._sharded_forwards():
-                        raise  # a peer may be waiting in this forward's collective: fail
-                    reason = f"the virtual probe raised {type(exc).__name__}: {exc}"
+                        return evaluate(closure)
+                # the virtual path failing where in place did not decides the check: in place
+                virtual, reason = self._attempt(trial_probe, "the virtual probe")
         finally:
             _set_random_state(after)
         self._probe_check = False  # decided (an interrupt above leaves it to the next probe)
@@ -522,7 +518,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     @contextlib.contextmanager
     def _others_in_place(self, moves: list[Any], candidates: list[list[int]]) -> Any:
         """Inside the block, the parameters outside `candidates` (sharded ones) hold `moves` in
-        place (exact, with logs of their own), as they will in the steps after the check."""
+        place, as they will in the steps after the check (_moved_in_place)."""
         targets, held_moves = [], []
         for g, (space, chosen) in enumerate(zip(self.spaces, candidates)):
             kept = set(chosen)
@@ -533,12 +529,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not targets:
             yield
             return
-        others = HeldPerturbation(targets, exact=True)
-        try:
-            others.perturb(held_moves, 0)
+        with self._moved_in_place(targets, held_moves):
             yield
-        finally:
-            others.restore()
 
     def _probes_some_layers(self, moves: list[Any]) -> bool:
         """Whether a dense move perturbs only some of its space's layers (LeZO)."""
@@ -561,27 +553,37 @@ class ZOOptimizer(torch.optim.Optimizer):
         votes = self._all_reduce_mean(torch.tensor([float(flag)], device=device))
         return bool(votes.item() == 1.0)
 
+    def _attempt(self, run: Callable[[], torch.Tensor], what: str
+                 ) -> tuple[torch.Tensor | None, str | None]:
+        """(run(), None), or (None, why) when it raised an Exception; with _sharded_forwards
+        the exception propagates instead (a peer may be waiting in that forward's collective:
+        the step fails on every rank rather than hang)."""
+        try:
+            return run(), None
+        except Exception as exc:
+            if self._sharded_forwards():
+                raise
+            return None, f"{what} raised {type(exc).__name__}: {exc}"
+
     def _reference_probe(self, closure: Closure, evaluate: Callable[[Closure], torch.Tensor],
                          moves: list[Any], before: Any) -> torch.Tensor:
         """evaluate(closure) with the weights moved in place to `moves`, from the random state
-        `before`; the weights hold theta again afterwards (logged: exact even with
-        exact_restore=False)."""
-        # logs of its own, dropped with it: the run's logs keep the size of the run's passes
-        logs, self.held.logs = self.held.logs, [self.held._fresh_logs(t)
-                                                for t in self.held.targets]
-        try:
-            exact, self.held.exact = self.held.exact, True
-            try:
-                self.held.perturb(moves, 0)
-            finally:
-                self.held.exact = exact
+        `before`; the weights hold theta again afterwards (_moved_in_place)."""
+        with self._moved_in_place(self.held.targets, moves):
             _set_random_state(before)
             return evaluate(closure)
+
+    @contextlib.contextmanager
+    def _moved_in_place(self, targets: list[Any], moves: list[Any]) -> Any:
+        """Inside the block, `targets` hold `moves` in place, exact whatever exact_restore (the
+        check compares at the exact theta), with logs of their own, dropped with the block: the
+        run's logs keep the size of the run's passes."""
+        moved = HeldPerturbation(targets, exact=True, on_overflow=self._count_overflow)
+        try:
+            moved.perturb(moves, 0)
+            yield
         finally:
-            try:
-                self.held.restore()
-            finally:
-                self.held.logs = logs
+            moved.restore()
 
     def _split_virtual(self, trial: DenseProbes, candidates: list[list[int]],
                        tracker: ProbeTracker) -> str | None:
