@@ -370,15 +370,23 @@ def check_reads(spans: dict[str, list[tuple[int, int, str]]],
         t = plain_tensor(t, name)  # where its memory really is, whatever a subclass says
         if t.numel() == 0 or t.device.type == "meta":
             continue
-        device_spans = spans.get(str(t.device), [])
-        if not device_spans:
-            continue
-        start, end = _memory_span(t)
-        # The last written span starting before `end` is the only candidate (they are disjoint).
-        position = bisect.bisect_left(device_spans, (end,)) - 1
-        if position >= 0 and device_spans[position][1] > start:
-            raise ValueError(f"{name} shares memory with {device_spans[position][2]}, which this "
-                             "call writes")
+        written = overlapped_span(spans, t)
+        if written is not None:
+            raise ValueError(f"{name} shares memory with {written}, which this call writes")
+
+
+def overlapped_span(spans: dict[str, list[tuple[int, int, Any]]], t: torch.Tensor) -> Any:
+    """The name of the span of `spans` (written_spans: disjoint, sorted) that t's memory
+    overlaps, or None; t has elements and memory."""
+    device_spans = spans.get(str(t.device), [])
+    if not device_spans:
+        return None
+    start, end = _memory_span(t)
+    # The last span starting before `end` is the only candidate (they are disjoint).
+    position = bisect.bisect_left(device_spans, (end,)) - 1
+    if position >= 0 and device_spans[position][1] > start:
+        return device_spans[position][2]
+    return None
 
 
 def check_no_overlap(written: list[tuple[str, torch.Tensor]],

@@ -25,9 +25,7 @@ stay with the in-place path.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -37,6 +35,7 @@ from torch.nn.modules import module as _module
 from torch.overrides import TorchFunctionMode
 
 from ._signals import interrupts_deferred
+from ._validate import overlapped_span, written_spans
 from .lowrank_space import KeptFactors, LowRankSpace
 
 # Calls on a weight that neither see nor change its values (metadata), allowed anywhere.
@@ -76,50 +75,6 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _span(t: torch.Tensor) -> tuple[torch.device, int, int] | None:
-    """(device, first byte, byte after the last) of a strided tensor's elements, or None (no
-    elements; sparse, nested, meta, or a subclass without storage)."""
-    try:
-        if (t.layout != torch.strided or t.is_nested or t.is_meta or t.numel() == 0):
-            return None
-        start = t.data_ptr()
-        extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
-    return t.device, start, start + extent * t.element_size()
-
-
-class _Spans:
-    """The byte ranges of some tensors' elements, per device, and which one a tensor's own
-    range overlaps (bisect over the sorted starts; `reach`: the furthest end so far)."""
-
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
-        per_device: dict[torch.device, list[tuple[int, int, int]]] = {}
-        for j, t in enumerate(tensors):
-            span = _span(t)
-            if span is not None:
-                per_device.setdefault(span[0], []).append((span[1], span[2], j))
-        self._spans = {}
-        for device, spans in per_device.items():
-            spans.sort()
-            self._spans[device] = (spans, [s[0] for s in spans],
-                                   list(itertools.accumulate((s[1] for s in spans), max)))
-
-    def overlapped(self, t: torch.Tensor) -> int | None:
-        """The position of a tensor whose range overlaps t's, or None."""
-        span = _span(t) if self._spans else None
-        if span is None or span[0] not in self._spans:
-            return None
-        spans, starts, reach = self._spans[span[0]]
-        _, start, stop = span
-        k = bisect.bisect_left(starts, stop) - 1  # the last range starting before t ends
-        while k >= 0 and reach[k] > start:
-            if spans[k][1] > start:
-                return spans[k][2]
-            k -= 1
-        return None
-
-
 def first_global_forward_hook(handle: Any) -> Any:
     """Moves the global forward hook of `handle` before the others registered earlier (torch
     runs global forward hooks in registration order, before the module's own): a user's global
@@ -142,9 +97,9 @@ class UseTracker(TorchFunctionMode):
         super().__init__()
         self._weights = list(weights)
         self._position = {id(w): j for j, w in enumerate(self._weights)}
-        # the weights' memory: a read through another tensor over it (a view made before the
-        # step, a .detach() alias, W.data) is a read elsewhere
-        self._memory = _Spans(self._weights)
+        # the weights' memory (registered parameters: disjoint): a read through another tensor
+        # over it (a view made before the step, a .detach() alias, W.data) is a read elsewhere
+        self._memory = written_spans([(j, w) for j, w in enumerate(self._weights)])
         self.owners: list[list[torch.nn.Module]] = [[] for _ in self._weights]
         self.foreign: dict[int, str] = {}
         self._running: list[tuple[torch.nn.Module, Any]] = []
@@ -190,7 +145,7 @@ class UseTracker(TorchFunctionMode):
             for t in _tensors((args, kwargs)):
                 j = self._position.get(id(t))
                 if j is None:
-                    alias = self._memory.overlapped(t)
+                    alias = self._overlapped(t)
                     if alias is not None:
                         self.foreign.setdefault(alias, getattr(func, "__qualname__", repr(func)))
                     continue
@@ -201,6 +156,16 @@ class UseTracker(TorchFunctionMode):
                 else:
                     self.foreign.setdefault(j, getattr(func, "__qualname__", repr(func)))
         return func(*args, **kwargs)
+
+    def _overlapped(self, t: torch.Tensor) -> int | None:
+        """The weight whose memory `t` (not the weight itself) overlaps, or None (t without
+        elements or memory: sparse, nested, meta, a subclass without storage)."""
+        try:
+            if t.layout != torch.strided or t.is_nested or t.is_meta or t.numel() == 0:
+                return None
+            return overlapped_span(self._memory, t)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return None
 
     def readers_only_through_owners(self, j: int) -> bool:
         """Whether weights[j] was read, and only by its owners' forwards."""
