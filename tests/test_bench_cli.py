@@ -142,6 +142,13 @@ BAD_ARGUMENTS = [
     (["ops", "--shards", "rows"], "--shards"),
     (["ops", "--repeats", "0"], "--repeats"),
     (["ops", "--no-such-option"], "unrecognized arguments"),
+    # a list of separators names nothing (it indexed an empty list, or timed nothing)
+    (["ops", "--k", ","], "--k: no value given"),
+    (["ops", "--op", " , "], "--op: no value given"),
+    (["ops", "--device", ","], "--device: no value given"),
+    (["ops", "--dtype", ""], "--dtype: no value given"),
+    (["--device", ","], "--device: no value given"),
+    (["ops", "--json", ""], "--json: the path is empty"),
 ]
 if not CUDA:
     BAD_ARGUMENTS += [(["ops", "--device", "cuda"], "CUDA is not available"),
@@ -157,6 +164,32 @@ def test_bad_argument_exits_2(bench, args, message):
     assert message in err, err
     assert "Traceback" not in err and not out
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_json_path_through_symbolic_links(bench, tmp_path):
+    """A loop is refused before the run; a dangling link is written through (its directory
+    created, as for a plain path); a write that fails after the run is one error line, exit 1."""
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(tmp_path / "other.json")
+    (tmp_path / "other.json").symlink_to(loop)
+    status, out, err = bench(*TINY_RUN, "--json", str(loop))
+    assert status == 2 and "symbolic links" in err and not out, err
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "missing" / "out.json")
+    status, _, err = bench(*TINY_RUN, "--json", str(dangling))
+    assert status == 0, err
+    assert json.loads((tmp_path / "missing" / "out.json").read_text())["results"]
+
+
+def test_json_write_failure_after_the_run_exits_1(bench, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli.json, "dump", full)
+    status, out, err = bench(*TINY_RUN, "--json", str(tmp_path / "out.json"))
+    assert status == 1 and "Traceback" not in err, err
+    assert "the results could not be written: No space left on device" in err
+    assert "perturb" in out  # the table was printed before
 
 
 def test_unavailable_backend_exits_2(bench, monkeypatch):
@@ -358,6 +391,9 @@ def test_step_rows_of_virtual_and_inplace_probes(bench, tmp_path):
     (["step", "--model", "tiny", "--seq", "257"], "--model tiny takes at most 256 tokens"),
     (["step", "--seq", str(10 ** 20)], "takes at most 512 tokens"),
     (["step", "--model", "tiny", "--batch", str(10 ** 12)], "the logits alone need"),
+    (["step", "--dtype", ","], "--dtype: no value given"),
+    (["step", "--seq", "1"], "--seq must be >= 2"),  # no next token: every step skipped
+    (["step", "--json", ""], "--json: the path is empty"),
 ])
 def test_step_bad_arguments_exit_2(bench, argv, needle):
     status, _, err = bench(*argv)
@@ -482,6 +518,9 @@ LORA_BAD_ARGUMENTS = [
     (["lora", "--source", "hub"], "--source: unknown value 'hub'"),
     (["lora", "--device", "tpu"], "unknown device 'tpu'"),
     (["lora", "--device", "cpu,cpu:1"], "lora takes one --device"),
+    (["lora", "--dtype", ","], "--dtype: no value given"),
+    (["lora", "--targets", ","], "--targets: no value given"),
+    (["lora", "--case", ","], "--case: no value given"),
 ]
 LORA_BAD_ARGUMENTS += [(["lora", "--layers", str(10 ** 9)], "the adapters need"),
                        (["lora", "--rank", str(10 ** 9)], "the adapters need")]

@@ -157,7 +157,7 @@ CORRUPTIONS = [
     (lambda s: s["trajectory"]["meta"]["groups"][0]["numel"].__setitem__(0, 7),
      r"trajectory meta groups\[0\]\['numel'\]\[0\] differs"),
     (_set("trajectory", "meta", "groups", 0, "named", value=torch.tensor([])),
-     r"trajectory meta groups\[0\]\['named'\] differs"),
+     r"trajectory meta groups\[0\] named must be a bool"),  # checked with the trajectory
 ]
 
 TRAJECTORY_META_CORRUPTIONS = {

@@ -396,3 +396,91 @@ def test_pseuzo_checks_its_decay_per_window_entry():
     PseuZO(net.parameters(), lr=1.0, weight_decay=1e13, window=3)  # once per step: fine
     with pytest.raises(ValueError, match=r"\(1 - lr \* weight_decay\)\^3"):
         PseuZO(net.parameters(), lr=1.0, weight_decay=1e13, window=3, decay_per_entry=True)
+
+
+# -- trajectory files (review 2026-12-07) --------------------------------------------------------
+
+def _replayed(state, net=None):
+    net = two_layer_model() if net is None else net
+    Trajectory.from_state_dict(state).replay(net)
+    return net
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_meta_without_dist_replays_as_gaussian(name):
+    """The load read a missing dist as gaussian while TeZO's replay indexed it after writing its
+    2-D weights (KeyError half-way); one reading now: gaussian, the run's noise."""
+    net, opt = trained(name)
+    state = opt.trajectory.state_dict()
+    assert state["meta"]["dist"] == "gaussian"
+    del state["meta"]["dist"]
+    assert_same(snapshot(_replayed(state)), snapshot(net), "replay without dist")
+
+
+def test_a_tezo_replay_refuses_weights_of_another_shape():
+    """The factors depend on (m, n): a (5, 6) run replayed onto (6, 5) weights of the same names
+    drew other noise and gave other weights, silently."""
+    net, opt = trained("tezo")
+    state = opt.trajectory.state_dict()
+    assert state["meta"]["lowrank"][0]["shapes"] == [[5, 6], [3, 5]]
+    fresh = two_layer_model()
+    other = [(n, p.detach().reshape(p.shape[::-1]).clone() if p.dim() == 2 else p.detach().clone())
+             for n, p in fresh.named_parameters()]
+    before = [t.clone() for _, t in other]
+    with pytest.raises(ValueError, match=r"lowrank\[0\] shapes .* not those of the parameters"):
+        Trajectory.from_state_dict(state).replay(other)
+    assert all(torch.equal(a, t) for a, (_, t) in zip(before, other))
+    # a trajectory of an earlier version (no shapes) still replays, and resumes
+    for group in state["meta"]["lowrank"]:
+        del group["shapes"]
+    assert_same(snapshot(_replayed(state)), snapshot(net), "replay without shapes")
+    saved = opt.state_dict()
+    for group in saved["trajectory"]["meta"]["lowrank"]:
+        del group["shapes"]
+    resumed = make("tezo", two_layer_model().named_parameters())
+    resumed.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("no_decay", "bias"), ("no_decay", 5), ("no_decay", None), ("no_decay", [1]),
+    ("layers", 5), ("layers", [["0.weight"], "1.weight"]), ("named", "yes")])
+def test_trajectory_meta_fields_are_checked_at_load(field, value):
+    """no_decay="bias" was read letter by letter (any name with b, i, a or s exempt from
+    decay: other weights, silently); the others failed in the replay without naming the
+    field."""
+    _, opt = trained("lezo", weight_decay=0.1)
+    state = opt.trajectory.state_dict()
+    if field == "no_decay":
+        state["meta"][field] = value
+    else:
+        state["meta"]["groups"][0][field] = value
+    with pytest.raises(ValueError, match=f"trajectory meta .*{field}"):
+        Trajectory.from_state_dict(state)
+
+
+def test_a_damaged_trajectory_file_is_refused(tmp_path):
+    """torch.load does not test the CRC-32 of its zip members: one flipped bit in a
+    coefficient loaded and replayed other weights."""
+    net, opt = trained("mezo", steps=3)
+    path = tmp_path / "run.pt"
+    opt.trajectory.save(path)
+    data = bytearray(path.read_bytes())
+    coefs = opt.trajectory.state_dict()["coefs"]
+    raw = coefs.numpy().tobytes()
+    at = bytes(data).find(raw)
+    assert at > 0
+    data[at] ^= 0x01  # the lowest bit of the first coefficient
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="fails its CRC-32 check"):
+        Trajectory.load(path)
+    with pytest.raises(ValueError, match="fails its CRC-32 check"):
+        Trajectory.load(io.BytesIO(bytes(data)))
+    path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    with pytest.raises(ValueError, match="trajectory file"):
+        Trajectory.load(path)
+    # an intact file, from a path and from a file object
+    opt.trajectory.save(path)
+    assert_same(snapshot(_replayed(Trajectory.load(path).state_dict())), snapshot(net),
+                "replay of the saved file")
+    with open(path, "rb") as f:
+        assert len(Trajectory.load(f)) == 3

@@ -312,11 +312,15 @@ class ParameterSpace:
         parts of the unsharded ones."""
         return any(shard is not None for shard in self.shards)
 
-    def global_numels(self) -> list[int]:
-        """Each parameter's element count in the unsharded model (a shard's whole tensor): what a
-        trajectory records, so that it replays on the unsharded model."""
-        return [t.numel() if shard is None else math.prod(shard.global_shape)
+    def global_shapes(self) -> list[tuple[int, ...]]:
+        """Each parameter's shape in the unsharded model (a shard's whole tensor)."""
+        return [tuple(t.shape) if shard is None else tuple(shard.global_shape)
                 for t, shard in zip(self.params, self.shards)]
+
+    def global_numels(self) -> list[int]:
+        """Each parameter's element count in the unsharded model: what a trajectory records, so
+        that it replays on the unsharded model."""
+        return [math.prod(shape) for shape in self.global_shapes()]
 
     @property
     def numel(self) -> int:

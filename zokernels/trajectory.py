@@ -29,8 +29,9 @@ import importlib
 import math
 import numbers
 import os
+import zipfile
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -308,8 +309,36 @@ class Trajectory:
         torch.save(self.state_dict(), path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Trajectory":
-        return cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    def load(cls, path: str | os.PathLike | BinaryIO) -> "Trajectory":
+        """A saved trajectory (a path or a seekable binary file), checked whole before use
+        (ValueError; OSError when the file cannot be opened): torch.load does not test the
+        CRC-32 of torch.save's zip members, so a damaged byte in a coefficient would replay
+        other weights silently; the members are tested first."""
+        if isinstance(path, (str, bytes, os.PathLike)):
+            with open(path, "rb") as f:
+                return cls._load_file(f, repr(os.fsdecode(path)))
+        return cls._load_file(path, "")
+
+    @classmethod
+    def _load_file(cls, f: BinaryIO, name: str) -> "Trajectory":
+        where = f"trajectory file {name}".rstrip()
+        start = f.tell()
+        if zipfile.is_zipfile(f):
+            f.seek(start)
+            try:
+                with zipfile.ZipFile(f) as archive:
+                    damaged = archive.testzip()
+            except Exception as exc:  # zipfile, zlib, struct errors on a damaged file
+                raise ValueError(f"{where} is damaged: {exc}") from exc
+            if damaged is not None:
+                raise ValueError(f"{where} is damaged: member {damaged!r} fails its CRC-32 "
+                                 "check")
+        f.seek(start)
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # the unpickler's errors on a file it cannot read
+            raise ValueError(f"{where} could not be read: {exc}") from exc
+        return cls.from_state_dict(state)
 
     @property
     def nbytes(self) -> int:
@@ -441,7 +470,7 @@ class Trajectory:
         if replayer is not None:
             replayer(self, spaces, backend)
             return
-        dist, rounding = self.meta["dist"], self.meta.get("rounding", "nearest")
+        dist, rounding = meta_dist(self.meta), self.meta.get("rounding", "nearest")
         for _, seeds, coefs, decays, layers in self.records():
             for g, space in enumerate(spaces):
                 space.update(seeds, coefs[g], decay=decays[g], layers=layers, dist=dist,
@@ -492,6 +521,17 @@ def _field(state: dict[str, Any], name: str, dim: int, integer: bool, rows: int 
     return t.tolist()
 
 
+def _strings(value: Any) -> bool:
+    """Whether value is a list (or tuple) of strings."""
+    return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+
+
+def meta_dist(meta: dict[str, Any]) -> Any:
+    """The noise distribution a trajectory's meta records (gaussian where it names none): the
+    one reading of the field, for the load's check and every replay."""
+    return meta.get("dist", "gaussian")
+
+
 def _checked_meta(meta: Any, seeds_saved: bool) -> int:
     """The meta fields a load and a replay read; returns the number of param groups."""
     if not isinstance(meta, dict):
@@ -501,13 +541,16 @@ def _checked_meta(meta: Any, seeds_saved: bool) -> int:
             as_seed(meta.get("base_seed"), "base_seed")
         except (TypeError, ValueError) as exc:
             raise ValueError(f"trajectory meta {exc}") from None
-    if meta.get("dist", "gaussian") not in PERTURB_DISTS:
+    if meta_dist(meta) not in PERTURB_DISTS:
         raise ValueError(f"trajectory meta dist must be one of {list(PERTURB_DISTS)}, got "
                          f"{meta.get('dist')!r}")
     if meta.get("rounding", "nearest") not in ROUNDINGS:
         raise ValueError(f"trajectory meta rounding must be one of {list(ROUNDINGS)}, got "
                          f"{meta.get('rounding')!r}")
     as_contract(saved_contract(meta), "trajectory meta contract")  # absent: v1 (before versions)
+    if not _strings(meta.get("no_decay", [])):  # a string would be read letter by letter
+        raise ValueError(f"trajectory meta no_decay must be a list of name substrings, got "
+                         f"{meta.get('no_decay')!r}")
     groups = meta.get("groups")
     if not isinstance(groups, list) or not groups:
         raise ValueError("trajectory meta groups must be a non-empty list (one per param group)")
@@ -516,8 +559,14 @@ def _checked_meta(meta: Any, seeds_saved: bool) -> int:
         if not isinstance(group, dict):
             raise ValueError(f"{where} must be a dict")
         names, numels, keys = (group.get(k) for k in ("param_names", "numel", "keys"))
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        if not _strings(names):
             raise ValueError(f"{where} param_names must be a list of strings")
+        if not isinstance(group.get("named", True), bool):
+            raise ValueError(f"{where} named must be a bool, got {group.get('named')!r}")
+        layers = group.get("layers")
+        if layers is not None and not (isinstance(layers, (list, tuple))
+                                       and all(_strings(layer) for layer in layers)):
+            raise ValueError(f"{where} layers must be a list of lists of parameter names")
         for field, values in (("numel", numels), ("keys", keys)):
             if not isinstance(values, list) or len(values) != len(names):
                 raise ValueError(f"{where} {field} must be a list of {len(names)} integers")

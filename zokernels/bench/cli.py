@@ -233,21 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _items(values: list[str] | None, default: str) -> list[str]:
-    """Repeatable, comma-separated option values, in order, without duplicates."""
+def _items(values: list[str] | None, default: str, option: str) -> list[str]:
+    """Repeatable, comma-separated option values, in order, without duplicates; UsageError
+    when they name nothing (`--dtype ,`)."""
     items: list[str] = []
     for value in values or [default]:
         for item in value.split(","):
             item = item.strip()
             if item and item not in items:
                 items.append(item)
+    if not items:
+        raise UsageError(f"{option}: no value given")
     return items
 
 
 def _choices(values: list[str] | None, default: str, allowed: tuple[str, ...] | dict,
              option: str) -> list[str]:
     chosen = []
-    for item in _items(values, default):
+    for item in _items(values, default, option):
         name = allowed[item] if isinstance(allowed, dict) and item in allowed else item
         if name not in allowed:
             raise UsageError(f"{option}: unknown value {item!r}; choose from "
@@ -260,7 +263,7 @@ def _choices(values: list[str] | None, default: str, allowed: tuple[str, ...] | 
 def _ints(values: list[str] | None, default: str, option: str,
           high: int | None = None) -> list[int]:
     numbers = []
-    for item in _items(values, default):
+    for item in _items(values, default, option):
         try:
             number = int(item)
         except ValueError:
@@ -275,7 +278,7 @@ def _ints(values: list[str] | None, default: str, option: str,
 
 def _dtypes(values: list[str] | None, default: str) -> list[str]:
     names = []
-    for item in _items(values, default):
+    for item in _items(values, default, "--dtype"):
         name = DTYPE_ALIASES.get(item, item)
         if name not in DTYPES:
             raise UsageError(f"--dtype: unknown dtype {item!r}; choose from "
@@ -383,7 +386,7 @@ def _memory_check(group: Group, max_gb: float | None, plan: Plan) -> bool:
 
 def plan_quick(args: argparse.Namespace) -> Plan:
     """The no-argument run: one representative shape set on the best device."""
-    devices = _items(args.device, _best_device())
+    devices = _items(args.device, _best_device(), "--device")
     if len(devices) > 1:
         raise UsageError("the quick run takes one --device (use `ops` for several)")
     device = _device(devices[0])
@@ -424,21 +427,22 @@ def plan_quick(args: argparse.Namespace) -> Plan:
 
 def plan_ops(args: argparse.Namespace) -> Plan:
     """The `ops` run: every (shape set, dtype, device) group with its cases."""
-    devices = [_device(d) for d in _items(getattr(args, "device", None), _best_device())]
+    devices = [_device(d)
+               for d in _items(getattr(args, "device", None), _best_device(), "--device")]
     if args.repeats is not None and args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
     if args.warmup is not None and args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.max_gb is not None and not (math.isfinite(args.max_gb) and args.max_gb > 0):
         raise UsageError(f"--max-gb must be a finite number > 0, got {args.max_gb:g}")
-    names = _items(args.shape_set, "") if args.shape_set else None
+    names = _items(args.shape_set, "", "--shape-set") if args.shape_set is not None else None
     shape_sets = []
     for name in names or []:
         try:
             shape_sets.append(get_shape_set(name))
         except ValueError as exc:
             raise UsageError(f"--shape-set: {exc}") from None
-    dtypes = _dtypes(args.dtype, "") if args.dtype else None
+    dtypes = _dtypes(args.dtype, "") if args.dtype is not None else None
     ops = _choices(args.op, "perturb,lowrank", OPS, "--op")
     # seeds per call: at most what one recorded step may hold (the optimizers' own limit)
     ks = _ints(args.k, "1,2,14", "--k", high=MAX_SEEDS_PER_STEP)
@@ -582,8 +586,16 @@ def format_table(results: list[dict], groups: list[Group]) -> str:
 def check_json_path(path: str) -> None:
     """Refuse (UsageError) a --json PATH that cannot be written, before anything runs: a
     directory, a path under a file, or a place this process may not write."""
+    if not path:
+        raise UsageError("--json: the path is empty")
     if "\0" in path:  # os.path answers False for it; open() would raise after the run
         raise UsageError(f"--json {path!r}: a path cannot contain a NUL character")
+    try:  # through symbolic links: a loop fails here, a dangling one is checked at its target
+        path = os.path.realpath(path, strict=False)
+        if os.path.islink(path):
+            os.stat(path)
+    except OSError as exc:
+        raise UsageError(f"--json {path}: {exc.strerror or exc}") from None
     if os.path.isdir(path):
         raise UsageError(f"--json {path}: is a directory; give a file path")
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -601,7 +613,7 @@ def check_json_path(path: str) -> None:
 def apply_run_options(args: argparse.Namespace) -> None:
     """The options every run shares, checked before any work: --json PATH writable, --threads
     in [1, CPUs of this machine] (torch crashes on absurd counts); then the threads are set."""
-    if getattr(args, "json", None):
+    if getattr(args, "json", None) is not None:
         check_json_path(args.json)
     threads = getattr(args, "threads", None)
     if threads is not None:
@@ -613,8 +625,9 @@ def apply_run_options(args: argparse.Namespace) -> None:
 
 
 def write_json(path: str, plan: Plan, results: list[dict], argv: list[str],
-               extra: dict | None = None) -> None:
-    """The results with the environment, date and command; `extra`: more top-level fields."""
+               extra: dict | None = None) -> bool:
+    """The results with the environment, date and command; `extra`: more top-level fields.
+    False (after an error line on stderr) when the file could not be written."""
     devices = list(dict.fromkeys([g.device for g in plan.groups] + list(plan.repeats)))
     document = environment(devices or ["cpu"])
     document.update(
@@ -623,11 +636,18 @@ def write_json(path: str, plan: Plan, results: list[dict], argv: list[str],
         command=shlex.join([PROG, *argv]),
         warmup=plan.warmup, repeats=plan.repeats, notes=plan.notes, skipped=plan.skipped,
         results=results, **(extra or {}))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(document, f, indent=2)
-        f.write("\n")
+    try:  # checked before the run (check_json_path); what fails now (a full disk) is reported
+        target = os.path.realpath(path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "w") as f:
+            json.dump(document, f, indent=2)
+            f.write("\n")
+    except OSError as exc:
+        print(f"{PROG}: error: --json {path}: the results could not be written: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return False
+    print(f"wrote {path}", file=sys.stderr)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,9 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(results, plan.groups))
     for note in plan.notes:
         print(f"note: {note}")
-    if plan.json_path:
-        write_json(plan.json_path, plan, results, argv)
-        print(f"wrote {plan.json_path}", file=sys.stderr)
+    if plan.json_path is not None and not write_json(plan.json_path, plan, results, argv):
+        return 1
     if not results:
         print(f"{PROG}: nothing was timed (see the notes)", file=sys.stderr)
         return 1
@@ -666,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
-    devices = _items(getattr(args, "device", None), _best_device())
+    devices = _items(getattr(args, "device", None), _best_device(), "--device")
     if len(devices) != 1:
         raise UsageError("step takes one --device")
     device = _device(devices[0])
@@ -682,7 +701,7 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
     optimizers = _choices(args.optimizer, ",".join(STEP_OPTIMIZERS),
                           tuple(dict.fromkeys(STEP_OPTIMIZERS + tuple(TEZO_MODES)
                                               + tuple(PROBE_MODES))), "--optimizer")
-    dtype = _dtypes([args.dtype] if args.dtype else None, DEFAULTS[kind]["dtype"])[0]
+    dtype = _dtypes([args.dtype] if args.dtype is not None else None, DEFAULTS[kind]["dtype"])[0]
     backend = args.backend
     if backend not in ("auto",) + FUSED_BACKENDS:
         raise UsageError(f"--backend: unknown value {backend!r}; choose from auto, "
@@ -690,10 +709,12 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
     if backend != "auto" and backend not in zokernels.available_backends():
         raise UsageError(f"--backend {backend}: not available here: "
                          f"{_unavailable_reason(backend)}")
-    for option, value in (("--batch", args.batch), ("--seq", args.seq), ("--rank", args.rank),
+    for option, value in (("--batch", args.batch), ("--rank", args.rank),
                           ("--window", args.window)):
         if value < 1:
             raise UsageError(f"{option} must be >= 1, got {value}")
+    if args.seq < 2:  # the loss predicts each next token: one token leaves it nothing to predict
+        raise UsageError(f"--seq must be >= 2, got {args.seq}")
     vocab, positions = vocab_and_positions(model)
     if args.seq > positions:
         raise UsageError(f"--seq {args.seq}: --model {model} takes at most {positions} tokens")
@@ -751,11 +772,11 @@ def main_step(args: argparse.Namespace, argv: list[str]) -> int:
           "exact-restore logs + PseuZO window + TeZO moments, deferred vectors and factor "
           "cache + the virtual probes' largest draw (opt.extra_memory_bytes); peak extra = GPU "
           "memory above the start of the timed steps (CUDA only)")
-    if getattr(args, "json", None):
+    if getattr(args, "json", None) is not None:
         plan = Plan("step", [], {settings.device: settings.warmup},
                     {settings.device: settings.repeats}, [], json_path=args.json)
-        write_json(args.json, plan, rows, argv)
-        print(f"wrote {args.json}", file=sys.stderr)
+        if not write_json(args.json, plan, rows, argv):
+            return 1
     return 0
 
 
@@ -790,7 +811,7 @@ def _lora_backend(requested: str, device: str) -> str:
 
 def plan_lora(args: argparse.Namespace) -> tuple[LoraSettings, list[str]]:
     """Settings of a `lora` run (every argument checked before anything runs), and its notes."""
-    devices = _items(getattr(args, "device", None), _best_device())
+    devices = _items(getattr(args, "device", None), _best_device(), "--device")
     if len(devices) != 1:
         raise UsageError("lora takes one --device")
     device = _device(devices[0])
@@ -813,7 +834,7 @@ def plan_lora(args: argparse.Namespace) -> tuple[LoraSettings, list[str]]:
                           ("--overhead-numel", args.overhead_numel)):
         if value is not None and value < 1:
             raise UsageError(f"{option} must be >= 1, got {value}")
-    dtype = _dtypes([args.dtype] if args.dtype else None, DEFAULTS[kind]["dtype"])[0]
+    dtype = _dtypes([args.dtype] if args.dtype is not None else None, DEFAULTS[kind]["dtype"])[0]
     adapters = max(adapter_bytes(args.preset, t, args.rank, args.layers, DTYPES[dtype])
                    for t in targets)
     free = available_memory_bytes(device)
@@ -893,7 +914,7 @@ def main_lora(args: argparse.Namespace, argv: list[str]) -> int:
     print(format_lora_tables(settings, sets, steps, overhead))
     for note in notes:
         print(f"note: {note}")
-    if getattr(args, "json", None):
+    if getattr(args, "json", None) is not None:
         devices = list(dict.fromkeys([settings.device]
                                      + [d for d, _ in settings.overhead_backends]))
         plan = Plan("lora", [], {d: settings.warmup for d in devices},
@@ -905,9 +926,9 @@ def main_lora(args: argparse.Namespace, argv: list[str]) -> int:
                       sets=sets, overhead_tensors=list(settings.overhead_tensors),
                       overhead_numel=settings.overhead_numel,
                       overhead_backends=[list(pair) for pair in settings.overhead_backends])
-        write_json(args.json, plan, steps, argv,
-                   extra=dict(lora=config, overhead=overhead))
-        print(f"wrote {args.json}", file=sys.stderr)
+        if not write_json(args.json, plan, steps, argv,
+                          extra=dict(lora=config, overhead=overhead)):
+            return 1
     return 0
 
 

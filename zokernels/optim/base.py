@@ -1041,6 +1041,9 @@ class ZOOptimizer(torch.optim.Optimizer):
 _MISSING = object()
 # Meta fields a trajectory of an earlier version may lack, read as the replays read them.
 _META_DEFAULTS = {"named": True, "no_decay": [], "n_spsa": 1, "tezo_update": "inplace"}
+# Fields an earlier version did not record and that a replay checks only where present (TeZO's
+# weight shapes): a saved meta without one matches.
+_META_OPTIONAL = frozenset({"shapes"})
 
 
 def _same_meta(got: Any, want: Any) -> bool:
@@ -1055,6 +1058,8 @@ def _meta_difference(got: Any, want: Any, where: str) -> str | None:
         if not isinstance(got, dict):
             return where
         for key, value in want.items():
+            if key in _META_OPTIONAL and key not in got:
+                continue
             found = _meta_difference(got.get(key, _META_DEFAULTS.get(key, _MISSING)), value,
                                      f"{where}[{key!r}]")
             if found is not None:

@@ -25,7 +25,7 @@ from ..lowrank_space import LowRankNoise, LowRankSpace, split_by_rank
 from ..ops.undo import SelectorLog, UndoLog
 from ..sharding import local_tensor
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
-from ..trajectory import MAX_SEEDS_PER_STEP
+from ..trajectory import MAX_SEEDS_PER_STEP, meta_dist
 from .base import _copied, check_common_hyper, check_hyper
 from .mezo import MeZO
 from ._seeds import step_seed
@@ -389,9 +389,13 @@ class TeZO(MeZO):
         lowrank = []
         for space in self._registered:
             two_d, _ = split_by_rank(space)
+            shapes = space.global_shapes()
             lowrank.append({"param_names": [space.names[j] for j in two_d],
                             "keys": [space.keys[j] for j in two_d],
-                            "numel": [space.global_numels()[j] for j in two_d]})
+                            "numel": [math.prod(shapes[j]) for j in two_d],
+                            # the factors depend on (m, n), not only on m n: a replay onto a
+                            # weight of another shape would draw other noise
+                            "shapes": [list(shapes[j]) for j in two_d]})
         meta.update(rank=self.rank, variant=self.variant, betas=list(self.betas),
                     delta=self.delta, lowrank=lowrank, noise_layout=NOISE_LAYOUT,
                     tezo_probe=self.probe, tezo_update=self.update)
@@ -759,7 +763,14 @@ def _check_tezo_replay(trajectory, spaces) -> None:
                 space.params[space.names.index(n)].dim() != 2 for n in names):
             raise ValueError(f"TeZO trajectory meta lowrank[{g}] must name 2-D parameters of "
                              f"param group {g}")
-        shapes = [space.params[space.names.index(n)].shape for n in names]
+        shapes = [space.global_shapes()[space.names.index(n)] for n in names]
+        recorded = group.get("shapes")  # absent in trajectories of earlier versions
+        if recorded is not None and (not isinstance(recorded, list) or len(recorded) != len(names)
+                                     or any(not isinstance(r, list) or tuple(r) != shape
+                                            for r, shape in zip(recorded, shapes))):
+            raise ValueError(f"TeZO trajectory meta lowrank[{g}] shapes {recorded!r} are not "
+                             f"those of the parameters {[list(s) for s in shapes]} (the "
+                             "low-rank noise depends on the shape)")
         sizes.append(sum(min(rank, m, n) for m, n in shapes))
     initial = meta.get("initial_moments")
     if initial is not None:
@@ -788,7 +799,7 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
     base = meta["base_seed"]
     n_spsa = meta.get("n_spsa", 1)
     betas, delta = (float(meta["betas"][0]), float(meta["betas"][1])), float(meta["delta"])
-    rounding = meta.get("rounding", "nearest")
+    rounding, dist = meta.get("rounding", "nearest"), meta_dist(meta)
     states = []
     for space, lowrank in zip(spaces, meta["lowrank"]):
         names = set(lowrank["param_names"])
@@ -863,7 +874,7 @@ def _replay_tezo(trajectory, spaces, backend) -> None:
             # the run's update rounding; its stochastic bits come from the step's dense seed
             state.apply(update, 1.0, decays[g], backend, rounding=rounding,
                         rounding_seed=seeds[0], positions=written)
-            dense[g].update(seeds, coefs[g], decay=decays[g], dist=meta["dist"],
+            dense[g].update(seeds, coefs[g], decay=decays[g], dist=dist,
                             rounding=rounding)
     if target is not None:
         target.merge()
