@@ -6,6 +6,7 @@ import functools
 import re
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -333,6 +334,11 @@ def test_bad_arguments_raise_naming_them_and_change_nothing():
         (dict(random_seed=5, scaling_factor=-1e41), ValueError, "scaling_factor"),  # x zo_eps 1e-2
         (dict(random_seed=1.5), TypeError, "random_seed"),
         (dict(random_seed="4"), TypeError, "random_seed"),
+        # truncated or wrapped, these reused seed 2's noise (torch.manual_seed refuses 2^64 + 2)
+        (dict(random_seed=np.float32(2.5)), TypeError, "random_seed"),
+        (dict(random_seed=torch.tensor(2.5)), TypeError, "random_seed"),
+        (dict(random_seed=2 ** 64 + 2), ValueError, "random_seed"),
+        (dict(random_seed=-(2 ** 63) - 1), ValueError, "random_seed"),
     ]
     for kwargs, error, name in cases:
         with pytest.raises(error, match=name):
@@ -346,10 +352,38 @@ def test_bad_arguments_raise_naming_them_and_change_nothing():
     with pytest.raises(ValueError, match="projected_grad"):
         trainer.zo_update(trainer.model)
     _assert_unchanged(trainer, held, "after the refused zo_update")
+    # each finite, the update's coefficient (-lr * grad) or decay (1 - lr * wd) beyond float32:
+    # refused inside the pass, they restored the held perturbation
+    for grad, weight_decay, name in ((1e30, 0.0, "projected_grad"),
+                                     (1.0, 1e40, "weight_decay")):
+        trainer.projected_grad, trainer.args.weight_decay = grad, weight_decay
+        trainer.lr = 1e10
+        with pytest.raises(ValueError, match=name):
+            trainer.zo_update(trainer.model)
+        _assert_unchanged(trainer, held, f"after the refused zo_update ({name})")
+    trainer.lr, trainer.args.weight_decay = 0.05, 0.5
     assert trainer.scheduler_steps == 0
     trainer.zo_perturb_parameters(random_seed=4, scaling_factor=-1)  # the state is intact
     trainer.zo_perturb_parameters(random_seed=4, scaling_factor=1)
     _assert_unchanged(trainer, held, "the perturbation is still tracked")
+
+
+def test_a_seeds_summed_coefficient_beyond_float32_is_refused_naming_scaling_factor():
+    """Each call's scaling_factor * zo_eps fits float32, their sum on one seed does not: the
+    pass refused it as `scales[0]`; now it is named before anything is written."""
+    trainer = _patched_named()
+    trainer.zo_perturb_parameters(random_seed=9, scaling_factor=3e40)  # 3e38 (zo_eps 1e-2)
+    held = _weights(trainer)
+    with pytest.raises(ValueError, match="scaling_factor"):
+        trainer.zo_perturb_parameters(random_seed=9, scaling_factor=3e40)
+    _assert_unchanged(trainer, held, "after the refused sum")
+
+
+def test_negative_seeds_map_as_torch_manual_seed_maps_them():
+    a, b = _patched_named(), _patched_named()
+    a.zo_perturb_parameters(random_seed=-3, scaling_factor=1)
+    b.zo_perturb_parameters(random_seed=2 ** 64 - 3, scaling_factor=1)
+    assert all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(b)))
 
 
 def test_patch_arguments_are_checked_before_patching():

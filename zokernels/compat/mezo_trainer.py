@@ -118,9 +118,10 @@ optimizer hook caught). The perturbation is then removed by recovery only (theta
 change, within float32 rounding of the noise): the undo logs hold values from before the foreign
 write and would undo it on the logged elements.
 
-Invalid values (a non-integer seed, a non-finite scaling_factor, zo_eps, lr, weight_decay or
-projected_grad; a scaling_factor * zo_eps beyond float32's range) raise TypeError / ValueError
-naming them and change nothing but a deferred
+Invalid values (a non-integer seed or one outside torch.manual_seed's range [-2^63, 2^64); a
+non-finite scaling_factor, zo_eps, lr, weight_decay or projected_grad; a coefficient beyond
+float32's range: scaling_factor * zo_eps, a seed's held sum, lr * projected_grad, 1 - lr *
+weight_decay) raise TypeError / ValueError naming them and change nothing but a deferred
 restore, which is carried out first (the weights never stay at theta - eps z). MeZO, given a
 non-finite projected_grad, writes NaN into every weight and carries on; the patch refuses that
 zo_update instead (no weight written, scheduler not stepped, the weights at theta) and stays
@@ -145,7 +146,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .._contract import PERTURB_DISTS
 from .._dispatch import BACKEND_CHOICES
 from .._signals import interrupts_deferred
-from .._validate import as_choice
+from .._validate import as_choice, fits_float32
 from .._warn import warn
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..lowrank_space import SizedSelectorLog
@@ -323,13 +324,29 @@ def _substrings(value: Any, what: str) -> tuple[str, ...]:
 
 
 def _seed(value: Any, what: str) -> int:
-    if isinstance(value, (bool, float, str, bytes)):
+    """An integer seed in torch.manual_seed's range [-2^63, 2^64), negatives mapped as it maps
+    them; TypeError for a non-integer (2.5 as a numpy or tensor scalar too: truncating it would
+    reuse seed 2's noise), ValueError outside the range (2^64 + 2 would be seed 2's)."""
+    if isinstance(value, (bool, str, bytes)):
         raise TypeError(f"{what} must be an integer seed, got {value!r}")
     try:
-        seed = int(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what} must be an integer seed, got {type(value).__name__}") from None
-    return seed & ((1 << 64) - 1)  # torch.manual_seed's range, negatives included
+        seed = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer seed, got {value!r} "
+                        f"({type(value).__name__})") from None
+    if not -(1 << 63) <= seed < 1 << 64:
+        raise ValueError(f"{what} must be in [-2^63, 2^64) (torch.manual_seed's range), got "
+                         f"{seed}")
+    return seed & ((1 << 64) - 1)
+
+
+def _check_coefs(values: Any, what: str) -> None:
+    """ValueError naming `what` unless every value is finite in float32 (checked before a pass:
+    one refused inside it would restore what the weights hold)."""
+    for value in values:
+        if not fits_float32(value):
+            raise ValueError(f"{what} must be at most {_MAX_COEF:.4g} in magnitude (float32's "
+                             f"range), got {value!r}")
 
 
 class _PatchState:
@@ -509,6 +526,9 @@ class _PatchState:
             if abs(row[k]) < _ZERO * abs(eps):
                 row[k] = 0.0  # +1, -2, +1 in floating point: exactly back
             target[c] = row
+        for c in self.classes:  # a seed's coefficients add up (two calls with one seed)
+            _check_coefs(target[c], f"random_seed {seed}: the held coefficient (scaling_factor "
+                                    "* zo_eps, summed over the calls of one seed)")
         nonzero = sum(any(target[c][j] != 0.0 for c in self.classes) for j in range(len(seeds)))
         if nonzero > self.max_held_seeds:
             raise ValueError(f"random_seed {seed}: the weights would hold perturbations of "
@@ -554,6 +574,9 @@ class _PatchState:
             return
         # as the original: the update acts on the perturbed weights, decay included
         held = {c: [(decay if c else 1.0) * h for h in self.coefs[c]] for c in self.classes}
+        for c in self.classes:
+            _check_coefs(held[c], "the held perturbation's coefficients times the decay 1 - lr "
+                                  "* trainer.args.weight_decay")
         seeds = self.seeds + [seed]
         scales = {c: held[c] + [coef] for c in self.classes}
         (move,) = self.moves(seeds, scales)
@@ -683,11 +706,15 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
                 grad = _real(trainer.projected_grad, "trainer.projected_grad")
                 weight_decay = _real(getattr(trainer.args, "weight_decay", 0.0),
                                      "trainer.args.weight_decay")
+                coef, decay = -lr * grad, 1.0 - lr * weight_decay
+                _check_coefs([coef], "trainer._get_learning_rate() * trainer.projected_grad")
+                _check_coefs([decay], "1 - trainer._get_learning_rate() * "
+                                      "trainer.args.weight_decay")
             except (TypeError, ValueError):
                 state.awaiting_update = False  # this step's update is refused, not skipped
                 raise
             state.space_for(list(trainer.named_parameters_to_optim))
-            state.update(seed, -lr * grad, 1.0 - lr * weight_decay)
+            state.update(seed, coef, decay)
             state.awaiting_update = False
             scheduler = getattr(trainer, "lr_scheduler", None)
             if scheduler is not None:
