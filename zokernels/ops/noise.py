@@ -15,8 +15,8 @@ def noise(numel: int, seed: int, key: int = 0, *, offset: int = 0, dist: str = "
     """z(seed, key, i) for i = offset .. offset + numel - 1, as a new float32 tensor [numel].
 
     dist: "gaussian" (N(0, 1) by Box-Muller, one Philox call per 4 elements), "rademacher"
-    (+-1, one Philox call per 128 elements) or "uniform" (the uniforms in [0, 1) that feed the
-    gaussian). These are exactly the values `perturb_` adds for a tensor with this key, so
+    (+-1, one Philox call per 128 elements) or "uniform" (the uniforms in [0, 1) that feed
+    contract 1's gaussian; contracts 2 and 3 draw theirs from the words directly). These are exactly the values `perturb_` adds for a tensor with this key, so
     `noise(t.numel(), s, key).view_as(t)` materializes what `perturb_` applies without storing it.
     contract: the version of the noise contract (docs/noise-contract.md): 3 (default) and 2 give
     the v2 normals, a fixed float32 Box-Muller, bit-identical on every backend (they differ only
