@@ -4,6 +4,12 @@ ZO part = step time - the time of two plain forwards of the same model on the sa
 optimizer, no hooks), measured right after each step, interleaved with the modes: the virtual
 probes' hook work happens inside the step's forwards, so the forwards the step would cost
 anyway are what is subtracted. Medians over the repeats of one run, ratios against in-place.
+That difference of two forwards of ~100 ms each moves by several ms from step to step, as much
+as a virtual step's whole ZO part on `small`; so the same steps are also timed from inside
+("zo_inside"): step time - the time spent in the closure's forwards + the time spent in the
+probe hooks (which run inside those forwards), each read with the same clock around the calls.
+It leaves out what the hooks cost the rest of the forward (caches), and has no subtraction of
+two different runs.
 Also: extra memory (opt.extra_memory_bytes), the merge time of the deferred mode, the loss
 agreement of the virtual probes with the in-place ones (same weights, lr = 0), and which 2-D
 weights the first step kept virtual.
@@ -139,12 +145,18 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, w
             opt.step(lambda m=models[mode]: loss_of(m))
     steps = {mode: [] for mode in MODES}
     zo = {mode: [] for mode in MODES}
+    inside = {mode: [] for mode in MODES}
     forwards = []
+    spent = {mode: {"closure": 0.0, "hooks": 0.0} for mode in MODES}
+    for mode, opt in opts.items():
+        _time_hooks(opt, spent[mode], clock)
     with torch.no_grad():
         for _ in range(repeats):
             for mode, opt in opts.items():
+                spent[mode].update(closure=0.0, hooks=0.0)
+                closure = _timed_closure(lambda m=models[mode]: loss_of(m), spent[mode], clock)
                 start = clock()
-                opt.step(lambda m=models[mode]: loss_of(m))
+                opt.step(closure)
                 step_ms = 1e3 * (clock() - start)
                 start = clock()
                 loss_of(plain)
@@ -152,6 +164,8 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, w
                 two_forwards = 1e3 * (clock() - start)
                 steps[mode].append(step_ms)
                 zo[mode].append(step_ms - two_forwards)
+                inside[mode].append(step_ms - 1e3 * (spent[mode]["closure"]
+                                                     - spent[mode]["hooks"]))
                 forwards.append(two_forwards)
     start = time.perf_counter()
     opts["deferred"].merge()
@@ -162,10 +176,13 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, w
     for mode in MODES:
         rows[mode] = dict(step_ms=statistics.median(steps[mode]),
                           zo_ms=statistics.median(zo[mode]),
+                          zo_inside_ms=statistics.median(inside[mode]),
                           extra_memory_bytes=opts[mode].extra_memory_bytes,
                           extra_memory_ratio=opts[mode].extra_memory_bytes / param_bytes)
     for mode in MODES:
         rows[mode]["zo_vs_inplace"] = rows[mode]["zo_ms"] / rows["inplace"]["zo_ms"]
+        rows[mode]["zo_inside_vs_inplace"] = (rows[mode]["zo_inside_ms"]
+                                              / rows["inplace"]["zo_inside_ms"])
     return dict(model=model_name, dtype=dtype_name, batch=batch, seq=seq, rank=rank,
                 numel=sum(p.numel() for p in params), param_bytes=param_bytes,
                 two_forwards_ms=statistics.median(forwards), modes=rows,
@@ -176,6 +193,34 @@ def measure(model_name: str, dtype_name: str, batch: int, seq: int, rank: int, w
                 first_grad_rel_error_vs_float64=grad_error,
                 virtual_weights=len(kept), two_d_weights=len(two_d),
                 inplace_2d=[n for n in two_d if n not in set(kept)])
+
+
+def _timed_closure(closure, spent: dict, clock):
+    """closure, adding the time of each call to spent["closure"] (seconds)."""
+    def timed():
+        start = clock()
+        try:
+            return closure()
+        finally:
+            spent["closure"] += clock() - start
+    return timed
+
+
+def _time_hooks(opt: TeZO, spent: dict, clock) -> None:
+    """Adds the time of each virtual-probe hook call of `opt` to spent["hooks"] (seconds): the
+    hook calls its VirtualLowRank's _add_term through the instance, which this wraps."""
+    virtual = getattr(opt, "_virtual", None)
+    if virtual is None:
+        return
+    add_term = virtual._add_term
+
+    def timed(*args):
+        start = clock()
+        try:
+            return add_term(*args)
+        finally:
+            spent["hooks"] += clock() - start
+    virtual._add_term = timed
 
 
 def parse_arguments(description: str, argv: list[str] | None, seq: int, warmup: int,
@@ -237,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model} {dtype}: two forwards {row['two_forwards_ms']:.1f} ms; ZO part "
                   + ", ".join(f"{m} {modes[m]['zo_ms']:.1f} ms ({modes[m]['zo_vs_inplace']:.2f}x)"
                               for m in MODES)
+                  + "; from inside the step: "
+                  + ", ".join(f"{m} {modes[m]['zo_inside_ms']:.1f} ms "
+                              f"({modes[m]['zo_inside_vs_inplace']:.2f}x)" for m in MODES)
                   + f"; merge {row['deferred_merge_ms']:.1f} ms; loss rel diff max "
                   f"{row['loss_rel_diff_virtual_vs_inplace']['max']:.2e}; loss error vs float64: "
                   + ", ".join(f"{m} {e:.2e}" for m, e in
