@@ -174,6 +174,17 @@ def test_json_path_through_symbolic_links(bench, tmp_path):
     (tmp_path / "other.json").symlink_to(loop)
     status, out, err = bench(*TINY_RUN, "--json", str(loop))
     assert status == 2 and "symbolic links" in err and not out, err
+    parent_loop = tmp_path / "loopdir"
+    parent_loop.symlink_to(parent_loop)
+    status, out, err = bench(*TINY_RUN, "--json", str(parent_loop / "out.json"))
+    assert status == 2 and "symbolic links" in err and not out, err
+    # a trailing separator names a directory (realpath would drop it and write a file there)
+    existing = tmp_path / "results.json"
+    existing.write_text("{}")
+    for name in (f"{existing}/", f"{tmp_path / 'newdir'}/"):
+        status, out, err = bench(*TINY_RUN, "--json", name)
+        assert status == 2 and "names a directory" in err and not out, err
+    assert existing.read_text() == "{}" and not (tmp_path / "newdir").exists()
     dangling = tmp_path / "dangling.json"
     dangling.symlink_to(tmp_path / "missing" / "out.json")
     status, _, err = bench(*TINY_RUN, "--json", str(dangling))

@@ -379,10 +379,12 @@ def test_a_seeds_summed_coefficient_beyond_float32_is_refused_naming_scaling_fac
     _assert_unchanged(trainer, held, "after the refused sum")
 
 
-def test_negative_seeds_map_as_torch_manual_seed_maps_them():
+@pytest.mark.parametrize("seed, same_as", [(-3, 2 ** 64 - 3), (np.uint64(2 ** 64 - 1), -1),
+                                           (torch.tensor(7), 7), (np.int64(-(2 ** 63)), 2 ** 63)])
+def test_integer_seeds_map_as_torch_manual_seed_maps_them(seed, same_as):
     a, b = _patched_named(), _patched_named()
-    a.zo_perturb_parameters(random_seed=-3, scaling_factor=1)
-    b.zo_perturb_parameters(random_seed=2 ** 64 - 3, scaling_factor=1)
+    a.zo_perturb_parameters(random_seed=seed, scaling_factor=1)
+    b.zo_perturb_parameters(random_seed=same_as, scaling_factor=1)
     assert all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(b)))
 
 

@@ -439,6 +439,12 @@ def test_a_tezo_replay_refuses_weights_of_another_shape():
         del group["shapes"]
     resumed = make("tezo", two_layer_model().named_parameters())
     resumed.load_state_dict(saved)
+    # recorded shapes that are not this optimizer's: a resume is refused too
+    saved = opt.state_dict()
+    saved["trajectory"]["meta"]["lowrank"][0]["shapes"][0] = [6, 5]
+    other = make("tezo", two_layer_model().named_parameters())
+    with pytest.raises(ValueError, match="shapes"):
+        other.load_state_dict(saved)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -471,16 +477,40 @@ def test_a_damaged_trajectory_file_is_refused(tmp_path):
     assert at > 0
     data[at] ^= 0x01  # the lowest bit of the first coefficient
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="fails its CRC-32 check"):
+    with pytest.raises(ValueError, match="damaged: Bad CRC-32"):
         Trajectory.load(path)
-    with pytest.raises(ValueError, match="fails its CRC-32 check"):
+    with pytest.raises(ValueError, match="damaged: Bad CRC-32"):
         Trajectory.load(io.BytesIO(bytes(data)))
     path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
     with pytest.raises(ValueError, match="trajectory file"):
         Trajectory.load(path)
-    # an intact file, from a path and from a file object
+    # an intact file, from a path (str, bytes) and from a file object not at offset 0
     opt.trajectory.save(path)
     assert_same(snapshot(_replayed(Trajectory.load(path).state_dict())), snapshot(net),
                 "replay of the saved file")
-    with open(path, "rb") as f:
-        assert len(Trajectory.load(f)) == 3
+    assert len(Trajectory.load(bytes(path))) == 3
+    buffer = io.BytesIO(b"header" + path.read_bytes())
+    buffer.seek(6)
+    assert len(Trajectory.load(buffer)) == 3
+
+
+def test_trajectory_files_torch_load_reads_are_loaded(tmp_path):
+    """Files torch.load reads: one saved without CRCs (set_crc32_options(False): every member's
+    CRC is 0), and a legacy (non-zip) one whose data holds a zip end-of-directory signature
+    (zipfile.is_zipfile took it for a damaged zip)."""
+    net = two_layer_model()
+    opt = MeZO(net.named_parameters(), lr=1e-2, seed=0x06054B50)  # pickled: b"PK\x05\x06"
+    for _ in range(2):
+        take_step("mezo", opt, net)
+    state = opt.trajectory.state_dict()
+    without_crc = tmp_path / "nocrc.pt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, without_crc)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert len(Trajectory.load(without_crc)) == 2
+    legacy = tmp_path / "legacy.pt"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    assert b"PK\x05\x06" in legacy.read_bytes()
+    assert len(Trajectory.load(legacy)) == 2

@@ -590,6 +590,8 @@ def check_json_path(path: str) -> None:
         raise UsageError("--json: the path is empty")
     if "\0" in path:  # os.path answers False for it; open() would raise after the run
         raise UsageError(f"--json {path!r}: a path cannot contain a NUL character")
+    if path.endswith(("/", os.sep)):  # realpath would drop the separator and name a file
+        raise UsageError(f"--json {path}: names a directory; give a file path")
     try:  # through symbolic links: a loop fails here, a dangling one is checked at its target
         path = os.path.realpath(path, strict=False)
         if os.path.islink(path):
@@ -602,8 +604,12 @@ def check_json_path(path: str) -> None:
         raise UsageError(f"--json {path}: the file is not writable")
     # the nearest existing ancestor must be a directory we may create entries in
     ancestor = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(ancestor):
+    while not os.path.lexists(ancestor):
         ancestor = os.path.dirname(ancestor)
+    try:  # a symbolic link loop among the ancestors (realpath leaves it unresolved)
+        os.stat(ancestor)
+    except OSError as exc:
+        raise UsageError(f"--json {path}: {ancestor}: {exc.strerror or exc}") from None
     if not os.path.isdir(ancestor):
         raise UsageError(f"--json {path}: {ancestor} is not a directory")
     if not os.path.exists(path) and not os.access(ancestor, os.W_OK | os.X_OK):

@@ -30,7 +30,7 @@ from ..dense_probe import DenseProbes, ProbeTracker, VirtualDenseTarget
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..ops.undo import UndoLog
 from ..space import ParameterSpace, canonical_name
-from ..trajectory import COUNTER_LIMIT, Trajectory
+from ..trajectory import COUNTER_LIMIT, Trajectory, meta_dist
 from ._params import normalize_param_groups
 from ._seeds import step_seed
 
@@ -911,7 +911,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                              f"step counter {state['zo_state']['step']}")
         expected = {"algorithm": (trajectory.algorithm, self.algorithm),
                     "base_seed": (meta.get("base_seed"), int(state["base_seed"])),
-                    "dist": (meta.get("dist"), state["dist"]),
+                    "dist": (meta_dist(meta), state["dist"]),
                     "contract": (saved_contract(meta), saved_contract(state)),
                     "rounding": (meta.get("rounding", "nearest"), self.rounding)}
         for field, (got, want) in expected.items():
