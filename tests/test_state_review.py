@@ -514,3 +514,34 @@ def test_trajectory_files_torch_load_reads_are_loaded(tmp_path):
     torch.save(state, legacy, _use_new_zipfile_serialization=False)
     assert b"PK\x05\x06" in legacy.read_bytes()
     assert len(Trajectory.load(legacy)) == 2
+
+
+@pytest.mark.parametrize("probe", ["inplace", "virtual"])
+def test_a_tezo_weight_resized_between_steps_is_refused(probe):
+    """A weight resized by param.data = ... kept the registered rank, moments and factor
+    offsets (V drawn at U's offsets: a copy of U's last rows), silently; refused now, before
+    anything is written."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8, bias=False)
+    opt = TeZO(lin.named_parameters(), lr=1e-2, rank=4, probe=probe)
+    x = torch.randn(5, 8)
+    opt.step(lambda: lin(x).pow(2).mean())
+    lin.weight.data = torch.randn(16, 8)
+    before = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"weight weight is \(16, 8\), it was \(8, 8\)"):
+        opt.step(lambda: lin(x).pow(2).mean())
+    assert torch.equal(lin.weight, before)
+
+
+def test_parameter_space_arguments_are_read_once_and_checked():
+    """no_decay="bias" was split into letters ("weight" exempt from decay, silently); layers
+    and keys given as generators raised a TypeError naming nothing."""
+    from zokernels.space import ParameterSpace
+    lin = torch.nn.Linear(3, 3)
+    with pytest.raises(TypeError, match="no_decay"):
+        ParameterSpace(lin, no_decay="bias")
+    with pytest.raises(TypeError, match="no_decay"):
+        ParameterSpace(lin, no_decay=[1])
+    space = ParameterSpace(lin, layers=(names for names in [["weight"], ["bias"]]),
+                           keys=(k for k in [1, 2]), no_decay=(s for s in ["bias"]))
+    assert space.num_layers == 2 and space.keys == [1, 2] and space.decayable == [True, False]

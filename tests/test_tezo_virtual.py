@@ -7,6 +7,7 @@ resume. Small models built here; the CPU backend (auto) runs them."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -888,3 +889,90 @@ def test_a_refused_load_state_dict_writes_nothing():
     opt.load_state_dict(saved)  # a valid one merges first
     assert not opt._virtual.pending and hooks_left(model) == []
     assert not torch.equal(model.fc.weight, before["fc.weight"])
+
+
+class _HooksOnlyFirst(torch.nn.Module):
+    """Calls its layers through __call__ (module hooks run) in its first forward only, then
+    through .forward (no hooks): what a torch.compile'd model does with global module hooks
+    added after it compiled (torch does not guard on them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(8, 8, bias=False)
+        self.b = torch.nn.Linear(8, 4, bias=False)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        call = (lambda m, t: m(t)) if self.calls == 1 else (lambda m, t: m.forward(t))
+        return call(self.b, torch.tanh(call(self.a, x)))
+
+
+@pytest.mark.parametrize("update", ["inplace", "deferred"])
+def test_probes_whose_hooks_did_not_run_fall_back_to_in_place(update):
+    """The first step saw the weights read through their modules; later forwards skipped the
+    hooks, so the probes missed the perturbation (l+ == l-: silently no training). The probe
+    that misses a hook now moves every weight to the in-place path and runs the step again;
+    the run's coefficients are those of a model whose hooks run, and a deferred run's
+    trajectory (merged before the fallback) replays bit for bit."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for name in ("hooks", "skipped"):
+        model = _HooksOnlyFirst()
+        if name == "hooks":
+            model.calls = -10 ** 9  # never 1: always through __call__ ... except via forward
+            model.forward = lambda t, m=model: m.b(torch.tanh(m.a(t)))
+        start = snapshot(model)
+        opt = TeZO(model.named_parameters(), lr=1e-1, rank=2, seed=3, update=update)
+        if name == "skipped":  # the first step's second probe already skips them
+            with pytest.warns(RuntimeWarning, match="no virtual-probe hook for 2 weight"):
+                opt.step(lambda: model(x).pow(2).mean())
+            assert opt._virtual is None
+        else:
+            opt.step(lambda: model(x).pow(2).mean())
+        for _ in range(3):
+            opt.step(lambda: model(x).pow(2).mean())
+        runs[name] = [r[2][0][0] for r in opt.trajectory.records()]
+        if name == "skipped":
+            fresh = _HooksOnlyFirst()
+            fresh.load_state_dict(start, strict=False)
+            opt.merge()
+            opt.trajectory.replay(fresh)
+            assert_same(snapshot(fresh), snapshot(model), "replay after the fallback")
+    assert all(c != 0.0 for c in runs["skipped"]), runs
+    assert runs["skipped"] == pytest.approx(runs["hooks"], rel=1e-3, abs=1e-7)
+
+
+def test_a_compiled_model_warm_before_the_optimizer_falls_back():
+    """torch.compile reuses a graph compiled before TeZO's global hooks existed."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 4, bias=False))
+        run = model if name == "eager" else torch.compile(model, backend="eager")
+        with torch.no_grad():
+            run(x)  # a forward (an evaluation) before the optimizer exists
+        opt = TeZO(run.named_parameters(), lr=1e-1, rank=2, seed=3)
+        with pytest.warns() if name == "compiled" else contextlib.nullcontext():
+            for _ in range(3):
+                opt.step(lambda: run(x).pow(2).mean())
+        results[name] = [r[2][0][0] for r in opt.trajectory.records()]
+    assert results["compiled"] == pytest.approx(results["eager"], rel=1e-3, abs=1e-7)
+
+
+def test_steps_leave_no_global_hook_state():
+    """torch's RemovableHandle of a with_kwargs global forward hook leaves its flag in
+    _global_forward_hooks_with_kwargs: two entries leaked per step (a million steps, two
+    million entries), and torch.compile warned of global hooks from then on."""
+    x = torch.randn(5, 8)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    opt = TeZO(model.named_parameters(), lr=1e-2, rank=2, seed=0)
+    before = len(getattr(nn_module, "_global_forward_hooks_with_kwargs", {}))
+    for _ in range(5):
+        opt.step(lambda: model(x).pow(2).mean())
+    assert len(getattr(nn_module, "_global_forward_hooks_with_kwargs", {})) == before
+    assert not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks

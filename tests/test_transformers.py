@@ -400,3 +400,20 @@ def test_lora_adapters_with_virtual_probes_equal_the_inplace_run():
     assert all(torch.equal(p, q) for p, q in zip(inplace.parameters(), virtual.parameters()))
     assert opts[1].dense_probe_status == "virtual (12 of 12 parameters)"
     assert opts[1].undo_log_bytes == 0
+
+
+def test_finetune_draws_no_batch_past_its_steps():
+    """finetune(steps=N) drew batch N and dropped it: training in chunks over one iterator
+    skipped a batch per call."""
+    model = opt_model()
+    drawn = []
+
+    def batches():
+        for i in range(10):
+            drawn.append(i)
+            yield unlabelled()
+    it = batches()
+    for _ in range(2):
+        _, losses = finetune(model, it, optimizer="mezo", lr=1e-3, steps=2, progress=False)
+        assert len(losses) == 2
+    assert drawn == [0, 1, 2, 3]

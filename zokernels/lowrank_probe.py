@@ -329,7 +329,8 @@ class VirtualLowRank:
         self._cache_budget = cache_bytes if callable(cache_bytes) else (lambda: cache_bytes)
         self.cache = FactorCache(self._cache_budget())
         self._stepping = False
-        self._probe: tuple[object, list[torch.Tensor], list[dict]] | None = None
+        self._probe: tuple[object, list[torch.Tensor], list[dict], set] | None = None
+        self.hooked: set[tuple[int, int]] = set()  # (part, index) whose term the last probe added
         self._watch: list[Any] = []
         self._index()
 
@@ -391,8 +392,9 @@ class VirtualLowRank:
         self.cache.begin_probe(self._cache_budget())
         token = object()
         handle = None
+        hooked: set[tuple[int, int]] = set()
         try:
-            self._probe = (token, totals, [{} for _ in self.parts])
+            self._probe = (token, totals, [{} for _ in self.parts], hooked)
             handle = first_global_forward_hook(_module.register_module_forward_hook(
                 lambda module, args, kwargs, output: self._add_term(token, module, args, kwargs,
                                                                     output),
@@ -400,8 +402,19 @@ class VirtualLowRank:
             yield
         finally:
             self._probe = None
+            self.hooked = hooked
             if handle is not None:
                 handle.remove()
+                # torch's handle does not remove its with_kwargs flag: 2 entries a step leaked,
+                # and torch.compile then warns of global hooks forever
+                getattr(_module, "_global_forward_hooks_with_kwargs", {}).pop(handle.id, None)
+
+    def unhooked(self) -> list[str]:
+        """Names of the weights whose term the last probe added nowhere: none of their owner
+        modules ran the hook (a torch.compile'd forward reuses graphs compiled before the hook
+        existed: torch does not guard on global module hooks; or the modules were skipped)."""
+        return [part.space.names[position] for p, part in enumerate(self.parts)
+                for j, position in enumerate(part.positions) if (p, j) not in self.hooked]
 
     def _add_term(self, token, module, args, kwargs, output) -> None:
         probe = self._probe
@@ -414,6 +427,7 @@ class VirtualLowRank:
         if entry is None:
             return None
         p, j = entry
+        probe[3].add(entry)
         dtype = output.dtype
         per_dtype = probe[2][p]
         if dtype not in per_dtype:

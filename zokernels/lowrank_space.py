@@ -241,6 +241,18 @@ class LowRankSpace:
             if w.is_meta:
                 raise meta_parameter_error(f"weight {self.names[j]}")
 
+    def check_shapes(self) -> None:
+        """Refuse (ValueError naming it) a weight whose shape changed since it was registered
+        (param.data = a tensor of another shape): its rank, factors' offsets, moments and the
+        trajectory's recorded shape are the registered shape's, and would draw other noise."""
+        self._refresh()
+        for j, (w, shard) in enumerate(zip(self.weights, self.shards)):
+            if shard is None and tuple(w.shape) != self.shapes[j]:
+                raise ValueError(f"weight {self.names[j]} is {tuple(w.shape)}, it was "
+                                 f"{self.shapes[j]} when the optimizer was built (its rank, "
+                                 "factors and moments are that shape's): build a new optimizer "
+                                 "for a resized weight")
+
     def _refresh(self) -> None:
         for j in self._dtensors:
             self.weights[j] = local_tensor(self.params[j])

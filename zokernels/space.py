@@ -94,6 +94,16 @@ def keys_from_names(names: Sequence[str]) -> list[int]:
     return [keys[name] for name in names]
 
 
+def _listed(values: Any, name: str) -> list:
+    """A sequence argument as a list (a generator is read once), TypeError naming it otherwise."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence, got {type(values).__name__}")
+    try:
+        return list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence, got {type(values).__name__}") from None
+
+
 def _named(params: Any, trainable_only: bool) -> list[tuple[str | None, torch.Tensor]]:
     if isinstance(params, torch.nn.Module):
         return [(n, p) for n, p in params.named_parameters()
@@ -148,6 +158,13 @@ class ParameterSpace:
                  keys: Sequence[int] | None = None, no_decay: Sequence[str] = NO_DECAY_DEFAULT,
                  backend: str = "auto", trainable_only: bool = True,
                  contract: int = DEFAULT_CONTRACT) -> None:
+        # a str would be read letter by letter ("bias": any name with b, i, a or s exempt)
+        no_decay = _listed(no_decay, "no_decay")
+        if not all(isinstance(s, str) for s in no_decay):
+            raise TypeError(f"no_decay must be a sequence of name substrings, e.g. ('bias',), "
+                            f"got {no_decay!r}")
+        layers = None if layers is None else _listed(layers, "layers")
+        keys = None if keys is None else _listed(keys, "keys")
         named = _named(params, trainable_only)
         self.params: list[torch.Tensor] = [t for _, t in named]  # as given (DTensors included)
         self.names: list[str] = [n if n is not None else str(j) for j, (n, _) in enumerate(named)]

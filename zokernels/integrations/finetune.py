@@ -4,6 +4,7 @@ with any zokernels optimizer, with a progress line."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -156,9 +157,8 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
         with merged_at_exit(lambda: optimizer):  # update="deferred": the model holds its weights
             model.eval()
             start = time.perf_counter()
-            for step, batch in enumerate(batches):
-                if steps is not None and step >= steps:
-                    break
+            # islice: no batch is drawn past `steps` (an iterator shared by several calls)
+            for step, batch in enumerate(itertools.islice(batches, steps)):
                 inputs = lm_inputs(batch, f"batches[{step}]")
                 if name == "pseuzo":
                     if step == 0:  # the split's logits against the model's own, once

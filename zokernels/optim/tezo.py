@@ -19,6 +19,7 @@ import torch
 from .._contract import DEFAULT_CONTRACT, saved_contract
 from .._signals import interrupts_deferred
 from .._validate import as_seed
+from .._warn import warn
 from ..held import DenseTarget
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
 from ..lowrank_space import LowRankNoise, LowRankSpace, split_by_rank
@@ -272,6 +273,7 @@ class TeZO(MeZO):
         self._virtual = VirtualLowRank(parts, self.backend, cache_bytes=self._factor_cache_bytes)
         self._merges_recorded = 0
         self._tracked = False
+        self._virtual_abandoned = False  # _abandon_virtual: the trajectory's virtual names stay
         self._demoting = [[] for _ in self.lowrank]
         self._set_positions(positions)
 
@@ -294,7 +296,7 @@ class TeZO(MeZO):
             indices.append(self._entries(state, chosen))
         self._virtual_positions = [list(chosen) for chosen in positions]
         self._virtual_index = indices
-        if self.trajectory is not None:
+        if self.trajectory is not None and not getattr(self, "_virtual_abandoned", False):
             self.trajectory.meta["tezo_virtual"] = self._virtual_names()
 
     def _virtual_names(self) -> list[list[str]]:
@@ -359,7 +361,12 @@ class TeZO(MeZO):
         probing = self._virtual.probing(self._virtual_coefs(taus, coefs))
         if self._tracked:
             with probing:
-                return self._evaluate(closure)
+                loss = self._evaluate(closure)
+            missed = self._virtual.unhooked()
+            if missed:  # this loss missed their perturbation: in place from now on, run again
+                self._abandon_virtual(missed)
+                raise _Retrack
+            return loss
         tracker = UseTracker(self._virtual.weights())
         with tracker, probing:
             loss = self._evaluate(closure)
@@ -368,6 +375,21 @@ class TeZO(MeZO):
         if tracker.foreign:  # this loss missed their perturbation: restore, then run again
             raise _Retrack
         return loss
+
+    def _abandon_virtual(self, missed: list[str]) -> None:
+        """Every virtual weight moves to the in-place path (after the step is restored: _Retrack),
+        its pending deferred updates written first. The trajectory keeps naming the weights that
+        were virtual: the steps it recorded as deferred deferred theirs; the next ones record
+        no deferral."""
+        warn(f"TeZO: the forward ran no virtual-probe hook for {len(missed)} weight(s) (e.g. "
+             f"{missed[0]}) read through their modules in the first step, so this probe missed "
+             "their perturbation (a torch.compile'd model reuses graphs compiled before the "
+             "hooks existed; or the model skipped those modules). TeZO continues with in-place "
+             "probes (probe='inplace') and runs this step again.")
+        self._virtual.merge()
+        self._virtual_abandoned = True
+        self._confirm([[] for _ in self._virtual_positions],
+                      [[] for _ in self._virtual_positions])
 
     def merge(self) -> None:
         """Write the deferred updates (update="deferred"): W = round(D W + U diag(a) V^T) for
@@ -451,6 +473,8 @@ class TeZO(MeZO):
     def _step(self, closure) -> torch.Tensor:
         # its dense and low-rank passes each check their own part: the group as a whole first
         self._check_parameters()
+        for state in self.lowrank:
+            state.check_shapes()
         return super()._step(closure)
 
     def _probe_eval(self, closure, noise: TeZONoise, coefs: list[float]) -> torch.Tensor:
