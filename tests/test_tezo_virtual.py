@@ -892,21 +892,24 @@ def test_a_refused_load_state_dict_writes_nothing():
 
 
 class _HooksOnlyFirst(torch.nn.Module):
-    """Calls its layers through __call__ (module hooks run) in its first forward only, then
-    through .forward (no hooks): what a torch.compile'd model does with global module hooks
-    added after it compiled (torch does not guard on them)."""
+    """Calls its layers through __call__ (module hooks run) in its first `hooked` forwards only,
+    then through .forward (no hooks): what a torch.compile'd model does with global module
+    hooks added after it compiled (torch does not guard on them). foreign: the output also
+    reads a.weight directly (the first step's tracker moves it to the in-place path)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hooked: int = 1, foreign: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.a = torch.nn.Linear(8, 8, bias=False)
         self.b = torch.nn.Linear(8, 4, bias=False)
-        self.calls = 0
+        self.calls, self.hooked, self.foreign = 0, hooked, foreign
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        call = (lambda m, t: m(t)) if self.calls == 1 else (lambda m, t: m.forward(t))
-        return call(self.b, torch.tanh(call(self.a, x)))
+        hooks = self.calls <= self.hooked
+        call = (lambda m, t: m(t)) if hooks else (lambda m, t: m.forward(t))
+        out = call(self.b, torch.tanh(call(self.a, x)))
+        return out + (x @ self.a.weight.t()).sum() * 1e-3 if self.foreign else out
 
 
 @pytest.mark.parametrize("update", ["inplace", "deferred"])
@@ -942,6 +945,38 @@ def test_probes_whose_hooks_did_not_run_fall_back_to_in_place(update):
             assert_same(snapshot(fresh), snapshot(model), "replay after the fallback")
     assert all(c != 0.0 for c in runs["skipped"]), runs
     assert runs["skipped"] == pytest.approx(runs["hooks"], rel=1e-3, abs=1e-7)
+
+
+def test_a_fallback_after_deferred_steps_replays_bit_for_bit():
+    """Hooks that stop running after three steps: the pending deferred updates are merged
+    before the fallback, and the trajectory marks that merge (it did not: the replay wrote the
+    deferred updates after the later ones, other bits)."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    model = _HooksOnlyFirst(hooked=7)  # two forwards a step: the fourth step falls back
+    start = snapshot(model)
+    opt = TeZO(model.named_parameters(), lr=1e-1, rank=2, seed=3, update="deferred",
+               weight_decay=0.1)
+    with pytest.warns(RuntimeWarning, match="no virtual-probe hook"):
+        for _ in range(6):
+            opt.step(lambda: model(x).pow(2).mean())
+    assert opt._virtual is None
+    extra = opt.trajectory.extra
+    assert list(extra["deferred"])[:3] == [1.0] * 3 and 1.0 in list(extra["merge"])
+    fresh = _HooksOnlyFirst()
+    fresh.load_state_dict(start, strict=False)
+    opt.trajectory.replay(fresh)
+    assert_same(snapshot(fresh), snapshot(model), "replay after a later fallback")
+
+
+def test_a_retracked_first_step_that_falls_back_completes():
+    """A weight read outside its module (retrack) and hooks that stop after the first forward:
+    the first step's retry fell back too, and its second _Retrack escaped step()."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    model = _HooksOnlyFirst(hooked=1, foreign=True)
+    opt = TeZO(model.named_parameters(), lr=1e-1, rank=2, seed=3)
+    with pytest.warns(RuntimeWarning, match="no virtual-probe hook"):
+        loss = opt.step(lambda: model(x).pow(2).mean())
+    assert math.isfinite(float(loss)) and opt.zo_state["step"] == 1 and opt._virtual is None
 
 
 def test_a_compiled_model_warm_before_the_optimizer_falls_back():

@@ -382,11 +382,12 @@ class TeZO(MeZO):
         were virtual: the steps it recorded as deferred deferred theirs; the next ones record
         no deferral."""
         warn(f"TeZO: the forward ran no virtual-probe hook for {len(missed)} weight(s) (e.g. "
-             f"{missed[0]}) read through their modules in the first step, so this probe missed "
-             "their perturbation (a torch.compile'd model reuses graphs compiled before the "
-             "hooks existed; or the model skipped those modules). TeZO continues with in-place "
-             "probes (probe='inplace') and runs this step again.")
+             f"{missed[0]}) that the optimizer's first step saw read through their modules, so "
+             "this probe missed their perturbation (a torch.compile'd model reuses graphs "
+             "compiled before the hooks existed; or the model skipped those modules). TeZO "
+             "continues with in-place probes (probe='inplace') and runs this step again.")
         self._virtual.merge()
+        self._merge_called = True  # recorded with the next step: replay merges where the run did
         self._virtual_abandoned = True
         self._confirm([[] for _ in self._virtual_positions],
                       [[] for _ in self._virtual_positions])
@@ -490,11 +491,14 @@ class TeZO(MeZO):
         self._in_step = True
         try:
             with stepping:
-                try:
-                    return self._guarded(lambda: self._step(closure))
-                except _Retrack:  # restored: the weights read elsewhere move to in-place
-                    self._finish_demotion()
-                    return self._guarded(lambda: self._step(closure))
+                # restored after each _Retrack, the weights read elsewhere (or whose hooks did
+                # not run) move to in-place; at most twice: after a fallback nothing is virtual
+                for _ in range(2):
+                    try:
+                        return self._guarded(lambda: self._step(closure))
+                    except _Retrack:
+                        self._finish_demotion()
+                return self._guarded(lambda: self._step(closure))
         finally:
             self._in_step = False
             self._finish_demotion()
