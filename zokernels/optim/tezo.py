@@ -363,8 +363,11 @@ class TeZO(MeZO):
             with probing:
                 loss = self._evaluate(closure)
             missed = self._virtual.unhooked()
-            if missed:  # this loss missed their perturbation: in place from now on, run again
-                self._abandon_virtual(missed)
+            # this loss missed their perturbation: in place from now on, run again; with
+            # sharded forwards every rank decides so (a rank rerunning alone would hang)
+            if not self._on_every_rank(not missed, loss.device):
+                self._abandon_virtual(missed or ["a weight whose hook did not run on another "
+                                                 "rank"])
                 raise _Retrack
             return loss
         tracker = UseTracker(self._virtual.weights())
