@@ -688,10 +688,8 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
                 seed = _seed(random_seed, "random_seed")
             factor = _real(scaling_factor, "scaling_factor")
             eps = _real(trainer.args.zo_eps, "trainer.args.zo_eps")
-            if not abs(factor * eps) <= _MAX_COEF:
-                raise ValueError(f"scaling_factor * trainer.args.zo_eps must be at most "
-                                 f"{_MAX_COEF:.4g} in magnitude (float32's range), got "
-                                 f"scaling_factor={factor!r} with zo_eps={eps!r}")
+            _check_coefs([factor * eps], f"scaling_factor * trainer.args.zo_eps (scaling_factor="
+                                         f"{factor!r}, zo_eps={eps!r})")
             state.space_for(list(trainer.named_parameters_to_optim))
             state.perturb(seed, factor * eps, eps)
             if random_seed is None and (state.pending_restore or not state.seeds):

@@ -188,6 +188,7 @@ class TeZO(MeZO):
         self._demoting: list[list[int]] = []
         self._virtual_index: list[torch.Tensor] = []
         self._tracked = False
+        self._virtual_abandoned = False  # _abandon_virtual: the trajectory's virtual names stay
         self._in_step = False
         self._merges_recorded = 0
         self._merge_called = False  # merge() since the last record (update="deferred")
@@ -273,7 +274,7 @@ class TeZO(MeZO):
         self._virtual = VirtualLowRank(parts, self.backend, cache_bytes=self._factor_cache_bytes)
         self._merges_recorded = 0
         self._tracked = False
-        self._virtual_abandoned = False  # _abandon_virtual: the trajectory's virtual names stay
+        self._virtual_abandoned = False
         self._demoting = [[] for _ in self.lowrank]
         self._set_positions(positions)
 
@@ -296,7 +297,7 @@ class TeZO(MeZO):
             indices.append(self._entries(state, chosen))
         self._virtual_positions = [list(chosen) for chosen in positions]
         self._virtual_index = indices
-        if self.trajectory is not None and not getattr(self, "_virtual_abandoned", False):
+        if self.trajectory is not None and not self._virtual_abandoned:
             self.trajectory.meta["tezo_virtual"] = self._virtual_names()
 
     def _virtual_names(self) -> list[list[str]]:
@@ -790,11 +791,13 @@ def _check_tezo_replay(trajectory, spaces) -> None:
     sizes = []
     for g, (group, space) in enumerate(zip(lowrank, spaces)):
         names = group.get("param_names") if isinstance(group, dict) else None
-        if not isinstance(names, list) or not set(names) <= set(space.names) or any(
-                space.params[space.names.index(n)].dim() != 2 for n in names):
+        at = {name: j for j, name in enumerate(space.names)}
+        if not isinstance(names, list) or not set(names) <= set(at) or any(
+                space.params[at[n]].dim() != 2 for n in names):
             raise ValueError(f"TeZO trajectory meta lowrank[{g}] must name 2-D parameters of "
                              f"param group {g}")
-        shapes = [space.global_shapes()[space.names.index(n)] for n in names]
+        global_shapes = space.global_shapes()
+        shapes = [global_shapes[at[n]] for n in names]
         recorded = group.get("shapes")  # absent in trajectories of earlier versions
         if recorded is not None and (not isinstance(recorded, list) or len(recorded) != len(names)
                                      or any(not isinstance(r, list) or tuple(r) != shape
