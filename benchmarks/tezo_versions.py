@@ -11,7 +11,8 @@ the version it was filed against. This script uses only the API every version ha
 
 ZO part = step time - the time spent in the closure + the time spent in the virtual probes'
 hooks (they run inside the closure's forwards); thread CPU time, 1 thread; medians of the
-timed steps after the warm-up. Prints one JSON line per mode.
+timed steps after the warm-up; step_ms: the whole step, forwards included (what a hook costs the
+forwards beside its own time, e.g. in caches, shows there). Prints one JSON line per mode.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import torch
 from zokernels.bench.models import build_model, synthetic_batch
 from zokernels.optim import TeZO
 
-# "old": the version's default (in place with its exact restore, before virtual probes existed)
+# "old": the version's default (in place with its exact restore, before virtual probes existed);
+# "*-reference-term": the virtual probes with the torch reference in place of the C++ Linear term
+# (csrc/lowrank_term.cpp; versions that have it), to show its share in the same run
 OPTIONS = {"old": {}, "inplace": {"probe": "inplace"}, "virtual": {},
-           "deferred": {"update": "deferred"}}
+           "deferred": {"update": "deferred"}, "virtual-reference-term": {},
+           "deferred-reference-term": {"update": "deferred"}}
 
 
 def zo_part(mode: str, dtype: torch.dtype, repeats: int, warmup: int) -> dict:
@@ -45,8 +49,12 @@ def zo_part(mode: str, dtype: torch.dtype, repeats: int, warmup: int) -> dict:
         finally:
             spent["closure"] += time.thread_time() - start
 
-    times = []
+    times, steps = [], []
     for i in range(warmup + repeats):
+        if mode.endswith("-reference-term") and getattr(opt, "_virtual", None) is not None:
+            # from the first step that has virtual probes: the warm-up warms the reference too
+            from zokernels.backends.torch import lowrank_linear_term_torch
+            opt._virtual._linear_term = lambda *args: lowrank_linear_term_torch
         if i == warmup and getattr(opt, "_virtual", None) is not None:
             add_term = opt._virtual._add_term  # called through the instance by the hook
 
@@ -63,9 +71,11 @@ def zo_part(mode: str, dtype: torch.dtype, repeats: int, warmup: int) -> dict:
         step = time.thread_time() - start
         if i >= warmup:
             times.append(1e3 * (step - spent["closure"] + spent["hooks"]))
+            steps.append(1e3 * step)
     low, *_, high = statistics.quantiles(times, n=5)
     return {"mode": mode, "dtype": str(dtype).removeprefix("torch."),
             "zo_ms": round(statistics.median(times), 2), "p20_p80": [round(low, 2), round(high, 2)],
+            "step_ms": round(statistics.median(steps), 2),
             "extra_memory_bytes": getattr(opt, "extra_memory_bytes", None)}
 
 

@@ -137,5 +137,11 @@ PYBIND11_MODULE(_C, m) {
           "Low-rank undo-log entries e < min(count, capacity): W[index[e]] = values[e] (no taus), "
           "else round(decay * values[e] + scale * (U diag(tau) V^T)[row, col]) as lowrank_perturb "
           "would.");
+    m.def("lowrank_linear_term", &zk::lowrank_linear_term, release_gil(), py::arg("out_ptr"),
+          py::arg("out_row_stride"), py::arg("x_ptr"), py::arg("x_row_stride"), py::arg("rows"),
+          py::arg("n"), py::arg("m"), py::arg("r"), py::arg("u_ptr"), py::arg("v_ptr"),
+          py::arg("coef_ptr"), py::arg("dtype"), py::arg("num_threads"),
+          "out += ((x V) diag(coef)) U^T in float32, out rounded once: TeZO's virtual-probe term "
+          "for an nn.Linear. U (m x r), V (n x r) contiguous of out's dtype, coef float32.");
     m.def("build_info", &build_info, "Compiler, OpenMP, SIMD level chosen at runtime, machine.");
 }

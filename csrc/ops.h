@@ -87,6 +87,14 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
                      const std::vector<uint64_t>& selector_out = {},
                      const std::vector<uint64_t>& selector_in = {});
 
+// out (rows x m, row stride out_row_stride) += ((x V) diag(coef)) U^T: x (rows x n, row stride
+// x_row_stride), U (m x r) and V (n x r) contiguous, all of `dtype`; coef (r) float32. float32
+// arithmetic, out rounded to nearest once (lowrank_term.cpp).
+void lowrank_linear_term(uintptr_t out_ptr, int64_t out_row_stride, uintptr_t x_ptr,
+                         int64_t x_row_stride, int64_t rows, int64_t n, int64_t m, int64_t r,
+                         uintptr_t u_ptr, uintptr_t v_ptr, uintptr_t coef_ptr, int dtype,
+                         int num_threads);
+
 // Rewrites the first min(*count, capacity) entries of a low-rank pass's undo log over the same
 // weight list: with no taus (tau_ptrs empty) W[index[e]] = values[e] bit for bit, else
 // round(decay_j * values[e] + scale * P_j[row, col]) with lowrank_perturb's P and rounding.

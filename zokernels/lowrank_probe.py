@@ -34,7 +34,10 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 from torch.overrides import TorchFunctionMode
 
+from ._dispatch import resolve_backend
 from ._signals import interrupts_deferred
+from .backends.cpu.lowrank_term import lowrank_linear_term_cpu
+from .backends.torch.lowrank_term import lowrank_linear_term_torch
 from ._validate import overlapped_span, written_spans
 from .lowrank_space import KeptFactors, LowRankSpace
 
@@ -48,6 +51,14 @@ _METADATA = frozenset({
     torch.Tensor.__len__, torch.Tensor.stride, torch.Tensor.is_contiguous,
     torch.Tensor.storage_offset, torch.Tensor.nelement,
 })
+
+
+# What the probes give the C++ Linear term (csrc/lowrank_term.cpp), the rest going to the torch
+# reference. Measured at 256 rows, r = 8, 1 thread (docs/tezo.md, "Time"): float32 0.25-1.09x the
+# reference's time (384 x 30522: 2.9 against 11.6 ms), float16 0.11-0.23x; bfloat16 1.3-1.8x on
+# 384-3072 columns (torch's bf16 GEMMs convert faster than the kernel): left to the reference.
+_NATIVE_TERM_DTYPES = (torch.float32, torch.float16)
+_NATIVE_TERM_RANK = 32
 
 
 def owner_function(module: torch.nn.Module) -> Any:
@@ -229,9 +240,12 @@ class FactorCache:
         self.budget = int(budget)
         self._swept = -1  # the probe in which _drop_stale last ran (nothing turns stale inside one)
         # (part, position) -> (stamp, {dtype: (U, V, probe of last use)}); bytes are counted
-        # from it, not kept beside it, so that an interrupt cannot leave a stale count
+        # from it (the count kept for one probe below can only err high)
         self._entries: dict[tuple[int, int], tuple[tuple, dict]] = {}
         self._probe = 0  # probes begun (VirtualLowRank.probing)
+        # (probe, bytes): nbytes as last counted in that probe, raised before an entry is added
+        # (an interrupt between the two leaves an overcount, until the next probe recounts)
+        self._counted: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -240,6 +254,13 @@ class FactorCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._counted = None
+
+    def _bytes_now(self) -> int:
+        """nbytes, counted once per probe (a miss asked it twice per call: 70 us on `small`)."""
+        if self._counted is None or self._counted[0] != self._probe:
+            self._counted = (self._probe, self.nbytes)
+        return self._counted[1]
 
     def begin_probe(self, budget: int) -> None:
         self._probe += 1
@@ -260,6 +281,7 @@ class FactorCache:
         entry = self._entries.get((p, j))
         if entry is not None and entry[0] != self._stamp(part, j):
             del self._entries[(p, j)]
+            self._counted = None
             entry = None
         if entry is None or dtype not in entry[1]:
             return None
@@ -277,9 +299,12 @@ class FactorCache:
         u, v = part.factors(j)
         u, v = u.to(dtype), v.to(dtype)
         size = _factor_bytes(u, v)
-        if size <= self.budget and self._swept != self._probe and self.nbytes + size > self.budget:
+        if (size <= self.budget and self._swept != self._probe
+                and self._bytes_now() + size > self.budget):
             self._drop_stale()
-        if self.nbytes + size <= self.budget:
+        used = self._bytes_now()
+        if used + size <= self.budget:
+            self._counted = (self._probe, used + size)
             self._entries.setdefault((p, j), (self._stamp(part, j), {}))[1][dtype] = (
                 u, v, self._probe)
         return u, v
@@ -287,6 +312,7 @@ class FactorCache:
     def _drop_stale(self) -> None:
         """Drops the entries unused in this probe and the one before."""
         self._swept = self._probe
+        self._counted = None
         for key, (_, kept) in list(self._entries.items()):
             for dtype in [d for d, (_, _, used) in kept.items() if used < self._probe - 1]:
                 del kept[dtype]
@@ -329,7 +355,10 @@ class VirtualLowRank:
         self._cache_budget = cache_bytes if callable(cache_bytes) else (lambda: cache_bytes)
         self.cache = FactorCache(self._cache_budget())
         self._stepping = False
-        self._probe: tuple[object, list[torch.Tensor], list[dict], set] | None = None
+        # (token, totals, their per-weight slices per part (None until a hook needs them),
+        # the (part, index) pairs hooked)
+        self._probe: tuple[object, list[torch.Tensor], list, set] | None = None
+        self._native: dict[torch.device, bool] = {}
         self.hooked: set[tuple[int, int]] = set()  # (part, index) whose term the last probe added
         self._watch: list[Any] = []
         self._index()
@@ -394,7 +423,8 @@ class VirtualLowRank:
         handle = None
         hooked: set[tuple[int, int]] = set()
         try:
-            self._probe = (token, totals, [{} for _ in self.parts], hooked)
+            self._probe = (token, totals, [None] * len(self.parts), hooked)
+            self._native: dict[torch.device, bool] = {}  # resolved once per probe and device
             handle = first_global_forward_hook(_module.register_module_forward_hook(
                 lambda module, args, kwargs, output: self._add_term(token, module, args, kwargs,
                                                                     output),
@@ -428,11 +458,10 @@ class VirtualLowRank:
             return None
         p, j = entry
         probe[3].add(entry)
+        if probe[2][p] is None:
+            probe[2][p] = self.parts[p].slices(probe[1][p])
+        coef = probe[2][p][j]  # float32
         dtype = output.dtype
-        per_dtype = probe[2][p]
-        if dtype not in per_dtype:
-            per_dtype[dtype] = self.parts[p].slices(probe[1][p].to(dtype))
-        coef = per_dtype[dtype][j]
         u, v = self.cache.factors(self.parts[p], p, j, dtype)  # in the output's dtype
         scale = self.parts[p].scales[j]
         x = args[0] if args else kwargs["input"]
@@ -441,21 +470,38 @@ class VirtualLowRank:
                 output.mul_(scale)
                 if module.bias is not None:
                     output.add_(module.bias, alpha=1.0 - scale)
-            # (x V), N x r, as (V^T x^T)^T: CPU BLAS runs an r-row left operand 1.4-4x faster
-            # than an r-column right one in fp32 (docs/tezo.md, "Time"); about even in bf16
-            left = (v.t() @ x.reshape(-1, v.shape[0]).to(dtype).t()).t()
-            right = u.t()
-        else:
-            if scale != 1.0:
-                output.mul_(scale)
-            left = F.embedding(x, u).reshape(-1, u.shape[1])  # U[i], N x r
-            right = v.t()
+            x = x.to(dtype)
+            self._linear_term(output, x, u.shape[1])(output, x, u, v, coef)
+            return None
+        if scale != 1.0:
+            output.mul_(scale)
+        left = F.embedding(x, u).reshape(-1, u.shape[1])  # U[i], N x r
         left.mul_(coef)
         if output.is_contiguous():
-            output.view(-1, right.shape[1]).addmm_(left, right)
+            output.view(-1, v.shape[0]).addmm_(left, v.t())
         else:
-            output.add_((left @ right).view(output.shape))
+            output.add_((left @ v.t()).view(output.shape))
         return None
+
+    def _linear_term(self, output: torch.Tensor, x: torch.Tensor,
+                     rank: int) -> Callable[..., None]:
+        """The implementation of the Linear term: the C++ kernel where the optimizer's backend
+        resolves to "cpu" on the output's device and the kernel is the faster one (a plain
+        contiguous float32 / float16 output, rank <= 32), else the torch reference (bfloat16,
+        CUDA: cuBLAS). The kernel makes one pass over the output where the reference makes
+        three BLAS calls (docs/tezo.md, "Time")."""
+        native = self._native.get(output.device)
+        if native is None:
+            native = resolve_backend(self.backend, output.device) == "cpu"
+            self._native[output.device] = native
+        # plain tensors only (a DTensor's or a fake tensor's memory is not its data_ptr), and
+        # none that autograd records (the kernel writes behind its back)
+        if (native and type(output) is torch.Tensor and type(x) is torch.Tensor
+                and output.is_contiguous() and output.dtype in _NATIVE_TERM_DTYPES
+                and rank <= _NATIVE_TERM_RANK
+                and not (output.requires_grad and torch.is_grad_enabled())):
+            return lowrank_linear_term_cpu
+        return lowrank_linear_term_torch
 
     # -- deferred updates ----------------------------------------------------------------------
     def accumulate(self, p: int, update: torch.Tensor, decay: float) -> None:

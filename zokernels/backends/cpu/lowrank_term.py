@@ -1,0 +1,43 @@
+"""The term TeZO's virtual probes add to an nn.Linear's output, on the CPU (csrc/lowrank_term.cpp)."""
+
+import torch
+
+from ._codes import DTYPE_CODES
+from ._loader import load_cpu_extension
+
+
+def lowrank_linear_term_cpu(out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
+                            v: torch.Tensor, coef: torch.Tensor) -> None:
+    """In place: out += ((x V) diag(coef)) U^T over the last dimension, as
+    lowrank_linear_term_torch, in one pass over out: float32 arithmetic (fused multiply-adds on
+    AVX2), out rounded to nearest once. Needs CPU tensors, out contiguous, x, U, V of out's dtype
+    (float32, bfloat16, float16), U and V contiguous, coef float32 contiguous (ValueError
+    otherwise; the probes' hook checks first and takes the reference when one fails)."""
+    n, m, r = v.shape[0], u.shape[0], u.shape[1]
+    dtype = out.dtype
+    if dtype not in DTYPE_CODES or x.dtype != dtype or u.dtype != dtype or v.dtype != dtype:
+        raise ValueError(f"lowrank_linear_term_cpu: out, x, u, v must share a float dtype, got "
+                         f"{dtype}, {x.dtype}, {u.dtype}, {v.dtype}")
+    if not (out.device.type == x.device.type == u.device.type == v.device.type
+            == coef.device.type == "cpu"):
+        raise ValueError("lowrank_linear_term_cpu: every tensor must be on the CPU")
+    if not (out.is_contiguous() and u.is_contiguous() and v.is_contiguous()
+            and coef.is_contiguous() and coef.dtype == torch.float32):
+        raise ValueError("lowrank_linear_term_cpu: out, u, v, coef must be contiguous (coef "
+                         "float32)")
+    if v.shape[1] != r or coef.shape != (r,) or out.shape[-1] != m or x.shape[-1] != n:
+        raise ValueError(f"lowrank_linear_term_cpu: shapes do not match: out {tuple(out.shape)}, "
+                         f"x {tuple(x.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}, coef "
+                         f"{tuple(coef.shape)}")
+    rows = x.reshape(-1, n)
+    if rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n):  # e.g. expanded
+        rows = rows.contiguous()
+    if rows.shape[0] * m != out.numel():
+        raise ValueError(f"lowrank_linear_term_cpu: x has {rows.shape[0]} rows, out "
+                         f"{out.numel() // m}")
+    if rows.shape[0] == 0:
+        return
+    load_cpu_extension().lowrank_linear_term(
+        out.data_ptr(), m, rows.data_ptr(), rows.stride(0) if rows.shape[0] > 1 else n, rows.shape[0], n, m, r,
+        u.data_ptr(), v.data_ptr(), coef.data_ptr(), DTYPE_CODES[dtype],
+        torch.get_num_threads())
