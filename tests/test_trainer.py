@@ -7,6 +7,8 @@ with one all-reduce per step. Runs on the transformers CI installs and on 4.46 (
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
 import os
@@ -362,6 +364,11 @@ def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
     ({"zo_optimizer": "pseuzo", "label_smoothing_factor": 0.1}, "label_smoothing_factor"),
     ({"max_grad_norm": 1.0}, "max_grad_norm"),
     ({"bf16": True}, "bf16"),
+    # accepted here, refused by the optimizer when the trainer was built, under its own name
+    ({"zo_eps": 1e39}, "zo_eps must be a number in .0, 3.40282e.38."),
+    ({"zo_n_spsa": 1025}, "zo_n_spsa must be at most 1024"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_window": 1025}, "pseuzo_window must be at most 1024"),
+    ({"neftune_noise_alpha": 5.0}, "neftune_noise_alpha must be None"),  # eval mode: ignored
 ])
 def test_config_refuses_bad_options(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
@@ -444,6 +451,26 @@ def test_trainer_checks_its_arguments_before_training(tmp_path):
     assert_same(snapshot(model), before, "after refused arguments")
 
 
+def test_pseuzo_refuses_a_custom_loss(tmp_path):
+    """PseuZO's loss is its split's cross-entropy: a compute_loss_func or an overridden
+    compute_loss was silently never called."""
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        return outputs.logits.float().mean()
+
+    if "compute_loss_func" in inspect.signature(transformers.Trainer.__init__).parameters:
+        with pytest.raises(ValueError, match="compute_loss_func / an overridden compute_loss"):
+            ZOTrainer(model=llama(), args=config(tmp_path, zo_optimizer="pseuzo"),
+                      train_dataset=Tokens(), compute_loss_func=loss_func)
+
+    class OwnLoss(ZOTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    with pytest.raises(ValueError, match="compute_loss_func / an overridden compute_loss"):
+        trainer(llama(), tmp_path, cls=OwnLoss, zo_optimizer="pseuzo")
+    trainer(llama(), tmp_path, cls=OwnLoss, zo_optimizer="mezo")  # used there
+
+
 def test_gradient_accumulation_set_after_the_config_is_refused(tmp_path):
     """accelerator_config's num_steps becomes gradient_accumulation_steps inside
     Trainer.__init__ (3 global steps ran 12 ZO steps): ZOTrainer refuses it before the stock
@@ -497,6 +524,27 @@ def test_resume_needs_the_optimizer_state_of_the_same_checkpoint(tmp_path):
          "holds ZO step 6 but its trainer_state.json global step 3"),
         (variant("garbage-optimizer", lambda c: (c / "optimizer.pt").write_bytes(b"not a pickle")),
          "optimizer.pt cannot be read"),
+        # the files the stock Trainer loads after the weights: checked before them too (a
+        # broken scheduler.pt / rng_state.pth overwrote every weight, then raised a bare error)
+        (variant("truncated-scheduler", lambda c: _truncate(c / "scheduler.pt")),
+         "scheduler.pt cannot be read"),
+        (variant("nan-lr", lambda c: _edit_scheduler(c, base_lrs=[math.nan])),
+         "scheduler.pt: base_lrs must hold one finite learning rate >= 0 per param group"),
+        (variant("negative-lr", lambda c: _edit_scheduler(c, _last_lr=[-1.0])),
+         "scheduler.pt: _last_lr must hold"),
+        (variant("two-groups", lambda c: _edit_scheduler(c, base_lrs=[1e-3, 1e-3])),
+         "base_lrs must hold one finite learning rate >= 0 per param group .1."),
+        (variant("truncated-rng", lambda c: _truncate(c / "rng_state.pth")),
+         "rng_state.pth cannot be read"),
+        (variant("wrong-rng", lambda c: torch.save({"python": 1, "numpy": 2, "cpu": 3},
+                                                   c / "rng_state.pth")),
+         "rng_state.pth is not an RNG state"),
+        (variant("garbage-state", lambda c: (c / "trainer_state.json").write_text("{oops")),
+         "trainer_state.json cannot be read"),
+        (variant("truncated-weights", lambda c: _truncate(c / "model.safetensors")),
+         "model.safetensors cannot be read"),
+        (variant("other-model", lambda c: _other_model_weights(c)),
+         "model.safetensors holds .* with shape .* not a checkpoint of this model"),
     ]
     for checkpoint, match in cases:
         model = llama(seed=99)
@@ -515,11 +563,64 @@ def test_resume_needs_the_optimizer_state_of_the_same_checkpoint(tmp_path):
             resume_from_checkpoint=str(saved))
     assert_same(snapshot(model), before, "after the resume refused for zo_n_spsa")
 
+    # refused by the stock Trainer after the checks: the ZO optimizer was left at the
+    # checkpoint's state (its step, seed, lr) while the Trainer counted from 0
+    no_weights = variant("no-weights", lambda c: (c / "model.safetensors").unlink())
+    resumed = trainer(llama(seed=99), no_weights.parent, **options)
+    before_state = resumed.zo_optimizer.state_dict()
+    with pytest.raises(ValueError, match="Can't find a valid checkpoint"):
+        resumed.train(resume_from_checkpoint=str(no_weights))
+    assert_states_equal(resumed.zo_optimizer.state_dict(), before_state)
+
     only_model = tmp_path / "only-model"
     trainer(llama(), only_model, save_only_model=True, **options).train()
     with pytest.raises(ValueError, match="has no optimizer.pt .saved with save_only_model"):
         trainer(llama(seed=99), only_model, save_only_model=True, **options).train(
             resume_from_checkpoint=True)  # the last checkpoint, checkpoint-6
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_scheduler(checkpoint: Path, **values) -> None:
+    state = torch.load(checkpoint / "scheduler.pt", weights_only=True)
+    state.update(values)
+    torch.save(state, checkpoint / "scheduler.pt")
+
+
+def _other_model_weights(checkpoint: Path) -> None:
+    """The weights of a model with the same names and a wider MLP (the stock loader copied the
+    tensors before the first mismatch, then raised)."""
+    torch.manual_seed(5)
+    wide = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ))
+    (checkpoint / "model.safetensors").unlink()
+    wide.save_pretrained(str(checkpoint))
+
+
+def test_a_second_train_needs_a_new_trainer(tmp_path):
+    """train() again without a checkpoint: the Trainer counts global steps from 0 while the ZO
+    optimizer continues, so every checkpoint of the second run was unresumable. Refused; a
+    resume of the first run's checkpoint still works on the same trainer."""
+    options = dict(save_strategy="steps", save_steps=3, max_steps=6)
+    run = trainer(llama(), tmp_path, **options)
+    run.train()
+    with pytest.raises(ValueError, match="train.. without resume_from_checkpoint on a ZOTrainer "
+                                         "whose ZO optimizer is at step 6"):
+        run.train()
+    run.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert run.zo_optimizer.zo_state["step"] == 6
+
+
+@pytest.mark.skipif("enable_jit_checkpoint" not in {
+    f.name for f in dataclasses.fields(transformers.TrainingArguments)},
+    reason="transformers without JIT checkpoints (before 5.x)")
+def test_jit_checkpoints_are_refused(tmp_path):
+    """Its SIGTERM checkpoint lands inside training_step, after the ZO update: unresumable."""
+    with pytest.raises(ValueError, match="enable_jit_checkpoint is not supported"):
+        config(tmp_path, enable_jit_checkpoint=True)
 
 
 # -- PseuZO's causal-LM split on transformers' models ---------------------------------------------

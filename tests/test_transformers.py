@@ -337,6 +337,25 @@ def test_finetune_validates_its_arguments_before_writing(kwargs, error, match):
         assert_bits_equal(p.detach(), before[n], what=n)
 
 
+def test_finetune_names_bad_batches_before_writing():
+    """batches that are not iterable (was: 'NoneType' object is not iterable), and an
+    attention_mask of another shape than input_ids when labels default to input_ids (was a
+    bare RuntimeError from masked_fill, or, broadcastable, the padding of other positions)."""
+    model = opt_model()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="batches must be an iterable of dicts"):
+        finetune(model, None, optimizer="mezo", lr=1e-3, progress=False)
+    batch = unlabelled()
+    ones = torch.ones_like(batch["input_ids"])
+    for mask in (ones[:, :-1], ones[:1]):
+        with pytest.raises(ValueError, match=r"batches\[0\]\['attention_mask'\] must have "
+                                             r"input_ids' shape"):
+            finetune(model, [{**batch, "attention_mask": mask}], optimizer="mezo", lr=1e-3,
+                     progress=False)
+    for n, p in model.named_parameters():
+        assert_bits_equal(p.detach(), before[n], what=n)
+
+
 def test_pseuzo_parameters_leave_out_an_untied_head_only():
     llama = llama_model()  # tie_word_embeddings=False
     names = [n for n, _ in pseuzo_parameters(llama)]

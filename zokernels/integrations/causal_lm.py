@@ -37,7 +37,8 @@ def lm_inputs(batch: Any, where: str = "batch") -> dict[str, Any]:
     default input_ids with the padding (attention_mask == 0) set to -100, as transformers'
     DataCollatorForLanguageModeling makes them. A new dict; the batch is not modified.
     Raises ValueError / TypeError naming `where` for a batch that is not a mapping holding an
-    integer input_ids tensor."""
+    integer input_ids tensor, or whose attention_mask (labels defaulted) is not input_ids'
+    shape."""
     if not isinstance(batch, Mapping):
         raise TypeError(f"{where} must be a mapping (input_ids, optional attention_mask and "
                         f"labels), got {type(batch).__name__}")
@@ -51,9 +52,13 @@ def lm_inputs(batch: Any, where: str = "batch") -> dict[str, Any]:
     inputs = dict(batch)
     if inputs.get("labels") is None:
         mask = inputs.get("attention_mask")
-        inputs["labels"] = (ids if mask is None
-                            else ids.masked_fill(torch.as_tensor(mask, device=ids.device) == 0,
-                                                 IGNORE_INDEX))
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=ids.device)
+            if mask.shape != ids.shape:  # a broadcast mask would mark other tokens as padding
+                raise ValueError(f"{where}['attention_mask'] must have input_ids' shape "
+                                 f"{list(ids.shape)} to mark its padding (labels default to "
+                                 f"input_ids without it), got {list(mask.shape)}; or pass labels")
+        inputs["labels"] = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
     return inputs
 
 

@@ -151,6 +151,11 @@ def finetune(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
         raise TypeError(f"optimizer must be a name or a ZOOptimizer, got "
                         f"{type(optimizer).__name__}")
 
+    try:
+        batches = iter(batches)  # an iterator stays itself: its batches past `steps` stay in it
+    except TypeError:
+        raise TypeError(f"batches must be an iterable of dicts (input_ids, optional "
+                        f"attention_mask and labels), got {type(batches).__name__}") from None
     modes = [(module, module.training) for module in model.modules()]
     losses: list[float] = []
     try:

@@ -16,8 +16,12 @@ and the learning rate (with the scheduler's state) are taken from the checkpoint
 ZOConfig says; a changed zo_optimizer, zo_n_spsa, zo_rounding, lezo_layers, tezo_rank,
 tezo_variant, tezo_update, pseuzo_beta or pseuzo_decay_per_entry is refused; zo_probe,
 zo_exact_restore, lezo_n_active and pseuzo_window apply as this ZOConfig sets them. The stock
-Trainer loads the model's weights before the optimizer state: ZOTrainer checks all of the above
-first, so a refused resume leaves the model as it was.
+Trainer loads the model's weights first, then the optimizer, the scheduler and the RNG states:
+ZOTrainer reads and checks all of them before (trainer_state.json, the weights files' tensor
+shapes, scheduler.pt's learning rates, the RNG states), so a refused resume leaves the model
+and the optimizer as they were. train() again on the same trainer without a checkpoint is
+refused: build a new ZOTrainer for a new run. enable_jit_checkpoint (transformers 5.x) is
+refused: its checkpoint would be written inside a step.
 
 Importing this module imports transformers (zokernels.integrations imports it lazily).
 Tested with transformers 4.46.3 and 5.25. The overridden hooks exist in both with compatible
@@ -41,10 +45,12 @@ import torch
 import transformers
 
 from .._contract import PERTURB_DISTS, ROUNDINGS
+from .._validate import FLOAT32_MAX
 from ..optim import ZOOptimizer
 from ..optim.tezo import FACTOR_CACHE as TEZO_FACTOR_CACHE
 from ..optim.tezo import UPDATES as TEZO_UPDATES
 from ..optim.tezo import VARIANTS as TEZO_VARIANTS
+from ..trajectory import MAX_SEEDS_PER_STEP
 from .causal_lm import check_causal_lm_split, pseuzo_causal_lm
 from .finetune import OPTIMIZERS, _build, merged_at_exit, trainable_blocks
 
@@ -204,13 +210,17 @@ class ZOConfig(transformers.TrainingArguments):
         Validated values are normalized to Python's types (numpy integers and floats, numpy
         strings, a numeric pseuzo_beta string from the command line)."""
         self.zo_optimizer = _choice(self.zo_optimizer, "zo_optimizer", OPTIMIZERS)
-        if not _finite(self.zo_eps) or self.zo_eps <= 0:
-            raise ValueError(f"zo_eps must be a finite number > 0, got {self.zo_eps!r}")
+        if not _finite(self.zo_eps) or not 0 < self.zo_eps <= FLOAT32_MAX:
+            raise ValueError(f"zo_eps must be a number in (0, {FLOAT32_MAX:.6g}] (the kernels "
+                             f"compute in float32), got {self.zo_eps!r}")
         self.zo_eps = float(self.zo_eps)
         self.zo_seed = _integer(self.zo_seed, "zo_seed", 0, optional=True)
         if self.zo_seed is not None and self.zo_seed >= 1 << 64:
             raise ValueError(f"zo_seed must be below 2^64, got {self.zo_seed}")
         self.zo_n_spsa = _integer(self.zo_n_spsa, "zo_n_spsa", 1)
+        if self.zo_n_spsa > MAX_SEEDS_PER_STEP:
+            raise ValueError(f"zo_n_spsa must be at most {MAX_SEEDS_PER_STEP} (seeds one step "
+                             f"records), got {self.zo_n_spsa}")
         if self.zo_n_spsa != 1 and self.zo_optimizer not in ("mezo", "lezo", "tezo"):
             raise ValueError(f"zo_n_spsa applies to zo_optimizer 'mezo', 'lezo' and 'tezo', not "
                              f"{self.zo_optimizer!r}")
@@ -248,6 +258,9 @@ class ZOConfig(transformers.TrainingArguments):
                              f"parameters' bytes), got {cache!r}")
         self.tezo_factor_cache = float(cache)
         self.pseuzo_window = _integer(self.pseuzo_window, "pseuzo_window", 1)
+        if self.pseuzo_window > MAX_SEEDS_PER_STEP:
+            raise ValueError(f"pseuzo_window must be at most {MAX_SEEDS_PER_STEP} (seeds one "
+                             f"step applies), got {self.pseuzo_window}")
         self.pseuzo_beta_cycle = _integer(self.pseuzo_beta_cycle, "pseuzo_beta_cycle", 1,
                                           optional=True)
         if self.pseuzo_beta_cycle is not None and self.pseuzo_beta != "reference":
@@ -283,6 +296,16 @@ class ZOConfig(transformers.TrainingArguments):
             raise ValueError("fp16 / bf16 mixed precision is not supported by ZOTrainer: load the "
                              "model in torch.bfloat16 (ZO keeps no fp32 master weights), and "
                              "consider zo_rounding='stochastic'")
+        if self.neftune_noise_alpha is not None:
+            raise ValueError(f"neftune_noise_alpha must be None for ZOTrainer, got "
+                             f"{self.neftune_noise_alpha!r}: NEFTune's noise acts in training "
+                             "mode only, and the ZO steps run the model in eval mode (both "
+                             "forwards of a step must see one function)")
+        if getattr(self, "enable_jit_checkpoint", False):  # transformers 5.x
+            raise ValueError("enable_jit_checkpoint is not supported by ZOTrainer: its SIGTERM "
+                             "checkpoint is written inside a step, after the ZO update and "
+                             "before the Trainer counts it, so it could not be resumed; use "
+                             "save_steps for regular checkpoints")
         if self.deepspeed or self.fsdp:
             raise ValueError("deepspeed / fsdp are not supported by ZOTrainer: under torchrun or "
                              "accelerate it runs data parallel through the optimizer's process "
@@ -305,6 +328,86 @@ def _numpy_safe_globals() -> Any:
     core = np._core if int(np.__version__.split(".")[0]) >= 2 else np.core
     return torch.serialization.safe_globals([core.multiarray._reconstruct, np.ndarray, np.dtype,
                                              type(np.dtype(np.uint32))])
+
+
+def _read(path: str, where: str) -> Any:
+    """torch.load(path, weights_only=True) on the CPU, or ValueError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{where}: its {os.path.basename(path)} cannot be read "
+                         f"({type(exc).__name__}: {exc})") from exc
+
+
+def _check_scheduler_state(state: Any, what: str, groups: Optional[int]) -> None:
+    """A scheduler state_dict whose learning rates (base_lrs, _last_lr, min_lrs) are one finite
+    number >= 0 per param group, or ValueError: the scheduler writes them into the ZO
+    optimizer's groups, which refuse them there, after the model's weights were loaded."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} is not a scheduler's state_dict (a {type(state).__name__})")
+    for key in ("base_lrs", "_last_lr", "min_lrs"):
+        if key not in state:
+            continue
+        values = state[key]
+        if (not isinstance(values, (list, tuple))
+                or (groups is not None and len(values) != groups)
+                or not all(_finite(v) and v >= 0 for v in values)):
+            raise ValueError(f"{what}: {key} must hold one finite learning rate >= 0 per param "
+                             f"group ({groups if groups is not None else 'any number of'}), "
+                             f"got {values!r}")
+
+
+# The weights files of a full checkpoint (transformers' names), single or sharded.
+_WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                 ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def _check_weight_files(model: torch.nn.Module, checkpoint: str, where: str) -> None:
+    """ValueError unless the checkpoint's weights file(s) can be read and every tensor in them
+    that the model's state_dict names has the model's shape: the stock loader copies tensor by
+    tensor and raises at the first size mismatch, with the ones before it already written. A
+    checkpoint of adapters only (PEFT) has no such file and is left to the stock loader."""
+    import json
+
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for single, index in _WEIGHT_FILES:
+        paths = []
+        if os.path.isfile(os.path.join(checkpoint, single)):
+            paths = [os.path.join(checkpoint, single)]
+        elif os.path.isfile(os.path.join(checkpoint, index)):
+            try:
+                with open(os.path.join(checkpoint, index), encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                paths = [os.path.join(checkpoint, str(name)) for name in shards]
+            except Exception as exc:
+                raise ValueError(f"{where}: its {index} cannot be read "
+                                 f"({type(exc).__name__}: {exc})") from exc
+        for path in paths:
+            for name, shape in _saved_shapes(path, where).items():
+                if name in expected and expected[name] != shape:
+                    raise ValueError(f"{where}: its {os.path.basename(path)} holds {name} "
+                                     f"with shape {list(shape)}, the model's is "
+                                     f"{list(expected[name])}: not a checkpoint of this model")
+        if paths:
+            return
+
+
+def _saved_shapes(path: str, where: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a weights file, read from its header (safetensors) or mapped
+    (torch), or ValueError naming the file."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"a {type(state).__name__}, not a dict of tensors")
+        return {str(k): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    except Exception as exc:
+        raise ValueError(f"{where}: its {os.path.basename(path)} cannot be read "
+                         f"({type(exc).__name__}: {exc})") from exc
 
 
 def _broadcast_module_state(model: torch.nn.Module, group: Any) -> None:
@@ -450,6 +553,13 @@ class ZOTrainer(transformers.Trainer):
         self._split_checked = False
         self._resume_step: Optional[int] = None
         super().__init__(model, args, *positional, **kwargs)
+        if args.zo_optimizer == "pseuzo" and (
+                getattr(self, "compute_loss_func", None) is not None
+                or type(self).compute_loss is not transformers.Trainer.compute_loss):
+            raise ValueError("compute_loss_func / an overridden compute_loss is not used with "
+                             "zo_optimizer='pseuzo': its loss is the shifted cross-entropy of "
+                             "pseuzo_causal_lm's split (head + loss on the hidden state); use "
+                             "another zo_optimizer for a custom loss")
         self.add_callback(self._clock)
         if self.model is not None:
             self.create_optimizer()  # checks the options against the model before any work
@@ -559,7 +669,9 @@ class ZOTrainer(transformers.Trainer):
         finetune()). Checkpoints and evaluations in between merge through the model's hooks.
 
         A resume_from_checkpoint is checked first, before the Trainer loads anything into the
-        model (_check_checkpoint): a refused resume leaves the model as it was."""
+        model or the optimizer (_check_checkpoint): a refused resume leaves both as they were.
+        A second train() without one is refused (ValueError): the Trainer would count global
+        steps from 0 again while the ZO optimizer continues its own count."""
         self._resume_step = None
         self._split_checked = False  # model_init may give another model
         checkpoint = resume_from_checkpoint
@@ -567,6 +679,15 @@ class ZOTrainer(transformers.Trainer):
             checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
         if checkpoint is not None and checkpoint is not False:
             self._resume_step = self._check_checkpoint(str(checkpoint))
+        elif (getattr(self, "model_init", None) is None and self.zo_optimizer is not None
+              and self.zo_optimizer.zo_state["step"] != 0):
+            # the stock Trainer keeps its optimizer and counts global steps from 0 again: the
+            # run's checkpoints would hold another ZO step than theirs (unresumable)
+            raise ValueError(
+                f"train() without resume_from_checkpoint on a ZOTrainer whose ZO optimizer is at "
+                f"step {self.zo_optimizer.zo_state['step']} (train() ran before): build a new "
+                "ZOTrainer for a new run (the model keeps its weights), or resume from one of "
+                "this run's checkpoints")
         with merged_at_exit(lambda: self.zo_optimizer):
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -592,11 +713,19 @@ class ZOTrainer(transformers.Trainer):
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _check_checkpoint(self, checkpoint: str) -> int:
-        """The ZO step a resume from `checkpoint` continues at, or ValueError naming it: its
-        optimizer.pt and scheduler.pt must exist (the stock Trainer would silently restart the
-        ZO optimizer at step 0, reusing the seeds of steps already taken, and the schedule),
-        and the saved ZO step counter must equal trainer_state.json's global step (one ZO step
-        per global step: the files are of one checkpoint)."""
+        """The ZO step a resume from `checkpoint` continues at, or ValueError naming it. Every
+        file the stock Trainer will load is read and checked here, before it loads the first
+        (the model's weights, then the optimizer, the scheduler and the RNG states: a file
+        refused after the weights were loaded would leave the model changed):
+        - optimizer.pt and scheduler.pt must exist (the stock Trainer would silently restart the
+          ZO optimizer at step 0, reusing the seeds of steps already taken, and the schedule);
+        - the saved ZO state must validate against this run's optimizer (its options), without
+          being adopted yet, and its step counter must equal trainer_state.json's global step
+          (one ZO step per global step: the files are of one checkpoint);
+        - scheduler.pt must hold one finite lr >= 0 per param group (base_lrs, _last_lr,
+          min_lrs), the RNG state file (when present) states Python, numpy and torch accept;
+        - the weights files (model.safetensors, pytorch_model.bin, or their sharded indexes)
+          must be readable and hold this model's shape for every tensor name both have."""
         from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 
         where = f"resume_from_checkpoint={checkpoint!r}"
@@ -608,13 +737,13 @@ class ZOTrainer(transformers.Trainer):
                     "step counter seeds the noise) and the scheduler's; resume from a full "
                     "checkpoint, or load the weights into the model and start a new run")
         state_file = os.path.join(checkpoint, TRAINER_STATE_NAME)
-        global_step = (transformers.TrainerState.load_from_json(state_file).global_step
-                       if os.path.isfile(state_file) else 0)  # as the stock Trainer reads it
         try:
-            saved = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu",
-                               weights_only=True)
+            global_step = (transformers.TrainerState.load_from_json(state_file).global_step
+                           if os.path.isfile(state_file) else 0)  # as the stock Trainer reads it
         except Exception as exc:
-            raise ValueError(f"{where}: its {OPTIMIZER_NAME} cannot be read ({exc})") from exc
+            raise ValueError(f"{where}: its {TRAINER_STATE_NAME} cannot be read "
+                             f"({type(exc).__name__}: {exc})") from exc
+        saved = _read(os.path.join(checkpoint, OPTIMIZER_NAME), where)
         zo_state = saved.get("zo_state") if isinstance(saved, dict) else None
         step = zo_state.get("step") if isinstance(zo_state, dict) else None
         if step != global_step:
@@ -623,15 +752,44 @@ class ZOTrainer(transformers.Trainer):
                 f"{TRAINER_STATE_NAME} global step {global_step} (one ZO step per global "
                 f"step): the files are not of one checkpoint, or {OPTIMIZER_NAME} is not a "
                 "zokernels optimizer's state")
-        if self.optimizer is not None:
-            # its options against this run's now, before the Trainer loads the model's weights
-            # (validated whole first: a refusal leaves the optimizer as it was; the Trainer
-            # loads the same state again later)
+        if self.zo_optimizer is not None:
+            # its options against this run's, validated only: the Trainer loads it later
             try:
-                self.optimizer.load_state_dict(saved)
+                self.zo_optimizer.check_state_dict(saved)
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from exc
+        groups = None if self.zo_optimizer is None else len(self.zo_optimizer.param_groups)
+        _check_scheduler_state(_read(os.path.join(checkpoint, SCHEDULER_NAME), where),
+                               f"{where}: its {SCHEDULER_NAME}", groups)
+        self._check_rng_file(checkpoint, where)
+        if self.model is not None:
+            _check_weight_files(self.accelerator.unwrap_model(self.model), checkpoint, where)
         return global_step
+
+    def _check_rng_file(self, checkpoint: str, where: str) -> None:
+        """The RNG state file the stock Trainer will read (rng_state.pth, or rng_state_{rank}.pth
+        with several processes), if present: readable, and its Python, numpy and CPU torch
+        states accepted by throwaway generators (the stock loader sets the global ones)."""
+        import random
+
+        import numpy as np
+
+        name = ("rng_state.pth" if self.args.world_size <= 1
+                else f"rng_state_{self.args.process_index}.pth")
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            return  # the stock Trainer warns and goes on
+        with _numpy_safe_globals():
+            state = _read(path, where)
+        try:
+            if not isinstance(state, dict):
+                raise TypeError(f"a {type(state).__name__}, not a dict")
+            random.Random().setstate(state["python"])
+            np.random.RandomState().set_state(state["numpy"])
+            torch.Generator().set_state(state["cpu"])
+        except Exception as exc:
+            raise ValueError(f"{where}: its {name} is not an RNG state the Trainer can restore "
+                             f"({type(exc).__name__}: {exc})") from exc
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         """The stock loading, then a check that it did load the state _check_checkpoint read

@@ -967,6 +967,22 @@ class ZOOptimizer(torch.optim.Optimizer):
         """(fewest, most) seeds one recorded step of this optimizer holds."""
         return 1, 1
 
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Validate `state_dict` as load_state_dict would (ValueError naming the first bad
+        field), without adopting anything: the optimizer is left as it was either way."""
+        self._checked_state(_copied(self._pre_hooked(state_dict)))
+
+    def _pre_hooked(self, state_dict: Any) -> Any:
+        """state_dict through torch.optim's load_state_dict pre hooks (each may return a
+        replacement)."""
+        if isinstance(state_dict, dict):
+            state_dict = dict(state_dict)
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = pre_hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from a state_dict: all of it is validated first (ValueError naming the field;
         the optimizer is then left exactly as it was), its tensors are copied, and its values
@@ -977,14 +993,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._step_in_progress() or self._stepping:
             raise RuntimeError("load_state_dict called during a step (the weights hold a "
                                "perturbation); call it between steps")
-        if isinstance(state_dict, dict):
-            # torch.optim's load_state_dict pre hooks: each may return a replacement
-            state_dict = dict(state_dict)
-            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-                result = pre_hook(self, state_dict)
-                if result is not None:
-                    state_dict = result
-        state = _copied(state_dict)
+        state = _copied(self._pre_hooked(state_dict))
         options, logs, trajectory = self._checked_state(state)
         # -- nothing below raises: the state was validated above
         for group, saved in zip(self.param_groups, options):
