@@ -534,6 +534,11 @@ def test_resume_needs_the_optimizer_state_of_the_same_checkpoint(tmp_path):
          "scheduler.pt: _last_lr must hold"),
         (variant("two-groups", lambda c: _edit_scheduler(c, base_lrs=[1e-3, 1e-3])),
          "base_lrs must hold one finite learning rate >= 0 per param group .1."),
+        (variant("plateau-state", lambda c: torch.save(
+            torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD(
+                [torch.zeros(1, requires_grad=True)], lr=2e-3)).state_dict(),
+            c / "scheduler.pt")),
+         "scheduler.pt does not load into this run's LambdaLR .lr_scheduler_type='constant'"),
         (variant("truncated-rng", lambda c: _truncate(c / "rng_state.pth")),
          "rng_state.pth cannot be read"),
         (variant("wrong-rng", lambda c: torch.save({"python": 1, "numpy": 2, "cpu": 3},
@@ -598,6 +603,40 @@ def _other_model_weights(checkpoint: Path) -> None:
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ))
     (checkpoint / "model.safetensors").unlink()
     wide.save_pretrained(str(checkpoint))
+
+
+def test_resume_reads_the_weights_formats_the_trainer_loads(tmp_path):
+    """The checks read what the stock loader reads: torch's legacy (non-zip) pytorch_model.bin
+    (which cannot be memory-mapped) and sharded safetensors; both resume to the uninterrupted
+    run's weights."""
+    import shutil
+
+    options = dict(save_strategy="steps", save_steps=3, max_steps=6)
+    trainer(llama(), tmp_path / "run", **options).train()
+    reference = llama(seed=99)
+    trainer(reference, tmp_path / "ref", **options).train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    final = snapshot(reference)
+    saved = tmp_path / "run" / "checkpoint-3"
+
+    def legacy_bin(c):
+        weights = transformers.LlamaForCausalLM.from_pretrained(str(c)).state_dict()
+        (c / "model.safetensors").unlink()
+        torch.save(weights, c / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+
+    def sharded(c):
+        model = transformers.LlamaForCausalLM.from_pretrained(str(c))
+        (c / "model.safetensors").unlink()
+        model.save_pretrained(str(c), max_shard_size="2KB")
+        assert (c / "model.safetensors.index.json").is_file()
+
+    for name, edit in (("legacy-bin", legacy_bin), ("sharded", sharded)):
+        checkpoint = tmp_path / name / "checkpoint-3"
+        shutil.copytree(saved, checkpoint)
+        edit(checkpoint)
+        model = llama(seed=99)
+        trainer(model, checkpoint.parent, **options).train(resume_from_checkpoint=str(checkpoint))
+        assert_same(snapshot(model), final, f"resumed from the {name} checkpoint")
 
 
 def test_a_second_train_needs_a_new_trainer(tmp_path):

@@ -357,9 +357,10 @@ def _check_scheduler_state(state: Any, what: str, groups: Optional[int]) -> None
                              f"got {values!r}")
 
 
-# The weights files of a full checkpoint (transformers' names), single or sharded.
-_WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
-                 ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+# The weights files of a full checkpoint (transformers' names), in the order the stock loader
+# looks for them: a single file (safetensors first), else a sharded index (safetensors first).
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
 
 
 def _check_weight_files(model: torch.nn.Module, checkpoint: str, where: str) -> None:
@@ -369,27 +370,26 @@ def _check_weight_files(model: torch.nn.Module, checkpoint: str, where: str) -> 
     checkpoint of adapters only (PEFT) has no such file and is left to the stock loader."""
     import json
 
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    for single, index in _WEIGHT_FILES:
-        paths = []
-        if os.path.isfile(os.path.join(checkpoint, single)):
-            paths = [os.path.join(checkpoint, single)]
-        elif os.path.isfile(os.path.join(checkpoint, index)):
-            try:
-                with open(os.path.join(checkpoint, index), encoding="utf-8") as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-                paths = [os.path.join(checkpoint, str(name)) for name in shards]
-            except Exception as exc:
-                raise ValueError(f"{where}: its {index} cannot be read "
-                                 f"({type(exc).__name__}: {exc})") from exc
-        for path in paths:
-            for name, shape in _saved_shapes(path, where).items():
-                if name in expected and expected[name] != shape:
-                    raise ValueError(f"{where}: its {os.path.basename(path)} holds {name} "
-                                     f"with shape {list(shape)}, the model's is "
-                                     f"{list(expected[name])}: not a checkpoint of this model")
-        if paths:
-            return
+    found = [name for name in _WEIGHT_FILES if os.path.isfile(os.path.join(checkpoint, name))]
+    if not found:
+        return
+    name = found[0]
+    paths = [os.path.join(checkpoint, name)]
+    if name.endswith(".index.json"):
+        try:
+            with open(paths[0], encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            paths = [os.path.join(checkpoint, str(shard)) for shard in shards]
+        except Exception as exc:
+            raise ValueError(f"{where}: its {name} cannot be read "
+                             f"({type(exc).__name__}: {exc})") from exc
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    for path in paths:
+        for key, shape in _saved_shapes(path, where).items():
+            if key in expected and expected[key] != shape:
+                raise ValueError(f"{where}: its {os.path.basename(path)} holds {key} with shape "
+                                 f"{list(shape)}, the model's is {list(expected[key])}: not a "
+                                 "checkpoint of this model")
 
 
 def _saved_shapes(path: str, where: str) -> dict[str, tuple[int, ...]]:
@@ -401,7 +401,10 @@ def _saved_shapes(path: str, where: str) -> dict[str, tuple[int, ...]]:
 
             with safe_open(path, framework="pt") as f:
                 return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file of torch's legacy (non-zip) format cannot be mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise TypeError(f"a {type(state).__name__}, not a dict of tensors")
         return {str(k): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -723,7 +726,8 @@ class ZOTrainer(transformers.Trainer):
           being adopted yet, and its step counter must equal trainer_state.json's global step
           (one ZO step per global step: the files are of one checkpoint);
         - scheduler.pt must hold one finite lr >= 0 per param group (base_lrs, _last_lr,
-          min_lrs), the RNG state file (when present) states Python, numpy and torch accept;
+          min_lrs) and load into a scheduler of this run's lr_scheduler_type; the RNG state
+          file (when present) must hold states Python, numpy and torch accept;
         - the weights files (model.safetensors, pytorch_model.bin, or their sharded indexes)
           must be readable and hold this model's shape for every tensor name both have."""
         from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
@@ -759,12 +763,43 @@ class ZOTrainer(transformers.Trainer):
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from exc
         groups = None if self.zo_optimizer is None else len(self.zo_optimizer.param_groups)
-        _check_scheduler_state(_read(os.path.join(checkpoint, SCHEDULER_NAME), where),
-                               f"{where}: its {SCHEDULER_NAME}", groups)
+        scheduler_state = _read(os.path.join(checkpoint, SCHEDULER_NAME), where)
+        _check_scheduler_state(scheduler_state, f"{where}: its {SCHEDULER_NAME}", groups)
+        self._check_scheduler_class(scheduler_state, f"{where}: its {SCHEDULER_NAME}")
         self._check_rng_file(checkpoint, where)
         if self.model is not None:
             _check_weight_files(self.accelerator.unwrap_model(self.model), checkpoint, where)
         return global_step
+
+    def _check_scheduler_class(self, state: dict, what: str) -> None:
+        """ValueError unless `state` loads into a scheduler of the kind this run builds (a
+        throwaway one, as the stock create_scheduler builds it, over a throwaway optimizer with
+        the ZO optimizer's groups): a state of another class (a reduce_lr_on_plateau checkpoint
+        resumed with lr_scheduler_type='linear') failed in the stock loader after the weights
+        and the ZO state were loaded. Skipped when create_scheduler is overridden."""
+        import copy
+
+        if (self.zo_optimizer is None
+                or type(self).create_scheduler is not transformers.Trainer.create_scheduler):
+            return
+        steps = self.args.max_steps if self.args.max_steps > 0 else 1  # only a state is loaded
+        stand_in = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)],
+                                     "lr": group["lr"]}
+                                    for group in self.zo_optimizer.param_groups])
+        try:
+            scheduler = transformers.get_scheduler(
+                self.args.lr_scheduler_type, optimizer=stand_in,
+                num_warmup_steps=self.args.get_warmup_steps(steps), num_training_steps=steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+        except Exception:
+            return  # the run cannot build it either: the stock Trainer raises, before loading
+        try:
+            scheduler.load_state_dict(copy.deepcopy(state))
+        except Exception as exc:
+            kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+            raise ValueError(f"{what} does not load into this run's {type(scheduler).__name__} "
+                             f"(lr_scheduler_type={kind!r}; {type(exc).__name__}: {exc}): "
+                             "resume with the checkpoint's lr_scheduler_type") from exc
 
     def _check_rng_file(self, checkpoint: str, where: str) -> None:
         """The RNG state file the stock Trainer will read (rng_state.pth, or rng_state_{rank}.pth
