@@ -3,9 +3,10 @@
 // V (n x r), c (r, float32). The torch reference makes three BLAS calls (x V, the scaling, an
 // addmm_ of inner size r, which rereads the output). Here a block of 4 rows computes its 4 x r
 // left factor, then adds its whole term to 16 columns of out at a time from registers: one read
-// and one write of out, float32 arithmetic, one rounding to out's dtype. Measured at 256 rows,
-// r = 8, 1 thread: float32 0.25-1.09x the reference's time, float16 0.11-0.23x; bfloat16
-// 1.3-1.8x (torch's bf16 GEMMs convert faster), which the probes leave to the reference.
+// and one write of out, float32 arithmetic, one rounding to out's dtype. Per call at 256 rows,
+// r = 8 (benchmarks/results/cpu_lowrank_term.json): float32 0.26-1.12x the reference's time at 1
+// thread, float16 0.06-0.23x; bfloat16 mostly slower (0.68-2.5x: torch's bf16 GEMMs convert
+// faster), which the probes leave to the reference.
 //
 // Summation order (fixed, so a result does not depend on the thread count): (x V)[row, k] sums
 // over x's columns in order; the term of out[row, col] sums over k in order, from +0.0.

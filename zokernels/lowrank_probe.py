@@ -54,9 +54,10 @@ _METADATA = frozenset({
 
 
 # What the probes give the C++ Linear term (csrc/lowrank_term.cpp), the rest going to the torch
-# reference. Measured at 256 rows, r = 8, 1 thread (docs/tezo.md, "Time"): float32 0.25-1.09x the
-# reference's time (384 x 30522: 2.9 against 11.6 ms), float16 0.11-0.23x; bfloat16 1.3-1.8x on
-# 384-3072 columns (torch's bf16 GEMMs convert faster than the kernel): left to the reference.
+# reference. Per call at 256 rows, r = 8 (benchmarks/results/cpu_lowrank_term.json): float32
+# 0.26-1.12x the reference's time at 1 thread, 0.33-1.03x at 2 (384 x 30522: 3.0 against 11.7 ms),
+# float16 0.06-0.23x; bfloat16 0.68-2.5x, mostly slower (torch's bf16 GEMMs convert faster than
+# the kernel): left to the reference.
 _NATIVE_TERM_DTYPES = (torch.float32, torch.float16)
 _NATIVE_TERM_RANK = 32
 
