@@ -137,6 +137,9 @@ def test_window_bytes_count_the_stored_differences(store_dtype, itemsize):
     (lambda o: o.sum(dim=1), ValueError, r"scalar loss, got shape \(2,\)"),
     (lambda o: float(o.detach().sum()), TypeError, "float"),
     (lambda o: torch.tensor(1.0), ValueError, "does not depend on the output"),
+    # requires grad through another tensor only (was autograd's RuntimeError)
+    (lambda o: (torch.ones(1, requires_grad=True) * 2.0).sum(), ValueError,
+     "does not depend on the output"),
 ])
 def test_bad_loss_fn_is_refused_and_changes_nothing(loss_fn, exc, match):
     w, forward, loss = _problem()
@@ -151,8 +154,10 @@ def test_bad_loss_fn_is_refused_and_changes_nothing(loss_fn, exc, match):
 
 @pytest.mark.parametrize("output,exc,match", [
     ([1.0, 2.0], TypeError, "must return a tensor.*list"),
-    (torch.arange(4), TypeError, "floating-point"),
+    (torch.arange(4), TypeError, "torch.int64"),
     (torch.zeros(0), ValueError, "empty"),
+    # no CPU reductions: every step failed with NotImplementedError
+    (torch.zeros(4).to(torch.float8_e4m3fn), TypeError, "float8_e4m3fn"),
 ])
 def test_bad_forward_is_refused(output, exc, match):
     w, _, loss = _problem()
@@ -161,6 +166,41 @@ def test_bad_forward_is_refused(output, exc, match):
     with pytest.raises(exc, match=match):
         opt.step(lambda: output, loss)
     assert_bits_equal(w, before, what="after a refused forward")
+
+
+def test_an_output_of_another_rank_is_refused_before_the_step_whatever_beta():
+    """A beta = 0 step (one-sided) used only its own entry, so an output of another rank went
+    into the window unchecked: the optimizer's own state_dict was then refused by
+    load_state_dict, and every later step raised. Now refused before the step writes
+    anything, on every beta."""
+    w, forward, loss = _problem()
+    opt = PseuZO([("w", w)], lr=0.01, window=4, beta=lambda epoch: [0.9, 0.0][epoch % 2])
+    opt.step(lambda: forward(w), loss)  # step 0, beta 0.9: a 2-D entry
+    before, window = w.clone(), list(opt._window)
+    with pytest.raises(ValueError, match=r"3-D output \(1, 2, 5\), the window's entry of step "
+                                         r"0 is 2-D"):
+        opt.step(lambda: forward(w).reshape(1, 2, 5), loss)  # step 1, beta 0
+    assert_bits_equal(w, before, what="after the refused output")
+    assert opt._window == window and opt.zo_state["step"] == 1
+    opt.step(lambda: forward(w), loss)  # the same rank: taken
+    PseuZO([("w", w.clone())], lr=0.01, window=4,
+           beta=lambda epoch: [0.9, 0.0][epoch % 2]).load_state_dict(opt.state_dict())
+
+
+def test_inference_mode_is_refused_and_changes_nothing():
+    """torch.enable_grad() cannot lift inference mode: the loss looked output-independent."""
+    w, forward, loss = _problem()
+    opt = PseuZO([("w", w)], lr=0.01)
+    before = w.clone()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        opt.step(lambda: forward(w), loss)
+    assert_bits_equal(w, before, what="after the refused step")
+    assert opt.zo_state["step"] == 0
+
+
+def test_float8_store_dtype_is_refused():
+    with pytest.raises(ValueError, match="store_dtype must be one of"):
+        PseuZO([("w", torch.zeros(3))], lr=0.01, store_dtype=torch.float8_e4m3fn)
 
 
 # -- state ---------------------------------------------------------------------------------------
@@ -197,6 +237,11 @@ BAD_WINDOWS = {
                            r"\[1\]\['delta'\] has shape \(3,\)"),
     "delta dtypes differ": (lambda s: _window_field(s, 1, "delta", torch.zeros(2, 5).double()),
                             r"\[1\]\['delta'\] has shape \(2, 5\) \(torch.float64"),
+    # finite, but every projection overflows float32 and a skipped step keeps its window:
+    # every later step was skipped
+    "delta near float32's max": (lambda s: _window_field(s, 0, "delta", torch.full((2, 5), 3e38)),
+                                 r"\[0\]\['delta'\] must hold values finite in float32, with a "
+                                 "finite float32 sum of squares"),
     "too many entries": (lambda s: s["extra"]["window"].extend(
         copy.deepcopy(s["extra"]["window"][:1]) * 3), "has 5 entries, .* at most 4"),
 }
@@ -516,6 +561,12 @@ def test_loading_other_schedule_settings_is_refused(other, field):
     old = copy.deepcopy(source.state_dict())
     del old["extra"]["schedule"]  # saved before the schedule settings existed: accepted
     PseuZO([("w", w.clone())], lr=0.05, window=4, beta=0.8).load_state_dict(old)
+    # tensors in place of the values: ValueError (a tensor's != raised RuntimeError)
+    for value in (torch.tensor([0.8, 0.8]), torch.empty(1, device="meta")):
+        tampered = copy.deepcopy(source.state_dict())
+        tampered["extra"]["schedule"]["beta"] = value
+        with pytest.raises(ValueError, match=r"\['schedule'\]\['beta'\] is tensor"):
+            PseuZO([("w", w.clone())], lr=0.05, window=4, beta=0.8).check_state_dict(tampered)
 
 
 def test_beta_zero_mezo_is_mezo_bit_for_bit():

@@ -395,6 +395,19 @@ def test_finetune_pseuzo_through_a_lora_wrapper():
     assert moved and moved <= set(adapters)
 
 
+@pytest.mark.parametrize("config", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_pseuzo_refuses_prompt_learning_adapters(config):
+    """Prompt / prefix tuning acts in the PEFT wrapper's forward, which PseuZO's split does not
+    run: o did not depend on the trained prompt, every coefficient was 0 and training silently
+    did nothing. Refused by the split and by pseuzo_parameters."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(llama_model(), getattr(peft, config)(task_type="CAUSAL_LM",
+                                                                     num_virtual_tokens=3))
+    for call in (lambda: pseuzo_parameters(model), lambda: pseuzo_causal_lm(model, unlabelled())):
+        with pytest.raises(ValueError, match="PEFT prompt / prefix tuning"):
+            call()
+
+
 def test_lora_adapters_with_virtual_probes_equal_the_inplace_run():
     """PEFT's adapters are read through F.linear: MeZO's default virtual probes keep all of them
     virtual (no log) and step bit for bit as the exact in-place probes do."""

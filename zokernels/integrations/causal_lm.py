@@ -62,10 +62,27 @@ def lm_inputs(batch: Any, where: str = "batch") -> dict[str, Any]:
     return inputs
 
 
+def _unwrapped(model: torch.nn.Module, caller: str) -> torch.nn.Module:
+    """The model inside a PEFT wrapper (the model itself otherwise), or ValueError for prompt /
+    prefix tuning: their virtual tokens and past key values live in the wrapper's forward,
+    which the split (the inner model's hidden state) does not run, so the trained prompt would
+    not change PseuZO's output and every step would update nothing."""
+    if not callable(getattr(model, "get_base_model", None)):
+        return model
+    try:
+        config = model.active_peft_config
+    except Exception:  # not a PeftModel, or no active adapter
+        config = None
+    if getattr(config, "is_prompt_learning", False):
+        raise ValueError(f"{caller}: PEFT prompt / prefix tuning ({type(config).__name__}) acts "
+                         "in the PEFT wrapper's forward, outside the split PseuZO uses; train "
+                         "it with MeZO, LeZO or TeZO (whole-model losses)")
+    return model.get_base_model()
+
+
 def _split(model: torch.nn.Module, caller: str) -> tuple[torch.nn.Module, Any]:
     """(LM head, base model producing the hidden state) of a causal LM, or TypeError."""
-    if callable(getattr(model, "get_base_model", None)):  # a PEFT wrapper
-        model = model.get_base_model()
+    model = _unwrapped(model, caller)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", None)
     if head is None or base is None or base is model:
@@ -115,7 +132,7 @@ def pseuzo_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parame
     weights per step. Names are model.named_parameters()'s (wrapper prefixes included; the noise
     keys drop them, see ParameterSpace).
     """
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    inner = _unwrapped(model, "pseuzo_parameters")
     head, _ = _split(inner, "pseuzo_parameters")
     in_head = {id(m) for m in head.modules()}
     # parameters any module outside the head holds (a tied weight: the input embedding's)

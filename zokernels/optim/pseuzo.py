@@ -38,6 +38,8 @@ def reference_beta(step: int, cycle: int, epoch_steps: int = 1) -> float:
 
 
 BETA_ZERO_MODES = ("one_sided", "mezo")
+# dtypes of the stored output differences and of the outputs (float8 has no CPU reductions)
+STORE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class PseuZO(ZOOptimizer):
@@ -161,9 +163,9 @@ class PseuZO(ZOOptimizer):
                 or not 1 <= window <= MAX_SEEDS_PER_STEP):
             raise ValueError(f"window must be an integer in [1, {MAX_SEEDS_PER_STEP}], "
                              f"got {window!r}")
-        if store_dtype is not None and not (isinstance(store_dtype, torch.dtype)
-                                            and store_dtype.is_floating_point):
-            raise ValueError(f"store_dtype must be a floating torch.dtype, got {store_dtype!r}")
+        if store_dtype is not None and store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {list(STORE_DTYPES)}, got "
+                             f"{store_dtype!r}")
         self.window = window
         self.beta = beta
         self.beta_cycle = beta_cycle if beta == "reference" else None
@@ -259,8 +261,8 @@ class PseuZO(ZOOptimizer):
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"forward() must return a tensor (the model output), got "
                             f"{type(out).__name__}")
-        if not out.is_floating_point():
-            raise TypeError(f"forward() must return a floating-point tensor, got dtype "
+        if out.dtype not in STORE_DTYPES:
+            raise TypeError(f"forward() must return a tensor of {list(STORE_DTYPES)}, got dtype "
                             f"{out.dtype}")
         if out.numel() == 0:
             raise ValueError(f"forward() returned an empty tensor (shape {tuple(out.shape)})")
@@ -312,12 +314,27 @@ class PseuZO(ZOOptimizer):
         beta = self.beta_at(step)
         if beta == 0.0 and self.beta_zero == "mezo":
             return self._mezo_step(step, forward, loss_fn)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("PseuZO.step differentiates loss_fn(output): call it outside "
+                               "torch.inference_mode() (torch.no_grad() is fine)")
         reset = self.resets_window(step, beta)  # the schedule is called once per step
         o0 = self._output(forward)
+        # the entries this step keeps must have the output's rank (their lengths may differ:
+        # aligned_dot aligns them); checked before the first write, whatever beta weights them
+        keep = 0 if reset else self.capacity - 1
+        kept = self._window[-keep:] if keep else []
+        for k, _, d in kept:
+            if d.dim() != o0.dim():
+                raise ValueError(f"forward() returned a {o0.dim()}-D output {tuple(o0.shape)}, "
+                                 f"the window's entry of step {k} is {d.dim()}-D "
+                                 f"{tuple(d.shape)}: outputs must keep their rank across steps")
         leaf = o0.detach().requires_grad_(True)  # o0 is already a copy (_output)
         with torch.enable_grad():
             loss = self._loss_value(loss_fn(leaf))
-            (e,) = torch.autograd.grad(loss, leaf)
+            (e,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+        if e is None:  # the loss requires grad through something else only
+            raise ValueError("loss_fn(output) does not depend on the output (its autograd graph "
+                             "does not reach it)")
         eps = [group["eps"] for group in self.param_groups]
         seed = self.seed_for(step)
         self._perturb_held(seed, eps, None, 0)
@@ -326,12 +343,10 @@ class PseuZO(ZOOptimizer):
             raise ValueError(f"forward() changed its output shape under the perturbation: "
                              f"{tuple(o0.shape)} -> {tuple(o1.shape)}")
         delta = (o1 - o0).to(self.store_dtype or o0.dtype)
-        # the window this step keeps; self._window changes only once the step is taken
-        keep = 0 if reset else self.capacity - 1
-        # one device and dtype, this step's: a window loaded (or kept from steps whose outputs
+        # the window this step keeps (`kept`); self._window changes only once the step is taken.
+        # One device and dtype, this step's: a window loaded (or kept from steps whose outputs
         # had another dtype) in another one would not save as one window
-        old = [(k, s, d.to(device=e.device, dtype=delta.dtype))
-               for k, s, d in (self._window[-keep:] if keep else [])]
+        old = [(k, s, d.to(device=e.device, dtype=delta.dtype)) for k, s, d in kept]
         window = old + [(step, seed, delta)]
         ages = torch.cat([self._old_ages(step, e.device)[len(self._window) - len(old):],
                           torch.zeros(1, dtype=torch.float64, device=e.device)])
@@ -400,9 +415,12 @@ class PseuZO(ZOOptimizer):
             raise ValueError(f"state_dict['extra']['schedule'] must be a dict, got "
                              f"{type(saved).__name__}")
         for field, value in self._schedule().items():
-            if field not in saved or saved[field] != value:
+            saved_value = saved.get(field)
+            # plain values only: a tensor's != is a tensor (ambiguous, or a meta error)
+            plain = saved_value is None or isinstance(saved_value, (bool, int, float, str))
+            if field not in saved or not plain or saved_value != value:
                 raise ValueError(f"state_dict['extra']['schedule']['{field}'] is "
-                                 f"{saved.get(field)!r}, this optimizer has {value!r}: build it "
+                                 f"{saved_value!r}, this optimizer has {value!r}: build it "
                                  f"with the saved {field} to resume")
 
     def _check_extra_state(self, extra: Any, step: int) -> None:
@@ -462,9 +480,13 @@ class PseuZO(ZOOptimizer):
                 raise ValueError(f"{where}['delta'] has shape {tuple(d.shape)} ({d.dtype}, "
                                  f"{d.device}), the earlier entries {len(shape)} dimensions "
                                  f"({dtype}, {device})")
-            # in float32, as aligned_dot reads it: else every later step would be skipped
-            if not bool(torch.isfinite(d.to(torch.float32)).all()):
-                raise ValueError(f"{where}['delta'] must hold values finite in float32")
+            # in float32, as aligned_dot reads it, and with a finite float32 sum of squares (a
+            # delta near float32's max overflows every projection): else every later step
+            # would be skipped, and a skipped step keeps its window
+            as_float = d.to(torch.float32)
+            if not bool(torch.isfinite(as_float.square().sum())):
+                raise ValueError(f"{where}['delta'] must hold values finite in float32, with a "
+                                 "finite float32 sum of squares")
             shape, dtype, device, previous = d.shape, d.dtype, d.device, k
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
