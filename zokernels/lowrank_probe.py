@@ -36,9 +36,9 @@ from torch.overrides import TorchFunctionMode
 
 from ._dispatch import resolve_backend
 from ._signals import interrupts_deferred
+from ._validate import overlapped_span, written_spans
 from .backends.cpu.lowrank_term import lowrank_linear_term_cpu
 from .backends.torch.lowrank_term import lowrank_linear_term_torch
-from ._validate import overlapped_span, written_spans
 from .lowrank_space import KeptFactors, LowRankSpace
 
 # Calls on a weight that neither see nor change its values (metadata), allowed anywhere.
@@ -425,7 +425,7 @@ class VirtualLowRank:
         hooked: set[tuple[int, int]] = set()
         try:
             self._probe = (token, totals, [None] * len(self.parts), hooked)
-            self._native: dict[torch.device, bool] = {}  # resolved once per probe and device
+            self._native = {}  # the term's implementation, resolved once per probe and device
             handle = first_global_forward_hook(_module.register_module_forward_hook(
                 lambda module, args, kwargs, output: self._add_term(token, module, args, kwargs,
                                                                     output),
