@@ -3,6 +3,7 @@
 hook takes."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -122,8 +123,11 @@ def test_generic_path_within_the_same_bound(tmp_path):
         "torch.save({'simd': build_info()['simd'], 'got': got, 'args': (out, x, u, v, c)}, "
         "sys.argv[1])\n")
     path = tmp_path / "generic.pt"
+    # the installed package (its built extension), not a source tree in the working directory
+    package_parent = str(pathlib.Path(lowrank_probe.__file__).resolve().parents[1])
     subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=300,
-                   env={**os.environ, "ZOKERNELS_CPU_SIMD": "generic"})
+                   cwd=tmp_path, env={**os.environ, "ZOKERNELS_CPU_SIMD": "generic",
+                                      "PYTHONPATH": package_parent})
     saved = torch.load(path)
     assert saved["simd"] == "generic"
     _assert_within(saved["got"], *saved["args"])
