@@ -1,4 +1,4 @@
-"""TeZO's virtual-probe term for an nn.Linear on the CPU: the C++ kernel against the torch reference.
+"""TeZO's virtual-probe Linear term on the CPU: the C++ kernel against the torch reference.
 
 out += ((x V) diag(c)) U^T for N rows, one call per implementation on the same tensors, medians
 of repeated calls (thread CPU time at 1 thread, wall time at more). The probes' hook takes the

@@ -483,8 +483,7 @@ class PseuZO(ZOOptimizer):
             # in float32, as aligned_dot reads it, and with a finite float32 sum of squares (a
             # delta near float32's max overflows every projection): else every later step
             # would be skipped, and a skipped step keeps its window
-            as_float = d.to(torch.float32)
-            if not bool(torch.isfinite(as_float.square().sum())):
+            if not bool(torch.isfinite(d.to(torch.float32).square().sum())):
                 raise ValueError(f"{where}['delta'] must hold values finite in float32, with a "
                                  "finite float32 sum of squares")
             shape, dtype, device, previous = d.shape, d.dtype, d.device, k

@@ -1,4 +1,4 @@
-"""The term TeZO's virtual probes add to an nn.Linear's output, on the CPU (csrc/lowrank_term.cpp)."""
+"""TeZO's virtual-probe term for an nn.Linear on the CPU (csrc/lowrank_term.cpp)."""
 
 import torch
 
@@ -37,7 +37,7 @@ def lowrank_linear_term_cpu(out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
                          f"{out.numel() // m}")
     if rows.shape[0] == 0:
         return
+    row_stride = rows.stride(0) if rows.shape[0] > 1 else n  # one row: its stride is arbitrary
     load_cpu_extension().lowrank_linear_term(
-        out.data_ptr(), m, rows.data_ptr(), rows.stride(0) if rows.shape[0] > 1 else n, rows.shape[0], n, m, r,
-        u.data_ptr(), v.data_ptr(), coef.data_ptr(), DTYPE_CODES[dtype],
-        torch.get_num_threads())
+        out.data_ptr(), m, rows.data_ptr(), row_stride, rows.shape[0], n, m, r, u.data_ptr(),
+        v.data_ptr(), coef.data_ptr(), DTYPE_CODES[dtype], torch.get_num_threads())
