@@ -122,12 +122,16 @@ PYBIND11_MODULE(_C, m) {
           py::arg("log_count_ptr") = 0, py::arg("log_mode") = 0,
           py::arg("selector_out") = std::vector<uint64_t>{},
           py::arg("selector_in") = std::vector<uint64_t>{},
+          py::arg("factor_seed") = 0, py::arg("u_offsets") = std::vector<uint64_t>{},
+          py::arg("v_offsets") = std::vector<uint64_t>{}, py::arg("factor_contract") = 0,
           "In place: W = round(decay * theta + scale * U diag(tau) V^T); theta = W, or with "
           "applied_tau_ptrs the weight recovered from round(theta + applied_scale * U diag(applied "
           "tau) V^T). log_mode 1: append the elements recovery could not give back to the undo "
           "log (index, values, capacity, count); 2: only add their number to count. "
           "selector_out / selector_in: the selector logs of perturb, over the weights' flat "
-          "indices in list order (docs/undo-log.md).");
+          "indices in list order (docs/undo-log.md). A weight with u_ptr = v_ptr = 0 draws its "
+          "factors from noise(factor_seed, key) at u_offsets / v_offsets (normals of "
+          "factor_contract).");
     m.def("lowrank_scatter", &zk::lowrank_scatter, release_gil(), py::arg("w_ptrs"), py::arg("ms"),
           py::arg("ns"), py::arg("ranks"), py::arg("u_ptrs"), py::arg("v_ptrs"),
           py::arg("tau_ptrs"), py::arg("decays"), py::arg("scale"), py::arg("keys"),

@@ -24,6 +24,7 @@
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define ZK_HAVE_AVX2_PATH 1
 #define ZK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define ZK_TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
 #else
 #define ZK_HAVE_AVX2_PATH 0
 #endif
@@ -43,8 +44,11 @@ template <class T>
 ZK_INLINE T min_of(T a, T b) { return b < a ? b : a; }
 
 // Runtime SIMD choice (simd.cpp): AVX2 when the CPU and OS support it, unless the environment
-// variable ZOKERNELS_CPU_SIMD=generic forces the portable path (used by tests to compare both).
+// variable ZOKERNELS_CPU_SIMD=generic forces the portable path (used by tests to compare both);
+// the Linear term (lowrank_term.cpp) also has an AVX-512 build, used where the CPU has it unless
+// ZOKERNELS_CPU_SIMD is avx2 or generic.
 bool use_avx2();
+bool use_avx512();
 const char* simd_level_name();
 
 }  // namespace zk

@@ -3,7 +3,9 @@
 // (V diag(tau))^T is formed once into an r x n scratch so that a row of P is r vectorized axpys
 // over contiguous memory (lowrank.h, shared with the scatter). W is walked in flat tiles of its
 // row-major index i = row * n + col, which is also the index stochastic rounding uses (stream 1,
-// the weight's key).
+// the weight's key). The factors are given (float32 pointers) or drawn by the pass (u_ptr = v_ptr
+// = 0): V once per weight, straight into that scratch, and U's rows per work item, with noise():
+// the values a caller drawing them would pass, without their (m + n) r floats per weight.
 //
 // theta is W itself, or with applied taus (recovery) the weight recovered from
 // W = round(theta + applied_scale * P(applied_tau)) (rounding.h, recover_unperturbed). With an undo
@@ -30,13 +32,14 @@ namespace {
 struct LowRankWeight {
     uintptr_t w;
     uint64_t m, n, r;
-    const float* u;        // m x r
+    const float* u;        // m x r, or null: drawn from the factor stream (drawn_u_rows)
     const float* vt_tau;   // r x n scratch: vt_tau[k * n + col] = V[col, k] * tau[k]
     const float* vt_held;  // the same for the applied taus (recovery only)
     float decay;
     uint32_t key;
     uint64_t start;        // group-flat index of W[0, 0] (the undo log's index)
     uint64_t first_block;  // the selector logs' row of W's first block
+    uint64_t u_offset;     // drawn U: the factor stream's index of U[0, 0]
 };
 
 enum LogMode : int { kNoLog = 0, kLogWrite = 1, kLogCountOnly = 2 };
@@ -55,7 +58,18 @@ struct LowRankJob {
     int64_t* log_count;
     // Selector logs: written by this pass / read to recover exactly (with applied taus).
     SelectorLogRef sel_out, sel_in;
+    uint64_t factor_seed;  // drawn factors: noise(factor_seed, key) with these normals
+    int factor_contract;
 };
+
+// The rows [first, last] of a drawn U (u_offset, r), as noise() gives them, in `rows`.
+inline const float* drawn_u_rows(const LowRankJob& job, const LowRankWeight& lw, uint64_t first,
+                                 uint64_t last, std::vector<float>& rows) {
+    rows.resize((last - first + 1) * lw.r);
+    noise(reinterpret_cast<uintptr_t>(rows.data()), rows.size(), job.factor_seed, lw.key,
+          lw.u_offset + first * lw.r, kGaussian, 1, job.factor_contract);
+    return rows.data();
+}
 
 // The undo log's side of one work item: checks every tile, collects the item's lost elements
 // (or only counts them) and reserves their slots with one atomic add at the end.
@@ -130,6 +144,19 @@ inline void selector_tile(const LowRankJob& job, const LowRankWeight& lw,
         });
 }
 
+// lowrank_row_segment in the instruction set of the kernel (Philox's type tells which).
+template <class Philox>
+ZK_INLINE void row_segment(const float* u_row, const float* vt_tau, uint64_t n, uint64_t r,
+                           uint64_t col, int count, float* prod) {
+#if ZK_HAVE_AVX2_PATH
+    if constexpr (std::is_same<Philox, PhiloxAvx2>::value) {
+        lowrank_row_segment_avx2(u_row, vt_tau, n, r, col, count, prod);
+        return;
+    }
+#endif
+    lowrank_row_segment(u_row, vt_tau, n, r, col, count, prod);
+}
+
 template <class Philox, class Format, bool kRecover, bool kLog, bool kSel>
 inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
     using Storage = typename Format::storage;
@@ -139,6 +166,12 @@ inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
     alignas(64) float held[kRecover ? kTile : 1];  // P(applied tau), recovery only
     alignas(64) float acc[kTile];                  // plain pass: the result; else theta
     std::conditional_t<kLog, ItemLog<Format>, NoItemLog> log;
+    // U's rows: lw.u, or those of this item drawn now (u_rows[row - first_row])
+    const uint64_t first_row = item.begin / lw.n;
+    std::vector<float> drawn;
+    const float* u_rows = lw.u != nullptr ? lw.u + first_row * lw.r
+                                          : drawn_u_rows(job, lw, first_row, (item.end - 1) / lw.n,
+                                                         drawn);
     for (uint64_t t = item.begin; t < item.end; t += kTile) {
         const int n = static_cast<int>(min_of<uint64_t>(kTile, item.end - t));
         // The tile may span several (short) rows: one segment per row.
@@ -146,10 +179,10 @@ inline void lowrank_range(const LowRankJob& job, const WorkItem& item) {
             const uint64_t i = t + done;
             const uint64_t row = i / lw.n, col = i % lw.n;
             const int count = static_cast<int>(min_of<uint64_t>(lw.n - col, n - done));
-            const float* u_row = lw.u + row * lw.r;
-            lowrank_row_segment(u_row, lw.vt_tau, lw.n, lw.r, col, count, prod + done);
+            const float* u_row = u_rows + (row - first_row) * lw.r;
+            row_segment<Philox>(u_row, lw.vt_tau, lw.n, lw.r, col, count, prod + done);
             if constexpr (kRecover)
-                lowrank_row_segment(u_row, lw.vt_held, lw.n, lw.r, col, count, held + done);
+                row_segment<Philox>(u_row, lw.vt_held, lw.n, lw.r, col, count, held + done);
             done += count;
         }
         Storage* xt = w + t;
@@ -236,7 +269,9 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
                      uintptr_t log_index_ptr, uintptr_t log_values_ptr, uint64_t log_capacity,
                      uintptr_t log_count_ptr, int log_mode,
                      const std::vector<uint64_t>& selector_out,
-                     const std::vector<uint64_t>& selector_in) {
+                     const std::vector<uint64_t>& selector_in, uint64_t factor_seed,
+                     const std::vector<uint64_t>& u_offsets,
+                     const std::vector<uint64_t>& v_offsets, int factor_contract) {
     const size_t count = w_ptrs.size();
     for (size_t len : {ms.size(), ns.size(), ranks.size(), u_ptrs.size(), v_ptrs.size(),
                        tau_ptrs.size(), decays.size(), keys.size()})
@@ -253,6 +288,27 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
         throw std::invalid_argument("lowrank_perturb: bad rounding code");
     for (size_t j = 0; j < count; ++j)
         if (ranks[j] == 0) throw std::invalid_argument("lowrank_perturb: rank must be >= 1");
+    bool any_drawn = false;
+    for (size_t j = 0; j < count; ++j) {
+        if ((u_ptrs[j] == 0) != (v_ptrs[j] == 0))
+            throw std::invalid_argument("lowrank_perturb: u_ptr and v_ptr are both given or both 0");
+        any_drawn = any_drawn || u_ptrs[j] == 0;
+    }
+    if (any_drawn) {
+        if (u_offsets.size() != count || v_offsets.size() != count)
+            throw std::invalid_argument(
+                "lowrank_perturb: drawn factors need one u_offset and v_offset per weight");
+        if (factor_contract != kContractV1 && factor_contract != kContractV2)
+            throw std::invalid_argument("lowrank_perturb: factor_contract must be 1 or 2");
+        // the stream's indices must not wrap: offset + size - 1 <= 2^64 - 1
+        const auto wraps = [](uint64_t size, uint64_t offset) {
+            return size > 0 && size - 1 > UINT64_MAX - offset;
+        };
+        for (size_t j = 0; j < count; ++j)
+            if (u_ptrs[j] == 0 && (wraps(ms[j] * ranks[j], u_offsets[j]) ||
+                                   wraps(ns[j] * ranks[j], v_offsets[j])))
+                throw std::invalid_argument("lowrank_perturb: a factor offset + size exceeds 2^64");
+    }
     if (log_mode < kNoLog || log_mode > kLogCountOnly)
         throw std::invalid_argument("lowrank_perturb: bad log_mode");
     if (log_mode != kNoLog && log_count_ptr == 0)
@@ -283,19 +339,26 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
     // Scratch (V diag(tau))^T (and of the applied taus) for every weight: r x n floats each,
     // small next to W.
     std::vector<std::vector<float>> scratch(count), scratch_held(count);
+    std::vector<float> drawn_v;  // a drawn V, until it is scaled into the scratch
     std::vector<LowRankWeight> weights(count);
     std::vector<uint64_t> numels(count);
     uint64_t start = 0, blocks = 0;
     for (size_t j = 0; j < count; ++j) {
         const uint64_t n = ns[j], r = ranks[j];
-        const auto* v = reinterpret_cast<const float*>(v_ptrs[j]);
+        const float* v = reinterpret_cast<const float*>(v_ptrs[j]);
+        if (v == nullptr) {
+            drawn_v.resize(n * r);
+            noise(reinterpret_cast<uintptr_t>(drawn_v.data()), n * r, factor_seed, keys[j],
+                  v_offsets[j], kGaussian, num_threads, factor_contract);
+            v = drawn_v.data();
+        }
         scaled_factor_t(v, reinterpret_cast<const float*>(tau_ptrs[j]), n, r, scratch[j]);
         if (recover)
             scaled_factor_t(v, reinterpret_cast<const float*>(applied_tau_ptrs[j]), n, r,
                             scratch_held[j]);
         weights[j] = {w_ptrs[j], ms[j], n, r, reinterpret_cast<const float*>(u_ptrs[j]),
                       scratch[j].data(), recover ? scratch_held[j].data() : nullptr, decays[j],
-                      keys[j], start, blocks};
+                      keys[j], start, blocks, any_drawn ? u_offsets[j] : 0};
         numels[j] = ms[j] * n;
         start += numels[j];
         blocks += (numels[j] + kSelectorBlock - 1) / kSelectorBlock;
@@ -304,7 +367,8 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
     const LowRankJob job{weights, scale, applied_scale, rounding, PhiloxKeys(rounding_seed),
                          dtype, log_mode == kLogCountOnly,
                          reinterpret_cast<int64_t*>(log_index_ptr), log_values_ptr, log_capacity,
-                         reinterpret_cast<int64_t*>(log_count_ptr), sel_out, sel_in};
+                         reinterpret_cast<int64_t*>(log_count_ptr), sel_out, sel_in,
+                         factor_seed, factor_contract};
     const std::vector<WorkItem> items = split_work(numels, kItemElements);
     uint64_t work = 0;
     for (size_t j = 0; j < count; ++j) work += numels[j] * ((recover ? 2 : 1) * ranks[j] + 1);

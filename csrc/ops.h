@@ -74,6 +74,10 @@ void scatter_perturb(const std::vector<uintptr_t>& ptrs, const std::vector<uint6
 // Selector logs (selector_out / selector_in, perturb's format; exclusive with log_mode != 0;
 // selector_in needs applied_tau_ptrs): perturb's blocks of 1024 elements of each weight's flat
 // index, the weights' blocks following each other in list order.
+// Drawn factors: a weight whose u_ptr and v_ptr are both 0 has its factors drawn by the pass
+// from the gaussian noise of (factor_seed, keys[j]) with normals version factor_contract:
+// U_j[row, k] = z(u_offsets[j] + row * r + k), V_j[col, k] = z(v_offsets[j] + col * r + k), the
+// values noise() gives; V_j once per weight, U_j's rows per work item (no m x r scratch).
 void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uint64_t>& ms,
                      const std::vector<uint64_t>& ns, const std::vector<uint64_t>& ranks,
                      const std::vector<uintptr_t>& u_ptrs, const std::vector<uintptr_t>& v_ptrs,
@@ -85,7 +89,9 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
                      uintptr_t log_index_ptr = 0, uintptr_t log_values_ptr = 0,
                      uint64_t log_capacity = 0, uintptr_t log_count_ptr = 0, int log_mode = 0,
                      const std::vector<uint64_t>& selector_out = {},
-                     const std::vector<uint64_t>& selector_in = {});
+                     const std::vector<uint64_t>& selector_in = {},
+                     uint64_t factor_seed = 0, const std::vector<uint64_t>& u_offsets = {},
+                     const std::vector<uint64_t>& v_offsets = {}, int factor_contract = 0);
 
 // out (rows x m, row stride out_row_stride) += ((x V) diag(coef)) U^T: x (rows x n, row stride
 // x_row_stride), U (m x r) and V (n x r) contiguous, all of `dtype`; coef (r) float32. float32

@@ -83,3 +83,78 @@ def test_non_contiguous_weight(any_case):
     expected = _expected([view], us, vs, taus, 1.0, [1.0])[0]
     zokernels.lowrank_perturb_([view], us, vs, taus, backend=backend)
     assert_close(view.cpu(), expected.float(), atol=1e-5, ulps=1.0, dtype=torch.float32)
+
+
+def _drawn_problem(backend, device, dtype, seed=7):
+    """Weights, taus and a FactorDraw with the factors it describes drawn by noise()."""
+    shapes = [(1, 1, 1), (3, 5, 2), (17, 33, 8)]
+    if not interpreted(backend, device):
+        shapes += [(300, 257, 16), (1024, 96, 3)]
+    generator = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(m, n, generator=generator).to(dtype).to(device) for m, n, _ in shapes]
+    taus = [torch.randn(r, generator=generator).to(device) for _, _, r in shapes]
+    keys = [5, 2 ** 32 - 1, 0, 77, 1234][:len(shapes)]
+    u_offsets = [3, 2 ** 40 + 1, 0, 9, 2 ** 64 - 1024 * 3 - 96 * 3][:len(shapes)]
+    v_offsets = [u + m * r + j for j, (u, (m, _, r)) in enumerate(zip(u_offsets, shapes))]
+    v_offsets[-1] = 2 ** 64 - shapes[-1][1] * shapes[-1][2]  # a factor ending at 2^64
+    draw = zokernels.FactorDraw(2 ** 63 + 11, u_offsets, v_offsets)
+    us = [zokernels.noise(m * r, draw.seed, key, offset=offset, device=device,
+                          backend=backend).view(m, r)
+          for (m, _, r), key, offset in zip(shapes, keys, u_offsets)]
+    vs = [zokernels.noise(n * r, draw.seed, key, offset=offset, device=device,
+                          backend=backend).view(n, r)
+          for (_, n, r), key, offset in zip(shapes, keys, v_offsets)]
+    return weights, taus, keys, draw, us, vs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_drawn_factors_are_the_noise_they_describe(any_case, dtype):
+    """A FactorDraw: the pass (plain with decay, and recovering from applied taus) gives the
+    bits of the same pass given noise()'s factors, with every weight drawn or some of them
+    (us / vs entries None), offsets up to the end of the stream."""
+    backend, device = any_case
+    weights, taus, keys, draw, us, vs = _drawn_problem(backend, device, dtype)
+    mixed_u = [None if j % 2 else u for j, u in enumerate(us)]
+    mixed_v = [None if j % 2 else v for j, v in enumerate(vs)]
+    for factors in ((None, None), (mixed_u, mixed_v)):
+        given, drawn = [w.clone() for w in weights], [w.clone() for w in weights]
+        for ws, (u_list, v_list), extra in ((given, (us, vs), {}),
+                                            (drawn, factors, {"draw": draw})):
+            common = dict(keys=keys, backend=backend, **extra)
+            zokernels.lowrank_perturb_(ws, u_list, v_list, taus, scale=0.3, decay=0.9, **common)
+            zokernels.lowrank_perturb_(ws, u_list, v_list, taus, scale=-0.6, applied_scale=0.3,
+                                       applied_taus=taus, **common)
+        for j, (a, b, w) in enumerate(zip(given, drawn, weights)):
+            assert torch.equal(a, b), f"weight {j}, {backend}-{device} {dtype}"
+        assert not all(torch.equal(a, w) for a, w in zip(given, weights))
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"draw": (1, [0], [0])}, TypeError, "FactorDraw"),
+    ({"u_offsets": [0]}, ValueError, "one offset per weight"),
+    ({"v_offsets": [0, -1, 0]}, ValueError, r"draw.v_offsets\[1\]"),
+    ({"seed": 2 ** 64}, ValueError, "draw.seed"),
+    ({"u_offsets": [0, 2 ** 64 - 11, 0]}, ValueError, "past index 2\\^64"),
+    ({"us": "half"}, ValueError, r"us\[1\] and vs\[1\]"),
+    ({"us": [None]}, ValueError, "one entry per weight"),
+])
+def test_drawn_factors_refused_before_any_write(fast_case, change, error, match):
+    """A malformed FactorDraw or factor list: the error names it and no weight is written."""
+    backend, device = fast_case
+    weights = [torch.randn(m, n).to(device) for m, n in ((4, 3), (6, 5), (2, 2))]
+    before = [w.clone() for w in weights]
+    taus = [torch.randn(2).to(device) for _ in weights]
+    fields = {"seed": 1, "u_offsets": [0, 0, 0], "v_offsets": [8, 12, 4]}
+    fields.update({k: v for k, v in change.items() if k in fields})
+    draw = change.get("draw", zokernels.FactorDraw(**fields))
+    us = vs = None
+    if change.get("us") == "half":  # weight 1 given U but not V
+        us = [None, torch.randn(6, 2).to(device), None]
+        vs = [None, None, None]
+    elif "us" in change:
+        us = change["us"]
+    with pytest.raises(error, match=match):
+        zokernels.lowrank_perturb_(weights, us, vs, taus, keys=[1, 2, 3], backend=backend,
+                                   draw=draw)
+    for w, b in zip(weights, before):
+        assert torch.equal(w, b)

@@ -16,6 +16,8 @@ from zokernels.backends.cpu import lowrank_linear_term_cpu
 from zokernels.backends.torch import lowrank_linear_term_torch
 from zokernels.optim import TeZO
 
+from helpers import assert_bits_equal
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (rows, n, m, r): whole and partial 4-row blocks and 16-column blocks, r padded to 8, 16, 24, 32
 SHAPES = [(0, 3, 5, 2), (1, 1, 1, 1), (3, 5, 17, 3), (4, 16, 16, 8), (7, 33, 40, 9),
@@ -133,6 +135,39 @@ def test_generic_path_within_the_same_bound(tmp_path):
     _assert_within(saved["got"], *saved["args"])
 
 
+def test_avx512_path_equals_the_avx2_one(tmp_path):
+    """Where the CPU has AVX-512 the Linear term runs 16-lane vectors: the same fused
+    multiply-adds in the same order per element as the AVX2 path (ZOKERNELS_CPU_SIMD=avx2), so
+    the same bits, in every dtype, at ranks 8..32 and odd sizes."""
+    script = (
+        "import sys, torch\n"
+        "from zokernels.backends.cpu import build_info, lowrank_linear_term_cpu\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "saved = {'simd': build_info()['simd']}\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    for rows, n, m, r in ((13, 70, 45, 5), (64, 256, 300, 8), (9, 33, 1030, 32)):\n"
+        "        out, x = torch.randn(rows, m, generator=g), torch.randn(rows, n, generator=g)\n"
+        "        u, v = torch.randn(m, r, generator=g), torch.randn(n, r, generator=g)\n"
+        "        c = torch.randn(r, generator=g)\n"
+        "        got = out.to(dtype)\n"
+        "        lowrank_linear_term_cpu(got, x.to(dtype), u.to(dtype), v.to(dtype), c)\n"
+        "        saved[f'{dtype}-{rows}-{r}'] = got\n"
+        "torch.save(saved, sys.argv[1])\n")
+    package_parent = str(pathlib.Path(lowrank_probe.__file__).resolve().parents[1])
+    results = {}
+    for simd in ("", "avx2"):
+        path = tmp_path / f"term{simd}.pt"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=300,
+                       cwd=tmp_path, env={**os.environ, "ZOKERNELS_CPU_SIMD": simd,
+                                          "PYTHONPATH": package_parent})
+        results[simd] = torch.load(path)
+    if results[""]["simd"] != "avx512" or results["avx2"]["simd"] != "avx2":
+        pytest.skip("no AVX-512 on this machine")
+    for name, got in results[""].items():
+        if name != "simd":
+            assert_bits_equal(got, results["avx2"][name], f"{name}: avx512 vs avx2")
+
+
 @pytest.mark.parametrize("bad, match", [
     ("dtype", "share a float dtype"), ("layout", "contiguous"), ("shape", "do not match"),
     ("rows", "rows"), ("rank", "r <= 32"), ("device", "CPU")])
@@ -208,9 +243,11 @@ def test_reference_where_the_kernel_does_not_apply(monkeypatch):
         assert virtual._linear_term(out, x, 8) is lowrank_probe.lowrank_linear_term_torch
     assert virtual._linear_term(out.detach(), x, 8) is lowrank_probe.lowrank_linear_term_cpu
     assert virtual._linear_term(out.detach().t(), x, 8) is lowrank_probe.lowrank_linear_term_torch
-    for dtype in (torch.float64, torch.bfloat16):  # bfloat16: torch's GEMMs are faster
+    assert virtual._linear_term(out.detach().to(torch.float64), x, 8) is (
+        lowrank_probe.lowrank_linear_term_torch)
+    for dtype in (torch.bfloat16, torch.float16):
         assert virtual._linear_term(out.detach().to(dtype), x, 8) is (
-            lowrank_probe.lowrank_linear_term_torch)
+            lowrank_probe.lowrank_linear_term_cpu)
 
 
 def test_linear_term_matches_a_perturbed_layer():

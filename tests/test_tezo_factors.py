@@ -76,6 +76,13 @@ def test_chunks_keep_the_order_and_the_budget(monkeypatch):
     assert state.chunks([0, 1, 2, 3]) == [[0], [1], [2, 3]]
     state.factor_budget = 1
     assert state.chunks([3, 1]) == [[3], [1]]
+    # a kernel drawing the factors keeps (V diag(tau))^T: 4 n r bytes per weight
+    assert [state.drawn_scratch_bytes(j) for j in range(4)] == [4 * 4 * 2, 4 * 8 * 2, 4 * 4 * 2,
+                                                                4 * 2 * 2]
+    state.factor_budget = 4 * 4 * 2 + 4 * 8 * 2
+    monkeypatch.setattr(lowrank_space, "FACTOR_FRACTION", 1.0)
+    assert state.chunks([0, 1, 2, 3], drawn=True) == [[0, 1], [2, 3]]
+    assert state.chunks([0, 1, 2, 3]) == [[0], [1], [2, 3]]
 
 
 def _step_twins(pairs, steps: int) -> None:
@@ -117,8 +124,8 @@ class _Launches:
         original = lowrank_space.lowrank_perturb_
 
         def counted(weights, us, vs, *args, **kwargs):
-            self.calls.append((len(weights), sum(4 * (u.numel() + v.numel())
-                                                 for u, v in zip(us, vs))))
+            given = [] if us is None else [(u, v) for u, v in zip(us, vs) if u is not None]
+            self.calls.append((len(weights), sum(4 * (u.numel() + v.numel()) for u, v in given)))
             return original(weights, us, vs, *args, **kwargs)
 
         monkeypatch.setattr(lowrank_space, "lowrank_perturb_", counted)
@@ -131,7 +138,8 @@ def test_a_tiny_budget_gives_the_same_weights(monkeypatch, mode, rounding):
     updates, merges, and every pass with exact_restore=False) against an unbounded one (one
     launch per pass): the same weights bit for bit after several steps, merges and (exact
     restore) a replay included. Passes with logs (in-place probes with exact restore, and the
-    update recovering from them) are one launch over all weights either way."""
+    update recovering from them) are one launch over all weights either way. The torch backend:
+    on the cpu one the kernel draws the factors, nothing to cut (next test)."""
     runs = {}
     logged = mode["probe"] == "inplace" and mode.get("exact_restore", True)
     for budget in (1 << 40, 1):
@@ -139,7 +147,7 @@ def test_a_tiny_budget_gives_the_same_weights(monkeypatch, mode, rounding):
         monkeypatch.setattr(lowrank_space, "FACTOR_FRACTION", 1e9)
         launches = _Launches(monkeypatch)
         model = make_model(dtype=torch.bfloat16)
-        opt = _opt(model, mode, rounding=rounding)
+        opt = _opt(model, mode, rounding=rounding, backend="torch")
         loss = lm_loss(model)
         for step in range(5):
             opt.step(loss)
@@ -161,6 +169,37 @@ def test_a_tiny_budget_gives_the_same_weights(monkeypatch, mode, rounding):
         patch.setattr(lowrank_space, "FACTOR_BUDGET", 1)
         opt.trajectory.replay(replayed)
     assert_same(snapshot(replayed), whole, "replay with budget 1")
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(f"{v}" for v in m.values()))
+def test_cpu_passes_draw_their_factors_in_the_kernel(monkeypatch, mode):
+    """On the cpu backend the low-rank passes' kernel draws the factors it is not given
+    (ops.lowrank.FactorDraw): no factor tensor is drawn for it (with an unbounded budget one
+    launch per pass), and the weights after steps and merges are bit for bit those of the passes
+    given their factors drawn in runs (LowRankSpace.factors, a one-byte budget)."""
+    runs = {}
+    for draws in (True, False):
+        launches = _Launches(monkeypatch)
+        monkeypatch.setattr(lowrank_space, "FACTOR_FRACTION", 1e9)
+        if not draws:
+            monkeypatch.setattr(LowRankSpace, "_draws_in_pass", lambda *args: False)
+            monkeypatch.setattr(lowrank_space, "FACTOR_BUDGET", 1)
+        model = make_model(dtype=torch.bfloat16)
+        opt = _opt(model, mode, factor_cache=0.0)  # the hooks keep nothing: every pass draws
+        for step in range(4):
+            opt.step(lm_loss(model))
+            if step == 1:
+                opt.merge()
+        opt.merge()
+        runs[draws] = snapshot(model)
+        drawn = [bytes_ for _, bytes_ in launches.calls]
+        if draws:
+            assert launches.calls and drawn == [0] * len(drawn)
+            assert all(count == 3 for count, _ in launches.calls)
+        else:
+            assert all(bytes_ > 0 for bytes_ in drawn)
+        monkeypatch.undo()
+    assert_same(runs[True], runs[False], f"kernel draws vs drawn runs, {mode}")
 
 
 def test_resume_draws_the_factors_of_the_loaded_seed():
@@ -207,9 +246,11 @@ def test_a_virtual_probe_draws_its_layer_factors_per_call(monkeypatch):
 def test_an_interrupt_while_drawing_factors_leaves_every_weight(monkeypatch, mode):
     """KeyboardInterrupt from the draw of a factor (in a hook or a pass) propagates; with exact
     restore the weights are those of before the step (merged deferred updates included), no
-    hook is left behind, and the next steps equal an uninterrupted twin's."""
+    hook is left behind, and the next steps equal an uninterrupted twin's. In-place probes on
+    the torch backend (on the cpu one their passes draw inside the kernel: no Python draw)."""
     model, twin = make_model(dtype=torch.bfloat16), make_model(dtype=torch.bfloat16)
-    opt, other = _opt(model, mode), _opt(twin, mode)
+    backend = "torch" if mode["probe"] == "inplace" else "auto"
+    opt, other = _opt(model, mode, backend=backend), _opt(twin, mode, backend=backend)
     for _ in range(2):
         opt.step(lm_loss(model))
         other.step(lm_loss(twin))

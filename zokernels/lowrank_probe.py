@@ -54,11 +54,10 @@ _METADATA = frozenset({
 
 
 # What the probes give the C++ Linear term (csrc/lowrank_term.cpp), the rest going to the torch
-# reference. Per call at 256 rows, r = 8 (benchmarks/results/cpu_lowrank_term.json): float32
-# 0.26-1.12x the reference's time at 1 thread, 0.33-1.03x at 2 (384 x 30522: 3.0 against 11.7 ms),
-# float16 0.06-0.23x; bfloat16 0.68-2.5x, mostly slower (torch's bf16 GEMMs convert faster than
-# the kernel): left to the reference.
-_NATIVE_TERM_DTYPES = (torch.float32, torch.float16)
+# reference: the three float dtypes of the parameters (benchmarks/results/cpu_lowrank_term.json;
+# bfloat16 alone is slower per call on the widest outputs, where torch's GEMMs use AVX-512 BF16
+# dot products, and faster summed over a step of `small`: docs/tezo.md, "Time").
+_NATIVE_TERM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NATIVE_TERM_RANK = 32
 
 
@@ -471,7 +470,8 @@ class VirtualLowRank:
                 output.mul_(scale)
                 if module.bias is not None:
                     output.add_(module.bias, alpha=1.0 - scale)
-            x = x.to(dtype)
+            if x.dtype != dtype:
+                x = x.to(dtype)
             self._linear_term(output, x, u.shape[1])(output, x, u, v, coef)
             return None
         if scale != 1.0:
@@ -487,9 +487,8 @@ class VirtualLowRank:
     def _linear_term(self, output: torch.Tensor, x: torch.Tensor,
                      rank: int) -> Callable[..., None]:
         """The implementation of the Linear term: the C++ kernel where the optimizer's backend
-        resolves to "cpu" on the output's device and the kernel is the faster one (a plain
-        contiguous float32 / float16 output, rank <= 32), else the torch reference (bfloat16,
-        CUDA: cuBLAS). The kernel makes one pass over the output where the reference makes
+        resolves to "cpu" on the output's device (a plain contiguous float32 / bfloat16 /
+        float16 output, rank <= 32), else the torch reference (CUDA: cuBLAS). The kernel makes one pass over the output where the reference makes
         three BLAS calls (docs/tezo.md, "Time")."""
         native = self._native.get(output.device)
         if native is None:
@@ -540,7 +539,7 @@ class VirtualLowRank:
             # run by run, each run's a and D reset once it is written: a failure between runs
             # leaves the others pending, none merged twice
             slices = part.slices(part.accum)
-            for run in part.space.chunks(part.positions):
+            for run in part.space.runs(part.positions, self.backend):
                 picked = [at[j] for j in run]
                 part.space.perturb(run, {"taus": [slices[i] for i in picked],
                                          "decay": [part.scales[i] for i in picked]},

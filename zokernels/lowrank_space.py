@@ -19,19 +19,20 @@ import torch
 from ._contract import DEFAULT_CONTRACT
 from ._dispatch import resolve_backend
 from ._validate import meta_parameter_error
-from .ops.lowrank import lowrank_perturb_, run_lowrank_scatter
+from .ops.lowrank import FactorDraw, lowrank_perturb_, run_lowrank_scatter
 from .ops.noise import noise
 from .ops.undo import SELECTOR_BACKENDS, LoggedMemoryMoved, SelectorLog, UndoLog
 from .sharding import is_dtensor, local_tensor
 from .space import ParameterSpace
 
 
-# The scratch of one launch of a pass without logs (the factors of the weights it writes, float32)
+# The scratch of one launch of a pass without logs (the factors of the weights it writes, float32;
+# on the cpu backend, whose kernel draws them, its (V diag(tau))^T rows, 4 n r bytes per matrix)
 # is kept under FACTOR_FRACTION of those weights' bytes, capped at FACTOR_BUDGET: the factors
 # are 1-9% of a matrix's bf16 bytes at rank 8 (4 (m + n) r against 2 m n), so the fraction
 # bounds the scratch relative to the model (OPT-125m: 7 MiB of factors, 2.5 MiB runs), and the
 # cap cuts a 7B model's 80 MiB into 10 launches of a 13 GB pass, whose launch costs are
-# negligible next to it. A weight whose own factors exceed the bound is a run by itself.
+# negligible next to it. A weight whose own scratch exceeds the bound is a run by itself.
 FACTOR_FRACTION = 0.01
 FACTOR_BUDGET = 8 << 20
 
@@ -144,19 +145,24 @@ class LowRankSpace:
         U_j is rows x r of the unsharded m x r (flat offset row0 * r), V_j cols x r of n x r
         (after U's m * r elements): a shard's block of U diag(tau) V^T is the unsharded one.
         The noise contract makes them the same bits on every backend and at every call."""
-        w, key, r, (m, _), shard = (self.weights[j], self.keys[j], self.ranks[j], self.shapes[j],
-                                    self.shards[j])
-        row0, col0 = (0, 0) if shard is None else shard.global_offset
+        w, key, r = self.weights[j], self.keys[j], self.ranks[j]
         rows, cols = w.shape
+        u_offset, v_offset = self.factor_offsets(j)
 
         def draw(numel: int, offset: int) -> torch.Tensor:
             return noise(numel, self.factor_seed, key, offset=offset, device=w.device,
                          backend=self.backend, contract=self.contract)
 
-        if row0 + rows == m and col0 == 0:  # V's elements follow U's: one launch for both
-            both = draw((rows + cols) * r, row0 * r)
+        if u_offset + rows * r == v_offset:  # V's elements follow U's: one launch for both
+            both = draw((rows + cols) * r, u_offset)
             return both[:rows * r].view(rows, r), both[rows * r:].view(cols, r)
-        return draw(rows * r, row0 * r).view(rows, r), draw(cols * r, (m + col0) * r).view(cols, r)
+        return draw(rows * r, u_offset).view(rows, r), draw(cols * r, v_offset).view(cols, r)
+
+    def factor_offsets(self, j: int) -> tuple[int, int]:
+        """Where U_j's and V_j's local rows start in the factor stream of (factor_seed, key_j)."""
+        r, (m, _), shard = self.ranks[j], self.shapes[j], self.shards[j]
+        row0, col0 = (0, 0) if shard is None else shard.global_offset
+        return row0 * r, (m + col0) * r
 
     def factors_for(self, positions: list[int], kept: KeptFactors | None = None
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -181,16 +187,23 @@ class LowRankSpace:
         rows, cols = self.weights[j].shape
         return 4 * (rows + cols) * self.ranks[j]
 
-    def chunks(self, positions: list[int]) -> list[list[int]]:
-        """`positions` cut, in order, into runs whose factors fit min(factor_budget,
+    def drawn_scratch_bytes(self, j: int) -> int:
+        """Bytes of the scratch a kernel drawing weight j's factors keeps for the whole launch:
+        (V_j diag(tau))^T, 4 n r (U_j's rows are drawn per work item, a few KiB per thread)."""
+        return 4 * self.weights[j].shape[1] * self.ranks[j]
+
+    def chunks(self, positions: list[int], drawn: bool = False) -> list[list[int]]:
+        """`positions` cut, in order, into runs whose scratch fits min(factor_budget,
         FACTOR_FRACTION of the bytes of the weights at `positions`) (a run holds at least one
-        weight, whatever its factors' size)."""
+        weight, whatever its size): their factors, or with `drawn` (the kernel draws them) its
+        scaled V^T rows."""
         budget = min(self.factor_budget, FACTOR_FRACTION * sum(
             self.weights[j].numel() * self.weights[j].element_size() for j in positions))
+        scratch = self.drawn_scratch_bytes if drawn else self.factor_bytes
         runs: list[list[int]] = []
         used = 0
         for j in positions:
-            size = self.factor_bytes(j)
+            size = scratch(j)
             if not runs or used + size > budget:
                 runs.append([])
                 used = 0
@@ -207,15 +220,37 @@ class LowRankSpace:
         of all of `positions`: what a pass that writes or reads a log must be, since a log holds
         the blocks of one call and the pass that recovers from it must name the same weights in
         the same order. kept: factors already held (`factors_for`)."""
-        runs = self.chunks(positions) if chunked else [positions]
         at = {j: i for i, j in enumerate(positions)}
-        for run in runs:
+        drawn = self._draws_in_pass(positions, common.get("backend", "auto"))
+        for run in self.chunks(positions, drawn) if chunked else [positions]:
+            weights = [self.weights[j] for j in run]
+            taken = {name: [values[at[j]] for j in run] for name, values in per_weight.items()}
+            if drawn:  # the kernel draws what is not kept (FactorDraw)
+                pairs = [None if kept is None else kept(j) for j in run]
+                offsets = [self.factor_offsets(j) for j in run]
+                lowrank_perturb_(weights, [None if pair is None else pair[0] for pair in pairs],
+                                 [None if pair is None else pair[1] for pair in pairs],
+                                 keys=[self.keys[j] for j in run], contract=self.contract,
+                                 draw=FactorDraw(self.factor_seed, [u for u, _ in offsets],
+                                                 [v for _, v in offsets]), **taken, **common)
+                continue
             us, vs = self.factors_for(run, kept)
-            lowrank_perturb_([self.weights[j] for j in run], us, vs,
-                             keys=[self.keys[j] for j in run], contract=self.contract,
-                             **{name: [values[at[j]] for j in run]
-                                for name, values in per_weight.items()}, **common)
+            lowrank_perturb_(weights, us, vs, keys=[self.keys[j] for j in run],
+                             contract=self.contract, **taken, **common)
             del us, vs  # freed before the next run's factors are drawn
+
+    def runs(self, positions: list[int], backend: str) -> list[list[int]]:
+        """The launches of a pass over `positions` without logs (`chunks`, by the scratch of the
+        factors or, where the kernel draws them, of its scaled V^T rows)."""
+        return self.chunks(positions, self._draws_in_pass(positions, backend))
+
+    def _draws_in_pass(self, positions: list[int], backend: str) -> bool:
+        """Whether a pass over `positions` runs on the cpu backend, whose kernel draws the
+        factors itself (ops.lowrank.FactorDraw) with the noise of `self.backend` (the same
+        bits: the cpu backend's)."""
+        return bool(positions) and all(
+            resolve_backend(b, self.weights[j].device) == "cpu"
+            for j in positions for b in (backend, self.backend))
 
     def taus(self, seed: int, backend: str) -> torch.Tensor:
         """tau_j = noise(r_j, seed, key_j) for every weight, concatenated in weight order: each

@@ -4,6 +4,7 @@ a held low-rank perturbation (applied_scale / applied_taus), its selector logs a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from .._validate import (
     plain_tensor,
 )
 from ._groups import contiguous_views, select as _select
+from .noise import noise
 from .perturb import PerturbGroup, plan_groups
 from .undo import SELECTOR_BACKENDS, SelectorLog, UndoLog
 
@@ -51,6 +53,44 @@ def _float32(factor: torch.Tensor) -> torch.Tensor:
     return factor.detach().to(torch.float32).resolve_neg().contiguous()
 
 
+@dataclass(frozen=True)
+class FactorDraw:
+    """Factors a pass draws itself, for the weights whose `us` / `vs` entries are None:
+    U_j[row, k] = z(seed, keys[j], u_offsets[j] + row * r_j + k) and V_j[col, k] = z(seed,
+    keys[j], v_offsets[j] + col * r_j + k), the gaussian noise of the pass's contract: the values
+    of noise(m_j * r_j, seed, keys[j], offset=u_offsets[j]).view(m_j, r_j) (TeZO's fixed factors,
+    LowRankSpace.factors). The cpu backend draws them inside the pass (V_j once per weight, U_j's
+    rows per work item: no (m + n) r float32 scratch); the others draw a group's before its
+    launch."""
+
+    seed: int
+    u_offsets: Sequence[int]
+    v_offsets: Sequence[int]
+
+
+def _checked_draw(draw: Any, count: int) -> FactorDraw:
+    if not isinstance(draw, FactorDraw):
+        raise TypeError(f"draw must be a FactorDraw, got {type(draw).__name__}")
+    seed = as_seed(draw.seed, "draw.seed")
+    offsets = []
+    for name in ("u_offsets", "v_offsets"):
+        values = getattr(draw, name)
+        if not isinstance(values, (list, tuple)) or len(values) != count:
+            raise ValueError(f"draw.{name} must hold one offset per weight ({count})")
+        offsets.append(tuple(as_seed(v, f"draw.{name}[{j}]") for j, v in enumerate(values)))
+    return FactorDraw(seed, *offsets)
+
+
+def _drawable_factor_list(values: Any, count: int, name: str) -> list[torch.Tensor | None]:
+    """us / vs with a FactorDraw: None (all drawn) or one entry per weight, None where drawn."""
+    if values is None:
+        return [None] * count
+    if not isinstance(values, (list, tuple)) or len(values) != count:
+        raise ValueError(f"{name} must be None or hold one entry per weight ({count}) with draw")
+    return [None if f is None else as_tensor_list([f], f"{name}[{j}]", read_only=True)[0]
+            for j, f in enumerate(values)]
+
+
 @dataclass
 class LowRankCall:
     """Validated arguments of one low-rank pass, in the caller's weight order (factors float32
@@ -67,6 +107,7 @@ class LowRankCall:
     applied_taus: list[torch.Tensor] | None = None
     applied_scale: torch.Tensor | None = None
     contract: int = DEFAULT_CONTRACT
+    draw: FactorDraw | None = None  # us[j], vs[j] None: drawn by the pass
 
 
 def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
@@ -75,7 +116,7 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
                      applied_scale: Any = None, applied_taus: Any = None,
                      log: UndoLog | None = None, held_log: SelectorLog | None = None,
                      backend: str = "auto", check_finite: bool = True,
-                     contract: int = DEFAULT_CONTRACT) -> None:
+                     contract: int = DEFAULT_CONTRACT, draw: FactorDraw | None = None) -> None:
     """In place for every 2-D weight W_j (m x n): W = round(decay_j * theta + scale * P_j(tau_j)),
     P_j(tau) = U_j diag(tau) V_j^T, theta = W (or the recovered weight, below).
 
@@ -109,6 +150,8 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
         contract: 3 (default), 2 or 1, the version of the noise contract
             (docs/noise-contract.md): 3 makes rounding="stochastic" the integer stochastic
             rounding (16 random bits per element), 1 and 2 the uniform-based one, as perturb_.
+        draw: a FactorDraw: the weights whose us / vs entries are None (or us = vs = None: all)
+            get factors drawn by the pass from the noise stream, as FactorDraw describes.
 
     The m x n product is never materialized: kernels accumulate tiles in float32 and round once.
     Bytes moved: 2 * itemsize * m * n for W plus 4 * (m + n + 1) * r for the factors (twice the
@@ -126,7 +169,8 @@ def lowrank_perturb_(weights: torch.Tensor | list[torch.Tensor], us: Any, vs: An
     call = prepare_lowrank(weights, us, vs, taus, scale=scale, decay=decay, keys=keys,
                            rounding=rounding, rounding_seed=rounding_seed,
                            applied_scale=applied_scale, applied_taus=applied_taus,
-                           backend=backend, check_finite=check_finite, contract=contract)
+                           backend=backend, check_finite=check_finite, contract=contract,
+                           draw=draw)
     held = None if held_log is None else _held_buffers(held_log, call)
     if held is not None and log is not None and not isinstance(log, SelectorLog) and any(
             group.backend == "triton" for group in call.plan):
@@ -175,12 +219,22 @@ def _held_buffers(held_log: SelectorLog, call: LowRankCall) -> list:
 def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *, scale: Any,
                     decay: Any, keys: list[int] | None, rounding: str, rounding_seed: int | None,
                     applied_scale: Any, applied_taus: Any, backend: str,
-                    check_finite: bool, contract: int = DEFAULT_CONTRACT) -> LowRankCall:
+                    check_finite: bool, contract: int = DEFAULT_CONTRACT,
+                    draw: FactorDraw | None = None) -> LowRankCall:
     """Validate every argument (raising TypeError / ValueError naming it, before anything is
     written) and group the weights; `run_lowrank` then performs the pass."""
     count = len(weights)
-    us = _as_factor_list(us, count, "us")
-    vs = _as_factor_list(vs, count, "vs")
+    if draw is None:
+        us = _as_factor_list(us, count, "us")
+        vs = _as_factor_list(vs, count, "vs")
+    else:
+        draw = _checked_draw(draw, count)
+        us = _drawable_factor_list(us, count, "us")
+        vs = _drawable_factor_list(vs, count, "vs")
+        for j, (u, v) in enumerate(zip(us, vs)):
+            if (u is None) != (v is None):
+                raise ValueError(f"us[{j}] and vs[{j}] must both be given or both be None "
+                                 "(drawn)")
     taus = _as_factor_list(taus, count, "taus")
     if (applied_scale is None) != (applied_taus is None):
         raise ValueError("applied_scale and applied_taus go together: pass both (recovery of the "
@@ -211,11 +265,14 @@ def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
                 () if held_taus is None else ((f"applied_taus[{j}]", held_taus[j]),)):
             if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
                 raise TypeError(f"{name} must be a floating-point tensor")
-        if u.dim() != 2 or v.dim() != 2 or tau.dim() != 1:
-            raise ValueError(f"us[{j}], vs[{j}], taus[{j}] must be 2-D, 2-D and 1-D, got shapes "
-                             f"{tuple(u.shape)}, {tuple(v.shape)}, {tuple(tau.shape)}")
+        if tau.dim() != 1:
+            raise ValueError(f"taus[{j}] must be 1-D, got shape {tuple(tau.shape)}")
+        drawn = u is None
+        if not drawn and (u.dim() != 2 or v.dim() != 2):
+            raise ValueError(f"us[{j}], vs[{j}] must be 2-D, got shapes {tuple(u.shape)}, "
+                             f"{tuple(v.shape)}")
         r = tau.shape[0]
-        if u.shape != (m, r) or v.shape != (n, r):
+        if not drawn and (u.shape != (m, r) or v.shape != (n, r)):
             raise ValueError(f"weights[{j}] is {m} x {n} and taus[{j}] has r = {r}: us[{j}] must be "
                              f"({m}, {r}) and vs[{j}] ({n}, {r}), got {tuple(u.shape)} and "
                              f"{tuple(v.shape)}")
@@ -224,7 +281,11 @@ def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
         if held_taus is not None and held_taus[j].shape != (r,):
             raise ValueError(f"applied_taus[{j}] must have the shape of taus[{j}] ({r},), got "
                              f"{tuple(held_taus[j].shape)}")
-        factors = [(f"us[{j}]", u), (f"vs[{j}]", v), (f"taus[{j}]", tau)]
+        if drawn and (draw.u_offsets[j] + m * r > 2 ** 64 or draw.v_offsets[j] + n * r > 2 ** 64):
+            raise ValueError(f"draw: the factors of weights[{j}] run past index 2^64 of the "
+                             "noise stream")
+        factors = [] if drawn else [(f"us[{j}]", u), (f"vs[{j}]", v)]
+        factors.append((f"taus[{j}]", tau))
         if held_taus is not None:
             factors.append((f"applied_taus[{j}]", held_taus[j]))
         for name, f in factors:
@@ -235,16 +296,18 @@ def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
     factor_lists = (("us", us), ("vs", vs), ("taus", taus)) + (
         () if held_taus is None else (("applied_taus", held_taus),))
     check_no_overlap([(f"weights[{j}]", w) for j, w in enumerate(weights)],
-                     [(f"{name}[{j}]", f) for name, fs in factor_lists for j, f in enumerate(fs)]
+                     [(f"{name}[{j}]", f) for name, fs in factor_lists for j, f in enumerate(fs)
+                      if f is not None]
                      + [("scale", scale), ("decay", decay), ("applied_scale", applied_scale)])
     # Resolve every group's backend before writing anything.
     plan = plan_groups(weights, key_list, backend)
-    us, vs, taus = [_float32(u) for u in us], [_float32(v) for v in vs], [_float32(t) for t in taus]
+    us, vs, taus = ([None if u is None else _float32(u) for u in us],
+                    [None if v is None else _float32(v) for v in vs], [_float32(t) for t in taus])
     held_taus = None if held_taus is None else [_float32(t) for t in held_taus]
     if check_finite:  # as scale's check: the optimizers pass check_finite=False (no host sync)
         named = [(f"{name}[{j}]", f) for name, fs in (("us", us), ("vs", vs), ("taus", taus),
                                                       ("applied_taus", held_taus or []))
-                 for j, f in enumerate(fs)]
+                 for j, f in enumerate(fs) if f is not None]
         by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
         for name, f in named:
             by_device.setdefault(f.device, []).append((name, f))
@@ -253,7 +316,7 @@ def prepare_lowrank(weights: list[torch.Tensor], us: Any, vs: Any, taus: Any, *,
                 bad = next(name for name, f in entries if not bool(torch.isfinite(f).all()))
                 raise ValueError(f"{bad} must be finite in float32")
     return LowRankCall(plan, us, vs, taus, scale_vector, decay_vector, rounding, rounding_seed,
-                       held_taus, applied_vector, contract)
+                       held_taus, applied_vector, contract, draw)
 
 
 def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = False,
@@ -275,11 +338,17 @@ def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = 
             extra.update(selector_log=selector_logs[g], count_only=count_only)
         if held_logs is not None:
             extra["held_log"] = held_logs[g]
+        us, vs = [call.us[j] for j in pick], [call.vs[j] for j in pick]
+        if call.draw is not None and group.backend == "cpu":
+            extra["draw"] = FactorDraw(call.draw.seed, [call.draw.u_offsets[j] for j in pick],
+                                       [call.draw.v_offsets[j] for j in pick])
+        elif call.draw is not None:
+            us, vs = _drawn_factors(call, group, us, vs)
         with torch.no_grad(), contiguous_views(group.tensors, write_back=not count_only) as work:
             implementation(group.backend, "lowrank_perturb")(
                 work,
-                [call.us[j] for j in pick],
-                [call.vs[j] for j in pick],
+                us,
+                vs,
                 [call.taus[j] for j in pick],
                 call.scale.to(device, non_blocking=True),
                 _select(call.decays, pick).to(device, non_blocking=True),
@@ -289,6 +358,20 @@ def run_lowrank(call: LowRankCall, logs: list | None = None, count_only: bool = 
                 contract=call.contract,
                 **extra,
             )
+
+
+def _drawn_factors(call: LowRankCall, group: PerturbGroup, us: list, vs: list
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A group's drawn factors materialized (float32) for a backend that takes them as tensors."""
+    us, vs = list(us), list(vs)
+    for i, (j, w, key) in enumerate(zip(group.indices, group.tensors, group.keys)):
+        if us[i] is None:
+            (m, n), r = w.shape, call.taus[j].shape[0]
+            us[i], vs[i] = (noise(size * r, call.draw.seed, key, offset=offset, device=w.device,
+                                  backend=group.backend, contract=call.contract).view(size, r)
+                            for size, offset in ((m, call.draw.u_offsets[j]),
+                                                 (n, call.draw.v_offsets[j])))
+    return us, vs
 
 
 def _check_scatter_factors(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Tensor],
@@ -352,4 +435,4 @@ def run_lowrank_scatter(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Ten
 
 
 __all__ = ["lowrank_perturb_", "prepare_lowrank", "run_lowrank", "run_lowrank_scatter",
-           "LowRankCall"]
+           "FactorDraw", "LowRankCall"]

@@ -103,9 +103,10 @@ class TeZO(MeZO):
     indices).
     Memory: the optimizer state per matrix is two r-vectors (the moments). Passes and merges
     draw the factors they need from (seed, key) and free them, or take the float32 ones the
-    virtual probes' cache keeps (transient scratch: a logged
-    in-place pass, 4 (m + n) r bytes per matrix for all of its weights at once; a pass without
-    logs, runs of weights whose factors fit 1% of their bytes and 8 MiB, LowRankSpace.chunks).
+    virtual probes' cache keeps; on the cpu backend the kernel draws them (V once per matrix,
+    U's rows per work item). Transient scratch: a logged in-place pass, 4 (m + n) r bytes per
+    matrix for all of its weights at once (cpu: 4 n r, twice when it recovers); a pass without
+    logs, runs of weights whose scratch fits 1% of their bytes and 8 MiB (LowRankSpace.chunks).
     The virtual probes' hooks keep U, V cast to the forward's dtype while they fit
     factor_cache (a fraction of the parameters' bytes, default FACTOR_CACHE = 0.04; 0 draws
     them in every hook call), and draw the rest per call: the same results either way
@@ -460,7 +461,7 @@ class TeZO(MeZO):
         8 bytes per rank entry) and, with virtual probes, the deferred vectors (8 bytes per rank
         entry) and the factor cache (at most factor_cache x the parameters' bytes). A pass
         draws its factors as transient scratch (LowRankSpace: up to 4 (m + n) r bytes per matrix
-        it writes)."""
+        it writes; 4 n r where the cpu kernel draws them)."""
         return 4 * self.state_numel + (0 if self._virtual is None else self._virtual.nbytes)
 
     def _probe_noise(self, step: int, k: int) -> TeZONoise:

@@ -62,5 +62,6 @@ def load_cpu_extension() -> ModuleType:
 
 def build_info() -> dict:
     """How the extension was built and what it runs: compiler, OpenMP, SIMD level chosen at
-    runtime ("avx2" or "generic"; ZOKERNELS_CPU_SIMD=generic forces the portable path), machine."""
+    runtime ("avx512": the AVX2 kernels and the AVX-512 Linear term, "avx2" or "generic";
+    ZOKERNELS_CPU_SIMD=avx2 / generic forces those), machine."""
     return dict(load_cpu_extension().build_info())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,7 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
                         applied_scale: Tensor | None = None, log: UndoBuffers | None = None,
                         count_only: bool = False, selector_log: SelectorBuffers | None = None,
                         held_log: SelectorBuffers | None = None,
-                        contract: int = DEFAULT_CONTRACT) -> None:
+                        contract: int = DEFAULT_CONTRACT, draw: Any = None) -> None:
     """In place: W_j = round(decays[j] * theta + scale * P_j(tau_j)), P_j(tau)[row, col] =
     sum_k U_j[row, k] * (V_j[col, k] * tau[k]) summed in k order, unfused: bit-identical to
     lowrank_perturb_torch. theta = W_j, or with `applied_taus` the weight recovered from
@@ -35,7 +37,9 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
     rounding, decays 1; with `count_only`, only the pool words it needs are counted) / the one
     it reads, with `applied_taus`, to recover every weight exactly: perturb_cpu's format, blocks
     of each weight's flat index in list order (docs/undo-log.md, "Low-rank groups").
-    `contract` picks the stochastic rounding (3: the integer one; csrc/rounding.h code 2)."""
+    `contract` picks the stochastic rounding (3: the integer one; csrc/rounding.h code 2) and the
+    normals of drawn factors: `draw` (ops.lowrank.FactorDraw) for the weights whose us / vs
+    entries are None, drawn inside the pass."""
     if count_only and log is None and selector_log is None:
         raise ValueError("lowrank_perturb_cpu: count_only needs a log")
     if (applied_taus is None) != (applied_scale is None):
@@ -58,11 +62,15 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
     if held_log is not None:
         extra["selector_in"] = [held_log.regions.data_ptr(), held_log.regions.shape[1],
                                 held_log.pool.data_ptr(), held_log.pool.numel()]
+    codes = native_contract(rounding, contract)
+    if draw is not None:
+        extra.update(factor_seed=draw.seed, u_offsets=list(draw.u_offsets),
+                     v_offsets=list(draw.v_offsets), factor_contract=codes["contract"])
     ext.lowrank_perturb(
         [w.data_ptr() for w in weights], [w.shape[0] for w in weights],
-        [w.shape[1] for w in weights], [u.shape[1] for u in us], [u.data_ptr() for u in us],
-        [v.data_ptr() for v in vs], [t.data_ptr() for t in taus], decays.tolist(),
-        float(scale.reshape(-1)[0].item()), list(keys),
-        DTYPE_CODES[one_dtype(weights, "lowrank_perturb_cpu")],
-        native_contract(rounding, contract)["rounding"], rounding_seed, torch.get_num_threads(),
-        **extra)
+        [w.shape[1] for w in weights], [t.shape[0] for t in taus],
+        [0 if u is None else u.data_ptr() for u in us],
+        [0 if v is None else v.data_ptr() for v in vs], [t.data_ptr() for t in taus],
+        decays.tolist(), float(scale.reshape(-1)[0].item()), list(keys),
+        DTYPE_CODES[one_dtype(weights, "lowrank_perturb_cpu")], codes["rounding"], rounding_seed,
+        torch.get_num_threads(), **extra)

@@ -15,11 +15,11 @@ def lowrank_linear_term_cpu(out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
     otherwise; the probes' hook checks first and takes the reference when one fails)."""
     n, m, r = v.shape[0], u.shape[0], u.shape[1]
     dtype = out.dtype
+    # is_cpu and the contiguity flags are cheap attribute reads: this runs in every probe hook
     if dtype not in DTYPE_CODES or x.dtype != dtype or u.dtype != dtype or v.dtype != dtype:
         raise ValueError(f"lowrank_linear_term_cpu: out, x, u, v must share a float dtype, got "
                          f"{dtype}, {x.dtype}, {u.dtype}, {v.dtype}")
-    if not (out.device.type == x.device.type == u.device.type == v.device.type
-            == coef.device.type == "cpu"):
+    if not (out.is_cpu and x.is_cpu and u.is_cpu and v.is_cpu and coef.is_cpu):
         raise ValueError("lowrank_linear_term_cpu: every tensor must be on the CPU")
     if not (out.is_contiguous() and u.is_contiguous() and v.is_contiguous()
             and coef.is_contiguous() and coef.dtype == torch.float32):
@@ -29,15 +29,17 @@ def lowrank_linear_term_cpu(out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
         raise ValueError(f"lowrank_linear_term_cpu: shapes do not match: out {tuple(out.shape)}, "
                          f"x {tuple(x.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}, coef "
                          f"{tuple(coef.shape)}")
-    rows = x.reshape(-1, n)
-    if rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n):  # e.g. expanded
-        rows = rows.contiguous()
-    if rows.shape[0] * m != out.numel():
-        raise ValueError(f"lowrank_linear_term_cpu: x has {rows.shape[0]} rows, out "
-                         f"{out.numel() // m}")
-    if rows.shape[0] == 0:
+    if n == 0 or m == 0:
+        return  # nothing to add (x V is zero, or out is empty)
+    rows = x if x.is_contiguous() else x.reshape(-1, n)  # contiguous: read in place
+    if rows is not x and (rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n)):
+        rows = rows.contiguous()  # e.g. expanded
+    count = rows.numel() // n
+    if count * m != out.numel():
+        raise ValueError(f"lowrank_linear_term_cpu: x has {count} rows, out {out.numel() // m}")
+    if count == 0:
         return
-    row_stride = rows.stride(0) if rows.shape[0] > 1 else n  # one row: its stride is arbitrary
+    row_stride = n if rows is x or count == 1 else rows.stride(0)  # one row: any stride
     load_cpu_extension().lowrank_linear_term(
-        out.data_ptr(), m, rows.data_ptr(), row_stride, rows.shape[0], n, m, r, u.data_ptr(),
+        out.data_ptr(), m, rows.data_ptr(), row_stride, count, n, m, r, u.data_ptr(),
         v.data_ptr(), coef.data_ptr(), DTYPE_CODES[dtype], torch.get_num_threads())
