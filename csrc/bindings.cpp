@@ -39,7 +39,7 @@ py::dict build_info() {
 #endif
     info["simd"] = zk::simd_level_name();  // chosen at runtime
 #if ZK_HAVE_AVX2_PATH
-    info["simd_compiled"] = py::make_tuple("generic", "avx2");
+    info["simd_compiled"] = py::make_tuple("generic", "avx2", "avx512");  // avx512: the term
 #else
     info["simd_compiled"] = py::make_tuple("generic");
 #endif

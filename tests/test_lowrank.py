@@ -158,3 +158,22 @@ def test_drawn_factors_refused_before_any_write(fast_case, change, error, match)
                                    draw=draw)
     for w, b in zip(weights, before):
         assert torch.equal(w, b)
+
+
+def test_cpu_backend_skips_empty_weights_beside_drawn_factors():
+    """lowrank_perturb_cpu with a 0 x 5 weight and its given (empty) U: the empty U's data_ptr
+    is 0, the kernel's mark of drawn factors, which made the call fail; the empty weight is left
+    out and the others get the torch backend's bits."""
+    from zokernels.backends.cpu.lowrank import lowrank_perturb_cpu
+    from zokernels.backends.torch.lowrank import lowrank_perturb_torch
+    torch.manual_seed(5)
+    weights = [torch.empty(0, 5), torch.randn(3, 4)]
+    us, vs = [torch.empty(0, 2), torch.randn(3, 2)], [torch.randn(5, 2), torch.randn(4, 2)]
+    taus = [torch.randn(2), torch.randn(2)]
+    assert us[0].data_ptr() == 0
+    before = weights[1].clone()
+    args = (taus, torch.tensor([0.5]), torch.tensor([1.0, 0.9]), [1, 2], "nearest", 0)
+    expected = [w.clone() for w in weights]
+    lowrank_perturb_torch(expected, us, vs, *args)
+    lowrank_perturb_cpu(weights, us, vs, *args)
+    assert torch.equal(weights[1], expected[1]) and not torch.equal(weights[1], before)

@@ -155,12 +155,13 @@ def test_avx512_path_equals_the_avx2_one(tmp_path):
         "torch.save(saved, sys.argv[1])\n")
     package_parent = str(pathlib.Path(lowrank_probe.__file__).resolve().parents[1])
     results = {}
-    for simd in ("", "avx2"):
+    for simd in ("", "avx2", "auto"):  # an unknown value means the default
         path = tmp_path / f"term{simd}.pt"
         subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=300,
                        cwd=tmp_path, env={**os.environ, "ZOKERNELS_CPU_SIMD": simd,
                                           "PYTHONPATH": package_parent})
         results[simd] = torch.load(path)
+    assert results["auto"]["simd"] == results[""]["simd"]
     if results[""]["simd"] != "avx512" or results["avx2"]["simd"] != "avx2":
         pytest.skip("no AVX-512 on this machine")
     for name, got in results[""].items():
@@ -170,10 +171,20 @@ def test_avx512_path_equals_the_avx2_one(tmp_path):
 
 @pytest.mark.parametrize("bad, match", [
     ("dtype", "share a float dtype"), ("layout", "contiguous"), ("shape", "do not match"),
-    ("rows", "rows"), ("rank", "r <= 32"), ("device", "CPU")])
+    ("rows", "rows"), ("rank", "r <= 32"), ("device", "CPU"), ("3-D u", "2-D"),
+    ("empty 3-D factors", "2-D"), ("2-D coef", "1-D"), ("zero columns", "rows")])
 def test_kernel_refuses_what_it_cannot_run(bad, match):
-    """ValueError, out unchanged, for what the hook never passes (it checks first)."""
+    """ValueError, out unchanged, for what the hook never passes (it checks first); factors of
+    another rank were read as 2-D (an empty 3-D pair, data_ptr 0, crashed the process)."""
     out, x, u, v, coef = _problem(4, 6, 9, 40 if bad == "rank" else 3, torch.float32)
+    if bad == "3-D u":
+        u = u.unsqueeze(-1).expand(-1, -1, 2).contiguous()
+    elif bad == "empty 3-D factors":
+        u, v = torch.empty(9, 3, 0), torch.empty(6, 3, 0)
+    elif bad == "2-D coef":
+        coef = coef.unsqueeze(0)
+    elif bad == "zero columns":  # no columns to add to, but the row counts still differ
+        out, u = torch.zeros(5, 0), torch.zeros(0, 3)
     if bad == "dtype":
         x = x.double()
     elif bad == "layout":
@@ -188,6 +199,18 @@ def test_kernel_refuses_what_it_cannot_run(bad, match):
     with pytest.raises(ValueError, match=match):
         lowrank_linear_term_cpu(out, x, u, v, coef)
     assert torch.equal(out, before)
+
+
+def test_an_output_overlapping_its_input_gets_the_reference_term():
+    """out and x views of one buffer (x one row behind out): the kernel writes rows while other
+    blocks read x, so it reads a copy; the result is the reference's, to float32 rounding."""
+    torch.manual_seed(4)
+    buffer = torch.randn(41, 24)
+    u, v, coef = torch.randn(24, 3), torch.randn(24, 3), torch.randn(3)
+    expected = buffer.clone()
+    lowrank_linear_term_torch(expected[1:], expected[:-1].clone(), u, v, coef)
+    lowrank_linear_term_cpu(buffer[1:], buffer[:-1], u, v, coef)
+    torch.testing.assert_close(buffer, expected, rtol=1e-5, atol=1e-5)
 
 
 class _Recorder:

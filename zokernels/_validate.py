@@ -342,6 +342,13 @@ def _memory_span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * t.element_size()
 
 
+def spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory a's elements touch meets b's (both with elements, one device)."""
+    a_start, a_end = _memory_span(a)
+    b_start, b_end = _memory_span(b)
+    return a_start < b_end and b_start < a_end
+
+
 def written_spans(written: list[tuple[str, torch.Tensor]]) -> dict[str, list[tuple[int, int, str]]]:
     """Memory spans of the tensors a call writes, sorted per device; raises if two overlap.
 

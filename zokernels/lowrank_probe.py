@@ -54,9 +54,10 @@ _METADATA = frozenset({
 
 
 # What the probes give the C++ Linear term (csrc/lowrank_term.cpp), the rest going to the torch
-# reference: the three float dtypes of the parameters (benchmarks/results/cpu_lowrank_term.json;
-# bfloat16 alone is slower per call on the widest outputs, where torch's GEMMs use AVX-512 BF16
-# dot products, and faster summed over a step of `small`: docs/tezo.md, "Time").
+# reference: the three float dtypes of the parameters (benchmarks/results/cpu_lowrank_term.json:
+# per call on fresh tensors bfloat16 is slower on mid-sized outputs, where torch's GEMMs use
+# AVX-512 BF16 dot products; inside whole steps it is 0.7x the reference's time on every bench
+# model, cpu_lowrank_term_in_model.json and docs/tezo.md, "Time").
 _NATIVE_TERM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NATIVE_TERM_RANK = 32
 

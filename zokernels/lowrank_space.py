@@ -189,17 +189,22 @@ class LowRankSpace:
 
     def drawn_scratch_bytes(self, j: int) -> int:
         """Bytes of the scratch a kernel drawing weight j's factors keeps for the whole launch:
-        (V_j diag(tau))^T, 4 n r (U_j's rows are drawn per work item, a few KiB per thread)."""
+        (V_j diag(tau))^T, 4 n r (U_j's rows are drawn per work item: 4 r (32768 / n + 2) bytes
+        per thread at most, a few KiB for n >= 256)."""
         return 4 * self.weights[j].shape[1] * self.ranks[j]
 
-    def chunks(self, positions: list[int], drawn: bool = False) -> list[list[int]]:
+    def chunks(self, positions: list[int], drawn: bool = False,
+               recovering: bool = False) -> list[list[int]]:
         """`positions` cut, in order, into runs whose scratch fits min(factor_budget,
         FACTOR_FRACTION of the bytes of the weights at `positions`) (a run holds at least one
         weight, whatever its size): their factors, or with `drawn` (the kernel draws them) its
-        scaled V^T rows."""
+        scaled V^T rows, twice for a pass `recovering` from applied taus."""
         budget = min(self.factor_budget, FACTOR_FRACTION * sum(
             self.weights[j].numel() * self.weights[j].element_size() for j in positions))
-        scratch = self.drawn_scratch_bytes if drawn else self.factor_bytes
+        copies = 2 if recovering else 1
+
+        def scratch(j: int) -> int:
+            return copies * self.drawn_scratch_bytes(j) if drawn else self.factor_bytes(j)
         runs: list[list[int]] = []
         used = 0
         for j in positions:
@@ -222,7 +227,8 @@ class LowRankSpace:
         the same order. kept: factors already held (`factors_for`)."""
         at = {j: i for i, j in enumerate(positions)}
         drawn = self._draws_in_pass(positions, common.get("backend", "auto"))
-        for run in self.chunks(positions, drawn) if chunked else [positions]:
+        runs = self.chunks(positions, drawn, recovering="applied_taus" in per_weight)
+        for run in runs if chunked else [positions]:
             weights = [self.weights[j] for j in run]
             taken = {name: [values[at[j]] for j in run] for name, values in per_weight.items()}
             if drawn:  # the kernel draws what is not kept (FactorDraw)

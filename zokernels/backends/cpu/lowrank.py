@@ -44,6 +44,18 @@ def lowrank_perturb_cpu(weights: list[Tensor], us: list[Tensor], vs: list[Tensor
         raise ValueError("lowrank_perturb_cpu: count_only needs a log")
     if (applied_taus is None) != (applied_scale is None):
         raise ValueError("lowrank_perturb_cpu: applied_taus and applied_scale go together")
+    keep = [j for j, w in enumerate(weights) if w.numel() > 0]
+    if len(keep) < len(weights):
+        # an empty weight has nothing to write (and no block in the logs), and its factors'
+        # data_ptr may be 0, the kernel's mark of drawn factors: left out
+        def kept(values):
+            return None if values is None else [values[j] for j in keep]
+        weights, us, vs, taus, keys = kept(weights), kept(us), kept(vs), kept(taus), kept(keys)
+        applied_taus, decays = kept(applied_taus), decays[keep]
+        if draw is not None:
+            draw = type(draw)(draw.seed, kept(draw.u_offsets), kept(draw.v_offsets))
+        if not weights:
+            return
     ext = load_cpu_extension()
     extra = {}
     if applied_taus is not None:

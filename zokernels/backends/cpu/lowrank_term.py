@@ -1,7 +1,10 @@
 """TeZO's virtual-probe term for an nn.Linear on the CPU (csrc/lowrank_term.cpp)."""
 
+import math
+
 import torch
 
+from ..._validate import spans_overlap
 from ._codes import DTYPE_CODES
 from ._loader import load_cpu_extension
 
@@ -13,6 +16,9 @@ def lowrank_linear_term_cpu(out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
     AVX2), out rounded to nearest once. Needs CPU tensors, out contiguous, x, U, V of out's dtype
     (float32, bfloat16, float16), U and V contiguous, coef float32 contiguous (ValueError
     otherwise; the probes' hook checks first and takes the reference when one fails)."""
+    if u.dim() != 2 or v.dim() != 2 or coef.dim() != 1:
+        raise ValueError(f"lowrank_linear_term_cpu: u, v must be 2-D and coef 1-D, got shapes "
+                         f"{tuple(u.shape)}, {tuple(v.shape)}, {tuple(coef.shape)}")
     n, m, r = v.shape[0], u.shape[0], u.shape[1]
     dtype = out.dtype
     # is_cpu and the contiguity flags are cheap attribute reads: this runs in every probe hook
@@ -25,21 +31,23 @@ def lowrank_linear_term_cpu(out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
             and coef.is_contiguous() and coef.dtype == torch.float32):
         raise ValueError("lowrank_linear_term_cpu: out, u, v, coef must be contiguous (coef "
                          "float32)")
-    if v.shape[1] != r or coef.shape != (r,) or out.shape[-1] != m or x.shape[-1] != n:
+    if (v.shape[1] != r or coef.shape[0] != r or out.dim() == 0 or x.dim() == 0
+            or out.shape[-1] != m or x.shape[-1] != n):
         raise ValueError(f"lowrank_linear_term_cpu: shapes do not match: out {tuple(out.shape)}, "
                          f"x {tuple(x.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}, coef "
                          f"{tuple(coef.shape)}")
-    if n == 0 or m == 0:
+    count = math.prod(x.shape[:-1])
+    if count != math.prod(out.shape[:-1]):
+        raise ValueError(f"lowrank_linear_term_cpu: x has {count} rows, out "
+                         f"{math.prod(out.shape[:-1])}")
+    if count == 0 or n == 0 or m == 0:
         return  # nothing to add (x V is zero, or out is empty)
     rows = x if x.is_contiguous() else x.reshape(-1, n)  # contiguous: read in place
-    if rows is not x and (rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n)):
+    if rows is not x and (rows.stride(1) != 1 or (count > 1 and rows.stride(0) < n)):
         rows = rows.contiguous()  # e.g. expanded
-    count = rows.numel() // n
-    if count * m != out.numel():
-        raise ValueError(f"lowrank_linear_term_cpu: x has {count} rows, out {out.numel() // m}")
-    if count == 0:
-        return
-    row_stride = n if rows is x or count == 1 else rows.stride(0)  # one row: any stride
+    if spans_overlap(rows, out):
+        rows = rows.clone()  # blocks read x's rows while others' are written: read a copy
+    row_stride = n if rows.is_contiguous() or count == 1 else rows.stride(0)  # one row: any
     load_cpu_extension().lowrank_linear_term(
         out.data_ptr(), m, rows.data_ptr(), row_stride, count, n, m, r, u.data_ptr(),
         v.data_ptr(), coef.data_ptr(), DTYPE_CODES[dtype], torch.get_num_threads())
