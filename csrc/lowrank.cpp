@@ -291,7 +291,8 @@ void lowrank_perturb(const std::vector<uintptr_t>& w_ptrs, const std::vector<uin
     bool any_drawn = false;
     for (size_t j = 0; j < count; ++j) {
         if ((u_ptrs[j] == 0) != (v_ptrs[j] == 0))
-            throw std::invalid_argument("lowrank_perturb: u_ptr and v_ptr are both given or both 0");
+            throw std::invalid_argument(
+                "lowrank_perturb: u_ptr and v_ptr are both given or both 0");
         any_drawn = any_drawn || u_ptrs[j] == 0;
     }
     if (any_drawn) {

@@ -73,8 +73,8 @@ ZK_TARGET_AVX2 inline __m256i bfloat16_added_avx2(__m256i bits, __m256 add) {
     const __m256 value = _mm256_add_ps(_mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)), add);
     const __m256i b = _mm256_castps_si256(value);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    const __m256i rounded =
-        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    const __m256i biased = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd);
+    const __m256i rounded = _mm256_srli_epi32(biased, 16);
     const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF)),
                                            _mm256_set1_epi32(0x7F800000));
     return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
@@ -90,8 +90,10 @@ ZK_TARGET_AVX2 inline void add_rounded_avx2(typename Format::storage* o, __m256 
         _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), hi));
     } else if constexpr (std::is_same<Format, BFloat16Format>::value) {
         const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o));
-        const __m256i first = bfloat16_added_avx2(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(both)), lo);
-        const __m256i second = bfloat16_added_avx2(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(both, 1)), hi);
+        const __m256i low = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(both));
+        const __m256i high = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(both, 1));
+        const __m256i first = bfloat16_added_avx2(low, lo);
+        const __m256i second = bfloat16_added_avx2(high, hi);
         // packus interleaves 128-bit lanes: the permute puts the 16 results back in order
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o),
                             _mm256_permute4x64_epi64(_mm256_packus_epi32(first, second), 0xD8));

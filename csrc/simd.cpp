@@ -24,7 +24,8 @@ static bool detect_avx512() {
     // ZOKERNELS_CPU_SIMD=avx2 (or generic) keeps the AVX-512 term kernel out; other values, as
     // for detect_avx2, mean the default
     const char* forced = std::getenv("ZOKERNELS_CPU_SIMD");
-    if (forced != nullptr && (std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "generic") == 0))
+    if (forced != nullptr &&
+        (std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "generic") == 0))
         return false;
     __builtin_cpu_init();  // as above, with the OS saving the ZMM state
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -533,8 +533,8 @@ LORA_BAD_ARGUMENTS = [
     (["lora", "--targets", ","], "--targets: no value given"),
     (["lora", "--case", ","], "--case: no value given"),
 ]
-LORA_BAD_ARGUMENTS += [(["lora", "--layers", str(10 ** 9)], "the adapters need"),
-                       (["lora", "--rank", str(10 ** 9)], "the adapters need")]
+LORA_BAD_ARGUMENTS += [(["lora", "--layers", str(10 ** 9)], "the adapters of the 5 cases need"),
+                       (["lora", "--rank", str(10 ** 9)], "the adapters of the 5 cases need")]
 if not CUDA:
     LORA_BAD_ARGUMENTS += [(["lora", "--device", "cuda"], "CUDA is not available")]
     if "triton" in zokernels.available_backends():  # the interpreter: never timed
@@ -626,3 +626,34 @@ def test_lora_paths_change_adapters_and_restore_exactly():
             for (name, p), b in zip(named, before):
                 assert torch.equal(p.detach().view(torch.int32), b.view(torch.int32)), name
 
+
+
+def test_memory_refusals_count_everything_a_run_holds(capsys, monkeypatch):
+    """With the free memory faked just above what one part needs, the runs that would hold more
+    are refused before any work: every lora case's copy of the adapters (one copy used to be
+    counted), the overhead rows' four lists of tensors, and a step row's two or three copies of
+    the model (only its logits were counted)."""
+    from zokernels.bench import cli
+    from zokernels.bench.lora import adapter_bytes
+    from zokernels.bench.models import parameter_count
+    run = cli_runner(capsys, monkeypatch, forbid_work=True)
+    free = {"bytes": 0}
+    monkeypatch.setattr(cli, "available_memory_bytes", lambda device: free["bytes"])
+
+    one_copy = adapter_bytes("opt-1.3b", "qv", 8, 2, torch.float32)
+    free["bytes"] = int(1.25 * one_copy / cli.MEMORY_HEADROOM)
+    status, _, err = run("lora", "--device", "cpu", "--dtype", "fp32", "--layers", "2",
+                         "--no-overhead")
+    assert status == 2 and "the adapters of the 5 cases need" in err, err
+
+    free["bytes"] = 2 * 10 ** 9
+    status, _, err = run("lora", "--device", "cpu", "--dtype", "fp32", "--layers", "2",
+                         "--case", "mezo-loop", "--overhead-tensors", "10000000")
+    assert status == 2 and "--overhead-tensors 10000000" in err and "on cpu" in err, err
+
+    weights = parameter_count("opt-1.3b") * 4
+    assert weights > 5 * 10 ** 9
+    free["bytes"] = int(1.5 * weights / cli.MEMORY_HEADROOM)  # one copy and the logits fit
+    status, _, err = run("step", "--device", "cpu", "--model", "opt-1.3b", "--dtype", "fp32",
+                         "--seq", "16", "--batch", "1")
+    assert status == 2 and "2 copies of its weights" in err, err

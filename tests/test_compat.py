@@ -1002,3 +1002,91 @@ def test_a_dropped_trainer_leaves_no_live_hook():
     other.grad = torch.ones(3)
     torch.optim.SGD([other], lr=0.5).step()  # the left-over hook runs and does nothing
     assert torch.equal(other.detach(), torch.full((3,), 0.5))
+
+
+def test_a_restore_that_fails_before_writing_keeps_the_record_and_unpatch_removes_it(
+        monkeypatch):
+    """The restore pass of a MeZO step fails before it writes (a simulated out-of-memory at its
+    launch): the call raises, the weights are untouched (theta - eps z), the patch still says
+    what they hold, and unpatch (or a retry) brings back theta bit for bit. The record used to
+    be cleared first: the weights kept theta - eps z with nothing left to remove it."""
+    import zokernels.space as space_module
+    real = space_module.run_perturb
+    fail = [False]
+
+    def launch(*args, **kwargs):
+        if fail[0] and not kwargs.get("count_only"):
+            fail[0] = False
+            raise torch.OutOfMemoryError("simulated: out of memory at the launch")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(space_module, "run_perturb", launch)
+    for retry in (False, True):
+        trainer = MeZOStyleTrainer(_model(), 0.05, 1e-2, 0.0)
+        patch_mezo_trainer(trainer)
+        trainer.named_parameters_to_optim = list(trainer.model.named_parameters())
+        trainer.zo_random_seed = 3
+        theta = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.zo_perturb_parameters(scaling_factor=1)
+        trainer.zo_perturb_parameters(scaling_factor=-2)
+        minus = [p.detach().clone() for p in trainer.model.parameters()]
+        fail[0] = True
+        with pytest.raises(torch.OutOfMemoryError):
+            trainer.zo_perturb_parameters(scaling_factor=1)
+        for p, m in zip(trainer.model.parameters(), minus):
+            assert_bits_equal(p.detach(), m, "the failed call")
+        assert trainer._zokernels_patch.seeds == [3]
+        if retry:
+            trainer.zo_perturb_parameters(scaling_factor=1)
+            assert trainer._zokernels_patch.seeds == []
+        unpatch_mezo_trainer(trainer)
+        for p, t in zip(trainer.model.parameters(), theta):
+            assert_bits_equal(p.detach(), t, f"theta after unpatch (retry={retry})")
+
+
+def test_a_foreign_write_that_no_pass_can_undo_is_refused_and_remembered():
+    """A parameter re-typed to float64 while a perturbation is held: the check's recovery pass
+    cannot write it. The call is refused naming the failure, the patch still records the held
+    seed, unpatch says the weights still hold it and keeps the patch; once the parameter is
+    float32 again, unpatch removes the perturbation (by recovery: within rounding)."""
+    trainer = MeZOStyleTrainer(_model(), 0.05, 1e-2, 0.0)
+    patch_mezo_trainer(trainer)
+    trainer.named_parameters_to_optim = list(trainer.model.named_parameters())
+    theta = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.zo_perturb_parameters(random_seed=1, scaling_factor=1)
+    weight = trainer.model[0].weight
+    weight.data = weight.data.double()
+    with pytest.raises(MeZOProtocolError, match="removing the perturbation failed"):
+        trainer.zo_perturb_parameters(random_seed=1, scaling_factor=-1)
+    assert trainer._zokernels_patch.seeds == [1]
+    with pytest.raises(RuntimeError, match=r"still hold the zokernels perturbation of seeds \[1\]"):
+        unpatch_mezo_trainer(trainer)
+    weight.data = weight.data.float()
+    with pytest.warns(RuntimeWarning, match="recovery alone"):
+        unpatch_mezo_trainer(trainer)
+    for p, t in zip(trainer.model.parameters(), theta):
+        torch.testing.assert_close(p.detach(), t, rtol=0, atol=1e-6)
+    assert "zo_perturb_parameters" not in trainer.__dict__
+
+
+@pytest.mark.parametrize("named, match", [
+    (None, "named_parameters_to_optim must be a list"),
+    ({"w": torch.zeros(2)}, "named_parameters_to_optim must be a list"),
+    ("generator", "named_parameters_to_optim must be a list"),
+    ("tensors", r"named_parameters_to_optim\[0\] must be a \(name, tensor\) pair"),
+    ("triples", r"named_parameters_to_optim\[0\] must be a \(name, tensor\) pair"),
+])
+def test_a_malformed_named_parameters_to_optim_is_named(named, match):
+    """TypeError naming trainer.named_parameters_to_optim (was: unpacking errors, or a generator
+    consumed by the first call), nothing written."""
+    trainer = MeZOStyleTrainer(_model(), 0.05, 1e-2, 0.0)
+    patch_mezo_trainer(trainer)
+    params = list(trainer.model.named_parameters())
+    before = [p.detach().clone() for _, p in params]
+    trainer.named_parameters_to_optim = {
+        "generator": (pair for pair in params), "tensors": [p for _, p in params],
+        "triples": [(n, p, 0) for n, p in params]}.get(named, named) if isinstance(
+            named, str) else named
+    with pytest.raises(TypeError, match=match):
+        trainer.zo_perturb_parameters(random_seed=1, scaling_factor=1)
+    for (_, p), b in zip(params, before):
+        assert_bits_equal(p.detach(), b, "parameters")

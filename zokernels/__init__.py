@@ -24,5 +24,5 @@ from .ops.undo import UndoLog
 from .space import ParameterSpace
 from .trajectory import Trajectory
 
-__all__ = ["noise", "perturb_", "lowrank_perturb_", "FactorDraw", "available_backends", "ParameterSpace",
-           "UndoLog", "Trajectory", "__version__"]
+__all__ = ["noise", "perturb_", "lowrank_perturb_", "FactorDraw", "available_backends",
+           "ParameterSpace", "UndoLog", "Trajectory", "__version__"]

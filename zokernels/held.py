@@ -280,14 +280,22 @@ class HeldPerturbation:
         logs rewritten, newest first (an older log holds truer values). exact=False: recovery
         only (the weights were written by someone else meanwhile, the logs predate it)."""
         with interrupts_deferred():  # entered first: the state says what the weights hold
+            slots = list(self.held_slot)
             held, held_logs, live = self._take(exact)
+            failed: dict[int, BaseException] = {}
             try:
-                failure = self._restore_targets(range(len(self.targets)), held, held_logs,
-                                                live if exact else [])
-                if failure is not None:
-                    raise failure
+                failed = self._restore_targets(range(len(self.targets)), held, held_logs,
+                                               live if exact else [])
+                if failed:
+                    # a pass fails before it writes (argument checks, allocation): those targets
+                    # still hold their perturbation, and their logs stay for a later restore
+                    for i in failed:
+                        self.held[i], self.held_slot[i] = held[i], slots[i]
+                    self.live = list(live)
+                    raise next(iter(failed.values()))
             finally:
-                self.clear_logs()
+                if not failed:
+                    self.clear_logs()
 
     def _take(self, exact: bool = True) -> tuple[list[Any], list[Any], list[int]]:
         """What the weights hold (per target), the logs of the passes that wrote it (None
@@ -299,11 +307,12 @@ class HeldPerturbation:
         return held, held_logs, live
 
     def _restore_targets(self, indices: Sequence[int], held: Sequence[Any],
-                         held_logs: Sequence[Any], live: Sequence[int]) -> BaseException | None:
+                         held_logs: Sequence[Any], live: Sequence[int]
+                         ) -> dict[int, BaseException]:
         """Targets `indices` back to theta from what they held, their `live` log slots rewritten
-        newest first; returns the first failure (a target that fails does not keep the others
-        perturbed)."""
-        failure: BaseException | None = None
+        newest first; returns the failures by target, in order (a target that fails does not
+        keep the others perturbed)."""
+        failed: dict[int, BaseException] = {}
         for i in indices:
             target, h = self.targets[i], held[i]
             try:
@@ -316,8 +325,8 @@ class HeldPerturbation:
                 for slot in reversed(live):
                     target.rewrite(self.logs[i][slot])
             except BaseException as exc:
-                failure = failure or exc
-        return failure
+                failed[i] = exc
+        return failed
 
     def update(self, moves: Sequence[Any], decays: Sequence[Any], *, rounding: str = "nearest",
                rounding_seed: int | None = None) -> None:
@@ -341,11 +350,13 @@ class HeldPerturbation:
                 # a KeyboardInterrupt here is a second Ctrl-C (the first is held): it arrives
                 # after a kernel call returns, so target `reached` may hold either value
                 forced = isinstance(exc, KeyboardInterrupt)
-                failure = self._restore_targets(range(reached + int(forced), len(self.targets)),
-                                                held, held_logs, live)
+                failed = self._restore_targets(
+                    range(reached + int(forced), len(self.targets)), held, held_logs, live)
+                for i in failed:  # still perturbed (recovery alone from here: logs cleared)
+                    self.held[i] = held[i]
                 if hasattr(exc, "add_note"):
-                    exc.add_note(_partial_update_note(reached, len(self.targets), failure,
-                                                      forced))
+                    exc.add_note(_partial_update_note(reached, len(self.targets),
+                                                      next(iter(failed.values()), None), forced))
                 raise
             finally:
                 try:

@@ -489,8 +489,9 @@ class VirtualLowRank:
                      rank: int) -> Callable[..., None]:
         """The implementation of the Linear term: the C++ kernel where the optimizer's backend
         resolves to "cpu" on the output's device (a plain contiguous float32 / bfloat16 /
-        float16 output, rank <= 32), else the torch reference (CUDA: cuBLAS). The kernel makes one pass over the output where the reference makes
-        three BLAS calls (docs/tezo.md, "Time")."""
+        float16 output, rank <= 32), else the torch reference (CUDA: cuBLAS). The kernel makes
+        one pass over the output where the reference makes three BLAS calls (docs/tezo.md,
+        "Time")."""
         native = self._native.get(output.device)
         if native is None:
             native = resolve_backend(self.backend, output.device) == "cpu"

@@ -30,8 +30,9 @@ from ..trajectory import MAX_SEEDS_PER_STEP
 from .lora import CASES as LORA_CASES
 from .lora import B_STD, OVERHEAD_NUMEL, OVERHEAD_TENSORS, PROBE_STEPS, SOURCES, TARGETS
 from .lora import PRESETS as LORA_PRESETS
-from .lora import LoraSettings, adapter_bytes, format_lora_tables, run_lora_bench
-from .models import HF_MODELS, vocab_and_positions
+from .lora import TENSOR_OVERHEAD_BYTES, LoraSettings, adapter_bytes, format_lora_tables
+from .lora import run_lora_bench
+from .models import HF_MODELS, parameter_count, vocab_and_positions
 from .models import PRESETS as MODEL_PRESETS
 from .step import (OPTIMIZERS, PROBE_MODES, TEZO_MODES, StepSettings, format_step_table,
                    run_step_bench)
@@ -690,6 +691,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_fits(needed: int, device: str, what: str) -> None:
+    """UsageError naming `what` when `needed` bytes exceed MEMORY_HEADROOM of the device's
+    free memory (unknown free memory: no check)."""
+    free = available_memory_bytes(device)
+    if free is not None and needed > MEMORY_HEADROOM * free:
+        raise UsageError(f"{what} need {needed / 1e9:.2f} GB, more than {MEMORY_HEADROOM:.0%} "
+                         f"of the free memory ({free / 1e9:.2f} GB)")
+
+
 def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
     devices = _items(getattr(args, "device", None), _best_device(), "--device")
     if len(devices) != 1:
@@ -726,11 +736,13 @@ def plan_step(args: argparse.Namespace) -> tuple[StepSettings, list[str]]:
         raise UsageError(f"--seq {args.seq}: --model {model} takes at most {positions} tokens")
     # the loss's float32 logits, the largest activation of a step: refuse what cannot fit
     logits = args.batch * args.seq * vocab * 4
-    free = available_memory_bytes(device)
-    if free is not None and logits > MEMORY_HEADROOM * free:
-        raise UsageError(f"--batch {args.batch} x --seq {args.seq}: the logits alone need "
-                         f"{logits / 1e9:.2f} GB, more than {MEMORY_HEADROOM:.0%} of the free "
-                         f"memory ({free / 1e9:.2f} GB)")
+    _check_fits(logits, device, f"--batch {args.batch} x --seq {args.seq}: the logits alone")
+    # a row holds the optimizer's model, the plain-forward twin and, compared, the exact one
+    count = parameter_count(model)
+    copies = 3 if args.compare_exact else 2
+    weights = 0 if count is None else copies * count * DTYPES[dtype].itemsize
+    _check_fits(weights + logits, device,
+                f"--model {model} --dtype {dtype}: {copies} copies of its weights and the logits")
     if args.window > MAX_SEEDS_PER_STEP:  # PseuZO's own limit, checked before any work
         raise UsageError(f"--window must be <= {MAX_SEEDS_PER_STEP}, got {args.window}")
     if not 0.0 < args.lezo_active <= 1.0:
@@ -841,14 +853,12 @@ def plan_lora(args: argparse.Namespace) -> tuple[LoraSettings, list[str]]:
         if value is not None and value < 1:
             raise UsageError(f"{option} must be >= 1, got {value}")
     dtype = _dtypes([args.dtype] if args.dtype is not None else None, DEFAULTS[kind]["dtype"])[0]
-    adapters = max(adapter_bytes(args.preset, t, args.rank, args.layers, DTYPES[dtype])
-                   for t in targets)
-    free = available_memory_bytes(device)
-    if free is not None and adapters > MEMORY_HEADROOM * free:
-        raise UsageError(f"--rank {args.rank}, --layers {args.layers or 'of the preset'}: the "
-                         f"adapters need {adapters / 1e9:.2f} GB, more than "
-                         f"{MEMORY_HEADROOM:.0%} of the free memory ({free / 1e9:.2f} GB)")
     cases = _choices(args.case, ",".join(LORA_CASES), LORA_CASES, "--case")
+    # every case steps its own copy of the adapters, all alive while they are timed interleaved
+    adapters = len(cases) * max(adapter_bytes(args.preset, t, args.rank, args.layers,
+                                              DTYPES[dtype]) for t in targets)
+    _check_fits(adapters, device, f"--rank {args.rank}, --layers {args.layers or 'of the preset'}"
+                                  f": the adapters of the {len(cases)} cases")
     defaults = LORA_DEFAULTS[kind]
     repeats = defaults["repeats"] if args.repeats is None else args.repeats
     warmup = defaults["warmup"] if args.warmup is None else args.warmup
@@ -860,13 +870,17 @@ def plan_lora(args: argparse.Namespace) -> tuple[LoraSettings, list[str]]:
                                                ",".join(map(str, OVERHEAD_TENSORS)),
                                                "--overhead-tensors")
     if counts:  # the overhead's tensors are allocated at once: refuse what cannot fit
-        needed = max(counts) * args.overhead_numel * 4
-        free = available_memory_bytes("cpu")
-        if free is not None and needed > MEMORY_HEADROOM * free:
-            raise UsageError(f"--overhead-numel {args.overhead_numel} x --overhead-tensors "
-                             f"{max(counts)}: needs {needed / 1e9:.2f} GB of float32 tensors, "
-                             f"more than {MEMORY_HEADROOM:.0%} of the free memory "
-                             f"({free / 1e9:.2f} GB)")
+        # float32 values on the CPU and three copies in the run's dtype on the device, each
+        # tensor with its own object and allocation
+        values = max(counts) * (args.overhead_numel * 4 + TENSOR_OVERHEAD_BYTES)
+        copies = 3 * max(counts) * (args.overhead_numel * DTYPES[dtype].itemsize
+                                    + TENSOR_OVERHEAD_BYTES)
+        needs = {"cpu": values + (copies if kind == "cpu" else 0)}
+        if kind != "cpu":
+            needs[device] = copies
+        for where, needed in needs.items():
+            _check_fits(needed, where, f"--overhead-numel {args.overhead_numel} x "
+                                       f"--overhead-tensors {max(counts)}: the tensors on {where}")
     backend = _lora_backend(args.backend, device)
     notes = ["the closures return a constant loss (g = 0): every pass still runs in full, only "
              "perturb/update and the optimizer's bookkeeping are timed",

@@ -37,6 +37,15 @@ HF_SIZES = {"hf-opt-125m": (50272, 2048), "hf-llama-tiny": (4096, 2048),
 HF_MODELS = tuple(HF_SIZES)
 
 
+def parameter_count(name: str) -> int | None:
+    """Parameters of a built-in decoder, counted on the meta device (no memory); None for the
+    transformers models (at most OPT-125m's 125M parameters)."""
+    if name not in PRESETS:
+        return None
+    with torch.device("meta"):
+        return sum(p.numel() for p in Decoder(PRESETS[name]).parameters())
+
+
 def vocab_and_positions(name: str) -> tuple[int, int]:
     """(vocabulary size, longest sequence) of a step-benchmark model, without building it."""
     if name in PRESETS:

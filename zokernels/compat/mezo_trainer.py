@@ -97,7 +97,10 @@ tensors, 1.6 ms for 5000 LoRA tensors, six times in MeZO's step):
   (random_seed=None, MeZO's zo_step) back to theta and zo_update. Detected through
   `tensor._version` (every in-place op on the parameter: optimizers, copy_, add_) and the
   tensor's address (`param.data = ...`). Writes through `param.data.add_(...)` bypass the
-  version counter and are NOT detected.
+  version counter and are NOT detected. The counter belongs to the storage: parameters that
+  are views of one buffer (a flat parameter buffer) see every write to that buffer, also to
+  parts the patch does not hold, and the patch then refuses as if they had been written (a
+  false alarm; the held perturbation is removed by recovery, within float32 rounding).
 - with fuse_restore_update=True, zo_update not called after such a zo_step: the next zo_step's
   first perturbation carries the deferred restore out and refuses (the weights sat at
   theta - eps z past the step, where an evaluation or a checkpoint may have read them). Without
@@ -136,6 +139,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 import weakref
 from typing import Any
@@ -482,15 +486,22 @@ class _PatchState:
         after = ("the perturbation was removed by recovery: the weights are theta plus that "
                  "change, within float32 rounding (not bit-exact: the undo logs predate it)"
                  if held else "the weights are left as that writer made them")
-        message = (f"patch_mezo_trainer: the weights ({shown}) were written by someone else "
-                   f"{where} (an optimizer step, copy_, param.data = ...): the trainer updates "
-                   f"them itself, so the patched zo_update would update them a second time "
-                   f"with another z. Nothing was applied; {after}. Such trainers (ZO-Bench's "
-                   "zo_step, for one) cannot be patched.")
+
+        def message(after: str) -> str:
+            return (f"patch_mezo_trainer: the weights ({shown}) were written by someone else "
+                    f"{where} (an optimizer step, copy_, param.data = ...): the trainer updates "
+                    f"them itself, so the patched zo_update would update them a second time "
+                    f"with another z. Nothing was applied; {after}. Such trainers (ZO-Bench's "
+                    "zo_step, for one) cannot be patched.")
         with interrupts_deferred():  # the inexact drop and the refusal it leads to, together
             if held:
-                self.drop_held_inexact()
-            self.refuse(message)
+                try:
+                    self.drop_held_inexact()
+                except Exception as exc:  # e.g. a parameter cast to a dtype no pass writes
+                    self.refuse(message(
+                        f"removing the perturbation failed ({type(exc).__name__}: {exc}): the "
+                        "weights still hold it, and unpatch_mezo_trainer retries the removal"))
+            self.refuse(message(after))
 
     def settle(self, hook_changes: bool = True) -> None:
         """After each call: remember the weights' fingerprint; hold the optimizer pre-hook
@@ -690,7 +701,7 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
             eps = _real(trainer.args.zo_eps, "trainer.args.zo_eps")
             _check_coefs([factor * eps], f"scaling_factor * trainer.args.zo_eps (scaling_factor="
                                          f"{factor!r}, zo_eps={eps!r})")
-            state.space_for(list(trainer.named_parameters_to_optim))
+            state.space_for(_named_parameters(trainer))
             state.perturb(seed, factor * eps, eps)
             if random_seed is None and (state.pending_restore or not state.seeds):
                 state.awaiting_update = True  # a zo_step's perturbations are back at theta
@@ -711,7 +722,7 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
             except (TypeError, ValueError):
                 state.awaiting_update = False  # this step's update is refused, not skipped
                 raise
-            state.space_for(list(trainer.named_parameters_to_optim))
+            state.space_for(_named_parameters(trainer))
             state.update(seed, coef, decay)
             state.awaiting_update = False
             scheduler = getattr(trainer, "lr_scheduler", None)
@@ -733,6 +744,24 @@ def patch_mezo_trainer(trainer: Any, *, fuse_restore_update: bool = False,
     return trainer
 
 
+def _named_parameters(trainer: Any) -> list[tuple[str, torch.Tensor]]:
+    """trainer.named_parameters_to_optim as a list of (name, tensor) pairs (TypeError naming it
+    otherwise; a one-shot iterator is refused: the next call would find it empty)."""
+    named = getattr(trainer, "named_parameters_to_optim", None)
+    if (named is None or isinstance(named, (str, bytes, dict, torch.Tensor))
+            or not isinstance(named, Iterable) or iter(named) is named):
+        raise TypeError("trainer.named_parameters_to_optim must be a list of (name, parameter) "
+                        f"pairs (MeZO's trainer sets it before its ZO steps), got "
+                        f"{type(named).__name__}")
+    pairs = list(named)
+    for j, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], torch.Tensor)):
+            raise TypeError(f"trainer.named_parameters_to_optim[{j}] must be a (name, tensor) "
+                            f"pair, got {type(pair).__name__}")
+    return pairs
+
+
 def unpatch_mezo_trainer(trainer: Any) -> Any:
     """Restore the trainer's own methods, also after a refusal. Any perturbation the weights
     still hold (deferred or not) is removed first, exactly (the original methods could not
@@ -743,12 +772,19 @@ def unpatch_mezo_trainer(trainer: Any) -> Any:
         raise RuntimeError("trainer is not patched")
     if state.space is not None:
         written = state.written()
-        if written and state.seeds:
-            state.drop_held_inexact()
-            warn(f"unpatch_mezo_trainer: the weights ({', '.join(written[:5])}) were written by "
-                 "someone else while they held a zokernels perturbation; it was removed by "
-                 "recovery alone (within float32 rounding, not bit-exact)")
-        state.restore()
+        try:
+            if written and state.seeds:
+                state.drop_held_inexact()
+                warn(f"unpatch_mezo_trainer: the weights ({', '.join(written[:5])}) were written "
+                     "by someone else while they held a zokernels perturbation; it was removed "
+                     "by recovery alone (within float32 rounding, not bit-exact)")
+            state.restore()
+        except Exception as exc:
+            raise RuntimeError(
+                f"unpatch_mezo_trainer: the weights still hold the zokernels perturbation of "
+                f"seeds {state.seeds}, which could not be removed ({type(exc).__name__}: {exc}); "
+                "the trainer stays patched: make the parameters writable again (their dtype, "
+                "their storage) and call unpatch_mezo_trainer again") from exc
     if state.hook is not None:
         state.hook.remove()
         state.hook = None
