@@ -288,11 +288,19 @@ class HeldPerturbation:
                                                live if exact else [])
                 if failed:
                     # a pass fails before it writes (argument checks, allocation): those targets
-                    # still hold their perturbation, and their logs stay for a later restore
-                    for i in failed:
+                    # still hold their perturbation, and their logs stay for a later restore. A
+                    # KeyboardInterrupt is a second Ctrl-C (the first is held), which arrives
+                    # after a kernel call returns: that target's pass ran.
+                    first = next(iter(failed.values()))
+                    kept = [i for i, exc in failed.items()
+                            if not isinstance(exc, KeyboardInterrupt)]
+                    for i in kept:
                         self.held[i], self.held_slot[i] = held[i], slots[i]
-                    self.live = list(live)
-                    raise next(iter(failed.values()))
+                    if kept:
+                        self.live = list(live)
+                    else:
+                        failed = {}  # nothing is held any more: the logs are cleared below
+                    raise first
             finally:
                 if not failed:
                     self.clear_logs()
@@ -352,8 +360,9 @@ class HeldPerturbation:
                 forced = isinstance(exc, KeyboardInterrupt)
                 failed = self._restore_targets(
                     range(reached + int(forced), len(self.targets)), held, held_logs, live)
-                for i in failed:  # still perturbed (recovery alone from here: logs cleared)
-                    self.held[i] = held[i]
+                for i, failure in failed.items():  # still perturbed (recovery alone from
+                    if not isinstance(failure, KeyboardInterrupt):  # here: logs cleared)
+                        self.held[i] = held[i]
                 if hasattr(exc, "add_note"):
                     exc.add_note(_partial_update_note(reached, len(self.targets),
                                                       next(iter(failed.values()), None), forced))
