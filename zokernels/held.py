@@ -192,10 +192,16 @@ class HeldPerturbation:
     """What the weights of `targets` hold now, and its moves (module docstring).
 
     exact: keep undo logs (False: recovery only). on_overflow: called once per log whose pass
-    overflowed, when its count is read (check_logs, or a restore / update that drops it)."""
+    overflowed, when its count is read (check_logs, or a restore / update that drops it).
+    keep_failed: a target whose restore pass raises keeps its record (and logs), for a later
+    restore: where a pass fails before it writes and the weights' memory stays theirs (the
+    compat patch); the optimizers' failed steps instead restore the others and name a parameter
+    given other memory, which holds what was assigned (base.py)."""
 
     def __init__(self, targets: Sequence[Any], *, exact: bool = True,
-                 on_overflow: Callable[[], None] | None = None) -> None:
+                 on_overflow: Callable[[], None] | None = None,
+                 keep_failed: bool = False) -> None:
+        self.keep_failed = bool(keep_failed)
         self.targets: list[Any] = []
         self.logs: list[tuple[UndoLog, ...]] = []
         self.held: list[Any] = []
@@ -292,8 +298,8 @@ class HeldPerturbation:
                     # KeyboardInterrupt is a second Ctrl-C (the first is held), which arrives
                     # after a kernel call returns: that target's pass ran.
                     first = next(iter(failed.values()))
-                    kept = [i for i, exc in failed.items()
-                            if not isinstance(exc, KeyboardInterrupt)]
+                    kept = [i for i, exc in failed.items() if self.keep_failed
+                            and not isinstance(exc, KeyboardInterrupt)]
                     for i in kept:
                         self.held[i], self.held_slot[i] = held[i], slots[i]
                     if kept:
@@ -361,8 +367,8 @@ class HeldPerturbation:
                 failed = self._restore_targets(
                     range(reached + int(forced), len(self.targets)), held, held_logs, live)
                 for i, failure in failed.items():  # still perturbed (recovery alone from
-                    if not isinstance(failure, KeyboardInterrupt):  # here: logs cleared)
-                        self.held[i] = held[i]
+                    if self.keep_failed and not isinstance(failure, KeyboardInterrupt):
+                        self.held[i] = held[i]  # here: the logs are cleared)
                 if hasattr(exc, "add_note"):
                     exc.add_note(_partial_update_note(reached, len(self.targets),
                                                       next(iter(failed.values()), None), forced))

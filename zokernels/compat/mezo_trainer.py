@@ -366,7 +366,9 @@ class _PatchState:
         # What the weights hold (zokernels.held, one target): seeds in the order the passes
         # summed them (recovery needs the same order to recompute D bit for bit), and their
         # coefficients per decay class.
-        self.held = HeldPerturbation([_ClassedTarget(self)], exact=exact_restore)
+        # a failed restore keeps the record: unpatch or a retry can still remove it
+        self.held = HeldPerturbation([_ClassedTarget(self)], exact=exact_restore,
+                                     keep_failed=True)
         self.pending_restore = False
         self.originals: dict[str, Any] = {}
         # run-time checks (module docstring, "What the patch refuses")
