@@ -6,10 +6,21 @@
 
 namespace zk {
 
+// The highest level ZOKERNELS_CPU_SIMD allows: "generic" keeps every SIMD kernel out, "avx2"
+// the AVX-512 ones; unset or any other value leaves the choice to the CPU check.
+enum SimdCap { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+static SimdCap simd_cap_from_env() {
+    const char* forced = std::getenv("ZOKERNELS_CPU_SIMD");
+    if (forced == nullptr) return kAvx512;
+    if (std::strcmp(forced, "generic") == 0) return kGeneric;
+    if (std::strcmp(forced, "avx2") == 0) return kAvx2;
+    return kAvx512;
+}
+
 static bool detect_avx2() {
 #if ZK_HAVE_AVX2_PATH
-    const char* forced = std::getenv("ZOKERNELS_CPU_SIMD");
-    if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
+    if (simd_cap_from_env() < kAvx2) return false;
     // libgcc's check also verifies that the OS saves the YMM state (XGETBV).
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -21,12 +32,7 @@ static bool detect_avx2() {
 
 static bool detect_avx512() {
 #if ZK_HAVE_AVX2_PATH
-    // ZOKERNELS_CPU_SIMD=avx2 (or generic) keeps the AVX-512 term kernel out; other values, as
-    // for detect_avx2, mean the default
-    const char* forced = std::getenv("ZOKERNELS_CPU_SIMD");
-    if (forced != nullptr &&
-        (std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "generic") == 0))
-        return false;
+    if (simd_cap_from_env() < kAvx512) return false;
     __builtin_cpu_init();  // as above, with the OS saving the ZMM state
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");

@@ -19,7 +19,7 @@ import torch
 from ._contract import DEFAULT_CONTRACT
 from ._dispatch import resolve_backend
 from ._validate import meta_parameter_error
-from .ops.lowrank import FactorDraw, lowrank_perturb_, run_lowrank_scatter
+from .ops.lowrank import FactorDraw, draw_factors, lowrank_perturb_, run_lowrank_scatter
 from .ops.noise import noise
 from .ops.undo import SELECTOR_BACKENDS, LoggedMemoryMoved, SelectorLog, UndoLog
 from .sharding import is_dtensor, local_tensor
@@ -145,18 +145,10 @@ class LowRankSpace:
         U_j is rows x r of the unsharded m x r (flat offset row0 * r), V_j cols x r of n x r
         (after U's m * r elements): a shard's block of U diag(tau) V^T is the unsharded one.
         The noise contract makes them the same bits on every backend and at every call."""
-        w, key, r = self.weights[j], self.keys[j], self.ranks[j]
-        rows, cols = w.shape
-        u_offset, v_offset = self.factor_offsets(j)
-
-        def draw(numel: int, offset: int) -> torch.Tensor:
-            return noise(numel, self.factor_seed, key, offset=offset, device=w.device,
-                         backend=self.backend, contract=self.contract)
-
-        if u_offset + rows * r == v_offset:  # V's elements follow U's: one launch for both
-            both = draw((rows + cols) * r, u_offset)
-            return both[:rows * r].view(rows, r), both[rows * r:].view(cols, r)
-        return draw(rows * r, u_offset).view(rows, r), draw(cols * r, v_offset).view(cols, r)
+        (rows, cols), r = self.weights[j].shape, self.ranks[j]
+        return draw_factors(self.factor_seed, self.keys[j], rows, cols, r, *self.factor_offsets(j),
+                            device=self.weights[j].device, backend=self.backend,
+                            contract=self.contract)
 
     def factor_offsets(self, j: int) -> tuple[int, int]:
         """Where U_j's and V_j's local rows start in the factor stream of (factor_seed, key_j)."""
@@ -231,18 +223,18 @@ class LowRankSpace:
         for run in runs if chunked else [positions]:
             weights = [self.weights[j] for j in run]
             taken = {name: [values[at[j]] for j in run] for name, values in per_weight.items()}
+            extra: dict[str, Any] = {}
             if drawn:  # the kernel draws what is not kept (FactorDraw)
                 pairs = [None if kept is None else kept(j) for j in run]
+                us = [None if pair is None else pair[0] for pair in pairs]
+                vs = [None if pair is None else pair[1] for pair in pairs]
                 offsets = [self.factor_offsets(j) for j in run]
-                lowrank_perturb_(weights, [None if pair is None else pair[0] for pair in pairs],
-                                 [None if pair is None else pair[1] for pair in pairs],
-                                 keys=[self.keys[j] for j in run], contract=self.contract,
-                                 draw=FactorDraw(self.factor_seed, [u for u, _ in offsets],
-                                                 [v for _, v in offsets]), **taken, **common)
-                continue
-            us, vs = self.factors_for(run, kept)
+                extra["draw"] = FactorDraw(self.factor_seed, [u for u, _ in offsets],
+                                           [v for _, v in offsets])
+            else:
+                us, vs = self.factors_for(run, kept)
             lowrank_perturb_(weights, us, vs, keys=[self.keys[j] for j in run],
-                             contract=self.contract, **taken, **common)
+                             contract=self.contract, **extra, **taken, **common)
             del us, vs  # freed before the next run's factors are drawn
 
     def runs(self, positions: list[int], backend: str) -> list[list[int]]:

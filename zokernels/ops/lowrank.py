@@ -68,6 +68,23 @@ class FactorDraw:
     v_offsets: Sequence[int]
 
 
+def draw_factors(seed: int, key: int, rows: int, cols: int, rank: int, u_offset: int,
+                 v_offset: int, *, device: torch.device, backend: str, contract: Any
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (rows x rank) and V (cols x rank), float32, of the factor stream (seed, key) from
+    u_offset and v_offset: the values FactorDraw describes, drawn now on `device` (one launch when
+    V's elements follow U's)."""
+    def draw(numel: int, offset: int) -> torch.Tensor:
+        return noise(numel, seed, key, offset=offset, device=device, backend=backend,
+                     contract=contract)
+
+    if u_offset + rows * rank == v_offset:
+        both = draw((rows + cols) * rank, u_offset)
+        return both[:rows * rank].view(rows, rank), both[rows * rank:].view(cols, rank)
+    return (draw(rows * rank, u_offset).view(rows, rank),
+            draw(cols * rank, v_offset).view(cols, rank))
+
+
 def _checked_draw(draw: Any, count: int) -> FactorDraw:
     if not isinstance(draw, FactorDraw):
         raise TypeError(f"draw must be a FactorDraw, got {type(draw).__name__}")
@@ -367,10 +384,9 @@ def _drawn_factors(call: LowRankCall, group: PerturbGroup, us: list, vs: list
     for i, (j, w, key) in enumerate(zip(group.indices, group.tensors, group.keys)):
         if us[i] is None:
             (m, n), r = w.shape, call.taus[j].shape[0]
-            us[i], vs[i] = (noise(size * r, call.draw.seed, key, offset=offset, device=w.device,
-                                  backend=group.backend, contract=call.contract).view(size, r)
-                            for size, offset in ((m, call.draw.u_offsets[j]),
-                                                 (n, call.draw.v_offsets[j])))
+            us[i], vs[i] = draw_factors(call.draw.seed, key, m, n, r, call.draw.u_offsets[j],
+                                        call.draw.v_offsets[j], device=w.device,
+                                        backend=group.backend, contract=call.contract)
     return us, vs
 
 
@@ -435,4 +451,4 @@ def run_lowrank_scatter(log: UndoLog, us: list[torch.Tensor], vs: list[torch.Ten
 
 
 __all__ = ["lowrank_perturb_", "prepare_lowrank", "run_lowrank", "run_lowrank_scatter",
-           "FactorDraw", "LowRankCall"]
+           "FactorDraw", "LowRankCall", "draw_factors"]
