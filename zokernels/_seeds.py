@@ -14,7 +14,11 @@ MASK64 = (1 << 64) - 1
 
 def step_seed(base_seed: int, step: int, index: int = 0, *, purpose: str = "z") -> int:
     """The seed in [0, 2^64) of perturbation `index` of step `step` (purpose separates streams
-    such as the noise "z" and the layer choice "layers")."""
+    such as the noise "z" and the layer choice "layers"). Plain ints only: the seed is a hash of
+    their decimal text, which a tensor or numpy integer would change."""
+    for name, value in (("base_seed", base_seed), ("step", step), ("index", index)):
+        if type(value) is not int:
+            raise TypeError(f"step_seed: {name} must be an int, got {type(value).__name__}")
     text = f"zokernels:{purpose}:{base_seed}:{step}:{index}".encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 

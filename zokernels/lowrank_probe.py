@@ -36,10 +36,12 @@ from torch.overrides import TorchFunctionMode
 
 from ._dispatch import resolve_backend
 from ._signals import interrupts_deferred
+from ._warn import warn
 from ._validate import overlapped_span, written_spans
 from .backends.cpu.lowrank_term import lowrank_linear_term_cpu
 from .backends.torch.lowrank_term import lowrank_linear_term_torch
 from .lowrank_space import KeptFactors, LowRankSpace
+from .sharding import local_tensor
 
 # Calls on a weight that neither see nor change its values (metadata), allowed anywhere.
 _METADATA = frozenset({
@@ -209,6 +211,9 @@ class VirtualPart:
                                         for _ in range(r)], dtype=torch.float32, device=device)
         self.scales = [1.0] * len(self.weights)
         self.pending = False
+        # per weight, while it has a pending update: (memory, version counter, shape) when the
+        # update began to accumulate (_written_since); None: nothing pending for it
+        self.stamps: list[tuple | None] = [None] * len(self.weights)
 
     def slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
@@ -326,6 +331,17 @@ def _factor_bytes(u: torch.Tensor, v: torch.Tensor) -> int:
     return (u.numel() + v.numel()) * u.element_size()
 
 
+def _stamp(weight: torch.Tensor) -> tuple:
+    """(memory, version counter, shape) of the tensor a rank writes (VirtualPart.stamps)."""
+    local = local_tensor(weight)
+    return local.data_ptr(), local._version, tuple(local.shape)
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    """A torch.func (vmap / grad) wrapper: a plain torch.Tensor by type, without memory."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 class VirtualLowRank:
     """Virtual probes and deferred updates over the parts (param groups) of one optimizer.
 
@@ -407,7 +423,10 @@ class VirtualLowRank:
     # -- probes --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def stepping(self) -> Iterator[None]:
-        """Marks an optimizer step: the merge-on-observe hooks stay inert inside."""
+        """Marks an optimizer step: the merge-on-observe hooks stay inert inside. Pending updates
+        of weights written since are dropped first (drop_written): the step's probes add them
+        to the weights."""
+        self.drop_written()
         self._stepping = True
         try:
             yield
@@ -499,6 +518,7 @@ class VirtualLowRank:
         # plain tensors only (a DTensor's or a fake tensor's memory is not its data_ptr), and
         # none that autograd records (the kernel writes behind its back)
         if (native and type(output) is torch.Tensor and type(x) is torch.Tensor
+                and not _functorch_wrapped(output) and not _functorch_wrapped(x)
                 and output.is_contiguous() and output.dtype in _NATIVE_TERM_DTYPES
                 and rank <= _NATIVE_TERM_RANK
                 and not (output.requires_grad and torch.is_grad_enabled())):
@@ -515,6 +535,8 @@ class VirtualLowRank:
         if not part.weights:
             return
         decay = float(torch.tensor(decay, dtype=torch.float32))
+        part.stamps = [_stamp(w) if stamp is None else stamp
+                       for w, stamp in zip(part.weights, part.stamps)]
         if decay != 1.0:
             part.accum.mul_(1.0 + (decay - 1.0) * part.decay_mask)
             part.scales = [s * decay if d else s for s, d in zip(part.scales, part.decayable)]
@@ -531,7 +553,32 @@ class VirtualLowRank:
         with interrupts_deferred():  # a run written and its a, D reset happen together
             self.merges += 1
             if self.pending:
+                self.drop_written()
                 self._merge_parts()
+
+    def drop_written(self) -> None:
+        """Drop (with a warning) the pending updates of the weights written in place since they
+        began to accumulate (copy_, zero_, a load_state_dict through a module that has no merge
+        hook: their version counter moved on the same memory; or resized): the write set the
+        effective weight, which an update merged on top would change. Weights moved or cast
+        (model.to(...), param.data = ...: other memory, the same shape) keep theirs, merged into
+        the new memory."""
+        dropped = []
+        for part in self.parts:
+            for i, (w, stamp) in enumerate(zip(part.weights, part.stamps)):
+                if stamp is None:
+                    continue
+                now = _stamp(w)
+                same_memory = now[0] == stamp[0]
+                if now[2] != stamp[2] or (same_memory and now[1] != stamp[1]):
+                    part.accum[part.offsets[i]:part.offsets[i + 1]].zero_()
+                    part.scales[i] = 1.0
+                    part.stamps[i] = None
+                    dropped.append(part.space.names[part.positions[i]])
+        if dropped:
+            warn(f"TeZO: {len(dropped)} weight(s) (e.g. {dropped[0]}) were written or resized "
+                 "while deferred updates were pending for them; those updates are dropped (the "
+                 "write set the weight). Call opt.merge() before writing weights to keep them.")
 
     def _merge_parts(self) -> None:
         for p, part in enumerate(self.parts):
@@ -541,7 +588,9 @@ class VirtualLowRank:
             # run by run, each run's a and D reset once it is written: a failure between runs
             # leaves the others pending, none merged twice
             slices = part.slices(part.accum)
-            for run in part.space.runs(part.positions, self.backend):
+            # the weights with an update pending (a dropped one has none: no pass adding +-0)
+            positions = [j for j in part.positions if part.stamps[at[j]] is not None]
+            for run in part.space.runs(positions, self.backend):
                 picked = [at[j] for j in run]
                 part.space.perturb(run, {"taus": [slices[i] for i in picked],
                                          "decay": [part.scales[i] for i in picked]},
@@ -550,6 +599,7 @@ class VirtualLowRank:
                 for i in picked:
                     part.accum[part.offsets[i]:part.offsets[i + 1]].zero_()
                     part.scales[i] = 1.0
+                    part.stamps[i] = None
             part.pending = False
         self.pending = False
         self._unwatch_modules()

@@ -577,3 +577,11 @@ def _held_buffers(held_log: SelectorLog, plan: list[PerturbGroup], applied: Any,
         raise ValueError("held_log needs applied= (the perturbation the log describes)")
     return held_log.buffers_over(plan, "held_log",
                                  memory_checked=held_log.stamp == registration)
+
+
+def check_disjoint_spaces(spaces: Sequence[ParameterSpace]) -> None:
+    """Param groups must not share memory: each group's space proves its own tensors distinct,
+    the same check over all groups' tensors proves them distinct across groups (ValueError
+    naming two tensors that share memory)."""
+    written_spans([(f"param group {g} tensor {name!r}", t) for g, space in enumerate(spaces)
+                   for name, t in zip(space.names, space.tensors)])

@@ -53,6 +53,7 @@ FORMAT_VERSION = 1
 # loaded trajectory declaring more is refused (its seeds are derived on load).
 MAX_SEEDS_PER_STEP = 1024
 COUNTER_LIMIT = 1 << 63  # steps and counters are int64 in the saved format
+LAYER_LIMIT = 1 << 15  # layer indices and counts are int16 in the saved format
 _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 # How each algorithm replays: "seeded" (every record is theta = decay * theta + sum_k c_k z_k:
 # MeZO, LeZO, PseuZO) or the module of a dedicated replayer with its replay function and the
@@ -186,8 +187,13 @@ class Trajectory:
                 extra[name] = _recorded_number(value, name)
         if layers is not None:
             layers = [int(x) for x in layers]
-            if any(not 0 <= x < 1 << 15 for x in layers):  # saved as int16
-                raise ValueError(f"record: layers must hold indices in [0, 2^15), got {layers}")
+            if any(not 0 <= x < LAYER_LIMIT for x in layers) or len(layers) >= LAYER_LIMIT:
+                raise ValueError(f"record: layers must hold fewer than 2^15 indices in "
+                                 f"[0, 2^15) (saved as int16), got {layers[:8]}...")
+        for where, tensor in [(f"coefs[{g}]", t) for g, t in deferred] + (
+                [("decays", decays)] if isinstance(decays, torch.Tensor) else []) + [
+                (name, v) for name, v in extra.items() if isinstance(v, torch.Tensor)]:
+            check_recordable_tensor(tensor, f"record: {where}")
         # validated: append
         self._steps.append(int(step))
         self._seeds.append(seeds)
@@ -244,15 +250,26 @@ class Trajectory:
 
     def _seeds_derived(self) -> bool:
         base = self.meta.get("base_seed")
-        if base is None or self.meta.get("derived_seeds") is False:
+        if type(base) is not int or self.meta.get("derived_seeds") is False:
             return False
         return all(seed == step_seed(base, step, k)
                    for step, seeds in zip(self._steps, self._seeds)
                    for k, seed in enumerate(seeds))
 
     def state_dict(self) -> dict[str, Any]:
-        """The saved format (module docstring); meta is copied."""
+        """The saved format (module docstring); meta is copied. ValueError naming the first
+        record holding a value a load would refuse (a recorded tensor's values are read only
+        here and by replay's check)."""
         self._flush()
+        for i, (coefs, decays) in enumerate(zip(self._coefs, self._decays)):
+            values = [(f"coefs[{g}][{k}]", c) for g, group in enumerate(coefs)
+                      for k, c in enumerate(group)]
+            values += [(f"decays[{g}]", d) for g, d in enumerate(decays)]
+            values += [(name, column[i]) for name, column in self._extra.items()]
+            bad = next(((name, v) for name, v in values if not fits_float32(v)), None)
+            if bad is not None:
+                raise ValueError(f"trajectory record {i} (step {self._steps[i]}) {bad[0]} is "
+                                 f"{bad[1]!r}, not finite in float32: it cannot be saved")
         groups = len(self.meta.get("groups", [])) or (len(self._coefs[0]) if self._coefs else 1)
         derived = self._seeds_derived()
         flat_coefs = [[group[k] for group in coefs] for coefs, seeds in
@@ -280,6 +297,8 @@ class Trajectory:
         see the module docstring for the bounds."""
         parsed = _checked_state(state)
         self = cls(parsed["algorithm"], copy.deepcopy(parsed["meta"]))
+        if "base_seed" in self.meta:  # checked: kept as the int it reads (not a tensor's text)
+            self.meta["base_seed"] = as_seed(self.meta["base_seed"], "base_seed")
         steps, counts = parsed["step"], parsed["n_seeds"]
         coefs, decays = parsed["coefs"], parsed["decays"]
         n_layers, layers, seeds = parsed["n_layers"], parsed["layers"], parsed["seeds"]
@@ -388,7 +407,7 @@ class Trajectory:
         DDP-wrapped model replays on the bare model and vice versa. The spaces carry the
         recorded names and keys. ValueError: a recorded parameter missing or of another size,
         or a canonical name shared by two given parameters (ambiguous)."""
-        from .space import ParameterSpace, canonical_name
+        from .space import ParameterSpace, canonical_name, check_disjoint_spaces
 
         named = self._named_params(params)
         by_canonical: dict[str, list[tuple[str, torch.Tensor]]] = {}
@@ -418,6 +437,7 @@ class Trajectory:
                                    backend=backend, no_decay=self.meta.get("no_decay", ()),
                                    contract=saved_contract(self.meta))
             spaces.append(space)
+        check_disjoint_spaces(spaces)  # a replay writes every group: none may share memory
         return spaces
 
     def check_records(self, spaces: Sequence[Any], seeds_per_step: tuple[int, int] = (
@@ -471,11 +491,23 @@ class Trajectory:
         dist, rounding = meta_dist(self.meta), self.meta.get("rounding", "nearest")
         for _, seeds, coefs, decays, layers in self.records():
             for g, space in enumerate(spaces):
+                if decays[g] == 1.0 and all(c == 0 for c in coefs[g]):
+                    continue  # as the run: a pass adding only +-0 would turn -0.0 into +0.0
                 space.update(seeds, coefs[g], decay=decays[g], layers=layers, dist=dist,
                              rounding=rounding)
 
 
 # -- checks of a saved trajectory ------------------------------------------------------------------
+
+def check_recordable_tensor(tensor: torch.Tensor, where: str) -> None:
+    """A tensor record() keeps for its next flush: real (float or integer) values that a flush
+    can read (dense, not meta), else ValueError naming it. Its values are checked finite when
+    they are read (_flush: no host synchronization here)."""
+    if (tensor.device.type == "meta" or tensor.layout != torch.strided or tensor.is_complex()
+            or tensor.dtype == torch.bool):
+        raise ValueError(f"{where} must be a dense real tensor with values, got {tensor.dtype} "
+                         f"({tensor.layout}) on {tensor.device}")
+
 
 def _recorded_number(value: Any, name: str) -> float:
     """A number record() keeps, as a float finite in float32 (the saved format's), else
@@ -598,7 +630,8 @@ def _checked_state(state: Any) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"a trajectory state must be a dict, got {type(state).__name__}")
     check_nesting(state, "trajectory")  # before anything walks or copies it (meta: deepcopy)
-    if state.get("version") != FORMAT_VERSION:
+    version = state.get("version")
+    if type(version) is not int or version != FORMAT_VERSION:  # (a tensor's == is elementwise)
         raise ValueError(f"unsupported trajectory format version {state.get('version')!r}")
     if not isinstance(state.get("algorithm"), str):
         raise ValueError("trajectory algorithm must be a string")
@@ -620,11 +653,11 @@ def _checked_state(state: Any) -> dict[str, Any]:
     coefs = _field(state, "coefs", 2, False, total, groups, budget=budget)
     decays = _field(state, "decays", 2, False, count, groups, budget=budget)
     n_layers = _field(state, "n_layers", 1, True, count, budget=budget)
-    if any(n < -1 for n in n_layers):
-        raise ValueError("trajectory n_layers must be -1 (all layers) or a count")
+    if any(not -1 <= n < LAYER_LIMIT for n in n_layers):  # what record() takes and save writes
+        raise ValueError("trajectory n_layers must be -1 (all layers) or a count below 2^15")
     layers = _field(state, "layers", 1, True, sum(n for n in n_layers if n > 0), budget=budget)
-    if any(x < 0 for x in layers):
-        raise ValueError("trajectory layers must hold layer indices >= 0")
+    if any(not 0 <= x < LAYER_LIMIT for x in layers):
+        raise ValueError("trajectory layers must hold layer indices in [0, 2^15)")
     extra = state.get("extra", {})
     if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
         raise ValueError("trajectory extra must be a dict of named columns")

@@ -24,12 +24,12 @@ from .._contract import (DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract
 from .._dispatch import BACKEND_CHOICES
 from .._signals import interrupts_deferred
 from .._validate import (FLOAT32_MAX, StorageBudget, as_seed, check_nesting,
-                         is_finite_number, written_spans)
+                         is_finite_number)
 from .._warn import warn
 from ..dense_probe import DenseProbes, ProbeTracker, VirtualDenseTarget
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..ops.undo import UndoLog
-from ..space import ParameterSpace, canonical_name
+from ..space import ParameterSpace, canonical_name, check_disjoint_spaces
 from ..trajectory import COUNTER_LIMIT, Trajectory, meta_dist
 from ._params import normalize_param_groups
 from ._seeds import step_seed
@@ -45,6 +45,9 @@ _GROUP_OPTIONS = ("lr", "eps", "weight_decay")  # every param group's, checked b
 _SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "swa_lr")
 
 
+FLOAT32_HALF_TINY = 2.0 ** -150  # half the smallest float32 subnormal: rounds to 0
+
+
 def check_hyper(name: str, value: Any, *, low: float = 0.0, low_open: bool = False,
                 high: float | None = None, high_open: bool = False) -> float:
     """A finite real hyperparameter in the given range, else ValueError naming it."""
@@ -53,6 +56,9 @@ def check_hyper(name: str, value: Any, *, low: float = 0.0, low_open: bool = Fal
     value = float(value)
     if value < low or (low_open and value == low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if low_open and low == 0.0 and value <= FLOAT32_HALF_TINY:
+        # the kernels take it as a float32 scalar: there it would be 0 (eps: 0 / 0 every step)
+        raise ValueError(f"{name} must be > 0 in float32 (above 2^-150), got {value}")
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
@@ -151,7 +157,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         # The full space of every param group (what the trajectory describes) and the spaces the
         # passes use (the same ones, except where a subclass splits them, see _split_spaces).
         self._registered = [self._space_for(group, self._layer_of) for group in self.param_groups]
-        _check_disjoint(self._registered)
+        check_disjoint_spaces(self._registered)
         self.spaces = list(self._registered)
         if process_group is None and any(space.sharded for space in self.spaces):
             self.process_group = default_group_for_shards()
@@ -335,7 +341,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._check_group_decay(group, g)
         layer_of = self._resolve_layers(list(self.param_groups) + [group])
         space = self._space_for(group, layer_of)  # these may raise: nothing is modified yet
-        _check_disjoint(self._registered + [space])
+        check_disjoint_spaces(self._registered + [space])
         self._check_added_space(space)
         process_group = self.process_group
         if process_group is None and space.sharded:
@@ -494,25 +500,28 @@ class ZOOptimizer(torch.optim.Optimizer):
                 virtual, reason = self._attempt(trial_probe, "the virtual probe")
         finally:
             _set_random_state(after)
-        self._probe_check = False  # decided (an interrupt above leaves it to the next probe)
-        if virtual is not None:
-            if tracker.write is not None:
-                reason = f"a parameter is written during the forward ({tracker.write})"
-            elif not _same_bits(virtual, reference):
-                reason = (f"the virtual +eps loss {float(virtual)!r} differs from the in-place "
-                          f"one {float(reference)!r}" if reference.numel() == 1 else
-                          "the virtual +eps output differs from the in-place one")
-        if not self._on_every_rank(reason is None, loss.device) and reason is None:
-            reason = "the check failed on another rank"
-        if reason is None:
-            reason = self._split_virtual(trial, candidates, tracker)
-        if not self.held.exact:  # drop the check's log buffers: nothing logs from now on
-            for i in self._dense_targets:
-                self.held.replace(i, self.held.targets[i])
-        if reason is not None:
-            self.dense_probe_status = f"in place ({reason})"
-            warn(f"{type(self).__name__}: probe='virtual' falls back to in-place probes: "
-                 f"{reason}")
+        # the decision and the split it makes, together: an interrupt waits for both (half a
+        # split would leave parameters in a virtual target that no probe draws)
+        with interrupts_deferred():
+            self._probe_check = False  # decided (an interrupt above leaves it to the next probe)
+            if virtual is not None:
+                if tracker.write is not None:
+                    reason = f"a parameter is written during the forward ({tracker.write})"
+                elif not _same_bits(virtual, reference):
+                    reason = (f"the virtual +eps loss {float(virtual)!r} differs from the in-place "
+                              f"one {float(reference)!r}" if reference.numel() == 1 else
+                              "the virtual +eps output differs from the in-place one")
+            if not self._on_every_rank(reason is None, loss.device) and reason is None:
+                reason = "the check failed on another rank"
+            if reason is None:
+                reason = self._split_virtual(trial, candidates, tracker)
+            if not self.held.exact:  # drop the check's log buffers: nothing logs from now on
+                for i in self._dense_targets:
+                    self.held.replace(i, self.held.targets[i])
+            if reason is not None:
+                self.dense_probe_status = f"in place ({reason})"
+                warn(f"{type(self).__name__}: probe='virtual' falls back to in-place probes: "
+                     f"{reason}")
         return loss
 
     @contextlib.contextmanager
@@ -636,7 +645,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got shape "
                                  f"{tuple(loss.shape)}")
-            return loss.detach().reshape(()).to(torch.float32)
+            return loss.detach().reshape(()).to(torch.float32, copy=True)  # never a weight alias
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
             try:
                 value = float(loss)
@@ -662,10 +671,31 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Whether every value (losses, and the projected gradients / coefficients computed from
         them, any shapes) is finite: one host synchronization per device (one in practice), the
         step needs it to know whether to skip."""
-        per_device: dict[torch.device, list[torch.Tensor]] = {}
+        return self._finite_and_zero(values, [])[0]
+
+    def _finite_and_zero(self, values: Sequence[torch.Tensor], coefs: Sequence[torch.Tensor]
+                         ) -> tuple[bool, list[bool]]:
+        """(_finite(*values), for each group's coefficients whether all are exactly zero), in
+        the same host synchronization: a virtual target's update skips a pass that would add
+        only +-0 (it would turn -0.0 weights into +0.0; the in-place recovering update keeps
+        them)."""
+        flags: dict[torch.device, list[torch.Tensor]] = {}
         for v in values:
-            per_device.setdefault(v.device, []).append(v.detach().reshape(-1).to(torch.float32))
-        return all(bool(torch.isfinite(torch.cat(vs)).all()) for vs in per_device.values())
+            flags.setdefault(v.device, []).append(
+                torch.isfinite(v.detach().to(torch.float32)).all())
+        for c in coefs:
+            flags.setdefault(c.device, []).append((c.detach() == 0).all())
+        read = {device: torch.stack(fs).tolist() for device, fs in flags.items()}
+        at = {device: 0 for device in read}
+        finite = True
+        for v in values:
+            finite = finite and read[v.device][at[v.device]]
+            at[v.device] += 1
+        zero = []
+        for c in coefs:
+            zero.append(read[c.device][at[c.device]])
+            at[c.device] += 1
+        return finite, zero
 
     def _skip(self, losses: Sequence[torch.Tensor], step: int) -> None:
         """A step whose losses, or the projected gradient / update coefficients computed from
@@ -681,35 +711,39 @@ class ZOOptimizer(torch.optim.Optimizer):
                  "exactly")
 
     def _update(self, seeds: list[int], coefs_per_group: list[Any], layers: list | None,
-                decays: list[float] | None = None) -> None:
+                decays: list[float] | None = None, zero_groups: Sequence[bool] = ()) -> None:
         """theta = decays[g] * theta + sum_k coefs[g][k] * z_k in ONE pass per group (decays
         default: 1 - lr * wd), recovering from the held perturbation (its seed must be among
         `seeds`) exactly with its selector log (Triton: then the undo-logged elements rewritten
         from their exact values): the result equals an update applied to the unperturbed
         weights, bit for bit (HeldPerturbation.update)."""
-        self._apply_update(self._dense_moves(seeds, coefs_per_group, layers), decays, seeds[0])
+        self._apply_update(self._dense_moves(seeds, coefs_per_group, layers), decays, seeds[0],
+                           zero_groups)
 
     def _commit_step(self, step: int, seeds: list[int], coefs: list[Any], layers: list | None,
-                     decays: list[float] | None = None, chosen: list[int] | None = None) -> None:
+                     decays: list[float] | None = None, chosen: list[int] | None = None,
+                     zero_groups: Sequence[bool] = ()) -> None:
         """The step's update (`_update`), its trajectory record and the step counter, together:
         an interrupt waits for all three (zokernels._signals). decays default: 1 - lr * wd."""
         if decays is None:
             decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
         with interrupts_deferred():
-            self._update(seeds, coefs, layers, decays)
+            self._update(seeds, coefs, layers, decays, zero_groups)
             if self.trajectory is not None:
                 self.trajectory.record(step, seeds, coefs, decays, chosen)
             self.zo_state["step"] = step + 1
 
     def _apply_update(self, moves: list[Any], decays: list[float] | None,
-                      rounding_seed: int) -> None:
+                      rounding_seed: int, zero_groups: Sequence[bool] = ()) -> None:
         """HeldPerturbation.update with each target's group decay and this optimizer's rounding
-        (stochastic bits from `rounding_seed`, the step's first seed)."""
+        (stochastic bits from `rounding_seed`, the step's first seed). zero_groups[g]: group
+        g's coefficients are all exactly zero (_finite_and_zero; absent: not known)."""
         if decays is None:
             decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
         moves = list(moves)
         for g, i in enumerate(self._virtual_targets):
-            if i is not None and self.param_groups[g]["lr"] == 0 and decays[g] == 1.0:
+            zero = self.param_groups[g]["lr"] == 0 or (g < len(zero_groups) and zero_groups[g])
+            if i is not None and zero and decays[g] == 1.0:
                 # nothing to apply: skip the pass (a pass adding +-0.0 would turn -0.0 into
                 # +0.0; the in-place path's recovering update keeps it)
                 self.held.targets[i].hold(None)
@@ -806,7 +840,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"state_dict lacks {missing}")
         try:
-            as_seed(state["base_seed"], "base_seed")  # the constructor's (and the ops') rule
+            # the constructor's (and the ops') rule; kept as the int it reads (a uint64 or
+            # one-element tensor from a file would not convert with int() when adopted)
+            state["base_seed"] = as_seed(state["base_seed"], "base_seed")
         except (TypeError, ValueError) as exc:
             raise ValueError(f"state_dict {exc}") from None
         if state["dist"] not in PERTURB_DISTS:
@@ -967,6 +1003,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         """(fewest, most) seeds one recorded step of this optimizer holds."""
         return 1, 1
 
+    def _before_adopting(self) -> None:
+        """What a load does once the state is checked, before it adopts anything (TeZO: merge
+        its pending deferred updates into the current weights)."""
+
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Validate `state_dict` as load_state_dict would (ValueError naming the first bad
         field), without adopting anything: the optimizer is left as it was either way."""
@@ -995,6 +1035,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                                "perturbation); call it between steps")
         state = _copied(self._pre_hooked(state_dict))
         options, logs, trajectory = self._checked_state(state)
+        self._before_adopting()
         # -- nothing below raises: the state was validated above
         for group, saved in zip(self.param_groups, options):
             group.update(saved)
@@ -1089,14 +1130,6 @@ def _meta_difference(got: Any, want: Any, where: str) -> str | None:
                 and not isinstance(got, torch.Tensor) and got == want)
         return None if same else where
     return where
-
-
-def _check_disjoint(spaces: Sequence[ParameterSpace]) -> None:
-    """Param groups must not share memory: each group's space proves its own tensors distinct,
-    the same check over all groups' tensors proves them distinct across groups (ValueError
-    naming two tensors that share memory)."""
-    written_spans([(f"param group {g} tensor {name!r}", t) for g, space in enumerate(spaces)
-                   for name, t in zip(space.names, space.tensors)])
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

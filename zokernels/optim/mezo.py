@@ -179,6 +179,10 @@ class MeZO(ZOOptimizer):
         return reduced * 2 if self.perturbation_parallel else reduced
 
     def _step(self, closure: Closure) -> torch.Tensor:
+        # the whole groups (cached per storage): a parameter made to share memory with another
+        # after the virtual / in-place split (param.data = other.data) is refused here, before
+        # anything is written, as it is without the split
+        self._check_parameters()
         step = self.zo_state["step"]
         layers, chosen = self._step_layers(step)
         eps = [group["eps"] for group in self.param_groups]
@@ -202,11 +206,11 @@ class MeZO(ZOOptimizer):
         coefs = [-(group["lr"] / self.n_spsa) * (grads / group["eps"])
                  for group in self.param_groups]
         # finite losses can still overflow float32 in their difference: such a step is skipped
-        finite = self._finite(losses, *coefs)
+        finite, zero = self._finite_and_zero([losses, *coefs], coefs)
         self._check_logs()
         if not finite:
             self._skip(losses.reshape(-1), step)
             return first_loss
         # the earlier seeds were restored exactly: only the last one is held
-        self._commit_step(step, seeds, coefs, layers, chosen=chosen)
+        self._commit_step(step, seeds, coefs, layers, chosen=chosen, zero_groups=zero)
         return first_loss

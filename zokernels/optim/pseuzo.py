@@ -367,7 +367,7 @@ class PseuZO(ZOOptimizer):
         decays = self._decays(len(used))
         # the step's one host synchronization; finite projections can still give coefficients
         # that overflow float32: such a step is skipped too
-        finite = self._finite(packed, *coefs)
+        finite, zero = self._finite_and_zero([packed, *coefs], coefs)
         self._check_logs()
         if not finite:
             with interrupts_deferred():  # the window's reset and the skip, together
@@ -377,7 +377,7 @@ class PseuZO(ZOOptimizer):
             return mean_loss
         seeds = [s for _, s, _ in used]  # oldest first: the held seed is last
         with interrupts_deferred():  # the window goes with the step that records it
-            self._commit_step(step, seeds, coefs, None, decays)
+            self._commit_step(step, seeds, coefs, None, decays, zero_groups=zero)
             self._window, self._ages = window, (ages, step)
         return mean_loss
 
@@ -391,12 +391,12 @@ class PseuZO(ZOOptimizer):
         losses = self._all_reduce_mean(losses)
         grad = ((losses[0] - losses[1]) / 2).reshape(1)
         coefs = [-group["lr"] * (grad / group["eps"]) for group in self.param_groups]  # as MeZO
-        finite = self._finite(losses, *coefs)  # an overflowing gradient is skipped too
+        finite, zero = self._finite_and_zero([losses, *coefs], coefs)  # overflow: skipped too
         self._check_logs()
         if not finite:
             self._skip(losses, step)
             return losses[0]
-        self._commit_step(step, [seed], coefs, None, self._decays(1))
+        self._commit_step(step, [seed], coefs, None, self._decays(1), zero_groups=zero)
         return losses[0]
 
     # -- state ------------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ class PseuZO(ZOOptimizer):
                     raise ValueError(f"{where}['step'] = {k} is not below the saved step "
                                      f"counter {name} = {counter}")
             try:
-                as_seed(s, "seed")  # the ops' seed rule
+                entry["seed"] = as_seed(s, "seed")  # the ops' seed rule, kept as an int
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{where}['seed']: {exc}") from None
             if not isinstance(d, torch.Tensor) or not d.is_floating_point():

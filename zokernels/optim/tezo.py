@@ -18,7 +18,7 @@ import torch
 
 from .._contract import DEFAULT_CONTRACT, saved_contract
 from .._signals import interrupts_deferred
-from .._validate import as_seed
+from .._validate import as_seed, is_finite_number
 from .._warn import warn
 from ..held import DenseTarget
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
@@ -27,7 +27,7 @@ from ..ops.undo import SelectorLog, UndoLog
 from ..sharding import local_tensor
 from ..space import NO_DECAY_DEFAULT, ParameterSpace
 from ..trajectory import MAX_SEEDS_PER_STEP, meta_dist
-from .base import _copied, check_common_hyper, check_hyper
+from .base import _random_state, _set_random_state, check_common_hyper, check_hyper
 from .mezo import MeZO
 from ._seeds import step_seed
 
@@ -499,10 +499,13 @@ class TeZO(MeZO):
                 # restored after each _Retrack, the weights read elsewhere (or whose hooks did
                 # not run) move to in-place; at most twice: after a fallback nothing is virtual
                 for _ in range(2):
+                    # the run again starts from the same random state (dropout masks alike)
+                    before = _random_state()
                     try:
                         return self._guarded(lambda: self._step(closure))
                     except _Retrack:
                         self._finish_demotion()
+                        _set_random_state(before)
                 return self._guarded(lambda: self._step(closure))
         finally:
             self._in_step = False
@@ -515,22 +518,23 @@ class TeZO(MeZO):
             self.merge()
         return super().state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ZOOptimizer.load_state_dict (validated first, nothing changed on bad input); pending
-        deferred updates are merged into the current weights before the state is adopted."""
-        if self._step_in_progress():
-            raise RuntimeError("load_state_dict called during a step (the weights hold a "
-                               "perturbation); call it between steps")
-        self._checked_state(_copied(state_dict))
+    def _before_adopting(self) -> None:
+        """load_state_dict (ZOOptimizer's: validated first, through the load pre hooks, nothing
+        changed on bad input): pending deferred updates are merged into the current weights
+        once the state is checked, before it is adopted."""
         self.merge()
-        super().load_state_dict(state_dict)
 
     def _virtual_update(self, g: int, update: torch.Tensor, decay: float,
-                        rounding_seed: int) -> None:
+                        rounding_seed: int, zero: bool = False) -> None:
         """The update of group g's virtual weights: deferred (accumulated), or written from the
-        unperturbed weights as the in-place pass writes them."""
+        unperturbed weights as the in-place pass writes them (zero: the update is all 0)."""
         state = self.lowrank[g]
         written = self._demoting[g]
+        if (zero or self.param_groups[g]["lr"] == 0) and decay == 1.0:
+            # nothing to apply to the virtual (and demoting) weights, which hold theta: no pass
+            # (one adding +-0.0 would turn -0.0 into +0.0; the in-place path's recovering
+            # update keeps it)
+            return
         if self.update == "deferred":
             self._virtual.accumulate(g, (update * state.rank_norm)[self._virtual_index[g]],
                                      decay)
@@ -563,8 +567,10 @@ class TeZO(MeZO):
                                state, g_tau(list(grads[g]), [noise.taus[g] for noise in noises]),
                                step)
                            for g, state in enumerate(self.lowrank)]
-                finite = self._finite(losses, *coefs, *updates,
-                                      *(t for s in self.lowrank for t in (s.momentum, s.second)))
+                finite, zero = self._finite_and_zero(
+                    [losses, *coefs, *updates,
+                     *(t for s in self.lowrank for t in (s.momentum, s.second))],
+                    [*coefs, *updates])
                 self._check_logs()
                 self._check_parameters()  # the update's passes write them one part at a time
             except BaseException:
@@ -574,7 +580,7 @@ class TeZO(MeZO):
                 self._put_back(moments)
                 self._skip(losses.reshape(-1), step)
                 return losses[0, 0]
-            return self._commit(step, seeds, coefs, decays, lrs, grads, updates, losses)
+            return self._commit(step, seeds, coefs, decays, lrs, grads, updates, losses, zero)
 
     def _put_back(self, moments: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The moments as they were before this step's tau-space update."""
@@ -584,17 +590,20 @@ class TeZO(MeZO):
 
     def _commit(self, step: int, seeds: list[int], coefs: list[Any], decays: list[float],
                 lrs: list[float], grads: list[torch.Tensor], updates: list[torch.Tensor],
-                losses: torch.Tensor) -> torch.Tensor:
+                losses: torch.Tensor, zero: list[bool]) -> torch.Tensor:
         """The step's update (dense 1-D parameters, low-rank weights in place, the virtual
-        ones written or deferred), its trajectory record and step counter."""
+        ones written or deferred), its trajectory record and step counter. zero: per group,
+        whether its dense coefficients, then whether its tau-space update, are all exactly 0
+        (_finite_and_zero)."""
         seed = seeds[0]
+        groups = len(self.param_groups)
         moves = self._dense_moves(seeds, coefs, None)
         for g, i in enumerate(self._lowrank_targets):
             moves[i] = LowRankNoise(updates[g], 1.0)
-        self._apply_update(moves, decays, seed)
+        self._apply_update(moves, decays, seed, zero[:groups])
         if self._virtual is not None:
             for g in range(len(self.lowrank)):
-                self._virtual_update(g, updates[g], decays[g], seed)
+                self._virtual_update(g, updates[g], decays[g], seed, zero[groups + g])
         if self.trajectory is not None:
             deferred = {}
             if self.update == "deferred":  # replay follows the merges and the deferred steps
@@ -634,7 +643,7 @@ class TeZO(MeZO):
             if name not in extra:
                 raise ValueError(f"state_dict extra lacks {name!r}")
         for name, mine in (("rank", self.rank), ("variant", self.variant)):
-            if extra[name] != mine:
+            if type(extra[name]) is not type(mine) or extra[name] != mine:
                 raise ValueError(f"state_dict was saved with {name}={extra[name]!r}, this "
                                  f"optimizer has {name}={mine!r}")
         betas = extra["betas"]
@@ -793,10 +802,11 @@ def _check_tezo_replay(trajectory, spaces) -> None:
     for g, (group, space) in enumerate(zip(lowrank, spaces)):
         names = group.get("param_names") if isinstance(group, dict) else None
         at = {name: j for j, name in enumerate(space.names)}
-        if not isinstance(names, list) or not set(names) <= set(at) or any(
-                space.params[at[n]].dim() != 2 for n in names):
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not set(
+                names) <= set(at) or len(set(names)) != len(
+                names) or any(space.params[at[n]].dim() != 2 for n in names):
             raise ValueError(f"TeZO trajectory meta lowrank[{g}] must name 2-D parameters of "
-                             f"param group {g}")
+                             f"param group {g}, each once")
         global_shapes = space.global_shapes()
         shapes = [global_shapes[at[n]] for n in names]
         recorded = group.get("shapes")  # absent in trajectories of earlier versions
@@ -813,8 +823,7 @@ def _check_tezo_replay(trajectory, spaces) -> None:
             vectors = initial.get(name) if isinstance(initial, dict) else None
             if not isinstance(vectors, list) or [len(v) if isinstance(v, list) else -1
                                                  for v in vectors] != sizes or not all(
-                    isinstance(x, (int, float)) and math.isfinite(x) and (name == "momentum"
-                                                                          or x >= 0)
+                    is_finite_number(x) and (name == "momentum" or x >= 0)
                     for v in vectors for x in v):
                 raise ValueError(f"TeZO trajectory meta initial_moments {name} must hold "
                                  f"finite values, {sizes} per param group")
