@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ._dispatch import implementation, resolve_backend
+from .backends.cpu.perturb import perturb_pieces_cpu
 from .held import DenseTarget, SeededNoise
 from .lowrank_probe import _METADATA, _tensors  # metadata reads; the tensors in an argument
 from .ops.undo import UndoLog
@@ -275,6 +276,17 @@ class _Draw:
         self.scales = torch.tensor([float(c) for c in move.coefs], dtype=torch.float32)
         self._kernels: dict[torch.device, tuple[Any, torch.Tensor]] = {}
         self._ones: dict[torch.device, torch.Tensor] = {}  # decays of 1, grown on demand
+        self._natives: dict[torch.device, Any] = {}
+
+    def _native(self, device: torch.device) -> Any:
+        """The cpu backend's draw with this perturbation bound (perturb_pieces_cpu) where the
+        space's backend resolves to "cpu" on `device`, else None (`_kernel`)."""
+        if device not in self._natives:
+            self._natives[device] = (
+                perturb_pieces_cpu(self.seeds, self.scales.tolist(), self.dist, "nearest",
+                                   self.seeds[0], self.space.contract)
+                if resolve_backend(self.space.backend, device) == "cpu" else None)
+        return self._natives[device]
 
     def _kernel(self, device: torch.device, count: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """The device's perturb kernel, scales, and `count` decays of 1."""
@@ -293,8 +305,13 @@ class _Draw:
         positions[k]) = round(sources[k] + sum_s scales[s] z(seeds[s], key, start + i)) in one
         kernel call, sources[k] (contiguous, read only) holding the parameter's values there
         (None: the pieces hold them already, updated in place)."""
-        kernel, scales, ones = self._kernel(pieces[0].device, len(pieces))
         keys = [self.space.keys[j] for j in positions]
+        native = self._native(pieces[0].device)
+        if native is not None:  # the cpu backend's kernel, its constant arguments bound once
+            native(pieces, keys, starts, sources)
+            self.probes._charge(pieces)
+            return
+        kernel, scales, ones = self._kernel(pieces[0].device, len(pieces))
         maps = [None if start == 0 and piece.numel() == self.space.tensors[j].numel()
                 else (start, piece.numel(), piece.numel())
                 for j, piece, start in zip(positions, pieces, starts)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -106,3 +108,33 @@ def perturb_cpu(tensors: list[Tensor], keys: list[int], seeds: list[int], scales
                 list(seeds), scales.tolist(), [] if applied is None else applied.tolist(),
                 DIST_CODES[dist], codes["rounding"], rounding_seed, torch.get_num_threads(),
                 **native_args, **map_args, contract=codes["contract"])
+
+
+def perturb_pieces_cpu(seeds: list[int], scales: list[float], dist: str, rounding: str,
+                       rounding_seed: int, contract: int = DEFAULT_CONTRACT
+                       ) -> Callable[..., None]:
+    """perturb_cpu for many small passes of one perturbation (decays 1, no logs, no recovery),
+    its constant arguments bound once. The returned call(pieces, keys, starts, sources=None)
+    writes pieces[k][i] = round(s[i] + sum_j scales[j] * z(seeds[j], keys[k], starts[k] + i)),
+    s = sources[k] (None: the piece itself): contiguous CPU tensors of one dtype that the caller
+    built (not validated here). The virtual dense probes draw ~45 chunks per forward on `small`;
+    through perturb_cpu the argument work cost about as much again as the kernels' Python
+    boundary (5-11 ms a step at 1 thread, docs/dense-probes.md)."""
+    ext = load_cpu_extension()
+    codes = native_contract(rounding, contract)
+    seeds, scales, dist_code = list(seeds), list(scales), DIST_CODES[dist]
+
+    def call(pieces: list[Tensor], keys: list[int], starts: list[int],
+             sources: list[Tensor] | None = None) -> None:
+        numels = [p.numel() for p in pieces]
+        extra: dict = {}
+        if any(starts):  # element i of piece k is element starts[k] + i of its tensor
+            extra = dict(index_offsets=list(starts), index_local_spans=numels,
+                         index_global_spans=numels)
+        if sources is not None:
+            extra["source_ptrs"] = [s.data_ptr() for s in sources]
+        ext.perturb([p.data_ptr() for p in pieces], numels, list(keys), [1.0] * len(pieces),
+                    DTYPE_CODES[pieces[0].dtype], seeds, scales, [], dist_code,
+                    codes["rounding"], rounding_seed, torch.get_num_threads(),
+                    contract=codes["contract"], **extra)
+    return call
