@@ -29,6 +29,8 @@ bit for bit and nothing wrote a parameter; parameters whose draw would exceed th
 from __future__ import annotations
 
 import contextlib
+import inspect
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._dispatch import implementation, resolve_backend
 from .backends.cpu.perturb import perturb_pieces_cpu
-from .held import DenseTarget, SeededNoise
+from .held import DenseTarget, MovedParameters, SeededNoise
 from .lowrank_probe import _METADATA, _tensors  # metadata reads; the tensors in an argument
 from .ops.undo import UndoLog
 from .space import ParameterSpace
@@ -118,23 +120,81 @@ def _embedding_weight(args: tuple, kwargs: dict) -> tuple[Any, Any]:
             args[3] if len(args) > 3 else kwargs.get("max_norm"))
 
 
-def _writes(func: Any, args: tuple, kwargs: dict, tensor: torch.Tensor) -> bool:
-    """Whether `func` writes `tensor` in place (an in-place method on it, out=, setitem,
-    F.embedding's max_norm renormalization)."""
+_INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                               "__ifloordiv__", "__imod__", "__idiv__", "__ipow__", "__imatmul__",
+                               "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"})
+_SET_DATA = torch.Tensor.data.__set__  # `t.data = value` (compared with ==: new each access)
+# position of the `inplace` argument of a torch.nn.functional function (None: it has none)
+_INPLACE_AT: dict[Any, int | None] = {}
+
+
+def _sets_memory(func: Any) -> bool:
+    """Whether `func` gives its first argument other memory (`t.data = value`, Tensor.set_)
+    rather than writing values into the memory it has."""
     name = getattr(func, "__name__", "")
-    if args and args[0] is tensor and (
-            (name.endswith("_") and not name.endswith("__"))
-            or name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
-                        "__idiv__", "__ipow__", "__iand__", "__ior__", "__ixor__",
-                        "set_", "resize_")):
-        return True
+    return name == "set_" or (name == "__set__" and func == _SET_DATA)
+
+
+def _inplace_requested(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a torch.nn.functional function is called with inplace=True (F.relu(w, True))."""
+    if "inplace" in kwargs:
+        return bool(kwargs["inplace"])
+    try:
+        at = _INPLACE_AT[func]
+    except KeyError:
+        at = None
+        if getattr(func, "__module__", None) == "torch.nn.functional":
+            try:
+                at = list(inspect.signature(func).parameters).index("inplace")
+            except (ValueError, TypeError):
+                at = None
+        _INPLACE_AT[func] = at
+    except TypeError:  # not hashable
+        return False
+    return at is not None and len(args) > at and bool(args[at])
+
+
+def _describe(func: Any) -> str:
+    """`func` named in a write's report."""
+    if getattr(func, "__name__", "") == "__set__" and func == _SET_DATA:
+        return "Tensor.data.__set__"
+    return getattr(func, "__qualname__", repr(func))
+
+
+def _write_targets(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors `func` writes in place: its first argument for an in-place method or function
+    (name ending in `_`, an augmented assignment, setitem, `.data = `, inplace=True), every
+    tensor of the first argument of a `_foreach_*_` function, out=, and F.embedding's weight
+    with max_norm (renormalized in place)."""
+    name = getattr(func, "__name__", "")
+    targets: list[torch.Tensor] = []
+    if args:
+        first = args[0]
+        if ((name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
+                or (name == "__set__" and func == _SET_DATA)):
+            if isinstance(first, torch.Tensor):
+                targets.append(first)
+            elif name.startswith("_foreach_") and isinstance(first, (list, tuple)):
+                targets.extend(t for t in first if isinstance(t, torch.Tensor))
+        elif isinstance(first, torch.Tensor) and _inplace_requested(func, args, kwargs):
+            targets.append(first)
     out = kwargs.get("out")
-    if out is not None and any(t is tensor for t in _tensors(out)):
-        return True
+    if out is not None:
+        targets.extend(_tensors(out))
     if func is F.embedding:
         weight, max_norm = _embedding_weight(args, kwargs)
-        return weight is tensor and max_norm is not None
-    return False
+        if max_norm is not None and isinstance(weight, torch.Tensor):
+            targets.append(weight)
+    return targets
+
+
+def _storage_pointer(tensor: torch.Tensor) -> int | None:
+    """The address of `tensor`'s storage (None: no elements or no storage)."""
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return pointer or None
 
 
 class ProbeTracker:
@@ -148,10 +208,10 @@ class ProbeTracker:
         self.write: str | None = None
 
     def note(self, func: Any, args: tuple, kwargs: dict, found: list[torch.Tensor]) -> None:
+        """Classify the reads of the registered parameters `found` by `func` (the writes are
+        recorded by the mode, which also sees those through a perturbed copy's aliases)."""
         rows = _rows_argument(func, args, kwargs)
         for t in found:
-            if _writes(func, args, kwargs, t):
-                self.write = self.write or getattr(func, "__qualname__", repr(func))
             kind = "whole" if t is not rows else "linear" if func is F.linear else "embedding"
             self.reads.setdefault(id(t), set()).add(kind)
 
@@ -386,9 +446,17 @@ class _Draw:
 
     def _embedding_by_chunks(self, ids: torch.Tensor, j: int) -> torch.Tensor:
         """F.embedding(ids, W') over chunks of W's rows, each id looked up in the chunk that
-        holds it (torch.where, no host synchronization: the selected rows would need one)."""
+        holds it (torch.where, no host synchronization: the selected rows would need one). An id
+        outside [0, rows) fails as F.embedding's does (an asynchronous device assert; on the
+        CPU a RuntimeError at once) instead of reading a clamped row."""
         rows, columns = self.space.tensors[j].shape
         step = self.probes.rows_per_chunk(columns)
+        if ids.numel():
+            torch._assert_async(((ids >= 0) & (ids < rows)).all(),
+                                f"index out of range in self: an embedding id of "
+                                f"{self.space.names[j]} is outside [0, {rows})")
+        if not rows:
+            return F.embedding(ids, self.row_block(j, 0, 0))
         out = None
         for start in range(0, rows, step):
             stop = min(rows, start + step)
@@ -401,13 +469,31 @@ class _Draw:
 
 class _ProbeMode(TorchFunctionMode):
     """Hands the probes' perturbed values to every torch function reading an active parameter
-    (DenseProbes.probing)."""
+    (DenseProbes.probing).
+
+    Writes: the perturbed copies handed out, and the tensors sharing their memory that calls
+    on them return (`w.data`, `w.detach()`, `w[:, :4]`, ...: `handed`, by id, dropped when the
+    tensor dies), stand for their parameters. A write (an in-place method or function, out=,
+    setitem, a `_foreach_*_` list, inplace=True, F.embedding's max_norm, `.data = `) of a
+    registered parameter or of such an alias is never silently applied elsewhere than the
+    in-place probe would apply it:
+      - with a tracker (the optimizer's check), it is recorded (`ProbeTracker.write`: the check
+        falls back to in-place probes) and runs on a throw-away clone of the parameter (an
+        alias: on the throw-away copy it is), so the trial writes nothing, and the forward
+        goes on (an exception would end the step where forwards gather shards, _attempt);
+      - otherwise it raises a RuntimeError naming the parameter (nothing written: the
+        optimizer restores the weights), except where the in-place probe writes the same:
+        a parameter not perturbed in this probe (LeZO's other layers), and `.data = ` or
+        set_ of a parameter, which gives the real parameter other memory as in place (kept as
+        assigned; a perturbed one then raises MovedParameters, as the in-place restore does).
+        `.data = ` / set_ of an alias is no write: it rebinds the alias."""
 
     def __init__(self, probes: DenseProbes, active: dict[int, tuple[_Draw, int]],
                  prefetched: dict[int, torch.Tensor], tracker: ProbeTracker | None) -> None:
         super().__init__()
         self.probes, self.active, self.prefetched = probes, active, prefetched
         self.tracker = tracker
+        self.handed: dict[int, tuple[Any, str]] = {}  # id -> (weak reference, parameter name)
 
     def _whole(self, tensor: torch.Tensor) -> torch.Tensor:
         copy = self.prefetched.get(id(tensor))
@@ -416,22 +502,116 @@ class _ProbeMode(TorchFunctionMode):
             (copy,) = draw.wholes([j])
         return copy
 
+    def _name(self, tensor: torch.Tensor) -> str:
+        """The parameter `tensor` is, or stands for (an alias of its perturbed copy)."""
+        entry = self.probes.entries.get(id(tensor))
+        if entry is not None:
+            target, j = entry
+            return repr(target.space.names[j])
+        return f"{self.handed[id(tensor)][1]} through an alias of its perturbed copy"
+
+    def _remember(self, tensor: torch.Tensor, name: str) -> None:
+        key, handed = id(tensor), self.handed
+
+        def forget(ref: Any) -> None:
+            if handed.get(key, (None,))[0] is ref:
+                del handed[key]
+        try:
+            ref: Any = weakref.ref(tensor, forget)
+        except TypeError:  # no weak references: held until the probe ends
+            ref = lambda tensor=tensor: tensor  # noqa: E731
+        handed[key] = (ref, name)
+
+    def _hand(self, result: Any, sources: list[tuple[torch.Tensor, str]],
+              rebound: torch.Tensor | None = None) -> None:
+        """Remember the tensors of `result` (and `rebound`: the first argument of `.data = `
+        or set_) that share memory with a perturbed copy or alias among `sources`."""
+        pointers = {}
+        for tensor, name in sources:
+            pointer = _storage_pointer(tensor)
+            if pointer is not None:
+                pointers[pointer] = name
+        if not pointers:
+            return
+        outputs = list(_tensors(result)) if isinstance(result, (torch.Tensor, list, tuple)) else []
+        if rebound is not None:
+            outputs.append(rebound)
+        for out in outputs:
+            if id(out) not in self.probes.entries:
+                name = pointers.get(_storage_pointer(out))
+                if name is not None:
+                    self._remember(out, name)
+
+    def _write(self, func: Any, args: tuple, kwargs: dict, found: list[torch.Tensor],
+               written: list[torch.Tensor], sets_memory: bool) -> Any:
+        """`func` writing `written` (registered parameters or aliases; class docstring)."""
+        entries, active = self.probes.entries, self.active
+        what = f"{_describe(func)} of {self._name(written[0])}"
+        targets = {id(t) for t in written}
+        if self.tracker is not None:
+            self.tracker.write = self.tracker.write or what
+            # the trial writes nothing: a parameter's write goes to a throw-away clone (an
+            # alias is one already), its other reads see the probe as usual
+            swap = {id(t): t.detach().clone() for t in written if id(t) in entries}
+            swap.update((id(t), self._whole(t)) for t in found
+                        if id(t) in active and id(t) not in targets)
+            return func(*_replace(args, swap), **_replace(kwargs, swap))
+        blocked = [t for t in written
+                   if id(t) not in entries or (id(t) in active and not sets_memory)]
+        if blocked:
+            raise RuntimeError(
+                f"probe='virtual': the forward writes parameter {self._name(blocked[0])} "
+                f"({_describe(func)}) during a probe. Virtual probes hand the forward "
+                "perturbed copies of the parameters and never write them, so the write would "
+                "be lost or differ from an in-place probe's; nothing was written. Use "
+                "probe='inplace' for a forward that writes its parameters.")
+        if sets_memory:
+            # the real parameter given other memory, kept as assigned as in place; a perturbed
+            # one fails the step as in place (MovedParameters: the probe's memory moved)
+            result = func(*args, **kwargs)
+            moved = [t for t in written if id(t) in active]
+            if moved:
+                raise MovedParameters([entries[id(t)][0].space.names[entries[id(t)][1]]
+                                       for t in moved])
+            return result
+        # a parameter not perturbed in this probe: written for real, as in place; the other
+        # parameters the call reads see the probe
+        swap = {id(t): self._whole(t) for t in found if id(t) in active and id(t) not in targets}
+        return func(*_replace(args, swap), **_replace(kwargs, swap))
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _METADATA:
             return func(*args, **kwargs)
-        entries = self.probes.entries
+        entries, handed = self.probes.entries, self.handed
         found = _registered(args, entries)
         if kwargs:
             found += _registered(kwargs.values(), entries)
-        if not found:
+        aliases = []
+        if handed:
+            aliases = _registered(args, handed)
+            if kwargs:
+                aliases += _registered(kwargs.values(), handed)
+        if not found and not aliases:
             return func(*args, **kwargs)
-        if self.tracker is not None:
+        if self.tracker is not None and found:
             self.tracker.note(func, args, kwargs, found)
+        sets_memory = _sets_memory(func)
+        written = [t for t in _write_targets(func, args, kwargs)
+                   if id(t) in entries or (id(t) in handed and not sets_memory)]
+        if written:
+            return self._write(func, args, kwargs, found, written, sets_memory)
+        rebound = None
+        if sets_memory and args and isinstance(args[0], torch.Tensor):
+            rebound = args[0]  # an alias given other memory is one no more (unless of a copy)
+            handed.pop(id(rebound), None)
+        sources = [(t, handed[id(t)][1]) for t in aliases if id(t) in handed]
         active = self.active
         perturbed = [t for t in found if id(t) in active]
-        if not perturbed or any(_writes(func, args, kwargs, t) for t in perturbed):
-            return func(*args, **kwargs)  # unperturbed here, or a write: the real parameter
+        if not perturbed:  # unperturbed here, or only aliases: their aliases are remembered
+            result = func(*args, **kwargs)
+            self._hand(result, sources, rebound)
+            return result
         rows = _rows_argument(func, args, kwargs)
         if rows is not None and id(rows) in active:
             draw, j = active[id(rows)]
@@ -445,7 +625,9 @@ class _ProbeMode(TorchFunctionMode):
                 return draw.linear(x, j, bias)
             return draw.embedding(args[0] if args else kwargs["input"], j)
         swap = {id(t): self._whole(t) for t in perturbed}
-        return func(*_replace(args, swap), **_replace(kwargs, swap))
+        result = func(*_replace(args, swap), **_replace(kwargs, swap))
+        self._hand(result, sources + [(swap[id(t)], self._name(t)) for t in perturbed], rebound)
+        return result
 
 
 __all__ = ["DenseProbes", "ProbeTracker", "VirtualDenseTarget", "ROW_ALIGN"]
