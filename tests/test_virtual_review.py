@@ -200,3 +200,26 @@ def test_loss_aliasing_a_parameter_is_read_at_its_probe(probe):
         warnings.simplefilter("ignore")
         opt.step(lambda: p.view(()))
     assert p.item() != 3.0
+
+
+def test_copies_of_the_model_carry_inert_hooks_not_the_optimizer():
+    """torch.save(model) / deepcopy with updates pending pickled the optimizer into the model
+    (its merge hooks were bound methods)."""
+    import copy
+    import io
+    import pickle
+
+    model, opt = _deferred()
+    plain = io.BytesIO()
+    torch.save(_net(), plain)
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    assert b"TeZO" not in saved.getvalue() and b"VirtualLowRank" not in saved.getvalue()
+    assert saved.tell() < plain.tell() + 1024
+    copied = copy.deepcopy(model)
+    copied(IDS)  # an inert hook: nothing merged, nothing raised
+    pickle.loads(pickle.dumps(model))(IDS)
+    before = model.l1.weight.detach().clone()
+    model(IDS)  # the original's hook merges
+    assert not torch.equal(model.l1.weight, before)
+    assert torch.equal(copied.l1.weight, before)

@@ -26,6 +26,7 @@ stay with the in-place path.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -331,6 +332,27 @@ def _factor_bytes(u: torch.Tensor, v: torch.Tensor) -> int:
     return (u.numel() + v.numel()) * u.element_size()
 
 
+class _MergeHook:
+    """A merge-on-observe hook of the owner modules: VirtualLowRank._observed, the object
+    weakly referenced, so that a model keeps no optimizer alive. A copy of the model
+    (copy.deepcopy, pickling: torch.save(model)) gets an inert hook, not a copy of the optimizer
+    (its pending updates are the optimizer's: merge before copying, docs/tezo.md)."""
+
+    def __init__(self, owner: "VirtualLowRank | None") -> None:
+        self._owner = None if owner is None else weakref.ref(owner)
+
+    def __call__(self, *args: Any) -> None:
+        owner = None if self._owner is None else self._owner()
+        if owner is not None:
+            owner._observed()
+
+    def __reduce__(self) -> tuple:
+        return _MergeHook, (None,)
+
+    def __deepcopy__(self, memo: dict) -> "_MergeHook":
+        return _MergeHook(None)
+
+
 def _stamp(weight: torch.Tensor) -> tuple:
     """(memory, version counter, shape) of the tensor a rank writes (VirtualPart.stamps)."""
     local = local_tensor(weight)
@@ -617,9 +639,10 @@ class VirtualLowRank:
 
     def _watch_modules(self) -> None:
         for module in self.modules:
-            self._watch.append(module.register_forward_pre_hook(self._observed))
-            self._watch.append(module.register_state_dict_pre_hook(self._observed))
-            self._watch.append(module.register_load_state_dict_pre_hook(self._observed))
+            hook = _MergeHook(self)
+            self._watch.append(module.register_forward_pre_hook(hook))
+            self._watch.append(module.register_state_dict_pre_hook(hook))
+            self._watch.append(module.register_load_state_dict_pre_hook(hook))
 
     def _unwatch_modules(self) -> None:
         while self._watch:
