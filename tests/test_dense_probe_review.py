@@ -303,3 +303,24 @@ def test_an_empty_embedding_on_the_device_path():
         assert draw._embedding_by_chunks(ids, j).shape == (2, 0, 24)
     finally:
         target.hold(None)
+
+
+@pytest.mark.parametrize("call", [
+    lambda w: F.dropout(w, 0.1, training=False, inplace=True),
+    lambda w: F.dropout(w, 0.0, True, True),
+    lambda w: F.alpha_dropout(w, p=0.5, training=False, inplace=True),
+])
+def test_a_dropout_that_writes_nothing_is_no_write(call):
+    """inplace=True on a dropout in eval mode or with p = 0 writes nothing: the probes stay
+    virtual (they fell back to in place)."""
+    net = Net()
+
+    def closure():
+        call(net.l1.weight)
+        return net(X)
+
+    opt = MeZO(net.named_parameters(), lr=1e-2, eps=1e-3, backend="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+    assert opt.dense_probe_status.startswith("virtual"), opt.dense_probe_status

@@ -223,3 +223,50 @@ def test_copies_of_the_model_carry_inert_hooks_not_the_optimizer():
     model(IDS)  # the original's hook merges
     assert not torch.equal(model.l1.weight, before)
     assert torch.equal(copied.l1.weight, before)
+
+
+def test_a_decay_that_is_1_in_float32_counts_as_1():
+    """weight_decay 1e-9: decay 1 - 1e-11 is 1 in float32 (the kernels', a saved file's); a
+    zero update then skips the virtual pass, and an in-memory replay equals the run."""
+    results = {}
+    for probe in ("inplace", "virtual"):
+        torch.manual_seed(0)
+        layer = nn.Linear(8, 4)
+        with torch.no_grad():
+            layer.weight[0] = -0.0
+        initial = [p.detach().clone() for p in layer.parameters()]
+        x = torch.randn(3, 8)
+        opt = MeZO(layer.named_parameters(), lr=1e-2, weight_decay=1e-9, probe=probe)
+        for _ in range(2):
+            opt.step(lambda: torch.relu(layer(x) - 100.0).sum())
+        results[probe] = _bits(layer.weight)
+        replayed = nn.Linear(8, 4)
+        with torch.no_grad():
+            for p, value in zip(replayed.parameters(), initial):
+                p.copy_(value)
+        opt.trajectory.replay(replayed)
+        assert torch.equal(_bits(replayed.weight), results[probe])
+    assert torch.equal(results["virtual"], results["inplace"])
+    assert torch.signbit(results["virtual"].view(torch.float32)[0]).all()
+
+
+def test_deferred_update_kept_through_swapped_conversions():
+    """model.to(...) under torch.__future__'s swap gives the weight another tensor's version
+    counter, maybe at the stamped address: a move, not a write."""
+    weights = {}
+    for swap in (False, True):
+        model, opt = _deferred()
+        previous = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for _ in range(3):
+                    model.half()
+                    model.float()
+                opt.merge()
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(previous)
+        weights[swap] = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in weights[False].items():
+        assert torch.equal(value, weights[True][name]), name

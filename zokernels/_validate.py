@@ -10,6 +10,7 @@ import bisect
 import math
 import numbers
 import operator
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -214,6 +215,12 @@ def check_addressable(t: torch.Tensor, name: str) -> None:
     if needed * t.element_size() > held:
         raise ValueError(f"{name} addresses {needed * t.element_size()} bytes of its storage, "
                          f"which holds only {held} (a storage resized below its views)")
+
+
+def float32_value(value: float) -> float:
+    """`value` rounded to float32 (to nearest), as the kernels and a saved trajectory hold it (a
+    decay of 1 - 1e-11 is 1 there)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def fits_float32(value: float | int) -> bool:

@@ -135,8 +135,22 @@ def _sets_memory(func: Any) -> bool:
     return name == "set_" or (name == "__set__" and func == _SET_DATA)
 
 
+# dropouts write nothing when not training or with p == 0, inplace=True or not
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+             F.feature_alpha_dropout}
+
+
 def _inplace_requested(func: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether a torch.nn.functional function is called with inplace=True (F.relu(w, True))."""
+    """Whether a torch.nn.functional function is called with inplace=True (F.relu(w, True))
+    and writes (a dropout in eval mode or with p = 0 does not)."""
+    if func in _DROPOUTS:
+        try:
+            bound = inspect.signature(func).bind(*args, **kwargs)
+        except TypeError:  # the call itself will raise
+            return False
+        bound.apply_defaults()
+        options = bound.arguments
+        return bool(options["inplace"]) and bool(options["training"]) and options["p"] != 0
     if "inplace" in kwargs:
         return bool(kwargs["inplace"])
     try:

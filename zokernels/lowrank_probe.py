@@ -354,9 +354,11 @@ class _MergeHook:
 
 
 def _stamp(weight: torch.Tensor) -> tuple:
-    """(memory, version counter, shape) of the tensor a rank writes (VirtualPart.stamps)."""
+    """((memory, storage object), version counter, shape) of the tensor a rank writes
+    (VirtualPart.stamps)."""
     local = local_tensor(weight)
-    return local.data_ptr(), local._version, tuple(local.shape)
+    return ((local.data_ptr(), local.untyped_storage()._cdata), local._version,
+            tuple(local.shape))
 
 
 def _functorch_wrapped(t: torch.Tensor) -> bool:
@@ -584,15 +586,18 @@ class VirtualLowRank:
         hook: their version counter moved on the same memory; or resized): the write set the
         effective weight, which an update merged on top would change. Weights moved or cast
         (model.to(...), param.data = ...: other memory, the same shape) keep theirs, merged into
-        the new memory."""
+        the new memory. Writes that bypass the version counter (through `p.data`, numpy, DLPack)
+        are not seen: merge before them (docs/tezo.md)."""
         dropped = []
         for part in self.parts:
             for i, (w, stamp) in enumerate(zip(part.weights, part.stamps)):
                 if stamp is None:
                     continue
                 now = _stamp(w)
-                same_memory = now[0] == stamp[0]
-                if now[2] != stamp[2] or (same_memory and now[1] != stamp[1]):
+                # a version counter only grows: a lower one is another tensor's (swapped in by
+                # model.to(...) under torch.__future__'s swap, maybe at a reused address)
+                written = now[0] == stamp[0] and now[1] > stamp[1]
+                if now[2] != stamp[2] or written:
                     part.accum[part.offsets[i]:part.offsets[i + 1]].zero_()
                     part.scales[i] = 1.0
                     part.stamps[i] = None

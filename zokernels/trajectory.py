@@ -46,6 +46,7 @@ from ._validate import (
     check_nesting,
     check_numbers,
     fits_float32,
+    float32_value,
 )
 
 FORMAT_VERSION = 1
@@ -491,7 +492,7 @@ class Trajectory:
         dist, rounding = meta_dist(self.meta), self.meta.get("rounding", "nearest")
         for _, seeds, coefs, decays, layers in self.records():
             for g, space in enumerate(spaces):
-                if decays[g] == 1.0 and all(c == 0 for c in coefs[g]):
+                if float32_value(decays[g]) == 1.0 and all(c == 0 for c in coefs[g]):
                     continue  # as the run: a pass adding only +-0 would turn -0.0 into +0.0
                 space.update(seeds, coefs[g], decay=decays[g], layers=layers, dist=dist,
                              rounding=rounding)

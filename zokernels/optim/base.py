@@ -24,7 +24,7 @@ from .._contract import (DEFAULT_CONTRACT, PERTURB_DISTS, ROUNDINGS, as_contract
 from .._dispatch import BACKEND_CHOICES
 from .._signals import interrupts_deferred
 from .._validate import (FLOAT32_MAX, StorageBudget, as_seed, check_nesting,
-                         is_finite_number)
+                         float32_value, is_finite_number)
 from .._warn import warn
 from ..dense_probe import DenseProbes, ProbeTracker, VirtualDenseTarget
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
@@ -743,7 +743,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         moves = list(moves)
         for g, i in enumerate(self._virtual_targets):
             zero = self.param_groups[g]["lr"] == 0 or (g < len(zero_groups) and zero_groups[g])
-            if i is not None and zero and decays[g] == 1.0:
+            if i is not None and zero and float32_value(decays[g]) == 1.0:
                 # nothing to apply: skip the pass (a pass adding +-0.0 would turn -0.0 into
                 # +0.0; the in-place path's recovering update keeps it)
                 self.held.targets[i].hold(None)
