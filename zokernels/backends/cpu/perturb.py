@@ -117,9 +117,9 @@ def perturb_pieces_cpu(seeds: list[int], scales: list[float], dist: str, roundin
     its constant arguments bound once. The returned call(pieces, keys, starts, sources=None)
     writes pieces[k][i] = round(s[i] + sum_j scales[j] * z(seeds[j], keys[k], starts[k] + i)),
     s = sources[k] (None: the piece itself): contiguous CPU tensors of one dtype that the caller
-    built (not validated here). The virtual dense probes draw ~45 chunks per forward on `small`;
-    through perturb_cpu the argument work cost about as much again as the kernels' Python
-    boundary (5-11 ms a step at 1 thread, docs/dense-probes.md)."""
+    built (not validated here). The virtual dense probes draw ~45 chunks per forward on `small`:
+    binding saves 1.4-2.5 ms of a step at 1 thread (benchmarks/dense_probe_calls.py,
+    docs/dense-probes.md)."""
     ext = load_cpu_extension()
     codes = native_contract(rounding, contract)
     seeds, scales, dist_code = list(seeds), list(scales), DIST_CODES[dist]
