@@ -185,8 +185,8 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
 
     compare_exact: also step the same optimizer built with exact_restore=False (MeZO / LeZO /
     PseuZO: with in-place probes) on another copy of the model, interleaved step by step with
-    this one (in alternating order) so that machine noise hits both alike; the plain forwards
-    after both steps are pooled into the one `forward_ms` of both. Reports its step and ZO time (`ms_no_exact`,
+    this one so that machine noise hits both alike; the plain forwards after both steps are
+    pooled into the one `forward_ms` of both. Reports its step and ZO time (`ms_no_exact`,
     `zo_ms_no_exact`) and the ratios of the medians (`step_ratio_exact_vs_no_exact`, which
     subtracts nothing, and `zo_ratio_exact_vs_no_exact`)."""
     cases = [_case(name, settings, settings.exact_restore, lr, eps)]
@@ -219,12 +219,8 @@ def time_step(name: str, settings: StepSettings, lr: float = 1e-6, eps: float = 
             forwards()
         if cuda:
             base = torch.cuda.memory_allocated(settings.device)
-        for r in range(settings.repeats):
-            # the two cases swap places every step: the step right after the plain forwards
-            # runs in another cache state (measured on small at 1 thread: 2-4 ms slower),
-            # which a fixed order charged to the first case every time
-            for c in range(len(cases)) if r % 2 == 0 else reversed(range(len(cases))):
-                case = cases[c]
+        for _ in range(settings.repeats):
+            for c, case in enumerate(cases):
                 if cuda:  # the steps' peak, not the plain forwards' (compare_exact: both copies)
                     torch.cuda.reset_peak_memory_stats(settings.device)
                 steps[c].append(timed(case.one_step))
