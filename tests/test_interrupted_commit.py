@@ -232,7 +232,7 @@ def test_tezo_interrupted_before_its_update_keeps_its_moments(name, monkeypatch)
     def interrupted(*values):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(opt, "_finite", interrupted)
+    monkeypatch.setattr(opt, "_finite_and_zero", interrupted)  # the step's host sync
     with pytest.raises(KeyboardInterrupt):
         take_step(name, opt, net)
     monkeypatch.undo()
