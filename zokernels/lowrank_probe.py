@@ -213,7 +213,7 @@ class VirtualPart:
         self.scales = [1.0] * len(self.weights)
         self.pending = False
         # per weight, while it has a pending update: (memory, version counter, shape) when the
-        # update began to accumulate (_written_since); None: nothing pending for it
+        # update began to accumulate (VirtualLowRank.drop_written); None: nothing pending
         self.stamps: list[tuple | None] = [None] * len(self.weights)
 
     def slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -588,6 +588,8 @@ class VirtualLowRank:
         (model.to(...), param.data = ...: other memory, the same shape) keep theirs, merged into
         the new memory. Writes that bypass the version counter (through `p.data`, numpy, DLPack)
         are not seen: merge before them (docs/tezo.md)."""
+        if not self.pending:  # nothing stamped (every step asks)
+            return
         dropped = []
         for part in self.parts:
             for i, (w, stamp) in enumerate(zip(part.weights, part.stamps)):

@@ -679,23 +679,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         the same host synchronization: a virtual target's update skips a pass that would add
         only +-0 (it would turn -0.0 weights into +0.0; the in-place recovering update keeps
         them)."""
-        flags: dict[torch.device, list[torch.Tensor]] = {}
-        for v in values:
-            flags.setdefault(v.device, []).append(
-                torch.isfinite(v.detach().to(torch.float32)).all())
-        for c in coefs:
-            flags.setdefault(c.device, []).append((c.detach() == 0).all())
-        read = {device: torch.stack(fs).tolist() for device, fs in flags.items()}
-        at = {device: 0 for device in read}
-        finite = True
-        for v in values:
-            finite = finite and read[v.device][at[v.device]]
-            at[v.device] += 1
-        zero = []
-        for c in coefs:
-            zero.append(read[c.device][at[c.device]])
-            at[c.device] += 1
-        return finite, zero
+        flags = [torch.isfinite(v.detach().to(torch.float32)).all() for v in values]
+        flags += [(c.detach() == 0).all() for c in coefs]
+        per_device: dict[torch.device, list[int]] = {}
+        for k, flag in enumerate(flags):
+            per_device.setdefault(flag.device, []).append(k)
+        read: list[bool] = [False] * len(flags)
+        for ks in per_device.values():  # one transfer per device
+            for k, value in zip(ks, torch.stack([flags[k] for k in ks]).tolist()):
+                read[k] = value
+        return all(read[:len(values)]), read[len(values):]
 
     def _skip(self, losses: Sequence[torch.Tensor], step: int) -> None:
         """A step whose losses, or the projected gradient / update coefficients computed from
@@ -742,14 +735,20 @@ class ZOOptimizer(torch.optim.Optimizer):
             decays = [1.0 - group["lr"] * group["weight_decay"] for group in self.param_groups]
         moves = list(moves)
         for g, i in enumerate(self._virtual_targets):
-            zero = self.param_groups[g]["lr"] == 0 or (g < len(zero_groups) and zero_groups[g])
-            if i is not None and zero and float32_value(decays[g]) == 1.0:
+            zero = g < len(zero_groups) and zero_groups[g]
+            if i is not None and self._adds_nothing(g, decays[g], zero):
                 # nothing to apply: skip the pass (a pass adding +-0.0 would turn -0.0 into
                 # +0.0; the in-place path's recovering update keeps it)
                 self.held.targets[i].hold(None)
                 moves[i] = None
         self.held.update(moves, [decays[g] for g in self._target_group], rounding=self.rounding,
                          rounding_seed=rounding_seed)
+
+    def _adds_nothing(self, g: int, decay: float, zero: bool) -> bool:
+        """Whether group g's update is the identity: lr 0 or all coefficients exactly 0 (zero),
+        with a decay that is 1 in float32 (the kernels'). A virtual target then skips its pass:
+        one adding +-0.0 would turn -0.0 into +0.0, which the in-place recovering update keeps."""
+        return (zero or self.param_groups[g]["lr"] == 0) and float32_value(decay) == 1.0
 
     def _check_can_step(self) -> None:
         """Refuse (ValueError) a step that could not commit, before it modifies anything: a step

@@ -18,7 +18,7 @@ import torch
 
 from .._contract import DEFAULT_CONTRACT, saved_contract
 from .._signals import interrupts_deferred
-from .._validate import as_seed, float32_value, is_finite_number
+from .._validate import as_seed, is_finite_number
 from .._warn import warn
 from ..held import DenseTarget
 from ..lowrank_probe import UseTracker, VirtualLowRank, VirtualPart
@@ -530,10 +530,7 @@ class TeZO(MeZO):
         unperturbed weights as the in-place pass writes them (zero: the update is all 0)."""
         state = self.lowrank[g]
         written = self._demoting[g]
-        if (zero or self.param_groups[g]["lr"] == 0) and float32_value(decay) == 1.0:
-            # nothing to apply to the virtual (and demoting) weights, which hold theta: no pass
-            # (one adding +-0.0 would turn -0.0 into +0.0; the in-place path's recovering
-            # update keeps it)
+        if self._adds_nothing(g, decay, zero):  # the virtual (and demoting) weights hold theta
             return
         if self.update == "deferred":
             self._virtual.accumulate(g, (update * state.rank_norm)[self._virtual_index[g]],
