@@ -1,27 +1,35 @@
-"""The virtual dense probes' per-call cost on the CPU: MeZO / LeZO steps whose chunk draws go
-through the cpu backend's bound call (`perturb_pieces_cpu`: the perturbation's constant
-arguments bound once per probe, the default) against the generic `perturb_cpu` path (every
-call rebuilds its arguments, as before 2026-12-07), and the same optimizer with in-place probes
-without logs (exact_restore=False), all on copies of one model, stepped in turn (paired: the
-machine's noise hits every way alike), with the plain forwards of an identical model timed
-after each round; each way takes each place in a round in turn (the first after the forwards
-measured 2-4 ms slower than the others).
+"""The virtual dense probes' fixed costs on the CPU: MeZO / LeZO steps with the library as it is
+("current") against variants with one of its savings undone, and the same optimizer with
+in-place probes without logs (exact_restore=False), all on copies of one model, stepped in
+turn (paired: the machine's noise hits every way alike), with the plain forwards of an
+identical model timed after each round; each way takes each place in a round in turn (the first
+after the forwards measured 2-4 ms slower than the others).
+
+Variants (--variants, any of):
+  generic   the chunk draws through `perturb_cpu`, which rebuilds its arguments per call,
+            instead of the cpu backend's bound call (`perturb_pieces_cpu`, 2026-12-07)
+  previous  the library before 2026-12-07b: the probes' mode on in every module (no
+            ModuleScope), each chunk's F.linear copied into the output (no direct GEMM
+            output), an embedding's rows drawn as one tensor per row
 
 Reports per way the median step and ZO part (step - the forwards' median) and the ratios to the
-in-place steps. The bound and the generic ways must end with the same bits (checked). Timed by
-the calling thread's CPU time at 1 thread (`--clock cpu`, the default) or by wall time.
+in-place steps. Every virtual way must end with the same bits (checked). Timed by the calling
+thread's CPU time at 1 thread (`--clock cpu`, the default) or by wall time.
 
 Usage: python benchmarks/dense_probe_calls.py [--model small] [--dtype float32,bfloat16]
-       [--optimizer mezo,lezo] [--repeats 25] [--threads 1] [--clock cpu] [--json PATH]
+       [--optimizer mezo,lezo] [--variants generic,previous] [--repeats 25] [--threads 1]
+       [--clock cpu] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 
@@ -32,56 +40,91 @@ from zokernels.bench.step import StepSettings, _case, _plain_forwards
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
-def measure(model: str, dtype: str, optimizer: str, repeats: int, clock) -> dict:
+@contextlib.contextmanager
+def _patched(owner: object, name: str, value: object) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def generic(opt) -> Iterator[None]:
+    with _patched(dense_probe._Draw, "_native", lambda self, device: None):
+        yield
+
+
+def _rows_one_tensor_each(self, j, block, rows):
+    width = block.shape[1]
+    self._draw([j] * block.shape[0], list(block.unbind(0)), [r * width for r in rows])
+
+
+@contextlib.contextmanager
+def previous(opt) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        if opt._probes is not None:  # decided by the first probe's check
+            stack.enter_context(_patched(opt._probes, "scope", None))
+        stack.enter_context(_patched(dense_probe, "_flat_input", lambda *args: None))
+        stack.enter_context(_patched(dense_probe._Draw, "_draw_rows", _rows_one_tensor_each))
+        yield
+
+
+def current(opt) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+VARIANTS = {"generic": generic, "previous": previous}
+
+
+def measure(model: str, dtype: str, optimizer: str, variants: list[str], repeats: int,
+            clock) -> dict:
     settings = StepSettings(model=model, dtype=dtype, device="cpu", backend="auto", batch=4,
                             seq=64, repeats=repeats, warmup=3, lezo_active=0.25, rank=8,
                             window=14, exact_restore=True, clock="cpu")
-    bound_native = dense_probe._Draw._native
-    generic = {"on": False}
-
-    def native(self, device):  # the generic path where asked: no bound call
-        return None if generic["on"] else bound_native(self, device)
-
-    dense_probe._Draw._native = native
-    try:
-        ways = {"bound": (_case(optimizer, settings, True, 1e-6, 1e-3), False),
-                "generic": (_case(optimizer, settings, True, 1e-6, 1e-3), True),
-                "inplace_no_logs": (_case(optimizer + "-inplace", settings, False, 1e-6, 1e-3),
-                                    False)}
-        forwards = _plain_forwards(optimizer, settings)
-        times: dict[str, list[float]] = defaultdict(list)
-        names = list(ways)
-        for round_ in range(settings.warmup + repeats):
-            # each way takes each place in the round in turn: the step after the forwards of
-            # another model runs in another cache state (measured: 2-4 ms on small)
-            order = names[round_ % len(names):] + names[:round_ % len(names)]
-            for name in order:
-                case, use_generic = ways[name]
-                generic["on"] = use_generic
+    ways = {"current": (_case(optimizer, settings, True, 1e-6, 1e-3), current)}
+    for name in variants:
+        ways[name] = (_case(optimizer, settings, True, 1e-6, 1e-3), VARIANTS[name])
+    ways["inplace_no_logs"] = (_case(optimizer + "-inplace", settings, False, 1e-6, 1e-3),
+                               current)
+    forwards = _plain_forwards(optimizer, settings)
+    times: dict[str, list[float]] = defaultdict(list)
+    names = list(ways)
+    for round_ in range(settings.warmup + repeats):
+        # each way takes each place in the round in turn: the step after the forwards of
+        # another model runs in another cache state (measured: 2-4 ms on small)
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        for name in order:
+            case, variant = ways[name]
+            with variant(case.opt):
                 start = clock()
                 case.one_step()
-                if round_ >= settings.warmup:
-                    times[name].append(1e3 * (clock() - start))
-            start = clock()
-            forwards()
+                elapsed = clock() - start
             if round_ >= settings.warmup:
-                times["forwards"].append(1e3 * (clock() - start))
-    finally:
-        dense_probe._Draw._native = bound_native
-    same = all(torch.equal(a, b) for a, b in zip(ways["bound"][0].params,
-                                                  ways["generic"][0].params))
+                times[name].append(1e3 * elapsed)
+        start = clock()
+        forwards()
+        if round_ >= settings.warmup:
+            times["forwards"].append(1e3 * (clock() - start))
+    virtual = [name for name in ways if name != "inplace_no_logs"]
+    same = all(torch.equal(a, b) for name in virtual[1:]
+               for a, b in zip(ways["current"][0].params, ways[name][0].params))
     step = {name: statistics.median(ts) for name, ts in times.items()}
     zo = {name: step[name] - step["forwards"] for name in ways}
     row = dict(model=model, dtype=dtype, optimizer=optimizer, repeats=repeats,
                same_bits=same, forwards_ms=step["forwards"],
-               status=ways["bound"][0].opt.dense_probe_status)
+               status=ways["current"][0].opt.dense_probe_status,
+               mode_left_off=ways["current"][0].opt._probes is not None
+               and ways["current"][0].opt._probes.scope is not None)
     for name in ways:
         row[f"{name}_step_ms"], row[f"{name}_zo_ms"] = step[name], zo[name]
-    for name in ("bound", "generic"):
+    for name in virtual:
         row[f"{name}_step_vs_inplace"] = step[name] / step["inplace_no_logs"]
         row[f"{name}_zo_vs_inplace"] = (zo[name] / zo["inplace_no_logs"]
                                         if zo["inplace_no_logs"] > 0 else None)
-    row["bound_saves_ms"] = step["generic"] - step["bound"]
+        if name != "current":
+            row[f"current_saves_vs_{name}_ms"] = step[name] - step["current"]
     return row
 
 
@@ -90,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="small")
     parser.add_argument("--dtype", default="float32,bfloat16")
     parser.add_argument("--optimizer", default="mezo,lezo")
+    parser.add_argument("--variants", default="previous",
+                        help=f"comma-separated, of {sorted(VARIANTS)} (may be empty)")
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
@@ -97,19 +142,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1 (the kernels and GEMMs run in this thread)")
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
     torch.set_num_threads(args.threads)
     rows = []
     for dtype in args.dtype.split(","):
         for optimizer in args.optimizer.split(","):
-            row = measure(args.model, dtype, optimizer, args.repeats, CLOCKS[args.clock])
+            row = measure(args.model, dtype, optimizer, variants, args.repeats,
+                          CLOCKS[args.clock])
             rows.append(row)
-            print(f"{args.model} {dtype} {optimizer}: step ms bound {row['bound_step_ms']:.1f} "
-                  f"generic {row['generic_step_ms']:.1f} "
-                  f"in place {row['inplace_no_logs_step_ms']:.1f} "
-                  f"(forwards {row['forwards_ms']:.1f}); ZO ms bound {row['bound_zo_ms']:.1f} "
-                  f"generic {row['generic_zo_ms']:.1f} in place {row['inplace_no_logs_zo_ms']:.1f};"
-                  f" bound saves {row['bound_saves_ms']:.1f} ms; same bits {row['same_bits']}",
-                  flush=True)
+            ways = ["current", *variants, "inplace_no_logs"]
+            print(f"{args.model} {dtype} {optimizer} (forwards {row['forwards_ms']:.1f} ms): "
+                  + "; ".join(f"{w} step {row[w + '_step_ms']:.1f} ZO {row[w + '_zo_ms']:.1f}"
+                              for w in ways)
+                  + "; ZO vs in place: "
+                  + ", ".join(f"{w} {row[w + '_zo_vs_inplace']:.3f}" for w in ways[:-1]
+                              if row[w + "_zo_vs_inplace"] is not None)
+                  + f"; mode left off somewhere {row['mode_left_off']}; "
+                    f"same bits {row['same_bits']}", flush=True)
     if args.json:
         write_report(args.json, ["cpu"], "benchmarks/dense_probe_calls.py", argv, rows=rows)
     return 0

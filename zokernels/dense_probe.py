@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as _module
 from torch.overrides import TorchFunctionMode
 
 from ._dispatch import implementation, resolve_backend
@@ -211,15 +212,33 @@ def _storage_pointer(tensor: torch.Tensor) -> int | None:
     return pointer or None
 
 
+class _ModuleRecord:
+    """What ran inside one module during a tracked probe (its forward and hooks, its children
+    included): the registered parameters read (ids), the torch calls, how often it was entered
+    and from which modules (ids; None: from outside every module)."""
+
+    __slots__ = ("module", "reads", "calls", "entries", "parents")
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.reads: set[int] = set()
+        self.calls = 0
+        self.entries = 0
+        self.parents: set[int | None] = set()
+
+
 class ProbeTracker:
     """What one tracked probe saw, per registered parameter (by id): how it was read
     ("linear": F.linear's 2-D weight, drawn a chunk of rows at a time; "embedding":
     F.embedding's weight, its selected rows; "whole": by any other function, a copy of the
-    whole parameter), and the first write of a parameter."""
+    whole parameter), and the first write of a parameter. With `watching_modules`, also what
+    ran inside each module (`modules`, id -> _ModuleRecord, in the order first entered)."""
 
     def __init__(self) -> None:
         self.reads: dict[int, set[str]] = {}
         self.write: str | None = None
+        self.modules: dict[int, _ModuleRecord] = {}
+        self._running: list[_ModuleRecord] = []
 
     def note(self, func: Any, args: tuple, kwargs: dict, found: list[torch.Tensor]) -> None:
         """Classify the reads of the registered parameters `found` by `func` (the writes are
@@ -228,6 +247,112 @@ class ProbeTracker:
         for t in found:
             kind = "whole" if t is not rows else "linear" if func is F.linear else "embedding"
             self.reads.setdefault(id(t), set()).add(kind)
+        for record in self._running:
+            record.reads.update(id(t) for t in found)
+
+    def count(self) -> None:
+        """One torch call, inside the modules running now."""
+        for record in self._running:
+            record.calls += 1
+
+    @contextlib.contextmanager
+    def watching_modules(self) -> Iterator[None]:
+        """Inside the block, global module hooks keep the running modules. They are registered
+        after the user's global hooks and run after them, and torch runs every global hook
+        before the module's own: a module's record covers its own pre-hooks, its forward and
+        the global forward hooks, not its own forward hooks, as _Suspension brackets it."""
+        handles = [_module.register_module_forward_pre_hook(self._enter)]
+        try:
+            handles.append(_module.register_module_forward_hook(self._leave, always_call=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._running.clear()
+
+    def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        record = self.modules.get(id(module))
+        if record is None:
+            record = self.modules[id(module)] = _ModuleRecord(module)
+        record.entries += 1
+        record.parents.add(id(self._running[-1].module) if self._running else None)
+        self._running.append(record)
+
+    def _leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._running and self._running[-1].module is module:
+            self._running.pop()
+
+
+# A module's torch calls run outside the probes' mode when it reads no perturbed parameter and
+# makes at least this many calls per entry. Measured on the CPU (torch 2.13): the mode costs
+# about 3 us per call of a cheap op (more through torch.nn.functional's Python wrappers), taking
+# it off and back by a module's hooks about 8 us per entry (the hooks' registration included).
+MIN_CALLS_OUTSIDE_MODE = 8
+
+
+class ModuleScope:
+    """Where a probe's mode may be left off: the modules of a tracked probe (ProbeTracker
+    .modules) that made at least MIN_CALLS_OUTSIDE_MODE torch calls per entry. `outside(active)`
+    lists those whose record reads none of `active` (parameter ids), outermost only: a
+    module whose every caller is listed, or runs inside one listed, runs outside the mode
+    already. Valid while the forward reads each parameter where the tracked one did: the
+    optimizer's first probe checks it (MeZO._checked_scope), later forwards are trusted."""
+
+    def __init__(self, tracker: ProbeTracker) -> None:
+        self.records = list(tracker.modules.values())
+
+    def outside(self, active: Any) -> list[torch.nn.Module]:
+        covered: dict[int | None, bool] = {None: False}
+        chosen = []
+        for record in self.records:  # parents first: a module is entered after its caller
+            inside = all(covered.get(parent, False) for parent in record.parents)
+            free = (not inside and record.calls >= MIN_CALLS_OUTSIDE_MODE * record.entries
+                    and record.reads.isdisjoint(active))
+            if free:
+                chosen.append(record.module)
+            covered[id(record.module)] = inside or free
+        return chosen
+
+
+class _Suspension:
+    """Takes `mode` off the torch-function stack while one of `modules` runs (its pre-hook,
+    first of the module's, pops it where it is on top; its forward hook, first of the
+    module's and always called, pushes it back): their torch calls cost nothing extra. A
+    module entered inside another, or below a mode the forward pushed itself, keeps the stack
+    as it is. Under torch.compile's tracing the hooks do nothing. `close` removes the hooks
+    and puts the mode back if a BaseException (which skips always-called hooks) left it off."""
+
+    def __init__(self, mode: TorchFunctionMode, modules: Sequence[torch.nn.Module]) -> None:
+        self.mode = mode
+        self.popped: list[bool] = []  # per module running: whether its entry popped the mode
+        self.handles: list[Any] = []
+        try:
+            for module in modules:
+                self.handles.append(module.register_forward_pre_hook(self._enter, prepend=True))
+                self.handles.append(module.register_forward_hook(self._leave, prepend=True,
+                                                                 always_call=True))
+        except BaseException:
+            self.close()
+            raise
+
+    def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        depth = torch._C._len_torch_function_stack()
+        on_top = (depth > 0 and torch._C._get_function_stack_at(depth - 1) is self.mode
+                  and not torch.compiler.is_compiling())
+        self.popped.append(on_top)
+        if on_top:
+            torch._C._pop_torch_function_stack()
+
+    def _leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.popped and self.popped.pop():
+            torch._C._push_on_torch_function_stack(self.mode)
+
+    def close(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+        if any(self.popped):
+            torch._C._push_on_torch_function_stack(self.mode)
+        self.popped.clear()
 
 
 def _rows_argument(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -263,6 +388,7 @@ class DenseProbes:
                                  if scratch_elements is None else int(scratch_elements))
         self.limit_elements = max(self.scratch_elements, int(total * LIMIT_FRACTION))
         self.peak_scratch_bytes = 0
+        self.scope: ModuleScope | None = None  # where the mode may be left off (checked)
 
     def draw_elements(self, tensor: torch.Tensor, reads: set[str]) -> int:
         """The largest draw a parameter read this way (ProbeTracker.reads) needs at this
@@ -277,6 +403,12 @@ class DenseProbes:
         """Whether a parameter read this way (ProbeTracker.reads; None: not read) can be
         virtual within the limit."""
         return bool(reads) and self.draw_elements(tensor, reads) <= self.limit_elements
+
+    def perturbed_ids(self) -> set[int]:
+        """The ids of the parameters the targets' `current` perturbations move."""
+        return {id(target.space.params[j]) for target in self.targets
+                if target.current is not None
+                for j in target.space.indices(target.current.layers)}
 
     @contextlib.contextmanager
     def probing(self, tracker: ProbeTracker | None = None) -> Iterator[None]:
@@ -306,8 +438,16 @@ class DenseProbes:
         if not active and tracker is None:
             yield
             return
-        with _ProbeMode(self, active, prefetched, tracker):
-            yield
+        with _ProbeMode(self, active, prefetched, tracker) as mode:
+            if tracker is not None:
+                with tracker.watching_modules():
+                    yield
+                return
+            suspension = _Suspension(mode, self.scope.outside(active) if self.scope else ())
+            try:
+                yield
+            finally:
+                suspension.close()
 
     def _charge(self, pieces: Sequence[torch.Tensor]) -> None:
         self.peak_scratch_bytes = max(self.peak_scratch_bytes,
@@ -315,6 +455,28 @@ class DenseProbes:
 
     def rows_per_chunk(self, columns: int) -> int:
         return max(ROW_ALIGN, self.scratch_elements // max(columns, 1) // ROW_ALIGN * ROW_ALIGN)
+
+
+def _flat_input(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x as the 2-D matrix that F.linear's CPU GEMM multiplies (contiguous x of 2 or more
+    dimensions flattened to rows: torch.mm without a bias, torch.addmm with a 1-D one), where a
+    chunk's GEMM may write its columns of the output in place of a copy; else None. Measured
+    (torch 2.13, fp32 / bf16 / fp16, 2-D and 3-D inputs, with and without bias): the GEMM
+    writing into the output's columns (row stride = all rows) gives F.linear's bits, and saves
+    the copy (about 1 ms per forward of `small`'s 8192-row head). Not off the CPU: a GPU GEMM
+    may choose its algorithm by the output's alignment (unmeasured)."""
+    if (x.device.type != "cpu" or type(x) is not torch.Tensor or x.layout != torch.strided
+            or x.dim() < 2 or not x.is_contiguous() or x.dtype != weight.dtype):
+        return None
+    if bias is not None and (type(bias) is not torch.Tensor or bias.dim() != 1
+                             or bias.dtype != weight.dtype or bias.device != x.device):
+        return None
+    if x.dim() > 3 and bias is not None:  # F.linear may add the bias after the product
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None  # out= takes no autograd
+    return x.view(-1, x.shape[-1])
 
 
 def _scratch(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -382,7 +544,8 @@ class _Draw:
         keys = [self.space.keys[j] for j in positions]
         native = self._native(pieces[0].device)
         if native is not None:  # the cpu backend's kernel, its constant arguments bound once
-            native(pieces, keys, starts, sources)
+            native([p.data_ptr() for p in pieces], [p.numel() for p in pieces], pieces[0].dtype,
+                   keys, starts, None if sources is None else [s.data_ptr() for s in sources])
             self.probes._charge(pieces)
             return
         kernel, scales, ones = self._kernel(pieces[0].device, len(pieces))
@@ -428,11 +591,26 @@ class _Draw:
         return self._laid_out(copy, rows)
 
     def linear(self, x: torch.Tensor, j: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """F.linear(x, W', bias) with W' the perturbed weight j, a chunk of rows at a time."""
-        rows, columns = self.space.tensors[j].shape
+        """F.linear(x, W', bias) with W' the perturbed weight j, a chunk of rows at a time:
+        on the CPU each chunk's GEMM writes its columns of the output directly (_flat_input),
+        elsewhere a chunk's F.linear is copied there."""
+        weight = self.space.tensors[j]
+        rows, columns = weight.shape
         step = self.probes.rows_per_chunk(columns)
         if rows <= step:
             return F.linear(x, self.row_block(j, 0, rows), bias)
+        flat = _flat_input(x, weight, bias)
+        if flat is not None:
+            out = x.new_empty(x.shape[:-1] + (rows,))
+            columns_of = out.view(-1, rows)
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                block = self.row_block(j, start, stop).t()
+                if bias is None:
+                    torch.mm(flat, block, out=columns_of[:, start:stop])
+                else:
+                    torch.addmm(bias[start:stop], flat, block, out=columns_of[:, start:stop])
+            return out
         out = None
         for start in range(0, rows, step):
             stop = min(rows, start + step)
@@ -451,12 +629,23 @@ class _Draw:
             return self._embedding_by_chunks(ids, j)
         unique, inverse = torch.unique(ids, return_inverse=True)
         rows = weight.index_select(0, unique.reshape(-1))
-        width = weight[0].numel() if weight.shape[0] else 0
         if rows.numel():
-            flat = rows.view(rows.shape[0], -1)
-            self._draw([j] * flat.shape[0], list(flat.unbind(0)),
-                       [int(r) * width for r in unique.reshape(-1).tolist()])
+            self._draw_rows(j, rows.view(rows.shape[0], -1), unique.reshape(-1).tolist())
         return F.embedding(inverse, rows)
+
+    def _draw_rows(self, j: int, block: torch.Tensor, rows: list[int]) -> None:
+        """block[k] (contiguous (n, width), holding row rows[k] of parameter j) drawn in place:
+        on the cpu backend one call given each row's address (no tensor per row)."""
+        count, width = block.shape
+        starts = [r * width for r in rows]
+        native = self._native(block.device)
+        if native is None:
+            self._draw([j] * count, list(block.unbind(0)), starts)
+            return
+        base, stride = block.data_ptr(), width * block.element_size()
+        native([base + k * stride for k in range(count)], [width] * count, block.dtype,
+               [self.space.keys[j]] * count, starts)
+        self.probes._charge([block])
 
     def _embedding_by_chunks(self, ids: torch.Tensor, j: int) -> torch.Tensor:
         """F.embedding(ids, W') over chunks of W's rows, each id looked up in the chunk that
@@ -597,6 +786,8 @@ class _ProbeMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _METADATA:
             return func(*args, **kwargs)
+        if self.tracker is not None:
+            self.tracker.count()
         entries, handed = self.probes.entries, self.handed
         found = _registered(args, entries)
         if kwargs:
@@ -644,4 +835,4 @@ class _ProbeMode(TorchFunctionMode):
         return result
 
 
-__all__ = ["DenseProbes", "ProbeTracker", "VirtualDenseTarget", "ROW_ALIGN"]
+__all__ = ["DenseProbes", "ModuleScope", "ProbeTracker", "VirtualDenseTarget", "ROW_ALIGN"]

@@ -26,7 +26,7 @@ from .._signals import interrupts_deferred
 from .._validate import (FLOAT32_MAX, StorageBudget, as_seed, check_nesting,
                          float32_value, is_finite_number)
 from .._warn import warn
-from ..dense_probe import DenseProbes, ProbeTracker, VirtualDenseTarget
+from ..dense_probe import DenseProbes, ModuleScope, ProbeTracker, VirtualDenseTarget
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..ops.undo import UndoLog
 from ..space import ParameterSpace, canonical_name, check_disjoint_spaces
@@ -464,11 +464,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         before = _random_state()
         loss = evaluate(closure)
         after = _random_state()
-        moves = list(self.held.held)
+        moves = step_moves = list(self.held.held)
         self.held.restore()
         if not self._on_every_rank(bool(torch.isfinite(loss).all()), loss.device):
             return loss  # nothing to compare: checked again on the next probe
-        reference, reason, virtual = loss, None, None
+        reference, reason, virtual, scope = loss, None, None, None
         try:
             if self._probes_some_layers(moves):
                 # LeZO's probe perturbs some layers: every parameter is checked once, against an
@@ -498,6 +498,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                         return evaluate(closure)
                 # the virtual path failing where in place did not decides the check: in place
                 virtual, reason = self._attempt(trial_probe, "the virtual probe")
+                if (virtual is not None and tracker.write is None
+                        and _same_bits(virtual, reference)):
+                    scope = self._checked_scope(trial, tracker, closure, evaluate, step_moves,
+                                                candidates, before, loss)
         finally:
             _set_random_state(after)
         # the decision and the split it makes, together: an interrupt waits for both (half a
@@ -515,6 +519,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 reason = "the check failed on another rank"
             if reason is None:
                 reason = self._split_virtual(trial, candidates, tracker)
+            if reason is None and scope is not None:
+                self._probes.scope = scope
             if not self.held.exact:  # drop the check's log buffers: nothing logs from now on
                 for i in self._dense_targets:
                     self.held.replace(i, self.held.targets[i])
@@ -523,6 +529,35 @@ class ZOOptimizer(torch.optim.Optimizer):
                 warn(f"{type(self).__name__}: probe='virtual' falls back to in-place probes: "
                      f"{reason}")
         return loss
+
+    def _checked_scope(self, trial: DenseProbes, tracker: ProbeTracker, closure: Closure,
+                       evaluate: Callable[[Closure], torch.Tensor], moves: list[Any],
+                       candidates: list[list[int]], before: Any,
+                       loss: torch.Tensor) -> ModuleScope | None:
+        """Where the probes' mode may be left off (dense_probe.ModuleScope: modules whose
+        tracked forward read no perturbed parameter), checked: this step's probe (`moves`,
+        LeZO's layers included), evaluated virtually with the mode left off there from the
+        random state `before`, must equal the in-place `loss` bit for bit. None where nothing
+        would be left off, where that differs or raises, or where the forwards gather shards
+        (every rank must run the same forwards)."""
+        if self._sharded_forwards():
+            return None
+        scope = ModuleScope(tracker)
+        for g, target in enumerate(trial.targets):
+            target.hold(moves[self._dense_targets[g]])
+        if not scope.outside(trial.perturbed_ids()):
+            return None
+        trial.scope = scope
+        _set_random_state(before)
+
+        def scoped_probe() -> torch.Tensor:
+            with self._others_in_place(moves, candidates), trial.probing():
+                return evaluate(closure)
+        try:
+            result, failed = self._attempt(scoped_probe, "the probe with the mode left off")
+        finally:
+            trial.scope = None
+        return scope if failed is None and _same_bits(result, loss) else None
 
     @contextlib.contextmanager
     def _others_in_place(self, moves: list[Any], candidates: list[list[int]]) -> Any:

@@ -114,27 +114,27 @@ def perturb_pieces_cpu(seeds: list[int], scales: list[float], dist: str, roundin
                        rounding_seed: int, contract: int = DEFAULT_CONTRACT
                        ) -> Callable[..., None]:
     """perturb_cpu for many small passes of one perturbation (decays 1, no logs, no recovery),
-    its constant arguments bound once. The returned call(pieces, keys, starts, sources=None)
-    writes pieces[k][i] = round(s[i] + sum_j scales[j] * z(seeds[j], keys[k], starts[k] + i)),
-    s = sources[k] (None: the piece itself): contiguous CPU tensors of one dtype that the caller
-    built (not validated here). The virtual dense probes draw ~45 chunks per forward on `small`:
-    binding saves 1.4-2.5 ms of a step at 1 thread (benchmarks/dense_probe_calls.py,
-    docs/dense-probes.md)."""
+    its constant arguments bound once. The returned call(pointers, numels, dtype, keys, starts,
+    sources=None) writes piece k (numels[k] contiguous elements of `dtype` at address
+    pointers[k]) as piece[i] = round(s[i] + sum_j scales[j] * z(seeds[j], keys[k],
+    starts[k] + i)), s the piece itself or the contiguous elements at sources[k] (addresses):
+    CPU memory the caller owns and keeps alive (not validated here). The virtual dense probes
+    draw ~45 chunks per forward on `small`: binding saves 1.4-2.5 ms of a step at 1 thread
+    (benchmarks/dense_probe_calls.py, docs/dense-probes.md); addresses let an embedding's rows
+    be drawn without a tensor per row."""
     ext = load_cpu_extension()
     codes = native_contract(rounding, contract)
     seeds, scales, dist_code = list(seeds), list(scales), DIST_CODES[dist]
 
-    def call(pieces: list[Tensor], keys: list[int], starts: list[int],
-             sources: list[Tensor] | None = None) -> None:
-        numels = [p.numel() for p in pieces]
+    def call(pointers: list[int], numels: list[int], dtype: torch.dtype, keys: list[int],
+             starts: list[int], sources: list[int] | None = None) -> None:
         extra: dict = {}
         if any(starts):  # element i of piece k is element starts[k] + i of its tensor
             extra = dict(index_offsets=list(starts), index_local_spans=numels,
                          index_global_spans=numels)
         if sources is not None:
-            extra["source_ptrs"] = [s.data_ptr() for s in sources]
-        ext.perturb([p.data_ptr() for p in pieces], numels, list(keys), [1.0] * len(pieces),
-                    DTYPE_CODES[pieces[0].dtype], seeds, scales, [], dist_code,
-                    codes["rounding"], rounding_seed, torch.get_num_threads(),
-                    contract=codes["contract"], **extra)
+            extra["source_ptrs"] = sources
+        ext.perturb(pointers, numels, list(keys), [1.0] * len(pointers), DTYPE_CODES[dtype],
+                    seeds, scales, [], dist_code, codes["rounding"], rounding_seed,
+                    torch.get_num_threads(), contract=codes["contract"], **extra)
     return call

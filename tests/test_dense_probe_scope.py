@@ -1,0 +1,362 @@
+"""Virtual dense probes (zokernels.dense_probe), their cost on the CPU:
+
+- a chunked F.linear whose GEMMs write their columns of the output directly gives F.linear's
+  bits on every input it takes (2-D / 3-D / 4-D, contiguous or not, with or without bias, the
+  three float dtypes);
+- the probes' torch-function mode is left off inside modules whose tracked forward read no
+  perturbed parameter (LeZO's unselected blocks, ModuleScope), checked on the first probe: the
+  steps still equal the in-place ones bit for bit, reads of a perturbed parameter from inside
+  another block or from a user's hook keep the mode on there, a user's own mode keeps seeing
+  every call, and an exception or a KeyboardInterrupt anywhere leaves no hook, no mode on the
+  stack and the weights as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zokernels.dense_probe as dense_probe
+from zokernels.held import SeededNoise
+from zokernels.optim import LeZO, MeZO
+
+from helpers import assert_bits_equal, assert_interrupted_step_leaves_weights, assert_same, snapshot
+
+
+def _linear_draw(dtype: torch.dtype, bias: bool):
+    """A virtual target over a 300 x 24 linear weight holding a perturbation, its _Draw (chunks
+    of ROW_ALIGN = 256 rows: 256 + 44) and the weight's position."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(24, 300, bias=bias).to(dtype)
+    x = torch.randn(2, 24, dtype=dtype)
+    opt = MeZO(model.named_parameters(), eps=1e-3, backend="cpu", probe="virtual")
+    opt.step(lambda: model(x).float().mean())
+    assert opt.dense_probe_status.startswith("virtual"), opt.dense_probe_status
+    target = opt._probes.targets[0]
+    target.hold(SeededNoise((7,), (1e-3,)))
+    opt._probes.scratch_elements = 1
+    names = target.space.names
+    draw = dense_probe._Draw(opt._probes, target)
+    return target, draw, names.index("weight"), names.index("bias") if bias else None
+
+
+INPUTS = {
+    "2d": lambda dt: torch.randn(5, 24, dtype=dt),
+    "3d": lambda dt: torch.randn(3, 5, 24, dtype=dt),
+    "4d": lambda dt: torch.randn(2, 3, 5, 24, dtype=dt),
+    "transposed": lambda dt: torch.randn(3, 24, 5, dtype=dt).transpose(1, 2),
+    "strided": lambda dt: torch.randn(3, 5, 48, dtype=dt)[..., ::2],
+    "no rows": lambda dt: torch.randn(0, 5, 24, dtype=dt),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", list(INPUTS))
+def test_chunked_linear_equals_f_linear_of_the_whole_perturbed_weight(dtype, bias, shape):
+    target, draw, j, b = _linear_draw(dtype, bias)
+    try:
+        whole = draw.row_block(j, 0, 300)
+        bias_value = None if b is None else draw.wholes([b])[0]
+        torch.manual_seed(3)
+        x = INPUTS[shape](dtype)
+        with torch.no_grad():
+            expected = F.linear(x, whole, bias_value)
+            actual = draw.linear(x, j, bias_value)
+        assert actual.shape == expected.shape and actual.is_contiguous()
+        assert_bits_equal(actual, expected, f"{shape} input")
+    finally:
+        target.hold(None)
+
+
+def test_the_direct_path_is_taken_where_it_applies():
+    """_flat_input: the GEMMs write the output where F.linear's CPU path is one mm / addmm of
+    the flattened input, and not where it is not (non-contiguous, 4-D with a bias, autograd)."""
+    w = torch.zeros(300, 24)
+    b = torch.zeros(300)
+    assert dense_probe._flat_input(torch.zeros(3, 5, 24), w, b).shape == (15, 24)
+    assert dense_probe._flat_input(torch.zeros(2, 3, 5, 24), w, None).shape == (30, 24)
+    assert dense_probe._flat_input(torch.zeros(2, 3, 5, 24), w, b) is None
+    assert dense_probe._flat_input(torch.zeros(3, 24, 5).transpose(1, 2), w, b) is None
+    assert dense_probe._flat_input(torch.zeros(24), w, b) is None
+    assert dense_probe._flat_input(torch.zeros(3, 24, dtype=torch.float64), w, None) is None
+    assert dense_probe._flat_input(torch.zeros(3, 24, requires_grad=True), w, None) is None
+    with torch.no_grad():
+        assert dense_probe._flat_input(torch.zeros(3, 24, requires_grad=True), w, None) is not None
+
+
+class Block(torch.nn.Module):
+    """A pre-norm MLP block that makes a dozen torch calls per forward (above
+    MIN_CALLS_OUTSIDE_MODE); `borrow`, when set, is a parameter of another module it also
+    reads (a cross-block read)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.up = torch.nn.Linear(width, 2 * width)
+        self.down = torch.nn.Linear(2 * width, width)
+        self.borrow: torch.nn.Parameter | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h)
+        x = self.up(x).view(*x.shape[:-1], 2, -1).transpose(-1, -2).reshape(*x.shape[:-1], -1)
+        x = F.gelu(x) * 0.5 + torch.tanh(x) * 0.5
+        x = self.down(x)
+        if self.borrow is not None:
+            x = x + F.linear(x, self.borrow[:, : x.shape[-1]])[..., : x.shape[-1]]
+        return h + x.clamp(-10, 10)
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, vocab: int = 64, width: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.blocks = torch.nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def stack(dtype: torch.dtype = torch.bfloat16, seed: int = 0, borrow: bool = False) -> Stack:
+    torch.manual_seed(seed)
+    model = Stack()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    if borrow:  # block 2 also reads block 0's up-projection (not registered a second time)
+        object.__setattr__(model.blocks[2], "borrow", model.blocks[0].up.weight)
+    return model.to(dtype)
+
+
+IDS = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
+
+
+def stack_closure(model: torch.nn.Module):
+    def closure():
+        logits = model(IDS[:, :-1]).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), IDS[:, 1:].reshape(-1))
+    return closure
+
+
+def lezo(model: Stack, probe: str, **kw) -> LeZO:
+    return LeZO(model.named_parameters(), layers=list(model.blocks), n_active=1, lr=1e-2,
+                eps=1e-3, weight_decay=0.1, backend="cpu", probe=probe, **kw)
+
+
+class Counting(torch.overrides.TorchFunctionMode):
+    """Counts the torch calls made while the blocks run (a user's own mode)."""
+
+    def __init__(self, model: Stack) -> None:
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_mode_calls(monkeypatch) -> list:
+    """The calls the probes' mode handles (func names), recorded."""
+    seen = []
+    original = dense_probe._ProbeMode.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(getattr(func, "__name__", repr(func)))
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(dense_probe._ProbeMode, "__torch_function__", spy)
+    return seen
+
+
+def steps_equal_in_place(model_kw: dict, steps: int = 5, **opt_kw) -> tuple:
+    """LeZO steps with virtual probes on one model and in place on its twin: the losses and
+    weights equal bit for bit. Returns (optimizer, model) of the virtual run."""
+    nets = {probe: stack(**model_kw) for probe in ("inplace", "virtual")}
+    opts = {probe: lezo(net, probe, **opt_kw) for probe, net in nets.items()}
+    for k in range(steps):
+        losses = {p: opts[p].step(stack_closure(nets[p])) for p in nets}
+        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
+    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+    assert opts["virtual"].dense_probe_status == "virtual (27 of 27 parameters)"
+    return opts["virtual"], nets["virtual"]
+
+
+def test_lezo_leaves_the_mode_off_in_the_unselected_blocks(monkeypatch):
+    seen = count_mode_calls(monkeypatch)
+    opt, model = steps_equal_in_place({})
+    scope = opt._probes.scope
+    assert scope is not None
+    blocks = list(model.blocks)
+    # a block is left out whenever none of its parameters is perturbed, never otherwise
+    block_of = {id(p): b for b, block in enumerate(blocks) for p in block.parameters()}
+    outside = scope.outside({id(p) for p in model.blocks[1].parameters()})
+    assert outside == [blocks[0], blocks[2], blocks[3]]
+    assert all(id(p) in block_of for b in outside for p in b.parameters())
+    # a later step: the mode handles the calls of the selected block only (plus the
+    # embedding's, the head's and the loss's), about a quarter of the blocks' calls
+    seen.clear()
+    opt.step(stack_closure(model))
+    with_mode = len(seen)
+    seen.clear()
+    opt._probes.scope = None
+    opt.step(stack_closure(model))
+    assert with_mode < 0.6 * len(seen), (with_mode, len(seen))
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in blocks)  # removed
+
+
+def test_mezo_leaves_nothing_out_and_runs_no_extra_forward():
+    """Every block reads a perturbed parameter in every MeZO probe: no scope, and the first
+    step evaluates the closure three times (in place, virtual, -eps), not four."""
+    model = stack()
+    opt = MeZO(model.named_parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe="virtual")
+    calls = []
+    closure = stack_closure(model)
+    opt.step(lambda: calls.append(1) or closure())
+    assert len(calls) == 3 and opt._probes.scope is None
+
+
+def test_a_cross_block_read_keeps_the_mode_on_in_the_reading_block():
+    """Block 2 reads block 0's weight: with block 0 selected block 2 is not left out (its read
+    sees the perturbation), and the steps equal the in-place ones."""
+    opt, model = steps_equal_in_place({"borrow": True}, steps=8)
+    blocks = list(model.blocks)
+    outside = opt._probes.scope.outside({id(p) for p in blocks[0].parameters()})
+    assert blocks[2] not in outside and blocks[0] not in outside
+    assert blocks[1] in outside and blocks[3] in outside
+
+
+def test_user_hooks_on_a_left_out_block():
+    """A user's forward hook on a block runs after the probe's hook put the mode back (its read
+    of the head's weight, perturbed every step, is seen); a user's pre-hook that reads a
+    parameter makes the block's record read it."""
+    def add_head_norm(module, args, output):
+        return output + module.owner.head.weight.float().norm().to(output.dtype) * 1e-2
+
+    def scale_by_embedding(module, args):
+        return (args[0] * (1 + module.owner.embed.weight[0, 0]),)
+
+    nets = {probe: stack(torch.float32) for probe in ("inplace", "virtual")}
+    for net in nets.values():
+        for block in net.blocks:
+            object.__setattr__(block, "owner", net)
+        net.blocks[1].register_forward_hook(add_head_norm)
+        net.blocks[3].register_forward_pre_hook(scale_by_embedding)
+    opts = {p: lezo(net, p) for p, net in nets.items()}
+    for k in range(6):
+        losses = {p: opts[p].step(stack_closure(nets[p])) for p in nets}
+        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
+    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+    scope = opts["virtual"]._probes.scope
+    blocks = list(nets["virtual"].blocks)
+    assert blocks[1] in scope.outside({id(nets["virtual"].head.weight)})
+    assert blocks[3] not in scope.outside({id(nets["virtual"].embed.weight)})
+
+
+def test_a_users_mode_still_sees_every_call():
+    """A user's mode around the steps sees the calls of the left-out blocks too (only the
+    probes' own mode is taken off), and the stack is as it was after each step."""
+    model = stack()
+    opt = lezo(model, "virtual")
+    closure = stack_closure(model)
+    opt.step(closure)
+    assert opt._probes.scope is not None
+    plain = Counting(model)
+    with plain, torch.no_grad():
+        closure()
+    with Counting(model) as user:
+        opt.step(closure)
+        assert torch._C._len_torch_function_stack() == 1
+    assert user.calls >= 2 * plain.calls  # two probes' forwards, every call seen
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_mode_pushed_inside_a_block_keeps_the_stack_consistent():
+    """A block whose forward runs under a mode of its own: the probes' mode is below it and
+    stays on (nothing is popped out of order); steps equal the in-place ones."""
+    class Quiet(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, block: torch.nn.Module) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, h):
+            with Quiet():
+                return self.block(h)
+
+    nets = {probe: stack() for probe in ("inplace", "virtual")}
+    for net in nets.values():
+        net.blocks[2] = Wrapped(net.blocks[2])
+    opts = {p: LeZO(n.named_parameters(), layers=list(n.blocks), n_active=1, lr=1e-2,
+                    eps=1e-3, backend="cpu", probe=p) for p, n in nets.items()}
+    for k in range(6):
+        losses = {p: opts[p].step(stack_closure(nets[p])) for p in nets}
+        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
+        assert torch._C._len_torch_function_stack() == 0
+    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_a_failure_inside_a_left_out_block_leaves_nothing_behind(interrupt):
+    """An exception (or a KeyboardInterrupt, which skips always-called hooks) raised inside a
+    block while the mode is off: the step fails, the weights are bit-identical, no hook is
+    left on any module and the torch-function stack is empty; the next step runs."""
+    model = stack()
+    opt = lezo(model, "virtual")
+    closure = stack_closure(model)
+    opt.step(closure)
+    assert opt._probes.scope is not None
+    error = KeyboardInterrupt if interrupt else RuntimeError
+    state = {"armed": False}
+
+    def fail(module, args):  # runs after the probe's pre-hook, with the mode off
+        if state["armed"] and not torch._C._is_torch_function_mode_enabled():
+            raise error("inside a left-out block")
+
+    for block in model.blocks:
+        block.register_forward_pre_hook(fail)
+    state["armed"] = True
+    with pytest.raises(error):
+        for _ in range(4):  # every step leaves some block out: the first fails
+            before = snapshot(model)
+            opt.step(closure)
+    assert_same(snapshot(model), before, "weights after the failed step")
+    assert torch._C._len_torch_function_stack() == 0
+    for block in model.blocks:
+        assert list(block._forward_pre_hooks.values()) == [fail] and not block._forward_hooks
+    state["armed"] = False
+    opt.step(closure)
+
+
+def test_an_interrupt_in_a_step_with_left_out_blocks_leaves_the_weights():
+    model = stack()
+    opt = lezo(model, "virtual")
+    closure = stack_closure(model)
+    opt.step(closure)
+    assert opt._probes.scope is not None
+    for fail_at in (1, 2):
+        assert_interrupted_step_leaves_weights(opt.step, model, closure, fail_at, "LeZO")
+        assert torch._C._len_torch_function_stack() == 0
+
+
+def test_the_check_keeps_the_mode_on_where_leaving_it_off_fails(monkeypatch):
+    """The first step's probe with the mode left off raises: the virtual probes are kept with
+    the mode on everywhere (no scope), and the steps still equal the in-place ones."""
+    original = dense_probe._Suspension._enter
+    calls = []
+
+    def enter(self, module, args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("no")
+        return original(self, module, args)
+
+    monkeypatch.setattr(dense_probe._Suspension, "_enter", enter)
+    opt, _ = steps_equal_in_place({}, steps=3)
+    assert calls and opt._probes.scope is None
