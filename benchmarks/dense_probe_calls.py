@@ -66,7 +66,7 @@ def previous(opt) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if opt._probes is not None:  # decided by the first probe's check
             stack.enter_context(_patched(opt._probes, "scope", None))
-        stack.enter_context(_patched(dense_probe, "_flat_input", lambda *args: None))
+        stack.enter_context(_patched(dense_probe, "_direct_gemm", lambda *args: None))
         stack.enter_context(_patched(dense_probe._Draw, "_draw_rows", _rows_one_tensor_each))
         yield
 

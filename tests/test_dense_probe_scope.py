@@ -1,8 +1,9 @@
 """Virtual dense probes (zokernels.dense_probe), their cost on the CPU:
 
 - a chunked F.linear whose GEMMs write their columns of the output directly gives F.linear's
-  bits on every input it takes (2-D / 3-D / 4-D, contiguous or not, with or without bias, the
-  three float dtypes);
+  bits on every input it takes (2-D / 3-D / 4-D, contiguous or not, odd strides, with or
+  without bias, the three float dtypes), and copies its chunks where out= cannot follow
+  F.linear (autocast, vmap, forward-mode AD);
 - the probes' torch-function mode is left off inside modules whose tracked forward read no
   perturbed parameter (LeZO's unselected blocks, ModuleScope), checked on the first probe: the
   steps still equal the in-place ones bit for bit, reads of a perturbed parameter from inside
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import zokernels.dense_probe as dense_probe
@@ -24,10 +26,10 @@ from helpers import assert_bits_equal, assert_interrupted_step_leaves_weights, a
 
 
 def _linear_draw(dtype: torch.dtype, bias: bool):
-    """A virtual target over a 300 x 24 linear weight holding a perturbation, its _Draw (chunks
-    of ROW_ALIGN = 256 rows: 256 + 44) and the weight's position."""
+    """A virtual target over a 600 x 24 linear weight holding a perturbation, its _Draw (chunks
+    of ROW_ALIGN = 256 rows: 256 + 256 + 88) and the weight's position."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(24, 300, bias=bias).to(dtype)
+    model = torch.nn.Linear(24, 600, bias=bias).to(dtype)
     x = torch.randn(2, 24, dtype=dtype)
     opt = MeZO(model.named_parameters(), eps=1e-3, backend="cpu", probe="virtual")
     opt.step(lambda: model(x).float().mean())
@@ -42,6 +44,9 @@ def _linear_draw(dtype: torch.dtype, bias: bool):
 
 INPUTS = {
     "2d": lambda dt: torch.randn(5, 24, dtype=dt),
+    "2d transposed": lambda dt: torch.randn(24, 5, dtype=dt).t(),
+    "4d transposed": lambda dt: torch.randn(2, 3, 24, 5, dtype=dt).transpose(-1, -2),
+    "expanded": lambda dt: torch.randn(1, 1, 24, dtype=dt).expand(3, 5, 24),
     "3d": lambda dt: torch.randn(3, 5, 24, dtype=dt),
     "4d": lambda dt: torch.randn(2, 3, 5, 24, dtype=dt),
     "transposed": lambda dt: torch.randn(3, 24, 5, dtype=dt).transpose(1, 2),
@@ -56,7 +61,8 @@ INPUTS = {
 def test_chunked_linear_equals_f_linear_of_the_whole_perturbed_weight(dtype, bias, shape):
     target, draw, j, b = _linear_draw(dtype, bias)
     try:
-        whole = draw.row_block(j, 0, 300)
+        # what the in-place probe multiplies: the weight, a parameter (requires grad)
+        whole = draw.row_block(j, 0, 600).requires_grad_()
         bias_value = None if b is None else draw.wholes([b])[0]
         torch.manual_seed(3)
         x = INPUTS[shape](dtype)
@@ -70,19 +76,209 @@ def test_chunked_linear_equals_f_linear_of_the_whole_perturbed_weight(dtype, bia
 
 
 def test_the_direct_path_is_taken_where_it_applies():
-    """_flat_input: the GEMMs write the output where F.linear's CPU path is one mm / addmm of
-    the flattened input, and not where it is not (non-contiguous, 4-D with a bias, autograd)."""
-    w = torch.zeros(300, 24)
+    """_direct_gemm: the GEMMs write the output where F.linear's CPU path is one mm / addmm (the
+    bias fused, or added after the product of a folded non-contiguous input), not elsewhere."""
+    w = torch.nn.Parameter(torch.zeros(300, 24))
     b = torch.zeros(300)
-    assert dense_probe._flat_input(torch.zeros(3, 5, 24), w, b).shape == (15, 24)
-    assert dense_probe._flat_input(torch.zeros(2, 3, 5, 24), w, None).shape == (30, 24)
-    assert dense_probe._flat_input(torch.zeros(2, 3, 5, 24), w, b) is None
-    assert dense_probe._flat_input(torch.zeros(3, 24, 5).transpose(1, 2), w, b) is None
-    assert dense_probe._flat_input(torch.zeros(24), w, b) is None
-    assert dense_probe._flat_input(torch.zeros(3, 24, dtype=torch.float64), w, None) is None
-    assert dense_probe._flat_input(torch.zeros(3, 24, requires_grad=True), w, None) is None
+    plan = dense_probe._direct_gemm
+    flat, fused = plan(torch.zeros(3, 5, 24), w, b)
+    assert flat.shape == (15, 24) and fused
+    assert plan(torch.zeros(2, 3, 5, 24), w, None)[0].shape == (30, 24)
+    assert plan(torch.zeros(2, 3, 5, 24), w, b)[1]
+    x = torch.zeros(3, 24, 5).transpose(1, 2)
+    flat, fused = plan(x, w, b)
+    assert flat.shape == (15, 24) and flat.is_contiguous() and not fused
+    row = torch.zeros(24, 1).t()  # 2-D: multiplied as it is
+    assert plan(row, w, b)[0] is row
+    assert plan(torch.zeros(24), w, b) is None
+    assert plan(torch.zeros(3, 24, dtype=torch.float64), w, None) is None
+    assert plan(torch.zeros(3, 24, requires_grad=True), w, None) is None
+    assert plan(torch.zeros(3, 24), w.detach(), None) is None  # matmul folds by other rules
     with torch.no_grad():
-        assert dense_probe._flat_input(torch.zeros(3, 24, requires_grad=True), w, None) is not None
+        assert plan(torch.zeros(3, 24, requires_grad=True), w, None) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert plan(torch.zeros(3, 24), w, None) is None
+
+
+def _direct_draw(k: int, rows: int, dtype: torch.dtype, bias: bool):
+    """A virtual target over a rows x k linear weight holding a perturbation, drawn in chunks
+    of ROW_ALIGN = 256 rows (rows a multiple of 256: no tail chunk)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(k, rows, bias=bias).to(dtype)
+    opt = MeZO(model.named_parameters(), eps=1e-3, backend="cpu", probe="inplace")
+    target = dense_probe.VirtualDenseTarget(opt.spaces[0])
+    probes = dense_probe.DenseProbes([target], scratch_elements=1)
+    target.hold(SeededNoise((7,), (1e-3,)))
+    names = target.space.names
+    return (dense_probe._Draw(probes, target), names.index("weight"),
+            names.index("bias") if bias else None)
+
+
+CASES = {
+    # a column vector transposed: (1, k) with strides (1, 1); F.linear hands it to mm as is
+    "column.t() fp16": (torch.float16, 1000, False,
+                        lambda k, dt: torch.randn(k, 1, dtype=dt).t()),
+    "column.t() fp16 bias": (torch.float16, 1000, True,
+                             lambda k, dt: torch.randn(k, 1, dtype=dt).t()),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_direct_gemm_equals_f_linear_on_contiguous_inputs_with_odd_strides(case):
+    dtype, k, bias, make = CASES[case]
+    draw, j, b = _direct_draw(k, 768, dtype, bias)
+    whole = draw.row_block(j, 0, 768).requires_grad_()
+    bias_value = None if b is None else draw.wholes([b])[0]
+    torch.manual_seed(5)
+    x = make(k, dtype)
+    assert x.is_contiguous()
+    with torch.no_grad():
+        expected = F.linear(x, whole, bias_value)
+        actual = draw.linear(x, j, bias_value)
+    assert_bits_equal(actual, expected, case)
+
+
+def _mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)  # the first layer: 600 rows of 256 columns, chunked (256 rows)
+    return torch.nn.Sequential(torch.nn.Linear(256, 600), torch.nn.Tanh(), torch.nn.Linear(600, 8))
+
+
+X = torch.randn(4, 256, generator=torch.Generator().manual_seed(1))
+
+
+def test_steps_inside_autocast_equal_in_place():
+    """The first step (the check) outside autocast, the next ones inside
+    torch.autocast("cpu", bfloat16), as docs/dense-probes.md supports."""
+    nets = {p: _mlp() for p in ("inplace", "virtual")}
+    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe=p)
+            for p, n in nets.items()}
+    for k in range(3):
+        losses = {}
+        for p in nets:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=k > 0):
+                losses[p] = opts[p].step(lambda: nets[p](X).float().pow(2).mean())
+        assert opts["virtual"].dense_probe_status.startswith("virtual")
+        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
+    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+
+
+def test_check_inside_autocast_keeps_the_virtual_path():
+    """Every step inside autocast: the check passes (out= GEMMs would bypass the autocast)."""
+    net = _mlp()
+    opt = MeZO(net.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe="virtual")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.step(lambda: net(X).float().pow(2).mean())
+    assert opt.dense_probe_status.startswith("virtual"), opt.dense_probe_status
+
+
+def test_direct_gemm_under_vmap_and_forward_ad():
+    """F.linear works on functorch-batched and dual (forward-AD) inputs, out= GEMMs do not:
+    the chunks are copied there."""
+    draw, j, _ = _direct_draw(24, 768, torch.float32, False)
+    whole = draw.row_block(j, 0, 768)
+    xs = torch.randn(4, 5, 24)
+    with torch.no_grad():
+        expected = torch.vmap(lambda x: F.linear(x, whole))(xs)
+        actual = torch.vmap(lambda x: draw.linear(x, j, None))(xs)
+    assert_bits_equal(actual, expected, "vmap")
+    with fwAD.dual_level():
+        x = fwAD.make_dual(torch.randn(5, 24), torch.randn(5, 24))
+        actual = fwAD.unpack_dual(draw.linear(x, j, None))
+        expected = fwAD.unpack_dual(F.linear(x, whole))
+    assert_bits_equal(actual.primal, expected.primal, "primal")
+    assert_bits_equal(actual.tangent, expected.tangent, "tangent")
+
+
+class PerExample(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(256, 600)  # chunked: 256 rows per chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.vmap(lambda item: torch.tanh(self.lin(item)))(x)
+
+
+def test_a_forward_with_vmap_keeps_the_virtual_path():
+    torch.manual_seed(0)
+    net = PerExample()
+    xs = torch.randn(4, 3, 256, generator=torch.Generator().manual_seed(1))
+    opt = MeZO(net.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe="virtual")
+    opt.step(lambda: net(xs).pow(2).mean())
+    assert opt.dense_probe_status.startswith("virtual"), opt.dense_probe_status
+
+
+def test_fp16_row_input_with_unit_strides_keeps_the_virtual_path():
+    """A (1, 256) fp16 input with strides (1, 1) (a column vector transposed): F.linear's
+    addmm takes it as it is; the direct path's view gives it strides (256, 1), another
+    fp16 GEMM (the bits differed for some inputs: seed 2 here)."""
+    for seed in range(6):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(256, 768).half()  # chunked: 256 rows per chunk
+        x = torch.randn(256, 1, dtype=torch.float16,
+                        generator=torch.Generator().manual_seed(seed)).t()
+        opt = MeZO(net.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe="virtual")
+        opt.step(lambda: net(x).float().pow(2).mean())
+        assert opt.dense_probe_status.startswith("virtual"), (seed, opt.dense_probe_status)
+
+
+@pytest.mark.parametrize("rows", [520, 263, 300])
+@pytest.mark.parametrize("inputs", [2, 4, 17])
+def test_a_short_last_chunk_takes_rows_from_the_one_before(rows, inputs):
+    """fp32, 256-row chunks: a last chunk of 8 rows (520) gave other bits than the whole
+    F.linear from 4 input rows on; split 256 + 192 + 72 it matches (263: 192 + 71, 300:
+    192 + 108), the largest draw still one 256-row chunk."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, rows)
+    opt = MeZO(model.named_parameters(), eps=1e-3, backend="cpu", probe="inplace")
+    target = dense_probe.VirtualDenseTarget(opt.spaces[0])
+    probes = dense_probe.DenseProbes([target], scratch_elements=1)
+    target.hold(SeededNoise((7,), (1e-3,)))
+    draw, j = dense_probe._Draw(probes, target), target.space.names.index("weight")
+    whole = draw.row_block(j, 0, rows).requires_grad_()
+    x = torch.randn(inputs, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_bits_equal(draw.linear(x, j, None), F.linear(x, whole), f"{rows} rows")
+        assert_bits_equal(draw.linear(x[None], j, None), F.linear(x[None], whole), "3-D")
+    largest = {520: 256, 263: 192, 300: 192}[rows]
+    assert probes.draw_elements(model.weight, {"linear"}) == largest * 256
+    assert dense_probe._row_chunks(520, 256) == [(0, 256), (256, 448), (448, 520)]
+    assert dense_probe._row_chunks(300, 256) == [(0, 192), (192, 300)]
+    assert dense_probe._row_chunks(600, 256) == [(0, 256), (256, 512), (512, 600)]
+    assert dense_probe._row_chunks(256, 256) == [(0, 256)]
+    assert dense_probe._row_chunks(0, 256) == []
+
+
+class TokenMixer(torch.nn.Module):
+    """MLP-Mixer's token mixing: a Linear over the sequence, fed a transposed (non-contiguous)
+    3-D input, chunked (600 rows of 256-row chunks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = torch.nn.Linear(9, 600)
+        self.out = torch.nn.Linear(600, 4)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(h.transpose(1, 2))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_transposed_input_stays_virtual_and_equals_in_place(dtype):
+    """F.linear folds a non-contiguous input of a parameter (which requires grad) to rows and
+    adds the bias after the product; the chunks do the same (the copy of no-grad chunks ran
+    bmm instead, other fp16 bits: the check fell back to in place)."""
+    h = torch.randn(3, 9, 16, generator=torch.Generator().manual_seed(3)).to(dtype)
+    nets = {}
+    for probe in ("inplace", "virtual"):
+        torch.manual_seed(0)
+        nets[probe] = TokenMixer().to(dtype)
+    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe=p)
+            for p, n in nets.items()}
+    for k in range(3):
+        losses = {p: opts[p].step(lambda: nets[p](h).float().pow(2).mean()) for p in nets}
+        assert opts["virtual"].dense_probe_status.startswith("virtual"), \
+            opts["virtual"].dense_probe_status
+        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
+    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
 
 
 class Block(torch.nn.Module):
@@ -360,3 +556,21 @@ def test_the_check_keeps_the_mode_on_where_leaving_it_off_fails(monkeypatch):
     monkeypatch.setattr(dense_probe._Suspension, "_enter", enter)
     opt, _ = steps_equal_in_place({}, steps=3)
     assert calls and opt._probes.scope is None
+
+
+def test_the_environment_can_keep_the_mode_on_everywhere(monkeypatch):
+    """ZOKERNELS_PROBE_SCOPE=0: no scope, no extra evaluation, the same steps."""
+    monkeypatch.setenv(dense_probe.SCOPE_ENV, "0")
+    model = stack()
+    opt = lezo(model, "virtual")
+    calls = []
+    closure = stack_closure(model)
+    opt.step(lambda: calls.append(1) or closure())
+    assert len(calls) == 4 and opt._probes.scope is None  # in place, every layer, virtual, -eps
+    monkeypatch.setenv(dense_probe.SCOPE_ENV, "1")
+    model = stack()
+    opt = lezo(model, "virtual")
+    closure = stack_closure(model)
+    calls.clear()
+    opt.step(lambda: calls.append(1) or closure())
+    assert len(calls) == 5 and opt._probes.scope is not None

@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.nn.modules import module as _module
 from torch.overrides import TorchFunctionMode
 
@@ -50,6 +53,12 @@ from .space import ParameterSpace
 # bf16), F.linear over row chunks of 341 or 1365 rows differs from the whole product in a few
 # outputs, over multiples of 64 never; 256 leaves margin.
 ROW_ALIGN = 256
+# A weight's last chunk is at least this many rows (the chunk before it gives up 64): measured
+# (torch 2.13, fp32, 1 thread), a last chunk of 1-63 rows (e.g. 520 = 2 x 256 + 8) gave other
+# bits than the whole product from 4 input rows on (not at 1-3: a check on a small batch would
+# pass and a later batch differ); so split (256 + 192 + 72), every case of 257-2148 rows x
+# 48-768 columns x 1-255 inputs matched, in fp32, bf16 and fp16.
+MIN_LAST_CHUNK_ROWS = 64
 # A linear weight's chunk aims at 1% of the virtual parameters' elements, at least 2^16 (and
 # never below ROW_ALIGN rows): measured on OPT-125m bf16 (CPU), 1% makes the ZO part 0.83x that
 # of exact_restore=False at 0.94% extra memory. One draw may hold up to 4% (a ROW_ALIGN-row
@@ -288,6 +297,15 @@ class ProbeTracker:
 # about 3 us per call of a cheap op (more through torch.nn.functional's Python wrappers), taking
 # it off and back by a module's hooks about 8 us per entry (the hooks' registration included).
 MIN_CALLS_OUTSIDE_MODE = 8
+# ZOKERNELS_PROBE_SCOPE=0: the first probe's check looks for no module to leave out (the mode
+# stays on everywhere, as before 2026-12-07b), e.g. for a forward whose reads of a parameter
+# move between modules from one step to the next.
+SCOPE_ENV = "ZOKERNELS_PROBE_SCOPE"
+
+
+def scope_wanted() -> bool:
+    """Whether the probes may leave their mode off in some modules (SCOPE_ENV is not "0")."""
+    return os.environ.get(SCOPE_ENV, "1").strip() != "0"
 
 
 class ModuleScope:
@@ -319,11 +337,14 @@ class _Suspension:
     first of the module's, pops it where it is on top; its forward hook, first of the
     module's and always called, pushes it back): their torch calls cost nothing extra. A
     module entered inside another, or below a mode the forward pushed itself, keeps the stack
-    as it is. Under torch.compile's tracing the hooks do nothing. `close` removes the hooks
-    and puts the mode back if a BaseException (which skips always-called hooks) left it off."""
+    as it is; so does a module run in another thread (the stack is per thread: so is what the
+    hooks remember). Under torch.compile's tracing the hooks do nothing. `close` removes the
+    hooks and, where the mode is no longer on this thread's stack (a BaseException skips
+    always-called hooks), pushes it back."""
 
     def __init__(self, mode: TorchFunctionMode, modules: Sequence[torch.nn.Module]) -> None:
         self.mode = mode
+        self.thread = threading.get_ident()
         self.popped: list[bool] = []  # per module running: whether its entry popped the mode
         self.handles: list[Any] = []
         try:
@@ -336,6 +357,8 @@ class _Suspension:
             raise
 
     def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        if threading.get_ident() != self.thread:
+            return
         depth = torch._C._len_torch_function_stack()
         on_top = (depth > 0 and torch._C._get_function_stack_at(depth - 1) is self.mode
                   and not torch.compiler.is_compiling())
@@ -344,15 +367,19 @@ class _Suspension:
             torch._C._pop_torch_function_stack()
 
     def _leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if threading.get_ident() != self.thread:
+            return
         if self.popped and self.popped.pop():
             torch._C._push_on_torch_function_stack(self.mode)
 
     def close(self) -> None:
         while self.handles:
             self.handles.pop().remove()
-        if any(self.popped):
-            torch._C._push_on_torch_function_stack(self.mode)
         self.popped.clear()
+        stack = [torch._C._get_function_stack_at(i)
+                 for i in range(torch._C._len_torch_function_stack())]
+        if not any(mode is self.mode for mode in stack):
+            torch._C._push_on_torch_function_stack(self.mode)
 
 
 def _rows_argument(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -396,7 +423,8 @@ class DenseProbes:
         largest = tensor.numel() if "whole" in reads else 0
         if "linear" in reads:
             rows, columns = tensor.shape
-            largest = max(largest, min(rows, self.rows_per_chunk(columns)) * columns)
+            chunks = _row_chunks(rows, self.rows_per_chunk(columns))
+            largest = max(largest, max((b - a for a, b in chunks), default=0) * columns)
         return largest
 
     def qualifies(self, tensor: torch.Tensor, reads: set[str] | None) -> bool:
@@ -457,26 +485,58 @@ class DenseProbes:
         return max(ROW_ALIGN, self.scratch_elements // max(columns, 1) // ROW_ALIGN * ROW_ALIGN)
 
 
-def _flat_input(x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x as the 2-D matrix that F.linear's CPU GEMM multiplies (contiguous x of 2 or more
-    dimensions flattened to rows: torch.mm without a bias, torch.addmm with a 1-D one), where a
-    chunk's GEMM may write its columns of the output in place of a copy; else None. Measured
-    (torch 2.13, fp32 / bf16 / fp16, 2-D and 3-D inputs, with and without bias): the GEMM
-    writing into the output's columns (row stride = all rows) gives F.linear's bits, and saves
-    the copy (about 1 ms per forward of `small`'s 8192-row head). Not off the CPU: a GPU GEMM
-    may choose its algorithm by the output's alignment (unmeasured)."""
-    if (x.device.type != "cpu" or type(x) is not torch.Tensor or x.layout != torch.strided
-            or x.dim() < 2 or not x.is_contiguous() or x.dtype != weight.dtype):
+def _row_chunks(rows: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) of a weight's row chunks: `step` rows each (a multiple of ROW_ALIGN) from
+    row 0; a last chunk of fewer than MIN_LAST_CHUNK_ROWS rows takes that many more from the
+    chunk before (still a multiple of 64 rows, the largest chunk still `step`)."""
+    bounds = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < MIN_LAST_CHUNK_ROWS:
+        (start, middle), (_, stop) = bounds[-2:]
+        bounds[-2:] = [(start, middle - MIN_LAST_CHUNK_ROWS), (middle - MIN_LAST_CHUNK_ROWS, stop)]
+    return bounds
+
+
+def _plain_operand(t: torch.Tensor | None) -> bool:
+    """None, or a plain CPU-addressable tensor: a torch.Tensor that is no functorch wrapper
+    (vmap, grad) and carries no forward-mode tangent (out= supports neither)."""
+    return t is None or (type(t) is torch.Tensor and t.layout == torch.strided
+                         and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+                         and forward_ad.unpack_dual(t).tangent is None)
+
+
+def _direct_gemm(x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, bool] | None:
+    """How F.linear(x, weight, bias) runs on the CPU as one GEMM whose output a chunk's GEMM may
+    write in place of a copy: (the 2-D matrix multiplied, whether the bias is added inside the
+    GEMM, torch.addmm, or after it, add_); None where it is not one GEMM or out= cannot follow.
+    As at::linear does it for a weight that requires grad (a registered parameter):
+      - 2-D x: addmm(bias, x, W^T) with a bias, else mm(x, W^T), x with its own strides (they
+        choose the kernel: an fp16 (1, k) row with unit strides gave other bits as a view);
+      - contiguous x of 3 or more dimensions, flattened to rows: addmm with a 1-D bias, else mm;
+      - non-contiguous x of 3 or more dimensions: matmul folds it to rows (reshape: a copy, as
+        the weight requires grad) and multiplies (mm), then adds the bias (add_).
+    Measured (torch 2.13, fp32 / bf16 / fp16, 2-D to 4-D inputs, contiguous, transposed and
+    expanded, with and without bias): the chunks' GEMMs writing into the output's columns (row
+    stride = all rows) give F.linear's bits, and save the copy (about 1 ms per forward of
+    `small`'s 8192-row head). Not where F.linear does something out= cannot: under autocast
+    (which casts F.linear's operands), vmap or forward-mode AD; not with autograd recording;
+    not for a weight that does not require grad (matmul then folds by other rules); not off the
+    CPU (a GPU GEMM may choose its algorithm by the output's alignment: unmeasured)."""
+    if (x.device.type != "cpu" or x.dim() < 2 or x.dtype != weight.dtype
+            or not weight.requires_grad):
         return None
-    if bias is not None and (type(bias) is not torch.Tensor or bias.dim() != 1
-                             or bias.dtype != weight.dtype or bias.device != x.device):
-        return None
-    if x.dim() > 3 and bias is not None:  # F.linear may add the bias after the product
+    if bias is not None and (bias.dim() != 1 or bias.dtype != weight.dtype
+                             or bias.device != x.device):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return None  # out= takes no autograd
-    return x.view(-1, x.shape[-1])
+    if torch.is_autocast_enabled("cpu") or not (_plain_operand(x) and _plain_operand(bias)):
+        return None
+    if x.dim() == 2:
+        return x, True
+    if x.is_contiguous():
+        return x.view(-1, x.shape[-1]), True
+    return x.reshape(-1, x.shape[-1]), False
 
 
 def _scratch(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -591,31 +651,52 @@ class _Draw:
         return self._laid_out(copy, rows)
 
     def linear(self, x: torch.Tensor, j: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """F.linear(x, W', bias) with W' the perturbed weight j, a chunk of rows at a time:
-        on the CPU each chunk's GEMM writes its columns of the output directly (_flat_input),
-        elsewhere a chunk's F.linear is copied there."""
+        """F.linear(x, W', bias) with W' the perturbed weight j, a chunk of rows at a time
+        (one chunk: the whole weight): on the CPU each chunk's GEMM writes its columns of the
+        output directly, as at::linear computes it for the parameter (_direct_gemm), elsewhere
+        a chunk's F.linear is copied there (_linear_copied)."""
         weight = self.space.tensors[j]
         rows, columns = weight.shape
         step = self.probes.rows_per_chunk(columns)
-        if rows <= step:
-            return F.linear(x, self.row_block(j, 0, rows), bias)
-        flat = _flat_input(x, weight, bias)
-        if flat is not None:
-            out = x.new_empty(x.shape[:-1] + (rows,))
-            columns_of = out.view(-1, rows)
-            for start in range(0, rows, step):
-                stop = min(rows, start + step)
-                block = self.row_block(j, start, stop).t()
-                if bias is None:
-                    torch.mm(flat, block, out=columns_of[:, start:stop])
-                else:
-                    torch.addmm(bias[start:stop], flat, block, out=columns_of[:, start:stop])
-            return out
+        direct = _direct_gemm(x, weight, bias)
+        if direct is None:
+            return self._linear_copied(x, j, bias, step)
+        flat, fused = direct
+        out = x.new_empty(x.shape[:-1] + (rows,))
+        columns_of = out.view(-1, rows)
+        for start, stop in _row_chunks(rows, step):
+            block, columns = self.row_block(j, start, stop).t(), columns_of[:, start:stop]
+            if bias is None:
+                torch.mm(flat, block, out=columns)
+            elif fused:
+                torch.addmm(bias[start:stop], flat, block, out=columns)
+            else:
+                torch.mm(flat, block, out=columns)
+                columns.add_(bias[start:stop])
+        return out
+
+    def _linear_copied(self, x: torch.Tensor, j: int, bias: torch.Tensor | None,
+                       step: int) -> torch.Tensor:
+        """F.linear(x, W', bias) by F.linear on each chunk, its result copied into the
+        output's columns (one chunk: F.linear's result itself). A chunk requires grad as the
+        parameter does where autograd does not record (matmul folds a non-contiguous input
+        of 3 or more dimensions to rows for a weight that requires grad, and runs a batched
+        GEMM, other fp16 bits, for one that does not); under autograd it does not (a graph
+        would keep every chunk alive)."""
+        weight = self.space.tensors[j]
+        rows = weight.shape[0]
+        # (not inside a functorch transform: it refuses requires_grad_, and batches by its own
+        # rules)
+        mirror = (weight.requires_grad and not torch.is_grad_enabled()
+                  and torch._C._functorch.peek_interpreter_stack() is None)
         out = None
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            part = F.linear(x, self.row_block(j, start, stop),
-                            None if bias is None else bias[start:stop])
+        for start, stop in _row_chunks(rows, step) or [(0, 0)]:
+            block = self.row_block(j, start, stop)
+            if mirror and block.is_leaf:
+                block.requires_grad_()
+            part = F.linear(x, block, None if bias is None else bias[start:stop])
+            if stop - start == rows:
+                return part
             if out is None:
                 out = part.new_empty(part.shape[:-1] + (rows,))
             out[..., start:stop].copy_(part)

@@ -26,7 +26,8 @@ from .._signals import interrupts_deferred
 from .._validate import (FLOAT32_MAX, StorageBudget, as_seed, check_nesting,
                          float32_value, is_finite_number)
 from .._warn import warn
-from ..dense_probe import DenseProbes, ModuleScope, ProbeTracker, VirtualDenseTarget
+from ..dense_probe import (DenseProbes, ModuleScope, ProbeTracker, VirtualDenseTarget,
+                           scope_wanted)
 from ..held import DenseTarget, HeldPerturbation, SeededNoise
 from ..ops.undo import UndoLog
 from ..space import ParameterSpace, canonical_name, check_disjoint_spaces
@@ -538,9 +539,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         tracked forward read no perturbed parameter), checked: this step's probe (`moves`,
         LeZO's layers included), evaluated virtually with the mode left off there from the
         random state `before`, must equal the in-place `loss` bit for bit. None where nothing
-        would be left off, where that differs or raises, or where the forwards gather shards
-        (every rank must run the same forwards)."""
-        if self._sharded_forwards():
+        would be left off, where that differs or raises, where the forwards gather shards
+        (every rank must run the same forwards) or ZOKERNELS_PROBE_SCOPE=0."""
+        if self._sharded_forwards() or not scope_wanted():
             return None
         scope = ModuleScope(tracker)
         for g, target in enumerate(trial.targets):
