@@ -12,19 +12,29 @@ Variants (--variants, any of):
             ModuleScope), each chunk's F.linear copied into the output (no direct GEMM
             output), an embedding's rows drawn as one tensor per row
 
-Reports per way the median step and ZO part (step - the forwards' median) and the ratios to the
-in-place steps. Every virtual way must end with the same bits (checked). Timed by the calling
-thread's CPU time at 1 thread (`--clock cpu`, the default) or by wall time.
+Reports per way the median step and ZO part (step - the forwards' median), the ratios to the
+in-place steps and the median page faults of a step (minor faults: memory the allocator gave
+back to the system and touched again). Every virtual way must end with the same bits
+(checked). Timed by the calling thread's CPU time at 1 thread (`--clock cpu`, the default) or
+by wall time.
+
+--settle-malloc (glibc only) sets the allocator to keep freed memory (mallopt: no trimming,
+no mmap below 256 MiB): measured on `small` fp32, a step then takes no page faults instead of
+8-12 thousand (some ms each thousand), which glibc's heuristics hand to one way or another
+from run to run; the comparison is then of the computation alone.
 
 Usage: python benchmarks/dense_probe_calls.py [--model small] [--dtype float32,bfloat16]
        [--optimizer mezo,lezo] [--variants generic,previous] [--repeats 25] [--threads 1]
-       [--clock cpu] [--json PATH]
+       [--clock cpu] [--settle-malloc] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
+import resource
 import statistics
 import sys
 import time
@@ -78,6 +88,18 @@ def current(opt) -> contextlib.AbstractContextManager:
 VARIANTS = {"generic": generic, "previous": previous}
 
 
+def settle_malloc() -> None:
+    """glibc: keep freed memory in the process (no trimming, no mmap below 256 MiB)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    if not (libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 1 << 28)):
+        raise RuntimeError("mallopt failed (not glibc?)")
+
+
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(model: str, dtype: str, optimizer: str, variants: list[str], repeats: int,
             clock) -> dict:
     settings = StepSettings(model=model, dtype=dtype, device="cpu", backend="auto", batch=4,
@@ -90,6 +112,7 @@ def measure(model: str, dtype: str, optimizer: str, variants: list[str], repeats
                                current)
     forwards = _plain_forwards(optimizer, settings)
     times: dict[str, list[float]] = defaultdict(list)
+    faults: dict[str, list[int]] = defaultdict(list)
     names = list(ways)
     for round_ in range(settings.warmup + repeats):
         # each way takes each place in the round in turn: the step after the forwards of
@@ -98,11 +121,12 @@ def measure(model: str, dtype: str, optimizer: str, variants: list[str], repeats
         for name in order:
             case, variant = ways[name]
             with variant(case.opt):
-                start = clock()
+                faulted, start = _faults(), clock()
                 case.one_step()
-                elapsed = clock() - start
+                elapsed, faulted = clock() - start, _faults() - faulted
             if round_ >= settings.warmup:
                 times[name].append(1e3 * elapsed)
+                faults[name].append(faulted)
         start = clock()
         forwards()
         if round_ >= settings.warmup:
@@ -119,6 +143,7 @@ def measure(model: str, dtype: str, optimizer: str, variants: list[str], repeats
                and ways["current"][0].opt._probes.scope is not None)
     for name in ways:
         row[f"{name}_step_ms"], row[f"{name}_zo_ms"] = step[name], zo[name]
+        row[f"{name}_page_faults"] = statistics.median(faults[name])
     for name in virtual:
         row[f"{name}_step_vs_inplace"] = step[name] / step["inplace_no_logs"]
         row[f"{name}_zo_vs_inplace"] = (zo[name] / zo["inplace_no_logs"]
@@ -138,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
+    parser.add_argument("--settle-malloc", action="store_true",
+                        help="glibc: keep freed memory in the process (no page faults)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.settle_malloc:
+        settle_malloc()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1 (the kernels and GEMMs run in this thread)")
     variants = [v for v in args.variants.split(",") if v]
@@ -160,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ZO vs in place: "
                   + ", ".join(f"{w} {row[w + '_zo_vs_inplace']:.3f}" for w in ways[:-1]
                               if row[w + "_zo_vs_inplace"] is not None)
+                  + "; page faults: "
+                  + ", ".join(f"{w} {row[w + '_page_faults']:.0f}" for w in ways)
                   + f"; mode left off somewhere {row['mode_left_off']}; "
                     f"same bits {row['same_bits']}", flush=True)
     if args.json:
-        write_report(args.json, ["cpu"], "benchmarks/dense_probe_calls.py", argv, rows=rows)
+        write_report(args.json, ["cpu"], "benchmarks/dense_probe_calls.py", argv,
+                     settle_malloc=args.settle_malloc, rows=rows)
     return 0
 
 

@@ -131,9 +131,9 @@ def test_chunked_reads_equal_the_whole_weight(monkeypatch):
     drawn = []
     original = dense_probe._Draw.row_block
 
-    def row_block(self, j, start, stop):
+    def row_block(self, j, start, stop, reuse=False):
         drawn.append((self.space.names[j], start, stop))
-        return original(self, j, start, stop)
+        return original(self, j, start, stop, reuse)
 
     monkeypatch.setattr(dense_probe._Draw, "row_block", row_block)
     opt = assert_steps_equal(

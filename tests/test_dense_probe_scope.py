@@ -574,3 +574,21 @@ def test_the_environment_can_keep_the_mode_on_everywhere(monkeypatch):
     calls.clear()
     opt.step(lambda: calls.append(1) or closure())
     assert len(calls) == 5 and opt._probes.scope is not None
+
+
+def test_the_benchmark_runs_and_its_ways_agree(tmp_path):
+    """benchmarks/dense_probe_calls.py on the tiny model: every virtual way ends with the same
+    bits, LeZO leaves the mode off somewhere, and the JSON has a row per configuration."""
+    import json
+
+    from helpers import load_benchmark
+
+    out = tmp_path / "calls.json"
+    bench = load_benchmark("dense_probe_calls")
+    assert bench.main(["--model", "tiny", "--dtype", "float32", "--optimizer", "mezo,lezo",
+                       "--variants", "generic,previous", "--repeats", "1",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["optimizer"] for r in rows] == ["mezo", "lezo"]
+    assert all(r["same_bits"] and r["status"].startswith("virtual") for r in rows)
+    assert rows[1]["mode_left_off"] and all(r["current_page_faults"] >= 0 for r in rows)
