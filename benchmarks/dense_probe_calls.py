@@ -18,6 +18,11 @@ back to the system and touched again). Every virtual way must end with the same 
 (checked). Timed by the calling thread's CPU time at 1 thread (`--clock cpu`, the default) or
 by wall time.
 
+--forwards measures the probe forwards alone, more precisely: one optimizer, its check done,
+each round holding a fresh perturbation (LeZO: of n_active random blocks) and evaluating the
+model's loss under the probes with each way's patches, beside the plain forward of the same
+model; reports the median extra time of a probe forward per way (no step, no update pass).
+
 --settle-malloc (glibc only) sets the allocator to keep freed memory (mallopt: no trimming,
 no mmap below 256 MiB): measured on `small` fp32, a step then takes no page faults instead of
 8-12 thousand (some ms each thousand), which glibc's heuristics hand to one way or another
@@ -25,7 +30,7 @@ from run to run; the comparison is then of the computation alone.
 
 Usage: python benchmarks/dense_probe_calls.py [--model small] [--dtype float32,bfloat16]
        [--optimizer mezo,lezo] [--variants generic,previous] [--repeats 25] [--threads 1]
-       [--clock cpu] [--settle-malloc] [--json PATH]
+       [--clock cpu] [--forwards] [--settle-malloc] [--json PATH]
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ import torch
 
 import zokernels.dense_probe as dense_probe
 from zokernels.bench.runner import write_report
-from zokernels.bench.step import StepSettings, _case, _plain_forwards
+from zokernels.bench.step import StepSettings, _case, _make, _model_and_batch, _plain_forwards
+from zokernels.held import SeededNoise
 
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
@@ -153,6 +159,57 @@ def measure(model: str, dtype: str, optimizer: str, variants: list[str], repeats
     return row
 
 
+def measure_forwards(model: str, dtype: str, optimizer: str, variants: list[str],
+                     repeats: int, clock) -> dict:
+    """Probe forwards alone (--forwards): extra time over the plain forward, per way."""
+    settings = StepSettings(model=model, dtype=dtype, device="cpu", backend="auto", batch=4,
+                            seq=64, repeats=repeats, warmup=3, lezo_active=0.25, rank=8,
+                            window=14, exact_restore=True, clock="cpu")
+    bench, ids = _model_and_batch(settings)
+    opt = _make(optimizer, bench, settings, 1e-6, 1e-3)
+    for _ in range(2):  # the first step's check decides the virtual path and its scope
+        opt.step(lambda: bench.loss(ids))
+    probes = opt._probes
+    if probes is None:
+        raise RuntimeError(f"{optimizer}: no virtual probes ({opt.dense_probe_status})")
+    blocks = getattr(opt, "num_layers", None)
+    active = getattr(opt, "n_active", None)
+    ways = {"current": current, **{name: VARIANTS[name] for name in variants}}
+    times: dict[str, list[float]] = defaultdict(list)
+    names = list(ways) + ["plain"]
+    random = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for round_ in range(settings.warmup + repeats):
+            layers = (None if blocks is None else
+                      sorted(torch.randperm(blocks, generator=random)[:active].tolist()))
+            move = SeededNoise((1000 + round_,), (1e-3,), layers=layers)
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                start = clock()
+                if name == "plain":
+                    bench.loss(ids)
+                else:
+                    for target in probes.targets:
+                        target.hold(move)
+                    try:
+                        with ways[name](opt), probes.probing():
+                            bench.loss(ids)
+                    finally:
+                        for target in probes.targets:
+                            target.hold(None)
+                if round_ >= settings.warmup:
+                    times[name].append(1e3 * (clock() - start))
+    plain = statistics.median(times["plain"])
+    row = dict(model=model, dtype=dtype, optimizer=optimizer, repeats=repeats,
+               plain_forward_ms=plain, status=opt.dense_probe_status,
+               mode_left_off=probes.scope is not None)
+    for name in ways:
+        row[f"{name}_probe_forward_extra_ms"] = statistics.median(times[name]) - plain
+        if name != "current":
+            row[f"current_saves_vs_{name}_ms"] = (row[f"{name}_probe_forward_extra_ms"]
+                                                  - row["current_probe_forward_extra_ms"])
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small")
@@ -163,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
+    parser.add_argument("--forwards", action="store_true",
+                        help="time the probe forwards alone (no steps)")
     parser.add_argument("--settle-malloc", action="store_true",
                         help="glibc: keep freed memory in the process (no page faults)")
     parser.add_argument("--json", default=None)
@@ -179,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dtype in args.dtype.split(","):
         for optimizer in args.optimizer.split(","):
+            if args.forwards:
+                row = measure_forwards(args.model, dtype, optimizer, variants, args.repeats,
+                                       CLOCKS[args.clock])
+                rows.append(row)
+                print(f"{args.model} {dtype} {optimizer} (plain forward "
+                      f"{row['plain_forward_ms']:.2f} ms): probe forward extra ms "
+                      + ", ".join(f"{w} {row[w + '_probe_forward_extra_ms']:.2f}"
+                                  for w in ["current", *variants])
+                      + f"; mode left off somewhere {row['mode_left_off']}", flush=True)
+                continue
             row = measure(args.model, dtype, optimizer, variants, args.repeats,
                           CLOCKS[args.clock])
             rows.append(row)
@@ -195,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"same bits {row['same_bits']}", flush=True)
     if args.json:
         write_report(args.json, ["cpu"], "benchmarks/dense_probe_calls.py", argv,
-                     settle_malloc=args.settle_malloc, rows=rows)
+                     settle_malloc=args.settle_malloc, forwards=args.forwards, rows=rows)
     return 0
 
 

@@ -592,3 +592,8 @@ def test_the_benchmark_runs_and_its_ways_agree(tmp_path):
     assert [r["optimizer"] for r in rows] == ["mezo", "lezo"]
     assert all(r["same_bits"] and r["status"].startswith("virtual") for r in rows)
     assert rows[1]["mode_left_off"] and all(r["current_page_faults"] >= 0 for r in rows)
+    assert bench.main(["--model", "tiny", "--dtype", "bfloat16", "--optimizer", "lezo",
+                       "--variants", "previous", "--repeats", "1", "--forwards",
+                       "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["mode_left_off"] and "current_saves_vs_previous_ms" in row

@@ -689,6 +689,9 @@ class _Draw:
         if direct is None:
             return self._linear_copied(x, j, bias, step)
         flat, fused = direct
+        if rows <= step and fused:  # one chunk, one GEMM of x as it is: F.linear's own call
+            # (measured: about 3% faster than the same addmm / mm writing into out=)
+            return F.linear(x, self.row_block(j, 0, rows, reuse=True), bias)
         out = x.new_empty(x.shape[:-1] + (rows,))
         columns_of = out.view(-1, rows)
         for start, stop in _row_chunks(rows, step):
