@@ -281,6 +281,101 @@ def test_a_transposed_input_stays_virtual_and_equals_in_place(dtype):
     assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
 
 
+class SeqFirst(torch.nn.Module):
+    """A seq-first model (s, b, k) transposed to batch-first for its bias-free projection:
+    with b = 1 the input is contiguous (is_contiguous ignores the size-1 dim's stride) but
+    matmul's fold test (strides of the leading dims) fails for a weight without grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.transpose(0, 1)  # (1, s, 8), strides (8, 8, 1)
+        assert x.is_contiguous()
+        return self.proj(x)
+
+
+def test_single_chunk_contiguous_input_with_odd_size1_stride_equals_in_place():
+    """A (1, s, k) input with strides (k, k, 1): contiguous to is_contiguous, not to matmul's
+    fold test, which folds the parameter's (requires grad) input anyway: the virtual GEMM
+    multiplies the 2-D rows too (a no-grad weight ran bmm: other fp32 bits after the check)."""
+    h = torch.randn(3, 1, 8, generator=torch.Generator().manual_seed(3))
+    nets = {}
+    for probe in ("inplace", "virtual"):
+        torch.manual_seed(0)
+        nets[probe] = SeqFirst()
+    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe=p)
+            for p, n in nets.items()}
+    for k in range(3):
+        losses = {p: opts[p].step(lambda: nets[p](h).float().pow(2).mean()) for p in nets}
+        assert opts["virtual"].dense_probe_status.startswith("virtual"), \
+            opts["virtual"].dense_probe_status
+        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
+    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+
+
+class HalfInference(torch.nn.Module):
+    """A first layer under torch.inference_mode (a frozen-style prefix), a second outside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            h = self.a(x)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_chunk_buffer_made_in_inference_mode_is_reused_outside(backend):
+    """The probe's chunk buffer is first drawn inside torch.inference_mode, then reused
+    outside: a normal tensor (an inference tensor may not be written outside the mode)."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    nets = {}
+    for probe in ("inplace", "virtual"):
+        torch.manual_seed(0)
+        nets[probe] = HalfInference()
+    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend=backend, probe=p)
+            for p, n in nets.items()}
+    for k in range(3):
+        losses = {p: opts[p].step(lambda: nets[p](x).float().pow(2).mean()) for p in nets}
+        assert opts["virtual"].dense_probe_status.startswith("virtual"), \
+            opts["virtual"].dense_probe_status
+        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
+    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+
+
+class Vec(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x[0]))  # 1-D input: the copied path (mirror: requires_grad_)
+
+
+def test_step_under_inference_mode_with_1d_input():
+    """A whole step under torch.inference_mode, 1-D inputs (the copied chunks, whose
+    requires_grad mirrors the parameter's): nothing raises, the bits are the in-place ones."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    nets = {}
+    for probe in ("inplace", "virtual"):
+        torch.manual_seed(0)
+        nets[probe] = Vec()
+    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe=p)
+            for p, n in nets.items()}
+    for k in range(2):
+        with torch.inference_mode():
+            losses = {p: opts[p].step(lambda: nets[p](x).float().pow(2).mean()) for p in nets}
+        assert opts["virtual"].dense_probe_status.startswith("virtual"), \
+            opts["virtual"].dense_probe_status
+        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
+
+
 class Block(torch.nn.Module):
     """A pre-norm MLP block that makes a dozen torch calls per forward (above
     MIN_CALLS_OUTSIDE_MODE); `borrow`, when set, is a parameter of another module it also
