@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -23,6 +25,31 @@ from zokernels.held import SeededNoise
 from zokernels.optim import LeZO, MeZO
 
 from helpers import assert_bits_equal, assert_interrupted_step_leaves_weights, assert_same, snapshot
+
+
+def assert_mezo_runs_equal(make, loss, steps: int = 3, backend: str = "cpu",
+                           context=lambda k: contextlib.nullcontext()) -> None:
+    """MeZO with virtual probes on one model and in place on its twin (make() after the same
+    seed), `steps` steps of loss(model), step k inside context(k): the virtual path is kept
+    and the losses and weights equal bit for bit."""
+    nets = {}
+    for probe in ("inplace", "virtual"):
+        torch.manual_seed(0)
+        nets[probe] = make()
+    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend=backend, probe=p)
+            for p, n in nets.items()}
+    for k in range(steps):
+        with context(k):
+            losses = {p: opts[p].step(lambda: loss(nets[p])) for p in nets}
+        assert opts["virtual"].dense_probe_status.startswith("virtual"), \
+            opts["virtual"].dense_probe_status
+        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
+    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+
+
+def squared(x: torch.Tensor):
+    """The loss of a model's output on x: its mean square, in float32."""
+    return lambda model: model(x).float().pow(2).mean()
 
 
 def _linear_draw(dtype: torch.dtype, bias: bool):
@@ -149,17 +176,8 @@ X = torch.randn(4, 256, generator=torch.Generator().manual_seed(1))
 def test_steps_inside_autocast_equal_in_place():
     """The first step (the check) outside autocast, the next ones inside
     torch.autocast("cpu", bfloat16), as docs/dense-probes.md supports."""
-    nets = {p: _mlp() for p in ("inplace", "virtual")}
-    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe=p)
-            for p, n in nets.items()}
-    for k in range(3):
-        losses = {}
-        for p in nets:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=k > 0):
-                losses[p] = opts[p].step(lambda: nets[p](X).float().pow(2).mean())
-        assert opts["virtual"].dense_probe_status.startswith("virtual")
-        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
-    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+    assert_mezo_runs_equal(lambda: _mlp(), squared(X), context=lambda k: torch.autocast(
+        "cpu", dtype=torch.bfloat16, enabled=k > 0))
 
 
 def test_check_inside_autocast_keeps_the_virtual_path():
@@ -267,18 +285,7 @@ def test_a_transposed_input_stays_virtual_and_equals_in_place(dtype):
     adds the bias after the product; the chunks do the same (the copy of no-grad chunks ran
     bmm instead, other fp16 bits: the check fell back to in place)."""
     h = torch.randn(3, 9, 16, generator=torch.Generator().manual_seed(3)).to(dtype)
-    nets = {}
-    for probe in ("inplace", "virtual"):
-        torch.manual_seed(0)
-        nets[probe] = TokenMixer().to(dtype)
-    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe=p)
-            for p, n in nets.items()}
-    for k in range(3):
-        losses = {p: opts[p].step(lambda: nets[p](h).float().pow(2).mean()) for p in nets}
-        assert opts["virtual"].dense_probe_status.startswith("virtual"), \
-            opts["virtual"].dense_probe_status
-        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
-    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+    assert_mezo_runs_equal(lambda: TokenMixer().to(dtype), squared(h))
 
 
 class SeqFirst(torch.nn.Module):
@@ -301,18 +308,7 @@ def test_single_chunk_contiguous_input_with_odd_size1_stride_equals_in_place():
     fold test, which folds the parameter's (requires grad) input anyway: the virtual GEMM
     multiplies the 2-D rows too (a no-grad weight ran bmm: other fp32 bits after the check)."""
     h = torch.randn(3, 1, 8, generator=torch.Generator().manual_seed(3))
-    nets = {}
-    for probe in ("inplace", "virtual"):
-        torch.manual_seed(0)
-        nets[probe] = SeqFirst()
-    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe=p)
-            for p, n in nets.items()}
-    for k in range(3):
-        losses = {p: opts[p].step(lambda: nets[p](h).float().pow(2).mean()) for p in nets}
-        assert opts["virtual"].dense_probe_status.startswith("virtual"), \
-            opts["virtual"].dense_probe_status
-        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
-    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+    assert_mezo_runs_equal(SeqFirst, squared(h))
 
 
 class HalfInference(torch.nn.Module):
@@ -334,18 +330,7 @@ def test_chunk_buffer_made_in_inference_mode_is_reused_outside(backend):
     """The probe's chunk buffer is first drawn inside torch.inference_mode, then reused
     outside: a normal tensor (an inference tensor may not be written outside the mode)."""
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
-    nets = {}
-    for probe in ("inplace", "virtual"):
-        torch.manual_seed(0)
-        nets[probe] = HalfInference()
-    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend=backend, probe=p)
-            for p, n in nets.items()}
-    for k in range(3):
-        losses = {p: opts[p].step(lambda: nets[p](x).float().pow(2).mean()) for p in nets}
-        assert opts["virtual"].dense_probe_status.startswith("virtual"), \
-            opts["virtual"].dense_probe_status
-        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
-    assert_same(snapshot(nets["virtual"]), snapshot(nets["inplace"]), "weights")
+    assert_mezo_runs_equal(HalfInference, squared(x), backend=backend)
 
 
 class Vec(torch.nn.Module):
@@ -362,18 +347,7 @@ def test_step_under_inference_mode_with_1d_input():
     """A whole step under torch.inference_mode, 1-D inputs (the copied chunks, whose
     requires_grad mirrors the parameter's): nothing raises, the bits are the in-place ones."""
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
-    nets = {}
-    for probe in ("inplace", "virtual"):
-        torch.manual_seed(0)
-        nets[probe] = Vec()
-    opts = {p: MeZO(n.parameters(), lr=1e-2, eps=1e-3, backend="cpu", probe=p)
-            for p, n in nets.items()}
-    for k in range(2):
-        with torch.inference_mode():
-            losses = {p: opts[p].step(lambda: nets[p](x).float().pow(2).mean()) for p in nets}
-        assert opts["virtual"].dense_probe_status.startswith("virtual"), \
-            opts["virtual"].dense_probe_status
-        assert_bits_equal(losses["virtual"], losses["inplace"], f"loss of step {k}")
+    assert_mezo_runs_equal(Vec, squared(x), steps=2, context=lambda k: torch.inference_mode())
 
 
 class Block(torch.nn.Module):
