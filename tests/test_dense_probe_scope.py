@@ -311,16 +311,20 @@ def test_single_chunk_contiguous_input_with_odd_size1_stride_equals_in_place():
     assert_mezo_runs_equal(SeqFirst, squared(h))
 
 
-class HalfInference(torch.nn.Module):
-    """A first layer under torch.inference_mode (a frozen-style prefix), a second outside."""
+class TwoLinears(torch.nn.Module):
+    """Two 8 x 8 linears: the first under torch.inference_mode (a frozen-style prefix), or fed
+    a 1-D row of the input (the copied chunks' path)."""
 
-    def __init__(self) -> None:
+    def __init__(self, inference_prefix: bool = False, row: bool = False) -> None:
         super().__init__()
         self.a = torch.nn.Linear(8, 8)
         self.b = torch.nn.Linear(8, 8)
+        self.inference_prefix, self.row = inference_prefix, row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        if self.row:
+            x = x[0]
+        with torch.inference_mode() if self.inference_prefix else contextlib.nullcontext():
             h = self.a(x)
         return self.b(h)
 
@@ -330,24 +334,15 @@ def test_chunk_buffer_made_in_inference_mode_is_reused_outside(backend):
     """The probe's chunk buffer is first drawn inside torch.inference_mode, then reused
     outside: a normal tensor (an inference tensor may not be written outside the mode)."""
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
-    assert_mezo_runs_equal(HalfInference, squared(x), backend=backend)
-
-
-class Vec(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(8, 8)
-        self.b = torch.nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x[0]))  # 1-D input: the copied path (mirror: requires_grad_)
+    assert_mezo_runs_equal(lambda: TwoLinears(inference_prefix=True), squared(x), backend=backend)
 
 
 def test_step_under_inference_mode_with_1d_input():
     """A whole step under torch.inference_mode, 1-D inputs (the copied chunks, whose
     requires_grad mirrors the parameter's): nothing raises, the bits are the in-place ones."""
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
-    assert_mezo_runs_equal(Vec, squared(x), steps=2, context=lambda k: torch.inference_mode())
+    assert_mezo_runs_equal(lambda: TwoLinears(row=True), squared(x), steps=2,
+                           context=lambda k: torch.inference_mode())
 
 
 class Block(torch.nn.Module):

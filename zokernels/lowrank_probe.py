@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from ._dispatch import resolve_backend
 from ._signals import interrupts_deferred
 from ._warn import warn
-from ._validate import overlapped_span, written_spans
+from ._validate import float32_value, overlapped_span, written_spans
 from .backends.cpu.lowrank_term import lowrank_linear_term_cpu
 from .backends.torch.lowrank_term import lowrank_linear_term_torch
 from .lowrank_space import KeptFactors, LowRankSpace
@@ -558,7 +558,7 @@ class VirtualLowRank:
         part = self.parts[p]
         if not part.weights:
             return
-        decay = float(torch.tensor(decay, dtype=torch.float32))
+        decay = float32_value(decay)
         part.stamps = [_stamp(w) if stamp is None else stamp
                        for w, stamp in zip(part.weights, part.stamps)]
         if decay != 1.0:
