@@ -5,7 +5,7 @@ import torch
 
 import zokernels
 
-from helpers import assert_close, interpreted
+from helpers import assert_close, assert_same_in_both_simd_modes, interpreted
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -177,3 +177,44 @@ def test_cpu_backend_skips_empty_weights_beside_drawn_factors():
     lowrank_perturb_torch(expected, us, vs, *args)
     lowrank_perturb_cpu(weights, us, vs, *args)
     assert torch.equal(weights[1], expected[1]) and not torch.equal(weights[1], before)
+
+
+def test_plain_pass_simd_matches_generic(tmp_path):
+    """The plain pass (no recovery, no log: updates, merges) of the AVX2 build (row products
+    summed in registers, lowrank.h) and of ZOKERNELS_CPU_SIMD=generic: the same bits in every
+    dtype, rounding to nearest: rows shorter and longer than a tile, widths off the 8- and
+    64-column blocks, decays, a scale that overflows, NaN / inf / huge weights, drawn factors,
+    several weights in one call (tiles spanning rows of two weights)."""
+    script = (
+        "import sys, torch, zokernels\n"
+        "from zokernels.backends.cpu import build_info\n"
+        "from zokernels.ops.lowrank import FactorDraw\n"
+        "torch.manual_seed(0)\n"
+        "out = {'simd': build_info()['simd']}\n"
+        "shapes = [(1, 1, 1), (3, 5, 2), (17, 33, 8), (300, 257, 7), (5, 1030, 8), (2, 7, 33),\n"
+        "          (3, 31, 4), (9, 64, 32), (1, 5000, 8), (7, 3, 8), (3, 1025, 5)]\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    for m, n, r in shapes:\n"
+        "        w = torch.randn(m, n).mul(0.02).to(dtype)\n"
+        "        if m * n > 10:\n"
+        "            w.view(-1)[:4] = torch.tensor([float('nan'), float('inf'), -6e4, 1e-7])\n"
+        "        u, v, tau = torch.randn(m, r), torch.randn(n, r), torch.randn(r)\n"
+        "        for decay, scale in ((1.0, 1e-3), (0.9, 0.5), (1.0, 1e30)):\n"
+        "            t = w.clone()\n"
+        "            zokernels.lowrank_perturb_(t, [u], [v], [tau], scale=scale, decay=decay,\n"
+        "                                       backend='cpu', check_finite=False)\n"
+        "            out[f'{dtype} {m}x{n} r{r} {decay} {scale}'] = t\n"
+        "        t = w.clone()\n"
+        "        zokernels.lowrank_perturb_(t, None, None, [tau], scale=1e-3, backend='cpu',\n"
+        "                                   draw=FactorDraw(7, [0], [m * r]))\n"
+        "        out[f'{dtype} {m}x{n} r{r} drawn'] = t\n"
+        "    ws = [torch.randn(m, n).to(dtype) for m, n, _ in shapes]\n"
+        "    zokernels.lowrank_perturb_(ws, [torch.randn(m, r) for m, _, r in shapes],\n"
+        "                               [torch.randn(n, r) for _, n, r in shapes],\n"
+        "                               [torch.randn(r) for *_, r in shapes], scale=0.1,\n"
+        "                               decay=0.99, backend='cpu')\n"
+        "    for j, t in enumerate(ws):\n"
+        "        out[f'{dtype} several, weight {j}'] = t\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    assert_same_in_both_simd_modes(script, tmp_path)

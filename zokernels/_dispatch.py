@@ -29,10 +29,16 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def _cpu_available() -> bool:
-    from .backends.cpu import cpu_backend_available  # never raises: the load error is kept
+_cpu_loaded = False  # once the extension loaded, it stays: resolve_backend runs in every op
 
-    return cpu_backend_available()
+
+def _cpu_available() -> bool:
+    global _cpu_loaded
+    if not _cpu_loaded:
+        from .backends.cpu import cpu_backend_available  # never raises: the load error is kept
+
+        _cpu_loaded = cpu_backend_available()
+    return _cpu_loaded
 
 
 def backend_supports(backend: str, device: torch.device) -> str | None:

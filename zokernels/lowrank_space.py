@@ -246,9 +246,9 @@ class LowRankSpace:
         """Whether a pass over `positions` runs on the cpu backend, whose kernel draws the
         factors itself (ops.lowrank.FactorDraw) with the noise of `self.backend` (the same
         bits: the cpu backend's)."""
-        return bool(positions) and all(
-            resolve_backend(b, self.weights[j].device) == "cpu"
-            for j in positions for b in (backend, self.backend))
+        devices = {self.weights[j].device for j in positions}  # resolved once per device
+        return bool(positions) and all(resolve_backend(b, device) == "cpu"
+                                       for device in devices for b in (backend, self.backend))
 
     def taus(self, seed: int, backend: str) -> torch.Tensor:
         """tau_j = noise(r_j, seed, key_j) for every weight, concatenated in weight order: each
