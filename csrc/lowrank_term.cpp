@@ -1,9 +1,12 @@
 // lowrank_linear_term: out += ((x V) diag(c)) U^T, the term TeZO's virtual probes add to the
 // output of an nn.Linear (zokernels/lowrank_probe.py), out (N x m), x (N x n), U (m x r),
 // V (n x r), c (r, float32). The torch reference makes three BLAS calls (x V, the scaling, an
-// addmm_ of inner size r, which rereads the output). Here a block of 4 rows computes its 4 x r
-// left factor, then adds its whole term to 16 columns of out at a time from registers: one read
-// and one write of out, float32 arithmetic, one rounding to out's dtype. x's rows are converted
+// addmm_ of inner size r, which rereads the output). Here two blocks of 4 rows compute their
+// x V together (8 independent chains of multiply-adds: with one block's 4 the adds' latency
+// held x V to about one vector multiply-add a cycle; 2026-12-07: a 256 x 1024 -> 256 call
+// 114-142 -> 89-93 us in bf16, same bits), then each block adds its whole term to 16 columns
+// of out at a time from registers: one read and one write of out, float32 arithmetic, one
+// rounding to out's dtype. x's rows are converted
 // to float32 a chunk at a time by vector loops. Per call at 256 rows, r = 8, 1 thread, against
 // the reference (benchmarks/results/cpu_lowrank_term.json): float32 0.3-1.0x its time, float16
 // 0.1-0.2x, bfloat16 0.5-1.6x (torch's bf16 GEMMs use AVX-512 BF16 dot products; summed over
@@ -127,27 +130,28 @@ ZK_TARGET_AVX2 inline void add_columns_avx2(const float (&left)[kRows][R], const
 }
 #endif
 
-// out[row, :] += ((x[row, :] V) diag(c)) U^T for the rows of block `block`, R = r padded:
-// the block's left factor stays in registers between its two products.
-template <class Format, int kIsa, int R>
-inline void term_block(const TermJob& job, const float* coef, int64_t block) {
+// (x V)[row, :] for kN rows from `first` (R = r padded): x's rows in float32 times V, summed
+// over x's columns in order. Each row's sums are one chain of dependent multiply-adds: 8 rows
+// (two blocks) at a time keep twice as many chains in flight as one block's 4 (the adds'
+// latency bound the product to about one vector multiply-add per cycle), the same operations
+// per row, so the same bits. Rows past the last read the last row again (never stored).
+template <class Format, int kIsa, int R, int kN>
+inline void left_factors(const TermJob& job, int64_t first, float (&left)[kN][R]) {
     constexpr bool kFused = kIsa != kIsaGeneric;
     using Storage = typename Format::storage;
     const auto* x = reinterpret_cast<const Storage*>(job.x);
-    auto* out = reinterpret_cast<Storage*>(job.out);
-    const int64_t first = block * kRows;
-    const int rows = static_cast<int>(min_of<int64_t>(kRows, job.rows - first));
-    // A short last block reads its last row again in place of the missing ones (not stored).
-    const Storage* row[kRows];
-    for (int q = 0; q < kRows; ++q) row[q] = x + (first + min_of(q, rows - 1)) * job.ldx;
-    float left[kRows][R] = {};
+    const int rows = static_cast<int>(min_of<int64_t>(kN, job.rows - first));
+    const Storage* row[kN];
+    for (int q = 0; q < kN; ++q) row[q] = x + (first + min_of(q, rows - 1)) * job.ldx;
+    for (int q = 0; q < kN; ++q)
+        for (int p = 0; p < R; ++p) left[q][p] = 0.0f;
     // x's rows in float32, kChunk columns at a time: converted by vector loops rather than one
     // element per multiply-add (float32 rows are read in place)
-    alignas(64) float converted[std::is_same<Format, Float32Format>::value ? 1 : kRows][kChunk];
+    alignas(64) float converted[std::is_same<Format, Float32Format>::value ? 1 : kN][kChunk];
     for (int64_t k0 = 0; k0 < job.n; k0 += kChunk) {
         const int width = static_cast<int>(min_of<int64_t>(kChunk, job.n - k0));
-        const float* xs[kRows];
-        for (int q = 0; q < kRows; ++q) {
+        const float* xs[kN];
+        for (int q = 0; q < kN; ++q) {
             if constexpr (std::is_same<Format, Float32Format>::value) {
                 xs[q] = row[q] + k0;
             } else {
@@ -159,15 +163,28 @@ inline void term_block(const TermJob& job, const float* coef, int64_t block) {
         }
         for (int k = 0; k < width; ++k) {
             const float* v = job.vt + (k0 + k) * R;
-            for (int q = 0; q < kRows; ++q) {
+            for (int q = 0; q < kN; ++q) {
                 const float xq = xs[q][k];
 #pragma omp simd
                 for (int p = 0; p < R; ++p) left[q][p] = multiply_add<kFused>(xq, v[p], left[q][p]);
             }
         }
     }
+}
+
+// out[row, :] += (left[row] diag(c)) U^T for the rows of block `block` (left: their x V),
+// R = r padded: the block's left factor stays in registers.
+template <class Format, int kIsa, int R>
+inline void add_block(const TermJob& job, const float* coef, int64_t block,
+                      const float (*x_v)[R]) {
+    constexpr bool kFused = kIsa != kIsaGeneric;
+    using Storage = typename Format::storage;
+    auto* out = reinterpret_cast<Storage*>(job.out);
+    const int64_t first = block * kRows;
+    const int rows = static_cast<int>(min_of<int64_t>(kRows, job.rows - first));
+    float left[kRows][R];
     for (int q = 0; q < kRows; ++q)
-        for (int p = 0; p < R; ++p) left[q][p] = left[q][p] * coef[p];
+        for (int p = 0; p < R; ++p) left[q][p] = x_v[q][p] * coef[p];
     int64_t j0 = 0;
     // Whole blocks of 4 rows x 16 columns (kept apart from the rest: with a row count known
     // only at run time GCC kept the accumulators in memory, 2x slower).
@@ -204,15 +221,30 @@ inline void term_block(const TermJob& job, const float* coef, int64_t block) {
     }
 }
 
+// Blocks [begin, end): two at a time (their x V together, left_factors), the last alone.
+template <class Format, int kIsa, int R>
+inline void term_blocks_rank(const TermJob& job, const float* coef, int64_t begin, int64_t end) {
+    int64_t b = begin;
+    for (; b + 1 < end; b += 2) {
+        float x_v[2 * kRows][R];
+        left_factors<Format, kIsa, R, 2 * kRows>(job, b * kRows, x_v);
+        add_block<Format, kIsa, R>(job, coef, b, x_v);
+        add_block<Format, kIsa, R>(job, coef, b + 1, x_v + kRows);
+    }
+    if (b < end) {
+        float x_v[kRows][R];
+        left_factors<Format, kIsa, R, kRows>(job, b * kRows, x_v);
+        add_block<Format, kIsa, R>(job, coef, b, x_v);
+    }
+}
+
 template <class Format, int kIsa>
 inline void term_blocks(const TermJob& job, const float* coef, int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-        switch (job.rp) {
-            case 8: term_block<Format, kIsa, 8>(job, coef, b); break;
-            case 16: term_block<Format, kIsa, 16>(job, coef, b); break;
-            case 24: term_block<Format, kIsa, 24>(job, coef, b); break;
-            default: term_block<Format, kIsa, 32>(job, coef, b); break;
-        }
+    switch (job.rp) {
+        case 8: term_blocks_rank<Format, kIsa, 8>(job, coef, begin, end); break;
+        case 16: term_blocks_rank<Format, kIsa, 16>(job, coef, begin, end); break;
+        case 24: term_blocks_rank<Format, kIsa, 24>(job, coef, begin, end); break;
+        default: term_blocks_rank<Format, kIsa, 32>(job, coef, begin, end); break;
     }
 }
 

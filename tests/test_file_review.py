@@ -226,3 +226,87 @@ def test_layers_a_save_cannot_write_are_refused_by_load_and_record():
     state["layers"] = torch.zeros(1 << 15, dtype=torch.int16)
     with pytest.raises(ValueError, match="n_layers"):
         Trajectory.from_state_dict(state)
+
+
+def _saved_mezo_trajectory(steps: int = 2) -> bytes:
+    net = _net()
+    opt = MeZO(net.named_parameters(), lr=1e-2, seed=5)
+    for _ in range(steps):
+        opt.step(_loss(net))
+    buffer = io.BytesIO()
+    opt.trajectory.save(buffer)
+    return buffer.getvalue()
+
+
+def test_a_compressed_or_self_repeating_file_is_refused_before_its_size_grows():
+    """Found by review: a 3.5 KB file whose members were rewritten deflated loaded 1 MB of
+    values (262,144 derived seeds, 436 MB at peak; deflate reaches ~1000:1), and a 61 KB file
+    whose meta lists one group object N times took 3 s (quadratic: every reference checked
+    again). torch.save stores its members, and a parameter belongs to one group: both are
+    refused."""
+    import zipfile
+
+    source = zipfile.ZipFile(io.BytesIO(_saved_mezo_trajectory()))
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for info in source.infolist():
+            out.writestr(info.filename, source.read(info))
+    with pytest.raises(ValueError, match="damaged: member .* is compressed"):
+        Trajectory.load(io.BytesIO(deflated.getvalue()))
+    state = Trajectory.load(io.BytesIO(_saved_mezo_trajectory())).state_dict()
+    group = state["meta"]["groups"][0]
+    state["meta"]["groups"] = [group] * 3
+    with pytest.raises(ValueError, match=r"groups\[1\] param_names repeats '0.weight'"):
+        Trajectory.from_state_dict(_through_file(state))
+    state["meta"]["groups"] = [group]
+    group["param_names"] = group["param_names"][:1] * len(group["param_names"])
+    with pytest.raises(ValueError, match=r"groups\[0\] param_names repeats '0.weight'"):
+        Trajectory.from_state_dict(state)
+
+
+def test_record_refuses_what_would_not_save_or_load():
+    """Found by review: 2-D decays were recorded (a save then wrote a file its load refused);
+    extra columns that differ between records put values at other records' indices (a save
+    raised IndexError); layers [1.7] and ["3"] were recorded as [1] and [3]; decays=1.0 and
+    load(123) raised bare TypeError / AttributeError. Nothing is recorded on a refusal."""
+    trajectory = Trajectory("mezo", {"base_seed": 5, "groups": [
+        {"param_names": ["a"], "numel": [4], "keys": [1]}]})
+    cases = [
+        (dict(coefs=[[0.1], [0.2]], decays=torch.ones(2, 2)), ValueError, "1-D tensor"),
+        (dict(coefs=[[0.1]], decays=torch.tensor(1.0)), ValueError, "1-D tensor"),
+        (dict(coefs=[[0.1]], decays=1.0), ValueError, "decays must be a list or a 1-D tensor"),
+        (dict(coefs=[[0.1]], decays=[1.0], layers=[1.7]), TypeError, "layers must be an integer"),
+        (dict(coefs=[[0.1]], decays=[1.0], layers=["3"]), TypeError, "layers must be an integer"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            trajectory.record(0, [1], **kwargs)
+        assert len(trajectory) == 0
+    trajectory.record(0, [1], [[0.1]], [1.0], a=1.0)
+    with pytest.raises(ValueError, match=r"extra columns \['b'\] differ .* \['a'\]"):
+        trajectory.record(1, [2], [[0.1]], [1.0], b=5.0)
+    with pytest.raises(ValueError, match=r"extra columns \[\] differ"):
+        trajectory.record(1, [2], [[0.1]], [1.0])
+    assert len(trajectory) == 1
+    trajectory.record(1, [2], [[0.1]], [1.0], a=torch.tensor(2.0))
+    buffer = io.BytesIO()
+    trajectory.save(buffer)
+    buffer.seek(0)
+    assert Trajectory.load(buffer).extra == {"a": [1.0, 2.0]}
+    for bad in (123, None):
+        with pytest.raises(TypeError, match="path must be a path or a seekable binary file"):
+            Trajectory.load(bad)
+
+
+@pytest.mark.parametrize("loss", [torch.tensor(True), torch.tensor(1.0 + 2.0j)],
+                         ids=["bool", "complex"])
+def test_a_bool_or_complex_loss_tensor_is_refused(loss):
+    """Found by review: a Python bool loss was refused but a bool tensor was trained on as
+    0 / 1 (an update of lr * 500 * z), and a complex one lost its imaginary part with a
+    warning. Refused (TypeError), the weights unchanged."""
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = MeZO(net.named_parameters(), lr=1e-2, seed=5)
+    with pytest.raises(TypeError, match="real scalar loss"):
+        opt.step(lambda: loss)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))

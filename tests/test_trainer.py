@@ -113,6 +113,25 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path, name, dtype):
         assert len(whole.zo_optimizer.state_dict()["extra"]["window"]) == 3
 
 
+@pytest.mark.parametrize("schedule", ["reduce_lr_on_plateau", "cosine"])
+def test_resume_with_other_schedules(tmp_path, schedule):
+    """The resume check loads scheduler.pt into a throwaway scheduler of the run's kind and
+    steps it (a state that loads but cannot step was accepted, then failed after a ZO step);
+    ReduceLROnPlateau, which steps on an evaluation's metric, is loaded only. Both resume to
+    the uninterrupted run's weights."""
+    options = dict(save_strategy="steps", save_steps=3, lr_scheduler_type=schedule,
+                   eval_strategy="steps", eval_steps=3)  # plateau steps on the eval loss
+
+    def run(seed):
+        return ZOTrainer(model=llama(seed=seed), args=config(tmp_path, **options),
+                         train_dataset=Tokens(), eval_dataset=Tokens())
+    whole = run(0)
+    whole.train()
+    resumed = run(99)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert_same(snapshot(resumed.model), snapshot(whole.model), f"{schedule} resumed at step 3")
+
+
 def test_lora_resume_is_bit_identical(tmp_path):
     """A LoRA checkpoint holds the adapters: resumed onto the same base model with differently
     initialized adapters, the run ends on the uninterrupted run's adapters, bit for bit."""
@@ -369,6 +388,10 @@ def test_pseuzo_beta_is_passed_through_unchanged(tmp_path, monkeypatch):
     ({"zo_n_spsa": 1025}, "zo_n_spsa must be at most 1024"),
     ({"zo_optimizer": "pseuzo", "pseuzo_window": 1025}, "pseuzo_window must be at most 1024"),
     ({"neftune_noise_alpha": 5.0}, "neftune_noise_alpha must be None"),  # eval mode: ignored
+    # ints beyond float range: were a bare OverflowError
+    ({"zo_eps": 10 ** 400}, "zo_eps must be a number"),
+    ({"zo_optimizer": "tezo", "tezo_factor_cache": 10 ** 400}, "tezo_factor_cache"),
+    ({"zo_optimizer": "pseuzo", "pseuzo_beta": 10 ** 400}, "pseuzo_beta"),
 ])
 def test_config_refuses_bad_options(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
@@ -550,6 +573,17 @@ def test_resume_needs_the_optimizer_state_of_the_same_checkpoint(tmp_path):
          "model.safetensors cannot be read"),
         (variant("other-model", lambda c: _other_model_weights(c)),
          "model.safetensors holds .* with shape .* not a checkpoint of this model"),
+        # each passed the checks, then failed in the stock loader or the first step with the
+        # model (a sparse or meta tensor of the right shape: all tensors before it) or the ZO
+        # optimizer (a float global step, a str last_epoch) already changed
+        (variant("sparse-weight", lambda c: _bin_weights(c, lambda t: t.to_sparse())),
+         "pytorch_model.bin holds .* as a torch.sparse_coo tensor"),
+        (variant("meta-weight", lambda c: _bin_weights(c, lambda t: t.to("meta"))),
+         "pytorch_model.bin holds .* as a meta tensor"),
+        (variant("float-step", lambda c: _edit_state(c, global_step=3.0)),
+         "trainer_state.json holds global_step 3.0, not an integer"),
+        (variant("str-epoch", lambda c: _edit_scheduler(c, last_epoch="x")),
+         "scheduler.pt does not load into this run's LambdaLR"),
     ]
     for checkpoint, match in cases:
         model = llama(seed=99)
@@ -592,6 +626,26 @@ def _edit_scheduler(checkpoint: Path, **values) -> None:
     state = torch.load(checkpoint / "scheduler.pt", weights_only=True)
     state.update(values)
     torch.save(state, checkpoint / "scheduler.pt")
+
+
+def _bin_weights(checkpoint: Path, change) -> None:
+    """model.safetensors as a pytorch_model.bin with its last tensor changed by `change`."""
+    from safetensors.torch import load_file
+
+    weights = dict(load_file(checkpoint / "model.safetensors"))
+    last = sorted(weights)[-1]
+    weights[last] = change(weights[last])
+    (checkpoint / "model.safetensors").unlink()
+    torch.save(weights, checkpoint / "pytorch_model.bin")
+
+
+def _edit_state(checkpoint: Path, **values) -> None:
+    import json
+
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state.update(values)
+    path.write_text(json.dumps(state))
 
 
 def _other_model_weights(checkpoint: Path) -> None:

@@ -39,6 +39,7 @@ from ._contract import PERTURB_DISTS, ROUNDINGS, as_contract, saved_contract
 from ._seeds import step_seed
 from ._validate import (
     StorageBudget,
+    as_int,
     as_key,
     as_seed,
     as_seed_list,
@@ -160,8 +161,17 @@ class Trajectory:
         if not 1 <= len(seeds) <= MAX_SEEDS_PER_STEP:
             raise ValueError(f"record: {len(seeds)} seeds; a step holds 1 to "
                              f"{MAX_SEEDS_PER_STEP}")
+        if isinstance(decays, torch.Tensor) and decays.dim() != 1:
+            raise ValueError(f"record: decays must be a 1-D tensor (one decay per group), got "
+                             f"shape {tuple(decays.shape)}")
+        if not isinstance(decays, (torch.Tensor, list, tuple)):
+            raise ValueError(f"record: decays must be a list or a 1-D tensor of one decay per "
+                             f"group, got {type(decays).__name__}")
         if len(decays) != len(coefs):
             raise ValueError(f"record: {len(coefs)} coefficient groups but {len(decays)} decays")
+        if self._steps and set(extra) != set(self._extra):
+            raise ValueError(f"record: extra columns {sorted(extra)} differ from the earlier "
+                             f"records' {sorted(self._extra)} (every record holds the same)")
         row: list[Any] = []
         deferred: list[tuple[int, torch.Tensor]] = []
         for g, group in enumerate(coefs):
@@ -187,7 +197,10 @@ class Trajectory:
             else:
                 extra[name] = _recorded_number(value, name)
         if layers is not None:
-            layers = [int(x) for x in layers]
+            try:
+                layers = [as_int(x, "layers") for x in layers]
+            except TypeError as exc:
+                raise TypeError(f"record: {exc}") from None
             if any(not 0 <= x < LAYER_LIMIT for x in layers) or len(layers) >= LAYER_LIMIT:
                 raise ValueError(f"record: layers must hold fewer than 2^15 indices in "
                                  f"[0, 2^15) (saved as int16), got {layers[:8]}...")
@@ -331,12 +344,19 @@ class Trajectory:
     @classmethod
     def load(cls, path: str | os.PathLike | BinaryIO) -> "Trajectory":
         """A saved trajectory (a path or a seekable binary file), checked whole before use
-        (ValueError; OSError when the file cannot be opened): torch.load does not test the
-        CRC-32 of torch.save's zip members, so a damaged byte in a coefficient would replay
-        other weights silently; the members are tested first."""
+        (ValueError; OSError when the file cannot be opened; TypeError for another object):
+        torch.load does not test the CRC-32 of torch.save's zip members, so a damaged byte in
+        a coefficient would replay other weights silently; the members are tested first, and
+        a compressed member (torch.save writes none) is refused. What holds no checksums
+        cannot be tested and loads as torch.load reads it: a file saved with
+        torch.serialization.set_crc32_options(False), and one in torch's legacy (non-zip)
+        format (_use_new_zipfile_serialization=False)."""
         if isinstance(path, (str, bytes, os.PathLike)):
             with open(path, "rb") as f:
                 return cls._load_file(f, repr(os.fsdecode(path)))
+        if not all(callable(getattr(path, name, None)) for name in ("read", "seek", "tell")):
+            raise TypeError(f"Trajectory.load: path must be a path or a seekable binary file, "
+                            f"got {type(path).__name__}")
         return cls._load_file(path, "")
 
     @classmethod
@@ -559,6 +579,11 @@ def _check_members(f: BinaryIO) -> None:
     member's is 0."""
     with zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
+            # torch.save stores its members: a compressed one was made by hand, and would read
+            # up to ~1000x the file's size (the load's work is bounded by the file's size)
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"member {info.filename!r} is compressed (torch.save stores "
+                                 "its members uncompressed)")
             if info.CRC == 0:
                 continue
             with archive.open(info) as member:
@@ -599,6 +624,7 @@ def _checked_meta(meta: Any, seeds_saved: bool) -> int:
     groups = meta.get("groups")
     if not isinstance(groups, list) or not groups:
         raise ValueError("trajectory meta groups must be a non-empty list (one per param group)")
+    seen: set[str] = set()
     for g, group in enumerate(groups):
         where = f"trajectory meta groups[{g}]"
         if not isinstance(group, dict):
@@ -606,6 +632,13 @@ def _checked_meta(meta: Any, seeds_saved: bool) -> int:
         names, numels, keys = (group.get(k) for k in ("param_names", "numel", "keys"))
         if not _strings(names):
             raise ValueError(f"{where} param_names must be a list of strings")
+        # a name in two groups (or twice in one) names no parameter of a run; refused as it is
+        # met, so that groups sharing one list (a file of a few KB) cost no more than it holds
+        for name in names:
+            if name in seen:
+                raise ValueError(f"{where} param_names repeats {name!r}: a parameter belongs "
+                                 "to one group")
+            seen.add(name)
         if not isinstance(group.get("named", True), bool):
             raise ValueError(f"{where} named must be a bool, got {group.get('named')!r}")
         layers = group.get("layers")

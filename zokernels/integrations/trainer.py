@@ -34,10 +34,10 @@ _load_optimizer_and_scheduler(checkpoint) checks the ZO step it loaded.
 """
 
 import itertools
-import math
 import numbers
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
@@ -45,7 +45,7 @@ import torch
 import transformers
 
 from .._contract import PERTURB_DISTS, ROUNDINGS
-from .._validate import FLOAT32_MAX
+from .._validate import FLOAT32_MAX, is_finite_number
 from ..optim import ZOOptimizer
 from ..optim.tezo import FACTOR_CACHE as TEZO_FACTOR_CACHE
 from ..optim.tezo import UPDATES as TEZO_UPDATES
@@ -72,9 +72,8 @@ def _integer(value: Any, name: str, low: int, *, optional: bool = False) -> Opti
 
 
 def _finite(value: Any) -> bool:
-    """A finite real number (a bool is not one here)."""
-    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
-            and math.isfinite(value))
+    """A finite real number (a bool is not one here; nor an int too large for a float)."""
+    return is_finite_number(value)
 
 
 def _choice(value: Any, name: str, choices: Any) -> str:
@@ -385,29 +384,50 @@ def _check_weight_files(model: torch.nn.Module, checkpoint: str, where: str) -> 
                              f"({type(exc).__name__}: {exc})") from exc
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     for path in paths:
-        for key, shape in _saved_shapes(path, where).items():
-            if key in expected and expected[key] != shape:
+        for key, (shape, unfit) in _saved_shapes(path, where).items():
+            if key not in expected:
+                continue
+            if expected[key] != shape:
                 raise ValueError(f"{where}: its {os.path.basename(path)} holds {key} with shape "
                                  f"{list(shape)}, the model's is {list(expected[key])}: not a "
                                  "checkpoint of this model")
+            if unfit:
+                raise ValueError(f"{where}: its {os.path.basename(path)} holds {key} as {unfit}, "
+                                 "which cannot be loaded into the model's tensor (the stock "
+                                 "loader would fail there, the tensors before it written)")
 
 
-def _saved_shapes(path: str, where: str) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a weights file, read from its header (safetensors) or mapped
-    (torch), or ValueError naming the file."""
+def _unfit(t: torch.Tensor) -> str:
+    """Why a saved tensor cannot be copied into a real dense parameter or buffer ("" if it can):
+    sparse or other layouts, meta (no data), quantized, complex (the copy drops the imaginary
+    part)."""
+    if t.layout != torch.strided:
+        return f"a {t.layout} tensor"
+    if t.is_meta:
+        return "a meta tensor (no data)"
+    if t.is_quantized or t.is_complex():
+        return f"a {t.dtype} tensor"
+    return ""
+
+
+def _saved_shapes(path: str, where: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, `_unfit` reason or "") of a weights file, read from its header
+    (safetensors: dense real or integer tensors) or mapped (torch), or ValueError naming the
+    file."""
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+                return {name: (tuple(f.get_slice(name).get_shape()), "") for name in f.keys()}
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # a file of torch's legacy (non-zip) format cannot be mapped
             state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise TypeError(f"a {type(state).__name__}, not a dict of tensors")
-        return {str(k): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return {str(k): (tuple(v.shape), _unfit(v)) for k, v in state.items()
+                if isinstance(v, torch.Tensor)}
     except Exception as exc:
         raise ValueError(f"{where}: its {os.path.basename(path)} cannot be read "
                          f"({type(exc).__name__}: {exc})") from exc
@@ -747,10 +767,15 @@ class ZOTrainer(transformers.Trainer):
         except Exception as exc:
             raise ValueError(f"{where}: its {TRAINER_STATE_NAME} cannot be read "
                              f"({type(exc).__name__}: {exc})") from exc
+        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+            raise ValueError(f"{where}: its {TRAINER_STATE_NAME} holds global_step "
+                             f"{global_step!r}, not an integer >= 0")
         saved = _read(os.path.join(checkpoint, OPTIMIZER_NAME), where)
         zo_state = saved.get("zo_state") if isinstance(saved, dict) else None
         step = zo_state.get("step") if isinstance(zo_state, dict) else None
-        if step != global_step:
+        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+            step = int(step)  # a one-element integer tensor: the number it holds
+        if isinstance(step, bool) or not isinstance(step, int) or step != global_step:
             raise ValueError(
                 f"{where}: its {OPTIMIZER_NAME} holds ZO step {step!r} but its "
                 f"{TRAINER_STATE_NAME} global step {global_step} (one ZO step per global "
@@ -795,6 +820,16 @@ class ZOTrainer(transformers.Trainer):
             return  # the run cannot build it either: the stock Trainer raises, before loading
         try:
             scheduler.load_state_dict(copy.deepcopy(state))
+            # and steps: load_state_dict takes any values (a str last_epoch failed at the
+            # Trainer's first step, after a ZO step had been applied); ReduceLROnPlateau steps
+            # on a metric the Trainer passes after an evaluation, its state checked above
+            if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+                    scheduler.step()
+                lrs = scheduler.get_last_lr()
+                if not all(_finite(lr) for lr in lrs):
+                    raise ValueError(f"its learning rates after a step are {lrs}")
         except Exception as exc:
             kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
             raise ValueError(f"{what} does not load into this run's {type(scheduler).__name__} "

@@ -681,6 +681,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got shape "
                                  f"{tuple(loss.shape)}")
+            if loss.dtype == torch.bool or loss.is_complex():  # as a Python bool is refused
+                raise TypeError(f"the closure must return a real scalar loss, got a "
+                                f"{loss.dtype} tensor")
             return loss.detach().reshape(()).to(torch.float32, copy=True)  # never a weight alias
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
             try:
