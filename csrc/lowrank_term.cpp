@@ -6,8 +6,8 @@
 // held x V to about one vector multiply-add a cycle; 2026-12-07: a 256 x 1024 -> 256 call
 // 114-142 -> 89-93 us in bf16, same bits), then each block adds its whole term to 16 columns
 // of out at a time from registers: one read and one write of out, float32 arithmetic, one
-// rounding to out's dtype. x's rows are converted
-// to float32 a chunk at a time by vector loops. Per call at 256 rows, r = 8, 1 thread, against
+// rounding to out's dtype. x's rows are converted to float32 a chunk at a time by vector
+// loops. Per call at 256 rows, r = 8, 1 thread, against
 // the reference (benchmarks/results/cpu_lowrank_term.json): float32 0.3-1.0x its time, float16
 // 0.1-0.2x, bfloat16 0.5-1.6x (torch's bf16 GEMMs use AVX-512 BF16 dot products; summed over
 // the probes of `small` the kernel is the faster, docs/tezo.md "Time").

@@ -581,7 +581,7 @@ def test_resume_needs_the_optimizer_state_of_the_same_checkpoint(tmp_path):
         (variant("meta-weight", lambda c: _bin_weights(c, lambda t: t.to("meta"))),
          "pytorch_model.bin holds .* as a meta tensor"),
         (variant("float-step", lambda c: _edit_state(c, global_step=3.0)),
-         "trainer_state.json holds global_step 3.0, not an integer"),
+         "trainer_state.json global_step must be an integer >= 0, got 3.0"),
         (variant("str-epoch", lambda c: _edit_scheduler(c, last_epoch="x")),
          "scheduler.pt does not load into this run's LambdaLR"),
     ]

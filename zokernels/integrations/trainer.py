@@ -45,7 +45,7 @@ import torch
 import transformers
 
 from .._contract import PERTURB_DISTS, ROUNDINGS
-from .._validate import FLOAT32_MAX, is_finite_number
+from .._validate import FLOAT32_MAX, as_int, is_finite_number
 from ..optim import ZOOptimizer
 from ..optim.tezo import FACTOR_CACHE as TEZO_FACTOR_CACHE
 from ..optim.tezo import UPDATES as TEZO_UPDATES
@@ -69,11 +69,6 @@ def _integer(value: Any, name: str, low: int, *, optional: bool = False) -> Opti
         raise ValueError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, "
                          f"got {value!r}")
     return int(value)
-
-
-def _finite(value: Any) -> bool:
-    """A finite real number (a bool is not one here; nor an int too large for a float)."""
-    return is_finite_number(value)
 
 
 def _choice(value: Any, name: str, choices: Any) -> str:
@@ -209,7 +204,7 @@ class ZOConfig(transformers.TrainingArguments):
         Validated values are normalized to Python's types (numpy integers and floats, numpy
         strings, a numeric pseuzo_beta string from the command line)."""
         self.zo_optimizer = _choice(self.zo_optimizer, "zo_optimizer", OPTIMIZERS)
-        if not _finite(self.zo_eps) or not 0 < self.zo_eps <= FLOAT32_MAX:
+        if not is_finite_number(self.zo_eps) or not 0 < self.zo_eps <= FLOAT32_MAX:
             raise ValueError(f"zo_eps must be a number in (0, {FLOAT32_MAX:.6g}] (the kernels "
                              f"compute in float32), got {self.zo_eps!r}")
         self.zo_eps = float(self.zo_eps)
@@ -252,7 +247,7 @@ class ZOConfig(transformers.TrainingArguments):
                              f"of a weight is evaluated by the virtual probes), got zo_probe="
                              f"{self.zo_probe!r}")
         cache = self.tezo_factor_cache
-        if not _finite(cache) or not 0 <= cache <= 1:
+        if not is_finite_number(cache) or not 0 <= cache <= 1:
             raise ValueError(f"tezo_factor_cache must be a number in [0, 1] (a fraction of the "
                              f"parameters' bytes), got {cache!r}")
         self.tezo_factor_cache = float(cache)
@@ -273,7 +268,7 @@ class ZOConfig(transformers.TrainingArguments):
             if beta != "reference":
                 raise ValueError(f"pseuzo_beta must be a number in [0, 1] or 'reference' (the "
                                  f"reference's schedule), got {beta!r}")
-        elif not _finite(beta) or not 0 <= beta <= 1:
+        elif not is_finite_number(beta) or not 0 <= beta <= 1:
             raise ValueError(f"pseuzo_beta must be a number in [0, 1] or 'reference' (the "
                              f"reference's schedule), got {beta!r}")
         else:
@@ -350,7 +345,7 @@ def _check_scheduler_state(state: Any, what: str, groups: Optional[int]) -> None
         values = state[key]
         if (not isinstance(values, (list, tuple))
                 or (groups is not None and len(values) != groups)
-                or not all(_finite(v) and v >= 0 for v in values)):
+                or not all(is_finite_number(v) and v >= 0 for v in values)):
             raise ValueError(f"{what}: {key} must hold one finite learning rate >= 0 per param "
                              f"group ({groups if groups is not None else 'any number of'}), "
                              f"got {values!r}")
@@ -767,15 +762,15 @@ class ZOTrainer(transformers.Trainer):
         except Exception as exc:
             raise ValueError(f"{where}: its {TRAINER_STATE_NAME} cannot be read "
                              f"({type(exc).__name__}: {exc})") from exc
-        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
-            raise ValueError(f"{where}: its {TRAINER_STATE_NAME} holds global_step "
-                             f"{global_step!r}, not an integer >= 0")
+        _integer(global_step, f"{where}: its {TRAINER_STATE_NAME} global_step", 0)
         saved = _read(os.path.join(checkpoint, OPTIMIZER_NAME), where)
         zo_state = saved.get("zo_state") if isinstance(saved, dict) else None
         step = zo_state.get("step") if isinstance(zo_state, dict) else None
-        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
-            step = int(step)  # a one-element integer tensor: the number it holds
-        if isinstance(step, bool) or not isinstance(step, int) or step != global_step:
+        try:
+            step = as_int(step, "step")  # a one-element integer tensor: the number it holds
+        except TypeError:
+            pass  # not an integer: refused below
+        if not isinstance(step, int) or step != global_step:
             raise ValueError(
                 f"{where}: its {OPTIMIZER_NAME} holds ZO step {step!r} but its "
                 f"{TRAINER_STATE_NAME} global step {global_step} (one ZO step per global "
@@ -828,7 +823,7 @@ class ZOTrainer(transformers.Trainer):
                     warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
                     scheduler.step()
                 lrs = scheduler.get_last_lr()
-                if not all(_finite(lr) for lr in lrs):
+                if not all(is_finite_number(lr) for lr in lrs):
                     raise ValueError(f"its learning rates after a step are {lrs}")
         except Exception as exc:
             kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
