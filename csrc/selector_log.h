@@ -16,10 +16,14 @@
 //
 // Both sides handle a block whole (a sharded tensor's tiles of one block are gathered first), so
 // the reader places every field from its own classes, as the reference does; n_F is written for
-// readers that decode tile by tile. Storage: a row of `words` int32 per block (word 0: 0 = the
-// stream follows in the row, 1 + its offset in the pool, -1 = lost) and a pool shared by the
-// blocks that do not fit their row (one atomic add per such block). A lost block's kept elements
-// are recovered as applied= alone recovers them.
+// readers that decode tile by tile. Storage: a row of `words` int32 per block (word 0, the
+// header: >= 0 = the stream follows in the row and the header is the block's check's low 31
+// bits; <= -2 = the stream is in the pool at offset -2 - header and word 1 is the check; -1 =
+// lost; the check: block_check of the values stored) and a pool shared by the blocks that do not
+// fit their row (one atomic add per such block). The kept elements of a lost block, or of one
+// whose weights no longer match its check (written by someone else between the passes: the
+// reader's classes, and so every field's position, would differ), are recovered as applied=
+// alone recovers them.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +48,9 @@ constexpr int kWidthBits = 6;   // W: 0 .. 32
 // A block's longest stream: every element F with a 2-bit step and a 32-bit payload.
 constexpr int kMaxStreamBits = kCountBits + 3 * kSelectorBlock + kWidthBits + 32 * kSelectorBlock;
 constexpr int kMaxStreamWords = kMaxStreamBits / 32 + 4;  // + the words a 64-bit read may touch
+// block_check's constants (the reference's CHECK_INDEX, CHECK_MIX)
+constexpr uint32_t kCheckIndex = 0x9E3779B9u;
+constexpr uint32_t kCheckMix = 0x85EBCA6Bu;
 
 // The log's buffers (regions: int32 [blocks, words]; pool: int32 [capacity]; count: int64).
 struct SelectorLogRef {
@@ -431,14 +438,29 @@ struct BitSink {
     }
 };
 
-// Stores one block's stream (n_words words) in its row or the pool (write_block in the
-// reference); count-only: only counts the pool words it needs.
+// The check of a block's stored values (block_check in the reference): the sum of
+// mix(pattern ^ i * kCheckIndex), mix(v) = u ^ (u >> 15) with u = v * kCheckMix. mix is a
+// bijection, so a change of any one element always changes it (its low 31 bits, the header of
+// a stream in the row, but for a 2^-31 chance).
+template <class Format>
+inline uint32_t block_check(const typename Format::storage* ZK_RESTRICT y, int n) {
+    uint32_t sum = 0, weyl = 0;  // weyl = i * kCheckIndex: an add, not a vector multiply
+    for (int i = 0; i < n; ++i) {  // vectorizes
+        const uint32_t u = (Keys<Format>::pattern(y[i]) ^ weyl) * kCheckMix;
+        sum += u ^ (u >> 15);
+        weyl += kCheckIndex;
+    }
+    return sum;
+}
+
+// Stores one block's check and stream (n_words words) in its row or the pool (write_block in
+// the reference); count-only: only counts the pool words it needs.
 inline void store_stream(const SelectorLogRef& log, uint64_t block, const uint32_t* words,
-                         int n_words) {
+                         int n_words, uint32_t check) {
     int32_t* row = log.regions + block * log.words;
     if (static_cast<uint64_t>(n_words) + 1 <= log.words) {
         if (!log.count_only) {
-            row[0] = 0;
+            row[0] = static_cast<int32_t>(check & 0x7FFFFFFFu);
             std::memcpy(row + 1, words, static_cast<size_t>(n_words) * 4);
         }
         return;
@@ -447,7 +469,8 @@ inline void store_stream(const SelectorLogRef& log, uint64_t block, const uint32
     if (log.count_only) return;
     if (static_cast<uint64_t>(first) + static_cast<uint64_t>(n_words) <= log.capacity &&
         first < INT32_MAX - 1) {
-        row[0] = static_cast<int32_t>(first + 1);
+        row[0] = static_cast<int32_t>(-2 - first);
+        row[1] = static_cast<int32_t>(check);
         std::memcpy(log.pool + first, words, static_cast<size_t>(n_words) * 4);
     } else {
         row[0] = -1;  // lost: recovered as applied= alone recovers it
@@ -465,8 +488,9 @@ inline void log_block(const SelectorLogRef& log, uint64_t block,
     KeptElements kept;
     classify_block<Philox, Format>(y, d, n, theta, nullptr, kept);
     alignas(64) uint32_t words[kMaxStreamWords];
+    const uint32_t check = log.count_only ? 0u : block_check<Format>(y, n);
     if (kept.count == 0) {
-        store_stream(log, block, words, 0);
+        store_stream(log, block, words, 0, check);
         return;
     }
     const int count = kept.count, n_count = kept.n_count, n_f = count - n_count;
@@ -537,7 +561,7 @@ inline void log_block(const SelectorLogRef& log, uint64_t block,
             sink.append(kept.code[p] & kIsN ? K::kBits : w, payload[p]);
         }
     }
-    store_stream(log, block, words, sink.finish());
+    store_stream(log, block, words, sink.finish(), check);
 }
 
 // A block's stream as the reader sees it (block_stream in the reference): the rest of its row,
@@ -549,20 +573,23 @@ struct StreamSource {
     int have = 0;        // words copied into `words`
     alignas(64) uint32_t words[kMaxStreamWords];
 
-    // false: the block is lost (-1, or a header that points past the pool)
-    bool open(const SelectorLogRef& log, uint64_t block) {
+    // false: the block is lost (-1, or a header that points past the pool), or its check is
+    // not `check`, the reader's (the weights are not what the logging pass stored)
+    bool open(const SelectorLogRef& log, uint64_t block, uint32_t check) {
         const int32_t* row = log.regions + block * log.words;
-        const int32_t header = row[0];
+        const int64_t header = row[0];
         have = 0;
-        if (header == 0) {
+        if (header >= 0) {
+            if (static_cast<uint32_t>(header) != (check & 0x7FFFFFFFu)) return false;
             src = reinterpret_cast<const uint32_t*>(row + 1);
             limit = log.words - 1;
-        } else if (header > 0 && static_cast<uint64_t>(header - 1) < log.capacity) {
-            src = reinterpret_cast<const uint32_t*>(log.pool + (header - 1));
-            limit = log.capacity - static_cast<uint64_t>(header - 1);
-        } else {
-            return false;
+            return true;
         }
+        const uint64_t offset = static_cast<uint64_t>(-2 - header);  // huge for -1
+        if (header == -1 || offset >= log.capacity || static_cast<uint32_t>(row[1]) != check)
+            return false;
+        src = reinterpret_cast<const uint32_t*>(log.pool + offset);
+        limit = log.capacity - offset;
         return true;
     }
     // Makes the bits below `bits` (plus a word for 64-bit reads) readable.
@@ -584,7 +611,8 @@ struct StreamSource {
 };
 
 // Reading side of one block: theta (storage patterns) of the weights holding y = x[i] =
-// round(theta + d1): exact, unless the block is lost (then recover_unperturbed).
+// round(theta + d1): exact, unless the block is lost or x does not match its check (then
+// recover_unperturbed).
 template <class Philox, class Format>
 inline void recover_block(const SelectorLogRef& log, uint64_t block,
                           const typename Format::storage* ZK_RESTRICT x,
@@ -597,7 +625,7 @@ inline void recover_block(const SelectorLogRef& log, uint64_t block,
     const int count = kept.count;
     if (count == 0) return;
     StreamSource stream;
-    if (!stream.open(log, block)) {
+    if (!stream.open(log, block, block_check<Format>(x, n))) {
         for (int p = 0; p < count; ++p) {
             const int i = kept.at[p];
             theta[i] = K::storage(Grid<Format>::round_bits(

@@ -246,3 +246,35 @@ def record_perturb_launches(monkeypatch, *flags: str) -> list:
 
     monkeypatch.setattr(perturb_module, "_perturb_kernel", Recorder())
     return launched
+
+
+def selector_checks(tensors) -> list[int]:
+    """block_check (zokernels/backends/torch/selector_log.py) of each selector-log block of
+    `tensors` (flat, 1024 elements per block, the tensors' blocks one after the other): one per
+    row of a log of a pass that stored them."""
+    from zokernels.backends.torch.selector_log import BLOCK, block_check, n_blocks
+
+    checks = []
+    for t in tensors:
+        flat = t.detach().cpu().reshape(-1)
+        checks += [block_check(flat[b * BLOCK:(b + 1) * BLOCK])
+                   for b in range(n_blocks(flat.numel()))]
+    return checks
+
+
+def selector_pool_offset(header: int) -> int | None:
+    """Where a selector-log row's header puts its block's stream in the pool (header <= -2), or
+    None: in the row (header >= 0, the check's low 31 bits) or lost (-1)."""
+    return -2 - header if header <= -2 else None
+
+
+def assert_selector_checks(log, tensors, what: str) -> None:
+    """Each block's check in `log` is that of the block as `tensors` hold it (what the pass
+    stored): the header of a stream in its row holds the check's low 31 bits, a spilled block's
+    word 1 all of it; lost blocks (-1) hold none."""
+    for row, check in enumerate(selector_checks(tensors)):
+        header, word = int(log.regions[row, 0]), int(log.regions[row, 1])
+        if header >= 0:
+            assert header == check & 0x7FFFFFFF, f"{what}: the check in row {row}'s header"
+        elif header <= -2:
+            assert word == check, f"{what}: the check in row {row}'s word 1"

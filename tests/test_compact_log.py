@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (assert_bits_equal, assert_interrupted_step_leaves_weights, assert_same,
-                     assert_same_in_both_simd_modes, snapshot)
+                     assert_same_in_both_simd_modes, assert_selector_checks, selector_checks,
+                     selector_pool_offset, snapshot)
 
 from zokernels.backends.cpu.perturb import perturb_cpu
 from zokernels.backends.torch.perturb import perturb_torch
@@ -54,15 +55,18 @@ def _buffers(tensors, words: int = 6, capacity: int = 1 << 16) -> SelectorBuffer
 
 
 def _streams(log: SelectorBuffers) -> list[list[int]]:
-    """Each block's row, with a spilled block's header replaced by its pool words (the pool's
-    order of blocks depends on the threads)."""
+    """Each block's row, a spilled block's replaced by its pool words (the pool's order of
+    blocks depends on the threads); without the checks (the header of a stream in the row):
+    they are of what each backend stored, and a NaN a pass computes may carry another payload
+    there (assert_selector_checks compares them with the stored weights)."""
     out = []
     words = log.regions.shape[1]
     for row in log.regions.tolist():
-        if row[0] > 0:
-            out.append(["pool"] + log.pool[row[0] - 1:row[0] - 1 + 64].tolist())
+        offset = selector_pool_offset(row[0])
+        if offset is not None:
+            out.append(["pool"] + log.pool[offset:offset + 64].tolist())
         else:
-            out.append(row[:1] + [None] * (words - 1) if row[0] == -1 else row)
+            out.append(["lost"] + [None] * (words - 1) if row[0] == -1 else ["row"] + row[1:])
     return out
 
 
@@ -121,6 +125,9 @@ def test_cpu_log_equals_reference(dtype):
     assert _streams(l1_cpu) == _streams(l1_ref)
     assert _streams(l2_cpu) == _streams(l2_ref)
     assert int(l1_cpu.count) == int(l1_ref.count) and int(l2_cpu.count) == int(l2_ref.count)
+    for name, (p, m, l1, l2) in runs.items():
+        assert_selector_checks(l1, p, f"{name} L1")
+        assert_selector_checks(l2, m, f"{name} L2")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -237,27 +244,33 @@ def test_generic_path_writes_and_reads_the_simd_paths_logs(tmp_path):
     assert_same_in_both_simd_modes(script, tmp_path)
 
 
-def _garbage_log(tensors, words: int, capacity: int, g: torch.Generator) -> SelectorBuffers:
+def _garbage_log(tensors, words: int, capacity: int, checks: list[int],
+                 g: torch.Generator) -> tuple[SelectorBuffers, torch.Tensor]:
     """Rows and a pool of random words (so n_F up to 2047, W up to 63, any step and payload
     bits) with headers of every kind: in the row, into the pool (also near its end), past the
-    pool, lost, negative. Both sit at the start of larger buffers of random words, so that a read
-    past a row or past the pool would see words the reference reads as 0."""
+    pool, lost; the checks those of the weights read (`checks`), so that their streams are
+    decoded, except in about a sixth of the rows. Both sit at the start of larger buffers of
+    random words, so that a read past a row or past the pool would see words the reference
+    reads as 0. Also the rows a reader must take as lost."""
     rows = sum(n_blocks(t.numel()) for t in tensors)
     spare = torch.randint(-(1 << 31), 1 << 31, (rows * words + 4096,), generator=g,
                           dtype=torch.int64).to(torch.int32)
     pool_spare = torch.randint(-(1 << 31), 1 << 31, (capacity + 4096,), generator=g,
                                dtype=torch.int64).to(torch.int32)
     regions = spare[:rows * words].view(rows, words)
-    kinds = torch.randint(0, 6, (rows,), generator=g)
-    header = torch.randint(1, capacity + 1, (rows,), generator=g)
-    header = torch.where(kinds == 0, 0, header)
-    header = torch.where(kinds == 1, capacity - torch.randint(0, 3, (rows,), generator=g), header)
-    header = torch.where(kinds == 2, capacity + 1 + torch.randint(0, 9, (rows,), generator=g),
-                         header)
+    check = torch.tensor(checks, dtype=torch.int64)
+    check = torch.where(torch.randint(0, 6, (rows,), generator=g) == 0, check + 1, check)
+    kinds = torch.randint(0, 5, (rows,), generator=g)
+    offset = torch.randint(0, capacity, (rows,), generator=g)
+    offset = torch.where(kinds == 1, capacity - torch.randint(1, 4, (rows,), generator=g), offset)
+    offset = torch.where(kinds == 2, capacity + torch.randint(0, 9, (rows,), generator=g), offset)
+    header = torch.where(kinds == 0, check & 0x7FFFFFFF, -2 - offset)
     header = torch.where(kinds == 3, -1, header)
-    header = torch.where(kinds == 4, -torch.randint(2, 1 << 30, (rows,), generator=g), header)
     regions[:, 0] = header.to(torch.int32)
-    return SelectorBuffers(regions, pool_spare[:capacity], torch.zeros(1, dtype=torch.int64))
+    in_pool = (kinds != 0) & (kinds != 3)
+    regions[:, 1] = torch.where(in_pool, check.to(torch.int32), regions[:, 1])
+    lost = (kinds == 2) | (kinds == 3) | (check != torch.tensor(checks))
+    return SelectorBuffers(regions, pool_spare[:capacity], torch.zeros(1, dtype=torch.int64)), lost
 
 
 @pytest.mark.parametrize("mapped", [False, True], ids=["dense", "sharded"])
@@ -265,8 +278,8 @@ def _garbage_log(tensors, words: int, capacity: int, g: torch.Generator) -> Sele
 def test_a_log_of_garbage_is_read_inside_its_buffers(dtype, mapped):
     """A recovering pass reading a log that no pass wrote neither crashes nor reads outside each
     row (words 1..) or the pool (bits past their end read as 0): it gives back exactly what the
-    reference reads from the same words (in lost blocks, recovery's NaNs as NaNs: torch's
-    conversions do not keep one NaN pattern)."""
+    reference reads from the same words (in lost blocks, for their header or their check,
+    recovery's NaNs as NaNs: torch's conversions do not keep one NaN pattern)."""
     g = torch.Generator().manual_seed(9 + mapped)
     original = [_mix(dtype, 3000, g), (1e-7 * torch.randn(2100, generator=g)).to(dtype),
                 (0.02 * torch.randn(2500, generator=g)).to(dtype)]
@@ -276,15 +289,14 @@ def test_a_log_of_garbage_is_read_inside_its_buffers(dtype, mapped):
     perturb_torch(perturbed, keys, [3], torch.tensor([EPS]), ones, "rademacher", "nearest", 3,
                   **extra)
     for words in (2, 6):
-        log = _garbage_log(original, words, 300, g)
+        log, lost_rows = _garbage_log(original, words, 300, selector_checks(perturbed), g)
+        assert not bool(lost_rows.all()) and bool(lost_rows.any())
         outs = {}
         for name, fn in BACKENDS.items():
             tensors = [t.clone() for t in perturbed]
             fn(tensors, keys, [3], torch.tensor([0.0]), ones, "rademacher", "nearest", 3,
                applied=torch.tensor([EPS]), held_log=log, **extra)
             outs[name] = tensors
-        header = log.regions[:, 0]
-        lost_rows = (header < 0) | (header > log.pool.numel())
         row = 0
         for j, (a, b) in enumerate(zip(outs["cpu"], outs["torch"])):
             rows = n_blocks(b.numel())
@@ -344,6 +356,47 @@ def test_overflow_loses_whole_blocks_to_recovery(backend, dtype):
             assert_bits_equal(t[part][finite], expected[finite], f"tensor {j} block {b}")
             row += 1
     assert (log.regions[:, 0] == -1).any()
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weights_written_between_the_passes_recover_as_lost_blocks(backend, dtype):
+    """Blocks whose weights someone else wrote between the logging pass and the reading one (a
+    forward that clamps them in place: block 1, its stream in its row, block 2, spilled; block
+    3: one weight one ulp up) do not match their check, so they are recovered as applied= alone
+    recovers them, whatever the log's buffers held before the logging pass; blocks 0 and 4 stay
+    exact. Before the check, such a block decoded its stream at shifted positions, into words
+    the logging pass had not written: its values changed from run to run."""
+    fn = BACKENDS[backend]
+    g = torch.Generator().manual_seed(21)
+    original = [(0.02 * torch.randn(4 * BLOCK + 77, generator=g)).to(dtype)]
+    original[0][2 * BLOCK:2 * BLOCK + 300] = 0.0  # far elements: block 2's stream spills
+    keys, ones, scale = [0], torch.ones(1), torch.tensor([EPS])
+    outs = []
+    for fill in ("constant", "random"):
+        rows = n_blocks(original[0].numel())
+        log = _buffers(original, words=16, capacity=1 << 12)
+        if fill == "random":  # stale words, as a log's buffers hold after earlier passes
+            log.regions.copy_(torch.randint(-(1 << 31), 1 << 31, (rows, 16), generator=g))
+            log.pool.copy_(torch.randint(-(1 << 31), 1 << 31, (1 << 12,), generator=g))
+        tensors = [t.clone() for t in original]
+        fn(tensors, keys, [4], scale, ones, "gaussian", "nearest", 4, selector_log=log)
+        assert int(log.regions[2, 0]) <= -2 and int(log.regions[1, 0]) >= 0
+        tensors[0][BLOCK:3 * BLOCK].clamp_(-0.01, 0.01)  # the forward's writes
+        tensors[0].view(torch.int32 if dtype == torch.float32 else torch.int16)[
+            3 * BLOCK + 5] += 1
+        written = [t.clone() for t in tensors]
+        fn(tensors, keys, [4], torch.tensor([0.0]), ones, "gaussian", "nearest", 4,
+           applied=scale, held_log=log)
+        noise = torch.zeros(original[0].numel())
+        perturb_torch([noise], keys, [4], scale, ones, "gaussian", "nearest", 4)
+        alone = recover(written[0].float(), noise, dtype).to(dtype)  # recovery without a log
+        for b in range(rows):
+            part = slice(b * BLOCK, (b + 1) * BLOCK)
+            expected = alone[part] if b in (1, 2, 3) else original[0][part]
+            assert_bits_equal(tensors[0][part], expected, f"{fill} fill, block {b}")
+        outs.append(tensors[0])
+    assert not torch.equal(outs[0][BLOCK:3 * BLOCK], original[0][BLOCK:3 * BLOCK])
 
 
 def test_selector_log_arguments_are_checked_before_any_write():
@@ -503,8 +556,9 @@ def _block_words(log: SelectorBuffers, n_words: list[int]) -> list[tuple[bool, l
     (whose order of blocks depends on the threads, which large calls use)."""
     out = []
     for b, (header, n) in enumerate(zip(log.regions[:, 0].tolist(), n_words)):
-        words = log.regions[b, 1:1 + n] if header == 0 else log.pool[header - 1:header - 1 + n]
-        out.append((header == 0, words.tolist()))
+        offset = selector_pool_offset(header)
+        words = log.regions[b, 1:1 + n] if offset is None else log.pool[offset:offset + n]
+        out.append((offset is None, words.tolist()))
     return out
 
 

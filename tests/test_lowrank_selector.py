@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_bits_equal
+from helpers import assert_bits_equal, selector_pool_offset
 
 import zokernels
 from zokernels.backends.cpu.lowrank import lowrank_perturb_cpu
@@ -38,14 +38,15 @@ def _buffers(weights, words: int = 6, capacity: int = 1 << 16) -> SelectorBuffer
 
 
 def _streams(log: SelectorBuffers) -> list[list]:
-    """Each block's row, a spilled block's header replaced by its pool words. The spilled
-    blocks' runs are contiguous in the pool, in an order that depends on the threads: a run
-    ends where the next one (by offset) starts, the last at count."""
+    """Each block's row, a spilled block's replaced by its pool words. The spilled blocks' runs
+    are contiguous in the pool, in an order that depends on the threads: a run ends where the
+    next one (by offset) starts, the last at count."""
     rows = log.regions.tolist()
-    starts = sorted(row[0] - 1 for row in rows if row[0] > 0) + [int(log.count)]
+    offsets = [selector_pool_offset(row[0]) for row in rows]
+    starts = sorted(o for o in offsets if o is not None) + [int(log.count)]
     end = {a: b for a, b in zip(starts[:-1], starts[1:])}
-    return [["pool"] + log.pool[row[0] - 1:end[row[0] - 1]].tolist() if row[0] > 0 else row
-            for row in rows]
+    return [row if o is None else ["pool"] + log.pool[o:end[o]].tolist()
+            for row, o in zip(rows, offsets)]
 
 
 def _s(value: float) -> torch.Tensor:

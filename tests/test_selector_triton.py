@@ -9,7 +9,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import assert_bits_equal, assert_same, record_perturb_launches, snapshot
+from helpers import (assert_bits_equal, assert_same, assert_selector_checks,
+                     record_perturb_launches, selector_checks, selector_pool_offset, snapshot)
 
 from zokernels.backends.torch.noise import contract_values
 from zokernels.backends.torch.perturb import perturb_torch
@@ -166,19 +167,23 @@ def _buffers(tensors, dtype, capacity: int = 1 << 14, device=DEVICE,
 def _streams(log: SelectorBuffers, reference: SelectorBuffers) -> list:
     """Per block what the format guarantees: the row when the bits are in it, else the block's
     pool words (their place depends on the order of the atomic adds; the reference places them
-    in block order, so its headers give each spilled block's word count), or "lost"."""
-    ref_headers = reference.regions[:, 0].tolist()
-    spilled = sorted(h for h in ref_headers if h > 0)
-    ends = dict(zip(spilled, spilled[1:] + [int(reference.count) + 1]))
+    in block order, so its headers give each spilled block's word count), or "lost". Without
+    the checks (a spilled block's word 1, the header of a stream in the row): they are of what
+    each backend stored, and a NaN a pass computes may carry another payload there
+    (assert_selector_checks compares them with the stored weights)."""
+    ref_offsets = [selector_pool_offset(h) for h in reference.regions[:, 0].tolist()]
+    spilled = sorted(o for o in ref_offsets if o is not None)
+    ends = dict(zip(spilled, spilled[1:] + [int(reference.count)]))
     out = []
-    for row, ref_h in zip(log.regions.cpu().tolist(), ref_headers):
+    for row, ref_o in zip(log.regions.cpu().tolist(), ref_offsets):
+        offset = selector_pool_offset(row[0])
         if row[0] == -1:
             out.append("lost")
-        elif row[0] == 0:
-            out.append(row)
+        elif offset is None:
+            out.append(["row"] + row[1:])
         else:
-            size = ends[ref_h] - ref_h if ref_h > 0 else 0
-            out.append(["pool"] + log.pool[row[0] - 1:row[0] - 1 + size].cpu().tolist())
+            size = ends[ref_o] - ref_o if ref_o is not None else 0
+            out.append(["pool"] + log.pool[offset:offset + size].cpu().tolist())
     return out
 
 
@@ -244,11 +249,10 @@ def test_logged_step_matches_reference_and_restores_exactly(dtype, dist):
     for name, a, b in (("+eps", ref[0], tri[0]), ("-eps", ref[1], tri[1])):
         for j, (x, z) in enumerate(zip(a, b)):
             _assert_same_or_both_nan(x, z.cpu(), f"{name} tensor {j}")
-    for name, lr, lt in (("L1", ref[2], tri[2]), ("L2", ref[3], tri[3])):
+    for name, lr, lt, stored in (("L1", ref[2], tri[2], tri[0]), ("L2", ref[3], tri[3], tri[1])):
         assert int(lt.count) == int(lr.count), name
         assert _streams(lt, lr) == _streams(lr, lr), name
-        if int(lr.count) == 0:  # no pool: the reference's exact layout
-            assert torch.equal(lt.regions.cpu(), lr.regions)
+        assert_selector_checks(lt, stored, name)
     assert int(ref[2].count) > 0  # the worst cases spill
     for j, (a, b) in enumerate(zip(tensors, original)):
         assert_bits_equal(a.cpu(), b, f"restored tensor {j}")
@@ -392,12 +396,12 @@ def test_far_and_non_finite_elements_match_reference(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_garbage_logs_are_read_within_bounds(dtype):
-    """A held log full of garbage (headers 0, -1, offsets inside, at the end of and past a small
-    pool; random words and pool): reading it loads nothing outside the rows' words 1.. and the
-    pool (the interpreter raises on an out-of-bounds load) and decodes what the reference
-    decodes from the same words, bit for bit."""
+    """A held log full of garbage (headers: in the row, -1, offsets at the start, at the end of
+    and past a small pool, a check that does not match; random words and pool): reading it loads
+    nothing outside the rows' words 1.. and the pool (the interpreter raises on an out-of-bounds
+    load) and decodes what the reference decodes from the same words, bit for bit."""
     g = torch.Generator().manual_seed(13)
-    original = [(0.02 * torch.randn(3 * BLOCK + 50, generator=g)).to(dtype),
+    original = [(0.02 * torch.randn(4 * BLOCK + 50, generator=g)).to(dtype),
                 torch.zeros(BLOCK, dtype=dtype)]
     keys, ones = [0, 1], torch.ones(2)
     scale = torch.tensor([EPS])
@@ -405,12 +409,15 @@ def test_garbage_logs_are_read_within_bounds(dtype):
     capacity = 40
     regions = torch.randint(-(1 << 31), 1 << 31, (rows, WORDS[dtype]), generator=g,
                             dtype=torch.int64).to(torch.int32)
-    regions[:, 0] = torch.tensor([0, -1, 1, capacity, capacity + 1, 1 << 30][:rows],
-                                 dtype=torch.int32)
     pool = torch.randint(-(1 << 31), 1 << 31, (capacity,), generator=g,
                          dtype=torch.int64).to(torch.int32)
     perturbed = [t.clone() for t in original]
     perturb_torch(perturbed, keys, [8], scale, ones, "gaussian", "nearest", 8)
+    checks = selector_checks(perturbed)
+    regions[:, 1] = torch.tensor(checks, dtype=torch.int32)  # beside the pool offsets
+    regions[:, 0] = torch.tensor([checks[0] & 0x7FFFFFFF, -1, -2, -2 - (capacity - 1),
+                                  -2 - capacity, (checks[5] + 1) & 0x7FFFFFFF],
+                                 dtype=torch.int32)
     results = []
     for fn, device in ((perturb_torch, "cpu"), (perturb_triton, DEVICE)):
         held = SelectorBuffers(regions.clone().to(device), pool.clone().to(device),
@@ -422,6 +429,48 @@ def test_garbage_logs_are_read_within_bounds(dtype):
         assert torch.equal(held.regions.cpu(), regions) and torch.equal(held.pool.cpu(), pool)
     for j, (a, b) in enumerate(zip(*results)):
         assert_bits_equal(b, a, f"tensor {j}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_weights_written_between_the_passes_recover_as_lost_blocks(dtype):
+    """Weights written by someone else between the logging pass and the reading one (blocks 1,
+    its stream in its row, and 2, spilled; one weight of block 3 one ulp up) do not match their
+    blocks' checks, so those blocks are recovered as applied= alone recovers them, as the
+    reference does, whatever the buffers held before the logging pass; blocks 0 and 4 stay
+    exact."""
+    g = torch.Generator().manual_seed(22)
+    original = (0.02 * torch.randn(4 * BLOCK + 77, generator=g)).to(dtype)
+    original[2 * BLOCK:2 * BLOCK + 300] = 0.0  # far elements: block 2's stream spills
+    keys, ones, scale = [0], torch.ones(1, device=DEVICE), torch.tensor([EPS], device=DEVICE)
+    zero = torch.zeros(1, device=DEVICE)
+    reference = None
+    for fill in ("constant", "random"):
+        log = _buffers([original], dtype, words=16)
+        if fill == "random":
+            log.regions.copy_(torch.randint(-(1 << 31), 1 << 31, log.regions.shape, generator=g))
+            log.pool.copy_(torch.randint(-(1 << 31), 1 << 31, log.pool.shape, generator=g))
+        w = original.clone().to(DEVICE)
+        perturb_triton([w], keys, [4], scale, ones, "gaussian", "nearest", 4, selector_log=log)
+        assert int(log.regions[2, 0]) <= -2 and int(log.regions[1, 0]) >= 0
+        w[BLOCK:3 * BLOCK].clamp_(-0.01, 0.01)
+        w.view(_INT[dtype])[3 * BLOCK + 5] += 1
+        noise = torch.zeros(original.numel())
+        perturb_torch([noise], keys, [4], scale.cpu(), ones.cpu(), "gaussian", "nearest", 4)
+        alone = recover(w.cpu().float(), noise, dtype).to(dtype)  # recovery without a log
+        perturb_triton([w], keys, [4], zero, ones, "gaussian", "nearest", 4, applied=scale,
+                       held_log=log)
+        expected = torch.cat([original[:BLOCK], alone[BLOCK:4 * BLOCK], original[4 * BLOCK:]])
+        assert_bits_equal(w.cpu(), expected, f"{fill} fill")
+        if reference is None:  # the torch reference, same passes
+            ref_log = _buffers([original], dtype, device="cpu", words=16)
+            reference = original.clone()
+            perturb_torch([reference], keys, [4], scale.cpu(), ones.cpu(), "gaussian", "nearest",
+                          4, selector_log=ref_log)
+            reference[BLOCK:3 * BLOCK].clamp_(-0.01, 0.01)
+            reference.view(_INT[dtype])[3 * BLOCK + 5] += 1
+            perturb_torch([reference], keys, [4], zero.cpu(), ones.cpu(), "gaussian", "nearest",
+                          4, applied=scale.cpu(), held_log=ref_log)
+        assert_bits_equal(w.cpu(), reference, f"{fill} fill vs the reference")
 
 
 def test_pool_overflow_loses_whole_blocks_to_recovery():

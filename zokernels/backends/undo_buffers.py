@@ -29,8 +29,9 @@ class SelectorBuffers(NamedTuple):
     """One (device, dtype) group's selector log (zokernels/backends/torch/selector_log.py).
 
     regions: int32 [blocks, words], one row per block of 1024 elements of each tensor (in the
-             call's order): word 0 the header (0: the bits follow in the row; 1 + offset: in the
-             pool at offset; -1: lost), then the block's selector bits.
+             call's order): word 0 the header (>= 0: the bits follow in the row, and the header
+             is the block's check's low 31 bits; <= -2: the bits are in the pool at offset
+             -2 - header, word 1 is the check; -1: lost), then the block's selector bits.
     pool:    int32 [capacity] words for the blocks whose bits do not fit their row.
     count:   int64 [1] pool words asked for, also past the capacity.
     """

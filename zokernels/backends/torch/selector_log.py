@@ -31,13 +31,17 @@ Storage, per (device, dtype) group of a pass, for blocks of BLOCK consecutive el
 tensor (a tensor's last block may be short; blocks of the group's tensors follow each other in
 the call's order):
 
-    regions: int32 [n_blocks, words]  word 0: 0 (the block's bits follow in words 1..), or
-             1 + the offset of its bits in the pool, or -1 (lost: the pool was full);
-             words 1..: the block's stream
+    regions: int32 [n_blocks, words]  word 0, the header: the block's stream follows in words
+             1.. and the header is its check's low 31 bits (>= 0), or the stream is in the
+             pool at offset -2 - header (<= -2) and word 1 is the whole check, or -1 (lost:
+             the pool was full). The check: block_check of the values the pass stored.
     pool:    int32 [capacity]         streams of the blocks that do not fit their region
     count:   int64 [1]                pool words asked for (also past the capacity)
 
-Elements of a lost block are recovered as `applied=` alone recovers them.
+Elements of a lost block are recovered as `applied=` alone recovers them, and so are those of
+a block whose weights are not what the pass stored (someone wrote them in between: a forward
+that clamps them in place). The reader finds that from the check: its classes differ at the
+written elements, so every later field of the stream would be read at a shifted position.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ from .rounding import recover
 BLOCK = 1024
 COUNT_BITS = 11  # n_f: 0 .. BLOCK
 WIDTH_BITS = 6   # W: 0 .. 32
+# block_check's constants: an odd multiplier per element index (Weyl sequence) and a mixer
+CHECK_INDEX = 0x9E3779B9
+CHECK_MIX = 0x85EBCA6B
 _BITS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 # mantissa bits of the 16-bit formats (Keys::single_candidate in csrc/selector_log.h)
@@ -177,10 +184,26 @@ def block_fields(theta: torch.Tensor, y: torch.Tensor, d: torch.Tensor):
             torch.cat([x.to(theta.device) for x in values]))
 
 
+def block_check(y: torch.Tensor) -> int:
+    """The check (int32) of one block's stored values y (dtype, flat, <= BLOCK elements): sum
+    over i of mix(pattern(y[i]) ^ (i * CHECK_INDEX)) mod 2^32, mix(v) = u ^ (u >> 15) with
+    u = v * CHECK_MIX mod 2^32. mix is a bijection, so a change of any one element always changes
+    the sum (its low 31 bits, kept for a stream in the row, but for a 2^-31 chance); a reader
+    compares it with the check of the weights it holds."""
+    i = torch.arange(y.numel(), dtype=torch.int64, device=y.device)
+    v = _pattern(y) ^ ((i * CHECK_INDEX) & _U32)
+    # v * CHECK_MIX mod 2^32 from two products below 2^48 (no int64 overflow)
+    u = (v * (CHECK_MIX & 0xFFFF) + (((v * (CHECK_MIX >> 16)) & 0xFFFF) << 16)) & _U32
+    total = int((u ^ (u >> 15)).sum()) & _U32
+    return total - (1 << 32) if total >= 1 << 31 else total
+
+
 def write_block(regions: torch.Tensor, pool: torch.Tensor, count: torch.Tensor, block: int,
-                width: torch.Tensor, sel: torch.Tensor, count_only: bool = False) -> None:
-    """Store one block's fields (widths, values; block_fields) in its region or the pool;
-    count_only: only add the pool words it needs to count."""
+                width: torch.Tensor, sel: torch.Tensor, check: int,
+                count_only: bool = False) -> None:
+    """Store one block's fields (widths, values; block_fields) in its region or the pool, and
+    its check (block_check of what the pass stored); count_only: only add the pool words it
+    needs to count."""
     stream = _pack(width, sel)
     room = regions.shape[1] - 1
     if count_only:
@@ -188,27 +211,29 @@ def write_block(regions: torch.Tensor, pool: torch.Tensor, count: torch.Tensor, 
             count.add_(stream.numel())
         return
     if stream.numel() <= room:
-        regions[block, 0] = 0
+        regions[block, 0] = check & 0x7FFFFFFF
         regions[block, 1:1 + stream.numel()] = stream
         return
     first = int(count.item())
     count.add_(stream.numel())
     if first + stream.numel() <= pool.numel():
-        regions[block, 0] = first + 1
+        regions[block, 0] = -2 - first
+        regions[block, 1] = check
         pool[first:first + stream.numel()] = stream
     else:
         regions[block, 0] = -1
 
 
-def block_stream(regions: torch.Tensor, pool: torch.Tensor, block: int):
-    """The words a block's stream may occupy (None: the block is lost): the rest of its row, or
-    the pool from its offset."""
+def block_stream(regions: torch.Tensor, pool: torch.Tensor, block: int, check: int):
+    """The words a block's stream may occupy, for a reader whose weights have this check: the
+    rest of its row, or the pool from its offset; None: the block is lost, or its check is not
+    the reader's (the weights are not what the pass stored)."""
     header = int(regions[block, 0])
-    if header == 0:
-        return regions[block, 1:]
-    if header > 0 and header - 1 < pool.numel():
-        return pool[header - 1:]
-    return None  # -1 (lost), or an offset past the pool (not written by a pass)
+    if header >= 0:
+        return regions[block, 1:] if header == check & 0x7FFFFFFF else None
+    if header <= -2 and -2 - header < pool.numel() and int(regions[block, 1]) == check:
+        return pool[-2 - header:]
+    return None  # -1 (lost), an offset past the pool (not written by a pass), another check
 
 
 def _pack(width: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
@@ -269,12 +294,14 @@ def log_tensor(regions, pool, count, first_block: int, theta: torch.Tensor, y: t
     for b in range(n_blocks(theta.numel())):
         part = slice(b * BLOCK, (b + 1) * BLOCK)
         width, value = block_fields(theta[part], y[part], d[part])
-        write_block(regions, pool, count, first_block + b, width, value, count_only)
+        write_block(regions, pool, count, first_block + b, width, value, block_check(y[part]),
+                    count_only)
 
 
 def recover_tensor(regions, pool, first_block: int, y: torch.Tensor, d: torch.Tensor):
     """theta (dtype) of one tensor holding y = round(theta + d) with its streams logged from
-    region row first_block: exact, except in lost blocks (recovery as `applied=`)."""
+    region row first_block: exact, except in lost blocks and in blocks whose check is not the
+    reader's (recovery as `applied=`)."""
     dtype = y.dtype
     f, n, side, r = classes(y, d)
     kept = f | n
@@ -284,7 +311,7 @@ def recover_tensor(regions, pool, first_block: int, y: torch.Tensor, d: torch.Te
         part = slice(b * BLOCK, (b + 1) * BLOCK)
         if not bool(kept[part].any()):
             continue
-        stream = block_stream(regions, pool, first_block + b)
+        stream = block_stream(regions, pool, first_block + b, block_check(y[part]))
         if stream is None:
             theta[part] = lost[part]
             continue

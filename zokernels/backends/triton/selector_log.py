@@ -28,7 +28,9 @@ counts packed in one int32):
   elements' step widths), then W and the payloads (at the far elements' ranks and N's). Every
   load is masked to the row's words 1.. or to the pool's capacity: any content of the words
   (garbage, stale data) reads as bits, never as memory outside the log. A lost block reads no
-  bits; its r is replaced by what recovery alone gives, found from the classes' images.
+  bits; its r is replaced by what recovery alone gives, found from the classes' images. So is a
+  block whose weights do not match the check its writer stored (``block_check``: someone wrote
+  them between the passes).
 
 Keys are uint32: key(p) = p ^ (SIGN | (negative ? SIGN - 1 : 0)), -0.0 just below +0.0, taken
 modulo 2^BITS as in the reference (a neighbour of key 0 or of the last key wraps).
@@ -39,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import flat, round_nearest, to_float32
+from ._common import flat, round_nearest, tile_lanes, to_float32
 
 SELECTOR_BLOCK = 1024
 
@@ -141,6 +143,18 @@ def bit_length(v):
 
 
 @triton.jit
+def block_check(y, valid, OUT_DTYPE: tl.constexpr):
+    """The check word (int32) of a block's values y (OUT_DTYPE, a [4, BLOCK // 4] tile;
+    reference: selector_log.block_check): the sum of mix(pattern ^ i * 0x9E3779B9) over the valid
+    elements i, mix(v) = u ^ (u >> 15) with u = v * 0x85EBCA6B, all modulo 2^32. Row header of a
+    stream in the row: its low 31 bits; beside a pool offset: row word 1."""
+    BLOCK: tl.constexpr = y.shape[0] * y.shape[1]
+    i = tile_lanes(0, BLOCK).to(tl.uint32)
+    u = (pattern(y, OUT_DTYPE) ^ (i * 0x9E3779B9)) * 0x85EBCA6B
+    return tl.sum(tl.where(valid, u ^ (u >> 15), 0)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _prefix(w):
     """Exclusive prefix sums of the int32 [4, N] tile w in element order, in two parts: the
     columns' starts ([N]: one cumsum across the columns) and the offsets inside the columns
@@ -223,12 +237,14 @@ def write_block(regions_ptr, words, pool_ptr, capacity, count_ptr, row, theta, y
             tl.atomic_add(count_ptr, n_words.to(tl.int64), sem="relaxed")
     else:
         row_ptr = regions_ptr + row * words
+        check = block_check(y, valid, OUT_DTYPE)
         dst = row_ptr + 1
-        header = n_words * 0
+        header = check & 0x7FFFFFFF  # in the row: the check's low 31 bits
         if spill:
             first = tl.atomic_add(count_ptr, n_words.to(tl.int64), sem="relaxed")
             fits = (first + n_words <= capacity) & (first < 2147483646)
-            header = tl.where(fits, first + 1, -1).to(tl.int32)
+            header = tl.where(fits, -2 - first, -1).to(tl.int32)
+            tl.store(row_ptr + 1, check, mask=fits)  # the whole check beside the offset
             dst = pool_ptr + tl.where(fits, first, 0)
             n_words = tl.where(fits, n_words, 0)  # a lost block writes no bits
         tl.store(row_ptr, header)
@@ -307,22 +323,29 @@ def held_theta(y, d1, valid, regions_ptr, words, pool_ptr, capacity, row,
                OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
     """theta's exact pattern (uint32, tile) for the weights holding y = round(theta + d1), read
     from the held log's row ``row`` (reference: selector_log.read_block, recover_tensor); a lost
-    block (header -1, or an offset outside the pool) recovers its F and N elements as
-    ``applied=`` alone recovers them (recover_unperturbed), the others as r."""
+    block (header -1, or an offset outside the pool) or one whose y does not match its check
+    recovers its F and N elements as ``applied=`` alone recovers them (recover_unperturbed), the
+    others as r."""
     BITS: tl.constexpr = 32 if OUT_DTYPE == tl.float32 else 16
     COUNT: tl.constexpr = 11  # n_f's bits
     WIDTH: tl.constexpr = 6   # W's bits
     RAW_MASK: tl.constexpr = 0xFFFFFFFF if OUT_DTYPE == tl.float32 else 0xFFFF
+    # the block's check against the writer's (the weights are what it stored: otherwise the
+    # classes, and so every field's position, would differ): the header itself for a stream in
+    # the row, word 1 beside a pool offset
+    check = block_check(y, valid, OUT_DTYPE)
     f, n, side, kr, back = element_classes(y, d1, valid, OUT_DTYPE, SOFT_BF16, True)
     row_ptr = regions_ptr + row * words
     header = tl.load(row_ptr)
-    in_pool = (header > 0) & (header <= capacity)
-    lost = (header < 0) | (header > capacity)
+    offset = -2 - header  # header <= -2: the stream's offset in the pool
+    in_pool = (header <= -2) & (offset < capacity)
+    in_pool = in_pool & (tl.load(row_ptr + 1, mask=in_pool, other=0) == check)
+    lost = ~in_pool & (header != (check & 0x7FFFFFFF))
     if in_pool:
-        src = pool_ptr + (header - 1)
+        src = pool_ptr + offset
     else:
         src = row_ptr + 1
-    limit = tl.where(in_pool, capacity - (header - 1), tl.where(lost, 0, words - 1))
+    limit = tl.where(lost, 0, tl.where(in_pool, capacity - offset, words - 1))
     # a lost block reads no bits, so nothing moves from r: r becomes what recovery alone gives
     kr = tl.where(lost, back, kr)
     # 1: the moved bits, at the F elements' ranks
