@@ -248,7 +248,7 @@ def _garbage_log(tensors, words: int, capacity: int, checks: list[int],
                  g: torch.Generator) -> tuple[SelectorBuffers, torch.Tensor]:
     """Rows and a pool of random words (so n_F up to 2047, W up to 63, any step and payload
     bits) with headers of every kind: in the row, into the pool (also near its end), past the
-    pool, lost; the checks those of the weights read (`checks`), so that their streams are
+    pool (also at the extremes of int32), lost; the checks those of the weights read (`checks`), so that their streams are
     decoded, except in about a sixth of the rows. Both sit at the start of larger buffers of
     random words, so that a read past a row or past the pool would see words the reference
     reads as 0. Also the rows a reader must take as lost."""
@@ -266,10 +266,14 @@ def _garbage_log(tensors, words: int, capacity: int, checks: list[int],
     offset = torch.where(kinds == 2, capacity + torch.randint(0, 9, (rows,), generator=g), offset)
     header = torch.where(kinds == 0, check & 0x7FFFFFFF, -2 - offset)
     header = torch.where(kinds == 3, -1, header)
-    regions[:, 0] = header.to(torch.int32)
     in_pool = (kinds != 0) & (kinds != 3)
     regions[:, 1] = torch.where(in_pool, check.to(torch.int32), regions[:, 1])
     lost = (kinds == 2) | (kinds == 3) | (check != torch.tensor(checks))
+    # the extremes: offsets 2^31 - 2 and far past the pool, the largest in-row header
+    header[:3] = torch.tensor([-(1 << 31), -2 - (capacity + (1 << 20)), (1 << 31) - 1])
+    lost[:2] = True
+    lost[2] = (checks[2] & 0x7FFFFFFF) != (1 << 31) - 1
+    regions[:, 0] = header.to(torch.int32)
     return SelectorBuffers(regions, pool_spare[:capacity], torch.zeros(1, dtype=torch.int64)), lost
 
 

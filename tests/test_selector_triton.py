@@ -397,11 +397,12 @@ def test_far_and_non_finite_elements_match_reference(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_garbage_logs_are_read_within_bounds(dtype):
     """A held log full of garbage (headers: in the row, -1, offsets at the start, at the end of
-    and past a small pool, a check that does not match; random words and pool): reading it loads
+    and past a small pool, a check that does not match, the int32 extremes; random words and
+    pool): reading it loads
     nothing outside the rows' words 1.. and the pool (the interpreter raises on an out-of-bounds
     load) and decodes what the reference decodes from the same words, bit for bit."""
     g = torch.Generator().manual_seed(13)
-    original = [(0.02 * torch.randn(4 * BLOCK + 50, generator=g)).to(dtype),
+    original = [(0.02 * torch.randn(6 * BLOCK + 50, generator=g)).to(dtype),
                 torch.zeros(BLOCK, dtype=dtype)]
     keys, ones = [0, 1], torch.ones(2)
     scale = torch.tensor([EPS])
@@ -416,8 +417,8 @@ def test_garbage_logs_are_read_within_bounds(dtype):
     checks = selector_checks(perturbed)
     regions[:, 1] = torch.tensor(checks, dtype=torch.int32)  # beside the pool offsets
     regions[:, 0] = torch.tensor([checks[0] & 0x7FFFFFFF, -1, -2, -2 - (capacity - 1),
-                                  -2 - capacity, (checks[5] + 1) & 0x7FFFFFFF],
-                                 dtype=torch.int32)
+                                  -2 - capacity, (checks[5] + 1) & 0x7FFFFFFF, -(1 << 31),
+                                  (1 << 31) - 1], dtype=torch.int32)
     results = []
     for fn, device in ((perturb_torch, "cpu"), (perturb_triton, DEVICE)):
         held = SelectorBuffers(regions.clone().to(device), pool.clone().to(device),
@@ -569,6 +570,13 @@ def test_bad_arguments_are_refused_before_anything_is_written():
         perturb_triton(t, [0], [1], one, one, "gaussian", "nearest", 1, held_log=log)
     with pytest.raises(ValueError, match="selector_log"):
         perturb_triton(t, [0], [1], one, one, "gaussian", "stochastic", 1, selector_log=log)
+    # rows of one word: no room for a spilled block's check (it would land in the next row)
+    narrow = SelectorBuffers(log.regions[:, :1].contiguous(), log.pool, log.count)
+    for fn in (perturb_triton, perturb_torch):
+        with pytest.raises(ValueError, match="selector_log.regions must be int32 rows of >= 2"):
+            fn(t, [0], [1], one, one, "gaussian", "nearest", 1, selector_log=narrow)
+        with pytest.raises(ValueError, match="held_log.regions must be int32 rows of >= 2"):
+            fn(t, [0], [1], one, one, "gaussian", "nearest", 1, applied=one, held_log=narrow)
     assert torch.equal(t[0], before)
 
 

@@ -2,6 +2,9 @@
 
 from operator import attrgetter
 
+# not `import torch`: the subpackage zokernels.backends.torch takes that name here
+from torch import int32 as _INT32
+
 _dtype_of = attrgetter("dtype")
 
 
@@ -14,6 +17,18 @@ def one_dtype(tensors, name: str):
         raise ValueError(f"{name}: the tensors of one call must share one dtype, got "
                          f"{sorted(map(str, dtypes))}")
     return dtypes.pop()
+
+
+def check_selector_rows(selector_log, held_log, name: str) -> None:
+    """Selector logs (SelectorBuffers) whose regions are int32 rows of at least 2 words: a
+    header, and word 1, a spilled block's check (the C++ kernels refuse fewer themselves)."""
+    for what, buffers in (("selector_log", selector_log), ("held_log", held_log)):
+        if buffers is None:
+            continue
+        regions = buffers.regions
+        if regions.dtype != _INT32 or regions.dim() != 2 or regions.shape[1] < 2:
+            raise ValueError(f"{name}: {what}.regions must be int32 rows of >= 2 words, got "
+                             f"{regions.dtype} of shape {tuple(regions.shape)}")
 
 
 def check_sources(tensors, sources, applied, log, selector_log, held_log, name: str) -> None:

@@ -5,6 +5,7 @@ groups")."""
 import torch
 
 from ..._contract import DEFAULT_CONTRACT
+from .. import check_selector_rows
 from .rounding import lost_by_recovery, recover, round_to
 from .selector_log import BLOCK, log_tensor, n_blocks, recover_tensor
 
@@ -54,6 +55,7 @@ def lowrank_perturb_torch(weights, us, vs, taus, scale, decays, keys, rounding, 
     decay 1) then keeps theta's exact pattern. `contract` picks the stochastic rounding
     (docs/noise-contract.md: 3 the integer one, else the uniform-based one).
     """
+    check_selector_rows(selector_log, held_log, "lowrank_perturb_torch")
     start = 0  # group-flat index of the weight's first element
     first_block = 0  # the weight's first selector-log block
     for j, (weight, u, v, tau, decay, key) in enumerate(zip(weights, us, vs, taus, decays, keys)):

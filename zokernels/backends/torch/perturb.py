@@ -4,7 +4,7 @@
 import torch
 
 from ..._contract import DEFAULT_CONTRACT
-from .. import check_sources
+from .. import check_selector_rows, check_sources
 from .index_map import global_indices
 from .noise import contract_values, contract_values_at
 from .rounding import lost_by_recovery, recover, round_at, round_to
@@ -37,6 +37,7 @@ def perturb_torch(tensors, keys, seeds, scales, decays, dist, rounding, rounding
     logs): out of place, t = round(decay * s + D), s only read.
     """
     check_sources(tensors, sources, applied, log, selector_log, held_log, "perturb_torch")
+    check_selector_rows(selector_log, held_log, "perturb_torch")
     maps = index_maps if index_maps is not None else [None] * len(tensors)
     sources = sources if sources is not None else tensors
     start = 0  # group-flat index of the tensor's first element

@@ -216,7 +216,7 @@ def write_block(regions: torch.Tensor, pool: torch.Tensor, count: torch.Tensor, 
         return
     first = int(count.item())
     count.add_(stream.numel())
-    if first + stream.numel() <= pool.numel():
+    if first + stream.numel() <= pool.numel() and first < (1 << 31) - 2:  # -2 - first: int32
         regions[block, 0] = -2 - first
         regions[block, 1] = check
         pool[first:first + stream.numel()] = stream

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ..._contract import DEFAULT_CONTRACT, integer_rounding
-from .. import one_dtype
+from .. import check_selector_rows, one_dtype
 from ._common import (ITEMSIZE, as_int64_bits, block_starts, count_launch, find_entry,
                       int64_table, load_seed, next_pow2, philox, recover_unperturbed,
                       recovery_loses,
@@ -357,6 +357,7 @@ def lowrank_perturb_triton(weights: list[torch.Tensor], us: list[torch.Tensor],
     one). One kernel launch, no host synchronization."""
     stochastic = _stochastic_code(rounding, one_dtype(weights, "lowrank_perturb_triton"), contract)
     if selector_log is not None or held_log is not None:
+        check_selector_rows(selector_log, held_log, "lowrank_perturb_triton")
         _lowrank_selector_pass(weights, us, vs, taus, scale, decays, keys, stochastic,
                                rounding_seed, applied_taus, applied_scale, log, count_only,
                                selector_log, held_log)

@@ -106,7 +106,7 @@ from ._common import (DIST_CODES, add_noise, cached_table, count_launch, find_en
                       rounding_tile_at_blocks, _rounding_quads,
                       rounding_uniform_at, tile_lanes, to_float32, SOFT_BF16, int64_table,
                       normalize_map, SHIFT_SPAN, base_and_offsets, cached_int64, block_starts)
-from .. import check_sources
+from .. import check_selector_rows, check_sources
 from .selector_log import (SELECTOR_BLOCK, element_tile, from_pattern, held_theta, log_stored,
                            stored_value)
 
@@ -545,6 +545,7 @@ def perturb_triton(tensors: list[torch.Tensor], keys: list[int], seeds: list[int
     without ``applied`` and the logs): out of place, t[i] = round(decays[j] * s[i] + D), s only
     read. No host synchronization."""
     check_sources(tensors, sources, applied, log, selector_log, held_log, "perturb_triton")
+    check_selector_rows(selector_log, held_log, "perturb_triton")
     if len(seeds) == 0:  # the recovering kernel assumes K >= 1
         raise ValueError("perturb_triton: seeds must hold at least one seed")
     if selector_log is not None and log is not None:
