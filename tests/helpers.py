@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import zokernels
+from zokernels.backends.torch.selector_log import BLOCK, block_check, n_blocks, row_header
 
 # Wall-clock bounds of tests that wait on other processes. They only turn a hang into a failure,
 # so they are generous: a full run on a loaded 2-core machine can stretch a few-second child
@@ -252,8 +253,6 @@ def selector_checks(tensors) -> list[int]:
     """block_check (zokernels/backends/torch/selector_log.py) of each selector-log block of
     `tensors` (flat, 1024 elements per block, the tensors' blocks one after the other): one per
     row of a log of a pass that stored them."""
-    from zokernels.backends.torch.selector_log import BLOCK, block_check, n_blocks
-
     checks = []
     for t in tensors:
         flat = t.detach().cpu().reshape(-1)
@@ -275,6 +274,6 @@ def assert_selector_checks(log, tensors, what: str) -> None:
     for row, check in enumerate(selector_checks(tensors)):
         header, word = int(log.regions[row, 0]), int(log.regions[row, 1])
         if header >= 0:
-            assert header == check & 0x7FFFFFFF, f"{what}: the check in row {row}'s header"
+            assert header == row_header(check), f"{what}: the check in row {row}'s header"
         elif header <= -2:
             assert word == check, f"{what}: the check in row {row}'s word 1"

@@ -13,7 +13,8 @@ from helpers import (assert_bits_equal, assert_interrupted_step_leaves_weights, 
 from zokernels.backends.cpu.perturb import perturb_cpu
 from zokernels.backends.torch.perturb import perturb_torch
 from zokernels.backends.torch.rounding import recover
-from zokernels.backends.torch.selector_log import BLOCK, block_fields, log_tensor, n_blocks
+from zokernels.backends.torch.selector_log import (BLOCK, block_fields, log_tensor, n_blocks,
+                                                   row_header)
 from zokernels.backends.undo_buffers import SelectorBuffers
 from zokernels.ops.undo import SelectorLog, UndoLog
 from zokernels.optim import LeZO, MeZO, PseuZO
@@ -264,7 +265,7 @@ def _garbage_log(tensors, words: int, capacity: int, checks: list[int],
     offset = torch.randint(0, capacity, (rows,), generator=g)
     offset = torch.where(kinds == 1, capacity - torch.randint(1, 4, (rows,), generator=g), offset)
     offset = torch.where(kinds == 2, capacity + torch.randint(0, 9, (rows,), generator=g), offset)
-    header = torch.where(kinds == 0, check & 0x7FFFFFFF, -2 - offset)
+    header = torch.where(kinds == 0, row_header(check), -2 - offset)
     header = torch.where(kinds == 3, -1, header)
     in_pool = (kinds != 0) & (kinds != 3)
     regions[:, 1] = torch.where(in_pool, check.to(torch.int32), regions[:, 1])
@@ -272,7 +273,7 @@ def _garbage_log(tensors, words: int, capacity: int, checks: list[int],
     # the extremes: offsets 2^31 - 2 and far past the pool, the largest in-row header
     header[:3] = torch.tensor([-(1 << 31), -2 - (capacity + (1 << 20)), (1 << 31) - 1])
     lost[:2] = True
-    lost[2] = (checks[2] & 0x7FFFFFFF) != (1 << 31) - 1
+    lost[2] = row_header(checks[2]) != (1 << 31) - 1
     regions[:, 0] = header.to(torch.int32)
     return SelectorBuffers(regions, pool_spare[:capacity], torch.zeros(1, dtype=torch.int64)), lost
 

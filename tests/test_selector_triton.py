@@ -15,7 +15,8 @@ from helpers import (assert_bits_equal, assert_same, assert_selector_checks,
 from zokernels.backends.torch.noise import contract_values
 from zokernels.backends.torch.perturb import perturb_torch
 from zokernels.backends.torch.rounding import recover
-from zokernels.backends.torch.selector_log import BLOCK, classes, flags, key_of, n_blocks
+from zokernels.backends.torch.selector_log import (BLOCK, classes, flags, key_of, n_blocks,
+                                                   row_header)
 from zokernels.backends.triton._common import SOFT_BF16
 from zokernels.backends.triton.perturb import perturb_triton
 from zokernels.backends.triton.selector_log import element_classes
@@ -398,9 +399,9 @@ def test_far_and_non_finite_elements_match_reference(dtype):
 def test_garbage_logs_are_read_within_bounds(dtype):
     """A held log full of garbage (headers: in the row, -1, offsets at the start, at the end of
     and past a small pool, a check that does not match, the int32 extremes; random words and
-    pool): reading it loads
-    nothing outside the rows' words 1.. and the pool (the interpreter raises on an out-of-bounds
-    load) and decodes what the reference decodes from the same words, bit for bit."""
+    pool): reading it loads nothing outside the rows' words 1.. and the pool (the interpreter
+    raises on an out-of-bounds load) and decodes what the reference decodes from the same words,
+    bit for bit."""
     g = torch.Generator().manual_seed(13)
     original = [(0.02 * torch.randn(6 * BLOCK + 50, generator=g)).to(dtype),
                 torch.zeros(BLOCK, dtype=dtype)]
@@ -416,8 +417,8 @@ def test_garbage_logs_are_read_within_bounds(dtype):
     perturb_torch(perturbed, keys, [8], scale, ones, "gaussian", "nearest", 8)
     checks = selector_checks(perturbed)
     regions[:, 1] = torch.tensor(checks, dtype=torch.int32)  # beside the pool offsets
-    regions[:, 0] = torch.tensor([checks[0] & 0x7FFFFFFF, -1, -2, -2 - (capacity - 1),
-                                  -2 - capacity, (checks[5] + 1) & 0x7FFFFFFF, -(1 << 31),
+    regions[:, 0] = torch.tensor([row_header(checks[0]), -1, -2, -2 - (capacity - 1),
+                                  -2 - capacity, row_header(checks[5] + 1), -(1 << 31),
                                   (1 << 31) - 1], dtype=torch.int32)
     results = []
     for fn, device in ((perturb_torch, "cpu"), (perturb_triton, DEVICE)):

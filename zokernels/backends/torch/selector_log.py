@@ -198,6 +198,11 @@ def block_check(y: torch.Tensor) -> int:
     return total - (1 << 32) if total >= 1 << 31 else total
 
 
+def row_header(check: int) -> int:
+    """The header of a block whose stream is in its row: its check's low 31 bits (>= 0)."""
+    return check & 0x7FFFFFFF
+
+
 def write_block(regions: torch.Tensor, pool: torch.Tensor, count: torch.Tensor, block: int,
                 width: torch.Tensor, sel: torch.Tensor, check: int,
                 count_only: bool = False) -> None:
@@ -211,7 +216,7 @@ def write_block(regions: torch.Tensor, pool: torch.Tensor, count: torch.Tensor, 
             count.add_(stream.numel())
         return
     if stream.numel() <= room:
-        regions[block, 0] = check & 0x7FFFFFFF
+        regions[block, 0] = row_header(check)
         regions[block, 1:1 + stream.numel()] = stream
         return
     first = int(count.item())
@@ -230,7 +235,7 @@ def block_stream(regions: torch.Tensor, pool: torch.Tensor, block: int, check: i
     the reader's (the weights are not what the pass stored)."""
     header = int(regions[block, 0])
     if header >= 0:
-        return regions[block, 1:] if header == check & 0x7FFFFFFF else None
+        return regions[block, 1:] if header == row_header(check) else None
     if header <= -2 and -2 - header < pool.numel() and int(regions[block, 1]) == check:
         return pool[-2 - header:]
     return None  # -1 (lost), an offset past the pool (not written by a pass), another check
